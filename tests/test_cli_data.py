@@ -1,0 +1,49 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from osteo.cli import main
+
+
+def test_phantom_then_audit(tmp_path, capsys):
+    assert main(["data", "phantom", str(tmp_path / "ph"), "--n", "12", "--size", "48", "--seed", "2"]) == 0
+    assert len(list((tmp_path / "ph").rglob("*.png"))) == 12
+    assert main(["data", "audit", str(tmp_path / "ph"), "--out", str(tmp_path / "audit")]) == 0
+    out = capsys.readouterr().out
+    assert "12 files: 12 readable" in out
+    info = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert sum(info["classes"].values()) == 12
+
+
+def test_split_command_writes_split_csv(tmp_path):
+    main(["data", "phantom", str(tmp_path / "ph"), "--n", "30", "--size", "48"])
+    assert main(["data", "split", str(tmp_path / "ph"), "--out", str(tmp_path / "split.csv"), "--seed", "1"]) == 0
+    lines = (tmp_path / "split.csv").read_text().splitlines()
+    assert lines[0] == "path,label,split,group" and len(lines) == 31
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["data", "audit", "/no/such/folder"], "does not exist"),
+        (["data", "phantom", "X", "--bogus"], "unrecognized arguments"),
+        (["data", "phantom", "X", "--proportions", "1,x"], "comma-separated"),
+        (["data", "phantom", "X", "--proportions", "1,2"], "proportions"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(argv, message, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "osteo.cli", *argv], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_folder_without_class_folders_exits_2(tmp_path, capsys):
+    (tmp_path / "misc").mkdir()
+    (tmp_path / "misc" / "a.txt").write_text("x")
+    assert main(["data", "audit", str(tmp_path)]) == 2
+    assert "no class folders" in capsys.readouterr().err

@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from osteo.data.decode import decode_file
+from osteo.data.pipeline import Entry, ImageCache, jpeg_ratio, make_dataset, resize_image
+from osteo.data.scan import audit
+
+
+def _entries(root):
+    return [
+        (Entry(str(root / r.path), r.sha256, r.format, r.width, r.height, r.channels), r.label)
+        for r in audit(root).ok()
+    ]
+
+
+def test_jpeg_ratio_never_undershoots_the_target():
+    assert jpeg_ratio(2500, 2000, 224, "pad") == 8
+    assert jpeg_ratio(2500, 2000, 224, "stretch") == 8
+    assert jpeg_ratio(800, 600, 224, "stretch") == 2
+    assert jpeg_ratio(300, 300, 224, "pad") == 1
+
+
+@pytest.mark.parametrize("mode", ["pad", "stretch"])
+def test_resize_eager_and_in_graph_agree(mode):
+    img = tf.random.uniform((50, 80, 1), 0, 255)
+    eager = resize_image(img, size=32, resize=mode)
+    graph = next(iter(tf.data.Dataset.from_tensors(img).map(lambda x: resize_image(x, size=32, resize=mode))))
+    assert eager.shape == (32, 32, 1)
+    np.testing.assert_allclose(eager, graph, atol=1e-4)
+    if mode == "pad":  # aspect kept: black bars top and bottom
+        assert float(tf.reduce_max(eager[0])) == 0.0 and float(tf.reduce_max(eager[16])) > 0
+
+
+def test_cache_fill_matches_reference_decode_and_is_reused(phantom_dir):
+    entries = _entries(phantom_dir)
+    cache = ImageCache(size=32)
+    assert cache.fill([e for e, _ in entries]) == []
+    assert cache.missing([e for e, _ in entries]) == []
+    e = entries[0][0]
+    cached = np.fromfile(cache.path(e.sha256), "<u2").reshape(32, 32, 1) / 257.0
+    ref = resize_image(tf.constant(decode_file(e.path)[0]), size=32).numpy()
+    np.testing.assert_allclose(cached, ref, atol=0.01)
+    before = cache.path(e.sha256).stat().st_mtime_ns
+    cache.fill([e])  # nothing to do
+    assert cache.path(e.sha256).stat().st_mtime_ns == before
+
+
+def test_other_formats_go_through_the_python_decoder(tmp_path):
+    root = tmp_path / "d"
+    (root / "normal").mkdir(parents=True)
+    img = (np.linspace(0, 65535, 40 * 60).reshape(40, 60)).astype(np.uint16)
+    Image.fromarray(img).save(root / "normal" / "a.tif")
+    Image.fromarray((img // 257).astype(np.uint8)).convert("CMYK").save(root / "normal" / "b.jpg")
+    (root / "normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
+    entries = [e for e, _ in _entries(root)]
+    assert {e.format for e in entries} == {"tiff", "jpeg"}
+    cache = ImageCache(size=16, resize="stretch")
+    assert cache.fill(entries) == []
+    # a file that breaks after the audit is reported, not fatal
+    ghost = Entry(str(root / "normal" / "broken.png"), "0" * 64, "png", 10, 10, 1)
+    assert cache.fill([ghost]) == [ghost]
+
+
+def test_dataset_shapes_ranges_and_order(phantom_dir):
+    entries = _entries(phantom_dir)
+    cache = ImageCache(size=32)
+    cache.fill([e for e, _ in entries])
+    files = [str(cache.path(e.sha256)) for e, _ in entries]
+    labels = list(range(len(files)))  # label = position: shows the order
+    val = make_dataset(files, labels, size=32, batch_size=16, training=False)
+    batches = list(val)
+    x, y = batches[0]
+    assert x.dtype == tf.float32 and x.shape == (16, 32, 32, 1) and y.dtype == tf.int32
+    got = np.concatenate([b[1].numpy() for b in batches])
+    np.testing.assert_array_equal(got, labels)  # evaluation keeps the given order
+    assert float(tf.reduce_min(x)) >= 0.0 and float(tf.reduce_max(x)) <= 255.0
+    assert float(tf.reduce_max(x)) > 100  # [0, 255], not [0, 1]
+
+
+def test_training_epochs_are_shuffled_reproducibly_and_resumable(phantom_dir):
+    entries = _entries(phantom_dir)
+    cache = ImageCache(size=32)
+    cache.fill([e for e, _ in entries])
+    files = [str(cache.path(e.sha256)) for e, _ in entries]
+    n, bs = len(files), 32
+    steps = -(-n // bs)
+
+    def epochs(start, count):
+        ds = make_dataset(files, list(range(n)), size=32, batch_size=bs, training=True, seed=4, start_epoch=start)
+        it = iter(ds)
+        return [np.concatenate([next(it)[1].numpy() for _ in range(steps)]) for _ in range(count)]
+
+    e0, e1, e2 = epochs(0, 3)
+    assert sorted(e0) == list(range(n)) and sorted(e1) == list(range(n))  # each epoch: every image once
+    assert list(e0) != list(range(n)) and list(e0) != list(e1)  # shuffled, differently each epoch
+    np.testing.assert_array_equal(epochs(0, 1)[0], e0)  # same seed, same order
+    np.testing.assert_array_equal(epochs(2, 1)[0], e2)  # resumed at epoch 2 = uninterrupted epoch 2

@@ -1,0 +1,112 @@
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from osteo.data.phantom import make_image
+from osteo.data.scan import MANIFEST_COLUMNS, audit, write_audit
+from osteo.errors import OsteoError
+
+
+def _png(path, img, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((img * 255).astype(np.uint8)).save(path, **kw)
+
+
+@pytest.fixture
+def messy(tmp_path):
+    """A folder with every problem the study's data had, and a few more."""
+    root = tmp_path / "data"
+    for cls, folder in [("normal", "Normal"), ("osteopenia", "OSTEOPENIA"), ("osteoporosis", "osteoporosis")]:
+        for i in range(6):
+            _png(root / folder / "sub" / f"img{i}.png", make_image(cls, size=128, seed=11, index=i))
+    # exact copy under another class (a conflict), and an exact copy in the same class
+    shutil.copy(root / "Normal/sub/img0.png", root / "OSTEOPENIA/copy_of_normal0.PNG")
+    shutil.copy(root / "Normal/sub/img1.png", root / "Normal/img1_again.png")
+    # near duplicates: a resized JPEG of osteoporosis/img2 in the same class, and a
+    # re-encoded JPEG of osteopenia/img3 filed under normal (a near conflict)
+    src = Image.open(root / "osteoporosis/sub/img2.png")
+    src.resize((100, 100), Image.Resampling.BILINEAR).save(root / "osteoporosis/img2_small.jpg", quality=85)
+    (root / "Normal/deep/er").mkdir(parents=True)
+    Image.open(root / "OSTEOPENIA/sub/img3.png").save(root / "Normal/deep/er/img3.JPEG", quality=70)
+    # broken and system files
+    (root / "Normal/empty.png").write_bytes(b"")
+    good = (root / "Normal/sub/img2.png").read_bytes()
+    (root / "Normal/truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "osteoporosis/notes.png").write_bytes(b"this is text, named .png")
+    (root / "osteoporosis/.DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "osteoporosis/._img0.png").write_bytes(b"\0\5\26\7")
+    (root / "Normal/Thumbs.db").write_bytes(b"x")
+    (root / "Normal/readme.txt").write_text("hello")
+    (root / "loose.png").write_bytes(good)
+    return root
+
+
+def test_audit_finds_every_planted_problem(messy, tmp_path):
+    result = audit(messy)
+    info = result.to_json()
+    assert info["classes"] == {"normal": 6 + 2, "osteopenia": 6 + 1, "osteoporosis": 6 + 1}
+    unreadable = {u["path"]: u["reason"] for u in info["unreadable"]}
+    assert set(unreadable) == {"Normal/empty.png", "Normal/truncated.png", "osteoporosis/notes.png"}
+    assert "empty" in unreadable["Normal/empty.png"]
+    assert set(info["ignored"]) == {
+        "osteoporosis/.DS_Store", "osteoporosis/._img0.png", "Normal/Thumbs.db", "Normal/readme.txt", "loose.png",
+    }
+    groups = {frozenset(g["paths"]): g for g in info["duplicate_groups"]}
+    expected = {
+        frozenset({"Normal/sub/img0.png", "OSTEOPENIA/copy_of_normal0.PNG"}): ("exact", True),
+        frozenset({"Normal/sub/img1.png", "Normal/img1_again.png"}): ("exact", False),
+        frozenset({"osteoporosis/sub/img2.png", "osteoporosis/img2_small.jpg"}): ("near", False),
+        frozenset({"OSTEOPENIA/sub/img3.png", "Normal/deep/er/img3.JPEG"}): ("near", True),
+    }
+    assert {k: (g["kind"], g["conflict"]) for k, g in groups.items()} == expected
+    conflict = groups[frozenset({"Normal/sub/img0.png", "OSTEOPENIA/copy_of_normal0.PNG"})]
+    assert conflict["labels"] == ["normal", "osteopenia"]
+
+
+def test_distinct_knees_are_not_near_duplicates(tmp_path):
+    # 60 different knees of one class: same anatomy, similar at low resolution
+    for i in range(60):
+        _png(tmp_path / "normal" / f"{i}.png", make_image("normal", size=128, seed=2, index=i))
+    assert audit(tmp_path).duplicate_groups == []
+
+
+def test_manifest_and_audit_json_contract(messy, tmp_path):
+    manifest, report = write_audit(audit(messy), tmp_path / "out")
+    with manifest.open() as f:
+        rows = list(csv.DictReader(f))
+    assert set(MANIFEST_COLUMNS) <= set(rows[0])
+    by_path = {r["path"]: r for r in rows}
+    row = by_path["OSTEOPENIA/copy_of_normal0.PNG"]
+    assert row["label"] == "osteopenia" and row["status"] == "ok" and row["conflict"] == "1"
+    assert row["format"] == "png" and row["width"] == "128" and row["bit_depth"] == "8"
+    assert len(row["sha256"]) == 64 and row["dup_group"]
+    assert by_path["Normal/deep/er/img3.JPEG"]["format"] == "jpeg"
+    assert by_path["Normal/empty.png"]["status"] == "unreadable"
+    info = json.loads(report.read_text())
+    for key in ("data_dir", "classes", "n_files", "n_ok", "unreadable", "ignored", "duplicate_groups"):
+        assert key in info
+    assert info["n_files"] == len(rows)
+
+
+def test_missing_folder_and_no_class_folders_are_user_errors(tmp_path):
+    with pytest.raises(OsteoError, match="does not exist"):
+        audit(tmp_path / "nope")
+    (tmp_path / "cats").mkdir()
+    _png(tmp_path / "cats" / "a.png", make_image("normal", size=32))
+    with pytest.raises(OsteoError, match="no class folders"):
+        audit(tmp_path)
+
+
+def test_dicom_files_are_audited(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    (tmp_path / "normal").mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm", "MR_truncated.dcm"):
+        shutil.copy(get_testdata_file(name, download=False), tmp_path / "normal" / name)
+    rows = {r.path: r for r in audit(tmp_path).records}
+    assert rows["normal/CT_small.dcm"].format == "dicom" and rows["normal/CT_small.dcm"].status == "ok"
+    assert rows["normal/MR_truncated.dcm"].status == "unreadable"

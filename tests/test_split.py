@@ -1,0 +1,94 @@
+from collections import Counter
+
+import pytest
+
+from osteo import CLASSES
+from osteo.data.split import check_split, read_split, split_rows, write_split
+from osteo.errors import OsteoError
+
+
+def _rows(n_per_class=(40, 20, 40), dup_every=0):
+    rows = []
+    for c, n in zip(CLASSES, n_per_class):
+        for i in range(n):
+            rows.append({"path": f"{c}/P{i // 2:03d}_{i % 2}.png", "label": c, "status": "ok",
+                         "dup_group": f"d{c}{i // 3}" if dup_every and i % dup_every == 0 else ""})
+    return rows
+
+
+def test_stratified_70_30():
+    split, excluded = split_rows(_rows(), seed=0)
+    assert excluded == []
+    counts = Counter((r["split"], r["label"]) for r in split)
+    for c, n in zip(CLASSES, (40, 20, 40)):
+        assert counts[("val", c)] == round(0.3 * n)
+        assert counts[("train", c)] == n - round(0.3 * n)
+
+
+def test_same_seed_same_bytes_other_seed_other_split(tmp_path):
+    a, _ = split_rows(_rows(), seed=7)
+    b, _ = split_rows(list(reversed(_rows())), seed=7)
+    write_split(tmp_path / "a.csv", a)
+    write_split(tmp_path / "b.csv", b)
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    c, _ = split_rows(_rows(), seed=8)
+    assert [r["split"] for r in a] != [r["split"] for r in c]
+    assert read_split(tmp_path / "a.csv") == a
+
+
+def _straddles(split):
+    sides = {}
+    for r in split:
+        sides.setdefault(r["group"], set()).add(r["split"])
+    return [g for g, s in sides.items() if len(s) > 1]
+
+
+def test_groups_never_straddle_duplicates_and_patients():
+    rows = _rows(dup_every=2)
+    split, _ = split_rows(rows, seed=1, group_regex=r"^(P\d+)_", test_fraction=0.1)
+    assert _straddles(split) == []
+    by_patient = {}
+    for r in split:
+        by_patient.setdefault(r["path"].split("/")[1][:4], set()).add(r["split"])  # across classes too
+    assert all(len(s) == 1 for s in by_patient.values())
+    assert {r["split"] for r in split} == {"train", "val", "test"}
+
+
+def test_groups_csv_keeps_listed_images_together():
+    rows = _rows()
+    groups = {r["path"]: "same" for r in rows if r["label"] == "normal"}
+    split, _ = split_rows(rows, seed=0, groups=groups)
+    assert len({r["split"] for r in split if r["label"] == "normal"}) == 1
+
+
+def test_conflicting_groups_are_excluded_by_default():
+    rows = _rows()
+    rows[0]["dup_group"] = rows[-1]["dup_group"] = "clash"  # one normal, one osteoporosis
+    split, excluded = split_rows(rows, seed=0)
+    assert excluded == sorted([rows[0]["path"], rows[-1]["path"]])
+    assert len(split) == len(rows) - 2
+    kept, _ = split_rows(rows, seed=0, conflicts="majority")
+    assert len(kept) == len(rows)
+    assert len({r["label"] for r in kept if r["path"] in excluded}) == 1
+
+
+def test_k_folds_cover_every_image_once():
+    rows = _rows(dup_every=2)
+    seen = Counter()
+    for k in range(5):
+        split, _ = split_rows(rows, folds=5, fold=k, seed=3)
+        assert _straddles(split) == []
+        seen.update(r["path"] for r in split if r["split"] == "val")
+        val = Counter(r["label"] for r in split if r["split"] == "val")
+        assert all(val[c] > 0 for c in CLASSES)
+    assert set(seen.values()) == {1} and len(seen) == len(rows)
+
+
+def test_bad_options_and_tiny_classes_are_user_errors():
+    with pytest.raises(OsteoError, match="fraction"):
+        split_rows(_rows(), val_fraction=0.8, test_fraction=0.3)
+    with pytest.raises(OsteoError, match="regex"):
+        split_rows(_rows(), group_regex="(")
+    split, _ = split_rows(_rows((10, 1, 10)), seed=0)
+    with pytest.raises(OsteoError, match="osteopenia"):
+        check_split(split)
