@@ -4,15 +4,30 @@ import tensorflow as tf
 from PIL import Image
 
 from osteo.data.decode import decode_file
-from osteo.data.pipeline import Entry, ImageCache, jpeg_ratio, make_dataset, resize_image
+from osteo.data.pipeline import (
+    Entry,
+    ImageCache,
+    box_factor,
+    jpeg_ratio,
+    make_dataset,
+    resize_image,
+)
 from osteo.data.scan import audit
 
 
 def _entries(root):
     return [
-        (Entry(str(root / r.path), r.sha256, r.format, r.width, r.height, r.channels), r.label)
+        (Entry.from_row(root, r), r.label)
         for r in audit(root).ok()
     ]
+
+
+def test_box_filter_antialiases_like_area_resampling():
+    # a one-pixel checkerboard must average to grey, not alias into stripes
+    board = tf.cast((tf.range(64)[:, None] + tf.range(64)[None, :]) % 2, tf.float32)[..., None] * 255
+    out = resize_image(board, size=24, resize="stretch", box=box_factor(64, 64, 24, "stretch"))
+    np.testing.assert_allclose(out.numpy(), 127.5, atol=1.0)
+    assert box_factor(512, 400, 224, "pad") == 2 and box_factor(512, 400, 224, "stretch") == 1
 
 
 def test_jpeg_ratio_never_undershoots_the_target():
@@ -39,8 +54,8 @@ def test_cache_fill_matches_reference_decode_and_is_reused(phantom_dir):
     assert cache.fill([e for e, _ in entries]) == []
     assert cache.missing([e for e, _ in entries]) == []
     e = entries[0][0]
-    cached = np.fromfile(cache.path(e.sha256), "<u2").reshape(32, 32, 1) / 257.0
-    ref = resize_image(tf.constant(decode_file(e.path)[0]), size=32).numpy()
+    cached = cache.load(e.sha256)
+    ref = resize_image(tf.constant(decode_file(e.path)[0]), size=32, box=box_factor(64, 64, 32, "pad")).numpy()
     np.testing.assert_allclose(cached, ref, atol=0.01)
     before = cache.path(e.sha256).stat().st_mtime_ns
     cache.fill([e])  # nothing to do

@@ -1,0 +1,168 @@
+"""The DataModule: audit -> split -> cache -> datasets, in one object (Lightning's habit).
+
+    dm = DataModule(recipe.data, image_size=224, seed=0).setup()
+    model.fit(dm.train_dataset(16), steps_per_epoch=dm.steps_per_epoch(16),
+              validation_data=dm.eval_dataset("val", 16))
+
+``setup`` audits the folder, splits it (or takes a saved ``split.csv`` when
+resuming), and fills the shared image cache. Files that became unreadable after
+the audit are skipped with a warning and listed in ``skipped``; the Trainer counts
+them in ``env.json``.
+
+MixUp and CutMix (``mixup``/``cutmix`` alpha > 0) mix training batches here, in
+tf.data, because they mix labels too; the labels become soft (B, 3) targets. The
+mixing coefficients come from stateless random ops seeded by (seed, step), so a
+resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from osteo import CLASSES
+from osteo.data.pipeline import AUTOTUNE, Entry, ImageCache, make_dataset
+from osteo.data.scan import audit
+from osteo.data.split import check_split, read_groups_csv, split_rows
+from osteo.errors import OsteoError
+
+log = logging.getLogger("osteo")
+
+
+class DataModule:
+    def __init__(self, cfg, image_size: int, seed: int = 0, mixup: float = 0.0, cutmix: float = 0.0):
+        self.cfg = cfg
+        self.image_size = int(image_size)
+        self.seed = int(seed)
+        self.mixup, self.cutmix = float(mixup), float(cutmix)
+        self.audit = None
+        self.split: list[dict] = []
+        self.excluded: list[str] = []
+        self.skipped: list[str] = []
+        self._files: dict[str, list[str]] = {}
+        self._rows: dict[str, list[dict]] = {}
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, split: list[dict] | None = None, progress=None) -> DataModule:
+        cfg = self.cfg
+        root = Path(cfg.dir)
+        self.audit = audit(root, progress=(lambda k, n: progress("audit", k, n)) if progress else None)
+        ok = {r.path: r for r in self.audit.ok()}
+        if not ok:
+            raise OsteoError(f"no readable images in {root}; put PNG/JPEG/DICOM files under {root}/<class>/")
+        if split is None:
+            groups = read_groups_csv(cfg.groups_csv) if cfg.groups_csv else None
+            split, self.excluded = split_rows(
+                self.audit.manifest_rows(), val_fraction=cfg.val, test_fraction=cfg.test, folds=cfg.folds,
+                fold=cfg.fold, seed=self.seed, group_regex=cfg.group_regex or None, groups=groups,
+                conflicts=cfg.conflicts,
+            )
+            check_split(split)
+        self.split = split
+        cache = ImageCache(self.image_size, cfg.resize)
+        entries, gone = {}, []
+        for r in split:
+            rec = ok.get(r["path"])
+            if rec is None:
+                gone.append(r["path"])
+            else:
+                entries[r["path"]] = Entry.from_row(root, rec)
+        failed = cache.fill(list(entries.values()),
+                            progress=(lambda k, n: progress("cache", k, n)) if progress else None)
+        bad = {e.path for e in failed}
+        gone += [p for p, e in entries.items() if e.path in bad]
+        self.skipped = sorted(set(gone))
+        for p in self.skipped:
+            log.warning("skipping %s: unreadable or missing since the split was made", p)
+        skipped = set(self.skipped)
+        for name in ("train", "val", "test"):
+            rows = [r for r in split if r["split"] == name and r["path"] not in skipped]
+            self._rows[name] = rows
+            self._files[name] = [str(cache.path(entries[r["path"]].sha256)) for r in rows]
+        if not self._rows["train"] or not self._rows["val"]:
+            raise OsteoError(f"the split of {root} leaves no training or no validation images; add images")
+        return self
+
+    # ------------------------------------------------------------------ queries
+
+    def rows(self, name: str) -> list[dict]:
+        return self._rows.get(name, [])
+
+    def count(self, name: str) -> int:
+        return len(self.rows(name))
+
+    def labels(self, name: str) -> np.ndarray:
+        return np.array([CLASSES.index(r["label"]) for r in self.rows(name)], dtype=np.int32)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return -(-self.count("train") // batch_size)
+
+    def class_weights(self) -> dict[int, float]:
+        """``balanced``: n / (k * n_c) from the training split (scikit-learn's formula)."""
+        counts = Counter(self.labels("train").tolist())
+        n, k = sum(counts.values()), len(CLASSES)
+        return {i: (n / (k * counts[i]) if counts[i] else 0.0) for i in range(k)}
+
+    def majority_class(self) -> str:
+        counts = Counter(r["label"] for r in self.rows("train"))
+        return max(CLASSES, key=lambda c: (counts[c], -CLASSES.index(c)))
+
+    # ------------------------------------------------------------------ datasets
+
+    def train_dataset(self, batch_size: int, start_epoch: int = 0) -> tf.data.Dataset:
+        ds = make_dataset(self._files["train"], self.labels("train"), self.image_size, batch_size,
+                          training=True, seed=self.seed, start_epoch=start_epoch)
+        if self.mixup > 0 or self.cutmix > 0:
+            start_step = start_epoch * self.steps_per_epoch(batch_size)
+            ds = ds.enumerate(start_step).map(self._mix, num_parallel_calls=AUTOTUNE)
+        return ds
+
+    def eval_dataset(self, name: str, batch_size: int) -> tf.data.Dataset:
+        if not self.count(name):
+            raise OsteoError(f"the split has no {name} images")
+        return make_dataset(self._files[name], self.labels(name), self.image_size, batch_size)
+
+    def eval_arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = zip(*((x.numpy(), y.numpy()) for x, y in self.eval_dataset(name, 256)))
+        return np.concatenate(xs), np.concatenate(ys)
+
+    def _mix(self, step, batch):
+        images, labels = batch
+        seed = tf.stack([tf.constant(self.seed, tf.int64), step])
+        y = tf.one_hot(labels, len(CLASSES))
+        b = tf.shape(images)[0]
+        use_cutmix = self.cutmix > 0 and (self.mixup <= 0 or
+                                          tf.random.stateless_uniform([], seed=seed + 7) < 0.5)
+        alpha = self.cutmix if self.cutmix > 0 else self.mixup
+        g1 = tf.random.stateless_gamma([], seed=seed, alpha=alpha)
+        g2 = tf.random.stateless_gamma([], seed=seed + 1, alpha=alpha)
+        lam = g1 / (g1 + g2)
+        other = tf.reverse(tf.range(b), [0])
+        x2, y2 = tf.gather(images, other), tf.gather(y, other)
+        mixed_x = lam * images + (1 - lam) * x2
+        if self.cutmix > 0:
+            size = self.image_size
+            cut = tf.cast(tf.round(size * tf.sqrt(1 - lam)), tf.int32)
+            cy = tf.random.stateless_uniform([], seed=seed + 2, maxval=size, dtype=tf.int32)
+            cx = tf.random.stateless_uniform([], seed=seed + 3, maxval=size, dtype=tf.int32)
+            y0, y1 = tf.clip_by_value(cy - cut // 2, 0, size), tf.clip_by_value(cy + cut // 2, 0, size)
+            x0, x1 = tf.clip_by_value(cx - cut // 2, 0, size), tf.clip_by_value(cx + cut // 2, 0, size)
+            r = tf.range(size)
+            inside = ((r[:, None] >= y0) & (r[:, None] < y1)) & ((r[None, :] >= x0) & (r[None, :] < x1))
+            box = tf.cast(inside, images.dtype)[None, :, :, None]
+            area = tf.cast((y1 - y0) * (x1 - x0), tf.float32) / float(size * size)
+            cut_x = images * (1 - box) + x2 * box
+            cut_lam = 1 - area
+            if self.mixup > 0:
+                images_out = tf.where(use_cutmix, cut_x, mixed_x)
+                lam = tf.where(use_cutmix, cut_lam, lam)
+            else:
+                images_out, lam = cut_x, cut_lam
+        else:
+            images_out = mixed_x
+        return images_out, lam * y + (1 - lam) * y2

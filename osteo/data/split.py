@@ -1,0 +1,186 @@
+"""Leakage-safe splits: stratified, seeded, group-aware; train/val(/test) or k folds.
+
+A *group* is a set of images that must stay on one side of the split:
+
+- members of a duplicate group from the audit (exact or near copies);
+- images of one patient: a patient id from ``group_regex`` (group 1 of a regular
+  expression searched in the file name) or from a ``groups.csv`` (``path,group``).
+
+Groups are merged transitively. Each group is stratified under the majority label
+of its members. Duplicate groups whose members carry different labels
+(*conflicts*) follow ``conflicts``: ``exclude`` (default: their label is unknown),
+``majority`` (relabel every member with the group's most common label; ties go to
+the earlier class), or ``keep``.
+
+The split does not depend on the order of the input rows: groups are sorted, then
+shuffled by a generator seeded with ``seed``. ``split.csv`` has the columns
+``path, label, split, group`` and is sorted by path, so the same data and seed give
+the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections import Counter
+
+import numpy as np
+
+from osteo import CLASSES
+from osteo.errors import OsteoError
+from osteo.files import write_csv
+
+SPLIT_COLUMNS = ("path", "label", "split", "group")
+CONFLICT_POLICIES = ("exclude", "majority", "keep")
+
+
+def _majority(labels) -> str:
+    counts = Counter(labels)
+    return max(CLASSES, key=lambda c: (counts[c], -CLASSES.index(c)))
+
+
+def assign_groups(rows: list[dict], group_regex: str | None = None,
+                  groups: dict[str, str] | None = None) -> dict[str, str]:
+    """path -> group key, merging duplicate groups and patient ids transitively."""
+    try:
+        pattern = re.compile(group_regex) if group_regex else None
+    except re.error as e:
+        raise OsteoError(f"invalid --group-regex {group_regex!r}: {e}; use group 1 for the patient id") from None
+    parent: dict[str, str] = {}
+
+    def find(k: str) -> str:
+        while parent.setdefault(k, k) != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    def union(a: str, b: str) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    for r in rows:
+        node = "file:" + r["path"]
+        find(node)
+        if r.get("dup_group"):
+            union(node, "dup:" + r["dup_group"])
+        if pattern is not None:
+            m = pattern.search(os.path.basename(r["path"]))
+            if m:
+                union(node, "patient:" + (m.group(1) if m.groups() else m.group(0)))
+        if groups and r["path"] in groups:
+            union(node, "group:" + str(groups[r["path"]]))
+    # name each group after its smallest key, with file groups named by their path
+    return {r["path"]: find("file:" + r["path"]).removeprefix("file:") for r in rows}
+
+
+def _resolve_conflicts(rows: list[dict], policy: str) -> tuple[list[dict], list[str]]:
+    if policy not in CONFLICT_POLICIES:
+        raise OsteoError(f"unknown conflict policy {policy!r}; choose one of: {', '.join(CONFLICT_POLICIES)}")
+    by_dup: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("dup_group"):
+            by_dup.setdefault(r["dup_group"], []).append(r)
+    conflicted = {g: m for g, m in by_dup.items() if len({r["label"] for r in m}) > 1}
+    if not conflicted or policy == "keep":
+        return rows, []
+    if policy == "exclude":
+        bad = {r["path"] for m in conflicted.values() for r in m}
+        return [r for r in rows if r["path"] not in bad], sorted(bad)
+    relabel = {}
+    for m in conflicted.values():
+        label = _majority(r["label"] for r in m)
+        relabel.update({r["path"]: label for r in m})
+    return [{**r, "label": relabel.get(r["path"], r["label"])} for r in rows], []
+
+
+def split_rows(
+    rows: list[dict],
+    val_fraction: float = 0.3,
+    test_fraction: float = 0.0,
+    folds: int = 0,
+    fold: int = 0,
+    seed: int = 0,
+    group_regex: str | None = None,
+    groups: dict[str, str] | None = None,
+    conflicts: str = "exclude",
+) -> tuple[list[dict], list[str]]:
+    """Split manifest rows; return (split rows sorted by path, excluded paths)."""
+    if not (0 < val_fraction < 1) or not (0 <= test_fraction < 1) or val_fraction + test_fraction >= 1:
+        raise OsteoError(f"split fractions val={val_fraction} test={test_fraction} must be in (0, 1) and "
+                         "sum below 1; e.g. --val 0.3 --test 0")
+    if folds and not (folds >= 2 and 0 <= fold < folds):
+        raise OsteoError(f"fold {fold} of {folds} folds is not valid; use --folds K (K >= 2) and 0 <= --fold < K")
+    rows = sorted((r for r in rows if r.get("status", "ok") == "ok"), key=lambda r: r["path"])
+    rows, excluded = _resolve_conflicts(rows, conflicts)
+    group_of = assign_groups(rows, group_regex, groups)
+    members: dict[str, list[dict]] = {}
+    for r in rows:
+        members.setdefault(group_of[r["path"]], []).append(r)
+    rng = np.random.default_rng(seed)
+    side: dict[str, str] = {}
+    for c in CLASSES:
+        keys = sorted(g for g, m in members.items() if _majority(r["label"] for r in m) == c)
+        keys = [keys[i] for i in rng.permutation(len(keys))]
+        n = sum(len(members[g]) for g in keys)
+        if folds:
+            load = [0] * folds
+            for g in keys:
+                k = int(np.argmin(load))
+                load[k] += len(members[g])
+                side[g] = "val" if k == fold else "train"
+            continue
+        targets = [("test", round(test_fraction * n)), ("val", round(val_fraction * n))]
+        filled = {"test": 0, "val": 0}
+        for g in keys:
+            size = len(members[g])
+            side[g] = "train"
+            for name, target in targets:
+                have = filled[name]
+                if have < target and (have + size - target) <= (target - have):
+                    side[g] = name
+                    filled[name] += size
+                    break
+    out = [{"path": r["path"], "label": r["label"], "split": side[group_of[r["path"]]],
+            "group": group_of[r["path"]]} for r in rows]
+    return out, excluded
+
+
+def check_split(split: list[dict], min_train: int = 1, min_val: int = 1) -> None:
+    """Every class needs images on both sides, or the metrics mean nothing."""
+    counts = Counter((r["split"], r["label"]) for r in split)
+    for c in CLASSES:
+        tr, va = counts[("train", c)], counts[("val", c)]
+        if tr < min_train or va < min_val:
+            raise OsteoError(
+                f"class {c} has {tr} training and {va} validation images after the split; it needs at "
+                f"least {min_train} and {min_val}: add images to the {c} folder or lower --val"
+            )
+
+
+def write_split(path: str | os.PathLike, split: list[dict]) -> None:
+    write_csv(path, split, SPLIT_COLUMNS)
+
+
+def read_split(path: str | os.PathLike) -> list[dict]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise OsteoError(f"cannot read split file {path}: {e.strerror}") from None
+    if rows and tuple(rows[0]) != SPLIT_COLUMNS:
+        raise OsteoError(f"{path} is not a split.csv (columns must be {', '.join(SPLIT_COLUMNS)})")
+    return rows
+
+
+def read_groups_csv(path: str | os.PathLike) -> dict[str, str]:
+    """``path,group`` rows -> {path: group}."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise OsteoError(f"cannot read groups file {path}: {e.strerror}") from None
+    if rows and not {"path", "group"} <= set(rows[0]):
+        raise OsteoError(f"{path} needs the columns path,group")
+    return {r["path"]: r["group"] for r in rows}
