@@ -41,3 +41,17 @@ audit: install
 clean:
 	rm -rf $(VENV) data/phantom runs reports .pytest_cache .ruff_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Make variables pass through to `osteo train`; DATA only when given (the default is the phantom).
+TRAIN_ARGS = --model $(MODEL) \
+	$(if $(filter command line environment,$(origin DATA)),--data $(DATA)) \
+	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(BATCH),--batch $(BATCH)) \
+	$(if $(SEED),--seed $(SEED)) $(if $(RESUME),--resume $(RESUME))
+STUDY_MODELS := vgg16 vgg19 densenet169 convnext_tiny
+
+train: install
+	$(OSTEO) train $(RECIPE) $(TRAIN_ARGS)
+
+train-all: install
+	@for m in $(STUDY_MODELS); do $(MAKE) --no-print-directory train MODEL=$$m RECIPE=$$m || exit 1; done

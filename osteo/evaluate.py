@@ -1,0 +1,312 @@
+"""Predictions -> metrics, with intervals and the majority baseline: ``osteo eval RUN_DIR``.
+
+``predictions.csv`` columns: ``path, label, pred, p_normal, p_osteopenia,
+p_osteoporosis, split``. :func:`compute_metrics` turns one split of it into the
+numbers of ``metrics.json``; scikit-learn computes every metric it has, and this
+module adds what it lacks: specificity, expected calibration error, the stratified
+bootstrap, and McNemar's exact test.
+
+The three classes are ordered (normal < osteopenia < osteoporosis), so Cohen's
+kappa uses quadratic weights: calling osteoporosis "normal" costs more than calling
+it "osteopenia".
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from osteo import CLASSES
+from osteo.errors import OsteoError
+from osteo.files import read_json, write_csv, write_json
+
+PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
+PREDICTION_COLUMNS = ("path", "label", "pred", *PROB_COLUMNS, "split")
+K = len(CLASSES)
+# Metrics that get a bootstrap interval; all are functions of the confusion matrix.
+CI_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+PER_CLASS_CI = ("precision", "recall", "specificity", "f1")
+
+
+# --------------------------------------------------------------------------- I/O
+
+
+def write_predictions(path: str | os.PathLike, rows: Sequence[dict], probs: np.ndarray, split: str,
+                      append_to: list[dict] | None = None) -> list[dict]:
+    """Write (or extend) ``predictions.csv``; probabilities with 6 decimals, stable bytes."""
+    out = list(append_to or [])
+    for r, p in zip(rows, probs):
+        out.append({
+            "path": r["path"], "label": r["label"], "pred": CLASSES[int(np.argmax(p))],
+            **{c: f"{float(v):.6f}" for c, v in zip(PROB_COLUMNS, p)}, "split": split,
+        })
+    write_csv(path, out, PREDICTION_COLUMNS)
+    return out
+
+
+def read_predictions(path: str | os.PathLike, split: str | None = None):
+    """(labels, probabilities, rows) of one split of a ``predictions.csv``."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise OsteoError(f"cannot read {path}: {e.strerror}; is this a finished run directory?") from None
+    if rows and not set(PREDICTION_COLUMNS) <= set(rows[0]):
+        raise OsteoError(f"{path} is not an osteo predictions.csv (columns {', '.join(rows[0])})")
+    if split is not None:
+        rows = [r for r in rows if r["split"] == split]
+    try:
+        y = np.array([CLASSES.index(r["label"]) for r in rows], dtype=int)
+        p = np.array([[float(r[c]) for c in PROB_COLUMNS] for r in rows], dtype=float).reshape(-1, K)
+    except ValueError as e:
+        raise OsteoError(f"{path} has a bad row ({e}); re-run `osteo eval` on a finished run") from None
+    return y, p, rows
+
+
+# --------------------------------------------------------------------------- what sklearn lacks
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    return np.bincount(np.asarray(y_true) * K + np.asarray(y_pred), minlength=K * K).reshape(K, K)
+
+
+def specificity(cm: np.ndarray) -> np.ndarray:
+    """Per class: true negatives / all negatives (one-vs-rest)."""
+    cm = np.asarray(cm, dtype=float)
+    tp = np.diag(cm)
+    fp = cm.sum(axis=0) - tp
+    fn = cm.sum(axis=1) - tp
+    tn = cm.sum() - tp - fp - fn
+    return np.divide(tn, tn + fp, out=np.zeros_like(tn), where=(tn + fp) > 0)
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE: sum over equal-width confidence bins of |accuracy - confidence| x share."""
+    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
+    if len(y_true) == 0:
+        return float("nan")
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y_true).astype(float)
+    idx = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def reliability_curve(y_true: np.ndarray, probs: np.ndarray, bins: int = 10):
+    """(mean confidence, accuracy, count) per non-empty bin, for the reliability diagram."""
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y_true).astype(float)
+    idx = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    out = [(conf[idx == b].mean(), correct[idx == b].mean(), int((idx == b).sum())) for b in range(bins) if (idx == b).any()]
+    return np.array(out).reshape(-1, 3)
+
+
+def brier_score(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Multi-class Brier score: mean over images of the squared distance to the one-hot label."""
+    onehot = np.eye(K)[np.asarray(y_true)]
+    return float(np.mean(np.sum((np.asarray(probs) - onehot) ** 2, axis=1)))
+
+
+def _cm_metrics(cms: np.ndarray) -> dict[str, np.ndarray]:
+    """Vectorised confusion-matrix metrics over a stack of matrices (B, K, K)."""
+    cms = cms.astype(float)
+    tp = np.diagonal(cms, axis1=1, axis2=2)
+    support = cms.sum(axis=2)
+    predicted = cms.sum(axis=1)
+    n = cms.sum(axis=(1, 2))
+    div = lambda a, b: np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+    precision = div(tp, predicted)
+    recall = div(tp, support)
+    f1 = div(2 * precision * recall, precision + recall)
+    tn = n[:, None] - support - predicted + tp
+    spec = div(tn, n[:, None] - support)
+    present = support > 0  # sklearn's balanced accuracy averages over the classes present
+    return {
+        "accuracy": div(tp.sum(axis=1), n),
+        "balanced_accuracy": div((recall * present).sum(axis=1), present.sum(axis=1).astype(float)),
+        "macro_f1": f1.mean(axis=1),
+        "precision": precision, "recall": recall, "specificity": spec, "f1": f1,
+    }
+
+
+def bootstrap(y_true: np.ndarray, y_pred: np.ndarray, n_boot: int = 1000, seed: int = 0,
+              level: float = 0.95) -> dict:
+    """Stratified bootstrap percentile intervals of the confusion-matrix metrics.
+
+    Each resample draws, within every true class, as many images as it has, with
+    replacement: class supports stay fixed, as they are in the validation split.
+    Returns {metric: (lo, hi)} and {metric: (lo array, hi array)} per class.
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if len(y_true) == 0 or n_boot <= 0:
+        return {}
+    rng = np.random.default_rng(seed)
+    idx = np.empty((n_boot, len(y_true)), dtype=np.int64)
+    col = 0
+    for c in range(K):
+        members = np.flatnonzero(y_true == c)
+        if len(members):
+            idx[:, col : col + len(members)] = members[rng.integers(0, len(members), (n_boot, len(members)))]
+            col += len(members)
+    codes = y_true[idx] * K + y_pred[idx]
+    offsets = np.arange(n_boot)[:, None] * K * K
+    cms = np.bincount((codes + offsets).ravel(), minlength=n_boot * K * K).reshape(n_boot, K, K)
+    values = _cm_metrics(cms)
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    out = {}
+    for name, v in values.items():
+        lo, hi = np.percentile(v, q, axis=0)
+        out[name] = (lo, hi)
+    return out
+
+
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
+    """McNemar's exact test on paired correctness: b = only A right, c = only B right."""
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    n = only_a + only_b
+    p = 1.0 if n == 0 else float(binomtest(min(only_a, only_b), n, 0.5).pvalue)
+    return {"only_a": only_a, "only_b": only_b, "p_value": min(1.0, p)}
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 0, seed: int = 0) -> dict:
+    """Every metric of one set of predictions (scikit-learn where it has them)."""
+    from sklearn import metrics as skm
+
+    y_true, probs = np.asarray(y_true, dtype=int), np.asarray(probs, dtype=float)
+    labels = list(range(K))
+    y_pred = probs.argmax(axis=1)
+    prec, rec, f1, support = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    cm = skm.confusion_matrix(y_true, y_pred, labels=labels)
+    spec = specificity(cm)
+    present = [c for c in labels if (y_true == c).any() and (y_true != c).any()]
+    auc_per_class = {}
+    for c in labels:
+        auc_per_class[c] = float(skm.roc_auc_score(y_true == c, probs[:, c])) if c in present else None
+    aucs = [v for v in auc_per_class.values() if v is not None]
+    clipped = np.clip(probs, 1e-7, 1)
+    clipped /= clipped.sum(axis=1, keepdims=True)
+    avg = lambda name, average: float(getattr(skm, f"{name}_score")(y_true, y_pred, average=average, labels=labels, zero_division=0))
+    m = {
+        "n": len(y_true),
+        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
+        "macro_precision": avg("precision", "macro"),
+        "macro_recall": avg("recall", "macro"),
+        "macro_f1": avg("f1", "macro"),
+        "weighted_precision": avg("precision", "weighted"),
+        "weighted_recall": avg("recall", "weighted"),
+        "weighted_f1": avg("f1", "weighted"),
+        "roc_auc": float(np.mean(aucs)) if len(aucs) == K else None,
+        "kappa_qw": _nan_to_none(skm.cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic")),
+        "mcc": float(skm.matthews_corrcoef(y_true, y_pred)),
+        "log_loss": float(skm.log_loss(y_true, clipped, labels=labels)),
+        "brier": brier_score(y_true, probs),
+        "ece": expected_calibration_error(y_true, probs),
+        "per_class": {
+            c: {"precision": float(prec[i]), "recall": float(rec[i]), "specificity": float(spec[i]),
+                "f1": float(f1[i]), "support": int(support[i]), "roc_auc": auc_per_class[i]}
+            for i, c in enumerate(CLASSES)
+        },
+        "confusion_matrix": cm.tolist(),
+    }
+    if n_boot:
+        ci = bootstrap(y_true, y_pred, n_boot=n_boot, seed=seed)
+        m["ci"] = {"method": "stratified bootstrap, percentile", "level": 0.95, "resamples": n_boot, "seed": seed}
+        for name in CI_METRICS:
+            m[f"{name}_ci"] = [float(ci[name][0]), float(ci[name][1])]
+        for i, c in enumerate(CLASSES):
+            for name in PER_CLASS_CI:
+                m["per_class"][c][f"{name}_ci"] = [float(ci[name][0][i]), float(ci[name][1][i])]
+    return m
+
+
+def _nan_to_none(x) -> float | None:
+    x = float(x)
+    return None if np.isnan(x) else x
+
+
+def majority_baseline(y_true: np.ndarray, majority: str) -> dict:
+    """Accuracy and balanced accuracy of always answering the training majority class."""
+    from sklearn import metrics as skm
+
+    y_pred = np.full_like(np.asarray(y_true), CLASSES.index(majority))
+    return {
+        "class": majority,
+        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def training_majority(run_dir: Path) -> str:
+    from osteo.data.split import read_split
+
+    counts = {c: 0 for c in CLASSES}
+    for r in read_split(run_dir / "split.csv"):
+        if r["split"] == "train" and r["label"] in counts:
+            counts[r["label"]] += 1
+    return max(CLASSES, key=lambda c: (counts[c], -CLASSES.index(c)))
+
+
+def evaluate_run(run_dir: str | os.PathLike, splits: Sequence[str] | None = None, n_boot: int = 1000,
+                 seed: int = 0) -> dict:
+    """Recompute ``metrics.json`` of a run from its ``predictions.csv``; return it."""
+    from osteo.trainer import check_run_dir
+
+    run_dir = check_run_dir(run_dir, need=("predictions.csv",))
+    metrics_path = run_dir / "metrics.json"
+    metrics = read_json(metrics_path) if metrics_path.exists() else {}
+    majority = training_majority(run_dir)
+    metrics["majority_class"] = majority
+    _, _, rows = read_predictions(run_dir / "predictions.csv")
+    available = [s for s in ("val", "test") if any(r["split"] == s for r in rows)]
+    for name in splits or available:
+        if name not in available:
+            raise OsteoError(f"{run_dir} has no {name} predictions; choose one of: {', '.join(available) or 'none'}")
+        y, p, _ = read_predictions(run_dir / "predictions.csv", name)
+        metrics[name] = compute_metrics(y, p, n_boot=n_boot, seed=seed)
+        metrics[name]["majority_baseline"] = majority_baseline(y, majority)
+    write_json(metrics_path, metrics)
+    return metrics
+
+
+def print_metrics(metrics: dict, split: str, console, title: str = "") -> None:
+    """A rich table of one split's metrics, the majority baseline beside them."""
+    from rich.table import Table
+
+    m = metrics[split]
+    base = m["majority_baseline"]
+    table = Table(title=title or f"{metrics.get('model', '')} ({split}, n={m['n']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("95% CI", justify="right")
+    table.add_column(f"majority ({base['class']})", justify="right")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    for key, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro F1")):
+        ci = m.get(f"{key}_ci")
+        table.add_row(label, fmt(m[key]), f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "", fmt(base.get(key)))
+    for key, label in (("roc_auc", "ROC-AUC (macro, OvR)"), ("kappa_qw", "kappa (quadratic)"), ("mcc", "MCC"),
+                       ("log_loss", "log loss"), ("brier", "Brier"), ("ece", "ECE")):
+        table.add_row(label, fmt(m[key]), "", "")
+    for c in CLASSES:
+        pc = m["per_class"][c]
+        table.add_row(f"{c}: precision / recall / specificity / F1",
+                      " / ".join(fmt(pc[k]) for k in ("precision", "recall", "specificity", "f1")),
+                      f"n={pc['support']}", "")
+    console.print(table)

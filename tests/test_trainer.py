@@ -1,0 +1,150 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from osteo import CLASSES
+from osteo.evaluate import PREDICTION_COLUMNS, read_predictions
+from osteo.recipe import study_protocol
+from osteo.registry import list_backbones
+from osteo.trainer import Trainer, choose_jit, choose_precision
+
+RUN_FILES = {"recipe.json", "env.json", "audit.json", "split.csv", "history.csv", "best.keras",
+             "predictions.csv", "metrics.json"}
+
+
+def tiny_recipe(data_dir, runs, backbone="tiny", **train):
+    r = study_protocol(backbone)
+    r.model.weights = "none"
+    r.data.dir = str(data_dir)
+    r.data.image_size = 32
+    r.data.batch_size = 16
+    r.runs_dir = str(runs)
+    r.train.epochs = 2
+    r.train.tensorboard = False
+    for k, v in train.items():
+        setattr(r.train, k, v)
+    return r
+
+
+def _history(run):
+    with open(run / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_phase_run_writes_a_complete_run_directory(phantom_dir, tmp_path):
+    run = Trainer(tiny_recipe(phantom_dir, tmp_path, epochs=2, fine_tune_epochs=1)).run()
+    assert run.parent == tmp_path / "tiny"
+    assert {p.name for p in run.iterdir()} >= RUN_FILES
+    assert not (run / ".backup").exists()
+    history = _history(run)
+    assert [int(h["epoch"]) for h in history] == [1, 2, 3]
+    assert [int(h["phase"]) for h in history] == [1, 1, 2]
+    assert all(float(h["images_per_sec"]) > 0 for h in history)
+    with open(run / "predictions.csv", newline="") as f:
+        preds = list(csv.DictReader(f))
+    assert tuple(preds[0]) == PREDICTION_COLUMNS
+    with open(run / "split.csv", newline="") as f:
+        val = [r for r in csv.DictReader(f) if r["split"] == "val"]
+    assert [p["path"] for p in preds] == [r["path"] for r in val]
+    env = json.loads((run / "env.json").read_text())
+    for key in ("python", "keras", "numpy", "backend", "device", "precision", "git_commit", "seed", "command"):
+        assert key in env
+    assert env["precision"] == "float32"  # tiny is not measured faster in bfloat16
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix"} <= set(metrics["val"])
+    # a second run never shares the first one's directory or checkpoint
+    run2 = Trainer(tiny_recipe(phantom_dir, tmp_path, epochs=1)).run()
+    assert run2 != run and (run2 / "best.keras").exists()
+
+
+def test_restored_weights_are_the_best_epochs(phantom_dir, tmp_path):
+    run = Trainer(tiny_recipe(phantom_dir, tmp_path, epochs=4, lr=3e-3)).run()
+    history = _history(run)
+    scores = [float(h["val_macro_f1"]) for h in history]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best_epoch"] == int(np.argmax(scores)) + 1
+    assert metrics["best_value"] == pytest.approx(max(scores))
+    # the predictions were made with the checkpoint's weights
+    model = keras.saving.load_model(run / "best.keras", safe_mode=True)
+    from osteo.data.module import DataModule
+    from osteo.data.split import read_split
+    from osteo.recipe import DataConfig
+
+    dm = DataModule(DataConfig(dir=str(phantom_dir), image_size=32), image_size=32).setup(split=read_split(run / "split.csv"))
+    images, labels = dm.eval_arrays("val")
+    y, probs, _ = read_predictions(run / "predictions.csv", "val")
+    np.testing.assert_array_equal(y, labels)
+    np.testing.assert_allclose(model.predict(images, verbose=0), probs, atol=2e-6)
+
+
+def test_precision_and_jit_choices():
+    cpu = {"backend": "tensorflow", "kind": "cpu", "cpu_bf16": True, "gpu_bf16": False}
+    assert choose_precision("auto", "vgg16", cpu) == "mixed_bfloat16"
+    assert choose_precision("auto", "densenet169", cpu) == "float32"
+    assert choose_precision("auto", "convnext_tiny", cpu) == "float32"  # no gain on TF
+    assert choose_precision("auto", "convnext_tiny", {**cpu, "backend": "torch"}) == "mixed_bfloat16"
+    assert choose_precision("auto", "vgg16", {**cpu, "cpu_bf16": False}) == "float32"
+    gpu = {"backend": "torch", "kind": "gpu", "cpu_bf16": False, "gpu_bf16": True}
+    assert choose_precision("auto", "densenet169", gpu) == "mixed_bfloat16"
+    assert choose_precision("auto", "densenet169", {**gpu, "gpu_bf16": False}) == "mixed_float16"
+    assert choose_precision("float32", "vgg16", gpu) == "float32"
+    assert choose_jit("auto", "convnext_tiny", cpu) is True
+    assert choose_jit("auto", "densenet169", cpu) is False
+    assert choose_jit("auto", "convnext_tiny", gpu) is False  # torch: no torch.compile by default
+
+
+def test_backend_auto_follows_the_measurements(monkeypatch):
+    from osteo import speed
+
+    monkeypatch.setattr(speed, "available", lambda backend: True)
+    assert speed.choose_backend("auto", "convnext_tiny") == "torch"
+    assert speed.choose_backend("auto", "vgg16") == "tensorflow"
+    assert speed.choose_backend("auto", "densenet169", planned_images=1000) == "torch"
+    assert speed.choose_backend("auto", "densenet169", planned_images=50_000) == "tensorflow"
+    assert speed.choose_backend("tensorflow", "convnext_tiny") == "tensorflow"
+    monkeypatch.setattr(speed, "available", lambda backend: backend == "tensorflow")
+    assert speed.choose_backend("auto", "convnext_tiny") == "tensorflow"
+
+
+@pytest.mark.parametrize("backbone", [pytest.param(n, marks=pytest.mark.slow) if n in ("densenet169", "efficientnetv2_b0") else n
+                                      for n in list_backbones()])
+def test_every_registered_backbone_writes_a_run(backbone, phantom_dir, tmp_path):
+    r = tiny_recipe(phantom_dir, tmp_path, backbone=backbone, epochs=1, steps_per_epoch=1)
+    run = Trainer(r).run()
+    assert {p.name for p in run.iterdir()} >= RUN_FILES
+    y, probs, _ = read_predictions(run / "predictions.csv", "val")
+    assert probs.shape == (len(y), len(CLASSES))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_tiny_model_trains_on_the_pytorch_backend(phantom_dir, tmp_path):
+    pytest.importorskip("torch")
+    script = textwrap.dedent(f"""
+        import keras, numpy as np
+        assert keras.backend.backend() == "torch"
+        from osteo.classifier import Classifier, SparseCrossEntropy, default_metrics
+        from osteo.data.module import DataModule
+        from osteo.recipe import DataConfig
+        model = Classifier("tiny", image_size=32, weights="none", seed=0).build()
+        model.compile(keras.optimizers.Adam(1e-3), SparseCrossEntropy(), metrics=default_metrics())
+        dm = DataModule(DataConfig(dir={str(phantom_dir)!r}, image_size=32), image_size=32).setup()
+        before = [np.array(w) for w in model.trainable_weights]
+        h = model.fit(dm.train_dataset(16), steps_per_epoch=1, epochs=1, verbose=0)
+        after = [np.array(w) for w in model.trainable_weights]
+        assert np.isfinite(h.history["loss"][0])
+        assert any(np.abs(a - b).max() > 0 for a, b in zip(before, after))
+        probs = model.predict(dm.eval_dataset("val", 16), verbose=0)
+        assert probs.shape == (dm.count("val"), 3)
+        print("torch ok", type(model.trainable_weights[0].value).__module__)
+    """)
+    env = {**os.environ, "KERAS_BACKEND": "torch", "OSTEO_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "torch ok torch" in proc.stdout
