@@ -114,12 +114,21 @@ class DataModule:
 
     # ------------------------------------------------------------------ datasets
 
-    def train_dataset(self, batch_size: int, start_epoch: int = 0) -> tf.data.Dataset:
+    def train_dataset(self, batch_size: int, start_epoch: int = 0, steps_per_epoch: int | None = None) -> tf.data.Dataset:
+        """Endless training batches, positioned at Keras epoch ``start_epoch`` (for resume).
+
+        With ``steps_per_epoch`` other than a full pass, Keras epochs and passes over the
+        data differ; the stream is positioned by batches, so a resumed run sees exactly
+        the batches an uninterrupted one would have.
+        """
+        per_pass = self.steps_per_epoch(batch_size)
+        step = start_epoch * (steps_per_epoch or per_pass)
         ds = make_dataset(self._files["train"], self.labels("train"), self.image_size, batch_size,
-                          training=True, seed=self.seed, start_epoch=start_epoch)
+                          training=True, seed=self.seed, start_epoch=step // per_pass)
+        if step % per_pass:
+            ds = ds.skip(step % per_pass)
         if self.mixup > 0 or self.cutmix > 0:
-            start_step = start_epoch * self.steps_per_epoch(batch_size)
-            ds = ds.enumerate(start_step).map(self._mix, num_parallel_calls=AUTOTUNE)
+            ds = ds.enumerate(step).map(self._mix, num_parallel_calls=AUTOTUNE)
         return ds
 
     def eval_dataset(self, name: str, batch_size: int) -> tf.data.Dataset:

@@ -11,9 +11,9 @@ What a class means physically (each drawn per image from overlapping normals, as
 bone mineral density overlaps between patients):
 
     class          mineral density   trabecular bone fraction   cortical thickness
-    normal         1.00 +- 0.10      0.55 +- 0.06               0.060 +- 0.010
-    osteopenia     0.82 +- 0.10      0.45 +- 0.06               0.045 +- 0.010
-    osteoporosis   0.66 +- 0.10      0.35 +- 0.06               0.032 +- 0.010
+    normal         1.00 +- 0.07      0.62 +- 0.05               0.070 +- 0.010
+    osteopenia     0.74 +- 0.07      0.44 +- 0.05               0.045 +- 0.008
+    osteoporosis   0.52 +- 0.07      0.26 +- 0.05               0.025 +- 0.006
 
 (cortical thickness as a fraction of the image width). Lower density dims bone
 against soft tissue; a lower bone fraction thins and disconnects the trabecular
@@ -46,9 +46,9 @@ DEFAULT_PROPORTIONS = (780, 374, 793)
 
 # mean, sd of (mineral density, trabecular fraction, cortical thickness) per class
 CLASS_PARAMS = {
-    "normal": ((1.00, 0.10), (0.55, 0.06), (0.060, 0.010)),
-    "osteopenia": ((0.82, 0.10), (0.45, 0.06), (0.045, 0.010)),
-    "osteoporosis": ((0.66, 0.10), (0.35, 0.06), (0.032, 0.010)),
+    "normal": ((1.00, 0.07), (0.62, 0.05), (0.070, 0.010)),
+    "osteopenia": ((0.74, 0.07), (0.44, 0.05), (0.045, 0.008)),
+    "osteoporosis": ((0.52, 0.07), (0.26, 0.05), (0.025, 0.006)),
 }
 MIN_SIZE = 16
 
@@ -146,7 +146,7 @@ def make_image(label: str, size: int = 256, seed: int = 0, index: int = 0) -> np
     shell = bone * np.clip((cortex - bone_sd) * size / 2 + 0.5, 0, 1)
 
     # trabecular network: band-pass noise thresholded at the bone fraction
-    sigma = max(0.6, size / 110) * rng.uniform(0.85, 1.15)
+    sigma = max(0.6, size / 55) * rng.uniform(0.85, 1.15)
     noise = rng.standard_normal((size, size)).astype(np.float32)
     band = ndimage.gaussian_filter(noise, sigma, truncate=3.0) - ndimage.gaussian_filter(noise, 2.5 * sigma, truncate=3.0)
     band /= band.std() + 1e-6
@@ -162,7 +162,7 @@ def make_image(label: str, size: int = 256, seed: int = 0, index: int = 0) -> np
     )
 
     # exposure, gamma, blur, noise, marker
-    exposure = rng.uniform(1.6, 2.6)
+    exposure = rng.uniform(1.8, 2.4)
     img = 1 - np.exp(-exposure * attenuation)
     img = img ** rng.uniform(0.8, 1.25)
     img = ndimage.gaussian_filter(img.astype(np.float32), rng.uniform(0.3, 1.0) * size / 256, truncate=3.0)

@@ -11,9 +11,9 @@ Duplicates:
 - exact: identical bytes, or identical decoded pixels (the same image saved twice
   in different containers);
 - near: a re-encoded or resized copy. Candidates are pairs whose 16x16 thumbnails
-  correlate at >= 0.97; a candidate is confirmed when the fine detail agrees too
+  correlate at >= 0.98; a candidate is confirmed when the fine detail agrees too
   (the 25th percentile, over 16 tiles, of the correlation of the high-pass images
-  at 64x64 is >= 0.70). Two different knees share their anatomy at low resolution
+  at 64x64 is >= 0.90). Two different knees share their anatomy at low resolution
   but not their trabecular texture, so they fail the second test.
 
 A duplicate group whose members are filed under different classes is a
@@ -47,8 +47,8 @@ MANIFEST_COLUMNS = (
     "path", "label", "status", "reason", "format", "width", "height", "bit_depth", "frames",
     "bytes", "sha256", "pixel_sha256", "dup_group", "dup_kind", "conflict",
 )
-THUMB_CORR = 0.97
-DETAIL_CORR = 0.70
+THUMB_CORR = 0.98
+DETAIL_CORR = 0.90
 
 
 @dataclass
