@@ -97,6 +97,9 @@ class BackboneSpec:
     min_size: int = 32
     constructor_kwargs: dict = field(default_factory=dict)
     test_only: bool = False
+    # The backbone's own top normalises the pooled features (ConvNeXt: LayerNorm);
+    # without it, features from scratch grow large and saturate the softmax.
+    pooled_norm: bool = False
 
     def check_size(self, size: int) -> None:
         if size < self.min_size:
@@ -222,7 +225,7 @@ register(BackboneSpec("vgg19", A.VGG19, "caffe", 512, r"^(block\d+)_", "vgg19"))
 register(BackboneSpec("densenet169", A.DenseNet169, "torch", 1664, r"^(conv\d+_block\d+|pool\d+)_", "densenet"))
 register(BackboneSpec("convnext_tiny", A.ConvNeXtTiny, "none", 768,
                       r"(stage_\d+_block_\d+|downsampling_block_\d+)", "convnext",
-                      constructor_kwargs={"include_preprocessing": True}))
+                      constructor_kwargs={"include_preprocessing": True}, pooled_norm=True))
 register(BackboneSpec("resnet50", A.ResNet50, "caffe", 2048, r"^(conv\d+_block\d+)_", "resnet50"))
 register(BackboneSpec("efficientnetv2_b0", A.EfficientNetV2B0, "none", 1280, r"^(block\d+[a-z])_", "efficientnet_v2",
                       constructor_kwargs={"include_preprocessing": True}))

@@ -7,13 +7,15 @@ atomically (temporary file, then rename), so a killed run leaves complete files.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import time
 from pathlib import Path
 
 import keras
+import numpy as np
 
-from osteo.files import atomic_path, write_csv
+from osteo.files import atomic_path, write_bytes, write_csv
 
 HISTORY_METRICS = ("loss", "accuracy", "balanced_accuracy", "macro_f1")
 
@@ -36,6 +38,7 @@ class BestCheckpoint(keras.callbacks.Callback):
         self.mode = monitor_mode(monitor)
         self.best = math.inf if self.mode == "min" else -math.inf
         self.best_epoch: int | None = None
+        self.target: keras.Model | None = None  # the model to save, if not the one being fitted
 
     def improved(self, value: float) -> bool:
         return value < self.best if self.mode == "min" else value > self.best
@@ -50,8 +53,18 @@ class BestCheckpoint(keras.callbacks.Callback):
         value = float(logs[self.monitor])
         if math.isfinite(value) and self.improved(value):
             self.best, self.best_epoch = value, epoch
-            with atomic_path(self.path) as tmp:
-                self.model.save(tmp)
+            model = self.target or self.model
+            optimizer = getattr(model, "optimizer", None)
+            try:
+                # the best model, not the training state (that is BackupAndRestore's):
+                # without Adam's two moments the file is a third of the size
+                if optimizer is not None:
+                    model.optimizer = None
+                with atomic_path(self.path) as tmp:
+                    model.save(tmp)
+            finally:
+                if optimizer is not None:
+                    model.optimizer = optimizer
 
 
 class HistoryCSV(keras.callbacks.Callback):
@@ -166,3 +179,43 @@ class RichProgress(keras.callbacks.Callback):
                          if k in HISTORY_METRICS or k[4:] in HISTORY_METRICS)
         self.console.print(f"{self.title} epoch {epoch + 1}/{self.total_epochs}: {parts} "
                            f"({time.perf_counter() - self._t0:.1f}s)", highlight=False)
+
+
+class SeedState(keras.callbacks.Callback):
+    """Save and restore the random state of every layer (augmentation, dropout).
+
+    ``BackupAndRestore`` restores weights and optimizer but not the seed generators'
+    states, so a resumed run would draw other augmentations and dropout masks than
+    an uninterrupted one. This callback keeps them beside the backup, tagged with the
+    epoch they belong to, and restores them only when that epoch is the one resumed.
+    """
+
+    def __init__(self, path: str | Path, resume_epoch: int):
+        super().__init__()
+        self.path = Path(path)
+        self.resume_epoch = resume_epoch
+
+    def _generators(self) -> list:
+        seen, out = set(), []
+        for layer in self.model._flatten_layers(include_self=True, recursive=True):
+            for sg in getattr(layer, "_seed_generators", []):
+                if id(sg) not in seen:
+                    seen.add(id(sg))
+                    out.append(sg)
+        return out
+
+    def on_train_begin(self, logs=None):
+        if not self.path.exists():
+            return
+        with np.load(self.path, allow_pickle=False) as data:
+            generators = self._generators()
+            if int(data["epoch"]) != self.resume_epoch or len(data.files) - 1 != len(generators):
+                return
+            for i, sg in enumerate(generators):
+                sg.state.assign(data[f"s{i}"])
+
+    def on_epoch_end(self, epoch, logs=None):
+        states = {f"s{i}": keras.ops.convert_to_numpy(sg.state.value) for i, sg in enumerate(self._generators())}
+        buf = io.BytesIO()
+        np.savez(buf, epoch=np.int64(epoch + 1), **states)
+        write_bytes(self.path, buf.getvalue())

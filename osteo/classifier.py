@@ -194,6 +194,7 @@ class Classifier:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int | None = None
     freeze_bn: bool = True  # False only for training from scratch (weights none)
+    bn_momentum: float = 0.0  # 0: the backbone's own (Keras: 0.99)
 
     def __post_init__(self):
         self.spec = get_backbone(self.backbone_name)
@@ -214,10 +215,18 @@ class Classifier:
             x = keras.layers.RandAugment(value_range=(0, 255), seed=self.seed, name="randaugment")(x)
         x = Preprocess(self.spec.preprocessing, name="preprocess")(x)
         self.backbone = self.spec.build(image_size=size, weights=self.weights)
+        if self.bn_momentum:
+            # Keras' 0.99 needs hundreds of steps before the moving statistics that
+            # evaluation uses match the batches; short runs from scratch need less
+            for layer in _all_layers(self.backbone):
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.momentum = self.bn_momentum
         # training=False keeps BatchNorm in inference mode (its ImageNet statistics)
         # in both phases; from scratch there are no statistics worth keeping.
         x = self.backbone(x, training=False) if self.freeze_bn else self.backbone(x)
         x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+        if self.spec.pooled_norm:
+            x = keras.layers.LayerNormalization(epsilon=1e-6, name="pool_norm")(x)
         x = keras.layers.Dropout(self.head.dropout, seed=self.seed, name="dropout")(x)
         for i, units in enumerate(self.head.units):
             x = keras.layers.Dense(units, activation="relu", name=f"head_dense{i}")(x)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import types
 import typing
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class ModelConfig:
     backbone: str = "convnext_tiny"
     weights: str = "imagenet"  # "imagenet", "none", or a path to a weights file
     freeze_bn: bool = True  # keep BatchNorm statistics frozen (transfer learning)
+    bn_momentum: float = 0.0  # BatchNorm moving-average momentum; 0: the backbone's own (0.99)
     head: HeadConfig = field(default_factory=HeadConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -95,6 +97,7 @@ class TrainConfig:
     deterministic: bool = False
     tensorboard: bool = True
     bootstrap: int = 1000  # resamples for the metrics' 95% intervals
+    feature_cache: str = "auto"  # phase 1 on backbone features computed once; auto: when no augmentation
 
 
 @dataclass
@@ -171,15 +174,20 @@ def recipe_path(name_or_path: str) -> Path:
     return p
 
 
-def load_recipe(name_or_path: str) -> Recipe:
-    """Import a recipe file and call its ``recipe()``. The file is code: trust it first."""
+def load_recipe(name_or_path: str, backbone: str | None = None) -> Recipe:
+    """Import a recipe file and call its ``recipe()``. The file is code: trust it first.
+
+    A recipe that takes a ``backbone`` argument gets the one asked for on the command
+    line (``--model``), so it can adjust per backbone (``recipes/demo.py`` does).
+    """
     path = recipe_path(name_or_path)
     spec = importlib.util.spec_from_file_location(f"osteo_recipe_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "recipe"):
         raise OsteoError(f"recipe file {path} has no recipe() function")
-    r = module.recipe()
+    takes_backbone = "backbone" in inspect.signature(module.recipe).parameters
+    r = module.recipe(backbone=backbone) if takes_backbone and backbone else module.recipe()
     if not isinstance(r, Recipe):
         raise OsteoError(f"recipe() in {path} must return osteo.recipe.Recipe, got {type(r).__name__}")
     return r

@@ -25,13 +25,21 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import keras
 import numpy as np
 
 from osteo import speed
-from osteo.callbacks import BestCheckpoint, HistoryCSV, NonFiniteLoss, RichProgress, monitor_mode
+from osteo.callbacks import (
+    BestCheckpoint,
+    HistoryCSV,
+    NonFiniteLoss,
+    RichProgress,
+    SeedState,
+    monitor_mode,
+)
 from osteo.classifier import Classifier, SparseCrossEntropy, default_metrics
 from osteo.errors import OsteoError
 from osteo.files import read_json, write_json
@@ -90,7 +98,7 @@ def choose_precision(requested: str, backbone: str, device: dict) -> str:
         return requested
     if device["kind"] == "gpu":
         return "mixed_bfloat16" if device["gpu_bf16"] else "mixed_float16"
-    gains = device["backend"] in speed.decision(backbone).bf16
+    gains = device["backend"] in speed.decision(backbone, _cpu_class(device)).bf16
     return "mixed_bfloat16" if device["cpu_bf16"] and gains else "float32"
 
 
@@ -105,7 +113,24 @@ def choose_jit(requested: str, backbone: str, device: dict) -> bool:
         raise OsteoError(f"unknown jit_compile {requested!r}; choose one of: auto, on, off")
     if device["backend"] != "tensorflow":
         return False
-    return device["kind"] == "gpu" or speed.decision(backbone).xla
+    return device["kind"] == "gpu" or speed.decision(backbone, _cpu_class(device)).xla
+
+
+def use_feature_cache(requested: str, augment) -> bool:
+    """``auto``: train phase 1 on cached features only when no augmentation is active."""
+    requested = str(requested).lower()
+    if requested not in ("auto", "on", "off"):
+        raise OsteoError(f"unknown feature_cache {requested!r}; choose one of: auto, on, off")
+    if requested != "auto":
+        return requested == "on"
+    active = (augment.flip or augment.randaugment or any(
+        getattr(augment, k) > 0 for k in ("rotation", "zoom", "translation", "shear", "contrast", "brightness",
+                                           "mixup", "cutmix")))
+    return not active
+
+
+def _cpu_class(device: dict) -> str:
+    return "avx512_bf16" if device.get("cpu_bf16") else "avx2"
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
@@ -174,7 +199,9 @@ class Trainer:
         split = None
         if self.resume:
             run_dir = find_run(self.resume, r.runs_dir, r.model.backbone)
-            r = self.recipe = recipe_from_dict(read_json(run_dir / "recipe.json"))
+            saved = read_json(run_dir / "recipe.json")
+            saved.pop("resolved_image_size", None)  # written beside the recipe, not part of it
+            r = self.recipe = recipe_from_dict(saved)
             from osteo.data.split import read_split
 
             split = read_split(run_dir / "split.csv")
@@ -183,22 +210,28 @@ class Trainer:
         if t.monitor not in MONITORS:
             raise OsteoError(f"unknown monitor {t.monitor!r}; choose one of: {', '.join(MONITORS)}")
         clf = Classifier(r.model.backbone, image_size=r.data.image_size or None, weights=r.model.weights,
-                         head=r.model.head, augment=r.model.augment, seed=t.seed, freeze_bn=r.model.freeze_bn)
+                         head=r.model.head, augment=r.model.augment, seed=t.seed, freeze_bn=r.model.freeze_bn,
+                         bn_momentum=r.model.bn_momentum)
         spec, size = clf.spec, clf.image_size
         device = detect_device()
         precision = choose_precision(t.precision, spec.name, device)
         jit = choose_jit(t.jit_compile, spec.name, device)
-        if not self.resume:
-            run_dir = new_run_dir(r.runs_dir, spec.name)
-            self._say(f"run directory {run_dir}")
-
         from osteo.data.module import DataModule
+        from osteo.data.split import write_split
 
+        # data and model first: bad data or a wrong weights file fail before any file is written
         set_determinism(t.seed, t.deterministic)
         dm = DataModule(r.data, image_size=size, seed=t.seed, mixup=r.model.augment.mixup,
                         cutmix=r.model.augment.cutmix)
         dm.setup(split=split, progress=self._data_progress())
-        from osteo.data.split import write_split
+        keras.mixed_precision.set_dtype_policy(precision)
+        try:
+            model = clf.build()
+        finally:
+            keras.mixed_precision.set_dtype_policy("float32")
+        if not self.resume:
+            run_dir = new_run_dir(r.runs_dir, spec.name)
+            self._say(f"run directory {run_dir}")
 
         if not self.resume:
             write_json(run_dir / "recipe.json", {**r.to_dict(), "resolved_image_size": size})
@@ -214,12 +247,6 @@ class Trainer:
             "n_train": dm.count("train"), "n_val": dm.count("val"), "n_test": dm.count("test"),
         }
         write_json(run_dir / "env.json", env)
-
-        keras.mixed_precision.set_dtype_policy(precision)
-        try:
-            model = clf.build()
-        finally:
-            keras.mixed_precision.set_dtype_policy("float32")
         bs = r.data.batch_size
         steps = t.steps_per_epoch or dm.steps_per_epoch(bs)
         images_per_epoch = min(steps * bs, dm.count("train")) if not t.steps_per_epoch else steps * bs
@@ -253,18 +280,29 @@ class Trainer:
                 phase1_weights = backup_root / "phase1.weights.h5"
                 if phase1_weights.exists() and not (backup_root / "phase2" / "latest.weights.h5").exists():
                     model.load_weights(phase1_weights)
-            model.compile(
+            backup_dir = backup_root / f"phase{phase}"
+            start = _backup_epoch(backup_dir, default=first)
+            fit_model = model
+            fit_kw = {"x": dm.train_dataset(bs, start_epoch=start, steps_per_epoch=steps), "steps_per_epoch": steps,
+                      "validation_data": val_ds, "shuffle": False}
+            if phase == 1 and use_feature_cache(t.feature_cache, r.model.augment):
+                # the frozen backbone gives the same features every epoch: compute them once
+                self._say("phase 1 on cached backbone features")
+                fit_model, fit_kw = self._feature_fit(model, clf, dm, bs)
+            fit_model.compile(
                 optimizer=self._optimizer(lr, steps, last - first),
                 loss=SparseCrossEntropy(t.label_smoothing),
                 metrics=default_metrics(),
                 jit_compile=jit,
             )
-            backup_dir = backup_root / f"phase{phase}"
-            start = _backup_epoch(backup_dir, default=first)
+            best.target = model
             history.phase = phase
+            # history and checkpoint before the backup: a kill between them re-runs the epoch
+            # (its history row is replaced), never loses its row
             callbacks = [
-                keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False),
                 nonfinite, history, best,
+                keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False),
+                SeedState(backup_dir / "seed_state.npz", resume_epoch=start),
             ]
             if t.early_stopping:
                 callbacks.append(keras.callbacks.EarlyStopping(monitor=t.monitor, mode=monitor_mode(t.monitor),
@@ -277,11 +315,8 @@ class Trainer:
                                               batch_size=bs, title=spec.name))
             if start < last:
                 ts = time.perf_counter()
-                model.fit(
-                    dm.train_dataset(bs, start_epoch=start), steps_per_epoch=steps, epochs=last,
-                    initial_epoch=first, validation_data=val_ds, class_weight=class_weight,
-                    callbacks=callbacks, verbose=0, shuffle=False,
-                )
+                fit_model.fit(epochs=last, initial_epoch=first, class_weight=class_weight,
+                              callbacks=callbacks, verbose=0, **fit_kw)
                 trained_seconds += time.perf_counter() - ts
             if nonfinite.stopped_at:
                 epoch, batch = nonfinite.stopped_at
@@ -298,13 +333,34 @@ class Trainer:
 
         if not best.path.exists():
             raise OsteoError(f"no checkpoint was written for {run_dir}; train for at least one epoch")
-        model.load_weights(best.path)
+        with warnings.catch_warnings():  # the best checkpoint carries no optimizer state, on purpose
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model.load_weights(best.path)
         self._predict(model, dm, run_dir, bs, best, env, trained_seconds, images_per_epoch, clf,
                       time.perf_counter() - t0)
         shutil.rmtree(backup_root, ignore_errors=True)
         return run_dir
 
     # ------------------------------------------------------------------ helpers
+
+    def _feature_fit(self, model, clf, dm, bs):
+        """A head-only model on the backbone's pooled features, computed once.
+
+        The head layers are the full model's own (shared), so training this model
+        trains the full model's head; the best checkpoint still saves the full model.
+        """
+        name = "pool_norm" if clf.spec.pooled_norm else "pool"
+        feature_layer = model.get_layer(name)
+        extractor = keras.Model(model.inputs, feature_layer.output)
+        inputs = keras.Input(tuple(feature_layer.output.shape[1:]), name="features")
+        x = inputs
+        for layer in model.layers[model.layers.index(feature_layer) + 1 :]:
+            x = layer(x)
+        head = keras.Model(inputs, x, name=f"{model.name}_head")
+        feats = {s: np.asarray(extractor.predict(dm.eval_dataset(s, bs), verbose=0), dtype="float32")
+                 for s in ("train", "val")}
+        return head, {"x": feats["train"], "y": dm.labels("train"), "batch_size": bs,
+                      "validation_data": (feats["val"], dm.labels("val")), "shuffle": True}
 
     def _data_progress(self):
         if self.console is None:

@@ -135,3 +135,15 @@ def test_class_weights_change_the_loss():
         ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(12)
         losses.append(model.fit(ds, epochs=1, class_weight=cw, verbose=0).history["loss"][0])
     assert losses[0] != pytest.approx(losses[1], rel=1e-3)
+
+
+def test_bn_momentum_override_reaches_every_batchnorm():
+    import keras
+
+    from osteo.classifier import Classifier, _all_layers
+
+    for momentum, expected in ((0.0, 0.99), (0.9, 0.9)):
+        clf = Classifier("tiny", image_size=32, weights="none", freeze_bn=False, bn_momentum=momentum)
+        clf.build()
+        bns = [layer for layer in _all_layers(clf.backbone) if isinstance(layer, keras.layers.BatchNormalization)]
+        assert len(bns) == 2 and {layer.momentum for layer in bns} == {expected}

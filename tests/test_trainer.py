@@ -104,16 +104,21 @@ def test_backend_auto_follows_the_measurements(monkeypatch):
     from osteo import speed
 
     monkeypatch.setattr(speed, "available", lambda backend: True)
-    assert speed.choose_backend("auto", "convnext_tiny") == "torch"
-    assert speed.choose_backend("auto", "vgg16") == "tensorflow"
-    assert speed.choose_backend("auto", "densenet169", planned_images=1000) == "torch"
-    assert speed.choose_backend("auto", "densenet169", planned_images=50_000) == "tensorflow"
+    intel, amd = "avx512_bf16", "avx2"
+    assert speed.cpu_class("fpu avx2 avx512f avx512_bf16") == intel and speed.cpu_class("fpu avx2") == amd
+    assert speed.choose_backend("auto", "convnext_tiny", cpu=intel) == "torch"
+    assert speed.choose_backend("auto", "vgg16", cpu=intel) == "tensorflow"
+    assert speed.choose_backend("auto", "vgg16", cpu=amd) == "torch"
+    assert speed.choose_backend("auto", "densenet169", planned_images=1000, cpu=intel) == "torch"
+    assert speed.choose_backend("auto", "densenet169", planned_images=50_000, cpu=intel) == "tensorflow"
     assert speed.choose_backend("tensorflow", "convnext_tiny") == "tensorflow"
     monkeypatch.setattr(speed, "available", lambda backend: backend == "tensorflow")
     assert speed.choose_backend("auto", "convnext_tiny") == "tensorflow"
 
 
-@pytest.mark.parametrize("backbone", [pytest.param(n, marks=pytest.mark.slow) if n in ("densenet169", "efficientnetv2_b0") else n
+@pytest.mark.parametrize("backbone", [pytest.param(n, marks=pytest.mark.slow)
+                                      if n in ("densenet169", "efficientnetv2_b0", "resnet50", "mobilenetv3_large")
+                                      else n
                                       for n in list_backbones()])
 def test_every_registered_backbone_writes_a_run(backbone, phantom_dir, tmp_path):
     r = tiny_recipe(phantom_dir, tmp_path, backbone=backbone, epochs=1, steps_per_epoch=1)
@@ -148,3 +153,28 @@ def test_tiny_model_trains_on_the_pytorch_backend(phantom_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "torch ok torch" in proc.stdout
+
+
+def test_phase_one_on_cached_features_trains_the_full_models_head(phantom_dir, tmp_path):
+    from osteo.data.module import DataModule
+    from osteo.data.split import read_split
+    from osteo.recipe import AugmentConfig, DataConfig
+    from osteo.trainer import use_feature_cache
+
+    assert not use_feature_cache("auto", AugmentConfig())  # the study's augmentation: images every epoch
+    off = AugmentConfig(flip=False, zoom=0.0, shear=0.0)
+    assert use_feature_cache("auto", off) and not use_feature_cache("off", off)
+    r = tiny_recipe(phantom_dir, tmp_path, epochs=3, lr=3e-3)
+    r.model.augment = off
+    run = Trainer(r).run()
+    history = _history(run)
+    assert [int(h["epoch"]) for h in history] == [1, 2, 3]
+    assert len({h["val_loss"] for h in history}) == 3  # the head learned from epoch to epoch
+    # the checkpoint is the whole image model, and it made the predictions
+    model = keras.saving.load_model(run / "best.keras", safe_mode=True)
+    assert model.input_shape == (None, 32, 32, 1)
+    dm = DataModule(DataConfig(dir=str(phantom_dir), image_size=32), image_size=32).setup(
+        split=read_split(run / "split.csv"))
+    images, _ = dm.eval_arrays("val")
+    _, probs, _ = read_predictions(run / "predictions.csv", "val")
+    np.testing.assert_allclose(model.predict(images, verbose=0), probs, atol=2e-6)
