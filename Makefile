@@ -39,7 +39,7 @@ audit: install
 	$(OSTEO) data audit $(DATA) --out $(OUT)/audit
 
 clean:
-	rm -rf $(VENV) data/phantom runs reports .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) data/phantom data/phantom-demo runs reports .pytest_cache .ruff_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # Make variables pass through to `osteo train`; DATA only when given (the default is the phantom).
@@ -55,3 +55,35 @@ train: install
 
 train-all: install
 	@for m in $(STUDY_MODELS); do $(MAKE) --no-print-directory train MODEL=$$m RECIPE=$$m || exit 1; done
+
+# The comparison across runs: latest run of each model under RUNS (ALL=1: every run).
+RUNS ?= runs
+report: install
+	$(OSTEO) report --runs $(RUNS) --out $(OUT) $(if $(ALL),--all)
+
+# The whole study on the phantom, CPU-sized (recipes/demo.py): each backbone in its own
+# process, so each gets the Keras backend measured fastest for it.
+DEMO_RUNS := runs/demo
+DEMO_OUT := reports/demo
+demo: install
+	@start=$$(date +%s); \
+	for m in $(STUDY_MODELS); do \
+		echo "== demo: training $$m ($$(( $$(date +%s) - start ))s so far)"; \
+		$(OSTEO) train demo --model $$m --runs $(DEMO_RUNS) || exit 1; \
+	done; \
+	echo "== demo: report"; \
+	$(OSTEO) report --runs $(DEMO_RUNS) --out $(DEMO_OUT) || exit 1; \
+	echo "== demo: done in $$(( $$(date +%s) - start ))s; open $(CURDIR)/$(DEMO_OUT)/index.html"
+
+# Speed: the input pipeline and the models, osteo beside timm (BENCH=full: the long run).
+# timm and its torch/torchvision pair live in .venv-bench (about 5.5 GB; see README).
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" "timm==1.0.31"
+	touch $@
+
+bench: install $(BENCH_VENV)/.installed
+	$(PY) benchmarks/input_pipeline.py $(if $(filter full,$(BENCH)),,--n 1000 --large-n 100)
+	$(PY) benchmarks/models.py --timm $(BENCH_VENV)/bin/python $(if $(filter full,$(BENCH)),--full,--sizes 224,64)

@@ -4,8 +4,9 @@
     osteo data audit DATA [--out DIR]
     osteo data split DATA --out split.csv [--val 0.3] [--test 0] [--folds K --fold I] [--seed S]
     osteo train RECIPE_OR_MODEL [--data DIR] [--set key=value ...] [--resume RUN_DIR|latest]
-    osteo eval RUN_DIR [--split val|test]
-    osteo report [RUNS ...] [--out DIR] [--all]
+    osteo eval RUN_DIR [--split val|test] [--bootstrap 1000]
+    osteo report [RUNS ...] [--out DIR] [--all] [--runs DIR]
+    osteo predict RUN_DIR IMAGE_OR_FOLDER ... [--out predictions.csv]
 
 User errors print one line and exit with code 2; ``--debug`` shows the traceback.
 """
@@ -138,6 +139,190 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conflicts", choices=CONFLICT_POLICIES, default="exclude")
 
 
+# --------------------------------------------------------------------------- train
+
+
+def _recipe_for(name: str, backbone: str | None = None):
+    """A recipe file, or, for a registered backbone without one, the study protocol."""
+    from osteo.recipe import RECIPES_DIR, load_recipe, study_protocol
+
+    if not name.endswith(".py") and not (RECIPES_DIR / f"{name}.py").exists():
+        from osteo.registry import list_backbones
+
+        if name in list_backbones(include_test=True):
+            return study_protocol(name)
+    return load_recipe(name, backbone=backbone)
+
+
+def build_recipe(args):
+    from osteo.recipe import apply_overrides, set_total_epochs
+
+    recipe = _recipe_for(args.recipe, args.model)
+    if args.model:
+        recipe.model.backbone = args.model
+    if args.data:
+        recipe.data.dir = args.data
+    if args.weights:
+        recipe.model.weights = args.weights
+    if args.image_size:
+        recipe.data.image_size = args.image_size
+    if args.batch:
+        recipe.data.batch_size = args.batch
+    if args.seed is not None:
+        recipe.train.seed = args.seed
+    if args.epochs:
+        set_total_epochs(recipe, args.epochs)
+    if args.deterministic:
+        recipe.train.deterministic = True
+    if args.runs:
+        recipe.runs_dir = args.runs
+    apply_overrides(recipe, args.set or [])
+    return recipe
+
+
+def _planned_images(recipe) -> int:
+    """Training images the run will see (files x train fraction x epochs), cheaply."""
+    import os
+
+    from osteo.data.scan import IMAGE_EXTENSIONS
+
+    n = recipe.data.phantom_n if not os.path.isdir(recipe.data.dir) else sum(
+        os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for _, _, files in os.walk(recipe.data.dir) for f in files
+    )
+    fraction = 1 - recipe.data.val - recipe.data.test
+    return int(n * fraction * (recipe.train.epochs + recipe.train.fine_tune_epochs))
+
+
+def select_backend(requested: str | None, recipe, console) -> str:
+    """Set KERAS_BACKEND before Keras is imported: explicit choice, env, or measured-fastest."""
+    import os
+
+    from osteo import speed
+
+    if "keras" in sys.modules:  # imported already (a library caller): keep what is loaded
+        import keras
+
+        return keras.backend.backend()
+    choice = requested or os.environ.get("KERAS_BACKEND") or "auto"
+    if choice not in speed.BACKENDS:
+        raise OsteoError(f"unknown backend {choice!r}; choose one of: {', '.join(speed.BACKENDS)}")
+    backend = speed.choose_backend(choice, recipe.model.backbone, _planned_images(recipe))
+    if choice == "auto" and recipe.model.backbone in speed.CPU[speed.cpu_class()]:
+        console.print(f"backend: {backend} (auto: measured fastest for {recipe.model.backbone} here)", highlight=False)
+    os.environ["KERAS_BACKEND"] = backend
+    return backend
+
+
+def ensure_phantom(recipe, console) -> None:
+    """A phantom data folder (``data/phantom*``) is written on first use, atomically."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from osteo.data.phantom import write_phantom
+
+    path = Path(recipe.data.dir)
+    if path.exists() or path.parent != Path("data") or not path.name.startswith("phantom"):
+        return
+    console.print(f"writing the phantom dataset ({recipe.data.phantom_n} images of {recipe.data.phantom_size} px) "
+                  f"to {path} ...", highlight=False)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write_phantom(tmp, n=recipe.data.phantom_n, size=recipe.data.phantom_size, seed=0)
+        os.replace(tmp, path)  # a killed generation leaves no half-written dataset behind
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_run_summary(run_dir, console) -> None:
+    from rich.table import Table
+
+    from osteo.files import read_json
+
+    metrics = read_json(run_dir / "metrics.json")
+    table = Table(title=f"{metrics['model']}: best epoch {metrics['best_epoch']} ({metrics['monitor']})")
+    for col in ("split", "accuracy", "balanced acc.", "macro F1", "majority acc.", "majority bal. acc."):
+        table.add_column(col, justify="right")
+    for name in ("val", "test"):
+        if name in metrics:
+            m = metrics[name]
+            b = m["majority_baseline"]
+            table.add_row(name, f"{m['accuracy']:.3f}", f"{m['balanced_accuracy']:.3f}", f"{m['macro_f1']:.3f}",
+                          f"{b['accuracy']:.3f}", f"{b['balanced_accuracy']:.3f}")
+    console.print(table)
+    console.print(f"run directory: {run_dir}", highlight=False)
+
+
+def cmd_train(args) -> int:
+    console = _console()
+    recipe = build_recipe(args)
+    select_backend(args.backend, recipe, console)
+    from osteo.registry import get_backbone
+    from osteo.trainer import Trainer
+
+    spec = get_backbone(recipe.model.backbone)
+    spec.check_size(recipe.data.image_size or spec.default_size)
+    if not args.resume:
+        ensure_phantom(recipe, console)
+    run_dir = Trainer(recipe, console=console, resume=args.resume, command=" ".join(sys.argv)).run()
+    print_run_summary(run_dir, console)
+    return 0
+
+
+# --------------------------------------------------------------------------- eval, report, predict
+
+
+def cmd_eval(args) -> int:
+    from osteo.evaluate import evaluate_run, print_metrics
+
+    metrics = evaluate_run(args.run, splits=[args.split] if args.split else None, n_boot=args.bootstrap,
+                           seed=args.seed)
+    console = _console()
+    for name in ("val", "test"):
+        if name in metrics and (args.split in (None, name)):
+            print_metrics(metrics, name, console)
+    print(f"wrote {args.run}/metrics.json")
+    return 0
+
+
+def cmd_report(args) -> int:
+    import os
+
+    from rich.table import Table
+
+    from osteo.report import collect_runs, write_report
+
+    runs = collect_runs(args.runs_list, runs_dir=args.runs, all_runs=args.all)
+    console = _console()
+    console.print(f"reporting {len(runs)} run(s): {', '.join(str(r) for r in runs)}", markup=False)
+    page = write_report(runs, args.out, split=args.split, n_boot=args.bootstrap)
+    import csv
+
+    with open(os.path.join(args.out, "comparison.csv"), newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    table = Table(title=f"comparison ({args.split})")
+    cols = ("model", "balanced_accuracy", "macro_f1", "accuracy", "majority_balanced_accuracy", "roc_auc", "mcnemar_p")
+    for c in cols:
+        if c == "model":
+            table.add_column("model", no_wrap=True, min_width=13)
+        else:
+            table.add_column(c.replace("_", " "), justify="right")
+    num = lambda v: f"{float(v):.3f}" if v not in ("", None) else "-"
+    for r in rows:
+        table.add_row(r["model"], *(num(r[c]) for c in cols[1:]))
+    console.print(table)
+    print(f"report: {os.path.abspath(page)}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from osteo.predict import predict_files
+
+    out = predict_files(args.run, args.images, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -167,6 +352,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _add_split_options(p)
     p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("train", help="train one model from a recipe")
+    p.add_argument("recipe", help="recipe name (recipes/NAME.py), a .py path, or a registered backbone")
+    p.add_argument("--model", help="backbone, overriding the recipe's")
+    p.add_argument("--data", help="data folder with class sub-folders (default: the phantom)")
+    p.add_argument("--weights", help="imagenet, none, or a path to a weights file")
+    p.add_argument("--epochs", type=int, help="total epochs (split over the two phases)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--runs", help="runs folder (default runs/)")
+    p.add_argument("--deterministic", action="store_true", help="seeded, deterministic ops")
+    p.add_argument("--resume", help="continue a killed run: its directory, or 'latest'")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, e.g. train.lr=3e-4")
+    p.add_argument("--backend", help="auto (default: the measured-faster one), tensorflow or torch")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="metrics with intervals from a run's predictions")
+    p.add_argument("run", help="a run directory")
+    p.add_argument("--split", choices=("val", "test"))
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="compare runs: CSVs, plots and one HTML page")
+    p.add_argument("runs_list", nargs="*", metavar="RUNS", help="run directories (default: latest of each model)")
+    p.add_argument("--runs", default="runs", help="runs folder to search (default runs/)")
+    p.add_argument("--all", action="store_true", help="every finished run, not only the latest per model")
+    p.add_argument("--out", default="reports", help="output folder (default reports/)")
+    p.add_argument("--split", choices=("val", "test"), default="val")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("predict", help="classify images with a trained run's best model")
+    p.add_argument("run", help="a run directory")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--out", default="predictions.csv")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -1,0 +1,80 @@
+"""Classify new images with a finished run: ``osteo predict RUN_DIR IMAGES... [--out CSV]``.
+
+The run's ``best.keras`` is loaded with ``safe_mode=True`` (no Python lambdas or
+pickles are executed); images are decoded and resized exactly as in training
+(:mod:`osteo.data.decode`, :func:`osteo.data.pipeline.resize_image`). Files that
+cannot be decoded get ``status=unreadable`` and a reason instead of probabilities.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from osteo import CLASSES
+from osteo.errors import OsteoError
+from osteo.files import read_json, write_csv
+from osteo.runs import check_run_dir
+
+COLUMNS = ("path", "status", "pred", *(f"p_{c}" for c in CLASSES), "reason")
+
+
+def load_best(run_dir: str | os.PathLike):
+    import keras
+
+    run_dir = check_run_dir(run_dir, need=("best.keras",))
+    import osteo.classifier  # noqa: F401  (registers osteo's serializable layers, losses, metrics)
+
+    try:
+        return keras.saving.load_model(run_dir / "best.keras", safe_mode=True)
+    except Exception as e:
+        raise OsteoError(f"cannot load {run_dir / 'best.keras'}: {type(e).__name__}: {str(e)[:200]}; "
+                         "the file is damaged or from another osteo version: retrain the run") from None
+
+
+def _expand(paths: list[str]) -> list[Path]:
+    from osteo.data.scan import IMAGE_EXTENSIONS
+
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise OsteoError(f"{p} does not exist; pass image files or folders")
+    return out
+
+
+def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.PathLike, batch: int = 32) -> Path:
+    import tensorflow as tf
+
+    from osteo.data.decode import DecodeError, decode_file
+    from osteo.data.pipeline import box_factor, resize_image
+
+    run_dir = Path(run_dir)
+    model = load_best(run_dir)
+    recipe = read_json(run_dir / "recipe.json")
+    size = int(recipe.get("resolved_image_size") or recipe["data"]["image_size"])
+    mode = recipe["data"].get("resize", "pad")
+    rows, ready, arrays = [], [], []
+    for f in _expand(images):
+        try:
+            arr, info = decode_file(f)
+        except DecodeError as e:
+            rows.append({"path": str(f), "status": "unreadable", "reason": str(e)})
+            continue
+        box = box_factor(info.width, info.height, size, mode)
+        arrays.append(resize_image(tf.constant(arr), size, mode, box).numpy())
+        row = {"path": str(f), "status": "ok"}
+        rows.append(row)
+        ready.append(row)
+    if arrays:
+        probs = model.predict(np.stack(arrays), batch_size=batch, verbose=0)
+        for row, p in zip(ready, probs):
+            row["pred"] = CLASSES[int(np.argmax(p))]
+            row.update({f"p_{c}": f"{float(v):.6f}" for c, v in zip(CLASSES, p)})
+    write_csv(out, rows, COLUMNS)
+    return Path(out)

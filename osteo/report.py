@@ -1,0 +1,493 @@
+"""The comparison report: ``osteo report [RUNS ...] [--out DIR] [--all]`` (``make report``).
+
+Writes to ``DIR`` (default ``reports/``):
+
+- ``comparison.csv``: one row per run, headline metrics with 95% bootstrap
+  intervals, the majority-class baseline, speed, size, and McNemar's exact test
+  against the best run (by balanced accuracy) on the same validation images;
+- ``per_class.csv``: long form (model, run_id, class, metric, value, lo, hi);
+- ``plots/*.png``: training curves, confusion matrices, ROC curves, reliability
+  diagrams, sample predictions, and a bar chart of the headline metrics;
+- ``index.html``: one self-contained page (images embedded, no network) with all of
+  it, the data audit, and each run's recipe and environment. Every file name and
+  label on the page is HTML-escaped.
+
+Metrics are recomputed from each run's ``predictions.csv``, so the report never
+trusts a stale ``metrics.json``. Runs made on different splits are reported, but
+not paired.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import html
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from osteo import CLASSES
+from osteo.errors import OsteoError
+from osteo.evaluate import (
+    compute_metrics,
+    majority_baseline,
+    mcnemar_exact,
+    read_predictions,
+    reliability_curve,
+)
+from osteo.files import atomic_path, read_json, write_csv, write_text
+from osteo.runs import check_run_dir, list_runs
+
+HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1")
+COMPARISON_COLUMNS = (
+    "model", "run_id", "weights", "precision", "backend", "image_size", "epochs", "best_epoch", "n_train", "n_val",
+    "accuracy", "accuracy_lo", "accuracy_hi", "balanced_accuracy", "balanced_accuracy_lo", "balanced_accuracy_hi",
+    "macro_f1", "macro_f1_lo", "macro_f1_hi", "roc_auc", "kappa_qw", "mcc", "log_loss", "brier", "ece",
+    "majority_class", "majority_accuracy", "majority_balanced_accuracy", "mcnemar_vs", "mcnemar_p",
+    "train_seconds", "train_images_per_sec", "params",
+    *(f"{m}_{c}" for c in CLASSES for m in ("precision", "recall", "specificity", "f1")),
+    "split_id", "run_dir",
+)
+PER_CLASS_COLUMNS = ("model", "run_id", "class", "metric", "value", "lo", "hi")
+
+
+@dataclass
+class Run:
+    path: Path
+    recipe: dict
+    env: dict
+    metrics: dict  # recomputed: one split's metrics with intervals
+    history: list[dict]
+    y: np.ndarray
+    probs: np.ndarray
+    rows: list[dict]
+    majority: dict
+    split_id: str
+    audit: dict = field(default_factory=dict)
+
+    @property
+    def model(self) -> str:
+        return self.recipe.get("model", {}).get("backbone") or self.path.parent.name
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} ({self.run_id})"
+
+
+def collect_runs(specs: list[str] | None = None, runs_dir: str | os.PathLike = "runs",
+                 all_runs: bool = False) -> list[Path]:
+    """The runs to report: those given, else the latest finished run of each model (or all)."""
+    if specs:
+        return [check_run_dir(s, need=("predictions.csv", "metrics.json")) for s in specs]
+    runs = list_runs(runs_dir, finished=True)
+    if not runs:
+        raise OsteoError(f"no finished runs under {runs_dir}; train one first (make train MODEL=...)")
+    if all_runs:
+        return runs
+    latest: dict[str, Path] = {}
+    for r in runs:  # oldest first, so the last one of each model wins
+        latest[r.parent.name] = r
+    return [latest[m] for m in sorted(latest)]
+
+
+def load_run(path: Path, split: str = "val", n_boot: int = 1000, seed: int = 0) -> Run:
+    from osteo.evaluate import training_majority
+
+    recipe = read_json(path / "recipe.json")
+    env = read_json(path / "env.json") if (path / "env.json").exists() else {}
+    y, probs, rows = read_predictions(path / "predictions.csv", split)
+    if not len(y):
+        raise OsteoError(f"run {path} has no {split} predictions; choose --split val or test")
+    metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed)
+    stored = read_json(path / "metrics.json") if (path / "metrics.json").exists() else {}
+    metrics["best_epoch"] = stored.get("best_epoch")
+    majority = majority_baseline(y, training_majority(path))
+    history = []
+    if (path / "history.csv").exists():
+        with open(path / "history.csv", newline="", encoding="utf-8") as f:
+            history = list(csv.DictReader(f))
+    split_id = hashlib.sha256((path / "split.csv").read_bytes()).hexdigest()[:12]
+    audit = read_json(path / "audit.json") if (path / "audit.json").exists() else {}
+    return Run(path, recipe, env, metrics, history, y, probs, rows, majority, split_id, audit)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _paired(runs: list[Run]) -> dict[Path, dict]:
+    """McNemar's exact test of each run against the best run with the same validation images."""
+    out: dict[Path, dict] = {}
+    if not runs:
+        return out
+    best = max(runs, key=lambda r: r.metrics["balanced_accuracy"])
+    best_correct = {row["path"]: p == y for row, p, y in zip(best.rows, best.probs.argmax(1), best.y)}
+    for r in runs:
+        paths = [row["path"] for row in r.rows]
+        if r is best:
+            out[r.path] = {"vs": "(best)", "p": None}
+        elif set(paths) == set(best_correct):
+            mine = r.probs.argmax(1) == r.y
+            theirs = np.array([best_correct[p] for p in paths])
+            out[r.path] = {"vs": best.label, "p": mcnemar_exact(mine, theirs)["p_value"]}
+        else:
+            out[r.path] = {"vs": "not paired (different validation images)", "p": None}
+    return out
+
+
+def comparison_rows(runs: list[Run]) -> list[dict]:
+    paired = _paired(runs)
+    rows = []
+    for r in runs:
+        m, t = r.metrics, r.recipe.get("train", {})
+        row = {
+            "model": r.model, "run_id": r.run_id, "weights": r.recipe.get("model", {}).get("weights"),
+            "precision": r.env.get("precision"), "backend": r.env.get("backend"),
+            "image_size": r.recipe.get("resolved_image_size") or r.recipe.get("data", {}).get("image_size"),
+            "epochs": int(t.get("epochs", 0)) + int(t.get("fine_tune_epochs", 0)), "best_epoch": m.get("best_epoch"),
+            "n_train": r.env.get("n_train"), "n_val": m["n"],
+            "roc_auc": m["roc_auc"], "kappa_qw": m["kappa_qw"], "mcc": m["mcc"], "log_loss": m["log_loss"],
+            "brier": m["brier"], "ece": m["ece"], "majority_class": r.majority["class"],
+            "majority_accuracy": r.majority["accuracy"], "majority_balanced_accuracy": r.majority["balanced_accuracy"],
+            "mcnemar_vs": paired[r.path]["vs"], "mcnemar_p": paired[r.path]["p"],
+            "train_seconds": r.env.get("train_seconds"), "train_images_per_sec": r.env.get("train_images_per_sec"),
+            "params": r.env.get("params"), "split_id": r.split_id, "run_dir": str(r.path),
+        }
+        for k in HEADLINE:
+            row[k] = m[k]
+            row[f"{k}_lo"], row[f"{k}_hi"] = m.get(f"{k}_ci", (None, None))
+        for c in CLASSES:
+            for k in ("precision", "recall", "specificity", "f1"):
+                row[f"{k}_{c}"] = m["per_class"][c][k]
+        rows.append(row)
+    return rows
+
+
+def per_class_rows(runs: list[Run]) -> list[dict]:
+    rows = []
+    for r in runs:
+        for c in CLASSES:
+            pc = r.metrics["per_class"][c]
+            for k in ("precision", "recall", "specificity", "f1", "roc_auc", "support"):
+                lo, hi = pc.get(f"{k}_ci", (None, None))
+                rows.append({"model": r.model, "run_id": r.run_id, "class": c, "metric": k,
+                             "value": pc[k], "lo": lo, "hi": hi})
+    return rows
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _colours(runs: list[Run]) -> dict[str, tuple]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    names = sorted({r.model for r in runs})
+    return {n: cmap(i % 10) for i, n in enumerate(names)}
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path
+
+
+def _floats(rows: list[dict], key: str) -> np.ndarray:
+    return np.array([float(r[key]) if r.get(key) not in (None, "") else np.nan for r in rows])
+
+
+def plot_curves(runs: list[Run], colours, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(len(runs), 2, figsize=(10, 2.8 * len(runs)), squeeze=False)
+    for (ax_acc, ax_loss), r in zip(axes, runs):
+        h = r.history
+        if not h:
+            ax_acc.set_title(f"{r.label}: no history")
+            continue
+        ep = _floats(h, "epoch")
+        col = colours[r.model]
+        for ax, key in ((ax_acc, "accuracy"), (ax_loss, "loss")):
+            ax.plot(ep, _floats(h, key), color=col, linestyle="--", marker="o", markersize=3, label=f"train {key}")
+            ax.plot(ep, _floats(h, f"val_{key}"), color=col, marker="o", markersize=3, label=f"validation {key}")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            phases = _floats(h, "phase")
+            change = np.flatnonzero(np.diff(phases) != 0)
+            for i in change:
+                ax.axvline(ep[i] + 0.5, color="grey", linestyle=":", label="phase 2 starts")
+            ax.set_xlabel("epoch")
+            ax.set_title(f"{r.label}: {key}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        if r.metrics.get("best_epoch"):
+            ax_acc.axvline(r.metrics["best_epoch"], color="black", alpha=0.4, linewidth=3, label="best")
+    fig.tight_layout()
+    return _save(fig, out / "curves.png")
+
+
+def plot_confusions(runs: list[Run], out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(runs), 2, figsize=(8, 3.4 * len(runs)), squeeze=False)
+    for (ax_n, ax_r), r in zip(axes, runs):
+        cm = np.array(r.metrics["confusion_matrix"], dtype=float)
+        norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        for ax, mat, title, fmt in ((ax_n, cm, "counts", "{:.0f}"), (ax_r, norm, "row-normalised", "{:.2f}")):
+            ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+            for i in range(len(CLASSES)):
+                for j in range(len(CLASSES)):
+                    ax.text(j, i, fmt.format(mat[i, j]), ha="center", va="center",
+                            color="white" if norm[i, j] > 0.6 else "black", fontsize=9)
+            ax.set_xticks(range(len(CLASSES)), CLASSES, fontsize=8)
+            ax.set_yticks(range(len(CLASSES)), CLASSES, fontsize=8)
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("true")
+            ax.set_title(f"{r.label}: {title}", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out / "confusion.png")
+
+
+def plot_roc(runs: list[Run], colours, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, axes = plt.subplots(1, len(CLASSES), figsize=(4 * len(CLASSES), 4))
+    for ax, (i, c) in zip(axes, enumerate(CLASSES)):
+        for r in runs:
+            truth = r.y == i
+            if truth.all() or not truth.any():
+                continue
+            fpr, tpr, _ = roc_curve(truth, r.probs[:, i])
+            auc = r.metrics["per_class"][c]["roc_auc"]
+            ax.plot(fpr, tpr, color=colours[r.model], label=f"{r.model} AUC {auc:.2f}")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+        ax.set_title(f"{c} vs rest", fontsize=10)
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, out / "roc.png")
+
+
+def plot_reliability(runs: list[Run], colours, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    for r in runs:
+        curve = reliability_curve(r.y, r.probs)
+        ax.plot(curve[:, 0], curve[:, 1], marker="o", color=colours[r.model],
+                label=f"{r.model} ECE {r.metrics['ece']:.3f}")
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title("reliability diagram (validation)")
+    return _save(fig, out / "reliability.png")
+
+
+def plot_bars(runs: list[Run], colours, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(HEADLINE), figsize=(4.2 * len(HEADLINE), 3.8), sharey=True)
+    for ax, k in zip(axes, HEADLINE):
+        vals = [r.metrics[k] for r in runs]
+        lo = [r.metrics.get(f"{k}_ci", (v, v))[0] for r, v in zip(runs, vals)]
+        hi = [r.metrics.get(f"{k}_ci", (v, v))[1] for r, v in zip(runs, vals)]
+        x = np.arange(len(runs))
+        ax.bar(x, vals, color=[colours[r.model] for r in runs],
+               yerr=[np.subtract(vals, lo), np.subtract(hi, vals)], capsize=4)
+        base_key = {"accuracy": "accuracy", "balanced_accuracy": "balanced_accuracy"}.get(k)
+        if base_key:
+            base = max(r.majority[base_key] for r in runs)
+            ax.axhline(base, color="red", linestyle="--", label=f"majority class {base:.2f}")
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set_xticks(x, [r.model for r in runs], rotation=30, ha="right", fontsize=8)
+        ax.set_title(k.replace("_", " ") + " (95% CI)", fontsize=10)
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out / "metrics.png")
+
+
+def plot_samples(runs: list[Run], out: Path, per_kind: int = 4) -> Path:
+    """Per model: the most confident correct and wrong validation predictions."""
+    import matplotlib.pyplot as plt
+
+    from osteo.data.decode import DecodeError, decode_file
+
+    cols = 2 * per_kind
+    fig, axes = plt.subplots(len(runs), cols, figsize=(1.6 * cols, 2.0 * len(runs)), squeeze=False)
+    for axrow, r in zip(axes, runs):
+        data_dir = Path(r.audit.get("data_dir") or r.recipe.get("data", {}).get("dir", "."))
+        pred = r.probs.argmax(1)
+        conf = r.probs.max(1)
+        right = [i for i in np.argsort(-conf) if pred[i] == r.y[i]][:per_kind]
+        wrong = [i for i in np.argsort(-conf) if pred[i] != r.y[i]][:per_kind]
+        for ax, i in zip(axrow, [*right, *[None] * (per_kind - len(right)), *wrong]):
+            ax.axis("off")
+            if i is None:
+                continue
+            try:
+                img = decode_file(data_dir / r.rows[i]["path"])[0][..., 0]
+                ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+            except DecodeError:
+                ax.text(0.5, 0.5, "image\nunavailable", ha="center", va="center", fontsize=7)
+            ok = pred[i] == r.y[i]
+            ax.set_title(f"true {CLASSES[r.y[i]]}\npred {CLASSES[pred[i]]} {conf[i]:.2f}",
+                         fontsize=6, color="green" if ok else "red")
+        axrow[0].text(-0.1, 0.5, r.model, transform=axrow[0].transAxes, rotation=90, ha="right", va="center",
+                      fontsize=8)
+    fig.suptitle("most confident correct (green) and wrong (red) validation predictions", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out / "samples.png")
+
+
+# --------------------------------------------------------------------------- page
+
+
+def _fmt(v) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-3 and v != 0 else f"{v:.3f}"
+    return str(v)
+
+
+def _table(rows: list[dict], columns: list[str], headers: list[str] | None = None) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in headers or columns)
+    body = "".join("<tr>" + "".join(f"<td>{e(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}
+table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.5em 0}
+pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}.warn{color:#a00;font-weight:bold}
+details{margin:.5em 0}.scroll{overflow-x:auto}"""
+
+
+def _audit_section(runs: list[Run]) -> str:
+    e = html.escape
+    parts = []
+    seen = set()
+    for r in runs:
+        a = r.audit
+        key = a.get("data_dir")
+        if not a or key in seen:
+            continue
+        seen.add(key)
+        groups = a.get("duplicate_groups", [])
+        conflicts = [g for g in groups if g.get("conflict")]
+        rows = [{"class": c, "readable images": a.get("classes", {}).get(c)} for c in CLASSES]
+        parts.append(f"<h3>data: {e(str(key))}</h3>")
+        parts.append(_table(rows, ["class", "readable images"]))
+        parts.append(
+            f"<p>{a.get('n_files', 0)} image files, {a.get('n_ok', 0)} readable, {len(a.get('unreadable', []))} "
+            f"unreadable, {len(a.get('ignored', []))} ignored; {len(groups)} duplicate groups "
+            f"({sum(g['kind'] == 'exact' for g in groups)} exact, {sum(g['kind'] == 'near' for g in groups)} near), "
+            f"{len(conflicts)} filed under two classes and excluded from the split "
+            f"({r.env.get('excluded_conflicts', 0)} images).</p>")
+        if conflicts:
+            items = "".join(f"<li>{e(', '.join(g['paths']))} ({e(', '.join(g['labels']))})</li>" for g in conflicts[:50])
+            parts.append(f"<details><summary>conflicting duplicate groups</summary><ul>{items}</ul></details>")
+        if a.get("unreadable"):
+            items = "".join(f"<li>{e(u['path'])}: {e(u['reason'])}</li>" for u in a["unreadable"][:50])
+            parts.append(f"<details><summary>unreadable files</summary><ul>{items}</ul></details>")
+    return "".join(parts) or "<p>no audit recorded</p>"
+
+
+def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split: str) -> str:
+    e = html.escape
+    cols = ["model", "run_id", "weights", "precision", "image_size", "epochs", "best_epoch", "n_train", "n_val",
+            "accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "kappa_qw", "mcc", "ece",
+            "majority_accuracy", "majority_balanced_accuracy", "mcnemar_p", "train_images_per_sec"]
+    table_rows = []
+    warnings = []
+    for row in rows:
+        t = dict(row)
+        for k in HEADLINE:
+            if row.get(f"{k}_lo") is not None:
+                t[k] = f"{row[k]:.3f} [{row[f'{k}_lo']:.3f}, {row[f'{k}_hi']:.3f}]"
+        table_rows.append(t)
+        margin = row["balanced_accuracy"] - row["majority_balanced_accuracy"]
+        if margin < 0.05:
+            warnings.append(f"{row['model']} ({row['run_id']}): balanced accuracy {row['balanced_accuracy']:.3f} is "
+                            f"within 0.05 of always answering {row['majority_class']} "
+                            f"({row['majority_balanced_accuracy']:.3f}): it has not learned the task.")
+    warn_html = "".join(f'<p class="warn">{e(w)}</p>' for w in warnings)
+    sections = [
+        ("Headline metrics", "bars", "accuracy, balanced accuracy and macro F1 with 95% bootstrap intervals; "
+                                     "the red line is the majority-class baseline"),
+        ("Training curves", "curves", "dashed: training, solid: validation; dotted: the start of fine-tuning"),
+        ("Confusion matrices", "confusion", ""),
+        ("ROC curves", "roc", "one class against the rest"),
+        ("Calibration", "reliability", "a calibrated model lies on the diagonal"),
+        ("Sample predictions", "samples", ""),
+    ]
+    body = [f"<h1>osteo: model comparison ({e(split)} split)</h1>", warn_html,
+            "<h2>Comparison</h2>",
+            _table(table_rows, cols, [c.replace("_", " ") for c in cols]),
+            "<p>Intervals: stratified bootstrap, 1,000 resamples, 95% percentile. McNemar: exact test against "
+            "the best run by balanced accuracy on the same images.</p>"]
+    for title, key, caption in sections:
+        if key in plots:
+            body.append(f"<h2>{e(title)}</h2><p>{e(caption)}</p>{_img(plots[key], title)}")
+    body.append("<h2>Data audit</h2>" + _audit_section(runs))
+    body.append("<h2>Runs</h2>")
+    for r in runs:
+        body.append(f"<details><summary>{e(r.label)}: recipe and environment</summary>"
+                    f"<pre>{e(json.dumps(r.recipe, indent=2))}</pre><pre>{e(json.dumps(r.env, indent=2))}</pre></details>")
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>osteo report</title>"
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def write_report(run_dirs: list[Path], out: str | os.PathLike, split: str = "val", n_boot: int = 1000,
+                 seed: int = 0) -> Path:
+    """Write the CSVs, plots and ``index.html`` for ``run_dirs`` to ``out``; return the page."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = Path(out)
+    runs = [load_run(p, split, n_boot, seed) for p in run_dirs]
+    rows = comparison_rows(runs)
+    write_csv(out / "comparison.csv", rows, COMPARISON_COLUMNS)
+    write_csv(out / "per_class.csv", per_class_rows(runs), PER_CLASS_COLUMNS)
+    plots_dir = out / "plots"
+    colours = _colours(runs)
+    plots = {
+        "bars": plot_bars(runs, colours, plots_dir),
+        "curves": plot_curves(runs, colours, plots_dir),
+        "confusion": plot_confusions(runs, plots_dir),
+        "roc": plot_roc(runs, colours, plots_dir),
+        "reliability": plot_reliability(runs, colours, plots_dir),
+        "samples": plot_samples(runs, plots_dir),
+    }
+    page = out / "index.html"
+    write_text(page, render_html(runs, rows, plots, split))
+    return page
+
+
+def png_bytes(fig) -> bytes:  # pragma: no cover - a helper for notebooks
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

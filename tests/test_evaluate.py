@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from osteo import CLASSES
+from osteo.evaluate import (
+    _cm_metrics,
+    bootstrap,
+    brier_score,
+    compute_metrics,
+    confusion,
+    expected_calibration_error,
+    majority_baseline,
+    mcnemar_exact,
+    specificity,
+)
+
+
+def _fixed(n=300, seed=0, skill=1.5):
+    """Predictions that are better than chance but far from perfect."""
+    rng = np.random.default_rng(seed)
+    y = rng.choice(3, size=n, p=[0.4, 0.2, 0.4])
+    logits = rng.normal(size=(n, 3))
+    logits[np.arange(n), y] += skill
+    p = np.exp(logits)
+    return y, p / p.sum(axis=1, keepdims=True)
+
+
+def test_metrics_equal_scikit_learn():
+    y, p = _fixed()
+    pred = p.argmax(1)
+    m = compute_metrics(y, p)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert m["weighted_f1"] == pytest.approx(skm.f1_score(y, pred, average="weighted"))
+    assert m["macro_precision"] == pytest.approx(skm.precision_score(y, pred, average="macro"))
+    assert m["kappa_qw"] == pytest.approx(skm.cohen_kappa_score(y, pred, weights="quadratic"))
+    assert m["mcc"] == pytest.approx(skm.matthews_corrcoef(y, pred))
+    assert m["log_loss"] == pytest.approx(skm.log_loss(y, p), rel=1e-5)
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p, multi_class="ovr", average="macro"))
+    assert m["confusion_matrix"] == skm.confusion_matrix(y, pred).tolist()
+    for i, c in enumerate(CLASSES):
+        assert m["per_class"][c]["recall"] == pytest.approx(skm.recall_score(y == i, pred == i))
+        assert m["per_class"][c]["precision"] == pytest.approx(skm.precision_score(y == i, pred == i))
+        # specificity is the recall of the negatives
+        assert m["per_class"][c]["specificity"] == pytest.approx(skm.recall_score(y != i, pred != i))
+    # quadratic kappa punishes normal<->osteoporosis more than normal<->osteopenia
+    far = compute_metrics(np.array([0, 1, 2, 0]), np.eye(3)[[2, 1, 2, 0]])["kappa_qw"]
+    near = compute_metrics(np.array([0, 1, 2, 0]), np.eye(3)[[1, 1, 2, 0]])["kappa_qw"]
+    assert near > far
+
+
+def test_vectorised_confusion_metrics_match_scikit_learn():
+    y, p = _fixed(seed=3)
+    pred = p.argmax(1)
+    v = _cm_metrics(confusion(y, pred)[None])
+    assert v["accuracy"][0] == pytest.approx(skm.accuracy_score(y, pred))
+    assert v["balanced_accuracy"][0] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert v["macro_f1"][0] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+
+
+def test_specificity_on_a_known_matrix():
+    cm = np.array([[5, 1, 0], [2, 3, 1], [0, 0, 4]])
+    # class 0: TN = 16 - 5 - 2 - 1 = 8, FP = 2 -> 0.8; class 2: TN = 11, FP = 1 -> 11/12
+    np.testing.assert_allclose(specificity(cm), [0.8, 9 / 10, 11 / 12])
+
+
+def test_bootstrap_interval_contains_estimate_narrows_and_is_seeded():
+    y, p = _fixed(n=90, seed=1)
+    pred = p.argmax(1)
+    ci = bootstrap(y, pred, n_boot=1000, seed=0)
+    acc = skm.accuracy_score(y, pred)
+    lo, hi = ci["accuracy"]
+    assert lo <= acc <= hi and hi - lo > 0.02
+    assert bootstrap(y, pred, n_boot=1000, seed=0)["accuracy"] == ci["accuracy"]
+    assert bootstrap(y, pred, n_boot=1000, seed=1)["accuracy"] != ci["accuracy"]
+    # ten times the images (same skill): a narrower interval
+    big_y, big_p = np.tile(y, 10), np.tile(p, (10, 1))
+    blo, bhi = bootstrap(big_y, big_p.argmax(1), n_boot=1000, seed=0)["accuracy"]
+    assert (bhi - blo) < 0.6 * (hi - lo)
+    for k in ("balanced_accuracy", "macro_f1"):
+        m = compute_metrics(y, p, n_boot=500, seed=0)
+        assert m[f"{k}_ci"][0] <= m[k] <= m[f"{k}_ci"][1]
+
+
+def test_expected_calibration_error_on_known_cases():
+    y = np.zeros(10, dtype=int)
+    sure = np.tile([1.0, 0.0, 0.0], (10, 1))
+    assert expected_calibration_error(y, sure) == pytest.approx(0.0)
+    overconfident = np.tile([0.9, 0.05, 0.05], (10, 1))  # 90% sure, always right
+    assert expected_calibration_error(y, overconfident) == pytest.approx(0.1)
+    half = np.tile([0.6, 0.4, 0.0], (10, 1))
+    y_half = np.array([0] * 6 + [1] * 4)  # 60% sure, 60% right: calibrated
+    assert expected_calibration_error(y_half, half) == pytest.approx(0.0, abs=1e-12)
+    assert brier_score(y, sure) == pytest.approx(0.0)
+    assert brier_score(y, overconfident) == pytest.approx(0.01 + 2 * 0.0025)
+
+
+def test_mcnemar_exact_on_a_known_table():
+    # 1 image only A gets right, 6 only B: p = 2 * P(X <= 1 | n=7, 1/2) = 2 * 8 / 128
+    a = np.array([True] * 10 + [True] + [False] * 6)
+    b = np.array([True] * 10 + [False] + [True] * 6)
+    r = mcnemar_exact(a, b)
+    assert (r["only_a"], r["only_b"]) == (1, 6)
+    assert r["p_value"] == pytest.approx(0.125)
+    assert mcnemar_exact(a, a)["p_value"] == 1.0
+
+
+def test_majority_baseline_is_the_studys_trap():
+    y = np.array([1] * 66 + [0] * 17 + [2] * 17)
+    base = majority_baseline(y, "osteopenia")
+    assert base["accuracy"] == pytest.approx(0.66)
+    assert base["balanced_accuracy"] == pytest.approx(1 / 3)
+    # a model that always answers osteopenia gets exactly the baseline
+    m = compute_metrics(y, np.tile([0.1, 0.8, 0.1], (100, 1)))
+    assert m["accuracy"] == base["accuracy"] and m["balanced_accuracy"] == pytest.approx(1 / 3)
+    assert m["per_class"]["normal"]["recall"] == 0.0 and m["mcc"] == 0.0

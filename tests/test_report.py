@@ -1,0 +1,108 @@
+"""The report renders from two small runs made here, escapes hostile names, and loads in a browser."""
+
+import csv
+import html
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from osteo import CLASSES
+from osteo.cli import main
+from osteo.data.phantom import make_image
+from osteo.recipe import study_protocol
+from osteo.report import COMPARISON_COLUMNS, write_report
+from osteo.trainer import Trainer
+
+HOSTILE = "<img src=x onerror=alert(1)> \"q'\u00e9 ü"
+
+
+@pytest.fixture(scope="module")
+def hostile_data(tmp_path_factory):
+    """A small phantom in which one file name carries markup, quotes, spaces and non-ASCII."""
+    root = tmp_path_factory.mktemp("hostile")
+    for c in CLASSES:
+        (root / c).mkdir()
+        for i in range(16):
+            img = (make_image(c, size=48, seed=9, index=i) * 255).astype(np.uint8)
+            name = f"{HOSTILE} {i}.png" if (c == "normal" and i < 8) else f"{c}_{i}.png"
+            Image.fromarray(img).save(root / c / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_runs(hostile_data, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    made = []
+    for backbone, epochs in (("tiny", 2), ("tiny", 1)):
+        r = study_protocol(backbone)
+        r.model.weights, r.data.dir, r.data.image_size, r.data.batch_size = "none", str(hostile_data), 32, 16
+        r.runs_dir, r.train.epochs, r.train.tensorboard, r.train.bootstrap = str(runs), epochs, False, 200
+        made.append(Trainer(r).run())
+    return made
+
+
+def test_report_files_and_contents(two_runs, tmp_path):
+    page = write_report(two_runs, tmp_path / "rep", n_boot=200)
+    with open(tmp_path / "rep" / "comparison.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and set(COMPARISON_COLUMNS) <= set(rows[0])
+    for r in rows:
+        assert float(r["accuracy_lo"]) <= float(r["accuracy"]) <= float(r["accuracy_hi"])
+        assert 0 <= float(r["majority_balanced_accuracy"]) <= 1
+    # same split: the second run is paired with the best one
+    assert sum(r["mcnemar_vs"] == "(best)" for r in rows) == 1
+    assert any(r["mcnemar_p"] not in ("", None) for r in rows)
+    with open(tmp_path / "rep" / "per_class.csv", newline="") as f:
+        long = list(csv.DictReader(f))
+    assert {r["class"] for r in long} == set(CLASSES) and {"recall", "specificity"} <= {r["metric"] for r in long}
+    plots = {p.name for p in (tmp_path / "rep" / "plots").glob("*.png")}
+    assert plots == {"curves.png", "confusion.png", "roc.png", "reliability.png", "samples.png", "metrics.png"}
+    text = page.read_text(encoding="utf-8")
+    assert "<table>" in text and text.count("data:image/png;base64,") == 6
+    assert "http://" not in text and "https://" not in text  # self-contained
+
+
+def test_hostile_names_survive_audit_training_and_report(two_runs, hostile_data, tmp_path):
+    # training saw them: they are in the predictions and the split
+    for name in ("predictions.csv", "split.csv"):
+        with open(two_runs[0] / name, newline="", encoding="utf-8") as f:
+            paths = {r["path"] for r in csv.DictReader(f)}
+        assert any(HOSTILE in p for p in paths), name
+    page = write_report(two_runs, tmp_path / "rep", n_boot=50).read_text(encoding="utf-8")
+    assert "<img src=x" not in page and "onerror=alert(1)>" not in page  # no markup injected
+    if "normal/" + HOSTILE in page or html.escape(HOSTILE) in page:
+        assert html.escape(HOSTILE) in page
+
+
+def test_report_command_and_bad_run_dir(two_runs, tmp_path, capsys):
+    runs_dir = two_runs[0].parent.parent
+    assert main(["report", "--runs", str(runs_dir), "--out", str(tmp_path / "r"), "--bootstrap", "50"]) == 0
+    assert "index.html" in capsys.readouterr().out
+    with open(tmp_path / "r" / "comparison.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 1  # the latest run of each model
+    assert main(["report", "--all", "--runs", str(runs_dir), "--out", str(tmp_path / "r2"), "--bootstrap", "50"]) == 0
+    (tmp_path / "notarun").mkdir()
+    assert main(["report", str(tmp_path / "notarun"), "--out", str(tmp_path / "r3")]) == 2
+    assert "not an osteo run directory" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "notarun")]) == 2
+    assert main(["eval", str(two_runs[0]), "--bootstrap", "100"]) == 0
+    assert "balanced accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="no Chromium installed")
+def test_page_loads_in_headless_chromium(two_runs, tmp_path):
+    page = write_report(two_runs, tmp_path / "rep", n_boot=50)
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              "--no-first-run", "--allow-file-access-from-files"]
+    dom = subprocess.run([*common, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-1000:]
+    assert "<table>" in dom.stdout and "balanced accuracy" in dom.stdout
+    shot = tmp_path / "shot.png"
+    subprocess.run([*common, f"--screenshot={shot}", "--window-size=1400,2000", page.as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.exists() and Image.open(shot).size == (1400, 2000)
+    assert np.asarray(Image.open(shot).convert("L")).std() > 10  # not a blank page
