@@ -1,0 +1,345 @@
+"""Faults a long study meets: kills, bad input, half-written files, reruns, hostile bytes."""
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from osteo import CLASSES
+
+TINY = ["--model", "tiny", "--weights", "none", "--image-size", "32", "--set", "train.tensorboard=false"]
+
+
+def _osteo(args, cwd, env_extra=None, **kw):
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "osteo.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, **kw)
+
+
+def _rows(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(phantom_dir, tmp_path):
+    args = ["train", "seed", *TINY, "--data", str(phantom_dir), "--deterministic", "--batch", "4", "--epochs", "4",
+            "--set", "train.steps_per_epoch=30", "--set", "train.bootstrap=100"]
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "OSTEO_CACHE": str(tmp_path / "cache")}
+    # the reference: uninterrupted
+    ref = _osteo([*args, "--runs", str(tmp_path / "ref")], tmp_path, env)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    ref_run = next((tmp_path / "ref" / "tiny").iterdir())
+    # the victim: killed with SIGKILL in the middle of epoch 2 or 3
+    proc = subprocess.Popen([sys.executable, "-m", "osteo.cli", *args, "--runs", str(tmp_path / "runs")],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    history = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "runs").glob("tiny/*/history.csv"))
+        if found and len(_rows(found[0])) >= 1:
+            history = found[0]
+            break
+        time.sleep(0.05)
+    assert history is not None, "the run never finished an epoch"
+    time.sleep(0.3)  # into the next epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run = history.parent
+    done = len(_rows(history))
+    assert 1 <= done < 4 and not (run / "metrics.json").exists()
+    for f in run.iterdir():  # every file left is complete: JSON and CSV parse
+        if f.suffix == ".json":
+            json.loads(f.read_text())
+        elif f.suffix == ".csv":
+            _rows(f)
+    assert not list(run.glob(".*.tmp*")), "temporary files left visible as outputs"
+
+    resumed = _osteo(["train", "seed", "--resume", str(run)], tmp_path, env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    epochs = [int(r["epoch"]) for r in _rows(run / "history.csv")]
+    assert epochs == [1, 2, 3, 4]
+    assert (run / "best.keras").exists() and not (run / ".backup").exists()
+    ref_hist, hist = _rows(ref_run / "history.csv"), _rows(run / "history.csv")
+    for a, b in zip(ref_hist, hist):
+        for k in ("loss", "val_loss", "val_macro_f1"):
+            assert float(a[k]) == pytest.approx(float(b[k]), abs=1e-6), (k, a["epoch"])
+    assert (run / "predictions.csv").read_bytes() == (ref_run / "predictions.csv").read_bytes()
+    m_ref, m = json.loads((ref_run / "metrics.json").read_text()), json.loads((run / "metrics.json").read_text())
+    assert m["val"]["balanced_accuracy"] == m_ref["val"]["balanced_accuracy"]
+    assert m["best_epoch"] == m_ref["best_epoch"]
+
+
+def test_deterministic_runs_write_identical_bytes(phantom_dir, tmp_path):
+    args = ["train", "seed", *TINY, "--data", str(phantom_dir), "--deterministic", "--epochs", "2",
+            "--set", "train.bootstrap=50"]
+    runs = []
+    for name in ("a", "b"):
+        proc = _osteo([*args, "--runs", str(tmp_path / name)], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append(next((tmp_path / name / "tiny").iterdir()))
+    for f in ("split.csv", "predictions.csv"):
+        assert (runs[0] / f).read_bytes() == (runs[1] / f).read_bytes(), f
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "train_seconds", "images_per_sec")}
+                          for r in rows]
+    assert strip(_rows(runs[0] / "history.csv")) == strip(_rows(runs[1] / "history.csv"))
+
+
+def test_split_is_identical_without_deterministic_mode(phantom_dir, tmp_path):
+    from osteo.data.module import DataModule
+    from osteo.data.split import write_split
+    from osteo.recipe import DataConfig
+
+    for name in ("a", "b"):
+        dm = DataModule(DataConfig(dir=str(phantom_dir), image_size=32), image_size=32, seed=5).setup()
+        write_split(tmp_path / f"{name}.csv", dm.split)
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _small_folder(root: Path, counts=(6, 6, 6), size=40):
+    from osteo.data.phantom import make_image
+
+    for c, n in zip(CLASSES, counts):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray((make_image(c, size=size, seed=1, index=i) * 255).astype(np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_bad_inputs_are_one_line_exit_2_and_damage_nothing(tmp_path, phantom_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    tiny_class = _small_folder(tmp_path / "tinyclass", counts=(8, 1, 8))
+    (tmp_path / "a_file").write_text("not a folder")  # unwritable as a folder, even for root
+    wrong_weights = tmp_path / "wrong.weights.h5"
+    import h5py
+
+    with h5py.File(wrong_weights, "w") as f:
+        f.create_dataset("junk", data=np.zeros(3))
+    (tmp_path / "notarun").mkdir()
+    keep = tmp_path / "keep.txt"
+    keep.write_text("precious")
+    cases = [
+        (["train", "seed", *TINY, "--data", str(tmp_path / "missing")], "does not exist"),
+        (["train", "seed", *TINY, "--data", str(empty)], "no class folders"),
+        (["train", "seed", *TINY, "--data", str(tiny_class)], "osteopenia"),
+        (["train", "seed", "--model", "resnet9000", "--data", str(phantom_dir)], "unknown model"),
+        (["train", "seed", *TINY, "--data", str(phantom_dir), "--set", "train.epoch=3"], "train.epochs"),
+        (["train", "seed", *TINY, "--data", str(phantom_dir), "--set", "train.epochs=three"], "int"),
+        (["train", "seed", "--model", "vgg16", "--weights", "none", "--image-size", "16", "--data", str(phantom_dir)],
+         "minimum"),
+        (["train", "seed", *TINY, "--data", str(phantom_dir), "--runs", str(tmp_path / "a_file" / "runs")],
+         "writable"),
+        (["train", "seed", "--model", "tiny", "--weights", str(wrong_weights), "--image-size", "32",
+          "--data", str(phantom_dir), "--runs", str(tmp_path / "r")], "weights"),
+        (["eval", str(tmp_path / "notarun")], "not an osteo run directory"),
+        (["report", str(tmp_path / "notarun")], "not an osteo run directory"),
+        (["predict", str(tmp_path / "notarun"), str(keep)], "not an osteo run directory"),
+        (["train", "nosuchrecipe"], "recipe"),
+    ]
+    failures = []
+    for argv, message in cases:
+        proc = _osteo(argv, tmp_path, {"OSTEO_CACHE": str(tmp_path / "cache")})
+        lines = proc.stderr.strip().splitlines()
+        if proc.returncode != 2 or len(lines) != 1 or message not in lines[0] or "Traceback" in proc.stderr:
+            failures.append((argv, proc.returncode, proc.stderr[-500:]))
+    assert not failures, failures
+    assert keep.read_text() == "precious"
+    assert not (tmp_path / "r").exists()  # the weights were checked before a run directory was made
+
+
+def test_file_unreadable_after_the_audit_is_skipped_and_counted(tmp_path):
+    from osteo.data.module import DataModule
+    from osteo.recipe import DataConfig
+
+    root = _small_folder(tmp_path / "d", counts=(10, 10, 10))
+    dm = DataModule(DataConfig(dir=str(root), image_size=32), image_size=32)
+    dm.setup()
+    split = dm.split
+    victim = root / split[0]["path"]
+    victim.write_bytes(victim.read_bytes()[:40])  # broken after the split was made
+    dm2 = DataModule(DataConfig(dir=str(root), image_size=32), image_size=32).setup(split=split)
+    assert dm2.skipped == [split[0]["path"]]
+    assert sum(dm2.count(s) for s in ("train", "val")) == len(split) - 1
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def test_killed_writer_leaves_only_complete_files(tmp_path):
+    """Kill a process that rewrites JSON, CSV and PNG outputs in a loop; every file parses."""
+    script = f"""
+import numpy as np, matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from osteo.files import write_json, write_csv, atomic_path
+out = {str(tmp_path)!r}
+i = 0
+big = [{{"a": j, "b": "x" * 50}} for j in range(20000)]
+while True:
+    write_json(out + "/m.json", {{"i": i, "rows": big}})
+    write_csv(out + "/h.csv", big, ["a", "b"])
+    fig = plt.figure()
+    plt.plot(np.arange(1000) * i)
+    with atomic_path(out + "/p.png") as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+    i += 1
+    print(i, flush=True)
+"""
+    for delay in (0.9, 1.3, 1.7):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # at least one complete round
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert len(json.loads((tmp_path / "m.json").read_text())["rows"]) == 20000
+        assert len(_rows(tmp_path / "h.csv")) == 20000
+        Image.open(tmp_path / "p.png").load()
+
+
+# --------------------------------------------------------------------------- safety
+
+
+def test_models_load_in_safe_mode_and_lambdas_are_refused(tmp_path):
+    import keras
+
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)
+    keras.Model(inputs, outputs).save(tmp_path / "evil.keras")
+    (tmp_path / "run").mkdir()
+    for f in ("recipe.json", "split.csv"):
+        (tmp_path / "run" / f).write_text("{}" if f.endswith("json") else "path,label,split,group\n")
+    (tmp_path / "evil.keras").rename(tmp_path / "run" / "best.keras")
+    from osteo.errors import OsteoError
+    from osteo.predict import load_best
+
+    with pytest.raises(OsteoError, match="cannot load"):
+        load_best(tmp_path / "run")
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_best(phantom_dir, tmp_path, monkeypatch):
+    import keras
+
+    from osteo import trainer
+    from osteo.errors import OsteoError
+    from osteo.recipe import study_protocol
+
+    class NaNFromEpochTwo(trainer.SparseCrossEntropy):
+        """The loss turns NaN after the first epoch's 6 steps (84 images, batch 16)."""
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.calls = keras.Variable(0.0, trainable=False)
+
+        def call(self, y_true, y_pred):
+            self.calls.assign_add(1.0)
+            loss = super().call(y_true, y_pred)
+            return keras.ops.where(self.calls > 6, float("nan"), loss)
+
+    monkeypatch.setattr(trainer, "SparseCrossEntropy", NaNFromEpochTwo)
+    r = study_protocol("tiny")
+    r.model.weights, r.data.dir, r.data.image_size, r.data.batch_size = "none", str(phantom_dir), 32, 16
+    r.runs_dir, r.train.epochs, r.train.tensorboard = str(tmp_path), 3, False
+    with pytest.raises(OsteoError, match="not finite") as err:
+        trainer.Trainer(r).run()
+    assert "best checkpoint kept" in str(err.value)
+    best = list(tmp_path.glob("tiny/*/best.keras"))
+    assert len(best) == 1
+    rows = _rows(best[0].parent / "history.csv")
+    assert [r["loss"] for r in rows][1:] == ["nan"] and float(rows[0]["loss"]) > 0  # the NaN epoch is on record
+    assert len(rows) == 2  # and training stopped there, at epoch 2 of 3
+
+
+def _png_bytes():
+    buf = io.BytesIO()
+    Image.fromarray((np.arange(256).reshape(16, 16) % 256).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg_bytes():
+    buf = io.BytesIO()
+    Image.fromarray((np.arange(256).reshape(16, 16) % 256).astype(np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _dicom_bytes():
+    from pydicom.data import get_testdata_file
+
+    return Path(get_testdata_file("MR_small.dcm", download=False)).read_bytes()
+
+
+SEEDS = {"png": _png_bytes(), "jpeg": _jpeg_bytes(), "dicom": _dicom_bytes()}
+
+
+@st.composite
+def mutated(draw):
+    kind = draw(st.sampled_from([*SEEDS, "random"]))
+    if kind == "random":
+        return draw(st.binary(max_size=600))
+    data = bytearray(SEEDS[kind])
+    for _ in range(draw(st.integers(1, 8))):
+        op = draw(st.sampled_from(["flip", "cut", "insert"]))
+        pos = draw(st.integers(0, max(0, len(data) - 1)))
+        if op == "flip" and data:
+            data[pos] ^= draw(st.integers(1, 255))
+        elif op == "cut":
+            del data[pos : pos + draw(st.integers(1, 64))]
+        else:
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=32))
+    return bytes(data)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=mutated())
+def test_decoder_never_crashes_on_mutated_bytes(data):
+    from osteo.data.decode import DecodeError, decode_bytes
+
+    try:
+        arr, _ = decode_bytes(data)
+    except DecodeError as e:
+        assert str(e)  # a reason
+    else:
+        assert arr.ndim == 3 and arr.shape[-1] == 1 and np.isfinite(arr).all()
+        assert arr.min() >= 0 and arr.max() <= 255
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(files=st.lists(mutated(), min_size=1, max_size=6))
+def test_audit_marks_every_bad_file_unreadable_with_a_reason(tmp_path_factory, files):
+    from osteo.data.decode import DecodeError, decode_bytes
+    from osteo.data.scan import audit
+
+    root = tmp_path_factory.mktemp("fuzz")
+    (root / "normal").mkdir()
+    for i, data in enumerate(files):
+        (root / "normal" / f"{i}.dcm").write_bytes(data)
+    result = audit(root)
+    assert len(result.records) == len(files)
+    for rec in result.records:
+        data = (root / rec.path).read_bytes()
+        try:
+            decode_bytes(data)
+            ok = True
+        except DecodeError:
+            ok = False
+        assert (rec.status == "ok") == ok
+        if not ok:
+            assert rec.reason
