@@ -86,4 +86,4 @@ $(BENCH_VENV)/.installed: pyproject.toml
 
 bench: install $(BENCH_VENV)/.installed
 	$(PY) benchmarks/input_pipeline.py $(if $(filter full,$(BENCH)),,--n 1000 --large-n 100)
-	$(PY) benchmarks/models.py --timm $(BENCH_VENV)/bin/python $(if $(filter full,$(BENCH)),--full,--sizes 224,64)
+	$(PY) benchmarks/models.py --timm $(BENCH_VENV)/bin/python $(if $(filter full,$(BENCH)),--full --sizes 224,64,--sizes 64)

@@ -56,12 +56,13 @@ class Entry:
     width: int
     height: int
     frames: int = 1
+    bit_depth: int = 8
 
     @classmethod
     def from_row(cls, root: str | os.PathLike, row) -> Entry:
         get = row.get if isinstance(row, dict) else lambda k: getattr(row, k)
         return cls(str(Path(root) / get("path")), get("sha256"), get("format"), int(get("width")),
-                   int(get("height")), int(get("frames") or 1))
+                   int(get("height")), int(get("frames") or 1), int(get("bit_depth") or 8))
 
 
 def box_factor(width: int, height: int, size: int, resize: str = "pad") -> int:
@@ -85,7 +86,11 @@ def resize_image(img: tf.Tensor, size: int, resize: str = "pad", box: int = 1) -
         raise ValueError(f"resize must be one of {RESIZE_MODES}")
     img = tf.cast(img, tf.float32)
     if box > 1:
-        img = tf.nn.avg_pool2d(img[None], ksize=box, strides=box, padding="VALID")[0]
+        # a box filter as reshape + mean: TF's avg_pool2d on one channel cost 7.7 ms
+        # of CPU per 512 px image here, this 0.3 ms
+        h, w = tf.shape(img)[0] // box, tf.shape(img)[1] // box
+        img = img[: h * box, : w * box]
+        img = tf.reduce_mean(tf.reshape(img, tf.stack([h, box, w, box, tf.shape(img)[2]])), axis=[1, 3])
     if resize == "pad":
         out = tf.image.resize_with_pad(img, size, size, method="bilinear")
     else:
@@ -137,10 +142,11 @@ class ImageCache:
         for e in fast:
             ratio = jpeg_ratio(e.width, e.height, self.size, self.resize) if e.format == "jpeg" else 1
             w, h = math.ceil(e.width / ratio), math.ceil(e.height / ratio)
-            fast_keys.setdefault((e.format, ratio, box_factor(w, h, self.size, self.resize)), []).append(e)
+            key = (e.format, ratio, box_factor(w, h, self.size, self.resize), e.bit_depth > 8)
+            fast_keys.setdefault(key, []).append(e)
         retry: list[Entry] = []
-        for (fmt, ratio, box), group in sorted(fast_keys.items()):
-            written = set(self._fill_graph(group, fmt, ratio, box))
+        for (fmt, ratio, box, deep), group in sorted(fast_keys.items()):
+            written = set(self._fill_graph(group, fmt, ratio, box, deep))
             retry += [e for e in group if e.sha256 not in written]
             done += len(group)
             if progress is not None:
@@ -165,7 +171,7 @@ class ImageCache:
         tmp.write_bytes(data)
         os.replace(tmp, final)
 
-    def _fill_graph(self, group: list[Entry], fmt: str, ratio: int, box: int) -> list[str]:
+    def _fill_graph(self, group: list[Entry], fmt: str, ratio: int, box: int, deep: bool) -> list[str]:
         """Decode, resize and write one group in parallel in a tf.data graph; return the hashes written."""
         size, resize = self.size, self.resize
         suffix = uuid.uuid4().hex
@@ -178,8 +184,10 @@ class ImageCache:
             if fmt == "jpeg":
                 img = tf.io.decode_jpeg(raw, channels=1, ratio=ratio)
                 img = tf.cast(img, tf.float32)
-            else:
+            elif deep:  # 16-bit PNG: keep the range, scale to [0, 255]
                 img = tf.cast(tf.io.decode_png(raw, channels=1, dtype=tf.uint16), tf.float32) / SCALE
+            else:
+                img = tf.cast(tf.io.decode_png(raw, channels=1), tf.float32)
             out = resize_image(img, size, resize, box)
             with tf.control_dependencies([tf.io.write_file(tmp, _encode(out))]):
                 return tf.identity(sha), tf.identity(tmp)
