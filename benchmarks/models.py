@@ -29,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -162,14 +163,17 @@ def child_timm(cfg: dict) -> dict:
     else:
         base = timm.create_model(TIMM_NAMES[name], pretrained=False, num_classes=0)
         model = torch.nn.Sequential(base, torch.nn.Linear(base.num_features, 3))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(dev)
     opt = torch.optim.Adam(model.parameters(), 1e-4)
-    x = torch.rand(bs, 3, size, size)
-    y = torch.randint(0, 3, (bs,))
+    x = torch.rand(bs, 3, size, size, device=dev)
+    y = torch.randint(0, 3, (bs,), device=dev)
     bf16 = cfg["precision"] == "bfloat16"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
@@ -177,24 +181,29 @@ def child_timm(cfg: dict) -> dict:
     model.train()
     t = time.perf_counter()
     step()
+    sync()
     first = time.perf_counter() - t
     step()
+    sync()
     t = time.perf_counter()
     for _ in range(steps):
         step()
+    sync()
     rate = bs * steps / (time.perf_counter() - t)
     model.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
         model(x)
+        sync()
         t = time.perf_counter()
         for _ in range(steps):
             model(x)
+        sync()
         infer = bs * steps / (time.perf_counter() - t)
-    n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    n = 2048 if dev == "cpu" else 8192
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     if bf16:
         a, b = a.bfloat16(), b.bfloat16()
-    best = min(_timeit(lambda: a @ b) for _ in range(4))
+    best = min(_timeit(lambda: (a @ b, sync())) for _ in range(4))
     peak = 2 * n**3 / best
     flops = GFLOPS_224[name] * 1e9 * (size / 224) ** 2 * 3
     return {"first_step_s": round(first, 2), "train_img_s": round(rate, 2), "infer_img_s": round(infer, 2),
@@ -215,7 +224,8 @@ def _timeit(fn) -> float:
 
 
 def run_child(kind: str, cfg: dict, python: str, timeout: int) -> dict:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     if kind == "keras":
         env["KERAS_BACKEND"] = cfg["backend"]
     code = f"import json,sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import models; " \
@@ -253,6 +263,7 @@ def main() -> int:
     has_tf = _importable("tensorflow")
     backends = [b for b in ("tensorflow", "torch") if _importable(b)]
     timm_python = str(ROOT / ".venv-bench" / "bin" / "python") if args.timm == "auto" else args.timm
+    timm_python = shutil.which(timm_python) or timm_python
     use_timm = args.timm != "off" and os.path.exists(timm_python)
     rows = []
     for model in args.models.split(","):
