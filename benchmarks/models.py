@@ -343,11 +343,9 @@ def _importable(module: str) -> bool:
 
 
 def _cpu_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from osteo.speed import cpu_class
+
+    return cpu_class() == "avx512_bf16"
 
 
 def _cpu_name() -> str:

@@ -89,19 +89,12 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int 
     y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
     if len(y_true) == 0:
         return float("nan")
-    conf = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == y_true).astype(float)
-    idx = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        m = idx == b
-        if m.any():
-            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
-    return float(ece)
+    conf, acc, count = reliability_curve(y_true, probs, bins).T
+    return float(np.sum(count / len(y_true) * np.abs(acc - conf)))
 
 
 def reliability_curve(y_true: np.ndarray, probs: np.ndarray, bins: int = 10):
-    """(mean confidence, accuracy, count) per non-empty bin, for the reliability diagram."""
+    """(mean confidence, accuracy, count) per non-empty equal-width bin of top-class confidence."""
     conf = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == y_true).astype(float)
     idx = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)

@@ -23,7 +23,6 @@ import base64
 import csv
 import hashlib
 import html
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -485,9 +484,3 @@ def write_report(run_dirs: list[Path], out: str | os.PathLike, split: str = "val
     page = out / "index.html"
     write_text(page, render_html(runs, rows, plots, split))
     return page
-
-
-def png_bytes(fig) -> bytes:  # pragma: no cover - a helper for notebooks
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()

@@ -57,7 +57,7 @@ def detect_device() -> dict:
     """What Keras will run on: kind (cpu/gpu), name, and bfloat16 support."""
     backend = keras.backend.backend()
     info = {"backend": backend, "kind": "cpu", "name": platform.processor() or platform.machine(),
-            "cpu_bf16": _cpu_has_bf16(), "gpu_bf16": False}
+            "cpu_bf16": speed.cpu_class() == "avx512_bf16", "gpu_bf16": False}
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -73,15 +73,6 @@ def detect_device() -> dict:
             info.update(kind="gpu", name=torch.cuda.get_device_name(0),
                         gpu_bf16=torch.cuda.get_device_capability(0) >= (8, 0))
     return info
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def choose_precision(requested: str, backbone: str, device: dict) -> str:
