@@ -260,7 +260,7 @@ def training_majority(run_dir: Path) -> str:
 def evaluate_run(run_dir: str | os.PathLike, splits: Sequence[str] | None = None, n_boot: int = 1000,
                  seed: int = 0) -> dict:
     """Recompute ``metrics.json`` of a run from its ``predictions.csv``; return it."""
-    from osteo.trainer import check_run_dir
+    from osteo.runs import check_run_dir
 
     run_dir = check_run_dir(run_dir, need=("predictions.csv",))
     metrics_path = run_dir / "metrics.json"

@@ -44,7 +44,7 @@ from osteo.classifier import Classifier, SparseCrossEntropy, default_metrics
 from osteo.errors import OsteoError
 from osteo.files import read_json, write_json
 from osteo.recipe import Recipe, recipe_from_dict
-from osteo.runs import RUN_FILES, check_run_dir, find_run, is_run_dir, new_run_dir  # noqa: F401 (re-exported)
+from osteo.runs import find_run, new_run_dir
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 MONITORS = ("val_macro_f1", "val_balanced_accuracy", "val_accuracy", "val_loss")
@@ -327,7 +327,7 @@ class Trainer:
         with warnings.catch_warnings():  # the best checkpoint carries no optimizer state, on purpose
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             model.load_weights(best.path)
-        self._predict(model, dm, run_dir, bs, best, env, trained_seconds, images_per_epoch, clf,
+        self._predict(model, dm, run_dir, bs, best, env, trained_seconds, clf,
                       time.perf_counter() - t0)
         shutil.rmtree(backup_root, ignore_errors=True)
         return run_dir
@@ -387,7 +387,7 @@ class Trainer:
             if value not in (None, "") and best.improved(float(value)):
                 best.best, best.best_epoch = float(value), int(row["epoch"]) - 1
 
-    def _predict(self, model, dm, run_dir, bs, best, env, trained_seconds, images_per_epoch, clf, wall):
+    def _predict(self, model, dm, run_dir, bs, best, env, trained_seconds, clf, wall):
         from osteo.evaluate import evaluate_run, write_predictions
 
         rows = None
