@@ -3,11 +3,11 @@
 Three ordered classes: normal < osteopenia < osteoporosis.
 """
 
-import os
+from osteo import _quiet
 
-# TensorFlow's C++ start-up chatter (oneDNN notices, CPU feature lists) drowns the
-# one-line errors and progress osteo prints; users can still override this.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ start-up chatter (oneDNN notices, CPU feature lists) would drown the
+# one-line errors and progress osteo prints; `osteo --debug` or OSTEO_TF_LOGS=1 keep it.
+_quiet.install()
 
 __version__ = "0.1.0"
 

@@ -6,7 +6,6 @@ atomically (temporary file, then rename), so a killed run leaves complete files.
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 import time
@@ -42,6 +41,13 @@ class BestCheckpoint(keras.callbacks.Callback):
 
     def improved(self, value: float) -> bool:
         return value < self.best if self.mode == "min" else value > self.best
+
+    def restore(self, history: list[dict]) -> None:
+        """Take up the best value and epoch from the history rows of a resumed run."""
+        for row in history:
+            value = row.get(self.monitor)
+            if value not in (None, "") and self.improved(float(value)):
+                self.best, self.best_epoch = float(value), int(row["epoch"]) - 1
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -104,11 +110,6 @@ class HistoryCSV(keras.callbacks.Callback):
         }
         self.rows = [r for r in self.rows if int(r["epoch"]) != epoch + 1] + [row]
         write_csv(self.path, self.rows, self.columns)
-
-    @staticmethod
-    def read(path: str | Path) -> list[dict]:
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
 
 
 class NonFiniteLoss(keras.callbacks.Callback):

@@ -12,8 +12,8 @@ Everything here uses ``keras`` and ``keras.ops`` only, so it runs on the TensorF
 and the PyTorch backends.
 
 Example:
-    >>> from osteo.classifier import Classifier, HeadConfig, AugmentConfig
-    >>> clf = Classifier("tiny", image_size=32, weights="none")  # doctest: +SKIP
+    >>> from osteo.recipe import Recipe, resolve
+    >>> clf = Classifier.from_recipe(resolve(recipe))  # doctest: +SKIP
     >>> model = clf.build()  # doctest: +SKIP
 """
 
@@ -26,7 +26,7 @@ from keras import ops
 
 from osteo import CLASSES
 from osteo.backbones import GrayToRGB, Preprocess
-from osteo.recipe import AugmentConfig, HeadConfig
+from osteo.recipe import AugmentConfig, HeadConfig, Recipe
 from osteo.registry import get_backbone
 
 NUM_CLASSES = len(CLASSES)
@@ -183,25 +183,35 @@ class SparseCrossEntropy(keras.losses.Loss):
 class Classifier:
     """Builds the model for one backbone and changes what is trainable.
 
-    Attributes set by :meth:`build`: ``model`` (the whole classifier) and
-    ``backbone`` (the ``keras.applications`` model inside it).
+    ``image_size`` is the resolved one (:func:`osteo.recipe.resolve` checks it against
+    the backbone); ``preprocessing`` defaults to the backbone's own. Attributes set by
+    :meth:`build`: ``model`` (the whole classifier) and ``backbone`` (the Keras model
+    inside it).
     """
 
     backbone_name: str
-    image_size: int | None = None
+    image_size: int
     weights: str | None = "imagenet"
     head: HeadConfig = field(default_factory=HeadConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int | None = None
     freeze_bn: bool = True  # False only for training from scratch (weights none)
     bn_momentum: float = 0.0  # 0: the backbone's own (Keras: 0.99)
+    preprocessing: str | None = None  # None: the backbone's own
 
     def __post_init__(self):
         self.spec = get_backbone(self.backbone_name)
-        self.image_size = self.image_size or self.spec.default_size
-        self.spec.check_size(self.image_size)
+        self.preprocessing = self.preprocessing or self.spec.preprocessing
         self.model: keras.Model | None = None
         self.backbone: keras.Model | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> Classifier:
+        """The classifier a resolved recipe describes."""
+        m = recipe.model
+        return cls(m.backbone, image_size=recipe.data.image_size, weights=m.weights, head=m.head,
+                   augment=m.augment, seed=recipe.train.seed, freeze_bn=m.freeze_bn, bn_momentum=m.bn_momentum,
+                   preprocessing=m.preprocessing)
 
     def build(self) -> keras.Model:
         size = self.image_size
@@ -213,7 +223,7 @@ class Classifier:
         x = GrayToRGB(name="gray_to_rgb")(x)
         if self.augment.randaugment:
             x = keras.layers.RandAugment(value_range=(0, 255), seed=self.seed, name="randaugment")(x)
-        x = Preprocess(self.spec.preprocessing, name="preprocess")(x)
+        x = Preprocess(self.preprocessing, name="preprocess")(x)
         self.backbone = self.spec.build(image_size=size, weights=self.weights)
         if self.bn_momentum:
             # Keras' 0.99 needs hundreds of steps before the moving statistics that

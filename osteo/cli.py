@@ -142,75 +142,54 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- train
 
 
-def _recipe_for(name: str, backbone: str | None = None):
-    """A recipe file, or, for a registered backbone without one, the study protocol."""
-    from osteo.recipe import RECIPES_DIR, load_recipe, study_protocol
-
-    if not name.endswith(".py") and not (RECIPES_DIR / f"{name}.py").exists():
-        from osteo.registry import list_backbones
-
-        if name in list_backbones(include_test=True):
-            return study_protocol(name)
-    return load_recipe(name, backbone=backbone)
-
-
 def build_recipe(args):
-    from osteo.recipe import apply_overrides, set_total_epochs
+    """The recipe the command line asks for, resolved (and so checked) before anything is written."""
+    from osteo.recipe import apply_overrides, recipe_for, resolve, set_total_epochs
 
-    recipe = _recipe_for(args.recipe, args.model)
-    if args.model:
-        recipe.model.backbone = args.model
+    recipe = recipe_for(args.recipe, args.model)
     if args.data:
         recipe.data.dir = args.data
     if args.weights:
         recipe.model.weights = args.weights
-    if args.image_size:
+    if args.image_size is not None:
         recipe.data.image_size = args.image_size
-    if args.batch:
+    if args.batch is not None:
         recipe.data.batch_size = args.batch
     if args.seed is not None:
         recipe.train.seed = args.seed
-    if args.epochs:
+    if args.epochs is not None:
         set_total_epochs(recipe, args.epochs)
     if args.deterministic:
         recipe.train.deterministic = True
     if args.runs:
         recipe.runs_dir = args.runs
     apply_overrides(recipe, args.set or [])
-    return recipe
+    return resolve(recipe)
 
 
-def _planned_images(recipe) -> int:
-    """Training images the run will see (files x train fraction x epochs), cheaply."""
+def plan_device(requested: str | None, recipe, console):
+    """Probe the device and choose backend, precision and compilation, before Keras is imported."""
     import os
 
-    from osteo.data.scan import IMAGE_EXTENSIONS
+    from osteo import device
+    from osteo.registry import get_backbone
 
-    n = recipe.data.phantom_n if not os.path.isdir(recipe.data.dir) else sum(
-        os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for _, _, files in os.walk(recipe.data.dir) for f in files
-    )
-    fraction = 1 - recipe.data.val - recipe.data.test
-    return int(n * fraction * (recipe.train.epochs + recipe.train.fine_tune_epochs))
-
-
-def select_backend(requested: str | None, recipe, console) -> str:
-    """Set KERAS_BACKEND before Keras is imported: explicit choice, env, or measured-fastest."""
-    import os
-
-    from osteo import speed
-
-    if "keras" in sys.modules:  # imported already (a library caller): keep what is loaded
+    spec = get_backbone(recipe.model.backbone)
+    t = recipe.train
+    if "keras" in sys.modules:  # imported already (a library caller): keep the backend it loaded
         import keras
 
-        return keras.backend.backend()
+        plan = device.plan(spec, device.probe(), backend=keras.backend.backend(), precision=t.precision,
+                           jit_compile=t.jit_compile)
+        plan.why["backend"] = "the backend Keras had loaded"
+        return plan
     choice = requested or os.environ.get("KERAS_BACKEND") or "auto"
-    if choice not in speed.BACKENDS:
-        raise OsteoError(f"unknown backend {choice!r}; choose one of: {', '.join(speed.BACKENDS)}")
-    backend = speed.choose_backend(choice, recipe.model.backbone, _planned_images(recipe))
-    if choice == "auto" and recipe.model.backbone in speed.CPU[speed.cpu_class()]:
-        console.print(f"backend: {backend} (auto: measured fastest for {recipe.model.backbone} here)", highlight=False)
-    os.environ["KERAS_BACKEND"] = backend
-    return backend
+    plan = device.plan(spec, device.probe(), backend=choice, precision=t.precision, jit_compile=t.jit_compile,
+                       planned_images=device.planned_images(recipe))
+    if choice == "auto":
+        console.print(f"backend: {plan.backend} on {plan.runs_on} ({plan.why['backend']})", highlight=False)
+    os.environ["KERAS_BACKEND"] = plan.backend
+    return plan
 
 
 def ensure_phantom(recipe, console) -> None:
@@ -237,9 +216,9 @@ def ensure_phantom(recipe, console) -> None:
 def print_run_summary(run_dir, console) -> None:
     from rich.table import Table
 
-    from osteo.files import read_json
+    from osteo.runs import RunDir
 
-    metrics = read_json(run_dir / "metrics.json")
+    metrics = RunDir(run_dir).read_metrics()
     table = Table(title=f"{metrics['model']}: best epoch {metrics['best_epoch']} ({metrics['monitor']})")
     for col in ("split", "accuracy", "balanced acc.", "macro F1", "majority acc.", "majority bal. acc."):
         table.add_column(col, justify="right")
@@ -256,15 +235,18 @@ def print_run_summary(run_dir, console) -> None:
 def cmd_train(args) -> int:
     console = _console()
     recipe = build_recipe(args)
-    select_backend(args.backend, recipe, console)
-    from osteo.registry import get_backbone
+    if args.resume:
+        from osteo.recipe import resolve
+        from osteo.runs import find_run
+
+        run = find_run(args.resume, recipe.runs_dir, recipe.model.backbone)
+        args.resume, recipe = str(run.path), resolve(run.read_recipe())
+    plan = plan_device(args.backend, recipe, console)
     from osteo.trainer import Trainer
 
-    spec = get_backbone(recipe.model.backbone)
-    spec.check_size(recipe.data.image_size or spec.default_size)
     if not args.resume:
         ensure_phantom(recipe, console)
-    run_dir = Trainer(recipe, console=console, resume=args.resume, command=" ".join(sys.argv)).run()
+    run_dir = Trainer(recipe, console=console, resume=args.resume, command=" ".join(sys.argv), plan=plan).run()
     print_run_summary(run_dir, console)
     return 0
 
@@ -354,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("train", help="train one model from a recipe")
-    p.add_argument("recipe", help="recipe name (recipes/NAME.py), a .py path, or a registered backbone")
+    p.add_argument("recipe", help="recipe name (seed, finetune, demo), a .py path, or a registered backbone "
+                                  "(trains with finetune)")
     p.add_argument("--model", help="backbone, overriding the recipe's")
     p.add_argument("--data", help="data folder with class sub-folders (default: the phantom)")
     p.add_argument("--weights", help="imagenet, none, or a path to a weights file")
@@ -394,8 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.debug:  # TensorFlow's start-up logs too (osteo._quiet)
+        os.environ["OSTEO_TF_LOGS"] = "1"
     try:
         return args.func(args) or 0
     except OsteoError as e:

@@ -16,13 +16,12 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from osteo import CLASSES
 from osteo.errors import OsteoError
-from osteo.files import read_json, write_csv, write_json
+from osteo.files import write_csv
 
 PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
 PREDICTION_COLUMNS = ("path", "label", "pred", *PROB_COLUMNS, "split")
@@ -176,16 +175,24 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 0, seed: int = 0) -> dict:
-    """Every metric of one set of predictions (scikit-learn where it has them)."""
+    """Every metric of one set of predictions (scikit-learn where it has them).
+
+    A row with a non-finite probability (a diverged model) keeps its argmax as the
+    prediction, as ``predictions.csv`` records it, and is counted in ``n_nonfinite``;
+    the metrics of the probabilities themselves (ROC-AUC, log loss, Brier, ECE) are
+    then None rather than an error or a number from part of the split.
+    """
     from sklearn import metrics as skm
 
     y_true, probs = np.asarray(y_true, dtype=int), np.asarray(probs, dtype=float)
     labels = list(range(K))
     y_pred = probs.argmax(axis=1)
+    n_nonfinite = int((~np.isfinite(probs).all(axis=1)).sum())
     prec, rec, f1, support = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     cm = skm.confusion_matrix(y_true, y_pred, labels=labels)
     spec = specificity(cm)
-    present = [c for c in labels if (y_true == c).any() and (y_true != c).any()]
+    # AUC needs both positives and negatives, and scikit-learn refuses NaN scores
+    present = [c for c in labels if (y_true == c).any() and (y_true != c).any()] if not n_nonfinite else []
     auc_per_class = {}
     for c in labels:
         auc_per_class[c] = float(skm.roc_auc_score(y_true == c, probs[:, c])) if c in present else None
@@ -195,6 +202,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 0, seed
     avg = lambda name, average: float(getattr(skm, f"{name}_score")(y_true, y_pred, average=average, labels=labels, zero_division=0))
     m = {
         "n": len(y_true),
+        "n_nonfinite": n_nonfinite,
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
         "macro_precision": avg("precision", "macro"),
@@ -206,9 +214,9 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 0, seed
         "roc_auc": float(np.mean(aucs)) if len(aucs) == K else None,
         "kappa_qw": _nan_to_none(skm.cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic")),
         "mcc": float(skm.matthews_corrcoef(y_true, y_pred)),
-        "log_loss": float(skm.log_loss(y_true, clipped, labels=labels)),
-        "brier": brier_score(y_true, probs),
-        "ece": expected_calibration_error(y_true, probs),
+        "log_loss": None if n_nonfinite else float(skm.log_loss(y_true, clipped, labels=labels)),
+        "brier": None if n_nonfinite else brier_score(y_true, probs),
+        "ece": None if n_nonfinite else expected_calibration_error(y_true, probs),
         "per_class": {
             c: {"precision": float(prec[i]), "recall": float(rec[i]), "specificity": float(spec[i]),
                 "f1": float(f1[i]), "support": int(support[i]), "roc_auc": auc_per_class[i]}
@@ -220,11 +228,24 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 0, seed
         ci = bootstrap(y_true, y_pred, n_boot=n_boot, seed=seed)
         m["ci"] = {"method": "stratified bootstrap, percentile", "level": 0.95, "resamples": n_boot, "seed": seed}
         for name in CI_METRICS:
-            m[f"{name}_ci"] = [float(ci[name][0]), float(ci[name][1])]
+            m[f"{name}_ci"] = _contain(ci[name][0], ci[name][1], m[name])
         for i, c in enumerate(CLASSES):
             for name in PER_CLASS_CI:
-                m["per_class"][c][f"{name}_ci"] = [float(ci[name][0][i]), float(ci[name][1][i])]
+                m["per_class"][c][f"{name}_ci"] = _contain(ci[name][0][i], ci[name][1][i], m["per_class"][c][name])
     return m
+
+
+def _contain(lo: float, hi: float, value: float) -> list[float]:
+    """[lo, hi] widened to hold ``value``.
+
+    A model that predicts one class has the same confusion matrix in every resample,
+    so its interval collapses to a point, and the bootstrap's sums (in another order
+    than scikit-learn's) can put that point a rounding error beside the estimate.
+    """
+    lo, hi, value = float(lo), float(hi), float(value)
+    if not np.isfinite(value):
+        return [lo, hi]
+    return [min(lo, value), max(hi, value)]
 
 
 def _nan_to_none(x) -> float | None:
@@ -247,35 +268,41 @@ def majority_baseline(y_true: np.ndarray, majority: str) -> dict:
 # --------------------------------------------------------------------------- runs
 
 
-def training_majority(run_dir: Path) -> str:
-    from osteo.data.split import read_split
+def training_majority(run) -> str:
+    """The run's most common training label (the majority-class baseline answers it)."""
+    from osteo.data.split import majority_label
+    from osteo.runs import RunDir
 
-    counts = {c: 0 for c in CLASSES}
-    for r in read_split(run_dir / "split.csv"):
-        if r["split"] == "train" and r["label"] in counts:
-            counts[r["label"]] += 1
-    return max(CLASSES, key=lambda c: (counts[c], -CLASSES.index(c)))
+    return majority_label(r["label"] for r in RunDir(run).read_split() if r["split"] == "train")
+
+
+# what metrics.json keeps about the checkpoint when it is recomputed by `osteo eval`
+CHECKPOINT_KEYS = ("model", "best_epoch", "monitor", "best_value")
 
 
 def evaluate_run(run_dir: str | os.PathLike, splits: Sequence[str] | None = None, n_boot: int = 1000,
-                 seed: int = 0) -> dict:
-    """Recompute ``metrics.json`` of a run from its ``predictions.csv``; return it."""
-    from osteo.runs import check_run_dir
+                 seed: int = 0, checkpoint: dict | None = None) -> dict:
+    """Compute a run's ``metrics.json`` from its ``predictions.csv``, write it once, return it.
 
-    run_dir = check_run_dir(run_dir, need=("predictions.csv",))
-    metrics_path = run_dir / "metrics.json"
-    metrics = read_json(metrics_path) if metrics_path.exists() else {}
-    majority = training_majority(run_dir)
-    metrics["majority_class"] = majority
-    _, _, rows = read_predictions(run_dir / "predictions.csv")
+    ``checkpoint`` (model, best epoch, monitor, best value) comes from the Trainer at the
+    end of training; ``osteo eval`` keeps the one already in ``metrics.json``.
+    """
+    from osteo.runs import RunDir
+
+    run = RunDir(run_dir).check(need=(RunDir.PREDICTIONS,))
+    if checkpoint is None:
+        checkpoint = {k: v for k, v in run.read_metrics().items() if k in CHECKPOINT_KEYS}
+    majority = training_majority(run)
+    metrics = {**checkpoint, "majority_class": majority}
+    _, _, rows = run.read_predictions()
     available = [s for s in ("val", "test") if any(r["split"] == s for r in rows)]
     for name in splits or available:
         if name not in available:
-            raise OsteoError(f"{run_dir} has no {name} predictions; choose one of: {', '.join(available) or 'none'}")
-        y, p, _ = read_predictions(run_dir / "predictions.csv", name)
+            raise OsteoError(f"{run.path} has no {name} predictions; choose one of: {', '.join(available) or 'none'}")
+        y, p, _ = run.read_predictions(name)
         metrics[name] = compute_metrics(y, p, n_boot=n_boot, seed=seed)
         metrics[name]["majority_baseline"] = majority_baseline(y, majority)
-    write_json(metrics_path, metrics)
+    run.write_metrics(metrics)
     return metrics
 
 
@@ -303,3 +330,6 @@ def print_metrics(metrics: dict, split: str, console, title: str = "") -> None:
                       " / ".join(fmt(pc[k]) for k in ("precision", "recall", "specificity", "f1")),
                       f"n={pc['support']}", "")
     console.print(table)
+    if m.get("n_nonfinite"):
+        console.print(f"[red]{m['n_nonfinite']} of {m['n']} {split} predictions are not finite (NaN or infinite): "
+                      "the model diverged; ROC-AUC, log loss, Brier and ECE are left out[/red]")

@@ -15,8 +15,8 @@ import numpy as np
 
 from osteo import CLASSES
 from osteo.errors import OsteoError
-from osteo.files import read_json, write_csv
-from osteo.runs import check_run_dir
+from osteo.files import write_csv
+from osteo.runs import RunDir
 
 COLUMNS = ("path", "status", "pred", *(f"p_{c}" for c in CLASSES), "reason")
 
@@ -24,13 +24,13 @@ COLUMNS = ("path", "status", "pred", *(f"p_{c}" for c in CLASSES), "reason")
 def load_best(run_dir: str | os.PathLike):
     import keras
 
-    run_dir = check_run_dir(run_dir, need=("best.keras",))
+    run = RunDir(run_dir).check(need=(RunDir.BEST,))
     import osteo.classifier  # noqa: F401  (registers osteo's serializable layers, losses, metrics)
 
     try:
-        return keras.saving.load_model(run_dir / "best.keras", safe_mode=True)
+        return keras.saving.load_model(run.best_path, safe_mode=True)
     except Exception as e:
-        raise OsteoError(f"cannot load {run_dir / 'best.keras'}: {type(e).__name__}: {str(e)[:200]}; "
+        raise OsteoError(f"cannot load {run.best_path}: {type(e).__name__}: {str(e)[:200]}; "
                          "the file is damaged or from another osteo version: retrain the run") from None
 
 
@@ -54,11 +54,9 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
     from osteo.data.decode import DecodeError, decode_file
     from osteo.data.pipeline import box_factor, resize_image
 
-    run_dir = Path(run_dir)
     model = load_best(run_dir)
-    recipe = read_json(run_dir / "recipe.json")
-    size = int(recipe.get("resolved_image_size") or recipe["data"]["image_size"])
-    mode = recipe["data"].get("resize", "pad")
+    data = RunDir(run_dir).read_recipe().data  # resolved: the size and resize mode it trained with
+    size, mode = data.image_size, data.resize
     rows, ready, arrays = [], [], []
     for f in _expand(images):
         try:

@@ -1,26 +1,40 @@
-"""Recipes: one small Python file per study setup, and typed dotted overrides.
+"""Recipes: small Python files per study setup, typed dotted overrides, and ``resolve``.
 
-A recipe file in ``recipes/`` defines ``recipe() -> Recipe``. Recipes are Python
-code: load only recipe files you trust.
+A recipe file defines ``recipe() -> Recipe`` (or ``recipe(backbone) -> Recipe``). The
+shipped ones live in ``recipes/``, installed as the package ``osteo.recipes`` so that a
+non-editable install finds them too; any other file is loaded by its path. Recipes are
+Python code: load only recipe files you trust.
+
+:func:`resolve` is the one place a recipe is completed and checked: it fills the
+backbone's defaults (image size, preprocessing) and validates every value, before
+anything is written. ``recipe.json`` stores the resolved recipe, and resume, predict
+and report read it as it is.
 
     >>> r = Recipe(name="demo")
     >>> apply_overrides(r, ["train.epochs=3", "model.head.dropout=0.2"]).train.epochs
     3
+    >>> resolve(Recipe(model=ModelConfig(backbone="vgg16"))).data.image_size
+    224
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from osteo.errors import OsteoError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# The largest image side a recipe may ask for: 2048 px x 2048 px x 3 channels of float32
+# is 48 MiB per image before the backbone's activations.
+MAX_IMAGE_SIZE = 2048
 
 
 @dataclass
@@ -47,18 +61,22 @@ class AugmentConfig:
     cutmix: float = 0.0  # alpha; likewise
 
 
+    def active(self) -> bool:
+        """True when any augmentation is on (read off the fields, so a new one counts too)."""
+        return any(bool(getattr(self, f.name)) for f in dataclasses.fields(self))
+
 @dataclass
 class DataConfig:
     dir: str = "data/phantom"
-    image_size: int = 0  # 0: the backbone's default (224)
-    resize: str = "pad"
+    image_size: int = 0  # 0: the backbone's default; resolve() fills it
+    resize: Literal["pad", "stretch"] = "pad"
     val: float = 0.3
     test: float = 0.0
     folds: int = 0
     fold: int = 0
     group_regex: str = ""
     groups_csv: str = ""
-    conflicts: str = "exclude"
+    conflicts: Literal["exclude", "majority", "keep"] = "exclude"
     batch_size: int = 16
     # The phantom written when ``dir`` is the default and does not exist yet.
     phantom_n: int = 1947
@@ -69,6 +87,8 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "convnext_tiny"
     weights: str = "imagenet"  # "imagenet", "none", or a path to a weights file
+    # the input scaling the backbone expects; auto: the backbone's own, filled by resolve()
+    preprocessing: Literal["auto", "caffe", "torch", "tf", "none"] = "auto"
     freeze_bn: bool = True  # keep BatchNorm statistics frozen (transfer learning)
     bn_momentum: float = 0.0  # BatchNorm moving-average momentum; 0: the backbone's own (0.99)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -80,24 +100,25 @@ class TrainConfig:
     epochs: int = 25  # phase 1: backbone frozen
     fine_tune_epochs: int = 0  # phase 2: backbone unfrozen; 0 = off (the study)
     fine_tune_blocks: int = 0  # 0 = every block
-    optimizer: str = "adam"  # adam | adamw
+    optimizer: Literal["adam", "adamw"] = "adam"
     lr: float = 1e-3  # Adam's default, as in the study
     fine_tune_lr: float = 1e-5
     weight_decay: float = 1e-4  # adamw only
-    schedule: str = "constant"  # constant | cosine (with warmup)
+    schedule: Literal["constant", "cosine"] = "constant"  # cosine: with warmup
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
-    class_weight: str = "none"  # none | balanced
-    monitor: str = "val_macro_f1"  # val_macro_f1 | val_balanced_accuracy | val_accuracy | val_loss
+    class_weight: Literal["none", "balanced"] = "none"
+    monitor: Literal["val_macro_f1", "val_balanced_accuracy", "val_accuracy", "val_loss"] = "val_macro_f1"
     early_stopping: int = 0  # patience in epochs; 0 = off
-    precision: str = "auto"  # auto | float32 | mixed_bfloat16 | mixed_float16
-    jit_compile: str = "auto"  # auto | on | off
+    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
+    jit_compile: Literal["auto", "on", "off"] = "auto"
     steps_per_epoch: int = 0  # 0 = the whole training split
     seed: int = 0
     deterministic: bool = False
     tensorboard: bool = True
     bootstrap: int = 1000  # resamples for the metrics' 95% intervals
-    feature_cache: str = "auto"  # phase 1 on backbone features computed once; auto: when no augmentation
+    # phase 1 on backbone features computed once; auto: when no augmentation is active
+    feature_cache: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass
@@ -130,7 +151,7 @@ def study_protocol(backbone: str = "convnext_tiny") -> Recipe:
 
 
 def fine_tune_protocol(backbone: str) -> Recipe:
-    """osteo's recommended transfer-learning recipe for one backbone.
+    """osteo's recommended transfer-learning recipe for one backbone (``recipes/finetune.py``).
 
     The study's protocol, then phase 2: the whole backbone unfrozen (BatchNorm kept
     frozen) at a 100x lower learning rate; balanced class weights, because the
@@ -138,7 +159,7 @@ def fine_tune_protocol(backbone: str) -> Recipe:
     schedule with one warm-up epoch.
     """
     r = study_protocol(backbone)
-    r.name = backbone
+    r.name = f"finetune-{backbone}"
     r.train = TrainConfig(epochs=10, fine_tune_epochs=10, lr=1e-3, fine_tune_lr=1e-5, schedule="cosine",
                           warmup_epochs=1, class_weight="balanced", monitor="val_macro_f1")
     r.model.augment.rotation = 0.02
@@ -160,17 +181,29 @@ def set_total_epochs(recipe: Recipe, epochs: int) -> Recipe:
     return recipe
 
 
+def _shipped_recipes() -> Path:
+    """The folder of the recipes osteo ships (``recipes/``, installed as ``osteo.recipes``)."""
+    spec = importlib.util.find_spec("osteo.recipes")
+    if spec is None or not spec.submodule_search_locations:
+        raise OsteoError("osteo's recipes are not installed; reinstall osteo (pip install .)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def list_recipes() -> list[str]:
+    return sorted(f.stem for f in _shipped_recipes().glob("*.py") if not f.name.startswith("_"))
+
+
 def recipe_path(name_or_path: str) -> Path:
-    """A recipe name (``vgg16``) or a path to a recipe file."""
+    """A shipped recipe's name (``seed``) or a path to a recipe file."""
     p = Path(name_or_path)
     if p.suffix == ".py":
         if not p.is_file():
-            raise OsteoError(f"recipe file {p} not found")
+            raise OsteoError(f"recipe file {p} not found; pass an existing .py file or a recipe name")
         return p
-    p = RECIPES_DIR / f"{name_or_path}.py"
+    p = _shipped_recipes() / f"{name_or_path}.py"
     if not p.is_file():
-        known = sorted(f.stem for f in RECIPES_DIR.glob("*.py") if not f.name.startswith("_"))
-        raise OsteoError(f"unknown recipe {name_or_path!r}; choose one of: {', '.join(known)} or a path to a .py file")
+        raise OsteoError(f"unknown recipe {name_or_path!r}; choose one of: {', '.join(list_recipes())}, "
+                         "a registered model name, or a path to a .py file")
     return p
 
 
@@ -178,7 +211,8 @@ def load_recipe(name_or_path: str, backbone: str | None = None) -> Recipe:
     """Import a recipe file and call its ``recipe()``. The file is code: trust it first.
 
     A recipe that takes a ``backbone`` argument gets the one asked for on the command
-    line (``--model``), so it can adjust per backbone (``recipes/demo.py`` does).
+    line (``--model``), so it can adjust per backbone (``finetune``, ``seed`` and
+    ``demo`` do); the backbone is then set on the recipe either way.
     """
     path = recipe_path(name_or_path)
     spec = importlib.util.spec_from_file_location(f"osteo_recipe_{path.stem}", path)
@@ -190,7 +224,20 @@ def load_recipe(name_or_path: str, backbone: str | None = None) -> Recipe:
     r = module.recipe(backbone=backbone) if takes_backbone and backbone else module.recipe()
     if not isinstance(r, Recipe):
         raise OsteoError(f"recipe() in {path} must return osteo.recipe.Recipe, got {type(r).__name__}")
+    if backbone:
+        r.model.backbone = backbone
     return r
+
+
+def recipe_for(name: str, backbone: str | None = None) -> Recipe:
+    """``osteo train NAME``: a recipe (shipped or a path), or a registered backbone's name,
+    which trains with the ``finetune`` recipe for that backbone."""
+    from osteo.registry import list_backbones
+
+    shipped = not name.endswith(".py") and name in list_recipes()
+    if not shipped and not name.endswith(".py") and name in list_backbones(include_test=True):
+        return load_recipe("finetune", backbone=backbone or name)
+    return load_recipe(name, backbone=backbone)
 
 
 def _fields(obj) -> dict[str, dataclasses.Field]:
@@ -215,6 +262,8 @@ def _convert(text: str, hint, key: str):
         if text.lower() in ("none", "null", "") and len(args) < len(typing.get_args(hint)):
             return None
         return _convert(text, args[0], key)
+    if origin is Literal:
+        return _check_choice(text, hint, key)
     if hint is bool:
         low = text.lower()
         if low in ("1", "true", "yes", "on"):
@@ -232,6 +281,13 @@ def _convert(text: str, hint, key: str):
         except ValueError:
             raise OsteoError(f"{key} expects {'an integer' if hint is int else 'a number'}, got {text!r}") from None
     return text
+
+
+def _check_choice(value, hint, key: str):
+    choices = typing.get_args(hint)
+    if value not in choices:
+        raise OsteoError(f"{key} must be one of: {', '.join(choices)}; got {value!r}")
+    return value
 
 
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
@@ -273,4 +329,103 @@ def recipe_from_dict(d: dict) -> Recipe:
             kwargs[k] = v
         return cls(**kwargs)
 
-    return build(Recipe, d)
+    d = dict(d)
+    legacy_size = d.pop("resolved_image_size", None)  # runs made before resolve() existed
+    r = build(Recipe, d)
+    if legacy_size and not r.data.image_size:
+        r.data.image_size = int(legacy_size)
+    return r
+
+
+# --------------------------------------------------------------------------- resolve
+
+_NONNEGATIVE = (lambda v: v >= 0, "0 or more")
+_POSITIVE = (lambda v: v > 0, "more than 0")
+_FRACTION = (lambda v: 0 <= v < 1, "from 0 to below 1")
+# Bounds beyond the type; every key of AugmentConfig is also 0 or more.
+_RULES: dict[str, tuple] = {
+    "data.image_size": (lambda v: 1 <= v <= MAX_IMAGE_SIZE, f"from 1 to {MAX_IMAGE_SIZE}"),
+    "data.val": (lambda v: 0 < v < 1, "between 0 and 1"),
+    "data.test": _FRACTION,
+    "data.folds": _NONNEGATIVE,
+    "data.fold": _NONNEGATIVE,
+    "data.batch_size": (lambda v: v >= 1, "at least 1"),
+    "data.phantom_n": (lambda v: v >= 3, "at least 3"),
+    "data.phantom_size": (lambda v: 16 <= v <= MAX_IMAGE_SIZE, f"from 16 to {MAX_IMAGE_SIZE}"),
+    "model.bn_momentum": _FRACTION,
+    "model.head.dropout": _FRACTION,
+    "train.epochs": _NONNEGATIVE,
+    "train.fine_tune_epochs": _NONNEGATIVE,
+    "train.fine_tune_blocks": _NONNEGATIVE,
+    "train.lr": _POSITIVE,
+    "train.fine_tune_lr": _POSITIVE,
+    "train.weight_decay": _NONNEGATIVE,
+    "train.warmup_epochs": _NONNEGATIVE,
+    "train.label_smoothing": _FRACTION,
+    "train.early_stopping": _NONNEGATIVE,
+    "train.steps_per_epoch": _NONNEGATIVE,
+    "train.seed": (lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1"),
+    "train.bootstrap": _NONNEGATIVE,
+}
+
+
+def _check_values(obj, prefix: str = "") -> None:
+    """Every field has its declared type (choices included) and lies within its bounds."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key, value, hint = f"{prefix}{f.name}", getattr(obj, f.name), hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            _check_values(value, f"{key}.")
+            continue
+        origin = typing.get_origin(hint)
+        if origin is Literal:
+            _check_choice(value, hint, key)
+            continue
+        if origin is tuple:
+            item = typing.get_args(hint)[0]
+            if not isinstance(value, tuple) or not all(_is(v, item) for v in value):
+                raise OsteoError(f"{key} expects a list of {item.__name__}s, got {value!r}")
+            continue
+        if not _is(value, hint):
+            raise OsteoError(f"{key} expects {getattr(hint, '__name__', hint)}, got {value!r}")
+        rule = _RULES.get(key) or (_NONNEGATIVE if prefix == "model.augment." and hint is not bool else None)
+        if rule and not rule[0](value):
+            raise OsteoError(f"{key} must be {rule[1]}, got {value!r}")
+
+
+def _is(value, hint) -> bool:
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def resolve(recipe: Recipe) -> Recipe:
+    """The recipe completed from its backbone's spec and checked; raises before anything is written.
+
+    Fills ``data.image_size`` (0: the backbone's default) and ``model.preprocessing``
+    (auto: the backbone's own), checks every choice and bound and the weights, and
+    returns a new Recipe. Resolving a resolved recipe changes nothing.
+    """
+    from osteo.registry import get_backbone, parse_weights
+
+    r = copy.deepcopy(recipe)
+    spec = get_backbone(r.model.backbone)
+    if r.data.image_size == 0:
+        r.data.image_size = spec.default_size
+    if r.model.preprocessing == "auto":
+        r.model.preprocessing = spec.preprocessing
+    _check_values(r)
+    spec.check_size(r.data.image_size)
+    if r.train.epochs + r.train.fine_tune_epochs < 1:
+        raise OsteoError("train.epochs + train.fine_tune_epochs must be at least 1; set EPOCHS=1 or more")
+    if r.data.val + r.data.test >= 1:
+        raise OsteoError(f"data.val + data.test must be below 1 (got {r.data.val} + {r.data.test}); "
+                         "leave images for training")
+    kind, _ = parse_weights(r.model.weights)
+    if kind == "imagenet" and spec.test_only:
+        raise OsteoError(f"{spec.name} has no ImageNet weights; use WEIGHTS=none")
+    return r

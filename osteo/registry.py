@@ -1,4 +1,4 @@
-"""The backbone registry: model name = registry key = recipe file name.
+"""The backbone registry: model name = registry key = recipe name. No Keras import.
 
     >>> from osteo.registry import get_backbone, list_backbones
     >>> "convnext_tiny" in list_backbones()
@@ -6,18 +6,128 @@
     >>> get_backbone("vgg16").preprocessing
     'caffe'
 
-Specs register themselves when :mod:`osteo.backbones` is imported; this module imports
-it lazily so that listing names stays cheap.
+A :class:`BackboneSpec` is data: how to build the backbone (its constructor named by
+string, imported only at build time by :mod:`osteo.backbones`), how to feed it
+(preprocessing, sizes), how it is split into blocks, and what was measured fastest
+for it on each CPU class (:class:`CpuDecision`). The CLI reads this table before Keras
+is imported, because the Keras backend has to be chosen first.
+
+The CPU decisions come from ``benchmarks/models.py`` (tables in ``benchmarks/README.md``);
+the numbers that decided each entry, training images/sec, from scratch, float32,
+TensorFlow / PyTorch:
+
+``avx512_bf16`` (2-core Intel with AVX-512 BF16), batch 32, 64 px:
+
+    convnext_tiny   16.7 / 48.6 (torch bf16 81.8); first step 15 s / 1.0 s
+    vgg16           51.9 / 41.5; bfloat16 on TF 25.1 -> 45.9 at 96 px
+    densenet169     85.7 / 51.3; first step 43 s / 1.7 s
+
+``avx2`` (2-core AMD EPYC, AVX2, no AVX-512), batch 32, 32 px (48 px for ConvNeXt):
+
+    vgg16           15.0 / 25.8; first step 8.5 s / 1.6 s
+    densenet169     44.5 / 27.3; first step 153 s / 3.2 s
+    convnext_tiny   PyTorch 23 at 48 px (TensorFlow was 3x slower on the other class)
+
+DenseNet169 on the AVX-512 class is faster per step on TensorFlow, but its first step
+costs 41 s more, so runs shorter than ~5,000 training images (41 s / (1/51.3 - 1/85.7 s
+per image)) finish sooner on PyTorch; on the AVX2 class the break-even is ~10,600 images
+(150 s / (1/27.3 - 1/44.5)).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from osteo.errors import OsteoError
 
-if TYPE_CHECKING:
-    from osteo.backbones import BackboneSpec
+PREPROCESSING_MODES = ("caffe", "torch", "tf", "none")
+CPU_CLASSES = ("avx512_bf16", "avx2")
+
+
+@dataclass(frozen=True)
+class CpuDecision:
+    """What was measured fastest for one backbone on one CPU class."""
+
+    backend: str = "tensorflow"  # the faster backend for long runs
+    short_run_backend: str | None = None  # faster below ``short_run_images``
+    short_run_images: int = 0
+    bf16: tuple[str, ...] = ()  # backends on which mixed_bfloat16 was measured faster
+    xla: bool = False  # jit_compile measured faster on TensorFlow CPU
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build and feed one backbone.
+
+    ``constructor`` is ``"module:attribute"``, imported at build time: a
+    ``keras.applications`` builder or any function with the same interface
+    (``include_top``, ``weights``, ``input_shape``). ``preprocessing`` is exactly what
+    the reference module's ``preprocess_input`` does (``caffe``: RGB->BGR and ImageNet
+    mean subtraction; ``torch``: [0, 1] then ImageNet mean/std; ``tf``: [-1, 1];
+    ``none``: the model has its own preprocessing layers and takes [0, 255]).
+    """
+
+    name: str
+    constructor: str
+    preprocessing: str
+    feature_size: int
+    block_pattern: str  # regex whose group 1 names a layer's block (for "unfreeze the top N")
+    reference_module: str | None = None  # keras.applications.<module>, for preprocess_input
+    timm_name: str | None = None  # the same architecture in timm (the PyTorch engine)
+    default_size: int = 224
+    min_size: int = 32
+    constructor_kwargs: dict = field(default_factory=dict)
+    test_only: bool = False
+    # The backbone's own top normalises the pooled features (ConvNeXt: LayerNorm);
+    # without it, features from scratch grow large and saturate the softmax.
+    pooled_norm: bool = False
+    cpu: dict[str, CpuDecision] = field(default_factory=dict)  # per CPU class
+
+    def __post_init__(self):
+        if self.preprocessing not in PREPROCESSING_MODES:
+            raise ValueError(f"{self.name}: unknown preprocessing {self.preprocessing!r}")
+        unknown = set(self.cpu) - set(CPU_CLASSES)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown CPU classes {sorted(unknown)}")
+
+    def cpu_decision(self, cpu_class: str) -> CpuDecision:
+        return self.cpu.get(cpu_class, CpuDecision())
+
+    def check_size(self, size: int) -> None:
+        if size < self.min_size:
+            raise OsteoError(
+                f"image size {size} is below {self.name}'s minimum of {self.min_size}; "
+                f"use IMAGE_SIZE={self.min_size} or more (default {self.default_size})"
+            )
+
+    def build(self, *, image_size: int, weights="imagenet"):
+        """The Keras backbone without its top (see :func:`osteo.backbones.build_backbone`)."""
+        from osteo.backbones import build_backbone
+
+        return build_backbone(self, image_size=image_size, weights=weights)
+
+    def blocks(self, model) -> list[list]:
+        """The backbone's layers grouped into blocks, input to output."""
+        from osteo.backbones import split_blocks
+
+        return split_blocks(model, self.block_pattern)
+
+
+def parse_weights(weights: str | os.PathLike | None) -> tuple[str, Path | None]:
+    """``imagenet`` | ``none`` | a path -> (kind, path)."""
+    if weights is None or str(weights).lower() in ("none", ""):
+        return "none", None
+    if str(weights).lower() == "imagenet":
+        return "imagenet", None
+    path = Path(weights)
+    if not path.is_file():
+        raise OsteoError(
+            f"weights file {path} not found; use WEIGHTS=imagenet, WEIGHTS=none or the path of an existing file"
+        )
+    return "file", path
+
 
 _REGISTRY: dict[str, BackboneSpec] = {}
 
@@ -29,22 +139,57 @@ def register(spec: BackboneSpec) -> BackboneSpec:
     return spec
 
 
-def _load() -> None:
-    import osteo.backbones  # noqa: F401  (registers the specs)
-
-
 def list_backbones(*, include_test: bool = False) -> list[str]:
     """Registered names, sorted; the tiny test backbone only on request."""
-    _load()
     return sorted(n for n, s in _REGISTRY.items() if include_test or not s.test_only)
 
 
 def get_backbone(name: str) -> BackboneSpec:
     """The spec for ``name``; an unknown name lists the valid ones."""
-    _load()
     try:
         return _REGISTRY[name]
     except KeyError:
         raise OsteoError(
             f"unknown model {name!r}; choose one of: {', '.join(list_backbones(include_test=True))}"
         ) from None
+
+
+_APPS = "keras.applications"
+_TORCH_FIRST = {"avx2": CpuDecision(backend="torch")}
+
+register(BackboneSpec(
+    "vgg16", f"{_APPS}:VGG16", "caffe", 512, r"^(block\d+)_", "vgg16", timm_name="vgg16.tv_in1k",
+    cpu={"avx512_bf16": CpuDecision(bf16=("tensorflow",)), **_TORCH_FIRST},
+))
+register(BackboneSpec(
+    "vgg19", f"{_APPS}:VGG19", "caffe", 512, r"^(block\d+)_", "vgg19", timm_name="vgg19.tv_in1k",
+    cpu={"avx512_bf16": CpuDecision(bf16=("tensorflow",)), **_TORCH_FIRST},
+))
+register(BackboneSpec(
+    "densenet169", f"{_APPS}:DenseNet169", "torch", 1664, r"^(conv\d+_block\d+|pool\d+)_", "densenet",
+    timm_name="densenet169.tv_in1k",
+    cpu={"avx512_bf16": CpuDecision(short_run_backend="torch", short_run_images=5000),
+         "avx2": CpuDecision(short_run_backend="torch", short_run_images=10_000)},
+))
+register(BackboneSpec(
+    "convnext_tiny", f"{_APPS}:ConvNeXtTiny", "none", 768, r"(stage_\d+_block_\d+|downsampling_block_\d+)",
+    "convnext", timm_name="convnext_tiny.fb_in1k", constructor_kwargs={"include_preprocessing": True},
+    pooled_norm=True,
+    cpu={"avx512_bf16": CpuDecision(backend="torch", bf16=("torch",), xla=True), **_TORCH_FIRST},
+))
+register(BackboneSpec(
+    "resnet50", f"{_APPS}:ResNet50", "caffe", 2048, r"^(conv\d+_block\d+)_", "resnet50",
+    timm_name="resnet50.tv_in1k",
+))
+register(BackboneSpec(
+    "efficientnetv2_b0", f"{_APPS}:EfficientNetV2B0", "none", 1280, r"^(block\d+[a-z])_", "efficientnet_v2",
+    timm_name="tf_efficientnetv2_b0.in1k", constructor_kwargs={"include_preprocessing": True},
+))
+register(BackboneSpec(
+    "mobilenetv3_large", f"{_APPS}:MobileNetV3Large", "none", 960, r"^(expanded_conv(?:_\d+)?)_",
+    "mobilenet_v3", timm_name="tf_mobilenetv3_large_100.in1k", constructor_kwargs={"include_preprocessing": True},
+))
+register(BackboneSpec(
+    "tiny", "osteo.backbones:tiny_backbone", "tf", 16, r"^(tiny_block\d+)_", None, default_size=64, min_size=16,
+    test_only=True,
+))

@@ -20,8 +20,6 @@ not paired.
 from __future__ import annotations
 
 import base64
-import csv
-import hashlib
 import html
 import json
 import os
@@ -36,15 +34,15 @@ from osteo.evaluate import (
     compute_metrics,
     majority_baseline,
     mcnemar_exact,
-    read_predictions,
     reliability_curve,
 )
-from osteo.files import atomic_path, read_json, write_csv, write_text
-from osteo.runs import check_run_dir, list_runs
+from osteo.files import atomic_path, write_csv, write_text
+from osteo.runs import RunDir, list_runs
 
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1")
 COMPARISON_COLUMNS = (
     "model", "run_id", "weights", "precision", "backend", "image_size", "epochs", "best_epoch", "n_train", "n_val",
+    "n_nonfinite",  # validation predictions that are NaN or infinite: a diverged model
     "accuracy", "accuracy_lo", "accuracy_hi", "balanced_accuracy", "balanced_accuracy_lo", "balanced_accuracy_hi",
     "macro_f1", "macro_f1_lo", "macro_f1_hi", "roc_auc", "kappa_qw", "mcc", "log_loss", "brier", "ece",
     "majority_class", "majority_accuracy", "majority_balanced_accuracy", "mcnemar_vs", "mcnemar_p",
@@ -83,40 +81,34 @@ class Run:
 
 
 def collect_runs(specs: list[str] | None = None, runs_dir: str | os.PathLike = "runs",
-                 all_runs: bool = False) -> list[Path]:
+                 all_runs: bool = False) -> list[RunDir]:
     """The runs to report: those given, else the latest finished run of each model (or all)."""
     if specs:
-        return [check_run_dir(s, need=("predictions.csv", "metrics.json")) for s in specs]
+        return [RunDir(s).check(need=RunDir.FINISHED) for s in specs]
     runs = list_runs(runs_dir, finished=True)
     if not runs:
         raise OsteoError(f"no finished runs under {runs_dir}; train one first (make train MODEL=...)")
     if all_runs:
         return runs
-    latest: dict[str, Path] = {}
+    latest: dict[str, RunDir] = {}
     for r in runs:  # oldest first, so the last one of each model wins
-        latest[r.parent.name] = r
+        latest[r.model] = r
     return [latest[m] for m in sorted(latest)]
 
 
-def load_run(path: Path, split: str = "val", n_boot: int = 1000, seed: int = 0) -> Run:
+def load_run(path: str | os.PathLike, split: str = "val", n_boot: int = 1000, seed: int = 0) -> Run:
     from osteo.evaluate import training_majority
 
-    recipe = read_json(path / "recipe.json")
-    env = read_json(path / "env.json") if (path / "env.json").exists() else {}
-    y, probs, rows = read_predictions(path / "predictions.csv", split)
+    run = RunDir(path)
+    recipe = run.read_recipe().to_dict()  # the resolved recipe (older runs' sizes filled in)
+    y, probs, rows = run.read_predictions(split)
     if not len(y):
-        raise OsteoError(f"run {path} has no {split} predictions; choose --split val or test")
+        raise OsteoError(f"run {run} has no {split} predictions; choose --split val or test")
     metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed)
-    stored = read_json(path / "metrics.json") if (path / "metrics.json").exists() else {}
-    metrics["best_epoch"] = stored.get("best_epoch")
-    majority = majority_baseline(y, training_majority(path))
-    history = []
-    if (path / "history.csv").exists():
-        with open(path / "history.csv", newline="", encoding="utf-8") as f:
-            history = list(csv.DictReader(f))
-    split_id = hashlib.sha256((path / "split.csv").read_bytes()).hexdigest()[:12]
-    audit = read_json(path / "audit.json") if (path / "audit.json").exists() else {}
-    return Run(path, recipe, env, metrics, history, y, probs, rows, majority, split_id, audit)
+    metrics["best_epoch"] = run.read_metrics().get("best_epoch")
+    majority = majority_baseline(y, training_majority(run))
+    return Run(run.path, recipe, run.read_env(), metrics, run.read_history(), y, probs, rows, majority,
+               run.split_id(), run.read_audit())
 
 
 # --------------------------------------------------------------------------- tables
@@ -150,9 +142,9 @@ def comparison_rows(runs: list[Run]) -> list[dict]:
         row = {
             "model": r.model, "run_id": r.run_id, "weights": r.recipe.get("model", {}).get("weights"),
             "precision": r.env.get("precision"), "backend": r.env.get("backend"),
-            "image_size": r.recipe.get("resolved_image_size") or r.recipe.get("data", {}).get("image_size"),
+            "image_size": r.recipe.get("data", {}).get("image_size"),
             "epochs": int(t.get("epochs", 0)) + int(t.get("fine_tune_epochs", 0)), "best_epoch": m.get("best_epoch"),
-            "n_train": r.env.get("n_train"), "n_val": m["n"],
+            "n_train": r.env.get("n_train"), "n_val": m["n"], "n_nonfinite": m["n_nonfinite"],
             "roc_auc": m["roc_auc"], "kappa_qw": m["kappa_qw"], "mcc": m["mcc"], "log_loss": m["log_loss"],
             "brier": m["brier"], "ece": m["ece"], "majority_class": r.majority["class"],
             "majority_accuracy": r.majority["accuracy"], "majority_balanced_accuracy": r.majority["balanced_accuracy"],
@@ -193,6 +185,12 @@ def _colours(runs: list[Run]) -> dict[str, tuple]:
     return {n: cmap(i % 10) for i, n in enumerate(names)}
 
 
+def _names(runs: list[Run]) -> list[str]:
+    """What plots call each run: its model, or model and run id where a model has several (--all)."""
+    models = [r.model for r in runs]
+    return models if len(set(models)) == len(models) else [r.label for r in runs]
+
+
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -202,8 +200,25 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _float(v) -> float:
+    """A number from a CSV or JSON cell; blank, text, None and +-inf become NaN (a gap in a plot)."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return np.nan
+    return x if np.isfinite(x) else np.nan
+
+
 def _floats(rows: list[dict], key: str) -> np.ndarray:
-    return np.array([float(r[key]) if r.get(key) not in (None, "") else np.nan for r in rows])
+    return np.array([_float(r.get(key)) for r in rows])
+
+
+def _nonfinite(v) -> bool:
+    """A cell that reads as a number but is NaN or infinite (a blank cell is only missing)."""
+    try:
+        return not np.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
 
 
 def plot_curves(runs: list[Run], colours, out: Path) -> Path:
@@ -222,16 +237,17 @@ def plot_curves(runs: list[Run], colours, out: Path) -> Path:
             ax.plot(ep, _floats(h, key), color=col, linestyle="--", marker="o", markersize=3, label=f"train {key}")
             ax.plot(ep, _floats(h, f"val_{key}"), color=col, marker="o", markersize=3, label=f"validation {key}")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            phases = _floats(h, "phase")
-            change = np.flatnonzero(np.diff(phases) != 0)
+            step = np.diff(_floats(h, "phase"))
+            change = np.flatnonzero(np.isfinite(step) & (step != 0) & np.isfinite(ep[:-1]))
             for i in change:
                 ax.axvline(ep[i] + 0.5, color="grey", linestyle=":", label="phase 2 starts")
             ax.set_xlabel("epoch")
             ax.set_title(f"{r.label}: {key}", fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        if r.metrics.get("best_epoch"):
-            ax_acc.axvline(r.metrics["best_epoch"], color="black", alpha=0.4, linewidth=3, label="best")
+        best = _float(r.metrics.get("best_epoch"))
+        if np.isfinite(best):
+            ax_acc.axvline(best, color="black", alpha=0.4, linewidth=3, label="best")
     fig.tight_layout()
     return _save(fig, out / "curves.png")
 
@@ -264,18 +280,18 @@ def plot_roc(runs: list[Run], colours, out: Path) -> Path:
 
     fig, axes = plt.subplots(1, len(CLASSES), figsize=(4 * len(CLASSES), 4))
     for ax, (i, c) in zip(axes, enumerate(CLASSES)):
-        for r in runs:
-            truth = r.y == i
-            if truth.all() or not truth.any():
-                continue
-            fpr, tpr, _ = roc_curve(truth, r.probs[:, i])
+        for r, name in zip(runs, _names(runs)):
             auc = r.metrics["per_class"][c]["roc_auc"]
-            ax.plot(fpr, tpr, color=colours[r.model], label=f"{r.model} AUC {auc:.2f}")
+            if auc is None:  # one class only in the split, or non-finite probabilities: no curve
+                continue
+            fpr, tpr, _ = roc_curve(r.y == i, r.probs[:, i])
+            ax.plot(fpr, tpr, color=colours[r.model], label=f"{name} AUC {auc:.2f}")
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
         ax.set_title(f"{c} vs rest", fontsize=10)
         ax.set_xlabel("1 - specificity")
         ax.set_ylabel("sensitivity")
-        ax.legend(fontsize=7, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return _save(fig, out / "roc.png")
 
@@ -285,10 +301,11 @@ def plot_reliability(runs: list[Run], colours, out: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
-    for r in runs:
-        curve = reliability_curve(r.y, r.probs)
+    for r, name in zip(runs, _names(runs)):
+        finite = np.isfinite(r.probs).all(axis=1)  # a NaN row has no confidence to bin
+        curve = reliability_curve(r.y[finite], r.probs[finite])
         ax.plot(curve[:, 0], curve[:, 1], marker="o", color=colours[r.model],
-                label=f"{r.model} ECE {r.metrics['ece']:.3f}")
+                label=f"{name} ECE {_fmt(r.metrics['ece'])}")
     ax.set_xlabel("confidence (top-class probability)")
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
@@ -302,6 +319,7 @@ def plot_bars(runs: list[Run], colours, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(HEADLINE), figsize=(4.2 * len(HEADLINE), 3.8), sharey=True)
+    names = _names(runs)
     for ax, k in zip(axes, HEADLINE):
         vals = [r.metrics[k] for r in runs]
         lo = [r.metrics.get(f"{k}_ci", (v, v))[0] for r, v in zip(runs, vals)]
@@ -309,12 +327,12 @@ def plot_bars(runs: list[Run], colours, out: Path) -> Path:
         x = np.arange(len(runs))
         ax.bar(x, vals, color=[colours[r.model] for r in runs],
                yerr=[np.subtract(vals, lo), np.subtract(hi, vals)], capsize=4)
-        base_key = {"accuracy": "accuracy", "balanced_accuracy": "balanced_accuracy"}.get(k)
-        if base_key:
-            base = max(r.majority[base_key] for r in runs)
-            ax.axhline(base, color="red", linestyle="--", label=f"majority class {base:.2f}")
+        if k in ("accuracy", "balanced_accuracy"):
+            # each run's own baseline: runs on other splits (one class only, say) have other ones
+            ax.hlines([r.majority[k] for r in runs], x - 0.4, x + 0.4, color="red", linestyle="--",
+                      label="majority class")
             ax.legend(fontsize=7, loc="lower right")
-        ax.set_xticks(x, [r.model for r in runs], rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
         ax.set_title(k.replace("_", " ") + " (95% CI)", fontsize=10)
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)
@@ -415,28 +433,53 @@ def _audit_section(runs: list[Run]) -> str:
     return "".join(parts) or "<p>no audit recorded</p>"
 
 
+def failures(run: Run, row: dict, split: str) -> list[str]:
+    """Why ``run`` has failed, one sentence each; none for a run that beats the majority baseline.
+
+    Written to survive the runs it exists to flag: a NaN or None metric is itself a
+    failure, never an exception or a silently passed comparison.
+    """
+    who = f"{row['model']} ({row['run_id']})"
+    out = []
+    if row.get("n_nonfinite"):
+        out.append(f"{who}: {row['n_nonfinite']} of {row['n_val']} {split} predictions are not finite (NaN or "
+                   "infinite): the model diverged, and ROC-AUC and calibration are left out.")
+    bad_history = [k for k in (run.history[0] if run.history else {})
+                   if any(_nonfinite(h.get(k)) for h in run.history)]
+    if bad_history:
+        out.append(f"{who}: history.csv holds NaN or infinite {', '.join(map(str, bad_history))}: training diverged.")
+    bad_metrics = [k for k in HEADLINE if not np.isfinite(_float(row.get(k)))]
+    if bad_metrics:
+        out.append(f"{who}: {', '.join(bad_metrics)} not finite: the run cannot be compared.")
+    classes = sorted({CLASSES[i] for i in run.y})
+    ba, base = _float(row.get("balanced_accuracy")), _float(row.get("majority_balanced_accuracy"))
+    if len(classes) == 1:
+        # every model equals the baseline here, so the margin test below would blame the model
+        out.append(f"{who}: its {split} split holds only {classes[0]} images: balanced accuracy cannot tell a "
+                   "model from always answering one class.")
+    elif np.isfinite(ba) and np.isfinite(base) and ba - base < 0.05:
+        out.append(f"{who}: balanced accuracy {ba:.3f} is within 0.05 of always answering {row['majority_class']} "
+                   f"({base:.3f}): it has not learned the task.")
+    return out
+
+
 def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split: str) -> str:
     e = html.escape
     cols = ["model", "run_id", "weights", "precision", "image_size", "epochs", "best_epoch", "n_train", "n_val",
             "accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "kappa_qw", "mcc", "ece",
             "majority_accuracy", "majority_balanced_accuracy", "mcnemar_p", "train_images_per_sec"]
     table_rows = []
-    warnings = []
     for row in rows:
         t = dict(row)
         for k in HEADLINE:
             if row.get(f"{k}_lo") is not None:
-                t[k] = f"{row[k]:.3f} [{row[f'{k}_lo']:.3f}, {row[f'{k}_hi']:.3f}]"
+                t[k] = f"{_fmt(row[k])} [{_fmt(row[f'{k}_lo'])}, {_fmt(row[f'{k}_hi'])}]"
         table_rows.append(t)
-        margin = row["balanced_accuracy"] - row["majority_balanced_accuracy"]
-        if margin < 0.05:
-            warnings.append(f"{row['model']} ({row['run_id']}): balanced accuracy {row['balanced_accuracy']:.3f} is "
-                            f"within 0.05 of always answering {row['majority_class']} "
-                            f"({row['majority_balanced_accuracy']:.3f}): it has not learned the task.")
+    warnings = [w for r, row in zip(runs, rows) for w in failures(r, row, split)]
     warn_html = "".join(f'<p class="warn">{e(w)}</p>' for w in warnings)
     sections = [
         ("Headline metrics", "bars", "accuracy, balanced accuracy and macro F1 with 95% bootstrap intervals; "
-                                     "the red line is the majority-class baseline"),
+                                     "the red dashes are each run's majority-class baseline"),
         ("Training curves", "curves", "dashed: training, solid: validation; dotted: the start of fine-tuning"),
         ("Confusion matrices", "confusion", ""),
         ("ROC curves", "roc", "one class against the rest"),

@@ -1,23 +1,187 @@
-"""Run directories: ``runs/<model>/<run-id>/``, created, found and checked (no Keras import).
+"""Run directories: ``runs/<model>/<run-id>/``. :class:`RunDir` owns every run file (no Keras import).
 
-A run directory holds at least ``recipe.json`` and ``split.csv`` from its start;
-a finished run adds ``history.csv``, ``best.keras``, ``predictions.csv``,
-``metrics.json`` and ``env.json``. Two runs never share a directory.
+A run directory holds ``recipe.json`` (the resolved recipe) and ``split.csv`` from its
+start; a finished run adds ``env.json``, ``audit.json``, ``history.csv``,
+``best.keras``, ``predictions.csv`` and ``metrics.json``. Two runs never share a
+directory. Every module that reads or writes a run file goes through :class:`RunDir`,
+so each file has one name, one reader and one writer.
+
+    >>> run = RunDir("runs/vgg16/20261128-101500")
+    >>> run.metrics_path.name
+    'metrics.json'
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from osteo.errors import OsteoError
+from osteo.files import read_json, write_json
 
-RUN_FILES = ("recipe.json", "split.csv")
+if TYPE_CHECKING:
+    from osteo.recipe import Recipe
 
 
-def new_run_dir(runs_dir: str | os.PathLike, model: str) -> Path:
+class RunDir:
+    """One run directory: its files' names, readers and writers."""
+
+    RECIPE = "recipe.json"
+    ENV = "env.json"
+    AUDIT = "audit.json"
+    SPLIT = "split.csv"
+    HISTORY = "history.csv"
+    BEST = "best.keras"
+    PREDICTIONS = "predictions.csv"
+    METRICS = "metrics.json"
+    BACKUP = ".backup"  # BackupAndRestore's state while training; removed when the run ends
+    TENSORBOARD = "tensorboard"
+    REQUIRED = (RECIPE, SPLIT)  # what makes a folder a run directory
+    FINISHED = (PREDICTIONS, METRICS)
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    # ------------------------------------------------------------------ paths
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RunDir) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def model(self) -> str:
+        """The backbone, from the folder layout ``runs/<model>/<run-id>``."""
+        return self.path.parent.name
+
+    recipe_path = property(lambda self: self.path / self.RECIPE)
+    env_path = property(lambda self: self.path / self.ENV)
+    audit_path = property(lambda self: self.path / self.AUDIT)
+    split_path = property(lambda self: self.path / self.SPLIT)
+    history_path = property(lambda self: self.path / self.HISTORY)
+    best_path = property(lambda self: self.path / self.BEST)
+    predictions_path = property(lambda self: self.path / self.PREDICTIONS)
+    metrics_path = property(lambda self: self.path / self.METRICS)
+    backup_path = property(lambda self: self.path / self.BACKUP)
+    tensorboard_path = property(lambda self: self.path / self.TENSORBOARD)
+
+    # ------------------------------------------------------------------ state
+
+    def is_run(self) -> bool:
+        return self.path.is_dir() and all((self.path / f).is_file() for f in self.REQUIRED)
+
+    def is_finished(self) -> bool:
+        return self.is_run() and all((self.path / f).is_file() for f in self.FINISHED)
+
+    def check(self, need: Sequence[str] = ()) -> RunDir:
+        """This run if it is a run directory with the files ``need``, else a one-line error."""
+        if not self.is_run():
+            raise OsteoError(f"{self.path} is not an osteo run directory (no {' and '.join(self.REQUIRED)}); "
+                             "pass a folder under runs/<model>/")
+        missing = [f for f in need if not (self.path / f).is_file()]
+        if missing:
+            raise OsteoError(f"run {self.path} is unfinished (no {', '.join(missing)}); "
+                             f"finish it with: osteo train --resume {self.path}")
+        return self
+
+    def split_id(self) -> str:
+        """A short hash of ``split.csv``: runs with the same id scored the same images."""
+        return hashlib.sha256(self.split_path.read_bytes()).hexdigest()[:12]
+
+    # ------------------------------------------------------------------ JSON files
+
+    def _read(self, path: Path, default: Any = None) -> Any:
+        if default is not None and not path.exists():
+            return default
+        try:
+            return read_json(path)
+        except OSError as e:
+            raise OsteoError(f"cannot read {path}: {e.strerror}; is this a finished run directory?") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise OsteoError(f"{path} is damaged ({type(e).__name__}); re-run the step that writes it "
+                             "(osteo eval, or train again)") from None
+
+    def read_recipe(self) -> Recipe:
+        """The resolved recipe the run was trained with."""
+        from osteo.recipe import recipe_from_dict
+
+        return recipe_from_dict(self.read_recipe_dict())
+
+    def read_recipe_dict(self) -> dict:
+        return self._read(self.recipe_path)
+
+    def write_recipe(self, recipe: Recipe) -> None:
+        write_json(self.recipe_path, recipe.to_dict())
+
+    def read_env(self) -> dict:
+        return self._read(self.env_path, default={})
+
+    def write_env(self, env: dict) -> None:
+        write_json(self.env_path, env)
+
+    def read_audit(self) -> dict:
+        return self._read(self.audit_path, default={})
+
+    def write_audit(self, audit: dict) -> None:
+        write_json(self.audit_path, audit)
+
+    def read_metrics(self) -> dict:
+        return self._read(self.metrics_path, default={})
+
+    def write_metrics(self, metrics: dict) -> None:
+        write_json(self.metrics_path, metrics)
+
+    # ------------------------------------------------------------------ CSV files
+
+    def read_split(self) -> list[dict]:
+        from osteo.data.split import read_split
+
+        return read_split(self.split_path)
+
+    def write_split(self, split: list[dict]) -> None:
+        from osteo.data.split import write_split
+
+        write_split(self.split_path, split)
+
+    def read_history(self) -> list[dict]:
+        import csv
+
+        if not self.history_path.exists():
+            return []
+        with open(self.history_path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+
+    def read_predictions(self, split: str | None = None):
+        """(labels, probabilities, rows) of one split of ``predictions.csv`` (all splits: None)."""
+        from osteo.evaluate import read_predictions
+
+        return read_predictions(self.predictions_path, split)
+
+
+# --------------------------------------------------------------------------- finding runs
+
+
+def new_run_dir(runs_dir: str | os.PathLike, model: str) -> RunDir:
+    """A new, empty run directory ``runs_dir/model/<timestamp>[-N]`` (never an existing one)."""
     base = Path(runs_dir) / model
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     try:
@@ -29,7 +193,7 @@ def new_run_dir(runs_dir: str | os.PathLike, model: str) -> Path:
         path = base / (stamp if i == 1 else f"{stamp}-{i}")
         try:
             path.mkdir()
-            return path
+            return RunDir(path)
         except FileExistsError:
             continue
         except OSError as e:
@@ -38,42 +202,23 @@ def new_run_dir(runs_dir: str | os.PathLike, model: str) -> Path:
     raise OsteoError(f"too many runs started this second under {base}")
 
 
-def is_run_dir(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    return path.is_dir() and all((path / f).is_file() for f in RUN_FILES)
-
-
-def check_run_dir(path: str | os.PathLike, need: Sequence[str] = ()) -> Path:
-    """``path`` if it is a run directory with the files ``need``, else a one-line error."""
-    path = Path(path)
-    if not is_run_dir(path):
-        raise OsteoError(f"{path} is not an osteo run directory (no {' and '.join(RUN_FILES)}); "
-                         "pass a folder under runs/<model>/")
-    missing = [f for f in need if not (path / f).is_file()]
-    if missing:
-        raise OsteoError(f"run {path} is unfinished (no {', '.join(missing)}); "
-                         f"finish it with: osteo train --resume {path}")
-    return path
-
-
 def list_runs(runs_dir: str | os.PathLike = "runs", model: str | None = None,
-              finished: bool = False) -> list[Path]:
+              finished: bool = False) -> list[RunDir]:
     """Run directories under ``runs_dir`` (of ``model``), oldest first."""
     root = Path(runs_dir) / model if model else Path(runs_dir)
     if not root.is_dir():
         return []
-    runs = [p for p in root.glob("*" if model else "*/*") if is_run_dir(p)]
-    if finished:
-        runs = [p for p in runs if (p / "metrics.json").is_file() and (p / "predictions.csv").is_file()]
-    return sorted(runs, key=lambda p: (p.name, p.parent.name))
+    runs = [RunDir(p) for p in root.glob("*" if model else "*/*")]
+    runs = [r for r in runs if (r.is_finished() if finished else r.is_run())]
+    return sorted(runs, key=lambda r: (r.name, r.model))
 
 
-def find_run(spec: str, runs_dir: str | os.PathLike = "runs", model: str | None = None) -> Path:
+def find_run(spec: str, runs_dir: str | os.PathLike = "runs", model: str | None = None) -> RunDir:
     """``latest`` (of ``model``, or of any model) or a path -> a run directory."""
     if spec == "latest":
         runs = list_runs(runs_dir, model)
         if not runs:
             where = Path(runs_dir) / model if model else Path(runs_dir)
             raise OsteoError(f"no run to resume under {where}; start one without --resume")
-        return max(runs, key=lambda p: (p.stat().st_mtime, p.name))
-    return check_run_dir(spec)
+        return max(runs, key=lambda r: (r.path.stat().st_mtime, r.name))
+    return RunDir(spec).check()

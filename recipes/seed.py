@@ -18,5 +18,5 @@ reported; compare balanced accuracy with the baseline in the report.
 from osteo.recipe import Recipe, study_protocol
 
 
-def recipe() -> Recipe:
-    return study_protocol("convnext_tiny")
+def recipe(backbone: str = "convnext_tiny") -> Recipe:
+    return study_protocol(backbone)

@@ -32,3 +32,21 @@ def phantom_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom")
     write_phantom(out, n=120, size=64, seed=3)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe():
+    """Builder of the tests' recipe: the study protocol on a backbone (tiny by default)
+    from scratch, 32 px, batch 16, two epochs, no TensorBoard; ``**train`` sets train.*."""
+
+    def make(data_dir, runs, backbone="tiny", **train):
+        from osteo.recipe import study_protocol
+
+        r = study_protocol(backbone)
+        r.model.weights, r.data.dir, r.data.image_size, r.data.batch_size = "none", str(data_dir), 32, 16
+        r.runs_dir, r.train.epochs, r.train.tensorboard = str(runs), 2, False
+        for k, v in train.items():
+            setattr(r.train, k, v)
+        return r
+
+    return make

@@ -44,8 +44,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(phantom_dir, tmp_path
     assert ref.returncode == 0, ref.stderr[-2000:]
     ref_run = next((tmp_path / "ref" / "tiny").iterdir())
     # the victim: killed with SIGKILL in the middle of epoch 2 or 3
-    proc = subprocess.Popen([sys.executable, "-m", "osteo.cli", *args, "--runs", str(tmp_path / "runs")],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "victim.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "osteo.cli", *args, "--runs", str(tmp_path / "runs")],
+                                cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=out)
     deadline = time.time() + 240
     history = None
     while time.time() < deadline and proc.poll() is None:
@@ -54,7 +56,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(phantom_dir, tmp_path
             history = found[0]
             break
         time.sleep(0.05)
-    assert history is not None, "the run never finished an epoch"
+    assert history is not None, f"the run never finished an epoch: {log.read_text()[-2000:]}"
     time.sleep(0.3)  # into the next epoch
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -104,7 +106,7 @@ def test_split_is_identical_without_deterministic_mode(phantom_dir, tmp_path):
     from osteo.recipe import DataConfig
 
     for name in ("a", "b"):
-        dm = DataModule(DataConfig(dir=str(phantom_dir), image_size=32), image_size=32, seed=5).setup()
+        dm = DataModule(DataConfig(dir=str(phantom_dir), image_size=32), seed=5).setup()
         write_split(tmp_path / f"{name}.csv", dm.split)
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
 
@@ -169,12 +171,12 @@ def test_file_unreadable_after_the_audit_is_skipped_and_counted(tmp_path):
     from osteo.recipe import DataConfig
 
     root = _small_folder(tmp_path / "d", counts=(10, 10, 10))
-    dm = DataModule(DataConfig(dir=str(root), image_size=32), image_size=32)
+    dm = DataModule(DataConfig(dir=str(root), image_size=32))
     dm.setup()
     split = dm.split
     victim = root / split[0]["path"]
     victim.write_bytes(victim.read_bytes()[:40])  # broken after the split was made
-    dm2 = DataModule(DataConfig(dir=str(root), image_size=32), image_size=32).setup(split=split)
+    dm2 = DataModule(DataConfig(dir=str(root), image_size=32)).setup(split=split)
     assert dm2.skipped == [split[0]["path"]]
     assert sum(dm2.count(s) for s in ("train", "val")) == len(split) - 1
 
@@ -234,13 +236,11 @@ def test_models_load_in_safe_mode_and_lambdas_are_refused(tmp_path):
         load_best(tmp_path / "run")
 
 
-def test_nan_loss_stops_with_a_clear_message_and_keeps_the_best(phantom_dir, tmp_path, monkeypatch):
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_best(phantom_dir, tmp_path, monkeypatch, tiny_recipe):
     import keras
 
     from osteo import trainer
     from osteo.errors import OsteoError
-    from osteo.recipe import study_protocol
-
     class NaNFromEpochTwo(trainer.SparseCrossEntropy):
         """The loss turns NaN after the first epoch's 6 steps (84 images, batch 16)."""
 
@@ -254,9 +254,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_best(phantom_dir, tmp
             return keras.ops.where(self.calls > 6, float("nan"), loss)
 
     monkeypatch.setattr(trainer, "SparseCrossEntropy", NaNFromEpochTwo)
-    r = study_protocol("tiny")
-    r.model.weights, r.data.dir, r.data.image_size, r.data.batch_size = "none", str(phantom_dir), 32, 16
-    r.runs_dir, r.train.epochs, r.train.tensorboard = str(tmp_path), 3, False
+    r = tiny_recipe(phantom_dir, tmp_path, epochs=3)
     with pytest.raises(OsteoError, match="not finite") as err:
         trainer.Trainer(r).run()
     assert "best checkpoint kept" in str(err.value)

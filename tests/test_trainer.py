@@ -4,33 +4,22 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import keras
 import numpy as np
 import pytest
 
 from osteo import CLASSES
+from osteo.device import Device
+from osteo.device import plan as device_plan
+from osteo.errors import OsteoError
 from osteo.evaluate import PREDICTION_COLUMNS, read_predictions
-from osteo.recipe import study_protocol
-from osteo.registry import list_backbones
-from osteo.trainer import Trainer, choose_jit, choose_precision
+from osteo.registry import get_backbone, list_backbones
+from osteo.trainer import Trainer
 
 RUN_FILES = {"recipe.json", "env.json", "audit.json", "split.csv", "history.csv", "best.keras",
              "predictions.csv", "metrics.json"}
-
-
-def tiny_recipe(data_dir, runs, backbone="tiny", **train):
-    r = study_protocol(backbone)
-    r.model.weights = "none"
-    r.data.dir = str(data_dir)
-    r.data.image_size = 32
-    r.data.batch_size = 16
-    r.runs_dir = str(runs)
-    r.train.epochs = 2
-    r.train.tensorboard = False
-    for k, v in train.items():
-        setattr(r.train, k, v)
-    return r
 
 
 def _history(run):
@@ -38,7 +27,7 @@ def _history(run):
         return list(csv.DictReader(f))
 
 
-def test_two_phase_run_writes_a_complete_run_directory(phantom_dir, tmp_path):
+def test_two_phase_run_writes_a_complete_run_directory(phantom_dir, tmp_path, tiny_recipe):
     run = Trainer(tiny_recipe(phantom_dir, tmp_path, epochs=2, fine_tune_epochs=1)).run()
     assert run.parent == tmp_path / "tiny"
     assert {p.name for p in run.iterdir()} >= RUN_FILES
@@ -64,7 +53,7 @@ def test_two_phase_run_writes_a_complete_run_directory(phantom_dir, tmp_path):
     assert run2 != run and (run2 / "best.keras").exists()
 
 
-def test_restored_weights_are_the_best_epochs(phantom_dir, tmp_path):
+def test_restored_weights_are_the_best_epochs(phantom_dir, tmp_path, tiny_recipe):
     run = Trainer(tiny_recipe(phantom_dir, tmp_path, epochs=4, lr=3e-3)).run()
     history = _history(run)
     scores = [float(h["val_macro_f1"]) for h in history]
@@ -77,50 +66,80 @@ def test_restored_weights_are_the_best_epochs(phantom_dir, tmp_path):
     from osteo.data.split import read_split
     from osteo.recipe import DataConfig
 
-    dm = DataModule(DataConfig(dir=str(phantom_dir), image_size=32), image_size=32).setup(split=read_split(run / "split.csv"))
+    dm = DataModule(DataConfig(dir=str(phantom_dir), image_size=32)).setup(split=read_split(run / "split.csv"))
     images, labels = dm.eval_arrays("val")
     y, probs, _ = read_predictions(run / "predictions.csv", "val")
     np.testing.assert_array_equal(y, labels)
     np.testing.assert_allclose(model.predict(images, verbose=0), probs, atol=2e-6)
 
 
+CPU = {c: Device(kind="cpu", name="test", cpu_class=c) for c in ("avx512_bf16", "avx2")}
+BOTH = ("tensorflow", "torch")
+
+
 def test_precision_and_jit_choices():
-    cpu = {"backend": "tensorflow", "kind": "cpu", "cpu_bf16": True, "gpu_bf16": False}
-    assert choose_precision("auto", "vgg16", cpu) == "mixed_bfloat16"
-    assert choose_precision("auto", "densenet169", cpu) == "float32"
-    assert choose_precision("auto", "convnext_tiny", cpu) == "float32"  # no gain on TF
-    assert choose_precision("auto", "convnext_tiny", {**cpu, "backend": "torch"}) == "mixed_bfloat16"
-    assert choose_precision("auto", "vgg16", {**cpu, "cpu_bf16": False}) == "float32"
-    gpu = {"backend": "torch", "kind": "gpu", "cpu_bf16": False, "gpu_bf16": True}
-    assert choose_precision("auto", "densenet169", gpu) == "mixed_bfloat16"
-    assert choose_precision("auto", "densenet169", {**gpu, "gpu_bf16": False}) == "mixed_float16"
-    assert choose_precision("float32", "vgg16", gpu) == "float32"
-    assert choose_jit("auto", "convnext_tiny", cpu) is True
-    assert choose_jit("auto", "densenet169", cpu) is False
-    assert choose_jit("auto", "convnext_tiny", gpu) is False  # torch: no torch.compile by default
+    from osteo.device import choose_jit, choose_precision
+
+    intel = CPU["avx512_bf16"]
+    prec = lambda name, dev, backend, req="auto": choose_precision(req, get_backbone(name), dev, backend)[0]
+    assert prec("vgg16", intel, "tensorflow") == "mixed_bfloat16"
+    assert prec("densenet169", intel, "tensorflow") == "float32"
+    assert prec("convnext_tiny", intel, "tensorflow") == "float32"  # no gain on TF
+    assert prec("convnext_tiny", intel, "torch") == "mixed_bfloat16"
+    assert prec("vgg16", CPU["avx2"], "tensorflow") == "float32"  # no bfloat16 instructions
+    gpu = Device(kind="gpu", name="H200", cpu_class="avx2", gpu_bf16=True, gpu_backends=("torch",))
+    assert prec("densenet169", gpu, "torch") == "mixed_bfloat16"
+    assert prec("densenet169", replace(gpu, gpu_bf16=False), "torch") == "mixed_float16"
+    assert prec("vgg16", gpu, "torch", "float32") == "float32"
+    # TensorFlow here cannot see that GPU: the CPU's rules apply to it
+    assert prec("vgg16", gpu, "tensorflow") == "float32"
+    jit = lambda name, dev, backend: choose_jit("auto", get_backbone(name), dev, backend)[0]
+    assert jit("convnext_tiny", intel, "tensorflow") is True
+    assert jit("densenet169", intel, "tensorflow") is False
+    assert jit("convnext_tiny", gpu, "torch") is False  # torch: no torch.compile by default
+    assert jit("vgg16", replace(gpu, gpu_backends=BOTH), "tensorflow") is True  # XLA on a TF GPU
+    with pytest.raises(OsteoError, match="auto, on, off"):
+        choose_jit("sometimes", get_backbone("vgg16"), intel, "tensorflow")
 
 
-def test_backend_auto_follows_the_measurements(monkeypatch):
-    from osteo import speed
+def test_backend_auto_follows_the_measurements_and_never_idles_a_gpu():
+    from osteo.device import choose_backend, cpu_class
 
-    monkeypatch.setattr(speed, "available", lambda backend: True)
-    intel, amd = "avx512_bf16", "avx2"
-    assert speed.cpu_class("fpu avx2 avx512f avx512_bf16") == intel and speed.cpu_class("fpu avx2") == amd
-    assert speed.choose_backend("auto", "convnext_tiny", cpu=intel) == "torch"
-    assert speed.choose_backend("auto", "vgg16", cpu=intel) == "tensorflow"
-    assert speed.choose_backend("auto", "vgg16", cpu=amd) == "torch"
-    assert speed.choose_backend("auto", "densenet169", planned_images=1000, cpu=intel) == "torch"
-    assert speed.choose_backend("auto", "densenet169", planned_images=50_000, cpu=intel) == "tensorflow"
-    assert speed.choose_backend("tensorflow", "convnext_tiny") == "tensorflow"
-    monkeypatch.setattr(speed, "available", lambda backend: backend == "tensorflow")
-    assert speed.choose_backend("auto", "convnext_tiny") == "tensorflow"
+    intel, amd = CPU["avx512_bf16"], CPU["avx2"]
+    assert cpu_class("fpu avx2 avx512f avx512_bf16") == "avx512_bf16" and cpu_class("fpu avx2") == "avx2"
+    pick = lambda name, dev, n=0, avail=BOTH, req="auto": choose_backend(req, get_backbone(name), dev, n, avail)[0]
+    assert pick("convnext_tiny", intel) == "torch"
+    assert pick("vgg16", intel) == "tensorflow"
+    assert pick("vgg16", amd) == "torch"
+    assert pick("densenet169", intel, 1000) == "torch"
+    assert pick("densenet169", intel, 50_000) == "tensorflow"
+    assert pick("convnext_tiny", intel, req="tensorflow") == "tensorflow"
+    assert pick("convnext_tiny", intel, avail=("tensorflow",)) == "tensorflow"  # torch not installed
+    # a GPU: the backend that was built to use it, whatever the CPU tables say
+    gpu = Device(kind="gpu", name="H200", cpu_class="avx512_bf16", gpu_bf16=True, gpu_backends=("torch",))
+    assert pick("vgg16", gpu) == "torch"
+    tf_gpu = replace(gpu, gpu_backends=("tensorflow",))
+    assert pick("convnext_tiny", tf_gpu) == "tensorflow"
+    backend, why = choose_backend("auto", get_backbone("convnext_tiny"), replace(gpu, gpu_backends=()), 0, BOTH)
+    assert backend == "torch" and "no installed backend was built for it" in why  # the CPU table, said so
+    plan = device_plan(get_backbone("vgg16"), gpu, available=BOTH)
+    assert (plan.backend, plan.runs_on, plan.precision) == ("torch", "gpu", "mixed_bfloat16")
+    assert set(plan.to_json()["why"]) == {"backend", "precision", "jit_compile"}
+
+
+def test_env_json_records_each_choice_and_why(phantom_dir, tmp_path, tiny_recipe):
+    run = Trainer(tiny_recipe(phantom_dir, tmp_path, epochs=1, steps_per_epoch=1)).setup().run_dir
+    env = run.read_env()
+    assert env["backend"] == keras.backend.backend()
+    assert env["device"]["runs_on"] in ("cpu", "gpu")
+    assert all(env["device"]["why"][k] for k in ("backend", "precision", "jit_compile"))
 
 
 @pytest.mark.parametrize("backbone", [pytest.param(n, marks=pytest.mark.slow)
                                       if n in ("densenet169", "efficientnetv2_b0", "resnet50", "mobilenetv3_large")
                                       else n
                                       for n in list_backbones()])
-def test_every_registered_backbone_writes_a_run(backbone, phantom_dir, tmp_path):
+def test_every_registered_backbone_writes_a_run(backbone, phantom_dir, tmp_path, tiny_recipe):
     r = tiny_recipe(phantom_dir, tmp_path, backbone=backbone, epochs=1, steps_per_epoch=1)
     run = Trainer(r).run()
     assert {p.name for p in run.iterdir()} >= RUN_FILES
@@ -139,7 +158,7 @@ def test_tiny_model_trains_on_the_pytorch_backend(phantom_dir, tmp_path):
         from osteo.recipe import DataConfig
         model = Classifier("tiny", image_size=32, weights="none", seed=0).build()
         model.compile(keras.optimizers.Adam(1e-3), SparseCrossEntropy(), metrics=default_metrics())
-        dm = DataModule(DataConfig(dir={str(phantom_dir)!r}, image_size=32), image_size=32).setup()
+        dm = DataModule(DataConfig(dir={str(phantom_dir)!r}, image_size=32)).setup()
         before = [np.array(w) for w in model.trainable_weights]
         h = model.fit(dm.train_dataset(16), steps_per_epoch=1, epochs=1, verbose=0)
         after = [np.array(w) for w in model.trainable_weights]
@@ -155,7 +174,7 @@ def test_tiny_model_trains_on_the_pytorch_backend(phantom_dir, tmp_path):
     assert "torch ok torch" in proc.stdout
 
 
-def test_phase_one_on_cached_features_trains_the_full_models_head(phantom_dir, tmp_path):
+def test_phase_one_on_cached_features_trains_the_full_models_head(phantom_dir, tmp_path, tiny_recipe):
     from osteo.data.module import DataModule
     from osteo.data.split import read_split
     from osteo.recipe import AugmentConfig, DataConfig
@@ -173,7 +192,7 @@ def test_phase_one_on_cached_features_trains_the_full_models_head(phantom_dir, t
     # the checkpoint is the whole image model, and it made the predictions
     model = keras.saving.load_model(run / "best.keras", safe_mode=True)
     assert model.input_shape == (None, 32, 32, 1)
-    dm = DataModule(DataConfig(dir=str(phantom_dir), image_size=32), image_size=32).setup(
+    dm = DataModule(DataConfig(dir=str(phantom_dir), image_size=32)).setup(
         split=read_split(run / "split.csv"))
     images, _ = dm.eval_arrays("val")
     _, probs, _ = read_predictions(run / "predictions.csv", "val")

@@ -1,8 +1,11 @@
 """The DataModule: audit -> split -> cache -> datasets, in one object (Lightning's habit).
 
-    dm = DataModule(recipe.data, image_size=224, seed=0).setup()
-    model.fit(dm.train_dataset(16), steps_per_epoch=dm.steps_per_epoch(16),
-              validation_data=dm.eval_dataset("val", 16))
+    dm = DataModule(resolve(recipe).data, seed=0).setup()
+    model.fit(dm.train_dataset(), steps_per_epoch=dm.steps_per_epoch(),
+              validation_data=dm.eval_dataset("val"))
+
+The image size and the batch size are the (resolved) data config's; the batch size
+can be overridden per call (feature extraction, benchmarks).
 
 ``setup`` audits the folder, splits it (or takes a saved ``split.csv`` when
 resuming), and fills the shared image cache. Files that became unreadable after
@@ -27,16 +30,19 @@ import tensorflow as tf
 from osteo import CLASSES
 from osteo.data.pipeline import AUTOTUNE, Entry, ImageCache, make_dataset
 from osteo.data.scan import audit
-from osteo.data.split import check_split, read_groups_csv, split_rows
+from osteo.data.split import check_split, majority_label, read_groups_csv, split_rows
 from osteo.errors import OsteoError
 
 log = logging.getLogger("osteo")
 
 
 class DataModule:
-    def __init__(self, cfg, image_size: int, seed: int = 0, mixup: float = 0.0, cutmix: float = 0.0):
+    def __init__(self, cfg, seed: int = 0, mixup: float = 0.0, cutmix: float = 0.0):
+        if cfg.image_size < 1:
+            raise ValueError("DataModule needs a resolved data config (image_size >= 1): use osteo.recipe.resolve")
         self.cfg = cfg
-        self.image_size = int(image_size)
+        self.image_size = int(cfg.image_size)
+        self.batch_size = int(cfg.batch_size)
         self.seed = int(seed)
         self.mixup, self.cutmix = float(mixup), float(cutmix)
         self.audit = None
@@ -99,8 +105,8 @@ class DataModule:
     def labels(self, name: str) -> np.ndarray:
         return np.array([CLASSES.index(r["label"]) for r in self.rows(name)], dtype=np.int32)
 
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return -(-self.count("train") // batch_size)
+    def steps_per_epoch(self, batch_size: int | None = None) -> int:
+        return -(-self.count("train") // (batch_size or self.batch_size))
 
     def class_weights(self) -> dict[int, float]:
         """``balanced``: n / (k * n_c) from the training split (scikit-learn's formula)."""
@@ -109,18 +115,19 @@ class DataModule:
         return {i: (n / (k * counts[i]) if counts[i] else 0.0) for i in range(k)}
 
     def majority_class(self) -> str:
-        counts = Counter(r["label"] for r in self.rows("train"))
-        return max(CLASSES, key=lambda c: (counts[c], -CLASSES.index(c)))
+        return majority_label(r["label"] for r in self.rows("train"))
 
     # ------------------------------------------------------------------ datasets
 
-    def train_dataset(self, batch_size: int, start_epoch: int = 0, steps_per_epoch: int | None = None) -> tf.data.Dataset:
+    def train_dataset(self, batch_size: int | None = None, start_epoch: int = 0,
+                      steps_per_epoch: int | None = None) -> tf.data.Dataset:
         """Endless training batches, positioned at Keras epoch ``start_epoch`` (for resume).
 
         With ``steps_per_epoch`` other than a full pass, Keras epochs and passes over the
         data differ; the stream is positioned by batches, so a resumed run sees exactly
         the batches an uninterrupted one would have.
         """
+        batch_size = batch_size or self.batch_size
         per_pass = self.steps_per_epoch(batch_size)
         step = start_epoch * (steps_per_epoch or per_pass)
         ds = make_dataset(self._files["train"], self.labels("train"), self.image_size, batch_size,
@@ -131,10 +138,10 @@ class DataModule:
             ds = ds.enumerate(step).map(self._mix, num_parallel_calls=AUTOTUNE)
         return ds
 
-    def eval_dataset(self, name: str, batch_size: int) -> tf.data.Dataset:
+    def eval_dataset(self, name: str, batch_size: int | None = None) -> tf.data.Dataset:
         if not self.count(name):
             raise OsteoError(f"the split has no {name} images")
-        return make_dataset(self._files[name], self.labels(name), self.image_size, batch_size)
+        return make_dataset(self._files[name], self.labels(name), self.image_size, batch_size or self.batch_size)
 
     def eval_arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = zip(*((x.numpy(), y.numpy()) for x, y in self.eval_dataset(name, 256)))

@@ -35,7 +35,8 @@ SPLIT_COLUMNS = ("path", "label", "split", "group")
 CONFLICT_POLICIES = ("exclude", "majority", "keep")
 
 
-def _majority(labels) -> str:
+def majority_label(labels) -> str:
+    """The most common label; a tie goes to the earlier (milder) class. The one tie-break rule."""
     counts = Counter(labels)
     return max(CLASSES, key=lambda c: (counts[c], -CLASSES.index(c)))
 
@@ -90,7 +91,7 @@ def _resolve_conflicts(rows: list[dict], policy: str) -> tuple[list[dict], list[
         return [r for r in rows if r["path"] not in bad], sorted(bad)
     relabel = {}
     for m in conflicted.values():
-        label = _majority(r["label"] for r in m)
+        label = majority_label(r["label"] for r in m)
         relabel.update({r["path"]: label for r in m})
     return [{**r, "label": relabel.get(r["path"], r["label"])} for r in rows], []
 
@@ -121,7 +122,7 @@ def split_rows(
     rng = np.random.default_rng(seed)
     side: dict[str, str] = {}
     for c in CLASSES:
-        keys = sorted(g for g, m in members.items() if _majority(r["label"] for r in m) == c)
+        keys = sorted(g for g, m in members.items() if majority_label(r["label"] for r in m) == c)
         keys = [keys[i] for i in rng.permutation(len(keys))]
         n = sum(len(members[g]) for g in keys)
         if folds:

@@ -1,0 +1,252 @@
+"""What runs where: the device, and the backend, precision and compile choices for it.
+
+Keras-free on purpose (Lightning's accelerator connector plays this part there): the
+Keras backend must be chosen before Keras is imported, so the CLI probes the device
+and plans the run first. Every choice comes with the reason it was made, and the
+Trainer writes both to ``env.json``.
+
+Device classes: ``gpu`` (an NVIDIA GPU that an installed backend was built to use),
+and the two CPU classes this project meets, ``avx512_bf16`` and ``avx2``. The CPU
+decisions are measurements, kept per backbone in :mod:`osteo.registry`.
+
+    >>> from osteo.device import Device, plan
+    >>> from osteo.registry import get_backbone
+    >>> cpu = Device(kind="cpu", name="test", cpu_class="avx2")
+    >>> plan(get_backbone("vgg16"), cpu, backend="auto", available=("tensorflow", "torch")).backend
+    'torch'
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from osteo.errors import OsteoError
+from osteo.registry import BackboneSpec
+
+BACKENDS = ("auto", "tensorflow", "torch")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+JIT_CHOICES = ("auto", "on", "off")
+# On a GPU, the first installed backend in this order that was built to use it.
+GPU_BACKEND_ORDER = ("torch", "tensorflow")
+
+
+@dataclass(frozen=True)
+class Device:
+    """The machine, as far as the choices need it."""
+
+    kind: str  # "cpu" or "gpu"
+    name: str
+    cpu_class: str  # "avx512_bf16" or "avx2"
+    gpu_bf16: bool = False  # compute capability 8.0 or newer
+    gpu_backends: tuple[str, ...] = ()  # installed backends built to use the GPU
+
+    def on(self, backend: str) -> str:
+        """The device kind that ``backend`` will actually run on here."""
+        return "gpu" if self.kind == "gpu" and backend in self.gpu_backends else "cpu"
+
+
+@dataclass
+class Plan:
+    """The choices for one run, and why each was made."""
+
+    backend: str
+    precision: str
+    jit_compile: bool
+    device: Device
+    why: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def runs_on(self) -> str:
+        return self.device.on(self.backend)
+
+    def to_json(self) -> dict:
+        return {"backend": self.backend, "precision": self.precision, "jit_compile": self.jit_compile,
+                "runs_on": self.runs_on, "device": asdict(self.device), "why": dict(self.why)}
+
+
+# --------------------------------------------------------------------------- probing
+
+
+def cpu_class(flags: str | None = None) -> str:
+    """``avx512_bf16`` where the CPU has bfloat16 instructions, else ``avx2``."""
+    if flags is None:
+        try:
+            flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            flags = ""
+    return "avx512_bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "avx2"
+
+
+def _nvidia_gpus() -> list[tuple[str, tuple[int, int]]]:
+    """(name, compute capability) of each NVIDIA GPU, from nvidia-smi; [] without one."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run([smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.splitlines():
+        name, _, cap = line.rpartition(",")
+        m = re.match(r"\s*(\d+)\.(\d+)", cap)
+        if name.strip() and m:
+            gpus.append((name.strip(), (int(m.group(1)), int(m.group(2)))))
+    return gpus
+
+
+def _package_file(package: str, relative: str) -> str:
+    """A file of an installed package, read without importing the package ("" if absent)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return ""
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    for root in spec.submodule_search_locations:
+        path = Path(root) / relative
+        if path.is_file():
+            return path.read_text(encoding="utf-8", errors="replace")
+    return ""
+
+
+def installed_backends() -> tuple[str, ...]:
+    return tuple(b for b in BACKENDS[1:] if importlib.util.find_spec(b) is not None)
+
+
+def gpu_builds() -> tuple[str, ...]:
+    """Installed backends built with CUDA (read from their version files, not imported)."""
+    out = []
+    if re.search(r"^cuda\b.*=\s*['\"]\d", _package_file("torch", "version.py"), re.M):
+        out.append("torch")
+    if re.search(r"['\"]is_cuda_build['\"]\s*:\s*True", _package_file("tensorflow", "python/platform/build_info.py")):
+        out.append("tensorflow")
+    return tuple(out)
+
+
+def probe() -> Device:
+    """This machine: its GPU (if an NVIDIA one is visible), and its CPU class."""
+    gpus = _nvidia_gpus()
+    cpu = cpu_class()
+    if gpus:
+        name, cap = gpus[0]
+        return Device(kind="gpu", name=name, cpu_class=cpu, gpu_bf16=cap >= (8, 0), gpu_backends=gpu_builds())
+    return Device(kind="cpu", name=platform.processor() or platform.machine(), cpu_class=cpu)
+
+
+# --------------------------------------------------------------------------- choices
+
+
+def choose_backend(requested: str, spec: BackboneSpec, device: Device, planned_images: int = 0,
+                   available: tuple[str, ...] | None = None) -> tuple[str, str]:
+    """(backend, why). ``auto``: a backend that sees the GPU, else the measured-faster one on this CPU."""
+    if requested not in BACKENDS:
+        raise OsteoError(f"unknown backend {requested!r}; choose one of: {', '.join(BACKENDS)}")
+    if requested != "auto":
+        return requested, "requested"
+    available = installed_backends() if available is None else available
+    if not available:
+        raise OsteoError("neither TensorFlow nor PyTorch is installed; run `make install`")
+    if device.kind == "gpu":
+        for b in GPU_BACKEND_ORDER:
+            if b in available and b in device.gpu_backends:
+                return b, f"GPU {device.name}: {b} is installed with CUDA support"
+        note = (f"GPU {device.name} found, but no installed backend was built for it "
+                "(install torch with CUDA, or tensorflow[and-cuda]); ")
+    else:
+        note = ""
+    d = spec.cpu_decision(device.cpu_class)
+    best, why = d.backend, f"measured fastest for {spec.name} on {device.cpu_class} CPUs"
+    if d.short_run_backend and planned_images and planned_images < d.short_run_images:
+        best = d.short_run_backend
+        why = (f"{planned_images} training images < {d.short_run_images}: {best} starts faster for "
+               f"{spec.name} on {device.cpu_class} CPUs")
+    if best not in available:
+        fallback = next(b for b in ("tensorflow", "torch") if b in available)
+        return fallback, f"{note}{best} is not installed ({why}); using {fallback}"
+    return best, note + why
+
+
+def choose_precision(requested: str, spec: BackboneSpec, device: Device, backend: str) -> tuple[str, str]:
+    """(policy, why). ``auto``: mixed precision where it pays, never where it hurts.
+
+    GPU: bfloat16 where the card has it (compute capability 8.0+), else float16. CPU:
+    bfloat16 only where the CPU has bfloat16 instructions *and* this backbone was
+    measured faster with it on this backend; float16 on CPU made every model slower.
+    """
+    if requested not in PRECISIONS:
+        raise OsteoError(f"unknown precision {requested!r}; choose one of: {', '.join(PRECISIONS)}")
+    if requested != "auto":
+        return requested, "requested"
+    if device.on(backend) == "gpu":
+        if device.gpu_bf16:
+            return "mixed_bfloat16", "GPU with bfloat16 (compute capability 8.0+)"
+        return "mixed_float16", "GPU without bfloat16"
+    if device.cpu_class != "avx512_bf16":
+        return "float32", "CPU without bfloat16 instructions"
+    if backend in spec.cpu_decision(device.cpu_class).bf16:
+        return "mixed_bfloat16", f"bfloat16 measured faster for {spec.name} on {backend} here"
+    return "float32", f"bfloat16 not measured faster for {spec.name} on {backend} here"
+
+
+def choose_jit(requested: str, spec: BackboneSpec, device: Device, backend: str) -> tuple[bool, str]:
+    """(on, why). ``auto``: XLA on TensorFlow GPUs, and on CPUs only where it was measured faster."""
+    requested = str(requested).lower()
+    if requested not in JIT_CHOICES:
+        raise OsteoError(f"unknown jit_compile {requested!r}; choose one of: {', '.join(JIT_CHOICES)}")
+    if requested != "auto":
+        return requested == "on", "requested"
+    if backend != "tensorflow":
+        return False, f"no compilation by default on {backend}"
+    if device.on(backend) == "gpu":
+        return True, "XLA on a TensorFlow GPU"
+    if spec.cpu_decision(device.cpu_class).xla:
+        return True, f"XLA measured faster for {spec.name} on {device.cpu_class} CPUs"
+    return False, f"XLA not measured faster for {spec.name} on {device.cpu_class} CPUs"
+
+
+def plan(spec: BackboneSpec, device: Device, *, backend: str = "auto", precision: str = "auto",
+         jit_compile: str = "auto", planned_images: int = 0, available: tuple[str, ...] | None = None) -> Plan:
+    """Every device choice of one run, each with its reason."""
+    b, why_b = choose_backend(backend, spec, device, planned_images, available)
+    p, why_p = choose_precision(precision, spec, device, b)
+    j, why_j = choose_jit(jit_compile, spec, device, b)
+    return Plan(b, p, j, device, {"backend": why_b, "precision": why_p, "jit_compile": why_j})
+
+
+def planned_images(recipe) -> int:
+    """Training images the run will see (files x train fraction x epochs), counted cheaply."""
+    from osteo.data.scan import IMAGE_EXTENSIONS
+
+    d = recipe.data
+    if os.path.isdir(d.dir):
+        n = sum(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for _, _, files in os.walk(d.dir) for f in files)
+    else:
+        n = d.phantom_n
+    return int(n * (1 - d.val - d.test) * (recipe.train.epochs + recipe.train.fine_tune_epochs))
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and the backend; with ``deterministic``, its deterministic ops too."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    if not deterministic:
+        return
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    elif backend == "torch":
+        import torch
+
+        torch.use_deterministic_algorithms(True, warn_only=True)

@@ -1,0 +1,221 @@
+"""The spine: one resolve(), a Keras-free registry and device plan, recipes in the package, quiet errors."""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from osteo.errors import OsteoError
+from osteo.recipe import Recipe, apply_overrides, load_recipe, recipe_for, resolve
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _python(code: str, env_extra=None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, **kw)
+
+
+# --------------------------------------------------------------------------- resolve
+
+
+def test_resolve_fills_the_backbones_defaults_once_and_is_idempotent():
+    r = resolve(recipe_for("densenet169"))
+    assert (r.data.image_size, r.model.preprocessing) == (224, "torch")
+    assert resolve(r).to_dict() == r.to_dict()
+    small = recipe_for("vgg16")
+    small.data.image_size = 48
+    assert resolve(small).data.image_size == 48
+    assert recipe_for("vgg16").data.image_size == 0  # resolve() returned a copy
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.optimizer=sgd", "train.optimizer must be one of: adam, adamw; got 'sgd'"),
+    ("train.schedule=step", "train.schedule must be one of: constant, cosine"),
+    ("train.class_weight=inverse", "train.class_weight must be one of: none, balanced"),
+    ("train.feature_cache=maybe", "train.feature_cache must be one of: auto, on, off"),
+    ("train.monitor=val_auc", "train.monitor must be one of"),
+    ("train.precision=float8", "train.precision must be one of"),
+    ("data.resize=crop", "data.resize must be one of: pad, stretch"),
+])
+def test_every_enumerated_choice_is_checked_where_it_is_set(override, message):
+    with pytest.raises(OsteoError, match=re.escape(message)):
+        apply_overrides(Recipe(), [override])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("train.optimizer", "sgd", "train.optimizer must be one of"),  # set by a recipe file, not --set
+    ("data.batch_size", 0, "data.batch_size must be at least 1"),
+    ("train.seed", -1, "train.seed must be from 0"),
+    ("data.image_size", 100_000, "data.image_size must be from 1 to 2048"),
+    ("train.lr", 0.0, "train.lr must be more than 0"),
+    ("train.epochs", 2.5, "train.epochs expects int"),
+    ("data.val", 1.0, "data.val must be between 0 and 1"),
+    ("model.augment.zoom", -0.1, "model.augment.zoom must be 0 or more"),
+])
+def test_resolve_refuses_bad_values_from_any_source(field, value, message):
+    r = Recipe()
+    section, name = field.rsplit(".", 1)
+    obj = r
+    for part in section.split("."):
+        obj = getattr(obj, part)
+    setattr(obj, name, value)
+    with pytest.raises(OsteoError, match=re.escape(message)):
+        resolve(r)
+
+
+def test_bad_choices_fail_before_a_run_directory_exists(tmp_path, phantom_dir):
+    from osteo.cli import main
+
+    for bad in ("train.optimizer=sgd", "train.schedule=step", "train.class_weight=x", "train.feature_cache=x"):
+        rc = main(["train", "seed", "--model", "tiny", "--weights", "none", "--data", str(phantom_dir),
+                   "--runs", str(tmp_path / "runs"), "--set", bad])
+        assert rc == 2, bad
+    for bad in (["--epochs", "0"], ["--batch", "0"], ["--batch", "-5"], ["--seed", "-1"], ["--image-size", "100000"]):
+        rc = main(["train", "seed", "--model", "tiny", "--weights", "none", "--data", str(phantom_dir),
+                   "--runs", str(tmp_path / "runs"), *bad])
+        assert rc == 2, bad
+    assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def test_one_finetune_recipe_serves_every_backbone_and_seed_honours_model():
+    from osteo.recipe import list_recipes
+    from osteo.registry import list_backbones
+
+    assert {"finetune", "seed", "demo"} <= set(list_recipes())
+    for name in list_backbones():
+        r = recipe_for(name)  # `make train MODEL=name`
+        assert (r.name, r.model.backbone) == (f"finetune-{name}", name)
+        assert r.train.fine_tune_epochs > 0
+    seed = recipe_for("seed", "vgg16")  # make train RECIPE=seed MODEL=vgg16
+    assert (seed.name, seed.model.backbone) == ("seed-vgg16", "vgg16")
+    assert load_recipe("demo", backbone="densenet169").model.backbone == "densenet169"
+    with pytest.raises(OsteoError, match="unknown recipe 'nosuch'; choose one of: demo, finetune, seed"):
+        recipe_for("nosuch")
+
+
+def test_recipes_ship_inside_the_installed_package(tmp_path):
+    """A non-editable install finds the recipes: the wheel carries them as osteo.recipes."""
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    if out.returncode != 0 and "No module named" in out.stderr:
+        pytest.skip(f"cannot build a wheel here: {out.stderr.strip().splitlines()[-1]}")
+    assert out.returncode == 0, out.stderr[-1500:]
+    import zipfile
+
+    names = zipfile.ZipFile(next(tmp_path.glob("osteo-*.whl"))).namelist()
+    assert {"osteo/recipes/finetune.py", "osteo/recipes/seed.py", "osteo/recipes/demo.py"} <= set(names)
+    assert not any(n.startswith("recipes/") for n in names)
+
+
+# --------------------------------------------------------------------------- Keras-free
+
+
+def test_registry_device_plan_and_recipe_errors_never_import_keras_or_tensorflow(tmp_path):
+    code = """
+import sys
+from osteo.cli import main
+from osteo.registry import get_backbone, list_backbones
+from osteo import device
+assert len(list_backbones()) >= 7
+spec = get_backbone("convnext_tiny")
+p = device.plan(spec, device.probe(), available=("tensorflow", "torch"))
+assert p.backend in ("tensorflow", "torch") and p.why["backend"]
+assert main(["train", "nosuchrecipe"]) == 2
+assert main(["train", "vgg16", "--set", "train.optimizer=sgd"]) == 2
+loaded = [m for m in ("keras", "tensorflow", "torch") if m in sys.modules]
+print("LOADED", loaded)
+"""
+    proc = _python(code, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LOADED []" in proc.stdout
+    assert "unknown recipe 'nosuchrecipe'" in proc.stderr
+
+
+# --------------------------------------------------------------------------- quiet errors
+
+
+def test_an_error_after_tensorflow_loaded_is_one_line_even_on_the_noisy_path(tmp_path, phantom_dir):
+    """TF_ENABLE_ONEDNN_OPTS=1 makes TensorFlow print its oneDNN notice at import on any x86 CPU;
+    with OSTEO_TF_LOGS=1 the notice is shown (the path is noisy), without it the error is alone."""
+    import h5py
+
+    wrong = tmp_path / "wrong.weights.h5"
+    with h5py.File(wrong, "w") as f:
+        f.create_dataset("junk", data=np.zeros(3))
+    argv = [sys.executable, "-m", "osteo.cli", "train", "seed", "--model", "tiny", "--weights", str(wrong),
+            "--image-size", "32", "--data", str(phantom_dir), "--runs", str(tmp_path / "runs")]
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env.update(KERAS_BACKEND="tensorflow", TF_ENABLE_ONEDNN_OPTS="1", OSTEO_CACHE=str(tmp_path / "cache"))
+    noisy = subprocess.run(argv, capture_output=True, text=True, env={**env, "OSTEO_TF_LOGS": "1"}, timeout=300)
+    assert noisy.returncode == 2
+    assert "oneDNN" in noisy.stderr and len(noisy.stderr.strip().splitlines()) > 1
+    quiet = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    lines = quiet.stderr.strip().splitlines()
+    assert quiet.returncode == 2 and len(lines) == 1, quiet.stderr
+    assert lines[0].startswith("osteo: error: weights file") and "does not match" in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_filter_keeps_real_messages_and_the_user_can_ask_for_tensorflows_logs():
+    code = """
+import os, sys
+from osteo import _quiet
+with _quiet.filtered_stderr():
+    os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n")
+    os.write(2, b"I0000 00:00:1795851492.385031    3379 port.cc:153] oneDNN custom operations are on.\\n")
+    os.write(2, b"a real problem\\n")
+print("wanted" if _quiet.wanted() else "quiet")
+"""
+    proc = _python(code)
+    assert proc.stderr.strip().splitlines() == ["a real problem"]
+    assert proc.stdout.strip() == "quiet"
+    assert _python(code, {"TF_CPP_MIN_LOG_LEVEL": "0"}).stdout.strip() == "wanted"
+    assert _python(code, {"OSTEO_TF_LOGS": "1"}).stdout.strip() == "wanted"
+    assert _python(code, {"TF_CPP_MIN_LOG_LEVEL": "2"}).stdout.strip() == "quiet"
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def test_make_bench_passes_arguments_models_py_accepts():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import models
+    finally:
+        sys.path.pop(0)
+    for extra in ([], ["BENCH=full"]):
+        dry = subprocess.run(["make", "-n", "bench", *extra], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+        line = next(ln for ln in dry.stdout.splitlines() if "benchmarks/models.py" in ln)
+        argv = shlex.split(line)
+        args = models.build_parser().parse_args(argv[argv.index("benchmarks/models.py") + 1 :])
+        assert args.sizes == ("224,64" if extra else "64")
+        assert args.full == bool(extra)
+
+
+def test_a_failed_reporting_step_keeps_the_measurement():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import models
+    finally:
+        sys.path.pop(0)
+    out = {"train_img_s": 41.8}
+
+    def mfu():
+        raise ValueError("object __array__ method not producing an array")
+
+    models._keep_going(out, mfu)
+    assert out["train_img_s"] == 41.8 and "ValueError" in out["errors"]["mfu"]
+    # and the step that failed on bfloat16 CPUs now reads bfloat16 back
+    assert models._peak_matmul("tensorflow", "bfloat16", n=64) > 0
+    json.dumps(out)
