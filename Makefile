@@ -75,6 +75,8 @@ demo: install
 	$(OSTEO) report --runs $(DEMO_RUNS) --out $(DEMO_OUT) || exit 1; \
 	echo "== demo: done in $$(( $$(date +%s) - start ))s; open $(CURDIR)/$(DEMO_OUT)/index.html"
 
+# A comma inside $(if ...) would split its arguments: BENCH=full's sizes use this.
+COMMA := ,
 # Speed: the input pipeline and the models, osteo beside timm (BENCH=full: the long run).
 # timm and its torch/torchvision pair live in .venv-bench (about 5.5 GB; see README).
 BENCH_VENV := .venv-bench
@@ -86,4 +88,4 @@ $(BENCH_VENV)/.installed: pyproject.toml
 
 bench: install $(BENCH_VENV)/.installed
 	$(PY) benchmarks/input_pipeline.py $(if $(filter full,$(BENCH)),,--n 1000 --large-n 100)
-	$(PY) benchmarks/models.py --timm $(BENCH_VENV)/bin/python $(if $(filter full,$(BENCH)),--full --sizes 224,64,--sizes 64)
+	$(PY) benchmarks/models.py --timm $(BENCH_VENV)/bin/python $(if $(filter full,$(BENCH)),--full --sizes 224$(COMMA)64,--sizes 64)

@@ -40,24 +40,23 @@ STUDY = ("vgg16", "vgg19", "densenet169", "convnext_tiny")
 # Forward GFLOPs per image at 224 px without the ImageNet classifier (2 x multiply-adds).
 GFLOPS_224 = {"vgg16": 30.7, "vgg19": 39.0, "densenet169": 6.7, "convnext_tiny": 8.9, "resnet50": 8.2,
               "efficientnetv2_b0": 1.4, "mobilenetv3_large": 0.44}
-TIMM_NAMES = {"vgg16": "vgg16", "vgg19": "vgg19", "densenet169": "densenet169", "convnext_tiny": "convnext_tiny"}
 
 
 # --------------------------------------------------------------------------- children
 
 
-def _peak_matmul(backend: str, dtype: str) -> float:
-    """FLOP/s of a 2048^3 matrix multiply, the best of a few."""
+def _peak_matmul(backend: str, dtype: str, n: int = 2048) -> float:
+    """FLOP/s of an n^3 matrix multiply, the best of a few."""
     import keras
 
-    n = 2048
     a = keras.random.normal((n, n), dtype=dtype)
     b = keras.random.normal((n, n), dtype=dtype)
     best = float("inf")
     for _ in range(4):
         t = time.perf_counter()
         c = keras.ops.matmul(a, b)
-        float(keras.ops.convert_to_numpy(c[0, 0]))
+        # NumPy has no bfloat16: read the result back as float32 (it also waits for the device)
+        float(keras.ops.convert_to_numpy(keras.ops.cast(c[0, 0], "float32")))
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
@@ -73,11 +72,13 @@ def child_keras(cfg: dict) -> dict:
 
     name, size, bs, steps = cfg["model"], cfg["size"], cfg["batch"], cfg["steps"]
     if "auto" in (cfg["precision"], cfg["jit"]):  # what `osteo train` would choose here
-        from osteo.trainer import choose_jit, choose_precision, detect_device
+        from osteo import device
+        from osteo.registry import get_backbone
 
-        device = detect_device()
-        cfg["precision"] = choose_precision(cfg["precision"], name, device)
-        cfg["jit"] = choose_jit(str(cfg["jit"]), name, device)
+        jit = cfg["jit"] if isinstance(cfg["jit"], str) else ("on" if cfg["jit"] else "off")
+        plan = device.plan(get_backbone(name), device.probe(), backend=keras.backend.backend(),
+                           precision=cfg["precision"], jit_compile=jit)
+        cfg["precision"], cfg["jit"] = plan.precision, plan.jit_compile
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_dtype_policy(cfg["precision"])
     clf = Classifier(name, image_size=size, weights="none", freeze_bn=False,
@@ -110,20 +111,37 @@ def child_keras(cfg: dict) -> dict:
 
     first, rate = timed_fit(x, y=y, batch_size=bs, shuffle=False)
     out.update(first_step_s=round(first, 2), train_img_s=round(rate, 2))
-    if cfg.get("pipeline"):
+    # the training rate is measured: a later step that fails is recorded beside it, never loses it
+
+    def pipeline():
         out["pipeline_train_img_s"] = round(_pipeline_rate(cfg, x, y, timed_fit), 2)
         out["pipeline_efficiency"] = round(out["pipeline_train_img_s"] / rate, 3)
-    model.predict(x[: bs * 2], batch_size=bs, verbose=0)
-    t = time.perf_counter()
-    model.predict(x, batch_size=bs, verbose=0)
-    out["infer_img_s"] = round(n / (time.perf_counter() - t), 2)
-    flops = GFLOPS_224.get(name, 0) * 1e9 * (size / 224) ** 2 * 3
-    dtype = "bfloat16" if cfg["precision"] == "mixed_bfloat16" else "float16" if cfg["precision"] == "mixed_float16" else "float32"
-    peak = _peak_matmul(keras.backend.backend(), dtype)
-    out.update(peak_matmul_gflops=round(peak / 1e9, 1), achieved_gflops=round(flops * rate / 1e9, 1),
-               mfu=round(flops * rate / peak, 3) if peak else None,
-               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+
+    def inference():
+        model.predict(x[: bs * 2], batch_size=bs, verbose=0)
+        t = time.perf_counter()
+        model.predict(x, batch_size=bs, verbose=0)
+        out["infer_img_s"] = round(n / (time.perf_counter() - t), 2)
+
+    def mfu():
+        flops = GFLOPS_224.get(name, 0) * 1e9 * (size / 224) ** 2 * 3
+        dtype = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(cfg["precision"], "float32")
+        peak = _peak_matmul(keras.backend.backend(), dtype)
+        out.update(peak_matmul_gflops=round(peak / 1e9, 1), achieved_gflops=round(flops * rate / 1e9, 1),
+                   mfu=round(flops * rate / peak, 3) if peak else None)
+
+    for step in ((pipeline,) if cfg.get("pipeline") else ()) + (inference, mfu):
+        _keep_going(out, step)
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return out
+
+
+def _keep_going(out: dict, step) -> None:
+    """Run one reporting step; its failure goes into ``out["errors"]`` beside the measurements."""
+    try:
+        step()
+    except Exception as e:
+        out.setdefault("errors", {})[step.__name__] = f"{type(e).__name__}: {str(e)[:160]}"
 
 
 def _pipeline_rate(cfg, x, y, timed_fit):
@@ -154,14 +172,16 @@ def child_timm(cfg: dict) -> dict:
     import timm
     import torch
 
+    from osteo.registry import get_backbone
+
     name, size, bs, steps = cfg["model"], cfg["size"], cfg["batch"], cfg["steps"]
     torch.manual_seed(0)
     if name.startswith("vgg"):
-        base = timm.create_model(TIMM_NAMES[name], pretrained=False)
+        base = timm.create_model(get_backbone(name).timm_name, pretrained=False)
         model = torch.nn.Sequential(base.features, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                                     torch.nn.Linear(512, 3))
     else:
-        base = timm.create_model(TIMM_NAMES[name], pretrained=False, num_classes=0)
+        base = timm.create_model(get_backbone(name).timm_name, pretrained=False, num_classes=0)
         model = torch.nn.Sequential(base, torch.nn.Linear(base.num_features, 3))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(dev)
@@ -241,7 +261,7 @@ def run_child(kind: str, cfg: dict, python: str, timeout: int) -> dict:
     return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(STUDY))
     p.add_argument("--sizes", default="224,48")
@@ -254,7 +274,11 @@ def main() -> int:
     p.add_argument("--compare-tf", action="store_true", help="also TensorFlow float32 where auto picks PyTorch")
     p.add_argument("--timeout", type=int, default=300)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
 
     from rich.console import Console
     from rich.table import Table
@@ -274,9 +298,11 @@ def main() -> int:
                 configs = [(b, pr, j) for b in backends for pr in ("float32", "mixed_bfloat16", "mixed_float16")
                            for j in ((False, True) if b == "tensorflow" else (False,))]
             else:  # what `osteo train` picks by default here, and float32 on TensorFlow beside it
-                from osteo import speed
+                from osteo import device
+                from osteo.registry import get_backbone
 
-                configs = [(speed.choose_backend("auto", model, 1000), "auto", "auto")]
+                backend, _ = device.choose_backend("auto", get_backbone(model), device.probe(), 1000)
+                configs = [(backend, "auto", "auto")]
                 if args.compare_tf and configs[0][0] != "tensorflow" and "tensorflow" in backends:
                     configs.append(("tensorflow", "float32", False))
             for backend, precision, jit in configs:
@@ -320,7 +346,8 @@ def main() -> int:
 
 
 def _say(console, row: dict) -> None:
-    keys = ("train_img_s", "pipeline_efficiency", "infer_img_s", "first_step_s", "mfu", "peak_rss_mb", "error")
+    keys = ("train_img_s", "pipeline_efficiency", "infer_img_s", "first_step_s", "mfu", "peak_rss_mb", "error",
+            "errors")
     console.print("   " + ", ".join(f"{k} {row[k]}" for k in keys if k in row), highlight=False)
 
 
@@ -343,7 +370,7 @@ def _importable(module: str) -> bool:
 
 
 def _cpu_bf16() -> bool:
-    from osteo.speed import cpu_class
+    from osteo.device import cpu_class
 
     return cpu_class() == "avx512_bf16"
 
