@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from osteo import CLASSES
 from osteo.data.phantom import make_image
 from osteo.data.scan import MANIFEST_COLUMNS, audit, write_audit
 from osteo.errors import OsteoError
@@ -72,6 +73,54 @@ def test_distinct_knees_are_not_near_duplicates(tmp_path):
     for i in range(60):
         _png(tmp_path / "normal" / f"{i}.png", make_image("normal", size=128, seed=2, index=i))
     assert audit(tmp_path).duplicate_groups == []
+
+
+# The closest distinct knees of the default phantom (``osteo data phantom``, seed 0):
+# at 256 px, the ten pairs a 64 px detail check grouped (two across classes); at
+# 512 px, the pairs scoring highest on the detail check now, and those it grouped then.
+HARDEST_DISTINCT = {
+    256: [("normal", 69, "normal", 337), ("normal", 313, "normal", 619), ("normal", 322, "normal", 504),
+          ("normal", 373, "normal", 738), ("normal", 439, "normal", 747), ("normal", 533, "osteopenia", 81),
+          ("normal", 535, "normal", 710), ("normal", 556, "normal", 605), ("normal", 571, "normal", 665),
+          ("normal", 671, "osteopenia", 10)],
+    512: [("normal", 535, "normal", 710), ("osteoporosis", 436, "osteoporosis", 783), ("normal", 2, "normal", 609),
+          ("normal", 416, "osteopenia", 250), ("normal", 97, "normal", 739), ("normal", 733, "normal", 734)],
+}
+
+
+@pytest.mark.parametrize("size", [256, 512])
+def test_near_duplicates_at_full_resolution(tmp_path, size):
+    """Lookalike knees stay apart, and re-encoded or resized copies are still found."""
+    root = tmp_path / "data"
+    for pair in HARDEST_DISTINCT[size]:
+        for label, index in (pair[:2], pair[2:]):
+            img = make_image(label, size=size, seed=0, index=index)  # stored as write_phantom does
+            _png(root / label / f"{label}_{index:04d}.png", np.round(img * 255) / 255)
+    expected = set()
+    for k, (label, index, *_) in enumerate(HARDEST_DISTINCT[size][:3]):
+        src_path = f"{label}/{label}_{index:04d}.png"
+        other = CLASSES[(CLASSES.index(label) + 1) % len(CLASSES)]
+        src = Image.open(root / src_path)
+        src.save(root / label / f"copy{k}_q70.jpg", quality=70)
+        src.resize((round(size * 0.78),) * 2, Image.Resampling.BILINEAR).save(
+            root / other / f"copy{k}_small.jpg", quality=85)
+        src.resize((round(size * 0.7),) * 2, Image.Resampling.LANCZOS).save(root / label / f"copy{k}_small.png")
+        expected.add(frozenset({src_path, f"{label}/copy{k}_q70.jpg", f"{other}/copy{k}_small.jpg",
+                                f"{label}/copy{k}_small.png"}))
+    groups = audit(root).duplicate_groups
+    assert {frozenset(g["paths"]) for g in groups} == expected
+    assert all(g["kind"] == "near" and g["conflict"] for g in groups)
+
+
+def test_copies_with_flat_borders_are_found(tmp_path):
+    """Tiles flat in both images (a collimated X-ray's black border) agree."""
+    for i in range(3):
+        img = np.pad(make_image("normal", size=96, seed=3, index=i), 80)  # 256 px, 3/4 of it flat
+        _png(tmp_path / "normal" / f"{i}.png", img)
+    (tmp_path / "osteopenia").mkdir()
+    Image.open(tmp_path / "normal" / "0.png").save(tmp_path / "osteopenia" / "0.jpg", quality=85)
+    groups = audit(tmp_path).duplicate_groups
+    assert [g["paths"] for g in groups] == [["normal/0.png", "osteopenia/0.jpg"]]
 
 
 def test_manifest_and_audit_json_contract(messy, tmp_path):
