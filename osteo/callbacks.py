@@ -1,4 +1,4 @@
-"""Callbacks, one job each: best checkpoint, CSV history, non-finite loss, progress.
+"""Callbacks, one job each: best checkpoint, CSV history, non-finite loss, progress, resumable state.
 
 Each one checks its preconditions when training begins and writes its files
 atomically (temporary file, then rename), so a killed run leaves complete files.
@@ -7,7 +7,10 @@ atomically (temporary file, then rename), so a killed run leaves complete files.
 from __future__ import annotations
 
 import io
+import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import keras
 import numpy as np
 
 from osteo.files import atomic_path, write_bytes, write_csv
+from osteo.runs import STATE_FILE
 
 HISTORY_METRICS = ("loss", "accuracy", "balanced_accuracy", "macro_f1")
 
@@ -62,7 +66,7 @@ class BestCheckpoint(keras.callbacks.Callback):
             model = self.target or self.model
             optimizer = getattr(model, "optimizer", None)
             try:
-                # the best model, not the training state (that is BackupAndRestore's):
+                # the best model, not the training state (that is TrainingState's):
                 # without Adam's two moments the file is a third of the size
                 if optimizer is not None:
                     model.optimizer = None
@@ -182,19 +186,40 @@ class RichProgress(keras.callbacks.Callback):
                            f"({time.perf_counter() - self._t0:.1f}s)", highlight=False)
 
 
-class SeedState(keras.callbacks.Callback):
-    """Save and restore the random state of every layer (augmentation, dropout).
+class TrainingState(keras.callbacks.Callback):
+    """Crash-safe resume: weights, optimizer and every layer's random state, per epoch.
 
-    ``BackupAndRestore`` restores weights and optimizer but not the seed generators'
-    states, so a resumed run would draw other augmentations and dropout masks than
-    an uninterrupted one. This callback keeps them beside the backup, tagged with the
-    epoch they belong to, and restores them only when that epoch is the one resumed.
+    Keras' ``BackupAndRestore`` writes ``latest.weights.h5`` in place, so a kill during
+    the write left a truncated file that every later resume failed on; and it keeps no
+    seed-generator states, so a resumed run would draw other augmentations and
+    dropout masks than an uninterrupted one. Here each epoch's state goes into the slot
+    (``a`` or ``b``) that ``state.json`` does not point to, complete and synced, and
+    only then is ``state.json`` replaced (atomically) to point at it. A kill at any
+    moment leaves ``state.json`` naming a complete slot, or no ``state.json`` at all.
     """
 
-    def __init__(self, path: str | Path, resume_epoch: int):
+    STATE = STATE_FILE
+
+    def __init__(self, backup_dir: str | Path):
         super().__init__()
-        self.path = Path(path)
-        self.resume_epoch = resume_epoch
+        self.dir = Path(backup_dir)
+
+    @classmethod
+    def saved(cls, backup_dir: str | Path) -> dict | None:
+        """The committed state (``{"epoch": next epoch to run, "slot": ...}``), or None."""
+        path = Path(backup_dir) / cls.STATE
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(state, dict) and isinstance(state.get("epoch"), int) and state.get("slot") in ("a", "b"):
+                return state
+        except (OSError, ValueError):
+            pass
+        return None
+
+    @classmethod
+    def resume_epoch(cls, backup_dir: str | Path, default: int) -> int:
+        state = cls.saved(backup_dir)
+        return state["epoch"] if state else default
 
     def _generators(self) -> list:
         seen, out = set(), []
@@ -206,17 +231,36 @@ class SeedState(keras.callbacks.Callback):
         return out
 
     def on_train_begin(self, logs=None):
-        if not self.path.exists():
+        state = self.saved(self.dir)
+        if state is None:
             return
-        with np.load(self.path, allow_pickle=False) as data:
+        slot = self.dir / state["slot"]
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)  # its variables must exist to load
+        self.model.load_weights(slot / "weights.weights.h5")
+        with np.load(slot / "seeds.npz", allow_pickle=False) as data:
             generators = self._generators()
-            if int(data["epoch"]) != self.resume_epoch or len(data.files) - 1 != len(generators):
-                return
+            if len(data.files) != len(generators):
+                raise ValueError(f"{slot} holds {len(data.files)} random states, the model has {len(generators)}")
             for i, sg in enumerate(generators):
                 sg.state.assign(data[f"s{i}"])
+        self.model._initial_epoch = state["epoch"]  # what BackupAndRestore does to resume fit()
 
     def on_epoch_end(self, epoch, logs=None):
+        current = self.saved(self.dir)
+        name = "b" if current and current["slot"] == "a" else "a"
+        slot = self.dir / name
+        shutil.rmtree(slot, ignore_errors=True)
+        slot.mkdir(parents=True)
+        self.model.save_weights(slot / "weights.weights.h5")
         states = {f"s{i}": keras.ops.convert_to_numpy(sg.state.value) for i, sg in enumerate(self._generators())}
         buf = io.BytesIO()
-        np.savez(buf, epoch=np.int64(epoch + 1), **states)
-        write_bytes(self.path, buf.getvalue())
+        np.savez(buf, **states)
+        write_bytes(slot / "seeds.npz", buf.getvalue())
+        _fsync(slot / "weights.weights.h5")
+        write_bytes(self.dir / self.STATE, json.dumps({"epoch": epoch + 1, "slot": name}).encode())
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())

@@ -232,22 +232,55 @@ def print_run_summary(run_dir, console) -> None:
     console.print(f"run directory: {run_dir}", highlight=False)
 
 
+def resume_recipe(args):
+    """``--resume``: the run to continue and its own resolved recipe.
+
+    The run's recipe decides everything; an option given with ``--resume`` is applied
+    where that is safe (``--epochs`` above the run's total: the last phase gets the
+    extra epochs), accepted when it repeats the run's value, and refused otherwise.
+    """
+    from osteo.recipe import resolve
+    from osteo.runs import find_run
+
+    run = find_run(args.resume, args.runs or "runs", args.model)
+    recipe = resolve(run.read_recipe())
+    d, t = recipe.data, recipe.train
+    asked = {"--model": (args.model, recipe.model.backbone), "--data": (args.data, d.dir),
+             "--weights": (args.weights, recipe.model.weights), "--image-size": (args.image_size, d.image_size),
+             "--batch": (args.batch, d.batch_size), "--seed": (args.seed, t.seed),
+             "--deterministic": (args.deterministic or None, t.deterministic)}
+    for option, (given, saved) in asked.items():
+        if given is not None and given != saved:
+            raise OsteoError(f"{option} cannot change when resuming {run.path} (it trained with {saved}); "
+                             "drop the option, or start a new run")
+    if args.set:
+        raise OsteoError(f"--set cannot change a run being resumed ({run.path}); drop it, or start a new run")
+    total = t.epochs + t.fine_tune_epochs
+    if args.epochs is not None and args.epochs != total:
+        if args.epochs < total:
+            raise OsteoError(f"--epochs {args.epochs} is fewer than the {total} {run.path} was started with; "
+                             "a resumed run can only get more epochs")
+        if t.fine_tune_epochs:
+            t.fine_tune_epochs += args.epochs - total
+        else:
+            t.epochs = args.epochs
+    return run, recipe
+
+
 def cmd_train(args) -> int:
     console = _console()
-    recipe = build_recipe(args)
+    run = None
     if args.resume:
-        from osteo.recipe import resolve
-        from osteo.runs import find_run
-
-        run = find_run(args.resume, recipe.runs_dir, recipe.model.backbone)
-        args.resume, recipe = str(run.path), resolve(run.read_recipe())
+        run, recipe = resume_recipe(args)
+    else:
+        recipe = build_recipe(args)
     plan = plan_device(args.backend, recipe, console)
     from osteo.trainer import Trainer
 
-    if not args.resume:
+    if run is None:
         ensure_phantom(recipe, console)
-    run_dir = Trainer(recipe, console=console, resume=args.resume, command=" ".join(sys.argv), plan=plan).run()
-    print_run_summary(run_dir, console)
+    trainer = Trainer(recipe, console=console, resume=run, command=" ".join(sys.argv), plan=plan)
+    print_run_summary(trainer.run(), console)
     return 0
 
 

@@ -20,16 +20,17 @@ from osteo.errors import OsteoError
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` on success.
 
     For writers that insist on a file name (Keras checkpoints, matplotlib). The
-    temporary keeps the target's suffix because some of them pick a format by it.
+    temporary keeps the target's suffix (or ``suffix``, for Keras' ``.weights.h5``)
+    because some of them pick a format by it.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix or path.suffix}", dir=path.parent)
     except OSError as e:
         raise OsteoError(
             f"cannot write to {path.parent}: {e.strerror}; choose a writable output directory"

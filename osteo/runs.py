@@ -13,11 +13,13 @@ so each file has one name, one reader and one writer.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+import socket
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,8 @@ from osteo.files import read_json, write_json
 
 if TYPE_CHECKING:
     from osteo.recipe import Recipe
+
+STATE_FILE = "state.json"  # osteo.callbacks.TrainingState's commit file, one per phase
 
 
 class RunDir:
@@ -39,7 +43,7 @@ class RunDir:
     BEST = "best.keras"
     PREDICTIONS = "predictions.csv"
     METRICS = "metrics.json"
-    BACKUP = ".backup"  # BackupAndRestore's state while training; removed when the run ends
+    BACKUP = ".backup"  # the resumable training state (TrainingState); removed when the run ends
     TENSORBOARD = "tensorboard"
     REQUIRED = (RECIPE, SPLIT)  # what makes a folder a run directory
     FINISHED = (PREDICTIONS, METRICS)
@@ -91,6 +95,36 @@ class RunDir:
 
     def is_finished(self) -> bool:
         return self.is_run() and all((self.path / f).is_file() for f in self.FINISHED)
+
+    def is_resumable(self) -> bool:
+        """Unfinished, with at least one completed epoch or phase saved to resume from."""
+        if not self.is_run() or self.is_finished() or not self.backup_path.is_dir():
+            return False
+        return any(self.backup_path.glob("phase*.done")) or any(self.backup_path.glob(f"phase*/{STATE_FILE}"))
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run's lock while training in it; a second process gets a one-line error."""
+        import fcntl
+
+        path = self.path / ".lock"
+        f = open(path, "a+")  # noqa: SIM115  (held open for the lock's lifetime)
+        try:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise OsteoError(f"run {self.path} is being trained by {holder}; wait for it to finish "
+                                 "(or stop it) before resuming") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"process {os.getpid()} on {socket.gethostname()} since "
+                    f"{datetime.datetime.now().isoformat(timespec='seconds')}")
+            f.flush()
+            yield
+        finally:
+            f.close()  # closing releases the lock
 
     def check(self, need: Sequence[str] = ()) -> RunDir:
         """This run if it is a run directory with the files ``need``, else a one-line error."""
@@ -214,11 +248,19 @@ def list_runs(runs_dir: str | os.PathLike = "runs", model: str | None = None,
 
 
 def find_run(spec: str, runs_dir: str | os.PathLike = "runs", model: str | None = None) -> RunDir:
-    """``latest`` (of ``model``, or of any model) or a path -> a run directory."""
+    """``latest`` (the newest resumable run, of ``model`` or of any) or a path -> a run to resume.
+
+    A finished run is refused, and so is a run that failed before completing an epoch
+    when it is asked for as ``latest``: nothing in it can be resumed.
+    """
     if spec == "latest":
-        runs = list_runs(runs_dir, model)
+        runs = [r for r in list_runs(runs_dir, model) if r.is_resumable()]
         if not runs:
             where = Path(runs_dir) / model if model else Path(runs_dir)
-            raise OsteoError(f"no run to resume under {where}; start one without --resume")
+            raise OsteoError(f"no unfinished run to resume under {where}; start one without --resume")
         return max(runs, key=lambda r: (r.path.stat().st_mtime, r.name))
-    return RunDir(spec).check()
+    run = RunDir(spec).check()
+    if run.is_finished() and not run.backup_path.exists():
+        raise OsteoError(f"run {run.path} is finished (its {RunDir.METRICS} is written): there is nothing to "
+                         f"resume; start a new run, or re-score it with: osteo eval {run.path}")
+    return run

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import platform
 import shutil
 import subprocess
@@ -41,11 +40,12 @@ from osteo.callbacks import (
     HistoryCSV,
     NonFiniteLoss,
     RichProgress,
-    SeedState,
+    TrainingState,
     monitor_mode,
 )
 from osteo.classifier import Classifier, SparseCrossEntropy, default_metrics
 from osteo.errors import OsteoError
+from osteo.files import atomic_path, write_bytes
 from osteo.recipe import AugmentConfig, Recipe, resolve
 from osteo.runs import RunDir, find_run, new_run_dir
 
@@ -91,13 +91,15 @@ class Trainer:
         recipe: what to train (resolved here if it is not yet).
         console: a rich Console for progress; None trains silently.
         resume: a run directory (or ``"latest"``) to continue from its last
-            completed epoch; its own ``recipe.json`` and ``split.csv`` are used.
+            completed epoch; its own ``recipe.json`` and ``split.csv`` are used. A
+            :class:`RunDir` (the CLI's, checked) trains with ``recipe`` as given, which
+            the CLI took from the run (with more epochs, if asked).
         command: the command line, recorded in ``env.json``.
         plan: the device plan made before Keras was imported (the CLI's); by default
             it is made here for the backend Keras has loaded.
     """
 
-    def __init__(self, recipe: Recipe, *, console=None, resume: str | None = None, command: str = "",
+    def __init__(self, recipe: Recipe, *, console=None, resume: str | RunDir | None = None, command: str = "",
                  plan: devices.Plan | None = None):
         self.recipe = recipe
         self.console = console
@@ -106,16 +108,29 @@ class Trainer:
         self.plan = plan
         self.run_dir: RunDir | None = None
         self.phases: list[Phase] = []
+        self._held = contextlib.ExitStack()  # the run directory's lock, from setup() to finish()
 
     def _say(self, text: str) -> None:
         if self.console is not None:
             self.console.print(text, highlight=False, markup=False)
 
     def run(self) -> Path:
-        self.setup()
-        for phase in self.phases:
-            self.fit_phase(phase)
-        return self.finish()
+        try:
+            self.setup()
+            for phase in self.phases:
+                self.fit_phase(phase)
+            return self.finish()
+        except BaseException:
+            self._discard_if_empty()
+            raise
+        finally:
+            self._held.close()
+
+    def _discard_if_empty(self) -> None:
+        """A new run that failed before its first epoch ended holds nothing worth keeping."""
+        run = self.run_dir
+        if run is not None and not self.resume and run.path.exists() and not run.read_history():
+            shutil.rmtree(run.path, ignore_errors=True)
 
     # ------------------------------------------------------------------ setup
 
@@ -123,8 +138,12 @@ class Trainer:
         """Everything before the first epoch; bad data or weights fail before any file is written."""
         split = None
         if self.resume:
-            self.run_dir = find_run(self.resume, self.recipe.runs_dir, self.recipe.model.backbone)
-            self.recipe = self.run_dir.read_recipe()
+            if isinstance(self.resume, RunDir):
+                self.run_dir = self.resume
+            else:
+                self.run_dir = find_run(self.resume, self.recipe.runs_dir, self.recipe.model.backbone)
+                self.recipe = self.run_dir.read_recipe()
+            self._held.enter_context(self.run_dir.locked())
             split = self.run_dir.read_split()
             self._say(f"resuming {self.run_dir}")
         r = self.recipe = resolve(self.recipe)
@@ -148,10 +167,12 @@ class Trainer:
 
         if self.run_dir is None:
             self.run_dir = new_run_dir(r.runs_dir, self.clf.spec.name)
+            self._held.enter_context(self.run_dir.locked())
             self._say(f"run directory {self.run_dir}")
-            self.run_dir.write_recipe(r)
             self.run_dir.write_split(self.dm.split)
         run = self.run_dir
+        if not self.resume or run.read_recipe_dict() != r.to_dict():
+            run.write_recipe(r)  # what is trained: a resumed run may have been given more epochs
         run.write_audit(self.dm.audit.to_json())
         self.env = {
             **_versions(), "backend": self.plan.backend, "precision": self.plan.precision,
@@ -198,10 +219,10 @@ class Trainer:
         else:
             self.clf.unfreeze_backbone(t.fine_tune_blocks)
             phase1_weights = backup_root / "phase1.weights.h5"
-            if phase1_weights.exists() and not (backup_root / "phase2" / "latest.weights.h5").exists():
+            if phase1_weights.exists() and TrainingState.saved(backup_root / "phase2") is None:
                 model.load_weights(phase1_weights)
         backup_dir = backup_root / f"phase{phase.number}"
-        start = _backup_epoch(backup_dir, default=phase.first_epoch)
+        start = TrainingState.resume_epoch(backup_dir, default=phase.first_epoch)
         fit_model = model
         fit_kw = {"x": self.dm.train_dataset(start_epoch=start, steps_per_epoch=self.steps),
                   "steps_per_epoch": self.steps, "validation_data": self.val_ds, "shuffle": False}
@@ -220,7 +241,7 @@ class Trainer:
         if start < phase.last_epoch:
             ts = time.perf_counter()
             fit_model.fit(epochs=phase.last_epoch, initial_epoch=phase.first_epoch,
-                          class_weight=self.class_weight, callbacks=self._callbacks(backup_dir, start),
+                          class_weight=self.class_weight, callbacks=self._callbacks(backup_dir),
                           verbose=0, **fit_kw)
             self.trained_seconds += time.perf_counter() - ts
         if self.nonfinite.stopped_at:
@@ -233,18 +254,17 @@ class Trainer:
             )
         if phase.number == 1 and t.fine_tune_epochs:
             # phase 2 starts from here if it is killed before its first backup
-            model.save_weights(backup_root / "phase1.weights.h5")
-        done_marker.parent.mkdir(parents=True, exist_ok=True)
-        done_marker.touch()
+            with atomic_path(backup_root / "phase1.weights.h5", suffix=".weights.h5") as tmp:
+                model.save_weights(tmp)
+        write_bytes(done_marker, b"")
 
-    def _callbacks(self, backup_dir: Path, start: int) -> list:
+    def _callbacks(self, backup_dir: Path) -> list:
         t = self.recipe.train
         # history and checkpoint before the backup: a kill between them re-runs the epoch
         # (its history row is replaced), never loses its row
         callbacks = [
             self.nonfinite, self.history, self.best,
-            keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False),
-            SeedState(backup_dir / "seed_state.npz", resume_epoch=start),
+            TrainingState(backup_dir),
         ]
         if t.early_stopping:
             callbacks.append(keras.callbacks.EarlyStopping(monitor=t.monitor, mode=monitor_mode(t.monitor),
@@ -288,6 +308,7 @@ class Trainer:
         t = self.recipe.train
         evaluate_run(run, n_boot=t.bootstrap, seed=t.seed, checkpoint=checkpoint)
         shutil.rmtree(run.backup_path, ignore_errors=True)
+        self._held.close()
         return run.path
 
     # ------------------------------------------------------------------ helpers
@@ -335,17 +356,6 @@ class Trainer:
         if t.optimizer == "adamw":
             return keras.optimizers.AdamW(learning_rate=lr, weight_decay=t.weight_decay)
         return keras.optimizers.Adam(learning_rate=lr)
-
-
-def _backup_epoch(backup_dir: Path, default: int) -> int:
-    """The epoch BackupAndRestore will resume from (it stores the next epoch to run)."""
-    meta = backup_dir / "training_metadata.json"
-    if meta.exists():
-        try:
-            return int(json.loads(meta.read_text())["epoch"])
-        except (ValueError, KeyError, OSError):
-            return default
-    return default
 
 
 def _has_tensorboard() -> bool:

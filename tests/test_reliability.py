@@ -35,14 +35,35 @@ def _rows(path):
 # --------------------------------------------------------------------------- resume
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(phantom_dir, tmp_path):
-    args = ["train", "seed", *TINY, "--data", str(phantom_dir), "--deterministic", "--batch", "4", "--epochs", "4",
-            "--set", "train.steps_per_epoch=30", "--set", "train.bootstrap=100"]
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "OSTEO_CACHE": str(tmp_path / "cache")}
-    # the reference: uninterrupted
-    ref = _osteo([*args, "--runs", str(tmp_path / "ref")], tmp_path, env)
+RESUME_ARGS = ["train", "seed", *TINY, "--deterministic", "--batch", "4", "--epochs", "4",
+               "--set", "train.steps_per_epoch=30", "--set", "train.bootstrap=100"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(phantom_dir, tmp_path_factory):
+    """The uninterrupted run that killed-and-resumed runs must reproduce."""
+    tmp = tmp_path_factory.mktemp("reference")
+    env = {"OSTEO_CACHE": str(tmp / "cache")}
+    ref = _osteo([*RESUME_ARGS, "--data", str(phantom_dir), "--runs", str(tmp / "ref")], tmp, env)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    ref_run = next((tmp_path / "ref" / "tiny").iterdir())
+    return next((tmp / "ref" / "tiny").iterdir())
+
+
+def _assert_same_run(run, ref_run):
+    assert [int(r["epoch"]) for r in _rows(run / "history.csv")] == [1, 2, 3, 4]
+    assert (run / "best.keras").exists() and not (run / ".backup").exists()
+    for a, b in zip(_rows(ref_run / "history.csv"), _rows(run / "history.csv")):
+        for k in ("loss", "val_loss", "val_macro_f1"):
+            assert float(a[k]) == pytest.approx(float(b[k]), abs=1e-6), (k, a["epoch"])
+    assert (run / "predictions.csv").read_bytes() == (ref_run / "predictions.csv").read_bytes()
+    m_ref, m = json.loads((ref_run / "metrics.json").read_text()), json.loads((run / "metrics.json").read_text())
+    assert m["val"]["balanced_accuracy"] == m_ref["val"]["balanced_accuracy"]
+    assert m["best_epoch"] == m_ref["best_epoch"]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(phantom_dir, tmp_path, reference_run):
+    args = [*RESUME_ARGS, "--data", str(phantom_dir)]
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "OSTEO_CACHE": str(tmp_path / "cache")}
     # the victim: killed with SIGKILL in the middle of epoch 2 or 3
     log = tmp_path / "victim.log"
     with open(log, "wb") as out:
@@ -72,17 +93,37 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(phantom_dir, tmp_path
 
     resumed = _osteo(["train", "seed", "--resume", str(run)], tmp_path, env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    epochs = [int(r["epoch"]) for r in _rows(run / "history.csv")]
-    assert epochs == [1, 2, 3, 4]
-    assert (run / "best.keras").exists() and not (run / ".backup").exists()
-    ref_hist, hist = _rows(ref_run / "history.csv"), _rows(run / "history.csv")
-    for a, b in zip(ref_hist, hist):
-        for k in ("loss", "val_loss", "val_macro_f1"):
-            assert float(a[k]) == pytest.approx(float(b[k]), abs=1e-6), (k, a["epoch"])
-    assert (run / "predictions.csv").read_bytes() == (ref_run / "predictions.csv").read_bytes()
-    m_ref, m = json.loads((ref_run / "metrics.json").read_text()), json.loads((run / "metrics.json").read_text())
-    assert m["val"]["balanced_accuracy"] == m_ref["val"]["balanced_accuracy"]
-    assert m["best_epoch"] == m_ref["best_epoch"]
+    _assert_same_run(run, reference_run)
+
+
+def test_a_kill_while_the_backup_is_written_still_resumes_exactly(phantom_dir, tmp_path, reference_run):
+    """The process dies with the second epoch's weights half-written (truncated, as a kill
+    leaves them): the resume starts from the last complete state and matches the reference."""
+    script = f"""
+import os, signal, sys
+from pathlib import Path
+from osteo import callbacks
+calls = []
+def dying_fsync(path):
+    calls.append(path)
+    if len(calls) == 2:  # epoch 2's weights are written, not yet committed
+        with open(path, "r+b") as f:
+            f.truncate(96)
+        os.kill(os.getpid(), signal.SIGKILL)
+callbacks._fsync = dying_fsync
+from osteo.cli import main
+sys.exit(main({[*RESUME_ARGS, "--data", str(phantom_dir), "--runs", str(tmp_path / "runs")]!r}))
+"""
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "OSTEO_CACHE": str(tmp_path / "cache")}
+    victim = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert victim.returncode == -signal.SIGKILL, victim.stderr[-2000:]
+    run = next((tmp_path / "runs" / "tiny").iterdir())
+    assert len(_rows(run / "history.csv")) == 2 and not (run / "metrics.json").exists()
+    resumed = _osteo(["train", "seed", "--resume", "latest", "--model", "tiny", "--runs", str(tmp_path / "runs")],
+                     tmp_path, env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _assert_same_run(run, reference_run)
 
 
 def test_deterministic_runs_write_identical_bytes(phantom_dir, tmp_path):
