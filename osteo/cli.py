@@ -307,10 +307,10 @@ def cmd_report(args) -> int:
 
     from osteo.report import collect_runs, write_report
 
-    runs = collect_runs(args.runs_list, runs_dir=args.runs, all_runs=args.all)
+    runs = collect_runs(args.runs_list, runs_dir=args.runs, all_runs=args.all, warn=_warn)
     console = _console()
     console.print(f"reporting {len(runs)} run(s): {', '.join(str(r) for r in runs)}", markup=False)
-    page = write_report(runs, args.out, split=args.split, n_boot=args.bootstrap)
+    page = write_report(runs, args.out, split=args.split, n_boot=args.bootstrap, warn=_warn)
     import csv
 
     with open(os.path.join(args.out, "comparison.csv"), newline="", encoding="utf-8") as f:
@@ -339,6 +339,25 @@ def cmd_predict(args) -> int:
 
 
 # --------------------------------------------------------------------------- main
+
+
+def _warn(message: str) -> None:
+    print(f"osteo: warning: {message}", file=sys.stderr)
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an error of the machine (disk full, read-only, permissions), with the fix."""
+    import errno
+
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    what = e.strerror or " ".join(str(e).split())[:300] or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
+        fix = "free some disk space, or write elsewhere (--out, RUNS=, OSTEO_CACHE=)"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "choose a folder you can write to (--out, RUNS=, OSTEO_CACHE=)"
+    else:
+        fix = "check the file and the disk, then run the command again"
+    return f"{what}{where}; {fix}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -422,6 +441,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"osteo: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine, not osteo: one line, like a user error
+        if args.debug:
+            raise
+        print(f"osteo: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("osteo: interrupted", file=sys.stderr)

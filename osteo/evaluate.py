@@ -184,6 +184,8 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 0, seed
     """
     from sklearn import metrics as skm
 
+    if n_boot < 0:
+        raise OsteoError(f"the number of bootstrap resamples must be 0 or more, got {n_boot}; e.g. --bootstrap 1000")
     y_true, probs = np.asarray(y_true, dtype=int), np.asarray(probs, dtype=float)
     labels = list(range(K))
     y_pred = probs.argmax(axis=1)

@@ -46,6 +46,33 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             tmp_path.unlink()
 
 
+def process_start() -> float:
+    """When this process started (epoch seconds)."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def sweep_temporaries(folder: str | os.PathLike, grace: float = 60.0) -> list[Path]:
+    """Remove osteo's temporaries (``.*.tmp*``) in ``folder`` left by processes that died.
+
+    Only entries last touched ``grace`` seconds before this process started are
+    removed, so a temporary that a live process is still writing is kept.
+    """
+    import shutil
+
+    cutoff = process_start() - grace
+    removed = []
+    for p in Path(folder).glob(".*.tmp*"):
+        try:
+            if p.lstat().st_mtime < cutoff:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                removed.append(p)
+        except OSError:
+            continue  # gone already, or not ours to remove
+    return removed
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -35,17 +35,32 @@ def load_best(run_dir: str | os.PathLike):
 
 
 def _expand(paths: list[str]) -> list[Path]:
-    from osteo.data.scan import IMAGE_EXTENSIONS
+    """Every file named, and every file below every folder named (hidden and system files aside).
+
+    Nothing is filtered by its name's extension: the decoder decides by content, and a
+    file it cannot read gets a row saying why.
+    """
+    from osteo.data.scan import SYSTEM_FILES
 
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.is_file():
+            out += sorted(f for f in p.rglob("*") if not f.is_dir() and not f.name.startswith(".")
+                          and f.name.lower() not in SYSTEM_FILES)
+        elif p.exists() or p.is_symlink():
             out.append(p)
         else:
             raise OsteoError(f"{p} does not exist; pass image files or folders")
     return out
+
+
+def _refuse_run_files(out: Path) -> None:
+    """``--out`` must never replace a file of a run directory (its predictions above all)."""
+    target = out.resolve()
+    if RunDir(target.parent).is_run() and target.name in {v for k, v in vars(RunDir).items() if k.isupper()
+                                                          and isinstance(v, str)}:
+        raise OsteoError(f"--out {out} would overwrite the run's own {target.name}; write the predictions "
+                         "elsewhere, e.g. --out predictions-new.csv")
 
 
 def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.PathLike, batch: int = 32) -> Path:
@@ -54,6 +69,7 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
     from osteo.data.decode import DecodeError, decode_file
     from osteo.data.pipeline import box_factor, resize_image
 
+    _refuse_run_files(Path(out))
     model = load_best(run_dir)
     data = RunDir(run_dir).read_recipe().data  # resolved: the size and resize mode it trained with
     size, mode = data.image_size, data.resize

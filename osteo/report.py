@@ -23,6 +23,9 @@ import base64
 import html
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,10 +39,11 @@ from osteo.evaluate import (
     mcnemar_exact,
     reliability_curve,
 )
-from osteo.files import atomic_path, write_csv, write_text
+from osteo.files import atomic_path, sweep_temporaries, write_csv, write_text
 from osteo.runs import RunDir, list_runs
 
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1")
+STAGE_PREFIX = ".report-"  # the staging folder inside --out while a report is written
 COMPARISON_COLUMNS = (
     "model", "run_id", "weights", "precision", "backend", "image_size", "epochs", "best_epoch", "n_train", "n_val",
     "n_nonfinite",  # validation predictions that are NaN or infinite: a diverged model
@@ -81,11 +85,19 @@ class Run:
 
 
 def collect_runs(specs: list[str] | None = None, runs_dir: str | os.PathLike = "runs",
-                 all_runs: bool = False) -> list[RunDir]:
-    """The runs to report: those given, else the latest finished run of each model (or all)."""
+                 all_runs: bool = False, warn: Callable[[str], None] | None = None) -> list[RunDir]:
+    """The runs to report: those given, else the latest finished run of each model (or all).
+
+    Unfinished runs under ``runs_dir`` are left out with one ``warn`` line naming them.
+    """
     if specs:
         return [RunDir(s).check(need=RunDir.FINISHED) for s in specs]
     runs = list_runs(runs_dir, finished=True)
+    unfinished = [r for r in list_runs(runs_dir) if not r.is_finished()]
+    if unfinished and warn:
+        names = ", ".join(str(r) for r in unfinished[:5]) + (" ..." if len(unfinished) > 5 else "")
+        warn(f"left out {len(unfinished)} unfinished run(s) (no {RunDir.PREDICTIONS} or {RunDir.METRICS}): "
+             f"{names}; finish one with: osteo train --resume RUN_DIR")
     if not runs:
         raise OsteoError(f"no finished runs under {runs_dir}; train one first (make train MODEL=...)")
     if all_runs:
@@ -463,7 +475,8 @@ def failures(run: Run, row: dict, split: str) -> list[str]:
     return out
 
 
-def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split: str) -> str:
+def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split: str,
+                skipped: list[str] = (), n_boot: int = 1000) -> str:
     e = html.escape
     cols = ["model", "run_id", "weights", "precision", "image_size", "epochs", "best_epoch", "n_train", "n_val",
             "accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "kappa_qw", "mcc", "ece",
@@ -476,7 +489,7 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split
                 t[k] = f"{_fmt(row[k])} [{_fmt(row[f'{k}_lo'])}, {_fmt(row[f'{k}_hi'])}]"
         table_rows.append(t)
     warnings = [w for r, row in zip(runs, rows) for w in failures(r, row, split)]
-    warn_html = "".join(f'<p class="warn">{e(w)}</p>' for w in warnings)
+    warn_html = "".join(f'<p class="warn">{e(w)}</p>' for w in [*warnings, *skipped])
     sections = [
         ("Headline metrics", "bars", "accuracy, balanced accuracy and macro F1 with 95% bootstrap intervals; "
                                      "the red dashes are each run's majority-class baseline"),
@@ -489,8 +502,8 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split
     body = [f"<h1>osteo: model comparison ({e(split)} split)</h1>", warn_html,
             "<h2>Comparison</h2>",
             _table(table_rows, cols, [c.replace("_", " ") for c in cols]),
-            "<p>Intervals: stratified bootstrap, 1,000 resamples, 95% percentile. McNemar: exact test against "
-            "the best run by balanced accuracy on the same images.</p>"]
+            f"<p>Intervals: stratified bootstrap, {n_boot:,} resamples, 95% percentile. McNemar: exact test "
+            "against the best run by balanced accuracy on the same images.</p>"]
     for title, key, caption in sections:
         if key in plots:
             body.append(f"<h2>{e(title)}</h2><p>{e(caption)}</p>{_img(plots[key], title)}")
@@ -503,27 +516,75 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
 
 
-def write_report(run_dirs: list[Path], out: str | os.PathLike, split: str = "val", n_boot: int = 1000,
-                 seed: int = 0) -> Path:
-    """Write the CSVs, plots and ``index.html`` for ``run_dirs`` to ``out``; return the page."""
+def load_runs(run_dirs, split: str = "val", n_boot: int = 1000, seed: int = 0,
+              warn: Callable[[str], None] | None = None) -> tuple[list[Run], list[str]]:
+    """Load every run that can be reported; a damaged or incompatible one is skipped, with its reason."""
+    runs, skipped = [], []
+    for p in run_dirs:
+        try:
+            runs.append(load_run(p, split, n_boot, seed))
+        except OsteoError as e:
+            skipped.append(f"skipped {p}: {e}")
+            if warn:
+                warn(skipped[-1])
+    return runs, skipped
+
+
+def write_report(run_dirs: list, out: str | os.PathLike, split: str = "val", n_boot: int = 1000,
+                 seed: int = 0, warn: Callable[[str], None] | None = None) -> Path:
+    """Write the CSVs, plots and ``index.html`` for ``run_dirs`` to ``out``; return the page.
+
+    A run that cannot be read (damaged files, another class set) is skipped with one
+    ``warn`` line and named on the page. Everything is first written to a staging
+    folder inside ``out`` and moved into place with ``index.html`` last, so a report
+    killed half-way leaves the previous one whole.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
+    if n_boot < 0:
+        raise OsteoError(f"the number of bootstrap resamples must be 0 or more, got {n_boot}; e.g. --bootstrap 1000")
     out = Path(out)
-    runs = [load_run(p, split, n_boot, seed) for p in run_dirs]
-    rows = comparison_rows(runs)
-    write_csv(out / "comparison.csv", rows, COMPARISON_COLUMNS)
-    write_csv(out / "per_class.csv", per_class_rows(runs), PER_CLASS_COLUMNS)
-    plots_dir = out / "plots"
-    colours = _colours(runs)
-    plots = {
-        "bars": plot_bars(runs, colours, plots_dir),
-        "curves": plot_curves(runs, colours, plots_dir),
-        "confusion": plot_confusions(runs, plots_dir),
-        "roc": plot_roc(runs, colours, plots_dir),
-        "reliability": plot_reliability(runs, colours, plots_dir),
-        "samples": plot_samples(runs, plots_dir),
-    }
-    page = out / "index.html"
-    write_text(page, render_html(runs, rows, plots, split))
-    return page
+    runs, skipped = load_runs(run_dirs, split, n_boot, seed, warn)
+    if not runs:
+        raise OsteoError(f"none of the {len(skipped)} run(s) could be reported (see the warnings); "
+                         "re-run `osteo eval RUN_DIR` on them or train again")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OsteoError(f"cannot create {out}: {e.strerror}; choose a writable --out folder") from None
+    sweep_temporaries(out)
+    stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, suffix=".tmp", dir=out))
+    try:
+        rows = comparison_rows(runs)
+        write_csv(stage / "comparison.csv", rows, COMPARISON_COLUMNS)
+        write_csv(stage / "per_class.csv", per_class_rows(runs), PER_CLASS_COLUMNS)
+        plots_dir = stage / "plots"
+        colours = _colours(runs)
+        plots = {
+            "bars": plot_bars(runs, colours, plots_dir),
+            "curves": plot_curves(runs, colours, plots_dir),
+            "confusion": plot_confusions(runs, plots_dir),
+            "roc": plot_roc(runs, colours, plots_dir),
+            "reliability": plot_reliability(runs, colours, plots_dir),
+            "samples": plot_samples(runs, plots_dir),
+        }
+        write_text(stage / "index.html", render_html(runs, rows, plots, split, skipped, n_boot))
+        for name in ("comparison.csv", "per_class.csv"):
+            os.replace(stage / name, out / name)
+        _replace_folder(plots_dir, out / "plots")
+        os.replace(stage / "index.html", out / "index.html")  # last: the page appears only when all is there
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out / "index.html"
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Put folder ``new`` where ``target`` is, removing the old one (two renames, then a delete)."""
+    old = None
+    if target.exists():
+        old = target.with_name(f"{STAGE_PREFIX}old-{os.getpid()}.tmp")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -45,7 +45,7 @@ from osteo.callbacks import (
 )
 from osteo.classifier import Classifier, SparseCrossEntropy, default_metrics
 from osteo.errors import OsteoError
-from osteo.files import atomic_path, write_bytes
+from osteo.files import atomic_path, sweep_temporaries, write_bytes
 from osteo.recipe import AugmentConfig, Recipe, resolve
 from osteo.runs import RunDir, find_run, new_run_dir
 
@@ -144,6 +144,7 @@ class Trainer:
                 self.run_dir = find_run(self.resume, self.recipe.runs_dir, self.recipe.model.backbone)
                 self.recipe = self.run_dir.read_recipe()
             self._held.enter_context(self.run_dir.locked())
+            sweep_temporaries(self.run_dir.path)  # left by the killed process
             split = self.run_dir.read_split()
             self._say(f"resuming {self.run_dir}")
         r = self.recipe = resolve(self.recipe)
@@ -212,7 +213,7 @@ class Trainer:
         r, t, run, model = self.recipe, self.recipe.train, self.run_dir, self.model
         backup_root = run.backup_path
         done_marker = backup_root / f"phase{phase.number}.done"
-        if done_marker.exists():
+        if _done_until(done_marker) >= phase.last_epoch:  # a resumed run may have been given more epochs
             return
         if phase.number == 1:
             self.clf.freeze_backbone()
@@ -256,7 +257,7 @@ class Trainer:
             # phase 2 starts from here if it is killed before its first backup
             with atomic_path(backup_root / "phase1.weights.h5", suffix=".weights.h5") as tmp:
                 model.save_weights(tmp)
-        write_bytes(done_marker, b"")
+        write_bytes(done_marker, str(phase.last_epoch).encode())
 
     def _callbacks(self, backup_dir: Path) -> list:
         t = self.recipe.train
@@ -356,6 +357,14 @@ class Trainer:
         if t.optimizer == "adamw":
             return keras.optimizers.AdamW(learning_rate=lr, weight_decay=t.weight_decay)
         return keras.optimizers.Adam(learning_rate=lr)
+
+
+def _done_until(marker: Path) -> int:
+    """The epoch a finished phase ran to, from its marker (-1: not finished)."""
+    try:
+        return int(marker.read_text() or 0)
+    except (OSError, ValueError):
+        return -1
 
 
 def _has_tensorboard() -> bool:

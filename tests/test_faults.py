@@ -1,0 +1,216 @@
+"""Faults from outside: a full disk, damaged run files, resume misuse, leftovers. Each is one line, exit 2."""
+
+import errno
+import os
+import shutil
+import time
+
+import keras
+import pytest
+
+from osteo.cli import main
+from osteo.runs import RunDir
+from osteo.trainer import Trainer
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("osteo: error: ")
+    return err[0]
+
+
+def _tiny_args(phantom_dir, runs):
+    return ["train", "seed", "--model", "tiny", "--weights", "none", "--image-size", "32", "--data", str(phantom_dir),
+            "--runs", str(runs), "--set", "train.tensorboard=false", "--set", "train.bootstrap=50"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(phantom_dir, tmp_path_factory, tiny_recipe):
+    return RunDir(Trainer(tiny_recipe(phantom_dir, tmp_path_factory.mktemp("runs"), epochs=1, bootstrap=50)).run())
+
+
+@pytest.fixture
+def unfinished_run(phantom_dir, tmp_path, tiny_recipe):
+    """A run killed after its first epoch: state saved, no predictions or metrics."""
+    trainer = Trainer(tiny_recipe(phantom_dir, tmp_path / "runs", epochs=1, bootstrap=50)).setup()
+    trainer.fit_phase(trainer.phases[0])
+    trainer._held.close()  # as the killed process's lock would be released
+    run = trainer.run_dir
+    assert run.is_resumable() and not run.is_finished()
+    return run
+
+
+def _copy_run(run: RunDir, dest) -> RunDir:
+    target = dest / run.model / run.name
+    shutil.copytree(run.path, target)
+    return RunDir(target)
+
+
+# --------------------------------------------------------------------------- the disk
+
+
+def test_disk_full_while_saving_the_checkpoint_is_one_line(phantom_dir, tmp_path, monkeypatch, capsys):
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[0]) if args else "best.keras")
+
+    monkeypatch.setattr(keras.Model, "save", full)
+    assert main([*_tiny_args(phantom_dir, tmp_path / "runs"), "--epochs", "1"]) == 2
+    line = _one_line(capsys)
+    assert "No space left on device" in line and "free some disk space" in line
+
+
+def test_disk_full_while_writing_the_report_keeps_the_previous_report(finished_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "rep"
+    assert main(["report", str(finished_run), "--out", str(out), "--bootstrap", "50"]) == 0
+    before = (out / "index.html").read_bytes()
+    capsys.readouterr()
+    from osteo import report
+
+    def full(fig, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(report, "_save", full)
+    assert main(["report", str(finished_run), "--out", str(out), "--bootstrap", "50"]) == 2
+    assert "No space left on device" in _one_line(capsys)
+    assert (out / "index.html").read_bytes() == before  # the old page, whole
+    assert not list(out.glob(".*.tmp*"))  # no staging folder left behind
+
+
+def test_read_only_output_is_one_line(finished_run, tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", kwargs.get("dir"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    assert main(["report", str(finished_run), "--out", str(tmp_path / "rep"), "--bootstrap", "50"]) == 2
+    assert "choose a folder you can write to" in _one_line(capsys)
+
+
+# --------------------------------------------------------------------------- damaged runs
+
+
+def test_damaged_run_files_are_one_line_and_the_report_skips_them(finished_run, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    good = _copy_run(finished_run, runs)
+    bad_recipe = _copy_run(finished_run, tmp_path / "r2")
+    bad_recipe.recipe_path.write_text('{"name": "x", "data": {')
+    other_classes = _copy_run(finished_run, tmp_path / "r3")
+    text = other_classes.predictions_path.read_text().replace(",normal,", ",fracture,")
+    other_classes.predictions_path.write_text(text)
+    bad_metrics = _copy_run(finished_run, tmp_path / "r4")
+    bad_metrics.metrics_path.write_bytes(b"\x00\x01 not json")
+
+    assert main(["eval", str(bad_metrics)]) == 2
+    line = _one_line(capsys)
+    assert "metrics.json is damaged" in line
+
+    out = tmp_path / "rep"
+    rc = main(["report", str(good), str(bad_recipe), str(other_classes), "--out", str(out), "--bootstrap", "50"])
+    assert rc == 0
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("osteo: warning:")]
+    assert len(warnings) == 2 and "recipe.json is damaged" in warnings[0] and "predictions.csv" in warnings[1]
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "skipped" in page and page.count(good.name) >= 1
+    assert len((out / "comparison.csv").read_text().strip().splitlines()) == 2  # header + the good run
+
+    # every run damaged: an error, not an empty page
+    assert main(["report", str(bad_recipe), "--out", str(tmp_path / "rep2")]) == 2
+    assert "could be reported" in capsys.readouterr().err
+
+
+def test_unfinished_runs_left_out_of_a_report_are_named(finished_run, unfinished_run, capsys):
+    runs_dir = unfinished_run.path.parent.parent
+    _copy_run(finished_run, runs_dir)
+    assert main(["report", "--runs", str(runs_dir), "--out", str(runs_dir / "rep"), "--bootstrap", "50"]) == 0
+    err = capsys.readouterr().err
+    assert "left out 1 unfinished run(s)" in err and str(unfinished_run) in err
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_of_a_finished_run_touches_nothing(finished_run, capsys):
+    stamp = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in finished_run.path.iterdir() if p.is_file()}
+    assert main(["train", "seed", "--resume", str(finished_run)]) == 2
+    assert "is finished" in _one_line(capsys)
+    assert stamp == {p.name: (p.stat().st_mtime_ns, p.read_bytes())
+                     for p in finished_run.path.iterdir() if p.is_file()}
+
+
+def test_resume_applies_more_epochs_and_refuses_other_changes(unfinished_run, capsys):
+    for extra, message in ((["--batch", "8"], "--batch cannot change"), (["--set", "train.lr=1"], "--set cannot"),
+                           (["--epochs", "0"], "fewer than the 1"), (["--model", "vgg16"], "--model cannot change")):
+        assert main(["train", "seed", "--resume", str(unfinished_run), *extra]) == 2, extra
+        assert message in _one_line(capsys)
+    assert not unfinished_run.is_finished()
+    # latest finds it (the only resumable run), and two more epochs are applied
+    runs_dir = unfinished_run.path.parent.parent
+    assert main(["train", "seed", "--resume", "latest", "--runs", str(runs_dir), "--epochs", "3"]) == 0
+    assert [int(r["epoch"]) for r in unfinished_run.read_history()] == [1, 2, 3]
+    assert unfinished_run.read_recipe().train.epochs == 3 and unfinished_run.is_finished()
+
+
+def test_a_run_being_trained_is_locked(unfinished_run, capsys):
+    with unfinished_run.locked():
+        assert main(["train", "seed", "--resume", str(unfinished_run)]) == 2
+    line = _one_line(capsys)
+    assert f"is being trained by process {os.getpid()}" in line
+    assert not unfinished_run.is_finished()
+
+
+def test_a_run_that_failed_before_its_first_epoch_leaves_nothing(phantom_dir, tmp_path, monkeypatch, capsys):
+    def broken(self, phase):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Trainer, "fit_phase", broken)
+    assert main([*_tiny_args(phantom_dir, tmp_path / "runs"), "--epochs", "1"]) == 2
+    assert "Input/output error" in _one_line(capsys)
+    assert list((tmp_path / "runs" / "tiny").iterdir()) == []
+    assert main(["train", "seed", "--resume", "latest", "--runs", str(tmp_path / "runs")]) == 2
+    assert "no unfinished run to resume" in _one_line(capsys)
+
+
+# --------------------------------------------------------------------------- bad values, predict, leftovers
+
+
+def test_bad_bootstrap_counts_are_one_line(finished_run, tmp_path, capsys):
+    assert main(["eval", str(finished_run), "--bootstrap", "-5"]) == 2
+    assert "bootstrap resamples must be 0 or more" in _one_line(capsys)
+    assert main(["report", str(finished_run), "--out", str(tmp_path / "r"), "--bootstrap", "-1"]) == 2
+    assert "bootstrap" in _one_line(capsys)
+
+
+def test_predict_never_overwrites_run_files_and_lists_unreadable_files(finished_run, phantom_dir, tmp_path,
+                                                                         capsys):
+    before = finished_run.predictions_path.read_bytes()
+    assert main(["predict", str(finished_run), str(phantom_dir / "normal"), "--out",
+                 str(finished_run.predictions_path)]) == 2
+    assert "would overwrite the run's own predictions.csv" in _one_line(capsys)
+    assert finished_run.predictions_path.read_bytes() == before
+    folder = tmp_path / "imgs"
+    shutil.copytree(phantom_dir / "normal", folder)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "scan.png").write_bytes(b"\x89PNG truncated")
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(finished_run), str(folder), "--out", str(out)]) == 0
+    import csv
+
+    with open(out, newline="") as f:
+        rows = {os.path.basename(r["path"]): r for r in csv.DictReader(f)}
+    assert rows["notes.txt"]["status"] == "unreadable" and rows["notes.txt"]["reason"]
+    assert rows["scan.png"]["status"] == "unreadable"
+    assert sum(r["status"] == "ok" for r in rows.values()) == len(list((phantom_dir / "normal").iterdir()))
+
+
+def test_stale_temporaries_are_swept_and_live_ones_kept(finished_run, tmp_path):
+    out = tmp_path / "rep"
+    out.mkdir()
+    stale, live = out / ".comparison.abc.tmp.csv", out / ".index.def.tmp.html"
+    stale.write_text("half")
+    live.write_text("being written")
+    old = time.time() - 3600 * 24
+    os.utime(stale, (old, old))
+    assert main(["report", str(finished_run), "--out", str(out), "--bootstrap", "50"]) == 0
+    assert not stale.exists() and live.exists() and (out / "index.html").exists()
