@@ -54,6 +54,8 @@ def read_predictions(path: str | os.PathLike, split: str | None = None):
             rows = list(csv.DictReader(f))
     except OSError as e:
         raise OsteoError(f"cannot read {path}: {e.strerror}; is this a finished run directory?") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise OsteoError(f"{path} is damaged ({type(e).__name__}); train the run again") from None
     if rows and not set(PREDICTION_COLUMNS) <= set(rows[0]):
         raise OsteoError(f"{path} is not an osteo predictions.csv (columns {', '.join(rows[0])})")
     if split is not None:

@@ -201,8 +201,12 @@ class RunDir:
 
         if not self.history_path.exists():
             return []
-        with open(self.history_path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        try:
+            with open(self.history_path, newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise OsteoError(f"{self.history_path} is damaged or unreadable ({type(e).__name__}); "
+                             "move it aside to continue without the curves") from None
 
     def read_predictions(self, split: str | None = None):
         """(labels, probabilities, rows) of one split of ``predictions.csv`` (all splits: None)."""

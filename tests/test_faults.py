@@ -99,6 +99,8 @@ def test_damaged_run_files_are_one_line_and_the_report_skips_them(finished_run, 
     other_classes = _copy_run(finished_run, tmp_path / "r3")
     text = other_classes.predictions_path.read_text().replace(",normal,", ",fracture,")
     other_classes.predictions_path.write_text(text)
+    bad_split = _copy_run(finished_run, tmp_path / "r5")
+    bad_split.split_path.write_bytes(b"\xff\xfe\x00 junk")
     bad_metrics = _copy_run(finished_run, tmp_path / "r4")
     bad_metrics.metrics_path.write_bytes(b"\x00\x01 not json")
 
@@ -107,10 +109,12 @@ def test_damaged_run_files_are_one_line_and_the_report_skips_them(finished_run, 
     assert "metrics.json is damaged" in line
 
     out = tmp_path / "rep"
-    rc = main(["report", str(good), str(bad_recipe), str(other_classes), "--out", str(out), "--bootstrap", "50"])
+    rc = main(["report", str(good), str(bad_recipe), str(other_classes), str(bad_split), "--out", str(out),
+               "--bootstrap", "50"])
     assert rc == 0
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("osteo: warning:")]
-    assert len(warnings) == 2 and "recipe.json is damaged" in warnings[0] and "predictions.csv" in warnings[1]
+    assert len(warnings) == 3 and "recipe.json is damaged" in warnings[0] and "predictions.csv" in warnings[1]
+    assert "split.csv is damaged" in warnings[2]
     page = (out / "index.html").read_text(encoding="utf-8")
     assert "skipped" in page and page.count(good.name) >= 1
     assert len((out / "comparison.csv").read_text().strip().splitlines()) == 2  # header + the good run

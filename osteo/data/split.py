@@ -170,6 +170,8 @@ def read_split(path: str | os.PathLike) -> list[dict]:
             rows = list(csv.DictReader(f))
     except OSError as e:
         raise OsteoError(f"cannot read split file {path}: {e.strerror}") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise OsteoError(f"{path} is damaged ({type(e).__name__}); it cannot be repaired: train a new run") from None
     if rows and tuple(rows[0]) != SPLIT_COLUMNS:
         raise OsteoError(f"{path} is not a split.csv (columns must be {', '.join(SPLIT_COLUMNS)})")
     return rows
