@@ -13,7 +13,6 @@ it "osteopenia".
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from osteo import CLASSES
 from osteo.errors import OsteoError
-from osteo.files import write_csv
+from osteo.files import read_csv, write_csv
 
 PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
 PREDICTION_COLUMNS = ("path", "label", "pred", *PROB_COLUMNS, "split")
@@ -49,13 +48,7 @@ def write_predictions(path: str | os.PathLike, rows: Sequence[dict], probs: np.n
 
 def read_predictions(path: str | os.PathLike, split: str | None = None):
     """(labels, probabilities, rows) of one split of a ``predictions.csv``."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise OsteoError(f"cannot read {path}: {e.strerror}; is this a finished run directory?") from None
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise OsteoError(f"{path} is damaged ({type(e).__name__}); train the run again") from None
+    rows = read_csv(path, "is this a finished run directory? If it is, train the run again")
     if rows and not set(PREDICTION_COLUMNS) <= set(rows[0]):
         raise OsteoError(f"{path} is not an osteo predictions.csv (columns {', '.join(rows[0])})")
     if split is not None:

@@ -109,6 +109,17 @@ def write_csv(
     write_text(path, buf.getvalue())
 
 
+def read_csv(path: str | os.PathLike, fix: str) -> list[dict]:
+    """The rows of a CSV file osteo wrote; unreadable or damaged is a one-line error ending in ``fix``."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except OSError as e:
+        raise OsteoError(f"cannot read {path}: {e.strerror}; {fix}") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise OsteoError(f"{path} is damaged ({type(e).__name__}); {fix}") from None
+
+
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)

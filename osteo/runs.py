@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from osteo.errors import OsteoError
-from osteo.files import read_json, write_json
+from osteo.files import read_csv, read_json, write_json
 
 if TYPE_CHECKING:
     from osteo.recipe import Recipe
@@ -197,16 +197,9 @@ class RunDir:
         write_split(self.split_path, split)
 
     def read_history(self) -> list[dict]:
-        import csv
-
         if not self.history_path.exists():
             return []
-        try:
-            with open(self.history_path, newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
-        except (OSError, UnicodeDecodeError, csv.Error) as e:
-            raise OsteoError(f"{self.history_path} is damaged or unreadable ({type(e).__name__}); "
-                             "move it aside to continue without the curves") from None
+        return read_csv(self.history_path, "move it aside to continue without the curves")
 
     def read_predictions(self, split: str | None = None):
         """(labels, probabilities, rows) of one split of ``predictions.csv`` (all splits: None)."""

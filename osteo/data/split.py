@@ -29,7 +29,7 @@ import numpy as np
 
 from osteo import CLASSES
 from osteo.errors import OsteoError
-from osteo.files import write_csv
+from osteo.files import read_csv, write_csv
 
 SPLIT_COLUMNS = ("path", "label", "split", "group")
 CONFLICT_POLICIES = ("exclude", "majority", "keep")
@@ -165,13 +165,7 @@ def write_split(path: str | os.PathLike, split: list[dict]) -> None:
 
 
 def read_split(path: str | os.PathLike) -> list[dict]:
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise OsteoError(f"cannot read split file {path}: {e.strerror}") from None
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise OsteoError(f"{path} is damaged ({type(e).__name__}); it cannot be repaired: train a new run") from None
+    rows = read_csv(path, "a run's split cannot be repaired: train a new run")
     if rows and tuple(rows[0]) != SPLIT_COLUMNS:
         raise OsteoError(f"{path} is not a split.csv (columns must be {', '.join(SPLIT_COLUMNS)})")
     return rows
