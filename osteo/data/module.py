@@ -8,9 +8,9 @@ The image size and the batch size are the (resolved) data config's; the batch si
 can be overridden per call (feature extraction, benchmarks).
 
 ``setup`` audits the folder, splits it (or takes a saved ``split.csv`` when
-resuming), and fills the shared image cache. Files that became unreadable after
-the audit are skipped with a warning and listed in ``skipped``; the Trainer counts
-them in ``env.json``.
+resuming), and fills the shared image cache. Files that became unreadable (or
+whose bytes changed) after the audit are skipped with a warning and listed in
+``skipped``; the Trainer counts them in ``env.json``.
 
 MixUp and CutMix (``mixup``/``cutmix`` alpha > 0) mix training batches here, in
 tf.data, because they mix labels too; the labels become soft (B, 3) targets. The
@@ -84,7 +84,7 @@ class DataModule:
         gone += [p for p, e in entries.items() if e.path in bad]
         self.skipped = sorted(set(gone))
         for p in self.skipped:
-            log.warning("skipping %s: unreadable or missing since the split was made", p)
+            log.warning("skipping %s: unreadable, changed or missing since the split was made", p)
         skipped = set(self.skipped)
         for name in ("train", "val", "test"):
             rows = [r for r in split if r["split"] == name and r["path"] not in skipped]
