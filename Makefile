@@ -10,7 +10,7 @@ MODEL ?= convnext_tiny
 RECIPE ?= $(MODEL)
 OUT ?= reports
 
-.PHONY: install test test-all lint data audit train train-all report bench demo clean
+.PHONY: install test test-all lint data audit train cv train-all report bench demo clean
 
 install: $(STAMP)
 
@@ -47,11 +47,17 @@ TRAIN_ARGS = --model $(MODEL) \
 	$(if $(filter command line environment,$(origin DATA)),--data $(DATA)) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
 	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(BATCH),--batch $(BATCH)) \
-	$(if $(SEED),--seed $(SEED)) $(if $(RESUME),--resume $(RESUME))
+	$(if $(SEED),--seed $(SEED)) $(if $(RESUME),--resume $(RESUME)) \
+	$(if $(filter command line environment,$(origin RUNS)),--runs $(RUNS))
 STUDY_MODELS := vgg16 vgg19 densenet169 convnext_tiny
 
 train: install
 	$(OSTEO) train $(RECIPE) $(TRAIN_ARGS)
+
+# k-fold cross-validation of one backbone: FOLDS runs under one parent (runs/<model>/<id>/cv.json)
+FOLDS ?= 5
+cv: install
+	$(OSTEO) train $(RECIPE) $(TRAIN_ARGS) --folds $(FOLDS)
 
 train-all: install
 	@for m in $(STUDY_MODELS); do $(MAKE) --no-print-directory train MODEL=$$m RECIPE=$$m || exit 1; done

@@ -4,6 +4,7 @@
     osteo data audit DATA [--out DIR]
     osteo data split DATA --out split.csv [--val 0.3] [--test 0] [--folds K --fold I] [--seed S]
     osteo train RECIPE_OR_MODEL [--data DIR] [--set key=value ...] [--resume RUN_DIR|latest]
+                [--folds K [--fold I] [--cv DIR]]
     osteo eval RUN_DIR [--split val|test] [--bootstrap 1000]
     osteo report [RUNS ...] [--out DIR] [--all] [--runs DIR]
     osteo predict RUN_DIR IMAGE_OR_FOLDER ... [--out predictions.csv]
@@ -271,16 +272,47 @@ def cmd_train(args) -> int:
     console = _console()
     run = None
     if args.resume:
+        if args.folds or args.fold or args.cv:
+            raise OsteoError("--resume takes one run; to resume a fold, pass its folder: --resume CV_DIR/fold-I")
         run, recipe = resume_recipe(args)
     else:
         recipe = build_recipe(args)
     plan = plan_device(args.backend, recipe, console)
-    from osteo.trainer import Trainer
-
     if run is None:
         ensure_phantom(recipe, console)
+    if args.folds or args.fold or args.cv:
+        return cross_validate(args, recipe, plan, console)
+    from osteo.trainer import Trainer
+
     trainer = Trainer(recipe, console=console, resume=run, command=" ".join(sys.argv), plan=plan)
     print_run_summary(trainer.run(), console)
+    return 0
+
+
+def cross_validate(args, recipe, plan, console) -> int:
+    """``--folds K [--fold I] [--cv DIR]``: every fold (or fold I) as a complete run under one parent."""
+    import copy
+
+    from osteo.runs import CvDir, new_run_dir
+    from osteo.trainer import Trainer
+
+    k = args.folds or (CvDir(args.cv).read()["folds"] if args.cv and CvDir(args.cv).is_cv() else 0)
+    if k < 2:
+        raise OsteoError(f"cross-validation needs --folds K with K >= 2, got {k}; e.g. --folds 5")
+    if args.fold is not None and not 1 <= args.fold <= k:
+        raise OsteoError(f"--fold {args.fold} is not one of 1..{k}")
+    if args.cv:
+        cv = CvDir(args.cv)
+    else:
+        cv = CvDir(new_run_dir(recipe.runs_dir, recipe.model.backbone).path)
+    cv.start(folds=k, seed=recipe.train.seed, recipe=recipe.name, model=recipe.model.backbone)
+    for i in [args.fold] if args.fold else range(1, k + 1):
+        r = copy.deepcopy(recipe)
+        r.data.folds, r.data.fold = k, i - 1
+        console.print(f"cross-validation {cv}: fold {i} of {k}", highlight=False)
+        Trainer(r, console=console, command=" ".join(sys.argv), plan=plan, at=cv.fold(i).path).run()
+    print(f"cross-validation: {cv} ({'fold ' + str(args.fold) if args.fold else f'{k} folds'}); "
+          f"compare with: osteo report --runs {recipe.runs_dir}")
     return 0
 
 
@@ -402,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="continue a killed run: its directory, or 'latest'")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, e.g. train.lr=3e-4")
     p.add_argument("--backend", help="auto (default: the measured-faster one), tensorflow or torch")
+    p.add_argument("--folds", type=int, help="k-fold cross-validation: K runs under one parent folder")
+    p.add_argument("--fold", type=int, help="run fold I (1..K) only, for schedulers (with --folds or --cv)")
+    p.add_argument("--cv", help="the cross-validation's parent folder (default: a new one under RUNS)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="metrics with intervals from a run's predictions")

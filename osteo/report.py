@@ -20,6 +20,7 @@ not paired.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import os
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from osteo import CLASSES
+from osteo.data.split import majority_label
 from osteo.errors import OsteoError
 from osteo.evaluate import (
     compute_metrics,
@@ -40,21 +42,26 @@ from osteo.evaluate import (
     reliability_curve,
 )
 from osteo.files import atomic_path, sweep_temporaries, write_csv, write_text
-from osteo.runs import RunDir, list_runs
+from osteo.runs import CvDir, RunDir, list_cvs, list_runs
 
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1")
 STAGE_PREFIX = ".report-"  # the staging folder inside --out while a report is written
 COMPARISON_COLUMNS = (
-    "model", "run_id", "weights", "precision", "backend", "image_size", "epochs", "best_epoch", "n_train", "n_val",
+    "model", "run_id", "evaluated_on", "folds", "weights", "precision", "backend", "image_size", "epochs",
+    "best_epoch", "n_train", "n_val",
     "n_nonfinite",  # validation predictions that are NaN or infinite: a diverged model
     "accuracy", "accuracy_lo", "accuracy_hi", "balanced_accuracy", "balanced_accuracy_lo", "balanced_accuracy_hi",
-    "macro_f1", "macro_f1_lo", "macro_f1_hi", "roc_auc", "kappa_qw", "mcc", "log_loss", "brier", "ece",
-    "majority_class", "majority_accuracy", "majority_balanced_accuracy", "mcnemar_vs", "mcnemar_p",
+    "macro_f1", "macro_f1_lo", "macro_f1_hi",
+    # cross-validations: mean and standard deviation over the folds (the row's own values are pooled)
+    "accuracy_mean", "accuracy_sd", "balanced_accuracy_mean", "balanced_accuracy_sd", "macro_f1_mean", "macro_f1_sd",
+    "roc_auc", "kappa_qw", "mcc", "log_loss", "brier", "ece",
+    "majority_class", "majority_accuracy", "majority_balanced_accuracy", "mcnemar_vs", "mcnemar_p", "fold_ttest_p",
     "train_seconds", "train_images_per_sec", "params",
     *(f"{m}_{c}" for c in CLASSES for m in ("precision", "recall", "specificity", "f1")),
     "split_id", "run_dir",
 )
 PER_CLASS_COLUMNS = ("model", "run_id", "class", "metric", "value", "lo", "hi")
+FOLD_COLUMNS = ("model", "run_id", "fold", "n", *HEADLINE)
 
 
 @dataclass
@@ -70,6 +77,8 @@ class Run:
     majority: dict
     split_id: str
     audit: dict = field(default_factory=dict)
+    evaluated_on: str = "validation"  # or "out-of-fold" (a cross-validation, pooled)
+    fold_metrics: list[dict] = field(default_factory=list)  # a cross-validation's, one per fold
 
     @property
     def model(self) -> str:
@@ -80,37 +89,84 @@ class Run:
         return self.path.name
 
     @property
+    def folds(self) -> int:
+        return len(self.fold_metrics)
+
+    @property
     def label(self) -> str:
-        return f"{self.model} ({self.run_id})"
+        return f"{self.model} ({'cv ' if self.folds else ''}{self.run_id})"
 
 
 def collect_runs(specs: list[str] | None = None, runs_dir: str | os.PathLike = "runs",
-                 all_runs: bool = False, warn: Callable[[str], None] | None = None) -> list[RunDir]:
-    """The runs to report: those given, else the latest finished run of each model (or all).
+                 all_runs: bool = False, warn: Callable[[str], None] | None = None) -> list[RunDir | CvDir]:
+    """The runs to report: those given, else the latest finished run and cross-validation of
+    each model (or all of them).
 
     Unfinished runs under ``runs_dir`` are left out with one ``warn`` line naming them.
     """
     if specs:
-        return [RunDir(s).check(need=RunDir.FINISHED) for s in specs]
+        return [CvDir(s) if CvDir(s).is_cv() else RunDir(s).check(need=RunDir.FINISHED) for s in specs]
+    cvs = list_cvs(runs_dir, finished=True)
+    if not all_runs:
+        cvs = list({c.model: c for c in cvs}.values())  # oldest first: the last of each model wins
     runs = list_runs(runs_dir, finished=True)
     unfinished = [r for r in list_runs(runs_dir) if not r.is_finished()]
     if unfinished and warn:
         names = ", ".join(str(r) for r in unfinished[:5]) + (" ..." if len(unfinished) > 5 else "")
         warn(f"left out {len(unfinished)} unfinished run(s) (no {RunDir.PREDICTIONS} or {RunDir.METRICS}): "
              f"{names}; finish one with: osteo train --resume RUN_DIR")
-    if not runs:
+    if not runs and not cvs:
         raise OsteoError(f"no finished runs under {runs_dir}; train one first (make train MODEL=...)")
     if all_runs:
-        return runs
+        return [*runs, *cvs]
     latest: dict[str, RunDir] = {}
     for r in runs:  # oldest first, so the last one of each model wins
         latest[r.model] = r
-    return [latest[m] for m in sorted(latest)]
+    return [latest[m] for m in sorted(latest)] + sorted(cvs, key=lambda c: c.model)
+
+
+def load_cv(cv: CvDir, n_boot: int = 1000, seed: int = 0) -> Run:
+    """A cross-validation as one row: its pooled out-of-fold predictions (each image scored
+    once, by the fold that held it out), with the per-fold metrics beside them."""
+    folds = [load_run(f, "val", 0, seed) for f in cv.folds()]
+    first = folds[0]
+    y = np.concatenate([f.y for f in folds])
+    probs = np.concatenate([f.probs for f in folds])
+    rows = [row for f in folds for row in f.rows]
+    if len({row["path"] for row in rows}) != len(rows):
+        raise OsteoError(f"the folds of {cv} share validation images; it is not a cross-validation of one split")
+    metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed)
+    metrics["best_epoch"] = None
+    train_labels = [r["label"] for f in cv.folds() for r in f.read_split() if r["split"] == "train"]
+    majority = majority_baseline(y, majority_label(train_labels))
+    # one curve per epoch: the mean over the folds (each fold trained the same epochs)
+    epochs = min(len(f.history) for f in folds)
+    history = [{k: _mean_cell([f.history[i].get(k) for f in folds]) for k in folds[0].history[i]}
+               for i in range(epochs)]
+    split_id = hashlib.sha256("".join(f.split_id for f in folds).encode()).hexdigest()[:12]
+    fold_metrics = [{"fold": i, "n": f.metrics["n"], **{k: f.metrics[k] for k in HEADLINE}}
+                    for i, f in enumerate(folds, start=1)]
+    env = {**first.env, "train_seconds": _sum_key(folds, "train_seconds"),
+           "n_train": first.env.get("n_train")}
+    return Run(cv.path, first.recipe, env, metrics, history, y, probs, rows, majority, split_id, first.audit,
+               evaluated_on="out-of-fold", fold_metrics=fold_metrics)
+
+
+def _mean_cell(values: list) -> float | str:
+    nums = [float(v) for v in values if v not in (None, "")]
+    return float(np.mean(nums)) if nums else ""
+
+
+def _sum_key(runs: list[Run], key: str) -> float | None:
+    values = [r.env.get(key) for r in runs]
+    return round(sum(values), 2) if all(isinstance(v, int | float) for v in values) else None
 
 
 def load_run(path: str | os.PathLike, split: str = "val", n_boot: int = 1000, seed: int = 0) -> Run:
     from osteo.evaluate import training_majority
 
+    if CvDir(path).is_cv():
+        return load_cv(CvDir(path), n_boot, seed)
     run = RunDir(path)
     recipe = run.read_recipe().to_dict()  # the resolved recipe (older runs' sizes filled in)
     y, probs, rows = run.read_predictions(split)
@@ -127,23 +183,36 @@ def load_run(path: str | os.PathLike, split: str = "val", n_boot: int = 1000, se
 
 
 def _paired(runs: list[Run]) -> dict[Path, dict]:
-    """McNemar's exact test of each run against the best run with the same validation images."""
+    """Each run against the best run scored on the same images: McNemar's exact test on the
+    predictions (pooled out-of-fold ones for cross-validations) and, between two
+    cross-validations on the same folds, a paired t-test on the folds' balanced accuracies."""
+    from scipy.stats import ttest_rel
+
     out: dict[Path, dict] = {}
     if not runs:
         return out
-    best = max(runs, key=lambda r: r.metrics["balanced_accuracy"])
+    best = max(runs, key=lambda r: _finite_or(r.metrics["balanced_accuracy"], -1.0))
     best_correct = {row["path"]: p == y for row, p, y in zip(best.rows, best.probs.argmax(1), best.y)}
     for r in runs:
         paths = [row["path"] for row in r.rows]
         if r is best:
-            out[r.path] = {"vs": "(best)", "p": None}
-        elif set(paths) == set(best_correct):
+            out[r.path] = {"vs": "(best)", "p": None, "fold_p": None}
+        elif set(paths) == set(best_correct) and r.evaluated_on == best.evaluated_on:
             mine = r.probs.argmax(1) == r.y
             theirs = np.array([best_correct[p] for p in paths])
-            out[r.path] = {"vs": best.label, "p": mcnemar_exact(mine, theirs)["p_value"]}
+            fold_p = None
+            if r.folds and r.split_id == best.split_id and r.folds == best.folds:
+                a = [f["balanced_accuracy"] for f in r.fold_metrics]
+                b = [f["balanced_accuracy"] for f in best.fold_metrics]
+                fold_p = float(ttest_rel(a, b).pvalue) if np.ptp(np.subtract(a, b)) > 0 else 1.0
+            out[r.path] = {"vs": best.label, "p": mcnemar_exact(mine, theirs)["p_value"], "fold_p": fold_p}
         else:
-            out[r.path] = {"vs": "not paired (different validation images)", "p": None}
+            out[r.path] = {"vs": "not paired (different images)", "p": None, "fold_p": None}
     return out
+
+
+def _finite_or(value, default: float) -> float:
+    return float(value) if isinstance(value, int | float) and np.isfinite(value) else default
 
 
 def comparison_rows(runs: list[Run]) -> list[dict]:
@@ -161,17 +230,26 @@ def comparison_rows(runs: list[Run]) -> list[dict]:
             "brier": m["brier"], "ece": m["ece"], "majority_class": r.majority["class"],
             "majority_accuracy": r.majority["accuracy"], "majority_balanced_accuracy": r.majority["balanced_accuracy"],
             "mcnemar_vs": paired[r.path]["vs"], "mcnemar_p": paired[r.path]["p"],
+            "fold_ttest_p": paired[r.path]["fold_p"], "folds": r.folds or None, "evaluated_on": r.evaluated_on,
             "train_seconds": r.env.get("train_seconds"), "train_images_per_sec": r.env.get("train_images_per_sec"),
             "params": r.env.get("params"), "split_id": r.split_id, "run_dir": str(r.path),
         }
         for k in HEADLINE:
             row[k] = m[k]
             row[f"{k}_lo"], row[f"{k}_hi"] = m.get(f"{k}_ci", (None, None))
+            values = [f[k] for f in r.fold_metrics]
+            row[f"{k}_mean"] = float(np.mean(values)) if values else None
+            row[f"{k}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
         for c in CLASSES:
             for k in ("precision", "recall", "specificity", "f1"):
                 row[f"{k}_{c}"] = m["per_class"][c][k]
         rows.append(row)
     return rows
+
+
+def fold_rows(runs: list[Run]) -> list[dict]:
+    """Long form of the cross-validations' per-fold metrics (empty without one)."""
+    return [{"model": r.model, "run_id": r.run_id, **f} for r in runs for f in r.fold_metrics]
 
 
 def per_class_rows(runs: list[Run]) -> list[dict]:
@@ -478,8 +556,8 @@ def failures(run: Run, row: dict, split: str) -> list[str]:
 def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split: str,
                 skipped: list[str] = (), n_boot: int = 1000) -> str:
     e = html.escape
-    cols = ["model", "run_id", "weights", "precision", "image_size", "epochs", "best_epoch", "n_train", "n_val",
-            "accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "kappa_qw", "mcc", "ece",
+    cols = ["model", "run_id", "evaluated_on", "folds", "weights", "precision", "image_size", "epochs", "best_epoch",
+            "n_train", "n_val", "accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "kappa_qw", "mcc", "ece",
             "majority_accuracy", "majority_balanced_accuracy", "mcnemar_p", "train_images_per_sec"]
     table_rows = []
     for row in rows:
@@ -507,6 +585,11 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split
     for title, key, caption in sections:
         if key in plots:
             body.append(f"<h2>{e(title)}</h2><p>{e(caption)}</p>{_img(plots[key], title)}")
+    folds = fold_rows(runs)
+    if folds:
+        body.append("<h2>Cross-validation folds</h2><p>Each fold's validation metrics; the comparison table "
+                    "shows the pooled out-of-fold predictions, and the mean and SD over the folds in "
+                    "comparison.csv.</p>" + _table(folds, list(FOLD_COLUMNS)))
     body.append("<h2>Data audit</h2>" + _audit_section(runs))
     body.append("<h2>Runs</h2>")
     for r in runs:
@@ -559,6 +642,7 @@ def write_report(run_dirs: list, out: str | os.PathLike, split: str = "val", n_b
         rows = comparison_rows(runs)
         write_csv(stage / "comparison.csv", rows, COMPARISON_COLUMNS)
         write_csv(stage / "per_class.csv", per_class_rows(runs), PER_CLASS_COLUMNS)
+        write_csv(stage / "folds.csv", fold_rows(runs), FOLD_COLUMNS)
         plots_dir = stage / "plots"
         colours = _colours(runs)
         plots = {
@@ -570,7 +654,7 @@ def write_report(run_dirs: list, out: str | os.PathLike, split: str = "val", n_b
             "samples": plot_samples(runs, plots_dir),
         }
         write_text(stage / "index.html", render_html(runs, rows, plots, split, skipped, n_boot))
-        for name in ("comparison.csv", "per_class.csv"):
+        for name in ("comparison.csv", "per_class.csv", "folds.csv"):
             os.replace(stage / name, out / name)
         _replace_folder(plots_dir, out / "plots")
         os.replace(stage / "index.html", out / "index.html")  # last: the page appears only when all is there

@@ -208,6 +208,83 @@ class RunDir:
         return read_predictions(self.predictions_path, split)
 
 
+class CvDir:
+    """A cross-validation: ``runs/<model>/<cv-id>/`` with ``cv.json`` and one run per fold.
+
+    ``cv.json`` holds the number of folds, the split seed, the recipe's name and the
+    members (``fold-1`` ... ``fold-K``), each a complete :class:`RunDir`. The folds
+    come from the data layer (stratified, group-aware, duplicate-safe), so every
+    non-excluded image is in exactly one fold's validation split.
+    """
+
+    MANIFEST = "cv.json"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def model(self) -> str:
+        return self.path.parent.name
+
+    manifest_path = property(lambda self: self.path / self.MANIFEST)
+
+    def is_cv(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def read(self) -> dict:
+        try:
+            cv = read_json(self.manifest_path)
+            if not (isinstance(cv, dict) and isinstance(cv.get("folds"), int) and cv["folds"] >= 2):
+                raise ValueError("no fold count")
+            return cv
+        except OSError as e:
+            raise OsteoError(f"cannot read {self.manifest_path}: {e.strerror}") from None
+        except ValueError as e:
+            raise OsteoError(f"{self.manifest_path} is damaged ({e}); start the cross-validation again") from None
+
+    def start(self, folds: int, seed: int, recipe: str, model: str) -> CvDir:
+        """Write ``cv.json`` for a new cross-validation, or check it matches an existing one."""
+        want = {"folds": folds, "split_seed": seed, "recipe": recipe, "model": model,
+                "members": [self.fold_name(i) for i in range(1, folds + 1)]}
+        if self.is_cv():
+            have = self.read()
+            for key in ("folds", "split_seed", "model"):
+                if have.get(key) != want[key]:
+                    raise OsteoError(f"{self.path} is a cross-validation with {key} {have.get(key)}, not "
+                                     f"{want[key]}; use another --cv folder")
+            return self
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OsteoError(f"cannot create {self.path}: {e.strerror}; set RUNS= (--runs) to a writable "
+                             "folder") from None
+        write_json(self.manifest_path, want)
+        return self
+
+    @staticmethod
+    def fold_name(i: int) -> str:
+        return f"fold-{i}"
+
+    def fold(self, i: int) -> RunDir:
+        return RunDir(self.path / self.fold_name(i))
+
+    def folds(self) -> list[RunDir]:
+        return [self.fold(i) for i in range(1, self.read()["folds"] + 1)]
+
+    def is_finished(self) -> bool:
+        return self.is_cv() and all(f.is_finished() for f in self.folds())
+
+
 # --------------------------------------------------------------------------- finding runs
 
 
@@ -231,6 +308,29 @@ def new_run_dir(runs_dir: str | os.PathLike, model: str) -> RunDir:
             raise OsteoError(f"cannot create run directory {path}: {e.strerror}; "
                              "set RUNS= (--runs) to a writable folder") from None
     raise OsteoError(f"too many runs started this second under {base}")
+
+
+def create_run_dir(path: str | os.PathLike) -> RunDir:
+    """A new run directory at exactly ``path`` (a cross-validation's fold); never an existing run."""
+    run = RunDir(path)
+    if run.is_run():
+        raise OsteoError(f"{run.path} holds a run already; resume it with --resume {run.path}, or remove it")
+    try:
+        run.path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OsteoError(f"cannot create run directory {run.path}: {e.strerror}; "
+                         "set RUNS= (--runs) to a writable folder") from None
+    return run
+
+
+def list_cvs(runs_dir: str | os.PathLike = "runs", finished: bool = False) -> list[CvDir]:
+    """Cross-validations under ``runs_dir`` (``<model>/<cv-id>/cv.json``), oldest first."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    cvs = [CvDir(p.parent) for p in root.glob(f"*/*/{CvDir.MANIFEST}")]
+    cvs = [c for c in cvs if c.is_finished()] if finished else cvs
+    return sorted(cvs, key=lambda c: (c.name, c.model))
 
 
 def list_runs(runs_dir: str | os.PathLike = "runs", model: str | None = None,

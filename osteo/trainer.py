@@ -47,7 +47,7 @@ from osteo.classifier import Classifier, SparseCrossEntropy, default_metrics
 from osteo.errors import OsteoError
 from osteo.files import atomic_path, sweep_temporaries, write_bytes
 from osteo.recipe import AugmentConfig, Recipe, resolve
-from osteo.runs import RunDir, find_run, new_run_dir
+from osteo.runs import RunDir, create_run_dir, find_run, new_run_dir
 
 
 def use_feature_cache(requested: str, augment: AugmentConfig) -> bool:
@@ -97,15 +97,18 @@ class Trainer:
         command: the command line, recorded in ``env.json``.
         plan: the device plan made before Keras was imported (the CLI's); by default
             it is made here for the backend Keras has loaded.
+        at: the exact path of the new run directory (a cross-validation's fold);
+            by default a new ``runs_dir/<model>/<timestamp>``.
     """
 
     def __init__(self, recipe: Recipe, *, console=None, resume: str | RunDir | None = None, command: str = "",
-                 plan: devices.Plan | None = None):
+                 plan: devices.Plan | None = None, at: str | Path | None = None):
         self.recipe = recipe
         self.console = console
         self.resume = resume
         self.command = command or " ".join(sys.argv)
         self.plan = plan
+        self.at = at
         self.run_dir: RunDir | None = None
         self.phases: list[Phase] = []
         self._held = contextlib.ExitStack()  # the run directory's lock, from setup() to finish()
@@ -167,7 +170,7 @@ class Trainer:
             keras.mixed_precision.set_dtype_policy("float32")
 
         if self.run_dir is None:
-            self.run_dir = new_run_dir(r.runs_dir, self.clf.spec.name)
+            self.run_dir = create_run_dir(self.at) if self.at else new_run_dir(r.runs_dir, self.clf.spec.name)
             self._held.enter_context(self.run_dir.locked())
             self._say(f"run directory {self.run_dir}")
             self.run_dir.write_split(self.dm.split)

@@ -1,0 +1,78 @@
+"""k-fold cross-validation: K complete runs under one parent, and a pooled out-of-fold report."""
+
+import csv
+import json
+
+import pytest
+
+from osteo.cli import main
+from osteo.runs import CvDir
+
+
+def _rows(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _cv_args(phantom_dir, runs, *extra):
+    return ["train", "seed", "--model", "tiny", "--weights", "none", "--image-size", "32", "--epochs", "1",
+            "--data", str(phantom_dir), "--runs", str(runs), "--set", "train.tensorboard=false",
+            "--set", "train.bootstrap=50", "--set", "train.steps_per_epoch=2", *extra]
+
+
+@pytest.fixture(scope="module")
+def two_cvs(phantom_dir, tmp_path_factory):
+    """Two cross-validations of 3 folds on the same folds (the same data and seed), other rates."""
+    runs = tmp_path_factory.mktemp("runs")
+    for lr in ("1e-3", "3e-2"):
+        assert main(_cv_args(phantom_dir, runs, "--folds", "3", "--set", f"train.lr={lr}")) == 0
+    cvs = sorted((p.parent for p in runs.glob("tiny/*/cv.json")), key=lambda p: p.name)
+    assert len(cvs) == 2
+    return runs, [CvDir(p) for p in cvs]
+
+
+def test_three_folds_make_three_complete_runs_covering_every_image_once(two_cvs, phantom_dir):
+    _, (cv, _) = two_cvs
+    manifest = json.loads(cv.manifest_path.read_text())
+    assert manifest["folds"] == 3 and manifest["members"] == ["fold-1", "fold-2", "fold-3"]
+    assert manifest["split_seed"] == 0
+    held_out = []
+    for i, fold in enumerate(cv.folds(), start=1):
+        assert fold.is_finished(), fold
+        recipe = fold.read_recipe()
+        assert (recipe.data.folds, recipe.data.fold) == (3, i - 1)
+        split = fold.read_split()
+        assert {r["split"] for r in split} == {"train", "val"}
+        held_out += [r["path"] for r in split if r["split"] == "val"]
+    everything = {r["path"] for r in cv.fold(1).read_split()}
+    assert sorted(held_out) == sorted(everything) and len(held_out) == len(set(held_out))
+
+
+def test_the_report_pools_out_of_fold_predictions_and_pairs_the_folds(two_cvs, tmp_path):
+    runs, (cv_a, cv_b) = two_cvs
+    out = tmp_path / "rep"
+    assert main(["report", "--runs", str(runs), "--all", "--out", str(out), "--bootstrap", "50"]) == 0
+    rows = {r["run_id"]: r for r in _rows(out / "comparison.csv")}
+    a, b = rows[cv_a.name], rows[cv_b.name]
+    n_images = len(cv_a.fold(1).read_split())
+    for r in (a, b):
+        assert r["evaluated_on"] == "out-of-fold" and r["folds"] == "3"
+        assert int(r["n_val"]) == n_images  # pooled: every image scored once
+        assert float(r["balanced_accuracy_lo"]) <= float(r["balanced_accuracy"]) <= float(r["balanced_accuracy_hi"])
+        assert r["balanced_accuracy_mean"] and r["balanced_accuracy_sd"]
+    # the two are paired: McNemar on the pooled predictions, a paired t-test on the folds
+    other = b if a["mcnemar_vs"] == "(best)" else a
+    assert other["mcnemar_p"] and other["fold_ttest_p"]
+    folds = _rows(out / "folds.csv")
+    assert len(folds) == 6 and {f["fold"] for f in folds} == {"1", "2", "3"}
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "Cross-validation folds" in page and "out-of-fold" in page
+
+
+def test_one_fold_at_a_time_lands_in_the_same_parent(phantom_dir, tmp_path):
+    cv = tmp_path / "runs" / "tiny" / "my-cv"
+    for i in (2, 1):
+        assert main(_cv_args(phantom_dir, tmp_path / "runs", "--folds", "2", "--fold", str(i), "--cv", str(cv))) == 0
+    assert CvDir(cv).is_finished()
+    assert main(_cv_args(phantom_dir, tmp_path / "runs", "--folds", "3", "--fold", "1", "--cv", str(cv))) == 2
+    assert main(_cv_args(phantom_dir, tmp_path / "runs", "--folds", "2", "--fold", "5")) == 2
