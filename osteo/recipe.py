@@ -116,6 +116,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     tensorboard: bool = True
+    mlflow: bool = False  # log to MLflow ($MLFLOW_TRACKING_URI, else a file store in ./mlruns)
     bootstrap: int = 1000  # resamples for the metrics' 95% intervals
     # phase 1 on backbone features computed once; auto: when no augmentation is active
     feature_cache: Literal["auto", "on", "off"] = "auto"

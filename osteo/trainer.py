@@ -35,6 +35,7 @@ import keras
 import numpy as np
 
 from osteo import device as devices
+from osteo import tracking
 from osteo.callbacks import (
     BestCheckpoint,
     HistoryCSV,
@@ -273,9 +274,7 @@ class Trainer:
         if t.early_stopping:
             callbacks.append(keras.callbacks.EarlyStopping(monitor=t.monitor, mode=monitor_mode(t.monitor),
                                                            patience=t.early_stopping))
-        if t.tensorboard and _has_tensorboard():
-            callbacks.append(keras.callbacks.TensorBoard(str(self.run_dir.tensorboard_path), write_graph=False,
-                                                         profile_batch=0))
+        callbacks += tracking.callbacks(self.recipe, self.run_dir)
         if self.console is not None:
             callbacks.append(RichProgress(self.console, total_epochs=self.total_epochs, steps_per_epoch=self.steps,
                                           batch_size=self.dm.batch_size, title=self.clf.spec.name))
@@ -311,6 +310,7 @@ class Trainer:
                       "monitor": self.best.monitor, "best_value": self.best.best}
         t = self.recipe.train
         evaluate_run(run, n_boot=t.bootstrap, seed=t.seed, checkpoint=checkpoint)
+        tracking.finish(self.recipe, run)
         shutil.rmtree(run.backup_path, ignore_errors=True)
         self._held.close()
         return run.path
@@ -368,10 +368,3 @@ def _done_until(marker: Path) -> int:
         return int(marker.read_text() or 0)
     except (OSError, ValueError):
         return -1
-
-
-def _has_tensorboard() -> bool:
-    """TensorBoard logs need the ``tensorboard`` package (not a dependency of TF 2.21)."""
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None
