@@ -116,6 +116,8 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     tensorboard: bool = True
+    # screening thresholds chosen on validation after calibration: CLASS[+]:sensitivity|specificity=X
+    operating_points: tuple[str, ...] = ("osteoporosis:sensitivity=0.9", "osteopenia+:sensitivity=0.9")
     mlflow: bool = False  # log to MLflow ($MLFLOW_TRACKING_URI, else a file store in ./mlruns)
     bootstrap: int = 1000  # resamples for the metrics' 95% intervals
     # phase 1 on backbone features computed once; auto: when no augmentation is active
@@ -426,6 +428,10 @@ def resolve(recipe: Recipe) -> Recipe:
     if r.data.val + r.data.test >= 1:
         raise OsteoError(f"data.val + data.test must be below 1 (got {r.data.val} + {r.data.test}); "
                          "leave images for training")
+    from osteo.calibrate import parse_operating_point
+
+    for point in r.train.operating_points:
+        parse_operating_point(point)
     kind, _ = parse_weights(r.model.weights)
     if kind == "imagenet" and spec.test_only:
         raise OsteoError(f"{spec.name} has no ImageNet weights; use WEIGHTS=none")

@@ -33,10 +33,12 @@ from pathlib import Path
 import numpy as np
 
 from osteo import CLASSES
+from osteo.calibrate import apply_temperature
 from osteo.data.split import majority_label
 from osteo.errors import OsteoError
 from osteo.evaluate import (
     compute_metrics,
+    expected_calibration_error,
     majority_baseline,
     mcnemar_exact,
     reliability_curve,
@@ -54,7 +56,7 @@ COMPARISON_COLUMNS = (
     "macro_f1", "macro_f1_lo", "macro_f1_hi",
     # cross-validations: mean and standard deviation over the folds (the row's own values are pooled)
     "accuracy_mean", "accuracy_sd", "balanced_accuracy_mean", "balanced_accuracy_sd", "macro_f1_mean", "macro_f1_sd",
-    "roc_auc", "kappa_qw", "mcc", "log_loss", "brier", "ece",
+    "roc_auc", "kappa_qw", "mcc", "log_loss", "brier", "ece", "ece_calibrated", "temperature",
     "majority_class", "majority_accuracy", "majority_balanced_accuracy", "mcnemar_vs", "mcnemar_p", "fold_ttest_p",
     "train_seconds", "train_images_per_sec", "params",
     *(f"{m}_{c}" for c in CLASSES for m in ("precision", "recall", "specificity", "f1")),
@@ -79,6 +81,8 @@ class Run:
     audit: dict = field(default_factory=dict)
     evaluated_on: str = "validation"  # or "out-of-fold" (a cross-validation, pooled)
     fold_metrics: list[dict] = field(default_factory=list)  # a cross-validation's, one per fold
+    calibrated: np.ndarray | None = None  # the probabilities after the run's temperature scaling
+    temperature: float | None = None
 
     @property
     def model(self) -> str:
@@ -148,8 +152,11 @@ def load_cv(cv: CvDir, n_boot: int = 1000, seed: int = 0) -> Run:
                     for i, f in enumerate(folds, start=1)]
     env = {**first.env, "train_seconds": _sum_key(folds, "train_seconds"),
            "n_train": first.env.get("n_train")}
+    calibrated = (np.concatenate([f.calibrated for f in folds])
+                  if all(f.calibrated is not None for f in folds) else None)  # each fold's own temperature
+    metrics["ece_calibrated"] = expected_calibration_error(y, calibrated) if calibrated is not None else None
     return Run(cv.path, first.recipe, env, metrics, history, y, probs, rows, majority, split_id, first.audit,
-               evaluated_on="out-of-fold", fold_metrics=fold_metrics)
+               evaluated_on="out-of-fold", fold_metrics=fold_metrics, calibrated=calibrated)
 
 
 def _mean_cell(values: list) -> float | str:
@@ -175,8 +182,11 @@ def load_run(path: str | os.PathLike, split: str = "val", n_boot: int = 1000, se
     metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed)
     metrics["best_epoch"] = run.read_metrics().get("best_epoch")
     majority = majority_baseline(y, training_majority(run))
+    temperature = run.read_calibration().get("temperature")
+    calibrated = apply_temperature(probs, temperature) if temperature and np.isfinite(probs).all() else None
+    metrics["ece_calibrated"] = expected_calibration_error(y, calibrated) if calibrated is not None else None
     return Run(run.path, recipe, run.read_env(), metrics, run.read_history(), y, probs, rows, majority,
-               run.split_id(), run.read_audit())
+               run.split_id(), run.read_audit(), calibrated=calibrated, temperature=temperature)
 
 
 # --------------------------------------------------------------------------- tables
@@ -215,8 +225,11 @@ def _finite_or(value, default: float) -> float:
     return float(value) if isinstance(value, int | float) and np.isfinite(value) else default
 
 
-def comparison_rows(runs: list[Run]) -> list[dict]:
-    paired = _paired(runs)
+def comparison_rows(runs: list[Run], oracles: list[Run] = ()) -> list[dict]:
+    """One row per run, then one per oracle (the phantom's ceiling: compared with nothing)."""
+    unpaired = {"vs": "", "p": None, "fold_p": None}
+    paired = {**_paired(runs), **{o.path: unpaired for o in oracles}}
+    runs = [*runs, *oracles]
     rows = []
     for r in runs:
         m, t = r.metrics, r.recipe.get("train", {})
@@ -227,7 +240,8 @@ def comparison_rows(runs: list[Run]) -> list[dict]:
             "epochs": int(t.get("epochs", 0)) + int(t.get("fine_tune_epochs", 0)), "best_epoch": m.get("best_epoch"),
             "n_train": r.env.get("n_train"), "n_val": m["n"], "n_nonfinite": m["n_nonfinite"],
             "roc_auc": m["roc_auc"], "kappa_qw": m["kappa_qw"], "mcc": m["mcc"], "log_loss": m["log_loss"],
-            "brier": m["brier"], "ece": m["ece"], "majority_class": r.majority["class"],
+            "brier": m["brier"], "ece": m["ece"], "ece_calibrated": m.get("ece_calibrated"),
+            "temperature": r.temperature, "majority_class": r.majority["class"],
             "majority_accuracy": r.majority["accuracy"], "majority_balanced_accuracy": r.majority["balanced_accuracy"],
             "mcnemar_vs": paired[r.path]["vs"], "mcnemar_p": paired[r.path]["p"],
             "fold_ttest_p": paired[r.path]["fold_p"], "folds": r.folds or None, "evaluated_on": r.evaluated_on,
@@ -245,6 +259,43 @@ def comparison_rows(runs: list[Run]) -> list[dict]:
                 row[f"{k}_{c}"] = m["per_class"][c][k]
         rows.append(row)
     return rows
+
+
+def oracle_runs(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> list[Run]:
+    """The phantom's ceiling for each split the runs were scored on, where the data has latents.csv.
+
+    The oracle is fitted on each run's own training split and scored on the same
+    validation (or, for a cross-validation, the same out-of-fold) images.
+    """
+    from osteo.oracle import oracle_probs, read_latents
+
+    out, seen = [], set()
+    for r in runs:
+        data_dir = r.audit.get("data_dir") or r.recipe.get("data", {}).get("dir", "")
+        if (data_dir, r.split_id) in seen:
+            continue
+        seen.add((data_dir, r.split_id))
+        latents = read_latents(data_dir) if data_dir else None
+        if latents is None:
+            continue
+        parts = [(f, f.read_predictions("val")[2]) for f in CvDir(r.path).folds()] if r.folds else \
+                [(RunDir(r.path), r.rows)]
+        probs, folds = [], []
+        for run, rows in parts:
+            p = oracle_probs(latents, [x for x in run.read_split() if x["split"] == "train"], rows)
+            if p is None:
+                break
+            probs.append(p)
+            y = np.array([CLASSES.index(x["label"]) for x in rows])
+            m = compute_metrics(y, p)
+            folds.append({"fold": len(folds) + 1, "n": m["n"], **{k: m[k] for k in HEADLINE}})
+        else:
+            probs = np.concatenate(probs)
+            metrics = {**compute_metrics(r.y, probs, n_boot=n_boot, seed=seed), "best_epoch": None}
+            recipe = {"model": {"backbone": "oracle"}, "data": r.recipe.get("data", {})}
+            out.append(Run(r.path / "oracle", recipe, {}, metrics, [], r.y, probs, r.rows, r.majority, r.split_id,
+                           r.audit, r.evaluated_on, folds if r.folds else []))
+    return out
 
 
 def fold_rows(runs: list[Run]) -> list[dict]:
@@ -387,25 +438,31 @@ def plot_roc(runs: list[Run], colours, out: Path) -> Path:
 
 
 def plot_reliability(runs: list[Run], colours, out: Path) -> Path:
+    """Reliability diagrams before and after each run's temperature scaling."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
-    for r, name in zip(runs, _names(runs)):
-        finite = np.isfinite(r.probs).all(axis=1)  # a NaN row has no confidence to bin
-        curve = reliability_curve(r.y[finite], r.probs[finite])
-        ax.plot(curve[:, 0], curve[:, 1], marker="o", color=colours[r.model],
-                label=f"{name} ECE {_fmt(r.metrics['ece'])}")
-    ax.set_xlabel("confidence (top-class probability)")
-    ax.set_ylabel("accuracy")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
-    ax.set_title("reliability diagram (validation)")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5))
+    for ax, after in zip(axes, (False, True)):
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+        for r, name in zip(runs, _names(runs)):
+            probs = r.calibrated if after else r.probs
+            if probs is None:
+                continue
+            finite = np.isfinite(probs).all(axis=1)  # a NaN row has no confidence to bin
+            curve = reliability_curve(r.y[finite], probs[finite])
+            ece = r.metrics["ece_calibrated"] if after else r.metrics["ece"]
+            ax.plot(curve[:, 0], curve[:, 1], marker="o", color=colours[r.model], label=f"{name} ECE {_fmt(ece)}")
+        ax.set_xlabel("confidence (top-class probability)")
+        ax.set_ylabel("accuracy")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+        ax.set_title("after temperature scaling" if after else "as trained (validation)")
+    fig.tight_layout()
     return _save(fig, out / "reliability.png")
 
 
-def plot_bars(runs: list[Run], colours, out: Path) -> Path:
+def plot_bars(runs: list[Run], colours, out: Path, oracles: list[Run] = ()) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(HEADLINE), figsize=(4.2 * len(HEADLINE), 3.8), sharey=True)
@@ -421,6 +478,9 @@ def plot_bars(runs: list[Run], colours, out: Path) -> Path:
             # each run's own baseline: runs on other splits (one class only, say) have other ones
             ax.hlines([r.majority[k] for r in runs], x - 0.4, x + 0.4, color="red", linestyle="--",
                       label="majority class")
+        for o in oracles:  # the ceiling: a classifier that sees the phantom's true latents
+            ax.axhline(o.metrics[k], color="green", linestyle=":", label=f"oracle {o.metrics[k]:.2f}")
+        if k in ("accuracy", "balanced_accuracy") or oracles:
             ax.legend(fontsize=7, loc="lower right")
         ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
         ax.set_title(k.replace("_", " ") + " (95% CI)", fontsize=10)
@@ -558,6 +618,7 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split
     e = html.escape
     cols = ["model", "run_id", "evaluated_on", "folds", "weights", "precision", "image_size", "epochs", "best_epoch",
             "n_train", "n_val", "accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "kappa_qw", "mcc", "ece",
+            "ece_calibrated",
             "majority_accuracy", "majority_balanced_accuracy", "mcnemar_p", "train_images_per_sec"]
     table_rows = []
     for row in rows:
@@ -574,7 +635,8 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split
         ("Training curves", "curves", "dashed: training, solid: validation; dotted: the start of fine-tuning"),
         ("Confusion matrices", "confusion", ""),
         ("ROC curves", "roc", "one class against the rest"),
-        ("Calibration", "reliability", "a calibrated model lies on the diagonal"),
+        ("Calibration", "reliability", "a calibrated model lies on the diagonal; right: after each run's "
+                                       "temperature scaling (fitted on its validation predictions)"),
         ("Sample predictions", "samples", ""),
     ]
     body = [f"<h1>osteo: model comparison ({e(split)} split)</h1>", warn_html,
@@ -639,14 +701,15 @@ def write_report(run_dirs: list, out: str | os.PathLike, split: str = "val", n_b
     sweep_temporaries(out)
     stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, suffix=".tmp", dir=out))
     try:
-        rows = comparison_rows(runs)
+        oracles = oracle_runs(runs, n_boot, seed)
+        rows = comparison_rows(runs, oracles)
         write_csv(stage / "comparison.csv", rows, COMPARISON_COLUMNS)
         write_csv(stage / "per_class.csv", per_class_rows(runs), PER_CLASS_COLUMNS)
         write_csv(stage / "folds.csv", fold_rows(runs), FOLD_COLUMNS)
         plots_dir = stage / "plots"
         colours = _colours(runs)
         plots = {
-            "bars": plot_bars(runs, colours, plots_dir),
+            "bars": plot_bars(runs, colours, plots_dir, oracles),
             "curves": plot_curves(runs, colours, plots_dir),
             "confusion": plot_confusions(runs, plots_dir),
             "roc": plot_roc(runs, colours, plots_dir),
@@ -672,3 +735,84 @@ def _replace_folder(new: Path, target: Path) -> None:
     os.replace(new, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- model card
+
+
+def write_model_card(run_dir) -> Path:
+    """``MODEL_CARD.md`` of one run: what it is for and not, its data, recipe, results and environment.
+
+    Rewritten whenever something it reports changes (training, ``osteo calibrate``,
+    ``osteo eval --data``), from the run's own files.
+    """
+    run = RunDir(run_dir)
+    recipe, env, audit = run.read_recipe(), run.read_env(), run.read_audit()
+    metrics, calibration = run.read_metrics(), run.read_calibration()
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    ci = lambda m, k: (f"{fmt(m.get(k))} [{fmt(m[k + '_ci'][0])}, {fmt(m[k + '_ci'][1])}]"
+                       if m.get(f"{k}_ci") else fmt(m.get(k)))
+    lines = [
+        f"# Model card: {recipe.model.backbone} ({run.name})", "",
+        "## Intended use and limits", "",
+        "Research on knee radiographs: sorting them into normal, osteopenia and osteoporosis, to compare",
+        "models and study what they learn. **Not a medical device and not for diagnosis**: bone mineral",
+        "density is measured by DXA; a radiograph classifier has not been validated for any clinical",
+        "decision. Its numbers hold for images like its training data (same scanners, protocol,",
+        "population); check them on your own images first (`osteo eval RUN --data FOLDER`).", "",
+        "## Training data", "",
+        f"- folder: `{audit.get('data_dir', recipe.data.dir)}`; {audit.get('n_files', '?')} files, "
+        f"{audit.get('n_ok', '?')} readable, {len(audit.get('unreadable', []))} unreadable",
+        "- classes: " + ", ".join(f"{c} {n}" for c, n in audit.get("classes", {}).items()),
+        f"- duplicate groups: {len(audit.get('duplicate_groups', []))}; images excluded as filed under two "
+        f"classes: {env.get('excluded_conflicts', 0)}",
+        f"- split: {env.get('n_train', '?')} train / {env.get('n_val', '?')} validation / "
+        f"{env.get('n_test', 0)} test (seed {recipe.train.seed}; "
+        + (f"fold {recipe.data.fold + 1} of {recipe.data.folds})" if recipe.data.folds else
+           f"{recipe.data.val:.0%} validation)"), "",
+        "## Recipe", "",
+        f"`{recipe.name}`: {recipe.model.backbone}, weights {recipe.model.weights}, {recipe.data.image_size} px, "
+        f"preprocessing {recipe.model.preprocessing}, {recipe.train.epochs} + {recipe.train.fine_tune_epochs} "
+        f"epochs (frozen + fine-tuned), {recipe.train.optimizer} lr {recipe.train.lr:g} / "
+        f"{recipe.train.fine_tune_lr:g}, batch {recipe.data.batch_size}, best checkpoint by {recipe.train.monitor}"
+        f" (epoch {metrics.get('best_epoch', '?')}). The full recipe is `recipe.json`.", "",
+        "## Results (95% stratified bootstrap intervals)", "",
+        "| split | n | accuracy | balanced accuracy | macro F1 | ROC-AUC | majority class (bal. acc.) |",
+        "| --- | ---: | --- | --- | --- | ---: | --- |",
+    ]
+    for name in ("val", "test"):
+        m = metrics.get(name)
+        if m:
+            base = m.get("majority_baseline", {})
+            lines.append(f"| {name} | {m.get('n')} | {ci(m, 'accuracy')} | {ci(m, 'balanced_accuracy')} | "
+                         f"{ci(m, 'macro_f1')} | {fmt(m.get('roc_auc'))} | {base.get('class', '-')} "
+                         f"({fmt(base.get('balanced_accuracy'))}) |")
+    externals = sorted(run.eval_path.glob("*/metrics.json")) if run.eval_path.is_dir() else []
+    for path in externals:
+        m = RunDir(path.parent)._read(path).get("external", {})
+        base = m.get("majority_baseline", {})
+        lines.append(f"| external: {path.parent.name} | {m.get('n')} | {ci(m, 'accuracy')} | "
+                     f"{ci(m, 'balanced_accuracy')} | {ci(m, 'macro_f1')} | {fmt(m.get('roc_auc'))} | "
+                     f"{base.get('class', '-')} ({fmt(base.get('balanced_accuracy'))}) |")
+    lines += ["", "## Calibration and operating points", ""]
+    if calibration:
+        lines.append(f"Temperature {fmt(calibration.get('temperature'))} (fitted on validation); expected "
+                     f"calibration error {fmt(calibration.get('ece_before'))} before, "
+                     f"{fmt(calibration.get('ece_after'))} after." + (f" {calibration['error']}"
+                                                                       if calibration.get("error") else ""))
+        for point in calibration.get("operating_points", []):
+            if point.get("error"):
+                lines.append(f"- {point['name']} ({point['target']} {point['value']}): {point['error']}")
+                continue
+            v = point["val"]
+            lines.append(f"- {point['name']}: threshold {fmt(point['threshold'])} for {point['target']} "
+                         f">= {point['value']} on validation: sensitivity {ci(v, 'sensitivity')}, "
+                         f"specificity {ci(v, 'specificity')}")
+    else:
+        lines.append("Not calibrated (`osteo calibrate RUN_DIR`).")
+    lines += ["", "## Environment", "",
+              f"osteo {env.get('git_commit', '?')[:12]}, Keras {env.get('keras', '?')}, backend "
+              f"{env.get('backend', '?')} on {env.get('device', {}).get('runs_on', '?')}, precision "
+              f"{env.get('precision', '?')}; {env.get('command', '')}", ""]
+    write_text(run.model_card_path, "\n".join(lines))
+    return run.model_card_path

@@ -43,6 +43,9 @@ class RunDir:
     BEST = "best.keras"
     PREDICTIONS = "predictions.csv"
     METRICS = "metrics.json"
+    CALIBRATION = "calibration.json"  # temperature and operating points (osteo.calibrate)
+    MODEL_CARD = "MODEL_CARD.md"
+    EVAL = "eval"  # external validations: eval/<folder-name>/
     BACKUP = ".backup"  # the resumable training state (TrainingState); removed when the run ends
     TENSORBOARD = "tensorboard"
     REQUIRED = (RECIPE, SPLIT)  # what makes a folder a run directory
@@ -85,6 +88,9 @@ class RunDir:
     best_path = property(lambda self: self.path / self.BEST)
     predictions_path = property(lambda self: self.path / self.PREDICTIONS)
     metrics_path = property(lambda self: self.path / self.METRICS)
+    calibration_path = property(lambda self: self.path / self.CALIBRATION)
+    model_card_path = property(lambda self: self.path / self.MODEL_CARD)
+    eval_path = property(lambda self: self.path / self.EVAL)
     backup_path = property(lambda self: self.path / self.BACKUP)
     tensorboard_path = property(lambda self: self.path / self.TENSORBOARD)
 
@@ -183,6 +189,13 @@ class RunDir:
 
     def write_metrics(self, metrics: dict) -> None:
         write_json(self.metrics_path, metrics)
+
+    def read_calibration(self) -> dict:
+        """``{"temperature": T, "operating_points": [...]}``; {} for a run not calibrated."""
+        return self._read(self.calibration_path, default={})
+
+    def write_calibration(self, calibration: dict) -> None:
+        write_json(self.calibration_path, calibration)
 
     # ------------------------------------------------------------------ CSV files
 

@@ -284,7 +284,9 @@ class Trainer:
 
     def finish(self) -> Path:
         """Restore the best checkpoint, predict every held-out split, write metrics.json once."""
+        from osteo.calibrate import calibrate_run
         from osteo.evaluate import evaluate_run, write_predictions
+        from osteo.report import write_model_card
 
         run, model = self.run_dir, self.model
         if not self.best.path.exists():
@@ -310,6 +312,8 @@ class Trainer:
                       "monitor": self.best.monitor, "best_value": self.best.best}
         t = self.recipe.train
         evaluate_run(run, n_boot=t.bootstrap, seed=t.seed, checkpoint=checkpoint)
+        calibrate_run(run, t.operating_points, n_boot=t.bootstrap, seed=t.seed)
+        write_model_card(run)
         tracking.finish(self.recipe, run)
         shutil.rmtree(run.backup_path, ignore_errors=True)
         self._held.close()

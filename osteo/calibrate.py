@@ -1,0 +1,163 @@
+"""Calibration and operating points, fitted on a run's validation predictions (no Keras).
+
+Temperature scaling (Guo et al., 2017): one scalar T divides the model's logits, here
+recovered as log-probabilities (softmax is invariant to the constant lost that way), and
+is fitted by minimising the validation negative log-likelihood. T > 1 softens an
+over-confident model; the ranking of the classes, and so accuracy, never changes.
+
+An operating point turns the probabilities into a screening decision for one class or
+a group of ordered classes ("osteopenia or worse" = ``osteopenia+``): the threshold on
+its probability that reaches the asked sensitivity (or specificity) on validation.
+
+``calibration.json`` in the run directory holds both; predict, eval and export apply it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from osteo import CLASSES
+from osteo.errors import OsteoError
+
+EPS = 1e-7
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Probabilities softened (T > 1) or sharpened (T < 1) as if the logits were divided by T."""
+    logits = np.log(np.clip(np.asarray(probs, dtype=np.float64), EPS, 1.0)) / float(temperature)
+    logits -= logits.max(axis=1, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def nll(y: np.ndarray, probs: np.ndarray) -> float:
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], EPS, 1.0))))
+
+
+def fit_temperature(y: np.ndarray, probs: np.ndarray) -> float:
+    """The T that minimises the negative log-likelihood of ``y`` (bounded search on log T)."""
+    from scipy.optimize import minimize_scalar
+
+    y, probs = np.asarray(y, dtype=int), np.asarray(probs, dtype=np.float64)
+    if len(y) == 0 or not np.isfinite(probs).all():
+        raise OsteoError("cannot calibrate: the validation predictions are empty or not finite; retrain the run")
+    result = minimize_scalar(lambda t: nll(y, apply_temperature(probs, np.exp(t))), bounds=(-3.0, 3.0),
+                             method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(result.x))
+
+
+# --------------------------------------------------------------------------- operating points
+
+_SPEC = re.compile(r"^\s*([a-z]+)(\+?)\s*:\s*(sensitivity|specificity)\s*=\s*([0-9.]+)\s*$")
+
+
+def parse_operating_point(text: str) -> dict:
+    """``osteoporosis:sensitivity=0.90`` or ``osteopenia+:specificity=0.8`` -> a spec dict."""
+    m = _SPEC.match(text.lower())
+    if not m or m.group(1) not in CLASSES or not 0 < float(m.group(4)) < 1:
+        raise OsteoError(f"operating point {text!r} is not CLASS[+]:sensitivity=X or CLASS[+]:specificity=X "
+                         f"with X in (0, 1); e.g. osteoporosis:sensitivity=0.90 (CLASS one of {', '.join(CLASSES)}, "
+                         "'+' for that class or worse)")
+    first = CLASSES.index(m.group(1))
+    positive = list(range(first, len(CLASSES))) if m.group(2) else [first]
+    name = m.group(1) + ("+" if m.group(2) else "")
+    return {"name": name, "positive": positive, "target": m.group(3), "value": float(m.group(4))}
+
+
+def positive_score(probs: np.ndarray, positive: list[int]) -> np.ndarray:
+    return np.asarray(probs)[:, positive].sum(axis=1)
+
+
+def sens_spec(y: np.ndarray, score: np.ndarray, positive: list[int], threshold: float) -> tuple[float, float]:
+    is_pos = np.isin(y, positive)
+    called = score >= threshold
+    sens = float(called[is_pos].mean()) if is_pos.any() else float("nan")
+    spec = float((~called[~is_pos]).mean()) if (~is_pos).any() else float("nan")
+    return sens, spec
+
+
+def choose_threshold(y: np.ndarray, probs: np.ndarray, spec: dict) -> float:
+    """The highest threshold reaching the sensitivity asked for (or the lowest reaching the specificity)."""
+    y = np.asarray(y, dtype=int)
+    score = positive_score(probs, spec["positive"])
+    is_pos = np.isin(y, spec["positive"])
+    if not is_pos.any() or is_pos.all():
+        raise OsteoError(f"cannot choose an operating point for {spec['name']}: the validation split needs "
+                         "positive and negative images")
+    candidates = np.unique(np.concatenate([score, [0.0, 1.0 + EPS]]))
+    if spec["target"] == "sensitivity":
+        ok = [t for t in candidates if sens_spec(y, score, spec["positive"], t)[0] >= spec["value"]]
+        return float(max(ok))
+    ok = [t for t in candidates if sens_spec(y, score, spec["positive"], t)[1] >= spec["value"]]
+    return float(min(ok))
+
+
+def operating_point_metrics(y: np.ndarray, probs: np.ndarray, point: dict, n_boot: int = 1000,
+                            seed: int = 0) -> dict:
+    """Sensitivity and specificity at a stored operating point, with stratified bootstrap intervals."""
+    y = np.asarray(y, dtype=int)
+    score = positive_score(probs, point["positive"])
+    sens, spec = sens_spec(y, score, point["positive"], point["threshold"])
+    out = {"name": point["name"], "threshold": point["threshold"], "n": len(y),
+           "sensitivity": sens, "specificity": spec}
+    if n_boot and len(y):
+        rng = np.random.default_rng(seed)
+        is_pos = np.isin(y, point["positive"])
+        pos, neg = np.flatnonzero(is_pos), np.flatnonzero(~is_pos)
+        called = score >= point["threshold"]
+        draws = []
+        for _ in range(n_boot):
+            p = called[rng.choice(pos, len(pos))] if len(pos) else np.array([np.nan])
+            n = ~called[rng.choice(neg, len(neg))] if len(neg) else np.array([np.nan])
+            draws.append((p.mean(), n.mean()))
+        lo, hi = np.nanpercentile(np.array(draws), [2.5, 97.5], axis=0)
+        out["sensitivity_ci"] = [float(min(lo[0], sens)), float(max(hi[0], sens))]
+        out["specificity_ci"] = [float(min(lo[1], spec)), float(max(hi[1], spec))]
+    return out
+
+
+# --------------------------------------------------------------------------- a run
+
+DEFAULT_POINTS = ("osteoporosis:sensitivity=0.9", "osteopenia+:sensitivity=0.9")
+
+
+def calibrate_run(run_dir, points: tuple[str, ...] | list[str] = DEFAULT_POINTS, n_boot: int = 1000,
+                  seed: int = 0) -> dict:
+    """Fit the temperature and the operating points on the run's validation predictions; write
+    ``calibration.json`` and return it. Sensitivity and specificity at each point are reported
+    on validation and, where the run has one, on its test split. A run whose predictions
+    cannot be calibrated (not finite, one class only) gets the reason recorded instead."""
+    from osteo.evaluate import expected_calibration_error
+    from osteo.runs import RunDir
+
+    run = RunDir(run_dir).check(need=(RunDir.PREDICTIONS,))
+    specs = [parse_operating_point(p) for p in points]
+    y, probs, _ = run.read_predictions("val")
+    y_test, p_test, _ = run.read_predictions("test")
+    out = {"method": "temperature scaling, fitted on the validation predictions (negative log-likelihood)",
+           "n": len(y), "temperature": 1.0, "operating_points": []}
+    try:
+        out["temperature"] = fit_temperature(y, probs)
+    except OsteoError as e:  # a diverged run: left uncalibrated, and said so
+        out["error"] = str(e)
+    temperature = out["temperature"]
+    calibrated = apply_temperature(probs, temperature)
+    if "error" not in out:
+        out.update(nll_before=nll(y, probs), nll_after=nll(y, calibrated),
+                   ece_before=expected_calibration_error(y, probs),
+                   ece_after=expected_calibration_error(y, calibrated))
+    for spec in specs:
+        try:
+            point = {**spec, "threshold": choose_threshold(y, calibrated, spec), "chosen_on": "val"}
+        except OsteoError as e:  # one class only in validation: no threshold to choose
+            out["operating_points"].append({**spec, "error": str(e)})
+            continue
+        point["val"] = operating_point_metrics(y, calibrated, point, n_boot, seed)
+        if len(y_test):
+            point["test"] = operating_point_metrics(y_test, apply_temperature(p_test, temperature), point, n_boot,
+                                                    seed)
+        out["operating_points"].append(point)
+    run.write_calibration(out)
+    return out

@@ -1,0 +1,89 @@
+"""Temperature scaling, operating points, and the model card."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from osteo.calibrate import (
+    apply_temperature,
+    choose_threshold,
+    fit_temperature,
+    operating_point_metrics,
+    parse_operating_point,
+)
+from osteo.cli import main
+from osteo.errors import OsteoError
+from osteo.evaluate import expected_calibration_error
+from osteo.runs import RunDir
+from osteo.trainer import Trainer
+
+
+def _overconfident(n=600, accuracy=0.7, seed=0):
+    """Predictions right 70% of the time but 97-99% sure of every answer."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    right = rng.random(n) < accuracy
+    pred = np.where(right, y, (y + rng.integers(1, 3, n)) % 3)
+    top = rng.uniform(0.97, 0.99, n)
+    probs = np.full((n, 3), 0.0)
+    probs[np.arange(n), pred] = top
+    for i in range(n):
+        others = [c for c in range(3) if c != pred[i]]
+        probs[i, others] = (1 - top[i]) / 2
+    return y, probs
+
+
+def test_temperature_scaling_lowers_the_ece_of_an_overconfident_model_and_keeps_its_answers():
+    y, probs = _overconfident()
+    t = fit_temperature(y, probs)
+    calibrated = apply_temperature(probs, t)
+    before, after = expected_calibration_error(y, probs), expected_calibration_error(y, calibrated)
+    assert t > 1.5  # softened
+    assert before > 0.2 and after < before / 3, (before, after)
+    np.testing.assert_array_equal(calibrated.argmax(1), probs.argmax(1))
+    np.testing.assert_allclose(calibrated.sum(1), 1.0)
+    # on held-out predictions of the same model too
+    y2, probs2 = _overconfident(seed=1)
+    assert expected_calibration_error(y2, apply_temperature(probs2, t)) < expected_calibration_error(y2, probs2) / 3
+
+
+def test_operating_points_reach_the_asked_sensitivity_and_group_ordered_classes():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 400)
+    probs = rng.dirichlet([1, 1, 1], 400)
+    probs[y == 2, 2] += 0.5  # osteoporosis scores higher when present
+    probs /= probs.sum(1, keepdims=True)
+    spec = parse_operating_point("osteoporosis:sensitivity=0.90")
+    assert spec["positive"] == [2]
+    point = {**spec, "threshold": choose_threshold(y, probs, spec)}
+    m = operating_point_metrics(y, probs, point, n_boot=200)
+    assert m["sensitivity"] >= 0.90 and m["sensitivity_ci"][0] <= m["sensitivity"] <= m["sensitivity_ci"][1]
+    # the highest threshold that does it: one step higher misses the target
+    higher = operating_point_metrics(y, probs, {**point, "threshold": point["threshold"] + 1e-9}, n_boot=0)
+    assert higher["sensitivity"] < 0.90
+    worse = parse_operating_point("osteopenia+:specificity=0.8")
+    assert worse["positive"] == [1, 2] and worse["target"] == "specificity"
+    t = choose_threshold(y, probs, worse)
+    assert operating_point_metrics(y, probs, {**worse, "threshold": t}, n_boot=0)["specificity"] >= 0.8
+    for bad in ("fracture:sensitivity=0.9", "osteoporosis:sensitivity=1.5", "osteoporosis:recall=0.9"):
+        with pytest.raises(OsteoError, match="operating point"):
+            parse_operating_point(bad)
+
+
+def test_a_trained_run_is_calibrated_with_a_model_card_and_recalibrates_on_demand(phantom_dir, tmp_path,
+                                                                                   tiny_recipe, capsys):
+    run = RunDir(Trainer(tiny_recipe(phantom_dir, tmp_path, epochs=1, bootstrap=50)).run())
+    cal = run.read_calibration()
+    assert cal["temperature"] > 0 and {p["name"] for p in cal["operating_points"]} == {"osteoporosis", "osteopenia+"}
+    card = run.model_card_path.read_text()
+    assert "not for diagnosis" in card and "Temperature" in card and "osteopenia+" in card
+    assert main(["calibrate", str(run), "--operating-point", "osteoporosis:specificity=0.5",
+                 "--bootstrap", "50"]) == 0
+    assert "temperature" in capsys.readouterr().out
+    assert [p["name"] for p in run.read_calibration()["operating_points"]] == ["osteoporosis"]
+    assert "specificity >= 0.5" in run.model_card_path.read_text()
+    assert main(["report", str(run), "--out", str(tmp_path / "rep"), "--bootstrap", "50"]) == 0
+    with open(tmp_path / "rep" / "comparison.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["temperature"]) == pytest.approx(cal["temperature"]) and row["ece_calibrated"]
