@@ -2,26 +2,281 @@
 
 The Trainer asks this module for its callbacks and calls :func:`finish` once the run's
 metrics are written; nothing else in osteo knows a tracker exists.
+
+TensorBoard (``train.tensorboard``, on by default) writes ``<run>/tensorboard/train`` and
+``<run>/tensorboard/validation``, one scalar per metric per epoch (step = Keras' epoch,
+from 0); ``tensorboard --logdir runs`` shows every run. Keras writes them with
+``tf.summary`` on every backend (PyTorch and JAX included), which needs TensorFlow and the
+``tensorboard`` package; without them the run trains without event files and
+``env.json``'s ``tracking.tensorboard`` says why.
+
+MLflow (``train.mlflow``, ``osteo train --mlflow``, or ``$MLFLOW_TRACKING_URI`` set; the
+``osteo[track]`` extra) logs one MLflow run per osteo run:
+
+- store: ``$MLFLOW_TRACKING_URI``, else the file store ``./mlruns`` of the current folder
+  (MLflow's own default before 3.x; view it with ``mlflow ui --backend-store-uri ./mlruns``,
+  which needs the full ``mlflow`` package);
+- experiment: ``$OSTEO_MLFLOW_EXPERIMENT`` (a study sets it), else ``osteo``;
+- params: the resolved recipe, flattened (``train.lr``, ``model.head.dropout`` ...);
+- per-epoch metrics: Keras' logs, step = the epoch as ``history.csv`` numbers it (from 1);
+- final metrics: ``final_<split>_<metric>`` (and ``..._ci_low`` / ``..._ci_high``) from
+  ``metrics.json`` for accuracy, balanced accuracy, macro F1 and ROC-AUC, and ``best_epoch``;
+- artifacts: recipe.json, env.json, metrics.json, history.csv, and MODEL_CARD.md and
+  calibration.json when the run has them.
+
+The MLflow run is tagged ``osteo.run`` with the run directory's absolute path (and
+``osteo.run_key``, its hash, by which it is found again): a resumed run continues its
+MLflow run, and ``env.json``'s ``tracking.mlflow`` names it. An MLflow error (a server
+that cannot be reached) stops training with one line; ``osteo train --resume`` goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from osteo.errors import OsteoError
 from osteo.recipe import Recipe
 from osteo.runs import RunDir
 
+if TYPE_CHECKING:
+    import keras
+    from mlflow import MlflowClient
 
-def callbacks(recipe: Recipe, run: RunDir) -> list:
-    """The tracking callbacks for one run: TensorBoard when ``train.tensorboard`` is on."""
+INSTALL = "pip install 'osteo[track]'"
+DEFAULT_EXPERIMENT = "osteo"
+DEFAULT_STORE = "mlruns"  # under the current folder
+HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
+RUN_TAG = "osteo.run"  # the run directory's absolute path
+KEY_TAG = "osteo.run_key"  # its hash, to find the MLflow run again
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+# --------------------------------------------------------------------------- the hooks
+
+
+def check(recipe: Recipe) -> None:
+    """A one-line error when MLflow is asked for and not installed; call it before any work."""
+    if mlflow_wanted(recipe) and not _installed("mlflow"):
+        why = "train.mlflow is on" if recipe.train.mlflow else "$MLFLOW_TRACKING_URI is set"
+        raise OsteoError(f"{why} but MLflow is not installed; install it with: {INSTALL}")
+
+
+def callbacks(recipe: Recipe, run: RunDir) -> list[keras.callbacks.Callback]:
+    """The tracking callbacks for one run (called once per training phase, before its first epoch)."""
     import keras
 
-    out = []
-    if recipe.train.tensorboard and importlib.util.find_spec("tensorboard") is not None:
+    check(recipe)
+    out: list[keras.callbacks.Callback] = []
+    off = tensorboard_off(recipe)
+    if off is None:
+        # the epoch curves only: no graph, no profiler (the profiler is TensorFlow/JAX only)
         out.append(keras.callbacks.TensorBoard(str(run.tensorboard_path), write_graph=False, profile_batch=0))
+    mlflow_run = None
+    if mlflow_wanted(recipe):
+        mlflow_run = _MlflowRun.open(recipe, run)
+        out.append(keras.callbacks.LambdaCallback(on_epoch_end=mlflow_run.log_epoch))
+    _record(run, off, mlflow_run)
     return out
 
 
 def finish(recipe: Recipe, run: RunDir) -> None:
-    """After the run's metrics are written: the trackers' final records."""
-    del recipe, run
+    """After the run's metrics are written: MLflow's final metrics and artifacts, and env.json's note."""
+    mlflow_run = None
+    if mlflow_wanted(recipe):
+        check(recipe)  # a resumed run whose epochs were all done called no callbacks()
+        mlflow_run = _MlflowRun.open(recipe, run)
+    # the Trainer has just rewritten env.json from its own copy: record the trackers again,
+    # before env.json goes to MLflow
+    _record(run, tensorboard_off(recipe), mlflow_run)
+    if mlflow_run is not None:
+        mlflow_run.close(run)
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+
+def tensorboard_off(recipe: Recipe) -> str | None:
+    """Why the run gets no TensorBoard files (None: it gets them)."""
+    if not recipe.train.tensorboard:
+        return "off: train.tensorboard is false"
+    # Keras' callback writes with tf.summary on every backend; its scalar op lives in tensorboard
+    for module, package in (("tensorflow", "tensorflow-cpu"), ("tensorboard", "tensorboard")):
+        if not _installed(module):
+            return (f"off: Keras writes TensorBoard files with tf.summary, which needs the {package} "
+                    f"package; install it with: pip install {package}")
+    return None
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def mlflow_wanted(recipe: Recipe) -> bool:
+    return recipe.train.mlflow or bool(os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else the file store ``./mlruns`` as an absolute ``file:`` URI.
+
+    A study's trials may run in other folders: it should export this value first.
+    """
+    return os.environ.get("MLFLOW_TRACKING_URI") or Path(DEFAULT_STORE).resolve().as_uri()
+
+
+def experiment_name() -> str:
+    return os.environ.get("OSTEO_MLFLOW_EXPERIMENT") or DEFAULT_EXPERIMENT
+
+
+@contextlib.contextmanager
+def _mlflow_errors(uri: str) -> Iterator[None]:
+    """MLflow's errors (a store that cannot be reached or written) as one line."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (MlflowException, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise OsteoError(f"MLflow at {uri}: {first}; fix $MLFLOW_TRACKING_URI (unset: ./mlruns), "
+                         "or train without train.mlflow") from None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out
+
+
+def _number(v: Any) -> float | None:
+    """A metric value MLflow can store (NaN included: a diverged epoch shows as one), else None."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def final_metrics(metrics: dict) -> dict[str, float]:
+    """The headline metrics of ``metrics.json``, per held-out split, with their 95% CI bounds."""
+    out: dict[str, float] = {}
+    for split in ("val", "test"):
+        m = metrics.get(split)
+        if not isinstance(m, dict):
+            continue
+        for key in HEADLINE:
+            if m.get(key) is not None:
+                out[f"final_{split}_{key}"] = float(m[key])
+            ci = m.get(f"{key}_ci")
+            if ci:
+                out[f"final_{split}_{key}_ci_low"], out[f"final_{split}_{key}_ci_high"] = map(float, ci)
+    if metrics.get("best_epoch") is not None:
+        out["best_epoch"] = float(metrics["best_epoch"])
+    return out
+
+
+class _MlflowRun:
+    """The MLflow run of one osteo run, through MlflowClient (no global active run)."""
+
+    def __init__(self, client: MlflowClient, uri: str, run_id: str, experiment: str):
+        self.client, self.uri, self.run_id, self.experiment = client, uri, run_id, experiment
+
+    @classmethod
+    def open(cls, recipe: Recipe, run: RunDir) -> _MlflowRun:
+        """The run tagged with this run directory, or a new one with the recipe as params."""
+        uri, name = tracking_uri(), experiment_name()
+        if uri.startswith("file:") or "://" not in uri:
+            # MLflow 3.x refuses its file store unless opted in; it is the store osteo documents
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+
+        with _mlflow_errors(uri):
+            client = MlflowClient(uri)
+            exp_id = _experiment_id(client, name)
+            path = str(run.path.resolve())
+            # looked up by a hash: MLflow's filter strings have no escapes for a path's quotes
+            key = hashlib.sha256(path.encode()).hexdigest()[:32]
+            found = client.search_runs([exp_id], f"tags.`{KEY_TAG}` = '{key}'", max_results=1)
+            params = _flatten(recipe.to_dict())
+            if found:
+                run_id = found[0].info.run_id
+                # MLflow params are write-once: a resumed run given more epochs notes the new values as tags
+                old = found[0].data.params
+                new = {k: v for k, v in params.items() if k not in old}
+                for k, v in params.items():
+                    if k in old and old[k] != v:
+                        client.set_tag(run_id, f"osteo.resumed.{k}", v)
+            else:
+                run_id = client.create_run(exp_id, run_name=f"{run.model}/{run.name}",
+                                           tags={RUN_TAG: path, KEY_TAG: key, "osteo.model": run.model}).info.run_id
+                new = params
+            items = [Param(k, v) for k, v in new.items()]
+            for i in range(0, len(items), 100):  # log_batch takes at most 100 params
+                client.log_batch(run_id, params=items[i : i + 100])
+        return cls(client, uri, run_id, name)
+
+    def log_epoch(self, epoch: int, logs: dict | None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        values = {k: _number(v) for k, v in (logs or {}).items()}
+        metrics = [Metric(k, v, now, epoch + 1) for k, v in values.items() if v is not None]
+        with _mlflow_errors(self.uri):
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self, run: RunDir) -> None:
+        """Final metrics and artifacts; the MLflow run ends FINISHED."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in final_metrics(run.read_metrics()).items()]
+        files = (run.recipe_path, run.env_path, run.metrics_path, run.history_path,
+                 run.model_card_path, run.calibration_path)
+        with _mlflow_errors(self.uri):
+            self.client.log_batch(self.run_id, metrics=metrics)
+            for path in files:
+                if path.is_file():
+                    self.client.log_artifact(self.run_id, str(path))
+            self.client.set_terminated(self.run_id, "FINISHED")
+
+    def to_json(self) -> dict:
+        return {"tracking_uri": self.uri, "experiment": self.experiment, "run_id": self.run_id}
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # another trial of the study created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+# --------------------------------------------------------------------------- env.json
+
+
+def _record(run: RunDir, tensorboard: str | None, mlflow_run: _MlflowRun | None) -> None:
+    """env.json's ``tracking``: where the run's curves are, or why they are not."""
+    env = run.read_env()
+    env["tracking"] = {
+        "tensorboard": tensorboard or str(run.tensorboard_path),
+        "mlflow": mlflow_run.to_json() if mlflow_run else "off: train.mlflow is false and $MLFLOW_TRACKING_URI is unset",
+    }
+    run.write_env(env)

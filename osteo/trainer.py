@@ -152,6 +152,7 @@ class Trainer:
             split = self.run_dir.read_split()
             self._say(f"resuming {self.run_dir}")
         r = self.recipe = resolve(self.recipe)
+        tracking.check(r)  # a tracker asked for but not installed fails before any work
         t = r.train
         self.clf = Classifier.from_recipe(r)
         if self.plan is None:
@@ -179,6 +180,7 @@ class Trainer:
         if not self.resume or run.read_recipe_dict() != r.to_dict():
             run.write_recipe(r)  # what is trained: a resumed run may have been given more epochs
         run.write_audit(self.dm.audit.to_json())
+        run.write_manifest(self.dm.audit.manifest_rows())
         self.env = {
             **_versions(), "backend": self.plan.backend, "precision": self.plan.precision,
             "jit_compile": self.plan.jit_compile, "device": self.plan.to_json(),
