@@ -1,14 +1,19 @@
-"""Classify new images with a finished run: ``osteo predict RUN_DIR IMAGES... [--out CSV]``.
+"""Use a finished run: ``osteo predict RUN_DIR IMAGES...`` and ``osteo eval RUN_DIR --data FOLDER``.
 
 The run's ``best.keras`` is loaded with ``safe_mode=True`` (no Python lambdas or
-pickles are executed); images are decoded and resized exactly as in training
-(:mod:`osteo.data.decode`, :func:`osteo.data.pipeline.resize_image`). Files that
-cannot be decoded get ``status=unreadable`` and a reason instead of probabilities.
+pickles are executed); images are decoded, resized and quantised exactly as the
+training cache does (:mod:`osteo.data.decode`, :func:`osteo.data.pipeline.resize_image`,
+16-bit levels), so a run's own validation images get back its ``predictions.csv``
+probabilities. The run's temperature (``calibration.json``) is applied unless
+``calibrated=False``, and its operating points turn the probabilities into screening
+decisions. ``tta`` averages the probabilities over the image, its mirror and small
+shifts. Files that cannot be decoded get ``status=unreadable`` and a reason.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +23,9 @@ from osteo.errors import OsteoError
 from osteo.files import write_csv
 from osteo.runs import RunDir
 
-COLUMNS = ("path", "status", "pred", *(f"p_{c}" for c in CLASSES), "reason")
+PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
+COLUMNS = ("path", "status", "pred", *PROB_COLUMNS, "reason")
+TTA_SHIFT = 1 / 16  # of the image side, both ways, on top of the mirror
 
 
 def load_best(run_dir: str | os.PathLike):
@@ -63,32 +70,182 @@ def _refuse_run_files(out: Path) -> None:
                          "elsewhere, e.g. --out predictions-new.csv")
 
 
-def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.PathLike, batch: int = 32) -> Path:
+def _op_column(name: str) -> str:
+    """``osteopenia+`` -> ``screen_osteopenia_or_worse``."""
+    return "screen_" + name.replace("+", "_or_worse")
+
+
+def load_images(paths: list[Path], size: int, resize: str) -> tuple[list[np.ndarray | None], list[str]]:
+    """Each file decoded and resized as training does it, or None with the reason why not."""
     import tensorflow as tf
 
     from osteo.data.decode import DecodeError, decode_file
-    from osteo.data.pipeline import box_factor, resize_image
+    from osteo.data.pipeline import SCALE, box_factor, resize_image
 
-    _refuse_run_files(Path(out))
-    model = load_best(run_dir)
-    data = RunDir(run_dir).read_recipe().data  # resolved: the size and resize mode it trained with
-    size, mode = data.image_size, data.resize
-    rows, ready, arrays = [], [], []
-    for f in _expand(images):
+    images, reasons = [], []
+    for f in paths:
         try:
             arr, info = decode_file(f)
         except DecodeError as e:
-            rows.append({"path": str(f), "status": "unreadable", "reason": str(e)})
+            images.append(None)
+            reasons.append(str(e))
             continue
-        box = box_factor(info.width, info.height, size, mode)
-        arrays.append(resize_image(tf.constant(arr), size, mode, box).numpy())
-        row = {"path": str(f), "status": "ok"}
-        rows.append(row)
-        ready.append(row)
-    if arrays:
-        probs = model.predict(np.stack(arrays), batch_size=batch, verbose=0)
+        img = resize_image(tf.constant(arr), size, resize, box_factor(info.width, info.height, size, resize))
+        images.append(np.round(img.numpy() * SCALE) / SCALE)  # the cache's 16-bit levels
+        reasons.append("")
+    return images, reasons
+
+
+class Predictor:
+    """A run's best model with its input size, calibration and operating points."""
+
+    def __init__(self, run_dir: str | os.PathLike, calibrated: bool = True, tta: bool = False):
+        self.run = RunDir(run_dir).check(need=(RunDir.BEST,))
+        self.model = load_best(self.run)
+        data = self.run.read_recipe().data  # resolved: the size and resize mode it trained with
+        self.size, self.resize = data.image_size, data.resize
+        calibration = self.run.read_calibration()
+        self.temperature = float(calibration.get("temperature", 1.0)) if calibrated else 1.0
+        self.points = [p for p in calibration.get("operating_points", []) if "threshold" in p]
+        self.tta = tta
+
+    def _views(self, x: np.ndarray) -> list[np.ndarray]:
+        if not self.tta:
+            return [x]
+        shift = max(1, round(self.size * TTA_SHIFT))
+        left, right = np.zeros_like(x), np.zeros_like(x)
+        left[:, :, :-shift], right[:, :, shift:] = x[:, :, shift:], x[:, :, :-shift]
+        return [x, x[:, :, ::-1], left, right]
+
+    def raw(self, images: np.ndarray, batch: int = 32) -> np.ndarray:
+        """The model's probabilities (averaged over the TTA views), before calibration."""
+        views = self._views(np.asarray(images, dtype="float32"))
+        return np.mean([self.model.predict(v, batch_size=batch, verbose=0) for v in views], axis=0)
+
+    def calibrate(self, probs: np.ndarray) -> np.ndarray:
+        from osteo.calibrate import apply_temperature
+
+        return apply_temperature(probs, self.temperature) if self.temperature != 1.0 else np.asarray(probs)
+
+    def decisions(self, calibrated: np.ndarray) -> dict[str, list[str]]:
+        """Per operating point: positive / negative for each image (thresholds on calibrated probabilities)."""
+        from osteo.calibrate import positive_score
+
+        return {_op_column(p["name"]): ["positive" if s >= p["threshold"] else "negative"
+                                        for s in positive_score(calibrated, p["positive"])] for p in self.points}
+
+    def predict_paths(self, paths: list[Path], batch: int = 32,
+                      progress: Callable[[int, int], None] | None = None):
+        """(rows, raw probabilities of the readable ones, their images); rows keep the input order."""
+        rows, ready, arrays = [], [], []
+        for start in range(0, len(paths), batch):
+            chunk = paths[start : start + batch]
+            images, reasons = load_images(chunk, self.size, self.resize)
+            for f, img, reason in zip(chunk, images, reasons):
+                row = {"path": _display(f), "status": "ok" if img is not None else "unreadable", "reason": reason}
+                rows.append(row)
+                if img is not None:
+                    ready.append(row)
+                    arrays.append(img)
+            if progress:
+                progress(min(start + batch, len(paths)), len(paths))
+        images = np.stack(arrays) if arrays else np.zeros((0, self.size, self.size, 1), "float32")
+        raw = self.raw(images, batch) if len(images) else np.zeros((0, len(CLASSES)), "float32")
+        probs = self.calibrate(raw)
         for row, p in zip(ready, probs):
             row["pred"] = CLASSES[int(np.argmax(p))]
-            row.update({f"p_{c}": f"{float(v):.6f}" for c, v in zip(CLASSES, p)})
-    write_csv(out, rows, COLUMNS)
+            row.update({c: f"{float(v):.6f}" for c, v in zip(PROB_COLUMNS, p)})
+        for column, values in self.decisions(probs).items():
+            for row, v in zip(ready, values):
+                row[column] = v
+        return rows, raw, images
+
+
+def _display(path: Path) -> str:
+    """A path as text that any CSV can hold (bytes that are not UTF-8 as \\xNN)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.PathLike, batch: int = 32,
+                  calibrated: bool = True, tta: bool = False, gradcam_dir: str | os.PathLike | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> Path:
+    """Classify files and folders (recursively, DICOM included) into ``out``; unreadable files get a row."""
+    _refuse_run_files(Path(out))
+    predictor = Predictor(run_dir, calibrated=calibrated, tta=tta)
+    paths = _expand(images)
+    rows, raw, arrays = predictor.predict_paths(paths, batch, progress)
+    if gradcam_dir is not None and len(arrays):
+        from osteo.explain import gradcam, write_overlays
+        from osteo.registry import get_backbone
+
+        spec = get_backbone(predictor.run.read_recipe().model.backbone)
+        maps, _ = gradcam(predictor.model, spec, arrays)
+        ok = [r for r in rows if r["status"] == "ok"]
+        write_overlays(gradcam_dir, [r["path"] for r in ok], arrays, maps, predictor.calibrate(raw))
+    columns = [*COLUMNS[:-1], *(_op_column(p["name"]) for p in predictor.points), "reason"]
+    write_csv(out, rows, columns)
     return Path(out)
+
+
+# --------------------------------------------------------------------------- external validation
+
+
+def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: str | os.PathLike | None = None,
+                    tta: bool = False, n_boot: int = 1000, seed: int = 0,
+                    progress: Callable[[int, int], None] | None = None,
+                    warn: Callable[[str], None] | None = None) -> tuple[Path, dict]:
+    """Score a run's best model on another labelled folder (class sub-folders): ``(out, metrics)``.
+
+    The folder gets the same audit as training data (unreadable files listed and skipped,
+    duplicates reported). Images that are, by content, in the run's training split are
+    left out of the score and counted. Writes ``predictions.csv`` and ``metrics.json``
+    in the run's schemas and ``audit.json`` to ``out`` (default ``RUN/eval/<folder>/``).
+    """
+    from osteo.calibrate import operating_point_metrics
+    from osteo.data.scan import audit, write_audit
+    from osteo.data.split import majority_label
+    from osteo.evaluate import (
+        compute_metrics,
+        expected_calibration_error,
+        majority_baseline,
+        write_predictions,
+    )
+    from osteo.files import write_json
+
+    predictor = Predictor(run_dir, calibrated=True, tta=tta)
+    run, folder = predictor.run, Path(folder)
+    out = Path(out) if out else run.eval_path / folder.resolve().name
+    _refuse_run_files(out / "predictions.csv")
+    result = audit(folder)
+    seen = run.training_hashes()
+    if seen is None and warn:
+        warn(f"{run} records no content hashes of its training images: overlap with {folder} not checked")
+    ok = result.ok()
+    overlap = [r for r in ok if seen and (r.sha256 in seen or r.pixel_sha256 in seen)]
+    scored = [r for r in ok if not (seen and (r.sha256 in seen or r.pixel_sha256 in seen))]
+    if not scored:
+        raise OsteoError(f"no image of {folder} can be scored ({len(ok)} readable, {len(overlap)} also in the "
+                         "run's training split); give a folder of other images")
+    rows, raw, _ = predictor.predict_paths([folder / r.path for r in scored], progress=progress)
+    kept = [(rec, row) for rec, row in zip(scored, rows) if row["status"] == "ok"]
+    y = np.array([CLASSES.index(rec.label) for rec, _ in kept])
+    raw_rows = [{"path": rec.path, "label": rec.label} for rec, _ in kept]
+    write_predictions(out / "predictions.csv", raw_rows, raw, "external")
+    calibrated = predictor.calibrate(raw)
+    metrics = compute_metrics(y, raw, n_boot=n_boot, seed=seed)
+    metrics["majority_baseline"] = majority_baseline(y, majority_label(rec.label for rec, _ in kept))
+    report = {
+        "run": str(run.path), "data_dir": str(folder), "tta": tta, "n_files": len(result.records),
+        "unreadable": len(result.records) - len(ok) + len(scored) - len(kept),
+        "excluded_training_overlap": len(overlap), "overlap_checked": seen is not None,
+        "duplicate_groups": len(result.duplicate_groups),
+        "external": metrics,
+        "calibrated": {"temperature": predictor.temperature, "ece": expected_calibration_error(y, calibrated)},
+        "operating_points": [operating_point_metrics(y, calibrated, p, n_boot, seed) for p in predictor.points],
+    }
+    write_json(out / "metrics.json", report)
+    write_audit(result, out)
+    from osteo.report import write_model_card
+
+    write_model_card(run)
+    return out, report

@@ -84,6 +84,7 @@ class BackboneSpec:
     # without it, features from scratch grow large and saturate the softmax.
     pooled_norm: bool = False
     cpu: dict[str, CpuDecision] = field(default_factory=dict)  # per CPU class
+    gradcam_layer: str = ""  # the last convolutional stage's output layer, where Grad-CAM looks
 
     def __post_init__(self):
         if self.preprocessing not in PREPROCESSING_MODES:
@@ -159,37 +160,42 @@ _TORCH_FIRST = {"avx2": CpuDecision(backend="torch")}
 
 register(BackboneSpec(
     "vgg16", f"{_APPS}:VGG16", "caffe", 512, r"^(block\d+)_", "vgg16", timm_name="vgg16.tv_in1k",
+    gradcam_layer="block5_conv3",
     cpu={"avx512_bf16": CpuDecision(bf16=("tensorflow",)), **_TORCH_FIRST},
 ))
 register(BackboneSpec(
     "vgg19", f"{_APPS}:VGG19", "caffe", 512, r"^(block\d+)_", "vgg19", timm_name="vgg19.tv_in1k",
+    gradcam_layer="block5_conv4",
     cpu={"avx512_bf16": CpuDecision(bf16=("tensorflow",)), **_TORCH_FIRST},
 ))
 register(BackboneSpec(
     "densenet169", f"{_APPS}:DenseNet169", "torch", 1664, r"^(conv\d+_block\d+|pool\d+)_", "densenet",
-    timm_name="densenet169.tv_in1k",
+    timm_name="densenet169.tv_in1k", gradcam_layer="relu",
     cpu={"avx512_bf16": CpuDecision(short_run_backend="torch", short_run_images=5000),
          "avx2": CpuDecision(short_run_backend="torch", short_run_images=10_000)},
 ))
 register(BackboneSpec(
     "convnext_tiny", f"{_APPS}:ConvNeXtTiny", "none", 768, r"(stage_\d+_block_\d+|downsampling_block_\d+)",
     "convnext", timm_name="convnext_tiny.fb_in1k", constructor_kwargs={"include_preprocessing": True},
+    gradcam_layer="convnext_tiny_stage_3_block_2_identity",
     pooled_norm=True,
     cpu={"avx512_bf16": CpuDecision(backend="torch", bf16=("torch",), xla=True), **_TORCH_FIRST},
 ))
 register(BackboneSpec(
     "resnet50", f"{_APPS}:ResNet50", "caffe", 2048, r"^(conv\d+_block\d+)_", "resnet50",
-    timm_name="resnet50.tv_in1k",
+    timm_name="resnet50.tv_in1k", gradcam_layer="conv5_block3_out",
 ))
 register(BackboneSpec(
     "efficientnetv2_b0", f"{_APPS}:EfficientNetV2B0", "none", 1280, r"^(block\d+[a-z])_", "efficientnet_v2",
     timm_name="tf_efficientnetv2_b0.in1k", constructor_kwargs={"include_preprocessing": True},
+    gradcam_layer="top_activation",
 ))
 register(BackboneSpec(
     "mobilenetv3_large", f"{_APPS}:MobileNetV3Large", "none", 960, r"^(expanded_conv(?:_\d+)?)_",
     "mobilenet_v3", timm_name="tf_mobilenetv3_large_100.in1k", constructor_kwargs={"include_preprocessing": True},
+    gradcam_layer="conv_1",
 ))
 register(BackboneSpec(
     "tiny", "osteo.backbones:tiny_backbone", "tf", 16, r"^(tiny_block\d+)_", None, default_size=64, min_size=16,
-    test_only=True,
+    test_only=True, gradcam_layer="tiny_block2_relu",
 ))

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from osteo.errors import OsteoError
-from osteo.files import read_csv, read_json, write_json
+from osteo.files import read_csv, read_json, write_csv, write_json
 
 if TYPE_CHECKING:
     from osteo.recipe import Recipe
@@ -43,6 +43,7 @@ class RunDir:
     BEST = "best.keras"
     PREDICTIONS = "predictions.csv"
     METRICS = "metrics.json"
+    MANIFEST = "manifest.csv"  # the audit's manifest: every file's content hashes (external overlap)
     CALIBRATION = "calibration.json"  # temperature and operating points (osteo.calibrate)
     MODEL_CARD = "MODEL_CARD.md"
     EVAL = "eval"  # external validations: eval/<folder-name>/
@@ -89,6 +90,7 @@ class RunDir:
     predictions_path = property(lambda self: self.path / self.PREDICTIONS)
     metrics_path = property(lambda self: self.path / self.METRICS)
     calibration_path = property(lambda self: self.path / self.CALIBRATION)
+    manifest_path = property(lambda self: self.path / self.MANIFEST)
     model_card_path = property(lambda self: self.path / self.MODEL_CARD)
     eval_path = property(lambda self: self.path / self.EVAL)
     backup_path = property(lambda self: self.path / self.BACKUP)
@@ -189,6 +191,19 @@ class RunDir:
 
     def write_metrics(self, metrics: dict) -> None:
         write_json(self.metrics_path, metrics)
+
+    def write_manifest(self, rows: list[dict]) -> None:
+        from osteo.data.scan import MANIFEST_COLUMNS
+
+        write_csv(self.manifest_path, rows, MANIFEST_COLUMNS)
+
+    def training_hashes(self) -> set[str] | None:
+        """Content hashes (bytes and pixels) of the run's training images; None for a run without them."""
+        if not self.manifest_path.exists():
+            return None
+        train = {r["path"] for r in self.read_split() if r["split"] == "train"}
+        rows = read_csv(self.manifest_path, "train the run again to record its images' hashes")
+        return {h for r in rows if r.get("path") in train for h in (r.get("sha256"), r.get("pixel_sha256")) if h}
 
     def read_calibration(self) -> dict:
         """``{"temperature": T, "operating_points": [...]}``; {} for a run not calibrated."""

@@ -1,0 +1,68 @@
+"""osteo predict: the training pixels, calibration, operating points, TTA, Grad-CAM, DICOM, folders."""
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from osteo import CLASSES
+from osteo.calibrate import apply_temperature
+from osteo.cli import main
+from osteo.runs import RunDir
+from osteo.trainer import Trainer
+
+P = [f"p_{c}" for c in CLASSES]
+
+
+def _rows(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def run(phantom_dir, tmp_path_factory, tiny_recipe):
+    return RunDir(Trainer(tiny_recipe(phantom_dir, tmp_path_factory.mktemp("runs"), epochs=2, bootstrap=50)).run())
+
+
+def test_predict_reproduces_the_runs_validation_probabilities(run, phantom_dir, tmp_path):
+    val = {r["path"]: r for r in _rows(run.predictions_path) if r["split"] == "val"}
+    files = [str(phantom_dir / p) for p in val]
+    assert main(["predict", str(run), *files, "--out", str(tmp_path / "raw.csv"), "--no-calibration"]) == 0
+    raw = _rows(tmp_path / "raw.csv")
+    assert len(raw) == len(val)
+    for row in raw:
+        ref = val[str(Path(row["path"]).relative_to(phantom_dir))]
+        assert row["status"] == "ok" and row["pred"] == ref["pred"]
+        np.testing.assert_allclose([float(row[c]) for c in P], [float(ref[c]) for c in P], atol=1e-4)
+    # by default the run's temperature is applied, and every operating point decides
+    assert main(["predict", str(run), *files, "--out", str(tmp_path / "cal.csv")]) == 0
+    cal = _rows(tmp_path / "cal.csv")
+    t = run.read_calibration()["temperature"]
+    want = apply_temperature(np.array([[float(r[c]) for c in P] for r in raw]), t)
+    np.testing.assert_allclose([[float(r[c]) for c in P] for r in cal], want, atol=2e-6)
+    assert {r["screen_osteoporosis"] for r in cal} <= {"positive", "negative"}
+    assert "screen_osteopenia_or_worse" in cal[0]
+
+
+def test_folders_recursively_dicom_tta_and_gradcam(run, phantom_dir, tmp_path):
+    from pydicom.data import get_testdata_file
+
+    folder = tmp_path / "clinic"
+    shutil.copytree(phantom_dir / "osteoporosis", folder / "a" / "b")
+    shutil.copy(get_testdata_file("MR_small.dcm", download=False), folder / "scan.dcm")
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run), str(folder), "--out", str(out), "--tta", "--gradcam", str(tmp_path / "cam")]) == 0
+    rows = _rows(out)
+    n = len(list((phantom_dir / "osteoporosis").iterdir())) + 1
+    assert len(rows) == n and all(r["status"] == "ok" for r in rows)
+    assert any(r["path"].endswith("scan.dcm") for r in rows)
+    probs = np.array([[float(r[c]) for c in P] for r in rows])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    overlays = list((tmp_path / "cam").glob("*.png"))
+    assert len(overlays) == n
+    # TTA averages other views: not the plain prediction
+    assert main(["predict", str(run), str(folder), "--out", str(tmp_path / "plain.csv")]) == 0
+    plain = np.array([[float(r[c]) for c in P] for r in _rows(tmp_path / "plain.csv")])
+    assert np.abs(plain - probs).max() > 1e-4
