@@ -90,7 +90,8 @@ class Run:
 
     @property
     def run_id(self) -> str:
-        return self.path.name
+        # an external validation lives in RUN/eval/<folder>/: its row is the run's
+        return self.path.parent.parent.name if self.evaluated_on.startswith("external") else self.path.name
 
     @property
     def folds(self) -> int:
@@ -98,7 +99,8 @@ class Run:
 
     @property
     def label(self) -> str:
-        return f"{self.model} ({'cv ' if self.folds else ''}{self.run_id})"
+        where = f", {self.evaluated_on}" if self.evaluated_on.startswith("external") else ""
+        return f"{self.model} ({'cv ' if self.folds else ''}{self.run_id}{where})"
 
 
 def collect_runs(specs: list[str] | None = None, runs_dir: str | os.PathLike = "runs",
@@ -199,6 +201,13 @@ def _paired(runs: list[Run]) -> dict[Path, dict]:
     from scipy.stats import ttest_rel
 
     out: dict[Path, dict] = {}
+    groups: dict[str, list[Run]] = {}
+    for r in runs:  # internal and each external folder compete separately
+        groups.setdefault(r.evaluated_on, []).append(r)
+    if len(groups) > 1:
+        for group in groups.values():
+            out.update(_paired(group))
+        return out
     if not runs:
         return out
     best = max(runs, key=lambda r: _finite_or(r.metrics["balanced_accuracy"], -1.0))
@@ -490,6 +499,69 @@ def plot_bars(runs: list[Run], colours, out: Path, oracles: list[Run] = ()) -> P
     return _save(fig, out / "metrics.png")
 
 
+def _sample(r: Run, per_kind: int) -> list[int | None]:
+    """The ``per_kind`` most confident correct, then wrong, predictions (None where there are fewer)."""
+    pred, conf = r.probs.argmax(1), np.nan_to_num(r.probs.max(1), nan=-1.0)
+    order = np.argsort(-conf, kind="stable")
+    right = [int(i) for i in order if pred[i] == r.y[i]][:per_kind]
+    wrong = [int(i) for i in order if pred[i] != r.y[i]][:per_kind]
+    return [*right, *[None] * (per_kind - len(right)), *wrong, *[None] * (per_kind - len(wrong))]
+
+
+def plot_gradcam(runs: list[Run], out: Path, per_kind: int = 3) -> Path:
+    """Per run: Grad-CAM on a fixed sample of its correct and wrong validation images.
+
+    A cross-validation shows its first fold; a run whose model cannot be loaded (or an
+    external row) gets a note instead of maps.
+    """
+    import matplotlib.pyplot as plt
+
+    cols = 2 * per_kind
+    fig, axes = plt.subplots(len(runs), cols, figsize=(1.7 * cols, 2.1 * len(runs)), squeeze=False)
+    for axrow, r, name in zip(axes, runs, _names(runs)):
+        for ax in axrow:
+            ax.axis("off")
+        try:
+            sample, images, maps, picked = _gradcam_sample(r, per_kind)
+        except (OsteoError, OSError, ValueError) as e:
+            axrow[0].text(0, 0.5, f"{name}: no Grad-CAM ({str(e)[:80]})", fontsize=7, transform=axrow[0].transAxes)
+            continue
+        from osteo.explain import overlay
+
+        for ax, i, image, heat in zip(axrow, picked, images, maps):
+            p, y = sample.probs[i], sample.y[i]
+            overlay(ax, image, heat, f"true {CLASSES[y]}\npred {CLASSES[p.argmax()]} {p.max():.2f}",
+                    "green" if p.argmax() == y else "red")
+        axrow[0].text(-0.1, 0.5, name, transform=axrow[0].transAxes, rotation=90, ha="right", va="center",
+                      fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out / "gradcam.png")
+
+
+def _gradcam_sample(r: Run, per_kind: int):
+    from osteo.explain import gradcam
+    from osteo.predict import load_best, load_images
+    from osteo.registry import get_backbone
+
+    if r.evaluated_on.startswith("external") or r.path.name == "oracle":
+        raise OsteoError("not a validation row")
+    run = CvDir(r.path).fold(1) if r.folds else RunDir(r.path)
+    sample = r if not r.folds else load_run(run, "val", 0)
+    picked = [i for i in _sample(sample, per_kind) if i is not None]
+    if not picked:
+        raise OsteoError("no validation images")
+    recipe = run.read_recipe()
+    data_dir = Path(sample.audit.get("data_dir") or recipe.data.dir)
+    images, reasons = load_images([data_dir / sample.rows[i]["path"] for i in picked], recipe.data.image_size,
+                                  recipe.data.resize)
+    if any(img is None for img in images):
+        raise OsteoError(next(x for x in reasons if x))
+    images = np.stack(images)
+    maps, _ = gradcam(load_best(run), get_backbone(recipe.model.backbone), images,
+                      classes=sample.probs[picked].argmax(1))
+    return sample, images, maps, picked
+
+
 def plot_samples(runs: list[Run], out: Path, per_kind: int = 4) -> Path:
     """Per model: the most confident correct and wrong validation predictions."""
     import matplotlib.pyplot as plt
@@ -638,6 +710,9 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split
         ("Calibration", "reliability", "a calibrated model lies on the diagonal; right: after each run's "
                                        "temperature scaling (fitted on its validation predictions)"),
         ("Sample predictions", "samples", ""),
+        ("Where the models look (Grad-CAM)", "gradcam", "the most confident correct (green) and wrong (red) "
+                                                        "validation images of each run, heat on the layer its "
+                                                        "backbone's spec names"),
     ]
     body = [f"<h1>osteo: model comparison ({e(split)} split)</h1>", warn_html,
             "<h2>Comparison</h2>",
@@ -666,13 +741,39 @@ def load_runs(run_dirs, split: str = "val", n_boot: int = 1000, seed: int = 0,
     """Load every run that can be reported; a damaged or incompatible one is skipped, with its reason."""
     runs, skipped = [], []
     for p in run_dirs:
-        try:
-            runs.append(load_run(p, split, n_boot, seed))
-        except OsteoError as e:
-            skipped.append(f"skipped {p}: {e}")
-            if warn:
-                warn(skipped[-1])
+        places = [(p, None)]
+        if not CvDir(p).is_cv() and RunDir(p).eval_path.is_dir():  # its external validations too
+            places += [(p, e.parent) for e in sorted(RunDir(p).eval_path.glob(f"*/{RunDir.PREDICTIONS}"))]
+        for run, external in places:
+            try:
+                runs.append(load_external(run, external, n_boot, seed) if external else
+                            load_run(run, split, n_boot, seed))
+            except OsteoError as e:
+                skipped.append(f"skipped {external or run}: {e}")
+                if warn:
+                    warn(skipped[-1])
     return runs, skipped
+
+
+def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) -> Run:
+    """A run scored on another folder (``osteo eval RUN --data FOLDER``) as its own row."""
+    from osteo.evaluate import read_predictions
+
+    run = RunDir(run_dir)
+    y, probs, rows = read_predictions(external / RunDir.PREDICTIONS, "external")
+    if not len(y):
+        raise OsteoError(f"{external} holds no external predictions; run osteo eval {run} --data FOLDER again")
+    metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed)
+    metrics["best_epoch"] = run.read_metrics().get("best_epoch")
+    temperature = run.read_calibration().get("temperature")
+    calibrated = apply_temperature(probs, temperature) if temperature and np.isfinite(probs).all() else None
+    metrics["ece_calibrated"] = expected_calibration_error(y, calibrated) if calibrated is not None else None
+    majority = majority_baseline(y, majority_label(r["label"] for r in rows))
+    split_id = hashlib.sha256("\n".join(sorted(r["path"] for r in rows)).encode()).hexdigest()[:12]
+    audit = RunDir(external).read_audit()
+    return Run(external, run.read_recipe().to_dict(), run.read_env(), metrics, [], y, probs, rows, majority,
+               split_id, audit, evaluated_on=f"external: {external.name}", calibrated=calibrated,
+               temperature=temperature)
 
 
 def write_report(run_dirs: list, out: str | os.PathLike, split: str = "val", n_boot: int = 1000,
@@ -715,6 +816,7 @@ def write_report(run_dirs: list, out: str | os.PathLike, split: str = "val", n_b
             "roc": plot_roc(runs, colours, plots_dir),
             "reliability": plot_reliability(runs, colours, plots_dir),
             "samples": plot_samples(runs, plots_dir),
+            "gradcam": plot_gradcam(runs, plots_dir),
         }
         write_text(stage / "index.html", render_html(runs, rows, plots, split, skipped, n_boot))
         for name in ("comparison.csv", "per_class.csv", "folds.csv"):

@@ -56,9 +56,10 @@ def test_report_files_and_contents(two_runs, tmp_path):
         long = list(csv.DictReader(f))
     assert {r["class"] for r in long} == set(CLASSES) and {"recall", "specificity"} <= {r["metric"] for r in long}
     plots = {p.name for p in (tmp_path / "rep" / "plots").glob("*.png")}
-    assert plots == {"curves.png", "confusion.png", "roc.png", "reliability.png", "samples.png", "metrics.png"}
+    assert plots == {"curves.png", "confusion.png", "roc.png", "reliability.png", "samples.png", "metrics.png",
+                     "gradcam.png"}
     text = page.read_text(encoding="utf-8")
-    assert "<table>" in text and text.count("data:image/png;base64,") == 6
+    assert "<table>" in text and text.count("data:image/png;base64,") == 7
     assert "http://" not in text and "https://" not in text  # self-contained
 
 

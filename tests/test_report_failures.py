@@ -16,7 +16,7 @@ from osteo.evaluate import bootstrap, compute_metrics, evaluate_run, write_predi
 from osteo.files import read_json, write_csv, write_json
 from osteo.report import HEADLINE, write_report
 
-PLOTS = {"curves.png", "confusion.png", "roc.png", "reliability.png", "samples.png", "metrics.png"}
+PLOTS = {"curves.png", "confusion.png", "roc.png", "reliability.png", "samples.png", "metrics.png", "gradcam.png"}
 HISTORY_COLUMNS = ("epoch", "phase", "accuracy", "loss", "val_accuracy", "val_loss")
 TRAIN_LABELS = ["normal"] * 10 + ["osteopenia"] * 20 + ["osteoporosis"] * 10  # the study's majority
 # validation supports for which the bootstrap of a one-class predictor misses its estimate by a rounding error

@@ -1,0 +1,60 @@
+"""External validation: a trained run scored on another hospital's folder."""
+
+import csv
+import json
+import shutil
+
+import pytest
+
+from osteo.cli import main
+from osteo.data.phantom import write_phantom
+from osteo.evaluate import PREDICTION_COLUMNS
+from osteo.runs import RunDir
+from osteo.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def run(phantom_dir, tmp_path_factory, tiny_recipe):
+    return RunDir(Trainer(tiny_recipe(phantom_dir, tmp_path_factory.mktemp("runs"), epochs=1, bootstrap=50)).run())
+
+
+def test_another_folder_is_scored_with_training_images_left_out(run, phantom_dir, tmp_path, capsys):
+    other = tmp_path / "hospital-b"
+    write_phantom(other, n=45, size=64, seed=7, proportions=(1, 1, 3))  # another seed, other proportions
+    train = [r["path"] for r in run.read_split() if r["split"] == "train"][:3]
+    for i, p in enumerate(train):  # three of the run's training images, renamed, under a class folder
+        shutil.copy(phantom_dir / p, other / p.split("/")[0] / f"copied-{i}.png")
+    (other / "normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert main(["eval", str(run), "--data", str(other), "--bootstrap", "50"]) == 0
+    assert "3 image(s) also in the run's training split left out" in capsys.readouterr().out
+    out = run.eval_path / "hospital-b"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["excluded_training_overlap"] == 3 and metrics["unreadable"] == 1
+    assert metrics["external"]["n"] == 45
+    assert metrics["external"]["majority_baseline"]["class"] == "osteoporosis"  # that folder's majority
+    lo, hi = metrics["external"]["balanced_accuracy_ci"]
+    assert lo <= metrics["external"]["balanced_accuracy"] <= hi
+    assert {p["name"] for p in metrics["operating_points"]} == {"osteoporosis", "osteopenia+"}
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == PREDICTION_COLUMNS and len(rows) == 45 and {r["split"] for r in rows} == {"external"}
+    assert not any("copied" in r["path"] for r in rows)
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["n_files"] == 49 and [u["path"] for u in audit["unreadable"]] == ["normal/broken.png"]
+    assert "hospital-b" in run.model_card_path.read_text()
+    # the report shows it beside the run's own validation, saying which data each row was scored on
+    assert main(["report", str(run), "--out", str(tmp_path / "rep"), "--bootstrap", "50"]) == 0
+    with open(tmp_path / "rep" / "comparison.csv", newline="") as f:
+        scored_on = {r["evaluated_on"]: r for r in csv.DictReader(f)}
+    assert set(scored_on) == {"validation", "external: hospital-b"}
+    assert scored_on["external: hospital-b"]["run_id"] == run.name
+
+
+def test_external_validation_refuses_a_folder_with_nothing_new(run, phantom_dir, tmp_path, capsys):
+    same = tmp_path / "same"
+    for p in [r["path"] for r in run.read_split() if r["split"] == "train"][:6]:
+        (same / p).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(phantom_dir / p, same / p)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(same)]) == 2
+    assert "no image of" in capsys.readouterr().err
