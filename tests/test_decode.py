@@ -121,3 +121,132 @@ def test_window_centre_width_is_applied(tmp_path):
 def test_truncated_dicom_is_unreadable():
     with pytest.raises(DecodeError, match="dicom"):
         decode_file(_dicom("MR_truncated.dcm"))
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def _png_bytes(arr) -> bytes:
+    return _encode(Image.fromarray(arr), "PNG")
+
+
+def _in_thread(fn, timeout=20):
+    """Run fn in a daemon thread: a regression that blocks fails the test, never hangs it."""
+    import threading
+
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the test
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"still blocked after {timeout}s"
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def test_a_named_pipe_is_refused_without_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)
+    with pytest.raises(DecodeError, match=r"not a regular file \(named pipe\)"):
+        _in_thread(lambda: decode_file(fifo))
+
+
+def test_a_device_or_folder_is_refused(tmp_path):
+    with pytest.raises(DecodeError, match=r"not a regular file \(character device\)"):
+        _in_thread(lambda: decode_file("/dev/zero"))
+    with pytest.raises(DecodeError, match=r"not a regular file \(folder\)"):
+        decode_file(tmp_path)
+
+
+def test_a_path_swapped_for_a_pipe_after_the_check_does_not_block(tmp_path, monkeypatch):
+    """The race between stat and open: the descriptor is opened non-blocking and checked."""
+    import os
+
+    from osteo.data import decode
+
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)
+    regular = os.stat(__file__)
+    monkeypatch.setattr(decode.os, "stat", lambda p, *a, **k: regular)  # the check saw a regular file
+    with pytest.raises(DecodeError, match="named pipe"):
+        _in_thread(lambda: decode.read_file(fifo))
+
+
+def test_link_loops_and_broken_links_are_named(tmp_path):
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")
+    with pytest.raises(DecodeError, match="symbolic link loop"):
+        decode_file(tmp_path / "a.png")
+    with pytest.raises(DecodeError, match="broken symbolic link"):
+        decode_file(tmp_path / "gone.png")
+    (tmp_path / "real.png").write_bytes(_png_bytes(GRAY))
+    (tmp_path / "link.png").symlink_to(tmp_path / "real.png")
+    assert decode_file(tmp_path / "link.png")[0].shape == (40, 48, 1)
+
+
+def test_pixel_limit_is_checked_from_the_header(monkeypatch):
+    from osteo.data import decode
+
+    monkeypatch.setattr(decode, "MAX_PIXELS", 1000)
+    with pytest.raises(DecodeError, match=r"1,920 pixels \(48 x 40\) exceeds osteo's limit of 1,000 "
+                                          r"\(MAX_PIXELS\); downscale it"):
+        decode_bytes(_png_bytes(GRAY))
+    with pytest.raises(DecodeError, match="MAX_PIXELS"):
+        decode_file(_dicom("CT_small.dcm"))  # 128 x 128
+    assert decode_bytes(_png_bytes(GRAY[:20, :40]))[0].shape == (20, 40, 1)
+
+
+def test_pillow_bomb_limits_give_our_message(monkeypatch):
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses from 200 pixels
+    with pytest.raises(DecodeError, match=r"1,920 pixels exceeds osteo's limit"):
+        decode_bytes(_png_bytes(GRAY))
+
+
+def test_file_size_limit(tmp_path, monkeypatch):
+    from osteo.data import decode
+
+    path = tmp_path / "a.png"
+    path.write_bytes(_png_bytes(GRAY))
+    monkeypatch.setattr(decode, "MAX_FILE_BYTES", 100)
+    with pytest.raises(DecodeError, match="MAX_FILE_BYTES"):
+        decode_file(path)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 700), (700, 1), (2, 3)])
+def test_any_shape_decodes(shape):
+    arr = (np.arange(shape[0] * shape[1]) % 256).astype(np.uint8).reshape(shape)
+    out, info = decode_bytes(_png_bytes(arr))
+    assert out.shape == (*shape, 1) and (info.height, info.width) == shape
+    np.testing.assert_array_equal(out[..., 0], arr)
+
+
+def test_float_tiff_with_nan_and_inf_stays_finite():
+    raw = np.linspace(0, 1, 40 * 48, dtype=np.float32).reshape(40, 48)
+    raw[0, :3] = [np.nan, np.inf, -np.inf]
+    arr, info = decode_bytes(_encode(Image.fromarray(raw), "TIFF"))
+    assert info.bit_depth == 32 and np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 255
+
+
+def test_gray_blocks_convert_like_the_whole_image():
+    """decode_gray keeps the decoder's pixels; any block converts to the same float32."""
+    from osteo.data.decode import decode_gray
+
+    raw16 = np.linspace(0, 65535, 40 * 48).reshape(40, 48).astype(np.uint16)
+    for data in (_png_bytes(GRAY), _png_bytes(raw16), _encode(Image.fromarray(GRAY).convert("RGB"), "JPEG")):
+        gray = decode_gray(data)
+        whole, _ = decode_bytes(data)
+        np.testing.assert_array_equal(np.concatenate([gray.as_float(gray.pixels[:7]),
+                                                      gray.as_float(gray.pixels[7:])]), whole[..., 0])
+        np.testing.assert_array_equal(gray.as_float(gray.pixels[:, 5:9].T).T, whole[:, 5:9, 0])

@@ -67,3 +67,78 @@ def test_bad_arguments_are_user_errors(tmp_path):
         write_phantom(tmp_path, n=3, bit_depth=12)
     with pytest.raises(OsteoError, match="too small"):
         write_phantom(tmp_path, n=3, size=8)
+
+
+def test_sizes_and_counts_out_of_bounds_are_refused_before_any_work(tmp_path):
+    with pytest.raises(OsteoError, match="image size 100000 is too large; use 16 to 2048 px"):
+        write_phantom(tmp_path / "a", n=3, size=100_000)
+    with pytest.raises(OsteoError, match="too large"):
+        make_image("normal", size=100_000)
+    with pytest.raises(OsteoError, match="at least 3"):
+        write_phantom(tmp_path / "a", n=2, size=16)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv,message", [(["--size", "100000"], "too large"), (["--n", "2"], "at least 3"),
+                                          (["--n", "-5"], "at least 3")])
+def test_cli_refuses_bad_bounds_in_one_line(tmp_path, argv, message):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "osteo.cli", "data", "phantom", str(tmp_path / "ph"), *argv],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "ph").exists()
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_a_generation_stopped_half_way_leaves_nothing(tmp_path, monkeypatch, error):
+    from osteo.data import phantom
+
+    calls = []
+    real = phantom.make_image
+
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 5:
+            raise error("stopped")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(phantom, "make_image", failing)
+    with pytest.raises(error):
+        write_phantom(tmp_path / "ph", n=9, size=16)
+    assert list(tmp_path.iterdir()) == []  # no folder, no temporary
+
+
+def test_an_existing_folder_is_only_used_when_empty(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert write_phantom(tmp_path / "empty", n=3, size=16) == {c: 1 for c in CLASSES}
+    assert len(list((tmp_path / "empty").rglob("*.png"))) == 3
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("keep")
+    with pytest.raises(OsteoError, match="exists and is not an empty folder"):
+        write_phantom(tmp_path / "full", n=3, size=16)
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["mine.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OsteoError, match="not an empty folder"):
+        write_phantom(tmp_path / "file", n=3, size=16)
+
+
+def test_temporaries_of_a_killed_run_are_swept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".ph.tmp-{dead}-abc123"
+    (stale / "normal").mkdir(parents=True)
+    (stale / "normal" / "normal_0000.png").write_bytes(b"")
+    live = tmp_path / f".ph.tmp-{os.getpid()}-def456"  # a run in progress (this process)
+    live.mkdir()
+    for p in (stale, live):
+        os.utime(p, (1e9, 1e9))
+    write_phantom(tmp_path / "ph", n=3, size=16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ph", live.name])

@@ -159,3 +159,98 @@ def test_dicom_files_are_audited(tmp_path):
     rows = {r.path: r for r in audit(tmp_path).records}
     assert rows["normal/CT_small.dcm"].format == "dicom" and rows["normal/CT_small.dcm"].status == "ok"
     assert rows["normal/MR_truncated.dcm"].status == "unreadable"
+
+
+# --------------------------------------------------------------------------- near-duplicate index
+
+
+def _reference_groups(ok):
+    """The previous commit's search, every pair's thumbnails then the detail check:
+    (groups, the pairs that pass)."""
+    from osteo.data import scan
+
+    n = len(ok)
+    uf = scan._UnionFind(n)
+    thumbs = np.stack([r.features[0] for r in ok])
+    details = [r.features[1] for r in ok]
+    corr = thumbs @ thumbs.T
+    passing = set()
+    for a in range(n):
+        bs = np.flatnonzero(corr[a, a + 1 :] >= scan.THUMB_CORR) + a + 1
+        for b in bs[scan._detail_scores(details, a, bs) >= scan.DETAIL_CORR] if len(bs) else []:
+            uf.union(a, int(b))
+            passing.add((a, int(b)))
+    groups = {}
+    for i in range(n):
+        groups.setdefault(uf.find(i), []).append(ok[i].path)
+    return sorted(sorted(g) for g in groups.values() if len(g) > 1), passing
+
+
+def test_near_duplicate_index_finds_what_comparing_every_pair_finds(monkeypatch):
+    """Look-alikes (one knee's anatomy, other knees' texture: every thumbnail matches),
+    flat-bordered knees, a flat image, 64 px images (a coarser tile grain), and copies
+    of several kinds: the index gives the groups of the all-pairs search."""
+    import io
+
+    from scipy import ndimage
+
+    from osteo.data import scan
+
+    monkeypatch.setattr(scan, "INDEX_MIN_PAIRS", 0)  # the index even on a small set
+    monkeypatch.setattr(scan, "INDEX_SAMPLE", 40)
+    base = ndimage.gaussian_filter(make_image("normal", size=128, seed=0, index=0), 2.5)
+    images = {}
+    for k in range(50):
+        o = make_image("normal", size=128, seed=1, index=k)
+        images[f"look{k:02d}"] = np.clip(base + o - ndimage.gaussian_filter(o, 2.5), 0, 1)
+    for k in range(8):
+        images[f"pad{k}"] = np.pad(make_image("osteopenia", size=48, seed=2, index=k), 40)
+        images[f"small{k}"] = make_image("osteoporosis", size=64, seed=3, index=k)
+    images["flat"] = np.full((128, 128), 0.5)
+
+    def jpeg(img, quality=85, side=None):
+        pil = Image.fromarray(np.round(img * 255).astype(np.uint8))
+        if side:
+            pil = pil.resize((side, side), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        pil.save(buf, "JPEG", quality=quality)
+        return np.asarray(Image.open(buf), dtype=np.float32) / 255
+
+    for name in ("look03", "look17", "pad2"):
+        images[name + "_q85"] = jpeg(images[name])
+    images["small5_q95"] = jpeg(images["small5"], quality=95)  # 64 px: both at the 64 px grain
+    images["look03_small"] = jpeg(images["look03"], side=80)  # 64 px grain against 128
+    images["pad2_q70"] = jpeg(images["pad2"], quality=70)
+    ok = []
+    for i, (name, img) in enumerate(sorted(images.items())):
+        r = scan.Record(path=name, label="normal", sha256=f"s{i}", pixel_sha256=f"p{i}")
+        r.features = scan._features(np.round(np.asarray(img, np.float32) * 255))
+        ok.append(r)
+    expected, passing = _reference_groups(ok)
+    assert ["look03", "look03_q85", "look03_small"] in expected and len(expected) == 4
+    pairs = scan._candidate_pairs(np.stack([r.features[0] for r in ok]), [r.features[1] for r in ok])
+    assert passing <= set(map(tuple, pairs.tolist()))  # every pair that passes is a candidate
+    assert len(pairs) < len(ok) * (len(ok) - 1) / 2 / 5  # and far fewer than all pairs are
+    assert sorted(g["paths"] for g in scan._find_duplicates(ok)) == expected
+
+
+def test_large_images_hash_and_reduce_in_strips_like_whole_ones(monkeypatch):
+    """Above STRIP_PIXELS, the pixel hash is the same and the features agree to float rounding."""
+    import io
+
+    from osteo.data import scan
+    from osteo.data.decode import decode_gray
+
+    rng = np.random.default_rng(0)
+    for shape in [(300, 517), (517, 300), (1, 900), (900, 1)]:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buf, "PNG")
+        gray = decode_gray(buf.getvalue())
+        whole_hash, (whole_thumb, whole_tiles) = scan._hash_and_features(gray)
+        monkeypatch.setattr(scan, "STRIP_PIXELS", 100)
+        monkeypatch.setattr(scan, "STRIP_BYTES", 4 * 1024)  # strips of a few rows
+        strip_hash, (strip_thumb, strip_tiles) = scan._hash_and_features(gray)
+        monkeypatch.undo()
+        assert strip_hash == whole_hash
+        np.testing.assert_allclose(strip_thumb, whole_thumb, atol=1e-5)
+        assert np.abs(strip_tiles.astype(int) - whole_tiles).max() <= 1

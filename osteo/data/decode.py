@@ -9,18 +9,40 @@ The bytes decide the format (``sniff_format``), never the file name. Supported:
   syntaxes): the modality LUT (rescale slope/intercept), then the VOI LUT or window
   centre/width when the file has one, then a min-max stretch to [0, 255];
   MONOCHROME1 (inverted) images are flipped so bone is bright; a multi-frame file
-  gives its first frame (``info.frames`` says how many there were).
+  gives its first frame (``info.frames`` says how many there were, and only that
+  frame is decoded).
+
+Limits, so that no file can hang or exhaust a reader (the audit, the image cache,
+``osteo predict``, the report all decode through here):
+
+- only regular files are read (:func:`open_regular`): a named pipe, a device, a
+  socket or a folder is refused before it is opened, and again with ``fstat`` on
+  the opened descriptor (opened with ``O_NONBLOCK``, so a path swapped for a pipe
+  in between cannot block either); a symbolic link is followed, a loop of them is
+  reported;
+- files of at most :data:`MAX_FILE_BYTES`;
+- images of at most :data:`MAX_PIXELS` pixels (the first frame of a DICOM), checked
+  from the header before any pixel is decoded. Pillow's own decompression-bomb
+  limits are above it.
 
 Anything else raises :class:`DecodeError` with a short reason; the audit records it
 as ``unreadable``.
+
+:func:`decode_gray` keeps the pixels as decoded (uint8 for 8-bit images: a quarter
+of float32's memory) with the map to float32 that :func:`decode_bytes` applies to
+the whole image, so a reader can convert strip by strip and get the same values.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import re
+import stat
 import warnings
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 
@@ -30,6 +52,17 @@ SIGNATURES = (
     (b"BM", "bmp"),
     (b"II*\x00", "tiff"),
     (b"MM\x00*", "tiff"),
+)
+MAX_PIXELS = 1 << 26  # 67,108,864 = 8192 x 8192, over 3x a 43 cm flat-panel radiograph at 100 um
+MAX_FILE_BYTES = 1 << 30  # 1 GiB
+
+# Bytes per pixel that decode_gray holds at its peak, by Pillow mode (Pillow stores
+# 2 to 4 bands in 4 bytes a pixel): the decoded image, its luminance, the array.
+_PEAK_BYTES_PER_PIXEL = {"1": 2, "L": 2, "P": 3, "I;16": 4, "I;16L": 4, "I;16B": 4, "I;16N": 4, "I": 8, "F": 8}
+_PEAK_BYTES_OTHER = 6  # RGB, RGBA, LA, CMYK (CMYK goes through RGB: 10), YCbCr ...
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "named pipe"), (stat.S_ISDIR, "folder"), (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"),
 )
 
 
@@ -46,6 +79,38 @@ class ImageInfo:
     frames: int = 1
 
 
+@dataclass
+class Gray:
+    """A decoded image before its conversion to float: ``pixels`` (H, W) as the decoder
+    gave them (uint8, uint16, int32 or float32) and the elementwise map to float32 in
+    [0, 255] (:meth:`as_float`), which may be applied to any block of them."""
+
+    pixels: np.ndarray
+    info: ImageInfo
+    kind: str  # "u8": as is; "u16": / 257; "stretch": (x - lo) / (hi - lo) * 255; "float": as is
+    lo: float = 0.0
+    hi: float = 0.0
+
+    def as_float(self, block: np.ndarray) -> np.ndarray:
+        """float32 values in [0, 255] of ``block``, a part of :attr:`pixels`."""
+        if self.kind == "float":
+            return block.astype(np.float32, copy=False)
+        out = block.astype(np.float32)
+        if self.kind == "u16":
+            return np.clip(out, 0, 65535) / 257.0
+        if self.kind == "stretch":
+            if not self.hi > self.lo:
+                return np.zeros_like(out)
+            if not np.isfinite(out).all():
+                np.nan_to_num(out, copy=False, nan=self.lo, posinf=self.hi, neginf=self.lo)
+            return (out - self.lo) / (self.hi - self.lo) * 255.0
+        return out
+
+    def to_float(self) -> np.ndarray:
+        """The whole image as float32 (H, W, 1)."""
+        return np.ascontiguousarray(self.as_float(self.pixels)[..., None], dtype=np.float32)
+
+
 def sniff_format(data: bytes) -> str | None:
     """The format named by the file's first bytes, or None."""
     if len(data) >= 132 and data[128:132] == b"DICM":
@@ -56,17 +121,88 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_file(path: str | os.PathLike) -> tuple[np.ndarray, ImageInfo]:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words (``named pipe``, ``character device`` ...)."""
+    for test, name in _FILE_KINDS:
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _os_reason(path: str | os.PathLike, e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "cannot read file: symbolic link loop"
+    if e.errno == errno.ENOENT and os.path.islink(path):
+        return "cannot read file: broken symbolic link (its target does not exist)"
+    return f"cannot read file: {e.strerror or e}"
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """Open ``path`` for reading if it is a regular file (symbolic links followed) of
+    at most :data:`MAX_FILE_BYTES`; raise :class:`DecodeError` otherwise.
+
+    The path is checked with ``stat`` before it is opened (opening a named pipe
+    blocks until a writer comes, opening a device can have effects), then opened with
+    ``O_NONBLOCK`` and checked again on the descriptor, so a path swapped in between
+    cannot make a reader block.
+    """
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        st = os.stat(path)
     except OSError as e:
-        raise DecodeError(f"cannot read file: {e.strerror}") from None
-    return decode_bytes(data)
+        raise DecodeError(_os_reason(path, e)) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DecodeError(f"not a regular file ({file_kind(st.st_mode)})")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise DecodeError(_os_reason(path, e)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DecodeError(f"not a regular file ({file_kind(st.st_mode)})")
+        if st.st_size > MAX_FILE_BYTES:
+            raise DecodeError(_too_big(st.st_size))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _too_big(size: int) -> str:
+    return f"{size:,} bytes exceeds osteo's file size limit of {MAX_FILE_BYTES:,} (MAX_FILE_BYTES); downscale or compress it"
+
+
+def read_all(f: BinaryIO) -> bytes:
+    """The rest of an :func:`open_regular` file, refusing one that grew past the limit."""
+    try:
+        data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise DecodeError(f"cannot read file: {e.strerror or e}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise DecodeError(_too_big(len(data)))
+    return data
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file (see :func:`open_regular`)."""
+    with open_regular(path) as f:
+        return read_all(f)
+
+
+def decode_file(path: str | os.PathLike) -> tuple[np.ndarray, ImageInfo]:
+    """Decode the file at ``path`` -> (float32 array (H, W, 1) in [0, 255], ImageInfo)."""
+    return decode_bytes(read_file(path))
 
 
 def decode_bytes(data: bytes) -> tuple[np.ndarray, ImageInfo]:
     """Decode ``data`` -> (float32 array (H, W, 1) in [0, 255], ImageInfo)."""
+    gray = decode_gray(data)
+    return gray.to_float(), gray.info
+
+
+def decode_gray(data: bytes) -> Gray:
+    """Decode ``data`` to one gray channel, kept in the decoder's own type (see :class:`Gray`)."""
     if not data:
         raise DecodeError("empty file")
     fmt = sniff_format(data)
@@ -77,54 +213,134 @@ def decode_bytes(data: bytes) -> tuple[np.ndarray, ImageInfo]:
     return _decode_pillow(data, fmt)
 
 
-def _decode_pillow(data: bytes, fmt: str) -> tuple[np.ndarray, ImageInfo]:
+def check_pixels(width: int, height: int) -> None:
+    """Raise :class:`DecodeError` when an image has more than :data:`MAX_PIXELS` pixels."""
+    if width * height > MAX_PIXELS:
+        raise DecodeError(_too_many(width * height, f"{width} x {height}"))
+
+
+def _too_many(pixels: int, shape: str = "") -> str:
+    shape = f" ({shape})" if shape else ""
+    return (f"{pixels:,} pixels{shape} exceeds osteo's limit of {MAX_PIXELS:,} (MAX_PIXELS); "
+            f"downscale it")
+
+
+def decode_cost(f: BinaryIO) -> tuple[int, int, int]:
+    """(width, height, bytes) of the file ``f`` (an :func:`open_regular` file) from its
+    header alone, without decoding pixels: bytes is roughly the most memory
+    :func:`decode_gray` takes on it, its bytes included. Raises :class:`DecodeError`
+    when the header says the image is over :data:`MAX_PIXELS`; a header it cannot read
+    gives (0, 0, file size) (decoding will say what is wrong). Leaves ``f`` at its start.
+    """
+    size = os.fstat(f.fileno()).st_size
+    try:
+        head = f.read(132)
+        f.seek(0)
+        fmt = sniff_format(head)
+        if fmt == "dicom":
+            w, h, peak = _dicom_cost(f)
+            return w, h, size + peak
+        if fmt is not None:
+            w, h, peak = _pillow_cost(f)
+            return w, h, size + peak
+    except DecodeError:
+        raise
+    except Exception:  # the decoder will say what is wrong with it
+        pass
+    finally:
+        f.seek(0)
+    return 0, 0, size
+
+
+def _pillow_cost(f: BinaryIO) -> tuple[int, int, int]:
+    img = _pillow_open(f)  # an image opened on a file object leaves the file open
+    w, h = img.size
+    per = _PEAK_BYTES_PER_PIXEL.get(img.mode, 10 if img.mode == "CMYK" else _PEAK_BYTES_OTHER)
+    return w, h, w * h * per
+
+
+def _dicom_cost(f: BinaryIO) -> tuple[int, int, int]:
+    import pydicom
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    check_pixels(cols, rows)
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    bits = int(getattr(ds, "BitsAllocated", 16) or 16)
+    # the frame as stored, float64 for the LUTs (twice, and per sample for colour), the float32 result
+    return cols, rows, rows * cols * (samples * max(1, bits // 8) + 8 * (samples + 2) + 4)
+
+
+def _pillow_open(data: bytes | BinaryIO):
+    """Image.open with the pixel limit checked and the decompression-bomb warnings of
+    Pillow (over 89 M pixels; an error over 179 M) turned into our limit's message."""
     from PIL import Image
 
     try:
+        with warnings.catch_warnings():  # bomb warnings: our limit is lower; the rest: noise on odd files
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    except Image.DecompressionBombError as e:
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        raise DecodeError(_too_many(int(m.group(1))) if m else _too_many(2 * Image.MAX_IMAGE_PIXELS)) from None
+    check_pixels(*img.size)
+    return img
+
+
+def _decode_pillow(data: bytes, fmt: str) -> Gray:
+    try:
+        img = _pillow_open(data)
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            warnings.simplefilter("ignore")
             img.load()
         frames = int(getattr(img, "n_frames", 1) or 1)
         mode = img.mode
-        bit_depth = 8
+        lo = hi = 0.0
         if mode.startswith("I;16") or mode == "I":
-            arr = np.asarray(img).astype(np.float32)
-            bit_depth = 16
-            arr = np.clip(arr, 0, 65535) / 257.0
+            pixels, kind, bit_depth = np.asarray(img), "u16", 16
         elif mode == "F":
-            arr = np.asarray(img).astype(np.float32)
-            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-            bit_depth = 32
+            pixels, kind, bit_depth = np.asarray(img), "stretch", 32
+            lo, hi = _finite_range(pixels)
         else:
             if mode == "CMYK":
                 img = img.convert("RGB")
             if img.mode != "L":
                 img = img.convert("L")
-            arr = np.asarray(img).astype(np.float32)
+            pixels, kind, bit_depth = np.asarray(img), "u8", 8
+        del img  # the decoder's copy: the array holds its own
     except DecodeError:
         raise
     except Exception as e:  # Pillow raises many types on corrupt data
         raise DecodeError(f"{fmt} decode failed: {type(e).__name__}: {str(e)[:120]}") from None
-    if arr.ndim != 2 or arr.size == 0:
-        raise DecodeError(f"{fmt} decode failed: unexpected shape {arr.shape}")
-    h, w = arr.shape
-    return np.ascontiguousarray(arr[..., None], dtype=np.float32), ImageInfo(fmt, w, h, bit_depth, frames)
+    if pixels.ndim != 2 or pixels.size == 0:
+        raise DecodeError(f"{fmt} decode failed: unexpected shape {pixels.shape}")
+    h, w = pixels.shape
+    return Gray(pixels, ImageInfo(fmt, w, h, bit_depth, frames), kind, lo, hi)
 
 
-def _decode_dicom(data: bytes) -> tuple[np.ndarray, ImageInfo]:
+def _finite_range(arr: np.ndarray) -> tuple[float, float]:
+    """(min, max) of the finite values of ``arr``; (0, 0) when there are none."""
+    finite = np.isfinite(arr)
+    if finite.all():
+        return float(arr.min()), float(arr.max())
+    if not finite.any():
+        return 0.0, 0.0
+    return float(arr[finite].min()), float(arr[finite].max())
+
+
+def _decode_dicom(data: bytes) -> Gray:
     try:
         import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data))
             frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-            pixels = ds.pixel_array
-            if frames > 1:
-                pixels = pixels[0]
+            check_pixels(int(ds.Columns), int(ds.Rows))
+            pixels = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array  # one frame decoded
             if getattr(ds, "SamplesPerPixel", 1) > 1:  # colour: luminance
                 pixels = pixels[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
             else:
@@ -132,14 +348,26 @@ def _decode_dicom(data: bytes) -> tuple[np.ndarray, ImageInfo]:
                 if "WindowCenter" in ds or "VOILUTSequence" in ds:
                     pixels = apply_voi_lut(pixels, ds)
         arr = np.asarray(pixels, dtype=np.float64)
+        del pixels
+    except DecodeError:
+        raise
     except Exception as e:  # pydicom raises many types on truncated or odd files
         raise DecodeError(f"dicom decode failed: {type(e).__name__}: {str(e)[:120]}") from None
     if arr.ndim != 2 or arr.size == 0:
         raise DecodeError(f"dicom decode failed: unexpected pixel shape {arr.shape}")
-    lo, hi = float(arr.min()), float(arr.max())
-    arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    lo, hi = _finite_range(arr)
+    if not np.isfinite(arr).all():
+        np.nan_to_num(arr, copy=False, nan=lo, posinf=hi, neginf=lo)
+    if hi > lo:  # in place: (arr - lo) / (hi - lo) * 255, without float64 temporaries
+        arr -= lo
+        arr /= hi - lo
+        arr *= 255.0
+    else:
+        arr[...] = 0.0
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        arr = 255.0 - arr
+        np.subtract(255.0, arr, out=arr)
     h, w = arr.shape
     bits = int(getattr(ds, "BitsAllocated", 16) or 16)
-    return arr[..., None].astype(np.float32), ImageInfo("dicom", w, h, bits, frames)
+    return Gray(arr.astype(np.float32), ImageInfo("dicom", w, h, bits, frames), "float")

@@ -27,11 +27,23 @@ Everything is a pure function of (seed, class, index): the same seed gives the s
 bytes. Images are float32 in [0, 1]; ``write_phantom`` stores 8- or 16-bit PNGs in
 ``OUT/<class>/``. Default proportions are those of the public 1,947-image knee
 dataset (780 normal / 374 osteopenia / 793 osteoporosis).
+
+Sizes go from 16 to :data:`osteo.recipe.MAX_IMAGE_SIZE` px (a 2,048 px image takes
+about 0.5 GB while it is drawn), and ``n`` is at least 3. ``OUT`` is complete or
+absent: the images are written to a hidden sibling folder (``.OUT.tmp-<pid>-<hex>``)
+renamed to ``OUT`` at the end, and removed on any error or Ctrl-C; one that a killed
+run left behind is removed by the next run for the same ``OUT`` (and the audit
+ignores hidden temporaries). An ``OUT`` that exists and is not empty is refused,
+never mixed with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import shutil
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -40,7 +52,7 @@ from scipy import ndimage
 
 from osteo import CLASSES
 from osteo.errors import OsteoError
-from osteo.files import atomic_path
+from osteo.recipe import MAX_IMAGE_SIZE
 
 DEFAULT_PROPORTIONS = (780, 374, 793)
 
@@ -51,6 +63,8 @@ CLASS_PARAMS = {
     "osteoporosis": ((0.52, 0.07), (0.26, 0.05), (0.025, 0.006)),
 }
 MIN_SIZE = 16
+MIN_N = 3
+_STARTED = time.time()  # temporaries older than this, of a process that is gone, are stale
 
 
 def class_counts(n: int, proportions: Sequence[int] = DEFAULT_PROPORTIONS) -> list[int]:
@@ -105,8 +119,7 @@ def make_image(label: str, size: int = 256, seed: int = 0, index: int = 0) -> np
     """One phantom radiograph of class ``label``: float32 (size, size) in [0, 1]."""
     if label not in CLASSES:
         raise OsteoError(f"unknown class {label!r}; choose one of: {', '.join(CLASSES)}")
-    if size < MIN_SIZE:
-        raise OsteoError(f"image size {size} is too small; use at least {MIN_SIZE} px")
+    _check_size(size)
     rng = np.random.default_rng([seed, CLASSES.index(label), index])
     (dm, ds), (fm, fs), (cm, cs) = CLASS_PARAMS[label]
     density = max(0.3, rng.normal(dm, ds))
@@ -172,6 +185,13 @@ def make_image(label: str, size: int = 256, seed: int = 0, index: int = 0) -> np
     return np.clip(img, 0, 1).astype(np.float32)
 
 
+def _check_size(size: int) -> None:
+    if size < MIN_SIZE:
+        raise OsteoError(f"image size {size} is too small; use {MIN_SIZE} to {MAX_IMAGE_SIZE} px")
+    if size > MAX_IMAGE_SIZE:
+        raise OsteoError(f"image size {size} is too large; use {MIN_SIZE} to {MAX_IMAGE_SIZE} px")
+
+
 def write_phantom(
     out: str | os.PathLike,
     n: int = 1947,
@@ -181,28 +201,86 @@ def write_phantom(
     bit_depth: int = 8,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, int]:
-    """Write ``n`` phantom PNGs to ``out/<class>/<class>_NNNN.png``; return counts per class."""
+    """Write ``n`` phantom PNGs to ``out/<class>/<class>_NNNN.png``; return counts per class.
+
+    ``out`` must not exist or be an empty folder; it appears complete, or not at all.
+    """
     from PIL import Image
 
     if bit_depth not in (8, 16):
         raise OsteoError(f"bit depth must be 8 or 16, got {bit_depth}")
-    if size < MIN_SIZE:
-        raise OsteoError(f"image size {size} is too small; use at least {MIN_SIZE} px")
-    if n < 0:
-        raise OsteoError(f"number of images must be positive, got {n}")
+    _check_size(size)
+    if n < MIN_N:
+        raise OsteoError(f"number of images must be at least {MIN_N} (one per class), got {n}")
     counts = class_counts(n, proportions)
-    done = 0
-    for label, k in zip(CLASSES, counts):
-        folder = Path(out) / label
-        for i in range(k):
-            img = make_image(label, size=size, seed=seed, index=i)
-            if bit_depth == 8:
-                pil = Image.fromarray(np.round(img * 255).astype(np.uint8))
-            else:
-                pil = Image.fromarray(np.round(img * 65535).astype(np.uint16))
-            with atomic_path(folder / f"{label}_{i:04d}.png") as tmp:
-                pil.save(tmp, format="PNG")
-            done += 1
-            if progress is not None:
-                progress(done)
+    out = Path(out).absolute()
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise OsteoError(f"{out} exists and is not an empty folder; choose a new folder or remove it first")
+    _sweep_stale(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
+    try:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        except OSError as e:
+            raise OsteoError(f"cannot write to {out.parent}: {e.strerror}; choose a writable output folder") from None
+        done = 0
+        for label, k in zip(CLASSES, counts):
+            folder = tmp / label
+            folder.mkdir()
+            for i in range(k):
+                img = make_image(label, size=size, seed=seed, index=i)
+                if bit_depth == 8:
+                    pil = Image.fromarray(np.round(img * 255).astype(np.uint8))
+                else:
+                    pil = Image.fromarray(np.round(img * 65535).astype(np.uint16))
+                pil.save(folder / f"{label}_{i:04d}.png", format="PNG")
+                done += 1
+                if progress is not None:
+                    progress(done)
+        try:
+            if out.is_dir():
+                out.rmdir()  # empty (checked above); fails if something appeared in it since
+            os.replace(tmp, out)
+        except OSError as e:
+            raise OsteoError(f"cannot move the finished phantom to {out}: {e.strerror}; "
+                             f"choose a new folder") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dict(zip(CLASSES, counts))
+
+
+def _sweep_stale(out: Path) -> None:
+    """Remove the temporaries of earlier runs for ``out`` that were killed: older than
+    this process, made by a process that is gone."""
+    prefix = f".{out.name}.tmp-"
+    try:
+        entries = list(os.scandir(out.parent))
+    except OSError:
+        return
+    for e in entries:
+        if not e.name.startswith(prefix):
+            continue
+        pid = e.name[len(prefix):].split("-")[0]
+        try:
+            stale = pid.isdigit() and e.stat(follow_symlinks=False).st_mtime < _STARTED and not _alive(int(pid))
+        except OSError:
+            continue
+        if stale:
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(e.path)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # on Windows, os.kill would end the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True

@@ -3,8 +3,32 @@
 Layout: ``DATA/<class>/**/<image>``. Class folders match ``normal``, ``osteopenia``
 and ``osteoporosis`` case-insensitively; images may sit at any depth below them.
 Files with an image extension (any case) are decoded, and the bytes decide the
-format; system files (``.DS_Store``, ``._*``, ``Thumbs.db``), other extensions and
-files outside a class folder are listed as ``ignored``.
+format; system files (``.DS_Store``, ``._*``, ``Thumbs.db``), hidden temporaries
+(``.*.tmp*``: a write in progress, or one a killed process left), other extensions
+and files outside a class folder are listed as ``ignored``.
+
+Files and folders:
+
+- Symbolic links are followed, class folders included (``audit.json`` lists every
+  linked folder under ``links``, with its target). A linked folder is not followed
+  when it would be walked twice: a loop (a link to a folder above it), a target
+  inside the class folder (walked at its own path) or one already walked.
+- Only regular files are read: a named pipe, a device or a socket with an image
+  extension is listed as unreadable ("not a regular file (named pipe)") without
+  being opened, so nothing blocks the audit; so is a broken link or a link loop.
+  A folder that cannot be listed is an unreadable row (its path ends in ``/``).
+- File names are bytes: a name that is not valid UTF-8 is listed as unreadable
+  ("rename it") and written with its odd bytes as ``\\xNN`` (Python's
+  ``backslashreplace``), so ``manifest.csv`` and ``audit.json`` stay valid UTF-8,
+  and the split, cache and training never see a name they cannot write.
+
+Memory is bounded: images over :data:`osteo.data.decode.MAX_PIXELS` are refused
+from their header; files are decoded only while their estimated peak memory fits
+in :data:`AUDIT_MEMORY` together with the others in flight (a larger one runs
+alone); 8-bit pixels stay uint8 and images over :data:`STRIP_PIXELS` are hashed
+and reduced strip by strip. Only the small features (about 17 KB an image) are
+kept. Ctrl-C stops the audit at once: pending files are cancelled, and the running
+ones finish within a decode, since none can block.
 
 Duplicates:
 
@@ -33,21 +57,37 @@ Duplicates:
   JPEG of a 128 px image 0.97. The old check scored distinct knees up to 0.937 (256
   px) and 0.922 (512 px) against its threshold of 0.90.
 
+  Not every pair is compared: look-alike knees all pass the thumbnails, and comparing
+  them all was quadratic (2,010 look-alikes: 45 s; now 0.5 s, same groups). Both
+  checks become distance bounds between unit vectors (corr >= t  <=>  ||a - b||^2 <=
+  2 (1 - t)): a tile is its band-pass scaled to unit length plus a flag coordinate (1
+  when flat), so flat agrees with flat and not with texture, as the check has it. A
+  pair that passes disagrees at no more than 6 positions, so at 8 or more of any 14.
+  Each position's tiles are projected on 16 principal components (a projection never
+  lengthens a distance), and k-d trees list the pairs within the bound at the 14
+  positions where a sample says such pairs are rarest: the candidates are the pairs
+  listed at 8 of them, or, when that is fewer, all pairs within the thumbnail bound.
+  They are a superset of the pairs that pass, each checked exactly as before, so the
+  groups are those of comparing every pair. Sets of under :data:`INDEX_MIN_PAIRS`
+  pairs are compared in full.
+
 A duplicate group whose members are filed under different classes is a
 ``conflict``: its label is unknowable from the data, and splits exclude it by
 default.
 
 Outputs: ``manifest.csv`` (one row per candidate image file, :data:`MANIFEST_COLUMNS`)
 and ``audit.json`` (``data_dir``, ``classes``, ``n_files``, ``n_ok``, ``unreadable``,
-``ignored``, ``duplicate_groups``).
+``ignored``, ``duplicate_groups``, ``links``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,7 +95,7 @@ from pathlib import Path
 import numpy as np
 
 from osteo import CLASSES
-from osteo.data.decode import DecodeError, decode_bytes
+from osteo.data.decode import DecodeError, Gray, decode_cost, decode_gray, open_regular, read_all
 from osteo.errors import OsteoError
 from osteo.files import write_csv, write_json
 
@@ -73,10 +113,20 @@ DETAIL_OUTLIERS = 6  # tiles of 64 that may disagree: a burned-in marker, a loca
 DETAIL_CORR = 0.93
 FLAT = 0.01  # band-pass rms, in grey levels, under which a tile has no texture
 
+AUDIT_MEMORY = 512 << 20  # bytes of decoding in flight at once (a larger file runs alone)
+STRIP_PIXELS = 1 << 22  # images over this are hashed and reduced strip by strip
+STRIP_BYTES = 8 << 20  # float32 bytes of one strip
+INDEX_DIMS = 16  # principal components of the near-duplicate index
+INDEX_POSITIONS = 2 * (DETAIL_OUTLIERS + 1)  # tile positions it looks at (at least DETAIL_OUTLIERS + 1)
+INDEX_SAMPLE = 512  # images per set on which the index estimates how selective each position is
+INDEX_MIN_PAIRS = 20_000  # fewer pairs than this are all compared
+INDEX_SLACK = 1e-3  # added to the squared distance bounds, for float rounding
+NOT_UTF8 = "file name is not valid UTF-8 (shown with \\xNN escapes); rename it, e.g. convmv -f latin1 -t utf8"
+
 
 @dataclass
 class Record:
-    path: str  # relative to the data folder, POSIX separators
+    path: str  # relative to the data folder, POSIX separators; bytes that are not UTF-8 as \xNN
     label: str
     status: str = "ok"  # ok | unreadable
     reason: str = ""
@@ -100,6 +150,7 @@ class Audit:
     records: list[Record]
     ignored: list[str]
     duplicate_groups: list[dict]
+    links: list[dict] = field(default_factory=list)  # linked folders: path, target, class_folder, followed, reason
 
     def ok(self) -> list[Record]:
         return [r for r in self.records if r.status == "ok"]
@@ -109,13 +160,14 @@ class Audit:
         for r in self.ok():
             counts[r.label] += 1
         return {
-            "data_dir": self.data_dir,
+            "data_dir": _display(self.data_dir),
             "classes": counts,
             "n_files": len(self.records),
             "n_ok": len(self.ok()),
             "unreadable": [{"path": r.path, "reason": r.reason} for r in self.records if r.status != "ok"],
             "ignored": list(self.ignored),
             "duplicate_groups": self.duplicate_groups,
+            "links": list(self.links),
         }
 
     def manifest_rows(self) -> list[dict]:
@@ -127,50 +179,243 @@ class Audit:
         return rows
 
 
+# --------------------------------------------------------------------------- listing
+
+
+def _display(path: str) -> str:
+    """``path`` as valid UTF-8 text: bytes of a name that are not UTF-8 (which Python
+    carries as surrogate escapes) become ``\\xNN``."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _is_temporary(name: str) -> bool:
+    """A hidden temporary (``.name.XXXX.tmp.png``, ``.phantom.tmp-123``): a write in
+    progress, or one a killed process left behind; never data."""
+    return name.startswith(".") and ".tmp" in name
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows links; a loop or a broken link is not a folder
+    except OSError:
+        return False
+
+
+@dataclass
+class _Listing:
+    candidates: list[tuple[str, str]] = field(default_factory=list)  # (relative path, label)
+    ignored: list[str] = field(default_factory=list)
+    links: list[dict] = field(default_factory=list)
+    unlistable: list[Record] = field(default_factory=list)  # folders that could not be listed
+
+
 def list_files(data_dir: str | os.PathLike) -> tuple[list[tuple[str, str]], list[str]]:
     """(candidate (relative path, label) pairs, ignored relative paths), both sorted."""
-    root = Path(data_dir)
+    listing = _list(Path(data_dir))
+    return listing.candidates, listing.ignored
+
+
+def _list(root: Path) -> _Listing:
     if not root.is_dir():
-        raise OsteoError(f"data folder {root} does not exist; set DATA= to a folder with class sub-folders "
-                         f"({', '.join(CLASSES)})")
-    candidates: list[tuple[str, str]] = []
-    ignored: list[str] = []
-    class_dirs = {}
-    for child in sorted(root.iterdir()):
-        if child.is_dir() and child.name.lower() in CLASSES:
-            class_dirs[child] = child.name.lower()
-    if not class_dirs:
-        raise OsteoError(f"no class folders ({', '.join(CLASSES)}) in {root}; put each image under "
-                         f"{root}/<class>/")
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        here = Path(dirpath)
-        rel_dir = here.relative_to(root)
-        top = root / rel_dir.parts[0] if rel_dir.parts else None
-        label = class_dirs.get(top) if top is not None else None
-        for name in sorted(filenames):
-            rel = (rel_dir / name).as_posix()
-            ext = os.path.splitext(name)[1].lower()
-            if (label is None or name.lower() in SYSTEM_FILES or name.startswith("._")
-                    or ext not in IMAGE_EXTENSIONS):
-                ignored.append(rel)
+        raise OsteoError(f"data folder {_display(str(root))} does not exist; set DATA= to a folder with class "
+                         f"sub-folders ({', '.join(CLASSES)})")
+    try:
+        with os.scandir(root) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise OsteoError(f"cannot list the data folder {_display(str(root))}: {e.strerror}; check its permissions") from None
+    classes = [e for e in entries if e.name.lower() in CLASSES and _is_dir(e)]
+    if not classes:
+        raise OsteoError(f"no class folders ({', '.join(CLASSES)}) in {_display(str(root))}; put each image under "
+                         f"{_display(str(root))}/<class>/")
+    out = _Listing()
+    for e in entries:
+        if e in classes:
+            _walk_class(e, out)
+        elif _is_dir(e) and not e.is_symlink() and not _is_temporary(e.name):
+            _walk_ignored(e.path, e.name, out)
+        else:
+            out.ignored.append(_display(e.name + ("/" if _is_dir(e) else "")))
+    out.candidates.sort()
+    out.ignored.sort()
+    return out
+
+
+def _walk_ignored(path: str, rel: str, out: _Listing) -> None:
+    """Everything under a folder outside the class folders, listed as ignored (links not followed)."""
+    stack = [(path, rel)]
+    while stack:
+        path, rel = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            out.ignored.append(_display(rel + "/"))
+            continue
+        for e in entries:
+            r = f"{rel}/{e.name}"
+            if e.is_dir(follow_symlinks=False) and not _is_temporary(e.name):
+                stack.append((e.path, r))
             else:
-                candidates.append((rel, label))
-    return sorted(candidates), sorted(ignored)
+                out.ignored.append(_display(r + ("/" if _is_dir(e) else "")))
+
+
+def _walk_class(top: os.DirEntry, out: _Listing) -> None:
+    """Every file under a class folder: candidates and ignored ones; linked folders
+    followed unless that would walk a folder twice."""
+    label = top.name.lower()
+    try:
+        st = os.stat(top.path)
+    except OSError as e:
+        out.unlistable.append(Record(top.name + "/", label, "unreadable", f"cannot list folder: {e.strerror}"))
+        return
+    real_top = os.path.realpath(top.path)
+    if top.is_symlink():
+        out.links.append({"path": _display(top.name), "target": _display(real_top), "class_folder": True,
+                          "followed": True, "reason": ""})
+    visited = {(st.st_dev, st.st_ino)}
+    stack = [(top.path, top.name, frozenset(visited))]
+    while stack:
+        path, rel, above = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            out.unlistable.append(Record(_display(rel + "/"), label, "unreadable", f"cannot list folder: {e.strerror}"))
+            continue
+        folders = []
+        for e in entries:
+            r = f"{rel}/{e.name}"
+            if _is_temporary(e.name):
+                out.ignored.append(_display(r + ("/" if _is_dir(e) else "")))
+            elif _is_dir(e):
+                try:
+                    s = os.stat(e.path)
+                except OSError as err:
+                    out.unlistable.append(Record(_display(r + "/"), label, "unreadable",
+                                                 f"cannot list folder: {err.strerror}"))
+                    continue
+                key = (s.st_dev, s.st_ino)
+                if e.is_symlink():
+                    target = os.path.realpath(e.path)
+                    why = ""
+                    if key in above:
+                        why = "a loop: it links to a folder above it"
+                    elif key in visited:
+                        why = "its target was already audited through another path"
+                    elif _inside(target, real_top):
+                        why = "its target is inside the class folder, audited at its own path"
+                    out.links.append({"path": _display(r), "target": _display(target), "class_folder": False,
+                                      "followed": not why, "reason": why})
+                    if why:
+                        continue
+                visited.add(key)
+                folders.append((e.path, r, above | {key}))
+            elif (e.name.lower() in SYSTEM_FILES or e.name.startswith("._")
+                  or os.path.splitext(e.name)[1].lower() not in IMAGE_EXTENSIONS):
+                out.ignored.append(_display(r))
+            else:  # regular or not: the decoder checks, without opening anything else
+                out.candidates.append((r, label))
+        stack.extend(reversed(folders))
+
+
+def _inside(path: str, folder: str) -> bool:
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------- features
+
+
+class _Budget:
+    """Bytes of memory shared by the decoding threads: each takes its estimate (at most
+    the whole budget, so a large file runs alone) and gives it back when done."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.free = capacity
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def take(self, n: int) -> Iterator[None]:
+        n = max(0, min(int(n), self.capacity))
+        with self.cond:
+            while self.free < n:
+                self.cond.wait()
+            self.free -= n
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.free += n
+                self.cond.notify_all()
+
+
+def _feature_memory(width: int, height: int) -> int:
+    """Bytes that hashing and reducing a width x height image takes on top of its pixels."""
+    if width * height <= STRIP_PIXELS:
+        return 12 * width * height + (1 << 20)
+    return 3 * max(STRIP_BYTES, 4 * max(width, height)) + 4 * (16 + DETAIL_SIDE) * min(width, height) + (8 << 20)
 
 
 def _features(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(normalised 16x16 thumbnail, band-pass detail tiles as int8: 16 KB at 128 px)."""
+    """(normalised 16x16 thumbnail, band-pass detail tiles as int8: 16 KB at 128 px) of
+    a float32 (H, W) or (H, W, 1) image."""
     from PIL import Image
 
-    img = Image.fromarray(arr[..., 0].astype(np.float32), mode="F")
+    arr = arr.reshape(arr.shape[0], arr.shape[1])
+    img = Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32))
     thumb = np.asarray(img.resize((16, 16), Image.Resampling.BOX), dtype=np.float32)
     side = _detail_side(arr.shape[0], arr.shape[1])
     small = np.asarray(img.resize((side, side), Image.Resampling.BOX), dtype=np.float32)
+    return _finish_features(thumb, small)
+
+
+def _finish_features(thumb: np.ndarray, small: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     tiles = _tiles(_band_pass(small))
     # int8 per tile: a quarter of float32's memory, tile correlations within 0.004
     peak = np.maximum(np.abs(tiles).max(axis=1, keepdims=True), 1e-6)
     return _normalise(thumb.reshape(1, -1))[0], np.round(tiles * (127 / peak)).astype(np.int8)
+
+
+def _hash_and_features(gray: Gray) -> tuple[str, tuple[np.ndarray, np.ndarray]]:
+    """(sha256 of the float32 (H, W, 1) pixels and their shape, features), without a
+    float32 copy of a large image: it is hashed and box-reduced strip by strip."""
+    from PIL import Image
+
+    h, w = gray.pixels.shape
+    sha = hashlib.sha256()
+    if h * w <= STRIP_PIXELS:
+        arr = np.ascontiguousarray(gray.as_float(gray.pixels), dtype=np.float32)
+        sha.update(arr)
+        sha.update(str((h, w, 1)).encode())
+        return sha.hexdigest(), _features(arr)
+    rows = max(1, STRIP_BYTES // (4 * w))
+    for start in range(0, h, rows):
+        sha.update(np.ascontiguousarray(gray.as_float(gray.pixels[start : start + rows]), dtype=np.float32))
+    sha.update(str((h, w, 1)).encode())
+    # A box reduction is separable: reduce along the long side strip by strip (each
+    # strip across the short side), then the small intermediate along the other.
+    tall = h > w
+    across, along = (w, h) if tall else (h, w)
+    sides = (16, _detail_side(h, w))
+    inter = [np.empty((across, s), np.float32) for s in sides]
+    step = max(1, STRIP_BYTES // (4 * along))
+    for start in range(0, across, step):
+        block = gray.pixels[:, start : start + step].T if tall else gray.pixels[start : start + step]
+        strip = Image.fromarray(np.ascontiguousarray(gray.as_float(block), dtype=np.float32))
+        for t, s in zip(inter, sides):
+            t[start : start + strip.height] = np.asarray(strip.resize((s, strip.height), Image.Resampling.BOX))
+    thumb, small = (np.asarray(Image.fromarray(t).resize((s, s), Image.Resampling.BOX)) for t, s in zip(inter, sides))
+    if tall:
+        thumb, small = thumb.T, small.T
+    return sha.hexdigest(), _finish_features(np.ascontiguousarray(thumb), np.ascontiguousarray(small))
 
 
 def _detail_side(height: int, width: int) -> int:
@@ -238,28 +483,36 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-6)
 
 
-def _inspect(root: Path, rel: str, label: str) -> Record:
-    rec = Record(path=rel, label=label)
-    try:
-        data = (root / rel).read_bytes()
-    except OSError as e:
-        rec.status, rec.reason = "unreadable", f"cannot read file: {e.strerror}"
+def _inspect(root: Path, rel: str, label: str, budget: _Budget) -> Record:
+    rec = Record(path=_display(rel), label=label)
+    if rec.path != rel:
+        rec.status, rec.reason = "unreadable", NOT_UTF8
         return rec
-    rec.bytes = len(data)
-    rec.sha256 = hashlib.sha256(data).hexdigest()
     try:
-        arr, info = decode_bytes(data)
+        with open_regular(root / rel) as f:
+            width, height, need = decode_cost(f)
+            with budget.take(need + _feature_memory(width, height)):
+                data = read_all(f)
+                rec.bytes = len(data)
+                rec.sha256 = hashlib.sha256(data).hexdigest()
+                gray = decode_gray(data)
+                del data
+                info = gray.info
+                rec.format, rec.width, rec.height = info.format, info.width, info.height
+                rec.bit_depth, rec.frames = info.bit_depth, info.frames
+                rec.pixel_sha256, rec.features = _hash_and_features(gray)
     except DecodeError as e:
         rec.status, rec.reason = "unreadable", str(e)
-        return rec
+    except MemoryError:
+        rec.status, rec.reason = "unreadable", "out of memory while decoding it; downscale it"
     except Exception as e:  # a decoder bug must not stop the audit
         rec.status, rec.reason = "unreadable", f"decode failed: {type(e).__name__}"
-        return rec
-    rec.format, rec.width, rec.height = info.format, info.width, info.height
-    rec.bit_depth, rec.frames = info.bit_depth, info.frames
-    rec.pixel_sha256 = hashlib.sha256(np.ascontiguousarray(arr).tobytes() + str(arr.shape).encode()).hexdigest()
-    rec.features = _features(arr)
+    if rec.status != "ok":
+        rec.features = None
     return rec
+
+
+# --------------------------------------------------------------------------- duplicates
 
 
 class _UnionFind:
@@ -278,6 +531,136 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
+def _pca_basis(x: np.ndarray, k: int) -> np.ndarray:
+    """(d, k) orthonormal columns: the top principal directions of the rows of x. Any
+    orthonormal columns give a valid (never lengthening) projection; principal ones
+    keep the most of the distances."""
+    d = x.shape[1]
+    if d <= k:
+        return np.eye(d, dtype=np.float32)
+    if len(x) < 2 * k:  # too few to estimate
+        return np.eye(d, k, dtype=np.float32)
+    if len(x) > 4096:
+        x = x[np.random.default_rng(0).choice(len(x), 4096, replace=False)]
+    x = x.astype(np.float64) - x.mean(axis=0)
+    _, vecs = np.linalg.eigh(x.T @ x)  # ascending eigenvalues
+    return np.ascontiguousarray(vecs[:, ::-1][:, :k], dtype=np.float32)
+
+
+def _unit_tiles(details: list[np.ndarray], members: np.ndarray, pos: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tile ``pos`` of each member at n x n scaled to unit length, and whether it is flat
+    (all zeros)). With the flag as one more coordinate, the dot product of two tiles is
+    the tile correlation of :func:`_detail_scores` (flat-flat 1, flat-textured 0)."""
+    if len(members) == 0:
+        return np.zeros((0, n * n), np.float32), np.zeros(0, bool)
+    x = _tiles_at(np.stack([details[i][pos] for i in members]), n)
+    norm = np.sqrt(np.einsum("mt,mt->m", x, x))
+    flat = norm == 0
+    x /= np.where(flat, 1, norm)[:, None]
+    return x, flat
+
+
+def _close_pairs(a: np.ndarray, b: np.ndarray | None, radius: float, count: bool = False):
+    """Pairs of points within ``radius``: within ``a`` (b None; i < j) or across a and b,
+    as (m, 2) local indices; or, with count, only how many."""
+    from scipy.spatial import cKDTree
+
+    ta = cKDTree(a)
+    tb = ta if b is None else cKDTree(b)
+    if count:
+        c = int(ta.count_neighbors(tb, radius))
+        return (c - ta.n) // 2 if b is None else c
+    if b is None:
+        return ta.query_pairs(radius, output_type="ndarray").astype(np.int64).reshape(-1, 2)
+    m = ta.sparse_distance_matrix(tb, radius, output_type="ndarray")
+    return np.stack([m["i"], m["j"]], axis=1).astype(np.int64).reshape(-1, 2)
+
+
+def _candidate_pairs(thumbs: np.ndarray, details: list[np.ndarray]) -> np.ndarray:
+    """(m, 2) pairs (a < b, sorted): a superset of the pairs that pass both near-duplicate
+    checks, found with k-d trees instead of comparing every pair (see the module doc)."""
+    n = len(details)
+    grain = np.array([math.isqrt(d.shape[1]) for d in details])  # tile side: 16 at 128 px, 8 at 64
+    levels = sorted(set(grain.tolist()), reverse=True)
+    found = [np.empty((0, 2), np.int64)]
+    for i, gi in enumerate(levels):
+        for gj in levels[i:]:  # a pair compares at the coarser of its two tile sides
+            a = np.flatnonzero(grain == gi)
+            b = None if gi == gj else np.flatnonzero(grain == gj)
+            local = _pairs_at(thumbs, details, a, b, gj)
+            found.append(np.stack([a[local[:, 0]], (a if b is None else b)[local[:, 1]]], axis=1))
+    pairs = np.sort(np.concatenate(found), axis=1)
+    keys = np.unique(pairs[:, 0] * n + pairs[:, 1])
+    return np.stack([keys // n, keys % n], axis=1)
+
+
+def _pairs_at(thumbs: np.ndarray, details: list[np.ndarray], a: np.ndarray, b: np.ndarray | None,
+              grain: int) -> np.ndarray:
+    """Candidate pairs within ``a`` (b None) or between ``a`` and ``b`` (tiles compared at
+    grain x grain), as (m, 2) local indices (into a, into b or a)."""
+    groups = [a] if b is None else [a, b]
+    total = len(a) * (len(a) - 1) // 2 if b is None else len(a) * len(b)
+    if total <= INDEX_MIN_PAIRS:  # few: all of them
+        if b is None:
+            return np.argwhere(np.triu(np.ones((len(a), len(a)), bool), 1))
+        return np.argwhere(np.ones((len(a), len(b)), bool))
+    rng = np.random.default_rng(0)
+
+    def sample(sizes: list[int]) -> list[np.ndarray]:
+        return [np.sort(rng.choice(m, min(m, INDEX_SAMPLE), replace=False)) for m in sizes]
+
+    def close(points: list[np.ndarray], radius: float) -> np.ndarray:
+        return _close_pairs(points[0], points[1] if b is not None else None, radius)
+
+    def estimate(points: list[np.ndarray], radius: float, sampled: bool = False) -> float:
+        """Pairs within the radius, estimated from a sample: only to choose where to look.
+        ``points`` are of the whole sets, or of their sample (``picks``) when sampled."""
+        sizes = [len(g) for g in groups] if sampled else [len(p) for p in points]
+        sub = points if sampled else [p[s] for p, s in zip(points, sample(sizes))]
+        if b is None:
+            m, full = len(sub[0]), sizes[0]
+            scale = full * (full - 1) / max(1, m * (m - 1))
+        else:
+            scale = sizes[0] * sizes[1] / max(1, len(sub[0]) * len(sub[1]))
+        return _close_pairs(sub[0], sub[1] if b is not None else None, radius, count=True) * scale
+
+    # thumbnails at unit length; a zero one (a flat image) correlates with nothing
+    live = [np.flatnonzero(np.linalg.norm(thumbs[g], axis=1) > 0) for g in groups]
+    units = [thumbs[g[k]] / np.linalg.norm(thumbs[g[k]], axis=1, keepdims=True) for g, k in zip(groups, live)]
+    basis = _pca_basis(np.concatenate([u[s] for u, s in zip(units, sample([len(u) for u in units]))]), INDEX_DIMS)
+    thumb_points = [u @ basis for u in units]
+    thumb_radius = math.sqrt(2 * (1 - THUMB_CORR) + INDEX_SLACK)
+    # detail tiles, per position, projected; the flat flag kept as its own coordinate
+    picks = sample([len(g) for g in groups])
+    picked = [g[s] for g, s in zip(groups, picks)]
+    textured = [x[~flat] for p in range(DETAIL_GRID**2) for x, flat in
+                (_unit_tiles(details, g, p, grain) for g in picked)]
+    basis = _pca_basis(np.concatenate(textured), INDEX_DIMS)
+
+    def tile_points(p: int, members: list[np.ndarray]) -> list[np.ndarray]:
+        return [np.concatenate([x @ basis, flat[:, None].astype(np.float32)], axis=1)
+                for x, flat in (_unit_tiles(details, g, p, grain) for g in members)]
+
+    radius = math.sqrt(2 * (1 - DETAIL_CORR) + INDEX_SLACK)
+    counts = np.array([estimate(tile_points(p, picked), radius, sampled=True) for p in range(DETAIL_GRID**2)])
+    # a pair that passes agrees at all but DETAIL_OUTLIERS of any set of positions: take
+    # the rarest INDEX_POSITIONS, and keep the pairs close at enough of them
+    use = np.argsort(counts, kind="stable")[: min(DETAIL_GRID**2, INDEX_POSITIONS)]
+    if min(len(k) for k in live) == 0 or estimate(thumb_points, thumb_radius) <= counts[use].sum():
+        if min(len(k) for k in live) == 0:
+            return np.empty((0, 2), np.int64)
+        q = close(thumb_points, thumb_radius)
+        return np.stack([live[0][q[:, 0]], live[-1][q[:, 1]]], axis=1)
+    width = len(groups[-1])
+    keys = []
+    for p in use:
+        q = close(tile_points(int(p), groups), radius)
+        keys.append(q[:, 0] * width + q[:, 1])
+    keys, hits = np.unique(np.concatenate(keys), return_counts=True)
+    keys = keys[hits >= len(use) - DETAIL_OUTLIERS]
+    return np.stack([keys // width, keys % width], axis=1)
+
+
 def _find_duplicates(ok: list[Record]) -> list[dict]:
     n = len(ok)
     uf = _UnionFind(n)
@@ -291,11 +674,17 @@ def _find_duplicates(ok: list[Record]) -> list[dict]:
     if n > 1:
         thumbs = np.stack([r.features[0] for r in ok])
         details = [r.features[1] for r in ok]
-        for start in range(0, n, 1024):  # blocks keep memory flat on large folders
-            corr = thumbs[start : start + 1024] @ thumbs.T
-            for a in range(start, min(start + 1024, n)):
-                bs = np.flatnonzero(corr[a - start, a + 1 :] >= THUMB_CORR) + a + 1
-                bs = bs[[uf.find(b) != uf.find(a) for b in bs]]  # joined already: nothing to learn
+        pairs = _candidate_pairs(thumbs, details)
+        keep = np.zeros(len(pairs), bool)
+        for s in range(0, len(pairs), 1 << 16):  # chunks keep the gathered thumbnails small
+            p = pairs[s : s + (1 << 16)]
+            keep[s : s + len(p)] = np.einsum("ij,ij->i", thumbs[p[:, 0]], thumbs[p[:, 1]]) >= THUMB_CORR
+        pairs = pairs[keep]
+        starts = np.flatnonzero(np.r_[True, pairs[1:, 0] != pairs[:-1, 0]]) if len(pairs) else []
+        for s, e in zip(starts, [*starts[1:], len(pairs)]):
+            a, bs = int(pairs[s, 0]), pairs[s:e, 1]
+            bs = bs[[uf.find(int(b)) != uf.find(a) for b in bs]]  # joined already: nothing to learn
+            if len(bs):
                 for b in bs[_detail_scores(details, a, bs) >= DETAIL_CORR]:
                     uf.union(a, int(b))
     members: dict[int, list[int]] = {}
@@ -318,19 +707,26 @@ def audit(data_dir: str | os.PathLike, progress: Callable[[int, int], None] | No
           workers: int | None = None) -> Audit:
     """Decode every candidate file, find unreadable ones and duplicate groups."""
     root = Path(data_dir)
-    candidates, ignored = list_files(root)
-    records: list[Record] = []
-    workers = workers or min(8, (os.cpu_count() or 1) + 1)
-    with ThreadPoolExecutor(workers) as pool:
-        for k, rec in enumerate(pool.map(lambda c: _inspect(root, *c), candidates), 1):
+    listing = _list(root)
+    candidates = listing.candidates
+    records: list[Record] = list(listing.unlistable)
+    budget = _Budget(AUDIT_MEMORY)
+    pool = ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 1) + 1))
+    try:
+        for k, rec in enumerate(pool.map(lambda c: _inspect(root, *c, budget), candidates), 1):
             records.append(rec)
             if progress is not None:
                 progress(k, len(candidates))
+    except BaseException:  # Ctrl-C: drop the files not started; running ones end within a decode
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    records.sort(key=lambda r: r.path)
     ok = [r for r in records if r.status == "ok"]
     groups = _find_duplicates(ok)
     for r in records:
         r.features = None
-    return Audit(str(root), records, ignored, groups)
+    return Audit(str(root), records, listing.ignored, groups, listing.links)
 
 
 def write_audit(result: Audit, out: str | os.PathLike) -> tuple[Path, Path]:
