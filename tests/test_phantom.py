@@ -98,7 +98,7 @@ def test_a_generation_stopped_half_way_leaves_nothing(tmp_path, monkeypatch, err
     from osteo.data import phantom
 
     calls = []
-    real = phantom.make_image
+    real = phantom.make_sample
 
     def failing(*args, **kw):
         calls.append(1)
@@ -106,7 +106,7 @@ def test_a_generation_stopped_half_way_leaves_nothing(tmp_path, monkeypatch, err
             raise error("stopped")
         return real(*args, **kw)
 
-    monkeypatch.setattr(phantom, "make_image", failing)
+    monkeypatch.setattr(phantom, "make_sample", failing)
     with pytest.raises(error):
         write_phantom(tmp_path / "ph", n=9, size=16)
     assert list(tmp_path.iterdir()) == []  # no folder, no temporary
@@ -142,3 +142,24 @@ def test_temporaries_of_a_killed_run_are_swept(tmp_path):
         os.utime(p, (1e9, 1e9))
     write_phantom(tmp_path / "ph", n=3, size=16)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ph", live.name])
+
+
+def test_latents_are_written_and_overlap_only_moves_the_class_signal(tmp_path):
+    import csv
+
+    from osteo.data.phantom import LATENTS_FILE, make_sample
+
+    write_phantom(tmp_path / "ph", n=9, size=32, seed=4)
+    with open(tmp_path / "ph" / LATENTS_FILE, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in rows) == sorted(
+        str(p.relative_to(tmp_path / "ph")) for p in (tmp_path / "ph").glob("*/*.png"))
+    assert {"mineral_density", "trabecular_fraction", "cortical_thickness", "exposure", "noise_sd"} <= set(rows[0])
+    a_img, a, a_mask = make_sample("osteopenia", size=32, seed=4, index=1, overlap=1.0)
+    b_img, b, b_mask = make_sample("osteopenia", size=32, seed=4, index=1, overlap=3.0)
+    signal = ("mineral_density", "trabecular_fraction", "cortical_thickness")
+    assert any(a[k] != b[k] for k in signal)
+    assert all(a[k] == b[k] for k in a if k not in signal)  # the nuisance is the same knee's
+    assert a_mask.dtype == bool and 0.1 < a_mask.mean() < 0.7
+    with pytest.raises(OsteoError, match="overlap"):
+        make_sample("normal", size=32, overlap=0)
