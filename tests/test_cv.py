@@ -63,6 +63,11 @@ def test_the_report_pools_out_of_fold_predictions_and_pairs_the_folds(two_cvs, t
     # the two are paired: McNemar on the pooled predictions, a paired t-test on the folds
     other = b if a["mcnemar_vs"] == "(best)" else a
     assert other["mcnemar_p"] and other["fold_ttest_p"]
+    # the phantom has latents.csv: the oracle's ceiling, scored on the same out-of-fold images
+    oracle = [r for r in _rows(out / "comparison.csv") if r["model"] == "oracle"]
+    assert len(oracle) == 1 and oracle[0]["evaluated_on"] == "out-of-fold"
+    assert int(oracle[0]["n_val"]) == n_images
+    assert float(oracle[0]["balanced_accuracy"]) > max(float(a["balanced_accuracy"]), float(b["balanced_accuracy"]))
     folds = _rows(out / "folds.csv")
     assert len(folds) == 6 and {f["fold"] for f in folds} == {"1", "2", "3"}
     page = (out / "index.html").read_text(encoding="utf-8")

@@ -46,6 +46,7 @@ def test_report_files_and_contents(two_runs, tmp_path):
     with open(tmp_path / "rep" / "comparison.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and set(COMPARISON_COLUMNS) <= set(rows[0])
+    assert not any(r["model"] == "oracle" for r in rows)  # no latents.csv here: no ceiling to show
     for r in rows:
         assert float(r["accuracy_lo"]) <= float(r["accuracy"]) <= float(r["accuracy_hi"])
         assert 0 <= float(r["majority_balanced_accuracy"]) <= 1
