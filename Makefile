@@ -10,7 +10,7 @@ MODEL ?= convnext_tiny
 RECIPE ?= $(MODEL)
 OUT ?= reports
 
-.PHONY: install test test-all lint data audit train cv train-all report bench demo clean
+.PHONY: install test test-all lint data audit train cv train-all report bench demo study clean export eval
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,study]"
 	touch $(STAMP)
 
 test: install
@@ -67,6 +67,19 @@ RUNS ?= runs
 report: install
 	$(OSTEO) report --runs $(RUNS) --out $(OUT) $(if $(ALL),--all)
 
+# External validation: a run's best model on another labelled folder (RUN/eval/<folder>/)
+eval: install
+	@test -n "$(RUN)" || { echo "usage: make eval RUN=runs/<model>/<run-id> DATA=folder [TTA=1]" >&2; exit 2; }
+	@test "$(origin DATA)" != "file" || { echo "make eval: name the folder to score with DATA=" >&2; exit 2; }
+	$(OSTEO) eval $(RUN) --data $(DATA) $(if $(TTA),--tta)
+
+# A run's best model for other systems, preprocessing and calibration inside (osteo.export):
+# make export RUN=runs/<model>/<run-id> [FORMAT=onnx|savedmodel|keras] writes RUN/export/.
+FORMAT ?= onnx
+export: install
+	@test -n "$(RUN)" || { echo "usage: make export RUN=runs/<model>/<run-id> [FORMAT=onnx|savedmodel|keras]" >&2; exit 2; }
+	$(OSTEO) export $(RUN) --format $(FORMAT)
+
 # The whole study on the phantom, CPU-sized (recipes/demo.py): each backbone in its own
 # process, so each gets the Keras backend measured fastest for it.
 DEMO_RUNS := runs/demo
@@ -80,6 +93,16 @@ demo: install
 	echo "== demo: report"; \
 	$(OSTEO) report --runs $(DEMO_RUNS) --out $(DEMO_OUT) || exit 1; \
 	echo "== demo: done in $$(( $$(date +%s) - start ))s; open $(CURDIR)/$(DEMO_OUT)/index.html"
+
+# The study as Ray Tune trials (osteo[study], installed by `install`): 2 backbones x 2 folds of
+# the demo recipe on the demo phantom, in parallel on this machine's cores. SEARCH=KEY=LO:HI:log
+# (e.g. train.fine_tune_lr=1e-4:1e-2:log) searches it per outer fold first, TRIALS each (default 3).
+STUDY_RUNS := runs/study
+STUDY_OUT := reports/study
+study: install
+	@test -d data/phantom-demo/normal || $(OSTEO) data phantom data/phantom-demo --n 900 --size 96
+	$(OSTEO) study --models vgg16,densenet169 --recipe demo --folds 2 --data data/phantom-demo \
+		--runs $(STUDY_RUNS) --out $(STUDY_OUT) $(if $(SEARCH),--search $(SEARCH) --trials $(or $(TRIALS),3))
 
 # A comma inside $(if ...) would split its arguments: BENCH=full's sizes use this.
 COMMA := ,

@@ -5,7 +5,7 @@
     osteo data split DATA --out split.csv [--val 0.3] [--test 0] [--folds K --fold I] [--seed S]
     osteo train RECIPE_OR_MODEL [--data DIR] [--set key=value ...] [--resume RUN_DIR|latest]
                 [--folds K [--fold I] [--cv DIR]]
-    osteo eval RUN_DIR [--split val|test] [--bootstrap 1000]
+    osteo eval RUN_DIR [--split val|test] [--bootstrap 1000] | --data FOLDER [--out DIR] [--tta]
     osteo report [RUNS ...] [--out DIR] [--all] [--runs DIR]
     osteo predict RUN_DIR IMAGE_OR_FOLDER ... [--out predictions.csv]
 
@@ -37,6 +37,13 @@ def _console():
     return Console(stderr=False, highlight=False)
 
 
+def _console_err():
+    """Progress bars go to stderr, so stdout stays the command's result."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(","))
@@ -50,7 +57,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 def cmd_phantom(args) -> int:
     from rich.progress import Progress
 
-    from osteo.data.phantom import class_counts, write_phantom
+    from osteo.data.phantom import DEFAULT_OVERLAP, class_counts, write_phantom
 
     total = sum(class_counts(args.n, args.proportions))
     t0 = time.perf_counter()
@@ -59,6 +66,7 @@ def cmd_phantom(args) -> int:
         counts = write_phantom(
             args.out, n=args.n, size=args.size, seed=args.seed, proportions=args.proportions,
             bit_depth=args.bit_depth, progress=lambda k: bar.update(task, completed=k),
+            overlap=DEFAULT_OVERLAP if args.overlap is None else args.overlap,
         )
     dt = time.perf_counter() - t0
     summary = ", ".join(f"{c} {k}" for c, k in counts.items())
@@ -164,6 +172,10 @@ def build_recipe(args):
         recipe.train.deterministic = True
     if args.runs:
         recipe.runs_dir = args.runs
+    if args.mlflow:
+        recipe.train.mlflow = True
+    if args.operating_point:
+        recipe.train.operating_points = tuple(args.operating_point)
     apply_overrides(recipe, args.set or [])
     return resolve(recipe)
 
@@ -322,6 +334,10 @@ def cross_validate(args, recipe, plan, console) -> int:
 def cmd_eval(args) -> int:
     from osteo.evaluate import evaluate_run, print_metrics
 
+    if args.data:
+        return eval_external(args)
+    if args.tta or args.out:
+        raise OsteoError("--tta and --out go with --data FOLDER (an external validation)")
     metrics = evaluate_run(args.run, splits=[args.split] if args.split else None, n_boot=args.bootstrap,
                            seed=args.seed)
     console = _console()
@@ -329,6 +345,34 @@ def cmd_eval(args) -> int:
         if name in metrics and (args.split in (None, name)):
             print_metrics(metrics, name, console)
     print(f"wrote {args.run}/metrics.json")
+    return 0
+
+
+def eval_external(args) -> int:
+    """``osteo eval RUN --data FOLDER``: the run's best model on another labelled folder."""
+    from rich.progress import Progress
+
+    from osteo.evaluate import print_metrics
+    from osteo.predict import evaluate_folder
+
+    if args.split:
+        raise OsteoError("--split is the run's own split; with --data the folder is scored whole")
+    with Progress(console=_console_err(), transient=True) as bar:
+        task = bar.add_task("eval", total=None)
+        out, report = evaluate_folder(args.run, args.data, args.out, tta=args.tta, n_boot=args.bootstrap,
+                                      seed=args.seed, progress=lambda k, n: bar.update(task, completed=k, total=n),
+                                      warn=_warn)
+    console = _console()
+    print_metrics({"external": report["external"]}, "external", console,
+                  title=f"{args.run} on {args.data} (n={report['external']['n']})")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    for p in report["operating_points"]:
+        print(f"{p['name']} (threshold {p['threshold']:.4f} from validation): sensitivity "
+              f"{fmt(p['sensitivity'])} [{fmt(p.get('sensitivity_ci', [None])[0])}, "
+              f"{fmt(p.get('sensitivity_ci', [None, None])[1])}], specificity {fmt(p['specificity'])} "
+              f"[{fmt(p.get('specificity_ci', [None])[0])}, {fmt(p.get('specificity_ci', [None, None])[1])}]")
+    print(f"{report['excluded_training_overlap']} image(s) also in the run's training split left out; "
+          f"{report['unreadable']} unreadable; wrote {out}/predictions.csv, metrics.json, audit.json")
     return 0
 
 
@@ -363,10 +407,76 @@ def cmd_report(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from rich.progress import Progress
+
     from osteo.predict import predict_files
 
-    out = predict_files(args.run, args.images, args.out)
+    with Progress(console=_console_err(), transient=True) as bar:
+        task = bar.add_task("predict", total=None)
+        out = predict_files(args.run, args.images, args.out, calibrated=not args.no_calibration, tta=args.tta,
+                            gradcam_dir=args.gradcam, progress=lambda k, n: bar.update(task, completed=k, total=n))
+    print(f"wrote {out}" + (f" and Grad-CAM overlays in {args.gradcam}" if args.gradcam else ""))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    """Fit (again) a run's temperature and operating points on its validation predictions."""
+    from osteo.calibrate import calibrate_run
+    from osteo.report import write_model_card
+    from osteo.runs import RunDir
+
+    run = RunDir(args.run).check(need=(RunDir.PREDICTIONS,))
+    points = args.operating_point or run.read_recipe().train.operating_points
+    cal = calibrate_run(run, points, n_boot=args.bootstrap, seed=args.seed)
+    write_model_card(run)
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    print(f"temperature {fmt(cal['temperature'])}: ECE {fmt(cal.get('ece_before'))} -> {fmt(cal.get('ece_after'))}, "
+          f"NLL {fmt(cal.get('nll_before'))} -> {fmt(cal.get('nll_after'))} (validation, n={cal['n']})")
+    for p in cal["operating_points"]:
+        if p.get("error"):
+            _warn(f"{p['name']}: {p['error']}")
+            continue
+        v = p["val"]
+        print(f"{p['name']}: threshold {p['threshold']:.4f}; validation sensitivity {fmt(v['sensitivity'])} "
+              f"[{fmt(v['sensitivity_ci'][0])}, {fmt(v['sensitivity_ci'][1])}], specificity "
+              f"{fmt(v['specificity'])} [{fmt(v['specificity_ci'][0])}, {fmt(v['specificity_ci'][1])}]")
+    print(f"wrote {run.calibration_path} and {run.model_card_path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from osteo.export import export_run
+
+    out = export_run(args.run, args.format, args.out)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_study(args) -> int:
+    """``osteo study``: the backbones x folds x seeds grid (and a learning-rate search) as trials."""
+    import os
+
+    from osteo.study import StudyConfig, run_study
+
+    train_args = []
+    for flag, value in (("--data", args.data), ("--weights", args.weights), ("--image-size", args.image_size),
+                        ("--epochs", args.epochs), ("--runs", args.runs)):
+        if value is not None:
+            train_args += [flag, str(value)]
+    for item in args.set or []:
+        train_args += ["--set", item]
+    if args.mlflow:
+        train_args.append("--mlflow")
+    cfg = StudyConfig(
+        models=[m.strip() for m in args.models.split(",") if m.strip()], recipe=args.recipe, folds=args.folds,
+        seeds=args.seeds, address=args.address or os.environ.get("RAY_ADDRESS"),
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, out=args.out,
+        runs=args.runs or "runs", train_args=train_args, search=args.search, trials=args.trials,
+        mlflow=args.mlflow,
+    )
+    console = _console()
+    page = run_study(cfg, say=lambda text: console.print(text, highlight=False, markup=False), warn=_warn)
+    print(f"study report: {os.path.abspath(page)}")
     return 0
 
 
@@ -406,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--proportions", type=_int_list, default=(780, 374, 793))
     p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8)
+    p.add_argument("--overlap", type=float, default=None,
+                   help="spread of the class latents, x the table in osteo/data/phantom.py (default 2: a Bayes "
+                        "classifier on the latents scores balanced accuracy ~0.90)")
     p.set_defaults(func=cmd_phantom)
 
     p = dsub.add_parser("audit", help="find unreadable files, duplicates and label conflicts")
@@ -437,11 +550,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, help="k-fold cross-validation: K runs under one parent folder")
     p.add_argument("--fold", type=int, help="run fold I (1..K) only, for schedulers (with --folds or --cv)")
     p.add_argument("--cv", help="the cross-validation's parent folder (default: a new one under RUNS)")
+    p.add_argument("--mlflow", action="store_true", help="log the run to MLflow ($MLFLOW_TRACKING_URI, else ./mlruns)")
+    p.add_argument("--operating-point", action="append", metavar="CLASS[+]:sensitivity=X",
+                   help="screening threshold chosen on validation (repeatable), e.g. osteoporosis:sensitivity=0.90")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("calibrate", help="temperature scaling and operating points on a run's validation split")
+    p.add_argument("run", help="a run directory")
+    p.add_argument("--operating-point", action="append", metavar="CLASS[+]:sensitivity=X",
+                   help="e.g. osteoporosis:sensitivity=0.90 or osteopenia+:specificity=0.8 (repeatable; "
+                        "default: the run's recipe's)")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("export", help="the run's best model for other systems, preprocessing and calibration inside")
+    p.add_argument("run", help="a run directory")
+    p.add_argument("--format", choices=("onnx", "savedmodel", "keras"), default="onnx")
+    p.add_argument("--out", help="output path (default: RUN_DIR/export/model.<format>)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("study", help="the backbones x folds x seeds grid, on Ray when installed")
+    p.add_argument("--models", default="vgg16,vgg19,densenet169,convnext_tiny", help="comma-separated backbones")
+    p.add_argument("--recipe", default="finetune", help="recipe for every trial (default finetune)")
+    p.add_argument("--folds", type=int, default=5, help="k of the k-fold cross-validation (default 5)")
+    p.add_argument("--seeds", type=int, default=1, help="split and training seeds per model (default 1)")
+    p.add_argument("--address", help="a Ray cluster's address (default: $RAY_ADDRESS, else Ray on this machine)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--out", default="reports/study", help="the study's report folder")
+    p.add_argument("--data")
+    p.add_argument("--weights")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--runs", help="runs folder (default runs/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override for every trial")
+    p.add_argument("--search", metavar="KEY=LO:HI:log", help="search a hyper-parameter per backbone first")
+    p.add_argument("--trials", type=int, default=8, help="search trials per backbone (default 8)")
+    p.add_argument("--mlflow", action="store_true", help="log every trial to MLflow (one experiment)")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("eval", help="metrics with intervals from a run's predictions")
     p.add_argument("run", help="a run directory")
     p.add_argument("--split", choices=("val", "test"))
+    p.add_argument("--data", help="score the run's model on this labelled folder (external validation)")
+    p.add_argument("--out", help="with --data: output folder (default RUN_DIR/eval/<folder-name>/)")
+    p.add_argument("--tta", action="store_true", help="with --data: test-time augmentation")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_eval)
@@ -459,6 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a run directory")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--out", default="predictions.csv")
+    p.add_argument("--no-calibration", action="store_true", help="the model's own probabilities, not calibrated")
+    p.add_argument("--tta", action="store_true", help="average over the image, its mirror and small shifts")
+    p.add_argument("--gradcam", metavar="DIR", help="write a Grad-CAM overlay per image to DIR")
     p.set_defaults(func=cmd_predict)
     return parser
 

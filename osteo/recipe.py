@@ -74,6 +74,9 @@ class DataConfig:
     test: float = 0.0
     folds: int = 0
     fold: int = 0
+    # nested cross-validation's inner split (osteo study --search): with folds, the outer fold
+    # is held out as "test" and this fraction of the other images validates; 0: off
+    inner_val: float = 0.0
     group_regex: str = ""
     groups_csv: str = ""
     conflicts: Literal["exclude", "majority", "keep"] = "exclude"
@@ -352,6 +355,7 @@ _RULES: dict[str, tuple] = {
     "data.test": _FRACTION,
     "data.folds": _NONNEGATIVE,
     "data.fold": _NONNEGATIVE,
+    "data.inner_val": _FRACTION,
     "data.batch_size": (lambda v: v >= 1, "at least 1"),
     "data.phantom_n": (lambda v: v >= 3, "at least 3"),
     "data.phantom_size": (lambda v: 16 <= v <= MAX_IMAGE_SIZE, f"from 16 to {MAX_IMAGE_SIZE}"),
@@ -425,6 +429,12 @@ def resolve(recipe: Recipe) -> Recipe:
     spec.check_size(r.data.image_size)
     if r.train.epochs + r.train.fine_tune_epochs < 1:
         raise OsteoError("train.epochs + train.fine_tune_epochs must be at least 1; set EPOCHS=1 or more")
+    if r.data.folds and r.data.test:
+        raise OsteoError("data.test has no meaning in a cross-validation (every image is some fold's validation "
+                         "image); set data.test=0")
+    if r.data.inner_val and (r.data.folds < 2 or r.data.test):
+        raise OsteoError("data.inner_val splits a cross-validation fold's training images: it needs data.folds "
+                         ">= 2 and data.test = 0")
     if r.data.val + r.data.test >= 1:
         raise OsteoError(f"data.val + data.test must be below 1 (got {r.data.val} + {r.data.test}); "
                          "leave images for training")

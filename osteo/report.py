@@ -280,6 +280,8 @@ def oracle_runs(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> list[Run]
 
     out, seen = [], set()
     for r in runs:
+        if r.evaluated_on.startswith("external"):  # its training data is another folder's
+            continue
         data_dir = r.audit.get("data_dir") or r.recipe.get("data", {}).get("dir", "")
         if (data_dir, r.split_id) in seen:
             continue

@@ -161,5 +161,6 @@ def test_latents_are_written_and_overlap_only_moves_the_class_signal(tmp_path):
     assert any(a[k] != b[k] for k in signal)
     assert all(a[k] == b[k] for k in a if k not in signal)  # the nuisance is the same knee's
     assert a_mask.dtype == bool and 0.1 < a_mask.mean() < 0.7
+    assert (a_mask == b_mask).all() and np.abs(a_img - b_img).max() > 0.01  # same knee, other bone
     with pytest.raises(OsteoError, match="overlap"):
         make_sample("normal", size=32, overlap=0)

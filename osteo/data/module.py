@@ -66,7 +66,7 @@ class DataModule:
             split, self.excluded = split_rows(
                 self.audit.manifest_rows(), val_fraction=cfg.val, test_fraction=cfg.test, folds=cfg.folds,
                 fold=cfg.fold, seed=self.seed, group_regex=cfg.group_regex or None, groups=groups,
-                conflicts=cfg.conflicts,
+                conflicts=cfg.conflicts, inner_val=cfg.inner_val,
             )
             check_split(split)
         self.split = split

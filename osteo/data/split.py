@@ -12,6 +12,14 @@ of its members. Duplicate groups whose members carry different labels
 ``majority`` (relabel every member with the group's most common label; ties go to
 the earlier class), or ``keep``.
 
+With ``folds=K`` the groups are dealt into K folds and fold ``fold`` is the
+validation split. With ``folds=K`` and ``inner_val > 0`` the split is nested
+cross-validation's inner one: fold ``fold`` becomes the *test* split and ``inner_val``
+of the remaining images is the validation split. The folds are the same as without a test fraction, so the
+inner split's train and val hold only the outer fold's training images: a
+hyper-parameter chosen on them never saw the outer fold's validation images
+(``osteo study --search`` trains its trials on this split).
+
 The split does not depend on the order of the input rows: groups are sorted, then
 shuffled by a generator seeded with ``seed``. ``split.csv`` has the columns
 ``path, label, split, group`` and is sorted by path, so the same data and seed give
@@ -106,6 +114,7 @@ def split_rows(
     group_regex: str | None = None,
     groups: dict[str, str] | None = None,
     conflicts: str = "exclude",
+    inner_val: float = 0.0,
 ) -> tuple[list[dict], list[str]]:
     """Split manifest rows; return (split rows sorted by path, excluded paths)."""
     if not (0 < val_fraction < 1) or not (0 <= test_fraction < 1) or val_fraction + test_fraction >= 1:
@@ -124,28 +133,42 @@ def split_rows(
     for c in CLASSES:
         keys = sorted(g for g, m in members.items() if majority_label(r["label"] for r in m) == c)
         keys = [keys[i] for i in rng.permutation(len(keys))]
-        n = sum(len(members[g]) for g in keys)
         if folds:
             load = [0] * folds
+            rest = []
             for g in keys:
                 k = int(np.argmin(load))
                 load[k] += len(members[g])
-                side[g] = "val" if k == fold else "train"
+                if k == fold:
+                    side[g] = "test" if inner_val else "val"
+                else:
+                    side[g] = "train"
+                    rest.append(g)
+            if inner_val:  # nested: validation from the outer training groups, in their shuffled order
+                _fill(rest, members, [("val", inner_val)], side)
             continue
-        targets = [("test", round(test_fraction * n)), ("val", round(val_fraction * n))]
-        filled = {"test": 0, "val": 0}
-        for g in keys:
-            size = len(members[g])
-            side[g] = "train"
-            for name, target in targets:
-                have = filled[name]
-                if have < target and (have + size - target) <= (target - have):
-                    side[g] = name
-                    filled[name] += size
-                    break
+        _fill(keys, members, [("test", test_fraction), ("val", val_fraction)], side)
     out = [{"path": r["path"], "label": r["label"], "split": side[group_of[r["path"]]],
             "group": group_of[r["path"]]} for r in rows]
     return out, excluded
+
+
+def _fill(keys: list[str], members: dict[str, list[dict]], fractions: list[tuple[str, float]],
+          side: dict[str, str]) -> None:
+    """Deal groups ``keys`` (in order) to the named splits up to each one's fraction of their
+    images, a group going where it brings the split closer to its target; the rest train."""
+    n = sum(len(members[g]) for g in keys)
+    targets = [(name, round(fraction * n)) for name, fraction in fractions]
+    filled = dict.fromkeys((name for name, _ in fractions), 0)
+    for g in keys:
+        size = len(members[g])
+        side[g] = "train"
+        for name, target in targets:
+            have = filled[name]
+            if have < target and (have + size - target) <= (target - have):
+                side[g] = name
+                filled[name] += size
+                break
 
 
 def check_split(split: list[dict], min_train: int = 1, min_val: int = 1) -> None:

@@ -1,0 +1,736 @@
+"""The study at scale: the backbones x folds x seeds grid as trials, on Ray Tune when installed.
+
+    osteo study --models vgg16,densenet169 --recipe demo --folds 2 --data data/phantom-demo
+    osteo study --models vgg16 --search train.fine_tune_lr=1e-5:1e-3:log --trials 8
+    osteo study --address ray://head:10001 --gpus-per-trial 1 ...    # a Ray cluster
+
+Each (backbone, seed, fold) is a *trial*: one ``osteo train`` process that trains fold I
+of the cross-validation ``RUNS/<model>/<study-id>-seed<S>``, exactly the command a person
+would type, so each trial picks its own Keras backend and can be resumed by hand. A
+trial's output goes to ``<cv>/fold-I.log``. A trial whose process fails or is killed is
+retried (up to :data:`RETRIES` times) from its last completed epoch with ``osteo train
+--resume``; one that still fails is reported (a warning, ``study.json``, and the report
+names its cross-validation as left out) and the others go on. A user error (exit code 2,
+an :class:`OsteoError`) is not retried: it would fail the same way again.
+
+Ray Tune runs the trials (``pip install 'osteo[study]'``): on a local Ray with this
+machine's cores, or on the cluster at ``address``; without Ray they run one after another.
+
+``search`` (``KEY=LO:HI[:log]``) first searches a hyper-parameter with ASHA, as nested
+cross-validation: for every outer fold, ``trials`` values are trained on the inner split
+of that fold's training images (:func:`osteo.data.split.split_rows` with ``data.inner_val``:
+the outer fold held out as ``test``, validation carved from the rest) and ranked by their
+best validation macro F1; the winner trains that outer fold. One value per backbone for
+all folds could not be honest: with k folds every image is some fold's validation image.
+
+``study.json`` in ``out`` records the trials, their status, retries, run directories and
+times, and the search's values; ``out/index.html`` is :func:`osteo.report.write_report`
+of the cross-validations (pooled out-of-fold predictions, one row per backbone and seed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import logging
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from osteo.errors import OsteoError
+from osteo.files import write_json
+from osteo.runs import CvDir, RunDir
+
+RETRIES = 2  # per trial, each from its last completed epoch
+METRIC = "val_macro_f1"  # what the search ranks, per epoch from history.csv
+POLL_SECONDS = 1.0  # how often a searched trial's history.csv is read
+ASHA_REDUCTION = 3  # ASHA keeps the best third at each rung (epochs 1, 3, 9, ...)
+LOCAL_OBJECT_STORE = 256 * 2**20  # bytes
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class StudyConfig:
+    models: list[str]
+    recipe: str = "finetune"
+    folds: int = 5
+    seeds: int = 1
+    address: str | None = None  # a Ray cluster (or $RAY_ADDRESS); None: Ray on this machine
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    out: str = "reports/study"
+    runs: str = "runs"
+    train_args: list[str] = field(default_factory=list)  # passed to every trial's `osteo train`
+    search: str | None = None  # KEY=LO:HI:log
+    trials: int = 8
+    mlflow: bool = False
+
+
+@dataclass(frozen=True)
+class Search:
+    key: str
+    low: float
+    high: float
+    log: bool
+
+    def values(self, n: int, seed: list[int]) -> list[float]:
+        """``n`` values, one from each of ``n`` equal slices of the range (in random order), so
+        a few trials still cover it; 3 significant digits, as a person would write them."""
+        rng = np.random.default_rng(seed)
+        u = (rng.permutation(n) + rng.random(n)) / n
+        lo, hi = (math.log(self.low), math.log(self.high)) if self.log else (self.low, self.high)
+        raw = lo + u * (hi - lo)
+        return [float(f"{(math.exp(v) if self.log else v):.3g}") for v in raw]
+
+
+def parse_search(text: str) -> Search:
+    """``KEY=LO:HI`` or ``KEY=LO:HI:log`` -> :class:`Search`."""
+    fix = "write it as KEY=LO:HI[:log], e.g. --search train.fine_tune_lr=1e-5:1e-3:log"
+    key, _, spec = text.partition("=")
+    parts = spec.split(":")
+    if not key.strip() or len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("log", "linear")):
+        raise OsteoError(f"cannot read --search {text!r}; {fix}")
+    try:
+        low, high = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise OsteoError(f"cannot read the range of --search {text!r}; {fix}") from None
+    log = len(parts) == 3 and parts[2] == "log"
+    if not (math.isfinite(low) and math.isfinite(high) and low < high) or (log and low <= 0):
+        raise OsteoError(f"--search {text!r} needs LO < HI (and LO > 0 on a log scale); {fix}")
+    return Search(key.strip(), low, high, log)
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+def run_trial(spec: dict, on_epoch: Callable[[int, float], None] | None = None) -> dict:
+    """Run one trial to its end: its ``osteo train`` process, retried from the last completed epoch.
+
+    ``spec`` (JSON-able, built by the study) names the command, the run directory (or, for
+    a search trial, the folder its run is made in), the log file and the retries allowed.
+    ``on_epoch(epoch, val_macro_f1)`` is called once per new epoch in ``history.csv`` (the
+    search reports them to ASHA, which may stop the trial by raising from it: the
+    process is then killed). Returns the outcome: status ``ok`` or ``failed``, attempts,
+    retries, run directory, wall seconds, the last error and the best validation macro F1.
+    """
+    log = Path(spec["log"])
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    # a trial Ray started again (its worker was lost) counts the attempts already made
+    attempts = log.read_text(encoding="utf-8", errors="replace").count("\n== attempt ") if log.exists() else 0
+    seen, error, status = 0, "", "failed"
+    while True:
+        run = _trial_run(spec)
+        if run is not None and run.is_finished():
+            status, error = "ok", ""
+            break
+        if attempts > spec["retries"]:
+            break
+        # a run with recipe.json and split.csv resumes (from epoch 0 if it saved no state);
+        # a run that failed before its first epoch was removed by osteo: start it again
+        args = ["train", spec["recipe"], "--resume", str(run.path)] if run is not None and run.is_run() \
+            else spec["args"]
+        attempts += 1
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"\n== attempt {attempts} of {spec['retries'] + 1}: osteo {' '.join(args)}\n")
+        rc, seen = _run_process(args, spec, log, on_epoch, seen)
+        if rc == 0:
+            continue
+        error = _failure(rc, log)
+        if rc == 2:
+            break
+    run = _trial_run(spec)
+    if status == "failed" and not error:
+        error = "its run did not finish"
+    return {"status": status, "attempts": attempts, "retries": max(0, attempts - 1),
+            "run": str(run.path) if run is not None else "", "wall_seconds": round(time.monotonic() - t0, 1),
+            "error": error, METRIC: _best(run)}
+
+
+def _trial_run(spec: dict) -> RunDir | None:
+    """The trial's run directory: the fold's, or the one run a search trial made in its folder."""
+    if spec["run"]:
+        run = RunDir(spec["run"])
+        return run if run.path.is_dir() else None
+    return next((RunDir(p) for p in sorted(Path(spec["root"]).glob("*/*")) if RunDir(p).is_run()), None)
+
+
+def _best(run: RunDir | None) -> float | None:
+    values = [v for v in (_number(r.get(METRIC)) for r in _history(run)) if v is not None]
+    return max(values) if values else None
+
+
+def _history(run: RunDir | None) -> list[dict]:
+    try:
+        return run.read_history() if run is not None else []
+    except OsteoError:  # being replaced this instant: read it at the next poll
+        return []
+
+
+def _number(text) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """Linux: the trial's process is killed when the thread that started it dies (a Ray worker
+    torn down after ASHA stopped its trial), so no training outlives its trial."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigkill = 1, int(signal.SIGKILL)
+    return lambda: prctl(pr_set_pdeathsig, sigkill)
+
+
+def _run_process(args: list[str], spec: dict, log: Path, on_epoch, seen: int) -> tuple[int, int]:
+    """One attempt: ``python -m osteo.cli ARGS`` with its output in ``log``; (exit code, epochs seen)."""
+    with open(log, "a", encoding="utf-8") as out:
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "osteo.cli", *args], cwd=spec["cwd"],
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    preexec_fn=_die_with_parent())
+        except OSError as e:  # on a cluster: a node that does not see the study's folder
+            out.write(f"osteo: error: cannot start the trial on {platform.node()} in {spec['cwd']}: "
+                      f"{e.strerror}; every Ray node must see this folder at the same path\n")
+            return 2, seen
+        try:
+            while True:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=POLL_SECONDS if on_epoch else None)
+                if on_epoch is not None:
+                    for row in _history(_trial_run(spec)):
+                        epoch, value = int(row["epoch"]), _number(row.get(METRIC))
+                        if epoch > seen and value is not None:
+                            seen = epoch
+                            on_epoch(epoch, value)
+                if proc.returncode is not None:
+                    return proc.returncode, seen
+        finally:
+            if proc.poll() is None:  # stopped by the scheduler, or interrupted
+                proc.kill()
+                proc.wait()
+                out.write("\n== stopped: the process was killed\n")
+
+
+def _failure(rc: int, log: Path) -> str:
+    if rc < 0:
+        return f"killed by {signal.Signals(-rc).name}"
+    lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    last = next((ln for ln in reversed(lines) if not ln.startswith("== ")), "")
+    return f"exit code {rc}: {last[:300]}"
+
+
+# --------------------------------------------------------------------------- running trials
+
+
+def _label(spec: dict) -> str:
+    where = f"{spec['model']} seed {spec['seed']} fold {spec['fold']}"
+    return f"search {where} ({spec['set']})" if spec["kind"] == "search" else where
+
+
+def _start_line(spec: dict) -> str:
+    return f"{_label(spec)}: started (log {spec['log']})"
+
+
+def _end_line(spec: dict, outcome: dict) -> str:
+    best = outcome.get(METRIC)
+    score = f"best val macro F1 {best:.3f}" if best is not None else "no epoch finished"
+    retries = outcome.get("retries", 0)
+    again = f", after {retries} retr{'y' if retries == 1 else 'ies'}" if retries else ""
+    if outcome["status"] == "ok":
+        return f"{_label(spec)}: done in {outcome['wall_seconds']:.0f}s, {score}{again}"
+    if outcome["status"] == "stopped":
+        return f"{_label(spec)}: stopped by ASHA ({score})"
+    return f"{_label(spec)}: FAILED{again}: {outcome['error']}"
+
+
+class _Sequential:
+    """Without Ray: the trials one after another, each with the whole machine."""
+
+    where = "one after another (Ray is not installed)"
+
+    def run(self, specs: list[dict], say: Say, search: bool = False) -> dict[str, dict]:
+        out = {}
+        for spec in specs:
+            say(_start_line(spec))
+            out[spec["id"]] = run_trial(spec)
+            say(_end_line(spec, out[spec["id"]]))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def _tune_trial(config: dict, specs: dict) -> None:
+    """The Ray Tune function of a trial: its epochs go to the scheduler, its outcome last."""
+    from ray import tune
+
+    spec = specs[config["id"]]
+    on_epoch = (lambda epoch, value: tune.report({"epoch": epoch, METRIC: value})) \
+        if spec["kind"] == "search" else None
+    outcome = run_trial(spec, on_epoch)
+    # ASHA reads METRIC from every result: report it only when there is one
+    tune.report({k: v for k, v in outcome.items() if v is not None})
+
+
+class _Ray:
+    """Trials as Ray Tune trials: local Ray with this machine's cores, or the cluster at ``address``."""
+
+    def __init__(self, cfg: StudyConfig, warn: Say):
+        import ray
+
+        self.ray, self.cfg = ray, cfg
+        self.tmp = Path(tempfile.mkdtemp(prefix="osteo-ray-"))  # Ray's session logs and Tune's files
+        self.owned = not ray.is_initialized()  # a caller's Ray session is left running
+        self.stages = 0
+        if self.owned:
+            quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
+            try:
+                if cfg.address:
+                    ray.init(address=cfg.address, **quiet)
+                else:
+                    # trials pass their outcomes only: a small object store starts faster
+                    ray.init(address="local", num_cpus=_local_cpus(), object_store_memory=LOCAL_OBJECT_STORE,
+                             _temp_dir=str(self.tmp / "ray"), **quiet)
+            except (OSError, RuntimeError, ValueError) as e:  # ConnectionError and TimeoutError too
+                self.close()
+                raise OsteoError(f"cannot start Ray{' at ' + cfg.address if cfg.address else ''}: {_first_line(e)}; "
+                                 "check --address (or $RAY_ADDRESS), or leave it out for Ray on this "
+                                 "machine") from None
+        resources = ray.cluster_resources()
+        cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+        self.where = f"on {'the Ray cluster at ' + cfg.address if cfg.address else 'local Ray'} " \
+                     f"({cpus:g} CPUs, {gpus:g} GPUs; {cfg.cpus_per_trial:g} CPU, {cfg.gpus_per_trial:g} GPU a trial)"
+        if cfg.cpus_per_trial > cpus or cfg.gpus_per_trial > gpus:
+            self.close()
+            raise OsteoError(f"a trial asks for {cfg.cpus_per_trial:g} CPUs and {cfg.gpus_per_trial:g} GPUs, but "
+                             f"Ray has {cpus:g} and {gpus:g}; lower --cpus-per-trial / --gpus-per-trial")
+        if gpus and not cfg.gpus_per_trial:
+            warn(f"Ray has {gpus:g} GPUs but the trials get none (Ray hides them); "
+                 "pass --gpus-per-trial 1 (or 0.5 for two trials a GPU)")
+
+    def run(self, specs: list[dict], say: Say, search: bool = False) -> dict[str, dict]:
+        from ray import tune
+
+        by_id = {s["id"]: s for s in specs}
+        self.stages += 1
+        trainable = tune.with_resources(tune.with_parameters(_tune_trial, specs=by_id),
+                                        {"cpu": self.cfg.cpus_per_trial, "gpu": self.cfg.gpus_per_trial})
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"id": tune.grid_search(list(by_id))},
+            tune_config=tune.TuneConfig(
+                scheduler=_grouped_asha(by_id) if search else None,
+                trial_name_creator=lambda t: t.config["id"], trial_dirname_creator=lambda t: t.config["id"]),
+            run_config=tune.RunConfig(
+                name=f"stage-{self.stages}", storage_path=str(self.tmp / "tune"), verbose=0,
+                callbacks=[_say_callback(by_id, say)],
+                # a lost worker runs the trial again; it resumes, and counts the attempts already made
+                failure_config=tune.FailureConfig(max_failures=RETRIES)),
+        )
+        with _legacy_tune_output():
+            grid = tuner.fit()
+        out = {}
+        for result in grid:
+            spec = by_id[result.config["id"]]
+            metrics = result.metrics or {}
+            if "status" in metrics:
+                out[spec["id"]] = {k: metrics.get(k) for k in ("status", "attempts", "retries", "run",
+                                                                "wall_seconds", "error", METRIC)}
+                continue
+            run = _trial_run(spec)  # stopped by ASHA (no outcome reported), or lost for good
+            lost = result.error is not None
+            out[spec["id"]] = {"status": "failed" if lost else "stopped", "attempts": None, "retries": None,
+                               "run": str(run.path) if run is not None else "", "wall_seconds": None,
+                               "error": _first_line(result.error) if lost else "",
+                               METRIC: _best(run)}
+        return out
+
+    def close(self) -> None:
+        if self.owned and self.ray.is_initialized():
+            self.ray.shutdown()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _legacy_tune_output():
+    """Tune's newer console output prints a table per stage even at verbose=0; the older one
+    is silent. (Read by Tune when a stage starts; restored after.)"""
+    old = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = old
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def _local_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _say_callback(by_id: dict, say: Say):
+    from ray import tune
+
+    class SayLines(tune.Callback):
+        """Trial start and end as ``say`` lines, in the driver."""
+
+        def __init__(self, say: Say):
+            self.say = say
+
+        def __getstate__(self) -> dict:  # Tune pickles its settings; ``say`` may hold a console
+            return {}
+
+        def __setstate__(self, state: dict) -> None:
+            self.say = lambda text: None
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.say(_start_line(by_id[trial.config["id"]]))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            spec = by_id[trial.config["id"]]
+            result = trial.last_result or {}
+            outcome = result if "status" in result else {"status": "stopped", METRIC: _best(_trial_run(spec))}
+            self.say(_end_line(spec, outcome))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.say(f"{_label(by_id[trial.config['id']])}: its Ray worker failed")
+
+    return SayLines(say)  # not from the closure: the class is pickled
+
+
+def _grouped_asha(by_id: dict):
+    """ASHA within each group of search trials (one outer fold): trials on another fold's inner
+    split saw other data, so their scores must not rank against each other."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+
+    class GroupedASHA(FIFOScheduler):
+        def __init__(self):
+            super().__init__()
+            self.groups: dict[str, AsyncHyperBandScheduler] = {}
+
+        def _of(self, trial) -> AsyncHyperBandScheduler:
+            spec = by_id[trial.config["id"]]
+            group = spec["group"]
+            if group not in self.groups:
+                # stop_last_trials=False: a trial that reaches the last epoch finishes its run
+                self.groups[group] = AsyncHyperBandScheduler(
+                    time_attr="epoch", metric=METRIC, mode="max", max_t=spec["epochs"], grace_period=1,
+                    reduction_factor=ASHA_REDUCTION, stop_last_trials=False)
+            return self.groups[group]
+
+        def on_trial_add(self, tune_controller, trial):
+            self._of(trial).on_trial_add(tune_controller, trial)
+
+        def on_trial_result(self, tune_controller, trial, result):
+            return self._of(trial).on_trial_result(tune_controller, trial, result)
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+        def on_trial_remove(self, tune_controller, trial):
+            self._of(trial).on_trial_remove(tune_controller, trial)
+
+    return GroupedASHA()
+
+
+def _executor(cfg: StudyConfig, warn: Say, search: Search | None) -> _Sequential | _Ray:
+    try:
+        import ray  # noqa: F401
+        from ray import tune  # noqa: F401
+    except ImportError:
+        if cfg.address or search:
+            need = "--address" if cfg.address else "--search (ASHA)"
+            raise OsteoError(f"{need} needs Ray Tune, which is not installed; "
+                             "pip install 'osteo[study]' (or make study)") from None
+        return _Sequential()
+    return _Ray(cfg, warn)
+
+
+# --------------------------------------------------------------------------- the study
+
+
+@dataclass
+class _Plan:
+    """The study, checked before any trial starts."""
+
+    id: str
+    cwd: Path
+    runs: Path
+    out: Path
+    seeds: list[int]
+    recipes: dict  # model -> resolved Recipe (without the search's value)
+    search: Search | None
+
+
+def _build_recipe(cfg: StudyConfig, model: str, extra: list[str]):
+    """The resolved recipe a trial's command line gives (the CLI's own parser and builder)."""
+    from osteo.cli import build_parser, build_recipe
+
+    argv = ["train", cfg.recipe, *cfg.train_args, "--model", model, *extra]
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:
+        raise OsteoError(f"the trials' osteo train options are not valid: {' '.join(argv[2:])}; "
+                         "see osteo train --help") from None
+    return build_recipe(args)
+
+
+def _plan(cfg: StudyConfig) -> _Plan:
+    from osteo.registry import get_backbone
+
+    if not cfg.models:
+        raise OsteoError("no models to study; pass --models, e.g. --models vgg16,densenet169")
+    twice = sorted({m for m in cfg.models if cfg.models.count(m) > 1})
+    if twice:
+        raise OsteoError(f"--models lists {', '.join(twice)} more than once; for more runs of one model use --seeds")
+    for m in cfg.models:
+        get_backbone(m)
+    if cfg.folds < 2:
+        raise OsteoError(f"a study cross-validates: --folds must be 2 or more, got {cfg.folds}")
+    if cfg.seeds < 1:
+        raise OsteoError(f"--seeds must be 1 or more, got {cfg.seeds}")
+    if cfg.cpus_per_trial <= 0 or cfg.gpus_per_trial < 0:
+        raise OsteoError("--cpus-per-trial must be above 0 and --gpus-per-trial 0 or more")
+    search = parse_search(cfg.search) if cfg.search else None
+    recipes = {m: _build_recipe(cfg, m, []) for m in cfg.models}
+    for m, r in recipes.items():
+        if r.data.test:  # a study cross-validates every image
+            raise OsteoError(f"{m}'s recipe holds out data.test={r.data.test:g}; a study cross-validates "
+                             "all the images: set data.test=0 (--set data.test=0)")
+    if search:
+        if cfg.trials < 1:
+            raise OsteoError(f"--trials must be 1 or more, got {cfg.trials}")
+        for m, r in recipes.items():
+            for bound in (search.low, search.high):  # the key, its type and bounds, and the inner split
+                tried = _build_recipe(cfg, m, [*_inner_split(cfg.folds, 1), "--set", f"{search.key}={bound!r}"])
+            value = tried
+            for part in search.key.split("."):
+                value = getattr(value, part)
+            if not isinstance(value, float):
+                raise OsteoError(f"--search {search.key} is not a number in the recipe; search one like "
+                                 "train.lr or train.fine_tune_lr")
+            t = r.train
+            if (search.key == "train.lr" and not t.epochs) or (search.key == "train.fine_tune_lr"
+                                                               and not t.fine_tune_epochs):
+                raise OsteoError(f"{m}'s recipe trains no epochs with {search.key}; search the other rate "
+                                 f"({'train.fine_tune_lr' if search.key == 'train.lr' else 'train.lr'})")
+    cwd = Path.cwd()
+    runs = (cwd / cfg.runs).resolve()
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    seeds = list(range(cfg.seeds))
+    for i in range(1, 1000):  # a new id: no folder of this study may exist yet
+        study_id = f"study-{stamp}" if i == 1 else f"study-{stamp}-{i}"
+        paths = [runs / m / f"{study_id}-{tail}" for m in cfg.models for tail in [*(f"seed{s}" for s in seeds),
+                                                                                   "search"]]
+        if not any(p.exists() for p in paths):
+            break
+    return _Plan(study_id, cwd, runs, (cwd / cfg.out).resolve(), seeds, recipes, search)
+
+
+def _inner_split(folds: int, fold: int) -> list[str]:
+    """The overrides of nested cross-validation's inner split of outer fold ``fold`` (1..K)."""
+    return ["--set", f"data.folds={folds}", "--set", f"data.fold={fold - 1}",
+            "--set", "data.inner_val=0.25"]
+
+
+def _spec(plan: _Plan, cfg: StudyConfig, kind: str, model: str, seed: int, fold: int, args: list[str], **more) -> dict:
+    return {"kind": kind, "model": model, "seed": seed, "fold": fold, "recipe": cfg.recipe, "cwd": str(plan.cwd),
+            "retries": RETRIES, "run": "", "root": "",
+            "args": ["train", cfg.recipe, *cfg.train_args, "--model", model, "--seed", str(seed), *args], **more}
+
+
+def _cv_path(plan: _Plan, model: str, seed: int) -> Path:
+    return plan.runs / model / f"{plan.id}-seed{seed}"
+
+
+def _search_specs(plan: _Plan, cfg: StudyConfig) -> list[dict]:
+    s = plan.search
+    specs = []
+    for m in cfg.models:
+        r = plan.recipes[m]
+        for seed in plan.seeds:
+            for fold in range(1, cfg.folds + 1):
+                group = f"{m}-seed{seed}-fold{fold}"
+                values = s.values(cfg.trials, [seed, fold, zlib.crc32(m.encode())])
+                for t, value in enumerate(values, start=1):
+                    root = plan.runs / m / f"{plan.id}-search" / f"seed{seed}-fold{fold}" / f"t{t}"
+                    setting = f"{s.key}={value!r}"
+                    specs.append(_spec(
+                        plan, cfg, "search", m, seed, fold,
+                        ["--runs", str(root), *_inner_split(cfg.folds, fold), "--set", "train.bootstrap=0",
+                         "--set", setting],
+                        id=f"{group}-t{t}", group=group, value=value, set=setting, root=str(root),
+                        log=str(root / "trial.log"), epochs=r.train.epochs + r.train.fine_tune_epochs))
+    return specs
+
+
+def _choose(specs: list[dict], outcomes: dict[str, dict], warn: Say) -> dict[str, dict]:
+    """Each outer fold's value: the one whose trial reached the best validation macro F1 on
+    the fold's inner split (value None: no trial finished an epoch)."""
+    chosen = {}
+    for group in dict.fromkeys(s["group"] for s in specs):
+        members = [s for s in specs if s["group"] == group]
+        first = members[0]
+        scored = [(outcomes[s["id"]][METRIC], s) for s in members if outcomes[s["id"]][METRIC] is not None]
+        chosen[group] = {"model": first["model"], "seed": first["seed"], "fold": first["fold"], "value": None}
+        if not scored:
+            warn(f"search {group}: no trial finished an epoch (logs under {Path(first['root']).parent}); "
+                 "this fold is not trained")
+            continue
+        best, spec = max(scored, key=lambda x: x[0])  # the first of equals: trials in order
+        chosen[group].update(value=spec["value"], set=spec["set"], trial=spec["id"], **{METRIC: best})
+    return chosen
+
+
+def _prune_search_runs(specs: list[dict]) -> None:
+    """A search trial's weights and resume state are large and never used again; its
+    recipe, split, history and log stay as the search's record."""
+    for s in specs:
+        for p in Path(s["root"]).glob("*/*"):
+            run = RunDir(p)
+            shutil.rmtree(run.backup_path, ignore_errors=True)
+            run.best_path.unlink(missing_ok=True)
+
+
+def _fold_specs(plan: _Plan, cfg: StudyConfig, chosen: dict[str, dict] | None) -> tuple[list[dict], list[dict]]:
+    """The fold trials to run, and those not run (their search failed)."""
+    specs, skipped = [], []
+    for m in cfg.models:
+        for seed in plan.seeds:
+            cv = _cv_path(plan, m, seed)
+            for fold in range(1, cfg.folds + 1):
+                group = f"{m}-seed{seed}-fold{fold}"
+                value = chosen[group] if chosen is not None else None
+                extra = ["--set", value["set"]] if value and value["value"] is not None else []
+                spec = _spec(plan, cfg, "fold", m, seed, fold,
+                             ["--folds", str(cfg.folds), "--fold", str(fold), "--cv", str(cv), *extra],
+                             id=group, run=str(CvDir(cv).fold(fold).path), log=str(cv / f"fold-{fold}.log"),
+                             set=" ".join(extra[1:]))
+                (skipped if value and value["value"] is None else specs).append(spec)
+    return specs, skipped
+
+
+def _trial_record(spec: dict, outcome: dict) -> dict:
+    keep = ("id", "kind", "model", "seed", "fold", "set", "log")
+    return {**{k: spec.get(k) for k in keep}, **outcome,
+            "command": "osteo " + " ".join(spec["args"])}
+
+
+def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
+    """Run the study; return its report page (``cfg.out/index.html``). See the module's docstring."""
+    from osteo.cli import ensure_phantom
+    from osteo.report import write_report
+
+    started = datetime.datetime.now()
+    t0 = time.monotonic()
+    plan = _plan(cfg)
+    search = plan.search
+    if cfg.mlflow or os.environ.get("MLFLOW_TRACKING_URI"):
+        from osteo import tracking
+
+        # one experiment per study, in one store whatever folder a trial runs in (set before Ray
+        # starts its workers, which inherit this environment)
+        os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri())
+        os.environ["OSTEO_MLFLOW_EXPERIMENT"] = f"osteo-study-{plan.id}"
+    executor = _executor(cfg, warn, search)
+
+    class _Console:  # ensure_phantom's console: its lines go to say
+        def print(self, text, **_):
+            say(str(text))
+
+    n_grid = len(cfg.models) * len(plan.seeds) * cfg.folds
+    records, chosen, search_specs = [], None, []
+    try:
+        for m, r in plan.recipes.items():
+            ensure_phantom(r, _Console())  # here, before concurrent trials race to write it
+            for seed in plan.seeds:  # likewise cv.json
+                CvDir(_cv_path(plan, m, seed)).start(folds=cfg.folds, seed=seed, recipe=r.name, model=m)
+        if search:
+            search_specs = _search_specs(plan, cfg)
+            say(f"study {plan.id}: searching {search.key} in [{search.low:g}, {search.high:g}]"
+                f"{' (log)' if search.log else ''} with ASHA, {cfg.trials} trials for each of the {n_grid} "
+                f"outer folds, on their inner splits, {executor.where}")
+            outcomes = executor.run(search_specs, say, search=True)
+            records += [_trial_record(s, outcomes[s["id"]]) for s in search_specs]
+            chosen = _choose(search_specs, outcomes, warn)
+            _prune_search_runs(search_specs)
+            for group, c in chosen.items():
+                if c["value"] is not None:
+                    say(f"search {group}: chose {c['set']} (val macro F1 {c[METRIC]:.3f} on its inner split)")
+        specs, skipped = _fold_specs(plan, cfg, chosen)
+        say(f"study {plan.id}: {_count(len(specs), 'trial')} ({_count(len(cfg.models), 'model')} x "
+            f"{_count(len(plan.seeds), 'seed')} x {cfg.folds} folds) {executor.where}")
+        outcomes = executor.run(specs, say)
+    finally:
+        executor.close()
+    records += [_trial_record(s, outcomes[s["id"]]) for s in specs]
+    records += [_trial_record(s, {"status": "failed", "error": "its search trained no epoch", "retries": 0})
+                for s in skipped]
+    for rec in records:
+        if rec["kind"] == "fold" and rec["status"] != "ok":
+            warn(f"trial {rec['model']} seed {rec['seed']} fold {rec['fold']} failed: {rec['error']}; "
+                 f"its cross-validation is left incomplete (log: {rec['log']})")
+    cvs = [CvDir(_cv_path(plan, m, s)) for m in cfg.models for s in plan.seeds]
+    summary = {
+        "id": plan.id, "started": started.isoformat(timespec="seconds"), "executor": executor.where,
+        "address": cfg.address, "models": cfg.models, "recipe": cfg.recipe, "folds": cfg.folds, "seeds": plan.seeds,
+        "train_args": cfg.train_args, "retries_allowed": RETRIES,
+        "search": None if not search else {
+            "key": search.key, "low": search.low, "high": search.high, "log": search.log, "trials": cfg.trials,
+            "scheduler": f"ASHA per outer fold: grace 1 epoch, reduction {ASHA_REDUCTION}, on {METRIC}",
+            "inner_split": "outer fold held out as test; data.val of the rest is validation",
+            "chosen": list(chosen.values())},
+        "cross_validations": [{"path": str(c.path), "finished": c.is_finished()} for c in cvs],
+        "trials": records,
+    }
+    out = plan.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write_summary(**more) -> None:
+        wall = round(time.monotonic() - t0, 1)
+        write_json(out / "study.json", {**summary, "wall_seconds": wall, **more})
+
+    write_summary()  # before the report: a report that fails leaves the record of the trials
+    if not any(c.is_finished() for c in cvs):
+        raise OsteoError(f"no cross-validation of study {plan.id} finished, so there is nothing to report; "
+                         f"see the failed trials in {out / 'study.json'} and their logs")
+    page = write_report(cvs, out, warn=warn)  # an unfinished one is named on the page as left out
+    write_summary(report=str(page))
+    done = sum(r["status"] == "ok" for r in records if r["kind"] == "fold")
+    say(f"study {plan.id}: {done} of {n_grid} fold trials done{f', {n_grid - done} failed' if done < n_grid else ''} "
+        f"in {time.monotonic() - t0:.0f}s; wrote {out / 'study.json'}")
+    return page

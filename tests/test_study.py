@@ -1,0 +1,214 @@
+"""osteo study: the grid as trials (on Ray when installed), retries, and the nested learning-rate search."""
+
+import csv
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from osteo import CLASSES
+from osteo.data.split import check_split, split_rows
+from osteo.errors import OsteoError
+from osteo.study import StudyConfig, parse_search, run_study
+
+
+def _cfg(phantom_dir, tmp_path, **kw) -> StudyConfig:
+    """The tests' study: the tiny backbone at 32 px, 2 epochs of 2 steps, 2 folds."""
+    train_args = ["--data", str(phantom_dir), "--weights", "none", "--image-size", "32", "--epochs", "2",
+                  "--set", "train.steps_per_epoch=2", "--set", "train.tensorboard=false",
+                  "--set", "train.bootstrap=50"]
+    return StudyConfig(**{"models": ["tiny"], "recipe": "seed", "folds": 2, "runs": str(tmp_path / "runs"),
+                          "out": str(tmp_path / "report"), "train_args": train_args, **kw})
+
+
+def _csv(path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _study_json(cfg) -> dict:
+    return json.loads((Path(cfg.out) / "study.json").read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------- no training
+
+
+def _rows(n_per_class=(30, 15, 30)):
+    return [{"path": f"{c}/P{i // 2:03d}_{i % 2}.png", "label": c, "status": "ok", "dup_group": ""}
+            for c, n in zip(CLASSES, n_per_class) for i in range(n)]
+
+
+@pytest.mark.parametrize("fold", [0, 1, 2])
+def test_the_inner_split_holds_out_the_outer_fold_and_splits_only_its_training_images(fold):
+    rows = _rows()
+    outer, _ = split_rows(rows, folds=3, fold=fold, seed=4, group_regex=r"^(P\d+)_")
+    inner, _ = split_rows(rows, folds=3, fold=fold, seed=4, group_regex=r"^(P\d+)_", inner_val=0.25)
+    side = {r["path"]: r["split"] for r in outer}
+    assert {r["path"] for r in inner if r["split"] == "test"} == {p for p, s in side.items() if s == "val"}
+    assert all(side[r["path"]] == "train" for r in inner if r["split"] in ("train", "val"))
+    check_split(inner)  # every class on both sides of the inner split
+    n_outer_train = sum(s == "train" for s in side.values())
+    assert abs(sum(r["split"] == "val" for r in inner) - 0.3 * n_outer_train) <= 4  # patients of 2 images
+    patients = {}
+    for r in inner:
+        patients.setdefault(r["path"].split("/")[1][:4], set()).add(r["split"])
+    assert all(len(s) == 1 for s in patients.values())
+    # the outer folds do not move when the test fraction is on: the same seed, the same folds
+    assert split_rows(rows, folds=3, fold=fold, seed=4, group_regex=r"^(P\d+)_")[0] == outer
+
+
+def test_search_ranges_parse_and_spread_over_the_range():
+    s = parse_search("train.lr=1e-4:1e-1:log")
+    assert (s.key, s.low, s.high, s.log) == ("train.lr", 1e-4, 1e-1, True)
+    values = s.values(3, [0, 1])
+    assert len(values) == 3 and all(1e-4 <= v <= 1e-1 for v in values)
+    import math
+    slices = sorted(int((math.log(v) - math.log(1e-4)) / (math.log(1e-1) - math.log(1e-4)) * 3) for v in values)
+    assert slices == [0, 1, 2]  # one value from each third of the (log) range
+    assert values == s.values(3, [0, 1])  # seeded
+    assert parse_search("model.head.dropout=0.1:0.5").log is False
+    for bad in ("train.lr", "train.lr=1:2:3:4", "train.lr=a:b", "train.lr=0:1e-3:log", "train.lr=1e-2:1e-3"):
+        with pytest.raises(OsteoError, match="--search"):
+            parse_search(bad)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"folds": 1}, "--folds must be 2 or more"),
+    ({"models": ["tiny", "tiny"]}, "more than once"),
+    ({"models": ["nope"]}, "unknown model"),
+    ({"search": "train.nope=1:2"}, "unknown recipe key"),
+    ({"search": "train.optimizer=1:2"}, "train.optimizer"),
+    ({"search": "train.fine_tune_lr=1e-5:1e-3:log"}, "trains no epochs with train.fine_tune_lr"),
+    ({"train_args": ["--weights", "none", "--set", "train.epochs=-1"]}, "train.epochs must be 0 or more"),
+    ({"train_args": ["--weights", "none", "--set", "data.test=0.1"]}, "holds out data.test=0.1"),
+])
+def test_a_bad_study_is_a_one_line_error_before_any_trial(phantom_dir, tmp_path, change, message):
+    cfg = _cfg(phantom_dir, tmp_path, **change)
+    with pytest.raises(OsteoError, match=re.escape(message)):
+        run_study(cfg, say=lambda text: None, warn=lambda text: None)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "report").exists()
+
+
+def test_the_search_needs_ray(phantom_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as when not installed
+    with pytest.raises(OsteoError, match=r"needs Ray Tune.*osteo\[study\]"):
+        run_study(_cfg(phantom_dir, tmp_path, search="train.lr=1e-4:1e-2:log"), say=print, warn=print)
+
+
+# --------------------------------------------------------------------------- studies
+
+
+def _kill_after_first_epoch(runs: Path, pattern: str) -> dict:
+    """SIGKILL, once, the training process of the fold matching ``pattern`` as soon as its first
+    epoch is in history.csv (its pid is in the run's lock file), as an OOM killer would."""
+    state = {"killed": None}
+
+    def watch():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            for history in runs.glob(pattern):
+                lock = history.parent / ".lock"
+                m = re.match(r"process (\d+) ", lock.read_text() if lock.exists() else "")
+                if m and len(history.read_text().splitlines()) >= 2:
+                    try:
+                        os.kill(int(m.group(1)), signal.SIGKILL)
+                        state["killed"] = int(m.group(1))
+                    except ProcessLookupError:  # it finished first: the test says so below
+                        state["killed"] = "too late"
+                    return
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return state
+
+
+@pytest.fixture(scope="module")
+def ray_study(phantom_dir, tmp_path_factory):
+    """tiny x 2 seeds x 2 folds on local Ray; seed 0's fold 1 is killed after its first epoch."""
+    pytest.importorskip("ray")
+    tmp = tmp_path_factory.mktemp("study")
+    cfg = _cfg(phantom_dir, tmp, seeds=2)
+    said, warned = [], []
+    kill = _kill_after_first_epoch(tmp / "runs", "tiny/study-*-seed0/fold-1/history.csv")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OSTEO_CACHE", str(tmp_path_factory.getbasetemp() / "osteo-cache"))
+        t0 = time.monotonic()
+        page = run_study(cfg, say=said.append, warn=warned.append)
+    return cfg, page, said, warned, kill, time.monotonic() - t0
+
+
+def test_a_study_on_ray_reports_one_out_of_fold_row_per_backbone_and_seed(ray_study):
+    cfg, page, said, warned, _, seconds = ray_study
+    assert page == Path(cfg.out).resolve() / "index.html" and page.is_file()
+    study = _study_json(cfg)
+    assert "local Ray" in study["executor"] and any("local Ray" in line for line in said)
+    cvs = [Path(c["path"]) for c in study["cross_validations"]]
+    assert [c.name[-5:] for c in cvs] == ["seed0", "seed1"] and all(c["finished"] for c in study["cross_validations"])
+    rows = [r for r in _csv(Path(cfg.out) / "comparison.csv") if r["run_id"] in {c.name for c in cvs}
+            and r["model"] == "tiny"]
+    assert len(rows) == 2 and {r["evaluated_on"] for r in rows} == {"out-of-fold"}
+    assert {r["folds"] for r in rows} == {"2"}
+    assert Counter(t["status"] for t in study["trials"]) == {"ok": 4} and not warned
+    for t in study["trials"]:
+        log = Path(t["log"]).read_text(encoding="utf-8")
+        assert "epoch 2/2" in log and Path(t["run"]).parent.name.startswith(study["id"])
+        assert any(line.startswith(f"tiny seed {t['seed']} fold {t['fold']}: done") for line in said)
+    assert study["wall_seconds"] <= seconds + 1
+
+
+def test_a_killed_trial_is_resumed_and_the_study_records_the_retry(ray_study):
+    cfg, _, said, _, kill, _ = ray_study
+    assert isinstance(kill["killed"], int), kill
+    trials = {t["id"]: t for t in _study_json(cfg)["trials"]}
+    killed = trials["tiny-seed0-fold1"]
+    assert (killed["status"], killed["attempts"], killed["retries"]) == ("ok", 2, 1)
+    assert all(t["retries"] == 0 for i, t in trials.items() if i != "tiny-seed0-fold1")
+    log = Path(killed["log"]).read_text(encoding="utf-8")
+    assert "== attempt 2 of 3: osteo train seed --resume " in log and "resuming " in log
+    assert any(line.startswith("tiny seed 0 fold 1: done") and "after 1 retry" in line for line in said)
+
+
+def test_without_ray_the_trials_run_one_after_another(phantom_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    said = []
+    cfg = _cfg(phantom_dir, tmp_path)
+    run_study(cfg, say=said.append, warn=said.append)
+    assert any("one after another (Ray is not installed)" in line for line in said)
+    events = [line.split(": ")[1].split(" ")[0] for line in said if line.startswith("tiny seed 0 fold")]
+    assert events == ["started", "done", "started", "done"]  # never two at once
+    study = _study_json(cfg)
+    assert study["executor"].startswith("one after another") and [t["status"] for t in study["trials"]] == ["ok"] * 2
+    assert [r["evaluated_on"] for r in _csv(tmp_path / "report" / "comparison.csv") if r["model"] == "tiny"] \
+        == ["out-of-fold"]
+
+
+@pytest.mark.slow
+def test_the_search_chooses_on_inner_splits_and_the_folds_train_with_the_choice(phantom_dir, tmp_path):
+    pytest.importorskip("ray")
+    cfg = _cfg(phantom_dir, tmp_path, search="train.lr=1e-3:1e-1:log", trials=2)
+    said = []
+    run_study(cfg, say=said.append, warn=said.append)
+    study = _study_json(cfg)
+    chosen = {c["fold"]: c for c in study["search"]["chosen"]}
+    assert sorted(chosen) == [1, 2] and all(1e-3 <= c["value"] <= 1e-1 for c in chosen.values())
+    search = [t for t in study["trials"] if t["kind"] == "search"]
+    assert len(search) == 4 and {t["status"] for t in search} <= {"ok", "stopped"}
+    cv = Path(study["cross_validations"][0]["path"])
+    for fold, c in chosen.items():
+        recipe = json.loads((cv / f"fold-{fold}" / "recipe.json").read_text(encoding="utf-8"))
+        assert recipe["train"]["lr"] == c["value"]
+        assert c["trial"] in {t["id"] for t in search if t["fold"] == fold}
+        outer_val = {r["path"] for r in _csv(cv / f"fold-{fold}" / "split.csv") if r["split"] == "val"}
+        for t in (t for t in search if t["fold"] == fold):
+            inner = _csv(Path(t["run"]) / "split.csv")
+            assert not outer_val & {r["path"] for r in inner if r["split"] in ("train", "val")}
+            assert outer_val == {r["path"] for r in inner if r["split"] == "test"}
+            assert not (Path(t["run"]) / "best.keras").exists()  # pruned: the search keeps its record only
+    assert any(line.startswith("search tiny-seed0-fold1: chose train.lr=") for line in said)
