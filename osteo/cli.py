@@ -57,16 +57,17 @@ def _int_list(text: str) -> tuple[int, ...]:
 def cmd_phantom(args) -> int:
     from rich.progress import Progress
 
-    from osteo.data.phantom import DEFAULT_OVERLAP, class_counts, write_phantom
+    from osteo.data.phantom import DEFAULT_OVERLAP, check_options, write_phantom
 
-    total = sum(class_counts(args.n, args.proportions))
+    overlap = DEFAULT_OVERLAP if args.overlap is None else args.overlap
+    total = sum(check_options(args.n, args.size, args.proportions, args.bit_depth, overlap))  # before any output
     t0 = time.perf_counter()
     with Progress(console=_console(), transient=True) as bar:
         task = bar.add_task("phantom", total=total)
         counts = write_phantom(
             args.out, n=args.n, size=args.size, seed=args.seed, proportions=args.proportions,
             bit_depth=args.bit_depth, progress=lambda k: bar.update(task, completed=k),
-            overlap=DEFAULT_OVERLAP if args.overlap is None else args.overlap,
+            overlap=overlap,
         )
     dt = time.perf_counter() - t0
     summary = ", ".join(f"{c} {k}" for c, k in counts.items())

@@ -218,6 +218,19 @@ def make_sample(label: str, size: int = 256, seed: int = 0, index: int = 0,
     return np.clip(img, 0, 1).astype(np.float32), {k: float(v) for k, v in latents.items()}, bone > 0.5
 
 
+def check_options(n: int, size: int, proportions: Sequence[int] = DEFAULT_PROPORTIONS, bit_depth: int = 8,
+                  overlap: float = DEFAULT_OVERLAP) -> list[int]:
+    """Every option of :func:`write_phantom` checked (one-line errors); the images per class."""
+    if bit_depth not in (8, 16):
+        raise OsteoError(f"bit depth must be 8 or 16, got {bit_depth}")
+    _check_size(size)
+    if n < MIN_N:
+        raise OsteoError(f"number of images must be at least {MIN_N} (one per class), got {n}")
+    if not 0 < overlap <= 10:
+        raise OsteoError(f"overlap must be above 0 and at most 10, got {overlap}; the default is {DEFAULT_OVERLAP}")
+    return class_counts(n, proportions)
+
+
 def _check_size(size: int) -> None:
     if size < MIN_SIZE:
         raise OsteoError(f"image size {size} is too small; use {MIN_SIZE} to {MAX_IMAGE_SIZE} px")
@@ -243,12 +256,7 @@ def write_phantom(
     """
     from PIL import Image
 
-    if bit_depth not in (8, 16):
-        raise OsteoError(f"bit depth must be 8 or 16, got {bit_depth}")
-    _check_size(size)
-    if n < MIN_N:
-        raise OsteoError(f"number of images must be at least {MIN_N} (one per class), got {n}")
-    counts = class_counts(n, proportions)
+    counts = check_options(n, size, proportions, bit_depth, overlap)
     out = Path(out).absolute()
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise OsteoError(f"{out} exists and is not an empty folder; choose a new folder or remove it first")
