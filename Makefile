@@ -94,15 +94,20 @@ demo: install
 	$(OSTEO) report --runs $(DEMO_RUNS) --out $(DEMO_OUT) || exit 1; \
 	echo "== demo: done in $$(( $$(date +%s) - start ))s; open $(CURDIR)/$(DEMO_OUT)/index.html"
 
-# The study as Ray Tune trials (osteo[study], installed by `install`): 2 backbones x 2 folds of
-# the demo recipe on the demo phantom, in parallel on this machine's cores. SEARCH=KEY=LO:HI:log
-# (e.g. train.fine_tune_lr=1e-4:1e-2:log) searches it per outer fold first, TRIALS each (default 3).
-STUDY_RUNS := runs/study
+# The study as Ray Tune trials (osteo[study], installed by `install`). By default 2 backbones
+# x 2 folds of the demo recipe on the demo phantom; DATA, MODELS (comma-separated), RECIPE,
+# FOLDS, SEEDS, EPOCHS, WEIGHTS, IMAGE_SIZE and RUNS change it. SEARCH=KEY=LO:HI:log (e.g.
+# train.fine_tune_lr=1e-4:1e-2:log) searches it per outer fold first, TRIALS each (default 3).
+given = $(filter command line environment,$(origin $(1)))
+STUDY_DATA = $(if $(call given,DATA),$(DATA),data/phantom-demo)
 STUDY_OUT := reports/study
 study: install
-	@test -d data/phantom-demo/normal || $(OSTEO) data phantom data/phantom-demo --n 900 --size 96
-	$(OSTEO) study --models vgg16,densenet169 --recipe demo --folds 2 --data data/phantom-demo \
-		--runs $(STUDY_RUNS) --out $(STUDY_OUT) $(if $(SEARCH),--search $(SEARCH) --trials $(or $(TRIALS),3))
+	@test -d $(STUDY_DATA) || $(OSTEO) data phantom $(STUDY_DATA) --n 900 --size 96
+	$(OSTEO) study --models $(or $(MODELS),vgg16$(COMMA)densenet169) \
+		--recipe $(if $(call given,RECIPE),$(RECIPE),demo) --folds $(if $(call given,FOLDS),$(FOLDS),2) \
+		--data $(STUDY_DATA) --runs $(if $(call given,RUNS),$(RUNS),runs/study) --out $(STUDY_OUT) \
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+		$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(SEARCH),--search $(SEARCH) --trials $(or $(TRIALS),3))
 
 # A comma inside $(if ...) would split its arguments: BENCH=full's sizes use this.
 COMMA := ,

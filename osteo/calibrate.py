@@ -132,6 +132,8 @@ def calibrate_run(run_dir, points: tuple[str, ...] | list[str] = DEFAULT_POINTS,
     from osteo.evaluate import expected_calibration_error
     from osteo.runs import RunDir
 
+    if n_boot < 0:
+        raise OsteoError(f"the number of bootstrap resamples must be 0 or more, got {n_boot}; e.g. --bootstrap 1000")
     run = RunDir(run_dir).check(need=(RunDir.PREDICTIONS,))
     specs = [parse_operating_point(p) for p in points]
     y, probs, _ = run.read_predictions("val")

@@ -6,8 +6,11 @@
     osteo train RECIPE_OR_MODEL [--data DIR] [--set key=value ...] [--resume RUN_DIR|latest]
                 [--folds K [--fold I] [--cv DIR]]
     osteo eval RUN_DIR [--split val|test] [--bootstrap 1000] | --data FOLDER [--out DIR] [--tta]
+    osteo calibrate RUN_DIR [--operating-point CLASS[+]:sensitivity=X ...]
     osteo report [RUNS ...] [--out DIR] [--all] [--runs DIR]
-    osteo predict RUN_DIR IMAGE_OR_FOLDER ... [--out predictions.csv]
+    osteo predict RUN_DIR IMAGE_OR_FOLDER ... [--out predictions.csv] [--tta] [--gradcam DIR] [--no-calibration]
+    osteo export RUN_DIR [--format onnx|savedmodel|keras] [--out PATH]
+    osteo study [--models M,...] [--recipe R] [--folds K] [--seeds N] [--address ADDR] [--search KEY=LO:HI:log]
 
 User errors print one line and exit with code 2; ``--debug`` shows the traceback.
 """
@@ -42,6 +45,24 @@ def _console_err():
     from rich.console import Console
 
     return Console(stderr=True, highlight=False)
+
+
+def _at_least(low: int, high: int | None = None):
+    """An argparse type: an integer from ``low`` (to ``high``), else a one-line usage error."""
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"{low} or more" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    return convert
+
+
+SEED = _at_least(0, 2**32 - 1)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -141,9 +162,9 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--val", type=float, default=0.3, help="validation fraction (default 0.3)")
     p.add_argument("--test", type=float, default=0.0, help="test fraction (default 0)")
-    p.add_argument("--folds", type=int, default=0, help="k for k-fold cross-validation")
-    p.add_argument("--fold", type=int, default=0, help="which fold is validation")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--folds", type=_at_least(0), default=0, help="k for k-fold cross-validation")
+    p.add_argument("--fold", type=_at_least(0), default=0, help="which fold is validation (0..K-1)")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--group-regex", help="regex on the file name; group 1 is the patient id")
     p.add_argument("--groups", help="CSV with path,group columns")
     p.add_argument("--conflicts", choices=CONFLICT_POLICIES, default="exclude")
@@ -207,9 +228,7 @@ def plan_device(requested: str | None, recipe, console):
 
 
 def ensure_phantom(recipe, console) -> None:
-    """A phantom data folder (``data/phantom*``) is written on first use, atomically."""
-    import os
-    import shutil
+    """A phantom data folder (``data/phantom*``) is written on first use (complete or not at all)."""
     from pathlib import Path
 
     from osteo.data.phantom import write_phantom
@@ -219,12 +238,7 @@ def ensure_phantom(recipe, console) -> None:
         return
     console.print(f"writing the phantom dataset ({recipe.data.phantom_n} images of {recipe.data.phantom_size} px) "
                   f"to {path} ...", highlight=False)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write_phantom(tmp, n=recipe.data.phantom_n, size=recipe.data.phantom_size, seed=0)
-        os.replace(tmp, path)  # a killed generation leaves no half-written dataset behind
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_phantom(path, n=recipe.data.phantom_n, size=recipe.data.phantom_size, seed=0)
 
 
 def print_run_summary(run_dir, console) -> None:
@@ -269,6 +283,12 @@ def resume_recipe(args):
                              "drop the option, or start a new run")
     if args.set:
         raise OsteoError(f"--set cannot change a run being resumed ({run.path}); drop it, or start a new run")
+    if args.operating_point and tuple(args.operating_point) != t.operating_points:
+        raise OsteoError(f"--operating-point cannot change when resuming {run.path}; set it afterwards with: "
+                         f"osteo calibrate {run.path} --operating-point ...")
+    if args.mlflow and not t.mlflow:
+        raise OsteoError(f"--mlflow cannot be turned on when resuming {run.path} (its first epochs were not "
+                         "logged); start a new run with --mlflow")
     total = t.epochs + t.fine_tune_epochs
     if args.epochs is not None and args.epochs != total:
         if args.epochs < total:
@@ -285,7 +305,7 @@ def cmd_train(args) -> int:
     console = _console()
     run = None
     if args.resume:
-        if args.folds or args.fold or args.cv:
+        if args.folds is not None or args.fold is not None or args.cv:
             raise OsteoError("--resume takes one run; to resume a fold, pass its folder: --resume CV_DIR/fold-I")
         run, recipe = resume_recipe(args)
     else:
@@ -293,7 +313,7 @@ def cmd_train(args) -> int:
     plan = plan_device(args.backend, recipe, console)
     if run is None:
         ensure_phantom(recipe, console)
-    if args.folds or args.fold or args.cv:
+    if args.folds is not None or args.fold is not None or args.cv:
         return cross_validate(args, recipe, plan, console)
     from osteo.trainer import Trainer
 
@@ -488,6 +508,18 @@ def _warn(message: str) -> None:
     print(f"osteo: warning: {message}", file=sys.stderr)
 
 
+def _warnings_as_lines() -> None:
+    """The library's logged warnings (skipped files, rebuilt cache entries) as ``osteo: warning:`` lines."""
+    import logging
+
+    log = logging.getLogger("osteo")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("osteo: warning: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+
+
 def describe_os_error(e: OSError) -> str:
     """One line for an error of the machine (disk full, read-only, permissions), with the fix."""
     import errno
@@ -514,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--n", type=int, default=1947, help="number of images (default 1947)")
     p.add_argument("--size", type=int, default=256, help="image size in pixels (default 256)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--proportions", type=_int_list, default=(780, 374, 793))
     p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8)
     p.add_argument("--overlap", type=float, default=None,
@@ -548,8 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="continue a killed run: its directory, or 'latest'")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, e.g. train.lr=3e-4")
     p.add_argument("--backend", help="auto (default: the measured-faster one), tensorflow or torch")
-    p.add_argument("--folds", type=int, help="k-fold cross-validation: K runs under one parent folder")
-    p.add_argument("--fold", type=int, help="run fold I (1..K) only, for schedulers (with --folds or --cv)")
+    p.add_argument("--folds", type=_at_least(2), help="k-fold cross-validation: K runs under one parent folder")
+    p.add_argument("--fold", type=_at_least(1), help="run fold I (1..K) only, for schedulers (with --folds or --cv)")
     p.add_argument("--cv", help="the cross-validation's parent folder (default: a new one under RUNS)")
     p.add_argument("--mlflow", action="store_true", help="log the run to MLflow ($MLFLOW_TRACKING_URI, else ./mlruns)")
     p.add_argument("--operating-point", action="append", metavar="CLASS[+]:sensitivity=X",
@@ -561,8 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--operating-point", action="append", metavar="CLASS[+]:sensitivity=X",
                    help="e.g. osteoporosis:sensitivity=0.90 or osteopenia+:specificity=0.8 (repeatable; "
                         "default: the run's recipe's)")
-    p.add_argument("--bootstrap", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bootstrap", type=_at_least(0), default=1000)
+    p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("export", help="the run's best model for other systems, preprocessing and calibration inside")
@@ -574,8 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="the backbones x folds x seeds grid, on Ray when installed")
     p.add_argument("--models", default="vgg16,vgg19,densenet169,convnext_tiny", help="comma-separated backbones")
     p.add_argument("--recipe", default="finetune", help="recipe for every trial (default finetune)")
-    p.add_argument("--folds", type=int, default=5, help="k of the k-fold cross-validation (default 5)")
-    p.add_argument("--seeds", type=int, default=1, help="split and training seeds per model (default 1)")
+    p.add_argument("--folds", type=_at_least(2), default=5, help="k of the k-fold cross-validation (default 5)")
+    p.add_argument("--seeds", type=_at_least(1), default=1, help="split and training seeds per model (default 1)")
     p.add_argument("--address", help="a Ray cluster's address (default: $RAY_ADDRESS, else Ray on this machine)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
@@ -587,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", help="runs folder (default runs/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override for every trial")
     p.add_argument("--search", metavar="KEY=LO:HI:log", help="search a hyper-parameter per backbone first")
-    p.add_argument("--trials", type=int, default=8, help="search trials per backbone (default 8)")
+    p.add_argument("--trials", type=_at_least(1), default=8, help="search trials per outer fold (default 8)")
     p.add_argument("--mlflow", action="store_true", help="log every trial to MLflow (one experiment)")
     p.set_defaults(func=cmd_study)
 
@@ -597,8 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="score the run's model on this labelled folder (external validation)")
     p.add_argument("--out", help="with --data: output folder (default RUN_DIR/eval/<folder-name>/)")
     p.add_argument("--tta", action="store_true", help="with --data: test-time augmentation")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bootstrap", type=_at_least(0), default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="compare runs: CSVs, plots and one HTML page")
@@ -607,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every finished run, not only the latest per model")
     p.add_argument("--out", default="reports", help="output folder (default reports/)")
     p.add_argument("--split", choices=("val", "test"), default="val")
-    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--bootstrap", type=_at_least(0), default=1000)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("predict", help="classify images with a trained run's best model")
@@ -625,9 +657,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import os
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (one line, already printed) or --help
+        return e.code if isinstance(e.code, int) else 2
     if args.debug:  # TensorFlow's start-up logs too (osteo._quiet)
         os.environ["OSTEO_TF_LOGS"] = "1"
+    _warnings_as_lines()
     try:
         return args.func(args) or 0
     except OsteoError as e:

@@ -109,10 +109,21 @@ def write_csv(
     write_text(path, buf.getvalue())
 
 
+def open_text(path: str | os.PathLike, **kwargs):
+    """``open(path)`` for reading, for regular files only: a FIFO or a device named like a run
+    file must never block or flood a reader (it raises OSError, which callers report)."""
+    import stat
+
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise OSError(0, "not a regular file", str(path))
+    return open(path, encoding="utf-8", **kwargs)
+
+
 def read_csv(path: str | os.PathLike, fix: str) -> list[dict]:
     """The rows of a CSV file osteo wrote; unreadable or damaged is a one-line error ending in ``fix``."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open_text(path, newline="") as f:
             return list(csv.DictReader(f))
     except OSError as e:
         raise OsteoError(f"cannot read {path}: {e.strerror}; {fix}") from None
@@ -121,7 +132,7 @@ def read_csv(path: str | os.PathLike, fix: str) -> list[dict]:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         return json.load(f)
 
 

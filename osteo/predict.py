@@ -212,10 +212,12 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     )
     from osteo.files import write_json
 
+    if n_boot < 0:
+        raise OsteoError(f"the number of bootstrap resamples must be 0 or more, got {n_boot}; e.g. --bootstrap 1000")
     predictor = Predictor(run_dir, calibrated=True, tta=tta)
     run, folder = predictor.run, Path(folder)
     out = Path(out) if out else run.eval_path / folder.resolve().name
-    _refuse_run_files(out / "predictions.csv")
+    _refuse_run_files(out / RunDir.PREDICTIONS)
     result = audit(folder)
     seen = run.training_hashes()
     if seen is None and warn:
@@ -230,7 +232,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     kept = [(rec, row) for rec, row in zip(scored, rows) if row["status"] == "ok"]
     y = np.array([CLASSES.index(rec.label) for rec, _ in kept])
     raw_rows = [{"path": rec.path, "label": rec.label} for rec, _ in kept]
-    write_predictions(out / "predictions.csv", raw_rows, raw, "external")
+    write_predictions(out / RunDir.PREDICTIONS, raw_rows, raw, "external")
     calibrated = predictor.calibrate(raw)
     metrics = compute_metrics(y, raw, n_boot=n_boot, seed=seed)
     metrics["majority_baseline"] = majority_baseline(y, majority_label(rec.label for rec, _ in kept))
@@ -243,7 +245,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
         "calibrated": {"temperature": predictor.temperature, "ece": expected_calibration_error(y, calibrated)},
         "operating_points": [operating_point_metrics(y, calibrated, p, n_boot, seed) for p in predictor.points],
     }
-    write_json(out / "metrics.json", report)
+    write_json(out / RunDir.METRICS, report)
     write_audit(result, out)
     from osteo.report import write_model_card
 

@@ -64,6 +64,8 @@ COMPARISON_COLUMNS = (
 )
 PER_CLASS_COLUMNS = ("model", "run_id", "class", "metric", "value", "lo", "hi")
 FOLD_COLUMNS = ("model", "run_id", "fold", "n", *HEADLINE)
+POINT_COLUMNS = ("model", "run_id", "evaluated_on", "point", "threshold", "sensitivity", "sensitivity_lo",
+                 "sensitivity_hi", "specificity", "specificity_lo", "specificity_hi", "n")
 
 
 @dataclass
@@ -307,6 +309,26 @@ def oracle_runs(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> list[Run]
             out.append(Run(r.path / "oracle", recipe, {}, metrics, [], r.y, probs, r.rows, r.majority, r.split_id,
                            r.audit, r.evaluated_on, folds if r.folds else []))
     return out
+
+
+def point_rows(runs: list[Run]) -> list[dict]:
+    """Each run's operating points, chosen on its validation split, at work on every data it was scored on."""
+    rows = []
+    for r in runs:
+        if r.evaluated_on.startswith("external"):
+            points = RunDir(r.path)._read(r.path / RunDir.METRICS, default={}).get("operating_points", [])
+        elif not r.folds and r.path.name != "oracle":
+            points = [p["val"] for p in RunDir(r.path).read_calibration().get("operating_points", []) if "val" in p]
+        else:
+            points = []
+        for p in points:
+            lo_s, hi_s = p.get("sensitivity_ci", (None, None))
+            lo_p, hi_p = p.get("specificity_ci", (None, None))
+            rows.append({"model": r.model, "run_id": r.run_id, "evaluated_on": r.evaluated_on, "point": p["name"],
+                         "threshold": p["threshold"], "sensitivity": p["sensitivity"], "sensitivity_lo": lo_s,
+                         "sensitivity_hi": hi_s, "specificity": p["specificity"], "specificity_lo": lo_p,
+                         "specificity_hi": hi_p, "n": p.get("n")})
+    return rows
 
 
 def fold_rows(runs: list[Run]) -> list[dict]:
@@ -688,7 +710,7 @@ def failures(run: Run, row: dict, split: str) -> list[str]:
 
 
 def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split: str,
-                skipped: list[str] = (), n_boot: int = 1000) -> str:
+                skipped: list[str] = (), n_boot: int = 1000, points: list[dict] = ()) -> str:
     e = html.escape
     cols = ["model", "run_id", "evaluated_on", "folds", "weights", "precision", "image_size", "epochs", "best_epoch",
             "n_train", "n_val", "accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "kappa_qw", "mcc", "ece",
@@ -724,6 +746,11 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split
     for title, key, caption in sections:
         if key in plots:
             body.append(f"<h2>{e(title)}</h2><p>{e(caption)}</p>{_img(plots[key], title)}")
+    if points:
+        body.append("<h2>Operating points</h2><p>Thresholds chosen on each run's validation split (after "
+                    "calibration) for a screening sensitivity or specificity, and what they give on every data "
+                    "the run was scored on, with 95% bootstrap intervals.</p>"
+                    + _table(list(points), [c for c in POINT_COLUMNS if not c.endswith(("_lo", "_hi"))]))
     folds = fold_rows(runs)
     if folds:
         body.append("<h2>Cross-validation folds</h2><p>Each fold's validation metrics; the comparison table "
@@ -809,6 +836,8 @@ def write_report(run_dirs: list, out: str | os.PathLike, split: str = "val", n_b
         write_csv(stage / "comparison.csv", rows, COMPARISON_COLUMNS)
         write_csv(stage / "per_class.csv", per_class_rows(runs), PER_CLASS_COLUMNS)
         write_csv(stage / "folds.csv", fold_rows(runs), FOLD_COLUMNS)
+        points = point_rows(runs)
+        write_csv(stage / "operating_points.csv", points, POINT_COLUMNS)
         plots_dir = stage / "plots"
         colours = _colours(runs)
         plots = {
@@ -820,8 +849,8 @@ def write_report(run_dirs: list, out: str | os.PathLike, split: str = "val", n_b
             "samples": plot_samples(runs, plots_dir),
             "gradcam": plot_gradcam(runs, plots_dir),
         }
-        write_text(stage / "index.html", render_html(runs, rows, plots, split, skipped, n_boot))
-        for name in ("comparison.csv", "per_class.csv", "folds.csv"):
+        write_text(stage / "index.html", render_html(runs, rows, plots, split, skipped, n_boot, points))
+        for name in ("comparison.csv", "per_class.csv", "folds.csv", "operating_points.csv"):
             os.replace(stage / name, out / name)
         _replace_folder(plots_dir, out / "plots")
         os.replace(stage / "index.html", out / "index.html")  # last: the page appears only when all is there
@@ -912,6 +941,14 @@ def write_model_card(run_dir) -> Path:
             lines.append(f"- {point['name']}: threshold {fmt(point['threshold'])} for {point['target']} "
                          f">= {point['value']} on validation: sensitivity {ci(v, 'sensitivity')}, "
                          f"specificity {ci(v, 'specificity')}")
+            if point.get("test"):
+                t = point["test"]
+                lines.append(f"  - on test: sensitivity {ci(t, 'sensitivity')}, specificity {ci(t, 'specificity')}")
+            for path in externals:
+                for e in RunDir(path.parent)._read(path).get("operating_points", []):
+                    if e.get("name") == point["name"]:
+                        lines.append(f"  - on {path.parent.name}: sensitivity {ci(e, 'sensitivity')}, "
+                                     f"specificity {ci(e, 'specificity')}")
     else:
         lines.append("Not calibrated (`osteo calibrate RUN_DIR`).")
     lines += ["", "## Environment", "",

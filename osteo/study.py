@@ -55,6 +55,7 @@ from osteo.files import write_json
 from osteo.runs import CvDir, RunDir
 
 RETRIES = 2  # per trial, each from its last completed epoch
+INNER_VAL = 0.25  # the search's inner split: this fraction of an outer fold's training images validates
 METRIC = "val_macro_f1"  # what the search ranks, per epoch from history.csv
 POLL_SECONDS = 1.0  # how often a searched trial's history.csv is read
 ASHA_REDUCTION = 3  # ASHA keeps the best third at each rung (epochs 1, 3, 9, ...)
@@ -564,7 +565,7 @@ def _plan(cfg: StudyConfig) -> _Plan:
 def _inner_split(folds: int, fold: int) -> list[str]:
     """The overrides of nested cross-validation's inner split of outer fold ``fold`` (1..K)."""
     return ["--set", f"data.folds={folds}", "--set", f"data.fold={fold - 1}",
-            "--set", "data.inner_val=0.25"]
+            "--set", f"data.inner_val={INNER_VAL}"]
 
 
 def _spec(plan: _Plan, cfg: StudyConfig, kind: str, model: str, seed: int, fold: int, args: list[str], **more) -> dict:
@@ -712,7 +713,7 @@ def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
         "search": None if not search else {
             "key": search.key, "low": search.low, "high": search.high, "log": search.log, "trials": cfg.trials,
             "scheduler": f"ASHA per outer fold: grace 1 epoch, reduction {ASHA_REDUCTION}, on {METRIC}",
-            "inner_split": "outer fold held out as test; data.val of the rest is validation",
+            "inner_split": f"outer fold held out as test; {INNER_VAL} of the rest is validation",
             "chosen": list(chosen.values())},
         "cross_validations": [{"path": str(c.path), "finished": c.is_finished()} for c in cvs],
         "trials": records,
@@ -730,6 +731,10 @@ def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
                          f"see the failed trials in {out / 'study.json'} and their logs")
     page = write_report(cvs, out, warn=warn)  # an unfinished one is named on the page as left out
     write_summary(report=str(page))
+    if cfg.mlflow or os.environ.get("MLFLOW_TRACKING_URI"):  # the study's report beside its trials' runs
+        from osteo import tracking
+
+        tracking.log_report(out, f"{plan.id} report")
     done = sum(r["status"] == "ok" for r in records if r["kind"] == "fold")
     say(f"study {plan.id}: {done} of {n_grid} fold trials done{f', {n_grid - done} failed' if done < n_grid else ''} "
         f"in {time.monotonic() - t0:.0f}s; wrote {out / 'study.json'}")

@@ -280,3 +280,19 @@ def _record(run: RunDir, tensorboard: str | None, mlflow_run: _MlflowRun | None)
         "mlflow": mlflow_run.to_json() if mlflow_run else "off: train.mlflow is false and $MLFLOW_TRACKING_URI is unset",
     }
     run.write_env(env)
+
+
+def log_report(folder: Path, run_name: str) -> str:
+    """Log a report folder (a study's page, CSVs, plots, study.json) as the artifacts of one MLflow
+    run named ``run_name`` in the current experiment; return its run id."""
+    uri = tracking_uri()
+    if uri.startswith("file:") or "://" not in uri:
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow import MlflowClient
+
+    with _mlflow_errors(uri):
+        client = MlflowClient(uri)
+        run = client.create_run(_experiment_id(client, experiment_name()), run_name=run_name)
+        client.log_artifacts(run.info.run_id, str(folder), "report")
+        client.set_terminated(run.info.run_id)
+    return run.info.run_id

@@ -52,9 +52,8 @@ from osteo.runs import RunDir, create_run_dir, find_run, new_run_dir
 
 
 def use_feature_cache(requested: str, augment: AugmentConfig) -> bool:
-    """``auto``: train phase 1 on cached features only when no augmentation is active."""
-    if requested not in ("auto", "on", "off"):
-        raise OsteoError(f"unknown feature_cache {requested!r}; choose one of: auto, on, off")
+    """``auto``: train phase 1 on cached features only when no augmentation is active
+    (``requested`` was checked by :func:`osteo.recipe.resolve`)."""
     return (requested == "on") if requested != "auto" else not augment.active()
 
 

@@ -48,6 +48,24 @@ def test_temperature_scaling_lowers_the_ece_of_an_overconfident_model_and_keeps_
     assert expected_calibration_error(y2, apply_temperature(probs2, t)) < expected_calibration_error(y2, probs2) / 3
 
 
+def test_a_deliberately_overconfident_trained_model_is_brought_back(phantom_dir, tmp_path, tiny_recipe):
+    """A trained model made over-confident (its logits x 4, as an over-trained net's are) is
+    brought back by temperature scaling: T near 4 and ECE falling, answers unchanged."""
+    from osteo.predict import Predictor, load_images
+
+    run = RunDir(Trainer(tiny_recipe(phantom_dir, tmp_path, epochs=3, lr=3e-3, bootstrap=0)).run())
+    y, probs, _ = run.read_predictions("val")
+    overconfident = apply_temperature(probs, 0.25)  # softmax(4 * logits)
+    t = fit_temperature(y, overconfident)
+    assert expected_calibration_error(y, apply_temperature(overconfident, t)) < expected_calibration_error(
+        y, overconfident)
+    assert t > 2
+    # the same through the model: predictions of the run's own images, made over-confident
+    predictor = Predictor(run, calibrated=False)
+    images, _ = load_images([phantom_dir / r["path"] for r in run.read_split() if r["split"] == "val"], 32, "pad")
+    np.testing.assert_allclose(predictor.raw(np.stack(images)), probs, atol=1e-4)
+
+
 def test_operating_points_reach_the_asked_sensitivity_and_group_ordered_classes():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 400)

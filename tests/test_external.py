@@ -35,6 +35,10 @@ def test_another_folder_is_scored_with_training_images_left_out(run, phantom_dir
     lo, hi = metrics["external"]["balanced_accuracy_ci"]
     assert lo <= metrics["external"]["balanced_accuracy"] <= hi
     assert {p["name"] for p in metrics["operating_points"]} == {"osteoporosis", "osteopenia+"}
+    for p in metrics["operating_points"]:  # the validation threshold at work on this folder, with intervals
+        assert p["n"] == 45 and 0 <= p["sensitivity"] <= 1 and 0 <= p["specificity"] <= 1
+        assert p["sensitivity_ci"][0] <= p["sensitivity"] <= p["sensitivity_ci"][1]
+        assert p["specificity_ci"][0] <= p["specificity"] <= p["specificity_ci"][1]
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == PREDICTION_COLUMNS and len(rows) == 45 and {r["split"] for r in rows} == {"external"}
@@ -48,6 +52,18 @@ def test_another_folder_is_scored_with_training_images_left_out(run, phantom_dir
         scored_on = {r["evaluated_on"]: r for r in csv.DictReader(f)}
     assert set(scored_on) == {"validation", "external: hospital-b"}
     assert scored_on["external: hospital-b"]["run_id"] == run.name
+    with open(tmp_path / "rep" / "operating_points.csv", newline="") as f:
+        points = {(r["evaluated_on"], r["point"]) for r in csv.DictReader(f)}
+    assert points == {(where, p) for where in ("validation", "external: hospital-b")
+                      for p in ("osteoporosis", "osteopenia+")}
+    # test-time augmentation on the same folder: other probabilities, same schema
+    assert main(["eval", str(run), "--data", str(other), "--tta", "--out", str(tmp_path / "tta"),
+                 "--bootstrap", "50"]) == 0
+    tta = json.loads((tmp_path / "tta" / "metrics.json").read_text())
+    assert tta["tta"] is True and tta["external"]["n"] == 45
+    with open(tmp_path / "tta" / "predictions.csv", newline="") as f:
+        tta_rows = {r["path"]: r for r in csv.DictReader(f)}
+    assert any(abs(float(tta_rows[r["path"]]["p_normal"]) - float(r["p_normal"])) > 1e-4 for r in rows)
 
 
 def test_external_validation_refuses_a_folder_with_nothing_new(run, phantom_dir, tmp_path, capsys):

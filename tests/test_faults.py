@@ -149,7 +149,9 @@ def test_resume_of_a_finished_run_touches_nothing(finished_run, capsys):
 
 def test_resume_applies_more_epochs_and_refuses_other_changes(unfinished_run, capsys):
     for extra, message in ((["--batch", "8"], "--batch cannot change"), (["--set", "train.lr=1"], "--set cannot"),
-                           (["--epochs", "0"], "fewer than the 1"), (["--model", "vgg16"], "--model cannot change")):
+                           (["--epochs", "0"], "fewer than the 1"), (["--model", "vgg16"], "--model cannot change"),
+                           (["--operating-point", "osteoporosis:specificity=0.5"], "--operating-point cannot"),
+                           (["--mlflow"], "--mlflow cannot be turned on")):
         assert main(["train", "seed", "--resume", str(unfinished_run), *extra]) == 2, extra
         assert message in _one_line(capsys)
     assert not unfinished_run.is_finished()
@@ -183,11 +185,30 @@ def test_a_run_that_failed_before_its_first_epoch_leaves_nothing(phantom_dir, tm
 # --------------------------------------------------------------------------- bad values, predict, leftovers
 
 
-def test_bad_bootstrap_counts_are_one_line(finished_run, tmp_path, capsys):
-    assert main(["eval", str(finished_run), "--bootstrap", "-5"]) == 2
-    assert "bootstrap resamples must be 0 or more" in _one_line(capsys)
-    assert main(["report", str(finished_run), "--out", str(tmp_path / "r"), "--bootstrap", "-1"]) == 2
-    assert "bootstrap" in _one_line(capsys)
+def test_bad_counts_and_seeds_are_one_line_before_anything_runs(finished_run, phantom_dir, tmp_path, capsys):
+    cases = [
+        (["eval", str(finished_run), "--bootstrap", "-5"], "--bootstrap: must be 0 or more"),
+        (["report", str(finished_run), "--out", str(tmp_path / "r"), "--bootstrap", "-1"], "--bootstrap"),
+        (["calibrate", str(finished_run), "--bootstrap", "-5"], "--bootstrap: must be 0 or more"),
+        (["eval", str(finished_run), "--seed", "-1"], "--seed: must be from 0"),
+        (["calibrate", str(finished_run), "--seed", "-1"], "--seed: must be from 0"),
+        (["data", "split", str(phantom_dir), "--out", str(tmp_path / "s.csv"), "--seed", "-1"], "--seed"),
+        (["data", "phantom", str(tmp_path / "ph"), "--seed", "-1"], "--seed"),
+        ([*_tiny_args(phantom_dir, tmp_path / "runs"), "--folds", "0"], "--folds: must be 2 or more"),
+        ([*_tiny_args(phantom_dir, tmp_path / "runs"), "--folds", "3", "--fold", "0"], "--fold: must be 1 or more"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in _one_line(capsys), argv
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "ph").exists()
+
+
+def test_a_fifo_named_like_a_run_file_is_refused_not_read(finished_run, tmp_path, capsys):
+    run = _copy_run(finished_run, tmp_path / "runs")
+    run.metrics_path.unlink()
+    os.mkfifo(run.metrics_path)
+    assert main(["eval", str(run)]) == 2  # returns at once: a read would block forever
+    assert "not a regular file" in _one_line(capsys)
 
 
 def test_predict_never_overwrites_run_files_and_lists_unreadable_files(finished_run, phantom_dir, tmp_path,

@@ -197,3 +197,25 @@ def test_phase_one_on_cached_features_trains_the_full_models_head(phantom_dir, t
     images, _ = dm.eval_arrays("val")
     _, probs, _ = read_predictions(run / "predictions.csv", "val")
     np.testing.assert_allclose(model.predict(images, verbose=0), probs, atol=2e-6)
+
+
+def test_probe_reads_nvidia_smi_and_the_backends_cuda_builds(tmp_path, monkeypatch):
+    from osteo import device
+
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H200, 9.0'\n")
+    smi.chmod(0o755)
+    builds = {"torch": "cuda: Optional[str] = '12.8'\n", "tensorflow": "build_info = {'is_cuda_build': False}\n"}
+    with monkeypatch.context() as m:
+        m.setenv("PATH", f"{smi.parent}:{os.environ['PATH']}")
+        m.setattr(device, "_package_file", lambda package, relative: builds[package])
+        d = device.probe()
+        assert (d.kind, d.name, d.gpu_bf16, d.gpu_backends) == ("gpu", "NVIDIA H200", True, ("torch",))
+        assert d.on("torch") == "gpu" and d.on("tensorflow") == "cpu"
+        smi.write_text("#!/bin/sh\necho 'Tesla V100-SXM2-16GB, 7.0'\n")
+        assert device.probe().gpu_bf16 is False  # before Ampere: float16
+        m.setenv("PATH", str(tmp_path / "nowhere"))
+        assert device.probe().kind == "cpu"
+    # this machine's own packages: the CPU builds the project installs
+    assert device.gpu_builds() == ()

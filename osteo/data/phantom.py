@@ -1,6 +1,7 @@
 """The phantom: a synthetic knee-radiograph dataset, built in, for the demo, tests and benchmarks.
 
     osteo data phantom OUT [--n 1947] [--size 256] [--seed 0] [--proportions 780,374,793] [--bit-depth 8|16]
+                           [--overlap 2]
 
 Each image is an antero-posterior view of a knee: the distal femur with its two
 condyles, the tibial plateau and shaft, the fibular head, the joint space between
@@ -15,7 +16,9 @@ bone mineral density overlaps between patients):
     osteopenia     0.74 +- 0.07      0.44 +- 0.05               0.045 +- 0.008
     osteoporosis   0.52 +- 0.07      0.26 +- 0.05               0.025 +- 0.006
 
-(cortical thickness as a fraction of the image width). Lower density dims bone
+(cortical thickness as a fraction of the image width). These are the spreads at
+``--overlap 1``; the default, 2, doubles every standard deviation (see
+:data:`DEFAULT_OVERLAP`). Each image's draws are written to ``latents.csv``. Lower density dims bone
 against soft tissue; a lower bone fraction thins and disconnects the trabecular
 network; the cortex thins.
 

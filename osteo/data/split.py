@@ -196,11 +196,7 @@ def read_split(path: str | os.PathLike) -> list[dict]:
 
 def read_groups_csv(path: str | os.PathLike) -> dict[str, str]:
     """``path,group`` rows -> {path: group}."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise OsteoError(f"cannot read groups file {path}: {e.strerror}") from None
+    rows = read_csv(path, "give a CSV file with path,group columns (--groups)")
     if rows and not {"path", "group"} <= set(rows[0]):
         raise OsteoError(f"{path} needs the columns path,group")
     return {r["path"]: r["group"] for r in rows}
