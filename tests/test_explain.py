@@ -42,7 +42,9 @@ def test_gradcam_on_the_pytorch_backend(tmp_path):
             model = Classifier(name, image_size=32, weights="none").build()
             x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
             maps, probs = gradcam(model, get_backbone(name), x)
-            assert maps.shape == (2, 32, 32) and maps.max() == 1.0, maps.max()
+            # scaled to [0, 1]; an untrained net's map may be all zero (no positive evidence)
+            assert maps.shape == (2, 32, 32) and np.isfinite(maps).all(), name
+            assert maps.min() >= 0 and maps.max() in (0.0, 1.0), (name, maps.max())
             np.testing.assert_allclose(probs, model.predict(x, verbose=0), atol=1e-5)
         print("torch gradcam ok")
     """)

@@ -105,3 +105,13 @@ def test_page_loads_in_headless_chromium(two_runs, tmp_path):
                    capture_output=True, timeout=120)
     assert shot.exists() and Image.open(shot).size == (1400, 2000)
     assert np.asarray(Image.open(shot).convert("L")).std() > 10  # not a blank page
+
+
+def test_the_gradcam_grid_draws_real_maps(two_runs):
+    """The grid's panels are Grad-CAM maps of the run's own model, not its fallback note."""
+    from osteo.report import _gradcam_sample, load_run
+
+    run = load_run(two_runs[0], n_boot=0)
+    sample, images, maps, picked = _gradcam_sample(run, 3)
+    assert sample is run and 1 <= len(picked) <= 6 and images.shape[0] == maps.shape[0] == len(picked)
+    assert maps.shape[1:] == (32, 32) and maps.min() >= 0 and maps.max() == 1.0
