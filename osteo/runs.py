@@ -32,7 +32,29 @@ if TYPE_CHECKING:
 STATE_FILE = "state.json"  # osteo.callbacks.TrainingState's commit file, one per phase
 
 
-class RunDir:
+class _Folder:
+    """A folder under ``runs/<model>/``, usable wherever a path is."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def model(self) -> str:
+        """The backbone, from the folder layout ``runs/<model>/<id>``."""
+        return self.path.parent.name
+
+
+class RunDir(_Folder):
     """One run directory: its files' names, readers and writers."""
 
     RECIPE = "recipe.json"
@@ -52,16 +74,7 @@ class RunDir:
     REQUIRED = (RECIPE, SPLIT)  # what makes a folder a run directory
     FINISHED = (PREDICTIONS, METRICS)
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
     # ------------------------------------------------------------------ paths
-
-    def __fspath__(self) -> str:
-        return os.fspath(self.path)
-
-    def __str__(self) -> str:
-        return str(self.path)
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -71,15 +84,6 @@ class RunDir:
 
     def __hash__(self) -> int:
         return hash(self.path)
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def model(self) -> str:
-        """The backbone, from the folder layout ``runs/<model>/<run-id>``."""
-        return self.path.parent.name
 
     recipe_path = property(lambda self: self.path / self.RECIPE)
     env_path = property(lambda self: self.path / self.ENV)
@@ -236,7 +240,7 @@ class RunDir:
         return read_predictions(self.predictions_path, split)
 
 
-class CvDir:
+class CvDir(_Folder):
     """A cross-validation: ``runs/<model>/<cv-id>/`` with ``cv.json`` and one run per fold.
 
     ``cv.json`` holds the number of folds, the split seed, the recipe's name and the
@@ -246,23 +250,6 @@ class CvDir:
     """
 
     MANIFEST = "cv.json"
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __fspath__(self) -> str:
-        return os.fspath(self.path)
-
-    def __str__(self) -> str:
-        return str(self.path)
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def model(self) -> str:
-        return self.path.parent.name
 
     manifest_path = property(lambda self: self.path / self.MANIFEST)
 
