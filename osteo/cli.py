@@ -386,12 +386,8 @@ def eval_external(args) -> int:
     console = _console()
     print_metrics({"external": report["external"]}, "external", console,
                   title=f"{args.run} on {args.data} (n={report['external']['n']})")
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"
     for p in report["operating_points"]:
-        print(f"{p['name']} (threshold {p['threshold']:.4f} from validation): sensitivity "
-              f"{fmt(p['sensitivity'])} [{fmt(p.get('sensitivity_ci', [None])[0])}, "
-              f"{fmt(p.get('sensitivity_ci', [None, None])[1])}], specificity {fmt(p['specificity'])} "
-              f"[{fmt(p.get('specificity_ci', [None])[0])}, {fmt(p.get('specificity_ci', [None, None])[1])}]")
+        print(f"{p['name']} (threshold {p['threshold']:.4f} from validation): {_point_figures(p)}")
     print(f"{report['excluded_training_overlap']} image(s) also in the run's training split left out; "
           f"{report['unreadable']} unreadable; wrote {out}/predictions.csv, metrics.json, audit.json")
     return 0
@@ -440,6 +436,16 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _point_figures(p: dict) -> str:
+    """Sensitivity and specificity at an operating point, with their intervals where there are some."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    parts = []
+    for k in ("sensitivity", "specificity"):
+        lo, hi = p.get(f"{k}_ci") or (None, None)
+        parts.append(f"{k} {fmt(p[k])}" + (f" [{fmt(lo)}, {fmt(hi)}]" if lo is not None else ""))
+    return ", ".join(parts)
+
+
 def cmd_calibrate(args) -> int:
     """Fit (again) a run's temperature and operating points on its validation predictions."""
     from osteo.calibrate import calibrate_run
@@ -457,10 +463,7 @@ def cmd_calibrate(args) -> int:
         if p.get("error"):
             _warn(f"{p['name']}: {p['error']}")
             continue
-        v = p["val"]
-        print(f"{p['name']}: threshold {p['threshold']:.4f}; validation sensitivity {fmt(v['sensitivity'])} "
-              f"[{fmt(v['sensitivity_ci'][0])}, {fmt(v['sensitivity_ci'][1])}], specificity "
-              f"{fmt(v['specificity'])} [{fmt(v['specificity_ci'][0])}, {fmt(v['specificity_ci'][1])}]")
+        print(f"{p['name']}: threshold {p['threshold']:.4f}; validation {_point_figures(p['val'])}")
     print(f"wrote {run.calibration_path} and {run.model_card_path}")
     return 0
 

@@ -162,8 +162,7 @@ def _temperature(run: RunDir) -> float:
 def _refuse_run_files(target: Path) -> None:
     """An export must never replace a run's own file (``--out RUN_DIR/best.keras`` above all)."""
     resolved = target.resolve()
-    names = {v for k, v in vars(RunDir).items() if k.isupper() and isinstance(v, str)}
-    if RunDir(resolved.parent).is_run() and resolved.name in names:
+    if RunDir.owner_of(target):
         raise OsteoError(f"--out {target} would overwrite the run's own {resolved.name}; export elsewhere, "
                          f"e.g. the default {resolved.parent / EXPORT_DIR}/")
 

@@ -63,10 +63,8 @@ def _expand(paths: list[str]) -> list[Path]:
 
 def _refuse_run_files(out: Path) -> None:
     """``--out`` must never replace a file of a run directory (its predictions above all)."""
-    target = out.resolve()
-    if RunDir(target.parent).is_run() and target.name in {v for k, v in vars(RunDir).items() if k.isupper()
-                                                          and isinstance(v, str)}:
-        raise OsteoError(f"--out {out} would overwrite the run's own {target.name}; write the predictions "
+    if RunDir.owner_of(out):
+        raise OsteoError(f"--out {out} would overwrite the run's own {Path(out).name}; write the predictions "
                          "elsewhere, e.g. --out predictions-new.csv")
 
 

@@ -186,9 +186,7 @@ def load_run(path: str | os.PathLike, split: str = "val", n_boot: int = 1000, se
     metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed)
     metrics["best_epoch"] = run.read_metrics().get("best_epoch")
     majority = majority_baseline(y, training_majority(run))
-    temperature = run.read_calibration().get("temperature")
-    calibrated = apply_temperature(probs, temperature) if temperature and np.isfinite(probs).all() else None
-    metrics["ece_calibrated"] = expected_calibration_error(y, calibrated) if calibrated is not None else None
+    temperature, calibrated = _calibrated(run, y, probs, metrics)
     return Run(run.path, recipe, run.read_env(), metrics, run.read_history(), y, probs, rows, majority,
                run.split_id(), run.read_audit(), calibrated=calibrated, temperature=temperature)
 
@@ -784,6 +782,15 @@ def load_runs(run_dirs, split: str = "val", n_boot: int = 1000, seed: int = 0,
     return runs, skipped
 
 
+def _calibrated(run: RunDir, y: np.ndarray, probs: np.ndarray, metrics: dict):
+    """(the run's temperature, ``probs`` scaled by it); sets ``metrics["ece_calibrated"]``.
+    (None, None) for a run not calibrated, or probabilities that are not finite."""
+    temperature = run.read_calibration().get("temperature")
+    calibrated = apply_temperature(probs, temperature) if temperature and np.isfinite(probs).all() else None
+    metrics["ece_calibrated"] = expected_calibration_error(y, calibrated) if calibrated is not None else None
+    return temperature, calibrated
+
+
 def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) -> Run:
     """A run scored on another folder (``osteo eval RUN --data FOLDER``) as its own row."""
     from osteo.evaluate import read_predictions
@@ -794,9 +801,7 @@ def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) ->
         raise OsteoError(f"{external} holds no external predictions; run osteo eval {run} --data FOLDER again")
     metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed)
     metrics["best_epoch"] = run.read_metrics().get("best_epoch")
-    temperature = run.read_calibration().get("temperature")
-    calibrated = apply_temperature(probs, temperature) if temperature and np.isfinite(probs).all() else None
-    metrics["ece_calibrated"] = expected_calibration_error(y, calibrated) if calibrated is not None else None
+    temperature, calibrated = _calibrated(run, y, probs, metrics)
     majority = majority_baseline(y, majority_label(r["label"] for r in rows))
     split_id = hashlib.sha256("\n".join(sorted(r["path"] for r in rows)).encode()).hexdigest()[:12]
     audit = RunDir(external).read_audit()

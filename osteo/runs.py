@@ -102,6 +102,15 @@ class RunDir(_Folder):
 
     # ------------------------------------------------------------------ state
 
+    @classmethod
+    def owner_of(cls, path: str | os.PathLike) -> RunDir | None:
+        """The run whose own file ``path`` is (by name, in a run directory), else None: the
+        check every ``--out`` makes before writing, so no command replaces a run's files."""
+        target = Path(path).resolve()
+        names = {v for k, v in vars(cls).items() if k.isupper() and isinstance(v, str)}
+        run = cls(target.parent)
+        return run if target.name in names and run.is_run() else None
+
     def is_run(self) -> bool:
         return self.path.is_dir() and all((self.path / f).is_file() for f in self.REQUIRED)
 
