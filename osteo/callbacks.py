@@ -17,6 +17,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from osteo.device import peak_memory_mb
 from osteo.files import atomic_path, write_bytes, write_csv
 from osteo.runs import STATE_FILE
 
@@ -28,7 +29,11 @@ def monitor_mode(monitor: str) -> str:
 
 
 class BestCheckpoint(keras.callbacks.Callback):
-    """Save the whole model to ``path`` whenever ``monitor`` improves.
+    """Save the model's weights to ``path`` whenever ``monitor`` improves.
+
+    Weights only: a run's model is rebuilt from its ``recipe.json`` to load them
+    (:func:`osteo.predict.load_best`), so no file of a run is ever deserialized as code,
+    and the timm engine's torch modules never go through pickle.
 
     One instance serves both phases, so phase 2 only overwrites phase 1's best when
     it beats it. ``best`` and ``best_epoch`` can be set before training (resume).
@@ -70,8 +75,8 @@ class BestCheckpoint(keras.callbacks.Callback):
                 # without Adam's two moments the file is a third of the size
                 if optimizer is not None:
                     model.optimizer = None
-                with atomic_path(self.path) as tmp:
-                    model.save(tmp)
+                with atomic_path(self.path, suffix=".weights.h5") as tmp:
+                    model.save_weights(tmp)
             finally:
                 if optimizer is not None:
                     model.optimizer = optimizer
@@ -91,7 +96,8 @@ class HistoryCSV(keras.callbacks.Callback):
     @property
     def columns(self) -> list[str]:
         metrics = [*HISTORY_METRICS, *(f"val_{m}" for m in HISTORY_METRICS)]
-        return ["epoch", "phase", *metrics, "lr", "seconds", "train_seconds", "images_per_sec"]
+        return ["epoch", "phase", *metrics, "lr", "seconds", "train_seconds", "images_per_sec", "peak_rss_mb",
+                "peak_gpu_mb"]
 
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.perf_counter()
@@ -111,6 +117,7 @@ class HistoryCSV(keras.callbacks.Callback):
             "seconds": round(time.perf_counter() - self._t0, 3),
             "train_seconds": round(self._t_train, 3),
             "images_per_sec": round(self.images_per_epoch / self._t_train, 2) if self._t_train else "",
+            **{k: "" if v is None else v for k, v in peak_memory_mb().items()},
         }
         self.rows = [r for r in self.rows if int(r["epoch"]) != epoch + 1] + [row]
         write_csv(self.path, self.rows, self.columns)

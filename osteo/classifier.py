@@ -197,21 +197,30 @@ class Classifier:
     seed: int | None = None
     freeze_bn: bool = True  # False only for training from scratch (weights none)
     bn_momentum: float = 0.0  # 0: the backbone's own (Keras: 0.99)
-    preprocessing: str | None = None  # None: the backbone's own
+    preprocessing: str | None = None  # None or "auto": the implementation's own
+    impl: str = "auto"  # keras | timm | auto (see osteo.device.choose_impl)
+    compile_backbone: bool = False  # timm only: torch.compile the module
 
     def __post_init__(self):
+        from osteo.device import choose_impl
+
         self.spec = get_backbone(self.backbone_name)
-        self.preprocessing = self.preprocessing or self.spec.preprocessing
+        self.impl, _ = choose_impl(self.impl, self.spec, keras.backend.backend())
+        if self.preprocessing in (None, "auto"):
+            self.preprocessing = "timm" if self.impl == "timm" else self.spec.preprocessing
         self.model: keras.Model | None = None
-        self.backbone: keras.Model | None = None
+        self.backbone: keras.Model | keras.layers.Layer | None = None
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe) -> Classifier:
-        """The classifier a resolved recipe describes."""
+    def from_recipe(cls, recipe: Recipe, *, weights: str | None = None, compile_backbone: bool = False
+                    ) -> Classifier:
+        """The classifier a resolved recipe describes (``weights`` replaces the recipe's: a
+        run rebuilt to load its checkpoint needs none)."""
         m = recipe.model
-        return cls(m.backbone, image_size=recipe.data.image_size, weights=m.weights, head=m.head,
-                   augment=m.augment, seed=recipe.train.seed, freeze_bn=m.freeze_bn, bn_momentum=m.bn_momentum,
-                   preprocessing=m.preprocessing)
+        return cls(m.backbone, image_size=recipe.data.image_size, weights=m.weights if weights is None else weights,
+                   head=m.head, augment=m.augment, seed=recipe.train.seed, freeze_bn=m.freeze_bn,
+                   bn_momentum=m.bn_momentum, preprocessing=m.preprocessing, impl=m.impl,
+                   compile_backbone=compile_backbone)
 
     def build(self) -> keras.Model:
         size = self.image_size
@@ -223,14 +232,13 @@ class Classifier:
         x = GrayToRGB(name="gray_to_rgb")(x)
         if self.augment.randaugment:
             x = keras.layers.RandAugment(value_range=(0, 255), seed=self.seed, name="randaugment")(x)
-        x = Preprocess(self.preprocessing, name="preprocess")(x)
-        self.backbone = self.spec.build(image_size=size, weights=self.weights)
+        if self.preprocessing != "timm":  # timm: the module scales its own input (TimmBackbone)
+            x = Preprocess(self.preprocessing, name="preprocess")(x)
+        self.backbone = self._build_backbone()
         if self.bn_momentum:
             # Keras' 0.99 needs hundreds of steps before the moving statistics that
             # evaluation uses match the batches; short runs from scratch need less
-            for layer in _all_layers(self.backbone):
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    layer.momentum = self.bn_momentum
+            self._set_bn_momentum()
         # training=False keeps BatchNorm in inference mode (its ImageNet statistics)
         # in both phases; from scratch there are no statistics worth keeping.
         x = self.backbone(x, training=False) if self.freeze_bn else self.backbone(x)
@@ -245,6 +253,28 @@ class Classifier:
         self.model = keras.Model(inputs, outputs, name=f"osteo_{self.spec.name}")
         return self.model
 
+    def _build_backbone(self):
+        if self.impl != "timm":
+            return self.spec.build(image_size=self.image_size, weights=self.weights)
+        from osteo.backbones.timm_torch import TimmBackbone
+
+        return TimmBackbone(self.spec.name, self.spec.timm_name, image_size=self.image_size, weights=self.weights,
+                            normalize=self.preprocessing == "timm", compile=self.compile_backbone,
+                            name=self.spec.name)
+
+    def _set_bn_momentum(self) -> None:
+        """Keras' momentum m is PyTorch's 1 - m (the weight of the old statistics vs the new batch)."""
+        if self.impl == "timm":
+            import torch
+
+            for m in self.backbone.module.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.momentum = 1.0 - self.bn_momentum
+            return
+        for layer in _all_layers(self.backbone):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = self.bn_momentum
+
     def freeze_backbone(self) -> None:
         """Phase 1: only the head learns."""
         self.backbone.trainable = False
@@ -252,6 +282,10 @@ class Classifier:
     def unfreeze_backbone(self, top_blocks: int = 0) -> None:
         """Phase 2: unfreeze all blocks (``top_blocks=0``) or the top N; BatchNorm stays frozen."""
         self.backbone.trainable = True
+        if self.impl == "timm":
+            n = len(self.backbone.blocks())
+            self.backbone.freeze(frozen_blocks=n - top_blocks if 0 < top_blocks < n else 0, freeze_bn=self.freeze_bn)
+            return
         blocks = self.spec.blocks(self.backbone)
         frozen = blocks[: len(blocks) - top_blocks] if 0 < top_blocks < len(blocks) else []
         for block in frozen:

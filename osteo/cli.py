@@ -215,14 +215,15 @@ def plan_device(requested: str | None, recipe, console):
         import keras
 
         plan = device.plan(spec, device.probe(), backend=keras.backend.backend(), precision=t.precision,
-                           jit_compile=t.jit_compile)
+                           jit_compile=t.jit_compile, impl=recipe.model.impl)
         plan.why["backend"] = "the backend Keras had loaded"
         return plan
     choice = requested or os.environ.get("KERAS_BACKEND") or "auto"
     plan = device.plan(spec, device.probe(), backend=choice, precision=t.precision, jit_compile=t.jit_compile,
-                       planned_images=device.planned_images(recipe))
+                       planned_images=device.planned_images(recipe), impl=recipe.model.impl)
     if choice == "auto":
-        console.print(f"backend: {plan.backend} on {plan.runs_on} ({plan.why['backend']})", highlight=False)
+        console.print(f"backend: {plan.backend} on {plan.runs_on} ({plan.why['backend']}); "
+                      f"backbone: {plan.impl} ({plan.why['impl']})", highlight=False)
     os.environ["KERAS_BACKEND"] = plan.backend
     return plan
 
@@ -399,8 +400,10 @@ def cmd_report(args) -> int:
     from rich.table import Table
 
     from osteo.report import collect_runs, write_report
+    from osteo.runs import use_backend_of
 
     runs = collect_runs(args.runs_list, runs_dir=args.runs, all_runs=args.all, warn=_warn)
+    use_backend_of(runs)  # the Grad-CAM grid loads models
     console = _console()
     console.print(f"reporting {len(runs)} run(s): {', '.join(str(r) for r in runs)}", markup=False)
     page = write_report(runs, args.out, split=args.split, n_boot=args.bootstrap, warn=_warn)
@@ -668,6 +671,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["OSTEO_TF_LOGS"] = "1"
     _warnings_as_lines()
     try:
+        if getattr(args, "run", None) and args.func in (cmd_eval, cmd_predict, cmd_export):
+            from osteo.runs import use_backend_of
+
+            use_backend_of([args.run])
         return args.func(args) or 0
     except OsteoError as e:
         if args.debug:

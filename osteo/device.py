@@ -33,6 +33,7 @@ from osteo.registry import BackboneSpec
 BACKENDS = ("auto", "tensorflow", "torch")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 JIT_CHOICES = ("auto", "on", "off")
+IMPLS = ("auto", "keras", "timm")
 # On a GPU, the first installed backend in this order that was built to use it.
 GPU_BACKEND_ORDER = ("torch", "tensorflow")
 
@@ -58,17 +59,18 @@ class Plan:
 
     backend: str
     precision: str
-    jit_compile: bool
+    jit_compile: bool  # keras impl: Keras' jit_compile; timm impl: torch.compile of the backbone
     device: Device
     why: dict[str, str] = field(default_factory=dict)
+    impl: str = "keras"
 
     @property
     def runs_on(self) -> str:
         return self.device.on(self.backend)
 
     def to_json(self) -> dict:
-        return {"backend": self.backend, "precision": self.precision, "jit_compile": self.jit_compile,
-                "runs_on": self.runs_on, "device": asdict(self.device), "why": dict(self.why)}
+        return {"backend": self.backend, "impl": self.impl, "precision": self.precision,
+                "jit_compile": self.jit_compile, "runs_on": self.runs_on, "device": asdict(self.device), "why": dict(self.why)}
 
 
 # --------------------------------------------------------------------------- probing
@@ -175,6 +177,35 @@ def choose_backend(requested: str, spec: BackboneSpec, device: Device, planned_i
     return best, note + why
 
 
+def choose_impl(requested: str, spec: BackboneSpec, backend: str) -> tuple[str, str]:
+    """(implementation, why): ``keras`` (``keras.applications`` layers) or ``timm`` (timm's module).
+
+    ``auto``: timm's module on PyTorch wherever timm has the architecture (measured
+    1.6-2.5x faster there, ``benchmarks/README.md``), Keras' layers on TensorFlow.
+    """
+    if requested not in IMPLS:
+        raise OsteoError(f"unknown model.impl {requested!r}; choose one of: {', '.join(IMPLS)}")
+    has_timm = importlib.util.find_spec("timm") is not None
+    if requested == "timm":
+        if backend != "torch":
+            raise OsteoError("model.impl=timm runs timm's PyTorch module: use --backend torch, "
+                             "or model.impl=keras on TensorFlow")
+        if not spec.timm_name:
+            raise OsteoError(f"{spec.name} has no timm implementation; use model.impl=keras")
+        if not has_timm:
+            raise OsteoError("model.impl=timm needs timm and torchvision; run `make install`")
+        return "timm", "requested"
+    if requested == "keras":
+        return "keras", "requested"
+    if backend != "torch":
+        return "keras", f"keras.applications layers on {backend}"
+    if not spec.timm_name:
+        return "keras", f"timm has no {spec.name}"
+    if not has_timm:
+        return "keras", "timm is not installed"
+    return "timm", "timm's module inside Keras measured 1.6-2.5x faster than Keras' layers on PyTorch"
+
+
 def choose_precision(requested: str, spec: BackboneSpec, device: Device, backend: str) -> tuple[str, str]:
     """(policy, why). ``auto``: mixed precision where it pays, never where it hurts.
 
@@ -197,13 +228,23 @@ def choose_precision(requested: str, spec: BackboneSpec, device: Device, backend
     return "float32", f"bfloat16 not measured faster for {spec.name} on {backend} here"
 
 
-def choose_jit(requested: str, spec: BackboneSpec, device: Device, backend: str) -> tuple[bool, str]:
-    """(on, why). ``auto``: XLA on TensorFlow GPUs, and on CPUs only where it was measured faster."""
+def choose_jit(requested: str, spec: BackboneSpec, device: Device, backend: str, impl: str = "keras",
+               planned_images: int = 0) -> tuple[bool, str]:
+    """(on, why). ``auto``: XLA on TensorFlow GPUs, and on CPUs only where it was measured faster;
+    on the timm engine, ``torch.compile`` of the backbone where the run is long enough to
+    pay for the compile (``BackboneSpec.compile_pays_after``)."""
     requested = str(requested).lower()
     if requested not in JIT_CHOICES:
         raise OsteoError(f"unknown jit_compile {requested!r}; choose one of: {', '.join(JIT_CHOICES)}")
     if requested != "auto":
         return requested == "on", "requested"
+    if impl == "timm":
+        after = spec.compile_pays_after.get(device.on(backend) if device.on(backend) == "gpu" else device.cpu_class)
+        if not after:
+            return False, f"torch.compile not measured faster for {spec.name} here"
+        if planned_images < after:
+            return False, f"{planned_images} training images < {after}: torch.compile would not pay for itself"
+        return True, f"{planned_images} training images >= {after}: torch.compile pays for itself"
     if backend != "tensorflow":
         return False, f"no compilation by default on {backend}"
     if device.on(backend) == "gpu":
@@ -214,12 +255,30 @@ def choose_jit(requested: str, spec: BackboneSpec, device: Device, backend: str)
 
 
 def plan(spec: BackboneSpec, device: Device, *, backend: str = "auto", precision: str = "auto",
-         jit_compile: str = "auto", planned_images: int = 0, available: tuple[str, ...] | None = None) -> Plan:
+         jit_compile: str = "auto", planned_images: int = 0, available: tuple[str, ...] | None = None,
+         impl: str = "auto") -> Plan:
     """Every device choice of one run, each with its reason."""
     b, why_b = choose_backend(backend, spec, device, planned_images, available)
+    i, why_i = choose_impl(impl, spec, b)
     p, why_p = choose_precision(precision, spec, device, b)
-    j, why_j = choose_jit(jit_compile, spec, device, b)
-    return Plan(b, p, j, device, {"backend": why_b, "precision": why_p, "jit_compile": why_j})
+    j, why_j = choose_jit(jit_compile, spec, device, b, i, planned_images)
+    return Plan(b, p, j, device, {"backend": why_b, "impl": why_i, "precision": why_p, "jit_compile": why_j}, i)
+
+
+def peak_memory_mb() -> dict[str, float | None]:
+    """This process's peak resident memory, and the peak GPU memory its backend allocated (MiB)."""
+    import resource
+    import sys
+
+    out: dict[str, float | None] = {
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "peak_gpu_mb": None}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    tf = sys.modules.get("tensorflow")
+    if out["peak_gpu_mb"] is None and tf is not None and tf.config.list_logical_devices("GPU"):
+        out["peak_gpu_mb"] = round(tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20, 1)
+    return out
 
 
 def planned_images(recipe) -> int:

@@ -26,11 +26,22 @@ from osteo.registry import BackboneSpec
 
 
 def _split(model: keras.Model, spec: BackboneSpec):
-    """(layers before the backbone, the feature model [target, backbone output], layers after)."""
+    """(layers before the backbone, the feature model [target, backbone output], layers after).
+
+    On the timm engine the target is the backbone's output, its last stage's feature map
+    (the torch module has no Keras layers to name).
+    """
     target = spec.gradcam_layer
     if not target:
         raise OsteoError(f"{spec.name} names no Grad-CAM layer in its spec; add gradcam_layer to osteo.registry")
     for i, layer in enumerate(model.layers):
+        if getattr(layer, "timm_name", None):  # osteo.backbones.timm_torch.TimmBackbone
+
+            def feature(x, training=False, layer=layer):
+                y = layer(x, training=training)
+                return y, y
+
+            return model.layers[1:i], feature, model.layers[i + 1 :]
         if isinstance(layer, keras.Model) and any(x.name == target for x in layer.layers):
             feature = keras.Model(layer.inputs, [layer.get_layer(target).output, layer.output])
             return model.layers[1:i], feature, model.layers[i + 1 :]
@@ -47,7 +58,7 @@ def _forward(parts, x):
     return activations, x
 
 
-def _gradients(parts, x, classes):
+def _gradients(parts, x, classes, device=None):
     """(activations, d score / d activations, probabilities) on the loaded backend."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -60,7 +71,6 @@ def _gradients(parts, x, classes):
     elif backend == "torch":
         import torch
 
-        device = parts[1].weights[0].value.device
         inputs = torch.as_tensor(x, device=device).requires_grad_(True)
         with torch.enable_grad():
             activations, probs = _forward(parts, inputs)
@@ -79,6 +89,7 @@ def gradcam(model: keras.Model, spec: BackboneSpec, images: np.ndarray, classes:
     from scipy.ndimage import zoom
 
     parts = _split(model, spec)
+    device = model.weights[0].value.device if keras.backend.backend() == "torch" else None
     images = np.asarray(images, dtype="float32")
     maps, all_probs = [], []
     for start in range(0, len(images), batch):
@@ -87,7 +98,7 @@ def gradcam(model: keras.Model, spec: BackboneSpec, images: np.ndarray, classes:
             c = np.asarray(model.predict(x, verbose=0)).argmax(1)
         else:
             c = np.asarray(classes[start : start + batch])
-        a, g, probs = _gradients(parts, x, c.astype("int64"))
+        a, g, probs = _gradients(parts, x, c.astype("int64"), device)
         cam = np.maximum((a * g.mean(axis=(1, 2), keepdims=True)).sum(axis=-1), 0.0)
         for m in cam:
             up = zoom(m, (x.shape[1] / m.shape[0], x.shape[2] / m.shape[1]), order=1)

@@ -30,11 +30,12 @@ only needs a cast (``x.astype(np.float32)``), which is exact. In detail:
   registered layers, loadable with ``safe_mode=True``, no Lambda layers).
 
 The ONNX and SavedModel exports run on the TensorFlow backend (``KERAS_BACKEND=tensorflow``;
-``best.keras`` itself is backend-independent). ONNX needs the ``export`` extra
+a run of Keras' layers loads on either backend; runs of timm's PyTorch module
+cannot be exported yet). ONNX needs the ``export`` extra
 (``pip install 'osteo[export]'``): tf2onnx converts a frozen graph of the model. Keras'
 own ``model.export(format="onnx")`` is not used: the ONNX files it writes for ConvNeXt
 and EfficientNetV2 cannot be run by onnxruntime (see :func:`_write_onnx`). The SavedModel holds each weight twice (Keras' ExportArchive,
-keras-team/keras#23553): about twice ``best.keras`` on disk.
+keras-team/keras#23553): about twice the weights on disk.
 
 Every file is written atomically: to a temporary sibling, renamed over the target when
 complete (for the SavedModel folder, the old folder is moved aside, the new one renamed
@@ -97,10 +98,10 @@ class TemperatureScaling(keras.layers.Layer):
 
 
 def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None) -> Path:
-    """Export the run's ``best.keras``, preprocessing and calibration inside, as ``fmt``.
+    """Export the run's best model, preprocessing and calibration inside, as ``fmt``.
 
     Args:
-        run_dir: a finished run directory (one with ``best.keras``).
+        run_dir: a finished run directory (one with ``best.weights.h5``).
         fmt: ``onnx``, ``savedmodel`` or ``keras``.
         out: the file (the folder, for ``savedmodel``) to write; None: under
             ``RUN_DIR/export/`` (``model.onnx``, ``savedmodel/``, ``model.keras``).
@@ -109,13 +110,16 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
         The path written.
 
     Raises:
-        OsteoError: not a run, no ``best.keras``, an unknown format, an ``--out`` that
+        OsteoError: not a run, no ``best.weights.h5``, an unknown format, an ``--out`` that
             would replace one of the run's own files or is a file where a folder is
             needed (or the reverse), or a missing exporter.
     """
     if fmt not in FORMATS:
         raise OsteoError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     run = RunDir(run_dir).check(need=(RunDir.BEST,))
+    if run.read_recipe().model.impl == "timm":
+        raise OsteoError(f"{run.path} was trained on timm's PyTorch module, which osteo cannot export yet "
+                         "(ONNX and SavedModel go through TensorFlow); train it with model.impl=keras to export")
     target = Path(out) if out is not None else run.path / EXPORT_DIR / DEFAULT_NAMES[fmt]
     _refuse_run_files(target)
     if fmt == "savedmodel" and target.exists() and not target.is_dir():
@@ -160,7 +164,7 @@ def _temperature(run: RunDir) -> float:
 
 
 def _refuse_run_files(target: Path) -> None:
-    """An export must never replace a run's own file (``--out RUN_DIR/best.keras`` above all)."""
+    """An export must never replace a run's own file (``--out RUN_DIR/best.weights.h5`` above all)."""
     resolved = target.resolve()
     if RunDir.owner_of(target):
         raise OsteoError(f"--out {target} would overwrite the run's own {resolved.name}; export elsewhere, "

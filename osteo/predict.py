@@ -1,7 +1,7 @@
 """Use a finished run: ``osteo predict RUN_DIR IMAGES...`` and ``osteo eval RUN_DIR --data FOLDER``.
 
-The run's ``best.keras`` is loaded with ``safe_mode=True`` (no Python lambdas or
-pickles are executed); images are decoded, resized and quantised exactly as the
+The run's model is rebuilt from its ``recipe.json`` and its ``best.weights.h5`` loaded
+into it (weights only: nothing in a run's folder is executed or unpickled); images are decoded, resized and quantised exactly as the
 training cache does (:mod:`osteo.data.decode`, :func:`osteo.data.pipeline.resize_image`,
 16-bit levels), so a run's own validation images get back its ``predictions.csv``
 probabilities. The run's temperature (``calibration.json``) is applied unless
@@ -29,16 +29,29 @@ TTA_SHIFT = 1 / 16  # of the image side, both ways, on top of the mirror
 
 
 def load_best(run_dir: str | os.PathLike):
+    """The run's best model: rebuilt from its resolved recipe, its best weights loaded.
+
+    A run trained on timm's PyTorch module needs the PyTorch backend (the CLI picks it,
+    :func:`osteo.runs.backend_for`); a Keras-layers run loads on either backend.
+    """
     import keras
 
-    run = RunDir(run_dir).check(need=(RunDir.BEST,))
-    import osteo.classifier  # noqa: F401  (registers osteo's serializable layers, losses, metrics)
+    from osteo.classifier import Classifier
 
+    run = RunDir(run_dir).check(need=(RunDir.BEST,))
+    recipe = run.read_recipe()
+    if recipe.model.impl == "timm" and keras.backend.backend() != "torch":
+        raise OsteoError(f"{run.path} was trained on timm's PyTorch module: load it on the PyTorch backend "
+                         "(KERAS_BACKEND=torch)")
+    if recipe.model.impl == "auto":  # resolved before the timm engine existed: Keras' layers
+        recipe.model.impl = "keras"
+    model = Classifier.from_recipe(recipe, weights="none").build()
     try:
-        return keras.saving.load_model(run.best_path, safe_mode=True)
+        model.load_weights(run.best_path)
     except Exception as e:
         raise OsteoError(f"cannot load {run.best_path}: {type(e).__name__}: {str(e)[:200]}; "
                          "the file is damaged or from another osteo version: retrain the run") from None
+    return model
 
 
 def _expand(paths: list[str]) -> list[Path]:

@@ -24,6 +24,7 @@ import dataclasses
 import importlib.util
 import inspect
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -90,8 +91,12 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "convnext_tiny"
     weights: str = "imagenet"  # "imagenet", "none", or a path to a weights file
-    # the input scaling the backbone expects; auto: the backbone's own, filled by resolve()
-    preprocessing: Literal["auto", "caffe", "torch", "tf", "none"] = "auto"
+    # keras: keras.applications layers; timm: timm's PyTorch module inside the Keras model
+    # (PyTorch backend only); auto: timm on PyTorch where timm has the backbone, filled by resolve()
+    impl: Literal["auto", "keras", "timm"] = "auto"
+    # the input scaling the backbone expects; auto: the implementation's own, filled by resolve()
+    # (timm: the module's pretrained_cfg mean and std)
+    preprocessing: Literal["auto", "caffe", "torch", "tf", "none", "timm"] = "auto"
     freeze_bn: bool = True  # keep BatchNorm statistics frozen (transfer learning)
     bn_momentum: float = 0.0  # BatchNorm moving-average momentum; 0: the backbone's own (0.99)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -410,22 +415,32 @@ def _is(value, hint) -> bool:
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
-def resolve(recipe: Recipe) -> Recipe:
+def resolve(recipe: Recipe, backend: str | None = None) -> Recipe:
     """The recipe completed from its backbone's spec and checked; raises before anything is written.
 
-    Fills ``data.image_size`` (0: the backbone's default) and ``model.preprocessing``
-    (auto: the backbone's own), checks every choice and bound and the weights, and
-    returns a new Recipe. Resolving a resolved recipe changes nothing.
+    Fills ``data.image_size`` (0: the backbone's default) and, once the Keras
+    ``backend`` is known, ``model.impl`` and ``model.preprocessing`` (auto: the
+    implementation's own); checks every choice and bound and the weights, and returns a
+    new Recipe. Resolving a resolved recipe changes nothing.
     """
+    from osteo.device import choose_impl
     from osteo.registry import get_backbone, parse_weights
 
     r = copy.deepcopy(recipe)
     spec = get_backbone(r.model.backbone)
+    m = r.model
     if r.data.image_size == 0:
         r.data.image_size = spec.default_size
-    if r.model.preprocessing == "auto":
-        r.model.preprocessing = spec.preprocessing
     _check_values(r)
+    if backend is None and "keras" in sys.modules:  # loaded: its backend is the one that will run
+        backend = sys.modules["keras"].backend.backend()
+    if backend is not None:
+        m.impl, _ = choose_impl(m.impl, spec, backend)
+    if m.preprocessing == "auto" and m.impl != "auto":
+        m.preprocessing = "timm" if m.impl == "timm" else spec.preprocessing
+    if m.preprocessing == "timm" and m.impl == "keras":
+        raise OsteoError("model.preprocessing=timm is the timm module's own scaling; with model.impl=keras "
+                         "use auto or one of caffe, torch, tf, none")
     spec.check_size(r.data.image_size)
     if r.train.epochs + r.train.fine_tune_epochs < 1:
         raise OsteoError("train.epochs + train.fine_tune_epochs must be at least 1; set EPOCHS=1 or more")

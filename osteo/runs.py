@@ -2,7 +2,7 @@
 
 A run directory holds ``recipe.json`` (the resolved recipe) and ``split.csv`` from its
 start; a finished run adds ``env.json``, ``audit.json``, ``history.csv``,
-``best.keras``, ``predictions.csv`` and ``metrics.json``. Two runs never share a
+``best.weights.h5``, ``predictions.csv`` and ``metrics.json``. Two runs never share a
 directory. Every module that reads or writes a run file goes through :class:`RunDir`,
 so each file has one name, one reader and one writer.
 
@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,7 +63,7 @@ class RunDir(_Folder):
     AUDIT = "audit.json"
     SPLIT = "split.csv"
     HISTORY = "history.csv"
-    BEST = "best.keras"
+    BEST = "best.weights.h5"  # weights only: the model is rebuilt from recipe.json (no pickles, ever)
     PREDICTIONS = "predictions.csv"
     METRICS = "metrics.json"
     MANIFEST = "manifest.csv"  # the audit's manifest: every file's content hashes (external overlap)
@@ -385,3 +386,21 @@ def find_run(spec: str, runs_dir: str | os.PathLike = "runs", model: str | None 
         raise OsteoError(f"run {run.path} is finished (its {RunDir.METRICS} is written): there is nothing to "
                          f"resume; start a new run, or re-score it with: osteo eval {run.path}")
     return run
+
+
+def use_backend_of(runs) -> None:
+    """Before Keras is imported: the PyTorch backend when any of ``runs`` was trained on timm's
+    PyTorch module (it loads only there; runs of Keras' layers load on either backend).
+
+    An explicit ``KERAS_BACKEND`` is left as it is (loading then says what to do).
+    """
+    if "keras" in sys.modules or os.environ.get("KERAS_BACKEND"):
+        return
+    for run in runs:
+        try:
+            impl = RunDir(getattr(run, "path", run)).read_recipe_dict().get("model", {}).get("impl")
+        except (OsteoError, OSError, ValueError, AttributeError):
+            continue  # not a run: the command itself says so
+        if impl == "timm":
+            os.environ["KERAS_BACKEND"] = "torch"
+            return

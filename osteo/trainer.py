@@ -48,6 +48,7 @@ from osteo.classifier import Classifier, SparseCrossEntropy, default_metrics
 from osteo.errors import OsteoError
 from osteo.files import atomic_path, sweep_temporaries, write_bytes
 from osteo.recipe import AugmentConfig, Recipe, resolve
+from osteo.registry import get_backbone
 from osteo.runs import RunDir, create_run_dir, find_run, new_run_dir
 
 
@@ -78,7 +79,7 @@ def _versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "keras": keras.__version__, "numpy": np.__version__}
-    for pkg in ("tensorflow", "tensorflow-cpu", "torch"):
+    for pkg in ("tensorflow", "tensorflow-cpu", "torch", "timm"):
         with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
     return out
@@ -150,14 +151,19 @@ class Trainer:
             sweep_temporaries(self.run_dir.path)  # left by the killed process
             split = self.run_dir.read_split()
             self._say(f"resuming {self.run_dir}")
-        r = self.recipe = resolve(self.recipe)
+        r = self.recipe = resolve(self.recipe, backend=keras.backend.backend())  # fills model.impl
         tracking.check(r)  # a tracker asked for but not installed fails before any work
         t = r.train
-        self.clf = Classifier.from_recipe(r)
-        if self.plan is None:
-            self.plan = devices.plan(self.clf.spec, devices.probe(), backend=keras.backend.backend(),
-                                     precision=t.precision, jit_compile=t.jit_compile)
-            self.plan.why["backend"] = "the backend Keras had loaded"
+        if self.plan is None or self.plan.impl != r.model.impl:
+            why = self.plan.why["backend"] if self.plan else "the backend Keras had loaded"
+            self.plan = devices.plan(get_backbone(r.model.backbone), devices.probe(),
+                                     backend=keras.backend.backend(), precision=t.precision,
+                                     jit_compile=t.jit_compile, impl=r.model.impl,
+                                     planned_images=devices.planned_images(r))
+            self.plan.why["backend"] = why
+        # the timm engine compiles its backbone (torch.compile); Keras' jit_compile is for its own layers
+        self.compile_backbone = self.plan.jit_compile and r.model.impl == "timm"
+        self.clf = Classifier.from_recipe(r, compile_backbone=self.compile_backbone)
 
         from osteo.data.module import DataModule
 
@@ -181,7 +187,7 @@ class Trainer:
         run.write_audit(self.dm.audit.to_json())
         run.write_manifest(self.dm.audit.manifest_rows())
         self.env = {
-            **_versions(), "backend": self.plan.backend, "precision": self.plan.precision,
+            **_versions(), "backend": self.plan.backend, "impl": r.model.impl, "precision": self.plan.precision,
             "jit_compile": self.plan.jit_compile, "device": self.plan.to_json(),
             "git_commit": _git_commit(), "seed": t.seed, "deterministic": t.deterministic,
             "command": self.command, "host": platform.node(),
@@ -240,7 +246,7 @@ class Trainer:
             optimizer=self._optimizer(phase.lr, phase.last_epoch - phase.first_epoch),
             loss=SparseCrossEntropy(t.label_smoothing),
             metrics=default_metrics(),
-            jit_compile=self.plan.jit_compile,
+            jit_compile=self.plan.jit_compile and not self.compile_backbone,
         )
         self.best.target = model
         self.history.phase = phase.number
@@ -307,6 +313,7 @@ class Trainer:
             "train_seconds": round(self.trained_seconds, 2), "wall_seconds": round(time.perf_counter() - self._t0, 2),
             "train_images_per_sec": round(float(np.median(rates)), 2) if rates else None,
             "params": self.clf.trainable_counts()["total"], "epochs_run": len(history),
+            **devices.peak_memory_mb(),
         })
         run.write_env(self.env)
         checkpoint = {"model": self.clf.spec.name, "best_epoch": (self.best.best_epoch or 0) + 1,

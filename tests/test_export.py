@@ -2,7 +2,7 @@
 
 The ONNX file and the SavedModel are run in subprocesses that never import osteo (what
 a consumer of an export has), on phantom images as uint8 and as float; each must match
-``apply_temperature(best.keras's probabilities, T)`` to 1e-4.
+``apply_temperature(the best model's probabilities, T)`` to 1e-4.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def test_onnx_matches_keras_without_osteo(run, images, expected, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("tf2onnx") is None,
                     reason="needs the export extra and onnxruntime: pip install 'osteo[dev]'")
-def test_onnx_converts_what_the_real_backbones_use(run, images, tmp_path):
+def test_onnx_converts_what_the_real_backbones_use(run, images, tmp_path, monkeypatch):
     """Captured constants (EfficientNetV2), grouped convolutions and exact GELU (ConvNeXt)."""
     import keras
     import onnxruntime as ort
@@ -139,15 +139,14 @@ def test_onnx_converts_what_the_real_backbones_use(run, images, tmp_path):
     x = keras.layers.Conv2D(8, 7, padding="same", groups=8)(x)
     x = keras.layers.Activation("gelu")(keras.layers.LayerNormalization()(x))
     probs = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
-    copy = RunDir(tmp_path / "tiny" / "backbone-ops")
-    copy.path.mkdir(parents=True)
-    for name in (RunDir.RECIPE, RunDir.SPLIT, RunDir.CALIBRATION):
-        shutil.copy(run.path / name, copy.path / name)
-    keras.Model(image, probs).save(copy.best_path)
-    path = export_run(copy, "onnx", None)
+    model = keras.Model(image, probs)
+    from osteo import export
+
+    monkeypatch.setattr(export, "load_best", lambda _: model)  # a run's best model, made of these ops
+    path = export_run(run, "onnx", tmp_path / "ops.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"image": images["float"]})[0]
-    want = apply_temperature(load_best(copy).predict(images["float"], verbose=0), TEMPERATURE)
+    want = apply_temperature(model.predict(images["float"], verbose=0), TEMPERATURE)
     assert _max_diff(got, want) <= TOLERANCE
 
 
@@ -196,9 +195,9 @@ def test_errors_are_one_line_osteo_errors(run, tmp_path, monkeypatch):
     a_file.write_text("not a folder")
     cases = [
         ((not_run, "onnx", None), "not an osteo run directory"),
-        ((no_best.path, "onnx", None), "best.keras"),
+        ((no_best.path, "onnx", None), "best.weights.h5"),
         ((run.path, "tflite", None), "unknown export format"),
-        ((run.path, "keras", run.best_path), "would overwrite the run's own best.keras"),
+        ((run.path, "keras", run.best_path), "would overwrite the run's own best.weights.h5"),
         ((run.path, "keras", tmp_path / "m.h5"), "must end in .keras"),
         ((run.path, "onnx", tmp_path), "is a folder; give a file"),
         ((run.path, "savedmodel", a_file), "is a file; a SavedModel is a folder"),

@@ -52,9 +52,9 @@ def _copy_run(run: RunDir, dest) -> RunDir:
 
 def test_disk_full_while_saving_the_checkpoint_is_one_line(phantom_dir, tmp_path, monkeypatch, capsys):
     def full(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(args[0]) if args else "best.keras")
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[0]) if args else "best.weights.h5")
 
-    monkeypatch.setattr(keras.Model, "save", full)
+    monkeypatch.setattr(keras.Model, "save_weights", full)
     assert main([*_tiny_args(phantom_dir, tmp_path / "runs"), "--epochs", "1"]) == 2
     line = _one_line(capsys)
     assert "No space left on device" in line and "free some disk space" in line

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from osteo import CLASSES
+from osteo.runs import RunDir
 
 TINY = ["--model", "tiny", "--weights", "none", "--image-size", "32", "--set", "train.tensorboard=false"]
 
@@ -51,7 +52,7 @@ def reference_run(phantom_dir, tmp_path_factory):
 
 def _assert_same_run(run, ref_run):
     assert [int(r["epoch"]) for r in _rows(run / "history.csv")] == [1, 2, 3, 4]
-    assert (run / "best.keras").exists() and not (run / ".backup").exists()
+    assert (run / "best.weights.h5").exists() and not (run / ".backup").exists()
     for a, b in zip(_rows(ref_run / "history.csv"), _rows(run / "history.csv")):
         for k in ("loss", "val_loss", "val_macro_f1"):
             assert float(a[k]) == pytest.approx(float(b[k]), abs=1e-6), (k, a["epoch"])
@@ -260,21 +261,28 @@ while True:
 # --------------------------------------------------------------------------- safety
 
 
-def test_models_load_in_safe_mode_and_lambdas_are_refused(tmp_path):
+def test_a_runs_model_is_rebuilt_from_its_recipe_and_its_files_are_never_deserialized(tmp_path):
+    """A run folder holds weights, not code: a Keras model file with a Lambda put where the
+    checkpoint goes is not executed, it is refused as a weights file."""
     import keras
+
+    from osteo.recipe import study_protocol
 
     inputs = keras.Input((4,))
     outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)
     keras.Model(inputs, outputs).save(tmp_path / "evil.keras")
-    (tmp_path / "run").mkdir()
-    for f in ("recipe.json", "split.csv"):
-        (tmp_path / "run" / f).write_text("{}" if f.endswith("json") else "path,label,split,group\n")
-    (tmp_path / "evil.keras").rename(tmp_path / "run" / "best.keras")
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    r = study_protocol("tiny")
+    r.model.weights, r.data.image_size = "none", 32
+    run.write_recipe(r)
+    run.split_path.write_text("path,label,split,group\n")
+    (tmp_path / "evil.keras").rename(run.best_path)
     from osteo.errors import OsteoError
     from osteo.predict import load_best
 
     with pytest.raises(OsteoError, match="cannot load"):
-        load_best(tmp_path / "run")
+        load_best(run.path)
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_best(phantom_dir, tmp_path, monkeypatch, tiny_recipe):
@@ -299,7 +307,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_best(phantom_dir, tmp
     with pytest.raises(OsteoError, match="not finite") as err:
         trainer.Trainer(r).run()
     assert "best checkpoint kept" in str(err.value)
-    best = list(tmp_path.glob("tiny/*/best.keras"))
+    best = list(tmp_path.glob("tiny/*/best.weights.h5"))
     assert len(best) == 1
     rows = _rows(best[0].parent / "history.csv")
     assert [r["loss"] for r in rows][1:] == ["nan"] and float(rows[0]["loss"]) > 0  # the NaN epoch is on record

@@ -241,5 +241,5 @@ def test_the_search_chooses_on_inner_splits_and_the_folds_train_with_the_choice(
             inner = _csv(Path(t["run"]) / "split.csv")
             assert not outer_val & {r["path"] for r in inner if r["split"] in ("train", "val")}
             assert outer_val == {r["path"] for r in inner if r["split"] == "test"}
-            assert not (Path(t["run"]) / "best.keras").exists()  # pruned: the search keeps its record only
+            assert not (Path(t["run"]) / "best.weights.h5").exists()  # pruned: the search keeps its record only
     assert any(line.startswith("search tiny-seed0-fold1: chose train.lr=") for line in said)

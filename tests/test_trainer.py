@@ -18,7 +18,7 @@ from osteo.evaluate import PREDICTION_COLUMNS, read_predictions
 from osteo.registry import get_backbone, list_backbones
 from osteo.trainer import Trainer
 
-RUN_FILES = {"recipe.json", "env.json", "audit.json", "split.csv", "history.csv", "best.keras",
+RUN_FILES = {"recipe.json", "env.json", "audit.json", "split.csv", "history.csv", "best.weights.h5",
              "predictions.csv", "metrics.json"}
 
 
@@ -50,7 +50,7 @@ def test_two_phase_run_writes_a_complete_run_directory(phantom_dir, tmp_path, ti
     assert {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix"} <= set(metrics["val"])
     # a second run never shares the first one's directory or checkpoint
     run2 = Trainer(tiny_recipe(phantom_dir, tmp_path, epochs=1)).run()
-    assert run2 != run and (run2 / "best.keras").exists()
+    assert run2 != run and (run2 / "best.weights.h5").exists()
 
 
 def test_restored_weights_are_the_best_epochs(phantom_dir, tmp_path, tiny_recipe):
@@ -61,7 +61,7 @@ def test_restored_weights_are_the_best_epochs(phantom_dir, tmp_path, tiny_recipe
     assert metrics["best_epoch"] == int(np.argmax(scores)) + 1
     assert metrics["best_value"] == pytest.approx(max(scores))
     # the predictions were made with the checkpoint's weights
-    model = keras.saving.load_model(run / "best.keras", safe_mode=True)
+    model = keras.saving.load_model(run / "best.weights.h5", safe_mode=True)
     from osteo.data.module import DataModule
     from osteo.data.split import read_split
     from osteo.recipe import DataConfig
@@ -189,8 +189,8 @@ def test_phase_one_on_cached_features_trains_the_full_models_head(phantom_dir, t
     history = _history(run)
     assert [int(h["epoch"]) for h in history] == [1, 2, 3]
     assert len({h["val_loss"] for h in history}) == 3  # the head learned from epoch to epoch
-    # the checkpoint is the whole image model, and it made the predictions
-    model = keras.saving.load_model(run / "best.keras", safe_mode=True)
+    # the checkpoint holds the whole image model's weights, and it made the predictions
+    model = keras.saving.load_model(run / "best.weights.h5", safe_mode=True)
     assert model.input_shape == (None, 32, 32, 1)
     dm = DataModule(DataConfig(dir=str(phantom_dir), image_size=32)).setup(
         split=read_split(run / "split.csv"))

@@ -1,0 +1,273 @@
+"""timm's PyTorch module inside the Keras model (the PyTorch engine; PyTorch backend only).
+
+On the PyTorch backend the study's backbones run as timm modules: the same
+architectures, measured 1.6-2.5x faster than ``keras.applications`` layers there, with a
+quarter of the memory on DenseNet169 (``benchmarks/README.md``). Keras keeps
+everything around the backbone (gray to RGB, augmentation, pooling, head, loss, the
+loop); :class:`TimmBackbone` is a ``keras.layers.TorchModuleWrapper`` that
+
+* takes NHWC images (Keras' layout) and hands them to the module as NCHW *views* of the
+  same memory, i.e. in PyTorch's channels-last memory format, without a copy, and gives
+  the feature map back as NHWC the same way;
+* scales its input itself from the module's ``pretrained_cfg`` (its mean and std on
+  [0, 1] pixels) when the recipe's preprocessing is ``timm``;
+* runs the module under ``torch.autocast`` when the Keras dtype policy is mixed
+  (bfloat16 or float16), so the module's float32 weights are cast once per step;
+* optionally compiles the module with ``torch.compile``; a compile that fails falls
+  back to the eager module with one warning.
+
+Weights: ``imagenet`` (timm's pretrained weights, from the Hugging Face hub or its
+cache), ``none``, or a local ``.safetensors`` / ``.pth`` / ``.bin`` state dict, loaded
+without unpickling (``weights_only=True``) and checked key by key against the module.
+
+The module keeps only what ``forward_features`` uses: parts of timm's head that would
+hold unused parameters (VGG's 120M-parameter ``pre_logits``, ConvNeXt's head norm) are
+replaced by identities at build time, so they are neither trained, saved, nor held in
+memory.
+
+Serialization: ``TorchModuleWrapper.get_config`` pickles the module, which osteo never
+loads (see :func:`osteo.predict.load_best`: runs are rebuilt from ``recipe.json`` and
+their weights file). ``get_config`` here therefore refuses.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import urllib.parse
+import warnings
+from pathlib import Path
+
+import keras
+
+from osteo.backbones import DOWNLOAD_TIMEOUT, _download_timeout, _looks_like_network_error, _short
+from osteo.errors import OsteoError
+from osteo.registry import parse_weights
+
+# Keras dtype policy -> the autocast dtype inside the module
+_AUTOCAST = {"bfloat16": "bfloat16", "float16": "float16"}
+
+
+def create_module(timm_name: str, *, pretrained: bool = False, **kwargs):
+    """timm's module without its classifier and pooling: ``forward_features`` gives (B, C, H, W)."""
+    import timm
+
+    return timm.create_model(timm_name, pretrained=pretrained, num_classes=0, global_pool="", **kwargs)
+
+
+def data_config(module) -> dict:
+    """timm's own input configuration for ``module`` (mean, std, interpolation, size)."""
+    import timm.data
+
+    return timm.data.resolve_data_config({}, model=module)
+
+
+def _load_pretrained(name: str, timm_name: str):
+    """timm's pretrained module: from the Hugging Face cache when it is there, else downloaded.
+
+    Offline, the hub client retries each file for ~25 s; a 10 s connection check first
+    makes that one fast, clear error.
+    """
+    import timm.models
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    for filename in ("model.safetensors", "pytorch_model.bin") if hub_id else ():
+        cached = try_to_load_from_cache(hub_id, filename)
+        if isinstance(cached, str):
+            return create_module(timm_name, pretrained=True, pretrained_cfg_overlay={"file": cached})
+    fail = ("train from scratch with WEIGHTS=none, or pass a local file with WEIGHTS=/path/to/file")
+    url = os.environ.get("HF_ENDPOINT", "https://huggingface.co") if hub_id else (getattr(cfg, "url", "") or "")
+    host = urllib.parse.urlparse(url).hostname
+    try:
+        socket.create_connection((host, 443), timeout=DOWNLOAD_TIMEOUT).close()
+    except (OSError, TypeError) as e:
+        raise OsteoError(f"cannot download ImageNet weights for {name} from {host} (no network?): {_short(e)}; "
+                         f"{fail}") from None
+    with _download_timeout():
+        try:
+            return create_module(timm_name, pretrained=True)
+        except Exception as e:  # huggingface_hub, urllib and socket errors all differ
+            if not _looks_like_network_error(e):
+                raise
+            raise OsteoError(f"cannot download ImageNet weights for {name} (no network?): {_short(e)}; {fail}") from None
+
+
+def read_state_dict(path: Path) -> dict:
+    """A state dict from a ``.safetensors`` file or a PyTorch file, never unpickling code."""
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "state_dict_ema"):  # training checkpoints wrap it
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise ValueError(f"holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...]) -> None:
+    """Load a local state dict into ``module``; every parameter must be in it with its shape.
+
+    Keys of the classifier (timm's ``pretrained_cfg["classifier"]``) and of the parts
+    dropped at build time may be in the file and are ignored; anything else that is
+    missing, unexpected or of another shape is an error.
+    """
+    classifier = module.pretrained_cfg.get("classifier") or ()
+    ignored = tuple(f"{p}." for p in ((classifier,) if isinstance(classifier, str) else classifier) + dropped)
+    fix = f"pass a weights file of timm's {module.pretrained_cfg.get('architecture', name)} or WEIGHTS=none"
+    try:
+        state = {k.removeprefix("module."): v for k, v in read_state_dict(path).items()}
+    except Exception as e:
+        raise OsteoError(f"cannot read weights file {path}: {_short(e)}; {fix}") from None
+    state = {k: v for k, v in state.items() if not k.startswith(ignored)}
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise OsteoError(f"weights file {path} does not match backbone {name}: {'; '.join(parts)}; {fix}")
+    module.load_state_dict(state, strict=True)
+
+
+def _prune_unused(module, image_size: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Replace top-level children that ``forward_features`` never uses by identities.
+
+    One forward and backward pass on a single image finds them; returns their names and
+    the feature map's (H, W, C).
+    """
+    import torch
+
+    was_training = module.training
+    module.eval()  # BatchNorm needs no batch statistics, gradients flow all the same
+    x = torch.zeros(1, 3, image_size, image_size, device=next(module.parameters()).device)
+    y = module.forward_features(x)
+    y.float().sum().backward()
+    dropped = []
+    for child_name, child in list(module.named_children()):
+        params = list(child.parameters())
+        if params and all(p.grad is None for p in params):
+            setattr(module, child_name, torch.nn.Identity())
+            dropped.append(child_name)
+    module.zero_grad(set_to_none=True)
+    module.train(was_training)
+    return tuple(dropped), (int(y.shape[2]), int(y.shape[3]), int(y.shape[1]))
+
+
+class TimmBackbone(keras.layers.TorchModuleWrapper):
+    """A timm backbone as a Keras layer: NHWC in (after gray to RGB), NHWC features out.
+
+    Args:
+        name_in_registry: osteo's name of the backbone (for messages).
+        timm_name: timm's model name, e.g. ``convnext_tiny.fb_in1k``.
+        image_size: the (square) input size.
+        weights: ``imagenet``, ``none`` or a path (see :func:`osteo.registry.parse_weights`).
+        normalize: scale [0, 255] inputs with the module's ``pretrained_cfg`` mean and std.
+        channels_last: keep the module and its activations in channels-last memory format.
+        compile: wrap the module in ``torch.compile`` (falls back to eager on failure).
+    """
+
+    def __init__(self, name_in_registry: str, timm_name: str, *, image_size: int, weights="none",
+                 normalize: bool = True, channels_last: bool = True, compile: bool = False, **kwargs):
+        import torch
+
+        kind, path = parse_weights(weights)
+        if kind == "imagenet":
+            module = _load_pretrained(name_in_registry, timm_name)
+        else:
+            module = create_module(timm_name)
+        module = module.to("cuda" if torch.cuda.is_available() else "cpu")
+        dropped, (h, w, c) = _prune_unused(module, image_size)
+        if kind == "file":
+            load_weights_file(module, path, name_in_registry, dropped)
+        if channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        self.config = data_config(module)
+        super().__init__(module, output_shape=(None, h, w, c), **kwargs)
+        self.timm_name = timm_name
+        self.normalize = normalize
+        self.channels_last = channels_last
+        self.dropped = dropped
+        self.num_features = c
+        device = next(module.parameters()).device
+        # (1, 3, 1, 1): broadcast over NCHW; plain tensors, not weights
+        self._mean = torch.tensor(self.config["mean"], device=device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(self.config["std"], device=device).view(1, 3, 1, 1) * 255.0
+        names = [n for n, _ in module.named_parameters()]
+        assert len(names) == len(self.variables), "TorchModuleWrapper tracks every parameter once"
+        self._variables = dict(zip(names, self.variables))
+        self._forward = module.forward_features
+        self.compiled = False
+        if compile:
+            self._forward = torch.compile(module.forward_features)
+            self.compiled = True
+
+    # ------------------------------------------------------------------ forward
+
+    def call(self, x, training=None):
+        import torch
+
+        self.module.train(training is not False)
+        x = x.permute(0, 3, 1, 2)  # NHWC -> NCHW view: channels-last memory, no copy
+        if not self.channels_last:
+            x = x.contiguous()
+        if self.normalize:
+            x = (x.float() - self._mean) / self._std
+        dtype = _AUTOCAST.get(self.dtype_policy.compute_dtype)
+        with torch.autocast(x.device.type, dtype=getattr(torch, dtype or "float32"), enabled=dtype is not None):
+            y = self._run(x)
+        return y.permute(0, 2, 3, 1)  # NCHW (channels-last memory) -> NHWC view
+
+    def _run(self, x):
+        if not self.compiled:
+            return self._forward(x)
+        try:
+            return self._forward(x)
+        except Exception as e:  # the compile happens on the first call, and fails there
+            warnings.warn(f"torch.compile failed for {self.timm_name} ({_short(e)}); running it eagerly",
+                          stacklevel=2)
+            self._forward, self.compiled = self.module.forward_features, False
+            return self._forward(x)
+
+    # ------------------------------------------------------------------ blocks
+
+    def blocks(self) -> list[list]:
+        """The module's Keras variables grouped into blocks, input to output (timm's coarse groups)."""
+        from timm.models import group_parameters
+
+        groups = group_parameters(self.module, self.module.group_matcher(coarse=True))
+        return [[self._variables[n] for n in names if n in self._variables] for _, names in sorted(groups.items())]
+
+    def freeze(self, *, frozen_blocks: int, freeze_bn: bool) -> None:
+        """After ``trainable = True``: freeze the first ``frozen_blocks`` blocks, and BatchNorm's scale and shift."""
+        import torch
+
+        for block in self.blocks()[:frozen_blocks]:
+            for v in block:
+                v.trainable = False
+        if freeze_bn:
+            for prefix, m in self.module.named_modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    for n, _ in m.named_parameters(recurse=False):
+                        self._variables[f"{prefix}.{n}" if prefix else n].trainable = False
+
+    def get_config(self):
+        raise NotImplementedError("a TimmBackbone is saved as weights and rebuilt from the run's recipe.json")
+
+
+def peak_memory_mb() -> float | None:
+    """Peak accelerator memory PyTorch allocated in this process (MiB), None on the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return None
+

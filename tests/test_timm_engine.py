@@ -1,0 +1,241 @@
+"""The PyTorch engine: timm's module inside the Keras model (osteo.backbones.timm_torch).
+
+These tests need the PyTorch backend, fixed when Keras is imported: ``make test`` runs
+this file a second time with ``KERAS_BACKEND=torch`` (the TensorFlow pass skips it).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "torch",
+                                reason="the PyTorch engine: make test runs this file with KERAS_BACKEND=torch")
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+
+from osteo.backbones.timm_torch import TimmBackbone  # noqa: E402
+from osteo.classifier import Classifier  # noqa: E402
+from osteo.errors import OsteoError  # noqa: E402
+from osteo.recipe import AugmentConfig  # noqa: E402
+
+NO_AUG = AugmentConfig(flip=False, zoom=0.0, shear=0.0)
+
+
+def _module_inputs(clf: Classifier, images: np.ndarray) -> torch.Tensor:
+    """What the timm module receives for ``images`` (a forward pre-hook on its first convolution)."""
+    seen = []
+    first = clf.backbone.module.get_submodule(clf.backbone.module.pretrained_cfg["first_conv"])
+    hook = first.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    try:
+        clf.model.predict(images, verbose=0)
+    finally:
+        hook.remove()
+    return seen[0].float().cpu()
+
+
+@pytest.mark.parametrize("name", ["tiny", "convnext_tiny"])
+def test_model_input_equals_timms_own_transform(name):
+    """osteo's gray [0, 255] image, tiled to RGB and scaled by the module's pretrained_cfg, is
+    exactly what timm's resolve_data_config transform makes of the same image."""
+    from PIL import Image
+
+    clf = Classifier(name, image_size=32, weights="none", augment=NO_AUG, impl="timm")
+    clf.build()
+    cfg = timm.data.resolve_data_config({}, model=clf.backbone.module)
+    assert (cfg["mean"], cfg["std"]) == (clf.backbone.config["mean"], clf.backbone.config["std"])
+    gray = np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)
+    # the image is already at the input size, so timm's resize and crop leave it as it is
+    transform = timm.data.create_transform(**{**cfg, "input_size": (3, 32, 32), "crop_pct": 1.0})
+    want = transform(Image.fromarray(gray).convert("RGB"))[None]
+    got = _module_inputs(clf, gray[None, :, :, None].astype("float32"))
+    assert got.is_contiguous(memory_format=torch.channels_last)  # handed over without a copy to NCHW
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if name == "tiny":  # timm's test_resnet: mean 0.5, std 0.5 (not ImageNet's)
+        assert cfg["mean"] == (0.5, 0.5, 0.5)
+
+
+def test_features_are_the_modules_own_in_channels_last_and_the_head_is_pruned():
+    clf = Classifier("convnext_tiny", image_size=32, weights="none", augment=NO_AUG, impl="timm")
+    model = clf.build()
+    layer = clf.backbone
+    assert "head" in layer.dropped  # ConvNeXt's head norm: not used by forward_features, not trained
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in layer.module.parameters() if p.dim() == 4)
+    x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    out = keras.ops.convert_to_numpy(layer(x, training=False))
+    assert out.shape == (2, 1, 1, 768) and model.get_layer("convnext_tiny").output.shape == (None, 1, 1, 768)
+    ref = layer.module.eval().forward_features(((torch.as_tensor(x).permute(0, 3, 1, 2) - layer._mean) / layer._std))
+    np.testing.assert_allclose(out, ref.permute(0, 2, 3, 1).detach().numpy(), atol=1e-5)
+
+
+def test_vgg_keeps_only_its_convolutions():
+    """timm's VGG carries a 120M-parameter pre_logits block that forward_features never uses."""
+    layer = TimmBackbone("vgg16", "vgg16.tv_in1k", image_size=32)
+    assert layer.dropped == ("pre_logits",)
+    assert sum(p.numel() for p in layer.module.parameters()) == 14_714_688  # keras.applications VGG16, no top
+
+
+def test_mixed_precision_runs_the_module_under_autocast():
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        clf = Classifier("tiny", image_size=32, weights="none", augment=NO_AUG, impl="timm")
+        clf.build()
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    dtypes = []
+    conv = next(m for m in clf.backbone.module.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    probs = clf.model.predict(np.zeros((2, 32, 32, 1), "float32"), verbose=0)
+    assert dtypes == [torch.bfloat16] and probs.dtype == np.float32
+    assert all(p.dtype == torch.float32 for p in clf.backbone.module.parameters())  # float32 master weights
+
+
+def test_phases_freeze_and_unfreeze_the_modules_parameters():
+    clf = Classifier("tiny", image_size=32, weights="none", augment=NO_AUG, impl="timm")
+    clf.build()
+    params = dict(clf.backbone.module.named_parameters())
+    bn = {f"{prefix}.{n}" for prefix, m in clf.backbone.module.named_modules()
+          if isinstance(m, torch.nn.BatchNorm2d) for n, _ in m.named_parameters(recurse=False)}
+    assert bn
+    clf.freeze_backbone()
+    assert not any(p.requires_grad for p in params.values())
+    assert clf.trainable_counts()["backbone_trainable"] == 0
+    clf.unfreeze_backbone(top_blocks=1)  # layer4 only, and never BatchNorm's scale and shift
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    assert trainable and all(n.startswith("layer4.") and n not in bn for n in trainable)
+    assert {id(v.value) for v in clf.backbone.trainable_weights} == {id(params[n]) for n in trainable}
+    clf.unfreeze_backbone(0)
+    assert {n for n, p in params.items() if p.requires_grad} == set(params) - bn
+
+
+def _timm_state(name: str, seed: int) -> dict:
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False).state_dict()  # with its classifier, as timm saves them
+
+
+def test_local_weights_files_load_and_are_checked(tmp_path):
+    from safetensors.torch import save_file
+
+    state = _timm_state("test_resnet", 1)
+    torch.save(state, tmp_path / "w.pth")
+    save_file(state, str(tmp_path / "w.safetensors"))
+    x = np.random.default_rng(2).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    ref = timm.create_model("test_resnet", pretrained=False, num_classes=0, global_pool="")
+    ref.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
+    cfg = ref.pretrained_cfg
+    want = ref.eval().forward_features((torch.as_tensor(x).permute(0, 3, 1, 2) / 255 - torch.tensor(cfg["mean"])
+                                        .view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1))
+    for f in ("w.pth", "w.safetensors"):
+        layer = TimmBackbone("tiny", "test_resnet", image_size=32, weights=str(tmp_path / f))
+        got = keras.ops.convert_to_numpy(layer(x, training=False))
+        np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).detach().numpy(), atol=1e-5)
+    torch.save(_timm_state("test_convnext", 1), tmp_path / "other.pth")
+    with pytest.raises(OsteoError, match=r"does not match backbone tiny: missing .*unexpected .*WEIGHTS=none"):
+        TimmBackbone("tiny", "test_resnet", image_size=32, weights=str(tmp_path / "other.pth"))
+    torch.save(timm.create_model("test_resnet"), tmp_path / "pickled_module.pth")  # code, not weights
+    with pytest.raises(OsteoError, match="cannot read weights file"):
+        TimmBackbone("tiny", "test_resnet", image_size=32, weights=str(tmp_path / "pickled_module.pth"))
+
+
+def _online() -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_offline_imagenet_fails_fast_and_names_the_fix(tmp_path, monkeypatch):
+    if _online():
+        pytest.skip("the network is reachable: the real download would run")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty hub cache
+    t0 = time.perf_counter()
+    with pytest.raises(OsteoError) as e:
+        TimmBackbone("convnext_tiny", "convnext_tiny.fb_in1k", image_size=32, weights="imagenet")
+    assert time.perf_counter() - t0 < 30
+    assert "WEIGHTS=none" in str(e.value) and "WEIGHTS=/path/to/file" in str(e.value)
+
+
+def test_a_failing_compile_falls_back_to_eager_with_one_warning(monkeypatch):
+    def broken(fn):
+        def run(*args, **kwargs):
+            raise RuntimeError("inductor: no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    clf = Classifier("tiny", image_size=32, weights="none", augment=NO_AUG, impl="timm", compile_backbone=True)
+    model = clf.build()
+    assert clf.backbone.compiled
+    x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a = model.predict(x, verbose=0)
+        b = model.predict(x, verbose=0)
+    assert [str(w.message) for w in caught if "torch.compile" in str(w.message)] == [
+        "torch.compile failed for test_resnet (inductor: no C++ compiler); running it eagerly"]
+    assert not clf.backbone.compiled
+    np.testing.assert_allclose(a, b)
+
+
+def test_a_run_on_the_timm_engine_checkpoints_weights_and_reloads_without_unpickling(
+        phantom_dir, tmp_path, tiny_recipe, monkeypatch):
+    from osteo.evaluate import read_predictions
+    from osteo.predict import Predictor
+    from osteo.runs import RunDir
+    from osteo.trainer import Trainer
+
+    run = RunDir(Trainer(tiny_recipe(phantom_dir, tmp_path, epochs=2, fine_tune_epochs=1, bootstrap=20)).run())
+    recipe = json.loads(run.recipe_path.read_text())
+    assert (recipe["model"]["impl"], recipe["model"]["preprocessing"]) == ("timm", "timm")
+    env = run.read_env()
+    assert env["impl"] == "timm" and env["device"]["why"]["impl"] and env["peak_rss_mb"] > 0
+    assert all(float(h["peak_rss_mb"]) > 0 for h in run.read_history())
+    assert run.best_path.name == "best.weights.h5"
+    with pytest.raises(NotImplementedError):  # TorchModuleWrapper's config would pickle the module
+        Classifier("tiny", image_size=32, weights="none", impl="timm").build().get_config()
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("a run's files must never be unpickled")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    predictor = Predictor(run.path, calibrated=False)  # rebuilt from recipe.json, weights loaded
+    _, probs, rows = read_predictions(run.predictions_path, "val")
+    _, raw, _ = predictor.predict_paths([Path(phantom_dir) / r["path"] for r in rows])
+    np.testing.assert_allclose(raw, probs, atol=1e-5)  # the same probabilities as when the run made them
+
+
+def test_gradcam_on_the_timm_engine_looks_at_the_last_feature_map():
+    from osteo.explain import gradcam
+    from osteo.registry import get_backbone
+
+    clf = Classifier("tiny", image_size=32, weights="none", augment=NO_AUG, impl="timm")
+    model = clf.build()
+    images = np.random.default_rng(4).uniform(0, 255, (3, 32, 32, 1)).astype("float32")
+    maps, probs = gradcam(model, get_backbone("tiny"), images)
+    assert maps.shape == (3, 32, 32) and np.isfinite(maps).all() and 0 <= maps.min() <= maps.max() <= 1
+    np.testing.assert_allclose(probs, model.predict(images, verbose=0), atol=1e-5)
+
+
+def test_auto_picks_timm_on_torch_and_keras_where_timm_lacks_the_backbone():
+    from osteo.recipe import Recipe, resolve
+
+    r = Recipe()
+    r.model.backbone, r.model.weights = "vgg16", "none"
+    assert resolve(r).model.impl == "timm" and resolve(r).model.preprocessing == "timm"
+    r.model.impl = "keras"
+    assert resolve(r).model.preprocessing == "caffe"
+    r.model.impl, r.model.preprocessing = "keras", "timm"
+    with pytest.raises(OsteoError, match="model.preprocessing=timm"):
+        resolve(r)
+    assert resolve(Recipe(), backend="tensorflow").model.impl == "keras"
+    r.model.impl, r.model.preprocessing = "timm", "auto"
+    with pytest.raises(OsteoError, match="use --backend torch"):
+        resolve(r, backend="tensorflow")
