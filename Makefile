@@ -14,20 +14,28 @@ OUT ?= reports
 
 install: $(STAMP)
 
-# The CPU build of PyTorch (for the PyTorch-backend test) first: once it is there,
-# nothing else pulls a multi-GB CUDA build.
+# PyTorch and torchvision first, as the pair that imports together (timm, the PyTorch
+# engine, needs both): on x86_64 with Python 3.11 pip takes torch 2.14.1 (a CUDA build,
+# which also runs on the CPU; ~5.5 GB) and torchvision 0.29.1 from this registry's disk;
+# on aarch64 the CPU pair 2.9.1 / 0.24.1. Then osteo with timm and the test tools.
+TORCH_PAIR := $(if $(filter aarch64 arm64,$(shell uname -m)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev,study]"
+	$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PAIR)
+	$(PY) -m pip install -q -e ".[dev,study,torch]"
 	touch $(STAMP)
 
+# Keras' backend is fixed at import: the suite runs on TensorFlow, then the PyTorch
+# engine's own tests run again on PyTorch (they skip themselves on TensorFlow).
+TORCH_TESTS := tests/test_timm_engine.py
 test: install
 	$(PY) -m pytest -q
+	KERAS_BACKEND=torch $(PY) -m pytest -q $(TORCH_TESTS)
 
 test-all: install
 	OSTEO_SLOW=1 $(PY) -m pytest -q
+	OSTEO_SLOW=1 KERAS_BACKEND=torch $(PY) -m pytest -q $(TORCH_TESTS)
 
 lint: install
 	$(VENV)/bin/ruff check osteo tests recipes benchmarks
@@ -39,7 +47,7 @@ audit: install
 	$(OSTEO) data audit $(DATA) --out $(OUT)/audit
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) data/phantom data/phantom-demo runs reports .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) data/phantom data/phantom-demo runs reports .pytest_cache .ruff_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # Make variables pass through to `osteo train`; DATA only when given (the default is the phantom).
@@ -111,15 +119,8 @@ study: install
 
 # A comma inside $(if ...) would split its arguments: BENCH=full's sizes use this.
 COMMA := ,
-# Speed: the input pipeline and the models, osteo beside timm (BENCH=full: the long run).
-# timm and its torch/torchvision pair live in .venv-bench (about 5.5 GB; see README).
-BENCH_VENV := .venv-bench
-$(BENCH_VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
-	$(BENCH_VENV)/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" "timm==1.0.31"
-	touch $@
-
-bench: install $(BENCH_VENV)/.installed
+# Speed: the input pipeline and the models, osteo's engines beside timm's own loop
+# (BENCH=full: the long run, every engine x precision x compile at 224 and 64 px).
+bench: install
 	$(PY) benchmarks/input_pipeline.py $(if $(filter full,$(BENCH)),,--n 1000 --large-n 100)
-	$(PY) benchmarks/models.py --timm $(BENCH_VENV)/bin/python $(if $(filter full,$(BENCH)),--full --sizes 224$(COMMA)64,--sizes 64)
+	$(PY) benchmarks/models.py $(if $(filter full,$(BENCH)),--full --sizes 224$(COMMA)64,--sizes 64)

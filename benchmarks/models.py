@@ -1,35 +1,40 @@
-"""Model benchmark: training and inference images/sec of the study's backbones, osteo vs timm.
+"""Model benchmark: training and inference images/sec of the study's backbones, osteo's engines vs timm.
 
-    python benchmarks/models.py                          # default set, under 10 minutes on 2 cores
-    python benchmarks/models.py --full                   # every backend x precision x jit x size
-    python benchmarks/models.py --models convnext_tiny --sizes 224 --configs torch:float32:off
-    KERAS_BACKEND=torch python benchmarks/models.py --no-pipeline   # a machine with PyTorch only
+    python benchmarks/models.py                          # 4 backbones x 224 and 64 px, every engine, two peers
+    python benchmarks/models.py --full                   # + the compiled engine and the compiled peer
+    python benchmarks/models.py --models convnext_tiny --sizes 224 --engines auto,timm --peers cl
 
-Every measurement runs in its own subprocess (the Keras backend is fixed at import,
-and peak memory is per process). For each (backbone, size, backend, precision,
-jit_compile):
+Every measurement runs in its own subprocess (the Keras backend is fixed at import, and
+peak memory is per process). Rows, per (backbone, size), all at one batch size and
+precision (``--precision``; auto: bfloat16 where the device has it):
 
-- training images/sec fed by in-memory tensors, and (TensorFlow installed) fed by
-  osteo's tf.data pipeline from its cache: their ratio is the pipeline efficiency;
-- inference images/sec; time to the first training step; peak resident memory;
-- model FLOPs utilisation: (training FLOPs per image x images/sec) divided by the
-  FLOP/s a large matrix multiply reaches in the same process. Training FLOPs per
-  image = 3 x the forward FLOPs (forward + two backward products).
+- osteo's engines (``--engines``): ``auto`` (what ``osteo train`` picks here, with its own
+  precision and compile choices), ``keras-tf`` (keras.applications on TensorFlow),
+  ``keras-torch`` (keras.applications on PyTorch), ``timm`` (timm's module inside the
+  Keras model, osteo.backbones.timm_torch) and ``timm-compiled`` (the same, torch.compile);
+- timm's own loop (``--peers``): ``cf`` channels-first, ``cl`` channels-last,
+  ``cl-compiled``; bfloat16 autocast when the precision is mixed.
 
-Full fine-tuning (every layer trainable), augmentation off (the peer has none),
-random inputs, Adam, batch 16 by default. The peer is timm on PyTorch (``--timm``,
-needs the ``bench`` extra in ``.venv-bench``): the same architecture, global
-pooling and a linear head, float32 and bfloat16 autocast.
+Measured: training images/sec fed by in-memory tensors and (TensorFlow installed) fed by
+osteo's tf.data pipeline from its on-disk cache over at least 20 steps, their ratio
+(the pipeline's efficiency), the feed alone (tf.data -> a tensor of the backend on its
+device); inference images/sec; time to the first training step; peak resident memory
+and peak GPU memory; model FLOPs utilisation: (training FLOPs per image x images/sec)
+divided by the FLOP/s a large matrix multiply reaches in the same process, with training
+FLOPs per image = 3 x the forward FLOPs (forward + two backward products).
+
+Full fine-tuning (every layer trainable), augmentation off (the peer has none), random
+inputs, Adam, batch 16 by default.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ("vgg16", "vgg19", "densenet169", "convnext_tiny")
+PIPELINE_STEPS = 20  # the pipeline-fed and feed-only rates run over at least this many batches
 # Forward GFLOPs per image at 224 px without the ImageNet classifier (2 x multiply-adds).
 GFLOPS_224 = {"vgg16": 30.7, "vgg19": 39.0, "densenet169": 6.7, "convnext_tiny": 8.9, "resnet50": 8.2,
               "efficientnetv2_b0": 1.4, "mobilenetv3_large": 0.44}
@@ -62,36 +68,36 @@ def _peak_matmul(backend: str, dtype: str, n: int = 2048) -> float:
 
 
 def child_keras(cfg: dict) -> dict:
-    import resource
-
     import keras
     import numpy as np
 
+    from osteo import device
     from osteo.classifier import Classifier, SparseCrossEntropy
     from osteo.recipe import AugmentConfig
+    from osteo.registry import get_backbone
 
     name, size, bs, steps = cfg["model"], cfg["size"], cfg["batch"], cfg["steps"]
-    if "auto" in (cfg["precision"], cfg["jit"]):  # what `osteo train` would choose here
-        from osteo import device
-        from osteo.registry import get_backbone
-
-        jit = cfg["jit"] if isinstance(cfg["jit"], str) else ("on" if cfg["jit"] else "off")
-        plan = device.plan(get_backbone(name), device.probe(), backend=keras.backend.backend(),
-                           precision=cfg["precision"], jit_compile=jit)
-        cfg["precision"], cfg["jit"] = plan.precision, plan.jit_compile
+    jit = cfg["jit"] if isinstance(cfg["jit"], str) else ("on" if cfg["jit"] else "off")
+    # what `osteo train` would choose here for what was left to auto
+    plan = device.plan(get_backbone(name), device.probe(), backend=keras.backend.backend(),
+                       precision=cfg["precision"], jit_compile=jit, impl=cfg.get("impl", "auto"),
+                       planned_images=cfg.get("planned_images", 0))
+    cfg["precision"], cfg["jit"], cfg["impl"] = plan.precision, plan.jit_compile, plan.impl
+    compile_backbone = plan.jit_compile and plan.impl == "timm"
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_dtype_policy(cfg["precision"])
     clf = Classifier(name, image_size=size, weights="none", freeze_bn=False,
-                     augment=AugmentConfig(flip=False, zoom=0.0, shear=0.0))
+                     augment=AugmentConfig(flip=False, zoom=0.0, shear=0.0), impl=plan.impl,
+                     compile_backbone=compile_backbone)
     model = clf.build()
     keras.mixed_precision.set_dtype_policy("float32")
     clf.unfreeze_backbone(0)
-    model.compile(keras.optimizers.Adam(1e-4), SparseCrossEntropy(), jit_compile=cfg["jit"])
+    model.compile(keras.optimizers.Adam(1e-4), SparseCrossEntropy(), jit_compile=plan.jit_compile and not compile_backbone)
     rng = np.random.default_rng(0)
     n = bs * (steps + 2)
     x = rng.uniform(0, 255, (n, size, size, 1)).astype("float32")
     y = rng.integers(0, 3, n).astype("int32")
-    out = {"params": int(model.count_params()), "precision": cfg["precision"], "jit": cfg["jit"]}
+    out = {"params": int(model.count_params()), "precision": cfg["precision"], "jit": cfg["jit"], "impl": plan.impl}
 
     class Clock(keras.callbacks.Callback):
         def __init__(self):
@@ -130,9 +136,13 @@ def child_keras(cfg: dict) -> dict:
         out.update(peak_matmul_gflops=round(peak / 1e9, 1), achieved_gflops=round(flops * rate / 1e9, 1),
                    mfu=round(flops * rate / peak, 3) if peak else None)
 
-    for step in ((pipeline,) if cfg.get("pipeline") else ()) + (inference, mfu):
+    def feed():  # the input pipeline alone: tf.data from the cache -> a torch tensor on the device
+        out["feed_img_s"] = round(_feed_rate(cfg, x, y), 1)
+
+    extra = (pipeline, feed) if cfg.get("pipeline") else ()
+    for step in (*extra, inference, mfu):
         _keep_going(out, step)
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out.update(device.peak_memory_mb())
     return out
 
 
@@ -144,14 +154,15 @@ def _keep_going(out: dict, step) -> None:
         out.setdefault("errors", {})[step.__name__] = f"{type(e).__name__}: {str(e)[:160]}"
 
 
-def _pipeline_rate(cfg, x, y, timed_fit):
-    """Training fed by osteo's tf.data pipeline from its on-disk cache (same tensors)."""
+@contextlib.contextmanager
+def _cached_dataset(cfg, x, y, min_steps: int = PIPELINE_STEPS):
+    """osteo's tf.data pipeline over an on-disk cache of ``x`` (repeated to ``min_steps`` batches)."""
     import tempfile
 
     import numpy as np
     import tensorflow as tf
 
-    from osteo.data.pipeline import SCALE, make_dataset
+    from osteo.data.pipeline import HEADER_BYTES, SCALE, make_dataset
 
     size, bs = cfg["size"], cfg["batch"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,11 +170,33 @@ def _pipeline_rate(cfg, x, y, timed_fit):
         for i, img in enumerate(x):
             path = os.path.join(tmp, f"{i}.tensor")
             data = tf.io.serialize_tensor(tf.constant(np.round(img * SCALE).astype("uint16"))).numpy()
-            Path(path).write_bytes(data)
+            Path(path).write_bytes(b" " * HEADER_BYTES + data)  # the cache's header, which the reader skips
             files.append(path)
-        ds = make_dataset(files, y, size=size, batch_size=bs, training=True, seed=0)
-        _, rate = timed_fit(ds, steps_per_epoch=len(files) // bs)
+        reps = max(1, -(-min_steps * bs // len(files)))
+        files, labels = files * reps, np.tile(y, reps)
+        yield make_dataset(files, labels, size=size, batch_size=bs, training=True, seed=0), len(files) // bs
+
+
+def _pipeline_rate(cfg, x, y, timed_fit):
+    """Training fed by osteo's tf.data pipeline from its on-disk cache (same tensors, >= 20 steps)."""
+    with _cached_dataset(cfg, x, y) as (ds, steps):
+        _, rate = timed_fit(ds, steps_per_epoch=steps)
     return rate
+
+
+def _feed_rate(cfg, x, y) -> float:
+    """Images/sec of the pipeline alone, each batch made a tensor of the backend on its device."""
+    import keras
+
+    with _cached_dataset(cfg, x, y) as (ds, steps):
+        it = iter(ds)
+        next(it)
+        t = time.perf_counter()
+        for _ in range(steps - 1):
+            images, _ = next(it)
+            tensor = keras.ops.convert_to_tensor(images.numpy() if hasattr(images, "numpy") else images)
+        keras.ops.convert_to_numpy(tensor[0, 0, 0])  # waits for the device
+        return cfg["batch"] * (steps - 1) / (time.perf_counter() - t)
 
 
 def child_timm(cfg: dict) -> dict:
@@ -184,17 +217,21 @@ def child_timm(cfg: dict) -> dict:
         base = timm.create_model(get_backbone(name).timm_name, pretrained=False, num_classes=0)
         model = torch.nn.Sequential(base, torch.nn.Linear(base.num_features, 3))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(dev)
+    if dev == "cuda":
+        torch.backends.cudnn.benchmark = True
+    fmt = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
+    model = model.to(dev, memory_format=fmt)
     opt = torch.optim.Adam(model.parameters(), 1e-4)
-    x = torch.rand(bs, 3, size, size, device=dev)
+    x = torch.rand(bs, 3, size, size, device=dev).contiguous(memory_format=fmt)
     y = torch.randint(0, 3, (bs,), device=dev)
-    bf16 = cfg["precision"] == "bfloat16"
+    bf16 = cfg["precision"] in ("bfloat16", "mixed_bfloat16")
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    train_model = torch.compile(model) if cfg.get("compile") else model
 
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss = torch.nn.functional.cross_entropy(train_model(x), y)
         loss.backward()
         opt.step()
 
@@ -225,11 +262,12 @@ def child_timm(cfg: dict) -> dict:
         a, b = a.bfloat16(), b.bfloat16()
     best = min(_timeit(lambda: (a @ b, sync())) for _ in range(4))
     peak = 2 * n**3 / best
-    flops = GFLOPS_224[name] * 1e9 * (size / 224) ** 2 * 3
+    flops = GFLOPS_224.get(name, 0) * 1e9 * (size / 224) ** 2 * 3
     return {"first_step_s": round(first, 2), "train_img_s": round(rate, 2), "infer_img_s": round(infer, 2),
             "peak_matmul_gflops": round(peak / 1e9, 1), "mfu": round(flops * rate / peak, 3),
             "achieved_gflops": round(flops * rate / 1e9, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if dev == "cuda" else None,
             "params": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
             "timm": timm.__version__}
 
@@ -261,20 +299,46 @@ def run_child(kind: str, cfg: dict, python: str, timeout: int) -> dict:
     return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
 
 
+# osteo's engines: (backend, model.impl, jit_compile); "auto" is what `osteo train` picks here
+ENGINES = {
+    "auto": ("auto", "auto", "auto"),
+    "keras-tf": ("tensorflow", "keras", "off"),
+    "keras-torch": ("torch", "keras", "off"),
+    "timm": ("torch", "timm", "off"),
+    "timm-compiled": ("torch", "timm", "on"),
+}
+# timm's own loop: (channels_last, torch.compile)
+PEERS = {"cf": (False, False), "cl": (True, False), "cl-compiled": (True, True)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(STUDY))
-    p.add_argument("--sizes", default="224,48")
+    p.add_argument("--sizes", default="224,64")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=3, help="timed steps after two warm-up steps")
-    p.add_argument("--configs", default="", help="backend:precision:jit,... (default: a set per model)")
-    p.add_argument("--full", action="store_true", help="every backend x precision x jit")
-    p.add_argument("--timm", default="auto", help="python of the bench venv for timm ('auto': .venv-bench, 'off')")
-    p.add_argument("--no-pipeline", action="store_true", help="skip the tf.data-fed measurement")
-    p.add_argument("--compare-tf", action="store_true", help="also TensorFlow float32 where auto picks PyTorch")
-    p.add_argument("--timeout", type=int, default=300)
+    p.add_argument("--engines", default="auto,keras-tf,keras-torch,timm",
+                   help=f"osteo engines, of: {', '.join(ENGINES)}")
+    p.add_argument("--peers", default="cf,cl", help=f"timm's own loop, of: {', '.join(PEERS)} ('' for none)")
+    p.add_argument("--precision", default="auto",
+                   help="of every engine but auto, and of the peers: auto (bfloat16 where the device has it), "
+                        "float32 or mixed_bfloat16")
+    p.add_argument("--full", action="store_true", help="also the compiled engine and the compiled peer")
+    p.add_argument("--planned-images", type=int, default=50_000,
+                   help="the run length `auto` plans for (the compile and short-run rules use it)")
+    p.add_argument("--no-pipeline", action="store_true", help="skip the tf.data-fed and feed-only measurements")
+    p.add_argument("--timeout", type=int, default=600)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     return p
+
+
+def _precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    from osteo.device import probe
+
+    d = probe()
+    return "mixed_bfloat16" if (d.kind == "gpu" and d.gpu_bf16) or d.cpu_class == "avx512_bf16" else "float32"
 
 
 def main() -> int:
@@ -285,56 +349,59 @@ def main() -> int:
 
     console = Console()
     has_tf = _importable("tensorflow")
-    backends = [b for b in ("tensorflow", "torch") if _importable(b)]
-    timm_python = str(ROOT / ".venv-bench" / "bin" / "python") if args.timm == "auto" else args.timm
-    timm_python = shutil.which(timm_python) or timm_python
-    use_timm = args.timm != "off" and os.path.exists(timm_python)
+    backends = {b for b in ("tensorflow", "torch") if _importable(b)}
+    engines = args.engines.split(",") + (["timm-compiled"] if args.full and "timm-compiled" not in args.engines else [])
+    peers = [p for p in args.peers.split(",") if p] + (["cl-compiled"] if args.full and "cl-compiled" not in args.peers
+                                                       else [])
+    unknown = [e for e in engines if e not in ENGINES] + [p for p in peers if p not in PEERS]
+    if unknown:
+        console.print(f"unknown engine or peer: {', '.join(unknown)}")
+        return 2
+    precision = _precision(args.precision)
+    use_timm = _importable("timm") and "torch" in backends
     rows = []
     for model in args.models.split(","):
         for size in map(int, args.sizes.split(",")):
-            if args.configs:
-                configs = [(b, pr, j == "on") for b, pr, j in (c.split(":") for c in args.configs.split(","))]
-            elif args.full:
-                configs = [(b, pr, j) for b in backends for pr in ("float32", "mixed_bfloat16", "mixed_float16")
-                           for j in ((False, True) if b == "tensorflow" else (False,))]
-            else:  # what `osteo train` picks by default here, and float32 on TensorFlow beside it
-                from osteo import device
-                from osteo.registry import get_backbone
+            base = {"model": model, "size": size, "batch": args.batch, "steps": args.steps}
+            for engine in engines:
+                backend, impl, jit = ENGINES[engine]
+                if engine == "auto":
+                    from osteo import device
+                    from osteo.registry import get_backbone
 
-                backend, _ = device.choose_backend("auto", get_backbone(model), device.probe(), 1000)
-                configs = [(backend, "auto", "auto")]
-                if args.compare_tf and configs[0][0] != "tensorflow" and "tensorflow" in backends:
-                    configs.append(("tensorflow", "float32", False))
-            for backend, precision, jit in configs:
-                if backend not in backends:
+                    backend, _ = device.choose_backend("auto", get_backbone(model), device.probe(),
+                                                       args.planned_images, tuple(sorted(backends)))
+                if backend not in backends or (impl == "timm" and not use_timm):
                     continue
-                # the pipeline-fed run doubles the cost; by default only at small sizes, where it matters
+                # the pipeline-fed runs double the cost: by default at small sizes, where the feed matters
                 pipeline = has_tf and not args.no_pipeline and (args.full or size <= 64)
-                cfg = {"model": model, "size": size, "batch": args.batch, "steps": args.steps, "backend": backend,
-                       "precision": precision, "jit": jit, "pipeline": pipeline}
-                console.print(f"osteo {model} {size}px {backend} {precision} jit={jit if isinstance(jit, str) else ('on' if jit else 'off')} ...",
-                              highlight=False)
-                result = run_child("keras", cfg, sys.executable, args.timeout)
-                rows.append({"impl": "osteo", **cfg, **result, "requested": f"{precision}/{jit}"})
+                cfg = {**base, "backend": backend, "impl": impl, "jit": jit, "pipeline": pipeline,
+                       "precision": "auto" if engine == "auto" else precision,
+                       "planned_images": args.planned_images}
+                console.print(f"osteo {engine} {model} {size}px ...", highlight=False)
+                rows.append({"engine": engine, **cfg, **run_child("keras", cfg, sys.executable, args.timeout)})
                 _say(console, rows[-1])
-            if use_timm:
-                for precision in ("float32", "bfloat16") if (args.full or _cpu_bf16()) else ("float32",):
-                    cfg = {"model": model, "size": size, "batch": args.batch, "steps": args.steps,
-                           "backend": "torch", "precision": precision, "jit": False}
-                    console.print(f"timm {model} {size}px {precision} ...", highlight=False)
-                    rows.append({"impl": "timm", **cfg, **run_child("timm", cfg, timm_python, args.timeout)})
-                    _say(console, rows[-1])
+            for peer in peers if use_timm else ():
+                channels_last, compiled = PEERS[peer]
+                cfg = {**base, "backend": "torch", "impl": "timm-own", "precision": precision, "jit": compiled,
+                       "channels_last": channels_last, "compile": compiled}
+                console.print(f"timm own loop {peer} {model} {size}px ...", highlight=False)
+                rows.append({"engine": f"timm-own-{peer}", **cfg, **run_child("timm", cfg, sys.executable,
+                                                                              args.timeout)})
+                _say(console, rows[-1])
     _ratios(rows)
-    table = Table(title=f"training and inference images/sec (batch {args.batch}, full fine-tuning, CPU)")
-    for col in ("impl", "model", "px", "backend", "precision", "jit", "train img/s", "pipeline eff.",
-                "infer img/s", "first step s", "MFU", "peak MB", "vs timm best"):
-        table.add_column(col, justify="left" if col in ("impl", "model", "backend", "precision") else "right")
+    table = Table(title=f"training and inference images/sec (batch {args.batch}, full fine-tuning)")
+    for col in ("engine", "model", "px", "backend", "precision", "jit", "train img/s", "pipeline eff.",
+                "feed img/s", "infer img/s", "first step s", "MFU", "peak MB", "vs timm best"):
+        table.add_column(col, justify="left" if col in ("engine", "model", "backend", "precision") else "right")
     g = lambda r, k: "-" if r.get(k) is None else str(r[k])
     for r in rows:
-        table.add_row(r["impl"], r["model"], str(r["size"]), r["backend"], r["precision"], "on" if r["jit"] else "off",
+        peak = r.get("peak_gpu_mb") or r.get("peak_rss_mb")
+        table.add_row(r["engine"], r["model"], str(r["size"]), r["backend"], str(r["precision"]),
+                      "on" if r["jit"] in (True, "on") else "off",
                       g(r, "train_img_s") if "error" not in r else r["error"][:40], g(r, "pipeline_efficiency"),
-                      g(r, "infer_img_s"), g(r, "first_step_s"), g(r, "mfu"), g(r, "peak_rss_mb"),
-                      g(r, "vs_timm_best"))
+                      g(r, "feed_img_s"), g(r, "infer_img_s"), g(r, "first_step_s"), g(r, "mfu"),
+                      "-" if peak is None else str(peak), g(r, "vs_timm_best"))
     console.print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -346,20 +413,20 @@ def main() -> int:
 
 
 def _say(console, row: dict) -> None:
-    keys = ("train_img_s", "pipeline_efficiency", "infer_img_s", "first_step_s", "mfu", "peak_rss_mb", "error",
-            "errors")
+    keys = ("impl", "precision", "jit", "train_img_s", "pipeline_efficiency", "feed_img_s", "infer_img_s",
+            "first_step_s", "mfu", "peak_rss_mb", "peak_gpu_mb", "error", "errors")
     console.print("   " + ", ".join(f"{k} {row[k]}" for k in keys if k in row), highlight=False)
 
 
 def _ratios(rows: list[dict]) -> None:
     best = {}
     for r in rows:
-        if r["impl"] == "timm" and r.get("train_img_s"):
+        if r["impl"] == "timm-own" and r.get("train_img_s"):
             key = (r["model"], r["size"])
             best[key] = max(best.get(key, 0), r["train_img_s"])
     for r in rows:
         key = (r["model"], r["size"])
-        if r["impl"] == "osteo" and r.get("train_img_s") and key in best:
+        if r["impl"] != "timm-own" and r.get("train_img_s") and key in best:
             r["vs_timm_best"] = round(r["train_img_s"] / best[key], 2)
 
 
@@ -367,12 +434,6 @@ def _importable(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
-
-
-def _cpu_bf16() -> bool:
-    from osteo.device import cpu_class
-
-    return cpu_class() == "avx512_bf16"
 
 
 def _cpu_name() -> str:

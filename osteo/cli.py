@@ -18,6 +18,7 @@ User errors print one line and exit with code 2; ``--debug`` shows the traceback
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Sequence
@@ -311,7 +312,11 @@ def cmd_train(args) -> int:
         run, recipe = resume_recipe(args)
     else:
         recipe = build_recipe(args)
-    plan = plan_device(args.backend, recipe, console)
+    backend = args.backend
+    if run is not None and backend is None:  # a run resumes on the backend (and engine) it trained on
+        with contextlib.suppress(OsteoError, OSError, ValueError):
+            backend = run.read_env().get("backend")
+    plan = plan_device(backend, recipe, console)
     if run is None:
         ensure_phantom(recipe, console)
     if args.folds is not None or args.fold is not None or args.cv:

@@ -369,9 +369,13 @@ class Trainer:
                 initial_learning_rate=0.0 if warmup else lr, decay_steps=decay,
                 warmup_target=lr if warmup else None, warmup_steps=warmup,
             )
+        adam, adamw = keras.optimizers.Adam, keras.optimizers.AdamW
+        if keras.backend.backend() == "torch":  # the same optimizers, updated by PyTorch's fused kernel
+            from osteo.backbones.timm_torch import FusedAdam as adam
+            from osteo.backbones.timm_torch import FusedAdamW as adamw
         if t.optimizer == "adamw":
-            return keras.optimizers.AdamW(learning_rate=lr, weight_decay=t.weight_decay)
-        return keras.optimizers.Adam(learning_rate=lr)
+            return adamw(learning_rate=lr, weight_decay=t.weight_decay)
+        return adam(learning_rate=lr)
 
 
 def _done_until(marker: Path) -> int:

@@ -1,6 +1,7 @@
 """Faults a long study meets: kills, bad input, half-written files, reruns, hostile bytes."""
 
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -40,14 +41,26 @@ RESUME_ARGS = ["train", "seed", *TINY, "--deterministic", "--batch", "4", "--epo
                "--set", "train.steps_per_epoch=30", "--set", "train.bootstrap=100"]
 
 
-@pytest.fixture(scope="module")
-def reference_run(phantom_dir, tmp_path_factory):
-    """The uninterrupted run that killed-and-resumed runs must reproduce."""
-    tmp = tmp_path_factory.mktemp("reference")
-    env = {"OSTEO_CACHE": str(tmp / "cache")}
+def _reference(phantom_dir, tmp_path_factory, backend):
+    tmp = tmp_path_factory.mktemp(f"reference-{backend}")
+    env = {"OSTEO_CACHE": str(tmp / "cache"), "KERAS_BACKEND": backend}
     ref = _osteo([*RESUME_ARGS, "--data", str(phantom_dir), "--runs", str(tmp / "ref")], tmp, env)
     assert ref.returncode == 0, ref.stderr[-2000:]
     return next((tmp / "ref" / "tiny").iterdir())
+
+
+@pytest.fixture(scope="module")
+def reference_run(phantom_dir, tmp_path_factory):
+    """The uninterrupted run that killed-and-resumed runs must reproduce."""
+    return _reference(phantom_dir, tmp_path_factory, "tensorflow")
+
+
+@pytest.fixture(scope="module")
+def torch_reference_run(phantom_dir, tmp_path_factory):
+    """The same on the PyTorch backend, whose tiny backbone is timm's module (the timm engine)."""
+    if importlib.util.find_spec("timm") is None:  # never imported here: torch beside TensorFlow can crash
+        pytest.skip("needs timm (make install)")
+    return _reference(phantom_dir, tmp_path_factory, "torch")
 
 
 def _assert_same_run(run, ref_run):
@@ -62,9 +75,11 @@ def _assert_same_run(run, ref_run):
     assert m["best_epoch"] == m_ref["best_epoch"]
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(phantom_dir, tmp_path, reference_run):
+@pytest.mark.parametrize("backend", ["tensorflow", "torch"])
+def test_resume_after_sigkill_matches_an_uninterrupted_run(phantom_dir, tmp_path, request, backend):
+    reference_run = request.getfixturevalue("reference_run" if backend == "tensorflow" else "torch_reference_run")
     args = [*RESUME_ARGS, "--data", str(phantom_dir)]
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "OSTEO_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "KERAS_BACKEND": backend, "OSTEO_CACHE": str(tmp_path / "cache")}
     # the victim: killed with SIGKILL in the middle of epoch 2 or 3
     log = tmp_path / "victim.log"
     with open(log, "wb") as out:
@@ -95,6 +110,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(phantom_dir, tmp_path
     resumed = _osteo(["train", "seed", "--resume", str(run)], tmp_path, env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_same_run(run, reference_run)
+    if backend == "torch":
+        assert json.loads((run / "recipe.json").read_text())["model"]["impl"] == "timm"
 
 
 def test_a_kill_while_the_backup_is_written_still_resumes_exactly(phantom_dir, tmp_path, reference_run):

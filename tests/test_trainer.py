@@ -1,4 +1,5 @@
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from osteo.device import Device
 from osteo.device import plan as device_plan
 from osteo.errors import OsteoError
 from osteo.evaluate import PREDICTION_COLUMNS, read_predictions
+from osteo.predict import load_best
 from osteo.registry import get_backbone, list_backbones
 from osteo.trainer import Trainer
 
@@ -61,7 +63,7 @@ def test_restored_weights_are_the_best_epochs(phantom_dir, tmp_path, tiny_recipe
     assert metrics["best_epoch"] == int(np.argmax(scores)) + 1
     assert metrics["best_value"] == pytest.approx(max(scores))
     # the predictions were made with the checkpoint's weights
-    model = keras.saving.load_model(run / "best.weights.h5", safe_mode=True)
+    model = load_best(run)
     from osteo.data.module import DataModule
     from osteo.data.split import read_split
     from osteo.recipe import DataConfig
@@ -124,7 +126,10 @@ def test_backend_auto_follows_the_measurements_and_never_idles_a_gpu():
     assert backend == "torch" and "no installed backend was built for it" in why  # the CPU table, said so
     plan = device_plan(get_backbone("vgg16"), gpu, available=BOTH)
     assert (plan.backend, plan.runs_on, plan.precision) == ("torch", "gpu", "mixed_bfloat16")
-    assert set(plan.to_json()["why"]) == {"backend", "precision", "jit_compile"}
+    assert set(plan.to_json()["why"]) == {"backend", "impl", "precision", "jit_compile"}
+    if importlib.util.find_spec("timm"):  # the engine: timm's module on PyTorch, Keras' layers on TensorFlow
+        assert plan.impl == "timm" and "faster" in plan.why["impl"]
+    assert device_plan(get_backbone("vgg16"), tf_gpu, available=BOTH).impl == "keras"
 
 
 def test_env_json_records_each_choice_and_why(phantom_dir, tmp_path, tiny_recipe):
@@ -190,7 +195,7 @@ def test_phase_one_on_cached_features_trains_the_full_models_head(phantom_dir, t
     assert [int(h["epoch"]) for h in history] == [1, 2, 3]
     assert len({h["val_loss"] for h in history}) == 3  # the head learned from epoch to epoch
     # the checkpoint holds the whole image model's weights, and it made the predictions
-    model = keras.saving.load_model(run / "best.weights.h5", safe_mode=True)
+    model = load_best(run)
     assert model.input_shape == (None, 32, 32, 1)
     dm = DataModule(DataConfig(dir=str(phantom_dir), image_size=32)).setup(
         split=read_split(run / "split.csv"))
@@ -217,5 +222,8 @@ def test_probe_reads_nvidia_smi_and_the_backends_cuda_builds(tmp_path, monkeypat
         assert device.probe().gpu_bf16 is False  # before Ampere: float16
         m.setenv("PATH", str(tmp_path / "nowhere"))
         assert device.probe().kind == "cpu"
-    # this machine's own packages: the CPU builds the project installs
-    assert device.gpu_builds() == ()
+    # this machine's own packages: TensorFlow's CPU build, and the torch build make install chose
+    import importlib.metadata as md
+
+    torch_cuda = importlib.util.find_spec("torch") is not None and "+cpu" not in md.version("torch")
+    assert device.gpu_builds() == (("torch",) if torch_cuda else ())

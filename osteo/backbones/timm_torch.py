@@ -32,6 +32,7 @@ their weights file). ``get_config`` here therefore refuses.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import urllib.parse
@@ -261,6 +262,67 @@ class TimmBackbone(keras.layers.TorchModuleWrapper):
 
     def get_config(self):
         raise NotImplementedError("a TimmBackbone is saved as weights and rebuilt from the run's recipe.json")
+
+
+# --------------------------------------------------------------------------- the optimizer
+
+
+class _Fused:
+    """Adam's update as PyTorch's fused kernel (one pass over each tensor) instead of Keras'.
+
+    Keras' Adam on PyTorch is a chain of ``torch._foreach_*`` calls, several of which
+    allocate a new copy of every moment: measured here as half of a ConvNeXtTiny step on
+    the CPU (``benchmarks/README.md``). The state stays Keras': the moments are the
+    optimizer's own variables (saved, restored on resume, counted as before), the step is
+    ``iterations``, the learning rate comes from its schedule, and the update is Keras'
+    exactly: PyTorch adds epsilon to the bias-corrected ``sqrt(v)``, so it is given
+    Keras' epsilon divided by ``sqrt(1 - beta_2^t)``. The step count is kept on the host
+    too (read once from ``iterations``), so no step waits for the device.
+    """
+
+    _kernel = "_fused_adam_"
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        import torch
+
+        with torch.no_grad():
+            params = [v.value for v in trainable_variables]
+            index = [self._get_variable_index(v) for v in trainable_variables]
+            if getattr(self, "_host_step", None) is None:
+                self._host_step = int(self.iterations.value)  # once: restored by a resume, or 0
+            self._host_step += 1
+            t = self._host_step
+            steps = getattr(self, "_step_tensors", None)
+            if steps is None or len(steps) != len(params):
+                steps = self._step_tensors = [torch.zeros((), dtype=torch.float32, device=p.device) for p in params]
+            torch._foreach_zero_(steps)  # then t: what the kernel's bias corrections read
+            torch._foreach_add_(steps, float(t))
+            lr = learning_rate.value if hasattr(learning_rate, "value") else learning_rate
+            getattr(torch, self._kernel)(
+                params, [g.to(p.dtype) for g, p in zip(grads, params)],
+                [self._momentums[i].value for i in index], [self._velocities[i].value for i in index], [], steps,
+                lr=torch.as_tensor(lr, dtype=torch.float32, device=params[0].device),
+                beta1=float(self.beta_1), beta2=float(self.beta_2),
+                weight_decay=float(self.weight_decay or 0.0) if self._kernel == "_fused_adamw_" else 0.0,
+                eps=float(self.epsilon) / math.sqrt(1.0 - float(self.beta_2) ** t), amsgrad=False, maximize=False)
+
+
+class FusedAdam(_Fused, keras.optimizers.Adam):
+    """``keras.optimizers.Adam`` with PyTorch's fused update (PyTorch backend only)."""
+
+
+class FusedAdamW(_Fused, keras.optimizers.AdamW):
+    """``keras.optimizers.AdamW`` with PyTorch's fused update (PyTorch backend only).
+
+    The decoupled weight decay (``variable -= variable * weight_decay * lr``) is done by
+    the kernel, in the same pass, instead of by Keras beforehand, one variable at a time.
+    """
+
+    _kernel = "_fused_adamw_"
+
+    def _apply_weight_decay(self, variables):
+        if getattr(self, "_exclude_from_weight_decay", None) or getattr(self, "_exclude_from_weight_decay_pattern", None):
+            raise NotImplementedError("FusedAdamW decays every variable; use keras.optimizers.AdamW to exclude some")
 
 
 def peak_memory_mb() -> float | None:
