@@ -72,7 +72,7 @@ def test_features_are_the_modules_own_in_channels_last_and_the_head_is_pruned():
     x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     out = keras.ops.convert_to_numpy(layer(x, training=False))
     assert out.shape == (2, 1, 1, 768) and model.get_layer("convnext_tiny").output.shape == (None, 1, 1, 768)
-    ref = layer.module.eval().forward_features(((torch.as_tensor(x).permute(0, 3, 1, 2) - layer._mean) / layer._std))
+    ref = layer.module.eval().forward_features((torch.as_tensor(x).permute(0, 3, 1, 2) - layer._mean) / layer._std)
     np.testing.assert_allclose(out, ref.permute(0, 2, 3, 1).detach().numpy(), atol=1e-5)
 
 
@@ -233,7 +233,7 @@ def test_auto_picks_timm_on_torch_and_keras_where_timm_lacks_the_backbone():
     r.model.impl = "keras"
     assert resolve(r).model.preprocessing == "caffe"
     r.model.impl, r.model.preprocessing = "keras", "timm"
-    with pytest.raises(OsteoError, match="model.preprocessing=timm"):
+    with pytest.raises(OsteoError, match=r"model\.preprocessing=timm"):
         resolve(r)
     assert resolve(Recipe(), backend="tensorflow").model.impl == "keras"
     r.model.impl, r.model.preprocessing = "timm", "auto"
