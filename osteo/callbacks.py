@@ -124,20 +124,44 @@ class HistoryCSV(keras.callbacks.Callback):
 
 
 class NonFiniteLoss(keras.callbacks.Callback):
-    """Stop at the first NaN or infinite loss and remember where (the trainer reports it)."""
+    """Stop at the first NaN or infinite loss and remember where (the trainer reports it).
 
-    def __init__(self):
+    Reading a loss that lives on a GPU makes the host wait for the device, so there the
+    losses are collected and read every ``gpu_every`` batches (and at the epoch's end):
+    one wait instead of ``gpu_every``. On the CPU each batch is checked as it ends.
+    """
+
+    def __init__(self, gpu_every: int = 32):
         super().__init__()
         self.epoch = 0
+        self.gpu_every = gpu_every
         self.stopped_at: tuple[int, int] | None = None
+        self._pending: list = []
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
+        self._pending = []
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            self.stopped_at = (self.epoch + 1, batch + 1)
+        if loss is None:
+            return
+        self._pending.append((batch, loss))
+        device = getattr(getattr(loss, "device", None), "type", "cpu")
+        if device == "cpu" or len(self._pending) >= self.gpu_every:
+            self._check()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._check()
+
+    def _check(self):
+        pending, self._pending = self._pending, []
+        if not pending or self.stopped_at:
+            return
+        values = keras.ops.convert_to_numpy(keras.ops.stack([keras.ops.cast(v, "float32") for _, v in pending]))
+        bad = [b for (b, _), v in zip(pending, values) if not math.isfinite(float(v))]
+        if bad:
+            self.stopped_at = (self.epoch + 1, bad[0] + 1)
             self.model.stop_training = True
 
 
@@ -164,7 +188,7 @@ class RichProgress(keras.callbacks.Callback):
             TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console, transient=True,
         )
         self._task = None
-        self._t0 = 0.0
+        self._t0 = self._shown = 0.0
 
     def on_train_begin(self, logs=None):
         self.progress.start()
@@ -180,8 +204,14 @@ class RichProgress(keras.callbacks.Callback):
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        if now - self._shown < 1.0 and batch + 1 < self.steps:
+            # reading the metrics waits for the device: at most once a second
+            self.progress.update(self._task, completed=batch + 1)
+            return
+        self._shown = now
         logs = logs or {}
-        rate = (batch + 1) * self.batch_size / max(time.perf_counter() - self._t0, 1e-9)
+        rate = (batch + 1) * self.batch_size / max(now - self._t0, 1e-9)
         stats = " ".join(f"{k} {float(v):.3f}" for k, v in logs.items() if k in HISTORY_METRICS)
         self.progress.update(self._task, completed=batch + 1, stats=f"{stats} {rate:.1f} img/s")
 
