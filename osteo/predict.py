@@ -43,8 +43,6 @@ def load_best(run_dir: str | os.PathLike):
     if recipe.model.impl == "timm" and keras.backend.backend() != "torch":
         raise OsteoError(f"{run.path} was trained on timm's PyTorch module: load it on the PyTorch backend "
                          "(KERAS_BACKEND=torch)")
-    if recipe.model.impl == "auto":  # resolved before the timm engine existed: Keras' layers
-        recipe.model.impl = "keras"
     model = Classifier.from_recipe(recipe, weights="none").build()
     try:
         model.load_weights(run.best_path)

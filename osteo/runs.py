@@ -180,7 +180,10 @@ class RunDir(_Folder):
         """The resolved recipe the run was trained with."""
         from osteo.recipe import recipe_from_dict
 
-        return recipe_from_dict(self.read_recipe_dict())
+        d = self.read_recipe_dict()
+        if isinstance(d.get("model"), dict) and "impl" not in d["model"]:
+            d["model"] = {**d["model"], "impl": "keras"}  # trained before the timm engine existed
+        return recipe_from_dict(d)
 
     def read_recipe_dict(self) -> dict:
         return self._read(self.recipe_path)

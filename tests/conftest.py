@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
 
 import pytest
 
@@ -50,3 +52,27 @@ def tiny_recipe():
         return r
 
     return make
+
+
+@pytest.fixture
+def fails_fast_offline():
+    """``check(host, build)``: with ``host`` unreachable, ``build()`` (ImageNet weights, an
+    empty cache) raises a one-line OsteoError naming both ways out, within 30 s. Online,
+    the real download would run: skipped."""
+    from osteo.errors import OsteoError
+
+    def check(host: str, build) -> None:
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+        except OSError:
+            pass
+        else:
+            pytest.skip(f"{host} is reachable: the real download would run")
+        t0 = time.perf_counter()
+        with pytest.raises(OsteoError) as e:
+            build()
+        assert time.perf_counter() - t0 < 30
+        assert "WEIGHTS=none" in str(e.value) and "WEIGHTS=/path/to/file" in str(e.value)
+        assert "\n" not in str(e.value)
+
+    return check

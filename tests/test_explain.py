@@ -38,13 +38,14 @@ def test_gradcam_on_the_pytorch_backend(tmp_path):
         from osteo.explain import gradcam
         from osteo.registry import get_backbone
         from osteo.registry import list_backbones
-        for name in list_backbones(include_test=True):  # every registered backbone, on torch too
-            model = Classifier(name, image_size=32, weights="none").build()
+        for name, impl in [(n, i) for n in list_backbones(include_test=True) for i in ("keras", "timm")]:
+            # every registered backbone on torch too, with Keras' layers and as timm's module
+            model = Classifier(name, image_size=32, weights="none", impl=impl).build()
             x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
             maps, probs = gradcam(model, get_backbone(name), x)
             # scaled to [0, 1]; an untrained net's map may be all zero (no positive evidence)
-            assert maps.shape == (2, 32, 32) and np.isfinite(maps).all(), name
-            assert maps.min() >= 0 and maps.max() in (0.0, 1.0), (name, maps.max())
+            assert maps.shape == (2, 32, 32) and np.isfinite(maps).all(), (name, impl)
+            assert maps.min() >= 0 and maps.max() in (0.0, 1.0), (name, impl, maps.max())
             np.testing.assert_allclose(probs, model.predict(x, verbose=0), atol=1e-5)
         print("torch gradcam ok")
     """)

@@ -161,7 +161,7 @@ def test_tiny_model_trains_on_the_pytorch_backend(phantom_dir, tmp_path):
         from osteo.classifier import Classifier, SparseCrossEntropy, default_metrics
         from osteo.data.module import DataModule
         from osteo.recipe import DataConfig
-        model = Classifier("tiny", image_size=32, weights="none", seed=0).build()
+        model = Classifier("tiny", image_size=32, weights="none", seed=0, impl="keras").build()  # Keras layers on torch
         model.compile(keras.optimizers.Adam(1e-3), SparseCrossEntropy(), metrics=default_metrics())
         dm = DataModule(DataConfig(dir={str(phantom_dir)!r}, image_size=32)).setup()
         before = [np.array(w) for w in model.trainable_weights]
