@@ -7,6 +7,7 @@ this file a second time with ``KERAS_BACKEND=torch`` (the TensorFlow pass skips 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import warnings
 from pathlib import Path
@@ -192,14 +193,22 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning(monkeypatch):
     np.testing.assert_allclose(a, b)
 
 
-def test_a_run_on_the_timm_engine_checkpoints_weights_and_reloads_without_unpickling(
-        phantom_dir, tmp_path, tiny_recipe, monkeypatch):
-    from osteo.evaluate import read_predictions
-    from osteo.predict import Predictor
+@pytest.fixture(scope="module")
+def timm_run(phantom_dir, tmp_path_factory, tiny_recipe):
+    """A finished two-phase run of the tiny backbone on the timm engine."""
     from osteo.runs import RunDir
     from osteo.trainer import Trainer
 
-    run = RunDir(Trainer(tiny_recipe(phantom_dir, tmp_path, epochs=2, fine_tune_epochs=1, bootstrap=20)).run())
+    runs = tmp_path_factory.mktemp("runs")
+    return RunDir(Trainer(tiny_recipe(phantom_dir, runs, epochs=2, fine_tune_epochs=1, bootstrap=20)).run())
+
+
+def test_a_run_on_the_timm_engine_checkpoints_weights_and_reloads_without_unpickling(
+        timm_run, phantom_dir, monkeypatch):
+    from osteo.evaluate import read_predictions
+    from osteo.predict import Predictor
+
+    run = timm_run
     recipe = json.loads(run.recipe_path.read_text())
     assert (recipe["model"]["impl"], recipe["model"]["preprocessing"]) == ("timm", "timm")
     env = run.read_env()
@@ -275,3 +284,23 @@ def test_fused_optimizers_update_exactly_as_keras_does(kind):
     assert len(s_keras) == len(s_fused)  # iterations, the moments: what a resume restores
     for a, b in zip(s_keras, s_fused):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_the_cli_loads_a_timm_run_on_pytorch_without_being_asked(timm_run, phantom_dir, tmp_path):
+    """No KERAS_BACKEND: predict, eval and report pick PyTorch from the run's recipe; export says why not."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    env["OSTEO_CACHE"] = str(tmp_path / "cache")
+    osteo = lambda *args: subprocess.run([sys.executable, "-m", "osteo.cli", *args], capture_output=True, text=True,
+                                         env=env, cwd=tmp_path, timeout=300)
+    out = tmp_path / "p.csv"
+    proc = osteo("predict", str(timm_run.path), str(phantom_dir / "normal"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(out.read_text().splitlines()) > 10
+    proc = osteo("report", str(timm_run.path), "--out", str(tmp_path / "report"), "--bootstrap", "20")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "report" / "index.html").exists()
+    proc = osteo("export", str(timm_run.path), "--format", "onnx")
+    assert proc.returncode == 2 and "timm's PyTorch module" in proc.stderr and len(proc.stderr.splitlines()) == 1
