@@ -12,26 +12,35 @@ string, imported only at build time by :mod:`osteo.backbones`), how to feed it
 for it on each CPU class (:class:`CpuDecision`). The CLI reads this table before Keras
 is imported, because the Keras backend has to be chosen first.
 
-The CPU decisions come from ``benchmarks/models.py`` (tables in ``benchmarks/README.md``);
-the numbers that decided each entry, training images/sec, from scratch, float32,
-TensorFlow / PyTorch:
+The CPU decisions come from ``benchmarks/models.py`` (tables in ``benchmarks/README.md``).
+On PyTorch the backbone is timm's module inside the Keras model (the timm engine,
+:mod:`osteo.backbones.timm_torch`), which changed them: training images/sec at 224 px,
+batch 16, full fine-tuning, 2026-11-28:
 
-``avx512_bf16`` (2-core Intel with AVX-512 BF16), batch 32, 64 px:
+``avx512_bf16`` (2-core AMD EPYC with AVX-512 BF16), TensorFlow (Keras' layers) /
+PyTorch (timm engine), both bfloat16; timm's own loop, best of channels-first/-last:
 
-    convnext_tiny   16.7 / 48.6 (torch bf16 81.8); first step 15 s / 1.0 s
-    vgg16           51.9 / 41.5; bfloat16 on TF 25.1 -> 45.9 at 96 px
-    densenet169     85.7 / 51.3; first step 43 s / 1.7 s
+    vgg16           4.17 / 4.27   timm 4.11   (timm engine float32: 2.08)
+    vgg19           3.46 / 3.42   timm 3.43
+    densenet169     6.89 / 12.15  timm 11.44  (float32: 6.48; TF first step 64 s / 2.2 s)
+    convnext_tiny   1.24 / 8.10   timm 7.97   (float32: 4.92)
 
-``avx2`` (2-core AMD EPYC, AVX2, no AVX-512), batch 32, 32 px (48 px for ConvNeXt):
+so PyTorch with bfloat16 everywhere (VGG is a tie; PyTorch starts 1-2 s sooner).
+
+``avx2`` (2-core AMD EPYC, AVX2, no AVX-512), measured before the timm engine with Keras'
+layers on both backends, batch 32, 32 px (48 px for ConvNeXt), TensorFlow / PyTorch:
 
     vgg16           15.0 / 25.8; first step 8.5 s / 1.6 s
     densenet169     44.5 / 27.3; first step 153 s / 3.2 s
     convnext_tiny   PyTorch 23 at 48 px (TensorFlow was 3x slower on the other class)
 
-DenseNet169 on the AVX-512 class is faster per step on TensorFlow, but its first step
-costs 41 s more, so runs shorter than ~5,000 training images (41 s / (1/51.3 - 1/85.7 s
-per image)) finish sooner on PyTorch; on the AVX2 class the break-even is ~10,600 images
-(150 s / (1/27.3 - 1/44.5)).
+and timm's own loop ran 1.6-1.8x Keras' layers on PyTorch there (VGG16 13.9 vs 8.6,
+DenseNet169 18.6 vs 10.1, ConvNeXtTiny 21.9 vs 12.0 img/s at 64 px), which puts the timm
+engine above TensorFlow for DenseNet169 too: PyTorch for all four, inferred from those
+ratios rather than measured with the engine on that class (no AVX2 machine since).
+
+:class:`CpuDecision` keeps a short-run rule (a backend with a slow first step loses
+short runs) for entries that need one; none of the study's backbones does now.
 """
 
 from __future__ import annotations
@@ -159,23 +168,24 @@ def get_backbone(name: str) -> BackboneSpec:
 
 
 _APPS = "keras.applications"
-_TORCH_FIRST = {"avx2": CpuDecision(backend="torch")}
+# PyTorch (the timm engine) on both CPU classes; bfloat16 where the CPU has it
+_TORCH_FIRST = {"avx512_bf16": CpuDecision(backend="torch", bf16=("tensorflow", "torch")),
+                "avx2": CpuDecision(backend="torch")}
 
 register(BackboneSpec(
     "vgg16", f"{_APPS}:VGG16", "caffe", 512, r"^(block\d+)_", "vgg16", timm_name="vgg16.tv_in1k",
     gradcam_layer="block5_conv3",
-    cpu={"avx512_bf16": CpuDecision(bf16=("tensorflow",)), **_TORCH_FIRST},
+    cpu=_TORCH_FIRST,
 ))
 register(BackboneSpec(
     "vgg19", f"{_APPS}:VGG19", "caffe", 512, r"^(block\d+)_", "vgg19", timm_name="vgg19.tv_in1k",
     gradcam_layer="block5_conv4",
-    cpu={"avx512_bf16": CpuDecision(bf16=("tensorflow",)), **_TORCH_FIRST},
+    cpu=_TORCH_FIRST,
 ))
 register(BackboneSpec(
     "densenet169", f"{_APPS}:DenseNet169", "torch", 1664, r"^(conv\d+_block\d+|pool\d+)_", "densenet",
     timm_name="densenet169.tv_in1k", gradcam_layer="relu",
-    cpu={"avx512_bf16": CpuDecision(short_run_backend="torch", short_run_images=5000),
-         "avx2": CpuDecision(short_run_backend="torch", short_run_images=10_000)},
+    cpu={**_TORCH_FIRST, "avx512_bf16": CpuDecision(backend="torch", bf16=("torch",))},
 ))
 register(BackboneSpec(
     "convnext_tiny", f"{_APPS}:ConvNeXtTiny", "none", 768, r"(stage_\d+_block_\d+|downsampling_block_\d+)",
@@ -185,7 +195,7 @@ register(BackboneSpec(
     # H200, bf16, batch 128 (issue 10): 2,814 img/s eager -> 4,195 compiled, i.e. 1.17e-4 s
     # saved per image; an assumed ~60 s compile pays after ~500,000 images (not yet timed here)
     compile_pays_after={"gpu": 500_000},
-    cpu={"avx512_bf16": CpuDecision(backend="torch", bf16=("torch",), xla=True), **_TORCH_FIRST},
+    cpu={**_TORCH_FIRST, "avx512_bf16": CpuDecision(backend="torch", bf16=("torch",), xla=True)},
 ))
 register(BackboneSpec(
     "resnet50", f"{_APPS}:ResNet50", "caffe", 2048, r"^(conv\d+_block\d+)_", "resnet50",
