@@ -205,7 +205,7 @@ class Classifier:
         from osteo.device import choose_impl
 
         self.spec = get_backbone(self.backbone_name)
-        self.impl, _ = choose_impl(self.impl, self.spec, keras.backend.backend())
+        self.impl, _ = choose_impl(self.impl, self.spec, keras.backend.backend(), self.weights)
         if self.preprocessing in (None, "auto"):
             self.preprocessing = "timm" if self.impl == "timm" else self.spec.preprocessing
         self.model: keras.Model | None = None
@@ -263,13 +263,8 @@ class Classifier:
                             name=self.spec.name)
 
     def _set_bn_momentum(self) -> None:
-        """Keras' momentum m is PyTorch's 1 - m (the weight of the old statistics vs the new batch)."""
         if self.impl == "timm":
-            import torch
-
-            for m in self.backbone.module.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    m.momentum = 1.0 - self.bn_momentum
+            self.backbone.set_bn_momentum(self.bn_momentum)
             return
         for layer in _all_layers(self.backbone):
             if isinstance(layer, keras.layers.BatchNormalization):

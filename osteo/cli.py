@@ -216,12 +216,14 @@ def plan_device(requested: str | None, recipe, console):
         import keras
 
         plan = device.plan(spec, device.probe(), backend=keras.backend.backend(), precision=t.precision,
-                           jit_compile=t.jit_compile, impl=recipe.model.impl)
+                           jit_compile=t.jit_compile, impl=recipe.model.impl,
+                           weights=recipe.model.weights)
         plan.why["backend"] = "the backend Keras had loaded"
         return plan
     choice = requested or os.environ.get("KERAS_BACKEND") or "auto"
     plan = device.plan(spec, device.probe(), backend=choice, precision=t.precision, jit_compile=t.jit_compile,
-                       planned_images=device.planned_images(recipe), impl=recipe.model.impl)
+                       planned_images=device.planned_images(recipe), impl=recipe.model.impl,
+                       weights=recipe.model.weights)
     if choice == "auto":
         console.print(f"backend: {plan.backend} on {plan.runs_on} ({plan.why['backend']}); "
                       f"backbone: {plan.impl} ({plan.why['impl']})", highlight=False)

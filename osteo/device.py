@@ -177,11 +177,15 @@ def choose_backend(requested: str, spec: BackboneSpec, device: Device, planned_i
     return best, note + why
 
 
-def choose_impl(requested: str, spec: BackboneSpec, backend: str) -> tuple[str, str]:
+KERAS_WEIGHT_FILES = (".h5", ".keras")
+
+
+def choose_impl(requested: str, spec: BackboneSpec, backend: str, weights: str | None = None) -> tuple[str, str]:
     """(implementation, why): ``keras`` (``keras.applications`` layers) or ``timm`` (timm's module).
 
     ``auto``: timm's module on PyTorch wherever timm has the architecture (measured
-    1.6-2.5x faster there, ``benchmarks/README.md``), Keras' layers on TensorFlow.
+    1.6-2.5x faster there, ``benchmarks/README.md``), Keras' layers on TensorFlow, and
+    Keras' layers for a Keras weights file (``.h5``), which only they can load.
     """
     if requested not in IMPLS:
         raise OsteoError(f"unknown model.impl {requested!r}; choose one of: {', '.join(IMPLS)}")
@@ -197,6 +201,8 @@ def choose_impl(requested: str, spec: BackboneSpec, backend: str) -> tuple[str, 
         return "timm", "requested"
     if requested == "keras":
         return "keras", "requested"
+    if str(weights or "").lower().endswith(KERAS_WEIGHT_FILES):
+        return "keras", "the weights file is Keras' (keras.applications layers)"
     if backend != "torch":
         return "keras", f"keras.applications layers on {backend}"
     if not spec.timm_name:
@@ -256,10 +262,10 @@ def choose_jit(requested: str, spec: BackboneSpec, device: Device, backend: str,
 
 def plan(spec: BackboneSpec, device: Device, *, backend: str = "auto", precision: str = "auto",
          jit_compile: str = "auto", planned_images: int = 0, available: tuple[str, ...] | None = None,
-         impl: str = "auto") -> Plan:
+         impl: str = "auto", weights: str | None = None) -> Plan:
     """Every device choice of one run, each with its reason."""
     b, why_b = choose_backend(backend, spec, device, planned_images, available)
-    i, why_i = choose_impl(impl, spec, b)
+    i, why_i = choose_impl(impl, spec, b, weights)
     p, why_p = choose_precision(precision, spec, device, b)
     j, why_j = choose_jit(jit_compile, spec, device, b, i, planned_images)
     return Plan(b, p, j, device, {"backend": why_b, "impl": why_i, "precision": why_p, "jit_compile": why_j}, i)

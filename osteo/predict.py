@@ -39,6 +39,8 @@ def load_best(run_dir: str | os.PathLike):
     from osteo.classifier import Classifier
 
     run = RunDir(run_dir).check(need=(RunDir.BEST,))
+    if not run.best_path.is_file():  # a run made before checkpoints were weights only
+        return load_legacy_best(run)
     recipe = run.read_recipe()
     if recipe.model.impl == "timm" and keras.backend.backend() != "torch":
         raise OsteoError(f"{run.path} was trained on timm's PyTorch module: load it on the PyTorch backend "
@@ -50,6 +52,19 @@ def load_best(run_dir: str | os.PathLike):
         raise OsteoError(f"cannot load {run.best_path}: {type(e).__name__}: {str(e)[:200]}; "
                          "the file is damaged or from another osteo version: retrain the run") from None
     return model
+
+
+def load_legacy_best(run: RunDir):
+    """A ``best.keras`` of a run made before checkpoints were weights only (Keras' safe_mode)."""
+    import keras
+
+    import osteo.classifier  # noqa: F401  (registers osteo's serializable layers, losses, metrics)
+
+    try:
+        return keras.saving.load_model(run.legacy_best_path, safe_mode=True)
+    except Exception as e:
+        raise OsteoError(f"cannot load {run.legacy_best_path}: {type(e).__name__}: {str(e)[:200]}; "
+                         "the file is damaged or from another osteo version: retrain the run") from None
 
 
 def _expand(paths: list[str]) -> list[Path]:

@@ -98,7 +98,9 @@ class ModelConfig:
     # (timm: the module's pretrained_cfg mean and std)
     preprocessing: Literal["auto", "caffe", "torch", "tf", "none", "timm"] = "auto"
     freeze_bn: bool = True  # keep BatchNorm statistics frozen (transfer learning)
-    bn_momentum: float = 0.0  # BatchNorm moving-average momentum; 0: the backbone's own (0.99)
+    # BatchNorm moving-average momentum, in Keras' terms; 0: the implementation's own
+    # (keras.applications 0.99; timm's PyTorch modules 0.9, i.e. PyTorch's momentum 0.1)
+    bn_momentum: float = 0.0
     head: HeadConfig = field(default_factory=HeadConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -107,7 +109,9 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 25  # phase 1: backbone frozen
     fine_tune_epochs: int = 0  # phase 2: backbone unfrozen; 0 = off (the study)
-    fine_tune_blocks: int = 0  # 0 = every block
+    # 0 = every block; blocks are the implementation's own: Keras' layer-name blocks (VGG16: 5,
+    # DenseNet169: 82 dense layers), timm's parameter groups (VGG16: 13 convs, DenseNet169: 6 stages)
+    fine_tune_blocks: int = 0
     optimizer: Literal["adam", "adamw"] = "adam"
     lr: float = 1e-3  # Adam's default, as in the study
     fine_tune_lr: float = 1e-5
@@ -435,7 +439,7 @@ def resolve(recipe: Recipe, backend: str | None = None) -> Recipe:
     if backend is None and "keras" in sys.modules:  # loaded: its backend is the one that will run
         backend = sys.modules["keras"].backend.backend()
     if backend is not None:
-        m.impl, _ = choose_impl(m.impl, spec, backend)
+        m.impl, _ = choose_impl(m.impl, spec, backend, m.weights)
     if m.preprocessing == "auto" and m.impl != "auto":
         m.preprocessing = "timm" if m.impl == "timm" else spec.preprocessing
     if m.preprocessing == "timm" and m.impl == "keras":

@@ -64,6 +64,7 @@ class RunDir(_Folder):
     SPLIT = "split.csv"
     HISTORY = "history.csv"
     BEST = "best.weights.h5"  # weights only: the model is rebuilt from recipe.json (no pickles, ever)
+    LEGACY_BEST = "best.keras"  # runs made before: the whole model, loaded with Keras' safe_mode
     PREDICTIONS = "predictions.csv"
     METRICS = "metrics.json"
     MANIFEST = "manifest.csv"  # the audit's manifest: every file's content hashes (external overlap)
@@ -92,6 +93,7 @@ class RunDir(_Folder):
     split_path = property(lambda self: self.path / self.SPLIT)
     history_path = property(lambda self: self.path / self.HISTORY)
     best_path = property(lambda self: self.path / self.BEST)
+    legacy_best_path = property(lambda self: self.path / self.LEGACY_BEST)
     predictions_path = property(lambda self: self.path / self.PREDICTIONS)
     metrics_path = property(lambda self: self.path / self.METRICS)
     calibration_path = property(lambda self: self.path / self.CALIBRATION)
@@ -153,7 +155,8 @@ class RunDir(_Folder):
         if not self.is_run():
             raise OsteoError(f"{self.path} is not an osteo run directory (no {' and '.join(self.REQUIRED)}); "
                              "pass a folder under runs/<model>/")
-        missing = [f for f in need if not (self.path / f).is_file()]
+        missing = [f for f in need if not (self.path / f).is_file()
+                   and not (f == self.BEST and (self.path / self.LEGACY_BEST).is_file())]
         if missing:
             raise OsteoError(f"run {self.path} is unfinished (no {', '.join(missing)}); "
                              f"finish it with: osteo train --resume {self.path}")
@@ -400,8 +403,11 @@ def use_backend_of(runs) -> None:
     if "keras" in sys.modules or os.environ.get("KERAS_BACKEND"):
         return
     for run in runs:
+        path = Path(getattr(run, "path", run))
+        if (path / CvDir.MANIFEST).is_file():  # a cross-validation: its folds were trained alike
+            path = CvDir(path).fold(1).path
         try:
-            impl = RunDir(getattr(run, "path", run)).read_recipe_dict().get("model", {}).get("impl")
+            impl = RunDir(path).read_recipe_dict().get("model", {}).get("impl")
         except (OsteoError, OSError, ValueError, AttributeError):
             continue  # not a run: the command itself says so
         if impl == "timm":

@@ -158,7 +158,7 @@ class Trainer:
             why = self.plan.why["backend"] if self.plan else "the backend Keras had loaded"
             self.plan = devices.plan(get_backbone(r.model.backbone), devices.probe(),
                                      backend=keras.backend.backend(), precision=t.precision,
-                                     jit_compile=t.jit_compile, impl=r.model.impl,
+                                     jit_compile=t.jit_compile, impl=r.model.impl, weights=r.model.weights,
                                      planned_images=devices.planned_images(r))
             self.plan.why["backend"] = why
         # the timm engine compiles its backbone (torch.compile); Keras' jit_compile is for its own layers
@@ -182,6 +182,12 @@ class Trainer:
             self._say(f"run directory {self.run_dir}")
             self.run_dir.write_split(self.dm.split)
         run = self.run_dir
+        if self.resume and not run.best_path.exists() and run.legacy_best_path.is_file():
+            # a run begun before checkpoints were weights only: its best model, as weights
+            from osteo.predict import load_legacy_best
+
+            with atomic_path(run.best_path, suffix=".weights.h5") as tmp:
+                load_legacy_best(run).save_weights(tmp)
         if not self.resume or run.read_recipe_dict() != r.to_dict():
             run.write_recipe(r)  # what is trained: a resumed run may have been given more epochs
         run.write_audit(self.dm.audit.to_json())

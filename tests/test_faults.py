@@ -243,3 +243,18 @@ def test_stale_temporaries_are_swept_and_live_ones_kept(finished_run, tmp_path):
     os.utime(stale, (old, old))
     assert main(["report", str(finished_run), "--out", str(out), "--bootstrap", "50"]) == 0
     assert not stale.exists() and live.exists() and (out / "index.html").exists()
+
+
+def test_a_run_made_before_weights_only_checkpoints_still_loads(finished_run, tmp_path, phantom_dir, capsys):
+    """Its best.keras (the whole model) is loaded with Keras' safe_mode; predict works on it."""
+    import numpy as np
+
+    from osteo.predict import load_best
+
+    old = _copy_run(finished_run, tmp_path)
+    load_best(old.path).save(old.legacy_best_path)
+    old.best_path.unlink()
+    x = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 1)).astype("float32")
+    np.testing.assert_allclose(load_best(old.path).predict(x, verbose=0),
+                               load_best(finished_run.path).predict(x, verbose=0), atol=1e-6)
+    assert main(["predict", str(old.path), str(phantom_dir / "normal"), "--out", str(tmp_path / "p.csv")]) == 0

@@ -173,9 +173,11 @@ def test_imagenet_weights_load_from_the_hub_cache_without_the_network(tmp_path, 
 
 
 def test_a_failing_compile_falls_back_to_eager_with_one_warning(monkeypatch):
+    import torch._dynamo.exc
+
     def broken(fn):
         def run(*args, **kwargs):
-            raise RuntimeError("inductor: no C++ compiler")
+            raise torch._dynamo.exc.TorchDynamoException("inductor: no C++ compiler")
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
@@ -191,6 +193,20 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning(monkeypatch):
         "torch.compile failed for test_resnet (inductor: no C++ compiler); running it eagerly"]
     assert not clf.backbone.compiled
     np.testing.assert_allclose(a, b)
+
+
+def test_the_modules_own_errors_are_not_taken_for_a_compile_failure(monkeypatch):
+    def shape_error(fn):
+        def run(*args, **kwargs):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+        return run
+
+    monkeypatch.setattr(torch, "compile", shape_error)
+    clf = Classifier("tiny", image_size=32, weights="none", augment=NO_AUG, impl="timm", compile_backbone=True)
+    model = clf.build()
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        model.predict(np.zeros((2, 32, 32, 1), "float32"), verbose=0)
+    assert clf.backbone.compiled  # not switched to eager behind the user's back
 
 
 @pytest.fixture(scope="module")
@@ -219,9 +235,13 @@ def test_a_run_on_the_timm_engine_checkpoints_weights_and_reloads_without_unpick
         Classifier("tiny", image_size=32, weights="none", impl="timm").build().get_config()
 
     def no_unpickling(*args, **kwargs):
-        raise AssertionError("a run's files must never be unpickled")
+        raise AssertionError("a run's files must never be unpickled or deserialized as a model")
 
-    monkeypatch.setattr(torch, "load", no_unpickling)
+    import pickle
+
+    for owner, name in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (keras.saving, "load_model"),
+                        (keras.layers.TorchModuleWrapper, "from_config")):
+        monkeypatch.setattr(owner, name, no_unpickling)
     predictor = Predictor(run.path, calibrated=False)  # rebuilt from recipe.json, weights loaded
     _, probs, rows = read_predictions(run.predictions_path, "val")
     _, raw, _ = predictor.predict_paths([Path(phantom_dir) / r["path"] for r in rows])
@@ -240,8 +260,14 @@ def test_gradcam_on_the_timm_engine_looks_at_the_last_feature_map():
     np.testing.assert_allclose(probs, model.predict(images, verbose=0), atol=1e-5)
 
 
-def test_auto_picks_timm_on_torch_and_keras_where_timm_lacks_the_backbone():
+def test_auto_picks_timm_on_torch_and_keras_where_timm_lacks_the_backbone(tmp_path):
     from osteo.recipe import Recipe, resolve
+
+    keras_file = tmp_path / "vgg16_notop.weights.h5"
+    keras_file.write_bytes(b"")
+    r = Recipe()
+    r.model.backbone, r.model.weights = "vgg16", str(keras_file)
+    assert resolve(r).model.impl == "keras"  # only Keras' layers can load a Keras weights file
 
     r = Recipe()
     r.model.backbone, r.model.weights = "vgg16", "none"
@@ -263,9 +289,10 @@ def test_fused_optimizers_update_exactly_as_keras_does(kind):
     several steps (epsilon, bias corrections, decoupled decay), the same state variables."""
     from osteo.backbones.timm_torch import FusedAdam, FusedAdamW
 
-    shapes = [(64, 32), (3, 3, 8, 8), (1000,), (7,)]
+    shapes = [(64, 32), (8, 8, 3, 3), (1000,), (7,)]
     grads = [[torch.as_tensor(np.random.default_rng(10 * k + i).normal(size=s).astype("float32") * 10.0 ** -i)
               for i, s in enumerate(shapes)] for k in range(4)]
+    grads_cl = [[g.contiguous(memory_format=torch.channels_last) if g.dim() == 4 else g for g in step] for step in grads]
     kw = {"learning_rate": keras.optimizers.schedules.ExponentialDecay(1e-2, 1, 0.5)}
     if kind == "adamw":
         kw["weight_decay"] = 0.1
@@ -273,10 +300,15 @@ def test_fused_optimizers_update_exactly_as_keras_does(kind):
     for cls in ((keras.optimizers.Adam, FusedAdam) if kind == "adam" else (keras.optimizers.AdamW, FusedAdamW)):
         variables = [keras.Variable(np.random.default_rng(i).normal(size=s).astype("float32"))
                      for i, s in enumerate(shapes)]
+        if cls in (FusedAdam, FusedAdamW):  # the timm engine's convolution weights are channels-last
+            variables[1].value.data = variables[1].value.data.contiguous(memory_format=torch.channels_last)
         opt = cls(**kw)
         opt.build(variables)
-        for g in grads:
+        for g in grads_cl if cls in (FusedAdam, FusedAdamW) else grads:
             opt.apply(g, variables)
+        if cls in (FusedAdam, FusedAdamW):  # the moments took the weights' layout
+            assert all(m.value.stride() == variables[1].value.stride() for m in opt.variables
+                       if tuple(m.shape) == shapes[1])
         results.append(([v.numpy() for v in variables], [v.numpy() for v in opt.variables]))
     (w_keras, s_keras), (w_fused, s_fused) = results
     for a, b in zip(w_keras, w_fused):
@@ -304,3 +336,23 @@ def test_the_cli_loads_a_timm_run_on_pytorch_without_being_asked(timm_run, phant
     assert (tmp_path / "report" / "index.html").exists()
     proc = osteo("export", str(timm_run.path), "--format", "onnx")
     assert proc.returncode == 2 and "timm's PyTorch module" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_fused_adam_takes_up_restored_iterations():
+    """A restore after the first step (as a resume does) sets the bias correction's step again."""
+    from osteo.backbones.timm_torch import FusedAdam
+
+    v = keras.Variable(np.ones((5,), "float32"))
+    grads = [torch.as_tensor(np.full((5,), 0.1 * (k + 1), "float32")) for k in range(2)]
+    opt = FusedAdam(learning_rate=1e-2)
+    opt.build([v])
+    opt.apply([grads[0]], [v])
+    weights, store = v.numpy().copy(), {}
+    opt.save_own_variables(store)
+    opt.apply([grads[1]], [v])
+    after_two = v.numpy().copy()
+    opt.apply([grads[1]], [v])  # a third step, then back to the state after the first
+    v.assign(weights)
+    opt.load_own_variables(store)
+    opt.apply([grads[1]], [v])
+    np.testing.assert_allclose(v.numpy(), after_two, rtol=1e-6)

@@ -122,7 +122,8 @@ def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...]) -
     """
     classifier = module.pretrained_cfg.get("classifier") or ()
     ignored = tuple(f"{p}." for p in ((classifier,) if isinstance(classifier, str) else classifier) + dropped)
-    fix = f"pass a weights file of timm's {module.pretrained_cfg.get('architecture', name)} or WEIGHTS=none"
+    fix = (f"pass a weights file of timm's {module.pretrained_cfg.get('architecture', name)}, a Keras .h5 file "
+           "with model.impl=keras, or WEIGHTS=none")
     try:
         state = {k.removeprefix("module."): v for k, v in read_state_dict(path).items()}
     except Exception as e:
@@ -216,7 +217,8 @@ class TimmBackbone(keras.layers.TorchModuleWrapper):
     def call(self, x, training=None):
         import torch
 
-        self.module.train(training is not False)
+        # like Keras' BatchNorm: batch statistics only when training a trainable backbone
+        self.module.train(bool(training) and self.trainable)
         x = x.permute(0, 3, 1, 2)  # NHWC -> NCHW view: channels-last memory, no copy
         if not self.channels_last:
             x = x.contiguous()
@@ -233,10 +235,20 @@ class TimmBackbone(keras.layers.TorchModuleWrapper):
         try:
             return self._forward(x)
         except Exception as e:  # the compile happens on the first call, and fails there
+            if not _from_compiler(e):  # the module's own errors (shapes, memory) are not the compiler's
+                raise
             warnings.warn(f"torch.compile failed for {self.timm_name} ({_short(e)}); running it eagerly",
                           stacklevel=2)
             self._forward, self.compiled = self.module.forward_features, False
             return self._forward(x)
+
+    def set_bn_momentum(self, keras_momentum: float) -> None:
+        """Keras' momentum m is PyTorch's 1 - m (the weight of the old statistics vs the new batch)."""
+        import torch
+
+        for m in self.module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = 1.0 - keras_momentum
 
     # ------------------------------------------------------------------ blocks
 
@@ -245,7 +257,8 @@ class TimmBackbone(keras.layers.TorchModuleWrapper):
         from timm.models import group_parameters
 
         groups = group_parameters(self.module, self.module.group_matcher(coarse=True))
-        return [[self._variables[n] for n in names if n in self._variables] for _, names in sorted(groups.items())]
+        blocks = [[self._variables[n] for n in names if n in self._variables] for _, names in sorted(groups.items())]
+        return [b for b in blocks if b]  # groups of pruned parts (a head) hold nothing
 
     def freeze(self, *, frozen_blocks: int, freeze_bn: bool) -> None:
         """After ``trainable = True``: freeze the first ``frozen_blocks`` blocks, and BatchNorm's scale and shift."""
@@ -288,6 +301,10 @@ class _Fused:
         with torch.no_grad():
             params = [v.value for v in trainable_variables]
             index = [self._get_variable_index(v) for v in trainable_variables]
+            moments = [self._momentums[i] for i in index] + [self._velocities[i] for i in index]
+            for m, p in zip(moments, params + params):
+                if m.value.stride() != p.stride():  # channels-last weights: the moments follow their layout
+                    m.value.data = torch.empty_like(p).copy_(m.value)
             if getattr(self, "_host_step", None) is None:
                 self._host_step = int(self.iterations.value)  # once: restored by a resume, or 0
             self._host_step += 1
@@ -300,11 +317,16 @@ class _Fused:
             lr = learning_rate.value if hasattr(learning_rate, "value") else learning_rate
             getattr(torch, self._kernel)(
                 params, [g.to(p.dtype) for g, p in zip(grads, params)],
-                [self._momentums[i].value for i in index], [self._velocities[i].value for i in index], [], steps,
+                [m.value for m in moments[: len(params)]], [v.value for v in moments[len(params):]], [], steps,
                 lr=torch.as_tensor(lr, dtype=torch.float32, device=params[0].device),
                 beta1=float(self.beta_1), beta2=float(self.beta_2),
                 weight_decay=float(self.weight_decay or 0.0) if self._kernel == "_fused_adamw_" else 0.0,
                 eps=float(self.epsilon) / math.sqrt(1.0 - float(self.beta_2) ** t), amsgrad=False, maximize=False)
+
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        self._host_step = None  # iterations restored: read it again at the next step
 
 
 class FusedAdam(_Fused, keras.optimizers.Adam):
@@ -325,11 +347,10 @@ class FusedAdamW(_Fused, keras.optimizers.AdamW):
             raise NotImplementedError("FusedAdamW decays every variable; use keras.optimizers.AdamW to exclude some")
 
 
-def peak_memory_mb() -> float | None:
-    """Peak accelerator memory PyTorch allocated in this process (MiB), None on the CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return None
-
+def _from_compiler(e: BaseException) -> bool:
+    """An error raised by torch.compile's machinery (dynamo, inductor, or the C++ build it runs)."""
+    while e is not None:
+        if type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
