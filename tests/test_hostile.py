@@ -50,7 +50,11 @@ def test_ctrl_c_stops_an_audit_at_once(tmp_path):
     for i in range(80):
         _png(tmp_path / "normal" / f"{i:02d}.png", np.zeros((16, 16)))
     code = """
-        import sys, time
+        import signal, sys, time
+        inherited = signal.getsignal(signal.SIGINT)
+        # Ctrl-C as a terminal delivers it, whatever the disposition this test runner passes on
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("sigint", inherited, flush=True)
         from osteo.data import scan
         decode = scan.decode_gray
         def slow(data):
@@ -67,6 +71,7 @@ def test_ctrl_c_stops_an_audit_at_once(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(tmp_path)], stdout=subprocess.PIPE,
                             text=True)
     try:
+        inherited = proc.stdout.readline().strip()
         assert proc.stdout.readline().strip() == "started"
         t0 = time.perf_counter()
         proc.send_signal(signal.SIGINT)
@@ -74,7 +79,7 @@ def test_ctrl_c_stops_an_audit_at_once(tmp_path):
         stopped = time.perf_counter() - t0
     finally:
         proc.kill()
-    assert proc.returncode == 130 and "interrupted" in out
+    assert proc.returncode == 130 and "interrupted" in out, (inherited, out)
     assert stopped < 4, f"took {stopped:.1f}s to stop"
 
 
