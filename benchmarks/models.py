@@ -75,6 +75,7 @@ def child_keras(cfg: dict) -> dict:
     from osteo.classifier import Classifier, SparseCrossEntropy
     from osteo.recipe import AugmentConfig
     from osteo.registry import get_backbone
+    from osteo.trainer import make_optimizer
 
     name, size, bs, steps = cfg["model"], cfg["size"], cfg["batch"], cfg["steps"]
     jit = cfg["jit"] if isinstance(cfg["jit"], str) else ("on" if cfg["jit"] else "off")
@@ -92,7 +93,8 @@ def child_keras(cfg: dict) -> dict:
     model = clf.build()
     keras.mixed_precision.set_dtype_policy("float32")
     clf.unfreeze_backbone(0)
-    model.compile(keras.optimizers.Adam(1e-4), SparseCrossEntropy(), jit_compile=plan.jit_compile and not compile_backbone)
+    # the optimizer `osteo train` uses: Adam, through PyTorch's fused kernel on PyTorch
+    model.compile(make_optimizer("adam", 1e-4), SparseCrossEntropy(), jit_compile=plan.jit_compile and not compile_backbone)
     rng = np.random.default_rng(0)
     n = bs * (steps + 2)
     x = rng.uniform(0, 255, (n, size, size, 1)).astype("float32")

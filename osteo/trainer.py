@@ -375,13 +375,18 @@ class Trainer:
                 initial_learning_rate=0.0 if warmup else lr, decay_steps=decay,
                 warmup_target=lr if warmup else None, warmup_steps=warmup,
             )
-        adam, adamw = keras.optimizers.Adam, keras.optimizers.AdamW
-        if keras.backend.backend() == "torch":  # the same optimizers, updated by PyTorch's fused kernel
-            from osteo.backbones.timm_torch import FusedAdam as adam
-            from osteo.backbones.timm_torch import FusedAdamW as adamw
-        if t.optimizer == "adamw":
-            return adamw(learning_rate=lr, weight_decay=t.weight_decay)
-        return adam(learning_rate=lr)
+        return make_optimizer(t.optimizer, lr, t.weight_decay)
+
+
+def make_optimizer(kind: str, learning_rate, weight_decay: float = 0.0) -> keras.optimizers.Optimizer:
+    """Adam or AdamW; on PyTorch the same optimizers updated by PyTorch's fused kernel."""
+    adam, adamw = keras.optimizers.Adam, keras.optimizers.AdamW
+    if keras.backend.backend() == "torch":
+        from osteo.backbones.timm_torch import FusedAdam as adam
+        from osteo.backbones.timm_torch import FusedAdamW as adamw
+    if kind == "adamw":
+        return adamw(learning_rate=learning_rate, weight_decay=weight_decay)
+    return adam(learning_rate=learning_rate)
 
 
 def _done_until(marker: Path) -> int:
