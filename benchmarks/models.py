@@ -202,11 +202,10 @@ def _feed_rate(cfg, x, y) -> float:
 
 
 def child_timm(cfg: dict) -> dict:
-    import resource
-
     import timm
     import torch
 
+    from osteo import device
     from osteo.registry import get_backbone
 
     name, size, bs, steps = cfg["model"], cfg["size"], cfg["batch"], cfg["steps"]
@@ -268,8 +267,7 @@ def child_timm(cfg: dict) -> dict:
     return {"first_step_s": round(first, 2), "train_img_s": round(rate, 2), "infer_img_s": round(infer, 2),
             "peak_matmul_gflops": round(peak / 1e9, 1), "mfu": round(flops * rate / peak, 3),
             "achieved_gflops": round(flops * rate / 1e9, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if dev == "cuda" else None,
+            **device.peak_memory_mb(),
             "params": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
             "timm": timm.__version__}
 
@@ -352,7 +350,7 @@ def main() -> int:
     console = Console()
     has_tf = _importable("tensorflow")
     backends = {b for b in ("tensorflow", "torch") if _importable(b)}
-    engines = args.engines.split(",") + (["timm-compiled"] if args.full and "timm-compiled" not in args.engines else [])
+    engines = [e for e in args.engines.split(",") if e] + (["timm-compiled"] if args.full and "timm-compiled" not in args.engines else [])
     peers = [p for p in args.peers.split(",") if p] + (["cl-compiled"] if args.full and "cl-compiled" not in args.peers
                                                        else [])
     unknown = [e for e in engines if e not in ENGINES] + [p for p in peers if p not in PEERS]
