@@ -17,6 +17,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from osteo import killpoints
 from osteo.device import peak_memory_mb
 from osteo.files import atomic_path, write_bytes, write_csv
 from osteo.runs import STATE_FILE
@@ -105,6 +106,7 @@ class HistoryCSV(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self._t_train = time.perf_counter() - self._t0
+        killpoints.reached("train.batch")
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -121,6 +123,7 @@ class HistoryCSV(keras.callbacks.Callback):
         }
         self.rows = [r for r in self.rows if int(r["epoch"]) != epoch + 1] + [row]
         write_csv(self.path, self.rows, self.columns)
+        killpoints.reached("train.history_written")
 
 
 class NonFiniteLoss(keras.callbacks.Callback):
@@ -295,7 +298,9 @@ class TrainingState(keras.callbacks.Callback):
         np.savez(buf, **states)
         write_bytes(slot / "seeds.npz", buf.getvalue())
         _fsync(slot / "weights.weights.h5")
+        killpoints.reached("train.state_written")
         write_bytes(self.dir / self.STATE, json.dumps({"epoch": epoch + 1, "slot": name}).encode())
+        killpoints.reached("train.epoch_committed")
 
 
 def _fsync(path: Path) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from osteo import killpoints
 from osteo.errors import OsteoError
 
 
@@ -40,6 +41,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        killpoints.reached("files.before_replace")
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -84,6 +86,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
+        killpoints.reached("files.written")
         os.fsync(f.fileno())
 
 

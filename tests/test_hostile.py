@@ -5,11 +5,9 @@ daemon thread with a timeout, so a regression fails instead of hanging the suite
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -34,53 +32,48 @@ def test_a_named_pipe_in_a_class_folder_is_unreadable_and_the_audit_returns(tmp_
     data = tmp_path / "knees"
     _png(data / "normal" / "a.png")
     os.mkfifo(data / "normal" / "x.png")
-    t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "osteo.cli", "data", "audit", str(data), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=120)  # a hang guard: a blocking open never returns
     assert proc.returncode == 0, proc.stderr
-    assert time.perf_counter() - t0 < 60
     info = json.loads((tmp_path / "out" / "audit.json").read_text())
     assert info["unreadable"] == [{"path": "normal/x.png", "reason": "not a regular file (named pipe)"}]
     assert info["n_ok"] == 1
 
 
 def test_ctrl_c_stops_an_audit_at_once(tmp_path):
-    """80 files at 0.25 s a decode on 2 threads take 10 s; Ctrl-C after the first ends it
-    within a decode or two (the files not started are cancelled)."""
+    """Ctrl-C arrives while the first file decodes; every decode then blocks until the audit
+    has handled it. The files not started are cancelled: at most one decode per worker ever
+    runs, where finishing the audit would decode all 80 (counts, not clocks)."""
     for i in range(80):
         _png(tmp_path / "normal" / f"{i:02d}.png", np.zeros((16, 16)))
     code = """
-        import signal, sys, time
-        inherited = signal.getsignal(signal.SIGINT)
+        import atexit, os, signal, sys, threading
         # Ctrl-C as a terminal delivers it, whatever the disposition this test runner passes on
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("sigint", inherited, flush=True)
         from osteo.data import scan
-        decode = scan.decode_gray
-        def slow(data):
-            time.sleep(0.25)
+        decode, started, handled = scan.decode_gray, [], threading.Event()
+        def blocked(data):
+            started.append(1)
+            if len(started) == 1:
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            handled.wait()
             return decode(data)
-        scan.decode_gray = slow
+        scan.decode_gray = blocked
+        atexit.register(lambda: print("decoded", len(started), flush=True))  # after the workers are joined
         try:
-            scan.audit(sys.argv[1], workers=2, progress=lambda k, n: k == 1 and print("started", flush=True))
+            scan.audit(sys.argv[1], workers=2)
         except KeyboardInterrupt:
+            handled.set()
             print("interrupted", flush=True)
             sys.exit(130)
+        handled.set()
         print("finished", flush=True)
     """
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(tmp_path)], stdout=subprocess.PIPE,
-                            text=True)
-    try:
-        inherited = proc.stdout.readline().strip()
-        assert proc.stdout.readline().strip() == "started"
-        t0 = time.perf_counter()
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
-        stopped = time.perf_counter() - t0
-    finally:
-        proc.kill()
-    assert proc.returncode == 130 and "interrupted" in out, (inherited, out)
-    assert stopped < 4, f"took {stopped:.1f}s to stop"
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 130 and "interrupted" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
+    decoded = int(proc.stdout.split("decoded ")[1].split()[0])
+    assert 1 <= decoded <= 2, proc.stdout
 
 
 def test_symlinked_class_folder_is_followed_and_reported(tmp_path):

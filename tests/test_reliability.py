@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -80,26 +79,14 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(phantom_dir, tmp_path
     reference_run = request.getfixturevalue("reference_run" if backend == "tensorflow" else "torch_reference_run")
     args = [*RESUME_ARGS, "--data", str(phantom_dir)]
     env = {**os.environ, "KERAS_BACKEND": backend, "OSTEO_CACHE": str(tmp_path / "cache")}
-    # the victim: killed with SIGKILL in the middle of epoch 2 or 3
-    log = tmp_path / "victim.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "osteo.cli", *args, "--runs", str(tmp_path / "runs")],
-                                cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=out)
-    deadline = time.time() + 240
-    history = None
-    while time.time() < deadline and proc.poll() is None:
-        found = list((tmp_path / "runs").glob("tiny/*/history.csv"))
-        if found and len(_rows(found[0])) >= 1:
-            history = found[0]
-            break
-        time.sleep(0.05)
-    assert history is not None, f"the run never finished an epoch: {log.read_text()[-2000:]}"
-    time.sleep(0.3)  # into the next epoch
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # the victim kills itself in the middle of epoch 2 (30 steps an epoch): a named point, no timing
+    victim = subprocess.run([sys.executable, "-m", "osteo.cli", *args, "--runs", str(tmp_path / "runs")],
+                            cwd=tmp_path, env={**env, "OSTEO_KILL_AT": "train.batch@45"},
+                            capture_output=True, text=True, timeout=600)
+    assert victim.returncode == -signal.SIGKILL, victim.stderr[-2000:]
+    history = next((tmp_path / "runs").glob("tiny/*/history.csv"))
     run = history.parent
-    done = len(_rows(history))
-    assert 1 <= done < 4 and not (run / "metrics.json").exists()
+    assert len(_rows(history)) == 1 and not (run / "metrics.json").exists()
     for f in run.iterdir():  # every file left is complete: JSON and CSV parse
         if f.suffix == ".json":
             json.loads(f.read_text())
@@ -244,16 +231,16 @@ def test_file_unreadable_after_the_audit_is_skipped_and_counted(tmp_path):
 
 
 def test_killed_writer_leaves_only_complete_files(tmp_path):
-    """Kill a process that rewrites JSON, CSV and PNG outputs in a loop; every file parses."""
+    """Kill a process that rewrites JSON, CSV and PNG outputs at each named point of an
+    atomic write (bytes in the temporary, temporary complete); every file still parses."""
     script = f"""
 import numpy as np, matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from osteo.files import write_json, write_csv, atomic_path
 out = {str(tmp_path)!r}
-i = 0
 big = [{{"a": j, "b": "x" * 50}} for j in range(20000)]
-while True:
+for i in range(3):
     write_json(out + "/m.json", {{"i": i, "rows": big}})
     write_csv(out + "/h.csv", big, ["a", "b"])
     fig = plt.figure()
@@ -261,16 +248,15 @@ while True:
     with atomic_path(out + "/p.png") as tmp:
         fig.savefig(tmp)
     plt.close(fig)
-    i += 1
-    print(i, flush=True)
 """
-    for delay in (0.9, 1.3, 1.7):
-        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-        proc.stdout.readline()  # at least one complete round
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert len(json.loads((tmp_path / "m.json").read_text())["rows"]) == 20000
+    # per round: write_json and write_csv pass both points, the PNG only files.before_replace
+    for point in ("files.written@3", "files.written@4", "files.before_replace@4", "files.before_replace@5",
+                  "files.before_replace@6"):
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              env={**os.environ, "OSTEO_KILL_AT": point})
+        assert proc.returncode == -signal.SIGKILL, (point, proc.stderr[-2000:])
+        m = json.loads((tmp_path / "m.json").read_text())
+        assert m["i"] in (0, 1) and len(m["rows"]) == 20000, point
         assert len(_rows(tmp_path / "h.csv")) == 20000
         Image.open(tmp_path / "p.png").load()
 
