@@ -3,8 +3,9 @@
     image (H, W, 1) float32 in [0, 255]
       -> augmentation (Keras preprocessing layers; active in training only, so it runs
          on the accelerator and never touches validation images)
-      -> gray to RGB -> the backbone's own preprocessing
-      -> backbone (called with training=False: BatchNorm statistics stay frozen)
+      -> gray to RGB -> the backbone's own preprocessing (timm's engine: inside its layer)
+      -> backbone (called with training=False while BatchNorm is frozen, the default for
+         pretrained weights, so its statistics stay; in training mode with freeze_bn off)
       -> global average pooling -> dropout -> [dense -> dropout]* -> dense softmax
          (float32 even under mixed precision)
 
@@ -25,11 +26,54 @@ import keras
 from keras import ops
 
 from osteo import CLASSES
-from osteo.backbones import GrayToRGB, Preprocess
+from osteo.backbones.base import create
 from osteo.recipe import AugmentConfig, HeadConfig, Recipe
-from osteo.registry import get_backbone
+from osteo.registry import PREPROCESSING_MODES, get_backbone
 
 NUM_CLASSES = len(CLASSES)
+IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
+IMAGENET_MEAN_TORCH = (0.485, 0.456, 0.406)
+IMAGENET_STD_TORCH = (0.229, 0.224, 0.225)
+
+
+@keras.saving.register_keras_serializable(package="osteo")
+class GrayToRGB(keras.layers.Layer):
+    """Tile a 1-channel image to 3 channels (ImageNet backbones expect RGB)."""
+
+    def call(self, x):
+        if x.shape[-1] == 1:
+            return keras.ops.concatenate([x, x, x], axis=-1)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], 3)
+
+
+@keras.saving.register_keras_serializable(package="osteo")
+class Preprocess(keras.layers.Layer):
+    """A backbone's input preprocessing on [0, 255] RGB, with ``keras.ops`` only."""
+
+    def __init__(self, mode: str, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in PREPROCESSING_MODES:
+            raise ValueError(f"unknown preprocessing {mode!r}; choose one of: {', '.join(PREPROCESSING_MODES)}")
+        self.mode = mode
+
+    def call(self, x):
+        ops = keras.ops
+        if self.mode == "caffe":
+            x = ops.flip(x, axis=-1)  # RGB -> BGR
+            return x - ops.convert_to_tensor(IMAGENET_MEAN_RGB[::-1], dtype=x.dtype)
+        if self.mode == "torch":
+            mean = ops.convert_to_tensor(IMAGENET_MEAN_TORCH, dtype=x.dtype)
+            std = ops.convert_to_tensor(IMAGENET_STD_TORCH, dtype=x.dtype)
+            return (x / 255.0 - mean) / std
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
 
 
 @keras.saving.register_keras_serializable(package="osteo")
@@ -184,9 +228,12 @@ class Classifier:
     """Builds the model for one backbone and changes what is trainable.
 
     ``image_size`` is the resolved one (:func:`osteo.recipe.resolve` checks it against
-    the backbone); ``preprocessing`` defaults to the backbone's own. Attributes set by
-    :meth:`build`: ``model`` (the whole classifier) and ``backbone`` (the Keras model
-    inside it).
+    the backbone); ``preprocessing`` defaults to the engine's own for the backbone.
+    ``impl`` names the engine (``auto``: :func:`osteo.device.choose_impl`); the engine's
+    :class:`osteo.backbones.base.Backbone` is made once, here, and everything that
+    differs between the engines goes through it (``self.engine``). Attributes set by
+    :meth:`build`: ``model`` (the whole classifier) and ``backbone`` (the backbone's
+    Keras layer inside it).
     """
 
     backbone_name: str
@@ -196,18 +243,20 @@ class Classifier:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int | None = None
     freeze_bn: bool = True  # False only for training from scratch (weights none)
-    bn_momentum: float = 0.0  # 0: the backbone's own (Keras: 0.99)
-    preprocessing: str | None = None  # None or "auto": the implementation's own
+    bn_momentum: float = 0.0  # Keras' terms, on both engines; 0: the architecture's own (spec.bn_momentum)
+    preprocessing: str | None = None  # None or "auto": the engine's own
     impl: str = "auto"  # keras | timm | auto (see osteo.device.choose_impl)
-    compile_backbone: bool = False  # timm only: torch.compile the module
+    compile_backbone: bool = False  # engines that compile their backbone module (timm: torch.compile)
 
     def __post_init__(self):
         from osteo.device import choose_impl
 
         self.spec = get_backbone(self.backbone_name)
+        self.bn_momentum = self.bn_momentum or self.spec.bn_momentum
         self.impl, _ = choose_impl(self.impl, self.spec, keras.backend.backend(), self.weights)
-        if self.preprocessing in (None, "auto"):
-            self.preprocessing = "timm" if self.impl == "timm" else self.spec.preprocessing
+        self.engine = create(self.spec, self.impl, image_size=self.image_size, weights=self.weights,
+                             preprocessing=self.preprocessing, compile=self.compile_backbone)
+        self.preprocessing = self.engine.preprocessing
         self.model: keras.Model | None = None
         self.backbone: keras.Model | keras.layers.Layer | None = None
 
@@ -232,13 +281,13 @@ class Classifier:
         x = GrayToRGB(name="gray_to_rgb")(x)
         if self.augment.randaugment:
             x = keras.layers.RandAugment(value_range=(0, 255), seed=self.seed, name="randaugment")(x)
-        if self.preprocessing != "timm":  # timm: the module scales its own input (TimmBackbone)
+        if not self.engine.scales_own_input:
             x = Preprocess(self.preprocessing, name="preprocess")(x)
-        self.backbone = self._build_backbone()
-        if self.bn_momentum:
-            # Keras' 0.99 needs hundreds of steps before the moving statistics that
-            # evaluation uses match the batches; short runs from scratch need less
-            self._set_bn_momentum()
+        self.backbone = self.engine.build()
+        # the same momentum on both engines (timm's modules would otherwise use PyTorch's 0.1);
+        # 0.99 needs hundreds of steps before the moving statistics match the batches, so
+        # short runs from scratch set less
+        self.engine.set_bn_momentum(self.bn_momentum)
         # training=False keeps BatchNorm in inference mode (its ImageNet statistics)
         # in both phases; from scratch there are no statistics worth keeping.
         x = self.backbone(x, training=False) if self.freeze_bn else self.backbone(x)
@@ -251,45 +300,17 @@ class Classifier:
             x = keras.layers.Dropout(self.head.dropout, seed=self.seed, name=f"head_dropout{i}")(x)
         outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="head")(x)
         self.model = keras.Model(inputs, outputs, name=f"osteo_{self.spec.name}")
+        self.model.osteo_backbone = self.engine  # Grad-CAM and export ask the engine (osteo.explain)
         return self.model
-
-    def _build_backbone(self):
-        if self.impl != "timm":
-            return self.spec.build(image_size=self.image_size, weights=self.weights)
-        from osteo.backbones.timm_torch import TimmBackbone
-
-        return TimmBackbone(self.spec.name, self.spec.timm_name, image_size=self.image_size, weights=self.weights,
-                            normalize=self.preprocessing == "timm", compile=self.compile_backbone,
-                            name=self.spec.name)
-
-    def _set_bn_momentum(self) -> None:
-        if self.impl == "timm":
-            self.backbone.set_bn_momentum(self.bn_momentum)
-            return
-        for layer in _all_layers(self.backbone):
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.momentum = self.bn_momentum
 
     def freeze_backbone(self) -> None:
         """Phase 1: only the head learns."""
-        self.backbone.trainable = False
+        self.engine.freeze()
 
-    def unfreeze_backbone(self, top_blocks: int = 0) -> None:
-        """Phase 2: unfreeze all blocks (``top_blocks=0``) or the top N; BatchNorm stays frozen."""
-        self.backbone.trainable = True
-        if self.impl == "timm":
-            n = len(self.backbone.blocks())
-            self.backbone.freeze(frozen_blocks=n - top_blocks if 0 < top_blocks < n else 0, freeze_bn=self.freeze_bn)
-            return
-        blocks = self.spec.blocks(self.backbone)
-        frozen = blocks[: len(blocks) - top_blocks] if 0 < top_blocks < len(blocks) else []
-        for block in frozen:
-            for layer in block:
-                layer.trainable = False
-        if self.freeze_bn:
-            for layer in _all_layers(self.backbone):
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    layer.trainable = False
+    def unfreeze_backbone(self, top_stages: int = 0) -> None:
+        """Phase 2: unfreeze all stages (``top_stages=0``) or the top N; BatchNorm stays frozen
+        with ``freeze_bn``."""
+        self.engine.unfreeze(top_stages, freeze_bn=self.freeze_bn)
 
     def trainable_counts(self) -> dict[str, int]:
         def count(weights):
@@ -300,10 +321,3 @@ class Classifier:
             "backbone_trainable": count(self.backbone.trainable_weights),
             "total": count(self.model.weights),
         }
-
-
-def _all_layers(model):
-    for layer in model.layers:
-        yield layer
-        if hasattr(layer, "layers"):
-            yield from _all_layers(layer)

@@ -64,6 +64,10 @@ class Plan:
     why: dict[str, str] = field(default_factory=dict)
     impl: str = "keras"
 
+    def made_for(self, engine: str) -> bool:
+        """Whether this plan's choices were made for ``engine`` (a resolved ``model.impl``)."""
+        return self.impl == engine
+
     @property
     def runs_on(self) -> str:
         return self.device.on(self.backend)
@@ -147,7 +151,7 @@ def probe() -> Device:
 # --------------------------------------------------------------------------- choices
 
 
-def choose_backend(requested: str, spec: BackboneSpec, device: Device, planned_images: int = 0,
+def choose_backend(requested: str, spec: BackboneSpec, device: Device,
                    available: tuple[str, ...] | None = None) -> tuple[str, str]:
     """(backend, why). ``auto``: a backend that sees the GPU, else the measured-faster one on this CPU."""
     if requested not in BACKENDS:
@@ -166,11 +170,8 @@ def choose_backend(requested: str, spec: BackboneSpec, device: Device, planned_i
     else:
         note = ""
     d = spec.cpu_decision(device.cpu_class)
-    best, why = d.backend, f"measured fastest for {spec.name} on {device.cpu_class} CPUs"
-    if d.short_run_backend and planned_images and planned_images < d.short_run_images:
-        best = d.short_run_backend
-        why = (f"{planned_images} training images < {d.short_run_images}: {best} starts faster for "
-               f"{spec.name} on {device.cpu_class} CPUs")
+    best = d.backend
+    why = f"{best} for {spec.name} on {device.cpu_class} CPUs: {d.why or 'the default (not measured)'}"
     if best not in available:
         fallback = next(b for b in ("tensorflow", "torch") if b in available)
         return fallback, f"{note}{best} is not installed ({why}); using {fallback}"
@@ -180,12 +181,14 @@ def choose_backend(requested: str, spec: BackboneSpec, device: Device, planned_i
 KERAS_WEIGHT_FILES = (".h5", ".keras")
 
 
-def choose_impl(requested: str, spec: BackboneSpec, backend: str, weights: str | None = None) -> tuple[str, str]:
-    """(implementation, why): ``keras`` (``keras.applications`` layers) or ``timm`` (timm's module).
+def choose_impl(requested: str, spec: BackboneSpec, backend: str, weights: str | None = None,
+                device_class: str | None = None) -> tuple[str, str]:
+    """(engine, why): ``keras`` (``keras.applications`` layers) or ``timm`` (timm's module).
 
-    ``auto``: timm's module on PyTorch wherever timm has the architecture (measured
-    1.6-2.5x faster there, ``benchmarks/README.md``), Keras' layers on TensorFlow, and
-    Keras' layers for a Keras weights file (``.h5``), which only they can load.
+    ``auto``: timm's module on PyTorch wherever timm has the architecture (the measured
+    ratio for ``spec`` on ``device_class``, "gpu" or a CPU class, is the reason given),
+    Keras' layers on TensorFlow, and Keras' layers for a Keras weights file (``.h5``),
+    which only they can load.
     """
     if requested not in IMPLS:
         raise OsteoError(f"unknown model.impl {requested!r}; choose one of: {', '.join(IMPLS)}")
@@ -209,7 +212,8 @@ def choose_impl(requested: str, spec: BackboneSpec, backend: str, weights: str |
         return "keras", f"timm has no {spec.name}"
     if not has_timm:
         return "keras", "timm is not installed"
-    return "timm", "timm's module inside Keras measured 1.6-2.5x faster than Keras' layers on PyTorch"
+    measured = spec.engine_why.get(device_class or "", "")
+    return "timm", measured or f"timm has {spec.name}; the engines were not compared on this device"
 
 
 def choose_precision(requested: str, spec: BackboneSpec, device: Device, backend: str) -> tuple[str, str]:
@@ -264,8 +268,8 @@ def plan(spec: BackboneSpec, device: Device, *, backend: str = "auto", precision
          jit_compile: str = "auto", planned_images: int = 0, available: tuple[str, ...] | None = None,
          impl: str = "auto", weights: str | None = None) -> Plan:
     """Every device choice of one run, each with its reason."""
-    b, why_b = choose_backend(backend, spec, device, planned_images, available)
-    i, why_i = choose_impl(impl, spec, b, weights)
+    b, why_b = choose_backend(backend, spec, device, available)
+    i, why_i = choose_impl(impl, spec, b, weights, "gpu" if device.on(b) == "gpu" else device.cpu_class)
     p, why_p = choose_precision(precision, spec, device, b)
     j, why_j = choose_jit(jit_compile, spec, device, b, i, planned_images)
     return Plan(b, p, j, device, {"backend": why_b, "impl": why_i, "precision": why_p, "jit_compile": why_j}, i)

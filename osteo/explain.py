@@ -26,26 +26,15 @@ from osteo.registry import BackboneSpec
 
 
 def _split(model: keras.Model, spec: BackboneSpec):
-    """(layers before the backbone, the feature model [target, backbone output], layers after).
+    """(layers before the backbone, the feature model [target, backbone output], layers after),
+    from the model's engine (:meth:`osteo.backbones.base.Backbone.gradcam_parts`). A model
+    loaded whole (a run saved before weights-only checkpoints) has Keras' layers."""
+    engine = getattr(model, "osteo_backbone", None)
+    if engine is not None:
+        return engine.gradcam_parts(model)
+    from osteo.backbones.keras_apps import keras_gradcam_parts
 
-    On the timm engine the target is the backbone's output, its last stage's feature map
-    (the torch module has no Keras layers to name).
-    """
-    target = spec.gradcam_layer
-    if not target:
-        raise OsteoError(f"{spec.name} names no Grad-CAM layer in its spec; add gradcam_layer to osteo.registry")
-    for i, layer in enumerate(model.layers):
-        if getattr(layer, "timm_name", None):  # osteo.backbones.timm_torch.TimmBackbone
-
-            def feature(x, training=False, layer=layer):
-                y = layer(x, training=training)
-                return y, y
-
-            return model.layers[1:i], feature, model.layers[i + 1 :]
-        if isinstance(layer, keras.Model) and any(x.name == target for x in layer.layers):
-            feature = keras.Model(layer.inputs, [layer.get_layer(target).output, layer.output])
-            return model.layers[1:i], feature, model.layers[i + 1 :]
-    raise OsteoError(f"the model has no backbone with a layer {target!r}; is this a {spec.name} run?")
+    return keras_gradcam_parts(model, spec)
 
 
 def _forward(parts, x):

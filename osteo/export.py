@@ -55,6 +55,7 @@ from pathlib import Path
 
 import keras
 
+from osteo.backbones.base import get_engine
 from osteo.calibrate import EPS
 from osteo.errors import OsteoError
 from osteo.files import atomic_path
@@ -117,9 +118,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
     if fmt not in FORMATS:
         raise OsteoError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     run = RunDir(run_dir).check(need=(RunDir.BEST,))
-    if run.read_recipe().model.impl == "timm":
-        raise OsteoError(f"{run.path} was trained on timm's PyTorch module, which osteo cannot export yet "
-                         "(ONNX and SavedModel go through TensorFlow); train it with model.impl=keras to export")
+    get_engine(run.read_recipe().model.impl).check_export(fmt, f"run {run.path}")
     target = Path(out) if out is not None else run.path / EXPORT_DIR / DEFAULT_NAMES[fmt]
     _refuse_run_files(target)
     if fmt == "savedmodel" and target.exists() and not target.is_dir():

@@ -31,26 +31,28 @@ TTA_SHIFT = 1 / 16  # of the image side, both ways, on top of the mirror
 def load_best(run_dir: str | os.PathLike):
     """The run's best model: rebuilt from its resolved recipe, its best weights loaded.
 
-    A run trained on timm's PyTorch module needs the PyTorch backend (the CLI picks it,
-    :func:`osteo.runs.backend_for`); a Keras-layers run loads on either backend.
+    A run's engine decides the Keras backends it loads on (the timm engine: PyTorch; the
+    CLI picks it, :func:`osteo.runs.use_backend_of`); a Keras-layers run loads on either.
     """
     import keras
 
+    from osteo.backbones.base import get_engine
+    from osteo.backbones.keras_apps import check_h5_weights
     from osteo.classifier import Classifier
+    from osteo.recipe import resolve
 
     run = RunDir(run_dir).check(need=(RunDir.BEST,))
     if not run.best_path.is_file():  # a run made before checkpoints were weights only
         return load_legacy_best(run)
-    recipe = run.read_recipe()
-    if recipe.model.impl == "timm" and keras.backend.backend() != "torch":
-        raise OsteoError(f"{run.path} was trained on timm's PyTorch module: load it on the PyTorch backend "
-                         "(KERAS_BACKEND=torch)")
+    recipe = resolve(run.read_recipe(), backend=keras.backend.backend())  # checked as when it was written
+    get_engine(recipe.model.impl).check_backend(keras.backend.backend(), f"run {run.path}")
     model = Classifier.from_recipe(recipe, weights="none").build()
+    fix = "the file is damaged or from another osteo version: retrain the run"
+    check_h5_weights(run.best_path, model, f"the model of {run.recipe_path}", fix)
     try:
         model.load_weights(run.best_path)
     except Exception as e:
-        raise OsteoError(f"cannot load {run.best_path}: {type(e).__name__}: {str(e)[:200]}; "
-                         "the file is damaged or from another osteo version: retrain the run") from None
+        raise OsteoError(f"cannot load {run.best_path}: {type(e).__name__}: {str(e)[:200]}; {fix}") from None
     return model
 
 

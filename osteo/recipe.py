@@ -98,8 +98,8 @@ class ModelConfig:
     # (timm: the module's pretrained_cfg mean and std)
     preprocessing: Literal["auto", "caffe", "torch", "tf", "none", "timm"] = "auto"
     freeze_bn: bool = True  # keep BatchNorm statistics frozen (transfer learning)
-    # BatchNorm moving-average momentum, in Keras' terms; 0: the implementation's own
-    # (keras.applications 0.99; timm's PyTorch modules 0.9, i.e. PyTorch's momentum 0.1)
+    # BatchNorm moving-average momentum, in Keras' terms, on both engines; 0: the architecture's
+    # reference value (keras.applications': 0.99 for most, filled by resolve())
     bn_momentum: float = 0.0
     head: HeadConfig = field(default_factory=HeadConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -109,8 +109,8 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 25  # phase 1: backbone frozen
     fine_tune_epochs: int = 0  # phase 2: backbone unfrozen; 0 = off (the study)
-    # 0 = every block; blocks are the implementation's own: Keras' layer-name blocks (VGG16: 5,
-    # DenseNet169: 82 dense layers), timm's parameter groups (VGG16: 13 convs, DenseNet169: 6 stages)
+    # phase 2 trains the top N architectural stages (0 = all): the same stages on both engines
+    # (VGG: 5 conv blocks, DenseNet: 4 dense blocks, ConvNeXt: 4 stages; docs/ARCHITECTURE.md)
     fine_tune_blocks: int = 0
     optimizer: Literal["adam", "adamw"] = "adam"
     lr: float = 1e-3  # Adam's default, as in the study
@@ -427,6 +427,7 @@ def resolve(recipe: Recipe, backend: str | None = None) -> Recipe:
     implementation's own); checks every choice and bound and the weights, and returns a
     new Recipe. Resolving a resolved recipe changes nothing.
     """
+    from osteo.backbones.base import ENGINES
     from osteo.device import choose_impl
     from osteo.registry import get_backbone, parse_weights
 
@@ -440,11 +441,15 @@ def resolve(recipe: Recipe, backend: str | None = None) -> Recipe:
         backend = sys.modules["keras"].backend.backend()
     if backend is not None:
         m.impl, _ = choose_impl(m.impl, spec, backend, m.weights)
-    if m.preprocessing == "auto" and m.impl != "auto":
-        m.preprocessing = "timm" if m.impl == "timm" else spec.preprocessing
-    if m.preprocessing == "timm" and m.impl == "keras":
-        raise OsteoError("model.preprocessing=timm is the timm module's own scaling; with model.impl=keras "
-                         "use auto or one of caffe, torch, tf, none")
+    engine = ENGINES.get(m.impl)  # None while the backend, and with it the engine, is not known
+    if engine is not None:  # its own input scaling, and only what it can do
+        if m.preprocessing == "auto":
+            m.preprocessing = engine.preprocessing(spec)
+        engine.check_preprocessing(m.preprocessing)
+    m.bn_momentum = m.bn_momentum or spec.bn_momentum
+    if r.train.fine_tune_blocks > spec.n_stages:
+        raise OsteoError(f"train.fine_tune_blocks={r.train.fine_tune_blocks}, but {spec.name} has {spec.n_stages} "
+                         f"stages ({spec.stages_doc}); use 0 (all) to {spec.n_stages}")
     spec.check_size(r.data.image_size)
     if r.train.epochs + r.train.fine_tune_epochs < 1:
         raise OsteoError("train.epochs + train.fine_tune_epochs must be at least 1; set EPOCHS=1 or more")

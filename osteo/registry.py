@@ -6,41 +6,16 @@
     >>> get_backbone("vgg16").preprocessing
     'caffe'
 
-A :class:`BackboneSpec` is data: how to build the backbone (its constructor named by
-string, imported only at build time by :mod:`osteo.backbones`), how to feed it
-(preprocessing, sizes), how it is split into blocks, and what was measured fastest
-for it on each CPU class (:class:`CpuDecision`). The CLI reads this table before Keras
-is imported, because the Keras backend has to be chosen first.
+A :class:`BackboneSpec` is data: how to build the backbone on each engine (its
+``keras.applications`` constructor named by string, its timm name), how to feed it
+(preprocessing, sizes), its architectural stages on each engine, and what was measured
+fastest for it on each CPU class (:class:`CpuDecision`). The CLI reads this table before
+Keras is imported, because the Keras backend has to be chosen first; the engines
+(:mod:`osteo.backbones`) read it at build time.
 
-The CPU decisions come from ``benchmarks/models.py`` (tables in ``benchmarks/README.md``).
-On PyTorch the backbone is timm's module inside the Keras model (the timm engine,
-:mod:`osteo.backbones.timm_torch`), which changed them: training images/sec at 224 px,
-batch 16, full fine-tuning, 2026-11-28:
-
-``avx512_bf16`` (2-core AMD EPYC with AVX-512 BF16), TensorFlow (Keras' layers) /
-PyTorch (timm engine), both bfloat16; timm's own loop, best of channels-first/-last:
-
-    vgg16           4.17 / 4.27   timm 4.11   (timm engine float32: 2.08)
-    vgg19           3.46 / 3.42   timm 3.43
-    densenet169     6.89 / 12.15  timm 11.44  (float32: 6.48; TF first step 64 s / 2.2 s)
-    convnext_tiny   1.24 / 8.10   timm 7.97   (float32: 4.92)
-
-so PyTorch with bfloat16 everywhere (VGG is a tie; PyTorch starts 1-2 s sooner).
-
-``avx2`` (2-core AMD EPYC, AVX2, no AVX-512), measured before the timm engine with Keras'
-layers on both backends, batch 32, 32 px (48 px for ConvNeXt), TensorFlow / PyTorch:
-
-    vgg16           15.0 / 25.8; first step 8.5 s / 1.6 s
-    densenet169     44.5 / 27.3; first step 153 s / 3.2 s
-    convnext_tiny   PyTorch 23 at 48 px (TensorFlow was 3x slower on the other class)
-
-and timm's own loop ran 1.6-1.8x Keras' layers on PyTorch there (VGG16 13.9 vs 8.6,
-DenseNet169 18.6 vs 10.1, ConvNeXtTiny 21.9 vs 12.0 img/s at 64 px), which puts the timm
-engine above TensorFlow for DenseNet169 too: PyTorch for all four, inferred from those
-ratios rather than measured with the engine on that class (no AVX2 machine since).
-
-:class:`CpuDecision` keeps a short-run rule (a backend with a slow first step loses
-short runs) for entries that need one; none of the study's backbones does now.
+The CPU decisions follow from the measurements in ``benchmarks/README.md`` (results in
+``benchmarks/results/``); each decision's ``why`` quotes the measured ratio it rests on,
+and that sentence is what a run's ``env.json`` records.
 """
 
 from __future__ import annotations
@@ -57,13 +32,12 @@ CPU_CLASSES = ("avx512_bf16", "avx2")
 
 @dataclass(frozen=True)
 class CpuDecision:
-    """What was measured fastest for one backbone on one CPU class."""
+    """What was measured fastest for one backbone on one CPU class, and the measurement."""
 
-    backend: str = "tensorflow"  # the faster backend for long runs
-    short_run_backend: str | None = None  # faster below ``short_run_images``
-    short_run_images: int = 0
+    backend: str = "tensorflow"  # the faster backend
     bf16: tuple[str, ...] = ()  # backends on which mixed_bfloat16 was measured faster
     xla: bool = False  # jit_compile measured faster on TensorFlow CPU
+    why: str = ""  # the measured ratio behind ``backend`` (quoted in env.json)
 
 
 @dataclass(frozen=True)
@@ -82,9 +56,14 @@ class BackboneSpec:
     constructor: str
     preprocessing: str
     feature_size: int
-    block_pattern: str  # regex whose group 1 names a layer's block (for "unfreeze the top N")
+    # Architectural stages, input to output, per engine: one regex per stage over Keras layer
+    # names (``keras``) or timm parameter names (``timm``); see osteo.backbones.base.group_by_stage.
+    # Both engines have the same stages, so train.fine_tune_blocks means the same on either.
+    stages: dict[str, tuple[str, ...]]
+    stages_doc: str  # what a stage is, for people ("5 conv blocks")
     reference_module: str | None = None  # keras.applications.<module>, for preprocess_input
     timm_name: str | None = None  # the same architecture in timm (the PyTorch engine)
+    bn_momentum: float = 0.99  # the reference implementation's BatchNorm momentum, Keras' terms
     default_size: int = 224
     min_size: int = 32
     constructor_kwargs: dict = field(default_factory=dict)
@@ -93,6 +72,9 @@ class BackboneSpec:
     # without it, features from scratch grow large and saturate the softmax.
     pooled_norm: bool = False
     cpu: dict[str, CpuDecision] = field(default_factory=dict)  # per CPU class
+    # why the timm engine is chosen on PyTorch, per device class ("gpu" or a CPU class): the
+    # measured ratio to Keras' layers on PyTorch (quoted in env.json)
+    engine_why: dict[str, str] = field(default_factory=dict)
     gradcam_layer: str = ""  # the last convolutional stage's output layer, where Grad-CAM looks
     # timm engine: training images after which torch.compile of the backbone pays for its
     # compile time, per device kind ("gpu" or a CPU class); absent: never measured faster
@@ -104,6 +86,9 @@ class BackboneSpec:
         unknown = set(self.cpu) - set(CPU_CLASSES)
         if unknown:
             raise ValueError(f"{self.name}: unknown CPU classes {sorted(unknown)}")
+        counts = {engine: len(patterns) for engine, patterns in self.stages.items()}
+        if len(set(counts.values())) != 1 or ("timm" in counts) != bool(self.timm_name):
+            raise ValueError(f"{self.name}: every engine needs the same number of stages, got {counts}")
 
     def cpu_decision(self, cpu_class: str) -> CpuDecision:
         return self.cpu.get(cpu_class, CpuDecision())
@@ -115,17 +100,9 @@ class BackboneSpec:
                 f"use IMAGE_SIZE={self.min_size} or more (default {self.default_size})"
             )
 
-    def build(self, *, image_size: int, weights="imagenet"):
-        """The Keras backbone without its top (see :func:`osteo.backbones.build_backbone`)."""
-        from osteo.backbones import build_backbone
-
-        return build_backbone(self, image_size=image_size, weights=weights)
-
-    def blocks(self, model) -> list[list]:
-        """The backbone's layers grouped into blocks, input to output."""
-        from osteo.backbones import split_blocks
-
-        return split_blocks(model, self.block_pattern)
+    @property
+    def n_stages(self) -> int:
+        return len(self.stages["keras"])
 
 
 def parse_weights(weights: str | os.PathLike | None) -> tuple[str, Path | None]:
@@ -168,50 +145,136 @@ def get_backbone(name: str) -> BackboneSpec:
 
 
 _APPS = "keras.applications"
-# PyTorch (the timm engine) on both CPU classes; bfloat16 where the CPU has it
-_TORCH_FIRST = {"avx512_bf16": CpuDecision(backend="torch", bf16=("tensorflow", "torch")),
-                "avx2": CpuDecision(backend="torch")}
+# PyTorch (the timm engine) on both CPU classes; bfloat16 where the CPU has it. Each ``why``
+# is the measurement behind the choice (benchmarks/README.md, "CPU decisions").
+_AVX2_NOTE = "; the timm engine itself was not measured on this class"
+
+
+def _cpu(avx512: str, avx2: str, *, bf16: tuple[str, ...] = ("torch",), xla: bool = False) -> dict:
+    return {"avx512_bf16": CpuDecision(backend="torch", bf16=bf16, xla=xla, why=avx512),
+            "avx2": CpuDecision(backend="torch", why=avx2 + _AVX2_NOTE)}
+
+
+def _seq(prefix: str, *ranges: tuple[int, int]) -> tuple[str, ...]:
+    """One stage pattern per index range of an ``nn.Sequential`` (VGG's ``features.N``)."""
+    return tuple(rf"^{prefix}\.({'|'.join(str(i) for i in range(lo, hi + 1))})\." for lo, hi in ranges)
+
+
+_VGG_KERAS = tuple(rf"^block{i}_" for i in range(1, 6))
 
 register(BackboneSpec(
-    "vgg16", f"{_APPS}:VGG16", "caffe", 512, r"^(block\d+)_", "vgg16", timm_name="vgg16.tv_in1k",
+    "vgg16", f"{_APPS}:VGG16", "caffe", 512, reference_module="vgg16", timm_name="vgg16.tv_in1k",
+    stages={"keras": _VGG_KERAS, "timm": _seq("features", (0, 4), (5, 9), (10, 16), (17, 23), (24, 30))},
+    stages_doc="5 conv blocks (each ends in a max-pool)",
     gradcam_layer="block5_conv3",
-    cpu=_TORCH_FIRST,
+    cpu=_cpu("the timm engine trained 1.02x TensorFlow's rate (4.27 vs 4.17 img/s, 224 px, bf16)",
+             "Keras' layers on PyTorch trained 1.72x TensorFlow's rate (25.8 vs 15.0 img/s, 32 px)",
+             bf16=("tensorflow", "torch")),
+    engine_why={"avx512_bf16": "the timm engine trained 1.40x Keras' layers on PyTorch (4.27 vs 3.04 img/s, 224 px, bf16)",
+                "avx2": "timm's own loop trained 1.62x Keras' layers on PyTorch (13.9 vs 8.6 img/s, 64 px)",
+                "gpu": "timm's own loop trained 1.61x Keras' layers on PyTorch on an H200 (2,260 vs 1,408 img/s, 224 px)"},
 ))
 register(BackboneSpec(
-    "vgg19", f"{_APPS}:VGG19", "caffe", 512, r"^(block\d+)_", "vgg19", timm_name="vgg19.tv_in1k",
+    "vgg19", f"{_APPS}:VGG19", "caffe", 512, reference_module="vgg19", timm_name="vgg19.tv_in1k",
+    stages={"keras": _VGG_KERAS, "timm": _seq("features", (0, 4), (5, 9), (10, 18), (19, 27), (28, 36))},
+    stages_doc="5 conv blocks (each ends in a max-pool)",
     gradcam_layer="block5_conv4",
-    cpu=_TORCH_FIRST,
+    cpu=_cpu("the timm engine trained 0.99x TensorFlow's rate (3.42 vs 3.46 img/s, 224 px, bf16), a tie; it "
+             "starts 1-2 s sooner", "as VGG16, whose Keras layers on PyTorch trained 1.72x TensorFlow's rate "
+             "(32 px)", bf16=("tensorflow", "torch")),
+    engine_why={"avx512_bf16": "the timm engine trained 1.30x Keras' layers on PyTorch (3.40 vs 2.62 img/s, 224 px, bf16)",
+                "avx2": "timm's own loop trained 1.04x Keras' layers on PyTorch (8.07 vs 7.73 img/s, 64 px)"},
 ))
 register(BackboneSpec(
-    "densenet169", f"{_APPS}:DenseNet169", "torch", 1664, r"^(conv\d+_block\d+|pool\d+)_", "densenet",
-    timm_name="densenet169.tv_in1k", gradcam_layer="relu",
-    cpu={**_TORCH_FIRST, "avx512_bf16": CpuDecision(backend="torch", bf16=("torch",))},
+    "densenet169", f"{_APPS}:DenseNet169", "torch", 1664, reference_module="densenet",
+    timm_name="densenet169.tv_in1k",
+    stages={"keras": (r"^conv2_block", r"^(pool2_|conv3_block)", r"^(pool3_|conv4_block)", r"^(pool4_|conv5_block)"),
+            "timm": (r"^features\.denseblock1\.", r"^features\.(transition1|denseblock2)\.",
+                     r"^features\.(transition2|denseblock3)\.", r"^features\.(transition3|denseblock4)\.")},
+    stages_doc="4 dense blocks (the stem with the first, each transition with the block after it)",
+    gradcam_layer="relu",
+    cpu=_cpu("the timm engine trained 1.76x TensorFlow's rate (12.15 vs 6.89 img/s, 224 px, bf16)",
+             "timm's own loop trained 1.84x Keras' layers on PyTorch (18.6 vs 10.1 img/s, 64 px), which "
+             "trained 0.61x TensorFlow's rate (32 px): about 1.1x"),
+    engine_why={"avx512_bf16": "the timm engine trained 2.86x Keras' layers on PyTorch (12.40 vs 4.33 img/s, 224 px, "
+                                "bf16), in 0.43x the memory",
+                "avx2": "timm's own loop trained 1.84x Keras' layers on PyTorch (18.6 vs 10.1 img/s, 64 px)"},
 ))
 register(BackboneSpec(
-    "convnext_tiny", f"{_APPS}:ConvNeXtTiny", "none", 768, r"(stage_\d+_block_\d+|downsampling_block_\d+)",
-    "convnext", timm_name="convnext_tiny.fb_in1k", constructor_kwargs={"include_preprocessing": True},
+    "convnext_tiny", f"{_APPS}:ConvNeXtTiny", "none", 768, reference_module="convnext",
+    timm_name="convnext_tiny.fb_in1k", constructor_kwargs={"include_preprocessing": True},
+    stages={"keras": (r"_stage_0_", r"_(downsampling_block_0|stage_1_)", r"_(downsampling_block_1|stage_2_)",
+                      r"_(downsampling_block_2|stage_3_)"),
+            "timm": tuple(rf"^stages\.{i}\." for i in range(4))},
+    stages_doc="4 stages (the stem with the first, each downsampling with the stage after it)",
     gradcam_layer="convnext_tiny_stage_3_block_2_identity",
     pooled_norm=True,
     # H200, bf16, batch 128 (issue 10): 2,814 img/s eager -> 4,195 compiled, i.e. 1.17e-4 s
     # saved per image; an assumed ~60 s compile pays after ~500,000 images (not yet timed here)
     compile_pays_after={"gpu": 500_000},
-    cpu={**_TORCH_FIRST, "avx512_bf16": CpuDecision(backend="torch", bf16=("torch",), xla=True)},
+    cpu=_cpu("the timm engine trained 6.53x TensorFlow's rate (8.10 vs 1.24 img/s, 224 px, bf16)",
+             "timm's own loop trained 1.83x Keras' layers on PyTorch (21.9 vs 12.0 img/s, 64 px)", xla=True),
+    engine_why={"avx512_bf16": "the timm engine trained 1.65x Keras' layers on PyTorch at 64 px (60.4 vs 36.6 "
+                                "img/s) and 0.93x at 224 px (7.60 vs 8.14), bf16",
+                "avx2": "timm's own loop trained 1.83x Keras' layers on PyTorch (21.9 vs 12.0 img/s, 64 px)",
+                "gpu": "timm's own loop trained 2.65x Keras' layers on PyTorch on an H200 (2,057 vs 776 img/s, 224 px)"},
 ))
 register(BackboneSpec(
-    "resnet50", f"{_APPS}:ResNet50", "caffe", 2048, r"^(conv\d+_block\d+)_", "resnet50",
-    timm_name="resnet50.tv_in1k", gradcam_layer="conv5_block3_out",
+    "resnet50", f"{_APPS}:ResNet50", "caffe", 2048, reference_module="resnet50", timm_name="resnet50.tv_in1k",
+    stages={"keras": tuple(rf"^conv{i}_" for i in range(2, 6)), "timm": tuple(rf"^layer{i}\." for i in range(1, 5))},
+    stages_doc="4 residual stages (the stem with the first)",
+    gradcam_layer="conv5_block3_out",
 ))
 register(BackboneSpec(
-    "efficientnetv2_b0", f"{_APPS}:EfficientNetV2B0", "none", 1280, r"^(block\d+[a-z])_", "efficientnet_v2",
+    "efficientnetv2_b0", f"{_APPS}:EfficientNetV2B0", "none", 1280, reference_module="efficientnet_v2",
     timm_name="tf_efficientnetv2_b0.in1k", constructor_kwargs={"include_preprocessing": True},
-    gradcam_layer="top_activation",
+    stages={"keras": tuple(rf"^block{i}" for i in range(1, 7)), "timm": tuple(rf"^blocks\.{i}\." for i in range(6))},
+    stages_doc="6 block stages (the stem with the first, the head conv with the last)",
+    gradcam_layer="top_activation", bn_momentum=0.9,
 ))
 register(BackboneSpec(
-    "mobilenetv3_large", f"{_APPS}:MobileNetV3Large", "none", 960, r"^(expanded_conv(?:_\d+)?)_",
-    "mobilenet_v3", timm_name="tf_mobilenetv3_large_100.in1k", constructor_kwargs={"include_preprocessing": True},
-    gradcam_layer="conv_1",
+    "mobilenetv3_large", f"{_APPS}:MobileNetV3Large", "none", 960, reference_module="mobilenet_v3",
+    timm_name="tf_mobilenetv3_large_100.in1k", constructor_kwargs={"include_preprocessing": True},
+    stages={"keras": (r"^expanded_conv_(?!\d)", r"^expanded_conv_[12]_", r"^expanded_conv_[345]_",
+                      r"^expanded_conv_[6-9]_", r"^expanded_conv_1[01]_", r"^expanded_conv_1[234]_", r"^conv_1"),
+            "timm": tuple(rf"^blocks\.{i}\." for i in range(7))},
+    stages_doc="7 stages: timm's block groups (1, 2, 3, 4, 2, 3 inverted residuals, then the 1x1 conv)",
+    gradcam_layer="conv_1", bn_momentum=0.999,
 ))
 register(BackboneSpec(
-    "tiny", "osteo.backbones:tiny_backbone", "tf", 16, r"^(tiny_block\d+)_", None, default_size=64, min_size=16,
-    test_only=True, timm_name="test_resnet", gradcam_layer="tiny_block2_relu",
+    "tiny", "osteo.backbones.keras_apps:tiny_backbone", "tf", 16, timm_name="test_resnet", default_size=64,
+    min_size=16, test_only=True,
+    stages={"keras": (r"^tiny_block1_", r"^tiny_block2_"), "timm": (r"^layer[12]\.", r"^layer[34]\.")},
+    stages_doc="2 blocks",
+    gradcam_layer="tiny_block2_relu",
 ))
+
+
+# --------------------------------------------------------------------------- docs
+
+DEVICE_CLASSES = (*CPU_CLASSES, "gpu")
+
+
+def stages_markdown() -> str:
+    """The stage table of the docs (``train.fine_tune_blocks`` counts these, on both engines)."""
+    rows = ["| backbone | stages | what a stage is |", "| --- | ---: | --- |"]
+    rows += [f"| {s.name} | {s.n_stages} | {s.stages_doc} |" for s in _REGISTRY.values() if not s.test_only]
+    return "\n".join(rows)
+
+
+def decisions_markdown() -> str:
+    """What ``auto`` picks for each study backbone on each device class, and the measurement
+    behind it: the README's table, checked against this registry by a test."""
+    rows = ["| backbone | device | backend | engine (on PyTorch) | measured |", "| --- | --- | --- | --- | --- |"]
+    for name in ("vgg16", "vgg19", "densenet169", "convnext_tiny"):
+        s = _REGISTRY[name]
+        for device in DEVICE_CLASSES:
+            if device == "gpu":
+                backend, why = "PyTorch (built with CUDA)", "-"
+            else:
+                d = s.cpu_decision(device)
+                bf16 = ", bfloat16" if d.backend in d.bf16 else ""
+                backend, why = f"{'PyTorch' if d.backend == 'torch' else 'TensorFlow'}{bf16}", d.why
+            engine_why = s.engine_why.get(device, "not compared on this device")
+            rows.append(f"| {name} | {device} | {backend} | timm: {engine_why} | {why} |")
+    return "\n".join(rows)

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from osteo.backbones.base import get_engine
 from osteo.errors import OsteoError
 from osteo.files import read_csv, read_json, write_csv, write_json
 
@@ -395,8 +396,8 @@ def find_run(spec: str, runs_dir: str | os.PathLike = "runs", model: str | None 
 
 
 def use_backend_of(runs) -> None:
-    """Before Keras is imported: the PyTorch backend when any of ``runs`` was trained on timm's
-    PyTorch module (it loads only there; runs of Keras' layers load on either backend).
+    """Before Keras is imported: the one backend an engine of ``runs`` needs, if any (timm's
+    PyTorch module loads only on PyTorch; runs of Keras' layers load on either backend).
 
     An explicit ``KERAS_BACKEND`` is left as it is (loading then says what to do).
     """
@@ -407,9 +408,9 @@ def use_backend_of(runs) -> None:
         if (path / CvDir.MANIFEST).is_file():  # a cross-validation: its folds were trained alike
             path = CvDir(path).fold(1).path
         try:
-            impl = RunDir(path).read_recipe_dict().get("model", {}).get("impl")
-        except (OsteoError, OSError, ValueError, AttributeError):
-            continue  # not a run: the command itself says so
-        if impl == "timm":
-            os.environ["KERAS_BACKEND"] = "torch"
+            required = get_engine(RunDir(path).read_recipe().model.impl).required_backend
+        except (OsteoError, OSError, ValueError, AttributeError, TypeError):
+            continue  # not a run, or a damaged one: the command itself says so
+        if required:
+            os.environ["KERAS_BACKEND"] = required
             return

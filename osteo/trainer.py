@@ -36,6 +36,7 @@ import numpy as np
 
 from osteo import device as devices
 from osteo import tracking
+from osteo.backbones.base import get_engine
 from osteo.callbacks import (
     BestCheckpoint,
     HistoryCSV,
@@ -47,6 +48,7 @@ from osteo.callbacks import (
 from osteo.classifier import Classifier, SparseCrossEntropy, default_metrics
 from osteo.errors import OsteoError
 from osteo.files import atomic_path, sweep_temporaries, write_bytes
+from osteo.optim import make_optimizer
 from osteo.recipe import AugmentConfig, Recipe, resolve
 from osteo.registry import get_backbone
 from osteo.runs import RunDir, create_run_dir, find_run, new_run_dir
@@ -154,15 +156,15 @@ class Trainer:
         r = self.recipe = resolve(self.recipe, backend=keras.backend.backend())  # fills model.impl
         tracking.check(r)  # a tracker asked for but not installed fails before any work
         t = r.train
-        if self.plan is None or self.plan.impl != r.model.impl:
+        if self.plan is None or not self.plan.made_for(r.model.impl):
             why = self.plan.why["backend"] if self.plan else "the backend Keras had loaded"
             self.plan = devices.plan(get_backbone(r.model.backbone), devices.probe(),
                                      backend=keras.backend.backend(), precision=t.precision,
                                      jit_compile=t.jit_compile, impl=r.model.impl, weights=r.model.weights,
                                      planned_images=devices.planned_images(r))
             self.plan.why["backend"] = why
-        # the timm engine compiles its backbone (torch.compile); Keras' jit_compile is for its own layers
-        self.compile_backbone = self.plan.jit_compile and r.model.impl == "timm"
+        # an engine may compile its backbone itself (timm: torch.compile); Keras' jit_compile is then off
+        self.compile_backbone, self.keras_jit = get_engine(r.model.impl).jit(self.plan.jit_compile)
         self.clf = Classifier.from_recipe(r, compile_backbone=self.compile_backbone)
 
         from osteo.data.module import DataModule
@@ -252,7 +254,7 @@ class Trainer:
             optimizer=self._optimizer(phase.lr, phase.last_epoch - phase.first_epoch),
             loss=SparseCrossEntropy(t.label_smoothing),
             metrics=default_metrics(),
-            jit_compile=self.plan.jit_compile and not self.compile_backbone,
+            jit_compile=self.keras_jit,
         )
         self.best.target = model
         self.history.phase = phase.number
@@ -376,17 +378,6 @@ class Trainer:
                 warmup_target=lr if warmup else None, warmup_steps=warmup,
             )
         return make_optimizer(t.optimizer, lr, t.weight_decay)
-
-
-def make_optimizer(kind: str, learning_rate, weight_decay: float = 0.0) -> keras.optimizers.Optimizer:
-    """Adam or AdamW; on PyTorch the same optimizers updated by PyTorch's fused kernel."""
-    adam, adamw = keras.optimizers.Adam, keras.optimizers.AdamW
-    if keras.backend.backend() == "torch":
-        from osteo.backbones.timm_torch import FusedAdam as adam
-        from osteo.backbones.timm_torch import FusedAdamW as adamw
-    if kind == "adamw":
-        return adamw(learning_rate=learning_rate, weight_decay=weight_decay)
-    return adam(learning_rate=learning_rate)
 
 
 def _done_until(marker: Path) -> int:

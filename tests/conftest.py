@@ -59,7 +59,7 @@ def fails_fast_offline(monkeypatch):
     empty cache) raises a one-line OsteoError naming both ways out, and every connection it
     tried had osteo's bounded timeout (no clock is read: the bound is what makes it fast).
     Online, the real download would run: skipped."""
-    from osteo.backbones import DOWNLOAD_TIMEOUT
+    from osteo.backbones.base import DOWNLOAD_TIMEOUT
     from osteo.errors import OsteoError
 
     def check(host: str, build) -> None:

@@ -1,10 +1,14 @@
 import importlib
+import re
+from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
-from osteo.backbones import GrayToRGB, Preprocess
+import osteo
+from osteo.backbones.base import create
+from osteo.classifier import GrayToRGB, Preprocess
 from osteo.errors import OsteoError
 from osteo.registry import get_backbone, list_backbones
 
@@ -63,11 +67,11 @@ def test_sizes_and_features():
 def test_local_weights_file_loads_with_equal_outputs(name, tmp_path):
     spec = get_backbone(name)
     keras.utils.set_random_seed(1)
-    a = spec.build(image_size=32, weights="none")
+    a = _keras(spec, "none")
     path = tmp_path / f"{name}.weights.h5"
     a.save_weights(path)
     keras.utils.set_random_seed(2)  # a different random init, then the file's weights
-    b = spec.build(image_size=32, weights=str(path))
+    b = _keras(spec, str(path))
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(keras.ops.convert_to_numpy(a(x)), keras.ops.convert_to_numpy(b(x)), atol=1e-6)
     assert b.output_shape[-1] == spec.feature_size
@@ -75,13 +79,67 @@ def test_local_weights_file_loads_with_equal_outputs(name, tmp_path):
 
 def test_weights_file_of_another_backbone_is_a_clear_error(tmp_path):
     path = tmp_path / "tiny.weights.h5"
-    get_backbone("tiny").build(image_size=32, weights="none").save_weights(path)
+    _keras(get_backbone("tiny"), "none").save_weights(path)
     with pytest.raises(OsteoError, match="does not match backbone vgg16"):
-        get_backbone("vgg16").build(image_size=32, weights=str(path))
+        _keras(get_backbone("vgg16"), str(path))
     with pytest.raises(OsteoError, match="not found"):
-        get_backbone("vgg16").build(image_size=32, weights=str(tmp_path / "missing.h5"))
+        _keras(get_backbone("vgg16"), str(tmp_path / "missing.h5"))
 
 
 def test_offline_imagenet_fails_fast_and_names_the_fix(tmp_path, monkeypatch, fails_fast_offline):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # an empty weights cache
-    fails_fast_offline("storage.googleapis.com", lambda: get_backbone("vgg16").build(image_size=32, weights="imagenet"))
+    fails_fast_offline("storage.googleapis.com", lambda: _keras(get_backbone("vgg16"), "imagenet"))
+
+
+def _keras(spec, weights):
+    return create(spec, "keras", image_size=32, weights=weights).build()
+
+
+def test_only_the_backbones_and_the_device_plan_compare_engine_names():
+    """The engine is chosen once (osteo.device) and asked, never named, elsewhere (issue 17)."""
+    root = Path(osteo.__file__).parent
+    engine = r"""["']timm["']"""  # "keras" is also an export format; an engine test names impl
+    compares = re.compile(rf"""(?:==|!=)\s*{engine}|{engine}\s*(?:==|!=)|\bin\s*[\(\[{{]\s*{engine}"""
+                          r"""|\bimpl\s*(?:==|!=|\bin\b)|timm_name["']\s*,\s*None\)""")
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("backbones/") or rel == "device.py":
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if compares.search(line.split("#")[0]):
+                found.append(f"osteo/{rel}:{n}: {line.strip()}")
+    assert not found, "\n".join(found)
+    # the pattern does catch what it is for
+    assert compares.search('if recipe.model.impl == "timm":') and compares.search('if getattr(layer, "timm_name", None):')
+
+
+def test_a_crafted_weights_file_is_refused_from_its_declared_shapes(tmp_path):
+    """A 62 KB file declaring a compressed 20000x20000 tensor (1.6 GB inflated) is refused from
+    the shape HDF5 declares: the message names that shape, which only the metadata carries."""
+    import h5py
+
+    path = tmp_path / "crafted.weights.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("layers/tiny_block1_conv/vars/0", shape=(20000, 20000), dtype="float32",
+                         compression="gzip", fillvalue=0.0, chunks=(1000, 1000))
+    assert path.stat().st_size < 100_000
+    with pytest.raises(OsteoError, match=r"does not match backbone tiny: it holds a tensor of shape \(20000, 20000\) that no weight of the model has"):
+        _keras(get_backbone("tiny"), str(path))
+    linked = tmp_path / "linked.weights.h5"
+    with h5py.File(linked, "w") as f:
+        f["layers"] = h5py.ExternalLink(str(path), "/layers")
+    with pytest.raises(OsteoError, match=r"links to another file") as e:
+        _keras(get_backbone("tiny"), str(linked))
+    assert "\n" not in str(e.value)
+
+
+def test_the_readmes_tables_are_the_registrys():
+    """README's decisions and stages tables are generated from osteo.registry; this keeps them so."""
+    from osteo.registry import decisions_markdown, stages_markdown
+
+    readme = (Path(osteo.__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    for tag, table in (("decisions", decisions_markdown()), ("stages", stages_markdown())):
+        block = re.search(rf"<!-- {tag}: [^>]*-->\n(.*?)\n<!-- /{tag} -->", readme, re.S)
+        assert block, f"README.md lost its {tag} table"
+        assert block.group(1) == table, f"README.md's {tag} table is stale; paste osteo.registry.{tag}_markdown():\n{table}"

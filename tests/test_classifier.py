@@ -57,15 +57,15 @@ def test_phase_trainable_counts_and_batchnorm_frozen():
     bn = [layer for layer in bb.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert bn and all(not layer.trainable for layer in bn)
     assert clf.trainable_counts()["trainable"] == head + conv
-    clf.unfreeze_backbone(top_blocks=1)  # only tiny_block2 learns
+    clf.unfreeze_backbone(top_stages=1)  # only tiny_block2 learns
     top = _count(bb.get_layer("tiny_block2_conv").weights)
     assert clf.trainable_counts()["trainable"] == head + top
 
 
-def test_top_blocks_on_a_real_backbone():
+def test_top_stages_on_a_real_backbone():
     clf = Classifier("vgg16", image_size=32, weights="none")
     clf.build()
-    clf.unfreeze_backbone(top_blocks=1)
+    clf.unfreeze_backbone(top_stages=1)
     trainable = {layer.name for layer in clf.backbone.layers if layer.trainable and layer.weights}
     assert trainable == {"block5_conv1", "block5_conv2", "block5_conv3"}
 
@@ -140,10 +140,10 @@ def test_class_weights_change_the_loss():
 def test_bn_momentum_override_reaches_every_batchnorm():
     import keras
 
-    from osteo.classifier import Classifier, _all_layers
+    from osteo.classifier import Classifier
 
-    for momentum, expected in ((0.0, 0.99), (0.9, 0.9)):
+    for momentum, expected in ((0.0, 0.99), (0.9, 0.9)):  # 0: the architecture's own (Keras' 0.99 here)
         clf = Classifier("tiny", image_size=32, weights="none", freeze_bn=False, bn_momentum=momentum)
         clf.build()
-        bns = [layer for layer in _all_layers(clf.backbone) if isinstance(layer, keras.layers.BatchNormalization)]
+        bns = [layer for layer in clf.backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
         assert len(bns) == 2 and {layer.momentum for layer in bns} == {expected}

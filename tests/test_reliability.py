@@ -284,7 +284,7 @@ def test_a_runs_model_is_rebuilt_from_its_recipe_and_its_files_are_never_deseria
     from osteo.errors import OsteoError
     from osteo.predict import load_best
 
-    with pytest.raises(OsteoError, match="cannot load"):
+    with pytest.raises(OsteoError, match="cannot be read as a Keras weights file"):
         load_best(run.path)
 
 

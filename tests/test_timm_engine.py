@@ -22,7 +22,7 @@ if keras.backend.backend() != "torch":  # before torch is imported: beside Tenso
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
-from osteo.backbones.timm_torch import TimmBackbone  # noqa: E402
+from osteo.backbones.timm_torch import TimmLayer  # noqa: E402
 from osteo.classifier import Classifier  # noqa: E402
 from osteo.errors import OsteoError  # noqa: E402
 from osteo.recipe import AugmentConfig  # noqa: E402
@@ -78,7 +78,7 @@ def test_features_are_the_modules_own_in_channels_last_and_the_head_is_pruned():
 
 def test_vgg_keeps_only_its_convolutions():
     """timm's VGG carries a 120M-parameter pre_logits block that forward_features never uses."""
-    layer = TimmBackbone("vgg16", "vgg16.tv_in1k", image_size=32)
+    layer = TimmLayer("vgg16", "vgg16.tv_in1k", image_size=32)
     assert layer.dropped == ("pre_logits",)
     assert sum(p.numel() for p in layer.module.parameters()) == 14_714_688  # keras.applications VGG16, no top
 
@@ -108,9 +108,10 @@ def test_phases_freeze_and_unfreeze_the_modules_parameters():
     clf.freeze_backbone()
     assert not any(p.requires_grad for p in params.values())
     assert clf.trainable_counts()["backbone_trainable"] == 0
-    clf.unfreeze_backbone(top_blocks=1)  # layer4 only, and never BatchNorm's scale and shift
+    clf.unfreeze_backbone(top_stages=1)  # the second stage (layer3, layer4) only, never BatchNorm's scale and shift
     trainable = {n for n, p in params.items() if p.requires_grad}
-    assert trainable and all(n.startswith("layer4.") and n not in bn for n in trainable)
+    assert trainable and all(n.startswith(("layer3.", "layer4.")) and n not in bn for n in trainable)
+    assert any(n.startswith("layer3.") for n in trainable)
     assert {id(v.value) for v in clf.backbone.trainable_weights} == {id(params[n]) for n in trainable}
     clf.unfreeze_backbone(0)
     assert {n for n, p in params.items() if p.requires_grad} == set(params) - bn
@@ -134,22 +135,22 @@ def test_local_weights_files_load_and_are_checked(tmp_path):
     want = ref.eval().forward_features((torch.as_tensor(x).permute(0, 3, 1, 2) / 255 - torch.tensor(cfg["mean"])
                                         .view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1))
     for f in ("w.pth", "w.safetensors"):
-        layer = TimmBackbone("tiny", "test_resnet", image_size=32, weights=str(tmp_path / f))
+        layer = TimmLayer("tiny", "test_resnet", image_size=32, weights=str(tmp_path / f))
         got = keras.ops.convert_to_numpy(layer(x, training=False))
         np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).detach().numpy(), atol=1e-5)
     torch.save(_timm_state("test_convnext", 1), tmp_path / "other.pth")
     with pytest.raises(OsteoError, match=r"does not match backbone tiny: missing .*unexpected .*WEIGHTS=none"):
-        TimmBackbone("tiny", "test_resnet", image_size=32, weights=str(tmp_path / "other.pth"))
+        TimmLayer("tiny", "test_resnet", image_size=32, weights=str(tmp_path / "other.pth"))
     torch.save(timm.create_model("test_resnet"), tmp_path / "pickled_module.pth")  # code, not weights
     with pytest.raises(OsteoError, match="cannot read weights file"):
-        TimmBackbone("tiny", "test_resnet", image_size=32, weights=str(tmp_path / "pickled_module.pth"))
+        TimmLayer("tiny", "test_resnet", image_size=32, weights=str(tmp_path / "pickled_module.pth"))
 
 
 def test_offline_imagenet_fails_fast_and_names_the_fix(tmp_path, monkeypatch, fails_fast_offline):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty hub cache
-    fails_fast_offline("huggingface.co", lambda: TimmBackbone("convnext_tiny", "convnext_tiny.fb_in1k", image_size=32,
+    fails_fast_offline("huggingface.co", lambda: TimmLayer("convnext_tiny", "convnext_tiny.fb_in1k", image_size=32,
                                                              weights="imagenet"))
 
 
@@ -167,7 +168,7 @@ def test_imagenet_weights_load_from_the_hub_cache_without_the_network(tmp_path, 
     save_file(state, str(snapshot / "model.safetensors"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("no connection was needed"))
-    layer = TimmBackbone("tiny", "test_resnet", image_size=32, weights="imagenet")
+    layer = TimmLayer("tiny", "test_resnet", image_size=32, weights="imagenet")
     for name, value in layer.module.state_dict().items():
         torch.testing.assert_close(value, state[name])
 
@@ -287,7 +288,7 @@ def test_auto_picks_timm_on_torch_and_keras_where_timm_lacks_the_backbone(tmp_pa
 def test_fused_optimizers_update_exactly_as_keras_does(kind):
     """PyTorch's fused kernel in Keras' optimizer: the same weights as Keras' own after
     several steps (epsilon, bias corrections, decoupled decay), the same state variables."""
-    from osteo.backbones.timm_torch import FusedAdam, FusedAdamW
+    from osteo.optim import FusedAdam, FusedAdamW
 
     shapes = [(64, 32), (8, 8, 3, 3), (1000,), (7,)]
     grads = [[torch.as_tensor(np.random.default_rng(10 * k + i).normal(size=s).astype("float32") * 10.0 ** -i)
@@ -319,7 +320,8 @@ def test_fused_optimizers_update_exactly_as_keras_does(kind):
 
 
 def test_the_cli_loads_a_timm_run_on_pytorch_without_being_asked(timm_run, phantom_dir, tmp_path):
-    """No KERAS_BACKEND: predict, eval and report pick PyTorch from the run's recipe; export says why not."""
+    """No KERAS_BACKEND: predict, eval and report pick PyTorch from the run's recipe; a format the
+    engine cannot write is one line naming the ones it can."""
     import subprocess
     import sys
 
@@ -334,13 +336,14 @@ def test_the_cli_loads_a_timm_run_on_pytorch_without_being_asked(timm_run, phant
     proc = osteo("report", str(timm_run.path), "--out", str(tmp_path / "report"), "--bootstrap", "20")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "report" / "index.html").exists()
-    proc = osteo("export", str(timm_run.path), "--format", "onnx")
-    assert proc.returncode == 2 and "timm's PyTorch module" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    proc = osteo("export", str(timm_run.path), "--format", "savedmodel")
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "timm engine" in proc.stderr and "exports onnx, not savedmodel" in proc.stderr
 
 
 def test_fused_adam_takes_up_restored_iterations():
     """A restore after the first step (as a resume does) sets the bias correction's step again."""
-    from osteo.backbones.timm_torch import FusedAdam
+    from osteo.optim import FusedAdam
 
     v = keras.Variable(np.ones((5,), "float32"))
     grads = [torch.as_tensor(np.full((5,), 0.1 * (k + 1), "float32")) for k in range(2)]
@@ -356,3 +359,32 @@ def test_fused_adam_takes_up_restored_iterations():
     opt.load_own_variables(store)
     opt.apply([grads[1]], [v])
     np.testing.assert_allclose(v.numpy(), after_two, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vgg16", "vgg19", "densenet169", "convnext_tiny", "resnet50",
+                                  "efficientnetv2_b0", "mobilenetv3_large", "tiny"])
+def test_both_engines_have_the_same_stages(name):
+    """train.fine_tune_blocks counts the same architectural stages on both engines: the spec's
+    number of stages on each, and for the architectures both engines build alike (the study's
+    four), the same trainable parameters in every stage and after unfreezing the top 2. (Keras'
+    ResNet50 has convolution biases torchvision's has not; the tf_ ports differ in details.)"""
+    from osteo.backbones.base import create
+    from osteo.registry import get_backbone
+
+    spec = get_backbone(name)
+    counts, top2 = {}, {}
+    for engine in ("keras", "timm"):
+        backbone = create(spec, engine, image_size=32, weights="none")
+        backbone.build()
+        stages = backbone.stages()
+        assert len(stages) == spec.n_stages == backbone.stage_count()
+        counts[engine] = [sum(int(np.prod(v.shape)) for v in s) for s in stages]
+        assert all(counts[engine]) and sum(counts[engine]) == sum(int(np.prod(v.shape)) for v in
+                                                                  backbone.layer.trainable_weights)
+        backbone.unfreeze(top_stages=2, freeze_bn=False)
+        top2[engine] = sum(int(np.prod(v.shape)) for v in backbone.layer.trainable_weights)
+        assert top2[engine] == sum(counts[engine][-2:])
+    if name in ("vgg16", "vgg19", "densenet169", "convnext_tiny"):
+        assert counts["keras"][:-1] == counts["timm"][:-1]
+        # keras.applications' ConvNeXt ends in the LayerNorm (scale and shift) timm keeps in its head
+        assert counts["keras"][-1] - counts["timm"][-1] == (2 * spec.feature_size if spec.pooled_norm else 0)

@@ -115,13 +115,13 @@ def test_backend_auto_follows_the_measurements_and_never_idles_a_gpu():
 
     intel, amd = CPU["avx512_bf16"], CPU["avx2"]
     assert cpu_class("fpu avx2 avx512f avx512_bf16") == "avx512_bf16" and cpu_class("fpu avx2") == "avx2"
-    pick = lambda name, dev, n=0, avail=BOTH, req="auto": choose_backend(req, get_backbone(name), dev, n, avail)[0]
+    pick = lambda name, dev, avail=BOTH, req="auto": choose_backend(req, get_backbone(name), dev, avail)[0]
     for name in ("vgg16", "vgg19", "densenet169", "convnext_tiny"):  # the timm engine, on both classes
         assert pick(name, intel) == pick(name, amd) == "torch"
-    # a backend with a slow first step loses short runs (the rule DenseNet169 had on TensorFlow)
-    spec = replace(get_backbone("densenet169"), cpu={"avx2": CpuDecision("tensorflow", "torch", 5000)})
-    assert choose_backend("auto", spec, amd, 1000, BOTH)[0] == "torch"
-    assert choose_backend("auto", spec, amd, 50_000, BOTH)[0] == "tensorflow"
+        # the reason quotes the measurement for that backbone and class, not a range
+        assert get_backbone(name).cpu["avx2"].why in choose_backend("auto", get_backbone(name), amd, BOTH)[1]
+    spec = replace(get_backbone("densenet169"), cpu={"avx2": CpuDecision("tensorflow", why="measured")})
+    assert choose_backend("auto", spec, amd, BOTH) == ("tensorflow", "tensorflow for densenet169 on avx2 CPUs: measured")
     assert pick("tiny", intel) == "tensorflow"  # no decision recorded: TensorFlow
     assert pick("convnext_tiny", intel, req="tensorflow") == "tensorflow"
     assert pick("convnext_tiny", intel, avail=("tensorflow",)) == "tensorflow"  # torch not installed
@@ -130,13 +130,13 @@ def test_backend_auto_follows_the_measurements_and_never_idles_a_gpu():
     assert pick("vgg16", gpu) == "torch"
     tf_gpu = replace(gpu, gpu_backends=("tensorflow",))
     assert pick("convnext_tiny", tf_gpu) == "tensorflow"
-    backend, why = choose_backend("auto", get_backbone("convnext_tiny"), replace(gpu, gpu_backends=()), 0, BOTH)
+    backend, why = choose_backend("auto", get_backbone("convnext_tiny"), replace(gpu, gpu_backends=()), BOTH)
     assert backend == "torch" and "no installed backend was built for it" in why  # the CPU table, said so
     plan = device_plan(get_backbone("vgg16"), gpu, available=BOTH)
     assert (plan.backend, plan.runs_on, plan.precision) == ("torch", "gpu", "mixed_bfloat16")
     assert set(plan.to_json()["why"]) == {"backend", "impl", "precision", "jit_compile"}
     if importlib.util.find_spec("timm"):  # the engine: timm's module on PyTorch, Keras' layers on TensorFlow
-        assert plan.impl == "timm" and "faster" in plan.why["impl"]
+        assert plan.impl == "timm" and plan.why["impl"] == get_backbone("vgg16").engine_why["gpu"]
     assert device_plan(get_backbone("vgg16"), tf_gpu, available=BOTH).impl == "keras"
 
 

@@ -1,10 +1,10 @@
-"""timm's PyTorch module inside the Keras model (the PyTorch engine; PyTorch backend only).
+"""The ``timm`` engine: timm's PyTorch module inside the Keras model (PyTorch backend only).
 
 On the PyTorch backend the study's backbones run as timm modules: the same
-architectures, measured 1.6-2.5x faster than ``keras.applications`` layers there, with a
-quarter of the memory on DenseNet169 (``benchmarks/README.md``). Keras keeps
-everything around the backbone (gray to RGB, augmentation, pooling, head, loss, the
-loop); :class:`TimmBackbone` is a ``keras.layers.TorchModuleWrapper`` that
+architectures, measured faster than ``keras.applications`` layers there (the ratios per
+backbone and device are in :mod:`osteo.registry` and ``benchmarks/README.md``). Keras
+keeps everything around the backbone (gray to RGB, augmentation, pooling, head, loss,
+the loop); :class:`TimmLayer` is a ``keras.layers.TorchModuleWrapper`` that
 
 * takes NHWC images (Keras' layout) and hands them to the module as NCHW *views* of the
   same memory, i.e. in PyTorch's channels-last memory format, without a copy, and gives
@@ -28,20 +28,32 @@ memory.
 Serialization: ``TorchModuleWrapper.get_config`` pickles the module, which osteo never
 loads (see :func:`osteo.predict.load_best`: runs are rebuilt from ``recipe.json`` and
 their weights file). ``get_config`` here therefore refuses.
+
+:class:`TimmBackbone` is the engine (:class:`osteo.backbones.base.Backbone`): stages are
+groups of the module's parameters by the spec's ``stages["timm"]`` patterns.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import urllib.parse
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
 
-from osteo.backbones import DOWNLOAD_TIMEOUT, _download_timeout, _looks_like_network_error, _short
+from osteo.backbones.base import (
+    DOWNLOAD_TIMEOUT,
+    ENGINES,
+    OFFLINE_FIX,
+    Backbone,
+    download_timeout,
+    group_by_stage,
+    looks_like_network_error,
+)
+from osteo.backbones.base import short as _short
 from osteo.errors import OsteoError
 from osteo.registry import parse_weights
 
@@ -78,7 +90,7 @@ def _load_pretrained(name: str, timm_name: str):
         cached = try_to_load_from_cache(hub_id, filename)
         if isinstance(cached, str):
             return create_module(timm_name, pretrained=True, pretrained_cfg_overlay={"file": cached})
-    fail = ("train from scratch with WEIGHTS=none, or pass a local file with WEIGHTS=/path/to/file")
+    fail = OFFLINE_FIX
     url = os.environ.get("HF_ENDPOINT", "https://huggingface.co") if hub_id else (getattr(cfg, "url", "") or "")
     host = urllib.parse.urlparse(url).hostname
     try:
@@ -86,31 +98,44 @@ def _load_pretrained(name: str, timm_name: str):
     except (OSError, TypeError) as e:
         raise OsteoError(f"cannot download ImageNet weights for {name} from {host} (no network?): {_short(e)}; "
                          f"{fail}") from None
-    with _download_timeout():
+    with download_timeout():
         try:
             return create_module(timm_name, pretrained=True)
         except Exception as e:  # huggingface_hub, urllib and socket errors all differ
-            if not _looks_like_network_error(e):
+            if not looks_like_network_error(e):
                 raise
             raise OsteoError(f"cannot download ImageNet weights for {name} (no network?): {_short(e)}; {fail}") from None
 
 
-def read_state_dict(path: Path) -> dict:
-    """A state dict from a ``.safetensors`` file or a PyTorch file, never unpickling code."""
+def read_state_dict(path: Path) -> tuple[dict[str, tuple[int, ...]], Callable[[], dict]]:
+    """(each tensor's declared shape, a function that reads the tensors) of a ``.safetensors``
+    file or a PyTorch file, never unpickling code.
+
+    The shapes come without reading any tensor's data (the safetensors header; PyTorch's
+    zip format memory-mapped), so a file can be refused before it costs memory or time.
+    """
     import torch
 
     if path.suffix == ".safetensors":
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        return shapes, lambda: load_file(str(path))
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        state = torch.load(str(path), map_location="cpu", weights_only=True)  # the pre-1.6 format
     for key in ("state_dict", "model", "state_dict_ema"):  # training checkpoints wrap it
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
-    if not isinstance(state, dict):
-        raise ValueError(f"holds a {type(state).__name__}, not a state dict")
-    return state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"holds a {type(state).__name__}, not a state dict of tensors")
+    return {k: tuple(v.shape) for k, v in state.items()}, lambda: state
 
 
 def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...]) -> None:
@@ -118,26 +143,32 @@ def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...]) -
 
     Keys of the classifier (timm's ``pretrained_cfg["classifier"]``) and of the parts
     dropped at build time may be in the file and are ignored; anything else that is
-    missing, unexpected or of another shape is an error.
+    missing, unexpected or of another shape is an error, found from the declared shapes
+    before a tensor is read.
     """
     classifier = module.pretrained_cfg.get("classifier") or ()
     ignored = tuple(f"{p}." for p in ((classifier,) if isinstance(classifier, str) else classifier) + dropped)
     fix = (f"pass a weights file of timm's {module.pretrained_cfg.get('architecture', name)}, a Keras .h5 file "
            "with model.impl=keras, or WEIGHTS=none")
     try:
-        state = {k.removeprefix("module."): v for k, v in read_state_dict(path).items()}
+        declared, read = read_state_dict(path)
     except Exception as e:
         raise OsteoError(f"cannot read weights file {path}: {_short(e)}; {fix}") from None
-    state = {k: v for k, v in state.items() if not k.startswith(ignored)}
+    declared = {k.removeprefix("module."): v for k, v in declared.items()}
+    declared = {k: v for k, v in declared.items() if not k.startswith(ignored)}
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    missing = sorted(set(own) - set(declared))
+    unexpected = sorted(set(declared) - set(own))
+    wrong = sorted(k for k in set(own) & set(declared) if tuple(own[k].shape) != declared[k])
     if missing or unexpected or wrong:
         parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         raise OsteoError(f"weights file {path} does not match backbone {name}: {'; '.join(parts)}; {fix}")
-    module.load_state_dict(state, strict=True)
+    try:
+        state = {k.removeprefix("module."): v for k, v in read().items()}
+    except Exception as e:
+        raise OsteoError(f"cannot read weights file {path}: {_short(e)}; {fix}") from None
+    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
 
 
 def _prune_unused(module, image_size: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -164,7 +195,7 @@ def _prune_unused(module, image_size: int) -> tuple[tuple[str, ...], tuple[int, 
     return tuple(dropped), (int(y.shape[2]), int(y.shape[3]), int(y.shape[1]))
 
 
-class TimmBackbone(keras.layers.TorchModuleWrapper):
+class TimmLayer(keras.layers.TorchModuleWrapper):
     """A timm backbone as a Keras layer: NHWC in (after gray to RGB), NHWC features out.
 
     Args:
@@ -242,109 +273,62 @@ class TimmBackbone(keras.layers.TorchModuleWrapper):
             self._forward, self.compiled = self.module.forward_features, False
             return self._forward(x)
 
-    def set_bn_momentum(self, keras_momentum: float) -> None:
+    def get_config(self):
+        raise NotImplementedError("a timm backbone is saved as weights and rebuilt from the run's recipe.json")
+
+
+class TimmBackbone(Backbone):
+    """The ``timm`` engine: a :class:`TimmLayer` and what osteo asks of it."""
+
+    info = ENGINES["timm"]
+
+    def build(self) -> TimmLayer:
+        self.layer = TimmLayer(self.spec.name, self.spec.timm_name, image_size=self.image_size, weights=self.weights,
+                               normalize=self.scales_own_input, compile=self.compile, name=self.spec.name)
+        names = list(self.layer._variables)
+        groups = group_by_stage(names, self.spec.stages[self.info.name])
+        self._stages = [[self.layer._variables[names[i]] for i in g] for g in groups]
+        return self.layer
+
+    def stages(self) -> list[list]:
+        return [list(group) for group in self._stages]
+
+    def unfreeze(self, top_stages: int = 0, freeze_bn: bool = True) -> None:
+        import torch
+
+        layer = self.layer
+        layer.trainable = True
+        n = len(self._stages)
+        for group in self._stages[: n - top_stages] if 0 < top_stages < n else []:
+            for v in group:
+                v.trainable = False
+        if freeze_bn:
+            for prefix, m in layer.module.named_modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    for n_, _ in m.named_parameters(recurse=False):
+                        layer._variables[f"{prefix}.{n_}" if prefix else n_].trainable = False
+
+    def set_bn_momentum(self, momentum: float) -> None:
         """Keras' momentum m is PyTorch's 1 - m (the weight of the old statistics vs the new batch)."""
         import torch
 
-        for m in self.module.modules():
+        for m in self.layer.module.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.momentum = 1.0 - keras_momentum
+                m.momentum = 1.0 - momentum
 
-    # ------------------------------------------------------------------ blocks
+    def gradcam_parts(self, model) -> tuple[list, Callable, list]:
+        """The target is the layer's output, the last stage's feature map (a torch module has no
+        Keras layers to name)."""
+        i = model.layers.index(self.layer)
 
-    def blocks(self) -> list[list]:
-        """The module's Keras variables grouped into blocks, input to output (timm's coarse groups)."""
-        from timm.models import group_parameters
+        def feature(x, training=False):
+            y = self.layer(x, training=training)
+            return y, y
 
-        groups = group_parameters(self.module, self.module.group_matcher(coarse=True))
-        blocks = [[self._variables[n] for n in names if n in self._variables] for _, names in sorted(groups.items())]
-        return [b for b in blocks if b]  # groups of pruned parts (a head) hold nothing
+        return model.layers[1:i], feature, model.layers[i + 1 :]
 
-    def freeze(self, *, frozen_blocks: int, freeze_bn: bool) -> None:
-        """After ``trainable = True``: freeze the first ``frozen_blocks`` blocks, and BatchNorm's scale and shift."""
-        import torch
-
-        for block in self.blocks()[:frozen_blocks]:
-            for v in block:
-                v.trainable = False
-        if freeze_bn:
-            for prefix, m in self.module.named_modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    for n, _ in m.named_parameters(recurse=False):
-                        self._variables[f"{prefix}.{n}" if prefix else n].trainable = False
-
-    def get_config(self):
-        raise NotImplementedError("a TimmBackbone is saved as weights and rebuilt from the run's recipe.json")
-
-
-# --------------------------------------------------------------------------- the optimizer
-
-
-class _Fused:
-    """Adam's update as PyTorch's fused kernel (one pass over each tensor) instead of Keras'.
-
-    Keras' Adam on PyTorch is a chain of ``torch._foreach_*`` calls, several of which
-    allocate a new copy of every moment: measured here as half of a ConvNeXtTiny step on
-    the CPU (``benchmarks/README.md``). The state stays Keras': the moments are the
-    optimizer's own variables (saved, restored on resume, counted as before), the step is
-    ``iterations``, the learning rate comes from its schedule, and the update is Keras'
-    exactly: PyTorch adds epsilon to the bias-corrected ``sqrt(v)``, so it is given
-    Keras' epsilon divided by ``sqrt(1 - beta_2^t)``. The step count is kept on the host
-    too (read once from ``iterations``), so no step waits for the device.
-    """
-
-    _kernel = "_fused_adam_"
-
-    def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        import torch
-
-        with torch.no_grad():
-            params = [v.value for v in trainable_variables]
-            index = [self._get_variable_index(v) for v in trainable_variables]
-            moments = [self._momentums[i] for i in index] + [self._velocities[i] for i in index]
-            for m, p in zip(moments, params + params):
-                if m.value.stride() != p.stride():  # channels-last weights: the moments follow their layout
-                    m.value.data = torch.empty_like(p).copy_(m.value)
-            if getattr(self, "_host_step", None) is None:
-                self._host_step = int(self.iterations.value)  # once: restored by a resume, or 0
-            self._host_step += 1
-            t = self._host_step
-            steps = getattr(self, "_step_tensors", None)
-            if steps is None or len(steps) != len(params):
-                steps = self._step_tensors = [torch.zeros((), dtype=torch.float32, device=p.device) for p in params]
-            torch._foreach_zero_(steps)  # then t: what the kernel's bias corrections read
-            torch._foreach_add_(steps, float(t))
-            lr = learning_rate.value if hasattr(learning_rate, "value") else learning_rate
-            getattr(torch, self._kernel)(
-                params, [g.to(p.dtype) for g, p in zip(grads, params)],
-                [m.value for m in moments[: len(params)]], [v.value for v in moments[len(params):]], [], steps,
-                lr=torch.as_tensor(lr, dtype=torch.float32, device=params[0].device),
-                beta1=float(self.beta_1), beta2=float(self.beta_2),
-                weight_decay=float(self.weight_decay or 0.0) if self._kernel == "_fused_adamw_" else 0.0,
-                eps=float(self.epsilon) / math.sqrt(1.0 - float(self.beta_2) ** t), amsgrad=False, maximize=False)
-
-
-    def load_own_variables(self, store):
-        super().load_own_variables(store)
-        self._host_step = None  # iterations restored: read it again at the next step
-
-
-class FusedAdam(_Fused, keras.optimizers.Adam):
-    """``keras.optimizers.Adam`` with PyTorch's fused update (PyTorch backend only)."""
-
-
-class FusedAdamW(_Fused, keras.optimizers.AdamW):
-    """``keras.optimizers.AdamW`` with PyTorch's fused update (PyTorch backend only).
-
-    The decoupled weight decay (``variable -= variable * weight_decay * lr``) is done by
-    the kernel, in the same pass, instead of by Keras beforehand, one variable at a time.
-    """
-
-    _kernel = "_fused_adamw_"
-
-    def _apply_weight_decay(self, variables):
-        if getattr(self, "_exclude_from_weight_decay", None) or getattr(self, "_exclude_from_weight_decay_pattern", None):
-            raise NotImplementedError("FusedAdamW decays every variable; use keras.optimizers.AdamW to exclude some")
+    def load_weights_file(self, path: Path) -> None:
+        load_weights_file(self.layer.module, path, self.spec.name, self.layer.dropped)
 
 
 def _from_compiler(e: BaseException) -> bool:

@@ -1,0 +1,235 @@
+"""What an engine provides: the one Backbone interface both engines implement.
+
+osteo builds the study's backbones with one of two engines (keras-hub's Backbone/Task
+split: the classifier around them is the same Keras code on both):
+
+=========  ===================================================  ==================  =========================
+engine     what the backbone is                                 Keras backends      export formats
+=========  ===================================================  ==================  =========================
+``keras``  ``keras.applications`` layers (:mod:`.keras_apps`)  tensorflow, torch   onnx, savedmodel, keras
+``timm``   timm's PyTorch module as a Keras layer (:mod:`.timm_torch`)  torch       onnx
+=========  ===================================================  ==================  =========================
+
+A :class:`Backbone` is made once per model, from the device plan and the resolved
+recipe (:func:`create`), and everything that differs between the engines goes through
+it: building the layer with its weights (ImageNet, none, or a local file checked
+against the architecture before it is read), its *stages* (the same architectural
+stages on both engines, so ``train.fine_tune_blocks`` means the same thing on either:
+the table is in ``docs/ARCHITECTURE.md``), freezing and unfreezing the top N stages,
+BatchNorm momentum (in Keras' terms on both), the Grad-CAM target and the export
+formats. Outside ``osteo/backbones/`` and :mod:`osteo.device` (which chooses the engine)
+no code compares engine names.
+
+This module and :data:`ENGINES` are Keras-free: the CLI reads them before the Keras
+backend is chosen; an engine's implementation is imported only when a model is built.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import importlib
+import re
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from osteo.errors import OsteoError
+
+if TYPE_CHECKING:
+    from osteo.registry import BackboneSpec
+
+# Seconds a download of ImageNet weights may wait on the network before osteo gives up.
+DOWNLOAD_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """Keras-free facts about one engine, read before Keras is imported."""
+
+    name: str
+    describes: str  # for people: what the backbone is
+    backends: tuple[str, ...]  # the Keras backends it runs on
+    export_formats: tuple[str, ...]
+    # its jit_compile is torch.compile of the backbone module, not Keras' jit_compile
+    compiles_backbone: bool
+    # it scales its own input (timm: the module's pretrained_cfg mean and std): preprocessing "timm"
+    own_preprocessing: str | None
+    implementation: str  # "module:Class" of its Backbone, imported at build time
+
+    def preprocessing(self, spec: BackboneSpec) -> str:
+        """The input scaling this engine gives ``spec``'s backbone when the recipe says ``auto``."""
+        return self.own_preprocessing or spec.preprocessing
+
+    def check_preprocessing(self, mode: str) -> None:
+        """A mode another engine owns (``timm``: the module's own scaling) is refused in one line."""
+        for other in ENGINES.values():
+            if other is not self and other.own_preprocessing == mode:
+                raise OsteoError(f"model.preprocessing={mode} is the {other.name} engine's own scaling; with "
+                                 f"model.impl={self.name} use auto or one of caffe, torch, tf, none")
+
+    def check_backend(self, backend: str, what: str) -> None:
+        """Refuse to build ``what`` (a run, a model) on a Keras backend this engine does not run on."""
+        if backend not in self.backends:
+            raise OsteoError(f"{what} uses the {self.name} engine ({self.describes}), which runs on "
+                             f"{' or '.join(self.backends)}: set KERAS_BACKEND={self.backends[0]}")
+
+    @property
+    def required_backend(self) -> str | None:
+        """The one Keras backend this engine runs on, or None if it runs on several."""
+        return self.backends[0] if len(self.backends) == 1 else None
+
+    def jit(self, jit_compile: bool) -> tuple[bool, bool]:
+        """(compile the backbone module, Keras' jit_compile) for the plan's ``jit_compile``."""
+        return (jit_compile, False) if self.compiles_backbone else (False, jit_compile)
+
+    def check_export(self, fmt: str, what: str) -> None:
+        if fmt not in self.export_formats:
+            raise OsteoError(f"{what} was trained on the {self.name} engine ({self.describes}), which exports "
+                             f"{', '.join(self.export_formats)}, not {fmt}; use --format "
+                             f"{self.export_formats[0]}")
+
+    def load(self) -> type[Backbone]:
+        module, _, attr = self.implementation.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+ENGINES: dict[str, EngineInfo] = {
+    "keras": EngineInfo("keras", "keras.applications layers", ("tensorflow", "torch"), ("onnx", "savedmodel", "keras"),
+                        compiles_backbone=False, own_preprocessing=None,
+                        implementation="osteo.backbones.keras_apps:KerasAppsBackbone"),
+    "timm": EngineInfo("timm", "timm's PyTorch module inside the Keras model", ("torch",), ("onnx",),
+                       compiles_backbone=True, own_preprocessing="timm",
+                       implementation="osteo.backbones.timm_torch:TimmBackbone"),
+}
+
+
+def get_engine(name: str) -> EngineInfo:
+    """The engine called ``name`` (a resolved recipe's ``model.impl``)."""
+    try:
+        return ENGINES[name]
+    except KeyError:
+        raise OsteoError(f"unknown model.impl {name!r}; choose one of: auto, {', '.join(ENGINES)}") from None
+
+
+def create(spec: BackboneSpec, engine: str, *, image_size: int, weights: str | None = "none",
+           preprocessing: str | None = None, compile: bool = False) -> Backbone:
+    """The backbone of ``spec`` on ``engine`` (not built yet: :meth:`Backbone.build` makes the layer)."""
+    info = get_engine(engine)
+    mode = info.preprocessing(spec) if preprocessing in (None, "auto") else preprocessing
+    info.check_preprocessing(mode)
+    return info.load()(spec, image_size=image_size, weights=weights, preprocessing=mode, compile=compile)
+
+
+class Backbone(abc.ABC):
+    """One backbone on one engine: what the classifier, trainer, Grad-CAM and export ask of it.
+
+    Args:
+        spec: the registry's spec (architecture, stages, Grad-CAM layer).
+        image_size: the square input size.
+        weights: ``imagenet``, ``none`` or the path of a local weights file.
+        preprocessing: the input scaling (:meth:`EngineInfo.preprocessing` for ``auto``);
+            a mode the layer does itself is not applied again by the classifier.
+        compile: compile the backbone (engines whose ``compiles_backbone`` is set).
+    """
+
+    info: ClassVar[EngineInfo]
+
+    def __init__(self, spec: BackboneSpec, *, image_size: int, weights: str | None = "none",
+                 preprocessing: str = "none", compile: bool = False):
+        self.spec = spec
+        self.image_size = image_size
+        self.weights = weights
+        self.preprocessing = preprocessing
+        self.compile = compile
+        self.layer: Any = None  # the Keras layer, once built
+
+    @property
+    def scales_own_input(self) -> bool:
+        """The layer applies :attr:`preprocessing` itself (the classifier adds no Preprocess layer)."""
+        return self.preprocessing == self.info.own_preprocessing
+
+    @abc.abstractmethod
+    def build(self) -> Any:
+        """Make the Keras layer on (size, size, 3) inputs with its weights; sets :attr:`layer`."""
+
+    @abc.abstractmethod
+    def stages(self) -> list[list[Any]]:
+        """The trainable Keras variables grouped by architectural stage, input to output."""
+
+    def freeze(self) -> None:
+        """Phase 1: nothing in the backbone learns."""
+        self.layer.trainable = False
+
+    @abc.abstractmethod
+    def unfreeze(self, top_stages: int = 0, freeze_bn: bool = True) -> None:
+        """Phase 2: the top ``top_stages`` stages learn (0: all); BatchNorm's scale and shift stay
+        frozen with ``freeze_bn``."""
+
+    @abc.abstractmethod
+    def set_bn_momentum(self, momentum: float) -> None:
+        """Every BatchNorm's moving-average momentum, in Keras' terms (the weight of the old statistics)."""
+
+    @abc.abstractmethod
+    def gradcam_parts(self, model: Any) -> tuple[list, Any, list]:
+        """(layers before the backbone, ``feature(x, training) -> (target activations, backbone
+        output)``, layers after it) of the classifier ``model``, for Grad-CAM."""
+
+    @abc.abstractmethod
+    def load_weights_file(self, path: Path) -> None:
+        """Load a local weights file into the built layer; its declared shapes are checked
+        against the architecture before any tensor is read, and a mismatch is one line."""
+
+    @property
+    def export_formats(self) -> tuple[str, ...]:
+        return self.info.export_formats
+
+    def stage_count(self) -> int:
+        return len(self.spec.stages[self.info.name])
+
+
+def group_by_stage(names: Sequence[str], patterns: Sequence[str]) -> list[list[int]]:
+    """Indices of ``names`` (layer or parameter names, input to output) grouped by stage.
+
+    ``names[i]`` is in the first stage whose pattern it matches; a name that matches none
+    joins the stage of the name before it (a stem joins the first stage, a final norm the
+    last). Every stage must receive something: an architecture whose names changed fails
+    here, not silently later.
+    """
+    compiled = [re.compile(p) for p in patterns]
+    groups: list[list[int]] = [[] for _ in patterns]
+    current = 0
+    for i, name in enumerate(names):
+        current = next((k for k, c in enumerate(compiled) if c.search(name)), current)
+        groups[current].append(i)
+    empty = [patterns[k] for k, g in enumerate(groups) if not g]
+    if empty:
+        raise ValueError(f"no layer or parameter matches the stage patterns {empty}")
+    return groups
+
+
+@contextlib.contextmanager
+def download_timeout() -> Iterator[None]:
+    """Bound every socket opened inside (urllib, the hub client) by :data:`DOWNLOAD_TIMEOUT`."""
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def looks_like_network_error(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e}".lower()
+    return isinstance(e, OSError) or any(
+        w in text for w in ("url fetch failure", "urlopen", "timed out", "name resolution", "network", "http")
+    )
+
+
+def short(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+OFFLINE_FIX = "train from scratch with WEIGHTS=none, or pass a local file with WEIGHTS=/path/to/file"

@@ -1,0 +1,180 @@
+"""The ``keras`` engine: ``keras.applications`` backbones, on TensorFlow or PyTorch.
+
+The backbone is the Keras model ``spec.constructor`` builds without its top; its stages
+are groups of its layers, by the spec's ``stages["keras"]`` name patterns. Weights:
+``imagenet`` (the Keras cache, or a download that fails fast offline), ``none``, or a
+local Keras weights file (``.weights.h5`` or the ``_notop.h5`` files Keras downloads),
+whose every dataset is checked against the model's weights before anything is read.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from pathlib import Path
+
+import keras
+
+from osteo.backbones.base import (
+    ENGINES,
+    OFFLINE_FIX,
+    Backbone,
+    download_timeout,
+    group_by_stage,
+    looks_like_network_error,
+    short,
+)
+from osteo.errors import OsteoError
+from osteo.registry import parse_weights
+
+
+class KerasAppsBackbone(Backbone):
+    """A ``keras.applications`` backbone (a functional Keras model nested in the classifier)."""
+
+    info = ENGINES["keras"]
+
+    def build(self) -> keras.Model:
+        spec, shape = self.spec, (self.image_size, self.image_size, 3)
+        constructor = _import(spec.constructor)
+        kind, path = parse_weights(self.weights)
+        if kind == "imagenet":
+            if spec.test_only:
+                raise OsteoError(f"{spec.name} has no ImageNet weights; use WEIGHTS=none")
+            with download_timeout():
+                try:
+                    self.layer = constructor(include_top=False, weights="imagenet", input_shape=shape,
+                                             **spec.constructor_kwargs)
+                except Exception as e:  # urllib, socket and Keras' own wrapper all differ
+                    if not looks_like_network_error(e):
+                        raise
+                    raise OsteoError(f"cannot download ImageNet weights for {spec.name} (no network?): "
+                                     f"{short(e)}; {OFFLINE_FIX}") from None
+        else:
+            self.layer = constructor(include_top=False, weights=None, input_shape=shape, **spec.constructor_kwargs)
+        groups = group_by_stage([layer.name for layer in self.layer.layers], self.spec.stages[self.info.name])
+        self._stage_layers = [[self.layer.layers[i] for i in g] for g in groups]
+        # what each stage can train, read while everything is trainable (nested layers included)
+        self._stages = [[v for layer in group for v in layer.trainable_weights] for group in self._stage_layers]
+        if kind == "file":
+            self.load_weights_file(path)
+        return self.layer
+
+    def stages(self) -> list[list]:
+        return [list(group) for group in self._stages]
+
+    def unfreeze(self, top_stages: int = 0, freeze_bn: bool = True) -> None:
+        self.layer.trainable = True
+        n = len(self._stage_layers)
+        for group in self._stage_layers[: n - top_stages] if 0 < top_stages < n else []:
+            for layer in group:
+                layer.trainable = False
+        if freeze_bn:
+            for layer in _all_layers(self.layer):
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.trainable = False
+
+    def set_bn_momentum(self, momentum: float) -> None:
+        for layer in _all_layers(self.layer):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = momentum
+
+    def gradcam_parts(self, model: keras.Model) -> tuple[list, keras.Model, list]:
+        return keras_gradcam_parts(model, self.spec)
+
+    def load_weights_file(self, path: Path) -> None:
+        load_weights_file(self.layer, path, self.spec.name)
+
+
+def keras_gradcam_parts(model: keras.Model, spec) -> tuple[list, keras.Model, list]:
+    """Grad-CAM's parts of a classifier whose backbone is a nested Keras model holding the
+    spec's ``gradcam_layer`` (also a run saved whole before weights-only checkpoints)."""
+    target = spec.gradcam_layer
+    if not target:
+        raise OsteoError(f"{spec.name} names no Grad-CAM layer in its spec; add gradcam_layer to osteo.registry")
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer, keras.Model) and any(x.name == target for x in layer.layers):
+            feature = keras.Model(layer.inputs, [layer.get_layer(target).output, layer.output])
+            return model.layers[1:i], feature, model.layers[i + 1 :]
+    raise OsteoError(f"the model has no backbone with a layer {target!r}; is this a {spec.name} run?")
+
+
+def _import(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+
+
+def check_h5_weights(path: Path, model: keras.Model, what: str, fix: str) -> None:
+    """Refuse a Keras weights file that cannot be ``model``'s before Keras reads a tensor of it.
+
+    Only the file's metadata is read (h5py reads a dataset's declared shape and type, never
+    its data, here): links to other files are refused, and every dataset must have the
+    shape of one of the model's weights and fit in the model's size. A crafted file that
+    declares a huge (compressed) tensor is refused in milliseconds instead of being inflated.
+    """
+    import h5py
+    import numpy as np
+
+    shapes = {tuple(int(d) for d in w.shape) for w in model.weights} | {()}
+    budget = 2 * sum(int(np.prod(w.shape)) * 8 for w in model.weights) + 2**20
+
+    def bad(reason: str) -> OsteoError:
+        return OsteoError(f"weights file {path} {reason}; {fix}")
+
+    try:
+        with h5py.File(path, "r") as f:
+            declared = 0
+            stack = [f]
+            while stack:
+                group = stack.pop()
+                for name in group:
+                    link = group.get(name, getlink=True)
+                    if isinstance(link, h5py.ExternalLink):
+                        raise bad(f"links to another file ({link.filename})")
+                    obj = group.get(name)
+                    if isinstance(obj, h5py.Group):
+                        stack.append(obj)
+                    elif isinstance(obj, h5py.Dataset):
+                        if obj.shape is None or tuple(obj.shape) not in shapes:
+                            raise bad(f"does not match {what}: it holds a tensor of shape {obj.shape} that no "
+                                      "weight of the model has")
+                        declared += int(np.prod(obj.shape)) * obj.dtype.itemsize
+                        if declared > budget:
+                            raise bad("declares more data than the model holds")
+    except OsteoError:
+        raise
+    except Exception as e:  # not HDF5, truncated, unreadable
+        raise bad(f"cannot be read as a Keras weights file ({short(e)})") from None
+
+
+def load_weights_file(model: keras.Model, path: Path, name: str) -> None:
+    """Load a weights file; any skipped or mismatched layer is an error, not a warning."""
+    fix = f"pass a weights file saved from {name} (without its top) or WEIGHTS=none"
+    check_h5_weights(path, model, f"backbone {name}", fix)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            model.load_weights(str(path))
+    except Exception as e:
+        raise OsteoError(f"weights file {path} does not match backbone {name}: {short(e)}; {fix}") from None
+
+
+def tiny_backbone(include_top=False, weights=None, input_shape=(64, 64, 3), name="tiny"):
+    """A two-block CNN for tests: same interface as keras.applications builders."""
+    del include_top
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for i, width in enumerate((8, 16), start=1):
+        x = keras.layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False, name=f"tiny_block{i}_conv")(x)
+        x = keras.layers.BatchNormalization(name=f"tiny_block{i}_bn")(x)
+        x = keras.layers.ReLU(name=f"tiny_block{i}_relu")(x)
+    model = keras.Model(inputs, x, name=name)
+    if weights is not None:
+        model.load_weights(weights)
+    return model
