@@ -63,6 +63,8 @@ class Plan:
     device: Device
     why: dict[str, str] = field(default_factory=dict)
     impl: str = "keras"
+    # requested choices measured far slower than auto's here: one line each, with the measurement
+    warnings: list[str] = field(default_factory=list)
 
     def made_for(self, engine: str) -> bool:
         """Whether this plan's choices were made for ``engine`` (a resolved ``model.impl``)."""
@@ -74,7 +76,8 @@ class Plan:
 
     def to_json(self) -> dict:
         return {"backend": self.backend, "impl": self.impl, "precision": self.precision,
-                "jit_compile": self.jit_compile, "runs_on": self.runs_on, "device": asdict(self.device), "why": dict(self.why)}
+                "jit_compile": self.jit_compile, "runs_on": self.runs_on, "device": asdict(self.device),
+                "why": dict(self.why), "warnings": list(self.warnings)}
 
 
 # --------------------------------------------------------------------------- probing
@@ -272,7 +275,16 @@ def plan(spec: BackboneSpec, device: Device, *, backend: str = "auto", precision
     i, why_i = choose_impl(impl, spec, b, weights, "gpu" if device.on(b) == "gpu" else device.cpu_class)
     p, why_p = choose_precision(precision, spec, device, b)
     j, why_j = choose_jit(jit_compile, spec, device, b, i, planned_images)
-    return Plan(b, p, j, device, {"backend": why_b, "impl": why_i, "precision": why_p, "jit_compile": why_j}, i)
+    out = Plan(b, p, j, device, {"backend": why_b, "impl": why_i, "precision": why_p, "jit_compile": why_j}, i)
+    where = "gpu" if device.on(b) == "gpu" else device.cpu_class
+    slow = [s for s in spec.slow_paths if s.matches(where, b, i, p)]
+    if slow and (backend, impl, precision) != ("auto", "auto", "auto"):
+        fast = plan(spec, device, planned_images=planned_images, available=available, weights=weights)
+        if (fast.backend, fast.impl, fast.precision) != (b, i, p):
+            out.warnings = [f"{s.measured} on {where}; the faster choice here is backend={fast.backend}, "
+                            f"model.impl={fast.impl}, train.precision={fast.precision} (leave them auto)"
+                            for s in slow]
+    return out
 
 
 def peak_memory_mb() -> dict[str, float | None]:

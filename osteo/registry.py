@@ -41,6 +41,22 @@ class CpuDecision:
 
 
 @dataclass(frozen=True)
+class SlowPath:
+    """A combination a user can ask for that was measured far slower than ``auto`` on one device
+    class: ``osteo train`` warns with the measurement (``"*"`` matches any value)."""
+
+    device_class: str  # "gpu" or a CPU class
+    backend: str
+    impl: str
+    precision: str
+    measured: str  # the measurement, for the warning: "... img/s vs ... for auto (... px): Nx slower"
+
+    def matches(self, device_class: str, backend: str, impl: str, precision: str) -> bool:
+        return all(want in ("*", got) for want, got in ((self.device_class, device_class), (self.backend, backend),
+                                                         (self.impl, impl), (self.precision, precision)))
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     """How to build and feed one backbone.
 
@@ -72,6 +88,7 @@ class BackboneSpec:
     # without it, features from scratch grow large and saturate the softmax.
     pooled_norm: bool = False
     cpu: dict[str, CpuDecision] = field(default_factory=dict)  # per CPU class
+    slow_paths: tuple[SlowPath, ...] = ()
     # why the timm engine is chosen on PyTorch, per device class ("gpu" or a CPU class): the
     # measured ratio to Keras' layers on PyTorch (quoted in env.json)
     engine_why: dict[str, str] = field(default_factory=dict)
@@ -212,6 +229,9 @@ register(BackboneSpec(
     # H200, bf16, batch 128 (issue 10): 2,814 img/s eager -> 4,195 compiled, i.e. 1.17e-4 s
     # saved per image; an assumed ~60 s compile pays after ~500,000 images (not yet timed here)
     compile_pays_after={"gpu": 500_000},
+    slow_paths=(SlowPath("avx512_bf16", "tensorflow", "keras", "*",
+                         "TensorFlow's ConvNeXtTiny trained at 1.24 img/s vs 8.10 for the timm engine on PyTorch "
+                         "(224 px, bf16): 6.5x slower"),),
     cpu=_cpu("the timm engine trained 6.53x TensorFlow's rate (8.10 vs 1.24 img/s, 224 px, bf16)",
              "timm's own loop trained 1.83x Keras' layers on PyTorch (21.9 vs 12.0 img/s, 64 px)", xla=True),
     engine_why={"avx512_bf16": "the timm engine trained 1.65x Keras' layers on PyTorch at 64 px (60.4 vs 36.6 "

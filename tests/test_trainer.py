@@ -235,3 +235,16 @@ def test_probe_reads_nvidia_smi_and_the_backends_cuda_builds(tmp_path, monkeypat
 
     torch_cuda = importlib.util.find_spec("torch") is not None and "+cpu" not in md.version("torch")
     assert device.gpu_builds() == (("torch",) if torch_cuda else ())
+
+
+def test_a_requested_slow_path_is_one_warning_with_its_measurement():
+    """TensorFlow's ConvNeXtTiny on the AVX-512 class was measured 6.5x slower than auto: asking for
+    it warns with that measurement and the faster choice; auto and other requests do not."""
+    cpu = CPU["avx512_bf16"]
+    spec = get_backbone("convnext_tiny")
+    slow = device_plan(spec, cpu, backend="tensorflow", available=BOTH)
+    assert len(slow.warnings) == 1 and "6.5x slower" in slow.warnings[0] and "backend=torch" in slow.warnings[0]
+    assert slow.to_json()["warnings"] == slow.warnings  # env.json records it
+    assert device_plan(spec, cpu, available=BOTH).warnings == []
+    assert device_plan(spec, CPU["avx2"], backend="tensorflow", available=BOTH).warnings == []  # not measured there
+    assert device_plan(get_backbone("vgg16"), cpu, backend="tensorflow", available=BOTH).warnings == []
