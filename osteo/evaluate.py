@@ -1,7 +1,7 @@
 """Predictions -> metrics, with intervals and the majority baseline: ``osteo eval RUN_DIR``.
 
-``predictions.csv`` columns: ``path, label, pred, p_normal, p_osteopenia,
-p_osteoporosis, split``. :func:`compute_metrics` turns one split of it into the
+``predictions.csv`` (columns ``path, label, pred, p_normal, p_osteopenia, p_osteoporosis,
+split``; :class:`osteo.runs.RunDir` reads and writes it). :func:`compute_metrics` turns one split of it into the
 numbers of ``metrics.json``; scikit-learn computes every metric it has, and this
 module adds what it lacks: specificity, expected calibration error, the stratified
 bootstrap, and McNemar's exact test.
@@ -20,45 +20,11 @@ import numpy as np
 
 from osteo import CLASSES
 from osteo.errors import OsteoError
-from osteo.files import read_csv, write_csv
 
-PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
-PREDICTION_COLUMNS = ("path", "label", "pred", *PROB_COLUMNS, "split")
 K = len(CLASSES)
 # Metrics that get a bootstrap interval; all are functions of the confusion matrix.
 CI_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 PER_CLASS_CI = ("precision", "recall", "specificity", "f1")
-
-
-# --------------------------------------------------------------------------- I/O
-
-
-def write_predictions(path: str | os.PathLike, rows: Sequence[dict], probs: np.ndarray, split: str,
-                      append_to: list[dict] | None = None) -> list[dict]:
-    """Write (or extend) ``predictions.csv``; probabilities with 6 decimals, stable bytes."""
-    out = list(append_to or [])
-    for r, p in zip(rows, probs):
-        out.append({
-            "path": r["path"], "label": r["label"], "pred": CLASSES[int(np.argmax(p))],
-            **{c: f"{float(v):.6f}" for c, v in zip(PROB_COLUMNS, p)}, "split": split,
-        })
-    write_csv(path, out, PREDICTION_COLUMNS)
-    return out
-
-
-def read_predictions(path: str | os.PathLike, split: str | None = None):
-    """(labels, probabilities, rows) of one split of a ``predictions.csv``."""
-    rows = read_csv(path, "is this a finished run directory? If it is, train the run again")
-    if rows and not set(PREDICTION_COLUMNS) <= set(rows[0]):
-        raise OsteoError(f"{path} is not an osteo predictions.csv (columns {', '.join(rows[0])})")
-    if split is not None:
-        rows = [r for r in rows if r["split"] == split]
-    try:
-        y = np.array([CLASSES.index(r["label"]) for r in rows], dtype=int)
-        p = np.array([[float(r[c]) for c in PROB_COLUMNS] for r in rows], dtype=float).reshape(-1, K)
-    except ValueError as e:
-        raise OsteoError(f"{path} has a bad row ({e}); re-run `osteo eval` on a finished run") from None
-    return y, p, rows
 
 
 # --------------------------------------------------------------------------- what sklearn lacks

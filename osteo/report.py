@@ -793,10 +793,8 @@ def _calibrated(run: RunDir, y: np.ndarray, probs: np.ndarray, metrics: dict):
 
 def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) -> Run:
     """A run scored on another folder (``osteo eval RUN --data FOLDER``) as its own row."""
-    from osteo.evaluate import read_predictions
-
     run = RunDir(run_dir)
-    y, probs, rows = read_predictions(external / RunDir.PREDICTIONS, "external")
+    y, probs, rows = RunDir(external).read_predictions("external")
     if not len(y):
         raise OsteoError(f"{external} holds no external predictions; run osteo eval {run} --data FOLDER again")
     metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed)

@@ -24,6 +24,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from osteo import CLASSES
 from osteo.errors import OsteoError
 from osteo.files import read_csv, read_json, write_csv, write_json
 
@@ -31,6 +34,8 @@ if TYPE_CHECKING:
     from osteo.recipe import Recipe
 
 STATE_FILE = "state.json"  # osteo.callbacks.TrainingState's commit file, one per phase
+PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
+PREDICTION_COLUMNS = ("path", "label", "pred", *PROB_COLUMNS, "split")
 
 
 class _Folder:
@@ -251,9 +256,30 @@ class RunDir(_Folder):
 
     def read_predictions(self, split: str | None = None):
         """(labels, probabilities, rows) of one split of ``predictions.csv`` (all splits: None)."""
-        from osteo.evaluate import read_predictions
+        path = self.predictions_path
+        rows = read_csv(path, "is this a finished run directory? If it is, train the run again")
+        if rows and not set(PREDICTION_COLUMNS) <= set(rows[0]):
+            raise OsteoError(f"{path} is not an osteo predictions.csv (columns {', '.join(rows[0])})")
+        if split is not None:
+            rows = [r for r in rows if r["split"] == split]
+        try:
+            y = np.array([CLASSES.index(r["label"]) for r in rows], dtype=int)
+            p = np.array([[float(r[c]) for c in PROB_COLUMNS] for r in rows], dtype=float).reshape(-1, len(CLASSES))
+        except ValueError as e:
+            raise OsteoError(f"{path} has a bad row ({e}); re-run `osteo eval` on a finished run") from None
+        return y, p, rows
 
-        return read_predictions(self.predictions_path, split)
+    def write_predictions(self, rows: Sequence[dict], probs: np.ndarray, split: str,
+                          append_to: list[dict] | None = None) -> list[dict]:
+        """Write (or extend) ``predictions.csv``; probabilities with 6 decimals, stable bytes."""
+        out = list(append_to or [])
+        for r, p in zip(rows, probs):
+            out.append({
+                "path": r["path"], "label": r["label"], "pred": CLASSES[int(np.argmax(p))],
+                **{c: f"{float(v):.6f}" for c, v in zip(PROB_COLUMNS, p)}, "split": split,
+            })
+        write_csv(self.predictions_path, out, PREDICTION_COLUMNS)
+        return out
 
 
 class CvDir(_Folder):

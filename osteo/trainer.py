@@ -298,7 +298,7 @@ class Trainer:
     def finish(self) -> Path:
         """Restore the best checkpoint, predict every held-out split, write metrics.json once."""
         from osteo.calibrate import calibrate_run
-        from osteo.evaluate import evaluate_run, write_predictions
+        from osteo.evaluate import evaluate_run
         from osteo.report import write_model_card
 
         run, model = self.run_dir, self.model
@@ -311,7 +311,7 @@ class Trainer:
         for name in ("val", "test"):
             if self.dm.count(name):
                 probs = model.predict(self.dm.eval_dataset(name), verbose=0)
-                rows = write_predictions(run.predictions_path, self.dm.rows(name), probs, name, append_to=rows)
+                rows = run.write_predictions(self.dm.rows(name), probs, name, append_to=rows)
         history = run.read_history()
         rates = [float(h["images_per_sec"]) for h in history if h.get("images_per_sec")]
         self.env.update({

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from osteo import CLASSES
-from osteo.evaluate import bootstrap, compute_metrics, evaluate_run, write_predictions
+from osteo.evaluate import bootstrap, compute_metrics, evaluate_run
 from osteo.files import read_json, write_csv, write_json
 from osteo.report import HEADLINE, write_report
+from osteo.runs import RunDir
 
 PLOTS = {"curves.png", "confusion.png", "roc.png", "reliability.png", "samples.png", "metrics.png", "gradcam.png"}
 HISTORY_COLUMNS = ("epoch", "phase", "accuracy", "loss", "val_accuracy", "val_loss")
@@ -50,7 +51,7 @@ def make_run(root: Path, run_id: str, probs: np.ndarray, val_labels: list[str] =
               [*({**r, "split": "train", "group": r["path"]} for r in train),
                *({**r, "split": "val", "group": r["path"]} for r in val)],
               ("path", "label", "split", "group"))
-    write_predictions(run / "predictions.csv", val, probs, "val")
+    RunDir(run).write_predictions(val, probs, "val")
     write_json(run / "metrics.json", {"model": "tiny", "best_epoch": 1, "monitor": "val_macro_f1"})
     write_json(run / "env.json", {"backend": "tensorflow", "precision": "float32", "n_train": len(train)})
     write_csv(run / "history.csv", history or [
