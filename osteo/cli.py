@@ -459,7 +459,7 @@ def _point_figures(p: dict) -> str:
 def cmd_calibrate(args) -> int:
     """Fit (again) a run's temperature and operating points on its validation predictions."""
     from osteo.calibrate import calibrate_run
-    from osteo.report import write_model_card
+    from osteo.model_card import write_model_card
     from osteo.runs import RunDir
 
     run = RunDir(args.run).check(need=(RunDir.PREDICTIONS,))

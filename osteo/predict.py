@@ -21,6 +21,7 @@ import numpy as np
 from osteo import CLASSES
 from osteo.errors import OsteoError
 from osteo.files import write_csv
+from osteo.model_card import write_model_card
 from osteo.runs import PROB_COLUMNS, RunDir
 
 COLUMNS = ("path", "status", "pred", *PROB_COLUMNS, "reason")
@@ -265,7 +266,5 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     }
     write_json(out / RunDir.METRICS, report)
     write_audit(result, out)
-    from osteo.report import write_model_card
-
     write_model_card(run)
     return out, report

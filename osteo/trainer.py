@@ -299,7 +299,7 @@ class Trainer:
         """Restore the best checkpoint, predict every held-out split, write metrics.json once."""
         from osteo.calibrate import calibrate_run
         from osteo.evaluate import evaluate_run
-        from osteo.report import write_model_card
+        from osteo.model_card import write_model_card
 
         run, model = self.run_dir, self.model
         if not self.best.path.exists():
