@@ -48,6 +48,11 @@ def _console_err():
     return Console(stderr=True, highlight=False)
 
 
+def _say(console):
+    """A ``say`` callback: plain lines on ``console`` (names from disk are printed as they are, no markup)."""
+    return lambda text: console.print(text, highlight=False, markup=False)
+
+
 def _at_least(low: int, high: int | None = None):
     """An argparse type: an integer from ``low`` (to ``high``), else a one-line usage error."""
     def convert(text: str) -> int:
@@ -174,77 +179,6 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- train
 
 
-def build_recipe(args):
-    """The recipe the command line asks for, resolved (and so checked) before anything is written."""
-    from osteo.recipe import apply_overrides, recipe_for, resolve, set_total_epochs
-
-    recipe = recipe_for(args.recipe, args.model)
-    if args.data:
-        recipe.data.dir = args.data
-    if args.weights:
-        recipe.model.weights = args.weights
-    if args.image_size is not None:
-        recipe.data.image_size = args.image_size
-    if args.batch is not None:
-        recipe.data.batch_size = args.batch
-    if args.seed is not None:
-        recipe.train.seed = args.seed
-    if args.epochs is not None:
-        set_total_epochs(recipe, args.epochs)
-    if args.deterministic:
-        recipe.train.deterministic = True
-    if args.runs:
-        recipe.runs_dir = args.runs
-    if args.mlflow:
-        recipe.train.mlflow = True
-    if args.operating_point:
-        recipe.train.operating_points = tuple(args.operating_point)
-    apply_overrides(recipe, args.set or [])
-    return resolve(recipe)
-
-
-def plan_device(requested: str | None, recipe, console):
-    """Probe the device and choose backend, precision and compilation, before Keras is imported."""
-    import os
-
-    from osteo import device
-    from osteo.registry import get_backbone
-
-    spec = get_backbone(recipe.model.backbone)
-    t = recipe.train
-    if "keras" in sys.modules:  # imported already (a library caller): keep the backend it loaded
-        import keras
-
-        plan = device.plan(spec, device.probe(), backend=keras.backend.backend(), precision=t.precision,
-                           jit_compile=t.jit_compile, impl=recipe.model.impl,
-                           weights=recipe.model.weights)
-        plan.why["backend"] = "the backend Keras had loaded"
-        return plan
-    choice = requested or os.environ.get("KERAS_BACKEND") or "auto"
-    plan = device.plan(spec, device.probe(), backend=choice, precision=t.precision, jit_compile=t.jit_compile,
-                       planned_images=device.planned_images(recipe), impl=recipe.model.impl,
-                       weights=recipe.model.weights)
-    if choice == "auto":
-        console.print(f"backend: {plan.backend} on {plan.runs_on} ({plan.why['backend']}); "
-                      f"backbone: {plan.impl} ({plan.why['impl']})", highlight=False)
-    os.environ["KERAS_BACKEND"] = plan.backend
-    return plan
-
-
-def ensure_phantom(recipe, console) -> None:
-    """A phantom data folder (``data/phantom*``) is written on first use (complete or not at all)."""
-    from pathlib import Path
-
-    from osteo.data.phantom import write_phantom
-
-    path = Path(recipe.data.dir)
-    if path.exists() or path.parent != Path("data") or not path.name.startswith("phantom"):
-        return
-    console.print(f"writing the phantom dataset ({recipe.data.phantom_n} images of {recipe.data.phantom_size} px) "
-                  f"to {path} ...", highlight=False)
-    write_phantom(path, n=recipe.data.phantom_n, size=recipe.data.phantom_size, seed=0)
-
-
 def print_run_summary(run_dir, console) -> None:
     from rich.table import Table
 
@@ -264,96 +198,53 @@ def print_run_summary(run_dir, console) -> None:
     console.print(f"run directory: {run_dir}", highlight=False)
 
 
-def resume_recipe(args):
-    """``--resume``: the run to continue and its own resolved recipe.
+def _train_options(args):
+    """What ``osteo train``'s options change in the recipe (:class:`osteo.session.TrainOptions`)."""
+    from osteo.session import TrainOptions
 
-    The run's recipe decides everything; an option given with ``--resume`` is applied
-    where that is safe (``--epochs`` above the run's total: the last phase gets the
-    extra epochs), accepted when it repeats the run's value, and refused otherwise.
-    """
-    from osteo.recipe import resolve
-    from osteo.runs import find_run
-
-    run = find_run(args.resume, args.runs or "runs", args.model)
-    recipe = resolve(run.read_recipe())
-    d, t = recipe.data, recipe.train
-    asked = {"--model": (args.model, recipe.model.backbone), "--data": (args.data, d.dir),
-             "--weights": (args.weights, recipe.model.weights), "--image-size": (args.image_size, d.image_size),
-             "--batch": (args.batch, d.batch_size), "--seed": (args.seed, t.seed),
-             "--deterministic": (args.deterministic or None, t.deterministic)}
-    for option, (given, saved) in asked.items():
-        if given is not None and given != saved:
-            raise OsteoError(f"{option} cannot change when resuming {run.path} (it trained with {saved}); "
-                             "drop the option, or start a new run")
-    if args.set:
-        raise OsteoError(f"--set cannot change a run being resumed ({run.path}); drop it, or start a new run")
-    if args.operating_point and tuple(args.operating_point) != t.operating_points:
-        raise OsteoError(f"--operating-point cannot change when resuming {run.path}; set it afterwards with: "
-                         f"osteo calibrate {run.path} --operating-point ...")
-    if args.mlflow and not t.mlflow:
-        raise OsteoError(f"--mlflow cannot be turned on when resuming {run.path} (its first epochs were not "
-                         "logged); start a new run with --mlflow")
-    total = t.epochs + t.fine_tune_epochs
-    if args.epochs is not None and args.epochs != total:
-        if args.epochs < total:
-            raise OsteoError(f"--epochs {args.epochs} is fewer than the {total} {run.path} was started with; "
-                             "a resumed run can only get more epochs")
-        if t.fine_tune_epochs:
-            t.fine_tune_epochs += args.epochs - total
-        else:
-            t.epochs = args.epochs
-    return run, recipe
+    return TrainOptions(data=args.data, weights=args.weights, image_size=args.image_size, batch=args.batch,
+                        seed=args.seed, epochs=args.epochs, deterministic=args.deterministic, runs=args.runs,
+                        mlflow=args.mlflow, operating_points=tuple(args.operating_point or ()),
+                        overrides=tuple(args.set or ()))
 
 
 def cmd_train(args) -> int:
+    from osteo.session import (
+        build_recipe,
+        cross_validate,
+        ensure_phantom,
+        plan_device,
+        resume_recipe,
+    )
+
     console = _console()
+    say = _say(console)
+    options = _train_options(args)
     run = None
     if args.resume:
         if args.folds is not None or args.fold is not None or args.cv:
             raise OsteoError("--resume takes one run; to resume a fold, pass its folder: --resume CV_DIR/fold-I")
-        run, recipe = resume_recipe(args)
+        run, recipe = resume_recipe(args.resume, args.model, options)
     else:
-        recipe = build_recipe(args)
+        recipe = build_recipe(args.recipe, args.model, options)
     backend = args.backend
     if run is not None and backend is None:  # a run resumes on the backend (and engine) it trained on
         with contextlib.suppress(OsteoError, OSError, ValueError):
             backend = run.read_env().get("backend")
-    plan = plan_device(backend, recipe, console)
+    plan = plan_device(backend, recipe, say)
     if run is None:
-        ensure_phantom(recipe, console)
+        ensure_phantom(recipe, say)
     if args.folds is not None or args.fold is not None or args.cv:
-        return cross_validate(args, recipe, plan, console)
+        cv = cross_validate(recipe, plan, console, folds=args.folds, fold=args.fold, cv=args.cv,
+                            command=" ".join(sys.argv))
+        k = cv.read()["folds"]
+        print(f"cross-validation: {cv} ({'fold ' + str(args.fold) if args.fold else f'{k} folds'}); "
+              f"compare with: osteo report --runs {recipe.runs_dir}")
+        return 0
     from osteo.trainer import Trainer
 
     trainer = Trainer(recipe, console=console, resume=run, command=" ".join(sys.argv), plan=plan)
     print_run_summary(trainer.run(), console)
-    return 0
-
-
-def cross_validate(args, recipe, plan, console) -> int:
-    """``--folds K [--fold I] [--cv DIR]``: every fold (or fold I) as a complete run under one parent."""
-    import copy
-
-    from osteo.runs import CvDir, new_run_dir
-    from osteo.trainer import Trainer
-
-    k = args.folds or (CvDir(args.cv).read()["folds"] if args.cv and CvDir(args.cv).is_cv() else 0)
-    if k < 2:
-        raise OsteoError(f"cross-validation needs --folds K with K >= 2, got {k}; e.g. --folds 5")
-    if args.fold is not None and not 1 <= args.fold <= k:
-        raise OsteoError(f"--fold {args.fold} is not one of 1..{k}")
-    if args.cv:
-        cv = CvDir(args.cv)
-    else:
-        cv = CvDir(new_run_dir(recipe.runs_dir, recipe.model.backbone).path)
-    cv.start(folds=k, seed=recipe.train.seed, recipe=recipe.name, model=recipe.model.backbone)
-    for i in [args.fold] if args.fold else range(1, k + 1):
-        r = copy.deepcopy(recipe)
-        r.data.folds, r.data.fold = k, i - 1
-        console.print(f"cross-validation {cv}: fold {i} of {k}", highlight=False)
-        Trainer(r, console=console, command=" ".join(sys.argv), plan=plan, at=cv.fold(i).path).run()
-    print(f"cross-validation: {cv} ({'fold ' + str(args.fold) if args.fold else f'{k} folds'}); "
-          f"compare with: osteo report --runs {recipe.runs_dir}")
     return 0
 
 
@@ -490,26 +381,20 @@ def cmd_study(args) -> int:
     """``osteo study``: the backbones x folds x seeds grid (and a learning-rate search) as trials."""
     import os
 
+    from osteo.session import TrainOptions
     from osteo.study import StudyConfig, run_study
 
-    train_args = []
-    for flag, value in (("--data", args.data), ("--weights", args.weights), ("--image-size", args.image_size),
-                        ("--epochs", args.epochs), ("--runs", args.runs)):
-        if value is not None:
-            train_args += [flag, str(value)]
-    for item in args.set or []:
-        train_args += ["--set", item]
-    if args.mlflow:
-        train_args.append("--mlflow")
+    options = TrainOptions(data=args.data, weights=args.weights, image_size=args.image_size, epochs=args.epochs,
+                           runs=args.runs, mlflow=args.mlflow, overrides=tuple(args.set or ()))
     cfg = StudyConfig(
         models=[m.strip() for m in args.models.split(",") if m.strip()], recipe=args.recipe, folds=args.folds,
         seeds=args.seeds, address=args.address or os.environ.get("RAY_ADDRESS"),
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, out=args.out,
-        runs=args.runs or "runs", train_args=train_args, search=args.search, trials=args.trials,
+        runs=args.runs or "runs", options=options, search=args.search, trials=args.trials,
         mlflow=args.mlflow,
     )
     console = _console()
-    page = run_study(cfg, say=lambda text: console.print(text, highlight=False, markup=False), warn=_warn)
+    page = run_study(cfg, say=_say(console), warn=_warn)
     print(f"study report: {os.path.abspath(page)}")
     return 0
 
