@@ -102,6 +102,20 @@ def cmd_phantom(args) -> int:
     return 0
 
 
+def _add_phantom_parser(dsub) -> None:
+    p = dsub.add_parser("phantom", help="write the synthetic knee-radiograph dataset")
+    p.add_argument("out")
+    p.add_argument("--n", type=int, default=1947, help="number of images (default 1947)")
+    p.add_argument("--size", type=int, default=256, help="image size in pixels (default 256)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--proportions", type=_int_list, default=(780, 374, 793))
+    p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8)
+    p.add_argument("--overlap", type=float, default=None,
+                   help="spread of the class latents, x the table in osteo/data/phantom.py (default 2: a Bayes "
+                        "classifier on the latents scores balanced accuracy ~0.90)")
+    p.set_defaults(func=cmd_phantom)
+
+
 def print_audit(result, console=None) -> None:
     from rich.table import Table
 
@@ -146,6 +160,13 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def _add_audit_parser(dsub) -> None:
+    p = dsub.add_parser("audit", help="find unreadable files, duplicates and label conflicts")
+    p.add_argument("data")
+    p.add_argument("--out", default="reports/audit", help="folder for audit.json and manifest.csv")
+    p.set_defaults(func=cmd_audit)
+
+
 def cmd_split(args) -> int:
     from osteo.data.scan import audit
     from osteo.data.split import read_groups_csv, split_rows, write_split
@@ -174,6 +195,22 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-regex", help="regex on the file name; group 1 is the patient id")
     p.add_argument("--groups", help="CSV with path,group columns")
     p.add_argument("--conflicts", choices=CONFLICT_POLICIES, default="exclude")
+
+
+def _add_split_parser(dsub) -> None:
+    p = dsub.add_parser("split", help="write a leakage-safe split.csv")
+    p.add_argument("data")
+    p.add_argument("--out", required=True)
+    _add_split_options(p)
+    p.set_defaults(func=cmd_split)
+
+
+def _add_data_parser(sub) -> None:
+    data = sub.add_parser("data", help="phantom dataset, audit and splits")
+    dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    _add_phantom_parser(dsub)
+    _add_audit_parser(dsub)
+    _add_split_parser(dsub)
 
 
 # --------------------------------------------------------------------------- train
@@ -248,6 +285,31 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train one model from a recipe")
+    p.add_argument("recipe", help="recipe name (seed, finetune, demo), a .py path, or a registered backbone "
+                                  "(trains with finetune)")
+    p.add_argument("--model", help="backbone, overriding the recipe's")
+    p.add_argument("--data", help="data folder with class sub-folders (default: the phantom)")
+    p.add_argument("--weights", help="imagenet, none, or a path to a weights file")
+    p.add_argument("--epochs", type=int, help="total epochs (split over the two phases)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--runs", help="runs folder (default runs/)")
+    p.add_argument("--deterministic", action="store_true", help="seeded, deterministic ops")
+    p.add_argument("--resume", help="continue a killed run: its directory, or 'latest'")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, e.g. train.lr=3e-4")
+    p.add_argument("--backend", help="auto (default: the measured-faster one), tensorflow or torch")
+    p.add_argument("--folds", type=_at_least(2), help="k-fold cross-validation: K runs under one parent folder")
+    p.add_argument("--fold", type=_at_least(1), help="run fold I (1..K) only, for schedulers (with --folds or --cv)")
+    p.add_argument("--cv", help="the cross-validation's parent folder (default: a new one under RUNS)")
+    p.add_argument("--mlflow", action="store_true", help="log the run to MLflow ($MLFLOW_TRACKING_URI, else ./mlruns)")
+    p.add_argument("--operating-point", action="append", metavar="CLASS[+]:sensitivity=X",
+                   help="screening threshold chosen on validation (repeatable), e.g. osteoporosis:sensitivity=0.90")
+    p.set_defaults(func=cmd_train)
+
+
 # --------------------------------------------------------------------------- eval, report, predict
 
 
@@ -292,6 +354,18 @@ def eval_external(args) -> int:
     return 0
 
 
+def _add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="metrics with intervals from a run's predictions")
+    p.add_argument("run", help="a run directory")
+    p.add_argument("--split", choices=("val", "test"))
+    p.add_argument("--data", help="score the run's model on this labelled folder (external validation)")
+    p.add_argument("--out", help="with --data: output folder (default RUN_DIR/eval/<folder-name>/)")
+    p.add_argument("--tta", action="store_true", help="with --data: test-time augmentation")
+    p.add_argument("--bootstrap", type=_at_least(0), default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.set_defaults(func=cmd_eval)
+
+
 def cmd_report(args) -> int:
     import os
 
@@ -324,6 +398,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="compare runs: CSVs, plots and one HTML page")
+    p.add_argument("runs_list", nargs="*", metavar="RUNS", help="run directories (default: latest of each model)")
+    p.add_argument("--runs", default="runs", help="runs folder to search (default runs/)")
+    p.add_argument("--all", action="store_true", help="every finished run, not only the latest per model")
+    p.add_argument("--out", default="reports", help="output folder (default reports/)")
+    p.add_argument("--split", choices=("val", "test"), default="val")
+    p.add_argument("--bootstrap", type=_at_least(0), default=1000)
+    p.set_defaults(func=cmd_report)
+
+
 def cmd_predict(args) -> int:
     from rich.progress import Progress
 
@@ -335,6 +420,17 @@ def cmd_predict(args) -> int:
                             gradcam_dir=args.gradcam, progress=lambda k, n: bar.update(task, completed=k, total=n))
     print(f"wrote {out}" + (f" and Grad-CAM overlays in {args.gradcam}" if args.gradcam else ""))
     return 0
+
+
+def _add_predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="classify images with a trained run's best model")
+    p.add_argument("run", help="a run directory")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--out", default="predictions.csv")
+    p.add_argument("--no-calibration", action="store_true", help="the model's own probabilities, not calibrated")
+    p.add_argument("--tta", action="store_true", help="average over the image, its mirror and small shifts")
+    p.add_argument("--gradcam", metavar="DIR", help="write a Grad-CAM overlay per image to DIR")
+    p.set_defaults(func=cmd_predict)
 
 
 def _point_figures(p: dict) -> str:
@@ -369,12 +465,31 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _add_calibrate_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="temperature scaling and operating points on a run's validation split")
+    p.add_argument("run", help="a run directory")
+    p.add_argument("--operating-point", action="append", metavar="CLASS[+]:sensitivity=X",
+                   help="e.g. osteoporosis:sensitivity=0.90 or osteopenia+:specificity=0.8 (repeatable; "
+                        "default: the run's recipe's)")
+    p.add_argument("--bootstrap", type=_at_least(0), default=1000)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.set_defaults(func=cmd_calibrate)
+
+
 def cmd_export(args) -> int:
     from osteo.export import export_run
 
     out = export_run(args.run, args.format, args.out)
     print(f"wrote {out}")
     return 0
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="the run's best model for other systems, preprocessing and calibration inside")
+    p.add_argument("run", help="a run directory")
+    p.add_argument("--format", choices=("onnx", "savedmodel", "keras"), default="onnx")
+    p.add_argument("--out", help="output path (default: RUN_DIR/export/model.<format>)")
+    p.set_defaults(func=cmd_export)
 
 
 def cmd_study(args) -> int:
@@ -397,6 +512,28 @@ def cmd_study(args) -> int:
     page = run_study(cfg, say=_say(console), warn=_warn)
     print(f"study report: {os.path.abspath(page)}")
     return 0
+
+
+def _add_study_parser(sub) -> None:
+    p = sub.add_parser("study", help="the backbones x folds x seeds grid, on Ray when installed")
+    p.add_argument("--models", default="vgg16,vgg19,densenet169,convnext_tiny", help="comma-separated backbones")
+    p.add_argument("--recipe", default="finetune", help="recipe for every trial (default finetune)")
+    p.add_argument("--folds", type=_at_least(2), default=5, help="k of the k-fold cross-validation (default 5)")
+    p.add_argument("--seeds", type=_at_least(1), default=1, help="split and training seeds per model (default 1)")
+    p.add_argument("--address", help="a Ray cluster's address (default: $RAY_ADDRESS, else Ray on this machine)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--out", default="reports/study", help="the study's report folder")
+    p.add_argument("--data")
+    p.add_argument("--weights")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--runs", help="runs folder (default runs/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override for every trial")
+    p.add_argument("--search", metavar="KEY=LO:HI:log", help="search a hyper-parameter per backbone first")
+    p.add_argument("--trials", type=_at_least(1), default=8, help="search trials per outer fold (default 8)")
+    p.add_argument("--mlflow", action="store_true", help="log every trial to MLflow (one experiment)")
+    p.set_defaults(func=cmd_study)
 
 
 # --------------------------------------------------------------------------- main
@@ -437,117 +574,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="osteo", description="Train, compare and audit knee X-ray classifiers.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    data = sub.add_parser("data", help="phantom dataset, audit and splits")
-    dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
-    p = dsub.add_parser("phantom", help="write the synthetic knee-radiograph dataset")
-    p.add_argument("out")
-    p.add_argument("--n", type=int, default=1947, help="number of images (default 1947)")
-    p.add_argument("--size", type=int, default=256, help="image size in pixels (default 256)")
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--proportions", type=_int_list, default=(780, 374, 793))
-    p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8)
-    p.add_argument("--overlap", type=float, default=None,
-                   help="spread of the class latents, x the table in osteo/data/phantom.py (default 2: a Bayes "
-                        "classifier on the latents scores balanced accuracy ~0.90)")
-    p.set_defaults(func=cmd_phantom)
-
-    p = dsub.add_parser("audit", help="find unreadable files, duplicates and label conflicts")
-    p.add_argument("data")
-    p.add_argument("--out", default="reports/audit", help="folder for audit.json and manifest.csv")
-    p.set_defaults(func=cmd_audit)
-
-    p = dsub.add_parser("split", help="write a leakage-safe split.csv")
-    p.add_argument("data")
-    p.add_argument("--out", required=True)
-    _add_split_options(p)
-    p.set_defaults(func=cmd_split)
-
-    p = sub.add_parser("train", help="train one model from a recipe")
-    p.add_argument("recipe", help="recipe name (seed, finetune, demo), a .py path, or a registered backbone "
-                                  "(trains with finetune)")
-    p.add_argument("--model", help="backbone, overriding the recipe's")
-    p.add_argument("--data", help="data folder with class sub-folders (default: the phantom)")
-    p.add_argument("--weights", help="imagenet, none, or a path to a weights file")
-    p.add_argument("--epochs", type=int, help="total epochs (split over the two phases)")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--batch", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--runs", help="runs folder (default runs/)")
-    p.add_argument("--deterministic", action="store_true", help="seeded, deterministic ops")
-    p.add_argument("--resume", help="continue a killed run: its directory, or 'latest'")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, e.g. train.lr=3e-4")
-    p.add_argument("--backend", help="auto (default: the measured-faster one), tensorflow or torch")
-    p.add_argument("--folds", type=_at_least(2), help="k-fold cross-validation: K runs under one parent folder")
-    p.add_argument("--fold", type=_at_least(1), help="run fold I (1..K) only, for schedulers (with --folds or --cv)")
-    p.add_argument("--cv", help="the cross-validation's parent folder (default: a new one under RUNS)")
-    p.add_argument("--mlflow", action="store_true", help="log the run to MLflow ($MLFLOW_TRACKING_URI, else ./mlruns)")
-    p.add_argument("--operating-point", action="append", metavar="CLASS[+]:sensitivity=X",
-                   help="screening threshold chosen on validation (repeatable), e.g. osteoporosis:sensitivity=0.90")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("calibrate", help="temperature scaling and operating points on a run's validation split")
-    p.add_argument("run", help="a run directory")
-    p.add_argument("--operating-point", action="append", metavar="CLASS[+]:sensitivity=X",
-                   help="e.g. osteoporosis:sensitivity=0.90 or osteopenia+:specificity=0.8 (repeatable; "
-                        "default: the run's recipe's)")
-    p.add_argument("--bootstrap", type=_at_least(0), default=1000)
-    p.add_argument("--seed", type=SEED, default=0)
-    p.set_defaults(func=cmd_calibrate)
-
-    p = sub.add_parser("export", help="the run's best model for other systems, preprocessing and calibration inside")
-    p.add_argument("run", help="a run directory")
-    p.add_argument("--format", choices=("onnx", "savedmodel", "keras"), default="onnx")
-    p.add_argument("--out", help="output path (default: RUN_DIR/export/model.<format>)")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("study", help="the backbones x folds x seeds grid, on Ray when installed")
-    p.add_argument("--models", default="vgg16,vgg19,densenet169,convnext_tiny", help="comma-separated backbones")
-    p.add_argument("--recipe", default="finetune", help="recipe for every trial (default finetune)")
-    p.add_argument("--folds", type=_at_least(2), default=5, help="k of the k-fold cross-validation (default 5)")
-    p.add_argument("--seeds", type=_at_least(1), default=1, help="split and training seeds per model (default 1)")
-    p.add_argument("--address", help="a Ray cluster's address (default: $RAY_ADDRESS, else Ray on this machine)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0)
-    p.add_argument("--out", default="reports/study", help="the study's report folder")
-    p.add_argument("--data")
-    p.add_argument("--weights")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--runs", help="runs folder (default runs/)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override for every trial")
-    p.add_argument("--search", metavar="KEY=LO:HI:log", help="search a hyper-parameter per backbone first")
-    p.add_argument("--trials", type=_at_least(1), default=8, help="search trials per outer fold (default 8)")
-    p.add_argument("--mlflow", action="store_true", help="log every trial to MLflow (one experiment)")
-    p.set_defaults(func=cmd_study)
-
-    p = sub.add_parser("eval", help="metrics with intervals from a run's predictions")
-    p.add_argument("run", help="a run directory")
-    p.add_argument("--split", choices=("val", "test"))
-    p.add_argument("--data", help="score the run's model on this labelled folder (external validation)")
-    p.add_argument("--out", help="with --data: output folder (default RUN_DIR/eval/<folder-name>/)")
-    p.add_argument("--tta", action="store_true", help="with --data: test-time augmentation")
-    p.add_argument("--bootstrap", type=_at_least(0), default=1000, help="bootstrap resamples (default 1000)")
-    p.add_argument("--seed", type=SEED, default=0)
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("report", help="compare runs: CSVs, plots and one HTML page")
-    p.add_argument("runs_list", nargs="*", metavar="RUNS", help="run directories (default: latest of each model)")
-    p.add_argument("--runs", default="runs", help="runs folder to search (default runs/)")
-    p.add_argument("--all", action="store_true", help="every finished run, not only the latest per model")
-    p.add_argument("--out", default="reports", help="output folder (default reports/)")
-    p.add_argument("--split", choices=("val", "test"), default="val")
-    p.add_argument("--bootstrap", type=_at_least(0), default=1000)
-    p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser("predict", help="classify images with a trained run's best model")
-    p.add_argument("run", help="a run directory")
-    p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--out", default="predictions.csv")
-    p.add_argument("--no-calibration", action="store_true", help="the model's own probabilities, not calibrated")
-    p.add_argument("--tta", action="store_true", help="average over the image, its mirror and small shifts")
-    p.add_argument("--gradcam", metavar="DIR", help="write a Grad-CAM overlay per image to DIR")
-    p.set_defaults(func=cmd_predict)
+    _add_data_parser(sub)
+    _add_train_parser(sub)
+    _add_calibrate_parser(sub)
+    _add_export_parser(sub)
+    _add_study_parser(sub)
+    _add_eval_parser(sub)
+    _add_report_parser(sub)
+    _add_predict_parser(sub)
     return parser
 
 
