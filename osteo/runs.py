@@ -107,6 +107,16 @@ class RunDir(_Folder):
     eval_path = property(lambda self: self.path / self.EVAL)
     backup_path = property(lambda self: self.path / self.BACKUP)
     tensorboard_path = property(lambda self: self.path / self.TENSORBOARD)
+    # the Trainer's resume files inside BACKUP (not run files: lower case, so owner_of does not list them)
+    phase1_weights_path = property(lambda self: self.backup_path / "phase1.weights.h5")  # where phase 2 starts
+
+    def phase_path(self, phase: int) -> Path:
+        """Phase ``phase``'s TrainingState folder (its two slots and ``state.json``)."""
+        return self.backup_path / f"phase{phase}"
+
+    def phase_done_path(self, phase: int) -> Path:
+        """The marker of a finished phase; it holds the epoch the phase ran to."""
+        return self.backup_path / f"phase{phase}.done"
 
     # ------------------------------------------------------------------ state
 
@@ -129,7 +139,8 @@ class RunDir(_Folder):
         """Unfinished, with at least one completed epoch or phase saved to resume from."""
         if not self.is_run() or self.is_finished() or not self.backup_path.is_dir():
             return False
-        return any(self.backup_path.glob("phase*.done")) or any(self.backup_path.glob(f"phase*/{STATE_FILE}"))
+        return (any(self.phase_done_path(p).is_file() for p in (1, 2))
+                or any((self.phase_path(p) / STATE_FILE).is_file() for p in (1, 2)))
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

@@ -228,18 +228,16 @@ class Trainer:
     def fit_phase(self, phase: Phase) -> None:
         """Train one phase, resuming from its backup if it has one; a done phase is skipped."""
         r, t, run, model = self.recipe, self.recipe.train, self.run_dir, self.model
-        backup_root = run.backup_path
-        done_marker = backup_root / f"phase{phase.number}.done"
+        done_marker = run.phase_done_path(phase.number)
         if _done_until(done_marker) >= phase.last_epoch:  # a resumed run may have been given more epochs
             return
         if phase.number == 1:
             self.clf.freeze_backbone()
         else:
             self.clf.unfreeze_backbone(t.fine_tune_blocks)
-            phase1_weights = backup_root / "phase1.weights.h5"
-            if phase1_weights.exists() and TrainingState.saved(backup_root / "phase2") is None:
-                model.load_weights(phase1_weights)
-        backup_dir = backup_root / f"phase{phase.number}"
+            if run.phase1_weights_path.exists() and TrainingState.saved(run.phase_path(2)) is None:
+                model.load_weights(run.phase1_weights_path)
+        backup_dir = run.phase_path(phase.number)
         start = TrainingState.resume_epoch(backup_dir, default=phase.first_epoch)
         fit_model = model
         fit_kw = {"x": self.dm.train_dataset(start_epoch=start, steps_per_epoch=self.steps),
@@ -272,7 +270,7 @@ class Trainer:
             )
         if phase.number == 1 and t.fine_tune_epochs:
             # phase 2 starts from here if it is killed before its first backup
-            with atomic_path(backup_root / "phase1.weights.h5", suffix=".weights.h5") as tmp:
+            with atomic_path(run.phase1_weights_path, suffix=".weights.h5") as tmp:
                 model.save_weights(tmp)
         write_bytes(done_marker, str(phase.last_epoch).encode())
 
