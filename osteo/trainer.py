@@ -140,20 +140,37 @@ class Trainer:
 
     def setup(self) -> Trainer:
         """Everything before the first epoch; bad data or weights fail before any file is written."""
-        split = None
-        if self.resume:
-            if isinstance(self.resume, RunDir):
-                self.run_dir = self.resume
-            else:
-                self.run_dir = find_run(self.resume, self.recipe.runs_dir, self.recipe.model.backbone)
-                self.recipe = self.run_dir.read_recipe()
-            self._held.enter_context(self.run_dir.locked())
-            sweep_temporaries(self.run_dir.path)  # left by the killed process
-            split = self.run_dir.read_split()
-            self._say(f"resuming {self.run_dir}")
-        r = self.recipe = resolve(self.recipe, backend=keras.backend.backend())  # fills model.impl
-        tracking.check(r)  # a tracker asked for but not installed fails before any work
-        t = r.train
+        split = self._open_run_for_resume()
+        self._resolve_recipe()
+        self._plan_and_build()
+        self._setup_data(split)
+        self._build_model()
+        self._create_run_files()
+        self._setup_callbacks_state()
+        return self
+
+    def _open_run_for_resume(self) -> list[dict] | None:
+        """A resumed run: its directory (locked), its recipe and its split; None for a new run."""
+        if not self.resume:
+            return None
+        if isinstance(self.resume, RunDir):
+            self.run_dir = self.resume
+        else:
+            self.run_dir = find_run(self.resume, self.recipe.runs_dir, self.recipe.model.backbone)
+            self.recipe = self.run_dir.read_recipe()
+        self._held.enter_context(self.run_dir.locked())
+        sweep_temporaries(self.run_dir.path)  # left by the killed process
+        split = self.run_dir.read_split()
+        self._say(f"resuming {self.run_dir}")
+        return split
+
+    def _resolve_recipe(self) -> None:
+        self.recipe = resolve(self.recipe, backend=keras.backend.backend())  # fills model.impl
+        tracking.check(self.recipe)  # a tracker asked for but not installed fails before any work
+
+    def _plan_and_build(self) -> None:
+        """The device plan for the loaded backend and the recipe's engine, and the Classifier."""
+        r, t = self.recipe, self.recipe.train
         if self.plan is None or self.plan.impl != r.model.impl:
             why = self.plan.why["backend"] if self.plan else "the backend Keras had loaded"
             self.plan = devices.plan(get_backbone(r.model.backbone), devices.probe(),
@@ -165,17 +182,26 @@ class Trainer:
         self.compile_backbone = self.plan.jit_compile and r.model.impl == "timm"
         self.clf = Classifier.from_recipe(r, compile_backbone=self.compile_backbone)
 
+    def _setup_data(self, split: list[dict] | None) -> None:
+        """Seeds, then the DataModule: audit, split (a resumed run's own), cache."""
         from osteo.data.module import DataModule
 
+        r, t = self.recipe, self.recipe.train
         devices.set_determinism(t.seed, t.deterministic)
         self.dm = DataModule(r.data, seed=t.seed, mixup=r.model.augment.mixup, cutmix=r.model.augment.cutmix)
         self.dm.setup(split=split, progress=self._data_progress())
+
+    def _build_model(self) -> None:
         keras.mixed_precision.set_dtype_policy(self.plan.precision)
         try:
             self.model = self.clf.build()
         finally:
             keras.mixed_precision.set_dtype_policy("float32")
 
+    def _create_run_files(self) -> None:
+        """The run directory (a new one is created and locked here) and its recipe, split, audit,
+        manifest and env.json."""
+        r, t = self.recipe, self.recipe.train
         if self.run_dir is None:
             self.run_dir = create_run_dir(self.at) if self.at else new_run_dir(r.runs_dir, self.clf.spec.name)
             self._held.enter_context(self.run_dir.locked())
@@ -204,6 +230,9 @@ class Trainer:
         }
         run.write_env(self.env)
 
+    def _setup_callbacks_state(self) -> None:
+        """Steps, history (a resumed run's rows kept), best checkpoint, class weights and the phases."""
+        t, run = self.recipe.train, self.run_dir
         bs = self.dm.batch_size
         self.steps = t.steps_per_epoch or self.dm.steps_per_epoch()
         images_per_epoch = self.steps * bs if t.steps_per_epoch else min(self.steps * bs, self.dm.count("train"))
@@ -221,7 +250,6 @@ class Trainer:
         self.phases = [Phase(1, 0, t.epochs, t.lr)] if t.epochs else []
         if t.fine_tune_epochs:
             self.phases.append(Phase(2, t.epochs, self.total_epochs, t.fine_tune_lr))
-        return self
 
     # ------------------------------------------------------------------ one phase
 
