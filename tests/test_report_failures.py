@@ -14,7 +14,8 @@ import pytest
 from osteo import CLASSES
 from osteo.evaluate import bootstrap, compute_metrics, evaluate_run
 from osteo.files import read_json, write_csv, write_json
-from osteo.report import HEADLINE, write_report
+from osteo.report import write_report
+from osteo.report.load import HEADLINE
 from osteo.runs import RunDir
 
 PLOTS = {"curves.png", "confusion.png", "roc.png", "reliability.png", "samples.png", "metrics.png", "gradcam.png"}
