@@ -217,20 +217,25 @@ def _add_data_parser(sub) -> None:
 
 
 def print_run_summary(run_dir, console) -> None:
+    """The headline metrics of each held-out split, and the majority baseline's where it has them."""
     from rich.table import Table
 
+    from osteo.evaluate import METRICS
     from osteo.runs import RunDir
 
     metrics = RunDir(run_dir).read_metrics()
+    splits = [metrics[name] for name in ("val", "test") if name in metrics]
+    headline = [x for x in METRICS if x.headline]
+    based = [x for x in headline if all(x.name in m["majority_baseline"] for m in splits)]
     table = Table(title=f"{metrics['model']}: best epoch {metrics['best_epoch']} ({metrics['monitor']})")
-    for col in ("split", "accuracy", "balanced acc.", "macro F1", "majority acc.", "majority bal. acc."):
+    for col in ("split", *(x.label for x in headline), *(f"majority {x.label}" for x in based)):
         table.add_column(col, justify="right")
+    num = lambda v: "-" if v is None else f"{v:.3f}"
     for name in ("val", "test"):
         if name in metrics:
             m = metrics[name]
-            b = m["majority_baseline"]
-            table.add_row(name, f"{m['accuracy']:.3f}", f"{m['balanced_accuracy']:.3f}", f"{m['macro_f1']:.3f}",
-                          f"{b['accuracy']:.3f}", f"{b['balanced_accuracy']:.3f}")
+            table.add_row(name, *(num(m.get(x.name)) for x in headline),
+                          *(num(m["majority_baseline"][x.name]) for x in based))
     console.print(table)
     console.print(f"run directory: {run_dir}", highlight=False)
 
@@ -371,6 +376,7 @@ def cmd_report(args) -> int:
 
     from rich.table import Table
 
+    from osteo.evaluate import METRICS
     from osteo.report import collect_runs, write_report
     from osteo.runs import use_backend_of
 
@@ -382,17 +388,20 @@ def cmd_report(args) -> int:
     import csv
 
     with open(os.path.join(args.out, "comparison.csv"), newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
     table = Table(title=f"comparison ({args.split})")
-    cols = ("model", "balanced_accuracy", "macro_f1", "accuracy", "majority_balanced_accuracy", "roc_auc", "mcnemar_p")
-    for c in cols:
-        if c == "model":
-            table.add_column("model", no_wrap=True, min_width=13)
-        else:
-            table.add_column(c.replace("_", " "), justify="right")
+    headline = [x for x in METRICS if x.headline]
+    cols = {x.name: x.label for x in headline}  # the headline metrics, their baselines, McNemar's p
+    cols.update({f"majority_{x.name}": f"majority {x.label}" for x in headline
+                 if f"majority_{x.name}" in reader.fieldnames})
+    cols["mcnemar_p"] = "mcnemar p"
+    table.add_column("model", no_wrap=True, min_width=13)
+    for label in cols.values():
+        table.add_column(label, justify="right")
     num = lambda v: f"{float(v):.3f}" if v not in ("", None) else "-"
     for r in rows:
-        table.add_row(r["model"], *(num(r[c]) for c in cols[1:]))
+        table.add_row(r["model"], *(num(r[c]) for c in cols))
     console.print(table)
     print(f"report: {os.path.abspath(page)}")
     return 0

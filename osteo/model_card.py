@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from osteo.evaluate import METRICS
 from osteo.files import write_text
 from osteo.runs import RunDir
 
@@ -45,23 +46,19 @@ def write_model_card(run_dir) -> Path:
         f"{recipe.train.fine_tune_lr:g}, batch {recipe.data.batch_size}, best checkpoint by {recipe.train.monitor}"
         f" (epoch {metrics.get('best_epoch', '?')}). The full recipe is `recipe.json`.", "",
         "## Results (95% stratified bootstrap intervals)", "",
-        "| split | n | accuracy | balanced accuracy | macro F1 | ROC-AUC | majority class (bal. acc.) |",
-        "| --- | ---: | --- | --- | --- | ---: | --- |",
+        f"| split | n | {' | '.join(x.label for x in METRICS)} | majority class (bal. acc.) |",
+        f"| --- | ---: | {' | '.join('---' if x.interval else '---:' for x in METRICS)} | --- |",
     ]
-    for name in ("val", "test"):
-        m = metrics.get(name)
-        if m:
-            base = m.get("majority_baseline", {})
-            lines.append(f"| {name} | {m.get('n')} | {ci(m, 'accuracy')} | {ci(m, 'balanced_accuracy')} | "
-                         f"{ci(m, 'macro_f1')} | {fmt(m.get('roc_auc'))} | {base.get('class', '-')} "
-                         f"({fmt(base.get('balanced_accuracy'))}) |")
+
+    def result(name: str, m: dict) -> str:
+        base = m.get("majority_baseline", {})
+        return (f"| {name} | {m.get('n')} | {' | '.join(ci(m, x.name) for x in METRICS)} | "
+                f"{base.get('class', '-')} ({fmt(base.get('balanced_accuracy'))}) |")
+
+    lines += [result(name, metrics[name]) for name in ("val", "test") if metrics.get(name)]
     externals = sorted(run.eval_path.glob("*/metrics.json")) if run.eval_path.is_dir() else []
     for path in externals:
-        m = RunDir(path.parent)._read(path).get("external", {})
-        base = m.get("majority_baseline", {})
-        lines.append(f"| external: {path.parent.name} | {m.get('n')} | {ci(m, 'accuracy')} | "
-                     f"{ci(m, 'balanced_accuracy')} | {ci(m, 'macro_f1')} | {fmt(m.get('roc_auc'))} | "
-                     f"{base.get('class', '-')} ({fmt(base.get('balanced_accuracy'))}) |")
+        lines.append(result(f"external: {path.parent.name}", RunDir(path.parent)._read(path).get("external", {})))
     lines += ["", "## Calibration and operating points", ""]
     if calibration:
         lines.append(f"Temperature {fmt(calibration.get('temperature'))} (fitted on validation); expected "

@@ -17,14 +17,13 @@ from osteo.calibrate import apply_temperature
 from osteo.data.split import majority_label
 from osteo.errors import OsteoError
 from osteo.evaluate import (
+    HEADLINE,
     compute_metrics,
     expected_calibration_error,
     majority_baseline,
     training_majority,
 )
 from osteo.runs import CvDir, RunDir, list_cvs, list_runs
-
-HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
 @dataclass

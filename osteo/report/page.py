@@ -15,8 +15,9 @@ import numpy as np
 
 from osteo import CLASSES
 from osteo.errors import OsteoError
+from osteo.evaluate import HEADLINE, METRICS
 from osteo.files import sweep_temporaries, write_csv, write_text
-from osteo.report.load import HEADLINE, Run, load_runs, oracle_runs
+from osteo.report.load import Run, load_runs, oracle_runs
 from osteo.report.plots import (
     plot_bars,
     plot_confusions,
@@ -112,21 +113,21 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split
                 skipped: list[str] = (), n_boot: int = 1000, points: list[dict] = ()) -> str:
     e = html.escape
     cols = ["model", "run_id", "evaluated_on", "folds", "weights", "precision", "image_size", "epochs", "best_epoch",
-            "n_train", "n_val", "accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "kappa_qw", "mcc", "ece",
-            "ece_calibrated",
+            "n_train", "n_val", *(m.name for m in METRICS), "ece_calibrated",
             "majority_accuracy", "majority_balanced_accuracy", "mcnemar_p", "train_images_per_sec"]
+    headers = {m.name: f"{m.label} {'↑' if m.higher_is_better else '↓'}" for m in METRICS}
     table_rows = []
     for row in rows:
         t = dict(row)
-        for k in HEADLINE:
+        for k in (m.name for m in METRICS if m.interval):
             if row.get(f"{k}_lo") is not None:
                 t[k] = f"{cell_text(row[k])} [{cell_text(row[f'{k}_lo'])}, {cell_text(row[f'{k}_hi'])}]"
         table_rows.append(t)
     warnings = [w for r, row in zip(runs, rows) for w in failures(r, row, split)]
     warn_html = "".join(f'<p class="warn">{e(w)}</p>' for w in [*warnings, *skipped])
     sections = [
-        ("Headline metrics", "bars", "accuracy, balanced accuracy and macro F1 with 95% bootstrap intervals; "
-                                     "the red dashes are each run's majority-class baseline"),
+        ("Headline metrics", "bars", f"{_listed([m.label for m in METRICS if m.headline])} with 95% bootstrap "
+                                     "intervals; the red dashes are each run's majority-class baseline"),
         ("Training curves", "curves", "dashed: training, solid: validation; dotted: the start of fine-tuning"),
         ("Confusion matrices", "confusion", ""),
         ("ROC curves", "roc", "one class against the rest"),
@@ -139,7 +140,7 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split
     ]
     body = [f"<h1>osteo: model comparison ({e(split)} split)</h1>", warn_html,
             "<h2>Comparison</h2>",
-            _table(table_rows, cols, [c.replace("_", " ") for c in cols]),
+            _table(table_rows, cols, [headers.get(c, c.replace("_", " ")) for c in cols]),
             f"<p>Intervals: stratified bootstrap, {n_boot:,} resamples, 95% percentile. McNemar: exact test "
             "against the best run by balanced accuracy on the same images.</p>"]
     for title, key, caption in sections:
@@ -162,6 +163,11 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split
                     f"<pre>{e(json.dumps(r.recipe, indent=2))}</pre><pre>{e(json.dumps(r.env, indent=2))}</pre></details>")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>osteo report</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def _listed(words: list[str]) -> str:
+    """``a, b and c``."""
+    return " and ".join([", ".join(words[:-1]), words[-1]]) if len(words) > 1 else "".join(words)
 
 
 def failures(run: Run, row: dict, split: str) -> list[str]:

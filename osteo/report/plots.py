@@ -9,9 +9,9 @@ import numpy as np
 
 from osteo import CLASSES
 from osteo.errors import OsteoError
-from osteo.evaluate import reliability_curve
+from osteo.evaluate import METRICS, reliability_curve
 from osteo.files import atomic_path
-from osteo.report.load import HEADLINE, Run, load_run
+from osteo.report.load import Run, load_run
 from osteo.report.tables import cell_text, to_float
 from osteo.runs import CvDir, RunDir
 
@@ -146,25 +146,28 @@ def plot_reliability(runs: list[Run], colours, out: Path) -> Path:
 def plot_bars(runs: list[Run], colours, out: Path, oracles: list[Run] = ()) -> Path:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(HEADLINE), figsize=(4.2 * len(HEADLINE), 3.8), sharey=True)
+    headline = [m for m in METRICS if m.headline]
+    fig, axes = plt.subplots(1, len(headline), figsize=(4.2 * len(headline), 3.8), sharey=True)
     names = _names(runs)
-    for ax, k in zip(axes, HEADLINE):
+    for ax, metric in zip(axes, headline):
+        k = metric.name
+        baseline = all(k in r.majority for r in runs)
         vals = [r.metrics[k] for r in runs]
         lo = [r.metrics.get(f"{k}_ci", (v, v))[0] for r, v in zip(runs, vals)]
         hi = [r.metrics.get(f"{k}_ci", (v, v))[1] for r, v in zip(runs, vals)]
         x = np.arange(len(runs))
         ax.bar(x, vals, color=[colours[r.model] for r in runs],
                yerr=[np.subtract(vals, lo), np.subtract(hi, vals)], capsize=4)
-        if k in ("accuracy", "balanced_accuracy"):
+        if baseline:
             # each run's own baseline: runs on other splits (one class only, say) have other ones
             ax.hlines([r.majority[k] for r in runs], x - 0.4, x + 0.4, color="red", linestyle="--",
                       label="majority class")
         for o in oracles:  # the ceiling: a classifier that sees the phantom's true latents
             ax.axhline(o.metrics[k], color="green", linestyle=":", label=f"oracle {o.metrics[k]:.2f}")
-        if k in ("accuracy", "balanced_accuracy") or oracles:
+        if baseline or oracles:
             ax.legend(fontsize=7, loc="lower right")
         ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
-        ax.set_title(k.replace("_", " ") + " (95% CI)", fontsize=10)
+        ax.set_title(metric.label + (" (95% CI)" if metric.interval else ""), fontsize=10)
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -8,22 +8,29 @@ from pathlib import Path
 import numpy as np
 
 from osteo import CLASSES
-from osteo.evaluate import mcnemar_exact
-from osteo.report.load import HEADLINE, Run
+from osteo.evaluate import HEADLINE, METRICS, PER_CLASS_CI, Metric, mcnemar_exact
+from osteo.report.load import Run
 from osteo.runs import RunDir
+
+
+def metric_columns(metric: Metric) -> tuple[str, ...]:
+    """A metric's columns: its value, and the bounds of its interval if it has one."""
+    name = metric.name
+    return (name, f"{name}_lo", f"{name}_hi") if metric.interval else (name,)
+
 
 COMPARISON_COLUMNS = (
     "model", "run_id", "evaluated_on", "folds", "weights", "precision", "backend", "image_size", "epochs",
     "best_epoch", "n_train", "n_val",
     "n_nonfinite",  # validation predictions that are NaN or infinite: a diverged model
-    "accuracy", "accuracy_lo", "accuracy_hi", "balanced_accuracy", "balanced_accuracy_lo", "balanced_accuracy_hi",
-    "macro_f1", "macro_f1_lo", "macro_f1_hi",
+    *(c for m in METRICS if m.headline for c in metric_columns(m)),
     # cross-validations: mean and standard deviation over the folds (the row's own values are pooled)
-    "accuracy_mean", "accuracy_sd", "balanced_accuracy_mean", "balanced_accuracy_sd", "macro_f1_mean", "macro_f1_sd",
-    "roc_auc", "kappa_qw", "mcc", "log_loss", "brier", "ece", "ece_calibrated", "temperature",
+    *(f"{k}_{stat}" for k in HEADLINE for stat in ("mean", "sd")),
+    *(c for m in METRICS if not m.headline for c in metric_columns(m)),
+    "ece_calibrated", "temperature",
     "majority_class", "majority_accuracy", "majority_balanced_accuracy", "mcnemar_vs", "mcnemar_p", "fold_ttest_p",
     "train_seconds", "train_images_per_sec", "params",
-    *(f"{m}_{c}" for c in CLASSES for m in ("precision", "recall", "specificity", "f1")),
+    *(f"{m}_{c}" for c in CLASSES for m in PER_CLASS_CI),
     "split_id", "run_dir",
 )
 PER_CLASS_COLUMNS = ("model", "run_id", "class", "metric", "value", "lo", "hi")
@@ -46,8 +53,7 @@ def comparison_rows(runs: list[Run], oracles: list[Run] = ()) -> list[dict]:
             "image_size": r.recipe.get("data", {}).get("image_size"),
             "epochs": int(t.get("epochs", 0)) + int(t.get("fine_tune_epochs", 0)), "best_epoch": m.get("best_epoch"),
             "n_train": r.env.get("n_train"), "n_val": m["n"], "n_nonfinite": m["n_nonfinite"],
-            "roc_auc": m["roc_auc"], "kappa_qw": m["kappa_qw"], "mcc": m["mcc"], "log_loss": m["log_loss"],
-            "brier": m["brier"], "ece": m["ece"], "ece_calibrated": m.get("ece_calibrated"),
+            "ece_calibrated": m.get("ece_calibrated"),
             "temperature": r.temperature, "majority_class": r.majority["class"],
             "majority_accuracy": r.majority["accuracy"], "majority_balanced_accuracy": r.majority["balanced_accuracy"],
             "mcnemar_vs": paired[r.path]["vs"], "mcnemar_p": paired[r.path]["p"],
@@ -55,14 +61,17 @@ def comparison_rows(runs: list[Run], oracles: list[Run] = ()) -> list[dict]:
             "train_seconds": r.env.get("train_seconds"), "train_images_per_sec": r.env.get("train_images_per_sec"),
             "params": r.env.get("params"), "split_id": r.split_id, "run_dir": str(r.path),
         }
-        for k in HEADLINE:
-            row[k] = m[k]
-            row[f"{k}_lo"], row[f"{k}_hi"] = m.get(f"{k}_ci", (None, None))
-            values = [f[k] for f in r.fold_metrics]
-            row[f"{k}_mean"] = float(np.mean(values)) if values else None
-            row[f"{k}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        for metric in METRICS:
+            k = metric.name
+            row[k] = m.get(k)
+            if metric.interval:
+                row[f"{k}_lo"], row[f"{k}_hi"] = m.get(f"{k}_ci", (None, None))
+            if metric.headline:
+                values = [f[k] for f in r.fold_metrics]
+                row[f"{k}_mean"] = float(np.mean(values)) if values else None
+                row[f"{k}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
         for c in CLASSES:
-            for k in ("precision", "recall", "specificity", "f1"):
+            for k in PER_CLASS_CI:
                 row[f"{k}_{c}"] = m["per_class"][c][k]
         rows.append(row)
     return rows
@@ -113,7 +122,7 @@ def per_class_rows(runs: list[Run]) -> list[dict]:
     for r in runs:
         for c in CLASSES:
             pc = r.metrics["per_class"][c]
-            for k in ("precision", "recall", "specificity", "f1", "roc_auc", "support"):
+            for k in (*PER_CLASS_CI, "roc_auc", "support"):
                 lo, hi = pc.get(f"{k}_ci", (None, None))
                 rows.append({"model": r.model, "run_id": r.run_id, "class": c, "metric": k,
                              "value": pc[k], "lo": lo, "hi": hi})
