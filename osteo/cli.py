@@ -597,6 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     import os
 
+    from osteo import _quiet
+
+    # TensorFlow's C++ start-up chatter (oneDNN notices, CPU feature lists) would drown the
+    # one-line errors and progress osteo prints; `osteo --debug` or OSTEO_TF_LOGS=1 keep it.
+    # Here, not on `import osteo`: a program that imports the library keeps its own stderr.
+    _quiet.install()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
