@@ -32,7 +32,7 @@ def load_best(run_dir: str | os.PathLike):
     """The run's best model: rebuilt from its resolved recipe, its best weights loaded.
 
     A run trained on timm's PyTorch module needs the PyTorch backend (the CLI picks it,
-    :func:`osteo.runs.backend_for`); a Keras-layers run loads on either backend.
+    :func:`osteo.runs.use_backend_of`); a Keras-layers run loads on either backend.
     """
     import keras
 
