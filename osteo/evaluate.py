@@ -1,10 +1,10 @@
 """Predictions -> metrics, with intervals and the majority baseline: ``osteo eval RUN_DIR``.
 
 ``predictions.csv`` (columns ``path, label, pred, p_normal, p_osteopenia, p_osteoporosis,
-split``; :class:`osteo.runs.RunDir` reads and writes it). :func:`compute_metrics` turns one split of it into the
-numbers of ``metrics.json``; scikit-learn computes every metric it has, and this
-module adds what it lacks: specificity, expected calibration error, the stratified
-bootstrap, and McNemar's exact test.
+split``; :class:`osteo.runs.RunDir` reads and writes it). :func:`compute_metrics` turns one
+split of it into the numbers of ``metrics.json``; scikit-learn computes every metric it
+has, and this module adds what it lacks: specificity, expected calibration error, the
+stratified bootstrap, and McNemar's exact test. :data:`METRICS` is how they are shown.
 
 The three classes are ordered (normal < osteopenia < osteoporosis), so Cohen's
 kappa uses quadratic weights: calling osteoporosis "normal" costs more than calling
@@ -31,8 +31,8 @@ class Metric:
 
     name: str  # its key in metrics.json and its column in comparison.csv
     label: str  # for people
-    interval: bool = False  # a 95% bootstrap interval, ``<name>_ci`` (a function of the confusion matrix)
-    headline: bool = False  # in every summary (CLI tables, bars, folds, failures), beside its majority baseline
+    interval: bool = False  # a 95% bootstrap interval, <name>_ci: a function of the confusion matrix
+    headline: bool = False  # in every summary too (CLI tables, bars, folds), beside the majority baseline
     higher_is_better: bool = True
 
 

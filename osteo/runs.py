@@ -107,7 +107,7 @@ class RunDir(_Folder):
     eval_path = property(lambda self: self.path / self.EVAL)
     backup_path = property(lambda self: self.path / self.BACKUP)
     tensorboard_path = property(lambda self: self.path / self.TENSORBOARD)
-    # the Trainer's resume files inside BACKUP (not run files: lower case, so owner_of does not list them)
+    # the Trainer's resume files inside BACKUP: named here, not as run files (owner_of lists those)
     phase1_weights_path = property(lambda self: self.backup_path / "phase1.weights.h5")  # where phase 2 starts
 
     def phase_path(self, phase: int) -> Path:
