@@ -37,8 +37,10 @@ test-all: install
 	OSTEO_SLOW=1 $(PY) -m pytest -q
 	OSTEO_SLOW=1 KERAS_BACKEND=torch $(PY) -m pytest -q $(TORCH_TESTS)
 
+# ruff, then the import contracts of pyproject.toml (the floors of docs/ARCHITECTURE.md)
 lint: install
 	$(VENV)/bin/ruff check osteo tests recipes benchmarks
+	$(VENV)/bin/lint-imports
 
 data: install
 	@test -d $(DATA)/normal || $(OSTEO) data phantom $(DATA)

@@ -6,11 +6,12 @@ absl::InitializeLog() ...", CPU-feature and CUDA-factory notices) go straight to
 descriptor 2 whatever ``TF_CPP_MIN_LOG_LEVEL`` says. On some CPUs (AVX-512 with
 bfloat16) every ``osteo`` command printed three such lines before its one-line error.
 
-:func:`install` adds an import hook: the first ``import tensorflow`` (by osteo, by
-Keras, by anything) runs with descriptor 2 captured to a temporary file; afterwards the
-known start-up notices are dropped and every other line is written back, so a real
-error printed during the import is never lost. After the import ``TF_CPP_MIN_LOG_LEVEL``
-(default 2 here) governs, as TensorFlow documents.
+:func:`install`, which :func:`osteo.cli.main` calls (so every osteo command, a study's
+trials included, but not a program that imports osteo), adds an import hook: the first
+``import tensorflow`` (by osteo, by Keras, by anything) runs with descriptor 2 captured
+to a temporary file; afterwards the known start-up notices are dropped and every other
+line is written back, so a real error printed during the import is never lost. After
+the import ``TF_CPP_MIN_LOG_LEVEL`` (default 2 here) governs, as TensorFlow documents.
 
 Logs come back with ``osteo --debug``, ``OSTEO_TF_LOGS=1``, or an explicit
 ``TF_CPP_MIN_LOG_LEVEL`` of 0 or 1 (the user asked for TensorFlow's info or warnings).

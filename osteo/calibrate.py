@@ -14,12 +14,10 @@ its probability that reaches the asked sensitivity (or specificity) on validatio
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
-from osteo import CLASSES
 from osteo.errors import OsteoError
+from osteo.recipe import parse_operating_point
 
 EPS = 1e-7
 
@@ -49,21 +47,6 @@ def fit_temperature(y: np.ndarray, probs: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------- operating points
-
-_SPEC = re.compile(r"^\s*([a-z]+)(\+?)\s*:\s*(sensitivity|specificity)\s*=\s*([0-9.]+)\s*$")
-
-
-def parse_operating_point(text: str) -> dict:
-    """``osteoporosis:sensitivity=0.90`` or ``osteopenia+:specificity=0.8`` -> a spec dict."""
-    m = _SPEC.match(text.lower())
-    if not m or m.group(1) not in CLASSES or not 0 < float(m.group(4)) < 1:
-        raise OsteoError(f"operating point {text!r} is not CLASS[+]:sensitivity=X or CLASS[+]:specificity=X "
-                         f"with X in (0, 1); e.g. osteoporosis:sensitivity=0.90 (CLASS one of {', '.join(CLASSES)}, "
-                         "'+' for that class or worse)")
-    first = CLASSES.index(m.group(1))
-    positive = list(range(first, len(CLASSES))) if m.group(2) else [first]
-    name = m.group(1) + ("+" if m.group(2) else "")
-    return {"name": name, "positive": positive, "target": m.group(3), "value": float(m.group(4))}
 
 
 def positive_score(probs: np.ndarray, positive: list[int]) -> np.ndarray:

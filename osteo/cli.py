@@ -48,6 +48,11 @@ def _console_err():
     return Console(stderr=True, highlight=False)
 
 
+def _say(console):
+    """A ``say`` callback: plain lines on ``console`` (names from disk are printed as they are, no markup)."""
+    return lambda text: console.print(text, highlight=False, markup=False)
+
+
 def _at_least(low: int, high: int | None = None):
     """An argparse type: an integer from ``low`` (to ``high``), else a one-line usage error."""
     def convert(text: str) -> int:
@@ -97,6 +102,20 @@ def cmd_phantom(args) -> int:
     return 0
 
 
+def _add_phantom_parser(dsub) -> None:
+    p = dsub.add_parser("phantom", help="write the synthetic knee-radiograph dataset")
+    p.add_argument("out")
+    p.add_argument("--n", type=int, default=1947, help="number of images (default 1947)")
+    p.add_argument("--size", type=int, default=256, help="image size in pixels (default 256)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--proportions", type=_int_list, default=(780, 374, 793))
+    p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8)
+    p.add_argument("--overlap", type=float, default=None,
+                   help="spread of the class latents, x the table in osteo/data/phantom.py (default 2: a Bayes "
+                        "classifier on the latents scores balanced accuracy ~0.90)")
+    p.set_defaults(func=cmd_phantom)
+
+
 def print_audit(result, console=None) -> None:
     from rich.table import Table
 
@@ -141,6 +160,13 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def _add_audit_parser(dsub) -> None:
+    p = dsub.add_parser("audit", help="find unreadable files, duplicates and label conflicts")
+    p.add_argument("data")
+    p.add_argument("--out", default="reports/audit", help="folder for audit.json and manifest.csv")
+    p.set_defaults(func=cmd_audit)
+
+
 def cmd_split(args) -> int:
     from osteo.data.scan import audit
     from osteo.data.split import read_groups_csv, split_rows, write_split
@@ -171,158 +197,92 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conflicts", choices=CONFLICT_POLICIES, default="exclude")
 
 
+def _add_split_parser(dsub) -> None:
+    p = dsub.add_parser("split", help="write a leakage-safe split.csv")
+    p.add_argument("data")
+    p.add_argument("--out", required=True)
+    _add_split_options(p)
+    p.set_defaults(func=cmd_split)
+
+
+def _add_data_parser(sub) -> None:
+    data = sub.add_parser("data", help="phantom dataset, audit and splits")
+    dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    _add_phantom_parser(dsub)
+    _add_audit_parser(dsub)
+    _add_split_parser(dsub)
+
+
 # --------------------------------------------------------------------------- train
 
 
-def build_recipe(args):
-    """The recipe the command line asks for, resolved (and so checked) before anything is written."""
-    from osteo.recipe import apply_overrides, recipe_for, resolve, set_total_epochs
-
-    recipe = recipe_for(args.recipe, args.model)
-    if args.data:
-        recipe.data.dir = args.data
-    if args.weights:
-        recipe.model.weights = args.weights
-    if args.image_size is not None:
-        recipe.data.image_size = args.image_size
-    if args.batch is not None:
-        recipe.data.batch_size = args.batch
-    if args.seed is not None:
-        recipe.train.seed = args.seed
-    if args.epochs is not None:
-        set_total_epochs(recipe, args.epochs)
-    if args.deterministic:
-        recipe.train.deterministic = True
-    if args.runs:
-        recipe.runs_dir = args.runs
-    if args.mlflow:
-        recipe.train.mlflow = True
-    if args.operating_point:
-        recipe.train.operating_points = tuple(args.operating_point)
-    apply_overrides(recipe, args.set or [])
-    return resolve(recipe)
-
-
-def plan_device(requested: str | None, recipe, console):
-    """Probe the device and choose backend, precision and compilation, before Keras is imported."""
-    import os
-
-    from osteo import device
-    from osteo.registry import get_backbone
-
-    spec = get_backbone(recipe.model.backbone)
-    t = recipe.train
-    if "keras" in sys.modules:  # imported already (a library caller): keep the backend it loaded
-        import keras
-
-        plan = device.plan(spec, device.probe(), backend=keras.backend.backend(), precision=t.precision,
-                           jit_compile=t.jit_compile, impl=recipe.model.impl,
-                           weights=recipe.model.weights)
-        plan.why["backend"] = "the backend Keras had loaded"
-        return plan
-    choice = requested or os.environ.get("KERAS_BACKEND") or "auto"
-    plan = device.plan(spec, device.probe(), backend=choice, precision=t.precision, jit_compile=t.jit_compile,
-                       planned_images=device.planned_images(recipe), impl=recipe.model.impl,
-                       weights=recipe.model.weights)
-    if choice == "auto":
-        console.print(f"backend: {plan.backend} on {plan.runs_on} ({plan.why['backend']}); "
-                      f"backbone: {plan.impl} ({plan.why['impl']})", highlight=False)
-    os.environ["KERAS_BACKEND"] = plan.backend
-    return plan
-
-
-def ensure_phantom(recipe, console) -> None:
-    """A phantom data folder (``data/phantom*``) is written on first use (complete or not at all)."""
-    from pathlib import Path
-
-    from osteo.data.phantom import write_phantom
-
-    path = Path(recipe.data.dir)
-    if path.exists() or path.parent != Path("data") or not path.name.startswith("phantom"):
-        return
-    console.print(f"writing the phantom dataset ({recipe.data.phantom_n} images of {recipe.data.phantom_size} px) "
-                  f"to {path} ...", highlight=False)
-    write_phantom(path, n=recipe.data.phantom_n, size=recipe.data.phantom_size, seed=0)
-
-
 def print_run_summary(run_dir, console) -> None:
+    """The headline metrics of each held-out split, and the majority baseline's where it has them."""
     from rich.table import Table
 
+    from osteo.evaluate import METRICS
     from osteo.runs import RunDir
 
     metrics = RunDir(run_dir).read_metrics()
+    splits = [metrics[name] for name in ("val", "test") if name in metrics]
+    headline = [x for x in METRICS if x.headline]
+    based = [x for x in headline if all(x.name in m["majority_baseline"] for m in splits)]
     table = Table(title=f"{metrics['model']}: best epoch {metrics['best_epoch']} ({metrics['monitor']})")
-    for col in ("split", "accuracy", "balanced acc.", "macro F1", "majority acc.", "majority bal. acc."):
+    for col in ("split", *(x.label for x in headline), *(f"majority {x.label}" for x in based)):
         table.add_column(col, justify="right")
+    num = lambda v: "-" if v is None else f"{v:.3f}"
     for name in ("val", "test"):
         if name in metrics:
             m = metrics[name]
-            b = m["majority_baseline"]
-            table.add_row(name, f"{m['accuracy']:.3f}", f"{m['balanced_accuracy']:.3f}", f"{m['macro_f1']:.3f}",
-                          f"{b['accuracy']:.3f}", f"{b['balanced_accuracy']:.3f}")
+            table.add_row(name, *(num(m.get(x.name)) for x in headline),
+                          *(num(m["majority_baseline"][x.name]) for x in based))
     console.print(table)
     console.print(f"run directory: {run_dir}", highlight=False)
 
 
-def resume_recipe(args):
-    """``--resume``: the run to continue and its own resolved recipe.
+def _train_options(args):
+    """What ``osteo train``'s options change in the recipe (:class:`osteo.session.TrainOptions`)."""
+    from osteo.session import TrainOptions
 
-    The run's recipe decides everything; an option given with ``--resume`` is applied
-    where that is safe (``--epochs`` above the run's total: the last phase gets the
-    extra epochs), accepted when it repeats the run's value, and refused otherwise.
-    """
-    from osteo.recipe import resolve
-    from osteo.runs import find_run
-
-    run = find_run(args.resume, args.runs or "runs", args.model)
-    recipe = resolve(run.read_recipe())
-    d, t = recipe.data, recipe.train
-    asked = {"--model": (args.model, recipe.model.backbone), "--data": (args.data, d.dir),
-             "--weights": (args.weights, recipe.model.weights), "--image-size": (args.image_size, d.image_size),
-             "--batch": (args.batch, d.batch_size), "--seed": (args.seed, t.seed),
-             "--deterministic": (args.deterministic or None, t.deterministic)}
-    for option, (given, saved) in asked.items():
-        if given is not None and given != saved:
-            raise OsteoError(f"{option} cannot change when resuming {run.path} (it trained with {saved}); "
-                             "drop the option, or start a new run")
-    if args.set:
-        raise OsteoError(f"--set cannot change a run being resumed ({run.path}); drop it, or start a new run")
-    if args.operating_point and tuple(args.operating_point) != t.operating_points:
-        raise OsteoError(f"--operating-point cannot change when resuming {run.path}; set it afterwards with: "
-                         f"osteo calibrate {run.path} --operating-point ...")
-    if args.mlflow and not t.mlflow:
-        raise OsteoError(f"--mlflow cannot be turned on when resuming {run.path} (its first epochs were not "
-                         "logged); start a new run with --mlflow")
-    total = t.epochs + t.fine_tune_epochs
-    if args.epochs is not None and args.epochs != total:
-        if args.epochs < total:
-            raise OsteoError(f"--epochs {args.epochs} is fewer than the {total} {run.path} was started with; "
-                             "a resumed run can only get more epochs")
-        if t.fine_tune_epochs:
-            t.fine_tune_epochs += args.epochs - total
-        else:
-            t.epochs = args.epochs
-    return run, recipe
+    return TrainOptions(data=args.data, weights=args.weights, image_size=args.image_size, batch=args.batch,
+                        seed=args.seed, epochs=args.epochs, deterministic=args.deterministic, runs=args.runs,
+                        mlflow=args.mlflow, operating_points=tuple(args.operating_point or ()),
+                        overrides=tuple(args.set or ()))
 
 
 def cmd_train(args) -> int:
+    from osteo.session import (
+        build_recipe,
+        cross_validate,
+        ensure_phantom,
+        plan_device,
+        resume_recipe,
+    )
+
     console = _console()
+    say = _say(console)
+    options = _train_options(args)
     run = None
     if args.resume:
         if args.folds is not None or args.fold is not None or args.cv:
             raise OsteoError("--resume takes one run; to resume a fold, pass its folder: --resume CV_DIR/fold-I")
-        run, recipe = resume_recipe(args)
+        run, recipe = resume_recipe(args.resume, args.model, options)
     else:
-        recipe = build_recipe(args)
+        recipe = build_recipe(args.recipe, args.model, options)
     backend = args.backend
     if run is not None and backend is None:  # a run resumes on the backend (and engine) it trained on
         with contextlib.suppress(OsteoError, OSError, ValueError):
             backend = run.read_env().get("backend")
-    plan = plan_device(backend, recipe, console)
+    plan = plan_device(backend, recipe, say)
     if run is None:
-        ensure_phantom(recipe, console)
+        ensure_phantom(recipe, say)
     if args.folds is not None or args.fold is not None or args.cv:
-        return cross_validate(args, recipe, plan, console)
+        cv = cross_validate(recipe, plan, console, folds=args.folds, fold=args.fold, cv=args.cv,
+                            command=" ".join(sys.argv))
+        k = cv.read()["folds"]
+        print(f"cross-validation: {cv} ({'fold ' + str(args.fold) if args.fold else f'{k} folds'}); "
+              f"compare with: osteo report --runs {recipe.runs_dir}")
+        return 0
     from osteo.trainer import Trainer
 
     trainer = Trainer(recipe, console=console, resume=run, command=" ".join(sys.argv), plan=plan)
@@ -330,31 +290,29 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cross_validate(args, recipe, plan, console) -> int:
-    """``--folds K [--fold I] [--cv DIR]``: every fold (or fold I) as a complete run under one parent."""
-    import copy
-
-    from osteo.runs import CvDir, new_run_dir
-    from osteo.trainer import Trainer
-
-    k = args.folds or (CvDir(args.cv).read()["folds"] if args.cv and CvDir(args.cv).is_cv() else 0)
-    if k < 2:
-        raise OsteoError(f"cross-validation needs --folds K with K >= 2, got {k}; e.g. --folds 5")
-    if args.fold is not None and not 1 <= args.fold <= k:
-        raise OsteoError(f"--fold {args.fold} is not one of 1..{k}")
-    if args.cv:
-        cv = CvDir(args.cv)
-    else:
-        cv = CvDir(new_run_dir(recipe.runs_dir, recipe.model.backbone).path)
-    cv.start(folds=k, seed=recipe.train.seed, recipe=recipe.name, model=recipe.model.backbone)
-    for i in [args.fold] if args.fold else range(1, k + 1):
-        r = copy.deepcopy(recipe)
-        r.data.folds, r.data.fold = k, i - 1
-        console.print(f"cross-validation {cv}: fold {i} of {k}", highlight=False)
-        Trainer(r, console=console, command=" ".join(sys.argv), plan=plan, at=cv.fold(i).path).run()
-    print(f"cross-validation: {cv} ({'fold ' + str(args.fold) if args.fold else f'{k} folds'}); "
-          f"compare with: osteo report --runs {recipe.runs_dir}")
-    return 0
+def _add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train one model from a recipe")
+    p.add_argument("recipe", help="recipe name (seed, finetune, demo), a .py path, or a registered backbone "
+                                  "(trains with finetune)")
+    p.add_argument("--model", help="backbone, overriding the recipe's")
+    p.add_argument("--data", help="data folder with class sub-folders (default: the phantom)")
+    p.add_argument("--weights", help="imagenet, none, or a path to a weights file")
+    p.add_argument("--epochs", type=int, help="total epochs (split over the two phases)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--runs", help="runs folder (default runs/)")
+    p.add_argument("--deterministic", action="store_true", help="seeded, deterministic ops")
+    p.add_argument("--resume", help="continue a killed run: its directory, or 'latest'")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, e.g. train.lr=3e-4")
+    p.add_argument("--backend", help="auto (default: the measured-faster one), tensorflow or torch")
+    p.add_argument("--folds", type=_at_least(2), help="k-fold cross-validation: K runs under one parent folder")
+    p.add_argument("--fold", type=_at_least(1), help="run fold I (1..K) only, for schedulers (with --folds or --cv)")
+    p.add_argument("--cv", help="the cross-validation's parent folder (default: a new one under RUNS)")
+    p.add_argument("--mlflow", action="store_true", help="log the run to MLflow ($MLFLOW_TRACKING_URI, else ./mlruns)")
+    p.add_argument("--operating-point", action="append", metavar="CLASS[+]:sensitivity=X",
+                   help="screening threshold chosen on validation (repeatable), e.g. osteoporosis:sensitivity=0.90")
+    p.set_defaults(func=cmd_train)
 
 
 # --------------------------------------------------------------------------- eval, report, predict
@@ -401,11 +359,24 @@ def eval_external(args) -> int:
     return 0
 
 
+def _add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="metrics with intervals from a run's predictions")
+    p.add_argument("run", help="a run directory")
+    p.add_argument("--split", choices=("val", "test"))
+    p.add_argument("--data", help="score the run's model on this labelled folder (external validation)")
+    p.add_argument("--out", help="with --data: output folder (default RUN_DIR/eval/<folder-name>/)")
+    p.add_argument("--tta", action="store_true", help="with --data: test-time augmentation")
+    p.add_argument("--bootstrap", type=_at_least(0), default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.set_defaults(func=cmd_eval)
+
+
 def cmd_report(args) -> int:
     import os
 
     from rich.table import Table
 
+    from osteo.evaluate import METRICS
     from osteo.report import collect_runs, write_report
     from osteo.runs import use_backend_of
 
@@ -417,20 +388,34 @@ def cmd_report(args) -> int:
     import csv
 
     with open(os.path.join(args.out, "comparison.csv"), newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
     table = Table(title=f"comparison ({args.split})")
-    cols = ("model", "balanced_accuracy", "macro_f1", "accuracy", "majority_balanced_accuracy", "roc_auc", "mcnemar_p")
-    for c in cols:
-        if c == "model":
-            table.add_column("model", no_wrap=True, min_width=13)
-        else:
-            table.add_column(c.replace("_", " "), justify="right")
+    headline = [x for x in METRICS if x.headline]
+    cols = {x.name: x.label for x in headline}  # the headline metrics, their baselines, McNemar's p
+    cols.update({f"majority_{x.name}": f"majority {x.label}" for x in headline
+                 if f"majority_{x.name}" in reader.fieldnames})
+    cols["mcnemar_p"] = "mcnemar p"
+    table.add_column("model", no_wrap=True, min_width=13)
+    for label in cols.values():
+        table.add_column(label, justify="right")
     num = lambda v: f"{float(v):.3f}" if v not in ("", None) else "-"
     for r in rows:
-        table.add_row(r["model"], *(num(r[c]) for c in cols[1:]))
+        table.add_row(r["model"], *(num(r[c]) for c in cols))
     console.print(table)
     print(f"report: {os.path.abspath(page)}")
     return 0
+
+
+def _add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="compare runs: CSVs, plots and one HTML page")
+    p.add_argument("runs_list", nargs="*", metavar="RUNS", help="run directories (default: latest of each model)")
+    p.add_argument("--runs", default="runs", help="runs folder to search (default runs/)")
+    p.add_argument("--all", action="store_true", help="every finished run, not only the latest per model")
+    p.add_argument("--out", default="reports", help="output folder (default reports/)")
+    p.add_argument("--split", choices=("val", "test"), default="val")
+    p.add_argument("--bootstrap", type=_at_least(0), default=1000)
+    p.set_defaults(func=cmd_report)
 
 
 def cmd_predict(args) -> int:
@@ -446,6 +431,17 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _add_predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="classify images with a trained run's best model")
+    p.add_argument("run", help="a run directory")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--out", default="predictions.csv")
+    p.add_argument("--no-calibration", action="store_true", help="the model's own probabilities, not calibrated")
+    p.add_argument("--tta", action="store_true", help="average over the image, its mirror and small shifts")
+    p.add_argument("--gradcam", metavar="DIR", help="write a Grad-CAM overlay per image to DIR")
+    p.set_defaults(func=cmd_predict)
+
+
 def _point_figures(p: dict) -> str:
     """Sensitivity and specificity at an operating point, with their intervals where there are some."""
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
@@ -459,7 +455,7 @@ def _point_figures(p: dict) -> str:
 def cmd_calibrate(args) -> int:
     """Fit (again) a run's temperature and operating points on its validation predictions."""
     from osteo.calibrate import calibrate_run
-    from osteo.report import write_model_card
+    from osteo.model_card import write_model_card
     from osteo.runs import RunDir
 
     run = RunDir(args.run).check(need=(RunDir.PREDICTIONS,))
@@ -478,6 +474,17 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _add_calibrate_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="temperature scaling and operating points on a run's validation split")
+    p.add_argument("run", help="a run directory")
+    p.add_argument("--operating-point", action="append", metavar="CLASS[+]:sensitivity=X",
+                   help="e.g. osteoporosis:sensitivity=0.90 or osteopenia+:specificity=0.8 (repeatable; "
+                        "default: the run's recipe's)")
+    p.add_argument("--bootstrap", type=_at_least(0), default=1000)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.set_defaults(func=cmd_calibrate)
+
+
 def cmd_export(args) -> int:
     from osteo.export import export_run
 
@@ -486,32 +493,56 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="the run's best model for other systems, preprocessing and calibration inside")
+    p.add_argument("run", help="a run directory")
+    p.add_argument("--format", choices=("onnx", "savedmodel", "keras"), default="onnx")
+    p.add_argument("--out", help="output path (default: RUN_DIR/export/model.<format>)")
+    p.set_defaults(func=cmd_export)
+
+
 def cmd_study(args) -> int:
     """``osteo study``: the backbones x folds x seeds grid (and a learning-rate search) as trials."""
     import os
 
+    from osteo.session import TrainOptions
     from osteo.study import StudyConfig, run_study
 
-    train_args = []
-    for flag, value in (("--data", args.data), ("--weights", args.weights), ("--image-size", args.image_size),
-                        ("--epochs", args.epochs), ("--runs", args.runs)):
-        if value is not None:
-            train_args += [flag, str(value)]
-    for item in args.set or []:
-        train_args += ["--set", item]
-    if args.mlflow:
-        train_args.append("--mlflow")
+    options = TrainOptions(data=args.data, weights=args.weights, image_size=args.image_size, epochs=args.epochs,
+                           runs=args.runs, mlflow=args.mlflow, overrides=tuple(args.set or ()))
     cfg = StudyConfig(
         models=[m.strip() for m in args.models.split(",") if m.strip()], recipe=args.recipe, folds=args.folds,
         seeds=args.seeds, address=args.address or os.environ.get("RAY_ADDRESS"),
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, out=args.out,
-        runs=args.runs or "runs", train_args=train_args, search=args.search, trials=args.trials,
+        runs=args.runs or "runs", options=options, search=args.search, trials=args.trials,
         mlflow=args.mlflow,
     )
     console = _console()
-    page = run_study(cfg, say=lambda text: console.print(text, highlight=False, markup=False), warn=_warn)
+    page = run_study(cfg, say=_say(console), warn=_warn)
     print(f"study report: {os.path.abspath(page)}")
     return 0
+
+
+def _add_study_parser(sub) -> None:
+    p = sub.add_parser("study", help="the backbones x folds x seeds grid, on Ray when installed")
+    p.add_argument("--models", default="vgg16,vgg19,densenet169,convnext_tiny", help="comma-separated backbones")
+    p.add_argument("--recipe", default="finetune", help="recipe for every trial (default finetune)")
+    p.add_argument("--folds", type=_at_least(2), default=5, help="k of the k-fold cross-validation (default 5)")
+    p.add_argument("--seeds", type=_at_least(1), default=1, help="split and training seeds per model (default 1)")
+    p.add_argument("--address", help="a Ray cluster's address (default: $RAY_ADDRESS, else Ray on this machine)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--out", default="reports/study", help="the study's report folder")
+    p.add_argument("--data")
+    p.add_argument("--weights")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--runs", help="runs folder (default runs/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override for every trial")
+    p.add_argument("--search", metavar="KEY=LO:HI:log", help="search a hyper-parameter per backbone first")
+    p.add_argument("--trials", type=_at_least(1), default=8, help="search trials per outer fold (default 8)")
+    p.add_argument("--mlflow", action="store_true", help="log every trial to MLflow (one experiment)")
+    p.set_defaults(func=cmd_study)
 
 
 # --------------------------------------------------------------------------- main
@@ -552,123 +583,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="osteo", description="Train, compare and audit knee X-ray classifiers.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    data = sub.add_parser("data", help="phantom dataset, audit and splits")
-    dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
-    p = dsub.add_parser("phantom", help="write the synthetic knee-radiograph dataset")
-    p.add_argument("out")
-    p.add_argument("--n", type=int, default=1947, help="number of images (default 1947)")
-    p.add_argument("--size", type=int, default=256, help="image size in pixels (default 256)")
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--proportions", type=_int_list, default=(780, 374, 793))
-    p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8)
-    p.add_argument("--overlap", type=float, default=None,
-                   help="spread of the class latents, x the table in osteo/data/phantom.py (default 2: a Bayes "
-                        "classifier on the latents scores balanced accuracy ~0.90)")
-    p.set_defaults(func=cmd_phantom)
-
-    p = dsub.add_parser("audit", help="find unreadable files, duplicates and label conflicts")
-    p.add_argument("data")
-    p.add_argument("--out", default="reports/audit", help="folder for audit.json and manifest.csv")
-    p.set_defaults(func=cmd_audit)
-
-    p = dsub.add_parser("split", help="write a leakage-safe split.csv")
-    p.add_argument("data")
-    p.add_argument("--out", required=True)
-    _add_split_options(p)
-    p.set_defaults(func=cmd_split)
-
-    p = sub.add_parser("train", help="train one model from a recipe")
-    p.add_argument("recipe", help="recipe name (seed, finetune, demo), a .py path, or a registered backbone "
-                                  "(trains with finetune)")
-    p.add_argument("--model", help="backbone, overriding the recipe's")
-    p.add_argument("--data", help="data folder with class sub-folders (default: the phantom)")
-    p.add_argument("--weights", help="imagenet, none, or a path to a weights file")
-    p.add_argument("--epochs", type=int, help="total epochs (split over the two phases)")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--batch", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--runs", help="runs folder (default runs/)")
-    p.add_argument("--deterministic", action="store_true", help="seeded, deterministic ops")
-    p.add_argument("--resume", help="continue a killed run: its directory, or 'latest'")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, e.g. train.lr=3e-4")
-    p.add_argument("--backend", help="auto (default: the measured-faster one), tensorflow or torch")
-    p.add_argument("--folds", type=_at_least(2), help="k-fold cross-validation: K runs under one parent folder")
-    p.add_argument("--fold", type=_at_least(1), help="run fold I (1..K) only, for schedulers (with --folds or --cv)")
-    p.add_argument("--cv", help="the cross-validation's parent folder (default: a new one under RUNS)")
-    p.add_argument("--mlflow", action="store_true", help="log the run to MLflow ($MLFLOW_TRACKING_URI, else ./mlruns)")
-    p.add_argument("--operating-point", action="append", metavar="CLASS[+]:sensitivity=X",
-                   help="screening threshold chosen on validation (repeatable), e.g. osteoporosis:sensitivity=0.90")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("calibrate", help="temperature scaling and operating points on a run's validation split")
-    p.add_argument("run", help="a run directory")
-    p.add_argument("--operating-point", action="append", metavar="CLASS[+]:sensitivity=X",
-                   help="e.g. osteoporosis:sensitivity=0.90 or osteopenia+:specificity=0.8 (repeatable; "
-                        "default: the run's recipe's)")
-    p.add_argument("--bootstrap", type=_at_least(0), default=1000)
-    p.add_argument("--seed", type=SEED, default=0)
-    p.set_defaults(func=cmd_calibrate)
-
-    p = sub.add_parser("export", help="the run's best model for other systems, preprocessing and calibration inside")
-    p.add_argument("run", help="a run directory")
-    p.add_argument("--format", choices=("onnx", "savedmodel", "keras"), default="onnx")
-    p.add_argument("--out", help="output path (default: RUN_DIR/export/model.<format>)")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("study", help="the backbones x folds x seeds grid, on Ray when installed")
-    p.add_argument("--models", default="vgg16,vgg19,densenet169,convnext_tiny", help="comma-separated backbones")
-    p.add_argument("--recipe", default="finetune", help="recipe for every trial (default finetune)")
-    p.add_argument("--folds", type=_at_least(2), default=5, help="k of the k-fold cross-validation (default 5)")
-    p.add_argument("--seeds", type=_at_least(1), default=1, help="split and training seeds per model (default 1)")
-    p.add_argument("--address", help="a Ray cluster's address (default: $RAY_ADDRESS, else Ray on this machine)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0)
-    p.add_argument("--out", default="reports/study", help="the study's report folder")
-    p.add_argument("--data")
-    p.add_argument("--weights")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--runs", help="runs folder (default runs/)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override for every trial")
-    p.add_argument("--search", metavar="KEY=LO:HI:log", help="search a hyper-parameter per backbone first")
-    p.add_argument("--trials", type=_at_least(1), default=8, help="search trials per outer fold (default 8)")
-    p.add_argument("--mlflow", action="store_true", help="log every trial to MLflow (one experiment)")
-    p.set_defaults(func=cmd_study)
-
-    p = sub.add_parser("eval", help="metrics with intervals from a run's predictions")
-    p.add_argument("run", help="a run directory")
-    p.add_argument("--split", choices=("val", "test"))
-    p.add_argument("--data", help="score the run's model on this labelled folder (external validation)")
-    p.add_argument("--out", help="with --data: output folder (default RUN_DIR/eval/<folder-name>/)")
-    p.add_argument("--tta", action="store_true", help="with --data: test-time augmentation")
-    p.add_argument("--bootstrap", type=_at_least(0), default=1000, help="bootstrap resamples (default 1000)")
-    p.add_argument("--seed", type=SEED, default=0)
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("report", help="compare runs: CSVs, plots and one HTML page")
-    p.add_argument("runs_list", nargs="*", metavar="RUNS", help="run directories (default: latest of each model)")
-    p.add_argument("--runs", default="runs", help="runs folder to search (default runs/)")
-    p.add_argument("--all", action="store_true", help="every finished run, not only the latest per model")
-    p.add_argument("--out", default="reports", help="output folder (default reports/)")
-    p.add_argument("--split", choices=("val", "test"), default="val")
-    p.add_argument("--bootstrap", type=_at_least(0), default=1000)
-    p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser("predict", help="classify images with a trained run's best model")
-    p.add_argument("run", help="a run directory")
-    p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--out", default="predictions.csv")
-    p.add_argument("--no-calibration", action="store_true", help="the model's own probabilities, not calibrated")
-    p.add_argument("--tta", action="store_true", help="average over the image, its mirror and small shifts")
-    p.add_argument("--gradcam", metavar="DIR", help="write a Grad-CAM overlay per image to DIR")
-    p.set_defaults(func=cmd_predict)
+    _add_data_parser(sub)
+    _add_train_parser(sub)
+    _add_calibrate_parser(sub)
+    _add_export_parser(sub)
+    _add_study_parser(sub)
+    _add_eval_parser(sub)
+    _add_report_parser(sub)
+    _add_predict_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     import os
 
+    from osteo import _quiet
+
+    # TensorFlow's C++ start-up chatter (oneDNN notices, CPU feature lists) would drown the
+    # one-line errors and progress osteo prints; `osteo --debug` or OSTEO_TF_LOGS=1 keep it.
+    # Here, not on `import osteo`: a program that imports the library keeps its own stderr.
+    _quiet.install()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

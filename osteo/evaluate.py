@@ -1,10 +1,10 @@
 """Predictions -> metrics, with intervals and the majority baseline: ``osteo eval RUN_DIR``.
 
-``predictions.csv`` columns: ``path, label, pred, p_normal, p_osteopenia,
-p_osteoporosis, split``. :func:`compute_metrics` turns one split of it into the
-numbers of ``metrics.json``; scikit-learn computes every metric it has, and this
-module adds what it lacks: specificity, expected calibration error, the stratified
-bootstrap, and McNemar's exact test.
+``predictions.csv`` (columns ``path, label, pred, p_normal, p_osteopenia, p_osteoporosis,
+split``; :class:`osteo.runs.RunDir` reads and writes it). :func:`compute_metrics` turns one
+split of it into the numbers of ``metrics.json``; scikit-learn computes every metric it
+has, and this module adds what it lacks: specificity, expected calibration error, the
+stratified bootstrap, and McNemar's exact test. :data:`METRICS` is how they are shown.
 
 The three classes are ordered (normal < osteopenia < osteoporosis), so Cohen's
 kappa uses quadratic weights: calling osteoporosis "normal" costs more than calling
@@ -15,50 +15,43 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from osteo import CLASSES
 from osteo.errors import OsteoError
-from osteo.files import read_csv, write_csv
 
-PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
-PREDICTION_COLUMNS = ("path", "label", "pred", *PROB_COLUMNS, "split")
 K = len(CLASSES)
-# Metrics that get a bootstrap interval; all are functions of the confusion matrix.
-CI_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
-PER_CLASS_CI = ("precision", "recall", "specificity", "f1")
 
 
-# --------------------------------------------------------------------------- I/O
+@dataclass(frozen=True)
+class Metric:
+    """One number of a split's metrics, as everything that shows metrics shows it."""
+
+    name: str  # its key in metrics.json and its column in comparison.csv
+    label: str  # for people
+    interval: bool = False  # a 95% bootstrap interval, <name>_ci: a function of the confusion matrix
+    headline: bool = False  # in every summary too (CLI tables, bars, folds), beside the majority baseline
+    higher_is_better: bool = True
 
 
-def write_predictions(path: str | os.PathLike, rows: Sequence[dict], probs: np.ndarray, split: str,
-                      append_to: list[dict] | None = None) -> list[dict]:
-    """Write (or extend) ``predictions.csv``; probabilities with 6 decimals, stable bytes."""
-    out = list(append_to or [])
-    for r, p in zip(rows, probs):
-        out.append({
-            "path": r["path"], "label": r["label"], "pred": CLASSES[int(np.argmax(p))],
-            **{c: f"{float(v):.6f}" for c, v in zip(PROB_COLUMNS, p)}, "split": split,
-        })
-    write_csv(path, out, PREDICTION_COLUMNS)
-    return out
-
-
-def read_predictions(path: str | os.PathLike, split: str | None = None):
-    """(labels, probabilities, rows) of one split of a ``predictions.csv``."""
-    rows = read_csv(path, "is this a finished run directory? If it is, train the run again")
-    if rows and not set(PREDICTION_COLUMNS) <= set(rows[0]):
-        raise OsteoError(f"{path} is not an osteo predictions.csv (columns {', '.join(rows[0])})")
-    if split is not None:
-        rows = [r for r in rows if r["split"] == split]
-    try:
-        y = np.array([CLASSES.index(r["label"]) for r in rows], dtype=int)
-        p = np.array([[float(r[c]) for c in PROB_COLUMNS] for r in rows], dtype=float).reshape(-1, K)
-    except ValueError as e:
-        raise OsteoError(f"{path} has a bad row ({e}); re-run `osteo eval` on a finished run") from None
-    return y, p, rows
+# The one list of metrics: osteo eval, the run summary, the report, the model card and MLflow
+# read it. A new metric is a row here and its value in compute_metrics (in _cm_metrics too,
+# with an interval).
+METRICS = (
+    Metric("accuracy", "accuracy", interval=True, headline=True),
+    Metric("balanced_accuracy", "balanced accuracy", interval=True, headline=True),
+    Metric("macro_f1", "macro F1", interval=True, headline=True),
+    Metric("roc_auc", "ROC-AUC (macro, OvR)"),
+    Metric("kappa_qw", "kappa (quadratic)"),
+    Metric("mcc", "MCC"),
+    Metric("log_loss", "log loss", higher_is_better=False),
+    Metric("brier", "Brier", higher_is_better=False),
+    Metric("ece", "ECE", higher_is_better=False),
+)
+HEADLINE = tuple(m.name for m in METRICS if m.headline)
+PER_CLASS_CI = ("precision", "recall", "specificity", "f1")  # each class's metrics with intervals
 
 
 # --------------------------------------------------------------------------- what sklearn lacks
@@ -224,7 +217,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 0, seed
     if n_boot:
         ci = bootstrap(y_true, y_pred, n_boot=n_boot, seed=seed)
         m["ci"] = {"method": "stratified bootstrap, percentile", "level": 0.95, "resamples": n_boot, "seed": seed}
-        for name in CI_METRICS:
+        for name in (metric.name for metric in METRICS if metric.interval):
             m[f"{name}_ci"] = _contain(ci[name][0], ci[name][1], m[name])
         for i, c in enumerate(CLASSES):
             for name in PER_CLASS_CI:
@@ -315,12 +308,10 @@ def print_metrics(metrics: dict, split: str, console, title: str = "") -> None:
     table.add_column("95% CI", justify="right")
     table.add_column(f"majority ({base['class']})", justify="right")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
-    for key, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro F1")):
-        ci = m.get(f"{key}_ci")
-        table.add_row(label, fmt(m[key]), f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "", fmt(base.get(key)))
-    for key, label in (("roc_auc", "ROC-AUC (macro, OvR)"), ("kappa_qw", "kappa (quadratic)"), ("mcc", "MCC"),
-                       ("log_loss", "log loss"), ("brier", "Brier"), ("ece", "ECE")):
-        table.add_row(label, fmt(m[key]), "", "")
+    for metric in METRICS:
+        ci = m.get(f"{metric.name}_ci")
+        table.add_row(metric.label, fmt(m.get(metric.name)), f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "",
+                      fmt(base.get(metric.name)) if metric.headline else "")
     for c in CLASSES:
         pc = m["per_class"][c]
         table.add_row(f"{c}: precision / recall / specificity / F1",
@@ -328,5 +319,6 @@ def print_metrics(metrics: dict, split: str, console, title: str = "") -> None:
                       f"n={pc['support']}", "")
     console.print(table)
     if m.get("n_nonfinite"):
+        left_out = [metric.label for metric in METRICS if m.get(metric.name) is None]
         console.print(f"[red]{m['n_nonfinite']} of {m['n']} {split} predictions are not finite (NaN or infinite): "
-                      "the model diverged; ROC-AUC, log loss, Brier and ECE are left out[/red]")
+                      f"the model diverged; left out: {', '.join(left_out)}[/red]")

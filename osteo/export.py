@@ -55,8 +55,8 @@ from pathlib import Path
 
 import keras
 
-from osteo.backbones.base import get_engine
 from osteo.calibrate import EPS
+from osteo.device import get_engine
 from osteo.errors import OsteoError
 from osteo.files import atomic_path
 from osteo.predict import load_best

@@ -21,9 +21,9 @@ import numpy as np
 from osteo import CLASSES
 from osteo.errors import OsteoError
 from osteo.files import write_csv
-from osteo.runs import RunDir
+from osteo.model_card import write_model_card
+from osteo.runs import PROB_COLUMNS, RunDir
 
-PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
 COLUMNS = ("path", "status", "pred", *PROB_COLUMNS, "reason")
 TTA_SHIFT = 1 / 16  # of the image side, both ways, on top of the mirror
 
@@ -36,9 +36,9 @@ def load_best(run_dir: str | os.PathLike):
     """
     import keras
 
-    from osteo.backbones.base import get_engine
     from osteo.backbones.keras_apps import check_h5_weights
     from osteo.classifier import Classifier
+    from osteo.device import get_engine
     from osteo.recipe import resolve
 
     run = RunDir(run_dir).check(need=(RunDir.BEST,))
@@ -230,12 +230,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     from osteo.calibrate import operating_point_metrics
     from osteo.data.scan import audit, write_audit
     from osteo.data.split import majority_label
-    from osteo.evaluate import (
-        compute_metrics,
-        expected_calibration_error,
-        majority_baseline,
-        write_predictions,
-    )
+    from osteo.evaluate import compute_metrics, expected_calibration_error, majority_baseline
     from osteo.files import write_json
 
     if n_boot < 0:
@@ -258,7 +253,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     kept = [(rec, row) for rec, row in zip(scored, rows) if row["status"] == "ok"]
     y = np.array([CLASSES.index(rec.label) for rec, _ in kept])
     raw_rows = [{"path": rec.path, "label": rec.label} for rec, _ in kept]
-    write_predictions(out / RunDir.PREDICTIONS, raw_rows, raw, "external")
+    RunDir(out).write_predictions(raw_rows, raw, "external")
     calibrated = predictor.calibrate(raw)
     metrics = compute_metrics(y, raw, n_boot=n_boot, seed=seed)
     metrics["majority_baseline"] = majority_baseline(y, majority_label(rec.label for rec, _ in kept))
@@ -273,7 +268,5 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     }
     write_json(out / RunDir.METRICS, report)
     write_audit(result, out)
-    from osteo.report import write_model_card
-
     write_model_card(run)
     return out, report

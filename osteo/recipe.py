@@ -24,6 +24,7 @@ import dataclasses
 import importlib.util
 import inspect
 import math
+import re
 import sys
 import types
 import typing
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from osteo import CLASSES
 from osteo.errors import OsteoError
 
 # The largest image side a recipe may ask for: 2048 px x 2048 px x 3 channels of float32
@@ -352,6 +354,24 @@ def recipe_from_dict(d: dict) -> Recipe:
     return r
 
 
+# --------------------------------------------------------------------------- operating points
+
+_SPEC = re.compile(r"^\s*([a-z]+)(\+?)\s*:\s*(sensitivity|specificity)\s*=\s*([0-9.]+)\s*$")
+
+
+def parse_operating_point(text: str) -> dict:
+    """``osteoporosis:sensitivity=0.90`` or ``osteopenia+:specificity=0.8`` -> a spec dict."""
+    m = _SPEC.match(text.lower())
+    if not m or m.group(1) not in CLASSES or not 0 < float(m.group(4)) < 1:
+        raise OsteoError(f"operating point {text!r} is not CLASS[+]:sensitivity=X or CLASS[+]:specificity=X "
+                         f"with X in (0, 1); e.g. osteoporosis:sensitivity=0.90 (CLASS one of {', '.join(CLASSES)}, "
+                         "'+' for that class or worse)")
+    first = CLASSES.index(m.group(1))
+    positive = list(range(first, len(CLASSES))) if m.group(2) else [first]
+    name = m.group(1) + ("+" if m.group(2) else "")
+    return {"name": name, "positive": positive, "target": m.group(3), "value": float(m.group(4))}
+
+
 # --------------------------------------------------------------------------- resolve
 
 _NONNEGATIVE = (lambda v: v >= 0, "0 or more")
@@ -427,8 +447,7 @@ def resolve(recipe: Recipe, backend: str | None = None) -> Recipe:
     implementation's own); checks every choice and bound and the weights, and returns a
     new Recipe. Resolving a resolved recipe changes nothing.
     """
-    from osteo.backbones.base import ENGINES
-    from osteo.device import choose_impl
+    from osteo.device import ENGINES, choose_impl
     from osteo.registry import get_backbone, parse_weights
 
     r = copy.deepcopy(recipe)
@@ -462,8 +481,6 @@ def resolve(recipe: Recipe, backend: str | None = None) -> Recipe:
     if r.data.val + r.data.test >= 1:
         raise OsteoError(f"data.val + data.test must be below 1 (got {r.data.val} + {r.data.test}); "
                          "leave images for training")
-    from osteo.calibrate import parse_operating_point
-
     for point in r.train.operating_points:
         parse_operating_point(point)
     kind, _ = parse_weights(r.model.weights)

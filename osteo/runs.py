@@ -24,7 +24,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from osteo.backbones.base import get_engine
+import numpy as np
+
+from osteo import CLASSES
+from osteo.device import get_engine
 from osteo.errors import OsteoError
 from osteo.files import read_csv, read_json, write_csv, write_json
 
@@ -32,6 +35,8 @@ if TYPE_CHECKING:
     from osteo.recipe import Recipe
 
 STATE_FILE = "state.json"  # osteo.callbacks.TrainingState's commit file, one per phase
+PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
+PREDICTION_COLUMNS = ("path", "label", "pred", *PROB_COLUMNS, "split")
 
 
 class _Folder:
@@ -103,6 +108,16 @@ class RunDir(_Folder):
     eval_path = property(lambda self: self.path / self.EVAL)
     backup_path = property(lambda self: self.path / self.BACKUP)
     tensorboard_path = property(lambda self: self.path / self.TENSORBOARD)
+    # the Trainer's resume files inside BACKUP: named here, not as run files (owner_of lists those)
+    phase1_weights_path = property(lambda self: self.backup_path / "phase1.weights.h5")  # where phase 2 starts
+
+    def phase_path(self, phase: int) -> Path:
+        """Phase ``phase``'s TrainingState folder (its two slots and ``state.json``)."""
+        return self.backup_path / f"phase{phase}"
+
+    def phase_done_path(self, phase: int) -> Path:
+        """The marker of a finished phase; it holds the epoch the phase ran to."""
+        return self.backup_path / f"phase{phase}.done"
 
     # ------------------------------------------------------------------ state
 
@@ -125,7 +140,8 @@ class RunDir(_Folder):
         """Unfinished, with at least one completed epoch or phase saved to resume from."""
         if not self.is_run() or self.is_finished() or not self.backup_path.is_dir():
             return False
-        return any(self.backup_path.glob("phase*.done")) or any(self.backup_path.glob(f"phase*/{STATE_FILE}"))
+        return (any(self.phase_done_path(p).is_file() for p in (1, 2))
+                or any((self.phase_path(p) / STATE_FILE).is_file() for p in (1, 2)))
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -252,9 +268,30 @@ class RunDir(_Folder):
 
     def read_predictions(self, split: str | None = None):
         """(labels, probabilities, rows) of one split of ``predictions.csv`` (all splits: None)."""
-        from osteo.evaluate import read_predictions
+        path = self.predictions_path
+        rows = read_csv(path, "is this a finished run directory? If it is, train the run again")
+        if rows and not set(PREDICTION_COLUMNS) <= set(rows[0]):
+            raise OsteoError(f"{path} is not an osteo predictions.csv (columns {', '.join(rows[0])})")
+        if split is not None:
+            rows = [r for r in rows if r["split"] == split]
+        try:
+            y = np.array([CLASSES.index(r["label"]) for r in rows], dtype=int)
+            p = np.array([[float(r[c]) for c in PROB_COLUMNS] for r in rows], dtype=float).reshape(-1, len(CLASSES))
+        except ValueError as e:
+            raise OsteoError(f"{path} has a bad row ({e}); re-run `osteo eval` on a finished run") from None
+        return y, p, rows
 
-        return read_predictions(self.predictions_path, split)
+    def write_predictions(self, rows: Sequence[dict], probs: np.ndarray, split: str,
+                          append_to: list[dict] | None = None) -> list[dict]:
+        """Write (or extend) ``predictions.csv``; probabilities with 6 decimals, stable bytes."""
+        out = list(append_to or [])
+        for r, p in zip(rows, probs):
+            out.append({
+                "path": r["path"], "label": r["label"], "pred": CLASSES[int(np.argmax(p))],
+                **{c: f"{float(v):.6f}" for c, v in zip(PROB_COLUMNS, p)}, "split": split,
+            })
+        write_csv(self.predictions_path, out, PREDICTION_COLUMNS)
+        return out
 
 
 class CvDir(_Folder):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import datetime
 import logging
 import math
@@ -53,6 +54,7 @@ import numpy as np
 from osteo.errors import OsteoError
 from osteo.files import write_json
 from osteo.runs import CvDir, RunDir
+from osteo.session import TrainOptions, build_recipe, ensure_phantom
 
 RETRIES = 2  # per trial, each from its last completed epoch
 INNER_VAL = 0.25  # the search's inner split: this fraction of an outer fold's training images validates
@@ -75,7 +77,7 @@ class StudyConfig:
     gpus_per_trial: float = 0.0
     out: str = "reports/study"
     runs: str = "runs"
-    train_args: list[str] = field(default_factory=list)  # passed to every trial's `osteo train`
+    options: TrainOptions = field(default_factory=TrainOptions)  # every trial's `osteo train` options
     search: str | None = None  # KEY=LO:HI:log
     trials: int = 8
     mlflow: bool = False
@@ -497,17 +499,10 @@ class _Plan:
     search: Search | None
 
 
-def _build_recipe(cfg: StudyConfig, model: str, extra: list[str]):
-    """The resolved recipe a trial's command line gives (the CLI's own parser and builder)."""
-    from osteo.cli import build_parser, build_recipe
-
-    argv = ["train", cfg.recipe, *cfg.train_args, "--model", model, *extra]
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit:
-        raise OsteoError(f"the trials' osteo train options are not valid: {' '.join(argv[2:])}; "
-                         "see osteo train --help") from None
-    return build_recipe(args)
+def _build_recipe(cfg: StudyConfig, model: str, overrides: list[str]):
+    """The resolved recipe of a trial of ``model`` given ``overrides`` (KEY=VALUE) too."""
+    options = dataclasses.replace(cfg.options, overrides=(*cfg.options.overrides, *overrides))
+    return build_recipe(cfg.recipe, model, options)
 
 
 def _plan(cfg: StudyConfig) -> _Plan:
@@ -537,7 +532,7 @@ def _plan(cfg: StudyConfig) -> _Plan:
             raise OsteoError(f"--trials must be 1 or more, got {cfg.trials}")
         for m, r in recipes.items():
             for bound in (search.low, search.high):  # the key, its type and bounds, and the inner split
-                tried = _build_recipe(cfg, m, [*_inner_split(cfg.folds, 1), "--set", f"{search.key}={bound!r}"])
+                tried = _build_recipe(cfg, m, [*_inner_split(cfg.folds, 1), f"{search.key}={bound!r}"])
             value = tried
             for part in search.key.split("."):
                 value = getattr(value, part)
@@ -564,14 +559,19 @@ def _plan(cfg: StudyConfig) -> _Plan:
 
 def _inner_split(folds: int, fold: int) -> list[str]:
     """The overrides of nested cross-validation's inner split of outer fold ``fold`` (1..K)."""
-    return ["--set", f"data.folds={folds}", "--set", f"data.fold={fold - 1}",
-            "--set", f"data.inner_val={INNER_VAL}"]
+    return [f"data.folds={folds}", f"data.fold={fold - 1}", f"data.inner_val={INNER_VAL}"]
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    """``--set KEY=VALUE`` for each override, as ``osteo train`` takes them."""
+    return [arg for item in overrides for arg in ("--set", item)]
 
 
 def _spec(plan: _Plan, cfg: StudyConfig, kind: str, model: str, seed: int, fold: int, args: list[str], **more) -> dict:
     return {"kind": kind, "model": model, "seed": seed, "fold": fold, "recipe": cfg.recipe, "cwd": str(plan.cwd),
             "retries": RETRIES, "run": "", "root": "",
-            "args": ["train", cfg.recipe, *cfg.train_args, "--model", model, "--seed", str(seed), *args], **more}
+            "args": ["train", cfg.recipe, *cfg.options.as_args(), "--model", model, "--seed", str(seed), *args],
+            **more}
 
 
 def _cv_path(plan: _Plan, model: str, seed: int) -> Path:
@@ -592,8 +592,7 @@ def _search_specs(plan: _Plan, cfg: StudyConfig) -> list[dict]:
                     setting = f"{s.key}={value!r}"
                     specs.append(_spec(
                         plan, cfg, "search", m, seed, fold,
-                        ["--runs", str(root), *_inner_split(cfg.folds, fold), "--set", "train.bootstrap=0",
-                         "--set", setting],
+                        ["--runs", str(root), *_sets([*_inner_split(cfg.folds, fold), "train.bootstrap=0", setting])],
                         id=f"{group}-t{t}", group=group, value=value, set=setting, root=str(root),
                         log=str(root / "trial.log"), epochs=r.train.epochs + r.train.fine_tune_epochs))
     return specs
@@ -653,7 +652,6 @@ def _trial_record(spec: dict, outcome: dict) -> dict:
 
 def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
     """Run the study; return its report page (``cfg.out/index.html``). See the module's docstring."""
-    from osteo.cli import ensure_phantom
     from osteo.report import write_report
 
     started = datetime.datetime.now()
@@ -669,15 +667,11 @@ def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
         os.environ["OSTEO_MLFLOW_EXPERIMENT"] = f"osteo-study-{plan.id}"
     executor = _executor(cfg, warn, search)
 
-    class _Console:  # ensure_phantom's console: its lines go to say
-        def print(self, text, **_):
-            say(str(text))
-
     n_grid = len(cfg.models) * len(plan.seeds) * cfg.folds
     records, chosen, search_specs = [], None, []
     try:
         for m, r in plan.recipes.items():
-            ensure_phantom(r, _Console())  # here, before concurrent trials race to write it
+            ensure_phantom(r, say)  # here, before concurrent trials race to write it
             for seed in plan.seeds:  # likewise cv.json
                 CvDir(_cv_path(plan, m, seed)).start(folds=cfg.folds, seed=seed, recipe=r.name, model=m)
         if search:
@@ -709,7 +703,7 @@ def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
     summary = {
         "id": plan.id, "started": started.isoformat(timespec="seconds"), "executor": executor.where,
         "address": cfg.address, "models": cfg.models, "recipe": cfg.recipe, "folds": cfg.folds, "seeds": plan.seeds,
-        "train_args": cfg.train_args, "retries_allowed": RETRIES,
+        "train_args": cfg.options.as_args(), "retries_allowed": RETRIES,
         "search": None if not search else {
             "key": search.key, "low": search.low, "high": search.high, "log": search.log, "trials": cfg.trials,
             "scheduler": f"ASHA per outer fold: grace 1 epoch, reduction {ASHA_REDUCTION}, on {METRIC}",

@@ -20,7 +20,7 @@ MLflow (``train.mlflow``, ``osteo train --mlflow``, or ``$MLFLOW_TRACKING_URI`` 
 - params: the resolved recipe, flattened (``train.lr``, ``model.head.dropout`` ...);
 - per-epoch metrics: Keras' logs, step = the epoch as ``history.csv`` numbers it (from 1);
 - final metrics: ``final_<split>_<metric>`` (and ``..._ci_low`` / ``..._ci_high``) from
-  ``metrics.json`` for accuracy, balanced accuracy, macro F1 and ROC-AUC, and ``best_epoch``;
+  ``metrics.json`` for every metric of :data:`osteo.evaluate.METRICS`, and ``best_epoch``;
 - artifacts: recipe.json, env.json, metrics.json, history.csv, and MODEL_CARD.md and
   calibration.json when the run has them.
 
@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from osteo.errors import OsteoError
+from osteo.evaluate import METRICS
 from osteo.recipe import Recipe
 from osteo.runs import RunDir
 
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 INSTALL = "pip install 'osteo[track]'"
 DEFAULT_EXPERIMENT = "osteo"
 DEFAULT_STORE = "mlruns"  # under the current folder
-HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
 RUN_TAG = "osteo.run"  # the run directory's absolute path
 KEY_TAG = "osteo.run_key"  # its hash, to find the MLflow run again
 
@@ -168,13 +168,14 @@ def _number(v: Any) -> float | None:
 
 
 def final_metrics(metrics: dict) -> dict[str, float]:
-    """The headline metrics of ``metrics.json``, per held-out split, with their 95% CI bounds."""
+    """Every metric of ``metrics.json`` (:data:`osteo.evaluate.METRICS`), per held-out split, with
+    the bounds of its 95% interval where it has one."""
     out: dict[str, float] = {}
     for split in ("val", "test"):
         m = metrics.get(split)
         if not isinstance(m, dict):
             continue
-        for key in HEADLINE:
+        for key in (metric.name for metric in METRICS):
             if m.get(key) is not None:
                 out[f"final_{split}_{key}"] = float(m[key])
             ci = m.get(f"{key}_ci")

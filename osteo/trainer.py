@@ -36,7 +36,6 @@ import numpy as np
 
 from osteo import device as devices
 from osteo import tracking
-from osteo.backbones.base import get_engine
 from osteo.callbacks import (
     BestCheckpoint,
     HistoryCSV,
@@ -46,6 +45,7 @@ from osteo.callbacks import (
     monitor_mode,
 )
 from osteo.classifier import Classifier, SparseCrossEntropy, default_metrics
+from osteo.device import get_engine
 from osteo.errors import OsteoError
 from osteo.files import atomic_path, sweep_temporaries, write_bytes
 from osteo.optim import make_optimizer
@@ -142,20 +142,37 @@ class Trainer:
 
     def setup(self) -> Trainer:
         """Everything before the first epoch; bad data or weights fail before any file is written."""
-        split = None
-        if self.resume:
-            if isinstance(self.resume, RunDir):
-                self.run_dir = self.resume
-            else:
-                self.run_dir = find_run(self.resume, self.recipe.runs_dir, self.recipe.model.backbone)
-                self.recipe = self.run_dir.read_recipe()
-            self._held.enter_context(self.run_dir.locked())
-            sweep_temporaries(self.run_dir.path)  # left by the killed process
-            split = self.run_dir.read_split()
-            self._say(f"resuming {self.run_dir}")
-        r = self.recipe = resolve(self.recipe, backend=keras.backend.backend())  # fills model.impl
-        tracking.check(r)  # a tracker asked for but not installed fails before any work
-        t = r.train
+        split = self._open_run_for_resume()
+        self._resolve_recipe()
+        self._plan_and_build()
+        self._setup_data(split)
+        self._build_model()
+        self._create_run_files()
+        self._setup_callbacks_state()
+        return self
+
+    def _open_run_for_resume(self) -> list[dict] | None:
+        """A resumed run: its directory (locked), its recipe and its split; None for a new run."""
+        if not self.resume:
+            return None
+        if isinstance(self.resume, RunDir):
+            self.run_dir = self.resume
+        else:
+            self.run_dir = find_run(self.resume, self.recipe.runs_dir, self.recipe.model.backbone)
+            self.recipe = self.run_dir.read_recipe()
+        self._held.enter_context(self.run_dir.locked())
+        sweep_temporaries(self.run_dir.path)  # left by the killed process
+        split = self.run_dir.read_split()
+        self._say(f"resuming {self.run_dir}")
+        return split
+
+    def _resolve_recipe(self) -> None:
+        self.recipe = resolve(self.recipe, backend=keras.backend.backend())  # fills model.impl
+        tracking.check(self.recipe)  # a tracker asked for but not installed fails before any work
+
+    def _plan_and_build(self) -> None:
+        """The device plan for the loaded backend and the recipe's engine, and the Classifier."""
+        r, t = self.recipe, self.recipe.train
         if self.plan is None or not self.plan.made_for(r.model.impl):
             why = self.plan.why["backend"] if self.plan else "the backend Keras had loaded"
             self.plan = devices.plan(get_backbone(r.model.backbone), devices.probe(),
@@ -167,17 +184,26 @@ class Trainer:
         self.compile_backbone, self.keras_jit = get_engine(r.model.impl).jit(self.plan.jit_compile)
         self.clf = Classifier.from_recipe(r, compile_backbone=self.compile_backbone)
 
+    def _setup_data(self, split: list[dict] | None) -> None:
+        """Seeds, then the DataModule: audit, split (a resumed run's own), cache."""
         from osteo.data.module import DataModule
 
+        r, t = self.recipe, self.recipe.train
         devices.set_determinism(t.seed, t.deterministic)
         self.dm = DataModule(r.data, seed=t.seed, mixup=r.model.augment.mixup, cutmix=r.model.augment.cutmix)
         self.dm.setup(split=split, progress=self._data_progress())
+
+    def _build_model(self) -> None:
         keras.mixed_precision.set_dtype_policy(self.plan.precision)
         try:
             self.model = self.clf.build()
         finally:
             keras.mixed_precision.set_dtype_policy("float32")
 
+    def _create_run_files(self) -> None:
+        """The run directory (a new one is created and locked here) and its recipe, split, audit,
+        manifest and env.json."""
+        r, t = self.recipe, self.recipe.train
         if self.run_dir is None:
             self.run_dir = create_run_dir(self.at) if self.at else new_run_dir(r.runs_dir, self.clf.spec.name)
             self._held.enter_context(self.run_dir.locked())
@@ -206,6 +232,9 @@ class Trainer:
         }
         run.write_env(self.env)
 
+    def _setup_callbacks_state(self) -> None:
+        """Steps, history (a resumed run's rows kept), best checkpoint, class weights and the phases."""
+        t, run = self.recipe.train, self.run_dir
         bs = self.dm.batch_size
         self.steps = t.steps_per_epoch or self.dm.steps_per_epoch()
         images_per_epoch = self.steps * bs if t.steps_per_epoch else min(self.steps * bs, self.dm.count("train"))
@@ -223,25 +252,22 @@ class Trainer:
         self.phases = [Phase(1, 0, t.epochs, t.lr)] if t.epochs else []
         if t.fine_tune_epochs:
             self.phases.append(Phase(2, t.epochs, self.total_epochs, t.fine_tune_lr))
-        return self
 
     # ------------------------------------------------------------------ one phase
 
     def fit_phase(self, phase: Phase) -> None:
         """Train one phase, resuming from its backup if it has one; a done phase is skipped."""
         r, t, run, model = self.recipe, self.recipe.train, self.run_dir, self.model
-        backup_root = run.backup_path
-        done_marker = backup_root / f"phase{phase.number}.done"
+        done_marker = run.phase_done_path(phase.number)
         if _done_until(done_marker) >= phase.last_epoch:  # a resumed run may have been given more epochs
             return
         if phase.number == 1:
             self.clf.freeze_backbone()
         else:
             self.clf.unfreeze_backbone(t.fine_tune_blocks)
-            phase1_weights = backup_root / "phase1.weights.h5"
-            if phase1_weights.exists() and TrainingState.saved(backup_root / "phase2") is None:
-                model.load_weights(phase1_weights)
-        backup_dir = backup_root / f"phase{phase.number}"
+            if run.phase1_weights_path.exists() and TrainingState.saved(run.phase_path(2)) is None:
+                model.load_weights(run.phase1_weights_path)
+        backup_dir = run.phase_path(phase.number)
         start = TrainingState.resume_epoch(backup_dir, default=phase.first_epoch)
         fit_model = model
         fit_kw = {"x": self.dm.train_dataset(start_epoch=start, steps_per_epoch=self.steps),
@@ -274,7 +300,7 @@ class Trainer:
             )
         if phase.number == 1 and t.fine_tune_epochs:
             # phase 2 starts from here if it is killed before its first backup
-            with atomic_path(backup_root / "phase1.weights.h5", suffix=".weights.h5") as tmp:
+            with atomic_path(run.phase1_weights_path, suffix=".weights.h5") as tmp:
                 model.save_weights(tmp)
         write_bytes(done_marker, str(phase.last_epoch).encode())
 
@@ -300,8 +326,8 @@ class Trainer:
     def finish(self) -> Path:
         """Restore the best checkpoint, predict every held-out split, write metrics.json once."""
         from osteo.calibrate import calibrate_run
-        from osteo.evaluate import evaluate_run, write_predictions
-        from osteo.report import write_model_card
+        from osteo.evaluate import evaluate_run
+        from osteo.model_card import write_model_card
 
         run, model = self.run_dir, self.model
         if not self.best.path.exists():
@@ -313,7 +339,7 @@ class Trainer:
         for name in ("val", "test"):
             if self.dm.count(name):
                 probs = model.predict(self.dm.eval_dataset(name), verbose=0)
-                rows = write_predictions(run.predictions_path, self.dm.rows(name), probs, name, append_to=rows)
+                rows = run.write_predictions(self.dm.rows(name), probs, name, append_to=rows)
         history = run.read_history()
         rates = [float(h["images_per_sec"]) for h in history if h.get("images_per_sec")]
         self.env.update({

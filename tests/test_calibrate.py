@@ -10,11 +10,11 @@ from osteo.calibrate import (
     choose_threshold,
     fit_temperature,
     operating_point_metrics,
-    parse_operating_point,
 )
 from osteo.cli import main
 from osteo.errors import OsteoError
 from osteo.evaluate import expected_calibration_error
+from osteo.recipe import parse_operating_point
 from osteo.runs import RunDir
 from osteo.trainer import Trainer
 

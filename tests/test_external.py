@@ -8,8 +8,7 @@ import pytest
 
 from osteo.cli import main
 from osteo.data.phantom import write_phantom
-from osteo.evaluate import PREDICTION_COLUMNS
-from osteo.runs import RunDir
+from osteo.runs import PREDICTION_COLUMNS, RunDir
 from osteo.trainer import Trainer
 
 

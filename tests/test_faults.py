@@ -65,12 +65,12 @@ def test_disk_full_while_writing_the_report_keeps_the_previous_report(finished_r
     assert main(["report", str(finished_run), "--out", str(out), "--bootstrap", "50"]) == 0
     before = (out / "index.html").read_bytes()
     capsys.readouterr()
-    from osteo import report
+    from osteo.report import plots
 
     def full(fig, path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(report, "_save", full)
+    monkeypatch.setattr(plots, "_save", full)
     assert main(["report", str(finished_run), "--out", str(out), "--bootstrap", "50"]) == 2
     assert "No space left on device" in _one_line(capsys)
     assert (out / "index.html").read_bytes() == before  # the old page, whole

@@ -12,7 +12,8 @@ from PIL import Image
 from osteo import CLASSES
 from osteo.cli import main
 from osteo.data.phantom import make_image
-from osteo.report import COMPARISON_COLUMNS, write_report
+from osteo.report import write_report
+from osteo.report.tables import COMPARISON_COLUMNS
 from osteo.trainer import Trainer
 
 HOSTILE = "<img src=x onerror=alert(1)> \"q'\u00e9 ü"
@@ -109,7 +110,8 @@ def test_page_loads_in_headless_chromium(two_runs, tmp_path):
 
 def test_the_gradcam_grid_draws_real_maps(two_runs):
     """The grid's panels are Grad-CAM maps of the run's own model, not its fallback note."""
-    from osteo.report import _gradcam_sample, load_run
+    from osteo.report.load import load_run
+    from osteo.report.plots import _gradcam_sample
 
     run = load_run(two_runs[0], n_boot=0)
     sample, images, maps, picked = _gradcam_sample(run, 3)

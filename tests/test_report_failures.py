@@ -6,15 +6,20 @@ Run directories are written by hand (no training), so these tests take seconds.
 from __future__ import annotations
 
 import csv
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from osteo import CLASSES
-from osteo.evaluate import bootstrap, compute_metrics, evaluate_run, write_predictions
+from osteo.evaluate import HEADLINE, bootstrap, compute_metrics, evaluate_run
 from osteo.files import read_json, write_csv, write_json
-from osteo.report import HEADLINE, write_report
+from osteo.report import write_report
+from osteo.runs import RunDir
 
 PLOTS = {"curves.png", "confusion.png", "roc.png", "reliability.png", "samples.png", "metrics.png", "gradcam.png"}
 HISTORY_COLUMNS = ("epoch", "phase", "accuracy", "loss", "val_accuracy", "val_loss")
@@ -50,7 +55,7 @@ def make_run(root: Path, run_id: str, probs: np.ndarray, val_labels: list[str] =
               [*({**r, "split": "train", "group": r["path"]} for r in train),
                *({**r, "split": "val", "group": r["path"]} for r in val)],
               ("path", "label", "split", "group"))
-    write_predictions(run / "predictions.csv", val, probs, "val")
+    RunDir(run).write_predictions(val, probs, "val")
     write_json(run / "metrics.json", {"model": "tiny", "best_epoch": 1, "monitor": "val_macro_f1"})
     write_json(run / "env.json", {"backend": "tensorflow", "precision": "float32", "n_train": len(train)})
     write_csv(run / "history.csv", history or [
@@ -152,3 +157,62 @@ def test_eval_of_a_nan_run_writes_strict_json(failed_runs):
     assert metrics["n_nonfinite"] == 1 and metrics["roc_auc"] is None and metrics["log_loss"] is None
     assert "NaN" not in (run / "metrics.json").read_text()  # null, which every JSON reader accepts
     assert read_json(run / "metrics.json")["val"]["accuracy"] == metrics["accuracy"]
+
+
+# --------------------------------------------------------------------------- the metric table
+
+# In a fresh process: osteo.evaluate with two rows added to METRICS (its source edited in memory,
+# nothing else), then every place that shows metrics, writing what it showed as JSON.
+NEW_ROWS = """
+import contextlib, importlib.util, io, json, sys
+from pathlib import Path
+
+spec = importlib.util.find_spec("osteo.evaluate")
+source = Path(spec.origin).read_text()
+assert source.count("METRICS = (\\n") == 1
+rows = '    Metric("macro_recall", "macro recall", headline=True),\\n    Metric("weighted_f1", "weighted F1"),\\n'
+evaluate = importlib.util.module_from_spec(spec)
+sys.modules["osteo.evaluate"] = evaluate
+exec(compile(source.replace("METRICS = (\\n", "METRICS = (\\n" + rows), spec.origin, "exec"), evaluate.__dict__)
+
+from rich.console import Console
+from osteo import tracking
+from osteo.cli import main, print_run_summary
+from osteo.report.load import load_runs
+from osteo.report.page import render_html
+from osteo.report.tables import COMPARISON_COLUMNS, FOLD_COLUMNS, comparison_rows
+from osteo.runs import RunDir
+
+run = RunDir(sys.argv[1])
+shown = {}
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    assert main(["eval", str(run), "--bootstrap", "20"]) == 0
+    assert main(["calibrate", str(run), "--bootstrap", "20"]) == 0
+shown["eval"] = out.getvalue()
+console = Console(file=io.StringIO(), width=250)
+print_run_summary(run, console)
+shown["summary"] = console.file.getvalue()
+runs, _ = load_runs([run], n_boot=20)
+rows = comparison_rows(runs)
+shown["comparison"] = {"columns": list(COMPARISON_COLUMNS), "folds": list(FOLD_COLUMNS), "row": rows[0]}
+shown["page"] = render_html(runs, rows, {}, "val")
+shown["card"] = run.model_card_path.read_text()
+shown["mlflow"] = sorted(tracking.final_metrics(run.read_metrics()))
+print(json.dumps(shown, default=str))
+"""
+
+
+def test_a_row_added_to_the_metric_table_reaches_everything_that_shows_metrics(tmp_path):
+    run = make_run(tmp_path, "r1", skilled(VAL_LABELS))
+    proc = subprocess.run([sys.executable, "-c", NEW_ROWS, str(run)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "250"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shown = json.loads(proc.stdout.splitlines()[-1])
+    for where in ("eval", "page", "card"):  # every metric
+        assert "macro recall" in shown[where] and "weighted F1" in shown[where], where
+    assert "macro recall" in shown["summary"] and "weighted F1" not in shown["summary"]  # headline only
+    comparison = shown["comparison"]
+    assert {"macro_recall", "macro_recall_mean", "macro_recall_sd", "weighted_f1"} <= set(comparison["columns"])
+    assert "macro_recall" in comparison["folds"] and "weighted_f1" not in comparison["folds"]
+    assert float(comparison["row"]["weighted_f1"]) > 0.5
+    assert {"final_val_macro_recall", "final_val_weighted_f1"} <= set(shown["mlflow"])

@@ -166,6 +166,19 @@ def test_an_error_after_tensorflow_loaded_is_one_line_even_on_the_noisy_path(tmp
     assert not (tmp_path / "runs").exists()
 
 
+def test_importing_osteo_leaves_the_import_system_and_environment_alone():
+    """The filter is the osteo command's (cli.main), not every program's that imports the library."""
+    code = """
+import os, sys
+before, env = list(sys.meta_path), dict(os.environ)
+import osteo, osteo.cli, osteo.recipe, osteo.runs
+print(sys.meta_path == before and dict(os.environ) == env)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stdout.strip() == "True", proc.stderr[-2000:]
+
+
 def test_filter_keeps_real_messages_and_the_user_can_ask_for_tensorflows_logs():
     code = """
 import os, sys

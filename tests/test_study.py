@@ -14,16 +14,16 @@ import pytest
 from osteo import CLASSES
 from osteo.data.split import check_split, split_rows
 from osteo.errors import OsteoError
+from osteo.session import TrainOptions
 from osteo.study import StudyConfig, parse_search, run_study
 
 
 def _cfg(phantom_dir, tmp_path, **kw) -> StudyConfig:
     """The tests' study: the tiny backbone at 32 px, 2 epochs of 2 steps, 2 folds."""
-    train_args = ["--data", str(phantom_dir), "--weights", "none", "--image-size", "32", "--epochs", "2",
-                  "--set", "train.steps_per_epoch=2", "--set", "train.tensorboard=false",
-                  "--set", "train.bootstrap=50"]
+    options = TrainOptions(data=str(phantom_dir), weights="none", image_size=32, epochs=2,
+                           overrides=("train.steps_per_epoch=2", "train.tensorboard=false", "train.bootstrap=50"))
     return StudyConfig(**{"models": ["tiny"], "recipe": "seed", "folds": 2, "runs": str(tmp_path / "runs"),
-                          "out": str(tmp_path / "report"), "train_args": train_args, **kw})
+                          "out": str(tmp_path / "report"), "options": options, **kw})
 
 
 def _csv(path) -> list[dict]:
@@ -84,8 +84,8 @@ def test_search_ranges_parse_and_spread_over_the_range():
     ({"search": "train.nope=1:2"}, "unknown recipe key"),
     ({"search": "train.optimizer=1:2"}, "train.optimizer"),
     ({"search": "train.fine_tune_lr=1e-5:1e-3:log"}, "trains no epochs with train.fine_tune_lr"),
-    ({"train_args": ["--weights", "none", "--set", "train.epochs=-1"]}, "train.epochs must be 0 or more"),
-    ({"train_args": ["--weights", "none", "--set", "data.test=0.1"]}, "holds out data.test=0.1"),
+    ({"options": TrainOptions(weights="none", overrides=("train.epochs=-1",))}, "train.epochs must be 0 or more"),
+    ({"options": TrainOptions(weights="none", overrides=("data.test=0.1",))}, "holds out data.test=0.1"),
 ])
 def test_a_bad_study_is_a_one_line_error_before_any_trial(phantom_dir, tmp_path, change, message):
     cfg = _cfg(phantom_dir, tmp_path, **change)
@@ -110,7 +110,7 @@ def ray_study(phantom_dir, tmp_path_factory):
     pytest.importorskip("ray")
     tmp = tmp_path_factory.mktemp("study")
     cfg = _cfg(phantom_dir, tmp, models=["tiny", "vgg16"], mlflow=True)
-    cfg.train_args.append("--mlflow")
+    cfg.options.mlflow = True
     said, warned = [], []
     # the trial kills itself once its first epoch is committed, as an OOM killer would; only the
     # first attempt (OSTEO_KILL_ONCE), only tiny's fold 1 (OSTEO_KILL_IF): a named point, no timing

@@ -222,7 +222,6 @@ def timm_run(phantom_dir, tmp_path_factory, tiny_recipe):
 
 def test_a_run_on_the_timm_engine_checkpoints_weights_and_reloads_without_unpickling(
         timm_run, phantom_dir, monkeypatch):
-    from osteo.evaluate import read_predictions
     from osteo.predict import Predictor
 
     run = timm_run
@@ -244,7 +243,7 @@ def test_a_run_on_the_timm_engine_checkpoints_weights_and_reloads_without_unpick
                         (keras.layers.TorchModuleWrapper, "from_config")):
         monkeypatch.setattr(owner, name, no_unpickling)
     predictor = Predictor(run.path, calibrated=False)  # rebuilt from recipe.json, weights loaded
-    _, probs, rows = read_predictions(run.predictions_path, "val")
+    _, probs, rows = run.read_predictions("val")
     _, raw, _ = predictor.predict_paths([Path(phantom_dir) / r["path"] for r in rows])
     np.testing.assert_allclose(raw, probs, atol=1e-5)  # the same probabilities as when the run made them
 

@@ -15,9 +15,9 @@ from osteo import CLASSES
 from osteo.device import Device
 from osteo.device import plan as device_plan
 from osteo.errors import OsteoError
-from osteo.evaluate import PREDICTION_COLUMNS, read_predictions
 from osteo.predict import load_best
 from osteo.registry import CpuDecision, get_backbone, list_backbones
+from osteo.runs import PREDICTION_COLUMNS, RunDir
 from osteo.trainer import Trainer
 
 RUN_FILES = {"recipe.json", "env.json", "audit.json", "split.csv", "history.csv", "best.weights.h5",
@@ -70,7 +70,7 @@ def test_restored_weights_are_the_best_epochs(phantom_dir, tmp_path, tiny_recipe
 
     dm = DataModule(DataConfig(dir=str(phantom_dir), image_size=32)).setup(split=read_split(run / "split.csv"))
     images, labels = dm.eval_arrays("val")
-    y, probs, _ = read_predictions(run / "predictions.csv", "val")
+    y, probs, _ = RunDir(run).read_predictions("val")
     np.testing.assert_array_equal(y, labels)
     np.testing.assert_allclose(model.predict(images, verbose=0), probs, atol=2e-6)
 
@@ -156,7 +156,7 @@ def test_every_registered_backbone_writes_a_run(backbone, phantom_dir, tmp_path,
     r = tiny_recipe(phantom_dir, tmp_path, backbone=backbone, epochs=1, steps_per_epoch=1)
     run = Trainer(r).run()
     assert {p.name for p in run.iterdir()} >= RUN_FILES
-    y, probs, _ = read_predictions(run / "predictions.csv", "val")
+    y, probs, _ = RunDir(run).read_predictions("val")
     assert probs.shape == (len(y), len(CLASSES))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
 
@@ -208,7 +208,7 @@ def test_phase_one_on_cached_features_trains_the_full_models_head(phantom_dir, t
     dm = DataModule(DataConfig(dir=str(phantom_dir), image_size=32)).setup(
         split=read_split(run / "split.csv"))
     images, _ = dm.eval_arrays("val")
-    _, probs, _ = read_predictions(run / "predictions.csv", "val")
+    _, probs, _ = RunDir(run).read_predictions("val")
     np.testing.assert_allclose(model.predict(images, verbose=0), probs, atol=2e-6)
 
 

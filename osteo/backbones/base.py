@@ -20,98 +20,28 @@ BatchNorm momentum (in Keras' terms on both), the Grad-CAM target and the export
 formats. Outside ``osteo/backbones/`` and :mod:`osteo.device` (which chooses the engine)
 no code compares engine names.
 
-This module and :data:`ENGINES` are Keras-free: the CLI reads them before the Keras
-backend is chosen; an engine's implementation is imported only when a model is built.
+This module is Keras-free, and the engines' facts (:data:`osteo.device.ENGINES`: backends,
+export formats, input scaling) are read before the Keras backend is chosen; an engine's
+implementation is imported only when a model is built.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
-import importlib
 import re
 import socket
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from osteo.errors import OsteoError
+from osteo.device import EngineInfo, get_engine
 
 if TYPE_CHECKING:
     from osteo.registry import BackboneSpec
 
 # Seconds a download of ImageNet weights may wait on the network before osteo gives up.
 DOWNLOAD_TIMEOUT = 10.0
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """Keras-free facts about one engine, read before Keras is imported."""
-
-    name: str
-    describes: str  # for people: what the backbone is
-    backends: tuple[str, ...]  # the Keras backends it runs on
-    export_formats: tuple[str, ...]
-    # its jit_compile is torch.compile of the backbone module, not Keras' jit_compile
-    compiles_backbone: bool
-    # it scales its own input (timm: the module's pretrained_cfg mean and std): preprocessing "timm"
-    own_preprocessing: str | None
-    implementation: str  # "module:Class" of its Backbone, imported at build time
-
-    def preprocessing(self, spec: BackboneSpec) -> str:
-        """The input scaling this engine gives ``spec``'s backbone when the recipe says ``auto``."""
-        return self.own_preprocessing or spec.preprocessing
-
-    def check_preprocessing(self, mode: str) -> None:
-        """A mode another engine owns (``timm``: the module's own scaling) is refused in one line."""
-        for other in ENGINES.values():
-            if other is not self and other.own_preprocessing == mode:
-                raise OsteoError(f"model.preprocessing={mode} is the {other.name} engine's own scaling; with "
-                                 f"model.impl={self.name} use auto or one of caffe, torch, tf, none")
-
-    def check_backend(self, backend: str, what: str) -> None:
-        """Refuse to build ``what`` (a run, a model) on a Keras backend this engine does not run on."""
-        if backend not in self.backends:
-            raise OsteoError(f"{what} uses the {self.name} engine ({self.describes}), which runs on "
-                             f"{' or '.join(self.backends)}: set KERAS_BACKEND={self.backends[0]}")
-
-    @property
-    def required_backend(self) -> str | None:
-        """The one Keras backend this engine runs on, or None if it runs on several."""
-        return self.backends[0] if len(self.backends) == 1 else None
-
-    def jit(self, jit_compile: bool) -> tuple[bool, bool]:
-        """(compile the backbone module, Keras' jit_compile) for the plan's ``jit_compile``."""
-        return (jit_compile, False) if self.compiles_backbone else (False, jit_compile)
-
-    def check_export(self, fmt: str, what: str) -> None:
-        if fmt not in self.export_formats:
-            raise OsteoError(f"{what} was trained on the {self.name} engine ({self.describes}), which exports "
-                             f"{', '.join(self.export_formats)}, not {fmt}; use --format "
-                             f"{self.export_formats[0]}")
-
-    def load(self) -> type[Backbone]:
-        module, _, attr = self.implementation.partition(":")
-        return getattr(importlib.import_module(module), attr)
-
-
-ENGINES: dict[str, EngineInfo] = {
-    "keras": EngineInfo("keras", "keras.applications layers", ("tensorflow", "torch"), ("onnx", "savedmodel", "keras"),
-                        compiles_backbone=False, own_preprocessing=None,
-                        implementation="osteo.backbones.keras_apps:KerasAppsBackbone"),
-    "timm": EngineInfo("timm", "timm's PyTorch module inside the Keras model", ("torch",), ("onnx",),
-                       compiles_backbone=True, own_preprocessing="timm",
-                       implementation="osteo.backbones.timm_torch:TimmBackbone"),
-}
-
-
-def get_engine(name: str) -> EngineInfo:
-    """The engine called ``name`` (a resolved recipe's ``model.impl``)."""
-    try:
-        return ENGINES[name]
-    except KeyError:
-        raise OsteoError(f"unknown model.impl {name!r}; choose one of: auto, {', '.join(ENGINES)}") from None
 
 
 def create(spec: BackboneSpec, engine: str, *, image_size: int, weights: str | None = "none",

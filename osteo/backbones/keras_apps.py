@@ -16,7 +16,6 @@ from pathlib import Path
 import keras
 
 from osteo.backbones.base import (
-    ENGINES,
     OFFLINE_FIX,
     Backbone,
     download_timeout,
@@ -24,6 +23,7 @@ from osteo.backbones.base import (
     looks_like_network_error,
     short,
 )
+from osteo.device import ENGINES
 from osteo.errors import OsteoError
 from osteo.registry import parse_weights
 

@@ -46,7 +46,6 @@ import keras
 
 from osteo.backbones.base import (
     DOWNLOAD_TIMEOUT,
-    ENGINES,
     OFFLINE_FIX,
     Backbone,
     download_timeout,
@@ -54,6 +53,7 @@ from osteo.backbones.base import (
     looks_like_network_error,
 )
 from osteo.backbones.base import short as _short
+from osteo.device import ENGINES
 from osteo.errors import OsteoError
 from osteo.registry import parse_weights
 

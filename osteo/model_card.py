@@ -1,0 +1,91 @@
+"""A run's ``MODEL_CARD.md``, written from its own files (no Keras)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from osteo.evaluate import METRICS
+from osteo.files import write_text
+from osteo.runs import RunDir
+
+
+def write_model_card(run_dir) -> Path:
+    """``MODEL_CARD.md`` of one run: what it is for and not, its data, recipe, results and environment.
+
+    Rewritten whenever something it reports changes (training, ``osteo calibrate``,
+    ``osteo eval --data``), from the run's own files.
+    """
+    run = RunDir(run_dir)
+    recipe, env, audit = run.read_recipe(), run.read_env(), run.read_audit()
+    metrics, calibration = run.read_metrics(), run.read_calibration()
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    ci = lambda m, k: (f"{fmt(m.get(k))} [{fmt(m[k + '_ci'][0])}, {fmt(m[k + '_ci'][1])}]"
+                       if m.get(f"{k}_ci") else fmt(m.get(k)))
+    lines = [
+        f"# Model card: {recipe.model.backbone} ({run.name})", "",
+        "## Intended use and limits", "",
+        "Research on knee radiographs: sorting them into normal, osteopenia and osteoporosis, to compare",
+        "models and study what they learn. **Not a medical device and not for diagnosis**: bone mineral",
+        "density is measured by DXA; a radiograph classifier has not been validated for any clinical",
+        "decision. Its numbers hold for images like its training data (same scanners, protocol,",
+        "population); check them on your own images first (`osteo eval RUN --data FOLDER`).", "",
+        "## Training data", "",
+        f"- folder: `{audit.get('data_dir', recipe.data.dir)}`; {audit.get('n_files', '?')} files, "
+        f"{audit.get('n_ok', '?')} readable, {len(audit.get('unreadable', []))} unreadable",
+        "- classes: " + ", ".join(f"{c} {n}" for c, n in audit.get("classes", {}).items()),
+        f"- duplicate groups: {len(audit.get('duplicate_groups', []))}; images excluded as filed under two "
+        f"classes: {env.get('excluded_conflicts', 0)}",
+        f"- split: {env.get('n_train', '?')} train / {env.get('n_val', '?')} validation / "
+        f"{env.get('n_test', 0)} test (seed {recipe.train.seed}; "
+        + (f"fold {recipe.data.fold + 1} of {recipe.data.folds})" if recipe.data.folds else
+           f"{recipe.data.val:.0%} validation)"), "",
+        "## Recipe", "",
+        f"`{recipe.name}`: {recipe.model.backbone}, weights {recipe.model.weights}, {recipe.data.image_size} px, "
+        f"preprocessing {recipe.model.preprocessing}, {recipe.train.epochs} + {recipe.train.fine_tune_epochs} "
+        f"epochs (frozen + fine-tuned), {recipe.train.optimizer} lr {recipe.train.lr:g} / "
+        f"{recipe.train.fine_tune_lr:g}, batch {recipe.data.batch_size}, best checkpoint by {recipe.train.monitor}"
+        f" (epoch {metrics.get('best_epoch', '?')}). The full recipe is `recipe.json`.", "",
+        "## Results (95% stratified bootstrap intervals)", "",
+        f"| split | n | {' | '.join(x.label for x in METRICS)} | majority class (bal. acc.) |",
+        f"| --- | ---: | {' | '.join('---' if x.interval else '---:' for x in METRICS)} | --- |",
+    ]
+
+    def result(name: str, m: dict) -> str:
+        base = m.get("majority_baseline", {})
+        return (f"| {name} | {m.get('n')} | {' | '.join(ci(m, x.name) for x in METRICS)} | "
+                f"{base.get('class', '-')} ({fmt(base.get('balanced_accuracy'))}) |")
+
+    lines += [result(name, metrics[name]) for name in ("val", "test") if metrics.get(name)]
+    externals = sorted(run.eval_path.glob("*/metrics.json")) if run.eval_path.is_dir() else []
+    for path in externals:
+        lines.append(result(f"external: {path.parent.name}", RunDir(path.parent)._read(path).get("external", {})))
+    lines += ["", "## Calibration and operating points", ""]
+    if calibration:
+        lines.append(f"Temperature {fmt(calibration.get('temperature'))} (fitted on validation); expected "
+                     f"calibration error {fmt(calibration.get('ece_before'))} before, "
+                     f"{fmt(calibration.get('ece_after'))} after." + (f" {calibration['error']}"
+                                                                       if calibration.get("error") else ""))
+        for point in calibration.get("operating_points", []):
+            if point.get("error"):
+                lines.append(f"- {point['name']} ({point['target']} {point['value']}): {point['error']}")
+                continue
+            v = point["val"]
+            lines.append(f"- {point['name']}: threshold {fmt(point['threshold'])} for {point['target']} "
+                         f">= {point['value']} on validation: sensitivity {ci(v, 'sensitivity')}, "
+                         f"specificity {ci(v, 'specificity')}")
+            if point.get("test"):
+                t = point["test"]
+                lines.append(f"  - on test: sensitivity {ci(t, 'sensitivity')}, specificity {ci(t, 'specificity')}")
+            for path in externals:
+                for e in RunDir(path.parent)._read(path).get("operating_points", []):
+                    if e.get("name") == point["name"]:
+                        lines.append(f"  - on {path.parent.name}: sensitivity {ci(e, 'sensitivity')}, "
+                                     f"specificity {ci(e, 'specificity')}")
+    else:
+        lines.append("Not calibrated (`osteo calibrate RUN_DIR`).")
+    lines += ["", "## Environment", "",
+              f"osteo {env.get('git_commit', '?')[:12]}, Keras {env.get('keras', '?')}, backend "
+              f"{env.get('backend', '?')} on {env.get('device', {}).get('runs_on', '?')}, precision "
+              f"{env.get('precision', '?')}; {env.get('command', '')}", ""]
+    write_text(run.model_card_path, "\n".join(lines))
+    return run.model_card_path

@@ -1,0 +1,231 @@
+"""The runs a report compares, loaded as :class:`Run` rows: runs, cross-validations (pooled
+out-of-fold), external validations, and the phantom's oracle. Metrics are recomputed from
+each run's ``predictions.csv``, never taken from a stale ``metrics.json``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from osteo import CLASSES
+from osteo.calibrate import apply_temperature
+from osteo.data.split import majority_label
+from osteo.errors import OsteoError
+from osteo.evaluate import (
+    HEADLINE,
+    compute_metrics,
+    expected_calibration_error,
+    majority_baseline,
+    training_majority,
+)
+from osteo.runs import CvDir, RunDir, list_cvs, list_runs
+
+
+@dataclass
+class Run:
+    path: Path
+    recipe: dict
+    env: dict
+    metrics: dict  # recomputed: one split's metrics with intervals
+    history: list[dict]
+    y: np.ndarray
+    probs: np.ndarray
+    rows: list[dict]
+    majority: dict
+    split_id: str
+    audit: dict = field(default_factory=dict)
+    evaluated_on: str = "validation"  # or "out-of-fold" (a cross-validation, pooled)
+    fold_metrics: list[dict] = field(default_factory=list)  # a cross-validation's, one per fold
+    calibrated: np.ndarray | None = None  # the probabilities after the run's temperature scaling
+    temperature: float | None = None
+
+    @property
+    def model(self) -> str:
+        return self.recipe.get("model", {}).get("backbone") or self.path.parent.name
+
+    @property
+    def run_id(self) -> str:
+        # an external validation lives in RUN/eval/<folder>/: its row is the run's
+        return self.path.parent.parent.name if self.evaluated_on.startswith("external") else self.path.name
+
+    @property
+    def folds(self) -> int:
+        return len(self.fold_metrics)
+
+    @property
+    def label(self) -> str:
+        where = f", {self.evaluated_on}" if self.evaluated_on.startswith("external") else ""
+        return f"{self.model} ({'cv ' if self.folds else ''}{self.run_id}{where})"
+
+
+def collect_runs(specs: list[str] | None = None, runs_dir: str | os.PathLike = "runs",
+                 all_runs: bool = False, warn: Callable[[str], None] | None = None) -> list[RunDir | CvDir]:
+    """The runs to report: those given, else the latest finished run and cross-validation of
+    each model (or all of them).
+
+    Unfinished runs under ``runs_dir`` are left out with one ``warn`` line naming them.
+    """
+    if specs:
+        return [CvDir(s) if CvDir(s).is_cv() else RunDir(s).check(need=RunDir.FINISHED) for s in specs]
+    cvs = list_cvs(runs_dir, finished=True)
+    if not all_runs:
+        cvs = list({c.model: c for c in cvs}.values())  # oldest first: the last of each model wins
+    runs = list_runs(runs_dir, finished=True)
+    unfinished = [r for r in list_runs(runs_dir) if not r.is_finished()]
+    if unfinished and warn:
+        names = ", ".join(str(r) for r in unfinished[:5]) + (" ..." if len(unfinished) > 5 else "")
+        warn(f"left out {len(unfinished)} unfinished run(s) (no {RunDir.PREDICTIONS} or {RunDir.METRICS}): "
+             f"{names}; finish one with: osteo train --resume RUN_DIR")
+    if not runs and not cvs:
+        raise OsteoError(f"no finished runs under {runs_dir}; train one first (make train MODEL=...)")
+    if all_runs:
+        return [*runs, *cvs]
+    latest: dict[str, RunDir] = {}
+    for r in runs:  # oldest first, so the last one of each model wins
+        latest[r.model] = r
+    return [latest[m] for m in sorted(latest)] + sorted(cvs, key=lambda c: c.model)
+
+
+def load_runs(run_dirs, split: str = "val", n_boot: int = 1000, seed: int = 0,
+              warn: Callable[[str], None] | None = None) -> tuple[list[Run], list[str]]:
+    """Load every run that can be reported; a damaged or incompatible one is skipped, with its reason."""
+    runs, skipped = [], []
+    for p in run_dirs:
+        places = [(p, None)]
+        if not CvDir(p).is_cv() and RunDir(p).eval_path.is_dir():  # its external validations too
+            places += [(p, e.parent) for e in sorted(RunDir(p).eval_path.glob(f"*/{RunDir.PREDICTIONS}"))]
+        for run, external in places:
+            try:
+                runs.append(load_external(run, external, n_boot, seed) if external else
+                            load_run(run, split, n_boot, seed))
+            except OsteoError as e:
+                skipped.append(f"skipped {external or run}: {e}")
+                if warn:
+                    warn(skipped[-1])
+    return runs, skipped
+
+
+def load_run(path: str | os.PathLike, split: str = "val", n_boot: int = 1000, seed: int = 0) -> Run:
+    if CvDir(path).is_cv():
+        return load_cv(CvDir(path), n_boot, seed)
+    run = RunDir(path)
+    recipe = run.read_recipe().to_dict()  # the resolved recipe (older runs' sizes filled in)
+    y, probs, rows = run.read_predictions(split)
+    if not len(y):
+        raise OsteoError(f"run {run} has no {split} predictions; choose --split val or test")
+    metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed)
+    metrics["best_epoch"] = run.read_metrics().get("best_epoch")
+    majority = majority_baseline(y, training_majority(run))
+    temperature, calibrated = _calibrated(run, y, probs, metrics)
+    return Run(run.path, recipe, run.read_env(), metrics, run.read_history(), y, probs, rows, majority,
+               run.split_id(), run.read_audit(), calibrated=calibrated, temperature=temperature)
+
+
+def load_cv(cv: CvDir, n_boot: int = 1000, seed: int = 0) -> Run:
+    """A cross-validation as one row: its pooled out-of-fold predictions (each image scored
+    once, by the fold that held it out), with the per-fold metrics beside them."""
+    folds = [load_run(f, "val", 0, seed) for f in cv.folds()]
+    first = folds[0]
+    y = np.concatenate([f.y for f in folds])
+    probs = np.concatenate([f.probs for f in folds])
+    rows = [row for f in folds for row in f.rows]
+    if len({row["path"] for row in rows}) != len(rows):
+        raise OsteoError(f"the folds of {cv} share validation images; it is not a cross-validation of one split")
+    metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed)
+    metrics["best_epoch"] = None
+    train_labels = [r["label"] for f in cv.folds() for r in f.read_split() if r["split"] == "train"]
+    majority = majority_baseline(y, majority_label(train_labels))
+    # one curve per epoch: the mean over the folds (each fold trained the same epochs)
+    epochs = min(len(f.history) for f in folds)
+    history = [{k: _mean_cell([f.history[i].get(k) for f in folds]) for k in folds[0].history[i]}
+               for i in range(epochs)]
+    split_id = hashlib.sha256("".join(f.split_id for f in folds).encode()).hexdigest()[:12]
+    fold_metrics = [{"fold": i, "n": f.metrics["n"], **{k: f.metrics[k] for k in HEADLINE}}
+                    for i, f in enumerate(folds, start=1)]
+    env = {**first.env, "train_seconds": _sum_key(folds, "train_seconds"),
+           "n_train": first.env.get("n_train")}
+    calibrated = (np.concatenate([f.calibrated for f in folds])
+                  if all(f.calibrated is not None for f in folds) else None)  # each fold's own temperature
+    metrics["ece_calibrated"] = expected_calibration_error(y, calibrated) if calibrated is not None else None
+    return Run(cv.path, first.recipe, env, metrics, history, y, probs, rows, majority, split_id, first.audit,
+               evaluated_on="out-of-fold", fold_metrics=fold_metrics, calibrated=calibrated)
+
+
+def _mean_cell(values: list) -> float | str:
+    nums = [float(v) for v in values if v not in (None, "")]
+    return float(np.mean(nums)) if nums else ""
+
+
+def _sum_key(runs: list[Run], key: str) -> float | None:
+    values = [r.env.get(key) for r in runs]
+    return round(sum(values), 2) if all(isinstance(v, int | float) for v in values) else None
+
+
+def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) -> Run:
+    """A run scored on another folder (``osteo eval RUN --data FOLDER``) as its own row."""
+    run = RunDir(run_dir)
+    y, probs, rows = RunDir(external).read_predictions("external")
+    if not len(y):
+        raise OsteoError(f"{external} holds no external predictions; run osteo eval {run} --data FOLDER again")
+    metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed)
+    metrics["best_epoch"] = run.read_metrics().get("best_epoch")
+    temperature, calibrated = _calibrated(run, y, probs, metrics)
+    majority = majority_baseline(y, majority_label(r["label"] for r in rows))
+    split_id = hashlib.sha256("\n".join(sorted(r["path"] for r in rows)).encode()).hexdigest()[:12]
+    audit = RunDir(external).read_audit()
+    return Run(external, run.read_recipe().to_dict(), run.read_env(), metrics, [], y, probs, rows, majority,
+               split_id, audit, evaluated_on=f"external: {external.name}", calibrated=calibrated,
+               temperature=temperature)
+
+
+def _calibrated(run: RunDir, y: np.ndarray, probs: np.ndarray, metrics: dict):
+    """(the run's temperature, ``probs`` scaled by it); sets ``metrics["ece_calibrated"]``.
+    (None, None) for a run not calibrated, or probabilities that are not finite."""
+    temperature = run.read_calibration().get("temperature")
+    calibrated = apply_temperature(probs, temperature) if temperature and np.isfinite(probs).all() else None
+    metrics["ece_calibrated"] = expected_calibration_error(y, calibrated) if calibrated is not None else None
+    return temperature, calibrated
+
+
+def oracle_runs(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> list[Run]:
+    """The phantom's ceiling for each split the runs were scored on, where the data has latents.csv.
+
+    The oracle is fitted on each run's own training split and scored on the same
+    validation (or, for a cross-validation, the same out-of-fold) images.
+    """
+    from osteo.oracle import oracle_probs, read_latents
+
+    out, seen = [], set()
+    for r in runs:
+        if r.evaluated_on.startswith("external"):  # its training data is another folder's
+            continue
+        data_dir = r.audit.get("data_dir") or r.recipe.get("data", {}).get("dir", "")
+        if (data_dir, r.split_id) in seen:
+            continue
+        seen.add((data_dir, r.split_id))
+        latents = read_latents(data_dir) if data_dir else None
+        if latents is None:
+            continue
+        parts = [(f, f.read_predictions("val")[2]) for f in CvDir(r.path).folds()] if r.folds else \
+                [(RunDir(r.path), r.rows)]
+        probs, folds = [], []
+        for run, rows in parts:
+            p = oracle_probs(latents, [x for x in run.read_split() if x["split"] == "train"], rows)
+            if p is None:
+                break
+            probs.append(p)
+            y = np.array([CLASSES.index(x["label"]) for x in rows])
+            m = compute_metrics(y, p)
+            folds.append({"fold": len(folds) + 1, "n": m["n"], **{k: m[k] for k in HEADLINE}})
+        else:
+            probs = np.concatenate(probs)
+            metrics = {**compute_metrics(r.y, probs, n_boot=n_boot, seed=seed), "best_epoch": None}
+            recipe = {"model": {"backbone": "oracle"}, "data": r.recipe.get("data", {})}
+            out.append(Run(r.path / "oracle", recipe, {}, metrics, [], r.y, probs, r.rows, r.majority, r.split_id,
+                           r.audit, r.evaluated_on, folds if r.folds else []))
+    return out

@@ -1,0 +1,257 @@
+"""The report's page, ``index.html``, and :func:`write_report`, which writes the whole report."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from osteo import CLASSES
+from osteo.errors import OsteoError
+from osteo.evaluate import HEADLINE, METRICS
+from osteo.files import sweep_temporaries, write_csv, write_text
+from osteo.report.load import Run, load_runs, oracle_runs
+from osteo.report.plots import (
+    plot_bars,
+    plot_confusions,
+    plot_curves,
+    plot_gradcam,
+    plot_reliability,
+    plot_roc,
+    plot_samples,
+    run_colours,
+)
+from osteo.report.tables import (
+    COMPARISON_COLUMNS,
+    FOLD_COLUMNS,
+    PER_CLASS_COLUMNS,
+    POINT_COLUMNS,
+    cell_text,
+    comparison_rows,
+    fold_rows,
+    per_class_rows,
+    point_rows,
+    to_float,
+)
+
+STAGE_PREFIX = ".report-"  # the staging folder inside --out while a report is written
+
+
+def write_report(run_dirs: list, out: str | os.PathLike, split: str = "val", n_boot: int = 1000,
+                 seed: int = 0, warn: Callable[[str], None] | None = None) -> Path:
+    """Write the CSVs, plots and ``index.html`` for ``run_dirs`` to ``out``; return the page.
+
+    A run that cannot be read (damaged files, another class set) is skipped with one
+    ``warn`` line and named on the page. Everything is first written to a staging
+    folder inside ``out`` and moved into place with ``index.html`` last, so a report
+    killed half-way leaves the previous one whole.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    if n_boot < 0:
+        raise OsteoError(f"the number of bootstrap resamples must be 0 or more, got {n_boot}; e.g. --bootstrap 1000")
+    out = Path(out)
+    runs, skipped = load_runs(run_dirs, split, n_boot, seed, warn)
+    if not runs:
+        raise OsteoError(f"none of the {len(skipped)} run(s) could be reported (see the warnings); "
+                         "re-run `osteo eval RUN_DIR` on them or train again")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OsteoError(f"cannot create {out}: {e.strerror}; choose a writable --out folder") from None
+    sweep_temporaries(out)
+    stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, suffix=".tmp", dir=out))
+    try:
+        oracles = oracle_runs(runs, n_boot, seed)
+        rows = comparison_rows(runs, oracles)
+        write_csv(stage / "comparison.csv", rows, COMPARISON_COLUMNS)
+        write_csv(stage / "per_class.csv", per_class_rows(runs), PER_CLASS_COLUMNS)
+        write_csv(stage / "folds.csv", fold_rows(runs), FOLD_COLUMNS)
+        points = point_rows(runs)
+        write_csv(stage / "operating_points.csv", points, POINT_COLUMNS)
+        plots_dir = stage / "plots"
+        colours = run_colours(runs)
+        plots = {
+            "bars": plot_bars(runs, colours, plots_dir, oracles),
+            "curves": plot_curves(runs, colours, plots_dir),
+            "confusion": plot_confusions(runs, plots_dir),
+            "roc": plot_roc(runs, colours, plots_dir),
+            "reliability": plot_reliability(runs, colours, plots_dir),
+            "samples": plot_samples(runs, plots_dir),
+            "gradcam": plot_gradcam(runs, plots_dir),
+        }
+        write_text(stage / "index.html", render_html(runs, rows, plots, split, skipped, n_boot, points))
+        for name in ("comparison.csv", "per_class.csv", "folds.csv", "operating_points.csv"):
+            os.replace(stage / name, out / name)
+        _replace_folder(plots_dir, out / "plots")
+        os.replace(stage / "index.html", out / "index.html")  # last: the page appears only when all is there
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out / "index.html"
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Put folder ``new`` where ``target`` is, removing the old one (two renames, then a delete)."""
+    old = None
+    if target.exists():
+        old = target.with_name(f"{STAGE_PREFIX}old-{os.getpid()}.tmp")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split: str,
+                skipped: list[str] = (), n_boot: int = 1000, points: list[dict] = ()) -> str:
+    e = html.escape
+    cols = ["model", "run_id", "evaluated_on", "folds", "weights", "precision", "image_size", "epochs", "best_epoch",
+            "n_train", "n_val", *(m.name for m in METRICS), "ece_calibrated",
+            "majority_accuracy", "majority_balanced_accuracy", "mcnemar_p", "train_images_per_sec"]
+    headers = {m.name: f"{m.label} {'↑' if m.higher_is_better else '↓'}" for m in METRICS}
+    table_rows = []
+    for row in rows:
+        t = dict(row)
+        for k in (m.name for m in METRICS if m.interval):
+            if row.get(f"{k}_lo") is not None:
+                t[k] = f"{cell_text(row[k])} [{cell_text(row[f'{k}_lo'])}, {cell_text(row[f'{k}_hi'])}]"
+        table_rows.append(t)
+    warnings = [w for r, row in zip(runs, rows) for w in failures(r, row, split)]
+    warn_html = "".join(f'<p class="warn">{e(w)}</p>' for w in [*warnings, *skipped])
+    sections = [
+        ("Headline metrics", "bars", f"{_listed([m.label for m in METRICS if m.headline])} with 95% bootstrap "
+                                     "intervals; the red dashes are each run's majority-class baseline"),
+        ("Training curves", "curves", "dashed: training, solid: validation; dotted: the start of fine-tuning"),
+        ("Confusion matrices", "confusion", ""),
+        ("ROC curves", "roc", "one class against the rest"),
+        ("Calibration", "reliability", "a calibrated model lies on the diagonal; right: after each run's "
+                                       "temperature scaling (fitted on its validation predictions)"),
+        ("Sample predictions", "samples", ""),
+        ("Where the models look (Grad-CAM)", "gradcam", "the most confident correct (green) and wrong (red) "
+                                                        "validation images of each run, heat on the layer its "
+                                                        "backbone's spec names"),
+    ]
+    body = [f"<h1>osteo: model comparison ({e(split)} split)</h1>", warn_html,
+            "<h2>Comparison</h2>",
+            _table(table_rows, cols, [headers.get(c, c.replace("_", " ")) for c in cols]),
+            f"<p>Intervals: stratified bootstrap, {n_boot:,} resamples, 95% percentile. McNemar: exact test "
+            "against the best run by balanced accuracy on the same images.</p>"]
+    for title, key, caption in sections:
+        if key in plots:
+            body.append(f"<h2>{e(title)}</h2><p>{e(caption)}</p>{_img(plots[key], title)}")
+    if points:
+        body.append("<h2>Operating points</h2><p>Thresholds chosen on each run's validation split (after "
+                    "calibration) for a screening sensitivity or specificity, and what they give on every data "
+                    "the run was scored on, with 95% bootstrap intervals.</p>"
+                    + _table(list(points), [c for c in POINT_COLUMNS if not c.endswith(("_lo", "_hi"))]))
+    folds = fold_rows(runs)
+    if folds:
+        body.append("<h2>Cross-validation folds</h2><p>Each fold's validation metrics; the comparison table "
+                    "shows the pooled out-of-fold predictions, and the mean and SD over the folds in "
+                    "comparison.csv.</p>" + _table(folds, list(FOLD_COLUMNS)))
+    body.append("<h2>Data audit</h2>" + _audit_section(runs))
+    body.append("<h2>Runs</h2>")
+    for r in runs:
+        body.append(f"<details><summary>{e(r.label)}: recipe and environment</summary>"
+                    f"<pre>{e(json.dumps(r.recipe, indent=2))}</pre><pre>{e(json.dumps(r.env, indent=2))}</pre></details>")
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>osteo report</title>"
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def _listed(words: list[str]) -> str:
+    """``a, b and c``."""
+    return " and ".join([", ".join(words[:-1]), words[-1]]) if len(words) > 1 else "".join(words)
+
+
+def failures(run: Run, row: dict, split: str) -> list[str]:
+    """Why ``run`` has failed, one sentence each; none for a run that beats the majority baseline.
+
+    Written to survive the runs it exists to flag: a NaN or None metric is itself a
+    failure, never an exception or a silently passed comparison.
+    """
+    who = f"{row['model']} ({row['run_id']})"
+    out = []
+    if row.get("n_nonfinite"):
+        out.append(f"{who}: {row['n_nonfinite']} of {row['n_val']} {split} predictions are not finite (NaN or "
+                   "infinite): the model diverged, and ROC-AUC and calibration are left out.")
+    bad_history = [k for k in (run.history[0] if run.history else {})
+                   if any(_nonfinite(h.get(k)) for h in run.history)]
+    if bad_history:
+        out.append(f"{who}: history.csv holds NaN or infinite {', '.join(map(str, bad_history))}: training diverged.")
+    bad_metrics = [k for k in HEADLINE if not np.isfinite(to_float(row.get(k)))]
+    if bad_metrics:
+        out.append(f"{who}: {', '.join(bad_metrics)} not finite: the run cannot be compared.")
+    classes = sorted({CLASSES[i] for i in run.y})
+    ba, base = to_float(row.get("balanced_accuracy")), to_float(row.get("majority_balanced_accuracy"))
+    if len(classes) == 1:
+        # every model equals the baseline here, so the margin test below would blame the model
+        out.append(f"{who}: its {split} split holds only {classes[0]} images: balanced accuracy cannot tell a "
+                   "model from always answering one class.")
+    elif np.isfinite(ba) and np.isfinite(base) and ba - base < 0.05:
+        out.append(f"{who}: balanced accuracy {ba:.3f} is within 0.05 of always answering {row['majority_class']} "
+                   f"({base:.3f}): it has not learned the task.")
+    return out
+
+
+def _nonfinite(v) -> bool:
+    """A cell that reads as a number but is NaN or infinite (a blank cell is only missing)."""
+    try:
+        return not np.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _audit_section(runs: list[Run]) -> str:
+    e = html.escape
+    parts = []
+    seen = set()
+    for r in runs:
+        a = r.audit
+        key = a.get("data_dir")
+        if not a or key in seen:
+            continue
+        seen.add(key)
+        groups = a.get("duplicate_groups", [])
+        conflicts = [g for g in groups if g.get("conflict")]
+        rows = [{"class": c, "readable images": a.get("classes", {}).get(c)} for c in CLASSES]
+        parts.append(f"<h3>data: {e(str(key))}</h3>")
+        parts.append(_table(rows, ["class", "readable images"]))
+        parts.append(
+            f"<p>{a.get('n_files', 0)} image files, {a.get('n_ok', 0)} readable, {len(a.get('unreadable', []))} "
+            f"unreadable, {len(a.get('ignored', []))} ignored; {len(groups)} duplicate groups "
+            f"({sum(g['kind'] == 'exact' for g in groups)} exact, {sum(g['kind'] == 'near' for g in groups)} near), "
+            f"{len(conflicts)} filed under two classes and excluded from the split "
+            f"({r.env.get('excluded_conflicts', 0)} images).</p>")
+        if conflicts:
+            items = "".join(f"<li>{e(', '.join(g['paths']))} ({e(', '.join(g['labels']))})</li>" for g in conflicts[:50])
+            parts.append(f"<details><summary>conflicting duplicate groups</summary><ul>{items}</ul></details>")
+        if a.get("unreadable"):
+            items = "".join(f"<li>{e(u['path'])}: {e(u['reason'])}</li>" for u in a["unreadable"][:50])
+            parts.append(f"<details><summary>unreadable files</summary><ul>{items}</ul></details>")
+    return "".join(parts) or "<p>no audit recorded</p>"
+
+
+def _table(rows: list[dict], columns: list[str], headers: list[str] | None = None) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in headers or columns)
+    body = "".join("<tr>" + "".join(f"<td>{e(cell_text(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}
+table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.5em 0}
+pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}.warn{color:#a00;font-weight:bold}
+details{margin:.5em 0}.scroll{overflow-x:auto}"""

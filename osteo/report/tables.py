@@ -1,0 +1,172 @@
+"""The report's CSV files as rows: ``comparison.csv``, ``per_class.csv``, ``folds.csv`` and
+``operating_points.csv``, and how their cells are read and shown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from osteo import CLASSES
+from osteo.evaluate import HEADLINE, METRICS, PER_CLASS_CI, Metric, mcnemar_exact
+from osteo.report.load import Run
+from osteo.runs import RunDir
+
+
+def metric_columns(metric: Metric) -> tuple[str, ...]:
+    """A metric's columns: its value, and the bounds of its interval if it has one."""
+    name = metric.name
+    return (name, f"{name}_lo", f"{name}_hi") if metric.interval else (name,)
+
+
+COMPARISON_COLUMNS = (
+    "model", "run_id", "evaluated_on", "folds", "weights", "precision", "backend", "image_size", "epochs",
+    "best_epoch", "n_train", "n_val",
+    "n_nonfinite",  # validation predictions that are NaN or infinite: a diverged model
+    *(c for m in METRICS if m.headline for c in metric_columns(m)),
+    # cross-validations: mean and standard deviation over the folds (the row's own values are pooled)
+    *(f"{k}_{stat}" for k in HEADLINE for stat in ("mean", "sd")),
+    *(c for m in METRICS if not m.headline for c in metric_columns(m)),
+    "ece_calibrated", "temperature",
+    "majority_class", "majority_accuracy", "majority_balanced_accuracy", "mcnemar_vs", "mcnemar_p", "fold_ttest_p",
+    "train_seconds", "train_images_per_sec", "params",
+    *(f"{m}_{c}" for c in CLASSES for m in PER_CLASS_CI),
+    "split_id", "run_dir",
+)
+PER_CLASS_COLUMNS = ("model", "run_id", "class", "metric", "value", "lo", "hi")
+FOLD_COLUMNS = ("model", "run_id", "fold", "n", *HEADLINE)
+POINT_COLUMNS = ("model", "run_id", "evaluated_on", "point", "threshold", "sensitivity", "sensitivity_lo",
+                 "sensitivity_hi", "specificity", "specificity_lo", "specificity_hi", "n")
+
+
+def comparison_rows(runs: list[Run], oracles: list[Run] = ()) -> list[dict]:
+    """One row per run, then one per oracle (the phantom's ceiling: compared with nothing)."""
+    unpaired = {"vs": "", "p": None, "fold_p": None}
+    paired = {**_paired(runs), **{o.path: unpaired for o in oracles}}
+    runs = [*runs, *oracles]
+    rows = []
+    for r in runs:
+        m, t = r.metrics, r.recipe.get("train", {})
+        row = {
+            "model": r.model, "run_id": r.run_id, "weights": r.recipe.get("model", {}).get("weights"),
+            "precision": r.env.get("precision"), "backend": r.env.get("backend"),
+            "image_size": r.recipe.get("data", {}).get("image_size"),
+            "epochs": int(t.get("epochs", 0)) + int(t.get("fine_tune_epochs", 0)), "best_epoch": m.get("best_epoch"),
+            "n_train": r.env.get("n_train"), "n_val": m["n"], "n_nonfinite": m["n_nonfinite"],
+            "ece_calibrated": m.get("ece_calibrated"),
+            "temperature": r.temperature, "majority_class": r.majority["class"],
+            "majority_accuracy": r.majority["accuracy"], "majority_balanced_accuracy": r.majority["balanced_accuracy"],
+            "mcnemar_vs": paired[r.path]["vs"], "mcnemar_p": paired[r.path]["p"],
+            "fold_ttest_p": paired[r.path]["fold_p"], "folds": r.folds or None, "evaluated_on": r.evaluated_on,
+            "train_seconds": r.env.get("train_seconds"), "train_images_per_sec": r.env.get("train_images_per_sec"),
+            "params": r.env.get("params"), "split_id": r.split_id, "run_dir": str(r.path),
+        }
+        for metric in METRICS:
+            k = metric.name
+            row[k] = m.get(k)
+            if metric.interval:
+                row[f"{k}_lo"], row[f"{k}_hi"] = m.get(f"{k}_ci", (None, None))
+            if metric.headline:
+                values = [f[k] for f in r.fold_metrics]
+                row[f"{k}_mean"] = float(np.mean(values)) if values else None
+                row[f"{k}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        for c in CLASSES:
+            for k in PER_CLASS_CI:
+                row[f"{k}_{c}"] = m["per_class"][c][k]
+        rows.append(row)
+    return rows
+
+
+def _paired(runs: list[Run]) -> dict[Path, dict]:
+    """Each run against the best run scored on the same images: McNemar's exact test on the
+    predictions (pooled out-of-fold ones for cross-validations) and, between two
+    cross-validations on the same folds, a paired t-test on the folds' balanced accuracies."""
+    from scipy.stats import ttest_rel
+
+    out: dict[Path, dict] = {}
+    groups: dict[str, list[Run]] = {}
+    for r in runs:  # internal and each external folder compete separately
+        groups.setdefault(r.evaluated_on, []).append(r)
+    if len(groups) > 1:
+        for group in groups.values():
+            out.update(_paired(group))
+        return out
+    if not runs:
+        return out
+    best = max(runs, key=lambda r: _finite_or(r.metrics["balanced_accuracy"], -1.0))
+    best_correct = {row["path"]: p == y for row, p, y in zip(best.rows, best.probs.argmax(1), best.y)}
+    for r in runs:
+        paths = [row["path"] for row in r.rows]
+        if r is best:
+            out[r.path] = {"vs": "(best)", "p": None, "fold_p": None}
+        elif set(paths) == set(best_correct) and r.evaluated_on == best.evaluated_on:
+            mine = r.probs.argmax(1) == r.y
+            theirs = np.array([best_correct[p] for p in paths])
+            fold_p = None
+            if r.folds and r.split_id == best.split_id and r.folds == best.folds:
+                a = [f["balanced_accuracy"] for f in r.fold_metrics]
+                b = [f["balanced_accuracy"] for f in best.fold_metrics]
+                fold_p = float(ttest_rel(a, b).pvalue) if np.ptp(np.subtract(a, b)) > 0 else 1.0
+            out[r.path] = {"vs": best.label, "p": mcnemar_exact(mine, theirs)["p_value"], "fold_p": fold_p}
+        else:
+            out[r.path] = {"vs": "not paired (different images)", "p": None, "fold_p": None}
+    return out
+
+
+def _finite_or(value, default: float) -> float:
+    return float(value) if isinstance(value, int | float) and np.isfinite(value) else default
+
+
+def per_class_rows(runs: list[Run]) -> list[dict]:
+    rows = []
+    for r in runs:
+        for c in CLASSES:
+            pc = r.metrics["per_class"][c]
+            for k in (*PER_CLASS_CI, "roc_auc", "support"):
+                lo, hi = pc.get(f"{k}_ci", (None, None))
+                rows.append({"model": r.model, "run_id": r.run_id, "class": c, "metric": k,
+                             "value": pc[k], "lo": lo, "hi": hi})
+    return rows
+
+
+def fold_rows(runs: list[Run]) -> list[dict]:
+    """Long form of the cross-validations' per-fold metrics (empty without one)."""
+    return [{"model": r.model, "run_id": r.run_id, **f} for r in runs for f in r.fold_metrics]
+
+
+def point_rows(runs: list[Run]) -> list[dict]:
+    """Each run's operating points, chosen on its validation split, at work on every data it was scored on."""
+    rows = []
+    for r in runs:
+        if r.evaluated_on.startswith("external"):
+            points = RunDir(r.path)._read(r.path / RunDir.METRICS, default={}).get("operating_points", [])
+        elif not r.folds and r.path.name != "oracle":
+            points = [p["val"] for p in RunDir(r.path).read_calibration().get("operating_points", []) if "val" in p]
+        else:
+            points = []
+        for p in points:
+            lo_s, hi_s = p.get("sensitivity_ci", (None, None))
+            lo_p, hi_p = p.get("specificity_ci", (None, None))
+            rows.append({"model": r.model, "run_id": r.run_id, "evaluated_on": r.evaluated_on, "point": p["name"],
+                         "threshold": p["threshold"], "sensitivity": p["sensitivity"], "sensitivity_lo": lo_s,
+                         "sensitivity_hi": hi_s, "specificity": p["specificity"], "specificity_lo": lo_p,
+                         "specificity_hi": hi_p, "n": p.get("n")})
+    return rows
+
+
+def cell_text(v) -> str:
+    """A cell for people: ``-`` when empty, 3 decimals (3 significant digits below 0.001)."""
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-3 and v != 0 else f"{v:.3f}"
+    return str(v)
+
+
+def to_float(v) -> float:
+    """A number from a CSV or JSON cell; blank, text, None and +-inf become NaN (a gap in a plot)."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return np.nan
+    return x if np.isfinite(x) else np.nan

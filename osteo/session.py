@@ -1,0 +1,187 @@
+"""A training session, below the CLI and the study (no Keras until a model trains).
+
+The recipe a command asks for (:class:`TrainOptions` on a recipe) or the run it resumes,
+the device plan made before Keras is imported, the phantom written on first use, and a
+cross-validation's folds. Functions take plain values and tell people what they do
+through ``say`` (one line of text) or, while training, a rich console; none prints.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from osteo import device
+from osteo.errors import OsteoError
+from osteo.recipe import Recipe, apply_overrides, recipe_for, resolve, set_total_epochs
+from osteo.registry import get_backbone
+from osteo.runs import CvDir, RunDir, find_run, new_run_dir
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class TrainOptions:
+    """What ``osteo train``'s options change in a recipe; None (or empty) keeps the recipe's value."""
+
+    data: str | None = None
+    weights: str | None = None
+    image_size: int | None = None
+    batch: int | None = None
+    seed: int | None = None
+    epochs: int | None = None  # in total, split over the two phases
+    deterministic: bool = False
+    runs: str | None = None
+    mlflow: bool = False
+    operating_points: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()  # KEY=VALUE (--set), applied last
+
+    def as_args(self) -> list[str]:
+        """The ``osteo train`` options that ask for these (a study's trials are such commands)."""
+        args = []
+        for flag, value in (("--data", self.data), ("--weights", self.weights), ("--image-size", self.image_size),
+                            ("--batch", self.batch), ("--seed", self.seed), ("--epochs", self.epochs),
+                            ("--runs", self.runs)):
+            if value is not None:
+                args += [flag, str(value)]
+        if self.deterministic:
+            args.append("--deterministic")
+        for point in self.operating_points:
+            args += ["--operating-point", point]
+        for item in self.overrides:
+            args += ["--set", item]
+        if self.mlflow:
+            args.append("--mlflow")
+        return args
+
+
+def build_recipe(name: str, model: str | None, options: TrainOptions) -> Recipe:
+    """Recipe ``name`` (or finetune, for a backbone's name) for ``model`` with ``options``,
+    resolved (and so checked) before anything is written."""
+    recipe = recipe_for(name, model)
+    o = options
+    if o.data:
+        recipe.data.dir = o.data
+    if o.weights:
+        recipe.model.weights = o.weights
+    if o.image_size is not None:
+        recipe.data.image_size = o.image_size
+    if o.batch is not None:
+        recipe.data.batch_size = o.batch
+    if o.seed is not None:
+        recipe.train.seed = o.seed
+    if o.epochs is not None:
+        set_total_epochs(recipe, o.epochs)
+    if o.deterministic:
+        recipe.train.deterministic = True
+    if o.runs:
+        recipe.runs_dir = o.runs
+    if o.mlflow:
+        recipe.train.mlflow = True
+    if o.operating_points:
+        recipe.train.operating_points = tuple(o.operating_points)
+    apply_overrides(recipe, list(o.overrides))
+    return resolve(recipe)
+
+
+def resume_recipe(spec: str, model: str | None, options: TrainOptions) -> tuple[RunDir, Recipe]:
+    """``--resume``: the run to continue (a path, or ``latest``) and its own resolved recipe.
+
+    The run's recipe decides everything; an option given with ``--resume`` is applied
+    where that is safe (``--epochs`` above the run's total: the last phase gets the
+    extra epochs), accepted when it repeats the run's value, and refused otherwise.
+    """
+    o = options
+    run = find_run(spec, o.runs or "runs", model)
+    recipe = resolve(run.read_recipe())
+    d, t = recipe.data, recipe.train
+    asked = {"--model": (model, recipe.model.backbone), "--data": (o.data, d.dir),
+             "--weights": (o.weights, recipe.model.weights), "--image-size": (o.image_size, d.image_size),
+             "--batch": (o.batch, d.batch_size), "--seed": (o.seed, t.seed),
+             "--deterministic": (o.deterministic or None, t.deterministic)}
+    for option, (given, saved) in asked.items():
+        if given is not None and given != saved:
+            raise OsteoError(f"{option} cannot change when resuming {run.path} (it trained with {saved}); "
+                             "drop the option, or start a new run")
+    if o.overrides:
+        raise OsteoError(f"--set cannot change a run being resumed ({run.path}); drop it, or start a new run")
+    if o.operating_points and tuple(o.operating_points) != t.operating_points:
+        raise OsteoError(f"--operating-point cannot change when resuming {run.path}; set it afterwards with: "
+                         f"osteo calibrate {run.path} --operating-point ...")
+    if o.mlflow and not t.mlflow:
+        raise OsteoError(f"--mlflow cannot be turned on when resuming {run.path} (its first epochs were not "
+                         "logged); start a new run with --mlflow")
+    total = t.epochs + t.fine_tune_epochs
+    if o.epochs is not None and o.epochs != total:
+        if o.epochs < total:
+            raise OsteoError(f"--epochs {o.epochs} is fewer than the {total} {run.path} was started with; "
+                             "a resumed run can only get more epochs")
+        if t.fine_tune_epochs:
+            t.fine_tune_epochs += o.epochs - total
+        else:
+            t.epochs = o.epochs
+    return run, recipe
+
+
+def plan_device(requested: str | None, recipe: Recipe, say: Say) -> device.Plan:
+    """Probe the device and choose backend, precision and compilation, before Keras is imported."""
+    spec = get_backbone(recipe.model.backbone)
+    t = recipe.train
+    if "keras" in sys.modules:  # imported already (a library caller): keep the backend it loaded
+        import keras
+
+        plan = device.plan(spec, device.probe(), backend=keras.backend.backend(), precision=t.precision,
+                           jit_compile=t.jit_compile, impl=recipe.model.impl,
+                           weights=recipe.model.weights)
+        plan.why["backend"] = "the backend Keras had loaded"
+        return plan
+    choice = requested or os.environ.get("KERAS_BACKEND") or "auto"
+    plan = device.plan(spec, device.probe(), backend=choice, precision=t.precision, jit_compile=t.jit_compile,
+                       planned_images=device.planned_images(recipe), impl=recipe.model.impl,
+                       weights=recipe.model.weights)
+    if choice == "auto":
+        say(f"backend: {plan.backend} on {plan.runs_on} ({plan.why['backend']}); "
+            f"backbone: {plan.impl} ({plan.why['impl']})")
+    for warning in plan.warnings:  # a requested choice measured far slower here (env.json keeps it too)
+        logging.getLogger("osteo").warning(warning)
+    os.environ["KERAS_BACKEND"] = plan.backend
+    return plan
+
+
+def ensure_phantom(recipe: Recipe, say: Say) -> None:
+    """A phantom data folder (``data/phantom*``) is written on first use (complete or not at all)."""
+    path = Path(recipe.data.dir)
+    if path.exists() or path.parent != Path("data") or not path.name.startswith("phantom"):
+        return
+    from osteo.data.phantom import write_phantom
+
+    say(f"writing the phantom dataset ({recipe.data.phantom_n} images of {recipe.data.phantom_size} px) "
+        f"to {path} ...")
+    write_phantom(path, n=recipe.data.phantom_n, size=recipe.data.phantom_size, seed=0)
+
+
+def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None, fold: int | None,
+                   cv: str | None, command: str) -> CvDir:
+    """Every fold (or fold ``fold``, 1..K) of a K-fold cross-validation as a complete run under
+    one parent: ``cv``, or a new folder under the recipe's runs folder. ``console`` shows the
+    training; ``command`` is recorded in each fold's ``env.json``."""
+    from osteo.trainer import Trainer
+
+    k = folds or (CvDir(cv).read()["folds"] if cv and CvDir(cv).is_cv() else 0)
+    if k < 2:
+        raise OsteoError(f"cross-validation needs --folds K with K >= 2, got {k}; e.g. --folds 5")
+    if fold is not None and not 1 <= fold <= k:
+        raise OsteoError(f"--fold {fold} is not one of 1..{k}")
+    parent = CvDir(cv) if cv else CvDir(new_run_dir(recipe.runs_dir, recipe.model.backbone).path)
+    parent.start(folds=k, seed=recipe.train.seed, recipe=recipe.name, model=recipe.model.backbone)
+    for i in [fold] if fold else range(1, k + 1):
+        r = copy.deepcopy(recipe)
+        r.data.folds, r.data.fold = k, i - 1
+        console.print(f"cross-validation {parent}: fold {i} of {k}", highlight=False)
+        Trainer(r, console=console, command=command, plan=plan, at=parent.fold(i).path).run()
+    return parent
