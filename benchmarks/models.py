@@ -14,8 +14,10 @@ auto: bfloat16 where the device has it):
   trained as ``osteo train`` trains: ``model.fit`` on an endless stream of NumPy batches
   (what osteo's tf.data stream hands Keras; each batch is copied to the device as it is
   used), osteo's optimizer (``make_optimizer``: FusedAdam on PyTorch), loss, metrics and
-  per-batch callback (NonFiniteLoss). ``--pipeline``: ``auto`` also fed by osteo's tf.data
-  pipeline from its on-disk cache (row ``auto pipeline``; TensorFlow installed);
+  per-batch callback (NonFiniteLoss: with it Keras reads the logs after every step, a
+  device sync, as in ``osteo train``). ``--pipeline``: ``auto`` also fed by osteo's
+  tf.data pipeline from its on-disk cache (row ``auto pipeline``; TensorFlow installed);
+  ``--async-row``: ``auto`` also without the per-batch callback (row ``auto async``);
 - timm's own eager loop (``--peers``): ``cf`` channels-first, ``cl`` channels-last,
   ``cl-compiled``; torch.optim.Adam, one input tensor kept on the device, bfloat16
   autocast when the precision is mixed, cuDNN autotuning on a GPU (as timm's train.py).
@@ -34,13 +36,13 @@ interleave, repeat, report medians with their spread):
    224 px step on a CPU (2-5 s) repeats in it; the 3-step windows before this lasted
    under a second at 64 px and gave 91.2 vs 9.77 img/s for one setting.
 3. Rounds (``--repeats``, default 5): in each, every row runs one window while the others
-   wait idle on their stdin (one process computing at a time, ``PAUSE_S`` apart), in an
+   wait idle on their stdin (one process computing at a time, ``--pause`` apart), in an
    order that rotates from round to round (A B C, B C A, C A B), so that no row always
    runs first after the pause or right after the same neighbour. Within a round the rows
    run seconds apart, so a slowdown of the machine hits them alike and cancels in their
    ratio.
 4. Per round, each osteo row's ratio to timm's best (the faster of ``cf`` and ``cl`` in
-   the same round; in the compile check, the eager engine). Reported per row: the median
+   the same round; a compiled timm engine also to the eager one). Reported per row: the median
    img/s, the median ratio and the min-max of the per-round ratios. A ratio whose rounds
    spread by more than ``FLAG_SPREAD`` (10%) of its median is FLAGGED and not reported:
    the targets it is read against have a 10% margin (>= 0.9x timm's loop), which such a
@@ -57,9 +59,10 @@ time to the first step, inference images/sec (as many batches as the last traini
 window), peak resident and GPU memory, the feed alone (``--pipeline``: tf.data -> a tensor
 of the backend on its device) and a large matrix multiply, from which model FLOPs
 utilisation = (3 x forward FLOPs per image x median images/sec) / its FLOP/s. ``--feed``
-adds the host feed at GPU rates (benchmarks/feed.py); ``--compile-check`` adds, last, the
-compiled engine beside the eager one (its compile time and after how many images
-compiling pays). ``--single`` engines run one window (a side measurement, no verdict).
+adds the host feed at GPU rates (benchmarks/feed.py), first; ``--compile-check`` adds the
+compiled timm engine to a backbone's group (its compile time, its rate against the eager
+engine's and after how many images compiling pays). ``--single`` engines run one window
+(a side measurement, no verdict). ``--budget-s``: no group starts after that many seconds.
 
 The results JSON keeps every window's raw numbers (steps, seconds, CPU seconds, img/s).
 Full fine-tuning (every layer trainable), augmentation off (the peer has none), random
@@ -157,9 +160,9 @@ class OsteoRow:
         compile_backbone = plan.jit_compile and plan.impl == "timm"
         keras.utils.set_random_seed(0)
         keras.mixed_precision.set_dtype_policy(plan.precision)
-        clf = Classifier(name, image_size=self.size, weights="none", freeze_bn=False,
-                         augment=AugmentConfig(flip=False, zoom=0.0, shear=0.0), impl=plan.impl,
-                         compile_backbone=compile_backbone)
+        self.clf = clf = Classifier(name, image_size=self.size, weights="none", freeze_bn=False,
+                                    augment=AugmentConfig(flip=False, zoom=0.0, shear=0.0), impl=plan.impl,
+                                    compile_backbone=compile_backbone)
         self.model = clf.build()
         keras.mixed_precision.set_dtype_policy("float32")
         clf.unfreeze_backbone(0)
@@ -203,37 +206,46 @@ class OsteoRow:
             self.dataset = make_dataset(files, labels, size=self.size, batch_size=self.bs, training=True, seed=0)
         return self.dataset
 
-    def _fit(self, window_s: float, min_steps: int, feed: str = "memory") -> dict:
+    def _fit(self, window_s: float, min_steps: int, feed: str = "memory", callbacks: str = "osteo") -> dict:
         """Train until ``window_s`` seconds have passed since the end of the first step (and at
-        least ``min_steps`` steps); the clock stops once the device has finished."""
+        least ``min_steps`` steps); the clock stops once the device has finished.
+
+        The clock is a batch-*begin* callback: Keras 3 turns the logs into Python floats
+        after every batch (a device sync) when a callback overrides ``on_train_batch_end``,
+        so the clock must not; osteo's NonFiniteLoss does (as do HistoryCSV and
+        RichProgress in ``osteo train``), ``callbacks="none"`` leaves it out.
+        """
         keras, sync = self.keras, self.sync
         marks: list[float] = []
         done = [0]
 
         class Window(keras.callbacks.Callback):
-            def on_train_batch_end(self, batch, logs=None):
+            def on_train_batch_begin(self, batch, logs=None):
                 done[0] = batch + 1
-                if not marks:  # the first step is not timed
+                if batch == 1:  # the first step is not timed
                     sync()
                     marks.append(time.perf_counter())
-                elif done[0] >= min_steps and time.perf_counter() - marks[0] >= window_s:
-                    self.model.stop_training = True
+                elif batch > 1 and done[0] >= min_steps and time.perf_counter() - marks[0] >= window_s:
+                    self.model.stop_training = True  # this batch is the last
 
         data = self._pipeline() if feed == "pipeline" else self._stream()
+        extra = [self.NonFiniteLoss()] if callbacks == "osteo" else []
         cpu = time.process_time()
         t = time.perf_counter()
-        self.model.fit(data, steps_per_epoch=MAX_STEPS, epochs=1, verbose=0,
-                       callbacks=[Window(), self.NonFiniteLoss()])
+        self.model.fit(data, steps_per_epoch=MAX_STEPS, epochs=1, verbose=0, callbacks=[Window(), *extra])
         sync()
         end = time.perf_counter()
         self.last_steps = done[0]
         return {"first_s": marks[0] - t, **_window_result(done[0], self.bs, end - marks[0], time.process_time() - cpu)}
 
     def warm(self) -> dict:
-        return {"first_step_s": round(self._fit(0.0, 1 + WARM_STEPS)["first_s"], 2)}
+        out = {"first_step_s": round(self._fit(0.0, 1 + WARM_STEPS)["first_s"], 2)}
+        if self.clf.compile_backbone:  # a compile that failed fell back to eager (one warning)
+            out["compiled"] = self.clf.backbone.compiled
+        return out
 
-    def window(self, window_s: float, feed: str) -> dict:
-        got = self._fit(window_s, MIN_STEPS, feed)
+    def window(self, window_s: float, feed: str, callbacks: str = "osteo") -> dict:
+        got = self._fit(window_s, MIN_STEPS, feed, callbacks)
         del got["first_s"]
         _release_cached_gpu_memory()
         return got
@@ -537,8 +549,9 @@ def run_group(group: dict, args, say) -> None:
             row = live[name]
             if "error" in row or rnd >= row["repeats"]:
                 continue
-            time.sleep(PAUSE_S)
-            got = workers[row["worker"]].ask("window", args.timeout, window_s=args.window, feed=row["feed"])
+            time.sleep(args.pause)
+            variant = {"callbacks": row["callbacks"]} if row["kind"] == "osteo" else {}
+            got = workers[row["worker"]].ask("window", args.timeout, window_s=args.window, feed=row["feed"], **variant)
             if "error" in got:
                 row["error"] = got["error"]
                 continue
@@ -568,41 +581,48 @@ def _spread(values: list[float]) -> float | None:
 
 
 def summarize(group: dict) -> list[dict]:
-    """Per osteo row: median img/s, per-round ratios to the reference, their median, min-max,
-    spread and status (``ok``, ``FLAGGED``, ``1 window``, or the error); peers' medians."""
+    """Per osteo row: median img/s, per-round ratios to timm's best, their median, min-max,
+    spread and status (``ok``, ``FLAGGED``, ``1 window``, or the error); peers' medians; a
+    variant row (pipeline, async) against its engine's row and a compiled timm engine
+    against the eager one, round by round."""
     rows = group["rows"]
     rates = {r["row"]: {x["round"]: x["img_s"] for x in r.get("rounds", ())} for r in rows}
     peers = [r["row"] for r in rows if r["kind"] == "timm"]
 
-    def reference(rnd: int) -> float | None:
-        if group.get("ref"):
-            return rates.get(group["ref"], {}).get(rnd)
+    def best_peer(rnd: int) -> float | None:
         got = [rates[p][rnd] for p in peers if rnd in rates[p]]
         return max(got) if got else None
 
+    def relative(own: dict, other: dict) -> float | None:
+        rel = [own[k] / other[k] for k in sorted(own) if other.get(k)]
+        return statistics.median(rel) if rel else None
+
+    eager = _eager_timm_row(rows)
     out = []
     for r in rows:
         own = rates[r["row"]]
         s = {"row": r["row"], "kind": r["kind"], "img_s": statistics.median(own.values()) if own else None,
              "img_s_spread": _spread(list(own.values())), "rounds": len(own)}
-        if r["kind"] == "osteo" and r["row"] != group.get("ref"):
-            ratios = [own[k] / reference(k) for k in sorted(own) if reference(k)]
+        if r["kind"] == "osteo":
+            ratios = [own[k] / best_peer(k) for k in sorted(own) if best_peer(k)]
             s["ratios"] = [round(x, 4) for x in ratios]
             if ratios:
                 s.update(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
                          ratio_spread=_spread(ratios))
-            if r["feed"] == "pipeline":  # the pipeline's efficiency, round by round
-                mem = rates.get(r["worker"], {})
-                eff = [own[k] / mem[k] for k in sorted(own) if k in mem]
-                s["vs_memory"] = statistics.median(eff) if eff else None
+            if r["row"] != r["worker"]:
+                s["vs_engine_row"] = relative(own, rates.get(r["worker"], {}))
+            if r.get("impl") == "timm" and r.get("jit") and eager:
+                s["vs_eager"] = relative(own, rates[eager["row"]])
+                _pays_after(s, r, eager, statistics.median(rates[eager["row"]].values()) if rates[eager["row"]]
+                            else None)
         if "error" in r:
             s["status"] = f"error: {r['error']}"
         elif not own:
             s["status"] = "no rounds"
-        elif r["kind"] == "timm" or r["row"] == group.get("ref"):
+        elif r["kind"] == "timm":
             s["status"] = "reference"
         elif len(s.get("ratios", ())) < 2:
-            s["status"] = "1 window"
+            s["status"] = "1 window" if s.get("ratios") else "no timm row"
         else:
             s["status"] = "FLAGGED" if s["ratio_spread"] > FLAG_SPREAD else "ok"
         flops = GFLOPS_224.get(group["model"], 0) * 1e9 * (group["size"] / 224) ** 2 * 3
@@ -610,24 +630,25 @@ def summarize(group: dict) -> list[dict]:
         if s["img_s"] and flops and peak:
             s["mfu"] = flops * s["img_s"] / (peak * 1e9)
         out.append(s)
-    if group.get("ref"):
-        _pays_after(group, out)
     return out
 
 
-def _pays_after(group: dict, summary: list[dict]) -> None:
-    """Compile check: the compile's extra first-step seconds over the seconds it saves per
-    image give the images after which compiling pays (None: it never does)."""
-    rows = {r["row"]: r for r in group["rows"]}
-    ref = next((s for s in summary if s["row"] == group["ref"]), None)
-    for s in summary:
-        row = rows[s["row"]]
-        if s["row"] == group["ref"] or not (ref and ref["img_s"] and s["img_s"]) or "first_step_s" not in row:
-            continue
-        extra = row["first_step_s"] - rows[group["ref"]].get("first_step_s", 0)
-        saved = 1 / ref["img_s"] - 1 / s["img_s"]
-        s["compile_s"] = round(extra, 1)
-        s["pays_after_images"] = round(extra / saved) if saved > 0 else None
+def _eager_timm_row(rows: list[dict]) -> dict | None:
+    """The timm engine's eager row of a group (``timm``, else ``auto`` where it is that), if any."""
+    eager = [r for r in rows if r["kind"] == "osteo" and r["row"] == r["worker"] and r.get("impl") == "timm"
+             and not r.get("jit") and "first_step_s" in r]
+    return min(eager, key=lambda r: r["row"] != "timm", default=None)
+
+
+def _pays_after(s: dict, row: dict, eager: dict, eager_img_s: float | None) -> None:
+    """The compile's extra first-step seconds over the seconds it saves per image: the images
+    after which compiling pays (None: it never does)."""
+    if "first_step_s" not in row or not (eager_img_s and s["img_s"]):
+        return
+    extra = row["first_step_s"] - eager["first_step_s"]
+    saved = 1 / eager_img_s - 1 / s["img_s"]
+    s.update(compile_s=round(extra, 1), eager_row=eager["row"],
+             pays_after_images=round(extra / saved) if saved > 0 else None)
 
 
 # --------------------------------------------------------------------------- plan and report
@@ -664,8 +685,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the run length `auto` plans for (the compile and short-run rules use it)")
     p.add_argument("--pipeline", action="store_true", help="also auto fed by osteo's tf.data pipeline from its "
                                                            "on-disk cache (TensorFlow installed), and the feed alone")
-    p.add_argument("--compile-check", default="", help="backbones measured last as the timm engine compiled "
-                                                      "beside it eager: compile time and when it pays")
+    p.add_argument("--async-row", action="store_true", help="also auto without osteo's per-batch callback "
+                                                            "(NonFiniteLoss): the cost of Keras' per-step sync")
+    p.add_argument("--compile-check", default="", help="backbones (of --models) whose group also has the timm "
+                                                      "engine compiled: compile time, rate, when it pays")
+    p.add_argument("--pause", type=float, default=PAUSE_S, help="seconds between windows")
     p.add_argument("--feed", action="store_true", help="also the host feed at the batch and size given "
                                                        "(benchmarks/feed.py)")
     p.add_argument("--budget-s", type=float, default=0, help="start no group (or the feed) after this many "
@@ -708,29 +732,32 @@ def plan_groups(args, backends: set[str], has_timm: bool) -> list[dict]:
             return []
         cfg = {"model": model, "size": size, "batch": args.batch, "backend": backend, "impl": impl, "jit": jit,
                "precision": "auto" if engine == "auto" else precision, "planned_images": args.planned_images}
-        row = {"row": engine, "worker": engine, "kind": "osteo", "cfg": cfg, "feed": "memory", "repeats": repeats}
+        row = {"row": engine, "worker": engine, "kind": "osteo", "cfg": cfg, "feed": "memory", "callbacks": "osteo",
+               "repeats": repeats}
         out = [row]
         if engine == "auto" and "tensorflow" in backends and (args.pipeline or args.full):
             out.append({**row, "row": "auto pipeline", "feed": "pipeline"})
+        if engine == "auto" and args.async_row:
+            out.append({**row, "row": "auto async", "callbacks": "none"})
         return out
 
     groups = []
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    for model in args.models.split(","):
+    models = args.models.split(",")
+    compiled = [m for m in args.compile_check.split(",") if m]
+    if set(compiled) - set(models):
+        raise SystemExit(f"--compile-check {','.join(compiled)}: each must also be in --models")
+    for model in models:
         for size in sizes:
-            rows = [r for e in engines for r in osteo_row(e, model, size, 1 if e in single else args.repeats)]
+            wanted = engines + (["timm-compiled"] if model in compiled and "timm-compiled" not in engines else [])
+            rows = [r for e in wanted for r in osteo_row(e, model, size, 1 if e in single else args.repeats)]
             for peer in peers if has_timm else ():
-                channels_last, compiled = PEERS[peer]
+                channels_last, compiled_peer = PEERS[peer]
                 cfg = {"model": model, "size": size, "batch": args.batch, "backend": "torch",
-                       "precision": precision, "channels_last": channels_last, "compile": compiled}
+                       "precision": precision, "channels_last": channels_last, "compile": compiled_peer}
                 rows.append({"row": peer, "worker": peer, "kind": "timm", "cfg": cfg, "feed": "memory",
                              "repeats": args.repeats})
-            groups.append({"model": model, "size": size, "batch": args.batch, "rows": rows, "ref": None})
-    for model in (m for m in args.compile_check.split(",") if m):
-        for size in sizes:
-            rows = [r for e in ("timm-compiled", "timm") for r in osteo_row(e, model, size, args.repeats)]
-            groups.append({"model": model, "size": size, "batch": args.batch, "rows": rows, "ref": "timm",
-                           "check": "compile"})
+            groups.append({"model": model, "size": size, "batch": args.batch, "rows": rows})
     return groups
 
 
@@ -761,7 +788,7 @@ def print_tables(console, report: dict) -> None:
                 "ratio min-max", "ratio spread", "note"):
         t.add_column(col, justify="left" if col in ("backbone", "row", "engine", "note") else "right")
     for g in report["groups"]:
-        if g.get("check") or "summary" not in g:
+        if "summary" not in g:
             continue
         by = {s["row"]: s for s in g["summary"]}
         rows = {r["row"]: r for r in g["rows"]}
@@ -781,7 +808,7 @@ def print_tables(console, report: dict) -> None:
 
     t = Table(title="single measurements per row (after the rounds; first step includes compile or autotuning)")
     for col in ("backbone", "px", "row", "first step s", "infer img/s", "MFU", "peak MB", "feed img/s",
-                "pipeline / memory"):
+                "variant / engine row"):
         t.add_column(col, justify="left" if col in ("backbone", "row") else "right")
     for g in report["groups"]:
         for s in g.get("summary", ()):
@@ -789,28 +816,30 @@ def print_tables(console, report: dict) -> None:
             e = r.get("extras", {})
             peak = e.get("peak_gpu_mb") or e.get("peak_rss_mb")
             t.add_row(g["model"], str(g["size"]), s["row"], _fmt(r.get("first_step_s")), _fmt(e.get("infer_img_s")),
-                      _fmt(s.get("mfu"), 2), _fmt(peak), _fmt(e.get("feed_img_s")) if r["feed"] == "memory" else "-",
-                      _fmt(s.get("vs_memory")))
+                      _fmt(s.get("mfu"), 2), _fmt(peak), _fmt(e.get("feed_img_s")) if r["row"] == r["worker"] else "-",
+                      _fmt(s.get("vs_engine_row")))
     console.print(t)
 
-    checks = [g for g in report["groups"] if g.get("check") == "compile" and "summary" in g]
+    checks = [(g, s) for g in report["groups"] for s in g.get("summary", ()) if "vs_eager" in s]
     if checks:
-        t = Table(title="compile check: the timm engine compiled vs eager, interleaved")
-        for col in ("backbone", "px", "eager img/s", "compiled img/s", "compiled / eager", "ratio min-max",
-                    "compile s (first step extra)", "pays after images", "status"):
-            t.add_column(col, justify="left" if col in ("backbone", "status") else "right")
-        for g in checks:
-            by = {s["row"]: s for s in g["summary"]}
-            c, e = by.get("timm-compiled", {}), by.get("timm", {})
-            t.add_row(g["model"], str(g["size"]), _fmt(e.get("img_s")), _fmt(c.get("img_s")), _fmt(c.get("ratio")),
-                      f"{_fmt(c.get('ratio_min'))}-{_fmt(c.get('ratio_max'))}", _fmt(c.get("compile_s")),
-                      _fmt(c.get("pays_after_images")) if c.get("img_s") else "-", c.get("status", "-")[:60])
+        t = Table(title="compile check: the timm engine compiled (torch.compile, cold cache) vs eager, interleaved")
+        for col in ("backbone", "px", "eager row", "eager img/s", "compiled img/s", "compiled / eager",
+                    "compile s (first step extra)", "pays after images", "note"):
+            t.add_column(col, justify="left" if col in ("backbone", "eager row", "note") else "right")
+        for g, c in checks:
+            row = next(r for r in g["rows"] if r["row"] == c["row"])
+            e = next((s for s in g["summary"] if s["row"] == c.get("eager_row")), {})
+            t.add_row(g["model"], str(g["size"]), c.get("eager_row", "-"), _fmt(e.get("img_s")), _fmt(c["img_s"]),
+                      _fmt(c["vs_eager"]), _fmt(c.get("compile_s")),
+                      "never" if "compile_s" in c and c.get("pays_after_images") is None else
+                      _fmt(c.get("pays_after_images")),
+                      "the compile failed: ran eagerly" if row.get("compiled") is False else "")
         console.print(t)
     if report.get("feed"):
         import feed
 
-        rates = [s["img_s"] for g in report["groups"] if not g.get("check") for s in g.get("summary", ())
-                 if s["kind"] == "osteo" and s["img_s"]]
+        rates = [s["img_s"] for g in report["groups"] for s in g.get("summary", ()) if s["kind"] == "osteo"
+                 and s["img_s"]]
         feed.print_table(console, report["feed"], max(rates, default=None))
 
 
@@ -844,13 +873,13 @@ def main() -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     report = {"host": platform.node(), "cpu": _cpu_name(), "gpu": _gpu_name(), "args": vars(args),
               "method": {"window_s": args.window, "repeats": args.repeats, "flag_spread": FLAG_SPREAD,
-                         "trim_from": TRIM_FROM, "pause_s": PAUSE_S, "batch": args.batch,
+                         "trim_from": TRIM_FROM, "pause_s": args.pause, "batch": args.batch,
                          "precision": _precision(args.precision)},
               "groups": groups}
     t0 = time.perf_counter()
     over = lambda: args.budget_s and time.perf_counter() - t0 > args.budget_s
-    main_groups = [g for g in groups if not g.get("check")]
-    for g in main_groups + ([None] if args.feed else []) + [g for g in groups if g.get("check")]:
+    # the feed first: cheap, and the groups' last one may hold a long compile
+    for g in ([None] if args.feed else []) + groups:
         if over():
             if g is not None:
                 g["skipped"] = f"time budget of {args.budget_s:g}s spent"
@@ -860,7 +889,7 @@ def main() -> int:
             say("host feed ...")
             report["feed"] = run_feed(args)
         else:
-            say(f"{g.get('check', 'group')} {g['model']} {g['size']}px: "
+            say(f"group {g['model']} {g['size']}px: "
                 f"{', '.join(r['row'] for r in g['rows']) or 'no rows here'}")
             run_group(g, args, say)
         _write(path, report)  # after each group: a run cut short keeps what it measured

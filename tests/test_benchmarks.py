@@ -18,8 +18,8 @@ def _row(name, kind, rates, feed="memory", worker=None, **extra):
             "rounds": [{"round": i, "img_s": r} for i, r in enumerate(rates) if r is not None], **extra}
 
 
-def _group(*rows, ref=None, model="convnext_tiny"):
-    return {"model": model, "size": 64, "batch": 16, "rows": list(rows), "ref": ref}
+def _group(*rows, model="convnext_tiny"):
+    return {"model": model, "size": 64, "batch": 16, "rows": list(rows)}
 
 
 def _summary(group, name):
@@ -73,19 +73,21 @@ def test_a_single_window_or_an_error_is_never_a_verdict():
 def test_pipeline_row_is_compared_with_its_memory_row_round_by_round():
     g = _group(_row("auto", "osteo", [50, 25, 50]), _row("auto pipeline", "osteo", [45, 25, 50], feed="pipeline",
                                                              worker="auto"), _row("cl", "timm", [50, 25, 50]))
-    assert _summary(g, "auto pipeline")["vs_memory"] == pytest.approx(1.0)
+    assert _summary(g, "auto pipeline")["vs_engine_row"] == pytest.approx(1.0)
 
 
 def test_compile_check_says_after_how_many_images_compiling_pays():
     # 60 s more for the first step, 100 -> 150 img/s: 60 / (1/100 - 1/150) = 18,000 images
-    g = _group(_row("timm-compiled", "osteo", [150, 150, 150], first_step_s=62.0),
-               _row("timm", "osteo", [100, 100, 100], first_step_s=2.0), ref="timm")
-    s = _summary(g, "timm-compiled")
-    assert s["ratio"] == pytest.approx(1.5)
+    def group(compiled_rate):
+        return _group(_row("timm-compiled", "osteo", [compiled_rate] * 3, impl="timm", jit=True, first_step_s=62.0),
+                      _row("auto", "osteo", [100] * 3, impl="timm", jit=False, first_step_s=2.0),
+                      _row("cl", "timm", [100] * 3))
+
+    s = _summary(group(150), "timm-compiled")
+    assert s["vs_eager"] == pytest.approx(1.5) and s["eager_row"] == "auto"
     assert (s["compile_s"], s["pays_after_images"]) == (60.0, 18000)
-    slower = _group(_row("timm-compiled", "osteo", [90] * 3, first_step_s=62.0),
-                    _row("timm", "osteo", [100] * 3, first_step_s=2.0), ref="timm")
-    assert _summary(slower, "timm-compiled")["pays_after_images"] is None
+    assert _summary(group(90), "timm-compiled")["pays_after_images"] is None
+    assert "vs_eager" not in _summary(group(150), "auto")
 
 
 def test_feed_batches_are_full_and_each_epoch_a_permutation():
