@@ -1,0 +1,104 @@
+"""The benchmarks' bookkeeping: interleaving order, ratios, spreads and flags (no model is built)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import feed
+import models
+
+
+def _row(name, kind, rates, feed="memory", worker=None, **extra):
+    return {"row": name, "worker": worker or name, "kind": kind, "feed": feed,
+            "rounds": [{"round": i, "img_s": r} for i, r in enumerate(rates) if r is not None], **extra}
+
+
+def _group(*rows, model="convnext_tiny"):
+    return {"model": model, "size": 64, "batch": 16, "rows": list(rows)}
+
+
+def _summary(group, name):
+    return next(s for s in models.summarize(group) if s["row"] == name)
+
+
+def test_each_row_takes_each_place_once_over_as_many_rounds():
+    names = ["auto", "cf", "cl"]
+    orders = [models.round_order(names, r) for r in range(3)]
+    assert all(sorted(o) == names for o in orders)
+    for place in range(3):
+        assert sorted(o[place] for o in orders) == names
+
+
+def test_ratio_is_taken_against_the_best_peer_of_the_same_round():
+    # round 1 ran slow for everyone: the ratio stays 1.0 although the medians differ
+    g = _group(_row("auto", "osteo", [50, 25, 50]), _row("cf", "timm", [40, 20, 40]), _row("cl", "timm", [50, 25, 50]))
+    s = _summary(g, "auto")
+    assert s["ratios"] == [1.0, 1.0, 1.0]
+    assert s["status"] == "ok" and s["ratio"] == 1.0
+    assert s["img_s"] == 50
+
+
+def test_rounds_that_disagree_by_more_than_the_margin_are_flagged():
+    g = _group(_row("auto", "osteo", [50, 40, 50]), _row("cl", "timm", [50, 50, 50]))
+    s = _summary(g, "auto")
+    assert s["ratio_spread"] == pytest.approx(0.2)
+    assert s["status"] == "FLAGGED"
+    g = _group(_row("auto", "osteo", [50, 48, 50]), _row("cl", "timm", [50, 50, 50]))
+    assert _summary(g, "auto")["status"] == "ok"
+
+
+def test_from_five_rounds_one_outlier_at_each_end_does_not_flag():
+    peer = _row("cl", "timm", [50] * 5)
+    one_burst = _group(_row("auto", "osteo", [50, 49, 20, 51, 70]), peer)
+    s = _summary(one_burst, "auto")
+    assert s["status"] == "ok"
+    assert (s["ratio_min"], s["ratio_max"]) == (0.4, 1.4)  # the table still shows the whole range
+    two_bursts = _group(_row("auto", "osteo", [50, 30, 20, 51, 70]), peer)
+    assert _summary(two_bursts, "auto")["status"] == "FLAGGED"
+
+
+def test_a_single_window_or_an_error_is_never_a_verdict():
+    g = _group(_row("keras-torch", "osteo", [20]), _row("auto", "osteo", [40, 41]), _row("cl", "timm", [40, 40]),
+               _row("keras-tf", "osteo", [], error="worker exited with status 1"))
+    assert _summary(g, "keras-torch")["status"] == "1 window"
+    assert _summary(g, "keras-tf")["status"].startswith("error: worker exited")
+    assert _summary(g, "cl")["status"] == "reference"
+
+
+def test_pipeline_row_is_compared_with_its_memory_row_round_by_round():
+    g = _group(_row("auto", "osteo", [50, 25, 50]), _row("auto pipeline", "osteo", [45, 25, 50], feed="pipeline",
+                                                             worker="auto"), _row("cl", "timm", [50, 25, 50]))
+    assert _summary(g, "auto pipeline")["vs_engine_row"] == pytest.approx(1.0)
+
+
+def test_compile_check_says_after_how_many_images_compiling_pays():
+    # 60 s more for the first step, 100 -> 150 img/s: 60 / (1/100 - 1/150) = 18,000 images
+    def group(compiled_rate):
+        return _group(_row("timm-compiled", "osteo", [compiled_rate] * 3, impl="timm", jit=True, first_step_s=62.0),
+                      _row("auto", "osteo", [100] * 3, impl="timm", jit=False, first_step_s=2.0),
+                      _row("cl", "timm", [100] * 3))
+
+    s = _summary(group(150), "timm-compiled")
+    assert s["vs_eager"] == pytest.approx(1.5) and s["eager_row"] == "auto"
+    assert (s["compile_s"], s["pays_after_images"]) == (60.0, 18000)
+    assert _summary(group(90), "timm-compiled")["pays_after_images"] is None
+    assert "vs_eager" not in _summary(group(150), "auto")
+
+
+def test_feed_batches_are_full_and_each_epoch_a_permutation():
+    order = feed._orders(10, 4)
+    epoch = [next(order) for _ in range(2)]  # 10 images, batch 4: two full batches an epoch
+    assert all(len(b) == 4 for b in epoch)
+    assert len(set(int(i) for b in epoch for i in b)) == 8
+
+
+def test_feed_scale_is_osteos():
+    pytest.importorskip("tensorflow")
+    from osteo.data.pipeline import SCALE
+
+    assert feed.SCALE == SCALE
