@@ -112,3 +112,36 @@ def test_training_epochs_are_shuffled_reproducibly_and_resumable(phantom_dir):
     assert list(e0) != list(range(n)) and list(e0) != list(e1)  # shuffled, differently each epoch
     np.testing.assert_array_equal(epochs(0, 1)[0], e0)  # same seed, same order
     np.testing.assert_array_equal(epochs(2, 1)[0], e2)  # resumed at epoch 2 = uninterrupted epoch 2
+
+
+THIN_SHAPES = [(1, 1), (1, 5000), (5000, 1), (3, 2000), (2000, 3), (2, 17), (17, 2)]
+
+
+@pytest.fixture(scope="module")
+def thin_images(tmp_path_factory):
+    """Every extreme shape as PNG and JPEG (the graph decoder) and TIFF and BMP (the Python one)."""
+    root = tmp_path_factory.mktemp("thin") / "d"
+    (root / "normal").mkdir(parents=True)
+    for h, w in THIN_SHAPES:
+        img = Image.fromarray(np.full((h, w), 200, np.uint8))
+        for ext in ("png", "jpg", "tif", "bmp"):
+            img.save(root / "normal" / f"{h}x{w}.{ext}")
+    entries = [e for e, _ in _entries(root)]
+    assert len(entries) == 4 * len(THIN_SHAPES)
+    return entries
+
+
+@pytest.mark.parametrize("mode", ["pad", "stretch"])
+@pytest.mark.parametrize("size", [16, 32, 64, 224])
+def test_extreme_aspect_ratios_never_leave_an_empty_side(thin_images, size, mode):
+    cache = ImageCache(size=size, resize=mode)
+    assert cache.fill(thin_images) == []
+    for e in thin_images:
+        out = cache.load(e.sha256)
+        assert out.shape == (size, size, 1), e.path
+        assert out.max() > 150, e.path  # the image is there, not only padding
+        if mode == "stretch":
+            assert out.min() > 150, e.path
+        elif e.width != e.height:  # a band across the middle, padding on both sides of it
+            across = out.max(axis=1 if e.width > e.height else 0)[:, 0]
+            assert across[0] == 0 and across[-1] == 0, e.path

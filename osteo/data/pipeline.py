@@ -105,21 +105,40 @@ def jpeg_ratio(width: int, height: int, size: int, resize: str = "pad") -> int:
 
 
 def resize_image(img: tf.Tensor, size: int, resize: str = "pad", box: int = 1) -> tf.Tensor:
-    """(H, W, 1) float -> (size, size, 1) float32: box-filter by ``box``, then bilinear."""
+    """(H, W, 1) float -> (size, size, 1) float32: box-filter by ``box``, then bilinear.
+
+    Any aspect ratio works: the box never exceeds the shorter side, and the padded
+    image keeps at least one pixel across (a 3 x 2,000 image at 16 px is one row).
+    """
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}")
     img = tf.cast(img, tf.float32)
     if box > 1:
         # a box filter as reshape + mean: TF's avg_pool2d on one channel cost 7.7 ms
         # of CPU per 512 px image here, this 0.3 ms
-        h, w = tf.shape(img)[0] // box, tf.shape(img)[1] // box
+        shape = tf.shape(img)
+        box = tf.minimum(box, tf.minimum(shape[0], shape[1]))  # a side of box pixels or fewer ends as one
+        h, w = shape[0] // box, shape[1] // box
         img = img[: h * box, : w * box]
-        img = tf.reduce_mean(tf.reshape(img, tf.stack([h, box, w, box, tf.shape(img)[2]])), axis=[1, 3])
+        img = tf.reduce_mean(tf.reshape(img, tf.stack([h, box, w, box, shape[2]])), axis=[1, 3])
     if resize == "pad":
-        out = tf.image.resize_with_pad(img, size, size, method="bilinear")
+        out = _resize_with_pad(img, size)
     else:
         out = tf.image.resize(img, (size, size), method="bilinear")
     return tf.clip_by_value(out, 0.0, 255.0)
+
+
+def _resize_with_pad(img: tf.Tensor, size: int) -> tf.Tensor:
+    """``tf.image.resize_with_pad(img, size, size)`` (the same arithmetic, so the same
+    values), except that a side it would floor to 0 pixels keeps 1: TensorFlow's fails
+    on a very thin image."""
+    shape = tf.cast(tf.shape(img)[:2], tf.float32)
+    ratio = tf.reduce_max(shape / float(size))
+    scaled = shape / ratio
+    resized = tf.maximum(tf.cast(tf.floor(scaled), tf.int32), 1)
+    offset = tf.maximum(tf.cast(tf.floor((float(size) - scaled) / 2), tf.int32), 0)
+    out = tf.image.resize(img, resized, method="bilinear")
+    return tf.image.pad_to_bounding_box(out, offset[0], offset[1], size, size)
 
 
 def _encode(img: tf.Tensor) -> tf.Tensor:
