@@ -254,3 +254,35 @@ def test_large_images_hash_and_reduce_in_strips_like_whole_ones(monkeypatch):
         assert strip_hash == whole_hash
         np.testing.assert_allclose(strip_thumb, whole_thumb, atol=1e-5)
         assert np.abs(strip_tiles.astype(int) - whole_tiles).max() <= 1
+
+
+def test_a_folder_of_images_beside_the_classes_is_one_warning(tmp_path, caplog):
+    for c in (*CLASSES, "severe"):
+        for i in range(2):
+            _png(tmp_path / c / f"{c}{i}.png", make_image("normal", size=32, seed=1, index=i + 3 * len(c)))
+    _png(tmp_path / "severe" / "deeper" / "x.png", make_image("normal", size=32, seed=2))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "readme.txt").write_text("no images here")
+    _png(tmp_path / ".git" / "logo.png", make_image("normal", size=32, seed=3))  # hidden: not a class
+    with caplog.at_level("WARNING", logger="osteo"):
+        result = audit(tmp_path)
+    assert result.ignored_folders == [{"path": "severe/", "images": 3}]
+    assert len(result.warnings) == 1 and "severe/ (3 images)" in result.warnings[0]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == result.warnings
+    assert "\n" not in result.warnings[0] and "rename it" in result.warnings[0]
+    assert len(result.ok()) == 6 and "severe/deeper/x.png" in result.ignored
+    write_audit(result, tmp_path / "out")
+    info = json.loads((tmp_path / "out" / "audit.json").read_text())
+    assert info["ignored_folders"] == [{"path": "severe/", "images": 3}] and info["warnings"] == result.warnings
+
+
+def test_a_file_given_as_the_data_folder_says_so_and_what_to_pass(tmp_path):
+    _png(tmp_path / "data" / "normal" / "a.png", make_image("normal", size=32))
+    with pytest.raises(OsteoError) as e:
+        audit(tmp_path / "data" / "normal" / "a.png")
+    message = str(e.value)
+    assert "is a file, not a folder" in message and "does not exist" not in message
+    assert f"e.g. {tmp_path / 'data'}" in message
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(OsteoError, match="is a file, not a folder; pass the folder that holds the class"):
+        audit(tmp_path / "notes.txt")

@@ -77,13 +77,19 @@ default.
 
 Outputs: ``manifest.csv`` (one row per candidate image file, :data:`MANIFEST_COLUMNS`)
 and ``audit.json`` (``data_dir``, ``classes``, ``n_files``, ``n_ok``, ``unreadable``,
-``ignored``, ``duplicate_groups``, ``links``).
+``ignored``, ``duplicate_groups``, ``links``, ``ignored_folders``, ``warnings``).
+
+A folder of images beside the class folders (``severe/``, say) is not trained on: it
+is listed under ``ignored_folders`` with its number of images, and named in one
+warning line (logged, so the CLI prints it as ``osteo: warning: ...``; also in
+``warnings``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
 import threading
@@ -121,6 +127,7 @@ INDEX_POSITIONS = 2 * (DETAIL_OUTLIERS + 1)  # tile positions it looks at (at le
 INDEX_SAMPLE = 512  # images per set on which the index estimates how selective each position is
 INDEX_MIN_PAIRS = 20_000  # fewer pairs than this are all compared
 INDEX_SLACK = 1e-3  # added to the squared distance bounds, for float rounding
+log = logging.getLogger("osteo")
 NOT_UTF8 = "file name is not valid UTF-8 (shown with \\xNN escapes); rename it, e.g. convmv -f latin1 -t utf8"
 
 
@@ -151,6 +158,8 @@ class Audit:
     ignored: list[str]
     duplicate_groups: list[dict]
     links: list[dict] = field(default_factory=list)  # linked folders: path, target, class_folder, followed, reason
+    ignored_folders: list[dict] = field(default_factory=list)  # folders of images beside the classes: path, images
+    warnings: list[str] = field(default_factory=list)  # what the user should know, one line each (also logged)
 
     def ok(self) -> list[Record]:
         return [r for r in self.records if r.status == "ok"]
@@ -168,6 +177,8 @@ class Audit:
             "ignored": list(self.ignored),
             "duplicate_groups": self.duplicate_groups,
             "links": list(self.links),
+            "ignored_folders": list(self.ignored_folders),
+            "warnings": list(self.warnings),
         }
 
     def manifest_rows(self) -> list[dict]:
@@ -211,6 +222,7 @@ class _Listing:
     ignored: list[str] = field(default_factory=list)
     links: list[dict] = field(default_factory=list)
     unlistable: list[Record] = field(default_factory=list)  # folders that could not be listed
+    folders: list[dict] = field(default_factory=list)  # folders of images beside the class folders
 
 
 def list_files(data_dir: str | os.PathLike) -> tuple[list[tuple[str, str]], list[str]]:
@@ -221,6 +233,9 @@ def list_files(data_dir: str | os.PathLike) -> tuple[list[tuple[str, str]], list
 
 def _list(root: Path) -> _Listing:
     if not root.is_dir():
+        if root.exists():
+            raise OsteoError(f"{_display(str(root))} is a file, not a folder; pass the folder that holds the class "
+                             f"sub-folders ({', '.join(CLASSES)}){_data_folder_hint(root)}")
         raise OsteoError(f"data folder {_display(str(root))} does not exist; set DATA= to a folder with class "
                          f"sub-folders ({', '.join(CLASSES)})")
     try:
@@ -237,7 +252,11 @@ def _list(root: Path) -> _Listing:
         if e in classes:
             _walk_class(e, out)
         elif _is_dir(e) and not e.is_symlink() and not _is_temporary(e.name):
+            before = len(out.ignored)
             _walk_ignored(e.path, e.name, out)
+            images = sum(_is_image_name(p) for p in out.ignored[before:])
+            if images and not e.name.startswith("."):  # a class the study does not have, e.g. severe/
+                out.folders.append({"path": _display(e.name + "/"), "images": images})
         else:
             out.ignored.append(_display(e.name + ("/" if _is_dir(e) else "")))
     out.candidates.sort()
@@ -315,12 +334,27 @@ def _walk_class(top: os.DirEntry, out: _Listing) -> None:
                         continue
                 visited.add(key)
                 folders.append((e.path, r, above | {key}))
-            elif (e.name.lower() in SYSTEM_FILES or e.name.startswith("._")
-                  or os.path.splitext(e.name)[1].lower() not in IMAGE_EXTENSIONS):
+            elif not _is_image_name(e.name):
                 out.ignored.append(_display(r))
             else:  # regular or not: the decoder checks, without opening anything else
                 out.candidates.append((r, label))
         stack.extend(reversed(folders))
+
+
+def _is_image_name(path: str) -> bool:
+    """Whether a file is an image candidate by its name (the bytes decide its format later)."""
+    name = path.rsplit("/", 1)[-1]
+    return (name.lower() not in SYSTEM_FILES and not name.startswith("._")
+            and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
+
+
+def _data_folder_hint(path: Path) -> str:
+    """``; e.g. DIR`` for the nearest folder above ``path`` with class sub-folders, if any."""
+    for folder in path.absolute().parents:
+        with contextlib.suppress(OSError), os.scandir(folder) as it:
+            if any(e.name.lower() in CLASSES and _is_dir(e) for e in it):
+                return f", e.g. {_display(str(folder))}"
+    return ""
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -726,7 +760,23 @@ def audit(data_dir: str | os.PathLike, progress: Callable[[int, int], None] | No
     groups = _find_duplicates(ok)
     for r in records:
         r.features = None
-    return Audit(str(root), records, listing.ignored, groups, listing.links)
+    return Audit(str(root), records, listing.ignored, groups, listing.links, listing.folders,
+                 _warn(_folder_warnings(root, listing.folders)))
+
+
+def _folder_warnings(root: Path, folders: list[dict]) -> list[str]:
+    if not folders:
+        return []
+    named = ", ".join(f"{f['path']} ({f['images']} image{'s' if f['images'] != 1 else ''})" for f in folders)
+    return [f"ignoring {named} in {_display(str(root))}: not a class folder ({', '.join(CLASSES)}); rename "
+            "it to one of them, or move it out of the data folder"]
+
+
+def _warn(lines: list[str]) -> list[str]:
+    """Log each line as a warning (the CLI prints them as ``osteo: warning:`` lines); return them."""
+    for line in lines:
+        log.warning("%s", line)
+    return lines
 
 
 def write_audit(result: Audit, out: str | os.PathLike) -> tuple[Path, Path]:
