@@ -4,7 +4,14 @@ The bytes decide the format (``sniff_format``), never the file name. Supported:
 
 - PNG, JPEG, BMP, TIFF through Pillow: 8-bit gray, 16-bit gray (kept at full
   dynamic range, scaled by 1/257 so 65535 -> 255.0), RGB, RGBA, palette, CMYK
-  (converted to luminance).
+  (converted to luminance). Colour converts to gray one way everywhere (the audit,
+  the image cache, ``osteo predict``, the report all decode here): a colour JPEG
+  gives its luminance channel (Y, libjpeg's own gray output), anything else Pillow's
+  ``convert("L")`` (ITU-R 601-2 weights, rounded to 8 bits).
+- JPEGs can be decoded at a reduced DCT scale (1/2, 1/4, 1/8: libjpeg reduces while
+  it decodes, anti-aliased and several times faster): ``decode_gray(data, scale)``,
+  where ``scale(width, height)`` picks it (:func:`dct_scale`). A reduced image is
+  ``ceil(width / s) x ceil(height / s)``; ``info`` still gives the file's own size.
 - DICOM through pydicom (with the pylibjpeg plugins for JPEG / JPEG 2000 transfer
   syntaxes): the modality LUT (rescale slope/intercept), then the VOI LUT or window
   centre/width when the file has one, then a min-max stretch to [0, 255];
@@ -35,12 +42,15 @@ the whole image, so a reader can convert strip by strip and get the same values.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
 import re
 import stat
+import threading
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -55,6 +65,9 @@ SIGNATURES = (
 )
 MAX_PIXELS = 1 << 26  # 67,108,864 = 8192 x 8192, over 3x a 43 cm flat-panel radiograph at 100 um
 MAX_FILE_BYTES = 1 << 30  # 1 GiB
+DECODE_MEMORY = 512 << 20  # bytes of decoding in flight at once, per reader (a larger file runs alone)
+STRIP_BYTES = 8 << 20  # float32 bytes of one strip when a large image is converted piece by piece
+DCT_SCALES = (8, 4, 2)  # libjpeg's reduced scales, largest first
 
 # Bytes per pixel that decode_gray holds at its peak, by Pillow mode (Pillow stores
 # 2 to 4 bands in 4 bytes a pixel): the decoded image, its luminance, the array.
@@ -90,6 +103,7 @@ class Gray:
     kind: str  # "u8": as is; "u16": / 257; "stretch": (x - lo) / (hi - lo) * 255; "float": as is
     lo: float = 0.0
     hi: float = 0.0
+    scale: int = 1  # the DCT scale a JPEG was decoded at (pixels are 1/scale of info's size)
 
     def as_float(self, block: np.ndarray) -> np.ndarray:
         """float32 values in [0, 255] of ``block``, a part of :attr:`pixels`."""
@@ -109,6 +123,30 @@ class Gray:
     def to_float(self) -> np.ndarray:
         """The whole image as float32 (H, W, 1)."""
         return np.ascontiguousarray(self.as_float(self.pixels)[..., None], dtype=np.float32)
+
+
+class MemoryBudget:
+    """Bytes of memory shared by decoding threads: each takes its estimate (at most the
+    whole budget, so a large file runs alone) and gives it back when done."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.free = capacity
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def take(self, n: int) -> Iterator[None]:
+        n = max(0, min(int(n), self.capacity))
+        with self.cond:
+            while self.free < n:
+                self.cond.wait()
+            self.free -= n
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.free += n
+                self.cond.notify_all()
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -201,8 +239,12 @@ def decode_bytes(data: bytes) -> tuple[np.ndarray, ImageInfo]:
     return gray.to_float(), gray.info
 
 
-def decode_gray(data: bytes) -> Gray:
-    """Decode ``data`` to one gray channel, kept in the decoder's own type (see :class:`Gray`)."""
+def decode_gray(data: bytes, scale: Callable[[int, int], int] | None = None) -> Gray:
+    """Decode ``data`` to one gray channel, kept in the decoder's own type (see :class:`Gray`).
+
+    ``scale(width, height)``: the DCT scale (1, 2, 4 or 8) to decode a JPEG at; full size
+    without it. Other formats ignore it.
+    """
     if not data:
         raise DecodeError("empty file")
     fmt = sniff_format(data)
@@ -210,7 +252,16 @@ def decode_gray(data: bytes) -> Gray:
         raise DecodeError("unknown file signature (not PNG, JPEG, BMP, TIFF or DICOM)")
     if fmt == "dicom":
         return _decode_dicom(data)
-    return _decode_pillow(data, fmt)
+    return _decode_pillow(data, fmt, scale)
+
+
+def dct_scale(width: int, height: int, side: int) -> int:
+    """The largest JPEG DCT scale (8, 4, 2, else 1) at which ``side`` is at most
+    ``ceil(width / s)`` and ``ceil(height / s)``: the shorter side keeps ``side`` pixels."""
+    for s in DCT_SCALES:
+        if -(-min(width, height) // s) >= side:
+            return s
+    return 1
 
 
 def check_pixels(width: int, height: int) -> None:
@@ -289,9 +340,18 @@ def _pillow_open(data: bytes | BinaryIO):
     return img
 
 
-def _decode_pillow(data: bytes, fmt: str) -> Gray:
+def _decode_pillow(data: bytes, fmt: str, scale: Callable[[int, int], int] | None = None) -> Gray:
+    dct = 1
     try:
         img = _pillow_open(data)
+        width, height = img.size
+        if fmt == "jpeg":
+            # at the DCT scale asked for (Pillow takes the largest that keeps the size given,
+            # so 1/s of each side gives s), and gray straight from libjpeg: a colour JPEG's
+            # luminance (Y) channel. CMYK has no such gray: converted below.
+            want = scale(width, height) if scale else 1
+            drafted = img.draft(None if img.mode == "CMYK" else "L", (max(1, width // want), max(1, height // want)))
+            dct = round(width / drafted[1][2]) if drafted else 1
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img.load()
@@ -316,8 +376,7 @@ def _decode_pillow(data: bytes, fmt: str) -> Gray:
         raise DecodeError(f"{fmt} decode failed: {type(e).__name__}: {str(e)[:120]}") from None
     if pixels.ndim != 2 or pixels.size == 0:
         raise DecodeError(f"{fmt} decode failed: unexpected shape {pixels.shape}")
-    h, w = pixels.shape
-    return Gray(pixels, ImageInfo(fmt, w, h, bit_depth, frames), kind, lo, hi)
+    return Gray(pixels, ImageInfo(fmt, width, height, bit_depth, frames), kind, lo, hi, dct)
 
 
 def _finite_range(arr: np.ndarray) -> tuple[float, float]:

@@ -24,7 +24,7 @@ Files and folders:
 
 Memory is bounded: images over :data:`osteo.data.decode.MAX_PIXELS` are refused
 from their header; files are decoded only while their estimated peak memory fits
-in :data:`AUDIT_MEMORY` together with the others in flight (a larger one runs
+in :data:`osteo.data.decode.DECODE_MEMORY` together with the others in flight (a larger one runs
 alone); 8-bit pixels stay uint8 and images over :data:`STRIP_PIXELS` are hashed
 and reduced strip by strip. Only the small features (about 17 KB an image) are
 kept. Ctrl-C stops the audit at once: pending files are cancelled, and the running
@@ -92,8 +92,7 @@ import hashlib
 import logging
 import math
 import os
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -101,7 +100,18 @@ from pathlib import Path
 import numpy as np
 
 from osteo import CLASSES
-from osteo.data.decode import DecodeError, Gray, decode_cost, decode_gray, open_regular, read_all
+from osteo.data.decode import (
+    DECODE_MEMORY,
+    STRIP_BYTES,
+    DecodeError,
+    Gray,
+    MemoryBudget,
+    dct_scale,
+    decode_cost,
+    decode_gray,
+    open_regular,
+    read_all,
+)
 from osteo.errors import OsteoError
 from osteo.files import write_csv, write_json
 
@@ -119,9 +129,7 @@ DETAIL_OUTLIERS = 6  # tiles of 64 that may disagree: a burned-in marker, a loca
 DETAIL_CORR = 0.93
 FLAT = 0.01  # band-pass rms, in grey levels, under which a tile has no texture
 
-AUDIT_MEMORY = 512 << 20  # bytes of decoding in flight at once (a larger file runs alone)
 STRIP_PIXELS = 1 << 22  # images over this are hashed and reduced strip by strip
-STRIP_BYTES = 8 << 20  # float32 bytes of one strip
 INDEX_DIMS = 16  # principal components of the near-duplicate index
 INDEX_POSITIONS = 2 * (DETAIL_OUTLIERS + 1)  # tile positions it looks at (at least DETAIL_OUTLIERS + 1)
 INDEX_SAMPLE = 512  # images per set on which the index estimates how selective each position is
@@ -367,30 +375,6 @@ def _inside(path: str, folder: str) -> bool:
 # --------------------------------------------------------------------------- features
 
 
-class _Budget:
-    """Bytes of memory shared by the decoding threads: each takes its estimate (at most
-    the whole budget, so a large file runs alone) and gives it back when done."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.free = capacity
-        self.cond = threading.Condition()
-
-    @contextlib.contextmanager
-    def take(self, n: int) -> Iterator[None]:
-        n = max(0, min(int(n), self.capacity))
-        with self.cond:
-            while self.free < n:
-                self.cond.wait()
-            self.free -= n
-        try:
-            yield
-        finally:
-            with self.cond:
-                self.free += n
-                self.cond.notify_all()
-
-
 def _feature_memory(width: int, height: int) -> int:
     """Bytes that hashing and reducing a width x height image takes on top of its pixels."""
     if width * height <= STRIP_PIXELS:
@@ -517,7 +501,13 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-6)
 
 
-def _inspect(root: Path, rel: str, label: str, budget: _Budget) -> Record:
+def audit_scale(width: int, height: int) -> int:
+    """The DCT scale the audit decodes a JPEG at: the coarsest that keeps DETAIL_SIDE pixels
+    across, all the near-duplicate features need (a JPEG's pixel hash is of these pixels)."""
+    return dct_scale(width, height, DETAIL_SIDE)
+
+
+def _inspect(root: Path, rel: str, label: str, budget: MemoryBudget, cache=None) -> Record:
     rec = Record(path=_display(rel), label=label)
     if rec.path != rel:
         rec.status, rec.reason = "unreadable", NOT_UTF8
@@ -529,16 +519,19 @@ def _inspect(root: Path, rel: str, label: str, budget: _Budget) -> Record:
                 data = read_all(f)
                 rec.bytes = len(data)
                 rec.sha256 = hashlib.sha256(data).hexdigest()
-                gray = decode_gray(data)
-                del data
+                gray = decode_gray(data, audit_scale)
                 info = gray.info
                 rec.format, rec.width, rec.height = info.format, info.width, info.height
                 rec.bit_depth, rec.frames = info.bit_depth, info.frames
                 rec.pixel_sha256, rec.features = _hash_and_features(gray)
+                if cache is not None:  # the same decode feeds the image cache: each file is decoded once
+                    cache.store(rec.sha256, data, gray)
     except DecodeError as e:
         rec.status, rec.reason = "unreadable", str(e)
     except MemoryError:
         rec.status, rec.reason = "unreadable", "out of memory while decoding it; downscale it"
+    except OsteoError:  # the image cache cannot be written: the user's to fix, not the file's
+        raise
     except Exception as e:  # a decoder bug must not stop the audit
         rec.status, rec.reason = "unreadable", f"decode failed: {type(e).__name__}"
     if rec.status != "ok":
@@ -738,16 +731,20 @@ def _find_duplicates(ok: list[Record]) -> list[dict]:
 
 
 def audit(data_dir: str | os.PathLike, progress: Callable[[int, int], None] | None = None,
-          workers: int | None = None) -> Audit:
-    """Decode every candidate file, find unreadable ones and duplicate groups."""
+          workers: int | None = None, cache=None) -> Audit:
+    """Decode every candidate file, find unreadable ones and duplicate groups.
+
+    ``cache``: an :class:`osteo.data.pipeline.ImageCache` to fill from the same decodes
+    (a training run's setup): every readable file gets its entry, unless it has a good one.
+    """
     root = Path(data_dir)
     listing = _list(root)
     candidates = listing.candidates
     records: list[Record] = list(listing.unlistable)
-    budget = _Budget(AUDIT_MEMORY)
+    budget = MemoryBudget(DECODE_MEMORY)
     pool = ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 1) + 1))
     try:
-        for k, rec in enumerate(pool.map(lambda c: _inspect(root, *c, budget), candidates), 1):
+        for k, rec in enumerate(pool.map(lambda c: _inspect(root, *c, budget, cache), candidates), 1):
             records.append(rec)
             if progress is not None:
                 progress(k, len(candidates))
