@@ -51,7 +51,7 @@ import stat
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import numpy as np
@@ -104,6 +104,7 @@ class Gray:
     lo: float = 0.0
     hi: float = 0.0
     scale: int = 1  # the DCT scale a JPEG was decoded at (pixels are 1/scale of info's size)
+    _boxed: tuple[int, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def as_float(self, block: np.ndarray) -> np.ndarray:
         """float32 values in [0, 255] of ``block``, a part of :attr:`pixels`."""
@@ -123,6 +124,42 @@ class Gray:
     def to_float(self) -> np.ndarray:
         """The whole image as float32 (H, W, 1)."""
         return np.ascontiguousarray(self.as_float(self.pixels)[..., None], dtype=np.float32)
+
+    def box_mean(self, box: int) -> np.ndarray:
+        """float32 (H // box, W // box): means of box x box blocks of the float image (the
+        last partial row and column of blocks dropped; ``box`` at most the shorter side),
+        summed from the decoder's own pixels strip by strip, so no float32 copy of the
+        image is made. The last result is kept: the audit's features and the image cache
+        often reduce by the same box."""
+        box = max(1, min(box, *self.pixels.shape))
+        if self._boxed is not None and self._boxed[0] == box:
+            return self._boxed[1]
+        px = self.pixels
+        # the map to float is affine for these, so it can follow the averaging
+        after = self.kind in ("u8", "float") or (self.kind == "u16" and px.dtype == np.uint16)
+        h, w = px.shape[0] // box, px.shape[1] // box
+        out = np.empty((h, w), np.float32)
+        step = max(1, STRIP_BYTES // (4 * box * px.shape[1]))  # output rows per strip
+        for r in range(0, h, step):
+            block = px[r * box : min(r + step, h) * box, : w * box]
+            if not after:
+                block = self.as_float(block)
+            rows = block[0::box].astype(np.float32)
+            for k in range(1, box):  # strided adds: numpy's sum over a short axis is several times slower
+                rows += block[k::box]
+            if box == 1:
+                out[r : r + len(rows)] = rows
+                continue
+            acc = rows[:, 0::box].copy()
+            for k in range(1, box):
+                acc += rows[:, k::box]
+            out[r : r + len(acc)] = acc
+        if box > 1:
+            out *= np.float32(1 / (box * box))
+        if after and self.kind == "u16":
+            out = self.as_float(out)
+        self._boxed = (box, out)
+        return out
 
 
 class MemoryBudget:

@@ -62,7 +62,6 @@ from tensorflow.core.framework.tensor_pb2 import TensorProto
 
 from osteo.data.decode import (
     DECODE_MEMORY,
-    STRIP_BYTES,
     DecodeError,
     Gray,
     ImageInfo,
@@ -137,7 +136,7 @@ def resize_gray(gray: Gray, size: int, resize: str = "pad") -> np.ndarray:
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}")
     h, w = gray.pixels.shape
-    img = _box_mean(gray, box_factor(w, h, size, resize))
+    img = gray.box_mean(box_factor(w, h, size, resize))
     if resize == "stretch":
         return _bilinear(img, size, size)
     h, w = img.shape
@@ -159,27 +158,6 @@ def load_levels(data: bytes, size: int, resize: str = "pad") -> tuple[np.ndarray
     what the cache stores and ``osteo predict`` feeds. Raises DecodeError."""
     gray = decode_gray(data, functools.partial(jpeg_ratio, size=size, resize=resize))
     return to_levels(resize_gray(gray, size, resize)), gray.info
-
-
-def _box_mean(gray: Gray, box: int) -> np.ndarray:
-    """float32 means of box x box blocks (the last partial row and column of blocks
-    dropped) of ``gray`` as floats, converted strip by strip: a large image is never
-    held as float32 whole."""
-    px = gray.pixels
-    if box == 1:
-        return np.ascontiguousarray(gray.as_float(px), dtype=np.float32)
-    h, w = px.shape[0] // box, px.shape[1] // box
-    out = np.empty((h, w), np.float32)
-    step = max(1, STRIP_BYTES // (4 * box * px.shape[1]))  # output rows per strip
-    for r in range(0, h, step):
-        block = gray.as_float(px[r * box : min(r + step, h) * box, : w * box])
-        rows = block.reshape(-1, box, w * box).sum(axis=1, dtype=np.float32)
-        acc = rows[:, 0::box].copy()
-        for k in range(1, box):  # strided adds: numpy's reduction over a short last axis is 10x slower
-            acc += rows[:, k::box]
-        out[r : r + len(acc)] = acc
-    out *= np.float32(1 / (box * box))
-    return out
 
 
 @functools.lru_cache(maxsize=512)
@@ -206,11 +184,18 @@ def _bilinear(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 
 
 def _payload(levels: np.ndarray) -> bytes:
-    """The serialized tensor (what ``tf.io.serialize_tensor`` writes for a uint16 array)."""
-    proto = TensorProto(dtype=types_pb2.DT_UINT16, tensor_content=levels.astype("<u2").tobytes())
-    for n in levels.shape:
+    """The serialized tensor: what ``tf.io.serialize_tensor`` writes for a uint16 array."""
+    return _payload_head(levels.shape) + levels.astype("<u2", copy=False).tobytes()
+
+
+@functools.lru_cache(maxsize=8)
+def _payload_head(shape: tuple[int, ...]) -> bytes:
+    """A TensorProto's bytes up to its tensor_content's (the same for every image of a shape)."""
+    proto = TensorProto(dtype=types_pb2.DT_UINT16, tensor_content=bytes(2 * math.prod(shape)))
+    for n in shape:
         proto.tensor_shape.dim.add(size=n)
-    return proto.SerializeToString()
+    data = proto.SerializeToString()
+    return data[: len(data) - 2 * math.prod(shape)]  # tensor_content is the last field serialized
 
 
 def _writer_gone(name: str) -> bool:
@@ -383,8 +368,7 @@ class ImageCache:
                     folder.mkdir(parents=True, exist_ok=True)
                     self._made.add(folder)
             with open(tmp, "xb") as f:
-                f.write(header)
-                f.write(payload)
+                f.write(header + payload)  # one write call
             os.replace(tmp, path)
         except OSError as e:
             with contextlib.suppress(OSError):
