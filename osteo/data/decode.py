@@ -17,7 +17,8 @@ The bytes decide the format (``sniff_format``), never the file name. Supported:
   centre/width when the file has one, then a min-max stretch to [0, 255];
   MONOCHROME1 (inverted) images are flipped so bone is bright; a multi-frame file
   gives its first frame (``info.frames`` says how many there were, and only that
-  frame is decoded).
+  frame is decoded); ``info.patient_id`` is its PatientID, which groups a patient's
+  images in the split.
 
 Limits, so that no file can hang or exhaust a reader (the audit, the image cache,
 ``osteo predict``, the report all decode through here):
@@ -90,6 +91,7 @@ class ImageInfo:
     height: int
     bit_depth: int
     frames: int = 1
+    patient_id: str = ""  # a DICOM file's PatientID (0010,0020), stripped; "" when it has none
 
 
 @dataclass
@@ -466,4 +468,5 @@ def _decode_dicom(data: bytes) -> Gray:
         np.subtract(255.0, arr, out=arr)
     h, w = arr.shape
     bits = int(getattr(ds, "BitsAllocated", 16) or 16)
-    return Gray(arr.astype(np.float32), ImageInfo("dicom", w, h, bits, frames), "float")
+    patient = str(ds.get("PatientID", "") or "").strip()
+    return Gray(arr.astype(np.float32), ImageInfo("dicom", w, h, bits, frames, patient), "float")

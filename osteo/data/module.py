@@ -70,7 +70,7 @@ class DataModule:
             split, self.excluded = split_rows(
                 self.audit.manifest_rows(), val_fraction=cfg.val, test_fraction=cfg.test, folds=cfg.folds,
                 fold=cfg.fold, seed=self.seed, group_regex=cfg.group_regex or None, groups=groups,
-                conflicts=cfg.conflicts, inner_val=cfg.inner_val,
+                conflicts=cfg.conflicts, inner_val=cfg.inner_val, group_by=cfg.group_by,
             )
             check_split(split)
         self.split = split

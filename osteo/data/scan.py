@@ -77,7 +77,13 @@ default.
 
 Outputs: ``manifest.csv`` (one row per candidate image file, :data:`MANIFEST_COLUMNS`)
 and ``audit.json`` (``data_dir``, ``classes``, ``n_files``, ``n_ok``, ``unreadable``,
-``ignored``, ``duplicate_groups``, ``links``, ``ignored_folders``, ``warnings``).
+``ignored``, ``duplicate_groups``, ``links``, ``ignored_folders``, ``patients``,
+``warnings``).
+
+Patients: a DICOM file's PatientID is in the manifest (``patient_id``); ``patients``
+in ``audit.json`` counts them (:func:`patient_summary`), with the patients whose images
+are filed under different classes and the DICOM files without a PatientID (each also a
+warning line). The split keeps a patient's images together (:mod:`osteo.data.split`).
 
 A folder of images beside the class folders (``severe/``, say) is not trained on: it
 is listed under ``ignored_folders`` with its number of images, and named in one
@@ -120,7 +126,7 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", 
 SYSTEM_FILES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
 MANIFEST_COLUMNS = (
     "path", "label", "status", "reason", "format", "width", "height", "bit_depth", "frames",
-    "bytes", "sha256", "pixel_sha256", "dup_group", "dup_kind", "conflict",
+    "bytes", "sha256", "pixel_sha256", "dup_group", "dup_kind", "conflict", "patient_id",
 )
 THUMB_CORR = 0.98
 DETAIL_SIDE = 128  # detail image side for images at least this large
@@ -157,6 +163,7 @@ class Record:
     dup_group: str = ""
     dup_kind: str = ""
     conflict: bool = False
+    patient_id: str = ""  # a DICOM file's PatientID; "" for other formats and DICOM files without one
     features: tuple | None = field(default=None, repr=False, compare=False)
 
 
@@ -187,6 +194,7 @@ class Audit:
             "duplicate_groups": self.duplicate_groups,
             "links": list(self.links),
             "ignored_folders": list(self.ignored_folders),
+            "patients": patient_summary(self.ok()),
             "warnings": list(self.warnings),
         }
 
@@ -530,7 +538,7 @@ def _inspect(root: Path, rel: str, label: str, budget: MemoryBudget, cache=None)
                 gray = decode_gray(data, audit_scale)
                 info = gray.info
                 rec.format, rec.width, rec.height = info.format, info.width, info.height
-                rec.bit_depth, rec.frames = info.bit_depth, info.frames
+                rec.bit_depth, rec.frames, rec.patient_id = info.bit_depth, info.frames, info.patient_id
                 rec.pixel_sha256, rec.features = _hash_and_features(gray)
                 if cache is not None:  # the same decode feeds the image cache: each file is decoded once
                     cache.store(rec.sha256, data, gray)
@@ -769,8 +777,47 @@ def audit(data_dir: str | os.PathLike, progress: Callable[[int, int], None] | No
         groups = _find_duplicates([r for r in records if r.status == "ok"])
     for r in records:
         r.features = None
+    ok = [r for r in records if r.status == "ok"]
     return Audit(str(root), records, listing.ignored, groups, listing.links, listing.folders,
-                 _warn(_folder_warnings(root, listing.folders)))
+                 _warn(_folder_warnings(root, listing.folders) + _patient_warnings(ok)))
+
+
+def patient_summary(ok: list[Record]) -> dict:
+    """Patients of the DICOM files (by PatientID): how many, images per patient, those
+    whose images are filed under different classes, and the files without a PatientID.
+    No NaN: statistics of no patients are null, with the reason."""
+    dicom = [r for r in ok if r.format == "dicom"]
+    by: dict[str, list[Record]] = {}
+    for r in dicom:
+        if r.patient_id:
+            by.setdefault(r.patient_id, []).append(r)
+    counts = sorted(len(v) for v in by.values())
+    out: dict = {"dicom_files": len(dicom), "patients": len(by),
+                 "files_without_patient_id": sum(not r.patient_id for r in dicom)}
+    if counts:
+        out["images_per_patient"] = {"min": counts[0], "median": float(np.median(counts)), "max": counts[-1]}
+    else:
+        out["images_per_patient"] = None
+        out["images_per_patient_reason"] = "no DICOM file has a PatientID" if dicom else "no DICOM files"
+    out["mixed_labels"] = [
+        {"patient_id": p, "labels": sorted({r.label for r in v}, key=CLASSES.index), "paths": sorted(r.path for r in v)}
+        for p, v in sorted(by.items()) if len({r.label for r in v}) > 1
+    ]
+    return out
+
+
+def _patient_warnings(ok: list[Record]) -> list[str]:
+    info = patient_summary(ok)
+    out = []
+    if info["patients"] and info["files_without_patient_id"]:
+        out.append(f"{info['files_without_patient_id']} DICOM file(s) have no PatientID: each counts as a patient of "
+                   "its own in the split; give them their PatientID, or group them with --group-regex or --groups")
+    if info["mixed_labels"]:
+        shown = "; ".join(f"{m['patient_id']}: {', '.join(m['labels'])}" for m in info["mixed_labels"][:3])
+        more = f" and {len(info['mixed_labels']) - 3} more" if len(info["mixed_labels"]) > 3 else ""
+        out.append(f"{len(info['mixed_labels'])} patient(s) have images under different classes ({shown}{more}); "
+                   "each patient stays on one side of every split: check the labels (audit.json lists the files)")
+    return out
 
 
 def _folder_warnings(root: Path, folders: list[dict]) -> list[str]:
