@@ -33,7 +33,10 @@ ones finish within a decode, since none can block.
 Duplicates:
 
 - exact: identical bytes, or identical decoded pixels (the same image saved twice
-  in different containers);
+  in different containers). The pixel hash is of the decoder's own pixels (a JPEG's at
+  the audit's DCT scale, :func:`audit_scale`) with their map to float; manifests written
+  before 2026-12 hashed a float32 copy, so their pixel hashes match no new one (their
+  byte hashes still do);
 - near: a re-encoded or resized copy. Candidates are pairs whose 16x16 thumbnails
   correlate at >= 0.98. Two different knees share their anatomy at low resolution
   but not their trabecular texture, so a candidate is confirmed only when the fine
