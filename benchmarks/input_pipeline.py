@@ -1,22 +1,38 @@
-"""Input-pipeline throughput: osteo vs the study's ImageDataGenerator vs image_dataset_from_directory.
+"""Input-pipeline throughput: a new dataset's audit + first epoch vs Keras' loaders.
 
-    python benchmarks/input_pipeline.py                      # 2,000 phantom PNGs of 512 px -> 224 px
-    python benchmarks/input_pipeline.py --n 300 --large-n 40 # quick look
+    python benchmarks/input_pipeline.py                       # 2,000 phantom PNGs of 512 px -> 224 px, 5 rounds
+    python benchmarks/input_pipeline.py --n 1000 --large-n 100 --rounds 5
+    python benchmarks/input_pipeline.py --stages              # CPU ms per image by stage, one thread
 
-Same files, same output size, one process. Prints a table and writes
-``benchmarks/results/input_pipeline-<date>-<host>.json``. Wall time and CPU time
-(all threads of this process) are both reported: on a shared 2-core machine wall
-time of identical epochs varies by up to 2x while CPU time stays put.
+Same files, same output size, one process. The rows that are compared run interleaved,
+round after round (ImageDataGenerator, image_dataset_from_directory, osteo, ...), so a
+machine shared with other work slows them alike; the table gives each row's median over
+the rounds and its spread (lowest-highest images/s). Wall time and CPU time (all threads
+of this process) are both reported: on a shared 2-core machine wall time of identical
+epochs varies by up to 2x while CPU time stays put.
+
+- ``osteo audit + first epoch``: what ``osteo train`` does with a new dataset (a fresh
+  image cache each round): the audit, filling the cache from its own decodes, the cache
+  check, and one training epoch, against ``image_dataset_from_directory``'s first epoch
+  (decode + resize) and ``ImageDataGenerator``'s (the study's, with its augmentation).
+- ``osteo later epoch``: from the split held in memory; ``osteo new run``: a second run
+  on the same data, every image from the on-disk cache.
+- 16-bit PNGs and DICOM (the phantom's pixels, ``--formats``) have no Keras peer.
+
+``--stages`` times each step of the audit + cache path on one thread (CPU ms per image):
+where a new dataset's time goes. Writes ``benchmarks/results/input_pipeline-<date>-<host>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import os
 import platform
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -45,16 +61,24 @@ class Timer:
         self.cpu = _cpu() - self.cpu
 
 
-def ensure_phantom(root: Path, n: int, size: int, seed: int = 0) -> Path:
+# --------------------------------------------------------------------------- data
+
+
+def ensure_phantom(root: Path, n: int, size: int, seed: int = 0, bit_depth: int = 8) -> Path:
     from osteo.data.phantom import write_phantom
 
-    marker = root / f".complete-{n}-{size}-{seed}"
+    marker = root / f".complete-{n}-{size}-{seed}-{bit_depth}"
     if not marker.exists():
         shutil.rmtree(root, ignore_errors=True)
-        print(f"writing {n} phantom images of {size} px to {root} (once) ...", flush=True)
-        write_phantom(root, n=n, size=size, seed=seed)
+        print(f"writing {n} phantom images of {size} px ({bit_depth}-bit) to {root} (once) ...", flush=True)
+        write_phantom(root, n=n, size=size, seed=seed, bit_depth=bit_depth)
         marker.touch()
     return root
+
+
+def _sources(src: Path, n: int) -> list[Path]:
+    files = sorted(src.rglob("*.png"))
+    return files[:: max(1, len(files) // n)][:n]
 
 
 def ensure_large_jpegs(src: Path, root: Path, n: int, size: int) -> Path:
@@ -63,8 +87,7 @@ def ensure_large_jpegs(src: Path, root: Path, n: int, size: int) -> Path:
     if not marker.exists():
         shutil.rmtree(root, ignore_errors=True)
         print(f"writing {n} JPEGs of {size} px to {root} (once) ...", flush=True)
-        files = sorted(src.rglob("*.png"))[:: max(1, len(list(src.rglob("*.png"))) // n)][:n]
-        for f in files:
+        for f in _sources(src, n):
             out = root / f.parent.name / (f.stem + ".jpg")
             out.parent.mkdir(parents=True, exist_ok=True)
             Image.open(f).resize((size, size), Image.Resampling.BICUBIC).save(out, quality=92)
@@ -72,51 +95,96 @@ def ensure_large_jpegs(src: Path, root: Path, n: int, size: int) -> Path:
     return root
 
 
-def bench_osteo(data: Path, size: int, batch: int, epochs: int) -> dict:
-    from osteo.data.pipeline import Entry, ImageCache, make_dataset
-    from osteo.data.scan import audit
+def ensure_dicoms(src: Path, root: Path, n: int) -> Path:
+    """The phantom's PNGs as 16-bit MONOCHROME2 DICOM files (explicit VR little endian)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-    with Timer() as t_audit:
-        result = audit(data)
-    ok = result.ok()
-    n = len(ok)
-    entries = [Entry.from_row(data, r) for r in ok]
-    labels = [CLASSES.index(r.label) for r in ok]
-    cache_root = Path(tempfile.mkdtemp(prefix="osteo-bench-cache-"))
-    try:
-        cache = ImageCache(size=size, root=cache_root)
-        files = [str(cache.path(e.sha256)) for e in entries]
-        steps = -(-n // batch)
-        with Timer() as t_first:
-            cache.fill(entries)
-            ds = make_dataset(files, labels, size=size, batch_size=batch, training=True, seed=0)
-            it = iter(ds)
-            for _ in range(steps):
-                next(it)
-        with Timer() as t_cached:
-            for _ in range(steps * epochs):
-                next(it)
-        # a new run on the same data: every image from the persistent disk cache
-        with Timer() as t_disk:
-            for _ in make_dataset(files, labels, size=size, batch_size=batch, training=False):
+    marker = root / f".complete-{n}"
+    if not marker.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        print(f"writing {n} DICOM files to {root} (once) ...", flush=True)
+        for i, f in enumerate(_sources(src, n)):
+            px = (np.asarray(Image.open(f), dtype=np.uint16) * 16).astype(np.uint16)
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds = pydicom.Dataset()
+            ds.file_meta = meta
+            ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+            ds.PatientID = f"P{i // 2:04d}"
+            ds.Modality, ds.Rows, ds.Columns = "DX", *px.shape
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+            ds.PixelData = px.tobytes()
+            out = root / f.parent.name / (f.stem + ".dcm")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(out, enforce_file_format=True)
+        marker.touch()
+    return root
+
+
+# --------------------------------------------------------------------------- rows
+
+
+class OsteoRun:
+    """One new dataset through osteo: audit (filling a fresh cache) + cache check + first
+    epoch; then later epochs and a new run from the disk cache."""
+
+    def __init__(self, data: Path, size: int, batch: int):
+        self.data, self.size, self.batch = data, size, batch
+
+    def first_epoch(self) -> dict:
+        from osteo.data.pipeline import Entry, ImageCache, make_dataset
+        from osteo.data.scan import audit
+
+        self.cache_root = Path(tempfile.mkdtemp(prefix="osteo-bench-cache-"))
+        with Timer() as t:
+            cache = ImageCache(self.size, root=self.cache_root)
+            ok = audit(self.data, cache=cache).ok()
+            entries = [Entry.from_row(self.data, r) for r in ok]
+            assert cache.fill(entries) == []
+            self.files = [str(cache.path(e.sha256)) for e in entries]
+            self.labels = [CLASSES.index(r.label) for r in ok]
+            self.steps = -(-len(ok) // self.batch)
+            self.it = iter(make_dataset(self.files, self.labels, self.size, self.batch, training=True, seed=0))
+            for _ in range(self.steps):
+                next(self.it)
+        return _rates(len(ok), t)
+
+    def later_epochs(self, epochs: int) -> dict:
+        with Timer() as t:
+            for _ in range(self.steps * epochs):
+                next(self.it)
+        return _rates(len(self.files) * epochs, t)
+
+    def new_run(self) -> dict:
+        from osteo.data.pipeline import make_dataset
+
+        with Timer() as t:
+            for _ in make_dataset(self.files, self.labels, self.size, self.batch, training=False):
                 pass
-    finally:
-        shutil.rmtree(cache_root, ignore_errors=True)
-    return {
-        "n": n,
-        "audit": _rates(n, t_audit),
-        "first_epoch": _rates(n, t_first),
-        "cached_epoch": _rates(n * epochs, t_cached),
-        "disk_cache_epoch": _rates(n, t_disk),
-    }
+        return _rates(len(self.files), t)
+
+    def audit_alone(self) -> dict:
+        from osteo.data.scan import audit
+
+        with Timer() as t:
+            n = len(audit(self.data).ok())
+        return _rates(n, t)
+
+    def close(self) -> None:
+        shutil.rmtree(self.cache_root, ignore_errors=True)
 
 
-def bench_image_data_generator(data: Path, size: int, batch: int) -> dict:
+def image_data_generator(data: Path, size: int, batch: int) -> dict:
     from keras.src.legacy.preprocessing.image import ImageDataGenerator
 
     # The study's configuration: rescale, shear, zoom, horizontal flip.
     gen = ImageDataGenerator(rescale=1 / 255, shear_range=0.2, zoom_range=0.2, horizontal_flip=True)
-    flow = gen.flow_from_directory(str(data), target_size=(size, size), batch_size=batch, class_mode="sparse", shuffle=True, seed=0)
+    flow = gen.flow_from_directory(str(data), target_size=(size, size), batch_size=batch, class_mode="sparse",
+                                   shuffle=True, seed=0)
     flow.verbose = False
     with Timer() as t:
         for _ in range(len(flow)):
@@ -124,7 +192,7 @@ def bench_image_data_generator(data: Path, size: int, batch: int) -> dict:
     return _rates(flow.n, t)
 
 
-def bench_image_dataset_from_directory(data: Path, size: int, batch: int) -> dict:
+def image_dataset_from_directory(data: Path, size: int, batch: int) -> dict:
     import keras
 
     ds = keras.utils.image_dataset_from_directory(str(data), image_size=(size, size), batch_size=batch, verbose=False)
@@ -136,13 +204,65 @@ def bench_image_dataset_from_directory(data: Path, size: int, batch: int) -> dic
 
 
 def _rates(n: int, t: Timer) -> dict:
-    return {
-        "images": n,
-        "wall_s": round(t.wall, 3),
-        "cpu_s": round(t.cpu, 3),
-        "images_per_s": round(n / t.wall, 1) if t.wall > 0 else None,
-        "cpu_ms_per_image": round(1000 * t.cpu / n, 3) if n else None,
-    }
+    return {"images": n, "wall_s": round(t.wall, 4), "cpu_s": round(t.cpu, 4),
+            "images_per_s": round(n / t.wall, 1) if t.wall > 0 else None,
+            "cpu_ms_per_image": round(1000 * t.cpu / n, 3) if n else None}
+
+
+def _summary(samples: list[dict]) -> dict:
+    rates = [s["images_per_s"] for s in samples]
+    return {"images_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
+            "cpu_ms_per_image": statistics.median(s["cpu_ms_per_image"] for s in samples), "samples": samples}
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def stages(data: Path, size: int, limit: int) -> dict:
+    """CPU ms per image of each step of the audit + cache path, on one thread, and of the
+    duplicate search (once per dataset, after every decode)."""
+    from threadpoolctl import threadpool_limits
+
+    from osteo.data import scan
+    from osteo.data.decode import decode_gray
+    from osteo.data.pipeline import ImageCache, jpeg_ratio, resize_gray, to_levels
+
+    files = [data / p for p, _ in scan._list(data).candidates][:limit]
+    cache = ImageCache(size, root=tempfile.mkdtemp(prefix="osteo-bench-cache-"))
+    steps = ("read", "sha256 of the bytes", "decode", "pixel hash", "features", "cache resize", "cache write")
+    cpu = dict.fromkeys(steps, 0.0)
+
+    def timed(step, fn, *args):
+        t = time.process_time()
+        out = fn(*args)
+        cpu[step] += time.process_time() - t
+        return out
+
+    with threadpool_limits(1, user_api="blas"):
+        records = []
+        for f in files:
+            data_ = timed("read", f.read_bytes)
+            sha = timed("sha256 of the bytes", lambda d: hashlib.sha256(d).hexdigest(), data_)
+            gray = timed("decode", decode_gray, data_, scan.audit_scale)
+            info = gray.info
+            if info.format == "jpeg" and gray.scale != jpeg_ratio(info.width, info.height, size):
+                raise SystemExit("--stages assumes the audit's JPEG decode serves the cache")
+            timed("pixel hash", scan._pixel_hash, gray)
+            features = timed("features", scan._gray_features, gray)
+            levels = timed("cache resize", lambda g: to_levels(resize_gray(g, size)), gray)
+            timed("cache write", cache._write, sha, levels)
+            records.append(scan.Record(path=str(f), label="normal", sha256=sha, pixel_sha256=sha, features=features))
+        t = time.process_time()
+        scan._find_duplicates(records)
+        dup = time.process_time() - t
+    shutil.rmtree(cache.dir.parent, ignore_errors=True)
+    out = {s: round(1000 * v / len(files), 3) for s, v in cpu.items()}
+    out["duplicate search"] = round(1000 * dup / len(files), 3)
+    out["total"] = round(sum(out.values()), 3)
+    return out
+
+
+# --------------------------------------------------------------------------- main
 
 
 def main() -> int:
@@ -152,8 +272,11 @@ def main() -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--epochs", type=int, default=3, help="cached epochs to time")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved repetitions of every row")
     p.add_argument("--large-n", type=int, default=400, help="number of large JPEGs (0: skip)")
     p.add_argument("--large-size", type=int, default=2400)
+    p.add_argument("--formats", default="png16,dicom", help="other sets, osteo only: png16, dicom ('' for none)")
+    p.add_argument("--stages", action="store_true", help="CPU ms per image by stage instead (one thread)")
     p.add_argument("--work", default="data/bench", help="where the benchmark data is kept")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
@@ -163,60 +286,92 @@ def main() -> int:
 
     work = Path(args.work)
     data = ensure_phantom(work / f"phantom-{args.n}-{args.source_size}", args.n, args.source_size)
-    results: dict = {"config": vars(args), "machine": _machine()}
-    print("osteo ...", flush=True)
-    results["osteo"] = bench_osteo(data, args.size, args.batch, args.epochs)
-    print("ImageDataGenerator ...", flush=True)
-    results["image_data_generator"] = bench_image_data_generator(data, args.size, args.batch)
-    print("image_dataset_from_directory ...", flush=True)
-    results["image_dataset_from_directory"] = bench_image_dataset_from_directory(data, args.size, args.batch)
+    sets = {"PNG": data}
     if args.large_n:
-        large = ensure_large_jpegs(data, work / f"jpeg-{args.large_n}-{args.large_size}", args.large_n, args.large_size)
-        print("large JPEGs ...", flush=True)
-        results["large_jpeg"] = {
-            "osteo": bench_osteo(large, args.size, args.batch, 1),
-            "image_data_generator": bench_image_data_generator(large, args.size, args.batch),
-        }
+        sets[f"{args.large_size} px JPEG"] = ensure_large_jpegs(
+            data, work / f"jpeg-{args.large_n}-{args.large_size}", args.large_n, args.large_size)
+    formats = [f for f in args.formats.split(",") if f]
+    if "png16" in formats:
+        sets["16-bit PNG"] = ensure_phantom(work / f"phantom16-{args.n}-{args.source_size}", args.n,
+                                            args.source_size, bit_depth=16)
+    if "dicom" in formats:
+        sets["DICOM"] = ensure_dicoms(data, work / f"dicom-{args.n}-{args.source_size}", args.n)
+    results: dict = {"config": vars(args), "machine": _machine()}
 
-    table = Table(title=f"input pipeline, {args.n} PNGs of {args.source_size} px -> {args.size} px, batch {args.batch}")
-    for col in ("pipeline", "images/s (wall)", "CPU ms/image", "vs ImageDataGenerator"):
-        table.add_column(col, justify="right" if col != "pipeline" else "left")
-    idg = results["image_data_generator"]["images_per_s"]
-    o = results["osteo"]
-    rows = [
-        ("ImageDataGenerator (study)", results["image_data_generator"]),
-        ("image_dataset_from_directory", results["image_dataset_from_directory"]),
-        ("osteo first epoch (decode+cache)", o["first_epoch"]),
-        ("osteo later epoch (memory cache)", o["cached_epoch"]),
-        ("osteo new run (disk cache)", o["disk_cache_epoch"]),
-        ("osteo audit", o["audit"]),
-    ]
-    if "large_jpeg" in results:
-        lj = results["large_jpeg"]
-        rows += [
-            (f"ImageDataGenerator, {args.large_size} px JPEG", lj["image_data_generator"]),
-            (f"osteo first epoch, {args.large_size} px JPEG", lj["osteo"]["first_epoch"]),
-        ]
-    for name, r in rows:
-        base = lj["image_data_generator"]["images_per_s"] if "JPEG" in name else idg
-        table.add_row(name, f"{r['images_per_s']:,.0f}", f"{r['cpu_ms_per_image']:.2f}", f"{r['images_per_s'] / base:,.1f}x")
+    if args.stages:
+        results["stages"] = {name: stages(folder, args.size, 300) for name, folder in sets.items()}
+        table = Table(title=f"CPU ms per image by stage, one thread, -> {args.size} px (first 300 files of each set)")
+        table.add_column("stage")
+        for name in sets:
+            table.add_column(name, justify="right")
+        for step in next(iter(results["stages"].values())):
+            table.add_row(step, *(f"{results['stages'][name][step]:.2f}" for name in sets))
+        Console().print(table)
+        _write(results, args.out, "-stages")
+        return 0
+
+    samples: dict[str, list[dict]] = {}
+
+    def add(key, value):
+        samples.setdefault(key, []).append(value)
+
+    for r in range(args.rounds):
+        print(f"round {r + 1} of {args.rounds} ...", flush=True)
+        for name, folder in sets.items():
+            keras_peer = name == "PNG" or "JPEG" in name
+            if keras_peer:
+                add((name, "ImageDataGenerator (the study)"), image_data_generator(folder, args.size, args.batch))
+                add((name, "image_dataset_from_directory"), image_dataset_from_directory(folder, args.size, args.batch))
+            run = OsteoRun(folder, args.size, args.batch)
+            try:
+                add((name, "osteo audit + first epoch"), run.first_epoch())
+                if name == "PNG":
+                    add((name, "osteo later epoch (memory)"), run.later_epochs(args.epochs))
+                    add((name, "osteo new run (disk cache)"), run.new_run())
+                    add((name, "osteo audit alone"), run.audit_alone())
+            finally:
+                run.close()
+
+    summary = {f"{k[0]}: {k[1]}": _summary(v) for k, v in samples.items()}
+    results["rows"] = summary
+    table = Table(title=f"input pipeline -> {args.size} px, batch {args.batch}: median of {args.rounds} interleaved "
+                        f"rounds ({args.n} PNGs of {args.source_size} px)")
+    for col in ("set", "pipeline", "images/s", "spread", "CPU ms/image", "vs ImageDataGenerator",
+                "vs image_dataset_from_directory"):
+        table.add_column(col, justify="left" if col in ("set", "pipeline") else "right")
+    for name, row in samples:
+        s = summary[f"{name}: {row}"]
+        ratios = [f"{s['images_per_s'] / base['images_per_s']:.2f}x" if base else "" for base in
+                  (summary.get(f"{name}: ImageDataGenerator (the study)"),
+                   summary.get(f"{name}: image_dataset_from_directory"))]
+        table.add_row(name, row, f"{s['images_per_s']:,.0f}", f"{s['min']:,.0f}-{s['max']:,.0f}",
+                      f"{s['cpu_ms_per_image']:.2f}", *ratios)
     Console().print(table)
+    _write(results, args.out, "")
+    return 0
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"input_pipeline-{datetime.date.today().isoformat()}-{platform.node() or 'host'}.json"
+
+def _write(results: dict, out: str, suffix: str) -> None:
     from osteo.files import write_json
 
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"input_pipeline-{datetime.date.today().isoformat()}-{platform.node() or 'host'}{suffix}.json"
     write_json(path, results)
     print(f"wrote {path}")
-    return 0
 
 
 def _machine() -> dict:
     import tensorflow as tf
 
+    flags = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
     return {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "tensorflow": tf.__version__, "numpy": np.__version__}
+            "tensorflow": tf.__version__, "numpy": np.__version__,
+            "cpu_class": "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other",
+            "avx512_bf16": "avx512_bf16" in flags}
 
 
 if __name__ == "__main__":

@@ -1,10 +1,9 @@
 """Use a finished run: ``osteo predict RUN_DIR IMAGES...`` and ``osteo eval RUN_DIR --data FOLDER``.
 
 The run's model is rebuilt from its ``recipe.json`` and its ``best.weights.h5`` loaded
-into it (weights only: nothing in a run's folder is executed or unpickled); images are decoded, resized and quantised exactly as the
-training cache does (:mod:`osteo.data.decode`, :func:`osteo.data.pipeline.resize_image`,
-16-bit levels), so a run's own validation images get back its ``predictions.csv``
-probabilities. The run's temperature (``calibration.json``) is applied unless
+into it (weights only: nothing in a run's folder is executed or unpickled); images are decoded, resized and quantised by
+the training cache's own function (:func:`osteo.data.pipeline.load_levels`), so a run's own validation images get back
+its ``predictions.csv`` probabilities. The run's temperature (``calibration.json``) is applied unless
 ``calibrated=False``, and its operating points turn the probabilities into screening
 decisions. ``tta`` averages the probabilities over the image, its mirror and small
 shifts. Files that cannot be decoded get ``status=unreadable`` and a reason.
@@ -103,21 +102,18 @@ def _op_column(name: str) -> str:
 
 def load_images(paths: list[Path], size: int, resize: str) -> tuple[list[np.ndarray | None], list[str]]:
     """Each file decoded and resized as training does it, or None with the reason why not."""
-    import tensorflow as tf
-
-    from osteo.data.decode import DecodeError, decode_file
-    from osteo.data.pipeline import SCALE, box_factor, resize_image
+    from osteo.data.decode import DecodeError, read_file
+    from osteo.data.pipeline import SCALE, load_levels
 
     images, reasons = [], []
     for f in paths:
         try:
-            arr, info = decode_file(f)
+            levels, _ = load_levels(read_file(f), size, resize)  # what the training cache holds
         except DecodeError as e:
             images.append(None)
             reasons.append(str(e))
             continue
-        img = resize_image(tf.constant(arr), size, resize, box_factor(info.width, info.height, size, resize))
-        images.append(np.round(img.numpy() * SCALE) / SCALE)  # the cache's 16-bit levels
+        images.append(levels.astype(np.float32) / np.float32(SCALE))
         reasons.append("")
     return images, reasons
 

@@ -82,6 +82,8 @@ class DataConfig:
     inner_val: float = 0.0
     group_regex: str = ""
     groups_csv: str = ""
+    # where patients come from for the split (osteo.data.split): auto = DICOM PatientIDs, the regex, the CSV
+    group_by: Literal["auto", "dicom", "regex", "csv", "none"] = "auto"
     conflicts: Literal["exclude", "majority", "keep"] = "exclude"
     batch_size: int = 16
     # The phantom written when ``dir`` is the default and does not exist yet.

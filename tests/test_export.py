@@ -65,18 +65,11 @@ def run(phantom_dir, tmp_path_factory, tiny_recipe) -> RunDir:
 @pytest.fixture(scope="module")
 def images(phantom_dir, run) -> dict[str, np.ndarray]:
     """Six phantom images at the run's size, decoded and resized as in training: float and uint8."""
-    import tensorflow as tf
-
-    from osteo.data.decode import decode_file
-    from osteo.data.pipeline import box_factor, resize_image
+    from osteo.data.pipeline import SCALE, load_levels
 
     data = run.read_recipe().data
-    arrays = []
-    for f in sorted(Path(phantom_dir).rglob("*.png"))[::20][:6]:
-        arr, info = decode_file(f)
-        box = box_factor(info.width, info.height, data.image_size, data.resize)
-        arrays.append(resize_image(tf.constant(arr), data.image_size, data.resize, box).numpy())
-    x = np.stack(arrays).astype(np.float32)
+    files = sorted(Path(phantom_dir).rglob("*.png"))[::20][:6]
+    x = np.stack([load_levels(f.read_bytes(), data.image_size, data.resize)[0] / SCALE for f in files]).astype(np.float32)
     assert not np.array_equal(x, np.round(x)), "the float images should have non-integer pixels"
     return {"float": x, "uint8": np.clip(np.round(x), 0, 255).astype(np.uint8)}
 

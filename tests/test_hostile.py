@@ -52,12 +52,12 @@ def test_ctrl_c_stops_an_audit_at_once(tmp_path):
         signal.signal(signal.SIGINT, signal.default_int_handler)
         from osteo.data import scan
         decode, started, handled = scan.decode_gray, [], threading.Event()
-        def blocked(data):
+        def blocked(data, *args):
             started.append(1)
             if len(started) == 1:
                 signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             handled.wait()
-            return decode(data)
+            return decode(data, *args)
         scan.decode_gray = blocked
         atexit.register(lambda: print("decoded", len(started), flush=True))  # after the workers are joined
         try:
@@ -204,3 +204,26 @@ def test_a_folder_that_cannot_be_listed_is_a_row(tmp_path):
     finally:
         locked.chmod(0o755)
     assert info["unreadable"] == [{"path": "normal/locked/", "reason": "cannot list folder: Permission denied"}]
+
+
+def test_a_cmyk_jpeg_is_audited_and_cached_without_a_word_on_stderr(tmp_path):
+    """libjpeg printed "Unsupported color conversion request" to descriptor 2 when asked for
+    gray from CMYK; the whole process's stderr, C libraries included, must stay empty."""
+    gray = (np.arange(40 * 60).reshape(40, 60) % 251).astype(np.uint8)
+    (tmp_path / "normal").mkdir()
+    Image.fromarray(gray).convert("CMYK").save(tmp_path / "normal" / "cmyk.jpg")
+    Image.fromarray(gray).convert("RGB").save(tmp_path / "normal" / "rgb.jpg")
+    _png(tmp_path / "normal" / "gray.png")
+    proc = _run("""
+        import sys
+        from osteo.data.pipeline import Entry, ImageCache
+        from osteo.data.scan import audit
+        result = audit(sys.argv[1])
+        entries = [Entry.from_row(sys.argv[1], r) for r in result.ok()]
+        assert ImageCache(32, root=sys.argv[2]).fill(entries) == []
+        assert audit(sys.argv[1], cache=ImageCache(16, root=sys.argv[2])).ok() == result.ok()
+        print(len(entries), sorted(r.format for r in result.ok()))
+    """, tmp_path, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["3", "['jpeg',", "'jpeg',", "'png']"]
+    assert proc.stderr == ""

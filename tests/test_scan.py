@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from osteo import CLASSES
+from osteo.data.decode import Gray, ImageInfo
 from osteo.data.phantom import make_image
 from osteo.data.scan import MANIFEST_COLUMNS, audit, write_audit
 from osteo.errors import OsteoError
@@ -224,7 +225,8 @@ def test_near_duplicate_index_finds_what_comparing_every_pair_finds(monkeypatch)
     ok = []
     for i, (name, img) in enumerate(sorted(images.items())):
         r = scan.Record(path=name, label="normal", sha256=f"s{i}", pixel_sha256=f"p{i}")
-        r.features = scan._features(np.round(np.asarray(img, np.float32) * 255))
+        px = np.round(np.asarray(img, np.float32) * 255)
+        r.features = scan._hash_and_features(Gray(px, ImageInfo("png", *px.shape[::-1], 8), "float"))[1]
         ok.append(r)
     expected, passing = _reference_groups(ok)
     assert ["look03", "look03_q85", "look03_small"] in expected and len(expected) == 4
@@ -234,23 +236,54 @@ def test_near_duplicate_index_finds_what_comparing_every_pair_finds(monkeypatch)
     assert sorted(g["paths"] for g in scan._find_duplicates(ok)) == expected
 
 
-def test_large_images_hash_and_reduce_in_strips_like_whole_ones(monkeypatch):
-    """Above STRIP_PIXELS, the pixel hash is the same and the features agree to float rounding."""
+def test_images_hash_and_reduce_in_strips_like_whole_ones(monkeypatch):
+    """Strips of a few rows give the pixel hash and the features of one strip."""
     import io
 
-    from osteo.data import scan
+    from osteo.data import decode, scan
     from osteo.data.decode import decode_gray
 
     rng = np.random.default_rng(0)
-    for shape in [(300, 517), (517, 300), (1, 900), (900, 1)]:
+    for shape in [(300, 517), (517, 300), (1, 900), (900, 1), (1100, 700)]:
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buf, "PNG")
-        gray = decode_gray(buf.getvalue())
-        whole_hash, (whole_thumb, whole_tiles) = scan._hash_and_features(gray)
-        monkeypatch.setattr(scan, "STRIP_PIXELS", 100)
+        whole_hash, (whole_thumb, whole_tiles) = scan._hash_and_features(decode_gray(buf.getvalue()))
         monkeypatch.setattr(scan, "STRIP_BYTES", 4 * 1024)  # strips of a few rows
-        strip_hash, (strip_thumb, strip_tiles) = scan._hash_and_features(gray)
+        monkeypatch.setattr(decode, "STRIP_BYTES", 4 * 1024)
+        strip_hash, (strip_thumb, strip_tiles) = scan._hash_and_features(decode_gray(buf.getvalue()))
         monkeypatch.undo()
         assert strip_hash == whole_hash
         np.testing.assert_allclose(strip_thumb, whole_thumb, atol=1e-5)
         assert np.abs(strip_tiles.astype(int) - whole_tiles).max() <= 1
+
+
+def test_a_folder_of_images_beside_the_classes_is_one_warning(tmp_path, caplog):
+    for c in (*CLASSES, "severe"):
+        for i in range(2):
+            _png(tmp_path / c / f"{c}{i}.png", make_image("normal", size=32, seed=1, index=i + 3 * len(c)))
+    _png(tmp_path / "severe" / "deeper" / "x.png", make_image("normal", size=32, seed=2))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "readme.txt").write_text("no images here")
+    _png(tmp_path / ".git" / "logo.png", make_image("normal", size=32, seed=3))  # hidden: not a class
+    with caplog.at_level("WARNING", logger="osteo"):
+        result = audit(tmp_path)
+    assert result.ignored_folders == [{"path": "severe/", "images": 3}]
+    assert len(result.warnings) == 1 and "severe/ (3 images)" in result.warnings[0]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == result.warnings
+    assert "\n" not in result.warnings[0] and "rename it" in result.warnings[0]
+    assert len(result.ok()) == 6 and "severe/deeper/x.png" in result.ignored
+    write_audit(result, tmp_path / "out")
+    info = json.loads((tmp_path / "out" / "audit.json").read_text())
+    assert info["ignored_folders"] == [{"path": "severe/", "images": 3}] and info["warnings"] == result.warnings
+
+
+def test_a_file_given_as_the_data_folder_says_so_and_what_to_pass(tmp_path):
+    _png(tmp_path / "data" / "normal" / "a.png", make_image("normal", size=32))
+    with pytest.raises(OsteoError) as e:
+        audit(tmp_path / "data" / "normal" / "a.png")
+    message = str(e.value)
+    assert "is a file, not a folder" in message and "does not exist" not in message
+    assert f"e.g. {tmp_path / 'data'}" in message
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(OsteoError, match="is a file, not a folder; pass the folder that holds the class"):
+        audit(tmp_path / "notes.txt")

@@ -4,13 +4,21 @@ The bytes decide the format (``sniff_format``), never the file name. Supported:
 
 - PNG, JPEG, BMP, TIFF through Pillow: 8-bit gray, 16-bit gray (kept at full
   dynamic range, scaled by 1/257 so 65535 -> 255.0), RGB, RGBA, palette, CMYK
-  (converted to luminance).
+  (converted to luminance). Colour converts to gray one way everywhere (the audit,
+  the image cache, ``osteo predict``, the report all decode here): a colour JPEG
+  gives its luminance channel (Y, libjpeg's own gray output), anything else Pillow's
+  ``convert("L")`` (ITU-R 601-2 weights, rounded to 8 bits).
+- JPEGs can be decoded at a reduced DCT scale (1/2, 1/4, 1/8: libjpeg reduces while
+  it decodes, anti-aliased and several times faster): ``decode_gray(data, scale)``,
+  where ``scale(width, height)`` picks it (:func:`dct_scale`). A reduced image is
+  ``ceil(width / s) x ceil(height / s)``; ``info`` still gives the file's own size.
 - DICOM through pydicom (with the pylibjpeg plugins for JPEG / JPEG 2000 transfer
   syntaxes): the modality LUT (rescale slope/intercept), then the VOI LUT or window
   centre/width when the file has one, then a min-max stretch to [0, 255];
   MONOCHROME1 (inverted) images are flipped so bone is bright; a multi-frame file
   gives its first frame (``info.frames`` says how many there were, and only that
-  frame is decoded).
+  frame is decoded); ``info.patient_id`` is its PatientID, which groups a patient's
+  images in the split.
 
 Limits, so that no file can hang or exhaust a reader (the audit, the image cache,
 ``osteo predict``, the report all decode through here):
@@ -35,13 +43,16 @@ the whole image, so a reader can convert strip by strip and get the same values.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
 import re
 import stat
+import threading
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import numpy as np
@@ -55,6 +66,9 @@ SIGNATURES = (
 )
 MAX_PIXELS = 1 << 26  # 67,108,864 = 8192 x 8192, over 3x a 43 cm flat-panel radiograph at 100 um
 MAX_FILE_BYTES = 1 << 30  # 1 GiB
+DECODE_MEMORY = 512 << 20  # bytes of decoding in flight at once, per reader (a larger file runs alone)
+STRIP_BYTES = 8 << 20  # float32 bytes of one strip when a large image is converted piece by piece
+DCT_SCALES = (8, 4, 2)  # libjpeg's reduced scales, largest first
 
 # Bytes per pixel that decode_gray holds at its peak, by Pillow mode (Pillow stores
 # 2 to 4 bands in 4 bytes a pixel): the decoded image, its luminance, the array.
@@ -77,6 +91,7 @@ class ImageInfo:
     height: int
     bit_depth: int
     frames: int = 1
+    patient_id: str = ""  # a DICOM file's PatientID (0010,0020), stripped; "" when it has none
 
 
 @dataclass
@@ -90,6 +105,8 @@ class Gray:
     kind: str  # "u8": as is; "u16": / 257; "stretch": (x - lo) / (hi - lo) * 255; "float": as is
     lo: float = 0.0
     hi: float = 0.0
+    scale: int = 1  # the DCT scale a JPEG was decoded at (pixels are 1/scale of info's size)
+    _boxed: tuple[int, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def as_float(self, block: np.ndarray) -> np.ndarray:
         """float32 values in [0, 255] of ``block``, a part of :attr:`pixels`."""
@@ -109,6 +126,66 @@ class Gray:
     def to_float(self) -> np.ndarray:
         """The whole image as float32 (H, W, 1)."""
         return np.ascontiguousarray(self.as_float(self.pixels)[..., None], dtype=np.float32)
+
+    def box_mean(self, box: int) -> np.ndarray:
+        """float32 (H // box, W // box): means of box x box blocks of the float image (the
+        last partial row and column of blocks dropped; ``box`` at most the shorter side),
+        summed from the decoder's own pixels strip by strip, so no float32 copy of the
+        image is made. The last result is kept: the audit's features and the image cache
+        often reduce by the same box."""
+        box = max(1, min(box, *self.pixels.shape))
+        if self._boxed is not None and self._boxed[0] == box:
+            return self._boxed[1]
+        px = self.pixels
+        # the map to float is affine for these, so it can follow the averaging
+        after = self.kind in ("u8", "float") or (self.kind == "u16" and px.dtype == np.uint16)
+        h, w = px.shape[0] // box, px.shape[1] // box
+        out = np.empty((h, w), np.float32)
+        step = max(1, STRIP_BYTES // (4 * box * px.shape[1]))  # output rows per strip
+        for r in range(0, h, step):
+            block = px[r * box : min(r + step, h) * box, : w * box]
+            if not after:
+                block = self.as_float(block)
+            rows = block[0::box].astype(np.float32)
+            for k in range(1, box):  # strided adds: numpy's sum over a short axis is several times slower
+                rows += block[k::box]
+            if box == 1:
+                out[r : r + len(rows)] = rows
+                continue
+            acc = rows[:, 0::box].copy()
+            for k in range(1, box):
+                acc += rows[:, k::box]
+            out[r : r + len(acc)] = acc
+        if box > 1:
+            out *= np.float32(1 / (box * box))
+        if after and self.kind == "u16":
+            out = self.as_float(out)
+        self._boxed = (box, out)
+        return out
+
+
+class MemoryBudget:
+    """Bytes of memory shared by decoding threads: each takes its estimate (at most the
+    whole budget, so a large file runs alone) and gives it back when done."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.free = capacity
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def take(self, n: int) -> Iterator[None]:
+        n = max(0, min(int(n), self.capacity))
+        with self.cond:
+            while self.free < n:
+                self.cond.wait()
+            self.free -= n
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.free += n
+                self.cond.notify_all()
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -201,8 +278,12 @@ def decode_bytes(data: bytes) -> tuple[np.ndarray, ImageInfo]:
     return gray.to_float(), gray.info
 
 
-def decode_gray(data: bytes) -> Gray:
-    """Decode ``data`` to one gray channel, kept in the decoder's own type (see :class:`Gray`)."""
+def decode_gray(data: bytes, scale: Callable[[int, int], int] | None = None) -> Gray:
+    """Decode ``data`` to one gray channel, kept in the decoder's own type (see :class:`Gray`).
+
+    ``scale(width, height)``: the DCT scale (1, 2, 4 or 8) to decode a JPEG at; full size
+    without it. Other formats ignore it.
+    """
     if not data:
         raise DecodeError("empty file")
     fmt = sniff_format(data)
@@ -210,7 +291,16 @@ def decode_gray(data: bytes) -> Gray:
         raise DecodeError("unknown file signature (not PNG, JPEG, BMP, TIFF or DICOM)")
     if fmt == "dicom":
         return _decode_dicom(data)
-    return _decode_pillow(data, fmt)
+    return _decode_pillow(data, fmt, scale)
+
+
+def dct_scale(width: int, height: int, side: int) -> int:
+    """The largest JPEG DCT scale (8, 4, 2, else 1) at which ``side`` is at most
+    ``ceil(width / s)`` and ``ceil(height / s)``: the shorter side keeps ``side`` pixels."""
+    for s in DCT_SCALES:
+        if -(-min(width, height) // s) >= side:
+            return s
+    return 1
 
 
 def check_pixels(width: int, height: int) -> None:
@@ -289,9 +379,18 @@ def _pillow_open(data: bytes | BinaryIO):
     return img
 
 
-def _decode_pillow(data: bytes, fmt: str) -> Gray:
+def _decode_pillow(data: bytes, fmt: str, scale: Callable[[int, int], int] | None = None) -> Gray:
+    dct = 1
     try:
         img = _pillow_open(data)
+        width, height = img.size
+        if fmt == "jpeg":
+            # at the DCT scale asked for (Pillow takes the largest that keeps the size given,
+            # so 1/s of each side gives s), and gray straight from libjpeg: a colour JPEG's
+            # luminance (Y) channel. CMYK has no such gray: converted below.
+            want = scale(width, height) if scale else 1
+            drafted = img.draft(None if img.mode == "CMYK" else "L", (max(1, width // want), max(1, height // want)))
+            dct = round(width / drafted[1][2]) if drafted else 1
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img.load()
@@ -316,8 +415,7 @@ def _decode_pillow(data: bytes, fmt: str) -> Gray:
         raise DecodeError(f"{fmt} decode failed: {type(e).__name__}: {str(e)[:120]}") from None
     if pixels.ndim != 2 or pixels.size == 0:
         raise DecodeError(f"{fmt} decode failed: unexpected shape {pixels.shape}")
-    h, w = pixels.shape
-    return Gray(pixels, ImageInfo(fmt, w, h, bit_depth, frames), kind, lo, hi)
+    return Gray(pixels, ImageInfo(fmt, width, height, bit_depth, frames), kind, lo, hi, dct)
 
 
 def _finite_range(arr: np.ndarray) -> tuple[float, float]:
@@ -370,4 +468,5 @@ def _decode_dicom(data: bytes) -> Gray:
         np.subtract(255.0, arr, out=arr)
     h, w = arr.shape
     bits = int(getattr(ds, "BitsAllocated", 16) or 16)
-    return Gray(arr.astype(np.float32), ImageInfo("dicom", w, h, bits, frames), "float")
+    patient = str(ds.get("PatientID", "") or "").strip()
+    return Gray(arr.astype(np.float32), ImageInfo("dicom", w, h, bits, frames, patient), "float")

@@ -7,8 +7,9 @@
 The image size and the batch size are the (resolved) data config's; the batch size
 can be overridden per call (feature extraction, benchmarks).
 
-``setup`` audits the folder, splits it (or takes a saved ``split.csv`` when
-resuming), and fills the shared image cache. Files that became unreadable (or
+``setup`` audits the folder (filling the shared image cache from the audit's own
+decodes), splits it (or takes a saved ``split.csv`` when resuming), and checks that
+every image of the split is cached. Files that became unreadable (or
 whose bytes changed) after the audit are skipped with a warning and listed in
 ``skipped``; the Trainer counts them in ``env.json``.
 
@@ -57,7 +58,10 @@ class DataModule:
     def setup(self, split: list[dict] | None = None, progress=None) -> DataModule:
         cfg = self.cfg
         root = Path(cfg.dir)
-        self.audit = audit(root, progress=(lambda k, n: progress("audit", k, n)) if progress else None)
+        cache = ImageCache(self.image_size, cfg.resize)
+        # the audit's decodes fill the cache: a new dataset's files are read and decoded once
+        self.audit = audit(root, progress=(lambda k, n: progress("audit", k, n)) if progress else None,
+                           cache=cache)
         ok = {r.path: r for r in self.audit.ok()}
         if not ok:
             raise OsteoError(f"no readable images in {root}; put PNG/JPEG/DICOM files under {root}/<class>/")
@@ -66,11 +70,10 @@ class DataModule:
             split, self.excluded = split_rows(
                 self.audit.manifest_rows(), val_fraction=cfg.val, test_fraction=cfg.test, folds=cfg.folds,
                 fold=cfg.fold, seed=self.seed, group_regex=cfg.group_regex or None, groups=groups,
-                conflicts=cfg.conflicts, inner_val=cfg.inner_val,
+                conflicts=cfg.conflicts, inner_val=cfg.inner_val, group_by=cfg.group_by,
             )
             check_split(split)
         self.split = split
-        cache = ImageCache(self.image_size, cfg.resize)
         entries, gone = {}, []
         for r in split:
             rec = ok.get(r["path"])

@@ -5,19 +5,24 @@ the model tiles to 3 channels and applies its backbone's own preprocessing);
 labels int32 class indices. No augmentation here: it runs inside the model, in
 training only.
 
-1. :class:`ImageCache` decodes every file once per (content, size, resize mode):
-   PNG and JPEG are decoded in parallel inside a tf.data graph (JPEGs at a reduced
-   DCT scale, ``jpeg_ratio``, when the target allows), every other format through
-   the Python decoder (:mod:`osteo.data.decode`). Images are shrunk by an integer
-   box filter (``box_factor``, which anti-aliases) and then resized bilinearly,
-   padded to keep the aspect ratio (``pad``, default) or stretched (``stretch``).
-   Each result is stored under ``$OSTEO_CACHE/<size>-<mode>-v2/<sha256[:2]>/<sha256>.entry``
+1. :class:`ImageCache` holds every image once per (content, size, resize mode),
+   made by :func:`load_levels`, the one way osteo turns a file into a model input
+   (``osteo predict`` calls it too, so a run's own images get back its probabilities):
+   :func:`osteo.data.decode.decode_gray` (JPEGs at a reduced DCT scale,
+   :func:`jpeg_ratio`, when the target allows), an integer box filter
+   (:func:`box_factor`, which anti-aliases), then a bilinear resize (half-pixel
+   centres, as ``tf.image.resize``), padded to keep the aspect ratio (``pad``,
+   default) or stretched (``stretch``), quantised to 16-bit levels (x 257).
+   A training run's audit fills the cache from its own decodes (:meth:`ImageCache.store`):
+   each file of a new dataset is read and decoded once, on every core.
+   Each result is stored under ``$OSTEO_CACHE/<size>-<mode>-v3/<sha256[:2]>/<sha256>.entry``
    as a header of :data:`HEADER_BYTES` (JSON padded with spaces: the sha256 of the
    bytes decoded for it, which is also its key, size, resize mode, dtype, shape, and
    the length and CRC-32 of the payload) followed by the serialized uint16 tensor.
    The cache is keyed by content, so every run, model and fold on the same data
    shares it, and a changed file is decoded again. :meth:`ImageCache.fill` checks
-   every entry it is given before training and rebuilds a damaged one (truncated,
+   every entry it is given before training (but those the audit just wrote or
+   checked) and rebuilds a damaged one (truncated,
    corrupted, or made from other bytes) with one warning; a file whose bytes no
    longer match the audit's hash is not cached but returned with the undecodable
    ones, for the caller to skip. Entries are written to ``tmp/`` (named
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -44,6 +50,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,12 +60,23 @@ from google.protobuf.message import DecodeError as ProtoDecodeError
 from tensorflow.core.framework import types_pb2
 from tensorflow.core.framework.tensor_pb2 import TensorProto
 
-from osteo.data.decode import DecodeError, decode_bytes
+from osteo.data.decode import (
+    DECODE_MEMORY,
+    DecodeError,
+    Gray,
+    ImageInfo,
+    MemoryBudget,
+    decode_cost,
+    decode_gray,
+    open_regular,
+    read_all,
+)
+from osteo.data.scan import audit_scale
 from osteo.errors import OsteoError
 
 RESIZE_MODES = ("pad", "stretch")
 SCALE = 257.0  # [0, 255] float <-> [0, 65535] uint16
-CACHE_VERSION = "v2"
+CACHE_VERSION = "v3"  # v3: made by load_levels (NumPy resize, one gray conversion); v2 by a tf.data graph
 HEADER_BYTES = 512  # fixed, so the tf.data graph skips it with one substr
 MISSING = "missing"
 TMP_MAX_AGE_S = 3600.0
@@ -90,44 +108,94 @@ class Entry:
 
 
 def box_factor(width: int, height: int, size: int, resize: str = "pad") -> int:
-    """Integer box-filter factor that keeps the image at least ``size`` where it matters."""
+    """Integer box-filter factor that keeps the image at least ``size`` where it matters
+    (never more than the shorter side: a thin image keeps one pixel across)."""
     side = max(width, height) if resize == "pad" else min(width, height)
-    return max(1, side // size)
+    return max(1, min(side // size, width, height))
 
 
 def jpeg_ratio(width: int, height: int, size: int, resize: str = "pad") -> int:
-    """Largest JPEG DCT scale (1, 2, 4, 8) whose output is still at least ``size``."""
+    """The DCT scale (1, 2, 4, 8) a JPEG is decoded at for ``size``: the largest whose output
+    is still at least ``size``, and no coarser than the audit's (:func:`osteo.data.scan.audit_scale`),
+    so that the audit's own decode serves the cache whenever the target allows."""
     side = max(width, height) if resize == "pad" else min(width, height)
     for r in (8, 4, 2):
         if math.ceil(side / r) >= size:
-            return r
+            return min(r, audit_scale(width, height))
     return 1
 
 
-def resize_image(img: tf.Tensor, size: int, resize: str = "pad", box: int = 1) -> tf.Tensor:
-    """(H, W, 1) float -> (size, size, 1) float32: box-filter by ``box``, then bilinear."""
+def resize_gray(gray: Gray, size: int, resize: str = "pad") -> np.ndarray:
+    """(size, size) float32 in [0, 255]: ``gray`` box-filtered by :func:`box_factor` of
+    its decoded size, then resized bilinearly with half-pixel centres (the arithmetic
+    of ``tf.image.resize``), padded to keep its aspect (``pad``) or stretched.
+
+    Any aspect ratio works: a padded side keeps at least one pixel (a 3 x 2,000 image
+    at 16 px is one row), and every size is integer arithmetic, so no rounding drops one.
+    """
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}")
-    img = tf.cast(img, tf.float32)
-    if box > 1:
-        # a box filter as reshape + mean: TF's avg_pool2d on one channel cost 7.7 ms
-        # of CPU per 512 px image here, this 0.3 ms
-        h, w = tf.shape(img)[0] // box, tf.shape(img)[1] // box
-        img = img[: h * box, : w * box]
-        img = tf.reduce_mean(tf.reshape(img, tf.stack([h, box, w, box, tf.shape(img)[2]])), axis=[1, 3])
-    if resize == "pad":
-        out = tf.image.resize_with_pad(img, size, size, method="bilinear")
-    else:
-        out = tf.image.resize(img, (size, size), method="bilinear")
-    return tf.clip_by_value(out, 0.0, 255.0)
+    h, w = gray.pixels.shape
+    img = gray.box_mean(box_factor(w, h, size, resize))
+    if resize == "stretch":
+        return _bilinear(img, size, size)
+    h, w = img.shape
+    long = max(h, w)
+    rh, rw = max(1, h * size // long), max(1, w * size // long)
+    top, left = size * (long - h) // (2 * long), size * (long - w) // (2 * long)
+    out = np.zeros((size, size), np.float32)
+    out[top : top + rh, left : left + rw] = _bilinear(img, rh, rw)
+    return out
 
 
-def _encode(img: tf.Tensor) -> tf.Tensor:
-    return tf.io.serialize_tensor(tf.cast(tf.round(img * SCALE), tf.uint16))
+def to_levels(img: np.ndarray) -> np.ndarray:
+    """float [0, 255] (size, size) -> the cache's uint16 levels (size, size, 1)."""
+    return np.clip(np.round(img * np.float32(SCALE)), 0, 65535).astype(np.uint16)[..., None]
 
 
-def _sha256_hex(raw: bytes) -> bytes:
-    return hashlib.sha256(raw).hexdigest().encode()
+def load_levels(data: bytes, size: int, resize: str = "pad") -> tuple[np.ndarray, ImageInfo]:
+    """The bytes of an image file -> (its model input as uint16 levels (size, size, 1), its info):
+    what the cache stores and ``osteo predict`` feeds. Raises DecodeError."""
+    gray = decode_gray(data, functools.partial(jpeg_ratio, size=size, resize=resize))
+    return to_levels(resize_gray(gray, size, resize)), gray.info
+
+
+@functools.lru_cache(maxsize=512)
+def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear taps of tf.image.resize (half-pixel centres): the lower and upper source
+    index of each output pixel and the weight of the upper one."""
+    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    low = np.floor(src)
+    lo = np.clip(low, 0, n_in - 1).astype(np.intp)
+    hi = np.clip(np.ceil(src), 0, n_in - 1).astype(np.intp)
+    weight = (src - low).astype(np.float32)
+    for a in (lo, hi, weight):
+        a.flags.writeable = False
+    return lo, hi, weight
+
+
+def _bilinear(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    lo, hi, t = _taps(img.shape[0], out_h)
+    top = img[lo]
+    rows = top + (img[hi] - top) * t[:, None]
+    lo, hi, t = _taps(img.shape[1], out_w)
+    left = rows[:, lo]
+    return left + (rows[:, hi] - left) * t
+
+
+def _payload(levels: np.ndarray) -> bytes:
+    """The serialized tensor: what ``tf.io.serialize_tensor`` writes for a uint16 array."""
+    return _payload_head(levels.shape) + levels.astype("<u2", copy=False).tobytes()
+
+
+@functools.lru_cache(maxsize=8)
+def _payload_head(shape: tuple[int, ...]) -> bytes:
+    """A TensorProto's bytes up to its tensor_content's (the same for every image of a shape)."""
+    proto = TensorProto(dtype=types_pb2.DT_UINT16, tensor_content=bytes(2 * math.prod(shape)))
+    for n in shape:
+        proto.tensor_shape.dim.add(size=n)
+    data = proto.SerializeToString()
+    return data[: len(data) - 2 * math.prod(shape)]  # tensor_content is the last field serialized
 
 
 def _writer_gone(name: str) -> bool:
@@ -154,6 +222,9 @@ class ImageCache:
         self.size, self.resize = int(size), resize
         self.dir = Path(root or default_cache_root()) / f"{self.size}-{resize}-{CACHE_VERSION}"
         self.tmp_dir = self.dir / "tmp"
+        self._stored: set[str] = set()  # entries store() wrote or checked, for the next fill not to read again
+        self._damaged: dict[str, str] = {}  # entries store() found damaged and rebuilt: why
+        self._made: set[Path] = set()  # folders known to exist
         self._sweep()
 
     def path(self, sha256: str) -> Path:
@@ -192,72 +263,89 @@ class ImageCache:
         return None
 
     def missing(self, entries: Sequence[Entry]) -> list[Entry]:
-        """The entries (one per content hash) that are not cached or whose entry is damaged."""
+        """The entries (one per content hash) that are not cached or whose entry is damaged,
+        each read and checked now."""
         return [e for e, why in self._checked(entries) if why]
 
     def load(self, sha256: str) -> np.ndarray:
-        return (tf.cast(_read_cached(str(self.path(sha256)), self.size), tf.float32) / SCALE).numpy()
+        """The cached image of ``sha256`` as float32 (size, size, 1) in [0, 255]."""
+        tensor = TensorProto.FromString(self.path(sha256).read_bytes()[HEADER_BYTES:])
+        levels = np.frombuffer(tensor.tensor_content, "<u2").reshape(self.size, self.size, 1)
+        return levels.astype(np.float32) / np.float32(SCALE)
 
-    def fill(self, entries: Sequence[Entry], progress: Callable[[int, int], None] | None = None) -> list[Entry]:
-        """Cache every missing or damaged entry; return the entries that could not be decoded
-        or whose file changed since the audit (their new bytes were never audited)."""
-        checked = self._checked(entries)
-        damaged = [(e, why) for e, why in checked if why and why != MISSING]
+    def store(self, sha256: str, data: bytes, gray: Gray) -> None:
+        """Cache ``gray``, the audit's decode of ``data`` (whose hash is ``sha256``), unless its
+        entry is good. A JPEG the audit decoded at another DCT scale than :func:`jpeg_ratio`
+        gives for this size is decoded again at that one, so the entry is :func:`load_levels`'."""
+        if sha256 in self._stored:
+            return
+        why = self.check(sha256)
+        if why is not None:
+            if why != MISSING:
+                self._damaged[sha256] = why
+            info = gray.info
+            if info.format == "jpeg" and gray.scale != jpeg_ratio(info.width, info.height, self.size, self.resize):
+                self._write(sha256, load_levels(data, self.size, self.resize)[0])
+            else:
+                self._write(sha256, to_levels(resize_gray(gray, self.size, self.resize)))
+        self._stored.add(sha256)
+
+    def fill(self, entries: Sequence[Entry], progress: Callable[[int, int], None] | None = None,
+             workers: int | None = None) -> list[Entry]:
+        """Cache every missing or damaged entry (decoding on ``workers`` threads); return the
+        entries that could not be decoded or whose file changed since the audit (their new
+        bytes were never audited). The entries :meth:`store` handled since the last fill
+        are not read again: the audit that fed this fill wrote or checked them a moment ago."""
+        fresh, self._stored = self._stored, set()
+        checked = self._checked(entries, fresh)
+        damaged = [(e.sha256, why) for e, why in checked if why and why != MISSING]
+        damaged += [(e.sha256, self._damaged.pop(e.sha256)) for e, _ in checked if e.sha256 in self._damaged]
         if damaged:
-            e, why = damaged[0]
+            sha, why = damaged[0]
             log.warning("rebuilding %d damaged image cache entr%s in %s (%s: %s)", len(damaged),
-                        "y" if len(damaged) == 1 else "ies", self.dir, e.sha256[:12], why)
+                        "y" if len(damaged) == 1 else "ies", self.dir, sha[:12], why)
         todo = [e for e, why in checked if why]
         if not todo:
             return []
-        try:
-            for sub in {self.path(e.sha256).parent for e in todo} | {self.tmp_dir}:
-                sub.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise self._unwritable(e) from None
-        done = 0
+        budget = MemoryBudget(DECODE_MEMORY)
         failed: list[Entry] = []
-        fast = [e for e in todo if e.format in ("png", "jpeg") and e.frames <= 1]
-        is_fast = set(fast)  # membership in the list was quadratic: ~1 s of compares at 2,000 files
-        fast_keys: dict[tuple[str, int, int], list[Entry]] = {}
-        for e in fast:
-            ratio = jpeg_ratio(e.width, e.height, self.size, self.resize) if e.format == "jpeg" else 1
-            w, h = math.ceil(e.width / ratio), math.ceil(e.height / ratio)
-            key = (e.format, ratio, box_factor(w, h, self.size, self.resize), e.bit_depth > 8)
-            fast_keys.setdefault(key, []).append(e)
-        retry: list[Entry] = []
-        for (fmt, ratio, box, deep), group in sorted(fast_keys.items()):
-            written, changed = self._fill_graph(group, fmt, ratio, box, deep)
-            failed += changed
-            retry += [e for e in group if e.sha256 not in written and e not in changed]
-            done += len(group)
-            if progress is not None:
-                progress(done, len(todo))
-        for e in retry + [e for e in todo if e not in is_fast]:
-            try:
-                data = Path(e.path).read_bytes()
-                arr, info = decode_bytes(data)
-            except (OSError, DecodeError):
-                failed.append(e)
-                continue
-            if hashlib.sha256(data).hexdigest() != e.sha256:  # see _fill_graph
-                failed.append(e)
-                continue
-            box = box_factor(info.width, info.height, self.size, self.resize)
-            self._write(e.sha256, _encode(resize_image(tf.constant(arr), self.size, self.resize, box)).numpy())
-            if e not in is_fast:
-                done += 1
+        pool = ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 1) + 1))
+        try:
+            for k, (e, ok) in enumerate(pool.map(lambda e: (e, self._fill_one(e, budget)), todo), 1):
+                if not ok:
+                    failed.append(e)
                 if progress is not None:
-                    progress(done, len(todo))
+                    progress(k, len(todo))
+        except BaseException:  # Ctrl-C or an unwritable cache: drop the files not started
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         return failed
 
-    def _checked(self, entries: Sequence[Entry]) -> list[tuple[Entry, str | None]]:
+    def _fill_one(self, e: Entry, budget: MemoryBudget) -> bool:
+        """Decode and cache one file; False when it cannot be decoded or its bytes are no
+        longer the audited ones (a file rewritten since must not have its new pixels
+        cached, and trained on, under the audited hash)."""
+        try:
+            with open_regular(e.path) as f:
+                _, _, need = decode_cost(f)
+                with budget.take(need):
+                    data = read_all(f)
+                    if hashlib.sha256(data).hexdigest() != e.sha256:
+                        return False
+                    levels, _ = load_levels(data, self.size, self.resize)
+        except (DecodeError, MemoryError):
+            return False
+        self._write(e.sha256, levels)
+        return True
+
+    def _checked(self, entries: Sequence[Entry], good: set[str] = frozenset()) -> list[tuple[Entry, str | None]]:
         seen: set[str] = set()
         out = []
         for e in entries:
             if e.sha256 not in seen:
                 seen.add(e.sha256)
-                out.append((e, self.check(e.sha256)))
+                out.append((e, None if e.sha256 in good else self.check(e.sha256)))
         return out
 
     def _meta(self, sha256: str) -> dict:
@@ -265,18 +353,23 @@ class ImageCache:
         return {"cache": CACHE_VERSION, "sha256": sha256, "size": self.size, "resize": self.resize,
                 "dtype": "uint16", "shape": [self.size, self.size, 1]}
 
-    def _write(self, sha256: str, payload: bytes) -> None:
+    def _write(self, sha256: str, levels: np.ndarray) -> None:
         """Header + serialized tensor, written to a temporary and renamed: readers and a
         concurrent writer of the same entry only ever see complete entries. No fsync: an
         entry torn by a power cut fails :meth:`check` and is rebuilt."""
+        payload = _payload(levels)
         meta = {**self._meta(sha256), "payload_bytes": len(payload), "payload_crc32": zlib.crc32(payload)}
         header = json.dumps(meta, separators=(",", ":")).encode().ljust(HEADER_BYTES - 1) + b"\n"
+        path = self.path(sha256)
         tmp = self.tmp_dir / f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
         try:
+            for folder in (self.tmp_dir, path.parent):
+                if folder not in self._made:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    self._made.add(folder)
             with open(tmp, "xb") as f:
-                f.write(header)
-                f.write(payload)
-            os.replace(tmp, self.path(sha256))
+                f.write(header + payload)  # one write call
+            os.replace(tmp, path)
         except OSError as e:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
@@ -300,41 +393,6 @@ class ImageCache:
             with contextlib.suppress(OSError):  # renamed meanwhile, or a read-only cache
                 if _writer_gone(name) or now - path.stat().st_mtime > TMP_MAX_AGE_S:
                     path.unlink()
-
-    def _fill_graph(self, group: list[Entry], fmt: str, ratio: int, box: int,
-                    deep: bool) -> tuple[set[str], list[Entry]]:
-        """Decode and resize one group in parallel in a tf.data graph and cache it; return
-        (the hashes written, the entries whose file changed since the audit)."""
-        size, resize = self.size, self.resize
-
-        def work(path, sha):
-            raw = tf.io.read_file(path)
-            # the hash of the very bytes decoded: a file rewritten since the audit must not
-            # have its new pixels cached (and trained on) under the audited hash
-            got = tf.numpy_function(_sha256_hex, [raw], tf.string)
-            if fmt == "jpeg":
-                img = tf.io.decode_jpeg(raw, channels=1, ratio=ratio)
-                img = tf.cast(img, tf.float32)
-            elif deep:  # 16-bit PNG: keep the range, scale to [0, 255]
-                img = tf.cast(tf.io.decode_png(raw, channels=1, dtype=tf.uint16), tf.float32) / SCALE
-            else:
-                img = tf.cast(tf.io.decode_png(raw, channels=1), tf.float32)
-            return sha, got, _encode(resize_image(img, size, resize, box))
-
-        ds = tf.data.Dataset.from_tensor_slices(([e.path for e in group], [e.sha256 for e in group]))
-        # unreadable or undecodable files drop out here and get a second try in Python
-        ds = ds.map(work, num_parallel_calls=AUTOTUNE, deterministic=False).ignore_errors()
-        of = {e.sha256: e for e in group}
-        written: set[str] = set()
-        changed: list[Entry] = []
-        for sha, got, payload in ds.as_numpy_iterator():
-            sha = sha.decode()
-            if got.decode() != sha:
-                changed.append(of[sha])
-            else:
-                self._write(sha, payload)
-                written.add(sha)
-        return written, changed
 
 
 def _read_cached(path: tf.Tensor | str, size: int) -> tf.Tensor:

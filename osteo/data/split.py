@@ -3,8 +3,14 @@
 A *group* is a set of images that must stay on one side of the split:
 
 - members of a duplicate group from the audit (exact or near copies);
-- images of one patient: a patient id from ``group_regex`` (group 1 of a regular
-  expression searched in the file name) or from a ``groups.csv`` (``path,group``).
+- images of one patient: a DICOM file's PatientID (the manifest's ``patient_id``), a
+  patient id from ``group_regex`` (group 1 of a regular expression searched in the
+  file name) or from a ``groups.csv`` (``path,group``).
+
+``group_by`` chooses where patients come from: ``auto`` (default) uses every source
+there is (the PatientIDs of the DICOM files that have one, the regex and the CSV when
+given), ``dicom``, ``regex`` and ``csv`` that source alone (an error when it is missing
+or when another is given too), ``none`` no patients (duplicates are still grouped).
 
 Groups are merged transitively. Each group is stratified under the majority label
 of its members. Duplicate groups whose members carry different labels
@@ -41,6 +47,7 @@ from osteo.files import read_csv, write_csv
 
 SPLIT_COLUMNS = ("path", "label", "split", "group")
 CONFLICT_POLICIES = ("exclude", "majority", "keep")
+GROUP_BY = ("auto", "dicom", "regex", "csv", "none")
 
 
 def majority_label(labels) -> str:
@@ -49,9 +56,30 @@ def majority_label(labels) -> str:
     return max(CLASSES, key=lambda c: (counts[c], -CLASSES.index(c)))
 
 
+def _patient_sources(rows: list[dict], group_by: str, group_regex: str | None,
+                     groups: dict[str, str] | None) -> tuple[bool, str | None, dict[str, str] | None]:
+    """(use the DICOM PatientIDs, the regex, the CSV's groups) that ``group_by`` asks for."""
+    if group_by not in GROUP_BY:
+        raise OsteoError(f"unknown --group-by {group_by!r}; choose one of: {', '.join(GROUP_BY)}")
+    given = {"regex": bool(group_regex), "csv": bool(groups)}
+    flags = {"regex": "--group-regex PATTERN", "csv": "--groups FILE"}
+    if group_by in given and not given[group_by]:
+        raise OsteoError(f"--group-by {group_by} needs {flags[group_by]}; or use --group-by auto")
+    extra = [flags[k] for k, v in given.items() if v and group_by not in ("auto", k)]
+    if extra:
+        raise OsteoError(f"--group-by {group_by} does not use {' or '.join(extra)}; drop it, or use --group-by auto "
+                         "to group by every source")
+    has_ids = any(r.get("patient_id") for r in rows)
+    if group_by == "dicom" and not has_ids:
+        raise OsteoError("--group-by dicom: no DICOM file has a PatientID; group patients with --group-by regex or "
+                         "csv, or use --group-by none")
+    return group_by in ("auto", "dicom") and has_ids, group_regex or None, groups or None
+
+
 def assign_groups(rows: list[dict], group_regex: str | None = None,
-                  groups: dict[str, str] | None = None) -> dict[str, str]:
-    """path -> group key, merging duplicate groups and patient ids transitively."""
+                  groups: dict[str, str] | None = None, group_by: str = "auto") -> dict[str, str]:
+    """path -> group key, merging duplicate groups and patients transitively."""
+    dicom, group_regex, groups = _patient_sources(rows, group_by, group_regex, groups)
     try:
         pattern = re.compile(group_regex) if group_regex else None
     except re.error as e:
@@ -80,6 +108,8 @@ def assign_groups(rows: list[dict], group_regex: str | None = None,
                 union(node, "patient:" + (m.group(1) if m.groups() else m.group(0)))
         if groups and r["path"] in groups:
             union(node, "group:" + str(groups[r["path"]]))
+        if dicom and r.get("patient_id"):
+            union(node, "dicom:" + r["patient_id"])
     # name each group after its smallest key, with file groups named by their path
     return {r["path"]: find("file:" + r["path"]).removeprefix("file:") for r in rows}
 
@@ -115,6 +145,7 @@ def split_rows(
     groups: dict[str, str] | None = None,
     conflicts: str = "exclude",
     inner_val: float = 0.0,
+    group_by: str = "auto",
 ) -> tuple[list[dict], list[str]]:
     """Split manifest rows; return (split rows sorted by path, excluded paths)."""
     if not (0 < val_fraction < 1) or not (0 <= test_fraction < 1) or val_fraction + test_fraction >= 1:
@@ -124,7 +155,7 @@ def split_rows(
         raise OsteoError(f"fold {fold} of {folds} folds is not valid; use --folds K (K >= 2) and 0 <= --fold < K")
     rows = sorted((r for r in rows if r.get("status", "ok") == "ok"), key=lambda r: r["path"])
     rows, excluded = _resolve_conflicts(rows, conflicts)
-    group_of = assign_groups(rows, group_regex, groups)
+    group_of = assign_groups(rows, group_regex, groups, group_by)
     members: dict[str, list[dict]] = {}
     for r in rows:
         members.setdefault(group_of[r["path"]], []).append(r)

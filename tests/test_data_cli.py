@@ -1,0 +1,26 @@
+"""The data side as the CLI shows it: warnings and errors as single lines, nothing else on stderr."""
+
+import subprocess
+import sys
+
+from osteo.cli import main
+
+
+def _osteo(*argv, cwd):
+    return subprocess.run([sys.executable, "-m", "osteo.cli", *map(str, argv)], cwd=cwd, capture_output=True, text=True)
+
+
+def test_extra_class_folder_is_one_warning_line_and_a_file_is_named_a_file(tmp_path):
+    assert main(["data", "phantom", str(tmp_path / "ph"), "--n", "6", "--size", "32"]) == 0
+    extra = tmp_path / "ph" / "severe"
+    extra.mkdir()
+    (extra / "a.png").write_bytes(next((tmp_path / "ph" / "normal").iterdir()).read_bytes())
+    proc = _osteo("data", "audit", tmp_path / "ph", "--out", tmp_path / "audit", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"osteo: warning: ignoring severe/ (1 image) in {tmp_path / 'ph'}: not a class folder (normal, osteopenia, "
+        "osteoporosis); rename it to one of them, or move it out of the data folder"]
+    proc = _osteo("data", "audit", extra / "a.png", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"osteo: error: {extra / 'a.png'} is a file, not a folder; pass the folder that holds the class "
+        f"sub-folders (normal, osteopenia, osteoporosis), e.g. {tmp_path / 'ph'}"]
