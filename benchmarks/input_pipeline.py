@@ -266,6 +266,9 @@ def stages(data: Path, size: int, limit: int) -> dict:
 
 
 def main() -> int:
+    from osteo import _quiet
+
+    _quiet.install()  # TensorFlow's start-up notices, filtered as the osteo CLI does
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--source-size", type=int, default=512)

@@ -148,9 +148,9 @@ class OsteoRow:
         from osteo import device
         from osteo.callbacks import NonFiniteLoss
         from osteo.classifier import Classifier, SparseCrossEntropy, default_metrics
+        from osteo.optim import make_optimizer
         from osteo.recipe import AugmentConfig
         from osteo.registry import get_backbone
-        from osteo.trainer import make_optimizer
 
         self.keras = keras
         self.NonFiniteLoss = NonFiniteLoss
@@ -158,7 +158,7 @@ class OsteoRow:
         plan = device.plan(get_backbone(name), device.probe(), backend=keras.backend.backend(),
                            precision=cfg["precision"], jit_compile=cfg["jit"], impl=cfg["impl"],
                            planned_images=cfg["planned_images"])
-        compile_backbone = plan.jit_compile and plan.impl == "timm"
+        compile_backbone, keras_jit = device.get_engine(plan.impl).jit(plan.jit_compile)
         keras.utils.set_random_seed(0)
         keras.mixed_precision.set_dtype_policy(plan.precision)
         self.clf = clf = Classifier(name, image_size=self.size, weights="none", freeze_bn=False,
@@ -168,7 +168,7 @@ class OsteoRow:
         keras.mixed_precision.set_dtype_policy("float32")
         clf.unfreeze_backbone(0)
         self.model.compile(make_optimizer("adam", 1e-4), SparseCrossEntropy(), metrics=default_metrics(),
-                           jit_compile=plan.jit_compile and not compile_backbone)
+                           jit_compile=keras_jit)
         self.sync = _torch_sync if keras.backend.backend() == "torch" else (lambda: None)
         rng = np.random.default_rng(0)
         x = rng.uniform(0, 255, (STREAM_BATCHES * self.bs, self.size, self.size, 1)).astype("float32")
@@ -727,8 +727,7 @@ def plan_groups(args, backends: set[str], has_timm: bool) -> list[dict]:
     def osteo_row(engine: str, model: str, size: int, repeats: int) -> list[dict]:
         backend, impl, jit = ENGINES[engine]
         if engine == "auto":
-            backend, _ = device.choose_backend("auto", get_backbone(model), probe, args.planned_images,
-                                               tuple(sorted(backends)))
+            backend, _ = device.choose_backend("auto", get_backbone(model), probe, tuple(sorted(backends)))
         if backend not in backends or (impl == "timm" and not has_timm):
             return []
         cfg = {"model": model, "size": size, "batch": args.batch, "backend": backend, "impl": impl, "jit": jit,

@@ -176,6 +176,7 @@ def cmd_split(args) -> int:
         rows, val_fraction=args.val, test_fraction=args.test, folds=args.folds, fold=args.fold,
         seed=args.seed, group_regex=args.group_regex,
         groups=read_groups_csv(args.groups) if args.groups else None, conflicts=args.conflicts,
+        group_by=args.group_by,
     )
     write_split(args.out, split)
     counts = {s: sum(r["split"] == s for r in split) for s in ("train", "val", "test")}
@@ -195,6 +196,15 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-regex", help="regex on the file name; group 1 is the patient id")
     p.add_argument("--groups", help="CSV with path,group columns")
     p.add_argument("--conflicts", choices=CONFLICT_POLICIES, default="exclude")
+    _add_group_by(p, default="auto")
+
+
+def _add_group_by(p: argparse.ArgumentParser, default: str | None) -> None:
+    from osteo.data.split import GROUP_BY
+
+    p.add_argument("--group-by", choices=GROUP_BY, default=default,
+                   help="where patients come from, so no patient is on two sides: auto (DICOM PatientID, "
+                        "--group-regex or --groups, whichever is given; default), dicom, regex, csv, none")
 
 
 def _add_split_parser(dsub) -> None:
@@ -247,7 +257,7 @@ def _train_options(args):
     return TrainOptions(data=args.data, weights=args.weights, image_size=args.image_size, batch=args.batch,
                         seed=args.seed, epochs=args.epochs, deterministic=args.deterministic, runs=args.runs,
                         mlflow=args.mlflow, operating_points=tuple(args.operating_point or ()),
-                        overrides=tuple(args.set or ()))
+                        group_by=args.group_by, overrides=tuple(args.set or ()))
 
 
 def cmd_train(args) -> int:
@@ -312,6 +322,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--mlflow", action="store_true", help="log the run to MLflow ($MLFLOW_TRACKING_URI, else ./mlruns)")
     p.add_argument("--operating-point", action="append", metavar="CLASS[+]:sensitivity=X",
                    help="screening threshold chosen on validation (repeatable), e.g. osteoporosis:sensitivity=0.90")
+    _add_group_by(p, default=None)
     p.set_defaults(func=cmd_train)
 
 

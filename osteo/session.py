@@ -39,6 +39,7 @@ class TrainOptions:
     runs: str | None = None
     mlflow: bool = False
     operating_points: tuple[str, ...] = ()
+    group_by: str | None = None  # where patients come from: auto | dicom | regex | csv | none
     overrides: tuple[str, ...] = ()  # KEY=VALUE (--set), applied last
 
     def as_args(self) -> list[str]:
@@ -46,7 +47,7 @@ class TrainOptions:
         args = []
         for flag, value in (("--data", self.data), ("--weights", self.weights), ("--image-size", self.image_size),
                             ("--batch", self.batch), ("--seed", self.seed), ("--epochs", self.epochs),
-                            ("--runs", self.runs)):
+                            ("--runs", self.runs), ("--group-by", self.group_by)):
             if value is not None:
                 args += [flag, str(value)]
         if self.deterministic:
@@ -85,6 +86,8 @@ def build_recipe(name: str, model: str | None, options: TrainOptions) -> Recipe:
         recipe.train.mlflow = True
     if o.operating_points:
         recipe.train.operating_points = tuple(o.operating_points)
+    if o.group_by:
+        recipe.data.group_by = o.group_by
     apply_overrides(recipe, list(o.overrides))
     return resolve(recipe)
 
@@ -103,7 +106,7 @@ def resume_recipe(spec: str, model: str | None, options: TrainOptions) -> tuple[
     asked = {"--model": (model, recipe.model.backbone), "--data": (o.data, d.dir),
              "--weights": (o.weights, recipe.model.weights), "--image-size": (o.image_size, d.image_size),
              "--batch": (o.batch, d.batch_size), "--seed": (o.seed, t.seed),
-             "--deterministic": (o.deterministic or None, t.deterministic)}
+             "--deterministic": (o.deterministic or None, t.deterministic), "--group-by": (o.group_by, d.group_by)}
     for option, (given, saved) in asked.items():
         if given is not None and given != saved:
             raise OsteoError(f"{option} cannot change when resuming {run.path} (it trained with {saved}); "

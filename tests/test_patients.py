@@ -138,3 +138,32 @@ def test_group_by_chooses_the_source_and_says_what_is_missing(dicom_dir):
         with pytest.raises(OsteoError) as e:
             split_rows(kwargs.pop("rows"), **kwargs)
         assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_the_cli_passes_group_by_to_the_split_and_to_training(dicom_dir, tmp_path):
+    """`osteo data split --group-by` reaches the split; `osteo train --group-by` the recipe's data.group_by."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "OSTEO_CACHE": str(tmp_path / "cache")}
+    osteo = lambda *a: subprocess.run([sys.executable, "-m", "osteo.cli", *a], capture_output=True, text=True,
+                                      env=env, cwd=tmp_path, timeout=600)
+    for mode, grouped in (("dicom", True), ("none", False)):
+        out = tmp_path / f"split-{mode}.csv"
+        proc = osteo("data", "split", str(dicom_dir), "--out", str(out), "--group-by", mode, "--val", "0.4")
+        assert proc.returncode == 0, proc.stderr
+        rows = list(csv.DictReader(out.open()))
+        groups = {r["group"] for r in rows}
+        assert (len(groups) < len(rows)) == grouped, (mode, len(groups), len(rows))
+    proc = osteo("data", "split", str(dicom_dir), "--out", str(tmp_path / "x.csv"), "--group-by", "regex")
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("osteo: warning:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "--group-regex" in errors[0], proc.stderr
+    from osteo.cli import _train_options, build_parser
+    from osteo.session import build_recipe
+
+    args = build_parser().parse_args(["train", "seed", "--model", "tiny", "--weights", "none", "--group-by", "dicom"])
+    options = _train_options(args)
+    assert build_recipe("seed", "tiny", options).data.group_by == "dicom"
+    assert options.as_args()[-2:] == ["--group-by", "dicom"]  # a study's trials pass it on
