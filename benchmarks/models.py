@@ -159,7 +159,7 @@ class OsteoRow:
                            precision=cfg["precision"], jit_compile=cfg["jit"], impl=cfg["impl"],
                            planned_images=cfg["planned_images"])
         compile_backbone, keras_jit = device.get_engine(plan.impl).jit(plan.jit_compile)
-        keras.utils.set_random_seed(0)
+        device.set_determinism(0, deterministic=False)  # as osteo train does (cuDNN autotuning on PyTorch)
         keras.mixed_precision.set_dtype_policy(plan.precision)
         self.clf = clf = Classifier(name, image_size=self.size, weights="none", freeze_bn=False,
                                     augment=AugmentConfig(flip=False, zoom=0.0, shear=0.0), impl=plan.impl,

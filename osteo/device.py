@@ -389,13 +389,21 @@ def planned_images(recipe) -> int:
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
-    """Seed Python, NumPy and the backend; with ``deterministic``, its deterministic ops too."""
+    """Seed Python, NumPy and the backend; with ``deterministic``, its deterministic ops too.
+
+    Otherwise, on PyTorch, cuDNN picks its fastest convolution algorithms for the run's fixed
+    input shapes (timm's training script does the same); that choice is not deterministic.
+    """
     import keras
 
     keras.utils.set_random_seed(seed)
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
+
+        torch.backends.cudnn.benchmark = not deterministic
     if not deterministic:
         return
-    backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
