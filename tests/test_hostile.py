@@ -216,6 +216,8 @@ def test_a_cmyk_jpeg_is_audited_and_cached_without_a_word_on_stderr(tmp_path):
     _png(tmp_path / "normal" / "gray.png")
     proc = _run("""
         import sys
+        from osteo import _quiet
+        _quiet.install()  # TensorFlow's start-up notices, as the CLI filters them; anything else shows
         from osteo.data.pipeline import Entry, ImageCache
         from osteo.data.scan import audit
         result = audit(sys.argv[1])

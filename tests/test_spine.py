@@ -230,5 +230,5 @@ def test_a_failed_reporting_step_keeps_the_measurement():
     models._keep_going(out, mfu)
     assert out["train_img_s"] == 41.8 and "ValueError" in out["errors"]["mfu"]
     # and the step that failed on bfloat16 CPUs now reads bfloat16 back
-    assert models._peak_matmul("tensorflow", "bfloat16", n=64) > 0
+    assert models._peak_matmul(64, "bfloat16") > 0
     json.dumps(out)

@@ -316,8 +316,10 @@ class ImageCache:
                     failed.append(e)
                 if progress is not None:
                     progress(k, len(todo))
-        except BaseException:  # Ctrl-C or an unwritable cache: drop the files not started
-            pool.shutdown(wait=False, cancel_futures=True)
+        except BaseException as e:  # Ctrl-C or an unwritable cache: drop the files not started
+            # Ctrl-C returns at once; an error waits for the running writes to clean up their
+            # temporaries, so the cache is as it was when the error is reported
+            pool.shutdown(wait=not isinstance(e, KeyboardInterrupt), cancel_futures=True)
             raise
         pool.shutdown()
         return failed

@@ -772,8 +772,9 @@ def audit(data_dir: str | os.PathLike, progress: Callable[[int, int], None] | No
                 records.append(rec)
                 if progress is not None:
                     progress(k, len(candidates))
-        except BaseException:  # Ctrl-C: drop the files not started; running ones end within a decode
-            pool.shutdown(wait=False, cancel_futures=True)
+        except BaseException as e:  # drop the files not started; Ctrl-C returns at once (running ones
+            # end within a decode), an error (an unwritable cache) waits for them to clean up
+            pool.shutdown(wait=not isinstance(e, KeyboardInterrupt), cancel_futures=True)
             raise
         pool.shutdown()
         records.sort(key=lambda r: r.path)
