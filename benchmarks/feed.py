@@ -79,7 +79,7 @@ def _osteo_dataset(stack, images, size: int, batch: int):
     import numpy as np
     import tensorflow as tf
 
-    from osteo.data import pipeline
+    from osteo.data import pipeline, tfdata
 
     if pipeline.SCALE != SCALE:
         raise RuntimeError(f"osteo's SCALE is {pipeline.SCALE}, this benchmark's {SCALE}: update feed.py")
@@ -90,7 +90,7 @@ def _osteo_dataset(stack, images, size: int, batch: int):
         Path(path).write_bytes(b" " * pipeline.HEADER_BYTES + tf.io.serialize_tensor(tf.constant(img)).numpy())
         files.append(path)
     labels = np.arange(len(files)) % 3
-    return iter(pipeline.make_dataset(files, labels, size=size, batch_size=batch, training=True, seed=0))
+    return iter(tfdata.make_dataset(files, labels, size=size, batch_size=batch, training=True, seed=0))
 
 
 def measure(size: int, batch: int, seconds: float, n_images: int) -> dict:

@@ -136,8 +136,9 @@ class OsteoRun:
         self.data, self.size, self.batch = data, size, batch
 
     def first_epoch(self) -> dict:
-        from osteo.data.pipeline import Entry, ImageCache, make_dataset
+        from osteo.data.pipeline import Entry, ImageCache
         from osteo.data.scan import audit
+        from osteo.data.tfdata import make_dataset
 
         self.cache_root = Path(tempfile.mkdtemp(prefix="osteo-bench-cache-"))
         with Timer() as t:
@@ -160,7 +161,7 @@ class OsteoRun:
         return _rates(len(self.files) * epochs, t)
 
     def new_run(self) -> dict:
-        from osteo.data.pipeline import make_dataset
+        from osteo.data.tfdata import make_dataset
 
         with Timer() as t:
             for _ in make_dataset(self.files, self.labels, self.size, self.batch, training=False):

@@ -193,7 +193,8 @@ class OsteoRow:
             import numpy as np
             import tensorflow as tf
 
-            from osteo.data.pipeline import HEADER_BYTES, SCALE, make_dataset
+            from osteo.data.pipeline import HEADER_BYTES, SCALE
+            from osteo.data.tfdata import make_dataset
 
             tmp = self.stack.enter_context(tempfile.TemporaryDirectory())
             files, labels = [], []

@@ -394,10 +394,24 @@ def set_determinism(seed: int, deterministic: bool) -> None:
     Otherwise, on PyTorch, cuDNN picks its fastest convolution algorithms for the run's fixed
     input shapes (timm's training script does the same); that choice is not deterministic.
     """
+    import sys
+
     import keras
 
-    keras.utils.set_random_seed(seed)
     backend = keras.backend.backend()
+    if backend == "torch" and "tensorflow" not in sys.modules:
+        # Keras also seeds TensorFlow when it can import it, which would load TensorFlow's runtime
+        # (~730 MB) into a PyTorch run that has no use for it (osteo.data.feed): not here
+        from keras.src.utils import module_utils
+
+        tf = module_utils.tensorflow
+        was, tf._available = tf._available, False
+        try:
+            keras.utils.set_random_seed(seed)
+        finally:
+            tf._available = was
+    else:
+        keras.utils.set_random_seed(seed)
     if backend == "torch":
         import torch
 

@@ -5,9 +5,10 @@ metrics are written; nothing else in osteo knows a tracker exists.
 
 TensorBoard (``train.tensorboard``, on by default) writes ``<run>/tensorboard/train`` and
 ``<run>/tensorboard/validation``, one scalar per metric per epoch (step = Keras' epoch,
-from 0); ``tensorboard --logdir runs`` shows every run. Keras writes them with
-``tf.summary`` on every backend (PyTorch and JAX included), which needs TensorFlow and the
-``tensorboard`` package; without them the run trains without event files and
+from 0); ``tensorboard --logdir runs`` shows every run. On TensorFlow Keras' own callback
+writes them (``tf.summary``); on PyTorch, where TensorFlow is kept out of the process
+(:mod:`osteo.data.feed`), PyTorch's writer writes the same tags as tensor summaries, which
+needs only the ``tensorboard`` package. Without it the run trains without event files and
 ``env.json``'s ``tracking.tensorboard`` says why.
 
 MLflow (``train.mlflow``, ``osteo train --mlflow``, or ``$MLFLOW_TRACKING_URI`` set; the
@@ -36,6 +37,7 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,7 +80,9 @@ def callbacks(recipe: Recipe, run: RunDir) -> list[keras.callbacks.Callback]:
     check(recipe)
     out: list[keras.callbacks.Callback] = []
     off = tensorboard_off(recipe)
-    if off is None:
+    if off is None and keras.backend.backend() == "torch":
+        out.append(_torch_tensorboard(run.tensorboard_path))
+    elif off is None:
         # the epoch curves only: no graph, no profiler (the profiler is TensorFlow/JAX only)
         out.append(keras.callbacks.TensorBoard(str(run.tensorboard_path), write_graph=False, profile_batch=0))
     mlflow_run = None
@@ -109,12 +113,75 @@ def tensorboard_off(recipe: Recipe) -> str | None:
     """Why the run gets no TensorBoard files (None: it gets them)."""
     if not recipe.train.tensorboard:
         return "off: train.tensorboard is false"
-    # Keras' callback writes with tf.summary on every backend; its scalar op lives in tensorboard
-    for module, package in (("tensorflow", "tensorflow-cpu"), ("tensorboard", "tensorboard")):
+    # Keras' callback writes with tf.summary (TensorFlow and tensorboard); PyTorch's writer needs tensorboard
+    keras = sys.modules.get("keras")
+    needs = ("tensorboard",) if keras is not None and keras.backend.backend() == "torch" else ("tensorflow", "tensorboard")
+    for module in needs:
         if not _installed(module):
-            return (f"off: Keras writes TensorBoard files with tf.summary, which needs the {package} "
-                    f"package; install it with: pip install {package}")
+            package = {"tensorflow": "tensorflow-cpu"}.get(module, module)
+            return (f"off: TensorBoard files need the {package} package here; install it with: "
+                    f"pip install {package}")
     return None
+
+
+def _torch_tensorboard(log_dir):
+    """Keras' TensorBoard layout and tags (``train/`` and ``validation/``, ``epoch_<metric>``,
+    step = Keras' epoch, scalars as tensor summaries), written with tensorboard's own protos
+    and record writer: PyTorch's SummaryWriter, and tensorboard's file writer, would import
+    TensorFlow when it is installed."""
+    import keras
+
+    class Writer(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.files = {sub: _EventFile(Path(log_dir) / sub) for sub in ("train", "validation")}
+
+        def on_epoch_end(self, epoch, logs=None):
+            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            values = {"train": {"epoch_learning_rate": lr}, "validation": {}}
+            for name, value in (logs or {}).items():
+                sub, tag = ("validation", name[4:]) if name.startswith("val_") else ("train", name)
+                values[sub][f"epoch_{tag}"] = float(value)
+            for sub, scalars in values.items():
+                self.files[sub].write(epoch, scalars)
+
+        def on_train_end(self, logs=None):
+            for f in self.files.values():
+                f.close()
+
+    return Writer()
+
+
+class _EventFile:
+    """One TensorBoard event file: scalar tensor summaries, flushed after every write."""
+
+    def __init__(self, folder: Path):
+        import socket
+
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}.{id(self)}.v2"
+        self._file = open(folder / name, "wb")  # noqa: SIM115 (open for the run's length)
+        self._writer = RecordWriter(self._file)
+        self._writer.write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+        self._file.flush()
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboard.compat.proto.tensor_pb2 import TensorProto
+        from tensorboard.compat.proto.types_pb2 import DT_FLOAT
+
+        meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="scalars"))
+        summary = Summary(value=[Summary.Value(tag=tag, metadata=meta, tensor=TensorProto(dtype=DT_FLOAT,
+                                                                                           float_val=[v]))
+                                 for tag, v in scalars.items()])
+        self._writer.write(Event(wall_time=time.time(), step=step, summary=summary).SerializeToString())
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 # --------------------------------------------------------------------------- MLflow

@@ -20,9 +20,9 @@ from osteo.data.pipeline import (
     Entry,
     ImageCache,
     load_levels,
-    make_dataset,
 )
 from osteo.data.scan import audit
+from osteo.data.tfdata import make_dataset
 from osteo.errors import OsteoError
 
 

@@ -13,10 +13,10 @@ from osteo.data.pipeline import (
     box_factor,
     jpeg_ratio,
     load_levels,
-    make_dataset,
     resize_gray,
 )
 from osteo.data.scan import audit
+from osteo.data.tfdata import make_dataset
 
 
 def _entries(root):

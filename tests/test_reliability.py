@@ -141,7 +141,8 @@ def test_deterministic_runs_write_identical_bytes(phantom_dir, tmp_path):
         runs.append(next((tmp_path / name / "tiny").iterdir()))
     for f in ("split.csv", "predictions.csv"):
         assert (runs[0] / f).read_bytes() == (runs[1] / f).read_bytes(), f
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "train_seconds", "images_per_sec")}
+    measured = ("seconds", "train_seconds", "images_per_sec", "peak_rss_mb", "peak_gpu_mb")  # the machine's, not the run's
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in measured}
                           for r in rows]
     assert strip(_rows(runs[0] / "history.csv")) == strip(_rows(runs[1] / "history.csv"))
 

@@ -387,3 +387,80 @@ def test_both_engines_have_the_same_stages(name):
         assert counts["keras"][:-1] == counts["timm"][:-1]
         # keras.applications' ConvNeXt ends in the LayerNorm (scale and shift) timm keeps in its head
         assert counts["keras"][-1] - counts["timm"][-1] == (2 * spec.feature_size if spec.pooled_norm else 0)
+
+
+def _levels(n: int, size: int = 8) -> np.ndarray:
+    return np.random.default_rng(n).integers(0, 65536, (n, size, size, 1)).astype(np.uint16)
+
+
+def test_the_feed_serves_tf_datas_values_and_positions_a_resumed_stream():
+    """On PyTorch the batches come from osteo.data.feed: level / 257 in float32 (tf.data's
+    arithmetic), evaluation in order, training a fresh permutation per pass, and a stream
+    started k batches in is the uninterrupted stream's tail."""
+    from osteo.data.feed import TorchFeed
+
+    levels, labels = _levels(10), np.arange(10) % 3
+    ev = TorchFeed(levels, labels, 4)
+    assert ev.num_batches == 3
+    got = np.concatenate([keras.ops.convert_to_numpy(ev[i][0]) for i in range(3)])
+    np.testing.assert_array_equal(got, levels.astype(np.float32) / np.float32(257.0))
+    train = TorchFeed(levels, labels, 4, training=True, seed=3)
+    assert train.num_batches is None
+    stream = [train.indices(i) for i in range(9)]  # three passes of 3 batches
+    for p in range(3):
+        assert sorted(np.concatenate(stream[3 * p : 3 * p + 3]).tolist()) == list(range(10))
+    assert not np.array_equal(np.concatenate(stream[:3]), np.concatenate(stream[3:6]))
+    resumed = TorchFeed(levels, labels, 4, training=True, seed=3, start_batch=4)
+    for i in range(5):
+        assert np.array_equal(resumed.indices(i), stream[4 + i])
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(resumed[i][0]),
+                                      levels[stream[4 + i]].astype(np.float32) / np.float32(257.0))
+        np.testing.assert_array_equal(resumed[i][1], labels[stream[4 + i]])
+
+
+def test_mixup_and_cutmix_in_the_feed_are_seeded_by_step():
+    from osteo.data.feed import TorchFeed
+
+    levels, labels = _levels(8), np.arange(8) % 3
+    for kind in ({"mixup": 0.4}, {"cutmix": 1.0}, {"mixup": 0.4, "cutmix": 1.0}):
+        a = TorchFeed(levels, labels, 4, training=True, seed=1, **kind)
+        b = TorchFeed(levels, labels, 4, training=True, seed=1, start_batch=1, **kind)
+        xa, ya = (keras.ops.convert_to_numpy(t) for t in a[1])
+        xb, yb = (keras.ops.convert_to_numpy(t) for t in b[0])
+        np.testing.assert_array_equal(xa, xb)  # the same global step mixes the same way
+        np.testing.assert_array_equal(ya, yb)
+        assert ya.shape == (4, 3) and np.allclose(ya.sum(1), 1.0) and (ya.max(1) < 1).any()
+        plain = levels[a.indices(1)].astype(np.float32) / np.float32(257.0)
+        assert not np.array_equal(xa, plain)
+
+
+def test_a_pytorch_run_keeps_tensorflow_out_of_the_process(phantom_dir, tmp_path):
+    """TensorFlow's runtime costs ~730 MB in a process that has no use for it: a whole run on
+    PyTorch (audit, cache, training, TensorBoard files, predictions, metrics) never imports it."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from osteo.recipe import study_protocol
+from osteo.trainer import Trainer
+r = study_protocol("tiny")
+r.model.weights, r.data.dir, r.data.image_size, r.data.batch_size = "none", {str(phantom_dir)!r}, 32, 16
+r.runs_dir, r.train.epochs, r.train.bootstrap, r.train.tensorboard = {str(tmp_path / "runs")!r}, 2, 20, True
+run = Trainer(r).run()
+print(run)
+print("tensorflow" in sys.modules)
+"""
+    env = {**os.environ, "KERAS_BACKEND": "torch", "OSTEO_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run, imported = proc.stdout.split()[-2:]
+    assert imported == "False"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+
+    for sub in ("train", "validation"):  # Keras' layout and tags, steps from 0
+        events = EventAccumulator(str(Path(run) / "tensorboard" / sub))
+        events.Reload()
+        steps = [(e.step, float(make_ndarray(e.tensor_proto))) for e in events.Tensors("epoch_loss")]
+        assert [s for s, _ in steps] == [0, 1] and all(np.isfinite(v) for _, v in steps)

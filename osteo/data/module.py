@@ -13,23 +13,28 @@ every image of the split is cached. Files that became unreadable (or
 whose bytes changed) after the audit are skipped with a warning and listed in
 ``skipped``; the Trainer counts them in ``env.json``.
 
-MixUp and CutMix (``mixup``/``cutmix`` alpha > 0) mix training batches here, in
-tf.data, because they mix labels too; the labels become soft (B, 3) targets. The
-mixing coefficients come from stateless random ops seeded by (seed, step), so a
-resumed run sees the same batches.
+The batches come from tf.data on the TensorFlow backend (:mod:`osteo.data.tfdata`) and
+from :class:`osteo.data.feed.TorchFeed` on PyTorch, which keeps TensorFlow out of the
+process and hands the model tensors already on its device; ``backend`` chooses (by
+default the backend Keras has loaded).
+
+MixUp and CutMix (``mixup``/``cutmix`` alpha > 0) mix training batches here, in the
+input pipeline, because they mix labels too; the labels become soft (B, 3) targets. The
+mixing coefficients are drawn from generators seeded by (seed, step), so a resumed run
+sees the same batches.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 
 from osteo import CLASSES
-from osteo.data.pipeline import AUTOTUNE, Entry, ImageCache, make_dataset
+from osteo.data.pipeline import SCALE, Entry, ImageCache, load_split
 from osteo.data.scan import audit
 from osteo.data.split import check_split, majority_label, read_groups_csv, split_rows
 from osteo.errors import OsteoError
@@ -38,7 +43,7 @@ log = logging.getLogger("osteo")
 
 
 class DataModule:
-    def __init__(self, cfg, seed: int = 0, mixup: float = 0.0, cutmix: float = 0.0):
+    def __init__(self, cfg, seed: int = 0, mixup: float = 0.0, cutmix: float = 0.0, backend: str | None = None):
         if cfg.image_size < 1:
             raise ValueError("DataModule needs a resolved data config (image_size >= 1): use osteo.recipe.resolve")
         self.cfg = cfg
@@ -52,6 +57,9 @@ class DataModule:
         self.skipped: list[str] = []
         self._files: dict[str, list[str]] = {}
         self._rows: dict[str, list[dict]] = {}
+        keras = sys.modules.get("keras")
+        self.backend = backend or (keras.backend.backend() if keras is not None else "tensorflow")
+        self._levels: dict[str, np.ndarray] = {}  # PyTorch: each split's images, read once
 
     # ------------------------------------------------------------------ setup
 
@@ -122,8 +130,7 @@ class DataModule:
 
     # ------------------------------------------------------------------ datasets
 
-    def train_dataset(self, batch_size: int | None = None, start_epoch: int = 0,
-                      steps_per_epoch: int | None = None) -> tf.data.Dataset:
+    def train_dataset(self, batch_size: int | None = None, start_epoch: int = 0, steps_per_epoch: int | None = None):
         """Endless training batches, positioned at Keras epoch ``start_epoch`` (for resume).
 
         With ``steps_per_epoch`` other than a full pass, Keras epochs and passes over the
@@ -133,55 +140,43 @@ class DataModule:
         batch_size = batch_size or self.batch_size
         per_pass = self.steps_per_epoch(batch_size)
         step = start_epoch * (steps_per_epoch or per_pass)
-        ds = make_dataset(self._files["train"], self.labels("train"), self.image_size, batch_size,
-                          training=True, seed=self.seed, start_epoch=step // per_pass)
+        if self.backend == "torch":
+            from osteo.data.feed import TorchFeed
+
+            return TorchFeed(self._split_levels("train"), self.labels("train"), batch_size, training=True,
+                             seed=self.seed, start_batch=step, mixup=self.mixup, cutmix=self.cutmix)
+        from osteo.data import tfdata
+
+        ds = tfdata.make_dataset(self._files["train"], self.labels("train"), self.image_size, batch_size,
+                                 training=True, seed=self.seed, start_epoch=step // per_pass)
         if step % per_pass:
             ds = ds.skip(step % per_pass)
         if self.mixup > 0 or self.cutmix > 0:
-            ds = ds.enumerate(step).map(self._mix, num_parallel_calls=AUTOTUNE)
+            mix = lambda k, batch: tfdata.mix_batch(k, batch, seed=self.seed, mixup=self.mixup, cutmix=self.cutmix,
+                                                    size=self.image_size)
+            ds = ds.enumerate(step).map(mix, num_parallel_calls=tfdata.AUTOTUNE)
         return ds
 
-    def eval_dataset(self, name: str, batch_size: int | None = None) -> tf.data.Dataset:
+    def eval_dataset(self, name: str, batch_size: int | None = None):
+        """One pass over split ``name``, in order: tf.data on TensorFlow, a TorchFeed on PyTorch."""
         if not self.count(name):
             raise OsteoError(f"the split has no {name} images")
-        return make_dataset(self._files[name], self.labels(name), self.image_size, batch_size or self.batch_size)
+        batch_size = batch_size or self.batch_size
+        if self.backend == "torch":
+            from osteo.data.feed import TorchFeed
+
+            return TorchFeed(self._split_levels(name), self.labels(name), batch_size)
+        from osteo.data import tfdata
+
+        return tfdata.make_dataset(self._files[name], self.labels(name), self.image_size, batch_size)
 
     def eval_arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys = zip(*((x.numpy(), y.numpy()) for x, y in self.eval_dataset(name, 256)))
-        return np.concatenate(xs), np.concatenate(ys)
+        """Split ``name``'s images (float32 in [0, 255]) and labels as NumPy arrays."""
+        levels = self._levels.get(name)
+        levels = load_split(self._files[name], self.image_size) if levels is None else levels
+        return levels.astype(np.float32) / np.float32(SCALE), self.labels(name)
 
-    def _mix(self, step, batch):
-        images, labels = batch
-        seed = tf.stack([tf.constant(self.seed, tf.int64), step])
-        y = tf.one_hot(labels, len(CLASSES))
-        b = tf.shape(images)[0]
-        use_cutmix = self.cutmix > 0 and (self.mixup <= 0 or
-                                          tf.random.stateless_uniform([], seed=seed + 7) < 0.5)
-        alpha = self.cutmix if self.cutmix > 0 else self.mixup
-        g1 = tf.random.stateless_gamma([], seed=seed, alpha=alpha)
-        g2 = tf.random.stateless_gamma([], seed=seed + 1, alpha=alpha)
-        lam = g1 / (g1 + g2)
-        other = tf.reverse(tf.range(b), [0])
-        x2, y2 = tf.gather(images, other), tf.gather(y, other)
-        mixed_x = lam * images + (1 - lam) * x2
-        if self.cutmix > 0:
-            size = self.image_size
-            cut = tf.cast(tf.round(size * tf.sqrt(1 - lam)), tf.int32)
-            cy = tf.random.stateless_uniform([], seed=seed + 2, maxval=size, dtype=tf.int32)
-            cx = tf.random.stateless_uniform([], seed=seed + 3, maxval=size, dtype=tf.int32)
-            y0, y1 = tf.clip_by_value(cy - cut // 2, 0, size), tf.clip_by_value(cy + cut // 2, 0, size)
-            x0, x1 = tf.clip_by_value(cx - cut // 2, 0, size), tf.clip_by_value(cx + cut // 2, 0, size)
-            r = tf.range(size)
-            inside = ((r[:, None] >= y0) & (r[:, None] < y1)) & ((r[None, :] >= x0) & (r[None, :] < x1))
-            box = tf.cast(inside, images.dtype)[None, :, :, None]
-            area = tf.cast((y1 - y0) * (x1 - x0), tf.float32) / float(size * size)
-            cut_x = images * (1 - box) + x2 * box
-            cut_lam = 1 - area
-            if self.mixup > 0:
-                images_out = tf.where(use_cutmix, cut_x, mixed_x)
-                lam = tf.where(use_cutmix, cut_lam, lam)
-            else:
-                images_out, lam = cut_x, cut_lam
-        else:
-            images_out = mixed_x
-        return images_out, lam * y + (1 - lam) * y2
+    def _split_levels(self, name: str) -> np.ndarray:
+        if name not in self._levels:
+            self._levels[name] = load_split(self._files[name], self.image_size)
+        return self._levels[name]

@@ -1,4 +1,4 @@
-"""The tf.data input pipeline and its persistent on-disk cache of resized images.
+"""The persistent on-disk cache of resized images (no TensorFlow: both backends read it).
 
 Output convention: images float32, shape (size, size, 1), values in [0, 255] (gray;
 the model tiles to 3 channels and applies its backbone's own preprocessing);
@@ -28,11 +28,9 @@ training only.
    ones, for the caller to skip. Entries are written to ``tmp/`` (named
    ``<host>.<pid>.<random>.tmp``) and renamed, so two runs may fill one cache at
    once; opening a cache removes the temporaries of writers that died.
-2. :func:`make_dataset` reads the cached tensors in parallel. Evaluation keeps the
-   given order. Training holds the whole split in memory as uint16 after the first
-   pass and serves every later epoch from there, shuffled by a stateless
-   permutation seeded by ``(seed, epoch)``: epoch ``e`` is the same whether the run
-   started at epoch 0 or resumed at ``e``.
+2. The batches come from :mod:`osteo.data.tfdata` (tf.data, on TensorFlow) or
+   :mod:`osteo.data.feed` (on PyTorch, without TensorFlow in the process), which read
+   the entries' uint16 levels (:func:`read_levels`) and divide them by :data:`SCALE`.
 """
 
 from __future__ import annotations
@@ -55,10 +53,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
-from google.protobuf.message import DecodeError as ProtoDecodeError
-from tensorflow.core.framework import types_pb2
-from tensorflow.core.framework.tensor_pb2 import TensorProto
 
 from osteo.data.decode import (
     DECODE_MEMORY,
@@ -80,7 +74,7 @@ CACHE_VERSION = "v3"  # v3: made by load_levels (NumPy resize, one gray conversi
 HEADER_BYTES = 512  # fixed, so the tf.data graph skips it with one substr
 MISSING = "missing"
 TMP_MAX_AGE_S = 3600.0
-AUTOTUNE = tf.data.AUTOTUNE
+_DT_UINT16 = 17  # TensorFlow's DataType enum value for uint16 (types.proto)
 log = logging.getLogger("osteo")
 
 
@@ -190,12 +184,27 @@ def _payload(levels: np.ndarray) -> bytes:
 
 @functools.lru_cache(maxsize=8)
 def _payload_head(shape: tuple[int, ...]) -> bytes:
-    """A TensorProto's bytes up to its tensor_content's (the same for every image of a shape)."""
-    proto = TensorProto(dtype=types_pb2.DT_UINT16, tensor_content=bytes(2 * math.prod(shape)))
-    for n in shape:
-        proto.tensor_shape.dim.add(size=n)
-    data = proto.SerializeToString()
-    return data[: len(data) - 2 * math.prod(shape)]  # tensor_content is the last field serialized
+    """A serialized TensorProto's bytes up to its tensor_content (the same for every image of a
+    shape), encoded here so the cache needs no TensorFlow: field 1 dtype, field 2 the shape
+    (one Dim message, field 2, per dimension: its size, field 1), field 4 the content's length.
+    ``tf.io.parse_tensor`` reads the result (tests/test_cache.py checks both ways)."""
+
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+
+    dims = b"".join(b"\x12" + varint(len(d)) + d for d in (b"\x08" + varint(n) for n in shape))
+    return b"\x08" + varint(_DT_UINT16) + b"\x12" + varint(len(dims)) + dims + b"\x22" + varint(2 * math.prod(shape))
+
+
+def read_levels(path: str | os.PathLike, size: int) -> np.ndarray:
+    """A checked cache entry's image as uint16 levels (size, size, 1): the file's last bytes."""
+    data = Path(path).read_bytes()
+    return np.frombuffer(data, "<u2", count=size * size, offset=len(data) - 2 * size * size).reshape(size, size, 1)
 
 
 def _writer_gone(name: str) -> bool:
@@ -211,6 +220,18 @@ def _writer_gone(name: str) -> bool:
     except OSError:  # EPERM: alive, another user's
         pass
     return False
+
+
+def load_split(files: Sequence[str], size: int) -> np.ndarray:
+    """Every cached image of a split as one uint16 array (n, size, size, 1), read on two threads."""
+    out = np.empty((len(files), size, size, 1), np.uint16)
+
+    def read(i: int) -> None:
+        out[i] = read_levels(files[i], size)
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(read, range(len(files))))
+    return out
 
 
 class ImageCache:
@@ -252,14 +273,10 @@ class ImageCache:
             return f"truncated ({len(payload)} of {meta.get('payload_bytes')} tensor bytes)"
         if zlib.crc32(payload) != meta.get("payload_crc32"):
             return "checksum mismatch"
-        try:
-            tensor = TensorProto.FromString(payload)
-        except ProtoDecodeError:
-            return "unparseable tensor"
-        shape = [d.size for d in tensor.tensor_shape.dim]
-        if (tensor.dtype != types_pb2.DT_UINT16 or shape != [self.size, self.size, 1]
-                or len(tensor.tensor_content) != 2 * self.size * self.size):
-            return f"not a uint16 tensor of shape {[self.size, self.size, 1]} (dtype {tensor.dtype}, shape {shape})"
+        # the head encodes dtype, shape and the content's length: equal heads, equal tensors' layout
+        head = _payload_head((self.size, self.size, 1))
+        if bytes(payload[: len(head)]) != head or len(payload) != len(head) + 2 * self.size * self.size:
+            return f"not a uint16 tensor of shape {[self.size, self.size, 1]}"
         return None
 
     def missing(self, entries: Sequence[Entry]) -> list[Entry]:
@@ -269,9 +286,7 @@ class ImageCache:
 
     def load(self, sha256: str) -> np.ndarray:
         """The cached image of ``sha256`` as float32 (size, size, 1) in [0, 255]."""
-        tensor = TensorProto.FromString(self.path(sha256).read_bytes()[HEADER_BYTES:])
-        levels = np.frombuffer(tensor.tensor_content, "<u2").reshape(self.size, self.size, 1)
-        return levels.astype(np.float32) / np.float32(SCALE)
+        return read_levels(self.path(sha256), self.size).astype(np.float32) / np.float32(SCALE)
 
     def store(self, sha256: str, data: bytes, gray: Gray) -> None:
         """Cache ``gray``, the audit's decode of ``data`` (whose hash is ``sha256``), unless its
@@ -395,45 +410,3 @@ class ImageCache:
             with contextlib.suppress(OSError):  # renamed meanwhile, or a read-only cache
                 if _writer_gone(name) or now - path.stat().st_mtime > TMP_MAX_AGE_S:
                     path.unlink()
-
-
-def _read_cached(path: tf.Tensor | str, size: int) -> tf.Tensor:
-    # ImageCache.fill has checked the entry; the graph only skips its header
-    img = tf.io.parse_tensor(tf.strings.substr(tf.io.read_file(path), HEADER_BYTES, -1), tf.uint16)
-    return tf.ensure_shape(img, (size, size, 1))
-
-
-def make_dataset(
-    files: Sequence[str],
-    labels: Sequence[int],
-    size: int,
-    batch_size: int,
-    training: bool = False,
-    seed: int = 0,
-    start_epoch: int = 0,
-) -> tf.data.Dataset:
-    """Batches of (float32 (B, size, size, 1) in [0, 255], int32 (B,)) from cached tensors.
-
-    ``training``: an endless stream of epochs, each a fresh seeded permutation of every
-    image (the last batch of an epoch may be short), starting at ``start_epoch``.
-    Otherwise one pass in the given order.
-    """
-    n = len(files)
-    items = tf.data.Dataset.from_tensor_slices((list(files), np.asarray(labels, dtype=np.int32)))
-    items = items.map(lambda f, y: (_read_cached(f, size), y), num_parallel_calls=AUTOTUNE, deterministic=True)
-    to_float = lambda x, y: (tf.cast(x, tf.float32) / SCALE, y)
-    if not training:
-        return items.batch(batch_size).map(to_float, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
-
-    def epochs(images, ys):
-        def one_epoch(epoch):
-            perm = tf.random.experimental.stateless_shuffle(
-                tf.range(n, dtype=tf.int32), seed=tf.stack([tf.cast(seed, tf.int64), epoch]))
-            return tf.data.Dataset.from_tensor_slices(perm).batch(batch_size).map(
-                lambda idx: (tf.gather(images, idx), tf.gather(ys, idx)))
-
-        return tf.data.Dataset.range(start_epoch, 2**62).flat_map(one_epoch)
-
-    # the whole split, once, as uint16 in memory; every epoch is then a gather
-    ds = items.batch(max(1, n)).flat_map(epochs)
-    return ds.map(to_float, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)

@@ -34,7 +34,6 @@ the same bytes.
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 from collections import Counter

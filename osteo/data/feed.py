@@ -1,0 +1,146 @@
+"""Batches from the image cache on the PyTorch backend, without TensorFlow in the process.
+
+On PyTorch the tf.data pipeline (:mod:`osteo.data.tfdata`) cost twice: TensorFlow's
+runtime in a training process that has no other use for it (about 730 MB resident),
+and a float32 batch made on the host and copied from pageable memory to the GPU every
+step (measured on an H200 at 224 px, batch 128: 23.9 ms of host time a batch, about as
+long as a whole VGG16 step of timm's own loop; ``benchmarks/README.md``). A
+:class:`TorchFeed` serves the same batches as tf.data would (the whole split held once
+as uint16 levels, each epoch a permutation seeded by ``(seed, epoch)``), as tensors
+already on the model's device: on a GPU the uint16 levels cross the bus from pinned
+memory (half the bytes of float32), become float32 [0, 255] there, and the next batch's
+copy is queued behind the current one on a side stream. The values are tf.data's to
+the bit: ``float32(level) / 257``.
+
+MixUp / CutMix draw their coefficients from NumPy's generator seeded by ``(seed, step)``,
+so a resumed run mixes the same batches (the same rule as tf.data's stateless ops, other
+draws).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from osteo import CLASSES
+from osteo.data.pipeline import SCALE
+
+
+class TorchFeed(keras.utils.PyDataset):
+    """Batches ``(images float32 (B, size, size, 1) in [0, 255] on the device, labels)``.
+
+    Training (``training=True``): an endless stream, each pass over the data a fresh
+    permutation seeded by ``(seed, pass)``, positioned ``start_batch`` batches in (resume).
+    Otherwise one pass in the given order. Keras asks for batches in order; a batch asked
+    for out of order is made on the spot.
+    """
+
+    def __init__(self, levels: np.ndarray, labels: np.ndarray, batch_size: int, *, training: bool = False,
+                 seed: int = 0, start_batch: int = 0, mixup: float = 0.0, cutmix: float = 0.0):
+        super().__init__()
+        import torch
+
+        self.torch = torch
+        self.levels, self.labels = levels, np.asarray(labels, np.int32)
+        self.batch_size, self.training, self.seed = int(batch_size), training, int(seed)
+        self.start_batch, self.mixup, self.cutmix = int(start_batch), float(mixup), float(cutmix)
+        self.per_pass = -(-len(levels) // self.batch_size)
+        self.cuda = torch.cuda.is_available()  # where Keras and the timm engine put the model
+        self.device = torch.device("cuda" if self.cuda else "cpu")
+        self._perm: tuple[int, np.ndarray] | None = None
+        self._next: tuple[int, object, object] | None = None  # (index, device tensor, ready event)
+        if self.cuda:
+            self._stream = torch.cuda.Stream()
+            shape = (self.batch_size, *levels.shape[1:])
+            self._pinned = [torch.empty(shape, dtype=torch.int16).pin_memory() for _ in range(2)]
+            self._copied = [None, None]  # each pinned buffer's last copy: wait for it before refilling
+            self._slot = 0
+
+    @property
+    def num_batches(self) -> int | None:
+        return None if self.training else self.per_pass
+
+    def __len__(self) -> int:  # an endless stream reports one pass (Keras reads num_batches)
+        return self.per_pass
+
+    def indices(self, i: int) -> np.ndarray:
+        """The split's images in batch ``i`` (of this feed's stream)."""
+        if not self.training:
+            return np.arange(i * self.batch_size, min((i + 1) * self.batch_size, len(self.levels)))
+        k = self.start_batch + i
+        epoch, b = divmod(k, self.per_pass)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.levels)))
+        return self._perm[1][b * self.batch_size : (b + 1) * self.batch_size]
+
+    def __getitem__(self, i: int):
+        idx = self.indices(i)
+        x = self._images(i, idx)
+        if self.cuda and (self.training or i + 1 < self.per_pass):
+            self._prefetch(i + 1)
+        y = self.labels[idx]
+        if self.training and (self.mixup > 0 or self.cutmix > 0):
+            return self._mix(self.start_batch + i, x, y)
+        return x, y
+
+    # ------------------------------------------------------------------ device copies
+
+    def _images(self, i: int, idx: np.ndarray):
+        torch = self.torch
+        if not self.cuda:
+            return torch.from_numpy(self.levels[idx].astype(np.float32) / np.float32(SCALE))
+        if self._next is not None and self._next[0] == i:
+            _, levels, ready = self._next
+            torch.cuda.current_stream().wait_event(ready)
+            levels.record_stream(torch.cuda.current_stream())
+        else:
+            levels = self._copy(idx, torch.cuda.current_stream())
+        self._next = None
+        # uint16 travels as int16 (same bits: torch has few uint16 kernels); & 0xFFFF restores it
+        return (levels.to(torch.int32) & 0xFFFF).to(torch.float32) / SCALE
+
+    def _copy(self, idx: np.ndarray, stream):
+        """The levels of ``idx``, gathered into pinned memory and copied on ``stream`` (not waited for)."""
+        torch = self.torch
+        slot, self._slot = self._slot, self._slot ^ 1  # the other buffer may still be crossing the bus
+        if self._copied[slot] is not None:
+            self._copied[slot].synchronize()  # issued a batch ago: done in all but name
+        buf = self._pinned[slot][: len(idx)]
+        np.take(self.levels.view(np.int16), idx, axis=0, out=buf.numpy())
+        with torch.cuda.stream(stream):
+            levels = buf.to(self.device, non_blocking=True)
+            self._copied[slot] = torch.cuda.Event()
+            self._copied[slot].record(stream)
+        return levels
+
+    def _prefetch(self, i: int) -> None:
+        idx = self.indices(i)
+        levels = self._copy(idx, self._stream)
+        ready = self.torch.cuda.Event()
+        ready.record(self._stream)
+        self._next = (i, levels, ready)
+
+    # ------------------------------------------------------------------ MixUp / CutMix
+
+    def _mix(self, step: int, x, labels: np.ndarray):
+        torch = self.torch
+        rng = np.random.default_rng([self.seed, step])
+        y = torch.nn.functional.one_hot(torch.as_tensor(labels, dtype=torch.int64), len(CLASSES)).float().to(x.device)
+        use_cutmix = self.cutmix > 0 and (self.mixup <= 0 or rng.uniform() < 0.5)
+        alpha = self.cutmix if use_cutmix else self.mixup
+        g1, g2 = rng.gamma(alpha), rng.gamma(alpha)
+        lam = g1 / (g1 + g2)
+        other = torch.arange(x.shape[0] - 1, -1, -1, device=x.device)
+        x2, y2 = x[other], y[other]
+        if use_cutmix:
+            size = x.shape[1]
+            cut = int(round(size * np.sqrt(1 - lam)))
+            cy, cx = int(rng.integers(size)), int(rng.integers(size))
+            y0, y1 = np.clip([cy - cut // 2, cy + cut // 2], 0, size)
+            x0, x1 = np.clip([cx - cut // 2, cx + cut // 2], 0, size)
+            out = x.clone()
+            out[:, y0:y1, x0:x1] = x2[:, y0:y1, x0:x1]
+            lam = 1 - (y1 - y0) * (x1 - x0) / float(size * size)
+        else:
+            out = lam * x + (1 - lam) * x2
+        return out, lam * y + (1 - lam) * y2
