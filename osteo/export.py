@@ -296,14 +296,15 @@ def _export_onnx(run: RunDir, best: keras.Model, model: keras.Model, temperature
     probabilities; then its record and the standalone script beside it. ``fix``: what to do
     when the exporter cannot translate the model."""
     images, source = _parity_images(run)
-    # what osteo predict reports (osteo.predict.Predictor: the model's probabilities, then
-    # the temperature in NumPy)
-    raw = best.predict(images, batch_size=len(images), verbose=0)
-    want = apply_temperature(raw, temperature) if temperature != 1.0 else raw
-    if keras.backend.backend() == "tensorflow":
-        proto, exporter = _onnx_from_tensorflow(model), f"tf2onnx {importlib.metadata.version('tf2onnx')}"
-    else:
-        proto, exporter = _onnx_from_torch(model, fix), f"torch.onnx {_torch_version()} (TorchScript exporter)"
+    with _ieee_float32():
+        # what osteo predict reports (osteo.predict.Predictor: the model's probabilities,
+        # then the temperature in NumPy), in the float32 arithmetic the ONNX model is run in
+        raw = best.predict(images, batch_size=len(images), verbose=0)
+        want = apply_temperature(raw, temperature) if temperature != 1.0 else raw
+        if keras.backend.backend() == "tensorflow":
+            proto, exporter = _onnx_from_tensorflow(model), f"tf2onnx {importlib.metadata.version('tf2onnx')}"
+        else:
+            proto, exporter = _onnx_from_torch(model, fix), f"torch.onnx {_torch_version()} (TorchScript exporter)"
     _check_onnx(proto, exporter, fix)
     import onnx
 
@@ -321,13 +322,43 @@ def _export_onnx(run: RunDir, best: keras.Model, model: keras.Model, temperature
     write_text(target.parent / SCRIPT, SCRIPT_SOURCE.read_text(encoding="utf-8"))
 
 
+@contextlib.contextmanager
+def _ieee_float32() -> Iterator[None]:
+    """float32 arithmetic with float32's 23-bit mantissa, as onnxruntime computes it: on a GPU,
+    PyTorch and TensorFlow allow TF32 (a 10-bit mantissa) by default, PyTorch in
+    convolutions, which moved densenet169's and convnext_tiny's probabilities by up to
+    3.6e-4 on an H200 (over the parity tolerance; under 8e-7 with it off)."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        flags = (torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")
+        saved = [getattr(owner, name) for owner, name in flags]
+        for owner, name in flags:
+            setattr(owner, name, False)
+        try:
+            yield
+        finally:
+            for (owner, name), value in zip(flags, saved):
+                setattr(owner, name, value)
+    else:
+        import tensorflow as tf
+
+        saved = tf.config.experimental.tensor_float_32_execution_enabled()
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+        try:
+            yield
+        finally:
+            tf.config.experimental.enable_tensor_float_32_execution(saved)
+
+
 def onnx_record(run: RunDir, file: str, temperature: float, *, exporter: str, sha256: str, parity: dict) -> dict:
     """``export.json``: what an ONNX export is, for ``predict.py`` and the model card.
 
     ``input``/``output``: the graph's names, shapes (``batch`` is free) and dtypes;
     ``preprocessing``: what turns an image file into the input (``osteo predict``'s decode,
     resize mode and 16-bit levels); ``parity``: the largest difference from ``osteo
-    predict``'s probabilities measured at export, on how many images and which.
+    predict``'s probabilities measured at export (its model computing in float32, TF32
+    off on a GPU), on how many images and which.
     """
     recipe = run.read_recipe()
     size = recipe.data.image_size
@@ -340,7 +371,7 @@ def onnx_record(run: RunDir, file: str, temperature: float, *, exporter: str, sh
         "temperature": temperature, "calibrated": run.calibration_path.is_file(),
         "preprocessing": {"decode": "osteo.data.decode", "resize": recipe.data.resize, "box_filter": True,
                           "levels": 65535},
-        "parity": {"reference": "osteo predict", **parity},
+        "parity": {"reference": "osteo predict, float32 arithmetic", **parity},
         "script": SCRIPT, "osteo_version": osteo.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -360,8 +391,8 @@ def _parity_images(run: RunDir) -> tuple[np.ndarray, str]:
 
 
 def _check_onnx(proto, exporter: str, fix: str) -> None:
-    """The graph is valid ONNX with one float input ``image`` and one output ``probabilities``,
-    both with a free ``batch`` dimension."""
+    """The graph is valid ONNX with one input, ``image``, and one output, ``probabilities``;
+    their first dimension is named ``batch`` (it is free)."""
     import onnx
 
     for value in (*proto.graph.input, *proto.graph.output):
@@ -376,8 +407,8 @@ def _check_onnx(proto, exporter: str, fix: str) -> None:
         raise OsteoError(f"{exporter} could not translate this model to ONNX ({first}); {fix}") from None
 
 
-# Run in a fresh interpreter (after the code that refuses NOT_IMPORTABLE): the ONNX model on
-# the images through predict.py's own functions, all at once and then the first alone.
+# Run by isolated(): the ONNX model on the images through predict.py's own functions, all at
+# once and then the first alone.
 _PARITY_CHILD = """
 import json, runpy, numpy as np, onnxruntime
 script, model, images, out = sys.argv[1:]
@@ -393,14 +424,13 @@ def isolated(code: str, *args: str | os.PathLike) -> list[str]:
     TensorFlow, PyTorch and JAX cannot be imported: what a consumer of an export has.
 
     ``-I`` (isolated mode) keeps the current folder, ``PYTHONPATH`` and the user's site
-    off ``sys.path``; an import hook first in ``sys.meta_path`` then refuses
-    :data:`NOT_IMPORTABLE` even though they are installed.
+    off ``sys.path``; :data:`NOT_IMPORTABLE` are then entered in ``sys.modules`` as None,
+    which is how Python marks a module unavailable: importing one raises
+    ModuleNotFoundError, and ``importlib.util.find_spec`` (a package probing for an
+    optional one) says it is not there, although it is installed.
     """
-    refuse = (f"import sys\nclass _Refuse:\n def find_spec(self, name, path=None, target=None):\n"
-              f"  if name.partition('.')[0] in {NOT_IMPORTABLE!r}:\n"
-              f"   raise ImportError(name + ' is not importable where an osteo export is used')\n"
-              f"sys.meta_path.insert(0, _Refuse())\n")
-    return [sys.executable, "-I", "-c", refuse + code, *map(str, args)]
+    return [sys.executable, "-I", "-c", f"import sys\nsys.modules.update(dict.fromkeys({NOT_IMPORTABLE!r}))\n{code}",
+            *map(str, args)]
 
 
 def _parity(model: Path, images: np.ndarray, want: np.ndarray) -> tuple[float, str]:
@@ -418,6 +448,8 @@ def _parity(model: Path, images: np.ndarray, want: np.ndarray) -> tuple[float, s
         got = np.load(out)
     runtime = json.loads(proc.stdout.strip().splitlines()[-1])["runtime"]
     expected = np.concatenate([want, want[:1]]).astype(np.float64)
+    if got.shape != expected.shape:
+        return math.inf, runtime
     return float(np.abs(got.astype(np.float64) - expected).max()), runtime
 
 
@@ -480,7 +512,16 @@ def _onnx_from_torch(model: keras.Model, fix: str):
 
 
 def _torch_onnx_call(layer: keras.layers.Layer, *args, **kwargs):
-    """Call ``layer`` as PyTorch's exporter can trace it: LayerNormalization with a constant shape."""
+    """Call ``layer`` as PyTorch's exporter can trace it: LayerNormalization with a constant shape.
+
+    ``clone_model`` hands nested Sequential models (ConvNeXt's stem and downsampling layers
+    in ``keras.applications``) over whole, so their layers are called one by one here.
+    """
+    if isinstance(layer, keras.Sequential):
+        x = args[0]
+        for inner in layer.layers:
+            x = _torch_onnx_call(inner, x)
+        return x
     if isinstance(layer, keras.layers.LayerNormalization) and not layer.rms_scaling and (
             layer.gamma is not None or layer.beta is not None):
         rank = len(args[0].shape)

@@ -149,8 +149,8 @@ def test_onnx_record_says_what_was_written_and_how_close_it_is(run, onnx_export)
     n_val = sum(r["split"] == "val" for r in run.read_split())
     assert record["parity"].pop("max_abs_diff") <= TOLERANCE
     assert record["parity"].pop("runtime").startswith("onnxruntime ")
-    assert record["parity"] == {"reference": "osteo predict", "images": min(16, n_val), "source": "validation",
-                                "tolerance": TOLERANCE}
+    assert record["parity"] == {"reference": "osteo predict, float32 arithmetic", "images": min(16, n_val),
+                                "source": "validation", "tolerance": TOLERANCE}
     assert record["exporter"].startswith("tf2onnx ")
     assert record["sha256"] == hashlib.sha256(onnx_export.read_bytes()).hexdigest()
     assert {k: record[k] for k in ("file", "format", "opset", "engine", "backbone", "backend", "input", "output",
@@ -180,7 +180,7 @@ def test_predict_script_gives_osteo_predicts_probabilities_without_osteo(run, on
     # what made that a consumer's interpreter: osteo and the frameworks cannot be imported there
     for name in ("osteo", "keras", "tensorflow", "torch"):
         blocked = subprocess.run(isolated(f"import {name}"), capture_output=True, text=True, cwd=tmp_path)
-        assert blocked.returncode == 1 and "is not importable where an osteo export is used" in blocked.stderr
+        assert blocked.returncode == 1 and f"ModuleNotFoundError: import of {name} halted" in blocked.stderr
 
 
 @NEEDS_ONNX
@@ -226,6 +226,24 @@ def test_onnx_converts_what_the_real_backbones_use(run, images, tmp_path, monkey
     got = session.run(None, {"image": images["float"]})[0]
     want = apply_temperature(model.predict(images["float"], verbose=0), TEMPERATURE)
     assert _max_diff(got, want) <= TOLERANCE
+
+
+def test_the_parity_reference_computes_without_tf32():
+    """TensorFlow allows TF32 on GPUs by default: the export's reference turns it off, and back."""
+    import tensorflow as tf
+
+    from osteo.export import _ieee_float32
+
+    enabled = tf.config.experimental.tensor_float_32_execution_enabled
+    before = enabled()
+    tf.config.experimental.enable_tensor_float_32_execution(True)
+    try:
+        with pytest.raises(RuntimeError), _ieee_float32():
+            assert not enabled()
+            raise RuntimeError("an export that fails half-way")
+        assert enabled()
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(before)
 
 
 def test_savedmodel_matches_keras_without_osteo(run, images, expected, tmp_path):

@@ -85,15 +85,17 @@ def test_a_run_trained_in_mixed_precision_exports_in_float32(timm_run, tmp_path)
 
 
 def test_keras_layers_export_through_pytorch(timm_run, tmp_path, monkeypatch):
-    """Keras' LayerNormalization (ConvNeXt's blocks and pooled norm) reads its shape from the traced
-    input, which PyTorch's exporter refuses; grouped convolutions and exact GELU as in ConvNeXt."""
+    """Keras' LayerNormalization (ConvNeXt's blocks, its stem and downsampling Sequential models in
+    keras.applications, the pooled norm) reads its shape from the traced input, which PyTorch's
+    exporter refuses; grouped convolutions and exact GELU as in ConvNeXt."""
     import onnxruntime as ort
 
     from osteo import export
     from osteo.calibrate import apply_temperature
 
     image = keras.Input((32, 32, 1), name="image")
-    x = keras.layers.Conv2D(8, 3, padding="same")(image / 255.0)
+    stem = keras.Sequential([keras.layers.Conv2D(8, 3, padding="same"), keras.layers.LayerNormalization()])
+    x = stem(image / 255.0)
     x = keras.layers.Conv2D(8, 7, padding="same", groups=8)(x)
     x = keras.layers.Activation("gelu")(keras.layers.LayerNormalization(epsilon=1e-6)(x))
     x = keras.layers.LayerNormalization(center=False)(keras.layers.GlobalAveragePooling2D()(x))
@@ -104,3 +106,22 @@ def test_keras_layers_export_through_pytorch(timm_run, tmp_path, monkeypatch):
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
     want = apply_temperature(model.predict(x, verbose=0), TEMPERATURE)
     assert np.abs(got - want).max() <= TOLERANCE
+
+
+def test_the_parity_reference_computes_without_tf32():
+    """On CUDA PyTorch allows TF32 convolutions by default (3.6e-4 off float32 on an H200 for
+    densenet169): the export's reference turns them off and restores the setting after."""
+    import torch
+
+    from osteo.export import _ieee_float32
+
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    before = flags()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with pytest.raises(RuntimeError), _ieee_float32():
+            assert flags() == (False, False)
+            raise RuntimeError("an export that fails half-way")
+        assert flags() == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
