@@ -1,4 +1,4 @@
-"""Export a run's best model for other systems: ``osteo export RUN_DIR --format onnx|savedmodel|keras``.
+"""Export a run's best model for other systems: ``osteo export RUN_DIR [--format onnx|savedmodel|keras]``.
 
 The exported model is the whole inference path, so a consumer needs neither osteo nor
 its preprocessing code:
@@ -8,34 +8,52 @@ its preprocessing code:
       -> temperature scaling: softmax(log(clip(p, 1e-7, 1)) / T)
       -> three calibrated probabilities, in osteo.CLASSES order  ("probabilities")
 
-``size`` is the run's input size. T comes from the run's ``calibration.json``
-(``osteo calibrate``); T = 1 for a run not calibrated, which leaves the probabilities
-as trained. The operating points' thresholds stay in ``calibration.json``: they apply
-to these probabilities. The training-time augmentation layers are left out of the
-export (they are identities at inference, and ONNX has no kernels for their random ops).
+``size`` is the run's input size; the image is what ``osteo predict`` feeds the model
+(a file decoded by :mod:`osteo.data.decode`, resized by
+:func:`osteo.data.pipeline.resize_image`, at the image cache's 16-bit levels). T comes
+from the run's ``calibration.json`` (``osteo calibrate``); T = 1 for a run not
+calibrated, which leaves the probabilities as trained. The operating points' thresholds
+stay in ``calibration.json``: they apply to these probabilities. The training-time
+augmentation layers are left out of the export (they are identities at inference, and
+ONNX has no kernels for their random ops). The model is built in float32 whatever the
+process's dtype policy (a run trained in mixed precision keeps float32 weights).
 
 Input dtype: every format takes **float32** pixel values in [0, 255]; a uint8 image
 only needs a cast (``x.astype(np.float32)``), which is exact. In detail:
 
-* ``onnx`` (``model.onnx``, opset :data:`ONNX_OPSET`): one input, ``image``, float32 —
-  an ONNX graph has one input type, and float32 carries both uint8 and non-integer
-  pixels without loss, whereas a uint8 input would round float images. Output
-  ``probabilities``; the batch dimension is free (``batch``).
-* ``savedmodel`` (a folder): the signature ``serving_default`` (also ``serve``) takes
-  ``image`` as float32, and ``serve_uint8`` takes it as uint8 and casts inside; both
-  return ``{"probabilities": ...}``. Load it with ``tf.saved_model.load`` or serve it
-  with TF Serving.
-* ``keras`` (``model.keras``): accepts uint8 or float arrays (Keras casts to float32);
-  loading it needs osteo imported (``import osteo.export``: its layers are osteo's
-  registered layers, loadable with ``safe_mode=True``, no Lambda layers).
+* ``onnx`` (the default; ``model.onnx``, opset :data:`ONNX_OPSET`): one input, ``image``,
+  float32 — an ONNX graph has one input type, and float32 carries both uint8 and
+  non-integer pixels without loss, whereas a uint8 input would round float images.
+  Output ``probabilities``; the batch dimension is free (``batch``). Every run exports
+  to ONNX: on TensorFlow through tf2onnx (runs of Keras' layers), on PyTorch through
+  PyTorch's exporter (the timm engine's runs, which load on PyTorch only; the CLI picks
+  that backend for them, :func:`osteo.runs.use_backend_of`; runs of Keras' layers too
+  when ``KERAS_BACKEND=torch``). Before the file is put in place, onnxruntime runs it in
+  an interpreter that cannot import osteo, Keras, TensorFlow or PyTorch (:func:`isolated`)
+  on up to :data:`PARITY_IMAGES` of the run's validation images (seeded noise when its
+  data is gone), all at once and one alone: its probabilities must be ``osteo predict``'s
+  within :data:`PARITY_TOLERANCE`, or nothing is written. Beside it go ``export.json``
+  (:func:`onnx_record`: what was written and the parity measured; the model card reads
+  it) and ``predict.py`` (:mod:`osteo.export_predict`: image files to the calibrated
+  probabilities with numpy, Pillow and onnxruntime only). Needs the ``export`` extra
+  (``pip install 'osteo[export]'``).
+* ``savedmodel`` (a folder; runs of Keras' layers, on TensorFlow): the signature
+  ``serving_default`` (also ``serve``) takes ``image`` as float32, and ``serve_uint8``
+  takes it as uint8 and casts inside; both return ``{"probabilities": ...}``. Load it
+  with ``tf.saved_model.load`` or serve it with TF Serving. The SavedModel holds each
+  weight twice (Keras' ExportArchive, keras-team/keras#23553): about twice the weights
+  on disk.
+* ``keras`` (``model.keras``; runs of Keras' layers): accepts uint8 or float arrays (Keras
+  casts to float32); loading it needs osteo imported (``import osteo.export``: its
+  layers are osteo's registered layers, loadable with ``safe_mode=True``, no Lambda
+  layers).
 
-The ONNX and SavedModel exports run on the TensorFlow backend (``KERAS_BACKEND=tensorflow``;
-a run of Keras' layers loads on either backend; runs of timm's PyTorch module
-cannot be exported yet). ONNX needs the ``export`` extra
-(``pip install 'osteo[export]'``): tf2onnx converts a frozen graph of the model. Keras'
-own ``model.export(format="onnx")`` is not used: the ONNX files it writes for ConvNeXt
-and EfficientNetV2 cannot be run by onnxruntime (see :func:`_write_onnx`). The SavedModel holds each weight twice (Keras' ExportArchive,
-keras-team/keras#23553): about twice the weights on disk.
+A format the run's engine cannot write (SavedModel or ``.keras`` for a timm run: its
+backbone is a PyTorch module) is refused in one line naming the ones it can. Keras' own
+``model.export(format="onnx")`` is not used: on TensorFlow the ONNX files it writes for
+ConvNeXt and EfficientNetV2 cannot be run by onnxruntime (see :func:`_onnx_from_tensorflow`),
+and on PyTorch it traces ConvNeXt's LayerNormalization into a graph PyTorch's exporter
+refuses (see :func:`_onnx_from_torch`).
 
 Every file is written atomically: to a temporary sibling, renamed over the target when
 complete (for the SavedModel folder, the old folder is moved aside, the new one renamed
@@ -45,21 +63,32 @@ in, and the old one removed), so a reader never sees a half-written export.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import math
 import os
 import secrets
 import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import keras
+import numpy as np
 
-from osteo.calibrate import EPS
+import osteo
+from osteo import CLASSES
+from osteo.calibrate import EPS, apply_temperature
 from osteo.device import get_engine
 from osteo.errors import OsteoError
-from osteo.files import atomic_path
-from osteo.predict import load_best
+from osteo.files import atomic_path, write_json, write_text
+from osteo.predict import load_best, load_images
 from osteo.runs import RunDir
 
 FORMATS = ("onnx", "savedmodel", "keras")
@@ -68,6 +97,16 @@ EXPORT_DIR = "export"  # RUN_DIR/export/ holds the default outputs
 # Opset 17 (ONNX 1.12, 2022): read by every onnxruntime from 1.12 on and by most other runtimes.
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+RECORD, SCRIPT = "export.json", "predict.py"  # written beside an ONNX model
+SCRIPT_SOURCE = Path(__file__).with_name("export_predict.py")  # osteo.export_predict, copied as predict.py
+PARITY_TOLERANCE = 1e-4  # the most an ONNX probability may differ from osteo predict's
+PARITY_IMAGES = 16  # the run's first validation images (or seeded noise when its data is gone)
+# PyTorch's exporter traces the model on a batch of this size; the parity check runs
+# other batch sizes (all the images, then one), so a traced-in batch size cannot pass.
+TRACE_BATCH = 2
+# What a consumer of an export does not have: the parity check and the tests run the
+# ONNX model and predict.py in interpreters where importing these fails.
+NOT_IMPORTABLE = ("osteo", "keras", "tensorflow", "torch", "jax")
 
 # The augmentation osteo.classifier puts in the model: all identities at inference.
 AUGMENTATION_LAYERS = (
@@ -98,8 +137,13 @@ class TemperatureScaling(keras.layers.Layer):
         return {**super().get_config(), "temperature": self.temperature}
 
 
-def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None) -> Path:
+def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.PathLike | None = None) -> Path:
     """Export the run's best model, preprocessing and calibration inside, as ``fmt``.
+
+    An ONNX export is checked before it is put in place: run by onnxruntime in an
+    interpreter that cannot import osteo, Keras, TensorFlow or PyTorch, its probabilities
+    must be ``osteo predict``'s within :data:`PARITY_TOLERANCE`. Beside it go
+    ``export.json`` (:func:`onnx_record`) and ``predict.py`` (:mod:`osteo.export_predict`).
 
     Args:
         run_dir: a finished run directory (one with ``best.weights.h5``).
@@ -111,14 +155,16 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
         The path written.
 
     Raises:
-        OsteoError: not a run, no ``best.weights.h5``, an unknown format, an ``--out`` that
-            would replace one of the run's own files or is a file where a folder is
-            needed (or the reverse), or a missing exporter.
+        OsteoError: not a run, no ``best.weights.h5``, an unknown format or one the run's
+            engine cannot write, an ``--out`` that would replace one of the run's own files
+            or is a file where a folder is needed (or the reverse), a missing exporter, or
+            an ONNX model that does not give ``osteo predict``'s probabilities.
     """
     if fmt not in FORMATS:
         raise OsteoError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     run = RunDir(run_dir).check(need=(RunDir.BEST,))
-    get_engine(run.read_recipe().model.impl).check_export(fmt, f"run {run.path}")
+    engine = get_engine(run.read_recipe().model.impl)
+    engine.check_export(fmt, f"run {run.path}")
     target = Path(out) if out is not None else run.path / EXPORT_DIR / DEFAULT_NAMES[fmt]
     _refuse_run_files(target)
     if fmt == "savedmodel" and target.exists() and not target.is_dir():
@@ -129,8 +175,22 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
         raise OsteoError(f"--out {target} must end in .keras (Keras loads .keras files only)")
     if fmt != "keras":
         _require_exporter(fmt)
-    model = calibrated_model(load_best(run), _temperature(run))
-    {"onnx": _write_onnx, "savedmodel": _write_savedmodel, "keras": _write_keras}[fmt](model, target)
+    temperature = _temperature(run)
+    # float32 whatever the process's policy: a run trained in mixed precision keeps
+    # float32 weights, and its export computes in float32 as osteo predict does
+    with _float32_policy():
+        best = load_best(run)
+        model = calibrated_model(best, temperature)
+    if fmt == "onnx":
+        if keras.backend.backend() == "tensorflow":
+            fix = "export --format savedmodel instead"
+        elif "tensorflow" in engine.backends:
+            fix = f"export it on TensorFlow: KERAS_BACKEND=tensorflow osteo export {run.path}"
+        else:  # the timm engine: PyTorch's exporter is the only one
+            fix = "please report it with the run's recipe.json"
+        _export_onnx(run, best, model, temperature, target, fix)
+    else:
+        {"savedmodel": _write_savedmodel, "keras": _write_keras}[fmt](model, target)
     return target
 
 
@@ -171,12 +231,31 @@ def _refuse_run_files(target: Path) -> None:
 
 
 def _require_exporter(fmt: str) -> None:
-    if keras.backend.backend() != "tensorflow":
-        raise OsteoError(f"export to {fmt} runs on the TensorFlow backend, not {keras.backend.backend()}; "
+    """SavedModels are TensorFlow's; ONNX is written by the backend's exporter (tf2onnx on
+    TensorFlow, PyTorch's own on PyTorch) and checked with onnxruntime."""
+    backend = keras.backend.backend()
+    if fmt == "savedmodel" and backend != "tensorflow":
+        raise OsteoError(f"export to savedmodel runs on the TensorFlow backend, not {backend}; "
                          f"run it with KERAS_BACKEND=tensorflow")
-    missing = [m for m in ("tf2onnx", "onnx") if importlib.util.find_spec(m) is None] if fmt == "onnx" else []
+    if fmt != "onnx":
+        return
+    if backend not in ("tensorflow", "torch"):
+        raise OsteoError(f"export to onnx runs on the TensorFlow or PyTorch backend, not {backend}; "
+                         f"run it with KERAS_BACKEND=tensorflow")
+    needed = ("tf2onnx", "onnx", "onnxruntime") if backend == "tensorflow" else ("onnx", "onnxruntime")
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         raise OsteoError(f"export to onnx needs {' and '.join(missing)}: pip install 'osteo[export]'")
+
+
+@contextlib.contextmanager
+def _float32_policy() -> Iterator[None]:
+    policy = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy("float32")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_dtype_policy(policy)
 
 
 # --------------------------------------------------------------------------- writers
@@ -208,7 +287,269 @@ def _write_savedmodel(model: keras.Model, target: Path) -> None:
         archive.write_out(tmp, verbose=False)
 
 
-def _write_onnx(model: keras.Model, target: Path) -> None:
+# --------------------------------------------------------------------------- ONNX
+
+
+def _export_onnx(run: RunDir, best: keras.Model, model: keras.Model, temperature: float, target: Path,
+                 fix: str) -> None:
+    """Write ``model`` as ONNX to ``target`` if onnxruntime, without osteo, gives ``osteo predict``'s
+    probabilities; then its record and the standalone script beside it. ``fix``: what to do
+    when the exporter cannot translate the model."""
+    images, source = _parity_images(run)
+    with _ieee_float32():
+        # what osteo predict reports (osteo.predict.Predictor: the model's probabilities,
+        # then the temperature in NumPy), in the float32 arithmetic the ONNX model is run in
+        raw = best.predict(images, batch_size=len(images), verbose=0)
+        want = apply_temperature(raw, temperature) if temperature != 1.0 else raw
+        if keras.backend.backend() == "tensorflow":
+            proto, exporter = _onnx_from_tensorflow(model), f"tf2onnx {importlib.metadata.version('tf2onnx')}"
+        else:
+            proto, exporter = _onnx_from_torch(model, fix), f"torch.onnx {_torch_version()} (TorchScript exporter)"
+    _check_onnx(proto, exporter, fix)
+    import onnx
+
+    with atomic_path(target) as tmp:
+        onnx.save(proto, tmp)
+        diff, runtime = _parity(tmp, images, want)
+        if not diff <= PARITY_TOLERANCE:
+            raise OsteoError(f"the ONNX model's probabilities differ from osteo predict's by {diff:.2g} "
+                             f"(over {PARITY_TOLERANCE:g}) on {len(images)} images; nothing written; {fix}")
+        sha256 = _sha256(tmp)
+    record = onnx_record(run, target.name, temperature, exporter=exporter, sha256=sha256,
+                         parity={"max_abs_diff": diff, "images": len(images), "source": source,
+                                 "tolerance": PARITY_TOLERANCE, "runtime": runtime})
+    write_json(target.parent / RECORD, record)
+    write_text(target.parent / SCRIPT, SCRIPT_SOURCE.read_text(encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def _ieee_float32() -> Iterator[None]:
+    """float32 arithmetic with float32's 23-bit mantissa, as onnxruntime computes it: on a GPU,
+    PyTorch and TensorFlow allow TF32 (a 10-bit mantissa) by default, PyTorch in
+    convolutions, which moved densenet169's and convnext_tiny's probabilities by up to
+    3.6e-4 on an H200 (over the parity tolerance; under 8e-7 with it off)."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        flags = (torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")
+        saved = [getattr(owner, name) for owner, name in flags]
+        for owner, name in flags:
+            setattr(owner, name, False)
+        try:
+            yield
+        finally:
+            for (owner, name), value in zip(flags, saved):
+                setattr(owner, name, value)
+    else:
+        import tensorflow as tf
+
+        saved = tf.config.experimental.tensor_float_32_execution_enabled()
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+        try:
+            yield
+        finally:
+            tf.config.experimental.enable_tensor_float_32_execution(saved)
+
+
+def onnx_record(run: RunDir, file: str, temperature: float, *, exporter: str, sha256: str, parity: dict) -> dict:
+    """``export.json``: what an ONNX export is, for ``predict.py`` and the model card.
+
+    ``input``/``output``: the graph's names, shapes (``batch`` is free) and dtypes;
+    ``preprocessing``: what turns an image file into the input (``osteo predict``'s decode,
+    resize mode and 16-bit levels); ``parity``: the largest difference from ``osteo
+    predict``'s probabilities measured at export (its model computing in float32, TF32
+    off on a GPU), on how many images and which.
+    """
+    recipe = run.read_recipe()
+    size = recipe.data.image_size
+    return {
+        "file": file, "format": "onnx", "opset": ONNX_OPSET, "sha256": sha256, "exporter": exporter,
+        "engine": recipe.model.impl, "backbone": recipe.model.backbone, "backend": keras.backend.backend(),
+        "input": {"name": INPUT_NAME, "shape": ["batch", size, size, 1], "dtype": "float32", "range": [0, 255]},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(CLASSES)], "dtype": "float32",
+                   "classes": list(CLASSES)},
+        "temperature": temperature, "calibrated": run.calibration_path.is_file(),
+        "preprocessing": {"decode": "osteo.data.decode", "resize": recipe.data.resize, "box_filter": True,
+                          "levels": 65535},
+        "parity": {"reference": "osteo predict, float32 arithmetic", **parity},
+        "script": SCRIPT, "osteo_version": osteo.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _parity_images(run: RunDir) -> tuple[np.ndarray, str]:
+    """Up to :data:`PARITY_IMAGES` of the run's validation images as ``osteo predict`` reads
+    them, and ``"validation"``; seeded noise images and ``"synthetic"`` when none is readable."""
+    data = run.read_recipe().data
+    rows = [r for r in run.read_split() if r["split"] == "val"][:PARITY_IMAGES] if data.dir else []
+    images, _ = load_images([Path(data.dir) / r["path"] for r in rows], data.image_size, data.resize)
+    ready = [img for img in images if img is not None]
+    if ready:
+        return np.stack(ready).astype(np.float32), "validation"
+    noise = np.random.default_rng(0).uniform(0, 255, (PARITY_IMAGES, data.image_size, data.image_size, 1))
+    return noise.astype(np.float32), "synthetic"
+
+
+def _check_onnx(proto, exporter: str, fix: str) -> None:
+    """The graph is valid ONNX with one input, ``image``, and one output, ``probabilities``;
+    their first dimension is named ``batch`` (it is free)."""
+    import onnx
+
+    for value in (*proto.graph.input, *proto.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+        names = ([i.name for i in proto.graph.input], [o.name for o in proto.graph.output])
+        if names != ([INPUT_NAME], [OUTPUT_NAME]):
+            raise onnx.checker.ValidationError(f"inputs {names[0]} and outputs {names[1]}, not one image")
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise OsteoError(f"{exporter} could not translate this model to ONNX ({first}); {fix}") from None
+
+
+# Run by isolated(): the ONNX model on the images through predict.py's own functions, all at
+# once and then the first alone.
+_PARITY_CHILD = """
+import json, runpy, numpy as np, onnxruntime
+script, model, images, out = sys.argv[1:]
+ns = runpy.run_path(script)
+sess, x = ns["session"](model), np.load(images)
+np.save(out, np.concatenate([ns["probabilities"](sess, x), ns["probabilities"](sess, x[:1])]))
+print(json.dumps({"runtime": "onnxruntime " + onnxruntime.__version__}))
+"""
+
+
+def isolated(code: str, *args: str | os.PathLike) -> list[str]:
+    """The command line that runs ``code`` in a fresh interpreter where osteo, Keras,
+    TensorFlow, PyTorch and JAX cannot be imported: what a consumer of an export has.
+
+    ``-I`` (isolated mode) keeps the current folder, ``PYTHONPATH`` and the user's site
+    off ``sys.path``; :data:`NOT_IMPORTABLE` are then entered in ``sys.modules`` as None,
+    which is how Python marks a module unavailable: importing one raises
+    ModuleNotFoundError, and ``importlib.util.find_spec`` (a package probing for an
+    optional one) says it is not there, although it is installed.
+    """
+    return [sys.executable, "-I", "-c", f"import sys\nsys.modules.update(dict.fromkeys({NOT_IMPORTABLE!r}))\n{code}",
+            *map(str, args)]
+
+
+def _parity(model: Path, images: np.ndarray, want: np.ndarray) -> tuple[float, str]:
+    """(max |difference| from ``want``, the runtime) of the ONNX ``model`` on ``images``, in
+    batches of all and of one, run by :data:`SCRIPT_SOURCE`'s functions without osteo."""
+    with tempfile.TemporaryDirectory(prefix="osteo-export-") as tmp:
+        x, out = Path(tmp) / "images.npy", Path(tmp) / "probabilities.npy"
+        np.save(x, images)
+        proc = subprocess.run(isolated(_PARITY_CHILD, SCRIPT_SOURCE, model, x, out), capture_output=True,
+                              text=True, cwd=tmp, timeout=600)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no message"])[-1][:200]
+            raise OsteoError(f"onnxruntime could not run the exported model ({last}); "
+                             "check that onnxruntime imports: python -c 'import onnxruntime'")
+        got = np.load(out)
+    runtime = json.loads(proc.stdout.strip().splitlines()[-1])["runtime"]
+    expected = np.concatenate([want, want[:1]]).astype(np.float64)
+    if got.shape != expected.shape:
+        return math.inf, runtime
+    return float(np.abs(got.astype(np.float64) - expected).max()), runtime
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _onnx_from_torch(model: keras.Model, fix: str):
+    """ONNX through PyTorch's TorchScript exporter: on the PyTorch backend the Keras model is
+    a ``torch.nn.Module`` (the timm engine's module inside it), traced on
+    :data:`TRACE_BATCH` images with a free batch dimension.
+
+    PyTorch's dynamo exporter is not used: it needs onnxscript, and Keras' own
+    ``model.export(format="onnx")`` falls back to the TorchScript exporter for a free batch
+    dimension too. Keras' LayerNormalization reads its normalized shape from the traced
+    input, which the exporter refuses as not constant: :class:`_TorchLayerNormView`.
+    """
+    import io
+
+    import onnx
+    import torch
+
+    traceable = keras.models.clone_model(model, clone_function=lambda layer: layer, call_function=_torch_onnx_call,
+                                         recursive=True)
+
+    class Inference(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = traceable
+
+        def forward(self, image):
+            return self.model(image, training=False)
+
+    sample = keras.ops.zeros((TRACE_BATCH, *model.input_shape[1:]), dtype="float32")
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # the exporter's deprecation notice, and the tracer's notes on Python values it
+        # records as constants (shapes other than the batch's; the parity check runs
+        # other batch sizes)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        try:
+            torch.onnx.export(Inference().eval(), (sample,), buffer, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], opset_version=ONNX_OPSET, do_constant_folding=True,
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, dynamo=False)
+        except Exception as e:  # the exporter raises many types, with pages of graph
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise OsteoError(f"PyTorch's ONNX exporter could not translate this model ({first}); {fix}") from None
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _torch_onnx_call(layer: keras.layers.Layer, *args, **kwargs):
+    """Call ``layer`` as PyTorch's exporter can trace it: LayerNormalization with a constant shape.
+
+    ``clone_model`` hands nested Sequential models (ConvNeXt's stem and downsampling layers
+    in ``keras.applications``) over whole, so their layers are called one by one here.
+    """
+    if isinstance(layer, keras.Sequential):
+        x = args[0]
+        for inner in layer.layers:
+            x = _torch_onnx_call(inner, x)
+        return x
+    if isinstance(layer, keras.layers.LayerNormalization) and not layer.rms_scaling and (
+            layer.gamma is not None or layer.beta is not None):
+        rank = len(args[0].shape)
+        if [a % rank for a in layer.axis] == [rank - 1]:
+            return _TorchLayerNormView(layer)(args[0])
+    return layer(*args, **kwargs)
+
+
+class _TorchLayerNormView(keras.layers.Layer):
+    """A last-axis LayerNormalization as ``torch.nn.functional.layer_norm`` with the shape of its
+    weights, which is what Keras computes on PyTorch (from the input's shape). Used for
+    tracing the ONNX graph only, never saved."""
+
+    def __init__(self, norm: keras.layers.LayerNormalization, **kwargs):
+        super().__init__(name=f"{norm.name}_constant_shape", **kwargs)
+        self.norm = norm
+
+    def call(self, x):
+        import torch.nn.functional as F
+
+        norm = self.norm
+        shape = tuple(int(d) for d in (norm.gamma if norm.gamma is not None else norm.beta).shape)
+        gamma = None if norm.gamma is None else norm.gamma.value
+        beta = None if norm.beta is None else norm.beta.value
+        return F.layer_norm(x, shape, gamma, beta, norm.epsilon)
+
+
+def _onnx_from_tensorflow(model: keras.Model):
     """ONNX through tf2onnx, from a graph of ``model`` traced for it and frozen here.
 
     Keras' ``model.export(format="onnx")`` (``tf2onnx.convert.from_function``) fails on
@@ -219,7 +560,6 @@ def _write_onnx(model: keras.Model, target: Path) -> None:
     ``StatefulPartitionedCall`` (traced as depthwise convolutions: :class:`_DepthwiseView`);
     and exact GELU's ``Erfc`` has no tf2onnx handler (:func:`_erfc`).
     """
-    import onnx
     import tensorflow as tf
     import tf2onnx
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
@@ -235,18 +575,7 @@ def _write_onnx(model: keras.Model, target: Path) -> None:
             frozen.graph.as_graph_def(add_shapes=True), name=model.name, input_names=[image], output_names=[probs],
             opset=ONNX_OPSET, custom_op_handlers={"Erfc": (_erfc, [])},
             tensors_to_rename={image: INPUT_NAME, probs: OUTPUT_NAME})
-    for value in (*proto.graph.input, *proto.graph.output):
-        value.type.tensor_type.shape.dim[0].dim_param = "batch"
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-        if len(proto.graph.input) != 1:
-            raise onnx.checker.ValidationError(f"inputs {[i.name for i in proto.graph.input]}, not one image")
-    except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0][:200]
-        raise OsteoError(f"tf2onnx could not translate this model to ONNX ({first}); "
-                         "export --format savedmodel instead") from None
-    with atomic_path(target) as tmp:
-        onnx.save(proto, tmp)
+    return proto
 
 
 def _onnx_call(layer: keras.layers.Layer, *args, **kwargs):

@@ -2,11 +2,16 @@
 
 The ONNX file and the SavedModel are run in subprocesses that never import osteo (what
 a consumer of an export has), on phantom images as uint8 and as float; each must match
-``apply_temperature(the best model's probabilities, T)`` to 1e-4.
+``apply_temperature(the best model's probabilities, T)`` to 1e-4. The ONNX export's
+``predict.py`` reads image files of each kind as osteo does, in an interpreter that cannot
+import osteo, Keras, TensorFlow or PyTorch, and gives ``osteo predict``'s probabilities; its
+decode and resize are compared with osteo's own. (The timm engine's ONNX export:
+tests/test_export_timm.py, on PyTorch.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -16,13 +21,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from export_consumer import max_diff, probabilities, run_script, write_image_files
 
+from osteo import export_predict
 from osteo.calibrate import apply_temperature
 from osteo.errors import OsteoError
-from osteo.export import export_run
-from osteo.predict import load_best
+from osteo.export import SCRIPT_SOURCE, export_run, isolated
+from osteo.predict import load_best, predict_files
 from osteo.runs import RunDir
 from osteo.trainer import Trainer
+
+NEEDS_ONNX = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("tf2onnx") is None,
+    reason="needs the export extra and onnxruntime: pip install 'osteo[dev]'")
 
 TEMPERATURE = 1.7
 TOLERANCE = 1e-4
@@ -105,11 +116,16 @@ def test_calibration_changes_the_probabilities(expected, run, images):
     assert np.abs(raw - expected["float"]).max() > 1e-3
 
 
-@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("tf2onnx") is None,
-                    reason="needs the export extra and onnxruntime: pip install 'osteo[dev]'")
-def test_onnx_matches_keras_without_osteo(run, images, expected, tmp_path):
-    path = export_run(run, "onnx", None)
-    assert path == run.path / "export" / "model.onnx" and path.stat().st_size > 0
+@pytest.fixture(scope="module")
+def onnx_export(run) -> Path:
+    """The run exported in the default format (ONNX) to the default place."""
+    return export_run(run)
+
+
+@NEEDS_ONNX
+def test_onnx_matches_keras_without_osteo(onnx_export, images, expected, tmp_path):
+    path = onnx_export
+    assert path.name == "model.onnx" and path.stat().st_size > 0
     info, got = _consume("onnx", path, images, tmp_path)
     assert info == {"input": ["image", "tensor(float)", ["batch", "32", "32", "1"]],
                     "output": ["probabilities", ["batch", "3"]]}
@@ -119,8 +135,70 @@ def test_onnx_matches_keras_without_osteo(run, images, expected, tmp_path):
     assert not list(path.parent.glob(".*.tmp*"))  # no temporaries left beside it
 
 
-@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("tf2onnx") is None,
-                    reason="needs the export extra and onnxruntime: pip install 'osteo[dev]'")
+@NEEDS_ONNX
+def test_onnx_record_says_what_was_written_and_how_close_it_is(run, onnx_export):
+    record = json.loads((onnx_export.parent / "export.json").read_text())
+    assert onnx_export.parent == run.path / "export"
+    n_val = sum(r["split"] == "val" for r in run.read_split())
+    assert record["parity"].pop("max_abs_diff") <= TOLERANCE
+    assert record["parity"].pop("runtime").startswith("onnxruntime ")
+    assert record["parity"] == {"reference": "osteo predict, float32 arithmetic", "images": min(16, n_val),
+                                "source": "validation", "tolerance": TOLERANCE}
+    assert record["exporter"].startswith("tf2onnx ")
+    assert record["sha256"] == hashlib.sha256(onnx_export.read_bytes()).hexdigest()
+    assert {k: record[k] for k in ("file", "format", "opset", "engine", "backbone", "backend", "input", "output",
+                                   "temperature", "calibrated", "preprocessing", "script")} == {
+        "file": "model.onnx", "format": "onnx", "opset": 17, "engine": "keras", "backbone": "tiny",
+        "backend": "tensorflow", "temperature": TEMPERATURE, "calibrated": True, "script": "predict.py",
+        "input": {"name": "image", "shape": ["batch", 32, 32, 1], "dtype": "float32", "range": [0, 255]},
+        "output": {"name": "probabilities", "shape": ["batch", 3], "dtype": "float32",
+                   "classes": ["normal", "osteopenia", "osteoporosis"]},
+        "preprocessing": {"decode": "osteo.data.decode", "resize": "pad", "box_filter": True, "levels": 65535}}
+    assert (onnx_export.parent / "predict.py").read_text() == SCRIPT_SOURCE.read_text()
+
+
+@NEEDS_ONNX
+def test_predict_script_gives_osteo_predicts_probabilities_without_osteo(run, onnx_export, tmp_path):
+    files = write_image_files(tmp_path / "clinic")
+    (tmp_path / "clinic" / "notes.txt").write_text("not an image")
+    proc = run_script(onnx_export.parent / "predict.py", tmp_path / "clinic", cwd=tmp_path)
+    assert proc.returncode == 1  # the unreadable file: one line on stderr, no row
+    assert proc.stderr.splitlines() == [f"predict.py: {tmp_path / 'clinic' / 'notes.txt'}: unknown file signature "
+                                        "(not PNG, JPEG, BMP, TIFF or DICOM)"]
+    got = probabilities(proc.stdout)
+    predict_files(run, [str(f) for f in files], tmp_path / "osteo.csv")
+    want = probabilities((tmp_path / "osteo.csv").read_text())
+    assert sorted(got) == sorted(map(str, files))
+    assert max_diff(got, want) <= TOLERANCE
+    # what made that a consumer's interpreter: osteo and the frameworks cannot be imported there
+    for name in ("osteo", "keras", "tensorflow", "torch"):
+        blocked = subprocess.run(isolated(f"import {name}"), capture_output=True, text=True, cwd=tmp_path)
+        assert blocked.returncode == 1 and f"ModuleNotFoundError: import of {name} halted" in blocked.stderr
+
+
+@NEEDS_ONNX
+def test_an_onnx_model_unlike_osteo_predict_is_not_written(run, tmp_path, monkeypatch):
+    from osteo import export
+
+    calibrated = export.calibrated_model
+    monkeypatch.setattr(export, "calibrated_model", lambda model, t: calibrated(model, 3 * t))  # a wrong graph
+    with pytest.raises(OsteoError, match=r"probabilities differ from osteo predict's by .* on \d+ images; "
+                                         "nothing written; export --format savedmodel instead") as e:
+        export_run(run, "onnx", tmp_path / "m.onnx")
+    assert "\n" not in str(e.value) and list(tmp_path.iterdir()) == []
+
+
+@NEEDS_ONNX
+def test_parity_is_measured_on_noise_when_the_runs_images_are_gone(run, tmp_path):
+    moved = RunDir(shutil.copytree(run.path, tmp_path / "tiny" / "moved", ignore=shutil.ignore_patterns("export")))
+    recipe = moved.read_recipe()
+    recipe.data.dir = str(tmp_path / "gone")
+    moved.write_recipe(recipe)
+    parity = json.loads((export_run(moved).parent / "export.json").read_text())["parity"]
+    assert (parity["source"], parity["images"]) == ("synthetic", 16) and parity["max_abs_diff"] <= TOLERANCE
+
+
+@NEEDS_ONNX
 def test_onnx_converts_what_the_real_backbones_use(run, images, tmp_path, monkeypatch):
     """Captured constants (EfficientNetV2), grouped convolutions and exact GELU (ConvNeXt)."""
     import keras
@@ -141,6 +219,24 @@ def test_onnx_converts_what_the_real_backbones_use(run, images, tmp_path, monkey
     got = session.run(None, {"image": images["float"]})[0]
     want = apply_temperature(model.predict(images["float"], verbose=0), TEMPERATURE)
     assert _max_diff(got, want) <= TOLERANCE
+
+
+def test_the_parity_reference_computes_without_tf32():
+    """TensorFlow allows TF32 on GPUs by default: the export's reference turns it off, and back."""
+    import tensorflow as tf
+
+    from osteo.export import _ieee_float32
+
+    enabled = tf.config.experimental.tensor_float_32_execution_enabled
+    before = enabled()
+    tf.config.experimental.enable_tensor_float_32_execution(True)
+    try:
+        with pytest.raises(RuntimeError), _ieee_float32():
+            assert not enabled()
+            raise RuntimeError("an export that fails half-way")
+        assert enabled()
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(before)
 
 
 def test_savedmodel_matches_keras_without_osteo(run, images, expected, tmp_path):
@@ -205,3 +301,87 @@ def test_errors_are_one_line_osteo_errors(run, tmp_path, monkeypatch):
     with pytest.raises(OsteoError, match=r"needs tf2onnx: pip install 'osteo\[export\]'"):
         export_run(run.path, "onnx", tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists() and run.best_path.is_file()
+
+
+# --------------------------------------------------------------------------- predict.py's decode and resize
+
+# Shapes (height, width) whose pad resize osteo's TensorFlow code cannot make today: a side
+# becomes 0 pixels; predict.py keeps it 1 pixel wide.
+THIN = {(3, 2000), (2000, 3), (1, 700), (5, 700), (700, 5), (40, 2000)}
+
+
+def _more_image_kinds(folder: Path) -> list[Path]:
+    """Pillow modes and DICOM encodings beyond write_image_files's."""
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    rng = np.random.default_rng(11)
+    gray = rng.integers(0, 256, (23, 37), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (23, 37, 3), dtype=np.uint8)
+    floats = rng.normal(0, 1000, (19, 29)).astype(np.float32)
+    floats[0, :3] = [np.nan, np.inf, -np.inf]
+    kinds = {
+        "palette.png": Image.fromarray(rgb).convert("P"), "rgba.png": Image.fromarray(rgb).convert("RGBA"),
+        "la.png": Image.fromarray(gray).convert("LA"), "bits.png": Image.fromarray(gray).convert("1"),
+        "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"), "gray.bmp": Image.fromarray(gray),
+        "float.tif": Image.fromarray(floats, "F"),
+        "int32.tif": Image.fromarray(rng.integers(-5000, 90000, (17, 21)).astype(np.int32), "I"),
+    }
+    for name, img in kinds.items():
+        img.save(folder / name)
+    dicoms = [Path(get_testdata_file(n, download=False))
+              for n in ("MR_small_RLE.dcm", "SC_rgb_rle_2frame.dcm", "JPEG2000.dcm")]
+    return [folder / n for n in kinds] + dicoms
+
+
+def test_predict_script_decodes_every_kind_as_osteo_does(tmp_path):
+    from osteo.data.decode import DecodeError, decode_bytes, decode_file
+    from osteo.predict import load_images
+
+    files = write_image_files(tmp_path) + _more_image_kinds(tmp_path)
+    for f in files:
+        want, _ = decode_file(f)
+        np.testing.assert_array_equal(export_predict.decode(f.read_bytes()), want[..., 0], err_msg=f.name)
+        for size, resize in ((32, "pad"), (48, "stretch")):
+            (ref,), _ = load_images([f], size, resize)
+            got = export_predict.prepare(f.read_bytes(), size, resize)
+            # the same 16-bit levels, but where the box filter's float32 sums round a mean
+            # across a level's boundary (TensorFlow's order of summation is its own)
+            assert got.shape == ref.shape and np.abs(got - ref).max() <= 1 / 257 + 1e-6, f.name
+            assert np.mean(got != ref) < 0.01, f.name
+    png = (tmp_path / "gray8.png").read_bytes()
+    for data in (b"", b"not an image", png[:-40]):  # what osteo cannot read, predict.py cannot either
+        with pytest.raises(DecodeError):
+            decode_bytes(data)
+        with pytest.raises(export_predict.Unreadable):
+            export_predict.decode(data)
+
+
+def test_predict_script_resizes_as_osteo_does_on_a_grid_of_shapes():
+    import tensorflow as tf
+
+    from osteo.data.pipeline import box_factor, resize_image
+
+    rng = np.random.default_rng(5)
+    shapes = [(1, 1), (2, 3), (7, 5), (31, 32), (33, 32), (64, 64), (100, 37), (37, 100), (257, 300),
+              (300, 257), (999, 1000), (5, 17), *sorted(THIN)]
+    failed = set()
+    for h, w in shapes:
+        img = rng.uniform(0, 255, (h, w)).astype(np.float32)
+        for size in (17, 32, 224):
+            for resize in ("pad", "stretch"):
+                got = export_predict.resize_image(img, size, resize)
+                assert got.shape == (size, size) and got.dtype == np.float32
+                try:
+                    want = resize_image(tf.constant(img[..., None]), size, resize,
+                                        box_factor(w, h, size, resize)).numpy()[..., 0]
+                except (ValueError, tf.errors.InvalidArgumentError):
+                    failed.add((h, w))  # a side of 0 pixels: predict.py's keeps 1 (checked below)
+                    assert got.min() >= 0 and got.max() <= 255 and got.max() > 0
+                    continue
+                # the box filter's means are summed in another order than TensorFlow's (~1e-5);
+                # anything else (another interpolation, rounding or padding) is off by far more
+                np.testing.assert_allclose(got, want, rtol=0, atol=1e-3, err_msg=f"{h}x{w} at {size} {resize}")
+                if box_factor(w, h, size, resize) == 1:
+                    np.testing.assert_array_equal(got, want, err_msg=f"{h}x{w} at {size} {resize}")
+    assert failed <= THIN, failed - THIN
