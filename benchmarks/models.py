@@ -174,6 +174,13 @@ class OsteoRow:
         x = rng.uniform(0, 255, (STREAM_BATCHES * self.bs, self.size, self.size, 1)).astype("float32")
         y = (np.arange(len(x)) % 3).astype("int32")
         self.batches = [(x[i: i + self.bs], y[i: i + self.bs]) for i in range(0, len(x), self.bs)]
+        self.feed = None
+        if keras.backend.backend() == "torch":  # osteo train's feed there: uint16 levels to the device
+            from osteo.data.feed import TorchFeed
+            from osteo.data.pipeline import SCALE
+
+            levels = np.round(x * SCALE).astype("uint16")
+            self.feed = TorchFeed(levels, y, self.bs, training=True)
         self.last_steps = MIN_STEPS
         self.stack = contextlib.ExitStack()
         self.dataset = None
@@ -182,8 +189,13 @@ class OsteoRow:
                      "backend": keras.backend.backend(), "versions": _versions()}
 
     def _stream(self):
-        """An endless stream of NumPy batches: what osteo's tf.data training stream hands Keras
-        (each batch is made a tensor on the device as it is used)."""
+        """The training stream ``osteo train`` hands Keras: on PyTorch its TorchFeed (batches
+        already on the device), on TensorFlow NumPy batches as tf.data's would be."""
+        if self.feed is not None:
+            return self.feed
+        return self._numpy_batches()
+
+    def _numpy_batches(self):
         while True:
             yield from self.batches
 
