@@ -9,8 +9,8 @@ its preprocessing code:
       -> three calibrated probabilities, in osteo.CLASSES order  ("probabilities")
 
 ``size`` is the run's input size; the image is what ``osteo predict`` feeds the model
-(a file decoded by :mod:`osteo.data.decode`, resized by
-:func:`osteo.data.pipeline.resize_image`, at the image cache's 16-bit levels). T comes
+(a file decoded, box-filtered and resized into the image cache's 16-bit levels by
+:func:`osteo.data.pipeline.load_levels`, divided by 257). T comes
 from the run's ``calibration.json`` (``osteo calibrate``); T = 1 for a run not
 calibrated, which leaves the probabilities as trained. The operating points' thresholds
 stay in ``calibration.json``: they apply to these probabilities. The training-time

@@ -11,26 +11,36 @@ the calibrated probabilities that ``osteo predict RUN FILES`` gives for the same
 (hidden files skipped). A file that cannot be read gets a line on stderr and no row; the
 exit status is then 1.
 
-Each image goes through osteo's own steps, rewritten here in NumPy:
+Each image becomes the model's input as ``osteo predict`` makes it
+(``osteo.data.pipeline.load_levels``, divided by 257), in the same NumPy arithmetic, so
+the two inputs are equal bit for bit:
 
-* decode (``osteo.data.decode``): 8-bit images as their gray levels (colour through
-  Pillow's luminance), 16-bit images scaled by 1/257, floating-point TIFFs and DICOM
-  stretched from their minimum to their maximum (DICOM after its modality LUT and its
-  VOI LUT or window; MONOCHROME1 inverted; colour DICOM as luminance; the first frame);
-* resize (``osteo.data.pipeline.resize_image``): an integer box filter, then TensorFlow's
-  bilinear resize (half-pixel centres), padded to a square (``pad``) or stretched;
-* quantize to the 16-bit levels of osteo's image cache (``round(x * 257) / 257``).
+* decode (``osteo.data.decode.decode_gray``): 8-bit images as their gray levels; a
+  colour JPEG as its luminance straight from libjpeg (Pillow's draft mode), decoded at
+  a reduced DCT scale (1/2, 1/4, 1/8) when the target size allows (:func:`jpeg_ratio`);
+  other colour images through Pillow's ``convert("L")``; 16-bit images scaled by 1/257;
+  floating-point TIFFs stretched from their minimum to their maximum; DICOM after its
+  modality LUT and its VOI LUT or window, stretched likewise (MONOCHROME1 inverted;
+  colour DICOM as luminance; the first frame);
+* resize (``osteo.data.pipeline.resize_gray``): an integer box filter
+  (:func:`box_factor`), then a bilinear resize with half-pixel centres, padded to a
+  square (``pad``) or stretched; a thin image keeps at least one pixel across;
+* quantize to the 16-bit levels of osteo's image cache (``to_levels``: x 257, rounded)
+  and feed ``levels / 257`` as float32.
 
-Where osteo's resize would make a side of a very thin image 0 pixels wide, this keeps it
-1 pixel wide. ``osteo`` keeps this file as ``osteo/export_predict.py`` and tests it
-against its own decode and resize.
+``osteo`` keeps this file as ``osteo/export_predict.py``; tests/test_export.py checks
+that its input equals ``load_levels``'s on every kind of file and on a grid of shapes.
+Each function below that repeats osteo's arithmetic names the one it mirrors: a change
+to one must be made to the other.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
+import math
 import os
 import sys
 import warnings
@@ -41,7 +51,10 @@ import numpy as np
 CLASSES = ("normal", "osteopenia", "osteoporosis")
 COLUMNS = ("path", *(f"p_{c}" for c in CLASSES))
 MAX_PIXELS = 1 << 26  # osteo.data.decode.MAX_PIXELS
-LEVELS = np.float32(257.0)  # osteo.data.pipeline.SCALE: [0, 255] <-> [0, 65535]
+STRIP_BYTES = 8 << 20  # osteo.data.decode.STRIP_BYTES
+DCT_SCALES = (8, 4, 2)  # osteo.data.decode.DCT_SCALES
+DETAIL_SIDE = 128  # osteo.data.scan.DETAIL_SIDE (the audit's DCT scale bounds the cache's)
+SCALE = 257.0  # osteo.data.pipeline.SCALE: [0, 255] <-> [0, 65535]
 BATCH = 32
 _F32 = np.float32
 
@@ -53,31 +66,77 @@ class Unreadable(Exception):
 # --------------------------------------------------------------------------- decode
 
 
-def decode(data: bytes) -> np.ndarray:
-    """The image in ``data`` as float32 (H, W) gray levels in [0, 255], as osteo decodes it."""
+class Gray:
+    """A decoded image before its conversion to float (mirrors ``osteo.data.decode.Gray``):
+    ``pixels`` (H, W) as the decoder gave them and the map to float32 in [0, 255]."""
+
+    def __init__(self, pixels: np.ndarray, kind: str, lo: float = 0.0, hi: float = 0.0):
+        self.pixels, self.kind, self.lo, self.hi = pixels, kind, lo, hi
+
+    def as_float(self, block: np.ndarray) -> np.ndarray:
+        """Mirrors ``osteo.data.decode.Gray.as_float``."""
+        if self.kind == "float":
+            return block.astype(_F32, copy=False)
+        out = block.astype(_F32)
+        if self.kind == "u16":
+            return np.clip(out, 0, 65535) / 257.0
+        if self.kind == "stretch":
+            if not self.hi > self.lo:
+                return np.zeros_like(out)
+            if not np.isfinite(out).all():
+                np.nan_to_num(out, copy=False, nan=self.lo, posinf=self.hi, neginf=self.lo)
+            return (out - self.lo) / (self.hi - self.lo) * 255.0
+        return out
+
+    def to_float(self) -> np.ndarray:
+        """The whole image as float32 (H, W) in [0, 255]."""
+        return np.ascontiguousarray(self.as_float(self.pixels), dtype=_F32)
+
+    def box_mean(self, box: int) -> np.ndarray:
+        """float32 (H // box, W // box): means of box x box blocks of the float image, summed
+        in osteo's order (mirrors ``osteo.data.decode.Gray.box_mean``)."""
+        box = max(1, min(box, *self.pixels.shape))
+        px = self.pixels
+        # the map to float is affine for these, so it can follow the averaging
+        after = self.kind in ("u8", "float") or (self.kind == "u16" and px.dtype == np.uint16)
+        h, w = px.shape[0] // box, px.shape[1] // box
+        out = np.empty((h, w), _F32)
+        step = max(1, STRIP_BYTES // (4 * box * px.shape[1]))  # output rows per strip
+        for r in range(0, h, step):
+            block = px[r * box : min(r + step, h) * box, : w * box]
+            if not after:
+                block = self.as_float(block)
+            rows = block[0::box].astype(_F32)
+            for k in range(1, box):
+                rows += block[k::box]
+            if box == 1:
+                out[r : r + len(rows)] = rows
+                continue
+            acc = rows[:, 0::box].copy()
+            for k in range(1, box):
+                acc += rows[:, k::box]
+            out[r : r + len(acc)] = acc
+        if box > 1:
+            out *= _F32(1 / (box * box))
+        if after and self.kind == "u16":
+            out = self.as_float(out)
+        return out
+
+
+def decode(data: bytes, scale=None) -> Gray:
+    """The image in ``data`` as one gray channel, as osteo decodes it (mirrors
+    ``osteo.data.decode.decode_gray``). ``scale(width, height)``: the DCT scale to decode
+    a JPEG at (:func:`jpeg_ratio`); full size without it."""
+    if not data:
+        raise Unreadable("empty file")
     if len(data) >= 132 and data[128:132] == b"DICM":
         return _decode_dicom(data)
-    if not data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*")):
+    formats = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"BM", "bmp"), (b"II*\x00", "tiff"),
+               (b"MM\x00*", "tiff"))
+    fmt = next((name for magic, name in formats if data.startswith(magic)), None)
+    if fmt is None:
         raise Unreadable("unknown file signature (not PNG, JPEG, BMP, TIFF or DICOM)")
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
-            _check_pixels(*img.size)
-            img.load()
-        if img.mode.startswith("I;16") or img.mode == "I":
-            return np.clip(np.asarray(img).astype(_F32), 0, 65535) / 257.0
-        if img.mode == "F":
-            return _stretch(np.asarray(img).astype(_F32))
-        if img.mode == "CMYK":
-            img = img.convert("RGB")
-        return np.asarray(img if img.mode == "L" else img.convert("L")).astype(_F32)
-    except Unreadable:
-        raise
-    except Exception as e:  # Pillow raises many types on corrupt data
-        raise Unreadable(f"decode failed: {type(e).__name__}: {str(e)[:120]}") from None
+    return _decode_pillow(data, fmt, scale)
 
 
 def _check_pixels(width: int, height: int) -> None:
@@ -85,21 +144,59 @@ def _check_pixels(width: int, height: int) -> None:
         raise Unreadable(f"{width} x {height} pixels exceeds the limit of {MAX_PIXELS:,}; downscale it")
 
 
+def _decode_pillow(data: bytes, fmt: str, scale=None) -> Gray:
+    """Mirrors ``osteo.data.decode._decode_pillow``."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():  # Pillow's decompression-bomb warnings: our limit is lower
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        _check_pixels(width, height)
+        if fmt == "jpeg":
+            # at the DCT scale asked for (Pillow takes the largest that keeps the size given),
+            # and gray straight from libjpeg: a colour JPEG's luminance (Y) channel. CMYK has
+            # no such gray: converted below.
+            want = scale(width, height) if scale else 1
+            img.draft(None if img.mode == "CMYK" else "L", (max(1, width // want), max(1, height // want)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()
+        mode = img.mode
+        lo = hi = 0.0
+        if mode.startswith("I;16") or mode == "I":
+            pixels, kind = np.asarray(img), "u16"
+        elif mode == "F":
+            pixels, kind = np.asarray(img), "stretch"
+            lo, hi = _finite_range(pixels)
+        else:
+            if mode == "CMYK":
+                img = img.convert("RGB")
+            if img.mode != "L":
+                img = img.convert("L")
+            pixels, kind = np.asarray(img), "u8"
+    except Unreadable:
+        raise
+    except Exception as e:  # Pillow raises many types on corrupt data
+        raise Unreadable(f"{fmt} decode failed: {type(e).__name__}: {str(e)[:120]}") from None
+    if pixels.ndim != 2 or pixels.size == 0:
+        raise Unreadable(f"{fmt} decode failed: unexpected shape {pixels.shape}")
+    return Gray(pixels, kind, lo, hi)
+
+
 def _finite_range(arr: np.ndarray) -> tuple[float, float]:
-    finite = arr[np.isfinite(arr)]
-    return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    """(min, max) of the finite values of ``arr``; (0, 0) when there are none."""
+    finite = np.isfinite(arr)
+    if finite.all():
+        return float(arr.min()), float(arr.max())
+    if not finite.any():
+        return 0.0, 0.0
+    return float(arr[finite].min()), float(arr[finite].max())
 
 
-def _stretch(arr: np.ndarray) -> np.ndarray:
-    """(arr - min) / (max - min) * 255 over the finite values (non-finite ones clipped to them)."""
-    lo, hi = _finite_range(arr)
-    if not hi > lo:
-        return np.zeros(arr.shape, _F32)
-    arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
-    return ((arr - lo) / (hi - lo) * 255.0).astype(_F32)
-
-
-def _decode_dicom(data: bytes) -> np.ndarray:
+def _decode_dicom(data: bytes) -> Gray:
+    """Mirrors ``osteo.data.decode._decode_dicom``."""
     try:
         import pydicom
         from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
@@ -109,99 +206,121 @@ def _decode_dicom(data: bytes) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data))
-            _check_pixels(int(ds.Columns), int(ds.Rows))
             frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-            pixels = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
+            _check_pixels(int(ds.Columns), int(ds.Rows))
+            pixels = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array  # one frame decoded
             if getattr(ds, "SamplesPerPixel", 1) > 1:  # colour: luminance
                 pixels = pixels[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
             else:
                 pixels = apply_modality_lut(pixels, ds)
                 if "WindowCenter" in ds or "VOILUTSequence" in ds:
                     pixels = apply_voi_lut(pixels, ds)
-        arr = np.array(pixels, dtype=np.float64)
+        arr = np.array(pixels, dtype=np.float64)  # a copy: written in place below
+    except Unreadable:
+        raise
     except Exception as e:  # pydicom raises many types on truncated or odd files
         raise Unreadable(f"dicom decode failed: {type(e).__name__}: {str(e)[:120]}") from None
     if arr.ndim != 2 or arr.size == 0:
         raise Unreadable(f"dicom decode failed: unexpected pixel shape {arr.shape}")
     lo, hi = _finite_range(arr)
+    if not np.isfinite(arr).all():
+        np.nan_to_num(arr, copy=False, nan=lo, posinf=hi, neginf=lo)
     if hi > lo:
-        arr = (np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo) - lo) / (hi - lo) * 255.0
+        arr -= lo
+        arr /= hi - lo
+        arr *= 255.0
     else:
-        arr = np.zeros_like(arr)
+        arr[...] = 0.0
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        arr = 255.0 - arr
-    return arr.astype(_F32)
+        np.subtract(255.0, arr, out=arr)
+    return Gray(arr.astype(_F32), "float")
 
 
 # --------------------------------------------------------------------------- resize
 
 
-def box_factor(width: int, height: int, size: int, resize: str = "pad") -> int:
-    """The integer box-filter factor osteo shrinks an image by before its bilinear resize."""
+def dct_scale(width: int, height: int, side: int) -> int:
+    """Mirrors ``osteo.data.decode.dct_scale``: the largest JPEG DCT scale at which the
+    shorter side keeps ``side`` pixels."""
+    for s in DCT_SCALES:
+        if -(-min(width, height) // s) >= side:
+            return s
+    return 1
+
+
+def jpeg_ratio(width: int, height: int, size: int, resize: str = "pad") -> int:
+    """The DCT scale a JPEG is decoded at for ``size`` (mirrors ``osteo.data.pipeline.jpeg_ratio``,
+    with ``osteo.data.scan.audit_scale``: at most the audit's, dct_scale(..., DETAIL_SIDE))."""
     side = max(width, height) if resize == "pad" else min(width, height)
-    return max(1, side // size)
+    for r in (8, 4, 2):
+        if math.ceil(side / r) >= size:
+            return min(r, dct_scale(width, height, DETAIL_SIDE))
+    return 1
 
 
-def resize_image(img: np.ndarray, size: int, resize: str = "pad") -> np.ndarray:
-    """float32 (H, W) -> (size, size) in [0, 255]: box filter, then bilinear, padded or stretched.
+def box_factor(width: int, height: int, size: int, resize: str = "pad") -> int:
+    """The integer box-filter factor (mirrors ``osteo.data.pipeline.box_factor``)."""
+    side = max(width, height) if resize == "pad" else min(width, height)
+    return max(1, min(side // size, width, height))
 
-    The arithmetic is TensorFlow's, in float32 (``tf.image.resize_with_pad`` decides the
-    resized size and the padding; ``tf.image.resize(..., "bilinear")`` interpolates).
-    """
+
+def resize_gray(gray: Gray, size: int, resize: str = "pad") -> np.ndarray:
+    """(size, size) float32 in [0, 255]: box filter, then bilinear, padded or stretched
+    (mirrors ``osteo.data.pipeline.resize_gray``)."""
     if resize not in ("pad", "stretch"):
         raise ValueError(f"resize must be pad or stretch, not {resize!r}")
-    img = _box_filter(np.asarray(img, _F32), box_factor(img.shape[1], img.shape[0], size, resize))
+    h, w = gray.pixels.shape
+    img = gray.box_mean(box_factor(w, h, size, resize))
     if resize == "stretch":
-        out = _bilinear(img, size, size)
-    else:
-        h, w, target = _F32(img.shape[0]), _F32(img.shape[1]), _F32(size)
-        ratio = max(w / target, h / target)
-        rh, rw = h / ratio, w / ratio
-        top, left = (max(0, int(np.floor((target - r) / _F32(2)))) for r in (rh, rw))
-        resized = _bilinear(img, max(1, int(np.floor(rh))), max(1, int(np.floor(rw))))
-        out = np.zeros((size, size), _F32)
-        out[top : top + resized.shape[0], left : left + resized.shape[1]] = resized
-    return np.clip(out, _F32(0), _F32(255))
+        return _bilinear(img, size, size)
+    h, w = img.shape
+    long = max(h, w)
+    rh, rw = max(1, h * size // long), max(1, w * size // long)
+    top, left = size * (long - h) // (2 * long), size * (long - w) // (2 * long)
+    out = np.zeros((size, size), _F32)
+    out[top : top + rh, left : left + rw] = _bilinear(img, rh, rw)
+    return out
 
 
-def _box_filter(img: np.ndarray, box: int) -> np.ndarray:
-    """Means of ``box`` x ``box`` blocks (the rows and columns left over are dropped).
-
-    A side shorter than ``box`` becomes one block of all of it (osteo's would become 0).
-    The means are summed in float64: TensorFlow sums float32 in an order of its own (SIMD
-    lanes, a tree over long blocks), so no float32 order here would match it everywhere;
-    the means differ from its by about 1e-5 of 255.
-    """
-    if box == 1:
-        return img
-    (h, w), (bh, bw) = img.shape, (min(box, img.shape[0]), min(box, img.shape[1]))
-    img = img[: h // bh * bh, : w // bw * bw]
-    return img.reshape(h // bh, bh, w // bw, bw).mean(axis=(1, 3), dtype=np.float64).astype(_F32)
+@functools.lru_cache(maxsize=64)
+def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear taps with half-pixel centres: each output pixel's lower and upper source
+    index and the upper one's weight (mirrors ``osteo.data.pipeline._taps``)."""
+    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    low = np.floor(src)
+    lo = np.clip(low, 0, n_in - 1).astype(np.intp)
+    hi = np.clip(np.ceil(src), 0, n_in - 1).astype(np.intp)
+    weight = (src - low).astype(_F32)
+    for a in (lo, hi, weight):  # shared by the cache
+        a.flags.writeable = False
+    return lo, hi, weight
 
 
 def _bilinear(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """TensorFlow's ResizeBilinear with half-pixel centres and no antialiasing."""
-    (y0, y1, ly), (x0, x1, lx) = _weights(img.shape[0], out_h), _weights(img.shape[1], out_w)
-    rows0, rows1 = img[y0], img[y1]
-    top = rows0[:, x0] + (rows0[:, x1] - rows0[:, x0]) * lx
-    bottom = rows1[:, x0] + (rows1[:, x1] - rows1[:, x0]) * lx
-    return top + (bottom - top) * ly[:, None]
+    """Rows, then columns (mirrors ``osteo.data.pipeline._bilinear``)."""
+    lo, hi, t = _taps(img.shape[0], out_h)
+    top = img[lo]
+    rows = top + (img[hi] - top) * t[:, None]
+    lo, hi, t = _taps(img.shape[1], out_w)
+    left = rows[:, lo]
+    return left + (rows[:, hi] - left) * t
 
 
-def _weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each output pixel's two source pixels and the weight of the second, as TensorFlow computes them."""
-    scale = _F32(in_size) / _F32(out_size)
-    src = (np.arange(out_size, dtype=_F32) + _F32(0.5)) * scale - _F32(0.5)
-    floor = np.floor(src)
-    lower = np.maximum(floor.astype(np.int64), 0)
-    upper = np.minimum(np.ceil(src).astype(np.int64), in_size - 1)
-    return lower, upper, src - floor
+def to_levels(img: np.ndarray) -> np.ndarray:
+    """float [0, 255] (size, size) -> uint16 levels (size, size, 1) (mirrors ``osteo.data.pipeline.to_levels``)."""
+    return np.clip(np.round(img * _F32(SCALE)), 0, 65535).astype(np.uint16)[..., None]
+
+
+def load_levels(data: bytes, size: int, resize: str = "pad") -> np.ndarray:
+    """A file's bytes -> its uint16 levels (size, size, 1) (mirrors ``osteo.data.pipeline.load_levels``)."""
+    gray = decode(data, functools.partial(jpeg_ratio, size=size, resize=resize))
+    return to_levels(resize_gray(gray, size, resize))
 
 
 def prepare(data: bytes, size: int, resize: str) -> np.ndarray:
-    """A file's bytes -> the model's input (size, size, 1), as ``osteo predict`` makes it."""
-    img = resize_image(decode(data), size, resize)
-    return (np.round(img * LEVELS) / LEVELS)[..., None]
+    """A file's bytes -> the model's input, float32 (size, size, 1), as ``osteo predict`` makes
+    it (``osteo.predict.load_images``: the levels / 257)."""
+    return load_levels(data, size, resize).astype(_F32) / _F32(SCALE)
 
 
 # --------------------------------------------------------------------------- model

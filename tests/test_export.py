@@ -5,7 +5,8 @@ a consumer of an export has), on phantom images as uint8 and as float; each must
 ``apply_temperature(the best model's probabilities, T)`` to 1e-4. The ONNX export's
 ``predict.py`` reads image files of each kind as osteo does, in an interpreter that cannot
 import osteo, Keras, TensorFlow or PyTorch, and gives ``osteo predict``'s probabilities; its
-decode and resize are compared with osteo's own. (The timm engine's ONNX export:
+input path (bytes to the model's float32 input) equals osteo's ``load_levels`` / 257 bit for
+bit on every kind of file and on a grid of shapes. (The timm engine's ONNX export:
 tests/test_export_timm.py, on PyTorch.)
 """
 
@@ -303,15 +304,16 @@ def test_errors_are_one_line_osteo_errors(run, tmp_path, monkeypatch):
     assert not (tmp_path / "m.onnx").exists() and run.best_path.is_file()
 
 
-# --------------------------------------------------------------------------- predict.py's decode and resize
+# --------------------------------------------------------------------------- predict.py's input path
 
-# Shapes (height, width) whose pad resize osteo's TensorFlow code cannot make today: a side
-# becomes 0 pixels; predict.py keeps it 1 pixel wide.
-THIN = {(3, 2000), (2000, 3), (1, 700), (5, 700), (700, 5), (40, 2000)}
+SIZES = (17, 32, 224)
+MODES = ("pad", "stretch")
 
 
 def _more_image_kinds(folder: Path) -> list[Path]:
-    """Pillow modes and DICOM encodings beyond write_image_files's."""
+    """Pillow modes, formats and DICOM encodings beyond write_image_files's, and JPEGs large
+    enough to be decoded at a reduced DCT scale."""
+    import pydicom
     from PIL import Image
     from pydicom.data import get_testdata_file
 
@@ -320,35 +322,96 @@ def _more_image_kinds(folder: Path) -> list[Path]:
     rgb = rng.integers(0, 256, (23, 37, 3), dtype=np.uint8)
     floats = rng.normal(0, 1000, (19, 29)).astype(np.float32)
     floats[0, :3] = [np.nan, np.inf, -np.inf]
+    # smooth, with noise: JPEG keeps it, and each DCT scale gives other pixels
+    ramp = np.add.outer(np.linspace(0, 120, 1500), np.linspace(0, 120, 2100))
+    big = np.clip(ramp[..., None] + [0, 40, 90] + rng.normal(0, 20, (1500, 2100, 3)), 0, 255).astype(np.uint8)
     kinds = {
-        "palette.png": Image.fromarray(rgb).convert("P"), "rgba.png": Image.fromarray(rgb).convert("RGBA"),
-        "la.png": Image.fromarray(gray).convert("LA"), "bits.png": Image.fromarray(gray).convert("1"),
+        "rgb.png": Image.fromarray(rgb), "palette.png": Image.fromarray(rgb).convert("P"),
+        "rgba.png": Image.fromarray(rgb).convert("RGBA"), "la.png": Image.fromarray(gray).convert("LA"),
+        "bits.png": Image.fromarray(gray).convert("1"), "gray.jpg": Image.fromarray(gray),
         "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"), "gray.bmp": Image.fromarray(gray),
+        "rgb.bmp": Image.fromarray(rgb), "gray.tif": Image.fromarray(gray), "rgb.tif": Image.fromarray(rgb),
+        "gray16.tif": Image.fromarray(rng.integers(0, 65536, (21, 34)).astype(np.uint16)),
         "float.tif": Image.fromarray(floats, "F"),
         "int32.tif": Image.fromarray(rng.integers(-5000, 90000, (17, 21)).astype(np.int32), "I"),
+        "big-colour.jpg": Image.fromarray(big), "big-gray.jpg": Image.fromarray(big[..., 1]),
+        "big-tall.jpg": Image.fromarray(np.ascontiguousarray(big[:, :700].transpose(1, 0, 2))),
     }
     for name, img in kinds.items():
-        img.save(folder / name)
+        img.save(folder / name, **({"quality": 90} if name.endswith(".jpg") else {}))
+    Image.fromarray(big).save(folder / "big-progressive.jpg", quality=80, progressive=True)
+    ds = pydicom.dcmread(folder / "knee.dcm")  # write_image_files's MONOCHROME1, inverted back
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.save_as(folder / "knee-m2.dcm")
     dicoms = [Path(get_testdata_file(n, download=False))
               for n in ("MR_small_RLE.dcm", "SC_rgb_rle_2frame.dcm", "JPEG2000.dcm")]
-    return [folder / n for n in kinds] + dicoms
+    return [folder / n for n in (*kinds, "big-progressive.jpg", "knee-m2.dcm")] + dicoms
+
+
+def _osteo_input(data: bytes, size: int, resize: str) -> np.ndarray:
+    """What osteo predict feeds the model for a file's bytes (osteo.predict.load_images)."""
+    from osteo.data.pipeline import SCALE, load_levels
+
+    return load_levels(data, size, resize)[0].astype(np.float32) / np.float32(SCALE)
+
+
+def test_predict_script_keeps_osteos_constants():
+    from osteo.data import decode, pipeline, scan
+
+    assert export_predict.MAX_PIXELS == decode.MAX_PIXELS and export_predict.STRIP_BYTES == decode.STRIP_BYTES
+    assert export_predict.DCT_SCALES == decode.DCT_SCALES and export_predict.DETAIL_SIDE == scan.DETAIL_SIDE
+    assert export_predict.SCALE == pipeline.SCALE and pipeline.RESIZE_MODES == MODES
+    sides = (1, 2, 3, 7, 16, 17, 31, 32, 33, 64, 127, 128, 129, 255, 256, 257, 511, 512, 513, 1023, 1024, 1025,
+             1792, 2000, 5000)
+    for w in sides:
+        for h in sides:
+            assert export_predict.dct_scale(w, h, 128) == decode.dct_scale(w, h, 128)
+            for size in (1, *SIZES, 512):
+                for resize in MODES:
+                    args = (w, h, size, resize)
+                    assert export_predict.jpeg_ratio(*args) == pipeline.jpeg_ratio(*args), args
+                    assert export_predict.box_factor(*args) == pipeline.box_factor(*args), args
 
 
 def test_predict_script_decodes_every_kind_as_osteo_does(tmp_path):
-    from osteo.data.decode import DecodeError, decode_bytes, decode_file
+    """The script's whole input path, bytes to float32 model input, equals osteo predict's bit for
+    bit on every kind of file osteo reads, at each size and resize mode; its decode too."""
+    from osteo.data.decode import DecodeError, decode_bytes, decode_gray
+    from osteo.data.pipeline import jpeg_ratio, load_levels
     from osteo.predict import load_images
 
     files = write_image_files(tmp_path) + _more_image_kinds(tmp_path)
+    reduced = set()
     for f in files:
-        want, _ = decode_file(f)
-        np.testing.assert_array_equal(export_predict.decode(f.read_bytes()), want[..., 0], err_msg=f.name)
-        for size, resize in ((32, "pad"), (48, "stretch")):
-            (ref,), _ = load_images([f], size, resize)
-            got = export_predict.prepare(f.read_bytes(), size, resize)
-            # the same 16-bit levels, but where the box filter's float32 sums round a mean
-            # across a level's boundary (TensorFlow's order of summation is its own)
-            assert got.shape == ref.shape and np.abs(got - ref).max() <= 1 / 257 + 1e-6, f.name
-            assert np.mean(got != ref) < 0.01, f.name
+        data = f.read_bytes()
+        want, got = decode_gray(data), export_predict.decode(data)
+        assert (got.kind, got.lo, got.hi, got.pixels.dtype) == (want.kind, want.lo, want.hi, want.pixels.dtype), f.name
+        np.testing.assert_array_equal(got.pixels, want.pixels, err_msg=f.name)
+        np.testing.assert_array_equal(got.to_float(), want.to_float()[..., 0], err_msg=f.name)
+        for size in SIZES:
+            for resize in MODES:
+                what = f"{f.name} at {size} {resize}"
+                levels = export_predict.load_levels(data, size, resize)
+                assert levels.dtype == np.uint16 and levels.shape == (size, size, 1), what
+                np.testing.assert_array_equal(levels, load_levels(data, size, resize)[0], err_msg=what)
+                x = export_predict.prepare(data, size, resize)
+                assert x.dtype == np.float32, what
+                np.testing.assert_array_equal(x, _osteo_input(data, size, resize), err_msg=what)
+                if f.suffix == ".jpg":
+                    info = decode_bytes(data)[1]
+                    ratio = jpeg_ratio(info.width, info.height, size, resize)
+                    if ratio > 1:
+                        reduced.add((f.name, ratio))
+                        assert export_predict.decode(data, lambda w, h, r=ratio: r).pixels.shape == (
+                            -(-info.height // ratio), -(-info.width // ratio)), what
+        (ref,), _ = load_images([f], 32, "pad")  # osteo predict's own reading of the file
+        np.testing.assert_array_equal(export_predict.prepare(data, 32, "pad"), ref, err_msg=f.name)
+    # the DCT scale was exercised, at more than one scale, for colour, gray and progressive JPEGs
+    assert {r for _, r in reduced} >= {2, 4} and {n for n, _ in reduced} >= {
+        "big-colour.jpg", "big-gray.jpg", "big-tall.jpg", "big-progressive.jpg"}, reduced
+    # the inversion of MONOCHROME1 happened in both (the DICOM file is otherwise the same)
+    m1, m2 = (export_predict.decode((tmp_path / n).read_bytes()).to_float() for n in ("knee.dcm", "knee-m2.dcm"))
+    np.testing.assert_allclose(m1, 255 - m2, atol=1e-4)
     png = (tmp_path / "gray8.png").read_bytes()
     for data in (b"", b"not an image", png[:-40]):  # what osteo cannot read, predict.py cannot either
         with pytest.raises(DecodeError):
@@ -357,31 +420,59 @@ def test_predict_script_decodes_every_kind_as_osteo_does(tmp_path):
             export_predict.decode(data)
 
 
-def test_predict_script_resizes_as_osteo_does_on_a_grid_of_shapes():
-    import tensorflow as tf
+# (height, width): tiny, near the sizes, non-square both ways, and thin (a padded side of one pixel)
+SHAPES = [(1, 1), (2, 3), (7, 5), (5, 17), (31, 32), (33, 32), (64, 64), (100, 37), (37, 100), (257, 300),
+          (300, 257), (999, 1000), (1, 700), (700, 1), (3, 2000), (2000, 3), (5, 700), (700, 5), (40, 2000),
+          (5000, 7), (7, 5000), (1800, 2400)]  # the last: box_mean sums it in several strips
 
-    from osteo.data.pipeline import box_factor, resize_image
 
+def _grays(pixels: np.ndarray, rng) -> dict:
+    """One image's pixels as each kind of Gray osteo's decoders make (with the map to float they carry)."""
+    floats = (pixels.astype(np.float32) - 20) * np.float32(3.7)
+    floats.flat[:: max(1, floats.size // 3)] = np.nan  # non-finite values, stretched as the finite extremes
+    finite = floats[np.isfinite(floats)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    return {"u8": (pixels, "u8", 0.0, 0.0),
+            "u16": (pixels.astype(np.uint16) * 256 + rng.integers(0, 256, pixels.shape, dtype=np.uint16), "u16", 0.0, 0.0),
+            "i32": ((pixels.astype(np.int32) - 30) * 300, "u16", 0.0, 0.0),
+            "stretch": (floats, "stretch", lo, hi),
+            "float": (pixels.astype(np.float32) + rng.uniform(0, 1, pixels.shape).astype(np.float32), "float", 0.0, 0.0)}
+
+
+def test_predict_script_resizes_as_osteo_does_on_a_grid_of_shapes(tmp_path):
+    """Box filter, bilinear resize, padding and levels equal osteo's bit for bit on each kind of
+    decoded image and, through files, on the whole input path, at extreme aspect ratios too."""
+    from PIL import Image
+
+    from osteo.data.decode import Gray, ImageInfo
+    from osteo.data.pipeline import box_factor, load_levels, resize_gray, to_levels
+
+    box = box_factor(2400, 1800, 17, "stretch")
+    assert export_predict.STRIP_BYTES // (4 * box * 2400) < 1800 // box  # several strips
     rng = np.random.default_rng(5)
-    shapes = [(1, 1), (2, 3), (7, 5), (31, 32), (33, 32), (64, 64), (100, 37), (37, 100), (257, 300),
-              (300, 257), (999, 1000), (5, 17), *sorted(THIN)]
-    failed = set()
-    for h, w in shapes:
-        img = rng.uniform(0, 255, (h, w)).astype(np.float32)
-        for size in (17, 32, 224):
-            for resize in ("pad", "stretch"):
-                got = export_predict.resize_image(img, size, resize)
-                assert got.shape == (size, size) and got.dtype == np.float32
-                try:
-                    want = resize_image(tf.constant(img[..., None]), size, resize,
-                                        box_factor(w, h, size, resize)).numpy()[..., 0]
-                except (ValueError, tf.errors.InvalidArgumentError):
-                    failed.add((h, w))  # a side of 0 pixels: predict.py's keeps 1 (checked below)
-                    assert got.min() >= 0 and got.max() <= 255 and got.max() > 0
-                    continue
-                # the box filter's means are summed in another order than TensorFlow's (~1e-5);
-                # anything else (another interpolation, rounding or padding) is off by far more
-                np.testing.assert_allclose(got, want, rtol=0, atol=1e-3, err_msg=f"{h}x{w} at {size} {resize}")
-                if box_factor(w, h, size, resize) == 1:
-                    np.testing.assert_array_equal(got, want, err_msg=f"{h}x{w} at {size} {resize}")
-    assert failed <= THIN, failed - THIN
+    for h, w in SHAPES:
+        pixels = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        for name, (px, kind, lo, hi) in _grays(pixels, rng).items():
+            ours = export_predict.Gray(px, kind, lo, hi)
+            theirs = Gray(px, ImageInfo("png", w, h, 8), kind, lo, hi)
+            for size in (1, *SIZES):
+                for resize in MODES:
+                    what = f"{h}x{w} {name} at {size} {resize}"
+                    got = export_predict.resize_gray(ours, size, resize)
+                    assert got.shape == (size, size) and got.dtype == np.float32, what
+                    want = resize_gray(theirs, size, resize)
+                    np.testing.assert_array_equal(got, want, err_msg=what)
+                    np.testing.assert_array_equal(export_predict.to_levels(got), to_levels(want), err_msg=what)
+        # the whole path, from files: 8-bit, 16-bit and colour JPEG (whose DCT scale follows the shape)
+        Image.fromarray(pixels).save(tmp_path / "g.png")
+        Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+        Image.fromarray(np.stack([pixels, pixels[::-1], 255 - pixels], axis=-1)).save(tmp_path / "c.jpg")
+        for f in ("g.png", "g16.png", "c.jpg"):
+            data = (tmp_path / f).read_bytes()
+            for size in (1, *SIZES):
+                for resize in MODES:
+                    what = f"{h}x{w} {f} at {size} {resize}"
+                    np.testing.assert_array_equal(export_predict.load_levels(data, size, resize),
+                                                  load_levels(data, size, resize)[0], err_msg=what)
+                    np.testing.assert_array_equal(export_predict.prepare(data, size, resize),
+                                                  _osteo_input(data, size, resize), err_msg=what)
