@@ -248,3 +248,11 @@ def test_a_requested_slow_path_is_one_warning_with_its_measurement():
     assert device_plan(spec, cpu, available=BOTH).warnings == []
     assert device_plan(spec, CPU["avx2"], backend="tensorflow", available=BOTH).warnings == []  # not measured there
     assert device_plan(get_backbone("vgg16"), cpu, backend="tensorflow", available=BOTH).warnings == []
+
+
+def test_keras_layers_for_densenet_on_a_gpu_warn_with_the_h200_measurement():
+    gpu = Device(kind="gpu", name="H200", cpu_class="avx512_bf16", gpu_bf16=True, gpu_backends=("torch",))
+    slow = device_plan(get_backbone("densenet169"), gpu, impl="keras", available=BOTH)
+    assert slow.runs_on == "gpu" and len(slow.warnings) == 1 and "5.0x slower" in slow.warnings[0]
+    assert "model.impl=timm" in slow.warnings[0]
+    assert device_plan(get_backbone("densenet169"), gpu, available=BOTH).warnings == []
