@@ -88,16 +88,17 @@ from osteo.calibrate import EPS, apply_temperature
 from osteo.device import get_engine
 from osteo.errors import OsteoError
 from osteo.files import atomic_path, write_json, write_text
+from osteo.model_card import write_model_card
 from osteo.predict import load_best, load_images
 from osteo.runs import RunDir
 
 FORMATS = ("onnx", "savedmodel", "keras")
 DEFAULT_NAMES = {"onnx": "model.onnx", "savedmodel": "savedmodel", "keras": "model.keras"}
-EXPORT_DIR = "export"  # RUN_DIR/export/ holds the default outputs
+EXPORT_DIR = RunDir.EXPORT  # RUN_DIR/export/ holds the default outputs
 # Opset 17 (ONNX 1.12, 2022): read by every onnxruntime from 1.12 on and by most other runtimes.
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
-RECORD, SCRIPT = "export.json", "predict.py"  # written beside an ONNX model
+RECORD, SCRIPT = RunDir.EXPORT_RECORD, "predict.py"  # written beside an ONNX model
 SCRIPT_SOURCE = Path(__file__).with_name("export_predict.py")  # osteo.export_predict, copied as predict.py
 PARITY_TOLERANCE = 1e-4  # the most an ONNX probability may differ from osteo predict's
 PARITY_IMAGES = 16  # the run's first validation images (or seeded noise when its data is gone)
@@ -320,6 +321,8 @@ def _export_onnx(run: RunDir, best: keras.Model, model: keras.Model, temperature
                                  "tolerance": PARITY_TOLERANCE, "runtime": runtime})
     write_json(target.parent / RECORD, record)
     write_text(target.parent / SCRIPT, SCRIPT_SOURCE.read_text(encoding="utf-8"))
+    if target.parent == run.export_path:  # the run's own export: its model card says what was exported
+        write_model_card(run)
 
 
 @contextlib.contextmanager

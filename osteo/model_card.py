@@ -83,6 +83,17 @@ def write_model_card(run_dir) -> Path:
                                      f"specificity {ci(e, 'specificity')}")
     else:
         lines.append("Not calibrated (`osteo calibrate RUN_DIR`).")
+    record = run.export_path / RunDir.EXPORT_RECORD
+    e = run._read(record) if record.is_file() else None
+    if isinstance(e, dict):
+        parity = e.get("parity") if isinstance(e.get("parity"), dict) else {}
+        diff = parity.get("max_abs_diff")
+        lines += ["", "## Export", "",
+                  f"`{RunDir.EXPORT}/{e.get('file')}`: {e.get('format')} opset {e.get('opset')} ({e.get('exporter')}), "
+                  f"from pixels in [0, 255] to the {'calibrated ' if e.get('calibrated') else ''}probabilities; "
+                  f"max |difference| from `osteo predict` {f'{diff:.1e}' if isinstance(diff, float) else '-'} on "
+                  f"{parity.get('images')} {parity.get('source')} images ({parity.get('runtime')}, no osteo, "
+                  f"Keras or PyTorch loaded); `{RunDir.EXPORT}/predict.py` reads image files as osteo does."]
     lines += ["", "## Environment", "",
               f"osteo {env.get('git_commit', '?')[:12]}, Keras {env.get('keras', '?')}, backend "
               f"{env.get('backend', '?')} on {env.get('device', {}).get('runs_on', '?')}, precision "

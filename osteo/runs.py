@@ -77,6 +77,8 @@ class RunDir(_Folder):
     CALIBRATION = "calibration.json"  # temperature and operating points (osteo.calibrate)
     MODEL_CARD = "MODEL_CARD.md"
     EVAL = "eval"  # external validations: eval/<folder-name>/
+    EXPORT = "export"  # osteo export's default outputs
+    EXPORT_RECORD = "export.json"  # beside an ONNX export: what it is and the parity measured
     BACKUP = ".backup"  # the resumable training state (TrainingState); removed when the run ends
     TENSORBOARD = "tensorboard"
     REQUIRED = (RECIPE, SPLIT)  # what makes a folder a run directory
@@ -106,6 +108,7 @@ class RunDir(_Folder):
     manifest_path = property(lambda self: self.path / self.MANIFEST)
     model_card_path = property(lambda self: self.path / self.MODEL_CARD)
     eval_path = property(lambda self: self.path / self.EVAL)
+    export_path = property(lambda self: self.path / self.EXPORT)
     backup_path = property(lambda self: self.path / self.BACKUP)
     tensorboard_path = property(lambda self: self.path / self.TENSORBOARD)
     # the Trainer's resume files inside BACKUP: named here, not as run files (owner_of lists those)

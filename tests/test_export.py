@@ -156,6 +156,13 @@ def test_onnx_record_says_what_was_written_and_how_close_it_is(run, onnx_export)
                    "classes": ["normal", "osteopenia", "osteoporosis"]},
         "preprocessing": {"decode": "osteo.data.decode", "resize": "pad", "box_filter": True, "levels": 65535}}
     assert (onnx_export.parent / "predict.py").read_text() == SCRIPT_SOURCE.read_text()
+    card = (run.path / "MODEL_CARD.md").read_text()  # the card says what was exported and how close it is
+    assert "## Export" in card and "`export/model.onnx`: onnx opset 17 (tf2onnx " in card
+    assert f"max |difference| from `osteo predict` {record_diff(onnx_export):.1e} on {min(16, n_val)} validation" in card
+
+
+def record_diff(model: Path) -> float:
+    return json.loads((model.parent / "export.json").read_text())["parity"]["max_abs_diff"]
 
 
 @NEEDS_ONNX
