@@ -31,6 +31,9 @@ from osteo.recipe import AugmentConfig, HeadConfig, Recipe
 from osteo.registry import PREPROCESSING_MODES, get_backbone
 
 NUM_CLASSES = len(CLASSES)
+# The model's layers that augment (identities at inference): export leaves them out by these names,
+# so a new augmentation is a recipe field and a layer in augmentation_layers, nothing else.
+AUGMENTATION = ("augment", "randaugment")
 IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
 IMAGENET_MEAN_TORCH = (0.485, 0.456, 0.406)
 IMAGENET_STD_TORCH = (0.229, 0.224, 0.225)
@@ -277,10 +280,10 @@ class Classifier:
         x = inputs
         aug = augmentation_layers(self.augment, self.seed)
         if aug:
-            x = keras.Sequential(aug, name="augment")(x)
+            x = keras.Sequential(aug, name=AUGMENTATION[0])(x)
         x = GrayToRGB(name="gray_to_rgb")(x)
         if self.augment.randaugment:
-            x = keras.layers.RandAugment(value_range=(0, 255), seed=self.seed, name="randaugment")(x)
+            x = keras.layers.RandAugment(value_range=(0, 255), seed=self.seed, name=AUGMENTATION[1])(x)
         if not self.engine.scales_own_input:
             x = Preprocess(self.preprocessing, name="preprocess")(x)
         self.backbone = self.engine.build()

@@ -85,6 +85,7 @@ import numpy as np
 import osteo
 from osteo import CLASSES
 from osteo.calibrate import EPS, apply_temperature
+from osteo.classifier import AUGMENTATION
 from osteo.device import get_engine
 from osteo.errors import OsteoError
 from osteo.files import atomic_path, write_json, write_text
@@ -110,11 +111,6 @@ TRACE_BATCH = 2
 NOT_IMPORTABLE = ("osteo", "keras", "tensorflow", "torch", "jax")
 
 # The augmentation osteo.classifier puts in the model: all identities at inference.
-AUGMENTATION_LAYERS = (
-    keras.layers.RandomFlip, keras.layers.RandomRotation, keras.layers.RandomZoom,
-    keras.layers.RandomTranslation, keras.layers.RandomShear, keras.layers.RandomContrast,
-    keras.layers.RandomBrightness, keras.layers.RandAugment,
-)
 
 
 @keras.saving.register_keras_serializable(package="osteo")
@@ -210,9 +206,7 @@ def calibrated_model(model: keras.Model, temperature: float) -> keras.Model:
 
 
 def _is_augmentation(layer: keras.layers.Layer) -> bool:
-    if isinstance(layer, keras.Sequential):  # osteo.classifier's "augment" block
-        return bool(layer.layers) and all(_is_augmentation(inner) for inner in layer.layers)
-    return isinstance(layer, AUGMENTATION_LAYERS)
+    return layer.name in AUGMENTATION  # osteo.classifier names the layers that augment
 
 
 def _temperature(run: RunDir) -> float:

@@ -483,3 +483,20 @@ def test_predict_script_resizes_as_osteo_does_on_a_grid_of_shapes(tmp_path):
                                                   load_levels(data, size, resize)[0], err_msg=what)
                     np.testing.assert_array_equal(export_predict.prepare(data, size, resize),
                                                   _osteo_input(data, size, resize), err_msg=what)
+
+
+def test_the_export_leaves_out_every_augmentation_layer(run):
+    """Augmentation is an identity at inference and ONNX has no kernels for its random ops: the
+    exported graph keeps none of the layers the classifier names as augmenting, RandAugment too."""
+    from osteo.classifier import AUGMENTATION, Classifier
+    from osteo.export import calibrated_model
+    from osteo.recipe import AugmentConfig
+
+    clf = Classifier("tiny", image_size=32, weights="none", augment=AugmentConfig(randaugment=True, rotation=0.1))
+    model = clf.build()
+    assert set(AUGMENTATION) <= {layer.name for layer in model.layers}
+    exported = calibrated_model(model, 1.5)
+    assert not set(AUGMENTATION) & {layer.name for layer in exported._flatten_layers(include_self=False)}
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
+    np.testing.assert_allclose(exported.predict(x, verbose=0),
+                               apply_temperature(model.predict(x, verbose=0), 1.5), atol=1e-6)
