@@ -10,7 +10,9 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +31,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     because some of them pick a format by it.
     """
     path = Path(path)
+    check_output(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix or path.suffix}", dir=path.parent)
@@ -48,6 +51,47 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             tmp_path.unlink()
 
 
+def check_output(path: str | os.PathLike) -> None:
+    """``path`` may be written: it does not exist, or it is a regular file (or a link to one).
+
+    The rename of an atomic write replaces whatever is at ``path``: as root, ``--out /dev/full``
+    would have become a CSV file in place of the device. A folder, device, FIFO or socket
+    there is refused in one line instead.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing there (or a dangling link): creating the parent reports its own errors
+    except OSError as e:
+        raise OsteoError(f"cannot check the output path {path}: {e.strerror}; choose another output path") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a device, FIFO or socket)"
+        raise OsteoError(f"{path} exists and is {kind}; osteo replaces only files: choose another output path")
+
+
+def replace_folder(new: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Put folder ``new`` where ``target`` is: the old one is renamed aside (as a temporary, so a
+    kill leaves it for :func:`sweep_temporaries`), the new one renamed in, the old one removed.
+    A reader sees the old folder or the new one, whole, never a mix of their files."""
+    import secrets
+    import shutil
+
+    new, target = Path(new), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if os.path.lexists(target):
+        old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}.tmp")
+        os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except OSError:
+        if old is not None:
+            os.replace(old, target)  # the previous folder back in its place
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def process_start() -> float:
     """When this process started (epoch seconds)."""
     import psutil
@@ -55,17 +99,19 @@ def process_start() -> float:
     return psutil.Process().create_time()
 
 
-def sweep_temporaries(folder: str | os.PathLike, grace: float = 60.0) -> list[Path]:
-    """Remove osteo's temporaries (``.*.tmp*``) in ``folder`` left by processes that died.
+def sweep_temporaries(folder: str | os.PathLike, grace: float = 60.0, pattern: str = ".*.tmp*") -> list[Path]:
+    """Remove osteo's temporaries (``pattern``) in ``folder`` left by processes that died.
 
     Only entries last touched ``grace`` seconds before this process started are
-    removed, so a temporary that a live process is still writing is kept.
+    removed, so a temporary that a live process is still writing is kept. In a folder
+    that is not osteo's own (``predict --out``'s), ``pattern`` names one target's
+    temporaries only (:func:`temporaries_of`).
     """
     import shutil
 
     cutoff = process_start() - grace
     removed = []
-    for p in Path(folder).glob(".*.tmp*"):
+    for p in Path(folder).glob(pattern):
         try:
             if p.lstat().st_mtime < cutoff:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
@@ -73,6 +119,13 @@ def sweep_temporaries(folder: str | os.PathLike, grace: float = 60.0) -> list[Pa
         except OSError:
             continue  # gone already, or not ours to remove
     return removed
+
+
+def temporaries_of(path: str | os.PathLike) -> str:
+    """The glob pattern of :func:`atomic_path`'s temporaries for ``path`` (for :func:`sweep_temporaries`)."""
+    import glob
+
+    return f".{glob.escape(Path(path).stem)}.*.tmp*"
 
 
 def _umask() -> int:
@@ -95,7 +148,10 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """``obj`` as strict JSON: a NaN or infinite number is written as null (a bare ``NaN`` is not
+    JSON; the writer gives the reason beside it), numpy values as plain ones."""
+    text = json.dumps(_strict(obj), indent=2, sort_keys=False, allow_nan=False)
+    write_text(path, text + "\n")
 
 
 def write_csv(
@@ -147,11 +203,66 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
+class OwnedFolder:
+    """A folder a command writes its files into, beside files that are not its own
+    (``report --out``, ``predict --gradcam``).
+
+    The files the command wrote there are listed in :attr:`LIST`; it may replace only
+    those. Any other file it would replace or remove is someone else's, and the command
+    stops with one line before touching anything. The list is written before the files,
+    so a command killed half-way leaves its files listed.
+    """
+
+    LIST = ".osteo-files.json"
+
+    def __init__(self, folder: str | os.PathLike, option: str):
+        self.folder, self.option = Path(folder), option
+
+    def owned(self) -> set[str]:
+        """The files (relative paths) listed as written here by osteo."""
+        path = self.folder / self.LIST
+        if not os.path.lexists(path):
+            return set()
+        try:
+            files = read_json(path)["files"]
+            if not all(isinstance(f, str) for f in files):
+                raise TypeError
+            return set(files)
+        except (OSError, ValueError, KeyError, TypeError):
+            raise OsteoError(f"{path} is damaged: which files of {self.folder} osteo wrote is not known; remove "
+                             f"the folder's files you want to keep, or choose another {self.option}") from None
+
+    def check(self, writes: Iterable[str] = (), removes: Iterable[str] = ()) -> None:
+        """A one-line error unless every file of ``writes`` that exists, and every one of ``removes``,
+        is osteo's."""
+        owned = self.owned()
+        foreign = [n for n in writes if os.path.lexists(self.folder / n) and n not in owned]
+        foreign += [n for n in removes if n not in owned]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise OsteoError(f"{self.option} {self.folder} holds {shown}, which osteo did not write and would "
+                             f"replace or remove; move them elsewhere, or choose another {self.option}")
+
+    def claim(self, writes: Iterable[str], removes: Iterable[str] = ()) -> None:
+        """:meth:`check`, then list ``writes`` as osteo's (with the listed files still there)."""
+        writes = list(writes)
+        self.check(writes, removes)
+        kept = {n for n in self.owned() if os.path.lexists(self.folder / n)}
+        write_json(self.folder / self.LIST, {"files": sorted(kept | set(writes))})
+
+
+def _strict(o: Any) -> Any:
+    """``o`` with numpy values as Python ones, paths as text and non-finite numbers as None."""
+    if isinstance(o, dict):
+        return {k: _strict(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_strict(v) for v in o]
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, str | int | bool) or o is None:
+        return o
+    if hasattr(o, "tolist"):  # numpy scalars and arrays
+        return _strict(o.tolist())
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
