@@ -341,7 +341,9 @@ def recipe_from_dict(d: dict) -> Recipe:
         for k, v in values.items():
             if k not in hints:
                 raise OsteoError(f"unknown recipe key {k!r} in recipe.json")
-            if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+            if dataclasses.is_dataclass(hints[k]):
+                if not isinstance(v, dict):
+                    raise OsteoError(f"recipe key {k!r} in recipe.json is a section (an object), not {v!r}")
                 v = build(hints[k], v)
             elif typing.get_origin(hints[k]) is tuple and isinstance(v, list):
                 v = tuple(v)
@@ -352,7 +354,7 @@ def recipe_from_dict(d: dict) -> Recipe:
     legacy_size = d.pop("resolved_image_size", None)  # runs made before resolve() existed
     r = build(Recipe, d)
     if legacy_size and not r.data.image_size:
-        r.data.image_size = int(legacy_size)
+        r.data.image_size = legacy_size
     return r
 
 
@@ -376,34 +378,61 @@ def parse_operating_point(text: str) -> dict:
 
 # --------------------------------------------------------------------------- resolve
 
-_NONNEGATIVE = (lambda v: v >= 0, "0 or more")
-_POSITIVE = (lambda v: v > 0, "more than 0")
+def _between(low, high, text: str | None = None) -> tuple:
+    return (lambda v: low <= v <= high, text or f"from {low:g} to {high:g}")
+
+
 _FRACTION = (lambda v: 0 <= v < 1, "from 0 to below 1")
-# Bounds beyond the type; every key of AugmentConfig is also 0 or more.
+# Every number of a recipe has a rule (a test walks the dataclasses): bounds within what the
+# model and the machine can hold. Rates are float32 in the optimizers, where 1e300 is inf
+# and 1e-300 is 0; epochs, steps and resamples are loop counts and array sizes.
+MAX_EPOCHS = 10_000
+MAX_FOLDS = 1_000
+MAX_BATCH = 4_096
+MAX_HEAD_UNITS = 16_384  # a Dense layer's width (10**8 units allocated 400 GB, and crashed)
+MAX_HEAD_LAYERS = 8
+MAX_STEPS = 1_000_000
+MAX_BOOTSTRAP = 100_000  # each resample is a row of an int64 array as long as the split
+MAX_PHANTOM = 1_000_000
+_RATE = _between(1e-12, 10.0)
+_EPOCHS = _between(0, MAX_EPOCHS)
+_AUGMENT_FACTOR = _between(0.0, 1.0)  # Keras' random layers take factors up to 1
+_ALPHA = _between(0.0, 10.0)  # MixUp's and CutMix's Beta(alpha, alpha)
 _RULES: dict[str, tuple] = {
-    "data.image_size": (lambda v: 1 <= v <= MAX_IMAGE_SIZE, f"from 1 to {MAX_IMAGE_SIZE}"),
+    "data.image_size": _between(1, MAX_IMAGE_SIZE),
     "data.val": (lambda v: 0 < v < 1, "between 0 and 1"),
     "data.test": _FRACTION,
-    "data.folds": _NONNEGATIVE,
-    "data.fold": _NONNEGATIVE,
+    "data.folds": (lambda v: v == 0 or 2 <= v <= MAX_FOLDS, f"0 (no cross-validation) or from 2 to {MAX_FOLDS}"),
+    "data.fold": _between(0, MAX_FOLDS - 1),
     "data.inner_val": _FRACTION,
-    "data.batch_size": (lambda v: v >= 1, "at least 1"),
-    "data.phantom_n": (lambda v: v >= 3, "at least 3"),
-    "data.phantom_size": (lambda v: 16 <= v <= MAX_IMAGE_SIZE, f"from 16 to {MAX_IMAGE_SIZE}"),
+    "data.batch_size": _between(1, MAX_BATCH),
+    "data.phantom_n": _between(3, MAX_PHANTOM),
+    "data.phantom_size": _between(16, MAX_IMAGE_SIZE),
     "model.bn_momentum": _FRACTION,
     "model.head.dropout": _FRACTION,
-    "train.epochs": _NONNEGATIVE,
-    "train.fine_tune_epochs": _NONNEGATIVE,
-    "train.fine_tune_blocks": _NONNEGATIVE,
-    "train.lr": _POSITIVE,
-    "train.fine_tune_lr": _POSITIVE,
-    "train.weight_decay": _NONNEGATIVE,
-    "train.warmup_epochs": _NONNEGATIVE,
+    # a tuple: the rule holds for each item, and the length for the tuple
+    "model.head.units": (lambda v: 1 <= v <= MAX_HEAD_UNITS, f"from 1 to {MAX_HEAD_UNITS} units a layer",
+                         MAX_HEAD_LAYERS),
+    "model.augment.rotation": _AUGMENT_FACTOR,
+    "model.augment.zoom": _AUGMENT_FACTOR,
+    "model.augment.translation": _AUGMENT_FACTOR,
+    "model.augment.shear": _AUGMENT_FACTOR,
+    "model.augment.contrast": _AUGMENT_FACTOR,
+    "model.augment.brightness": _AUGMENT_FACTOR,
+    "model.augment.mixup": _ALPHA,
+    "model.augment.cutmix": _ALPHA,
+    "train.epochs": _EPOCHS,
+    "train.fine_tune_epochs": _EPOCHS,
+    "train.fine_tune_blocks": _between(0, 100),  # and at most the backbone's stages (resolve)
+    "train.lr": _RATE,
+    "train.fine_tune_lr": _RATE,
+    "train.weight_decay": _between(0.0, 1.0),
+    "train.warmup_epochs": _EPOCHS,
     "train.label_smoothing": _FRACTION,
-    "train.early_stopping": _NONNEGATIVE,
-    "train.steps_per_epoch": _NONNEGATIVE,
+    "train.early_stopping": _EPOCHS,
+    "train.steps_per_epoch": _between(0, MAX_STEPS),
     "train.seed": (lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1"),
-    "train.bootstrap": _NONNEGATIVE,
+    "train.bootstrap": _between(0, MAX_BOOTSTRAP),
 }
 
 
@@ -419,14 +448,19 @@ def _check_values(obj, prefix: str = "") -> None:
         if origin is Literal:
             _check_choice(value, hint, key)
             continue
+        rule = _RULES.get(key)
         if origin is tuple:
             item = typing.get_args(hint)[0]
             if not isinstance(value, tuple) or not all(_is(v, item) for v in value):
                 raise OsteoError(f"{key} expects a list of {item.__name__}s, got {value!r}")
+            if rule and len(value) > rule[2]:
+                raise OsteoError(f"{key} holds at most {rule[2]} values, got {len(value)}")
+            bad = [v for v in value if rule and not rule[0](v)]
+            if bad:
+                raise OsteoError(f"{key} must be {rule[1]}, got {bad[0]!r}")
             continue
         if not _is(value, hint):
             raise OsteoError(f"{key} expects {getattr(hint, '__name__', hint)}, got {value!r}")
-        rule = _RULES.get(key) or (_NONNEGATIVE if prefix == "model.augment." and hint is not bool else None)
         if rule and not rule[0](value):
             raise OsteoError(f"{key} must be {rule[1]}, got {value!r}")
 
@@ -441,26 +475,33 @@ def _is(value, hint) -> bool:
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
-def resolve(recipe: Recipe, backend: str | None = None) -> Recipe:
+def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False) -> Recipe:
     """The recipe completed from its backbone's spec and checked; raises before anything is written.
 
     Fills ``data.image_size`` (0: the backbone's default) and, once the Keras
     ``backend`` is known, ``model.impl`` and ``model.preprocessing`` (auto: the
     implementation's own); checks every choice and bound and the weights, and returns a
     new Recipe. Resolving a resolved recipe changes nothing.
+
+    ``saved``: a run's ``recipe.json`` read back (:meth:`osteo.runs.RunDir.read_recipe`):
+    every value is checked as when it was written, but not what belongs to the machine
+    it was trained on: its engine is kept whatever backend is loaded (loading the model
+    checks that), and its weights file, read once when training began, may be gone.
     """
     from osteo.device import ENGINES, choose_impl
     from osteo.registry import get_backbone, parse_weights
 
     r = copy.deepcopy(recipe)
+    if not isinstance(r.model.backbone, str):  # checked with the rest below, but named first
+        raise OsteoError(f"model.backbone expects str, got {r.model.backbone!r}")
     spec = get_backbone(r.model.backbone)
     m = r.model
     if r.data.image_size == 0:
         r.data.image_size = spec.default_size
     _check_values(r)
-    if backend is None and "keras" in sys.modules:  # loaded: its backend is the one that will run
+    if backend is None and "keras" in sys.modules and not saved:  # loaded: its backend is the one that will run
         backend = sys.modules["keras"].backend.backend()
-    if backend is not None:
+    if backend is not None and not saved:
         m.impl, _ = choose_impl(m.impl, spec, backend, m.weights)
     engine = ENGINES.get(m.impl)  # None while the backend, and with it the engine, is not known
     if engine is not None:  # its own input scaling, and only what it can do
@@ -472,8 +513,11 @@ def resolve(recipe: Recipe, backend: str | None = None) -> Recipe:
         raise OsteoError(f"train.fine_tune_blocks={r.train.fine_tune_blocks}, but {spec.name} has {spec.n_stages} "
                          f"stages ({spec.stages_doc}); use 0 (all) to {spec.n_stages}")
     spec.check_size(r.data.image_size)
-    if r.train.epochs + r.train.fine_tune_epochs < 1:
-        raise OsteoError("train.epochs + train.fine_tune_epochs must be at least 1; set EPOCHS=1 or more")
+    if not 1 <= r.train.epochs + r.train.fine_tune_epochs <= MAX_EPOCHS:
+        raise OsteoError(f"train.epochs + train.fine_tune_epochs must be from 1 to {MAX_EPOCHS}; set EPOCHS=1 or "
+                         "more")
+    if r.data.folds and r.data.fold >= r.data.folds:
+        raise OsteoError(f"data.fold={r.data.fold} is not one of the {r.data.folds} folds (0 to {r.data.folds - 1})")
     if r.data.folds and r.data.test:
         raise OsteoError("data.test has no meaning in a cross-validation (every image is some fold's validation "
                          "image); set data.test=0")
@@ -485,7 +529,10 @@ def resolve(recipe: Recipe, backend: str | None = None) -> Recipe:
                          "leave images for training")
     for point in r.train.operating_points:
         parse_operating_point(point)
-    kind, _ = parse_weights(r.model.weights)
-    if kind == "imagenet" and spec.test_only:
+    if saved:  # the file was read when training began: only what the value names is checked
+        imagenet = str(m.weights).lower() == "imagenet"
+    else:
+        imagenet = parse_weights(m.weights)[0] == "imagenet"
+    if imagenet and spec.test_only:
         raise OsteoError(f"{spec.name} has no ImageNet weights; use WEIGHTS=none")
     return r

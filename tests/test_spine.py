@@ -51,13 +51,13 @@ def test_every_enumerated_choice_is_checked_where_it_is_set(override, message):
 
 @pytest.mark.parametrize("field, value, message", [
     ("train.optimizer", "sgd", "train.optimizer must be one of"),  # set by a recipe file, not --set
-    ("data.batch_size", 0, "data.batch_size must be at least 1"),
+    ("data.batch_size", 0, "data.batch_size must be from 1 to 4096"),
     ("train.seed", -1, "train.seed must be from 0"),
     ("data.image_size", 100_000, "data.image_size must be from 1 to 2048"),
-    ("train.lr", 0.0, "train.lr must be more than 0"),
+    ("train.lr", 0.0, "train.lr must be from 1e-12 to 10"),
     ("train.epochs", 2.5, "train.epochs expects int"),
     ("data.val", 1.0, "data.val must be between 0 and 1"),
-    ("model.augment.zoom", -0.1, "model.augment.zoom must be 0 or more"),
+    ("model.augment.zoom", -0.1, "model.augment.zoom must be from 0 to 1"),
 ])
 def test_resolve_refuses_bad_values_from_any_source(field, value, message):
     r = Recipe()
@@ -68,6 +68,60 @@ def test_resolve_refuses_bad_values_from_any_source(field, value, message):
     setattr(obj, name, value)
     with pytest.raises(OsteoError, match=re.escape(message)):
         resolve(r)
+
+
+def _numeric_fields(obj, prefix=""):
+    """(key, type hint) of every number of a recipe: ints, floats and tuples of them, recursively."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key, hint = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from _numeric_fields(getattr(obj, f.name), f"{key}.")
+        elif hint in (int, float) or (typing.get_origin(hint) is tuple and typing.get_args(hint)[0] in (int, float)):
+            yield key, hint
+
+
+def test_every_number_of_a_recipe_has_a_rule_that_bounds_it():
+    """A number without a rule reached Keras as it was: model.head.units 0 and -5 were tracebacks,
+    10**8 a segfault with a half-made run folder; train.lr 1e300 passed as float64 and was inf in
+    float32. Each field here must have a rule that refuses the absurd, huge and tiny alike."""
+    from osteo.recipe import _RULES
+
+    fields = dict(_numeric_fields(Recipe()))
+    assert len(fields) > 30 and "model.head.units" in fields
+    missing = sorted(set(fields) - set(_RULES))
+    assert not missing, f"recipe numbers without a rule: {missing}"
+    for key, hint in fields.items():
+        rule = _RULES[key][0]
+        huge = {int: 10**23, float: 1e300}.get(hint, 10**8)
+        assert not rule(huge) and not rule(-huge), key
+        if hint is float and key.endswith("lr"):
+            assert not rule(1e-300), key  # 0 in float32
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=1e300", "train.lr must be from 1e-12 to 10"),
+    ("train.fine_tune_lr=1e-300", "train.fine_tune_lr must be from 1e-12 to 10"),
+    ("train.epochs=100000000000000000000000", "train.epochs must be from 0 to 10000"),
+    ("model.head.units=0", "model.head.units must be from 1 to 16384"),
+    ("model.head.units=-5", "model.head.units must be from 1 to 16384"),
+    ("model.head.units=100000000", "model.head.units must be from 1 to 16384"),
+    ("model.augment.zoom=5", "model.augment.zoom must be from 0 to 1"),
+    ("data.folds=1", "data.folds must be 0 (no cross-validation) or from 2"),
+    ("train.bootstrap=1000000000", "train.bootstrap must be from 0 to 100000"),
+])
+def test_numbers_beyond_what_the_model_holds_are_one_line_before_anything_is_written(override, message, tmp_path,
+                                                                                    phantom_dir, capsys):
+    from osteo.cli import main
+
+    assert main(["train", "seed", "--model", "tiny", "--weights", "none", "--image-size", "32", "--data",
+                 str(phantom_dir), "--runs", str(tmp_path / "runs"), "--set", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("osteo: error: ") and message in err[0], err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_bad_choices_fail_before_a_run_directory_exists(tmp_path, phantom_dir):
