@@ -6,6 +6,7 @@ atomically (temporary file, then rename), so a killed run leaves complete files.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -233,33 +234,62 @@ class TrainingState(keras.callbacks.Callback):
     the write left a truncated file that every later resume failed on; and it keeps no
     seed-generator states, so a resumed run would draw other augmentations and
     dropout masks than an uninterrupted one. Here each epoch's state goes into the slot
-    (``a`` or ``b``) that ``state.json`` does not point to, complete and synced, and
-    only then is ``state.json`` replaced (atomically) to point at it. A kill at any
-    moment leaves ``state.json`` naming a complete slot, or no ``state.json`` at all.
+    (``a`` or ``b``) other than the one it resumed from or last committed, complete and
+    synced, and only then is ``state.json`` replaced (atomically) to point at it, with
+    the epoch and checksums of both slots. A kill at any moment leaves ``state.json``
+    naming a complete slot, or no ``state.json`` at all; a slot damaged later (the disk,
+    a person) fails its checksums and :meth:`verified` falls back to the other slot or
+    to the phase's start, with one warning.
+
+    ``resume`` is the state to continue from (:meth:`verified`'s), None to start the phase.
     """
 
     STATE = STATE_FILE
+    FILES = ("weights.weights.h5", "seeds.npz")  # one slot's files
 
-    def __init__(self, backup_dir: str | Path):
+    def __init__(self, backup_dir: str | Path, resume: dict | None = None):
         super().__init__()
         self.dir = Path(backup_dir)
+        self.resume = resume
+        self.slot = resume["slot"] if resume else None  # the slot the model's state last came from
+        self.slots = {self.slot: resume["slots"][self.slot]} if resume else {}  # the good slots' records
 
     @classmethod
     def saved(cls, backup_dir: str | Path) -> dict | None:
-        """The committed state (``{"epoch": next epoch to run, "slot": ...}``), or None."""
+        """The committed state (``{"epoch": next epoch to run, "slot": ..., "slots": ...}``), or None."""
         path = Path(backup_dir) / cls.STATE
         try:
             state = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(state, dict) and isinstance(state.get("epoch"), int) and state.get("slot") in ("a", "b"):
-                return state
+                slots = state.get("slots")
+                if not isinstance(slots, dict):  # written before slots had checksums
+                    slots = {state["slot"]: {"epoch": state["epoch"]}}
+                return {**state, "slots": {k: v for k, v in slots.items()
+                                           if k in ("a", "b") and isinstance(v, dict)
+                                           and isinstance(v.get("epoch"), int)}}
         except (OSError, ValueError):
             pass
         return None
 
     @classmethod
-    def resume_epoch(cls, backup_dir: str | Path, default: int) -> int:
+    def verified(cls, backup_dir: str | Path, warn) -> dict | None:
+        """The state to resume from: the committed slot if it is intact, else the other slot if
+        it is (one epoch earlier), else None (the phase starts again); ``warn`` says which."""
         state = cls.saved(backup_dir)
-        return state["epoch"] if state else default
+        if state is None:
+            return None
+        folder = Path(backup_dir)
+        committed = state["slot"]
+        for name in (committed, "b" if committed == "a" else "a"):
+            info = state["slots"].get(name)
+            if info is None or not _slot_intact(folder / name, info.get("sha256")):
+                continue
+            if name != committed:
+                warn(f"the training state of epoch {state['epoch']} in {folder / committed} is damaged; resuming "
+                     f"from the one of epoch {info['epoch']} in {folder / name}")
+            return {"epoch": info["epoch"], "slot": name, "slots": {name: info}}
+        warn(f"the training state in {folder} is damaged; this phase starts again from its first epoch")
+        return None
 
     def _generators(self) -> list:
         seen, out = set(), []
@@ -271,10 +301,9 @@ class TrainingState(keras.callbacks.Callback):
         return out
 
     def on_train_begin(self, logs=None):
-        state = self.saved(self.dir)
-        if state is None:
+        if self.resume is None:
             return
-        slot = self.dir / state["slot"]
+        slot = self.dir / self.resume["slot"]
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)  # its variables must exist to load
         self.model.load_weights(slot / "weights.weights.h5")
@@ -284,11 +313,10 @@ class TrainingState(keras.callbacks.Callback):
                 raise ValueError(f"{slot} holds {len(data.files)} random states, the model has {len(generators)}")
             for i, sg in enumerate(generators):
                 sg.state.assign(data[f"s{i}"])
-        self.model._initial_epoch = state["epoch"]  # what BackupAndRestore does to resume fit()
+        self.model._initial_epoch = self.resume["epoch"]  # what BackupAndRestore does to resume fit()
 
     def on_epoch_end(self, epoch, logs=None):
-        current = self.saved(self.dir)
-        name = "b" if current and current["slot"] == "a" else "a"
+        name = "b" if self.slot == "a" else "a"  # never the slot holding the last good state
         slot = self.dir / name
         shutil.rmtree(slot, ignore_errors=True)
         slot.mkdir(parents=True)
@@ -298,9 +326,38 @@ class TrainingState(keras.callbacks.Callback):
         np.savez(buf, **states)
         write_bytes(slot / "seeds.npz", buf.getvalue())
         _fsync(slot / "weights.weights.h5")
+        sums = {f: _sha256(slot / f) for f in self.FILES}
         killpoints.reached("train.state_written")
-        write_bytes(self.dir / self.STATE, json.dumps({"epoch": epoch + 1, "slot": name}).encode())
+        self.slots = {**{k: v for k, v in self.slots.items() if k != name}, name: {"epoch": epoch + 1, "sha256": sums}}
+        write_bytes(self.dir / self.STATE, json.dumps({"epoch": epoch + 1, "slot": name, "slots": self.slots}).encode())
+        self.slot = name
         killpoints.reached("train.epoch_committed")
+
+
+def _slot_intact(slot: Path, sums: dict | None) -> bool:
+    """A slot's files are there and match their checksums (a slot written before checksums:
+    they open)."""
+    files = [slot / f for f in TrainingState.FILES]
+    if not all(f.is_file() for f in files):
+        return False
+    if isinstance(sums, dict):
+        return all(sums.get(f.name) == _sha256(f) for f in files)
+    import h5py
+
+    try:
+        with h5py.File(files[0], "r"), np.load(files[1], allow_pickle=False) as seeds:
+            seeds.files  # noqa: B018  (reads the archive's directory)
+        return True
+    except Exception:  # any failure to open is a damaged file, whatever the library raises
+        return False
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:

@@ -9,7 +9,9 @@ in the environment of the process it starts; that process sends itself SIGKILL t
 when a test starts many processes (a study's trials inherit its environment):
 ``OSTEO_KILL_IF`` is a regular expression the process's command line must match, and
 ``OSTEO_KILL_ONCE`` a file path: only the process that creates that file dies, so a
-retried process lives. Without ``OSTEO_KILL_AT`` :func:`reached` is one comparison. The points, each named where it is
+retried process lives. ``OSTEO_KILL_SIGNAL`` (``TERM``, ``INT``; default ``KILL``) sends another
+signal, for the handling a scheduler's SIGTERM or a Ctrl-C gets. Without ``OSTEO_KILL_AT``
+:func:`reached` is one comparison. The points, each named where it is
 reached (``osteo.killpoints.POINTS`` lists them, so a test cannot name one that does
 not exist):
 """
@@ -28,8 +30,12 @@ POINTS = {
     "train.history_written": "an epoch's history row is written, its state not yet committed",
     "train.state_written": "an epoch's backup slot is written, state.json not yet replaced",
     "train.epoch_committed": "an epoch's state is committed (state.json replaced)",
+    "train.metrics_written": "a finishing run's metrics.json is written, its calibration not yet",
+    "study.trial_ended": "a study's trial has ended and been reported (the study goes on)",
     "files.written": "an atomic write has its bytes in the temporary file, not yet synced or renamed",
     "files.before_replace": "an atomic write's temporary file is complete, not yet renamed over the target",
+    "eval.staged": "an external validation's files are complete in their staging folder, not yet moved in",
+    "report.replacing": "a report's CSV files are in place, its plots and page not yet",
 }
 __doc__ += "".join(f"\n* ``{k}``: {v}" for k, v in POINTS.items())
 
@@ -63,4 +69,4 @@ def reached(point: str) -> None:
             os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), getattr(signal, f"SIG{os.environ.get('OSTEO_KILL_SIGNAL', 'KILL')}"))

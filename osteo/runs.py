@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import math
 import os
 import socket
 import sys
@@ -82,6 +83,8 @@ class RunDir(_Folder):
     BACKUP = ".backup"  # the resumable training state (TrainingState); removed when the run ends
     TENSORBOARD = "tensorboard"
     REQUIRED = (RECIPE, SPLIT)  # what makes a folder a run directory
+    # A finished run has these, and no BACKUP: the Trainer removes it (one rename) after the
+    # last file of the run is written, so a run killed while finishing is unfinished
     FINISHED = (PREDICTIONS, METRICS)
 
     # ------------------------------------------------------------------ paths
@@ -124,27 +127,31 @@ class RunDir(_Folder):
 
     # ------------------------------------------------------------------ state
 
-    @classmethod
-    def owner_of(cls, path: str | os.PathLike) -> RunDir | None:
-        """The run whose own file ``path`` is (by name, in a run directory), else None: the
-        check every ``--out`` makes before writing, so no command replaces a run's files."""
+    @staticmethod
+    def owner_of(path: str | os.PathLike) -> RunDir | CvDir | None:
+        """The run (or cross-validation) whose folder holds ``path``, at any depth, else None:
+        the check every output makes before writing (:func:`check_output_place`), so no
+        command writes into a run but in its own documented place (``eval/<folder>/`` holds
+        an external validation, ``.backup/`` a killed run's resume state)."""
         target = Path(path).resolve()
-        names = {v for k, v in vars(cls).items() if k.isupper() and isinstance(v, str)}
-        run = cls(target.parent)
-        return run if target.name in names and run.is_run() else None
+        for folder in (target, *target.parents):
+            if RunDir(folder).is_run():
+                return RunDir(folder)
+            if CvDir(folder).is_cv():
+                return CvDir(folder)
+        return None
 
     def is_run(self) -> bool:
         return self.path.is_dir() and all((self.path / f).is_file() for f in self.REQUIRED)
 
     def is_finished(self) -> bool:
-        return self.is_run() and all((self.path / f).is_file() for f in self.FINISHED)
+        return (self.is_run() and all((self.path / f).is_file() for f in self.FINISHED)
+                and not os.path.lexists(self.backup_path))
 
     def is_resumable(self) -> bool:
-        """Unfinished, with at least one completed epoch or phase saved to resume from."""
-        if not self.is_run() or self.is_finished() or not self.backup_path.is_dir():
-            return False
-        return (any(self.phase_done_path(p).is_file() for p in (1, 2))
-                or any((self.phase_path(p) / STATE_FILE).is_file() for p in (1, 2)))
+        """Unfinished: training resumes from the last committed epoch (or from its start, for a run
+        killed in its first epoch) and a run killed while finishing finishes."""
+        return self.is_run() and not self.is_finished()
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -170,8 +177,9 @@ class RunDir(_Folder):
         finally:
             f.close()  # closing releases the lock
 
-    def check(self, need: Sequence[str] = ()) -> RunDir:
-        """This run if it is a run directory with the files ``need``, else a one-line error."""
+    def check(self, need: Sequence[str] = (), finished: bool = False) -> RunDir:
+        """This run if it is a run directory with the files ``need`` (and, if ``finished``, its
+        training over: no resume state left), else a one-line error."""
         if not self.is_run():
             raise OsteoError(f"{self.path} is not an osteo run directory (no {' and '.join(self.REQUIRED)}); "
                              "pass a folder under runs/<model>/")
@@ -180,6 +188,10 @@ class RunDir(_Folder):
         if missing:
             raise OsteoError(f"run {self.path} is unfinished (no {', '.join(missing)}); "
                              f"finish it with: osteo train --resume {self.path}")
+        if finished and os.path.lexists(self.backup_path):
+            # its checkpoint is a mid-training one, its calibration missing or stale
+            raise OsteoError(f"run {self.path} is unfinished (its training is going on, or was stopped before it "
+                             f"ended); finish it with: osteo train --resume {self.path}")
         return self
 
     def split_id(self) -> str:
@@ -188,25 +200,34 @@ class RunDir(_Folder):
 
     # ------------------------------------------------------------------ JSON files
 
-    def _read(self, path: Path, default: Any = None) -> Any:
+    def _read(self, path: Path, default: Any = None, fix: str = "re-run the step that writes it (osteo eval, "
+              "or train again)") -> dict:
+        """A JSON object of the run, checked against what its readers use (:data:`SHAPES`)."""
         if default is not None and not path.exists():
             return default
         try:
-            return read_json(path)
+            value = read_json(path)
         except OSError as e:
             raise OsteoError(f"cannot read {path}: {e.strerror}; is this a finished run directory?") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise OsteoError(f"{path} is damaged ({type(e).__name__}); re-run the step that writes it "
-                             "(osteo eval, or train again)") from None
+            raise OsteoError(f"{path} is damaged ({type(e).__name__}); {fix}") from None
+        problem = _shape_problem(value, SHAPES.get(path.name, dict))
+        if problem:
+            raise OsteoError(f"{path} is damaged ({problem}); {fix}")
+        return value
 
     def read_recipe(self) -> Recipe:
-        """The resolved recipe the run was trained with."""
-        from osteo.recipe import recipe_from_dict
+        """The resolved recipe the run was trained with, checked as it was when written
+        (:func:`osteo.recipe.resolve` with ``saved``): a damaged or crafted value is a one-line error."""
+        from osteo.recipe import recipe_from_dict, resolve
 
         d = self.read_recipe_dict()
         if isinstance(d.get("model"), dict) and "impl" not in d["model"]:
             d["model"] = {**d["model"], "impl": "keras"}  # trained before the timm engine existed
-        return recipe_from_dict(d)
+        try:
+            return resolve(recipe_from_dict(d), saved=True)
+        except OsteoError as e:
+            raise OsteoError(f"{self.recipe_path} does not hold a valid recipe ({e}); train the run again") from None
 
     def read_recipe_dict(self) -> dict:
         return self._read(self.recipe_path)
@@ -246,8 +267,16 @@ class RunDir(_Folder):
         return {h for r in rows if r.get("path") in train for h in (r.get("sha256"), r.get("pixel_sha256")) if h}
 
     def read_calibration(self) -> dict:
-        """``{"temperature": T, "operating_points": [...]}``; {} for a run not calibrated."""
-        return self._read(self.calibration_path, default={})
+        """``{"temperature": T, "operating_points": [...]}``; {} for a run not calibrated. Checked
+        as :mod:`osteo.calibrate` writes it: T finite and above 0 (0 or NaN made every probability
+        NaN, -1 inverted the ranking), each operating point's threshold in [0, 1] and its classes
+        the ones its name says."""
+        fix = f"calibrate the run again with: osteo calibrate {self.path}"
+        cal = self._read(self.calibration_path, default={}, fix=fix)
+        problem = _calibration_problem(cal)
+        if problem:
+            raise OsteoError(f"{self.calibration_path} is damaged ({problem}); {fix}")
+        return cal
 
     def write_calibration(self, calibration: dict) -> None:
         write_json(self.calibration_path, calibration)
@@ -257,7 +286,9 @@ class RunDir(_Folder):
     def read_split(self) -> list[dict]:
         from osteo.data.split import read_split
 
-        return read_split(self.split_path)
+        rows = read_split(self.split_path)
+        _check_rows(self.split_path, rows, ("train", "val", "test"), "a run's split cannot be repaired: train a new run")
+        return rows
 
     def write_split(self, split: list[dict]) -> None:
         from osteo.data.split import write_split
@@ -267,7 +298,12 @@ class RunDir(_Folder):
     def read_history(self) -> list[dict]:
         if not self.history_path.exists():
             return []
-        return read_csv(self.history_path, "move it aside to continue without the curves")
+        fix = "move it aside to continue without the curves"
+        rows = read_csv(self.history_path, fix)
+        for i, row in enumerate(rows, start=2):  # resume counts epochs by it
+            if not (row.get("epoch") or "").isdigit():
+                raise OsteoError(f"{self.history_path} line {i}: epoch {row.get('epoch')!r} is not a number; {fix}")
+        return rows
 
     def read_predictions(self, split: str | None = None):
         """(labels, probabilities, rows) of one split of ``predictions.csv`` (all splits: None)."""
@@ -275,6 +311,7 @@ class RunDir(_Folder):
         rows = read_csv(path, "is this a finished run directory? If it is, train the run again")
         if rows and not set(PREDICTION_COLUMNS) <= set(rows[0]):
             raise OsteoError(f"{path} is not an osteo predictions.csv (columns {', '.join(rows[0])})")
+        _check_rows(path, rows, ("val", "test", "external"), "re-run `osteo eval` on a finished run")
         if split is not None:
             rows = [r for r in rows if r["split"] == split]
         try:
@@ -297,6 +334,113 @@ class RunDir(_Folder):
         return out
 
 
+# What the readers of a run's JSON files use, by file: a type (or types), {key: shape} for an
+# object (keys optional, except in list items) or [shape] for a list. A file that differs (a
+# list where an object is, a number where a folder name is) is damaged: one line, no traceback.
+_NUMBER = (int, float)
+_MAYBE_NUMBER = (int, float, type(None))
+SHAPES: dict[str, Any] = {
+    RunDir.RECIPE: dict,  # and resolve()'s checks
+    RunDir.ENV: {"backend": str, "precision": str, "device": dict, "git_commit": str, "command": str,
+                 "excluded_conflicts": int, "n_train": int, "n_val": int, "n_test": int, "params": int,
+                 "train_seconds": _MAYBE_NUMBER, "train_images_per_sec": _MAYBE_NUMBER},
+    RunDir.AUDIT: {"data_dir": str, "n_files": int, "n_ok": int, "classes": dict, "ignored": [str],
+                   "unreadable": [{"path": str, "reason": str}],
+                   "duplicate_groups": [{"kind": str, "conflict": bool, "paths": [str], "labels": [str]}]},
+    RunDir.METRICS: {"model": str, "monitor": str, "best_epoch": (int, type(None)), "val": dict, "test": dict,
+                     "external": dict, "operating_points": [{"name": str, "threshold": _NUMBER}]},
+    RunDir.CALIBRATION: {"temperature": _NUMBER, "operating_points": [dict]},
+}
+
+
+def _shape_problem(value: Any, shape: Any, where: str = "", required: bool = False) -> str | None:
+    """Why ``value`` does not have ``shape`` (see :data:`SHAPES`), else None."""
+    name = where or "the file"
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{name} is {_kind(type(value))}, not an object"
+        for key, sub in shape.items():
+            if key not in value:
+                if required:
+                    return f"{name} has no {key!r}"
+                continue
+            problem = _shape_problem(value[key], sub, f"{where}.{key}" if where else key)
+            if problem:
+                return problem
+        return None
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{name} is {_kind(type(value))}, not a list"
+        for i, item in enumerate(value):
+            problem = _shape_problem(item, shape[0], f"{where}[{i}]", required=True)
+            if problem:
+                return problem
+        return None
+    types = shape if isinstance(shape, tuple) else (shape,)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        return f"{name} is {_kind(type(value))}, not {' or '.join(_kind(t) for t in types)}"
+    return None
+
+
+def _kind(kind: type) -> str:
+    """A JSON type as the messages name it."""
+    return {dict: "an object", list: "a list", str: "text", bool: "true or false", type(None): "null",
+            int: "an integer"}.get(kind, "a number")
+
+
+def _calibration_problem(cal: dict) -> str | None:
+    """What :func:`osteo.calibrate.calibrate_run` would never have written into ``cal``, else None."""
+    from osteo.recipe import parse_operating_point
+
+    t = cal.get("temperature", 1.0)
+    if not math.isfinite(t) or t <= 0:
+        return f"temperature {t!r}, which is not a positive number (finite, above 0)"
+    for point in cal.get("operating_points", []):
+        if "threshold" not in point:  # one that could not be chosen: its error is recorded instead
+            continue
+        name, threshold = point.get("name"), point["threshold"]
+        try:
+            spec = parse_operating_point(f"{name}:{point.get('target')}={point.get('value')}")
+        except OsteoError:
+            return f"operating point {name!r} is not CLASS[+] with a sensitivity or specificity in (0, 1)"
+        if point.get("positive") != spec["positive"]:
+            return f"operating point {name}: its classes {point.get('positive')!r} are not the ones its name says"
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 <= threshold <= 1 + 1e-6:
+            return f"operating point {name}: threshold {threshold!r} is not a probability"
+    return None
+
+
+def _check_rows(path: Path, rows: list[dict], splits: Sequence[str], fix: str) -> None:
+    """Each row of a run's CSV names an image under its data folder (relative, no ``..``), one
+    of the classes and one of ``splits``: a crafted path would make the report read, and
+    embed in its page, any image on the machine."""
+    from pathlib import PurePosixPath
+
+    for i, row in enumerate(rows, start=2):  # line 1 is the header
+        name = PurePosixPath(row.get("path") or "")
+        if not name.parts or name.is_absolute() or ".." in name.parts:
+            raise OsteoError(f"{path} line {i}: {str(name)!r} is not a path inside the data folder; {fix}")
+        if row.get("label") not in CLASSES or row.get("split") not in splits:
+            raise OsteoError(f"{path} line {i}: label {row.get('label')!r} or split {row.get('split')!r} is not "
+                             f"one of {', '.join(CLASSES)} / {', '.join(splits)}; {fix}")
+
+
+def check_output_place(path: str | os.PathLike, option: str, fix: str, own: str | os.PathLike | None = None) -> None:
+    """A command's output ``path`` lies outside every run and cross-validation folder, or inside
+    ``own``, the command's documented place in its run (``RUN/eval/<folder>/``, ``RUN/export/``);
+    else a one-line error ending in ``fix``: no command writes into a run otherwise."""
+    owner = RunDir.owner_of(path)
+    target = Path(path).resolve()
+    if owner is None or (own is not None and target.is_relative_to(Path(own).resolve())):
+        return
+    if isinstance(owner, RunDir) and target.parent == owner.path and \
+            target.name in {v for k, v in vars(RunDir).items() if k.isupper() and isinstance(v, str)}:
+        raise OsteoError(f"{option} {path} would overwrite the run's own {target.name}; {fix}")
+    what = "cross-validation" if isinstance(owner, CvDir) else "run"
+    raise OsteoError(f"{option} {path} is inside the {what} {owner.path}, where osteo writes only that {what}'s own "
+                     f"files; {fix}")
+
+
 class CvDir(_Folder):
     """A cross-validation: ``runs/<model>/<cv-id>/`` with ``cv.json`` and one run per fold.
 
@@ -314,19 +458,24 @@ class CvDir(_Folder):
         return self.manifest_path.is_file()
 
     def read(self) -> dict:
+        from osteo.recipe import MAX_FOLDS
+
         try:
             cv = read_json(self.manifest_path)
-            if not (isinstance(cv, dict) and isinstance(cv.get("folds"), int) and cv["folds"] >= 2):
-                raise ValueError("no fold count")
+            folds = cv.get("folds") if isinstance(cv, dict) else None
+            if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= MAX_FOLDS:
+                raise ValueError(f"fold count {folds!r}, not from 2 to {MAX_FOLDS}")
             return cv
         except OSError as e:
             raise OsteoError(f"cannot read {self.manifest_path}: {e.strerror}") from None
         except ValueError as e:
             raise OsteoError(f"{self.manifest_path} is damaged ({e}); start the cross-validation again") from None
 
-    def start(self, folds: int, seed: int, recipe: str, model: str) -> CvDir:
-        """Write ``cv.json`` for a new cross-validation, or check it matches an existing one."""
-        want = {"folds": folds, "split_seed": seed, "recipe": recipe, "model": model,
+    def start(self, folds: int, seed: int, recipe: str, model: str, settings: str = "") -> CvDir:
+        """Write ``cv.json`` for a new cross-validation, or check it matches an existing one.
+        ``settings`` (a hash of the recipe, :func:`osteo.session.cv_settings`) lets the same
+        ``osteo train --folds`` command find and continue it after a kill."""
+        want = {"folds": folds, "split_seed": seed, "recipe": recipe, "model": model, "settings": settings,
                 "members": [self.fold_name(i) for i in range(1, folds + 1)]}
         if self.is_cv():
             have = self.read()
@@ -335,6 +484,7 @@ class CvDir(_Folder):
                     raise OsteoError(f"{self.path} is a cross-validation with {key} {have.get(key)}, not "
                                      f"{want[key]}; use another --cv folder")
             return self
+        check_output_place(self.path, "--cv", "choose a folder outside it")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -350,11 +500,29 @@ class CvDir(_Folder):
     def fold(self, i: int) -> RunDir:
         return RunDir(self.path / self.fold_name(i))
 
+    def _on_disk(self) -> int:
+        """How many fold folders exist: what bounds the folds a reader builds (a cv.json naming
+        3 million folds made the report build them all before checking one)."""
+        try:
+            return sum(1 for e in os.scandir(self.path) if e.name.startswith("fold-") and e.is_dir())
+        except OSError:
+            return 0
+
     def folds(self) -> list[RunDir]:
-        return [self.fold(i) for i in range(1, self.read()["folds"] + 1)]
+        k, found = self.read()["folds"], self._on_disk()
+        if k > found:
+            raise OsteoError(f"{self.manifest_path} names {k} folds, {found} of them on disk; finish the "
+                             "cross-validation: run the osteo train command that started it again (with "
+                             f"--cv {self.path})")
+        return [self.fold(i) for i in range(1, k + 1)]
 
     def is_finished(self) -> bool:
-        return self.is_cv() and all(f.is_finished() for f in self.folds())
+        """Every fold finished (False for a damaged ``cv.json``: the report names it as unfinished)."""
+        try:
+            k = self.read()["folds"] if self.is_cv() else 0
+        except OsteoError:
+            return False
+        return 0 < k <= self._on_disk() and all(self.fold(i).is_finished() for i in range(1, k + 1))
 
 
 # --------------------------------------------------------------------------- finding runs
@@ -363,6 +531,7 @@ class CvDir(_Folder):
 def new_run_dir(runs_dir: str | os.PathLike, model: str) -> RunDir:
     """A new, empty run directory ``runs_dir/model/<timestamp>[-N]`` (never an existing one)."""
     base = Path(runs_dir) / model
+    check_output_place(base, "--runs", "choose a runs folder outside it")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     try:
         base.mkdir(parents=True, exist_ok=True)
@@ -417,10 +586,10 @@ def list_runs(runs_dir: str | os.PathLike = "runs", model: str | None = None,
 
 
 def find_run(spec: str, runs_dir: str | os.PathLike = "runs", model: str | None = None) -> RunDir:
-    """``latest`` (the newest resumable run, of ``model`` or of any) or a path -> a run to resume.
+    """``latest`` (the newest unfinished run, of ``model`` or of any) or a path -> a run to resume.
 
-    A finished run is refused, and so is a run that failed before completing an epoch
-    when it is asked for as ``latest``: nothing in it can be resumed.
+    A finished run is refused. A run killed before its first epoch was committed starts
+    again from its first epoch (its split kept); one killed while finishing finishes.
     """
     if spec == "latest":
         runs = [r for r in list_runs(runs_dir, model) if r.is_resumable()]
@@ -429,7 +598,7 @@ def find_run(spec: str, runs_dir: str | os.PathLike = "runs", model: str | None 
             raise OsteoError(f"no unfinished run to resume under {where}; start one without --resume")
         return max(runs, key=lambda r: (r.path.stat().st_mtime, r.name))
     run = RunDir(spec).check()
-    if run.is_finished() and not run.backup_path.exists():
+    if run.is_finished():
         raise OsteoError(f"run {run.path} is finished (its {RunDir.METRICS} is written): there is nothing to "
                          f"resume; start a new run, or re-score it with: osteo eval {run.path}")
     return run

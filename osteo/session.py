@@ -172,7 +172,12 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
                    cv: str | None, command: str) -> CvDir:
     """Every fold (or fold ``fold``, 1..K) of a K-fold cross-validation as a complete run under
     one parent: ``cv``, or a new folder under the recipe's runs folder. ``console`` shows the
-    training; ``command`` is recorded in each fold's ``env.json``."""
+    training; ``command`` is recorded in each fold's ``env.json``.
+
+    The same command again continues a killed cross-validation: its parent is ``cv``, or
+    the newest unfinished one of the same recipe and settings; finished folds are kept and
+    a killed fold resumes from its last committed epoch.
+    """
     from osteo.trainer import Trainer
 
     k = folds or (CvDir(cv).read()["folds"] if cv and CvDir(cv).is_cv() else 0)
@@ -180,11 +185,60 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
         raise OsteoError(f"cross-validation needs --folds K with K >= 2, got {k}; e.g. --folds 5")
     if fold is not None and not 1 <= fold <= k:
         raise OsteoError(f"--fold {fold} is not one of 1..{k}")
-    parent = CvDir(cv) if cv else CvDir(new_run_dir(recipe.runs_dir, recipe.model.backbone).path)
-    parent.start(folds=k, seed=recipe.train.seed, recipe=recipe.name, model=recipe.model.backbone)
+    settings = cv_settings(recipe, k)
+    parent = CvDir(cv) if cv else _unfinished_cv(recipe, k, settings)
+    if parent is None:
+        parent = CvDir(new_run_dir(recipe.runs_dir, recipe.model.backbone).path)
+    elif not cv:
+        console.print(f"continuing the unfinished cross-validation {parent}", highlight=False)
+    parent.start(folds=k, seed=recipe.train.seed, recipe=recipe.name, model=recipe.model.backbone, settings=settings)
     for i in [fold] if fold else range(1, k + 1):
+        run = parent.fold(i)
+        if run.is_finished():
+            console.print(f"cross-validation {parent}: fold {i} of {k} is finished (kept)", highlight=False)
+            continue
         r = copy.deepcopy(recipe)
         r.data.folds, r.data.fold = k, i - 1
         console.print(f"cross-validation {parent}: fold {i} of {k}", highlight=False)
-        Trainer(r, console=console, command=command, plan=plan, at=parent.fold(i).path).run()
+        if run.is_run():  # killed: it resumes, if it was started with these settings
+            _check_same_recipe(run, resolve(r, backend=plan.backend), parent)
+            Trainer(resolve(run.read_recipe()), console=console, resume=run, command=command, plan=plan).run()
+        else:
+            Trainer(r, console=console, command=command, plan=plan, at=run.path).run()
     return parent
+
+
+def cv_settings(recipe: Recipe, folds: int) -> str:
+    """A short hash of what a cross-validation trains (its recipe and fold count)."""
+    import hashlib
+    import json
+
+    text = json.dumps({"recipe": recipe.to_dict(), "folds": folds}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _unfinished_cv(recipe: Recipe, folds: int, settings: str) -> CvDir | None:
+    """The newest unfinished cross-validation of ``recipe`` with these ``settings`` (None: none)."""
+    from osteo.runs import list_cvs
+
+    found = []
+    for c in list_cvs(recipe.runs_dir):
+        if c.model != recipe.model.backbone or c.is_finished():
+            continue
+        try:
+            if c.read().get("settings") == settings:
+                found.append(c)
+        except OsteoError:  # a damaged cv.json is not continued
+            continue
+    return max(found, key=lambda c: c.path.stat().st_mtime) if found else None
+
+
+def _check_same_recipe(run: RunDir, wanted: Recipe, parent: CvDir) -> None:
+    """A killed fold resumes only with the recipe it started with."""
+    have, want = run.read_recipe().to_dict(), wanted.to_dict()
+    differ = [f"{section}.{key}" for section in want if isinstance(want[section], dict)
+              for key in want[section] if have.get(section, {}).get(key) != want[section][key]]
+    differ += [key for key in want if not isinstance(want[key], dict) and have.get(key) != want[key]]
+    if differ:
+        raise OsteoError(f"{run.path} was started with other settings ({', '.join(differ[:3])}); run the command "
+                         f"that started {parent} again, or give another --cv")

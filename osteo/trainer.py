@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -35,7 +37,7 @@ import keras
 import numpy as np
 
 from osteo import device as devices
-from osteo import tracking
+from osteo import killpoints, tracking
 from osteo.callbacks import (
     BestCheckpoint,
     HistoryCSV,
@@ -238,7 +240,13 @@ class Trainer:
         bs = self.dm.batch_size
         self.steps = t.steps_per_epoch or self.dm.steps_per_epoch()
         images_per_epoch = self.steps * bs if t.steps_per_epoch else min(self.steps * bs, self.dm.count("train"))
-        old_rows = run.read_history() if self.resume else []
+        # each phase resumes from its last intact committed state (or from its start)
+        self.resume_from = {p: TrainingState.verified(run.phase_path(p), _warn) for p in (1, 2)}
+        committed = max([0, *(_done_until(run.phase_done_path(p)) for p in (1, 2)),
+                         *(s["epoch"] for s in self.resume_from.values() if s)])
+        # rows of epochs run after it (a kill between an epoch's history row and its commit) go:
+        # those epochs run again, and their best checkpoint is chosen again
+        old_rows = [r for r in run.read_history() if int(r["epoch"]) <= committed] if self.resume else []
         self.history = HistoryCSV(run.history_path, images_per_epoch=images_per_epoch, rows=old_rows)
         self.best = BestCheckpoint(run.best_path, monitor=t.monitor)
         self.best.restore(old_rows)
@@ -265,10 +273,11 @@ class Trainer:
             self.clf.freeze_backbone()
         else:
             self.clf.unfreeze_backbone(t.fine_tune_blocks)
-            if run.phase1_weights_path.exists() and TrainingState.saved(run.phase_path(2)) is None:
+            if run.phase1_weights_path.exists() and self.resume_from[2] is None:
                 model.load_weights(run.phase1_weights_path)
         backup_dir = run.phase_path(phase.number)
-        start = TrainingState.resume_epoch(backup_dir, default=phase.first_epoch)
+        resume = self.resume_from[phase.number]
+        start = resume["epoch"] if resume else phase.first_epoch
         fit_model = model
         fit_kw = {"x": self.dm.train_dataset(start_epoch=start, steps_per_epoch=self.steps),
                   "steps_per_epoch": self.steps, "validation_data": self.val_ds, "shuffle": False}
@@ -287,7 +296,7 @@ class Trainer:
         if start < phase.last_epoch:
             ts = time.perf_counter()
             fit_model.fit(epochs=phase.last_epoch, initial_epoch=phase.first_epoch,
-                          class_weight=self.class_weight, callbacks=self._callbacks(backup_dir),
+                          class_weight=self.class_weight, callbacks=self._callbacks(backup_dir, resume),
                           verbose=0, **fit_kw)
             self.trained_seconds += time.perf_counter() - ts
         if self.nonfinite.stopped_at:
@@ -304,13 +313,13 @@ class Trainer:
                 model.save_weights(tmp)
         write_bytes(done_marker, str(phase.last_epoch).encode())
 
-    def _callbacks(self, backup_dir: Path) -> list:
+    def _callbacks(self, backup_dir: Path, resume: dict | None) -> list:
         t = self.recipe.train
         # history and checkpoint before the backup: a kill between them re-runs the epoch
         # (its history row is replaced), never loses its row
         callbacks = [
             self.nonfinite, self.history, self.best,
-            TrainingState(backup_dir),
+            TrainingState(backup_dir, resume),
         ]
         if t.early_stopping:
             callbacks.append(keras.callbacks.EarlyStopping(monitor=t.monitor, mode=monitor_mode(t.monitor),
@@ -354,10 +363,15 @@ class Trainer:
                       "monitor": self.best.monitor, "best_value": self.best.best}
         t = self.recipe.train
         evaluate_run(run, n_boot=t.bootstrap, seed=t.seed, checkpoint=checkpoint)
+        killpoints.reached("train.metrics_written")
         calibrate_run(run, t.operating_points, n_boot=t.bootstrap, seed=t.seed)
         write_model_card(run)
         tracking.finish(self.recipe, run)
-        shutil.rmtree(run.backup_path, ignore_errors=True)
+        # the run is finished when its resume state is gone (RunDir.is_finished): one rename, after
+        # every other file; a kill before it leaves a run that --resume finishes
+        done = run.path / f"{RunDir.BACKUP}.{os.getpid()}.tmp"
+        os.replace(run.backup_path, done)
+        shutil.rmtree(done, ignore_errors=True)
         self._held.close()
         return run.path
 
@@ -404,6 +418,10 @@ class Trainer:
                 warmup_target=lr if warmup else None, warmup_steps=warmup,
             )
         return make_optimizer(t.optimizer, lr, t.weight_decay)
+
+
+def _warn(message: str) -> None:
+    logging.getLogger("osteo").warning(message)
 
 
 def _done_until(marker: Path) -> int:
