@@ -83,8 +83,13 @@ def operating_point_metrics(y: np.ndarray, probs: np.ndarray, point: dict, n_boo
     y = np.asarray(y, dtype=int)
     score = positive_score(probs, point["positive"])
     sens, spec = sens_spec(y, score, point["positive"], point["threshold"])
+    # without positive (or negative) images a sensitivity (specificity) is undefined: null, and why
     out = {"name": point["name"], "threshold": point["threshold"], "n": len(y),
-           "sensitivity": sens, "specificity": spec}
+           "sensitivity": sens if np.isfinite(sens) else None, "specificity": spec if np.isfinite(spec) else None}
+    undefined = [f"{k}: no {kind} images" for k, kind, v in (("sensitivity", "positive", sens),
+                                                              ("specificity", "negative", spec)) if np.isnan(v)]
+    if undefined:
+        out["undefined"] = "; ".join(undefined)
     if n_boot and len(y):
         rng = np.random.default_rng(seed)
         is_pos = np.isin(y, point["positive"])
@@ -95,9 +100,11 @@ def operating_point_metrics(y: np.ndarray, probs: np.ndarray, point: dict, n_boo
             p = called[rng.choice(pos, len(pos))] if len(pos) else np.array([np.nan])
             n = ~called[rng.choice(neg, len(neg))] if len(neg) else np.array([np.nan])
             draws.append((p.mean(), n.mean()))
-        lo, hi = np.nanpercentile(np.array(draws), [2.5, 97.5], axis=0)
-        out["sensitivity_ci"] = [float(min(lo[0], sens)), float(max(hi[0], sens))]
-        out["specificity_ci"] = [float(min(lo[1], spec)), float(max(hi[1], spec))]
+        draws = np.array(draws)
+        for i, (k, v) in enumerate((("sensitivity", sens), ("specificity", spec))):
+            if np.isfinite(v):
+                lo, hi = np.percentile(draws[:, i], [2.5, 97.5])
+                out[f"{k}_ci"] = [float(min(lo, v)), float(max(hi, v))]
     return out
 
 

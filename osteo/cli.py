@@ -22,9 +22,11 @@ import contextlib
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from osteo import CLASSES
-from osteo.errors import OsteoError
+from osteo.errors import OsteoError, Stopped
+from osteo.recipe import MAX_BOOTSTRAP, MAX_FOLDS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -148,7 +150,9 @@ def cmd_audit(args) -> int:
     from rich.progress import Progress
 
     from osteo.data.scan import audit, write_audit
+    from osteo.runs import check_output_place
 
+    check_output_place(args.out, "--out", "choose a folder outside it, e.g. --out reports/audit")
     t0 = time.perf_counter()
     with Progress(console=_console(), transient=True) as bar:
         task = bar.add_task("audit", total=None)
@@ -170,7 +174,9 @@ def _add_audit_parser(dsub) -> None:
 def cmd_split(args) -> int:
     from osteo.data.scan import audit
     from osteo.data.split import read_groups_csv, split_rows, write_split
+    from osteo.runs import check_output_place
 
+    check_output_place(args.out, "--out", "write the split elsewhere, e.g. --out split.csv")
     rows = audit(args.data).manifest_rows()
     split, excluded = split_rows(
         rows, val_fraction=args.val, test_fraction=args.test, folds=args.folds, fold=args.fold,
@@ -316,7 +322,8 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--resume", help="continue a killed run: its directory, or 'latest'")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, e.g. train.lr=3e-4")
     p.add_argument("--backend", help="auto (default: the measured-faster one), tensorflow or torch")
-    p.add_argument("--folds", type=_at_least(2), help="k-fold cross-validation: K runs under one parent folder")
+    p.add_argument("--folds", type=_at_least(2, MAX_FOLDS), help="k-fold cross-validation: K runs under one parent "
+                                                                   "folder")
     p.add_argument("--fold", type=_at_least(1), help="run fold I (1..K) only, for schedulers (with --folds or --cv)")
     p.add_argument("--cv", help="the cross-validation's parent folder (default: a new one under RUNS)")
     p.add_argument("--mlflow", action="store_true", help="log the run to MLflow ($MLFLOW_TRACKING_URI, else ./mlruns)")
@@ -336,6 +343,10 @@ def cmd_eval(args) -> int:
         return eval_external(args)
     if args.tta or args.out:
         raise OsteoError("--tta and --out go with --data FOLDER (an external validation)")
+    from osteo.files import sweep_temporaries
+    from osteo.runs import RunDir
+
+    sweep_temporaries(RunDir(args.run).check(need=(RunDir.PREDICTIONS,), finished=True).path)
     metrics = evaluate_run(args.run, splits=[args.split] if args.split else None, n_boot=args.bootstrap,
                            seed=args.seed)
     console = _console()
@@ -364,7 +375,8 @@ def eval_external(args) -> int:
     print_metrics({"external": report["external"]}, "external", console,
                   title=f"{args.run} on {args.data} (n={report['external']['n']})")
     for p in report["operating_points"]:
-        print(f"{p['name']} (threshold {p['threshold']:.4f} from validation): {_point_figures(p)}")
+        undefined = f" ({p['undefined']})" if p.get("undefined") else ""
+        print(f"{p['name']} (threshold {p['threshold']:.4f} from validation): {_point_figures(p)}{undefined}")
     print(f"{report['excluded_training_overlap']} image(s) also in the run's training split left out; "
           f"{report['unreadable']} unreadable; wrote {out}/predictions.csv, metrics.json, audit.json")
     return 0
@@ -377,7 +389,7 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--data", help="score the run's model on this labelled folder (external validation)")
     p.add_argument("--out", help="with --data: output folder (default RUN_DIR/eval/<folder-name>/)")
     p.add_argument("--tta", action="store_true", help="with --data: test-time augmentation")
-    p.add_argument("--bootstrap", type=_at_least(0), default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--bootstrap", type=_at_least(0, MAX_BOOTSTRAP), default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=cmd_eval)
 
@@ -425,7 +437,7 @@ def _add_report_parser(sub) -> None:
     p.add_argument("--all", action="store_true", help="every finished run, not only the latest per model")
     p.add_argument("--out", default="reports", help="output folder (default reports/)")
     p.add_argument("--split", choices=("val", "test"), default="val")
-    p.add_argument("--bootstrap", type=_at_least(0), default=1000)
+    p.add_argument("--bootstrap", type=_at_least(0, MAX_BOOTSTRAP), default=1000)
     p.set_defaults(func=cmd_report)
 
 
@@ -466,10 +478,12 @@ def _point_figures(p: dict) -> str:
 def cmd_calibrate(args) -> int:
     """Fit (again) a run's temperature and operating points on its validation predictions."""
     from osteo.calibrate import calibrate_run
+    from osteo.files import sweep_temporaries
     from osteo.model_card import write_model_card
     from osteo.runs import RunDir
 
-    run = RunDir(args.run).check(need=(RunDir.PREDICTIONS,))
+    run = RunDir(args.run).check(need=(RunDir.PREDICTIONS,), finished=True)
+    sweep_temporaries(run.path)  # a killed calibrate's
     points = args.operating_point or run.read_recipe().train.operating_points
     cal = calibrate_run(run, points, n_boot=args.bootstrap, seed=args.seed)
     write_model_card(run)
@@ -491,7 +505,7 @@ def _add_calibrate_parser(sub) -> None:
     p.add_argument("--operating-point", action="append", metavar="CLASS[+]:sensitivity=X",
                    help="e.g. osteoporosis:sensitivity=0.90 or osteopenia+:specificity=0.8 (repeatable; "
                         "default: the run's recipe's)")
-    p.add_argument("--bootstrap", type=_at_least(0), default=1000)
+    p.add_argument("--bootstrap", type=_at_least(0, MAX_BOOTSTRAP), default=1000)
     p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=cmd_calibrate)
 
@@ -538,7 +552,8 @@ def _add_study_parser(sub) -> None:
     p = sub.add_parser("study", help="the backbones x folds x seeds grid, on Ray when installed")
     p.add_argument("--models", default="vgg16,vgg19,densenet169,convnext_tiny", help="comma-separated backbones")
     p.add_argument("--recipe", default="finetune", help="recipe for every trial (default finetune)")
-    p.add_argument("--folds", type=_at_least(2), default=5, help="k of the k-fold cross-validation (default 5)")
+    p.add_argument("--folds", type=_at_least(2, MAX_FOLDS), default=5,
+                   help="k of the k-fold cross-validation (default 5)")
     p.add_argument("--seeds", type=_at_least(1), default=1, help="split and training seeds per model (default 1)")
     p.add_argument("--address", help="a Ray cluster's address (default: $RAY_ADDRESS, else Ray on this machine)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
@@ -564,8 +579,11 @@ def _warn(message: str) -> None:
 
 
 def _warnings_as_lines() -> None:
-    """The library's logged warnings (skipped files, rebuilt cache entries) as ``osteo: warning:`` lines."""
+    """The library's logged warnings (skipped files, rebuilt cache entries) as ``osteo: warning:`` lines,
+    and so are Python warnings of the libraries osteo calls (one line each, without the source line
+    Python shows): those of cases osteo handles are silenced where they arise."""
     import logging
+    import warnings
 
     log = logging.getLogger("osteo")
     if not log.handlers:
@@ -573,6 +591,14 @@ def _warnings_as_lines() -> None:
         handler.setFormatter(logging.Formatter("osteo: warning: %(message)s"))
         log.addHandler(handler)
         log.propagate = False
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DeprecationWarning | PendingDeprecationWarning):
+            return  # for osteo's developers, not its users (Python hides them outside __main__ too)
+        text = " ".join(str(message).split())[:300]
+        print(f"osteo: warning: {text} ({category.__name__} in {Path(filename).name})", file=sys.stderr)
+
+    warnings.showwarning = one_line
 
 
 def describe_os_error(e: OSError) -> str:
@@ -622,6 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.debug:  # TensorFlow's start-up logs too (osteo._quiet)
         os.environ["OSTEO_TF_LOGS"] = "1"
     _warnings_as_lines()
+    previous = _stop_on_sigterm()
     try:
         if getattr(args, "run", None) and args.func in (cmd_eval, cmd_predict, cmd_export):
             from osteo.runs import use_backend_of
@@ -641,6 +668,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("osteo: interrupted", file=sys.stderr)
         return 130
+    except Stopped:
+        print(f"osteo: stopped by SIGTERM; {_after_stop(args)}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
+    finally:
+        import signal
+
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm():
+    """SIGTERM raises :class:`osteo.errors.Stopped` (Python's default ends the process where it
+    is, and Ray's exits 1 with its crash report); returns the handler it replaces."""
+    import signal
+
+    def stop(signum, frame):
+        raise Stopped
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
+def _after_stop(args) -> str:
+    """How to continue a command SIGTERM stopped."""
+    if args.func is cmd_study or (args.func is cmd_train and (args.folds or args.cv or args.resume)):
+        return "run the same command again to continue"
+    if args.func is cmd_train:
+        return f"continue the run with: osteo train {args.recipe} --resume latest" + (
+            f" --runs {args.runs}" if args.runs else "")
+    return "its outputs are the previous ones or the new ones, whole: run the command again"
 
 
 if __name__ == "__main__":

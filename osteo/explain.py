@@ -21,7 +21,7 @@ import numpy as np
 
 from osteo import CLASSES
 from osteo.errors import OsteoError
-from osteo.files import atomic_path
+from osteo.files import OwnedFolder, atomic_path, sweep_temporaries
 from osteo.registry import BackboneSpec
 
 
@@ -104,28 +104,43 @@ def overlay(ax, image: np.ndarray, heat: np.ndarray, title: str = "", colour: st
     ax.axis("off")
 
 
+def overlay_files(names: list[str]) -> list[str]:
+    """The overlay file of each image name: ``<stem>.png``, ``<stem>-2.png`` for the second of a
+    stem (two inputs with one name, in other folders)."""
+    files, used = [], set()
+    for name in names:
+        stem = Path(name).stem or "image"
+        file, k = stem, 1
+        while file in used:
+            k += 1
+            file = f"{stem}-{k}"
+        used.add(file)
+        files.append(f"{file}.png")
+    return files
+
+
 def write_overlays(out_dir: str | os.PathLike, names: list[str], images: np.ndarray, maps: np.ndarray,
                    probs: np.ndarray) -> list[Path]:
-    """One PNG per image: the image, its heat map, the predicted class and its probability."""
+    """One PNG per image: the image, its heat map, the predicted class and its probability.
+
+    Only files an earlier call wrote are replaced (:class:`osteo.files.OwnedFolder`): with
+    ``out_dir`` the images' own folder, an overlay would have replaced its X-ray.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
-    written, used = [], set()
-    for name, image, heat, p in zip(names, images, maps, probs):
-        stem = Path(name).stem or "image"
-        file = stem
-        k = 1
-        while file in used:  # two inputs with one name (other folders) get their own overlays
-            k += 1
-            file = f"{stem}-{k}"
-        used.add(file)
+    files = overlay_files(names)
+    OwnedFolder(out_dir, "--gradcam").claim(files)
+    sweep_temporaries(out_dir, pattern=".*.tmp.png")  # overlays of a killed call
+    written = []
+    for name, file, image, heat, p in zip(names, files, images, maps, probs):
         fig, ax = plt.subplots(figsize=(3, 3.2))
         overlay(ax, image, heat, f"{Path(name).name}\n{CLASSES[int(p.argmax())]} {float(p.max()):.2f}")
-        with atomic_path(out_dir / f"{file}.png") as tmp:
+        with atomic_path(out_dir / file) as tmp:
             fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
         plt.close(fig)
-        written.append(out_dir / f"{file}.png")
+        written.append(out_dir / file)
     return written

@@ -88,10 +88,10 @@ from osteo.calibrate import EPS, apply_temperature
 from osteo.classifier import AUGMENTATION
 from osteo.device import get_engine
 from osteo.errors import OsteoError
-from osteo.files import atomic_path, write_json, write_text
+from osteo.files import atomic_path, sweep_temporaries, temporaries_of, write_json, write_text
 from osteo.model_card import write_model_card
 from osteo.predict import load_best, load_images
-from osteo.runs import RunDir
+from osteo.runs import RunDir, check_output_place
 
 FORMATS = ("onnx", "savedmodel", "keras")
 DEFAULT_NAMES = {"onnx": "model.onnx", "savedmodel": "savedmodel", "keras": "model.keras"}
@@ -163,9 +163,12 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
     engine = get_engine(run.read_recipe().model.impl)
     engine.check_export(fmt, f"run {run.path}")
     target = Path(out) if out is not None else run.path / EXPORT_DIR / DEFAULT_NAMES[fmt]
-    _refuse_run_files(target)
+    _refuse_run_files(target, run)
     if fmt == "savedmodel" and target.exists() and not target.is_dir():
         raise OsteoError(f"--out {target} is a file; a SavedModel is a folder: choose another path")
+    if fmt == "savedmodel" and target.is_dir() and any(target.iterdir()) and not (target / "saved_model.pb").is_file():
+        raise OsteoError(f"--out {target} is a folder that holds no SavedModel, and exporting replaces it whole: "
+                         "choose another path")
     if fmt != "savedmodel" and target.is_dir():
         raise OsteoError(f"--out {target} is a folder; give a file, e.g. {target / DEFAULT_NAMES[fmt]}")
     if fmt == "keras" and target.suffix != ".keras":
@@ -178,6 +181,8 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
     with _float32_policy():
         best = load_best(run)
         model = calibrated_model(best, temperature)
+    for written in (target, target.parent / RECORD, target.parent / SCRIPT):  # a killed export's temporaries
+        sweep_temporaries(target.parent, pattern=temporaries_of(written))
     if fmt == "onnx":
         if keras.backend.backend() == "tensorflow":
             fix = "export --format savedmodel instead"
@@ -217,12 +222,10 @@ def _temperature(run: RunDir) -> float:
     return float(t)
 
 
-def _refuse_run_files(target: Path) -> None:
-    """An export must never replace a run's own file (``--out RUN_DIR/best.weights.h5`` above all)."""
-    resolved = target.resolve()
-    if RunDir.owner_of(target):
-        raise OsteoError(f"--out {target} would overwrite the run's own {resolved.name}; export elsewhere, "
-                         f"e.g. the default {resolved.parent / EXPORT_DIR}/")
+def _refuse_run_files(target: Path, run: RunDir) -> None:
+    """An export writes into no run but its own ``export/`` (``--out RUN_DIR/best.weights.h5`` above all)."""
+    check_output_place(target, "--out", f"export elsewhere, e.g. the default {run.path / EXPORT_DIR}/",
+                       own=run.path / EXPORT_DIR)
 
 
 def _require_exporter(fmt: str) -> None:

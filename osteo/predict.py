@@ -12,16 +12,18 @@ shifts. Files that cannot be decoded get ``status=unreadable`` and a reason.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from osteo import CLASSES
+from osteo import CLASSES, killpoints
 from osteo.errors import OsteoError
-from osteo.files import write_csv
+from osteo.files import check_output, sweep_temporaries, temporaries_of, write_csv
 from osteo.model_card import write_model_card
-from osteo.runs import PROB_COLUMNS, RunDir
+from osteo.runs import PROB_COLUMNS, RunDir, check_output_place
 
 COLUMNS = ("path", "status", "pred", *PROB_COLUMNS, "reason")
 TTA_SHIFT = 1 / 16  # of the image side, both ways, on top of the mirror
@@ -38,12 +40,12 @@ def load_best(run_dir: str | os.PathLike):
     from osteo.backbones.keras_apps import check_h5_weights
     from osteo.classifier import Classifier
     from osteo.device import get_engine
-    from osteo.recipe import resolve
 
-    run = RunDir(run_dir).check(need=(RunDir.BEST,))
+    # a run still training (or killed) has a mid-training checkpoint and no calibration yet
+    run = RunDir(run_dir).check(need=(RunDir.BEST,), finished=True)
     if not run.best_path.is_file():  # a run made before checkpoints were weights only
         return load_legacy_best(run)
-    recipe = resolve(run.read_recipe(), backend=keras.backend.backend())  # checked as when it was written
+    recipe = run.read_recipe()  # checked as when it was written
     get_engine(recipe.model.impl).check_backend(keras.backend.backend(), f"run {run.path}")
     model = Classifier.from_recipe(recipe, weights="none").build()
     fix = "the file is damaged or from another osteo version: retrain the run"
@@ -88,13 +90,6 @@ def _expand(paths: list[str]) -> list[Path]:
     return out
 
 
-def _refuse_run_files(out: Path) -> None:
-    """``--out`` must never replace a file of a run directory (its predictions above all)."""
-    if RunDir.owner_of(out):
-        raise OsteoError(f"--out {out} would overwrite the run's own {Path(out).name}; write the predictions "
-                         "elsewhere, e.g. --out predictions-new.csv")
-
-
 def _op_column(name: str) -> str:
     """``osteopenia+`` -> ``screen_osteopenia_or_worse``."""
     return "screen_" + name.replace("+", "_or_worse")
@@ -122,7 +117,7 @@ class Predictor:
     """A run's best model with its input size, calibration and operating points."""
 
     def __init__(self, run_dir: str | os.PathLike, calibrated: bool = True, tta: bool = False):
-        self.run = RunDir(run_dir).check(need=(RunDir.BEST,))
+        self.run = RunDir(run_dir).check(need=(RunDir.BEST,), finished=True)
         self.model = load_best(self.run)
         data = self.run.read_recipe().data  # resolved: the size and resize mode it trained with
         self.size, self.resize = data.image_size, data.resize
@@ -191,10 +186,25 @@ def _display(path: Path) -> str:
 def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.PathLike, batch: int = 32,
                   calibrated: bool = True, tta: bool = False, gradcam_dir: str | os.PathLike | None = None,
                   progress: Callable[[int, int], None] | None = None) -> Path:
-    """Classify files and folders (recursively, DICOM included) into ``out``; unreadable files get a row."""
-    _refuse_run_files(Path(out))
-    predictor = Predictor(run_dir, calibrated=calibrated, tta=tta)
+    """Classify files and folders (recursively, DICOM included) into ``out``; unreadable files get a row.
+
+    Every output is checked before the first image is read: ``out`` must not be in a run's
+    folder nor be anything but a file, and ``gradcam_dir`` must not hold files osteo did not
+    write under an overlay's name (the input images, when it is their folder).
+    """
+    from osteo.explain import overlay_files
+
+    out = Path(out)
+    check_output_place(out, "--out", "write the predictions elsewhere, e.g. --out predictions-new.csv")
+    check_output(out)
     paths = _expand(images)
+    if gradcam_dir is not None:
+        from osteo.files import OwnedFolder
+
+        check_output_place(gradcam_dir, "--gradcam", "write the overlays elsewhere, e.g. --gradcam gradcam")
+        OwnedFolder(gradcam_dir, "--gradcam").check(overlay_files([_display(f) for f in paths]))
+    predictor = Predictor(run_dir, calibrated=calibrated, tta=tta)
+    sweep_temporaries(out.parent, pattern=temporaries_of(out))  # left by a killed predict
     rows, raw, arrays = predictor.predict_paths(paths, batch, progress)
     if gradcam_dir is not None and len(arrays):
         from osteo.explain import gradcam, write_overlays
@@ -227,14 +237,14 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     from osteo.data.scan import audit, write_audit
     from osteo.data.split import majority_label
     from osteo.evaluate import compute_metrics, expected_calibration_error, majority_baseline
-    from osteo.files import write_json
+    from osteo.files import replace_folder, write_json
 
     if n_boot < 0:
         raise OsteoError(f"the number of bootstrap resamples must be 0 or more, got {n_boot}; e.g. --bootstrap 1000")
     predictor = Predictor(run_dir, calibrated=True, tta=tta)
     run, folder = predictor.run, Path(folder)
     out = Path(out) if out else run.eval_path / folder.resolve().name
-    _refuse_run_files(out / RunDir.PREDICTIONS)
+    _check_eval_out(run, out)
     result = audit(folder)
     seen = run.training_hashes()
     if seen is None and warn:
@@ -248,8 +258,11 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     rows, raw, _ = predictor.predict_paths([folder / r.path for r in scored], progress=progress)
     kept = [(rec, row) for rec, row in zip(scored, rows) if row["status"] == "ok"]
     y = np.array([CLASSES.index(rec.label) for rec, _ in kept])
+    missing = [c for i, c in enumerate(CLASSES) if not (y == i).any()]
+    if missing and warn:
+        one = " and balanced accuracy cannot tell a model from always answering one class" if len(missing) == 2 else ""
+        warn(f"{folder} has no {' or '.join(missing)} images scored: ROC-AUC is left out{one}")
     raw_rows = [{"path": rec.path, "label": rec.label} for rec, _ in kept]
-    RunDir(out).write_predictions(raw_rows, raw, "external")
     calibrated = predictor.calibrate(raw)
     metrics = compute_metrics(y, raw, n_boot=n_boot, seed=seed)
     metrics["majority_baseline"] = majority_baseline(y, majority_label(rec.label for rec, _ in kept))
@@ -262,7 +275,38 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
         "calibrated": {"temperature": predictor.temperature, "ece": expected_calibration_error(y, calibrated)},
         "operating_points": [operating_point_metrics(y, calibrated, p, n_boot, seed) for p in predictor.points],
     }
-    write_json(out / RunDir.METRICS, report)
-    write_audit(result, out)
+    # staged, then moved in whole: a kill leaves the previous validation, never new predictions
+    # beside old metrics
+    stage_in = run.path if out.resolve().parent == run.eval_path.resolve() else out.parent
+    sweep_temporaries(stage_in, pattern=f"{EVAL_STAGE}*")
+    stage = Path(tempfile.mkdtemp(prefix=f"{EVAL_STAGE}{out.name}.", suffix=".tmp", dir=stage_in))
+    try:
+        RunDir(stage).write_predictions(raw_rows, raw, "external")
+        write_json(stage / RunDir.METRICS, report)
+        write_audit(result, stage)
+        killpoints.reached("eval.staged")
+        replace_folder(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     write_model_card(run)
     return out, report
+
+
+EVAL_STAGE = ".eval-"  # an external validation being written, beside its folder (or in the run)
+EVAL_FILES = {RunDir.PREDICTIONS, RunDir.METRICS, RunDir.AUDIT, RunDir.MANIFEST}  # what it writes
+
+
+def _check_eval_out(run: RunDir, out: Path) -> None:
+    """``--out`` of ``eval --data``: a folder of the run's ``eval/`` or one outside every run,
+    and, if it exists, one an earlier ``eval --data`` wrote (it is replaced whole)."""
+    fix = "choose another --out, or leave it out (RUN_DIR/eval/<folder-name>/)"
+    check_output_place(out, "--out", fix, own=run.eval_path)
+    if RunDir.owner_of(out) is not None and out.resolve().parent != run.eval_path.resolve():
+        raise OsteoError(f"--out {out} is not a folder of {run.eval_path}, where a run's external validations "
+                         f"go; {fix}")
+    if os.path.lexists(out) and not out.is_dir():
+        raise OsteoError(f"--out {out} is a file, not a folder; {fix}")
+    foreign = sorted(e.name for e in out.iterdir() if e.name not in EVAL_FILES) if out.is_dir() else []
+    if foreign:
+        raise OsteoError(f"--out {out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which "
+                         f"osteo eval did not write and would remove; {fix}")

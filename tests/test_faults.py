@@ -187,14 +187,14 @@ def test_a_run_that_failed_before_its_first_epoch_leaves_nothing(phantom_dir, tm
 
 def test_bad_counts_and_seeds_are_one_line_before_anything_runs(finished_run, phantom_dir, tmp_path, capsys):
     cases = [
-        (["eval", str(finished_run), "--bootstrap", "-5"], "--bootstrap: must be 0 or more"),
+        (["eval", str(finished_run), "--bootstrap", "-5"], "--bootstrap: must be from 0 to 100000"),
         (["report", str(finished_run), "--out", str(tmp_path / "r"), "--bootstrap", "-1"], "--bootstrap"),
-        (["calibrate", str(finished_run), "--bootstrap", "-5"], "--bootstrap: must be 0 or more"),
+        (["calibrate", str(finished_run), "--bootstrap", "-5"], "--bootstrap: must be from 0 to 100000"),
         (["eval", str(finished_run), "--seed", "-1"], "--seed: must be from 0"),
         (["calibrate", str(finished_run), "--seed", "-1"], "--seed: must be from 0"),
         (["data", "split", str(phantom_dir), "--out", str(tmp_path / "s.csv"), "--seed", "-1"], "--seed"),
         (["data", "phantom", str(tmp_path / "ph"), "--seed", "-1"], "--seed"),
-        ([*_tiny_args(phantom_dir, tmp_path / "runs"), "--folds", "0"], "--folds: must be 2 or more"),
+        ([*_tiny_args(phantom_dir, tmp_path / "runs"), "--folds", "0"], "--folds: must be from 2 to 1000"),
         ([*_tiny_args(phantom_dir, tmp_path / "runs"), "--folds", "3", "--fold", "0"], "--fold: must be 1 or more"),
     ]
     for argv, message in cases:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from osteo import CLASSES
+from osteo import CLASSES, killpoints
 from osteo.errors import OsteoError
 from osteo.evaluate import HEADLINE, METRICS
-from osteo.files import sweep_temporaries, write_csv, write_text
+from osteo.files import OwnedFolder, replace_folder, sweep_temporaries, write_csv, write_text
 from osteo.report.load import Run, load_runs, oracle_runs
 from osteo.report.plots import (
     plot_bars,
@@ -40,6 +40,7 @@ from osteo.report.tables import (
     point_rows,
     to_float,
 )
+from osteo.runs import check_output_place
 
 STAGE_PREFIX = ".report-"  # the staging folder inside --out while a report is written
 
@@ -59,6 +60,7 @@ def write_report(run_dirs: list, out: str | os.PathLike, split: str = "val", n_b
     if n_boot < 0:
         raise OsteoError(f"the number of bootstrap resamples must be 0 or more, got {n_boot}; e.g. --bootstrap 1000")
     out = Path(out)
+    check_output_place(out, "--out", "choose a folder outside it, e.g. --out reports")
     runs, skipped = load_runs(run_dirs, split, n_boot, seed, warn)
     if not runs:
         raise OsteoError(f"none of the {len(skipped)} run(s) could be reported (see the warnings); "
@@ -68,6 +70,8 @@ def write_report(run_dirs: list, out: str | os.PathLike, split: str = "val", n_b
     except OSError as e:
         raise OsteoError(f"cannot create {out}: {e.strerror}; choose a writable --out folder") from None
     sweep_temporaries(out)
+    owned = OwnedFolder(out, "--out")  # a report replaces only what an earlier one wrote
+    owned.check(removes=_files_under(out, "plots"))  # plots/ is replaced whole: checked before the work
     stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, suffix=".tmp", dir=out))
     try:
         oracles = oracle_runs(runs, n_boot, seed)
@@ -89,24 +93,22 @@ def write_report(run_dirs: list, out: str | os.PathLike, split: str = "val", n_b
             "gradcam": plot_gradcam(runs, plots_dir),
         }
         write_text(stage / "index.html", render_html(runs, rows, plots, split, skipped, n_boot, points))
+        owned.claim([f.relative_to(stage).as_posix() for f in stage.rglob("*") if not f.is_dir()],
+                    removes=_files_under(out, "plots"))
         for name in ("comparison.csv", "per_class.csv", "folds.csv", "operating_points.csv"):
             os.replace(stage / name, out / name)
-        _replace_folder(plots_dir, out / "plots")
+        killpoints.reached("report.replacing")
+        replace_folder(plots_dir, out / "plots")
         os.replace(stage / "index.html", out / "index.html")  # last: the page appears only when all is there
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out / "index.html"
 
 
-def _replace_folder(new: Path, target: Path) -> None:
-    """Put folder ``new`` where ``target`` is, removing the old one (two renames, then a delete)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f"{STAGE_PREFIX}old-{os.getpid()}.tmp")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _files_under(out: Path, sub: str) -> list[str]:
+    """The files in ``out/sub``, relative to ``out`` (replacing the folder removes them all)."""
+    folder = out / sub
+    return [f.relative_to(out).as_posix() for f in folder.rglob("*") if not f.is_dir()] if folder.is_dir() else []
 
 
 def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split: str,

@@ -39,6 +39,16 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _tight(fig) -> None:
+    """``fig.tight_layout()``, without its warning where a grid of many runs cannot fit: the layout
+    is left as it is, and :func:`_save`'s tight bounding box keeps every label in the file."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Tight layout not applied")
+        fig.tight_layout()
+
+
 def _floats(rows: list[dict], key: str) -> np.ndarray:
     return np.array([to_float(r.get(key)) for r in rows])
 
@@ -70,7 +80,7 @@ def plot_curves(runs: list[Run], colours, out: Path) -> Path:
         best = to_float(r.metrics.get("best_epoch"))
         if np.isfinite(best):
             ax_acc.axvline(best, color="black", alpha=0.4, linewidth=3, label="best")
-    fig.tight_layout()
+    _tight(fig)
     return _save(fig, out / "curves.png")
 
 
@@ -92,7 +102,7 @@ def plot_confusions(runs: list[Run], out: Path) -> Path:
             ax.set_xlabel("predicted")
             ax.set_ylabel("true")
             ax.set_title(f"{r.label}: {title}", fontsize=9)
-    fig.tight_layout()
+    _tight(fig)
     return _save(fig, out / "confusion.png")
 
 
@@ -114,7 +124,7 @@ def plot_roc(runs: list[Run], colours, out: Path) -> Path:
         ax.set_ylabel("sensitivity")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    _tight(fig)
     return _save(fig, out / "roc.png")
 
 
@@ -139,7 +149,7 @@ def plot_reliability(runs: list[Run], colours, out: Path) -> Path:
         ax.set_ylim(0, 1)
         ax.legend(fontsize=7)
         ax.set_title("after temperature scaling" if after else "as trained (validation)")
-    fig.tight_layout()
+    _tight(fig)
     return _save(fig, out / "reliability.png")
 
 
@@ -170,7 +180,7 @@ def plot_bars(runs: list[Run], colours, out: Path, oracles: list[Run] = ()) -> P
         ax.set_title(metric.label + (" (95% CI)" if metric.interval else ""), fontsize=10)
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    _tight(fig)
     return _save(fig, out / "metrics.png")
 
 
@@ -209,7 +219,7 @@ def plot_gradcam(runs: list[Run], out: Path, per_kind: int = 3) -> Path:
                     "green" if p.argmax() == y else "red")
         axrow[0].text(-0.1, 0.5, name, transform=axrow[0].transAxes, rotation=90, ha="right", va="center",
                       fontsize=7)
-    fig.tight_layout()
+    _tight(fig)
     return _save(fig, out / "gradcam.png")
 
 
@@ -266,5 +276,5 @@ def plot_samples(runs: list[Run], out: Path, per_kind: int = 4) -> Path:
         axrow[0].text(-0.1, 0.5, r.model, transform=axrow[0].transAxes, rotation=90, ha="right", va="center",
                       fontsize=8)
     fig.suptitle("most confident correct (green) and wrong (red) validation predictions", fontsize=9)
-    fig.tight_layout()
+    _tight(fig)
     return _save(fig, out / "samples.png")

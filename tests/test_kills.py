@@ -1,0 +1,238 @@
+"""A kill at any instant costs at most the epoch in progress, for every command that writes.
+
+Each test kills an ``osteo`` process at a named point (:mod:`osteo.killpoints`, never after a
+sleep), checks that what it leaves is whole (the previous outputs, or a run that resumes),
+and runs the command again. Temporaries a killed process leaves are made older than the
+sweep's grace period (their mtime), so the next command's sweep is what removes them.
+"""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from osteo.runs import CvDir, RunDir
+from osteo.trainer import Trainer
+
+TINY = ["--model", "tiny", "--weights", "none", "--image-size", "32", "--set", "train.tensorboard=false",
+        "--set", "train.bootstrap=20", "--set", "train.steps_per_epoch=2"]
+
+
+def _osteo(args, cwd, kill_at=None, **env):
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "COLUMNS": "1000", **env}  # no wrapped lines
+    if kill_at:
+        env["OSTEO_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, "-m", "osteo.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def _killed(proc) -> None:
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+
+def _ok(proc) -> None:
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _rows(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _age(paths) -> None:
+    """Make leftovers look like a dead process's (older than the sweep's grace period)."""
+    old = time.time() - 3600
+    for p in paths:
+        os.utime(p, (old, old), follow_symlinks=False)
+
+
+def _temporaries(folder: Path) -> list[Path]:
+    return sorted(folder.glob(".*.tmp*"))
+
+
+@pytest.fixture(scope="module")
+def finished(phantom_dir, tmp_path_factory, tiny_recipe):
+    """A finished tiny run, copied by each test that changes it."""
+    return RunDir(Trainer(tiny_recipe(phantom_dir, tmp_path_factory.mktemp("runs"), epochs=1, bootstrap=20)).run())
+
+
+def _copy(run: RunDir, dest: Path) -> RunDir:
+    target = dest / run.model / run.name
+    shutil.copytree(run.path, target)
+    return RunDir(target)
+
+
+# --------------------------------------------------------------------------- train
+
+
+def test_a_kill_in_the_first_epochs_window_resumes_as_if_never_killed(phantom_dir, tmp_path):
+    """Killed after epoch 1's history row, before its state is committed: --resume latest
+    takes the run (it said "no unfinished run to resume") and ends as an uninterrupted run."""
+    args = ["train", "seed", *TINY, "--deterministic", "--epochs", "2", "--data", phantom_dir]
+    _ok(_osteo([*args, "--runs", tmp_path / "ref"], tmp_path))
+    _killed(_osteo([*args, "--runs", tmp_path / "runs"], tmp_path, kill_at="train.history_written@1"))
+    run = RunDir(next((tmp_path / "runs" / "tiny").iterdir()))
+    assert len(run.read_history()) == 1 and not run.is_finished()
+    _ok(_osteo(["train", "seed", "--resume", "latest", "--runs", tmp_path / "runs"], tmp_path))
+    ref = RunDir(next((tmp_path / "ref" / "tiny").iterdir()))
+    assert run.is_finished() and [r["epoch"] for r in run.read_history()] == ["1", "2"]
+    assert run.predictions_path.read_bytes() == ref.predictions_path.read_bytes()
+
+
+def test_a_run_killed_while_finishing_is_unfinished_refused_flagged_and_finished_by_resume(phantom_dir, tmp_path):
+    runs = tmp_path / "runs"
+    _killed(_osteo(["train", "seed", *TINY, "--epochs", "1", "--data", phantom_dir, "--runs", runs], tmp_path,
+                   kill_at="train.metrics_written"))
+    run = RunDir(next((runs / "tiny").iterdir()))
+    assert run.metrics_path.is_file() and not run.calibration_path.exists()
+    assert not run.is_finished() and run.is_resumable()
+    image = next((phantom_dir / "normal").iterdir())
+    for argv in (["predict", run, image, "--out", tmp_path / "p.csv"], ["eval", run]):
+        proc = _osteo(argv, tmp_path)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "is unfinished" in proc.stderr and f"osteo train --resume {run.path}" in proc.stderr
+    assert not (tmp_path / "p.csv").exists()
+    proc = _osteo(["report", "--runs", runs, "--out", tmp_path / "rep"], tmp_path)
+    assert proc.returncode == 2 and "left out 1 unfinished run(s)" in proc.stderr  # flagged, not reported
+    _ok(_osteo(["train", "seed", "--resume", "latest", "--runs", runs], tmp_path))
+    assert run.is_finished() and run.calibration_path.is_file() and run.model_card_path.is_file()
+    assert not [p for p in run.path.iterdir() if p.name.startswith(".backup")]
+
+
+def test_a_cross_validation_killed_in_fold_2_continues_with_the_same_command(phantom_dir, tmp_path):
+    """Fold 1 is kept as it is, fold 2 resumes from its committed epoch, fold 3 is trained."""
+    args = ["train", "seed", *TINY, "--epochs", "2", "--data", phantom_dir, "--runs", tmp_path / "runs", "--folds", "3"]
+    # fold 1 commits epochs 1 and 2; the third commit is fold 2's first epoch
+    _killed(_osteo(args, tmp_path, kill_at="train.epoch_committed@3"))
+    (cv_path,) = [p.parent for p in (tmp_path / "runs").glob("tiny/*/cv.json")]
+    cv = CvDir(cv_path)
+    assert cv.fold(1).is_finished() and not cv.fold(2).is_finished()
+    fold1 = {p.name: p.read_bytes() for p in cv.fold(1).path.iterdir() if p.is_file() and p.name != ".lock"}
+    proc = _osteo(args, tmp_path)
+    _ok(proc)
+    assert f"continuing the unfinished cross-validation {cv_path}" in proc.stdout
+    assert "fold 1 of 3 is finished (kept)" in proc.stdout
+    assert cv.is_finished() and len(list((tmp_path / "runs").glob("tiny/*/cv.json"))) == 1
+    assert fold1 == {n: (cv.fold(1).path / n).read_bytes() for n in fold1}
+    assert [r["epoch"] for r in cv.fold(2).read_history()] == ["1", "2"]
+
+
+def _damage(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_backup_slot_falls_back_to_the_other_one_then_to_the_phase_start(phantom_dir, tmp_path):
+    args = ["train", "seed", *TINY, "--epochs", "3", "--data", phantom_dir]
+    for case in ("one", "both"):
+        runs = tmp_path / case
+        _killed(_osteo([*args, "--runs", runs], tmp_path, kill_at="train.epoch_committed@2"))
+        run = RunDir(next((runs / "tiny").iterdir()))
+        state = json.loads((run.phase_path(1) / "state.json").read_text())
+        assert (state["epoch"], state["slot"]) == (2, "b")
+        _damage(run.phase_path(1) / "b" / "seeds.npz")  # the committed slot: epoch 2's
+        if case == "both":
+            _damage(run.phase_path(1) / "a" / "weights.weights.h5")
+        proc = _osteo(["train", "seed", "--resume", run.path], tmp_path)
+        _ok(proc)
+        warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("osteo: warning:")]
+        assert len(warnings) == 1 and "is damaged" in warnings[0], proc.stderr
+        expected = "from the one of epoch 1" if case == "one" else "starts again from its first epoch"
+        assert expected in warnings[0] and "Traceback" not in proc.stderr
+        assert run.is_finished() and [r["epoch"] for r in run.read_history()] == ["1", "2", "3"]
+
+
+# --------------------------------------------------------------------------- the other commands
+
+
+def test_a_killed_external_validation_leaves_the_previous_one_whole(finished, phantom_dir, tmp_path):
+    run = _copy(finished, tmp_path)
+    folder = tmp_path / "hospital"
+    shutil.copytree(phantom_dir, folder)
+    _ok(_osteo(["eval", run, "--data", folder, "--bootstrap", "20"], tmp_path))
+    out = run.eval_path / "hospital"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _killed(_osteo(["eval", run, "--data", folder, "--bootstrap", "30"], tmp_path, kill_at="eval.staged"))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new predictions beside old metrics
+    assert [p.name for p in run.eval_path.iterdir()] == ["hospital"]  # the staging folder is not a validation
+    left = _temporaries(run.path)
+    assert left
+    _age([*left, *(p for t in left for p in t.rglob("*"))])
+    _ok(_osteo(["eval", run, "--data", folder, "--bootstrap", "30"], tmp_path))
+    assert not _temporaries(run.path) and not _temporaries(run.eval_path)
+    assert json.loads((out / "metrics.json").read_text())["external"]["ci"]["resamples"] == 30
+
+
+def test_a_killed_export_leaves_no_file_and_its_temporary_is_swept(finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    _killed(_osteo(["export", run, "--format", "keras"], tmp_path, kill_at="files.before_replace"))
+    export = run.path / "export"
+    assert not (export / "model.keras").exists()
+    left = _temporaries(export)
+    assert len(left) == 1
+    _age(left)
+    _ok(_osteo(["export", run, "--format", "keras"], tmp_path))
+    assert (export / "model.keras").is_file() and not _temporaries(export)
+
+
+def test_a_killed_report_leaves_the_previous_page_and_the_next_one_sweeps(finished, tmp_path):
+    out = tmp_path / "rep"
+    args = ["report", finished, "--out", out, "--bootstrap", "20"]
+    _ok(_osteo(args, tmp_path))
+    page = (out / "index.html").read_bytes()
+    _killed(_osteo(args, tmp_path, kill_at="report.replacing"))
+    assert (out / "index.html").read_bytes() == page
+    left = _temporaries(out)
+    assert left
+    _age([*left, *(p for t in left for p in t.rglob("*"))])
+    _ok(_osteo(args, tmp_path))
+    assert not _temporaries(out) and (out / "index.html").is_file()
+
+
+def test_killed_calibrate_and_predict_leave_whole_files_and_their_temporaries_are_swept(finished, phantom_dir,
+                                                                                       tmp_path):
+    run = _copy(finished, tmp_path)
+    calibration = run.calibration_path.read_bytes()
+    _killed(_osteo(["calibrate", run, "--bootstrap", "30"], tmp_path, kill_at="files.before_replace"))
+    assert run.calibration_path.read_bytes() == calibration and run.is_finished()
+    _age(_temporaries(run.path))
+    _ok(_osteo(["calibrate", run, "--bootstrap", "30"], tmp_path))
+    assert not _temporaries(run.path)
+
+    out = tmp_path / "predictions.csv"
+    _killed(_osteo(["predict", run, phantom_dir / "normal", "--out", out], tmp_path, kill_at="files.before_replace"))
+    assert not out.exists()
+    _age(_temporaries(tmp_path))
+    _ok(_osteo(["predict", run, phantom_dir / "normal", "--out", out], tmp_path))
+    assert not _temporaries(tmp_path) and len(_rows(out)) == len(list((phantom_dir / "normal").iterdir()))
+
+
+def test_sigterm_stops_a_study_in_one_line_and_the_same_command_continues_it(phantom_dir, tmp_path):
+    """On Ray where it is installed (its own SIGTERM handler exited 1 with a crash report)."""
+    args = ["study", "--models", "tiny", "--recipe", "seed", "--folds", "2", "--data", phantom_dir, "--weights",
+            "none", "--image-size", "32", "--epochs", "1", "--runs", "runs", "--out", "study",
+            "--set", "train.tensorboard=false", "--set", "train.bootstrap=20", "--set", "train.steps_per_epoch=2",
+            "--cpus-per-trial", "2"]  # one trial at a time: the first ends before the second starts
+    proc = _osteo(args, tmp_path, kill_at="study.trial_ended", OSTEO_KILL_SIGNAL="TERM", OSTEO_KILL_IF="study")
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == ["osteo: stopped by SIGTERM; run the same command again to continue"]
+    first = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert first["status"] == "running"
+    (cv_path,) = (tmp_path / "runs" / "tiny").iterdir()
+    done = [f for f in (CvDir(cv_path).fold(1), CvDir(cv_path).fold(2)) if f.is_finished()]
+    assert len(done) == 1
+    kept = done[0].predictions_path.stat().st_mtime_ns
+    proc = _osteo(args, tmp_path)
+    _ok(proc)
+    study = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert study["id"] == first["id"] and study["status"] == "finished"
+    assert list((tmp_path / "runs" / "tiny").iterdir()) == [cv_path] and CvDir(cv_path).is_finished()
+    assert done[0].predictions_path.stat().st_mtime_ns == kept

@@ -1,0 +1,146 @@
+"""osteo writes only what is its own: no output replaces a device, a FIFO, a run's files, an
+input image or a file someone else put in an output folder; and what it writes is strict and quiet."""
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+
+import pytest
+
+from osteo.cli import main
+from osteo.errors import OsteoError
+from osteo.files import write_text
+from osteo.runs import RunDir
+from osteo.trainer import Trainer
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("osteo: error: ")
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def run(phantom_dir, tmp_path_factory, tiny_recipe):
+    return RunDir(Trainer(tiny_recipe(phantom_dir, tmp_path_factory.mktemp("runs"), epochs=1, bootstrap=20)).run())
+
+
+def _copy(run: RunDir, dest) -> RunDir:
+    return RunDir(shutil.copytree(run.path, dest / run.model / run.name))
+
+
+def _digest(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_output_that_is_a_fifo_or_a_folder_is_refused_and_left_as_it_is(run, phantom_dir, tmp_path, capsys):
+    """As root, --out /dev/full became a CSV file in place of the device: the atomic rename
+    replaced whatever was there. A FIFO stands for the device here."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OsteoError, match="not a regular file"):
+        write_text(fifo, "x")
+    assert main(["predict", str(run), str(phantom_dir / "normal"), "--out", str(fifo)]) == 2
+    assert "not a regular file (a device, FIFO or socket)" in _one_line(capsys)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert main(["predict", str(run), str(phantom_dir / "normal"), "--out", str(folder)]) == 2
+    assert "is a folder" in _one_line(capsys)
+    assert not list(tmp_path.glob(".*.tmp*"))
+
+
+def test_no_output_lands_in_a_run_folder_but_the_commands_own_place(run, phantom_dir, tmp_path, capsys):
+    copy = _copy(run, tmp_path)
+    external = copy.eval_path / "hospital"  # an external validation, and a killed run's resume state
+    RunDir(external).write_predictions([{"path": "normal/x.png", "label": "normal"}], [[0.5, 0.3, 0.2]], "external")
+    before = _digest(copy.path)
+    images = str(phantom_dir / "normal")
+    cases = [
+        (["predict", str(copy), images, "--out", str(external / "predictions.csv")], "inside the run"),
+        (["predict", str(copy), images, "--out", str(copy.backup_path / "state.csv")], "inside the run"),
+        (["predict", str(copy), images, "--out", str(copy.split_path)], "would overwrite the run's own split.csv"),
+        (["predict", str(copy), images, "--out", "p.csv", "--gradcam", str(copy.path / "cams")], "inside the run"),
+        (["report", str(run), "--out", str(copy.path / "report")], "inside the run"),
+        (["data", "split", str(phantom_dir), "--out", str(copy.split_path)], "would overwrite"),
+        (["eval", str(run), "--data", str(phantom_dir), "--out", str(external)], "inside the run"),
+        (["eval", str(copy), "--data", str(phantom_dir), "--out", str(copy.eval_path)], "not a folder of"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in _one_line(capsys), argv
+    assert _digest(copy.path) == before and not (copy.path / "cams").exists()
+
+
+def test_gradcam_into_the_images_folder_never_replaces_an_image(run, phantom_dir, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(phantom_dir / "normal", images)
+    before = _digest(images)
+    assert main(["predict", str(run), str(images), "--gradcam", str(images), "--out", str(tmp_path / "p.csv")]) == 2
+    assert "osteo did not write" in _one_line(capsys)
+    assert _digest(images) == before and not (tmp_path / "p.csv").exists()
+    cams = tmp_path / "cams"
+    for _ in range(2):  # its own overlays it replaces
+        assert main(["predict", str(run), str(images), "--gradcam", str(cams), "--out", str(tmp_path / "p.csv")]) == 0
+    assert len(list(cams.glob("*.png"))) == len(before)
+
+
+def test_a_report_replaces_only_what_an_earlier_report_wrote(run, tmp_path, capsys):
+    out = tmp_path / "rep"
+    args = ["report", str(run), "--out", str(out), "--bootstrap", "20"]
+    assert main(args) == 0
+    (out / "notes.txt").write_text("the user's")  # beside the report: kept
+    (out / "plots" / "mine.png").write_text("the user's too")  # in plots/, which a report replaces whole
+    page = (out / "index.html").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "plots/mine.png, which osteo did not write" in _one_line(capsys)
+    assert (out / "plots" / "mine.png").read_text() == "the user's too" and (out / "index.html").read_bytes() == page
+    (out / "plots" / "mine.png").unlink()
+    assert main(args) == 0
+    assert (out / "notes.txt").read_text() == "the user's"
+    fresh = tmp_path / "other"
+    fresh.mkdir()
+    (fresh / "index.html").write_text("someone's page")
+    capsys.readouterr()
+    assert main(["report", str(run), "--out", str(fresh), "--bootstrap", "20"]) == 2
+    assert "index.html, which osteo did not write" in _one_line(capsys)
+    assert (fresh / "index.html").read_text() == "someone's page"
+
+
+# --------------------------------------------------------------------------- strict and quiet
+
+
+def _strict_json(path):
+    def refuse(constant):
+        raise AssertionError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+def test_an_external_folder_of_one_class_is_strict_json_and_one_warning_line(run, phantom_dir, tmp_path, capsys):
+    folder = tmp_path / "one-class"
+    (folder / "normal").mkdir(parents=True)
+    val = [r["path"] for r in run.read_split() if r["split"] == "val" and r["label"] == "normal"]
+    for p in val:
+        shutil.copy(phantom_dir / p, folder / p)
+    copy = _copy(run, tmp_path)
+    assert main(["eval", str(copy), "--data", str(folder), "--bootstrap", "20"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("osteo: warning:") and "no osteopenia or osteoporosis" in err[0], err
+    metrics = _strict_json(copy.eval_path / "one-class" / "metrics.json")
+    for point in metrics["operating_points"]:
+        assert point["sensitivity"] is None and point["undefined"] == "sensitivity: no positive images"
+    assert metrics["external"]["roc_auc"] is None
+
+
+def test_a_report_of_many_rows_prints_no_library_warning(run, phantom_dir, tmp_path, capsys):
+    runs = [_copy(run, tmp_path / name) for name in ("a", "b", "c")]
+    assert main(["eval", str(runs[0]), "--data", str(phantom_dir), "--bootstrap", "20"]) == 0
+    capsys.readouterr()
+    assert main(["report", *map(str, runs), "--out", str(tmp_path / "rep"), "--bootstrap", "20"]) == 0
+    assert capsys.readouterr().err == ""  # matplotlib's tight_layout warning reached the terminal
