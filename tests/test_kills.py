@@ -101,6 +101,8 @@ def test_a_run_killed_while_finishing_is_unfinished_refused_flagged_and_finished
     assert not (tmp_path / "p.csv").exists()
     proc = _osteo(["report", "--runs", runs, "--out", tmp_path / "rep"], tmp_path)
     assert proc.returncode == 2 and "left out 1 unfinished run(s)" in proc.stderr  # flagged, not reported
+    proc = _osteo(["report", run, "--out", tmp_path / "rep"], tmp_path)
+    assert proc.returncode == 2 and f"skipped {run.path}: run {run.path} is unfinished" in proc.stderr
     _ok(_osteo(["train", "seed", "--resume", "latest", "--runs", runs], tmp_path))
     assert run.is_finished() and run.calibration_path.is_file() and run.model_card_path.is_file()
     assert not [p for p in run.path.iterdir() if p.name.startswith(".backup")]

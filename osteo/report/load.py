@@ -77,10 +77,12 @@ def collect_runs(specs: list[str] | None = None, runs_dir: str | os.PathLike = "
         cvs = list({c.model: c for c in cvs}.values())  # oldest first: the last of each model wins
     runs = list_runs(runs_dir, finished=True)
     unfinished = [r for r in list_runs(runs_dir) if not r.is_finished()]
+    unfinished += [c for c in list_cvs(runs_dir) if not c.is_finished()]  # a damaged cv.json too
     if unfinished and warn:
         names = ", ".join(str(r) for r in unfinished[:5]) + (" ..." if len(unfinished) > 5 else "")
-        warn(f"left out {len(unfinished)} unfinished run(s) (no {RunDir.PREDICTIONS} or {RunDir.METRICS}): "
-             f"{names}; finish one with: osteo train --resume RUN_DIR")
+        warn(f"left out {len(unfinished)} unfinished run(s) (stopped before they ended, or training): "
+             f"{names}; finish one with: osteo train --resume RUN_DIR (a cross-validation: the command that "
+             "started it)")
     if not runs and not cvs:
         raise OsteoError(f"no finished runs under {runs_dir}; train one first (make train MODEL=...)")
     if all_runs:
@@ -113,7 +115,7 @@ def load_runs(run_dirs, split: str = "val", n_boot: int = 1000, seed: int = 0,
 def load_run(path: str | os.PathLike, split: str = "val", n_boot: int = 1000, seed: int = 0) -> Run:
     if CvDir(path).is_cv():
         return load_cv(CvDir(path), n_boot, seed)
-    run = RunDir(path)
+    run = RunDir(path).check(finished=True)  # one killed while finishing has metrics, not its calibration
     recipe = run.read_recipe().to_dict()  # the resolved recipe (older runs' sizes filled in)
     y, probs, rows = run.read_predictions(split)
     if not len(y):
