@@ -69,10 +69,11 @@ def check_output(path: str | os.PathLike) -> None:
         raise OsteoError(f"{path} exists and is {kind}; osteo replaces only files: choose another output path")
 
 
-def replace_folder(new: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Put folder ``new`` where ``target`` is: the old one is renamed aside (as a temporary, so a
-    kill leaves it for :func:`sweep_temporaries`), the new one renamed in, the old one removed.
-    A reader sees the old folder or the new one, whole, never a mix of their files."""
+def replace_folder(new: str | os.PathLike, target: str | os.PathLike, aside: str | os.PathLike | None = None) -> None:
+    """Put folder ``new`` where ``target`` is: the old one is renamed aside (as a temporary in
+    ``aside``, by default ``target``'s folder, so a kill leaves it for :func:`sweep_temporaries`),
+    the new one renamed in, the old one removed. A reader sees the old folder or the new one,
+    whole, never a mix of their files."""
     import secrets
     import shutil
 
@@ -80,7 +81,7 @@ def replace_folder(new: str | os.PathLike, target: str | os.PathLike) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     old = None
     if os.path.lexists(target):
-        old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}.tmp")
+        old = Path(aside or target.parent) / f".{target.name}.old-{secrets.token_hex(4)}.tmp"
         os.replace(target, old)
     try:
         os.replace(new, target)

@@ -11,6 +11,7 @@ shifts. Files that cannot be decoded get ``status=unreadable`` and a reason.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -278,14 +279,15 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     # staged, then moved in whole: a kill leaves the previous validation, never new predictions
     # beside old metrics
     stage_in = run.path if out.resolve().parent == run.eval_path.resolve() else out.parent
-    sweep_temporaries(stage_in, pattern=f"{EVAL_STAGE}*")
+    for pattern in (f"{EVAL_STAGE}*", f".{glob.escape(out.name)}.old-*.tmp"):  # a killed eval's
+        sweep_temporaries(stage_in, pattern=pattern)
     stage = Path(tempfile.mkdtemp(prefix=f"{EVAL_STAGE}{out.name}.", suffix=".tmp", dir=stage_in))
     try:
         RunDir(stage).write_predictions(raw_rows, raw, "external")
         write_json(stage / RunDir.METRICS, report)
         write_audit(result, stage)
         killpoints.reached("eval.staged")
-        replace_folder(stage, out)
+        replace_folder(stage, out, aside=stage_in)  # not in eval/, where a report would find it
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     write_model_card(run)
