@@ -162,15 +162,17 @@ def test_a_killed_external_validation_leaves_the_previous_one_whole(finished, ph
     _ok(_osteo(["eval", run, "--data", folder, "--bootstrap", "20"], tmp_path))
     out = run.eval_path / "hospital"
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    _killed(_osteo(["eval", run, "--data", folder, "--bootstrap", "30"], tmp_path, kill_at="eval.staged"))
+    # with --tta the predictions differ too: a kill left them beside the old metrics
+    _killed(_osteo(["eval", run, "--data", folder, "--tta", "--bootstrap", "20"], tmp_path, kill_at="eval.staged"))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new predictions beside old metrics
     assert [p.name for p in run.eval_path.iterdir()] == ["hospital"]  # the staging folder is not a validation
     left = _temporaries(run.path)
     assert left
     _age([*left, *(p for t in left for p in t.rglob("*"))])
-    _ok(_osteo(["eval", run, "--data", folder, "--bootstrap", "30"], tmp_path))
+    _ok(_osteo(["eval", run, "--data", folder, "--tta", "--bootstrap", "20"], tmp_path))
     assert not _temporaries(run.path) and not _temporaries(run.eval_path)
-    assert json.loads((out / "metrics.json").read_text())["external"]["ci"]["resamples"] == 30
+    assert json.loads((out / "metrics.json").read_text())["tta"] is True
+    assert (out / "predictions.csv").read_bytes() != before["predictions.csv"]
 
 
 def test_a_killed_export_leaves_no_file_and_its_temporary_is_swept(finished, tmp_path):
