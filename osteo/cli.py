@@ -3,7 +3,7 @@
     osteo data phantom OUT [--n N] [--size PX] [--seed S] [--proportions 780,374,793] [--bit-depth 8|16]
     osteo data audit DATA [--out DIR]
     osteo data split DATA --out split.csv [--val 0.3] [--test 0] [--folds K --fold I] [--seed S]
-    osteo train RECIPE_OR_MODEL [--data DIR] [--set key=value ...] [--resume RUN_DIR|latest]
+    osteo train RECIPE_OR_MODEL [--data DIR] [--set key=value ...] | --resume RUN_DIR|latest
                 [--folds K [--fold I] [--cv DIR]]
     osteo eval RUN_DIR [--split val|test] [--bootstrap 1000] | --data FOLDER [--out DIR] [--tta]
     osteo calibrate RUN_DIR [--operating-point CLASS[+]:sensitivity=X ...]
@@ -283,6 +283,9 @@ def cmd_train(args) -> int:
         if args.folds is not None or args.fold is not None or args.cv:
             raise OsteoError("--resume takes one run; to resume a fold, pass its folder: --resume CV_DIR/fold-I")
         run, recipe = resume_recipe(args.resume, args.model, options)
+    elif args.recipe is None:
+        raise OsteoError("osteo train needs a recipe or a backbone, e.g. osteo train finetune --model vgg16 "
+                         "(or --resume RUN_DIR to continue a run)")
     else:
         recipe = build_recipe(args.recipe, args.model, options)
     backend = args.backend
@@ -308,8 +311,9 @@ def cmd_train(args) -> int:
 
 def _add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train one model from a recipe")
-    p.add_argument("recipe", help="recipe name (seed, finetune, demo), a .py path, or a registered backbone "
-                                  "(trains with finetune)")
+    # optional with --resume, whose run's recipe decides: the hints name `osteo train --resume RUN_DIR`
+    p.add_argument("recipe", nargs="?", help="recipe name (seed, finetune, demo), a .py path, or a registered "
+                                             "backbone (trains with finetune); not needed with --resume")
     p.add_argument("--model", help="backbone, overriding the recipe's")
     p.add_argument("--data", help="data folder with class sub-folders (default: the phantom)")
     p.add_argument("--weights", help="imagenet, none, or a path to a weights file")
@@ -693,8 +697,7 @@ def _after_stop(args) -> str:
     if args.func is cmd_study or (args.func is cmd_train and (args.folds or args.cv or args.resume)):
         return "run the same command again to continue"
     if args.func is cmd_train:
-        return f"continue the run with: osteo train {args.recipe} --resume latest" + (
-            f" --runs {args.runs}" if args.runs else "")
+        return "continue the run with: osteo train --resume latest" + (f" --runs {args.runs}" if args.runs else "")
     return "its outputs are the previous ones or the new ones, whole: run the command again"
 
 
