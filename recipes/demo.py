@@ -8,7 +8,7 @@ dataset, in under 10 minutes on 2 CPU cores. Weights none (no ImageNet download)
 every backbone is trained from scratch: phase 1 is skipped (a frozen random backbone
 learns nothing) and BatchNorm is active, with momentum 0.9 so its moving statistics
 catch up within a few dozen steps. 900 phantom images of 96 px
-(``data/phantom-demo``), 70/30 split, small inputs.
+(``data/phantom-demo``), 70/15/15 split (validation chooses, test reports), small inputs.
 
 Per backbone, the learning rate, epochs and image size that learn within the budget
 on the phantom (from-scratch ConvNeXt needs a far lower rate than Adam's default, and
@@ -31,7 +31,8 @@ def recipe(backbone: str = "convnext_tiny") -> Recipe:
     size, epochs, lr, warmup = PER_BACKBONE.get(backbone, (48, 3, 3e-4, 0))
     return Recipe(
         name="demo",
-        data=DataConfig(dir="data/phantom-demo", image_size=size, batch_size=32, phantom_n=900, phantom_size=96),
+        data=DataConfig(dir="data/phantom-demo", image_size=size, val=0.15, test=0.15, batch_size=32, phantom_n=900,
+                        phantom_size=96),
         model=ModelConfig(backbone=backbone, weights="none", freeze_bn=False, bn_momentum=0.9,
                           head=HeadConfig(dropout=0.2),
                           augment=AugmentConfig(flip=True, zoom=0.05, shear=0.0)),

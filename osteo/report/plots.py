@@ -138,7 +138,7 @@ def plot_reliability(runs: list[Run], colours, out: Path) -> Path:
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.legend(fontsize=7)
-        ax.set_title("after temperature scaling" if after else "as trained (validation)")
+        ax.set_title("after temperature scaling" if after else "as trained")
     fig.tight_layout()
     return _save(fig, out / "reliability.png")
 
@@ -238,7 +238,7 @@ def _gradcam_sample(r: Run, per_kind: int):
 
 
 def plot_samples(runs: list[Run], out: Path, per_kind: int = 4) -> Path:
-    """Per model: the most confident correct and wrong validation predictions."""
+    """Per model: the most confident correct and wrong predictions on the images of its row."""
     import matplotlib.pyplot as plt
 
     from osteo.data.decode import DecodeError, decode_file
@@ -263,8 +263,8 @@ def plot_samples(runs: list[Run], out: Path, per_kind: int = 4) -> Path:
             ok = pred[i] == r.y[i]
             ax.set_title(f"true {CLASSES[r.y[i]]}\npred {CLASSES[pred[i]]} {conf[i]:.2f}",
                          fontsize=6, color="green" if ok else "red")
-        axrow[0].text(-0.1, 0.5, r.model, transform=axrow[0].transAxes, rotation=90, ha="right", va="center",
-                      fontsize=8)
-    fig.suptitle("most confident correct (green) and wrong (red) validation predictions", fontsize=9)
+        axrow[0].text(-0.1, 0.5, f"{r.model}\n{r.evaluated_on}", transform=axrow[0].transAxes, rotation=90,
+                      ha="right", va="center", fontsize=8)
+    fig.suptitle("most confident correct (green) and wrong (red) predictions", fontsize=9)
     fig.tight_layout()
     return _save(fig, out / "samples.png")
