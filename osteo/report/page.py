@@ -91,9 +91,9 @@ def write_report(run_dirs: list, out: str | os.PathLike, split: str = "auto", n_
             "roc": plot_roc(runs, colours, plots_dir),
             "reliability": plot_reliability(runs, colours, plots_dir),
             "samples": plot_samples(runs, plots_dir),
-            "gradcam": plot_gradcam(runs, plots_dir),
         }
-        page = render_html(runs, rows, plots, said, skipped, n_boot, points)
+        plots["gradcam"], gradcam_notes = plot_gradcam(runs, plots_dir)
+        page = render_html(runs, rows, plots, said, skipped, n_boot, points, gradcam_notes)
         write_text(stage / "index.html", page)
         for name in ("comparison.csv", "per_class.csv", "folds.csv", "operating_points.csv", "verdict.txt"):
             os.replace(stage / name, out / name)
@@ -116,7 +116,8 @@ def _replace_folder(new: Path, target: Path) -> None:
 
 
 def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], said: list[str],
-                skipped: list[str] = (), n_boot: int = 1000, points: list[dict] = ()) -> str:
+                skipped: list[str] = (), n_boot: int = 1000, points: list[dict] = (),
+                gradcam_notes: list[str] = ()) -> str:
     e = html.escape
     cols = ["model", "run_id", "evaluated_on", "chose", "folds", "weights", "precision", "image_size", "epochs",
             "best_epoch", "n_train", "n", *(m.name for m in METRICS), "ece_calibrated",
@@ -143,8 +144,7 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], said:
                                        "so measured on validation it is optimistic)"),
         ("Sample predictions", "samples", "on each row's images"),
         ("Where the models look (Grad-CAM)", "gradcam", "the most confident correct (green) and wrong (red) "
-                                                        "images of each row, heat on the layer its "
-                                                        "backbone's spec names"),
+                                                        "images of each row, heat on the layer named beside it"),
     ]
     body = ["<h1>osteo: model comparison</h1>", "<h2>Verdict</h2>", *(f'<p class="verdict">{e(p)}</p>' for p in said),
             warn_html,
@@ -160,6 +160,8 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], said:
     for title, key, caption in sections:
         if key in plots:
             body.append(f"<h2>{e(title)}</h2><p>{e(caption)}</p>{_img(plots[key], title)}")
+        if key == "gradcam" and gradcam_notes:  # which layer, of how many cells, each row's maps are of
+            body.append("<ul>" + "".join(f"<li>{e(note)}</li>" for note in gradcam_notes) + "</ul>")
     if points:
         body.append("<h2>Operating points</h2><p>Thresholds chosen on each run's validation split (after "
                     "calibration) for a screening sensitivity or specificity, and what they give on every data "
