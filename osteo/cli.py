@@ -344,7 +344,7 @@ def cmd_eval(args) -> int:
     metrics = evaluate_run(args.run, splits=[args.split] if args.split else None, n_boot=args.bootstrap,
                            seed=args.seed)
     console = _console()
-    for name in ("val", "test"):
+    for name in ("test", "val"):  # the headline split first
         if name in metrics and (args.split in (None, name)):
             print_metrics(metrics, name, console)
     print(f"wrote {args.run}/metrics.json")

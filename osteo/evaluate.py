@@ -348,12 +348,15 @@ def evaluate_run(run_dir: str | os.PathLike, splits: Sequence[str] | None = None
     from osteo.runs import RunDir
 
     run = RunDir(run_dir).check(need=(RunDir.PREDICTIONS,))
+    before = run.read_metrics()
     if checkpoint is None:
-        checkpoint = {k: v for k, v in run.read_metrics().items() if k in CHECKPOINT_KEYS}
+        checkpoint = {k: v for k, v in before.items() if k in CHECKPOINT_KEYS}
     majority = training_majority(run)
     metrics = {**checkpoint, "majority_class": majority}
     _, _, rows = run.read_predictions()
     available = [s for s in ("val", "test") if any(r["split"] == s for r in rows)]
+    # a split not asked for keeps its numbers: osteo eval --split val leaves the headline test split's
+    metrics.update({s: before[s] for s in available if s in before and splits and s not in splits})
     for name in splits or available:
         if name not in available:
             raise OsteoError(f"{run.path} has no {name} predictions; choose one of: {', '.join(available) or 'none'}")
@@ -361,7 +364,7 @@ def evaluate_run(run_dir: str | os.PathLike, splits: Sequence[str] | None = None
         metrics[name] = compute_metrics(y, p, n_boot=n_boot, seed=seed)
         metrics[name]["majority_baseline"] = majority_baseline(y, majority)
         metrics[name].update(evaluated_on=SPLIT_NAMES[name], chose=CHOSE[name])
-    metrics["headline"] = headline_split([s for s in ("val", "test") if s in metrics])
+    metrics["headline"] = headline_split(available)
     run.write_metrics(metrics)
     return metrics
 
