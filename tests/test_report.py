@@ -128,6 +128,6 @@ def test_a_last_stage_below_7x7_is_said_and_a_finer_layer_drawn(two_runs, hostil
     small = Trainer(r).run()
     page = write_report([small, two_runs[0]], tmp_path / "rep", n_boot=0).read_text(encoding="utf-8")
     notes = page[page.index("Where the models look"):]
-    assert (f"<li>tiny ({small.name}): the last stage (tiny_block2_relu) is 4x4 at 16 px, too coarse to show where "
+    assert (f"<li>tiny ({small.name}, validation): the last stage (tiny_block2_relu) is 4x4 at 16 px, too coarse to show where "
             "the model looked; heat on tiny_block1_relu (8x8 cells), the deepest layer with at least 7x7</li>") in notes
-    assert f"<li>tiny ({two_runs[0].name}): heat on tiny_block2_relu, the last stage (8x8 cells at 32 px)</li>" in notes
+    assert f"<li>tiny ({two_runs[0].name}, validation): heat on tiny_block2_relu, the last stage (8x8 cells at 32 px)</li>" in notes

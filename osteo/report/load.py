@@ -69,8 +69,7 @@ class Run:
 
     @property
     def label(self) -> str:
-        where = f", {self.evaluated_on}" if self.evaluated_on.startswith("external") else ""
-        return f"{self.model} ({'cv ' if self.folds else ''}{self.run_id}{where})"
+        return f"{self.model} ({'cv ' if self.folds else ''}{self.run_id}, {self.evaluated_on})"
 
 
 def collect_runs(specs: list[str] | None = None, runs_dir: str | os.PathLike = "runs",

@@ -166,7 +166,7 @@ def plot_bars(runs: list[Run], colours, out: Path, oracles: list[Run] = ()) -> P
             ax.axhline(o.metrics[k], color="green", linestyle=":", label=f"oracle {o.metrics[k]:.2f}")
         if baseline or oracles:
             ax.legend(fontsize=7, loc="lower right")
-        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(x, [f"{n}\n{r.evaluated_on}" for n, r in zip(names, runs)], rotation=30, ha="right", fontsize=8)
         ax.set_title(metric.label + (" (95% CI)" if metric.interval else ""), fontsize=10)
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)
