@@ -392,7 +392,7 @@ def cmd_report(args) -> int:
 
     from rich.table import Table
 
-    from osteo.evaluate import METRICS
+    from osteo.evaluate import METRICS, which_chose
     from osteo.report import collect_runs, write_report
     from osteo.runs import use_backend_of
 
@@ -410,19 +410,20 @@ def cmd_report(args) -> int:
         rows = list(reader)
     table = Table(title="comparison")
     headline = [x for x in METRICS if x.headline]
-    cols = {x.name: x.label for x in headline}  # the headline metrics, their baselines, McNemar's p
-    cols.update({f"majority_{x.name}": f"majority {x.label}" for x in headline
-                 if f"majority_{x.name}" in reader.fieldnames})
-    cols["mcnemar_p_holm"] = "mcnemar p (Holm)"
+    cols = {x.name: x.label for x in headline}  # the headline metrics and McNemar's p (the verdict has the baseline)
+    cols["mcnemar_p_holm"] = "McNemar p (Holm)"
     table.add_column("model", no_wrap=True, min_width=13)
-    table.add_column("evaluated on")
-    table.add_column("chose")
+    table.add_column("evaluated on", min_width=12)
     for label in cols.values():
         table.add_column(label, justify="right")
-    num = lambda v: f"{float(v):.3f}" if v not in ("", None) else "-"
-    for r in rows:
-        table.add_row(r["model"], r["evaluated_on"], r["chose"], *(num(r[c]) for c in cols))
+    num = lambda v: "-" if v in ("", None) else f"{float(v):.3g}" if float(v) < 1e-3 else f"{float(v):.3f}"
+    chose = {r["chose"] for r in rows} - {"nothing"}
+    for r in rows:  # a row whose images chose something is starred, and the star said below
+        table.add_row(r["model"], r["evaluated_on"] + (" *" if r["chose"] != "nothing" else ""),
+                      *(num(r[c]) for c in cols))
     console.print(table)
+    print("".join(f"*: images {which_chose(c)}; " for c in sorted(chose))
+          + f"{'the other' if chose else 'the'} rows' images chose nothing")
     print(f"report: {os.path.abspath(page)}")
     return 0
 

@@ -121,14 +121,13 @@ def compare(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> dict[Path, di
     out: dict[Path, dict] = {}
     for group in groups(runs).values():
         best = best_of(group)
-        correct = {row["path"]: p == y for row, p, y in zip(best.rows, best.probs.argmax(1), best.y)}
+        order = {row["path"]: i for i, row in enumerate(best.rows)}
         for r in group:
             paths = [row["path"] for row in r.rows]
             if r is best:
                 out[r.path] = {"vs": "(best)"}
-            elif set(paths) == set(correct) and len(paths) == len(correct):
-                order = {p: i for i, p in enumerate(row["path"] for row in best.rows)}
-                theirs = best.probs.argmax(1)[[order[p] for p in paths]]
+            elif set(paths) == set(order) and len(paths) == len(order):
+                theirs = best.probs.argmax(1)[[order[p] for p in paths]]  # the best's answers, in r's order
                 mine = r.probs.argmax(1)
                 diff, diff_ci = paired_difference(r.y, mine, theirs, n_boot=n_boot, seed=seed)
                 fold_p = None
@@ -137,9 +136,9 @@ def compare(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> dict[Path, di
                     b = [f["balanced_accuracy"] for f in best.fold_metrics]
                     fold_p = float(ttest_rel(a, b).pvalue) if np.ptp(np.subtract(a, b)) > 0 else 1.0
                 out[r.path] = {"vs": best.label, "p": mcnemar_exact(mine == r.y, theirs == r.y)["p_value"],
-                               "fold_p": fold_p, "diff": diff, "diff_ci": diff_ci, "best": best}
+                               "fold_p": fold_p, "diff": diff, "diff_ci": diff_ci}
             else:
-                out[r.path] = {"vs": "not paired (different images)", "best": best}
+                out[r.path] = {"vs": "not paired (different images)"}
         tested = [r for r in group if "p" in out[r.path]]
         for key in ("p", "fold_p"):
             for r, adjusted in zip(tested, holm([out[r.path][key] for r in tested])):

@@ -32,7 +32,10 @@ def verdict(rows: list[dict]) -> list[str]:
 
 def _paragraph(group: list[dict], rows: list[dict]) -> str:
     best = next(r for r in group if r["mcnemar_vs"] == "(best)")
-    where = f"{best['evaluated_on']} (n={best['n']}, {which_chose(best['chose'])})"
+    images = best["evaluated_on"]
+    if images.startswith("external: "):
+        images = f"the external folder {images.removeprefix('external: ')}"
+    where = f"{images} (n={best['n']}, {which_chose(best['chose'])})"
     alone = ", the only model measured on these images," if len(group) == 1 else ""
     out = [f"On {where}: {_name(best)}{alone} is best, with balanced accuracy {_ci(best)}."]
     tested = [r for r in group if _p(r, "mcnemar_p_holm") is not None]
