@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 import pytest
 
@@ -95,9 +96,16 @@ def test_the_report_pools_out_of_fold_predictions_and_pairs_the_folds(two_cvs, t
         assert int(r["n"]) == n_images  # pooled: every image scored once
         assert float(r["balanced_accuracy_lo"]) <= float(r["balanced_accuracy"]) <= float(r["balanced_accuracy_hi"])
         assert r["balanced_accuracy_mean"] and r["balanced_accuracy_sd"]
-    # the two are paired: McNemar on the pooled predictions, a paired t-test on the folds
+    # the two are paired: McNemar on the pooled predictions, a paired t-test on the folds (one comparison:
+    # Holm leaves both as they are), and the verdict says both
     other = b if a["mcnemar_vs"] == "(best)" else a
-    assert other["mcnemar_p"] and other["fold_ttest_p"]
+    assert other["mcnemar_p"] == other["mcnemar_p_holm"] and other["fold_ttest_p"] == other["fold_ttest_p_holm"]
+    said = (out / "verdict.txt").read_text(encoding="utf-8")
+    assert said.startswith(f"On out-of-fold (n={n_images}, which chose nothing): ")
+    number = r"[0-9.e+-]+"
+    assert re.search(rf"McNemar p = ({number}) \(Holm-adjusted for 1 comparison: \1\); paired t-test over the 3 "
+                     rf"folds p = ({number}) \(Holm-adjusted: \2\): ", said), said
+    assert "The phantom's oracle" in said
     # the phantom has latents.csv: the oracle's ceiling, scored on the same out-of-fold images
     oracle = [r for r in _rows(out / "comparison.csv") if r["model"] == "oracle"]
     assert len(oracle) == 1 and oracle[0]["evaluated_on"] == "out-of-fold"
