@@ -45,7 +45,7 @@ def _paragraph(group: list[dict], rows: list[dict]) -> str:
         if r in tested:
             out.append(_difference(r, len(tested)))
         else:
-            out.append(f"{_name(r)} (balanced accuracy {_ci(r)}) was measured on other images than "
+            out.append(f"{_name(r)}, with balanced accuracy {_ci(r)}, was measured on other images than "
                        f"{_name(best)}: the two cannot be paired, so they are not tested.")
     base = to_float(best["majority_balanced_accuracy"])
     clears = to_float(best["balanced_accuracy_lo"]) > base
