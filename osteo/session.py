@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from osteo import device
+from osteo.data.split import INNER_VAL
 from osteo.errors import OsteoError
 from osteo.recipe import Recipe, apply_overrides, recipe_for, resolve, set_total_epochs
 from osteo.registry import get_backbone
@@ -172,7 +173,13 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
                    cv: str | None, command: str) -> CvDir:
     """Every fold (or fold ``fold``, 1..K) of a K-fold cross-validation as a complete run under
     one parent: ``cv``, or a new folder under the recipe's runs folder. ``console`` shows the
-    training; ``command`` is recorded in each fold's ``env.json``."""
+    training; ``command`` is recorded in each fold's ``env.json``.
+
+    Nested: each fold's held-out images are its test split, and its checkpoint, temperature
+    and thresholds are chosen on an inner validation split of its training folds
+    (``data.inner_val``, :data:`osteo.data.split.INNER_VAL` unless the recipe sets one), so
+    the pooled out-of-fold predictions come from images that chose nothing. The recipe's own
+    test fraction gives way to the folds."""
     from osteo.trainer import Trainer
 
     k = folds or (CvDir(cv).read()["folds"] if cv and CvDir(cv).is_cv() else 0)
@@ -184,7 +191,8 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
     parent.start(folds=k, seed=recipe.train.seed, recipe=recipe.name, model=recipe.model.backbone)
     for i in [fold] if fold else range(1, k + 1):
         r = copy.deepcopy(recipe)
-        r.data.folds, r.data.fold = k, i - 1
+        r.data.folds, r.data.fold, r.data.test = k, i - 1, 0.0
+        r.data.inner_val = r.data.inner_val or INNER_VAL
         console.print(f"cross-validation {parent}: fold {i} of {k}", highlight=False)
         Trainer(r, console=console, command=command, plan=plan, at=parent.fold(i).path).run()
     return parent

@@ -20,8 +20,10 @@ machine's cores, or on the cluster at ``address``; without Ray they run one afte
 cross-validation: for every outer fold, ``trials`` values are trained on the inner split
 of that fold's training images (:func:`osteo.data.split.split_rows` with ``data.inner_val``:
 the outer fold held out as ``test``, validation carved from the rest) and ranked by their
-best validation macro F1; the winner trains that outer fold. One value per backbone for
-all folds could not be honest: with k folds every image is some fold's validation image.
+best validation macro F1; the winner trains that outer fold, whose trial chooses its
+checkpoint, temperature and thresholds on the same inner split (every fold trial does, search
+or not: :func:`osteo.session.cross_validate`), so the outer fold chooses nothing. One value per
+backbone for all folds could not be honest: with k folds every image is some fold's held-out image.
 
 ``study.json`` in ``out`` records the trials, their status, retries, run directories and
 times, and the search's values; ``out/index.html`` is :func:`osteo.report.write_report`
@@ -51,13 +53,13 @@ from pathlib import Path
 
 import numpy as np
 
+from osteo.data.split import INNER_VAL
 from osteo.errors import OsteoError
 from osteo.files import write_json
 from osteo.runs import CvDir, RunDir
 from osteo.session import TrainOptions, build_recipe, ensure_phantom
 
 RETRIES = 2  # per trial, each from its last completed epoch
-INNER_VAL = 0.25  # the search's inner split: this fraction of an outer fold's training images validates
 METRIC = "val_macro_f1"  # what the search ranks, per epoch from history.csv
 POLL_SECONDS = 1.0  # how often a searched trial's history.csv is read
 ASHA_REDUCTION = 3  # ASHA keeps the best third at each rung (epochs 1, 3, 9, ...)
@@ -522,11 +524,7 @@ def _plan(cfg: StudyConfig) -> _Plan:
     if cfg.cpus_per_trial <= 0 or cfg.gpus_per_trial < 0:
         raise OsteoError("--cpus-per-trial must be above 0 and --gpus-per-trial 0 or more")
     search = parse_search(cfg.search) if cfg.search else None
-    recipes = {m: _build_recipe(cfg, m, []) for m in cfg.models}
-    for m, r in recipes.items():
-        if r.data.test:  # a study cross-validates every image
-            raise OsteoError(f"{m}'s recipe holds out data.test={r.data.test:g}; a study cross-validates "
-                             "all the images: set data.test=0 (--set data.test=0)")
+    recipes = {m: _build_recipe(cfg, m, []) for m in cfg.models}  # each fold's test split is its outer fold
     if search:
         if cfg.trials < 1:
             raise OsteoError(f"--trials must be 1 or more, got {cfg.trials}")
@@ -558,8 +556,9 @@ def _plan(cfg: StudyConfig) -> _Plan:
 
 
 def _inner_split(folds: int, fold: int) -> list[str]:
-    """The overrides of nested cross-validation's inner split of outer fold ``fold`` (1..K)."""
-    return [f"data.folds={folds}", f"data.fold={fold - 1}", f"data.inner_val={INNER_VAL}"]
+    """The overrides of nested cross-validation's inner split of outer fold ``fold`` (1..K), the
+    split that fold's trial (osteo.session.cross_validate) chooses its checkpoint on too."""
+    return [f"data.folds={folds}", f"data.fold={fold - 1}", f"data.inner_val={INNER_VAL}", "data.test=0"]
 
 
 def _sets(overrides: list[str]) -> list[str]:

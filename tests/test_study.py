@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from osteo import CLASSES
-from osteo.data.split import check_split, split_rows
+from osteo.data.split import INNER_VAL, check_split, split_rows
 from osteo.errors import OsteoError
 from osteo.session import TrainOptions
 from osteo.study import StudyConfig, parse_search, run_study
@@ -85,13 +85,23 @@ def test_search_ranges_parse_and_spread_over_the_range():
     ({"search": "train.optimizer=1:2"}, "train.optimizer"),
     ({"search": "train.fine_tune_lr=1e-5:1e-3:log"}, "trains no epochs with train.fine_tune_lr"),
     ({"options": TrainOptions(weights="none", overrides=("train.epochs=-1",))}, "train.epochs must be 0 or more"),
-    ({"options": TrainOptions(weights="none", overrides=("data.test=0.1",))}, "holds out data.test=0.1"),
 ])
 def test_a_bad_study_is_a_one_line_error_before_any_trial(phantom_dir, tmp_path, change, message):
     cfg = _cfg(phantom_dir, tmp_path, **change)
     with pytest.raises(OsteoError, match=re.escape(message)):
         run_study(cfg, say=lambda text: None, warn=lambda text: None)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "report").exists()
+
+
+def test_a_study_of_a_recipe_with_a_test_split_cross_validates_it_away(phantom_dir, tmp_path):
+    """finetune holds out 15% for testing; in a study each fold's held-out images are its test
+    split instead, and a search trial chooses on the same inner split its fold trial will."""
+    from osteo.study import _build_recipe, _inner_split, _plan
+
+    cfg = _cfg(phantom_dir, tmp_path, recipe="finetune")
+    assert _plan(cfg).recipes["tiny"].data.test == 0.15
+    inner = _build_recipe(cfg, "tiny", _inner_split(cfg.folds, 2)).data
+    assert (inner.folds, inner.fold, inner.test, inner.inner_val) == (2, 1, 0.0, INNER_VAL)
 
 
 def test_the_search_needs_ray(phantom_dir, tmp_path, monkeypatch):
