@@ -347,7 +347,8 @@ def cmd_eval(args) -> int:
 
 
 def eval_external(args) -> int:
-    """``osteo eval RUN --data FOLDER``: the run's best model on another labelled folder."""
+    """``osteo eval RUN --data FOLDER``: the run's best model (a cross-validation's fold models
+    as one ensemble) on another labelled folder."""
     from rich.progress import Progress
 
     from osteo.evaluate import print_metrics
@@ -365,14 +366,15 @@ def eval_external(args) -> int:
                   title=f"{args.run} on {args.data} (n={report['external']['n']})")
     for p in report["operating_points"]:
         print(f"{p['name']} (threshold {p['threshold']:.4f} from validation): {_point_figures(p)}")
-    print(f"{report['excluded_training_overlap']} image(s) also in the run's training split left out; "
+    seen_in = "the cross-validation's data" if report["ensemble_of"] else "the run's training split"
+    print(f"{report['excluded_training_overlap']} image(s) also in {seen_in} left out; "
           f"{report['unreadable']} unreadable; wrote {out}/predictions.csv, metrics.json, audit.json")
     return 0
 
 
 def _add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="metrics with intervals from a run's predictions")
-    p.add_argument("run", help="a run directory")
+    p.add_argument("run", help="a run directory (with --data also a cross-validation: its folds as one ensemble)")
     p.add_argument("--split", choices=("val", "test"))
     p.add_argument("--data", help="score the run's model on this labelled folder (external validation)")
     p.add_argument("--out", help="with --data: output folder (default RUN_DIR/eval/<folder-name>/)")
