@@ -24,7 +24,9 @@ best validation macro F1; the winner trains that outer fold. One value per backb
 all folds could not be honest: with k folds every image is some fold's validation image.
 
 ``study.json`` in ``out`` records the trials, their status, retries, run directories and
-times, and the search's values; ``out/index.html`` is :func:`osteo.report.write_report`
+times, and the search's values; written first when the study starts, it lets the same
+command continue a study that was stopped (SIGTERM, Ctrl-C, a lost machine): finished
+trials are kept, the others resume; ``out/index.html`` is :func:`osteo.report.write_report`
 of the cross-validations (pooled out-of-fold predictions, one row per backbone and seed).
 """
 
@@ -38,6 +40,7 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -51,8 +54,9 @@ from pathlib import Path
 
 import numpy as np
 
+from osteo import killpoints
 from osteo.errors import OsteoError
-from osteo.files import write_json
+from osteo.files import read_json, write_json
 from osteo.runs import CvDir, RunDir
 from osteo.session import TrainOptions, build_recipe, ensure_phantom
 
@@ -278,6 +282,7 @@ class _Sequential:
             say(_start_line(spec))
             out[spec["id"]] = run_trial(spec)
             say(_end_line(spec, out[spec["id"]]))
+            killpoints.reached("study.trial_ended")
         return out
 
     def close(self) -> None:
@@ -428,6 +433,7 @@ def _say_callback(by_id: dict, say: Say):
             result = trial.last_result or {}
             outcome = result if "status" in result else {"status": "stopped", METRIC: _best(_trial_run(spec))}
             self.say(_end_line(spec, outcome))
+            killpoints.reached("study.trial_ended")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.say(f"{_label(by_id[trial.config['id']])}: its Ray worker failed")
@@ -497,6 +503,7 @@ class _Plan:
     seeds: list[int]
     recipes: dict  # model -> resolved Recipe (without the search's value)
     search: Search | None
+    continued: bool = False  # the study of an earlier, stopped run of the same command
 
 
 def _build_recipe(cfg: StudyConfig, model: str, overrides: list[str]):
@@ -546,15 +553,37 @@ def _plan(cfg: StudyConfig) -> _Plan:
                                  f"({'train.fine_tune_lr' if search.key == 'train.lr' else 'train.lr'})")
     cwd = Path.cwd()
     runs = (cwd / cfg.runs).resolve()
+    out = (cwd / cfg.out).resolve()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     seeds = list(range(cfg.seeds))
-    for i in range(1, 1000):  # a new id: no folder of this study may exist yet
+    study_id = _unfinished_study(out, _config(cfg))  # the same command again continues it
+    continued = study_id is not None
+    for i in range(1, 0 if continued else 1000):  # a new id: no folder of this study may exist yet
         study_id = f"study-{stamp}" if i == 1 else f"study-{stamp}-{i}"
         paths = [runs / m / f"{study_id}-{tail}" for m in cfg.models for tail in [*(f"seed{s}" for s in seeds),
                                                                                    "search"]]
         if not any(p.exists() for p in paths):
             break
-    return _Plan(study_id, cwd, runs, (cwd / cfg.out).resolve(), seeds, recipes, search)
+    return _Plan(study_id, cwd, runs, out, seeds, recipes, search, continued)
+
+
+def _config(cfg: StudyConfig) -> dict:
+    """What makes two studies the same study (``study.json`` records it)."""
+    return {"models": cfg.models, "recipe": cfg.recipe, "folds": cfg.folds, "seeds": cfg.seeds, "runs": cfg.runs,
+            "train_args": cfg.options.as_args(), "search": cfg.search, "trials": cfg.trials if cfg.search else None}
+
+
+def _unfinished_study(out: Path, config: dict) -> str | None:
+    """The id of the study ``out/study.json`` records, if it was stopped before its report and
+    had this configuration: its finished trials are kept and the others resume."""
+    try:
+        study = read_json(out / "study.json")
+    except (OSError, ValueError):
+        return None
+    if isinstance(study, dict) and study.get("status") == "running" and study.get("config") == config \
+            and isinstance(study.get("id"), str) and re.fullmatch(r"study-[0-9-]+", study["id"]):
+        return study["id"]
+    return None
 
 
 def _inner_split(folds: int, fold: int) -> list[str]:
@@ -666,6 +695,11 @@ def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
         os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri())
         os.environ["OSTEO_MLFLOW_EXPERIMENT"] = f"osteo-study-{plan.id}"
     executor = _executor(cfg, warn, search)
+    out = plan.out
+    if plan.continued:
+        say(f"study {plan.id}: continuing (its finished trials are kept)")
+    else:  # recorded before any trial, so a stopped study is continued by the same command
+        write_json(out / "study.json", {"id": plan.id, "status": "running", "config": _config(cfg)})
 
     n_grid = len(cfg.models) * len(plan.seeds) * cfg.folds
     records, chosen, search_specs = [], None, []
@@ -710,10 +744,8 @@ def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
             "inner_split": f"outer fold held out as test; {INNER_VAL} of the rest is validation",
             "chosen": list(chosen.values())},
         "cross_validations": [{"path": str(c.path), "finished": c.is_finished()} for c in cvs],
-        "trials": records,
+        "trials": records, "status": "running", "config": _config(cfg),
     }
-    out = plan.out
-    out.mkdir(parents=True, exist_ok=True)
 
     def write_summary(**more) -> None:
         wall = round(time.monotonic() - t0, 1)
@@ -724,7 +756,7 @@ def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
         raise OsteoError(f"no cross-validation of study {plan.id} finished, so there is nothing to report; "
                          f"see the failed trials in {out / 'study.json'} and their logs")
     page = write_report(cvs, out, warn=warn)  # an unfinished one is named on the page as left out
-    write_summary(report=str(page))
+    write_summary(report=str(page), status="finished")
     if cfg.mlflow or os.environ.get("MLFLOW_TRACKING_URI"):  # the study's report beside its trials' runs
         from osteo import tracking
 
