@@ -11,6 +11,7 @@
     osteo predict RUN_DIR IMAGE_OR_FOLDER ... [--out predictions.csv] [--tta] [--gradcam DIR] [--no-calibration]
     osteo export RUN_DIR [--format onnx|savedmodel|keras] [--out PATH]
     osteo study [--models M,...] [--recipe R] [--folds K] [--seeds N] [--address ADDR] [--search KEY=LO:HI:log]
+                [--external FOLDER ...]
 
 User errors print one line and exit with code 2; ``--debug`` shows the traceback.
 """
@@ -528,7 +529,7 @@ def cmd_study(args) -> int:
         seeds=args.seeds, address=args.address or os.environ.get("RAY_ADDRESS"),
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, out=args.out,
         runs=args.runs or "runs", options=options, search=args.search, trials=args.trials,
-        mlflow=args.mlflow,
+        mlflow=args.mlflow, external=args.external or [],
     )
     console = _console()
     page = run_study(cfg, say=_say(console), warn=_warn)
@@ -555,6 +556,9 @@ def _add_study_parser(sub) -> None:
     p.add_argument("--search", metavar="KEY=LO:HI:log", help="search a hyper-parameter per backbone first")
     p.add_argument("--trials", type=_at_least(1), default=8, help="search trials per outer fold (default 8)")
     p.add_argument("--mlflow", action="store_true", help="log every trial to MLflow (one experiment)")
+    p.add_argument("--external", action="append", metavar="FOLDER",
+                   help="score each backbone's final model (its fold models as one ensemble) on this labelled "
+                        "folder of another hospital (repeatable)")
     p.set_defaults(func=cmd_study)
 
 
