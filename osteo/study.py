@@ -416,7 +416,8 @@ class _Ray:
             quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
             try:
                 if cfg.address:
-                    ray.init(address=cfg.address, **quiet)
+                    # a cluster's workers have their node's environment, not this one's
+                    ray.init(address=cfg.address, runtime_env={"env_vars": _forwarded_env()}, **quiet)
                 else:
                     # trials pass their outcomes only: a small object store starts faster
                     ray.init(address="local", num_cpus=_local_cpus(), object_store_memory=LOCAL_OBJECT_STORE,
@@ -424,8 +425,7 @@ class _Ray:
             except (OSError, RuntimeError, ValueError) as e:  # ConnectionError and TimeoutError too
                 self.close()
                 raise OsteoError(f"cannot start Ray{' at ' + cfg.address if cfg.address else ''}: {_first_line(e)}; "
-                                 "check --address (or $RAY_ADDRESS), or leave it out for Ray on this "
-                                 "machine") from None
+                                 f"{_connect_fix(e)}") from None
         resources = ray.cluster_resources()
         cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
         self.where = f"on {'the Ray cluster at ' + cfg.address if cfg.address else 'local Ray'} " \
@@ -493,6 +493,26 @@ def _legacy_tune_output():
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         else:
             os.environ["RAY_AIR_NEW_OUTPUT"] = old
+
+
+def _connect_fix(e: BaseException) -> str:
+    """What to do when Ray cannot start or connect. A cluster with token authentication (Ray's
+    default where a token exists) refuses a study without its token, and says so only in the
+    text of an error deep in the chain."""
+    texts = []
+    while e is not None:
+        texts.append(str(e))
+        e = e.__cause__ or e.__context__
+    if any("AuthenticationError" in t or "InvalidAuthToken" in t for t in texts):
+        return ("the cluster wants its token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to its token file "
+                "(or RAY_AUTH_TOKEN to the token) where the study runs")
+    return "check --address (or $RAY_ADDRESS), or leave it out for Ray on this machine"
+
+
+def _forwarded_env() -> dict[str, str]:
+    """The variables a trial on a cluster gets from the study's environment, as a local trial
+    would: osteo's own (the cache, MLflow's experiment, kill points), MLflow's and the backend."""
+    return {k: v for k, v in os.environ.items() if k.startswith(("OSTEO_", "MLFLOW_")) or k == "KERAS_BACKEND"}
 
 
 def _count(n: int, noun: str) -> str:
