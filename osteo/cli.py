@@ -11,6 +11,7 @@
     osteo predict RUN_DIR IMAGE_OR_FOLDER ... [--out predictions.csv] [--tta] [--gradcam DIR] [--no-calibration]
     osteo export RUN_DIR [--format onnx|savedmodel|keras] [--out PATH]
     osteo study [--models M,...] [--recipe R] [--folds K] [--seeds N] [--address ADDR] [--search KEY=LO:HI:log]
+                [--external FOLDER ...]
 
 User errors print one line and exit with code 2; ``--debug`` shows the traceback.
 """
@@ -352,7 +353,8 @@ def cmd_eval(args) -> int:
 
 
 def eval_external(args) -> int:
-    """``osteo eval RUN --data FOLDER``: the run's best model on another labelled folder."""
+    """``osteo eval RUN --data FOLDER``: the run's best model (a cross-validation's fold models
+    as one ensemble) on another labelled folder."""
     from rich.progress import Progress
 
     from osteo.evaluate import print_metrics
@@ -370,14 +372,15 @@ def eval_external(args) -> int:
                   title=f"{args.run} on {args.data}, which chose nothing (n={report['external']['n']})")
     for p in report["operating_points"]:
         print(f"{p['name']} (threshold {p['threshold']:.4f} chosen on validation), on {args.data}: {_point_figures(p)}")
-    print(f"{report['excluded_training_overlap']} image(s) also in the run's training split left out; "
+    seen_in = "the cross-validation's data" if report["ensemble_of"] else "the run's training split"
+    print(f"{report['excluded_training_overlap']} image(s) also in {seen_in} left out; "
           f"{report['unreadable']} unreadable; wrote {out}/predictions.csv, metrics.json, audit.json")
     return 0
 
 
 def _add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="metrics with intervals from a run's predictions")
-    p.add_argument("run", help="a run directory")
+    p.add_argument("run", help="a run directory (with --data also a cross-validation: its folds as one ensemble)")
     p.add_argument("--split", choices=("val", "test"))
     p.add_argument("--data", help="score the run's model on this labelled folder (external validation)")
     p.add_argument("--out", help="with --data: output folder (default RUN_DIR/eval/<folder-name>/)")
@@ -544,7 +547,7 @@ def cmd_study(args) -> int:
         seeds=args.seeds, address=args.address or os.environ.get("RAY_ADDRESS"),
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, out=args.out,
         runs=args.runs or "runs", options=options, search=args.search, trials=args.trials,
-        mlflow=args.mlflow,
+        mlflow=args.mlflow, external=args.external or [],
     )
     console = _console()
     page = run_study(cfg, say=_say(console), warn=_warn)
@@ -571,6 +574,9 @@ def _add_study_parser(sub) -> None:
     p.add_argument("--search", metavar="KEY=LO:HI:log", help="search a hyper-parameter per backbone first")
     p.add_argument("--trials", type=_at_least(1), default=8, help="search trials per outer fold (default 8)")
     p.add_argument("--mlflow", action="store_true", help="log every trial to MLflow (one experiment)")
+    p.add_argument("--external", action="append", metavar="FOLDER",
+                   help="score each backbone's final model (its fold models as one ensemble) on this labelled "
+                        "folder of another hospital (repeatable)")
     p.set_defaults(func=cmd_study)
 
 

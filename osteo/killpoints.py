@@ -28,6 +28,7 @@ POINTS = {
     "train.history_written": "an epoch's history row is written, its state not yet committed",
     "train.state_written": "an epoch's backup slot is written, state.json not yet replaced",
     "train.epoch_committed": "an epoch's state is committed (state.json replaced)",
+    "study.trial_ended": "a study's trial has ended and been reported (the study goes on)",
     "files.written": "an atomic write has its bytes in the temporary file, not yet synced or renamed",
     "files.before_replace": "an atomic write's temporary file is complete, not yet renamed over the target",
 }

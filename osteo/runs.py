@@ -309,6 +309,7 @@ class CvDir(_Folder):
     MANIFEST = "cv.json"
 
     manifest_path = property(lambda self: self.path / self.MANIFEST)
+    eval_path = property(lambda self: self.path / RunDir.EVAL)  # its folds' ensemble on other folders
 
     def is_cv(self) -> bool:
         return self.manifest_path.is_file()
@@ -355,6 +356,18 @@ class CvDir(_Folder):
 
     def is_finished(self) -> bool:
         return self.is_cv() and all(f.is_finished() for f in self.folds())
+
+    def training_hashes(self) -> set[str] | None:
+        """Content hashes (bytes and pixels) of every image of the data its folds were made from,
+        whatever its split: each one trained, or chose for, some fold model. None if a fold has
+        no record of them."""
+        hashes = set()
+        for fold in self.folds():
+            if not fold.manifest_path.exists():
+                return None
+            rows = read_csv(fold.manifest_path, "train the fold again to record its images' hashes")
+            hashes |= {h for r in rows for h in (r.get("sha256"), r.get("pixel_sha256")) if h}
+        return hashes
 
 
 # --------------------------------------------------------------------------- finding runs

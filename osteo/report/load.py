@@ -106,8 +106,8 @@ def load_runs(run_dirs, split: str = "auto", n_boot: int = 1000, seed: int = 0,
     runs, skipped = [], []
     for p in run_dirs:
         places = [(p, None)]
-        if not CvDir(p).is_cv() and RunDir(p).eval_path.is_dir():  # its external validations too
-            places += [(p, e.parent) for e in sorted(RunDir(p).eval_path.glob(f"*/{RunDir.PREDICTIONS}"))]
+        evals = (CvDir(p) if CvDir(p).is_cv() else RunDir(p)).eval_path  # its external validations too
+        places += [(p, e.parent) for e in sorted(evals.glob(f"*/{RunDir.PREDICTIONS}"))]
         for run, external in places:
             try:
                 runs.append(load_external(run, external, n_boot, seed) if external else
@@ -215,14 +215,21 @@ def _sum_key(runs: list[Run], key: str) -> float | None:
 
 
 def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) -> Run:
-    """A run scored on another folder (``osteo eval RUN --data FOLDER``) as its own row."""
-    run = RunDir(run_dir)
+    """A run scored on another folder (``osteo eval RUN --data FOLDER``) as its own row; a
+    cross-validation's row is its fold models' ensemble (:class:`osteo.predict.Ensemble`), with
+    its first fold's recipe and environment."""
+    ensemble = CvDir(run_dir).is_cv()
+    run = CvDir(run_dir).fold(1) if ensemble else RunDir(run_dir)
     y, probs, rows = RunDir(external).read_predictions("external")
     if not len(y):
-        raise OsteoError(f"{external} holds no external predictions; run osteo eval {run} --data FOLDER again")
+        raise OsteoError(f"{external} holds no external predictions; run osteo eval {run_dir} --data FOLDER again")
     metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed)
-    metrics["best_epoch"] = run.read_metrics().get("best_epoch")
-    temperature, calibrated = _calibrated(run, y, probs, metrics)
+    metrics["best_epoch"] = None if ensemble else run.read_metrics().get("best_epoch")
+    if ensemble:  # its probabilities are its members' calibrated ones: no temperature of its own
+        temperature, calibrated = None, probs
+        metrics["ece_calibrated"] = expected_calibration_error(y, probs)
+    else:
+        temperature, calibrated = _calibrated(run, y, probs, metrics)
     majority = majority_baseline(y, majority_label(r["label"] for r in rows))
     split_id = hashlib.sha256("\n".join(sorted(r["path"] for r in rows)).encode()).hexdigest()[:12]
     audit = RunDir(external).read_audit()
