@@ -108,6 +108,7 @@ demo: install
 # x 2 folds of the demo recipe on the demo phantom; DATA, MODELS (comma-separated), RECIPE,
 # FOLDS, SEEDS, EPOCHS, WEIGHTS, IMAGE_SIZE and RUNS change it. SEARCH=KEY=LO:HI:log (e.g.
 # train.fine_tune_lr=1e-4:1e-2:log) searches it per outer fold first, TRIALS each (default 3).
+# EXTERNAL=folder[,folder...] scores each backbone's final model on other hospitals' folders.
 given = $(filter command line environment,$(origin $(1)))
 STUDY_DATA = $(if $(call given,DATA),$(DATA),data/phantom-demo)
 STUDY_OUT := reports/study
@@ -117,7 +118,8 @@ study: install
 		--recipe $(if $(call given,RECIPE),$(RECIPE),demo) --folds $(if $(call given,FOLDS),$(FOLDS),2) \
 		--data $(STUDY_DATA) --runs $(if $(call given,RUNS),$(RUNS),runs/study) --out $(STUDY_OUT) \
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
-		$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(SEARCH),--search $(SEARCH) --trials $(or $(TRIALS),3))
+		$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(SEARCH),--search $(SEARCH) --trials $(or $(TRIALS),3)) \
+		$(foreach e,$(subst $(COMMA), ,$(EXTERNAL)),--external $(e))
 
 # A comma inside $(if ...) would split its arguments: BENCH=full's sizes use this.
 COMMA := ,

@@ -80,21 +80,30 @@ def choose_threshold(y: np.ndarray, probs: np.ndarray, spec: dict) -> float:
 def operating_point_metrics(y: np.ndarray, probs: np.ndarray, point: dict, n_boot: int = 1000,
                             seed: int = 0) -> dict:
     """Sensitivity and specificity at a stored operating point, with stratified bootstrap intervals."""
-    y = np.asarray(y, dtype=int)
-    score = positive_score(probs, point["positive"])
-    sens, spec = sens_spec(y, score, point["positive"], point["threshold"])
+    called = positive_score(probs, point["positive"]) >= point["threshold"]
+    return {"name": point["name"], "threshold": point["threshold"],
+            **decision_metrics(y, called, point["positive"], n_boot, seed)}
+
+
+def decision_metrics(y: np.ndarray, called: np.ndarray, positive: list[int], n_boot: int = 1000,
+                     seed: int = 0) -> dict:
+    """Sensitivity and specificity of screening decisions ``called`` (True: positive) for the classes
+    ``positive``, with stratified bootstrap intervals. Decisions made at several thresholds (each
+    fold's own, pooled) are measured the same way."""
+    y, called = np.asarray(y, dtype=int), np.asarray(called, dtype=bool)
+    is_pos = np.isin(y, positive)
+    sens = float(called[is_pos].mean()) if is_pos.any() else float("nan")
+    spec = float((~called[~is_pos]).mean()) if (~is_pos).any() else float("nan")
     # without positive (or negative) images a sensitivity (specificity) is undefined: null, and why
-    out = {"name": point["name"], "threshold": point["threshold"], "n": len(y),
-           "sensitivity": sens if np.isfinite(sens) else None, "specificity": spec if np.isfinite(spec) else None}
+    out = {"n": len(y), "sensitivity": sens if np.isfinite(sens) else None,
+           "specificity": spec if np.isfinite(spec) else None}
     undefined = [f"{k}: no {kind} images" for k, kind, v in (("sensitivity", "positive", sens),
                                                               ("specificity", "negative", spec)) if np.isnan(v)]
     if undefined:
         out["undefined"] = "; ".join(undefined)
     if n_boot and len(y):
         rng = np.random.default_rng(seed)
-        is_pos = np.isin(y, point["positive"])
         pos, neg = np.flatnonzero(is_pos), np.flatnonzero(~is_pos)
-        called = score >= point["threshold"]
         draws = []
         for _ in range(n_boot):
             p = called[rng.choice(pos, len(pos))] if len(pos) else np.array([np.nan])
@@ -116,8 +125,9 @@ DEFAULT_POINTS = ("osteoporosis:sensitivity=0.9", "osteopenia+:sensitivity=0.9")
 def calibrate_run(run_dir, points: tuple[str, ...] | list[str] = DEFAULT_POINTS, n_boot: int = 1000,
                   seed: int = 0) -> dict:
     """Fit the temperature and the operating points on the run's validation predictions; write
-    ``calibration.json`` and return it. Sensitivity and specificity at each point are reported
-    on validation and, where the run has one, on its test split. A run whose predictions
+    ``calibration.json`` and return it. The calibration error after scaling, and sensitivity and
+    specificity at each point, are reported on validation (where they were chosen: optimistic)
+    and, where the run has one, on its test split (which chose nothing). A run whose predictions
     cannot be calibrated (not finite, one class only) gets the reason recorded instead."""
     from osteo.evaluate import expected_calibration_error
     from osteo.runs import RunDir
@@ -140,6 +150,9 @@ def calibrate_run(run_dir, points: tuple[str, ...] | list[str] = DEFAULT_POINTS,
         out.update(nll_before=nll(y, probs), nll_after=nll(y, calibrated),
                    ece_before=expected_calibration_error(y, probs),
                    ece_after=expected_calibration_error(y, calibrated))
+        if len(y_test) and np.isfinite(p_test).all():  # where the temperature was not fitted
+            out["test"] = {"n": len(y_test), "ece_before": expected_calibration_error(y_test, p_test),
+                           "ece_after": expected_calibration_error(y_test, apply_temperature(p_test, temperature))}
     for spec in specs:
         try:
             point = {**spec, "threshold": choose_threshold(y, calibrated, spec), "chosen_on": "val"}

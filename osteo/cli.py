@@ -7,10 +7,11 @@
                 [--folds K [--fold I] [--cv DIR]]
     osteo eval RUN_DIR [--split val|test] [--bootstrap 1000] | --data FOLDER [--out DIR] [--tta]
     osteo calibrate RUN_DIR [--operating-point CLASS[+]:sensitivity=X ...]
-    osteo report [RUNS ...] [--out DIR] [--all] [--runs DIR]
+    osteo report [RUNS ...] [--out DIR] [--all] [--runs DIR] [--split auto|val|test]
     osteo predict RUN_DIR IMAGE_OR_FOLDER ... [--out predictions.csv] [--tta] [--gradcam DIR] [--no-calibration]
     osteo export RUN_DIR [--format onnx|savedmodel|keras] [--out PATH]
     osteo study [--models M,...] [--recipe R] [--folds K] [--seeds N] [--address ADDR] [--search KEY=LO:HI:log]
+                [--external FOLDER ...]
 
 User errors print one line and exit with code 2; ``--debug`` shows the traceback.
 """
@@ -233,26 +234,31 @@ def _add_data_parser(sub) -> None:
 
 
 def print_run_summary(run_dir, console) -> None:
-    """The headline metrics of each held-out split, and the majority baseline's where it has them."""
+    """The headline metrics of each held-out split (the one reported first), what each split chose,
+    and the majority baseline's where it has them."""
     from rich.table import Table
 
-    from osteo.evaluate import METRICS
+    from osteo.evaluate import CHOSE, METRICS, SPLIT_NAMES, headline_split, provenance
     from osteo.runs import RunDir
 
     metrics = RunDir(run_dir).read_metrics()
-    splits = [metrics[name] for name in ("val", "test") if name in metrics]
+    names = [name for name in ("test", "val") if name in metrics]
     headline = [x for x in METRICS if x.headline]
-    based = [x for x in headline if all(x.name in m["majority_baseline"] for m in splits)]
+    based = [x for x in headline if all(x.name in metrics[n]["majority_baseline"] for n in names)]
     table = Table(title=f"{metrics['model']}: best epoch {metrics['best_epoch']} ({metrics['monitor']})")
     for col in ("split", *(x.label for x in headline), *(f"majority {x.label}" for x in based)):
         table.add_column(col, justify="right")
     num = lambda v: "-" if v is None else f"{v:.3f}"
-    for name in ("val", "test"):
-        if name in metrics:
-            m = metrics[name]
-            table.add_row(name, *(num(m.get(x.name)) for x in headline),
-                          *(num(m["majority_baseline"][x.name]) for x in based))
+    for name in names:
+        m = metrics[name]
+        table.add_row(SPLIT_NAMES[name], *(num(m.get(x.name)) for x in headline),
+                      *(num(m["majority_baseline"][x.name]) for x in based))
     console.print(table)
+    split = metrics.get("headline") or headline_split(names)
+    for name in names:  # what each row's images chose, the headline first
+        console.print(("headline: " if name == split else "") + provenance(SPLIT_NAMES[name], CHOSE[name])
+                      + ("" if split == "test" or name != split else "; hold out a test split (--set data.test=0.15) "
+                         "or cross-validate (--folds 5) for numbers that chose nothing"), highlight=False, markup=False)
     console.print(f"run directory: {run_dir}", highlight=False)
 
 
@@ -354,7 +360,7 @@ def cmd_eval(args) -> int:
     metrics = evaluate_run(args.run, splits=[args.split] if args.split else None, n_boot=args.bootstrap,
                            seed=args.seed)
     console = _console()
-    for name in ("val", "test"):
+    for name in ("test", "val"):  # the headline split first
         if name in metrics and (args.split in (None, name)):
             print_metrics(metrics, name, console)
     print(f"wrote {args.run}/metrics.json")
@@ -362,7 +368,8 @@ def cmd_eval(args) -> int:
 
 
 def eval_external(args) -> int:
-    """``osteo eval RUN --data FOLDER``: the run's best model on another labelled folder."""
+    """``osteo eval RUN --data FOLDER``: the run's best model (a cross-validation's fold models
+    as one ensemble) on another labelled folder."""
     from rich.progress import Progress
 
     from osteo.evaluate import print_metrics
@@ -377,18 +384,20 @@ def eval_external(args) -> int:
                                       warn=_warn)
     console = _console()
     print_metrics({"external": report["external"]}, "external", console,
-                  title=f"{args.run} on {args.data} (n={report['external']['n']})")
+                  title=f"{args.run} on {args.data}, which chose nothing (n={report['external']['n']})")
     for p in report["operating_points"]:
         undefined = f" ({p['undefined']})" if p.get("undefined") else ""
-        print(f"{p['name']} (threshold {p['threshold']:.4f} from validation): {_point_figures(p)}{undefined}")
-    print(f"{report['excluded_training_overlap']} image(s) also in the run's training split left out; "
+        print(f"{p['name']} (threshold {p['threshold']:.4f} chosen on validation), on {args.data}: "
+              f"{_point_figures(p)}{undefined}")
+    seen_in = "the cross-validation's data" if report["ensemble_of"] else "the run's training split"
+    print(f"{report['excluded_training_overlap']} image(s) also in {seen_in} left out; "
           f"{report['unreadable']} unreadable; wrote {out}/predictions.csv, metrics.json, audit.json")
     return 0
 
 
 def _add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="metrics with intervals from a run's predictions")
-    p.add_argument("run", help="a run directory")
+    p.add_argument("run", help="a run directory (with --data also a cross-validation: its folds as one ensemble)")
     p.add_argument("--split", choices=("val", "test"))
     p.add_argument("--data", help="score the run's model on this labelled folder (external validation)")
     p.add_argument("--out", help="with --data: output folder (default RUN_DIR/eval/<folder-name>/)")
@@ -403,7 +412,7 @@ def cmd_report(args) -> int:
 
     from rich.table import Table
 
-    from osteo.evaluate import METRICS
+    from osteo.evaluate import METRICS, which_chose
     from osteo.report import collect_runs, write_report
     from osteo.runs import use_backend_of
 
@@ -414,22 +423,27 @@ def cmd_report(args) -> int:
     page = write_report(runs, args.out, split=args.split, n_boot=args.bootstrap, warn=_warn)
     import csv
 
+    with open(os.path.join(args.out, "verdict.txt"), encoding="utf-8") as f:
+        console.print(f.read().strip(), markup=False)  # the verdict first: best, by how much, whether real
     with open(os.path.join(args.out, "comparison.csv"), newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
-    table = Table(title=f"comparison ({args.split})")
+    table = Table(title="comparison")
     headline = [x for x in METRICS if x.headline]
-    cols = {x.name: x.label for x in headline}  # the headline metrics, their baselines, McNemar's p
-    cols.update({f"majority_{x.name}": f"majority {x.label}" for x in headline
-                 if f"majority_{x.name}" in reader.fieldnames})
-    cols["mcnemar_p"] = "mcnemar p"
+    cols = {x.name: x.label for x in headline}  # the headline metrics and McNemar's p (the verdict has the baseline)
+    cols["mcnemar_p_holm"] = "McNemar p (Holm)"
     table.add_column("model", no_wrap=True, min_width=13)
+    table.add_column("evaluated on", min_width=12)
     for label in cols.values():
         table.add_column(label, justify="right")
-    num = lambda v: f"{float(v):.3f}" if v not in ("", None) else "-"
-    for r in rows:
-        table.add_row(r["model"], *(num(r[c]) for c in cols))
+    num = lambda v: "-" if v in ("", None) else f"{float(v):.3g}" if float(v) < 1e-3 else f"{float(v):.3f}"
+    chose = {r["chose"] for r in rows} - {"nothing"}
+    for r in rows:  # a row whose images chose something is starred, and the star said below
+        table.add_row(r["model"], r["evaluated_on"] + (" *" if r["chose"] != "nothing" else ""),
+                      *(num(r[c]) for c in cols))
     console.print(table)
+    print("".join(f"*: images {which_chose(c)}; " for c in sorted(chose))
+          + f"{'the other' if chose else 'the'} rows' images chose nothing")
     print(f"report: {os.path.abspath(page)}")
     return 0
 
@@ -440,7 +454,9 @@ def _add_report_parser(sub) -> None:
     p.add_argument("--runs", default="runs", help="runs folder to search (default runs/)")
     p.add_argument("--all", action="store_true", help="every finished run, not only the latest per model")
     p.add_argument("--out", default="reports", help="output folder (default reports/)")
-    p.add_argument("--split", choices=("val", "test"), default="val")
+    p.add_argument("--split", choices=("auto", "val", "test"), default="auto",
+                   help="what single runs are reported on: auto (default) their test split where they have one, "
+                        "which chose nothing, else validation")
     p.add_argument("--bootstrap", type=_at_least(0, MAX_BOOTSTRAP), default=1000)
     p.set_defaults(func=cmd_report)
 
@@ -493,12 +509,18 @@ def cmd_calibrate(args) -> int:
     write_model_card(run)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
     print(f"temperature {fmt(cal['temperature'])}: ECE {fmt(cal.get('ece_before'))} -> {fmt(cal.get('ece_after'))}, "
-          f"NLL {fmt(cal.get('nll_before'))} -> {fmt(cal.get('nll_after'))} (validation, n={cal['n']})")
+          f"NLL {fmt(cal.get('nll_before'))} -> {fmt(cal.get('nll_after'))} (validation, which chose it, "
+          f"n={cal['n']})")
+    if cal.get("test"):
+        print(f"ECE on test, which chose nothing: {fmt(cal['test']['ece_before'])} -> {fmt(cal['test']['ece_after'])} "
+              f"(n={cal['test']['n']})")
     for p in cal["operating_points"]:
         if p.get("error"):
             _warn(f"{p['name']}: {p['error']}")
             continue
-        print(f"{p['name']}: threshold {p['threshold']:.4f}; validation {_point_figures(p['val'])}")
+        print(f"{p['name']}: threshold {p['threshold']:.4f}"
+              + (f"; test (chose nothing) {_point_figures(p['test'])}" if p.get("test") else "")
+              + f"; validation (chose it) {_point_figures(p['val'])}")
     print(f"wrote {run.calibration_path} and {run.model_card_path}")
     return 0
 
@@ -544,7 +566,7 @@ def cmd_study(args) -> int:
         seeds=args.seeds, address=args.address or os.environ.get("RAY_ADDRESS"),
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, out=args.out,
         runs=args.runs or "runs", options=options, search=args.search, trials=args.trials,
-        mlflow=args.mlflow,
+        mlflow=args.mlflow, external=args.external or [],
     )
     console = _console()
     page = run_study(cfg, say=_say(console), warn=_warn)
@@ -572,6 +594,9 @@ def _add_study_parser(sub) -> None:
     p.add_argument("--search", metavar="KEY=LO:HI:log", help="search a hyper-parameter per backbone first")
     p.add_argument("--trials", type=_at_least(1), default=8, help="search trials per outer fold (default 8)")
     p.add_argument("--mlflow", action="store_true", help="log every trial to MLflow (one experiment)")
+    p.add_argument("--external", action="append", metavar="FOLDER",
+                   help="score each backbone's final model (its fold models as one ensemble) on this labelled "
+                        "folder of another hospital (repeatable)")
     p.set_defaults(func=cmd_study)
 
 

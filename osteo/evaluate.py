@@ -2,7 +2,9 @@
 
 ``predictions.csv`` (columns ``path, label, pred, p_normal, p_osteopenia, p_osteoporosis,
 split``; :class:`osteo.runs.RunDir` reads and writes it). :func:`compute_metrics` turns one
-split of it into the numbers of ``metrics.json``; scikit-learn computes every metric it
+split of it into the numbers of ``metrics.json``, each split with what it chose
+(:data:`CHOSE`: validation chose the checkpoint, temperature and thresholds; test nothing)
+and ``headline`` naming the split a run's numbers are reported on; scikit-learn computes every metric it
 has, and this module adds what it lacks: specificity, expected calibration error, the
 stratified bootstrap, and McNemar's exact test. :data:`METRICS` is how they are shown.
 
@@ -51,6 +53,32 @@ METRICS = (
     Metric("ece", "ECE", higher_is_better=False),
 )
 HEADLINE = tuple(m.name for m in METRICS if m.headline)
+
+# Where a number was measured, and what that split chose: the Trainer keeps the checkpoint that
+# scored best on validation (train.monitor) and osteo.calibrate fits the temperature and the
+# operating points' thresholds there too; a test split and another folder (osteo eval --data)
+# chose nothing. A number measured on the split that chose is optimistic.
+SPLIT_NAMES = {"val": "validation", "test": "test", "external": "external"}
+CHOSE = {"val": "checkpoint, temperature, thresholds", "test": "nothing", "external": "nothing"}
+
+
+def headline_split(splits) -> str:
+    """The split a run's numbers are reported on: its test split, which chose nothing, where it has one."""
+    return "test" if "test" in splits else "val"
+
+
+def provenance(where: str, chose: str) -> str:
+    """``where`` and what it chose: 'test, which chose nothing'."""
+    return f"{where}, {which_chose(chose)}"
+
+
+def which_chose(chose: str) -> str:
+    """'which chose nothing', or 'which chose the checkpoint, temperature and thresholds: optimistic'."""
+    return "which chose nothing" if chose == "nothing" else f"which chose the {_listed(chose.split(', '))}: optimistic"
+
+
+def _listed(words: list[str]) -> str:
+    return " and ".join([", ".join(words[:-1]), words[-1]]) if len(words) > 1 else "".join(words)
 PER_CLASS_CI = ("precision", "recall", "specificity", "f1")  # each class's metrics with intervals
 
 
@@ -128,6 +156,17 @@ def bootstrap(y_true: np.ndarray, y_pred: np.ndarray, n_boot: int = 1000, seed: 
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if len(y_true) == 0 or n_boot <= 0:
         return {}
+    values = _cm_metrics(_resampled_confusions(y_true, y_pred, _stratified_draws(y_true, n_boot, seed)))
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    out = {}
+    for name, v in values.items():
+        lo, hi = np.percentile(v, q, axis=0)
+        out[name] = (lo, hi)
+    return out
+
+
+def _stratified_draws(y_true: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n) image indices: within every true class, as many draws as it has images."""
     rng = np.random.default_rng(seed)
     idx = np.empty((n_boot, len(y_true)), dtype=np.int64)
     col = 0
@@ -136,16 +175,29 @@ def bootstrap(y_true: np.ndarray, y_pred: np.ndarray, n_boot: int = 1000, seed: 
         if len(members):
             idx[:, col : col + len(members)] = members[rng.integers(0, len(members), (n_boot, len(members)))]
             col += len(members)
+    return idx
+
+
+def _resampled_confusions(y_true: np.ndarray, y_pred: np.ndarray, idx: np.ndarray) -> np.ndarray:
     codes = y_true[idx] * K + y_pred[idx]
-    offsets = np.arange(n_boot)[:, None] * K * K
-    cms = np.bincount((codes + offsets).ravel(), minlength=n_boot * K * K).reshape(n_boot, K, K)
-    values = _cm_metrics(cms)
-    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
-    out = {}
-    for name, v in values.items():
-        lo, hi = np.percentile(v, q, axis=0)
-        out[name] = (lo, hi)
-    return out
+    offsets = np.arange(len(idx))[:, None] * K * K
+    return np.bincount((codes + offsets).ravel(), minlength=len(idx) * K * K).reshape(len(idx), K, K)
+
+
+def paired_difference(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, metric: str = "balanced_accuracy",
+                      n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, list[float] | None]:
+    """``metric`` of predictions A minus that of B on the same images, with a paired stratified
+    bootstrap interval (each resample scores both on the same draws); None without resamples."""
+    y_true, pred_a, pred_b = (np.asarray(v, dtype=int) for v in (y_true, pred_a, pred_b))
+    diff = float(_cm_metrics(confusion(y_true, pred_a)[None])[metric][0]
+                 - _cm_metrics(confusion(y_true, pred_b)[None])[metric][0])
+    if not len(y_true) or n_boot <= 0:
+        return diff, None
+    idx = _stratified_draws(y_true, n_boot, seed)
+    draws = (_cm_metrics(_resampled_confusions(y_true, pred_a, idx))[metric]
+             - _cm_metrics(_resampled_confusions(y_true, pred_b, idx))[metric])
+    lo, hi = np.percentile(draws, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return diff, _contain(lo, hi, diff)
 
 
 def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
@@ -157,6 +209,22 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     n = only_a + only_b
     p = 1.0 if n == 0 else float(binomtest(min(only_a, only_b), n, 0.5).pvalue)
     return {"only_a": only_a, "only_b": only_b, "p_value": min(1.0, p)}
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of a family of p-values (None: no test, not counted).
+
+    With m tests sorted ascending, the i-th smallest (from 1) becomes
+    min(1, max over j <= i of (m - j + 1) p_(j)): the family-wise error stays at the level
+    asked, for any dependence between the tests.
+    """
+    tested = [(p, i) for i, p in enumerate(p_values) if p is not None]
+    out: list[float | None] = [None] * len(p_values)
+    m, running = len(tested), 0.0
+    for rank, (p, i) in enumerate(sorted(tested)):
+        running = max(running, min(1.0, (m - rank) * float(p)))
+        out[i] = running
+    return out
 
 
 # --------------------------------------------------------------------------- metrics
@@ -293,18 +361,23 @@ def evaluate_run(run_dir: str | os.PathLike, splits: Sequence[str] | None = None
     from osteo.runs import RunDir
 
     run = RunDir(run_dir).check(need=(RunDir.PREDICTIONS,))
+    before = run.read_metrics()
     if checkpoint is None:
-        checkpoint = {k: v for k, v in run.read_metrics().items() if k in CHECKPOINT_KEYS}
+        checkpoint = {k: v for k, v in before.items() if k in CHECKPOINT_KEYS}
     majority = training_majority(run)
     metrics = {**checkpoint, "majority_class": majority}
     _, _, rows = run.read_predictions()
     available = [s for s in ("val", "test") if any(r["split"] == s for r in rows)]
+    # a split not asked for keeps its numbers: osteo eval --split val leaves the headline test split's
+    metrics.update({s: before[s] for s in available if s in before and splits and s not in splits})
     for name in splits or available:
         if name not in available:
             raise OsteoError(f"{run.path} has no {name} predictions; choose one of: {', '.join(available) or 'none'}")
         y, p, _ = run.read_predictions(name)
         metrics[name] = compute_metrics(y, p, n_boot=n_boot, seed=seed)
         metrics[name]["majority_baseline"] = majority_baseline(y, majority)
+        metrics[name].update(evaluated_on=SPLIT_NAMES[name], chose=CHOSE[name])
+    metrics["headline"] = headline_split(available)
     run.write_metrics(metrics)
     return metrics
 
@@ -315,7 +388,8 @@ def print_metrics(metrics: dict, split: str, console, title: str = "") -> None:
 
     m = metrics[split]
     base = m["majority_baseline"]
-    table = Table(title=title or f"{metrics.get('model', '')} ({split}, n={m['n']})")
+    where = provenance(SPLIT_NAMES.get(split, split), m.get("chose", CHOSE.get(split, "nothing")))
+    table = Table(title=title or f"{metrics.get('model', '')} on {where} (n={m['n']})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("95% CI", justify="right")

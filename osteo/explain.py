@@ -5,6 +5,12 @@ backbone's spec names (``gradcam_layer``: its last convolutional stage) and w_k 
 over positions of d score_c / d A_k; it is upsampled to the input size and scaled to
 [0, 1] per image. The layer comes from the spec, never from matching names here.
 
+A map has one value per cell of that layer's feature map: at small inputs the last stage
+is 1x1 or 2x2 (VGG at 32 px, ConvNeXt at 48 px), and its upsampled "map" is a flat tint
+that shows nothing. Where the last stage has fewer than :data:`MIN_CELLS` cells a side,
+Grad-CAM reads the deepest layer that has them (:func:`gradcam_target`), as the original
+paper does for earlier layers: less class-specific, but a map; :class:`Target` says which.
+
 Gradients are the backend's own (TensorFlow's tape, PyTorch's autograd); everything else
 is Keras.
 
@@ -14,6 +20,7 @@ is Keras.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -24,17 +31,51 @@ from osteo.errors import OsteoError
 from osteo.files import OwnedFolder, atomic_path, sweep_temporaries
 from osteo.registry import BackboneSpec
 
+# The fewest feature-map cells a side for a map that shows where the model looked: the last
+# stage of the ImageNet backbones at their own 224 px input
+MIN_CELLS = 7
 
-def _split(model: keras.Model, spec: BackboneSpec):
-    """(layers before the backbone, the feature model [target, backbone output], layers after),
-    from the model's engine (:meth:`osteo.backbones.base.Backbone.gradcam_parts`). A model
-    loaded whole (a run saved before weights-only checkpoints) has Keras' layers."""
+
+@dataclass(frozen=True)
+class Target:
+    """The layer Grad-CAM reads and its grid; ``last`` and ``last_cells``: the last stage's."""
+
+    layer: str
+    cells: tuple[int, int]
+    last: str
+    last_cells: tuple[int, int]
+
+    def describe(self, size: int) -> str:
+        """What the maps are of, in words (the report prints it beside them)."""
+        grid = lambda cells: f"{cells[0]}x{cells[1]}"
+        if self.layer == self.last:
+            return f"heat on {self.layer}, the last stage ({grid(self.cells)} cells at {size} px)"
+        return (f"the last stage ({self.last}) is {grid(self.last_cells)} at {size} px, too coarse to show where "
+                f"the model looked; heat on {self.layer} ({grid(self.cells)} cells), the deepest layer with at "
+                f"least {MIN_CELLS}x{MIN_CELLS}")
+
+
+def _engine_call(model: keras.Model, spec: BackboneSpec, method: str, *args):
+    """The model's engine's ``method`` (:class:`osteo.backbones.base.Backbone`). A model loaded
+    whole (a run saved before weights-only checkpoints) has Keras' layers."""
     engine = getattr(model, "osteo_backbone", None)
     if engine is not None:
-        return engine.gradcam_parts(model)
-    from osteo.backbones.keras_apps import keras_gradcam_parts
+        return getattr(engine, method)(model, *args)
+    from osteo.backbones import keras_apps
 
-    return keras_gradcam_parts(model, spec)
+    return getattr(keras_apps, f"keras_{method}")(model, spec, *args)
+
+
+def gradcam_target(model: keras.Model, spec: BackboneSpec) -> Target:
+    """The last stage where its map has :data:`MIN_CELLS` cells a side, else the deepest layer
+    that has them; an error where no layer has."""
+    maps = _engine_call(model, spec, "feature_maps")
+    last, last_cells = maps[-1]
+    fine = [(name, cells) for name, cells in maps if min(cells) >= MIN_CELLS]
+    if not fine:
+        raise OsteoError(f"no layer of {spec.name} has a feature map of {MIN_CELLS}x{MIN_CELLS} cells at this input "
+                         "size, so Grad-CAM cannot show where it looked; train at a larger image size")
+    return Target(*fine[-1], last, last_cells)
 
 
 def _forward(parts, x):
@@ -72,12 +113,13 @@ def _gradients(parts, x, classes, device=None):
 
 
 def gradcam(model: keras.Model, spec: BackboneSpec, images: np.ndarray, classes: np.ndarray | None = None,
-            batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
+            batch: int = 16, target: Target | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Heat maps (N, H, W) in [0, 1] for ``classes`` (default: each image's predicted class), and the
-    probabilities (N, 3). ``images`` are the model's inputs: (N, H, W, 1) float in [0, 255]."""
+    probabilities (N, 3). ``images`` are the model's inputs: (N, H, W, 1) float in [0, 255]; the
+    layer is ``target`` (default: :func:`gradcam_target`)."""
     from scipy.ndimage import zoom
 
-    parts = _split(model, spec)
+    parts = _engine_call(model, spec, "gradcam_parts", (target or gradcam_target(model, spec)).layer)
     device = model.weights[0].value.device if keras.backend.backend() == "torch" else None
     images = np.asarray(images, dtype="float32")
     maps, all_probs = [], []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from osteo.evaluate import METRICS
+from osteo.evaluate import CHOSE, METRICS, SPLIT_NAMES, headline_split, provenance
 from osteo.files import write_text
 from osteo.runs import RunDir
 
@@ -37,8 +37,10 @@ def write_model_card(run_dir) -> Path:
         f"classes: {env.get('excluded_conflicts', 0)}",
         f"- split: {env.get('n_train', '?')} train / {env.get('n_val', '?')} validation / "
         f"{env.get('n_test', 0)} test (seed {recipe.train.seed}; "
-        + (f"fold {recipe.data.fold + 1} of {recipe.data.folds})" if recipe.data.folds else
-           f"{recipe.data.val:.0%} validation)"), "",
+        + (f"fold {recipe.data.fold + 1} of {recipe.data.folds} held out as test, "
+           f"{recipe.data.inner_val:.0%} of the other folds validating)" if recipe.data.folds and recipe.data.inner_val
+           else f"fold {recipe.data.fold + 1} of {recipe.data.folds} validating)" if recipe.data.folds else
+           f"{recipe.data.val:.0%} validation, {recipe.data.test:.0%} test)"), "",
         "## Recipe", "",
         f"`{recipe.name}`: {recipe.model.backbone}, weights {recipe.model.weights}, {recipe.data.image_size} px, "
         f"preprocessing {recipe.model.preprocessing}, {recipe.train.epochs} + {recipe.train.fine_tune_epochs} "
@@ -46,41 +48,45 @@ def write_model_card(run_dir) -> Path:
         f"{recipe.train.fine_tune_lr:g}, batch {recipe.data.batch_size}, best checkpoint by {recipe.train.monitor}"
         f" (epoch {metrics.get('best_epoch', '?')}). The full recipe is `recipe.json`.", "",
         "## Results (95% stratified bootstrap intervals)", "",
-        f"| split | n | {' | '.join(x.label for x in METRICS)} | majority class (bal. acc.) |",
-        f"| --- | ---: | {' | '.join('---' if x.interval else '---:' for x in METRICS)} | --- |",
+        _headline_sentence(metrics, recipe), "",
+        f"| split | chose | n | {' | '.join(x.label for x in METRICS)} | majority class (bal. acc.) |",
+        f"| --- | --- | ---: | {' | '.join('---' if x.interval else '---:' for x in METRICS)} | --- |",
     ]
 
-    def result(name: str, m: dict) -> str:
+    def result(name: str, chose: str, m: dict) -> str:
         base = m.get("majority_baseline", {})
-        return (f"| {name} | {m.get('n')} | {' | '.join(ci(m, x.name) for x in METRICS)} | "
+        return (f"| {name} | {chose} | {m.get('n')} | {' | '.join(ci(m, x.name) for x in METRICS)} | "
                 f"{base.get('class', '-')} ({fmt(base.get('balanced_accuracy'))}) |")
 
-    lines += [result(name, metrics[name]) for name in ("val", "test") if metrics.get(name)]
+    lines += [result(SPLIT_NAMES[name], CHOSE[name], metrics[name]) for name in ("test", "val") if metrics.get(name)]
     externals = sorted(run.eval_path.glob("*/metrics.json")) if run.eval_path.is_dir() else []
     for path in externals:
-        lines.append(result(f"external: {path.parent.name}", RunDir(path.parent)._read(path).get("external", {})))
+        lines.append(result(f"external: {path.parent.name}", CHOSE["external"],
+                            RunDir(path.parent)._read(path).get("external", {})))
     lines += ["", "## Calibration and operating points", ""]
     if calibration:
-        lines.append(f"Temperature {fmt(calibration.get('temperature'))} (fitted on validation); expected "
-                     f"calibration error {fmt(calibration.get('ece_before'))} before, "
-                     f"{fmt(calibration.get('ece_after'))} after." + (f" {calibration['error']}"
-                                                                       if calibration.get("error") else ""))
+        on_test = calibration.get("test")
+        lines.append(f"Temperature {fmt(calibration.get('temperature'))}, fitted on validation. Expected calibration "
+                     "error before and after scaling: "
+                     + (f"on test (which chose nothing) {fmt(on_test['ece_before'])} -> {fmt(on_test['ece_after'])}; "
+                        if on_test else "")
+                     + f"on validation (which chose the temperature: optimistic) {fmt(calibration.get('ece_before'))} "
+                     f"-> {fmt(calibration.get('ece_after'))}."
+                     + (f" {calibration['error']}" if calibration.get("error") else ""))
         for point in calibration.get("operating_points", []):
             if point.get("error"):
                 lines.append(f"- {point['name']} ({point['target']} {point['value']}): {point['error']}")
                 continue
-            v = point["val"]
-            lines.append(f"- {point['name']}: threshold {fmt(point['threshold'])} for {point['target']} "
-                         f">= {point['value']} on validation: sensitivity {ci(v, 'sensitivity')}, "
-                         f"specificity {ci(v, 'specificity')}")
-            if point.get("test"):
-                t = point["test"]
-                lines.append(f"  - on test: sensitivity {ci(t, 'sensitivity')}, specificity {ci(t, 'specificity')}")
+            lines.append(f"- {point['name']}: threshold {fmt(point['threshold'])}, chosen on validation for "
+                         f"{point['target']} >= {point['value']}")
+            measured = [("test (chose nothing)", point.get("test"))]
             for path in externals:
-                for e in RunDir(path.parent)._read(path).get("operating_points", []):
-                    if e.get("name") == point["name"]:
-                        lines.append(f"  - on {path.parent.name}: sensitivity {ci(e, 'sensitivity')}, "
-                                     f"specificity {ci(e, 'specificity')}")
+                measured += [(f"{path.parent.name} (external: chose nothing)", e)
+                             for e in RunDir(path.parent)._read(path).get("operating_points", [])
+                             if e.get("name") == point["name"]]
+            measured.append(("validation (chose this threshold: optimistic by construction)", point["val"]))
+            lines += [f"  - on {where}: sensitivity {ci(m, 'sensitivity')}, specificity {ci(m, 'specificity')}"
+                      for where, m in measured if m]
     else:
         lines.append("Not calibrated (`osteo calibrate RUN_DIR`).")
     record = run.export_path / RunDir.EXPORT_RECORD
@@ -100,3 +106,15 @@ def write_model_card(run_dir) -> Path:
               f"{env.get('precision', '?')}; {env.get('command', '')}", ""]
     write_text(run.model_card_path, "\n".join(lines))
     return run.model_card_path
+
+
+def _headline_sentence(metrics: dict, recipe) -> str:
+    """Which split the headline numbers are on, and what it chose."""
+    split = metrics.get("headline") or headline_split(metrics)
+    where = provenance(SPLIT_NAMES[split], CHOSE[split])
+    chosen = (f"the checkpoint (epoch {metrics.get('best_epoch', '?')}, best {metrics.get('monitor', recipe.train.monitor)}),"
+              " the temperature and the operating points' thresholds were chosen on validation")
+    if split == "test":
+        return f"Headline: {where}; {chosen}."
+    return (f"Headline: {where}. {chosen[0].upper()}{chosen[1:]}, and there is no test split: hold one out "
+            "(`--set data.test=0.15`) or cross-validate (`osteo train --folds 5`) for numbers that chose nothing.")

@@ -24,7 +24,7 @@ from osteo import CLASSES, killpoints
 from osteo.errors import OsteoError
 from osteo.files import check_output, sweep_temporaries, temporaries_of, write_csv
 from osteo.model_card import write_model_card
-from osteo.runs import PROB_COLUMNS, RunDir, check_output_place
+from osteo.runs import PROB_COLUMNS, CvDir, RunDir, check_output_place
 
 COLUMNS = ("path", "status", "pred", *PROB_COLUMNS, "reason")
 TTA_SHIFT = 1 / 16  # of the image side, both ways, on top of the mirror
@@ -179,6 +179,45 @@ class Predictor:
         return rows, raw, images
 
 
+class Ensemble(Predictor):
+    """A cross-validation's fold models as one model (``osteo eval CV --data FOLDER``; a study's
+    final model of a backbone). An image's probabilities are the mean of the members' calibrated
+    ones, each member at its own temperature, so the ensemble has no temperature of its own; an
+    operating point decides at the mean of the members' thresholds (the mean score above the
+    mean threshold: the members' margins, on average, positive). Each member chose its
+    checkpoint, temperature and thresholds on its own validation split, so a folder it scores
+    chooses nothing. Files are read and decided as :class:`Predictor` does."""
+
+    def __init__(self, cv_dir: str | os.PathLike, tta: bool = False):
+        self.run = CvDir(cv_dir)
+        unfinished = [f.name for f in self.run.folds() if not f.is_finished()]
+        if unfinished:
+            raise OsteoError(f"cross-validation {self.run} is unfinished ({', '.join(unfinished)}); finish it with: "
+                             f"osteo train ... --cv {self.run} --fold I")
+        self.members = [Predictor(f, calibrated=True, tta=tta) for f in self.run.folds()]
+        inputs = {(m.size, m.resize) for m in self.members}
+        if len(inputs) > 1:  # a fold trained by hand with other --image-size
+            raise OsteoError(f"the folds of {self.run} take different inputs ({sorted(inputs)}); score each fold "
+                             "on its own: osteo eval FOLD --data FOLDER")
+        (self.size, self.resize), = inputs
+        self.temperature, self.tta = 1.0, tta
+        self.points = _mean_points([m.points for m in self.members])
+
+    def raw(self, images: np.ndarray, batch: int = 32) -> np.ndarray:
+        return np.mean([m.calibrate(m.raw(images, batch)) for m in self.members], axis=0)
+
+
+def _mean_points(members: list[list[dict]]) -> list[dict]:
+    """The operating points every member has, each at the mean of the members' thresholds."""
+    by_name = [{p["name"]: p for p in points} for points in members]
+    shared = [name for name in by_name[0] if all(name in b for b in by_name)]
+    keep = ("name", "positive", "target", "value")
+    return [{**{k: by_name[0][name][k] for k in keep},
+             "threshold": float(np.mean([b[name]["threshold"] for b in by_name])),
+             "chosen_on": "the mean of the members' thresholds, each chosen on its member's validation split"}
+            for name in shared]
+
+
 def _display(path: Path) -> str:
     """A path as text that any CSV can hold (bytes that are not UTF-8 as \\xNN)."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
@@ -233,6 +272,9 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     duplicates reported). Images that are, by content, in the run's training split are
     left out of the score and counted. Writes ``predictions.csv`` and ``metrics.json``
     in the run's schemas and ``audit.json`` to ``out`` (default ``RUN/eval/<folder>/``).
+
+    ``run_dir`` may be a cross-validation: its fold models are scored as one
+    :class:`Ensemble`, and the images left out are those in any of its folds (its data).
     """
     from osteo.calibrate import operating_point_metrics
     from osteo.data.scan import audit, write_audit
@@ -242,20 +284,22 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
 
     if n_boot < 0:
         raise OsteoError(f"the number of bootstrap resamples must be 0 or more, got {n_boot}; e.g. --bootstrap 1000")
-    predictor = Predictor(run_dir, calibrated=True, tta=tta)
+    ensemble = CvDir(run_dir).is_cv()
+    predictor = Ensemble(run_dir, tta=tta) if ensemble else Predictor(run_dir, calibrated=True, tta=tta)
     run, folder = predictor.run, Path(folder)
+    seen_in = "the cross-validation's data" if ensemble else "the run's training split"
     out = Path(out) if out else run.eval_path / folder.resolve().name
     _check_eval_out(run, out)
     result = audit(folder)
     seen = run.training_hashes()
     if seen is None and warn:
-        warn(f"{run} records no content hashes of its training images: overlap with {folder} not checked")
+        warn(f"{run} records no content hashes of {seen_in}: overlap with {folder} not checked")
     ok = result.ok()
     overlap = [r for r in ok if seen and (r.sha256 in seen or r.pixel_sha256 in seen)]
     scored = [r for r in ok if not (seen and (r.sha256 in seen or r.pixel_sha256 in seen))]
     if not scored:
-        raise OsteoError(f"no image of {folder} can be scored ({len(ok)} readable, {len(overlap)} also in the "
-                         "run's training split); give a folder of other images")
+        raise OsteoError(f"no image of {folder} can be scored ({len(ok)} readable, {len(overlap)} also in "
+                         f"{seen_in}); give a folder of other images")
     rows, raw, _ = predictor.predict_paths([folder / r.path for r in scored], progress=progress)
     kept = [(rec, row) for rec, row in zip(scored, rows) if row["status"] == "ok"]
     y = np.array([CLASSES.index(rec.label) for rec, _ in kept])
@@ -272,6 +316,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
         "unreadable": len(result.records) - len(ok) + len(scored) - len(kept),
         "excluded_training_overlap": len(overlap), "overlap_checked": seen is not None,
         "duplicate_groups": len(result.duplicate_groups),
+        "ensemble_of": [str(m.run.path) for m in predictor.members] if ensemble else None,
         "external": metrics,
         "calibrated": {"temperature": predictor.temperature, "ece": expected_calibration_error(y, calibrated)},
         "operating_points": [operating_point_metrics(y, calibrated, p, n_boot, seed) for p in predictor.points],
@@ -290,7 +335,8 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
         replace_folder(stage, out, aside=stage_in)  # not in eval/, where a report would find it
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    write_model_card(run)
+    if not ensemble:  # a cross-validation has no model card of its own
+        write_model_card(run)
     return out, report
 
 

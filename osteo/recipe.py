@@ -74,11 +74,11 @@ class DataConfig:
     image_size: int = 0  # 0: the backbone's default; resolve() fills it
     resize: Literal["pad", "stretch"] = "pad"
     val: float = 0.3
-    test: float = 0.0
+    test: float = 0.0  # held out: chooses nothing, so its numbers are the honest ones
     folds: int = 0
     fold: int = 0
-    # nested cross-validation's inner split (osteo study --search): with folds, the outer fold
-    # is held out as "test" and this fraction of the other images validates; 0: off
+    # nested cross-validation's inner split (osteo train --folds, osteo study): with folds, the
+    # outer fold is held out as "test" and this fraction of the other images validates; 0: off
     inner_val: float = 0.0
     group_regex: str = ""
     groups_csv: str = ""
@@ -175,10 +175,13 @@ def fine_tune_protocol(backbone: str) -> Recipe:
     The study's protocol, then phase 2: the whole backbone unfrozen (BatchNorm kept
     frozen) at a 100x lower learning rate; balanced class weights, because the
     classes are imbalanced (780 / 374 / 793 in the public knee set), and a cosine
-    schedule with one warm-up epoch.
+    schedule with one warm-up epoch. A 70/15/15 split: validation chooses, test reports.
     """
     r = study_protocol(backbone)
     r.name = f"finetune-{backbone}"
+    # 70/15/15: the checkpoint, temperature and thresholds are chosen on validation, and every
+    # number is reported on a test split that chose nothing
+    r.data.val, r.data.test = 0.15, 0.15
     r.train = TrainConfig(epochs=10, fine_tune_epochs=10, lr=1e-3, fine_tune_lr=1e-5, schedule="cosine",
                           warmup_epochs=1, class_weight="balanced", monitor="val_macro_f1")
     r.model.augment.rotation = 0.02
@@ -519,8 +522,8 @@ def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False) 
     if r.data.folds and r.data.fold >= r.data.folds:
         raise OsteoError(f"data.fold={r.data.fold} is not one of the {r.data.folds} folds (0 to {r.data.folds - 1})")
     if r.data.folds and r.data.test:
-        raise OsteoError("data.test has no meaning in a cross-validation (every image is some fold's validation "
-                         "image); set data.test=0")
+        raise OsteoError("data.test has no meaning in a cross-validation (each fold's held-out images are its "
+                         "test split); set data.test=0, or use osteo train --folds K")
     if r.data.inner_val and (r.data.folds < 2 or r.data.test):
         raise OsteoError("data.inner_val splits a cross-validation fold's training images: it needs data.folds "
                          ">= 2 and data.test = 0")

@@ -453,6 +453,7 @@ class CvDir(_Folder):
     MANIFEST = "cv.json"
 
     manifest_path = property(lambda self: self.path / self.MANIFEST)
+    eval_path = property(lambda self: self.path / RunDir.EVAL)  # its folds' ensemble on other folders
 
     def is_cv(self) -> bool:
         return self.manifest_path.is_file()
@@ -523,6 +524,18 @@ class CvDir(_Folder):
         except OsteoError:
             return False
         return 0 < k <= self._on_disk() and all(self.fold(i).is_finished() for i in range(1, k + 1))
+
+    def training_hashes(self) -> set[str] | None:
+        """Content hashes (bytes and pixels) of every image of the data its folds were made from,
+        whatever its split: each one trained, or chose for, some fold model. None if a fold has
+        no record of them."""
+        hashes = set()
+        for fold in self.folds():
+            if not fold.manifest_path.exists():
+                return None
+            rows = read_csv(fold.manifest_path, "train the fold again to record its images' hashes")
+            hashes |= {h for r in rows for h in (r.get("sha256"), r.get("pixel_sha256")) if h}
+        return hashes
 
 
 # --------------------------------------------------------------------------- finding runs

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from osteo import device
+from osteo.data.split import INNER_VAL
 from osteo.errors import OsteoError
 from osteo.recipe import Recipe, apply_overrides, recipe_for, resolve, set_total_epochs
 from osteo.registry import get_backbone
@@ -174,6 +175,12 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
     one parent: ``cv``, or a new folder under the recipe's runs folder. ``console`` shows the
     training; ``command`` is recorded in each fold's ``env.json``.
 
+    Nested: each fold's held-out images are its test split, and its checkpoint, temperature
+    and thresholds are chosen on an inner validation split of its training folds
+    (``data.inner_val``, :data:`osteo.data.split.INNER_VAL` unless the recipe sets one), so
+    the pooled out-of-fold predictions come from images that chose nothing. The recipe's own
+    test fraction gives way to the folds.
+
     The same command again continues a killed cross-validation: its parent is ``cv``, or
     the newest unfinished one of the same recipe and settings; finished folds are kept and
     a killed fold resumes from its last committed epoch.
@@ -198,7 +205,8 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
             console.print(f"cross-validation {parent}: fold {i} of {k} is finished (kept)", highlight=False)
             continue
         r = copy.deepcopy(recipe)
-        r.data.folds, r.data.fold = k, i - 1
+        r.data.folds, r.data.fold, r.data.test = k, i - 1, 0.0
+        r.data.inner_val = r.data.inner_val or INNER_VAL
         console.print(f"cross-validation {parent}: fold {i} of {k}", highlight=False)
         if run.is_run():  # killed: it resumes, if it was started with these settings
             _check_same_recipe(run, resolve(r, backend=plan.backend), parent)

@@ -20,14 +20,29 @@ machine's cores, or on the cluster at ``address``; without Ray they run one afte
 cross-validation: for every outer fold, ``trials`` values are trained on the inner split
 of that fold's training images (:func:`osteo.data.split.split_rows` with ``data.inner_val``:
 the outer fold held out as ``test``, validation carved from the rest) and ranked by their
-best validation macro F1; the winner trains that outer fold. One value per backbone for
-all folds could not be honest: with k folds every image is some fold's validation image.
+best validation macro F1; the winner trains that outer fold, whose trial chooses its
+checkpoint, temperature and thresholds on the same inner split (every fold trial does, search
+or not: :func:`osteo.session.cross_validate`), so the outer fold chooses nothing. One value per
+backbone for all folds could not be honest: with k folds every image is some fold's held-out image.
 
-``study.json`` in ``out`` records the trials, their status, retries, run directories and
-times, and the search's values; written first when the study starts, it lets the same
-command continue a study that was stopped (SIGTERM, Ctrl-C, a lost machine): finished
-trials are kept, the others resume; ``out/index.html`` is :func:`osteo.report.write_report`
-of the cross-validations (pooled out-of-fold predictions, one row per backbone and seed).
+``external`` folders (other hospitals' labelled images) are scored last, each by every
+backbone's final model: for each backbone and seed, its K fold models as one ensemble
+(:class:`osteo.predict.Ensemble`: the mean of their calibrated probabilities, an operating
+point at the mean of their thresholds), by ``osteo eval CV --data FOLDER`` as a trial of its
+own. Each fold model chose its checkpoint, temperature and thresholds on its own training
+folds, so neither the outer folds nor an external folder chose anything, and no model is
+trained again: a final model retrained on all the images would need a checkpoint chosen on
+images of its own, and a learning rate where each outer fold chose its own. Images of an
+external folder that are, by content, in the study's data are left out and counted.
+
+``study.json`` in ``out`` records the trials, their status, retries, run directories, times
+and the Ray node each ran on, the search's values and the external scorings; written first
+when the study starts, it lets the same command continue a study that was stopped (SIGTERM,
+Ctrl-C, a lost machine): finished trials and scorings are kept, the others resume;
+``out/index.html`` is :func:`osteo.report.write_report` of the cross-validations (pooled
+out-of-fold predictions, one row per backbone and seed) beside their ensembles' rows on each
+external folder (``evaluated_on`` ``external: <folder name>``). Each trial's end is a line
+with the trials left and an estimate of the time they take, from the pace so far.
 """
 
 from __future__ import annotations
@@ -55,17 +70,20 @@ from pathlib import Path
 import numpy as np
 
 from osteo import killpoints
+from osteo.data.split import INNER_VAL
 from osteo.errors import OsteoError
 from osteo.files import read_json, write_json
 from osteo.runs import CvDir, RunDir, check_output_place
 from osteo.session import TrainOptions, build_recipe, ensure_phantom
 
 RETRIES = 2  # per trial, each from its last completed epoch
-INNER_VAL = 0.25  # the search's inner split: this fraction of an outer fold's training images validates
 METRIC = "val_macro_f1"  # what the search ranks, per epoch from history.csv
 POLL_SECONDS = 1.0  # how often a searched trial's history.csv is read
 ASHA_REDUCTION = 3  # ASHA keeps the best third at each rung (epochs 1, 3, 9, ...)
 LOCAL_OBJECT_STORE = 256 * 2**20  # bytes
+# what a trial's outcome holds (Tune's results hold its bookkeeping too); "node": its Ray node's id
+OUTCOME = ("status", "attempts", "retries", "run", "wall_seconds", "error", METRIC, "host", "node", "kept", "scored",
+           "left_out")
 
 Say = Callable[[str], None]
 
@@ -85,6 +103,7 @@ class StudyConfig:
     search: str | None = None  # KEY=LO:HI:log
     trials: int = 8
     mlflow: bool = False
+    external: list[str] = field(default_factory=list)  # labelled folders each final model is scored on
 
 
 @dataclass(frozen=True)
@@ -132,7 +151,9 @@ def run_trial(spec: dict, on_epoch: Callable[[int, float], None] | None = None) 
     ``on_epoch(epoch, val_macro_f1)`` is called once per new epoch in ``history.csv`` (the
     search reports them to ASHA, which may stop the trial by raising from it: the
     process is then killed). Returns the outcome: status ``ok`` or ``failed``, attempts,
-    retries, run directory, wall seconds, the last error and the best validation macro F1.
+    retries, run directory, wall seconds, the last error, the best validation macro F1, the
+    host it ran on, and ``kept``: its run was finished before it started (by an earlier run
+    of the study).
     """
     log = Path(spec["log"])
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -140,6 +161,8 @@ def run_trial(spec: dict, on_epoch: Callable[[int, float], None] | None = None) 
     # a trial Ray started again (its worker was lost) counts the attempts already made
     attempts = log.read_text(encoding="utf-8", errors="replace").count("\n== attempt ") if log.exists() else 0
     seen, error, status = 0, "", "failed"
+    first = _trial_run(spec)
+    kept = first is not None and first.is_finished()  # by an earlier run of the study, stopped later
     while True:
         run = _trial_run(spec)
         if run is not None and run.is_finished():
@@ -165,7 +188,7 @@ def run_trial(spec: dict, on_epoch: Callable[[int, float], None] | None = None) 
         error = "its run did not finish"
     return {"status": status, "attempts": attempts, "retries": max(0, attempts - 1),
             "run": str(run.path) if run is not None else "", "wall_seconds": round(time.monotonic() - t0, 1),
-            "error": error, METRIC: _best(run)}
+            "error": error, METRIC: _best(run), "host": platform.node(), "kept": kept}
 
 
 def _trial_run(spec: dict) -> RunDir | None:
@@ -247,10 +270,56 @@ def _failure(rc: int, log: Path) -> str:
     return f"exit code {rc}: {last[:300]}"
 
 
+def run_scoring(spec: dict) -> dict:
+    """Score a final model on an external folder: ``osteo eval CV --data FOLDER --out OUT``,
+    retried as a trial is (a scoring starts again: it has no epochs). A scoring already in ``OUT``
+    (an earlier run of the same study, stopped later) is kept: status ``ok``, no attempt."""
+    log = Path(spec["log"])
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    attempts = log.read_text(encoding="utf-8", errors="replace").count("\n== attempt ") if log.exists() else 0
+    error, kept = "", _scoring(spec) is not None
+    while _scoring(spec) is None and attempts <= spec["retries"]:
+        attempts += 1
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"\n== attempt {attempts} of {spec['retries'] + 1}: osteo {' '.join(spec['args'])}\n")
+        rc, _ = _run_process(spec["args"], spec, log, None, 0)
+        error = "" if rc == 0 else _failure(rc, log)
+        if rc == 2:
+            break
+    metrics = _scoring(spec)
+    if metrics is None and not error:
+        error = f"it wrote no complete scoring to {spec['run']}"
+    return {"status": "ok" if metrics is not None else "failed", "attempts": attempts,
+            "retries": max(0, attempts - 1), "run": spec["run"], "wall_seconds": round(time.monotonic() - t0, 1),
+            "error": "" if metrics is not None else error, "host": platform.node(), "kept": kept,
+            "scored": (metrics or {}).get("external", {}).get("n"),
+            "left_out": (metrics or {}).get("excluded_training_overlap")}
+
+
+def _scoring(spec: dict) -> dict | None:
+    """The scoring's ``metrics.json`` if ``osteo eval`` finished it (its predictions, metrics and
+    audit all written) on this very folder, else None."""
+    out = Path(spec["run"])
+    try:
+        metrics = read_json(out / RunDir.METRICS)
+    except (OSError, ValueError):  # not written yet, or half a file of a killed process
+        return None
+    done = all((out / f).is_file() for f in (RunDir.PREDICTIONS, RunDir.AUDIT)) and isinstance(metrics, dict)
+    return metrics if done and Path(str(metrics.get("data_dir"))).resolve() == Path(spec["folder"]).resolve() \
+        else None
+
+
+def _run_spec(spec: dict, on_epoch: Callable[[int, float], None] | None = None) -> dict:
+    return run_scoring(spec) if spec["kind"] == "external" else run_trial(spec, on_epoch)
+
+
 # --------------------------------------------------------------------------- running trials
 
 
 def _label(spec: dict) -> str:
+    if spec["kind"] == "external":
+        return f"{spec['model']} seed {spec['seed']} on {spec['name']}"
     where = f"{spec['model']} seed {spec['seed']} fold {spec['fold']}"
     return f"search {where} ({spec['set']})" if spec["kind"] == "search" else where
 
@@ -260,15 +329,48 @@ def _start_line(spec: dict) -> str:
 
 
 def _end_line(spec: dict, outcome: dict) -> str:
+    if spec["kind"] == "external" and outcome["status"] == "ok":
+        how = "kept from an earlier run" if outcome["kept"] else f"scored in {outcome['wall_seconds']:.0f}s"
+        return (f"{_label(spec)}: {how}, {outcome['scored']} images ({outcome['left_out']} also in the study's "
+                "data left out)")
     best = outcome.get(METRIC)
     score = f"best val macro F1 {best:.3f}" if best is not None else "no epoch finished"
     retries = outcome.get("retries", 0)
     again = f", after {retries} retr{'y' if retries == 1 else 'ies'}" if retries else ""
+    if outcome["status"] == "ok" and outcome.get("kept"):
+        return f"{_label(spec)}: kept from an earlier run, {score}"
     if outcome["status"] == "ok":
         return f"{_label(spec)}: done in {outcome['wall_seconds']:.0f}s, {score}{again}"
     if outcome["status"] == "stopped":
         return f"{_label(spec)}: stopped by ASHA ({score})"
     return f"{_label(spec)}: FAILED{again}: {outcome['error']}"
+
+
+class _Progress:
+    """``(3 of 8 trials, about 3 min left)`` after each trial's end line: the trials still to end
+    at the pace of this stage so far (its wall time over the trials that ran, however many run at
+    once). Trials kept from an earlier run of the study took no time and set no pace."""
+
+    def __init__(self, specs: list[dict]):
+        self.total, self.ended, self.ran, self.t0 = len(specs), 0, 0, time.monotonic()
+        self.noun = "scorings" if specs and specs[0]["kind"] == "external" else \
+            "search trials" if specs and specs[0]["kind"] == "search" else "trials"
+
+    def ended_one(self, outcome: dict) -> str:
+        self.ended += 1
+        self.ran += not outcome.get("kept")
+        left = self.total - self.ended
+        pace = (time.monotonic() - self.t0) / self.ran if self.ran else None
+        estimate = f", about {_duration(pace * left)} left" if left and pace is not None else ""
+        return f" ({self.ended} of {self.total} {self.noun}{estimate})"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 class _Sequential:
@@ -277,11 +379,11 @@ class _Sequential:
     where = "one after another (Ray is not installed)"
 
     def run(self, specs: list[dict], say: Say, search: bool = False) -> dict[str, dict]:
-        out = {}
+        out, progress = {}, _Progress(specs)
         for spec in specs:
             say(_start_line(spec))
-            out[spec["id"]] = run_trial(spec)
-            say(_end_line(spec, out[spec["id"]]))
+            out[spec["id"]] = {**_run_spec(spec), "node": None}
+            say(_end_line(spec, out[spec["id"]]) + progress.ended_one(out[spec["id"]]))
             killpoints.reached("study.trial_ended")
         return out
 
@@ -291,12 +393,13 @@ class _Sequential:
 
 def _tune_trial(config: dict, specs: dict) -> None:
     """The Ray Tune function of a trial: its epochs go to the scheduler, its outcome last."""
+    import ray
     from ray import tune
 
     spec = specs[config["id"]]
     on_epoch = (lambda epoch, value: tune.report({"epoch": epoch, METRIC: value})) \
         if spec["kind"] == "search" else None
-    outcome = run_trial(spec, on_epoch)
+    outcome = {**_run_spec(spec, on_epoch), "node": ray.get_runtime_context().get_node_id()}
     # ASHA reads METRIC from every result: report it only when there is one
     tune.report({k: v for k, v in outcome.items() if v is not None})
 
@@ -318,7 +421,8 @@ class _Ray:
             sigterm = signal.getsignal(signal.SIGTERM)
             try:
                 if cfg.address:
-                    ray.init(address=cfg.address, **quiet)
+                    # a cluster's workers have their node's environment, not this one's
+                    ray.init(address=cfg.address, runtime_env={"env_vars": _forwarded_env()}, **quiet)
                 else:
                     # trials pass their outcomes only: a small object store starts faster
                     ray.init(address="local", num_cpus=_local_cpus(), object_store_memory=LOCAL_OBJECT_STORE,
@@ -326,8 +430,7 @@ class _Ray:
             except (OSError, RuntimeError, ValueError) as e:  # ConnectionError and TimeoutError too
                 self.close()
                 raise OsteoError(f"cannot start Ray{' at ' + cfg.address if cfg.address else ''}: {_first_line(e)}; "
-                                 "check --address (or $RAY_ADDRESS), or leave it out for Ray on this "
-                                 "machine") from None
+                                 f"{_connect_fix(e)}") from None
             finally:
                 if sigterm is not None:
                     signal.signal(signal.SIGTERM, sigterm)
@@ -358,7 +461,7 @@ class _Ray:
                 trial_name_creator=lambda t: t.config["id"], trial_dirname_creator=lambda t: t.config["id"]),
             run_config=tune.RunConfig(
                 name=f"stage-{self.stages}", storage_path=str(self.tmp / "tune"), verbose=0,
-                callbacks=[_say_callback(by_id, say)],
+                callbacks=[_say_callback(by_id, say, _Progress(specs))],
                 # a lost worker runs the trial again; it resumes, and counts the attempts already made
                 failure_config=tune.FailureConfig(max_failures=RETRIES)),
         )
@@ -369,15 +472,14 @@ class _Ray:
             spec = by_id[result.config["id"]]
             metrics = result.metrics or {}
             if "status" in metrics:
-                out[spec["id"]] = {k: metrics.get(k) for k in ("status", "attempts", "retries", "run",
-                                                                "wall_seconds", "error", METRIC)}
+                out[spec["id"]] = {k: metrics.get(k) for k in OUTCOME}
                 continue
             run = _trial_run(spec)  # stopped by ASHA (no outcome reported), or lost for good
             lost = result.error is not None
             out[spec["id"]] = {"status": "failed" if lost else "stopped", "attempts": None, "retries": None,
                                "run": str(run.path) if run is not None else "", "wall_seconds": None,
                                "error": _first_line(result.error) if lost else "",
-                               METRIC: _best(run)}
+                               METRIC: _best(run), "node": None}
         return out
 
     def close(self) -> None:
@@ -401,6 +503,26 @@ def _legacy_tune_output():
             os.environ["RAY_AIR_NEW_OUTPUT"] = old
 
 
+def _connect_fix(e: BaseException) -> str:
+    """What to do when Ray cannot start or connect. A cluster with token authentication (Ray's
+    default where a token exists) refuses a study without its token, and says so only in the
+    text of an error deep in the chain."""
+    texts = []
+    while e is not None:
+        texts.append(str(e))
+        e = e.__cause__ or e.__context__
+    if any("AuthenticationError" in t or "InvalidAuthToken" in t for t in texts):
+        return ("the cluster wants its token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to its token file "
+                "(or RAY_AUTH_TOKEN to the token) where the study runs")
+    return "check --address (or $RAY_ADDRESS), or leave it out for Ray on this machine"
+
+
+def _forwarded_env() -> dict[str, str]:
+    """The variables a trial on a cluster gets from the study's environment, as a local trial
+    would: osteo's own (the cache, MLflow's experiment, kill points), MLflow's and the backend."""
+    return {k: v for k, v in os.environ.items() if k.startswith(("OSTEO_", "MLFLOW_")) or k == "KERAS_BACKEND"}
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -416,20 +538,20 @@ def _local_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _say_callback(by_id: dict, say: Say):
+def _say_callback(by_id: dict, say: Say, progress: _Progress):
     from ray import tune
 
     class SayLines(tune.Callback):
         """Trial start and end as ``say`` lines, in the driver."""
 
-        def __init__(self, say: Say):
-            self.say = say
+        def __init__(self, say: Say, progress: _Progress):
+            self.say, self.progress = say, progress
 
         def __getstate__(self) -> dict:  # Tune pickles its settings; ``say`` may hold a console
             return {}
 
         def __setstate__(self, state: dict) -> None:
-            self.say = lambda text: None
+            self.say, self.progress = (lambda text: None), _Progress([])
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self.say(_start_line(by_id[trial.config["id"]]))
@@ -438,13 +560,13 @@ def _say_callback(by_id: dict, say: Say):
             spec = by_id[trial.config["id"]]
             result = trial.last_result or {}
             outcome = result if "status" in result else {"status": "stopped", METRIC: _best(_trial_run(spec))}
-            self.say(_end_line(spec, outcome))
+            self.say(_end_line(spec, outcome) + self.progress.ended_one(outcome))
             killpoints.reached("study.trial_ended")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.say(f"{_label(by_id[trial.config['id']])}: its Ray worker failed")
 
-    return SayLines(say)  # not from the closure: the class is pickled
+    return SayLines(say, progress)  # not from the closure: the class is pickled
 
 
 def _grouped_asha(by_id: dict):
@@ -510,6 +632,7 @@ class _Plan:
     recipes: dict  # model -> resolved Recipe (without the search's value)
     search: Search | None
     continued: bool = False  # the study of an earlier, stopped run of the same command
+    external: list[Path] = field(default_factory=list)  # each final model is scored on these
 
 
 def _build_recipe(cfg: StudyConfig, model: str, overrides: list[str]):
@@ -535,11 +658,7 @@ def _plan(cfg: StudyConfig) -> _Plan:
     if cfg.cpus_per_trial <= 0 or cfg.gpus_per_trial < 0:
         raise OsteoError("--cpus-per-trial must be above 0 and --gpus-per-trial 0 or more")
     search = parse_search(cfg.search) if cfg.search else None
-    recipes = {m: _build_recipe(cfg, m, []) for m in cfg.models}
-    for m, r in recipes.items():
-        if r.data.test:  # a study cross-validates every image
-            raise OsteoError(f"{m}'s recipe holds out data.test={r.data.test:g}; a study cross-validates "
-                             "all the images: set data.test=0 (--set data.test=0)")
+    recipes = {m: _build_recipe(cfg, m, []) for m in cfg.models}  # each fold's test split is its outer fold
     if search:
         if cfg.trials < 1:
             raise OsteoError(f"--trials must be 1 or more, got {cfg.trials}")
@@ -558,6 +677,7 @@ def _plan(cfg: StudyConfig) -> _Plan:
                 raise OsteoError(f"{m}'s recipe trains no epochs with {search.key}; search the other rate "
                                  f"({'train.fine_tune_lr' if search.key == 'train.lr' else 'train.lr'})")
     cwd = Path.cwd()
+    external = _check_external(cfg.external, {Path(r.data.dir).resolve() for r in recipes.values()})
     runs = (cwd / cfg.runs).resolve()
     out = (cwd / cfg.out).resolve()
     check_output_place(out, "--out", "choose a folder outside it, e.g. --out reports/study")
@@ -571,7 +691,7 @@ def _plan(cfg: StudyConfig) -> _Plan:
                                                                                    "search"]]
         if not any(p.exists() for p in paths):
             break
-    return _Plan(study_id, cwd, runs, out, seeds, recipes, search, continued)
+    return _Plan(study_id, cwd, runs, out, seeds, recipes, search, continued, external)
 
 
 def _config(cfg: StudyConfig) -> dict:
@@ -593,9 +713,34 @@ def _unfinished_study(out: Path, config: dict) -> str | None:
     return None
 
 
+def _check_external(folders: list[str], data: set[Path]) -> list[Path]:
+    """The external folders, resolved; each a labelled folder of images (class sub-folders) that
+    is not the study's data, with a name of its own (its scorings are ``eval/<name>/``)."""
+    from osteo.data.scan import list_files
+
+    out = [Path(f).resolve() for f in folders]
+    for given, path in zip(folders, out):
+        if path in data:
+            raise OsteoError(f"--external {given} is the study's own --data; give another hospital's folder")
+        try:
+            images = list_files(path)[0]
+        except OsteoError as e:  # no such folder, or no class folders in it
+            raise OsteoError(f"--external {given}: {e}") from None
+        if not images:
+            raise OsteoError(f"--external {given} holds no images under normal/, osteopenia/ or osteoporosis/; "
+                             "give a labelled folder, as for --data")
+    names = [p.name for p in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise OsteoError(f"two --external folders are named {twice[0]} (the report tells them apart by name); "
+                         "give each its own name, e.g. by a symbolic link")
+    return out
+
+
 def _inner_split(folds: int, fold: int) -> list[str]:
-    """The overrides of nested cross-validation's inner split of outer fold ``fold`` (1..K)."""
-    return [f"data.folds={folds}", f"data.fold={fold - 1}", f"data.inner_val={INNER_VAL}"]
+    """The overrides of nested cross-validation's inner split of outer fold ``fold`` (1..K), the
+    split that fold's trial (osteo.session.cross_validate) chooses its checkpoint on too."""
+    return [f"data.folds={folds}", f"data.fold={fold - 1}", f"data.inner_val={INNER_VAL}", "data.test=0"]
 
 
 def _sets(overrides: list[str]) -> list[str]:
@@ -680,8 +825,28 @@ def _fold_specs(plan: _Plan, cfg: StudyConfig, chosen: dict[str, dict] | None) -
     return specs, skipped
 
 
+def _external_specs(plan: _Plan, cfg: StudyConfig) -> list[dict]:
+    """A scoring of each finished cross-validation's fold models, as one ensemble, on each
+    external folder (``CV/eval/<folder>/``); an unfinished one has no final model to score."""
+    specs = []
+    for m in cfg.models:
+        for seed in plan.seeds:
+            cv = CvDir(_cv_path(plan, m, seed))
+            if not cv.is_finished():
+                continue
+            for folder in plan.external:
+                out = cv.eval_path / folder.name
+                specs.append({
+                    "kind": "external", "id": f"{m}-seed{seed}-{folder.name}", "model": m, "seed": seed,
+                    "fold": None, "name": folder.name, "folder": str(folder), "cwd": str(plan.cwd),
+                    "retries": RETRIES, "run": str(out), "log": str(cv.eval_path / f"{folder.name}.log"),
+                    "args": ["eval", str(cv.path), "--data", str(folder), "--out", str(out),
+                             "--bootstrap", str(plan.recipes[m].train.bootstrap)]})
+    return specs
+
+
 def _trial_record(spec: dict, outcome: dict) -> dict:
-    keep = ("id", "kind", "model", "seed", "fold", "set", "log")
+    keep = ("id", "kind", "model", "seed", "fold", "set", "folder", "log")
     return {**{k: spec.get(k) for k in keep}, **outcome,
             "command": "osteo " + " ".join(spec["args"])}
 
@@ -709,7 +874,7 @@ def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
         write_json(out / "study.json", {"id": plan.id, "status": "running", "config": _config(cfg)})
 
     n_grid = len(cfg.models) * len(plan.seeds) * cfg.folds
-    records, chosen, search_specs = [], None, []
+    records, chosen, search_specs, scorings, scored = [], None, [], [], {}
     try:
         for m, r in plan.recipes.items():
             ensure_phantom(r, say)  # here, before concurrent trials race to write it
@@ -731,15 +896,25 @@ def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
         say(f"study {plan.id}: {_count(len(specs), 'trial')} ({_count(len(cfg.models), 'model')} x "
             f"{_count(len(plan.seeds), 'seed')} x {cfg.folds} folds) {executor.where}")
         outcomes = executor.run(specs, say)
+        scorings = _external_specs(plan, cfg)
+        if scorings:
+            say(f"study {plan.id}: scoring each backbone's final model (its {cfg.folds} fold models as one "
+                f"ensemble) on {', '.join(p.name for p in plan.external)}: {_count(len(scorings), 'scoring')} "
+                f"{executor.where}")
+            scored = executor.run(scorings, say)
     finally:
         executor.close()
     records += [_trial_record(s, outcomes[s["id"]]) for s in specs]
+    records += [_trial_record(s, scored[s["id"]]) for s in scorings]
     records += [_trial_record(s, {"status": "failed", "error": "its search trained no epoch", "retries": 0})
                 for s in skipped]
     for rec in records:
         if rec["kind"] == "fold" and rec["status"] != "ok":
             warn(f"trial {rec['model']} seed {rec['seed']} fold {rec['fold']} failed: {rec['error']}; "
                  f"its cross-validation is left incomplete (log: {rec['log']})")
+        elif rec["kind"] == "external" and rec["status"] != "ok":
+            warn(f"scoring {rec['model']} seed {rec['seed']} on {rec['folder']} failed: {rec['error']}; "
+                 f"its row is left out of the report (log: {rec['log']})")
     cvs = [CvDir(_cv_path(plan, m, s)) for m in cfg.models for s in plan.seeds]
     summary = {
         "id": plan.id, "started": started.isoformat(timespec="seconds"), "executor": executor.where,
@@ -751,6 +926,9 @@ def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
             "inner_split": f"outer fold held out as test; {INNER_VAL} of the rest is validation",
             "chosen": list(chosen.values())},
         "cross_validations": [{"path": str(c.path), "finished": c.is_finished()} for c in cvs],
+        "external": [str(p) for p in plan.external],
+        "final_model": "per backbone and seed, its fold models as one ensemble: the mean of their calibrated "
+                       "probabilities, an operating point at the mean of their thresholds (osteo.predict.Ensemble)",
         "trials": records, "status": "running", "config": _config(cfg),
     }
 

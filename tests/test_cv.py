@@ -2,10 +2,12 @@
 
 import csv
 import json
+import re
 
 import pytest
 
 from osteo.cli import main
+from osteo.data.split import INNER_VAL
 from osteo.runs import CvDir
 
 
@@ -40,12 +42,46 @@ def test_three_folds_make_three_complete_runs_covering_every_image_once(two_cvs,
     for i, fold in enumerate(cv.folds(), start=1):
         assert fold.is_finished(), fold
         recipe = fold.read_recipe()
-        assert (recipe.data.folds, recipe.data.fold) == (3, i - 1)
+        assert (recipe.data.folds, recipe.data.fold, recipe.data.inner_val) == (3, i - 1, INNER_VAL)
         split = fold.read_split()
-        assert {r["split"] for r in split} == {"train", "val"}
-        held_out += [r["path"] for r in split if r["split"] == "val"]
+        assert {r["split"] for r in split} == {"train", "val", "test"}  # nested: the outer fold is the test split
+        held_out += [r["path"] for r in split if r["split"] == "test"]
     everything = {r["path"] for r in cv.fold(1).read_split()}
     assert sorted(held_out) == sorted(everything) and len(held_out) == len(set(held_out))
+
+
+def test_the_pooled_images_chose_nothing_in_any_fold(two_cvs, monkeypatch):
+    """Each fold's checkpoint (BestCheckpoint monitors the validation split), temperature and
+    thresholds come from its inner split; the images pooled out-of-fold are none of them."""
+    from osteo.report.load import load_cv
+
+    _, (cv, _) = two_cvs
+    pooled = load_cv(cv, n_boot=0)
+    assert pooled.evaluated_on == "out-of-fold" and pooled.chose == "nothing"
+    rows = iter(pooled.rows)
+    for fold, stats in zip(cv.folds(), pooled.fold_metrics):
+        split = fold.read_split()
+        monitored = {r["path"] for r in split if r["split"] == "val"}
+        outer = {r["path"] for r in split if r["split"] == "test"}
+        from_this_fold = {next(rows)["path"] for _ in range(stats["n"])}  # the pool is each fold's in turn
+        assert from_this_fold == outer and monitored and not monitored & from_this_fold
+        assert fold.read_calibration()["n"] == len(monitored)  # the temperature was fitted on those
+        monitor = fold.read_metrics()["monitor"]
+        assert monitor.startswith("val_")  # what BestCheckpoint read: Keras' validation_data, the "val" split
+    # the Trainer validates (and so checkpoints) on the "val" split, never on the held-out one
+    from osteo.data.module import DataModule
+
+    asked = []
+    original = DataModule.eval_dataset
+    monkeypatch.setattr(DataModule, "eval_dataset", lambda self, name, *a, **k: asked.append(name)
+                        or original(self, name, *a, **k))
+    from osteo.trainer import Trainer
+
+    recipe = cv.fold(1).read_recipe()
+    recipe.runs_dir = str(cv.path.parent.parent / "spy")
+    trainer = Trainer(recipe).setup()
+    assert asked == ["val"] and trainer.val_ds is not None
+    trainer._held.close()
 
 
 def test_the_report_pools_out_of_fold_predictions_and_pairs_the_folds(two_cvs, tmp_path):
@@ -56,22 +92,35 @@ def test_the_report_pools_out_of_fold_predictions_and_pairs_the_folds(two_cvs, t
     a, b = rows[cv_a.name], rows[cv_b.name]
     n_images = len(cv_a.fold(1).read_split())
     for r in (a, b):
-        assert r["evaluated_on"] == "out-of-fold" and r["folds"] == "3"
-        assert int(r["n_val"]) == n_images  # pooled: every image scored once
+        assert r["evaluated_on"] == "out-of-fold" and r["folds"] == "3" and r["chose"] == "nothing"
+        assert int(r["n"]) == n_images  # pooled: every image scored once
         assert float(r["balanced_accuracy_lo"]) <= float(r["balanced_accuracy"]) <= float(r["balanced_accuracy_hi"])
         assert r["balanced_accuracy_mean"] and r["balanced_accuracy_sd"]
-    # the two are paired: McNemar on the pooled predictions, a paired t-test on the folds
+    # the two are paired: McNemar on the pooled predictions, a paired t-test on the folds (one comparison:
+    # Holm leaves both as they are), and the verdict says both
     other = b if a["mcnemar_vs"] == "(best)" else a
-    assert other["mcnemar_p"] and other["fold_ttest_p"]
+    assert other["mcnemar_p"] == other["mcnemar_p_holm"] and other["fold_ttest_p"] == other["fold_ttest_p_holm"]
+    said = (out / "verdict.txt").read_text(encoding="utf-8")
+    assert said.startswith(f"On out-of-fold (n={n_images}, which chose nothing): ")
+    number = r"[0-9.e+-]+"
+    assert re.search(rf"McNemar p = ({number}) \(Holm-adjusted for 1 comparison: \1\); paired t-test over the 3 "
+                     rf"folds p = ({number}) \(Holm-adjusted: \2\): ", said), said
+    assert "The phantom's oracle" in said
     # the phantom has latents.csv: the oracle's ceiling, scored on the same out-of-fold images
     oracle = [r for r in _rows(out / "comparison.csv") if r["model"] == "oracle"]
     assert len(oracle) == 1 and oracle[0]["evaluated_on"] == "out-of-fold"
-    assert int(oracle[0]["n_val"]) == n_images
+    assert int(oracle[0]["n"]) == n_images
     assert float(oracle[0]["balanced_accuracy"]) > max(float(a["balanced_accuracy"]), float(b["balanced_accuracy"]))
     folds = _rows(out / "folds.csv")
     assert len(folds) == 6 and {f["fold"] for f in folds} == {"1", "2", "3"}
     page = (out / "index.html").read_text(encoding="utf-8")
     assert "Cross-validation folds" in page and "out-of-fold" in page
+    # the operating points, pooled over the held-out folds at each fold's own threshold
+    points = _rows(out / "operating_points.csv")
+    assert {(p["run_id"], p["point"]) for p in points} == {(cv.name, name) for cv in (cv_a, cv_b)
+                                                          for name in ("osteoporosis", "osteopenia+")}
+    assert all(p["evaluated_on"] == "out-of-fold" and p["chose"] == "nothing" and int(p["n"]) == n_images
+               for p in points)
 
 
 def test_one_fold_at_a_time_lands_in_the_same_parent(phantom_dir, tmp_path):

@@ -51,6 +51,9 @@ def test_another_folder_is_scored_with_training_images_left_out(run, phantom_dir
         scored_on = {r["evaluated_on"]: r for r in csv.DictReader(f)}
     assert set(scored_on) == {"validation", "external: hospital-b"}
     assert scored_on["external: hospital-b"]["run_id"] == run.name
+    assert scored_on["external: hospital-b"]["chose"] == "nothing"
+    said = (tmp_path / "rep" / "verdict.txt").read_text(encoding="utf-8")
+    assert f"On the external folder hospital-b (n=45, which chose nothing): tiny ({run.name})" in said
     with open(tmp_path / "rep" / "operating_points.csv", newline="") as f:
         points = {(r["evaluated_on"], r["point"]) for r in csv.DictReader(f)}
     assert points == {(where, p) for where in ("validation", "external: hospital-b")

@@ -114,6 +114,20 @@ def test_the_gradcam_grid_draws_real_maps(two_runs):
     from osteo.report.plots import _gradcam_sample
 
     run = load_run(two_runs[0], n_boot=0)
-    sample, images, maps, picked = _gradcam_sample(run, 3)
+    sample, images, maps, picked, target = _gradcam_sample(run, 3)
+    assert target.layer == target.last == "tiny_block2_relu"  # 8x8 at 32 px: the last stage itself
     assert sample is run and 1 <= len(picked) <= 6 and images.shape[0] == maps.shape[0] == len(picked)
     assert maps.shape[1:] == (32, 32) and maps.min() >= 0 and maps.max() == 1.0
+
+
+def test_a_last_stage_below_7x7_is_said_and_a_finer_layer_drawn(two_runs, hostile_data, tmp_path, tiny_recipe):
+    """At 16 px the tiny backbone's last stage is 4x4: one blur per quarter of the knee. The page
+    says so and draws the deepest layer with 7x7 cells; at 32 px the last stage has 8x8."""
+    r = tiny_recipe(hostile_data, tmp_path / "runs", epochs=1, bootstrap=0)
+    r.data.image_size = 16
+    small = Trainer(r).run()
+    page = write_report([small, two_runs[0]], tmp_path / "rep", n_boot=0).read_text(encoding="utf-8")
+    notes = page[page.index("Where the models look"):]
+    assert (f"<li>tiny ({small.name}, validation): the last stage (tiny_block2_relu) is 4x4 at 16 px, too coarse to show where "
+            "the model looked; heat on tiny_block1_relu (8x8 cells), the deepest layer with at least 7x7</li>") in notes
+    assert f"<li>tiny ({two_runs[0].name}, validation): heat on tiny_block2_relu, the last stage (8x8 cells at 32 px)</li>" in notes

@@ -130,8 +130,8 @@ def failed_runs(tmp_path_factory) -> tuple[dict[str, Path], str, list[dict], lis
 
 @pytest.mark.parametrize(("run_id", "expected"), [
     ("flat", "balanced accuracy 0.333 is within 0.05 of always answering osteopenia"),
-    ("one_class", "its val split holds only osteopenia images"),
-    ("nan_probability", f"1 of {len(VAL_LABELS)} val predictions are not finite"),
+    ("one_class", "its validation split holds only osteopenia images"),
+    ("nan_probability", f"1 of {len(VAL_LABELS)} validation predictions are not finite"),
     ("nan_history", "history.csv holds NaN or infinite phase, accuracy, loss, val_loss"),
 ])
 def test_failed_runs_are_flagged_in_red_at_the_top(failed_runs, run_id, expected):

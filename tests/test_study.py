@@ -4,6 +4,8 @@ import csv
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from osteo import CLASSES
-from osteo.data.split import check_split, split_rows
+from osteo.data.split import INNER_VAL, check_split, split_rows
 from osteo.errors import OsteoError
 from osteo.session import TrainOptions
 from osteo.study import StudyConfig, parse_search, run_study
@@ -85,13 +87,23 @@ def test_search_ranges_parse_and_spread_over_the_range():
     ({"search": "train.optimizer=1:2"}, "train.optimizer"),
     ({"search": "train.fine_tune_lr=1e-5:1e-3:log"}, "trains no epochs with train.fine_tune_lr"),
     ({"options": TrainOptions(weights="none", overrides=("train.epochs=-1",))}, "train.epochs must be from 0 to 10000"),
-    ({"options": TrainOptions(weights="none", overrides=("data.test=0.1",))}, "holds out data.test=0.1"),
 ])
 def test_a_bad_study_is_a_one_line_error_before_any_trial(phantom_dir, tmp_path, change, message):
     cfg = _cfg(phantom_dir, tmp_path, **change)
     with pytest.raises(OsteoError, match=re.escape(message)):
         run_study(cfg, say=lambda text: None, warn=lambda text: None)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "report").exists()
+
+
+def test_a_study_of_a_recipe_with_a_test_split_cross_validates_it_away(phantom_dir, tmp_path):
+    """finetune holds out 15% for testing; in a study each fold's held-out images are its test
+    split instead, and a search trial chooses on the same inner split its fold trial will."""
+    from osteo.study import _build_recipe, _inner_split, _plan
+
+    cfg = _cfg(phantom_dir, tmp_path, recipe="finetune")
+    assert _plan(cfg).recipes["tiny"].data.test == 0.15
+    inner = _build_recipe(cfg, "tiny", _inner_split(cfg.folds, 2)).data
+    assert (inner.folds, inner.fold, inner.test, inner.inner_val) == (2, 1, 0.0, INNER_VAL)
 
 
 def test_the_search_needs_ray(phantom_dir, tmp_path, monkeypatch):
@@ -103,13 +115,25 @@ def test_the_search_needs_ray(phantom_dir, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- studies
 
 
+def _hospital(path, phantom_dir, copies: int = 0, seed: int = 11) -> Path:
+    """Another labelled folder: 30 other phantom images, ``copies`` of the study's own (renamed)."""
+    from osteo.data.phantom import write_phantom
+
+    write_phantom(path, n=30, size=64, seed=seed)
+    for i, image in enumerate(sorted((phantom_dir / "osteoporosis").glob("*.png"))[:copies]):
+        shutil.copy(image, path / "normal" / f"copied-{i}.png")
+    return path
+
+
 @pytest.fixture(scope="module")
 def ray_study(phantom_dir, tmp_path_factory):
     """2 backbones (tiny, vgg16) x 2 folds on local Ray; tiny's fold 1 is killed after its first epoch.
-    Logged to MLflow (a file store in tmp): a study is one experiment."""
+    Logged to MLflow (a file store in tmp): a study is one experiment. Each backbone's final model
+    is scored on another hospital's folder holding 2 of the study's images."""
     pytest.importorskip("ray")
     tmp = tmp_path_factory.mktemp("study")
-    cfg = _cfg(phantom_dir, tmp, models=["tiny", "vgg16"], mlflow=True)
+    other = _hospital(tmp / "hospital-b", phantom_dir, copies=2)
+    cfg = _cfg(phantom_dir, tmp, models=["tiny", "vgg16"], mlflow=True, external=[str(other)])
     cfg.options.mlflow = True
     said, warned = [], []
     # the trial kills itself once its first epoch is committed, as an OOM killer would; only the
@@ -135,15 +159,49 @@ def test_a_study_on_ray_reports_one_out_of_fold_row_per_backbone(ray_study):
     cvs = [Path(c["path"]) for c in study["cross_validations"]]
     assert sorted(c.parent.name for c in cvs) == ["tiny", "vgg16"]
     assert all(c["finished"] for c in study["cross_validations"])
-    rows = [r for r in _csv(Path(cfg.out) / "comparison.csv") if r["run_id"] in {c.name for c in cvs}]
-    assert sorted(r["model"] for r in rows) == ["tiny", "vgg16"] and {r["evaluated_on"] for r in rows} == {"out-of-fold"}
+    rows = [r for r in _csv(Path(cfg.out) / "comparison.csv")
+            if r["run_id"] in {c.name for c in cvs} and r["evaluated_on"] == "out-of-fold"]
+    assert sorted(r["model"] for r in rows) == ["tiny", "vgg16"]
     assert {r["folds"] for r in rows} == {"2"}
-    assert Counter(t["status"] for t in study["trials"]) == {"ok": 4} and not warned
-    for t in study["trials"]:
+    assert Counter((t["kind"], t["status"]) for t in study["trials"]) == {("fold", "ok"): 4, ("external", "ok"): 2}
+    assert not warned
+    for t in (t for t in study["trials"] if t["kind"] == "fold"):
         log = Path(t["log"]).read_text(encoding="utf-8")
         assert "epoch 2/2" in log and Path(t["run"]).parent.name.startswith(study["id"])
         assert any(line.startswith(f"{t['model']} seed {t['seed']} fold {t['fold']}: done") for line in said)
     assert study["wall_seconds"] <= seconds + 1
+
+
+def test_each_backbones_fold_models_are_scored_as_one_on_the_external_folder(ray_study):
+    """Each backbone's cross-validation is scored, its fold models as one ensemble, on the other
+    hospital's folder, as Ray trials whose node is recorded; the study's own images in that folder
+    are left out; the report has each backbone's row on it beside its out-of-fold row."""
+    cfg, _, said, _, _, _ = ray_study
+    study = _study_json(cfg)
+    other = Path(cfg.external[0])
+    assert study["external"] == [str(other)]
+    cvs = {Path(c["path"]).parent.name: Path(c["path"]) for c in study["cross_validations"]}
+    node = {t["node"] for t in study["trials"] if t["kind"] == "fold"}
+    assert len(node) == 1 and len(next(iter(node))) == 56  # local Ray: one node, its id in hex
+    for model, cv in cvs.items():
+        scoring = next(t for t in study["trials"] if t["kind"] == "external" and t["model"] == model)
+        assert (scoring["status"], scoring["folder"], scoring["scored"], scoring["left_out"]) == ("ok", str(other), 30, 2)
+        assert scoring["run"] == str(cv / "eval" / "hospital-b") and {scoring["node"]} == node
+        metrics = json.loads((cv / "eval" / "hospital-b" / "metrics.json").read_text(encoding="utf-8"))
+        assert metrics["ensemble_of"] == [str(cv / "fold-1"), str(cv / "fold-2")]
+    rows = {(r["model"], r["evaluated_on"]): r for r in _csv(Path(cfg.out) / "comparison.csv")}
+    for model, cv in cvs.items():
+        assert rows[(model, "external: hospital-b")]["run_id"] == rows[(model, "out-of-fold")]["run_id"] == cv.name
+    assert any(re.fullmatch(r"(tiny|vgg16) seed 0 on hospital-b: scored in \d+s, 30 images \(2 also in the study's "
+                            r"data left out\) \(1 of 2 scorings, about \d+ (s|min) left\)", line) for line in said)
+
+
+def test_every_trial_ends_with_the_trials_left_and_the_time_they_take(ray_study):
+    _, _, said, _, _, _ = ray_study
+    ends = [re.search(r"\((\d) of 4 trials(, about \d+ (s|min) left)?\)$", line) for line in said
+            if re.match(r"(tiny|vgg16) seed 0 fold \d: done", line)]
+    assert sorted(int(m[1]) for m in ends) == [1, 2, 3, 4]
+    assert all(bool(m[2]) == (m[1] != "4") for m in ends)  # an estimate while trials are left
 
 
 def test_a_killed_trial_is_resumed_and_the_study_records_the_retry(ray_study, monkeypatch):
@@ -159,7 +217,7 @@ def test_a_killed_trial_is_resumed_and_the_study_records_the_retry(ray_study, mo
     experiment = client.get_experiment_by_name(f"osteo-study-{_study_json(cfg)['id']}")
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) >= len(trials) + 1
+    assert len(runs) >= sum(t["kind"] == "fold" for t in trials.values()) + 1
     report = next(r for r in runs if r.info.run_name.endswith(" report"))
     assert "report/index.html" in [a.path for a in client.list_artifacts(report.info.run_id, "report")]
     assert (killed["status"], killed["attempts"], killed["retries"]) == ("ok", 2, 1)
@@ -222,3 +280,59 @@ def test_the_search_chooses_on_inner_splits_and_the_folds_train_with_the_choice(
             assert outer_val == {r["path"] for r in inner if r["split"] == "test"}
             assert not (Path(t["run"]) / "best.weights.h5").exists()  # pruned: the search keeps its record only
     assert any(line.startswith("search tiny-seed0-fold1: chose train.lr=") for line in said)
+
+
+@pytest.mark.parametrize("external, message", [
+    ("nowhere", "--external nowhere: data folder"),
+    ("data", "is the study's own --data"),
+    ("empty", "no class folders"),
+    ("twins", "two --external folders are named hospital"),
+])
+def test_a_bad_external_folder_is_a_one_line_error_before_any_trial(phantom_dir, tmp_path, external, message):
+    (tmp_path / "empty").mkdir()
+    folders = {"nowhere": ["nowhere"], "data": [str(phantom_dir)], "empty": [str(tmp_path / "empty")],
+               "twins": [str(_hospital(tmp_path / d / "hospital", phantom_dir)) for d in ("a", "b")]}[external]
+    with pytest.raises(OsteoError, match=re.escape(message)) as e:
+        run_study(_cfg(phantom_dir, tmp_path, external=folders), say=lambda text: None, warn=lambda text: None)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "report").exists()
+
+
+def test_a_study_killed_while_scoring_continues_with_the_same_command(phantom_dir, tmp_path):
+    """`osteo study ... --external A --external B` is killed once the first scoring has ended; the
+    same command again keeps the fold trials and that scoring, scores B and writes the report.
+    (Without Ray: the trials one after another, so the kill comes at a known point.)"""
+    a = _hospital(tmp_path / "hospital-a", phantom_dir)
+    b = _hospital(tmp_path / "hospital-b", phantom_dir, copies=3, seed=12)
+    without_ray = "import sys; sys.modules['ray'] = None; from osteo.cli import main; sys.exit(main(sys.argv[1:]))"
+    command = [sys.executable, "-c", without_ray, "study", "--models", "tiny", "--recipe", "seed", "--folds", "2",
+               "--data", str(phantom_dir), "--weights", "none", "--image-size", "32", "--epochs", "2",
+               "--set", "train.steps_per_epoch=2", "--set", "train.tensorboard=false", "--set", "train.bootstrap=20",
+               "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "report"),
+               "--external", str(a), "--external", str(b)]
+    # the study's own process (its command line is `-c study ...`), not a trial's, at its third trial end
+    kill = {"OSTEO_KILL_AT": "study.trial_ended@3", "OSTEO_KILL_IF": r"^-c study "}
+    first = subprocess.run(command, cwd=tmp_path, env={**os.environ, **kill}, capture_output=True, text=True)
+    assert first.returncode == -9, first.stderr[-2000:]
+    assert "tiny seed 0 on hospital-a: scored in" in first.stdout and "hospital-b: started" not in first.stdout
+    assert _study_json_at(tmp_path)["status"] == "running" and not (tmp_path / "report" / "index.html").exists()
+
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    study = _study_json_at(tmp_path)
+    assert study["status"] == "finished" and f"study {study['id']}: continuing" in again.stdout
+    trials = {t["id"]: t for t in study["trials"]}
+    for fold in (1, 2):
+        assert (trials[f"tiny-seed0-fold{fold}"]["status"], trials[f"tiny-seed0-fold{fold}"]["kept"]) == ("ok", True)
+        assert f"tiny seed 0 fold {fold}: kept from an earlier run" in again.stdout
+        assert Path(trials[f"tiny-seed0-fold{fold}"]["log"]).read_text(encoding="utf-8").count("== attempt ") == 1
+    scored_a, scored_b = trials["tiny-seed0-hospital-a"], trials["tiny-seed0-hospital-b"]
+    assert (scored_a["status"], scored_a["kept"], scored_a["attempts"]) == ("ok", True, 1)
+    assert (scored_b["status"], scored_b["kept"], scored_b["attempts"], scored_b["left_out"]) == ("ok", False, 1, 3)
+    assert "tiny seed 0 on hospital-a: kept from an earlier run, 30 images" in again.stdout
+    rows = {r["evaluated_on"] for r in _csv(tmp_path / "report" / "comparison.csv") if r["model"] == "tiny"}
+    assert rows == {"out-of-fold", "external: hospital-a", "external: hospital-b"}
+
+
+def _study_json_at(tmp_path) -> dict:
+    return json.loads((tmp_path / "report" / "study.json").read_text(encoding="utf-8"))

@@ -248,13 +248,18 @@ def test_a_run_on_the_timm_engine_checkpoints_weights_and_reloads_without_unpick
     np.testing.assert_allclose(raw, probs, atol=1e-5)  # the same probabilities as when the run made them
 
 
-def test_gradcam_on_the_timm_engine_looks_at_the_last_feature_map():
-    from osteo.explain import gradcam
+def test_gradcam_on_the_timm_engine_looks_at_the_deepest_feature_map_of_7x7():
+    from osteo.backbones.timm_torch import LAST_STAGE
+    from osteo.explain import gradcam, gradcam_target
     from osteo.registry import get_backbone
 
     clf = Classifier("tiny", image_size=32, weights="none", augment=NO_AUG, impl="timm")
     model = clf.build()
     images = np.random.default_rng(4).uniform(0, 255, (3, 32, 32, 1)).astype("float32")
+    target = gradcam_target(model, get_backbone("tiny"))
+    # timm's test_resnet ends 1x1 at 32 px: the maps come from a submodule of 8x8, read by a hook
+    assert (target.last, target.last_cells) == (LAST_STAGE, (1, 1))
+    assert target.layer in dict(model.osteo_backbone.layer.module.named_modules()) and min(target.cells) >= 7
     maps, probs = gradcam(model, get_backbone("tiny"), images)
     assert maps.shape == (3, 32, 32) and np.isfinite(maps).all() and 0 <= maps.min() <= maps.max() <= 1
     np.testing.assert_allclose(probs, model.predict(images, verbose=0), atol=1e-5)

@@ -103,9 +103,15 @@ class Backbone(abc.ABC):
         """Every BatchNorm's moving-average momentum, in Keras' terms (the weight of the old statistics)."""
 
     @abc.abstractmethod
-    def gradcam_parts(self, model: Any) -> tuple[list, Any, list]:
+    def gradcam_parts(self, model: Any, target: str | None = None) -> tuple[list, Any, list]:
         """(layers before the backbone, ``feature(x, training) -> (target activations, backbone
-        output)``, layers after it) of the classifier ``model``, for Grad-CAM."""
+        output)``, layers after it) of the classifier ``model``, for Grad-CAM. The target is
+        the layer named ``target`` (one of :meth:`feature_maps`), by default the last stage's."""
+
+    @abc.abstractmethod
+    def feature_maps(self, model: Any) -> list[tuple[str, tuple[int, int]]]:
+        """The backbone's layers Grad-CAM can read, input to output, ending with the last stage's
+        (its default target), each with its feature map's (height, width) at the input size."""
 
     @abc.abstractmethod
     def load_weights_file(self, path: Path) -> None:

@@ -78,23 +78,46 @@ class KerasAppsBackbone(Backbone):
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = momentum
 
-    def gradcam_parts(self, model: keras.Model) -> tuple[list, keras.Model, list]:
-        return keras_gradcam_parts(model, self.spec)
+    def gradcam_parts(self, model: keras.Model, target: str | None = None) -> tuple[list, keras.Model, list]:
+        return keras_gradcam_parts(model, self.spec, target)
+
+    def feature_maps(self, model: keras.Model) -> list[tuple[str, tuple[int, int]]]:
+        return keras_feature_maps(model, self.spec)
 
     def load_weights_file(self, path: Path) -> None:
         load_weights_file(self.layer, path, self.spec.name)
 
 
-def keras_gradcam_parts(model: keras.Model, spec) -> tuple[list, keras.Model, list]:
+def keras_gradcam_parts(model: keras.Model, spec, target: str | None = None) -> tuple[list, keras.Model, list]:
     """Grad-CAM's parts of a classifier whose backbone is a nested Keras model holding the
-    spec's ``gradcam_layer`` (also a run saved whole before weights-only checkpoints)."""
+    spec's ``gradcam_layer`` (also a run saved whole before weights-only checkpoints); the
+    target is its layer ``target`` (default: the spec's)."""
+    i, backbone = _keras_backbone(model, spec)
+    feature = keras.Model(backbone.inputs, [backbone.get_layer(target or spec.gradcam_layer).output, backbone.output])
+    return model.layers[1:i], feature, model.layers[i + 1 :]
+
+
+def keras_feature_maps(model: keras.Model, spec) -> list[tuple[str, tuple[int, int]]]:
+    """The backbone's layers with a spatial output, input to output, up to the spec's ``gradcam_layer``."""
+    _, backbone = _keras_backbone(model, spec)
+    out = []
+    for layer in backbone.layers:
+        shape = layer.output.shape
+        if not isinstance(layer, keras.layers.InputLayer) and len(shape) == 4:
+            out.append((layer.name, (int(shape[1]), int(shape[2]))))
+        if layer.name == spec.gradcam_layer:
+            return out
+    raise OsteoError(f"the model has no backbone with a layer {spec.gradcam_layer!r}; is this a {spec.name} run?")
+
+
+def _keras_backbone(model: keras.Model, spec) -> tuple[int, keras.Model]:
+    """(index in ``model.layers``, the nested backbone model holding the spec's ``gradcam_layer``)."""
     target = spec.gradcam_layer
     if not target:
         raise OsteoError(f"{spec.name} names no Grad-CAM layer in its spec; add gradcam_layer to osteo.registry")
     for i, layer in enumerate(model.layers):
         if isinstance(layer, keras.Model) and any(x.name == target for x in layer.layers):
-            feature = keras.Model(layer.inputs, [layer.get_layer(target).output, layer.output])
-            return model.layers[1:i], feature, model.layers[i + 1 :]
+            return i, layer
     raise OsteoError(f"the model has no backbone with a layer {target!r}; is this a {spec.name} run?")
 
 

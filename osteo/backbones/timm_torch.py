@@ -195,6 +195,10 @@ def _prune_unused(module, image_size: int) -> tuple[tuple[str, ...], tuple[int, 
     return tuple(dropped), (int(y.shape[2]), int(y.shape[3]), int(y.shape[1]))
 
 
+# Grad-CAM's name for the timm module's own output (forward_features), its last stage's feature map
+LAST_STAGE = "forward_features"
+
+
 class TimmLayer(keras.layers.TorchModuleWrapper):
     """A timm backbone as a Keras layer: NHWC in (after gray to RGB), NHWC features out.
 
@@ -316,16 +320,58 @@ class TimmBackbone(Backbone):
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.momentum = 1.0 - momentum
 
-    def gradcam_parts(self, model) -> tuple[list, Callable, list]:
-        """The target is the layer's output, the last stage's feature map (a torch module has no
-        Keras layers to name)."""
-        i = model.layers.index(self.layer)
+    def gradcam_parts(self, model, target: str | None = None) -> tuple[list, Callable, list]:
+        """The default target is the layer's output, the last stage's feature map; another is a
+        submodule of the timm module, by its name in ``named_modules()``, read by a forward hook."""
+        import torch
 
-        def feature(x, training=False):
-            y = self.layer(x, training=training)
-            return y, y
+        i = model.layers.index(self.layer)
+        if target in (None, LAST_STAGE):
+            def feature(x, training=False):
+                y = self.layer(x, training=training)
+                return y, y
+        else:
+            module = dict(self.layer.module.named_modules())[target]
+
+            def feature(x, training=False):
+                seen = []
+
+                def hook(_module, _inputs, out):
+                    # NHWC, as the layer's own output; the module passes on a copy, so an in-place
+                    # op after it (timm's ReLU(inplace=True)) leaves the activations read here alone
+                    seen.append(out.permute(0, 2, 3, 1))
+                    return seen[-1].permute(0, 3, 1, 2).clone(memory_format=torch.preserve_format)
+
+                handle = module.register_forward_hook(hook)
+                try:
+                    y = self.layer(x, training=training)
+                finally:
+                    handle.remove()
+                return seen[-1], y
 
         return model.layers[1:i], feature, model.layers[i + 1 :]
+
+    def feature_maps(self, model) -> list[tuple[str, tuple[int, int]]]:
+        """The submodules with a spatial output in the order they finish on one blank image,
+        then the layer's output (:data:`LAST_STAGE`)."""
+        import torch
+
+        module, done = self.layer.module, []
+        hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: done.append((name, out)))
+                 for name, m in module.named_modules() if name]
+        try:
+            was_training = module.training
+            module.eval()
+            with torch.no_grad():
+                x = torch.zeros(1, 3, self.image_size, self.image_size, device=next(module.parameters()).device)
+                y = module.forward_features(x)
+            module.train(was_training)
+        finally:
+            for h in hooks:
+                h.remove()
+        seen = dict.fromkeys(name for name, out in done if isinstance(out, torch.Tensor) and out.dim() == 4)
+        shapes = {name: (int(out.shape[2]), int(out.shape[3])) for name, out in done if name in seen}
+        return [*((name, shapes[name]) for name in seen), (LAST_STAGE, (int(y.shape[2]), int(y.shape[3])))]
 
     def load_weights_file(self, path: Path) -> None:
         load_weights_file(self.layer.module, path, self.spec.name, self.layer.dropped)

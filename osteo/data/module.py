@@ -36,7 +36,7 @@ import numpy as np
 from osteo import CLASSES
 from osteo.data.pipeline import SCALE, Entry, ImageCache, load_split
 from osteo.data.scan import audit
-from osteo.data.split import check_split, majority_label, read_groups_csv, split_rows
+from osteo.data.split import MIN_TEST_PER_CLASS, check_split, majority_label, read_groups_csv, split_rows
 from osteo.errors import OsteoError
 
 log = logging.getLogger("osteo")
@@ -80,7 +80,8 @@ class DataModule:
                 fold=cfg.fold, seed=self.seed, group_regex=cfg.group_regex or None, groups=groups,
                 conflicts=cfg.conflicts, inner_val=cfg.inner_val, group_by=cfg.group_by,
             )
-            check_split(split)
+            # a cross-validation's test split is one outer fold: its numbers are pooled over all folds
+            check_split(split, min_test=MIN_TEST_PER_CLASS if cfg.test and not cfg.folds else 0)
         self.split = split
         entries, gone = {}, []
         for r in split:

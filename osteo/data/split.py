@@ -45,6 +45,13 @@ from osteo.errors import OsteoError
 from osteo.files import read_csv, write_csv
 
 SPLIT_COLUMNS = ("path", "label", "split", "group")
+# nested cross-validation (osteo train --folds, osteo study): this fraction of the outer
+# training folds validates, so the outer fold, whose predictions are pooled, chooses nothing
+INNER_VAL = 0.25
+# A held-out test split needs this many images of every class: with fewer, one image moves a
+# class's recall (and an operating point's sensitivity) by more than 0.12 and its 95% interval
+# spans ~0.4, too coarse to report; 15% of the split then needs ~54 images of the smallest class.
+MIN_TEST_PER_CLASS = 8
 CONFLICT_POLICIES = ("exclude", "majority", "keep")
 GROUP_BY = ("auto", "dicom", "regex", "csv", "none")
 
@@ -201,8 +208,9 @@ def _fill(keys: list[str], members: dict[str, list[dict]], fractions: list[tuple
                 break
 
 
-def check_split(split: list[dict], min_train: int = 1, min_val: int = 1) -> None:
-    """Every class needs images on both sides, or the metrics mean nothing."""
+def check_split(split: list[dict], min_train: int = 1, min_val: int = 1, min_test: int = 0) -> None:
+    """Every class needs images on both sides, or the metrics mean nothing; and ``min_test``
+    test images where a test split is held out (:data:`MIN_TEST_PER_CLASS`)."""
     counts = Counter((r["split"], r["label"]) for r in split)
     for c in CLASSES:
         tr, va = counts[("train", c)], counts[("val", c)]
@@ -211,6 +219,15 @@ def check_split(split: list[dict], min_train: int = 1, min_val: int = 1) -> None
                 f"class {c} has {tr} training and {va} validation images after the split; it needs at "
                 f"least {min_train} and {min_val}: add images to the {c} folder or lower --val"
             )
+    c = min(CLASSES, key=lambda c: counts[("test", c)])  # the smallest class says it best
+    if counts[("test", c)] < min_test:
+        # an error, not a fallback to reporting on validation: that is the optimistic number the
+        # test split exists to avoid, and a warning would scroll away while the model card keeps it
+        raise OsteoError(
+            f"too few images for a held-out test split: class {c} gets {counts[('test', c)]} test image(s) "
+            f"({len(split)} images in all), fewer than {min_test}; cross-validate instead (--folds 5), or report "
+            "on validation, optimistically, with --set data.test=0"
+        )
 
 
 def write_split(path: str | os.PathLike, split: list[dict]) -> None:

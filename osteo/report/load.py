@@ -1,6 +1,10 @@
 """The runs a report compares, loaded as :class:`Run` rows: runs, cross-validations (pooled
 out-of-fold), external validations, and the phantom's oracle. Metrics are recomputed from
-each run's ``predictions.csv``, never taken from a stale ``metrics.json``."""
+each run's ``predictions.csv``, never taken from a stale ``metrics.json``.
+
+Each row names the images it was measured on (``evaluated_on``) and what those images were
+used to choose (``chose``, :data:`osteo.evaluate.CHOSE`): a run is reported on its test split
+where it has one, a nested cross-validation on its outer folds, which chose nothing."""
 
 from __future__ import annotations
 
@@ -13,13 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from osteo import CLASSES
-from osteo.calibrate import apply_temperature
+from osteo.calibrate import apply_temperature, decision_metrics, positive_score
 from osteo.data.split import majority_label
 from osteo.errors import OsteoError
 from osteo.evaluate import (
+    CHOSE,
     HEADLINE,
+    SPLIT_NAMES,
     compute_metrics,
     expected_calibration_error,
+    headline_split,
     majority_baseline,
     training_majority,
 )
@@ -39,10 +46,13 @@ class Run:
     majority: dict
     split_id: str
     audit: dict = field(default_factory=dict)
-    evaluated_on: str = "validation"  # or "out-of-fold" (a cross-validation, pooled)
+    evaluated_on: str = "validation"  # "test", "out-of-fold" (a cross-validation, pooled), "external: <folder>"
     fold_metrics: list[dict] = field(default_factory=list)  # a cross-validation's, one per fold
     calibrated: np.ndarray | None = None  # the probabilities after the run's temperature scaling
     temperature: float | None = None
+    chose: str = CHOSE["val"]  # what the images of evaluated_on were used to choose
+    # the operating points at work: sensitivity and specificity per point and where measured
+    points: list[dict] = field(default_factory=list)
 
     @property
     def model(self) -> str:
@@ -59,8 +69,7 @@ class Run:
 
     @property
     def label(self) -> str:
-        where = f", {self.evaluated_on}" if self.evaluated_on.startswith("external") else ""
-        return f"{self.model} ({'cv ' if self.folds else ''}{self.run_id}{where})"
+        return f"{self.model} ({'cv ' if self.folds else ''}{self.run_id}, {self.evaluated_on})"
 
 
 def collect_runs(specs: list[str] | None = None, runs_dir: str | os.PathLike = "runs",
@@ -93,14 +102,14 @@ def collect_runs(specs: list[str] | None = None, runs_dir: str | os.PathLike = "
     return [latest[m] for m in sorted(latest)] + sorted(cvs, key=lambda c: c.model)
 
 
-def load_runs(run_dirs, split: str = "val", n_boot: int = 1000, seed: int = 0,
+def load_runs(run_dirs, split: str = "auto", n_boot: int = 1000, seed: int = 0,
               warn: Callable[[str], None] | None = None) -> tuple[list[Run], list[str]]:
     """Load every run that can be reported; a damaged or incompatible one is skipped, with its reason."""
     runs, skipped = [], []
     for p in run_dirs:
         places = [(p, None)]
-        if not CvDir(p).is_cv() and RunDir(p).eval_path.is_dir():  # its external validations too
-            places += [(p, e.parent) for e in sorted(RunDir(p).eval_path.glob(f"*/{RunDir.PREDICTIONS}"))]
+        evals = (CvDir(p) if CvDir(p).is_cv() else RunDir(p)).eval_path  # its external validations too
+        places += [(p, e.parent) for e in sorted(evals.glob(f"*/{RunDir.PREDICTIONS}"))]
         for run, external in places:
             try:
                 runs.append(load_external(run, external, n_boot, seed) if external else
@@ -112,11 +121,15 @@ def load_runs(run_dirs, split: str = "val", n_boot: int = 1000, seed: int = 0,
     return runs, skipped
 
 
-def load_run(path: str | os.PathLike, split: str = "val", n_boot: int = 1000, seed: int = 0) -> Run:
+def load_run(path: str | os.PathLike, split: str = "auto", n_boot: int = 1000, seed: int = 0) -> Run:
+    """One run's row on ``split``: ``auto`` is its test split where it has one (which chose
+    nothing), else its validation split (which chose the checkpoint, temperature and thresholds)."""
     if CvDir(path).is_cv():
         return load_cv(CvDir(path), n_boot, seed)
     run = RunDir(path).check(finished=True)  # one killed while finishing has metrics, not its calibration
     recipe = run.read_recipe().to_dict()  # the resolved recipe (older runs' sizes filled in)
+    if split == "auto":
+        split = headline_split({row["split"] for row in run.read_predictions()[2]})
     y, probs, rows = run.read_predictions(split)
     if not len(y):
         raise OsteoError(f"run {run} has no {split} predictions; choose --split val or test")
@@ -124,20 +137,33 @@ def load_run(path: str | os.PathLike, split: str = "val", n_boot: int = 1000, se
     metrics["best_epoch"] = run.read_metrics().get("best_epoch")
     majority = majority_baseline(y, training_majority(run))
     temperature, calibrated = _calibrated(run, y, probs, metrics)
+    # every split's operating points: the one reported on, and validation, where they were chosen
+    points = [{**p[name], "evaluated_on": SPLIT_NAMES[name], "chose": CHOSE[name]}
+              for name in dict.fromkeys((split, "test", "val"))
+              for p in run.read_calibration().get("operating_points", []) if name in p]
     return Run(run.path, recipe, run.read_env(), metrics, run.read_history(), y, probs, rows, majority,
-               run.split_id(), run.read_audit(), calibrated=calibrated, temperature=temperature)
+               run.split_id(), run.read_audit(), evaluated_on=SPLIT_NAMES[split], calibrated=calibrated,
+               temperature=temperature, chose=CHOSE[split], points=points)
 
 
 def load_cv(cv: CvDir, n_boot: int = 1000, seed: int = 0) -> Run:
     """A cross-validation as one row: its pooled out-of-fold predictions (each image scored
-    once, by the fold that held it out), with the per-fold metrics beside them."""
-    folds = [load_run(f, "val", 0, seed) for f in cv.folds()]
+    once, by the fold that held it out), with the per-fold metrics beside them.
+
+    A nested cross-validation's folds (``osteo train --folds``) hold their outer fold out as
+    their test split and chose everything on an inner split: the pooled predictions, the
+    calibration error after each fold's temperature and the operating points at each fold's
+    thresholds chose nothing. Folds made before (the outer fold their validation split) chose
+    their checkpoint, temperature and thresholds on the images they are pooled from."""
+    members = cv.folds()
+    split = "test" if all(f.read_predictions("test")[0].size for f in members) else "val"
+    folds = [load_run(f, split, 0, seed) for f in members]
     first = folds[0]
     y = np.concatenate([f.y for f in folds])
     probs = np.concatenate([f.probs for f in folds])
     rows = [row for f in folds for row in f.rows]
     if len({row["path"] for row in rows}) != len(rows):
-        raise OsteoError(f"the folds of {cv} share validation images; it is not a cross-validation of one split")
+        raise OsteoError(f"the folds of {cv} share held-out images; it is not a cross-validation of one split")
     metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed)
     metrics["best_epoch"] = None
     train_labels = [r["label"] for f in cv.folds() for r in f.read_split() if r["split"] == "train"]
@@ -155,7 +181,29 @@ def load_cv(cv: CvDir, n_boot: int = 1000, seed: int = 0) -> Run:
                   if all(f.calibrated is not None for f in folds) else None)  # each fold's own temperature
     metrics["ece_calibrated"] = expected_calibration_error(y, calibrated) if calibrated is not None else None
     return Run(cv.path, first.recipe, env, metrics, history, y, probs, rows, majority, split_id, first.audit,
-               evaluated_on="out-of-fold", fold_metrics=fold_metrics, calibrated=calibrated)
+               evaluated_on="out-of-fold", fold_metrics=fold_metrics, calibrated=calibrated, chose=CHOSE[split],
+               points=_pooled_points(members, folds, CHOSE[split], n_boot, seed))
+
+
+def _pooled_points(members: list[RunDir], folds: list[Run], chose: str, n_boot: int, seed: int) -> list[dict]:
+    """Each operating point over the pooled out-of-fold images, every image decided at its own
+    fold's threshold (on its fold's calibrated probabilities); a point some fold lacks is left out."""
+    decided: dict[str, list] = {}
+    for run, fold in zip(members, folds):
+        if fold.calibrated is None:
+            return []
+        for p in run.read_calibration().get("operating_points", []):
+            if "threshold" in p:
+                called = positive_score(fold.calibrated, p["positive"]) >= p["threshold"]
+                decided.setdefault(p["name"], []).append((p, called))
+    out = []
+    for name, parts in decided.items():
+        if len(parts) == len(folds):
+            called = np.concatenate([c for _, c in parts])
+            y = np.concatenate([f.y for f in folds])
+            out.append({"name": name, "threshold": None, "evaluated_on": "out-of-fold", "chose": chose,
+                        **decision_metrics(y, called, parts[0][0]["positive"], n_boot, seed)})
+    return out
 
 
 def _mean_cell(values: list) -> float | str:
@@ -169,20 +217,30 @@ def _sum_key(runs: list[Run], key: str) -> float | None:
 
 
 def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) -> Run:
-    """A run scored on another folder (``osteo eval RUN --data FOLDER``) as its own row."""
-    run = RunDir(run_dir)
+    """A run scored on another folder (``osteo eval RUN --data FOLDER``) as its own row; a
+    cross-validation's row is its fold models' ensemble (:class:`osteo.predict.Ensemble`), with
+    its first fold's recipe and environment."""
+    ensemble = CvDir(run_dir).is_cv()
+    run = CvDir(run_dir).fold(1) if ensemble else RunDir(run_dir)
     y, probs, rows = RunDir(external).read_predictions("external")
     if not len(y):
-        raise OsteoError(f"{external} holds no external predictions; run osteo eval {run} --data FOLDER again")
+        raise OsteoError(f"{external} holds no external predictions; run osteo eval {run_dir} --data FOLDER again")
     metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed)
-    metrics["best_epoch"] = run.read_metrics().get("best_epoch")
-    temperature, calibrated = _calibrated(run, y, probs, metrics)
+    metrics["best_epoch"] = None if ensemble else run.read_metrics().get("best_epoch")
+    if ensemble:  # its probabilities are its members' calibrated ones: no temperature of its own
+        temperature, calibrated = None, probs
+        metrics["ece_calibrated"] = expected_calibration_error(y, probs)
+    else:
+        temperature, calibrated = _calibrated(run, y, probs, metrics)
     majority = majority_baseline(y, majority_label(r["label"] for r in rows))
     split_id = hashlib.sha256("\n".join(sorted(r["path"] for r in rows)).encode()).hexdigest()[:12]
     audit = RunDir(external).read_audit()
+    where = f"external: {external.name}"
+    points = [{**p, "evaluated_on": where, "chose": CHOSE["external"]}
+              for p in RunDir(external).read_metrics().get("operating_points", [])]
     return Run(external, run.read_recipe().to_dict(), run.read_env(), metrics, [], y, probs, rows, majority,
-               split_id, audit, evaluated_on=f"external: {external.name}", calibrated=calibrated,
-               temperature=temperature)
+               split_id, audit, evaluated_on=where, calibrated=calibrated, temperature=temperature,
+               chose=CHOSE["external"], points=points)
 
 
 def _calibrated(run: RunDir, y: np.ndarray, probs: np.ndarray, metrics: dict):
@@ -213,8 +271,10 @@ def oracle_runs(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> list[Run]
         latents = read_latents(data_dir) if data_dir else None
         if latents is None:
             continue
-        parts = [(f, f.read_predictions("val")[2]) for f in CvDir(r.path).folds()] if r.folds else \
-                [(RunDir(r.path), r.rows)]
+        parts = [(RunDir(r.path), r.rows)]
+        if r.folds:  # the rows are each fold's held-out ones in turn
+            chunks = np.split(np.arange(len(r.rows)), np.cumsum([f["n"] for f in r.fold_metrics])[:-1])
+            parts = [(f, [r.rows[i] for i in idx]) for f, idx in zip(CvDir(r.path).folds(), chunks)]
         probs, folds = [], []
         for run, rows in parts:
             p = oracle_probs(latents, [x for x in run.read_split() if x["split"] == "train"], rows)
@@ -228,6 +288,7 @@ def oracle_runs(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> list[Run]
             probs = np.concatenate(probs)
             metrics = {**compute_metrics(r.y, probs, n_boot=n_boot, seed=seed), "best_epoch": None}
             recipe = {"model": {"backbone": "oracle"}, "data": r.recipe.get("data", {})}
+            # fitted on the training images only: the images it is scored on chose nothing for it
             out.append(Run(r.path / "oracle", recipe, {}, metrics, [], r.y, probs, r.rows, r.majority, r.split_id,
-                           r.audit, r.evaluated_on, folds if r.folds else []))
+                           r.audit, r.evaluated_on, folds if r.folds else [], chose="nothing"))
     return out

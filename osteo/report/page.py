@@ -40,14 +40,17 @@ from osteo.report.tables import (
     point_rows,
     to_float,
 )
+from osteo.report.verdict import verdict
 from osteo.runs import check_output_place
 
 STAGE_PREFIX = ".report-"  # the staging folder inside --out while a report is written
 
 
-def write_report(run_dirs: list, out: str | os.PathLike, split: str = "val", n_boot: int = 1000,
+def write_report(run_dirs: list, out: str | os.PathLike, split: str = "auto", n_boot: int = 1000,
                  seed: int = 0, warn: Callable[[str], None] | None = None) -> Path:
-    """Write the CSVs, plots and ``index.html`` for ``run_dirs`` to ``out``; return the page.
+    """Write the CSVs, plots, ``verdict.txt`` and ``index.html`` for ``run_dirs`` to ``out``; return
+    the page. ``split`` (``auto``: each run's test split where it has one, else validation;
+    ``val``; ``test``) is what single runs are reported on.
 
     A run that cannot be read (damaged files, another class set) is skipped with one
     ``warn`` line and named on the page. Everything is first written to a staging
@@ -75,8 +78,10 @@ def write_report(run_dirs: list, out: str | os.PathLike, split: str = "val", n_b
     stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, suffix=".tmp", dir=out))
     try:
         oracles = oracle_runs(runs, n_boot, seed)
-        rows = comparison_rows(runs, oracles)
+        rows = comparison_rows(runs, oracles, n_boot, seed)
         write_csv(stage / "comparison.csv", rows, COMPARISON_COLUMNS)
+        said = verdict(rows)
+        write_text(stage / "verdict.txt", "\n\n".join(said) + "\n")
         write_csv(stage / "per_class.csv", per_class_rows(runs), PER_CLASS_COLUMNS)
         write_csv(stage / "folds.csv", fold_rows(runs), FOLD_COLUMNS)
         points = point_rows(runs)
@@ -90,12 +95,13 @@ def write_report(run_dirs: list, out: str | os.PathLike, split: str = "val", n_b
             "roc": plot_roc(runs, colours, plots_dir),
             "reliability": plot_reliability(runs, colours, plots_dir),
             "samples": plot_samples(runs, plots_dir),
-            "gradcam": plot_gradcam(runs, plots_dir),
         }
-        write_text(stage / "index.html", render_html(runs, rows, plots, split, skipped, n_boot, points))
+        plots["gradcam"], gradcam_notes = plot_gradcam(runs, plots_dir)
+        page = render_html(runs, rows, plots, said, skipped, n_boot, points, gradcam_notes)
+        write_text(stage / "index.html", page)
         owned.claim([f.relative_to(stage).as_posix() for f in stage.rglob("*") if not f.is_dir()],
                     removes=_files_under(out, "plots"))
-        for name in ("comparison.csv", "per_class.csv", "folds.csv", "operating_points.csv"):
+        for name in ("comparison.csv", "per_class.csv", "folds.csv", "operating_points.csv", "verdict.txt"):
             os.replace(stage / name, out / name)
         killpoints.reached("report.replacing")
         replace_folder(plots_dir, out / "plots")
@@ -111,12 +117,14 @@ def _files_under(out: Path, sub: str) -> list[str]:
     return [f.relative_to(out).as_posix() for f in folder.rglob("*") if not f.is_dir()] if folder.is_dir() else []
 
 
-def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split: str,
-                skipped: list[str] = (), n_boot: int = 1000, points: list[dict] = ()) -> str:
+def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], said: list[str],
+                skipped: list[str] = (), n_boot: int = 1000, points: list[dict] = (),
+                gradcam_notes: list[str] = ()) -> str:
     e = html.escape
-    cols = ["model", "run_id", "evaluated_on", "folds", "weights", "precision", "image_size", "epochs", "best_epoch",
-            "n_train", "n_val", *(m.name for m in METRICS), "ece_calibrated",
-            "majority_accuracy", "majority_balanced_accuracy", "mcnemar_p", "train_images_per_sec"]
+    cols = ["model", "run_id", "evaluated_on", "chose", "folds", "weights", "precision", "image_size", "epochs",
+            "best_epoch", "n_train", "n", *(m.name for m in METRICS), "ece_calibrated",
+            "majority_accuracy", "majority_balanced_accuracy", "balanced_accuracy_diff", "mcnemar_p", "mcnemar_p_holm",
+            "train_images_per_sec"]
     headers = {m.name: f"{m.label} {'↑' if m.higher_is_better else '↓'}" for m in METRICS}
     table_rows = []
     for row in rows:
@@ -125,7 +133,7 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split
             if row.get(f"{k}_lo") is not None:
                 t[k] = f"{cell_text(row[k])} [{cell_text(row[f'{k}_lo'])}, {cell_text(row[f'{k}_hi'])}]"
         table_rows.append(t)
-    warnings = [w for r, row in zip(runs, rows) for w in failures(r, row, split)]
+    warnings = [w for r, row in zip(runs, rows) for w in failures(r, row)]
     warn_html = "".join(f'<p class="warn">{e(w)}</p>' for w in [*warnings, *skipped])
     sections = [
         ("Headline metrics", "bars", f"{_listed([m.label for m in METRICS if m.headline])} with 95% bootstrap "
@@ -133,30 +141,40 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], split
         ("Training curves", "curves", "dashed: training, solid: validation; dotted: the start of fine-tuning"),
         ("Confusion matrices", "confusion", ""),
         ("ROC curves", "roc", "one class against the rest"),
-        ("Calibration", "reliability", "a calibrated model lies on the diagonal; right: after each run's "
-                                       "temperature scaling (fitted on its validation predictions)"),
-        ("Sample predictions", "samples", ""),
+        ("Calibration", "reliability", "a calibrated model lies on the diagonal, on each row's images; right: "
+                                       "after each run's temperature scaling (fitted on its validation predictions, "
+                                       "so measured on validation it is optimistic)"),
+        ("Sample predictions", "samples", "on each row's images"),
         ("Where the models look (Grad-CAM)", "gradcam", "the most confident correct (green) and wrong (red) "
-                                                        "validation images of each run, heat on the layer its "
-                                                        "backbone's spec names"),
+                                                        "images of each row, heat on the layer named beside it"),
     ]
-    body = [f"<h1>osteo: model comparison ({e(split)} split)</h1>", warn_html,
+    body = ["<h1>osteo: model comparison</h1>", "<h2>Verdict</h2>", *(f'<p class="verdict">{e(p)}</p>' for p in said),
+            warn_html,
             "<h2>Comparison</h2>",
+            "<p>Each row names the images its numbers were measured on (evaluated on) and what those images were "
+            "used to choose (chose): nothing for a test split, a nested cross-validation's held-out folds and "
+            "another folder; the checkpoint, temperature and thresholds for a validation split, whose numbers are "
+            "optimistic.</p>",
             _table(table_rows, cols, [headers.get(c, c.replace("_", " ")) for c in cols]),
-            f"<p>Intervals: stratified bootstrap, {n_boot:,} resamples, 95% percentile. McNemar: exact test "
-            "against the best run by balanced accuracy on the same images.</p>"]
+            f"<p>Intervals: stratified bootstrap, {n_boot:,} resamples, 95% percentile. Against the best run by "
+            "balanced accuracy on the same images: the difference in balanced accuracy (paired bootstrap) and "
+            "McNemar's exact test, its p-value raw and Holm-adjusted for the comparisons made on those images.</p>"]
     for title, key, caption in sections:
         if key in plots:
             body.append(f"<h2>{e(title)}</h2><p>{e(caption)}</p>{_img(plots[key], title)}")
+        if key == "gradcam" and gradcam_notes:  # which layer, of how many cells, each row's maps are of
+            body.append("<ul>" + "".join(f"<li>{e(note)}</li>" for note in gradcam_notes) + "</ul>")
     if points:
         body.append("<h2>Operating points</h2><p>Thresholds chosen on each run's validation split (after "
                     "calibration) for a screening sensitivity or specificity, and what they give on every data "
-                    "the run was scored on, with 95% bootstrap intervals.</p>"
+                    "the run was scored on, with 95% bootstrap intervals: on validation, where they were chosen, "
+                    "the sensitivity asked for is met by construction; the other rows chose nothing. A "
+                    "cross-validation's are pooled over its held-out folds, each at its own fold's threshold.</p>"
                     + _table(list(points), [c for c in POINT_COLUMNS if not c.endswith(("_lo", "_hi"))]))
     folds = fold_rows(runs)
     if folds:
-        body.append("<h2>Cross-validation folds</h2><p>Each fold's validation metrics; the comparison table "
-                    "shows the pooled out-of-fold predictions, and the mean and SD over the folds in "
+        body.append("<h2>Cross-validation folds</h2><p>Each fold's metrics on its held-out images; the comparison "
+                    "table shows the pooled out-of-fold predictions, and the mean and SD over the folds in "
                     "comparison.csv.</p>" + _table(folds, list(FOLD_COLUMNS)))
     body.append("<h2>Data audit</h2>" + _audit_section(runs))
     body.append("<h2>Runs</h2>")
@@ -172,16 +190,17 @@ def _listed(words: list[str]) -> str:
     return " and ".join([", ".join(words[:-1]), words[-1]]) if len(words) > 1 else "".join(words)
 
 
-def failures(run: Run, row: dict, split: str) -> list[str]:
+def failures(run: Run, row: dict) -> list[str]:
     """Why ``run`` has failed, one sentence each; none for a run that beats the majority baseline.
 
     Written to survive the runs it exists to flag: a NaN or None metric is itself a
     failure, never an exception or a silently passed comparison.
     """
     who = f"{row['model']} ({row['run_id']})"
+    split = row["evaluated_on"]
     out = []
     if row.get("n_nonfinite"):
-        out.append(f"{who}: {row['n_nonfinite']} of {row['n_val']} {split} predictions are not finite (NaN or "
+        out.append(f"{who}: {row['n_nonfinite']} of {row['n']} {split} predictions are not finite (NaN or "
                    "infinite): the model diverged, and ROC-AUC and calibration are left out.")
     bad_history = [k for k in (run.history[0] if run.history else {})
                    if any(_nonfinite(h.get(k)) for h in run.history)]
@@ -256,4 +275,4 @@ CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1
 table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.5em 0}
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}.warn{color:#a00;font-weight:bold}
-details{margin:.5em 0}.scroll{overflow-x:auto}"""
+details{margin:.5em 0}.scroll{overflow-x:auto}.verdict{font-size:15px;max-width:60em}"""

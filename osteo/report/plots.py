@@ -148,7 +148,7 @@ def plot_reliability(runs: list[Run], colours, out: Path) -> Path:
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.legend(fontsize=7)
-        ax.set_title("after temperature scaling" if after else "as trained (validation)")
+        ax.set_title("after temperature scaling" if after else "as trained")
     _tight(fig)
     return _save(fig, out / "reliability.png")
 
@@ -176,7 +176,7 @@ def plot_bars(runs: list[Run], colours, out: Path, oracles: list[Run] = ()) -> P
             ax.axhline(o.metrics[k], color="green", linestyle=":", label=f"oracle {o.metrics[k]:.2f}")
         if baseline or oracles:
             ax.legend(fontsize=7, loc="lower right")
-        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(x, [f"{n}\n{r.evaluated_on}" for n, r in zip(names, runs)], rotation=30, ha="right", fontsize=8)
         ax.set_title(metric.label + (" (95% CI)" if metric.interval else ""), fontsize=10)
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)
@@ -193,8 +193,10 @@ def _sample(r: Run, per_kind: int) -> list[int | None]:
     return [*right, *[None] * (per_kind - len(right)), *wrong, *[None] * (per_kind - len(wrong))]
 
 
-def plot_gradcam(runs: list[Run], out: Path, per_kind: int = 3) -> Path:
-    """Per run: Grad-CAM on a fixed sample of its correct and wrong validation images.
+def plot_gradcam(runs: list[Run], out: Path, per_kind: int = 3) -> tuple[Path, list[str]]:
+    """Per run: Grad-CAM on a fixed sample of its correct and wrong images (those of its row);
+    returns the figure and one line per run saying which layer, of how many cells, the maps are
+    of (:meth:`osteo.explain.Target.describe`), or why it has none.
 
     A cross-validation shows its first fold; a run whose model cannot be loaded (or an
     external row) gets a note instead of maps.
@@ -203,38 +205,41 @@ def plot_gradcam(runs: list[Run], out: Path, per_kind: int = 3) -> Path:
 
     cols = 2 * per_kind
     fig, axes = plt.subplots(len(runs), cols, figsize=(1.7 * cols, 2.1 * len(runs)), squeeze=False)
+    notes = []
     for axrow, r, name in zip(axes, runs, _names(runs)):
         for ax in axrow:
             ax.axis("off")
         try:
-            sample, images, maps, picked = _gradcam_sample(r, per_kind)
+            sample, images, maps, picked, target = _gradcam_sample(r, per_kind)
         except (OsteoError, OSError, ValueError) as e:
             axrow[0].text(0, 0.5, f"{name}: no Grad-CAM ({str(e)[:80]})", fontsize=7, transform=axrow[0].transAxes)
+            notes.append(f"{name}: no Grad-CAM ({e})")
             continue
+        notes.append(f"{name}: {target.describe(images.shape[1])}")
         from osteo.explain import overlay
 
         for ax, i, image, heat in zip(axrow, picked, images, maps):
             p, y = sample.probs[i], sample.y[i]
             overlay(ax, image, heat, f"true {CLASSES[y]}\npred {CLASSES[p.argmax()]} {p.max():.2f}",
                     "green" if p.argmax() == y else "red")
-        axrow[0].text(-0.1, 0.5, name, transform=axrow[0].transAxes, rotation=90, ha="right", va="center",
-                      fontsize=7)
+        axrow[0].text(-0.1, 0.5, f"{name}\n{target.layer}", transform=axrow[0].transAxes, rotation=90, ha="right",
+                      va="center", fontsize=7)
     _tight(fig)
-    return _save(fig, out / "gradcam.png")
+    return _save(fig, out / "gradcam.png"), notes
 
 
 def _gradcam_sample(r: Run, per_kind: int):
-    from osteo.explain import gradcam
+    from osteo.explain import gradcam, gradcam_target
     from osteo.predict import load_best, load_images
     from osteo.registry import get_backbone
 
     if r.evaluated_on.startswith("external") or r.path.name == "oracle":
-        raise OsteoError("not a validation row")
+        raise OsteoError("not a row of the run's own images")
     run = CvDir(r.path).fold(1) if r.folds else RunDir(r.path)
-    sample = r if not r.folds else load_run(run, "val", 0)
+    sample = r if not r.folds else load_run(run, "auto", 0)  # the first fold's held-out images
     picked = [i for i in _sample(sample, per_kind) if i is not None]
     if not picked:
-        raise OsteoError("no validation images")
+        raise OsteoError("no images")
     recipe = run.read_recipe()
     data_dir = Path(sample.audit.get("data_dir") or recipe.data.dir)
     images, reasons = load_images([data_dir / sample.rows[i]["path"] for i in picked], recipe.data.image_size,
@@ -242,13 +247,14 @@ def _gradcam_sample(r: Run, per_kind: int):
     if any(img is None for img in images):
         raise OsteoError(next(x for x in reasons if x))
     images = np.stack(images)
-    maps, _ = gradcam(load_best(run), get_backbone(recipe.model.backbone), images,
-                      classes=sample.probs[picked].argmax(1))
-    return sample, images, maps, picked
+    model, spec = load_best(run), get_backbone(recipe.model.backbone)
+    target = gradcam_target(model, spec)
+    maps, _ = gradcam(model, spec, images, classes=sample.probs[picked].argmax(1), target=target)
+    return sample, images, maps, picked, target
 
 
 def plot_samples(runs: list[Run], out: Path, per_kind: int = 4) -> Path:
-    """Per model: the most confident correct and wrong validation predictions."""
+    """Per model: the most confident correct and wrong predictions on the images of its row."""
     import matplotlib.pyplot as plt
 
     from osteo.data.decode import DecodeError, decode_file
@@ -273,8 +279,8 @@ def plot_samples(runs: list[Run], out: Path, per_kind: int = 4) -> Path:
             ok = pred[i] == r.y[i]
             ax.set_title(f"true {CLASSES[r.y[i]]}\npred {CLASSES[pred[i]]} {conf[i]:.2f}",
                          fontsize=6, color="green" if ok else "red")
-        axrow[0].text(-0.1, 0.5, r.model, transform=axrow[0].transAxes, rotation=90, ha="right", va="center",
-                      fontsize=8)
-    fig.suptitle("most confident correct (green) and wrong (red) validation predictions", fontsize=9)
+        axrow[0].text(-0.1, 0.5, f"{r.model}\n{r.evaluated_on}", transform=axrow[0].transAxes, rotation=90,
+                      ha="right", va="center", fontsize=8)
+    fig.suptitle("most confident correct (green) and wrong (red) predictions", fontsize=9)
     _tight(fig)
     return _save(fig, out / "samples.png")

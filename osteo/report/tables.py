@@ -8,9 +8,16 @@ from pathlib import Path
 import numpy as np
 
 from osteo import CLASSES
-from osteo.evaluate import HEADLINE, METRICS, PER_CLASS_CI, Metric, mcnemar_exact
+from osteo.evaluate import (
+    HEADLINE,
+    METRICS,
+    PER_CLASS_CI,
+    Metric,
+    holm,
+    mcnemar_exact,
+    paired_difference,
+)
 from osteo.report.load import Run
-from osteo.runs import RunDir
 
 
 def metric_columns(metric: Metric) -> tuple[str, ...]:
@@ -20,29 +27,35 @@ def metric_columns(metric: Metric) -> tuple[str, ...]:
 
 
 COMPARISON_COLUMNS = (
-    "model", "run_id", "evaluated_on", "folds", "weights", "precision", "backend", "image_size", "epochs",
-    "best_epoch", "n_train", "n_val",
-    "n_nonfinite",  # validation predictions that are NaN or infinite: a diverged model
+    # evaluated_on: the images every number of the row was measured on; chose: what those images were
+    # used to choose (nothing, or the checkpoint, temperature and thresholds: optimistic)
+    "model", "run_id", "evaluated_on", "chose", "folds", "weights", "precision", "backend", "image_size", "epochs",
+    "best_epoch", "n_train", "n",
+    "n_nonfinite",  # predictions that are NaN or infinite: a diverged model
     *(c for m in METRICS if m.headline for c in metric_columns(m)),
     # cross-validations: mean and standard deviation over the folds (the row's own values are pooled)
     *(f"{k}_{stat}" for k in HEADLINE for stat in ("mean", "sd")),
     *(c for m in METRICS if not m.headline for c in metric_columns(m)),
     "ece_calibrated", "temperature",
-    "majority_class", "majority_accuracy", "majority_balanced_accuracy", "mcnemar_vs", "mcnemar_p", "fold_ttest_p",
+    "majority_class", "majority_accuracy", "majority_balanced_accuracy",
+    # against the best run on the same images: its balanced accuracy minus the best's (paired bootstrap
+    # interval), McNemar's exact p and, between cross-validations of the same folds, a paired t-test
+    # over the folds; each p raw and Holm-adjusted for the comparisons made on those images
+    "mcnemar_vs", "balanced_accuracy_diff", "balanced_accuracy_diff_lo", "balanced_accuracy_diff_hi",
+    "mcnemar_p", "mcnemar_p_holm", "fold_ttest_p", "fold_ttest_p_holm",
     "train_seconds", "train_images_per_sec", "params",
     *(f"{m}_{c}" for c in CLASSES for m in PER_CLASS_CI),
     "split_id", "run_dir",
 )
-PER_CLASS_COLUMNS = ("model", "run_id", "class", "metric", "value", "lo", "hi")
-FOLD_COLUMNS = ("model", "run_id", "fold", "n", *HEADLINE)
-POINT_COLUMNS = ("model", "run_id", "evaluated_on", "point", "threshold", "sensitivity", "sensitivity_lo",
+PER_CLASS_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "class", "metric", "value", "lo", "hi")
+FOLD_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "fold", "n", *HEADLINE)
+POINT_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "point", "threshold", "sensitivity", "sensitivity_lo",
                  "sensitivity_hi", "specificity", "specificity_lo", "specificity_hi", "n")
 
 
-def comparison_rows(runs: list[Run], oracles: list[Run] = ()) -> list[dict]:
+def comparison_rows(runs: list[Run], oracles: list[Run] = (), n_boot: int = 1000, seed: int = 0) -> list[dict]:
     """One row per run, then one per oracle (the phantom's ceiling: compared with nothing)."""
-    unpaired = {"vs": "", "p": None, "fold_p": None}
-    paired = {**_paired(runs), **{o.path: unpaired for o in oracles}}
+    paired = {**compare(runs, n_boot, seed), **{o.path: {"vs": ""} for o in oracles}}
     runs = [*runs, *oracles]
     rows = []
     for r in runs:
@@ -52,12 +65,17 @@ def comparison_rows(runs: list[Run], oracles: list[Run] = ()) -> list[dict]:
             "precision": r.env.get("precision"), "backend": r.env.get("backend"),
             "image_size": r.recipe.get("data", {}).get("image_size"),
             "epochs": int(t.get("epochs", 0)) + int(t.get("fine_tune_epochs", 0)), "best_epoch": m.get("best_epoch"),
-            "n_train": r.env.get("n_train"), "n_val": m["n"], "n_nonfinite": m["n_nonfinite"],
+            "n_train": r.env.get("n_train"), "n": m["n"], "n_nonfinite": m["n_nonfinite"],
             "ece_calibrated": m.get("ece_calibrated"),
             "temperature": r.temperature, "majority_class": r.majority["class"],
             "majority_accuracy": r.majority["accuracy"], "majority_balanced_accuracy": r.majority["balanced_accuracy"],
-            "mcnemar_vs": paired[r.path]["vs"], "mcnemar_p": paired[r.path]["p"],
-            "fold_ttest_p": paired[r.path]["fold_p"], "folds": r.folds or None, "evaluated_on": r.evaluated_on,
+            "mcnemar_vs": paired[r.path]["vs"], "mcnemar_p": paired[r.path].get("p"),
+            "mcnemar_p_holm": paired[r.path].get("p_holm"), "fold_ttest_p": paired[r.path].get("fold_p"),
+            "fold_ttest_p_holm": paired[r.path].get("fold_p_holm"),
+            "balanced_accuracy_diff": paired[r.path].get("diff"),
+            "balanced_accuracy_diff_lo": (paired[r.path].get("diff_ci") or (None, None))[0],
+            "balanced_accuracy_diff_hi": (paired[r.path].get("diff_ci") or (None, None))[1],
+            "folds": r.folds or None, "evaluated_on": r.evaluated_on, "chose": r.chose,
             "train_seconds": r.env.get("train_seconds"), "train_images_per_sec": r.env.get("train_images_per_sec"),
             "params": r.env.get("params"), "split_id": r.split_id, "run_dir": str(r.path),
         }
@@ -77,39 +95,54 @@ def comparison_rows(runs: list[Run], oracles: list[Run] = ()) -> list[dict]:
     return rows
 
 
-def _paired(runs: list[Run]) -> dict[Path, dict]:
-    """Each run against the best run scored on the same images: McNemar's exact test on the
+def groups(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
+    """The runs that compete with each other: those measured on the same kind of images
+    (test, validation, out-of-fold, one external folder) that chose the same things."""
+    out: dict[tuple[str, str], list[Run]] = {}
+    for r in runs:
+        out.setdefault((r.evaluated_on, r.chose), []).append(r)
+    return out
+
+
+def best_of(runs: list[Run]) -> Run:
+    """The run with the highest balanced accuracy (the first of equals; a NaN one never wins)."""
+    return max(runs, key=lambda r: _finite_or(r.metrics["balanced_accuracy"], -1.0))
+
+
+def compare(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> dict[Path, dict]:
+    """Each run against the best of its group (:func:`groups`) on the same images: its balanced
+    accuracy minus the best's with a paired bootstrap interval, McNemar's exact test on the
     predictions (pooled out-of-fold ones for cross-validations) and, between two
-    cross-validations on the same folds, a paired t-test on the folds' balanced accuracies."""
+    cross-validations on the same folds, a paired t-test on the folds' balanced accuracies;
+    the p-values Holm-adjusted for the comparisons made in the group. A run on other images
+    is not paired ("not paired (different images)")."""
     from scipy.stats import ttest_rel
 
     out: dict[Path, dict] = {}
-    groups: dict[str, list[Run]] = {}
-    for r in runs:  # internal and each external folder compete separately
-        groups.setdefault(r.evaluated_on, []).append(r)
-    if len(groups) > 1:
-        for group in groups.values():
-            out.update(_paired(group))
-        return out
-    if not runs:
-        return out
-    best = max(runs, key=lambda r: _finite_or(r.metrics["balanced_accuracy"], -1.0))
-    best_correct = {row["path"]: p == y for row, p, y in zip(best.rows, best.probs.argmax(1), best.y)}
-    for r in runs:
-        paths = [row["path"] for row in r.rows]
-        if r is best:
-            out[r.path] = {"vs": "(best)", "p": None, "fold_p": None}
-        elif set(paths) == set(best_correct) and r.evaluated_on == best.evaluated_on:
-            mine = r.probs.argmax(1) == r.y
-            theirs = np.array([best_correct[p] for p in paths])
-            fold_p = None
-            if r.folds and r.split_id == best.split_id and r.folds == best.folds:
-                a = [f["balanced_accuracy"] for f in r.fold_metrics]
-                b = [f["balanced_accuracy"] for f in best.fold_metrics]
-                fold_p = float(ttest_rel(a, b).pvalue) if np.ptp(np.subtract(a, b)) > 0 else 1.0
-            out[r.path] = {"vs": best.label, "p": mcnemar_exact(mine, theirs)["p_value"], "fold_p": fold_p}
-        else:
-            out[r.path] = {"vs": "not paired (different images)", "p": None, "fold_p": None}
+    for group in groups(runs).values():
+        best = best_of(group)
+        order = {row["path"]: i for i, row in enumerate(best.rows)}
+        for r in group:
+            paths = [row["path"] for row in r.rows]
+            if r is best:
+                out[r.path] = {"vs": "(best)"}
+            elif set(paths) == set(order) and len(paths) == len(order):
+                theirs = best.probs.argmax(1)[[order[p] for p in paths]]  # the best's answers, in r's order
+                mine = r.probs.argmax(1)
+                diff, diff_ci = paired_difference(r.y, mine, theirs, n_boot=n_boot, seed=seed)
+                fold_p = None
+                if r.folds and r.split_id == best.split_id and r.folds == best.folds:
+                    a = [f["balanced_accuracy"] for f in r.fold_metrics]
+                    b = [f["balanced_accuracy"] for f in best.fold_metrics]
+                    fold_p = float(ttest_rel(a, b).pvalue) if np.ptp(np.subtract(a, b)) > 0 else 1.0
+                out[r.path] = {"vs": best.label, "p": mcnemar_exact(mine == r.y, theirs == r.y)["p_value"],
+                               "fold_p": fold_p, "diff": diff, "diff_ci": diff_ci}
+            else:
+                out[r.path] = {"vs": "not paired (different images)"}
+        tested = [r for r in group if "p" in out[r.path]]
+        for key in ("p", "fold_p"):
+            for r, adjusted in zip(tested, holm([out[r.path][key] for r in tested])):
+                out[r.path][f"{key}_holm"] = adjusted
     return out
 
 
@@ -124,33 +157,30 @@ def per_class_rows(runs: list[Run]) -> list[dict]:
             pc = r.metrics["per_class"][c]
             for k in (*PER_CLASS_CI, "roc_auc", "support"):
                 lo, hi = pc.get(f"{k}_ci", (None, None))
-                rows.append({"model": r.model, "run_id": r.run_id, "class": c, "metric": k,
-                             "value": pc[k], "lo": lo, "hi": hi})
+                rows.append({"model": r.model, "run_id": r.run_id, "evaluated_on": r.evaluated_on, "chose": r.chose,
+                             "class": c, "metric": k, "value": pc[k], "lo": lo, "hi": hi})
     return rows
 
 
 def fold_rows(runs: list[Run]) -> list[dict]:
-    """Long form of the cross-validations' per-fold metrics (empty without one)."""
-    return [{"model": r.model, "run_id": r.run_id, **f} for r in runs for f in r.fold_metrics]
+    """Long form of the cross-validations' per-fold metrics (empty without one), each on its held-out images."""
+    return [{"model": r.model, "run_id": r.run_id, "evaluated_on": f"fold {f['fold']} held out", "chose": r.chose,
+             **f} for r in runs for f in r.fold_metrics]
 
 
 def point_rows(runs: list[Run]) -> list[dict]:
-    """Each run's operating points, chosen on its validation split, at work on every data it was scored on."""
+    """Each run's operating points, chosen on its validation split, at work on every data it was
+    scored on (validation too, where the thresholds were chosen); a cross-validation's pooled
+    over its held-out images, each at its own fold's threshold (threshold blank)."""
     rows = []
     for r in runs:
-        if r.evaluated_on.startswith("external"):
-            points = RunDir(r.path)._read(r.path / RunDir.METRICS, default={}).get("operating_points", [])
-        elif not r.folds and r.path.name != "oracle":
-            points = [p["val"] for p in RunDir(r.path).read_calibration().get("operating_points", []) if "val" in p]
-        else:
-            points = []
-        for p in points:
+        for p in r.points:
             lo_s, hi_s = p.get("sensitivity_ci", (None, None))
             lo_p, hi_p = p.get("specificity_ci", (None, None))
-            rows.append({"model": r.model, "run_id": r.run_id, "evaluated_on": r.evaluated_on, "point": p["name"],
-                         "threshold": p["threshold"], "sensitivity": p["sensitivity"], "sensitivity_lo": lo_s,
-                         "sensitivity_hi": hi_s, "specificity": p["specificity"], "specificity_lo": lo_p,
-                         "specificity_hi": hi_p, "n": p.get("n")})
+            rows.append({"model": r.model, "run_id": r.run_id, "evaluated_on": p["evaluated_on"], "chose": p["chose"],
+                         "point": p["name"], "threshold": p["threshold"], "sensitivity": p["sensitivity"],
+                         "sensitivity_lo": lo_s, "sensitivity_hi": hi_s, "specificity": p["specificity"],
+                         "specificity_lo": lo_p, "specificity_hi": hi_p, "n": p.get("n")})
     return rows
 
 

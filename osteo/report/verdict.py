@@ -1,0 +1,100 @@
+"""The report's verdict, in words, from the rows of ``comparison.csv``: for each set of images
+the runs were measured on, the best model and its balanced accuracy with its interval, each
+other model's difference from it with a paired test (Holm-adjusted for the comparisons made
+there), the majority-class baseline and, on the phantom, the oracle's ceiling.
+
+Written from the CSV's rows, so the page, ``verdict.txt`` and ``osteo report``'s summary say
+what ``comparison.csv`` holds, and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+
+from osteo.evaluate import which_chose
+from osteo.report.tables import to_float
+
+ALPHA = 0.05  # the family-wise error rate of each set of comparisons (Holm)
+
+
+def verdict(rows: list[dict]) -> list[str]:
+    """One paragraph per set of images the runs were measured on (the oracle rows are ceilings)."""
+    runs = [r for r in rows if r["model"] != "oracle"]
+    sets: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        sets.setdefault((r["evaluated_on"], r["chose"]), []).append(r)
+    paragraphs = [_paragraph(group, rows) for group in sets.values()]
+    if len(sets) > 1:
+        paragraphs.append("Runs measured on different images (other splits or folders) are compared only with "
+                          "the runs measured on the same images.")
+    return paragraphs
+
+
+def _paragraph(group: list[dict], rows: list[dict]) -> str:
+    best = next(r for r in group if r["mcnemar_vs"] == "(best)")
+    images = best["evaluated_on"]
+    if images.startswith("external: "):
+        images = f"the external folder {images.removeprefix('external: ')}"
+    where = f"{images} (n={best['n']}, {which_chose(best['chose'])})"
+    alone = ", the only model measured on these images," if len(group) == 1 else ""
+    out = [f"On {where}: {_name(best)}{alone} is best, with balanced accuracy {_ci(best)}."]
+    tested = [r for r in group if _p(r, "mcnemar_p_holm") is not None]
+    for r in group:
+        if r is best:
+            continue
+        if r in tested:
+            out.append(_difference(r, len(tested)))
+        else:
+            out.append(f"{_name(r)}, with balanced accuracy {_ci(r)}, was measured on other images than "
+                       f"{_name(best)}: the two cannot be paired, so they are not tested.")
+    base = to_float(best["majority_balanced_accuracy"])
+    clears = to_float(best["balanced_accuracy_lo"]) > base
+    out.append(f"Always answering {best['majority_class']} (the training majority) scores {base:.3f} on the same "
+               "images; " + ("the best model's interval lies above it." if clears else
+                             "the best model's interval does not clear it: it has not clearly learned the task."))
+    oracle = next((o for o in rows if o["model"] == "oracle" and o["split_id"] == best["split_id"]
+                   and o["evaluated_on"] == best["evaluated_on"]), None)
+    if oracle is not None:
+        out.append(f"The phantom's oracle (a classifier of the images' true latent variables, fitted on the same "
+                   f"training images) scores {_ci(oracle)}: the ceiling.")
+    return " ".join(out)
+
+
+def _difference(r: dict, m: int) -> str:
+    """One run against the best: by how much, the paired tests, and what they say."""
+    diff = to_float(r["balanced_accuracy_diff"])
+    lo, hi = to_float(r["balanced_accuracy_diff_lo"]), to_float(r["balanced_accuracy_diff_hi"])
+    # + 0.0: no "-0.000" where the interval touches zero
+    interval = "" if math.isnan(lo) else f" (95% interval {-hi + 0.0:.3f} to {-lo + 0.0:.3f})"
+    comparisons = f"{m} comparison{'s' if m > 1 else ''}"
+    tests = [f"McNemar p = {_p(r, 'mcnemar_p'):.3g} (Holm-adjusted for {comparisons}: "
+             f"{_p(r, 'mcnemar_p_holm'):.3g})"]
+    adjusted = [_p(r, "mcnemar_p_holm")]
+    if _p(r, "fold_ttest_p_holm") is not None:
+        tests.append(f"paired t-test over the {r['folds']} folds p = {_p(r, 'fold_ttest_p'):.3g} (Holm-adjusted: "
+                     f"{_p(r, 'fold_ttest_p_holm'):.3g})")
+        adjusted.append(_p(r, "fold_ttest_p_holm"))
+    if all(p < ALPHA for p in adjusted):
+        said = "a significant difference"
+    elif all(p >= ALPHA for p in adjusted):
+        said = "no significant difference"
+    else:
+        said = ("significant by McNemar on the pooled images but not across the folds: not a clear difference"
+                if adjusted[0] < ALPHA else "significant across the folds but not by McNemar on the pooled images: "
+                "not a clear difference")
+    return (f"{_name(r)} scores {to_float(r['balanced_accuracy']):.3f}, {-diff + 0.0:.3f} below the best{interval}; "
+            f"{'; '.join(tests)}: {said}.")
+
+
+def _name(r: dict) -> str:
+    return f"{r['model']} ({r['run_id']})"
+
+
+def _ci(r: dict) -> str:
+    value, lo, hi = (to_float(r[k]) for k in ("balanced_accuracy", "balanced_accuracy_lo", "balanced_accuracy_hi"))
+    return f"{value:.3f}" if math.isnan(lo) else f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _p(r: dict, key: str) -> float | None:
+    value = r.get(key)
+    return None if value in (None, "") else float(value)

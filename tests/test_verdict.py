@@ -1,0 +1,151 @@
+"""The report's verdict: the best model, by how much, whether the difference is real (Holm), on
+which images and what they chose. Run directories are written by hand (no training)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+
+from osteo import CLASSES
+from osteo.cli import main
+from osteo.evaluate import holm
+from osteo.files import write_csv, write_json
+from osteo.report import write_report
+from osteo.runs import RunDir
+
+TRAIN = ["normal"] * 10 + ["osteopenia"] * 5 + ["osteoporosis"] * 20  # the training majority: osteoporosis
+TEST = ["normal"] * 25 + ["osteopenia"] * 15 + ["osteoporosis"] * 25
+VAL = ["normal"] * 6 + ["osteopenia"] * 4 + ["osteoporosis"] * 6
+
+
+def skilled(labels: list[str], seed: int) -> np.ndarray:
+    """A model that has learned the task: the true class's logit raised."""
+    rng = np.random.default_rng(seed)
+    y = np.array([CLASSES.index(c) for c in labels])
+    logits = rng.normal(size=(len(y), len(CLASSES)))
+    logits[np.arange(len(y)), y] += 2.0
+    p = np.exp(logits)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def majority(labels: list[str]) -> np.ndarray:
+    return np.tile([0.2, 0.2, 0.6], (len(labels), 1))  # always osteoporosis
+
+
+def make_run(root: Path, run_id: str, test_probs: np.ndarray, test_prefix: str = "") -> Path:
+    """A finished run with train / val / test splits, as the trainer leaves it (metrics aside)."""
+    run = root / "tiny" / run_id
+    run.mkdir(parents=True)
+    write_json(run / "recipe.json", {"name": run_id, "model": {"backbone": "tiny", "weights": "none"},
+                                     "data": {"image_size": 32, "dir": str(root / "no-images")},
+                                     "train": {"epochs": 1, "fine_tune_epochs": 0}})
+    rows = {name: [{"path": f"{test_prefix if name == 'test' else ''}{c}/{name}_{i}.png", "label": c}
+                   for i, c in enumerate(labels)] for name, labels in (("train", TRAIN), ("val", VAL), ("test", TEST))}
+    write_csv(run / "split.csv", [{**r, "split": name, "group": r["path"]} for name, rs in rows.items() for r in rs],
+              ("path", "label", "split", "group"))
+    kept = RunDir(run).write_predictions(rows["val"], skilled(VAL, 7), "val")
+    RunDir(run).write_predictions(rows["test"], test_probs, "test", append_to=kept)
+    write_json(run / "metrics.json", {"model": "tiny", "best_epoch": 1, "monitor": "val_macro_f1"})
+    write_json(run / "env.json", {"backend": "tensorflow", "precision": "float32", "n_train": len(TRAIN)})
+    return run
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def mcnemar_by_hand(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact McNemar: the discordant pairs under Binomial(n, 1/2), two-sided."""
+    y = np.array([CLASSES.index(c) for c in TEST])
+    only_a = int(np.sum((a.argmax(1) == y) & (b.argmax(1) != y)))
+    only_b = int(np.sum((a.argmax(1) != y) & (b.argmax(1) == y)))
+    return min(1.0, binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue)
+
+
+def test_holm_against_a_hand_computation():
+    # m = 4 tests: sorted 0.01, 0.02, 0.03, 0.5 -> 4*0.01, max(that, 3*0.02), max(that, 2*0.03), max(that, 1*0.5)
+    assert holm([0.03, None, 0.01, 0.5, 0.02]) == pytest.approx([0.06, None, 0.04, 0.5, 0.06])
+    assert holm([0.4, 0.6]) == [0.8, 0.8]  # capped at 1 and never below a smaller p's adjustment
+    assert holm([]) == [] and holm([None]) == [None]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """Trained, a twin of the same quality, the majority class, all on one test split; and a
+    trained run on other test images."""
+    root = tmp_path_factory.mktemp("verdict")
+    probs = {"trained": skilled(TEST, 0), "twin": skilled(TEST, 1), "majority": majority(TEST)}
+    runs = [make_run(root, name, p) for name, p in probs.items()]
+    runs.append(make_run(root, "elsewhere", skilled(TEST, 2), test_prefix="other/"))
+    out = root / "rep"
+    write_report(runs, out, n_boot=200)
+    rows = {r["run_id"]: r for r in read_csv(out / "comparison.csv")}
+    return probs, rows, (out / "verdict.txt").read_text(encoding="utf-8"), out
+
+
+def test_the_verdict_names_the_best_the_differences_and_the_baseline(report):
+    probs, rows, said, out = report
+    best = max(("trained", "twin"), key=lambda k: float(rows[k]["balanced_accuracy"]))
+    twin = "twin" if best == "trained" else "trained"
+    b = rows[best]
+    assert b["mcnemar_vs"] == "(best)" and b["evaluated_on"] == "test" and b["chose"] == "nothing"
+    assert said.startswith(f"On test (n={len(TEST)}, which chose nothing): tiny ({best}) is best, with balanced "
+                           f"accuracy {float(b['balanced_accuracy']):.3f} [{float(b['balanced_accuracy_lo']):.3f}, "
+                           f"{float(b['balanced_accuracy_hi']):.3f}].")
+    # raw McNemar p-values by hand, then Holm by hand over the two paired comparisons
+    raw = {k: mcnemar_by_hand(probs[k], probs[best]) for k in (twin, "majority")}
+    for k in raw:  # the CSV keeps 8 decimals
+        assert float(rows[k]["mcnemar_p"]) == pytest.approx(raw[k], abs=1e-8)
+    low, high = sorted(raw, key=raw.get)
+    adjusted = {low: min(1.0, 2 * raw[low])}
+    adjusted[high] = min(1.0, max(adjusted[low], raw[high]))
+    for k in raw:
+        assert float(rows[k]["mcnemar_p_holm"]) == pytest.approx(adjusted[k], abs=1e-8)
+    assert adjusted["majority"] < 0.05 <= adjusted[twin]
+    m = rows["majority"]
+    diff = float(m["balanced_accuracy"]) - float(b["balanced_accuracy"])
+    assert float(m["balanced_accuracy_diff"]) == pytest.approx(diff)
+    assert float(m["balanced_accuracy_diff_lo"]) <= diff <= float(m["balanced_accuracy_diff_hi"])
+    assert (f"tiny (majority) scores 0.333, {-diff:.3f} below the best (95% interval "
+            f"{-float(m['balanced_accuracy_diff_hi']):.3f} to {-float(m['balanced_accuracy_diff_lo']):.3f}); "
+            f"McNemar p = {raw['majority']:.3g} (Holm-adjusted for 2 comparisons: {adjusted['majority']:.3g}): "
+            "a significant difference.") in said
+    assert (f"McNemar p = {raw[twin]:.3g} (Holm-adjusted for 2 comparisons: {adjusted[twin]:.3g}): "
+            "no significant difference.") in said
+    # other images: named, not tested, and not counted among the comparisons
+    assert rows["elsewhere"]["mcnemar_vs"] == "not paired (different images)" and not rows["elsewhere"]["mcnemar_p"]
+    assert f"tiny (elsewhere), with balanced accuracy {float(rows['elsewhere']['balanced_accuracy']):.3f} [" in said
+    assert f"was measured on other images than tiny ({best}): the two cannot be paired, so they are not tested." in said
+    assert ("Always answering osteoporosis (the training majority) scores 0.333 on the same images; the best "
+            "model's interval lies above it.") in said
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert page.index("<h2>Verdict</h2>") < page.index("<h2>Comparison</h2>")
+    assert "a significant difference." in page and "no significant difference." in page
+
+
+def test_osteo_report_opens_with_the_verdict(report, tmp_path, capsys):
+    out = report[3]
+    runs = [str(out.parent / "tiny" / name) for name in ("trained", "majority")]
+    assert main(["report", *runs, "--out", str(tmp_path / "cli"), "--bootstrap", "100"]) == 0
+    printed = capsys.readouterr().out
+    verdict = (tmp_path / "cli" / "verdict.txt").read_text(encoding="utf-8").strip()
+    assert "On test (n=65, which chose nothing): tiny (trained) is best" in verdict
+    assert "(Holm-adjusted for 1 comparison: " in verdict and "a significant difference." in verdict
+    flat, verdict = " ".join(printed.split()), " ".join(verdict.split())  # as the terminal wrapped it
+    assert verdict in flat and flat.index(verdict) < flat.index(" comparison ")  # the verdict, then the table
+
+
+def test_runs_that_chose_on_their_images_are_compared_apart_and_called_optimistic(tmp_path):
+    trained = make_run(tmp_path, "trained", skilled(TEST, 0))
+    write_report([trained], tmp_path / "test", n_boot=0)
+    write_report([trained], tmp_path / "val", split="val", n_boot=0)
+    said = (tmp_path / "val" / "verdict.txt").read_text(encoding="utf-8")
+    assert said.startswith(f"On validation (n={len(VAL)}, which chose the checkpoint, temperature and thresholds: "
+                           "optimistic): tiny (trained), the only model measured on these images, is best")
+    rows = read_csv(tmp_path / "val" / "comparison.csv")
+    assert rows[0]["evaluated_on"] == "validation" and rows[0]["chose"] == "checkpoint, temperature, thresholds"
