@@ -150,7 +150,8 @@ def get_engine(name: str) -> EngineInfo:
     try:
         return ENGINES[name]
     except KeyError:
-        raise OsteoError(f"unknown model.impl {name!r}; choose one of: auto, {', '.join(ENGINES)}") from None
+        raise OsteoError(f"unknown engine {name!r} (model.impl of a resolved recipe); choose one of: "
+                         f"{', '.join(ENGINES)}") from None
 
 
 # --------------------------------------------------------------------------- probing

@@ -506,6 +506,9 @@ def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False) 
         backend = sys.modules["keras"].backend.backend()
     if backend is not None and not saved:
         m.impl, _ = choose_impl(m.impl, spec, backend, m.weights)
+    if saved and m.impl not in ENGINES:  # a run's recipe names the engine it was trained with
+        raise OsteoError(f"model.impl {m.impl!r} names no engine (a run's recipe names one of: "
+                         f"{', '.join(ENGINES)})")
     engine = ENGINES.get(m.impl)  # None while the backend, and with it the engine, is not known
     if engine is not None:  # its own input scaling, and only what it can do
         if m.preprocessing == "auto":

@@ -107,7 +107,8 @@ def test_recipe_json_is_checked_by_every_reader(run, phantom_dir, tmp_path, caps
     for change, message in [(lambda r: r["data"].update(image_size=4096), "data.image_size must be from 1 to 2048"),
                             (lambda r: r.update(data=[]), "'data' in recipe.json is a section"),
                             (lambda r: r["model"]["head"].update(units=[0]), "model.head.units must be from 1"),
-                            (lambda r: r["model"].update(backbone=5), "model.backbone expects str")]:
+                            (lambda r: r["model"].update(backbone=5), "model.backbone expects str"),
+                            (lambda r: r["model"].update(impl="auto"), "model.impl 'auto' names no engine")]:
         bad = _copy(run, tmp_path / message.split()[0].strip("'"))
         _edit(bad.recipe_path, change)
         for argv in (["predict", str(bad), image, "--out", str(tmp_path / "p.csv")], ["calibrate", str(bad)],

@@ -270,7 +270,7 @@ def test_a_runs_model_is_rebuilt_from_its_recipe_and_its_files_are_never_deseria
     checkpoint goes is not executed, it is refused as a weights file."""
     import keras
 
-    from osteo.recipe import study_protocol
+    from osteo.recipe import resolve, study_protocol
 
     inputs = keras.Input((4,))
     outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)
@@ -279,7 +279,7 @@ def test_a_runs_model_is_rebuilt_from_its_recipe_and_its_files_are_never_deseria
     run.path.mkdir()
     r = study_protocol("tiny")
     r.model.weights, r.data.image_size = "none", 32
-    run.write_recipe(r)
+    run.write_recipe(resolve(r))  # as a run writes it: the engine named
     run.split_path.write_text("path,label,split,group\n")
     (tmp_path / "evil.keras").rename(run.best_path)
     from osteo.errors import OsteoError
