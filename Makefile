@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 
 # Keras' backend is fixed at import: the suite runs on TensorFlow, then the PyTorch
 # engine's own tests run again on PyTorch (they skip themselves on TensorFlow).
-TORCH_TESTS := tests/test_timm_engine.py tests/test_export_timm.py
+TORCH_TESTS := tests/test_timm_engine.py tests/test_export_timm.py tests/test_device_waits.py
 test: install
 	$(PY) -m pytest -q
 	KERAS_BACKEND=torch $(PY) -m pytest -q $(TORCH_TESTS)

@@ -138,10 +138,8 @@ class _ConfusionMetric(keras.metrics.Metric):
         del sample_weight
         if len(y_true.shape) == len(y_pred.shape):
             y_true = ops.argmax(y_true, axis=-1)
-        y_true = ops.cast(ops.reshape(y_true, (-1,)), "int32")
-        y_pred = ops.argmax(ops.reshape(y_pred, (-1, self.num_classes)), axis=-1)
-        t = ops.one_hot(y_true, self.num_classes, dtype="float32")
-        p = ops.one_hot(y_pred, self.num_classes, dtype="float32")
+        t = one_hot(y_true, self.num_classes)
+        p = one_hot(ops.argmax(ops.reshape(y_pred, (-1, self.num_classes)), axis=-1), self.num_classes)
         self.matrix.assign_add(ops.matmul(ops.transpose(t), p))
 
     def reset_state(self):
@@ -157,8 +155,17 @@ class _ConfusionMetric(keras.metrics.Metric):
         return {**super().get_config(), "num_classes": self.num_classes}
 
 
+def one_hot(labels, num_classes: int):
+    """float32 (B, num_classes) from integer labels of any shape with B entries; by comparison
+    with ``arange``, as ``ops.one_hot`` turns its Python numbers into device tensors (see Model)."""
+    labels = ops.cast(ops.reshape(labels, (-1, 1)), "int32")
+    return ops.cast(ops.equal(labels, ops.arange(num_classes, dtype="int32")), "float32")
+
+
 def _safe_div(a, b):
-    return ops.where(b > 0, a / ops.maximum(b, 1e-12), ops.zeros_like(a))
+    """``a / b`` where ``b > 0``, else 0; tensors only (see :class:`Model`)."""
+    positive = b > 0
+    return ops.where(positive, a / ops.where(positive, b, ops.ones_like(b)), ops.zeros_like(a))
 
 
 @keras.saving.register_keras_serializable(package="osteo")
@@ -212,15 +219,76 @@ class SparseCrossEntropy(keras.losses.Loss):
         self.label_smoothing = label_smoothing
 
     def call(self, y_true, y_pred):
-        if len(y_true.shape) == len(y_pred.shape):
-            return keras.losses.categorical_crossentropy(y_true, y_pred, label_smoothing=self.label_smoothing)
-        if not self.label_smoothing:
-            return keras.losses.sparse_categorical_crossentropy(y_true, y_pred)
-        y_true = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), y_pred.shape[-1])
-        return keras.losses.categorical_crossentropy(y_true, y_pred, label_smoothing=self.label_smoothing)
+        if len(y_true.shape) != len(y_pred.shape):
+            if not self.label_smoothing:
+                return keras.losses.sparse_categorical_crossentropy(y_true, y_pred)
+            y_true = one_hot(y_true, y_pred.shape[-1])
+        if self.label_smoothing:  # Keras' smoothing as Keras does it, with the class count a Python number (see Model)
+            y_true = ops.cast(y_true, y_pred.dtype) * (1.0 - self.label_smoothing) + self.label_smoothing / y_pred.shape[-1]
+        return keras.losses.categorical_crossentropy(y_true, y_pred)
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        if self.reduction != "sum_over_batch_size" or keras.backend.backend() != "torch":
+            return super().__call__(y_true, y_pred, sample_weight)
+        # Keras' mean divides by the batch's shape made a device tensor (see Model); the same
+        # mean as the sum over the batch divided by a Python number
+        self.reduction = "sum"
+        try:
+            total = super().__call__(y_true, y_pred, sample_weight)
+        finally:
+            self.reduction = "sum_over_batch_size"
+        return total / y_pred.shape[0]
 
     def get_config(self):
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+class Model(keras.Model):
+    """osteo's models: Keras' functional model, whose training step on PyTorch never waits
+    for the device.
+
+    On PyTorch, every Python number a step hands ``keras.ops`` (the batch size for the
+    running loss, ``ops.one_hot``'s class count, the optimizer's step + 1, the learning
+    rate schedule's constants) becomes a host-to-device copy, and PyTorch waits for each
+    such copy: the host stops until every queued kernel has run, and the GPU then idles
+    while the host prepares what comes next. About 20 such waits a step held osteo's fit
+    at 0.62-0.75x timm's own loop on an H200, with the model itself as fast as timm's
+    (``benchmarks/gpu_profile.py``, ``benchmarks/README.md``). This step is Keras' own with
+    the batch size made on the device; the loss, the metrics (:class:`_ConfusionMetric`),
+    the optimizer (:mod:`osteo.optim`) and the feed (:class:`osteo.data.feed.TorchFeed`)
+    keep theirs there too. On TensorFlow, Keras' steps (a compiled graph has no such waits).
+    """
+
+    def train_step(self, data):
+        if keras.backend.backend() != "torch":
+            return super().train_step(data)
+        import torch
+
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self(x, training=True)
+        self.zero_grad()
+        loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+        self._loss_tracker.update_state(loss, sample_weight=_batch_size(loss, x))
+        if self.trainable_weights:
+            self.optimizer.scale_loss(loss).backward()
+            variables = self.trainable_weights[:]
+            with torch.no_grad():
+                self.optimizer.apply([v.value.grad for v in variables], variables)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def test_step(self, data):
+        if keras.backend.backend() != "torch":
+            return super().test_step(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self(x, training=False)
+        loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
+        self._loss_tracker.update_state(loss, sample_weight=_batch_size(loss, x))
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _batch_size(like, x):
+    """The batch's size as a tensor shaped like ``like``, made on its device (no copy)."""
+    return ops.ones_like(like) * next(i for i in keras.tree.flatten(x) if i is not None).shape[0]
 
 
 # --------------------------------------------------------------------------- module
@@ -302,7 +370,7 @@ class Classifier:
             x = keras.layers.Dense(units, activation="relu", name=f"head_dense{i}")(x)
             x = keras.layers.Dropout(self.head.dropout, seed=self.seed, name=f"head_dropout{i}")(x)
         outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="head")(x)
-        self.model = keras.Model(inputs, outputs, name=f"osteo_{self.spec.name}")
+        self.model = Model(inputs, outputs, name=f"osteo_{self.spec.name}")
         self.model.osteo_backbone = self.engine  # Grad-CAM and export ask the engine (osteo.explain)
         return self.model
 

@@ -46,7 +46,7 @@ from osteo.callbacks import (
     TrainingState,
     monitor_mode,
 )
-from osteo.classifier import Classifier, SparseCrossEntropy, default_metrics
+from osteo.classifier import Classifier, Model, SparseCrossEntropy, default_metrics
 from osteo.device import get_engine
 from osteo.errors import OsteoError
 from osteo.files import atomic_path, sweep_temporaries, write_bytes
@@ -391,7 +391,7 @@ class Trainer:
         x = inputs
         for layer in model.layers[model.layers.index(feature_layer) + 1 :]:
             x = layer(x)
-        head = keras.Model(inputs, x, name=f"{model.name}_head")
+        head = Model(inputs, x, name=f"{model.name}_head")
         feats = {s: np.asarray(extractor.predict(dm.eval_dataset(s), verbose=0), dtype="float32")
                  for s in ("train", "val")}
         return head, {"x": feats["train"], "y": dm.labels("train"), "batch_size": dm.batch_size,

@@ -53,6 +53,7 @@ class TorchFeed(keras.utils.PyDataset):
             self._stream = torch.cuda.Stream()
             shape = (self.batch_size, *levels.shape[1:])
             self._pinned = [torch.empty(shape, dtype=torch.int16).pin_memory() for _ in range(2)]
+            self._pinned_labels = [torch.empty(self.batch_size, dtype=torch.int32).pin_memory() for _ in range(2)]
             self._copied = [None, None]  # each pinned buffer's last copy: wait for it before refilling
             self._slot = 0
 
@@ -75,57 +76,63 @@ class TorchFeed(keras.utils.PyDataset):
 
     def __getitem__(self, i: int):
         idx = self.indices(i)
-        x = self._images(i, idx)
+        x, y = self._batch(i, idx)
         if self.cuda and (self.training or i + 1 < self.per_pass):
             self._prefetch(i + 1)
-        y = self.labels[idx]
         if self.training and (self.mixup > 0 or self.cutmix > 0):
             return self._mix(self.start_batch + i, x, y)
         return x, y
 
     # ------------------------------------------------------------------ device copies
 
-    def _images(self, i: int, idx: np.ndarray):
+    def _batch(self, i: int, idx: np.ndarray):
+        """Images and labels of batch ``i``; on a GPU both already there, copied without a wait
+        (labels handed over as NumPy would be copied to the device by Keras, and PyTorch waits
+        for such a copy: see :class:`osteo.classifier.Model`)."""
         torch = self.torch
         if not self.cuda:
-            return torch.from_numpy(self.levels[idx].astype(np.float32) / np.float32(SCALE))
+            return torch.from_numpy(self.levels[idx].astype(np.float32) / np.float32(SCALE)), torch.from_numpy(self.labels[idx])
         if self._next is not None and self._next[0] == i:
-            _, levels, ready = self._next
+            _, levels, labels, ready = self._next
             torch.cuda.current_stream().wait_event(ready)
             levels.record_stream(torch.cuda.current_stream())
+            labels.record_stream(torch.cuda.current_stream())
         else:
-            levels = self._copy(idx, torch.cuda.current_stream())
+            levels, labels = self._copy(idx, torch.cuda.current_stream())
         self._next = None
         # uint16 travels as int16 (same bits: torch has few uint16 kernels); & 0xFFFF restores it
-        return (levels.to(torch.int32) & 0xFFFF).to(torch.float32) / SCALE
+        return (levels.to(torch.int32) & 0xFFFF).to(torch.float32) / SCALE, labels
 
     def _copy(self, idx: np.ndarray, stream):
-        """The levels of ``idx``, gathered into pinned memory and copied on ``stream`` (not waited for)."""
+        """The levels and labels of ``idx``, gathered into pinned memory and copied on ``stream``
+        (not waited for)."""
         torch = self.torch
         slot, self._slot = self._slot, self._slot ^ 1  # the other buffer may still be crossing the bus
         if self._copied[slot] is not None:
             self._copied[slot].synchronize()  # issued a batch ago: done in all but name
-        buf = self._pinned[slot][: len(idx)]
+        buf, labels = self._pinned[slot][: len(idx)], self._pinned_labels[slot][: len(idx)]
         np.take(self.levels.view(np.int16), idx, axis=0, out=buf.numpy())
+        np.take(self.labels, idx, out=labels.numpy())
         with torch.cuda.stream(stream):
             levels = buf.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
             self._copied[slot] = torch.cuda.Event()
             self._copied[slot].record(stream)
-        return levels
+        return levels, labels
 
     def _prefetch(self, i: int) -> None:
         idx = self.indices(i)
-        levels = self._copy(idx, self._stream)
+        levels, labels = self._copy(idx, self._stream)
         ready = self.torch.cuda.Event()
         ready.record(self._stream)
-        self._next = (i, levels, ready)
+        self._next = (i, levels, labels, ready)
 
     # ------------------------------------------------------------------ MixUp / CutMix
 
-    def _mix(self, step: int, x, labels: np.ndarray):
+    def _mix(self, step: int, x, labels):
         torch = self.torch
         rng = np.random.default_rng([self.seed, step])
-        y = torch.nn.functional.one_hot(torch.as_tensor(labels, dtype=torch.int64), len(CLASSES)).float().to(x.device)
+        y = torch.nn.functional.one_hot(torch.as_tensor(labels).to(x.device, torch.int64), len(CLASSES)).float()
         use_cutmix = self.cutmix > 0 and (self.mixup <= 0 or rng.uniform() < 0.5)
         alpha = self.cutmix if use_cutmix else self.mixup
         g1, g2 = rng.gamma(alpha), rng.gamma(alpha)
