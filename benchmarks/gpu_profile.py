@@ -77,7 +77,7 @@ def profile_model(name: str, args, out: Path) -> dict:
     import timm
     import torch
 
-    from osteo.callbacks import HistoryCSV, NonFiniteLoss
+    from osteo.callbacks import HistoryCSV, NonFiniteLoss, callback_list
     from osteo.classifier import Classifier, SparseCrossEntropy, default_metrics
     from osteo.data.feed import TorchFeed
     from osteo.data.pipeline import SCALE
@@ -180,7 +180,8 @@ def profile_model(name: str, args, out: Path) -> dict:
                     sync()
                     marks.append(time.perf_counter())
 
-        m.fit(feed, steps_per_epoch=steps + 1, epochs=1, verbose=0, callbacks=[Clock(), *extra])
+        callbacks = callback_list([Clock(), *extra], m, epochs=1, steps=steps + 1)  # as osteo train lists them
+        m.fit(feed, steps_per_epoch=steps + 1, epochs=1, verbose=0, callbacks=callbacks)
         sync()
         return steps * bs / (time.perf_counter() - marks[0])
 

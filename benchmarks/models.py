@@ -146,14 +146,14 @@ class OsteoRow:
         import numpy as np
 
         from osteo import device
-        from osteo.callbacks import NonFiniteLoss
+        from osteo.callbacks import NonFiniteLoss, callback_list
         from osteo.classifier import Classifier, SparseCrossEntropy, default_metrics
         from osteo.optim import make_optimizer
         from osteo.recipe import AugmentConfig
         from osteo.registry import get_backbone
 
         self.keras = keras
-        self.NonFiniteLoss = NonFiniteLoss
+        self.NonFiniteLoss, self.callback_list = NonFiniteLoss, callback_list
         name, self.size, self.bs = cfg["model"], cfg["size"], cfg["batch"]
         plan = device.plan(get_backbone(name), device.probe(), backend=keras.backend.backend(),
                            precision=cfg["precision"], jit_compile=cfg["jit"], impl=cfg["impl"],
@@ -224,10 +224,9 @@ class OsteoRow:
         """Train until ``window_s`` seconds have passed since the end of the first step (and at
         least ``min_steps`` steps); the clock stops once the device has finished.
 
-        The clock is a batch-*begin* callback: Keras 3 turns the logs into Python floats
-        after every batch (a device sync) when a callback overrides ``on_train_batch_end``,
-        so the clock must not; osteo's NonFiniteLoss does (as do HistoryCSV and
-        RichProgress in ``osteo train``), ``callbacks="none"`` leaves it out.
+        The clock is a batch-*begin* callback; the callbacks are listed as ``osteo train``
+        lists them (:func:`osteo.callbacks.callback_list`: no per-batch read of the logs),
+        with osteo's NonFiniteLoss, or without it (``callbacks="none"``).
         """
         keras, sync = self.keras, self.sync
         marks: list[float] = []
@@ -244,9 +243,10 @@ class OsteoRow:
 
         data = self._pipeline() if feed == "pipeline" else self._stream()
         extra = [self.NonFiniteLoss()] if callbacks == "osteo" else []
+        listed = self.callback_list([Window(), *extra], self.model, epochs=1, steps=MAX_STEPS)  # as osteo train's
         cpu = time.process_time()
         t = time.perf_counter()
-        self.model.fit(data, steps_per_epoch=MAX_STEPS, epochs=1, verbose=0, callbacks=[Window(), *extra])
+        self.model.fit(data, steps_per_epoch=MAX_STEPS, epochs=1, verbose=0, callbacks=listed)
         sync()
         end = time.perf_counter()
         self.last_steps = done[0]

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -85,15 +84,34 @@ class BestCheckpoint(keras.callbacks.Callback):
                     model.optimizer = optimizer
 
 
-# The callbacks below read each batch's logs from Keras' worker threads (``async_safe``): Keras
-# otherwise turns every batch's logs into Python numbers on the main thread, which waits for
-# the device after every step (see osteo.classifier.Model). Batches may then end out of order.
+class DeviceLogs(keras.callbacks.CallbackList):
+    """Keras' CallbackList, except that a batch's logs reach the callbacks as they are.
+
+    Keras turns every batch's logs into Python numbers before a callback sees them: on a
+    GPU a copy to the host and a wait for the device after every step (see
+    :class:`osteo.classifier.Model`), and moving that to a worker thread does not help (a
+    copy to pageable host memory holds up the main thread's kernel launches too). osteo's
+    per-batch callbacks read the logs themselves when they need them: NonFiniteLoss every
+    ``gpu_every`` batches, RichProgress once a second, the others never.
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        for callback in self.callbacks:
+            callback.on_train_batch_end(batch, logs=logs)
+
+    def on_test_batch_end(self, batch, logs=None):
+        for callback in self.callbacks:
+            callback.on_test_batch_end(batch, logs=logs)
+
+
+def callback_list(callbacks: list, model, *, epochs: int, steps: int | None) -> DeviceLogs:
+    """``callbacks`` as ``fit`` would list them (with Keras' History, without its progress bar)."""
+    return DeviceLogs(callbacks, add_history=True, add_progbar=False, model=model, verbose=0, epochs=epochs,
+                      steps=steps)
 
 
 class HistoryCSV(keras.callbacks.Callback):
     """One row per epoch of both phases, with training throughput; rewritten atomically."""
-
-    async_safe = True
 
     def __init__(self, path: str | Path, *, images_per_epoch: int, rows: list[dict] | None = None):
         super().__init__()
@@ -113,12 +131,9 @@ class HistoryCSV(keras.callbacks.Callback):
         self._t0 = time.perf_counter()
         self._t_train = 0.0
 
-    def on_train_batch_begin(self, batch, logs=None):
-        killpoints.reached("train.batch")  # on the main thread, counted in order
-
     def on_train_batch_end(self, batch, logs=None):
-        # when the batch's numbers could be read, i.e. the device had finished it
-        self._t_train = max(self._t_train, time.perf_counter() - self._t0)
+        self._t_train = time.perf_counter() - self._t0
+        killpoints.reached("train.batch")
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -141,35 +156,47 @@ class HistoryCSV(keras.callbacks.Callback):
 class NonFiniteLoss(keras.callbacks.Callback):
     """Stop at the first NaN or infinite loss and remember where (the trainer reports it).
 
-    The batch's loss is read in a Keras worker thread, so the main thread never waits for
-    the device; training stops a step or two after the bad batch, which is the one named.
+    Reading a loss that lives on a GPU makes the host wait for the device, so the losses
+    are collected and read every ``every`` batches (and at the epoch's end): one wait
+    instead of ``every`` (the same on a CPU, where training goes on at most that many
+    batches past a bad one; the first bad batch is the one named).
     """
 
-    async_safe = True
-
-    def __init__(self):
+    def __init__(self, every: int = 32):
         super().__init__()
         self.epoch = 0
+        self.every = every
         self.stopped_at: tuple[int, int] | None = None
-        self._lock = threading.Lock()
+        self._pending: list = []
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
+        self._pending = []
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
-        if loss is None or math.isfinite(float(loss)):
+        if loss is None:
             return
-        with self._lock:  # the first bad batch, whichever thread saw it first
-            if self.stopped_at is None or (self.epoch + 1, batch + 1) < self.stopped_at:
-                self.stopped_at = (self.epoch + 1, batch + 1)
+        self._pending.append((batch, loss))
+        if len(self._pending) >= self.every:
+            self._check()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._check()
+
+    def _check(self):
+        pending, self._pending = self._pending, []
+        if not pending or self.stopped_at:
+            return
+        values = keras.ops.convert_to_numpy(keras.ops.stack([keras.ops.cast(v, "float32") for _, v in pending]))
+        bad = [b for (b, _), v in zip(pending, values) if not math.isfinite(float(v))]
+        if bad:
+            self.stopped_at = (self.epoch + 1, bad[0] + 1)
             self.model.stop_training = True
 
 
 class RichProgress(keras.callbacks.Callback):
     """Epoch bar with loss, metrics, images/sec and ETA; a summary line per epoch."""
-
-    async_safe = True  # rich's Progress takes its own lock
 
     def __init__(self, console, *, total_epochs: int, steps_per_epoch: int, batch_size: int, title: str = ""):
         super().__init__()
@@ -191,7 +218,6 @@ class RichProgress(keras.callbacks.Callback):
             TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console, transient=True,
         )
         self._task = None
-        self._done = 0
         self._t0 = self._shown = 0.0
 
     def on_train_begin(self, logs=None):
@@ -206,19 +232,18 @@ class RichProgress(keras.callbacks.Callback):
         desc = f"{self.title} epoch {epoch + 1}/{self.total_epochs}"
         self._task = self.progress.add_task(desc, total=self.steps, stats="")
         self._t0 = time.perf_counter()
-        self._done = 0
 
     def on_train_batch_end(self, batch, logs=None):
         now = time.perf_counter()
-        self._done = max(self._done, batch + 1)
         if now - self._shown < 1.0 and batch + 1 < self.steps:
-            self.progress.update(self._task, completed=self._done)
+            # reading the metrics waits for the device: at most once a second
+            self.progress.update(self._task, completed=batch + 1)
             return
         self._shown = now
         logs = logs or {}
         rate = (batch + 1) * self.batch_size / max(now - self._t0, 1e-9)
         stats = " ".join(f"{k} {float(v):.3f}" for k, v in logs.items() if k in HISTORY_METRICS)
-        self.progress.update(self._task, completed=self._done, stats=f"{stats} {rate:.1f} img/s")
+        self.progress.update(self._task, completed=batch + 1, stats=f"{stats} {rate:.1f} img/s")
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}

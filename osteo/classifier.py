@@ -243,6 +243,7 @@ class SparseCrossEntropy(keras.losses.Loss):
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
+@keras.saving.register_keras_serializable(package="osteo")
 class Model(keras.Model):
     """osteo's models: Keras' functional model, whose training step on PyTorch never waits
     for the device.

@@ -26,7 +26,7 @@ import sys
 ENV = "OSTEO_KILL_AT"
 
 POINTS = {
-    "train.batch": "a training batch is about to start (counts across epochs and phases, from 1)",
+    "train.batch": "a training batch has ended (counts across epochs and phases)",
     "train.history_written": "an epoch's history row is written, its state not yet committed",
     "train.state_written": "an epoch's backup slot is written, state.json not yet replaced",
     "train.epoch_committed": "an epoch's state is committed (state.json replaced)",

@@ -44,6 +44,7 @@ from osteo.callbacks import (
     NonFiniteLoss,
     RichProgress,
     TrainingState,
+    callback_list,
     monitor_mode,
 )
 from osteo.classifier import Classifier, Model, SparseCrossEntropy, default_metrics
@@ -279,8 +280,12 @@ class Trainer:
         resume = self.resume_from[phase.number]
         start = resume["epoch"] if resume else phase.first_epoch
         fit_model = model
-        fit_kw = {"x": self.dm.train_dataset(start_epoch=start, steps_per_epoch=self.steps),
-                  "steps_per_epoch": self.steps, "validation_data": self.val_ds, "shuffle": False}
+        # PyTorch's feed weighs its batches itself, on the device (Keras' class_weight reads the labels back)
+        feed_weighs = self.dm.backend == "torch"
+        fit_kw = {"x": self.dm.train_dataset(start_epoch=start, steps_per_epoch=self.steps,
+                                             class_weight=self.class_weight if feed_weighs else None),
+                  "steps_per_epoch": self.steps, "validation_data": self.val_ds, "shuffle": False,
+                  "class_weight": None if feed_weighs else self.class_weight}
         if phase.number == 1 and use_feature_cache(t.feature_cache, r.model.augment):
             # the frozen backbone gives the same features every epoch: compute them once
             self._say("phase 1 on cached backbone features")
@@ -295,9 +300,10 @@ class Trainer:
         self.history.phase = phase.number
         if start < phase.last_epoch:
             ts = time.perf_counter()
-            fit_model.fit(epochs=phase.last_epoch, initial_epoch=phase.first_epoch,
-                          class_weight=self.class_weight, callbacks=self._callbacks(backup_dir, resume),
-                          verbose=0, **fit_kw)
+            callbacks = callback_list(self._callbacks(backup_dir, resume), fit_model, epochs=phase.last_epoch,
+                                      steps=self.steps)
+            fit_model.fit(epochs=phase.last_epoch, initial_epoch=phase.first_epoch, callbacks=callbacks, verbose=0,
+                          **fit_kw)
             self.trained_seconds += time.perf_counter() - ts
         if self.nonfinite.stopped_at:
             epoch, batch = self.nonfinite.stopped_at
@@ -395,7 +401,8 @@ class Trainer:
         feats = {s: np.asarray(extractor.predict(dm.eval_dataset(s), verbose=0), dtype="float32")
                  for s in ("train", "val")}
         return head, {"x": feats["train"], "y": dm.labels("train"), "batch_size": dm.batch_size,
-                      "validation_data": (feats["val"], dm.labels("val")), "shuffle": True}
+                      "validation_data": (feats["val"], dm.labels("val")), "shuffle": True,
+                      "class_weight": self.class_weight}
 
     def _data_progress(self):
         if self.console is None:

@@ -35,14 +35,15 @@ def _count_host_data(monkeypatch):
     item, to_bool = torch.Tensor.item, torch.Tensor.__bool__
 
     def read(fn):
-        def wrapped(self, *a):
+        def wrapped(self, *a, **k):
             if threading.current_thread() is main:
                 counts["read"].append(fn.__name__)
-            return fn(self, *a)
+            return fn(self, *a, **k)
         return wrapped
 
     monkeypatch.setattr(torch.Tensor, "item", read(item))
     monkeypatch.setattr(torch.Tensor, "__bool__", read(to_bool))
+    monkeypatch.setattr(torch.Tensor, "__array__", read(torch.Tensor.__array__))  # NumPy of a device tensor
     return counts
 
 
@@ -50,7 +51,7 @@ def _count_host_data(monkeypatch):
 def test_fit_steps_make_no_device_tensor_from_host_data(monkeypatch, tmp_path, schedule):
     import keras
 
-    from osteo.callbacks import HistoryCSV, NonFiniteLoss
+    from osteo.callbacks import HistoryCSV, NonFiniteLoss, callback_list
     from osteo.classifier import Classifier, SparseCrossEntropy, default_metrics
     from osteo.data.feed import TorchFeed
     from osteo.optim import make_optimizer
@@ -65,19 +66,25 @@ def test_fit_steps_make_no_device_tensor_from_host_data(monkeypatch, tmp_path, s
                   metrics=default_metrics())
     rng = np.random.default_rng(0)
     levels = rng.integers(0, 65535, (24, 32, 32, 1), dtype=np.uint16)
-    feed = TorchFeed(levels, np.arange(24) % 3, 8, training=True)
-    callbacks = [NonFiniteLoss(), HistoryCSV(tmp_path / "history.csv", images_per_epoch=24)]
-    model.fit(feed, steps_per_epoch=2, epochs=1, verbose=0, callbacks=callbacks)  # built, first reads done
+    # class weights and MixUp as osteo train gives them (Keras' own class_weight reads the labels back)
+    feed = TorchFeed(levels, np.arange(24) % 3, 8, training=True, mixup=0.2, class_weight={0: 0.5, 1: 2.0, 2: 1.0})
+    nonfinite = NonFiniteLoss()
+
+    def callbacks(steps):  # the per-batch ones osteo train adds, listed as osteo train lists them
+        return callback_list([nonfinite, HistoryCSV(tmp_path / "history.csv", images_per_epoch=24)], model,
+                             epochs=1, steps=steps)
+
+    model.fit(feed, steps_per_epoch=2, epochs=1, verbose=0, callbacks=callbacks(2))  # built, first reads done
     per_fit = {}
     for steps in (2, 7):
         counts = _count_host_data(monkeypatch)
-        model.fit(feed, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=callbacks)
+        model.fit(feed, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=callbacks(steps))
         monkeypatch.undo()
         per_fit[steps] = counts
     # what Keras does once per fit (resetting its metrics to Python zeros, the epoch's logs) is
     # the same for 2 and 7 steps; five more steps add nothing
     assert per_fit[7] == per_fit[2], per_fit
-    assert callbacks[0].stopped_at is None
+    assert nonfinite.stopped_at is None
 
 
 @pytest.mark.parametrize("warmup", [0, 5])

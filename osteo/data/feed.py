@@ -27,7 +27,8 @@ from osteo.data.pipeline import SCALE
 
 
 class TorchFeed(keras.utils.PyDataset):
-    """Batches ``(images float32 (B, size, size, 1) in [0, 255] on the device, labels)``.
+    """Batches ``(images float32 (B, size, size, 1) in [0, 255], labels[, sample weights])``, all
+    on the device (sample weights: with ``class_weight``).
 
     Training (``training=True``): an endless stream, each pass over the data a fresh
     permutation seeded by ``(seed, pass)``, positioned ``start_batch`` batches in (resume).
@@ -36,7 +37,8 @@ class TorchFeed(keras.utils.PyDataset):
     """
 
     def __init__(self, levels: np.ndarray, labels: np.ndarray, batch_size: int, *, training: bool = False,
-                 seed: int = 0, start_batch: int = 0, mixup: float = 0.0, cutmix: float = 0.0):
+                 seed: int = 0, start_batch: int = 0, mixup: float = 0.0, cutmix: float = 0.0,
+                 class_weight: dict | None = None):
         super().__init__()
         import torch
 
@@ -44,6 +46,9 @@ class TorchFeed(keras.utils.PyDataset):
         self.levels, self.labels = levels, np.asarray(labels, np.int32)
         self.batch_size, self.training, self.seed = int(batch_size), training, int(seed)
         self.start_batch, self.mixup, self.cutmix = int(start_batch), float(mixup), float(cutmix)
+        # per class, as Keras' fit(class_weight=...) gives them (a missing class: 1)
+        self.class_weight = None if class_weight is None else torch.tensor(
+            [float(class_weight.get(c, 1.0)) for c in range(len(CLASSES))], dtype=torch.float32)
         self.per_pass = -(-len(levels) // self.batch_size)
         self.cuda = torch.cuda.is_available()  # where Keras and the timm engine put the model
         self.device = torch.device("cuda" if self.cuda else "cpu")
@@ -80,8 +85,17 @@ class TorchFeed(keras.utils.PyDataset):
         if self.cuda and (self.training or i + 1 < self.per_pass):
             self._prefetch(i + 1)
         if self.training and (self.mixup > 0 or self.cutmix > 0):
-            return self._mix(self.start_batch + i, x, y)
-        return x, y
+            x, y = self._mix(self.start_batch + i, x, y)
+        if self.class_weight is None:
+            return x, y
+        return x, y, self._sample_weights(y)
+
+    def _sample_weights(self, y):
+        """Keras' sample weights for ``class_weight`` (of the argmax of soft labels), on ``y``'s device."""
+        if self.class_weight.device != y.device:
+            self.class_weight = self.class_weight.to(y.device)  # once
+        classes = y.argmax(-1) if y.ndim > 1 else y
+        return self.class_weight[classes.long()]
 
     # ------------------------------------------------------------------ device copies
 

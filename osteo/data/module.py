@@ -131,12 +131,14 @@ class DataModule:
 
     # ------------------------------------------------------------------ datasets
 
-    def train_dataset(self, batch_size: int | None = None, start_epoch: int = 0, steps_per_epoch: int | None = None):
+    def train_dataset(self, batch_size: int | None = None, start_epoch: int = 0, steps_per_epoch: int | None = None,
+                      class_weight: dict | None = None):
         """Endless training batches, positioned at Keras epoch ``start_epoch`` (for resume).
 
         With ``steps_per_epoch`` other than a full pass, Keras epochs and passes over the
         data differ; the stream is positioned by batches, so a resumed run sees exactly
-        the batches an uninterrupted one would have.
+        the batches an uninterrupted one would have. ``class_weight``: PyTorch's batches carry
+        the sample weights it gives (Keras' ``fit(class_weight=...)`` on TensorFlow).
         """
         batch_size = batch_size or self.batch_size
         per_pass = self.steps_per_epoch(batch_size)
@@ -145,7 +147,10 @@ class DataModule:
             from osteo.data.feed import TorchFeed
 
             return TorchFeed(self._split_levels("train"), self.labels("train"), batch_size, training=True,
-                             seed=self.seed, start_batch=step, mixup=self.mixup, cutmix=self.cutmix)
+                             seed=self.seed, start_batch=step, mixup=self.mixup, cutmix=self.cutmix,
+                             class_weight=class_weight)
+        if class_weight is not None:
+            raise ValueError("on TensorFlow, class weights go to Keras' fit(class_weight=...)")
         from osteo.data import tfdata
 
         ds = tfdata.make_dataset(self._files["train"], self.labels("train"), self.image_size, batch_size,
