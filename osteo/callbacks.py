@@ -92,7 +92,7 @@ class DeviceLogs(keras.callbacks.CallbackList):
     :class:`osteo.classifier.Model`), and moving that to a worker thread does not help (a
     copy to pageable host memory holds up the main thread's kernel launches too). osteo's
     per-batch callbacks read the logs themselves when they need them: NonFiniteLoss every
-    ``gpu_every`` batches, RichProgress once a second, the others never.
+    ``every`` batches (32), RichProgress once a second, the others never.
     """
 
     def on_train_batch_end(self, batch, logs=None):
