@@ -6,7 +6,6 @@ atomically (temporary file, then rename), so a killed run leaves complete files.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -20,7 +19,7 @@ import numpy as np
 
 from osteo import killpoints
 from osteo.device import peak_memory_mb
-from osteo.files import atomic_path, write_bytes, write_csv
+from osteo.files import atomic_path, sha256_file, write_bytes, write_csv
 from osteo.runs import STATE_FILE
 
 HISTORY_METRICS = ("loss", "accuracy", "balanced_accuracy", "macro_f1")
@@ -352,7 +351,7 @@ class TrainingState(keras.callbacks.Callback):
         np.savez(buf, **states)
         write_bytes(slot / "seeds.npz", buf.getvalue())
         _fsync(slot / "weights.weights.h5")
-        sums = {f: _sha256(slot / f) for f in self.FILES}
+        sums = {f: sha256_file(slot / f) for f in self.FILES}
         killpoints.reached("train.state_written")
         self.slots = {**{k: v for k, v in self.slots.items() if k != name}, name: {"epoch": epoch + 1, "sha256": sums}}
         write_bytes(self.dir / self.STATE, json.dumps({"epoch": epoch + 1, "slot": name, "slots": self.slots}).encode())
@@ -367,7 +366,7 @@ def _slot_intact(slot: Path, sums: dict | None) -> bool:
     if not all(f.is_file() for f in files):
         return False
     if isinstance(sums, dict):
-        return all(sums.get(f.name) == _sha256(f) for f in files)
+        return all(sums.get(f.name) == sha256_file(f) for f in files)
     import h5py
 
     try:
@@ -376,14 +375,6 @@ def _slot_intact(slot: Path, sums: dict | None) -> bool:
         return True
     except Exception:  # any failure to open is a damaged file, whatever the library raises
         return False
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:

@@ -63,7 +63,6 @@ in, and the old one removed), so a reader never sees a half-written export.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -88,7 +87,14 @@ from osteo.calibrate import EPS, apply_temperature
 from osteo.classifier import AUGMENTATION
 from osteo.device import get_engine
 from osteo.errors import OsteoError
-from osteo.files import atomic_path, sweep_temporaries, temporaries_of, write_json, write_text
+from osteo.files import (
+    atomic_path,
+    sha256_file,
+    sweep_temporaries,
+    temporaries_of,
+    write_json,
+    write_text,
+)
 from osteo.model_card import write_model_card
 from osteo.predict import load_best, load_images
 from osteo.runs import RunDir, check_output_place
@@ -312,7 +318,7 @@ def _export_onnx(run: RunDir, best: keras.Model, model: keras.Model, temperature
         if not diff <= PARITY_TOLERANCE:
             raise OsteoError(f"the ONNX model's probabilities differ from osteo predict's by {diff:.2g} "
                              f"(over {PARITY_TOLERANCE:g}) on {len(images)} images; nothing written; {fix}")
-        sha256 = _sha256(tmp)
+        sha256 = sha256_file(tmp)
     record = onnx_record(run, target.name, temperature, exporter=exporter, sha256=sha256,
                          parity={"max_abs_diff": diff, "images": len(images), "source": source,
                                  "tolerance": PARITY_TOLERANCE, "runtime": runtime})
@@ -451,14 +457,6 @@ def _parity(model: Path, images: np.ndarray, want: np.ndarray) -> tuple[float, s
     if got.shape != expected.shape:
         return math.inf, runtime
     return float(np.abs(got.astype(np.float64) - expected).max()), runtime
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _torch_version() -> str:
