@@ -99,3 +99,18 @@ def test_the_cosine_schedule_on_the_host_is_keras_own(warmup):
     for step in range(0, 30):
         expected = float(keras.ops.convert_to_numpy(schedule(step)))
         assert cosine_on_host(schedule, step) == pytest.approx(expected, rel=1e-6, abs=1e-12), step
+
+
+@pytest.mark.parametrize("mixup", [0.0, 0.4])
+def test_the_feeds_sample_weights_are_keras_class_weights(mixup):
+    """TorchFeed weighs its batches as Keras' fit(class_weight=...) would (argmax of soft labels)."""
+    from keras.src.trainers.data_adapters.data_adapter_utils import class_weight_to_sample_weights
+
+    from osteo.data.feed import TorchFeed
+
+    weights = {0: 0.5, 1: 2.0, 2: 1.25}
+    levels = np.random.default_rng(1).integers(0, 65535, (20, 8, 8, 1), dtype=np.uint16)
+    feed = TorchFeed(levels, np.arange(20) % 3, 6, training=True, mixup=mixup, class_weight=weights)
+    for i in range(5):
+        _, y, sw = feed[i]
+        np.testing.assert_array_equal(sw.numpy(), class_weight_to_sample_weights(y.numpy(), weights))

@@ -105,7 +105,8 @@ class TorchFeed(keras.utils.PyDataset):
         for such a copy: see :class:`osteo.classifier.Model`)."""
         torch = self.torch
         if not self.cuda:
-            return torch.from_numpy(self.levels[idx].astype(np.float32) / np.float32(SCALE)), torch.from_numpy(self.labels[idx])
+            images = torch.from_numpy(self.levels[idx].astype(np.float32) / np.float32(SCALE))
+            return images, torch.from_numpy(self.labels[idx])
         if self._next is not None and self._next[0] == i:
             _, levels, labels, ready = self._next
             torch.cuda.current_stream().wait_event(ready)
