@@ -298,6 +298,7 @@ def test_a_bad_external_folder_is_a_one_line_error_before_any_trial(phantom_dir,
     assert not (tmp_path / "runs").exists() and not (tmp_path / "report").exists()
 
 
+@pytest.mark.slow  # a study killed at a trial's end continuing is in make test (test_kills.py's SIGTERM test)
 def test_a_study_killed_while_scoring_continues_with_the_same_command(phantom_dir, tmp_path):
     """`osteo study ... --external A --external B` is killed once the first scoring has ended; the
     same command again keeps the fold trials and that scoring, scores B and writes the report.
