@@ -223,8 +223,9 @@ class SparseCrossEntropy(keras.losses.Loss):
             if not self.label_smoothing:
                 return keras.losses.sparse_categorical_crossentropy(y_true, y_pred)
             y_true = one_hot(y_true, y_pred.shape[-1])
-        if self.label_smoothing:  # Keras' smoothing as Keras does it, with the class count a Python number (see Model)
-            y_true = ops.cast(y_true, y_pred.dtype) * (1.0 - self.label_smoothing) + self.label_smoothing / y_pred.shape[-1]
+        if self.label_smoothing:  # Keras' smoothing, with the class count a Python number (see Model)
+            smoothing = self.label_smoothing
+            y_true = ops.cast(y_true, y_pred.dtype) * (1.0 - smoothing) + smoothing / y_pred.shape[-1]
         return keras.losses.categorical_crossentropy(y_true, y_pred)
 
     def __call__(self, y_true, y_pred, sample_weight=None):

@@ -129,4 +129,3 @@ def cosine_on_host(schedule: keras.optimizers.schedules.CosineDecay, step: int) 
     if s < warmup:
         return float((target - initial) * (s / warmup) + initial)
     return float(decayed(s - warmup, target))
-
