@@ -5,7 +5,7 @@ waits for that copy, i.e. for every kernel queued before it: a step with such co
 the GPU idle while the host prepares the next one (osteo.classifier.Model). This machine
 has no GPU, so the test counts the places where a GPU run would copy: tensors made from
 host data during ``fit`` (``torch.as_tensor`` / ``torch.tensor`` of anything not already a
-tensor), and host reads of device values on the main thread (``.item()``, ``bool()``).
+tensor), and host reads of device values on the main thread (``.item()``, ``bool()``, NumPy).
 """
 
 import os
