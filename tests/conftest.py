@@ -53,6 +53,16 @@ def tiny_recipe():
     return make
 
 
+@pytest.fixture(scope="module")
+def run(phantom_dir, tmp_path_factory, tiny_recipe):
+    """A finished tiny run (one epoch, 20 bootstrap resamples), trained once per test module
+    that asks for it; a module that needs other settings defines its own ``run``."""
+    from osteo.runs import RunDir
+    from osteo.trainer import Trainer
+
+    return RunDir(Trainer(tiny_recipe(phantom_dir, tmp_path_factory.mktemp("runs"), epochs=1, bootstrap=20)).run())
+
+
 @pytest.fixture
 def fails_fast_offline(monkeypatch):
     """``check(host, build)``: with ``host`` unreachable, ``build()`` (ImageNet weights, an

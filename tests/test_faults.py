@@ -7,17 +7,11 @@ import time
 
 import keras
 import pytest
+from helpers import copy_run, one_line
 
 from osteo.cli import main
 from osteo.runs import RunDir
 from osteo.trainer import Trainer
-
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("osteo: error: ")
-    return err[0]
 
 
 def _tiny_args(phantom_dir, runs):
@@ -41,12 +35,6 @@ def unfinished_run(phantom_dir, tmp_path, tiny_recipe):
     return run
 
 
-def _copy_run(run: RunDir, dest) -> RunDir:
-    target = dest / run.model / run.name
-    shutil.copytree(run.path, target)
-    return RunDir(target)
-
-
 # --------------------------------------------------------------------------- the disk
 
 
@@ -56,7 +44,7 @@ def test_disk_full_while_saving_the_checkpoint_is_one_line(phantom_dir, tmp_path
 
     monkeypatch.setattr(keras.Model, "save_weights", full)
     assert main([*_tiny_args(phantom_dir, tmp_path / "runs"), "--epochs", "1"]) == 2
-    line = _one_line(capsys)
+    line = one_line(capsys)
     assert "No space left on device" in line and "free some disk space" in line
 
 
@@ -72,7 +60,7 @@ def test_disk_full_while_writing_the_report_keeps_the_previous_report(finished_r
 
     monkeypatch.setattr(plots, "_save", full)
     assert main(["report", str(finished_run), "--out", str(out), "--bootstrap", "50"]) == 2
-    assert "No space left on device" in _one_line(capsys)
+    assert "No space left on device" in one_line(capsys)
     assert (out / "index.html").read_bytes() == before  # the old page, whole
     assert not list(out.glob(".*.tmp*"))  # no staging folder left behind
 
@@ -85,7 +73,7 @@ def test_read_only_output_is_one_line(finished_run, tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(tempfile, "mkdtemp", read_only)
     assert main(["report", str(finished_run), "--out", str(tmp_path / "rep"), "--bootstrap", "50"]) == 2
-    assert "choose a folder you can write to" in _one_line(capsys)
+    assert "choose a folder you can write to" in one_line(capsys)
 
 
 # --------------------------------------------------------------------------- damaged runs
@@ -93,19 +81,19 @@ def test_read_only_output_is_one_line(finished_run, tmp_path, monkeypatch, capsy
 
 def test_damaged_run_files_are_one_line_and_the_report_skips_them(finished_run, tmp_path, capsys):
     runs = tmp_path / "runs"
-    good = _copy_run(finished_run, runs)
-    bad_recipe = _copy_run(finished_run, tmp_path / "r2")
+    good = copy_run(finished_run, runs)
+    bad_recipe = copy_run(finished_run, tmp_path / "r2")
     bad_recipe.recipe_path.write_text('{"name": "x", "data": {')
-    other_classes = _copy_run(finished_run, tmp_path / "r3")
+    other_classes = copy_run(finished_run, tmp_path / "r3")
     text = other_classes.predictions_path.read_text().replace(",normal,", ",fracture,")
     other_classes.predictions_path.write_text(text)
-    bad_split = _copy_run(finished_run, tmp_path / "r5")
+    bad_split = copy_run(finished_run, tmp_path / "r5")
     bad_split.split_path.write_bytes(b"\xff\xfe\x00 junk")
-    bad_metrics = _copy_run(finished_run, tmp_path / "r4")
+    bad_metrics = copy_run(finished_run, tmp_path / "r4")
     bad_metrics.metrics_path.write_bytes(b"\x00\x01 not json")
 
     assert main(["eval", str(bad_metrics)]) == 2
-    line = _one_line(capsys)
+    line = one_line(capsys)
     assert "metrics.json is damaged" in line
 
     out = tmp_path / "rep"
@@ -130,7 +118,7 @@ def test_damaged_run_files_are_one_line_and_the_report_skips_them(finished_run, 
 
 def test_unfinished_runs_left_out_of_a_report_are_named(finished_run, unfinished_run, capsys):
     runs_dir = unfinished_run.path.parent.parent
-    _copy_run(finished_run, runs_dir)
+    copy_run(finished_run, runs_dir)
     assert main(["report", "--runs", str(runs_dir), "--out", str(runs_dir / "rep"), "--bootstrap", "50"]) == 0
     err = capsys.readouterr().err
     assert "left out 1 unfinished run(s)" in err and str(unfinished_run) in err
@@ -142,7 +130,7 @@ def test_unfinished_runs_left_out_of_a_report_are_named(finished_run, unfinished
 def test_resume_of_a_finished_run_touches_nothing(finished_run, capsys):
     stamp = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in finished_run.path.iterdir() if p.is_file()}
     assert main(["train", "seed", "--resume", str(finished_run)]) == 2
-    assert "is finished" in _one_line(capsys)
+    assert "is finished" in one_line(capsys)
     assert stamp == {p.name: (p.stat().st_mtime_ns, p.read_bytes())
                      for p in finished_run.path.iterdir() if p.is_file()}
 
@@ -153,7 +141,7 @@ def test_resume_applies_more_epochs_and_refuses_other_changes(unfinished_run, ca
                            (["--operating-point", "osteoporosis:specificity=0.5"], "--operating-point cannot"),
                            (["--mlflow"], "--mlflow cannot be turned on")):
         assert main(["train", "seed", "--resume", str(unfinished_run), *extra]) == 2, extra
-        assert message in _one_line(capsys)
+        assert message in one_line(capsys)
     assert not unfinished_run.is_finished()
     # latest finds it (the only resumable run), and two more epochs are applied
     runs_dir = unfinished_run.path.parent.parent
@@ -165,7 +153,7 @@ def test_resume_applies_more_epochs_and_refuses_other_changes(unfinished_run, ca
 def test_a_run_being_trained_is_locked(unfinished_run, capsys):
     with unfinished_run.locked():
         assert main(["train", "seed", "--resume", str(unfinished_run)]) == 2
-    line = _one_line(capsys)
+    line = one_line(capsys)
     assert f"is being trained by process {os.getpid()}" in line
     assert not unfinished_run.is_finished()
 
@@ -176,10 +164,10 @@ def test_a_run_that_failed_before_its_first_epoch_leaves_nothing(phantom_dir, tm
 
     monkeypatch.setattr(Trainer, "fit_phase", broken)
     assert main([*_tiny_args(phantom_dir, tmp_path / "runs"), "--epochs", "1"]) == 2
-    assert "Input/output error" in _one_line(capsys)
+    assert "Input/output error" in one_line(capsys)
     assert list((tmp_path / "runs" / "tiny").iterdir()) == []
     assert main(["train", "seed", "--resume", "latest", "--runs", str(tmp_path / "runs")]) == 2
-    assert "no unfinished run to resume" in _one_line(capsys)
+    assert "no unfinished run to resume" in one_line(capsys)
 
 
 # --------------------------------------------------------------------------- bad values, predict, leftovers
@@ -199,16 +187,16 @@ def test_bad_counts_and_seeds_are_one_line_before_anything_runs(finished_run, ph
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
-        assert message in _one_line(capsys), argv
+        assert message in one_line(capsys), argv
     assert not (tmp_path / "runs").exists() and not (tmp_path / "ph").exists()
 
 
 def test_a_fifo_named_like_a_run_file_is_refused_not_read(finished_run, tmp_path, capsys):
-    run = _copy_run(finished_run, tmp_path / "runs")
+    run = copy_run(finished_run, tmp_path / "runs")
     run.metrics_path.unlink()
     os.mkfifo(run.metrics_path)
     assert main(["eval", str(run)]) == 2  # returns at once: a read would block forever
-    assert "not a regular file" in _one_line(capsys)
+    assert "not a regular file" in one_line(capsys)
 
 
 def test_predict_never_overwrites_run_files_and_lists_unreadable_files(finished_run, phantom_dir, tmp_path,
@@ -216,7 +204,7 @@ def test_predict_never_overwrites_run_files_and_lists_unreadable_files(finished_
     before = finished_run.predictions_path.read_bytes()
     assert main(["predict", str(finished_run), str(phantom_dir / "normal"), "--out",
                  str(finished_run.predictions_path)]) == 2
-    assert "would overwrite the run's own predictions.csv" in _one_line(capsys)
+    assert "would overwrite the run's own predictions.csv" in one_line(capsys)
     assert finished_run.predictions_path.read_bytes() == before
     folder = tmp_path / "imgs"
     shutil.copytree(phantom_dir / "normal", folder)
@@ -251,7 +239,7 @@ def test_a_run_made_before_weights_only_checkpoints_still_loads(finished_run, tm
 
     from osteo.predict import load_best
 
-    old = _copy_run(finished_run, tmp_path)
+    old = copy_run(finished_run, tmp_path)
     load_best(old.path).save(old.legacy_best_path)
     old.best_path.unlink()
     x = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 1)).astype("float32")

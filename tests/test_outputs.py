@@ -8,28 +8,12 @@ import shutil
 import stat
 
 import pytest
+from helpers import copy_run, one_line
 
 from osteo.cli import main
 from osteo.errors import OsteoError
 from osteo.files import write_text
 from osteo.runs import RunDir
-from osteo.trainer import Trainer
-
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("osteo: error: ")
-    return err[0]
-
-
-@pytest.fixture(scope="module")
-def run(phantom_dir, tmp_path_factory, tiny_recipe):
-    return RunDir(Trainer(tiny_recipe(phantom_dir, tmp_path_factory.mktemp("runs"), epochs=1, bootstrap=20)).run())
-
-
-def _copy(run: RunDir, dest) -> RunDir:
-    return RunDir(shutil.copytree(run.path, dest / run.model / run.name))
 
 
 def _digest(folder) -> dict:
@@ -45,17 +29,17 @@ def test_an_output_that_is_a_fifo_or_a_folder_is_refused_and_left_as_it_is(run, 
     with pytest.raises(OsteoError, match="not a regular file"):
         write_text(fifo, "x")
     assert main(["predict", str(run), str(phantom_dir / "normal"), "--out", str(fifo)]) == 2
-    assert "not a regular file (a device, FIFO or socket)" in _one_line(capsys)
+    assert "not a regular file (a device, FIFO or socket)" in one_line(capsys)
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     folder = tmp_path / "folder"
     folder.mkdir()
     assert main(["predict", str(run), str(phantom_dir / "normal"), "--out", str(folder)]) == 2
-    assert "is a folder" in _one_line(capsys)
+    assert "is a folder" in one_line(capsys)
     assert not list(tmp_path.glob(".*.tmp*"))
 
 
 def test_no_output_lands_in_a_run_folder_but_the_commands_own_place(run, phantom_dir, tmp_path, capsys):
-    copy = _copy(run, tmp_path)
+    copy = copy_run(run, tmp_path)
     external = copy.eval_path / "hospital"  # an external validation, and a killed run's resume state
     RunDir(external).write_predictions([{"path": "normal/x.png", "label": "normal"}], [[0.5, 0.3, 0.2]], "external")
     before = _digest(copy.path)
@@ -72,7 +56,7 @@ def test_no_output_lands_in_a_run_folder_but_the_commands_own_place(run, phantom
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
-        assert message in _one_line(capsys), argv
+        assert message in one_line(capsys), argv
     assert _digest(copy.path) == before and not (copy.path / "cams").exists()
 
 
@@ -81,7 +65,7 @@ def test_gradcam_into_the_images_folder_never_replaces_an_image(run, phantom_dir
     shutil.copytree(phantom_dir / "normal", images)
     before = _digest(images)
     assert main(["predict", str(run), str(images), "--gradcam", str(images), "--out", str(tmp_path / "p.csv")]) == 2
-    assert "osteo did not write" in _one_line(capsys)
+    assert "osteo did not write" in one_line(capsys)
     assert _digest(images) == before and not (tmp_path / "p.csv").exists()
     cams = tmp_path / "cams"
     for _ in range(2):  # its own overlays it replaces
@@ -98,7 +82,7 @@ def test_a_report_replaces_only_what_an_earlier_report_wrote(run, tmp_path, caps
     page = (out / "index.html").read_bytes()
     capsys.readouterr()
     assert main(args) == 2
-    assert "plots/mine.png, which osteo did not write" in _one_line(capsys)
+    assert "plots/mine.png, which osteo did not write" in one_line(capsys)
     assert (out / "plots" / "mine.png").read_text() == "the user's too" and (out / "index.html").read_bytes() == page
     (out / "plots" / "mine.png").unlink()
     assert main(args) == 0
@@ -108,7 +92,7 @@ def test_a_report_replaces_only_what_an_earlier_report_wrote(run, tmp_path, caps
     (fresh / "index.html").write_text("someone's page")
     capsys.readouterr()
     assert main(["report", str(run), "--out", str(fresh), "--bootstrap", "20"]) == 2
-    assert "index.html, which osteo did not write" in _one_line(capsys)
+    assert "index.html, which osteo did not write" in one_line(capsys)
     assert (fresh / "index.html").read_text() == "someone's page"
 
 
@@ -128,7 +112,7 @@ def test_an_external_folder_of_one_class_is_strict_json_and_one_warning_line(run
     val = [r["path"] for r in run.read_split() if r["split"] == "val" and r["label"] == "normal"]
     for p in val:
         shutil.copy(phantom_dir / p, folder / p)
-    copy = _copy(run, tmp_path)
+    copy = copy_run(run, tmp_path)
     assert main(["eval", str(copy), "--data", str(folder), "--bootstrap", "20"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("osteo: warning:") and "no osteopenia or osteoporosis" in err[0], err
@@ -144,7 +128,7 @@ def test_a_report_of_many_rows_prints_no_library_warning(run, phantom_dir, tmp_p
     import subprocess
     import sys
 
-    runs = [_copy(run, tmp_path / name) for name in ("a", "b", "c")]
+    runs = [copy_run(run, tmp_path / name) for name in ("a", "b", "c")]
     assert main(["eval", str(runs[0]), "--data", str(phantom_dir), "--bootstrap", "20"]) == 0
     proc = subprocess.run([sys.executable, "-m", "osteo.cli", "report", *map(str, runs), "--out", str(tmp_path / "rep"),
                            "--bootstrap", "20"], capture_output=True, text=True, timeout=600,

@@ -5,26 +5,10 @@ import json
 import shutil
 
 import pytest
+from helpers import copy_run, one_line
 
 from osteo.cli import main
 from osteo.runs import CvDir, RunDir
-from osteo.trainer import Trainer
-
-
-@pytest.fixture(scope="module")
-def run(phantom_dir, tmp_path_factory, tiny_recipe):
-    return RunDir(Trainer(tiny_recipe(phantom_dir, tmp_path_factory.mktemp("runs"), epochs=1, bootstrap=20)).run())
-
-
-def _copy(run: RunDir, dest) -> RunDir:
-    return RunDir(shutil.copytree(run.path, dest / run.model / run.name))
-
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("osteo: error: ")
-    return err[0]
 
 
 def _edit(path, change) -> None:
@@ -51,11 +35,11 @@ def test_a_calibration_predict_cannot_apply_is_refused(run, phantom_dir, tmp_pat
         (point(name="fracture"), "is not CLASS[+]"),
     ]
     for change, message in cases:
-        copy = _copy(run, tmp_path / message.replace(" ", "_"))
+        copy = copy_run(run, tmp_path / message.replace(" ", "_"))
         _edit(copy.calibration_path, change)
         out = tmp_path / "p.csv"
         assert main(["predict", str(copy), image, "--out", str(out)]) == 2, message
-        line = _one_line(capsys)
+        line = one_line(capsys)
         assert f"{copy.calibration_path} is damaged" in line and message in line, line
         assert f"osteo calibrate {copy.path}" in line and not out.exists()
 
@@ -63,15 +47,15 @@ def test_a_calibration_predict_cannot_apply_is_refused(run, phantom_dir, tmp_pat
 @pytest.mark.parametrize("name", [RunDir.RECIPE, RunDir.ENV, RunDir.AUDIT, RunDir.METRICS, RunDir.CALIBRATION])
 @pytest.mark.parametrize("text", ["[]", "null", "7"])
 def test_json_of_the_wrong_type_in_a_run_file_skips_that_run_in_a_report(run, tmp_path, capsys, name, text):
-    good = _copy(run, tmp_path / "good")
-    bad = _copy(run, tmp_path / "bad")
+    good = copy_run(run, tmp_path / "good")
+    bad = copy_run(run, tmp_path / "bad")
     (bad.path / name).write_text(text)
     assert main(["report", str(good), str(bad), "--out", str(tmp_path / "rep"), "--bootstrap", "20"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"osteo: warning: skipped {bad.path}") and name in err[0], err
     if name in (RunDir.RECIPE, RunDir.CALIBRATION):  # what predict reads
         assert main(["predict", str(bad), str(bad.split_path), "--out", str(tmp_path / "p.csv")]) == 2
-        assert f"{bad.path / name} " in _one_line(capsys)
+        assert f"{bad.path / name} " in one_line(capsys)
 
 
 def test_nested_values_of_the_wrong_type_are_named(run, tmp_path, capsys):
@@ -80,7 +64,7 @@ def test_nested_values_of_the_wrong_type_are_named(run, tmp_path, capsys):
              (RunDir.ENV, lambda e: e.update(device="cpu"), "device is text, not an object"),
              (RunDir.METRICS, lambda m: m.update(best_epoch="3"), "best_epoch is text")]
     for name, change, message in cases:
-        bad = _copy(run, tmp_path / message.split()[0])
+        bad = copy_run(run, tmp_path / message.split()[0])
         _edit(bad.path / name, change)
         assert main(["report", str(bad), "--out", str(tmp_path / "rep"), "--bootstrap", "20"]) == 2
         err = capsys.readouterr().err
@@ -91,7 +75,7 @@ def test_paths_in_a_runs_csv_files_stay_in_its_data_folder(run, tmp_path, capsys
     """An absolute or ../ path made the report read any image on the machine into its page."""
     for name in (RunDir.PREDICTIONS, RunDir.SPLIT):
         for path in ("/etc/hosts", "../../secret.png", "normal/../../x.png"):
-            bad = _copy(run, tmp_path / f"{name}-{len(path)}")
+            bad = copy_run(run, tmp_path / f"{name}-{len(path)}")
             text = (bad.path / name).read_text().splitlines()
             first = text[1].split(",")
             text[1] = ",".join([path, *first[1:]])
@@ -109,17 +93,17 @@ def test_recipe_json_is_checked_by_every_reader(run, phantom_dir, tmp_path, caps
                             (lambda r: r["model"]["head"].update(units=[0]), "model.head.units must be from 1"),
                             (lambda r: r["model"].update(backbone=5), "model.backbone expects str"),
                             (lambda r: r["model"].update(impl="auto"), "model.impl 'auto' names no engine")]:
-        bad = _copy(run, tmp_path / message.split()[0].strip("'"))
+        bad = copy_run(run, tmp_path / message.split()[0].strip("'"))
         _edit(bad.recipe_path, change)
         for argv in (["predict", str(bad), image, "--out", str(tmp_path / "p.csv")], ["calibrate", str(bad)],
                      ["export", str(bad), "--format", "keras", "--out", str(tmp_path / "m.keras")]):
             assert main(argv) == 2, (message, argv)
-            line = _one_line(capsys)
+            line = one_line(capsys)
             assert f"{bad.recipe_path} does not hold a valid recipe" in line and message in line, line
         assert main(["report", str(bad), "--out", str(tmp_path / "rep")]) == 2
         assert message in capsys.readouterr().err
     # what belongs to the machine it trained on is not checked again: its weights file may be gone
-    gone = _copy(run, tmp_path / "gone")
+    gone = copy_run(run, tmp_path / "gone")
     _edit(gone.recipe_path, lambda r: r["model"].update(weights=str(tmp_path / "deleted.weights.h5")))
     assert main(["predict", str(gone), image, "--out", str(tmp_path / "p.csv")]) == 0
 
