@@ -26,8 +26,13 @@ How a number is made (on a shared 2-core machine identical short runs differed 1
 interleave, repeat, report medians with their spread):
 
 1. Each row's model lives in its own process (the Keras backend is fixed at import, peak
-   memory is per process), started once per group, built and warmed once: its first
-   step is timed (it holds the compile or the autotuning) and two more run untimed.
+   memory is per process), built and warmed once per start: its first step is timed (it
+   holds the compile or the autotuning) and two more run untimed. Every row's process is
+   started ``--starts`` times (default 2), one after the other, and the rounds are split
+   between the starts (5 rounds: 3 on the first, 2 on the second): a process keeps its
+   speed from round to round, but a new one of the same row may not (timm's DenseNet169 at
+   224 px: 11.2-13.0 img/s in every round of one process, 17.3-18.7 in the next run's),
+   and only across starts does the spread below see that.
 2. A timed window trains until ``--window`` seconds have passed (and at least
    ``MIN_STEPS`` steps); its first step is not timed, and the clock stops once the device
    has finished. A time budget rather than a step count fixed beforehand: a count
@@ -75,6 +80,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -91,6 +97,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STUDY = ("vgg16", "vgg19", "densenet169", "convnext_tiny")
 WINDOW_S = 10.0  # seconds of training per timed window (see the module docstring)
 REPEATS = 5
+STARTS = 2  # each row's process is started twice, the rounds split between the starts (see run_group)
 FLAG_SPREAD = 0.10  # a row whose per-round ratios spread more than this (see _spread) is FLAGGED
 TRIM_FROM = 5  # from this many rounds on, the spread leaves out the lowest and the highest
 MIN_STEPS = 3  # a window's first step is untimed: at least two timed steps
@@ -536,10 +543,16 @@ def round_order(names: list[str], r: int) -> list[str]:
     return names[k:] + names[:k]
 
 
-def run_group(group: dict, args, say) -> None:
-    """Start and warm every row of ``group``, run the interleaved rounds, then the single
-    measurements; everything lands in ``group["rows"]``."""
-    rows = group["rows"]
+def start_blocks(repeats: int, starts: int) -> list[range]:
+    """The rounds each start of a group's processes runs: ``repeats`` rounds in ``starts``
+    consecutive blocks, as even as possible (5 rounds, 2 starts: rounds 0-2, then 3-4)."""
+    starts = max(1, min(starts, repeats))
+    edges = [-(-repeats * k // starts) for k in range(starts + 1)]
+    return [range(a, b) for a, b in itertools.pairwise(edges) if b > a]
+
+
+def _start_workers(rows: list[dict], args, say, start: int) -> tuple[dict[str, Worker], dict[str, dict]]:
+    """Start one process per worker of ``rows``, side by side, and warm each (one at a time)."""
     workers: dict[str, Worker] = {}
     for row in rows:  # the processes import and build side by side, then work one at a time
         if row["worker"] not in workers:
@@ -549,36 +562,61 @@ def run_group(group: dict, args, say) -> None:
         info[name] = w.reply(args.timeout)
         if "error" not in info[name]:
             info[name].update(w.ask("warm", args.timeout))
-        say(f"   {name}: " + (info[name]["error"] if "error" in info[name] else
-                              f"{info[name].get('impl')}/{info[name].get('backend')}, {info[name].get('precision')}"
-                              f"{', compiled' if info[name].get('jit') else ''}; first step "
-                              f"{info[name]['first_step_s']} s"))
+        say(f"   {name} (start {start + 1}): " + (
+            info[name]["error"] if "error" in info[name] else
+            f"{info[name].get('impl')}/{info[name].get('backend')}, {info[name].get('precision')}"
+            f"{', compiled' if info[name].get('jit') else ''}; first step {info[name]['first_step_s']} s"))
+    return workers, info
+
+
+def run_group(group: dict, args, say) -> None:
+    """Run the interleaved rounds of ``group`` on ``args.starts`` starts of its processes
+    (each start: every row's process started, built and warmed, then its block of rounds),
+    then the single measurements on the last start; everything lands in ``group["rows"]``.
+
+    Why several starts: one process of a row keeps its speed from round to round, but a new
+    process of the same row may not (timm's DenseNet169 at 224 px ran 11.2-13.0 img/s in
+    every round of one process and 17.3-18.7 in the next run's), so rounds on one start
+    agree with each other and not with the next run; over two starts that difference
+    lands between the rounds, where the spread sees it and flags the row."""
+    rows = group["rows"]
     for row in rows:
-        row.update(info[row["worker"]])
-        row["rounds"] = []
-    live = {r["row"]: r for r in rows if "error" not in r}
-    for rnd in range(max((r["repeats"] for r in live.values()), default=0)):
-        done = []
-        for name in round_order(list(live), rnd):
-            row = live[name]
-            if "error" in row or rnd >= row["repeats"]:
-                continue
-            time.sleep(args.pause)
-            variant = {"callbacks": row["callbacks"]} if row["kind"] == "osteo" else {}
-            got = workers[row["worker"]].ask("window", args.timeout, window_s=args.window, feed=row["feed"], **variant)
-            if "error" in got:
-                row["error"] = got["error"]
-                continue
-            row["rounds"].append({"round": rnd, **got})
-            done.append(f"{name} {got['img_s']:.4g}")
-        say(f"   round {rnd + 1}: " + ", ".join(done) + " img/s")
-    for name, w in workers.items():
-        if "error" not in info[name]:
-            extras = w.ask("extras", args.timeout)
-            for row in rows:
-                if row["worker"] == name:
-                    row["extras"] = extras
-        w.close()
+        row["rounds"], row["starts"] = [], []
+    blocks = start_blocks(max((r["repeats"] for r in rows), default=0), args.starts)
+    for start, block in enumerate(blocks):
+        wanted = [r for r in rows if "error" not in r]
+        if not wanted:
+            break
+        workers, info = _start_workers(wanted, args, say, start)
+        for row in wanted:
+            got = info[row["worker"]]
+            row["starts"].append({"start": start, **{k: got[k] for k in ("first_step_s", "error") if k in got}})
+            if start == 0 or "error" in got:
+                row.update(got)
+        live = {r["row"]: r for r in wanted if "error" not in r}
+        for rnd in block:
+            done = []
+            for name in round_order(list(live), rnd):
+                row = live[name]
+                if "error" in row or rnd >= row["repeats"]:
+                    continue
+                time.sleep(args.pause)
+                variant = {"callbacks": row["callbacks"]} if row["kind"] == "osteo" else {}
+                got = workers[row["worker"]].ask("window", args.timeout, window_s=args.window, feed=row["feed"],
+                                                 **variant)
+                if "error" in got:
+                    row["error"] = got["error"]
+                    continue
+                row["rounds"].append({"round": rnd, "start": start, **got})
+                done.append(f"{name} {got['img_s']:.4g}")
+            say(f"   round {rnd + 1} (start {start + 1}): " + ", ".join(done) + " img/s")
+        for name, w in workers.items():
+            if start == len(blocks) - 1 and "error" not in info[name]:
+                extras = w.ask("extras", args.timeout)
+                for row in wanted:
+                    if row["worker"] == name:
+                        row["extras"] = extras
+            w.close()
     group["summary"] = summarize(group)
 
 
@@ -692,6 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "a verdict), e.g. keras-torch")
     p.add_argument("--window", type=float, default=WINDOW_S, help="seconds of training per timed window")
     p.add_argument("--repeats", type=int, default=REPEATS, help="rounds of interleaved windows")
+    p.add_argument("--starts", type=int, default=STARTS, help="starts of each row's process; the rounds are "
+                                                             "split among them (1: one process per row)")
     p.add_argument("--precision", default="auto",
                    help="of every engine but auto, and of the peers: auto (bfloat16 where the device has it), "
                         "float32 or mixed_bfloat16")
@@ -885,7 +925,8 @@ def main() -> int:
     path = out if out.suffix == ".json" else out / f"{datetime.date.today().isoformat()}-{platform.node() or 'host'}-models.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     report = {"host": platform.node(), "cpu": _cpu_name(), "gpu": _gpu_name(), "args": vars(args),
-              "method": {"window_s": args.window, "repeats": args.repeats, "flag_spread": FLAG_SPREAD,
+              "method": {"window_s": args.window, "repeats": args.repeats, "starts": args.starts,
+                         "flag_spread": FLAG_SPREAD,
                          "trim_from": TRIM_FROM, "pause_s": args.pause, "batch": args.batch,
                          "precision": _precision(args.precision)},
               "groups": groups}

@@ -102,3 +102,60 @@ def test_feed_scale_is_osteos():
     from osteo.data.pipeline import SCALE
 
     assert feed.SCALE == SCALE
+
+
+def test_the_rounds_are_split_between_starts_of_the_processes():
+    assert models.start_blocks(5, 2) == [range(0, 3), range(3, 5)]
+    assert models.start_blocks(6, 2) == [range(0, 3), range(3, 6)]
+    assert models.start_blocks(1, 2) == [range(0, 1)]  # never a start without a round
+    assert models.start_blocks(5, 1) == [range(0, 5)]
+
+
+class _FakeWorker:
+    """A row's process as run_group sees it: each start is a new object with its own speed."""
+
+    started: list = []  # noqa: RUF012 (the test's record)
+
+    def __init__(self, kind, cfg, backend, python):
+        self.name, self.closed = cfg["name"], False
+        self.speed = cfg["speeds"][sum(w.name == self.name for w in _FakeWorker.started)]
+        _FakeWorker.started.append(self)
+
+    def reply(self, timeout):
+        return {"impl": "fake", "backend": "none", "precision": "float32"}
+
+    def ask(self, op, timeout, **args):
+        assert not self.closed
+        return {"warm": {"first_step_s": 1.0}, "window": {"img_s": self.speed}, "extras": {}}[op]
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_row_whose_new_process_runs_at_another_speed_is_flagged(monkeypatch):
+    """Each start of timm's loop keeps its speed in every round, but the second start runs
+    1.5x the first (as DenseNet169's did at 224 px): on one start the ratio looked steady;
+    over two starts its rounds disagree, and the row is flagged."""
+    monkeypatch.setattr(models, "Worker", _FakeWorker)
+    _FakeWorker.started = []
+
+    def row(name, kind, speeds):
+        return {"row": name, "worker": name, "kind": kind, "feed": "memory", "callbacks": "osteo",
+                "repeats": 4, "cfg": {"name": name, "backend": "torch", "speeds": speeds}}
+
+    args = type("Args", (), {"starts": 2, "timeout": 1, "pause": 0, "window": 1})()
+    group = {"model": "densenet169", "size": 224, "batch": 16,
+             "rows": [row("auto", "osteo", [15, 17]), row("cl", "timm", [11.5, 17.5])]}
+    models.run_group(group, args, say=lambda line: None)
+    assert [w.name for w in _FakeWorker.started] == ["auto", "cl", "auto", "cl"]
+    assert all(w.closed for w in _FakeWorker.started)
+    auto = next(r for r in group["rows"] if r["row"] == "auto")
+    assert [(x["round"], x["start"]) for x in auto["rounds"]] == [(0, 0), (1, 0), (2, 1), (3, 1)]
+    assert [s["start"] for s in auto["starts"]] == [0, 1]
+    s = next(s for s in group["summary"] if s["row"] == "auto")
+    assert s["status"] == "FLAGGED"  # 1.30 on the first start, 0.97 on the second
+    args.starts = 1
+    _FakeWorker.started = []
+    group["rows"] = [row("auto", "osteo", [15]), row("cl", "timm", [11.5])]
+    models.run_group(group, args, say=lambda line: None)
+    assert next(s for s in group["summary"] if s["row"] == "auto")["status"] == "ok"  # what one start showed
