@@ -56,9 +56,9 @@ interleave, repeat, report medians with their spread):
    and the highest round: one burst of a neighbour does not flag four rounds that agree.
 
 ``make bench``'s run (4 backbones at 64 px, rows auto, cf, cl) takes about 3.5 minutes a
-group on a quiet 2-core machine (3 rows x 5 rounds x 10.5 s, plus start-up, warm-up and
-the single measurements), ~14 minutes in all; on a loaded one each window also runs on
-to the end of a slower step (5.6 minutes a group at load 5).
+group on a quiet 2-core machine (3 rows x 5 rounds x 10.5 s, plus two start-ups and
+warm-ups and the single measurements), ~14 minutes in all (820 s); on a loaded one each
+window also runs on to the end of a slower step (5.6 minutes a group at load 5).
 
 Measured once per row after the rounds (single measurements, not for quoting alone):
 time to the first step, inference images/sec (as many batches as the last training
