@@ -18,6 +18,8 @@
 #   for the slow-path ratio keras-torch / auto;
 # - in ConvNeXtTiny's group, its timm engine compiled (torch.compile, a cold cache): the
 #   compile's seconds, the compiled rate against the eager one's, when compiling pays.
+# One start of each row's process (--starts 1): the device time is 15 minutes, a second start
+# would pay every build, autotuning and compile twice; a second start is for shared CPUs.
 # Writes <date>-gpu-check.json (every window's raw numbers) and .log (the tables) into
 # $OUT, else benchmarks/results (dry run: a temporary folder).
 set -euo pipefail
@@ -56,7 +58,7 @@ def _find_spec(cls, name, path=None, target=None):
 PathFinder.find_spec = classmethod(_find_spec)
 EOF
     export PYTHONPATH="$site/notf:$site/py3:$PWD"
-    args=(--models vgg16,convnext_tiny --sizes 64 --batch 8 --window 1 --repeats 2 --compile-check convnext_tiny
+    args=(--models vgg16,convnext_tiny --sizes 64 --batch 8 --window 1 --repeats 2 --starts 1 --compile-check convnext_tiny
           --timeout 900)
 else
     py=python3
@@ -65,7 +67,7 @@ else
     export PYTHONPATH="/tmp/site:$PWD"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
     # no group starts after 330 s; a compile that takes over 240 s is recorded as such
-    args=(--models vgg16,vgg19,densenet169,convnext_tiny --sizes 224 --batch 128 --window 1.5 --repeats 3
+    args=(--models vgg16,vgg19,densenet169,convnext_tiny --sizes 224 --batch 128 --window 1.5 --repeats 3 --starts 1
           --pause 0.2 --compile-check convnext_tiny --budget-s 330 --timeout 240)
 fi
 mkdir -p "$out"

@@ -31,7 +31,7 @@ interleave, repeat, report medians with their spread):
    started ``--starts`` times (default 2), one after the other, and the rounds are split
    between the starts (5 rounds: 3 on the first, 2 on the second): a process keeps its
    speed from round to round, but a new one of the same row may not (timm's DenseNet169 at
-   224 px: 11.2-13.0 img/s in every round of one process, 17.3-18.7 in the next run's),
+   224 px: 11.2-13.0 img/s in every round of one process, 17.3-19.8 in the next run's),
    and only across starts does the spread below see that.
 2. A timed window trains until ``--window`` seconds have passed (and at least
    ``MIN_STEPS`` steps); its first step is not timed, and the clock stops once the device
@@ -576,7 +576,7 @@ def run_group(group: dict, args, say) -> None:
 
     Why several starts: one process of a row keeps its speed from round to round, but a new
     process of the same row may not (timm's DenseNet169 at 224 px ran 11.2-13.0 img/s in
-    every round of one process and 17.3-18.7 in the next run's), so rounds on one start
+    every round of one process and 17.3-19.8 in the next run's), so rounds on one start
     agree with each other and not with the next run; over two starts that difference
     lands between the rounds, where the spread sees it and flags the row."""
     rows = group["rows"]
