@@ -583,10 +583,16 @@ def run_group(group: dict, args, say) -> None:
     for row in rows:
         row["rounds"], row["starts"] = [], []
     blocks = start_blocks(max((r["repeats"] for r in rows), default=0), args.starts)
+    # a worker is started for the blocks its rows have rounds in (a --single row: the first
+    # only), and measured once more (extras) on the last of them
+    last_start: dict[str, int] = {}
+    for r in rows:
+        ran = [k for k, b in enumerate(blocks) if b[0] < r["repeats"]]
+        last_start[r["worker"]] = max([*ran, last_start.get(r["worker"], -1)])
     for start, block in enumerate(blocks):
-        wanted = [r for r in rows if "error" not in r]
+        wanted = [r for r in rows if "error" not in r and block[0] < r["repeats"]]
         if not wanted:
-            break
+            continue
         workers, info = _start_workers(wanted, args, say, start)
         for row in wanted:
             got = info[row["worker"]]
@@ -611,7 +617,7 @@ def run_group(group: dict, args, say) -> None:
                 done.append(f"{name} {got['img_s']:.4g}")
             say(f"   round {rnd + 1} (start {start + 1}): " + ", ".join(done) + " img/s")
         for name, w in workers.items():
-            if start == len(blocks) - 1 and "error" not in info[name]:
+            if start == last_start[name] and "error" not in info[name]:
                 extras = w.ask("extras", args.timeout)
                 for row in wanted:
                     if row["worker"] == name:

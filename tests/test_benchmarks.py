@@ -159,3 +159,30 @@ def test_a_row_whose_new_process_runs_at_another_speed_is_flagged(monkeypatch):
     group["rows"] = [row("auto", "osteo", [15]), row("cl", "timm", [11.5])]
     models.run_group(group, args, say=lambda line: None)
     assert next(s for s in group["summary"] if s["row"] == "auto")["status"] == "ok"  # what one start showed
+
+
+def test_a_single_window_row_is_started_and_measured_only_where_it_runs(monkeypatch):
+    """A --single row (one window) runs in the first start only: the second start does not
+    build its process again, and its single measurements come from the start it ran in."""
+    monkeypatch.setattr(models, "Worker", _FakeWorker)
+    _FakeWorker.started = []
+    asked = []
+    ask = _FakeWorker.ask
+
+    def recording(self, op, timeout, **args):
+        asked.append((self.name, op))
+        return ask(self, op, timeout, **args)
+
+    monkeypatch.setattr(_FakeWorker, "ask", recording)
+
+    def row(name, kind, repeats):
+        return {"row": name, "worker": name, "kind": kind, "feed": "memory", "callbacks": "osteo",
+                "repeats": repeats, "cfg": {"name": name, "backend": "torch", "speeds": [10, 10]}}
+
+    args = type("Args", (), {"starts": 2, "timeout": 1, "pause": 0, "window": 1})()
+    group = {"model": "vgg16", "size": 224, "batch": 16,
+             "rows": [row("auto", "osteo", 4), row("keras-torch", "osteo", 1), row("cl", "timm", 4)]}
+    models.run_group(group, args, say=lambda line: None)
+    assert [w.name for w in _FakeWorker.started] == ["auto", "keras-torch", "cl", "auto", "cl"]
+    assert asked.count(("keras-torch", "window")) == 1 and asked.count(("keras-torch", "extras")) == 1
+    assert all(r.get("extras") == {} for r in group["rows"])
