@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -421,6 +424,66 @@ def test_the_feed_serves_tf_datas_values_and_positions_a_resumed_stream():
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(resumed[i][0]),
                                       levels[stream[4 + i]].astype(np.float32) / np.float32(257.0))
         np.testing.assert_array_equal(resumed[i][1], labels[stream[4 + i]])
+
+
+def test_the_feed_makes_the_next_batch_on_its_worker_and_the_same_batch_out_of_order():
+    """The main thread (which launches the model's work) gets batch i while the feed's worker
+    thread makes batch i + 1; a batch asked out of order is made on the spot and is the
+    batch the worker would have made; the worker's error reaches the batch that needed it."""
+    import threading
+
+    from osteo.data.feed import TorchFeed
+
+    levels, labels = _levels(12), np.arange(12) % 3
+    feed = TorchFeed(levels, labels, 4, training=True, seed=2)
+    made_on, make = {}, feed._make
+
+    def watched(i):
+        made_on[i] = threading.current_thread()
+        return make(i)
+
+    feed._make = watched
+    stream = [feed[i] for i in range(6)]
+    assert made_on[0] is threading.main_thread()  # the first has no batch before it
+    assert all(made_on[i] is not threading.main_thread() for i in range(1, 6)), made_on
+    for i, (x, y) in enumerate(stream):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(x),
+                                      levels[feed.indices(i)].astype(np.float32) / np.float32(257.0))
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(y), labels[feed.indices(i)])
+    jumbled = TorchFeed(levels, labels, 4, training=True, seed=2)
+    for i in (5, 2, 3, 0, 4, 1):  # all but 3 out of order
+        x, y = jumbled[i]
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(x), keras.ops.convert_to_numpy(stream[i][0]))
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(y), keras.ops.convert_to_numpy(stream[i][1]))
+
+    broken = TorchFeed(levels, labels, 4)
+    make_broken = broken._make
+
+    def fails_at_2(i):
+        if i == 2:
+            raise OSError("gather failed")
+        return make_broken(i)
+
+    broken._make = fails_at_2
+    broken[0], broken[1]  # batch 2 is made (and fails) on the worker meanwhile
+    with pytest.raises(OSError, match="gather failed"):
+        broken[2]
+
+
+def test_a_process_with_a_feeds_worker_exits():
+    """The feed's worker thread, busy with the next batch when training ends, does not keep
+    the process from exiting."""
+    code = """
+        import numpy as np
+        from osteo.data.feed import TorchFeed
+        feed = TorchFeed(np.zeros((10, 8, 8, 1), np.uint16), np.arange(10) % 3, 4, training=True)
+        for i in range(5):
+            feed[i]
+        print("trained", flush=True)
+    """
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "KERAS_BACKEND": "torch"})  # a hang guard
+    assert proc.returncode == 0 and proc.stdout.strip() == "trained", proc.stderr[-2000:]
 
 
 def test_mixup_and_cutmix_in_the_feed_are_seeded_by_step():

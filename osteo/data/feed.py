@@ -8,9 +8,12 @@ long as a whole VGG16 step of timm's own loop; ``benchmarks/README.md``). A
 :class:`TorchFeed` serves the same batches as tf.data would (the whole split held once
 as uint16 levels, each epoch a permutation seeded by ``(seed, epoch)``), as tensors
 already on the model's device: on a GPU the uint16 levels cross the bus from pinned
-memory (half the bytes of float32), become float32 [0, 255] there, and the next batch's
-copy is queued behind the current one on a side stream. The values are tf.data's to
-the bit: ``float32(level) / 257``.
+memory (half the bytes of float32), become float32 [0, 255] there. The next batch is
+made while the model trains on this one: a worker thread gathers its levels (on a GPU
+into pinned memory, and queues their copy on a side stream), so the main thread, which
+launches the step's kernels, does not wait for the gather (about 11 ms a batch of 128 at
+224 px on the H200's host, ``benchmarks/README.md``). The values are tf.data's to the
+bit: ``float32(level) / 257``.
 
 MixUp / CutMix draw their coefficients from NumPy's generator seeded by ``(seed, step)``,
 so a resumed run mixes the same batches (the same rule as tf.data's stateless ops, other
@@ -18,6 +21,9 @@ draws).
 """
 
 from __future__ import annotations
+
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import keras
 import numpy as np
@@ -53,7 +59,8 @@ class TorchFeed(keras.utils.PyDataset):
         self.cuda = torch.cuda.is_available()  # where Keras and the timm engine put the model
         self.device = torch.device("cuda" if self.cuda else "cpu")
         self._perm: tuple[int, np.ndarray] | None = None
-        self._next: tuple[int, object, object] | None = None  # (index, device tensor, ready event)
+        self._ahead: tuple[int, Future] | None = None  # the next batch, being made by the worker
+        self._pool: ThreadPoolExecutor | None = None
         if self.cuda:
             self._stream = torch.cuda.Stream()
             shape = (self.batch_size, *levels.shape[1:])
@@ -80,10 +87,9 @@ class TorchFeed(keras.utils.PyDataset):
         return self._perm[1][b * self.batch_size : (b + 1) * self.batch_size]
 
     def __getitem__(self, i: int):
-        idx = self.indices(i)
-        x, y = self._batch(i, idx)
-        if self.cuda and (self.training or i + 1 < self.per_pass):
-            self._prefetch(i + 1)
+        x, y = self._take(i)
+        if self.training or i + 1 < self.per_pass:  # the next batch, made while the model trains on this one
+            self._ahead = (i + 1, self._worker().submit(self._make, i + 1))
         if self.training and (self.mixup > 0 or self.cutmix > 0):
             x, y = self._mix(self.start_batch + i, x, y)
         if self.class_weight is None:
@@ -97,26 +103,46 @@ class TorchFeed(keras.utils.PyDataset):
         classes = y.argmax(-1) if y.ndim > 1 else y
         return self.class_weight[classes.long()]
 
-    # ------------------------------------------------------------------ device copies
+    # ------------------------------------------------------------------ making batches
 
-    def _batch(self, i: int, idx: np.ndarray):
-        """Images and labels of batch ``i``; on a GPU both already there, copied without a wait
+    def _worker(self) -> ThreadPoolExecutor:
+        """The one thread that makes the next batch; it ends when this feed is collected."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="osteo-feed")
+            weakref.finalize(self, self._pool.shutdown, wait=False)
+        return self._pool
+
+    def _take(self, i: int):
+        """Batch ``i`` on the device: the worker's, or made now when Keras asked out of order
+        (after the worker's batch is done: the two must not fill the same pinned buffer)."""
+        ahead, self._ahead = self._ahead, None
+        made = ahead[1].result() if ahead is not None else None  # re-raises the worker's error here
+        if ahead is None or ahead[0] != i:
+            made = self._make(i)
+        if not self.cuda:
+            return made
+        torch = self.torch
+        levels, labels, ready = made
+        stream = torch.cuda.current_stream()
+        stream.wait_event(ready)  # the GPU waits for the copy; the host does not
+        levels.record_stream(stream)
+        labels.record_stream(stream)
+        # uint16 travels as int16 (same bits: torch has few uint16 kernels); & 0xFFFF restores it
+        return (levels.to(torch.int32) & 0xFFFF).to(torch.float32) / SCALE, labels
+
+    def _make(self, i: int):
+        """Batch ``i`` (the worker thread's job): on the CPU its images and labels as tensors;
+        on a GPU its levels and labels copied there on the side stream, and the copy's event
         (labels handed over as NumPy would be copied to the device by Keras, and PyTorch waits
         for such a copy: see :class:`osteo.classifier.Model`)."""
-        torch = self.torch
+        torch, idx = self.torch, self.indices(i)
         if not self.cuda:
             images = torch.from_numpy(self.levels[idx].astype(np.float32) / np.float32(SCALE))
             return images, torch.from_numpy(self.labels[idx])
-        if self._next is not None and self._next[0] == i:
-            _, levels, labels, ready = self._next
-            torch.cuda.current_stream().wait_event(ready)
-            levels.record_stream(torch.cuda.current_stream())
-            labels.record_stream(torch.cuda.current_stream())
-        else:
-            levels, labels = self._copy(idx, torch.cuda.current_stream())
-        self._next = None
-        # uint16 travels as int16 (same bits: torch has few uint16 kernels); & 0xFFFF restores it
-        return (levels.to(torch.int32) & 0xFFFF).to(torch.float32) / SCALE, labels
+        levels, labels = self._copy(idx, self._stream)
+        ready = torch.cuda.Event()
+        ready.record(self._stream)
+        return levels, labels, ready
 
     def _copy(self, idx: np.ndarray, stream):
         """The levels and labels of ``idx``, gathered into pinned memory and copied on ``stream``
@@ -134,13 +160,6 @@ class TorchFeed(keras.utils.PyDataset):
             self._copied[slot] = torch.cuda.Event()
             self._copied[slot].record(stream)
         return levels, labels
-
-    def _prefetch(self, i: int) -> None:
-        idx = self.indices(i)
-        levels, labels = self._copy(idx, self._stream)
-        ready = self.torch.cuda.Event()
-        ready.record(self._stream)
-        self._next = (i, levels, labels, ready)
 
     # ------------------------------------------------------------------ MixUp / CutMix
 
