@@ -454,12 +454,17 @@ def serve(kind: str, cfg: dict) -> int:
         channel.write(TAG + json.dumps(obj) + "\n")
         channel.flush()
 
+    malloc = "default: glibc's own settings"
+    if cfg.get("malloc", "kept") == "kept":  # osteo train's setting, in every row's process alike: the
+        from osteo import device  # ratio compares the engines, not malloc's settings
+
+        malloc = device.keep_freed_memory()
     try:
         row = (OsteoRow if kind == "osteo" else TimmRow)(cfg)
     except Exception as e:
         reply({"error": _one_line(e)})
         return 1
-    reply(row.info)
+    reply({**row.info, "malloc": malloc})
     for line in sys.stdin:
         request = json.loads(line)
         if request["op"] == "quit":
@@ -754,6 +759,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(benchmarks/feed.py)")
     p.add_argument("--budget-s", type=float, default=0, help="start no group (or the feed) after this many "
                                                              "seconds (0: no limit)")
+    p.add_argument("--malloc", choices=("kept", "default"), default="kept",
+                   help="every row's process keeps its freed memory as osteo train does (kept), or uses "
+                        "glibc's defaults (default)")
     p.add_argument("--timeout", type=int, default=900, help="seconds a worker may take for one request")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="a folder, or a .json file")
     return p
@@ -790,7 +798,8 @@ def plan_groups(args, backends: set[str], has_timm: bool) -> list[dict]:
         if backend not in backends or (impl == "timm" and not has_timm):
             return []
         cfg = {"model": model, "size": size, "batch": args.batch, "backend": backend, "impl": impl, "jit": jit,
-               "precision": "auto" if engine == "auto" else precision, "planned_images": args.planned_images}
+               "precision": "auto" if engine == "auto" else precision, "planned_images": args.planned_images,
+               "malloc": args.malloc}
         row = {"row": engine, "worker": engine, "kind": "osteo", "cfg": cfg, "feed": "memory", "callbacks": "osteo",
                "repeats": repeats}
         out = [row]
@@ -813,7 +822,8 @@ def plan_groups(args, backends: set[str], has_timm: bool) -> list[dict]:
             for peer in peers if has_timm else ():
                 channels_last, compiled_peer = PEERS[peer]
                 cfg = {"model": model, "size": size, "batch": args.batch, "backend": "torch",
-                       "precision": precision, "channels_last": channels_last, "compile": compiled_peer}
+                       "precision": precision, "channels_last": channels_last, "compile": compiled_peer,
+                       "malloc": args.malloc}
                 rows.append({"row": peer, "worker": peer, "kind": "timm", "cfg": cfg, "feed": "memory",
                              "repeats": args.repeats})
             groups.append({"model": model, "size": size, "batch": args.batch, "rows": rows})
@@ -931,7 +941,7 @@ def main() -> int:
     path = out if out.suffix == ".json" else out / f"{datetime.date.today().isoformat()}-{platform.node() or 'host'}-models.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     report = {"host": platform.node(), "cpu": _cpu_name(), "gpu": _gpu_name(), "args": vars(args),
-              "method": {"window_s": args.window, "repeats": args.repeats, "starts": args.starts,
+              "method": {"window_s": args.window, "repeats": args.repeats, "starts": args.starts, "malloc": args.malloc,
                          "flag_spread": FLAG_SPREAD,
                          "trim_from": TRIM_FROM, "pause_s": args.pause, "batch": args.batch,
                          "precision": _precision(args.precision)},

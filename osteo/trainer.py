@@ -197,6 +197,8 @@ class Trainer:
         self.dm.setup(split=split, progress=self._data_progress())
 
     def _build_model(self) -> None:
+        # after the audit (its threads' freed buffers went back to the kernel), before the model
+        self.allocator = devices.keep_freed_memory()
         keras.mixed_precision.set_dtype_policy(self.plan.precision)
         try:
             self.model = self.clf.build()
@@ -225,7 +227,7 @@ class Trainer:
         run.write_manifest(self.dm.audit.manifest_rows())
         self.env = {
             **_versions(), "backend": self.plan.backend, "impl": r.model.impl, "precision": self.plan.precision,
-            "jit_compile": self.plan.jit_compile, "device": self.plan.to_json(),
+            "jit_compile": self.plan.jit_compile, "device": self.plan.to_json(), "allocator": self.allocator,
             "git_commit": _git_commit(), "seed": t.seed, "deterministic": t.deterministic,
             "command": self.command, "host": platform.node(),
             "started": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -195,6 +195,48 @@ print("LOADED", loaded)
     assert "unknown recipe 'nosuchrecipe'" in proc.stderr
 
 
+_FREED_AND_TAKEN_AGAIN = """
+import ctypes, json, os, resource, sys
+from osteo import device
+did = device.keep_freed_memory() if sys.argv[1] == "kept" else "untouched"
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+n = 48 << 20  # a step's activation: over glibc's largest dynamic mmap threshold (32 MiB)
+
+def step():
+    p = libc.malloc(n)
+    ctypes.memset(p, 1, n)  # every page written, as a tensor's are
+    libc.free(p)
+
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    step()
+print(json.dumps({"did": did, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_a_training_process_keeps_the_memory_a_step_frees():
+    """keep_freed_memory (what osteo train sets before building the model): a 48 MiB block freed
+    and taken again is not faulted in again; glibc's default hands it back to the kernel, whose
+    every page then faults anew, zeroed. Page-fault counts, not clocks. A user's own malloc
+    settings are left alone."""
+    pages = 4 * (48 << 20) // 4096
+    runs = {}
+    for how, extra in (("default", {}), ("kept", {}), ("kept", {"MALLOC_TRIM_THRESHOLD_": "131072"})):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+        proc = subprocess.run([sys.executable, "-c", _FREED_AND_TAKEN_AGAIN, how], capture_output=True, text=True,
+                              env={**env, **extra}, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[how, bool(extra)] = json.loads(proc.stdout)
+    assert runs["default", False]["faults"] > 0.9 * pages, runs
+    assert runs["kept", False]["did"].startswith("freed memory kept"), runs
+    assert runs["kept", False]["faults"] < 0.01 * pages, runs
+    assert runs["kept", True]["did"] == "left as it was: MALLOC_TRIM_THRESHOLD_ set", runs
+    assert runs["kept", True]["faults"] > 0.9 * pages, runs
+
+
 # --------------------------------------------------------------------------- quiet errors
 
 
