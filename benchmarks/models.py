@@ -32,7 +32,10 @@ interleave, repeat, report medians with their spread):
    between the starts (5 rounds: 3 on the first, 2 on the second): a process keeps its
    speed from round to round, but a new one of the same row may not (timm's DenseNet169 at
    224 px: 11.2-13.0 img/s in every round of one process, 17.3-19.8 in the next run's),
-   and only across starts does the spread below see that.
+   and only across starts does the spread below see that. Most of that was page faults:
+   every row's process keeps the memory its steps free, as ``osteo train`` does
+   (``--malloc kept``, :func:`osteo.device.keep_freed_memory`), so the ratio compares the
+   engines; ``--malloc default`` leaves glibc's settings.
 2. A timed window trains until ``--window`` seconds have passed (and at least
    ``MIN_STEPS`` steps); its first step is not timed, and the clock stops once the device
    has finished. A time budget rather than a step count fixed beforehand: a count
