@@ -220,9 +220,9 @@ print(json.dumps({"did": did, "faults": resource.getrusage(resource.RUSAGE_SELF)
 def test_a_training_process_keeps_the_memory_a_step_frees():
     """keep_freed_memory (what osteo train sets before building the model): a 48 MiB block freed
     and taken again is not faulted in again; glibc's default hands it back to the kernel, whose
-    every page then faults anew, zeroed. Page-fault counts, not clocks. A user's own malloc
-    settings are left alone."""
-    pages = 4 * (48 << 20) // 4096
+    every page then faults anew, zeroed (49,152 faults in 4 KiB pages for the four). Page-fault
+    counts, not clocks. A user's own malloc settings are left alone."""
+    anew = 4 * (48 << 20) // (2 << 20)  # four blocks faulted in again, even in 2 MiB pages (THP "always")
     runs = {}
     for how, extra in (("default", {}), ("kept", {}), ("kept", {"MALLOC_TRIM_THRESHOLD_": "131072"})):
         env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
@@ -230,11 +230,11 @@ def test_a_training_process_keeps_the_memory_a_step_frees():
                               env={**env, **extra}, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs[how, bool(extra)] = json.loads(proc.stdout)
-    assert runs["default", False]["faults"] > 0.9 * pages, runs
+    assert runs["default", False]["faults"] >= anew, runs
     assert runs["kept", False]["did"].startswith("freed memory kept"), runs
-    assert runs["kept", False]["faults"] < 0.01 * pages, runs
+    assert runs["kept", False]["faults"] * 10 < runs["default", False]["faults"], runs
     assert runs["kept", True]["did"] == "left as it was: MALLOC_TRIM_THRESHOLD_ set", runs
-    assert runs["kept", True]["faults"] > 0.9 * pages, runs
+    assert runs["kept", True]["faults"] >= anew, runs
 
 
 # --------------------------------------------------------------------------- quiet errors
