@@ -399,7 +399,6 @@ def keep_freed_memory(environ: dict | None = None) -> str:
     allocator (jemalloc, tcmalloc): their choice stands.
     """
     import ctypes
-    import ctypes.util
 
     env = os.environ if environ is None else environ
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
@@ -412,15 +411,16 @@ def keep_freed_memory(environ: dict | None = None) -> str:
     if chosen:
         return f"left as it was: {', '.join(chosen)} set"
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the process's own symbols, glibc's among them (find_library runs ldconfig)
         ok = (libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED["mmap_threshold"])
               and libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED["trim_threshold"]))
     except (OSError, AttributeError) as e:
         return f"left as it was: mallopt unavailable ({e})"
     if not ok:
         return "left as it was: mallopt refused the settings"
-    return ("freed memory kept: glibc mallopt mmap_threshold 1 GiB, trim_threshold 2 GiB "
-            "(no page faults between steps)")
+    return ("freed memory kept: glibc mallopt "
+            + ", ".join(f"{k} {v / 2**30:.0f} GiB" for k, v in KEEP_FREED.items())
+            + " (no page faults between steps)")
 
 
 def planned_images(recipe) -> int:
