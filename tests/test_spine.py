@@ -26,9 +26,11 @@ def _python(code: str, env_extra=None, **kw) -> subprocess.CompletedProcess:
 
 
 def test_resolve_fills_the_backbones_defaults_once_and_is_idempotent():
-    r = resolve(recipe_for("densenet169"))
-    assert (r.data.image_size, r.model.preprocessing) == (224, "torch")
-    assert resolve(r).to_dict() == r.to_dict()
+    # the backend named, not taken from whichever Keras an earlier test imported (run alone,
+    # no Keras is loaded, and resolve() leaves the engine, and with it preprocessing, open)
+    r = resolve(recipe_for("densenet169"), backend="tensorflow")
+    assert (r.data.image_size, r.model.impl, r.model.preprocessing) == (224, "keras", "torch")
+    assert resolve(r, backend="tensorflow").to_dict() == r.to_dict()
     small = recipe_for("vgg16")
     small.data.image_size = 48
     assert resolve(small).data.image_size == 48
