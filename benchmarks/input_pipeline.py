@@ -18,6 +18,10 @@ epochs varies by up to 2x while CPU time stays put.
 - ``osteo later epoch``: from the split held in memory; ``osteo new run``: a second run
   on the same data, every image from the on-disk cache.
 - 16-bit PNGs and DICOM (the phantom's pixels, ``--formats``) have no Keras peer.
+- ``--malloc kept`` (the default): the process keeps its freed memory from the start, as
+  ``osteo train`` does from its audit on, and osteo's row hands what the audit left free
+  back after it, as ``osteo train`` does. Rows share the process, so Keras' loaders run
+  with the same setting (it can only help them); ``--malloc default`` for glibc's own.
 
 ``--stages`` times each step of the audit + cache path on one thread (CPU ms per image):
 where a new dataset's time goes. Writes ``benchmarks/results/input_pipeline-<date>-<host>.json``.
@@ -132,13 +136,14 @@ class OsteoRun:
     """One new dataset through osteo: audit (filling a fresh cache) + cache check + first
     epoch; then later epochs and a new run from the disk cache."""
 
-    def __init__(self, data: Path, size: int, batch: int):
-        self.data, self.size, self.batch = data, size, batch
+    def __init__(self, data: Path, size: int, batch: int, allocator: str = ""):
+        self.data, self.size, self.batch, self.allocator = data, size, batch, allocator
 
     def first_epoch(self) -> dict:
         from osteo.data.pipeline import Entry, ImageCache
         from osteo.data.scan import audit
         from osteo.data.tfdata import make_dataset
+        from osteo.device import release_freed_memory
 
         self.cache_root = Path(tempfile.mkdtemp(prefix="osteo-bench-cache-"))
         with Timer() as t:
@@ -146,6 +151,7 @@ class OsteoRun:
             ok = audit(self.data, cache=cache).ok()
             entries = [Entry.from_row(self.data, r) for r in ok]
             assert cache.fill(entries) == []
+            release_freed_memory(self.allocator)  # as osteo train does after its audit
             self.files = [str(cache.path(e.sha256)) for e in entries]
             self.labels = [CLASSES.index(r.label) for r in ok]
             self.steps = -(-len(ok) // self.batch)
@@ -280,6 +286,8 @@ def main() -> int:
     p.add_argument("--large-n", type=int, default=400, help="number of large JPEGs (0: skip)")
     p.add_argument("--large-size", type=int, default=2400)
     p.add_argument("--formats", default="png16,dicom", help="other sets, osteo only: png16, dicom ('' for none)")
+    p.add_argument("--malloc", choices=("kept", "default"), default="kept",
+                   help="the process keeps its freed memory as osteo train does (kept), or glibc's defaults")
     p.add_argument("--stages", action="store_true", help="CPU ms per image by stage instead (one thread)")
     p.add_argument("--work", default="data/bench", help="where the benchmark data is kept")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -301,6 +309,12 @@ def main() -> int:
     if "dicom" in formats:
         sets["DICOM"] = ensure_dicoms(data, work / f"dicom-{args.n}-{args.source_size}", args.n)
     results: dict = {"config": vars(args), "machine": _machine()}
+    allocator = ""
+    if args.malloc == "kept":
+        from osteo.device import keep_freed_memory
+
+        allocator = keep_freed_memory()
+    results["allocator"] = allocator or "glibc's defaults"
 
     if args.stages:
         results["stages"] = {name: stages(folder, args.size, 300) for name, folder in sets.items()}
@@ -326,7 +340,7 @@ def main() -> int:
             if keras_peer:
                 add((name, "ImageDataGenerator (the study)"), image_data_generator(folder, args.size, args.batch))
                 add((name, "image_dataset_from_directory"), image_dataset_from_directory(folder, args.size, args.batch))
-            run = OsteoRun(folder, args.size, args.batch)
+            run = OsteoRun(folder, args.size, args.batch, allocator)
             try:
                 add((name, "osteo audit + first epoch"), run.first_epoch())
                 if name == "PNG":
@@ -339,7 +353,7 @@ def main() -> int:
     summary = {f"{k[0]}: {k[1]}": _summary(v) for k, v in samples.items()}
     results["rows"] = summary
     table = Table(title=f"input pipeline -> {args.size} px, batch {args.batch}: median of {args.rounds} interleaved "
-                        f"rounds ({args.n} PNGs of {args.source_size} px)")
+                        f"rounds ({args.n} PNGs of {args.source_size} px; malloc: {args.malloc})")
     for col in ("set", "pipeline", "images/s", "spread", "CPU ms/image", "vs ImageDataGenerator",
                 "vs image_dataset_from_directory"):
         table.add_column(col, justify="left" if col in ("set", "pipeline") else "right")

@@ -193,12 +193,14 @@ class Trainer:
 
         r, t = self.recipe, self.recipe.train
         devices.set_determinism(t.seed, t.deterministic)
+        # freed memory kept from the audit on (its buffers, about 1 MB an image, are not
+        # faulted in again), then what the audit left free handed back once, before the model
+        self.allocator = devices.keep_freed_memory()
         self.dm = DataModule(r.data, seed=t.seed, mixup=r.model.augment.mixup, cutmix=r.model.augment.cutmix)
         self.dm.setup(split=split, progress=self._data_progress())
+        devices.release_freed_memory(self.allocator)
 
     def _build_model(self) -> None:
-        # after the audit (its threads' freed buffers went back to the kernel), before the model
-        self.allocator = devices.keep_freed_memory()
         keras.mixed_precision.set_dtype_policy(self.plan.precision)
         try:
             self.model = self.clf.build()

@@ -140,7 +140,19 @@ def test_backend_auto_follows_the_measurements_and_never_idles_a_gpu():
     assert device_plan(get_backbone("vgg16"), tf_gpu, available=BOTH).impl == "keras"
 
 
-def test_env_json_records_each_choice_and_why(phantom_dir, tmp_path, tiny_recipe):
+def test_env_json_records_each_choice_and_why(phantom_dir, tmp_path, tiny_recipe, monkeypatch):
+    from osteo import device
+    from osteo.classifier import Classifier
+    from osteo.data.module import DataModule
+
+    # the order of the memory handling, recorded through the real functions
+    calls = []
+    keep, release, setup, build = (device.keep_freed_memory, device.release_freed_memory, DataModule.setup,
+                                   Classifier.build)
+    monkeypatch.setattr(device, "keep_freed_memory", lambda: calls.append("keep") or keep())
+    monkeypatch.setattr(device, "release_freed_memory", lambda kept: calls.append(("release", kept)) or release(kept))
+    monkeypatch.setattr(DataModule, "setup", lambda self, **kw: calls.append("audit") or setup(self, **kw))
+    monkeypatch.setattr(Classifier, "build", lambda self: calls.append("model") or build(self))
     run = Trainer(tiny_recipe(phantom_dir, tmp_path, epochs=1, steps_per_epoch=1)).setup().run_dir
     env = run.read_env()
     assert env["backend"] == keras.backend.backend()
@@ -148,6 +160,8 @@ def test_env_json_records_each_choice_and_why(phantom_dir, tmp_path, tiny_recipe
     assert all(env["device"]["why"][k] for k in ("backend", "precision", "jit_compile"))
     # glibc's malloc keeps what a step frees, unless the user chose malloc's settings (the CI's are glibc's)
     assert env["allocator"].startswith(("freed memory kept", "left as it was")), env["allocator"]
+    # kept from the audit on (its buffers are not faulted in again), what it left free handed back before the model
+    assert calls == ["keep", "audit", ("release", env["allocator"]), "model"], calls
 
 
 @pytest.mark.parametrize("backbone", [pytest.param(n, marks=pytest.mark.slow)
