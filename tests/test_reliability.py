@@ -357,6 +357,20 @@ def mutated(draw):
     return bytes(data)
 
 
+def test_a_dicom_whose_patient_id_is_damaged_is_unreadable_with_its_reason():
+    """Found by the fuzz test below in a clean clone's CI run: one flipped byte made the
+    PatientID's VR 'MO', which pydicom raises on when the element is first read; that read
+    came after the decoder's error handling, so the audit would have crashed."""
+    from osteo.data.decode import DecodeError, decode_bytes
+
+    good = _dicom_bytes()
+    tag = b"\x10\x00\x20\x00LO"  # (0010,0020) PatientID, explicit VR little endian
+    assert good.count(tag) == 1
+    decode_bytes(good)  # the seed itself decodes
+    with pytest.raises(DecodeError, match=r"dicom decode failed: NotImplementedError: .*'MO'"):
+        decode_bytes(good.replace(tag, b"\x10\x00\x20\x00MO"))
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=mutated())
 def test_decoder_never_crashes_on_mutated_bytes(data):

@@ -445,6 +445,11 @@ def _decode_dicom(data: bytes) -> Gray:
                 pixels = apply_modality_lut(pixels, ds)
                 if "WindowCenter" in ds or "VOILUTSequence" in ds:
                     pixels = apply_voi_lut(pixels, ds)
+            # pydicom converts an element when it is first read: a damaged one (an unknown VR,
+            # a bad length) raises here, as a reason, not later as a crash
+            monochrome1 = str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+            bits = int(getattr(ds, "BitsAllocated", 16) or 16)
+            patient = str(ds.get("PatientID", "") or "").strip()
         arr = np.asarray(pixels, dtype=np.float64)
         del pixels
     except DecodeError:
@@ -464,9 +469,7 @@ def _decode_dicom(data: bytes) -> Gray:
         arr *= 255.0
     else:
         arr[...] = 0.0
-    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+    if monochrome1:
         np.subtract(255.0, arr, out=arr)
     h, w = arr.shape
-    bits = int(getattr(ds, "BitsAllocated", 16) or 16)
-    patient = str(ds.get("PatientID", "") or "").strip()
     return Gray(arr.astype(np.float32), ImageInfo("dicom", w, h, bits, frames, patient), "float")
