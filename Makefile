@@ -34,7 +34,7 @@ test: install
 	KERAS_BACKEND=torch $(PY) -m pytest -q $(TORCH_TESTS)
 
 test-all: install
-	OSTEO_SLOW=1 $(PY) -m pytest -q
+	OSTEO_SLOW=1 OSTEO_HYPOTHESIS=explore $(PY) -m pytest -q
 	OSTEO_SLOW=1 KERAS_BACKEND=torch $(PY) -m pytest -q $(TORCH_TESTS)
 
 # ruff, then the import contracts of pyproject.toml (the floors of docs/ARCHITECTURE.md)
