@@ -21,7 +21,8 @@ epochs varies by up to 2x while CPU time stays put.
 - ``--malloc kept`` (the default): the process keeps its freed memory from the start, as
   ``osteo train`` does from its audit on, and osteo's row hands what the audit left free
   back after it, as ``osteo train`` does. Rows share the process, so Keras' loaders run
-  with the same setting (it can only help them); ``--malloc default`` for glibc's own.
+  with the same setting (they measured the same either way, ``benchmarks/README.md``);
+  ``--malloc default`` for glibc's own.
 
 ``--stages`` times each step of the audit + cache path on one thread (CPU ms per image):
 where a new dataset's time goes. Writes ``benchmarks/results/input_pipeline-<date>-<host>.json``.

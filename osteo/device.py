@@ -426,14 +426,15 @@ def keep_freed_memory(environ: dict | None = None) -> str:
 
 def release_freed_memory(kept: str) -> bool:
     """Hand what malloc holds free back to the kernel, once (glibc's ``malloc_trim``), when
-    :func:`keep_freed_memory` kept it (``kept``: its report); True when it did.
+    :func:`keep_freed_memory` kept it (``kept``: its report); True when glibc was asked to.
 
     ``osteo train`` keeps freed memory from before the audit: the audit's threads allocate
     and free about 1 MB of buffers an image (decode, resize, the cache entry), which glibc's
-    defaults hand back to the kernel and fault in again, 240 page faults an image. Kept,
-    the audit with its cache fill ran 1.09x faster (1,000 PNGs, 8 interleaved pairs of
-    processes, ``benchmarks/README.md``). Called once the audit is done, so the training
-    that follows does not hold the audit's peak (92 MB resident instead of 192 there).
+    defaults hand back to the kernel and fault in again, about 240 page faults an image.
+    Kept, the audit with its cache fill ran faster (``benchmarks/audit_memory.py``,
+    ``benchmarks/README.md``). Called once the audit is done, so the training that follows
+    does not hold what the audit left free (1,000 PNGs: 192 MB resident after the audit,
+    90-92 after the release).
     """
     if not kept.startswith("freed memory kept"):
         return False

@@ -185,7 +185,7 @@ register(BackboneSpec(
     stages_doc="5 conv blocks (each ends in a max-pool)",
     gradcam_layer="block5_conv3",
     cpu=_cpu("the timm engine trained 1.14x TensorFlow's rate (9.95 vs 8.71 img/s, 224 px, bf16, medians of 5 "
-             "interleaved rounds, freed memory kept; 1.02x before, 4.27 vs 4.17)",
+             "interleaved rounds, freed memory kept; an earlier single-window measurement gave 1.02x, 4.27 vs 4.17)",
              "Keras' layers on PyTorch trained 1.72x TensorFlow's rate (25.8 vs 15.0 img/s, 32 px)",
              bf16=("tensorflow", "torch")),
     engine_why={"avx512_bf16": "the timm engine trained 1.40x Keras' layers on PyTorch (4.27 vs 3.04 img/s, 224 px, bf16)",
@@ -199,7 +199,7 @@ register(BackboneSpec(
     stages_doc="5 conv blocks (each ends in a max-pool)",
     gradcam_layer="block5_conv4",
     cpu=_cpu("the timm engine trained 1.13x TensorFlow's rate (7.94 vs 7.01 img/s, 224 px, bf16, medians of 5 "
-             "interleaved rounds, freed memory kept; a tie before, 3.42 vs 3.46); it starts sooner", "as VGG16, whose Keras layers on PyTorch trained 1.72x TensorFlow's rate "
+             "interleaved rounds, freed memory kept; an earlier single-window measurement gave a tie, 3.42 vs 3.46); it starts sooner", "as VGG16, whose Keras layers on PyTorch trained 1.72x TensorFlow's rate "
              "(32 px)", bf16=("tensorflow", "torch")),
     engine_why={"avx512_bf16": "the timm engine trained 1.30x Keras' layers on PyTorch (3.40 vs 2.62 img/s, 224 px, bf16)",
                 "avx2": "timm's own loop trained 1.04x Keras' layers on PyTorch (8.07 vs 7.73 img/s, 64 px)",
@@ -221,7 +221,7 @@ register(BackboneSpec(
                          "Keras' layers on PyTorch trained DenseNet169 at 203 img/s vs 1,014 for the timm engine on "
                          "an H200 (224 px, batch 128, bf16): 5.0x slower, 3.8x the GPU memory")),
     cpu=_cpu("the timm engine trained 2.05x TensorFlow's rate (22.6 vs 11.0 img/s, 224 px, bf16, medians of 5 "
-             "interleaved rounds, freed memory kept; 1.76x before, 12.15 vs 6.89)",
+             "interleaved rounds, freed memory kept; an earlier single-window measurement gave 1.76x, 12.15 vs 6.89)",
              "timm's own loop trained 1.84x Keras' layers on PyTorch (18.6 vs 10.1 img/s, 64 px), which "
              "trained 0.61x TensorFlow's rate (32 px): about 1.1x"),
     engine_why={"avx512_bf16": "the timm engine trained 2.86x Keras' layers on PyTorch (12.40 vs 4.33 img/s, 224 px, "

@@ -197,8 +197,10 @@ class Trainer:
         # faulted in again), then what the audit left free handed back once, before the model
         self.allocator = devices.keep_freed_memory()
         self.dm = DataModule(r.data, seed=t.seed, mixup=r.model.augment.mixup, cutmix=r.model.augment.cutmix)
-        self.dm.setup(split=split, progress=self._data_progress())
-        devices.release_freed_memory(self.allocator)
+        try:
+            self.dm.setup(split=split, progress=self._data_progress())
+        finally:  # a failed audit's memory too: the process may go on (a notebook, a study's next model)
+            devices.release_freed_memory(self.allocator)
 
     def _build_model(self) -> None:
         keras.mixed_precision.set_dtype_policy(self.plan.precision)
