@@ -358,7 +358,7 @@ def mutated(draw):
 
 
 def test_a_dicom_whose_patient_id_is_damaged_is_unreadable_with_its_reason():
-    """Found by the fuzz test below in a clean clone's CI run: one flipped byte made the
+    """Found by the fuzz test below in a clean clone's make test: one flipped byte made the
     PatientID's VR 'MO', which pydicom raises on when the element is first read; that read
     came after the decoder's error handling, so the audit would have crashed."""
     from osteo.data.decode import DecodeError, decode_bytes
