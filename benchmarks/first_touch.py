@@ -36,8 +36,9 @@ PAGE = 4096
 REPORTING = Path("/sys/module/page_reporting/parameters")
 
 
-def _fault_us(nbytes: int) -> tuple[float, np.ndarray, mmap.mmap]:
-    """(us per page of the first write less the second, the array, its mapping)."""
+def _first_write_us(nbytes: int) -> float:
+    """us per page of the first write less the second, of ``nbytes`` of new memory, which
+    is then freed."""
     # private anonymous memory, as malloc's (mmap's default, MAP_SHARED, would be shmem); not
     # madvised: 4 KiB pages unless THP is "always"
     m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -47,17 +48,14 @@ def _fault_us(nbytes: int) -> tuple[float, np.ndarray, mmap.mmap]:
     t1 = time.perf_counter()
     a.fill(2)
     t2 = time.perf_counter()
-    return 1e6 * ((t1 - t0) - (t2 - t1)) / (nbytes // PAGE), a, m
+    del a  # no view left on the mapping: it can be closed
+    m.close()
+    return 1e6 * ((t1 - t0) - (t2 - t1)) / (nbytes // PAGE)
 
 
 def recycled(mib: int) -> float:
-    _, a, m = _fault_us(mib << 20)  # these pages go back to the kernel, then come again
-    del a
-    m.close()
-    us, a, m = _fault_us(mib << 20)
-    del a
-    m.close()
-    return us
+    _first_write_us(mib << 20)  # these pages go back to the kernel, then come again
+    return _first_write_us(mib << 20)
 
 
 def reported_kib() -> int | None:
@@ -69,10 +67,8 @@ def after_reporting(gib: int, wait_s: float) -> tuple[float, float, str]:
     """(us per page, seconds waited, how the wait ended): ``gib`` GiB written and freed, then
     taken again once the guest has reported three quarters as much free memory to the host
     ("reported"), or after ``wait_s`` ("timed out"; "no counter" where the kernel shows none)."""
-    _, a, m = _fault_us(gib << 30)
-    del a
-    before = reported_kib()
-    m.close()
+    _first_write_us(gib << 30)
+    before = reported_kib()  # after the free: a report already made of them is missed, the wait only longer
     t0 = time.perf_counter()
     ended = "no counter"
     if before is None:
@@ -88,10 +84,7 @@ def after_reporting(gib: int, wait_s: float) -> tuple[float, float, str]:
                 break
             time.sleep(0.2)
     waited = time.perf_counter() - t0
-    us, a, m = _fault_us(gib << 30)
-    del a
-    m.close()
-    return us, waited, ended
+    return _first_write_us(gib << 30), waited, ended
 
 
 def reporting() -> dict:

@@ -383,6 +383,14 @@ def peak_memory_mb() -> dict[str, float | None]:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 KEEP_FREED = {"mmap_threshold": 1 << 30, "trim_threshold": (1 << 31) - 1}
 _MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+KEPT = "freed memory kept"  # how keep_freed_memory's report begins when it set malloc
+
+
+def _libc():
+    """The process's own symbols, glibc's among them (ctypes.util.find_library runs ldconfig)."""
+    import ctypes
+
+    return ctypes.CDLL(None)
 
 
 def keep_freed_memory(environ: dict | None = None) -> str:
@@ -399,8 +407,6 @@ def keep_freed_memory(environ: dict | None = None) -> str:
     not glibc's, or where the user set malloc's environment variables or preloaded another
     allocator (jemalloc, tcmalloc): their choice stands.
     """
-    import ctypes
-
     env = os.environ if environ is None else environ
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "left as it was: not glibc's malloc"
@@ -412,14 +418,14 @@ def keep_freed_memory(environ: dict | None = None) -> str:
     if chosen:
         return f"left as it was: {', '.join(chosen)} set"
     try:
-        libc = ctypes.CDLL(None)  # the process's own symbols, glibc's among them (find_library runs ldconfig)
+        libc = _libc()
         ok = (libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED["mmap_threshold"])
               and libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED["trim_threshold"]))
     except (OSError, AttributeError) as e:
         return f"left as it was: mallopt unavailable ({e})"
     if not ok:
         return "left as it was: mallopt refused the settings"
-    return ("freed memory kept: glibc mallopt "
+    return (f"{KEPT}: glibc mallopt "
             + ", ".join(f"{k} {v / 2**30:.0f} GiB" for k, v in KEEP_FREED.items())
             + " (no page faults between steps)")
 
@@ -436,12 +442,10 @@ def release_freed_memory(kept: str) -> bool:
     does not hold what the audit left free (1,000 PNGs: 192 MB resident after the audit,
     90-92 after the release).
     """
-    if not kept.startswith("freed memory kept"):
+    if not kept.startswith(KEPT):
         return False
-    import ctypes
-
     try:
-        ctypes.CDLL(None).malloc_trim(0)
+        _libc().malloc_trim(0)
     except (OSError, AttributeError):
         return False
     return True
