@@ -35,7 +35,11 @@ interleave, repeat, report medians with their spread):
    and only across starts does the spread below see that. Most of that was page faults:
    every row's process keeps the memory its steps free, as ``osteo train`` does
    (``--malloc kept``, :func:`osteo.device.keep_freed_memory`), so the ratio compares the
-   engines; ``--malloc default`` leaves glibc's settings.
+   engines; ``--malloc default`` leaves glibc's settings. Likewise every row's process,
+   timm's too, gets osteo train's OpenMP setting (``--spin osteo``,
+   :func:`osteo.device.short_spin_waits`: threads spin briefly, then sleep); ``--spin
+   default`` leaves libgomp's. With libgomp's default spin, a second training on the same
+   2 cores slowed a row 4-30x from one window to the next (issue 20.2's busy run).
 2. A timed window trains until ``--window`` seconds have passed (and at least
    ``MIN_STEPS`` steps); its first step is not timed, and the clock stops once the device
    has finished. A time budget rather than a step count fixed beforehand: a count
@@ -457,17 +461,20 @@ def serve(kind: str, cfg: dict) -> int:
         channel.write(TAG + json.dumps(obj) + "\n")
         channel.flush()
 
+    from osteo import device  # Keras-free, torch-free: the settings below come before torch loads
+
     malloc = "default: glibc's own settings"
     if cfg.get("malloc", "kept") == "kept":  # osteo train's setting, in every row's process alike: the
-        from osteo import device  # ratio compares the engines, not malloc's settings
-
-        malloc = device.keep_freed_memory()
+        malloc = device.keep_freed_memory()  # ratio compares the engines, not malloc's settings
+    spin = "default: libgomp's own settings"
+    if cfg.get("spin", "osteo") == "osteo":  # likewise osteo train's OpenMP setting
+        spin = device.short_spin_waits()
     try:
         row = (OsteoRow if kind == "osteo" else TimmRow)(cfg)
     except Exception as e:
         reply({"error": _one_line(e)})
         return 1
-    reply({**row.info, "malloc": malloc})
+    reply({**row.info, "malloc": malloc, "openmp": spin})
     for line in sys.stdin:
         request = json.loads(line)
         if request["op"] == "quit":
@@ -765,6 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--malloc", choices=("kept", "default"), default="kept",
                    help="every row's process keeps its freed memory as osteo train does (kept), or uses "
                         "glibc's defaults (default)")
+    p.add_argument("--spin", choices=("osteo", "default"), default="osteo",
+                   help="every row's process gets osteo train's OpenMP spin setting (osteo), or libgomp's "
+                        "defaults (default)")
     p.add_argument("--timeout", type=int, default=900, help="seconds a worker may take for one request")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="a folder, or a .json file")
     return p
@@ -802,7 +812,7 @@ def plan_groups(args, backends: set[str], has_timm: bool) -> list[dict]:
             return []
         cfg = {"model": model, "size": size, "batch": args.batch, "backend": backend, "impl": impl, "jit": jit,
                "precision": "auto" if engine == "auto" else precision, "planned_images": args.planned_images,
-               "malloc": args.malloc}
+               "malloc": args.malloc, "spin": args.spin}
         row = {"row": engine, "worker": engine, "kind": "osteo", "cfg": cfg, "feed": "memory", "callbacks": "osteo",
                "repeats": repeats}
         out = [row]
@@ -826,7 +836,7 @@ def plan_groups(args, backends: set[str], has_timm: bool) -> list[dict]:
                 channels_last, compiled_peer = PEERS[peer]
                 cfg = {"model": model, "size": size, "batch": args.batch, "backend": "torch",
                        "precision": precision, "channels_last": channels_last, "compile": compiled_peer,
-                       "malloc": args.malloc}
+                       "malloc": args.malloc, "spin": args.spin}
                 rows.append({"row": peer, "worker": peer, "kind": "timm", "cfg": cfg, "feed": "memory",
                              "repeats": args.repeats})
             groups.append({"model": model, "size": size, "batch": args.batch, "rows": rows})
@@ -945,6 +955,7 @@ def main() -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     report = {"host": platform.node(), "cpu": _cpu_name(), "gpu": _gpu_name(), "args": vars(args),
               "method": {"window_s": args.window, "repeats": args.repeats, "starts": args.starts, "malloc": args.malloc,
+                         "spin": args.spin,
                          "flag_spread": FLAG_SPREAD,
                          "trim_from": TRIM_FROM, "pause_s": args.pause, "batch": args.batch,
                          "precision": _precision(args.precision)},

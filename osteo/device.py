@@ -25,6 +25,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -449,6 +450,38 @@ def release_freed_memory(kept: str) -> bool:
     except (OSError, AttributeError):
         return False
     return True
+
+
+# How long PyTorch's OpenMP threads (libgomp) spin for work before they sleep: 3,000 polls
+# instead of libgomp's 300,000 (a few milliseconds). See short_spin_waits.
+SPIN_COUNT = 3000
+_OPENMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+SHORT_SPIN = "short spin waits"  # how short_spin_waits' report begins when it set libgomp
+
+
+def short_spin_waits(environ: dict | None = None, loaded: bool | None = None) -> str:
+    """Make PyTorch's OpenMP threads spin briefly (``GOMP_SPINCOUNT``) before they sleep,
+    instead of libgomp's default of some milliseconds; return what was done, for ``env.json``.
+    Must run before torch is imported: libgomp reads its environment once, when it loads
+    (``loaded``: whether torch is imported already; default: ``sys.modules`` says).
+
+    On a CPU shared with another training (a second ``osteo train``, a benchmark beside a
+    run), the default spin of every thread at every barrier takes the cores the other
+    process's threads wait for, and each waits in turn for its own threads to be scheduled.
+    On the 2-core VM, timm's ConvNeXtTiny loop at 64 px beside a second training ran at
+    4.2-10.7 img/s with the default against 16.6-17.9 with 3,000 polls; alone, at 86.2 and
+    87.3 img/s (medians of 5; ``benchmarks/spin_waits.py``, ``benchmarks/README.md``). Left alone where the user set ``OMP_WAIT_POLICY`` or
+    ``GOMP_SPINCOUNT``: their choice stands.
+    """
+    env = os.environ if environ is None else environ
+    chosen = [k for k in _OPENMP_ENV if k in env]
+    if chosen:
+        return f"left as it was: {', '.join(chosen)} set"
+    if ("torch" in sys.modules) if loaded is None else loaded:
+        return "left as it was: torch (and its OpenMP) was loaded before the choice"
+    env["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+    return (f"{SHORT_SPIN}: GOMP_SPINCOUNT={SPIN_COUNT} (OpenMP threads sleep soon when idle, "
+            "so a second process on the same cores is not starved)")
 
 
 def planned_images(recipe) -> int:

@@ -143,6 +143,8 @@ def plan_device(requested: str | None, recipe: Recipe, say: Say) -> device.Plan:
                            jit_compile=t.jit_compile, impl=recipe.model.impl,
                            weights=recipe.model.weights)
         plan.why["backend"] = "the backend Keras had loaded"
+        if plan.backend == "torch":
+            plan.why["openmp"] = device.short_spin_waits()
         return plan
     choice = requested or os.environ.get("KERAS_BACKEND") or "auto"
     plan = device.plan(spec, device.probe(), backend=choice, precision=t.precision, jit_compile=t.jit_compile,
@@ -154,6 +156,8 @@ def plan_device(requested: str | None, recipe: Recipe, say: Say) -> device.Plan:
     for warning in plan.warnings:  # a requested choice measured far slower here (env.json keeps it too)
         logging.getLogger("osteo").warning(warning)
     os.environ["KERAS_BACKEND"] = plan.backend
+    if plan.backend == "torch":  # before torch is imported: libgomp reads its settings as it loads
+        plan.why["openmp"] = device.short_spin_waits()
     return plan
 
 

@@ -249,6 +249,44 @@ def test_a_training_process_keeps_the_memory_a_step_frees():
     assert not runs["default", False]["released"] and not runs["kept", True]["released"], runs
 
 
+_PLAN_THEN_TORCH = """
+import json, sys
+from osteo.recipe import recipe_for
+from osteo.session import plan_device
+plan = plan_device(sys.argv[1], recipe_for("vgg16"), lambda s: None)
+import torch  # libgomp reads its settings now and, with OMP_DISPLAY_ENV, prints them to stderr
+print("OPENMP", json.dumps(plan.why.get("openmp")))
+"""
+
+
+def test_a_pytorch_run_sets_short_openmp_spin_waits_before_torch_loads():
+    """osteo train on PyTorch (plan_device) sets libgomp's spin count before torch is imported,
+    as libgomp itself then reports (OMP_DISPLAY_ENV); a user's OpenMP setting stands; a
+    TensorFlow run leaves libgomp's default (300,000)."""
+    pytest.importorskip("torch")
+    from osteo.device import SPIN_COUNT
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "KERAS_BACKEND")}
+    seen = {}
+    for backend, extra in (("torch", {}), ("torch", {"GOMP_SPINCOUNT": "50000"}), ("tensorflow", {})):
+        proc = subprocess.run([sys.executable, "-c", _PLAN_THEN_TORCH, backend], capture_output=True, text=True,
+                              env={**env, "OMP_DISPLAY_ENV": "VERBOSE", **extra}, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        said = json.loads(proc.stdout.split("OPENMP", 1)[1])
+        spin = re.search(r"GOMP_SPINCOUNT = '(\d+)'", proc.stderr)
+        assert spin, proc.stderr[-2000:]
+        seen[backend, bool(extra)] = (said, int(spin.group(1)))
+    assert seen["torch", False][0].startswith("short spin waits"), seen
+    assert seen["torch", False][1] == SPIN_COUNT, seen
+    assert seen["torch", True] == ("left as it was: GOMP_SPINCOUNT set", 50000), seen
+    assert seen["tensorflow", False] == (None, 300000), seen
+    # torch already loaded: too late for libgomp, and said so
+    from osteo.device import short_spin_waits
+
+    mine: dict = {}
+    assert short_spin_waits(mine, loaded=True).startswith("left as it was: torch") and mine == {}
+
+
 # --------------------------------------------------------------------------- quiet errors
 
 
