@@ -39,7 +39,8 @@ interleave, repeat, report medians with their spread):
    timm's too, gets osteo train's OpenMP setting (``--spin osteo``,
    :func:`osteo.device.short_spin_waits`: threads spin briefly, then sleep); ``--spin
    default`` leaves libgomp's. With libgomp's default spin, a second training on the same
-   2 cores slowed a row 4-30x from one window to the next (issue 20.2's busy run).
+   2 cores slowed the rows 4-30x, at rates that jumped up to 10x from one window to the
+   next (issue 20.2's busy run).
 2. A timed window trains until ``--window`` seconds have passed (and at least
    ``MIN_STEPS`` steps); its first step is not timed, and the clock stops once the device
    has finished. A time budget rather than a step count fixed beforehand: a count

@@ -453,7 +453,7 @@ def release_freed_memory(kept: str) -> bool:
 
 
 # How long PyTorch's OpenMP threads (libgomp) spin for work before they sleep: 3,000 polls
-# instead of libgomp's 300,000 (a few milliseconds). See short_spin_waits.
+# instead of libgomp's default 300,000. See short_spin_waits.
 SPIN_COUNT = 3000
 _OPENMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 SHORT_SPIN = "short spin waits"  # how short_spin_waits' report begins when it set libgomp
@@ -461,7 +461,7 @@ SHORT_SPIN = "short spin waits"  # how short_spin_waits' report begins when it s
 
 def short_spin_waits(environ: dict | None = None, loaded: bool | None = None) -> str:
     """Make PyTorch's OpenMP threads spin briefly (``GOMP_SPINCOUNT``) before they sleep,
-    instead of libgomp's default of some milliseconds; return what was done, for ``env.json``.
+    instead of libgomp's 100x longer default; return what was done, for ``env.json``.
     Must run before torch is imported: libgomp reads its environment once, when it loads
     (``loaded``: whether torch is imported already; default: ``sys.modules`` says).
 
@@ -469,9 +469,10 @@ def short_spin_waits(environ: dict | None = None, loaded: bool | None = None) ->
     run), the default spin of every thread at every barrier takes the cores the other
     process's threads wait for, and each waits in turn for its own threads to be scheduled.
     On the 2-core VM, timm's ConvNeXtTiny loop at 64 px beside a second training ran at
-    4.2-10.7 img/s with the default against 16.6-17.9 with 3,000 polls; alone, at 86.2 and
-    87.3 img/s (medians of 5; ``benchmarks/spin_waits.py``, ``benchmarks/README.md``). Left alone where the user set ``OMP_WAIT_POLICY`` or
-    ``GOMP_SPINCOUNT``: their choice stands.
+    4.2-10.7 img/s with the default against 16.6-17.9 with 3,000 polls (6 runs each); alone,
+    at 86.2 and 87.3 img/s, medians of 5 (``benchmarks/spin_waits.py``, its README section).
+    Measured on the CPU only; on a GPU it applies to the host's threads alike. Left alone
+    where the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``: their choice stands.
     """
     env = os.environ if environ is None else environ
     chosen = [k for k in _OPENMP_ENV if k in env]
