@@ -1,7 +1,7 @@
 """How long PyTorch's OpenMP threads should spin: libgomp's default against osteo's setting
 (:func:`osteo.device.short_spin_waits`), alone and beside a second training.
 
-    python benchmarks/spin_waits.py                      # convnext_tiny at 64 px, 3 repeats, ~8 minutes
+    python benchmarks/spin_waits.py                      # convnext_tiny at 64 px, 3 repeats, ~9 minutes
     python benchmarks/spin_waits.py --models convnext_tiny,densenet169 --repeats 5
 
 Every measurement is a fresh process running timm's own training loop (batch 16, bfloat16
@@ -15,9 +15,10 @@ conditions:
 - ``beside default``: the second training keeps libgomp's default spin, as another
   tool's training would.
 
-The neighbour is started first and warmed before the measured process starts; its own
-rate during the window is reported too (the machine's total is the sum). Reports the
-median img/s and its min-max per setting and condition, and the ratio of the medians.
+The neighbour is started first and warmed before the measured process starts; the
+median of its own windows (of ``--window`` / 2 s, over its whole life, so not only those
+beside the measurement) is reported too. Reports the median img/s and its min-max per
+setting and condition, and its ratio to libgomp's default.
 """
 
 from __future__ import annotations
