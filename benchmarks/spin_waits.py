@@ -46,11 +46,11 @@ def _env(setting: str) -> dict:
 
 def worker(model: str, px: int, window: float, endless: bool) -> None:
     """One training loop; prints one JSON line per window (endless: until stdin closes)."""
+    sys.path.insert(0, str(ROOT))
+    from osteo.device import cpu_class, short_spin_waits  # torch-free: before torch loads
+
     setting = os.environ.get("OSTEO_SPIN", "default")
     if setting == "osteo":
-        sys.path.insert(0, str(ROOT))
-        from osteo.device import short_spin_waits
-
         short_spin_waits()
     elif setting != "default":  # a spin count of one's own, to compare with
         os.environ["GOMP_SPINCOUNT"] = setting
@@ -63,7 +63,7 @@ def worker(model: str, px: int, window: float, endless: bool) -> None:
     opt = torch.optim.Adam(m.parameters(), 1e-4)
     x = torch.randn(16, 3, px, px).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 3, (16,))
-    bf16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+    bf16 = cpu_class() == "avx512_bf16"
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

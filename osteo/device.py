@@ -456,7 +456,6 @@ def release_freed_memory(kept: str) -> bool:
 # instead of libgomp's default 300,000. See short_spin_waits.
 SPIN_COUNT = 3000
 _OPENMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-SHORT_SPIN = "short spin waits"  # how short_spin_waits' report begins when it set libgomp
 
 
 def short_spin_waits(environ: dict | None = None, loaded: bool | None = None) -> str:
@@ -481,7 +480,7 @@ def short_spin_waits(environ: dict | None = None, loaded: bool | None = None) ->
     if ("torch" in sys.modules) if loaded is None else loaded:
         return "left as it was: torch (and its OpenMP) was loaded before the choice"
     env["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
-    return (f"{SHORT_SPIN}: GOMP_SPINCOUNT={SPIN_COUNT} (OpenMP threads sleep soon when idle, "
+    return (f"short spin waits: GOMP_SPINCOUNT={SPIN_COUNT} (OpenMP threads sleep soon when idle, "
             "so a second process on the same cores is not starved)")
 
 

@@ -143,19 +143,17 @@ def plan_device(requested: str | None, recipe: Recipe, say: Say) -> device.Plan:
                            jit_compile=t.jit_compile, impl=recipe.model.impl,
                            weights=recipe.model.weights)
         plan.why["backend"] = "the backend Keras had loaded"
-        if plan.backend == "torch":
-            plan.why["openmp"] = device.short_spin_waits()
-        return plan
-    choice = requested or os.environ.get("KERAS_BACKEND") or "auto"
-    plan = device.plan(spec, device.probe(), backend=choice, precision=t.precision, jit_compile=t.jit_compile,
-                       planned_images=device.planned_images(recipe), impl=recipe.model.impl,
-                       weights=recipe.model.weights)
-    if choice == "auto":
-        say(f"backend: {plan.backend} on {plan.runs_on} ({plan.why['backend']}); "
-            f"backbone: {plan.impl} ({plan.why['impl']})")
-    for warning in plan.warnings:  # a requested choice measured far slower here (env.json keeps it too)
-        logging.getLogger("osteo").warning(warning)
-    os.environ["KERAS_BACKEND"] = plan.backend
+    else:
+        choice = requested or os.environ.get("KERAS_BACKEND") or "auto"
+        plan = device.plan(spec, device.probe(), backend=choice, precision=t.precision, jit_compile=t.jit_compile,
+                           planned_images=device.planned_images(recipe), impl=recipe.model.impl,
+                           weights=recipe.model.weights)
+        if choice == "auto":
+            say(f"backend: {plan.backend} on {plan.runs_on} ({plan.why['backend']}); "
+                f"backbone: {plan.impl} ({plan.why['impl']})")
+        for warning in plan.warnings:  # a requested choice measured far slower here (env.json keeps it too)
+            logging.getLogger("osteo").warning(warning)
+        os.environ["KERAS_BACKEND"] = plan.backend
     if plan.backend == "torch":  # before torch is imported: libgomp reads its settings as it loads
         plan.why["openmp"] = device.short_spin_waits()
     return plan
