@@ -21,6 +21,9 @@ auto: bfloat16 where the device has it):
 - timm's own eager loop (``--peers``): ``cf`` channels-first, ``cl`` channels-last,
   ``cl-compiled``; torch.optim.Adam, one input tensor kept on the device, bfloat16
   autocast when the precision is mixed, cuDNN autotuning on a GPU (as timm's train.py).
+  ``cl-keras``, a probe and not one of "timm's best": the ``cl`` loop in a process that
+  has also imported what osteo's row imports (Keras, osteo's model code); its rate and
+  peak memory against ``cl`` are what the imports cost.
 
 How a number is made (on a shared 2-core machine identical short runs differed 10x, so:
 interleave, repeat, report medians with their spread):
@@ -320,6 +323,12 @@ class TimmRow:
     """timm's own eager loop (channels-first or channels-last, optionally compiled)."""
 
     def __init__(self, cfg: dict):
+        if cfg.get("osteo_imports"):  # row cl-keras: what OsteoRow imports (Keras, osteo's model code), the
+            import keras  # noqa: F401  loop unchanged: tells the imports' cost from the engine's
+
+            import osteo.callbacks
+            import osteo.classifier
+            import osteo.optim  # noqa: F401
         import timm
         import torch
 
@@ -661,7 +670,7 @@ def summarize(group: dict) -> list[dict]:
     against the eager one, round by round."""
     rows = group["rows"]
     rates = {r["row"]: {x["round"]: x["img_s"] for x in r.get("rounds", ())} for r in rows}
-    peers = [r["row"] for r in rows if r["kind"] == "timm"]
+    peers = [r["row"] for r in rows if r["kind"] == "timm" and r["row"] not in PROBE_PEERS]
 
     def best_peer(rnd: int) -> float | None:
         got = [rates[p][rnd] for p in peers if rnd in rates[p]]
@@ -693,6 +702,9 @@ def summarize(group: dict) -> list[dict]:
             s["status"] = f"error: {r['error']}"
         elif not own:
             s["status"] = "no rounds"
+        elif r["row"] in PROBE_PEERS:
+            s["status"] = "probe"
+            s["vs_cl"] = relative(own, rates.get("cl", {}))
         elif r["kind"] == "timm":
             s["status"] = "reference"
         elif len(s.get("ratios", ())) < 2:
@@ -736,8 +748,11 @@ ENGINES = {
     "timm": ("torch", "timm", "off"),
     "timm-compiled": ("torch", "timm", "on"),
 }
-# timm's own loop: (channels_last, torch.compile)
-PEERS = {"cf": (False, False), "cl": (True, False), "cl-compiled": (True, True)}
+# timm's own loop: (channels_last, torch.compile, osteo's imports too)
+PEERS = {"cf": (False, False, False), "cl": (True, False, False), "cl-compiled": (True, True, False),
+         "cl-keras": (True, False, True)}
+# Peers that tell where a difference comes from; they are not "timm's best".
+PROBE_PEERS = ("cl-keras",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -834,9 +849,10 @@ def plan_groups(args, backends: set[str], has_timm: bool) -> list[dict]:
             wanted = engines + (["timm-compiled"] if model in compiled and "timm-compiled" not in engines else [])
             rows = [r for e in wanted for r in osteo_row(e, model, size, 1 if e in single else args.repeats)]
             for peer in peers if has_timm else ():
-                channels_last, compiled_peer = PEERS[peer]
+                channels_last, compiled_peer, osteo_imports = PEERS[peer]
                 cfg = {"model": model, "size": size, "batch": args.batch, "backend": "torch",
                        "precision": precision, "channels_last": channels_last, "compile": compiled_peer,
+                       "osteo_imports": osteo_imports,
                        "malloc": args.malloc, "spin": args.spin}
                 rows.append({"row": peer, "worker": peer, "kind": "timm", "cfg": cfg, "feed": "memory",
                              "repeats": args.repeats})
@@ -876,6 +892,10 @@ def print_tables(console, report: dict) -> None:
         by = {s["row"]: s for s in g["summary"]}
         rows = {r["row"]: r for r in g["rows"]}
         for s in g["summary"]:
+            if s["status"] == "probe":  # timm's loop in a process with osteo's imports: against cl, per round
+                t.add_row(g["model"], str(g["size"]), s["row"], "timm's cl loop, osteo's imports",
+                          _fmt(s["img_s"]), _pct(s["img_s_spread"]), "", "", "", "", "",
+                          f"vs cl {_fmt(s.get('vs_cl'))} (median of the rounds)")
             if s["kind"] != "osteo":
                 continue
             r = rows[s["row"]]

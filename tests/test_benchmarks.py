@@ -43,6 +43,15 @@ def test_ratio_is_taken_against_the_best_peer_of_the_same_round():
     assert s["img_s"] == 50
 
 
+def test_the_imports_probe_is_compared_with_cl_and_is_never_timms_best():
+    # cl-keras ran faster than cl in every round: the ratio is still taken against cl
+    g = _group(_row("auto", "osteo", [50, 49, 51]), _row("cl", "timm", [50, 50, 50]),
+               _row("cl-keras", "timm", [60, 55, 50]))
+    assert _summary(g, "auto")["ratios"] == [1.0, 0.98, 1.02]
+    probe = _summary(g, "cl-keras")
+    assert probe["status"] == "probe" and probe["vs_cl"] == 1.1
+
+
 def test_rounds_that_disagree_by_more_than_the_margin_are_flagged():
     g = _group(_row("auto", "osteo", [50, 40, 50]), _row("cl", "timm", [50, 50, 50]))
     s = _summary(g, "auto")
