@@ -471,7 +471,12 @@ def serve(kind: str, cfg: dict) -> int:
         channel.write(TAG + json.dumps(obj) + "\n")
         channel.flush()
 
-    from osteo import device  # Keras-free, torch-free: the settings below come before torch loads
+    from osteo import (  # Keras-free, torch-free: the settings below come before torch loads
+        _lean,
+        device,
+    )
+
+    _lean.install()  # as osteo's commands: Keras' optional scikit-learn, pandas and matplotlib not loaded
 
     malloc = "default: glibc's own settings"
     if cfg.get("malloc", "kept") == "kept":  # osteo train's setting, in every row's process alike: the

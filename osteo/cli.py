@@ -663,12 +663,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     import os
 
-    from osteo import _quiet
+    from osteo import _lean, _quiet
 
     # TensorFlow's C++ start-up chatter (oneDNN notices, CPU feature lists) would drown the
     # one-line errors and progress osteo prints; `osteo --debug` or OSTEO_TF_LOGS=1 keep it.
     # Here, not on `import osteo`: a program that imports the library keeps its own stderr.
     _quiet.install()
+    # Keras' optional scikit-learn, pandas and matplotlib stay unloaded until osteo needs them
+    # (about 200 MB of every training process); likewise only in osteo's own processes
+    _lean.install()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -351,6 +351,9 @@ class Trainer:
         from osteo.model_card import write_model_card
 
         run, model = self.run_dir, self.model
+        # what the training steps left free goes back before the predictions and the reports:
+        # they need less, and their imports (scikit-learn, matplotlib) would otherwise come on top
+        devices.release_freed_memory(self.allocator)
         if not self.best.path.exists():
             raise OsteoError(f"no checkpoint was written for {run}; train for at least one epoch")
         with warnings.catch_warnings():  # the best checkpoint carries no optimizer state, on purpose

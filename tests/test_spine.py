@@ -325,6 +325,70 @@ print(sys.meta_path == before and dict(os.environ) == env)
     assert proc.stdout.strip() == "True", proc.stderr[-2000:]
 
 
+_OPTIONAL_CODE = """
+import sys
+from osteo.cli import main
+main(["--help"])  # what every osteo command does first, before it loads Keras
+import keras
+loaded = sorted(m for m in ("sklearn", "pandas", "matplotlib") if m in sys.modules)
+import sklearn.metrics, pandas, matplotlib.pyplot  # osteo's own uses load them as usual
+import keras.src.trainers.data_adapters.array_slicing as slicing
+print(loaded, slicing.pandas is None, sklearn.metrics.accuracy_score([0, 1], [0, 1]))
+"""
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "torch"])
+def test_osteo_commands_load_keras_without_its_optional_sklearn_pandas_and_matplotlib(backend):
+    """About 200 MB of every training process (benchmarks/README.md): loaded by Keras for
+    features osteo does not use; osteo's own imports of them still work."""
+    if backend == "torch":
+        pytest.importorskip("torch")
+    env = {"KERAS_BACKEND": backend}
+    lean = _python(_OPTIONAL_CODE, env)
+    assert lean.returncode == 0, lean.stderr[-2000:]
+    assert lean.stdout.strip().splitlines()[-1] == "[] True 1.0"
+    # the user's way back to Keras' own imports; and the control: without the hook Keras loads them
+    full = _python(_OPTIONAL_CODE, {**env, "OSTEO_KERAS_OPTIONAL": "1"})
+    assert full.returncode == 0, full.stderr[-2000:]
+    assert full.stdout.strip().splitlines()[-1] == "['matplotlib', 'pandas', 'sklearn'] False 1.0"
+
+
+def test_the_optional_imports_hook_refuses_only_kerass_guarded_imports_during_its_import(tmp_path):
+    """Refused: a keras module's ``try: import pandas / except ImportError`` while keras is
+    being imported. Not refused: the same import unguarded (a later Keras that needs it), nor
+    another package's import at that time."""
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text("try:\n    import pandas\nexcept ImportError:\n    pandas = None\n")
+    bare = tmp_path / "bare.py"
+    bare.write_text("import pandas\n")
+    code = f"""
+import importlib.util, sys, types
+from osteo import _lean
+assert _lean.install() and _lean.install()  # idempotent
+assert sum(isinstance(f, _lean._OptionalFinder) for f in sys.meta_path) == 1
+
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+keras = types.ModuleType("keras"); keras.__spec__ = types.SimpleNamespace(_initializing=True)
+sys.modules["keras"] = keras  # as while `import keras` runs
+print("keras, guarded:", load("keras.src.guarded", {str(guarded)!r}).pandas)
+print("osteo, guarded:", load("osteo.guarded", {str(guarded)!r}).pandas is not None)
+sys.modules.pop("pandas", None)
+print("keras, unguarded:", load("keras.src.bare", {str(bare)!r}).pandas is not None)
+"""
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == ["keras, guarded: None", "osteo, guarded: True", "keras, unguarded: True"]
+    # nothing to do where Keras is loaded already, or where the user asked for Keras' own imports
+    assert _python("import keras\nfrom osteo import _lean\nprint(_lean.install())").stdout.strip() == "False"
+    assert _python("from osteo import _lean\nprint(_lean.install())",
+                   {"OSTEO_KERAS_OPTIONAL": "1"}).stdout.strip() == "False"
+
+
 def test_filter_keeps_real_messages_and_the_user_can_ask_for_tensorflows_logs():
     code = """
 import os, sys

@@ -164,6 +164,26 @@ def test_env_json_records_each_choice_and_why(phantom_dir, tmp_path, tiny_recipe
     assert calls == ["keep", "audit", ("release", env["allocator"]), "model"], calls
 
 
+def test_what_training_left_free_goes_back_before_the_predictions_and_reports(phantom_dir, tmp_path, tiny_recipe,
+                                                                            monkeypatch):
+    """The process's peak is the training's: the reports' imports do not come on top of the
+    memory the steps freed (benchmarks/README.md, "Keras' optional imports")."""
+    from osteo import device, evaluate
+
+    calls = []
+    release, fit, predict, report = (device.release_freed_memory, keras.Model.fit, keras.Model.predict,
+                                     evaluate.evaluate_run)
+    monkeypatch.setattr(device, "release_freed_memory", lambda kept: calls.append("release") or release(kept))
+    monkeypatch.setattr(keras.Model, "fit", lambda self, *a, **kw: calls.append("fit") or fit(self, *a, **kw))
+    monkeypatch.setattr(keras.Model, "predict",
+                        lambda self, *a, **kw: calls.append("predict") or predict(self, *a, **kw))
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda *a, **kw: calls.append("report") or report(*a, **kw))
+    Trainer(tiny_recipe(phantom_dir, tmp_path, epochs=2, steps_per_epoch=1)).run()
+    last_fit = max(i for i, c in enumerate(calls) if c == "fit")
+    assert calls[:1] == ["release"] and "release" in calls[last_fit:], calls  # after the audit; after training
+    assert calls[last_fit:].index("release") < calls[last_fit:].index("predict") < calls[last_fit:].index("report")
+
+
 @pytest.mark.parametrize("backbone", [pytest.param(n, marks=pytest.mark.slow)
                                       if n in ("densenet169", "efficientnetv2_b0", "resnet50", "mobilenetv3_large")
                                       else n
