@@ -9,15 +9,16 @@ Every row is a fresh process, and the rows alternate, repeat after repeat:
   ``models.py``: torch.optim.Adam, bf16 autocast, batch 16), ``--steps`` steps, with osteo
   train's malloc and OpenMP settings;
 - ``osteo``: ``osteo train finetune --model M --weights none --epochs 2`` on a phantom set
-  (``--n`` images of 256 px, resized to ``--size``; batch 16; the backend and engine
-  ``auto`` picks), the whole command: audit, both phases, predictions, reports;
+  (``--n`` images of 256 px, resized to ``--size``; batch 16; on PyTorch unless
+  ``KERAS_BACKEND`` says otherwise, the engine and precision ``auto`` picks there), the
+  whole command: audit, both phases, predictions, reports;
 - ``osteo, Keras' optional imports``: the same with ``OSTEO_KERAS_OPTIONAL=1`` (Keras loads
   scikit-learn, pandas and matplotlib as it does by default; ``osteo._lean``);
 - ``before`` (with ``--before PATH``): the same command run on PATH's osteo package.
 
 Reported per row: the process's peak resident memory (``ru_maxrss`` from ``wait4``), median
 and range over the repeats, and its ratio to ``timm cl``; for osteo's rows also the peak
-that ``env.json`` recorded when training ended (before the predictions and reports) and the
+that ``env.json`` recorded after training and the predictions, before the reports, and the
 training images/sec. Peak memory is nearly deterministic; the repeats show how nearly.
 """
 
@@ -53,14 +54,16 @@ def timm_loop(model: str, size: int, batch: int, steps: int) -> None:
 
 def run_child(argv: list[str], env: dict, cwd: str) -> tuple[int, float]:
     """(exit status, peak resident MB) of one child process. ``cwd`` outside the checkout:
-    ``python -m`` puts the working directory first on sys.path, ahead of PYTHONPATH."""
-    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read()
-    proc.stderr.close()
-    if proc.returncode:
-        print(f"   failed ({proc.returncode}): {err.strip().splitlines()[-1] if err.strip() else ''}", flush=True)
+    ``python -m`` puts the working directory first on sys.path, ahead of PYTHONPATH. Its
+    stderr goes to a file (a pipe read only at the end could fill and stop the child)."""
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            err.seek(0)
+            lines = err.read().strip().splitlines()
+            print(f"   failed ({proc.returncode}): {lines[-1] if lines else ''}", flush=True)
     return proc.returncode, usage.ru_maxrss / 1024
 
 
@@ -93,12 +96,14 @@ def main() -> int:
     results: dict = {m: {r: [] for r in rows} for m in args.models.split(",")}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        if args.before:  # the checkout each osteo row imports, said before the first row
-            for pythonpath in (None, rows["before"][1]):
+        if args.before:  # each osteo row must import its own checkout's osteo
+            for name, pythonpath, want in (("osteo", None, ROOT), ("before", rows["before"][1], args.before)):
                 env = {**base, **({"PYTHONPATH": pythonpath} if pythonpath else {})}
                 where = subprocess.run([sys.executable, "-c", "import osteo; print(osteo.__file__)"], env=env,
                                        cwd=tmp, capture_output=True, text=True).stdout.strip()
-                print(f"{'before' if pythonpath else 'osteo'} rows run {where}", flush=True)
+                if not where or Path(where).resolve().parent.parent != Path(want).resolve():
+                    raise SystemExit(f"row {name!r} would import osteo from {where or 'nowhere'}, not {want}")
+                print(f"{name} rows run {where}", flush=True)
         for rep in range(args.repeats):
             for model in results:
                 for k, (name, (extra, pythonpath)) in enumerate(rows.items()):
@@ -107,8 +112,8 @@ def main() -> int:
                         argv = [sys.executable, __file__, "--timm-loop", model, "--size", str(args.size),
                                 "--batch", str(args.batch), "--steps", str(args.steps)]
                     else:
-                        runs = Path(tmp) / f"runs-{rep}-{k}"
-                        env["OSTEO_CACHE"] = str(Path(tmp) / f"cache-{rep}-{k}")
+                        runs = Path(tmp) / f"runs-{model}-{rep}-{k}"  # each run's own folder and a cold cache
+                        env["OSTEO_CACHE"] = str(Path(tmp) / f"cache-{model}-{rep}-{k}")
                         if pythonpath:
                             env["PYTHONPATH"] = pythonpath
                         argv = [sys.executable, "-m", "osteo.cli", "train", "finetune", "--model", model, "--data",
@@ -116,10 +121,13 @@ def main() -> int:
                                 "--batch", str(args.batch), "--runs", str(runs)]
                     code, peak = run_child(argv, env, tmp)
                     got = {"peak_rss_mb": round(peak, 1), "status": code}
-                    if name != "timm cl" and code == 0:
-                        env_json = json.loads(next(runs.glob("*/*/env.json")).read_text())
+                    found = sorted(runs.glob(f"{model}/*/env.json")) if name != "timm cl" and code == 0 else []
+                    if len(found) == 1:
+                        env_json = json.loads(found[0].read_text())
                         got.update(train_peak_rss_mb=env_json.get("peak_rss_mb"),
                                    train_images_per_sec=env_json.get("train_images_per_sec"))
+                    elif name != "timm cl" and code == 0:
+                        got["status"] = f"{len(found)} env.json files"
                     results[model][name].append(got)
                     print(f"repeat {rep + 1} {model} {name}: {got}", flush=True)
     report = {"command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0), "size": args.size,
@@ -140,7 +148,7 @@ def _median_range(values: list[float]) -> str:
 def print_table(report: dict) -> None:
     print(f"\npeak resident MB, median (range) of {len(next(iter(report['results'].values()))['timm cl'])} "
           f"repeats, {report['size']} px, batch {report['batch']}")
-    print("| backbone | row | process peak | / timm cl | peak when training ended (env.json) | train img/s |")
+    print("| backbone | row | process peak | / timm cl | peak before the reports (env.json) | train img/s |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for model, rows in report["results"].items():
         timm = [x["peak_rss_mb"] for x in rows["timm cl"] if x["status"] == 0]

@@ -3,25 +3,27 @@
 ``import keras`` imports three packages it only needs for features osteo does not use:
 scikit-learn (with SciPy, for ``keras.wrappers``' scikit-learn estimators), pandas (so that
 ``fit`` accepts DataFrames) and ``matplotlib.pyplot`` (``keras.visualization``). Keras
-imports each in ``try: import X / except ImportError: X = None``, as optional. Measured on
-the 2-core AMD EPYC with PyTorch 2.9 and Keras 3 (benchmarks/README.md, "Keras' optional
-imports"): they hold 200-230 MB of resident memory in every training process, about half
-of what the timm engine holds above timm's own loop, and take about 1.5 s to import.
+imports each as optional, in ``try: import X / except ImportError: X = None``. Measured on
+the 2-core AMD EPYC with PyTorch 2.9 and Keras 3.15 (benchmarks/README.md, "Keras' optional
+imports"): without them a whole ``osteo train`` peaks 145-155 MB lower at 224 px, and
+Keras with osteo's trainer imports in 4.3 s instead of 5.9.
 
 :func:`install`, which :func:`osteo.cli.main` calls (every osteo command, a study's trials
-included, but not a program that imports osteo), adds an import hook that answers "not
-installed" to those three top-level imports when, and only when, a module of the
-``keras`` package asks for them while ``keras`` itself is being imported. Keras then
-takes its own "not installed" path for them. osteo's own imports of the same packages
-(metrics, plots, tables) are untouched and load them as usual, when they are needed. Only
-an import written as Keras writes an optional one is refused: in a block of imports that
-opens with ``try:`` and is caught by ``except ImportError`` (or ``ModuleNotFoundError``).
-A later Keras that imports one of them without that guard simply gets it, and osteo its
-memory back less.
+included, but not a program that imports osteo), adds an import hook. While ``keras`` is
+being imported, it answers "not installed" when one of the Keras modules in :data:`SITES`
+imports one of those three packages inside a block of imports that opens with ``try:`` and
+is caught by ``except ImportError`` (or ``ModuleNotFoundError``). Keras then takes its
+own not-installed path, for good: in that process ``keras.wrappers``' estimators say that
+scikit-learn is not installed. osteo's own imports of the same packages (metrics, plots,
+tables) are untouched and load them when they are needed. Anything else, such as another
+Keras module, an unguarded import or a renamed site in a later Keras, gets what it asks
+for, so the worst a Keras upgrade can do is give osteo this memory back less.
 
-Nothing changes where Keras is already imported when :func:`install` runs, or with
-``OSTEO_KERAS_OPTIONAL=1`` in the environment (for a user who wants Keras' scikit-learn
-wrappers in an osteo process).
+The hook stays in place for the rest of the process and does nothing once Keras is
+loaded; a program that calls ``cli.main`` itself before it imports Keras gets the same
+Keras. Nothing changes where Keras is already imported when :func:`install` runs, or with
+``OSTEO_KERAS_OPTIONAL=1`` in the environment (for Keras' scikit-learn wrappers in an
+osteo process).
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ import os
 import sys
 
 OPTIONAL = ("sklearn", "pandas", "matplotlib")  # top-level packages Keras imports as optional
+# The Keras modules whose guarded imports of OPTIONAL are refused (Keras 3.10-3.15)
+SITES = frozenset({
+    "keras.src.wrappers.fixes", "keras.src.wrappers.utils", "keras.src.wrappers.sklearn_wrapper",
+    "keras.src.trainers.data_adapters.array_slicing",
+    "keras.src.visualization.plot_image_gallery", "keras.src.visualization.plot_bounding_box_gallery",
+})
 ENV = "OSTEO_KERAS_OPTIONAL"
 _IMPORT_MACHINERY = ("importlib._bootstrap", "importlib._bootstrap_external", "_frozen_importlib",
                      "_frozen_importlib_external", __name__)
@@ -44,7 +52,9 @@ def _keras_initializing() -> bool:
 
 
 def _importer():
-    """The frame whose code runs the import being looked up (None: none found)."""
+    """The frame whose code runs the import being looked up (None: none found). It starts two
+    frames up (this function's caller is find_spec) and skips the import machinery; a wrapper
+    of find_spec in between would hide the importer, and the hook would then refuse nothing."""
     frame = sys._getframe(2)
     while frame is not None and frame.f_globals.get("__name__") in _IMPORT_MACHINERY:
         frame = frame.f_back
@@ -52,11 +62,10 @@ def _importer():
 
 
 def _optional_import(frame) -> bool:
-    """True when the frame is a keras module importing inside a block of imports that opens
+    """True when the frame is one of SITES importing inside a block of imports that opens
     with ``try:`` and is caught by ``except ImportError`` (or ``ModuleNotFoundError``): Keras'
     own way of writing an optional import."""
-    name = str(frame.f_globals.get("__name__", ""))
-    if name != "keras" and not name.startswith("keras."):
+    if frame.f_globals.get("__name__") not in SITES:
         return False
     path, line = frame.f_code.co_filename, frame.f_lineno
     text = linecache.getline(path, line)

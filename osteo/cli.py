@@ -670,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Here, not on `import osteo`: a program that imports the library keeps its own stderr.
     _quiet.install()
     # Keras' optional scikit-learn, pandas and matplotlib stay unloaded until osteo needs them
-    # (about 200 MB of every training process); likewise only in osteo's own processes
+    # (about 150 MB of a training process at its peak); likewise only in osteo's own processes
     _lean.install()
     parser = build_parser()
     try:

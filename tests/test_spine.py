@@ -339,11 +339,11 @@ print(loaded, slicing.pandas is None, sklearn.metrics.accuracy_score([0, 1], [0,
 
 @pytest.mark.parametrize("backend", ["tensorflow", "torch"])
 def test_osteo_commands_load_keras_without_its_optional_sklearn_pandas_and_matplotlib(backend):
-    """About 200 MB of every training process (benchmarks/README.md): loaded by Keras for
+    """About 150 MB of a training process at its peak (benchmarks/README.md): loaded by Keras for
     features osteo does not use; osteo's own imports of them still work."""
     if backend == "torch":
         pytest.importorskip("torch")
-    env = {"KERAS_BACKEND": backend}
+    env = {"KERAS_BACKEND": backend, "OSTEO_KERAS_OPTIONAL": ""}  # not the caller's setting
     lean = _python(_OPTIONAL_CODE, env)
     assert lean.returncode == 0, lean.stderr[-2000:]
     assert lean.stdout.strip().splitlines()[-1] == "[] True 1.0"
@@ -354,35 +354,40 @@ def test_osteo_commands_load_keras_without_its_optional_sklearn_pandas_and_matpl
 
 
 def test_the_optional_imports_hook_refuses_only_kerass_guarded_imports_during_its_import(tmp_path):
-    """Refused: a keras module's ``try: import pandas / except ImportError`` while keras is
-    being imported. Not refused: the same import unguarded (a later Keras that needs it), nor
-    another package's import at that time."""
+    """Refused: a Keras site's ``try: import X / except ImportError`` while keras is being
+    imported. Not refused: the same import unguarded (a later Keras that needs it), from
+    another module, or once keras has loaded. X is a stand-in package written here."""
+    (tmp_path / "optional_pkg.py").write_text("VALUE = 1\n")
     guarded = tmp_path / "guarded.py"
-    guarded.write_text("try:\n    import pandas\nexcept ImportError:\n    pandas = None\n")
+    guarded.write_text("try:\n    import optional_pkg\n    from optional_pkg import VALUE\n"
+                       "except ImportError:\n    optional_pkg = None\n")
     bare = tmp_path / "bare.py"
-    bare.write_text("import pandas\n")
+    bare.write_text("import optional_pkg\n")
     code = f"""
 import importlib.util, sys, types
+sys.path.insert(0, {str(tmp_path)!r})
 from osteo import _lean
+_lean.OPTIONAL, _lean.SITES = ("optional_pkg",), {{"keras.src.site", "keras.src.site_bare"}}
 assert _lean.install() and _lean.install()  # idempotent
 assert sum(isinstance(f, _lean._OptionalFinder) for f in sys.meta_path) == 1
 
 def load(name, path):
+    sys.modules.pop("optional_pkg", None)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    return module.optional_pkg is not None
 
 keras = types.ModuleType("keras"); keras.__spec__ = types.SimpleNamespace(_initializing=True)
 sys.modules["keras"] = keras  # as while `import keras` runs
-print("keras, guarded:", load("keras.src.guarded", {str(guarded)!r}).pandas)
-print("osteo, guarded:", load("osteo.guarded", {str(guarded)!r}).pandas is not None)
-sys.modules.pop("pandas", None)
-print("keras, unguarded:", load("keras.src.bare", {str(bare)!r}).pandas is not None)
+print(load("keras.src.site", {str(guarded)!r}), load("keras.src.other", {str(guarded)!r}),
+      load("osteo.report", {str(guarded)!r}), load("keras.src.site_bare", {str(bare)!r}))
+keras.__spec__._initializing = False  # keras has loaded
+print(load("keras.src.site", {str(guarded)!r}))
 """
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.splitlines() == ["keras, guarded: None", "osteo, guarded: True", "keras, unguarded: True"]
+    assert proc.stdout.splitlines() == ["False True True True", "True"]
     # nothing to do where Keras is loaded already, or where the user asked for Keras' own imports
     assert _python("import keras\nfrom osteo import _lean\nprint(_lean.install())").stdout.strip() == "False"
     assert _python("from osteo import _lean\nprint(_lean.install())",
