@@ -34,7 +34,7 @@ import os
 import sys
 
 OPTIONAL = ("sklearn", "pandas", "matplotlib")  # top-level packages Keras imports as optional
-# The Keras modules whose guarded imports of OPTIONAL are refused (Keras 3.10-3.15)
+# The Keras modules whose guarded imports of OPTIONAL are refused (as found in Keras 3.15)
 SITES = frozenset({
     "keras.src.wrappers.fixes", "keras.src.wrappers.utils", "keras.src.wrappers.sklearn_wrapper",
     "keras.src.trainers.data_adapters.array_slicing",
