@@ -323,8 +323,10 @@ class TimmRow:
     """timm's own eager loop (channels-first or channels-last, optionally compiled)."""
 
     def __init__(self, cfg: dict):
-        if cfg.get("osteo_imports"):  # row cl-keras: what OsteoRow imports (Keras, osteo's model code), the
-            import keras  # noqa: F401  loop unchanged: tells the imports' cost from the engine's
+        # row cl-keras: what OsteoRow imports (Keras, osteo's model code), the loop unchanged:
+        # tells the imports' cost from the engine's
+        if cfg.get("osteo_imports"):
+            import keras  # noqa: F401
 
             import osteo.callbacks
             import osteo.classifier
