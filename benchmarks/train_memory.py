@@ -6,8 +6,9 @@
 Every row is a fresh process, and the rows alternate, repeat after repeat:
 
 - ``timm cl``: timm's own channels-last loop (``models.TimmRow``, the ``cl`` peer of
-  ``models.py``: torch.optim.Adam, bf16 autocast, batch 16), ``--steps`` steps, with osteo
-  train's malloc and OpenMP settings;
+  ``models.py``: torch.optim.Adam, bf16 autocast where the device has bfloat16, as
+  ``models.py``'s ``auto`` precision; batch 16), ``--steps`` steps, with osteo train's
+  malloc and OpenMP settings;
 - ``osteo``: ``osteo train finetune --model M --weights none --epochs 2`` on a phantom set
   (``--n`` images of 256 px, resized to ``--size``; batch 16; on PyTorch unless
   ``KERAS_BACKEND`` says otherwise, the engine and precision ``auto`` picks there), the
@@ -46,8 +47,8 @@ def timm_loop(model: str, size: int, batch: int, steps: int) -> None:
     device.short_spin_waits()
     import models
 
-    row = models.TimmRow({"model": model, "size": size, "batch": batch, "precision": "mixed_bfloat16",
-                          "channels_last": True, "compile": False})
+    row = models.TimmRow({"model": model, "size": size, "batch": batch, "precision": models._precision("auto"),
+                          "channels_last": True, "compile": False})  # bf16 where osteo's auto trains in it
     for _ in range(steps):
         row._step()
 
