@@ -122,13 +122,14 @@ def main() -> int:
                                 "--batch", str(args.batch), "--runs", str(runs)]
                     code, peak = run_child(argv, env, tmp)
                     got = {"peak_rss_mb": round(peak, 1), "status": code}
-                    found = sorted(runs.glob(f"{model}/*/env.json")) if name != "timm cl" and code == 0 else []
-                    if len(found) == 1:
-                        env_json = json.loads(found[0].read_text())
-                        got.update(train_peak_rss_mb=env_json.get("peak_rss_mb"),
-                                   train_images_per_sec=env_json.get("train_images_per_sec"))
-                    elif name != "timm cl" and code == 0:
-                        got["status"] = f"{len(found)} env.json files"
+                    if name != "timm cl" and code == 0:  # an osteo run: what its env.json recorded
+                        found = sorted(runs.glob(f"{model}/*/env.json"))
+                        if len(found) == 1:
+                            env_json = json.loads(found[0].read_text())
+                            got.update(train_peak_rss_mb=env_json.get("peak_rss_mb"),
+                                       train_images_per_sec=env_json.get("train_images_per_sec"))
+                        else:
+                            got["status"] = f"{len(found)} env.json files"
                     results[model][name].append(got)
                     print(f"repeat {rep + 1} {model} {name}: {got}", flush=True)
     report = {"command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0), "size": args.size,
@@ -159,9 +160,8 @@ def print_table(report: dict) -> None:
             ratio = f"{statistics.median(peaks) / statistics.median(timm):.2f}x" if peaks and timm else "-"
             trained = [x["train_peak_rss_mb"] for x in ok if x.get("train_peak_rss_mb")]
             rates = [x["train_images_per_sec"] for x in ok if x.get("train_images_per_sec")]
-            print(f"| {model} | {name} | {_median_range(peaks)} | {ratio} | {_median_range(trained)} | "
-                  f"{statistics.median(rates):.1f} |" if rates else
-                  f"| {model} | {name} | {_median_range(peaks)} | {ratio} | {_median_range(trained)} | - |")
+            rate = f"{statistics.median(rates):.1f}" if rates else "-"
+            print(f"| {model} | {name} | {_median_range(peaks)} | {ratio} | {_median_range(trained)} | {rate} |")
 
 
 if __name__ == "__main__":
