@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import agree
 import feed
 import models
 
@@ -77,6 +79,32 @@ def test_a_single_window_or_an_error_is_never_a_verdict():
     assert _summary(g, "keras-torch")["status"] == "1 window"
     assert _summary(g, "keras-tf")["status"].startswith("error: worker exited")
     assert _summary(g, "cl")["status"] == "reference"
+
+
+def test_two_runs_agree_only_where_both_report_ratios_within_the_margin(tmp_path, capsys):
+    peer = _row("cl", "timm", [50] * 5)
+    a = {"groups": [_group(_row("auto", "osteo", [50] * 5), peer, model="vgg16"),
+                    _group(_row("auto", "osteo", [54] * 5), peer, model="convnext_tiny"),
+                    _group(_row("auto", "osteo", [50, 30, 20, 51, 70]), peer, model="densenet169")]}
+    b = {"groups": [_group(_row("auto", "osteo", [48] * 5), peer, model="vgg16"),  # 1.00 and 0.96
+                    _group(_row("auto", "osteo", [44] * 5), peer, model="convnext_tiny"),  # 1.08 and 0.88
+                    _group(_row("auto", "osteo", [50] * 5), peer, model="densenet169")]}  # flagged in a
+    got = {r["model"]: r for r in agree.compare(a, b)}
+    assert got["vgg16"]["verdict"] == "agree" and got["vgg16"]["difference"] == pytest.approx(0.04 / 0.98)
+    assert got["convnext_tiny"]["verdict"] == "DISAGREE"  # each run self-consistent, the answer moved 20%
+    assert got["densenet169"]["verdict"] == "not compared" and got["densenet169"]["a_status"] == "FLAGGED"
+    wider = {r["model"]: r for r in agree.compare(a, b, margin=0.25)}
+    assert wider["convnext_tiny"]["verdict"] == "agree"
+    paths = []
+    for name, report in (("a", a), ("b", b), ("b-vgg", {"groups": b["groups"][:1]})):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(report))
+    assert agree.main([str(paths[0]), str(paths[1])]) == 1
+    assert "1 of 3 rows agree within 10%, 1 disagree, 1 not compared" in capsys.readouterr().out
+    assert agree.main([str(paths[0]), str(paths[2])]) == 0
+    (tmp_path / "half.json").write_text('{"groups": [')
+    assert agree.main([str(paths[0]), str(tmp_path / "half.json")]) == 2
+    assert "cannot read" in capsys.readouterr().err
 
 
 def test_pipeline_row_is_compared_with_its_memory_row_round_by_round():
