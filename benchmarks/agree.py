@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models
 
 
-def ratios(report: dict) -> dict[tuple, dict]:
+def summaries(report: dict) -> dict[tuple, dict]:
     """(model, size, batch, row) -> the summary of each osteo row of a models.py report."""
     out = {}
     for group in report.get("groups", ()):
@@ -41,7 +41,7 @@ def ratios(report: dict) -> dict[tuple, dict]:
 
 def compare(a: dict, b: dict, margin: float = models.FLAG_SPREAD) -> list[dict]:
     """One entry per osteo row measured by both reports, in ``a``'s order."""
-    ra, rb = ratios(a), ratios(b)
+    ra, rb = summaries(a), summaries(b)
     out = []
     for key, sa in ra.items():
         sb = rb.get(key)
