@@ -1,10 +1,13 @@
-"""Do two runs of ``benchmarks/models.py`` give the same answer? (issue 20, point 2)
+"""Do two runs of a benchmark give the same answer? (issue 20, point 2)
 
     python benchmarks/agree.py results/A.json results/B.json [--margin 0.10]
 
-For every osteo row that both runs measured (same backbone, image size, batch and row),
-the median ratio to timm's best of each run, as ``models.summarize`` computes it from the
-rounds kept in the JSON, and their difference relative to the two ratios' mean:
+Two runs of ``benchmarks/models.py``: for every osteo row that both measured (same
+backbone, image size, batch and row), the median ratio to timm's best of each run, as
+``models.summarize`` computes it from the rounds kept in the JSON. Two runs of
+``benchmarks/input_pipeline.py``: for every set both measured, osteo's audit + first epoch
+over each of Keras' loaders, as ``input_pipeline.round_ratios`` computes it. Then the two
+ratios' difference relative to their mean:
 
 - ``agree``: both runs reported a ratio and the two differ by at most ``--margin``, the
   margin within which one run's rounds must agree before it reports a ratio at all
@@ -26,28 +29,42 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import input_pipeline
 import models
+
+# what names a compared row, per kind of report
+FIELDS = {"models": ("model", "size", "batch", "row"), "input_pipeline": ("set", "peer")}
+
+
+def kind(report: dict) -> str | None:
+    """``models`` or ``input_pipeline`` (which script wrote the report), else None."""
+    return "models" if "groups" in report else "input_pipeline" if "rows" in report else None
 
 
 def summaries(report: dict) -> dict[tuple, dict]:
-    """(model, size, batch, row) -> the summary of each osteo row of a models.py report."""
+    """Each compared row of a report -> its summary: a models.py report's osteo rows by
+    (model, size, batch, row); an input_pipeline.py report's first epochs by (set, peer)."""
     out = {}
     for group in report.get("groups", ()):
         for s in models.summarize(group):
             if s["kind"] == "osteo":
                 out[(group["model"], group["size"], group["batch"], s["row"])] = s
+    for s in input_pipeline.round_ratios(report.get("rows", {})).values():
+        if s["row"] == input_pipeline.OSTEO_FIRST:
+            out[(s["set"], s["peer"])] = s
     return out
 
 
 def compare(a: dict, b: dict, margin: float = models.FLAG_SPREAD) -> list[dict]:
-    """One entry per osteo row measured by both reports, in ``a``'s order."""
+    """One entry per compared row measured by both reports (of one kind), in ``a``'s order."""
     ra, rb = summaries(a), summaries(b)
+    fields = FIELDS.get(kind(a), ())
     out = []
     for key, sa in ra.items():
         sb = rb.get(key)
         if sb is None:
             continue
-        entry = {"model": key[0], "size": key[1], "batch": key[2], "row": key[3],
+        entry = {**dict(zip(fields, key)),
                  "a": sa.get("ratio"), "a_status": sa["status"], "b": sb.get("ratio"), "b_status": sb["status"]}
         if sa["status"] == "ok" and sb["status"] == "ok":
             entry["difference"] = abs(sa["ratio"] - sb["ratio"]) / ((sa["ratio"] + sb["ratio"]) / 2)
@@ -60,8 +77,8 @@ def compare(a: dict, b: dict, margin: float = models.FLAG_SPREAD) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("a", type=Path, help="a models.py results JSON")
-    p.add_argument("b", type=Path, help="another run's results JSON")
+    p.add_argument("a", type=Path, help="a results JSON of models.py or of input_pipeline.py")
+    p.add_argument("b", type=Path, help="another run's results JSON, of the same script")
     p.add_argument("--margin", type=float, default=models.FLAG_SPREAD,
                    help="largest relative difference of two ratios that still agree (default: the flag's 0.10)")
     args = p.parse_args(argv)
@@ -70,13 +87,20 @@ def main(argv: list[str] | None = None) -> int:
         try:
             reports.append(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError) as e:
-            print(f"agree.py: cannot read {path}: {e}; give two JSON files that benchmarks/models.py wrote",
-                  file=sys.stderr)
+            print(f"agree.py: cannot read {path}: {e}; give two JSON files that benchmarks/models.py or "
+                  "benchmarks/input_pipeline.py wrote", file=sys.stderr)
             return 2
+    kinds = [kind(r) if isinstance(r, dict) else None for r in reports]
+    if None in kinds or kinds[0] != kinds[1]:
+        print(f"agree.py: {args.a.name} and {args.b.name} are not two reports of one benchmark "
+              f"({kinds[0] or 'unknown'}, {kinds[1] or 'unknown'}); give two results JSON files of "
+              "benchmarks/models.py, or two of benchmarks/input_pipeline.py", file=sys.stderr)
+        return 2
     rows = compare(*reports, margin=args.margin)
     if not rows:
-        print(f"agree.py: {args.a.name} and {args.b.name} share no osteo row (backbone, size, batch); "
-              "compare two runs of the same groups", file=sys.stderr)
+        what = "osteo row (backbone, size, batch)" if kinds[0] == "models" else "set with a Keras loader"
+        print(f"agree.py: {args.a.name} and {args.b.name} share no {what}; compare two runs of the same "
+              "groups or sets", file=sys.stderr)
         return 2
 
     from rich.console import Console
@@ -85,13 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     def shown(ratio, status):
         return f"{ratio:.3f}" if status == "ok" else f"{status} ({ratio:.3f})" if ratio else status
 
-    table = Table(title=f"auto / timm's best: {args.a.name} against {args.b.name} (margin {args.margin:.0%})")
-    for col in ("backbone", "px", "row", "A", "B", "difference", "verdict"):
+    if kinds[0] == "models":
+        ratio, columns = "auto / timm's best", {"backbone": "model", "px": "size", "row": "row"}
+    else:
+        ratio, columns = f"{input_pipeline.OSTEO_FIRST} / Keras' loader", {"set": "set", "against": "peer"}
+    table = Table(title=f"{ratio}: {args.a.name} against {args.b.name} (margin {args.margin:.0%})")
+    for col in (*columns, "A", "B", "difference", "verdict"):
         table.add_column(col, justify="right" if col in ("px", "A", "B", "difference") else "left")
     for r in rows:
         diff = f"{r['difference']:.1%}" if "difference" in r else ""
-        table.add_row(r["model"], str(r["size"]), r["row"], shown(r["a"], r["a_status"]), shown(r["b"], r["b_status"]),
-                      diff, r["verdict"])
+        table.add_row(*(str(r[f]) for f in columns.values()), shown(r["a"], r["a_status"]),
+                      shown(r["b"], r["b_status"]), diff, r["verdict"])
     console = Console(width=140)
     console.print(table)
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("agree", "DISAGREE", "not compared")}

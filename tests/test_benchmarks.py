@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import agree
 import feed
+import input_pipeline
 import models
 
 
@@ -105,6 +106,67 @@ def test_two_runs_agree_only_where_both_report_ratios_within_the_margin(tmp_path
     (tmp_path / "half.json").write_text('{"groups": [')
     assert agree.main([str(paths[0]), str(tmp_path / "half.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def _pipeline_rows(**rates):
+    """input_pipeline.py's ``rows``: "PNG: <row>" -> samples, one a round (None: no ``round`` kept)."""
+    names = {"idg": input_pipeline.PEERS[0], "idfd": input_pipeline.PEERS[1], "osteo": input_pipeline.OSTEO_FIRST,
+             "later": "osteo later epoch (memory)"}
+    return {f"PNG: {names[k]}": {"samples": [{"images_per_s": r} if keep is None else {"round": keep, "images_per_s": r}
+                                             for keep, r in v]}
+            for k, v in rates.items()}
+
+
+def test_input_pipeline_ratios_are_taken_round_by_round_and_flagged_past_the_margin():
+    # round 1 ran at half speed for everyone: osteo / ImageDataGenerator stays 2.0 in every round
+    rows = _pipeline_rows(idg=[(0, 100), (1, 50), (2, 105)], idfd=[(0, 400), (1, 400), (2, 200)],
+                          osteo=[(0, 200), (1, 100), (2, 210)], later=[(0, 5000), (1, 5000), (2, 5000)])
+    got = input_pipeline.round_ratios(rows)
+    first = f"PNG: {input_pipeline.OSTEO_FIRST}"
+    vs_idg, vs_idfd = got[f"{first} / {input_pipeline.PEERS[0]}"], got[f"{first} / {input_pipeline.PEERS[1]}"]
+    assert vs_idg["ratios"] == [2.0, 2.0, 2.0] and vs_idg["status"] == "ok" and vs_idg["ratio_spread"] == 0
+    assert vs_idfd["ratios"] == [0.5, 0.25, 1.05] and vs_idfd["status"] == "FLAGGED"
+    assert vs_idfd["ratio"] == 0.5  # the median round, not a ratio of the medians (0.5 as well here)
+    assert not any("later epoch" in k for k in got)  # no target compares a later epoch with a first one
+    assert got[f"PNG: {input_pipeline.PEERS[0]} / {input_pipeline.PEERS[1]}"]["ratios"] == [0.25, 0.125, 0.525]
+    # rounds are matched by their number; a report without numbers pairs them in order
+    shuffled = _pipeline_rows(idg=[(1, 50), (0, 100)], idfd=[(0, 400), (1, 400)], osteo=[(0, 200), (1, 100)])
+    assert input_pipeline.round_ratios(shuffled)[f"{first} / {input_pipeline.PEERS[0]}"]["ratios"] == [2.0, 2.0]
+    old = _pipeline_rows(idg=[(None, 100)], idfd=[(None, 400)], osteo=[(None, 300)])
+    assert input_pipeline.round_ratios(old)[f"{first} / {input_pipeline.PEERS[0]}"]["status"] == "1 round"
+
+
+def test_a_row_repeats_its_first_epoch_until_the_minimum_time_and_pools_the_passes():
+    calls = []
+
+    def one_pass(images):
+        calls.append(images)
+        return {"images": images, "wall_s": 0.4, "cpu_s": 0.8, "images_per_s": images / 0.4}
+
+    got = input_pipeline.repeated(1.0, one_pass, 10)
+    assert calls == [10, 10, 10] and got["passes"] == 3
+    assert got["images"] == 30 and got["wall_s"] == pytest.approx(1.2) and got["images_per_s"] == 25.0
+    assert got["cpu_ms_per_image"] == pytest.approx(80.0)
+    assert input_pipeline.repeated(0.0, one_pass, 10)["passes"] == 1
+
+
+def test_two_input_pipeline_runs_are_compared_on_osteos_first_epoch(tmp_path, capsys):
+    quiet = {"rows": _pipeline_rows(idg=[(i, 100) for i in range(5)], idfd=[(i, 1000) for i in range(5)],
+                                    osteo=[(i, 300) for i in range(5)])}
+    busy = {"rows": _pipeline_rows(idg=[(i, 100) for i in range(5)], idfd=[(i, 700) for i in range(5)],
+                                   osteo=[(i, 290) for i in range(5)])}
+    got = {r["peer"]: r for r in agree.compare(quiet, busy)}
+    assert set(got) == set(input_pipeline.PEERS) and all(r["set"] == "PNG" for r in got.values())
+    assert got[input_pipeline.PEERS[0]]["verdict"] == "agree"  # 3.0 and 2.9
+    assert got[input_pipeline.PEERS[1]]["verdict"] == "DISAGREE"  # 0.30 and 0.41
+    paths = {}
+    for name, report in (("quiet", quiet), ("busy", busy), ("models", {"groups": []})):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(report))
+    assert agree.main([str(paths["quiet"]), str(paths["busy"])]) == 1
+    assert "1 of 2 rows agree within 10%, 1 disagree" in capsys.readouterr().out
+    assert agree.main([str(paths["quiet"]), str(paths["models"])]) == 2
+    assert "not two reports of one benchmark" in capsys.readouterr().err
 
 
 def test_pipeline_row_is_compared_with_its_memory_row_round_by_round():
