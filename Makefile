@@ -50,22 +50,23 @@ lint: install
 	$(VENV)/bin/lint-imports
 
 data: install
-	@test -d $(DATA)/normal || $(OSTEO) data phantom $(DATA)
+	@test -d '$(DATA)/normal' || $(OSTEO) data phantom '$(DATA)'
 
 audit: install
-	$(OSTEO) data audit $(DATA) --out $(OUT)/audit
+	$(OSTEO) data audit '$(DATA)' --out '$(OUT)/audit'
 
 clean:
 	rm -rf $(VENV) data/phantom data/phantom-demo runs reports .pytest_cache .ruff_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # Make variables pass through to `osteo train`; DATA only when given (the default is the phantom).
+# Paths are quoted for the shell: a folder name may hold spaces (not a single quote).
 TRAIN_ARGS = --model $(MODEL) \
-	$(if $(filter command line environment,$(origin DATA)),--data $(DATA)) \
-	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+	$(if $(filter command line environment,$(origin DATA)),--data '$(DATA)') \
+	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(WEIGHTS),--weights '$(WEIGHTS)') \
 	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(BATCH),--batch $(BATCH)) \
-	$(if $(SEED),--seed $(SEED)) $(if $(RESUME),--resume $(RESUME)) \
-	$(if $(filter command line environment,$(origin RUNS)),--runs $(RUNS))
+	$(if $(SEED),--seed $(SEED)) $(if $(RESUME),--resume '$(RESUME)') \
+	$(if $(filter command line environment,$(origin RUNS)),--runs '$(RUNS)')
 STUDY_MODELS := vgg16 vgg19 densenet169 convnext_tiny
 
 train: install
@@ -82,20 +83,20 @@ train-all: install
 # The comparison across runs: latest run of each model under RUNS (ALL=1: every run).
 RUNS ?= runs
 report: install
-	$(OSTEO) report --runs $(RUNS) --out $(OUT) $(if $(ALL),--all)
+	$(OSTEO) report --runs '$(RUNS)' --out '$(OUT)' $(if $(ALL),--all)
 
 # External validation: a run's best model on another labelled folder (RUN/eval/<folder>/)
 eval: install
 	@test -n "$(RUN)" || { echo "usage: make eval RUN=runs/<model>/<run-id> DATA=folder [TTA=1]" >&2; exit 2; }
 	@test "$(origin DATA)" != "file" || { echo "make eval: name the folder to score with DATA=" >&2; exit 2; }
-	$(OSTEO) eval $(RUN) --data $(DATA) $(if $(TTA),--tta)
+	$(OSTEO) eval '$(RUN)' --data '$(DATA)' $(if $(TTA),--tta)
 
 # A run's best model for other systems, preprocessing and calibration inside (osteo.export):
 # make export RUN=runs/<model>/<run-id> [FORMAT=onnx|savedmodel|keras] writes RUN/export/.
 FORMAT ?= onnx
 export: install
 	@test -n "$(RUN)" || { echo "usage: make export RUN=runs/<model>/<run-id> [FORMAT=onnx|savedmodel|keras]" >&2; exit 2; }
-	$(OSTEO) export $(RUN) --format $(FORMAT)
+	$(OSTEO) export '$(RUN)' --format $(FORMAT)
 
 # The whole study on the phantom, CPU-sized (recipes/demo.py): each backbone in its own
 # process, so each gets the Keras backend measured fastest for it.
@@ -120,11 +121,11 @@ given = $(filter command line environment,$(origin $(1)))
 STUDY_DATA = $(if $(call given,DATA),$(DATA),data/phantom-demo)
 STUDY_OUT := reports/study
 study: install
-	@test -d $(STUDY_DATA) || $(OSTEO) data phantom $(STUDY_DATA) --n 900 --size 96
+	@test -d '$(STUDY_DATA)' || $(OSTEO) data phantom '$(STUDY_DATA)' --n 900 --size 96
 	$(OSTEO) study --models $(or $(MODELS),vgg16$(COMMA)densenet169) \
 		--recipe $(if $(call given,RECIPE),$(RECIPE),demo) --folds $(if $(call given,FOLDS),$(FOLDS),2) \
-		--data $(STUDY_DATA) --runs $(if $(call given,RUNS),$(RUNS),runs/study) --out $(STUDY_OUT) \
-		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+		--data '$(STUDY_DATA)' --runs '$(if $(call given,RUNS),$(RUNS),runs/study)' --out $(STUDY_OUT) \
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(WEIGHTS),--weights '$(WEIGHTS)') \
 		$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(SEARCH),--search $(SEARCH) --trials $(or $(TRIALS),3)) \
 		$(foreach e,$(subst $(COMMA), ,$(EXTERNAL)),--external $(e))
 

@@ -31,7 +31,12 @@ from osteo.recipe import MAX_BOOTSTRAP, MAX_FOLDS
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit code 2."""
+    """argparse, but a usage error is one line and exit code 2; each (sub)command's parser
+    leaves its name in the namespace, for an error about its arguments to point at its help."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.set_defaults(help_of=self.prog)
 
     def error(self, message: str):  # type: ignore[override]
         print(f"osteo: error: {message} (see '{self.prog} --help')", file=sys.stderr)
@@ -143,6 +148,10 @@ def print_audit(result, console=None) -> None:
     )
     for u in info["unreadable"][:10]:
         console.print(f"  unreadable: {u['path']}: {u['reason']}", markup=False)
+    empty = [c for c in CLASSES if not any(r.label == c for r in ok)]
+    if empty:
+        console.print(f"  no readable images of class {' and '.join(empty)}: training needs images of every class",
+                      markup=False)
     for g in [g for g in groups if g["conflict"]][:10]:
         console.print(f"  conflict {g['id']} ({g['kind']}): {', '.join(g['paths'])}", markup=False)
 
@@ -269,7 +278,8 @@ def _train_options(args):
     return TrainOptions(data=args.data, weights=args.weights, image_size=args.image_size, batch=args.batch,
                         seed=args.seed, epochs=args.epochs, deterministic=args.deterministic, runs=args.runs,
                         mlflow=args.mlflow, operating_points=tuple(args.operating_point or ()),
-                        group_by=args.group_by, overrides=tuple(args.set or ()))
+                        group_by=args.group_by, group_regex=args.group_regex, groups=args.groups,
+                        overrides=tuple(args.set or ()))
 
 
 def cmd_train(args) -> int:
@@ -340,6 +350,8 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--operating-point", action="append", metavar="CLASS[+]:sensitivity=X",
                    help="screening threshold chosen on validation (repeatable), e.g. osteoporosis:sensitivity=0.90")
     _add_group_by(p, default=None)
+    p.add_argument("--group-regex", metavar="PATTERN", help="regex on the file name; group 1 is the patient id")
+    p.add_argument("--groups", metavar="CSV", help="CSV with path,group columns: each image's patient")
     p.set_defaults(func=cmd_train)
 
 
@@ -673,8 +685,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (about 150 MB of a training process at its peak); likewise only in osteo's own processes
     _lean.install()
     parser = build_parser()
+    given = list(sys.argv[1:] if argv is None else argv)
+    lead = given[: next((i for i, a in enumerate(given) if not a.startswith("-")), len(given))]
+    odd = [a for a in lead if a not in ("--debug", "-h", "--help")]
+    if odd:  # argparse would only say that the command is missing
+        print(f"osteo: error: unknown option {odd[0]}: options go after the command, as in "
+              "osteo train --help (see 'osteo --help')", file=sys.stderr)
+        return 2
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(given)
+        if extra:  # named by the command that did not know them, not by osteo's top level
+            print(f"osteo: error: unrecognized arguments: {' '.join(extra)} (see '{args.help_of} --help')",
+                  file=sys.stderr)
+            return 2
     except SystemExit as e:  # a usage error (one line, already printed) or --help
         return e.code if isinstance(e.code, int) else 2
     if args.debug:  # TensorFlow's start-up logs too (osteo._quiet)

@@ -12,6 +12,7 @@ shifts. Files that cannot be decoded get ``status=unreadable`` and a reason.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +26,8 @@ from osteo.errors import OsteoError
 from osteo.files import check_output, sweep_temporaries, temporaries_of, write_csv
 from osteo.model_card import write_model_card
 from osteo.runs import PROB_COLUMNS, CvDir, RunDir, check_output_place
+
+log = logging.getLogger("osteo")
 
 COLUMNS = ("path", "status", "pred", *PROB_COLUMNS, "reason")
 TTA_SHIFT = 1 / 16  # of the image side, both ways, on top of the mirror
@@ -228,6 +231,9 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
                   progress: Callable[[int, int], None] | None = None) -> Path:
     """Classify files and folders (recursively, DICOM included) into ``out``; unreadable files get a row.
 
+    Unreadable files are also counted in one warning; when no file could be read, the CSV
+    (each file's reason) is written and then an OsteoError says so.
+
     Every output is checked before the first image is read: ``out`` must not be in a run's
     folder nor be anything but a file, and ``gradcam_dir`` must not hold files osteo did not
     write under an overlay's name (the input images, when it is their folder).
@@ -256,6 +262,13 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
         write_overlays(gradcam_dir, [r["path"] for r in ok], arrays, maps, predictor.calibrate(raw))
     columns = [*COLUMNS[:-1], *(_op_column(p["name"]) for p in predictor.points), "reason"]
     write_csv(out, rows, columns)
+    bad = sum(r["status"] != "ok" for r in rows)
+    if rows and bad == len(rows):
+        raise OsteoError(f"none of the {len(rows)} file(s) could be read as an image (each reason is in {out}); "
+                         "give PNG, JPEG, TIFF or DICOM files")
+    if bad:
+        log.warning("%d of %d files are unreadable and have no prediction (status=unreadable, with the reason, in %s)",
+                    bad, len(rows), out)
     return Path(out)
 
 

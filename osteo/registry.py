@@ -114,7 +114,7 @@ class BackboneSpec:
         if size < self.min_size:
             raise OsteoError(
                 f"image size {size} is below {self.name}'s minimum of {self.min_size}; "
-                f"use IMAGE_SIZE={self.min_size} or more (default {self.default_size})"
+                f"use --image-size {self.min_size} or more (make: IMAGE_SIZE=)"
             )
 
     @property
@@ -129,9 +129,12 @@ def parse_weights(weights: str | os.PathLike | None) -> tuple[str, Path | None]:
     if str(weights).lower() == "imagenet":
         return "imagenet", None
     path = Path(weights)
+    if path.is_dir():
+        raise OsteoError(f"weights {path} is a folder; give the weights file in it, or --weights imagenet or none")
     if not path.is_file():
         raise OsteoError(
-            f"weights file {path} not found; use WEIGHTS=imagenet, WEIGHTS=none or the path of an existing file"
+            f"weights file {path} not found; use --weights imagenet, none or the path of an existing file "
+            "(make: WEIGHTS=)"
         )
     return "file", path
 

@@ -41,6 +41,8 @@ class TrainOptions:
     mlflow: bool = False
     operating_points: tuple[str, ...] = ()
     group_by: str | None = None  # where patients come from: auto | dicom | regex | csv | none
+    group_regex: str | None = None  # data.group_regex
+    groups: str | None = None  # data.groups_csv
     overrides: tuple[str, ...] = ()  # KEY=VALUE (--set), applied last
 
     def as_args(self) -> list[str]:
@@ -48,7 +50,8 @@ class TrainOptions:
         args = []
         for flag, value in (("--data", self.data), ("--weights", self.weights), ("--image-size", self.image_size),
                             ("--batch", self.batch), ("--seed", self.seed), ("--epochs", self.epochs),
-                            ("--runs", self.runs), ("--group-by", self.group_by)):
+                            ("--runs", self.runs), ("--group-by", self.group_by),
+                            ("--group-regex", self.group_regex), ("--groups", self.groups)):
             if value is not None:
                 args += [flag, str(value)]
         if self.deterministic:
@@ -72,6 +75,12 @@ def build_recipe(name: str, model: str | None, options: TrainOptions) -> Recipe:
     if o.weights:
         recipe.model.weights = o.weights
     if o.image_size is not None:
+        if o.image_size <= 0:  # 0 in a recipe means the backbone's default; asked for, it is a mistake
+            from osteo.registry import get_backbone
+
+            spec = get_backbone(recipe.model.backbone)
+            raise OsteoError(f"--image-size {o.image_size} is not an image size; give the side in pixels "
+                             f"({spec.min_size} or more for {spec.name}), or leave the option out for the recipe's")
         recipe.data.image_size = o.image_size
     if o.batch is not None:
         recipe.data.batch_size = o.batch
@@ -89,6 +98,10 @@ def build_recipe(name: str, model: str | None, options: TrainOptions) -> Recipe:
         recipe.train.operating_points = tuple(o.operating_points)
     if o.group_by:
         recipe.data.group_by = o.group_by
+    if o.group_regex:
+        recipe.data.group_regex = o.group_regex
+    if o.groups:
+        recipe.data.groups_csv = o.groups
     apply_overrides(recipe, list(o.overrides))
     return resolve(recipe)
 
@@ -107,7 +120,8 @@ def resume_recipe(spec: str, model: str | None, options: TrainOptions) -> tuple[
     asked = {"--model": (model, recipe.model.backbone), "--data": (o.data, d.dir),
              "--weights": (o.weights, recipe.model.weights), "--image-size": (o.image_size, d.image_size),
              "--batch": (o.batch, d.batch_size), "--seed": (o.seed, t.seed),
-             "--deterministic": (o.deterministic or None, t.deterministic), "--group-by": (o.group_by, d.group_by)}
+             "--deterministic": (o.deterministic or None, t.deterministic), "--group-by": (o.group_by, d.group_by),
+             "--group-regex": (o.group_regex, d.group_regex), "--groups": (o.groups, d.groups_csv)}
     for option, (given, saved) in asked.items():
         if given is not None and given != saved:
             raise OsteoError(f"{option} cannot change when resuming {run.path} (it trained with {saved}); "

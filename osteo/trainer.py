@@ -229,6 +229,9 @@ class Trainer:
             run.write_recipe(r)  # what is trained: a resumed run may have been given more epochs
         run.write_audit(self.dm.audit.to_json())
         run.write_manifest(self.dm.audit.manifest_rows())
+        left_out = self.dm.audit.left_out(run.audit_path)
+        if left_out:
+            self._say(left_out)
         self.env = {
             **_versions(), "backend": self.plan.backend, "impl": r.model.impl, "precision": self.plan.precision,
             "jit_compile": self.plan.jit_compile, "device": self.plan.to_json(), "allocator": self.allocator,

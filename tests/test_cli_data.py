@@ -28,7 +28,8 @@ def test_split_command_writes_split_csv(tmp_path):
     "argv,message",
     [
         (["data", "audit", "/no/such/folder"], "does not exist"),
-        (["data", "phantom", "X", "--bogus"], "unrecognized arguments"),
+        (["data", "phantom", "X", "--bogus"], "unrecognized arguments: --bogus (see 'osteo data phantom --help')"),
+        (["--frobnicate"], "unknown option --frobnicate: options go after the command"),
         (["data", "phantom", "X", "--proportions", "1,x"], "comma-separated"),
         (["data", "phantom", "X", "--proportions", "1,2"], "proportions"),
     ],

@@ -1,6 +1,7 @@
 """Faults from outside: a full disk, damaged run files, resume misuse, leftovers. Each is one line, exit 2."""
 
 import errno
+import logging
 import os
 import shutil
 import time
@@ -211,7 +212,23 @@ def test_predict_never_overwrites_run_files_and_lists_unreadable_files(finished_
     (folder / "notes.txt").write_text("not an image")
     (folder / "scan.png").write_bytes(b"\x89PNG truncated")
     out = tmp_path / "p.csv"
-    assert main(["predict", str(finished_run), str(folder), "--out", str(out)]) == 0
+    said = []  # the CLI prints osteo's logged warnings as `osteo: warning:` lines (its handler keeps the
+    listener = logging.Handler(logging.WARNING)  # stderr of the first main() of this process: listen here)
+    listener.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("osteo").addHandler(listener)
+    try:
+        assert main(["predict", str(finished_run), str(folder), "--out", str(out)]) == 0
+    finally:
+        logging.getLogger("osteo").removeHandler(listener)
+    n = len(list(folder.iterdir()))
+    assert [m for m in said if "unreadable" in m] == [
+        f"2 of {n} files are unreadable and have no prediction (status=unreadable, with the reason, in {out})"]
+    capsys.readouterr()
+    junk = tmp_path / "junk.csv"
+    assert main(["predict", str(finished_run), str(folder / "notes.txt"), str(folder / "scan.png"),
+                 "--out", str(junk)]) == 2
+    assert "none of the 2 file(s) could be read as an image" in one_line(capsys)
+    assert junk.read_text().count("unreadable") == 2  # the reasons are written all the same
     import csv
 
     with open(out, newline="") as f:

@@ -167,3 +167,10 @@ def test_the_cli_passes_group_by_to_the_split_and_to_training(dicom_dir, tmp_pat
     options = _train_options(args)
     assert build_recipe("seed", "tiny", options).data.group_by == "dicom"
     assert options.as_args()[-2:] == ["--group-by", "dicom"]  # a study's trials pass it on
+    # the options the errors name exist on train too
+    args = build_parser().parse_args(["train", "seed", "--model", "tiny", "--weights", "none", "--group-by", "regex",
+                                      "--group-regex", r"^(P\d+)_", "--groups", "g.csv"])
+    options = _train_options(args)
+    data = build_recipe("seed", "tiny", options).data
+    assert (data.group_by, data.group_regex, data.groups_csv) == ("regex", r"^(P\d+)_", "g.csv")
+    assert options.as_args()[-6:] == ["--group-by", "regex", "--group-regex", r"^(P\d+)_", "--groups", "g.csv"]

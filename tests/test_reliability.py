@@ -193,6 +193,10 @@ def test_bad_inputs_are_one_line_exit_2_and_damage_nothing(tmp_path, phantom_dir
         (["train", "seed", *TINY, "--data", str(phantom_dir), "--set", "train.epochs=three"], "int"),
         (["train", "seed", "--model", "vgg16", "--weights", "none", "--image-size", "16", "--data", str(phantom_dir)],
          "minimum"),
+        # 0 in a recipe means the backbone's default; asked for on the command line it is a mistake
+        (["train", "seed", *TINY, "--data", str(phantom_dir), "--image-size", "0"], "is not an image size"),
+        (["train", "seed", "--model", "tiny", "--weights", str(tmp_path), "--image-size", "32",
+          "--data", str(phantom_dir)], "is a folder"),
         (["train", "seed", *TINY, "--data", str(phantom_dir), "--runs", str(tmp_path / "a_file" / "runs")],
          "writable"),
         (["train", "seed", "--model", "tiny", "--weights", str(wrong_weights), "--image-size", "32",
@@ -408,3 +412,8 @@ def test_audit_marks_every_bad_file_unreadable_with_a_reason(tmp_path_factory, f
         assert (rec.status == "ok") == ok
         if not ok:
             assert rec.reason
+    bad = sum(r.status != "ok" for r in result.records)
+    line = result.left_out("RUN/audit.json")  # what osteo train says of them on the console
+    assert (line is None) == (bad == 0)
+    if bad:
+        assert line == f"audit: {bad} of {len(files)} files unreadable, left out (RUN/audit.json gives each one's reason)"

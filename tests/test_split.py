@@ -90,5 +90,11 @@ def test_bad_options_and_tiny_classes_are_user_errors():
     with pytest.raises(OsteoError, match="regex"):
         split_rows(_rows(), group_regex="(")
     split, _ = split_rows(_rows((10, 1, 10)), seed=0)
-    with pytest.raises(OsteoError, match="osteopenia"):
+    with pytest.raises(OsteoError, match="osteopenia") as e:
         check_split(split)
+    assert "a larger share (--val)" in str(e.value)  # its one image trains: validation needs more of the class
+    with pytest.raises(OsteoError, match=r"a larger share \(--set data.val=F\)"):
+        check_split(split, val_option="--set data.val=F")
+    split, _ = split_rows(_rows((10, 0, 0)), seed=0)
+    with pytest.raises(OsteoError, match=r"^no images of class osteopenia and osteoporosis to split: .*folders"):
+        check_split(split)  # every missing class named at once; no share of nothing helps

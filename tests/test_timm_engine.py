@@ -145,8 +145,12 @@ def test_local_weights_files_load_and_are_checked(tmp_path):
     with pytest.raises(OsteoError, match=r"does not match backbone tiny: missing .*unexpected .*WEIGHTS=none"):
         TimmLayer("tiny", "test_resnet", image_size=32, weights=str(tmp_path / "other.pth"))
     torch.save(timm.create_model("test_resnet"), tmp_path / "pickled_module.pth")  # code, not weights
-    with pytest.raises(OsteoError, match="cannot read weights file"):
+    with pytest.raises(OsteoError, match=r"cannot read weights file .*Python objects besides tensors.*state_dict"):
         TimmLayer("tiny", "test_resnet", image_size=32, weights=str(tmp_path / "pickled_module.pth"))
+    (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(4096))  # not torch.save's at all
+    with pytest.raises(OsteoError, match=r"cannot read weights file .*not a PyTorch file") as e:
+        TimmLayer("tiny", "test_resnet", image_size=32, weights=str(tmp_path / "random.pth"))
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
 
 
 def test_offline_imagenet_fails_fast_and_names_the_fix(tmp_path, monkeypatch, fails_fast_offline):

@@ -123,12 +123,22 @@ def read_state_dict(path: Path) -> tuple[dict[str, tuple[int, ...]], Callable[[]
         with safe_open(str(path), framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
         return shapes, lambda: load_file(str(path))
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or the pre-1.6 pickle
+        raise ValueError("it is not a PyTorch file (torch.save's format) nor .safetensors")
+    import pickle
+
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-        state = torch.load(str(path), map_location="cpu", weights_only=True)  # the pre-1.6 format
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(str(path), map_location="cpu", weights_only=True)  # the pre-1.6 format
+    except pickle.UnpicklingError:  # weights_only refused it: objects besides tensors, never unpickled here
+        raise ValueError("it holds Python objects besides tensors, which osteo does not unpickle; save the "
+                         "module's state_dict() instead") from None
     for key in ("state_dict", "model", "state_dict_ema"):  # training checkpoints wrap it
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

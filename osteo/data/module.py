@@ -81,7 +81,8 @@ class DataModule:
                 conflicts=cfg.conflicts, inner_val=cfg.inner_val, group_by=cfg.group_by,
             )
             # a cross-validation's test split is one outer fold: its numbers are pooled over all folds
-            check_split(split, min_test=MIN_TEST_PER_CLASS if cfg.test and not cfg.folds else 0)
+            check_split(split, min_test=MIN_TEST_PER_CLASS if cfg.test and not cfg.folds else 0,
+                        val_option="--set data.val=F")
         self.split = split
         entries, gone = {}, []
         for r in split:

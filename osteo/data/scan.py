@@ -183,6 +183,14 @@ class Audit:
     def ok(self) -> list[Record]:
         return [r for r in self.records if r.status == "ok"]
 
+    def left_out(self, where: str | os.PathLike) -> str | None:
+        """One line for the console when files were unreadable (``where``: the audit.json that
+        gives each one's reason), else None."""
+        bad = len(self.records) - len(self.ok())
+        if not bad:
+            return None
+        return f"audit: {bad} of {len(self.records)} files unreadable, left out ({where} gives each one's reason)"
+
     def to_json(self) -> dict:
         counts = {c: 0 for c in CLASSES}
         for r in self.ok():
@@ -256,8 +264,8 @@ def _list(root: Path) -> _Listing:
         if root.exists():
             raise OsteoError(f"{_display(str(root))} is a file, not a folder; pass the folder that holds the class "
                              f"sub-folders ({', '.join(CLASSES)}){_data_folder_hint(root)}")
-        raise OsteoError(f"data folder {_display(str(root))} does not exist; set DATA= to a folder with class "
-                         f"sub-folders ({', '.join(CLASSES)})")
+        raise OsteoError(f"data folder {_display(str(root))} does not exist; give the folder that holds the "
+                         f"class sub-folders ({', '.join(CLASSES)})")
     try:
         with os.scandir(root) as it:
             entries = sorted(it, key=lambda e: e.name)

@@ -208,16 +208,25 @@ def _fill(keys: list[str], members: dict[str, list[dict]], fractions: list[tuple
                 break
 
 
-def check_split(split: list[dict], min_train: int = 1, min_val: int = 1, min_test: int = 0) -> None:
+def check_split(split: list[dict], min_train: int = 1, min_val: int = 1, min_test: int = 0,
+                val_option: str = "--val") -> None:
     """Every class needs images on both sides, or the metrics mean nothing; and ``min_test``
-    test images where a test split is held out (:data:`MIN_TEST_PER_CLASS`)."""
+    test images where a test split is held out (:data:`MIN_TEST_PER_CLASS`). ``val_option``:
+    how the caller's user sets the validation share, for the message."""
     counts = Counter((r["split"], r["label"]) for r in split)
+    empty = [c for c in CLASSES if not any(counts[(s, c)] for s in ("train", "val", "test"))]
+    if empty:
+        raise OsteoError(f"no images of class {' and '.join(empty)} to split: every class "
+                         f"({', '.join(CLASSES)}) needs images; add them to the {' and '.join(empty)} folder"
+                         f"{'s' if len(empty) > 1 else ''} (the audit lists the files it could not read or left out)")
     for c in CLASSES:
         tr, va = counts[("train", c)], counts[("val", c)]
         if tr < min_train or va < min_val:
+            way = "a larger" if va < min_val else "a smaller"
             raise OsteoError(
                 f"class {c} has {tr} training and {va} validation images after the split; it needs at "
-                f"least {min_train} and {min_val}: add images to the {c} folder or lower --val"
+                f"least {min_train} and {min_val}: add images to the {c} folder, or give validation {way} share "
+                f"({val_option})"
             )
     c = min(CLASSES, key=lambda c: counts[("test", c)])  # the smallest class says it best
     if counts[("test", c)] < min_test:
