@@ -685,7 +685,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (about 150 MB of a training process at its peak); likewise only in osteo's own processes
     _lean.install()
     parser = build_parser()
-    given = list(sys.argv[1:] if argv is None else argv)
+    given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     lead = given[: next((i for i, a in enumerate(given) if not a.startswith("-")), len(given))]
     odd = [a for a in lead if a not in ("--debug", "-h", "--help")]
     if odd:  # argparse would only say that the command is missing
