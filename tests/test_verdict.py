@@ -143,6 +143,9 @@ def test_osteo_report_opens_with_the_verdict(report, tmp_path, capsys):
 def test_runs_that_chose_on_their_images_are_compared_apart_and_called_optimistic(tmp_path):
     trained = make_run(tmp_path, "trained", skilled(TEST, 0))
     write_report([trained], tmp_path / "test", n_boot=0)
+    said = (tmp_path / "test" / "verdict.txt").read_text(encoding="utf-8")
+    assert ("the best model scores above it; no interval was computed (--bootstrap 0), so that is not a test."
+            in " ".join(said.split()))  # no interval to lie above the baseline, nor one that fails to
     write_report([trained], tmp_path / "val", split="val", n_boot=0)
     said = (tmp_path / "val" / "verdict.txt").read_text(encoding="utf-8")
     assert said.startswith(f"On validation (n={len(VAL)}, which chose the checkpoint, temperature and thresholds: "

@@ -48,10 +48,16 @@ def _paragraph(group: list[dict], rows: list[dict]) -> str:
             out.append(f"{_name(r)}, with balanced accuracy {_ci(r)}, was measured on other images than "
                        f"{_name(best)}: the two cannot be paired, so they are not tested.")
     base = to_float(best["majority_balanced_accuracy"])
-    clears = to_float(best["balanced_accuracy_lo"]) > base
+    lo = to_float(best["balanced_accuracy_lo"])
+    if math.isnan(lo):  # no bootstrap (--bootstrap 0): the point estimate, and that it is no test
+        above = to_float(best["balanced_accuracy"]) > base
+        judged = (("the best model scores above it" if above else "the best model does not score above it: it has "
+                   "not learned the task") + "; no interval was computed (--bootstrap 0), so that is not a test.")
+    else:
+        judged = ("the best model's interval lies above it." if lo > base else
+                  "the best model's interval does not clear it: it has not clearly learned the task.")
     out.append(f"Always answering {best['majority_class']} (the training majority) scores {base:.3f} on the same "
-               "images; " + ("the best model's interval lies above it." if clears else
-                             "the best model's interval does not clear it: it has not clearly learned the task."))
+               f"images; {judged}")
     oracle = next((o for o in rows if o["model"] == "oracle" and o["split_id"] == best["split_id"]
                    and o["evaluated_on"] == best["evaluated_on"]), None)
     if oracle is not None:
