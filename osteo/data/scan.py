@@ -273,8 +273,10 @@ def _list(root: Path) -> _Listing:
         raise OsteoError(f"cannot list the data folder {_display(str(root))}: {e.strerror}; check its permissions") from None
     classes = [e for e in entries if e.name.lower() in CLASSES and _is_dir(e)]
     if not classes:
-        raise OsteoError(f"no class folders ({', '.join(CLASSES)}) in {_display(str(root))}; put each image under "
-                         f"{_display(str(root))}/<class>/")
+        others = [f"{_display(e.name)}/" for e in entries if not e.name.startswith(".") and _is_dir(e)]
+        found = f" (it has {', '.join(others[:5])}{' ...' if len(others) > 5 else ''})" if others else ""
+        raise OsteoError(f"no class folders ({', '.join(CLASSES)}) in {_display(str(root))}{found}; put each image "
+                         f"under {_display(str(root))}/<class>/, or rename the folders to the classes")
     out = _Listing()
     for e in entries:
         if e in classes:
