@@ -56,6 +56,14 @@ def _console_err():
     return Console(stderr=True, highlight=False)
 
 
+def _progress(console):
+    """A progress bar that leaves nothing behind; none where ``console`` is not a terminal (a pipe,
+    a log file, a test), where rich would leave a blank line."""
+    from rich.progress import Progress
+
+    return Progress(console=console, transient=True, disable=not console.is_terminal)
+
+
 def _say(console):
     """A ``say`` callback: plain lines on ``console`` (names from disk are printed as they are, no markup)."""
     return lambda text: console.print(text, highlight=False, markup=False)
@@ -90,14 +98,13 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def cmd_phantom(args) -> int:
-    from rich.progress import Progress
 
     from osteo.data.phantom import DEFAULT_OVERLAP, check_options, write_phantom
 
     overlap = DEFAULT_OVERLAP if args.overlap is None else args.overlap
     total = sum(check_options(args.n, args.size, args.proportions, args.bit_depth, overlap))  # before any output
     t0 = time.perf_counter()
-    with Progress(console=_console(), transient=True) as bar:
+    with _progress(_console()) as bar:
         task = bar.add_task("phantom", total=total)
         counts = write_phantom(
             args.out, n=args.n, size=args.size, seed=args.seed, proportions=args.proportions,
@@ -157,14 +164,13 @@ def print_audit(result, console=None) -> None:
 
 
 def cmd_audit(args) -> int:
-    from rich.progress import Progress
 
     from osteo.data.scan import audit, write_audit
     from osteo.runs import check_output_place
 
     check_output_place(args.out, "--out", "choose a folder outside it, e.g. --out reports/audit")
     t0 = time.perf_counter()
-    with Progress(console=_console(), transient=True) as bar:
+    with _progress(_console()) as bar:
         task = bar.add_task("audit", total=None)
         result = audit(args.data, progress=lambda k, n: bar.update(task, completed=k, total=n))
     dt = time.perf_counter() - t0
@@ -382,14 +388,13 @@ def cmd_eval(args) -> int:
 def eval_external(args) -> int:
     """``osteo eval RUN --data FOLDER``: the run's best model (a cross-validation's fold models
     as one ensemble) on another labelled folder."""
-    from rich.progress import Progress
 
     from osteo.evaluate import print_metrics
     from osteo.predict import evaluate_folder
 
     if args.split:
         raise OsteoError("--split is the run's own split; with --data the folder is scored whole")
-    with Progress(console=_console_err(), transient=True) as bar:
+    with _progress(_console_err()) as bar:
         task = bar.add_task("eval", total=None)
         out, report = evaluate_folder(args.run, args.data, args.out, tta=args.tta, n_boot=args.bootstrap,
                                       seed=args.seed, progress=lambda k, n: bar.update(task, completed=k, total=n),
@@ -474,11 +479,10 @@ def _add_report_parser(sub) -> None:
 
 
 def cmd_predict(args) -> int:
-    from rich.progress import Progress
 
     from osteo.predict import predict_files
 
-    with Progress(console=_console_err(), transient=True) as bar:
+    with _progress(_console_err()) as bar:
         task = bar.add_task("predict", total=None)
         out = predict_files(args.run, args.images, args.out, calibrated=not args.no_calibration, tta=args.tta,
                             gradcam_dir=args.gradcam, progress=lambda k, n: bar.update(task, completed=k, total=n))

@@ -13,6 +13,7 @@ def test_phantom_then_audit(tmp_path, capsys):
     assert main(["data", "audit", str(tmp_path / "ph"), "--out", str(tmp_path / "audit")]) == 0
     out = capsys.readouterr().out
     assert "12 files: 12 readable" in out
+    assert out.splitlines()[0].strip()  # no blank line left by a progress bar where there is no terminal
     info = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert sum(info["classes"].values()) == 12
 
