@@ -424,6 +424,15 @@ def _add_eval_parser(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def _metric_cell(v) -> str:
+    return "-" if v in ("", None) else f"{float(v):.3g}" if float(v) < 1e-3 else f"{float(v):.3f}"
+
+
+def _p_cell(v) -> str:
+    """A p-value with three significant digits, as the verdict gives it (0.00151, not 0.002)."""
+    return "-" if v in ("", None) else f"{float(v):.3g}"
+
+
 def cmd_report(args) -> int:
     import os
 
@@ -450,14 +459,13 @@ def cmd_report(args) -> int:
     cols = {x.name: x.label for x in headline}  # the headline metrics and McNemar's p (the verdict has the baseline)
     cols["mcnemar_p_holm"] = "McNemar p (Holm)"
     table.add_column("model", no_wrap=True, min_width=13)
-    table.add_column("evaluated on", min_width=12)
-    for label in cols.values():
-        table.add_column(label, justify="right")
-    num = lambda v: "-" if v in ("", None) else f"{float(v):.3g}" if float(v) < 1e-3 else f"{float(v):.3f}"
+    table.add_column("evaluated on", min_width=12, overflow="fold")
+    for label in cols.values():  # a narrow terminal folds a cell, never cuts it
+        table.add_column(label, justify="right", overflow="fold")
     chose = {r["chose"] for r in rows} - {"nothing"}
     for r in rows:  # a row whose images chose something is starred, and the star said below
         table.add_row(r["model"], r["evaluated_on"] + (" *" if r["chose"] != "nothing" else ""),
-                      *(num(r[c]) for c in cols))
+                      *((_p_cell if c == "mcnemar_p_holm" else _metric_cell)(r[c]) for c in cols))
     console.print(table)
     print("".join(f"*: images {which_chose(c)}; " for c in sorted(chose))
           + f"{'the other' if chose else 'the'} rows' images chose nothing")

@@ -138,6 +138,11 @@ def test_osteo_report_opens_with_the_verdict(report, tmp_path, capsys):
     assert "(Holm-adjusted for 1 comparison: " in verdict and "a significant difference." in verdict
     flat, verdict = " ".join(printed.split()), " ".join(verdict.split())  # as the terminal wrapped it
     assert verdict in flat and flat.index(verdict) < flat.index(" comparison ")  # the verdict, then the table
+    from osteo.cli import _metric_cell, _p_cell
+
+    # the table's p-values read as the verdict's (three significant digits), its metrics to 3 decimals
+    assert (_p_cell("0.0015071"), _p_cell("0.5"), _p_cell("")) == ("0.00151", "0.5", "-")
+    assert (_metric_cell("0.8123"), _metric_cell("0.0001234")) == ("0.812", "0.000123")
 
 
 def test_runs_that_chose_on_their_images_are_compared_apart_and_called_optimistic(tmp_path):
