@@ -340,6 +340,11 @@ class TrainingState(keras.callbacks.Callback):
                 sg.state.assign(data[f"s{i}"])
         self.model._initial_epoch = self.resume["epoch"]  # what BackupAndRestore does to resume fit()
 
+    def on_train_end(self, logs=None):
+        # Keras keeps _initial_epoch on the model and prefers it to fit()'s own argument: the next
+        # fit() of this model (phase 2 after a phase 1 resumed at epoch k) would start at k too
+        self.model._initial_epoch = None
+
     def on_epoch_end(self, epoch, logs=None):
         name = "b" if self.slot == "a" else "a"  # never the slot holding the last good state
         slot = self.dir / name

@@ -101,6 +101,25 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(phantom_dir, tmp_path
         assert json.loads((run / "recipe.json").read_text())["model"]["impl"] == "timm"
 
 
+def test_a_run_resumed_in_its_first_phase_gives_each_phase_its_own_epochs(phantom_dir, tmp_path):
+    """finetune's phase 1 trains the whole model (augmentation on: no feature cache). Killed in its
+    second epoch and resumed, phase 2 must still begin after phase 1's last epoch: Keras keeps the
+    resumed epoch on the model, where the next fit() would take it as its own start."""
+    args = ["train", "finetune", *TINY, "--data", str(phantom_dir), "--batch", "4", "--epochs", "4",
+            "--set", "train.steps_per_epoch=10", "--set", "train.bootstrap=0", "--set", "data.test=0",
+            "--runs", str(tmp_path / "runs")]
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "OSTEO_CACHE": str(tmp_path / "cache")}
+    victim = subprocess.run([sys.executable, "-m", "osteo.cli", *args], cwd=tmp_path,
+                            env={**env, "OSTEO_KILL_AT": "train.batch@15"}, capture_output=True, text=True,
+                            timeout=600)  # epoch 2 of phase 1, epoch 1 committed
+    assert victim.returncode == -signal.SIGKILL, victim.stderr[-2000:]
+    run = next((tmp_path / "runs" / "tiny").iterdir())
+    assert [(r["epoch"], r["phase"]) for r in _rows(run / "history.csv")] == [("1", "1")]
+    resumed = _osteo(["train", "finetune", "--resume", str(run)], tmp_path, env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [(int(r["epoch"]), int(r["phase"])) for r in _rows(run / "history.csv")] == [(1, 1), (2, 1), (3, 2), (4, 2)]
+
+
 def test_a_kill_while_the_backup_is_written_still_resumes_exactly(phantom_dir, tmp_path, reference_run):
     """The process dies with the second epoch's weights half-written (truncated, as a kill
     leaves them): the resume starts from the last complete state and matches the reference."""
