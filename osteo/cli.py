@@ -406,7 +406,9 @@ def eval_external(args) -> int:
         undefined = f" ({p['undefined']})" if p.get("undefined") else ""
         print(f"{p['name']} (threshold {p['threshold']:.4f} chosen on validation), on {args.data}: "
               f"{_point_figures(p)}{undefined}")
-    seen_in = "the cross-validation's data" if report["ensemble_of"] else "the run's training split"
+    from osteo.predict import SEEN_IN
+
+    seen_in = SEEN_IN["cv" if report["ensemble_of"] else "run"]
     print(f"{report['excluded_training_overlap']} image(s) also in {seen_in} left out; "
           f"{report['unreadable']} unreadable; wrote {out}/predictions.csv, metrics.json, audit.json")
     return 0

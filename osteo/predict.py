@@ -282,8 +282,9 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     """Score a run's best model on another labelled folder (class sub-folders): ``(out, metrics)``.
 
     The folder gets the same audit as training data (unreadable files listed and skipped,
-    duplicates reported). Images that are, by content, in the run's training split are
-    left out of the score and counted. Writes ``predictions.csv`` and ``metrics.json``
+    duplicates reported). Images that are, by content, in the run's split (training,
+    validation or test: they trained the model, chose for it, or are its own) are left out of
+    the score and counted. Writes ``predictions.csv`` and ``metrics.json``
     in the run's schemas and ``audit.json`` to ``out`` (default ``RUN/eval/<folder>/``).
 
     ``run_dir`` may be a cross-validation: its fold models are scored as one
@@ -300,11 +301,11 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     ensemble = CvDir(run_dir).is_cv()
     predictor = Ensemble(run_dir, tta=tta) if ensemble else Predictor(run_dir, calibrated=True, tta=tta)
     run, folder = predictor.run, Path(folder)
-    seen_in = "the cross-validation's data" if ensemble else "the run's training split"
+    seen_in = SEEN_IN["cv" if ensemble else "run"]
     out = Path(out) if out else run.eval_path / folder.resolve().name
     _check_eval_out(run, out)
     result = audit(folder)
-    seen = run.training_hashes()
+    seen = run.data_hashes()
     if seen is None and warn:
         warn(f"{run} records no content hashes of {seen_in}: overlap with {folder} not checked")
     ok = result.ok()
@@ -353,6 +354,8 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     return out, report
 
 
+# what an external folder's images are checked against, and left out of its score when found there
+SEEN_IN = {"run": "the run's data (its training, validation or test split)", "cv": "the cross-validation's data"}
 EVAL_STAGE = ".eval-"  # an external validation being written, beside its folder (or in the run)
 EVAL_FILES = {RunDir.PREDICTIONS, RunDir.METRICS, RunDir.AUDIT, RunDir.MANIFEST}  # what it writes
 

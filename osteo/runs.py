@@ -258,13 +258,16 @@ class RunDir(_Folder):
 
         write_csv(self.manifest_path, rows, MANIFEST_COLUMNS)
 
-    def training_hashes(self) -> set[str] | None:
-        """Content hashes (bytes and pixels) of the run's training images; None for a run without them."""
+    def data_hashes(self) -> set[str] | None:
+        """Content hashes (bytes and pixels) of every image of the run's split, whatever its side:
+        training images trained the model, validation images chose its checkpoint, temperature
+        and thresholds, and test images are the run's own; none is another hospital's. None for a
+        run without them."""
         if not self.manifest_path.exists():
             return None
-        train = {r["path"] for r in self.read_split() if r["split"] == "train"}
+        used = {r["path"] for r in self.read_split()}
         rows = read_csv(self.manifest_path, "train the run again to record its images' hashes")
-        return {h for r in rows if r.get("path") in train for h in (r.get("sha256"), r.get("pixel_sha256")) if h}
+        return {h for r in rows if r.get("path") in used for h in (r.get("sha256"), r.get("pixel_sha256")) if h}
 
     def read_calibration(self) -> dict:
         """``{"temperature": T, "operating_points": [...]}``; {} for a run not calibrated. Checked
@@ -525,7 +528,7 @@ class CvDir(_Folder):
             return False
         return 0 < k <= self._on_disk() and all(self.fold(i).is_finished() for i in range(1, k + 1))
 
-    def training_hashes(self) -> set[str] | None:
+    def data_hashes(self) -> set[str] | None:
         """Content hashes (bytes and pixels) of every image of the data its folds were made from,
         whatever its split: each one trained, or chose for, some fold model. None if a fold has
         no record of them."""

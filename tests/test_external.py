@@ -17,18 +17,20 @@ def run(phantom_dir, tmp_path_factory, tiny_recipe):
     return RunDir(Trainer(tiny_recipe(phantom_dir, tmp_path_factory.mktemp("runs"), epochs=1, bootstrap=50)).run())
 
 
-def test_another_folder_is_scored_with_training_images_left_out(run, phantom_dir, tmp_path, capsys):
+def test_another_folder_is_scored_with_the_runs_own_images_left_out(run, phantom_dir, tmp_path, capsys):
     other = tmp_path / "hospital-b"
     write_phantom(other, n=45, size=64, seed=7, proportions=(1, 1, 3))  # another seed, other proportions
-    train = [r["path"] for r in run.read_split() if r["split"] == "train"][:3]
-    for i, p in enumerate(train):  # three of the run's training images, renamed, under a class folder
-        shutil.copy(phantom_dir / p, other / p.split("/")[0] / f"copied-{i}.png")
+    split = run.read_split()
+    used = [r["path"] for r in split if r["split"] == "train"][:3] + [r["path"] for r in split if r["split"] == "val"][:2]
+    for i, p in enumerate(used):  # three training and two validation images of the run, renamed, in a class
+        shutil.copy(phantom_dir / p, other / p.split("/")[0] / f"copied-{i}.png")  # folder (these chose for it)
     (other / "normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     assert main(["eval", str(run), "--data", str(other), "--bootstrap", "50"]) == 0
-    assert "3 image(s) also in the run's training split left out" in capsys.readouterr().out
+    assert "5 image(s) also in the run's data (its training, validation or test split) left out" in (
+        capsys.readouterr().out)
     out = run.eval_path / "hospital-b"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["excluded_training_overlap"] == 3 and metrics["unreadable"] == 1
+    assert metrics["excluded_training_overlap"] == 5 and metrics["unreadable"] == 1
     assert metrics["external"]["n"] == 45
     assert metrics["external"]["majority_baseline"]["class"] == "osteoporosis"  # that folder's majority
     lo, hi = metrics["external"]["balanced_accuracy_ci"]
@@ -43,7 +45,7 @@ def test_another_folder_is_scored_with_training_images_left_out(run, phantom_dir
     assert tuple(rows[0]) == PREDICTION_COLUMNS and len(rows) == 45 and {r["split"] for r in rows} == {"external"}
     assert not any("copied" in r["path"] for r in rows)
     audit = json.loads((out / "audit.json").read_text())
-    assert audit["n_files"] == 49 and [u["path"] for u in audit["unreadable"]] == ["normal/broken.png"]
+    assert audit["n_files"] == 45 + len(used) + 1 and [u["path"] for u in audit["unreadable"]] == ["normal/broken.png"]
     assert "hospital-b" in run.model_card_path.read_text()
     # the report shows it beside the run's own validation, saying which data each row was scored on
     assert main(["report", str(run), "--out", str(tmp_path / "rep"), "--bootstrap", "50"]) == 0
@@ -54,6 +56,7 @@ def test_another_folder_is_scored_with_training_images_left_out(run, phantom_dir
     assert scored_on["external: hospital-b"]["chose"] == "nothing"
     said = (tmp_path / "rep" / "verdict.txt").read_text(encoding="utf-8")
     assert f"On the external folder hospital-b (n=45, which chose nothing): tiny ({run.name})" in said
+    assert "Always answering osteoporosis (that folder's majority)" in " ".join(said.split())
     with open(tmp_path / "rep" / "operating_points.csv", newline="") as f:
         points = {(r["evaluated_on"], r["point"]) for r in csv.DictReader(f)}
     assert points == {(where, p) for where in ("validation", "external: hospital-b")

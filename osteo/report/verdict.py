@@ -56,7 +56,9 @@ def _paragraph(group: list[dict], rows: list[dict]) -> str:
     else:
         judged = ("the best model's interval lies above it." if lo > base else
                   "the best model's interval does not clear it: it has not clearly learned the task.")
-    out.append(f"Always answering {best['majority_class']} (the training majority) scores {base:.3f} on the same "
+    # an external folder's baseline is its own majority class (osteo.predict.evaluate_folder), a run's the training one
+    whose = "that folder's majority" if best["evaluated_on"].startswith("external: ") else "the training majority"
+    out.append(f"Always answering {best['majority_class']} ({whose}) scores {base:.3f} on the same "
                f"images; {judged}")
     oracle = next((o for o in rows if o["model"] == "oracle" and o["split_id"] == best["split_id"]
                    and o["evaluated_on"] == best["evaluated_on"]), None)
