@@ -85,6 +85,7 @@ import osteo
 from osteo import CLASSES
 from osteo.calibrate import EPS, apply_temperature
 from osteo.classifier import AUGMENTATION
+from osteo.data.decode import refuse_to_replace_an_image
 from osteo.device import get_engine
 from osteo.errors import OsteoError
 from osteo.files import (
@@ -170,6 +171,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
     engine.check_export(fmt, f"run {run.path}")
     target = Path(out) if out is not None else run.path / EXPORT_DIR / DEFAULT_NAMES[fmt]
     _refuse_run_files(target, run)
+    refuse_to_replace_an_image(target, "--out", f"export elsewhere, e.g. --out export/{DEFAULT_NAMES[fmt]}")
     if fmt == "savedmodel" and target.exists() and not target.is_dir():
         raise OsteoError(f"--out {target} is a file; a SavedModel is a folder: choose another path")
     if fmt == "savedmodel" and target.is_dir() and any(target.iterdir()) and not (target / "saved_model.pb").is_file():

@@ -238,11 +238,13 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
     folder nor be anything but a file, and ``gradcam_dir`` must not hold files osteo did not
     write under an overlay's name (the input images, when it is their folder).
     """
+    from osteo.data.decode import refuse_to_replace_an_image
     from osteo.explain import overlay_files
 
     out = Path(out)
     check_output_place(out, "--out", "write the predictions elsewhere, e.g. --out predictions-new.csv")
     check_output(out)
+    refuse_to_replace_an_image(out, "--out", "write the predictions elsewhere, e.g. --out predictions.csv")
     paths = _expand(images)
     if gradcam_dir is not None:
         from osteo.files import OwnedFolder

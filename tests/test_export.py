@@ -290,6 +290,8 @@ def test_errors_are_one_line_osteo_errors(run, tmp_path, monkeypatch):
     bad_t.write_calibration({"temperature": 0})
     a_file = tmp_path / "notes.txt"
     a_file.write_text("not a folder")
+    an_image = tmp_path / "knee.png"  # somebody's data, where --out points
+    an_image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
     cases = [
         ((not_run, "onnx", None), "not an osteo run directory"),
         ((no_best.path, "onnx", None), "best.weights.h5"),
@@ -298,12 +300,14 @@ def test_errors_are_one_line_osteo_errors(run, tmp_path, monkeypatch):
         ((run.path, "keras", tmp_path / "m.h5"), "must end in .keras"),
         ((run.path, "onnx", tmp_path), "is a folder; give a file"),
         ((run.path, "savedmodel", a_file), "is a file; a SavedModel is a folder"),
+        ((run.path, "onnx", an_image), r"is an image \(png\), which this would replace"),
         ((bad_t.path, "keras", tmp_path / "m.keras"), "not a positive number"),
     ]
     for args, message in cases:
         with pytest.raises(OsteoError, match=message) as e:
             export_run(*args)
         assert "\n" not in str(e.value)
+    assert an_image.read_bytes().startswith(b"\x89PNG")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tf2onnx" else real(name, *a))
     with pytest.raises(OsteoError, match=r"needs tf2onnx: pip install 'osteo\[export\]'"):

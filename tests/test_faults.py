@@ -224,6 +224,11 @@ def test_predict_never_overwrites_run_files_and_lists_unreadable_files(finished_
     assert [m for m in said if "unreadable" in m] == [
         f"2 of {n} files are unreadable and have no prediction (status=unreadable, with the reason, in {out})"]
     capsys.readouterr()
+    image = folder / sorted(p.name for p in folder.glob("*.png") if p.name != "scan.png")[0]
+    before_image = image.read_bytes()
+    assert main(["predict", str(finished_run), str(folder), "--out", str(image)]) == 2  # an input, as --out
+    assert "is an image (png), which this would replace" in one_line(capsys)
+    assert image.read_bytes() == before_image
     junk = tmp_path / "junk.csv"
     assert main(["predict", str(finished_run), str(folder / "notes.txt"), str(folder / "scan.png"),
                  "--out", str(junk)]) == 2

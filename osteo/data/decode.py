@@ -198,6 +198,20 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+def refuse_to_replace_an_image(path: str | os.PathLike, option: str, fix: str) -> None:
+    """An output path where an image (or a DICOM file) is, is somebody's data: a CSV or a model
+    written there would replace it. Refused in one line; anything else is the caller's to check."""
+    try:
+        with open(path, "rb") as f:
+            kind = sniff_format(f.read(132))
+    except OSError:  # nothing there, a folder, or unreadable: the caller's own checks say so
+        return
+    if kind is not None:
+        from osteo.errors import OsteoError
+
+        raise OsteoError(f"{option} {path} is an image ({kind}), which this would replace; {fix}")
+
+
 def file_kind(mode: int) -> str:
     """What a non-regular file is, in words (``named pipe``, ``character device`` ...)."""
     for test, name in _FILE_KINDS:
