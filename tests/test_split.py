@@ -1,3 +1,4 @@
+import logging
 from collections import Counter
 
 import pytest
@@ -59,6 +60,24 @@ def test_groups_csv_keeps_listed_images_together():
     groups = {r["path"]: "same" for r in rows if r["label"] == "normal"}
     split, _ = split_rows(rows, seed=0, groups=groups)
     assert len({r["split"] for r in split if r["label"] == "normal"}) == 1
+
+
+def test_a_patient_source_that_names_no_file_is_an_error_and_one_that_names_some_a_warning():
+    rows = _rows()  # 100 files named like P007_1.png
+    with pytest.raises(OsteoError, match=r"^--group-regex '\^\(Q\[0-9\]\+\)_' matches none of the 100 files"):
+        split_rows(rows, group_regex=r"^(Q[0-9]+)_")  # every image would have been a patient of its own
+    with pytest.raises(OsteoError, match=r"^the --groups CSV names none of the 100 files.*relative to the data"):
+        split_rows(rows, groups={"/elsewhere/normal/P000_0.png": "a"})
+    said = []
+    listener = logging.Handler(logging.WARNING)  # the CLI prints these as `osteo: warning:` lines
+    listener.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("osteo").addHandler(listener)
+    try:
+        split_rows(rows, group_regex=r"^(P00[0-4])_")  # P000-P004: 10 files of each class, 30 of 100
+        split_rows(rows, group_regex=r"^(P[0-9]+)_")  # all: nothing to say
+    finally:
+        logging.getLogger("osteo").removeHandler(listener)
+    assert said == ["--group-regex '^(P00[0-4])_' matches 30 of 100 files; the other 70 are each a patient of their own"]
 
 
 def test_conflicting_groups_are_excluded_by_default():

@@ -34,6 +34,7 @@ the same bytes.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections import Counter
@@ -43,6 +44,8 @@ import numpy as np
 from osteo import CLASSES
 from osteo.errors import OsteoError
 from osteo.files import read_csv, write_csv
+
+log = logging.getLogger("osteo")
 
 SPLIT_COLUMNS = ("path", "label", "split", "group")
 # nested cross-validation (osteo train --folds, osteo study): this fraction of the outer
@@ -103,6 +106,7 @@ def assign_groups(rows: list[dict], group_regex: str | None = None,
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
 
+    matched = listed = 0
     for r in rows:
         node = "file:" + r["path"]
         find(node)
@@ -111,11 +115,24 @@ def assign_groups(rows: list[dict], group_regex: str | None = None,
         if pattern is not None:
             m = pattern.search(os.path.basename(r["path"]))
             if m:
+                matched += 1
                 union(node, "patient:" + (m.group(1) if m.groups() else m.group(0)))
         if groups and r["path"] in groups:
+            listed += 1
             union(node, "group:" + str(groups[r["path"]]))
         if dicom and r.get("patient_id"):
             union(node, "dicom:" + r["patient_id"])
+    # a source that names no file's patient would leave every image a patient of its own, silently
+    example = os.path.basename(rows[0]["path"]) if rows else ""
+    for given, hit, what, fix in ((pattern is not None, matched, f"--group-regex {group_regex!r} matches",
+                                   f"it is searched in each file's name, e.g. {example!r}; group 1 is the patient"),
+                                  (bool(groups), listed, "the --groups CSV names",
+                                   f"its paths are relative to the data folder, e.g. {rows[0]['path'] if rows else ''!r}")):
+        if given and rows and hit == 0:
+            raise OsteoError(f"{what} none of the {len(rows)} files, so no patient would be grouped; {fix}")
+        if given and hit < len(rows):
+            log.warning("%s %d of %d files; the other %d are each a patient of their own", what, hit, len(rows),
+                        len(rows) - hit)
     # name each group after its smallest key, with file groups named by their path
     return {r["path"]: find("file:" + r["path"]).removeprefix("file:") for r in rows}
 
