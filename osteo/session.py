@@ -203,6 +203,9 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
     """
     from osteo.trainer import Trainer
 
+    if cv and not folds and not CvDir(cv).is_cv():
+        raise OsteoError(f"--cv {cv} is not a cross-validation (no cv.json there); start one with --folds K, "
+                         f"e.g. --folds 5 --cv {cv}")
     k = folds or (CvDir(cv).read()["folds"] if cv and CvDir(cv).is_cv() else 0)
     if k < 2:
         raise OsteoError(f"cross-validation needs --folds K with K >= 2, got {k}; e.g. --folds 5")
@@ -214,15 +217,19 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
         parent = CvDir(new_run_dir(recipe.runs_dir, recipe.model.backbone).path)
     elif not cv:
         console.print(f"continuing the unfinished cross-validation {parent}", highlight=False)
+    # a fold of other settings (image size, epochs, ...) would be pooled with the others as one
+    # model's: every command that adds to a cross-validation trains what its first fold trained
+    started = [i for i in range(1, k + 1) if parent.is_cv() and parent.fold(i).is_run()]
+    if started:
+        _check_same_recipe(parent.fold(started[0]), resolve(_fold_recipe(recipe, k, started[0]), backend=plan.backend),
+                           parent)
     parent.start(folds=k, seed=recipe.train.seed, recipe=recipe.name, model=recipe.model.backbone, settings=settings)
     for i in [fold] if fold else range(1, k + 1):
         run = parent.fold(i)
         if run.is_finished():
             console.print(f"cross-validation {parent}: fold {i} of {k} is finished (kept)", highlight=False)
             continue
-        r = copy.deepcopy(recipe)
-        r.data.folds, r.data.fold, r.data.test = k, i - 1, 0.0
-        r.data.inner_val = r.data.inner_val or INNER_VAL
+        r = _fold_recipe(recipe, k, i)
         console.print(f"cross-validation {parent}: fold {i} of {k}", highlight=False)
         if run.is_run():  # killed: it resumes, if it was started with these settings
             _check_same_recipe(run, resolve(r, backend=plan.backend), parent)
@@ -230,6 +237,15 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
         else:
             Trainer(r, console=console, command=command, plan=plan, at=run.path).run()
     return parent
+
+
+def _fold_recipe(recipe: Recipe, k: int, i: int) -> Recipe:
+    """Fold ``i`` (1..k) of ``recipe``'s cross-validation: its outer fold held out as test, its
+    checkpoint chosen on an inner validation split."""
+    r = copy.deepcopy(recipe)
+    r.data.folds, r.data.fold, r.data.test = k, i - 1, 0.0
+    r.data.inner_val = r.data.inner_val or INNER_VAL
+    return r
 
 
 def cv_settings(recipe: Recipe, folds: int) -> str:

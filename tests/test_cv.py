@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+from helpers import one_line
 
 from osteo.cli import main
 from osteo.data.split import INNER_VAL
@@ -123,10 +124,17 @@ def test_the_report_pools_out_of_fold_predictions_and_pairs_the_folds(two_cvs, t
                for p in points)
 
 
-def test_one_fold_at_a_time_lands_in_the_same_parent(phantom_dir, tmp_path):
+def test_one_fold_at_a_time_lands_in_the_same_parent(phantom_dir, tmp_path, capsys):
     cv = tmp_path / "runs" / "tiny" / "my-cv"
     for i in (2, 1):
         assert main(_cv_args(phantom_dir, tmp_path / "runs", "--folds", "2", "--fold", str(i), "--cv", str(cv))) == 0
     assert CvDir(cv).is_finished()
     assert main(_cv_args(phantom_dir, tmp_path / "runs", "--folds", "3", "--fold", "1", "--cv", str(cv))) == 2
     assert main(_cv_args(phantom_dir, tmp_path / "runs", "--folds", "2", "--fold", "5")) == 2
+    # a fold of other settings would be pooled with the others as if one model's: refused, naming what differs
+    capsys.readouterr()
+    assert main(_cv_args(phantom_dir, tmp_path / "runs", "--folds", "2", "--fold", "2", "--cv", str(cv),
+                         "--image-size", "48")) == 2
+    assert "was started with other settings (data.image_size)" in one_line(capsys)
+    assert main(_cv_args(phantom_dir, tmp_path / "runs", "--fold", "2", "--cv", str(tmp_path / "none"))) == 2
+    assert "is not a cross-validation (no cv.json there); start one with --folds K" in one_line(capsys)
