@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from osteo.errors import OsteoError
-from osteo.recipe import parse_operating_point
+from osteo.recipe import parse_operating_points
 
 EPS = 1e-7
 
@@ -135,7 +135,7 @@ def calibrate_run(run_dir, points: tuple[str, ...] | list[str] = DEFAULT_POINTS,
     if n_boot < 0:
         raise OsteoError(f"the number of bootstrap resamples must be 0 or more, got {n_boot}; e.g. --bootstrap 1000")
     run = RunDir(run_dir).check(need=(RunDir.PREDICTIONS,))
-    specs = [parse_operating_point(p) for p in points]
+    specs = parse_operating_points(points)
     y, probs, _ = run.read_predictions("val")
     y_test, p_test, _ = run.read_predictions("test")
     out = {"method": "temperature scaling, fitted on the validation predictions (negative log-likelihood)",

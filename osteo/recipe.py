@@ -376,7 +376,24 @@ def parse_operating_point(text: str) -> dict:
     first = CLASSES.index(m.group(1))
     positive = list(range(first, len(CLASSES))) if m.group(2) else [first]
     name = m.group(1) + ("+" if m.group(2) else "")
+    if len(positive) == len(CLASSES):
+        raise OsteoError(f"operating point {text!r} calls every class positive ({name} is {', '.join(CLASSES)}): no "
+                         f"image is negative, so no threshold can be chosen; use {CLASSES[1]}+ or one class")
     return {"name": name, "positive": positive, "target": m.group(3), "value": float(m.group(4))}
+
+
+def parse_operating_points(texts) -> list[dict]:
+    """Each of ``texts`` parsed (:func:`parse_operating_point`), at most one per name: a second
+    point for the same classes would share its column in predictions.csv."""
+    specs, seen = [], {}
+    for text in texts:
+        spec = parse_operating_point(text)
+        if spec["name"] in seen:
+            raise OsteoError(f"two operating points for {spec['name']} ({seen[spec['name']]!r} and {text!r}); "
+                             "give one per class (or class+)")
+        seen[spec["name"]] = text
+        specs.append(spec)
+    return specs
 
 
 # --------------------------------------------------------------------------- resolve
@@ -533,8 +550,7 @@ def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False) 
     if r.data.val + r.data.test >= 1:
         raise OsteoError(f"data.val + data.test must be below 1 (got {r.data.val} + {r.data.test}); "
                          "leave images for training")
-    for point in r.train.operating_points:
-        parse_operating_point(point)
+    parse_operating_points(r.train.operating_points)
     if saved:  # the file was read when training began: only what the value names is checked
         imagenet = str(m.weights).lower() == "imagenet"
     else:

@@ -14,7 +14,7 @@ from osteo.calibrate import (
 from osteo.cli import main
 from osteo.errors import OsteoError
 from osteo.evaluate import expected_calibration_error
-from osteo.recipe import parse_operating_point
+from osteo.recipe import parse_operating_point, parse_operating_points
 from osteo.runs import RunDir
 from osteo.trainer import Trainer
 
@@ -87,6 +87,13 @@ def test_operating_points_reach_the_asked_sensitivity_and_group_ordered_classes(
     for bad in ("fracture:sensitivity=0.9", "osteoporosis:sensitivity=1.5", "osteoporosis:recall=0.9"):
         with pytest.raises(OsteoError, match="operating point"):
             parse_operating_point(bad)
+    with pytest.raises(OsteoError, match=r"calls every class positive .*no image is negative"):
+        parse_operating_point("normal+:sensitivity=0.9")  # the lowest class or worse: everyone
+    with pytest.raises(OsteoError, match="two operating points for osteoporosis"):  # they would share a column
+        parse_operating_points(["osteoporosis:sensitivity=0.9", "Osteoporosis:sensitivity=0.8"])
+    assert [p["name"] for p in parse_operating_points(["osteoporosis:sensitivity=0.9", "osteopenia+:specificity=0.8",
+                                                       "osteopenia:sensitivity=0.7"])] == [
+        "osteoporosis", "osteopenia+", "osteopenia"]
 
 
 def test_a_trained_run_is_calibrated_with_a_model_card_and_recalibrates_on_demand(phantom_dir, tmp_path,
