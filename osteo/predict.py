@@ -246,6 +246,8 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
     check_output(out)
     refuse_to_replace_an_image(out, "--out", "write the predictions elsewhere, e.g. --out predictions.csv")
     paths = _expand(images)
+    if not paths:  # a header-only CSV and exit 0 said nothing of the empty folder
+        raise OsteoError(f"no files in {', '.join(map(str, images))}; pass image files or folders that hold them")
     if gradcam_dir is not None:
         from osteo.files import OwnedFolder
 

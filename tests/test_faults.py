@@ -229,6 +229,9 @@ def test_predict_never_overwrites_run_files_and_lists_unreadable_files(finished_
     assert main(["predict", str(finished_run), str(folder), "--out", str(image)]) == 2  # an input, as --out
     assert "is an image (png), which this would replace" in one_line(capsys)
     assert image.read_bytes() == before_image
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(finished_run), str(tmp_path / "empty"), "--out", str(tmp_path / "e.csv")]) == 2
+    assert "no files in" in one_line(capsys) and not (tmp_path / "e.csv").exists()
     junk = tmp_path / "junk.csv"
     assert main(["predict", str(finished_run), str(folder / "notes.txt"), str(folder / "scan.png"),
                  "--out", str(junk)]) == 2
