@@ -735,7 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"osteo: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("osteo: interrupted", file=sys.stderr)
+        print(f"osteo: interrupted; {_after_stop(args)}", file=sys.stderr)
         return 130
     except Stopped:
         print(f"osteo: stopped by SIGTERM; {_after_stop(args)}", file=sys.stderr)
@@ -758,7 +758,7 @@ def _stop_on_sigterm():
 
 
 def _after_stop(args) -> str:
-    """How to continue a command SIGTERM stopped."""
+    """How to continue a command SIGTERM or Ctrl-C stopped."""
     if args.func is cmd_study or (args.func is cmd_train and (args.folds or args.cv or args.resume)):
         return "run the same command again to continue"
     if args.func is cmd_train:

@@ -220,6 +220,17 @@ def test_killed_calibrate_and_predict_leave_whole_files_and_their_temporaries_ar
     assert not _temporaries(tmp_path) and len(_rows(out)) == len(list((phantom_dir / "normal").iterdir()))
 
 
+def test_ctrl_c_in_training_says_how_to_continue_and_that_continues_it(phantom_dir, tmp_path):
+    args = ["train", "seed", *TINY, "--epochs", "2", "--data", phantom_dir, "--runs", tmp_path / "runs"]
+    proc = _osteo(args, tmp_path, kill_at="train.epoch_committed", OSTEO_KILL_SIGNAL="INT")  # Ctrl-C after epoch 1
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    said = f"osteo: interrupted; continue the run with: osteo train --resume latest --runs {tmp_path / 'runs'}"
+    assert proc.stderr.strip().splitlines()[-1] == said
+    _ok(_osteo(said.split("with: ")[1].split()[1:], tmp_path))  # the command it gave, as given
+    (run,) = (tmp_path / "runs" / "tiny").iterdir()
+    assert [r["epoch"] for r in _rows(run / "history.csv")] == ["1", "2"] and RunDir(run).is_finished()
+
+
 def test_sigterm_stops_a_study_in_one_line_and_the_same_command_continues_it(phantom_dir, tmp_path):
     """On Ray where it is installed (its own SIGTERM handler exited 1 with a crash report)."""
     args = ["study", "--models", "tiny", "--recipe", "seed", "--folds", "2", "--data", phantom_dir, "--weights",
