@@ -78,7 +78,11 @@ class _QuietLoader(importlib.abc.Loader):
         if wanted():
             return self.loader.exec_module(module)
         with filtered_stderr():
-            return self.loader.exec_module(module)
+            self.loader.exec_module(module)
+        import logging
+
+        # its Python logger's warnings too (tf.function retracing notices): for developers, not users
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 class _QuietFinder(importlib.abc.MetaPathFinder):

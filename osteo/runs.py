@@ -181,6 +181,10 @@ class RunDir(_Folder):
         """This run if it is a run directory with the files ``need`` (and, if ``finished``, its
         training over: no resume state left), else a one-line error."""
         if not self.is_run():
+            if CvDir(self.path).is_cv():
+                raise OsteoError(f"{self.path} is a cross-validation, not one run: give one of its folds, e.g. "
+                                 f"{self.path / CvDir.fold_name(1)} (osteo report and osteo eval --data take the "
+                                 "cross-validation itself)")
             raise OsteoError(f"{self.path} is not an osteo run directory (no {' and '.join(self.REQUIRED)}); "
                              "pass a folder under runs/<model>/")
         missing = [f for f in need if not (self.path / f).is_file()

@@ -138,3 +138,5 @@ def test_one_fold_at_a_time_lands_in_the_same_parent(phantom_dir, tmp_path, caps
     assert "was started with other settings (data.image_size)" in one_line(capsys)
     assert main(_cv_args(phantom_dir, tmp_path / "runs", "--fold", "2", "--cv", str(tmp_path / "none"))) == 2
     assert "is not a cross-validation (no cv.json there); start one with --folds K" in one_line(capsys)
+    assert main(["export", str(cv)]) == 2  # a cross-validation where one run is wanted: say which it is
+    assert f"is a cross-validation, not one run: give one of its folds, e.g. {cv / 'fold-1'}" in one_line(capsys)

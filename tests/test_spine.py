@@ -414,6 +414,18 @@ print("wanted" if _quiet.wanted() else "quiet")
     assert _python(code, {"TF_CPP_MIN_LOG_LEVEL": "2"}).stdout.strip() == "quiet"
 
 
+def test_tensorflows_python_warnings_are_kept_from_users_unless_asked_for():
+    code = """
+from osteo import _quiet
+_quiet.install()
+import tensorflow as tf
+tf.get_logger().warning("5 out of the last 5 calls to <function f> triggered tf.function retracing")
+tf.get_logger().error("a real TensorFlow error")
+"""
+    assert "retracing" not in _python(code).stderr and "a real TensorFlow error" in _python(code).stderr
+    assert "retracing" in _python(code, {"OSTEO_TF_LOGS": "1"}).stderr  # osteo --debug sets it
+
+
 # --------------------------------------------------------------------------- bench
 
 
