@@ -49,6 +49,17 @@ def phantom_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def other_hospital_dir(tmp_path_factory):
+    """60 phantom images of another seed: no run of the tests has seen them, as an external
+    validation needs (osteo eval --data leaves out every image of the run's own split)."""
+    from osteo.data.phantom import write_phantom
+
+    out = tmp_path_factory.mktemp("other-hospital")
+    write_phantom(out, n=60, size=64, seed=11)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_recipe():
     """Builder of the tests' recipe: the study protocol on a backbone (tiny by default)
     from scratch, 32 px, batch 16, two epochs, no TensorBoard; ``**train`` sets train.*."""

@@ -156,10 +156,10 @@ def test_a_damaged_backup_slot_falls_back_to_the_other_one_then_to_the_phase_sta
 # --------------------------------------------------------------------------- the other commands
 
 
-def test_a_killed_external_validation_leaves_the_previous_one_whole(finished, phantom_dir, tmp_path):
+def test_a_killed_external_validation_leaves_the_previous_one_whole(finished, other_hospital_dir, tmp_path):
     run = _copy(finished, tmp_path)
     folder = tmp_path / "hospital"
-    shutil.copytree(phantom_dir, folder)
+    shutil.copytree(other_hospital_dir, folder)
     _ok(_osteo(["eval", run, "--data", folder, "--bootstrap", "20"], tmp_path))
     out = run.eval_path / "hospital"
     before = {p.name: p.read_bytes() for p in out.iterdir()}

@@ -106,12 +106,10 @@ def _strict_json(path):
     return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
 
 
-def test_an_external_folder_of_one_class_is_strict_json_and_one_warning_line(run, phantom_dir, tmp_path, capsys):
+def test_an_external_folder_of_one_class_is_strict_json_and_one_warning_line(run, other_hospital_dir, tmp_path,
+                                                                            capsys):
     folder = tmp_path / "one-class"
-    (folder / "normal").mkdir(parents=True)
-    val = [r["path"] for r in run.read_split() if r["split"] == "val" and r["label"] == "normal"]
-    for p in val:
-        shutil.copy(phantom_dir / p, folder / p)
+    shutil.copytree(other_hospital_dir / "normal", folder / "normal")
     copy = copy_run(run, tmp_path)
     assert main(["eval", str(copy), "--data", str(folder), "--bootstrap", "20"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
@@ -122,14 +120,14 @@ def test_an_external_folder_of_one_class_is_strict_json_and_one_warning_line(run
     assert metrics["external"]["roc_auc"] is None
 
 
-def test_a_report_of_many_rows_prints_no_library_warning(run, phantom_dir, tmp_path):
+def test_a_report_of_many_rows_prints_no_library_warning(run, other_hospital_dir, tmp_path):
     """In a real process (pytest records warnings itself): matplotlib's tight_layout warning
     reached the terminal with a grid of several rows."""
     import subprocess
     import sys
 
     runs = [copy_run(run, tmp_path / name) for name in ("a", "b", "c")]
-    assert main(["eval", str(runs[0]), "--data", str(phantom_dir), "--bootstrap", "20"]) == 0
+    assert main(["eval", str(runs[0]), "--data", str(other_hospital_dir), "--bootstrap", "20"]) == 0
     proc = subprocess.run([sys.executable, "-m", "osteo.cli", "report", *map(str, runs), "--out", str(tmp_path / "rep"),
                            "--bootstrap", "20"], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "KERAS_BACKEND": "tensorflow"})
