@@ -218,9 +218,10 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
     elif not cv:
         console.print(f"continuing the unfinished cross-validation {parent}", highlight=False)
     # a fold of other settings (image size, epochs, ...) would be pooled with the others as one
-    # model's: every command that adds to a cross-validation trains what its first fold trained
+    # model's: every command that adds to a cross-validation trains what its first fold trained.
+    # Not a study's (cv.json without settings): its nested search gives each fold its own choice.
     started = [i for i in range(1, k + 1) if parent.is_cv() and parent.fold(i).is_run()]
-    if started:
+    if started and parent.read().get("settings"):
         _check_same_recipe(parent.fold(started[0]), resolve(_fold_recipe(recipe, k, started[0]), backend=plan.backend),
                            parent)
     parent.start(folds=k, seed=recipe.train.seed, recipe=recipe.name, model=recipe.model.backbone, settings=settings)

@@ -273,11 +273,13 @@ def test_the_search_chooses_on_inner_splits_and_the_folds_train_with_the_choice(
         recipe = json.loads((cv / f"fold-{fold}" / "recipe.json").read_text(encoding="utf-8"))
         assert recipe["train"]["lr"] == c["value"]
         assert c["trial"] in {t["id"] for t in search if t["fold"] == fold}
-        outer_val = {r["path"] for r in _csv(cv / f"fold-{fold}" / "split.csv") if r["split"] == "val"}
+        # a nested fold holds its outer fold out as test (its checkpoint chose on an inner validation)
+        held_out = {r["path"] for r in _csv(cv / f"fold-{fold}" / "split.csv") if r["split"] == "test"}
+        assert held_out
         for t in (t for t in search if t["fold"] == fold):
             inner = _csv(Path(t["run"]) / "split.csv")
-            assert not outer_val & {r["path"] for r in inner if r["split"] in ("train", "val")}
-            assert outer_val == {r["path"] for r in inner if r["split"] == "test"}
+            assert not held_out & {r["path"] for r in inner if r["split"] in ("train", "val")}
+            assert held_out == {r["path"] for r in inner if r["split"] == "test"}
             assert not (Path(t["run"]) / "best.weights.h5").exists()  # pruned: the search keeps its record only
     assert any(line.startswith("search tiny-seed0-fold1: chose train.lr=") for line in said)
 
