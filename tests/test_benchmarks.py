@@ -119,16 +119,16 @@ def _pipeline_rows(**rates):
 
 def test_input_pipeline_ratios_are_taken_round_by_round_and_flagged_past_the_margin():
     # round 1 ran at half speed for everyone: osteo / ImageDataGenerator stays 2.0 in every round
-    rows = _pipeline_rows(idg=[(0, 100), (1, 50), (2, 105)], idfd=[(0, 400), (1, 400), (2, 200)],
+    rows = _pipeline_rows(idg=[(0, 100), (1, 50), (2, 105)], idfd=[(0, 400), (1, 200), (2, 100)],
                           osteo=[(0, 200), (1, 100), (2, 210)], later=[(0, 5000), (1, 5000), (2, 5000)])
     got = input_pipeline.round_ratios(rows)
     first = f"PNG: {input_pipeline.OSTEO_FIRST}"
     vs_idg, vs_idfd = got[f"{first} / {input_pipeline.PEERS[0]}"], got[f"{first} / {input_pipeline.PEERS[1]}"]
     assert vs_idg["ratios"] == [2.0, 2.0, 2.0] and vs_idg["status"] == "ok" and vs_idg["ratio_spread"] == 0
-    assert vs_idfd["ratios"] == [0.5, 0.25, 1.05] and vs_idfd["status"] == "FLAGGED"
-    assert vs_idfd["ratio"] == 0.5  # the median round, not a ratio of the medians (0.5 as well here)
+    assert vs_idfd["ratios"] == [0.5, 0.5, 2.1] and vs_idfd["status"] == "FLAGGED"
+    assert vs_idfd["ratio"] == 0.5  # the median round's, not the ratio of the medians (200 / 200 = 1.0)
     assert not any("later epoch" in k for k in got)  # no target compares a later epoch with a first one
-    assert got[f"PNG: {input_pipeline.PEERS[0]} / {input_pipeline.PEERS[1]}"]["ratios"] == [0.25, 0.125, 0.525]
+    assert got[f"PNG: {input_pipeline.PEERS[0]} / {input_pipeline.PEERS[1]}"]["ratios"] == [0.25, 0.25, 1.05]
     # rounds are matched by their number; a report without numbers pairs them in order
     shuffled = _pipeline_rows(idg=[(1, 50), (0, 100)], idfd=[(0, 400), (1, 400)], osteo=[(0, 200), (1, 100)])
     assert input_pipeline.round_ratios(shuffled)[f"{first} / {input_pipeline.PEERS[0]}"]["ratios"] == [2.0, 2.0]
