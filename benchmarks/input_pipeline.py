@@ -241,26 +241,28 @@ def repeated(min_seconds: float, fn, *args) -> dict:
     passes = [fn(*args)]
     while sum(p["wall_s"] for p in passes) < min_seconds:
         passes.append(fn(*args))
-    n = sum(p["images"] for p in passes)
-    wall, cpu = sum(p["wall_s"] for p in passes), sum(p["cpu_s"] for p in passes)
-    return {"images": n, "wall_s": round(wall, 4), "cpu_s": round(cpu, 4), "passes": len(passes),
+    pooled = _pooled_rates(sum(p["images"] for p in passes), sum(p["wall_s"] for p in passes),
+                           sum(p["cpu_s"] for p in passes))
+    return {**pooled, "passes": len(passes)}
+
+
+def _rates(n: int, t: Timer) -> dict:
+    return _pooled_rates(n, t.wall, t.cpu)
+
+
+def _pooled_rates(n: int, wall: float, cpu: float) -> dict:
+    return {"images": n, "wall_s": round(wall, 4), "cpu_s": round(cpu, 4),
             "images_per_s": round(n / wall, 1) if wall > 0 else None,
             "cpu_ms_per_image": round(1000 * cpu / n, 3) if n else None}
 
 
-def _rates(n: int, t: Timer) -> dict:
-    return {"images": n, "wall_s": round(t.wall, 4), "cpu_s": round(t.cpu, 4),
-            "images_per_s": round(n / t.wall, 1) if t.wall > 0 else None,
-            "cpu_ms_per_image": round(1000 * t.cpu / n, 3) if n else None}
-
-
 def round_ratios(rows: dict[str, dict]) -> dict[str, dict]:
-    """osteo's first epoch and each Keras loader over each Keras loader of its set, round by round: per-round ratios, their
-    median, min-max and spread (``models._spread``), and a status as ``models.summarize``
-    gives: ``FLAGGED`` where the rounds spread by more than ``models.FLAG_SPREAD``,
-    ``1 round`` with one, else ``ok``. ``rows``: the results' ``rows`` ("<set>: <row>" -> its
-    summary, whose ``samples`` carry their ``round``; without it, list order is the round).
-    Keyed "<set>: <row> / <peer>"."""
+    """osteo's first epoch and each Keras loader over each Keras loader of its set, round by
+    round: per-round ratios, their median, min-max and spread (``models.ratio_summary``), and
+    a status as ``models.summarize`` gives: ``FLAGGED`` where the rounds spread by more than
+    ``models.FLAG_SPREAD``, ``1 round`` with one, else ``ok``. ``rows``: the results' ``rows``
+    ("<set>: <row>" -> its summary, whose ``samples`` carry their ``round``; without it, list
+    order is the round). Keyed "<set>: <row> / <peer>"."""
     def by_round(samples: list[dict]) -> dict[int, float]:
         return {x.get("round", i): x["images_per_s"] for i, x in enumerate(samples) if x.get("images_per_s")}
 
@@ -276,10 +278,7 @@ def round_ratios(rows: dict[str, dict]) -> dict[str, dict]:
                 continue
             theirs = by_round(other.get("samples", ()))
             r = [own[k] / theirs[k] for k in sorted(own) if k in theirs]
-            s: dict = {"set": name, "row": label, "peer": peer, "ratios": [round(x, 4) for x in r]}
-            if r:
-                s.update(ratio=statistics.median(r), ratio_min=min(r), ratio_max=max(r),
-                         ratio_spread=models._spread(r))
+            s = {"set": name, "row": label, "peer": peer, **models.ratio_summary(r)}
             s["status"] = ("no rounds" if not r else "1 round" if len(r) < 2
                            else "FLAGGED" if s["ratio_spread"] > models.FLAG_SPREAD else "ok")
             out[f"{key} / {peer}"] = s

@@ -670,6 +670,15 @@ def _spread(values: list[float]) -> float | None:
     return (max(kept) - min(kept)) / statistics.median(values)
 
 
+def ratio_summary(ratios: list[float]) -> dict:
+    """Per-round ratios (rounded) and, where there are any, their median, min-max and spread."""
+    out: dict = {"ratios": [round(x, 4) for x in ratios]}
+    if ratios:
+        out.update(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+                   ratio_spread=_spread(ratios))
+    return out
+
+
 def summarize(group: dict) -> list[dict]:
     """Per osteo row: median img/s, per-round ratios to timm's best, their median, min-max,
     spread and status (``ok``, ``FLAGGED``, ``1 window``, or the error); peers' medians; a
@@ -694,11 +703,7 @@ def summarize(group: dict) -> list[dict]:
         s = {"row": r["row"], "kind": r["kind"], "img_s": statistics.median(own.values()) if own else None,
              "img_s_spread": _spread(list(own.values())), "rounds": len(own)}
         if r["kind"] == "osteo":
-            ratios = [own[k] / best_peer(k) for k in sorted(own) if best_peer(k)]
-            s["ratios"] = [round(x, 4) for x in ratios]
-            if ratios:
-                s.update(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
-                         ratio_spread=_spread(ratios))
+            s.update(ratio_summary([own[k] / best_peer(k) for k in sorted(own) if best_peer(k)]))
             if r["row"] != r["worker"]:
                 s["vs_engine_row"] = relative(own, rates.get(r["worker"], {}))
             if r.get("impl") == "timm" and r.get("jit") and eager:

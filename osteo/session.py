@@ -220,10 +220,11 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
     # a fold of other settings (image size, epochs, ...) would be pooled with the others as one
     # model's: every command that adds to a cross-validation trains what its first fold trained.
     # Not a study's (cv.json without settings): its nested search gives each fold its own choice.
-    started = [i for i in range(1, k + 1) if parent.is_cv() and parent.fold(i).is_run()]
-    if started and parent.read().get("settings"):
-        _check_same_recipe(parent.fold(started[0]), resolve(_fold_recipe(recipe, k, started[0]), backend=plan.backend),
-                           parent)
+    if parent.is_cv() and parent.read().get("settings"):
+        started = [i for i in range(1, k + 1) if parent.fold(i).is_run()]
+        if started:
+            _check_same_recipe(parent.fold(started[0]), resolve(_fold_recipe(recipe, k, started[0]),
+                                                                 backend=plan.backend), parent)
     parent.start(folds=k, seed=recipe.train.seed, recipe=recipe.name, model=recipe.model.backbone, settings=settings)
     for i in [fold] if fold else range(1, k + 1):
         run = parent.fold(i)
