@@ -316,8 +316,9 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     overlap = [r for r in ok if seen and (r.sha256 in seen or r.pixel_sha256 in seen)]
     scored = [r for r in ok if not (seen and (r.sha256 in seen or r.pixel_sha256 in seen))]
     if not scored:
+        why = result.first_unreadable() if not ok else ""
         raise OsteoError(f"no image of {folder} can be scored ({len(ok)} readable, {len(overlap)} also in "
-                         f"{seen_in}); give a folder of other images")
+                         f"{seen_in}{why}); give a folder of other images")
     rows, raw, _ = predictor.predict_paths([folder / r.path for r in scored], progress=progress)
     kept = [(rec, row) for rec, row in zip(scored, rows) if row["status"] == "ok"]
     y = np.array([CLASSES.index(rec.label) for rec, _ in kept])

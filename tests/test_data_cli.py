@@ -24,3 +24,15 @@ def test_extra_class_folder_is_one_warning_line_and_a_file_is_named_a_file(tmp_p
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
         f"osteo: error: {extra / 'a.png'} is a file, not a folder; pass the folder that holds the class "
         f"sub-folders (normal, osteopenia, osteoporosis), e.g. {tmp_path / 'ph'}"]
+
+
+def test_training_on_a_folder_of_nothing_readable_names_a_file_and_its_reason(tmp_path):
+    for c in ("normal", "osteopenia"):
+        (tmp_path / "junk" / c).mkdir(parents=True)
+        (tmp_path / "junk" / c / "scan.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)  # a PNG's signature, no image
+    proc = _osteo("train", "tiny", "--data", tmp_path / "junk", "--runs", tmp_path / "runs", "--image-size", "32",
+                  "--weights", "none", cwd=tmp_path)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"osteo: error: no readable images in {tmp_path / 'junk'}; e.g. normal/scan.png: ")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -79,3 +79,9 @@ def test_external_validation_refuses_a_folder_with_nothing_new(run, phantom_dir,
     capsys.readouterr()
     assert main(["eval", str(run), "--data", str(same)]) == 2
     assert "no image of" in capsys.readouterr().err
+    junk = tmp_path / "junk"
+    (junk / "normal").mkdir(parents=True)
+    (junk / "normal" / "a.png").write_bytes(b"not an image")
+    assert main(["eval", str(run), "--data", str(junk)]) == 2
+    err = capsys.readouterr().err  # nothing readable: the reason on screen, not only in audit.json
+    assert "no image of" in err and "(0 readable" in err and "e.g. normal/a.png: " in err

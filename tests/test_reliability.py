@@ -436,3 +436,7 @@ def test_audit_marks_every_bad_file_unreadable_with_a_reason(tmp_path_factory, f
     assert (line is None) == (bad == 0)
     if bad:
         assert line == f"audit: {bad} of {len(files)} files unreadable, left out (RUN/audit.json gives each one's reason)"
+        first = next(r for r in result.records if r.status != "ok")
+        assert result.first_unreadable() == f"; e.g. {first.path}: {first.reason}"
+    else:
+        assert result.first_unreadable() == ""

@@ -112,6 +112,10 @@ def test_bad_options_and_tiny_classes_are_user_errors():
     with pytest.raises(OsteoError, match="osteopenia") as e:
         check_split(split)
     assert "a larger share (--val)" in str(e.value)  # its one image trains: validation needs more of the class
+    assert "group" not in str(e.value)  # every image is a group of its own: grouping is not the reason
+    split, _ = split_rows(_rows(), seed=0, group_regex="^(P)")  # a regex that makes everyone one patient
+    with pytest.raises(OsteoError, match=r"its 40 images form 1 group\(s\) of one patient .*--group-regex"):
+        check_split(split)
     with pytest.raises(OsteoError, match=r"a larger share \(--set data.val=F\)"):
         check_split(split, val_option="--set data.val=F")
     split, _ = split_rows(_rows((10, 0, 0)), seed=0)

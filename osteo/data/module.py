@@ -72,7 +72,8 @@ class DataModule:
                            cache=cache)
         ok = {r.path: r for r in self.audit.ok()}
         if not ok:
-            raise OsteoError(f"no readable images in {root}; put PNG/JPEG/DICOM files under {root}/<class>/")
+            raise OsteoError(f"no readable images in {root}{self.audit.first_unreadable()}; "
+                             f"put PNG/JPEG/DICOM files under {root}/<class>/")
         if split is None:
             groups = read_groups_csv(cfg.groups_csv) if cfg.groups_csv else None
             split, self.excluded = split_rows(

@@ -191,6 +191,12 @@ class Audit:
             return None
         return f"audit: {bad} of {len(self.records)} files unreadable, left out ({where} gives each one's reason)"
 
+    def first_unreadable(self) -> str:
+        """``; e.g. PATH: REASON`` for the first unreadable file, or "": for an error that finds
+        nothing readable, so the user sees a reason without opening audit.json."""
+        bad = next((r for r in self.records if r.status != "ok"), None)
+        return f"; e.g. {bad.path}: {bad.reason}" if bad else ""
+
     def to_json(self) -> dict:
         counts = {c: 0 for c in CLASSES}
         for r in self.ok():

@@ -243,7 +243,7 @@ def check_split(split: list[dict], min_train: int = 1, min_val: int = 1, min_tes
             raise OsteoError(
                 f"class {c} has {tr} training and {va} validation images after the split; it needs at "
                 f"least {min_train} and {min_val}: add images to the {c} folder, or give validation {way} share "
-                f"({val_option})"
+                f"({val_option}){_whole_groups(split, c)}"
             )
     c = min(CLASSES, key=lambda c: counts[("test", c)])  # the smallest class says it best
     if counts[("test", c)] < min_test:
@@ -254,6 +254,17 @@ def check_split(split: list[dict], min_train: int = 1, min_val: int = 1, min_tes
             f"({len(split)} images in all), fewer than {min_test}; cross-validate instead (--folds 5), or report "
             "on validation, optimistically, with --set data.test=0"
         )
+
+
+def _whole_groups(split: list[dict], c: str) -> str:
+    """Where a class's images form fewer groups than images (patients, duplicates), the reason a
+    share cannot help: each group goes whole to one side. "" when every image is its own group."""
+    images = [r for r in split if r["label"] == c]
+    groups = len({r["group"] for r in images})
+    if groups >= len(images):
+        return ""
+    return (f"; its {len(images)} images form {groups} group(s) of one patient or of duplicates, each kept whole "
+            "on one side: check --group-regex or --groups if that is not what they are")
 
 
 def write_split(path: str | os.PathLike, split: list[dict]) -> None:
