@@ -14,8 +14,9 @@ ratios' difference relative to their mean:
   (``models.FLAG_SPREAD``, 10%);
 - ``DISAGREE``: both reported a ratio, further apart than the margin: each run was
   self-consistent and still the answer changed, which the flag inside one run cannot see;
-- ``not compared``: a run flagged the row (or measured no ratio); the flag already says
-  that run gave no answer.
+- ``not compared``: a run flagged the row (its rounds spread: FLAGGED; other processes
+  took more than ``models.BUSY_SHARE`` of the CPU: BUSY) or measured no ratio; the flag
+  already says that run gave no answer.
 
 Prints one table; exit status 1 when a row disagrees, else 0.
 """
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("agree", "DISAGREE", "not compared")}
     console.print(f"{counts['agree']} of {len(rows)} rows agree within {args.margin:.0%}, "
-                  f"{counts['DISAGREE']} disagree, {counts['not compared']} not compared (flagged in a run)")
+                  f"{counts['DISAGREE']} disagree, {counts['not compared']} not compared (FLAGGED or BUSY in a run)")
     return 1 if counts["DISAGREE"] else 0
 
 

@@ -16,8 +16,13 @@ first epoch, each pass from scratch, until its passes add up to ``--min-seconds`
 wall time, and its rate pools them. The ratios to Keras' loaders are taken round by round (a
 row over its set's peer in the same round), as ``models.py`` takes its ratios: the table
 gives their median and spread, and a ratio whose rounds spread by more than
-``models.FLAG_SPREAD`` (10%) is FLAGGED rather than reported. ``benchmarks/agree.py``
-compares two runs' osteo rows.
+``models.FLAG_SPREAD`` (10%) is FLAGGED rather than reported. Each pass also records the
+share of the machine's CPU that other processes took meanwhile (``others``, as
+``models.py`` measures it): a ratio whose row or peer ran with a median share above
+``models.BUSY_SHARE`` (5%) is BUSY, not reported, since loaders that bring different
+numbers of threads lose different shares to a neighbour (beside a second training,
+ImageDataGenerator lost 4-8%, osteo 36%, ``image_dataset_from_directory`` 45-50%).
+``benchmarks/agree.py`` compares two runs' osteo rows.
 
 - ``osteo audit + first epoch``: what ``osteo train`` does with a new dataset (a fresh
   image cache each pass): the audit, filling the cache from its own decodes, the cache
@@ -76,13 +81,16 @@ def _cpu() -> float:
 
 
 class Timer:
+    """Wall time, this process's CPU time (all threads) and the machine's (every process)."""
+
     def __enter__(self):
-        self.wall, self.cpu = time.perf_counter(), _cpu()
+        self.wall, self.cpu, self.machine = time.perf_counter(), _cpu(), models.machine_cpu_s()
         return self
 
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self.wall
         self.cpu = _cpu() - self.cpu
+        self.others = models.others_share(self.machine, self.cpu, self.wall)
 
 
 # --------------------------------------------------------------------------- data
@@ -241,26 +249,33 @@ def repeated(min_seconds: float, fn, *args) -> dict:
     passes = [fn(*args)]
     while sum(p["wall_s"] for p in passes) < min_seconds:
         passes.append(fn(*args))
-    pooled = _pooled_rates(sum(p["images"] for p in passes), sum(p["wall_s"] for p in passes),
-                           sum(p["cpu_s"] for p in passes))
+    wall = sum(p["wall_s"] for p in passes)
+    shares = [p.get("others") for p in passes]
+    others = None if None in shares else sum(x * p["wall_s"] for x, p in zip(shares, passes)) / wall
+    pooled = _pooled_rates(sum(p["images"] for p in passes), wall, sum(p["cpu_s"] for p in passes), others)
     return {**pooled, "passes": len(passes)}
 
 
 def _rates(n: int, t: Timer) -> dict:
-    return _pooled_rates(n, t.wall, t.cpu)
+    return _pooled_rates(n, t.wall, t.cpu, t.others)
 
 
-def _pooled_rates(n: int, wall: float, cpu: float) -> dict:
+def _pooled_rates(n: int, wall: float, cpu: float, others: float | None = None) -> dict:
+    """One timed pass's (or pooled passes') rates; ``others``: the share of the machine's CPU
+    other processes took meanwhile (see ``models.others_share``)."""
     return {"images": n, "wall_s": round(wall, 4), "cpu_s": round(cpu, 4),
             "images_per_s": round(n / wall, 1) if wall > 0 else None,
-            "cpu_ms_per_image": round(1000 * cpu / n, 3) if n else None}
+            "cpu_ms_per_image": round(1000 * cpu / n, 3) if n else None,
+            "others": None if others is None else round(others, 4)}
 
 
 def round_ratios(rows: dict[str, dict]) -> dict[str, dict]:
     """osteo's first epoch and each Keras loader over each Keras loader of its set, round by
     round: per-round ratios, their median, min-max and spread (``models.ratio_summary``), and
-    a status as ``models.summarize`` gives: ``FLAGGED`` where the rounds spread by more than
-    ``models.FLAG_SPREAD``, ``1 round`` with one, else ``ok``. ``rows``: the results' ``rows``
+    a status as ``models.summarize`` gives (``models.ratio_status``: ``BUSY`` where the row or
+    its peer ran with other processes' median share of the CPU above ``models.BUSY_SHARE``,
+    ``FLAGGED`` where the rounds spread by more than ``models.FLAG_SPREAD``), ``1 round`` with
+    one, else ``ok``. ``rows``: the results' ``rows``
     ("<set>: <row>" -> its summary, whose ``samples`` carry their ``round``; without it, list
     order is the round). Keyed "<set>: <row> / <peer>"."""
     def by_round(samples: list[dict]) -> dict[int, float]:
@@ -279,8 +294,10 @@ def round_ratios(rows: dict[str, dict]) -> dict[str, dict]:
             theirs = by_round(other.get("samples", ()))
             r = [own[k] / theirs[k] for k in sorted(own) if k in theirs]
             s = {"set": name, "row": label, "peer": peer, **models.ratio_summary(r)}
-            s["status"] = ("no rounds" if not r else "1 round" if len(r) < 2
-                           else "FLAGGED" if s["ratio_spread"] > models.FLAG_SPREAD else "ok")
+            busy = [x for x in (models.median_others(row.get("samples", ())),
+                                models.median_others(other.get("samples", ()))) if x is not None]
+            s["others"] = max(busy) if busy else None
+            s["status"] = ("no rounds" if not r else "1 round" if len(r) < 2 else models.ratio_status(s, s["others"]))
             out[f"{key} / {peer}"] = s
     return out
 
@@ -290,6 +307,8 @@ def _ratio_cell(s: dict | None) -> str:
         return ""
     if s["status"] == "FLAGGED":
         return f"FLAGGED ({s['ratio']:.2f}x, {s['ratio_spread']:.0%})"
+    if s["status"] == "BUSY":
+        return f"BUSY ({s['ratio']:.2f}x, others {s['others']:.0%})"
     spread = f" ({s['ratio_spread']:.0%})" if s.get("ratio_spread") is not None else " (1 round)"
     return f"{s['ratio']:.2f}x{spread}"
 
@@ -435,10 +454,11 @@ def main() -> int:
     summary = {f"{k[0]}: {k[1]}": _summary(v) for k, v in samples.items()}
     results["rows"] = summary
     results["ratios"] = ratios = round_ratios(summary)
-    results["flag_spread"] = models.FLAG_SPREAD
+    results["flag_spread"], results["busy_share"] = models.FLAG_SPREAD, models.BUSY_SHARE
     table = Table(title=f"input pipeline -> {args.size} px, batch {args.batch}: median of {args.rounds} interleaved "
                         f"rounds ({args.n} PNGs of {args.source_size} px; malloc: {args.malloc}); ratios: median of "
-                        f"the rounds' ratios (their spread); FLAGGED: spread > {models.FLAG_SPREAD:.0%}")
+                        f"the rounds' ratios (their spread); FLAGGED: spread > {models.FLAG_SPREAD:.0%}; BUSY: "
+                        f"other processes took > {models.BUSY_SHARE:.0%} of the CPU")
     for col in ("set", "pipeline", "images/s", "spread", "CPU ms/image", "vs ImageDataGenerator",
                 "vs image_dataset_from_directory"):
         table.add_column(col, justify="left" if col in ("set", "pipeline") else "right")

@@ -65,6 +65,14 @@ interleave, repeat, report medians with their spread):
    spread cannot resolve, and the 0.22 swings seen between quiet back-to-back short runs
    are caught by it. From ``TRIM_FROM`` (5) rounds on, the spread leaves out the lowest
    and the highest round: one burst of a neighbour does not flag four rounds that agree.
+5. A busy machine is said, not averaged. Each window also records the share of the
+   machine's CPU time that other processes took while it ran (``others``: the whole
+   machine's busy time from ``/proc/stat``, steal included, less the row's own process
+   time, over cores x seconds). A ratio whose row or peers ran with a median ``others``
+   above ``BUSY_SHARE`` (5%) is BUSY and not reported. A steady neighbour can shift every
+   round alike, so the spread does not see it: beside a second training, ConvNeXtTiny's
+   rounds agreed within 3-4% on a ratio 11% below the quiet run's (timm's channels-first
+   loop overtook its channels-last one under load). A quiet VM here measured 0.3-0.4%.
 
 ``make bench``'s run (4 backbones at 64 px, rows auto, cf, cl) takes about 3.5 minutes a
 group on a quiet 2-core machine (3 rows x 5 rounds x 10.5 s, plus two start-ups and
@@ -110,6 +118,7 @@ WINDOW_S = 10.0  # seconds of training per timed window (see the module docstrin
 REPEATS = 5
 STARTS = 2  # each row's process is started twice, the rounds split between the starts (see run_group)
 FLAG_SPREAD = 0.10  # a row whose per-round ratios spread more than this (see _spread) is FLAGGED
+BUSY_SHARE = 0.05  # other processes' median share of the machine's CPU above which a ratio is BUSY
 TRIM_FROM = 5  # from this many rounds on, the spread leaves out the lowest and the highest
 MIN_STEPS = 3  # a window's first step is untimed: at least two timed steps
 MAX_STEPS = 10**9  # an epoch never ends a window: the clock does
@@ -262,13 +271,15 @@ class OsteoRow:
         data = self._pipeline() if feed == "pipeline" else self._stream()
         extra = [self.NonFiniteLoss()] if callbacks == "osteo" else []
         listed = self.callback_list([Window(), *extra], self.model, epochs=1, steps=MAX_STEPS)  # as osteo train's
-        cpu = time.process_time()
+        cpu, machine = time.process_time(), machine_cpu_s()
         t = time.perf_counter()
         self.model.fit(data, steps_per_epoch=MAX_STEPS, epochs=1, verbose=0, callbacks=listed)
         sync()
         end = time.perf_counter()
         self.last_steps = done[0]
-        return {"first_s": marks[0] - t, **_window_result(done[0], self.bs, end - marks[0], time.process_time() - cpu)}
+        cpu = time.process_time() - cpu
+        return {"first_s": marks[0] - t, **_window_result(done[0], self.bs, end - marks[0], cpu),
+                "others": others_share(machine, cpu, end - t)}
 
     def warm(self) -> dict:
         out = {"first_step_s": round(self._fit(0.0, 1 + WARM_STEPS)["first_s"], 2)}
@@ -382,7 +393,7 @@ class TimmRow:
     def window(self, window_s: float, feed: str) -> dict:
         if feed != "memory":
             raise ValueError(f"timm's loop has no {feed} feed")
-        cpu = time.process_time()
+        cpu, machine, t0 = time.process_time(), machine_cpu_s(), time.perf_counter()
         self._step()  # the first step is not timed
         _torch_sync()
         t = time.perf_counter()
@@ -391,10 +402,11 @@ class TimmRow:
             self._step()
             n += 1
         _torch_sync()
-        seconds = time.perf_counter() - t
+        end = time.perf_counter()
+        cpu = time.process_time() - cpu
         self.last_steps = n
         _release_cached_gpu_memory()
-        return _window_result(n, self.bs, seconds, time.process_time() - cpu)
+        return {**_window_result(n, self.bs, end - t, cpu), "others": others_share(machine, cpu, end - t0)}
 
     def extras(self) -> dict:
         torch = self.torch
@@ -432,6 +444,54 @@ class TimmRow:
 def _window_result(steps: int, batch: int, seconds: float, cpu_s: float) -> dict:
     return {"steps": steps, "seconds": round(seconds, 4), "cpu_s": round(cpu_s, 3),
             "img_s": round(batch * (steps - 1) / seconds, 3)}
+
+
+def machine_cpu_s() -> float | None:
+    """CPU seconds the whole machine has run so far, every process and core (user, system,
+    interrupts and the hypervisor's steal), from ``/proc/stat``; None where there is none."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_cores() -> int:
+    """The cores ``/proc/stat`` counts (its ``cpuN`` lines), else ``os.cpu_count()``."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            n = sum(1 for line in f if line.startswith("cpu") and line[3:4].isdigit())
+    except OSError:
+        n = 0
+    return n or os.cpu_count() or 1
+
+
+def others_share(machine_before: float | None, own_cpu_s: float, seconds: float) -> float | None:
+    """The share of the machine's CPU time (cores x ``seconds``) that other processes took
+    while this one used ``own_cpu_s``; ``machine_before``: :func:`machine_cpu_s` at the start."""
+    now = machine_cpu_s()
+    if machine_before is None or now is None or seconds <= 0:
+        return None
+    return round(max(0.0, now - machine_before - own_cpu_s) / (_machine_cores() * seconds), 4)
+
+
+def median_others(windows) -> float | None:
+    """The median ``others`` share of timed windows that recorded one (None: none did)."""
+    got = [w["others"] for w in windows if w.get("others") is not None]
+    return statistics.median(got) if got else None
+
+
+def ratio_status(summary: dict, others: float | None) -> str:
+    """A ratio summary's status (two or more rounds): ``BUSY`` where other processes took a
+    median share of the machine above ``BUSY_SHARE``, ``FLAGGED`` where the rounds spread by
+    more than ``FLAG_SPREAD``, else ``ok``."""
+    if others is not None and others > BUSY_SHARE:
+        return "BUSY"
+    return "FLAGGED" if summary["ratio_spread"] > FLAG_SPREAD else "ok"
 
 
 def _compute_dtype(precision: str) -> str:
@@ -646,7 +706,8 @@ def run_group(group: dict, args, say) -> None:
                     row["error"] = got["error"]
                     continue
                 row["rounds"].append({"round": rnd, "start": start, **got})
-                done.append(f"{name} {got['img_s']:.4g}")
+                busy = f" ({got['others']:.0%} others)" if got.get("others") else ""
+                done.append(f"{name} {got['img_s']:.4g}{busy}")
             say(f"   round {rnd + 1} (start {start + 1}): " + ", ".join(done) + " img/s")
         for name, w in workers.items():
             if start == last_start[name] and "error" not in info[name]:
@@ -681,11 +742,13 @@ def ratio_summary(ratios: list[float]) -> dict:
 
 def summarize(group: dict) -> list[dict]:
     """Per osteo row: median img/s, per-round ratios to timm's best, their median, min-max,
-    spread and status (``ok``, ``FLAGGED``, ``1 window``, or the error); peers' medians; a
+    spread, the busiest of its rows' ``others`` shares and status (``ok``, ``FLAGGED``,
+    ``BUSY``, ``1 window``, or the error); peers' medians; a
     variant row (pipeline, async) against its engine's row and a compiled timm engine
     against the eager one, round by round."""
     rows = group["rows"]
     rates = {r["row"]: {x["round"]: x["img_s"] for x in r.get("rounds", ())} for r in rows}
+    others = {r["row"]: median_others(r.get("rounds", ())) for r in rows}
     peers = [r["row"] for r in rows if r["kind"] == "timm" and r["row"] not in PROBE_PEERS]
 
     def best_peer(rnd: int) -> float | None:
@@ -704,6 +767,8 @@ def summarize(group: dict) -> list[dict]:
              "img_s_spread": _spread(list(own.values())), "rounds": len(own)}
         if r["kind"] == "osteo":
             s.update(ratio_summary([own[k] / best_peer(k) for k in sorted(own) if best_peer(k)]))
+            busy = [x for x in (others[r["row"]], *(others[p] for p in peers)) if x is not None]
+            s["others"] = max(busy) if busy else None  # the busiest of the rows the ratio is made of
             if r["row"] != r["worker"]:
                 s["vs_engine_row"] = relative(own, rates.get(r["worker"], {}))
             if r.get("impl") == "timm" and r.get("jit") and eager:
@@ -722,7 +787,7 @@ def summarize(group: dict) -> list[dict]:
         elif len(s.get("ratios", ())) < 2:
             s["status"] = "1 window" if s.get("ratios") else "no timm row"
         else:
-            s["status"] = "FLAGGED" if s["ratio_spread"] > FLAG_SPREAD else "ok"
+            s["status"] = ratio_status(s, s["others"])
         flops = GFLOPS_224.get(group["model"], 0) * 1e9 * (group["size"] / 224) ** 2 * 3
         peak = r.get("extras", {}).get("peak_matmul_gflops")
         if s["img_s"] and flops and peak:
@@ -888,13 +953,22 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.0f}%"
 
 
+def _note(s: dict) -> str:
+    """An osteo row's note: how busy the machine was where that made it BUSY, an error."""
+    if s["status"] == "BUSY":
+        return f"others took {s['others']:.0%} of the CPU"
+    return "" if s["status"] in ("ok", "FLAGGED") else s["status"][:80]
+
+
 def print_tables(console, report: dict) -> None:
     from rich.table import Table
 
     m = report["method"]
     t = Table(title=f"training images/sec: median of {m['repeats']} interleaved rounds of ~{m['window_s']:g} s "
                     f"(batch {m['batch']}, {m['precision']}); ratio = osteo row / timm's best (cf, cl) in the "
-                    f"same round; FLAGGED: the rounds' ratios spread > {m['flag_spread']:.0%}")
+                    f"same round; FLAGGED: the rounds' ratios spread > {m['flag_spread']:.0%}; BUSY: other "
+                    f"processes took > {m.get('busy_share', BUSY_SHARE):.0%} of the machine's CPU (median of "
+                    "the windows)")
     for col in ("backbone", "px", "row", "engine", "img/s", "spread", "timm cf", "timm cl", "vs timm best",
                 "ratio min-max", "ratio spread", "note"):
         t.add_column(col, justify="left" if col in ("backbone", "row", "engine", "note") else "right")
@@ -918,7 +992,7 @@ def print_tables(console, report: dict) -> None:
                       _fmt(by.get("cf", {}).get("img_s")), _fmt(by.get("cl", {}).get("img_s")),
                       _fmt(s.get("ratio")) if ok else s["status"].split(":")[0],
                       f"{_fmt(s.get('ratio_min'))}-{_fmt(s.get('ratio_max'))}" if s.get("ratios") else "-",
-                      _pct(s.get("ratio_spread")), "" if s["status"] in ("ok", "FLAGGED") else s["status"][:80])
+                      _pct(s.get("ratio_spread")), _note(s))
     console.print(t)
 
     t = Table(title="single measurements per row (after the rounds; first step includes compile or autotuning)")
@@ -989,7 +1063,7 @@ def main() -> int:
     report = {"host": platform.node(), "cpu": _cpu_name(), "gpu": _gpu_name(), "args": vars(args),
               "method": {"window_s": args.window, "repeats": args.repeats, "starts": args.starts, "malloc": args.malloc,
                          "spin": args.spin,
-                         "flag_spread": FLAG_SPREAD,
+                         "flag_spread": FLAG_SPREAD, "busy_share": BUSY_SHARE,
                          "trim_from": TRIM_FROM, "pause_s": args.pause, "batch": args.batch,
                          "precision": _precision(args.precision)},
               "groups": groups}

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +85,43 @@ def test_a_single_window_or_an_error_is_never_a_verdict():
     assert _summary(g, "cl")["status"] == "reference"
 
 
+def _busy(row, shares):
+    for rnd, share in zip(row["rounds"], shares):
+        rnd["others"] = share
+    return row
+
+
+def test_a_ratio_measured_while_other_processes_took_the_cpu_is_busy_not_reported():
+    # every round agrees (the spread cannot see a steady neighbour), but others took 40% of the CPU
+    g = _group(_row("auto", "osteo", [46, 46, 47]), _busy(_row("cl", "timm", [50, 50, 50]), [0.4, 0.38, 0.41]))
+    s = _summary(g, "auto")
+    assert s["ratio_spread"] < models.FLAG_SPREAD and s["others"] == 0.4 and s["status"] == "BUSY"
+    # a burst in one of five windows leaves the median quiet; a share at the margin is still quiet
+    g = _group(_busy(_row("auto", "osteo", [50] * 5), [0.003, 0.5, 0.004, 0.05, 0.002]), _row("cl", "timm", [50] * 5))
+    assert _summary(g, "auto")["status"] == "ok"
+    # reports written before the share was recorded: no verdict on business either way
+    g = _group(_row("auto", "osteo", [50] * 3), _row("cl", "timm", [50] * 3))
+    assert _summary(g, "auto")["others"] is None and _summary(g, "auto")["status"] == "ok"
+    busy = {"groups": [_group(_row("auto", "osteo", [46] * 5), _busy(_row("cl", "timm", [50] * 5), [0.4] * 5))]}
+    quiet = {"groups": [_group(_row("auto", "osteo", [52] * 5), _row("cl", "timm", [50] * 5))]}
+    (entry,) = agree.compare(quiet, busy)
+    assert entry["verdict"] == "not compared" and entry["b_status"] == "BUSY"  # 1.04 vs 0.92 would disagree
+
+
+def test_the_machine_share_of_other_processes_counts_a_childs_cpu():
+    if models.machine_cpu_s() is None:
+        pytest.skip("no /proc/stat here")
+    before, own, t = models.machine_cpu_s(), time.process_time(), time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-c", "x = 0\nfor i in range(6_000_000): x += i"])
+    _, _, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - t
+    share = models.others_share(before, time.process_time() - own, wall)
+    child_cpu = usage.ru_utime + usage.ru_stime
+    assert child_cpu > 0.1
+    # the whole machine's busy time less ours holds at least the child's (jiffies: 10 ms steps)
+    assert share * models._machine_cores() * wall >= child_cpu - 0.05
+
+
 def test_two_runs_agree_only_where_both_report_ratios_within_the_margin(tmp_path, capsys):
     peer = _row("cl", "timm", [50] * 5)
     a = {"groups": [_group(_row("auto", "osteo", [50] * 5), peer, model="vgg16"),
@@ -148,6 +188,23 @@ def test_a_row_repeats_its_first_epoch_until_the_minimum_time_and_pools_the_pass
     assert got["images"] == 30 and got["wall_s"] == pytest.approx(1.2) and got["images_per_s"] == 25.0
     assert got["cpu_ms_per_image"] == pytest.approx(80.0)
     assert input_pipeline.repeated(0.0, one_pass, 10)["passes"] == 1
+    shares = iter([0.0, 0.5, 0.1])
+    got = input_pipeline.repeated(1.0, lambda: {**one_pass(10), "others": next(shares)})
+    assert got["others"] == pytest.approx(0.2)  # the passes' shares weighted by their wall time
+    assert input_pipeline.repeated(1.0, one_pass, 10)["others"] is None  # a pass that did not record one
+
+
+def test_input_pipeline_ratio_with_a_busy_peer_is_busy():
+    rows = _pipeline_rows(idg=[(i, 100) for i in range(3)], idfd=[(i, 400) for i in range(3)],
+                          osteo=[(i, 200) for i in range(3)])
+    for sample in rows[f"PNG: {input_pipeline.PEERS[1]}"]["samples"]:
+        sample["others"] = 0.45
+    got = input_pipeline.round_ratios(rows)
+    first = f"PNG: {input_pipeline.OSTEO_FIRST}"
+    assert got[f"{first} / {input_pipeline.PEERS[0]}"]["status"] == "ok"
+    busy = got[f"{first} / {input_pipeline.PEERS[1]}"]
+    assert busy["status"] == "BUSY" and busy["others"] == 0.45
+    assert input_pipeline._ratio_cell(busy) == "BUSY (0.50x, others 45%)"
 
 
 def test_two_input_pipeline_runs_are_compared_on_osteos_first_epoch(tmp_path, capsys):
