@@ -72,7 +72,7 @@ interleave, repeat, report medians with their spread):
    above ``BUSY_SHARE`` (5%) is BUSY and not reported. A steady neighbour can shift every
    round alike, so the spread does not see it: beside a second training, ConvNeXtTiny's
    rounds agreed within 3-4% on a ratio 11% below the quiet run's (timm's channels-first
-   loop overtook its channels-last one under load). A quiet VM here measured 0.3-0.4%.
+   loop overtook its channels-last one under load). Quiet, windows here measured 0-1.2%.
 
 ``make bench``'s run (4 backbones at 64 px, rows auto, cf, cl) takes about 3.5 minutes a
 group on a quiet 2-core machine (3 rows x 5 rounds x 10.5 s, plus two start-ups and
