@@ -10,9 +10,14 @@ MODEL ?= convnext_tiny
 RECIPE ?= $(MODEL)
 OUT ?= reports
 
-.PHONY: install test test-all lint data audit train cv train-all report bench demo study clean export eval
+.PHONY: help install test test-all lint data audit train cv train-all report bench demo study clean export eval
 
 install: $(STAMP)
+
+help:  ## the targets, and the variables they take
+	@echo "make demo | test | train MODEL=m [DATA=dir] | train-all | cv FOLDS=k | study | report | eval RUN=r DATA=dir"
+	@echo "     export RUN=r [FORMAT=onnx|savedmodel|keras] | audit DATA=dir | bench [BENCH=full] | lint | clean"
+	@echo "variables: DATA MODEL RECIPE EPOCHS WEIGHTS IMAGE_SIZE BATCH SEED RUNS RESUME FOLDS OUT (README.md: Your own data)"
 
 # PyTorch and torchvision first, as the pair that imports together (timm, the PyTorch
 # engine, needs both): on x86_64 with Python 3.11 pip takes torch 2.14.1 (a CUDA build,

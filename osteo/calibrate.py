@@ -34,6 +34,23 @@ def nll(y: np.ndarray, probs: np.ndarray) -> float:
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], EPS, 1.0))))
 
 
+LOG_T_BOUND = 3.0  # the temperature is searched from e^-3 to e^3
+
+
+def temperature_note(temperature: float, n: int) -> str | None:
+    """A sentence where the fitted temperature lies at the end of its search: the validation
+    predictions were then close to uninformative (or far too unsure), which a user should
+    hear rather than read as calibration; None otherwise."""
+    log_t = float(np.log(temperature))
+    if abs(log_t) < LOG_T_BOUND - 1e-2:
+        return None
+    what = ("close to uninformative, so calibration flattens them toward the class shares" if log_t > 0 else
+            "far too unsure, so calibration sharpens them as far as it may")
+    return (f"the temperature reached the end of its search (T = {temperature:.3g}, e^{log_t:+.0f}): on these {n} "
+            f"validation images the model's probabilities are {what}; check that the run learned (its balanced "
+            "accuracy) before reading calibrated probabilities")
+
+
 def fit_temperature(y: np.ndarray, probs: np.ndarray) -> float:
     """The T that minimises the negative log-likelihood of ``y`` (bounded search on log T)."""
     from scipy.optimize import minimize_scalar
@@ -41,8 +58,8 @@ def fit_temperature(y: np.ndarray, probs: np.ndarray) -> float:
     y, probs = np.asarray(y, dtype=int), np.asarray(probs, dtype=np.float64)
     if len(y) == 0 or not np.isfinite(probs).all():
         raise OsteoError("cannot calibrate: the validation predictions are empty or not finite; retrain the run")
-    result = minimize_scalar(lambda t: nll(y, apply_temperature(probs, np.exp(t))), bounds=(-3.0, 3.0),
-                             method="bounded", options={"xatol": 1e-4})
+    result = minimize_scalar(lambda t: nll(y, apply_temperature(probs, np.exp(t))),
+                             bounds=(-LOG_T_BOUND, LOG_T_BOUND), method="bounded", options={"xatol": 1e-4})
     return float(np.exp(result.x))
 
 
@@ -144,6 +161,10 @@ def calibrate_run(run_dir, points: tuple[str, ...] | list[str] = DEFAULT_POINTS,
         out["temperature"] = fit_temperature(y, probs)
     except OsteoError as e:  # a diverged run: left uncalibrated, and said so
         out["error"] = str(e)
+    else:
+        note = temperature_note(out["temperature"], len(y))
+        if note:
+            out["temperature_note"] = note
     temperature = out["temperature"]
     calibrated = apply_temperature(probs, temperature)
     if "error" not in out:

@@ -19,7 +19,7 @@ import numpy as np
 
 from osteo import killpoints
 from osteo.device import peak_memory_mb
-from osteo.files import atomic_path, sha256_file, write_bytes, write_csv
+from osteo.files import atomic_path, save_weights, sha256_file, write_bytes, write_csv
 from osteo.runs import STATE_FILE
 
 HISTORY_METRICS = ("loss", "accuracy", "balanced_accuracy", "macro_f1")
@@ -77,7 +77,7 @@ class BestCheckpoint(keras.callbacks.Callback):
                 if optimizer is not None:
                     model.optimizer = None
                 with atomic_path(self.path, suffix=".weights.h5") as tmp:
-                    model.save_weights(tmp)
+                    save_weights(model, tmp)
             finally:
                 if optimizer is not None:
                     model.optimizer = optimizer
@@ -350,7 +350,7 @@ class TrainingState(keras.callbacks.Callback):
         slot = self.dir / name
         shutil.rmtree(slot, ignore_errors=True)
         slot.mkdir(parents=True)
-        self.model.save_weights(slot / "weights.weights.h5")
+        save_weights(self.model, slot / "weights.weights.h5")
         states = {f"s{i}": keras.ops.convert_to_numpy(sg.state.value) for i, sg in enumerate(self._generators())}
         buf = io.BytesIO()
         np.savez(buf, **states)

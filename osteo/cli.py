@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from osteo import CLASSES
 from osteo.errors import OsteoError, Stopped
-from osteo.recipe import MAX_BOOTSTRAP, MAX_FOLDS
+from osteo.recipe import BOOTSTRAP_RULE, MAX_FOLDS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,7 +85,19 @@ def _at_least(low: int, high: int | None = None):
     return convert
 
 
+PREDICTIONS_CSV = "predictions.csv"  # osteo predict's default output
 SEED = _at_least(0, 2**32 - 1)
+
+
+def BOOTSTRAP(text: str) -> int:
+    """--bootstrap: 0 (no intervals) or enough resamples for a 95% interval (an argparse type, as SEED)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not BOOTSTRAP_RULE[0](value):
+        raise argparse.ArgumentTypeError(f"must be {BOOTSTRAP_RULE[1]}, got {value}")
+    return value
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -123,7 +136,9 @@ def _add_phantom_parser(dsub) -> None:
     p.add_argument("--n", type=int, default=1947, help="number of images (default 1947)")
     p.add_argument("--size", type=int, default=256, help="image size in pixels (default 256)")
     p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--proportions", type=_int_list, default=(780, 374, 793))
+    p.add_argument("--proportions", type=_int_list, default=(780, 374, 793),
+                   help="relative class sizes normal,osteopenia,osteoporosis, as counts (default 780,374,793: "
+                        "the public knee set's)")
     p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8)
     p.add_argument("--overlap", type=float, default=None,
                    help="spread of the class latents, x the table in osteo/data/phantom.py (default 2: a Bayes "
@@ -421,7 +436,7 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--data", help="score the run's model on this labelled folder (external validation)")
     p.add_argument("--out", help="with --data: output folder (default RUN_DIR/eval/<folder-name>/)")
     p.add_argument("--tta", action="store_true", help="with --data: test-time augmentation")
-    p.add_argument("--bootstrap", type=_at_least(0, MAX_BOOTSTRAP), default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--bootstrap", type=BOOTSTRAP, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=cmd_eval)
 
@@ -484,7 +499,7 @@ def _add_report_parser(sub) -> None:
     p.add_argument("--split", choices=("auto", "val", "test"), default="auto",
                    help="what single runs are reported on: auto (default) their test split where they have one, "
                         "which chose nothing, else validation")
-    p.add_argument("--bootstrap", type=_at_least(0, MAX_BOOTSTRAP), default=1000)
+    p.add_argument("--bootstrap", type=BOOTSTRAP, default=1000)
     p.set_defaults(func=cmd_report)
 
 
@@ -492,11 +507,17 @@ def cmd_predict(args) -> int:
 
     from osteo.predict import predict_files
 
+    out = args.out
+    if out is None:  # here, and never over an earlier CSV unasked
+        out = Path(PREDICTIONS_CSV)
+        if os.path.lexists(out):
+            raise OsteoError(f"{out} exists (an earlier osteo predict's?); pass --out {out} to replace it, or "
+                             "--out another.csv")
     with _progress(_console_err()) as bar:
         task = bar.add_task("predict", total=None)
-        out = predict_files(args.run, args.images, args.out, calibrated=not args.no_calibration, tta=args.tta,
+        out = predict_files(args.run, args.images, out, calibrated=not args.no_calibration, tta=args.tta,
                             gradcam_dir=args.gradcam, progress=lambda k, n: bar.update(task, completed=k, total=n))
-    print(f"wrote {out}" + (f" and Grad-CAM overlays in {args.gradcam}" if args.gradcam else ""))
+    print(f"wrote {out}" + (f"; Grad-CAM overlays in {args.gradcam}" if args.gradcam else ""))
     return 0
 
 
@@ -504,7 +525,8 @@ def _add_predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="classify images with a trained run's best model")
     p.add_argument("run", help="a run directory")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--out", default="predictions.csv")
+    p.add_argument("--out", help=f"the CSV to write (replaced if it exists); default: {PREDICTIONS_CSV} here, "
+                                 "if there is none yet")
     p.add_argument("--no-calibration", action="store_true", help="the model's own probabilities, not calibrated")
     p.add_argument("--tta", action="store_true", help="average over the image, its mirror and small shifts")
     p.add_argument("--gradcam", metavar="DIR", help="write a Grad-CAM overlay per image to DIR")
@@ -537,6 +559,8 @@ def cmd_calibrate(args) -> int:
     print(f"temperature {fmt(cal['temperature'])}: ECE {fmt(cal.get('ece_before'))} -> {fmt(cal.get('ece_after'))}, "
           f"NLL {fmt(cal.get('nll_before'))} -> {fmt(cal.get('nll_after'))} (validation, which chose it, "
           f"n={cal['n']})")
+    if cal.get("temperature_note"):
+        print(cal["temperature_note"])
     if cal.get("test"):
         print(f"ECE on test, which chose nothing: {fmt(cal['test']['ece_before'])} -> {fmt(cal['test']['ece_after'])} "
               f"(n={cal['test']['n']})")
@@ -557,7 +581,7 @@ def _add_calibrate_parser(sub) -> None:
     p.add_argument("--operating-point", action="append", metavar="CLASS[+]:sensitivity=X",
                    help="e.g. osteoporosis:sensitivity=0.90 or osteopenia+:specificity=0.8 (repeatable; "
                         "default: the run's recipe's)")
-    p.add_argument("--bootstrap", type=_at_least(0, MAX_BOOTSTRAP), default=1000)
+    p.add_argument("--bootstrap", type=BOOTSTRAP, default=1000)
     p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=cmd_calibrate)
 

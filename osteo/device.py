@@ -273,8 +273,8 @@ def choose_impl(requested: str, spec: BackboneSpec, backend: str, weights: str |
     has_timm = importlib.util.find_spec("timm") is not None
     if requested == "timm":
         if backend != "torch":
-            raise OsteoError("model.impl=timm runs timm's PyTorch module: use --backend torch, "
-                             "or model.impl=keras on TensorFlow")
+            raise OsteoError("model.impl=timm runs timm's PyTorch module: use --backend torch (a run trained on "
+                             "the timm engine also resumes there), or, for a new run, model.impl=keras on TensorFlow")
         if not spec.timm_name:
             raise OsteoError(f"{spec.name} has no timm implementation; use model.impl=keras")
         if not has_timm:

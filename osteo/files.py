@@ -52,6 +52,34 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             tmp_path.unlink()
 
 
+def save_weights(model, path: str | os.PathLike) -> None:
+    """``model.save_weights(path)`` that leaves no HDF5 file open when it fails.
+
+    Keras closes its HDF5 store only on success: after an error mid-write (a full disk) the
+    file stays open, and h5py flushes it again when it is collected at exit, which fails
+    again and crashed the process (a segmentation fault after osteo's one-line error). The
+    file is closed here, its own errors ignored: the first one is the one raised."""
+    try:
+        model.save_weights(path)
+    except BaseException:
+        _close_hdf5(path)
+        raise
+
+
+def _close_hdf5(path: str | os.PathLike) -> None:
+    import h5py
+
+    target = os.path.abspath(path)
+    for fid in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
+        try:
+            if fid.valid and os.path.abspath(os.fsdecode(fid.name)) == target:
+                # as h5py.File.close: the objects in the file first, then the file
+                fid._close_open_objects(h5py.h5f.OBJ_LOCAL | ~h5py.h5f.OBJ_FILE)
+                fid._close_open_objects(h5py.h5f.OBJ_LOCAL | h5py.h5f.OBJ_FILE)
+        except Exception:  # the disk is full: closing may fail too, and it is not the error
+            pass
+
+
 def check_output(path: str | os.PathLike) -> None:
     """``path`` may be written: it does not exist, or it is a regular file (or a link to one).
 

@@ -251,7 +251,9 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
     if gradcam_dir is not None:
         from osteo.files import OwnedFolder
 
-        check_output_place(gradcam_dir, "--gradcam", "write the overlays elsewhere, e.g. --gradcam gradcam")
+        for given in [Path(i) for i in images if Path(i).is_dir()] or [None]:
+            check_output_place(gradcam_dir, "--gradcam", "write the overlays elsewhere, e.g. --gradcam gradcam",
+                               data=given)
         OwnedFolder(gradcam_dir, "--gradcam").check(overlay_files([_display(f) for f in paths]))
     predictor = Predictor(run_dir, calibrated=calibrated, tta=tta)
     sweep_temporaries(out.parent, pattern=temporaries_of(out))  # left by a killed predict
@@ -307,7 +309,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     run, folder = predictor.run, Path(folder)
     seen_in = SEEN_IN["cv" if ensemble else "run"]
     out = Path(out) if out else run.eval_path / folder.resolve().name
-    _check_eval_out(run, out)
+    _check_eval_out(run, out, folder)
     result = audit(folder)
     seen = run.data_hashes()
     if seen is None and warn:
@@ -365,11 +367,12 @@ EVAL_STAGE = ".eval-"  # an external validation being written, beside its folder
 EVAL_FILES = {RunDir.PREDICTIONS, RunDir.METRICS, RunDir.AUDIT, RunDir.MANIFEST}  # what it writes
 
 
-def _check_eval_out(run: RunDir, out: Path) -> None:
-    """``--out`` of ``eval --data``: a folder of the run's ``eval/`` or one outside every run,
-    and, if it exists, one an earlier ``eval --data`` wrote (it is replaced whole)."""
+def _check_eval_out(run: RunDir, out: Path, folder: Path) -> None:
+    """``--out`` of ``eval --data``: a folder of the run's ``eval/`` or one outside every run
+    and outside ``folder``, the images scored, and, if it exists, one an earlier ``eval --data``
+    wrote (it is replaced whole)."""
     fix = "choose another --out, or leave it out (RUN_DIR/eval/<folder-name>/)"
-    check_output_place(out, "--out", fix, own=run.eval_path)
+    check_output_place(out, "--out", fix, own=run.eval_path, data=folder)
     if RunDir.owner_of(out) is not None and out.resolve().parent != run.eval_path.resolve():
         raise OsteoError(f"--out {out} is not a folder of {run.eval_path}, where a run's external validations "
                          f"go; {fix}")

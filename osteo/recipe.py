@@ -19,6 +19,7 @@ and report read it as it is.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -26,6 +27,7 @@ import inspect
 import math
 import re
 import sys
+import traceback
 import types
 import typing
 from dataclasses import dataclass, field
@@ -188,6 +190,22 @@ def fine_tune_protocol(backbone: str) -> Recipe:
     return r
 
 
+def _check_warmup(t: TrainConfig) -> None:
+    """A warm-up belongs to the cosine schedule and fits in each phase that trains: longer,
+    the learning rate never reaches its peak (50 warm-up epochs in 2 trained at 1/25 of it)."""
+    if not t.warmup_epochs:
+        return
+    if t.schedule != "cosine":
+        raise OsteoError(f"train.warmup_epochs={t.warmup_epochs} has no effect with train.schedule={t.schedule}: the "
+                         "warm-up is the cosine schedule's; set train.schedule=cosine, or train.warmup_epochs=0")
+    for phase, epochs in (("the head's phase (train.epochs)", t.epochs),
+                          ("the fine-tuning phase (train.fine_tune_epochs)", t.fine_tune_epochs)):
+        if 0 < epochs < t.warmup_epochs:
+            raise OsteoError(f"train.warmup_epochs={t.warmup_epochs} is longer than {phase}, {epochs} epoch(s): its "
+                             f"learning rate would never reach its peak; set train.warmup_epochs={epochs} or fewer, "
+                             "or train longer")
+
+
 def set_total_epochs(recipe: Recipe, epochs: int) -> Recipe:
     """``EPOCHS=N``: N epochs in all; with two phases, phase 1 gets the larger half."""
     if epochs < 1:
@@ -239,16 +257,35 @@ def load_recipe(name_or_path: str, backbone: str | None = None) -> Recipe:
     path = recipe_path(name_or_path)
     spec = importlib.util.spec_from_file_location(f"osteo_recipe_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with _recipe_errors(path, "importing it"):
+        spec.loader.exec_module(module)
     if not hasattr(module, "recipe"):
         raise OsteoError(f"recipe file {path} has no recipe() function")
     takes_backbone = "backbone" in inspect.signature(module.recipe).parameters
-    r = module.recipe(backbone=backbone) if takes_backbone and backbone else module.recipe()
+    with _recipe_errors(path, "its recipe()"):
+        r = module.recipe(backbone=backbone) if takes_backbone and backbone else module.recipe()
     if not isinstance(r, Recipe):
         raise OsteoError(f"recipe() in {path} must return osteo.recipe.Recipe, got {type(r).__name__}")
     if backbone:
         r.model.backbone = backbone
     return r
+
+
+@contextlib.contextmanager
+def _recipe_errors(path: Path, doing: str):
+    """A recipe file's own error (a syntax error, a failed import, an exception in recipe())
+    as one line naming the file, the line and the error; osteo's own errors pass as they are."""
+    try:
+        yield
+    except OsteoError:
+        raise
+    except Exception as e:  # the file is the user's code: any error is theirs to fix
+        frames = [f.lineno for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+        line = e.lineno if isinstance(e, SyntaxError) else (frames[-1] if frames else None)
+        where = f"{path}, line {line}" if line else str(path)
+        detail = " ".join(str(e.msg if isinstance(e, SyntaxError) else e).split())[:200]
+        raise OsteoError(f"recipe file {where} failed while {doing}: {type(e).__name__}: {detail}; "
+                         "fix the recipe file, or pass a shipped recipe") from None
 
 
 def recipe_for(name: str, backbone: str | None = None) -> Recipe:
@@ -295,7 +332,7 @@ def _convert(text: str, hint, key: str):
         raise OsteoError(f"{key} expects true or false, got {text!r}")
     if origin is tuple:
         (item, *_rest) = typing.get_args(hint)
-        parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
+        parts = [p for p in text.strip("()[] ").split(",") if p.strip()]  # 64,32 or (64, 32) or [64,32]
         return tuple(_convert(p.strip(), item, key) for p in parts)
     if hint in (int, float):
         try:
@@ -312,6 +349,17 @@ def _check_choice(value, hint, key: str):
     return value
 
 
+def _unknown_key(key: str, recipe: Recipe) -> OsteoError:
+    """An unknown ``--set`` key: the closest valid one if there is one, else all of them."""
+    import difflib
+
+    valid = _valid_keys(recipe)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.75)
+    if close:
+        return OsteoError(f"unknown recipe key {key!r}; did you mean {close[0]}? (--set {close[0]}=...)")
+    return OsteoError(f"unknown recipe key {key!r}; valid keys: {', '.join(valid)}")
+
+
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     """Apply ``key=value`` strings (dotted keys, typed by the dataclass fields)."""
     for item in overrides:
@@ -324,11 +372,11 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
         for i, part in enumerate(parts):
             fields = _fields(obj)
             if part not in fields:
-                raise OsteoError(f"unknown recipe key {key!r}; valid keys: {', '.join(_valid_keys(recipe))}")
+                raise _unknown_key(key, recipe)
             if i < len(parts) - 1:
                 obj = getattr(obj, part)
                 if not dataclasses.is_dataclass(obj):
-                    raise OsteoError(f"unknown recipe key {key!r}; valid keys: {', '.join(_valid_keys(recipe))}")
+                    raise _unknown_key(key, recipe)
         if dataclasses.is_dataclass(getattr(obj, parts[-1])):
             raise OsteoError(f"recipe key {key!r} is a section; set one of its fields, e.g. {key}.{next(iter(_fields(getattr(obj, parts[-1]))))}")
         hint = typing.get_type_hints(type(obj))[parts[-1]]
@@ -413,6 +461,10 @@ MAX_HEAD_UNITS = 16_384  # a Dense layer's width (10**8 units allocated 400 GB, 
 MAX_HEAD_LAYERS = 8
 MAX_STEPS = 1_000_000
 MAX_BOOTSTRAP = 100_000  # each resample is a row of an int64 array as long as the split
+# fewer resamples give no 95% interval worth the name (1 gave low == high); 0: no intervals
+MIN_BOOTSTRAP = 20
+BOOTSTRAP_RULE = (lambda v: v == 0 or MIN_BOOTSTRAP <= v <= MAX_BOOTSTRAP,
+                  f"0 (no intervals) or from {MIN_BOOTSTRAP} to {MAX_BOOTSTRAP}")
 MAX_PHANTOM = 1_000_000
 _RATE = _between(1e-12, 10.0)
 _EPOCHS = _between(0, MAX_EPOCHS)
@@ -452,7 +504,7 @@ _RULES: dict[str, tuple] = {
     "train.early_stopping": _EPOCHS,
     "train.steps_per_epoch": _between(0, MAX_STEPS),
     "train.seed": (lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1"),
-    "train.bootstrap": _between(0, MAX_BOOTSTRAP),
+    "train.bootstrap": BOOTSTRAP_RULE,
 }
 
 
@@ -539,6 +591,7 @@ def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False) 
     if not 1 <= r.train.epochs + r.train.fine_tune_epochs <= MAX_EPOCHS:
         raise OsteoError(f"train.epochs + train.fine_tune_epochs must be from 1 to {MAX_EPOCHS}; set EPOCHS=1 or "
                          "more")
+    _check_warmup(r.train)
     if r.data.folds and r.data.fold >= r.data.folds:
         raise OsteoError(f"data.fold={r.data.fold} is not one of the {r.data.folds} folds (0 to {r.data.folds - 1})")
     if r.data.folds and r.data.test:

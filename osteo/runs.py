@@ -432,12 +432,22 @@ def _check_rows(path: Path, rows: list[dict], splits: Sequence[str], fix: str) -
                              f"one of {', '.join(CLASSES)} / {', '.join(splits)}; {fix}")
 
 
-def check_output_place(path: str | os.PathLike, option: str, fix: str, own: str | os.PathLike | None = None) -> None:
+def check_output_place(path: str | os.PathLike, option: str, fix: str, own: str | os.PathLike | None = None,
+                       data: str | os.PathLike | None = None) -> None:
     """A command's output ``path`` lies outside every run and cross-validation folder, or inside
     ``own``, the command's documented place in its run (``RUN/eval/<folder>/``, ``RUN/export/``);
-    else a one-line error ending in ``fix``: no command writes into a run otherwise."""
-    owner = RunDir.owner_of(path)
+    outside every class folder of a dataset and outside ``data``, the command's input folder;
+    else a one-line error ending in ``fix``: no command writes into a run, or where osteo would
+    read what it wrote as images."""
     target = Path(path).resolve()
+    if data is not None and Path(data).is_dir() and target.is_relative_to(Path(data).resolve()):
+        raise OsteoError(f"{option} {path} is inside {data}, the folder the command reads its images from: "
+                         f"a later run would read what it writes there as images; {fix}")
+    folder = class_folder_above(target)
+    if folder is not None:
+        raise OsteoError(f"{option} {path} is inside {folder}, a class folder of the dataset {folder.parent}: "
+                         f"osteo would read what it writes there as {folder.name} images; {fix}")
+    owner = RunDir.owner_of(path)
     if owner is None or (own is not None and target.is_relative_to(Path(own).resolve())):
         return
     if isinstance(owner, RunDir) and target.parent == owner.path and \
@@ -446,6 +456,20 @@ def check_output_place(path: str | os.PathLike, option: str, fix: str, own: str 
     what = "cross-validation" if isinstance(owner, CvDir) else "run"
     raise OsteoError(f"{option} {path} is inside the {what} {owner.path}, where osteo writes only that {what}'s own "
                      f"files; {fix}")
+
+
+def class_folder_above(path: Path) -> Path | None:
+    """The class folder of a dataset that ``path`` (resolved) is or lies in: a folder named as a
+    class (any case) beside at least one other class folder; None if there is none."""
+    for folder in (path, *path.parents):
+        if folder.name.lower() in CLASSES and folder.parent != folder:
+            try:
+                others = [p for p in folder.parent.iterdir() if p.name.lower() in CLASSES and p.name != folder.name]
+            except OSError:
+                continue
+            if any(p.is_dir() for p in others):
+                return folder
+    return None
 
 
 class CvDir(_Folder):

@@ -103,6 +103,10 @@ def build_recipe(name: str, model: str | None, options: TrainOptions) -> Recipe:
     if o.groups:
         recipe.data.groups_csv = o.groups
     apply_overrides(recipe, list(o.overrides))
+    from osteo.runs import check_output_place
+
+    check_output_place(recipe.runs_dir, "--runs", "choose a runs folder outside it, e.g. --runs runs",
+                       data=recipe.data.dir)
     return resolve(recipe)
 
 

@@ -50,7 +50,7 @@ from osteo.callbacks import (
 from osteo.classifier import Classifier, Model, SparseCrossEntropy, default_metrics
 from osteo.device import get_engine
 from osteo.errors import OsteoError
-from osteo.files import atomic_path, sweep_temporaries, write_bytes
+from osteo.files import atomic_path, save_weights, sweep_temporaries, write_bytes
 from osteo.optim import make_optimizer
 from osteo.recipe import AugmentConfig, Recipe, resolve
 from osteo.registry import get_backbone
@@ -224,7 +224,7 @@ class Trainer:
             from osteo.predict import load_legacy_best
 
             with atomic_path(run.best_path, suffix=".weights.h5") as tmp:
-                load_legacy_best(run).save_weights(tmp)
+                save_weights(load_legacy_best(run), tmp)
         if not self.resume or run.read_recipe_dict() != r.to_dict():
             run.write_recipe(r)  # what is trained: a resumed run may have been given more epochs
         run.write_audit(self.dm.audit.to_json())
@@ -281,6 +281,9 @@ class Trainer:
             return
         if phase.number == 1:
             self.clf.freeze_backbone()
+            if r.model.weights == "none":
+                self._say("phase 1 trains the head alone, on a frozen backbone of random weights (weights none): "
+                          "its features are not learned (train.epochs=0 trains the whole model from the start)")
         else:
             self.clf.unfreeze_backbone(t.fine_tune_blocks)
             if run.phase1_weights_path.exists() and self.resume_from[2] is None:
@@ -325,7 +328,7 @@ class Trainer:
         if phase.number == 1 and t.fine_tune_epochs:
             # phase 2 starts from here if it is killed before its first backup
             with atomic_path(run.phase1_weights_path, suffix=".weights.h5") as tmp:
-                model.save_weights(tmp)
+                save_weights(model, tmp)
         write_bytes(done_marker, str(phase.last_epoch).encode())
 
     def _callbacks(self, backup_dir: Path, resume: dict | None) -> list:
@@ -382,7 +385,9 @@ class Trainer:
         t = self.recipe.train
         evaluate_run(run, n_boot=t.bootstrap, seed=t.seed, checkpoint=checkpoint)
         killpoints.reached("train.metrics_written")
-        calibrate_run(run, t.operating_points, n_boot=t.bootstrap, seed=t.seed)
+        note = calibrate_run(run, t.operating_points, n_boot=t.bootstrap, seed=t.seed).get("temperature_note")
+        if note:
+            self._say(note)
         write_model_card(run)
         tracking.finish(self.recipe, run)
         # the run is finished when its resume state is gone (RunDir.is_finished): one rename, after

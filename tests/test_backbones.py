@@ -84,6 +84,11 @@ def test_weights_file_of_another_backbone_is_a_clear_error(tmp_path):
         _keras(get_backbone("vgg16"), str(path))
     with pytest.raises(OsteoError, match="not found"):
         _keras(get_backbone("vgg16"), str(tmp_path / "missing.h5"))
+    from safetensors.numpy import save_file
+
+    save_file({"features.0.weight": np.zeros((4, 3, 3, 3), "float32")}, str(tmp_path / "timm.safetensors"))
+    with pytest.raises(OsteoError, match=r"is a PyTorch state dict, which the timm engine reads: train on PyTorch"):
+        _keras(get_backbone("tiny"), str(tmp_path / "timm.safetensors"))
 
 
 def test_offline_imagenet_fails_fast_and_names_the_fix(tmp_path, monkeypatch, fails_fast_offline):

@@ -10,6 +10,7 @@ from osteo.calibrate import (
     choose_threshold,
     fit_temperature,
     operating_point_metrics,
+    temperature_note,
 )
 from osteo.cli import main
 from osteo.errors import OsteoError
@@ -32,6 +33,17 @@ def _overconfident(n=600, accuracy=0.7, seed=0):
         others = [c for c in range(3) if c != pred[i]]
         probs[i, others] = (1 - top[i]) / 2
     return y, probs
+
+
+def test_a_temperature_at_the_end_of_its_search_is_said():
+    t = fit_temperature(*_overconfident())  # a sound fit, inside the search: nothing to say
+    assert temperature_note(t, 600) is None
+    y, probs = _overconfident(accuracy=1 / 3)  # sure of answers that are chance: T goes to the top
+    t = fit_temperature(y, probs)
+    assert t == pytest.approx(np.exp(3), rel=1e-2)
+    note = temperature_note(t, len(y))
+    assert note.startswith("the temperature reached the end of its search (T = 20.") and "e^+3" in note
+    assert "600 validation images" in note and "close to uninformative" in note
 
 
 def test_temperature_scaling_lowers_the_ece_of_an_overconfident_model_and_keeps_its_answers():

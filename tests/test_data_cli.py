@@ -36,3 +36,18 @@ def test_training_on_a_folder_of_nothing_readable_names_a_file_and_its_reason(tm
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"osteo: error: no readable images in {tmp_path / 'junk'}; e.g. normal/scan.png: ")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_images_unlike_a_radiograph_in_size_or_shape_are_one_warning_line(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    assert main(["data", "phantom", str(tmp_path / "ph"), "--n", "6", "--size", "32"]) == 0
+    Image.fromarray(np.zeros((1, 1), "uint8")).save(tmp_path / "ph" / "normal" / "dot.png")
+    Image.fromarray(np.full((20, 400), 90, "uint8")).save(tmp_path / "ph" / "osteopenia" / "strip.png")
+    proc = _osteo("data", "audit", tmp_path / "ph", "--out", tmp_path / "audit", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "osteo: warning: 2 image(s) are under 8 px on a side or over 8x as long as wide, unlike a radiograph: "
+        "normal/dot.png (1 x 1), osteopenia/strip.png (400 x 20); each is resized and trained on all the same: "
+        "check them, or move them out"]

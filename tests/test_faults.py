@@ -176,9 +176,10 @@ def test_a_run_that_failed_before_its_first_epoch_leaves_nothing(phantom_dir, tm
 
 def test_bad_counts_and_seeds_are_one_line_before_anything_runs(finished_run, phantom_dir, tmp_path, capsys):
     cases = [
-        (["eval", str(finished_run), "--bootstrap", "-5"], "--bootstrap: must be from 0 to 100000"),
+        (["eval", str(finished_run), "--bootstrap", "-5"], "--bootstrap: must be 0 (no intervals) or from 20 to 100000"),
         (["report", str(finished_run), "--out", str(tmp_path / "r"), "--bootstrap", "-1"], "--bootstrap"),
-        (["calibrate", str(finished_run), "--bootstrap", "-5"], "--bootstrap: must be from 0 to 100000"),
+        (["calibrate", str(finished_run), "--bootstrap", "-5"], "--bootstrap: must be 0 (no intervals) or from 20 to 100000"),
+        (["eval", str(finished_run), "--bootstrap", "1"], "--bootstrap: must be 0 (no intervals) or from 20"),
         (["eval", str(finished_run), "--seed", "-1"], "--seed: must be from 0"),
         (["calibrate", str(finished_run), "--seed", "-1"], "--seed: must be from 0"),
         (["data", "split", str(phantom_dir), "--out", str(tmp_path / "s.csv"), "--seed", "-1"], "--seed"),
@@ -271,3 +272,50 @@ def test_a_run_made_before_weights_only_checkpoints_still_loads(finished_run, tm
     np.testing.assert_allclose(load_best(old.path).predict(x, verbose=0),
                                load_best(finished_run.path).predict(x, verbose=0), atol=1e-6)
     assert main(["predict", str(old.path), str(phantom_dir / "normal"), "--out", str(tmp_path / "p.csv")]) == 0
+
+
+def test_predict_without_out_never_replaces_an_earlier_csv_unasked(finished_run, phantom_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    images = str(phantom_dir / "normal")
+    assert main(["predict", str(finished_run), images]) == 0
+    first = (tmp_path / "predictions.csv").read_bytes()
+    capsys.readouterr()
+    one = str(next((phantom_dir / "normal").iterdir()))
+    assert main(["predict", str(finished_run), one]) == 2  # the default is there: refused, kept
+    assert "predictions.csv exists (an earlier osteo predict's?); pass --out predictions.csv" in one_line(capsys)
+    assert (tmp_path / "predictions.csv").read_bytes() == first
+    assert main(["predict", str(finished_run), one, "--out", "predictions.csv"]) == 0  # asked: replaced
+    assert (tmp_path / "predictions.csv").read_bytes() != first
+    capsys.readouterr()
+    assert main(["predict", str(finished_run), one, "--out", "p.csv", "--gradcam", "gc"]) == 0
+    assert "wrote p.csv; Grad-CAM overlays in gc" in capsys.readouterr().out  # two places, each named
+
+
+def test_a_weights_file_that_fails_mid_write_leaves_no_hdf5_file_open(tmp_path, monkeypatch):
+    """On a full disk Keras' save_weights raised and left its HDF5 file open; h5py flushed it
+    again when it was collected at exit, failed again, and the process died of a segmentation
+    fault after osteo's one-line error. A disk that fills mid-write stands in for the real one."""
+    import h5py
+    import keras
+
+    from osteo.files import save_weights
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    path = tmp_path / "w.weights.h5"
+
+    def still_open():
+        return [fid for fid in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)
+                if fid.valid and os.path.abspath(os.fsdecode(fid.name)) == str(path)]
+
+    with monkeypatch.context() as m:
+        m.setattr(h5py.Group, "create_dataset", full)
+        with pytest.raises(OSError, match="No space left"):
+            save_weights(model, path)
+    assert still_open() == []
+    save_weights(model, path)  # the same path writes once there is room
+    assert still_open() == [] and h5py.is_hdf5(path)

@@ -65,12 +65,41 @@ def test_gradcam_into_the_images_folder_never_replaces_an_image(run, phantom_dir
     shutil.copytree(phantom_dir / "normal", images)
     before = _digest(images)
     assert main(["predict", str(run), str(images), "--gradcam", str(images), "--out", str(tmp_path / "p.csv")]) == 2
-    assert "osteo did not write" in one_line(capsys)
+    assert "the folder the command reads its images from" in one_line(capsys)
     assert _digest(images) == before and not (tmp_path / "p.csv").exists()
     cams = tmp_path / "cams"
     for _ in range(2):  # its own overlays it replaces
         assert main(["predict", str(run), str(images), "--gradcam", str(cams), "--out", str(tmp_path / "p.csv")]) == 0
     assert len(list(cams.glob("*.png"))) == len(before)
+
+
+def test_no_output_lands_where_osteo_would_read_it_as_images(run, phantom_dir, tmp_path, capsys):
+    """Report plots and Grad-CAM overlays written into a class folder became that class's
+    training images at the next audit; a run inside its own data folder met its plots there."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    before = _digest(data)
+    normal = data / "normal"
+    cases = [
+        (["report", str(run), "--out", str(normal / "rep"), "--bootstrap", "20"], "a class folder of the dataset"),
+        (["data", "audit", str(data), "--out", str(normal / "aud")], "a class folder of the dataset"),
+        (["data", "audit", str(data), "--out", str(normal)], "a class folder of the dataset"),
+        (["export", str(run), "--out", str(normal / "m.onnx")], "a class folder of the dataset"),
+        (["predict", str(run), str(phantom_dir / "normal"), "--out", "p.csv", "--gradcam", str(normal / "gc")],
+         "a class folder of the dataset"),
+        (["eval", str(run), "--data", str(data), "--out", str(data / "ev")], "the folder the command reads"),
+        (["train", "tiny", "--data", str(data), "--runs", str(data / "runs"), "--weights", "none",
+          "--image-size", "32"], "the folder the command reads"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        line = one_line(capsys)
+        assert message in line and "; " in line, (argv, line)
+    assert _digest(data) == before and sorted(p.name for p in data.iterdir()) == sorted(
+        p.name for p in phantom_dir.iterdir())
+    # a folder merely named like a class, with no class folder beside it, is no dataset
+    assert main(["data", "audit", str(data), "--out", str(tmp_path / "normal")]) == 0
+    capsys.readouterr()
 
 
 def test_a_report_replaces_only_what_an_earlier_report_wrote(run, tmp_path, capsys):

@@ -35,7 +35,7 @@ def colour_dir(tmp_path_factory):
 
 
 def test_predict_reproduces_validation_probabilities_of_colour_png_and_jpeg(colour_dir, tmp_path, tiny_recipe):
-    run = RunDir(Trainer(tiny_recipe(colour_dir, tmp_path / "runs", epochs=1, bootstrap=10)).run())
+    run = RunDir(Trainer(tiny_recipe(colour_dir, tmp_path / "runs", epochs=1, bootstrap=20)).run())
     with open(run.predictions_path, newline="", encoding="utf-8") as f:
         val = {r["path"]: r for r in csv.DictReader(f) if r["split"] == "val"}
     assert {Path(p).suffix for p in val} == {".png", ".jpg"}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from osteo.errors import OsteoError
-from osteo.recipe import Recipe, apply_overrides, load_recipe, recipe_for, resolve
+from osteo.recipe import Recipe, apply_overrides, load_recipe, recipe_for, resolve, set_total_epochs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,7 +113,9 @@ def test_every_number_of_a_recipe_has_a_rule_that_bounds_it():
     ("model.head.units=100000000", "model.head.units must be from 1 to 16384"),
     ("model.augment.zoom=5", "model.augment.zoom must be from 0 to 1"),
     ("data.folds=1", "data.folds must be 0 (no cross-validation) or from 2"),
-    ("train.bootstrap=1000000000", "train.bootstrap must be from 0 to 100000"),
+    ("train.bootstrap=1000000000", "train.bootstrap must be 0 (no intervals) or from 20 to 100000"),
+    ("train.bootstrap=1", "train.bootstrap must be 0 (no intervals) or from 20 to 100000"),
+    ("train.warmup_epochs=2", "train.warmup_epochs=2 has no effect with train.schedule=constant"),
 ])
 def test_numbers_beyond_what_the_model_holds_are_one_line_before_anything_is_written(override, message, tmp_path,
                                                                                     phantom_dir, capsys):
@@ -124,6 +126,30 @@ def test_numbers_beyond_what_the_model_holds_are_one_line_before_anything_is_wri
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("osteo: error: ") and message in err[0], err
     assert not (tmp_path / "runs").exists()
+
+
+def test_set_names_the_key_meant_and_takes_lists_in_brackets_too():
+    r = recipe_for("seed", "tiny")
+    with pytest.raises(OsteoError, match=r"^unknown recipe key 'train.lrr'; did you mean train.lr\? \(--set train.lr=...\)$"):
+        apply_overrides(r, ["train.lrr=1e-3"])
+    with pytest.raises(OsteoError, match=r"unknown recipe key 'zzz'; valid keys: .*train.lr"):
+        apply_overrides(r, ["zzz=1"])
+    for text in ("64,32", "[64,32]", "(64, 32)"):
+        assert apply_overrides(r, [f"model.head.units={text}"]).model.head.units == (64, 32)
+
+
+def test_a_warm_up_fits_in_every_phase_that_trains():
+    r = recipe_for("finetune", "tiny")  # cosine, one warm-up epoch
+    r.model.weights = "none"
+    set_total_epochs(r, 2)  # a phase of one epoch each: the warm-up fills it, and that is allowed
+    resolve(r)
+    apply_overrides(r, ["train.warmup_epochs=50"])
+    with pytest.raises(OsteoError, match=r"train.warmup_epochs=50 is longer than the head's phase \(train.epochs\), "
+                                         r"1 epoch\(s\): .*never reach its peak; set train.warmup_epochs=1 or fewer"):
+        resolve(r)
+    apply_overrides(r, ["train.epochs=0", "train.fine_tune_epochs=3"])
+    with pytest.raises(OsteoError, match=r"the fine-tuning phase \(train.fine_tune_epochs\), 3 epoch"):
+        resolve(r)
 
 
 def test_bad_choices_fail_before_a_run_directory_exists(tmp_path, phantom_dir):
@@ -157,6 +183,24 @@ def test_one_finetune_recipe_serves_every_backbone_and_seed_honours_model():
     assert load_recipe("demo", backbone="densenet169").model.backbone == "densenet169"
     with pytest.raises(OsteoError, match="unknown recipe 'nosuch'; choose one of: demo, finetune, seed"):
         recipe_for("nosuch")
+
+
+@pytest.mark.parametrize("body, line, error", [
+    ("def recipe(:\n    pass\n", 1, "SyntaxError"),
+    ("import nosuch_module_of_the_user\n", 1, "ModuleNotFoundError: No module named 'nosuch_module_of_the_user'"),
+    ("from osteo.recipe import Recipe\n\ndef recipe():\n    raise ValueError('no learning rate')\n", 4,
+     "ValueError: no learning rate"),
+])
+def test_a_recipe_files_own_error_is_one_line_naming_the_file_and_line(tmp_path, capsys, body, line, error):
+    from osteo.cli import main
+
+    path = tmp_path / "mine.py"
+    path.write_text(body)
+    assert main(["train", str(path), "--model", "tiny", "--data", str(tmp_path / "d"), "--runs", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"osteo: error: recipe file {path}, line {line} failed while "), err
+    assert error in err[0] and err[0].endswith("; fix the recipe file, or pass a shipped recipe")
+    assert not (tmp_path / "r").exists()
 
 
 def test_recipes_ship_inside_the_installed_package(tmp_path):

@@ -141,6 +141,15 @@ def test_local_weights_files_load_and_are_checked(tmp_path):
         layer = TimmLayer("tiny", "test_resnet", image_size=32, weights=str(tmp_path / f))
         got = keras.ops.convert_to_numpy(layer(x, training=False))
         np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).detach().numpy(), atol=1e-5)
+    # a torchvision checkpoint: its classifier under torchvision's names (a VGG's three linear layers)
+    torchvision = {**state, "classifier.0.weight": torch.zeros(8, 4), "classifier.6.bias": torch.zeros(1000)}
+    torch.save(torchvision, tmp_path / "tv.pth")
+    got = keras.ops.convert_to_numpy(TimmLayer("tiny", "test_resnet", image_size=32,
+                                               weights=str(tmp_path / "tv.pth"))(x, training=False))
+    np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).detach().numpy(), atol=1e-5)
+    torch.save({**state, "stem.extra.weight": torch.zeros(3)}, tmp_path / "extra.pth")  # not a head: refused
+    with pytest.raises(OsteoError, match=r"unexpected stem.extra.weight \(1\)"):
+        TimmLayer("tiny", "test_resnet", image_size=32, weights=str(tmp_path / "extra.pth"))
     torch.save(_timm_state("test_convnext", 1), tmp_path / "other.pth")
     with pytest.raises(OsteoError, match=r"does not match backbone tiny: missing .*unexpected .*WEIGHTS=none"):
         TimmLayer("tiny", "test_resnet", image_size=32, weights=str(tmp_path / "other.pth"))

@@ -173,7 +173,27 @@ def check_h5_weights(path: Path, model: keras.Model, what: str, fix: str) -> Non
     except OsteoError:
         raise
     except Exception as e:  # not HDF5, truncated, unreadable
+        if _is_pytorch_file(path):
+            raise OsteoError(f"weights file {path} is a PyTorch state dict, which the timm engine reads: train on "
+                             "PyTorch (--backend torch, or KERAS_BACKEND=torch) with model.impl=timm or auto, "
+                             "or pass a Keras .h5 weights file") from None
         raise bad(f"cannot be read as a Keras weights file ({short(e)})") from None
+
+
+def _is_pytorch_file(path: Path) -> bool:
+    """torch.save's zip (a ``data.pkl`` inside, unlike a ``.keras`` zip) or pickle, or a
+    .safetensors file (its little-endian header length, then '{')."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if head.startswith(b"PK\x03\x04"):
+            with zipfile.ZipFile(path) as z:
+                return any(n.endswith("/data.pkl") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return head.startswith(b"\x80") or (len(head) == 9 and head[8:9] == b"{")
 
 
 def load_weights_file(model: keras.Model, path: Path, name: str) -> None:

@@ -148,13 +148,19 @@ def read_state_dict(path: Path) -> tuple[dict[str, tuple[int, ...]], Callable[[]
     return {k: tuple(v.shape) for k, v in state.items()}, lambda: state
 
 
+# a torchvision classifier's parameters (VGG, DenseNet, ConvNeXt: classifier; ResNet: fc); osteo's head is its own
+TORCHVISION_HEADS = ("classifier.", "fc.")
+
+
 def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...]) -> None:
     """Load a local state dict into ``module``; every parameter must be in it with its shape.
 
     Keys of the classifier (timm's ``pretrained_cfg["classifier"]``) and of the parts
-    dropped at build time may be in the file and are ignored; anything else that is
-    missing, unexpected or of another shape is an error, found from the declared shapes
-    before a tensor is read.
+    dropped at build time may be in the file and are ignored, and so are a classifier's
+    keys under torchvision's names (``classifier.``, ``fc.``: a torchvision VGG's three
+    linear layers) where the module has no such parameters; anything else that is missing,
+    unexpected or of another shape is an error, found from the declared shapes before a
+    tensor is read.
     """
     classifier = module.pretrained_cfg.get("classifier") or ()
     ignored = tuple(f"{p}." for p in ((classifier,) if isinstance(classifier, str) else classifier) + dropped)
@@ -168,7 +174,7 @@ def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...]) -
     declared = {k: v for k, v in declared.items() if not k.startswith(ignored)}
     own = module.state_dict()
     missing = sorted(set(own) - set(declared))
-    unexpected = sorted(set(declared) - set(own))
+    unexpected = sorted(k for k in set(declared) - set(own) if not k.startswith(TORCHVISION_HEADS))
     wrong = sorted(k for k in set(own) & set(declared) if tuple(own[k].shape) != declared[k])
     if missing or unexpected or wrong:
         parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"

@@ -799,7 +799,7 @@ def audit(data_dir: str | os.PathLike, progress: Callable[[int, int], None] | No
         r.features = None
     ok = [r for r in records if r.status == "ok"]
     return Audit(str(root), records, listing.ignored, groups, listing.links, listing.folders,
-                 _warn(_folder_warnings(root, listing.folders) + _patient_warnings(ok)))
+                 _warn(_folder_warnings(root, listing.folders) + _patient_warnings(ok) + _size_warnings(ok)))
 
 
 def patient_summary(ok: list[Record]) -> dict:
@@ -838,6 +838,20 @@ def _patient_warnings(ok: list[Record]) -> list[str]:
         out.append(f"{len(info['mixed_labels'])} patient(s) have images under different classes ({shown}{more}); "
                    "each patient stays on one side of every split: check the labels (audit.json lists the files)")
     return out
+
+
+# an image this small, or this elongated, is no radiograph of a knee (a 1 x 1 PNG, a 10000 x 20 strip)
+ODD_SIDE, ODD_ASPECT = 8, 8
+
+
+def _size_warnings(ok: list[Record]) -> list[str]:
+    odd = [r for r in ok if r.width and r.height and (min(r.width, r.height) < ODD_SIDE
+                                                      or max(r.width, r.height) > ODD_ASPECT * min(r.width, r.height))]
+    if not odd:
+        return []
+    shown = ", ".join(f"{r.path} ({r.width} x {r.height})" for r in odd[:3]) + (" ..." if len(odd) > 3 else "")
+    return [f"{len(odd)} image(s) are under {ODD_SIDE} px on a side or over {ODD_ASPECT}x as long as wide, unlike a "
+            f"radiograph: {shown}; each is resized and trained on all the same: check them, or move them out"]
 
 
 def _folder_warnings(root: Path, folders: list[dict]) -> list[str]:
