@@ -15,8 +15,9 @@ OUT ?= reports
 install: $(STAMP)
 
 help:  ## the targets, and the variables they take
-	@echo "make demo | test | train MODEL=m [DATA=dir] | train-all | cv FOLDS=k | study | report | eval RUN=r DATA=dir"
-	@echo "     export RUN=r [FORMAT=onnx|savedmodel|keras] | audit DATA=dir | bench [BENCH=full] | lint | clean"
+	@echo "make install | demo | test | test-all | lint | bench [BENCH=full] | clean"
+	@echo "     data | audit DATA=dir | train MODEL=m [DATA=dir] | train-all | cv FOLDS=k | study MODELS=a,b"
+	@echo "     report | eval RUN=r DATA=dir | export RUN=r [FORMAT=onnx|savedmodel|keras]"
 	@echo "variables: DATA MODEL RECIPE EPOCHS WEIGHTS IMAGE_SIZE BATCH SEED RUNS RESUME FOLDS OUT (README.md: Your own data)"
 
 # PyTorch and torchvision first, as the pair that imports together (timm, the PyTorch

@@ -251,7 +251,7 @@ def repeated(min_seconds: float, fn, *args) -> dict:
         passes.append(fn(*args))
     wall = sum(p["wall_s"] for p in passes)
     shares = [p.get("others") for p in passes]
-    others = None if None in shares else sum(x * p["wall_s"] for x, p in zip(shares, passes)) / wall
+    others = None if None in shares or wall <= 0 else sum(x * p["wall_s"] for x, p in zip(shares, passes)) / wall
     pooled = _pooled_rates(sum(p["images"] for p in passes), wall, sum(p["cpu_s"] for p in passes), others)
     return {**pooled, "passes": len(passes)}
 
@@ -294,10 +294,9 @@ def round_ratios(rows: dict[str, dict]) -> dict[str, dict]:
             theirs = by_round(other.get("samples", ()))
             r = [own[k] / theirs[k] for k in sorted(own) if k in theirs]
             s = {"set": name, "row": label, "peer": peer, **models.ratio_summary(r)}
-            busy = [x for x in (models.median_others(row.get("samples", ())),
-                                models.median_others(other.get("samples", ()))) if x is not None]
-            s["others"] = max(busy) if busy else None
-            s["status"] = ("no rounds" if not r else "1 round" if len(r) < 2 else models.ratio_status(s, s["others"]))
+            s["others"] = models.busiest(row.get("samples", ()), other.get("samples", ()))
+            s["status"] = ("no rounds" if not r else "BUSY" if models.is_busy(s["others"]) else "1 round" if len(r) < 2
+                           else models.ratio_status(s, s["others"]))
             out[f"{key} / {peer}"] = s
     return out
 

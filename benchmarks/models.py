@@ -404,9 +404,10 @@ class TimmRow:
         _torch_sync()
         end = time.perf_counter()
         cpu = time.process_time() - cpu
+        others = others_share(machine, cpu, end - t0)  # before the release, whose CPU is not the window's
         self.last_steps = n
         _release_cached_gpu_memory()
-        return {**_window_result(n, self.bs, end - t, cpu), "others": others_share(machine, cpu, end - t0)}
+        return {**_window_result(n, self.bs, end - t, cpu), "others": others}
 
     def extras(self) -> dict:
         torch = self.torch
@@ -446,28 +447,39 @@ def _window_result(steps: int, batch: int, seconds: float, cpu_s: float) -> dict
             "img_s": round(batch * (steps - 1) / seconds, 3)}
 
 
+def _our_cpus() -> set[int] | None:
+    """The CPUs this process may run on (its affinity: in a container, its cpuset), or None."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
 def machine_cpu_s() -> float | None:
-    """CPU seconds the whole machine has run so far, every process and core (user, system,
-    interrupts and the hypervisor's steal), from ``/proc/stat``; None where there is none."""
+    """CPU seconds the CPUs this process may run on have run so far, for every process (user,
+    system, interrupts and the hypervisor's steal), from ``/proc/stat``'s ``cpuN`` lines; None
+    where there is none. (A CPU quota without a cpuset is not seen: the CPUs are the host's.)"""
+    cpus = _our_cpus()
+    total, seen = 0, 0
     try:
         with open("/proc/stat", encoding="ascii") as f:
-            fields = f.readline().split()
+            for line in f:
+                fields = line.split()
+                if not (fields and fields[0].startswith("cpu") and fields[0][3:].isdigit() and len(fields) >= 9):
+                    continue
+                if cpus is not None and int(fields[0][3:]) not in cpus:
+                    continue
+                user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+                total += user + nice + system + irq + softirq + steal
+                seen += 1
     except OSError:
         return None
-    if len(fields) < 9 or fields[0] != "cpu":
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return total / os.sysconf("SC_CLK_TCK") if seen else None
 
 
 def _machine_cores() -> int:
-    """The cores ``/proc/stat`` counts (its ``cpuN`` lines), else ``os.cpu_count()``."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            n = sum(1 for line in f if line.startswith("cpu") and line[3:4].isdigit())
-    except OSError:
-        n = 0
-    return n or os.cpu_count() or 1
+    """The CPUs :func:`machine_cpu_s` counts: this process's affinity, else ``os.cpu_count()``."""
+    return len(_our_cpus() or ()) or os.cpu_count() or 1
 
 
 def others_share(machine_before: float | None, own_cpu_s: float, seconds: float) -> float | None:
@@ -485,11 +497,22 @@ def median_others(windows) -> float | None:
     return statistics.median(got) if got else None
 
 
+def busiest(*rows_windows) -> float | None:
+    """The highest :func:`median_others` of the rows a ratio is made of (each a list of its
+    windows), None where none recorded a share."""
+    got = [x for x in (median_others(w) for w in rows_windows) if x is not None]
+    return max(got) if got else None
+
+
+def is_busy(others: float | None) -> bool:
+    return others is not None and others > BUSY_SHARE
+
+
 def ratio_status(summary: dict, others: float | None) -> str:
     """A ratio summary's status (two or more rounds): ``BUSY`` where other processes took a
     median share of the machine above ``BUSY_SHARE``, ``FLAGGED`` where the rounds spread by
     more than ``FLAG_SPREAD``, else ``ok``."""
-    if others is not None and others > BUSY_SHARE:
+    if is_busy(others):
         return "BUSY"
     return "FLAGGED" if summary["ratio_spread"] > FLAG_SPREAD else "ok"
 
@@ -748,7 +771,7 @@ def summarize(group: dict) -> list[dict]:
     against the eager one, round by round."""
     rows = group["rows"]
     rates = {r["row"]: {x["round"]: x["img_s"] for x in r.get("rounds", ())} for r in rows}
-    others = {r["row"]: median_others(r.get("rounds", ())) for r in rows}
+    windows = {r["row"]: r.get("rounds", ()) for r in rows}
     peers = [r["row"] for r in rows if r["kind"] == "timm" and r["row"] not in PROBE_PEERS]
 
     def best_peer(rnd: int) -> float | None:
@@ -767,8 +790,7 @@ def summarize(group: dict) -> list[dict]:
              "img_s_spread": _spread(list(own.values())), "rounds": len(own)}
         if r["kind"] == "osteo":
             s.update(ratio_summary([own[k] / best_peer(k) for k in sorted(own) if best_peer(k)]))
-            busy = [x for x in (others[r["row"]], *(others[p] for p in peers)) if x is not None]
-            s["others"] = max(busy) if busy else None  # the busiest of the rows the ratio is made of
+            s["others"] = busiest(windows[r["row"]], *(windows[p] for p in peers))
             if r["row"] != r["worker"]:
                 s["vs_engine_row"] = relative(own, rates.get(r["worker"], {}))
             if r.get("impl") == "timm" and r.get("jit") and eager:
@@ -784,6 +806,8 @@ def summarize(group: dict) -> list[dict]:
             s["vs_cl"] = relative(own, rates.get("cl", {}))
         elif r["kind"] == "timm":
             s["status"] = "reference"
+        elif s.get("ratios") and is_busy(s["others"]):  # one window or several: a busy machine's
+            s["status"] = "BUSY"
         elif len(s.get("ratios", ())) < 2:
             s["status"] = "1 window" if s.get("ratios") else "no timm row"
         else:

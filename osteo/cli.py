@@ -70,13 +70,17 @@ def _say(console):
     return lambda text: console.print(text, highlight=False, markup=False)
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 def _at_least(low: int, high: int | None = None):
     """An argparse type: an integer from ``low`` (to ``high``), else a one-line usage error."""
     def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        value = _integer(text)
         if value < low or (high is not None and value > high):
             bounds = f"{low} or more" if high is None else f"from {low} to {high}"
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
@@ -91,10 +95,7 @@ SEED = _at_least(0, 2**32 - 1)
 
 def BOOTSTRAP(text: str) -> int:
     """--bootstrap: 0 (no intervals) or enough resamples for a 95% interval (an argparse type, as SEED)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    value = _integer(text)
     if not BOOTSTRAP_RULE[0](value):
         raise argparse.ArgumentTypeError(f"must be {BOOTSTRAP_RULE[1]}, got {value}")
     return value

@@ -262,7 +262,7 @@ def load_recipe(name_or_path: str, backbone: str | None = None) -> Recipe:
     if not hasattr(module, "recipe"):
         raise OsteoError(f"recipe file {path} has no recipe() function")
     takes_backbone = "backbone" in inspect.signature(module.recipe).parameters
-    with _recipe_errors(path, "its recipe()"):
+    with _recipe_errors(path, "running its recipe()"):
         r = module.recipe(backbone=backbone) if takes_backbone and backbone else module.recipe()
     if not isinstance(r, Recipe):
         raise OsteoError(f"recipe() in {path} must return osteo.recipe.Recipe, got {type(r).__name__}")
@@ -281,7 +281,9 @@ def _recipe_errors(path: Path, doing: str):
         raise
     except Exception as e:  # the file is the user's code: any error is theirs to fix
         frames = [f.lineno for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == path.resolve()]
-        line = e.lineno if isinstance(e, SyntaxError) else (frames[-1] if frames else None)
+        line = frames[-1] if frames else None
+        if isinstance(e, SyntaxError) and e.filename and Path(e.filename).resolve() == path.resolve():
+            line = e.lineno  # in the recipe itself; one in a module it imports keeps the import's line
         where = f"{path}, line {line}" if line else str(path)
         detail = " ".join(str(e.msg if isinstance(e, SyntaxError) else e).split())[:200]
         raise OsteoError(f"recipe file {where} failed while {doing}: {type(e).__name__}: {detail}; "
@@ -506,21 +508,26 @@ _RULES: dict[str, tuple] = {
     "train.seed": (lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1"),
     "train.bootstrap": BOOTSTRAP_RULE,
 }
+# Rules a run trained under, where they were looser than now: its saved recipe still reads
+_SAVED_RULES: dict[str, tuple] = {
+    "train.bootstrap": _between(0, MAX_BOOTSTRAP),  # from 1 resample before the tenth session
+}
 
 
-def _check_values(obj, prefix: str = "") -> None:
-    """Every field has its declared type (choices included) and lies within its bounds."""
+def _check_values(obj, prefix: str = "", saved: bool = False) -> None:
+    """Every field has its declared type (choices included) and lies within its bounds (a
+    run's saved recipe: the bounds it was trained under, :data:`_SAVED_RULES`)."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         key, value, hint = f"{prefix}{f.name}", getattr(obj, f.name), hints[f.name]
         if dataclasses.is_dataclass(hint):
-            _check_values(value, f"{key}.")
+            _check_values(value, f"{key}.", saved)
             continue
         origin = typing.get_origin(hint)
         if origin is Literal:
             _check_choice(value, hint, key)
             continue
-        rule = _RULES.get(key)
+        rule = _SAVED_RULES.get(key, _RULES.get(key)) if saved else _RULES.get(key)
         if origin is tuple:
             item = typing.get_args(hint)[0]
             if not isinstance(value, tuple) or not all(_is(v, item) for v in value):
@@ -570,7 +577,7 @@ def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False) 
     m = r.model
     if r.data.image_size == 0:
         r.data.image_size = spec.default_size
-    _check_values(r)
+    _check_values(r, saved=saved)
     if backend is None and "keras" in sys.modules and not saved:  # loaded: its backend is the one that will run
         backend = sys.modules["keras"].backend.backend()
     if backend is not None and not saved:
@@ -591,7 +598,8 @@ def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False) 
     if not 1 <= r.train.epochs + r.train.fine_tune_epochs <= MAX_EPOCHS:
         raise OsteoError(f"train.epochs + train.fine_tune_epochs must be from 1 to {MAX_EPOCHS}; set EPOCHS=1 or "
                          "more")
-    _check_warmup(r.train)
+    if not saved:  # a run trained before these checks still reads
+        _check_warmup(r.train)
     if r.data.folds and r.data.fold >= r.data.folds:
         raise OsteoError(f"data.fold={r.data.fold} is not one of the {r.data.folds} folds (0 to {r.data.folds - 1})")
     if r.data.folds and r.data.test:

@@ -441,12 +441,13 @@ def check_output_place(path: str | os.PathLike, option: str, fix: str, own: str 
     read what it wrote as images."""
     target = Path(path).resolve()
     if data is not None and Path(data).is_dir() and target.is_relative_to(Path(data).resolve()):
-        raise OsteoError(f"{option} {path} is inside {data}, the folder the command reads its images from: "
-                         f"a later run would read what it writes there as images; {fix}")
+        outside = Path(data).resolve().parent / target.name
+        raise OsteoError(f"{option} {path} is inside {data}, the folder the command reads images from, where osteo "
+                         f"would meet what it writes at every audit; write outside it, e.g. {option} {outside}")
     folder = class_folder_above(target)
     if folder is not None:
         raise OsteoError(f"{option} {path} is inside {folder}, a class folder of the dataset {folder.parent}: "
-                         f"osteo would read what it writes there as {folder.name} images; {fix}")
+                         f"osteo would audit what it writes there as {folder.name} files (images, plots too); {fix}")
     owner = RunDir.owner_of(path)
     if owner is None or (own is not None and target.is_relative_to(Path(own).resolve())):
         return

@@ -105,9 +105,9 @@ def build_recipe(name: str, model: str | None, options: TrainOptions) -> Recipe:
     apply_overrides(recipe, list(o.overrides))
     from osteo.runs import check_output_place
 
-    check_output_place(recipe.runs_dir, "--runs", "choose a runs folder outside it, e.g. --runs runs",
-                       data=recipe.data.dir)
-    return resolve(recipe)
+    resolved = resolve(recipe)
+    check_output_place(resolved.runs_dir, "--runs", "choose a runs folder outside it", data=resolved.data.dir)
+    return resolved
 
 
 def resume_recipe(spec: str, model: str | None, options: TrainOptions) -> tuple[RunDir, Recipe]:

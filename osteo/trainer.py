@@ -281,7 +281,7 @@ class Trainer:
             return
         if phase.number == 1:
             self.clf.freeze_backbone()
-            if r.model.weights == "none":
+            if str(r.model.weights or "none").lower() == "none":  # as registry.parse_weights reads it
                 self._say("phase 1 trains the head alone, on a frozen backbone of random weights (weights none): "
                           "its features are not learned (train.epochs=0 trains the whole model from the start)")
         else:

@@ -96,9 +96,14 @@ def test_a_ratio_measured_while_other_processes_took_the_cpu_is_busy_not_reporte
     g = _group(_row("auto", "osteo", [46, 46, 47]), _busy(_row("cl", "timm", [50, 50, 50]), [0.4, 0.38, 0.41]))
     s = _summary(g, "auto")
     assert s["ratio_spread"] < models.FLAG_SPREAD and s["others"] == 0.4 and s["status"] == "BUSY"
-    # a burst in one of five windows leaves the median quiet; a share at the margin is still quiet
+    # a burst in one of five windows leaves the median quiet; a median share at the margin is still quiet
     g = _group(_busy(_row("auto", "osteo", [50] * 5), [0.003, 0.5, 0.004, 0.05, 0.002]), _row("cl", "timm", [50] * 5))
     assert _summary(g, "auto")["status"] == "ok"
+    g = _group(_busy(_row("auto", "osteo", [50] * 3), [0.05, 0.05, 0.3]), _row("cl", "timm", [50] * 3))
+    assert _summary(g, "auto")["others"] == 0.05 and _summary(g, "auto")["status"] == "ok"
+    # one window is no verdict on a quiet machine, and none on a busy one either
+    g = _group(_busy(_row("keras-torch", "osteo", [20]), [0.45]), _row("cl", "timm", [40]))
+    assert _summary(g, "keras-torch")["status"] == "BUSY"
     # reports written before the share was recorded: no verdict on business either way
     g = _group(_row("auto", "osteo", [50] * 3), _row("cl", "timm", [50] * 3))
     assert _summary(g, "auto")["others"] is None and _summary(g, "auto")["status"] == "ok"
@@ -204,6 +209,9 @@ def test_input_pipeline_ratio_with_a_busy_peer_is_busy():
     assert got[f"{first} / {input_pipeline.PEERS[0]}"]["status"] == "ok"
     busy = got[f"{first} / {input_pipeline.PEERS[1]}"]
     assert busy["status"] == "BUSY" and busy["others"] == 0.45
+    one = _pipeline_rows(idg=[(0, 100)], osteo=[(0, 200)])
+    one[f"PNG: {input_pipeline.PEERS[0]}"]["samples"][0]["others"] = 0.45
+    assert input_pipeline.round_ratios(one)[f"{first} / {input_pipeline.PEERS[0]}"]["status"] == "BUSY"
     assert input_pipeline._ratio_cell(busy) == "BUSY (0.50x, others 45%)"
 
 

@@ -65,7 +65,7 @@ def test_gradcam_into_the_images_folder_never_replaces_an_image(run, phantom_dir
     shutil.copytree(phantom_dir / "normal", images)
     before = _digest(images)
     assert main(["predict", str(run), str(images), "--gradcam", str(images), "--out", str(tmp_path / "p.csv")]) == 2
-    assert "the folder the command reads its images from" in one_line(capsys)
+    assert "the folder the command reads images from" in one_line(capsys)
     assert _digest(images) == before and not (tmp_path / "p.csv").exists()
     cams = tmp_path / "cams"
     for _ in range(2):  # its own overlays it replaces
@@ -89,7 +89,8 @@ def test_no_output_lands_where_osteo_would_read_it_as_images(run, phantom_dir, t
          "a class folder of the dataset"),
         (["eval", str(run), "--data", str(data), "--out", str(data / "ev")], "the folder the command reads"),
         (["train", "tiny", "--data", str(data), "--runs", str(data / "runs"), "--weights", "none",
-          "--image-size", "32"], "the folder the command reads"),
+          "--image-size", "32"], f"the folder the command reads images from, where osteo would meet what it "
+                                 f"writes at every audit; write outside it, e.g. --runs {tmp_path / 'runs'}"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

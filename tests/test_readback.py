@@ -106,6 +106,10 @@ def test_recipe_json_is_checked_by_every_reader(run, phantom_dir, tmp_path, caps
     gone = copy_run(run, tmp_path / "gone")
     _edit(gone.recipe_path, lambda r: r["model"].update(weights=str(tmp_path / "deleted.weights.h5")))
     assert main(["predict", str(gone), image, "--out", str(tmp_path / "p.csv")]) == 0
+    # a run trained before a check was added still reads: 10 resamples, a warm-up with a constant schedule
+    older = copy_run(run, tmp_path / "older")
+    _edit(older.recipe_path, lambda r: r["train"].update(bootstrap=10, schedule="constant", warmup_epochs=50))
+    assert main(["predict", str(older), image, "--out", str(tmp_path / "p2.csv")]) == 0
 
 
 def test_a_fold_count_beyond_the_folders_on_disk_is_named_before_any_fold_is_built(run, tmp_path, capsys):
