@@ -554,7 +554,7 @@ def _is(value, hint) -> bool:
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
-def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False) -> Recipe:
+def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False, trained: bool | None = None) -> Recipe:
     """The recipe completed from its backbone's spec and checked; raises before anything is written.
 
     Fills ``data.image_size`` (0: the backbone's default) and, once the Keras
@@ -566,6 +566,8 @@ def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False) 
     every value is checked as when it was written, but not what belongs to the machine
     it was trained on: its engine is kept whatever backend is loaded (loading the model
     checks that), and its weights file, read once when training began, may be gone.
+    ``trained`` (default: ``saved``): a run's recipe, resumed or read, is held to the bounds
+    it was trained under (:data:`_SAVED_RULES`, no warm-up check), not to later ones.
     """
     from osteo.device import ENGINES, choose_impl
     from osteo.registry import get_backbone, parse_weights
@@ -577,7 +579,8 @@ def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False) 
     m = r.model
     if r.data.image_size == 0:
         r.data.image_size = spec.default_size
-    _check_values(r, saved=saved)
+    trained = saved if trained is None else trained
+    _check_values(r, saved=trained)
     if backend is None and "keras" in sys.modules and not saved:  # loaded: its backend is the one that will run
         backend = sys.modules["keras"].backend.backend()
     if backend is not None and not saved:
@@ -598,7 +601,7 @@ def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False) 
     if not 1 <= r.train.epochs + r.train.fine_tune_epochs <= MAX_EPOCHS:
         raise OsteoError(f"train.epochs + train.fine_tune_epochs must be from 1 to {MAX_EPOCHS}; set EPOCHS=1 or "
                          "more")
-    if not saved:  # a run trained before these checks still reads
+    if not trained:  # a run trained before these checks still reads and resumes
         _check_warmup(r.train)
     if r.data.folds and r.data.fold >= r.data.folds:
         raise OsteoError(f"data.fold={r.data.fold} is not one of the {r.data.folds} folds (0 to {r.data.folds - 1})")

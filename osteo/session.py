@@ -119,7 +119,7 @@ def resume_recipe(spec: str, model: str | None, options: TrainOptions) -> tuple[
     """
     o = options
     run = find_run(spec, o.runs or "runs", model)
-    recipe = resolve(run.read_recipe())
+    recipe = resolve(run.read_recipe(), trained=True)
     d, t = recipe.data, recipe.train
     asked = {"--model": (model, recipe.model.backbone), "--data": (o.data, d.dir),
              "--weights": (o.weights, recipe.model.weights), "--image-size": (o.image_size, d.image_size),
@@ -239,7 +239,7 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
         console.print(f"cross-validation {parent}: fold {i} of {k}", highlight=False)
         if run.is_run():  # killed: it resumes, if it was started with these settings
             _check_same_recipe(run, resolve(r, backend=plan.backend), parent)
-            Trainer(resolve(run.read_recipe()), console=console, resume=run, command=command, plan=plan).run()
+            Trainer(resolve(run.read_recipe(), trained=True), console=console, resume=run, command=command, plan=plan).run()
         else:
             Trainer(r, console=console, command=command, plan=plan, at=run.path).run()
     return parent

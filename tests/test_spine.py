@@ -150,6 +150,12 @@ def test_a_warm_up_fits_in_every_phase_that_trains():
     apply_overrides(r, ["train.epochs=0", "train.fine_tune_epochs=3"])
     with pytest.raises(OsteoError, match=r"the fine-tuning phase \(train.fine_tune_epochs\), 3 epoch"):
         resolve(r)
+    # a run's own recipe, trained before the check (resumed, or read back), is held to its old bounds
+    apply_overrides(r, ["train.bootstrap=5"])
+    resumed = resolve(r, trained=True)
+    assert (resumed.train.bootstrap, resumed.train.warmup_epochs) == (5, 50)
+    with pytest.raises(OsteoError, match="train.bootstrap must be 0 \\(no intervals\\) or from 20"):
+        resolve(r)  # a new run is held to today's
 
 
 def test_bad_choices_fail_before_a_run_directory_exists(tmp_path, phantom_dir):
