@@ -437,8 +437,8 @@ def check_output_place(path: str | os.PathLike, option: str, fix: str, own: str 
     """A command's output ``path`` lies outside every run and cross-validation folder, or inside
     ``own``, the command's documented place in its run (``RUN/eval/<folder>/``, ``RUN/export/``);
     outside every class folder of a dataset and outside ``data``, the command's input folder;
-    else a one-line error ending in ``fix``: no command writes into a run, or where osteo would
-    read what it wrote as images."""
+    else a one-line error: no command writes into a run, nor where osteo's next audit would
+    meet what it wrote (the class folder's, or ``data``'s, one names a place outside)."""
     target = Path(path).resolve()
     if data is not None and Path(data).is_dir() and target.is_relative_to(Path(data).resolve()):
         outside = Path(data).resolve().parent / target.name
