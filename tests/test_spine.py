@@ -154,7 +154,7 @@ def test_a_warm_up_fits_in_every_phase_that_trains():
     apply_overrides(r, ["train.bootstrap=5"])
     resumed = resolve(r, trained=True)
     assert (resumed.train.bootstrap, resumed.train.warmup_epochs) == (5, 50)
-    with pytest.raises(OsteoError, match="train.bootstrap must be 0 \\(no intervals\\) or from 20"):
+    with pytest.raises(OsteoError, match=r"train.bootstrap must be 0 \(no intervals\) or from 20"):
         resolve(r)  # a new run is held to today's
 
 
