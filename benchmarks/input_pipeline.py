@@ -274,8 +274,8 @@ def round_ratios(rows: dict[str, dict]) -> dict[str, dict]:
     round: per-round ratios, their median, min-max and spread (``models.ratio_summary``), and
     a status as ``models.summarize`` gives (``models.ratio_status``: ``BUSY`` where the row or
     its peer ran with other processes' median share of the CPU above ``models.BUSY_SHARE``,
-    ``FLAGGED`` where the rounds spread by more than ``models.FLAG_SPREAD``), ``1 round`` with
-    one, else ``ok``. ``rows``: the results' ``rows``
+    ``1 round`` with one, ``FLAGGED`` where the rounds spread by more than
+    ``models.FLAG_SPREAD``, else ``ok``). ``rows``: the results' ``rows``
     ("<set>: <row>" -> its summary, whose ``samples`` carry their ``round``; without it, list
     order is the round). Keyed "<set>: <row> / <peer>"."""
     def by_round(samples: list[dict]) -> dict[int, float]:
@@ -295,8 +295,7 @@ def round_ratios(rows: dict[str, dict]) -> dict[str, dict]:
             r = [own[k] / theirs[k] for k in sorted(own) if k in theirs]
             s = {"set": name, "row": label, "peer": peer, **models.ratio_summary(r)}
             s["others"] = models.busiest(row.get("samples", ()), other.get("samples", ()))
-            s["status"] = ("no rounds" if not r else "BUSY" if models.is_busy(s["others"]) else "1 round" if len(r) < 2
-                           else models.ratio_status(s, s["others"]))
+            s["status"] = models.ratio_status(s, s["others"], "1 round") if r else "no rounds"
             out[f"{key} / {peer}"] = s
     return out
 

@@ -66,13 +66,13 @@ interleave, repeat, report medians with their spread):
    are caught by it. From ``TRIM_FROM`` (5) rounds on, the spread leaves out the lowest
    and the highest round: one burst of a neighbour does not flag four rounds that agree.
 5. A busy machine is said, not averaged. Each window also records the share of the
-   machine's CPU time that other processes took while it ran (``others``: the whole
-   machine's busy time from ``/proc/stat``, steal included, less the row's own process
-   time, over cores x seconds). A ratio whose row or peers ran with a median ``others``
+   machine's CPU time that other processes took while it ran (``others``: the busy time of
+   the CPUs this process may run on, from ``/proc/stat``, steal included, less the row's
+   own process time, over cores x seconds). A ratio whose row or peers ran with a median ``others``
    above ``BUSY_SHARE`` (5%) is BUSY and not reported. A steady neighbour can shift every
    round alike, so the spread does not see it: beside a second training, ConvNeXtTiny's
    rounds agreed within 3-4% on a ratio 11% below the quiet run's (timm's channels-first
-   loop overtook its channels-last one under load). Quiet, windows here measured 0-1.2%.
+   loop overtook its channels-last one under load). Quiet, windows here measured 0-2.6%.
 
 ``make bench``'s run (4 backbones at 64 px, rows auto, cf, cl) takes about 3.5 minutes a
 group on a quiet 2-core machine (3 rows x 5 rounds x 10.5 s, plus two start-ups and
@@ -508,12 +508,14 @@ def is_busy(others: float | None) -> bool:
     return others is not None and others > BUSY_SHARE
 
 
-def ratio_status(summary: dict, others: float | None) -> str:
-    """A ratio summary's status (two or more rounds): ``BUSY`` where other processes took a
-    median share of the machine above ``BUSY_SHARE``, ``FLAGGED`` where the rounds spread by
-    more than ``FLAG_SPREAD``, else ``ok``."""
+def ratio_status(summary: dict, others: float | None, single: str) -> str:
+    """A ratio summary's status (one or more rounds): ``BUSY`` where other processes took a
+    median share of the machine above ``BUSY_SHARE``, ``single`` (no verdict) with one round,
+    ``FLAGGED`` where the rounds spread by more than ``FLAG_SPREAD``, else ``ok``."""
     if is_busy(others):
         return "BUSY"
+    if len(summary["ratios"]) < 2:
+        return single
     return "FLAGGED" if summary["ratio_spread"] > FLAG_SPREAD else "ok"
 
 
@@ -806,12 +808,10 @@ def summarize(group: dict) -> list[dict]:
             s["vs_cl"] = relative(own, rates.get("cl", {}))
         elif r["kind"] == "timm":
             s["status"] = "reference"
-        elif s.get("ratios") and is_busy(s["others"]):  # one window or several: a busy machine's
-            s["status"] = "BUSY"
-        elif len(s.get("ratios", ())) < 2:
-            s["status"] = "1 window" if s.get("ratios") else "no timm row"
+        elif not s.get("ratios"):
+            s["status"] = "no timm row"
         else:
-            s["status"] = ratio_status(s, s["others"])
+            s["status"] = ratio_status(s, s["others"], "1 window")
         flops = GFLOPS_224.get(group["model"], 0) * 1e9 * (group["size"] / 224) ** 2 * 3
         peak = r.get("extras", {}).get("peak_matmul_gflops")
         if s["img_s"] and flops and peak:
