@@ -140,7 +140,7 @@ ENGINES: dict[str, EngineInfo] = {
     "keras": EngineInfo("keras", "keras.applications layers", ("tensorflow", "torch"), ("onnx", "savedmodel", "keras"),
                         compiles_backbone=False, own_preprocessing=None,
                         implementation="osteo.backbones.keras_apps:KerasAppsBackbone"),
-    "timm": EngineInfo("timm", "timm's PyTorch module inside the Keras model", ("torch",), ("onnx",),
+    "timm": EngineInfo("timm", "timm's PyTorch module inside the Keras model", ("torch",), ("onnx", "keras"),
                        compiles_backbone=True, own_preprocessing="timm",
                        implementation="osteo.backbones.timm_torch:TimmBackbone"),
 }

@@ -43,13 +43,15 @@ only needs a cast (``x.astype(np.float32)``), which is exact. In detail:
   with ``tf.saved_model.load`` or serve it with TF Serving. The SavedModel holds each
   weight twice (Keras' ExportArchive, keras-team/keras#23553): about twice the weights
   on disk.
-* ``keras`` (``model.keras``; runs of Keras' layers): accepts uint8 or float arrays (Keras
+* ``keras`` (``model.keras``; runs of both engines): accepts uint8 or float arrays (Keras
   casts to float32); loading it needs osteo imported (``import osteo.export``: its
   layers are osteo's registered layers, loadable with ``safe_mode=True``, no Lambda
-  layers).
+  layers). A timm run's file loads on the PyTorch backend with timm installed: its
+  :class:`~osteo.backbones.timm_torch.TimmLayer` is rebuilt from timm's model name and the
+  input size, and its state dict read from the file (nothing unpickled).
 
-A format the run's engine cannot write (SavedModel or ``.keras`` for a timm run: its
-backbone is a PyTorch module) is refused in one line naming the ones it can. Keras' own
+A format the run's engine cannot write (SavedModel for a timm run: its backbone is a
+PyTorch module) is refused in one line naming the ones it can. Keras' own
 ``model.export(format="onnx")`` is not used: on TensorFlow the ONNX files it writes for
 ConvNeXt and EfficientNetV2 cannot be run by onnxruntime (see :func:`_onnx_from_tensorflow`),
 and on PyTorch it traces ConvNeXt's LayerNormalization into a graph PyTorch's exporter
@@ -82,6 +84,7 @@ import keras
 import numpy as np
 
 import osteo
+import osteo.backbones.timm_torch  # registers TimmLayer: loading a timm run's .keras export)
 from osteo import CLASSES
 from osteo.calibrate import EPS, apply_temperature
 from osteo.classifier import AUGMENTATION

@@ -68,6 +68,64 @@ def test_the_cli_exports_a_timm_run_to_onnx_that_predict_py_runs_without_osteo(t
     assert max_diff(probabilities(script.stdout), probabilities((tmp_path / "osteo.csv").read_text())) <= TOLERANCE
 
 
+# A consumer of a .keras file of a timm run: a fresh interpreter on PyTorch, with osteo
+# (its layers) and timm, that must never unpickle (torch.load) what it loads.
+_KERAS_CONSUMER = r"""
+import sys
+import numpy as np
+import torch
+def no_unpickling(*args, **kwargs):
+    raise AssertionError("a .keras export must load without torch.load")
+torch.load = no_unpickling
+import keras
+import osteo.export  # noqa: F401  (osteo's layers)
+model, images, out = sys.argv[1:]
+m = keras.saving.load_model(model, safe_mode=True)
+x = np.load(images)
+np.savez(out, float=m.predict(x["float"], verbose=0), uint8=m.predict(x["uint8"], verbose=0))
+"""
+
+
+def test_a_timm_run_exports_a_keras_file_that_loads_in_safe_mode_and_matches(timm_run, phantom_dir, tmp_path):
+    """``--format keras`` on the timm engine: the module is rebuilt from its config (timm's name,
+    the size), not unpickled, and its state dict (BatchNorm statistics too) comes back from the
+    file, so a fresh process gives the run's calibrated probabilities."""
+    import zipfile
+    from pathlib import Path
+
+    from osteo.calibrate import apply_temperature
+    from osteo.data.pipeline import SCALE, load_levels
+    from osteo.predict import load_best
+
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}  # the CLI picks PyTorch for the run
+    out = tmp_path / "m.keras"
+    proc = subprocess.run([sys.executable, "-m", "osteo.cli", "export", str(timm_run.path), "--format", "keras",
+                           "--out", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with zipfile.ZipFile(out) as z:
+        config = json.loads(z.read("config.json"))
+    layers = [layer for layer in config["config"]["layers"] if layer["class_name"] == "TimmLayer"]
+    assert len(layers) == 1 and "module" not in layers[0]["config"]  # no pickled module in the file
+    assert layers[0]["config"]["timm_name"] and layers[0]["config"]["image_size"] == 32
+
+    data = timm_run.read_recipe().data
+    files = sorted(Path(phantom_dir).rglob("*.png"))[::20][:6]
+    x = np.stack([load_levels(f.read_bytes(), data.image_size, data.resize)[0] / SCALE
+                  for f in files]).astype(np.float32)
+    np.savez(tmp_path / "images.npz", float=x, uint8=np.clip(np.round(x), 0, 255).astype(np.uint8))
+    proc = subprocess.run([sys.executable, "-c", _KERAS_CONSUMER, str(out), str(tmp_path / "images.npz"),
+                           str(tmp_path / "got.npz")], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**env, "KERAS_BACKEND": "torch"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    best = load_best(timm_run)
+    with np.load(tmp_path / "got.npz") as got:
+        for kind in ("float", "uint8"):
+            want = apply_temperature(best.predict(np.load(tmp_path / "images.npz")[kind].astype(np.float32),
+                                                  verbose=0), TEMPERATURE)
+            assert np.abs(got[kind] - want).max() <= TOLERANCE, kind
+    assert np.abs(np.diff(want, axis=0)).max() > 1e-3  # the images give different answers: a real comparison
+
+
 def test_a_run_trained_in_mixed_precision_exports_in_float32(timm_run, tmp_path):
     """The export builds the model in float32 whatever the process's policy: no bfloat16 in the graph."""
     import onnx

@@ -25,9 +25,14 @@ hold unused parameters (VGG's 120M-parameter ``pre_logits``, ConvNeXt's head nor
 replaced by identities at build time, so they are neither trained, saved, nor held in
 memory.
 
-Serialization: ``TorchModuleWrapper.get_config`` pickles the module, which osteo never
-loads (see :func:`osteo.predict.load_best`: runs are rebuilt from ``recipe.json`` and
-their weights file). ``get_config`` here therefore refuses.
+Serialization: ``TorchModuleWrapper.get_config`` pickles the whole module, which only
+``safe_mode=False`` loads. :class:`TimmLayer`'s config is instead what rebuilds the module
+(timm's model name, the input size, the scaling and memory format, never weights or code),
+and the weights travel as the state dict ``TorchModuleWrapper.save_own_variables`` stores
+(BatchNorm's running statistics included). So a ``.keras`` file of a timm run (``osteo
+export --format keras``) loads with ``safe_mode=True`` on the PyTorch backend, with osteo
+and timm installed. osteo's own runs are still rebuilt from ``recipe.json`` and their
+weights file (:func:`osteo.predict.load_best`).
 
 :class:`TimmBackbone` is the engine (:class:`osteo.backbones.base.Backbone`): stages are
 groups of the module's parameters by the spec's ``stages["timm"]`` patterns.
@@ -215,6 +220,7 @@ def _prune_unused(module, image_size: int) -> tuple[tuple[str, ...], tuple[int, 
 LAST_STAGE = "forward_features"
 
 
+@keras.saving.register_keras_serializable(package="osteo")
 class TimmLayer(keras.layers.TorchModuleWrapper):
     """A timm backbone as a Keras layer: NHWC in (after gray to RGB), NHWC features out.
 
@@ -245,7 +251,9 @@ class TimmLayer(keras.layers.TorchModuleWrapper):
             module = module.to(memory_format=torch.channels_last)
         self.config = data_config(module)
         super().__init__(module, output_shape=(None, h, w, c), **kwargs)
+        self.name_in_registry = name_in_registry
         self.timm_name = timm_name
+        self.image_size = image_size
         self.normalize = normalize
         self.channels_last = channels_last
         self.dropped = dropped
@@ -294,7 +302,19 @@ class TimmLayer(keras.layers.TorchModuleWrapper):
             return self._forward(x)
 
     def get_config(self):
-        raise NotImplementedError("a timm backbone is saved as weights and rebuilt from the run's recipe.json")
+        """What rebuilds the module, without its weights (they are the layer's saved variables)
+        and without pickling it: random initial weights, no download, no compile."""
+        config = keras.layers.Layer.get_config(self)  # name, trainable, dtype; not the pickled module
+        config.update(name_in_registry=self.name_in_registry, timm_name=self.timm_name,
+                      image_size=self.image_size, normalize=self.normalize, channels_last=self.channels_last)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        if keras.backend.backend() != "torch":  # TorchModuleWrapper cannot run elsewhere
+            raise ValueError(f"{config.get('name_in_registry')} is a timm (PyTorch) backbone: load this model "
+                             f"with KERAS_BACKEND=torch, not {keras.backend.backend()}")
+        return cls(**config)  # weights="none": load_own_variables puts the saved state dict in
 
 
 class TimmBackbone(Backbone):
