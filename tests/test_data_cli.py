@@ -38,6 +38,23 @@ def test_training_on_a_folder_of_nothing_readable_names_a_file_and_its_reason(tm
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_images_in_a_format_osteo_does_not_read_are_one_warning_line(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    assert main(["data", "phantom", str(tmp_path / "ph"), "--n", "6", "--size", "32"]) == 0
+    for i, c in enumerate(("normal", "normal", "osteopenia")):
+        Image.fromarray(np.full((32, 32), 90 + i, "uint8")).save(tmp_path / "ph" / c / f"scan{i}.gif")
+    Image.fromarray(np.full((32, 32), 9, "uint8")).save(tmp_path / "ph" / "osteoporosis" / "scan.webp")
+    (tmp_path / "ph" / "normal" / "notes.txt").write_text("not an image: ignored without a word")
+    Image.fromarray(np.full((32, 32), 7, "uint8")).save(tmp_path / "ph" / "logo.gif")  # outside the classes
+    proc = _osteo("data", "audit", tmp_path / "ph", "--out", tmp_path / "audit", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "osteo: warning: 4 file(s) in the class folders are images in a format osteo does not read (3 .gif, 1 .webp) "
+        "and are left out; convert them to PNG (or DICOM) to include them"]
+
+
 def test_images_unlike_a_radiograph_in_size_or_shape_are_one_warning_line(tmp_path):
     import numpy as np
     from PIL import Image

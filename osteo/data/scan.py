@@ -126,6 +126,9 @@ from osteo.errors import OsteoError
 from osteo.files import write_csv, write_json
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"})
+# images osteo does not read: in a class folder they are ignored, and the audit says so in one line
+OTHER_IMAGE_EXTENSIONS = frozenset({".gif", ".webp", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".jxl", ".pgm",
+                                    ".ppm", ".nii", ".nrrd", ".mha", ".mhd"})
 SYSTEM_FILES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
 MANIFEST_COLUMNS = (
     "path", "label", "status", "reason", "format", "width", "height", "bit_depth", "frames",
@@ -799,7 +802,8 @@ def audit(data_dir: str | os.PathLike, progress: Callable[[int, int], None] | No
         r.features = None
     ok = [r for r in records if r.status == "ok"]
     return Audit(str(root), records, listing.ignored, groups, listing.links, listing.folders,
-                 _warn(_folder_warnings(root, listing.folders) + _patient_warnings(ok) + _size_warnings(ok)))
+                 _warn(_folder_warnings(root, listing.folders) + _format_warnings(listing.ignored)
+                       + _patient_warnings(ok) + _size_warnings(ok)))
 
 
 def patient_summary(ok: list[Record]) -> dict:
@@ -852,6 +856,20 @@ def _size_warnings(ok: list[Record]) -> list[str]:
     shown = ", ".join(f"{r.path} ({r.width} x {r.height})" for r in odd[:3]) + (" ..." if len(odd) > 3 else "")
     return [f"{len(odd)} image(s) are under {ODD_SIDE} px on a side or over {ODD_ASPECT}x as long as wide, unlike a "
             f"radiograph: {shown}; each is resized and trained on all the same: check them, or move them out"]
+
+
+def _format_warnings(ignored: list[str]) -> list[str]:
+    """Images in a class folder that osteo cannot read (a GIF, a WebP) are left out: said, with the fix."""
+    counts: dict[str, int] = {}
+    for path in ignored:
+        ext = os.path.splitext(path)[1].lower()
+        if "/" in path and path.split("/", 1)[0].lower() in CLASSES and ext in OTHER_IMAGE_EXTENSIONS:
+            counts[ext] = counts.get(ext, 0) + 1
+    if not counts:
+        return []
+    kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return [f"{sum(counts.values())} file(s) in the class folders are images in a format osteo does not read "
+            f"({kinds}) and are left out; convert them to PNG (or DICOM) to include them"]
 
 
 def _folder_warnings(root: Path, folders: list[dict]) -> list[str]:
