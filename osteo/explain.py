@@ -162,8 +162,9 @@ def overlay_files(names: list[str]) -> list[str]:
 
 
 def write_overlays(out_dir: str | os.PathLike, names: list[str], images: np.ndarray, maps: np.ndarray,
-                   probs: np.ndarray) -> list[Path]:
-    """One PNG per image: the image, its heat map, the predicted class and its probability.
+                   probs: np.ndarray, target: Target | None = None) -> list[Path]:
+    """One PNG per image: the image, its heat map, the predicted class and its probability, and
+    the layer the map is of (``target``'s, with its grid).
 
     Only files an earlier call wrote are replaced (:class:`osteo.files.OwnedFolder`): with
     ``out_dir`` the images' own folder, an overlay would have replaced its X-ray.
@@ -180,7 +181,10 @@ def write_overlays(out_dir: str | os.PathLike, names: list[str], images: np.ndar
     written = []
     for name, file, image, heat, p in zip(names, files, images, maps, probs):
         fig, ax = plt.subplots(figsize=(3, 3.2))
-        overlay(ax, image, heat, f"{Path(name).name}\n{CLASSES[int(p.argmax())]} {float(p.max()):.2f}")
+        title = f"{Path(name).name}\n{CLASSES[int(p.argmax())]} {float(p.max()):.2f}"
+        if target is not None:
+            title += f"\nheat on {target.layer} ({target.cells[0]}x{target.cells[1]})"
+        overlay(ax, image, heat, title)
         with atomic_path(out_dir / file) as tmp:
             fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
         plt.close(fig)

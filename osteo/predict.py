@@ -259,13 +259,16 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
     sweep_temporaries(out.parent, pattern=temporaries_of(out))  # left by a killed predict
     rows, raw, arrays = predictor.predict_paths(paths, batch, progress)
     if gradcam_dir is not None and len(arrays):
-        from osteo.explain import gradcam, write_overlays
+        from osteo.explain import gradcam, gradcam_target, write_overlays
         from osteo.registry import get_backbone
 
         spec = get_backbone(predictor.run.read_recipe().model.backbone)
-        maps, _ = gradcam(predictor.model, spec, arrays)
+        target = gradcam_target(predictor.model, spec)
+        if target.layer != target.last:  # the maps are not of the last stage: said, as the report says it
+            log.warning("Grad-CAM: %s", target.describe(arrays.shape[1]))
+        maps, _ = gradcam(predictor.model, spec, arrays, target=target)
         ok = [r for r in rows if r["status"] == "ok"]
-        write_overlays(gradcam_dir, [r["path"] for r in ok], arrays, maps, predictor.calibrate(raw))
+        write_overlays(gradcam_dir, [r["path"] for r in ok], arrays, maps, predictor.calibrate(raw), target)
     columns = [*COLUMNS[:-1], *(_op_column(p["name"]) for p in predictor.points), "reason"]
     write_csv(out, rows, columns)
     bad = sum(r["status"] != "ok" for r in rows)
