@@ -184,7 +184,7 @@ def cmd_audit(args) -> int:
     from osteo.data.scan import audit, write_audit
     from osteo.runs import check_output_place
 
-    check_output_place(args.out, "--out", "choose a folder outside it, e.g. --out reports/audit")
+    check_output_place(args.out, "--out", "choose a folder outside it, e.g. --out reports/audit", dataset=args.data)
     t0 = time.perf_counter()
     with _progress(_console()) as bar:
         task = bar.add_task("audit", total=None)
@@ -208,7 +208,7 @@ def cmd_split(args) -> int:
     from osteo.data.split import read_groups_csv, split_rows, write_split
     from osteo.runs import check_output_place
 
-    check_output_place(args.out, "--out", "write the split elsewhere, e.g. --out split.csv")
+    check_output_place(args.out, "--out", "write the split elsewhere, e.g. --out split.csv", dataset=args.data)
     rows = audit(args.data).manifest_rows()
     split, excluded = split_rows(
         rows, val_fraction=args.val, test_fraction=args.test, folds=args.folds, fold=args.fold,

@@ -433,17 +433,24 @@ def _check_rows(path: Path, rows: list[dict], splits: Sequence[str], fix: str) -
 
 
 def check_output_place(path: str | os.PathLike, option: str, fix: str, own: str | os.PathLike | None = None,
-                       data: str | os.PathLike | None = None) -> None:
+                       data: str | os.PathLike | None = None, dataset: str | os.PathLike | None = None) -> None:
     """A command's output ``path`` lies outside every run and cross-validation folder, or inside
     ``own``, the command's documented place in its run (``RUN/eval/<folder>/``, ``RUN/export/``);
     outside every class folder of a dataset and outside ``data``, the command's input folder;
-    else a one-line error: no command writes into a run, nor where osteo's next audit would
-    meet what it wrote (the class folder's, or ``data``'s, one names a place outside)."""
+    outside the folders that class folders of ``dataset`` (default ``data``; the audit's and the
+    split's input, which may hold their outputs) link to; else a one-line error: no command
+    writes into a run, nor where osteo's next audit would meet what it wrote (the class
+    folder's, or ``data``'s, one names a place outside)."""
     target = Path(path).resolve()
     if data is not None and Path(data).is_dir() and target.is_relative_to(Path(data).resolve()):
         outside = Path(data).resolve().parent / target.name
         raise OsteoError(f"{option} {path} is inside {data}, the folder the command reads images from, where osteo "
                          f"would meet what it writes at every audit; write outside it, e.g. {option} {outside}")
+    dataset = data if dataset is None else dataset
+    linked = _linked_class_folder(target, dataset)
+    if linked is not None:
+        raise OsteoError(f"{option} {path} is inside {linked.resolve()}, where {linked}, a class folder of "
+                         f"{dataset}, links: osteo would audit what it writes there as {linked.name} files; {fix}")
     folder = class_folder_above(target)
     if folder is not None:
         raise OsteoError(f"{option} {path} is inside {folder}, a class folder of the dataset {folder.parent}: "
@@ -457,6 +464,18 @@ def check_output_place(path: str | os.PathLike, option: str, fix: str, own: str 
     what = "cross-validation" if isinstance(owner, CvDir) else "run"
     raise OsteoError(f"{option} {path} is inside the {what} {owner.path}, where osteo writes only that {what}'s own "
                      f"files; {fix}")
+
+
+def _linked_class_folder(target: Path, data: str | os.PathLike | None) -> Path | None:
+    """The class folder of ``data`` that is a link to a folder ``target`` (resolved) lies in, if any:
+    the audit follows such links, and the folder they reach is named as anything."""
+    if data is None:
+        return None
+    try:
+        folders = [p for p in Path(data).iterdir() if p.name.lower() in CLASSES and p.is_symlink() and p.is_dir()]
+    except OSError:
+        return None
+    return next((p for p in folders if target.is_relative_to(p.resolve())), None)
 
 
 def class_folder_above(path: Path) -> Path | None:

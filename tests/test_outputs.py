@@ -101,6 +101,17 @@ def test_no_output_lands_where_osteo_would_read_it_as_images(run, phantom_dir, t
     # a folder merely named like a class, with no class folder beside it, is no dataset
     assert main(["data", "audit", str(data), "--out", str(tmp_path / "normal")]) == 0
     capsys.readouterr()
+    # a class folder that links elsewhere: the folder it reaches is named as anything, and audited as the class
+    store = tmp_path / "store" / "scans-2024"
+    shutil.move(data / "osteoporosis", store)
+    (data / "osteoporosis").symlink_to(store, target_is_directory=True)
+    before = _digest(store)
+    for argv in (["eval", str(run), "--data", str(data), "--out", str(store / "ev")],
+                 ["data", "audit", str(data), "--out", str(store / "aud")]):
+        assert main(argv) == 2, argv
+        line = one_line(capsys)
+        assert f"is inside {store}, where {data / 'osteoporosis'}, a class folder of {data}, links" in line, line
+    assert _digest(store) == before and sorted(p.name for p in store.parent.iterdir()) == ["scans-2024"]
 
 
 def test_a_report_replaces_only_what_an_earlier_report_wrote(run, tmp_path, capsys):
