@@ -120,6 +120,31 @@ def test_phases_freeze_and_unfreeze_the_modules_parameters():
     assert {n for n, p in params.items() if p.requires_grad} == set(params) - bn
 
 
+@pytest.mark.parametrize("engine", ["keras", "timm"])
+def test_batchnorm_frozen_for_fine_tuning_keeps_its_statistics_on_both_engines(engine):
+    """Unfrozen with freeze_bn (the default with pretrained weights), a training step leaves every
+    BatchNorm's running statistics as they were, on both engines; without freeze_bn they move."""
+    x = np.random.default_rng(4).uniform(0, 255, (8, 32, 32, 1)).astype("float32")
+
+    def statistics(clf) -> dict[str, np.ndarray]:
+        if engine == "timm":
+            return {k: v.detach().cpu().numpy().copy() for k, v in clf.backbone.module.state_dict().items()
+                    if "running_" in k}
+        return {v.path: np.array(v.numpy()) for v in clf.backbone.weights if "moving_" in v.path}
+
+    for freeze_bn in (True, False):
+        clf = Classifier("tiny", image_size=32, weights="none", augment=NO_AUG, impl=engine, freeze_bn=freeze_bn)
+        clf.build()
+        clf.freeze_backbone()
+        clf.unfreeze_backbone(0)
+        before = statistics(clf)
+        assert before
+        clf.model(x, training=True)
+        after = statistics(clf)
+        moved = [k for k in before if not np.array_equal(before[k], after[k])]
+        assert (moved == []) if freeze_bn else (sorted(moved) == sorted(before)), (freeze_bn, moved)
+
+
 def _timm_state(name: str, seed: int) -> dict:
     torch.manual_seed(seed)
     return timm.create_model(name, pretrained=False).state_dict()  # with its classifier, as timm saves them

@@ -266,6 +266,10 @@ class TimmLayer(keras.layers.TorchModuleWrapper):
         assert len(names) == len(self.variables), "TorchModuleWrapper tracks every parameter once"
         self._variables = dict(zip(names, self.variables))
         self._forward = module.forward_features
+        # unfrozen with freeze_bn (TimmBackbone.unfreeze): BatchNorm keeps its statistics, as a Keras
+        # BatchNormalization layer that is not trainable runs in inference mode
+        self.bn_frozen = False
+        self._batch_norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         self.compiled = False
         if compile:
             self._forward = torch.compile(module.forward_features)
@@ -276,8 +280,13 @@ class TimmLayer(keras.layers.TorchModuleWrapper):
     def call(self, x, training=None):
         import torch
 
-        # like Keras' BatchNorm: batch statistics only when training a trainable backbone
-        self.module.train(bool(training) and self.trainable)
+        # like Keras' BatchNorm: batch statistics only when training a trainable backbone, and
+        # never in a frozen BatchNorm (running statistics neither used nor updated)
+        train = bool(training) and self.trainable
+        self.module.train(train)
+        if train and self.bn_frozen:
+            for m in self._batch_norms:
+                m.training = False
         x = x.permute(0, 3, 1, 2)  # NHWC -> NCHW view: channels-last memory, no copy
         if not self.channels_last:
             x = x.contiguous()
@@ -342,6 +351,7 @@ class TimmBackbone(Backbone):
         for group in self._stages[: n - top_stages] if 0 < top_stages < n else []:
             for v in group:
                 v.trainable = False
+        layer.bn_frozen = freeze_bn
         if freeze_bn:
             for prefix, m in layer.module.named_modules():
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
