@@ -23,7 +23,7 @@ import numpy as np
 
 from osteo import CLASSES, killpoints
 from osteo.errors import OsteoError
-from osteo.files import check_output, sweep_temporaries, temporaries_of, write_csv
+from osteo.files import check_output, sha256_file, sweep_temporaries, temporaries_of, write_csv
 from osteo.model_card import write_model_card
 from osteo.runs import PROB_COLUMNS, CvDir, RunDir, check_output_place
 
@@ -51,8 +51,17 @@ def load_best(run_dir: str | os.PathLike):
         return load_legacy_best(run)
     recipe = run.read_recipe()  # checked as when it was written
     get_engine(recipe.model.impl).check_backend(keras.backend.backend(), f"run {run.path}")
-    model = Classifier.from_recipe(recipe, weights="none").build()
     fix = "the file is damaged or from another osteo version: retrain the run"
+    try:
+        trained = run.read_env().get(RunDir.BEST_SHA256)  # None for runs finished before it was recorded
+    except OsteoError as e:  # the record is unreadable, not the checkpoint: loaded, unchecked, and said
+        log.warning("cannot check %s against the run's record: %s", run.best_path.name, e)
+        trained = None
+    if trained and sha256_file(run.best_path) != trained:
+        raise OsteoError(f"{run.best_path} is not the checkpoint this run trained (its sha256 differs from the one "
+                         f"{run.env_path.name} recorded): it was damaged or replaced since; restore it from a backup, "
+                         "or retrain the run")
+    model = Classifier.from_recipe(recipe, weights="none").build()
     check_h5_weights(run.best_path, model, f"the model of {run.recipe_path}", fix)
     try:
         model.load_weights(run.best_path)

@@ -71,6 +71,7 @@ class RunDir(_Folder):
     SPLIT = "split.csv"
     HISTORY = "history.csv"
     BEST = "best.weights.h5"  # weights only: the model is rebuilt from recipe.json (no pickles, ever)
+    BEST_SHA256 = "best_weights_sha256"  # env.json's record of BEST's content, written when the run finishes
     LEGACY_BEST = "best.keras"  # runs made before: the whole model, loaded with Keras' safe_mode
     PREDICTIONS = "predictions.csv"
     METRICS = "metrics.json"
@@ -350,7 +351,7 @@ SHAPES: dict[str, Any] = {
     RunDir.RECIPE: dict,  # and resolve()'s checks
     RunDir.ENV: {"backend": str, "precision": str, "device": dict, "git_commit": str, "command": str,
                  "excluded_conflicts": int, "n_train": int, "n_val": int, "n_test": int, "params": int,
-                 "train_seconds": _MAYBE_NUMBER, "train_images_per_sec": _MAYBE_NUMBER},
+                 "train_seconds": _MAYBE_NUMBER, "train_images_per_sec": _MAYBE_NUMBER, RunDir.BEST_SHA256: str},
     RunDir.AUDIT: {"data_dir": str, "n_files": int, "n_ok": int, "classes": dict, "ignored": [str],
                    "unreadable": [{"path": str, "reason": str}],
                    "duplicate_groups": [{"kind": str, "conflict": bool, "paths": [str], "labels": [str]}]},

@@ -50,7 +50,7 @@ from osteo.callbacks import (
 from osteo.classifier import Classifier, Model, SparseCrossEntropy, default_metrics
 from osteo.device import get_engine
 from osteo.errors import OsteoError
-from osteo.files import atomic_path, save_weights, sweep_temporaries, write_bytes
+from osteo.files import atomic_path, save_weights, sha256_file, sweep_temporaries, write_bytes
 from osteo.optim import make_optimizer
 from osteo.recipe import AugmentConfig, Recipe, resolve
 from osteo.registry import get_backbone
@@ -377,6 +377,8 @@ class Trainer:
             "train_seconds": round(self.trained_seconds, 2), "wall_seconds": round(time.perf_counter() - self._t0, 2),
             "train_images_per_sec": round(float(np.median(rates)), 2) if rates else None,
             "params": self.clf.trainable_counts()["total"], "epochs_run": len(history),
+            # what every later load checks (osteo.predict.load_best): the checkpoint is the one trained
+            RunDir.BEST_SHA256: sha256_file(self.best.path),
             **devices.peak_memory_mb(),
         })
         run.write_env(self.env)

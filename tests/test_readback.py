@@ -122,3 +122,33 @@ def test_a_fold_count_beyond_the_folders_on_disk_is_named_before_any_fold_is_bui
         err = capsys.readouterr().err
         assert f"skipped {cv.path}" in err and message in err, err
         assert not CvDir(cv.path).is_finished()
+
+
+def test_a_checkpoint_changed_since_training_is_refused(run, phantom_dir, tmp_path, capsys):
+    """best.weights.h5 with a weight's bytes overwritten (same size, still a valid HDF5 file) gave
+    (0, 1, 0) for every image, exit 0, and an ONNX export whose parity check passed against the
+    same damaged model: the run's env.json records the checkpoint's sha256 when the run finishes."""
+    image = str(next((phantom_dir / "osteoporosis").iterdir()))
+    assert len(run.read_env()[RunDir.BEST_SHA256]) == 64
+    import h5py
+
+    copy = copy_run(run, tmp_path / "changed")
+    size = copy.best_path.stat().st_size
+    with h5py.File(copy.best_path, "r+") as f:  # a convolution's kernel overwritten in place
+        kernels = []
+        f.visititems(lambda name, obj: kernels.append(obj) if isinstance(obj, h5py.Dataset) and obj.ndim == 4 else None)
+        kernels[0][...] = 0.5
+    assert copy.best_path.stat().st_size == size
+    out = tmp_path / "p.csv"
+    for argv in (["predict", str(copy), image, "--out", str(out)],
+                 ["export", str(copy), "--format", "keras", "--out", str(tmp_path / "m.keras")]):
+        assert main(argv) == 2, argv
+        line = one_line(capsys)
+        assert f"{copy.best_path} is not the checkpoint this run trained" in line and "retrain the run" in line, line
+    assert not out.exists() and not (tmp_path / "m.keras").exists()
+    # an unreadable record leaves the checkpoint loadable, unchecked, with a warning
+    unchecked = copy_run(run, tmp_path / "no-record")
+    unchecked.env_path.write_text("[]")
+    assert main(["predict", str(unchecked), image, "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("osteo: warning: cannot check best.weights.h5") and "env.json" in err[0]
