@@ -186,4 +186,48 @@ def calibrate_run(run_dir, points: tuple[str, ...] | list[str] = DEFAULT_POINTS,
                                                     seed)
         out["operating_points"].append(point)
     run.write_calibration(out)
+    _rescore_externals(run, out, n_boot, seed)
     return out
+
+
+def external_points(record: dict, calibration: dict) -> tuple[list[dict], list[dict]]:
+    """An external folder's operating points (``osteo eval RUN --data FOLDER``'s metrics.json),
+    split into those measured at the run's calibration now (the same temperature, a point of
+    that name at the same threshold) and those measured at one it replaced."""
+    then = (record.get("calibrated") or {}).get("temperature")
+    now = {p.get("name"): p.get("threshold") for p in calibration.get("operating_points", []) if "threshold" in p}
+    fresh, stale = [], []
+    for point in record.get("operating_points", []):
+        same = then == calibration.get("temperature") and now.get(point.get("name"), None) == point.get("threshold")
+        (fresh if same else stale).append(point)
+    return fresh, stale
+
+
+def _rescore_externals(run, calibration: dict, n_boot: int, seed: int) -> None:
+    """Each external validation of the run (``RUN/eval/<folder>/``) measured again at this
+    calibration, from its stored probabilities: its calibration error and its operating points,
+    so none of its numbers stays at a temperature or threshold this calibration replaced.
+    One that cannot be read is left as it is, with a warning (the model card and the report
+    leave its stale points out)."""
+    import logging
+
+    from osteo.evaluate import expected_calibration_error
+    from osteo.files import write_json
+    from osteo.runs import RunDir
+
+    points = [p for p in calibration["operating_points"] if "threshold" in p]
+    for path in sorted(run.eval_path.glob(f"*/{RunDir.METRICS}")) if run.eval_path.is_dir() else []:
+        folder = RunDir(path.parent)
+        try:
+            record = folder.read_metrics()
+            y, raw, _ = folder.read_predictions("external")
+        except OsteoError as e:
+            logging.getLogger("osteo").warning("%s is not measured at the new calibration: %s", path.parent, e)
+            continue
+        if not len(y) or not np.isfinite(raw).all():
+            continue
+        calibrated = apply_temperature(raw, calibration["temperature"])
+        record["calibrated"] = {"temperature": calibration["temperature"],
+                                "ece": expected_calibration_error(y, calibrated)}
+        record["operating_points"] = [operating_point_metrics(y, calibrated, p, n_boot, seed) for p in points]
+        write_json(path, record)

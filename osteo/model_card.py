@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from osteo.calibrate import external_points
 from osteo.evaluate import CHOSE, METRICS, SPLIT_NAMES, headline_split, provenance
 from osteo.files import write_text
 from osteo.runs import RunDir
@@ -79,14 +80,17 @@ def write_model_card(run_dir) -> Path:
                 continue
             lines.append(f"- {point['name']}: threshold {fmt(point['threshold'])}, chosen on validation for "
                          f"{point['target']} >= {point['value']}")
-            measured = [("test (chose nothing)", point.get("test"))]
+            measured, stale = [("test (chose nothing)", point.get("test"))], []
             for path in externals:
-                measured += [(f"{path.parent.name} (external: chose nothing)", e)
-                             for e in RunDir(path.parent)._read(path).get("operating_points", [])
+                fresh, old = external_points(RunDir(path.parent)._read(path), calibration)
+                measured += [(f"{path.parent.name} (external: chose nothing)", e) for e in fresh
                              if e.get("name") == point["name"]]
+                stale += [f"  - on {path.parent.name}: measured at an earlier calibration (threshold "
+                          f"{fmt(e.get('threshold'))}); run `osteo eval` on that folder again"
+                          for e in old if e.get("name") == point["name"]]
             measured.append(("validation (chose this threshold: optimistic by construction)", point["val"]))
             lines += [f"  - on {where}: sensitivity {ci(m, 'sensitivity')}, specificity {ci(m, 'specificity')}"
-                      for where, m in measured if m]
+                      for where, m in measured if m] + stale
     else:
         lines.append("Not calibrated (`osteo calibrate RUN_DIR`).")
     record = run.export_path / RunDir.EXPORT_RECORD

@@ -85,3 +85,45 @@ def test_external_validation_refuses_a_folder_with_nothing_new(run, phantom_dir,
     assert main(["eval", str(run), "--data", str(junk)]) == 2
     err = capsys.readouterr().err  # nothing readable: the reason on screen, not only in audit.json
     assert "no image of" in err and "(0 readable" in err and "e.g. normal/a.png: " in err
+
+
+def test_a_new_calibration_measures_the_external_folders_again(run, phantom_dir, tmp_path, capsys):
+    """After `osteo calibrate` chose other thresholds, the model card and operating_points.csv
+    showed an external folder's sensitivity and specificity at the old ones (and at a point
+    that no longer existed)."""
+    from osteo.calibrate import apply_temperature, operating_point_metrics
+    from osteo.model_card import write_model_card
+
+    copy = RunDir(shutil.copytree(run.path, tmp_path / "runs" / "tiny" / run.name, ignore=shutil.ignore_patterns("eval")))
+    other = tmp_path / "hospital-c"
+    write_phantom(other, n=45, size=64, seed=11, proportions=(1, 1, 3))
+    assert main(["eval", str(copy), "--data", str(other), "--bootstrap", "20"]) == 0
+    out = copy.eval_path / "hospital-c"
+    before = json.loads((out / "metrics.json").read_text())
+    assert {p["name"] for p in before["operating_points"]} == {"osteoporosis", "osteopenia+"}
+    assert main(["calibrate", str(copy), "--operating-point", "osteoporosis:sensitivity=0.6", "--bootstrap", "20"]) == 0
+    capsys.readouterr()
+    calibration = copy.read_calibration()
+    (now,) = calibration["operating_points"]
+    after = json.loads((out / "metrics.json").read_text())
+    (point,) = after["operating_points"]
+    assert point["name"] == "osteoporosis" and point["threshold"] == now["threshold"]
+    assert after["calibrated"]["temperature"] == calibration["temperature"]
+    assert after["external"] == before["external"]  # the argmax numbers do not depend on the calibration
+    # the same numbers osteo eval gives at this calibration, from the stored probabilities
+    y, raw, _ = RunDir(out).read_predictions("external")
+    want = operating_point_metrics(y, apply_temperature(raw, calibration["temperature"]), now, 20, 0)
+    assert point == json.loads(json.dumps(want))
+    card = copy.model_card_path.read_text()
+    assert card.count("on hospital-c (external: chose nothing)") == 1 and "earlier calibration" not in card
+
+    # a record left at an earlier calibration (an eval file restored, a calibrate killed before it
+    # reached the folder) is named as such, and left out of the report
+    (out / "metrics.json").write_text(json.dumps({**after, "operating_points": [
+        {**point, "threshold": point["threshold"] / 2}]}))
+    write_model_card(copy)
+    card = copy.model_card_path.read_text()
+    assert "on hospital-c: measured at an earlier calibration" in card and "(external: chose nothing)" not in card
+    assert main(["report", str(copy), "--out", str(tmp_path / "rep"), "--bootstrap", "20"]) == 0
+    with open(tmp_path / "rep" / "operating_points.csv", newline="") as f:
+        assert {r["evaluated_on"] for r in csv.DictReader(f)} == {"validation"}

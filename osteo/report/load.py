@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from osteo import CLASSES
-from osteo.calibrate import apply_temperature, decision_metrics, positive_score
+from osteo.calibrate import apply_temperature, decision_metrics, external_points, positive_score
 from osteo.data.split import majority_label
 from osteo.errors import OsteoError
 from osteo.evaluate import (
@@ -236,8 +236,10 @@ def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) ->
     split_id = hashlib.sha256("\n".join(sorted(r["path"] for r in rows)).encode()).hexdigest()[:12]
     audit = RunDir(external).read_audit()
     where = f"external: {external.name}"
-    points = [{**p, "evaluated_on": where, "chose": CHOSE["external"]}
-              for p in RunDir(external).read_metrics().get("operating_points", [])]
+    record = RunDir(external).read_metrics()
+    # a run's points at the thresholds it has now; an ensemble's are its members' as measured
+    recorded = record.get("operating_points", []) if ensemble else external_points(record, run.read_calibration())[0]
+    points = [{**p, "evaluated_on": where, "chose": CHOSE["external"]} for p in recorded]
     return Run(external, run.read_recipe().to_dict(), run.read_env(), metrics, [], y, probs, rows, majority,
                split_id, audit, evaluated_on=where, calibrated=calibrated, temperature=temperature,
                chose=CHOSE["external"], points=points)
