@@ -198,7 +198,8 @@ def external_points(record: dict, calibration: dict) -> tuple[list[dict], list[d
     now = {p.get("name"): p.get("threshold") for p in calibration.get("operating_points", []) if "threshold" in p}
     fresh, stale = [], []
     for point in record.get("operating_points", []):
-        same = then == calibration.get("temperature") and now.get(point.get("name"), None) == point.get("threshold")
+        same = (then == calibration.get("temperature") and point.get("name") in now
+                and now[point["name"]] == point.get("threshold"))
         (fresh if same else stale).append(point)
     return fresh, stale
 
