@@ -190,20 +190,6 @@ def calibrate_run(run_dir, points: tuple[str, ...] | list[str] = DEFAULT_POINTS,
     return out
 
 
-def external_points(record: dict, calibration: dict) -> tuple[list[dict], list[dict]]:
-    """An external folder's operating points (``osteo eval RUN --data FOLDER``'s metrics.json),
-    split into those measured at the run's calibration now (the same temperature, a point of
-    that name at the same threshold) and those measured at one it replaced."""
-    then = (record.get("calibrated") or {}).get("temperature")
-    now = {p.get("name"): p.get("threshold") for p in calibration.get("operating_points", []) if "threshold" in p}
-    fresh, stale = [], []
-    for point in record.get("operating_points", []):
-        same = (then == calibration.get("temperature") and point.get("name") in now
-                and now[point["name"]] == point.get("threshold"))
-        (fresh if same else stale).append(point)
-    return fresh, stale
-
-
 def _rescore_externals(run, calibration: dict, n_boot: int, seed: int) -> None:
     """Each external validation of the run (``RUN/eval/<folder>/``) measured again at this
     calibration, from its stored probabilities: its calibration error and its operating points,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from osteo.calibrate import external_points
-from osteo.evaluate import CHOSE, METRICS, SPLIT_NAMES, headline_split, provenance
+from osteo.evaluate import CHOSE, METRICS, SPLIT_NAMES, external_points, headline_split, provenance
 from osteo.files import write_text
 from osteo.runs import RunDir
 

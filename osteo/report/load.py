@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from osteo import CLASSES
-from osteo.calibrate import apply_temperature, decision_metrics, external_points, positive_score
+from osteo.calibrate import apply_temperature, decision_metrics, positive_score
 from osteo.data.split import majority_label
 from osteo.errors import OsteoError
 from osteo.evaluate import (
@@ -26,6 +26,7 @@ from osteo.evaluate import (
     SPLIT_NAMES,
     compute_metrics,
     expected_calibration_error,
+    external_points,
     headline_split,
     majority_baseline,
     training_majority,
