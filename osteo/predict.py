@@ -126,6 +126,14 @@ def load_images(paths: list[Path], size: int, resize: str) -> tuple[list[np.ndar
     return images, reasons
 
 
+def say_if_uncalibrated(run: RunDir) -> None:
+    """A finished run without ``calibration.json`` (removed, or lost in a copy): one warning line,
+    since its probabilities are then the raw ones (T = 1) and no operating point decides."""
+    if not run.calibration_path.exists():
+        log.warning("run %s has no %s: its probabilities are not calibrated (temperature 1) and no operating point "
+                    "decides; calibrate it with: osteo calibrate %s", run.path, run.calibration_path.name, run.path)
+
+
 class Predictor:
     """A run's best model with its input size, calibration and operating points."""
 
@@ -134,6 +142,8 @@ class Predictor:
         self.model = load_best(self.run)
         data = self.run.read_recipe().data  # resolved: the size and resize mode it trained with
         self.size, self.resize = data.image_size, data.resize
+        if calibrated:
+            say_if_uncalibrated(self.run)
         calibration = self.run.read_calibration()
         self.temperature = float(calibration.get("temperature", 1.0)) if calibrated else 1.0
         self.points = [p for p in calibration.get("operating_points", []) if "threshold" in p]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
+from collections.abc import Iterator
 
 from osteo.runs import RunDir
 
@@ -18,3 +21,17 @@ def one_line(capsys) -> str:
 def copy_run(run: RunDir, dest) -> RunDir:
     """A copy of ``run`` under ``dest`` (as ``<model>/<name>``), for a test to damage."""
     return RunDir(shutil.copytree(run.path, dest / run.model / run.name))
+
+
+@contextlib.contextmanager
+def osteo_warnings() -> Iterator[list[str]]:
+    """The messages osteo's logger warns with meanwhile. In-process, the CLI's stderr handler
+    stays bound to the first test's captured stream, so capsys cannot be relied on for them."""
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("osteo").addHandler(handler)
+    try:
+        yield said
+    finally:
+        logging.getLogger("osteo").removeHandler(handler)

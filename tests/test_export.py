@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from export_consumer import max_diff, probabilities, run_script, write_image_files
+from helpers import osteo_warnings
 
 from osteo import export_predict
 from osteo.calibrate import apply_temperature
@@ -274,7 +275,10 @@ def test_uncalibrated_run_exports_its_own_probabilities(run, images, tmp_path):
 
     copy = RunDir(shutil.copytree(run.path, tmp_path / run.model / run.name))
     copy.calibration_path.unlink()
-    model = keras.saving.load_model(export_run(copy, "keras", None), safe_mode=True)
+    with osteo_warnings() as said:
+        model = keras.saving.load_model(export_run(copy, "keras", None), safe_mode=True)
+    assert said == [f"run {copy.path} has no calibration.json: its probabilities are not calibrated (temperature 1) "
+                    f"and no operating point decides; calibrate it with: osteo calibrate {copy.path}"]
     raw = load_best(copy).predict(images["float"], verbose=0)
     assert _max_diff(model.predict(images["float"], verbose=0), apply_temperature(raw, 1.0)) <= TOLERANCE
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import osteo_warnings
 
 from osteo import CLASSES
 from osteo.calibrate import apply_temperature
@@ -49,22 +50,15 @@ def test_predict_reproduces_the_runs_validation_probabilities(run, phantom_dir, 
 def test_gradcam_overlays_name_the_layer_their_heat_is_of(run, phantom_dir, tmp_path, monkeypatch):
     """Each overlay's title names the layer and its grid; a map not of the last stage is a warning,
     worded as the report words it."""
-    import logging
-
     from osteo import explain
     from osteo.registry import get_backbone
 
-    titles, warnings = [], []
+    titles = []
     monkeypatch.setattr(explain, "overlay", lambda ax, image, heat, title="", **kw: titles.append(title))
-    handler = logging.Handler()
-    handler.emit = lambda record: warnings.append(record.getMessage())
-    logging.getLogger("osteo").addHandler(handler)
-    try:
-        files = sorted((phantom_dir / "normal").iterdir())[:2]
+    files = sorted((phantom_dir / "normal").iterdir())[:2]
+    with osteo_warnings() as warnings:
         assert main(["predict", str(run), *map(str, files), "--out", str(tmp_path / "p.csv"),
                      "--gradcam", str(tmp_path / "cam")]) == 0
-    finally:
-        logging.getLogger("osteo").removeHandler(handler)
     from osteo.predict import load_best
 
     target = explain.gradcam_target(load_best(run), get_backbone(run.read_recipe().model.backbone))
@@ -74,14 +68,11 @@ def test_gradcam_overlays_name_the_layer_their_heat_is_of(run, phantom_dir, tmp_
     # an input too small for the last stage's map: the heat is of an earlier layer, and said
     coarse = explain.Target(target.layer, target.cells, "the_last_stage", (2, 2))
     monkeypatch.setattr(explain, "gradcam_target", lambda model, spec: coarse)
-    logging.getLogger("osteo").addHandler(handler)
-    try:
+    with osteo_warnings() as warnings:
         assert main(["predict", str(run), *map(str, files), "--out", str(tmp_path / "p2.csv"),
                      "--gradcam", str(tmp_path / "cam2")]) == 0
-    finally:
-        logging.getLogger("osteo").removeHandler(handler)
-    assert [w for w in warnings if w.startswith("Grad-CAM")] == [f"Grad-CAM: {coarse.describe(32)}"]
-    assert "the last stage (the_last_stage) is 2x2 at 32 px" in warnings[-1]
+    assert warnings == [f"Grad-CAM: {coarse.describe(32)}"]
+    assert "the last stage (the_last_stage) is 2x2 at 32 px" in warnings[0]
 
 
 def test_folders_recursively_dicom_tta_and_gradcam(run, phantom_dir, tmp_path):

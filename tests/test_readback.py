@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from helpers import copy_run, one_line
+from helpers import copy_run, one_line, osteo_warnings
 
 from osteo.cli import main
 from osteo.runs import CvDir, RunDir
@@ -149,6 +149,24 @@ def test_a_checkpoint_changed_since_training_is_refused(run, phantom_dir, tmp_pa
     # an unreadable record leaves the checkpoint loadable, unchecked, with a warning
     unchecked = copy_run(run, tmp_path / "no-record")
     unchecked.env_path.write_text("[]")
-    assert main(["predict", str(unchecked), image, "--out", str(out)]) == 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("osteo: warning: cannot check best.weights.h5") and "env.json" in err[0]
+    with osteo_warnings() as said:
+        assert main(["predict", str(unchecked), image, "--out", str(out)]) == 0
+    assert len(said) == 1 and said[0].startswith("cannot check best.weights.h5") and "env.json" in said[0], said
+
+
+def test_a_run_without_its_calibration_says_so_where_its_probabilities_are_used(run, phantom_dir, tmp_path):
+    """predict, eval --data and export of a run whose calibration.json was lost gave raw
+    probabilities and no operating point without a word."""
+    image = str(next((phantom_dir / "osteoporosis").iterdir()))
+    copy = copy_run(run, tmp_path / "lost")
+    copy.calibration_path.unlink()
+    out = tmp_path / "p.csv"
+    with osteo_warnings() as said:
+        assert main(["predict", str(copy), image, "--out", str(out)]) == 0
+    assert said == [f"run {copy.path} has no calibration.json: its probabilities are not calibrated (temperature 1) "
+                    f"and no operating point decides; calibrate it with: osteo calibrate {copy.path}"]
+    assert not any(c.startswith("screen_") for c in out.read_text().splitlines()[0].split(","))
+    # asked for the raw probabilities: nothing to say
+    with osteo_warnings() as said:
+        assert main(["predict", str(copy), image, "--out", str(tmp_path / "raw.csv"), "--no-calibration"]) == 0
+    assert said == []
