@@ -481,8 +481,10 @@ def cmd_report(args) -> int:
     for label in cols.values():  # a narrow terminal folds a cell, never cuts it
         table.add_column(label, justify="right", overflow="fold")
     chose = {r["chose"] for r in rows} - {"nothing"}
+    engines = len({r.get("engine") for r in rows}) > 1  # runs of both engines: each row says its own
     for r in rows:  # a row whose images chose something is starred, and the star said below
-        table.add_row(r["model"], r["evaluated_on"] + (" *" if r["chose"] != "nothing" else ""),
+        table.add_row(r["model"] + (f" ({r.get('engine')})" if engines else ""),
+                      r["evaluated_on"] + (" *" if r["chose"] != "nothing" else ""),
                       *((_p_cell if c == "mcnemar_p_holm" else _metric_cell)(r[c]) for c in cols))
     console.print(table)
     print("".join(f"*: images {which_chose(c)}; " for c in sorted(chose))
@@ -507,7 +509,9 @@ def _add_report_parser(sub) -> None:
 def cmd_predict(args) -> int:
 
     from osteo.predict import predict_files
+    from osteo.runs import RunDir
 
+    RunDir(args.run).check(need=(RunDir.BEST,), finished=True)  # a missing run is said first, not the CSV
     out = args.out
     if out is None:  # here, and never over an earlier CSV unasked
         out = Path(PREDICTIONS_CSV)

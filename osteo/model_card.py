@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from osteo.device import get_engine
 from osteo.evaluate import CHOSE, METRICS, SPLIT_NAMES, external_points, headline_split, provenance
 from osteo.files import write_text
 from osteo.runs import RunDir
@@ -42,7 +43,8 @@ def write_model_card(run_dir) -> Path:
            else f"fold {recipe.data.fold + 1} of {recipe.data.folds} validating)" if recipe.data.folds else
            f"{recipe.data.val:.0%} validation, {recipe.data.test:.0%} test)"), "",
         "## Recipe", "",
-        f"`{recipe.name}`: {recipe.model.backbone}, weights {recipe.model.weights}, {recipe.data.image_size} px, "
+        f"`{recipe.name}`: {recipe.model.backbone} on the {recipe.model.impl} engine ({get_engine(recipe.model.impl).describes}), "
+        f"weights {recipe.model.weights}, {recipe.data.image_size} px, "
         f"preprocessing {recipe.model.preprocessing}, {recipe.train.epochs} + {recipe.train.fine_tune_epochs} "
         f"epochs (frozen + fine-tuned), {recipe.train.optimizer} lr {recipe.train.lr:g} / "
         f"{recipe.train.fine_tune_lr:g}, batch {recipe.data.batch_size}, best checkpoint by {recipe.train.monitor}"

@@ -115,6 +115,7 @@ def test_a_trained_run_is_calibrated_with_a_model_card_and_recalibrates_on_deman
     assert cal["temperature"] > 0 and {p["name"] for p in cal["operating_points"]} == {"osteoporosis", "osteopenia+"}
     card = run.model_card_path.read_text()
     assert "not for diagnosis" in card and "Temperature" in card and "osteopenia+" in card
+    assert "tiny on the keras engine (keras.applications layers)" in card
     assert main(["calibrate", str(run), "--operating-point", "osteoporosis:specificity=0.5",
                  "--bootstrap", "50"]) == 0
     assert "temperature" in capsys.readouterr().out

@@ -47,6 +47,7 @@ def test_report_files_and_contents(two_runs, tmp_path):
     with open(tmp_path / "rep" / "comparison.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and set(COMPARISON_COLUMNS) <= set(rows[0])
+    assert {r["engine"] for r in rows} == {"keras"}  # which backbone implementation each row trained
     assert not any(r["model"] == "oracle" for r in rows)  # no latents.csv here: no ceiling to show
     for r in rows:
         assert float(r["accuracy_lo"]) <= float(r["accuracy"]) <= float(r["accuracy_hi"])
