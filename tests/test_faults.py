@@ -284,6 +284,9 @@ def test_predict_without_out_never_replaces_an_earlier_csv_unasked(finished_run,
     one = str(next((phantom_dir / "normal").iterdir()))
     assert main(["predict", str(finished_run), one]) == 2  # the default is there: refused, kept
     assert "predictions.csv exists (an earlier osteo predict's?); pass --out predictions.csv" in one_line(capsys)
+    assert main(["predict", str(tmp_path / "no-such-run"), one]) == 2  # the missing run is what is said
+    line = one_line(capsys)
+    assert "no-such-run" in line and "predictions.csv" not in line, line
     assert (tmp_path / "predictions.csv").read_bytes() == first
     assert main(["predict", str(finished_run), one, "--out", "predictions.csv"]) == 0  # asked: replaced
     assert (tmp_path / "predictions.csv").read_bytes() != first
