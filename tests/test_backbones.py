@@ -148,3 +148,15 @@ def test_the_readmes_tables_are_the_registrys():
         block = re.search(rf"<!-- {tag}: [^>]*-->\n(.*?)\n<!-- /{tag} -->", readme, re.S)
         assert block, f"README.md lost its {tag} table"
         assert block.group(1) == table, f"README.md's {tag} table is stale; paste osteo.registry.{tag}_markdown():\n{table}"
+
+
+def test_a_librarys_long_error_is_quoted_to_a_sentence_or_word_end():
+    """A truncated .pth quoted by osteo's weights error read "...your checkpoint file is; pass ..."."""
+    from osteo.backbones.base import SHORT, short
+
+    long = ("PytorchStreamReader failed reading zip archive: failed finding central directory. This is " * 4).strip()
+    said = short(RuntimeError(long))
+    assert len(said) <= SHORT + 4 and said.endswith("directory. ...") and long.startswith(said[:-4])
+    words = RuntimeError("word " * 80)
+    assert short(words).endswith("word ...") and len(short(words)) <= SHORT + 4
+    assert short(RuntimeError("a\n  short   one")) == "a short one" and short(RuntimeError()) == "RuntimeError"

@@ -164,8 +164,18 @@ def looks_like_network_error(e: BaseException) -> bool:
     )
 
 
+SHORT = 200  # the most of a library's error message an osteo error line quotes
+
+
 def short(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200] or type(e).__name__
+    """``e``'s message on one line, at most about :data:`SHORT` characters: cut at the end of a
+    sentence or a word, and the cut said (`` ...``), never mid-word."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if len(text) <= SHORT:
+        return text
+    cut = text[:SHORT]
+    end = max(cut.rfind(". "), cut.rfind("; "))
+    return (cut[: end + 1] if end > SHORT // 2 else cut[: cut.rfind(" ")].rstrip(",;:")) + " ..."
 
 
 OFFLINE_FIX = "train from scratch with WEIGHTS=none, or pass a local file with WEIGHTS=/path/to/file"
