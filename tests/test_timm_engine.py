@@ -6,6 +6,7 @@ this file a second time with ``KERAS_BACKEND=torch`` (the TensorFlow pass skips 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -118,6 +119,22 @@ def test_phases_freeze_and_unfreeze_the_modules_parameters():
     assert {id(v.value) for v in clf.backbone.trainable_weights} == {id(params[n]) for n in trainable}
     clf.unfreeze_backbone(0)
     assert {n for n, p in params.items() if p.requires_grad} == set(params) - bn
+
+
+@pytest.mark.parametrize("engine", ["keras", "timm"])
+def test_unfreezing_again_trains_what_the_new_depth_says_on_both_engines(engine):
+    """unfreeze(1) and then unfreeze(0) left the keras engine at the top stage only."""
+    def counts(*depths, freeze_bn=True):
+        clf = Classifier("tiny", image_size=32, weights="none", augment=NO_AUG, impl=engine, freeze_bn=freeze_bn)
+        clf.build()
+        clf.freeze_backbone()
+        for depth in depths:
+            clf.unfreeze_backbone(depth)
+        return clf.trainable_counts()["backbone_trainable"]
+
+    assert 0 < counts(1) < counts(0)
+    assert counts(1, 0) == counts(0) and counts(0, 1) == counts(1) and counts(1, 2) == counts(2)
+    assert counts(1, 0, freeze_bn=False) == counts(0, freeze_bn=False) > counts(0)
 
 
 @pytest.mark.parametrize("engine", ["keras", "timm"])
@@ -382,6 +399,9 @@ def test_the_cli_loads_a_timm_run_on_pytorch_without_being_asked(timm_run, phant
     proc = osteo("report", str(timm_run.path), "--out", str(tmp_path / "report"), "--bootstrap", "20")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "report" / "index.html").exists()
+    with open(tmp_path / "report" / "comparison.csv", newline="") as f:
+        assert {r["engine"] for r in csv.DictReader(f)} == {"timm"}
+    assert "tiny on the timm engine (timm's PyTorch module inside the Keras model)" in timm_run.model_card_path.read_text()
     proc = osteo("export", str(timm_run.path), "--format", "savedmodel")
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert "timm engine" in proc.stderr and "exports onnx, keras, not savedmodel" in proc.stderr

@@ -64,6 +64,8 @@ class KerasAppsBackbone(Backbone):
 
     def unfreeze(self, top_stages: int = 0, freeze_bn: bool = True) -> None:
         self.layer.trainable = True
+        for layer in _all_layers(self.layer):  # a functional model's trainable does not reach back into
+            layer.trainable = True  # layers an earlier unfreeze (fewer stages, BatchNorm) set apart
         n = len(self._stage_layers)
         for group in self._stage_layers[: n - top_stages] if 0 < top_stages < n else []:
             for layer in group:
