@@ -400,7 +400,7 @@ def test_the_cli_loads_a_timm_run_on_pytorch_without_being_asked(timm_run, phant
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "report" / "index.html").exists()
     with open(tmp_path / "report" / "comparison.csv", newline="") as f:
-        assert {r["engine"] for r in csv.DictReader(f)} == {"timm"}
+        assert {r["engine"] for r in csv.DictReader(f) if r["model"] != "oracle"} == {"timm"}  # the phantom's ceiling
     assert "tiny on the timm engine (timm's PyTorch module inside the Keras model)" in timm_run.model_card_path.read_text()
     proc = osteo("export", str(timm_run.path), "--format", "savedmodel")
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
