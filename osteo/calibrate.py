@@ -146,7 +146,7 @@ def calibrate_run(run_dir, points: tuple[str, ...] | list[str] = DEFAULT_POINTS,
     specificity at each point, are reported on validation (where they were chosen: optimistic)
     and, where the run has one, on its test split (which chose nothing). A run whose predictions
     cannot be calibrated (not finite, one class only) gets the reason recorded instead."""
-    from osteo.evaluate import expected_calibration_error
+    from osteo.evaluate import CHOSE, SPLIT_NAMES, expected_calibration_error
     from osteo.runs import RunDir
 
     if n_boot < 0:
@@ -155,7 +155,9 @@ def calibrate_run(run_dir, points: tuple[str, ...] | list[str] = DEFAULT_POINTS,
     specs = parse_operating_points(points)
     y, probs, _ = run.read_predictions("val")
     y_test, p_test, _ = run.read_predictions("test")
+    # the top level's n, NLL and ECE are validation's, which chose the temperature and thresholds
     out = {"method": "temperature scaling, fitted on the validation predictions (negative log-likelihood)",
+           "evaluated_on": SPLIT_NAMES["val"], "chose": CHOSE["val"],
            "n": len(y), "temperature": 1.0, "operating_points": []}
     try:
         out["temperature"] = fit_temperature(y, probs)
@@ -172,7 +174,8 @@ def calibrate_run(run_dir, points: tuple[str, ...] | list[str] = DEFAULT_POINTS,
                    ece_before=expected_calibration_error(y, probs),
                    ece_after=expected_calibration_error(y, calibrated))
         if len(y_test) and np.isfinite(p_test).all():  # where the temperature was not fitted
-            out["test"] = {"n": len(y_test), "ece_before": expected_calibration_error(y_test, p_test),
+            out["test"] = {"evaluated_on": SPLIT_NAMES["test"], "chose": CHOSE["test"], "n": len(y_test),
+                           "ece_before": expected_calibration_error(y_test, p_test),
                            "ece_after": expected_calibration_error(y_test, apply_temperature(p_test, temperature))}
     for spec in specs:
         try:

@@ -321,7 +321,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     from osteo.calibrate import operating_point_metrics
     from osteo.data.scan import audit, write_audit
     from osteo.data.split import majority_label
-    from osteo.evaluate import compute_metrics, expected_calibration_error, majority_baseline
+    from osteo.evaluate import CHOSE, compute_metrics, expected_calibration_error, majority_baseline
     from osteo.files import replace_folder, write_json
 
     if n_boot < 0:
@@ -355,7 +355,9 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     metrics = compute_metrics(y, raw, n_boot=n_boot, seed=seed)
     metrics["majority_baseline"] = majority_baseline(y, majority_label(rec.label for rec, _ in kept))
     report = {
-        "run": str(run.path), "data_dir": str(folder), "tta": tta, "n_files": len(result.records),
+        "run": str(run.path), "data_dir": str(folder), "tta": tta,
+        # every number here: that folder's images, which chose nothing (the run's own are left out)
+        "evaluated_on": f"external: {out.name}", "chose": CHOSE["external"], "n_files": len(result.records),
         "unreadable": len(result.records) - len(ok) + len(scored) - len(kept),
         "excluded_training_overlap": len(overlap), "overlap_checked": seen is not None,
         "duplicate_groups": len(result.duplicate_groups),

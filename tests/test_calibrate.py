@@ -113,6 +113,8 @@ def test_a_trained_run_is_calibrated_with_a_model_card_and_recalibrates_on_deman
     run = RunDir(Trainer(tiny_recipe(phantom_dir, tmp_path, epochs=1, bootstrap=50)).run())
     cal = run.read_calibration()
     assert cal["temperature"] > 0 and {p["name"] for p in cal["operating_points"]} == {"osteoporosis", "osteopenia+"}
+    # the top level's NLL and ECE are validation's, which chose
+    assert (cal["evaluated_on"], cal["chose"]) == ("validation", "checkpoint, temperature, thresholds")
     card = run.model_card_path.read_text()
     assert "not for diagnosis" in card and "Temperature" in card and "osteopenia+" in card
     assert "tiny on the keras engine (keras.applications layers)" in card

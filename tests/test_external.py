@@ -31,6 +31,7 @@ def test_another_folder_is_scored_with_the_runs_own_images_left_out(run, phantom
     out = run.eval_path / "hospital-b"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["excluded_training_overlap"] == 5 and metrics["unreadable"] == 1
+    assert (metrics["evaluated_on"], metrics["chose"]) == ("external: hospital-b", "nothing")
     assert metrics["external"]["n"] == 45
     assert metrics["external"]["majority_baseline"]["class"] == "osteoporosis"  # that folder's majority
     lo, hi = metrics["external"]["balanced_accuracy_ci"]

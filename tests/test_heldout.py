@@ -45,6 +45,7 @@ def test_the_default_split_holds_out_a_test_split_that_chose_nothing(finetuned, 
     assert metrics["val"]["chose"] == "checkpoint, temperature, thresholds"
     calibration = run.read_calibration()
     assert calibration["n"] == len(val) and calibration["test"]["n"] == len(test)  # fitted on validation only
+    assert (calibration["test"]["evaluated_on"], calibration["test"]["chose"]) == ("test", "nothing")
     for point in calibration["operating_points"]:
         assert point["chosen_on"] == "val" and point["test"]["n"] == len(test)
     card = run.model_card_path.read_text(encoding="utf-8")
