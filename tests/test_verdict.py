@@ -157,3 +157,33 @@ def test_runs_that_chose_on_their_images_are_compared_apart_and_called_optimisti
                            "optimistic): tiny (trained), the only model measured on these images, is best")
     rows = read_csv(tmp_path / "val" / "comparison.csv")
     assert rows[0]["evaluated_on"] == "validation" and rows[0]["chose"] == "checkpoint, temperature, thresholds"
+
+
+def _pair(ba: float, diff: tuple[float, float, float], acc: tuple[float, float], p: float) -> list[dict]:
+    """The best and one other run on the same images, as comparison.csv holds them."""
+    common = {"evaluated_on": "test", "chose": "nothing", "n": "65", "split_id": "s", "majority_class": "normal",
+              "majority_balanced_accuracy": "0.333", "folds": "", "fold_ttest_p": "", "fold_ttest_p_holm": ""}
+    best = {**common, "model": "vgg16", "run_id": "a", "mcnemar_vs": "(best)", "balanced_accuracy": str(ba),
+            "balanced_accuracy_lo": str(ba - 0.05), "balanced_accuracy_hi": str(ba + 0.05), "accuracy": str(acc[0]),
+            "balanced_accuracy_diff": "", "balanced_accuracy_diff_lo": "", "balanced_accuracy_diff_hi": "",
+            "mcnemar_p": "", "mcnemar_p_holm": ""}
+    other = {**common, "model": "tiny", "run_id": "b", "mcnemar_vs": "vgg16 (a)", "accuracy": str(acc[1]),
+             "balanced_accuracy": str(ba + diff[0]), "balanced_accuracy_lo": str(ba + diff[0] - 0.05),
+             "balanced_accuracy_hi": str(ba + diff[0] + 0.05), "balanced_accuracy_diff": str(diff[0]),
+             "balanced_accuracy_diff_lo": str(diff[1]), "balanced_accuracy_diff_hi": str(diff[2]),
+             "mcnemar_p": str(p), "mcnemar_p_holm": str(p)}
+    return [best, other]
+
+
+def test_a_significant_mcnemar_is_no_significant_difference_where_the_interval_covers_zero():
+    """McNemar compares accuracy, the ranking balanced accuracy: a run more accurate than the best,
+    whose balanced-accuracy difference interval covered 0, was called "a significant difference"."""
+    from osteo.report.verdict import verdict
+
+    (said,) = verdict(_pair(0.334, (-0.014, -0.088, 0.058), (0.217, 0.317), 0.025))
+    assert "a significant difference" not in said and "not a clear difference in balanced accuracy" in said
+    assert "tiny (b) is the more accurate (0.317 against 0.217)" in said
+    (said,) = verdict(_pair(0.6, (-0.2, -0.3, -0.1), (0.6, 0.4), 0.001))  # both say so: significant
+    assert "a significant difference." in said and "more accurate" not in said
+    (said,) = verdict(_pair(0.6, (-0.02, -0.08, 0.04), (0.6, 0.59), 0.4))
+    assert "no significant difference." in said

@@ -43,7 +43,7 @@ def _paragraph(group: list[dict], rows: list[dict]) -> str:
         if r is best:
             continue
         if r in tested:
-            out.append(_difference(r, len(tested)))
+            out.append(_difference(r, best, len(tested)))
         else:
             out.append(f"{_name(r)}, with balanced accuracy {_ci(r)}, was measured on other images than "
                        f"{_name(best)}: the two cannot be paired, so they are not tested.")
@@ -68,8 +68,13 @@ def _paragraph(group: list[dict], rows: list[dict]) -> str:
     return " ".join(out)
 
 
-def _difference(r: dict, m: int) -> str:
-    """One run against the best: by how much, the paired tests, and what they say."""
+def _difference(r: dict, best: dict, m: int) -> str:
+    """One run against the best: by how much, the paired tests, and what they say.
+
+    The ranking is by balanced accuracy; McNemar's test (and the folds' t-test of accuracy)
+    compare which images each model gets right, that is accuracy. So a difference is called
+    significant only where the tests are and the paired bootstrap interval of the balanced
+    accuracy difference excludes 0; a model more accurate than the best is said to be."""
     diff = to_float(r["balanced_accuracy_diff"])
     lo, hi = to_float(r["balanced_accuracy_diff_lo"]), to_float(r["balanced_accuracy_diff_hi"])
     # + 0.0: no "-0.000" where the interval touches zero
@@ -82,14 +87,21 @@ def _difference(r: dict, m: int) -> str:
         tests.append(f"paired t-test over the {r['folds']} folds p = {_p(r, 'fold_ttest_p'):.3g} (Holm-adjusted: "
                      f"{_p(r, 'fold_ttest_p_holm'):.3g})")
         adjusted.append(_p(r, "fold_ttest_p_holm"))
+    covers_zero = not math.isnan(lo) and lo <= 0 <= hi
     if all(p < ALPHA for p in adjusted):
-        said = "a significant difference"
+        said = ("a significant difference" if not covers_zero else
+                "the tests find the models differ in which images they get right, but the balanced-accuracy "
+                "interval includes 0: not a clear difference in balanced accuracy")
     elif all(p >= ALPHA for p in adjusted):
         said = "no significant difference"
     else:
         said = ("significant by McNemar on the pooled images but not across the folds: not a clear difference"
                 if adjusted[0] < ALPHA else "significant across the folds but not by McNemar on the pooled images: "
                 "not a clear difference")
+    acc, best_acc = to_float(r.get("accuracy")), to_float(best.get("accuracy"))
+    if acc > best_acc:  # NaN compares False: no accuracy, nothing said
+        said += (f"; {_name(r)} is the more accurate ({acc:.3f} against {best_acc:.3f}): McNemar's test compares "
+                 "accuracy, the ranking balanced accuracy")
     return (f"{_name(r)} scores {to_float(r['balanced_accuracy']):.3f}, {-diff + 0.0:.3f} below the best{interval}; "
             f"{'; '.join(tests)}: {said}.")
 
