@@ -217,6 +217,8 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
         raise OsteoError(f"--fold {fold} is not one of 1..{k}")
     settings = cv_settings(recipe, k)
     parent = CvDir(cv) if cv else _unfinished_cv(recipe, k, settings)
+    if parent is None or not parent.is_cv():  # before its folder is made: no empty cross-validation left
+        check_folds(recipe, k)
     if parent is None:
         parent = CvDir(new_run_dir(recipe.runs_dir, recipe.model.backbone).path)
     elif not cv:
@@ -243,6 +245,39 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
         else:
             Trainer(r, console=console, command=command, plan=plan, at=run.path).run()
     return parent
+
+
+def check_folds(recipe: Recipe, k: int) -> None:
+    """Every fold of a K-fold cross-validation of ``recipe``'s data can be trained and scored:
+    it holds out images of every class, and leaves each class training and inner-validation
+    images; else a one-line error with the fix (the largest K the classes allow). The splits
+    are the ones the folds' trainers will make (same audit, seed, groups and conflicts)."""
+    from collections import Counter
+
+    from osteo.data.scan import audit
+    from osteo.data.split import check_split, majority_label, read_groups_csv, split_rows
+
+    cfg = _fold_recipe(recipe, k, 1).data
+    result = audit(cfg.dir)
+    rows = result.manifest_rows()
+    groups = read_groups_csv(cfg.groups_csv) if cfg.groups_csv else None
+    for i in range(k):
+        split, _ = split_rows(rows, val_fraction=cfg.val, folds=k, fold=i, seed=recipe.train.seed,
+                              group_regex=cfg.group_regex or None, groups=groups, conflicts=cfg.conflicts,
+                              inner_val=cfg.inner_val, group_by=cfg.group_by)
+        held = Counter(r["label"] for r in split if r["split"] == "test")
+        members: dict[str, list[str]] = {}
+        for r in split:
+            members.setdefault(r["group"], []).append(r["label"])
+        per_class = Counter(majority_label(labels) for labels in members.values())
+        most = min(per_class.get(c, 0) for c in per_class) if per_class else 0
+        short = [c for c in per_class if not held[c]]
+        if short:
+            c = min(short, key=lambda c: per_class[c])
+            raise OsteoError(f"--folds {k} is more folds than class {c} has groups to hold out ({per_class[c]}: "
+                             f"images, or patients and duplicates kept whole): fold {i + 1} would score none of its "
+                             f"images; use --folds {max(2, most)} or fewer, or add {c} images")
+        check_split(split, val_option="--set data.inner_val=F (each fold's validation share of its training images)")
 
 
 def _fold_recipe(recipe: Recipe, k: int, i: int) -> Recipe:

@@ -48,6 +48,7 @@ with the trials left and an estimate of the time they take, from the pace so far
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import datetime
@@ -74,7 +75,7 @@ from osteo.data.split import INNER_VAL
 from osteo.errors import OsteoError
 from osteo.files import read_json, write_json
 from osteo.runs import CvDir, RunDir, check_output_place
-from osteo.session import TrainOptions, build_recipe, ensure_phantom
+from osteo.session import TrainOptions, build_recipe, check_folds, ensure_phantom
 
 RETRIES = 2  # per trial, each from its last completed epoch
 METRIC = "val_macro_f1"  # what the search ranks, per epoch from history.csv
@@ -878,7 +879,11 @@ def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
     try:
         for m, r in plan.recipes.items():
             ensure_phantom(r, say)  # here, before concurrent trials race to write it
-            for seed in plan.seeds:  # likewise cv.json
+            for seed in plan.seeds:  # likewise cv.json, once every fold of the seed's split can be scored
+                if not CvDir(_cv_path(plan, m, seed)).is_cv():
+                    seeded = copy.deepcopy(r)
+                    seeded.train.seed = seed
+                    check_folds(seeded, cfg.folds)
                 CvDir(_cv_path(plan, m, seed)).start(folds=cfg.folds, seed=seed, recipe=r.name, model=m)
         if search:
             search_specs = _search_specs(plan, cfg)

@@ -140,3 +140,25 @@ def test_one_fold_at_a_time_lands_in_the_same_parent(phantom_dir, tmp_path, caps
     assert "is not a cross-validation (no cv.json there); start one with --folds K" in one_line(capsys)
     assert main(["export", str(cv)]) == 2  # a cross-validation where one run is wanted: say which it is
     assert f"is a cross-validation, not one run: give one of its folds, e.g. {cv / 'fold-1'}" in one_line(capsys)
+
+
+def test_folds_the_data_cannot_fill_are_refused_before_anything_is_written(phantom_dir, tmp_path, capsys):
+    """--folds 500 on 120 images trained every fold, those past the smallest class's size holding
+    out nothing; a class too small for the inner validation named data.val, which folds do not
+    use; and each refusal left an empty cross-validation folder behind."""
+    import shutil
+
+    counts = {c.name: len(list(c.iterdir())) for c in phantom_dir.iterdir() if c.is_dir()}
+    smallest = min(counts.values())
+    runs = tmp_path / "runs"
+    assert main(_cv_args(phantom_dir, runs, "--folds", str(smallest + 1))) == 2
+    line = one_line(capsys)
+    assert f"--folds {smallest + 1} is more folds than class" in line and f"use --folds {smallest} or fewer" in line
+    few = tmp_path / "few"
+    shutil.copytree(phantom_dir, few)
+    for f in sorted((few / "osteopenia").iterdir())[2:]:  # two osteopenia images: one held out, one to train
+        f.unlink()
+    assert main(_cv_args(few, runs, "--folds", "2")) == 2
+    line = one_line(capsys)
+    assert "class osteopenia has" in line and "--set data.inner_val=F" in line, line
+    assert not runs.exists() or not any(runs.rglob("cv.json")), "a refused cross-validation left its folder"

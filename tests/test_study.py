@@ -339,3 +339,10 @@ def test_a_study_killed_while_scoring_continues_with_the_same_command(phantom_di
 
 def _study_json_at(tmp_path) -> dict:
     return json.loads((tmp_path / "report" / "study.json").read_text(encoding="utf-8"))
+
+
+def test_more_folds_than_a_class_can_fill_are_refused_before_any_trial(phantom_dir, tmp_path):
+    smallest = min(len(list(c.iterdir())) for c in phantom_dir.iterdir() if c.is_dir())
+    with pytest.raises(OsteoError, match=re.escape(f"use --folds {smallest} or fewer")) as e:
+        run_study(_cfg(phantom_dir, tmp_path, folds=smallest + 1), say=lambda text: None, warn=lambda text: None)
+    assert "\n" not in str(e.value) and not list((tmp_path / "runs").rglob("cv.json"))

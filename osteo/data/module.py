@@ -83,7 +83,7 @@ class DataModule:
             )
             # a cross-validation's test split is one outer fold: its numbers are pooled over all folds
             check_split(split, min_test=MIN_TEST_PER_CLASS if cfg.test and not cfg.folds else 0,
-                        val_option="--set data.val=F")
+                        val_option="--set data.inner_val=F" if cfg.folds else "--set data.val=F")
         self.split = split
         entries, gone = {}, []
         for r in split:
