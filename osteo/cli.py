@@ -320,7 +320,7 @@ def cmd_train(args) -> int:
     if args.resume:
         if args.folds is not None or args.fold is not None or args.cv:
             raise OsteoError("--resume takes one run; to resume a fold, pass its folder: --resume CV_DIR/fold-I")
-        run, recipe = resume_recipe(args.resume, args.model, options)
+        run, recipe = resume_recipe(args.resume, args.model, options, named=args.recipe)
     elif args.recipe is None:
         raise OsteoError("osteo train needs a recipe or a backbone, e.g. osteo train finetune --model vgg16 "
                          "(or --resume RUN_DIR to continue a run)")

@@ -110,17 +110,31 @@ def build_recipe(name: str, model: str | None, options: TrainOptions) -> Recipe:
     return resolved
 
 
-def resume_recipe(spec: str, model: str | None, options: TrainOptions) -> tuple[RunDir, Recipe]:
+def _recipe_name(named: str, backbone: str) -> str | None:
+    """The name ``osteo train NAMED --model BACKBONE`` would give its recipe; None if it names none."""
+    try:
+        return recipe_for(named, backbone).name
+    except OsteoError:
+        return None
+
+
+def resume_recipe(spec: str, model: str | None, options: TrainOptions,
+                  named: str | None = None) -> tuple[RunDir, Recipe]:
     """``--resume``: the run to continue (a path, or ``latest``) and its own resolved recipe.
 
     The run's recipe decides everything; an option given with ``--resume`` is applied
     where that is safe (``--epochs`` above the run's total: the last phase gets the
-    extra epochs), accepted when it repeats the run's value, and refused otherwise.
+    extra epochs), accepted when it repeats the run's value, and refused otherwise; so is
+    a recipe ``named`` on the command line (``osteo train finetune --resume RUN``) that is
+    not the run's own.
     """
     o = options
     run = find_run(spec, o.runs or "runs", model)
     recipe = resolve(run.read_recipe(), trained=True)
     d, t = recipe.data, recipe.train
+    if named is not None and _recipe_name(named, recipe.model.backbone) != recipe.name:
+        raise OsteoError(f"{run.path} was trained with the recipe {recipe.name}, not {named}, and --resume continues "
+                         f"it as it was: drop {named!r}, or start a new run with it")
     asked = {"--model": (model, recipe.model.backbone), "--data": (o.data, d.dir),
              "--weights": (o.weights, recipe.model.weights), "--image-size": (o.image_size, d.image_size),
              "--batch": (o.batch, d.batch_size), "--seed": (o.seed, t.seed),

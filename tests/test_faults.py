@@ -143,6 +143,10 @@ def test_resume_applies_more_epochs_and_refuses_other_changes(unfinished_run, ca
                            (["--mlflow"], "--mlflow cannot be turned on")):
         assert main(["train", "seed", "--resume", str(unfinished_run), *extra]) == 2, extra
         assert message in one_line(capsys)
+    # another recipe named with --resume was ignored: the run finished as its own recipe said
+    assert main(["train", "finetune", "--resume", str(unfinished_run)]) == 2
+    line = one_line(capsys)
+    assert f"was trained with the recipe {unfinished_run.read_recipe().name}, not finetune" in line, line
     assert not unfinished_run.is_finished()
     # latest finds it (the only resumable run), and two more epochs are applied
     runs_dir = unfinished_run.path.parent.parent
