@@ -444,7 +444,8 @@ def check_output_place(path: str | os.PathLike, option: str, fix: str, own: str 
     folder's, or ``data``'s, one names a place outside)."""
     target = Path(path).resolve()
     if data is not None and Path(data).is_dir() and target.is_relative_to(Path(data).resolve()):
-        outside = Path(data).resolve().parent / target.name
+        inside = Path(data).resolve()
+        outside = inside.parent / (target.name if target != inside else f"{target.name}-{option.strip('-')}")
         raise OsteoError(f"{option} {path} is inside {data}, the folder the command reads images from, where osteo "
                          f"would meet what it writes at every audit; write outside it, e.g. {option} {outside}")
     dataset = data if dataset is None else dataset

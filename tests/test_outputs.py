@@ -91,6 +91,11 @@ def test_no_output_lands_where_osteo_would_read_it_as_images(run, phantom_dir, t
         (["train", "tiny", "--data", str(data), "--runs", str(data / "runs"), "--weights", "none",
           "--image-size", "32"], f"the folder the command reads images from, where osteo would meet what it "
                                  f"writes at every audit; write outside it, e.g. --runs {tmp_path / 'runs'}"),
+        # the data folder itself: the suggestion is another folder, not the one refused
+        (["train", "tiny", "--data", str(data), "--runs", str(data), "--weights", "none", "--image-size", "32"],
+         f"write outside it, e.g. --runs {tmp_path / 'data-runs'}"),
+        # a report of runs trained on a folder, written into that folder
+        (["report", str(run), "--out", str(phantom_dir / "rep"), "--bootstrap", "20"], "the folder the command reads"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
