@@ -64,7 +64,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +72,7 @@ import numpy as np
 
 from osteo import killpoints
 from osteo.data.split import INNER_VAL
-from osteo.errors import OsteoError
+from osteo.errors import OsteoError, Stopped
 from osteo.files import read_json, write_json
 from osteo.runs import CvDir, RunDir, check_output_place
 from osteo.session import TrainOptions, build_recipe, check_folds, ensure_phantom
@@ -452,6 +452,7 @@ class _Ray:
 
         by_id = {s["id"]: s for s in specs}
         self.stages += 1
+        signals = _SignalStopper()
         trainable = tune.with_resources(tune.with_parameters(_tune_trial, specs=by_id),
                                         {"cpu": self.cfg.cpus_per_trial, "gpu": self.cfg.gpus_per_trial})
         tuner = tune.Tuner(
@@ -464,10 +465,12 @@ class _Ray:
                 name=f"stage-{self.stages}", storage_path=str(self.tmp / "tune"), verbose=0,
                 callbacks=[_say_callback(by_id, say, _Progress(specs))],
                 # a lost worker runs the trial again; it resumes, and counts the attempts already made
-                failure_config=tune.FailureConfig(max_failures=RETRIES)),
+                failure_config=tune.FailureConfig(max_failures=RETRIES),
+                stop=signals.stopper(tune)),
         )
-        with _legacy_tune_output():
+        with _legacy_tune_output(), signals.catching():
             grid = tuner.fit()
+        signals.raise_if_caught()
         out = {}
         for result in grid:
             spec = by_id[result.config["id"]]
@@ -487,6 +490,50 @@ class _Ray:
         if self.owned and self.ray.is_initialized():
             self.ray.shutdown()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class _SignalStopper:
+    """SIGTERM and Ctrl-C while Tune runs: recorded, and Tune stops every trial at its next step
+    (a Stopper's ``stop_all``); the stage then raises :class:`Stopped` or KeyboardInterrupt.
+    Raised inside Ray's wait (Cython) instead, they became a SystemError or a result without a
+    config, and the study a traceback with exit code 1. Tune's own Ctrl-C handler is kept out
+    (``TUNE_DISABLE_SIGINT_HANDLER``), so one handler decides."""
+
+    def __init__(self):
+        self.signals: list[int] = []
+
+    def stopper(self, tune):
+        signals = self.signals
+
+        class Stop(tune.Stopper):
+            def __call__(self, trial_id, result) -> bool:
+                return bool(signals)
+
+            def stop_all(self) -> bool:
+                return bool(signals)
+
+        return Stop()
+
+    @contextlib.contextmanager
+    def catching(self) -> Iterator[None]:
+        before = {s: signal.signal(s, lambda signum, frame: self.signals.append(signum))
+                  for s in (signal.SIGTERM, signal.SIGINT)}
+        tune_own = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        try:
+            yield
+        finally:
+            for s, handler in before.items():
+                signal.signal(s, handler)
+            if tune_own is None:
+                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+            else:
+                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = tune_own
+
+    def raise_if_caught(self) -> None:
+        """Tune has stopped its trials: the CLI says how to continue (exit code 143, or 130)."""
+        if self.signals:
+            raise Stopped if self.signals[0] == signal.SIGTERM else KeyboardInterrupt
 
 
 @contextlib.contextmanager

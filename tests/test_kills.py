@@ -231,6 +231,24 @@ def test_ctrl_c_in_training_says_how_to_continue_and_that_continues_it(phantom_d
     assert [r["epoch"] for r in _rows(run / "history.csv")] == ["1", "2"] and RunDir(run).is_finished()
 
 
+def test_ctrl_c_stops_a_study_running_trials_side_by_side_in_one_line(phantom_dir, tmp_path):
+    """Two trials at a time, Ctrl-C (SIGINT) when the first ends: the signal landed inside Ray's
+    wait and the study ended in a SystemError or a result without a config, exit code 1. Tune
+    now stops the trials and the study says how to continue; the same command finishes it."""
+    args = ["study", "--models", "tiny", "--recipe", "seed", "--folds", "3", "--data", phantom_dir, "--weights",
+            "none", "--image-size", "32", "--epochs", "1", "--runs", "runs", "--out", "study",
+            "--set", "train.tensorboard=false", "--set", "train.bootstrap=20", "--set", "train.steps_per_epoch=2"]
+    proc = _osteo(args, tmp_path, kill_at="study.trial_ended", OSTEO_KILL_SIGNAL="INT", OSTEO_KILL_IF="study")
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == ["osteo: interrupted; run the same command again to continue"]
+    assert json.loads((tmp_path / "study" / "study.json").read_text())["status"] == "running"
+    proc = _osteo(args, tmp_path)
+    _ok(proc)
+    assert json.loads((tmp_path / "study" / "study.json").read_text())["status"] == "finished"
+    (cv_path,) = (tmp_path / "runs" / "tiny").iterdir()
+    assert CvDir(cv_path).is_finished()
+
+
 def test_sigterm_stops_a_study_in_one_line_and_the_same_command_continues_it(phantom_dir, tmp_path):
     """On Ray where it is installed (its own SIGTERM handler exited 1 with a crash report)."""
     args = ["study", "--models", "tiny", "--recipe", "seed", "--folds", "2", "--data", phantom_dir, "--weights",
