@@ -97,6 +97,8 @@ def test_the_report_pools_out_of_fold_predictions_and_pairs_the_folds(two_cvs, t
         assert int(r["n"]) == n_images  # pooled: every image scored once
         assert float(r["balanced_accuracy_lo"]) <= float(r["balanced_accuracy"]) <= float(r["balanced_accuracy_hi"])
         assert r["balanced_accuracy_mean"] and r["balanced_accuracy_sd"]
+    # images trained on: the folds' mean, not fold 1's count
+    assert int(a["n_train"]) == round(sum(f.read_env()["n_train"] for f in cv_a.folds()) / 3)
     # the two are paired: McNemar on the pooled predictions, a paired t-test on the folds (one comparison:
     # Holm leaves both as they are), and the verdict says both
     other = b if a["mcnemar_vs"] == "(best)" else a

@@ -176,8 +176,10 @@ def load_cv(cv: CvDir, n_boot: int = 1000, seed: int = 0) -> Run:
     split_id = hashlib.sha256("".join(f.split_id for f in folds).encode()).hexdigest()[:12]
     fold_metrics = [{"fold": i, "n": f.metrics["n"], **{k: f.metrics[k] for k in HEADLINE}}
                     for i, f in enumerate(folds, start=1)]
+    trained = [f.env.get("n_train") for f in folds]
     env = {**first.env, "train_seconds": _sum_key(folds, "train_seconds"),
-           "n_train": first.env.get("n_train")}
+           # each fold trains on its own images: their mean per fold, not the first fold's count
+           "n_train": round(float(np.mean(trained))) if all(isinstance(n, int) for n in trained) else None}
     calibrated = (np.concatenate([f.calibrated for f in folds])
                   if all(f.calibrated is not None for f in folds) else None)  # each fold's own temperature
     metrics["ece_calibrated"] = expected_calibration_error(y, calibrated) if calibrated is not None else None
