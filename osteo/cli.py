@@ -325,7 +325,7 @@ def cmd_train(args) -> int:
         raise OsteoError("osteo train needs a recipe or a backbone, e.g. osteo train finetune --model vgg16 "
                          "(or --resume RUN_DIR to continue a run)")
     else:
-        recipe = build_recipe(args.recipe, args.model, options)
+        recipe = build_recipe(args.recipe, args.model, options, folds=args.folds or 0)
     backend = args.backend
     if run is not None and backend is None:  # a run resumes on the backend (and engine) it trained on
         with contextlib.suppress(OsteoError, OSError, ValueError):

@@ -65,10 +65,13 @@ class TrainOptions:
         return args
 
 
-def build_recipe(name: str, model: str | None, options: TrainOptions) -> Recipe:
+def build_recipe(name: str, model: str | None, options: TrainOptions, folds: int = 0) -> Recipe:
     """Recipe ``name`` (or finetune, for a backbone's name) for ``model`` with ``options``,
-    resolved (and so checked) before anything is written."""
+    resolved (and so checked) before anything is written. ``folds``: the recipe of a K-fold
+    cross-validation (``osteo train --folds K``: no test fraction, ``data.inner_val`` allowed)."""
     recipe = recipe_for(name, model)
+    if folds:
+        recipe.data.folds, recipe.data.fold, recipe.data.test = folds, 0, 0.0
     o = options
     if o.data:
         recipe.data.dir = o.data

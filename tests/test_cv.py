@@ -164,3 +164,16 @@ def test_folds_the_data_cannot_fill_are_refused_before_anything_is_written(phant
     line = one_line(capsys)
     assert "class osteopenia has" in line and "--set data.inner_val=F" in line, line
     assert not runs.exists() or not any(runs.rglob("cv.json")), "a refused cross-validation left its folder"
+
+
+def test_a_cross_validation_takes_its_inner_validation_share_from_the_command_line(phantom_dir, tmp_path):
+    """--folds 3 --set data.inner_val=0.5 was refused: 'needs data.folds >= 2', although --folds was given."""
+    from osteo.errors import OsteoError
+    from osteo.session import TrainOptions, build_recipe
+
+    options = TrainOptions(data=str(phantom_dir), weights="none", image_size=32, runs=str(tmp_path / "runs"),
+                           overrides=("data.inner_val=0.5",))
+    recipe = build_recipe("finetune", "tiny", options, folds=3)  # finetune holds out a test split on its own
+    assert (recipe.data.inner_val, recipe.data.folds, recipe.data.test) == (0.5, 3, 0.0)
+    with pytest.raises(OsteoError, match=r"needs data\.folds >= 2"):  # a plain run has no use for it
+        build_recipe("finetune", "tiny", options)
