@@ -481,9 +481,9 @@ def cmd_report(args) -> int:
     for label in cols.values():  # a narrow terminal folds a cell, never cuts it
         table.add_column(label, justify="right", overflow="fold")
     chose = {r["chose"] for r in rows} - {"nothing"}
-    engines = len({r.get("engine") for r in rows}) > 1  # runs of both engines: each row says its own
+    engines = len({r.get("engine") for r in rows} - {None, ""}) > 1  # runs of both: each row says its own
     for r in rows:  # a row whose images chose something is starred, and the star said below
-        table.add_row(r["model"] + (f" ({r.get('engine')})" if engines else ""),
+        table.add_row(r["model"] + (f" ({r.get('engine')})" if engines and r.get("engine") else ""),
                       r["evaluated_on"] + (" *" if r["chose"] != "nothing" else ""),
                       *((_p_cell if c == "mcnemar_p_holm" else _metric_cell)(r[c]) for c in cols))
     console.print(table)

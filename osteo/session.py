@@ -113,12 +113,19 @@ def build_recipe(name: str, model: str | None, options: TrainOptions, folds: int
     return resolved
 
 
-def _recipe_name(named: str, backbone: str) -> str | None:
-    """The name ``osteo train NAMED --model BACKBONE`` would give its recipe; None if it names none."""
+def _names_another_recipe(named: str, recipe: Recipe) -> bool:
+    """Whether ``osteo train NAMED --resume RUN`` names something other than RUN's ``recipe``: a
+    backbone's name (``make train MODEL=vgg16 RESUME=latest`` passes it as the recipe) must be
+    the run's backbone, a recipe (shipped, or a file) must give the run's recipe name."""
+    from osteo.recipe import list_recipes
+    from osteo.registry import list_backbones
+
+    if not named.endswith(".py") and named not in list_recipes() and named in list_backbones(include_test=True):
+        return named != recipe.model.backbone
     try:
-        return recipe_for(named, backbone).name
+        return recipe_for(named, recipe.model.backbone).name != recipe.name
     except OsteoError:
-        return None
+        return True
 
 
 def resume_recipe(spec: str, model: str | None, options: TrainOptions,
@@ -135,9 +142,10 @@ def resume_recipe(spec: str, model: str | None, options: TrainOptions,
     run = find_run(spec, o.runs or "runs", model)
     recipe = resolve(run.read_recipe(), trained=True)
     d, t = recipe.data, recipe.train
-    if named is not None and _recipe_name(named, recipe.model.backbone) != recipe.name:
-        raise OsteoError(f"{run.path} was trained with the recipe {recipe.name}, not {named}, and --resume continues "
-                         f"it as it was: drop {named!r}, or start a new run with it")
+    if named is not None and _names_another_recipe(named, recipe):
+        raise OsteoError(f"{run.path} was trained with the recipe {recipe.name} ({recipe.model.backbone}), not "
+                         f"{named}, and --resume continues it as it was: drop {named!r} (make: RECIPE= and MODEL= "
+                         "of the run, or neither), or start a new run with it")
     asked = {"--model": (model, recipe.model.backbone), "--data": (o.data, d.dir),
              "--weights": (o.weights, recipe.model.weights), "--image-size": (o.image_size, d.image_size),
              "--batch": (o.batch, d.batch_size), "--seed": (o.seed, t.seed),
@@ -264,19 +272,20 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
     return parent
 
 
-def check_folds(recipe: Recipe, k: int) -> None:
+def check_folds(recipe: Recipe, k: int, rows: list[dict] | None = None) -> None:
     """Every fold of a K-fold cross-validation of ``recipe``'s data can be trained and scored:
     it holds out images of every class, and leaves each class training and inner-validation
     images; else a one-line error with the fix (the largest K the classes allow). The splits
-    are the ones the folds' trainers will make (same audit, seed, groups and conflicts)."""
+    are the ones the folds' trainers will make (same audit, seed, groups and conflicts).
+    ``rows``: the data folder's audit manifest, where the caller has it (a study checks every
+    backbone and seed on one audit)."""
     from collections import Counter
 
     from osteo.data.scan import audit
     from osteo.data.split import check_split, majority_label, read_groups_csv, split_rows
 
     cfg = _fold_recipe(recipe, k, 1).data
-    result = audit(cfg.dir)
-    rows = result.manifest_rows()
+    rows = audit(cfg.dir).manifest_rows() if rows is None else rows
     groups = read_groups_csv(cfg.groups_csv) if cfg.groups_csv else None
     for i in range(k):
         split, _ = split_rows(rows, val_fraction=cfg.val, folds=k, fold=i, seed=recipe.train.seed,
@@ -291,9 +300,10 @@ def check_folds(recipe: Recipe, k: int) -> None:
         short = [c for c in per_class if not held[c]]
         if short:
             c = min(short, key=lambda c: per_class[c])
+            fix = f"use --folds {most} or fewer, or add {c} images" if most >= 2 else f"add {c} images"
             raise OsteoError(f"--folds {k} is more folds than class {c} has groups to hold out ({per_class[c]}: "
-                             f"images, or patients and duplicates kept whole): fold {i + 1} would score none of its "
-                             f"images; use --folds {max(2, most)} or fewer, or add {c} images")
+                             f"images, or patients and duplicates kept whole): fold {i + 1} would score none of "
+                             f"its {c} images; {fix}")
         check_split(split, val_option="--set data.inner_val=F (each fold's validation share of its training images)")
 
 

@@ -143,14 +143,16 @@ def test_resume_applies_more_epochs_and_refuses_other_changes(unfinished_run, ca
                            (["--mlflow"], "--mlflow cannot be turned on")):
         assert main(["train", "seed", "--resume", str(unfinished_run), *extra]) == 2, extra
         assert message in one_line(capsys)
-    # another recipe named with --resume was ignored: the run finished as its own recipe said
-    assert main(["train", "finetune", "--resume", str(unfinished_run)]) == 2
-    line = one_line(capsys)
-    assert f"was trained with the recipe {unfinished_run.read_recipe().name}, not finetune" in line, line
+    # another recipe or backbone named with --resume was ignored: the run finished as its own recipe said
+    for named in ("finetune", "vgg16"):
+        assert main(["train", named, "--resume", str(unfinished_run)]) == 2
+        line = one_line(capsys)
+        assert f"was trained with the recipe {unfinished_run.read_recipe().name} (tiny), not {named}" in line, line
     assert not unfinished_run.is_finished()
-    # latest finds it (the only resumable run), and two more epochs are applied
+    # latest finds it (the only resumable run), and two more epochs are applied; its backbone's name
+    # is what `make train MODEL=tiny RESUME=latest` passes as the recipe
     runs_dir = unfinished_run.path.parent.parent
-    assert main(["train", "seed", "--resume", "latest", "--runs", str(runs_dir), "--epochs", "3"]) == 0
+    assert main(["train", "tiny", "--resume", "latest", "--runs", str(runs_dir), "--epochs", "3"]) == 0
     assert [int(r["epoch"]) for r in unfinished_run.read_history()] == [1, 2, 3]
     assert unfinished_run.read_recipe().train.epochs == 3 and unfinished_run.is_finished()
 
