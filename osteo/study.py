@@ -62,6 +62,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -469,7 +470,11 @@ class _Ray:
                 stop=signals.stopper(tune)),
         )
         with _legacy_tune_output(), signals.catching():
-            grid = tuner.fit()
+            try:
+                grid = tuner.fit()
+            except Exception:
+                signals.raise_if_caught()  # stopping made Tune fail: the stop is what happened
+                raise
         signals.raise_if_caught()
         out = {}
         for result in grid:
@@ -516,8 +521,20 @@ class _SignalStopper:
 
     @contextlib.contextmanager
     def catching(self) -> Iterator[None]:
-        before = {s: signal.signal(s, lambda signum, frame: self.signals.append(signum))
-                  for s in (signal.SIGTERM, signal.SIGINT)}
+        """Outside the main thread (a caller's own Ray session) signals cannot be caught: Tune's
+        and the caller's handling stay. A second signal meets the handlers from before (a second
+        Ctrl-C interrupts a trial that does not stop)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        before: dict[int, object] = {}
+
+        def record(signum, frame):
+            self.signals.append(signum)
+            for s, handler in before.items():
+                signal.signal(s, handler)
+
+        before.update({s: signal.signal(s, record) for s in (signal.SIGTERM, signal.SIGINT)})
         tune_own = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         try:
@@ -925,13 +942,18 @@ def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
     n_grid = len(cfg.models) * len(plan.seeds) * cfg.folds
     records, chosen, search_specs, scorings, scored = [], None, [], [], {}
     try:
+        audited: dict[str, list[dict]] = {}  # one audit per data folder, for every backbone and seed
         for m, r in plan.recipes.items():
             ensure_phantom(r, say)  # here, before concurrent trials race to write it
             for seed in plan.seeds:  # likewise cv.json, once every fold of the seed's split can be scored
                 if not CvDir(_cv_path(plan, m, seed)).is_cv():
+                    if r.data.dir not in audited:
+                        from osteo.data.scan import audit
+
+                        audited[r.data.dir] = audit(r.data.dir).manifest_rows()
                     seeded = copy.deepcopy(r)
                     seeded.train.seed = seed
-                    check_folds(seeded, cfg.folds)
+                    check_folds(seeded, cfg.folds, audited[r.data.dir])
                 CvDir(_cv_path(plan, m, seed)).start(folds=cfg.folds, seed=seed, recipe=r.name, model=m)
         if search:
             search_specs = _search_specs(plan, cfg)
