@@ -266,10 +266,10 @@ class TimmLayer(keras.layers.TorchModuleWrapper):
         assert len(names) == len(self.variables), "TorchModuleWrapper tracks every parameter once"
         self._variables = dict(zip(names, self.variables))
         self._forward = module.forward_features
-        # unfrozen with freeze_bn (TimmBackbone.unfreeze): BatchNorm keeps its statistics, as a Keras
-        # BatchNormalization layer that is not trainable runs in inference mode
-        self.bn_frozen = False
+        # a BatchNorm whose scale and shift do not train (freeze_bn, or a stage left frozen) keeps its
+        # statistics, as a Keras BatchNormalization layer that is not trainable runs in inference mode
         self._batch_norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        self.frozen_batch_norms: list = []  # TimmBackbone.unfreeze sets them
         self.compiled = False
         if compile:
             self._forward = torch.compile(module.forward_features)
@@ -284,8 +284,8 @@ class TimmLayer(keras.layers.TorchModuleWrapper):
         # never in a frozen BatchNorm (running statistics neither used nor updated)
         train = bool(training) and self.trainable
         self.module.train(train)
-        if train and self.bn_frozen:
-            for m in self._batch_norms:
+        if train:
+            for m in self.frozen_batch_norms:
                 m.training = False
         x = x.permute(0, 3, 1, 2)  # NHWC -> NCHW view: channels-last memory, no copy
         if not self.channels_last:
@@ -323,7 +323,10 @@ class TimmLayer(keras.layers.TorchModuleWrapper):
         if keras.backend.backend() != "torch":  # TorchModuleWrapper cannot run elsewhere
             raise ValueError(f"{config.get('name_in_registry')} is a timm (PyTorch) backbone: load this model "
                              f"with KERAS_BACKEND=torch, not {keras.backend.backend()}")
-        return cls(**config)  # weights="none": load_own_variables puts the saved state dict in
+        # only what get_config writes: a crafted file cannot ask for a download, a weights file or a compile
+        known = ("name", "trainable", "dtype", "name_in_registry", "timm_name", "image_size", "normalize",
+                 "channels_last")
+        return cls(**{k: config[k] for k in known if k in config}, weights="none", compile=False)
 
 
 class TimmBackbone(Backbone):
@@ -351,12 +354,15 @@ class TimmBackbone(Backbone):
         for group in self._stages[: n - top_stages] if 0 < top_stages < n else []:
             for v in group:
                 v.trainable = False
-        layer.bn_frozen = freeze_bn
         if freeze_bn:
             for prefix, m in layer.module.named_modules():
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                     for n_, _ in m.named_parameters(recurse=False):
                         layer._variables[f"{prefix}.{n_}" if prefix else n_].trainable = False
+        # in inference mode: every BatchNorm whose scale and shift are frozen (one without them
+        # follows the layer, as Keras' does)
+        layer.frozen_batch_norms = [m for m in layer._batch_norms if list(m.parameters(recurse=False))
+                                    and not any(p.requires_grad for p in m.parameters(recurse=False))]
 
     def set_bn_momentum(self, momentum: float) -> None:
         """Keras' momentum m is PyTorch's 1 - m (the weight of the old statistics vs the new batch)."""
