@@ -160,3 +160,5 @@ def test_a_librarys_long_error_is_quoted_to_a_sentence_or_word_end():
     words = RuntimeError("word " * 80)
     assert short(words).endswith("word ...") and len(short(words)) <= SHORT + 4
     assert short(RuntimeError("a\n  short   one")) == "a short one" and short(RuntimeError()) == "RuntimeError"
+    path = "cannot open /data/" + "x" * 300  # one long word: cut in it, not before it
+    assert short(RuntimeError(path)) == path[:SHORT] + " ..."

@@ -71,10 +71,11 @@ def _paragraph(group: list[dict], rows: list[dict]) -> str:
 def _difference(r: dict, best: dict, m: int) -> str:
     """One run against the best: by how much, the paired tests, and what they say.
 
-    The ranking is by balanced accuracy; McNemar's test (and the folds' t-test of accuracy)
-    compare which images each model gets right, that is accuracy. So a difference is called
-    significant only where the tests are and the paired bootstrap interval of the balanced
-    accuracy difference excludes 0; a model more accurate than the best is said to be."""
+    The ranking is by balanced accuracy; McNemar's test compares which images each model gets
+    right, that is accuracy. So a difference is called significant only where the tests are
+    (McNemar's, and the folds' paired t-test where there is one) and the paired bootstrap
+    interval of the balanced accuracy difference excludes 0; a model more accurate than the
+    best is said to be."""
     diff = to_float(r["balanced_accuracy_diff"])
     lo, hi = to_float(r["balanced_accuracy_diff_lo"]), to_float(r["balanced_accuracy_diff_hi"])
     # + 0.0: no "-0.000" where the interval touches zero
@@ -90,8 +91,8 @@ def _difference(r: dict, best: dict, m: int) -> str:
     covers_zero = not math.isnan(lo) and lo <= 0 <= hi
     if all(p < ALPHA for p in adjusted):
         said = ("a significant difference" if not covers_zero else
-                "the tests find the models differ in which images they get right, but the balanced-accuracy "
-                "interval includes 0: not a clear difference in balanced accuracy")
+                "the tests find a difference, but the balanced-accuracy interval includes 0: not a clear "
+                "difference in balanced accuracy")
     elif all(p >= ALPHA for p in adjusted):
         said = "no significant difference"
     else:
