@@ -193,6 +193,17 @@ def calibrate_run(run_dir, points: tuple[str, ...] | list[str] = DEFAULT_POINTS,
     return out
 
 
+def external_calibration(y: np.ndarray, calibrated: np.ndarray, temperature: float | None, points: list[dict],
+                         n_boot: int, seed: int) -> dict:
+    """An external folder's numbers that depend on the run's calibration (its metrics.json's
+    ``calibrated`` and ``operating_points``): the calibration error at ``temperature`` and each
+    point's sensitivity and specificity, from the ``calibrated`` probabilities."""
+    from osteo.evaluate import expected_calibration_error
+
+    return {"calibrated": {"temperature": temperature, "ece": expected_calibration_error(y, calibrated)},
+            "operating_points": [operating_point_metrics(y, calibrated, p, n_boot, seed) for p in points]}
+
+
 def _rescore_externals(run, calibration: dict, n_boot: int, seed: int) -> None:
     """Each external validation of the run (``RUN/eval/<folder>/``) measured again at this
     calibration, from its stored probabilities: its calibration error and its operating points,
@@ -201,7 +212,6 @@ def _rescore_externals(run, calibration: dict, n_boot: int, seed: int) -> None:
     leave its stale points out)."""
     import logging
 
-    from osteo.evaluate import expected_calibration_error
     from osteo.files import write_json
     from osteo.runs import RunDir
 
@@ -216,8 +226,6 @@ def _rescore_externals(run, calibration: dict, n_boot: int, seed: int) -> None:
             continue
         if not len(y) or not np.isfinite(raw).all():
             continue
-        calibrated = apply_temperature(raw, calibration["temperature"])
-        record["calibrated"] = {"temperature": calibration["temperature"],
-                                "ece": expected_calibration_error(y, calibrated)}
-        record["operating_points"] = [operating_point_metrics(y, calibrated, p, n_boot, seed) for p in points]
+        t = calibration["temperature"]
+        record.update(external_calibration(y, apply_temperature(raw, t), t, points, n_boot, seed))
         write_json(path, record)

@@ -318,10 +318,10 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     ``run_dir`` may be a cross-validation: its fold models are scored as one
     :class:`Ensemble`, and the images left out are those in any of its folds (its data).
     """
-    from osteo.calibrate import operating_point_metrics
+    from osteo.calibrate import external_calibration
     from osteo.data.scan import audit, write_audit
     from osteo.data.split import majority_label
-    from osteo.evaluate import CHOSE, compute_metrics, expected_calibration_error, majority_baseline
+    from osteo.evaluate import CHOSE, compute_metrics, majority_baseline
     from osteo.files import replace_folder, write_json
 
     if n_boot < 0:
@@ -363,8 +363,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
         "duplicate_groups": len(result.duplicate_groups),
         "ensemble_of": [str(m.run.path) for m in predictor.members] if ensemble else None,
         "external": metrics,
-        "calibrated": {"temperature": predictor.temperature, "ece": expected_calibration_error(y, calibrated)},
-        "operating_points": [operating_point_metrics(y, calibrated, p, n_boot, seed) for p in predictor.points],
+        **external_calibration(y, calibrated, predictor.temperature, predictor.points, n_boot, seed),
     }
     # staged, then moved in whole: a kill leaves the previous validation, never new predictions
     # beside old metrics
