@@ -290,13 +290,18 @@ def _recipe_errors(path: Path, doing: str):
                          "fix the recipe file, or pass a shipped recipe") from None
 
 
+def names_backbone(name: str) -> bool:
+    """Whether ``osteo train NAME`` names a registered backbone (trained with the ``finetune``
+    recipe) rather than a recipe: not a file, not a shipped recipe, a backbone's name."""
+    from osteo.registry import list_backbones
+
+    return not name.endswith(".py") and name not in list_recipes() and name in list_backbones(include_test=True)
+
+
 def recipe_for(name: str, backbone: str | None = None) -> Recipe:
     """``osteo train NAME``: a recipe (shipped or a path), or a registered backbone's name,
     which trains with the ``finetune`` recipe for that backbone."""
-    from osteo.registry import list_backbones
-
-    shipped = not name.endswith(".py") and name in list_recipes()
-    if not shipped and not name.endswith(".py") and name in list_backbones(include_test=True):
+    if names_backbone(name):
         return load_recipe("finetune", backbone=backbone or name)
     return load_recipe(name, backbone=backbone)
 

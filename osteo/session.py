@@ -19,7 +19,14 @@ from pathlib import Path
 from osteo import device
 from osteo.data.split import INNER_VAL
 from osteo.errors import OsteoError
-from osteo.recipe import Recipe, apply_overrides, recipe_for, resolve, set_total_epochs
+from osteo.recipe import (
+    Recipe,
+    apply_overrides,
+    names_backbone,
+    recipe_for,
+    resolve,
+    set_total_epochs,
+)
 from osteo.registry import get_backbone
 from osteo.runs import CvDir, RunDir, find_run, new_run_dir
 
@@ -117,10 +124,7 @@ def _names_another_recipe(named: str, recipe: Recipe) -> bool:
     """Whether ``osteo train NAMED --resume RUN`` names something other than RUN's ``recipe``: a
     backbone's name (``make train MODEL=vgg16 RESUME=latest`` passes it as the recipe) must be
     the run's backbone, a recipe (shipped, or a file) must give the run's recipe name."""
-    from osteo.recipe import list_recipes
-    from osteo.registry import list_backbones
-
-    if not named.endswith(".py") and named not in list_recipes() and named in list_backbones(include_test=True):
+    if names_backbone(named):
         return named != recipe.model.backbone
     try:
         return recipe_for(named, recipe.model.backbone).name != recipe.name
@@ -287,16 +291,18 @@ def check_folds(recipe: Recipe, k: int, rows: list[dict] | None = None) -> None:
     cfg = _fold_recipe(recipe, k, 1).data
     rows = audit(cfg.dir).manifest_rows() if rows is None else rows
     groups = read_groups_csv(cfg.groups_csv) if cfg.groups_csv else None
+    per_class: Counter = Counter()  # each class's groups: the same in every fold's split
     for i in range(k):
         split, _ = split_rows(rows, val_fraction=cfg.val, folds=k, fold=i, seed=recipe.train.seed,
                               group_regex=cfg.group_regex or None, groups=groups, conflicts=cfg.conflicts,
                               inner_val=cfg.inner_val, group_by=cfg.group_by)
+        if not per_class:
+            members: dict[str, list[str]] = {}
+            for r in split:
+                members.setdefault(r["group"], []).append(r["label"])
+            per_class.update(majority_label(labels) for labels in members.values())
+        most = min(per_class.values(), default=0)
         held = Counter(r["label"] for r in split if r["split"] == "test")
-        members: dict[str, list[str]] = {}
-        for r in split:
-            members.setdefault(r["group"], []).append(r["label"])
-        per_class = Counter(majority_label(labels) for labels in members.values())
-        most = min(per_class.get(c, 0) for c in per_class) if per_class else 0
         short = [c for c in per_class if not held[c]]
         if short:
             c = min(short, key=lambda c: per_class[c])
