@@ -84,7 +84,7 @@ import keras
 import numpy as np
 
 import osteo
-import osteo.backbones.timm_torch  # registers TimmLayer: loading a timm run's .keras export)
+import osteo.backbones.timm_torch  # registers TimmLayer, for loading a timm run's .keras export
 from osteo import CLASSES
 from osteo.calibrate import EPS, apply_temperature
 from osteo.classifier import AUGMENTATION
