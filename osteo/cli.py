@@ -180,7 +180,7 @@ def print_audit(result, console=None) -> None:
 
 
 def cmd_audit(args) -> int:
-
+    from osteo.data.pipeline import default_cache_root
     from osteo.data.scan import audit, write_audit
     from osteo.runs import check_output_place
 
@@ -188,7 +188,9 @@ def cmd_audit(args) -> int:
     t0 = time.perf_counter()
     with _progress(_console()) as bar:
         task = bar.add_task("audit", total=None)
-        result = audit(args.data, progress=lambda k, n: bar.update(task, completed=k, total=n))
+        # every file read, not recalled: the records it leaves serve the next run
+        result = audit(args.data, progress=lambda k, n: bar.update(task, completed=k, total=n),
+                       memo=default_cache_root(), recall=False)
     dt = time.perf_counter() - t0
     manifest, report = write_audit(result, args.out)
     print_audit(result)
@@ -204,12 +206,13 @@ def _add_audit_parser(dsub) -> None:
 
 
 def cmd_split(args) -> int:
+    from osteo.data.pipeline import default_cache_root
     from osteo.data.scan import audit
     from osteo.data.split import read_groups_csv, split_rows, write_split
     from osteo.runs import check_output_place
 
     check_output_place(args.out, "--out", "write the split elsewhere, e.g. --out split.csv", dataset=args.data)
-    rows = audit(args.data).manifest_rows()
+    rows = audit(args.data, memo=default_cache_root()).manifest_rows()
     split, excluded = split_rows(
         rows, val_fraction=args.val, test_fraction=args.test, folds=args.folds, fold=args.fold,
         seed=args.seed, group_regex=args.group_regex,

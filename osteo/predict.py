@@ -319,6 +319,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     :class:`Ensemble`, and the images left out are those in any of its folds (its data).
     """
     from osteo.calibrate import external_calibration
+    from osteo.data.pipeline import default_cache_root
     from osteo.data.scan import audit, write_audit
     from osteo.data.split import majority_label
     from osteo.evaluate import CHOSE, compute_metrics, majority_baseline
@@ -332,7 +333,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     seen_in = SEEN_IN["cv" if ensemble else "run"]
     out = Path(out) if out else run.eval_path / folder.resolve().name
     _check_eval_out(run, out, folder)
-    result = audit(folder)
+    result = audit(folder, memo=default_cache_root())
     seen = run.data_hashes()
     if seen is None and warn:
         warn(f"{run} records no content hashes of {seen_in}: overlap with {folder} not checked")

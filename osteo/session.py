@@ -285,11 +285,12 @@ def check_folds(recipe: Recipe, k: int, rows: list[dict] | None = None) -> None:
     backbone and seed on one audit)."""
     from collections import Counter
 
+    from osteo.data.pipeline import default_cache_root
     from osteo.data.scan import audit
     from osteo.data.split import check_split, majority_label, read_groups_csv, split_rows
 
     cfg = _fold_recipe(recipe, k, 1).data
-    rows = audit(cfg.dir).manifest_rows() if rows is None else rows
+    rows = audit(cfg.dir, memo=default_cache_root()).manifest_rows() if rows is None else rows
     groups = read_groups_csv(cfg.groups_csv) if cfg.groups_csv else None
     per_class: Counter = Counter()  # each class's groups: the same in every fold's split
     for i in range(k):

@@ -948,9 +948,10 @@ def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
             for seed in plan.seeds:  # likewise cv.json, once every fold of the seed's split can be scored
                 if not CvDir(_cv_path(plan, m, seed)).is_cv():
                     if r.data.dir not in audited:
+                        from osteo.data.pipeline import default_cache_root
                         from osteo.data.scan import audit
 
-                        audited[r.data.dir] = audit(r.data.dir).manifest_rows()
+                        audited[r.data.dir] = audit(r.data.dir, memo=default_cache_root()).manifest_rows()
                     seeded = copy.deepcopy(r)
                     seeded.train.seed = seed
                     check_folds(seeded, cfg.folds, audited[r.data.dir])

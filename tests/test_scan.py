@@ -310,3 +310,104 @@ def test_a_file_given_as_the_data_folder_says_so_and_what_to_pass(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(OsteoError, match="is a file, not a folder; pass the folder that holds the class"):
         audit(tmp_path / "notes.txt")
+
+
+# --------------------------------------------------------------------------- remembered records
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """Counts the audit's decodes; every file is old enough to be remembered (RACY_S)."""
+    from osteo.data import scan
+
+    calls = []
+    real = scan.decode_gray
+
+    def counted(data, *a, **kw):
+        calls.append(len(data))
+        return real(data, *a, **kw)
+
+    monkeypatch.setattr(scan, "decode_gray", counted)
+    monkeypatch.setattr(scan, "RACY_S", -3600.0)
+    return calls
+
+
+def _rows_and_groups(result):
+    return result.manifest_rows(), result.duplicate_groups
+
+
+def test_a_second_audit_takes_unchanged_files_back_without_decoding_them(messy, tmp_path, decodes):
+    memo = tmp_path / "cache"
+    first = audit(messy, memo=memo)
+    n = len(decodes)
+    assert n >= len(first.ok()) and first.duplicate_groups  # the planted duplicates and conflicts
+    again = audit(messy, memo=memo)
+    assert len(decodes) == n  # nothing decoded again
+    assert _rows_and_groups(again) == _rows_and_groups(first) == _rows_and_groups(audit(messy))
+    assert again.to_json() == first.to_json()
+
+
+def test_a_file_rewritten_in_place_with_its_old_size_and_times_is_read_again(tmp_path, decodes):
+    import os
+
+    root = tmp_path / "data"
+    for i, cls in enumerate(CLASSES):
+        _png(root / cls / "a.bmp", make_image(cls, size=64, seed=3, index=i))
+    memo = tmp_path / "cache"
+    before = {r.path: r.sha256 for r in audit(root, memo=memo).ok()}
+    path = root / "normal" / "a.bmp"
+    st = os.stat(path)
+    other = (root / "osteoporosis" / "a.bmp").read_bytes()  # an uncompressed BMP: the same length
+    assert len(other) == st.st_size
+    with open(path, "r+b") as f:  # in place: the same inode
+        f.write(other)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    while os.stat(path).st_ctime_ns == st.st_ctime_ns:  # the clock's tick: the change's ctime differs
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    now = os.stat(path)
+    assert (now.st_ino, now.st_size, now.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+    n = len(decodes)
+    after = {r.path: r.sha256 for r in audit(root, memo=memo).ok()}
+    assert len(decodes) == n + 1
+    assert after["normal/a.bmp"] == after["osteoporosis/a.bmp"] != before["normal/a.bmp"]
+    assert {p: after[p] for p in after if p != "normal/a.bmp"} == {p: before[p] for p in before if p != "normal/a.bmp"}
+
+
+def test_a_file_changed_just_before_it_was_read_is_not_remembered(messy, tmp_path, decodes, monkeypatch):
+    from osteo.data import scan
+
+    monkeypatch.setattr(scan, "RACY_S", 3600.0)  # every file here was written within the hour
+    memo = tmp_path / "cache"
+    audit(messy, memo=memo)
+    n = len(decodes)
+    audit(messy, memo=memo)
+    assert len(decodes) == 2 * n
+
+
+def test_a_damaged_or_outdated_memo_costs_one_full_audit(messy, tmp_path, decodes, monkeypatch):
+    from osteo.data import scan
+
+    memo = tmp_path / "cache"
+    first = audit(messy, memo=memo)
+    n = len(decodes)
+    (path,) = (memo / f"audit-v{scan.MEMO_VERSION}").iterdir()
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert _rows_and_groups(audit(messy, memo=memo)) == _rows_and_groups(first)
+    assert len(decodes) == 2 * n
+    audit(messy, memo=memo)  # written again, whole
+    assert len(decodes) == 2 * n
+    monkeypatch.setattr(scan, "_memo_version", lambda: "another osteo")  # new decoders or audit code
+    assert _rows_and_groups(audit(messy, memo=memo)) == _rows_and_groups(first)
+    assert len(decodes) == 3 * n
+
+
+def test_osteo_data_audit_reads_every_file_and_leaves_its_records(messy, tmp_path, decodes, monkeypatch):
+    from osteo.cli import main
+
+    monkeypatch.setenv("OSTEO_CACHE", str(tmp_path / "cache"))
+    assert main(["data", "audit", str(messy), "--out", str(tmp_path / "out")]) == 0
+    n = len(decodes)
+    assert main(["data", "audit", str(messy), "--out", str(tmp_path / "out")]) == 0
+    assert len(decodes) == 2 * n
+    audit(messy, memo=tmp_path / "cache")  # what a training run's audit does: nothing read
+    assert len(decodes) == 2 * n

@@ -69,7 +69,7 @@ class DataModule:
         cache = ImageCache(self.image_size, cfg.resize)
         # the audit's decodes fill the cache: a new dataset's files are read and decoded once
         self.audit = audit(root, progress=(lambda k, n: progress("audit", k, n)) if progress else None,
-                           cache=cache)
+                           cache=cache, memo=cache.root)
         ok = {r.path: r for r in self.audit.ok()}
         if not ok:
             raise OsteoError(f"no readable images in {root}{self.audit.first_unreadable()}; "

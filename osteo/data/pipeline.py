@@ -241,7 +241,8 @@ class ImageCache:
         if resize not in RESIZE_MODES:
             raise OsteoError(f"unknown resize mode {resize!r}; choose one of: {', '.join(RESIZE_MODES)}")
         self.size, self.resize = int(size), resize
-        self.dir = Path(root or default_cache_root()) / f"{self.size}-{resize}-{CACHE_VERSION}"
+        self.root = Path(root or default_cache_root())  # also where the audit remembers its records
+        self.dir = self.root / f"{self.size}-{resize}-{CACHE_VERSION}"
         self.tmp_dir = self.dir / "tmp"
         self._stored: set[str] = set()  # entries store() wrote or checked, for the next fill not to read again
         self._damaged: dict[str, str] = {}  # entries store() found damaged and rebuilt: why

@@ -89,6 +89,22 @@ and ``audit.json`` (``data_dir``, ``classes``, ``n_files``, ``n_ok``, ``unreadab
 ``ignored``, ``duplicate_groups``, ``links``, ``ignored_folders``, ``patients``,
 ``warnings``).
 
+Remembered records (``memo``): a training run's audit keeps each file's record (hashes,
+size, format, features) in ``$OSTEO_CACHE/audit-v1/<folder key>.npz``, keyed by the file's
+path and ``stat`` (device, inode, size, modification and status-change times, in ns), and
+the next run of any model, fold or study trial on the same folder takes a record back
+instead of reading and decoding the file again, when all five still match. Writing a file
+changes its status-change time (``ctime``), which no tool can set back, so a rewritten,
+replaced or re-permissioned file is read again (git trusts its index by the same fields).
+A file whose ``ctime`` is under :data:`RACY_S` before it was read is not remembered: a
+rewrite within the file system's timestamp granularity could leave its ``stat`` as it was.
+Only decodes are remembered (and a decoder's refusal of the bytes read); a file that could
+not be opened or read, or that ran out of memory, is tried again. The memo is checked
+against osteo's audit code and decoders (the sources of this module and of
+:mod:`osteo.data.decode`, Pillow's, pydicom's and NumPy's versions): any change and every
+file is read again. ``osteo data audit`` always reads every file, and leaves its records
+for the next run. The pixels a run trains on are still the image cache's verified entries.
+
 Patients: a DICOM file's PatientID is in the manifest (``patient_id``); ``patients``
 in ``audit.json`` counts them (:func:`patient_summary`), with the patients whose images
 are filed under different classes and the DICOM files without a PatientID (each also a
@@ -108,6 +124,7 @@ import hashlib
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -157,6 +174,8 @@ INDEX_POSITIONS = 2 * (DETAIL_OUTLIERS + 1)  # tile positions it looks at (at le
 INDEX_SAMPLE = 512  # images per set on which the index estimates how selective each position is
 INDEX_MIN_PAIRS = 20_000  # fewer pairs than this are all compared
 INDEX_SLACK = 1e-3  # added to the squared distance bounds, for float rounding
+MEMO_VERSION = 1
+RACY_S = 3.0  # a file whose ctime is this close before it was read is not remembered (see "Remembered records")
 log = logging.getLogger("osteo")
 NOT_UTF8 = "file name is not valid UTF-8 (shown with \\xNN escapes); rename it, e.g. convmv -f latin1 -t utf8"
 
@@ -180,6 +199,8 @@ class Record:
     conflict: bool = False
     patient_id: str = ""  # a DICOM file's PatientID; "" for other formats and DICOM files without one
     features: tuple | None = field(default=None, repr=False, compare=False)
+    # the stat key (see "Remembered records") under which this record may be remembered, or None
+    stat_key: tuple | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -230,7 +251,7 @@ class Audit:
     def manifest_rows(self) -> list[dict]:
         rows = []
         for r in self.records:
-            row = {k: v for k, v in asdict(r).items() if k != "features"}
+            row = {k: v for k, v in asdict(r).items() if k not in ("features", "stat_key")}
             row["conflict"] = "1" if r.conflict else "0"
             rows.append(row)
         return rows
@@ -562,11 +583,14 @@ def _inspect(root: Path, rel: str, label: str, budget: MemoryBudget, cache=None)
     if rec.path != rel:
         rec.status, rec.reason = "unreadable", NOT_UTF8
         return rec
+    key = None  # set once the bytes are read: from there on the outcome depends on them alone
     try:
         with open_regular(root / rel) as f:
             width, height, need = decode_cost(f)
             with budget.take(need + _feature_memory(width, height)):
+                st = os.fstat(f.fileno())
                 data = read_all(f)
+                key = _stat_key(st) if st.st_ctime_ns < (time.time() - RACY_S) * 1e9 else None
                 rec.bytes = len(data)
                 rec.sha256 = hashlib.sha256(data).hexdigest()
                 gray = decode_gray(data, audit_scale)
@@ -576,8 +600,9 @@ def _inspect(root: Path, rel: str, label: str, budget: MemoryBudget, cache=None)
                 rec.pixel_sha256, rec.features = _hash_and_features(gray)
                 if cache is not None:  # the same decode feeds the image cache: each file is decoded once
                     cache.store(rec.sha256, data, gray)
-    except DecodeError as e:
-        rec.status, rec.reason = "unreadable", str(e)
+        rec.stat_key = key
+    except DecodeError as e:  # remembered when the decoder refused the bytes read (not an open or read error)
+        rec.status, rec.reason, rec.stat_key = "unreadable", str(e), key
     except MemoryError:
         rec.status, rec.reason = "unreadable", "out of memory while decoding it; downscale it"
     except OsteoError:  # the image cache cannot be written: the user's to fix, not the file's
@@ -587,6 +612,112 @@ def _inspect(root: Path, rel: str, label: str, budget: MemoryBudget, cache=None)
     if rec.status != "ok":
         rec.features = None
     return rec
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+# --------------------------------------------------------------------------- remembered records
+
+# the fields of a record a memo keeps (path and label come from the listing)
+_MEMO_FIELDS = ("status", "reason", "format", "width", "height", "bit_depth", "frames", "bytes", "sha256",
+                "pixel_sha256", "patient_id")
+
+
+class _Memo:
+    """The remembered records of one data folder (see "Remembered records" above)."""
+
+    def __init__(self, memo_root: str | os.PathLike, root: Path):
+        self.root = os.path.realpath(root)
+        name = hashlib.sha256(self.root.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        self.path = Path(memo_root) / f"audit-v{MEMO_VERSION}" / f"{name}.npz"
+        self.records: dict[str, tuple[tuple, dict, tuple | None]] = {}  # path: (stat key, fields, features)
+
+    def load(self) -> _Memo:
+        """Read the memo; an unreadable, damaged or outdated one is as none (every file is read)."""
+        import json
+
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                meta = json.loads(z["meta"].tobytes())
+                if meta.get("version") != _memo_version() or meta.get("root") != self.root:
+                    return self
+                thumbs, tiles = z["thumbs"], z["tiles"]
+            at = 0
+            for i, r in enumerate(meta["records"]):
+                features = None
+                if r["status"] == "ok":
+                    rows, cols = r["tiles"]
+                    features = (thumbs[r["thumb"]], tiles[at : at + rows * cols].reshape(rows, cols))
+                    at += rows * cols
+                self.records[r["path"]] = (tuple(r["stat"]), {k: r[k] for k in _MEMO_FIELDS}, features)
+        except FileNotFoundError:
+            pass
+        except Exception as e:  # a damaged memo costs one full audit, nothing else
+            log.debug("audit memo %s not used: %s", self.path, e)
+            self.records.clear()
+        return self
+
+    def recall(self, root: Path, rel: str, label: str) -> Record | None:
+        """The remembered record of ``rel`` when its file's stat is still the one remembered."""
+        hit = self.records.get(rel)
+        if hit is None:
+            return None
+        try:
+            st = os.stat(root / rel)
+        except OSError:
+            return None
+        key, fields, features = hit
+        if _stat_key(st) != key:
+            return None
+        return Record(path=rel, label=label, **fields, features=features, stat_key=key)
+
+    def save(self, records: list[Record]) -> None:
+        """Remember ``records`` (those with a stat key), unless they are what was loaded. A memo
+        that cannot be written is skipped: it only saves time."""
+        import json
+
+        from osteo.files import atomic_path
+
+        keep = [r for r in records if r.stat_key is not None]
+        if len(keep) == len(self.records) and all(self.records.get(r.path, (None,))[0] == r.stat_key for r in keep):
+            return
+        metas, thumbs, tiles = [], [], []
+        for r in keep:
+            m = {"path": r.path, "stat": list(r.stat_key), **{k: getattr(r, k) for k in _MEMO_FIELDS}}
+            if r.status == "ok":
+                m["thumb"], m["tiles"] = len(thumbs), list(r.features[1].shape)
+                thumbs.append(r.features[0])
+                tiles.append(r.features[1].ravel())
+            metas.append(m)
+        meta = json.dumps({"version": _memo_version(), "root": self.root, "records": metas})
+        try:
+            with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, meta=np.frombuffer(meta.encode(), np.uint8),
+                         thumbs=np.stack(thumbs).astype(np.float32) if thumbs else np.zeros((0, 0), np.float32),
+                         tiles=np.concatenate(tiles) if tiles else np.zeros(0, np.int8))
+        except (OSError, OsteoError) as e:
+            log.debug("audit memo %s not written: %s", self.path, e)
+
+
+@functools.lru_cache(maxsize=1)
+def _memo_version() -> str:
+    """What a remembered record depends on: this module's and the decoders' code, Pillow's,
+    pydicom's and NumPy's versions."""
+    from importlib import metadata
+
+    from osteo.data import decode
+
+    sha = hashlib.sha256(f"{MEMO_VERSION}".encode())
+    for module in (__file__, decode.__file__):
+        sha.update(Path(module).read_bytes())
+    for package in ("pillow", "pydicom", "numpy"):
+        try:
+            sha.update(f"{package}={metadata.version(package)}".encode())
+        except metadata.PackageNotFoundError:
+            sha.update(f"{package}=none".encode())
+    return sha.hexdigest()
 
 
 # --------------------------------------------------------------------------- duplicates
@@ -781,11 +912,16 @@ def _find_duplicates(ok: list[Record]) -> list[dict]:
 
 
 def audit(data_dir: str | os.PathLike, progress: Callable[[int, int], None] | None = None,
-          workers: int | None = None, cache=None) -> Audit:
+          workers: int | None = None, cache=None, memo: str | os.PathLike | None = None,
+          recall: bool = True) -> Audit:
     """Decode every candidate file, find unreadable ones and duplicate groups.
 
     ``cache``: an :class:`osteo.data.pipeline.ImageCache` to fill from the same decodes
     (a training run's setup): every readable file gets its entry, unless it has a good one.
+    ``memo``: the folder (the image cache's root) where the records are remembered for the
+    next audit of this folder; with ``recall``, a file whose stat is unchanged since then is
+    not read again (see "Remembered records"). ``osteo data audit`` reads every file
+    (``recall=False``) and leaves its records for the next run.
     """
     from threadpoolctl import threadpool_limits
 
@@ -794,12 +930,21 @@ def audit(data_dir: str | os.PathLike, progress: Callable[[int, int], None] | No
     candidates = listing.candidates
     records: list[Record] = list(listing.unlistable)
     budget = MemoryBudget(DECODE_MEMORY)
+    # POSIX only: Windows' st_ctime is the file's creation time, which a rewrite leaves as it was
+    memory = _Memo(memo, root) if memo is not None and os.name == "posix" else None
+    if memory is not None and recall:
+        memory.load()
+
+    def one(rel: str, label: str) -> Record:
+        rec = memory.recall(root, rel, label) if memory is not None else None
+        return rec if rec is not None else _inspect(root, rel, label, budget, cache)
+
     # BLAS on one thread: the audit's matrices are small and its own threads use every
     # core; OpenBLAS's threads spinning for them made the duplicate search 4x slower
     with threadpool_limits(1, user_api="blas"):
         pool = ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 1) + 1))
         try:
-            for k, rec in enumerate(pool.map(lambda c: _inspect(root, *c, budget, cache), candidates), 1):
+            for k, rec in enumerate(pool.map(lambda c: one(*c), candidates), 1):
                 records.append(rec)
                 if progress is not None:
                     progress(k, len(candidates))
@@ -810,6 +955,8 @@ def audit(data_dir: str | os.PathLike, progress: Callable[[int, int], None] | No
         pool.shutdown()
         records.sort(key=lambda r: r.path)
         groups = _find_duplicates([r for r in records if r.status == "ok"])
+    if memory is not None:
+        memory.save(records)
     for r in records:
         r.features = None
     ok = [r for r in records if r.status == "ok"]
