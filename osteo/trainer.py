@@ -117,6 +117,7 @@ class Trainer:
         self.at = at
         self.run_dir: RunDir | None = None
         self.phases: list[Phase] = []
+        self._split_sha256: dict[str, str] = {}  # a resumed run's images, as its audit read them
         self._held = contextlib.ExitStack()  # the run directory's lock, from setup() to finish()
 
     def _say(self, text: str) -> None:
@@ -166,6 +167,7 @@ class Trainer:
         self._held.enter_context(self.run_dir.locked())
         sweep_temporaries(self.run_dir.path)  # left by the killed process
         split = self.run_dir.read_split()
+        self._split_sha256 = self.run_dir.split_sha256()  # what its images were: checked after the audit
         self._say(f"resuming {self.run_dir}")
         return split
 
@@ -198,7 +200,8 @@ class Trainer:
         self.allocator = devices.keep_freed_memory()
         self.dm = DataModule(r.data, seed=t.seed, mixup=r.model.augment.mixup, cutmix=r.model.augment.cutmix)
         try:
-            self.dm.setup(split=split, progress=self._data_progress())
+            self.dm.setup(split=split, progress=self._data_progress(),
+                          audited=self._split_sha256)
         finally:  # a failed audit's memory too: the process may go on (a notebook, a study's next model)
             devices.release_freed_memory(self.allocator)
 

@@ -157,6 +157,24 @@ def test_resume_applies_more_epochs_and_refuses_other_changes(unfinished_run, ca
     assert unfinished_run.read_recipe().train.epochs == 3 and unfinished_run.is_finished()
 
 
+def test_resume_refuses_a_split_image_whose_bytes_changed(phantom_dir, tmp_path, tiny_recipe, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    trainer = Trainer(tiny_recipe(data, tmp_path / "runs", epochs=2, bootstrap=50)).setup()
+    trainer.fit_phase(trainer.phases[0])
+    trainer._held.close()
+    run = trainer.run_dir
+    split = run.read_split()
+    val = next(r["path"] for r in split if r["split"] == "val")
+    train = next(r["path"] for r in split if r["split"] == "train" and r["label"] != split[0]["label"])
+    shutil.copy(data / train, data / val)  # a training image under a validation image's name
+    kept = {p: (run.path / p).read_bytes() for p in ("manifest.csv", "split.csv", "audit.json")}
+    assert main(["train", "seed", "--resume", str(run)]) == 2
+    line = one_line(capsys)
+    assert "1 image(s) of the run's split changed since it began" in line and val in line, line
+    assert kept == {p: (run.path / p).read_bytes() for p in kept} and not run.is_finished()
+
+
 def test_a_run_being_trained_is_locked(unfinished_run, capsys):
     with unfinished_run.locked():
         assert main(["train", "seed", "--resume", str(unfinished_run)]) == 2
