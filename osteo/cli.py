@@ -691,12 +691,20 @@ def _warnings_as_lines() -> None:
 def describe_os_error(e: OSError) -> str:
     """One line for an error of the machine (disk full, read-only, permissions), with the fix."""
     import errno
+    import re
 
     where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-    what = e.strerror or " ".join(str(e).split())[:300] or type(e).__name__
-    if e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
+    # one line: h5py's messages span lines and carry the system's errno in their text
+    what = " ".join((e.strerror or str(e)).split())[:300] or type(e).__name__
+    code = e.errno
+    if code is None and (found := re.search(r"errno = (\d+)", str(e))):
+        code = int(found.group(1))
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
         fix = "free some disk space, or write elsewhere (--out, RUNS=, OSTEO_CACHE=)"
-    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+    elif code == errno.EFBIG:
+        fix = ("a file size limit was reached (the shell's ulimit -f, or the file system's largest file): "
+               "raise it, or write elsewhere (--out, RUNS=, OSTEO_CACHE=)")
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
         fix = "choose a folder you can write to (--out, RUNS=, OSTEO_CACHE=)"
     else:
         fix = "check the file and the disk, then run the command again"

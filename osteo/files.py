@@ -47,6 +47,10 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         yield tmp_path
         killpoints.reached("files.before_replace")
         os.replace(tmp_path, path)
+    except OSError as e:  # a write's error names no file (a full disk, a size limit): name the target
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

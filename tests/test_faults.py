@@ -49,6 +49,18 @@ def test_disk_full_while_saving_the_checkpoint_is_one_line(phantom_dir, tmp_path
     assert "No space left on device" in line and "free some disk space" in line
 
 
+def test_a_file_size_limit_in_h5pys_words_is_one_line_naming_the_file(phantom_dir, tmp_path, monkeypatch, capsys):
+    def too_big(self, *args, **kwargs):  # h5py's message: several lines, the errno only in its text
+        raise OSError("Can't synchronously write data (file write failed: time = Sat Dec  5 20:41:32 2026\n"
+                      ", filename = 'x.weights.h5', file descriptor = 7, errno = 27, error message = 'File too "
+                      "large', buf = 0x5, total write size = 8, bytes this sub-write = 8, offset = 0)")
+
+    monkeypatch.setattr(keras.Model, "save_weights", too_big)
+    assert main([*_tiny_args(phantom_dir, tmp_path / "runs"), "--epochs", "1"]) == 2
+    line = one_line(capsys)
+    assert "ulimit -f" in line and "best.weights.h5)" in line, line
+
+
 def test_disk_full_while_writing_the_report_keeps_the_previous_report(finished_run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "rep"
     assert main(["report", str(finished_run), "--out", str(out), "--bootstrap", "50"]) == 0
