@@ -85,6 +85,8 @@ def load_legacy_best(run: RunDir):
 
 def _expand(paths: list[str]) -> list[Path]:
     """Every file named, and every file below every folder named (hidden and system files aside).
+    Linked folders are followed, as the audit follows them, each real folder once (a link
+    loop is not walked again).
 
     Nothing is filtered by its name's extension: the decoder decides by content, and a
     file it cannot read gets a row saying why.
@@ -94,8 +96,15 @@ def _expand(paths: list[str]) -> list[Path]:
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if not f.is_dir() and not f.name.startswith(".")
-                          and f.name.lower() not in SYSTEM_FILES)
+            found, walked = [], set()
+            for folder, dirs, files in os.walk(p, followlinks=True):
+                if os.path.realpath(folder) in walked:
+                    dirs[:] = []
+                    continue
+                walked.add(os.path.realpath(folder))
+                dirs.sort()
+                found += [Path(folder) / f for f in files]
+            out += sorted(f for f in found if not f.name.startswith(".") and f.name.lower() not in SYSTEM_FILES)
         elif p.exists() or p.is_symlink():
             out.append(p)
         else:

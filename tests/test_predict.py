@@ -75,6 +75,20 @@ def test_gradcam_overlays_name_the_layer_their_heat_is_of(run, phantom_dir, tmp_
     assert "the last stage (the_last_stage) is 2x2 at 32 px" in warnings[0]
 
 
+def test_a_linked_folder_is_predicted_once_as_the_audit_follows_it(run, phantom_dir, tmp_path):
+    folder = tmp_path / "clinic"
+    folder.mkdir()
+    (folder / "linked").symlink_to(phantom_dir / "normal", target_is_directory=True)
+    (folder / "again").symlink_to(phantom_dir / "normal", target_is_directory=True)  # the same folder twice
+    (folder / "loop").symlink_to(folder, target_is_directory=True)
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run), str(folder), "--out", str(out)]) == 0
+    rows = _rows(out)
+    n = len(list((phantom_dir / "normal").iterdir()))
+    assert len(rows) == n and all(r["status"] == "ok" for r in rows)
+    assert len({Path(r["path"]).name for r in rows}) == n
+
+
 def test_folders_recursively_dicom_tta_and_gradcam(run, phantom_dir, tmp_path):
     from pydicom.data import get_testdata_file
 
