@@ -346,6 +346,7 @@ def cmd_train(args) -> int:
     from osteo.trainer import Trainer
 
     trainer = Trainer(recipe, console=console, resume=run, command=" ".join(sys.argv), plan=plan)
+    args.trainer = trainer  # a stop says which run to continue, if it made one
     print_run_summary(trainer.run(), console)
     return 0
 
@@ -802,7 +803,10 @@ def _after_stop(args) -> str:
     if args.func is cmd_study or (args.func is cmd_train and (args.folds or args.cv or args.resume)):
         return "run the same command again to continue"
     if args.func is cmd_train:
-        return "continue the run with: osteo train --resume latest" + (f" --runs {args.runs}" if args.runs else "")
+        trainer = getattr(args, "trainer", None)
+        if trainer is None or trainer.run_dir is None:  # stopped before its run folder was made
+            return "no run folder was made yet: run the same command again"
+        return f"continue the run with: osteo train --resume {trainer.run_dir}"
     return "its outputs are the previous ones or the new ones, whole: run the command again"
 
 

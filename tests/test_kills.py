@@ -224,11 +224,24 @@ def test_ctrl_c_in_training_says_how_to_continue_and_that_continues_it(phantom_d
     args = ["train", "seed", *TINY, "--epochs", "2", "--data", phantom_dir, "--runs", tmp_path / "runs"]
     proc = _osteo(args, tmp_path, kill_at="train.epoch_committed", OSTEO_KILL_SIGNAL="INT")  # Ctrl-C after epoch 1
     assert proc.returncode == 130, proc.stderr[-2000:]
-    said = f"osteo: interrupted; continue the run with: osteo train --resume latest --runs {tmp_path / 'runs'}"
+    (run,) = (tmp_path / "runs" / "tiny").iterdir()
+    said = f"osteo: interrupted; continue the run with: osteo train --resume {run}"
     assert proc.stderr.strip().splitlines()[-1] == said
     _ok(_osteo(said.split("with: ")[1].split()[1:], tmp_path))  # the command it gave, as given
-    (run,) = (tmp_path / "runs" / "tiny").iterdir()
     assert [r["epoch"] for r in _rows(run / "history.csv")] == ["1", "2"] and RunDir(run).is_finished()
+
+
+def test_a_stop_before_the_run_folder_is_made_does_not_point_at_another_run(phantom_dir, tmp_path):
+    import argparse
+
+    from osteo.cli import _after_stop, cmd_train
+    from osteo.trainer import Trainer
+
+    args = argparse.Namespace(func=cmd_train, folds=None, cv=None, resume=None, runs=str(tmp_path / "runs"))
+    assert _after_stop(args) == "no run folder was made yet: run the same command again"  # stopped in the parser
+    args.trainer = Trainer.__new__(Trainer)
+    args.trainer.run_dir = None  # stopped in the audit, before the run folder
+    assert _after_stop(args) == "no run folder was made yet: run the same command again"
 
 
 def test_ctrl_c_stops_a_study_running_trials_side_by_side_in_one_line(phantom_dir, tmp_path):
