@@ -75,6 +75,20 @@ def test_gradcam_overlays_name_the_layer_their_heat_is_of(run, phantom_dir, tmp_
     assert "the last stage (the_last_stage) is 2x2 at 32 px" in warnings[0]
 
 
+def test_a_run_trained_in_bfloat16_records_the_probabilities_predict_gives(phantom_dir, tmp_path, tiny_recipe):
+    """Its temperature and thresholds are chosen on the outputs they are applied to: predict,
+    eval and export run float32 (the run's own predictions came from its bfloat16 model, 4e-4 away)."""
+    r = tiny_recipe(phantom_dir, tmp_path / "runs", epochs=1, bootstrap=20, precision="mixed_bfloat16")
+    run = RunDir(Trainer(r).run())
+    assert run.read_env()["precision"] == "mixed_bfloat16"
+    val = {r["path"]: r for r in _rows(run.predictions_path) if r["split"] == "val"}
+    out = tmp_path / "raw.csv"
+    assert main(["predict", str(run), *[str(phantom_dir / p) for p in val], "--out", str(out), "--no-calibration"]) == 0
+    for row in _rows(out):
+        ref = val[str(Path(row["path"]).relative_to(phantom_dir))]
+        np.testing.assert_allclose([float(row[c]) for c in P], [float(ref[c]) for c in P], atol=1e-5)
+
+
 def test_a_linked_folder_is_predicted_once_as_the_audit_follows_it(run, phantom_dir, tmp_path):
     folder = tmp_path / "clinic"
     folder.mkdir()
