@@ -230,8 +230,8 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def _csv_value(v: Any) -> Any:
-    if isinstance(v, float):
-        return repr(round(v, 8))
+    if isinstance(v, float):  # 8 decimals, or 8 significant digits for a small value (a p of 2e-13 is not 0)
+        return repr(round(v, 8) if abs(v) >= 1e-3 or v == 0 else float(f"{v:.8g}"))
     if hasattr(v, "item"):  # numpy scalars
         return _csv_value(v.item())
     return v

@@ -274,14 +274,13 @@ class RunDir(_Folder):
         rows = read_csv(self.manifest_path, "train the run again to record its images' hashes")
         return {h for r in rows if r.get("path") in used for h in (r.get("sha256"), r.get("pixel_sha256")) if h}
 
-    def split_sha256(self) -> dict[str, str]:
-        """Each image of the run's split: the sha256 of the bytes its audit read ({} for a run
-        that records none)."""
+    def content_sha256(self) -> dict[str, str]:
+        """Each image its audit read (a run's data folder, or an external folder scored under
+        ``eval/``): the sha256 of its bytes, by path ({} where no manifest records them)."""
         if not self.manifest_path.exists():
             return {}
-        used = {r["path"] for r in self.read_split()}
         rows = read_csv(self.manifest_path, "train a new run: this one's record of its images is damaged")
-        return {r["path"]: r["sha256"] for r in rows if r.get("path") in used and r.get("sha256")}
+        return {r["path"]: r["sha256"] for r in rows if r.get("path") and r.get("sha256")}
 
     def read_calibration(self) -> dict:
         """``{"temperature": T, "operating_points": [...]}``; {} for a run not calibrated. Checked

@@ -167,7 +167,7 @@ class Trainer:
         self._held.enter_context(self.run_dir.locked())
         sweep_temporaries(self.run_dir.path)  # left by the killed process
         split = self.run_dir.read_split()
-        self._split_sha256 = self.run_dir.split_sha256()  # what its images were: checked after the audit
+        self._split_sha256 = self.run_dir.content_sha256()  # what its images were: checked after the audit
         self._say(f"resuming {self.run_dir}")
         return split
 

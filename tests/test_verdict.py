@@ -36,8 +36,9 @@ def majority(labels: list[str]) -> np.ndarray:
     return np.tile([0.2, 0.2, 0.6], (len(labels), 1))  # always osteoporosis
 
 
-def make_run(root: Path, run_id: str, test_probs: np.ndarray, test_prefix: str = "") -> Path:
-    """A finished run with train / val / test splits, as the trainer leaves it (metrics aside)."""
+def make_run(root: Path, run_id: str, test_probs: np.ndarray, test_prefix: str = "", content: str = "") -> Path:
+    """A finished run with train / val / test splits, as the trainer leaves it (metrics aside);
+    with ``content``, its manifest gives each image a sha256 made from it and the path."""
     run = root / "tiny" / run_id
     run.mkdir(parents=True)
     write_json(run / "recipe.json", {"name": run_id, "model": {"backbone": "tiny", "weights": "none"},
@@ -47,6 +48,12 @@ def make_run(root: Path, run_id: str, test_probs: np.ndarray, test_prefix: str =
                    for i, c in enumerate(labels)] for name, labels in (("train", TRAIN), ("val", VAL), ("test", TEST))}
     write_csv(run / "split.csv", [{**r, "split": name, "group": r["path"]} for name, rs in rows.items() for r in rs],
               ("path", "label", "split", "group"))
+    if content:
+        import hashlib
+
+        RunDir(run).write_manifest([{"path": r["path"], "label": r["label"], "status": "ok",
+                                     "sha256": hashlib.sha256(f"{content}{r['path']}".encode()).hexdigest()}
+                                    for rs in rows.values() for r in rs])
     kept = RunDir(run).write_predictions(rows["val"], skilled(VAL, 7), "val")
     RunDir(run).write_predictions(rows["test"], test_probs, "test", append_to=kept)
     write_json(run / "metrics.json", {"model": "tiny", "best_epoch": 1, "monitor": "val_macro_f1"})
@@ -117,15 +124,33 @@ def test_the_verdict_names_the_best_the_differences_and_the_baseline(report):
             "a significant difference.") in said
     assert (f"McNemar p = {raw[twin]:.3g} (Holm-adjusted for 2 comparisons: {adjusted[twin]:.3g}): "
             "no significant difference.") in said
-    # other images: named, not tested, and not counted among the comparisons
-    assert rows["elsewhere"]["mcnemar_vs"] == "not paired (different images)" and not rows["elsewhere"]["mcnemar_p"]
-    assert f"tiny (elsewhere), with balanced accuracy {float(rows['elsewhere']['balanced_accuracy']):.3f} [" in said
-    assert f"was measured on other images than tiny ({best}): the two cannot be paired, so they are not tested." in said
+    # other images: a set of their own, with its own best, not tested against the others and not
+    # counted among their comparisons
+    e = rows["elsewhere"]
+    assert e["mcnemar_vs"] == "(best)" and not e["mcnemar_p"] and e["images_id"] != b["images_id"]
+    assert (f"tiny (elsewhere), the only model measured on these images, is best, with balanced accuracy "
+            f"{float(e['balanced_accuracy']):.3f} [") in said
+    assert said.strip().endswith("Runs measured on different images (other splits or folders) are compared only "
+                                 "with the runs measured on the same images.")
     assert ("Always answering osteoporosis (the training majority) scores 0.333 on the same images; the best "
             "model's interval lies above it.") in said
     page = (out / "index.html").read_text(encoding="utf-8")
     assert page.index("<h2>Verdict</h2>") < page.index("<h2>Comparison</h2>")
     assert "a significant difference." in page and "no significant difference." in page
+
+
+def test_runs_of_the_same_file_names_in_other_images_are_not_paired(tmp_path):
+    """Two data folders with the same names and split (two phantoms of one recipe): the same
+    split.csv, other images. Paired, McNemar called their difference significant."""
+    same = [make_run(tmp_path, name, skilled(TEST, i), content="folder A") for i, name in enumerate(("a1", "a2"))]
+    other = make_run(tmp_path, "b", majority(TEST), content="folder B")
+    assert RunDir(same[0]).split_id() == RunDir(other).split_id()
+    write_report([*same, other], tmp_path / "rep", n_boot=50)
+    rows = {r["run_id"]: r for r in read_csv(tmp_path / "rep" / "comparison.csv")}
+    assert rows["b"]["mcnemar_vs"] == "(best)" and not rows["b"]["mcnemar_p"]
+    assert rows["a1"]["images_id"] == rows["a2"]["images_id"] != rows["b"]["images_id"]
+    assert {rows["a1"]["mcnemar_vs"], rows["a2"]["mcnemar_vs"]} - {"(best)"}  # the same images: paired
+    assert any(rows[k]["mcnemar_p"] for k in ("a1", "a2"))
 
 
 def test_osteo_report_opens_with_the_verdict(report, tmp_path, capsys):
@@ -187,3 +212,13 @@ def test_a_significant_mcnemar_is_no_significant_difference_where_the_interval_c
     assert "a significant difference." in said and "more accurate" not in said
     (said,) = verdict(_pair(0.6, (-0.02, -0.08, 0.04), (0.6, 0.59), 0.4))
     assert "no significant difference." in said
+
+
+def test_a_tiny_p_value_keeps_its_digits_and_seeds_of_one_model_their_own_colours(tmp_path):
+    from osteo.report.load import load_run
+    from osteo.report.plots import run_colours
+
+    write_csv(tmp_path / "p.csv", [{"p": 2.26e-13, "q": 0.123456789, "r": 0.0}], ("p", "q", "r"))
+    assert read_csv(tmp_path / "p.csv") == [{"p": "2.26e-13", "q": "0.12345679", "r": "0.0"}]
+    runs = [load_run(make_run(tmp_path, f"seed{i}", skilled(TEST, i)), n_boot=0) for i in range(3)]
+    assert len(set(run_colours(runs).values())) == 3  # one model, three runs: three colours

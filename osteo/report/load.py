@@ -54,6 +54,8 @@ class Run:
     chose: str = CHOSE["val"]  # what the images of evaluated_on were used to choose
     # the operating points at work: sensitivity and specificity per point and where measured
     points: list[dict] = field(default_factory=list)
+    # the images scored, as content: rows with the same id are the same images with the same labels
+    images_id: str = ""
 
     @property
     def model(self) -> str:
@@ -144,7 +146,8 @@ def load_run(path: str | os.PathLike, split: str = "auto", n_boot: int = 1000, s
               for p in run.read_calibration().get("operating_points", []) if name in p]
     return Run(run.path, recipe, run.read_env(), metrics, run.read_history(), y, probs, rows, majority,
                run.split_id(), run.read_audit(), evaluated_on=SPLIT_NAMES[split], calibrated=calibrated,
-               temperature=temperature, chose=CHOSE[split], points=points)
+               temperature=temperature, chose=CHOSE[split], points=points,
+               images_id=images_id(rows, run.content_sha256()))
 
 
 def load_cv(cv: CvDir, n_boot: int = 1000, seed: int = 0) -> Run:
@@ -185,7 +188,8 @@ def load_cv(cv: CvDir, n_boot: int = 1000, seed: int = 0) -> Run:
     metrics["ece_calibrated"] = expected_calibration_error(y, calibrated) if calibrated is not None else None
     return Run(cv.path, first.recipe, env, metrics, history, y, probs, rows, majority, split_id, first.audit,
                evaluated_on="out-of-fold", fold_metrics=fold_metrics, calibrated=calibrated, chose=CHOSE[split],
-               points=_pooled_points(members, folds, CHOSE[split], n_boot, seed))
+               points=_pooled_points(members, folds, CHOSE[split], n_boot, seed),
+               images_id=images_id(rows, {p: h for f in members for p, h in f.content_sha256().items()}))
 
 
 def _pooled_points(members: list[RunDir], folds: list[Run], chose: str, n_boot: int, seed: int) -> list[dict]:
@@ -245,7 +249,15 @@ def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) ->
     points = [{**p, "evaluated_on": where, "chose": CHOSE["external"]} for p in recorded]
     return Run(external, run.read_recipe().to_dict(), run.read_env(), metrics, [], y, probs, rows, majority,
                split_id, audit, evaluated_on=where, calibrated=calibrated, temperature=temperature,
-               chose=CHOSE["external"], points=points)
+               chose=CHOSE["external"], points=points, images_id=images_id(rows, RunDir(external).content_sha256()))
+
+
+def images_id(rows: list[dict], contents: dict[str, str]) -> str:
+    """A short hash of the images ``rows`` scored: each one's path, content (sha256, where the
+    audit's manifest records it) and label. Two runs of the same file names in folders of other
+    images (or of other labels: ``data.conflicts``) get other ids, so they are not paired."""
+    keys = sorted(f"{r['path']}\t{contents.get(r['path'], '')}\t{r['label']}" for r in rows)
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:12]
 
 
 def _calibrated(run: RunDir, y: np.ndarray, probs: np.ndarray, metrics: dict):
@@ -295,5 +307,6 @@ def oracle_runs(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> list[Run]
             recipe = {"model": {"backbone": "oracle"}, "data": r.recipe.get("data", {})}
             # fitted on the training images only: the images it is scored on chose nothing for it
             out.append(Run(r.path / "oracle", recipe, {}, metrics, [], r.y, probs, r.rows, r.majority, r.split_id,
-                           r.audit, r.evaluated_on, folds if r.folds else [], chose="nothing"))
+                           r.audit, r.evaluated_on, folds if r.folds else [], chose="nothing",
+                           images_id=r.images_id))
     return out

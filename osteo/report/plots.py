@@ -16,12 +16,15 @@ from osteo.report.tables import cell_text, to_float
 from osteo.runs import CvDir, RunDir
 
 
-def run_colours(runs: list[Run]) -> dict[str, tuple]:
+def run_colours(runs: list[Run]) -> dict[Path, tuple]:
+    """A colour per run (by its folder), told apart as :func:`_names` tells them: by model where
+    each model has one run, else each run its own (three seeds of one model were one colour)."""
     import matplotlib
 
     cmap = matplotlib.colormaps["tab10"]
-    names = sorted({r.model for r in runs})
-    return {n: cmap(i % 10) for i, n in enumerate(names)}
+    names = _names(runs)
+    index = {n: i for i, n in enumerate(sorted(set(names)))}
+    return {r.path: cmap(index[n] % 10) for r, n in zip(runs, names)}
 
 
 def _names(runs: list[Run]) -> list[str]:
@@ -64,7 +67,7 @@ def plot_curves(runs: list[Run], colours, out: Path) -> Path:
             ax_acc.set_title(f"{r.label}: no history")
             continue
         ep = _floats(h, "epoch")
-        col = colours[r.model]
+        col = colours[r.path]
         for ax, key in ((ax_acc, "accuracy"), (ax_loss, "loss")):
             ax.plot(ep, _floats(h, key), color=col, linestyle="--", marker="o", markersize=3, label=f"train {key}")
             ax.plot(ep, _floats(h, f"val_{key}"), color=col, marker="o", markersize=3, label=f"validation {key}")
@@ -117,7 +120,7 @@ def plot_roc(runs: list[Run], colours, out: Path) -> Path:
             if auc is None:  # one class only in the split, or non-finite probabilities: no curve
                 continue
             fpr, tpr, _ = roc_curve(r.y == i, r.probs[:, i])
-            ax.plot(fpr, tpr, color=colours[r.model], label=f"{name} AUC {auc:.2f}")
+            ax.plot(fpr, tpr, color=colours[r.path], label=f"{name} AUC {auc:.2f}")
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
         ax.set_title(f"{c} vs rest", fontsize=10)
         ax.set_xlabel("1 - specificity")
@@ -142,7 +145,7 @@ def plot_reliability(runs: list[Run], colours, out: Path) -> Path:
             finite = np.isfinite(probs).all(axis=1)  # a NaN row has no confidence to bin
             curve = reliability_curve(r.y[finite], probs[finite])
             ece = r.metrics["ece_calibrated"] if after else r.metrics["ece"]
-            ax.plot(curve[:, 0], curve[:, 1], marker="o", color=colours[r.model], label=f"{name} ECE {cell_text(ece)}")
+            ax.plot(curve[:, 0], curve[:, 1], marker="o", color=colours[r.path], label=f"{name} ECE {cell_text(ece)}")
         ax.set_xlabel("confidence (top-class probability)")
         ax.set_ylabel("accuracy")
         ax.set_xlim(0, 1)
@@ -166,7 +169,7 @@ def plot_bars(runs: list[Run], colours, out: Path, oracles: list[Run] = ()) -> P
         lo = [r.metrics.get(f"{k}_ci", (v, v))[0] for r, v in zip(runs, vals)]
         hi = [r.metrics.get(f"{k}_ci", (v, v))[1] for r, v in zip(runs, vals)]
         x = np.arange(len(runs))
-        ax.bar(x, vals, color=[colours[r.model] for r in runs],
+        ax.bar(x, vals, color=[colours[r.path] for r in runs],
                yerr=[np.subtract(vals, lo), np.subtract(hi, vals)], capsize=4)
         if baseline:
             # each run's own baseline: runs on other splits (one class only, say) have other ones

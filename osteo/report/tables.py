@@ -46,7 +46,7 @@ COMPARISON_COLUMNS = (
     "mcnemar_p", "mcnemar_p_holm", "fold_ttest_p", "fold_ttest_p_holm",
     "train_seconds", "train_images_per_sec", "params",
     *(f"{m}_{c}" for c in CLASSES for m in PER_CLASS_CI),
-    "split_id", "run_dir",
+    "split_id", "images_id", "run_dir",
 )
 PER_CLASS_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "class", "metric", "value", "lo", "hi")
 FOLD_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "fold", "n", *HEADLINE)
@@ -79,7 +79,8 @@ def comparison_rows(runs: list[Run], oracles: list[Run] = (), n_boot: int = 1000
             "balanced_accuracy_diff_hi": (paired[r.path].get("diff_ci") or (None, None))[1],
             "folds": r.folds or None, "evaluated_on": r.evaluated_on, "chose": r.chose,
             "train_seconds": r.env.get("train_seconds"), "train_images_per_sec": r.env.get("train_images_per_sec"),
-            "params": r.env.get("params"), "split_id": r.split_id, "run_dir": str(r.path),
+            "params": r.env.get("params"), "split_id": r.split_id, "images_id": r.images_id,
+            "run_dir": str(r.path),
         }
         for metric in METRICS:
             k = metric.name
@@ -97,12 +98,13 @@ def comparison_rows(runs: list[Run], oracles: list[Run] = (), n_boot: int = 1000
     return rows
 
 
-def groups(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
-    """The runs that compete with each other: those measured on the same kind of images
-    (test, validation, out-of-fold, one external folder) that chose the same things."""
-    out: dict[tuple[str, str], list[Run]] = {}
+def groups(runs: list[Run]) -> dict[tuple[str, str, str], list[Run]]:
+    """The runs that compete with each other: those measured on the same images (the same
+    files, contents and labels: :func:`osteo.report.load.images_id`), of the same kind (test,
+    validation, out-of-fold, one external folder), that chose the same things."""
+    out: dict[tuple[str, str, str], list[Run]] = {}
     for r in runs:
-        out.setdefault((r.evaluated_on, r.chose), []).append(r)
+        out.setdefault((r.evaluated_on, r.chose, r.images_id), []).append(r)
     return out
 
 

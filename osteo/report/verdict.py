@@ -21,8 +21,8 @@ def verdict(rows: list[dict]) -> list[str]:
     """One paragraph per set of images the runs were measured on (the oracle rows are ceilings)."""
     runs = [r for r in rows if r["model"] != "oracle"]
     sets: dict[tuple[str, str], list[dict]] = {}
-    for r in runs:
-        sets.setdefault((r["evaluated_on"], r["chose"]), []).append(r)
+    for r in runs:  # the groups osteo.report.tables.compare paired within: the same images
+        sets.setdefault((r["evaluated_on"], r["chose"], r.get("images_id", "")), []).append(r)
     paragraphs = [_paragraph(group, rows) for group in sets.values()]
     if len(sets) > 1:
         paragraphs.append("Runs measured on different images (other splits or folders) are compared only with "
