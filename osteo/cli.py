@@ -429,7 +429,9 @@ def eval_external(args) -> int:
     from osteo.predict import SEEN_IN
 
     seen_in = SEEN_IN["cv" if report["ensemble_of"] else "run"]
-    print(f"{report['excluded_training_overlap']} image(s) also in {seen_in} left out; "
+    near = f" ({report['excluded_near_copies']} of them re-encoded or resized copies)" if report.get(
+        "excluded_near_copies") else ""
+    print(f"{report['excluded_training_overlap']} image(s) also in {seen_in} left out{near}; "
           f"{report['unreadable']} unreadable; wrote {out}/predictions.csv, metrics.json, audit.json")
     return 0
 

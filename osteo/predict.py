@@ -342,17 +342,21 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     seen_in = SEEN_IN["cv" if ensemble else "run"]
     out = Path(out) if out else run.eval_path / folder.resolve().name
     _check_eval_out(run, out, folder)
-    result = audit(folder, memo=default_cache_root())
+    result = audit(folder, memo=default_cache_root(), keep_features=True)
     seen = run.data_hashes()
     if seen is None and warn:
         warn(f"{run} records no content hashes of {seen_in}: overlap with {folder} not checked")
     ok = result.ok()
     overlap = [r for r in ok if seen and (r.sha256 in seen or r.pixel_sha256 in seen)]
     scored = [r for r in ok if not (seen and (r.sha256 in seen or r.pixel_sha256 in seen))]
+    near, near_checked = _near_copies_of_the_runs(run, scored, seen, seen_in, warn)
+    scored = [r for r, copied in zip(scored, near) if not copied]
+    for r in result.records:
+        r.features = None
     if not scored:
         why = result.first_unreadable() if not ok else ""
-        raise OsteoError(f"no image of {folder} can be scored ({len(ok)} readable, {len(overlap)} also in "
-                         f"{seen_in}{why}); give a folder of other images")
+        raise OsteoError(f"no image of {folder} can be scored ({len(ok)} readable, {len(overlap) + sum(near)} also "
+                         f"in {seen_in}{why}); give a folder of other images")
     rows, raw, _ = predictor.predict_paths([folder / r.path for r in scored], progress=progress)
     kept = [(rec, row) for rec, row in zip(scored, rows) if row["status"] == "ok"]
     y = np.array([CLASSES.index(rec.label) for rec, _ in kept])
@@ -369,7 +373,9 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
         # every number here: that folder's images, which chose nothing (the run's own are left out)
         "evaluated_on": f"external: {out.name}", "chose": CHOSE["external"], "n_files": len(result.records),
         "unreadable": len(result.records) - len(ok) + len(scored) - len(kept),
-        "excluded_training_overlap": len(overlap), "overlap_checked": seen is not None,
+        "excluded_training_overlap": len(overlap) + sum(near), "overlap_checked": seen is not None,
+        # of those, re-encoded or resized copies (the audit's near duplicates) of the run's images
+        "excluded_near_copies": sum(near), "near_copies_checked": near_checked,
         "duplicate_groups": len(result.duplicate_groups),
         "ensemble_of": [str(m.run.path) for m in predictor.members] if ensemble else None,
         "external": metrics,
@@ -392,6 +398,32 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     if not ensemble:  # a cross-validation has no model card of its own
         write_model_card(run)
     return out, report
+
+
+def _near_copies_of_the_runs(run, scored: list, seen: set[str] | None, seen_in: str,
+                             warn: Callable[[str], None] | None) -> tuple[list[bool], bool]:
+    """(for each of ``scored``: a near duplicate of an image of the run's data, and whether that
+    was checked). A re-encoded or resized copy of a training image is no more another
+    hospital's image than the file itself. The run's images are found again in its data folder
+    (by their recorded sha256), whose audit records the cache remembers from training; where
+    that folder is gone, only exact copies are left out, and a warning says so."""
+    from osteo.data.pipeline import default_cache_root
+    from osteo.data.scan import audit, near_copies
+
+    if not seen or not scored:
+        return [False] * len(scored), bool(seen)
+    first = run.folds()[0] if isinstance(run, CvDir) else run
+    data_dir = first.read_audit().get("data_dir") or first.read_recipe_dict().get("data", {}).get("dir", "")
+    try:
+        theirs = [r for r in audit(data_dir, memo=default_cache_root(), keep_features=True).ok() if r.sha256 in seen]
+    except OsteoError:  # moved or deleted since training
+        theirs = []
+    if not theirs:
+        if warn:
+            warn(f"the run's data folder {data_dir} is not where it was trained: re-encoded or resized copies of its "
+                 "images are not looked for (exact copies are); run osteo eval from where it was trained")
+        return [False] * len(scored), False
+    return near_copies(scored, theirs), True
 
 
 # what an external folder's images are checked against, and left out of its score when found there

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+from helpers import copy_run
 
 from osteo.cli import main
 from osteo.data.phantom import write_phantom
@@ -70,6 +71,35 @@ def test_another_folder_is_scored_with_the_runs_own_images_left_out(run, phantom
     with open(tmp_path / "tta" / "predictions.csv", newline="") as f:
         tta_rows = {r["path"]: r for r in csv.DictReader(f)}
     assert any(abs(float(tta_rows[r["path"]]["p_normal"]) - float(r["p_normal"])) > 1e-4 for r in rows)
+
+
+def test_resized_copies_of_the_runs_images_are_left_out_too(run, phantom_dir, tmp_path, capsys):
+    """A copy of a training image resized (or re-encoded) is no new hospital's image: scored as
+    one, it counted as chose-nothing evidence. The audit's near-duplicate rule finds it."""
+    from PIL import Image
+
+    other = tmp_path / "hospital-c"
+    write_phantom(other, n=30, size=64, seed=7)
+    train = [r["path"] for r in run.read_split() if r["split"] == "train"][:4]
+    for i, p in enumerate(train):
+        img = Image.open(phantom_dir / p)
+        img.resize((128, 128), Image.Resampling.BICUBIC).save(other / p.split("/")[0] / f"resized-{i}.png")
+    assert main(["eval", str(run), "--data", str(other), "--bootstrap", "20"]) == 0
+    assert "4 image(s) also in the run's data (its training, validation or test split) left out (4 of them " \
+           "re-encoded or resized copies)" in capsys.readouterr().out
+    metrics = json.loads((run.eval_path / "hospital-c" / "metrics.json").read_text())
+    assert (metrics["excluded_near_copies"], metrics["near_copies_checked"], metrics["external"]["n"]) == (4, True, 30)
+    # the run's data folder gone: exact copies are still left out, and a warning says the rest is not looked for
+    moved = copy_run(run, tmp_path / "runs")
+    for name, key in (("audit.json", None), ("recipe.json", "data")):
+        record = json.loads((moved.path / name).read_text())
+        (record[key] if key else record).update({"data_dir" if key is None else "dir": str(tmp_path / "nowhere")})
+        (moved.path / name).write_text(json.dumps(record))
+    assert main(["eval", str(moved), "--data", str(other), "--bootstrap", "20"]) == 0
+    assert "is not where it was trained: re-encoded or resized copies of its images are not looked for" in (
+        capsys.readouterr().err)
+    metrics = json.loads((moved.eval_path / "hospital-c" / "metrics.json").read_text())
+    assert (metrics["excluded_near_copies"], metrics["near_copies_checked"], metrics["external"]["n"]) == (0, False, 34)
 
 
 def test_external_validation_refuses_a_folder_with_nothing_new(run, phantom_dir, tmp_path, capsys):

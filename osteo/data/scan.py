@@ -913,7 +913,7 @@ def _find_duplicates(ok: list[Record]) -> list[dict]:
 
 def audit(data_dir: str | os.PathLike, progress: Callable[[int, int], None] | None = None,
           workers: int | None = None, cache=None, memo: str | os.PathLike | None = None,
-          recall: bool = True) -> Audit:
+          recall: bool = True, keep_features: bool = False) -> Audit:
     """Decode every candidate file, find unreadable ones and duplicate groups.
 
     ``cache``: an :class:`osteo.data.pipeline.ImageCache` to fill from the same decodes
@@ -921,7 +921,8 @@ def audit(data_dir: str | os.PathLike, progress: Callable[[int, int], None] | No
     ``memo``: the folder (the image cache's root) where the records are remembered for the
     next audit of this folder; with ``recall``, a file whose stat is unchanged since then is
     not read again (see "Remembered records"). ``osteo data audit`` reads every file
-    (``recall=False``) and leaves its records for the next run.
+    (``recall=False``) and leaves its records for the next run. ``keep_features``: the records
+    keep their near-duplicate features (for :func:`near_copies`).
     """
     from threadpoolctl import threadpool_limits
 
@@ -957,12 +958,25 @@ def audit(data_dir: str | os.PathLike, progress: Callable[[int, int], None] | No
         groups = _find_duplicates([r for r in records if r.status == "ok"])
     if memory is not None:
         memory.save(records)
-    for r in records:
+    for r in records if not keep_features else ():
         r.features = None
     ok = [r for r in records if r.status == "ok"]
     return Audit(str(root), records, listing.ignored, groups, listing.links, listing.folders,
                  _warn(_folder_warnings(root, listing.folders) + _format_warnings(listing.ignored)
                        + _patient_warnings(ok) + _size_warnings(ok)))
+
+
+def near_copies(ours: list[Record], theirs: list[Record]) -> list[bool]:
+    """For each of ``ours``: is it an exact or near duplicate (the audit's rule) of one of
+    ``theirs``? Records with their features (``audit(..., keep_features=True)``); neither list
+    is changed."""
+    from dataclasses import replace
+
+    both = [replace(r) for r in ours] + [replace(r) for r in theirs]
+    _find_duplicates(both)
+    # a group holding one of theirs: its members are their copies
+    copied = {r.dup_group for r in both[len(ours):] if r.dup_group}
+    return [bool(r.dup_group) and r.dup_group in copied for r in both[: len(ours)]]
 
 
 def patient_summary(ok: list[Record]) -> dict:
