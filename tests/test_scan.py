@@ -336,15 +336,25 @@ def _rows_and_groups(result):
     return result.manifest_rows(), result.duplicate_groups
 
 
-def test_a_second_audit_takes_unchanged_files_back_without_decoding_them(messy, tmp_path, decodes):
+def test_a_second_audit_takes_unchanged_files_back_without_decoding_them(messy, tmp_path, decodes, monkeypatch):
+    from osteo.data import scan
+
+    searches = []
+    real = scan._find_duplicates
+    monkeypatch.setattr(scan, "_find_duplicates", lambda ok: searches.append(len(ok)) or real(ok))
     memo = tmp_path / "cache"
     first = audit(messy, memo=memo)
     n = len(decodes)
     assert n >= len(first.ok()) and first.duplicate_groups  # the planted duplicates and conflicts
     again = audit(messy, memo=memo)
-    assert len(decodes) == n  # nothing decoded again
+    assert len(decodes) == n and len(searches) == 1  # nothing decoded, and the groups recalled
     assert _rows_and_groups(again) == _rows_and_groups(first) == _rows_and_groups(audit(messy))
     assert again.to_json() == first.to_json()
+    # a new file: its own read, and the groups searched again (it copies an image into another class)
+    shutil.copy(messy / "osteoporosis/sub/img4.png", messy / "Normal/new.png")
+    groups = audit(messy, memo=memo).duplicate_groups
+    assert len(decodes) == 2 * n + 1 and len(searches) == 3  # with the plain audit's
+    assert {"Normal/new.png", "osteoporosis/sub/img4.png"} in [set(g["paths"]) for g in groups]
 
 
 def test_a_file_rewritten_in_place_with_its_old_size_and_times_is_read_again(tmp_path, decodes):

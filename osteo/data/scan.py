@@ -633,6 +633,8 @@ class _Memo:
         name = hashlib.sha256(self.root.encode("utf-8", "surrogateescape")).hexdigest()[:32]
         self.path = Path(memo_root) / f"audit-v{MEMO_VERSION}" / f"{name}.npz"
         self.records: dict[str, tuple[tuple, dict, tuple | None]] = {}  # path: (stat key, fields, features)
+        self.groups: list[dict] | None = None  # the duplicate groups found among those records
+        self.dups: dict[str, tuple[str, str, bool]] = {}  # path: (dup_group, dup_kind, conflict)
 
     def load(self) -> _Memo:
         """Read the memo; an unreadable, damaged or outdated one is as none (every file is read)."""
@@ -652,12 +654,33 @@ class _Memo:
                     features = (thumbs[r["thumb"]], tiles[at : at + rows * cols].reshape(rows, cols))
                     at += rows * cols
                 self.records[r["path"]] = (tuple(r["stat"]), {k: r[k] for k in _MEMO_FIELDS}, features)
+            self.groups = meta.get("groups")
+            self.dups = {p: tuple(d) for p, d in meta.get("dups", {}).items()}
         except FileNotFoundError:
             pass
         except Exception as e:  # a damaged memo costs one full audit, nothing else
             log.debug("audit memo %s not used: %s", self.path, e)
             self.records.clear()
+            self.groups, self.dups = None, {}
         return self
+
+    def unchanged(self, records: list[Record]) -> bool:
+        """``records`` are those remembered: the same files, all with their remembered stat
+        (a readable file that was read again, or is new, makes it False)."""
+        keep = [r for r in records if r.stat_key is not None]
+        if any(r.status == "ok" and r.stat_key is None for r in records) or len(keep) != len(self.records):
+            return False
+        return all(self.records.get(r.path, (None,))[0] == r.stat_key for r in keep)
+
+    def recall_groups(self, records: list[Record]) -> list[dict] | None:
+        """The duplicate groups of ``records`` as remembered, when they are the records remembered
+        (the groups depend on every image of the folder); else None."""
+        if self.groups is None or not self.unchanged(records):
+            return None
+        for r in records:
+            if r.path in self.dups:
+                r.dup_group, r.dup_kind, r.conflict = self.dups[r.path]
+        return self.groups
 
     def recall(self, root: Path, rel: str, label: str) -> Record | None:
         """The remembered record of ``rel`` when its file's stat is still the one remembered."""
@@ -673,16 +696,16 @@ class _Memo:
             return None
         return Record(path=rel, label=label, **fields, features=features, stat_key=key)
 
-    def save(self, records: list[Record]) -> None:
-        """Remember ``records`` (those with a stat key), unless they are what was loaded. A memo
-        that cannot be written is skipped: it only saves time."""
+    def save(self, records: list[Record], groups: list[dict]) -> None:
+        """Remember ``records`` (those with a stat key) and their duplicate ``groups``, unless they
+        are what was loaded. A memo that cannot be written is skipped: it only saves time."""
         import json
 
         from osteo.files import atomic_path
 
-        keep = [r for r in records if r.stat_key is not None]
-        if len(keep) == len(self.records) and all(self.records.get(r.path, (None,))[0] == r.stat_key for r in keep):
+        if self.groups is not None and self.unchanged(records):
             return
+        keep = [r for r in records if r.stat_key is not None]
         metas, thumbs, tiles = [], [], []
         for r in keep:
             m = {"path": r.path, "stat": list(r.stat_key), **{k: getattr(r, k) for k in _MEMO_FIELDS}}
@@ -691,7 +714,11 @@ class _Memo:
                 thumbs.append(r.features[0])
                 tiles.append(r.features[1].ravel())
             metas.append(m)
-        meta = json.dumps({"version": _memo_version(), "root": self.root, "records": metas})
+        # the groups only where every readable file is remembered: they are recalled only then
+        whole = not any(r.status == "ok" and r.stat_key is None for r in records)
+        dups = {r.path: [r.dup_group, r.dup_kind, r.conflict] for r in keep if r.dup_group}
+        meta = json.dumps({"version": _memo_version(), "root": self.root, "records": metas,
+                           **({"groups": groups, "dups": dups} if whole else {})})
         try:
             with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
                 np.savez(f, meta=np.frombuffer(meta.encode(), np.uint8),
@@ -955,9 +982,11 @@ def audit(data_dir: str | os.PathLike, progress: Callable[[int, int], None] | No
             raise
         pool.shutdown()
         records.sort(key=lambda r: r.path)
-        groups = _find_duplicates([r for r in records if r.status == "ok"])
+        groups = memory.recall_groups(records) if memory is not None and recall else None
+        if groups is None:
+            groups = _find_duplicates([r for r in records if r.status == "ok"])
     if memory is not None:
-        memory.save(records)
+        memory.save(records, groups)
     for r in records if not keep_features else ():
         r.features = None
     ok = [r for r in records if r.status == "ok"]
