@@ -36,7 +36,8 @@ def majority(labels: list[str]) -> np.ndarray:
     return np.tile([0.2, 0.2, 0.6], (len(labels), 1))  # always osteoporosis
 
 
-def make_run(root: Path, run_id: str, test_probs: np.ndarray, test_prefix: str = "", content: str = "") -> Path:
+def make_run(root: Path, run_id: str, test_probs: np.ndarray, test_prefix: str = "", content: str = "",
+             val_probs: np.ndarray | None = None) -> Path:
     """A finished run with train / val / test splits, as the trainer leaves it (metrics aside);
     with ``content``, its manifest gives each image a sha256 made from it and the path."""
     run = root / "tiny" / run_id
@@ -54,7 +55,7 @@ def make_run(root: Path, run_id: str, test_probs: np.ndarray, test_prefix: str =
         RunDir(run).write_manifest([{"path": r["path"], "label": r["label"], "status": "ok",
                                      "sha256": hashlib.sha256(f"{content}{r['path']}".encode()).hexdigest()}
                                     for rs in rows.values() for r in rs])
-    kept = RunDir(run).write_predictions(rows["val"], skilled(VAL, 7), "val")
+    kept = RunDir(run).write_predictions(rows["val"], skilled(VAL, 7) if val_probs is None else val_probs, "val")
     RunDir(run).write_predictions(rows["test"], test_probs, "test", append_to=kept)
     write_json(run / "metrics.json", {"model": "tiny", "best_epoch": 1, "monitor": "val_macro_f1"})
     write_json(run / "env.json", {"backend": "tensorflow", "precision": "float32", "n_train": len(TRAIN)})
@@ -87,7 +88,8 @@ def report(tmp_path_factory):
     trained run on other test images."""
     root = tmp_path_factory.mktemp("verdict")
     probs = {"trained": skilled(TEST, 0), "twin": skilled(TEST, 1), "majority": majority(TEST)}
-    runs = [make_run(root, name, p) for name, p in probs.items()]
+    val = {"trained": skilled(VAL, 2), "twin": skilled(VAL, 0), "majority": majority(VAL)}  # twin: best on test
+    runs = [make_run(root, name, p, val_probs=val[name]) for name, p in probs.items()]
     runs.append(make_run(root, "elsewhere", skilled(TEST, 2), test_prefix="other/"))
     out = root / "rep"
     write_report(runs, out, n_boot=200)
@@ -97,13 +99,22 @@ def report(tmp_path_factory):
 
 def test_the_verdict_names_the_best_the_differences_and_the_baseline(report):
     probs, rows, said, out = report
-    best = max(("trained", "twin"), key=lambda k: float(rows[k]["balanced_accuracy"]))
+    # the best is chosen on validation: the test images choose nothing, not even which run is best
+    val = {k: float(rows[k]["val_balanced_accuracy"]) for k in ("trained", "twin", "majority")}
+    best = max(("trained", "twin"), key=val.get)
     twin = "twin" if best == "trained" else "trained"
+    assert val[best] > val[twin] > val["majority"] and rows[best]["balanced_accuracy"] != max(
+        rows[k]["balanced_accuracy"] for k in ("trained", "twin"))  # the fixture: not the best on test
     b = rows[best]
     assert b["mcnemar_vs"] == "(best)" and b["evaluated_on"] == "test" and b["chose"] == "nothing"
-    assert said.startswith(f"On test (n={len(TEST)}, which chose nothing): tiny ({best}) is best, with balanced "
-                           f"accuracy {float(b['balanced_accuracy']):.3f} [{float(b['balanced_accuracy_lo']):.3f}, "
+    assert said.startswith(f"On test (n={len(TEST)}, which chose nothing): tiny ({best}), the best on its validation "
+                           f"images (balanced accuracy {val[best]:.3f} there), scores "
+                           f"{float(b['balanced_accuracy']):.3f} [{float(b['balanced_accuracy_lo']):.3f}, "
                            f"{float(b['balanced_accuracy_hi']):.3f}].")
+    t = rows[twin]  # above the best on test: said so, with the difference's interval as it is
+    assert (f"tiny ({twin}) scores {float(t['balanced_accuracy']):.3f}, {float(t['balanced_accuracy_diff']):.3f} above "
+            f"the best (95% interval {float(t['balanced_accuracy_diff_lo']):.3f} to "
+            f"{float(t['balanced_accuracy_diff_hi']):.3f})") in said
     # raw McNemar p-values by hand, then Holm by hand over the two paired comparisons
     raw = {k: mcnemar_by_hand(probs[k], probs[best]) for k in (twin, "majority")}
     for k in raw:  # the CSV keeps 8 decimals
@@ -123,7 +134,7 @@ def test_the_verdict_names_the_best_the_differences_and_the_baseline(report):
             f"McNemar p = {raw['majority']:.3g} (Holm-adjusted for 2 comparisons: {adjusted['majority']:.3g}): "
             "a significant difference.") in said
     assert (f"McNemar p = {raw[twin]:.3g} (Holm-adjusted for 2 comparisons: {adjusted[twin]:.3g}): "
-            "no significant difference.") in said
+            f"no significant difference; tiny ({twin}) is the more accurate") in said
     # other images: a set of their own, with its own best, not tested against the others and not
     # counted among their comparisons
     e = rows["elsewhere"]
@@ -136,7 +147,7 @@ def test_the_verdict_names_the_best_the_differences_and_the_baseline(report):
             "model's interval lies above it.") in said
     page = (out / "index.html").read_text(encoding="utf-8")
     assert page.index("<h2>Verdict</h2>") < page.index("<h2>Comparison</h2>")
-    assert "a significant difference." in page and "no significant difference." in page
+    assert "a significant difference." in page and "no significant difference;" in page
 
 
 def test_runs_of_the_same_file_names_in_other_images_are_not_paired(tmp_path):
@@ -159,7 +170,7 @@ def test_osteo_report_opens_with_the_verdict(report, tmp_path, capsys):
     assert main(["report", *runs, "--out", str(tmp_path / "cli"), "--bootstrap", "100"]) == 0
     printed = capsys.readouterr().out
     verdict = (tmp_path / "cli" / "verdict.txt").read_text(encoding="utf-8").strip()
-    assert "On test (n=65, which chose nothing): tiny (trained) is best" in verdict
+    assert "On test (n=65, which chose nothing): tiny (trained), the best on its validation images" in verdict
     assert "(Holm-adjusted for 1 comparison: " in verdict and "a significant difference." in verdict
     flat, verdict = " ".join(printed.split()), " ".join(verdict.split())  # as the terminal wrapped it
     assert verdict in flat and flat.index(verdict) < flat.index(" comparison ")  # the verdict, then the table

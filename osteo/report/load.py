@@ -56,6 +56,9 @@ class Run:
     points: list[dict] = field(default_factory=list)
     # the images scored, as content: rows with the same id are the same images with the same labels
     images_id: str = ""
+    # balanced accuracy on the run's own validation images (a cross-validation's: its folds'
+    # mean): what picks the best of runs compared on the same held-out images (NaN: none)
+    val_balanced_accuracy: float = float("nan")
 
     @property
     def model(self) -> str:
@@ -147,7 +150,8 @@ def load_run(path: str | os.PathLike, split: str = "auto", n_boot: int = 1000, s
     return Run(run.path, recipe, run.read_env(), metrics, run.read_history(), y, probs, rows, majority,
                run.split_id(), run.read_audit(), evaluated_on=SPLIT_NAMES[split], calibrated=calibrated,
                temperature=temperature, chose=CHOSE[split], points=points,
-               images_id=images_id(rows, run.content_sha256()))
+               images_id=images_id(rows, run.content_sha256()),
+               val_balanced_accuracy=metrics["balanced_accuracy"] if split == "val" else _val_ba(run))
 
 
 def load_cv(cv: CvDir, n_boot: int = 1000, seed: int = 0) -> Run:
@@ -189,7 +193,8 @@ def load_cv(cv: CvDir, n_boot: int = 1000, seed: int = 0) -> Run:
     return Run(cv.path, first.recipe, env, metrics, history, y, probs, rows, majority, split_id, first.audit,
                evaluated_on="out-of-fold", fold_metrics=fold_metrics, calibrated=calibrated, chose=CHOSE[split],
                points=_pooled_points(members, folds, CHOSE[split], n_boot, seed),
-               images_id=images_id(rows, {p: h for f in members for p, h in f.content_sha256().items()}))
+               images_id=images_id(rows, {p: h for f in members for p, h in f.content_sha256().items()}),
+               val_balanced_accuracy=float(np.mean([f.val_balanced_accuracy for f in folds])))
 
 
 def _pooled_points(members: list[RunDir], folds: list[Run], chose: str, n_boot: int, seed: int) -> list[dict]:
@@ -249,7 +254,15 @@ def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) ->
     points = [{**p, "evaluated_on": where, "chose": CHOSE["external"]} for p in recorded]
     return Run(external, run.read_recipe().to_dict(), run.read_env(), metrics, [], y, probs, rows, majority,
                split_id, audit, evaluated_on=where, calibrated=calibrated, temperature=temperature,
-               chose=CHOSE["external"], points=points, images_id=images_id(rows, RunDir(external).content_sha256()))
+               chose=CHOSE["external"], points=points, images_id=images_id(rows, RunDir(external).content_sha256()),
+               val_balanced_accuracy=float(np.mean([_val_ba(f) for f in CvDir(run_dir).folds()])) if ensemble
+               else _val_ba(run))
+
+
+def _val_ba(run: RunDir) -> float:
+    """Balanced accuracy on the run's validation split (NaN without one)."""
+    y, probs, _ = run.read_predictions("val")
+    return float(compute_metrics(y, probs, n_boot=0)["balanced_accuracy"]) if len(y) else float("nan")
 
 
 def images_id(rows: list[dict], contents: dict[str, str]) -> str:

@@ -46,7 +46,7 @@ COMPARISON_COLUMNS = (
     "mcnemar_p", "mcnemar_p_holm", "fold_ttest_p", "fold_ttest_p_holm",
     "train_seconds", "train_images_per_sec", "params",
     *(f"{m}_{c}" for c in CLASSES for m in PER_CLASS_CI),
-    "split_id", "images_id", "run_dir",
+    "val_balanced_accuracy", "split_id", "images_id", "run_dir",
 )
 PER_CLASS_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "class", "metric", "value", "lo", "hi")
 FOLD_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "fold", "n", *HEADLINE)
@@ -80,6 +80,7 @@ def comparison_rows(runs: list[Run], oracles: list[Run] = (), n_boot: int = 1000
             "folds": r.folds or None, "evaluated_on": r.evaluated_on, "chose": r.chose,
             "train_seconds": r.env.get("train_seconds"), "train_images_per_sec": r.env.get("train_images_per_sec"),
             "params": r.env.get("params"), "split_id": r.split_id, "images_id": r.images_id,
+            "val_balanced_accuracy": r.val_balanced_accuracy if np.isfinite(r.val_balanced_accuracy) else None,
             "run_dir": str(r.path),
         }
         for metric in METRICS:
@@ -109,7 +110,12 @@ def groups(runs: list[Run]) -> dict[tuple[str, str, str], list[Run]]:
 
 
 def best_of(runs: list[Run]) -> Run:
-    """The run with the highest balanced accuracy (the first of equals; a NaN one never wins)."""
+    """The run with the highest balanced accuracy on its validation images (the first of equals;
+    a NaN one never wins): the images it is compared on (test, out-of-fold, a folder) choose
+    nothing, not even which run is called best; the highest of several runs' test scores is an
+    optimistic one. Where a run has no validation score, the compared images decide (said)."""
+    if all(np.isfinite(r.val_balanced_accuracy) for r in runs):
+        return max(runs, key=lambda r: r.val_balanced_accuracy)
     return max(runs, key=lambda r: _finite_or(r.metrics["balanced_accuracy"], -1.0))
 
 

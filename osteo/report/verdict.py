@@ -36,8 +36,16 @@ def _paragraph(group: list[dict], rows: list[dict]) -> str:
     if images.startswith("external: "):
         images = f"the external folder {images.removeprefix('external: ')}"
     where = f"{images} (n={best['n']}, {which_chose(best['chose'])})"
-    alone = ", the only model measured on these images," if len(group) == 1 else ""
-    out = [f"On {where}: {_name(best)}{alone} is best, with balanced accuracy {_ci(best)}."]
+    val = to_float(best.get("val_balanced_accuracy"))
+    if len(group) == 1:
+        out = [f"On {where}: {_name(best)}, the only model measured on these images, is best, with balanced "
+               f"accuracy {_ci(best)}."]
+    elif best["evaluated_on"] != "validation" and not math.isnan(val):
+        # chosen where it chose nothing else: the highest of several test scores would be optimistic
+        out = [f"On {where}: {_name(best)}, the best on its validation images (balanced accuracy {val:.3f} "
+               f"there), scores {_ci(best)}."]
+    else:
+        out = [f"On {where}: {_name(best)} is best, with balanced accuracy {_ci(best)}."]
     tested = [r for r in group if _p(r, "mcnemar_p_holm") is not None]
     for r in group:
         if r is best:
@@ -78,8 +86,14 @@ def _difference(r: dict, best: dict, m: int) -> str:
     best is said to be."""
     diff = to_float(r["balanced_accuracy_diff"])
     lo, hi = to_float(r["balanced_accuracy_diff_lo"]), to_float(r["balanced_accuracy_diff_hi"])
-    # + 0.0: no "-0.000" where the interval touches zero
-    interval = "" if math.isnan(lo) else f" (95% interval {-hi + 0.0:.3f} to {-lo + 0.0:.3f})"
+    # + 0.0: no "-0.000" where the interval touches zero. The best was chosen on validation: on
+    # these images another run may score above it
+    if diff > 0:
+        interval = "" if math.isnan(lo) else f" (95% interval {lo + 0.0:.3f} to {hi + 0.0:.3f})"
+        standing = f"{diff:.3f} above the best{interval}"
+    else:
+        interval = "" if math.isnan(lo) else f" (95% interval {-hi + 0.0:.3f} to {-lo + 0.0:.3f})"
+        standing = f"{-diff + 0.0:.3f} below the best{interval}"
     comparisons = f"{m} comparison{'s' if m > 1 else ''}"
     tests = [f"McNemar p = {_p(r, 'mcnemar_p'):.3g} (Holm-adjusted for {comparisons}: "
              f"{_p(r, 'mcnemar_p_holm'):.3g})"]
@@ -103,8 +117,7 @@ def _difference(r: dict, best: dict, m: int) -> str:
     if acc > best_acc:  # NaN compares False: no accuracy, nothing said
         said += (f"; {_name(r)} is the more accurate ({acc:.3f} against {best_acc:.3f}): McNemar's test compares "
                  "accuracy, the ranking balanced accuracy")
-    return (f"{_name(r)} scores {to_float(r['balanced_accuracy']):.3f}, {-diff + 0.0:.3f} below the best{interval}; "
-            f"{'; '.join(tests)}: {said}.")
+    return f"{_name(r)} scores {to_float(r['balanced_accuracy']):.3f}, {standing}; {'; '.join(tests)}: {said}."
 
 
 def _name(r: dict) -> str:
