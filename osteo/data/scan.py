@@ -2,7 +2,8 @@
 
 Layout: ``DATA/<class>/**/<image>``. Class folders match ``normal``, ``osteopenia``
 and ``osteoporosis`` case-insensitively; images may sit at any depth below them.
-Files with an image extension (any case) are decoded, and the bytes decide the
+Files with an image extension (any case), and files without an extension whose bytes
+are DICOM's (``IM0001``, as PACS exports name them), are decoded, and the bytes decide the
 format; system files (``.DS_Store``, ``._*``, ``Thumbs.db``), hidden temporaries
 (``.*.tmp*``: a write in progress, or one a killed process left), other extensions
 and files outside a class folder are listed as ``ignored``.
@@ -148,7 +149,7 @@ from osteo.data.decode import (
 from osteo.errors import OsteoError
 from osteo.files import write_csv, write_json
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".ima"})
 # images osteo does not read: in a class folder they are ignored, and the audit says so in one line
 OTHER_IMAGE_EXTENSIONS = frozenset({".gif", ".webp", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".jxl", ".pgm",
                                     ".ppm", ".nii", ".nrrd", ".mha", ".mhd"})
@@ -403,7 +404,7 @@ def _walk_class(top: os.DirEntry, out: _Listing) -> None:
                         continue
                 visited.add(key)
                 folders.append((e.path, r, above | {key}))
-            elif not _is_image_name(e.name):
+            elif not _is_image_name(e.name) and not _dicom_without_extension(e):
                 out.ignored.append(_display(r))
             else:  # regular or not: the decoder checks, without opening anything else
                 out.candidates.append((r, label))
@@ -415,6 +416,20 @@ def _is_image_name(path: str) -> bool:
     name = path.rsplit("/", 1)[-1]
     return (name.lower() not in SYSTEM_FILES and not name.startswith("._")
             and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
+
+
+def _dicom_without_extension(e: os.DirEntry) -> bool:
+    """A regular file named without an extension (``IM0001``, as PACS exports and DICOMDIR
+    folders name them) whose bytes say DICOM ("DICM" after the 128-byte preamble)."""
+    if "." in e.name or e.name.lower() in SYSTEM_FILES:
+        return False
+    try:
+        if not e.is_file():  # links followed; a named pipe or device is not opened
+            return False
+        with open(e.path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def _data_folder_hint(path: Path) -> str:
