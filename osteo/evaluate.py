@@ -160,23 +160,54 @@ def _cm_metrics(cms: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def bootstrap(y_true: np.ndarray, y_pred: np.ndarray, n_boot: int = 1000, seed: int = 0,
-              level: float = 0.95) -> dict:
+              level: float = 0.95, groups: Sequence | None = None) -> dict:
     """Stratified bootstrap percentile intervals of the confusion-matrix metrics.
 
     Each resample draws, within every true class, as many images as it has, with
     replacement: class supports stay fixed, as they are in the validation split.
-    Returns {metric: (lo, hi)} and {metric: (lo array, hi array)} per class.
+    With ``groups`` (each image's group: its duplicates, its patient, as the split keeps them
+    together), whole groups are drawn instead, within the class most of their images have: a
+    patient's five images, or four copies of one, are one draw, not five independent ones
+    (:func:`clusters`). Returns {metric: (lo, hi)} and {metric: (lo array, hi array)} per class.
     """
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if len(y_true) == 0 or n_boot <= 0:
         return {}
-    values = _cm_metrics(_resampled_confusions(y_true, y_pred, _stratified_draws(y_true, n_boot, seed)))
+    values = _cm_metrics(_resampled(y_true, y_pred, clusters(y_true, groups), n_boot, seed))
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     out = {}
     for name, v in values.items():
         lo, hi = np.percentile(v, q, axis=0)
         out[name] = (lo, hi)
     return out
+
+
+def clusters(y_true: np.ndarray, groups: Sequence | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(each image's cluster, each cluster's class: the one most of its images have) for a
+    bootstrap over ``groups``; None where every group is one image (then images are drawn, and
+    the resamples are the image bootstrap's, draw for draw)."""
+    if groups is None:
+        return None
+    keys, unit = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    if len(keys) == len(y_true):
+        return None
+    counts = np.zeros((len(keys), K), dtype=np.int64)
+    np.add.at(counts, (unit, np.asarray(y_true, dtype=int)), 1)
+    return unit, counts.argmax(axis=1)
+
+
+def _resampled(y_true: np.ndarray, y_pred: np.ndarray, units, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, K, K) confusion matrices of stratified resamples: of images (``units`` None) or
+    of whole clusters (:func:`clusters`), drawn within their class."""
+    if units is None:
+        return _resampled_confusions(y_true, y_pred, _stratified_draws(y_true, n_boot, seed))
+    unit, strata = units
+    draws = _stratified_draws(strata, n_boot, seed)  # cluster indices
+    per_unit = np.zeros((len(strata), K * K), dtype=np.int64)
+    np.add.at(per_unit, (unit, np.asarray(y_true, dtype=int) * K + np.asarray(y_pred, dtype=int)), 1)
+    offsets = np.arange(n_boot)[:, None] * len(strata)
+    times = np.bincount((draws + offsets).ravel(), minlength=n_boot * len(strata)).reshape(n_boot, len(strata))
+    return (times @ per_unit).reshape(n_boot, K, K)
 
 
 def _stratified_draws(y_true: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
@@ -199,17 +230,19 @@ def _resampled_confusions(y_true: np.ndarray, y_pred: np.ndarray, idx: np.ndarra
 
 
 def paired_difference(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, metric: str = "balanced_accuracy",
-                      n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, list[float] | None]:
+                      n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                      groups: Sequence | None = None) -> tuple[float, list[float] | None]:
     """``metric`` of predictions A minus that of B on the same images, with a paired stratified
-    bootstrap interval (each resample scores both on the same draws); None without resamples."""
+    bootstrap interval (each resample scores both on the same draws, of whole ``groups`` where
+    given: :func:`bootstrap`); None without resamples."""
     y_true, pred_a, pred_b = (np.asarray(v, dtype=int) for v in (y_true, pred_a, pred_b))
     diff = float(_cm_metrics(confusion(y_true, pred_a)[None])[metric][0]
                  - _cm_metrics(confusion(y_true, pred_b)[None])[metric][0])
     if not len(y_true) or n_boot <= 0:
         return diff, None
-    idx = _stratified_draws(y_true, n_boot, seed)
-    draws = (_cm_metrics(_resampled_confusions(y_true, pred_a, idx))[metric]
-             - _cm_metrics(_resampled_confusions(y_true, pred_b, idx))[metric])
+    units = clusters(y_true, groups)  # the same seed: both scored on the same draws
+    draws = (_cm_metrics(_resampled(y_true, pred_a, units, n_boot, seed))[metric]
+             - _cm_metrics(_resampled(y_true, pred_b, units, n_boot, seed))[metric])
     lo, hi = np.percentile(draws, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
     return diff, _contain(lo, hi, diff)
 
@@ -244,8 +277,10 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
 # --------------------------------------------------------------------------- metrics
 
 
-def compute_metrics(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 0, seed: int = 0) -> dict:
-    """Every metric of one set of predictions (scikit-learn where it has them).
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 0, seed: int = 0,
+                    groups: Sequence | None = None) -> dict:
+    """Every metric of one set of predictions (scikit-learn where it has them); intervals by
+    a stratified bootstrap over ``groups`` where given (:func:`bootstrap`).
 
     A row with a non-finite probability (a diverged model) keeps its argmax as the
     prediction, as ``predictions.csv`` records it, and is counted in ``n_nonfinite``;
@@ -297,8 +332,11 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 0, seed
         "confusion_matrix": cm.tolist(),
     }
     if n_boot:
-        ci = bootstrap(y_true, y_pred, n_boot=n_boot, seed=seed)
-        m["ci"] = {"method": "stratified bootstrap, percentile", "level": 0.95, "resamples": n_boot, "seed": seed}
+        ci = bootstrap(y_true, y_pred, n_boot=n_boot, seed=seed, groups=groups)
+        units = clusters(y_true, groups)
+        method = ("stratified bootstrap, percentile" if units is None else
+                  f"stratified cluster bootstrap over {len(units[1])} groups (duplicates, patients), percentile")
+        m["ci"] = {"method": method, "level": 0.95, "resamples": n_boot, "seed": seed}
         for name in (metric.name for metric in METRICS if metric.interval):
             m[f"{name}_ci"] = _contain(ci[name][0], ci[name][1], m[name])
         for i, c in enumerate(CLASSES):
@@ -387,8 +425,8 @@ def evaluate_run(run_dir: str | os.PathLike, splits: Sequence[str] | None = None
     for name in splits or available:
         if name not in available:
             raise OsteoError(f"{run.path} has no {name} predictions; choose one of: {', '.join(available) or 'none'}")
-        y, p, _ = run.read_predictions(name)
-        metrics[name] = compute_metrics(y, p, n_boot=n_boot, seed=seed)
+        y, p, scored = run.read_predictions(name)
+        metrics[name] = compute_metrics(y, p, n_boot=n_boot, seed=seed, groups=run.image_groups(scored))
         metrics[name]["majority_baseline"] = majority_baseline(y, majority)
         metrics[name].update(evaluated_on=SPLIT_NAMES[name], chose=CHOSE[name])
     metrics["headline"] = headline_split(available)

@@ -49,7 +49,7 @@ def write_model_card(run_dir) -> Path:
         f"epochs (frozen + fine-tuned), {recipe.train.optimizer} lr {recipe.train.lr:g} / "
         f"{recipe.train.fine_tune_lr:g}, batch {recipe.data.batch_size}, best checkpoint by {recipe.train.monitor}"
         f" (epoch {metrics.get('best_epoch', '?')}). The full recipe is `recipe.json`.", "",
-        "## Results (95% stratified bootstrap intervals)", "",
+        "## Results (95% stratified bootstrap intervals; duplicates and a patient's images drawn as one)", "",
         _headline_sentence(metrics, recipe), "",
         f"| split | chose | n | {' | '.join(x.label for x in METRICS)} | majority class (bal. acc.) |",
         f"| --- | --- | ---: | {' | '.join('---' if x.interval else '---:' for x in METRICS)} | --- |",

@@ -330,7 +330,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     from osteo.calibrate import external_calibration
     from osteo.data.pipeline import default_cache_root
     from osteo.data.scan import audit, write_audit
-    from osteo.data.split import majority_label
+    from osteo.data.split import assign_groups, majority_label
     from osteo.evaluate import CHOSE, compute_metrics, majority_baseline
     from osteo.files import replace_folder, write_json
 
@@ -366,7 +366,9 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
         warn(f"{folder} has no {' or '.join(missing)} images scored: ROC-AUC is left out{one}")
     raw_rows = [{"path": rec.path, "label": rec.label} for rec, _ in kept]
     calibrated = predictor.calibrate(raw)
-    metrics = compute_metrics(y, raw, n_boot=n_boot, seed=seed)
+    # intervals that draw the folder's duplicates and patients whole: four copies of an image are one draw
+    groups = assign_groups([m for m in result.manifest_rows() if m["status"] == "ok"])
+    metrics = compute_metrics(y, raw, n_boot=n_boot, seed=seed, groups=[groups[rec.path] for rec, _ in kept])
     metrics["majority_baseline"] = majority_baseline(y, majority_label(rec.label for rec, _ in kept))
     report = {
         "run": str(run.path), "data_dir": str(folder), "tta": tta,

@@ -274,6 +274,14 @@ class RunDir(_Folder):
         rows = read_csv(self.manifest_path, "train the run again to record its images' hashes")
         return {h for r in rows if r.get("path") in used for h in (r.get("sha256"), r.get("pixel_sha256")) if h}
 
+    def image_groups(self, rows: Sequence[dict]) -> list[str] | None:
+        """The split's group (duplicates, patient: kept together by the split) of each of
+        ``rows``' images, for a bootstrap that draws groups whole; None for a run whose split
+        records none (or a row it does not hold)."""
+        groups = {r["path"]: r.get("group") for r in self.read_split()}
+        found = [groups.get(r["path"]) for r in rows]
+        return None if not all(found) else found
+
     def content_sha256(self) -> dict[str, str]:
         """Each image its audit read (a run's data folder, or an external folder scored under
         ``eval/``): the sha256 of its bytes, by path ({} where no manifest records them)."""

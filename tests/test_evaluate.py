@@ -116,3 +116,33 @@ def test_majority_baseline_is_the_studys_trap():
     m = compute_metrics(y, np.tile([0.1, 0.8, 0.1], (100, 1)))
     assert m["accuracy"] == base["accuracy"] and m["balanced_accuracy"] == pytest.approx(1 / 3)
     assert m["per_class"]["normal"]["recall"] == 0.0 and m["mcc"] == 0.0
+
+
+def test_copies_of_an_image_are_drawn_whole_and_narrow_no_interval():
+    """Thirty images, then each four times (a folder of copies, a patient's views): drawn as
+    groups, the copies add no information and the intervals are the thirty's; drawn as images,
+    they shrank by half."""
+    from osteo.evaluate import compute_metrics, paired_difference
+
+    rng = np.random.default_rng(4)
+    y = np.repeat(np.arange(3), 10)
+    probs = rng.dirichlet(np.ones(3), size=30)
+    probs[np.arange(30), y] += rng.uniform(0, 1, 30)  # some skill
+    probs /= probs.sum(1, keepdims=True)
+    other = rng.dirichlet(np.ones(3), size=30)
+    y4, p4, o4 = np.repeat(y, 4), np.repeat(probs, 4, axis=0), np.repeat(other, 4, axis=0)
+    groups = [f"img{i:02d}" for i in np.repeat(np.arange(30), 4)]
+    alone = compute_metrics(y, probs, n_boot=300, seed=1)
+    copied = compute_metrics(y4, p4, n_boot=300, seed=1, groups=groups)
+    naive = compute_metrics(y4, p4, n_boot=300, seed=1)
+    for name in ("balanced_accuracy_ci", "accuracy_ci", "macro_f1_ci"):
+        assert copied[name] == pytest.approx(alone[name])
+    width = lambda m: m["balanced_accuracy_ci"][1] - m["balanced_accuracy_ci"][0]
+    assert width(naive) < 0.7 * width(copied)
+    assert copied["ci"]["method"].startswith("stratified cluster bootstrap over 30 groups")
+    one = paired_difference(y, probs.argmax(1), other.argmax(1), n_boot=300, seed=1)
+    four = paired_difference(y4, p4.argmax(1), o4.argmax(1), n_boot=300, seed=1, groups=groups)
+    assert four[0] == pytest.approx(one[0]) and four[1] == pytest.approx(one[1])
+    # every group one image: the image bootstrap, draw for draw
+    singles = compute_metrics(y, probs, n_boot=300, seed=1, groups=[f"g{i}" for i in range(30)])
+    assert singles["balanced_accuracy_ci"] == alone["balanced_accuracy_ci"] and singles["ci"] == alone["ci"]

@@ -59,6 +59,8 @@ class Run:
     # balanced accuracy on the run's own validation images (a cross-validation's: its folds'
     # mean): what picks the best of runs compared on the same held-out images (NaN: none)
     val_balanced_accuracy: float = float("nan")
+    # each scored image's group (duplicates, patient), for intervals that draw groups whole (None: images)
+    groups: list[str] | None = None
 
     @property
     def model(self) -> str:
@@ -139,7 +141,8 @@ def load_run(path: str | os.PathLike, split: str = "auto", n_boot: int = 1000, s
     y, probs, rows = run.read_predictions(split)
     if not len(y):
         raise OsteoError(f"run {run} has no {split} predictions; choose --split val or test")
-    metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed)
+    groups = run.image_groups(rows)
+    metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed, groups=groups)
     metrics["best_epoch"] = run.read_metrics().get("best_epoch")
     majority = majority_baseline(y, training_majority(run))
     temperature, calibrated = _calibrated(run, y, probs, metrics)
@@ -151,7 +154,7 @@ def load_run(path: str | os.PathLike, split: str = "auto", n_boot: int = 1000, s
                run.split_id(), run.read_audit(), evaluated_on=SPLIT_NAMES[split], calibrated=calibrated,
                temperature=temperature, chose=CHOSE[split], points=points,
                images_id=images_id(rows, run.content_sha256()),
-               val_balanced_accuracy=metrics["balanced_accuracy"] if split == "val" else _val_ba(run))
+               val_balanced_accuracy=metrics["balanced_accuracy"] if split == "val" else _val_ba(run), groups=groups)
 
 
 def load_cv(cv: CvDir, n_boot: int = 1000, seed: int = 0) -> Run:
@@ -172,7 +175,9 @@ def load_cv(cv: CvDir, n_boot: int = 1000, seed: int = 0) -> Run:
     rows = [row for f in folds for row in f.rows]
     if len({row["path"] for row in rows}) != len(rows):
         raise OsteoError(f"the folds of {cv} share held-out images; it is not a cross-validation of one split")
-    metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed)
+    groups = [f.groups or [row["path"] for row in f.rows] for f in folds]  # a fold without groups: its images
+    groups = [g for part in groups for g in part] if any(f.groups for f in folds) else None
+    metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed, groups=groups)
     metrics["best_epoch"] = None
     train_labels = [r["label"] for f in cv.folds() for r in f.read_split() if r["split"] == "train"]
     majority = majority_baseline(y, majority_label(train_labels))
@@ -194,7 +199,7 @@ def load_cv(cv: CvDir, n_boot: int = 1000, seed: int = 0) -> Run:
                evaluated_on="out-of-fold", fold_metrics=fold_metrics, calibrated=calibrated, chose=CHOSE[split],
                points=_pooled_points(members, folds, CHOSE[split], n_boot, seed),
                images_id=images_id(rows, {p: h for f in members for p, h in f.content_sha256().items()}),
-               val_balanced_accuracy=float(np.mean([f.val_balanced_accuracy for f in folds])))
+               val_balanced_accuracy=float(np.mean([f.val_balanced_accuracy for f in folds])), groups=groups)
 
 
 def _pooled_points(members: list[RunDir], folds: list[Run], chose: str, n_boot: int, seed: int) -> list[dict]:
@@ -237,7 +242,8 @@ def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) ->
     y, probs, rows = RunDir(external).read_predictions("external")
     if not len(y):
         raise OsteoError(f"{external} holds no external predictions; run osteo eval {run_dir} --data FOLDER again")
-    metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed)
+    groups = external_groups(RunDir(external), rows)
+    metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed, groups=groups)
     metrics["best_epoch"] = None if ensemble else run.read_metrics().get("best_epoch")
     if ensemble:  # its probabilities are its members' calibrated ones: no temperature of its own
         temperature, calibrated = None, probs
@@ -256,7 +262,20 @@ def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) ->
                split_id, audit, evaluated_on=where, calibrated=calibrated, temperature=temperature,
                chose=CHOSE["external"], points=points, images_id=images_id(rows, RunDir(external).content_sha256()),
                val_balanced_accuracy=float(np.mean([_val_ba(f) for f in CvDir(run_dir).folds()])) if ensemble
-               else _val_ba(run))
+               else _val_ba(run), groups=groups)
+
+
+def external_groups(folder: RunDir, rows: list[dict]) -> list[str] | None:
+    """Each scored image's group in an external folder, from its audit's manifest: its duplicates
+    and its DICOM patient, as a split of that folder would keep them (None without a manifest)."""
+    from osteo.data.split import assign_groups
+
+    if not folder.manifest_path.exists():
+        return None
+    from osteo.files import read_csv
+
+    groups = assign_groups([m for m in read_csv(folder.manifest_path, "run osteo eval again") if m["status"] == "ok"])
+    return [groups.get(r["path"], r["path"]) for r in rows]
 
 
 def _val_ba(run: RunDir) -> float:

@@ -139,7 +139,7 @@ def compare(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> dict[Path, di
             elif set(paths) == set(order) and len(paths) == len(order):
                 theirs = best.probs.argmax(1)[[order[p] for p in paths]]  # the best's answers, in r's order
                 mine = r.probs.argmax(1)
-                diff, diff_ci = paired_difference(r.y, mine, theirs, n_boot=n_boot, seed=seed)
+                diff, diff_ci = paired_difference(r.y, mine, theirs, n_boot=n_boot, seed=seed, groups=r.groups)
                 fold_p = None
                 if r.folds and r.split_id == best.split_id and r.folds == best.folds:
                     a = [f["balanced_accuracy"] for f in r.fold_metrics]
