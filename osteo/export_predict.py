@@ -18,8 +18,8 @@ the two inputs are equal bit for bit:
 * decode (``osteo.data.decode.decode_gray``): 8-bit images as their gray levels; a
   colour JPEG as its luminance straight from libjpeg (Pillow's draft mode), decoded at
   a reduced DCT scale (1/2, 1/4, 1/8) when the target size allows (:func:`jpeg_ratio`);
-  other colour images through Pillow's ``convert("L")``; 16-bit images scaled by 1/257;
-  floating-point TIFFs stretched from their minimum to their maximum; DICOM after its
+  other colour images through Pillow's ``convert("L")``; 16-bit and 32-bit integer and
+  floating-point images stretched from their minimum to their maximum; DICOM after its
   modality LUT and its VOI LUT or window, stretched likewise (MONOCHROME1 inverted;
   colour DICOM as luminance; the first frame);
 * resize (``osteo.data.pipeline.resize_gray``): an integer box filter
@@ -165,9 +165,7 @@ def _decode_pillow(data: bytes, fmt: str, scale=None) -> Gray:
             img.load()
         mode = img.mode
         lo = hi = 0.0
-        if mode.startswith("I;16") or mode == "I":
-            pixels, kind = np.asarray(img), "u16"
-        elif mode == "F":
+        if mode.startswith("I;16") or mode in ("I", "F"):  # stretched from their minimum to their maximum
             pixels, kind = np.asarray(img), "stretch"
             lo, hi = _finite_range(pixels)
         else:

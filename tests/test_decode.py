@@ -43,6 +43,19 @@ def test_sixteen_bit_keeps_its_dynamic_range(fmt):
     assert len(np.unique(arr)) > 256
 
 
+@pytest.mark.parametrize(("low", "high", "dtype", "fmt"), [
+    (0, 4080, np.uint16, "PNG"),  # 12-bit data in a 16-bit file: at 1/257 it was 0-16 of 255, near black
+    (1000, 1200, np.uint16, "TIFF"),  # a narrow window
+    (-5000, 1_000_000, np.int32, "TIFF"),  # 32-bit integers: clipped at 65535 and 0 before
+])
+def test_more_than_eight_bits_are_stretched_from_the_images_minimum_to_its_maximum(low, high, dtype, fmt):
+    raw = np.linspace(low, high, 64 * 64).reshape(64, 64).astype(dtype)
+    arr, info = decode_bytes(_encode(Image.fromarray(raw), fmt))
+    assert info.bit_depth == (16 if dtype == np.uint16 else 32)
+    want = (raw.astype(np.float64) - raw.min()) / (raw.max() - raw.min()) * 255
+    np.testing.assert_allclose(arr[..., 0], want, atol=1e-3)
+
+
 def test_the_content_decides_the_format_not_the_name(tmp_path):
     path = tmp_path / "actually_a_jpeg.png"
     path.write_bytes(_encode(Image.fromarray(GRAY), "JPEG"))

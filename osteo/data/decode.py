@@ -2,8 +2,9 @@
 
 The bytes decide the format (``sniff_format``), never the file name. Supported:
 
-- PNG, JPEG, BMP, TIFF through Pillow: 8-bit gray, 16-bit gray (kept at full
-  dynamic range, scaled by 1/257 so 65535 -> 255.0), RGB, RGBA, palette, CMYK
+- PNG, JPEG, BMP, TIFF through Pillow: 8-bit gray, 16-bit and 32-bit integer gray
+  (stretched from the image's own minimum to its maximum, as DICOM is: 12-bit data stored
+  in 16 bits, 0-4095, was 0-16 of 255 at a fixed 1/257), RGB, RGBA, palette, CMYK
   (converted to luminance). Colour converts to gray one way everywhere (the audit,
   the image cache, ``osteo predict``, the report all decode here): a colour JPEG
   gives its luminance channel (Y, libjpeg's own gray output), anything else Pillow's
@@ -412,7 +413,10 @@ def _decode_pillow(data: bytes, fmt: str, scale: Callable[[int, int], int] | Non
         mode = img.mode
         lo = hi = 0.0
         if mode.startswith("I;16") or mode == "I":
-            pixels, kind, bit_depth = np.asarray(img), "u16", 16
+            # stretched from the image's own minimum to its maximum, as DICOM is: 12-bit data in a
+            # 16-bit file (0-4095) decoded to 0-16 of 255 at 1/257, near black; a 32-bit TIFF clipped
+            pixels, kind, bit_depth = np.asarray(img), "stretch", 16 if mode.startswith("I;16") else 32
+            lo, hi = _finite_range(pixels)
         elif mode == "F":
             pixels, kind, bit_depth = np.asarray(img), "stretch", 32
             lo, hi = _finite_range(pixels)

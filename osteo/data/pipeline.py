@@ -15,7 +15,7 @@ training only.
    default) or stretched (``stretch``), quantised to 16-bit levels (x 257).
    A training run's audit fills the cache from its own decodes (:meth:`ImageCache.store`):
    each file of a new dataset is read and decoded once, on every core.
-   Each result is stored under ``$OSTEO_CACHE/<size>-<mode>-v3/<sha256[:2]>/<sha256>.entry``
+   Each result is stored under ``$OSTEO_CACHE/<size>-<mode>-v4/<sha256[:2]>/<sha256>.entry``
    as a header of :data:`HEADER_BYTES` (JSON padded with spaces: the sha256 of the
    bytes decoded for it, which is also its key, size, resize mode, dtype, shape, and
    the length and CRC-32 of the payload) followed by the serialized uint16 tensor.
@@ -70,7 +70,9 @@ from osteo.errors import OsteoError
 
 RESIZE_MODES = ("pad", "stretch")
 SCALE = 257.0  # [0, 255] float <-> [0, 65535] uint16
-CACHE_VERSION = "v3"  # v3: made by load_levels (NumPy resize, one gray conversion); v2 by a tf.data graph
+# v4: 16-bit images stretched from their minimum to their maximum (v3: / 257); v3: made by
+# load_levels (NumPy resize, one gray conversion); v2 by a tf.data graph
+CACHE_VERSION = "v4"
 HEADER_BYTES = 512  # fixed, so the tf.data graph skips it with one substr
 MISSING = "missing"
 TMP_MAX_AGE_S = 3600.0
