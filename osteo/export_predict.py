@@ -163,6 +163,11 @@ def _decode_pillow(data: bytes, fmt: str, scale=None) -> Gray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img.load()
+        orientation = img.getexif().get(0x0112, 1)  # as a viewer shows it (osteo.data.decode.upright)
+        if orientation in range(2, 9):
+            from PIL import ImageOps
+
+            img = ImageOps.exif_transpose(img)
         mode = img.mode
         lo = hi = 0.0
         if mode.startswith("I;16") or mode in ("I", "F"):  # stretched from their minimum to their maximum

@@ -56,6 +56,18 @@ def test_more_than_eight_bits_are_stretched_from_the_images_minimum_to_its_maxim
     np.testing.assert_allclose(arr[..., 0], want, atol=1e-3)
 
 
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_an_exif_orientation_is_applied_as_a_viewer_shows_the_image(orientation):
+    upright = np.tile(np.linspace(0, 255, 48), (32, 1)).astype(np.uint8)  # 32 x 48, dark to bright
+    upright[:8] = 255  # and a bright top
+    stored = {3: np.rot90(upright, 2), 6: np.rot90(upright, 1), 8: np.rot90(upright, -1)}[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # what the viewer turns the stored pixels by
+    arr, info = decode_bytes(_encode(Image.fromarray(np.ascontiguousarray(stored)), "PNG", exif=exif))
+    assert (info.width, info.height) == (48, 32)
+    np.testing.assert_allclose(arr[..., 0], upright, atol=1.0)
+
+
 def test_the_content_decides_the_format_not_the_name(tmp_path):
     path = tmp_path / "actually_a_jpeg.png"
     path.write_bytes(_encode(Image.fromarray(GRAY), "JPEG"))

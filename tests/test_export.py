@@ -482,7 +482,10 @@ def test_predict_script_resizes_as_osteo_does_on_a_grid_of_shapes(tmp_path):
         Image.fromarray(pixels).save(tmp_path / "g.png")
         Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "g16.png")
         Image.fromarray(np.stack([pixels, pixels[::-1], 255 - pixels], axis=-1)).save(tmp_path / "c.jpg")
-        for f in ("g.png", "g16.png", "c.jpg"):
+        exif = Image.Exif()
+        exif[0x0112] = 6  # shown turned a quarter: both decoders turn it
+        Image.fromarray(pixels).save(tmp_path / "turned.jpg", exif=exif)
+        for f in ("g.png", "g16.png", "c.jpg", "turned.jpg"):
             data = (tmp_path / f).read_bytes()
             for size in (1, *SIZES):
                 for resize in MODES:

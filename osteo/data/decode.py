@@ -8,7 +8,8 @@ The bytes decide the format (``sniff_format``), never the file name. Supported:
   (converted to luminance). Colour converts to gray one way everywhere (the audit,
   the image cache, ``osteo predict``, the report all decode here): a colour JPEG
   gives its luminance channel (Y, libjpeg's own gray output), anything else Pillow's
-  ``convert("L")`` (ITU-R 601-2 weights, rounded to 8 bits).
+  ``convert("L")`` (ITU-R 601-2 weights, rounded to 8 bits). An EXIF orientation is
+  applied, as image viewers do (:func:`upright`); ``info`` gives the size as shown.
 - JPEGs can be decoded at a reduced DCT scale (1/2, 1/4, 1/8: libjpeg reduces while
   it decodes, anti-aliased and several times faster): ``decode_gray(data, scale)``,
   where ``scale(width, height)`` picks it (:func:`dct_scale`). A reduced image is
@@ -410,6 +411,9 @@ def _decode_pillow(data: bytes, fmt: str, scale: Callable[[int, int], int] | Non
             warnings.simplefilter("ignore")
             img.load()
         frames = int(getattr(img, "n_frames", 1) or 1)
+        img, turned = upright(img)
+        if turned:  # a quarter turn: the image as shown is height x width
+            width, height = height, width
         mode = img.mode
         lo = hi = 0.0
         if mode.startswith("I;16") or mode == "I":
@@ -434,6 +438,17 @@ def _decode_pillow(data: bytes, fmt: str, scale: Callable[[int, int], int] | Non
     if pixels.ndim != 2 or pixels.size == 0:
         raise DecodeError(f"{fmt} decode failed: unexpected shape {pixels.shape}")
     return Gray(pixels, ImageInfo(fmt, width, height, bit_depth, frames), kind, lo, hi, dct)
+
+
+def upright(img):
+    """(the image as a viewer shows it, whether that turned it a quarter): its EXIF orientation
+    applied (a phone's photo of a film, a scanner's export), as every image viewer does."""
+    from PIL import ImageOps
+
+    orientation = img.getexif().get(0x0112, 1)
+    if orientation not in range(2, 9):
+        return img, False
+    return ImageOps.exif_transpose(img), orientation in (5, 6, 7, 8)
 
 
 def _finite_range(arr: np.ndarray) -> tuple[float, float]:

@@ -70,7 +70,8 @@ from osteo.errors import OsteoError
 
 RESIZE_MODES = ("pad", "stretch")
 SCALE = 257.0  # [0, 255] float <-> [0, 65535] uint16
-# v4: 16-bit images stretched from their minimum to their maximum (v3: / 257); v3: made by
+# v4: 16-bit images stretched from their minimum to their maximum (v3: / 257), EXIF orientation
+# applied; v3: made by
 # load_levels (NumPy resize, one gray conversion); v2 by a tf.data graph
 CACHE_VERSION = "v4"
 HEADER_BYTES = 512  # fixed, so the tf.data graph skips it with one substr
