@@ -233,3 +233,19 @@ def test_a_tiny_p_value_keeps_its_digits_and_seeds_of_one_model_their_own_colour
     assert read_csv(tmp_path / "p.csv") == [{"p": "2.26e-13", "q": "0.12345679", "r": "0.0"}]
     runs = [load_run(make_run(tmp_path, f"seed{i}", skilled(TEST, i)), n_boot=0) for i in range(3)]
     assert len(set(run_colours(runs).values())) == 3  # one model, three runs: three colours
+
+
+def test_the_folds_t_test_is_corrected_for_their_shared_training_images():
+    """Nadeau and Bengio: the variance of k folds' differences is (1/k + n_test/n_train) times
+    theirs, not 1/k; with 5 folds of 20 images, t is sqrt(0.2 / 0.45) of the plain paired t."""
+    from scipy.stats import t as student
+    from scipy.stats import ttest_rel
+
+    from osteo.report.tables import corrected_fold_ttest
+
+    a, b = np.array([0.80, 0.78, 0.85, 0.82, 0.79]), np.array([0.74, 0.77, 0.78, 0.75, 0.76])
+    plain = ttest_rel(a, b)
+    want = 2 * student.sf(abs(plain.statistic) * np.sqrt(0.2 / (0.2 + 20 / 80)), 4)
+    assert corrected_fold_ttest(a - b, [20] * 5) == pytest.approx(want)
+    assert corrected_fold_ttest(a - b, [20] * 5) > plain.pvalue
+    assert corrected_fold_ttest(np.full(5, 0.03), [20] * 5) == 1.0

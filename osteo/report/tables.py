@@ -40,7 +40,7 @@ COMPARISON_COLUMNS = (
     "ece_calibrated", "temperature",
     "majority_class", "majority_accuracy", "majority_balanced_accuracy",
     # against the best run on the same images: its balanced accuracy minus the best's (paired bootstrap
-    # interval), McNemar's exact p and, between cross-validations of the same folds, a paired t-test
+    # interval), McNemar's exact p and, between cross-validations of the same folds, a corrected t-test
     # over the folds; each p raw and Holm-adjusted for the comparisons made on those images
     "mcnemar_vs", "balanced_accuracy_diff", "balanced_accuracy_diff_lo", "balanced_accuracy_diff_hi",
     "mcnemar_p", "mcnemar_p_holm", "fold_ttest_p", "fold_ttest_p_holm",
@@ -123,11 +123,10 @@ def compare(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> dict[Path, di
     """Each run against the best of its group (:func:`groups`) on the same images: its balanced
     accuracy minus the best's with a paired bootstrap interval, McNemar's exact test on the
     predictions (pooled out-of-fold ones for cross-validations) and, between two
-    cross-validations on the same folds, a paired t-test on the folds' balanced accuracies;
+    cross-validations on the same folds, the corrected resampled t-test on the folds' balanced
+    accuracies (:func:`corrected_fold_ttest`);
     the p-values Holm-adjusted for the comparisons made in the group. A run on other images
     is not paired ("not paired (different images)")."""
-    from scipy.stats import ttest_rel
-
     out: dict[Path, dict] = {}
     for group in groups(runs).values():
         best = best_of(group)
@@ -144,7 +143,7 @@ def compare(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> dict[Path, di
                 if r.folds and r.split_id == best.split_id and r.folds == best.folds:
                     a = [f["balanced_accuracy"] for f in r.fold_metrics]
                     b = [f["balanced_accuracy"] for f in best.fold_metrics]
-                    fold_p = float(ttest_rel(a, b).pvalue) if np.ptp(np.subtract(a, b)) > 0 else 1.0
+                    fold_p = corrected_fold_ttest(np.subtract(a, b), [f["n"] for f in r.fold_metrics])
                 out[r.path] = {"vs": best.label, "p": mcnemar_exact(mine == r.y, theirs == r.y)["p_value"],
                                "fold_p": fold_p, "diff": diff, "diff_ci": diff_ci}
             else:
@@ -154,6 +153,23 @@ def compare(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> dict[Path, di
             for r, adjusted in zip(tested, holm([out[r.path][key] for r in tested])):
                 out[r.path][f"{key}_holm"] = adjusted
     return out
+
+
+def corrected_fold_ttest(diffs, held_out: list[int]) -> float:
+    """Two-sided p of the folds' paired differences by Nadeau and Bengio's corrected resampled
+    t-test: the folds share most of their training images, so their differences are correlated,
+    and the plain paired t-test's variance (1/k) is too small by the ratio of held-out to
+    training images (about 1/(k-1) for k folds): it rejects too often. Each fold's training
+    images: the others' held-out ones. 1.0 where the differences do not vary."""
+    from scipy.stats import t as student
+
+    d = np.asarray(diffs, dtype=float)
+    k, total = len(d), float(sum(held_out))
+    if k < 2 or not np.ptp(d) > 0:
+        return 1.0
+    ratio = float(np.mean([n / (total - n) for n in held_out]))  # held-out / training, per fold
+    stat = d.mean() / np.sqrt((1 / k + ratio) * d.var(ddof=1))
+    return float(2 * student.sf(abs(stat), k - 1))
 
 
 def _finite_or(value, default: float) -> float:

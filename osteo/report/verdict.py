@@ -81,7 +81,7 @@ def _difference(r: dict, best: dict, m: int) -> str:
 
     The ranking is by balanced accuracy; McNemar's test compares which images each model gets
     right, that is accuracy. So a difference is called significant only where the tests are
-    (McNemar's, and the folds' paired t-test where there is one) and the paired bootstrap
+    (McNemar's, and the folds' corrected t-test where there is one) and the paired bootstrap
     interval of the balanced accuracy difference excludes 0; a model more accurate than the
     best is said to be."""
     diff = to_float(r["balanced_accuracy_diff"])
@@ -99,7 +99,7 @@ def _difference(r: dict, best: dict, m: int) -> str:
              f"{_p(r, 'mcnemar_p_holm'):.3g})"]
     adjusted = [_p(r, "mcnemar_p_holm")]
     if _p(r, "fold_ttest_p_holm") is not None:
-        tests.append(f"paired t-test over the {r['folds']} folds p = {_p(r, 'fold_ttest_p'):.3g} (Holm-adjusted: "
+        tests.append(f"corrected t-test over the {r['folds']} folds p = {_p(r, 'fold_ttest_p'):.3g} (Holm-adjusted: "
                      f"{_p(r, 'fold_ttest_p_holm'):.3g})")
         adjusted.append(_p(r, "fold_ttest_p_holm"))
     covers_zero = not math.isnan(lo) and lo <= 0 <= hi
