@@ -275,3 +275,25 @@ def test_gray_blocks_convert_like_the_whole_image():
         np.testing.assert_array_equal(np.concatenate([gray.as_float(gray.pixels[:7]),
                                                       gray.as_float(gray.pixels[7:])]), whole[..., 0])
         np.testing.assert_array_equal(gray.as_float(gray.pixels[:, 5:9].T).T, whole[:, 5:9, 0])
+
+
+def test_a_dicom_in_a_transfer_syntax_without_a_decoder_says_which_and_how_to_convert_it():
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import UID, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.100")  # MPEG2: no decoder in osteo's packages
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = "DX", 16, 16, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate([b"\0" * 64])
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    with pytest.raises(DecodeError, match=r"dicom pixel data in MPEG2 Main Profile / Main Level, a transfer syntax "
+                                          r"with no decoder here; convert it to uncompressed DICOM, e.g. gdcmconv"):
+        decode_bytes(buf.getvalue())

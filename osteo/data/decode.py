@@ -462,6 +462,7 @@ def _finite_range(arr: np.ndarray) -> tuple[float, float]:
 
 
 def _decode_dicom(data: bytes) -> Gray:
+    ds = None
     try:
         import pydicom
         from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
@@ -488,6 +489,10 @@ def _decode_dicom(data: bytes) -> Gray:
     except DecodeError:
         raise
     except Exception as e:  # pydicom raises many types on truncated or odd files
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if getattr(syntax, "is_compressed", False) and "transfer syntax" in str(e).lower():  # no decoder: named
+            raise DecodeError(f"dicom pixel data in {getattr(syntax, 'name', syntax)}, a transfer syntax with no "
+                              "decoder here; convert it to uncompressed DICOM, e.g. gdcmconv --raw IN OUT") from None
         raise DecodeError(f"dicom decode failed: {type(e).__name__}: {str(e)[:120]}") from None
     if arr.ndim != 2 or arr.size == 0:
         raise DecodeError(f"dicom decode failed: unexpected pixel shape {arr.shape}")
