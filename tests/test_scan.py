@@ -421,3 +421,14 @@ def test_osteo_data_audit_reads_every_file_and_leaves_its_records(messy, tmp_pat
     assert len(decodes) == 2 * n
     audit(messy, memo=tmp_path / "cache")  # what a training run's audit does: nothing read
     assert len(decodes) == 2 * n
+
+
+def test_a_multi_page_file_is_said_to_be_trained_on_by_its_first_page(tmp_path):
+    for i, c in enumerate(CLASSES):
+        _png(tmp_path / c / "one.png", make_image(c, size=64, seed=5, index=i))
+    pages = [Image.fromarray((make_image("normal", size=64, seed=6, index=k) * 255).astype(np.uint8)) for k in range(3)]
+    pages[0].save(tmp_path / "normal" / "stack.tif", save_all=True, append_images=pages[1:])
+    result = audit(tmp_path)
+    assert {r.path: r.frames for r in result.ok()}["normal/stack.tif"] == 3
+    (said,) = [w for w in result.warnings if "several frames" in w]
+    assert "1 file(s) hold several frames" in said and "normal/stack.tif (3 frames)" in said

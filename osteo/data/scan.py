@@ -1007,7 +1007,7 @@ def audit(data_dir: str | os.PathLike, progress: Callable[[int, int], None] | No
     ok = [r for r in records if r.status == "ok"]
     return Audit(str(root), records, listing.ignored, groups, listing.links, listing.folders,
                  _warn(_folder_warnings(root, listing.folders) + _format_warnings(listing.ignored)
-                       + _patient_warnings(ok) + _size_warnings(ok)))
+                       + _patient_warnings(ok) + _size_warnings(ok) + _frame_warnings(ok)))
 
 
 def near_copies(ours: list[Record], theirs: list[Record]) -> list[bool]:
@@ -1073,6 +1073,16 @@ def _size_warnings(ok: list[Record]) -> list[str]:
     shown = ", ".join(f"{r.path} ({r.width} x {r.height})" for r in odd[:3]) + (" ..." if len(odd) > 3 else "")
     return [f"{len(odd)} image(s) are under {ODD_SIDE} px on a side or over {ODD_ASPECT}x as long as wide, unlike a "
             f"radiograph: {shown}; each is resized and trained on all the same: check them, or move them out"]
+
+
+def _frame_warnings(ok: list[Record]) -> list[str]:
+    """A multi-frame DICOM or multi-page TIFF is trained on by its first frame alone: said."""
+    many = [r for r in ok if r.frames > 1]
+    if not many:
+        return []
+    shown = ", ".join(f"{r.path} ({r.frames} frames)" for r in many[:3]) + (" ..." if len(many) > 3 else "")
+    return [f"{len(many)} file(s) hold several frames (DICOM frames, TIFF pages) and only the first of each is used: "
+            f"{shown}; save each frame as a file of its own to use the others"]
 
 
 def _format_warnings(ignored: list[str]) -> list[str]:
