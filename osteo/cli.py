@@ -39,7 +39,13 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.set_defaults(help_of=self.prog)
 
+    given: tuple[str, ...] = ()  # the command line being parsed (main sets it)
+
     def error(self, message: str):  # type: ignore[override]
+        # a file whose name starts with a dash reads as an option: argparse only says what is missing
+        dashed = next((a for a in _Parser.given if a.startswith("-") and len(a) > 1 and os.path.isfile(a)), None)
+        if dashed:
+            message += f"; {dashed} is a file, read as an option: name it ./{dashed}"
         print(f"osteo: error: {message} (see '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(2)
 
@@ -749,10 +755,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"osteo: error: unknown option {odd[0]}: options go after the command, as in "
               "osteo train --help (see 'osteo --help')", file=sys.stderr)
         return 2
+    _Parser.given = tuple(given)
     try:
         args, extra = parser.parse_known_args(given)
         if extra:  # named by the command that did not know them, not by osteo's top level
-            print(f"osteo: error: unrecognized arguments: {' '.join(extra)} (see '{args.help_of} --help')",
+            dashed = next((a for a in extra if a.startswith("-") and os.path.isfile(a)), None)
+            hint = f"; {dashed} is a file, read as an option: name it ./{dashed}" if dashed else ""
+            print(f"osteo: error: unrecognized arguments: {' '.join(extra)}{hint} (see '{args.help_of} --help')",
                   file=sys.stderr)
             return 2
     except SystemExit as e:  # a usage error (one line, already printed) or --help

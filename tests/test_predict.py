@@ -89,6 +89,17 @@ def test_a_run_trained_in_bfloat16_records_the_probabilities_predict_gives(phant
         np.testing.assert_allclose([float(row[c]) for c in P], [float(ref[c]) for c in P], atol=1e-5)
 
 
+def test_a_file_named_with_a_leading_dash_is_told_how_to_name_it(run, phantom_dir, tmp_path, monkeypatch, capsys):
+    from helpers import one_line
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(next((phantom_dir / "normal").iterdir()), tmp_path / "-knee.png")
+    for args in (["-knee.png"], ["ok.png", "-knee.png"]):  # alone: "images" missing; after one: unrecognized
+        assert main(["predict", str(run), *args]) == 2
+        assert "-knee.png is a file, read as an option: name it ./-knee.png" in one_line(capsys)
+    assert main(["predict", str(run), "./-knee.png", "--out", "p.csv"]) == 0
+
+
 def test_a_linked_folder_is_predicted_once_as_the_audit_follows_it(run, phantom_dir, tmp_path):
     folder = tmp_path / "clinic"
     folder.mkdir()
