@@ -432,3 +432,38 @@ def test_a_multi_page_file_is_said_to_be_trained_on_by_its_first_page(tmp_path):
     assert {r.path: r.frames for r in result.ok()}["normal/stack.tif"] == 3
     (said,) = [w for w in result.warnings if "several frames" in w]
     assert "1 file(s) hold several frames" in said and "normal/stack.tif (3 frames)" in said
+
+
+def test_near_copies_ignore_the_group_ids_of_each_folders_own_audit(tmp_path):
+    """A run image keeps the group id its own folder's audit gave it (g0001, a partner not in
+    the run); two copies of each other in the outside folder got g0001 afresh, and were both
+    called copies of the run's image."""
+    from osteo.data.scan import near_copies
+
+    run, ext = tmp_path / "run", tmp_path / "ext"
+    _png(run / "normal" / "t.png", make_image("normal", size=128, seed=1, index=0))
+    Image.open(run / "normal" / "t.png").save(run / "normal" / "t_again.jpg", quality=90)
+    for name in ("e1.png", "e2.png"):  # copies of each other, not of t
+        _png(ext / "osteopenia" / name, make_image("osteopenia", size=128, seed=2, index=0))
+    _png(ext / "normal" / "other.png", make_image("normal", size=128, seed=3, index=0))
+    theirs = [r for r in audit(run, keep_features=True).ok() if r.path == "normal/t.png"]
+    assert theirs[0].dup_group == "g0001"  # from its own folder's audit
+    ours = audit(ext, keep_features=True).ok()
+    assert not any(near_copies(ours, theirs))
+    _png(ext / "normal" / "t_copy.png", make_image("normal", size=128, seed=1, index=0))  # a copy, found
+    ours = audit(ext, keep_features=True).ok()
+    assert [r.path for r, copied in zip(ours, near_copies(ours, theirs)) if copied] == ["normal/t_copy.png"]
+
+
+def test_the_remembered_groups_follow_a_deleted_or_relabelled_file(messy, tmp_path, decodes):
+    memo = tmp_path / "cache"
+    first = audit(messy, memo=memo)
+    copy = {"Normal/sub/img1.png", "Normal/img1_again.png"}
+    assert copy in [set(g["paths"]) for g in first.duplicate_groups]
+    (messy / "Normal/img1_again.png").unlink()  # its group is gone with it
+    groups = [set(g["paths"]) for g in audit(messy, memo=memo).duplicate_groups]
+    assert not any("Normal/img1_again.png" in g for g in groups) and len(groups) == len(first.duplicate_groups) - 1
+    (messy / "osteoporosis/sub/img0.png").rename(messy / "OSTEOPENIA/img0.png")  # filed under another class
+    again = audit(messy, memo=memo)
+    assert {r.path: r.label for r in again.ok()}["OSTEOPENIA/img0.png"] == "osteopenia"
+    assert _rows_and_groups(again) == _rows_and_groups(audit(messy))  # as a fresh audit has them

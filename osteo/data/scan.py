@@ -746,7 +746,7 @@ class _Memo:
 @functools.lru_cache(maxsize=1)
 def _memo_version() -> str:
     """What a remembered record depends on: this module's and the decoders' code, Pillow's,
-    pydicom's and NumPy's versions."""
+    pydicom's (and its decoder plugins') and NumPy's versions."""
     from importlib import metadata
 
     from osteo.data import decode
@@ -754,7 +754,8 @@ def _memo_version() -> str:
     sha = hashlib.sha256(f"{MEMO_VERSION}".encode())
     for module in (__file__, decode.__file__):
         sha.update(Path(module).read_bytes())
-    for package in ("pillow", "pydicom", "numpy"):
+    for package in ("pillow", "pydicom", "numpy", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
+                    "pylibjpeg-rle", "python-gdcm"):  # pydicom's decoders: a new one reads what was refused
         try:
             sha.update(f"{package}={metadata.version(package)}".encode())
         except metadata.PackageNotFoundError:
@@ -1016,7 +1017,8 @@ def near_copies(ours: list[Record], theirs: list[Record]) -> list[bool]:
     is changed."""
     from dataclasses import replace
 
-    both = [replace(r) for r in ours] + [replace(r) for r in theirs]
+    # fresh group fields: a group id left from either folder's own audit would join unrelated images
+    both = [replace(r, dup_group="", dup_kind="", conflict=False) for r in [*ours, *theirs]]
     _find_duplicates(both)
     # a group holding one of theirs: its members are their copies
     copied = {r.dup_group for r in both[len(ours):] if r.dup_group}
