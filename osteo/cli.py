@@ -817,7 +817,9 @@ def _after_stop(args) -> str:
         trainer = getattr(args, "trainer", None)
         if trainer is None or trainer.run_dir is None:  # stopped before its run folder was made
             return "no run folder was made yet: run the same command again"
-        return f"continue the run with: osteo train --resume {trainer.run_dir}"
+        import shlex
+
+        return f"continue the run with: osteo train --resume {shlex.quote(str(trainer.run_dir))}"
     return "its outputs are the previous ones or the new ones, whole: run the command again"
 
 

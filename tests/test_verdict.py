@@ -248,4 +248,19 @@ def test_the_folds_t_test_is_corrected_for_their_shared_training_images():
     want = 2 * student.sf(abs(plain.statistic) * np.sqrt(0.2 / (0.2 + 20 / 80)), 4)
     assert corrected_fold_ttest(a - b, [20] * 5) == pytest.approx(want)
     assert corrected_fold_ttest(a - b, [20] * 5) > plain.pvalue
-    assert corrected_fold_ttest(np.full(5, 0.03), [20] * 5) == 1.0
+    assert corrected_fold_ttest(np.full(5, 0.03), [20] * 5) == 0.0  # every fold says the same: no doubt
+    assert corrected_fold_ttest(np.zeros(5), [20] * 5) == 1.0
+
+
+def test_a_best_chosen_on_the_compared_images_is_said_to_be(tmp_path):
+    """One run without validation predictions: the test images pick the best, and the verdict
+    says so instead of "the best on its validation images"."""
+    runs = [make_run(tmp_path, "a", skilled(TEST, 0)), make_run(tmp_path, "b", skilled(TEST, 1))]
+    rows = read_csv(runs[1] / "predictions.csv")
+    write_csv(runs[1] / "predictions.csv", [r for r in rows if r["split"] != "val"], tuple(rows[0]))
+    write_report(runs, tmp_path / "rep", n_boot=20)
+    got = {r["run_id"]: r for r in read_csv(tmp_path / "rep" / "comparison.csv")}
+    assert {r["best_chosen_by"] for r in got.values()} == {"test"} and not got["b"]["val_balanced_accuracy"]
+    said = " ".join((tmp_path / "rep" / "verdict.txt").read_text(encoding="utf-8").split())
+    assert "chosen on these images (not every run has validation predictions to choose on): an optimistic choice." \
+        in said and "the best on its validation images" not in said

@@ -160,8 +160,9 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], said:
             _table(table_rows, cols, [headers.get(c, c.replace("_", " ")) for c in cols]),
             f"<p>Intervals: stratified bootstrap, {n_boot:,} resamples, 95% percentile; a group the split keeps "
             "together (duplicates, a patient's images) is drawn whole. Against the best run on the "
-            "same images, the best chosen by balanced accuracy on each run's validation images (the images "
-            "compared choose nothing, not even the best): the difference in balanced accuracy (paired bootstrap) and "
+            "same images, the best chosen by balanced accuracy on each run's validation images where every run "
+            "has them (best chosen by, in comparison.csv: the images compared choose nothing, not even the "
+            "best): the difference in balanced accuracy (paired bootstrap) and "
             "McNemar's exact test, its p-value raw and Holm-adjusted for the comparisons made on those images.</p>"]
     for title, key, caption in sections:
         if key in plots:

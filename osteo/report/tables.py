@@ -46,7 +46,7 @@ COMPARISON_COLUMNS = (
     "mcnemar_p", "mcnemar_p_holm", "fold_ttest_p", "fold_ttest_p_holm",
     "train_seconds", "train_images_per_sec", "params",
     *(f"{m}_{c}" for c in CLASSES for m in PER_CLASS_CI),
-    "val_balanced_accuracy", "split_id", "images_id", "run_dir",
+    "val_balanced_accuracy", "best_chosen_by", "split_id", "images_id", "run_dir",
 )
 PER_CLASS_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "class", "metric", "value", "lo", "hi")
 FOLD_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "fold", "n", *HEADLINE)
@@ -81,6 +81,7 @@ def comparison_rows(runs: list[Run], oracles: list[Run] = (), n_boot: int = 1000
             "train_seconds": r.env.get("train_seconds"), "train_images_per_sec": r.env.get("train_images_per_sec"),
             "params": r.env.get("params"), "split_id": r.split_id, "images_id": r.images_id,
             "val_balanced_accuracy": r.val_balanced_accuracy if np.isfinite(r.val_balanced_accuracy) else None,
+            "best_chosen_by": paired[r.path].get("chosen_by"),
             "run_dir": str(r.path),
         }
         for metric in METRICS:
@@ -113,10 +114,17 @@ def best_of(runs: list[Run]) -> Run:
     """The run with the highest balanced accuracy on its validation images (the first of equals;
     a NaN one never wins): the images it is compared on (test, out-of-fold, a folder) choose
     nothing, not even which run is called best; the highest of several runs' test scores is an
-    optimistic one. Where a run has no validation score, the compared images decide (said)."""
-    if all(np.isfinite(r.val_balanced_accuracy) for r in runs):
+    optimistic one. Where a run has no validation score, the compared images decide
+    (:func:`best_chosen_by` says which)."""
+    if best_chosen_by(runs) == "validation":
         return max(runs, key=lambda r: r.val_balanced_accuracy)
     return max(runs, key=lambda r: _finite_or(r.metrics["balanced_accuracy"], -1.0))
+
+
+def best_chosen_by(runs: list[Run]) -> str:
+    """What picks the best of ``runs``: ``validation`` (each run's own validation images) where
+    every one has a validation score, else the images they are compared on."""
+    return "validation" if all(np.isfinite(r.val_balanced_accuracy) for r in runs) else runs[0].evaluated_on
 
 
 def compare(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> dict[Path, dict]:
@@ -129,12 +137,12 @@ def compare(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> dict[Path, di
     is not paired ("not paired (different images)")."""
     out: dict[Path, dict] = {}
     for group in groups(runs).values():
-        best = best_of(group)
+        best, chosen_by = best_of(group), best_chosen_by(group)
         order = {row["path"]: i for i, row in enumerate(best.rows)}
         for r in group:
             paths = [row["path"] for row in r.rows]
             if r is best:
-                out[r.path] = {"vs": "(best)"}
+                out[r.path] = {"vs": "(best)", "chosen_by": chosen_by}
             elif set(paths) == set(order) and len(paths) == len(order):
                 theirs = best.probs.argmax(1)[[order[p] for p in paths]]  # the best's answers, in r's order
                 mine = r.probs.argmax(1)
@@ -145,7 +153,7 @@ def compare(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> dict[Path, di
                     b = [f["balanced_accuracy"] for f in best.fold_metrics]
                     fold_p = corrected_fold_ttest(np.subtract(a, b), [f["n"] for f in r.fold_metrics])
                 out[r.path] = {"vs": best.label, "p": mcnemar_exact(mine == r.y, theirs == r.y)["p_value"],
-                               "fold_p": fold_p, "diff": diff, "diff_ci": diff_ci}
+                               "fold_p": fold_p, "diff": diff, "diff_ci": diff_ci, "chosen_by": chosen_by}
             else:
                 out[r.path] = {"vs": "not paired (different images)"}
         tested = [r for r in group if "p" in out[r.path]]
@@ -160,13 +168,16 @@ def corrected_fold_ttest(diffs, held_out: list[int]) -> float:
     t-test: the folds share most of their training images, so their differences are correlated,
     and the plain paired t-test's variance (1/k) is too small by the ratio of held-out to
     training images (about 1/(k-1) for k folds): it rejects too often. Each fold's training
-    images: the others' held-out ones. 1.0 where the differences do not vary."""
+    images: the others' held-out ones. Differences that do not vary: 1.0 where they are all 0,
+    0.0 where they are all the same other value (every fold says the same)."""
     from scipy.stats import t as student
 
     d = np.asarray(diffs, dtype=float)
     k, total = len(d), float(sum(held_out))
-    if k < 2 or not np.ptp(d) > 0:
+    if k < 2:
         return 1.0
+    if not np.ptp(d) > 0:
+        return 1.0 if d[0] == 0 else 0.0
     ratio = float(np.mean([n / (total - n) for n in held_out]))  # held-out / training, per fold
     stat = d.mean() / np.sqrt((1 / k + ratio) * d.var(ddof=1))
     return float(2 * student.sf(abs(stat), k - 1))

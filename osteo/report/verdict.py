@@ -40,10 +40,13 @@ def _paragraph(group: list[dict], rows: list[dict]) -> str:
     if len(group) == 1:
         out = [f"On {where}: {_name(best)}, the only model measured on these images, is best, with balanced "
                f"accuracy {_ci(best)}."]
-    elif best["evaluated_on"] != "validation" and not math.isnan(val):
+    elif best["evaluated_on"] != "validation" and best.get("best_chosen_by") == "validation":
         # chosen where it chose nothing else: the highest of several test scores would be optimistic
         out = [f"On {where}: {_name(best)}, the best on its validation images (balanced accuracy {val:.3f} "
                f"there), scores {_ci(best)}."]
+    elif best["evaluated_on"] != "validation":  # a run without validation predictions: these images chose
+        out = [f"On {where}: {_name(best)} is best, with balanced accuracy {_ci(best)}, chosen on these images "
+               "(not every run has validation predictions to choose on): an optimistic choice."]
     else:
         out = [f"On {where}: {_name(best)} is best, with balanced accuracy {_ci(best)}."]
     tested = [r for r in group if _p(r, "mcnemar_p_holm") is not None]
