@@ -490,7 +490,9 @@ def planned_images(recipe) -> int:
 
     d = recipe.data
     if os.path.isdir(d.dir):
-        n = sum(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for _, _, files in os.walk(d.dir) for f in files)
+        names = [f for _, _, files in os.walk(d.dir) for f in files if not f.startswith(".")]
+        n = sum(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in names)
+        n = n or len(names)  # DICOM files named without an extension (IM0001, a UID): every file
     else:
         n = d.phantom_n
     return int(n * (1 - d.val - d.test) * (recipe.train.epochs + recipe.train.fine_tune_epochs))

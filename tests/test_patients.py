@@ -177,15 +177,18 @@ def test_the_cli_passes_group_by_to_the_split_and_to_training(dicom_dir, tmp_pat
     assert options.as_args()[-6:] == ["--group-by", "regex", "--group-regex", r"^(P\d+)_", "--groups", "g.csv"]
 
 
-def test_dicom_files_without_an_extension_are_audited_and_other_such_files_ignored(tmp_path):
+def test_dicom_files_named_without_an_image_extension_are_audited_and_other_files_ignored(tmp_path):
     rng = np.random.default_rng(1)
     for i, c in enumerate(CLASSES):
         _dicom(tmp_path / c / "IM0001", rng.integers(0, 4096, (16, 24)), f"P{i}")  # as PACS exports name them
         _dicom(tmp_path / c / f"IM{i}.DICOM", rng.integers(0, 4096, (16, 24)), f"Q{i}")
+        _dicom(tmp_path / c / f"1.2.840.113619.2.55.{i}", rng.integers(0, 4096, (16, 24)), f"R{i}")  # a UID
+    _dicom(tmp_path / "normal" / "DICOMDIR", rng.integers(0, 4096, (16, 24)), "index")  # an index, no image
     (tmp_path / "normal" / "README").write_text("not an image, and no extension")
     os.mkfifo(tmp_path / "normal" / "PIPE")  # never opened: the audit would block on it
     result = audit(tmp_path)
     assert sorted(r.path for r in result.ok()) == sorted(
-        [f"{c}/IM0001" for c in CLASSES] + [f"{c}/IM{i}.DICOM" for i, c in enumerate(CLASSES)])
-    assert {r.format for r in result.ok()} == {"dicom"}
-    assert set(result.ignored) == {"normal/README", "normal/PIPE"}
+        [f"{c}/IM0001" for c in CLASSES] + [f"{c}/IM{i}.DICOM" for i, c in enumerate(CLASSES)]
+        + [f"{c}/1.2.840.113619.2.55.{i}" for i, c in enumerate(CLASSES)])
+    assert {r.format for r in result.ok()} == {"dicom"} and len(result.records) == len(result.ok())
+    assert set(result.ignored) == {"normal/README", "normal/PIPE", "normal/DICOMDIR"}

@@ -2,9 +2,9 @@
 
 Layout: ``DATA/<class>/**/<image>``. Class folders match ``normal``, ``osteopenia``
 and ``osteoporosis`` case-insensitively; images may sit at any depth below them.
-Files with an image extension (any case), and files without an extension whose bytes
-are DICOM's (``IM0001``, as PACS exports name them), are decoded, and the bytes decide the
-format; system files (``.DS_Store``, ``._*``, ``Thumbs.db``), hidden temporaries
+Files with an image extension (any case), and other files whose bytes are DICOM's
+(``IM0001`` or a DICOM UID, as PACS exports name them; not ``DICOMDIR``), are decoded, and
+the bytes decide the format; system files (``.DS_Store``, ``._*``, ``Thumbs.db``), hidden temporaries
 (``.*.tmp*``: a write in progress, or one a killed process left), other extensions
 and files outside a class folder are listed as ``ignored``.
 
@@ -404,7 +404,7 @@ def _walk_class(top: os.DirEntry, out: _Listing) -> None:
                         continue
                 visited.add(key)
                 folders.append((e.path, r, above | {key}))
-            elif not _is_image_name(e.name) and not _dicom_without_extension(e):
+            elif not _is_image_name(e.name) and not _dicom_by_content(e):
                 out.ignored.append(_display(r))
             else:  # regular or not: the decoder checks, without opening anything else
                 out.candidates.append((r, label))
@@ -418,10 +418,13 @@ def _is_image_name(path: str) -> bool:
             and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
 
 
-def _dicom_without_extension(e: os.DirEntry) -> bool:
-    """A regular file named without an extension (``IM0001``, as PACS exports and DICOMDIR
-    folders name them) whose bytes say DICOM ("DICM" after the 128-byte preamble)."""
-    if "." in e.name or e.name.lower() in SYSTEM_FILES:
+def _dicom_by_content(e: os.DirEntry) -> bool:
+    """A regular file whose name has no image extension (``IM0001``, or a DICOM UID such as
+    ``1.2.840.113619.2.55.3.604688119.969``, as PACS exports name them) and whose bytes say
+    DICOM ("DICM" after the 128-byte preamble). Not ``DICOMDIR``, a media index with no image."""
+    ext = os.path.splitext(e.name)[1].lower()
+    if (e.name.upper() == "DICOMDIR" or e.name.startswith(".") or e.name.lower() in SYSTEM_FILES
+            or ext in OTHER_IMAGE_EXTENSIONS):
         return False
     try:
         if not e.is_file():  # links followed; a named pipe or device is not opened
