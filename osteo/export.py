@@ -100,7 +100,7 @@ from osteo.files import (
     write_text,
 )
 from osteo.model_card import write_model_card
-from osteo.predict import load_best, load_images, say_if_uncalibrated
+from osteo.predict import load_best, load_images, say_if_decoded_otherwise, say_if_uncalibrated
 from osteo.runs import RunDir, check_output_place
 
 FORMATS = ("onnx", "savedmodel", "keras")
@@ -226,6 +226,7 @@ def _is_augmentation(layer: keras.layers.Layer) -> bool:
 
 
 def _temperature(run: RunDir) -> float:
+    say_if_decoded_otherwise(run)  # the exported predict.py decodes as osteo does now
     say_if_uncalibrated(run)
     t = run.read_calibration().get("temperature", 1.0)
     if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:

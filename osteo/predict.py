@@ -135,6 +135,23 @@ def load_images(paths: list[Path], size: int, resize: str) -> tuple[list[np.ndar
     return images, reasons
 
 
+_SAID_DECODING: set[str] = set()
+
+
+def say_if_decoded_otherwise(run: RunDir) -> None:
+    """A run trained before osteo changed how files become pixels: one warning line, since its
+    model and thresholds saw some images otherwise than they are read now."""
+    from osteo.data.pipeline import CACHE_VERSION
+
+    was = run.image_decoding()
+    if was != CACHE_VERSION and was not in _SAID_DECODING:  # once: an ensemble's folds share it
+        _SAID_DECODING.add(was)
+        log.warning("run %s was trained with osteo's image decoding %s, and images now decode as %s: images of more "
+                    "than 8 bits (non-DICOM) are stretched from their own range and EXIF orientations applied, so "
+                    "its numbers on such images are not the ones it was trained and calibrated on; retrain it to "
+                    "match", run.path, was, CACHE_VERSION)
+
+
 def say_if_uncalibrated(run: RunDir) -> None:
     """A finished run without ``calibration.json`` (removed, or lost in a copy): one warning line,
     since its probabilities are then the raw ones (T = 1) and no operating point decides."""
@@ -151,6 +168,7 @@ class Predictor:
         self.model = load_best(self.run)
         data = self.run.read_recipe().data  # resolved: the size and resize mode it trained with
         self.size, self.resize = data.image_size, data.resize
+        say_if_decoded_otherwise(self.run)
         if calibrated:
             say_if_uncalibrated(self.run)
         calibration = self.run.read_calibration()

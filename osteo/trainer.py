@@ -48,9 +48,17 @@ from osteo.callbacks import (
     monitor_mode,
 )
 from osteo.classifier import Classifier, Model, SparseCrossEntropy, default_metrics
+from osteo.data.pipeline import CACHE_VERSION
 from osteo.device import get_engine
 from osteo.errors import OsteoError
-from osteo.files import atomic_path, save_weights, sha256_file, sweep_temporaries, write_bytes
+from osteo.files import (
+    atomic_path,
+    read_csv,
+    save_weights,
+    sha256_file,
+    sweep_temporaries,
+    write_bytes,
+)
 from osteo.optim import make_optimizer
 from osteo.recipe import AugmentConfig, Recipe, resolve
 from osteo.registry import get_backbone
@@ -118,6 +126,7 @@ class Trainer:
         self.run_dir: RunDir | None = None
         self.phases: list[Phase] = []
         self._split_sha256: dict[str, str] = {}  # a resumed run's images, as its audit read them
+        self._decoded_as = CACHE_VERSION  # how a resumed run's images became pixels
         self._held = contextlib.ExitStack()  # the run directory's lock, from setup() to finish()
 
     def _say(self, text: str) -> None:
@@ -168,6 +177,7 @@ class Trainer:
         sweep_temporaries(self.run_dir.path)  # left by the killed process
         split = self.run_dir.read_split()
         self._split_sha256 = self.run_dir.content_sha256()  # what its images were: checked after the audit
+        self._decoded_as = self.run_dir.image_decoding()
         self._say(f"resuming {self.run_dir}")
         return split
 
@@ -202,6 +212,8 @@ class Trainer:
         try:
             self.dm.setup(split=split, progress=self._data_progress(),
                           audited=self._split_sha256)
+            if split is not None and self._decoded_as != CACHE_VERSION:
+                _check_decoded_alike(self.run_dir, self.dm, self._decoded_as)
         finally:  # a failed audit's memory too: the process may go on (a notebook, a study's next model)
             devices.release_freed_memory(self.allocator)
 
@@ -238,6 +250,8 @@ class Trainer:
         self.env = {
             **_versions(), "backend": self.plan.backend, "impl": r.model.impl, "precision": self.plan.precision,
             "jit_compile": self.plan.jit_compile, "device": self.plan.to_json(), "allocator": self.allocator,
+            # how files became pixels (osteo.data.pipeline.CACHE_VERSION): predict and eval say when it changed
+            "image_decoding": CACHE_VERSION,
             "git_commit": _git_commit(), "seed": t.seed, "deterministic": t.deterministic,
             "command": self.command, "host": platform.node(),
             "started": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -463,3 +477,24 @@ def _done_until(marker: Path) -> int:
         return int(marker.read_text() or 0)
     except (OSError, ValueError):
         return -1
+
+
+def _check_decoded_alike(run: RunDir, dm, was: str) -> None:
+    """A run resumed after osteo changed how files become pixels: refused in one line where an
+    image of its split now decodes otherwise (v3 -> v4: more than 8 bits stretched from the
+    image's own range, EXIF orientation applied), so that its epochs train on one decoding."""
+    before = {r["path"]: r for r in read_csv(run.manifest_path, "train a new run")} if run.manifest_path.exists() else {}
+    ok = {r.path: r for r in dm.audit.ok()}
+    changed = []
+    for r in dm.split:
+        old, new = before.get(r["path"]), ok.get(r["path"])
+        if old is None or new is None:
+            continue
+        turned = (str(new.width), str(new.height)) == (old.get("height"), old.get("width")) and new.width != new.height
+        deep = new.format != "dicom" and new.bit_depth > 8
+        if turned or deep:
+            changed.append(r["path"])
+    if changed:
+        raise OsteoError(f"{len(changed)} image(s) of {run.path}'s split decode otherwise than when it began (osteo's "
+                         f"image decoding {was} -> {CACHE_VERSION}: images of more than 8 bits stretched from their own "
+                         f"range, EXIF orientation applied), e.g. {changed[0]}; train a new run")

@@ -187,6 +187,28 @@ def test_resume_refuses_a_split_image_whose_bytes_changed(phantom_dir, tmp_path,
     assert kept == {p: (run.path / p).read_bytes() for p in kept} and not run.is_finished()
 
 
+def test_resume_refuses_images_that_decode_otherwise_since_the_run_began(tmp_path, tiny_recipe, capsys):
+    """A run begun with osteo's image decoding v3 (16-bit images at 1/257) and resumed after v4
+    (stretched from their own range): its later epochs would train on other pixels."""
+    import json
+
+    from osteo.data.phantom import write_phantom
+
+    data = tmp_path / "data16"
+    write_phantom(data, n=60, size=48, seed=2, bit_depth=16)
+    trainer = Trainer(tiny_recipe(data, tmp_path / "runs", epochs=2, bootstrap=20)).setup()
+    trainer.fit_phase(trainer.phases[0])
+    trainer._held.close()
+    run = trainer.run_dir
+    env = json.loads(run.env_path.read_text())
+    assert env["image_decoding"] == "v4"
+    run.env_path.write_text(json.dumps({**env, "image_decoding": "v3"}))  # as a run begun before today
+    assert main(["train", "seed", "--resume", str(run)]) == 2
+    line = one_line(capsys)
+    assert "image(s) of" in line and "decode otherwise than when it began (osteo's image decoding v3 -> v4" in line
+    assert not run.is_finished()
+
+
 def test_a_run_being_trained_is_locked(unfinished_run, capsys):
     with unfinished_run.locked():
         assert main(["train", "seed", "--resume", str(unfinished_run)]) == 2

@@ -100,6 +100,27 @@ def test_a_file_named_with_a_leading_dash_is_told_how_to_name_it(run, phantom_di
     assert main(["predict", str(run), "./-knee.png", "--out", "p.csv"]) == 0
 
 
+def test_a_run_trained_with_another_image_decoding_is_said_once(run, phantom_dir, tmp_path):
+    import json
+
+    from helpers import copy_run, osteo_warnings
+
+    from osteo import predict
+
+    old = copy_run(run, tmp_path / "runs")
+    env = json.loads(old.env_path.read_text())
+    old.env_path.write_text(json.dumps({k: v for k, v in env.items() if k != "image_decoding"}))  # before v4
+    predict._SAID_DECODING.clear()
+    with osteo_warnings() as said:
+        for out in ("a.csv", "b.csv"):
+            assert main(["predict", str(old), str(phantom_dir / "normal"), "--out", str(tmp_path / out)]) == 0
+    assert [s for s in said if "image decoding v3, and images now decode as v4" in s] == [said[0]]
+    predict._SAID_DECODING.clear()
+    with osteo_warnings() as said:  # the run as trained now: nothing to say
+        assert main(["predict", str(run), str(phantom_dir / "normal"), "--out", str(tmp_path / "c.csv")]) == 0
+    assert not [s for s in said if "image decoding" in s]
+
+
 def test_a_linked_folder_is_predicted_once_as_the_audit_follows_it(run, phantom_dir, tmp_path):
     folder = tmp_path / "clinic"
     folder.mkdir()
