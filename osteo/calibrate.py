@@ -95,18 +95,20 @@ def choose_threshold(y: np.ndarray, probs: np.ndarray, spec: dict) -> float:
 
 
 def operating_point_metrics(y: np.ndarray, probs: np.ndarray, point: dict, n_boot: int = 1000,
-                            seed: int = 0) -> dict:
-    """Sensitivity and specificity at a stored operating point, with stratified bootstrap intervals."""
+                            seed: int = 0, groups=None) -> dict:
+    """Sensitivity and specificity at a stored operating point, with stratified bootstrap
+    intervals (of whole ``groups`` where given)."""
     called = positive_score(probs, point["positive"]) >= point["threshold"]
     return {"name": point["name"], "threshold": point["threshold"],
-            **decision_metrics(y, called, point["positive"], n_boot, seed)}
+            **decision_metrics(y, called, point["positive"], n_boot, seed, groups)}
 
 
 def decision_metrics(y: np.ndarray, called: np.ndarray, positive: list[int], n_boot: int = 1000,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, groups=None) -> dict:
     """Sensitivity and specificity of screening decisions ``called`` (True: positive) for the classes
-    ``positive``, with stratified bootstrap intervals. Decisions made at several thresholds (each
-    fold's own, pooled) are measured the same way."""
+    ``positive``, with stratified bootstrap intervals: of images, or of whole ``groups`` (a
+    patient's images, duplicates) drawn within positive or negative as most of their images
+    are. Decisions made at several thresholds (each fold's own, pooled) are measured the same way."""
     y, called = np.asarray(y, dtype=int), np.asarray(called, dtype=bool)
     is_pos = np.isin(y, positive)
     sens = float(called[is_pos].mean()) if is_pos.any() else float("nan")
@@ -118,7 +120,21 @@ def decision_metrics(y: np.ndarray, called: np.ndarray, positive: list[int], n_b
                                                               ("specificity", "negative", spec)) if np.isnan(v)]
     if undefined:
         out["undefined"] = "; ".join(undefined)
-    if n_boot and len(y):
+    from osteo.evaluate import cluster_times, clusters
+
+    units = clusters(is_pos.astype(int), groups) if n_boot and len(y) else None
+    if units is not None:
+        unit, strata = units
+        counts = np.zeros((len(strata), 4), dtype=np.int64)  # per cluster: positives called, positives,
+        np.add.at(counts, unit, np.stack([called & is_pos, is_pos, ~called & ~is_pos, ~is_pos], axis=1))  # ...
+        drawn = cluster_times(strata, n_boot, seed) @ counts  # negatives not called, negatives
+        with np.errstate(invalid="ignore", divide="ignore"):
+            draws = np.stack([drawn[:, 0] / drawn[:, 1], drawn[:, 2] / drawn[:, 3]], axis=1)
+        for i, (k, v) in enumerate((("sensitivity", sens), ("specificity", spec))):
+            if np.isfinite(v):
+                lo, hi = np.nanpercentile(draws[:, i], [2.5, 97.5])
+                out[f"{k}_ci"] = [float(min(lo, v)), float(max(hi, v))]
+    elif n_boot and len(y):
         rng = np.random.default_rng(seed)
         pos, neg = np.flatnonzero(is_pos), np.flatnonzero(~is_pos)
         draws = []
@@ -153,8 +169,8 @@ def calibrate_run(run_dir, points: tuple[str, ...] | list[str] = DEFAULT_POINTS,
         raise OsteoError(f"the number of bootstrap resamples must be 0 or more, got {n_boot}; e.g. --bootstrap 1000")
     run = RunDir(run_dir).check(need=(RunDir.PREDICTIONS,))
     specs = parse_operating_points(points)
-    y, probs, _ = run.read_predictions("val")
-    y_test, p_test, _ = run.read_predictions("test")
+    y, probs, val_rows = run.read_predictions("val")
+    y_test, p_test, test_rows = run.read_predictions("test")
     # the top level's n, NLL and ECE are validation's, which chose the temperature and thresholds
     out = {"method": "temperature scaling, fitted on the validation predictions (negative log-likelihood)",
            "evaluated_on": SPLIT_NAMES["val"], "chose": CHOSE["val"],
@@ -183,10 +199,10 @@ def calibrate_run(run_dir, points: tuple[str, ...] | list[str] = DEFAULT_POINTS,
         except OsteoError as e:  # one class only in validation: no threshold to choose
             out["operating_points"].append({**spec, "error": str(e)})
             continue
-        point["val"] = operating_point_metrics(y, calibrated, point, n_boot, seed)
+        point["val"] = operating_point_metrics(y, calibrated, point, n_boot, seed, run.image_groups(val_rows))
         if len(y_test):
             point["test"] = operating_point_metrics(y_test, apply_temperature(p_test, temperature), point, n_boot,
-                                                    seed)
+                                                    seed, run.image_groups(test_rows))
         out["operating_points"].append(point)
     run.write_calibration(out)
     _rescore_externals(run, out, n_boot, seed)
@@ -194,14 +210,14 @@ def calibrate_run(run_dir, points: tuple[str, ...] | list[str] = DEFAULT_POINTS,
 
 
 def external_calibration(y: np.ndarray, calibrated: np.ndarray, temperature: float | None, points: list[dict],
-                         n_boot: int, seed: int) -> dict:
+                         n_boot: int, seed: int, groups=None) -> dict:
     """An external folder's numbers that depend on the run's calibration (its metrics.json's
     ``calibrated`` and ``operating_points``): the calibration error at ``temperature`` and each
     point's sensitivity and specificity, from the ``calibrated`` probabilities."""
     from osteo.evaluate import expected_calibration_error
 
     return {"calibrated": {"temperature": temperature, "ece": expected_calibration_error(y, calibrated)},
-            "operating_points": [operating_point_metrics(y, calibrated, p, n_boot, seed) for p in points]}
+            "operating_points": [operating_point_metrics(y, calibrated, p, n_boot, seed, groups) for p in points]}
 
 
 def _rescore_externals(run, calibration: dict, n_boot: int, seed: int) -> None:
@@ -212,6 +228,7 @@ def _rescore_externals(run, calibration: dict, n_boot: int, seed: int) -> None:
     leave its stale points out)."""
     import logging
 
+    from osteo.evaluate import external_groups
     from osteo.files import write_json
     from osteo.runs import RunDir
 
@@ -220,12 +237,13 @@ def _rescore_externals(run, calibration: dict, n_boot: int, seed: int) -> None:
         folder = RunDir(path.parent)
         try:
             record = folder.read_metrics()
-            y, raw, _ = folder.read_predictions("external")
+            y, raw, rows = folder.read_predictions("external")
         except OsteoError as e:
             logging.getLogger("osteo").warning("%s is not measured at the new calibration: %s", path.parent, e)
             continue
         if not len(y) or not np.isfinite(raw).all():
             continue
         t = calibration["temperature"]
-        record.update(external_calibration(y, apply_temperature(raw, t), t, points, n_boot, seed))
+        record.update(external_calibration(y, apply_temperature(raw, t), t, points, n_boot, seed,
+                                           external_groups(folder, rows)))
         write_json(path, record)

@@ -202,12 +202,17 @@ def _resampled(y_true: np.ndarray, y_pred: np.ndarray, units, n_boot: int, seed:
     if units is None:
         return _resampled_confusions(y_true, y_pred, _stratified_draws(y_true, n_boot, seed))
     unit, strata = units
-    draws = _stratified_draws(strata, n_boot, seed)  # cluster indices
     per_unit = np.zeros((len(strata), K * K), dtype=np.int64)
     np.add.at(per_unit, (unit, np.asarray(y_true, dtype=int) * K + np.asarray(y_pred, dtype=int)), 1)
+    return (cluster_times(strata, n_boot, seed) @ per_unit).reshape(n_boot, K, K)
+
+
+def cluster_times(strata: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, clusters): how often each resample draws each cluster, as many draws within
+    each stratum as it has clusters."""
+    draws = _stratified_draws(strata, n_boot, seed)
     offsets = np.arange(n_boot)[:, None] * len(strata)
-    times = np.bincount((draws + offsets).ravel(), minlength=n_boot * len(strata)).reshape(n_boot, len(strata))
-    return (times @ per_unit).reshape(n_boot, K, K)
+    return np.bincount((draws + offsets).ravel(), minlength=n_boot * len(strata)).reshape(n_boot, len(strata))
 
 
 def _stratified_draws(y_true: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
@@ -401,6 +406,19 @@ def training_majority(run) -> str:
 
 # what metrics.json keeps about the checkpoint when it is recomputed by `osteo eval`
 CHECKPOINT_KEYS = ("model", "best_epoch", "monitor", "best_value")
+
+
+def external_groups(folder, rows: list[dict]) -> list[str] | None:
+    """Each scored image's group in an external folder, from its audit's manifest: its duplicates
+    and its DICOM patient, as a split of that folder would keep them (None without a manifest)."""
+    from osteo.data.split import assign_groups
+
+    if not folder.manifest_path.exists():
+        return None
+    from osteo.files import read_csv
+
+    groups = assign_groups([m for m in read_csv(folder.manifest_path, "run osteo eval again") if m["status"] == "ok"])
+    return [groups.get(r["path"], r["path"]) for r in rows]
 
 
 def evaluate_run(run_dir: str | os.PathLike, splits: Sequence[str] | None = None, n_boot: int = 1000,

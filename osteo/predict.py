@@ -386,7 +386,8 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     calibrated = predictor.calibrate(raw)
     # intervals that draw the folder's duplicates and patients whole: four copies of an image are one draw
     groups = assign_groups([m for m in result.manifest_rows() if m["status"] == "ok"])
-    metrics = compute_metrics(y, raw, n_boot=n_boot, seed=seed, groups=[groups[rec.path] for rec, _ in kept])
+    scored_groups = [groups[rec.path] for rec, _ in kept]
+    metrics = compute_metrics(y, raw, n_boot=n_boot, seed=seed, groups=scored_groups)
     metrics["majority_baseline"] = majority_baseline(y, majority_label(rec.label for rec, _ in kept))
     report = {
         "run": str(run.path), "data_dir": str(folder), "tta": tta,
@@ -399,7 +400,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
         "duplicate_groups": len(result.duplicate_groups),
         "ensemble_of": [str(m.run.path) for m in predictor.members] if ensemble else None,
         "external": metrics,
-        **external_calibration(y, calibrated, predictor.temperature, predictor.points, n_boot, seed),
+        **external_calibration(y, calibrated, predictor.temperature, predictor.points, n_boot, seed, scored_groups),
     }
     # staged, then moved in whole: a kill leaves the previous validation, never new predictions
     # beside old metrics

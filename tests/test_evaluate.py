@@ -146,3 +146,14 @@ def test_copies_of_an_image_are_drawn_whole_and_narrow_no_interval():
     # every group one image: the image bootstrap, draw for draw
     singles = compute_metrics(y, probs, n_boot=300, seed=1, groups=[f"g{i}" for i in range(30)])
     assert singles["balanced_accuracy_ci"] == alone["balanced_accuracy_ci"] and singles["ci"] == alone["ci"]
+    # the operating points' sensitivity and specificity likewise
+    from osteo.calibrate import decision_metrics
+
+    called = probs[:, 2] > 0.4
+    span = lambda m, k: m[f"{k}_ci"][1] - m[f"{k}_ci"][0]
+    one = decision_metrics(y, called, [2], n_boot=400, seed=1)
+    four = decision_metrics(y4, np.repeat(called, 4), [2], n_boot=400, seed=1, groups=groups)
+    naive = decision_metrics(y4, np.repeat(called, 4), [2], n_boot=400, seed=1)
+    for k in ("sensitivity", "specificity"):
+        assert four[k] == one[k] and span(four, k) == pytest.approx(span(one, k), rel=0.35)
+        assert span(naive, k) < 0.7 * span(four, k)

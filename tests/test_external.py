@@ -84,11 +84,14 @@ def test_resized_copies_of_the_runs_images_are_left_out_too(run, phantom_dir, tm
     for i, p in enumerate(train):
         img = Image.open(phantom_dir / p)
         img.resize((128, 128), Image.Resampling.BICUBIC).save(other / p.split("/")[0] / f"resized-{i}.png")
+    first = sorted((other / "normal").iterdir())[0]
+    shutil.copy(first, other / "normal" / "again.png")  # a copy of the folder's own: one draw with it
     assert main(["eval", str(run), "--data", str(other), "--bootstrap", "20"]) == 0
     assert "4 image(s) also in the run's data (its training, validation or test split) left out (4 of them " \
            "re-encoded or resized copies)" in capsys.readouterr().out
     metrics = json.loads((run.eval_path / "hospital-c" / "metrics.json").read_text())
-    assert (metrics["excluded_near_copies"], metrics["near_copies_checked"], metrics["external"]["n"]) == (4, True, 30)
+    assert (metrics["excluded_near_copies"], metrics["near_copies_checked"], metrics["external"]["n"]) == (4, True, 31)
+    assert metrics["external"]["ci"]["method"].startswith("stratified cluster bootstrap over 30 groups")
     # the run's data folder gone: exact copies are still left out, and a warning says the rest is not looked for
     moved = copy_run(run, tmp_path / "runs")
     for name, key in (("audit.json", None), ("recipe.json", "data")):
@@ -99,7 +102,7 @@ def test_resized_copies_of_the_runs_images_are_left_out_too(run, phantom_dir, tm
     assert "is not where it was trained: re-encoded or resized copies of its images are not looked for" in (
         capsys.readouterr().err)
     metrics = json.loads((moved.eval_path / "hospital-c" / "metrics.json").read_text())
-    assert (metrics["excluded_near_copies"], metrics["near_copies_checked"], metrics["external"]["n"]) == (0, False, 34)
+    assert (metrics["excluded_near_copies"], metrics["near_copies_checked"], metrics["external"]["n"]) == (0, False, 35)
 
 
 def test_external_validation_refuses_a_folder_with_nothing_new(run, phantom_dir, tmp_path, capsys):

@@ -169,7 +169,10 @@ def test_resume_applies_more_epochs_and_refuses_other_changes(unfinished_run, ca
     assert unfinished_run.read_recipe().train.epochs == 3 and unfinished_run.is_finished()
 
 
-def test_resume_refuses_a_split_image_whose_bytes_changed(phantom_dir, tmp_path, tiny_recipe, capsys):
+def test_resume_refuses_a_split_image_whose_bytes_changed(phantom_dir, tmp_path, tiny_recipe, capsys, monkeypatch):
+    from osteo.data import scan
+
+    monkeypatch.setattr(scan, "RACY_S", -3600.0)  # the run's audit remembers every file: the resume recalls them
     data = tmp_path / "data"
     shutil.copytree(phantom_dir, data)
     trainer = Trainer(tiny_recipe(data, tmp_path / "runs", epochs=2, bootstrap=50)).setup()

@@ -264,3 +264,17 @@ def test_a_best_chosen_on_the_compared_images_is_said_to_be(tmp_path):
     said = " ".join((tmp_path / "rep" / "verdict.txt").read_text(encoding="utf-8").split())
     assert "chosen on these images (not every run has validation predictions to choose on): an optimistic choice." \
         in said and "the best on its validation images" not in said
+
+
+def test_a_runs_intervals_draw_its_splits_groups_whole(tmp_path):
+    from osteo.report.load import load_run
+
+    run = make_run(tmp_path, "paired", skilled(TEST, 0))
+    rows = read_csv(run / "split.csv")
+    tests = [r for r in rows if r["split"] == "test"]
+    for i, r in enumerate(tests):  # two images a patient (or a duplicate pair)
+        r["group"] = f"patient-{i // 2}"
+    write_csv(run / "split.csv", rows, tuple(rows[0]))
+    loaded = load_run(run, n_boot=50)
+    assert loaded.metrics["ci"]["method"].startswith(f"stratified cluster bootstrap over {-(-len(TEST) // 2)} groups")
+    assert loaded.groups == [f"patient-{i // 2}" for i in range(len(TEST))]

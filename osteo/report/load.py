@@ -26,6 +26,7 @@ from osteo.evaluate import (
     SPLIT_NAMES,
     compute_metrics,
     expected_calibration_error,
+    external_groups,
     external_points,
     headline_split,
     majority_baseline,
@@ -197,12 +198,13 @@ def load_cv(cv: CvDir, n_boot: int = 1000, seed: int = 0) -> Run:
     metrics["ece_calibrated"] = expected_calibration_error(y, calibrated) if calibrated is not None else None
     return Run(cv.path, first.recipe, env, metrics, history, y, probs, rows, majority, split_id, first.audit,
                evaluated_on="out-of-fold", fold_metrics=fold_metrics, calibrated=calibrated, chose=CHOSE[split],
-               points=_pooled_points(members, folds, CHOSE[split], n_boot, seed),
+               points=_pooled_points(members, folds, CHOSE[split], n_boot, seed, groups),
                images_id=images_id(rows, {p: h for f in members for p, h in f.content_sha256().items()}),
                val_balanced_accuracy=float(np.mean([f.val_balanced_accuracy for f in folds])), groups=groups)
 
 
-def _pooled_points(members: list[RunDir], folds: list[Run], chose: str, n_boot: int, seed: int) -> list[dict]:
+def _pooled_points(members: list[RunDir], folds: list[Run], chose: str, n_boot: int, seed: int,
+                   groups: list[str] | None = None) -> list[dict]:
     """Each operating point over the pooled out-of-fold images, every image decided at its own
     fold's threshold (on its fold's calibrated probabilities); a point some fold lacks is left out."""
     decided: dict[str, list] = {}
@@ -219,7 +221,7 @@ def _pooled_points(members: list[RunDir], folds: list[Run], chose: str, n_boot: 
             called = np.concatenate([c for _, c in parts])
             y = np.concatenate([f.y for f in folds])
             out.append({"name": name, "threshold": None, "evaluated_on": "out-of-fold", "chose": chose,
-                        **decision_metrics(y, called, parts[0][0]["positive"], n_boot, seed)})
+                        **decision_metrics(y, called, parts[0][0]["positive"], n_boot, seed, groups)})
     return out
 
 
@@ -263,19 +265,6 @@ def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) ->
                chose=CHOSE["external"], points=points, images_id=images_id(rows, RunDir(external).content_sha256()),
                val_balanced_accuracy=float(np.mean([_val_ba(f) for f in CvDir(run_dir).folds()])) if ensemble
                else _val_ba(run), groups=groups)
-
-
-def external_groups(folder: RunDir, rows: list[dict]) -> list[str] | None:
-    """Each scored image's group in an external folder, from its audit's manifest: its duplicates
-    and its DICOM patient, as a split of that folder would keep them (None without a manifest)."""
-    from osteo.data.split import assign_groups
-
-    if not folder.manifest_path.exists():
-        return None
-    from osteo.files import read_csv
-
-    groups = assign_groups([m for m in read_csv(folder.manifest_path, "run osteo eval again") if m["status"] == "ok"])
-    return [groups.get(r["path"], r["path"]) for r in rows]
 
 
 def _val_ba(run: RunDir) -> float:
@@ -335,7 +324,7 @@ def oracle_runs(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> list[Run]
             folds.append({"fold": len(folds) + 1, "n": m["n"], **{k: m[k] for k in HEADLINE}})
         else:
             probs = np.concatenate(probs)
-            metrics = {**compute_metrics(r.y, probs, n_boot=n_boot, seed=seed), "best_epoch": None}
+            metrics = {**compute_metrics(r.y, probs, n_boot=n_boot, seed=seed, groups=r.groups), "best_epoch": None}
             recipe = {"model": {"backbone": "oracle"}, "data": r.recipe.get("data", {})}
             # fitted on the training images only: the images it is scored on chose nothing for it
             out.append(Run(r.path / "oracle", recipe, {}, metrics, [], r.y, probs, r.rows, r.majority, r.split_id,
