@@ -144,7 +144,7 @@ def say_if_decoded_otherwise(run: RunDir) -> None:
     from osteo.data.pipeline import CACHE_VERSION
 
     was = run.image_decoding()
-    if was != CACHE_VERSION and was not in _SAID_DECODING:  # once: an ensemble's folds share it
+    if was not in (None, CACHE_VERSION) and was not in _SAID_DECODING:  # once: an ensemble's folds share it
         _SAID_DECODING.add(was)
         log.warning("run %s was trained with osteo's image decoding %s, and images now decode as %s: images of more "
                     "than 8 bits (non-DICOM) are stretched from their own range and EXIF orientations applied, so "

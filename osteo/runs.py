@@ -282,13 +282,14 @@ class RunDir(_Folder):
         found = [groups.get(r["path"]) for r in rows]
         return None if not all(found) else found
 
-    def image_decoding(self) -> str:
+    def image_decoding(self) -> str | None:
         """How the run's files became pixels (``env.json``'s ``image_decoding``, the image cache's
-        version); a run from before it was recorded decoded as v3."""
+        version); a run from before it was recorded decoded as v3. None where ``env.json`` cannot
+        be read (unknown: its readers say so themselves)."""
         try:
             return str(self.read_env().get("image_decoding") or "v3")
         except OsteoError:
-            return "v3"
+            return None
 
     def content_sha256(self) -> dict[str, str]:
         """Each image its audit read (a run's data folder, or an external folder scored under

@@ -126,7 +126,7 @@ class Trainer:
         self.run_dir: RunDir | None = None
         self.phases: list[Phase] = []
         self._split_sha256: dict[str, str] = {}  # a resumed run's images, as its audit read them
-        self._decoded_as = CACHE_VERSION  # how a resumed run's images became pixels
+        self._decoded_as: str | None = CACHE_VERSION  # how a resumed run's images became pixels
         self._held = contextlib.ExitStack()  # the run directory's lock, from setup() to finish()
 
     def _say(self, text: str) -> None:
@@ -212,7 +212,7 @@ class Trainer:
         try:
             self.dm.setup(split=split, progress=self._data_progress(),
                           audited=self._split_sha256)
-            if split is not None and self._decoded_as != CACHE_VERSION:
+            if split is not None and self._decoded_as not in (None, CACHE_VERSION):
                 _check_decoded_alike(self.run_dir, self.dm, self._decoded_as)
         finally:  # a failed audit's memory too: the process may go on (a notebook, a study's next model)
             devices.release_freed_memory(self.allocator)
