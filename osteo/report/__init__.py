@@ -13,8 +13,8 @@ Writes to ``DIR`` (default ``reports/``):
   label on the page is HTML-escaped.
 
 Metrics are recomputed from each run's ``predictions.csv``, so the report never
-trusts a stale ``metrics.json``. Runs made on different splits are reported, but
-not paired.
+trusts a stale ``metrics.json``. Runs scored on different images (other splits,
+contents or labels) are reported, each set with its own best, and never paired.
 
 ``load`` reads the runs, ``tables`` makes the CSV rows, ``plots`` the figures, and
 ``page`` the HTML page and :func:`write_report`.

@@ -134,17 +134,16 @@ def compare(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> dict[Path, di
     cross-validations on the same folds, the corrected resampled t-test on the folds' balanced
     accuracies (:func:`corrected_fold_ttest`);
     the p-values Holm-adjusted for the comparisons made in the group. A run on other images
-    is not paired ("not paired (different images)")."""
+    is in another group (:func:`groups`), with its own best: never paired with this one."""
     out: dict[Path, dict] = {}
     for group in groups(runs).values():
         best, chosen_by = best_of(group), best_chosen_by(group)
         order = {row["path"]: i for i, row in enumerate(best.rows)}
         for r in group:
-            paths = [row["path"] for row in r.rows]
             if r is best:
                 out[r.path] = {"vs": "(best)", "chosen_by": chosen_by}
-            elif set(paths) == set(order) and len(paths) == len(order):
-                theirs = best.probs.argmax(1)[[order[p] for p in paths]]  # the best's answers, in r's order
+            else:  # the same images (one images_id): the best's answers, in r's order
+                theirs = best.probs.argmax(1)[[order[row["path"]] for row in r.rows]]
                 mine = r.probs.argmax(1)
                 diff, diff_ci = paired_difference(r.y, mine, theirs, n_boot=n_boot, seed=seed, groups=r.groups)
                 fold_p = None
@@ -154,8 +153,6 @@ def compare(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> dict[Path, di
                     fold_p = corrected_fold_ttest(np.subtract(a, b), [f["n"] for f in r.fold_metrics])
                 out[r.path] = {"vs": best.label, "p": mcnemar_exact(mine == r.y, theirs == r.y)["p_value"],
                                "fold_p": fold_p, "diff": diff, "diff_ci": diff_ci, "chosen_by": chosen_by}
-            else:
-                out[r.path] = {"vs": "not paired (different images)"}
         tested = [r for r in group if "p" in out[r.path]]
         for key in ("p", "fold_p"):
             for r, adjusted in zip(tested, holm([out[r.path][key] for r in tested])):

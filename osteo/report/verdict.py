@@ -49,15 +49,8 @@ def _paragraph(group: list[dict], rows: list[dict]) -> str:
                "(not every run has validation predictions to choose on): an optimistic choice."]
     else:
         out = [f"On {where}: {_name(best)} is best, with balanced accuracy {_ci(best)}."]
-    tested = [r for r in group if _p(r, "mcnemar_p_holm") is not None]
-    for r in group:
-        if r is best:
-            continue
-        if r in tested:
-            out.append(_difference(r, best, len(tested)))
-        else:
-            out.append(f"{_name(r)}, with balanced accuracy {_ci(r)}, was measured on other images than "
-                       f"{_name(best)}: the two cannot be paired, so they are not tested.")
+    others = [r for r in group if r is not best]  # on the same images: each tested against the best
+    out += [_difference(r, best, len(others)) for r in others]
     base = to_float(best["majority_balanced_accuracy"])
     lo = to_float(best["balanced_accuracy_lo"])
     if math.isnan(lo):  # no bootstrap (--bootstrap 0): the point estimate, and that it is no test
