@@ -170,10 +170,16 @@ def bootstrap(y_true: np.ndarray, y_pred: np.ndarray, n_boot: int = 1000, seed: 
     patient's five images, or four copies of one, are one draw, not five independent ones
     (:func:`clusters`). Returns {metric: (lo, hi)} and {metric: (lo array, hi array)} per class.
     """
+    y_true = np.asarray(y_true)
+    return _intervals(y_true, y_pred, clusters(y_true, groups), n_boot, seed, level)
+
+
+def _intervals(y_true: np.ndarray, y_pred: np.ndarray, units, n_boot: int, seed: int, level: float) -> dict:
+    """:func:`bootstrap`'s intervals, over images or the :func:`clusters` ``units``."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if len(y_true) == 0 or n_boot <= 0:
         return {}
-    values = _cm_metrics(_resampled(y_true, y_pred, clusters(y_true, groups), n_boot, seed))
+    values = _cm_metrics(_resampled(y_true, y_pred, units, n_boot, seed))
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     out = {}
     for name, v in values.items():
@@ -337,8 +343,8 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 0, seed
         "confusion_matrix": cm.tolist(),
     }
     if n_boot:
-        ci = bootstrap(y_true, y_pred, n_boot=n_boot, seed=seed, groups=groups)
         units = clusters(y_true, groups)
+        ci = _intervals(y_true, y_pred, units, n_boot, seed, 0.95)
         method = ("stratified bootstrap, percentile" if units is None else
                   f"stratified cluster bootstrap over {len(units[1])} groups (duplicates, patients), percentile")
         m["ci"] = {"method": method, "level": 0.95, "resamples": n_boot, "seed": seed}
@@ -409,16 +415,22 @@ CHECKPOINT_KEYS = ("model", "best_epoch", "monitor", "best_value")
 
 
 def external_groups(folder, rows: list[dict]) -> list[str] | None:
-    """Each scored image's group in an external folder, from its audit's manifest: its duplicates
-    and its DICOM patient, as a split of that folder would keep them (None without a manifest)."""
-    from osteo.data.split import assign_groups
+    """Each scored image's group in an external folder, from its audit's manifest (None without
+    one): :func:`folder_groups`."""
+    from osteo.files import read_csv
 
     if not folder.manifest_path.exists():
         return None
-    from osteo.files import read_csv
+    return folder_groups(read_csv(folder.manifest_path, "run osteo eval again"), [r["path"] for r in rows])
 
-    groups = assign_groups([m for m in read_csv(folder.manifest_path, "run osteo eval again") if m["status"] == "ok"])
-    return [groups.get(r["path"], r["path"]) for r in rows]
+
+def folder_groups(manifest: list[dict], paths: Sequence[str]) -> list[str]:
+    """The group of each of ``paths`` in a folder whose audit's manifest rows are ``manifest``:
+    its duplicates and its DICOM patient, as a split of that folder would keep them."""
+    from osteo.data.split import assign_groups
+
+    groups = assign_groups([m for m in manifest if m["status"] == "ok"])
+    return [groups.get(p, p) for p in paths]
 
 
 def evaluate_run(run_dir: str | os.PathLike, splits: Sequence[str] | None = None, n_boot: int = 1000,

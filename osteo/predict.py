@@ -98,10 +98,11 @@ def _expand(paths: list[str]) -> list[Path]:
         if p.is_dir():
             found, walked = [], set()
             for folder, dirs, files in os.walk(p, followlinks=True):
-                if os.path.realpath(folder) in walked:
+                real = os.path.realpath(folder)
+                if real in walked:
                     dirs[:] = []
                     continue
-                walked.add(os.path.realpath(folder))
+                walked.add(real)
                 dirs.sort()
                 found += [Path(folder) / f for f in files]
             out += sorted(f for f in found if not f.name.startswith(".") and f.name.lower() not in SYSTEM_FILES)
@@ -348,8 +349,8 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     from osteo.calibrate import external_calibration
     from osteo.data.pipeline import default_cache_root
     from osteo.data.scan import audit, write_audit
-    from osteo.data.split import assign_groups, majority_label
-    from osteo.evaluate import CHOSE, compute_metrics, majority_baseline
+    from osteo.data.split import majority_label
+    from osteo.evaluate import CHOSE, compute_metrics, folder_groups, majority_baseline
     from osteo.files import replace_folder, write_json
 
     if n_boot < 0:
@@ -385,8 +386,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     raw_rows = [{"path": rec.path, "label": rec.label} for rec, _ in kept]
     calibrated = predictor.calibrate(raw)
     # intervals that draw the folder's duplicates and patients whole: four copies of an image are one draw
-    groups = assign_groups([m for m in result.manifest_rows() if m["status"] == "ok"])
-    scored_groups = [groups[rec.path] for rec, _ in kept]
+    scored_groups = folder_groups(result.manifest_rows(), [rec.path for rec, _ in kept])
     metrics = compute_metrics(y, raw, n_boot=n_boot, seed=seed, groups=scored_groups)
     metrics["majority_baseline"] = majority_baseline(y, majority_label(rec.label for rec, _ in kept))
     report = {
