@@ -291,13 +291,17 @@ class RunDir(_Folder):
         except OsteoError:
             return None
 
-    def content_sha256(self) -> dict[str, str]:
-        """Each image its audit read (a run's data folder, or an external folder scored under
-        ``eval/``): the sha256 of its bytes, by path ({} where no manifest records them)."""
+    def read_manifest(self) -> dict[str, dict]:
+        """The manifest of the audit that made the run (or of an external folder scored under
+        ``eval/``), by path ({} where there is none)."""
         if not self.manifest_path.exists():
             return {}
         rows = read_csv(self.manifest_path, "train a new run: this one's record of its images is damaged")
-        return {r["path"]: r["sha256"] for r in rows if r.get("path") and r.get("sha256")}
+        return {r["path"]: r for r in rows if r.get("path")}
+
+    def content_sha256(self) -> dict[str, str]:
+        """Each image its audit read: the sha256 of its bytes, by path (:meth:`read_manifest`)."""
+        return {p: r["sha256"] for p, r in self.read_manifest().items() if r.get("sha256")}
 
     def read_calibration(self) -> dict:
         """``{"temperature": T, "operating_points": [...]}``; {} for a run not calibrated. Checked

@@ -53,7 +53,6 @@ from osteo.device import get_engine
 from osteo.errors import OsteoError
 from osteo.files import (
     atomic_path,
-    read_csv,
     save_weights,
     sha256_file,
     sweep_temporaries,
@@ -125,7 +124,7 @@ class Trainer:
         self.at = at
         self.run_dir: RunDir | None = None
         self.phases: list[Phase] = []
-        self._split_sha256: dict[str, str] = {}  # a resumed run's images, as its audit read them
+        self._manifest: dict[str, dict] = {}  # a resumed run's images, as its audit read them
         self._decoded_as: str | None = CACHE_VERSION  # how a resumed run's images became pixels
         self._held = contextlib.ExitStack()  # the run directory's lock, from setup() to finish()
 
@@ -176,7 +175,7 @@ class Trainer:
         self._held.enter_context(self.run_dir.locked())
         sweep_temporaries(self.run_dir.path)  # left by the killed process
         split = self.run_dir.read_split()
-        self._split_sha256 = self.run_dir.content_sha256()  # what its images were: checked after the audit
+        self._manifest = self.run_dir.read_manifest()  # what its images were: checked after the audit
         self._decoded_as = self.run_dir.image_decoding()
         self._say(f"resuming {self.run_dir}")
         return split
@@ -210,10 +209,9 @@ class Trainer:
         self.allocator = devices.keep_freed_memory()
         self.dm = DataModule(r.data, seed=t.seed, mixup=r.model.augment.mixup, cutmix=r.model.augment.cutmix)
         try:
-            self.dm.setup(split=split, progress=self._data_progress(),
-                          audited=self._split_sha256)
-            if split is not None and self._decoded_as not in (None, CACHE_VERSION):
-                _check_decoded_alike(self.run_dir, self.dm, self._decoded_as)
+            self.dm.setup(split=split, progress=self._data_progress())
+            if split is not None:
+                _check_resumed_images(self.run_dir, self._manifest, self.dm, self._decoded_as)
         finally:  # a failed audit's memory too: the process may go on (a notebook, a study's next model)
             devices.release_freed_memory(self.allocator)
 
@@ -479,22 +477,28 @@ def _done_until(marker: Path) -> int:
         return -1
 
 
-def _check_decoded_alike(run: RunDir, dm, was: str) -> None:
-    """A run resumed after osteo changed how files become pixels: refused in one line where an
-    image of its split now decodes otherwise (v3 -> v4: more than 8 bits stretched from the
-    image's own range, EXIF orientation applied), so that its epochs train on one decoding."""
-    before = {r["path"]: r for r in read_csv(run.manifest_path, "train a new run")} if run.manifest_path.exists() else {}
+def _check_resumed_images(run: RunDir, manifest: dict[str, dict], dm, was: str | None) -> None:
+    """A resumed run trains and scores the images it began with, decoded as they were: a
+    one-line error where an image of its split holds other bytes than its audit recorded
+    (``manifest``: its validation images would choose, and its test images score, another
+    image under the same name, a copy of a training image, say), or where osteo now decodes
+    it otherwise than the run's decoding ``was`` (v3 -> v4: more than 8 bits stretched from
+    the image's own range, EXIF orientation applied). A missing or unreadable image is
+    skipped with a warning, as before."""
     ok = {r.path: r for r in dm.audit.ok()}
-    changed = []
-    for r in dm.split:
-        old, new = before.get(r["path"]), ok.get(r["path"])
-        if old is None or new is None:
-            continue
-        turned = (str(new.width), str(new.height)) == (old.get("height"), old.get("width")) and new.width != new.height
-        deep = new.format != "dicom" and new.bit_depth > 8
-        if turned or deep:
-            changed.append(r["path"])
+    pairs = [(r["path"], manifest[r["path"]], ok[r["path"]]) for r in dm.split
+             if r["path"] in manifest and r["path"] in ok]
+    changed = [(p, old, new) for p, old, new in pairs if old.get("sha256") and new.sha256 != old["sha256"]]
     if changed:
-        raise OsteoError(f"{len(changed)} image(s) of {run.path}'s split decode otherwise than when it began (osteo's "
-                         f"image decoding {was} -> {CACHE_VERSION}: images of more than 8 bits stretched from their own "
-                         f"range, EXIF orientation applied), e.g. {changed[0]}; train a new run")
+        path, old, new = changed[0]
+        raise OsteoError(f"{len(changed)} image(s) of the run's split changed since it began (e.g. {Path(dm.cfg.dir) / path}: "
+                         f"its sha256 was {old['sha256'][:12]}, now {new.sha256[:12]}); a resumed run "
+                         f"trains and scores the images it began with: put them back, or train a new run")
+    if was in (None, CACHE_VERSION):
+        return
+    otherwise = [p for p, old, new in pairs if (new.format != "dicom" and new.bit_depth > 8) or (
+        new.width != new.height and (str(new.width), str(new.height)) == (old.get("height"), old.get("width")))]
+    if otherwise:
+        raise OsteoError(f"{len(otherwise)} image(s) of {run.path}'s split decode otherwise than when it began "
+                         f"(osteo's image decoding {was} -> {CACHE_VERSION}: images of more than 8 bits stretched from "
+                         f"their own range, EXIF orientation applied), e.g. {otherwise[0]}; train a new run")

@@ -63,11 +63,8 @@ class DataModule:
 
     # ------------------------------------------------------------------ setup
 
-    def setup(self, split: list[dict] | None = None, progress=None,
-              audited: dict[str, str] | None = None) -> DataModule:
-        """Audit, split (or ``split``, a resumed run's own) and cache. ``audited``: the sha256 of
-        each of ``split``'s images when it was made; an image whose bytes are other now is refused
-        (a resumed run trains and scores the images it began with)."""
+    def setup(self, split: list[dict] | None = None, progress=None) -> DataModule:
+        """Audit, split (or ``split``, a resumed run's own) and cache."""
         cfg = self.cfg
         root = Path(cfg.dir)
         cache = ImageCache(self.image_size, cfg.resize)
@@ -88,8 +85,6 @@ class DataModule:
             # a cross-validation's test split is one outer fold: its numbers are pooled over all folds
             check_split(split, min_test=MIN_TEST_PER_CLASS if cfg.test and not cfg.folds else 0,
                         val_option="--set data.inner_val=F" if cfg.folds else "--set data.val=F")
-        if audited:
-            _check_unchanged(split, ok, audited, root)
         self.split = split
         entries, gone = {}, []
         for r in split:
@@ -194,17 +189,3 @@ class DataModule:
         if name not in self._levels:
             self._levels[name] = load_split(self._files[name], self.image_size)
         return self._levels[name]
-
-
-def _check_unchanged(split: list[dict], ok: dict, audited: dict[str, str], root: Path) -> None:
-    """A one-line error when an image of a resumed run's split holds other bytes than when the
-    run began: its validation images would choose, and its test images score, another image
-    under the same name (a copy of a training image, say). A missing or unreadable one is
-    skipped with a warning, as before."""
-    changed = [r["path"] for r in split
-               if r["path"] in ok and r["path"] in audited and ok[r["path"]].sha256 != audited[r["path"]]]
-    if changed:
-        first = changed[0]
-        raise OsteoError(f"{len(changed)} image(s) of the run's split changed since it began (e.g. {root / first}: "
-                         f"its sha256 was {audited[first][:12]}, now {ok[first].sha256[:12]}); a resumed run "
-                         f"trains and scores the images it began with: put them back, or train a new run")
