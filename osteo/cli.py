@@ -43,11 +43,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         # a file whose name starts with a dash reads as an option: argparse only says what is missing
-        dashed = next((a for a in _Parser.given if a.startswith("-") and len(a) > 1 and os.path.isfile(a)), None)
-        if dashed:
-            message += f"; {dashed} is a file, read as an option: name it ./{dashed}"
-        print(f"osteo: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        print(f"osteo: error: {message}{_dashed_file_hint(_Parser.given)} (see '{self.prog} --help')",
+              file=sys.stderr)
         raise SystemExit(2)
+
+
+def _dashed_file_hint(args) -> str:
+    """``; -x.png is a file, read as an option: name it ./-x.png`` for the first of ``args`` that
+    is a file whose name starts with a dash, else ""."""
+    dashed = next((a for a in args if a.startswith("-") and len(a) > 1 and os.path.isfile(a)), None)
+    return f"; {dashed} is a file, read as an option: name it ./{dashed}" if dashed else ""
 
 
 def _console():
@@ -759,9 +764,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, extra = parser.parse_known_args(given)
         if extra:  # named by the command that did not know them, not by osteo's top level
-            dashed = next((a for a in extra if a.startswith("-") and os.path.isfile(a)), None)
-            hint = f"; {dashed} is a file, read as an option: name it ./{dashed}" if dashed else ""
-            print(f"osteo: error: unrecognized arguments: {' '.join(extra)}{hint} (see '{args.help_of} --help')",
+            print(f"osteo: error: unrecognized arguments: {' '.join(extra)}{_dashed_file_hint(extra)} "
+                  f"(see '{args.help_of} --help')",
                   file=sys.stderr)
             return 2
     except SystemExit as e:  # a usage error (one line, already printed) or --help
