@@ -42,6 +42,7 @@ import io
 import json
 import math
 import os
+import struct
 import sys
 import warnings
 from pathlib import Path
@@ -129,7 +130,7 @@ def decode(data: bytes, scale=None) -> Gray:
     a JPEG at (:func:`jpeg_ratio`); full size without it."""
     if not data:
         raise Unreadable("empty file")
-    if len(data) >= 132 and data[128:132] == b"DICM":
+    if (len(data) >= 132 and data[128:132] == b"DICM") or _bare_dicom(data):
         return _decode_dicom(data)
     formats = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"BM", "bmp"), (b"II*\x00", "tiff"),
                (b"MM\x00*", "tiff"))
@@ -137,6 +138,22 @@ def decode(data: bytes, scale=None) -> Gray:
     if fmt is None:
         raise Unreadable("unknown file signature (not PNG, JPEG, BMP, TIFF or DICOM)")
     return _decode_pillow(data, fmt, scale)
+
+
+_DICOM_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI "
+                       b"UL UN UR US UT UV".split())
+
+
+def _bare_dicom(head: bytes) -> bool:
+    """Mirrors ``osteo.data.decode.bare_dicom``: a DICOM data set without its preamble."""
+    if len(head) < 8:
+        return False
+    group, element, length = struct.unpack_from("<HHI", head)
+    if group not in (0x0002, 0x0008) or element > 0x00FF:
+        return False
+    if element == 0:  # the group's length: a 4-byte UL
+        return head[4:8] == b"UL\x04\x00" or length == 4
+    return head[4:6] in _DICOM_VRS or (0 < length < 0x10000 and length % 2 == 0)
 
 
 def _check_pixels(width: int, height: int) -> None:
@@ -202,13 +219,19 @@ def _decode_dicom(data: bytes) -> Gray:
     """Mirrors ``osteo.data.decode._decode_dicom``."""
     try:
         import pydicom
+        from pydicom import uid
         from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
     except ImportError:
         raise Unreadable("a DICOM file needs pydicom: pip install pydicom") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data))
+            bare = not (len(data) >= 132 and data[128:132] == b"DICM")
+            ds = pydicom.dcmread(io.BytesIO(data), force=bare)
+            if bare and "TransferSyntaxUID" not in ds.file_meta:  # as osteo.data.decode._read_dicom
+                implicit, little = ds.original_encoding
+                ds.file_meta.TransferSyntaxUID = (uid.ImplicitVRLittleEndian if implicit else uid.ExplicitVRLittleEndian
+                                                  if little else uid.ExplicitVRBigEndian)
             frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
             _check_pixels(int(ds.Columns), int(ds.Rows))
             pixels = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array  # one frame decoded

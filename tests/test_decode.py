@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from osteo.data.decode import DecodeError, decode_bytes, decode_file, sniff_format
+from osteo.data.decode import DecodeError, decode_bytes, decode_cost, decode_file, sniff_format
 
 pydicom_data = pytest.importorskip("pydicom.data")
 
@@ -141,6 +141,35 @@ def test_window_centre_width_is_applied(tmp_path):
     windowed, _ = decode_file(path)
     plain, _ = decode_file(_dicom("CT_small.dcm"))
     assert (windowed == 255).mean() > 5 * max((plain == 255).mean(), 1e-4)
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_a_dicom_data_set_without_preamble_decodes_as_the_file_with_one(tmp_path, implicit):
+    """ACR-NEMA files and some old exports are the data set alone: no 128-byte preamble, no
+    "DICM", no file meta (so no transfer syntax either)."""
+    import pydicom
+
+    ds = pydicom.dcmread(_dicom("CT_small.dcm"))
+    bare = pydicom.Dataset()
+    bare.update(ds)
+    path = tmp_path / "IM0001"
+    bare.save_as(path, implicit_vr=implicit, little_endian=True)
+    data = path.read_bytes()
+    assert data[128:132] != b"DICM" and data[:2] == b"\x08\x00"
+    arr, info = decode_file(path)
+    want, _ = decode_file(_dicom("CT_small.dcm"))
+    assert info.format == "dicom" and info.patient_id == str(ds.PatientID)
+    np.testing.assert_array_equal(arr, want)
+    with open(path, "rb") as f:
+        assert decode_cost(f)[:2] == (128, 128)
+
+
+@pytest.mark.parametrize("head", [b"\x08\x00\x05\x00\x0b\x00\x00\x00odd length", b"\x08\x01\x05\x00CS\x0a\x00",
+                                  b"\x10\x00\x10\x00PN\x04\x00", b"\x08\x00\x00\x01UL\x04\x00", b"\x08\x00",
+                                  b"GIF89a\x08\x00\x05\x00"])
+def test_other_bytes_are_not_taken_for_a_dicom_without_preamble(head):
+    with pytest.raises(DecodeError, match="unknown file signature"):
+        decode_bytes(head + bytes(200))
 
 
 def test_truncated_dicom_is_unreadable():

@@ -358,9 +358,12 @@ def _more_image_kinds(folder: Path) -> list[Path]:
     ds = pydicom.dcmread(folder / "knee.dcm")  # write_image_files's MONOCHROME1, inverted back
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.save_as(folder / "knee-m2.dcm")
+    bare = pydicom.Dataset()  # its elements alone: no preamble, no "DICM", no file meta
+    bare.update(ds)
+    bare.save_as(folder / "knee-bare", implicit_vr=True, little_endian=True)
     dicoms = [Path(get_testdata_file(n, download=False))
               for n in ("MR_small_RLE.dcm", "SC_rgb_rle_2frame.dcm", "JPEG2000.dcm")]
-    return [folder / n for n in (*kinds, "big-progressive.jpg", "knee-m2.dcm")] + dicoms
+    return [folder / n for n in (*kinds, "big-progressive.jpg", "knee-m2.dcm", "knee-bare")] + dicoms
 
 
 def _osteo_input(data: bytes, size: int, resize: str) -> np.ndarray:

@@ -183,12 +183,16 @@ def test_dicom_files_named_without_an_image_extension_are_audited_and_other_file
         _dicom(tmp_path / c / "IM0001", rng.integers(0, 4096, (16, 24)), f"P{i}")  # as PACS exports name them
         _dicom(tmp_path / c / f"IM{i}.DICOM", rng.integers(0, 4096, (16, 24)), f"Q{i}")
         _dicom(tmp_path / c / f"1.2.840.113619.2.55.{i}", rng.integers(0, 4096, (16, 24)), f"R{i}")  # a UID
+    bare = pydicom.dcmread(tmp_path / "osteopenia" / "IM0001")  # the data set alone, as ACR-NEMA wrote it
+    del bare.file_meta
+    bare.preamble = None
+    bare.save_as(tmp_path / "osteopenia" / "IM0002", implicit_vr=True, little_endian=True)
     _dicom(tmp_path / "normal" / "DICOMDIR", rng.integers(0, 4096, (16, 24)), "index")  # an index, no image
     (tmp_path / "normal" / "README").write_text("not an image, and no extension")
     os.mkfifo(tmp_path / "normal" / "PIPE")  # never opened: the audit would block on it
     result = audit(tmp_path)
     assert sorted(r.path for r in result.ok()) == sorted(
         [f"{c}/IM0001" for c in CLASSES] + [f"{c}/IM{i}.DICOM" for i, c in enumerate(CLASSES)]
-        + [f"{c}/1.2.840.113619.2.55.{i}" for i, c in enumerate(CLASSES)])
+        + [f"{c}/1.2.840.113619.2.55.{i}" for i, c in enumerate(CLASSES)] + ["osteopenia/IM0002"])
     assert {r.format for r in result.ok()} == {"dicom"} and len(result.records) == len(result.ok())
     assert set(result.ignored) == {"normal/README", "normal/PIPE", "normal/DICOMDIR"}

@@ -15,7 +15,7 @@ The bytes decide the format (``sniff_format``), never the file name. Supported:
   where ``scale(width, height)`` picks it (:func:`dct_scale`). A reduced image is
   ``ceil(width / s) x ceil(height / s)``; ``info`` still gives the file's own size.
 - DICOM through pydicom (with the pylibjpeg plugins for JPEG / JPEG 2000 transfer
-  syntaxes): the modality LUT (rescale slope/intercept), then the VOI LUT or window
+  syntaxes), also a data set written without the preamble (:func:`bare_dicom`): the modality LUT (rescale slope/intercept), then the VOI LUT or window
   centre/width when the file has one, then a min-max stretch to [0, 255];
   MONOCHROME1 (inverted) images are flipped so bone is bright; a multi-frame file
   gives its first frame (``info.frames`` says how many there were, and only that
@@ -51,6 +51,7 @@ import io
 import os
 import re
 import stat
+import struct
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -59,6 +60,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+_DICOM_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI "
+                       b"UL UN UR US UT UV".split())
 SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "png"),
     (b"\xff\xd8\xff", "jpeg"),
@@ -191,13 +194,46 @@ class MemoryBudget:
 
 
 def sniff_format(data: bytes) -> str | None:
-    """The format named by the file's first bytes, or None."""
-    if len(data) >= 132 and data[128:132] == b"DICM":
+    """The format named by the file's first bytes (at least 132 of them for DICOM), or None."""
+    if (len(data) >= 132 and data[128:132] == b"DICM") or bare_dicom(data):
         return "dicom"
     for magic, name in SIGNATURES:
         if data.startswith(magic):
             return name
     return None
+
+
+def bare_dicom(head: bytes) -> bool:
+    """Whether ``head`` starts a DICOM data set written without the 128-byte preamble and
+    "DICM" (ACR-NEMA files and some old exports): its first element, little endian, in group
+    0002 (file meta) or 0008 (identification), followed by an explicit VR or by an even,
+    non-zero implicit length (4 for the group's length element), as DCMTK and pydicom
+    (``force=True``) read such files."""
+    if len(head) < 8:
+        return False
+    group, element, length = struct.unpack_from("<HHI", head)
+    if group not in (0x0002, 0x0008) or element > 0x00FF:
+        return False
+    if element == 0:  # the group's length: a 4-byte UL
+        return head[4:8] == b"UL\x04\x00" or length == 4
+    return head[4:6] in _DICOM_VRS or (0 < length < 0x10000 and length % 2 == 0)
+
+
+def _read_dicom(source: BinaryIO, **kwargs):
+    """pydicom's data set of ``source``; a bare one (:func:`bare_dicom`) read with ``force``
+    and given the transfer syntax its elements were found in, which its pixels need."""
+    import pydicom
+    from pydicom import uid
+
+    head = source.read(132)
+    source.seek(0)
+    bare = not (len(head) >= 132 and head[128:132] == b"DICM")
+    ds = pydicom.dcmread(source, force=bare, **kwargs)
+    if bare and "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (uid.ImplicitVRLittleEndian if implicit else
+                                          uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian)
+    return ds
 
 
 def refuse_to_replace_an_image(path: str | os.PathLike, option: str, fix: str) -> None:
@@ -366,11 +402,9 @@ def _pillow_cost(f: BinaryIO) -> tuple[int, int, int]:
 
 
 def _dicom_cost(f: BinaryIO) -> tuple[int, int, int]:
-    import pydicom
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        ds = _read_dicom(f, stop_before_pixels=True)
     rows, cols = int(ds.Rows), int(ds.Columns)
     check_pixels(cols, rows)
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
@@ -464,12 +498,11 @@ def _finite_range(arr: np.ndarray) -> tuple[float, float]:
 def _decode_dicom(data: bytes) -> Gray:
     ds = None
     try:
-        import pydicom
         from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data))
+            ds = _read_dicom(io.BytesIO(data))
             frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
             check_pixels(int(ds.Columns), int(ds.Rows))
             pixels = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array  # one frame decoded

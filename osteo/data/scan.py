@@ -145,6 +145,7 @@ from osteo.data.decode import (
     decode_gray,
     open_regular,
     read_all,
+    sniff_format,
 )
 from osteo.errors import OsteoError
 from osteo.files import write_csv, write_json
@@ -421,7 +422,8 @@ def _is_image_name(path: str) -> bool:
 def _dicom_by_content(e: os.DirEntry) -> bool:
     """A regular file whose name has no image extension (``IM0001``, or a DICOM UID such as
     ``1.2.840.113619.2.55.3.604688119.969``, as PACS exports name them) and whose bytes say
-    DICOM ("DICM" after the 128-byte preamble). Not ``DICOMDIR``, a media index with no image."""
+    DICOM ("DICM" after the 128-byte preamble, or a data set without one: ``decode.bare_dicom``).
+    Not ``DICOMDIR``, a media index with no image."""
     ext = os.path.splitext(e.name)[1].lower()
     if (e.name.upper() == "DICOMDIR" or e.name.startswith(".") or e.name.lower() in SYSTEM_FILES
             or ext in OTHER_IMAGE_EXTENSIONS):
@@ -430,7 +432,7 @@ def _dicom_by_content(e: os.DirEntry) -> bool:
         if not e.is_file():  # links followed; a named pipe or device is not opened
             return False
         with open(e.path, "rb") as f:
-            return f.read(132)[128:] == b"DICM"
+            return sniff_format(f.read(132)) == "dicom"
     except OSError:
         return False
 
