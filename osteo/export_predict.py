@@ -79,8 +79,6 @@ class Gray:
         if self.kind == "float":
             return block.astype(_F32, copy=False)
         out = block.astype(_F32)
-        if self.kind == "u16":
-            return np.clip(out, 0, 65535) / 257.0
         if self.kind == "stretch":
             if not self.hi > self.lo:
                 return np.zeros_like(out)
@@ -99,7 +97,7 @@ class Gray:
         box = max(1, min(box, *self.pixels.shape))
         px = self.pixels
         # the map to float is affine for these, so it can follow the averaging
-        after = self.kind in ("u8", "float") or (self.kind == "u16" and px.dtype == np.uint16)
+        after = self.kind in ("u8", "float")
         h, w = px.shape[0] // box, px.shape[1] // box
         out = np.empty((h, w), _F32)
         step = max(1, STRIP_BYTES // (4 * box * px.shape[1]))  # output rows per strip
@@ -119,8 +117,6 @@ class Gray:
             out[r : r + len(acc)] = acc
         if box > 1:
             out *= _F32(1 / (box * box))
-        if after and self.kind == "u16":
-            out = self.as_float(out)
         return out
 
 

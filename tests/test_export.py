@@ -450,9 +450,11 @@ def _grays(pixels: np.ndarray, rng) -> dict:
     floats.flat[:: max(1, floats.size // 3)] = np.nan  # non-finite values, stretched as the finite extremes
     finite = floats[np.isfinite(floats)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    u16 = pixels.astype(np.uint16) * 256 + rng.integers(0, 256, pixels.shape, dtype=np.uint16)
+    i32 = (pixels.astype(np.int32) - 30) * 300
     return {"u8": (pixels, "u8", 0.0, 0.0),
-            "u16": (pixels.astype(np.uint16) * 256 + rng.integers(0, 256, pixels.shape, dtype=np.uint16), "u16", 0.0, 0.0),
-            "i32": ((pixels.astype(np.int32) - 30) * 300, "u16", 0.0, 0.0),
+            "u16": (u16, "stretch", float(u16.min()), float(u16.max())),
+            "i32": (i32, "stretch", float(i32.min()), float(i32.max())),
             "stretch": (floats, "stretch", lo, hi),
             "float": (pixels.astype(np.float32) + rng.uniform(0, 1, pixels.shape).astype(np.float32), "float", 0.0, 0.0)}
 

@@ -107,7 +107,7 @@ class Gray:
 
     pixels: np.ndarray
     info: ImageInfo
-    kind: str  # "u8": as is; "u16": / 257; "stretch": (x - lo) / (hi - lo) * 255; "float": as is
+    kind: str  # "u8": as is; "stretch": (x - lo) / (hi - lo) * 255; "float": as is
     lo: float = 0.0
     hi: float = 0.0
     scale: int = 1  # the DCT scale a JPEG was decoded at (pixels are 1/scale of info's size)
@@ -118,8 +118,6 @@ class Gray:
         if self.kind == "float":
             return block.astype(np.float32, copy=False)
         out = block.astype(np.float32)
-        if self.kind == "u16":
-            return np.clip(out, 0, 65535) / 257.0
         if self.kind == "stretch":
             if not self.hi > self.lo:
                 return np.zeros_like(out)
@@ -143,7 +141,7 @@ class Gray:
             return self._boxed[1]
         px = self.pixels
         # the map to float is affine for these, so it can follow the averaging
-        after = self.kind in ("u8", "float") or (self.kind == "u16" and px.dtype == np.uint16)
+        after = self.kind in ("u8", "float")
         h, w = px.shape[0] // box, px.shape[1] // box
         out = np.empty((h, w), np.float32)
         step = max(1, STRIP_BYTES // (4 * box * px.shape[1]))  # output rows per strip
@@ -163,8 +161,6 @@ class Gray:
             out[r : r + len(acc)] = acc
         if box > 1:
             out *= np.float32(1 / (box * box))
-        if after and self.kind == "u16":
-            out = self.as_float(out)
         self._boxed = (box, out)
         return out
 
