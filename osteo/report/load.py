@@ -137,9 +137,10 @@ def load_run(path: str | os.PathLike, split: str = "auto", n_boot: int = 1000, s
         return load_cv(CvDir(path), n_boot, seed)
     run = RunDir(path).check(finished=True)  # one killed while finishing has metrics, not its calibration
     recipe = run.read_recipe().to_dict()  # the resolved recipe (older runs' sizes filled in)
+    every = run.read_predictions()  # read once: the split reported on and validation
     if split == "auto":
-        split = headline_split({row["split"] for row in run.read_predictions()[2]})
-    y, probs, rows = run.read_predictions(split)
+        split = headline_split({row["split"] for row in every[2]})
+    y, probs, rows = _of_split(every, split)
     if not len(y):
         raise OsteoError(f"run {run} has no {split} predictions; choose --split val or test")
     groups = run.image_groups(rows)
@@ -155,7 +156,7 @@ def load_run(path: str | os.PathLike, split: str = "auto", n_boot: int = 1000, s
                run.split_id(), run.read_audit(), evaluated_on=SPLIT_NAMES[split], calibrated=calibrated,
                temperature=temperature, chose=CHOSE[split], points=points,
                images_id=images_id(rows, run.content_sha256()),
-               val_balanced_accuracy=metrics["balanced_accuracy"] if split == "val" else _val_ba(run), groups=groups)
+               val_balanced_accuracy=metrics["balanced_accuracy"] if split == "val" else _val_ba(run, every), groups=groups)
 
 
 def load_cv(cv: CvDir, n_boot: int = 1000, seed: int = 0) -> Run:
@@ -267,9 +268,17 @@ def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) ->
                else _val_ba(run), groups=groups)
 
 
-def _val_ba(run: RunDir) -> float:
-    """Balanced accuracy on the run's validation split (NaN without one)."""
-    y, probs, _ = run.read_predictions("val")
+def _of_split(every: tuple, split: str) -> tuple:
+    """(labels, probabilities, rows) of one split, from ``read_predictions()``'s of them all."""
+    y, probs, rows = every
+    keep = np.array([r["split"] == split for r in rows], dtype=bool)
+    return y[keep], probs[keep], [r for r in rows if r["split"] == split]
+
+
+def _val_ba(run: RunDir, every: tuple | None = None) -> float:
+    """Balanced accuracy on the run's validation split (NaN without one); ``every``: the run's
+    predictions of all splits, where already read."""
+    y, probs, _ = _of_split(every or run.read_predictions(), "val")
     return float(compute_metrics(y, probs, n_boot=0)["balanced_accuracy"]) if len(y) else float("nan")
 
 
