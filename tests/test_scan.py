@@ -411,6 +411,43 @@ def test_a_damaged_or_outdated_memo_costs_one_full_audit(messy, tmp_path, decode
     assert len(decodes) == 3 * n
 
 
+def test_remembered_tiles_are_read_when_a_search_needs_them_and_checked_then(messy, tmp_path, decodes):
+    """The detail tiles (16 KB an image) stay on the disk, memory-mapped, until a duplicate search
+    uses them; then their CRC-32 is checked, and a memo whose tiles changed on the disk is not
+    trusted: the files it remembered are read again."""
+    import zipfile
+
+    from osteo.data import scan
+
+    memo = tmp_path / "cache"
+    first = audit(messy, memo=memo)
+    n = len(decodes)
+    (path,) = (memo / f"audit-v{scan.MEMO_VERSION}").iterdir()
+    memory = scan._Memo(memo, messy).load()
+    tiles = [f[1] for _, _, f in memory.records.values() if f is not None]
+    assert tiles and all(isinstance(t.base, np.memmap) for t in tiles)
+    assert memory.tiles_intact()
+    # one byte of the tiles changed, the archive's structure left whole
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("tiles.npy")
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + 200] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert not scan._Memo(memo, messy).load().tiles_intact()
+    assert _rows_and_groups(audit(messy, memo=memo)) == _rows_and_groups(first)  # groups recalled: tiles unused
+    assert len(decodes) == n
+    shutil.copy(messy / "osteoporosis/sub/img4.png", messy / "Normal/new.png")  # a search is needed
+    n = len(decodes)
+    fresh = audit(messy)
+    every = len(decodes) - n
+    n = len(decodes)
+    assert _rows_and_groups(audit(messy, memo=memo)) == _rows_and_groups(fresh)
+    assert len(decodes) - n == every  # every file read again, as by an audit without a memo
+    n = len(decodes)
+    assert _rows_and_groups(audit(messy, memo=memo)) == _rows_and_groups(fresh)  # written again, whole
+    assert len(decodes) == n
+
+
 def test_osteo_data_audit_reads_every_file_and_leaves_its_records(messy, tmp_path, decodes, monkeypatch):
     from osteo.cli import main
 

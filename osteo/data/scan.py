@@ -125,6 +125,7 @@ import hashlib
 import logging
 import math
 import os
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -655,6 +656,9 @@ class _Memo:
         self.records: dict[str, tuple[tuple, dict, tuple | None]] = {}  # path: (stat key, fields, features)
         self.groups: list[dict] | None = None  # the duplicate groups found among those records
         self.dups: dict[str, tuple[str, str, bool]] = {}  # path: (dup_group, dup_kind, conflict)
+        self.recalled: set[str] = set()  # the paths whose records were taken back
+        self._tiles_intact: Callable[[], bool] = lambda: True
+        self._intact: bool | None = None
 
     def load(self) -> _Memo:
         """Read the memo; an unreadable, damaged or outdated one is as none (every file is read)."""
@@ -665,7 +669,9 @@ class _Memo:
                 meta = json.loads(z["meta"].tobytes())
                 if meta.get("version") != _memo_version() or meta.get("root") != self.root:
                     return self
-                thumbs, tiles = z["thumbs"], z["tiles"]
+                thumbs = z["thumbs"]
+            # 16 KB an image: read only where a search needs them, and checked then (tiles_intact)
+            tiles, self._tiles_intact = _mapped(self.path, "tiles")
             at = 0
             for i, r in enumerate(meta["records"]):
                 features = None
@@ -680,8 +686,7 @@ class _Memo:
             pass
         except Exception as e:  # a damaged memo costs one full audit, nothing else
             log.debug("audit memo %s not used: %s", self.path, e)
-            self.records.clear()
-            self.groups, self.dups = None, {}
+            self.forget()
         return self
 
     def unchanged(self, records: list[Record]) -> bool:
@@ -691,6 +696,18 @@ class _Memo:
         if any(r.status == "ok" and r.stat_key is None for r in records) or len(keep) != len(self.records):
             return False
         return all(self.records.get(r.path, (None,))[0] == r.stat_key for r in keep)
+
+    def tiles_intact(self) -> bool:
+        """Whether the remembered detail tiles are as written (their CRC-32; read once)."""
+        if self._intact is None:
+            self._intact = self._tiles_intact()
+        return self._intact
+
+    def forget(self) -> None:
+        """As if no memo had been read: the next :meth:`save` writes one whole."""
+        self.records.clear()
+        self.groups, self.dups = None, {}
+        self.recalled.clear()
 
     def recall_groups(self, records: list[Record]) -> list[dict] | None:
         """The duplicate groups of ``records`` as remembered, when they are the records remembered
@@ -714,6 +731,7 @@ class _Memo:
         key, fields, features = hit
         if _stat_key(st) != key:
             return None
+        self.recalled.add(rel)
         return Record(path=rel, label=label, **fields, features=features, stat_key=key)
 
     def save(self, records: list[Record], groups: list[dict]) -> None:
@@ -746,6 +764,41 @@ class _Memo:
                          tiles=np.concatenate(tiles) if tiles else np.zeros(0, np.int8))
         except (OSError, OsteoError) as e:
             log.debug("audit memo %s not written: %s", self.path, e)
+
+
+def _mapped(path: Path, name: str) -> tuple[np.ndarray, Callable[[], bool]]:
+    """The array ``name`` of the .npz file at ``path`` (stored uncompressed, as ``np.savez``
+    writes it) as a read-only memory map, whose pages are read when they are used, and a check
+    of the member's CRC-32 (which reads them all)."""
+    import zipfile
+    import zlib
+
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(f"{name}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ValueError(f"{name} is compressed")
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the member's local header: its name and extra field follow
+        if local[:4] != b"PK\x03\x04":
+            raise ValueError(f"no local header for {name}")
+        start = info.header_offset + 30 + sum(struct.unpack("<HH", local[26:30]))
+        f.seek(start)
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, fortran, dtype = read(f)
+        offset = f.tell()
+    if not math.prod(shape):
+        return np.zeros(shape, dtype), lambda: True
+    member = np.memmap(path, np.uint8, "r", start, (info.file_size,))
+
+    def intact() -> bool:
+        crc = 0
+        for at in range(0, len(member), 1 << 24):
+            crc = zlib.crc32(member[at : at + (1 << 24)], crc)
+        return crc == info.CRC
+
+    return np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C"), intact
 
 
 @functools.lru_cache(maxsize=1)
@@ -1004,6 +1057,13 @@ def audit(data_dir: str | os.PathLike, progress: Callable[[int, int], None] | No
         pool.shutdown()
         records.sort(key=lambda r: r.path)
         groups = memory.recall_groups(records) if memory is not None and recall else None
+        if memory is not None and memory.recalled and (groups is None or keep_features) and not memory.tiles_intact():
+            # the remembered features are about to be used, and the memo's bytes changed on the disk
+            log.debug("audit memo %s damaged: its files are read again", memory.path)
+            records = [_inspect(root, r.path, r.label, budget, cache) if r.path in memory.recalled else r
+                       for r in records]
+            memory.forget()
+            groups = None
         if groups is None:
             groups = _find_duplicates([r for r in records if r.status == "ok"])
     if memory is not None:
