@@ -456,12 +456,38 @@ def evaluate_run(run_dir: str | os.PathLike, splits: Sequence[str] | None = None
         if name not in available:
             raise OsteoError(f"{run.path} has no {name} predictions; choose one of: {', '.join(available) or 'none'}")
         y, p, scored = run.read_predictions(name)
-        metrics[name] = compute_metrics(y, p, n_boot=n_boot, seed=seed, groups=run.image_groups(scored))
+        groups = run.image_groups(scored)
+        metrics[name] = compute_metrics(y, p, n_boot=n_boot, seed=seed, groups=groups)
+        _keep_intervals(metrics[name], before.get(name), scored_id(y, p, groups))
         metrics[name]["majority_baseline"] = majority_baseline(y, majority)
         metrics[name].update(evaluated_on=SPLIT_NAMES[name], chose=CHOSE[name])
     metrics["headline"] = headline_split(available)
     run.write_metrics(metrics)
     return metrics
+
+
+def scored_id(y: np.ndarray, probs: np.ndarray, groups: Sequence[str] | None) -> str:
+    """A short hash of what a split's intervals were drawn from: labels, probabilities, groups."""
+    import hashlib
+
+    sha = hashlib.sha256(np.asarray(y, np.int64).tobytes())
+    sha.update(np.asarray(probs, np.float64).tobytes())
+    sha.update("\n".join(groups or ()).encode("utf-8", "surrogateescape"))
+    return sha.hexdigest()[:16]
+
+
+def _keep_intervals(metrics: dict, before: dict | None, scored: str) -> None:
+    """Mark ``metrics``' intervals with what they were drawn from (``ci.scored``); without
+    intervals (``--bootstrap 0``), take back those ``before`` drew from the same predictions,
+    so that recomputing the point estimates loses nothing already written."""
+    if "ci" in metrics:
+        metrics["ci"]["scored"] = scored
+        return
+    if not before or (before.get("ci") or {}).get("scored") != scored:
+        return
+    metrics.update({k: v for k, v in before.items() if k == "ci" or k.endswith("_ci")})
+    for c, row in metrics.get("per_class", {}).items():
+        row.update({k: v for k, v in before.get("per_class", {}).get(c, {}).items() if k.endswith("_ci")})
 
 
 def print_metrics(metrics: dict, split: str, console, title: str = "") -> None:

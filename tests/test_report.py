@@ -2,6 +2,7 @@
 
 import csv
 import html
+import json
 import shutil
 import subprocess
 
@@ -91,6 +92,30 @@ def test_report_command_and_bad_run_dir(two_runs, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "notarun")]) == 2
     assert main(["eval", str(two_runs[0]), "--bootstrap", "100"]) == 0
     assert "balanced accuracy" in capsys.readouterr().out
+
+
+def test_eval_without_resamples_keeps_the_intervals_of_the_same_predictions(two_runs, tmp_path):
+    """``osteo eval RUN --bootstrap 0`` recomputes the point estimates; the intervals already in
+    metrics.json were drawn from the same predictions, so they stay. Other predictions: gone."""
+    run = tmp_path / "run"
+    shutil.copytree(two_runs[0], run)
+    assert main(["eval", str(run), "--bootstrap", "60"]) == 0
+    drawn = json.loads((run / "metrics.json").read_text())
+    split = drawn["headline"]
+    assert drawn[split]["ci"]["resamples"] == 60 and "balanced_accuracy_ci" in drawn[split]
+    assert main(["eval", str(run), "--bootstrap", "0"]) == 0
+    assert json.loads((run / "metrics.json").read_text()) == drawn
+    rows = list(csv.DictReader(open(run / "predictions.csv", newline="")))
+    first = next(r for r in rows if r["split"] == split)
+    first["p_normal"], first["p_osteoporosis"] = first["p_osteoporosis"], first["p_normal"]
+    with open(run / "predictions.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    assert main(["eval", str(run), "--bootstrap", "0"]) == 0
+    now = json.loads((run / "metrics.json").read_text())
+    assert "ci" not in now[split] and "balanced_accuracy_ci" not in now[split]
+    assert not any(k.endswith("_ci") for row in now[split]["per_class"].values() for k in row)
 
 
 @pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="no Chromium installed")
