@@ -105,7 +105,8 @@ def test_eval_without_resamples_keeps_the_intervals_of_the_same_predictions(two_
     assert drawn[split]["ci"]["resamples"] == 60 and "balanced_accuracy_ci" in drawn[split]
     assert main(["eval", str(run), "--bootstrap", "0"]) == 0
     assert json.loads((run / "metrics.json").read_text()) == drawn
-    rows = list(csv.DictReader(open(run / "predictions.csv", newline="")))
+    with open(run / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     first = next(r for r in rows if r["split"] == split)
     first["p_normal"], first["p_osteoporosis"] = first["p_osteoporosis"], first["p_normal"]
     with open(run / "predictions.csv", "w", newline="") as f:
