@@ -276,6 +276,19 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
     return parent
 
 
+def audited_rows(recipe: Recipe) -> list[dict]:
+    """The manifest rows of an audit of ``recipe``'s data folder, whose decodes also fill the
+    image cache at the recipe's image size (the backbone's default where it names none): the
+    runs that follow decode nothing again."""
+    from osteo.data.pipeline import ImageCache, default_cache_root
+    from osteo.data.scan import audit
+    from osteo.registry import get_backbone
+
+    size = recipe.data.image_size or get_backbone(recipe.model.backbone).default_size
+    cache = ImageCache(size, recipe.data.resize)
+    return audit(recipe.data.dir, memo=cache.root, cache=cache).manifest_rows()
+
+
 def check_folds(recipe: Recipe, k: int, rows: list[dict] | None = None) -> None:
     """Every fold of a K-fold cross-validation of ``recipe``'s data can be trained and scored:
     it holds out images of every class, and leaves each class training and inner-validation
@@ -285,12 +298,10 @@ def check_folds(recipe: Recipe, k: int, rows: list[dict] | None = None) -> None:
     backbone and seed on one audit)."""
     from collections import Counter
 
-    from osteo.data.pipeline import default_cache_root
-    from osteo.data.scan import audit
     from osteo.data.split import check_split, majority_label, read_groups_csv, split_rows
 
     cfg = _fold_recipe(recipe, k, 1).data
-    rows = audit(cfg.dir, memo=default_cache_root()).manifest_rows() if rows is None else rows
+    rows = audited_rows(recipe) if rows is None else rows
     groups = read_groups_csv(cfg.groups_csv) if cfg.groups_csv else None
     per_class: Counter = Counter()  # each class's groups: the same in every fold's split
     for i in range(k):

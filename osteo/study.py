@@ -76,7 +76,7 @@ from osteo.data.split import INNER_VAL
 from osteo.errors import OsteoError, Stopped
 from osteo.files import read_json, write_json
 from osteo.runs import CvDir, RunDir, check_output_place
-from osteo.session import TrainOptions, build_recipe, check_folds, ensure_phantom
+from osteo.session import TrainOptions, audited_rows, build_recipe, check_folds, ensure_phantom
 
 RETRIES = 2  # per trial, each from its last completed epoch
 METRIC = "val_macro_f1"  # what the search ranks, per epoch from history.csv
@@ -948,10 +948,7 @@ def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
             for seed in plan.seeds:  # likewise cv.json, once every fold of the seed's split can be scored
                 if not CvDir(_cv_path(plan, m, seed)).is_cv():
                     if r.data.dir not in audited:
-                        from osteo.data.pipeline import default_cache_root
-                        from osteo.data.scan import audit
-
-                        audited[r.data.dir] = audit(r.data.dir, memo=default_cache_root()).manifest_rows()
+                        audited[r.data.dir] = audited_rows(r)
                     seeded = copy.deepcopy(r)
                     seeded.train.seed = seed
                     check_folds(seeded, cfg.folds, audited[r.data.dir])

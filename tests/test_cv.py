@@ -177,3 +177,35 @@ def test_a_cross_validation_takes_its_inner_validation_share_from_the_command_li
     assert (recipe.data.inner_val, recipe.data.folds, recipe.data.test) == (0.5, 3, 0.0)
     with pytest.raises(OsteoError, match=r"needs data\.folds >= 2"):  # a plain run has no use for it
         build_recipe("finetune", "tiny", options)
+
+
+def test_the_folds_pre_check_fills_the_image_cache_so_the_folds_decode_nothing_again(phantom_dir, tmp_path,
+                                                                                     monkeypatch):
+    """The check that every fold can be scored audits a new folder before the first fold: its
+    decodes fill the image cache at the folds' size, as a run's own audit does; before, the first
+    fold decoded every file a second time."""
+    import shutil
+
+    from osteo.data import pipeline, scan
+    from osteo.session import TrainOptions, build_recipe, check_folds
+
+    from osteo.data.module import DataModule
+    from osteo.recipe import resolve
+    from osteo.session import _fold_recipe
+
+    data = tmp_path / "new"  # a folder no audit has seen
+    shutil.copytree(phantom_dir, data)
+    monkeypatch.setenv("OSTEO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(scan, "RACY_S", -3600.0)  # the files were just copied: remembered all the same
+    options = TrainOptions(data=str(data), weights="none", image_size=32, runs=str(tmp_path / "runs"))
+    recipe = build_recipe("seed", "tiny", options, folds=3)
+    check_folds(recipe, 3)
+    cache = pipeline.ImageCache(32, recipe.data.resize)
+    found = scan.audit(data, memo=cache.root)
+    assert found.ok() and all(cache.path(r.sha256).is_file() for r in found.ok())
+    decoded = []
+    monkeypatch.setattr(pipeline, "decode_gray", lambda *a, **k: decoded.append(a) or None)
+    monkeypatch.setattr(scan, "decode_gray", lambda *a, **k: decoded.append(a) or None)
+    fold = resolve(_fold_recipe(recipe, 3, 1), backend="tensorflow")
+    module = DataModule(fold.data, seed=fold.train.seed).setup()  # what the first fold's trainer does
+    assert len(module.split) == len(found.ok()) and not decoded  # every file recalled, every entry cached
