@@ -187,11 +187,9 @@ def test_the_folds_pre_check_fills_the_image_cache_so_the_folds_decode_nothing_a
     import shutil
 
     from osteo.data import pipeline, scan
-    from osteo.session import TrainOptions, build_recipe, check_folds
-
     from osteo.data.module import DataModule
     from osteo.recipe import resolve
-    from osteo.session import _fold_recipe
+    from osteo.session import TrainOptions, _fold_recipe, build_recipe, check_folds
 
     data = tmp_path / "new"  # a folder no audit has seen
     shutil.copytree(phantom_dir, data)
