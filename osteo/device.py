@@ -230,8 +230,10 @@ def probe() -> Device:
 
 
 def choose_backend(requested: str, spec: BackboneSpec, device: Device,
-                   available: tuple[str, ...] | None = None) -> tuple[str, str]:
-    """(backend, why). ``auto``: a backend that sees the GPU, else the measured-faster one on this CPU."""
+                   available: tuple[str, ...] | None = None, keras_layers: str = "") -> tuple[str, str]:
+    """(backend, why). ``auto``: a backend that sees the GPU, else the measured-faster one on this
+    CPU: for the engine ``auto`` picks there, or, where ``keras_layers`` says why the run will
+    have Keras' layers (a Keras weights file, model.impl=keras), for those where measured."""
     if requested not in BACKENDS:
         raise OsteoError(f"unknown backend {requested!r}; choose one of: {', '.join(BACKENDS)}")
     if requested != "auto":
@@ -250,6 +252,9 @@ def choose_backend(requested: str, spec: BackboneSpec, device: Device,
     d = spec.cpu_decision(device.cpu_class)
     best = d.backend
     why = f"{best} for {spec.name} on {device.cpu_class} CPUs: {d.why or 'the default (not measured)'}"
+    if keras_layers and d.keras_backend:
+        best = d.keras_backend
+        why = f"{best} for {spec.name}'s Keras layers ({keras_layers}) on {device.cpu_class} CPUs: {d.keras_why}"
     if best not in available:
         fallback = next(b for b in ("tensorflow", "torch") if b in available)
         return fallback, f"{note}{best} is not installed ({why}); using {fallback}"
@@ -346,7 +351,9 @@ def plan(spec: BackboneSpec, device: Device, *, backend: str = "auto", precision
          jit_compile: str = "auto", planned_images: int = 0, available: tuple[str, ...] | None = None,
          impl: str = "auto", weights: str | None = None) -> Plan:
     """Every device choice of one run, each with its reason."""
-    b, why_b = choose_backend(backend, spec, device, available)
+    keras_layers = ("model.impl=keras" if impl == "keras" else "the weights file is Keras'"
+                    if impl == "auto" and str(weights or "").lower().endswith(KERAS_WEIGHT_FILES) else "")
+    b, why_b = choose_backend(backend, spec, device, available, keras_layers)
     i, why_i = choose_impl(impl, spec, b, weights, "gpu" if device.on(b) == "gpu" else device.cpu_class)
     p, why_p = choose_precision(precision, spec, device, b)
     j, why_j = choose_jit(jit_compile, spec, device, b, i, planned_images)
@@ -359,6 +366,10 @@ def plan(spec: BackboneSpec, device: Device, *, backend: str = "auto", precision
             out.warnings = [f"{s.measured} on {where}; the faster choice here is backend={fast.backend}, "
                             f"model.impl={fast.impl}, train.precision={fast.precision} (leave them auto)"
                             for s in slow]
+    if slow and not out.warnings and keras_layers.startswith("the weights file") and spec.timm_name:
+        out.warnings = [f"{s.measured} on {where}; a Keras weights file can only be trained with Keras' layers: "
+                        f"timm's weights of {spec.name} (.safetensors or .pth) would train on the timm engine"
+                        for s in slow]
     return out
 
 

@@ -38,6 +38,9 @@ class CpuDecision:
     bf16: tuple[str, ...] = ()  # backends on which mixed_bfloat16 was measured faster
     xla: bool = False  # jit_compile measured faster on TensorFlow CPU
     why: str = ""  # the measured ratio behind ``backend`` (quoted in env.json)
+    # the faster backend for Keras' layers (a Keras weights file, or model.impl=keras), where measured
+    keras_backend: str = ""
+    keras_why: str = ""
 
 
 @dataclass(frozen=True)
@@ -170,9 +173,14 @@ _APPS = "keras.applications"
 _AVX2_NOTE = "; the timm engine itself was not measured on this class"
 
 
-def _cpu(avx512: str, avx2: str, *, bf16: tuple[str, ...] = ("torch",), xla: bool = False) -> dict:
-    return {"avx512_bf16": CpuDecision(backend="torch", bf16=bf16, xla=xla, why=avx512),
-            "avx2": CpuDecision(backend="torch", why=avx2 + _AVX2_NOTE)}
+def _cpu(avx512: str, avx2: str, *, bf16: tuple[str, ...] = ("torch",), xla: bool = False,
+         keras: dict[str, tuple[str, str]] | None = None) -> dict:
+    """The CPU decisions of one backbone; ``keras``: per class, (backend, measurement) for Keras'
+    layers, which a Keras weights file or model.impl=keras asks for."""
+    k = keras or {}
+    return {"avx512_bf16": CpuDecision("torch", bf16, xla, avx512, *k.get("avx512_bf16", ("", ""))),
+            "avx2": CpuDecision("torch", why=avx2 + _AVX2_NOTE, keras_backend=k.get("avx2", ("", ""))[0],
+                                keras_why=k.get("avx2", ("", ""))[1])}
 
 
 def _seq(prefix: str, *ranges: tuple[int, int]) -> tuple[str, ...]:
@@ -190,7 +198,11 @@ register(BackboneSpec(
     cpu=_cpu("the timm engine trained 1.14x TensorFlow's rate (9.95 vs 8.71 img/s, 224 px, bf16, medians of 5 "
              "interleaved rounds, freed memory kept; an earlier single-window measurement gave 1.02x, 4.27 vs 4.17)",
              "Keras' layers on PyTorch trained 1.72x TensorFlow's rate (25.8 vs 15.0 img/s, 32 px)",
-             bf16=("tensorflow", "torch")),
+             bf16=("tensorflow", "torch"),
+             keras={"avx512_bf16": ("tensorflow", "Keras' layers trained 1.10x on TensorFlow what they did on PyTorch "
+                                                  "at 64 px (36.7 vs 33.3 img/s) and 1.08x at 224 px (3.62 vs 3.36), bf16"),
+                    "avx2": ("torch", "Keras' layers on PyTorch trained 1.72x TensorFlow's rate (25.8 vs 15.0 img/s, "
+                                      "32 px)")}),
     engine_why={"avx512_bf16": "the timm engine trained 1.40x Keras' layers on PyTorch (4.27 vs 3.04 img/s, 224 px, bf16)",
                 "avx2": "timm's own loop trained 1.62x Keras' layers on PyTorch (13.9 vs 8.6 img/s, 64 px)",
                 "gpu": "the timm engine trained 1.53x Keras' layers on PyTorch on an H200 (2,494 vs 1,629 img/s, "
@@ -203,7 +215,11 @@ register(BackboneSpec(
     gradcam_layer="block5_conv4",
     cpu=_cpu("the timm engine trained 1.13x TensorFlow's rate (7.94 vs 7.01 img/s, 224 px, bf16, medians of 5 "
              "interleaved rounds, freed memory kept; an earlier single-window measurement gave a tie, 3.42 vs 3.46); it starts sooner", "as VGG16, whose Keras layers on PyTorch trained 1.72x TensorFlow's rate "
-             "(32 px)", bf16=("tensorflow", "torch")),
+             "(32 px)", bf16=("tensorflow", "torch"),
+             keras={"avx512_bf16": ("tensorflow", "Keras' layers trained 1.37x on TensorFlow what they did on PyTorch "
+                                                  "at 64 px (34.3 vs 25.0 img/s) and 1.26x at 224 px (3.43 vs 2.72), bf16"),
+                    "avx2": ("torch", "as VGG16's, which trained 1.72x TensorFlow's rate on PyTorch (32 px); VGG19's "
+                                      "were not measured on this class")}),
     engine_why={"avx512_bf16": "the timm engine trained 1.30x Keras' layers on PyTorch (3.40 vs 2.62 img/s, 224 px, bf16)",
                 "avx2": "timm's own loop trained 1.04x Keras' layers on PyTorch (8.07 vs 7.73 img/s, 64 px)",
                 "gpu": "the timm engine trained 1.46x Keras' layers on PyTorch on an H200 (2,305 vs 1,579 img/s, "
@@ -226,7 +242,11 @@ register(BackboneSpec(
     cpu=_cpu("the timm engine trained 2.05x TensorFlow's rate (22.6 vs 11.0 img/s, 224 px, bf16, medians of 5 "
              "interleaved rounds, freed memory kept; an earlier single-window measurement gave 1.76x, 12.15 vs 6.89)",
              "timm's own loop trained 1.84x Keras' layers on PyTorch (18.6 vs 10.1 img/s, 64 px), which "
-             "trained 0.61x TensorFlow's rate (32 px): about 1.1x"),
+             "trained 0.61x TensorFlow's rate (32 px): about 1.1x",
+             keras={"avx512_bf16": ("tensorflow", "Keras' layers trained 2.16x on TensorFlow what they did on PyTorch "
+                                                  "at 64 px (53.2 vs 24.6 img/s) and 1.56x at 224 px (6.89 vs 4.41), bf16"),
+                    "avx2": ("tensorflow", "Keras' layers trained 1.63x on TensorFlow what they did on PyTorch (44.5 vs "
+                                           "27.3 img/s, 32 px)")}),
     engine_why={"avx512_bf16": "the timm engine trained 2.86x Keras' layers on PyTorch (12.40 vs 4.33 img/s, 224 px, "
                                 "bf16), in 0.43x the memory",
                 "avx2": "timm's own loop trained 1.84x Keras' layers on PyTorch (18.6 vs 10.1 img/s, 64 px)",
@@ -249,7 +269,9 @@ register(BackboneSpec(
                          "TensorFlow's ConvNeXtTiny trained at 1.24 img/s vs 8.10 for the timm engine on PyTorch "
                          "(224 px, bf16): 6.5x slower"),),
     cpu=_cpu("the timm engine trained 6.53x TensorFlow's rate (8.10 vs 1.24 img/s, 224 px, bf16)",
-             "timm's own loop trained 1.83x Keras' layers on PyTorch (21.9 vs 12.0 img/s, 64 px)", xla=True),
+             "timm's own loop trained 1.83x Keras' layers on PyTorch (21.9 vs 12.0 img/s, 64 px)", xla=True,
+             keras={"avx512_bf16": ("torch", "Keras' layers trained 3.30x on PyTorch what they did on TensorFlow at "
+                                             "64 px (36.6 vs 11.1 img/s) and 6.21x at 224 px (7.70 vs 1.24), bf16")}),
     engine_why={"avx512_bf16": "the timm engine trained 1.65x Keras' layers on PyTorch at 64 px (60.4 vs 36.6 "
                                 "img/s) and 0.93x at 224 px (7.60 vs 8.14), bf16",
                 "avx2": "timm's own loop trained 1.83x Keras' layers on PyTorch (21.9 vs 12.0 img/s, 64 px)",

@@ -195,9 +195,9 @@ def plan_device(requested: str | None, recipe: Recipe, say: Say) -> device.Plan:
         plan = device.plan(spec, device.probe(), backend=choice, precision=t.precision, jit_compile=t.jit_compile,
                            planned_images=device.planned_images(recipe), impl=recipe.model.impl,
                            weights=recipe.model.weights)
-        if choice == "auto":
-            say(f"backend: {plan.backend} on {plan.runs_on} ({plan.why['backend']}); "
-                f"backbone: {plan.impl} ({plan.why['impl']})")
+        # what runs, and why, also where the backend was named: a Keras weights file makes the engine Keras'
+        say(f"backend: {plan.backend} on {plan.runs_on} ({plan.why['backend']}); "
+            f"backbone: {plan.impl} ({plan.why['impl']})")
         for warning in plan.warnings:  # a requested choice measured far slower here (env.json keeps it too)
             logging.getLogger("osteo").warning(warning)
         os.environ["KERAS_BACKEND"] = plan.backend
@@ -280,7 +280,7 @@ def audited_rows(recipe: Recipe) -> list[dict]:
     """The manifest rows of an audit of ``recipe``'s data folder, whose decodes also fill the
     image cache at the recipe's image size (the backbone's default where it names none): the
     runs that follow decode nothing again."""
-    from osteo.data.pipeline import ImageCache, default_cache_root
+    from osteo.data.pipeline import ImageCache
     from osteo.data.scan import audit
     from osteo.registry import get_backbone
 

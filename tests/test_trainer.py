@@ -140,6 +140,37 @@ def test_backend_auto_follows_the_measurements_and_never_idles_a_gpu():
     assert device_plan(get_backbone("vgg16"), tf_gpu, available=BOTH).impl == "keras"
 
 
+def test_backend_auto_for_keras_layers_follows_their_own_measurements():
+    """A Keras weights file (or model.impl=keras) means Keras' layers: backend auto picks the
+    backend those were measured faster on, and says so; before, it picked PyTorch for the timm
+    engine's measurement and ran Keras' layers there (DenseNet169: 2.2x slower at 64 px)."""
+    intel, amd = CPU["avx512_bf16"], CPU["avx2"]
+    for name, dev, weights, impl, want in (("densenet169", intel, "w.weights.h5", "auto", "tensorflow"),
+                                           ("vgg16", intel, "w.h5", "auto", "tensorflow"),
+                                           ("densenet169", amd, "w.h5", "keras", "tensorflow"),
+                                           ("convnext_tiny", intel, "w.weights.h5", "auto", "torch"),
+                                           ("vgg16", amd, "w.weights.h5", "auto", "torch")):
+        plan = device_plan(get_backbone(name), dev, available=BOTH, weights=weights, impl=impl)
+        assert (plan.backend, plan.impl) == (want, "keras"), (name, dev.cpu_class)
+        assert "Keras layers" in plan.why["backend"]
+        assert get_backbone(name).cpu_decision(dev.cpu_class).keras_why in plan.why["backend"]
+        assert not plan.warnings
+    # not measured (ConvNeXtTiny's Keras layers on AVX2): the engine's decision, said as before
+    plan = device_plan(get_backbone("convnext_tiny"), amd, available=BOTH, weights="w.h5")
+    assert plan.backend == "torch" and plan.why["backend"].startswith("torch for convnext_tiny on avx2 CPUs")
+    # a timm weights file, or none: the timm engine's backend as before
+    assert device_plan(get_backbone("densenet169"), intel, available=BOTH, weights="w.safetensors").backend == "torch"
+    # the backend named by the user stands; where it is far slower for these layers, one warning says so
+    plan = device_plan(get_backbone("densenet169"), intel, backend="torch", available=BOTH, weights="w.h5")
+    assert (plan.backend, plan.impl) == ("torch", "keras")
+    assert len(plan.warnings) == 1 and "backend=tensorflow, model.impl=keras" in plan.warnings[0]
+    # a GPU, where Keras' layers were measured far slower than the timm engine: said, with the way out
+    gpu = Device(kind="gpu", name="H200", cpu_class="avx512_bf16", gpu_bf16=True, gpu_backends=("torch",))
+    plan = device_plan(get_backbone("densenet169"), gpu, available=BOTH, weights="w.weights.h5")
+    assert (plan.backend, plan.impl) == ("torch", "keras") and len(plan.warnings) == 1
+    assert "5.0x slower" in plan.warnings[0] and "timm's weights of densenet169" in plan.warnings[0]
+
+
 def test_env_json_records_each_choice_and_why(phantom_dir, tmp_path, tiny_recipe, monkeypatch):
     from osteo import device
     from osteo.classifier import Classifier
