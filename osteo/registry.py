@@ -96,6 +96,9 @@ class BackboneSpec:
     # measured ratio to Keras' layers on PyTorch (quoted in env.json)
     engine_why: dict[str, str] = field(default_factory=dict)
     gradcam_layer: str = ""  # the last convolutional stage's output layer, where Grad-CAM looks
+    # the same layer in timm's module (by its name in named_modules()) where it is not the module's
+    # output: VGG's last ReLU, before the max-pool that ends timm's features as it ends no Keras block5
+    timm_gradcam_layer: str = ""
     # timm engine: training images after which torch.compile of the backbone pays for its
     # compile time, per device kind ("gpu" or a CPU class); absent: never measured faster
     compile_pays_after: dict[str, int] = field(default_factory=dict)
@@ -195,6 +198,7 @@ register(BackboneSpec(
     stages={"keras": _VGG_KERAS, "timm": _seq("features", (0, 4), (5, 9), (10, 16), (17, 23), (24, 30))},
     stages_doc="5 conv blocks (each ends in a max-pool)",
     gradcam_layer="block5_conv3",
+    timm_gradcam_layer="features.29",
     cpu=_cpu("the timm engine trained 1.14x TensorFlow's rate (9.95 vs 8.71 img/s, 224 px, bf16, medians of 5 "
              "interleaved rounds, freed memory kept; an earlier single-window measurement gave 1.02x, 4.27 vs 4.17)",
              "Keras' layers on PyTorch trained 1.72x TensorFlow's rate (25.8 vs 15.0 img/s, 32 px)",
@@ -213,6 +217,7 @@ register(BackboneSpec(
     stages={"keras": _VGG_KERAS, "timm": _seq("features", (0, 4), (5, 9), (10, 18), (19, 27), (28, 36))},
     stages_doc="5 conv blocks (each ends in a max-pool)",
     gradcam_layer="block5_conv4",
+    timm_gradcam_layer="features.35",
     cpu=_cpu("the timm engine trained 1.13x TensorFlow's rate (7.94 vs 7.01 img/s, 224 px, bf16, medians of 5 "
              "interleaved rounds, freed memory kept; an earlier single-window measurement gave a tie, 3.42 vs 3.46); it starts sooner", "as VGG16, whose Keras layers on PyTorch trained 1.72x TensorFlow's rate "
              "(32 px)", bf16=("tensorflow", "torch"),

@@ -330,6 +330,23 @@ def test_gradcam_on_the_timm_engine_looks_at_the_deepest_feature_map_of_7x7():
     np.testing.assert_allclose(probs, model.predict(images, verbose=0), atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["vgg16", "vgg19", "densenet169", "convnext_tiny"])
+def test_gradcam_looks_at_the_same_feature_map_on_both_engines(name):
+    """The default Grad-CAM layer is the last stage's output on both engines, at the same grid:
+    timm's VGG features end in a max-pool that Keras' block5 has not (7x7 against 14x14 at 224 px)."""
+    from osteo.explain import gradcam_target
+    from osteo.registry import get_backbone
+
+    spec = get_backbone(name)
+    found = {}
+    for engine in ("keras", "timm"):
+        model = Classifier(name, image_size=224, weights="none", augment=NO_AUG, impl=engine).build()
+        target = gradcam_target(model, spec)
+        assert target.layer == target.last  # 224 px: the last stage's map has cells enough
+        found[engine] = target.cells
+    assert found["keras"] == found["timm"] == ((14, 14) if name.startswith("vgg") else (7, 7)), found
+
+
 def test_auto_picks_timm_on_torch_and_keras_where_timm_lacks_the_backbone(tmp_path):
     from osteo.recipe import Recipe, resolve
 

@@ -373,12 +373,14 @@ class TimmBackbone(Backbone):
                 m.momentum = 1.0 - momentum
 
     def gradcam_parts(self, model, target: str | None = None) -> tuple[list, Callable, list]:
-        """The default target is the layer's output, the last stage's feature map; another is a
-        submodule of the timm module, by its name in ``named_modules()``, read by a forward hook."""
+        """The default target is the last stage's feature map: the spec's ``timm_gradcam_layer``
+        where it names one, else the layer's output; another is a submodule of the timm module, by
+        its name in ``named_modules()``, read by a forward hook."""
         import torch
 
         i = model.layers.index(self.layer)
-        if target in (None, LAST_STAGE):
+        target = target or self.spec.timm_gradcam_layer or LAST_STAGE
+        if target == LAST_STAGE:
             def feature(x, training=False):
                 y = self.layer(x, training=training)
                 return y, y
@@ -405,7 +407,8 @@ class TimmBackbone(Backbone):
 
     def feature_maps(self, model) -> list[tuple[str, tuple[int, int]]]:
         """The submodules with a spatial output in the order they finish on one blank image,
-        then the layer's output (:data:`LAST_STAGE`)."""
+        then the layer's output (:data:`LAST_STAGE`); up to the spec's ``timm_gradcam_layer``
+        where it names one (as Keras' end at its ``gradcam_layer``)."""
         import torch
 
         module, done = self.layer.module, []
@@ -423,7 +426,14 @@ class TimmBackbone(Backbone):
                 h.remove()
         seen = dict.fromkeys(name for name, out in done if isinstance(out, torch.Tensor) and out.dim() == 4)
         shapes = {name: (int(out.shape[2]), int(out.shape[3])) for name, out in done if name in seen}
-        return [*((name, shapes[name]) for name in seen), (LAST_STAGE, (int(y.shape[2]), int(y.shape[3])))]
+        maps = [*((name, shapes[name]) for name in seen), (LAST_STAGE, (int(y.shape[2]), int(y.shape[3])))]
+        last = self.spec.timm_gradcam_layer
+        if last:
+            names = [name for name, _ in maps]
+            if last not in names:
+                raise OsteoError(f"{self.spec.name}'s timm module has no {last!r} (timm_gradcam_layer in osteo.registry)")
+            maps = maps[: names.index(last) + 1]
+        return maps
 
     def load_weights_file(self, path: Path) -> None:
         load_weights_file(self.layer.module, path, self.spec.name, self.layer.dropped)
