@@ -210,6 +210,30 @@ def test_local_weights_files_load_and_are_checked(tmp_path):
     assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_torchvision_convnext_state_dict_loads_under_timms_names(tmp_path):
+    """torchvision names ConvNeXt's layers otherwise than timm (features.N.M.block.K, a layer scale
+    of (C, 1, 1)): its state dict is read under timm's names, and the timm engine's features are
+    torchvision's own on the same weights."""
+    import torchvision
+
+    tv = torchvision.models.convnext_tiny().eval()
+    torch.save(tv.state_dict(), tmp_path / "tv_convnext_tiny.pth")
+    x = np.random.default_rng(3).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    layer = TimmLayer("convnext_tiny", "convnext_tiny.fb_in1k", image_size=64,
+                      weights=str(tmp_path / "tv_convnext_tiny.pth"))
+    cfg = layer.module.pretrained_cfg
+    with torch.no_grad():
+        want = tv.features((torch.as_tensor(x).permute(0, 3, 1, 2) / 255 - torch.tensor(cfg["mean"]).view(1, 3, 1, 1))
+                           / torch.tensor(cfg["std"]).view(1, 3, 1, 1))
+    got = keras.ops.convert_to_numpy(layer(x, training=False))
+    np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+    # a torchvision ConvNeXt of another size is still refused, by its shapes
+    torch.save(torchvision.models.convnext_small().state_dict(), tmp_path / "tv_convnext_small.pth")
+    with pytest.raises(OsteoError, match=r"does not match backbone convnext_tiny: unexpected stages\.2\.blocks\.10\."):
+        TimmLayer("convnext_tiny", "convnext_tiny.fb_in1k", image_size=64,
+                  weights=str(tmp_path / "tv_convnext_small.pth"))
+
+
 def test_offline_imagenet_fails_fast_and_names_the_fix(tmp_path, monkeypatch, fails_fast_offline):
     import huggingface_hub.constants
 

@@ -41,6 +41,7 @@ groups of the module's parameters by the spec's ``stages["timm"]`` patterns.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import urllib.parse
 import warnings
@@ -157,13 +158,52 @@ def read_state_dict(path: Path) -> tuple[dict[str, tuple[int, ...]], Callable[[]
 TORCHVISION_HEADS = ("classifier.", "fc.")
 
 
+# torchvision's ConvNeXt names (features.N: the stem, then stages and downsamplings by turns)
+# -> timm's; a block's layer scale is (C, 1, 1) there and (C,) in timm
+_TV_CONVNEXT_BLOCK = (("block.0.", "conv_dw."), ("block.2.", "norm."), ("block.3.", "mlp.fc1."),
+                      ("block.5.", "mlp.fc2."), ("layer_scale", "gamma"))
+
+
+def _convnext_from_torchvision(key: str) -> str:
+    """timm's name of a torchvision ConvNeXt state dict's key (its classifier's kept as they are)."""
+    m = re.fullmatch(r"features\.(\d+)\.(.+)", key)
+    if not m:
+        return key
+    i, rest = int(m[1]), m[2]
+    if i == 0:
+        return f"stem.{rest}"
+    if i % 2 == 0:
+        return f"stages.{i // 2}.downsample.{rest}"
+    block, tail = rest.split(".", 1)
+    for theirs, ours in _TV_CONVNEXT_BLOCK:
+        if tail.startswith(theirs):
+            tail = ours + tail[len(theirs):]
+            break
+    return f"stages.{(i - 1) // 2}.blocks.{block}.{tail}"
+
+
+def _from_torchvision(module, declared: dict, read: Callable[[], dict]) -> tuple[dict, Callable[[], dict]]:
+    """A torchvision state dict of an architecture whose names timm changed (ConvNeXt), under
+    timm's names; any other file as it is. (torchvision's VGG, DenseNet and ResNet names are timm's.)"""
+    if type(module).__name__ != "ConvNeXt" or "features.1.0.block.0.weight" not in declared:
+        return declared, read
+
+    def shape(key: str, dims: tuple[int, ...]) -> tuple[int, ...]:
+        return dims[:1] if key.endswith("layer_scale") else dims
+
+    names = {k: _convnext_from_torchvision(k) for k in declared}
+    return ({names[k]: shape(k, v) for k, v in declared.items()},
+            lambda: {names.get(k, k): v.reshape(-1) if k.endswith("layer_scale") else v for k, v in read().items()})
+
+
 def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...]) -> None:
     """Load a local state dict into ``module``; every parameter must be in it with its shape.
 
     Keys of the classifier (timm's ``pretrained_cfg["classifier"]``) and of the parts
     dropped at build time may be in the file and are ignored, and so are a classifier's
     keys under torchvision's names (``classifier.``, ``fc.``: a torchvision VGG's three
-    linear layers) where the module has no such parameters; anything else that is missing,
+    linear layers) where the module has no such parameters; a torchvision ConvNeXt's keys
+    are read under timm's names (:func:`_from_torchvision`); anything else that is missing,
     unexpected or of another shape is an error, found from the declared shapes before a
     tensor is read.
     """
@@ -176,6 +216,8 @@ def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...]) -
     except Exception as e:
         raise OsteoError(f"cannot read weights file {path}: {_short(e)}; {fix}") from None
     declared = {k.removeprefix("module."): v for k, v in declared.items()}
+    declared, read_all = _from_torchvision(module, declared, lambda: {k.removeprefix("module."): v
+                                                                      for k, v in read().items()})
     declared = {k: v for k, v in declared.items() if not k.startswith(ignored)}
     own = module.state_dict()
     missing = sorted(set(own) - set(declared))
@@ -186,7 +228,7 @@ def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...]) -
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         raise OsteoError(f"weights file {path} does not match backbone {name}: {'; '.join(parts)}; {fix}")
     try:
-        state = {k.removeprefix("module."): v for k, v in read().items()}
+        state = read_all()
     except Exception as e:
         raise OsteoError(f"cannot read weights file {path}: {_short(e)}; {fix}") from None
     module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
