@@ -7,7 +7,7 @@ split: the classifier around them is the same Keras code on both):
 engine     what the backbone is                                 Keras backends      export formats
 =========  ===================================================  ==================  =========================
 ``keras``  ``keras.applications`` layers (:mod:`.keras_apps`)  tensorflow, torch   onnx, savedmodel, keras
-``timm``   timm's PyTorch module as a Keras layer (:mod:`.timm_torch`)  torch       onnx
+``timm``   timm's PyTorch module as a Keras layer (:mod:`.timm_torch`)  torch       onnx, keras
 =========  ===================================================  ==================  =========================
 
 A :class:`Backbone` is made once per model, from the device plan and the resolved
