@@ -116,8 +116,17 @@ def build_recipe(name: str, model: str | None, options: TrainOptions, folds: int
     from osteo.runs import check_output_place
 
     resolved = resolve(recipe)
+    idle = [k for k in (o.split("=", 1)[0].strip() for o in o.overrides) if k in FINE_TUNE_SETTINGS]
+    if idle and not resolved.train.fine_tune_epochs:  # asked for by name, and it would change nothing
+        raise OsteoError(f"--set {idle[0]} has no effect: this run trains no fine-tuning phase "
+                         "(train.fine_tune_epochs=0); add --set train.fine_tune_epochs=N, use the finetune recipe, "
+                         "or leave it out")
     check_output_place(resolved.runs_dir, "--runs", "choose a runs folder outside it", data=resolved.data.dir)
     return resolved
+
+
+# what only the fine-tuning phase (train.fine_tune_epochs) uses
+FINE_TUNE_SETTINGS = ("train.fine_tune_blocks", "train.fine_tune_lr")
 
 
 def _names_another_recipe(named: str, recipe: Recipe) -> bool:

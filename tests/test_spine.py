@@ -6,6 +6,7 @@ import re
 import shlex
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,8 @@ def test_every_number_of_a_recipe_has_a_rule_that_bounds_it():
     ("train.bootstrap=1000000000", "train.bootstrap must be 0 (no intervals) or from 20 to 100000"),
     ("train.bootstrap=1", "train.bootstrap must be 0 (no intervals) or from 20 to 100000"),
     ("train.warmup_epochs=2", "train.warmup_epochs=2 has no effect with train.schedule=constant"),
+    ("train.fine_tune_blocks=2", "--set train.fine_tune_blocks has no effect: this run trains no fine-tuning phase"),
+    ("train.fine_tune_lr=1e-2", "--set train.fine_tune_lr has no effect: this run trains no fine-tuning phase"),
 ])
 def test_numbers_beyond_what_the_model_holds_are_one_line_before_anything_is_written(override, message, tmp_path,
                                                                                     phantom_dir, capsys):
@@ -126,6 +129,17 @@ def test_numbers_beyond_what_the_model_holds_are_one_line_before_anything_is_wri
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("osteo: error: ") and message in err[0], err
     assert not (tmp_path / "runs").exists()
+
+
+def test_fine_tuning_settings_are_taken_where_the_recipe_fine_tunes(phantom_dir, tmp_path):
+    from osteo.session import TrainOptions, build_recipe
+
+    options = TrainOptions(data=str(phantom_dir), weights="none", image_size=32, runs=str(tmp_path / "runs"),
+                           overrides=("train.fine_tune_blocks=1", "train.fine_tune_lr=3e-4"))
+    t = build_recipe("finetune", "tiny", options).train
+    assert (t.fine_tune_blocks, t.fine_tune_lr) == (1, 3e-4) and t.fine_tune_epochs > 0
+    with pytest.raises(OsteoError, match="has no effect: this run trains no fine-tuning phase"):
+        build_recipe("finetune", "tiny", replace(options, epochs=1))  # one epoch: the head's alone
 
 
 def test_set_names_the_key_meant_and_takes_lists_in_brackets_too():
