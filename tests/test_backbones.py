@@ -84,6 +84,11 @@ def test_weights_file_of_another_backbone_is_a_clear_error(tmp_path):
         _keras(get_backbone("vgg16"), str(path))
     with pytest.raises(OsteoError, match="not found"):
         _keras(get_backbone("vgg16"), str(tmp_path / "missing.h5"))
+    # a kin architecture's file: every tensor has a shape VGG16 has, but VGG19 has three more
+    _keras(get_backbone("vgg19"), "none").save_weights(tmp_path / "vgg19.weights.h5")
+    with pytest.raises(OsteoError, match=r"does not match backbone vgg16: it holds 32 weight tensors where backbone "
+                                         r"vgg16 has 26 \(another depth or architecture's"):
+        _keras(get_backbone("vgg16"), str(tmp_path / "vgg19.weights.h5"))
     from safetensors.numpy import save_file
 
     save_file({"features.0.weight": np.zeros((4, 3, 3, 3), "float32")}, str(tmp_path / "timm.safetensors"))

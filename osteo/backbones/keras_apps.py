@@ -135,12 +135,14 @@ def _all_layers(model):
             yield from _all_layers(layer)
 
 
-def check_h5_weights(path: Path, model: keras.Model, what: str, fix: str) -> None:
+def check_h5_weights(path: Path, model: keras.Model, what: str, fix: str, every: bool = False) -> None:
     """Refuse a Keras weights file that cannot be ``model``'s before Keras reads a tensor of it.
 
     Only the file's metadata is read (h5py reads a dataset's declared shape and type, never
     its data, here): links to other files are refused, and every dataset must have the
-    shape of one of the model's weights and fit in the model's size. A crafted file that
+    shape of one of the model's weights and fit in the model's size; with ``every``, there must
+    be one dataset per weight of the model (a kin architecture's file, VGG19's for VGG16, has
+    only shapes VGG16 has, and Keras' own refusal names a nested container). A crafted file that
     declares a huge (compressed) tensor is refused in milliseconds instead of being inflated.
     """
     import h5py
@@ -154,7 +156,7 @@ def check_h5_weights(path: Path, model: keras.Model, what: str, fix: str) -> Non
 
     try:
         with h5py.File(path, "r") as f:
-            declared = 0
+            declared = tensors = 0
             stack = [f]
             while stack:
                 group = stack.pop()
@@ -170,8 +172,12 @@ def check_h5_weights(path: Path, model: keras.Model, what: str, fix: str) -> Non
                             raise bad(f"does not match {what}: it holds a tensor of shape {obj.shape} that no "
                                       "weight of the model has")
                         declared += int(np.prod(obj.shape)) * obj.dtype.itemsize
+                        tensors += 1
                         if declared > budget:
                             raise bad("declares more data than the model holds")
+        if every and tensors != len(model.weights):
+            raise bad(f"does not match {what}: it holds {tensors} weight tensors where {what} has "
+                      f"{len(model.weights)} (another depth or architecture's, or one saved with other layers)")
     except OsteoError:
         raise
     except Exception as e:  # not HDF5, truncated, unreadable
@@ -201,7 +207,7 @@ def _is_pytorch_file(path: Path) -> bool:
 def load_weights_file(model: keras.Model, path: Path, name: str) -> None:
     """Load a weights file; any skipped or mismatched layer is an error, not a warning."""
     fix = f"pass a weights file saved from {name} (without its top) or WEIGHTS=none"
-    check_h5_weights(path, model, f"backbone {name}", fix)
+    check_h5_weights(path, model, f"backbone {name}", fix, every=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
