@@ -77,6 +77,7 @@ def build_recipe(name: str, model: str | None, options: TrainOptions, folds: int
     resolved (and so checked) before anything is written. ``folds``: the recipe of a K-fold
     cross-validation (``osteo train --folds K``: no test fraction, ``data.inner_val`` allowed)."""
     recipe = recipe_for(name, model)
+    fine_tunes = recipe.train.fine_tune_epochs > 0  # before --epochs shares the epochs out
     if folds:
         recipe.data.folds, recipe.data.fold, recipe.data.test = folds, 0, 0.0
     o = options
@@ -118,9 +119,11 @@ def build_recipe(name: str, model: str | None, options: TrainOptions, folds: int
     resolved = resolve(recipe)
     idle = [k for k in (o.split("=", 1)[0].strip() for o in o.overrides) if k in FINE_TUNE_SETTINGS]
     if idle and not resolved.train.fine_tune_epochs:  # asked for by name, and it would change nothing
+        fix = (f"--epochs {o.epochs} leaves the recipe's fine-tuning phase no epochs (the head's phase comes first); "
+               "give --epochs 2 or more" if fine_tunes and o.epochs is not None else
+               "add --set train.fine_tune_epochs=N, use the finetune recipe")
         raise OsteoError(f"--set {idle[0]} has no effect: this run trains no fine-tuning phase "
-                         "(train.fine_tune_epochs=0); add --set train.fine_tune_epochs=N, use the finetune recipe, "
-                         "or leave it out")
+                         f"(train.fine_tune_epochs=0); {fix}, or leave it out")
     check_output_place(resolved.runs_dir, "--runs", "choose a runs folder outside it", data=resolved.data.dir)
     return resolved
 

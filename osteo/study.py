@@ -728,6 +728,11 @@ def _plan(cfg: StudyConfig) -> _Plan:
         if cfg.trials < 1:
             raise OsteoError(f"--trials must be 1 or more, got {cfg.trials}")
         for m, r in recipes.items():
+            t = r.train  # first: a rate no epoch trains with is named as the study's search, not as a --set
+            if (search.key == "train.lr" and not t.epochs) or (search.key == "train.fine_tune_lr"
+                                                               and not t.fine_tune_epochs):
+                raise OsteoError(f"{m}'s recipe trains no epochs with {search.key}; search the other rate "
+                                 f"({'train.fine_tune_lr' if search.key == 'train.lr' else 'train.lr'})")
             for bound in (search.low, search.high):  # the key, its type and bounds, and the inner split
                 tried = _build_recipe(cfg, m, [*_inner_split(cfg.folds, 1), f"{search.key}={bound!r}"])
             value = tried
@@ -736,11 +741,6 @@ def _plan(cfg: StudyConfig) -> _Plan:
             if not isinstance(value, float):
                 raise OsteoError(f"--search {search.key} is not a number in the recipe; search one like "
                                  "train.lr or train.fine_tune_lr")
-            t = r.train
-            if (search.key == "train.lr" and not t.epochs) or (search.key == "train.fine_tune_lr"
-                                                               and not t.fine_tune_epochs):
-                raise OsteoError(f"{m}'s recipe trains no epochs with {search.key}; search the other rate "
-                                 f"({'train.fine_tune_lr' if search.key == 'train.lr' else 'train.lr'})")
     cwd = Path.cwd()
     external = _check_external(cfg.external, {Path(r.data.dir).resolve() for r in recipes.values()})
     runs = (cwd / cfg.runs).resolve()
