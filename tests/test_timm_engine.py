@@ -234,6 +234,30 @@ def test_a_torchvision_convnext_state_dict_loads_under_timms_names(tmp_path):
                   weights=str(tmp_path / "tv_convnext_small.pth"))
 
 
+def test_torchvisions_published_densenet_names_load_under_timms(tmp_path):
+    """torchvision's published DenseNet checkpoints name a layer's parts norm.1, conv.2 (torchvision
+    renames them as it loads them); the timm engine reads them as timm's norm1, conv2."""
+    import re
+
+    import torchvision
+
+    tv = torchvision.models.densenet169().eval()
+    old = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in tv.state_dict().items()
+           if not k.endswith("num_batches_tracked")}  # those files predate the BatchNorm step counter
+    assert "features.denseblock1.denselayer1.norm.1.weight" in old
+    torch.save(old, tmp_path / "densenet169-published.pth")
+    x = np.random.default_rng(5).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    layer = TimmLayer("densenet169", "densenet169.tv_in1k", image_size=64,
+                      weights=str(tmp_path / "densenet169-published.pth"))
+    cfg = layer.module.pretrained_cfg
+    with torch.no_grad():
+        want = torch.relu(tv.features((torch.as_tensor(x).permute(0, 3, 1, 2) / 255
+                                       - torch.tensor(cfg["mean"]).view(1, 3, 1, 1))
+                                      / torch.tensor(cfg["std"]).view(1, 3, 1, 1)))
+    got = keras.ops.convert_to_numpy(layer(x, training=False))
+    np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+
+
 def test_offline_imagenet_fails_fast_and_names_the_fix(tmp_path, monkeypatch, fails_fast_offline):
     import huggingface_hub.constants
 

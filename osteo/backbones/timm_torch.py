@@ -182,10 +182,21 @@ def _convnext_from_torchvision(key: str) -> str:
     return f"stages.{(i - 1) // 2}.blocks.{block}.{tail}"
 
 
+# the names of torchvision's published DenseNet checkpoints (denselayerN.norm.1.weight), which
+# torchvision renames as it loads them (denselayerN.norm1.weight, timm's names too)
+_TV_DENSENET_OLD = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
 def _from_torchvision(module, declared: dict, read: Callable[[], dict]) -> tuple[dict, Callable[[], dict]]:
-    """A torchvision state dict of an architecture whose names timm changed (ConvNeXt), under
-    timm's names; any other file as it is. (torchvision's VGG, DenseNet and ResNet names are timm's.)"""
-    if type(module).__name__ != "ConvNeXt" or "features.1.0.block.0.weight" not in declared:
+    """A torchvision state dict of an architecture whose names timm changed (ConvNeXt; DenseNet's
+    published files), under timm's names; any other file as it is. (torchvision's VGG and ResNet
+    names, and DenseNet's of a model instance, are timm's.)"""
+    arch = type(module).__name__
+    if arch == "DenseNet" and any(_TV_DENSENET_OLD.match(k) for k in declared):
+        names = {k: _TV_DENSENET_OLD.sub(lambda m: m[1] + m[2], k) for k in declared}
+        return ({names[k]: v for k, v in declared.items()},
+                lambda: {names.get(k, k): v for k, v in read().items()})
+    if arch != "ConvNeXt" or "features.1.0.block.0.weight" not in declared:
         return declared, read
 
     def shape(key: str, dims: tuple[int, ...]) -> tuple[int, ...]:
@@ -202,8 +213,9 @@ def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...]) -
     Keys of the classifier (timm's ``pretrained_cfg["classifier"]``) and of the parts
     dropped at build time may be in the file and are ignored, and so are a classifier's
     keys under torchvision's names (``classifier.``, ``fc.``: a torchvision VGG's three
-    linear layers) where the module has no such parameters; a torchvision ConvNeXt's keys
-    are read under timm's names (:func:`_from_torchvision`); anything else that is missing,
+    linear layers) where the module has no such parameters; a torchvision ConvNeXt's keys, and
+    those of torchvision's published DenseNet files, are read under timm's names
+    (:func:`_from_torchvision`); anything else that is missing,
     unexpected or of another shape is an error, found from the declared shapes before a
     tensor is read.
     """
@@ -220,7 +232,9 @@ def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...]) -
                                                                       for k, v in read().items()})
     declared = {k: v for k, v in declared.items() if not k.startswith(ignored)}
     own = module.state_dict()
-    missing = sorted(set(own) - set(declared))
+    # a BatchNorm's step counter (num_batches_tracked) is not in files saved before PyTorch 0.4.1
+    # (torchvision's published DenseNet ones): the module's own is kept
+    missing = sorted(k for k in set(own) - set(declared) if not k.endswith(".num_batches_tracked"))
     unexpected = sorted(k for k in set(declared) - set(own) if not k.startswith(TORCHVISION_HEADS))
     wrong = sorted(k for k in set(own) & set(declared) if tuple(own[k].shape) != declared[k])
     if missing or unexpected or wrong:
@@ -231,7 +245,7 @@ def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...]) -
         state = read_all()
     except Exception as e:
         raise OsteoError(f"cannot read weights file {path}: {_short(e)}; {fix}") from None
-    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+    module.load_state_dict({**own, **{k: v for k, v in state.items() if k in own}}, strict=True)
 
 
 def _prune_unused(module, image_size: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
