@@ -138,8 +138,8 @@ def test_fine_tuning_settings_are_taken_where_the_recipe_fine_tunes(phantom_dir,
                            overrides=("train.fine_tune_blocks=1", "train.fine_tune_lr=3e-4"))
     t = build_recipe("finetune", "tiny", options).train
     assert (t.fine_tune_blocks, t.fine_tune_lr) == (1, 3e-4) and t.fine_tune_epochs > 0
-    with pytest.raises(OsteoError, match="has no effect: .*--epochs 1 leaves the recipe's fine-tuning phase no "
-                                         "epochs .*give --epochs 2 or more"):
+    with pytest.raises(OsteoError, match=r"has no effect: .*--epochs 1 leaves the recipe's fine-tuning phase no "
+                                         r"epochs .*give --epochs 2 or more"):
         build_recipe("finetune", "tiny", replace(options, epochs=1))  # one epoch: the head's alone
 
 
