@@ -321,6 +321,7 @@ def _train_options(args):
 def cmd_train(args) -> int:
     from osteo.session import (
         build_recipe,
+        continued_cv_backend,
         cross_validate,
         ensure_phantom,
         plan_device,
@@ -344,6 +345,8 @@ def cmd_train(args) -> int:
     if run is not None and backend is None:  # a run resumes on the backend (and engine) it trained on
         with contextlib.suppress(OsteoError, OSError, ValueError):
             backend = run.read_env().get("backend")
+    elif backend is None and (args.folds is not None or args.cv):  # and a cross-validation's folds, theirs
+        backend = continued_cv_backend(recipe, args.folds, args.cv)
     plan = plan_device(backend, recipe, say)
     if run is None:
         ensure_phantom(recipe, say)

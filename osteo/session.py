@@ -8,6 +8,7 @@ through ``say`` (one line of text) or, while training, a rich console; none prin
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -353,6 +354,20 @@ def cv_settings(recipe: Recipe, folds: int) -> str:
 
     text = json.dumps({"recipe": recipe.to_dict(), "folds": folds}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def continued_cv_backend(recipe: Recipe, folds: int | None, cv: str | None) -> str | None:
+    """The backend the folds of the cross-validation this command continues trained on (its first
+    started fold's ``env.json``), as a resumed run keeps its own: its folds are pooled as one
+    model's, so they train alike. None where it continues none, or no fold was started."""
+    with contextlib.suppress(OsteoError, OSError, ValueError, KeyError):
+        k = folds or (CvDir(cv).read()["folds"] if cv and CvDir(cv).is_cv() else 0)
+        parent = CvDir(cv) if cv else _unfinished_cv(recipe, k, cv_settings(recipe, k)) if k >= 2 else None
+        if parent is not None and parent.is_cv():
+            for i in range(1, k + 1):
+                if parent.fold(i).is_run():
+                    return parent.fold(i).read_env().get("backend")
+    return None
 
 
 def _unfinished_cv(recipe: Recipe, folds: int, settings: str) -> CvDir | None:

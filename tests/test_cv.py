@@ -207,3 +207,23 @@ def test_the_folds_pre_check_fills_the_image_cache_so_the_folds_decode_nothing_a
     fold = resolve(_fold_recipe(recipe, 3, 1), backend="tensorflow")
     module = DataModule(fold.data, seed=fold.train.seed).setup()  # what the first fold's trainer does
     assert len(module.split) == len(found.ok()) and not decoded  # every file recalled, every entry cached
+
+
+def test_a_continued_cross_validation_trains_on_the_backend_of_its_folds(two_cvs, tmp_path):
+    """Its folds are pooled as one model's: a command that continues it plans the backend its first
+    started fold trained on (env.json), as --resume does for a run, not what auto picks today."""
+    import json
+    import shutil
+
+    from osteo.session import continued_cv_backend
+
+    _, cvs = two_cvs
+    copy = tmp_path / "cv"
+    shutil.copytree(cvs[0].path, copy)
+    env = json.loads((copy / "fold-1" / "env.json").read_text())
+    (copy / "fold-1" / "env.json").write_text(json.dumps({**env, "backend": "torch"}))
+    recipe = CvDir(copy).fold(1).read_recipe()
+    assert continued_cv_backend(recipe, None, str(copy)) == "torch"
+    shutil.rmtree(copy / "fold-1")  # the first started fold is the one asked
+    assert continued_cv_backend(recipe, None, str(copy)) == env["backend"]
+    assert continued_cv_backend(recipe, 3, None) is None  # no unfinished one of this recipe to continue
