@@ -118,7 +118,7 @@ def build_recipe(name: str, model: str | None, options: TrainOptions, folds: int
     from osteo.runs import check_output_place
 
     resolved = resolve(recipe)
-    idle = [k for k in (o.split("=", 1)[0].strip() for o in o.overrides) if k in FINE_TUNE_SETTINGS]
+    idle = [k for k in (setting.split("=", 1)[0].strip() for setting in o.overrides) if k in FINE_TUNE_SETTINGS]
     if idle and not resolved.train.fine_tune_epochs:  # asked for by name, and it would change nothing
         fix = (f"--epochs {o.epochs} leaves the recipe's fine-tuning phase no epochs (the head's phase comes first); "
                "give --epochs 2 or more" if fine_tunes and o.epochs is not None else

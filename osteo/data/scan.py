@@ -106,7 +106,8 @@ against osteo's audit code and decoders (the sources of this module and of
 file is read again. The near-duplicate detail tiles, most of a memo's bytes, are
 memory-mapped: read only when a duplicate search needs them (something changed), and then
 checked against their CRC-32 first; a memo damaged there has its files read again.
-``osteo data audit`` always reads every file, and leaves its records for the next run. The pixels a run trains on are still the image cache's verified entries.
+``osteo data audit`` always reads every file, and leaves its records for the next run.
+The pixels a run trains on are still the image cache's verified entries.
 
 Patients: a DICOM file's PatientID is in the manifest (``patient_id``); ``patients``
 in ``audit.json`` counts them (:func:`patient_summary`), with the patients whose images
