@@ -15,8 +15,9 @@ The bytes decide the format (``sniff_format``), never the file name. Supported:
   where ``scale(width, height)`` picks it (:func:`dct_scale`). A reduced image is
   ``ceil(width / s) x ceil(height / s)``; ``info`` still gives the file's own size.
 - DICOM through pydicom (with the pylibjpeg plugins for JPEG / JPEG 2000 transfer
-  syntaxes), also a data set written without the preamble (:func:`bare_dicom`): the modality LUT (rescale slope/intercept), then the VOI LUT or window
-  centre/width when the file has one, then a min-max stretch to [0, 255];
+  syntaxes), also a data set written without the preamble (:func:`bare_dicom`): the
+  modality LUT (rescale slope/intercept), then the VOI LUT or window centre/width when
+  the file has one, then a min-max stretch to [0, 255];
   MONOCHROME1 (inverted) images are flipped so bone is bright; a multi-frame file
   gives its first frame (``info.frames`` says how many there were, and only that
   frame is decoded); ``info.patient_id`` is its PatientID, which groups a patient's
