@@ -264,6 +264,11 @@ def choose_backend(requested: str, spec: BackboneSpec, device: Device,
 KERAS_WEIGHT_FILES = (".h5", ".keras")
 
 
+def keras_weights_file(weights: str | None) -> bool:
+    """Whether ``weights`` names a Keras weights file, which only Keras' layers load."""
+    return str(weights or "").lower().endswith(KERAS_WEIGHT_FILES)
+
+
 def choose_impl(requested: str, spec: BackboneSpec, backend: str, weights: str | None = None,
                 device_class: str | None = None) -> tuple[str, str]:
     """(engine, why): ``keras`` (``keras.applications`` layers) or ``timm`` (timm's module).
@@ -287,7 +292,7 @@ def choose_impl(requested: str, spec: BackboneSpec, backend: str, weights: str |
         return "timm", "requested"
     if requested == "keras":
         return "keras", "requested"
-    if str(weights or "").lower().endswith(KERAS_WEIGHT_FILES):
+    if keras_weights_file(weights):
         return "keras", "the weights file is Keras' (keras.applications layers)"
     if backend != "torch":
         return "keras", f"keras.applications layers on {backend}"
@@ -351,14 +356,14 @@ def plan(spec: BackboneSpec, device: Device, *, backend: str = "auto", precision
          jit_compile: str = "auto", planned_images: int = 0, available: tuple[str, ...] | None = None,
          impl: str = "auto", weights: str | None = None) -> Plan:
     """Every device choice of one run, each with its reason."""
-    keras_layers = ("model.impl=keras" if impl == "keras" else "the weights file is Keras'"
-                    if impl == "auto" and str(weights or "").lower().endswith(KERAS_WEIGHT_FILES) else "")
+    keras_file = impl == "auto" and keras_weights_file(weights)  # Keras' layers, by the file
+    keras_layers = "model.impl=keras" if impl == "keras" else "the weights file is Keras'" if keras_file else ""
     b, why_b = choose_backend(backend, spec, device, available, keras_layers)
-    i, why_i = choose_impl(impl, spec, b, weights, "gpu" if device.on(b) == "gpu" else device.cpu_class)
+    where = "gpu" if device.on(b) == "gpu" else device.cpu_class
+    i, why_i = choose_impl(impl, spec, b, weights, where)
     p, why_p = choose_precision(precision, spec, device, b)
     j, why_j = choose_jit(jit_compile, spec, device, b, i, planned_images)
     out = Plan(b, p, j, device, {"backend": why_b, "impl": why_i, "precision": why_p, "jit_compile": why_j}, i)
-    where = "gpu" if device.on(b) == "gpu" else device.cpu_class
     slow = [s for s in spec.slow_paths if s.matches(where, b, i, p)]
     if slow and (backend, impl, precision) != ("auto", "auto", "auto"):
         fast = plan(spec, device, planned_images=planned_images, available=available, weights=weights)
@@ -366,7 +371,7 @@ def plan(spec: BackboneSpec, device: Device, *, backend: str = "auto", precision
             out.warnings = [f"{s.measured} on {where}; the faster choice here is backend={fast.backend}, "
                             f"model.impl={fast.impl}, train.precision={fast.precision} (leave them auto)"
                             for s in slow]
-    if slow and not out.warnings and keras_layers.startswith("the weights file") and spec.timm_name:
+    if slow and not out.warnings and keras_file and spec.timm_name:
         out.warnings = [f"{s.measured} on {where}; a Keras weights file can only be trained with Keras' layers: "
                         f"timm's weights of {spec.name} (.safetensors or .pth) would train on the timm engine"
                         for s in slow]
