@@ -252,13 +252,13 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
     if cv and not folds and not CvDir(cv).is_cv():
         raise OsteoError(f"--cv {cv} is not a cross-validation (no cv.json there); start one with --folds K, "
                          f"e.g. --folds 5 --cv {cv}")
-    k = folds or (CvDir(cv).read()["folds"] if cv and CvDir(cv).is_cv() else 0)
+    k = _cv_folds(folds, cv)
     if k < 2:
         raise OsteoError(f"cross-validation needs --folds K with K >= 2, got {k}; e.g. --folds 5")
     if fold is not None and not 1 <= fold <= k:
         raise OsteoError(f"--fold {fold} is not one of 1..{k}")
     settings = cv_settings(recipe, k)
-    parent = CvDir(cv) if cv else _unfinished_cv(recipe, k, settings)
+    parent = _cv_parent(recipe, k, cv)
     if parent is None or not parent.is_cv():  # before its folder is made: no empty cross-validation left
         check_folds(recipe, k)
     if parent is None:
@@ -361,13 +361,24 @@ def continued_cv_backend(recipe: Recipe, folds: int | None, cv: str | None) -> s
     started fold's ``env.json``), as a resumed run keeps its own: its folds are pooled as one
     model's, so they train alike. None where it continues none, or no fold was started."""
     with contextlib.suppress(OsteoError, OSError, ValueError, KeyError):
-        k = folds or (CvDir(cv).read()["folds"] if cv and CvDir(cv).is_cv() else 0)
-        parent = CvDir(cv) if cv else _unfinished_cv(recipe, k, cv_settings(recipe, k)) if k >= 2 else None
+        k = _cv_folds(folds, cv)
+        parent = _cv_parent(recipe, k, cv) if k >= 2 else None
         if parent is not None and parent.is_cv():
             for i in range(1, k + 1):
                 if parent.fold(i).is_run():
                     return parent.fold(i).read_env().get("backend")
     return None
+
+
+def _cv_folds(folds: int | None, cv: str | None) -> int:
+    """K: ``--folds``, else the number of folds of the cross-validation ``--cv`` names (0: neither)."""
+    return folds or (CvDir(cv).read()["folds"] if cv and CvDir(cv).is_cv() else 0)
+
+
+def _cv_parent(recipe: Recipe, k: int, cv: str | None) -> CvDir | None:
+    """The cross-validation a command adds to: ``--cv``, or the newest unfinished one of this
+    recipe and K (None: a new one)."""
+    return CvDir(cv) if cv else _unfinished_cv(recipe, k, cv_settings(recipe, k))
 
 
 def _unfinished_cv(recipe: Recipe, folds: int, settings: str) -> CvDir | None:
