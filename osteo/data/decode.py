@@ -192,12 +192,17 @@ class MemoryBudget:
 
 def sniff_format(data: bytes) -> str | None:
     """The format named by the file's first bytes (at least 132 of them for DICOM), or None."""
-    if (len(data) >= 132 and data[128:132] == b"DICM") or bare_dicom(data):
+    if _preambled_dicom(data) or bare_dicom(data):
         return "dicom"
     for magic, name in SIGNATURES:
         if data.startswith(magic):
             return name
     return None
+
+
+def _preambled_dicom(head: bytes) -> bool:
+    """A DICOM file as the standard writes it: "DICM" after a 128-byte preamble."""
+    return len(head) >= 132 and head[128:132] == b"DICM"
 
 
 def bare_dicom(head: bytes) -> bool:
@@ -222,9 +227,8 @@ def _read_dicom(source: BinaryIO, **kwargs):
     import pydicom
     from pydicom import uid
 
-    head = source.read(132)
+    bare = not _preambled_dicom(source.read(132))
     source.seek(0)
-    bare = not (len(head) >= 132 and head[128:132] == b"DICM")
     ds = pydicom.dcmread(source, force=bare, **kwargs)
     if bare and "TransferSyntaxUID" not in ds.file_meta:
         implicit, little = ds.original_encoding
