@@ -660,8 +660,7 @@ class _Memo:
         self.groups: list[dict] | None = None  # the duplicate groups found among those records
         self.dups: dict[str, tuple[str, str, bool]] = {}  # path: (dup_group, dup_kind, conflict)
         self.recalled: set[str] = set()  # the paths whose records were taken back
-        self._tiles_intact: Callable[[], bool] = lambda: True
-        self._intact: bool | None = None
+        self._tiles_intact: Callable[[], bool] = lambda: True  # the tiles' CRC check, run once
 
     def load(self) -> _Memo:
         """Read the memo; an unreadable, damaged or outdated one is as none (every file is read)."""
@@ -674,7 +673,8 @@ class _Memo:
                     return self
                 thumbs = z["thumbs"]
             # 16 KB an image: read only where a search needs them, and checked then (tiles_intact)
-            tiles, self._tiles_intact = _mapped(self.path, "tiles")
+            tiles, intact = _mapped(self.path, "tiles")
+            self._tiles_intact = functools.cache(intact)
             at = 0
             for i, r in enumerate(meta["records"]):
                 features = None
@@ -702,9 +702,7 @@ class _Memo:
 
     def tiles_intact(self) -> bool:
         """Whether the remembered detail tiles are as written (their CRC-32; read once)."""
-        if self._intact is None:
-            self._intact = self._tiles_intact()
-        return self._intact
+        return self._tiles_intact()
 
     def forget(self) -> None:
         """As if no memo had been read: the next :meth:`save` writes one whole."""
