@@ -126,7 +126,7 @@ def decode(data: bytes, scale=None) -> Gray:
     a JPEG at (:func:`jpeg_ratio`); full size without it."""
     if not data:
         raise Unreadable("empty file")
-    if (len(data) >= 132 and data[128:132] == b"DICM") or _bare_dicom(data):
+    if _preambled_dicom(data) or _bare_dicom(data):
         return _decode_dicom(data)
     formats = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"BM", "bmp"), (b"II*\x00", "tiff"),
                (b"MM\x00*", "tiff"))
@@ -138,6 +138,11 @@ def decode(data: bytes, scale=None) -> Gray:
 
 _DICOM_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI "
                        b"UL UN UR US UT UV".split())
+
+
+def _preambled_dicom(head: bytes) -> bool:
+    """Mirrors ``osteo.data.decode._preambled_dicom``: "DICM" after a 128-byte preamble."""
+    return len(head) >= 132 and head[128:132] == b"DICM"
 
 
 def _bare_dicom(head: bytes) -> bool:
@@ -222,7 +227,7 @@ def _decode_dicom(data: bytes) -> Gray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            bare = not (len(data) >= 132 and data[128:132] == b"DICM")
+            bare = not _preambled_dicom(data)
             ds = pydicom.dcmread(io.BytesIO(data), force=bare)
             if bare and "TransferSyntaxUID" not in ds.file_meta:  # as osteo.data.decode._read_dicom
                 implicit, little = ds.original_encoding
