@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +63,47 @@ def probabilities(csv_text: str) -> dict[str, list[float]]:
 def max_diff(a: dict[str, list[float]], b: dict[str, list[float]]) -> float:
     assert a.keys() == b.keys() and a
     return max(float(np.abs(np.subtract(a[k], b[k])).max()) for k in a)
+
+
+# Run in a fresh interpreter: the export's outputs on the saved images, with no osteo.
+CONSUMER = r"""
+import json, sys
+import numpy as np
+kind, model, images, out = sys.argv[1:]
+x = np.load(images)
+u8, f32 = x["uint8"], x["float"]
+if kind == "onnx":
+    import onnxruntime as ort
+    s = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    (i,), (o,) = s.get_inputs(), s.get_outputs()
+    io = {"input": [i.name, i.type, [str(d) for d in i.shape]], "output": [o.name, [str(d) for d in o.shape]]}
+    run = lambda a: s.run([o.name], {i.name: a})[0]
+    got = {"uint8": run(u8.astype(np.float32)), "float": run(f32), "one": run(f32[:1])}
+else:
+    import tensorflow as tf
+    m = tf.saved_model.load(model)
+    io = {"signatures": sorted(m.signatures)}
+    f, u = m.signatures["serving_default"], m.signatures["serve_uint8"]
+    got = {"uint8": u(image=tf.constant(u8))["probabilities"].numpy(),
+           "uint8_cast": f(image=tf.constant(u8.astype(np.float32)))["probabilities"].numpy(),
+           "float": f(image=tf.constant(f32))["probabilities"].numpy()}
+np.savez(out, **got)
+print(json.dumps({"osteo_imported": any(n == "osteo" or n.startswith("osteo.") for n in sys.modules), **io}))
+"""
+
+
+def consume(kind: str, model: Path, images: dict, tmp_path: Path) -> tuple[dict, dict]:
+    """``kind``'s (``onnx`` or ``savedmodel``) outputs on ``images`` (``uint8`` and ``float``), and what it
+    declares, from :data:`CONSUMER` in an interpreter that never imports osteo."""
+    np.savez(tmp_path / "images.npz", **images)
+    out = tmp_path / "out.npz"
+    # a consumer's own environment: not the PyTorch pass's KERAS_BACKEND (TensorFlow's loader imports
+    # Keras, and PyTorch beside TensorFlow can crash)
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    proc = subprocess.run([sys.executable, "-c", CONSUMER, kind, str(model), str(tmp_path / "images.npz"), str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info.pop("osteo_imported") is False
+    with np.load(out) as got:
+        return info, dict(got)

@@ -17,12 +17,11 @@ import importlib.util
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from export_consumer import max_diff, probabilities, run_script, write_image_files
+from export_consumer import consume, max_diff, probabilities, run_script, write_image_files
 from helpers import osteo_warnings
 
 from osteo import export_predict
@@ -40,31 +39,6 @@ NEEDS_ONNX = pytest.mark.skipif(
 TEMPERATURE = 1.7
 TOLERANCE = 1e-4
 
-# Run in a fresh interpreter: the export's outputs on the saved images, with no osteo.
-_CONSUMER = r"""
-import json, sys
-import numpy as np
-kind, model, images, out = sys.argv[1:]
-x = np.load(images)
-u8, f32 = x["uint8"], x["float"]
-if kind == "onnx":
-    import onnxruntime as ort
-    s = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    (i,), (o,) = s.get_inputs(), s.get_outputs()
-    io = {"input": [i.name, i.type, [str(d) for d in i.shape]], "output": [o.name, [str(d) for d in o.shape]]}
-    run = lambda a: s.run([o.name], {i.name: a})[0]
-    got = {"uint8": run(u8.astype(np.float32)), "float": run(f32), "one": run(f32[:1])}
-else:
-    import tensorflow as tf
-    m = tf.saved_model.load(model)
-    io = {"signatures": sorted(m.signatures)}
-    f, u = m.signatures["serving_default"], m.signatures["serve_uint8"]
-    got = {"uint8": u(image=tf.constant(u8))["probabilities"].numpy(),
-           "uint8_cast": f(image=tf.constant(u8.astype(np.float32)))["probabilities"].numpy(),
-           "float": f(image=tf.constant(f32))["probabilities"].numpy()}
-np.savez(out, **got)
-print(json.dumps({"osteo_imported": any(n == "osteo" or n.startswith("osteo.") for n in sys.modules), **io}))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -95,18 +69,6 @@ def expected(run, images) -> dict[str, np.ndarray]:
             for k, v in images.items()}
 
 
-def _consume(kind: str, model: Path, images: dict, tmp_path: Path) -> tuple[dict, dict]:
-    np.savez(tmp_path / "images.npz", **images)
-    out = tmp_path / "out.npz"
-    proc = subprocess.run([sys.executable, "-c", _CONSUMER, kind, str(model), str(tmp_path / "images.npz"), str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert info.pop("osteo_imported") is False
-    with np.load(out) as got:
-        return info, dict(got)
-
-
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
     assert a.shape == b.shape and a.dtype == np.float32
     return float(np.abs(a.astype(np.float64) - b).max())
@@ -128,7 +90,7 @@ def onnx_export(run) -> Path:
 def test_onnx_matches_keras_without_osteo(onnx_export, images, expected, tmp_path):
     path = onnx_export
     assert path.name == "model.onnx" and path.stat().st_size > 0
-    info, got = _consume("onnx", path, images, tmp_path)
+    info, got = consume("onnx", path, images, tmp_path)
     assert info == {"input": ["image", "tensor(float)", ["batch", "32", "32", "1"]],
                     "output": ["probabilities", ["batch", "3"]]}
     for k in ("uint8", "float"):
@@ -254,7 +216,7 @@ def test_savedmodel_matches_keras_without_osteo(run, images, expected, tmp_path)
         assert export_run(run, "savedmodel", out) == out
     assert (out / "saved_model.pb").is_file()
     assert sorted(p.name for p in out.parent.iterdir()) == ["sm"]  # no temporaries left
-    info, got = _consume("savedmodel", out, images, tmp_path)
+    info, got = consume("savedmodel", out, images, tmp_path)
     assert info == {"signatures": ["serve", "serve_uint8", "serving_default"]}
     for k, ref in (("uint8", "uint8"), ("uint8_cast", "uint8"), ("float", "float")):
         assert _max_diff(got[k], expected[ref]) <= TOLERANCE, k
