@@ -28,15 +28,18 @@ from keras import ops
 from osteo import CLASSES
 from osteo.backbones.base import create
 from osteo.recipe import AugmentConfig, HeadConfig, Recipe
-from osteo.registry import PREPROCESSING_MODES, get_backbone
+from osteo.registry import (
+    IMAGENET_MEAN_RGB,
+    IMAGENET_MEAN_TORCH,
+    IMAGENET_STD_TORCH,
+    PREPROCESSING_MODES,
+    get_backbone,
+)
 
 NUM_CLASSES = len(CLASSES)
 # The model's layers that augment (identities at inference): export leaves them out by these names,
 # so a new augmentation is a recipe field and a layer in augmentation_layers, nothing else.
 AUGMENTATION = ("augment", "randaugment")
-IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
-IMAGENET_MEAN_TORCH = (0.485, 0.456, 0.406)
-IMAGENET_STD_TORCH = (0.229, 0.224, 0.225)
 
 
 @keras.saving.register_keras_serializable(package="osteo")
@@ -344,7 +347,10 @@ class Classifier:
                    bn_momentum=m.bn_momentum, preprocessing=m.preprocessing, impl=m.impl,
                    compile_backbone=compile_backbone)
 
-    def build(self) -> keras.Model:
+    def build(self, backbone: keras.layers.Layer | None = None) -> keras.Model:
+        """The classifier around the engine's backbone, or around ``backbone`` where one is given
+        (a built Keras model on (size, size, 3) inputs, its weights and BatchNorm momentum its
+        own: :func:`osteo.backbones.port.twin`'s)."""
         size = self.image_size
         inputs = keras.Input((size, size, 1), name="image")
         x = inputs
@@ -356,11 +362,14 @@ class Classifier:
             x = keras.layers.RandAugment(value_range=(0, 255), seed=self.seed, name=AUGMENTATION[1])(x)
         if not self.engine.scales_own_input:
             x = Preprocess(self.preprocessing, name="preprocess")(x)
-        self.backbone = self.engine.build()
-        # the same momentum on both engines (timm's modules would otherwise use PyTorch's 0.1);
-        # 0.99 needs hundreds of steps before the moving statistics match the batches, so
-        # short runs from scratch set less
-        self.engine.set_bn_momentum(self.bn_momentum)
+        if backbone is None:
+            self.backbone = self.engine.build()
+            # the same momentum on both engines (timm's modules would otherwise use PyTorch's 0.1);
+            # 0.99 needs hundreds of steps before the moving statistics match the batches, so
+            # short runs from scratch set less
+            self.engine.set_bn_momentum(self.bn_momentum)
+        else:
+            self.backbone = backbone
         # training=False keeps BatchNorm in inference mode (its ImageNet statistics)
         # in both phases; from scratch there are no statistics worth keeping.
         x = self.backbone(x, training=False) if self.freeze_bn else self.backbone(x)

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from osteo.errors import OsteoError
-from osteo.registry import BackboneSpec
+from osteo.registry import BackboneSpec, get_backbone, list_backbones
 
 BACKENDS = ("auto", "tensorflow", "torch")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
@@ -98,6 +98,9 @@ class EngineInfo:
     # it scales its own input (timm: the module's pretrained_cfg mean and std): preprocessing "timm"
     own_preprocessing: str | None
     implementation: str  # "module:Class" of its Backbone, imported at build time
+    # formats only Keras' layers write, written by porting the weights into them
+    # (osteo.backbones.port) for backbones whose spec names a keras_port
+    ported_formats: tuple[str, ...] = ()
 
     def preprocessing(self, spec: BackboneSpec) -> str:
         """The input scaling this engine gives ``spec``'s backbone when the recipe says ``auto``."""
@@ -125,11 +128,21 @@ class EngineInfo:
         """(compile the backbone module, Keras' jit_compile) for the plan's ``jit_compile``."""
         return (jit_compile, False) if self.compiles_backbone else (False, jit_compile)
 
-    def check_export(self, fmt: str, what: str) -> None:
-        if fmt not in self.export_formats:
-            raise OsteoError(f"{what} was trained on the {self.name} engine ({self.describes}), which exports "
-                             f"{', '.join(self.export_formats)}, not {fmt}; use --format "
-                             f"{self.export_formats[0]}")
+    def check_export(self, fmt: str, what: str, spec: BackboneSpec | None = None) -> None:
+        """Refuse a format this engine cannot write for ``spec``'s backbone, naming those it can."""
+        if fmt in self.export_formats or (fmt in self.ported_formats and spec is not None and spec.keras_port):
+            return
+        ported = ""
+        if fmt in self.ported_formats:
+            names = [n for n in list_backbones() if get_backbone(n).keras_port]
+            ported = f" (and {fmt} for {', '.join(names)}, whose weights port to Keras' layers)"
+        raise OsteoError(f"{what} was trained on the {self.name} engine ({self.describes}), which exports "
+                         f"{', '.join(self.export_formats)}{ported}, not {fmt}; use --format "
+                         f"{self.export_formats[0]}")
+
+    def writes(self, fmt: str) -> bool:
+        """This engine's own model writes ``fmt`` (False: the format is written by a port)."""
+        return fmt in self.export_formats
 
     def load(self) -> type:
         module, _, attr = self.implementation.partition(":")
@@ -142,7 +155,7 @@ ENGINES: dict[str, EngineInfo] = {
                         implementation="osteo.backbones.keras_apps:KerasAppsBackbone"),
     "timm": EngineInfo("timm", "timm's PyTorch module inside the Keras model", ("torch",), ("onnx", "keras"),
                        compiles_backbone=True, own_preprocessing="timm",
-                       implementation="osteo.backbones.timm_torch:TimmBackbone"),
+                       implementation="osteo.backbones.timm_torch:TimmBackbone", ported_formats=("savedmodel",)),
 }
 
 

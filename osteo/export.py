@@ -37,7 +37,8 @@ only needs a cast (``x.astype(np.float32)``), which is exact. In detail:
   it) and ``predict.py`` (:mod:`osteo.export_predict`: image files to the calibrated
   probabilities with numpy, Pillow and onnxruntime only). Needs the ``export`` extra
   (``pip install 'osteo[export]'``).
-* ``savedmodel`` (a folder; runs of Keras' layers, on TensorFlow): the signature
+* ``savedmodel`` (a folder; runs of Keras' layers, on TensorFlow, and timm runs of the
+  backbones whose weights port to Keras' layers, :mod:`osteo.backbones.port`): the signature
   ``serving_default`` (also ``serve``) takes ``image`` as float32, and ``serve_uint8``
   takes it as uint8 and casts inside; both return ``{"probabilities": ...}``. Load it
   with ``tf.saved_model.load`` or serve it with TF Serving. The SavedModel holds each
@@ -50,8 +51,14 @@ only needs a cast (``x.astype(np.float32)``), which is exact. In detail:
   :class:`~osteo.backbones.timm_torch.TimmLayer` is rebuilt from timm's model name and the
   input size, and its state dict read from the file (nothing unpickled).
 
-A format the run's engine cannot write (SavedModel for a timm run: its backbone is a
-PyTorch module) is refused in one line naming the ones it can. Keras' own
+A timm run's SavedModel (its backbone is a PyTorch module, which a TensorFlow graph cannot
+hold) is its model rebuilt with Keras' layers, the module's weights ported into them, written by
+a child process on TensorFlow (:func:`write_ported_savedmodel`), and put in place only if the
+SavedModel, loaded back, gives ``osteo predict``'s probabilities within
+:data:`PARITY_TOLERANCE` on the parity images, in batches of all and of one; the folder's
+``osteo_export.json`` records the parity measured. A format the run's engine cannot write
+(SavedModel for a timm run of a backbone without a port) is refused in one line naming the
+ones it can. Keras' own
 ``model.export(format="onnx")`` is not used: on TensorFlow the ONNX files it writes for
 ConvNeXt and EfficientNetV2 cannot be run by onnxruntime (see :func:`_onnx_from_tensorflow`),
 and on PyTorch it traces ConvNeXt's LayerNormalization into a graph PyTorch's exporter
@@ -101,6 +108,7 @@ from osteo.files import (
 )
 from osteo.model_card import write_model_card
 from osteo.predict import load_best, load_images, say_if_decoded_otherwise, say_if_uncalibrated
+from osteo.registry import get_backbone
 from osteo.runs import RunDir, check_output_place
 
 FORMATS = ("onnx", "savedmodel", "keras")
@@ -170,8 +178,10 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
     if fmt not in FORMATS:
         raise OsteoError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     run = RunDir(run_dir).check(need=(RunDir.BEST,))
-    engine = get_engine(run.read_recipe().model.impl)
-    engine.check_export(fmt, f"run {run.path}")
+    recipe = run.read_recipe()
+    engine = get_engine(recipe.model.impl)
+    engine.check_export(fmt, f"run {run.path}", get_backbone(recipe.model.backbone))
+    ported = not engine.writes(fmt)  # a timm run's SavedModel: its weights in Keras' layers, on TensorFlow
     target = Path(out) if out is not None else run.path / EXPORT_DIR / DEFAULT_NAMES[fmt]
     _refuse_run_files(target, run)
     refuse_to_replace_an_image(target, "--out", f"export elsewhere, e.g. --out export/{DEFAULT_NAMES[fmt]}")
@@ -185,7 +195,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
     if fmt == "keras" and target.suffix != ".keras":
         raise OsteoError(f"--out {target} must end in .keras (Keras loads .keras files only)")
     if fmt != "keras":
-        _require_exporter(fmt)
+        _require_exporter(fmt, ported)
     temperature = _temperature(run)
     # float32 whatever the process's policy: a run trained in mixed precision keeps
     # float32 weights, and its export computes in float32 as osteo predict does
@@ -202,6 +212,8 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
         else:  # the timm engine: PyTorch's exporter is the only one
             fix = "please report it with the run's recipe.json"
         _export_onnx(run, best, model, temperature, target, fix)
+    elif ported:
+        _export_ported_savedmodel(run, best, temperature, target)
     else:
         {"savedmodel": _write_savedmodel, "keras": _write_keras}[fmt](model, target)
     return target
@@ -241,10 +253,16 @@ def _refuse_run_files(target: Path, run: RunDir) -> None:
                        own=run.path / EXPORT_DIR)
 
 
-def _require_exporter(fmt: str) -> None:
-    """SavedModels are TensorFlow's; ONNX is written by the backend's exporter (tf2onnx on
-    TensorFlow, PyTorch's own on PyTorch) and checked with onnxruntime."""
+def _require_exporter(fmt: str, ported: bool = False) -> None:
+    """SavedModels are TensorFlow's (a ported one is written by a child process on TensorFlow);
+    ONNX is written by the backend's exporter (tf2onnx on TensorFlow, PyTorch's own on PyTorch)
+    and checked with onnxruntime."""
     backend = keras.backend.backend()
+    if fmt == "savedmodel" and ported:
+        if importlib.util.find_spec("tensorflow") is None:
+            raise OsteoError("export to savedmodel writes the model with Keras' layers on TensorFlow, which is not "
+                             "installed: pip install tensorflow, or export --format onnx")
+        return
     if fmt == "savedmodel" and backend != "tensorflow":
         raise OsteoError(f"export to savedmodel runs on the TensorFlow backend, not {backend}; "
                          f"run it with KERAS_BACKEND=tensorflow")
@@ -284,6 +302,11 @@ def _input_signature(model: keras.Model, dtype: str = "float32") -> list:
 
 
 def _write_savedmodel(model: keras.Model, target: Path) -> None:
+    with _atomic_dir(target) as tmp:
+        _savedmodel_archive(model).write_out(tmp, verbose=False)
+
+
+def _savedmodel_archive(model: keras.Model):
     import tensorflow as tf
 
     archive = keras.export.ExportArchive()
@@ -294,8 +317,129 @@ def _write_savedmodel(model: keras.Model, target: Path) -> None:
     archive.add_endpoint("serve_uint8", lambda image: {OUTPUT_NAME: model(tf.cast(image, tf.float32),
                                                                           training=False)},
                          input_signature=_input_signature(model, "uint8"))
-    with _atomic_dir(target) as tmp:
-        archive.write_out(tmp, verbose=False)
+    return archive
+
+
+# ------------------------------------------------------------------ a timm run's SavedModel
+
+PORT_RECORD = "osteo_export.json"  # inside a ported SavedModel's folder: what it is, and its parity
+
+
+def _export_ported_savedmodel(run: RunDir, best: keras.Model, temperature: float, target: Path) -> None:
+    """A timm run's SavedModel: its weights in Keras' layers (:mod:`osteo.backbones.port`), written
+    by a child process on TensorFlow (this one runs the run's PyTorch module), put in place only if
+    its probabilities are ``osteo predict``'s within :data:`PARITY_TOLERANCE`, in batches of all
+    the parity images and of one; its record (:data:`PORT_RECORD`) goes inside the folder."""
+    engine = best.osteo_backbone
+    state, preprocessing = engine.keras_port()
+    head = _head_weights(best, engine.layer)
+    images, source = _parity_images(run)
+    with _ieee_float32():
+        raw = best.predict(images, batch_size=len(images), verbose=0)
+    want = apply_temperature(raw, temperature) if temperature != 1.0 else raw
+    with tempfile.TemporaryDirectory(prefix="osteo-export-") as work, _atomic_dir(target) as tmp:
+        work = Path(work)
+        np.savez(work / "weights.npz", **{f"backbone:{k}": v for k, v in state.items()},
+                 **{f"head:{name}:{i}": w for name, ws in head.items() for i, w in enumerate(ws)})
+        np.save(work / "images.npy", images)
+        np.save(work / "want.npy", want)
+        env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+        proc = subprocess.run([sys.executable, "-c", _PORT_CHILD, str(run.path), str(work), str(tmp),
+                               repr(temperature), preprocessing], capture_output=True, text=True, env=env,
+                              timeout=1800)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no message"])[-1][:300]
+            raise OsteoError(f"writing the SavedModel with Keras' layers on TensorFlow failed ({last}); nothing "
+                             "written; export --format onnx instead")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        diff = result["max_abs_diff"]
+        if not diff <= PARITY_TOLERANCE:
+            raise OsteoError(f"the SavedModel's probabilities differ from osteo predict's by {diff:.2g} (over "
+                             f"{PARITY_TOLERANCE:g}) on {len(images)} images; nothing written; export --format "
+                             "onnx instead")
+        recipe = run.read_recipe()
+        write_json(tmp / PORT_RECORD, {
+            "format": "savedmodel", "engine": recipe.model.impl, "backbone": recipe.model.backbone,
+            "ported_to": result["ported_to"], "preprocessing": preprocessing, "temperature": temperature,
+            "signatures": ["serving_default", "serve", "serve_uint8"],
+            "parity": {"reference": "osteo predict, float32 arithmetic", "max_abs_diff": diff,
+                       "images": len(images), "source": source, "tolerance": PARITY_TOLERANCE,
+                       "runtime": result["runtime"]},
+            "osteo_version": osteo.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
+
+
+# Run by _export_ported_savedmodel on TensorFlow: the twin, its weights, the SavedModel, and
+# its probabilities from the SavedModel as loaded back, all images and then the first alone.
+_PORT_CHILD = """
+import json, sys
+from pathlib import Path
+from osteo.errors import OsteoError
+from osteo.export import write_ported_savedmodel
+run, work, out, temperature, preprocessing = sys.argv[1:]
+try:
+    result = write_ported_savedmodel(Path(run), Path(work), Path(out), float(temperature), preprocessing)
+except OsteoError as e:
+    sys.exit(str(e))
+print(json.dumps(result))
+"""
+
+
+def _twin(recipe, preprocessing: str) -> tuple[keras.Model, keras.Model]:
+    """(A timm run's classifier (``recipe``, resolved) built with Keras' layers, random weights;
+    its backbone): the same head and layer names, the backbone
+    :func:`osteo.backbones.port.keras_backbone`'s, its input scaled by ``preprocessing``
+    (:meth:`osteo.backbones.timm_torch.TimmBackbone.keras_port`'s)."""
+    from osteo.backbones.port import keras_backbone
+    from osteo.classifier import Classifier
+
+    m = recipe.model
+    clf = Classifier(m.backbone, image_size=recipe.data.image_size, weights="none", head=m.head, augment=m.augment,
+                     seed=recipe.train.seed, freeze_bn=m.freeze_bn, preprocessing=preprocessing, impl="keras")
+    backbone = keras_backbone(get_backbone(m.backbone), recipe.data.image_size)
+    return clf.build(backbone=backbone), backbone
+
+
+def _head_weights(model: keras.Model, backbone) -> dict[str, list]:
+    """Each layer of ``model`` that holds weights, but its backbone and augmentation: name -> arrays."""
+    return {layer.name: layer.get_weights() for layer in model.layers
+            if layer is not backbone and layer.weights and not _is_augmentation(layer)}
+
+
+def write_ported_savedmodel(run_dir: Path, work: Path, out: Path, temperature: float, preprocessing: str) -> dict:
+    """On TensorFlow: write to ``out`` the SavedModel of the timm run ``run_dir`` whose weights
+    and parity images are in ``work`` (:func:`_export_ported_savedmodel`'s), then run it as
+    loaded back; returns the largest difference from ``work/want.npy``."""
+    import tensorflow as tf
+
+    from osteo.backbones.port import port_backbone
+
+    recipe = RunDir(run_dir).read_recipe()
+    spec = get_backbone(recipe.model.backbone)
+    with np.load(work / "weights.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    state = {k.split(":", 1)[1]: v for k, v in arrays.items() if k.startswith("backbone:")}
+    head: dict[str, list] = {}
+    for k in sorted((k for k in arrays if k.startswith("head:")), key=lambda k: int(k.rsplit(":", 1)[1])):
+        head.setdefault(k.split(":")[1], []).append(arrays[k])
+    with _float32_policy():
+        model, backbone = _twin(recipe, preprocessing)
+        port_backbone(backbone, state, spec.keras_port)
+        own = _head_weights(model, backbone)
+        if set(own) != set(head) or any(len(own[k]) != len(head[k]) for k in own):
+            raise OsteoError(f"the Keras-layers model's head {sorted(own)} is not the run's {sorted(head)}")
+        for name, weights in head.items():
+            model.get_layer(name).set_weights(weights)
+        calibrated = calibrated_model(model, temperature)
+    _savedmodel_archive(calibrated).write_out(out, verbose=False)
+    images, want = np.load(work / "images.npy"), np.load(work / "want.npy")
+    serve = tf.saved_model.load(str(out)).signatures["serving_default"]
+    with _ieee_float32():
+        got = np.concatenate([serve(image=tf.constant(x))[OUTPUT_NAME].numpy() for x in (images, images[:1])])
+    expected = np.concatenate([want, want[:1]]).astype(np.float64)
+    diff = float(np.abs(got.astype(np.float64) - expected).max()) if got.shape == expected.shape else math.inf
+    return {"max_abs_diff": diff, "ported_to": f"keras.applications {spec.constructor.split(':')[1]}",
+            "runtime": f"tensorflow {tf.__version__}, keras {keras.__version__}"}
 
 
 # --------------------------------------------------------------------------- ONNX

@@ -27,6 +27,11 @@ from pathlib import Path
 from osteo.errors import OsteoError
 
 PREPROCESSING_MODES = ("caffe", "torch", "tf", "none")
+# the ImageNet statistics the modes use: ``caffe`` subtracts the mean (RGB, 0-255 pixels); ``torch``
+# scales to [0, 1], then subtracts the mean and divides by the std
+IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
+IMAGENET_MEAN_TORCH = (0.485, 0.456, 0.406)
+IMAGENET_STD_TORCH = (0.229, 0.224, 0.225)
 CPU_CLASSES = ("avx512_bf16", "avx2")
 
 
@@ -102,6 +107,9 @@ class BackboneSpec:
     # timm engine: training images after which torch.compile of the backbone pays for its
     # compile time, per device kind ("gpu" or a CPU class); absent: never measured faster
     compile_pays_after: dict[str, int] = field(default_factory=dict)
+    # the timm module's weights go into the keras.applications model (osteo.backbones.port.PORTS):
+    # how a timm run is exported as a SavedModel; "": no port (the two architectures differ)
+    keras_port: str = ""
 
     def __post_init__(self):
         if self.preprocessing not in PREPROCESSING_MODES:
@@ -197,6 +205,7 @@ register(BackboneSpec(
     "vgg16", f"{_APPS}:VGG16", "caffe", 512, reference_module="vgg16", timm_name="vgg16.tv_in1k",
     stages={"keras": _VGG_KERAS, "timm": _seq("features", (0, 4), (5, 9), (10, 16), (17, 23), (24, 30))},
     stages_doc="5 conv blocks (each ends in a max-pool)",
+    keras_port="vgg",
     gradcam_layer="block5_conv3",
     timm_gradcam_layer="features.29",
     cpu=_cpu("the timm engine trained 1.14x TensorFlow's rate (9.95 vs 8.71 img/s, 224 px, bf16, medians of 5 "
@@ -216,6 +225,7 @@ register(BackboneSpec(
     "vgg19", f"{_APPS}:VGG19", "caffe", 512, reference_module="vgg19", timm_name="vgg19.tv_in1k",
     stages={"keras": _VGG_KERAS, "timm": _seq("features", (0, 4), (5, 9), (10, 18), (19, 27), (28, 36))},
     stages_doc="5 conv blocks (each ends in a max-pool)",
+    keras_port="vgg",
     gradcam_layer="block5_conv4",
     timm_gradcam_layer="features.35",
     cpu=_cpu("the timm engine trained 1.13x TensorFlow's rate (7.94 vs 7.01 img/s, 224 px, bf16, medians of 5 "
@@ -237,6 +247,7 @@ register(BackboneSpec(
             "timm": (r"^features\.denseblock1\.", r"^features\.(transition1|denseblock2)\.",
                      r"^features\.(transition2|denseblock3)\.", r"^features\.(transition3|denseblock4)\.")},
     stages_doc="4 dense blocks (the stem with the first, each transition with the block after it)",
+    keras_port="densenet",
     gradcam_layer="relu",
     slow_paths=(SlowPath("avx512_bf16", "torch", "keras", "*",
                          "Keras' layers on PyTorch trained DenseNet169 at 4.33 img/s vs 12.40 for the timm engine "
@@ -266,6 +277,7 @@ register(BackboneSpec(
                       r"_(downsampling_block_2|stage_3_)"),
             "timm": tuple(rf"^stages\.{i}\." for i in range(4))},
     stages_doc="4 stages (the stem with the first, each downsampling with the stage after it)",
+    keras_port="convnext",
     gradcam_layer="convnext_tiny_stage_3_block_2_identity",
     pooled_norm=True,
     # H200, bf16, batch 128 (issue 10): 2,814 img/s eager -> 4,195 compiled, i.e. 1.17e-4 s

@@ -25,6 +25,7 @@ pytest.importorskip("timm")
 
 from export_consumer import TOLERANCE, max_diff, probabilities, run_script, write_image_files
 
+import osteo.export as osteo_export
 from osteo.export import export_run
 from osteo.predict import predict_files
 from osteo.runs import RunDir
@@ -183,3 +184,120 @@ def test_the_parity_reference_computes_without_tf32():
         assert flags() == (True, True)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+# ------------------------------------------------------------------ SavedModel: the weights in Keras' layers
+
+PORTED = ("vgg16", "vgg19", "densenet169", "convnext_tiny")
+
+
+@pytest.mark.parametrize("name", PORTED)
+def test_the_study_backbones_compute_in_keras_layers_what_they_computed_in_timm(name):
+    """Each study backbone's timm layer, every tensor of its state dict drawn at random (BatchNorm's
+    statistics too), gives the feature map its Keras-layers twin gives with the weights ported:
+    a kernel transposed the wrong way, a norm's statistics swapped, or an input scaled otherwise
+    would not."""
+    import torch
+
+    from osteo.backbones.base import create
+    from osteo.backbones.port import keras_backbone, port_backbone
+    from osteo.classifier import Preprocess
+    from osteo.registry import get_backbone
+
+    spec = get_backbone(name)
+    backbone = create(spec, "timm", image_size=32, weights="none")
+    layer = backbone.build()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for key, v in layer.module.state_dict().items():
+            if v.is_floating_point():  # positive variances and scales; weights about their own size
+                low = 0.5 if key.endswith(("running_var", "gamma")) or (".norm" in key and key.endswith("weight")) else -1
+                v.copy_(torch.rand(v.shape, generator=gen) * (1.5 - low) + low if low > 0
+                        else v + 0.05 * torch.randn(v.shape, generator=gen))
+    state, scaling = backbone.keras_port()
+    assert scaling == "torch"  # timm's mean and std are ImageNet's for these four
+    twin = keras_backbone(spec, 32)
+    port_backbone(twin, state, spec.keras_port)
+    x = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    want = keras.ops.convert_to_numpy(layer(x, training=False))
+    got = keras.ops.convert_to_numpy(twin(Preprocess(scaling)(x), training=False))
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), np.abs(got - want).max()
+    assert np.abs(np.diff(want, axis=0)).max() > 1e-2 * np.abs(want).max()  # the images give different maps
+
+
+def test_a_state_dict_that_is_not_the_architecture_ports_nothing():
+    """A tensor missing, one left over, or one of another shape: one line naming it."""
+    from osteo.backbones.base import create
+    from osteo.backbones.port import keras_backbone, port_backbone
+    from osteo.errors import OsteoError
+    from osteo.registry import get_backbone
+
+    spec = get_backbone("vgg16")
+    backbone = create(spec, "timm", image_size=32, weights="none")
+    backbone.build()
+    state, _ = backbone.keras_port()
+    twin = keras_backbone(spec, 32)
+    with pytest.raises(OsteoError, match=r"has no 'features\.28\.bias'"):
+        port_backbone(twin, {k: v for k, v in state.items() if k != "features.28.bias"}, "vgg")
+    with pytest.raises(OsteoError, match=r"1 tensors of the timm state dict have no Keras weight \(pre_logits"):
+        port_backbone(twin, {**state, "pre_logits.fc1.weight": np.zeros((4, 4), "float32")}, "vgg")
+    with pytest.raises(OsteoError, match="'block1_conv1' have shapes"):
+        port_backbone(twin, {**state, "features.0.bias": np.zeros(65, "float32")}, "vgg")
+
+
+@pytest.fixture(scope="module")
+def vgg_run(phantom_dir, tmp_path_factory, tiny_recipe) -> RunDir:
+    """A finished one-epoch VGG16 run on the timm engine (32 px, from scratch), calibrated with T = 1.7."""
+    from osteo.trainer import Trainer
+
+    run = RunDir(Trainer(tiny_recipe(phantom_dir, tmp_path_factory.mktemp("runs"), backbone="vgg16", epochs=1,
+                                     bootstrap=20)).run())
+    assert run.read_recipe().model.impl == "timm"
+    run.write_calibration({"temperature": TEMPERATURE})
+    return run
+
+
+def test_a_timm_run_exports_a_savedmodel_that_tensorflow_serves_without_osteo(vgg_run, phantom_dir, tmp_path,
+                                                                            monkeypatch):
+    """``--format savedmodel`` of a timm run: written by Keras' layers on TensorFlow with the run's
+    weights ported, and only if it gives ``osteo predict``'s probabilities; served by TensorFlow
+    alone (no osteo), as float32 and as uint8, it gives the run's calibrated probabilities."""
+    from pathlib import Path
+
+    from export_consumer import consume
+
+    from osteo.calibrate import apply_temperature
+    from osteo.data.pipeline import SCALE, load_levels
+    from osteo.errors import OsteoError
+    from osteo.predict import load_best
+
+    target = vgg_run.path / "export" / "savedmodel"
+    monkeypatch.setattr(osteo_export, "PARITY_TOLERANCE", -1.0)  # no port passes: nothing may be written
+    with pytest.raises(OsteoError, match=r"SavedModel's probabilities differ from osteo predict's .* nothing written"):
+        export_run(vgg_run, "savedmodel")
+    assert not target.exists() and not list(target.parent.iterdir())  # nor any temporary
+    monkeypatch.undo()
+
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}  # the CLI picks PyTorch for the run
+    proc = subprocess.run([sys.executable, "-m", "osteo.cli", "export", str(vgg_run.path), "--format", "savedmodel"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((target / "osteo_export.json").read_text())
+    assert (record["engine"], record["ported_to"], record["preprocessing"]) == ("timm", "keras.applications VGG16",
+                                                                                 "torch")
+    assert record["parity"]["max_abs_diff"] <= TOLERANCE and record["parity"]["source"] == "validation"
+    assert record["temperature"] == TEMPERATURE
+
+    data = vgg_run.read_recipe().data
+    files = sorted(Path(phantom_dir).rglob("*.png"))[::20][:6]
+    x = np.stack([load_levels(f.read_bytes(), data.image_size, data.resize)[0] / SCALE
+                  for f in files]).astype(np.float32)
+    images = {"float": x, "uint8": np.clip(np.round(x), 0, 255).astype(np.uint8)}
+    info, got = consume("savedmodel", target, images, tmp_path)
+    assert info == {"signatures": ["serve", "serve_uint8", "serving_default"]}
+    best = load_best(vgg_run)
+    for kind, ref in (("uint8", "uint8"), ("uint8_cast", "uint8"), ("float", "float")):
+        want = apply_temperature(best.predict(images[ref].astype(np.float32), verbose=0), TEMPERATURE)
+        assert np.abs(got[kind] - want).max() <= TOLERANCE, kind
+    assert np.abs(np.diff(want, axis=0)).max() > 1e-4  # the images give different answers: a real comparison

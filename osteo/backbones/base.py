@@ -7,8 +7,12 @@ split: the classifier around them is the same Keras code on both):
 engine     what the backbone is                                 Keras backends      export formats
 =========  ===================================================  ==================  =========================
 ``keras``  ``keras.applications`` layers (:mod:`.keras_apps`)  tensorflow, torch   onnx, savedmodel, keras
-``timm``   timm's PyTorch module as a Keras layer (:mod:`.timm_torch`)  torch       onnx, keras
+``timm``   timm's PyTorch module as a Keras layer (:mod:`.timm_torch`)  torch       onnx, keras, savedmodel (*)
 =========  ===================================================  ==================  =========================
+
+(*) ported: the module's weights copied into the ``keras.applications`` model of the same
+architecture (:mod:`.port`; the spec's ``keras_port``: VGG16, VGG19, DenseNet169,
+ConvNeXtTiny), which TensorFlow writes as a SavedModel.
 
 A :class:`Backbone` is made once per model, from the device plan and the resolved
 recipe (:func:`create`), and everything that differs between the engines goes through
@@ -36,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from osteo.device import EngineInfo, get_engine
+from osteo.errors import OsteoError
 
 if TYPE_CHECKING:
     from osteo.registry import BackboneSpec
@@ -117,6 +122,12 @@ class Backbone(abc.ABC):
     def load_weights_file(self, path: Path) -> None:
         """Load a local weights file into the built layer; its declared shapes are checked
         against the architecture before any tensor is read, and a mismatch is one line."""
+
+    def keras_port(self) -> tuple[dict, str]:
+        """(the built layer's weights as a state dict of arrays, the input scaling of Keras' layers
+        that computes as it does) for :mod:`osteo.backbones.port`: how an engine whose backbone is
+        not Keras' layers exports formats only they can write (``EngineInfo.ported_formats``)."""
+        raise OsteoError(f"{self.spec.name} on the {self.info.name} engine is Keras' layers already: nothing to port")
 
     @property
     def export_formats(self) -> tuple[str, ...]:

@@ -61,7 +61,7 @@ from osteo.backbones.base import (
 from osteo.backbones.base import short as _short
 from osteo.device import ENGINES
 from osteo.errors import OsteoError
-from osteo.registry import parse_weights
+from osteo.registry import IMAGENET_MEAN_TORCH, IMAGENET_STD_TORCH, parse_weights
 
 # Keras dtype policy -> the autocast dtype inside the module
 _AUTOCAST = {"bfloat16": "bfloat16", "float16": "float16"}
@@ -493,6 +493,26 @@ class TimmBackbone(Backbone):
 
     def load_weights_file(self, path: Path) -> None:
         load_weights_file(self.layer.module, path, self.spec.name, self.layer.dropped)
+
+    def keras_port(self) -> tuple[dict, str]:
+        """The module's state dict as float32 arrays, and the scaling of Keras' layers that is the
+        layer's own (timm's mean and std, which are ImageNet's for the ported backbones: Keras'
+        ``torch`` mode), or the recipe's mode where the classifier scaled the input."""
+        import numpy as np
+
+        if not self.spec.keras_port:
+            raise OsteoError(f"{self.spec.name}'s timm module and Keras' layers differ in architecture: its weights "
+                             "do not port (osteo.registry names keras_port where they do)")
+        mode = self.preprocessing
+        if self.scales_own_input:
+            if not (np.allclose(self.layer.config["mean"], IMAGENET_MEAN_TORCH, atol=1e-6)
+                    and np.allclose(self.layer.config["std"], IMAGENET_STD_TORCH, atol=1e-6)):
+                raise OsteoError(f"{self.layer.timm_name} scales its input by mean {self.layer.config['mean']} and "
+                                 f"std {self.layer.config['std']}, which no Keras preprocessing mode does")
+            mode = "torch"
+        state = {k: v.detach().float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
+                 for k, v in self.layer.module.state_dict().items()}
+        return state, mode
 
 
 def _from_compiler(e: BaseException) -> bool:
