@@ -13,7 +13,7 @@ import copy
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,17 +289,30 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
     return parent
 
 
-def audited_rows(recipe: Recipe) -> list[dict]:
+def audited_rows(recipe: Recipe, also: Sequence[Recipe] = ()) -> list[dict]:
     """The manifest rows of an audit of ``recipe``'s data folder, whose decodes also fill the
-    image cache at the recipe's image size (the backbone's default where it names none): the
-    runs that follow decode nothing again."""
+    image cache at the recipe's image size (the backbone's default where it names none), and at
+    those of the recipes ``also`` (a study's other models on the folder): the runs that follow
+    decode nothing again."""
     from osteo.data.pipeline import ImageCache
     from osteo.data.scan import audit
     from osteo.registry import get_backbone
 
-    size = recipe.data.image_size or get_backbone(recipe.model.backbone).default_size
-    cache = ImageCache(size, recipe.data.resize)
+    places = dict.fromkeys((r.data.image_size or get_backbone(r.model.backbone).default_size, r.data.resize)
+                           for r in (recipe, *also))
+    cache = _Caches([ImageCache(size, resize) for size, resize in places])
     return audit(recipe.data.dir, memo=cache.root, cache=cache).manifest_rows()
+
+
+class _Caches:
+    """Image caches of several sizes filled from each of the audit's decodes (its ``cache``)."""
+
+    def __init__(self, caches: list):
+        self.caches, self.root = caches, caches[0].root
+
+    def store(self, sha256: str, data: bytes, gray) -> None:
+        for cache in self.caches:
+            cache.store(sha256, data, gray)
 
 
 def check_folds(recipe: Recipe, k: int, rows: list[dict] | None = None) -> None:

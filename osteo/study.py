@@ -947,8 +947,9 @@ def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
             ensure_phantom(r, say)  # here, before concurrent trials race to write it
             for seed in plan.seeds:  # likewise cv.json, once every fold of the seed's split can be scored
                 if not CvDir(_cv_path(plan, m, seed)).is_cv():
-                    if r.data.dir not in audited:
-                        audited[r.data.dir] = audited_rows(r)
+                    if r.data.dir not in audited:  # at the sizes of every model on the folder
+                        audited[r.data.dir] = audited_rows(r, [o for o in plan.recipes.values()
+                                                               if o.data.dir == r.data.dir])
                     seeded = copy.deepcopy(r)
                     seeded.train.seed = seed
                     check_folds(seeded, cfg.folds, audited[r.data.dir])

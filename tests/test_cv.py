@@ -227,3 +227,32 @@ def test_a_continued_cross_validation_trains_on_the_backend_of_its_folds(two_cvs
     shutil.rmtree(copy / "fold-1")  # the first started fold is the one asked
     assert continued_cv_backend(recipe, None, str(copy)) == env["backend"]
     assert continued_cv_backend(recipe, 3, None) is None  # no unfinished one of this recipe to continue
+
+
+def test_one_audit_fills_the_image_cache_at_the_size_of_every_model_on_the_folder(phantom_dir, tmp_path,
+                                                                                 monkeypatch):
+    """A study audits each folder once; its models may train at other sizes (a backbone's own
+    default): each size's cache gets every file from that one decode, so no model's first run
+    decodes the folder again."""
+    import copy
+    import shutil
+
+    from osteo.data import pipeline, scan
+    from osteo.session import TrainOptions, audited_rows, build_recipe
+
+    data = tmp_path / "new"
+    shutil.copytree(phantom_dir, data)
+    monkeypatch.setenv("OSTEO_CACHE", str(tmp_path / "cache"))
+    recipe = build_recipe("seed", "tiny", TrainOptions(data=str(data), weights="none", image_size=32,
+                                                       runs=str(tmp_path / "runs")))
+    other = copy.deepcopy(recipe)
+    other.data.image_size = 48
+    decoded = []
+    real = scan.decode_gray
+    monkeypatch.setattr(scan, "decode_gray", lambda *a, **k: decoded.append(a) or real(*a, **k))
+    rows = audited_rows(recipe, [recipe, other])
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(decoded) == len(ok) > 100  # each file decoded once, for both sizes
+    for size in (32, 48):
+        cache = pipeline.ImageCache(size, recipe.data.resize)
+        assert all(cache.check(r["sha256"]) is None for r in ok), size
