@@ -104,6 +104,11 @@ class BackboneSpec:
     # the same layer in timm's module (by its name in named_modules()) where it is not the module's
     # output: VGG's last ReLU, before the max-pool that ends timm's features as it ends no Keras block5
     timm_gradcam_layer: str = ""
+    # the Grad-CAM layer of Keras' layers is the input of the keras.applications model's last layer,
+    # which gradcam_layer then only names: ConvNeXt's last block's sum (timm's forward_features), before
+    # the LayerNormalization of every position keras.applications ends in; its last named layer
+    # before the sum is the block's residual branch alone
+    gradcam_before_last: bool = False
     # timm engine: training images after which torch.compile of the backbone pays for its
     # compile time, per device kind ("gpu" or a CPU class); absent: never measured faster
     compile_pays_after: dict[str, int] = field(default_factory=dict)
@@ -278,7 +283,8 @@ register(BackboneSpec(
             "timm": tuple(rf"^stages\.{i}\." for i in range(4))},
     stages_doc="4 stages (the stem with the first, each downsampling with the stage after it)",
     keras_port="convnext",
-    gradcam_layer="convnext_tiny_stage_3_block_2_identity",
+    gradcam_layer="convnext_tiny_stage_3_output",
+    gradcam_before_last=True,
     pooled_norm=True,
     # H200, bf16, batch 128 (issue 10): 2,814 img/s eager -> 4,195 compiled, i.e. 1.17e-4 s
     # saved per image; an assumed ~60 s compile pays after ~500,000 images (not yet timed here)

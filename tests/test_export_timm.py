@@ -191,14 +191,26 @@ def test_the_parity_reference_computes_without_tf32():
 PORTED = ("vgg16", "vgg19", "densenet169", "convnext_tiny")
 
 
+def _draw_at_random(module) -> None:
+    """Every float tensor of ``module``'s state dict drawn at random: positive variances and scales,
+    other weights moved by noise about their own size (BatchNorm's statistics too)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for key, v in module.state_dict().items():
+            if v.is_floating_point():
+                low = 0.5 if key.endswith(("running_var", "gamma")) or (".norm" in key and key.endswith("weight")) else -1
+                v.copy_(torch.rand(v.shape, generator=gen) * (1.5 - low) + low if low > 0
+                        else v + 0.05 * torch.randn(v.shape, generator=gen))
+
+
 @pytest.mark.parametrize("name", PORTED)
 def test_the_study_backbones_compute_in_keras_layers_what_they_computed_in_timm(name):
     """Each study backbone's timm layer, every tensor of its state dict drawn at random (BatchNorm's
     statistics too), gives the feature map its Keras-layers twin gives with the weights ported:
     a kernel transposed the wrong way, a norm's statistics swapped, or an input scaled otherwise
     would not."""
-    import torch
-
     from osteo.backbones.base import create
     from osteo.backbones.port import keras_backbone, port_backbone
     from osteo.classifier import Preprocess
@@ -207,13 +219,7 @@ def test_the_study_backbones_compute_in_keras_layers_what_they_computed_in_timm(
     spec = get_backbone(name)
     backbone = create(spec, "timm", image_size=32, weights="none")
     layer = backbone.build()
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for key, v in layer.module.state_dict().items():
-            if v.is_floating_point():  # positive variances and scales; weights about their own size
-                low = 0.5 if key.endswith(("running_var", "gamma")) or (".norm" in key and key.endswith("weight")) else -1
-                v.copy_(torch.rand(v.shape, generator=gen) * (1.5 - low) + low if low > 0
-                        else v + 0.05 * torch.randn(v.shape, generator=gen))
+    _draw_at_random(layer.module)
     state, scaling = backbone.keras_port()
     assert scaling == "torch"  # timm's mean and std are ImageNet's for these four
     twin = keras_backbone(spec, 32)
@@ -224,6 +230,41 @@ def test_the_study_backbones_compute_in_keras_layers_what_they_computed_in_timm(
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), np.abs(got - want).max()
     assert np.abs(np.diff(want, axis=0)).max() > 1e-2 * np.abs(want).max()  # the images give different maps
+
+
+@pytest.mark.parametrize("name", PORTED)
+def test_gradcam_reads_the_same_activations_on_both_engines(name):
+    """One model, the same weights on both engines (the timm layer and its Keras-layers twin):
+    the default Grad-CAM layer, the last stage's output, gives the same maps on either. The
+    grids alone could agree on different tensors (ConvNeXt's last block before or after its
+    residual sum)."""
+    from osteo.backbones.port import keras_backbone, port_backbone
+    from osteo.classifier import Classifier
+    from osteo.explain import Target, _engine_call, gradcam
+    from osteo.export import _head_weights
+    from osteo.recipe import AugmentConfig
+    from osteo.registry import get_backbone
+
+    spec, size, no_aug = get_backbone(name), 64, AugmentConfig(flip=False, zoom=0.0, shear=0.0)
+    timm_model = Classifier(name, image_size=size, weights="none", augment=no_aug, impl="timm").build()
+    engine = timm_model.osteo_backbone  # timm's own initialisation: drawn wider, VGG's softmax saturates
+    state, scaling = engine.keras_port()
+    backbone = keras_backbone(spec, size)
+    keras_model = Classifier(name, image_size=size, weights="none", augment=no_aug, impl="keras",
+                             preprocessing=scaling).build(backbone=backbone)
+    port_backbone(backbone, state, spec.keras_port)
+    for layer_name, weights in _head_weights(timm_model, engine.layer).items():
+        keras_model.get_layer(layer_name).set_weights(weights)
+    images = np.random.default_rng(6).uniform(0, 255, (3, size, size, 1)).astype(np.float32)
+    found = []
+    for model in (timm_model, keras_model):
+        last, cells = _engine_call(model, spec, "feature_maps")[-1]  # the default layer, at any size
+        found.append(gradcam(model, spec, images, classes=np.array([0, 1, 2]), target=Target(last, cells, last,
+                                                                                            cells)))
+    (timm_maps, timm_probs), (keras_maps, keras_probs) = found
+    np.testing.assert_allclose(keras_probs, timm_probs, atol=1e-5)
+    assert np.abs(np.diff(timm_maps, axis=0)).max() > 0.1  # the maps differ between images: a real comparison
+    np.testing.assert_allclose(keras_maps, timm_maps, atol=1e-3)
 
 
 def test_a_state_dict_that_is_not_the_architecture_ports_nothing():
@@ -260,7 +301,7 @@ def vgg_run(phantom_dir, tmp_path_factory, tiny_recipe) -> RunDir:
 
 def test_a_timm_run_exports_a_savedmodel_that_tensorflow_serves_without_osteo(vgg_run, phantom_dir, tmp_path,
                                                                             monkeypatch):
-    """``--format savedmodel`` of a timm run: written by Keras' layers on TensorFlow with the run's
+    """A timm run's SavedModel: written by Keras' layers on TensorFlow with the run's
     weights ported, and only if it gives ``osteo predict``'s probabilities; served by TensorFlow
     alone (no osteo), as float32 and as uint8, it gives the run's calibrated probabilities."""
     from pathlib import Path
@@ -279,10 +320,7 @@ def test_a_timm_run_exports_a_savedmodel_that_tensorflow_serves_without_osteo(vg
     assert not target.exists() and not list(target.parent.iterdir())  # nor any temporary
     monkeypatch.undo()
 
-    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}  # the CLI picks PyTorch for the run
-    proc = subprocess.run([sys.executable, "-m", "osteo.cli", "export", str(vgg_run.path), "--format", "savedmodel"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert export_run(vgg_run, "savedmodel") == target
     record = json.loads((target / "osteo_export.json").read_text())
     assert (record["engine"], record["ported_to"], record["preprocessing"]) == ("timm", "keras.applications VGG16",
                                                                                  "torch")

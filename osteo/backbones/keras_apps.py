@@ -95,30 +95,49 @@ def keras_gradcam_parts(model: keras.Model, spec, target: str | None = None) -> 
     spec's ``gradcam_layer`` (also a run saved whole before weights-only checkpoints); the
     target is its layer ``target`` (default: the spec's)."""
     i, backbone = _keras_backbone(model, spec)
-    feature = keras.Model(backbone.inputs, [backbone.get_layer(target or spec.gradcam_layer).output, backbone.output])
+    target = target or spec.gradcam_layer
+    if spec.gradcam_before_last and target == spec.gradcam_layer:
+        activations = _before_top_norm(backbone)  # the tensor the spec's name stands for
+    else:
+        activations = backbone.get_layer(target).output
+    feature = keras.Model(backbone.inputs, [activations, backbone.output])
     return model.layers[1:i], feature, model.layers[i + 1 :]
 
 
 def keras_feature_maps(model: keras.Model, spec) -> list[tuple[str, tuple[int, int]]]:
-    """The backbone's layers with a spatial output, input to output, up to the spec's ``gradcam_layer``."""
+    """The backbone's layers with a spatial output, input to output, up to the spec's ``gradcam_layer``
+    (with ``gradcam_before_last``: every layer before the top norm, then its input, by that name)."""
     _, backbone = _keras_backbone(model, spec)
     out = []
-    for layer in backbone.layers:
-        shape = layer.output.shape
-        if not isinstance(layer, keras.layers.InputLayer) and len(shape) == 4:
-            out.append((layer.name, (int(shape[1]), int(shape[2]))))
+    spatial = lambda shape: (int(shape[1]), int(shape[2]))
+    top_norm = isinstance(backbone.layers[-1], keras.layers.LayerNormalization)
+    for layer in backbone.layers[:-1] if spec.gradcam_before_last and top_norm else backbone.layers:
+        if not isinstance(layer, keras.layers.InputLayer) and len(layer.output.shape) == 4:
+            out.append((layer.name, spatial(layer.output.shape)))
         if layer.name == spec.gradcam_layer:
             return out
+    if spec.gradcam_before_last:
+        return [*out, (spec.gradcam_layer, spatial(_before_top_norm(backbone).shape))]
     raise OsteoError(f"the model has no backbone with a layer {spec.gradcam_layer!r}; is this a {spec.name} run?")
 
 
+def _before_top_norm(backbone: keras.Model):
+    """The input of the LayerNormalization ``backbone`` ends in (keras.applications' ConvNeXt), or its
+    output where it ends in none (the timm run's twin of :mod:`osteo.backbones.port`)."""
+    last = backbone.layers[-1]
+    return last.input if isinstance(last, keras.layers.LayerNormalization) else backbone.output
+
+
 def _keras_backbone(model: keras.Model, spec) -> tuple[int, keras.Model]:
-    """(index in ``model.layers``, the nested backbone model holding the spec's ``gradcam_layer``)."""
+    """(index in ``model.layers``, the nested backbone model: the one holding the spec's
+    ``gradcam_layer``, or, with ``gradcam_before_last``, which names no layer, the nested model
+    that is not the augmentation's Sequential)."""
     target = spec.gradcam_layer
     if not target:
         raise OsteoError(f"{spec.name} names no Grad-CAM layer in its spec; add gradcam_layer to osteo.registry")
     for i, layer in enumerate(model.layers):
-        if isinstance(layer, keras.Model) and any(x.name == target for x in layer.layers):
+        if isinstance(layer, keras.Model) and (any(x.name == target for x in layer.layers) or (
+                spec.gradcam_before_last and not isinstance(layer, keras.Sequential))):
             return i, layer
     raise OsteoError(f"the model has no backbone with a layer {target!r}; is this a {spec.name} run?")
 
