@@ -350,7 +350,7 @@ class Classifier:
     def build(self, backbone: keras.layers.Layer | None = None) -> keras.Model:
         """The classifier around the engine's backbone, or around ``backbone`` where one is given
         (a built Keras model on (size, size, 3) inputs, its weights and BatchNorm momentum its
-        own: :func:`osteo.backbones.port.twin`'s)."""
+        own: :func:`osteo.backbones.port.keras_backbone`'s, for a timm run's SavedModel)."""
         size = self.image_size
         inputs = keras.Input((size, size, 1), name="image")
         x = inputs

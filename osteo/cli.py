@@ -623,7 +623,8 @@ def _add_export_parser(sub) -> None:
     p = sub.add_parser("export", help="the run's best model for other systems, preprocessing and calibration inside")
     p.add_argument("run", help="a run directory")
     p.add_argument("--format", choices=("onnx", "savedmodel", "keras"), default="onnx")
-    p.add_argument("--out", help="output path (default: RUN_DIR/export/model.<format>)")
+    p.add_argument("--out", help="output path (default: RUN_DIR/export/model.onnx, export/savedmodel/ or "
+                                 "export/model.keras)")
     p.set_defaults(func=cmd_export)
 
 

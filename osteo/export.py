@@ -159,6 +159,8 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
     interpreter that cannot import osteo, Keras, TensorFlow or PyTorch, its probabilities
     must be ``osteo predict``'s within :data:`PARITY_TOLERANCE`. Beside it go
     ``export.json`` (:func:`onnx_record`) and ``predict.py`` (:mod:`osteo.export_predict`).
+    A timm run's SavedModel (its weights ported into Keras' layers) is checked the same way,
+    loaded back by TensorFlow, and holds its record (:data:`PORT_RECORD`).
 
     Args:
         run_dir: a finished run directory (one with ``best.weights.h5``).
@@ -172,8 +174,9 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
     Raises:
         OsteoError: not a run, no ``best.weights.h5``, an unknown format or one the run's
             engine cannot write, an ``--out`` that would replace one of the run's own files
-            or is a file where a folder is needed (or the reverse), a missing exporter, or
-            an ONNX model that does not give ``osteo predict``'s probabilities.
+            or is a file where a folder is needed (or the reverse), a missing exporter, an
+            ONNX model or a ported SavedModel that does not give ``osteo predict``'s
+            probabilities, or a port that failed.
     """
     if fmt not in FORMATS:
         raise OsteoError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
@@ -328,8 +331,12 @@ PORT_RECORD = "osteo_export.json"  # inside a ported SavedModel's folder: what i
 def _export_ported_savedmodel(run: RunDir, best: keras.Model, temperature: float, target: Path) -> None:
     """A timm run's SavedModel: its weights in Keras' layers (:mod:`osteo.backbones.port`), written
     by a child process on TensorFlow (this one runs the run's PyTorch module), put in place only if
-    its probabilities are ``osteo predict``'s within :data:`PARITY_TOLERANCE`, in batches of all
-    the parity images and of one; its record (:data:`PORT_RECORD`) goes inside the folder."""
+    its probabilities are ``osteo predict``'s within :data:`PARITY_TOLERANCE`, calibrated and
+    uncalibrated (a large temperature flattens the calibrated ones), in batches of all the parity
+    images and of one; its record (:data:`PORT_RECORD`) goes inside the folder.
+
+    The child runs this process's osteo (not one in its working folder), in a working folder
+    named as the target's temporaries, so a killed export's is swept by the next one."""
     engine = best.osteo_backbone
     state, preprocessing = engine.keras_port()
     head = _head_weights(best, engine.layer)
@@ -337,52 +344,76 @@ def _export_ported_savedmodel(run: RunDir, best: keras.Model, temperature: float
     with _ieee_float32():
         raw = best.predict(images, batch_size=len(images), verbose=0)
     want = apply_temperature(raw, temperature) if temperature != 1.0 else raw
-    with tempfile.TemporaryDirectory(prefix="osteo-export-") as work, _atomic_dir(target) as tmp:
-        work = Path(work)
-        np.savez(work / "weights.npz", **{f"backbone:{k}": v for k, v in state.items()},
-                 **{f"head:{name}:{i}": w for name, ws in head.items() for i, w in enumerate(ws)})
-        np.save(work / "images.npy", images)
-        np.save(work / "want.npy", want)
-        env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
-        proc = subprocess.run([sys.executable, "-c", _PORT_CHILD, str(run.path), str(work), str(tmp),
-                               repr(temperature), preprocessing], capture_output=True, text=True, env=env,
-                              timeout=1800)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["no message"])[-1][:300]
-            raise OsteoError(f"writing the SavedModel with Keras' layers on TensorFlow failed ({last}); nothing "
-                             "written; export --format onnx instead")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        diff = result["max_abs_diff"]
-        if not diff <= PARITY_TOLERANCE:
-            raise OsteoError(f"the SavedModel's probabilities differ from osteo predict's by {diff:.2g} (over "
-                             f"{PARITY_TOLERANCE:g}) on {len(images)} images; nothing written; export --format "
-                             "onnx instead")
-        recipe = run.read_recipe()
-        write_json(tmp / PORT_RECORD, {
-            "format": "savedmodel", "engine": recipe.model.impl, "backbone": recipe.model.backbone,
-            "ported_to": result["ported_to"], "preprocessing": preprocessing, "temperature": temperature,
-            "signatures": ["serving_default", "serve", "serve_uint8"],
-            "parity": {"reference": "osteo predict, float32 arithmetic", "max_abs_diff": diff,
-                       "images": len(images), "source": source, "tolerance": PARITY_TOLERANCE,
-                       "runtime": result["runtime"]},
-            "osteo_version": osteo.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        })
+    work = None
+    try:
+        with _atomic_dir(target) as tmp:
+            work = _fresh_dir(target)
+            np.savez(work / "weights.npz", **{f"backbone:{k}": v for k, v in state.items()},
+                     **{f"head:{name}:{i}": w for name, ws in head.items() for i, w in enumerate(ws)})
+            for name, array in (("images", images), ("want", want), ("raw", raw)):
+                np.save(work / f"{name}.npy", array)
+            result = _port_child(run, work, tmp, temperature, preprocessing)
+            diff = max(result["max_abs_diff"], result["max_abs_diff_uncalibrated"])
+            if not diff <= PARITY_TOLERANCE:
+                raise OsteoError(f"the SavedModel's probabilities differ from osteo predict's by {diff:.2g} (over "
+                                 f"{PARITY_TOLERANCE:g}) on {len(images)} images; nothing written; export --format "
+                                 "onnx instead")
+            recipe = run.read_recipe()
+            write_json(tmp / PORT_RECORD, {
+                "format": "savedmodel", "engine": recipe.model.impl, "backbone": recipe.model.backbone,
+                "ported_to": result["ported_to"], "preprocessing": preprocessing, "temperature": temperature,
+                "signatures": ["serving_default", "serve", "serve_uint8"],
+                "parity": {"reference": "osteo predict, float32 arithmetic", "max_abs_diff": result["max_abs_diff"],
+                           "max_abs_diff_uncalibrated": result["max_abs_diff_uncalibrated"],
+                           "images": len(images), "source": source, "tolerance": PARITY_TOLERANCE,
+                           "runtime": result["runtime"]},
+                "osteo_version": osteo.__version__,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            })
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
-# Run by _export_ported_savedmodel on TensorFlow: the twin, its weights, the SavedModel, and
-# its probabilities from the SavedModel as loaded back, all images and then the first alone.
+# Run by _port_child on TensorFlow: this process's osteo first on the path, then the twin, its
+# weights, the SavedModel, and the SavedModel's probabilities as loaded back.
 _PORT_CHILD = """
 import json, sys
+osteo_root, run, work, out, temperature, preprocessing = sys.argv[1:]
+sys.path.insert(0, osteo_root)
 from pathlib import Path
 from osteo.errors import OsteoError
 from osteo.export import write_ported_savedmodel
-run, work, out, temperature, preprocessing = sys.argv[1:]
 try:
     result = write_ported_savedmodel(Path(run), Path(work), Path(out), float(temperature), preprocessing)
 except OsteoError as e:
     sys.exit(str(e))
 print(json.dumps(result))
 """
+PORT_TIMEOUT = 3600  # seconds the child may take (DenseNet169 at 32 px: 35-60 s on 2 cores)
+
+
+def _port_child(run: RunDir, work: Path, out: Path, temperature: float, preprocessing: str) -> dict:
+    """:func:`write_ported_savedmodel`'s result, from a child process on TensorFlow; every way it
+    can fail is one line."""
+    fix = "nothing written; export --format onnx instead"
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+    root = Path(osteo.__file__).resolve().parent.parent
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PORT_CHILD, str(root), str(run.path.resolve()), str(work.resolve()),
+                               str(out.resolve()), repr(temperature), preprocessing], capture_output=True, text=True,
+                              env=env, cwd=work, timeout=PORT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise OsteoError(f"writing the SavedModel with Keras' layers on TensorFlow took over {PORT_TIMEOUT} s; "
+                         f"{fix}") from None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1][:300]
+        raise OsteoError(f"writing the SavedModel with Keras' layers on TensorFlow failed ({last}); {fix}")
+    try:
+        return json.loads((proc.stdout.strip().splitlines() or [""])[-1])
+    except json.JSONDecodeError:
+        raise OsteoError(f"writing the SavedModel with Keras' layers on TensorFlow gave no result "
+                         f"({proc.stdout.strip()[-200:]!r}); {fix}") from None
 
 
 def _twin(recipe, preprocessing: str) -> tuple[keras.Model, keras.Model]:
@@ -432,13 +463,17 @@ def write_ported_savedmodel(run_dir: Path, work: Path, out: Path, temperature: f
             model.get_layer(name).set_weights(weights)
         calibrated = calibrated_model(model, temperature)
     _savedmodel_archive(calibrated).write_out(out, verbose=False)
-    images, want = np.load(work / "images.npy"), np.load(work / "want.npy")
+    images, want, raw = (np.load(work / f"{name}.npy") for name in ("images", "want", "raw"))
     serve = tf.saved_model.load(str(out)).signatures["serving_default"]
     with _ieee_float32():
         got = np.concatenate([serve(image=tf.constant(x))[OUTPUT_NAME].numpy() for x in (images, images[:1])])
-    expected = np.concatenate([want, want[:1]]).astype(np.float64)
-    diff = float(np.abs(got.astype(np.float64) - expected).max()) if got.shape == expected.shape else math.inf
-    return {"max_abs_diff": diff, "ported_to": f"keras.applications {spec.constructor.split(':')[1]}",
+        got_raw = model.predict(images, batch_size=len(images), verbose=0)
+
+    def diff(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if a.shape == b.shape else math.inf
+
+    return {"max_abs_diff": diff(got, np.concatenate([want, want[:1]])), "max_abs_diff_uncalibrated": diff(got_raw, raw),
+            "ported_to": f"keras.applications {spec.constructor.split(':')[1]}",
             "runtime": f"tensorflow {tf.__version__}, keras {keras.__version__}"}
 
 
