@@ -112,7 +112,7 @@ from osteo.registry import get_backbone
 from osteo.runs import RunDir, check_output_place
 
 FORMATS = ("onnx", "savedmodel", "keras")
-DEFAULT_NAMES = {"onnx": "model.onnx", "savedmodel": "savedmodel", "keras": "model.keras"}
+DEFAULT_NAMES = {"onnx": "model.onnx", "savedmodel": RunDir.SAVEDMODEL, "keras": "model.keras"}
 EXPORT_DIR = RunDir.EXPORT  # RUN_DIR/export/ holds the default outputs
 # Opset 17 (ONNX 1.12, 2022): read by every onnxruntime from 1.12 on and by most other runtimes.
 ONNX_OPSET = 17
@@ -325,7 +325,7 @@ def _savedmodel_archive(model: keras.Model):
 
 # ------------------------------------------------------------------ a timm run's SavedModel
 
-PORT_RECORD = "osteo_export.json"  # inside a ported SavedModel's folder: what it is, and its parity
+PORT_RECORD = RunDir.PORT_RECORD  # inside a ported SavedModel's folder: what it is, and its parity
 
 
 def _export_ported_savedmodel(run: RunDir, best: keras.Model, temperature: float, target: Path) -> None:
@@ -373,6 +373,8 @@ def _export_ported_savedmodel(run: RunDir, best: keras.Model, temperature: float
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
+    if target == run.export_path / RunDir.SAVEDMODEL:  # the run's own export: its model card says so
+        write_model_card(run)
 
 
 # Run by _port_child on TensorFlow: this process's osteo first on the path, then the twin, its

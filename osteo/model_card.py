@@ -105,6 +105,16 @@ def write_model_card(run_dir) -> Path:
                   f"max |difference| from `osteo predict` {f'{diff:.1e}' if isinstance(diff, float) else '-'} on "
                   f"{parity.get('images')} {parity.get('source')} images ({parity.get('runtime')}, no osteo, "
                   f"Keras or PyTorch loaded); `{RunDir.EXPORT}/predict.py` reads image files as osteo does."]
+    ported = run.export_path / RunDir.SAVEDMODEL / RunDir.PORT_RECORD
+    p = run._read(ported) if ported.is_file() else None
+    if isinstance(p, dict):
+        parity = p.get("parity") if isinstance(p.get("parity"), dict) else {}
+        diffs = [parity.get(k) for k in ("max_abs_diff", "max_abs_diff_uncalibrated")]
+        shown = [f"{d:.1e}" if isinstance(d, float) else "-" for d in diffs]
+        lines += ([] if isinstance(e, dict) else ["", "## Export"]) + [
+            "", f"`{RunDir.EXPORT}/{RunDir.SAVEDMODEL}/`: a TensorFlow SavedModel of this timm run, its weights "
+            f"ported into {p.get('ported_to')}; max |difference| from `osteo predict` {shown[0]} calibrated, "
+            f"{shown[1]} uncalibrated, on {parity.get('images')} {parity.get('source')} images ({parity.get('runtime')})."]
     lines += ["", "## Environment", "",
               f"osteo {env.get('git_commit', '?')[:12]}, Keras {env.get('keras', '?')}, backend "
               f"{env.get('backend', '?')} on {env.get('device', {}).get('runs_on', '?')}, precision "

@@ -3,8 +3,8 @@
 A SavedModel is a TensorFlow graph, and the timm engine's backbone is a PyTorch module. For
 the backbones whose timm module and ``keras.applications`` model are the same architecture
 (the spec's ``keras_port``: VGG16, VGG19, DenseNet169, ConvNeXtTiny), the run's model is
-rebuilt with Keras' layers (:func:`osteo.export._twin`) and the module's state dict is copied into them
-(:func:`port_backbone`): each Keras weight receives exactly one tensor of the state dict,
+rebuilt with Keras' layers (:func:`osteo.export._twin`) and the module's state dict is copied
+into them (:func:`port_backbone`): each Keras weight receives exactly one tensor of the state dict,
 transposed to Keras' layout, and each tensor goes to exactly one weight, or nothing is
 ported. Where the two differ outside the weights, the twin follows timm:
 
@@ -20,9 +20,9 @@ its weights are copied by layer name. :mod:`osteo.export` checks the result: the
 SavedModel's probabilities must be ``osteo predict``'s within its parity tolerance, or
 nothing is written.
 
-The rebuild runs in a child process on TensorFlow (:func:`osteo.export.write_ported_savedmodel`), since the run's model
-loads on PyTorch only; :func:`port_backbone` itself is backend-free (the tests run it on
-PyTorch against the timm module).
+The rebuild runs in a child process on TensorFlow (:func:`osteo.export.write_ported_savedmodel`),
+since the run's model loads on PyTorch only; :func:`port_backbone` itself is backend-free (the
+tests run it on PyTorch against the timm module).
 """
 
 from __future__ import annotations
@@ -198,4 +198,3 @@ def port_backbone(model: keras.Model, state: dict, port: str) -> None:
     if unused:
         raise OsteoError(f"{len(unused)} tensors of the timm state dict have no Keras weight "
                          f"({', '.join(unused[:3])}{' ...' if len(unused) > 3 else ''})")
-
