@@ -101,6 +101,7 @@ class EngineInfo:
     # formats only Keras' layers write, written by porting the weights into them
     # (osteo.backbones.port) for backbones whose spec names a keras_port
     ported_formats: tuple[str, ...] = ()
+    ports_to: str | None = None  # the engine whose layers receive the weights for those formats
 
     def preprocessing(self, spec: BackboneSpec) -> str:
         """The input scaling this engine gives ``spec``'s backbone when the recipe says ``auto``."""
@@ -155,7 +156,8 @@ ENGINES: dict[str, EngineInfo] = {
                         implementation="osteo.backbones.keras_apps:KerasAppsBackbone"),
     "timm": EngineInfo("timm", "timm's PyTorch module inside the Keras model", ("torch",), ("onnx", "keras"),
                        compiles_backbone=True, own_preprocessing="timm",
-                       implementation="osteo.backbones.timm_torch:TimmBackbone", ported_formats=("savedmodel",)),
+                       implementation="osteo.backbones.timm_torch:TimmBackbone", ported_formats=("savedmodel",),
+                       ports_to="keras"),
 }
 
 

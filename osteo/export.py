@@ -77,8 +77,10 @@ import importlib.util
 import json
 import math
 import os
+import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -331,9 +333,10 @@ PORT_RECORD = RunDir.PORT_RECORD  # inside a ported SavedModel's folder: what it
 def _export_ported_savedmodel(run: RunDir, best: keras.Model, temperature: float, target: Path) -> None:
     """A timm run's SavedModel: its weights in Keras' layers (:mod:`osteo.backbones.port`), written
     by a child process on TensorFlow (this one runs the run's PyTorch module), put in place only if
-    its probabilities are ``osteo predict``'s within :data:`PARITY_TOLERANCE`, calibrated and
-    uncalibrated (a large temperature flattens the calibrated ones), in batches of all the parity
-    images and of one; its record (:data:`PORT_RECORD`) goes inside the folder.
+    its probabilities are ``osteo predict``'s within :data:`PARITY_TOLERANCE`: the calibrated ones
+    of the SavedModel as loaded back, in batches of all the parity images and of one, and the
+    uncalibrated ones of the Keras model it was written from (a large temperature flattens the
+    calibrated ones); its record (:data:`PORT_RECORD`) goes inside the folder.
 
     The child runs this process's osteo (not one in its working folder), in a working folder
     named as the target's temporaries, so a killed export's is swept by the next one."""
@@ -393,6 +396,8 @@ except OsteoError as e:
 print(json.dumps(result))
 """
 PORT_TIMEOUT = 3600  # seconds the child may take (DenseNet169 at 32 px: 35-60 s on 2 cores)
+# TensorFlow's own log lines on stderr (absl's "I0000 00:00:..." and its preamble): never the reason
+_TF_LOG = re.compile(r"^([IWEF]\d{4} \d\d:\d\d|WARNING: All log messages before absl|To enable the following)")
 
 
 def _port_child(run: RunDir, work: Path, out: Path, temperature: float, preprocessing: str) -> dict:
@@ -400,7 +405,7 @@ def _port_child(run: RunDir, work: Path, out: Path, temperature: float, preproce
     can fail is one line."""
     fix = "nothing written; export --format onnx instead"
     env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
-    root = Path(osteo.__file__).resolve().parent.parent
+    root = Path(osteo.__file__).resolve().parent.parent  # this process's osteo, whatever PYTHONPATH says
     try:
         proc = subprocess.run([sys.executable, "-c", _PORT_CHILD, str(root), str(run.path.resolve()), str(work.resolve()),
                                str(out.resolve()), repr(temperature), preprocessing], capture_output=True, text=True,
@@ -408,9 +413,13 @@ def _port_child(run: RunDir, work: Path, out: Path, temperature: float, preproce
     except subprocess.TimeoutExpired:
         raise OsteoError(f"writing the SavedModel with Keras' layers on TensorFlow took over {PORT_TIMEOUT} s; "
                          f"{fix}") from None
+    if proc.returncode < 0:  # a signal: the out-of-memory killer, a crash; TensorFlow's log is not why
+        raise OsteoError(f"writing the SavedModel with Keras' layers on TensorFlow was killed by "
+                         f"{signal.Signals(-proc.returncode).name} (out of memory?); {fix}")
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no message"])[-1][:300]
-        raise OsteoError(f"writing the SavedModel with Keras' layers on TensorFlow failed ({last}); {fix}")
+        said = [line for line in proc.stderr.strip().splitlines() if not _TF_LOG.match(line)]
+        raise OsteoError(f"writing the SavedModel with Keras' layers on TensorFlow failed "
+                         f"({(said or ['no message'])[-1][:300]}); {fix}")
     try:
         return json.loads((proc.stdout.strip().splitlines() or [""])[-1])
     except json.JSONDecodeError:
@@ -428,7 +437,8 @@ def _twin(recipe, preprocessing: str) -> tuple[keras.Model, keras.Model]:
 
     m = recipe.model
     clf = Classifier(m.backbone, image_size=recipe.data.image_size, weights="none", head=m.head, augment=m.augment,
-                     seed=recipe.train.seed, freeze_bn=m.freeze_bn, preprocessing=preprocessing, impl="keras")
+                     seed=recipe.train.seed, freeze_bn=m.freeze_bn, preprocessing=preprocessing,
+                     impl=get_engine(m.impl).ports_to)
     backbone = keras_backbone(get_backbone(m.backbone), recipe.data.image_size)
     return clf.build(backbone=backbone), backbone
 

@@ -113,8 +113,9 @@ def write_model_card(run_dir) -> Path:
         shown = [f"{d:.1e}" if isinstance(d, float) else "-" for d in diffs]
         lines += ([] if isinstance(e, dict) else ["", "## Export"]) + [
             "", f"`{RunDir.EXPORT}/{RunDir.SAVEDMODEL}/`: a TensorFlow SavedModel of this timm run, its weights "
-            f"ported into {p.get('ported_to')}; max |difference| from `osteo predict` {shown[0]} calibrated, "
-            f"{shown[1]} uncalibrated, on {parity.get('images')} {parity.get('source')} images ({parity.get('runtime')})."]
+            f"ported into {p.get('ported_to')}; max |difference| from `osteo predict` {shown[0]} calibrated (the "
+            f"SavedModel as loaded back), {shown[1]} uncalibrated (the Keras model it was written from), on "
+            f"{parity.get('images')} {parity.get('source')} images ({parity.get('runtime')})."]
     lines += ["", "## Environment", "",
               f"osteo {env.get('git_commit', '?')[:12]}, Keras {env.get('keras', '?')}, backend "
               f"{env.get('backend', '?')} on {env.get('device', {}).get('runs_on', '?')}, precision "

@@ -267,6 +267,61 @@ def test_gradcam_reads_the_same_activations_on_both_engines(name):
     np.testing.assert_allclose(keras_maps, timm_maps, atol=1e-3)
 
 
+def test_gradcam_on_keras_layers_convnext_reads_timms_last_stage():
+    """The Keras engine's own ConvNeXt (keras.applications' model, its Normalization and trailing
+    LayerNormalization in), given timm's weights: the activations its default Grad-CAM layer
+    reads are what timm's forward_features gives, the last stage's sum (not its residual branch,
+    nor the trailing norm's output)."""
+    from osteo.backbones.base import create
+    from osteo.backbones.keras_apps import keras_gradcam_parts
+    from osteo.backbones.port import _leaves, keras_backbone, port_backbone
+    from osteo.classifier import Classifier
+    from osteo.recipe import AugmentConfig
+    from osteo.registry import get_backbone
+
+    spec, size = get_backbone("convnext_tiny"), 64
+    timm_backbone = create(spec, "timm", image_size=size, weights="none")
+    timm_layer = timm_backbone.build()
+    state, _ = timm_backbone.keras_port()
+    twin = keras_backbone(spec, size)
+    port_backbone(twin, state, spec.keras_port)
+    model = Classifier("convnext_tiny", image_size=size, weights="none", impl="keras",
+                       augment=AugmentConfig(flip=False, zoom=0.0, shear=0.0)).build()
+    own = {layer.name: layer for layer in _leaves(model.osteo_backbone.layer)}
+    for layer in _leaves(twin):  # every weight but the trailing norm's (and the Normalization's constants)
+        own[layer.name].set_weights(layer.get_weights())
+    before, feature, _ = keras_gradcam_parts(model, spec)
+    x = np.random.default_rng(7).uniform(0, 255, (2, size, size, 1)).astype(np.float32)
+    h = x
+    for layer in before:
+        h = layer(h)
+    got = keras.ops.convert_to_numpy(feature(h)[0])
+    want = keras.ops.convert_to_numpy(timm_layer(np.repeat(x, 3, axis=-1), training=False))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("child, message", [
+    ("import os, signal, sys; print('I0000 00:00:1 port.cc:153] a log line', file=sys.stderr); "
+     "os.kill(os.getpid(), signal.SIGKILL)", "was killed by SIGKILL (out of memory?)"),
+    ("import sys; print('the twin has no such layer', file=sys.stderr); "
+     "print('W0000 00:00:1.2 port.cc:153] a log line after it', file=sys.stderr); sys.exit(1)",
+     "failed (the twin has no such layer)"),
+    ("import sys; print('the last line is no result')", "gave no result ('the last line is no result')"),
+])
+def test_a_port_child_that_fails_is_one_line_and_leaves_nothing(vgg_run, tmp_path, monkeypatch, child, message):
+    """Killed (the out-of-memory killer), refused, or silent: one line naming why, not TensorFlow's
+    last log line; no SavedModel, and neither its temporary nor the working folder left."""
+    from osteo.errors import OsteoError
+
+    monkeypatch.setattr(osteo_export, "_PORT_CHILD", child)
+    out = tmp_path / "exports" / "sm"
+    with pytest.raises(OsteoError) as e:
+        export_run(vgg_run, "savedmodel", out)
+    assert message in str(e.value) and "nothing written" in str(e.value) and "\n" not in str(e.value)
+    assert not list(out.parent.iterdir())
+
+
 def test_a_state_dict_that_is_not_the_architecture_ports_nothing():
     """A tensor missing, one left over, or one of another shape: one line naming it."""
     from osteo.backbones.base import create
@@ -320,12 +375,15 @@ def test_a_timm_run_exports_a_savedmodel_that_tensorflow_serves_without_osteo(vg
     assert not target.exists() and not list(target.parent.iterdir())  # nor any temporary
     monkeypatch.undo()
 
-    # exported from a folder that holds another osteo: the child runs this process's own
+    # another osteo first on PYTHONPATH and in the working folder (an old checkout): the child
+    # runs this process's own
     poisoned = tmp_path / "checkout" / "osteo"
     poisoned.mkdir(parents=True)
-    (poisoned / "__init__.py").write_text("raise ImportError('the osteo of the working folder')\n")
+    (poisoned / "__init__.py").write_text("raise ImportError('another osteo')\n")
     monkeypatch.chdir(poisoned.parent)
+    monkeypatch.setenv("PYTHONPATH", str(poisoned.parent))
     assert export_run(vgg_run, "savedmodel") == target
+    monkeypatch.undo()
     record = json.loads((target / "osteo_export.json").read_text())
     assert (record["engine"], record["ported_to"], record["preprocessing"]) == ("timm", "keras.applications VGG16",
                                                                                  "torch")

@@ -346,3 +346,20 @@ def test_more_folds_than_a_class_can_fill_are_refused_before_any_trial(phantom_d
     with pytest.raises(OsteoError, match=re.escape(f"use --folds {smallest} or fewer")) as e:
         run_study(_cfg(phantom_dir, tmp_path, folds=smallest + 1), say=lambda text: None, warn=lambda text: None)
     assert "\n" not in str(e.value) and not list((tmp_path / "runs").rglob("cv.json"))
+
+
+def test_the_studys_one_audit_fills_the_cache_at_each_models_size(phantom_dir, tmp_path, monkeypatch):
+    """Models at different sizes on one folder (the tiny backbone's 64 px default, VGG16's 224): the
+    study's audit, before any trial, leaves every file's entry in both caches."""
+    from osteo.data import pipeline, scan
+
+    monkeypatch.setenv("OSTEO_CACHE", str(tmp_path / "cache"))
+    smallest = min(len(list(c.iterdir())) for c in phantom_dir.iterdir() if c.is_dir())
+    cfg = _cfg(phantom_dir, tmp_path, models=["tiny", "vgg16"], folds=smallest + 1)
+    cfg.options.image_size = None  # each backbone's own default
+    with pytest.raises(OsteoError, match="or fewer"):  # stops after the audit, before any trial
+        run_study(cfg, say=lambda text: None, warn=lambda text: None)
+    ok = scan.audit(phantom_dir, memo=tmp_path / "cache").ok()
+    for size in (64, 224):
+        cache = pipeline.ImageCache(size, "pad")
+        assert ok and all(cache.check(r.sha256) is None for r in ok), size
