@@ -41,7 +41,9 @@ only needs a cast (``x.astype(np.float32)``), which is exact. In detail:
   backbones whose weights port to Keras' layers, :mod:`osteo.backbones.port`): the signature
   ``serving_default`` (also ``serve``) takes ``image`` as float32, and ``serve_uint8``
   takes it as uint8 and casts inside; both return ``{"probabilities": ...}``. Load it
-  with ``tf.saved_model.load`` or serve it with TF Serving. The SavedModel holds each
+  with ``tf.saved_model.load`` or serve it with TF Serving. It is put in place only if, loaded
+  back, it gives ``osteo predict``'s probabilities within :data:`PARITY_TOLERANCE`, and its
+  ``osteo_export.json`` records the parity measured. The SavedModel holds each
   weight twice (Keras' ExportArchive, keras-team/keras#23553): about twice the weights
   on disk.
 * ``keras`` (``model.keras``; runs of both engines): accepts uint8 or float arrays (Keras
@@ -56,7 +58,8 @@ hold) is its model rebuilt with Keras' layers, the module's weights ported into 
 a child process on TensorFlow (:func:`write_ported_savedmodel`), and put in place only if the
 SavedModel, loaded back, gives ``osteo predict``'s probabilities within
 :data:`PARITY_TOLERANCE` on the parity images, in batches of all and of one; the folder's
-``osteo_export.json`` records the parity measured. A format the run's engine cannot write
+``osteo_export.json`` records the parity measured (every SavedModel's folder holds one: a run of
+Keras' layers is checked the same way, loaded back). A format the run's engine cannot write
 (SavedModel for a timm run of a backbone without a port) is refused in one line naming the
 ones it can. Keras' own
 ``model.export(format="onnx")`` is not used: on TensorFlow the ONNX files it writes for
@@ -120,6 +123,7 @@ EXPORT_DIR = RunDir.EXPORT  # RUN_DIR/export/ holds the default outputs
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 RECORD, SCRIPT = RunDir.EXPORT_RECORD, "predict.py"  # written beside an ONNX model
+PORT_RECORD = RunDir.PORT_RECORD  # inside a SavedModel's folder: what it is, and the parity measured
 SCRIPT_SOURCE = Path(__file__).with_name("export_predict.py")  # osteo.export_predict, copied as predict.py
 PARITY_TOLERANCE = 1e-4  # the most an ONNX probability may differ from osteo predict's
 PARITY_IMAGES = 16  # the run's first validation images (or seeded noise when its data is gone)
@@ -161,8 +165,8 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
     interpreter that cannot import osteo, Keras, TensorFlow or PyTorch, its probabilities
     must be ``osteo predict``'s within :data:`PARITY_TOLERANCE`. Beside it go
     ``export.json`` (:func:`onnx_record`) and ``predict.py`` (:mod:`osteo.export_predict`).
-    A timm run's SavedModel (its weights ported into Keras' layers) is checked the same way,
-    loaded back by TensorFlow, and holds its record (:data:`PORT_RECORD`).
+    A SavedModel is checked the same way, loaded back by TensorFlow (a timm run's, its weights
+    ported into Keras' layers, also before calibration), and holds its record (:data:`PORT_RECORD`).
 
     Args:
         run_dir: a finished run directory (one with ``best.weights.h5``).
@@ -217,10 +221,12 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
         else:  # the timm engine: PyTorch's exporter is the only one
             fix = "please report it with the run's recipe.json"
         _export_onnx(run, best, model, temperature, target, fix)
-    elif ported:
-        _export_ported_savedmodel(run, best, temperature, target)
+    elif fmt == "savedmodel":
+        (_export_ported_savedmodel if ported else _export_savedmodel)(run, best, model, temperature, target)
+        if target == run.export_path / RunDir.SAVEDMODEL:  # the run's own export: its model card says so
+            write_model_card(run)
     else:
-        {"savedmodel": _write_savedmodel, "keras": _write_keras}[fmt](model, target)
+        _write_keras(model, target)
     return target
 
 
@@ -306,9 +312,67 @@ def _input_signature(model: keras.Model, dtype: str = "float32") -> list:
     return [tf.TensorSpec((None, *model.input_shape[1:]), dtype, name=INPUT_NAME)]
 
 
-def _write_savedmodel(model: keras.Model, target: Path) -> None:
+def _export_savedmodel(run: RunDir, best: keras.Model, model: keras.Model, temperature: float, target: Path) -> None:
+    """A run of Keras' layers as a SavedModel, put in place only if, loaded back, it gives ``osteo
+    predict``'s probabilities within :data:`PARITY_TOLERANCE` (all the parity images at once, then
+    one); its record (:data:`PORT_RECORD`) goes inside the folder."""
+    images, source, want, _ = _parity_reference(run, best, temperature)
     with _atomic_dir(target) as tmp:
         _savedmodel_archive(model).write_out(tmp, verbose=False)
+        diff = _served_diff(tmp, images, want)
+        _check_savedmodel(diff, len(images), "export --format onnx instead")
+        _write_savedmodel_record(run, tmp, temperature, run.read_recipe().model.preprocessing,
+                                 {"max_abs_diff": diff, "images": len(images), "source": source,
+                                  "runtime": _tf_runtime()})
+
+
+def _parity_reference(run: RunDir, best: keras.Model, temperature: float) -> tuple:
+    """(the parity images, where they come from, ``osteo predict``'s calibrated and uncalibrated
+    probabilities on them, computed in float32 arithmetic)."""
+    images, source = _parity_images(run)
+    with _ieee_float32():
+        raw = best.predict(images, batch_size=len(images), verbose=0)
+    return images, source, apply_temperature(raw, temperature) if temperature != 1.0 else raw, raw
+
+
+def _served_diff(folder: Path, images: np.ndarray, want: np.ndarray) -> float:
+    """The largest difference from ``want`` of the SavedModel in ``folder``, loaded back by TensorFlow,
+    on ``images`` all at once and then the first alone."""
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(str(folder)).signatures["serving_default"]
+    with _ieee_float32():
+        got = np.concatenate([serve(image=tf.constant(x))[OUTPUT_NAME].numpy() for x in (images, images[:1])])
+    return _max_diff(got, np.concatenate([want, want[:1]]))
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if a.shape == b.shape else math.inf
+
+
+def _tf_runtime() -> str:
+    import tensorflow as tf
+
+    return f"tensorflow {tf.__version__}, keras {keras.__version__}"
+
+
+def _check_savedmodel(diff: float, n: int, fix: str) -> None:
+    if not diff <= PARITY_TOLERANCE:
+        raise OsteoError(f"the SavedModel's probabilities differ from osteo predict's by {diff:.2g} (over "
+                         f"{PARITY_TOLERANCE:g}) on {n} images; nothing written; {fix}")
+
+
+def _write_savedmodel_record(run: RunDir, folder: Path, temperature: float, preprocessing: str, parity: dict,
+                             ported_to: str | None = None) -> None:
+    """:data:`PORT_RECORD` in a SavedModel's ``folder``: what it is and the parity measured."""
+    recipe = run.read_recipe()
+    write_json(folder / PORT_RECORD, {
+        "format": "savedmodel", "engine": recipe.model.impl, "backbone": recipe.model.backbone,
+        "ported_to": ported_to, "preprocessing": preprocessing, "temperature": temperature,
+        "signatures": ["serving_default", "serve", "serve_uint8"],
+        "parity": {"reference": "osteo predict, float32 arithmetic", **parity, "tolerance": PARITY_TOLERANCE},
+        "osteo_version": osteo.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
 
 
 def _savedmodel_archive(model: keras.Model):
@@ -327,10 +391,10 @@ def _savedmodel_archive(model: keras.Model):
 
 # ------------------------------------------------------------------ a timm run's SavedModel
 
-PORT_RECORD = RunDir.PORT_RECORD  # inside a ported SavedModel's folder: what it is, and its parity
 
 
-def _export_ported_savedmodel(run: RunDir, best: keras.Model, temperature: float, target: Path) -> None:
+def _export_ported_savedmodel(run: RunDir, best: keras.Model, model: keras.Model, temperature: float,
+                              target: Path) -> None:
     """A timm run's SavedModel: its weights in Keras' layers (:mod:`osteo.backbones.port`), written
     by a child process on TensorFlow (this one runs the run's PyTorch module), put in place only if
     its probabilities are ``osteo predict``'s within :data:`PARITY_TOLERANCE`: the calibrated ones
@@ -340,13 +404,11 @@ def _export_ported_savedmodel(run: RunDir, best: keras.Model, temperature: float
 
     The child runs this process's osteo (not one in its working folder), in a working folder
     named as the target's temporaries, so a killed export's is swept by the next one."""
+    del model  # the run's own (PyTorch) model: the child builds Keras' layers
     engine = best.osteo_backbone
     state, preprocessing = engine.keras_port()
     head = _head_weights(best, engine.layer)
-    images, source = _parity_images(run)
-    with _ieee_float32():
-        raw = best.predict(images, batch_size=len(images), verbose=0)
-    want = apply_temperature(raw, temperature) if temperature != 1.0 else raw
+    images, source, want, raw = _parity_reference(run, best, temperature)
     work = None
     try:
         with _atomic_dir(target) as tmp:
@@ -356,28 +418,14 @@ def _export_ported_savedmodel(run: RunDir, best: keras.Model, temperature: float
             for name, array in (("images", images), ("want", want), ("raw", raw)):
                 np.save(work / f"{name}.npy", array)
             result = _port_child(run, work, tmp, temperature, preprocessing)
-            diff = max(result["max_abs_diff"], result["max_abs_diff_uncalibrated"])
-            if not diff <= PARITY_TOLERANCE:
-                raise OsteoError(f"the SavedModel's probabilities differ from osteo predict's by {diff:.2g} (over "
-                                 f"{PARITY_TOLERANCE:g}) on {len(images)} images; nothing written; export --format "
-                                 "onnx instead")
-            recipe = run.read_recipe()
-            write_json(tmp / PORT_RECORD, {
-                "format": "savedmodel", "engine": recipe.model.impl, "backbone": recipe.model.backbone,
-                "ported_to": result["ported_to"], "preprocessing": preprocessing, "temperature": temperature,
-                "signatures": ["serving_default", "serve", "serve_uint8"],
-                "parity": {"reference": "osteo predict, float32 arithmetic", "max_abs_diff": result["max_abs_diff"],
-                           "max_abs_diff_uncalibrated": result["max_abs_diff_uncalibrated"],
-                           "images": len(images), "source": source, "tolerance": PARITY_TOLERANCE,
-                           "runtime": result["runtime"]},
-                "osteo_version": osteo.__version__,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            })
+            _check_savedmodel(max(result["max_abs_diff"], result["max_abs_diff_uncalibrated"]), len(images),
+                              "export --format onnx instead")
+            _write_savedmodel_record(run, tmp, temperature, preprocessing, {
+                "max_abs_diff": result["max_abs_diff"], "max_abs_diff_uncalibrated": result["max_abs_diff_uncalibrated"],
+                "images": len(images), "source": source, "runtime": result["runtime"]}, ported_to=result["ported_to"])
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
-    if target == run.export_path / RunDir.SAVEDMODEL:  # the run's own export: its model card says so
-        write_model_card(run)
 
 
 # Run by _port_child on TensorFlow: this process's osteo first on the path, then the twin, its
@@ -452,9 +500,8 @@ def _head_weights(model: keras.Model, backbone) -> dict[str, list]:
 def write_ported_savedmodel(run_dir: Path, work: Path, out: Path, temperature: float, preprocessing: str) -> dict:
     """On TensorFlow: write to ``out`` the SavedModel of the timm run ``run_dir`` whose weights
     and parity images are in ``work`` (:func:`_export_ported_savedmodel`'s), then run it as
-    loaded back; returns the largest difference from ``work/want.npy``."""
-    import tensorflow as tf
-
+    loaded back; returns its largest difference from ``work/want.npy``, and the Keras model's
+    from ``work/raw.npy`` (before the temperature)."""
     from osteo.backbones.port import port_backbone
 
     recipe = RunDir(run_dir).read_recipe()
@@ -476,17 +523,10 @@ def write_ported_savedmodel(run_dir: Path, work: Path, out: Path, temperature: f
         calibrated = calibrated_model(model, temperature)
     _savedmodel_archive(calibrated).write_out(out, verbose=False)
     images, want, raw = (np.load(work / f"{name}.npy") for name in ("images", "want", "raw"))
-    serve = tf.saved_model.load(str(out)).signatures["serving_default"]
     with _ieee_float32():
-        got = np.concatenate([serve(image=tf.constant(x))[OUTPUT_NAME].numpy() for x in (images, images[:1])])
         got_raw = model.predict(images, batch_size=len(images), verbose=0)
-
-    def diff(a: np.ndarray, b: np.ndarray) -> float:
-        return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if a.shape == b.shape else math.inf
-
-    return {"max_abs_diff": diff(got, np.concatenate([want, want[:1]])), "max_abs_diff_uncalibrated": diff(got_raw, raw),
-            "ported_to": f"keras.applications {spec.constructor.split(':')[1]}",
-            "runtime": f"tensorflow {tf.__version__}, keras {keras.__version__}"}
+    return {"max_abs_diff": _served_diff(out, images, want), "max_abs_diff_uncalibrated": _max_diff(got_raw, raw),
+            "ported_to": f"keras.applications {spec.constructor.split(':')[1]}", "runtime": _tf_runtime()}
 
 
 # --------------------------------------------------------------------------- ONNX

@@ -111,11 +111,14 @@ def write_model_card(run_dir) -> Path:
         parity = p.get("parity") if isinstance(p.get("parity"), dict) else {}
         diffs = [parity.get(k) for k in ("max_abs_diff", "max_abs_diff_uncalibrated")]
         shown = [f"{d:.1e}" if isinstance(d, float) else "-" for d in diffs]
+        what = (f"a TensorFlow SavedModel of this timm run, its weights ported into {p.get('ported_to')}"
+                if p.get("ported_to") else "a TensorFlow SavedModel")
+        uncalibrated = (f", {shown[1]} uncalibrated (the Keras model it was written from)"
+                        if "max_abs_diff_uncalibrated" in parity else "")
         lines += ([] if isinstance(e, dict) else ["", "## Export"]) + [
-            "", f"`{RunDir.EXPORT}/{RunDir.SAVEDMODEL}/`: a TensorFlow SavedModel of this timm run, its weights "
-            f"ported into {p.get('ported_to')}; max |difference| from `osteo predict` {shown[0]} calibrated (the "
-            f"SavedModel as loaded back), {shown[1]} uncalibrated (the Keras model it was written from), on "
-            f"{parity.get('images')} {parity.get('source')} images ({parity.get('runtime')})."]
+            "", f"`{RunDir.EXPORT}/{RunDir.SAVEDMODEL}/`: {what}; max |difference| from `osteo predict` {shown[0]} "
+            f"calibrated (the SavedModel as loaded back){uncalibrated}, on {parity.get('images')} "
+            f"{parity.get('source')} images ({parity.get('runtime')})."]
     lines += ["", "## Environment", "",
               f"osteo {env.get('git_commit', '?')[:12]}, Keras {env.get('keras', '?')}, backend "
               f"{env.get('backend', '?')} on {env.get('device', {}).get('runs_on', '?')}, precision "

@@ -82,7 +82,7 @@ class RunDir(_Folder):
     EXPORT = "export"  # osteo export's default outputs
     EXPORT_RECORD = "export.json"  # beside an ONNX export: what it is and the parity measured
     SAVEDMODEL = "savedmodel"  # osteo export --format savedmodel's default folder, under EXPORT
-    PORT_RECORD = "osteo_export.json"  # inside a timm run's SavedModel: its port and the parity measured
+    PORT_RECORD = "osteo_export.json"  # inside a SavedModel's folder: what it is and the parity measured
     BACKUP = ".backup"  # the resumable training state (TrainingState); removed when the run ends
     TENSORBOARD = "tensorboard"
     REQUIRED = (RECIPE, SPLIT)  # what makes a folder a run directory

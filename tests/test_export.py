@@ -216,10 +216,23 @@ def test_savedmodel_matches_keras_without_osteo(run, images, expected, tmp_path)
         assert export_run(run, "savedmodel", out) == out
     assert (out / "saved_model.pb").is_file()
     assert sorted(p.name for p in out.parent.iterdir()) == ["sm"]  # no temporaries left
+    record = json.loads((out / "osteo_export.json").read_text())  # checked loaded back, as a timm run's
+    assert (record["engine"], record["ported_to"], record["temperature"]) == ("keras", None, TEMPERATURE)
+    assert record["parity"]["max_abs_diff"] <= TOLERANCE and record["parity"]["images"] > 0
     info, got = consume("savedmodel", out, images, tmp_path)
     assert info == {"signatures": ["serve", "serve_uint8", "serving_default"]}
     for k, ref in (("uint8", "uint8"), ("uint8_cast", "uint8"), ("float", "float")):
         assert _max_diff(got[k], expected[ref]) <= TOLERANCE, k
+
+
+def test_a_savedmodel_that_does_not_match_is_not_written(run, tmp_path, monkeypatch):
+    import osteo.export
+
+    monkeypatch.setattr(osteo.export, "PARITY_TOLERANCE", -1.0)  # no SavedModel passes
+    out = tmp_path / "exports" / "sm"
+    with pytest.raises(OsteoError, match=r"SavedModel's probabilities differ from osteo predict's .* nothing written"):
+        export_run(run, "savedmodel", out)
+    assert not list(out.parent.iterdir())  # nor any temporary
 
 
 def test_keras_format_loads_in_safe_mode_and_matches(run, images, expected, tmp_path):

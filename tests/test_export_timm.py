@@ -391,7 +391,9 @@ def test_a_timm_run_exports_a_savedmodel_that_tensorflow_serves_without_osteo(vg
     assert max(record["parity"]["max_abs_diff"], record["parity"]["max_abs_diff_uncalibrated"]) <= TOLERANCE
     card = vgg_run.model_card_path.read_text()  # the run's card says what was exported, and its parity
     assert (f"ported into keras.applications VGG16; max |difference| from `osteo predict` "
-            f"{record['parity']['max_abs_diff']:.1e} calibrated") in card and "16 validation images" in card
+            f"{record['parity']['max_abs_diff']:.1e} calibrated (the SavedModel as loaded back), "
+            f"{record['parity']['max_abs_diff_uncalibrated']:.1e} uncalibrated") in card
+    assert "16 validation images" in card
 
     data = vgg_run.read_recipe().data
     files = sorted(Path(phantom_dir).rglob("*.png"))[::20][:6]
