@@ -392,7 +392,6 @@ def _savedmodel_archive(model: keras.Model):
 # ------------------------------------------------------------------ a timm run's SavedModel
 
 
-
 def _export_ported_savedmodel(run: RunDir, best: keras.Model, model: keras.Model, temperature: float,
                               target: Path) -> None:
     """A timm run's SavedModel: its weights in Keras' layers (:mod:`osteo.backbones.port`), written

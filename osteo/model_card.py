@@ -105,8 +105,8 @@ def write_model_card(run_dir) -> Path:
                   f"max |difference| from `osteo predict` {f'{diff:.1e}' if isinstance(diff, float) else '-'} on "
                   f"{parity.get('images')} {parity.get('source')} images ({parity.get('runtime')}, no osteo, "
                   f"Keras or PyTorch loaded); `{RunDir.EXPORT}/predict.py` reads image files as osteo does."]
-    ported = run.export_path / RunDir.SAVEDMODEL / RunDir.PORT_RECORD
-    p = run._read(ported) if ported.is_file() else None
+    saved = run.export_path / RunDir.SAVEDMODEL / RunDir.PORT_RECORD  # a SavedModel's record, either engine's
+    p = run._read(saved) if saved.is_file() else None
     if isinstance(p, dict):
         parity = p.get("parity") if isinstance(p.get("parity"), dict) else {}
         diffs = [parity.get(k) for k in ("max_abs_diff", "max_abs_diff_uncalibrated")]
