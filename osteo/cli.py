@@ -612,10 +612,13 @@ def _add_calibrate_parser(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from osteo.export import export_run
+    """``osteo export``: the path written, and how close its probabilities came to ``osteo predict``'s."""
+    from osteo.export import export_run, parity_of
 
     out = export_run(args.run, args.format, args.out)
-    print(f"wrote {out}")
+    parity = parity_of(out, args.format)
+    print(f"wrote {out}" + (f" (its probabilities within {parity['max_abs_diff']:.1e} of osteo predict's on "
+                            f"{parity['images']} {parity['source']} images)" if parity else ""))
     return 0
 
 

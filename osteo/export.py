@@ -230,6 +230,16 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
     return target
 
 
+def parity_of(path: Path, fmt: str) -> dict | None:
+    """The parity an export at ``path`` recorded (``export.json`` beside an ONNX model,
+    :data:`PORT_RECORD` in a SavedModel's folder); None for a ``.keras`` file, which is the run's
+    own Keras model."""
+    record = {"onnx": path.parent / RECORD, "savedmodel": path / PORT_RECORD}.get(fmt)
+    if record is None or not record.is_file():
+        return None
+    return json.loads(record.read_text(encoding="utf-8")).get("parity")
+
+
 def calibrated_model(model: keras.Model, temperature: float) -> keras.Model:
     """``model`` without its augmentation, with temperature scaling on its output.
 

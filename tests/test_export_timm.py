@@ -57,6 +57,9 @@ def test_the_cli_exports_a_timm_run_to_onnx_that_predict_py_runs_without_osteo(t
     assert record["exporter"].startswith("torch.onnx ") and record["temperature"] == TEMPERATURE
     assert record["parity"]["max_abs_diff"] <= TOLERANCE and record["parity"]["source"] == "validation"
     assert record["parity"]["images"] == min(16, sum(r["split"] == "val" for r in timm_run.read_split()))
+    assert proc.stdout.strip() == (f"wrote {folder / 'model.onnx'} (its probabilities within "
+                                   f"{record['parity']['max_abs_diff']:.1e} of osteo predict's on "
+                                   f"{record['parity']['images']} validation images)")
     graph = onnx.load(folder / "model.onnx").graph
     dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*graph.input, *graph.output)]
     assert [v.name for v in (*graph.input, *graph.output)] == ["image", "probabilities"]
