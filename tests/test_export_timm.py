@@ -371,7 +371,6 @@ def test_a_timm_run_exports_a_savedmodel_that_tensorflow_serves_without_osteo(vg
 
     from osteo.calibrate import apply_temperature
     from osteo.data.pipeline import SCALE, load_levels
-    from osteo.errors import OsteoError
     from osteo.predict import load_best
 
     target = vgg_run.path / "export" / "savedmodel"
