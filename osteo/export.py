@@ -330,15 +330,16 @@ def _export_savedmodel(run: RunDir, best: keras.Model, model: keras.Model, tempe
     with _atomic_dir(target) as tmp:
         _savedmodel_archive(model).write_out(tmp, verbose=False)
         diff = _served_diff(tmp, images, want)
-        _check_savedmodel(diff, len(images), "export --format onnx instead")
-        _write_savedmodel_record(run, tmp, temperature, run.read_recipe().model.preprocessing,
-                                 {"max_abs_diff": diff, "images": len(images), "source": source,
-                                  "runtime": _tf_runtime()})
+        _check_parity(diff, len(images), "the SavedModel", "export --format onnx instead")
+        _write_savedmodel_record(run, tmp, temperature, {"max_abs_diff": diff, "images": len(images),
+                                                         "source": source, "runtime": _tf_runtime()})
 
 
 def _parity_reference(run: RunDir, best: keras.Model, temperature: float) -> tuple:
     """(the parity images, where they come from, ``osteo predict``'s calibrated and uncalibrated
-    probabilities on them, computed in float32 arithmetic)."""
+    probabilities on them): what osteo predict reports (:class:`osteo.predict.Predictor`: the
+    model's probabilities, then the temperature in NumPy), in the float32 arithmetic an export is
+    run in."""
     images, source = _parity_images(run)
     with _ieee_float32():
         raw = best.predict(images, batch_size=len(images), verbose=0)
@@ -366,19 +367,23 @@ def _tf_runtime() -> str:
     return f"tensorflow {tf.__version__}, keras {keras.__version__}"
 
 
-def _check_savedmodel(diff: float, n: int, fix: str) -> None:
+def _check_parity(diff: float, n: int, what: str, fix: str) -> None:
+    """Refuse an export (``what``: "the ONNX model", "the SavedModel") whose probabilities differ
+    from ``osteo predict``'s by more than :data:`PARITY_TOLERANCE` on ``n`` images."""
     if not diff <= PARITY_TOLERANCE:
-        raise OsteoError(f"the SavedModel's probabilities differ from osteo predict's by {diff:.2g} (over "
+        raise OsteoError(f"{what}'s probabilities differ from osteo predict's by {diff:.2g} (over "
                          f"{PARITY_TOLERANCE:g}) on {n} images; nothing written; {fix}")
 
 
-def _write_savedmodel_record(run: RunDir, folder: Path, temperature: float, preprocessing: str, parity: dict,
-                             ported_to: str | None = None) -> None:
-    """:data:`PORT_RECORD` in a SavedModel's ``folder``: what it is and the parity measured."""
+def _write_savedmodel_record(run: RunDir, folder: Path, temperature: float, parity: dict,
+                             ported_to: str | None = None, preprocessing: str | None = None) -> None:
+    """:data:`PORT_RECORD` in a SavedModel's ``folder``: what it is and the parity measured;
+    ``preprocessing``: the input scaling of a ported model (None: the run's own)."""
     recipe = run.read_recipe()
     write_json(folder / PORT_RECORD, {
         "format": "savedmodel", "engine": recipe.model.impl, "backbone": recipe.model.backbone,
-        "ported_to": ported_to, "preprocessing": preprocessing, "temperature": temperature,
+        "ported_to": ported_to, "preprocessing": preprocessing or recipe.model.preprocessing,
+        "temperature": temperature,
         "signatures": ["serving_default", "serve", "serve_uint8"],
         "parity": {"reference": "osteo predict, float32 arithmetic", **parity, "tolerance": PARITY_TOLERANCE},
         "osteo_version": osteo.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -427,11 +432,12 @@ def _export_ported_savedmodel(run: RunDir, best: keras.Model, model: keras.Model
             for name, array in (("images", images), ("want", want), ("raw", raw)):
                 np.save(work / f"{name}.npy", array)
             result = _port_child(run, work, tmp, temperature, preprocessing)
-            _check_savedmodel(max(result["max_abs_diff"], result["max_abs_diff_uncalibrated"]), len(images),
-                              "export --format onnx instead")
-            _write_savedmodel_record(run, tmp, temperature, preprocessing, {
+            _check_parity(max(result["max_abs_diff"], result["max_abs_diff_uncalibrated"]), len(images),
+                          "the SavedModel", "export --format onnx instead")
+            _write_savedmodel_record(run, tmp, temperature, {
                 "max_abs_diff": result["max_abs_diff"], "max_abs_diff_uncalibrated": result["max_abs_diff_uncalibrated"],
-                "images": len(images), "source": source, "runtime": result["runtime"]}, ported_to=result["ported_to"])
+                "images": len(images), "source": source, "runtime": result["runtime"]},
+                ported_to=result["ported_to"], preprocessing=preprocessing)
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
@@ -546,12 +552,8 @@ def _export_onnx(run: RunDir, best: keras.Model, model: keras.Model, temperature
     """Write ``model`` as ONNX to ``target`` if onnxruntime, without osteo, gives ``osteo predict``'s
     probabilities; then its record and the standalone script beside it. ``fix``: what to do
     when the exporter cannot translate the model."""
-    images, source = _parity_images(run)
+    images, source, want, _ = _parity_reference(run, best, temperature)
     with _ieee_float32():
-        # what osteo predict reports (osteo.predict.Predictor: the model's probabilities,
-        # then the temperature in NumPy), in the float32 arithmetic the ONNX model is run in
-        raw = best.predict(images, batch_size=len(images), verbose=0)
-        want = apply_temperature(raw, temperature) if temperature != 1.0 else raw
         if keras.backend.backend() == "tensorflow":
             proto, exporter = _onnx_from_tensorflow(model), f"tf2onnx {importlib.metadata.version('tf2onnx')}"
         else:
@@ -562,9 +564,7 @@ def _export_onnx(run: RunDir, best: keras.Model, model: keras.Model, temperature
     with atomic_path(target) as tmp:
         onnx.save(proto, tmp)
         diff, runtime = _parity(tmp, images, want)
-        if not diff <= PARITY_TOLERANCE:
-            raise OsteoError(f"the ONNX model's probabilities differ from osteo predict's by {diff:.2g} "
-                             f"(over {PARITY_TOLERANCE:g}) on {len(images)} images; nothing written; {fix}")
+        _check_parity(diff, len(images), "the ONNX model", fix)
         sha256 = sha256_file(tmp)
     record = onnx_record(run, target.name, temperature, exporter=exporter, sha256=sha256,
                          parity={"max_abs_diff": diff, "images": len(images), "source": source,
@@ -700,10 +700,7 @@ def _parity(model: Path, images: np.ndarray, want: np.ndarray) -> tuple[float, s
                              "check that onnxruntime imports: python -c 'import onnxruntime'")
         got = np.load(out)
     runtime = json.loads(proc.stdout.strip().splitlines()[-1])["runtime"]
-    expected = np.concatenate([want, want[:1]]).astype(np.float64)
-    if got.shape != expected.shape:
-        return math.inf, runtime
-    return float(np.abs(got.astype(np.float64) - expected).max()), runtime
+    return _max_diff(got, np.concatenate([want, want[:1]])), runtime
 
 
 def _torch_version() -> str:
