@@ -105,6 +105,7 @@ from osteo.device import get_engine
 from osteo.errors import OsteoError
 from osteo.files import (
     atomic_path,
+    owned_prefix,
     sha256_file,
     sweep_temporaries,
     temporaries_of,
@@ -443,6 +444,19 @@ def _export_ported_savedmodel(run: RunDir, best: keras.Model, model: keras.Model
             shutil.rmtree(work, ignore_errors=True)
 
 
+# Before _PORT_CHILD, in the same child: it dies with the export that started it (Linux's
+# PR_SET_PDEATHSIG), so a killed export leaves no child writing on into its temporaries. The
+# export's id is the last argument; a child whose export died before the prctl stops itself.
+_DIE_WITH_PARENT = """
+import ctypes, os, signal, sys
+export_pid = int(sys.argv.pop())
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):  # not Linux: the child may outlive a killed export
+    pass
+if os.getppid() != export_pid:
+    sys.exit("the export that started this was stopped")
+"""
 # Run by _port_child on TensorFlow: this process's osteo first on the path, then the twin, its
 # weights, the SavedModel, and the SavedModel's probabilities as loaded back.
 _PORT_CHILD = """
@@ -470,9 +484,10 @@ def _port_child(run: RunDir, work: Path, out: Path, temperature: float, preproce
     env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
     root = Path(osteo.__file__).resolve().parent.parent  # this process's osteo, whatever PYTHONPATH says
     try:
-        proc = subprocess.run([sys.executable, "-c", _PORT_CHILD, str(root), str(run.path.resolve()), str(work.resolve()),
-                               str(out.resolve()), repr(temperature), preprocessing], capture_output=True, text=True,
-                              env=env, cwd=work, timeout=PORT_TIMEOUT)
+        proc = subprocess.run([sys.executable, "-c", _DIE_WITH_PARENT + _PORT_CHILD, str(root), str(run.path.resolve()),
+                               str(work.resolve()), str(out.resolve()), repr(temperature), preprocessing,
+                               str(os.getpid())], capture_output=True, text=True, env=env, cwd=work,
+                              timeout=PORT_TIMEOUT)
     except subprocess.TimeoutExpired:
         raise OsteoError(f"writing the SavedModel with Keras' layers on TensorFlow took over {PORT_TIMEOUT} s; "
                          f"{fix}") from None
@@ -913,7 +928,8 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
 
 
 def _fresh_dir(path: Path) -> Path:
-    """A new empty folder ``.<name>.<random>.tmp`` next to ``path`` (mode as the umask says)."""
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    """A new empty folder ``.<name>.<pid>-<random>.tmp`` next to ``path`` (mode as the umask says),
+    which :func:`osteo.files.sweep_temporaries` keeps while this process runs."""
+    tmp = path.parent / f"{owned_prefix(f'.{path.name}.')}{secrets.token_hex(6)}.tmp"
     tmp.mkdir()
     return tmp

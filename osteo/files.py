@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -35,7 +36,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     check_output(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix or path.suffix}", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=owned_prefix(f".{path.stem}."), suffix=f".tmp{suffix or path.suffix}",
+                                   dir=path.parent)
     except OSError as e:
         raise OsteoError(
             f"cannot write to {path.parent}: {e.strerror}; choose a writable output directory"
@@ -114,7 +116,7 @@ def replace_folder(new: str | os.PathLike, target: str | os.PathLike, aside: str
     target.parent.mkdir(parents=True, exist_ok=True)
     old = None
     if os.path.lexists(target):
-        old = Path(aside or target.parent) / f".{target.name}.old-{secrets.token_hex(4)}.tmp"
+        old = Path(aside or target.parent) / f"{owned_prefix(f'.{target.name}.old-')}{secrets.token_hex(4)}.tmp"
         os.replace(target, old)
     try:
         os.replace(new, target)
@@ -137,8 +139,9 @@ def sweep_temporaries(folder: str | os.PathLike, grace: float = 60.0, pattern: s
     """Remove osteo's temporaries (``pattern``) in ``folder`` left by processes that died.
 
     Only entries last touched ``grace`` seconds before this process started are
-    removed, so a temporary that a live process is still writing is kept. In a folder
-    that is not osteo's own (``predict --out``'s), ``pattern`` names one target's
+    removed, and none whose name says its writer (:func:`owned_prefix`) is a process
+    still running: a live export waiting on a child for minutes touches nothing. In a
+    folder that is not osteo's own (``predict --out``'s), ``pattern`` names one target's
     temporaries only (:func:`temporaries_of`).
     """
     import shutil
@@ -147,12 +150,53 @@ def sweep_temporaries(folder: str | os.PathLike, grace: float = 60.0, pattern: s
     removed = []
     for p in Path(folder).glob(pattern):
         try:
-            if p.lstat().st_mtime < cutoff:
+            touched = p.lstat().st_mtime
+            if touched < cutoff and not _writer_alive(p.name, touched):
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
                 removed.append(p)
         except OSError:
             continue  # gone already, or not ours to remove
     return removed
+
+
+def owned_prefix(prefix: str) -> str:
+    """``prefix`` and this process's id: a temporary whose name starts so is kept by
+    :func:`sweep_temporaries` while this process runs, however long ago it was touched."""
+    return f"{prefix}{os.getpid()}-"
+
+
+# the writer's id in a temporary's name: owned_prefix's "<pid>-", then the random part and ".tmp"
+_WRITER = re.compile(r"(?:^|[.-])(\d+)-[A-Za-z0-9_]+\.tmp")
+
+
+def _writer_alive(name: str, touched: float) -> bool:
+    """Whether the temporary ``name``, last touched at ``touched``, names a process of this host
+    that is running and began before that (not a later process given the same id)."""
+    found = _WRITER.findall(name)
+    return bool(found) and pid_alive(int(found[-1]), started_by=touched)
+
+
+def pid_alive(pid: int, started_by: float | None = None) -> bool:
+    """Whether process ``pid`` runs on this host (this process does; so does one of another
+    user's), and, given ``started_by`` (epoch seconds), began no later than that."""
+    import psutil
+
+    if pid == os.getpid() or os.name == "nt":  # on Windows, os.kill would end the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        pass
+    if started_by is None:
+        return True
+    try:
+        return psutil.Process(pid).create_time() <= started_by + 2.0  # /proc's start time is coarse
+    except psutil.NoSuchProcess:
+        return False  # gone since
+    except psutil.Error:
+        return True  # not ours to read: kept
 
 
 def temporaries_of(path: str | os.PathLike) -> str:

@@ -23,7 +23,14 @@ import numpy as np
 
 from osteo import CLASSES, killpoints
 from osteo.errors import OsteoError
-from osteo.files import check_output, sha256_file, sweep_temporaries, temporaries_of, write_csv
+from osteo.files import (
+    check_output,
+    owned_prefix,
+    sha256_file,
+    sweep_temporaries,
+    temporaries_of,
+    write_csv,
+)
 from osteo.model_card import write_model_card
 from osteo.runs import PROB_COLUMNS, CvDir, RunDir, check_output_place
 
@@ -407,7 +414,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     stage_in = run.path if out.resolve().parent == run.eval_path.resolve() else out.parent
     for pattern in (f"{EVAL_STAGE}*", f".{glob.escape(out.name)}.old-*.tmp"):  # a killed eval's
         sweep_temporaries(stage_in, pattern=pattern)
-    stage = Path(tempfile.mkdtemp(prefix=f"{EVAL_STAGE}{out.name}.", suffix=".tmp", dir=stage_in))
+    stage = Path(tempfile.mkdtemp(prefix=owned_prefix(f"{EVAL_STAGE}{out.name}."), suffix=".tmp", dir=stage_in))
     try:
         RunDir(stage).write_predictions(raw_rows, raw, "external")
         write_json(stage / RunDir.METRICS, report)

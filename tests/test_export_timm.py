@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -326,6 +327,56 @@ def test_a_port_child_that_fails_is_one_line_and_leaves_nothing(vgg_run, tmp_pat
         export_run(vgg_run, "savedmodel", out)
     assert message in str(e.value) and "nothing written" in str(e.value) and "\n" not in str(e.value)
     assert not list(out.parent.iterdir())
+
+
+def test_an_export_waiting_on_its_child_keeps_its_temporaries_from_another_exports_sweep(vgg_run, tmp_path,
+                                                                                        monkeypatch):
+    """A second export of the same target, started while the first's child still writes,
+    sweeps the temporaries of killed exports only: the first's folder and its child's
+    working folder, however old, are kept, and the first export completes."""
+    child = ("import json, os, subprocess, sys\n"
+             "out = sys.argv[4]\n"
+             "code = ('import sys; from osteo.files import sweep_temporaries, temporaries_of; '\n"
+             "        'print(len(sweep_temporaries(sys.argv[1], grace=-1e9, pattern=temporaries_of(sys.argv[2]))))')\n"
+             "target = os.path.join(os.path.dirname(out), 'sm')\n"
+             "swept = subprocess.run([sys.executable, '-c', code, os.path.dirname(out), target], check=True,\n"
+             "                       capture_output=True, text=True).stdout.strip()\n"
+             "assert swept == '0', swept\n"
+             "open(os.path.join(out, 'saved_model.pb'), 'wb').close()\n"
+             "print(json.dumps({'max_abs_diff': 0.0, 'max_abs_diff_uncalibrated': 0.0, 'ported_to': 'x', "
+             "'runtime': 'y'}))\n")
+    monkeypatch.setattr(osteo_export, "_PORT_CHILD", child)
+    out = tmp_path / "exports" / "sm"
+    assert export_run(vgg_run, "savedmodel", out) == out
+    assert (out / "saved_model.pb").is_file() and (out / "osteo_export.json").is_file()
+    assert [p.name for p in out.parent.iterdir()] == ["sm"]
+
+
+def test_a_killed_export_takes_its_child_with_it(vgg_run, tmp_path):
+    """An export killed (SIGKILL) while its child writes the SavedModel leaves no child running
+    on into its temporaries: the child dies with it. Here the child itself kills the export, at
+    the point where it starts its work, then would wait for ever."""
+    import psutil
+
+    pid_file = tmp_path / "child.pid"
+    child = (f"import os, signal, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+             "os.kill(os.getppid(), signal.SIGKILL)\nwhile True:\n    time.sleep(1)\n")
+    script = ("import sys; import osteo.export as e; from osteo.runs import RunDir\n"
+              "e._PORT_CHILD = sys.argv[1]\ne.export_run(RunDir(sys.argv[2]), 'savedmodel', sys.argv[3])\n")
+    proc = subprocess.run([sys.executable, "-c", script, child, str(vgg_run.path), str(tmp_path / "sm")],
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    pid, deadline = int(pid_file.read_text()), time.monotonic() + 60
+    while True:  # until the child is gone, or a zombie no one reaps (which runs nothing)
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            pytest.fail("the export's child ran on after the export was killed")
+        time.sleep(0.05)
 
 
 def test_a_state_dict_that_is_not_the_architecture_ports_nothing():

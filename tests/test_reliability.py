@@ -285,6 +285,71 @@ for i in range(3):
         Image.open(tmp_path / "p.png").load()
 
 
+def _sweep_elsewhere(folder) -> list[str]:
+    """What another osteo process's sweep of ``folder`` removes, however old the temporaries are."""
+    code = ("import sys; from osteo.files import sweep_temporaries; "
+            "print('\\n'.join(p.name for p in sweep_temporaries(sys.argv[1], grace=-1e9)))")
+    proc = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True)
+    return proc.stdout.split()
+
+
+def test_a_temporary_is_swept_only_once_the_process_that_writes_it_is_gone(tmp_path):
+    """A temporary named by a running process is kept however long ago it was touched (an
+    export waits minutes on its child); one of a process that is gone, one whose process id
+    was given to a later process, and one that names no process are swept."""
+    import psutil
+
+    from osteo.files import sweep_temporaries
+
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead = int(gone.stdout)
+    try:
+        began = psutil.Process(live.pid).create_time()
+        names = {"kept": f".m.{live.pid}-k2x9q1.tmp.json", "kept_dir": f".savedmodel.{live.pid}-0a1b2c3d.tmp",
+                 "reused": f".h.{live.pid}-r7m2w0.tmp.csv", "dead": f".p.{dead}-d4n8z3.tmp.png",
+                 "unnamed": ".q.a1b2c3d4.tmp"}
+        for key, name in names.items():
+            if key == "kept_dir":
+                (tmp_path / name).mkdir()
+                (tmp_path / name / "saved_model.pb").write_bytes(b"x")
+            else:
+                (tmp_path / name).write_text("x")
+            # written after the live process began, or (its id reused) an hour before it
+            when = began + 0.5 if key.startswith("kept") else began - 3600
+            os.utime(tmp_path / name, (when, when))
+        assert sorted(_sweep_elsewhere(tmp_path)) == sorted([names["reused"], names["dead"], names["unnamed"]])
+        assert (tmp_path / names["kept_dir"] / "saved_model.pb").is_file() and (tmp_path / names["kept"]).is_file()
+    finally:
+        live.stdin.close()
+        live.wait()
+    assert sorted(p.name for p in sweep_temporaries(tmp_path, grace=-1e9)) == sorted([names["kept"],
+                                                                                      names["kept_dir"]])
+
+
+def test_osteos_temporaries_are_kept_while_it_writes_and_swept_once_it_is_killed(tmp_path):
+    """An atomic write's temporary file and an export's temporary folder, old or new, survive
+    another process's sweep while their writer runs; the one a killed writer left is swept."""
+    from osteo.export import _atomic_dir
+    from osteo.files import atomic_path, process_start
+
+    with atomic_path(tmp_path / "metrics.json") as tmp, _atomic_dir(tmp_path / "savedmodel") as folder:
+        tmp.write_text("{}")
+        for path in (tmp, folder):  # untouched since this process began: only its writer's name keeps it
+            os.utime(path, (process_start(), process_start()))
+        assert _sweep_elsewhere(tmp_path) == []
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "savedmodel").is_dir()
+    script = ("import sys; from osteo.files import write_json; "
+              "write_json(sys.argv[1], {'rows': list(range(1000))})")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "metrics.json")], capture_output=True,
+                          text=True, env={**os.environ, "OSTEO_KILL_AT": "files.before_replace"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    left = [p.name for p in tmp_path.glob(".*.tmp*")]
+    assert len(left) == 1 and _sweep_elsewhere(tmp_path) == left
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {}
+
+
 # --------------------------------------------------------------------------- safety
 
 

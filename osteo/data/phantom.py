@@ -55,7 +55,7 @@ from scipy import ndimage
 
 from osteo import CLASSES
 from osteo.errors import OsteoError
-from osteo.files import write_csv
+from osteo.files import pid_alive, write_csv
 from osteo.recipe import MAX_IMAGE_SIZE
 
 DEFAULT_PROPORTIONS = (780, 374, 793)
@@ -313,7 +313,7 @@ def _sweep_stale(out: Path) -> None:
             continue
         pid = e.name[len(prefix):].split("-")[0]
         try:
-            stale = pid.isdigit() and e.stat(follow_symlinks=False).st_mtime < _STARTED and not _alive(int(pid))
+            stale = pid.isdigit() and e.stat(follow_symlinks=False).st_mtime < _STARTED and not pid_alive(int(pid))
         except OSError:
             continue
         if stale:
@@ -322,15 +322,3 @@ def _sweep_stale(out: Path) -> None:
             else:
                 with contextlib.suppress(OSError):
                     os.unlink(e.path)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid() or os.name == "nt":  # on Windows, os.kill would end the process
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True

@@ -67,6 +67,7 @@ from osteo.data.decode import (
 )
 from osteo.data.scan import audit_scale
 from osteo.errors import OsteoError
+from osteo.files import pid_alive
 
 RESIZE_MODES = ("pad", "stretch")
 SCALE = 257.0  # [0, 255] float <-> [0, 65535] uint16
@@ -216,13 +217,7 @@ def _writer_gone(name: str) -> bool:
     parts = name.rsplit(".", 3)
     if len(parts) != 4 or parts[0] != socket.gethostname() or not parts[1].isdigit():
         return False
-    try:
-        os.kill(int(parts[1]), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # EPERM: alive, another user's
-        pass
-    return False
+    return not pid_alive(int(parts[1]))
 
 
 def load_split(files: Sequence[str], size: int) -> np.ndarray:

@@ -16,7 +16,14 @@ import numpy as np
 from osteo import CLASSES, killpoints
 from osteo.errors import OsteoError
 from osteo.evaluate import HEADLINE, METRICS
-from osteo.files import OwnedFolder, replace_folder, sweep_temporaries, write_csv, write_text
+from osteo.files import (
+    OwnedFolder,
+    owned_prefix,
+    replace_folder,
+    sweep_temporaries,
+    write_csv,
+    write_text,
+)
 from osteo.report.load import Run, load_runs, oracle_runs
 from osteo.report.plots import (
     plot_bars,
@@ -77,7 +84,7 @@ def write_report(run_dirs: list, out: str | os.PathLike, split: str = "auto", n_
     sweep_temporaries(out)
     owned = OwnedFolder(out, "--out")  # a report replaces only what an earlier one wrote
     owned.check(removes=_files_under(out, "plots"))  # plots/ is replaced whole: checked before the work
-    stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, suffix=".tmp", dir=out))
+    stage = Path(tempfile.mkdtemp(prefix=owned_prefix(STAGE_PREFIX), suffix=".tmp", dir=out))
     try:
         oracles = oracle_runs(runs, n_boot, seed)
         rows = comparison_rows(runs, oracles, n_boot, seed)
