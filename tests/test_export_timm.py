@@ -239,12 +239,13 @@ def test_the_study_backbones_compute_in_keras_layers_what_they_computed_in_timm(
 @pytest.mark.parametrize("name", PORTED)
 def test_gradcam_reads_the_same_activations_on_both_engines(name):
     """One model, the same weights on both engines (the timm layer and its Keras-layers twin):
-    the default Grad-CAM layer, the last stage's output, gives the same maps on either. The
-    grids alone could agree on different tensors (ConvNeXt's last block before or after its
-    residual sum)."""
+    the default Grad-CAM layer, the last stage's output, gives the same maps on either, and so
+    does the deeper layer each engine falls back to where that stage is too coarse. The grids
+    alone could agree on different tensors (ConvNeXt's block before or after its residual sum,
+    or its downsampling's LayerNormalization)."""
     from osteo.backbones.port import keras_backbone, port_backbone
     from osteo.classifier import Classifier
-    from osteo.explain import Target, _engine_call, gradcam
+    from osteo.explain import Target, _engine_call, gradcam, gradcam_target
     from osteo.export import _head_weights
     from osteo.recipe import AugmentConfig
     from osteo.registry import get_backbone
@@ -260,15 +261,21 @@ def test_gradcam_reads_the_same_activations_on_both_engines(name):
     for layer_name, weights in _head_weights(timm_model, engine.layer).items():
         keras_model.get_layer(layer_name).set_weights(weights)
     images = np.random.default_rng(6).uniform(0, 255, (3, size, size, 1)).astype(np.float32)
-    found = []
+    found, fallback = [], []
     for model in (timm_model, keras_model):
         last, cells = _engine_call(model, spec, "feature_maps")[-1]  # the default layer, at any size
         found.append(gradcam(model, spec, images, classes=np.array([0, 1, 2]), target=Target(last, cells, last,
                                                                                             cells)))
+        # at 64 px the last stage is too coarse: the deepest layer with 7x7 cells, chosen per engine
+        target = gradcam_target(model, spec)
+        assert target.layer != target.last
+        fallback.append(gradcam(model, spec, images, classes=np.array([0, 1, 2]), target=target)[0])
     (timm_maps, timm_probs), (keras_maps, keras_probs) = found
     np.testing.assert_allclose(keras_probs, timm_probs, atol=1e-5)
     assert np.abs(np.diff(timm_maps, axis=0)).max() > 0.1  # the maps differ between images: a real comparison
     np.testing.assert_allclose(keras_maps, timm_maps, atol=1e-3)
+    assert np.abs(np.diff(fallback[0], axis=0)).max() > 0.1
+    np.testing.assert_allclose(fallback[1], fallback[0], atol=1e-3)
 
 
 def test_gradcam_on_keras_layers_convnext_reads_timms_last_stage():

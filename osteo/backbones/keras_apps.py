@@ -93,32 +93,61 @@ class KerasAppsBackbone(Backbone):
 def keras_gradcam_parts(model: keras.Model, spec, target: str | None = None) -> tuple[list, keras.Model, list]:
     """Grad-CAM's parts of a classifier whose backbone is a nested Keras model holding the
     spec's ``gradcam_layer`` (also a run saved whole before weights-only checkpoints); the
-    target is its layer ``target`` (default: the spec's)."""
+    target is its layer ``target`` (default: the spec's), or a residual sum by the name
+    :func:`keras_feature_maps` gives it."""
     i, backbone = _keras_backbone(model, spec)
     target = target or spec.gradcam_layer
     if spec.gradcam_before_last and target == spec.gradcam_layer:
         activations = _before_top_norm(backbone)  # the tensor the spec's name stands for
     else:
-        activations = backbone.get_layer(target).output
+        sums = dict(_residual_sums(backbone))
+        activations = sums[target] if target in sums else backbone.get_layer(target).output
     feature = keras.Model(backbone.inputs, [activations, backbone.output])
     return model.layers[1:i], feature, model.layers[i + 1 :]
 
 
+# Not Grad-CAM targets below the last stage: a normalization's output is its input rescaled per
+# position (ConvNeXt's LayerNormalization), which changes where the map puts its weight
+NORMALIZATIONS = (keras.layers.BatchNormalization, keras.layers.LayerNormalization, keras.layers.GroupNormalization)
+
+
 def keras_feature_maps(model: keras.Model, spec) -> list[tuple[str, tuple[int, int]]]:
     """The backbone's layers with a spatial output, input to output, up to the spec's ``gradcam_layer``
-    (with ``gradcam_before_last``: every layer before the top norm, then its input, by that name)."""
+    (with ``gradcam_before_last``: every layer before the top norm, then its input, by that name);
+    normalizations left out, residual sums that are no layer (ConvNeXt's blocks) put in, by the
+    names :func:`_residual_sums` gives them: the activations timm's engine lists for the same model."""
     _, backbone = _keras_backbone(model, spec)
     out = []
     spatial = lambda shape: (int(shape[1]), int(shape[2]))
+    sums = {id(op): name for name, op in _residual_sums(backbone, ops=True)}
+    last = _before_top_norm(backbone) if spec.gradcam_before_last else None
     top_norm = isinstance(backbone.layers[-1], keras.layers.LayerNormalization)
-    for layer in backbone.layers[:-1] if spec.gradcam_before_last and top_norm else backbone.layers:
-        if not isinstance(layer, keras.layers.InputLayer) and len(layer.output.shape) == 4:
-            out.append((layer.name, spatial(layer.output.shape)))
-        if layer.name == spec.gradcam_layer:
+    for op in backbone.operations[:-1] if spec.gradcam_before_last and top_norm else backbone.operations:
+        if id(op) in sums and op.output is not last:
+            out.append((sums[id(op)], spatial(op.output.shape)))
+        if not isinstance(op, keras.layers.Layer) or isinstance(op, keras.layers.InputLayer):
+            continue
+        if len(op.output.shape) == 4 and (op.name == spec.gradcam_layer or not isinstance(op, NORMALIZATIONS)):
+            out.append((op.name, spatial(op.output.shape)))
+        if op.name == spec.gradcam_layer:
             return out
     if spec.gradcam_before_last:
-        return [*out, (spec.gradcam_layer, spatial(_before_top_norm(backbone).shape))]
+        return [*out, (spec.gradcam_layer, spatial(last.shape))]
     raise OsteoError(f"the model has no backbone with a layer {spec.gradcam_layer!r}; is this a {spec.name} run?")
+
+
+def _residual_sums(backbone: keras.Model, ops: bool = False) -> list[tuple[str, object]]:
+    """The sums of ``backbone`` that are operations, not layers (keras.applications' ConvNeXt adds
+    each block's input to its branch with ``+``), named ``<block>_output`` after the branch's last
+    layer (``convnext_tiny_stage_1_block_2_identity``: ``convnext_tiny_stage_1_block_2_output``);
+    with their output tensors, or with ``ops``, the operations."""
+    found = []
+    for op in backbone.operations:
+        if isinstance(op, keras.layers.Layer) or type(op).__name__ != "Add":
+            continue
+        branch = op._inbound_nodes[0].input_tensors[-1]._keras_history.operation
+        found.append((f"{branch.name.rsplit('_', 1)[0]}_output", op if ops else op.output))
+    return found
 
 
 def _before_top_norm(backbone: keras.Model):

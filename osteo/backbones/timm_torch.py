@@ -464,12 +464,15 @@ class TimmBackbone(Backbone):
     def feature_maps(self, model) -> list[tuple[str, tuple[int, int]]]:
         """The submodules with a spatial output in the order they finish on one blank image,
         then the layer's output (:data:`LAST_STAGE`); up to the spec's ``timm_gradcam_layer``
-        where it names one (as Keras' end at its ``gradcam_layer``)."""
+        where it names one (as Keras' end at its ``gradcam_layer``). Normalizations are left out
+        below it, as Keras' engine leaves them out (:data:`osteo.backbones.keras_apps.NORMALIZATIONS`)."""
         import torch
 
+        norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
         module, done = self.layer.module, []
+        last = self.spec.timm_gradcam_layer
         hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: done.append((name, out)))
-                 for name, m in module.named_modules() if name]
+                 for name, m in module.named_modules() if name and (name == last or not isinstance(m, norms))]
         try:
             was_training = module.training
             module.eval()
@@ -483,7 +486,6 @@ class TimmBackbone(Backbone):
         seen = dict.fromkeys(name for name, out in done if isinstance(out, torch.Tensor) and out.dim() == 4)
         shapes = {name: (int(out.shape[2]), int(out.shape[3])) for name, out in done if name in seen}
         maps = [*((name, shapes[name]) for name in seen), (LAST_STAGE, (int(y.shape[2]), int(y.shape[3])))]
-        last = self.spec.timm_gradcam_layer
         if last:
             names = [name for name, _ in maps]
             if last not in names:
