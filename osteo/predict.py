@@ -4,8 +4,9 @@ The run's model is rebuilt from its ``recipe.json`` and its ``best.weights.h5`` 
 into it (weights only: nothing in a run's folder is executed or unpickled); images are decoded, resized and quantised by
 the training cache's own function (:func:`osteo.data.pipeline.load_levels`), so a run's own validation images get back
 its ``predictions.csv`` probabilities. The run's temperature (``calibration.json``) is applied unless
-``calibrated=False``, and its operating points turn the probabilities into screening
-decisions. ``tta`` averages the probabilities over the image, its mirror and small
+``calibrated=False``, and its operating points turn the calibrated probabilities into
+screening decisions (none with ``calibrated=False``: a threshold holds for the probabilities it
+was chosen on). ``tta`` averages the probabilities over the image, its mirror and small
 shifts. Files that cannot be decoded get ``status=unreadable`` and a reason.
 """
 
@@ -182,6 +183,11 @@ class Predictor:
         calibration = self.run.read_calibration()
         self.temperature = float(calibration.get("temperature", 1.0)) if calibrated else 1.0
         self.points = [p for p in calibration.get("operating_points", []) if "threshold" in p]
+        if self.points and not calibrated:  # a threshold holds for the probabilities it was chosen on
+            log.warning("the model's own probabilities (not calibrated) leave out the screening columns (%s): their "
+                        "thresholds were chosen on calibrated probabilities; predict without --no-calibration for "
+                        "them", ", ".join(_op_column(p["name"]) for p in self.points))
+            self.points = []
         self.tta = tta
 
     def _views(self, x: np.ndarray) -> list[np.ndarray]:

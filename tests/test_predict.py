@@ -30,9 +30,16 @@ def run(phantom_dir, tmp_path_factory, tiny_recipe):
 def test_predict_reproduces_the_runs_validation_probabilities(run, phantom_dir, tmp_path):
     val = {r["path"]: r for r in _rows(run.predictions_path) if r["split"] == "val"}
     files = [str(phantom_dir / p) for p in val]
-    assert main(["predict", str(run), *files, "--out", str(tmp_path / "raw.csv"), "--no-calibration"]) == 0
+    with osteo_warnings() as warnings:
+        assert main(["predict", str(run), *files, "--out", str(tmp_path / "raw.csv"), "--no-calibration"]) == 0
     raw = _rows(tmp_path / "raw.csv")
     assert len(raw) == len(val)
+    # the thresholds were chosen on calibrated probabilities: no decision on the model's own
+    assert not any(c.startswith("screen_") for c in raw[0])
+    assert [w for w in warnings if "screening columns" in w] == [
+        "the model's own probabilities (not calibrated) leave out the screening columns (screen_osteoporosis, "
+        "screen_osteopenia_or_worse): their thresholds were chosen on calibrated probabilities; predict without "
+        "--no-calibration for them"]
     for row in raw:
         ref = val[str(Path(row["path"]).relative_to(phantom_dir))]
         assert row["status"] == "ok" and row["pred"] == ref["pred"]
