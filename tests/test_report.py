@@ -158,3 +158,36 @@ def test_a_last_stage_below_7x7_is_said_and_a_finer_layer_drawn(two_runs, hostil
     assert (f"<li>tiny ({small.name}, validation): the last stage (tiny_block2_relu) is 4x4 at 16 px, too coarse to show where "
             "the model looked; heat on tiny_block1_relu (8x8 cells), the deepest layer with at least 7x7</li>") in notes
     assert f"<li>tiny ({two_runs[0].name}, validation): heat on tiny_block2_relu, the last stage (8x8 cells at 32 px)</li>" in notes
+
+
+def test_every_curve_names_the_images_it_is_on(two_runs, tmp_path, monkeypatch):
+    """Two models, one on its validation split (which chose its checkpoint and temperature) and
+    one on its test split: each curve's legend says which, and the bars' labels too."""
+    import dataclasses
+
+    from osteo.report import plots
+    from osteo.report.load import load_runs
+
+    (first, second), _ = load_runs(two_runs, n_boot=0)  # these small runs have no test split: one is said to
+    test_run = dataclasses.replace(first, evaluated_on="test")
+    val_run = dataclasses.replace(second, recipe={**second.recipe, "model": {**second.recipe["model"],
+                                                                            "backbone": "vgg16"}})
+    runs = [test_run, val_run]
+    assert [r.model for r in runs] == ["tiny", "vgg16"] and [r.evaluated_on for r in runs] == ["test", "validation"]
+    said = {}
+
+    def keep(fig, path):
+        said[path.name] = [t.get_text() for ax in fig.axes for t in (*ax.get_xticklabels(), *(
+            ax.get_legend().get_texts() if ax.get_legend() else []))]
+        return path
+
+    monkeypatch.setattr(plots, "_save", keep)
+    colours = plots.run_colours(runs)
+    plots.plot_reliability(runs, colours, tmp_path)
+    plots.plot_roc(runs, colours, tmp_path)
+    plots.plot_bars(runs, colours, tmp_path)
+    for name in ("reliability.png", "roc.png", "metrics.png"):
+        texts = said[name]
+        assert any(t.startswith("tiny (test)") for t in texts), (name, texts)
+        assert any(t.startswith("vgg16 (validation)") for t in texts), (name, texts)
+        assert not any(t.startswith(("tiny ", "vgg16 ")) and "(" not in t for t in texts), (name, texts)

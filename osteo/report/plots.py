@@ -28,9 +28,12 @@ def run_colours(runs: list[Run]) -> dict[Path, tuple]:
 
 
 def _names(runs: list[Run]) -> list[str]:
-    """What plots call each run: its model, or model and run id where a model has several (--all)."""
+    """What plots call each run: its model and the images its numbers are on (a validation
+    split chose its checkpoint and temperature, a test split nothing), or its label (run id
+    too) where a model has several rows (--all, an external validation)."""
     models = [r.model for r in runs]
-    return models if len(set(models)) == len(models) else [r.label for r in runs]
+    return [f"{r.model} ({r.evaluated_on})" for r in runs] if len(set(models)) == len(models) else \
+        [r.label for r in runs]
 
 
 def _save(fig, path: Path) -> Path:
@@ -179,7 +182,7 @@ def plot_bars(runs: list[Run], colours, out: Path, oracles: list[Run] = ()) -> P
             ax.axhline(o.metrics[k], color="green", linestyle=":", label=f"oracle {o.metrics[k]:.2f}")
         if baseline or oracles:
             ax.legend(fontsize=7, loc="lower right")
-        ax.set_xticks(x, [f"{n}\n{r.evaluated_on}" for n, r in zip(names, runs)], rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
         ax.set_title(metric.label + (" (95% CI)" if metric.interval else ""), fontsize=10)
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)
