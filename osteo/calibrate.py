@@ -97,10 +97,54 @@ def choose_threshold(y: np.ndarray, probs: np.ndarray, spec: dict) -> float:
 def operating_point_metrics(y: np.ndarray, probs: np.ndarray, point: dict, n_boot: int = 1000,
                             seed: int = 0, groups=None) -> dict:
     """Sensitivity and specificity at a stored operating point, with stratified bootstrap
-    intervals (of whole ``groups`` where given)."""
+    intervals (of whole ``groups`` where given), and what the point was chosen for."""
     called = positive_score(probs, point["positive"]) >= point["threshold"]
-    return {"name": point["name"], "threshold": point["threshold"],
+    return {"name": point["name"], "target": point_goal(point), "threshold": point["threshold"],
             **decision_metrics(y, called, point["positive"], n_boot, seed, groups)}
+
+
+def calibration_digest(calibration: dict) -> str:
+    """A short digest of what a run's ``calibration.json`` makes of its probabilities (the
+    temperature, and each operating point's classes, goal and threshold): an ensemble's
+    external validation records its members', and is stale once one of them changes."""
+    import hashlib
+    import json
+
+    points = [[p.get("name"), p.get("positive"), point_goal(p), p["threshold"]]
+              for p in calibration.get("operating_points", []) if "threshold" in p]
+    text = json.dumps([calibration.get("temperature", 1.0), points], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def point_goal(point: dict) -> str:
+    """What an operating point's threshold was chosen to reach on validation, as it was asked
+    for: ``sensitivity=0.9`` (blank for a point that does not record it)."""
+    return f"{point['target']}={point['value']:g}" if "target" in point and "value" in point else ""
+
+
+def shared_points(members: list[list[dict]], where: str) -> list[list[dict]]:
+    """The operating points that every one of ``members`` (each a list of points with a
+    threshold) has under one name for one goal (the same classes, target and value): per
+    point, each member's. A name the members chose for different goals (a fold calibrated
+    again with another target) is left out, with a warning line: pooling or averaging its
+    thresholds would report one name for decisions made to different ends."""
+    import logging
+
+    by_name = [{p["name"]: p for p in points} for points in members]
+    shared = []
+    for name in by_name[0] if by_name else []:
+        if not all(name in b for b in by_name):
+            continue
+        parts = [b[name] for b in by_name]
+        goals = [(p["positive"], point_goal(p)) for p in parts]
+        if len(set(map(repr, goals))) > 1:
+            chosen = ", ".join(f"{i} at {point_goal(p) or 'an unrecorded target'}" for i, p in enumerate(parts, 1))
+            logging.getLogger("osteo").warning(
+                "%s: the operating point %s is left out, as its members chose it for different goals (member %s); "
+                "calibrate them alike: osteo calibrate FOLD --operating-point ...", where, name, chosen)
+            continue
+        shared.append(parts)
+    return shared
 
 
 def decision_metrics(y: np.ndarray, called: np.ndarray, positive: list[int], n_boot: int = 1000,
@@ -206,7 +250,24 @@ def calibrate_run(run_dir, points: tuple[str, ...] | list[str] = DEFAULT_POINTS,
         out["operating_points"].append(point)
     run.write_calibration(out)
     _rescore_externals(run, out, n_boot, seed)
+    _say_ensembles_stale(run)
     return out
+
+
+def _say_ensembles_stale(run) -> None:
+    """A fold of a cross-validation calibrated again: one warning line where the
+    cross-validation was scored on other folders, since those scores were its members' then
+    calibrated probabilities and thresholds (the report leaves them out until scored again)."""
+    import logging
+
+    from osteo.runs import CvDir, RunDir
+
+    cv = CvDir(run.path.parent)
+    scored = sorted(p.parent.name for p in cv.eval_path.glob(f"*/{RunDir.METRICS}")) if cv.is_cv() else []
+    if scored:
+        logging.getLogger("osteo").warning(
+            "the cross-validation %s was scored on %s with %s's previous calibration: those numbers are stale until "
+            "scored again: osteo eval %s --data FOLDER", cv.path, ", ".join(scored), run.path.name, cv.path)
 
 
 def external_calibration(y: np.ndarray, calibrated: np.ndarray, temperature: float | None, points: list[dict],

@@ -264,21 +264,21 @@ class Ensemble(Predictor):
                              "on its own: osteo eval FOLD --data FOLDER")
         (self.size, self.resize), = inputs
         self.temperature, self.tta = 1.0, tta
-        self.points = _mean_points([m.points for m in self.members])
+        self.points = _mean_points([m.points for m in self.members], f"the folds of {self.run}")
 
     def raw(self, images: np.ndarray, batch: int = 32) -> np.ndarray:
         return np.mean([m.calibrate(m.raw(images, batch)) for m in self.members], axis=0)
 
 
-def _mean_points(members: list[list[dict]]) -> list[dict]:
-    """The operating points every member has, each at the mean of the members' thresholds."""
-    by_name = [{p["name"]: p for p in points} for points in members]
-    shared = [name for name in by_name[0] if all(name in b for b in by_name)]
+def _mean_points(members: list[list[dict]], where: str) -> list[dict]:
+    """The operating points every member chose for one goal (:func:`osteo.calibrate.shared_points`),
+    each at the mean of the members' thresholds."""
+    from osteo.calibrate import shared_points
+
     keep = ("name", "positive", "target", "value")
-    return [{**{k: by_name[0][name][k] for k in keep},
-             "threshold": float(np.mean([b[name]["threshold"] for b in by_name])),
+    return [{**{k: parts[0][k] for k in keep}, "threshold": float(np.mean([p["threshold"] for p in parts])),
              "chosen_on": "the mean of the members' thresholds, each chosen on its member's validation split"}
-            for name in shared]
+            for parts in shared_points(members, where)]
 
 
 def _display(path: Path) -> str:
@@ -359,7 +359,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     ``run_dir`` may be a cross-validation: its fold models are scored as one
     :class:`Ensemble`, and the images left out are those in any of its folds (its data).
     """
-    from osteo.calibrate import external_calibration
+    from osteo.calibrate import calibration_digest, external_calibration
     from osteo.data.pipeline import default_cache_root
     from osteo.data.scan import audit, write_audit
     from osteo.data.split import majority_label
@@ -412,6 +412,10 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
         "excluded_near_copies": sum(near), "near_copies_checked": near_checked,
         "duplicate_groups": len(result.duplicate_groups),
         "ensemble_of": [str(m.run.path) for m in predictor.members] if ensemble else None,
+        # what each member's calibration made of its probabilities: the report knows these numbers stale
+        # once a fold is calibrated again
+        "member_calibrations": {m.run.name: calibration_digest(m.run.read_calibration())
+                                for m in predictor.members} if ensemble else None,
         "external": metrics,
         **external_calibration(y, calibrated, predictor.temperature, predictor.points, n_boot, seed, scored_groups),
     }

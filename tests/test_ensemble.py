@@ -74,3 +74,52 @@ def test_an_unfinished_cross_validation_is_not_scored(cv, tmp_path, capsys):
     assert main(["eval", str(half), "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "is unfinished (fold-2)" in err and "--cv" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_fold_calibrated_for_another_goal_is_pooled_with_no_other(cv, tmp_path, capsys):
+    """Fold 1 calibrated again for another goal: the cross-validation's pooled operating point and
+    its ensemble's mean threshold leave that point out with a warning (one name would stand for
+    decisions made to different ends), its scores on another folder are stale until scored again,
+    and each point row names the goal it was chosen for."""
+    from helpers import osteo_warnings
+
+    copy = CvDir(tmp_path / "cv")
+    shutil.copytree(cv.path, copy.path, ignore=shutil.ignore_patterns("eval"))
+    other = tmp_path / "hospital-c"
+    write_phantom(other, n=24, size=64, seed=12)
+    assert main(["eval", str(copy.path), "--data", str(other), "--bootstrap", "0"]) == 0
+
+    def report(name):
+        assert main(["report", str(copy.path), "--out", str(tmp_path / name), "--bootstrap", "0"]) == 0
+        where = {r["evaluated_on"] for r in _rows(tmp_path / name / "comparison.csv")}
+        return where, {(r["evaluated_on"], r["point"]): r["target"] for r in
+                       _rows(tmp_path / name / "operating_points.csv")}
+
+    where, points = report("before")
+    assert where == {"out-of-fold", "external: hospital-c"}
+    assert points[("out-of-fold", "osteoporosis")] == points[("external: hospital-c", "osteoporosis")] == \
+        "sensitivity=0.9"
+
+    fold = copy.path / "fold-1"
+    with osteo_warnings() as said:
+        assert main(["calibrate", str(fold), "--operating-point", "osteoporosis:specificity=0.5",
+                     "--operating-point", "osteopenia+:sensitivity=0.9", "--bootstrap", "0"]) == 0
+    assert [w for w in said if "stale" in w] == [
+        f"the cross-validation {copy.path} was scored on hospital-c with fold-1's previous calibration: those "
+        f"numbers are stale until scored again: osteo eval {copy.path} --data FOLDER"]
+    capsys.readouterr()
+    with osteo_warnings() as said:
+        where, points = report("after")
+    assert where == {"out-of-fold"}  # the ensemble's scores on hospital-c were its members' old ones
+    assert (f"hospital-c was scored before fold-1 was calibrated again; score it again: osteo eval {copy.path} "
+            "--data FOLDER") in capsys.readouterr().err
+    assert ("out-of-fold", "osteoporosis") not in points and points[("out-of-fold", "osteopenia+")] == \
+        "sensitivity=0.9"
+    assert any("the operating point osteoporosis is left out, as its members chose it for different goals "
+               "(member 1 at specificity=0.5, 2 at sensitivity=0.9)" in w for w in said)
+
+    assert main(["eval", str(copy.path), "--data", str(other), "--bootstrap", "0"]) == 0
+    where, points = report("again")
+    assert where == {"out-of-fold", "external: hospital-c"}
+    assert {k for k in points if k[1] == "osteoporosis"} == set()
+    assert points[("external: hospital-c", "osteopenia+")] == "sensitivity=0.9"

@@ -17,7 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from osteo import CLASSES
-from osteo.calibrate import apply_temperature, decision_metrics, positive_score
+from osteo.calibrate import (
+    apply_temperature,
+    calibration_digest,
+    decision_metrics,
+    point_goal,
+    positive_score,
+    shared_points,
+)
 from osteo.data.split import majority_label
 from osteo.errors import OsteoError
 from osteo.evaluate import (
@@ -149,7 +156,7 @@ def load_run(path: str | os.PathLike, split: str = "auto", n_boot: int = 1000, s
     majority = majority_baseline(y, training_majority(run))
     temperature, calibrated = _calibrated(run, y, probs, metrics)
     # every split's operating points: the one reported on, and validation, where they were chosen
-    points = [{**p[name], "evaluated_on": SPLIT_NAMES[name], "chose": CHOSE[name]}
+    points = [{**p[name], "target": point_goal(p), "evaluated_on": SPLIT_NAMES[name], "chose": CHOSE[name]}
               for name in dict.fromkeys((split, "test", "val"))
               for p in run.read_calibration().get("operating_points", []) if name in p]
     return Run(run.path, recipe, run.read_env(), metrics, run.read_history(), y, probs, rows, majority,
@@ -208,21 +215,17 @@ def _pooled_points(members: list[RunDir], folds: list[Run], chose: str, n_boot: 
                    groups: list[str] | None = None) -> list[dict]:
     """Each operating point over the pooled out-of-fold images, every image decided at its own
     fold's threshold (on its fold's calibrated probabilities); a point some fold lacks is left out."""
-    decided: dict[str, list] = {}
-    for run, fold in zip(members, folds):
-        if fold.calibrated is None:
-            return []
-        for p in run.read_calibration().get("operating_points", []):
-            if "threshold" in p:
-                called = positive_score(fold.calibrated, p["positive"]) >= p["threshold"]
-                decided.setdefault(p["name"], []).append((p, called))
+    if any(fold.calibrated is None for fold in folds):
+        return []
+    chosen = [[p for p in run.read_calibration().get("operating_points", []) if "threshold" in p] for run in members]
+    y = np.concatenate([f.y for f in folds])
     out = []
-    for name, parts in decided.items():
-        if len(parts) == len(folds):
-            called = np.concatenate([c for _, c in parts])
-            y = np.concatenate([f.y for f in folds])
-            out.append({"name": name, "threshold": None, "evaluated_on": "out-of-fold", "chose": chose,
-                        **decision_metrics(y, called, parts[0][0]["positive"], n_boot, seed, groups)})
+    for parts in shared_points(chosen, f"the folds of {members[0].path.parent}"):
+        called = np.concatenate([positive_score(fold.calibrated, p["positive"]) >= p["threshold"]
+                                 for p, fold in zip(parts, folds)])
+        out.append({"name": parts[0]["name"], "target": point_goal(parts[0]), "threshold": None,
+                    "evaluated_on": "out-of-fold", "chose": chose,
+                    **decision_metrics(y, called, parts[0]["positive"], n_boot, seed, groups)})
     return out
 
 
@@ -242,6 +245,8 @@ def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) ->
     its first fold's recipe and environment."""
     ensemble = CvDir(run_dir).is_cv()
     run = CvDir(run_dir).fold(1) if ensemble else RunDir(run_dir)
+    if ensemble:
+        _check_members_calibrations(CvDir(run_dir), external)
     y, probs, rows = RunDir(external).read_predictions("external")
     if not len(y):
         raise OsteoError(f"{external} holds no external predictions; run osteo eval {run_dir} --data FOLDER again")
@@ -259,13 +264,28 @@ def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) ->
     where = f"external: {external.name}"
     record = RunDir(external).read_metrics()
     # a run's points at the thresholds it has now; an ensemble's are its members' as measured
-    recorded = record.get("operating_points", []) if ensemble else external_points(record, run.read_calibration())[0]
-    points = [{**p, "evaluated_on": where, "chose": CHOSE["external"]} for p in recorded]
+    calibration = run.read_calibration()
+    recorded = record.get("operating_points", []) if ensemble else external_points(record, calibration)[0]
+    goals = {p.get("name"): point_goal(p) for p in calibration.get("operating_points", [])}  # older records lack it
+    points = [{**p, "target": p.get("target") or ("" if ensemble else goals.get(p.get("name"), "")),
+               "evaluated_on": where, "chose": CHOSE["external"]} for p in recorded]
     return Run(external, run.read_recipe().to_dict(), run.read_env(), metrics, [], y, probs, rows, majority,
                split_id, audit, evaluated_on=where, calibrated=calibrated, temperature=temperature,
                chose=CHOSE["external"], points=points, images_id=images_id(rows, RunDir(external).content_sha256()),
                val_balanced_accuracy=float(np.mean([_val_ba(f) for f in CvDir(run_dir).folds()])) if ensemble
                else _val_ba(run), groups=groups)
+
+
+def _check_members_calibrations(cv: CvDir, external: Path) -> None:
+    """An error unless ``external`` was scored by ``cv``'s folds at the calibrations they have now:
+    an ensemble's probabilities are its members' calibrated ones and its thresholds their mean,
+    so a fold calibrated again since makes every one of its numbers stale."""
+    then = RunDir(external).read_metrics().get("member_calibrations")
+    now = {f.name: calibration_digest(f.read_calibration()) for f in cv.folds()}
+    if then != now:
+        why = ("records no calibrations of its folds (scored by an older osteo)" if not isinstance(then, dict) else
+               f"was scored before {', '.join(k for k in now if then.get(k) != now[k])} was calibrated again")
+        raise OsteoError(f"{external} {why}; score it again: osteo eval {cv.path} --data FOLDER")
 
 
 def _of_split(every: tuple, split: str) -> tuple:

@@ -50,7 +50,7 @@ COMPARISON_COLUMNS = (
 )
 PER_CLASS_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "class", "metric", "value", "lo", "hi")
 FOLD_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "fold", "n", *HEADLINE)
-POINT_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "point", "threshold", "sensitivity", "sensitivity_lo",
+POINT_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "point", "target", "threshold", "sensitivity", "sensitivity_lo",
                  "sensitivity_hi", "specificity", "specificity_lo", "specificity_hi", "n")
 
 
@@ -212,7 +212,8 @@ def point_rows(runs: list[Run]) -> list[dict]:
             lo_s, hi_s = p.get("sensitivity_ci", (None, None))
             lo_p, hi_p = p.get("specificity_ci", (None, None))
             rows.append({"model": r.model, "run_id": r.run_id, "evaluated_on": p["evaluated_on"], "chose": p["chose"],
-                         "point": p["name"], "threshold": p["threshold"], "sensitivity": p["sensitivity"],
+                         "point": p["name"], "target": p.get("target", ""), "threshold": p["threshold"],
+                         "sensitivity": p["sensitivity"],
                          "sensitivity_lo": lo_s, "sensitivity_hi": hi_s, "specificity": p["specificity"],
                          "specificity_lo": lo_p, "specificity_hi": hi_p, "n": p.get("n")})
     return rows
