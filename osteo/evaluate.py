@@ -62,6 +62,14 @@ SPLIT_NAMES = {"val": "validation", "test": "test", "external": "external"}
 CHOSE = {"val": "checkpoint, temperature, thresholds", "test": "nothing", "external": "nothing"}
 
 
+def external_label(name: str, record: dict) -> str:
+    """What an external validation (``osteo eval RUN --data FOLDER``'s folder ``name``, its
+    metrics.json ``record``) is called beside the run's splits: ``external: FOLDER``, and where
+    its probabilities were averaged over augmented views, which its run's temperature and
+    thresholds were not fitted on, ``(test-time augmentation)``."""
+    return f"external: {name}" + (" (test-time augmentation)" if record.get("tta") else "")
+
+
 def headline_split(splits) -> str:
     """The split a run's numbers are reported on: its test split, which chose nothing, where it has one."""
     return "test" if "test" in splits else "val"

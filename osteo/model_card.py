@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from osteo.device import get_engine
-from osteo.evaluate import CHOSE, METRICS, SPLIT_NAMES, external_points, headline_split, provenance
+from osteo.evaluate import (
+    CHOSE,
+    METRICS,
+    SPLIT_NAMES,
+    external_label,
+    external_points,
+    headline_split,
+    provenance,
+)
 from osteo.files import write_text
 from osteo.runs import RunDir
 
@@ -63,8 +71,8 @@ def write_model_card(run_dir) -> Path:
     lines += [result(SPLIT_NAMES[name], CHOSE[name], metrics[name]) for name in ("test", "val") if metrics.get(name)]
     externals = sorted(run.eval_path.glob("*/metrics.json")) if run.eval_path.is_dir() else []
     for path in externals:
-        lines.append(result(f"external: {path.parent.name}", CHOSE["external"],
-                            RunDir(path.parent)._read(path).get("external", {})))
+        record = RunDir(path.parent)._read(path)
+        lines.append(result(external_label(path.parent.name, record), CHOSE["external"], record.get("external", {})))
     lines += ["", "## Calibration and operating points", ""]
     if calibration:
         on_test = calibration.get("test")
@@ -84,7 +92,8 @@ def write_model_card(run_dir) -> Path:
             measured, stale = [("test (chose nothing)", point.get("test"))], []
             for path in externals:
                 fresh, old = external_points(RunDir(path.parent)._read(path), calibration)
-                measured += [(f"{path.parent.name} (external: chose nothing)", e) for e in fresh
+                label = external_label(path.parent.name, RunDir(path.parent)._read(path)).removeprefix("external: ")
+                measured += [(f"{label} (external: chose nothing)", e) for e in fresh
                              if e.get("name") == point["name"]]
                 stale += [f"  - on {path.parent.name}: measured at an earlier calibration (threshold "
                           f"{fmt(e.get('threshold'))}); run `osteo eval` on that folder again"

@@ -363,7 +363,13 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     from osteo.data.pipeline import default_cache_root
     from osteo.data.scan import audit, write_audit
     from osteo.data.split import majority_label
-    from osteo.evaluate import CHOSE, compute_metrics, folder_groups, majority_baseline
+    from osteo.evaluate import (
+        CHOSE,
+        compute_metrics,
+        external_label,
+        folder_groups,
+        majority_baseline,
+    )
     from osteo.files import replace_folder, write_json
 
     if n_boot < 0:
@@ -372,7 +378,8 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     predictor = Ensemble(run_dir, tta=tta) if ensemble else Predictor(run_dir, calibrated=True, tta=tta)
     run, folder = predictor.run, Path(folder)
     seen_in = SEEN_IN["cv" if ensemble else "run"]
-    out = Path(out) if out else run.eval_path / folder.resolve().name
+    # a TTA scoring is another method: beside the plain one, not in its place
+    out = Path(out) if out else run.eval_path / (folder.resolve().name + ("-tta" if tta else ""))
     _check_eval_out(run, out, folder)
     result = audit(folder, memo=default_cache_root(), keep_features=True)
     seen = run.data_hashes()
@@ -405,7 +412,8 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     report = {
         "run": str(run.path), "data_dir": str(folder), "tta": tta,
         # every number here: that folder's images, which chose nothing (the run's own are left out)
-        "evaluated_on": f"external: {out.name}", "chose": CHOSE["external"], "n_files": len(result.records),
+        "evaluated_on": external_label(out.name, {"tta": tta}), "chose": CHOSE["external"],
+        "n_files": len(result.records),
         "unreadable": len(result.records) - len(ok) + len(scored) - len(kept),
         "excluded_training_overlap": len(overlap) + sum(near), "overlap_checked": seen is not None,
         # of those, re-encoded or resized copies (the audit's near duplicates) of the run's images

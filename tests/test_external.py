@@ -63,14 +63,23 @@ def test_another_folder_is_scored_with_the_runs_own_images_left_out(run, phantom
         points = {(r["evaluated_on"], r["point"]) for r in csv.DictReader(f)}
     assert points == {(where, p) for where in ("validation", "external: hospital-b")
                       for p in ("osteoporosis", "osteopenia+")}
-    # test-time augmentation on the same folder: other probabilities, same schema
-    assert main(["eval", str(run), "--data", str(other), "--tta", "--out", str(tmp_path / "tta"),
-                 "--bootstrap", "50"]) == 0
-    tta = json.loads((tmp_path / "tta" / "metrics.json").read_text())
+    # test-time augmentation on the same folder: other probabilities, same schema, beside the plain
+    # scoring (not in its place), and said wherever its numbers are shown: the run's temperature and
+    # thresholds were fitted without it
+    plain = (out / "metrics.json").read_bytes()
+    assert main(["eval", str(run), "--data", str(other), "--tta", "--bootstrap", "50"]) == 0
+    assert (out / "metrics.json").read_bytes() == plain
+    tta = json.loads((run.eval_path / "hospital-b-tta" / "metrics.json").read_text())
     assert tta["tta"] is True and tta["external"]["n"] == 45
-    with open(tmp_path / "tta" / "predictions.csv", newline="") as f:
+    label = "external: hospital-b-tta (test-time augmentation)"
+    assert tta["evaluated_on"] == label
+    with open(run.eval_path / "hospital-b-tta" / "predictions.csv", newline="") as f:
         tta_rows = {r["path"]: r for r in csv.DictReader(f)}
     assert any(abs(float(tta_rows[r["path"]]["p_normal"]) - float(r["p_normal"])) > 1e-4 for r in rows)
+    assert f"| {label} | nothing | 45 |" in run.model_card_path.read_text()
+    assert main(["report", str(run), "--out", str(tmp_path / "rep-tta"), "--bootstrap", "0"]) == 0
+    with open(tmp_path / "rep-tta" / "comparison.csv", newline="") as f:
+        assert {r["evaluated_on"] for r in csv.DictReader(f)} == {"validation", "external: hospital-b", label}
 
 
 def test_resized_copies_of_the_runs_images_are_left_out_too(run, phantom_dir, tmp_path, capsys):

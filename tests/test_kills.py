@@ -164,13 +164,14 @@ def test_a_killed_external_validation_leaves_the_previous_one_whole(finished, ot
     out = run.eval_path / "hospital"
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     # with --tta the predictions differ too: a kill left them beside the old metrics
-    _killed(_osteo(["eval", run, "--data", folder, "--tta", "--bootstrap", "20"], tmp_path, kill_at="eval.staged"))
+    _killed(_osteo(["eval", run, "--data", folder, "--tta", "--out", out, "--bootstrap", "20"], tmp_path,
+                   kill_at="eval.staged"))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new predictions beside old metrics
     assert [p.name for p in run.eval_path.iterdir()] == ["hospital"]  # the staging folder is not a validation
     left = _temporaries(run.path)
     assert left
     _age([*left, *(p for t in left for p in t.rglob("*"))])
-    _ok(_osteo(["eval", run, "--data", folder, "--tta", "--bootstrap", "20"], tmp_path))
+    _ok(_osteo(["eval", run, "--data", folder, "--tta", "--out", out, "--bootstrap", "20"], tmp_path))
     assert not _temporaries(run.path) and not _temporaries(run.eval_path)
     assert json.loads((out / "metrics.json").read_text())["tta"] is True
     assert (out / "predictions.csv").read_bytes() != before["predictions.csv"]

@@ -34,6 +34,7 @@ from osteo.evaluate import (
     compute_metrics,
     expected_calibration_error,
     external_groups,
+    external_label,
     external_points,
     headline_split,
     majority_baseline,
@@ -261,8 +262,8 @@ def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) ->
     majority = majority_baseline(y, majority_label(r["label"] for r in rows))
     split_id = hashlib.sha256("\n".join(sorted(r["path"] for r in rows)).encode()).hexdigest()[:12]
     audit = RunDir(external).read_audit()
-    where = f"external: {external.name}"
     record = RunDir(external).read_metrics()
+    where = external_label(external.name, record)
     # a run's points at the thresholds it has now; an ensemble's are its members' as measured
     calibration = run.read_calibration()
     recorded = record.get("operating_points", []) if ensemble else external_points(record, calibration)[0]
