@@ -18,7 +18,7 @@ help:  ## the targets, and the variables they take
 	@echo "make install | demo | test | test-all | lint | bench [BENCH=full] | clean"
 	@echo "     data | audit DATA=dir | train MODEL=m [DATA=dir] | train-all | cv FOLDS=k | study MODELS=a,b"
 	@echo "     report | eval RUN=r DATA=dir | export RUN=r [FORMAT=onnx|savedmodel|keras]"
-	@echo "variables: DATA MODEL RECIPE EPOCHS WEIGHTS IMAGE_SIZE BATCH SEED RUNS RESUME FOLDS OUT (README.md: Your own data)"
+	@echo "variables: DATA MODEL RECIPE EPOCHS WEIGHTS IMAGE_SIZE BATCH SEED RUNS RESUME FOLDS OUT SET (README.md: Your own data)"
 
 # PyTorch and torchvision first, as the pair that imports together (timm, the PyTorch
 # engine, needs both): on x86_64 with Python 3.11 pip takes torch 2.14.1 (a CUDA build,
@@ -72,7 +72,8 @@ TRAIN_ARGS = --model $(MODEL) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(WEIGHTS),--weights '$(WEIGHTS)') \
 	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(BATCH),--batch $(BATCH)) \
 	$(if $(SEED),--seed $(SEED)) $(if $(RESUME),--resume '$(RESUME)') \
-	$(if $(filter command line environment,$(origin RUNS)),--runs '$(RUNS)')
+	$(if $(filter command line environment,$(origin RUNS)),--runs '$(RUNS)') \
+	$(foreach s,$(SET),--set '$(s)')
 STUDY_MODELS := vgg16 vgg19 densenet169 convnext_tiny
 
 train: install

@@ -302,7 +302,7 @@ def print_run_summary(run_dir, console) -> None:
     split = metrics.get("headline") or headline_split(names)
     for name in names:  # what each row's images chose, the headline first
         console.print(("headline: " if name == split else "") + provenance(SPLIT_NAMES[name], CHOSE[name])
-                      + ("" if split == "test" or name != split else "; hold out a test split (--set data.test=0.15) "
+                      + ("" if split == "test" or name != split else "; hold out a test split (--set data.test=0.15; make: SET=data.test=0.15) "
                          "or cross-validate (--folds 5) for numbers that chose nothing"), highlight=False, markup=False)
     console.print(f"run directory: {run_dir}", highlight=False)
 
@@ -502,8 +502,12 @@ def cmd_report(args) -> int:
         table.add_column(label, justify="right", overflow="fold")
     chose = {r["chose"] for r in rows} - {"nothing"}
     engines = len({r.get("engine") for r in rows} - {None, ""}) > 1  # runs of both: each row says its own
+    # two rows of one model (--all, seeds) are told apart by their run ids, as the CSV tells them
+    models = [(r["model"], r["evaluated_on"]) for r in rows]
+    ids = len(set(models)) < len(models)
     for r in rows:  # a row whose images chose something is starred, and the star said below
-        table.add_row(r["model"] + (f" ({r.get('engine')})" if engines and r.get("engine") else ""),
+        table.add_row(r["model"] + (f" {r['run_id']}" if ids and r.get("run_id") else "")
+                      + (f" ({r.get('engine')})" if engines and r.get("engine") else ""),
                       r["evaluated_on"] + (" *" if r["chose"] != "nothing" else ""),
                       *((_p_cell if c == "mcnemar_p_holm" else _metric_cell)(r[c]) for c in cols))
     console.print(table)

@@ -145,4 +145,4 @@ def _headline_sentence(metrics: dict, recipe) -> str:
     if split == "test":
         return f"Headline: {where}; {chosen}."
     return (f"Headline: {where}. {chosen[0].upper()}{chosen[1:]}, and there is no test split: hold one out "
-            "(`--set data.test=0.15`) or cross-validate (`osteo train --folds 5`) for numbers that chose nothing.")
+            "(`--set data.test=0.15`; make: `SET=data.test=0.15`) or cross-validate (`osteo train --folds 5`) for numbers that chose nothing.")

@@ -612,7 +612,7 @@ def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False, 
         raise OsteoError(f"data.fold={r.data.fold} is not one of the {r.data.folds} folds (0 to {r.data.folds - 1})")
     if r.data.folds and r.data.test:
         raise OsteoError("data.test has no meaning in a cross-validation (each fold's held-out images are its "
-                         "test split); set data.test=0, or use osteo train --folds K")
+                         "test split); set data.test=0 (make: SET=data.test=0), or use osteo train --folds K")
     if r.data.inner_val and (r.data.folds < 2 or r.data.test):
         raise OsteoError("data.inner_val splits a cross-validation fold's training images: it needs data.folds "
                          ">= 2 and data.test = 0")
@@ -625,5 +625,5 @@ def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False, 
     else:
         imagenet = parse_weights(m.weights)[0] == "imagenet"
     if imagenet and spec.test_only:
-        raise OsteoError(f"{spec.name} has no ImageNet weights; use WEIGHTS=none")
+        raise OsteoError(f"{spec.name} has no ImageNet weights; use --weights none (make: WEIGHTS=none)")
     return r

@@ -766,6 +766,18 @@ def _config(cfg: StudyConfig) -> dict:
             "train_args": cfg.options.as_args(), "search": cfg.search, "trials": cfg.trials if cfg.search else None}
 
 
+def _record_stopped(path: Path, error: BaseException) -> None:
+    """``study.json`` says the study stopped, and why (it said running): the same command
+    continues it, with its finished trials kept."""
+    try:
+        study = read_json(path)
+    except (OSError, ValueError):
+        return
+    if isinstance(study, dict):
+        why = str(error) if isinstance(error, OsteoError) else type(error).__name__
+        write_json(path, {**study, "status": "stopped", "error": why})
+
+
 def _unfinished_study(out: Path, config: dict) -> str | None:
     """The id of the study ``out/study.json`` records, if it was stopped before its report and
     had this configuration: its finished trials are kept and the others resume."""
@@ -773,7 +785,7 @@ def _unfinished_study(out: Path, config: dict) -> str | None:
         study = read_json(out / "study.json")
     except (OSError, ValueError):
         return None
-    if isinstance(study, dict) and study.get("status") == "running" and study.get("config") == config \
+    if isinstance(study, dict) and study.get("status") in ("running", "stopped") and study.get("config") == config \
             and isinstance(study.get("id"), str) and re.fullmatch(r"study-[0-9-]+", study["id"]):
         return study["id"]
     return None
@@ -976,6 +988,9 @@ def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
                 f"ensemble) on {', '.join(p.name for p in plan.external)}: {_count(len(scorings), 'scoring')} "
                 f"{executor.where}")
             scored = executor.run(scorings, say)
+    except BaseException as e:  # a data check, a stop: said in the record, which the same command continues
+        _record_stopped(out / "study.json", e)
+        raise
     finally:
         executor.close()
     records += [_trial_record(s, outcomes[s["id"]]) for s in specs]

@@ -79,7 +79,7 @@ def test_data_too_small_for_a_test_split_is_one_line_pointing_to_folds(phantom_d
     assert main(["train", "finetune", *TINY, "--data", str(phantom_dir), "--runs", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("osteo: error: too few images for a held-out test split: class osteopenia gets 3 test ")
-    assert "--folds 5" in err and err.endswith("--set data.test=0")
+    assert "--folds 5" in err and err.endswith("--set data.test=0 (make: SET=data.test=0)")
     assert not list_runs(tmp_path / "runs")  # refused before anything was written
 
 
@@ -87,7 +87,7 @@ def test_the_seed_recipe_says_its_numbers_chose_the_checkpoint(phantom_dir, tmp_
     assert main(["train", "seed", *TINY, "--data", str(phantom_dir), "--runs", str(tmp_path / "runs")]) == 0
     printed = " ".join(capsys.readouterr().out.split())
     assert ("headline: validation, which chose the checkpoint, temperature and thresholds: optimistic; hold out a "
-            "test split (--set data.test=0.15) or cross-validate (--folds 5)") in printed
+            "test split (--set data.test=0.15; make: SET=data.test=0.15) or cross-validate (--folds 5)") in printed
     (run,) = list_runs(tmp_path / "runs")
     card = RunDir(run).model_card_path.read_text(encoding="utf-8")
     assert "Headline: validation, which chose the checkpoint, temperature and thresholds: optimistic." in card

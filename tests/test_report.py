@@ -85,11 +85,19 @@ def test_report_command_and_bad_run_dir(two_runs, tmp_path, capsys):
     assert "index.html" in capsys.readouterr().out
     with open(tmp_path / "r" / "comparison.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 1  # the latest run of each model
+    capsys.readouterr()
     assert main(["report", "--all", "--runs", str(runs_dir), "--out", str(tmp_path / "r2"), "--bootstrap", "50"]) == 0
+    printed = capsys.readouterr().out  # two runs of one model: each row says which
+    assert all(f"tiny {run.name}" in printed for run in two_runs), printed
     (tmp_path / "notarun").mkdir()
     assert main(["report", str(tmp_path / "notarun"), "--out", str(tmp_path / "r3")]) == 2
     assert "not an osteo run directory" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "notarun")]) == 2
+    # a run of validation only, asked for its test split: the fix is the split it has
+    assert main(["report", str(two_runs[0]), "--split", "test", "--out", str(tmp_path / "r4")]) == 2
+    err = capsys.readouterr().err
+    assert f"run {two_runs[0]} has no test predictions (test split); report it with --split val" in err
+    assert err.strip().splitlines()[-1].endswith("could be reported; each warning above says why, and what to do")
     assert main(["eval", str(two_runs[0]), "--bootstrap", "100"]) == 0
     assert "balanced accuracy" in capsys.readouterr().out
 

@@ -526,3 +526,15 @@ def test_a_failed_reporting_step_keeps_the_measurement():
     # and the step that failed on bfloat16 CPUs now reads bfloat16 back
     assert models._peak_matmul(64, "bfloat16") > 0
     json.dumps(out)
+
+
+def test_make_train_passes_recipe_overrides_as_the_cli_takes_them():
+    """``SET`` is how a make user gives what osteo's messages tell CLI users to ``--set``."""
+    from osteo.cli import build_parser
+
+    dry = subprocess.run(["make", "-n", "train", "MODEL=tiny", "SET=data.test=0 train.lr=3e-4", "DATA=my knees"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    line = next(ln for ln in dry.stdout.splitlines() if " train " in ln and "--model" in ln)
+    argv = shlex.split(line)
+    args = build_parser().parse_args(argv[argv.index("train") :])
+    assert args.set == ["data.test=0", "train.lr=3e-4"] and args.data == "my knees"

@@ -346,6 +346,8 @@ def test_more_folds_than_a_class_can_fill_are_refused_before_any_trial(phantom_d
     with pytest.raises(OsteoError, match=re.escape(f"use --folds {smallest} or fewer")) as e:
         run_study(_cfg(phantom_dir, tmp_path, folds=smallest + 1), say=lambda text: None, warn=lambda text: None)
     assert "\n" not in str(e.value) and not list((tmp_path / "runs").rglob("cv.json"))
+    study = _study_json_at(tmp_path)  # not left "running": stopped, and why
+    assert (study["status"], study["error"]) == ("stopped", str(e.value))
 
 
 def test_the_studys_one_audit_fills_the_cache_at_each_models_size(phantom_dir, tmp_path, monkeypatch):

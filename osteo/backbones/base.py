@@ -193,4 +193,5 @@ def short(e: BaseException) -> str:
     return (cut[:space].rstrip(",;:") if space > SHORT // 2 else cut) + " ..."
 
 
-OFFLINE_FIX = "train from scratch with WEIGHTS=none, or pass a local file with WEIGHTS=/path/to/file"
+OFFLINE_FIX = ("train from scratch with --weights none (make: WEIGHTS=none), or pass a local file with --weights "
+               "/path/to/file (make: WEIGHTS=/path/to/file)")

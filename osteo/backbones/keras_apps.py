@@ -39,7 +39,7 @@ class KerasAppsBackbone(Backbone):
         kind, path = parse_weights(self.weights)
         if kind == "imagenet":
             if spec.test_only:
-                raise OsteoError(f"{spec.name} has no ImageNet weights; use WEIGHTS=none")
+                raise OsteoError(f"{spec.name} has no ImageNet weights; use --weights none (make: WEIGHTS=none)")
             with download_timeout():
                 try:
                     self.layer = constructor(include_top=False, weights="imagenet", input_shape=shape,
@@ -254,7 +254,7 @@ def _is_pytorch_file(path: Path) -> bool:
 
 def load_weights_file(model: keras.Model, path: Path, name: str) -> None:
     """Load a weights file; any skipped or mismatched layer is an error, not a warning."""
-    fix = f"pass a weights file saved from {name} (without its top) or WEIGHTS=none"
+    fix = f"pass a weights file saved from {name} (without its top) or --weights none (make: WEIGHTS=none)"
     check_h5_weights(path, model, f"backbone {name}", fix, every=True)
     try:
         with warnings.catch_warnings():

@@ -222,7 +222,7 @@ def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...]) -
     classifier = module.pretrained_cfg.get("classifier") or ()
     ignored = tuple(f"{p}." for p in ((classifier,) if isinstance(classifier, str) else classifier) + dropped)
     fix = (f"pass a weights file of timm's {module.pretrained_cfg.get('architecture', name)}, a Keras .h5 file "
-           "with model.impl=keras, or WEIGHTS=none")
+           "with model.impl=keras, or --weights none (make: WEIGHTS=none)")
     try:
         declared, read = read_state_dict(path)
     except Exception as e:

@@ -252,7 +252,7 @@ def check_split(split: list[dict], min_train: int = 1, min_val: int = 1, min_tes
         raise OsteoError(
             f"too few images for a held-out test split: class {c} gets {counts[('test', c)]} test image(s) "
             f"({len(split)} images in all), fewer than {min_test}; cross-validate instead (--folds 5), or report "
-            "on validation, optimistically, with --set data.test=0"
+            "on validation, optimistically, with --set data.test=0 (make: SET=data.test=0)"
         )
 
 

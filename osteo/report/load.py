@@ -150,7 +150,9 @@ def load_run(path: str | os.PathLike, split: str = "auto", n_boot: int = 1000, s
         split = headline_split({row["split"] for row in every[2]})
     y, probs, rows = _of_split(every, split)
     if not len(y):
-        raise OsteoError(f"run {run} has no {split} predictions; choose --split val or test")
+        has = sorted({row["split"] for row in every[2]} & {"val", "test"})
+        fix = f"report it with --split {has[0]}" if has else "train it again"
+        raise OsteoError(f"run {run} has no {split} predictions ({SPLIT_NAMES.get(split, split)} split); {fix}")
     groups = run.image_groups(rows)
     metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed, groups=groups)
     metrics["best_epoch"] = run.read_metrics().get("best_epoch")

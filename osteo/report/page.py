@@ -75,8 +75,8 @@ def write_report(run_dirs: list, out: str | os.PathLike, split: str = "auto", n_
     for data in {r.recipe.get("data", {}).get("dir") for r in runs} - {None, ""}:  # nor in a run's images
         check_output_place(out, "--out", "choose a folder outside it, e.g. --out reports", data=data)
     if not runs:
-        raise OsteoError(f"none of the {len(skipped)} run(s) could be reported (see the warnings); "
-                         "re-run `osteo eval RUN_DIR` on them or train again")
+        raise OsteoError(f"none of the {len(skipped)} run(s) could be reported; each warning above says why, and "
+                         "what to do")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
