@@ -123,3 +123,18 @@ def test_a_fold_calibrated_for_another_goal_is_pooled_with_no_other(cv, tmp_path
     assert where == {"out-of-fold", "external: hospital-c"}
     assert {k for k in points if k[1] == "osteoporosis"} == set()
     assert points[("external: hospital-c", "osteopenia+")] == "sensitivity=0.9"
+
+
+def test_a_cross_validations_row_names_the_settings_its_folds_trained_with_apart(cv, tmp_path):
+    """A study's search chooses each fold's learning rate: the row's recipe (its first fold's)
+    says which settings differ by fold, and each fold's value."""
+    from osteo.report.load import load_cv
+
+    copy = CvDir(tmp_path / "cv")
+    shutil.copytree(cv.path, copy.path, ignore=shutil.ignore_patterns("eval"))
+    assert "differs_by_fold" not in load_cv(copy, n_boot=0).recipe
+    recipe = json.loads((copy.path / "fold-2" / "recipe.json").read_text())
+    first_lr = recipe["train"]["lr"]
+    recipe["train"]["lr"] = first_lr * 10
+    (copy.path / "fold-2" / "recipe.json").write_text(json.dumps(recipe))
+    assert load_cv(copy, n_boot=0).recipe["differs_by_fold"] == {"train.lr": [first_lr, first_lr * 10]}

@@ -207,11 +207,28 @@ def load_cv(cv: CvDir, n_boot: int = 1000, seed: int = 0) -> Run:
     calibrated = (np.concatenate([f.calibrated for f in folds])
                   if all(f.calibrated is not None for f in folds) else None)  # each fold's own temperature
     metrics["ece_calibrated"] = expected_calibration_error(y, calibrated) if calibrated is not None else None
-    return Run(cv.path, first.recipe, env, metrics, history, y, probs, rows, majority, split_id, first.audit,
+    recipe = {**first.recipe, **({"differs_by_fold": differs} if (differs := _differs_by_fold(folds)) else {})}
+    return Run(cv.path, recipe, env, metrics, history, y, probs, rows, majority, split_id, first.audit,
                evaluated_on="out-of-fold", fold_metrics=fold_metrics, calibrated=calibrated, chose=CHOSE[split],
                points=_pooled_points(members, folds, CHOSE[split], n_boot, seed, groups),
                images_id=images_id(rows, {p: h for f in members for p, h in f.content_sha256().items()}),
                val_balanced_accuracy=float(np.mean([f.val_balanced_accuracy for f in folds])), groups=groups)
+
+
+def _differs_by_fold(folds: list[Run]) -> dict[str, list]:
+    """The recipe settings the folds trained with that are not all the same (a study's search
+    chose each fold's learning rate on its own inner split), each with its value per fold; the
+    fold's own number and split aside."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    each = [flat(f.recipe) for f in folds]
+    keys = dict.fromkeys(k for e in each for k in e)
+    return {k: [e.get(k) for e in each] for k in keys
+            if k not in ("data.fold",) and len({repr(e.get(k)) for e in each}) > 1}
 
 
 def _pooled_points(members: list[RunDir], folds: list[Run], chose: str, n_boot: int, seed: int,
