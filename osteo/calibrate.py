@@ -260,14 +260,16 @@ def _say_ensembles_stale(run) -> None:
     calibrated probabilities and thresholds (the report leaves them out until scored again)."""
     import logging
 
+    from osteo.evaluate import rescore_command
     from osteo.runs import CvDir, RunDir
 
     cv = CvDir(run.path.parent)
-    scored = sorted(p.parent.name for p in cv.eval_path.glob(f"*/{RunDir.METRICS}")) if cv.is_cv() else []
+    scored = sorted(p.parent for p in cv.eval_path.glob(f"*/{RunDir.METRICS}")) if cv.is_cv() else []
     if scored:
+        again = "; ".join(rescore_command(cv.path, p, RunDir(p).read_metrics()) for p in scored)
         logging.getLogger("osteo").warning(
             "the cross-validation %s was scored on %s with %s's previous calibration: those numbers are stale until "
-            "scored again: osteo eval %s --data FOLDER", cv.path, ", ".join(scored), run.path.name, cv.path)
+            "scored again: %s", cv.path, ", ".join(p.name for p in scored), run.path.name, again)
 
 
 def external_calibration(y: np.ndarray, calibrated: np.ndarray, temperature: float | None, points: list[dict],

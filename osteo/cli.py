@@ -434,11 +434,12 @@ def eval_external(args) -> int:
                                       seed=args.seed, progress=lambda k, n: bar.update(task, completed=k, total=n),
                                       warn=_warn)
     console = _console()
+    tta = " with test-time augmentation" if args.tta else ""
     print_metrics({"external": report["external"]}, "external", console,
-                  title=f"{args.run} on {args.data}, which chose nothing (n={report['external']['n']})")
+                  title=f"{args.run} on {args.data}{tta}, which chose nothing (n={report['external']['n']})")
     for p in report["operating_points"]:
         undefined = f" ({p['undefined']})" if p.get("undefined") else ""
-        print(f"{p['name']} (threshold {p['threshold']:.4f} chosen on validation), on {args.data}: "
+        print(f"{p['name']} (threshold {p['threshold']:.4f} chosen on validation), on {args.data}{tta}: "
               f"{_point_figures(p)}{undefined}")
     from osteo.predict import SEEN_IN
 

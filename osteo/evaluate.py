@@ -70,6 +70,17 @@ def external_label(name: str, record: dict) -> str:
     return f"external: {name}" + (" (test-time augmentation)" if record.get("tta") else "")
 
 
+def rescore_command(run_path, external, record: dict) -> str:
+    """The command that scores an external validation (folder ``external``, its metrics.json
+    ``record``) again as it was scored: the same data folder, test-time augmentation or not, and
+    into the same folder."""
+    import shlex
+
+    tta = ["--tta"] if record.get("tta") else []
+    return shlex.join(["osteo", "eval", str(run_path), "--data", str(record.get("data_dir") or "FOLDER"), *tta,
+                       "--out", str(external)])
+
+
 def headline_split(splits) -> str:
     """The split a run's numbers are reported on: its test split, which chose nothing, where it has one."""
     return "test" if "test" in splits else "val"

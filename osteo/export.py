@@ -452,7 +452,7 @@ import ctypes, os, signal, sys
 export_pid = int(sys.argv.pop())
 try:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-except (OSError, AttributeError):  # not Linux: the child may outlive a killed export
+except Exception:  # not Linux (no prctl, or no C library by that name): it may outlive a killed export
     pass
 if os.getppid() != export_pid:
     sys.exit("the export that started this was stopped")

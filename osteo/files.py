@@ -118,6 +118,8 @@ def replace_folder(new: str | os.PathLike, target: str | os.PathLike, aside: str
     if os.path.lexists(target):
         old = Path(aside or target.parent) / f"{owned_prefix(f'.{target.name}.old-')}{secrets.token_hex(4)}.tmp"
         os.replace(target, old)
+        with contextlib.suppress(OSError):  # touched now: a rename keeps the old time, which would read
+            os.utime(old)  # as a temporary older than this process, its id another's (swept while in use)
     try:
         os.replace(new, target)
     except OSError:
@@ -181,14 +183,18 @@ def pid_alive(pid: int, started_by: float | None = None) -> bool:
     user's), and, given ``started_by`` (epoch seconds), began no later than that."""
     import psutil
 
-    if pid == os.getpid() or os.name == "nt":  # on Windows, os.kill would end the process
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, another user's
-        pass
+    if pid == os.getpid():  # this process, or a killed one whose id it was given (process 1 in a container)
+        return started_by is None or process_start() <= started_by + 2.0
+    if os.name == "nt":  # there os.kill would end the process
+        if not psutil.pid_exists(pid):
+            return False
+    else:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:  # EPERM: alive, another user's
+            pass
     if started_by is None:
         return True
     try:

@@ -316,6 +316,9 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
                                data=given)
         OwnedFolder(gradcam_dir, "--gradcam").check(overlay_files([_display(f) for f in paths]))
     predictor = Predictor(run_dir, calibrated=calibrated, tta=tta)
+    if tta and predictor.points:  # kept, as the run's decisions, but their measured rates do not carry over
+        log.warning("test-time augmentation: the screening columns' thresholds were chosen on validation without it, "
+                    "so their sensitivity and specificity there do not carry over to these probabilities")
     sweep_temporaries(out.parent, pattern=temporaries_of(out))  # left by a killed predict
     rows, raw, arrays = predictor.predict_paths(paths, batch, progress)
     if gradcam_dir is not None and len(arrays):
@@ -482,7 +485,7 @@ def _check_eval_out(run: RunDir, out: Path, folder: Path) -> None:
     """``--out`` of ``eval --data``: a folder of the run's ``eval/`` or one outside every run
     and outside ``folder``, the images scored, and, if it exists, one an earlier ``eval --data``
     wrote (it is replaced whole)."""
-    fix = "choose another --out, or leave it out (RUN_DIR/eval/<folder-name>/)"
+    fix = "choose another --out, or leave it out (RUN_DIR/eval/<folder-name>/, with --tta <folder-name>-tta/)"
     check_output_place(out, "--out", fix, own=run.eval_path, data=folder)
     if RunDir.owner_of(out) is not None and out.resolve().parent != run.eval_path.resolve():
         raise OsteoError(f"--out {out} is not a folder of {run.eval_path}, where a run's external validations "

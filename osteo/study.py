@@ -774,7 +774,8 @@ def _record_stopped(path: Path, error: BaseException) -> None:
     except (OSError, ValueError):
         return
     if isinstance(study, dict):
-        why = str(error) if isinstance(error, OsteoError) else type(error).__name__
+        why = (str(error) if isinstance(error, OsteoError) else "stopped by SIGTERM" if isinstance(error, Stopped)
+               else "interrupted (Ctrl-C)" if isinstance(error, KeyboardInterrupt) else type(error).__name__)
         write_json(path, {**study, "status": "stopped", "error": why})
 
 

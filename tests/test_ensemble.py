@@ -104,21 +104,22 @@ def test_a_fold_calibrated_for_another_goal_is_pooled_with_no_other(cv, tmp_path
     with osteo_warnings() as said:
         assert main(["calibrate", str(fold), "--operating-point", "osteoporosis:specificity=0.5",
                      "--operating-point", "osteopenia+:sensitivity=0.9", "--bootstrap", "0"]) == 0
+    again = f"osteo eval {copy.path} --data {other} --out {copy.eval_path / 'hospital-c'}"  # as it was scored
     assert [w for w in said if "stale" in w] == [
         f"the cross-validation {copy.path} was scored on hospital-c with fold-1's previous calibration: those "
-        f"numbers are stale until scored again: osteo eval {copy.path} --data FOLDER"]
+        f"numbers are stale until scored again: {again}"]
     capsys.readouterr()
     with osteo_warnings() as said:
         where, points = report("after")
     assert where == {"out-of-fold"}  # the ensemble's scores on hospital-c were its members' old ones
-    assert (f"hospital-c was scored before fold-1 was calibrated again; score it again: osteo eval {copy.path} "
-            "--data FOLDER") in capsys.readouterr().err
+    assert f"hospital-c was scored before fold-1 was calibrated again; score it again: {again}" in " ".join(
+        capsys.readouterr().err.split())
     assert ("out-of-fold", "osteoporosis") not in points and points[("out-of-fold", "osteopenia+")] == \
         "sensitivity=0.9"
     assert any("the operating point osteoporosis is left out, as its members chose it for different goals "
                "(member 1 at specificity=0.5, 2 at sensitivity=0.9)" in w for w in said)
 
-    assert main(["eval", str(copy.path), "--data", str(other), "--bootstrap", "0"]) == 0
+    assert main([*again.split()[1:], "--bootstrap", "0"]) == 0  # the command it said
     where, points = report("again")
     assert where == {"out-of-fold", "external: hospital-c"}
     assert {k for k in points if k[1] == "osteoporosis"} == set()

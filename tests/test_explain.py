@@ -27,6 +27,13 @@ def test_every_backbone_has_a_gradcam_layer_that_works(name):
     maps, probs = gradcam(model, spec, x)
     assert maps.shape == (2, size, size) and maps.min() >= 0 and maps.max() <= 1
     np.testing.assert_allclose(probs, model.predict(x, verbose=0), atol=1e-5)
+    # each layer it may fall back to by one name; ConvNeXt's residual sums among them, not MobileNetV3's x + 3
+    from osteo.explain import _engine_call
+
+    names = [n for n, _ in _engine_call(model, spec, "feature_maps")]
+    assert len(names) == len(set(names))
+    assert not any("squeeze_excite" in n and n.endswith("_output") for n in names)
+    assert ("convnext_tiny_stage_0_block_0_output" in names) == (name == "convnext_tiny")
 
 
 def test_gradcam_on_the_pytorch_backend(tmp_path):

@@ -255,7 +255,8 @@ def test_ctrl_c_stops_a_study_running_trials_side_by_side_in_one_line(phantom_di
     proc = _osteo(args, tmp_path, kill_at="study.trial_ended", OSTEO_KILL_SIGNAL="INT", OSTEO_KILL_IF="study")
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines() == ["osteo: interrupted; run the same command again to continue"]
-    assert json.loads((tmp_path / "study" / "study.json").read_text())["status"] == "running"
+    stopped = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert (stopped["status"], stopped["error"]) == ("stopped", "interrupted (Ctrl-C)")
     proc = _osteo(args, tmp_path)
     _ok(proc)
     assert json.loads((tmp_path / "study" / "study.json").read_text())["status"] == "finished"
@@ -273,7 +274,7 @@ def test_sigterm_stops_a_study_in_one_line_and_the_same_command_continues_it(pha
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines() == ["osteo: stopped by SIGTERM; run the same command again to continue"]
     first = json.loads((tmp_path / "study" / "study.json").read_text())
-    assert first["status"] == "running"
+    assert (first["status"], first["error"]) == ("stopped", "stopped by SIGTERM")
     (cv_path,) = (tmp_path / "runs" / "tiny").iterdir()
     done = [f for f in (CvDir(cv_path).fold(1), CvDir(cv_path).fold(2)) if f.is_finished()]
     assert len(done) == 1

@@ -326,6 +326,36 @@ def test_a_temporary_is_swept_only_once_the_process_that_writes_it_is_gone(tmp_p
         live.wait()
     assert sorted(p.name for p in sweep_temporaries(tmp_path, grace=-1e9)) == sorted([names["kept"],
                                                                                       names["kept_dir"]])
+    # this process's own id, on a temporary older than it: a killed process's, whose id this one was given
+    # (process 1 in a container, every time); this process's own is kept
+    from osteo.files import process_start
+
+    for name, when in ((f".old.{os.getpid()}-a1b2c3.tmp.json", process_start() - 3600),
+                       (f".own.{os.getpid()}-d4e5f6.tmp.json", process_start() + 0.5)):
+        (tmp_path / name).write_text("x")
+        os.utime(tmp_path / name, (when, when))
+    assert [p.name for p in sweep_temporaries(tmp_path, grace=-1e9)] == [f".old.{os.getpid()}-a1b2c3.tmp.json"]
+
+
+def test_a_folder_renamed_aside_is_kept_from_another_sweep_until_it_is_removed(tmp_path, monkeypatch):
+    """replace_folder renames the previous folder aside, under its own name, before it removes it:
+    a rename keeps the folder's old time, which read as a temporary of a process that is gone."""
+    import shutil
+
+    from osteo.files import process_start, replace_folder
+
+    (tmp_path / "plots").mkdir()
+    os.utime(tmp_path / "plots", (process_start() - 3600, process_start() - 3600))  # made by an older report
+    (tmp_path / "new").mkdir()
+    seen, rmtree = [], shutil.rmtree
+
+    def sweep_then_remove(path, *args, **kwargs):  # another process sweeps just before the aside is removed
+        seen.append((_sweep_elsewhere(tmp_path), Path(path).is_dir()))
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", sweep_then_remove)
+    replace_folder(tmp_path / "new", tmp_path / "plots")
+    assert seen == [([], True)] and (tmp_path / "plots").is_dir()
 
 
 def test_osteos_temporaries_are_kept_while_it_writes_and_swept_once_it_is_killed(tmp_path):

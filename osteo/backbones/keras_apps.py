@@ -141,12 +141,18 @@ def _residual_sums(backbone: keras.Model, ops: bool = False) -> list[tuple[str, 
     each block's input to its branch with ``+``), named ``<block>_output`` after the branch's last
     layer (``convnext_tiny_stage_1_block_2_identity``: ``convnext_tiny_stage_1_block_2_output``);
     with their output tensors, or with ``ops``, the operations."""
-    found = []
+    found, names = [], set()
     for op in backbone.operations:
         if isinstance(op, keras.layers.Layer) or type(op).__name__ != "Add":
             continue
-        branch = op._inbound_nodes[0].input_tensors[-1]._keras_history.operation
-        found.append((f"{branch.name.rsplit('_', 1)[0]}_output", op if ops else op.output))
+        inputs = op._inbound_nodes[0].input_tensors
+        if len(inputs) != 2:  # x + 3.0 (MobileNetV3's hard sigmoid): a shift, not a residual sum
+            continue
+        branch = inputs[-1]._keras_history.operation
+        name = f"{branch.name.rsplit('_', 1)[0]}_output" if isinstance(branch, keras.layers.Layer) else op.name
+        name = op.name if name in names else name  # two branches of one name: the op's own, unique
+        names.add(name)
+        found.append((name, op if ops else op.output))
     return found
 
 

@@ -38,6 +38,7 @@ from osteo.evaluate import (
     external_points,
     headline_split,
     majority_baseline,
+    rescore_command,
     training_majority,
 )
 from osteo.runs import CvDir, RunDir, list_cvs, list_runs
@@ -300,12 +301,13 @@ def _check_members_calibrations(cv: CvDir, external: Path) -> None:
     """An error unless ``external`` was scored by ``cv``'s folds at the calibrations they have now:
     an ensemble's probabilities are its members' calibrated ones and its thresholds their mean,
     so a fold calibrated again since makes every one of its numbers stale."""
-    then = RunDir(external).read_metrics().get("member_calibrations")
+    record = RunDir(external).read_metrics()
+    then = record.get("member_calibrations")
     now = {f.name: calibration_digest(f.read_calibration()) for f in cv.folds()}
     if then != now:
         why = ("records no calibrations of its folds (scored by an older osteo)" if not isinstance(then, dict) else
                f"was scored before {', '.join(k for k in now if then.get(k) != now[k])} was calibrated again")
-        raise OsteoError(f"{external} {why}; score it again: osteo eval {cv.path} --data FOLDER")
+        raise OsteoError(f"{external} {why}; score it again: {rescore_command(cv.path, external, record)}")
 
 
 def _of_split(every: tuple, split: str) -> tuple:
