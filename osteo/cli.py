@@ -446,7 +446,9 @@ def eval_external(args) -> int:
     seen_in = SEEN_IN["cv" if report["ensemble_of"] else "run"]
     near = f" ({report['excluded_near_copies']} of them re-encoded or resized copies)" if report.get(
         "excluded_near_copies") else ""
-    print(f"{report['excluded_training_overlap']} image(s) also in {seen_in} left out{near}; "
+    filed = (f"{report['excluded_label_conflicts']} filed under two classes left out; "
+             if report.get("excluded_label_conflicts") else "")
+    print(f"{report['excluded_training_overlap']} image(s) also in {seen_in} left out{near}; {filed}"
           f"{report['unreadable']} unreadable; wrote {out}/predictions.csv, metrics.json, audit.json")
     return 0
 

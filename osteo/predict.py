@@ -94,7 +94,8 @@ def load_legacy_best(run: RunDir):
 def _expand(paths: list[str]) -> list[Path]:
     """Every file named, and every file below every folder named (hidden and system files aside).
     Linked folders are followed, as the audit follows them, each real folder once (a link
-    loop is not walked again).
+    loop is not walked again), but not one that holds the folder named (a link to ``..`` or
+    ``/``, which would walk far outside what was asked): skipped with a warning.
 
     Nothing is filtered by its name's extension: the decoder decides by content, and a
     file it cannot read gets a row saying why.
@@ -104,13 +105,19 @@ def _expand(paths: list[str]) -> list[Path]:
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            found, walked = [], set()
+            found, walked, top = [], set(), os.path.realpath(p)
             for folder, dirs, files in os.walk(p, followlinks=True):
                 real = os.path.realpath(folder)
                 if real in walked:
                     dirs[:] = []
                     continue
                 walked.add(real)
+                for d in [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+                    target = os.path.realpath(os.path.join(folder, d))
+                    if os.path.commonpath([top, target]) == target:
+                        log.warning("not following %s: it links to %s, which holds %s", _display(Path(folder) / d),
+                                    _display(Path(target)), _display(p))
+                        dirs.remove(d)
                 dirs.sort()
                 found += [Path(folder) / f for f in files]
             out += sorted(f for f in found if not f.name.startswith(".") and f.name.lower() not in SYSTEM_FILES)
@@ -391,14 +398,22 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     ok = result.ok()
     overlap = [r for r in ok if seen and (r.sha256 in seen or r.pixel_sha256 in seen)]
     scored = [r for r in ok if not (seen and (r.sha256 in seen or r.pixel_sha256 in seen))]
+    # one image filed under two classes (a copy, or a class folder linked to another): its label is
+    # unknown, so it scores nothing, as the split leaves it out of training
+    conflicted = [r for r in scored if r.conflict]
+    scored = [r for r in scored if not r.conflict]
+    if conflicted and warn:
+        warn(f"{len(conflicted)} image(s) of {folder} are filed under two classes (the same image in each, e.g. "
+             f"{conflicted[0].path}): left out, as their label is unknown")
     near, near_checked = _near_copies_of_the_runs(run, scored, seen, seen_in, warn)
     scored = [r for r, copied in zip(scored, near) if not copied]
     for r in result.records:
         r.features = None
     if not scored:
         why = result.first_unreadable() if not ok else ""
+        filed = f", {len(conflicted)} filed under two classes" if conflicted else ""
         raise OsteoError(f"no image of {folder} can be scored ({len(ok)} readable, {len(overlap) + sum(near)} also "
-                         f"in {seen_in}{why}); give a folder of other images")
+                         f"in {seen_in}{filed}{why}); give a folder of other images")
     rows, raw, _ = predictor.predict_paths([folder / r.path for r in scored], progress=progress)
     kept = [(rec, row) for rec, row in zip(scored, rows) if row["status"] == "ok"]
     y = np.array([CLASSES.index(rec.label) for rec, _ in kept])
@@ -419,6 +434,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
         "n_files": len(result.records),
         "unreadable": len(result.records) - len(ok) + len(scored) - len(kept),
         "excluded_training_overlap": len(overlap) + sum(near), "overlap_checked": seen is not None,
+        "excluded_label_conflicts": len(conflicted),
         # of those, re-encoded or resized copies (the audit's near duplicates) of the run's images
         "excluded_near_copies": sum(near), "near_copies_checked": near_checked,
         "duplicate_groups": len(result.duplicate_groups),

@@ -326,3 +326,32 @@ def test_a_dicom_in_a_transfer_syntax_without_a_decoder_says_which_and_how_to_co
     with pytest.raises(DecodeError, match=r"dicom pixel data in MPEG2 Main Profile / Main Level, a transfer syntax "
                                           r"with no decoder here; convert it to uncompressed DICOM, e.g. gdcmconv"):
         decode_bytes(buf.getvalue())
+
+
+def test_a_decoders_message_over_several_lines_is_one_line_of_reason():
+    """pydicom's error for JPEG-LS pixel data it cannot decode runs over two lines (one per
+    plugin): the reason, printed as a one-line error by train and eval, is folded to one line."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLSLossless, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = JPEGLSLossless
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "DX", "P1"
+    ds.Rows = ds.Columns = 32
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xf7" + b"\x00" * 60])  # a JPEG-LS start, then nothing valid
+    ds["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    assert pydicom.dcmread(io.BytesIO(buf.getvalue())).file_meta.TransferSyntaxUID == JPEGLSLossless
+    with pytest.raises(DecodeError) as e:
+        decode_bytes(buf.getvalue())
+    assert str(e.value).startswith("dicom ") and "\n" not in str(e.value)

@@ -170,3 +170,23 @@ def test_a_new_calibration_measures_the_external_folders_again(run, phantom_dir,
     assert main(["report", str(copy), "--out", str(tmp_path / "rep"), "--bootstrap", "20"]) == 0
     with open(tmp_path / "rep" / "operating_points.csv", newline="") as f:
         assert {r["evaluated_on"] for r in csv.DictReader(f)} == {"validation"}
+
+
+def test_an_image_filed_under_two_classes_scores_nothing(run, tmp_path, capsys):
+    """A class folder linked to another (or the same image copied into two): its label is unknown,
+    so it is left out of the score, counted and said, as the split leaves it out of training."""
+    other = tmp_path / "hospital-d"
+    write_phantom(other, n=30, size=64, seed=13)
+    n_osteoporosis = len(list((other / "osteoporosis").glob("*.png")))
+    shutil.rmtree(other / "osteoporosis")
+    (other / "osteoporosis").symlink_to(other / "osteopenia")
+    n_osteopenia = len(list((other / "osteopenia").glob("*.png")))
+    assert main(["eval", str(run.path), "--data", str(other), "--bootstrap", "0"]) == 0
+    out = capsys.readouterr()
+    metrics = json.loads((run.eval_path / "hospital-d" / "metrics.json").read_text())
+    assert metrics["excluded_label_conflicts"] == 2 * n_osteopenia
+    assert metrics["external"]["n"] == 30 - n_osteoporosis - n_osteopenia
+    with open(run.eval_path / "hospital-d" / "predictions.csv", newline="") as f:
+        assert {r["label"] for r in csv.DictReader(f)} == {"normal"}
+    assert f"{2 * n_osteopenia} image(s) of {other} are filed under two classes" in " ".join(out.err.split())
+    assert f"{2 * n_osteopenia} filed under two classes left out" in out.out

@@ -115,6 +115,38 @@ def test_a_link_to_a_folder_outside_is_followed_once(tmp_path):
     assert links["normal/x"]["followed"] and not links["normal/y"]["followed"]
 
 
+def test_a_link_to_the_data_folder_or_another_class_is_not_walked_under_this_class(tmp_path, caplog):
+    """``normal/loop -> ..`` walked the whole data folder again under normal (every osteopenia
+    image counted as normal too), and ``normal/x -> ../osteopenia/sub`` filed another class's
+    images under this one; neither is followed, each link with its reason. ``osteo predict`` of
+    the class folder does not follow the first either."""
+    import logging
+
+    from osteo.predict import _expand
+
+    data = tmp_path / "data"
+    _png(data / "normal" / "a.png")
+    _png(data / "osteopenia" / "sub" / "b.png")
+    _png(data / "osteoporosis" / "c.png")
+    (data / "normal" / "loop").symlink_to("..")
+    (data / "normal" / "x").symlink_to(data / "osteopenia" / "sub")
+    (data / "normal" / "root").symlink_to("/")
+    result = audit(data)
+    assert sorted((r.path, r.label) for r in result.ok()) == [
+        ("normal/a.png", "normal"), ("osteopenia/sub/b.png", "osteopenia"), ("osteoporosis/c.png", "osteoporosis")]
+    links = {link["path"]: link for link in result.links}
+    assert not links["normal/loop"]["followed"] and "holds this class folder" in links["normal/loop"]["reason"]
+    assert not links["normal/root"]["followed"] and "holds this class folder" in links["normal/root"]["reason"]
+    assert not links["normal/x"]["followed"]
+    assert links["normal/x"]["reason"] == "its target holds another class's images (osteopenia/), audited there " \
+                                          "under their own label"
+    with caplog.at_level(logging.WARNING, logger="osteo"):
+        # a link elsewhere is followed (predict files no label), one to a folder that holds it is not
+        assert _expand([str(data / "normal")]) == [data / "normal" / "a.png", data / "normal" / "x" / "b.png"]
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"not following {data / 'normal' / 'loop'}: it links to {data}") for m in said), said
+
+
 def test_file_names_that_are_not_utf8_are_listed_and_written(tmp_path):
     data = tmp_path / "data"
     _png(data / "normal" / "ok.png")

@@ -87,7 +87,16 @@ _FILE_KINDS = (
 
 
 class DecodeError(Exception):
-    """A file that cannot be decoded; ``str(e)`` is the reason."""
+    """A file that cannot be decoded; ``str(e)`` is the reason, on one line (a decoder's own
+    message may run over several: pydicom's does)."""
+
+    def __init__(self, reason: str):
+        super().__init__(" ".join(str(reason).split()))
+
+
+def _said(e: BaseException, limit: int = 120) -> str:
+    """A decoder's exception as the start of one line: its type and its message, whitespace folded."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:limit]}"
 
 
 @dataclass(frozen=True)
@@ -469,7 +478,7 @@ def _decode_pillow(data: bytes, fmt: str, scale: Callable[[int, int], int] | Non
     except DecodeError:
         raise
     except Exception as e:  # Pillow raises many types on corrupt data
-        raise DecodeError(f"{fmt} decode failed: {type(e).__name__}: {str(e)[:120]}") from None
+        raise DecodeError(f"{fmt} decode failed: {_said(e)}") from None
     if pixels.ndim != 2 or pixels.size == 0:
         raise DecodeError(f"{fmt} decode failed: unexpected shape {pixels.shape}")
     return Gray(pixels, ImageInfo(fmt, width, height, bit_depth, frames), kind, lo, hi, dct)
@@ -527,7 +536,7 @@ def _decode_dicom(data: bytes) -> Gray:
         if getattr(syntax, "is_compressed", False) and "transfer syntax" in str(e).lower():  # no decoder: named
             raise DecodeError(f"dicom pixel data in {getattr(syntax, 'name', syntax)}, a transfer syntax with no "
                               "decoder here; convert it to uncompressed DICOM, e.g. gdcmconv --raw IN OUT") from None
-        raise DecodeError(f"dicom decode failed: {type(e).__name__}: {str(e)[:120]}") from None
+        raise DecodeError(f"dicom decode failed: {_said(e)}") from None
     if arr.ndim != 2 or arr.size == 0:
         raise DecodeError(f"dicom decode failed: unexpected pixel shape {arr.shape}")
     if not arr.flags.writeable:

@@ -130,7 +130,7 @@ import math
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -325,7 +325,7 @@ def _list(root: Path) -> _Listing:
     out = _Listing()
     for e in entries:
         if e in classes:
-            _walk_class(e, out)
+            _walk_class(e, out, [os.path.realpath(c.path) for c in classes if c is not e])
         elif _is_dir(e) and not e.is_symlink() and not _is_temporary(e.name):
             before = len(out.ignored)
             _walk_ignored(e.path, e.name, out)
@@ -358,9 +358,10 @@ def _walk_ignored(path: str, rel: str, out: _Listing) -> None:
                 out.ignored.append(_display(r + ("/" if _is_dir(e) else "")))
 
 
-def _walk_class(top: os.DirEntry, out: _Listing) -> None:
+def _walk_class(top: os.DirEntry, out: _Listing, others: Sequence[str] = ()) -> None:
     """Every file under a class folder: candidates and ignored ones; linked folders
-    followed unless that would walk a folder twice."""
+    followed unless that would walk a folder twice, or walk another class's images (the
+    real paths ``others``) under this class's label."""
     label = top.name.lower()
     try:
         st = os.stat(top.path)
@@ -397,12 +398,16 @@ def _walk_class(top: os.DirEntry, out: _Listing) -> None:
                 if e.is_symlink():
                     target = os.path.realpath(e.path)
                     why = ""
-                    if key in above:
-                        why = "a loop: it links to a folder above it"
+                    other = next((o for o in others if _inside(target, o) or _inside(o, target)), None)
+                    if key in above or _inside(real_top, target):
+                        why = "a loop: it links to a folder that holds this class folder"
                     elif key in visited:
                         why = "its target was already audited through another path"
                     elif _inside(target, real_top):
                         why = "its target is inside the class folder, audited at its own path"
+                    elif other is not None:
+                        why = (f"its target holds another class's images ({_display(os.path.basename(other))}/), "
+                               "audited there under their own label")
                     out.links.append({"path": _display(r), "target": _display(target), "class_folder": False,
                                       "followed": not why, "reason": why})
                     if why:
