@@ -292,11 +292,12 @@ def _rescore_externals(run, calibration: dict, n_boot: int, seed: int) -> None:
     import logging
 
     from osteo.evaluate import external_groups
-    from osteo.files import write_json
+    from osteo.files import sweep_temporaries, temporaries_of, write_json
     from osteo.runs import RunDir
 
     points = [p for p in calibration["operating_points"] if "threshold" in p]
     for path in sorted(run.eval_path.glob(f"*/{RunDir.METRICS}")) if run.eval_path.is_dir() else []:
+        sweep_temporaries(path.parent, pattern=temporaries_of(path))  # a killed calibrate's, here
         folder = RunDir(path.parent)
         try:
             record = folder.read_metrics()

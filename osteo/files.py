@@ -43,7 +43,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             f"cannot write to {path.parent}: {e.strerror}; choose a writable output directory"
         ) from None
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; users expect their umask
+    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; users expect their umask
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -212,7 +212,8 @@ def temporaries_of(path: str | os.PathLike) -> str:
     return f".{glob.escape(Path(path).stem)}.*.tmp*"
 
 
-def _umask() -> int:
+def umask() -> int:
+    """This process's umask (read without changing it for long)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

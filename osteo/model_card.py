@@ -14,7 +14,7 @@ from osteo.evaluate import (
     headline_split,
     provenance,
 )
-from osteo.files import write_text
+from osteo.files import sweep_temporaries, temporaries_of, write_text
 from osteo.runs import RunDir
 
 
@@ -25,6 +25,7 @@ def write_model_card(run_dir) -> Path:
     ``osteo eval --data``), from the run's own files.
     """
     run = RunDir(run_dir)
+    sweep_temporaries(run.path, pattern=temporaries_of(run.model_card_path))  # a killed writer's, whoever it was
     recipe, env, audit = run.read_recipe(), run.read_env(), run.read_audit()
     metrics, calibration = run.read_metrics(), run.read_calibration()
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))

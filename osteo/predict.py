@@ -30,6 +30,7 @@ from osteo.files import (
     sha256_file,
     sweep_temporaries,
     temporaries_of,
+    umask,
     write_csv,
 )
 from osteo.model_card import write_model_card
@@ -452,6 +453,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     for pattern in (f"{EVAL_STAGE}*", f".{glob.escape(out.name)}.old-*.tmp"):  # a killed eval's
         sweep_temporaries(stage_in, pattern=pattern)
     stage = Path(tempfile.mkdtemp(prefix=owned_prefix(f"{EVAL_STAGE}{out.name}."), suffix=".tmp", dir=stage_in))
+    os.chmod(stage, 0o777 & ~umask())  # it becomes the folder: mkdtemp's 0700 is not what users expect
     try:
         RunDir(stage).write_predictions(raw_rows, raw, "external")
         write_json(stage / RunDir.METRICS, report)
@@ -508,6 +510,8 @@ def _check_eval_out(run: RunDir, out: Path, folder: Path) -> None:
                          f"go; {fix}")
     if os.path.lexists(out) and not out.is_dir():
         raise OsteoError(f"--out {out} is a file, not a folder; {fix}")
+    for name in EVAL_FILES if out.is_dir() else ():  # a killed calibrate's or eval's, rewriting one of them
+        sweep_temporaries(out, pattern=temporaries_of(out / name))
     foreign = sorted(e.name for e in out.iterdir() if e.name not in EVAL_FILES) if out.is_dir() else []
     if foreign:
         raise OsteoError(f"--out {out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which "

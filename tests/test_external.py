@@ -190,3 +190,42 @@ def test_an_image_filed_under_two_classes_scores_nothing(run, tmp_path, capsys):
         assert {r["label"] for r in csv.DictReader(f)} == {"normal"}
     assert f"{2 * n_osteopenia} image(s) of {other} are filed under two classes" in " ".join(out.err.split())
     assert f"{2 * n_osteopenia} filed under two classes left out" in out.out
+
+
+def test_a_killed_writers_leftovers_in_a_run_are_swept_by_the_next_command_that_writes_there(run, tmp_path):
+    """A calibrate killed while it rewrote an external validation's metrics.json left a temporary
+    there, and every later eval of that folder was refused ('holds ..., which osteo eval did not
+    write'); a killed eval or export left the model card's, which only calibrate swept. Each
+    command that writes a file now sweeps that file's leftovers; the folder it writes has the
+    umask's mode, not mkdtemp's 0700."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    copy = copy_run(run, tmp_path / "runs")
+    other = tmp_path / "hospital-e"
+    write_phantom(other, n=24, size=64, seed=14)
+    assert main(["eval", str(copy.path), "--data", str(other), "--bootstrap", "0"]) == 0
+    out = copy.eval_path / "hospital-e"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)  # a process that has ended: a killed writer
+    left = [out / f".metrics.{gone}-a1b2c3d4.tmp.json", copy.path / f".MODEL_CARD.{gone}-e5f6a7b8.tmp.md"]
+    for path in left:
+        path.write_text("half")
+        os.utime(path, (0, 0))
+    assert main(["eval", str(copy.path), "--data", str(other), "--bootstrap", "0"]) == 0
+    assert not any(p.exists() for p in left)
+    left[0].write_text("half")
+    os.utime(left[0], (0, 0))
+    assert main(["calibrate", str(copy.path), "--bootstrap", "0"]) == 0
+    assert not left[0].exists()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
