@@ -62,7 +62,11 @@ def write_report(run_dirs: list, out: str | os.PathLike, split: str = "auto", n_
     A run that cannot be read (damaged files, another class set) is skipped with one
     ``warn`` line and named on the page. Everything is first written to a staging
     folder inside ``out`` and moved into place with ``index.html`` last, so a report
-    killed half-way leaves the previous one whole.
+    killed while it computes (nearly all of its time) leaves the previous one whole. Its
+    files are renamed in one after another, not at once (``out`` may hold files of other
+    tools, so it cannot be swapped whole): a kill in those milliseconds
+    (``report.replacing``) leaves every file whole, some of them new beside the previous
+    page, until the next report.
     """
     import matplotlib
 
