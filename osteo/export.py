@@ -105,6 +105,7 @@ from osteo.device import get_engine
 from osteo.errors import OsteoError
 from osteo.files import (
     atomic_path,
+    folder_lock,
     owned_prefix,
     sha256_file,
     sweep_temporaries,
@@ -212,6 +213,14 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
     with _float32_policy():
         best = load_best(run)
         model = calibrated_model(best, temperature)
+    with folder_lock(target.parent, str(target)):  # another export there waits: a record named the other's model
+        _write_export(run, engine, fmt, ported, best, model, temperature, target)
+    return target
+
+
+def _write_export(run: RunDir, engine, fmt: str, ported: bool, best: keras.Model, model: keras.Model,
+                  temperature: float, target: Path) -> None:
+    """:func:`export_run`'s writing, its checks passed and its folder locked."""
     for written in (target, target.parent / RECORD, target.parent / SCRIPT):  # a killed export's temporaries
         sweep_temporaries(target.parent, pattern=temporaries_of(written))
     if fmt == "onnx":
@@ -228,7 +237,6 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
             write_model_card(run)
     else:
         _write_keras(model, target)
-    return target
 
 
 def parity_of(path: Path, fmt: str) -> dict | None:

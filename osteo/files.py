@@ -161,6 +161,35 @@ def sweep_temporaries(folder: str | os.PathLike, grace: float = 60.0, pattern: s
     return removed
 
 
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold osteo's lock on ``folder`` (an advisory ``flock`` of the folder itself: no file is
+    left) while this command replaces ``what`` there. A second osteo command that replaces files
+    there waits for the first, and says so in one line: two evals of one folder, or two exports
+    of one target, once interleaved their renames (a record naming the other's model, or a
+    missing folder)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the commands are not serialized there
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            import logging
+
+            logging.getLogger("osteo").warning("waiting for another osteo command that writes in %s to finish "
+                                               "before writing %s", folder, what)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def owned_prefix(prefix: str) -> str:
     """``prefix`` and this process's id: a temporary whose name starts so is kept by
     :func:`sweep_temporaries` while this process runs, however long ago it was touched."""

@@ -26,6 +26,7 @@ from osteo import CLASSES, killpoints
 from osteo.errors import OsteoError
 from osteo.files import (
     check_output,
+    folder_lock,
     owned_prefix,
     sha256_file,
     sweep_temporaries,
@@ -450,20 +451,21 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     # staged, then moved in whole: a kill leaves the previous validation, never new predictions
     # beside old metrics
     stage_in = run.path if out.resolve().parent == run.eval_path.resolve() else out.parent
-    for pattern in (f"{EVAL_STAGE}*", f".{glob.escape(out.name)}.old-*.tmp"):  # a killed eval's
-        sweep_temporaries(stage_in, pattern=pattern)
-    stage = Path(tempfile.mkdtemp(prefix=owned_prefix(f"{EVAL_STAGE}{out.name}."), suffix=".tmp", dir=stage_in))
-    os.chmod(stage, 0o777 & ~umask())  # it becomes the folder: mkdtemp's 0700 is not what users expect
-    try:
-        RunDir(stage).write_predictions(raw_rows, raw, "external")
-        write_json(stage / RunDir.METRICS, report)
-        write_audit(result, stage)
-        killpoints.reached("eval.staged")
-        replace_folder(stage, out, aside=stage_in)  # not in eval/, where a report would find it
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    if not ensemble:  # a cross-validation has no model card of its own
-        write_model_card(run)
+    with folder_lock(stage_in, f"{out}"):  # another eval of this run waits: their renames interleaved
+        for pattern in (f"{EVAL_STAGE}*", f".{glob.escape(out.name)}.old-*.tmp"):  # a killed eval's
+            sweep_temporaries(stage_in, pattern=pattern)
+        stage = Path(tempfile.mkdtemp(prefix=owned_prefix(f"{EVAL_STAGE}{out.name}."), suffix=".tmp", dir=stage_in))
+        os.chmod(stage, 0o777 & ~umask())  # it becomes the folder: mkdtemp's 0700 is not what users expect
+        try:
+            RunDir(stage).write_predictions(raw_rows, raw, "external")
+            write_json(stage / RunDir.METRICS, report)
+            write_audit(result, stage)
+            killpoints.reached("eval.staged")
+            replace_folder(stage, out, aside=stage_in)  # not in eval/, where a report would find it
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        if not ensemble:  # a cross-validation has no model card of its own
+            write_model_card(run)
     return out, report
 
 

@@ -177,6 +177,31 @@ def test_a_killed_external_validation_leaves_the_previous_one_whole(finished, ot
     assert (out / "predictions.csv").read_bytes() != before["predictions.csv"]
 
 
+def test_a_second_eval_of_a_run_waits_for_the_first_to_finish_writing(finished, other_hospital_dir, tmp_path):
+    """Two evals of one folder interleaved their renames (one failed: 'No such file or directory').
+    While another osteo command holds the run's folder, an eval says it waits, writes nothing, and
+    finishes once the folder is free."""
+    from osteo.files import folder_lock
+
+    run = _copy(finished, tmp_path)
+    out = run.eval_path / "hospital"
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "COLUMNS": "1000"}
+    with folder_lock(run.path, "a test's hold"):
+        proc = subprocess.Popen([sys.executable, "-m", "osteo.cli", "eval", str(run.path), "--data",
+                                 str(other_hospital_dir), "--out", str(out), "--bootstrap", "20"], cwd=tmp_path,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        said = []
+        for line in proc.stderr:  # until it says it waits (or it ends without waiting: the failure)
+            said.append(line)
+            if "waiting for another osteo command" in line:
+                break
+        assert said and "waiting for another osteo command that writes in" in said[-1], "".join(said)[-2000:]
+        assert not out.exists() and not _temporaries(run.path)  # nothing written while it waits
+    _, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert (out / "metrics.json").is_file() and not _temporaries(run.path)
+
+
 def test_a_killed_export_leaves_no_file_and_its_temporary_is_swept(finished, tmp_path):
     run = _copy(finished, tmp_path)
     _killed(_osteo(["export", run, "--format", "keras"], tmp_path, kill_at="files.before_replace"))
