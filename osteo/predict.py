@@ -108,7 +108,11 @@ def _expand(paths: list[str]) -> list[Path]:
     for p in map(Path, paths):
         if p.is_dir():
             found, walked, top = [], set(), os.path.realpath(p)
-            for folder, dirs, files in os.walk(p, followlinks=True):
+            def unlistable(e: OSError) -> None:  # os.walk skips a folder it cannot list, silently
+                log.warning("cannot list %s: %s; its files are not predicted", _display(Path(e.filename)),
+                            e.strerror)
+
+            for folder, dirs, files in os.walk(p, followlinks=True, onerror=unlistable):
                 real = os.path.realpath(folder)
                 if real in walked:
                     dirs[:] = []

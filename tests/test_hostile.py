@@ -261,3 +261,26 @@ def test_a_cmyk_jpeg_is_audited_and_cached_without_a_word_on_stderr(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["3", "['jpeg',", "'jpeg',", "'png']"]
     assert proc.stderr == ""
+
+
+def test_predict_says_which_folder_it_could_not_list(tmp_path, monkeypatch, caplog):
+    """A folder that cannot be listed (no permission; root ignores modes, so the listing is made to
+    fail here) was skipped by osteo predict with no row and no word."""
+    import logging
+
+    from osteo.predict import _expand
+
+    _png(tmp_path / "in" / "a.png")
+    _png(tmp_path / "in" / "locked" / "b.png")
+    scandir = os.scandir
+
+    def refuse(path="."):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    with caplog.at_level(logging.WARNING, logger="osteo"):
+        assert _expand([str(tmp_path / "in")]) == [tmp_path / "in" / "a.png"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cannot list {tmp_path / 'in' / 'locked'}: Permission denied; its files are not predicted"]
