@@ -159,6 +159,13 @@ def test_an_onnx_model_unlike_osteo_predict_is_not_written(run, tmp_path, monkey
     assert "\n" not in str(e.value) and list(tmp_path.iterdir()) == []
 
 
+def test_an_export_into_a_folder_that_cannot_be_made_is_one_line(run, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(OsteoError, match=r"^cannot write to .*a-file/sub: Not a directory; choose a writable "
+                                         "output directory$"):
+        export_run(run, "keras", tmp_path / "a-file" / "sub" / "m.keras")
+
+
 @NEEDS_ONNX
 def test_parity_is_measured_on_noise_when_the_runs_images_are_gone(run, tmp_path):
     moved = RunDir(shutil.copytree(run.path, tmp_path / "tiny" / "moved", ignore=shutil.ignore_patterns("export")))
