@@ -97,7 +97,7 @@ import numpy as np
 
 import osteo
 import osteo.backbones.timm_torch  # registers TimmLayer, for loading a timm run's .keras export
-from osteo import CLASSES
+from osteo import CLASSES, killpoints
 from osteo.calibrate import EPS, apply_temperature
 from osteo.classifier import AUGMENTATION
 from osteo.data.decode import refuse_to_replace_an_image
@@ -491,26 +491,29 @@ def _port_child(run: RunDir, work: Path, out: Path, temperature: float, preproce
     fix = "nothing written; export --format onnx instead"
     env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
     root = Path(osteo.__file__).resolve().parent.parent  # this process's osteo, whatever PYTHONPATH says
-    try:
-        proc = subprocess.run([sys.executable, "-c", _DIE_WITH_PARENT + _PORT_CHILD, str(root), str(run.path.resolve()),
-                               str(work.resolve()), str(out.resolve()), repr(temperature), preprocessing,
-                               str(os.getpid())], capture_output=True, text=True, env=env, cwd=work,
-                              timeout=PORT_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise OsteoError(f"writing the SavedModel with Keras' layers on TensorFlow took over {PORT_TIMEOUT} s; "
-                         f"{fix}") from None
+    with subprocess.Popen([sys.executable, "-c", _DIE_WITH_PARENT + _PORT_CHILD, str(root), str(run.path.resolve()),
+                           str(work.resolve()), str(out.resolve()), repr(temperature), preprocessing,
+                           str(os.getpid())], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          cwd=work) as proc:
+        killpoints.reached("export.child_started")
+        try:
+            stdout, stderr = proc.communicate(timeout=PORT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise OsteoError(f"writing the SavedModel with Keras' layers on TensorFlow took over {PORT_TIMEOUT} s; "
+                             f"{fix}") from None
     if proc.returncode < 0:  # a signal: the out-of-memory killer, a crash; TensorFlow's log is not why
         raise OsteoError(f"writing the SavedModel with Keras' layers on TensorFlow was killed by "
                          f"{signal.Signals(-proc.returncode).name} (out of memory?); {fix}")
     if proc.returncode != 0:
-        said = [line for line in proc.stderr.strip().splitlines() if not _TF_LOG.match(line)]
+        said = [line for line in stderr.strip().splitlines() if not _TF_LOG.match(line)]
         raise OsteoError(f"writing the SavedModel with Keras' layers on TensorFlow failed "
                          f"({(said or ['no message'])[-1][:300]}); {fix}")
     try:
-        return json.loads((proc.stdout.strip().splitlines() or [""])[-1])
+        return json.loads((stdout.strip().splitlines() or [""])[-1])
     except json.JSONDecodeError:
         raise OsteoError(f"writing the SavedModel with Keras' layers on TensorFlow gave no result "
-                         f"({proc.stdout.strip()[-200:]!r}); {fix}") from None
+                         f"({stdout.strip()[-200:]!r}); {fix}") from None
 
 
 def _twin(recipe, preprocessing: str) -> tuple[keras.Model, keras.Model]:

@@ -34,6 +34,7 @@ POINTS = {
     "study.trial_ended": "a study's trial has ended and been reported (the study goes on)",
     "files.written": "an atomic write has its bytes in the temporary file, not yet synced or renamed",
     "files.before_replace": "an atomic write's temporary file is complete, not yet renamed over the target",
+    "export.child_started": "a timm run's SavedModel export has started its child on TensorFlow, not yet waited on it",
     "eval.staged": "an external validation's files are complete in their staging folder, not yet moved in",
     "report.replacing": "a report's CSV files are in place, its plots and page not yet",
 }

@@ -361,27 +361,30 @@ def test_an_export_waiting_on_its_child_keeps_its_temporaries_from_another_expor
 
 def test_a_killed_export_takes_its_child_with_it(vgg_run, tmp_path):
     """An export killed (SIGKILL) while its child writes the SavedModel leaves no child running
-    on into its temporaries: the child dies with it. Here the child itself kills the export, at
-    the point where it starts its work, then would wait for ever."""
+    on into its temporaries: the child dies with it. The export is killed at its named point
+    right after it starts the child; the child here would wait for a signal for ever."""
     import psutil
 
-    pid_file = tmp_path / "child.pid"
-    child = (f"import os, signal, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
-             "os.kill(os.getppid(), signal.SIGKILL)\nwhile True:\n    time.sleep(1)\n")
+    marker = f"# the child of {tmp_path}"  # in its command line: how the test finds it
+    child = f"{marker}\nimport signal\nsignal.pause()\n"
     script = ("import sys; import osteo.export as e; from osteo.runs import RunDir\n"
               "e._PORT_CHILD = sys.argv[1]\ne.export_run(RunDir(sys.argv[2]), 'savedmodel', sys.argv[3])\n")
     proc = subprocess.run([sys.executable, "-c", script, child, str(vgg_run.path), str(tmp_path / "sm")],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env={**os.environ, "OSTEO_KILL_AT": "export.child_started"})
     assert proc.returncode == -9, proc.stderr[-2000:]
-    pid, deadline = int(pid_file.read_text()), time.monotonic() + 60
-    while True:  # until the child is gone, or a zombie no one reaps (which runs nothing)
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                break
-        except psutil.NoSuchProcess:
-            break
+
+    def running() -> list[psutil.Process]:  # the child, unless gone or a zombie no one reaps (which runs nothing)
+        found = []
+        for p in psutil.process_iter(["cmdline", "status"]):
+            if any(marker in arg for arg in p.info["cmdline"] or ()) and p.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        return found
+
+    deadline = time.monotonic() + 60
+    while running():
         if time.monotonic() > deadline:
-            os.kill(pid, 9)
+            for p in running():
+                p.kill()
             pytest.fail("the export's child ran on after the export was killed")
         time.sleep(0.05)
 
