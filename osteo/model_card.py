@@ -70,9 +70,9 @@ def write_model_card(run_dir) -> Path:
                 f"{base.get('class', '-')} ({fmt(base.get('balanced_accuracy'))}) |")
 
     lines += [result(SPLIT_NAMES[name], CHOSE[name], metrics[name]) for name in ("test", "val") if metrics.get(name)]
-    externals = sorted(run.eval_path.glob("*/metrics.json")) if run.eval_path.is_dir() else []
-    for path in externals:
-        record = RunDir(path.parent)._read(path)
+    paths = sorted(run.eval_path.glob("*/metrics.json")) if run.eval_path.is_dir() else []
+    externals = {path: RunDir(path.parent)._read(path) for path in paths}  # read once: rows and points
+    for path, record in externals.items():
         lines.append(result(external_label(path.parent.name, record), CHOSE["external"], record.get("external", {})))
     lines += ["", "## Calibration and operating points", ""]
     if calibration:
@@ -91,9 +91,9 @@ def write_model_card(run_dir) -> Path:
             lines.append(f"- {point['name']}: threshold {fmt(point['threshold'])}, chosen on validation for "
                          f"{point['target']} >= {point['value']}")
             measured, stale = [("test (chose nothing)", point.get("test"))], []
-            for path in externals:
-                fresh, old = external_points(RunDir(path.parent)._read(path), calibration)
-                label = external_label(path.parent.name, RunDir(path.parent)._read(path)).removeprefix("external: ")
+            for path, record in externals.items():
+                fresh, old = external_points(record, calibration)
+                label = external_label(path.parent.name, record).removeprefix("external: ")
                 measured += [(f"{label} (external: chose nothing)", e) for e in fresh
                              if e.get("name") == point["name"]]
                 stale += [f"  - on {path.parent.name}: measured at an earlier calibration (threshold "

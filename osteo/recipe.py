@@ -306,6 +306,15 @@ def recipe_for(name: str, backbone: str | None = None) -> Recipe:
     return load_recipe(name, backbone=backbone)
 
 
+def dotted(d: dict, prefix: str = "") -> dict:
+    """A nested recipe dict (``Recipe.to_dict()``) as its dotted keys, as ``--set`` names them:
+    ``{"train": {"lr": 3e-4}}`` -> ``{"train.lr": 3e-4}``."""
+    out: dict = {}
+    for k, v in d.items():
+        out.update(dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def _fields(obj) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(obj)}
 

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from osteo.errors import OsteoError
 from osteo.evaluate import METRICS
-from osteo.recipe import Recipe
+from osteo.recipe import Recipe, dotted
 from osteo.runs import RunDir
 
 if TYPE_CHECKING:
@@ -216,16 +216,6 @@ def _mlflow_errors(uri: str) -> Iterator[None]:
                          "or train without train.mlflow") from None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = str(v)
-    return out
-
-
 def _number(v: Any) -> float | None:
     """A metric value MLflow can store (NaN included: a diverged epoch shows as one), else None."""
     try:
@@ -276,7 +266,7 @@ class _MlflowRun:
             # looked up by a hash: MLflow's filter strings have no escapes for a path's quotes
             key = hashlib.sha256(path.encode()).hexdigest()[:32]
             found = client.search_runs([exp_id], f"tags.`{KEY_TAG}` = '{key}'", max_results=1)
-            params = _flatten(recipe.to_dict())
+            params = {k: str(v) for k, v in dotted(recipe.to_dict()).items()}
             if found:
                 run_id = found[0].info.run_id
                 # MLflow params are write-once: a resumed run given more epochs notes the new values as tags

@@ -203,12 +203,14 @@ def test_a_killed_writers_leftovers_in_a_run_are_swept_by_the_next_command_that_
     import subprocess
     import sys
 
+    from osteo.files import umask
+
     copy = copy_run(run, tmp_path / "runs")
     other = tmp_path / "hospital-e"
     write_phantom(other, n=24, size=64, seed=14)
     assert main(["eval", str(copy.path), "--data", str(other), "--bootstrap", "0"]) == 0
     out = copy.eval_path / "hospital-e"
-    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask()
     gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True, check=True).stdout)  # a process that has ended: a killed writer
     left = [out / f".metrics.{gone}-a1b2c3d4.tmp.json", copy.path / f".MODEL_CARD.{gone}-e5f6a7b8.tmp.md"]
@@ -222,10 +224,3 @@ def test_a_killed_writers_leftovers_in_a_run_are_swept_by_the_next_command_that_
     assert main(["calibrate", str(copy.path), "--bootstrap", "0"]) == 0
     assert not left[0].exists()
 
-
-def _umask() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -41,6 +41,7 @@ from osteo.evaluate import (
     rescore_command,
     training_majority,
 )
+from osteo.recipe import dotted
 from osteo.runs import CvDir, RunDir, list_cvs, list_runs
 
 
@@ -220,13 +221,7 @@ def _differs_by_fold(folds: list[Run]) -> dict[str, list]:
     """The recipe settings the folds trained with that are not all the same (a study's search
     chose each fold's learning rate on its own inner split), each with its value per fold; the
     fold's own number and split aside."""
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    each = [flat(f.recipe) for f in folds]
+    each = [dotted(f.recipe) for f in folds]
     keys = dict.fromkeys(k for e in each for k in e)
     return {k: [e.get(k) for e in each] for k in keys
             if k not in ("data.fold",) and len({repr(e.get(k)) for e in each}) > 1}
