@@ -101,7 +101,7 @@ def keras_gradcam_parts(model: keras.Model, spec, target: str | None = None) -> 
         activations = _before_top_norm(backbone)  # the tensor the spec's name stands for
     else:
         sums = dict(_residual_sums(backbone))
-        activations = sums[target] if target in sums else backbone.get_layer(target).output
+        activations = (sums[target] if target in sums else backbone.get_layer(target)).output
     feature = keras.Model(backbone.inputs, [activations, backbone.output])
     return model.layers[1:i], feature, model.layers[i + 1 :]
 
@@ -119,7 +119,7 @@ def keras_feature_maps(model: keras.Model, spec) -> list[tuple[str, tuple[int, i
     _, backbone = _keras_backbone(model, spec)
     out = []
     spatial = lambda shape: (int(shape[1]), int(shape[2]))
-    sums = {id(op): name for name, op in _residual_sums(backbone, ops=True)}
+    sums = {id(op): name for name, op in _residual_sums(backbone)}
     last = _before_top_norm(backbone) if spec.gradcam_before_last else None
     top_norm = isinstance(backbone.layers[-1], keras.layers.LayerNormalization)
     for op in backbone.operations[:-1] if spec.gradcam_before_last and top_norm else backbone.operations:
@@ -136,11 +136,11 @@ def keras_feature_maps(model: keras.Model, spec) -> list[tuple[str, tuple[int, i
     raise OsteoError(f"the model has no backbone with a layer {spec.gradcam_layer!r}; is this a {spec.name} run?")
 
 
-def _residual_sums(backbone: keras.Model, ops: bool = False) -> list[tuple[str, object]]:
+def _residual_sums(backbone: keras.Model) -> list[tuple[str, object]]:
     """The sums of ``backbone`` that are operations, not layers (keras.applications' ConvNeXt adds
     each block's input to its branch with ``+``), named ``<block>_output`` after the branch's last
-    layer (``convnext_tiny_stage_1_block_2_identity``: ``convnext_tiny_stage_1_block_2_output``);
-    with their output tensors, or with ``ops``, the operations."""
+    layer (``convnext_tiny_stage_1_block_2_identity``: ``convnext_tiny_stage_1_block_2_output``),
+    with the operations."""
     found, names = [], set()
     for op in backbone.operations:
         if isinstance(op, keras.layers.Layer) or type(op).__name__ != "Add":
@@ -152,7 +152,7 @@ def _residual_sums(backbone: keras.Model, ops: bool = False) -> list[tuple[str, 
         name = f"{branch.name.rsplit('_', 1)[0]}_output" if isinstance(branch, keras.layers.Layer) else op.name
         name = op.name if name in names else name  # two branches of one name: the op's own, unique
         names.add(name)
-        found.append((name, op if ops else op.output))
+        found.append((name, op))
     return found
 
 
