@@ -110,8 +110,9 @@ def calibration_digest(calibration: dict) -> str:
     import hashlib
     import json
 
-    points = [[p.get("name"), p.get("positive"), point_goal(p), p["threshold"]]
-              for p in calibration.get("operating_points", []) if "threshold" in p]
+    from osteo.evaluate import chosen_points
+
+    points = [[p.get("name"), p.get("positive"), point_goal(p), p["threshold"]] for p in chosen_points(calibration)]
     text = json.dumps([calibration.get("temperature", 1.0), points], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -291,11 +292,11 @@ def _rescore_externals(run, calibration: dict, n_boot: int, seed: int) -> None:
     leave its stale points out)."""
     import logging
 
-    from osteo.evaluate import external_groups
+    from osteo.evaluate import chosen_points, external_groups
     from osteo.files import sweep_temporaries, temporaries_of, write_json
     from osteo.runs import RunDir
 
-    points = [p for p in calibration["operating_points"] if "threshold" in p]
+    points = chosen_points(calibration)
     for path in sorted(run.eval_path.glob(f"*/{RunDir.METRICS}")) if run.eval_path.is_dir() else []:
         sweep_temporaries(path.parent, pattern=temporaries_of(path))  # a killed calibrate's, here
         folder = RunDir(path.parent)

@@ -101,12 +101,18 @@ def _listed(words: list[str]) -> str:
 PER_CLASS_CI = ("precision", "recall", "specificity", "f1")  # each class's metrics with intervals
 
 
+def chosen_points(calibration: dict) -> list[dict]:
+    """The operating points of a run's ``calibration.json`` that have a threshold (not those
+    its validation could not choose one for: one class only)."""
+    return [p for p in calibration.get("operating_points", []) if "threshold" in p]
+
+
 def external_points(record: dict, calibration: dict) -> tuple[list[dict], list[dict]]:
     """An external folder's operating points (``osteo eval RUN --data FOLDER``'s metrics.json),
     split into those measured at the run's calibration now (the same temperature, a point of
     that name at the same threshold) and those measured at one it replaced."""
     then = (record.get("calibrated") or {}).get("temperature")
-    now = {p.get("name"): p.get("threshold") for p in calibration.get("operating_points", []) if "threshold" in p}
+    now = {p.get("name"): p.get("threshold") for p in chosen_points(calibration)}
     fresh, stale = [], []
     for point in record.get("operating_points", []):
         same = (then == calibration.get("temperature") and point.get("name") in now

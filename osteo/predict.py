@@ -24,6 +24,7 @@ import numpy as np
 
 from osteo import CLASSES, killpoints
 from osteo.errors import OsteoError
+from osteo.evaluate import chosen_points
 from osteo.files import (
     check_output,
     folder_lock,
@@ -195,7 +196,7 @@ class Predictor:
             say_if_uncalibrated(self.run)
         calibration = self.run.read_calibration()
         self.temperature = float(calibration.get("temperature", 1.0)) if calibrated else 1.0
-        self.points = [p for p in calibration.get("operating_points", []) if "threshold" in p]
+        self.points = chosen_points(calibration)
         if self.points and not calibrated:  # a threshold holds for the probabilities it was chosen on
             log.warning("the model's own probabilities (not calibrated) leave out the screening columns (%s): their "
                         "thresholds were chosen on calibrated probabilities; predict without --no-calibration for "

@@ -31,6 +31,7 @@ from osteo.evaluate import (
     CHOSE,
     HEADLINE,
     SPLIT_NAMES,
+    chosen_points,
     compute_metrics,
     expected_calibration_error,
     external_groups,
@@ -233,7 +234,7 @@ def _pooled_points(members: list[RunDir], folds: list[Run], chose: str, n_boot: 
     fold's threshold (on its fold's calibrated probabilities); a point some fold lacks is left out."""
     if any(fold.calibrated is None for fold in folds):
         return []
-    chosen = [[p for p in run.read_calibration().get("operating_points", []) if "threshold" in p] for run in members]
+    chosen = [chosen_points(run.read_calibration()) for run in members]
     y = np.concatenate([f.y for f in folds])
     out = []
     for parts in shared_points(chosen, f"the folds of {members[0].path.parent}"):
