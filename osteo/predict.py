@@ -103,7 +103,7 @@ def _expand(paths: list[str]) -> list[Path]:
     Nothing is filtered by its name's extension: the decoder decides by content, and a
     file it cannot read gets a row saying why.
     """
-    from osteo.data.scan import SYSTEM_FILES
+    from osteo.data.scan import SYSTEM_FILES, inside
 
     out = []
     for p in map(Path, paths):
@@ -121,7 +121,7 @@ def _expand(paths: list[str]) -> list[Path]:
                 walked.add(real)
                 for d in [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
                     target = os.path.realpath(os.path.join(folder, d))
-                    if os.path.commonpath([top, target]) == target:
+                    if inside(top, target):
                         log.warning("not following %s: it links to %s, which holds %s", _display(Path(folder) / d),
                                     _display(Path(target)), _display(p))
                         dirs.remove(d)

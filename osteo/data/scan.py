@@ -398,12 +398,12 @@ def _walk_class(top: os.DirEntry, out: _Listing, others: Sequence[str] = ()) -> 
                 if e.is_symlink():
                     target = os.path.realpath(e.path)
                     why = ""
-                    other = next((o for o in others if _inside(target, o) or _inside(o, target)), None)
-                    if key in above or _inside(real_top, target):
+                    other = next((o for o in others if inside(target, o) or inside(o, target)), None)
+                    if key in above or inside(real_top, target):
                         why = "a loop: it links to a folder that holds this class folder"
                     elif key in visited:
                         why = "its target was already audited through another path"
-                    elif _inside(target, real_top):
+                    elif inside(target, real_top):
                         why = "its target is inside the class folder, audited at its own path"
                     elif other is not None:
                         why = (f"its target holds another class's images ({_display(os.path.basename(other))}/), "
@@ -455,7 +455,8 @@ def _data_folder_hint(path: Path) -> str:
     return ""
 
 
-def _inside(path: str, folder: str) -> bool:
+def inside(path: str, folder: str) -> bool:
+    """Whether real path ``path`` is ``folder`` or below it (False across drives)."""
     try:
         return os.path.commonpath([path, folder]) == folder
     except ValueError:
