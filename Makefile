@@ -38,8 +38,12 @@ $(STAMP): pyproject.toml
 # process, so a file's module fixtures are built once: on 2 cores 7.3 min against 12.3
 # serially (the tests wait on subprocesses and single-threaded Python much of the time).
 # The PyTorch files gain little from it: 2.1 min on 2 workers against 2.3 serially (2026-12-06),
-# as one file (test_export_timm.py) is most of it. TEST_WORKERS=0
-# runs everything in this process (a debugger, -x).
+# as one file (test_export_timm.py) is most of it. xdist hands out the files with the most
+# tests first; handing out the longest first instead (--no-loadscope-reorder) was slower,
+# 13.3 min against 11.2 (2026-12-06): the Ray studies of test_kills.py and test_study.py then
+# ran at the same time and fought over the 2 cores (the Ray study fixture took 128 s, not 84).
+# So was running the PyTorch files beside the TensorFlow suite: 15.6 min against 13.7 one after
+# the other. TEST_WORKERS=0 runs everything in this process (a debugger, -x).
 TORCH_TESTS := tests/test_timm_engine.py tests/test_export_timm.py tests/test_device_waits.py
 TEST_WORKERS ?= 2
 PARALLEL = $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)

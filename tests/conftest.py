@@ -24,16 +24,7 @@ except ImportError:
     pass
 
 
-# The files that take longest (pytest --durations), first: make test runs files whole on 2
-# workers (--dist loadfile) in this order, and a long file started last kept one worker busy
-# alone at the end
-LONGEST_FIRST = ("test_kills.py", "test_study.py", "test_reliability.py", "test_spine.py", "test_explain.py",
-                 "test_trainer.py", "test_ray_cluster.py", "test_export.py", "test_outputs.py", "test_demo.py")
-
-
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's order kept
     if os.environ.get("OSTEO_SLOW"):
         return
     skip = pytest.mark.skip(reason="slow; run with OSTEO_SLOW=1 (make test-all)")

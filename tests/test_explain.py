@@ -45,11 +45,9 @@ def test_gradcam_on_the_pytorch_backend(tmp_path):
         from osteo.explain import gradcam
         from osteo.registry import get_backbone
         from osteo.registry import list_backbones
-        study = ("tiny", "vgg16", "vgg19", "densenet169", "convnext_tiny")
-        for name, impl in [(n, i) for n in list_backbones(include_test=True) for i in ("keras", "timm")
-                           if i == "timm" or n in study]:
-            # every registered backbone as timm's module (auto's engine on PyTorch), the study's
-            # with Keras' layers on PyTorch too (a slow path osteo warns about)
+        # every registered backbone as timm's module (auto's engine on PyTorch); the study's on
+        # Keras' layers on PyTorch are tests/test_export_timm.py's, against these maps
+        for name, impl in [(n, "timm") for n in list_backbones(include_test=True)] + [("tiny", "keras")]:
             model = Classifier(name, image_size=32, weights="none", impl=impl).build()
             x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
             maps, probs = gradcam(model, get_backbone(name), x)

@@ -270,43 +270,41 @@ def test_a_stop_before_the_run_folder_is_made_does_not_point_at_another_run(phan
     assert _after_stop(args) == "no run folder was made yet: run the same command again"
 
 
-def test_ctrl_c_stops_a_study_running_trials_side_by_side_in_one_line(phantom_dir, tmp_path):
-    """Two trials at a time, Ctrl-C (SIGINT) when the first ends: the signal landed inside Ray's
-    wait and the study ended in a SystemError or a result without a config, exit code 1. Tune
-    now stops the trials and the study says how to continue; the same command finishes it."""
+def test_ctrl_c_then_sigterm_stop_a_study_in_one_line_and_the_same_command_continues_it(phantom_dir, tmp_path):
+    """Three folds, two trials side by side. Ctrl-C (SIGINT) when the first trial ends: the signal
+    landed inside Ray's wait and the study ended in a SystemError or a result without a config,
+    exit code 1. Then SIGTERM when a trial of the same command run again ends: Ray's own
+    handler exited 1 with a crash report. Each now stops the trials and says in one line how to continue; the same command
+    finishes the study without training a finished fold again. (One study for both signals: each
+    start of a study on Ray costs the suite about 15 s.)"""
     args = ["study", "--models", "tiny", "--recipe", "seed", "--folds", "3", "--data", phantom_dir, "--weights",
             "none", "--image-size", "32", "--epochs", "1", "--runs", "runs", "--out", "study",
             "--set", "train.tensorboard=false", "--set", "train.bootstrap=20", "--set", "train.steps_per_epoch=2"]
-    proc = _osteo(args, tmp_path, kill_at="study.trial_ended", OSTEO_KILL_SIGNAL="INT", OSTEO_KILL_IF="study")
-    assert proc.returncode == 130, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines() == ["osteo: interrupted; run the same command again to continue"]
-    stopped = json.loads((tmp_path / "study" / "study.json").read_text())
-    assert (stopped["status"], stopped["error"]) == ("stopped", "interrupted (Ctrl-C)")
-    proc = _osteo(args, tmp_path)
-    _ok(proc)
-    assert json.loads((tmp_path / "study" / "study.json").read_text())["status"] == "finished"
-    (cv_path,) = (tmp_path / "runs" / "tiny").iterdir()
-    assert CvDir(cv_path).is_finished()
 
+    def stopped(proc, code: int, line: str, why: str) -> dict:
+        assert proc.returncode == code, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines() == [f"osteo: {line}; run the same command again to continue"]
+        study = json.loads((tmp_path / "study" / "study.json").read_text())
+        assert (study["status"], study["error"]) == ("stopped", why)
+        return study
 
-def test_sigterm_stops_a_study_in_one_line_and_the_same_command_continues_it(phantom_dir, tmp_path):
-    """On Ray where it is installed (its own SIGTERM handler exited 1 with a crash report)."""
-    args = ["study", "--models", "tiny", "--recipe", "seed", "--folds", "2", "--data", phantom_dir, "--weights",
-            "none", "--image-size", "32", "--epochs", "1", "--runs", "runs", "--out", "study",
-            "--set", "train.tensorboard=false", "--set", "train.bootstrap=20", "--set", "train.steps_per_epoch=2",
-            "--cpus-per-trial", "2"]  # one trial at a time: the first ends before the second starts
-    proc = _osteo(args, tmp_path, kill_at="study.trial_ended", OSTEO_KILL_SIGNAL="TERM", OSTEO_KILL_IF="study")
-    assert proc.returncode == 143, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines() == ["osteo: stopped by SIGTERM; run the same command again to continue"]
-    first = json.loads((tmp_path / "study" / "study.json").read_text())
-    assert (first["status"], first["error"]) == ("stopped", "stopped by SIGTERM")
-    (cv_path,) = (tmp_path / "runs" / "tiny").iterdir()
-    done = [f for f in (CvDir(cv_path).fold(1), CvDir(cv_path).fold(2)) if f.is_finished()]
-    assert len(done) == 1
-    kept = done[0].predictions_path.stat().st_mtime_ns
-    proc = _osteo(args, tmp_path)
-    _ok(proc)
+    def finished_folds() -> dict:
+        (cv_path,) = (tmp_path / "runs" / "tiny").iterdir()
+        folds = (CvDir(cv_path).fold(k) for k in (1, 2, 3))
+        return {f.path: f.predictions_path.stat().st_mtime_ns for f in folds if f.is_finished()}
+
+    first = stopped(_osteo(args, tmp_path, kill_at="study.trial_ended", OSTEO_KILL_SIGNAL="INT",
+                           OSTEO_KILL_IF="study"), 130, "interrupted", "interrupted (Ctrl-C)")
+    after_int = finished_folds()
+    assert 1 <= len(after_int) < 3
+    second = stopped(_osteo(args, tmp_path, kill_at="study.trial_ended", OSTEO_KILL_SIGNAL="TERM",
+                            OSTEO_KILL_IF="study"), 143, "stopped by SIGTERM", "stopped by SIGTERM")
+    after_term = finished_folds()  # the first trial to end may be one the first run finished
+    assert second["id"] == first["id"]
+    assert {k: v for k, v in after_term.items() if k in after_int} == after_int  # not trained or scored again
+    _ok(_osteo(args, tmp_path))
     study = json.loads((tmp_path / "study" / "study.json").read_text())
     assert study["id"] == first["id"] and study["status"] == "finished"
-    assert list((tmp_path / "runs" / "tiny").iterdir()) == [cv_path] and CvDir(cv_path).is_finished()
-    assert done[0].predictions_path.stat().st_mtime_ns == kept
+    (cv_path,) = (tmp_path / "runs" / "tiny").iterdir()
+    assert CvDir(cv_path).is_finished()
+    assert {k: v for k, v in finished_folds().items() if k in after_term} == after_term

@@ -121,6 +121,7 @@ def test_a_study_without_the_clusters_token_is_told_how_to_give_it(ray_cluster, 
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # 55-70 s of make test's 11 min: two Ray nodes and a study; make test-all runs it
 def test_a_study_on_a_two_node_cluster_runs_trials_on_both_and_reports_them(ray_cluster, phantom_dir, tmp_path):
     """1 backbone x 2 folds, each trial 1 CPU on nodes of 1 CPU: the folds run at once, one on each
     node; then the fold models' ensemble is scored on another folder, and the report has both rows.
