@@ -345,7 +345,9 @@ def choose_jit(requested: str, spec: BackboneSpec, device: Device, backend: str,
                planned_images: int = 0) -> tuple[bool, str]:
     """(on, why). ``auto``: XLA on TensorFlow GPUs, and on CPUs only where it was measured faster;
     on the timm engine, ``torch.compile`` of the backbone where the run is long enough to
-    pay for the compile (``BackboneSpec.compile_pays_after``)."""
+    pay for the compile (``BackboneSpec.compile_pays_after``). The trainer turns XLA off again
+    where the built model holds a layer XLA cannot compile (``Trainer._xla_or_not``: the
+    default augmentation's zoom and shear)."""
     requested = str(requested).lower()
     if requested not in JIT_CHOICES:
         raise OsteoError(f"unknown jit_compile {requested!r}; choose one of: {', '.join(JIT_CHOICES)}")

@@ -221,6 +221,25 @@ class Trainer:
             self.model = self.clf.build()
         finally:
             keras.mixed_precision.set_dtype_policy("float32")
+        self._xla_or_not()
+
+    def _xla_or_not(self) -> None:
+        """XLA off where the model holds a layer it cannot compile (the default augmentation's
+        zoom and shear): Keras would turn it off at compile, and env.json said it was on."""
+        from osteo.classifier import xla_blockers
+
+        blocked = xla_blockers(self.model) if self.keras_jit else []
+        if not blocked:
+            return
+        asked = str(self.recipe.train.jit_compile).lower() == "on"
+        self.keras_jit = self.plan.jit_compile = False
+        layers = ", ".join(blocked)
+        self.plan.why["jit_compile"] = (f"XLA cannot compile {layers} (the augmentation inside the model), so "
+                                        "training runs without it" + ("" if asked else
+                                                                      f" (auto: {self.plan.why['jit_compile']})"))
+        if asked:
+            _warn(f"train.jit_compile=on: XLA cannot compile {layers} (the augmentation inside the model); training "
+                  "runs without XLA (set the model.augment factors of those layers to 0 to compile)")
 
     def _create_run_files(self) -> None:
         """The run directory (a new one is created and locked here) and its recipe, split, audit,

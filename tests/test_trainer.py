@@ -174,6 +174,33 @@ def test_backend_auto_for_keras_layers_follows_their_own_measurements():
     assert "5.0x slower" in plan.warnings[0] and "timm's weights of densenet169" in plan.warnings[0]
 
 
+def test_xla_is_off_where_the_augmentation_cannot_be_compiled_and_env_json_says_so(phantom_dir, tmp_path,
+                                                                                     tiny_recipe, caplog):
+    """Keras' random zoom and shear (the default augmentation) cannot be compiled by XLA: Keras
+    then trains without it, and env.json said jit_compile true. The plan now says what runs."""
+    from osteo.classifier import Classifier, xla_blockers
+    from osteo.recipe import AugmentConfig
+
+    # osteo's list agrees with what Keras decides at compile
+    for augment, blocked in ((AugmentConfig(zoom=0.2, shear=0.2), ["RandomShear", "RandomZoom"]),
+                             (AugmentConfig(zoom=0.0, shear=0.0), [])):
+        model = Classifier("tiny", image_size=32, weights="none", augment=augment).build()
+        assert xla_blockers(model) == blocked
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", jit_compile=True)
+        assert model.jit_compile is not bool(blocked)
+    r = tiny_recipe(phantom_dir, tmp_path, epochs=1, steps_per_epoch=1)
+    r.model.augment.zoom, r.model.augment.shear, r.train.jit_compile = 0.2, 0.2, "on"
+    with caplog.at_level("WARNING", logger="osteo"):
+        trainer = Trainer(r).setup()
+    env = trainer.run_dir.read_env()
+    assert env["jit_compile"] is False and env["device"]["jit_compile"] is False and trainer.keras_jit is False
+    assert env["device"]["why"]["jit_compile"] == ("XLA cannot compile RandomShear, RandomZoom (the augmentation "
+                                                   "inside the model), so training runs without it")
+    assert [m for m in caplog.messages if "XLA" in m] == [
+        "train.jit_compile=on: XLA cannot compile RandomShear, RandomZoom (the augmentation inside the model); "
+        "training runs without XLA (set the model.augment factors of those layers to 0 to compile)"]
+
+
 def test_env_json_records_each_choice_and_why(phantom_dir, tmp_path, tiny_recipe, monkeypatch):
     from osteo import device
     from osteo.classifier import Classifier
