@@ -218,11 +218,12 @@ register(BackboneSpec(
              "Keras' layers on PyTorch trained 1.72x TensorFlow's rate (25.8 vs 15.0 img/s, 32 px)",
              bf16=("tensorflow", "torch"),
              keras={"avx512_bf16": ("tensorflow", "Keras' layers trained 1.10x on TensorFlow what they did on PyTorch "
-                                                  "at 64 px (36.7 vs 33.3 img/s) and 1.08x at 224 px (3.62 vs 3.36), bf16"),
+                                                  "at 64 px (36.7 vs 33.3 img/s) and 1.08x at 224 px (3.62 vs 3.36), bf16; single "
+                                                  "windows, each off by up to 10%: a narrow margin"),
                     "avx2": ("torch", "Keras' layers on PyTorch trained 1.72x TensorFlow's rate (25.8 vs 15.0 img/s, "
                                       "32 px)")}),
     engine_why={"avx512_bf16": "the timm engine trained 1.40x Keras' layers on PyTorch (4.27 vs 3.04 img/s, 224 px, bf16)",
-                "avx2": "timm's own loop trained 1.62x Keras' layers on PyTorch (13.9 vs 8.6 img/s, 64 px)",
+                "avx2": "timm's own loop trained 1.62x Keras' layers on PyTorch (13.9 vs 8.6 img/s, 64 px)" + _AVX2_NOTE,
                 "gpu": "the timm engine trained 1.53x Keras' layers on PyTorch on an H200 (2,494 vs 1,629 img/s, "
                        "224 px, batch 128, bf16)"},
 ))
@@ -241,7 +242,7 @@ register(BackboneSpec(
                     "avx2": ("torch", "as VGG16's, which trained 1.72x TensorFlow's rate on PyTorch (32 px); VGG19's "
                                       "were not measured on this class")}),
     engine_why={"avx512_bf16": "the timm engine trained 1.30x Keras' layers on PyTorch (3.40 vs 2.62 img/s, 224 px, bf16)",
-                "avx2": "timm's own loop trained 1.04x Keras' layers on PyTorch (8.07 vs 7.73 img/s, 64 px)",
+                "avx2": "timm's own loop trained 1.04x Keras' layers on PyTorch (8.07 vs 7.73 img/s, 64 px)" + _AVX2_NOTE,
                 "gpu": "the timm engine trained 1.46x Keras' layers on PyTorch on an H200 (2,305 vs 1,579 img/s, "
                        "224 px, batch 128, bf16)"},
 ))
@@ -271,7 +272,7 @@ register(BackboneSpec(
                                            "27.3 img/s, 32 px)")}),
     engine_why={"avx512_bf16": "the timm engine trained 2.86x Keras' layers on PyTorch (12.40 vs 4.33 img/s, 224 px, "
                                 "bf16), in 0.43x the memory",
-                "avx2": "timm's own loop trained 1.84x Keras' layers on PyTorch (18.6 vs 10.1 img/s, 64 px)",
+                "avx2": "timm's own loop trained 1.84x Keras' layers on PyTorch (18.6 vs 10.1 img/s, 64 px)" + _AVX2_NOTE,
                 "gpu": "the timm engine trained 5.0x Keras' layers on PyTorch on an H200 (1,014 vs 203 img/s, "
                        "224 px, batch 128, bf16), in 0.26x the GPU memory"},
 ))
@@ -296,9 +297,10 @@ register(BackboneSpec(
              "timm's own loop trained 1.83x Keras' layers on PyTorch (21.9 vs 12.0 img/s, 64 px)", xla=True,
              keras={"avx512_bf16": ("torch", "Keras' layers trained 3.30x on PyTorch what they did on TensorFlow at "
                                              "64 px (36.6 vs 11.1 img/s) and 6.21x at 224 px (7.70 vs 1.24), bf16")}),
-    engine_why={"avx512_bf16": "the timm engine trained 1.65x Keras' layers on PyTorch at 64 px (60.4 vs 36.6 "
-                                "img/s) and 0.93x at 224 px (7.60 vs 8.14), bf16",
-                "avx2": "timm's own loop trained 1.83x Keras' layers on PyTorch (21.9 vs 12.0 img/s, 64 px)",
+    engine_why={"avx512_bf16": "the timm engine trained 1.22x Keras' layers on PyTorch at 64 px (42.9 vs 35.1 img/s) "
+                                "and as fast at 224 px (6.16 vs 6.13; rounds 0.95-1.13x), in 0.88x the memory, bf16, "
+                                "both with the fused Adam, medians of 5 interleaved rounds",
+                "avx2": "timm's own loop trained 1.83x Keras' layers on PyTorch (21.9 vs 12.0 img/s, 64 px)" + _AVX2_NOTE,
                 "gpu": "timm's own loop trained 2.65x Keras' layers on PyTorch on an H200 (2,057 vs 776 img/s, 224 px)"},
 ))
 register(BackboneSpec(
