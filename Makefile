@@ -25,13 +25,11 @@ help:  ## the targets, and the variables they take
 # which also runs on the CPU; ~5.5 GB) and torchvision 0.29.1 from this registry's disk;
 # on aarch64 the CPU pair 2.9.1 / 0.24.1. Then osteo with timm and the test tools.
 TORCH_PAIR := $(if $(filter aarch64 arm64,$(shell uname -m)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
-# --no-compile: pip would byte-compile all 22,000 Python files of the environment (85 CPU s
-# here); Python compiles the third it imports on first use instead.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip install -q --no-compile $(TORCH_PAIR)
-	$(PY) -m pip install -q --no-compile -e ".[dev,study,torch]"
+	$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PAIR)
+	$(PY) -m pip install -q -e ".[dev,study,torch]"
 	touch $(STAMP)
 
 # Keras' backend is fixed at import: the suite runs on TensorFlow, then the PyTorch
