@@ -274,9 +274,9 @@ def test_ctrl_c_then_sigterm_stop_a_study_in_one_line_and_the_same_command_conti
     """Three folds, two trials side by side. Ctrl-C (SIGINT) when the first trial ends: the signal
     landed inside Ray's wait and the study ended in a SystemError or a result without a config,
     exit code 1. Then SIGTERM when a trial of the same command run again ends: Ray's own
-    handler exited 1 with a crash report. Each now stops the trials and says in one line how to continue; the same command
-    finishes the study without training a finished fold again. (One study for both signals: each
-    start of a study on Ray costs the suite about 15 s.)"""
+    handler exited 1 with a crash report. Each now stops the trials and says in one line how to
+    continue; the same command finishes the study without training a finished fold again. (One
+    study for both signals: each start of a study on Ray costs the suite about 15 s.)"""
     args = ["study", "--models", "tiny", "--recipe", "seed", "--folds", "3", "--data", phantom_dir, "--weights",
             "none", "--image-size", "32", "--epochs", "1", "--runs", "runs", "--out", "study",
             "--set", "train.tensorboard=false", "--set", "train.bootstrap=20", "--set", "train.steps_per_epoch=2"]
