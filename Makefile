@@ -25,14 +25,18 @@ help:  ## the targets, and the variables they take
 # which also runs on the CPU; ~5.5 GB) and torchvision 0.29.1 from this registry's disk;
 # on aarch64 the CPU pair 2.9.1 / 0.24.1. Then osteo with timm and the test tools.
 TORCH_PAIR := $(if $(filter aarch64 arm64,$(shell uname -m)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
-# pip byte-compiles the environment's 22,000 Python files (85 CPU s). Not --no-compile: where
-# PYTHONDONTWRITEBYTECODE is set (this machine and its CI), no process would ever write a .pyc, and
-# every test process compiled TensorFlow again: the suite took 17.1 min instead of 11.2 (2026-12-06).
+# The environment's 22,000 Python files are byte-compiled here, on every core: pip compiles them
+# on one (85 CPU s, 44 s on 2 processes). They must be compiled at install: where
+# PYTHONDONTWRITEBYTECODE is set (this machine and its CI) no process writes what it compiles, and
+# without them every test process compiled TensorFlow again (the suite: 17.1 min, not 11.2;
+# 2026-12-06). A file of a newer Python's syntax (torch's py312_intrinsics.py) is skipped, as
+# pip skips it.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PAIR)
-	$(PY) -m pip install -q -e ".[dev,study,torch]"
+	$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip install -q --no-compile $(TORCH_PAIR)
+	$(PY) -m pip install -q --no-compile -e ".[dev,study,torch]"
+	$(PY) -m compileall -qq -j 0 $(VENV)/lib || true
 	touch $(STAMP)
 
 # Keras' backend is fixed at import: the suite runs on TensorFlow, then the PyTorch
