@@ -44,9 +44,9 @@ $(STAMP): pyproject.toml
 # The TensorFlow suite runs in TEST_WORKERS processes (pytest-xdist), a test file per
 # process, so a file's module fixtures are built once: on 2 cores 7.3 min against 12.3
 # serially (the tests wait on subprocesses and single-threaded Python much of the time).
-# The PyTorch files gain little from it: 2.1 min on 2 workers against 2.3 serially (2026-12-06),
-# as one file (test_export_timm.py) is most of it. xdist hands out the files with the most
-# tests first; handing out the longest first instead (--no-loadscope-reorder) was slower,
+# The PyTorch files run on 2 workers too: 140 and 147 s against 181 and 191 serially,
+# interleaved (2026-12-06; an earlier pair gave 2.1 against 2.3 min). xdist hands out the
+# files with the most tests first; handing out the longest first instead (--no-loadscope-reorder) was slower,
 # 13.3 min against 11.2 (2026-12-06): the Ray studies of test_kills.py and test_study.py then
 # ran at the same time and fought over the 2 cores (the Ray study fixture took 128 s, not 84).
 # So was running the PyTorch files beside the TensorFlow suite: 15.6 min against 13.7 one after
@@ -56,11 +56,11 @@ TEST_WORKERS ?= 2
 PARALLEL = $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 test: install
 	$(PY) -m pytest -q $(PARALLEL)
-	KERAS_BACKEND=torch $(PY) -m pytest -q $(TORCH_TESTS)
+	KERAS_BACKEND=torch $(PY) -m pytest -q $(PARALLEL) $(TORCH_TESTS)
 
 test-all: install
 	OSTEO_SLOW=1 OSTEO_HYPOTHESIS=explore $(PY) -m pytest -q $(PARALLEL)
-	OSTEO_SLOW=1 KERAS_BACKEND=torch $(PY) -m pytest -q $(TORCH_TESTS)
+	OSTEO_SLOW=1 KERAS_BACKEND=torch $(PY) -m pytest -q $(PARALLEL) $(TORCH_TESTS)
 
 # ruff, then the import contracts of pyproject.toml (the floors of docs/ARCHITECTURE.md)
 lint: install
