@@ -124,16 +124,9 @@ def xla_blockers(model: keras.Model) -> list[str]:
     rotation, translation, RandAugment: ``supports_jit`` False). With one of them inside,
     Keras trains the whole step without XLA whatever ``jit_compile`` says (with a warning of
     its own), so the run's plan must say so."""
-    seen, blocked, todo = set(), set(), [model]
-    while todo:
-        layer = todo.pop()
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        if not getattr(layer, "supports_jit", True):
-            blocked.add(type(layer).__name__)
-        todo.extend(getattr(layer, "layers", None) or ())
-    return sorted(blocked)
+    from osteo.backbones.keras_apps import all_layers
+
+    return sorted({type(layer).__name__ for layer in all_layers(model) if not getattr(layer, "supports_jit", True)})
 
 
 

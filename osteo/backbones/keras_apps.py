@@ -64,19 +64,19 @@ class KerasAppsBackbone(Backbone):
 
     def unfreeze(self, top_stages: int = 0, freeze_bn: bool = True) -> None:
         self.layer.trainable = True
-        for layer in _all_layers(self.layer):  # a functional model's trainable does not reach back into
+        for layer in all_layers(self.layer):  # a functional model's trainable does not reach back into
             layer.trainable = True  # layers an earlier unfreeze (fewer stages, BatchNorm) set apart
         n = len(self._stage_layers)
         for group in self._stage_layers[: n - top_stages] if 0 < top_stages < n else []:
             for layer in group:
                 layer.trainable = False
         if freeze_bn:
-            for layer in _all_layers(self.layer):
+            for layer in all_layers(self.layer):
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.trainable = False
 
     def set_bn_momentum(self, momentum: float) -> None:
-        for layer in _all_layers(self.layer):
+        for layer in all_layers(self.layer):
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = momentum
 
@@ -182,11 +182,12 @@ def _import(target: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def _all_layers(model):
+def all_layers(model):
+    """Every layer of ``model``, those of the models inside it too."""
     for layer in model.layers:
         yield layer
         if hasattr(layer, "layers"):
-            yield from _all_layers(layer)
+            yield from all_layers(layer)
 
 
 def check_h5_weights(path: Path, model: keras.Model, what: str, fix: str, every: bool = False) -> None:
