@@ -8,6 +8,7 @@ import pytest
 
 import osteo
 from osteo.backbones.base import create
+from osteo.backbones.keras_apps import keras_layer_groups
 from osteo.classifier import GrayToRGB, Preprocess
 from osteo.errors import OsteoError
 from osteo.registry import get_backbone, list_backbones
@@ -84,11 +85,24 @@ def test_weights_file_of_another_backbone_is_a_clear_error(tmp_path):
         _keras(get_backbone("vgg16"), str(path))
     with pytest.raises(OsteoError, match="not found"):
         _keras(get_backbone("vgg16"), str(tmp_path / "missing.h5"))
-    # a kin architecture's file: every tensor has a shape VGG16 has, but VGG19 has three more
-    _keras(get_backbone("vgg19"), "none").save_weights(tmp_path / "vgg19.weights.h5")
-    with pytest.raises(OsteoError, match=r"does not match backbone vgg16: it holds 32 weight tensors where backbone "
-                                         r"vgg16 has 26 \(another depth or architecture's"):
+    # a kin architecture's file: every tensor has a shape VGG16 has, and VGG16's groups are all in
+    # it, but VGG19's third block has a fourth layer where VGG16's fourth block begins
+    vgg19 = _keras(get_backbone("vgg19"), "none")
+    vgg19.save_weights(tmp_path / "vgg19.weights.h5")
+    with pytest.raises(OsteoError, match=r"does not match backbone vgg16: its layer block3_conv4 is where backbone "
+                                         r"vgg16 has block4_conv1 \(another depth or architecture's"):
         _keras(get_backbone("vgg16"), str(tmp_path / "vgg19.weights.h5"))
+    _save_legacy(vgg19, tmp_path / "vgg19.h5")  # the same, in the layout of keras.applications' downloads
+    with pytest.raises(OsteoError, match=r"does not match backbone vgg16: its layer block3_conv4 \(layer 8 with "
+                                         r"weights\) holds tensors of shapes \[\(3, 3, 256, 256\), \(256,\)\] where "
+                                         r"block4_conv1 has \[\(3, 3, 256, 512\), \(512,\)\]"):
+        _keras(get_backbone("vgg16"), str(tmp_path / "vgg19.h5"))
+    with pytest.raises(OsteoError, match=r"holds 13 layers with weights where backbone vgg19 has 16"):
+        _keras(get_backbone("vgg19"), str(_save_legacy(_keras(get_backbone("vgg16"), "none"), tmp_path / "vgg16.h5")))
+    (tmp_path / "vgg19.weights.h5").rename(tmp_path / "vgg19-keras3.h5")
+    with pytest.raises(OsteoError, match=r"is in Keras 3's own layout, which Keras reads only from a name ending in "
+                                         r"\.weights\.h5: rename it so"):
+        _keras(get_backbone("vgg19"), str(tmp_path / "vgg19-keras3.h5"))
     from safetensors.numpy import save_file
 
     save_file({"features.0.weight": np.zeros((4, 3, 3, 3), "float32")}, str(tmp_path / "timm.safetensors"))
@@ -103,6 +117,53 @@ def test_offline_imagenet_fails_fast_and_names_the_fix(tmp_path, monkeypatch, fa
 
 def _keras(spec, weights):
     return create(spec, "keras", image_size=32, weights=weights).build()
+
+
+def _save_legacy(model, path):
+    """``model``'s weights in the layout of keras.applications' downloads (layer_names, weight_names)."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["keras", "legacy"])
+def test_a_weights_file_with_its_top_loads_the_backbone_and_leaves_the_top_unread(layout, tmp_path):
+    """keras.applications' full files load on the Keras engine, as a state dict's classifier does on
+    the timm engine: VGG16's top is three more layers; ConvNeXt's puts its head_layernorm where the
+    model without a top has a LayerNormalization Keras named itself. The top's tensors are not read:
+    a crafted one declaring 1.6 GB, compressed, changes nothing."""
+    import h5py
+
+    for name, build in (("vgg16", keras.applications.VGG16), ("convnext_tiny", keras.applications.ConvNeXtTiny)):
+        keras.utils.set_random_seed(1)
+        full = build(include_top=True, weights=None, input_shape=(32, 32, 3), classes=3)
+        path = tmp_path / (f"{name}.weights.h5" if layout == "keras" else f"{name}.h5")
+        _save_legacy(full, path) if layout == "legacy" else full.save_weights(path)
+        top = [layer for layer in full.layers if layer.weights][-1]
+        with h5py.File(path, "a") as f:  # the top's last tensor, declared huge
+            group = f[top.name] if layout == "legacy" else f[f"layers/{_group_of(f, top.name)}/vars"]
+            key = (top.name + "/" + top.weights[0].name) if layout == "legacy" else "0"
+            shape = group[key].shape
+            del group[key]
+            group.create_dataset(key, shape=(20000, 20000), dtype="float32", compression="gzip", chunks=(1000, 1000))
+        keras.utils.set_random_seed(2)
+        b = _keras(get_backbone(name), str(path))
+        assert shape != (20000, 20000) and len(b.weights) < len(full.weights)
+        for ours, theirs in zip(b.weights, full.weights):  # the backbone's weights come first, in layer order
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(theirs))
+        if layout == "keras":  # osteo names the groups Keras reads as Keras does; the rest is the top
+            with h5py.File(path) as f:
+                rest = {f[f"layers/{k}/vars"].attrs["name"] for k in f["layers"]} - {
+                    f[f"{k}/vars"].attrs["name"] for k in keras_layer_groups(b)}
+            assert rest == ({"flatten", "fc1", "fc2", "predictions"} if name == "vgg16"
+                            else {"convnext_tiny_head_gap", "convnext_tiny_head_dense"})
+
+
+def _group_of(f, layer_name):
+    return next(k for k in f["layers"] if f[f"layers/{k}/vars"].attrs.get("name") == layer_name)
 
 
 def test_only_the_backbones_and_the_device_plan_compare_engine_names():
@@ -131,7 +192,8 @@ def test_a_crafted_weights_file_is_refused_from_its_declared_shapes(tmp_path):
 
     path = tmp_path / "crafted.weights.h5"
     with h5py.File(path, "w") as f:
-        f.create_dataset("layers/tiny_block1_conv/vars/0", shape=(20000, 20000), dtype="float32",
+        # where Keras reads the kernel of tiny's first Conv2D, tiny_block1_conv
+        f.create_dataset("layers/conv2d/vars/0", shape=(20000, 20000), dtype="float32",
                          compression="gzip", fillvalue=0.0, chunks=(1000, 1000))
     assert path.stat().st_size < 100_000
     with pytest.raises(OsteoError, match=r"does not match backbone tiny: it holds a tensor of shape \(20000, 20000\) that no weight of the model has"):

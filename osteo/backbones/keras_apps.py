@@ -3,13 +3,15 @@
 The backbone is the Keras model ``spec.constructor`` builds without its top; its stages
 are groups of its layers, by the spec's ``stages["keras"]`` name patterns. Weights:
 ``imagenet`` (the Keras cache, or a download that fails fast offline), ``none``, or a
-local Keras weights file (``.weights.h5`` or the ``_notop.h5`` files Keras downloads),
-whose every dataset is checked against the model's weights before anything is read.
+local Keras weights file (``.weights.h5``, or the ``.h5`` files Keras downloads, with or
+without the top), whose every dataset that is read is checked against the model's weights
+before anything is read.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 import warnings
 from pathlib import Path
 
@@ -190,6 +192,45 @@ def all_layers(model):
             yield from all_layers(layer)
 
 
+def _datasets(group, bad):
+    """(path, dataset) of every dataset under ``group``, metadata only; a link to another file is
+    refused wherever it sits, read or not."""
+    import h5py
+
+    stack = [("", group)]
+    while stack:
+        prefix, g = stack.pop()
+        for name in g:
+            link = g.get(name, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                raise bad(f"links to another file ({link.filename})")
+            obj = g.get(name)
+            if isinstance(obj, h5py.Group):
+                stack.append((f"{prefix}{name}/", obj))
+            elif isinstance(obj, h5py.Dataset):
+                yield f"{prefix}{name}", obj
+
+
+def _check_tensors(datasets, model: keras.Model, what: str, bad, every: bool) -> None:
+    """Every dataset must have the shape of one of the model's weights, and all of them together
+    fit in the model's size; with ``every``, there must be one per weight of the model."""
+    import numpy as np
+
+    shapes = {tuple(int(d) for d in w.shape) for w in model.weights} | {()}
+    budget = 2 * sum(int(np.prod(w.shape)) * 8 for w in model.weights) + 2**20
+    declared = tensors = 0
+    for _, obj in datasets:
+        if obj.shape is None or tuple(obj.shape) not in shapes:
+            raise bad(f"does not match {what}: it holds a tensor of shape {obj.shape} that no weight of the model has")
+        declared += int(np.prod(obj.shape)) * obj.dtype.itemsize
+        tensors += 1
+        if declared > budget:
+            raise bad("declares more data than the model holds")
+    if every and tensors != len(model.weights):
+        raise bad(f"does not match {what}: it holds {tensors} weight tensors where {what} has "
+                  f"{len(model.weights)} (another depth or architecture's, or one saved with other layers)")
+
+
 def check_h5_weights(path: Path, model: keras.Model, what: str, fix: str, every: bool = False) -> None:
     """Refuse a Keras weights file that cannot be ``model``'s before Keras reads a tensor of it.
 
@@ -201,46 +242,25 @@ def check_h5_weights(path: Path, model: keras.Model, what: str, fix: str, every:
     declares a huge (compressed) tensor is refused in milliseconds instead of being inflated.
     """
     import h5py
-    import numpy as np
-
-    shapes = {tuple(int(d) for d in w.shape) for w in model.weights} | {()}
-    budget = 2 * sum(int(np.prod(w.shape)) * 8 for w in model.weights) + 2**20
 
     def bad(reason: str) -> OsteoError:
         return OsteoError(f"weights file {path} {reason}; {fix}")
 
     try:
         with h5py.File(path, "r") as f:
-            declared = tensors = 0
-            stack = [f]
-            while stack:
-                group = stack.pop()
-                for name in group:
-                    link = group.get(name, getlink=True)
-                    if isinstance(link, h5py.ExternalLink):
-                        raise bad(f"links to another file ({link.filename})")
-                    obj = group.get(name)
-                    if isinstance(obj, h5py.Group):
-                        stack.append(obj)
-                    elif isinstance(obj, h5py.Dataset):
-                        if obj.shape is None or tuple(obj.shape) not in shapes:
-                            raise bad(f"does not match {what}: it holds a tensor of shape {obj.shape} that no "
-                                      "weight of the model has")
-                        declared += int(np.prod(obj.shape)) * obj.dtype.itemsize
-                        tensors += 1
-                        if declared > budget:
-                            raise bad("declares more data than the model holds")
-        if every and tensors != len(model.weights):
-            raise bad(f"does not match {what}: it holds {tensors} weight tensors where {what} has "
-                      f"{len(model.weights)} (another depth or architecture's, or one saved with other layers)")
+            _check_tensors(list(_datasets(f, bad)), model, what, bad, every)
     except OsteoError:
         raise
     except Exception as e:  # not HDF5, truncated, unreadable
-        if _is_pytorch_file(path):
-            raise OsteoError(f"weights file {path} is a PyTorch state dict, which the timm engine reads: train on "
-                             "PyTorch (--backend torch, or KERAS_BACKEND=torch) with model.impl=timm or auto, "
-                             "or pass a Keras .h5 weights file") from None
-        raise bad(f"cannot be read as a Keras weights file ({short(e)})") from None
+        raise _unreadable(path, bad, e) from None
+
+
+def _unreadable(path: Path, bad, e: Exception) -> OsteoError:
+    if _is_pytorch_file(path):
+        return OsteoError(f"weights file {path} is a PyTorch state dict, which the timm engine reads: train on "
+                          "PyTorch (--backend torch, or KERAS_BACKEND=torch) with model.impl=timm or auto, "
+                          "or pass a Keras .h5 weights file")
+    return bad(f"cannot be read as a Keras weights file ({short(e)})")
 
 
 def _is_pytorch_file(path: Path) -> bool:
@@ -259,16 +279,126 @@ def _is_pytorch_file(path: Path) -> bool:
     return head.startswith(b"\x80") or (len(head) == 9 and head[8:9] == b"{")
 
 
+def _snake(name: str) -> str:
+    """A class name as Keras' weights format names its groups (keras' ``naming.to_snake_case``)."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def keras_layer_groups(model: keras.Model) -> dict[str, keras.layers.Layer]:
+    """The groups of Keras' own weights format (``.weights.h5``) that hold ``model``'s layers:
+    ``layers/<class name in snake case>``, then ``_1``, ``_2`` ... for the next layers of that
+    class, in layer order (keras.saving's naming; tests/test_backbones.py checks it against
+    the files Keras writes). A file of the model with its top has the same groups for the
+    backbone's layers, the top's after them."""
+    used: dict[str, int] = {}
+    groups = {}
+    for layer in model.layers:
+        base = _snake(type(layer).__name__)
+        used[base] = used.get(base, -1) + 1
+        groups[f"layers/{base}" + (f"_{used[base]}" if used[base] else "")] = layer
+    return groups
+
+
+def _named_by_keras(layer) -> bool:
+    """Whether Keras named ``layer`` itself (``layer_normalization_3``): such a name says nothing
+    about where the layer sits, and another process numbers it otherwise."""
+    return re.fullmatch(rf"{_snake(type(layer).__name__)}(_\d+)?", layer.name) is not None
+
+
+def _text(values) -> list[str]:
+    return [v.decode("utf8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _legacy_layers(group, model: keras.Model, what: str, bad) -> list[tuple[list, list]]:
+    """(the model's variables, the file's datasets) of each backbone layer with weights, from a file
+    in the legacy layout (keras.applications' downloads; a model saved whole to .h5): matched by
+    position, as Keras matches them, the file's first layers with weights against the backbone's,
+    and every tensor of the same shape. Layers after them are the top, and are not read. Names
+    are not compared: the published files of 2017 name DenseNet's layers ``conv1/conv``."""
+    import h5py
+
+    saved = [(name, _text(group[name].attrs.get("weight_names", []))) for name in _text(group.attrs["layer_names"])]
+    saved = [(name, weights) for name, weights in saved if weights]
+    layers = [(layer, layer.trainable_weights + layer.non_trainable_weights) for layer in model.layers]
+    layers = [(layer, variables) for layer, variables in layers if variables]
+    if len(saved) < len(layers):
+        raise bad(f"does not match {what}: it holds {len(saved)} layers with weights where {what} has "
+                  f"{len(layers)} (another depth or architecture's)")
+    pairs = []
+    for k, ((layer, variables), (name, weights)) in enumerate(zip(layers, saved), 1):
+        datasets = [group[name][w] for w in weights]
+        theirs = [tuple(d.shape) if isinstance(d, h5py.Dataset) else None for d in datasets]
+        ours = [tuple(int(d) for d in v.shape) for v in variables]
+        if theirs != ours:
+            raise bad(f"does not match {what}: its layer {name} (layer {k} with weights) holds tensors of shapes "
+                      f"{theirs} where {layer.name} has {ours} (another depth or architecture's)")
+        pairs.append((variables, datasets))
+    return pairs
+
+
+def _check_keras_groups(f, model: keras.Model, what: str, bad) -> None:
+    """A file in Keras' own layout: Keras reads the model's groups (:func:`keras_layer_groups`)
+    and leaves any other (the top) alone. The tensors of the groups it reads are checked from
+    their metadata, and each group must be the same layer: named as the model's, unless
+    Keras named the model's layer itself (ConvNeXt's last LayerNormalization, whose place the
+    top's ``head_layernorm`` takes)."""
+    groups = keras_layer_groups(model)
+    read = []
+    for path, obj in _datasets(f, bad):
+        parts = path.split("/")
+        if parts[0] == "vars" or "/".join(parts[:2]) in groups:
+            read.append((path, obj))
+    for key, layer in groups.items():
+        saved = f.get(f"{key}/vars")
+        name = saved.attrs.get("name") if saved is not None else None
+        name = _text([name])[0] if name is not None else None
+        if name is not None and name != layer.name and not _named_by_keras(layer):
+            raise bad(f"does not match {what}: its layer {name} is where {what} has {layer.name} "
+                      "(another depth or architecture's)")
+    _check_tensors(read, model, what, bad, every=True)
+
+
 def load_weights_file(model: keras.Model, path: Path, name: str) -> None:
-    """Load a weights file; any skipped or mismatched layer is an error, not a warning."""
-    fix = f"pass a weights file saved from {name} (without its top) or --weights none (make: WEIGHTS=none)"
-    check_h5_weights(path, model, f"backbone {name}", fix, every=True)
+    """Load a Keras weights file of the backbone, with or without its top (keras.applications'
+    ``_notop.h5`` and full ``.h5`` files, or a ``.weights.h5`` Keras saved); every tensor that is
+    read is checked against the model's from the file's metadata first, a tensor that is not
+    (the top's) is never inflated, and any skipped or mismatched backbone layer is an error, not
+    a warning. The timm engine ignores a state dict's classifier the same way."""
+    import h5py
+    import numpy as np
+
+    fix = (f"pass a Keras weights file of {name} (keras.applications', with or without its top) "
+           "or --weights none (make: WEIGHTS=none)")
+    what = f"backbone {name}"
+
+    def bad(reason: str) -> OsteoError:
+        return OsteoError(f"weights file {path} {reason}; {fix}")
+
+    try:
+        with h5py.File(path, "r") as f:
+            group = f["model_weights"] if "layer_names" not in f.attrs and "model_weights" in f else f
+            if "layer_names" in group.attrs:
+                list(_datasets(f, bad))  # links refused before anything is read
+                for variables, datasets in _legacy_layers(group, model, what, bad):
+                    for variable, dataset in zip(variables, datasets):
+                        variable.assign(np.asarray(dataset))
+                return
+            _check_keras_groups(f, model, what, bad)
+    except OsteoError:
+        raise
+    except Exception as e:  # not HDF5, truncated, unreadable
+        raise _unreadable(path, bad, e) from None
+    if not str(path).endswith(".weights.h5"):
+        raise bad("is in Keras 3's own layout, which Keras reads only from a name ending in .weights.h5: "
+                  "rename it so")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
             model.load_weights(str(path))
     except Exception as e:
-        raise OsteoError(f"weights file {path} does not match backbone {name}: {short(e)}; {fix}") from None
+        raise bad(f"does not match {what}: {short(e)}") from None
 
 
 def tiny_backbone(include_top=False, weights=None, input_shape=(64, 64, 3), name="tiny"):
