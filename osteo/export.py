@@ -939,7 +939,7 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
 
 
 def _fresh_dir(path: Path) -> Path:
-    """A new empty folder ``.<name>.<pid>-<random>.tmp`` next to ``path`` (mode as the umask says),
+    """A new empty folder ``.<name>.<pid>@<host>-<random>.tmp`` next to ``path`` (mode as the umask says),
     which :func:`osteo.files.sweep_temporaries` keeps while this process runs."""
     tmp = path.parent / f"{owned_prefix(f'.{path.name}.')}{secrets.token_hex(6)}.tmp"
     tmp.mkdir()

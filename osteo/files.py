@@ -194,20 +194,39 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
 
 
 def owned_prefix(prefix: str) -> str:
-    """``prefix`` and this process's id: a temporary whose name starts so is kept by
-    :func:`sweep_temporaries` while this process runs, however long ago it was touched."""
-    return f"{prefix}{os.getpid()}-"
+    """``prefix``, this process's id and its host: a temporary whose name starts so is kept by
+    :func:`sweep_temporaries` while this process runs, however long ago it was touched (and, on
+    a folder other hosts share, by theirs for :data:`OTHER_HOST_KEEP` seconds)."""
+    return f"{prefix}{os.getpid()}@{host_tag()}-"
 
 
-# the writer's id in a temporary's name: owned_prefix's "<pid>-", then the random part and ".tmp"
-_WRITER = re.compile(r"(?:^|[.-])(\d+)-[A-Za-z0-9_]+\.tmp")
+def host_tag() -> str:
+    """This host's name as a temporary's name carries it: letters, digits and ``_``."""
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:32] or "_"
+
+
+# the writer in a temporary's name: owned_prefix's "<pid>@<host>-" (before the host: "<pid>-"),
+# then the random part and ".tmp"
+_WRITER = re.compile(r"(?:^|[.-])(\d+)(?:@([A-Za-z0-9_]+))?-[A-Za-z0-9_]+\.tmp")
+# a temporary another host's process names cannot be checked from here: kept a day after its last touch
+OTHER_HOST_KEEP = 24 * 3600.0
 
 
 def _writer_alive(name: str, touched: float) -> bool:
-    """Whether the temporary ``name``, last touched at ``touched``, names a process of this host
-    that is running and began before that (not a later process given the same id)."""
+    """Whether the temporary ``name``, last touched at ``touched``, names a process that is running
+    and began before that (not a later process given the same id). Another host's process cannot
+    be asked: its temporary counts as alive for a day after it was last touched."""
+    import time
+
     found = _WRITER.findall(name)
-    return bool(found) and pid_alive(int(found[-1]), started_by=touched)
+    if not found:
+        return False
+    pid, host = found[-1]
+    if host and host != host_tag():
+        return time.time() - touched < OTHER_HOST_KEEP
+    return pid_alive(int(pid), started_by=touched)
 
 
 def pid_alive(pid: int, started_by: float | None = None) -> bool:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -296,10 +297,12 @@ def _sweep_elsewhere(folder) -> list[str]:
 def test_a_temporary_is_swept_only_once_the_process_that_writes_it_is_gone(tmp_path):
     """A temporary named by a running process is kept however long ago it was touched (an
     export waits minutes on its child); one of a process that is gone, one whose process id
-    was given to a later process, and one that names no process are swept."""
+    was given to a later process, and one that names no process are swept. On a folder hosts
+    share, another host's temporary is kept for a day: its process cannot be asked from here
+    (its id, alive or not here, says nothing). Names from before the host was in them still count."""
     import psutil
 
-    from osteo.files import sweep_temporaries
+    from osteo.files import OTHER_HOST_KEEP, host_tag, sweep_temporaries
 
     live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
@@ -307,19 +310,25 @@ def test_a_temporary_is_swept_only_once_the_process_that_writes_it_is_gone(tmp_p
     dead = int(gone.stdout)
     try:
         began = psutil.Process(live.pid).create_time()
-        names = {"kept": f".m.{live.pid}-k2x9q1.tmp.json", "kept_dir": f".savedmodel.{live.pid}-0a1b2c3d.tmp",
-                 "reused": f".h.{live.pid}-r7m2w0.tmp.csv", "dead": f".p.{dead}-d4n8z3.tmp.png",
-                 "unnamed": ".q.a1b2c3d4.tmp"}
+        here = host_tag()
+        names = {"kept": f".m.{live.pid}@{here}-k2x9q1.tmp.json", "kept_dir": f".savedmodel.{live.pid}-0a1b2c3d.tmp",
+                 "reused": f".h.{live.pid}@{here}-r7m2w0.tmp.csv", "dead": f".p.{dead}-d4n8z3.tmp.png",
+                 "unnamed": ".q.a1b2c3d4.tmp", "kept_elsewhere": f".e.{dead}@other_host_{here}-e5f6g7.tmp.json",
+                 "old_elsewhere": f".o.{live.pid}@other_host_{here}-h8j9k0.tmp.json"}
         for key, name in names.items():
             if key == "kept_dir":
                 (tmp_path / name).mkdir()
                 (tmp_path / name / "saved_model.pb").write_bytes(b"x")
             else:
                 (tmp_path / name).write_text("x")
-            # written after the live process began, or (its id reused) an hour before it
-            when = began + 0.5 if key.startswith("kept") else began - 3600
+            # written after the live process began, or (its id reused) an hour before it; another
+            # host's: an hour ago, or a day and an hour ago
+            when = {"kept": began + 0.5, "kept_dir": began + 0.5,
+                    "old_elsewhere": time.time() - OTHER_HOST_KEEP - 3600}.get(key, began - 3600)
             os.utime(tmp_path / name, (when, when))
-        assert sorted(_sweep_elsewhere(tmp_path)) == sorted([names["reused"], names["dead"], names["unnamed"]])
+        assert sorted(_sweep_elsewhere(tmp_path)) == sorted([names["reused"], names["dead"], names["unnamed"],
+                                                             names["old_elsewhere"]])
+        assert (tmp_path / names["kept_elsewhere"]).is_file()
         assert (tmp_path / names["kept_dir"] / "saved_model.pb").is_file() and (tmp_path / names["kept"]).is_file()
     finally:
         live.stdin.close()
@@ -328,13 +337,14 @@ def test_a_temporary_is_swept_only_once_the_process_that_writes_it_is_gone(tmp_p
                                                                                       names["kept_dir"]])
     # this process's own id, on a temporary older than it: a killed process's, whose id this one was given
     # (process 1 in a container, every time); this process's own is kept
-    from osteo.files import process_start
+    from osteo.files import owned_prefix, process_start
 
-    for name, when in ((f".old.{os.getpid()}-a1b2c3.tmp.json", process_start() - 3600),
-                       (f".own.{os.getpid()}-d4e5f6.tmp.json", process_start() + 0.5)):
+    old, own = f"{owned_prefix('.old.')}a1b2c3.tmp.json", f"{owned_prefix('.own.')}d4e5f6.tmp.json"
+    for name, when in ((old, process_start() - 3600), (own, process_start() + 0.5)):
         (tmp_path / name).write_text("x")
         os.utime(tmp_path / name, (when, when))
-    assert [p.name for p in sweep_temporaries(tmp_path, grace=-1e9)] == [f".old.{os.getpid()}-a1b2c3.tmp.json"]
+    assert [p.name for p in sweep_temporaries(tmp_path, grace=-1e9)] == [old]
+    assert (tmp_path / own).is_file() and (tmp_path / names["kept_elsewhere"]).is_file()
 
 
 def test_a_folder_renamed_aside_is_kept_from_another_sweep_until_it_is_removed(tmp_path, monkeypatch):

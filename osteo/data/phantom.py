@@ -33,7 +33,7 @@ dataset (780 normal / 374 osteopenia / 793 osteoporosis).
 
 Sizes go from 16 to :data:`osteo.recipe.MAX_IMAGE_SIZE` px (a 2,048 px image takes
 about 0.5 GB while it is drawn), and ``n`` is at least 3. ``OUT`` is complete or
-absent: the images are written to a hidden sibling folder (``.OUT.tmp-<pid>-<hex>``)
+absent: the images are written to a hidden sibling folder (``.OUT.<pid>@<host>-<hex>.tmp``)
 renamed to ``OUT`` at the end, and removed on any error or Ctrl-C; one that a killed
 run left behind is removed by the next run for the same ``OUT`` (and the audit
 ignores hidden temporaries). An ``OUT`` that exists and is not empty is refused,
@@ -42,11 +42,9 @@ never mixed with.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -55,7 +53,7 @@ from scipy import ndimage
 
 from osteo import CLASSES
 from osteo.errors import OsteoError
-from osteo.files import pid_alive, write_csv
+from osteo.files import owned_prefix, sweep_temporaries, write_csv
 from osteo.recipe import MAX_IMAGE_SIZE
 
 DEFAULT_PROPORTIONS = (780, 374, 793)
@@ -75,7 +73,6 @@ MIN_SIZE = 16
 DEFAULT_OVERLAP = 2.0
 LATENTS_FILE = "latents.csv"
 MIN_N = 3
-_STARTED = time.time()  # temporaries older than this, of a process that is gone, are stale
 
 
 def class_counts(n: int, proportions: Sequence[int] = DEFAULT_PROPORTIONS) -> list[int]:
@@ -264,7 +261,7 @@ def write_phantom(
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise OsteoError(f"{out} exists and is not an empty folder; choose a new folder or remove it first")
     _sweep_stale(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
+    tmp = out.with_name(f"{owned_prefix(f'.{out.name}.')}{secrets.token_hex(3)}.tmp")
     try:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -302,23 +299,10 @@ def write_phantom(
 
 def _sweep_stale(out: Path) -> None:
     """Remove the temporaries of earlier runs for ``out`` that were killed: older than
-    this process, made by a process that is gone."""
-    prefix = f".{out.name}.tmp-"
-    try:
-        entries = list(os.scandir(out.parent))
-    except OSError:
-        return
-    for e in entries:
-        if not e.name.startswith(prefix):
-            continue
-        pid = e.name[len(prefix):].split("-")[0]
-        try:
-            stale = pid.isdigit() and e.stat(follow_symlinks=False).st_mtime < _STARTED and not pid_alive(int(pid))
-        except OSError:
-            continue
-        if stale:
-            if e.is_dir(follow_symlinks=False):
-                shutil.rmtree(e.path, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    os.unlink(e.path)
+    this process, made by a process that is gone (:func:`osteo.files.sweep_temporaries`; on a
+    folder hosts share, another host's is kept a day), and those named as before the host was
+    in the name (``.OUT.tmp-<pid>-<hex>``), which name no writer it can ask."""
+    import glob
+
+    for pattern in (f".{glob.escape(out.name)}.*.tmp", f".{glob.escape(out.name)}.tmp-*"):
+        sweep_temporaries(out.parent, grace=0.0, pattern=pattern)
