@@ -201,10 +201,14 @@ def owned_prefix(prefix: str) -> str:
 
 
 def host_tag() -> str:
-    """This host's name as a temporary's name carries it: letters, digits and ``_``."""
+    """This host's name as a temporary's name carries it: letters, digits and ``_``; a name of
+    more than 32 such characters is cut to 23 and its hash (``worker-statefulset-0`` and ``-1``
+    stay apart)."""
     import socket
 
-    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:32] or "_"
+    host = socket.gethostname()
+    tag = re.sub(r"[^A-Za-z0-9]", "_", host) or "_"
+    return tag if len(tag) <= 32 else f"{tag[:23]}_{hashlib.sha256(host.encode()).hexdigest()[:8]}"
 
 
 # the writer in a temporary's name: owned_prefix's "<pid>@<host>-" (before the host: "<pid>-"),

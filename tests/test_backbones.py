@@ -162,6 +162,33 @@ def test_a_weights_file_with_its_top_loads_the_backbone_and_leaves_the_top_unrea
                             else {"convnext_tiny_head_gap", "convnext_tiny_head_dense"})
 
 
+@pytest.mark.parametrize("layout", ["keras", "legacy", "archive"])
+def test_a_backbone_nested_in_a_larger_model_loads_from_that_models_file(layout, tmp_path):
+    """The files a Keras user has: a model built around the backbone (frozen, as transfer learning
+    does), saved as .weights.h5, as a whole .h5, or as a .keras archive. The legacy layout lists a
+    frozen backbone's BatchNorm statistics among its other weights, not after them: matched by name,
+    not by order (by order, tiny's gamma and moving mean, both of shape (8,), would swap)."""
+    keras.utils.set_random_seed(1)
+    base = _keras(get_backbone("tiny"), "none")
+    base.trainable = False
+    model = keras.Sequential([keras.Input((32, 32, 3)), base, keras.layers.Flatten(), keras.layers.Dense(3)])
+    for layer in base.layers:  # BatchNorm statistics unlike their gamma and beta
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(np.full(layer.moving_mean.shape, 0.25, "float32"))
+    path = tmp_path / {"keras": "m.weights.h5", "legacy": "m.h5", "archive": "m.keras"}[layout]
+    if layout == "keras":
+        model.save_weights(path)
+    elif layout == "legacy":
+        _save_legacy(model, path)
+    else:
+        model.save(path)
+    keras.utils.set_random_seed(2)
+    loaded = _keras(get_backbone("tiny"), str(path))
+    for ours, theirs in zip(loaded.weights, base.weights):
+        assert ours.path == theirs.path
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(theirs))
+
+
 def _group_of(f, layer_name):
     return next(k for k in f["layers"] if f[f"layers/{k}/vars"].attrs.get("name") == layer_name)
 
@@ -204,6 +231,19 @@ def test_a_crafted_weights_file_is_refused_from_its_declared_shapes(tmp_path):
     with pytest.raises(OsteoError, match=r"links to another file") as e:
         _keras(get_backbone("tiny"), str(linked))
     assert "\n" not in str(e.value)
+    # a group linked into itself is walked once (it hung the walk, whose paths grew without end)
+    _keras(get_backbone("tiny"), "none").save_weights(tmp_path / "loop.weights.h5")
+    with h5py.File(tmp_path / "loop.weights.h5", "a") as f:
+        f["layers/loop"] = f["layers"]  # layers/loop/loop/loop/...
+    _keras(get_backbone("tiny"), str(tmp_path / "loop.weights.h5"))
+    # the legacy layout: a kernel of the model's shape whose elements are 400 kB strings, refused unread
+    legacy = _save_legacy(_keras(get_backbone("tiny"), "none"), tmp_path / "strings.h5")
+    with h5py.File(legacy, "a") as f:
+        del f["tiny_block1_conv/tiny_block1_conv/kernel"]
+        f.create_dataset("tiny_block1_conv/tiny_block1_conv/kernel", shape=(3, 3, 3, 8), dtype="S400000",
+                         compression="gzip")
+    with pytest.raises(OsteoError, match=r"holds a tensor of type \|S400000 where weights are numbers"):
+        _keras(get_backbone("tiny"), str(legacy))
 
 
 def test_the_readmes_tables_are_the_registrys():

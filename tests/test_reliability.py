@@ -347,6 +347,26 @@ def test_a_temporary_is_swept_only_once_the_process_that_writes_it_is_gone(tmp_p
     assert (tmp_path / own).is_file() and (tmp_path / names["kept_elsewhere"]).is_file()
 
 
+def test_hosts_whose_long_names_share_a_beginning_keep_apart_in_temporaries(tmp_path, monkeypatch):
+    """Pods of one StatefulSet differ only at the end of a long name: cut to its first characters,
+    one host took the other's live temporary on a shared folder for its own dead process's."""
+    import socket
+
+    from osteo.files import host_tag, owned_prefix, sweep_temporaries
+
+    tags = {}
+    for host in ("osteo-training-worker-statefulset-0", "osteo-training-worker-statefulset-1"):
+        monkeypatch.setattr(socket, "gethostname", lambda host=host: host)
+        tags[host] = host_tag()
+        name = f"{owned_prefix('.m.')}{host[-1]}x9q1.tmp.json"
+        (tmp_path / name).write_text("x")
+        os.utime(tmp_path / name, (time.time() - 600, time.time() - 600))
+    assert len(set(tags.values())) == 2 and all(len(t) <= 32 and t.isidentifier() for t in tags.values())
+    # seen from the second pod, ten minutes after the last write: the first's is kept; its own (this
+    # process's id, on a file older than this process: a killed one's, its id given again) is swept
+    assert [p.name for p in sweep_temporaries(tmp_path, grace=-1e9)] == [f".m.{os.getpid()}@{tags[host]}-1x9q1.tmp.json"]
+
+
 def test_a_folder_renamed_aside_is_kept_from_another_sweep_until_it_is_removed(tmp_path, monkeypatch):
     """replace_folder renames the previous folder aside, under its own name, before it removes it:
     a rename keeps the folder's old time, which read as a temporary of a process that is gone."""

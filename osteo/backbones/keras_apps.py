@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 import re
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -193,11 +195,12 @@ def all_layers(model):
 
 
 def _datasets(group, bad):
-    """(path, dataset) of every dataset under ``group``, metadata only; a link to another file is
-    refused wherever it sits, read or not."""
+    """(path, dataset) of every dataset under ``group``, metadata only, each group entered once
+    (a group linked into itself is no endless walk); a link to another file is refused wherever
+    it sits, read or not."""
     import h5py
 
-    stack = [("", group)]
+    stack, seen = [("", group)], {group.id}
     while stack:
         prefix, g = stack.pop()
         for name in g:
@@ -205,7 +208,8 @@ def _datasets(group, bad):
             if isinstance(link, h5py.ExternalLink):
                 raise bad(f"links to another file ({link.filename})")
             obj = g.get(name)
-            if isinstance(obj, h5py.Group):
+            if isinstance(obj, h5py.Group) and obj.id not in seen:
+                seen.add(obj.id)
                 stack.append((f"{prefix}{name}/", obj))
             elif isinstance(obj, h5py.Dataset):
                 yield f"{prefix}{name}", obj
@@ -222,6 +226,8 @@ def _check_tensors(datasets, model: keras.Model, what: str, bad, every: bool) ->
     for _, obj in datasets:
         if obj.shape is None or tuple(obj.shape) not in shapes:
             raise bad(f"does not match {what}: it holds a tensor of shape {obj.shape} that no weight of the model has")
+        if obj.dtype.kind not in "fiub":
+            raise bad(f"does not match {what}: it holds a tensor of type {obj.dtype} where weights are numbers")
         declared += int(np.prod(obj.shape)) * obj.dtype.itemsize
         tensors += 1
         if declared > budget:
@@ -248,7 +254,7 @@ def check_h5_weights(path: Path, model: keras.Model, what: str, fix: str, every:
 
     try:
         with h5py.File(path, "r") as f:
-            _check_tensors(list(_datasets(f, bad)), model, what, bad, every)
+            _check_tensors(_datasets(f, bad), model, what, bad, every)
     except OsteoError:
         raise
     except Exception as e:  # not HDF5, truncated, unreadable
@@ -321,6 +327,10 @@ def _legacy_layers(group, model: keras.Model, what: str, bad) -> list[tuple[list
 
     saved = [(name, _text(group[name].attrs.get("weight_names", []))) for name in _text(group.attrs["layer_names"])]
     saved = [(name, weights) for name, weights in saved if weights]
+    nested = _legacy_nested(group, saved, model)
+    if nested:
+        _check_tensors(((None, d) for _, (d,) in nested), model, what, bad, every=False)
+        return nested
     layers = [(layer, layer.trainable_weights + layer.non_trainable_weights) for layer in model.layers]
     layers = [(layer, variables) for layer, variables in layers if variables]
     if len(saved) < len(layers):
@@ -335,7 +345,48 @@ def _legacy_layers(group, model: keras.Model, what: str, bad) -> list[tuple[list
             raise bad(f"does not match {what}: its layer {name} (layer {k} with weights) holds tensors of shapes "
                       f"{theirs} where {layer.name} has {ours} (another depth or architecture's)")
         pairs.append((variables, datasets))
+    _check_tensors(((name, d) for _, datasets in pairs for d in datasets), model, what, bad, every=False)
     return pairs
+
+
+def _legacy_nested(group, saved: list[tuple[str, list[str]]], model: keras.Model) -> list[tuple[list, list]]:
+    """([variable], [dataset]) pairs where one layer of a legacy file is the whole backbone, nested
+    in a larger model (``model.save("m.h5")`` of ``Sequential([VGG16(...), Flatten(), Dense(3)])``):
+    the layer whose weight names are the backbone's variables' paths, matched by name (their order
+    follows which weights were trainable when it was saved); [] where no layer is."""
+    ours = {v.path: v for v in model.weights}
+    for name, weights in saved:
+        keys = [re.sub(r":\d+$", "", w).removeprefix(f"{model.name}/") for w in weights]
+        if len(keys) == len(ours) and set(keys) == set(ours):
+            return [([ours[k]], [group[name][w]]) for k, w in zip(keys, weights)]
+    return []
+
+
+def _backbone_group(f, model: keras.Model, bad):
+    """The group of a file in Keras' own layout that holds the backbone's ``layers`` and ``vars``:
+    the file's root, or, in a file of a larger model that nests it (an osteo run's checkpoint,
+    ``Sequential([VGG16(...), Flatten(), Dense(3)])``), the one group named as the backbone."""
+    import h5py
+
+    def named(g) -> bool:
+        saved = g.get("vars")
+        return isinstance(saved, h5py.Group) and _text([saved.attrs.get("name", "")])[0] == model.name
+
+    if named(f) or not isinstance(f.get("layers"), h5py.Group):
+        return f
+    found, stack, seen = [], [f["layers"]], {f["layers"].id}
+    while stack:
+        for child in stack.pop().values():
+            if isinstance(child, h5py.Group) and child.id not in seen:
+                seen.add(child.id)
+                if named(child) and isinstance(child.get("layers"), h5py.Group):
+                    found.append(child)
+                elif isinstance(child.get("layers"), h5py.Group):
+                    stack.append(child["layers"])
+    if len(found) > 1:
+        raise bad(f"holds {len(found)} models named {model.name}; save the one to start from alone "
+                  f"(model.get_layer(...).save_weights('{model.name}.weights.h5'))")
+    return found[0] if found else f
 
 
 def _check_keras_groups(f, model: keras.Model, what: str, bad) -> None:
@@ -345,11 +396,6 @@ def _check_keras_groups(f, model: keras.Model, what: str, bad) -> None:
     Keras named the model's layer itself (ConvNeXt's last LayerNormalization, whose place the
     top's ``head_layernorm`` takes)."""
     groups = keras_layer_groups(model)
-    read = []
-    for path, obj in _datasets(f, bad):
-        parts = path.split("/")
-        if parts[0] == "vars" or "/".join(parts[:2]) in groups:
-            read.append((path, obj))
     for key, layer in groups.items():
         saved = f.get(f"{key}/vars")
         name = saved.attrs.get("name") if saved is not None else None
@@ -357,35 +403,82 @@ def _check_keras_groups(f, model: keras.Model, what: str, bad) -> None:
         if name is not None and name != layer.name and not _named_by_keras(layer):
             raise bad(f"does not match {what}: its layer {name} is where {what} has {layer.name} "
                       "(another depth or architecture's)")
+    read = ((path, obj) for path, obj in _datasets(f, bad)
+            if path.startswith("vars/") or "/".join(path.split("/")[:2]) in groups)
     _check_tensors(read, model, what, bad, every=True)
 
 
 def load_weights_file(model: keras.Model, path: Path, name: str) -> None:
     """Load a Keras weights file of the backbone, with or without its top (keras.applications'
-    ``_notop.h5`` and full ``.h5`` files, or a ``.weights.h5`` Keras saved); every tensor that is
-    read is checked against the model's from the file's metadata first, a tensor that is not
-    (the top's) is never inflated, and any skipped or mismatched backbone layer is an error, not
-    a warning. The timm engine ignores a state dict's classifier the same way."""
-    import h5py
-    import numpy as np
+    ``_notop.h5`` and full ``.h5`` files, a ``.weights.h5`` Keras saved), or of a larger model that
+    nests it (a ``.keras`` archive, an osteo run's checkpoint); every tensor that is read is
+    checked against the model's from the file's metadata first, a tensor that is not (the top's)
+    is never inflated, and any skipped or mismatched backbone layer is an error, not a warning.
+    The timm engine ignores a state dict's classifier the same way."""
+    import zipfile
 
     fix = (f"pass a Keras weights file of {name} (keras.applications', with or without its top) "
            "or --weights none (make: WEIGHTS=none)")
-    what = f"backbone {name}"
 
     def bad(reason: str) -> OsteoError:
         return OsteoError(f"weights file {path} {reason}; {fix}")
 
     try:
+        archive = zipfile.ZipFile(path) if zipfile.is_zipfile(path) else None
+    except (OSError, zipfile.BadZipFile):
+        archive = None
+    if archive is not None and "model.weights.h5" not in archive.namelist():  # torch.save's zip, say
+        archive.close()
+        archive = None
+    if archive is None:
+        _load_h5(model, path, f"backbone {name}", bad)
+        return
+    with archive, tempfile.TemporaryDirectory(prefix="osteo-weights-") as tmp:
+        member = archive.getinfo("model.weights.h5")
+        if member.file_size > ARCHIVE_LIMIT:
+            raise bad(f"holds {member.file_size / 2**30:.1f} GiB of weights, more than osteo extracts from a "
+                      f".keras archive ({ARCHIVE_LIMIT // 2**30} GiB)")
+        inner = Path(tmp) / "model.weights.h5"
+        try:
+            with archive.open(member) as src, open(inner, "wb") as dst:
+                shutil.copyfileobj(src, dst, 2**20)
+        except OSError as e:
+            raise bad(f"cannot be extracted to {tmp} ({e.strerror or short(e)}); set TMPDIR to a folder with room") from None
+        except (zipfile.BadZipFile, EOFError, ValueError) as e:
+            raise bad(f"is a damaged .keras archive ({short(e)})") from None
+        _load_h5(model, inner, f"backbone {name}", bad)
+
+
+# the largest model.weights.h5 osteo extracts from a .keras archive (VGG16 with its top: 0.55 GiB)
+ARCHIVE_LIMIT = 4 * 2**30
+
+
+def _load_h5(model: keras.Model, path: Path, what: str, bad) -> None:
+    """:func:`load_weights_file` of an HDF5 file, in either layout."""
+    import h5py
+    import numpy as np
+
+    try:
         with h5py.File(path, "r") as f:
             group = f["model_weights"] if "layer_names" not in f.attrs and "model_weights" in f else f
             if "layer_names" in group.attrs:
-                list(_datasets(f, bad))  # links refused before anything is read
+                for _ in _datasets(f, bad):  # links refused before anything is read
+                    pass
                 for variables, datasets in _legacy_layers(group, model, what, bad):
                     for variable, dataset in zip(variables, datasets):
                         variable.assign(np.asarray(dataset))
                 return
-            _check_keras_groups(f, model, what, bad)
+            root = _backbone_group(f, model, bad)
+            _check_keras_groups(root, model, what, bad)
+            if root is not f:  # the backbone's groups alone, in a file of their own, for Keras to read
+                with tempfile.TemporaryDirectory(prefix="osteo-weights-") as tmp:
+                    alone = Path(tmp) / f"{model.name}.weights.h5"
+                    with h5py.File(alone, "w") as out:
+                        for key in ("vars", *keras_layer_groups(model)):
+                            if key in root:
+                                root.copy(root[key], out, name=key)
+                    _keras_load(model, alone, what, bad)
+                return
     except OsteoError:
         raise
     except Exception as e:  # not HDF5, truncated, unreadable
@@ -393,6 +486,10 @@ def load_weights_file(model: keras.Model, path: Path, name: str) -> None:
     if not str(path).endswith(".weights.h5"):
         raise bad("is in Keras 3's own layout, which Keras reads only from a name ending in .weights.h5: "
                   "rename it so")
+    _keras_load(model, path, what, bad)
+
+
+def _keras_load(model: keras.Model, path: Path, what: str, bad) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
