@@ -212,8 +212,8 @@ def host_tag() -> str:
 
 
 # the writer in a temporary's name: owned_prefix's "<pid>@<host>-" (before the host: "<pid>-"),
-# then the random part and ".tmp"
-_WRITER = re.compile(r"(?:^|[.-])(\d+)(?:@([A-Za-z0-9_]+))?-[A-Za-z0-9_]+\.tmp")
+# then the random part and ".tmp" (the phantom's staging folders once ended in "-<pid>-<random>")
+_WRITER = re.compile(r"(?:^|[.-])(\d+)(?:@([A-Za-z0-9_]+))?-[A-Za-z0-9_]+(?:\.tmp|$)")
 # a temporary another host's process names cannot be checked from here: kept a day after its last touch
 OTHER_HOST_KEEP = 24 * 3600.0
 

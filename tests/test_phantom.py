@@ -141,11 +141,12 @@ def test_temporaries_of_a_killed_run_are_swept(tmp_path):
     live = tmp_path / f"{owned_prefix('.ph.')}def456.tmp"  # a run in progress (this process)
     elsewhere = tmp_path / f".ph.{dead}@another_host-0a1b2c.tmp"  # another host's, on a shared folder
     before = tmp_path / f".ph.tmp-{dead}-fe9876"  # named as before the host was in the name
-    for p in (stale, live, elsewhere, before):
+    before_live = tmp_path / f".ph.tmp-{os.getpid()}-ab1234"  # so, by a run in progress (this process)
+    for p in (stale, live, elsewhere, before, before_live):
         p.mkdir(exist_ok=True)
         os.utime(p, (1e9, 1e9) if p in (stale, before) else None)
     write_phantom(tmp_path / "ph", n=3, size=16)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ph", live.name, elsewhere.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ph", live.name, elsewhere.name, before_live.name])
 
 
 def test_latents_are_written_and_overlap_only_moves_the_class_signal(tmp_path):

@@ -300,8 +300,8 @@ def write_phantom(
 def _sweep_stale(out: Path) -> None:
     """Remove the temporaries of earlier runs for ``out`` that were killed: older than
     this process, made by a process that is gone (:func:`osteo.files.sweep_temporaries`; on a
-    folder hosts share, another host's is kept a day), and those named as before the host was
-    in the name (``.OUT.tmp-<pid>-<hex>``), which name no writer it can ask."""
+    folder hosts share, another host's is kept a day), also those named as before the host was
+    in the name (``.OUT.tmp-<pid>-<hex>``)."""
     import glob
 
     for pattern in (f".{glob.escape(out.name)}.*.tmp", f".{glob.escape(out.name)}.tmp-*"):
