@@ -127,9 +127,13 @@ def test_an_existing_folder_is_only_used_when_empty(tmp_path):
 
 
 def test_temporaries_of_a_killed_run_are_swept(tmp_path):
+    """A later process's run for the same folder removes the staging folders of killed runs, and
+    keeps those of runs in progress (here: this test's process, which began before them), and
+    another host's on a shared folder; names from before the host was in them count the same."""
     import os
     import subprocess
     import sys
+    import time
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
@@ -138,14 +142,16 @@ def test_temporaries_of_a_killed_run_are_swept(tmp_path):
     stale = tmp_path / f".ph.{dead}@{host_tag()}-abc123.tmp"
     (stale / "normal").mkdir(parents=True)
     (stale / "normal" / "normal_0000.png").write_bytes(b"")
-    live = tmp_path / f"{owned_prefix('.ph.')}def456.tmp"  # a run in progress (this process)
+    live = tmp_path / f"{owned_prefix('.ph.')}def456.tmp"
     elsewhere = tmp_path / f".ph.{dead}@another_host-0a1b2c.tmp"  # another host's, on a shared folder
     before = tmp_path / f".ph.tmp-{dead}-fe9876"  # named as before the host was in the name
-    before_live = tmp_path / f".ph.tmp-{os.getpid()}-ab1234"  # so, by a run in progress (this process)
+    before_live = tmp_path / f".ph.tmp-{os.getpid()}-ab1234"
+    touched = time.time() - 2  # after this process began, before the one that sweeps
     for p in (stale, live, elsewhere, before, before_live):
         p.mkdir(exist_ok=True)
-        os.utime(p, (1e9, 1e9) if p in (stale, before) else None)
-    write_phantom(tmp_path / "ph", n=3, size=16)
+        os.utime(p, (touched, touched))
+    subprocess.run([sys.executable, "-c", "import sys; from osteo.data.phantom import write_phantom; "
+                    "write_phantom(sys.argv[1], n=3, size=16)", str(tmp_path / "ph")], check=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ph", live.name, elsewhere.name, before_live.name])
 
 
