@@ -280,8 +280,11 @@ KERAS_WEIGHT_FILES = (".h5", ".keras")
 
 
 def keras_weights_file(weights: str | None) -> bool:
-    """Whether ``weights`` names a Keras weights file, which only Keras' layers load."""
-    return str(weights or "").lower().endswith(KERAS_WEIGHT_FILES)
+    """Whether ``weights`` names a Keras weights file of Keras' layers, which only they load; one
+    that holds a PyTorch module's state dict (a timm run's checkpoint) is the timm engine's."""
+    from osteo.h5files import holds_torch_state
+
+    return str(weights or "").lower().endswith(KERAS_WEIGHT_FILES) and not holds_torch_state(weights)
 
 
 def choose_impl(requested: str, spec: BackboneSpec, backend: str, weights: str | None = None,

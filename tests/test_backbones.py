@@ -162,21 +162,31 @@ def test_a_weights_file_with_its_top_loads_the_backbone_and_leaves_the_top_unrea
                             else {"convnext_tiny_head_gap", "convnext_tiny_head_dense"})
 
 
-@pytest.mark.parametrize("layout", ["keras", "legacy", "archive"])
+@pytest.mark.parametrize("layout", ["keras", "legacy", "archive", "osteo"])
 def test_a_backbone_nested_in_a_larger_model_loads_from_that_models_file(layout, tmp_path):
     """The files a Keras user has: a model built around the backbone (frozen, as transfer learning
-    does), saved as .weights.h5, as a whole .h5, or as a .keras archive. The legacy layout lists a
-    frozen backbone's BatchNorm statistics among its other weights, not after them: matched by name,
-    not by order (by order, tiny's gamma and moving mean, both of shape (8,), would swap)."""
+    does), saved as .weights.h5, as a whole .h5, or as a .keras archive, and an osteo run's own
+    checkpoint. The legacy layout lists a frozen backbone's BatchNorm statistics among its other
+    weights, not after them: matched by name, not by order (by order, tiny's gamma and moving
+    mean, both of shape (8,), would swap)."""
     keras.utils.set_random_seed(1)
-    base = _keras(get_backbone("tiny"), "none")
-    base.trainable = False
-    model = keras.Sequential([keras.Input((32, 32, 3)), base, keras.layers.Flatten(), keras.layers.Dense(3)])
+    if layout == "osteo":
+        from osteo.classifier import Classifier
+        from osteo.recipe import study_protocol
+
+        recipe = study_protocol("tiny")
+        recipe.model.impl, recipe.data.image_size = "keras", 32
+        model = Classifier.from_recipe(recipe, weights="none").build()
+        base = next(layer for layer in model.layers if layer.name == "tiny")
+    else:
+        base = _keras(get_backbone("tiny"), "none")
+        base.trainable = False
+        model = keras.Sequential([keras.Input((32, 32, 3)), base, keras.layers.Flatten(), keras.layers.Dense(3)])
     for layer in base.layers:  # BatchNorm statistics unlike their gamma and beta
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.moving_mean.assign(np.full(layer.moving_mean.shape, 0.25, "float32"))
-    path = tmp_path / {"keras": "m.weights.h5", "legacy": "m.h5", "archive": "m.keras"}[layout]
-    if layout == "keras":
+    path = tmp_path / {"keras": "m.weights.h5", "legacy": "m.h5", "archive": "m.keras", "osteo": "best.weights.h5"}[layout]
+    if layout in ("keras", "osteo"):
         model.save_weights(path)
     elif layout == "legacy":
         _save_legacy(model, path)

@@ -210,6 +210,36 @@ def test_local_weights_files_load_and_are_checked(tmp_path):
     assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_timm_runs_checkpoint_loads_on_the_timm_engine_as_a_keras_runs_does_on_keras(tmp_path):
+    """An osteo run's best.weights.h5 starts a new run on either engine: a timm run's holds its
+    module's state dict (Keras' TorchModuleWrapper stores it under its own names), which the timm
+    engine reads, and `auto` sends it there; Keras' layers refuse it, naming the engine that reads it."""
+    from osteo.backbones.base import create
+    from osteo.device import keras_weights_file
+    from osteo.registry import get_backbone
+
+    torch.manual_seed(1)
+    trained = TimmLayer("tiny", "test_resnet", image_size=32, weights="none")
+    run = keras.Sequential([keras.Input((32, 32, 3)), trained, keras.layers.GlobalAveragePooling2D(),
+                            keras.layers.Dense(3)])
+    run.save_weights(tmp_path / "best.weights.h5")
+    torch.manual_seed(2)
+    loaded = TimmLayer("tiny", "test_resnet", image_size=32, weights=str(tmp_path / "best.weights.h5"))
+    want, got = trained.module.state_dict(), loaded.module.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    keras_layers = create(get_backbone("tiny"), "keras", image_size=32, weights="none").build()
+    keras_layers.save_weights(tmp_path / "keras.weights.h5")
+    assert not keras_weights_file(str(tmp_path / "best.weights.h5")) and keras_weights_file(str(tmp_path / "keras.weights.h5"))
+    with pytest.raises(OsteoError, match=r"holds a PyTorch module's state dict \(a timm run's checkpoint\), which the "
+                                         r"timm engine reads"):
+        create(get_backbone("tiny"), "keras", image_size=32, weights=str(tmp_path / "best.weights.h5")).build()
+    with pytest.raises(OsteoError, match=r"cannot read weights file .*keras\.weights\.h5: it is a Keras weights file "
+                                         r"of Keras' layers, which model.impl=keras reads"):
+        TimmLayer("tiny", "test_resnet", image_size=32, weights=str(tmp_path / "keras.weights.h5"))
+    with pytest.raises(OsteoError, match=r"does not match backbone tiny: missing .*unexpected bn1\."):
+        TimmLayer("tiny", "test_convnext", image_size=32, weights=str(tmp_path / "best.weights.h5"))
+
+
 def test_a_torchvision_convnext_state_dict_loads_under_timms_names(tmp_path):
     """torchvision names ConvNeXt's layers otherwise than timm (features.N.M.block.K, a layer scale
     of (C, 1, 1)): its state dict is read under timm's names, and the timm engine's features are

@@ -29,6 +29,7 @@ from osteo.backbones.base import (
 )
 from osteo.device import ENGINES
 from osteo.errors import OsteoError
+from osteo.h5files import datasets, torch_state_group
 from osteo.registry import parse_weights
 
 
@@ -194,28 +195,7 @@ def all_layers(model):
             yield from all_layers(layer)
 
 
-def _datasets(group, bad):
-    """(path, dataset) of every dataset under ``group``, metadata only, each group entered once
-    (a group linked into itself is no endless walk); a link to another file is refused wherever
-    it sits, read or not."""
-    import h5py
-
-    stack, seen = [("", group)], {group.id}
-    while stack:
-        prefix, g = stack.pop()
-        for name in g:
-            link = g.get(name, getlink=True)
-            if isinstance(link, h5py.ExternalLink):
-                raise bad(f"links to another file ({link.filename})")
-            obj = g.get(name)
-            if isinstance(obj, h5py.Group) and obj.id not in seen:
-                seen.add(obj.id)
-                stack.append((f"{prefix}{name}/", obj))
-            elif isinstance(obj, h5py.Dataset):
-                yield f"{prefix}{name}", obj
-
-
-def _check_tensors(datasets, model: keras.Model, what: str, bad, every: bool) -> None:
+def _check_tensors(stored, model: keras.Model, what: str, bad, every: bool) -> None:
     """Every dataset must have the shape of one of the model's weights, and all of them together
     fit in the model's size; with ``every``, there must be one per weight of the model."""
     import numpy as np
@@ -223,7 +203,7 @@ def _check_tensors(datasets, model: keras.Model, what: str, bad, every: bool) ->
     shapes = {tuple(int(d) for d in w.shape) for w in model.weights} | {()}
     budget = 2 * sum(int(np.prod(w.shape)) * 8 for w in model.weights) + 2**20
     declared = tensors = 0
-    for _, obj in datasets:
+    for _, obj in stored:
         if obj.shape is None or tuple(obj.shape) not in shapes:
             raise bad(f"does not match {what}: it holds a tensor of shape {obj.shape} that no weight of the model has")
         if obj.dtype.kind not in "fiub":
@@ -254,7 +234,7 @@ def check_h5_weights(path: Path, model: keras.Model, what: str, fix: str, every:
 
     try:
         with h5py.File(path, "r") as f:
-            _check_tensors(_datasets(f, bad), model, what, bad, every)
+            _check_tensors(datasets(f, bad), model, what, bad, every)
     except OsteoError:
         raise
     except Exception as e:  # not HDF5, truncated, unreadable
@@ -338,14 +318,14 @@ def _legacy_layers(group, model: keras.Model, what: str, bad) -> list[tuple[list
                   f"{len(layers)} (another depth or architecture's)")
     pairs = []
     for k, ((layer, variables), (name, weights)) in enumerate(zip(layers, saved), 1):
-        datasets = [group[name][w] for w in weights]
-        theirs = [tuple(d.shape) if isinstance(d, h5py.Dataset) else None for d in datasets]
+        stored = [group[name][w] for w in weights]
+        theirs = [tuple(d.shape) if isinstance(d, h5py.Dataset) else None for d in stored]
         ours = [tuple(int(d) for d in v.shape) for v in variables]
         if theirs != ours:
             raise bad(f"does not match {what}: its layer {name} (layer {k} with weights) holds tensors of shapes "
                       f"{theirs} where {layer.name} has {ours} (another depth or architecture's)")
-        pairs.append((variables, datasets))
-    _check_tensors(((name, d) for _, datasets in pairs for d in datasets), model, what, bad, every=False)
+        pairs.append((variables, stored))
+    _check_tensors(((None, d) for _, stored in pairs for d in stored), model, what, bad, every=False)
     return pairs
 
 
@@ -403,7 +383,7 @@ def _check_keras_groups(f, model: keras.Model, what: str, bad) -> None:
         if name is not None and name != layer.name and not _named_by_keras(layer):
             raise bad(f"does not match {what}: its layer {name} is where {what} has {layer.name} "
                       "(another depth or architecture's)")
-    read = ((path, obj) for path, obj in _datasets(f, bad)
+    read = ((path, obj) for path, obj in datasets(f, bad)
             if path.startswith("vars/") or "/".join(path.split("/")[:2]) in groups)
     _check_tensors(read, model, what, bad, every=True)
 
@@ -462,12 +442,15 @@ def _load_h5(model: keras.Model, path: Path, what: str, bad) -> None:
         with h5py.File(path, "r") as f:
             group = f["model_weights"] if "layer_names" not in f.attrs and "model_weights" in f else f
             if "layer_names" in group.attrs:
-                for _ in _datasets(f, bad):  # links refused before anything is read
+                for _ in datasets(f, bad):  # links refused before anything is read
                     pass
-                for variables, datasets in _legacy_layers(group, model, what, bad):
-                    for variable, dataset in zip(variables, datasets):
+                for variables, stored in _legacy_layers(group, model, what, bad):
+                    for variable, dataset in zip(variables, stored):
                         variable.assign(np.asarray(dataset))
                 return
+            if torch_state_group(f, bad) is not None:
+                raise bad("holds a PyTorch module's state dict (a timm run's checkpoint), which the timm engine "
+                          "reads: train on PyTorch (--backend torch) with model.impl=timm or auto")
             root = _backbone_group(f, model, bad)
             _check_keras_groups(root, model, what, bad)
             if root is not f:  # the backbone's groups alone, in a file of their own, for Keras to read

@@ -18,7 +18,8 @@ the loop); :class:`TimmLayer` is a ``keras.layers.TorchModuleWrapper`` that
 
 Weights: ``imagenet`` (timm's pretrained weights, from the Hugging Face hub or its
 cache), ``none``, or a local ``.safetensors`` / ``.pth`` / ``.bin`` state dict, loaded
-without unpickling (``weights_only=True``) and checked key by key against the module.
+without unpickling (``weights_only=True``), or the one a timm run's Keras checkpoint holds,
+checked key by key against the module.
 
 The module keeps only what ``forward_features`` uses: parts of timm's head that would
 hold unused parameters (VGG's 120M-parameter ``pre_logits``, ConvNeXt's head norm) are
@@ -122,6 +123,9 @@ def read_state_dict(path: Path) -> tuple[dict[str, tuple[int, ...]], Callable[[]
     """
     import torch
 
+    with open(path, "rb") as f:
+        if f.read(8) == b"\x89HDF\r\n\x1a\n":
+            return _state_in_keras_file(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -152,6 +156,33 @@ def read_state_dict(path: Path) -> tuple[dict[str, tuple[int, ...]], Callable[[]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"holds a {type(state).__name__}, not a state dict of tensors")
     return {k: tuple(v.shape) for k, v in state.items()}, lambda: state
+
+
+def _state_in_keras_file(path: Path) -> tuple[dict[str, tuple[int, ...]], Callable[[], dict]]:
+    """:func:`read_state_dict` of a Keras weights file that holds a PyTorch module's state dict (a
+    timm run's checkpoint, ``best.weights.h5``, where Keras' ``TorchModuleWrapper`` stored it); its
+    other tensors (the run's head) are not read."""
+    import h5py
+    import numpy as np
+    import torch
+
+    from osteo.h5files import torch_state_group
+
+    with h5py.File(path, "r") as f:
+        group = torch_state_group(f, ValueError)
+        if group is None:
+            raise ValueError("it is a Keras weights file of Keras' layers, which model.impl=keras reads")
+        stored = {k: v for k, v in f[group].items() if isinstance(v, h5py.Dataset)}
+        odd = sorted(k for k, v in stored.items() if v.dtype.kind not in "fiub")
+        if odd:
+            raise ValueError(f"its tensor {odd[0]} is of type {stored[odd[0]].dtype}, not numbers")
+        shapes = {k: tuple(int(d) for d in v.shape) for k, v in stored.items()}
+
+    def read() -> dict:
+        with h5py.File(path, "r") as f:
+            return {k: torch.from_numpy(np.asarray(v)) for k, v in f[group].items() if k in shapes}
+
+    return shapes, read
 
 
 # a torchvision classifier's parameters (VGG, DenseNet, ConvNeXt: classifier; ResNet: fc); osteo's head is its own
