@@ -199,6 +199,61 @@ def test_a_backbone_nested_in_a_larger_model_loads_from_that_models_file(layout,
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(theirs))
 
 
+def test_a_whole_convnext_h5_loads_whatever_numbers_keras_gave_its_unnamed_weights(tmp_path):
+    """ConvNeXt's layer scales and last LayerNormalization are named by Keras, numbered per process
+    (layer_scale/variable_18, layer_normalization_1): a whole .h5 loaded on the first build in a
+    process and not the second (a second fold), or never, when saved by a process that built more."""
+    keras.utils.set_random_seed(1)
+    _keras(get_backbone("convnext_tiny"), "none")  # the numbers move on
+    base = _keras(get_backbone("convnext_tiny"), "none")
+    path = _save_legacy(keras.Sequential([keras.Input((32, 32, 3)), base, keras.layers.Flatten(),
+                                          keras.layers.Dense(3)]), tmp_path / "m.h5")
+    for seed in (2, 3):
+        keras.utils.set_random_seed(seed)
+        loaded = _keras(get_backbone("convnext_tiny"), str(path))
+        for ours, theirs in zip(loaded.weights, base.weights):
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(theirs))
+
+
+def test_a_nested_backbone_file_that_is_not_one_backbones_is_refused_before_a_weight_changes(tmp_path):
+    import zipfile
+
+    import h5py
+
+    a, b = _keras(get_backbone("tiny"), "none"), _keras(get_backbone("tiny"), "none")
+    x = keras.Input((32, 32, 3))
+    two = keras.Model(x, keras.layers.Concatenate()([keras.Sequential([a], name="wrap")(x), b(x)]))
+    with pytest.raises(OsteoError, match=r"holds 2 models like tiny; save the one to start from alone"):
+        _keras(get_backbone("tiny"), str(_save_legacy(two, tmp_path / "two.h5")))
+    one = keras.Sequential([keras.Input((32, 32, 3)), a, keras.layers.Flatten(), keras.layers.Dense(3)])
+    _save_legacy(one, tmp_path / "one.h5")
+    with h5py.File(tmp_path / "one.h5", "a") as f:  # a gamma of a shape another layer's gamma has
+        del f["tiny/tiny_block1_bn/gamma"]
+        f["tiny/tiny_block1_bn/gamma"] = np.ones(16, "float32")
+    keras.utils.set_random_seed(5)
+    target = _keras(get_backbone("tiny"), "none")
+    before = [keras.ops.convert_to_numpy(v) for v in target.weights]
+    with pytest.raises(OsteoError, match=r"its tensor /tiny/tiny_block1_bn/gamma has the shape \(16,\) where "
+                                         r"tiny_block1_bn/gamma has \(8,\)"):
+        from osteo.backbones.keras_apps import load_weights_file
+
+        load_weights_file(target, tmp_path / "one.h5", "tiny")
+    assert all(np.array_equal(w, keras.ops.convert_to_numpy(v)) for w, v in zip(before, target.weights))
+    one.save(tmp_path / "one.keras")  # its weights' deflate stream damaged: one line, not zlib's traceback
+    with zipfile.ZipFile(tmp_path / "one.keras") as z:
+        members = {i.filename: z.read(i) for i in z.infolist()}
+    with zipfile.ZipFile(tmp_path / "bad.keras", "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    raw = bytearray((tmp_path / "bad.keras").read_bytes())
+    start = raw.find(b"model.weights.h5") + len("model.weights.h5")
+    raw[start + 200:start + 600] = bytes(range(256)) + bytes(144)
+    (tmp_path / "bad.keras").write_bytes(bytes(raw))
+    with pytest.raises(OsteoError, match=r"is a damaged \.keras archive") as e:
+        _keras(get_backbone("tiny"), str(tmp_path / "bad.keras"))
+    assert "\n" not in str(e.value)
+
+
 def _group_of(f, layer_name):
     return next(k for k in f["layers"] if f[f"layers/{k}/vars"].attrs.get("name") == layer_name)
 

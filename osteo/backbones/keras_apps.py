@@ -10,6 +10,7 @@ before anything is read.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import re
 import shutil
@@ -307,7 +308,7 @@ def _legacy_layers(group, model: keras.Model, what: str, bad) -> list[tuple[list
 
     saved = [(name, _text(group[name].attrs.get("weight_names", []))) for name in _text(group.attrs["layer_names"])]
     saved = [(name, weights) for name, weights in saved if weights]
-    nested = _legacy_nested(group, saved, model)
+    nested = _legacy_nested(group, saved, model, bad)
     if nested:
         _check_tensors(((None, d) for _, (d,) in nested), model, what, bad, every=False)
         return nested
@@ -329,17 +330,35 @@ def _legacy_layers(group, model: keras.Model, what: str, bad) -> list[tuple[list
     return pairs
 
 
-def _legacy_nested(group, saved: list[tuple[str, list[str]]], model: keras.Model) -> list[tuple[list, list]]:
+def _legacy_nested(group, saved: list[tuple[str, list[str]]], model: keras.Model, bad) -> list[tuple[list, list]]:
     """([variable], [dataset]) pairs where one layer of a legacy file is the whole backbone, nested
     in a larger model (``model.save("m.h5")`` of ``Sequential([VGG16(...), Flatten(), Dense(3)])``):
     the layer whose weight names are the backbone's variables' paths, matched by name (their order
-    follows which weights were trainable when it was saved); [] where no layer is."""
-    ours = {v.path: v for v in model.weights}
+    follows which weights were trainable when it was saved), names Keras numbers per process
+    (ConvNeXt's ``layer_scale/variable_18``, its last ``layer_normalization_3``) without their
+    number; [] where no layer is, and an error where two are, or a tensor's shape differs."""
+    auto = {"variable"} | {_snake(type(layer).__name__) for layer in model.layers if _named_by_keras(layer)}
+
+    def unnumbered(path: str) -> str:
+        parts = re.sub(r":\d+$", "", path).removeprefix(f"{model.name}/").split("/")
+        return "/".join(m[1] if (m := re.fullmatch(r"(.+?)_\d+", p)) and m[1] in auto else p for p in parts)
+
+    ours = {unnumbered(v.path): v for v in model.weights}
+    if len(ours) != len(model.weights):  # two weights one name without their numbers: no match by name
+        return []
+    found = []
     for name, weights in saved:
-        keys = [re.sub(r":\d+$", "", w).removeprefix(f"{model.name}/") for w in weights]
+        keys = [unnumbered(w) for w in weights]
         if len(keys) == len(ours) and set(keys) == set(ours):
-            return [([ours[k]], [group[name][w]]) for k, w in zip(keys, weights)]
-    return []
+            found.append([([ours[k]], [group[name][w]]) for k, w in zip(keys, weights)])
+    if len(found) > 1:
+        raise bad(f"holds {len(found)} models like {model.name}; save the one to start from alone "
+                  f"(model.get_layer(...).save_weights('{model.name}.weights.h5'))")
+    for (variable,), (dataset,) in found[0] if found else []:
+        if getattr(dataset, "shape", None) != tuple(variable.shape):
+            raise bad(f"does not match backbone {model.name}: its tensor {dataset.name} has the shape "
+                      f"{getattr(dataset, 'shape', None)} where {variable.path} has {tuple(variable.shape)}")
+    return found[0] if found else []
 
 
 def _backbone_group(f, model: keras.Model, bad):
@@ -405,7 +424,7 @@ def load_weights_file(model: keras.Model, path: Path, name: str) -> None:
 
     try:
         archive = zipfile.ZipFile(path) if zipfile.is_zipfile(path) else None
-    except (OSError, zipfile.BadZipFile):
+    except Exception:  # a damaged zip: read as HDF5, which says what it is not
         archive = None
     if archive is not None and "model.weights.h5" not in archive.namelist():  # torch.save's zip, say
         archive.close()
@@ -413,24 +432,41 @@ def load_weights_file(model: keras.Model, path: Path, name: str) -> None:
     if archive is None:
         _load_h5(model, path, f"backbone {name}", bad)
         return
-    with archive, tempfile.TemporaryDirectory(prefix="osteo-weights-") as tmp:
+    # the whole model's weights, its top too (VGG16's is 8 times its backbone): at most 16 times the backbone
+    limit = max(2**30, 16 * 4 * model.count_params())
+    with archive:
         member = archive.getinfo("model.weights.h5")
-        if member.file_size > ARCHIVE_LIMIT:
+        if member.file_size > limit:
             raise bad(f"holds {member.file_size / 2**30:.1f} GiB of weights, more than osteo extracts from a "
-                      f".keras archive ({ARCHIVE_LIMIT // 2**30} GiB)")
-        inner = Path(tmp) / "model.weights.h5"
-        try:
-            with archive.open(member) as src, open(inner, "wb") as dst:
-                shutil.copyfileobj(src, dst, 2**20)
-        except OSError as e:
-            raise bad(f"cannot be extracted to {tmp} ({e.strerror or short(e)}); set TMPDIR to a folder with room") from None
-        except (zipfile.BadZipFile, EOFError, ValueError) as e:
-            raise bad(f"is a damaged .keras archive ({short(e)})") from None
-        _load_h5(model, inner, f"backbone {name}", bad)
+                      f".keras archive for {name} ({limit / 2**30:.1f} GiB)")
+        with _scratch(bad) as tmp:
+            inner = tmp / "model.weights.h5"
+            try:
+                with archive.open(member) as src, open(inner, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 2**20)
+            except OSError as e:
+                if e.errno is None:  # the decompressor's, not the disk's
+                    raise bad(f"is a damaged .keras archive ({short(e)})") from None
+                raise bad(f"cannot be extracted to {tmp} ({e.strerror or short(e)}); set TMPDIR to a folder "
+                          "with room") from None
+            except Exception as e:  # encrypted, an unknown method, a corrupt stream: the archive's fault
+                raise bad(f"is a damaged .keras archive ({short(e)})") from None
+            _load_h5(model, inner, f"backbone {name}", bad)
 
 
-# the largest model.weights.h5 osteo extracts from a .keras archive (VGG16 with its top: 0.55 GiB)
-ARCHIVE_LIMIT = 4 * 2**30
+@contextlib.contextmanager
+def _scratch(bad):
+    """A temporary folder for a copy of (part of) a weights file, removed after; a one-line error
+    naming TMPDIR where none can be made."""
+    try:
+        tmp = tempfile.mkdtemp(prefix="osteo-weights-")
+    except OSError as e:
+        raise bad(f"needs a temporary folder, which cannot be made ({e.strerror or short(e)}); set TMPDIR to a "
+                  "writable folder with room") from None
+    try:
+        yield Path(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_h5(model: keras.Model, path: Path, what: str, bad) -> None:
@@ -454,12 +490,16 @@ def _load_h5(model: keras.Model, path: Path, what: str, bad) -> None:
             root = _backbone_group(f, model, bad)
             _check_keras_groups(root, model, what, bad)
             if root is not f:  # the backbone's groups alone, in a file of their own, for Keras to read
-                with tempfile.TemporaryDirectory(prefix="osteo-weights-") as tmp:
-                    alone = Path(tmp) / f"{model.name}.weights.h5"
-                    with h5py.File(alone, "w") as out:
-                        for key in ("vars", *keras_layer_groups(model)):
-                            if key in root:
-                                root.copy(root[key], out, name=key)
+                with _scratch(bad) as tmp:
+                    alone = tmp / f"{model.name}.weights.h5"
+                    try:
+                        with h5py.File(alone, "w") as out:
+                            for key in ("vars", *keras_layer_groups(model)):
+                                if key in root:
+                                    root.copy(root[key], out, name=key)
+                    except OSError as e:
+                        raise bad(f"has its backbone copied to {tmp} to be read, which failed ({short(e)}); set "
+                                  "TMPDIR to a folder with room") from None
                     _keras_load(model, alone, what, bad)
                 return
     except OsteoError:
