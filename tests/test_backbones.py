@@ -301,6 +301,15 @@ def test_a_crafted_weights_file_is_refused_from_its_declared_shapes(tmp_path):
     with h5py.File(tmp_path / "loop.weights.h5", "a") as f:
         f["layers/loop"] = f["layers"]  # layers/loop/loop/loop/...
     _keras(get_backbone("tiny"), str(tmp_path / "loop.weights.h5"))
+    # a group Keras reads, linked under a second name the walk meets first: checked where Keras reads it
+    _keras(get_backbone("tiny"), "none").save_weights(tmp_path / "twice.weights.h5")
+    with h5py.File(tmp_path / "twice.weights.h5", "a") as f:
+        f.move("layers/conv2d", "aaa")
+        f["layers/conv2d"] = f["aaa"]
+        del f["aaa/vars/0"]
+        f["aaa/vars"].create_dataset("0", shape=(2**28,), dtype="float32", compression="gzip", chunks=(2**20,))
+    with pytest.raises(OsteoError, match=r"holds a tensor of shape \(268435456,\) that no weight of the model has"):
+        _keras(get_backbone("tiny"), str(tmp_path / "twice.weights.h5"))
     # the legacy layout: a kernel of the model's shape whose elements are 400 kB strings, refused unread
     legacy = _save_legacy(_keras(get_backbone("tiny"), "none"), tmp_path / "strings.h5")
     with h5py.File(legacy, "a") as f:

@@ -238,6 +238,13 @@ def test_a_timm_runs_checkpoint_loads_on_the_timm_engine_as_a_keras_runs_does_on
         TimmLayer("tiny", "test_resnet", image_size=32, weights=str(tmp_path / "keras.weights.h5"))
     with pytest.raises(OsteoError, match=r"does not match backbone tiny: missing .*unexpected bn1\."):
         TimmLayer("tiny", "test_convnext", image_size=32, weights=str(tmp_path / "best.weights.h5"))
+    import h5py  # a classifier's key, which is ignored, declaring 1 GiB compressed: refused, not inflated
+
+    with h5py.File(tmp_path / "best.weights.h5", "a") as f:
+        group = next(f[f"layers/{k}/vars"] for k in f["layers"] if "bn1.weight" in f[f"layers/{k}/vars"])
+        group.create_dataset("fc.weight", shape=(2**28,), dtype="float32", compression="gzip", chunks=(2**20,))
+    with pytest.raises(OsteoError, match=r"declares 1\.0 GiB of tensors in a file of \d+ MiB: compressed data"):
+        TimmLayer("tiny", "test_resnet", image_size=32, weights=str(tmp_path / "best.weights.h5"))
 
 
 def test_a_torchvision_convnext_state_dict_loads_under_timms_names(tmp_path):

@@ -394,6 +394,8 @@ def _check_keras_groups(f, model: keras.Model, what: str, bad) -> None:
     their metadata, and each group must be the same layer: named as the model's, unless
     Keras named the model's layer itself (ConvNeXt's last LayerNormalization, whose place the
     top's ``head_layernorm`` takes)."""
+    import h5py
+
     groups = keras_layer_groups(model)
     for key, layer in groups.items():
         saved = f.get(f"{key}/vars")
@@ -402,8 +404,11 @@ def _check_keras_groups(f, model: keras.Model, what: str, bad) -> None:
         if name is not None and name != layer.name and not _named_by_keras(layer):
             raise bad(f"does not match {what}: its layer {name} is where {what} has {layer.name} "
                       "(another depth or architecture's)")
-    read = ((path, obj) for path, obj in datasets(f, bad)
-            if path.startswith("vars/") or "/".join(path.split("/")[:2]) in groups)
+    for _ in datasets(f, bad):  # links to other files refused anywhere, read or not
+        pass
+    # each group Keras reads, walked from its own path: a group linked under two names is checked
+    # under the one Keras reads it by, not only under the first the walk of the file met
+    read = (item for key in ("vars", *groups) if isinstance(f.get(key), h5py.Group) for item in datasets(f[key], bad))
     _check_tensors(read, model, what, bad, every=True)
 
 
@@ -430,6 +435,8 @@ def load_weights_file(model: keras.Model, path: Path, name: str) -> None:
         archive.close()
         archive = None
     if archive is None:
+        if str(path).lower().endswith(".keras") and Path(path).is_file():
+            raise bad("is a damaged .keras archive (not a whole zip: truncated?)")
         _load_h5(model, path, f"backbone {name}", bad)
         return
     # the whole model's weights, its top too (VGG16's is 8 times its backbone): at most 16 times the backbone
@@ -461,8 +468,8 @@ def _scratch(bad):
     try:
         tmp = tempfile.mkdtemp(prefix="osteo-weights-")
     except OSError as e:
-        raise bad(f"needs a temporary folder, which cannot be made ({e.strerror or short(e)}); set TMPDIR to a "
-                  "writable folder with room") from None
+        raise bad(f"needs a temporary folder, which cannot be made in {tempfile.gettempdir()} "
+                  f"({e.strerror or short(e)}); set TMPDIR to a writable folder with room") from None
     try:
         yield Path(tmp)
     finally:
@@ -497,7 +504,7 @@ def _load_h5(model: keras.Model, path: Path, what: str, bad) -> None:
                             for key in ("vars", *keras_layer_groups(model)):
                                 if key in root:
                                     root.copy(root[key], out, name=key)
-                    except OSError as e:
+                    except (OSError, RuntimeError) as e:  # h5py's failed flush on a full disk is a RuntimeError
                         raise bad(f"has its backbone copied to {tmp} to be read, which failed ({short(e)}); set "
                                   "TMPDIR to a folder with room") from None
                     _keras_load(model, alone, what, bad)
@@ -517,8 +524,10 @@ def _keras_load(model: keras.Model, path: Path, what: str, bad) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
             model.load_weights(str(path))
+        return
     except Exception as e:
-        raise bad(f"does not match {what}: {short(e)}") from None
+        error = bad(f"does not match {what}: {short(e)}")
+    raise error  # outside the handler: Keras' traceback, which holds its HDF5 file open, is let go
 
 
 def tiny_backbone(include_top=False, weights=None, input_shape=(64, 64, 3), name="tiny"):

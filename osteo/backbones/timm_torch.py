@@ -177,6 +177,10 @@ def _state_in_keras_file(path: Path) -> tuple[dict[str, tuple[int, ...]], Callab
         if odd:
             raise ValueError(f"its tensor {odd[0]} is of type {stored[odd[0]].dtype}, not numbers")
         shapes = {k: tuple(int(d) for d in v.shape) for k, v in stored.items()}
+        declared = sum(v.size * v.dtype.itemsize for v in stored.values())
+        if declared > 2 * os.path.getsize(path) + 2**20:  # Keras writes its tensors uncompressed
+            raise ValueError(f"it declares {declared / 2**30:.1f} GiB of tensors in a file of "
+                             f"{os.path.getsize(path) / 2**20:.0f} MiB: compressed data, not a checkpoint Keras wrote")
 
     def read() -> dict:
         with h5py.File(path, "r") as f:
