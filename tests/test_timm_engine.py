@@ -214,6 +214,8 @@ def test_a_timm_runs_checkpoint_loads_on_the_timm_engine_as_a_keras_runs_does_on
     """An osteo run's best.weights.h5 starts a new run on either engine: a timm run's holds its
     module's state dict (Keras' TorchModuleWrapper stores it under its own names), which the timm
     engine reads, and `auto` sends it there; Keras' layers refuse it, naming the engine that reads it."""
+    import h5py
+
     from osteo.backbones.base import create
     from osteo.device import keras_weights_file
     from osteo.registry import get_backbone
@@ -238,8 +240,7 @@ def test_a_timm_runs_checkpoint_loads_on_the_timm_engine_as_a_keras_runs_does_on
         TimmLayer("tiny", "test_resnet", image_size=32, weights=str(tmp_path / "keras.weights.h5"))
     with pytest.raises(OsteoError, match=r"does not match backbone tiny: missing .*unexpected bn1\."):
         TimmLayer("tiny", "test_convnext", image_size=32, weights=str(tmp_path / "best.weights.h5"))
-    import h5py  # a classifier's key, which is ignored, declaring 1 GiB compressed: refused, not inflated
-
+    # a classifier's key, which is ignored, declaring 1 GiB compressed: refused, not inflated
     with h5py.File(tmp_path / "best.weights.h5", "a") as f:
         group = next(f[f"layers/{k}/vars"] for k in f["layers"] if "bn1.weight" in f[f"layers/{k}/vars"])
         group.create_dataset("fc.weight", shape=(2**28,), dtype="float32", compression="gzip", chunks=(2**20,))
