@@ -393,7 +393,8 @@ def _check_keras_groups(f, model: keras.Model, what: str, bad) -> None:
     and leaves any other (the top) alone. The tensors of the groups it reads are checked from
     their metadata, and each group must be the same layer: named as the model's, unless
     Keras named the model's layer itself (ConvNeXt's last LayerNormalization, whose place the
-    top's ``head_layernorm`` takes)."""
+    top's ``head_layernorm`` takes). Links to other files, anywhere in the file, the caller has
+    refused (its walk for a PyTorch module's state dict, :func:`osteo.h5files.torch_state_group`)."""
     import h5py
 
     groups = keras_layer_groups(model)
@@ -404,8 +405,6 @@ def _check_keras_groups(f, model: keras.Model, what: str, bad) -> None:
         if name is not None and name != layer.name and not _named_by_keras(layer):
             raise bad(f"does not match {what}: its layer {name} is where {what} has {layer.name} "
                       "(another depth or architecture's)")
-    for _ in datasets(f, bad):  # links to other files refused anywhere, read or not
-        pass
     # each group Keras reads, walked from its own path: a group linked under two names is checked
     # under the one Keras reads it by, not only under the first the walk of the file met
     read = (item for key in ("vars", *groups) if isinstance(f.get(key), h5py.Group) for item in datasets(f[key], bad))
@@ -491,7 +490,7 @@ def _load_h5(model: keras.Model, path: Path, what: str, bad) -> None:
                     for variable, dataset in zip(variables, stored):
                         variable.assign(np.asarray(dataset))
                 return
-            if torch_state_group(f, bad) is not None:
+            if torch_state_group(f, bad) is not None:  # its walk refuses links to other files, anywhere
                 raise bad("holds a PyTorch module's state dict (a timm run's checkpoint), which the timm engine "
                           "reads: train on PyTorch (--backend torch) with model.impl=timm or auto")
             root = _backbone_group(f, model, bad)
