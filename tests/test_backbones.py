@@ -310,6 +310,20 @@ def test_a_crafted_weights_file_is_refused_from_its_declared_shapes(tmp_path):
         f["aaa/vars"].create_dataset("0", shape=(2**28,), dtype="float32", compression="gzip", chunks=(2**20,))
     with pytest.raises(OsteoError, match=r"holds a tensor of shape \(268435456,\) that no weight of the model has"):
         _keras(get_backbone("tiny"), str(tmp_path / "twice.weights.h5"))
+    # a tensor of a shape the model has, in a layer that has another: named with its layer, before
+    # Keras reads the file (Keras' own refusal names a "nested container")
+    _keras(get_backbone("tiny"), "none").save_weights(tmp_path / "shape.weights.h5")
+    with h5py.File(tmp_path / "shape.weights.h5", "a") as f:
+        gamma = f"layers/{_group_of(f, 'tiny_block1_bn')}/vars/0"
+        assert f[gamma].shape == (8,)
+        del f[gamma]
+        f[gamma] = np.ones(16, "float32")  # the shape of tiny_block2_bn's gamma
+    with pytest.raises(OsteoError, match=r"does not match backbone tiny: its layer tiny_block1_bn "
+                                         r"\(layers/batch_normalization\) holds tensors of shapes "
+                                         r"\[\(8,\), \(8,\), \(8,\), \(16,\)\] where backbone tiny's has "
+                                         r"\[\(8,\), \(8,\), \(8,\), \(8,\)\]") as e:
+        _keras(get_backbone("tiny"), str(tmp_path / "shape.weights.h5"))
+    assert "\n" not in str(e.value)
     # the legacy layout: a kernel of the model's shape whose elements are 400 kB strings, refused unread
     legacy = _save_legacy(_keras(get_backbone("tiny"), "none"), tmp_path / "strings.h5")
     with h5py.File(legacy, "a") as f:

@@ -409,6 +409,16 @@ def _check_keras_groups(f, model: keras.Model, what: str, bad) -> None:
     # under the one Keras reads it by, not only under the first the walk of the file met
     read = (item for key in ("vars", *groups) if isinstance(f.get(key), h5py.Group) for item in datasets(f[key], bad))
     _check_tensors(read, model, what, bad, every=True)
+    for key, layer in groups.items():
+        saved = f.get(f"{key}/vars")
+        if isinstance(saved, h5py.Group) and not getattr(layer, "_layers", None):
+            # each layer's own tensors, as shapes (a layer may store them in an order of its own):
+            # Keras' refusal names a container, not the tensor
+            stored = sorted(tuple(d.shape) for d in saved.values() if isinstance(d, h5py.Dataset))
+            own = sorted(tuple(int(n) for n in w.shape) for w in layer.weights)
+            if stored != own:
+                raise bad(f"does not match {what}: its layer {layer.name} ({key}) holds tensors of shapes "
+                          f"{stored} where {what}'s has {own}")
 
 
 def load_weights_file(model: keras.Model, path: Path, name: str) -> None:
