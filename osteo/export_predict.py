@@ -126,7 +126,7 @@ def decode(data: bytes, scale=None) -> Gray:
     a JPEG at (:func:`jpeg_ratio`); full size without it."""
     if not data:
         raise Unreadable("empty file")
-    if _preambled_dicom(data) or _bare_dicom(data):
+    if preambled_dicom(data) or bare_dicom(data):
         return _decode_dicom(data)
     formats = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"BM", "bmp"), (b"II*\x00", "tiff"),
                (b"MM\x00*", "tiff"))
@@ -136,17 +136,22 @@ def decode(data: bytes, scale=None) -> Gray:
     return _decode_pillow(data, fmt, scale)
 
 
-_DICOM_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI "
-                       b"UL UN UR US UT UV".split())
+DICOM_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI "
+                      b"UL UN UR US UT UV".split())
 
 
-def _preambled_dicom(head: bytes) -> bool:
-    """Mirrors ``osteo.data.decode._preambled_dicom``: "DICM" after a 128-byte preamble."""
+def preambled_dicom(head: bytes) -> bool:
+    """A DICOM file as the standard writes it: "DICM" after a 128-byte preamble. osteo's own
+    decoder (``osteo.data.decode``) imports this function, so the two find the same files."""
     return len(head) >= 132 and head[128:132] == b"DICM"
 
 
-def _bare_dicom(head: bytes) -> bool:
-    """Mirrors ``osteo.data.decode.bare_dicom``: a DICOM data set without its preamble."""
+def bare_dicom(head: bytes) -> bool:
+    """Whether ``head`` starts a DICOM data set written without the 128-byte preamble and
+    "DICM" (ACR-NEMA files and some old exports): its first element, little endian, in group
+    0002 (file meta) or 0008 (identification), followed by an explicit VR or by an even,
+    non-zero implicit length (4 for the group's length element), as DCMTK and pydicom
+    (``force=True``) read such files. osteo's own decoder imports this function too."""
     if len(head) < 8:
         return False
     group, element, length = struct.unpack_from("<HHI", head)
@@ -154,7 +159,7 @@ def _bare_dicom(head: bytes) -> bool:
         return False
     if element == 0:  # the group's length: a 4-byte UL
         return head[4:8] == b"UL\x04\x00" or length == 4
-    return head[4:6] in _DICOM_VRS or (0 < length < 0x10000 and length % 2 == 0)
+    return head[4:6] in DICOM_VRS or (0 < length < 0x10000 and length % 2 == 0)
 
 
 def _check_pixels(width: int, height: int) -> None:
@@ -227,7 +232,7 @@ def _decode_dicom(data: bytes) -> Gray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            bare = not _preambled_dicom(data)
+            bare = not preambled_dicom(data)
             ds = pydicom.dcmread(io.BytesIO(data), force=bare)
             if bare and "TransferSyntaxUID" not in ds.file_meta:  # as osteo.data.decode._read_dicom
                 implicit, little = ds.original_encoding

@@ -52,7 +52,6 @@ import io
 import os
 import re
 import stat
-import struct
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -61,8 +60,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-_DICOM_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI "
-                       b"UL UN UR US UT UV".split())
+# the exported predictor (predict.py, run without osteo) is the one source of these two, so both find the same files
+from osteo.export_predict import bare_dicom, preambled_dicom
+
 SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "png"),
     (b"\xff\xd8\xff", "jpeg"),
@@ -201,33 +201,12 @@ class MemoryBudget:
 
 def sniff_format(data: bytes) -> str | None:
     """The format named by the file's first bytes (at least 132 of them for DICOM), or None."""
-    if _preambled_dicom(data) or bare_dicom(data):
+    if preambled_dicom(data) or bare_dicom(data):
         return "dicom"
     for magic, name in SIGNATURES:
         if data.startswith(magic):
             return name
     return None
-
-
-def _preambled_dicom(head: bytes) -> bool:
-    """A DICOM file as the standard writes it: "DICM" after a 128-byte preamble."""
-    return len(head) >= 132 and head[128:132] == b"DICM"
-
-
-def bare_dicom(head: bytes) -> bool:
-    """Whether ``head`` starts a DICOM data set written without the 128-byte preamble and
-    "DICM" (ACR-NEMA files and some old exports): its first element, little endian, in group
-    0002 (file meta) or 0008 (identification), followed by an explicit VR or by an even,
-    non-zero implicit length (4 for the group's length element), as DCMTK and pydicom
-    (``force=True``) read such files."""
-    if len(head) < 8:
-        return False
-    group, element, length = struct.unpack_from("<HHI", head)
-    if group not in (0x0002, 0x0008) or element > 0x00FF:
-        return False
-    if element == 0:  # the group's length: a 4-byte UL
-        return head[4:8] == b"UL\x04\x00" or length == 4
-    return head[4:6] in _DICOM_VRS or (0 < length < 0x10000 and length % 2 == 0)
 
 
 def _read_dicom(source: BinaryIO, **kwargs):
@@ -236,7 +215,7 @@ def _read_dicom(source: BinaryIO, **kwargs):
     import pydicom
     from pydicom import uid
 
-    bare = not _preambled_dicom(source.read(132))
+    bare = not preambled_dicom(source.read(132))
     source.seek(0)
     ds = pydicom.dcmread(source, force=bare, **kwargs)
     if bare and "TransferSyntaxUID" not in ds.file_meta:
