@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -49,8 +50,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         yield tmp_path
         killpoints.reached("files.before_replace")
         os.replace(tmp_path, path)
-    except OSError as e:  # a write's error names no file (a full disk, a size limit): name the target
-        if e.filename:
+    except OSError as e:  # a write's error names no file, or the temporary (a full disk): name the target
+        if e.filename and os.fsdecode(e.filename) != str(tmp_path):
             raise
         raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     finally:
@@ -64,12 +65,56 @@ def save_weights(model, path: str | os.PathLike) -> None:
     Keras closes its HDF5 store only on success: after an error mid-write (a full disk) the
     file stays open, and h5py flushes it again when it is collected at exit, which fails
     again and crashed the process (a segmentation fault after osteo's one-line error). The
-    file is closed here, its own errors ignored: the first one is the one raised."""
+    file is closed here, its own errors ignored: the first one is the one raised.
+
+    A disk that fills up in the middle of HDF5's own writes can still leave h5py unable to
+    close the file without a segmentation fault (a real full disk did, from a few to tens of
+    KB short). So a disk without room for the file is named before HDF5 writes a byte
+    (:func:`check_room`); the close above is for a disk that fills up meanwhile."""
+    check_room(path, weights_file_bytes(model))
     try:
         model.save_weights(path)
     except BaseException:
         _close_hdf5(path)
         raise
+
+
+def weights_file_bytes(model) -> int:
+    """About the size of ``model.save_weights``' file: the model's variables and its optimizer's
+    (Keras saves both), with HDF5's headers of at most about 2.5 KB a variable (measured: tiny,
+    VGG16, DenseNet169 and ConvNeXtTiny, with and without Adam's) counted as 4 KiB."""
+    import numpy as np
+
+    optimizer = getattr(model, "optimizer", None)
+    variables = [*model.weights, *(getattr(optimizer, "variables", None) or [])]
+    data = sum(int(np.prod(v.shape)) * np.dtype(str(v.dtype)).itemsize for v in variables)
+    return data + 4096 * len(variables) + 2**16
+
+
+def check_room(path: str | os.PathLike, size: int) -> None:
+    """Raise the error a write of ``size`` bytes to ``path`` would meet, naming ``path``, before a
+    byte is written: EFBIG past this process's file-size limit (``ulimit -f``), ENOSPC where its
+    file system has less than ``size`` bytes free for this user (one that cannot say is let be)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        resource = None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource else -1
+    if resource and limit != resource.RLIM_INFINITY and size > limit:
+        raise OSError(errno.EFBIG, f"File too large (about {_size(size)}, over the file-size limit of "
+                                   f"{_size(limit)})", str(path))
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if free < size:
+        raise OSError(errno.ENOSPC, f"No space left on device (about {_size(size)} needed, {_size(free)} free)",
+                      str(path))
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
 
 
 def _close_hdf5(path: str | os.PathLike) -> None:

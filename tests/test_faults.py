@@ -385,3 +385,46 @@ def test_a_weights_file_that_fails_mid_write_leaves_no_hdf5_file_open(tmp_path, 
     assert failed.value.__traceback__ is not None and still_open() == []
     save_weights(model, path)  # the same path writes once there is room
     assert still_open() == [] and h5py.is_hdf5(path)
+
+
+_SAVE_UNDER_A_LIMIT = """
+import os, resource, signal, sys
+import keras
+from osteo.files import save_weights
+model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(64), keras.layers.Dense(3)])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as a full disk's with ENOSPC
+resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.RLIM_INFINITY))
+try:
+    save_weights(model, sys.argv[1])
+except OSError as e:
+    print("refused", e.errno, os.path.exists(sys.argv[1]), e)
+"""
+
+
+def test_a_weights_file_that_cannot_fit_is_refused_before_hdf5_writes_a_byte(tmp_path, monkeypatch):
+    """A real write failure inside HDF5 (a full disk; here a file-size limit, which fails the same
+    writes with EFBIG) left h5py unable to close the file without a segmentation fault, in
+    osteo's close and at exit alike: a file that cannot fit is refused before it is begun."""
+    import errno
+    import subprocess
+    import sys
+    import types
+
+    path = tmp_path / "w.weights.h5"
+    done = subprocess.run([sys.executable, "-c", _SAVE_UNDER_A_LIMIT, str(path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]  # -11 without the check
+    assert done.stdout.startswith(f"refused {errno.EFBIG} False [Errno {errno.EFBIG}] File too large (about ")
+    assert "over the file-size limit of 8 KB" in done.stdout and not path.exists()
+    # no room on the disk: the same, before the file is made
+    import keras
+
+    from osteo.files import atomic_path, save_weights
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    monkeypatch.setattr(os, "statvfs", lambda p: types.SimpleNamespace(f_bavail=3, f_frsize=4096))
+    with (pytest.raises(OSError, match=r"No space left on device \(about \d+ KB needed, 12 KB free\)") as e,
+          atomic_path(tmp_path / "best.weights.h5", suffix=".weights.h5") as tmp):
+        save_weights(model, tmp)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "best.weights.h5")  # the target's name
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
