@@ -19,7 +19,7 @@ import numpy as np
 
 from osteo import killpoints
 from osteo.device import peak_memory_mb
-from osteo.files import atomic_path, save_weights, sha256_file, write_bytes, write_csv
+from osteo.files import atomic_path, csv_float, save_weights, sha256_file, write_bytes, write_csv
 from osteo.runs import STATE_FILE
 
 HISTORY_METRICS = ("loss", "accuracy", "balanced_accuracy", "macro_f1")
@@ -66,7 +66,10 @@ class BestCheckpoint(keras.callbacks.Callback):
                 f"checkpoint monitor {self.monitor!r} is not among the logged metrics "
                 f"({', '.join(sorted(logs))}); set train.monitor to one of them"
             )
+        # as history.csv keeps it, where a resumed run takes up the best value (BestCheckpoint.restore):
+        # a tie within its 8 decimals is no improvement, killed and resumed or not
         value = float(logs[self.monitor])
+        value = csv_float(value) if math.isfinite(value) else value
         if math.isfinite(value) and self.improved(value):
             self.best, self.best_epoch = value, epoch
             model = self.target or self.model
@@ -316,15 +319,6 @@ class TrainingState(keras.callbacks.Callback):
         warn(f"the training state in {folder} is damaged; this phase starts again from its first epoch")
         return None
 
-    def _generators(self) -> list:
-        seen, out = set(), []
-        for layer in self.model._flatten_layers(include_self=True, recursive=True):
-            for sg in getattr(layer, "_seed_generators", []):
-                if id(sg) not in seen:
-                    seen.add(id(sg))
-                    out.append(sg)
-        return out
-
     def on_train_begin(self, logs=None):
         if self.resume is None:
             return
@@ -332,12 +326,7 @@ class TrainingState(keras.callbacks.Callback):
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)  # its variables must exist to load
         self.model.load_weights(slot / "weights.weights.h5")
-        with np.load(slot / "seeds.npz", allow_pickle=False) as data:
-            generators = self._generators()
-            if len(data.files) != len(generators):
-                raise ValueError(f"{slot} holds {len(data.files)} random states, the model has {len(generators)}")
-            for i, sg in enumerate(generators):
-                sg.state.assign(data[f"s{i}"])
+        load_random_states(self.model, slot / "seeds.npz")
         self.model._initial_epoch = self.resume["epoch"]  # what BackupAndRestore does to resume fit()
 
     def on_train_end(self, logs=None):
@@ -351,10 +340,7 @@ class TrainingState(keras.callbacks.Callback):
         shutil.rmtree(slot, ignore_errors=True)
         slot.mkdir(parents=True)
         save_weights(self.model, slot / "weights.weights.h5")
-        states = {f"s{i}": keras.ops.convert_to_numpy(sg.state.value) for i, sg in enumerate(self._generators())}
-        buf = io.BytesIO()
-        np.savez(buf, **states)
-        write_bytes(slot / "seeds.npz", buf.getvalue())
+        write_bytes(slot / "seeds.npz", random_states(self.model))
         _fsync(slot / "weights.weights.h5")
         sums = {f: sha256_file(slot / f) for f in self.FILES}
         killpoints.reached("train.state_written")
@@ -362,6 +348,36 @@ class TrainingState(keras.callbacks.Callback):
         write_bytes(self.dir / self.STATE, json.dumps({"epoch": epoch + 1, "slot": name, "slots": self.slots}).encode())
         self.slot = name
         killpoints.reached("train.epoch_committed")
+
+
+def _seed_generators(model) -> list:
+    """Every layer's random-state holder (Keras' SeedGenerator: augmentation, dropout), in layer order."""
+    seen, out = set(), []
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        for sg in getattr(layer, "_seed_generators", []):
+            if id(sg) not in seen:
+                seen.add(id(sg))
+                out.append(sg)
+    return out
+
+
+def random_states(model) -> bytes:
+    """``model``'s random states as an ``.npz`` file's bytes (:func:`load_random_states` reads them)."""
+    buf = io.BytesIO()
+    np.savez(buf, **{f"s{i}": keras.ops.convert_to_numpy(sg.state.value)
+                     for i, sg in enumerate(_seed_generators(model))})
+    return buf.getvalue()
+
+
+def load_random_states(model, path: Path) -> None:
+    """Give ``model``'s layers the random states :func:`random_states` saved to ``path``, so the
+    augmentations and dropout masks drawn next are those the saving run drew next."""
+    with np.load(path, allow_pickle=False) as data:
+        generators = _seed_generators(model)
+        if len(data.files) != len(generators):
+            raise ValueError(f"{path} holds {len(data.files)} random states, the model has {len(generators)}")
+        for i, sg in enumerate(generators):
+            sg.state.assign(data[f"s{i}"])
 
 
 def _slot_intact(slot: Path, sums: dict | None) -> bool:

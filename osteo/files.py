@@ -380,9 +380,15 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+def csv_float(v: float) -> float:
+    """``v`` as osteo's CSV files keep it: 8 decimals, or 8 significant digits for a small value
+    (a p of 2e-13 is not 0)."""
+    return round(v, 8) if abs(v) >= 1e-3 or v == 0 else float(f"{v:.8g}")
+
+
 def _csv_value(v: Any) -> Any:
-    if isinstance(v, float):  # 8 decimals, or 8 significant digits for a small value (a p of 2e-13 is not 0)
-        return repr(round(v, 8) if abs(v) >= 1e-3 or v == 0 else float(f"{v:.8g}"))
+    if isinstance(v, float):
+        return repr(csv_float(v))
     if hasattr(v, "item"):  # numpy scalars
         return _csv_value(v.item())
     return v

@@ -30,6 +30,7 @@ POINTS = {
     "train.history_written": "an epoch's history row is written, its state not yet committed",
     "train.state_written": "an epoch's backup slot is written, state.json not yet replaced",
     "train.epoch_committed": "an epoch's state is committed (state.json replaced)",
+    "train.phase_done": "a training phase's end is written (phase 1's: the weights and random states phase 2 starts from)",
     "train.metrics_written": "a finishing run's metrics.json is written, its calibration not yet",
     "study.trial_ended": "a study's trial has ended and been reported (the study goes on)",
     "files.written": "an atomic write has its bytes in the temporary file, not yet synced or renamed",

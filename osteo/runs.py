@@ -119,6 +119,7 @@ class RunDir(_Folder):
     tensorboard_path = property(lambda self: self.path / self.TENSORBOARD)
     # the Trainer's resume files inside BACKUP: named here, not as run files (owner_of lists those)
     phase1_weights_path = property(lambda self: self.backup_path / "phase1.weights.h5")  # where phase 2 starts
+    phase1_seeds_path = property(lambda self: self.backup_path / "phase1.seeds.npz")  # with these random states
 
     def phase_path(self, phase: int) -> Path:
         """Phase ``phase``'s TrainingState folder (its two slots and ``state.json``)."""

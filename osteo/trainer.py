@@ -45,7 +45,9 @@ from osteo.callbacks import (
     RichProgress,
     TrainingState,
     callback_list,
+    load_random_states,
     monitor_mode,
+    random_states,
 )
 from osteo.classifier import Classifier, Model, SparseCrossEntropy, default_metrics
 from osteo.data.pipeline import CACHE_VERSION
@@ -321,7 +323,11 @@ class Trainer:
         else:
             self.clf.unfreeze_backbone(t.fine_tune_blocks)
             if run.phase1_weights_path.exists() and self.resume_from[2] is None:
+                # phase 1's end, as an uninterrupted run enters phase 2: its weights and random states
+                # (a run from before the states were kept has its weights alone)
                 model.load_weights(run.phase1_weights_path)
+                if run.phase1_seeds_path.exists():
+                    load_random_states(model, run.phase1_seeds_path)
         backup_dir = run.phase_path(phase.number)
         resume = self.resume_from[phase.number]
         start = resume["epoch"] if resume else phase.first_epoch
@@ -351,6 +357,14 @@ class Trainer:
             fit_model.fit(epochs=phase.last_epoch, initial_epoch=phase.first_epoch, callbacks=callbacks, verbose=0,
                           **fit_kw)
             self.trained_seconds += time.perf_counter() - ts
+        elif resume is not None:
+            # killed after the phase's last epoch was committed and before its end was written: the
+            # model takes up that state (weights, random states), as fit() would have on resuming, so
+            # what follows (phase 1's end, which phase 2 starts from) is the uninterrupted run's
+            state = TrainingState(backup_dir, resume)
+            state.set_model(fit_model)
+            state.on_train_begin()
+            state.on_train_end()
         if self.nonfinite.stopped_at:
             epoch, batch = self.nonfinite.stopped_at
             kept = (f"best checkpoint kept at {self.best.path}" if self.best.path.exists()
@@ -361,9 +375,11 @@ class Trainer:
             )
         if phase.number == 1 and t.fine_tune_epochs:
             # phase 2 starts from here if it is killed before its first backup
+            write_bytes(run.phase1_seeds_path, random_states(model))
             with atomic_path(run.phase1_weights_path, suffix=".weights.h5") as tmp:
                 save_weights(model, tmp)
         write_bytes(done_marker, str(phase.last_epoch).encode())
+        killpoints.reached("train.phase_done")
 
     def _callbacks(self, backup_dir: Path, resume: dict | None) -> list:
         t = self.recipe.train

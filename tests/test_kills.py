@@ -72,18 +72,30 @@ def _copy(run: RunDir, dest: Path) -> RunDir:
 # --------------------------------------------------------------------------- train
 
 
-def test_a_kill_in_the_first_epochs_window_resumes_as_if_never_killed(phantom_dir, tmp_path):
-    """Killed after epoch 1's history row, before its state is committed: --resume latest
-    takes the run (it said "no unfinished run to resume") and ends as an uninterrupted run."""
-    args = ["train", "seed", *TINY, "--deterministic", "--epochs", "2", "--data", phantom_dir]
+def test_a_kill_at_an_epochs_or_a_phases_edge_resumes_as_if_never_killed(phantom_dir, tmp_path):
+    """A two-phase run (2 + 2 epochs), killed and resumed with --resume latest, ends as the
+    uninterrupted run: the same history, checkpoint and predictions. Killed after epoch 1's
+    history row, before its state is committed (--resume latest said "no unfinished run to
+    resume"); after phase 1's last epoch was committed, before its end was written (phase 2 began
+    from the model as built); after phase 1's end, before phase 2's first epoch (phase 2 drew other
+    augmentations and dropout masks). And every kill moved the best checkpoint to a later epoch
+    of the same validation score: the resumed run took its best value from history.csv's 8 decimals
+    and took the next epoch's float32 value as an improvement."""
+    args = ["train", "finetune", *TINY, "--set", "data.test=0", "--deterministic", "--epochs", "4", "--data", phantom_dir]
     _ok(_osteo([*args, "--runs", tmp_path / "ref"], tmp_path))
-    _killed(_osteo([*args, "--runs", tmp_path / "runs"], tmp_path, kill_at="train.history_written@1"))
-    run = RunDir(next((tmp_path / "runs" / "tiny").iterdir()))
-    assert len(run.read_history()) == 1 and not run.is_finished()
-    _ok(_osteo(["train", "seed", "--resume", "latest", "--runs", tmp_path / "runs"], tmp_path))
     ref = RunDir(next((tmp_path / "ref" / "tiny").iterdir()))
-    assert run.is_finished() and [r["epoch"] for r in run.read_history()] == ["1", "2"]
-    assert run.predictions_path.read_bytes() == ref.predictions_path.read_bytes()
+    same = ("epoch", "phase", "loss", "val_loss", "val_macro_f1", "lr")
+    for point, rows in (("train.history_written@1", 1), ("train.epoch_committed@2", 2), ("train.phase_done@1", 2)):
+        runs = tmp_path / point
+        _killed(_osteo([*args, "--runs", runs], tmp_path, kill_at=point))
+        run = RunDir(next((runs / "tiny").iterdir()))
+        assert len(run.read_history()) == rows and not run.is_finished(), point
+        _ok(_osteo(["train", "finetune", "--resume", "latest", "--runs", runs], tmp_path))
+        assert run.is_finished(), point
+        assert ([[r[k] for k in same] for r in run.read_history()] ==
+                [[r[k] for k in same] for r in ref.read_history()]), point
+        assert run.best_path.read_bytes() == ref.best_path.read_bytes(), point
+        assert run.predictions_path.read_bytes() == ref.predictions_path.read_bytes(), point
 
 
 def test_a_run_killed_while_finishing_is_unfinished_refused_flagged_and_finished_by_resume(phantom_dir, tmp_path):
