@@ -578,15 +578,18 @@ def _point_figures(p: dict) -> str:
 def cmd_calibrate(args) -> int:
     """Fit (again) a run's temperature and operating points on its validation predictions."""
     from osteo.calibrate import calibrate_run
-    from osteo.files import sweep_temporaries
+    from osteo.files import folder_lock, sweep_temporaries
     from osteo.model_card import write_model_card
     from osteo.runs import RunDir
 
     run = RunDir(args.run).check(need=(RunDir.PREDICTIONS,), finished=True)
-    sweep_temporaries(run.path)  # a killed calibrate's
     points = args.operating_point or run.read_recipe().train.operating_points
-    cal = calibrate_run(run, points, n_boot=args.bootstrap, seed=args.seed)
-    write_model_card(run)
+    # one calibrate or eval of the run at a time: another calibrate's external validations measured at its
+    # thresholds would stay beside this one's calibration.json, an eval's at the calibration it read
+    with folder_lock(run.path, f"the calibration in {run.calibration_path}"):
+        sweep_temporaries(run.path)  # a killed calibrate's
+        cal = calibrate_run(run, points, n_boot=args.bootstrap, seed=args.seed)
+        write_model_card(run)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
     print(f"temperature {fmt(cal['temperature'])}: ECE {fmt(cal.get('ece_before'))} -> {fmt(cal.get('ece_after'))}, "
           f"NLL {fmt(cal.get('nll_before'))} -> {fmt(cal.get('nll_after'))} (validation, which chose it, "

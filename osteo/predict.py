@@ -195,6 +195,7 @@ class Predictor:
         if calibrated:
             say_if_uncalibrated(self.run)
         calibration = self.run.read_calibration()
+        self.calibration = calibration  # as read: eval measures again where a calibrate replaced it since
         self.temperature = float(calibration.get("temperature", 1.0)) if calibrated else 1.0
         self.points = chosen_points(calibration)
         if self.points and not calibrated:  # a threshold holds for the probabilities it was chosen on
@@ -376,7 +377,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     ``run_dir`` may be a cross-validation: its fold models are scored as one
     :class:`Ensemble`, and the images left out are those in any of its folds (its data).
     """
-    from osteo.calibrate import calibration_digest, external_calibration
+    from osteo.calibrate import apply_temperature, calibration_digest, external_calibration
     from osteo.data.pipeline import default_cache_root
     from osteo.data.scan import audit, write_audit
     from osteo.data.split import majority_label
@@ -456,7 +457,17 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     # staged, then moved in whole: a kill leaves the previous validation, never new predictions
     # beside old metrics
     stage_in = run.path if out.resolve().parent == run.eval_path.resolve() else out.parent
-    with folder_lock(stage_in, f"{out}"):  # another eval of this run waits: their renames interleaved
+    in_run = stage_in == run.path
+    # another eval of this run waits (their renames interleaved), and so does osteo calibrate of it, which
+    # holds this lock while it replaces the calibration and measures the run's external validations again
+    with folder_lock(stage_in, f"{out}"):
+        now = run.read_calibration() if in_run and not ensemble else None
+        if now is not None and calibration_digest(now) != calibration_digest(predictor.calibration):
+            # calibrated since this eval read the calibration: measured at the one in force, as that
+            # calibrate measured the run's other external validations
+            t = float(now.get("temperature", 1.0))
+            report.update(external_calibration(y, apply_temperature(raw, t), t, chosen_points(now), n_boot, seed,
+                                               scored_groups))
         for pattern in (f"{EVAL_STAGE}*", f".{glob.escape(out.name)}.old-*.tmp"):  # a killed eval's
             sweep_temporaries(stage_in, pattern=pattern)
         stage = Path(tempfile.mkdtemp(prefix=owned_prefix(f"{EVAL_STAGE}{out.name}."), suffix=".tmp", dir=stage_in))
@@ -469,7 +480,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
             replace_folder(stage, out, aside=stage_in)  # not in eval/, where a report would find it
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-        if not ensemble:  # a cross-validation has no model card of its own
+        if in_run and not ensemble:  # the card lists the run's own eval/ (a cross-validation has no card)
             write_model_card(run)
     return out, report
 

@@ -172,6 +172,52 @@ def test_a_new_calibration_measures_the_external_folders_again(run, phantom_dir,
         assert {r["evaluated_on"] for r in csv.DictReader(f)} == {"validation"}
 
 
+def test_an_eval_during_which_the_run_is_calibrated_again_is_measured_at_the_new_calibration(run, tmp_path,
+                                                                                                monkeypatch, capsys):
+    """An eval reads the run's calibration when it loads the model; a calibrate that ran meanwhile
+    measured the run's external validations again, but not this one, not yet written: it was left
+    at the thresholds the calibrate had replaced, without a word. It is measured at the calibration
+    in force when it writes (under the lock calibrate holds while it writes)."""
+    from osteo import predict
+
+    copy = RunDir(shutil.copytree(run.path, tmp_path / "runs" / "tiny" / run.name, ignore=shutil.ignore_patterns("eval")))
+    other = tmp_path / "hospital-d"
+    write_phantom(other, n=45, size=64, seed=12, proportions=(1, 1, 3))
+    scored = predict.Predictor.predict_paths
+
+    def calibrated_meanwhile(self, *args, **kwargs):
+        out = scored(self, *args, **kwargs)
+        assert main(["calibrate", str(copy), "--operating-point", "osteoporosis:sensitivity=0.6",
+                     "--bootstrap", "20"]) == 0
+        return out
+
+    monkeypatch.setattr(predict.Predictor, "predict_paths", calibrated_meanwhile)
+    assert main(["eval", str(copy), "--data", str(other), "--bootstrap", "20"]) == 0
+    capsys.readouterr()
+    calibration = copy.read_calibration()
+    (now,) = calibration["operating_points"]
+    record = json.loads((copy.eval_path / "hospital-d" / "metrics.json").read_text())
+    assert [(p["name"], p["threshold"]) for p in record["operating_points"]] == [("osteoporosis", now["threshold"])]
+    assert record["calibrated"]["temperature"] == calibration["temperature"]
+
+
+def test_an_eval_written_outside_the_run_leaves_the_run_as_it_was(run, tmp_path, capsys):
+    """eval --out elsewhere rewrote the run's model card (which lists only the run's own eval/):
+    on a read-only run it wrote its folder, then failed with 'cannot write to' the run."""
+    copy = RunDir(shutil.copytree(run.path, tmp_path / "runs" / "tiny" / run.name, ignore=shutil.ignore_patterns("eval")))
+    other = tmp_path / "hospital-e"
+    write_phantom(other, n=45, size=64, seed=13, proportions=(1, 1, 3))
+
+    def files():
+        return {p.relative_to(copy.path): (p.read_bytes(), p.stat().st_mtime_ns) for p in copy.path.rglob("*")
+                if p.is_file()}
+
+    before = files()
+    assert main(["eval", str(copy), "--data", str(other), "--out", str(tmp_path / "elsewhere"), "--bootstrap", "20"]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "elsewhere" / "metrics.json").is_file() and files() == before
+
+
 def test_an_image_filed_under_two_classes_scores_nothing(run, tmp_path, capsys):
     """A class folder linked to another (or the same image copied into two): its label is unknown,
     so it is left out of the score, counted and said, as the split leaves it out of training."""

@@ -189,29 +189,49 @@ def test_a_killed_external_validation_leaves_the_previous_one_whole(finished, ot
     assert (out / "predictions.csv").read_bytes() != before["predictions.csv"]
 
 
-def test_a_second_eval_of_a_run_waits_for_the_first_to_finish_writing(finished, other_hospital_dir, tmp_path):
-    """Two evals of one folder interleaved their renames (one failed: 'No such file or directory').
-    While another osteo command holds the run's folder, an eval says it waits, writes nothing, and
-    finishes once the folder is free."""
+def _waits_while_held(args, run: RunDir, cwd: Path) -> subprocess.Popen:
+    """Start osteo ``args`` while this process holds ``run``'s folder; return it once it says it
+    waits (the failure: it ends without waiting), having written nothing there."""
     from osteo.files import folder_lock
 
-    run = _copy(finished, tmp_path)
-    out = run.eval_path / "hospital"
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "COLUMNS": "1000"}
+    before = sorted(p.name for p in run.path.iterdir())
     with folder_lock(run.path, "a test's hold"):
-        proc = subprocess.Popen([sys.executable, "-m", "osteo.cli", "eval", str(run.path), "--data",
-                                 str(other_hospital_dir), "--out", str(out), "--bootstrap", "20"], cwd=tmp_path,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, "-m", "osteo.cli", *map(str, args)], cwd=cwd, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         said = []
         for line in proc.stderr:  # until it says it waits (or it ends without waiting: the failure)
             said.append(line)
             if "waiting for another osteo command" in line:
                 break
         assert said and "waiting for another osteo command that writes in" in said[-1], "".join(said)[-2000:]
-        assert not out.exists() and not _temporaries(run.path)  # nothing written while it waits
+        assert sorted(p.name for p in run.path.iterdir()) == before  # nothing written while it waits
+    return proc
+
+
+def test_a_second_eval_or_calibrate_of_a_run_waits_for_the_first_to_finish_writing(finished, other_hospital_dir,
+                                                                                    tmp_path):
+    """Two evals of one folder interleaved their renames (one failed: 'No such file or directory');
+    two calibrates of one run left its external validation at the other's thresholds. While
+    another osteo command holds the run's folder, each says it waits, writes nothing, and finishes
+    once the folder is free."""
+    run = _copy(finished, tmp_path)
+    out = run.eval_path / "hospital"
+    proc = _waits_while_held(["eval", run.path, "--data", other_hospital_dir, "--out", out, "--bootstrap", "20"],
+                             run, tmp_path)
     _, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stderr[-2000:]
     assert (out / "metrics.json").is_file() and not _temporaries(run.path)
+    before = run.calibration_path.read_bytes()
+    proc = _waits_while_held(["calibrate", run.path, "--operating-point", "osteoporosis:sensitivity=0.8",
+                              "--bootstrap", "20"], run, tmp_path)
+    assert run.calibration_path.read_bytes() == before
+    _, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-2000:]
+    names = [p["name"] for p in json.loads(run.calibration_path.read_text())["operating_points"]]
+    assert names == ["osteoporosis"], names
+    external = json.loads((out / "metrics.json").read_text())["operating_points"]
+    assert [p["name"] for p in external] == names  # measured again at the new point, under the same hold
 
 
 def test_a_killed_export_leaves_no_file_and_its_temporary_is_swept(finished, tmp_path):
