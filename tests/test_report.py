@@ -3,6 +3,7 @@
 import csv
 import html
 import json
+import os
 import shutil
 import subprocess
 
@@ -89,6 +90,14 @@ def test_report_command_and_bad_run_dir(two_runs, tmp_path, capsys):
     assert main(["report", "--all", "--runs", str(runs_dir), "--out", str(tmp_path / "r2"), "--bootstrap", "50"]) == 0
     printed = capsys.readouterr().out  # two runs of one model: each row says which
     assert all(f"tiny {run.name}" in printed for run in two_runs), printed
+    # one run given twice (and once more through another path): one row, not a model compared with itself
+    # (the verdict's McNemar found no best and ended in a traceback)
+    one, again = str(two_runs[0]), os.path.relpath(two_runs[0])
+    capsys.readouterr()
+    assert main(["report", one, one + "/", again, "--out", str(tmp_path / "r5"), "--bootstrap", "50"]) == 0
+    with open(tmp_path / "r5" / "comparison.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 1
+    assert capsys.readouterr().err.count("given before: reported once") == 2
     (tmp_path / "notarun").mkdir()
     assert main(["report", str(tmp_path / "notarun"), "--out", str(tmp_path / "r3")]) == 2
     assert "not an osteo run directory" in capsys.readouterr().err

@@ -100,7 +100,15 @@ def collect_runs(specs: list[str] | None = None, runs_dir: str | os.PathLike = "
     Unfinished runs under ``runs_dir`` are left out with one ``warn`` line naming them.
     """
     if specs:
-        return [CvDir(s) if CvDir(s).is_cv() else RunDir(s).check(need=RunDir.FINISHED) for s in specs]
+        given: dict[Path, str] = {}  # one run given twice (R R, or as R and ./R) is one row, not a model beside itself
+        for s in specs:
+            key = Path(s).resolve()
+            if key in given:
+                if warn:
+                    warn(f"{s} is {given[key]}, given before: reported once")
+                continue
+            given[key] = s
+        return [CvDir(s) if CvDir(s).is_cv() else RunDir(s).check(need=RunDir.FINISHED) for s in given.values()]
     cvs = list_cvs(runs_dir, finished=True)
     if not all_runs:
         cvs = list({c.model: c for c in cvs}.values())  # oldest first: the last of each model wins
