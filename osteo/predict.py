@@ -13,6 +13,7 @@ shifts. Files that cannot be decoded get ``status=unreadable`` and a reason.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import shutil
@@ -436,7 +437,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     metrics = compute_metrics(y, raw, n_boot=n_boot, seed=seed, groups=scored_groups)
     metrics["majority_baseline"] = majority_baseline(y, majority_label(rec.label for rec, _ in kept))
     report = {
-        "run": str(run.path), "data_dir": str(folder), "tta": tta,
+        "run": str(run.path), "data_dir": str(folder.resolve()), "tta": tta,
         # every number here: that folder's images, which chose nothing (the run's own are left out)
         "evaluated_on": external_label(out.name, {"tta": tta}), "chose": CHOSE["external"],
         "n_files": len(result.records),
@@ -534,3 +535,11 @@ def _check_eval_out(run: RunDir, out: Path, folder: Path) -> None:
     if foreign:
         raise OsteoError(f"--out {out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which "
                          f"osteo eval did not write and would remove; {fix}")
+    try:  # another folder's validation under the same name (siteA/ext, then siteB/ext) is not replaced unasked
+        earlier = Path(json.loads((out / RunDir.METRICS).read_text(encoding="utf-8"))["data_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if earlier.is_dir() and earlier.resolve() != folder.resolve():
+        raise OsteoError(f"--out {out} holds the external validation of {earlier.resolve()}, another folder than "
+                         f"{folder.resolve()}, which this eval would replace; give --out {run.eval_path}/<another "
+                         f"name>, or remove {out} first")

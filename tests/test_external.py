@@ -218,6 +218,25 @@ def test_an_eval_written_outside_the_run_leaves_the_run_as_it_was(run, tmp_path,
     assert (tmp_path / "elsewhere" / "metrics.json").is_file() and files() == before
 
 
+def test_a_second_folder_of_the_same_name_does_not_replace_the_firsts_validation(run, tmp_path, capsys):
+    """eval --data siteA/ext, then siteB/ext: both go to RUN/eval/ext/ by default, and the second
+    replaced the first without a word (osteo study refuses two such folders)."""
+    copy = RunDir(shutil.copytree(run.path, tmp_path / "runs" / "tiny" / run.name, ignore=shutil.ignore_patterns("eval")))
+    for site, seed in (("siteA", 14), ("siteB", 15)):
+        write_phantom(tmp_path / site / "ext", n=45, size=64, seed=seed, proportions=(1, 1, 3))
+    assert main(["eval", str(copy), "--data", str(tmp_path / "siteA" / "ext"), "--bootstrap", "20"]) == 0
+    first = (copy.eval_path / "ext" / "metrics.json").read_bytes()
+    assert json.loads(first)["data_dir"] == str((tmp_path / "siteA" / "ext").resolve())
+    capsys.readouterr()
+    assert main(["eval", str(copy), "--data", str(tmp_path / "siteB" / "ext"), "--bootstrap", "20"]) == 2
+    err = capsys.readouterr().err
+    assert f"holds the external validation of {(tmp_path / 'siteA' / 'ext').resolve()}, another folder" in err, err
+    assert f"give --out {copy.eval_path}/<another name>" in err
+    assert (copy.eval_path / "ext" / "metrics.json").read_bytes() == first
+    # the same folder again is measured again, in place
+    assert main(["eval", str(copy), "--data", str(tmp_path / "siteA" / "ext"), "--bootstrap", "20"]) == 0
+
+
 def test_an_image_filed_under_two_classes_scores_nothing(run, tmp_path, capsys):
     """A class folder linked to another (or the same image copied into two): its label is unknown,
     so it is left out of the score, counted and said, as the split leaves it out of training."""
