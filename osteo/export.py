@@ -205,6 +205,8 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
         raise OsteoError(f"--out {target} is a folder; give a file, e.g. {target / DEFAULT_NAMES[fmt]}")
     if fmt == "keras" and target.suffix != ".keras":
         raise OsteoError(f"--out {target} must end in .keras (Keras loads .keras files only)")
+    if fmt == "onnx":
+        _check_onnx_place(target)
     if fmt != "keras":
         _require_exporter(fmt, ported)
     temperature = _temperature(run)
@@ -216,6 +218,31 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
     with folder_lock(target.parent, str(target)):  # another export there waits: a record named the other's model
         _write_export(run, engine, fmt, ported, best, model, temperature, target)
     return target
+
+
+def _check_onnx_place(target: Path) -> None:
+    """An ONNX export is three files: ``target``, and beside it its record (:data:`RECORD`) and
+    the script that runs it (:data:`SCRIPT`). Refused: a name without ``.onnx`` (ONNX bytes
+    under ``x.keras``), a folder whose record is another model's (two exports in one folder:
+    the first lost its record, and predict.py ran the second), and a ``predict.py`` osteo did
+    not write (a user's own script, replaced without a word)."""
+    fix = f"export into a folder of its own, e.g. --out {target.parent / target.stem / 'model.onnx'}"
+    if target.suffix.lower() != ".onnx":
+        raise OsteoError(f"--out {target} must end in .onnx (an ONNX model; --format keras writes .keras)")
+    try:
+        other = json.loads((target.parent / RECORD).read_text(encoding="utf-8")).get("file")
+    except FileNotFoundError:
+        other = None
+    except (OSError, ValueError, AttributeError):
+        raise OsteoError(f"{target.parent / RECORD} is not an osteo export's record, and exporting would replace "
+                         f"it; {fix}") from None
+    if other is not None and other != target.name:
+        raise OsteoError(f"{target.parent} holds the ONNX export {other} ({RECORD} and {SCRIPT} are its own), "
+                         f"which exporting {target.name} there would orphan; {fix}")
+    script = target.parent / SCRIPT
+    if script.exists() and not script.read_bytes().startswith(SCRIPT_SOURCE.read_bytes().split(b"\n", 1)[0]):
+        raise OsteoError(f"{script} is not the script osteo writes beside an ONNX export, and exporting would "
+                         f"replace it; {fix}")
 
 
 def _write_export(run: RunDir, engine, fmt: str, ported: bool, best: keras.Model, model: keras.Model,

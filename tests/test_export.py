@@ -278,6 +278,10 @@ def test_errors_are_one_line_osteo_errors(run, tmp_path, monkeypatch):
     a_file.write_text("not a folder")
     an_image = tmp_path / "knee.png"  # somebody's data, where --out points
     an_image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    (tmp_path / "mine").mkdir()  # a user's own predict.py, which an ONNX export's script replaced
+    (tmp_path / "mine" / "predict.py").write_text("print('mine')\n")
+    (tmp_path / "two").mkdir()  # another model's ONNX export: a second one there orphaned it
+    (tmp_path / "two" / "export.json").write_text(json.dumps({"file": "a.onnx", "format": "onnx"}))
     cases = [
         ((not_run, "onnx", None), "not an osteo run directory"),
         ((no_best.path, "onnx", None), "best.weights.h5"),
@@ -287,6 +291,12 @@ def test_errors_are_one_line_osteo_errors(run, tmp_path, monkeypatch):
         ((run.path, "onnx", tmp_path), "is a folder; give a file"),
         ((run.path, "savedmodel", a_file), "is a file; a SavedModel is a folder"),
         ((run.path, "onnx", an_image), r"is an image \(png\), which this would replace"),
+        ((run.path, "onnx", tmp_path / "x.keras"), r"must end in \.onnx"),
+        ((run.path, "onnx", tmp_path / "mine" / "knee.onnx"), "predict.py is not the script osteo writes beside an "
+                                                             "ONNX export, and exporting would replace it; export into "
+                                                             "a folder of its own"),
+        ((run.path, "onnx", tmp_path / "two" / "b.onnx"), r"holds the ONNX export a\.onnx \(export\.json and "
+                                                          r"predict\.py are its own\), which exporting b\.onnx there"),
         ((bad_t.path, "keras", tmp_path / "m.keras"), "not a positive number"),
     ]
     for args, message in cases:
@@ -294,6 +304,8 @@ def test_errors_are_one_line_osteo_errors(run, tmp_path, monkeypatch):
             export_run(*args)
         assert "\n" not in str(e.value)
     assert an_image.read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "mine" / "predict.py").read_text() == "print('mine')\n"
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["export.json"]
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tf2onnx" else real(name, *a))
     with pytest.raises(OsteoError, match=r"needs tf2onnx: pip install 'osteo\[export\]'"):
