@@ -36,6 +36,9 @@ class Metric:
     interval: bool = False  # a 95% bootstrap interval, <name>_ci: a function of the confusion matrix
     headline: bool = False  # in every summary too (CLI tables, bars, folds), beside the majority baseline
     higher_is_better: bool = True
+    # a function of the probabilities themselves, not only of their argmax: it depends on whether they
+    # are the model's own or calibrated (compute_metrics' ``probabilities`` says which, and tables show it)
+    of_probabilities: bool = False
 
 
 # The one list of metrics: osteo eval, the run summary, the report, the model card and MLflow
@@ -45,12 +48,12 @@ METRICS = (
     Metric("accuracy", "accuracy", interval=True, headline=True),
     Metric("balanced_accuracy", "balanced accuracy", interval=True, headline=True),
     Metric("macro_f1", "macro F1", interval=True, headline=True),
-    Metric("roc_auc", "ROC-AUC (macro, OvR)"),
+    Metric("roc_auc", "ROC-AUC (macro, OvR)", of_probabilities=True),
     Metric("kappa_qw", "kappa (quadratic)"),
     Metric("mcc", "MCC"),
-    Metric("log_loss", "log loss", higher_is_better=False),
-    Metric("brier", "Brier", higher_is_better=False),
-    Metric("ece", "ECE", higher_is_better=False),
+    Metric("log_loss", "log loss", higher_is_better=False, of_probabilities=True),
+    Metric("brier", "Brier", higher_is_better=False, of_probabilities=True),
+    Metric("ece", "ECE", higher_is_better=False, of_probabilities=True),
 )
 HEADLINE = tuple(m.name for m in METRICS if m.headline)
 
@@ -314,9 +317,13 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 0, seed: int = 0,
-                    groups: Sequence | None = None) -> dict:
+                    groups: Sequence | None = None, probabilities: str = "uncalibrated") -> dict:
     """Every metric of one set of predictions (scikit-learn where it has them); intervals by
-    a stratified bootstrap over ``groups`` where given (:func:`bootstrap`).
+    a stratified bootstrap over ``groups`` where given (:func:`bootstrap`). ``probabilities``
+    says what ``probs`` are, recorded with them: ``uncalibrated`` (the model's own, before the
+    run's temperature, as predictions.csv keeps them) or ``calibrated`` (a cross-validation's
+    ensemble averages its folds' calibrated ones); the metrics of the probabilities themselves
+    (:attr:`Metric.of_probabilities`) depend on it, the others not.
 
     A row with a non-finite probability (a diverged model) keeps its argmax as the
     prediction, as ``predictions.csv`` records it, and is counted in ``n_nonfinite``;
@@ -346,6 +353,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 0, seed
     m = {
         "n": len(y_true),
         "n_nonfinite": n_nonfinite,
+        "probabilities": probabilities,
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
         "balanced_accuracy": balanced_accuracy(y_true, y_pred),
         "macro_precision": avg("precision", "macro"),
@@ -530,7 +538,9 @@ def print_metrics(metrics: dict, split: str, console, title: str = "") -> None:
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
     for metric in METRICS:
         ci = m.get(f"{metric.name}_ci")
-        table.add_row(metric.label, fmt(m.get(metric.name)), f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "",
+        label = f"{metric.label} ({m['probabilities']})" if metric.of_probabilities and m.get("probabilities") else \
+            metric.label
+        table.add_row(label, fmt(m.get(metric.name)), f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "",
                       fmt(base.get(metric.name)) if metric.headline else "")
     for c in CLASSES:
         pc = m["per_class"][c]

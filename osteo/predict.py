@@ -434,7 +434,8 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     calibrated = predictor.calibrate(raw)
     # intervals that draw the folder's duplicates and patients whole: four copies of an image are one draw
     scored_groups = folder_groups(result.manifest_rows(), [rec.path for rec, _ in kept])
-    metrics = compute_metrics(y, raw, n_boot=n_boot, seed=seed, groups=scored_groups)
+    metrics = compute_metrics(y, raw, n_boot=n_boot, seed=seed, groups=scored_groups,
+                              probabilities="calibrated" if ensemble else "uncalibrated")
     metrics["majority_baseline"] = majority_baseline(y, majority_label(rec.label for rec, _ in kept))
     report = {
         "run": str(run.path), "data_dir": str(folder.resolve()), "tta": tta,

@@ -27,13 +27,15 @@ def test_another_folder_is_scored_with_the_runs_own_images_left_out(run, phantom
         shutil.copy(phantom_dir / p, other / p.split("/")[0] / f"copied-{i}.png")  # folder (these chose for it)
     (other / "normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     assert main(["eval", str(run), "--data", str(other), "--bootstrap", "50"]) == 0
-    assert "5 image(s) also in the run's data (its training, validation or test split) left out" in (
-        capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    assert "5 image(s) also in the run's data (its training, validation or test split) left out" in printed
+    # the numbers of the probabilities themselves are of the model's own, as predictions.csv keeps them
+    assert printed.count("(uncalibrated)") == 4  # ROC-AUC, log loss, Brier and ECE (a narrow table wraps labels)
     out = run.eval_path / "hospital-b"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["excluded_training_overlap"] == 5 and metrics["unreadable"] == 1
     assert (metrics["evaluated_on"], metrics["chose"]) == ("external: hospital-b", "nothing")
-    assert metrics["external"]["n"] == 45
+    assert metrics["external"]["n"] == 45 and metrics["external"]["probabilities"] == "uncalibrated"
     assert metrics["external"]["majority_baseline"]["class"] == "osteoporosis"  # that folder's majority
     lo, hi = metrics["external"]["balanced_accuracy_ci"]
     assert lo <= metrics["external"]["balanced_accuracy"] <= hi

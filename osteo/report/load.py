@@ -276,7 +276,8 @@ def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) ->
     if not len(y):
         raise OsteoError(f"{external} holds no external predictions; run osteo eval {run_dir} --data FOLDER again")
     groups = external_groups(RunDir(external), rows)
-    metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed, groups=groups)
+    metrics = compute_metrics(y, probs, n_boot=n_boot, seed=seed, groups=groups,
+                              probabilities="calibrated" if ensemble else "uncalibrated")
     metrics["best_epoch"] = None if ensemble else run.read_metrics().get("best_epoch")
     if ensemble:  # its probabilities are its members' calibrated ones: no temperature of its own
         temperature, calibrated = None, probs
