@@ -476,25 +476,42 @@ class _Ray:
                 signals.raise_if_caught()  # stopping made Tune fail: the stop is what happened
                 raise
         signals.raise_if_caught()
-        out = {}
-        for result in grid:
-            spec = by_id[result.config["id"]]
-            metrics = result.metrics or {}
-            if "status" in metrics:
-                out[spec["id"]] = {k: metrics.get(k) for k in OUTCOME}
-                continue
-            run = _trial_run(spec)  # stopped by ASHA (no outcome reported), or lost for good
-            lost = result.error is not None
-            out[spec["id"]] = {"status": "failed" if lost else "stopped", "attempts": None, "retries": None,
-                               "run": str(run.path) if run is not None else "", "wall_seconds": None,
-                               "error": _first_line(result.error) if lost else "",
-                               METRIC: _best(run), "node": None}
-        return out
+        return _outcomes(grid, by_id)
 
     def close(self) -> None:
         if self.owned and self.ray.is_initialized():
             self.ray.shutdown()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _outcomes(results, by_id: dict) -> dict:
+    """Each trial's outcome from Tune's results: what it reported, else stopped by ASHA (nothing
+    reported) or failed (lost for good). A trial whose worker never started has a result without
+    its config (Ray's worker failed to import osteo, say): it failed, with that result's error,
+    not a traceback of the study's."""
+    out, unnamed = {}, []
+    for result in results:
+        trial_id = (result.config or {}).get("id")
+        if trial_id not in by_id:
+            unnamed.append(result)
+            continue
+        metrics = result.metrics or {}
+        if "status" in metrics:
+            out[trial_id] = {k: metrics.get(k) for k in OUTCOME}
+            continue
+        out[trial_id] = _lost_or_stopped(by_id[trial_id], result.error)
+    errors = [e for e in (r.error for r in unnamed) if e is not None] or [RuntimeError("its worker did not start")]
+    for trial_id in by_id.keys() - out.keys():
+        out[trial_id] = _lost_or_stopped(by_id[trial_id], errors[0])
+    return out
+
+
+def _lost_or_stopped(spec: dict, error) -> dict:
+    run = _trial_run(spec)  # stopped by ASHA (no outcome reported), or lost for good
+    lost = error is not None
+    return {"status": "failed" if lost else "stopped", "attempts": None, "retries": None,
+            "run": str(run.path) if run is not None else "", "wall_seconds": None,
+            "error": _first_line(error) if lost else "", METRIC: _best(run), "node": None}
 
 
 class _SignalStopper:

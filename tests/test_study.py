@@ -365,3 +365,23 @@ def test_the_studys_one_audit_fills_the_cache_at_each_models_size(phantom_dir, t
     for size in (64, 224):
         cache = pipeline.ImageCache(size, "pad")
         assert ok and all(cache.check(r.sha256) is None for r in ok), size
+
+
+def test_a_trial_whose_worker_never_started_is_a_failed_trial_not_a_traceback(tmp_path):
+    """Ray's workers once imported a folder named osteo (the clone, from its parent folder) in place
+    of the package: their results came back without a config, and the study died of a TypeError."""
+    from types import SimpleNamespace
+
+    from osteo.study import _outcomes
+
+    by_id = {t: {"id": t, "run": "", "root": str(tmp_path / t)} for t in ("tiny-f1", "tiny-f2")}
+    reported = {"status": "ok", "attempts": 1, "run": "r1"}
+    results = [SimpleNamespace(config={"id": "tiny-f1"}, metrics=reported, error=None),
+               SimpleNamespace(config=None, metrics=None,
+                               error=RuntimeError("ImportError: cannot import name 'CLASSES' from 'osteo'\ntraceback"))]
+    out = _outcomes(results, by_id)
+    assert out["tiny-f1"]["status"] == "ok" and out["tiny-f1"]["run"] == "r1"
+    assert out["tiny-f2"]["status"] == "failed" and out["tiny-f2"]["run"] == ""
+    assert out["tiny-f2"]["error"] == "ImportError: cannot import name 'CLASSES' from 'osteo'"
+    # none of the results says why: the trial failed all the same, and says what is known
+    assert _outcomes(results[:1], by_id)["tiny-f2"]["error"] == "its worker did not start"
