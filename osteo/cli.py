@@ -223,9 +223,12 @@ def cmd_split(args) -> int:
     from osteo.runs import check_output_place
 
     check_output_place(args.out, "--out", "write the split elsewhere, e.g. --out split.csv", dataset=args.data)
+    if args.folds and not (args.folds >= 2 and 1 <= args.fold <= args.folds):
+        raise OsteoError(f"--fold {args.fold} of --folds {args.folds} is not a fold: give --folds K (K >= 2) and "
+                         "--fold I, 1 <= I <= K (fold-I/ of osteo train --folds K)")
     rows = audit(args.data, memo=default_cache_root()).manifest_rows()
-    split, excluded = split_rows(
-        rows, val_fraction=args.val, test_fraction=args.test, folds=args.folds, fold=args.fold,
+    split, excluded = split_rows(  # fold I as osteo train numbers them (fold-1/ ...), 0-based inside
+        rows, val_fraction=args.val, test_fraction=args.test, folds=args.folds, fold=args.fold - 1,
         seed=args.seed, group_regex=args.group_regex,
         groups=read_groups_csv(args.groups) if args.groups else None, conflicts=args.conflicts,
         group_by=args.group_by,
@@ -243,7 +246,8 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val", type=float, default=0.3, help="validation fraction (default 0.3)")
     p.add_argument("--test", type=float, default=0.0, help="test fraction (default 0)")
     p.add_argument("--folds", type=_at_least(0), default=0, help="k for k-fold cross-validation")
-    p.add_argument("--fold", type=_at_least(0), default=0, help="which fold is validation (0..K-1)")
+    p.add_argument("--fold", type=_at_least(1), default=1,
+                   help="which fold is validation (1..K, as osteo train --folds K numbers fold-1/ ...)")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--group-regex", help="regex on the file name; group 1 is the patient id")
     p.add_argument("--groups", help="CSV with path,group columns")

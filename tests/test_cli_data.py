@@ -23,6 +23,17 @@ def test_split_command_writes_split_csv(tmp_path):
     assert main(["data", "split", str(tmp_path / "ph"), "--out", str(tmp_path / "split.csv"), "--seed", "1"]) == 0
     lines = (tmp_path / "split.csv").read_text().splitlines()
     assert lines[0] == "path,label,split,group" and len(lines) == 31
+    # a fold counted as osteo train counts them (fold-1/ ... fold-K/): data split's fold 1 is train's fold-1
+    from osteo.data.scan import audit
+    from osteo.data.split import split_rows
+
+    rows = audit(tmp_path / "ph").manifest_rows()
+    for fold in (1, 3):
+        out = tmp_path / f"fold{fold}.csv"
+        assert main(["data", "split", str(tmp_path / "ph"), "--out", str(out), "--folds", "3", "--fold", str(fold)]) == 0
+        val = {ln.split(",")[0] for ln in out.read_text().splitlines()[1:] if ln.split(",")[2] == "val"}
+        assert val == {r["path"] for r in split_rows(rows, folds=3, fold=fold - 1)[0] if r["split"] == "val"}
+    assert main(["data", "split", str(tmp_path / "ph"), "--out", str(out), "--folds", "3", "--fold", "4"]) == 2
 
 
 @pytest.mark.parametrize(
@@ -33,6 +44,7 @@ def test_split_command_writes_split_csv(tmp_path):
         (["--frobnicate"], "unknown option --frobnicate: options go after the command"),
         (["data", "phantom", "X", "--proportions", "1,x"], "comma-separated"),
         (["data", "phantom", "X", "--proportions", "1,2"], "proportions"),
+        (["data", "split", "X", "--folds", "3", "--fold", "0"], "--fold: must be 1 or more"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(argv, message, tmp_path):
