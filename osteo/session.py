@@ -98,8 +98,18 @@ def build_recipe(name: str, model: str | None, options: TrainOptions, folds: int
         recipe.data.batch_size = o.batch
     if o.seed is not None:
         recipe.train.seed = o.seed
+    overrides = list(o.overrides)
     if o.epochs is not None:
+        # which phases there are (--set train.epochs=0: the whole model from the start) before --epochs
+        # divides its total between them; a phase's own number beside the total is one or the other
+        phases = [s for s in overrides if s.split("=", 1)[0].strip() in ("train.epochs", "train.fine_tune_epochs")]
+        apply_overrides(recipe, phases)
+        named = [s.strip() for s in phases if s.split("=", 1)[1].strip() not in ("0", "0.0")] if phases else []
+        if named:
+            raise OsteoError(f"--epochs {o.epochs} is the total over both phases and --set {named[0]} one phase's: give "
+                             "one of them (with --epochs, --set train.epochs=0 trains the whole model from the start)")
         set_total_epochs(recipe, o.epochs)
+        overrides = [s for s in overrides if s not in phases]
     if o.deterministic:
         recipe.train.deterministic = True
     if o.runs:
@@ -114,7 +124,7 @@ def build_recipe(name: str, model: str | None, options: TrainOptions, folds: int
         recipe.data.group_regex = o.group_regex
     if o.groups:
         recipe.data.groups_csv = o.groups
-    apply_overrides(recipe, list(o.overrides))
+    apply_overrides(recipe, overrides)
     from osteo.runs import check_output_place
 
     resolved = resolve(recipe)

@@ -256,3 +256,23 @@ def test_one_audit_fills_the_image_cache_at_the_size_of_every_model_on_the_folde
     for size in (32, 48):
         cache = pipeline.ImageCache(size, recipe.data.resize)
         assert all(cache.check(r["sha256"]) is None for r in ok), size
+
+
+def test_epochs_in_all_are_shared_between_the_phases_a_set_leaves(phantom_dir, tmp_path):
+    """--epochs 4 --set train.epochs=0 (the whole model from the start, for 4 epochs) ran 2 epochs:
+    --epochs halved its total between both phases first, then the --set emptied the first."""
+    from osteo.errors import OsteoError
+    from osteo.session import TrainOptions, build_recipe
+
+    def recipe(epochs, *sets):
+        options = TrainOptions(data=str(phantom_dir), weights="none", image_size=32, runs=str(tmp_path / "runs"),
+                               epochs=epochs, overrides=sets)
+        t = build_recipe("finetune", "tiny", options).train
+        return t.epochs, t.fine_tune_epochs
+
+    assert recipe(4) == (2, 2)
+    assert recipe(4, "train.epochs=0") == (0, 4)
+    assert recipe(None, "train.epochs=0", "train.fine_tune_epochs=3") == (0, 3)
+    with pytest.raises(OsteoError, match=r"--epochs 4 is the total over both phases and --set train\.epochs=3 one "
+                                         r"phase's: give one of them"):
+        recipe(4, "train.epochs=3")
