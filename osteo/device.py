@@ -245,10 +245,12 @@ def probe() -> Device:
 
 
 def choose_backend(requested: str, spec: BackboneSpec, device: Device,
-                   available: tuple[str, ...] | None = None, keras_layers: str = "") -> tuple[str, str]:
+                   available: tuple[str, ...] | None = None, keras_layers: str = "",
+                   timm_module: str = "") -> tuple[str, str]:
     """(backend, why). ``auto``: a backend that sees the GPU, else the measured-faster one on this
     CPU: for the engine ``auto`` picks there, or, where ``keras_layers`` says why the run will
-    have Keras' layers (a Keras weights file, model.impl=keras), for those where measured."""
+    have Keras' layers (a Keras weights file, model.impl=keras), for those where measured; where
+    ``timm_module`` says why it needs timm's module (a PyTorch state dict), PyTorch."""
     if requested not in BACKENDS:
         raise OsteoError(f"unknown backend {requested!r}; choose one of: {', '.join(BACKENDS)}")
     if requested != "auto":
@@ -267,6 +269,8 @@ def choose_backend(requested: str, spec: BackboneSpec, device: Device,
     d = spec.cpu_decision(device.cpu_class)
     best = d.backend
     why = f"{best} for {spec.name} on {device.cpu_class} CPUs: {d.why or 'the default (not measured)'}"
+    if timm_module and spec.timm_name and "torch" in available:
+        return "torch", f"{note}torch: {timm_module}, which only timm's module reads (the timm engine, on PyTorch)"
     if keras_layers and d.keras_backend:
         best = d.keras_backend
         why = f"{best} for {spec.name}'s Keras layers ({keras_layers}) on {device.cpu_class} CPUs: {d.keras_why}"
@@ -277,6 +281,18 @@ def choose_backend(requested: str, spec: BackboneSpec, device: Device,
 
 
 KERAS_WEIGHT_FILES = (".h5", ".keras")
+
+
+TORCH_WEIGHT_FILES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def torch_weights_file(weights: str | None) -> bool:
+    """Whether ``weights`` names a PyTorch state dict (a timm or torchvision file, or a timm run's
+    checkpoint), which only the timm engine loads."""
+    from osteo.h5files import holds_torch_state
+
+    name = str(weights or "").lower()
+    return name.endswith(TORCH_WEIGHT_FILES) or (name.endswith(KERAS_WEIGHT_FILES) and holds_torch_state(weights))
 
 
 def keras_weights_file(weights: str | None) -> bool:
@@ -378,7 +394,9 @@ def plan(spec: BackboneSpec, device: Device, *, backend: str = "auto", precision
     """Every device choice of one run, each with its reason."""
     keras_file = impl == "auto" and keras_weights_file(weights)  # Keras' layers, by the file
     keras_layers = "model.impl=keras" if impl == "keras" else "the weights file is Keras'" if keras_file else ""
-    b, why_b = choose_backend(backend, spec, device, available, keras_layers)
+    timm_module = ("the weights file is a PyTorch state dict" if impl in ("auto", "timm") and not keras_file
+                   and torch_weights_file(weights) else "")
+    b, why_b = choose_backend(backend, spec, device, available, keras_layers, timm_module)
     where = "gpu" if device.on(b) == "gpu" else device.cpu_class
     i, why_i = choose_impl(impl, spec, b, weights, where)
     p, why_p = choose_precision(precision, spec, device, b)

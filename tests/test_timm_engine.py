@@ -232,6 +232,12 @@ def test_a_timm_runs_checkpoint_loads_on_the_timm_engine_as_a_keras_runs_does_on
     keras_layers = create(get_backbone("tiny"), "keras", image_size=32, weights="none").build()
     keras_layers.save_weights(tmp_path / "keras.weights.h5")
     assert not keras_weights_file(str(tmp_path / "best.weights.h5")) and keras_weights_file(str(tmp_path / "keras.weights.h5"))
+    # backend auto sends it to PyTorch even for a backbone whose CPU choice is TensorFlow (tiny's)
+    from osteo.device import Device, plan
+
+    cpu = Device(kind="cpu", name="cpu", cpu_class="avx512_bf16")
+    chosen = plan(get_backbone("tiny"), cpu, available=("tensorflow", "torch"), weights=str(tmp_path / "best.weights.h5"))
+    assert (chosen.backend, chosen.impl) == ("torch", "timm")
     with pytest.raises(OsteoError, match=r"holds a PyTorch module's state dict \(a timm run's checkpoint\), which the "
                                          r"timm engine reads"):
         create(get_backbone("tiny"), "keras", image_size=32, weights=str(tmp_path / "best.weights.h5")).build()

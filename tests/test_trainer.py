@@ -163,6 +163,13 @@ def test_backend_auto_for_keras_layers_follows_their_own_measurements():
     assert plan.backend == "torch" and plan.why["backend"].startswith("torch for convnext_tiny on avx2 CPUs")
     # a timm weights file, or none: the timm engine's backend as before
     assert device_plan(get_backbone("densenet169"), intel, available=BOTH, weights="w.safetensors").backend == "torch"
+    # where TensorFlow is the CPU's choice (tiny: not measured), a PyTorch state dict still goes to PyTorch, the only
+    # backend whose engine reads it (it picked TensorFlow, then refused the file)
+    plan = device_plan(get_backbone("tiny"), intel, available=BOTH, weights="w.pth")
+    assert plan.backend == "torch" and "the weights file is a PyTorch state dict" in plan.why["backend"]
+    if importlib.util.find_spec("timm"):
+        assert plan.impl == "timm"
+    assert device_plan(get_backbone("tiny"), intel, available=BOTH).backend == "tensorflow"
     # the backend named by the user stands; where it is far slower for these layers, one warning says so
     plan = device_plan(get_backbone("densenet169"), intel, backend="torch", available=BOTH, weights="w.h5")
     assert (plan.backend, plan.impl) == ("torch", "keras")
