@@ -7,8 +7,14 @@ module (:func:`torch_state_group`), and :func:`osteo.device.keras_weights_file` 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
+
+KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"  # a .keras archive's weights, in Keras' own HDF5 layout
 
 
 def datasets(group, bad: Callable[[str], Exception]) -> Iterator[tuple[str, object]]:
@@ -45,12 +51,79 @@ def torch_state_group(f, bad: Callable[[str], Exception]) -> str | None:
 
 
 def holds_torch_state(path: str | os.PathLike) -> bool:
-    """Whether the file at ``path`` is a Keras weights file holding a PyTorch module's state dict
-    (False for anything else, a file that is not there or cannot be read included)."""
+    """Whether the file at ``path`` is a Keras weights file (or a ``.keras`` archive) holding a
+    PyTorch module's state dict (False for anything else, a file that is not there or cannot be
+    read included)."""
     try:
         import h5py
 
-        with h5py.File(path, "r") as f:
+        with weights_of(path, 2**34, ValueError) as inner, h5py.File(inner, "r") as f:
             return torch_state_group(f, ValueError) is not None
     except Exception:
         return False
+
+
+def keras_archive(path: str | os.PathLike):
+    """``path``'s zip if it is a ``.keras`` archive (one holding :data:`KERAS_ARCHIVE_WEIGHTS`;
+    torch.save's zips hold none), else None; a damaged zip is None too (read as HDF5, which
+    says what it is not)."""
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(path) if zipfile.is_zipfile(path) else None
+    except Exception:
+        return None
+    if archive is not None and KERAS_ARCHIVE_WEIGHTS not in archive.namelist():
+        archive.close()
+        return None
+    return archive
+
+
+@contextlib.contextmanager
+def weights_of(path: str | os.PathLike, limit: int, bad: Callable[[str], Exception]) -> Iterator[Path]:
+    """The HDF5 weights file ``path`` is: itself, or a ``.keras`` archive's weights extracted to a
+    temporary folder (at most ``limit`` bytes; removed after). A damaged archive, or one that
+    cannot be extracted (a full or missing TMPDIR), is ``bad(reason)``."""
+    archive = keras_archive(path)
+    if archive is None:
+        if str(path).lower().endswith(".keras") and Path(path).is_file():
+            raise bad("is a damaged .keras archive (not a whole zip: truncated?)")
+        yield Path(path)
+        return
+    with archive:
+        member = archive.getinfo(KERAS_ARCHIVE_WEIGHTS)
+        if member.file_size > limit:
+            raise bad(f"holds {member.file_size / 2**30:.1f} GiB of weights, more than osteo extracts from a "
+                      f".keras archive for this model ({limit / 2**30:.1f} GiB)")
+        with scratch(bad) as tmp:
+            inner = tmp / KERAS_ARCHIVE_WEIGHTS
+            try:
+                with archive.open(member) as src, open(inner, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 2**20)
+            except OSError as e:
+                if e.errno is None:  # the decompressor's, not the disk's
+                    raise bad(f"is a damaged .keras archive ({_short(e)})") from None
+                raise bad(f"cannot be extracted to {tmp} ({e.strerror or _short(e)}); set TMPDIR to a folder "
+                          "with room") from None
+            except Exception as e:  # encrypted, an unknown method, a corrupt stream: the archive's fault
+                raise bad(f"is a damaged .keras archive ({_short(e)})") from None
+            yield inner
+
+
+@contextlib.contextmanager
+def scratch(bad: Callable[[str], Exception]) -> Iterator[Path]:
+    """A temporary folder for a copy of (part of) a weights file, removed after; ``bad(reason)``
+    naming TMPDIR where none can be made."""
+    try:
+        tmp = tempfile.mkdtemp(prefix="osteo-weights-")
+    except OSError as e:
+        raise bad(f"needs a temporary folder, which cannot be made in {tempfile.gettempdir()} "
+                  f"({e.strerror or _short(e)}); set TMPDIR to a writable folder with room") from None
+    try:
+        yield Path(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _short(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -232,6 +232,13 @@ def test_a_timm_runs_checkpoint_loads_on_the_timm_engine_as_a_keras_runs_does_on
     keras_layers = create(get_backbone("tiny"), "keras", image_size=32, weights="none").build()
     keras_layers.save_weights(tmp_path / "keras.weights.h5")
     assert not keras_weights_file(str(tmp_path / "best.weights.h5")) and keras_weights_file(str(tmp_path / "keras.weights.h5"))
+    # and so does the run's model.keras (osteo export --format keras): a new user's trial was sent to Keras' layers,
+    # which sent it back to the timm engine, which could not read a .keras archive
+    run.save(tmp_path / "model.keras")
+    torch.manual_seed(3)
+    from_archive = TimmLayer("tiny", "test_resnet", image_size=32, weights=str(tmp_path / "model.keras")).module.state_dict()
+    assert all(torch.equal(want[k], from_archive[k]) for k in want)
+    assert not keras_weights_file(str(tmp_path / "model.keras"))
     # backend auto sends it to PyTorch even for a backbone whose CPU choice is TensorFlow (tiny's)
     from osteo.device import Device, plan
 

@@ -10,11 +10,8 @@ before anything is read.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -30,7 +27,7 @@ from osteo.backbones.base import (
 )
 from osteo.device import ENGINES
 from osteo.errors import OsteoError
-from osteo.h5files import datasets, torch_state_group
+from osteo.h5files import datasets, scratch, torch_state_group, weights_of
 from osteo.registry import parse_weights
 
 
@@ -428,61 +425,15 @@ def load_weights_file(model: keras.Model, path: Path, name: str) -> None:
     checked against the model's from the file's metadata first, a tensor that is not (the top's)
     is never inflated, and any skipped or mismatched backbone layer is an error, not a warning.
     The timm engine ignores a state dict's classifier the same way."""
-    import zipfile
-
     fix = (f"pass a Keras weights file of {name} (keras.applications', with or without its top) "
            "or --weights none (make: WEIGHTS=none)")
 
     def bad(reason: str) -> OsteoError:
         return OsteoError(f"weights file {path} {reason}; {fix}")
 
-    try:
-        archive = zipfile.ZipFile(path) if zipfile.is_zipfile(path) else None
-    except Exception:  # a damaged zip: read as HDF5, which says what it is not
-        archive = None
-    if archive is not None and "model.weights.h5" not in archive.namelist():  # torch.save's zip, say
-        archive.close()
-        archive = None
-    if archive is None:
-        if str(path).lower().endswith(".keras") and Path(path).is_file():
-            raise bad("is a damaged .keras archive (not a whole zip: truncated?)")
-        _load_h5(model, path, f"backbone {name}", bad)
-        return
     # the whole model's weights, its top too (VGG16's is 8 times its backbone): at most 16 times the backbone
-    limit = max(2**30, 16 * 4 * model.count_params())
-    with archive:
-        member = archive.getinfo("model.weights.h5")
-        if member.file_size > limit:
-            raise bad(f"holds {member.file_size / 2**30:.1f} GiB of weights, more than osteo extracts from a "
-                      f".keras archive for {name} ({limit / 2**30:.1f} GiB)")
-        with _scratch(bad) as tmp:
-            inner = tmp / "model.weights.h5"
-            try:
-                with archive.open(member) as src, open(inner, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 2**20)
-            except OSError as e:
-                if e.errno is None:  # the decompressor's, not the disk's
-                    raise bad(f"is a damaged .keras archive ({short(e)})") from None
-                raise bad(f"cannot be extracted to {tmp} ({e.strerror or short(e)}); set TMPDIR to a folder "
-                          "with room") from None
-            except Exception as e:  # encrypted, an unknown method, a corrupt stream: the archive's fault
-                raise bad(f"is a damaged .keras archive ({short(e)})") from None
-            _load_h5(model, inner, f"backbone {name}", bad)
-
-
-@contextlib.contextmanager
-def _scratch(bad):
-    """A temporary folder for a copy of (part of) a weights file, removed after; a one-line error
-    naming TMPDIR where none can be made."""
-    try:
-        tmp = tempfile.mkdtemp(prefix="osteo-weights-")
-    except OSError as e:
-        raise bad(f"needs a temporary folder, which cannot be made in {tempfile.gettempdir()} "
-                  f"({e.strerror or short(e)}); set TMPDIR to a writable folder with room") from None
-    try:
-        yield Path(tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with weights_of(path, max(2**30, 16 * 4 * model.count_params()), bad) as inner:
+        _load_h5(model, inner, f"backbone {name}", bad)
 
 
 def _load_h5(model: keras.Model, path: Path, what: str, bad) -> None:
@@ -506,7 +457,7 @@ def _load_h5(model: keras.Model, path: Path, what: str, bad) -> None:
             root = _backbone_group(f, model, bad)
             _check_keras_groups(root, model, what, bad)
             if root is not f:  # the backbone's groups alone, in a file of their own, for Keras to read
-                with _scratch(bad) as tmp:
+                with scratch(bad) as tmp:
                     alone = tmp / f"{model.name}.weights.h5"
                     try:
                         with h5py.File(alone, "w") as out:

@@ -123,6 +123,12 @@ def read_state_dict(path: Path) -> tuple[dict[str, tuple[int, ...]], Callable[[]
     """
     import torch
 
+    from osteo.h5files import keras_archive
+
+    archive = keras_archive(path)  # a timm run's model.keras (osteo export --format keras)
+    if archive is not None:
+        archive.close()
+        return _state_in_keras_file(path)
     with open(path, "rb") as f:
         if f.read(8) == b"\x89HDF\r\n\x1a\n":
             return _state_in_keras_file(path)
@@ -158,17 +164,23 @@ def read_state_dict(path: Path) -> tuple[dict[str, tuple[int, ...]], Callable[[]
     return {k: tuple(v.shape) for k, v in state.items()}, lambda: state
 
 
+# the most of a .keras archive's weights the timm engine extracts to read a state dict from (ConvNeXt-Base's
+# model with Adam's moments is about 1 GiB)
+ARCHIVE_LIMIT = 8 * 2**30
+
+
 def _state_in_keras_file(path: Path) -> tuple[dict[str, tuple[int, ...]], Callable[[], dict]]:
     """:func:`read_state_dict` of a Keras weights file that holds a PyTorch module's state dict (a
-    timm run's checkpoint, ``best.weights.h5``, where Keras' ``TorchModuleWrapper`` stored it); its
+    timm run's checkpoint, ``best.weights.h5``, where Keras' ``TorchModuleWrapper`` stored it), or of
+    a ``.keras`` archive holding such a file (a timm run's ``osteo export --format keras``); its
     other tensors (the run's head) are not read."""
     import h5py
     import numpy as np
     import torch
 
-    from osteo.h5files import torch_state_group
+    from osteo.h5files import torch_state_group, weights_of
 
-    with h5py.File(path, "r") as f:
+    with weights_of(path, ARCHIVE_LIMIT, ValueError) as inner, h5py.File(inner, "r") as f:
         group = torch_state_group(f, ValueError)
         if group is None:
             raise ValueError("it is a Keras weights file of Keras' layers, which model.impl=keras reads")
@@ -178,12 +190,13 @@ def _state_in_keras_file(path: Path) -> tuple[dict[str, tuple[int, ...]], Callab
             raise ValueError(f"its tensor {odd[0]} is of type {stored[odd[0]].dtype}, not numbers")
         shapes = {k: tuple(int(d) for d in v.shape) for k, v in stored.items()}
         declared = sum(v.size * v.dtype.itemsize for v in stored.values())
-        if declared > 2 * os.path.getsize(path) + 2**20:  # Keras writes its tensors uncompressed
+        size = os.path.getsize(inner)
+        if declared > 2 * size + 2**20:  # Keras writes its tensors uncompressed
             raise ValueError(f"it declares {declared / 2**30:.1f} GiB of tensors in a file of "
-                             f"{os.path.getsize(path) / 2**20:.0f} MiB: compressed data, not a checkpoint Keras wrote")
+                             f"{size / 2**20:.0f} MiB: compressed data, not a checkpoint Keras wrote")
 
     def read() -> dict:
-        with h5py.File(path, "r") as f:
+        with weights_of(path, ARCHIVE_LIMIT, ValueError) as inner, h5py.File(inner, "r") as f:
             return {k: torch.from_numpy(np.asarray(v)) for k, v in f[group].items() if k in shapes}
 
     return shapes, read
