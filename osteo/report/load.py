@@ -73,6 +73,8 @@ class Run:
     val_balanced_accuracy: float = float("nan")
     # each scored image's group (duplicates, patient), for intervals that draw groups whole (None: images)
     groups: list[str] | None = None
+    # an external folder's eval record (osteo eval --data): its folder, and the images it left out and why
+    external_record: dict = field(default_factory=dict)
 
     @property
     def model(self) -> str:
@@ -299,7 +301,7 @@ def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) ->
                split_id, audit, evaluated_on=where, calibrated=calibrated, temperature=temperature,
                chose=CHOSE["external"], points=points, images_id=images_id(rows, RunDir(external).content_sha256()),
                val_balanced_accuracy=float(np.mean([_val_ba(f) for f in CvDir(run_dir).folds()])) if ensemble
-               else _val_ba(run), groups=groups)
+               else _val_ba(run), groups=groups, external_record=record)
 
 
 def _check_members_calibrations(cv: CvDir, external: Path) -> None:

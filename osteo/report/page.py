@@ -250,22 +250,29 @@ def _audit_section(runs: list[Run]) -> str:
     parts = []
     seen = set()
     for r in runs:
-        a = r.audit
-        key = a.get("data_dir")
-        if not a or key in seen:
+        a, record = r.audit, r.external_record
+        key = record.get("data_dir") or a.get("data_dir")  # an external folder: where it was scored from
+        if not a or (key, r.evaluated_on) in seen:
             continue
-        seen.add(key)
+        seen.add((key, r.evaluated_on))
         groups = a.get("duplicate_groups", [])
         conflicts = [g for g in groups if g.get("conflict")]
         rows = [{"class": c, "readable images": a.get("classes", {}).get(c)} for c in CLASSES]
-        parts.append(f"<h3>data: {e(str(key))}</h3>")
+        parts.append(f"<h3>data: {e(str(key))}" + (f" ({e(r.evaluated_on)})" if record else "") + "</h3>")
         parts.append(_table(rows, ["class", "readable images"]))
-        parts.append(
-            f"<p>{a.get('n_files', 0)} image files, {a.get('n_ok', 0)} readable, {len(a.get('unreadable', []))} "
-            f"unreadable, {len(a.get('ignored', []))} ignored; {len(groups)} duplicate groups "
-            f"({sum(g['kind'] == 'exact' for g in groups)} exact, {sum(g['kind'] == 'near' for g in groups)} near), "
-            f"{len(conflicts)} filed under two classes and excluded from the split "
-            f"({r.env.get('excluded_conflicts', 0)} images).</p>")
+        counts = (f"{a.get('n_files', 0)} image files, {a.get('n_ok', 0)} readable, {len(a.get('unreadable', []))} "
+                  f"unreadable, {len(a.get('ignored', []))} ignored; {len(groups)} duplicate groups "
+                  f"({sum(g['kind'] == 'exact' for g in groups)} exact, {sum(g['kind'] == 'near' for g in groups)} near)")
+        if record:  # a folder scored by osteo eval: what it left out of the score, and why
+            overlap, near = record.get("excluded_training_overlap", 0), record.get("excluded_near_copies", 0)
+            parts.append(
+                f"<p>{counts}. Scored: {len(r.y)} images. Left out: {overlap} also in the run's own data (its "
+                f"training, validation or test images{f', {near} of them re-encoded or resized copies' if near else ''}), "
+                f"{record.get('excluded_label_conflicts', 0)} filed under two classes (their label is unknown), "
+                f"{record.get('unreadable', 0)} unreadable.</p>")
+        else:
+            parts.append(f"<p>{counts}, {len(conflicts)} filed under two classes and excluded from the split "
+                         f"({r.env.get('excluded_conflicts', 0)} images).</p>")
         if conflicts:
             items = "".join(f"<li>{e(', '.join(g['paths']))} ({e(', '.join(g['labels']))})</li>" for g in conflicts[:50])
             parts.append(f"<details><summary>conflicting duplicate groups</summary><ul>{items}</ul></details>")
