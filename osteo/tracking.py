@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from osteo.errors import OsteoError
-from osteo.evaluate import METRICS
+from osteo.evaluate import CHOSE, METRICS, SPLIT_NAMES, headline_split, provenance
 from osteo.recipe import Recipe, dotted
 from osteo.runs import RunDir
 
@@ -243,6 +243,17 @@ def final_metrics(metrics: dict) -> dict[str, float]:
     return out
 
 
+def final_tags(metrics: dict) -> dict[str, str]:
+    """What the images behind each ``final_<split>_*`` metric chose, as MLflow tags: ``osteo.final_val``
+    'validation, which chose the checkpoint, temperature and thresholds: optimistic', ``osteo.final_test``
+    'test, which chose nothing', and ``osteo.headline``, the split whose numbers to quote."""
+    splits = [s for s in ("val", "test") if isinstance(metrics.get(s), dict)]
+    tags = {f"osteo.final_{s}": provenance(SPLIT_NAMES[s], metrics[s].get("chose", CHOSE[s])) for s in splits}
+    if splits:
+        tags["osteo.headline"] = f"final_{headline_split(splits)}_*"
+    return tags
+
+
 class _MlflowRun:
     """The MLflow run of one osteo run, through MlflowClient (no global active run)."""
 
@@ -303,6 +314,8 @@ class _MlflowRun:
                  run.model_card_path, run.calibration_path)
         with _mlflow_errors(self.uri):
             self.client.log_batch(self.run_id, metrics=metrics)
+            for key, value in final_tags(run.read_metrics()).items():  # what the images behind them chose
+                self.client.set_tag(self.run_id, key, value)
             for path in files:
                 if path.is_file():
                     self.client.log_artifact(self.run_id, str(path))

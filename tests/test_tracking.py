@@ -82,6 +82,10 @@ def test_mlflow_file_store_holds_params_curves_metrics_and_artifacts(phantom_dir
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc"):
         assert final[f"final_val_{key}"] == pytest.approx(val[key])
     assert [final["final_val_macro_f1_ci_low"], final["final_val_macro_f1_ci_high"]] == pytest.approx(val["macro_f1_ci"])
+    # and what those images chose: this run's validation chose its checkpoint, so its numbers are optimistic
+    assert logged.data.tags["osteo.final_val"] == ("validation, which chose the checkpoint, temperature and "
+                                                   "thresholds: optimistic")
+    assert logged.data.tags["osteo.headline"] == "final_val_*" and "osteo.final_test" not in logged.data.tags
 
     artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}
     assert {"recipe.json", "env.json", "metrics.json", "history.csv"} <= artifacts
