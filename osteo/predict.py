@@ -394,6 +394,8 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     if n_boot < 0:
         raise OsteoError(f"the number of bootstrap resamples must be 0 or more, got {n_boot}; e.g. --bootstrap 1000")
     ensemble = CvDir(run_dir).is_cv()
+    if not ensemble and RunDir(run_dir).is_run():
+        RunDir(run_dir).read_env()  # the model card reads it after the folder is scored: damaged, say so before
     predictor = Ensemble(run_dir, tta=tta) if ensemble else Predictor(run_dir, calibrated=True, tta=tta)
     run, folder = predictor.run, Path(folder)
     seen_in = SEEN_IN["cv" if ensemble else "run"]
@@ -429,7 +431,8 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     missing = [c for i, c in enumerate(CLASSES) if not (y == i).any()]
     if missing and warn:
         one = " and balanced accuracy cannot tell a model from always answering one class" if len(missing) == 2 else ""
-        warn(f"{folder} has no {' or '.join(missing)} images scored: ROC-AUC is left out{one}")
+        warn(f"{folder} has no {' or '.join(missing)} images scored: ROC-AUC is left out{one}; balanced accuracy "
+             f"averages the classes present, macro F1 all three (a class without images counts 0)")
     raw_rows = [{"path": rec.path, "label": rec.label} for rec, _ in kept]
     calibrated = predictor.calibrate(raw)
     # intervals that draw the folder's duplicates and patients whole: four copies of an image are one draw

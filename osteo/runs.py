@@ -244,7 +244,9 @@ class RunDir(_Folder):
         write_json(self.recipe_path, recipe.to_dict())
 
     def read_env(self) -> dict:
-        return self._read(self.env_path, default={})
+        # training writes it, and only training: a damaged one is not eval's to write again
+        return self._read(self.env_path, default={}, fix="it is written by training: train the run again, or "
+                          f"restore {self.env_path.name} from a copy of the run")
 
     def write_env(self, env: dict) -> None:
         write_json(self.env_path, env)

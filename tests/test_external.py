@@ -238,8 +238,12 @@ def test_a_second_folder_of_the_same_name_does_not_replace_the_firsts_validation
     assert f"holds the external validation of {(tmp_path / 'siteA' / 'ext').resolve()}, another folder" in err, err
     assert f"give --out {copy.eval_path}/<another name>" in err
     assert (copy.eval_path / "ext" / "metrics.json").read_bytes() == first
-    # the same folder again is measured again, in place
+    # the same folder again is measured again, in place; without one class, what each average is over is said
+    shutil.rmtree(tmp_path / "siteA" / "ext" / "osteoporosis")
     assert main(["eval", str(copy), "--data", str(tmp_path / "siteA" / "ext"), "--bootstrap", "20"]) == 0
+    err = capsys.readouterr().err
+    assert ("has no osteoporosis images scored: ROC-AUC is left out; balanced accuracy averages the classes present, "
+            "macro F1 all three (a class without images counts 0)") in err, err
 
 
 def test_an_image_filed_under_two_classes_scores_nothing(run, tmp_path, capsys):

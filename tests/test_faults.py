@@ -108,6 +108,14 @@ def test_damaged_run_files_are_one_line_and_the_report_skips_them(finished_run, 
     assert main(["eval", str(bad_metrics)]) == 2
     line = one_line(capsys)
     assert "metrics.json is damaged" in line
+    # env.json, which training alone writes: eval --data said so after its folder was written, with a warning
+    # before, and told the user to run eval again
+    bad_env = copy_run(finished_run, tmp_path / "r6")
+    bad_env.env_path.write_text('{"backend": ')
+    assert main(["eval", str(bad_env), "--data", str(finished_run.read_audit()["data_dir"])]) == 2
+    line = one_line(capsys)
+    assert "env.json is damaged (JSONDecodeError); it is written by training: train the run again" in line
+    assert not bad_env.eval_path.exists()
 
     out = tmp_path / "rep"
     rc = main(["report", str(good), str(bad_recipe), str(other_classes), str(bad_split), "--out", str(out),
