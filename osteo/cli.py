@@ -345,13 +345,15 @@ def cmd_train(args) -> int:
                          "(or --resume RUN_DIR to continue a run)")
     else:
         recipe = build_recipe(args.recipe, args.model, options, folds=args.folds or 0)
-    backend = args.backend
+    backend, named_by = args.backend, ""
     if run is not None and backend is None:  # a run resumes on the backend (and engine) it trained on
         with contextlib.suppress(OsteoError, OSError, ValueError):
             backend = run.read_env().get("backend")
+            named_by = "the run's own: a run resumes on the backend it trained on"
     elif backend is None and (args.folds is not None or args.cv):  # and a cross-validation's folds, theirs
         backend = continued_cv_backend(recipe, args.folds, args.cv)
-    plan = plan_device(backend, recipe, say)
+        named_by = "the cross-validation's: its folds train on the backend its first fold trained on"
+    plan = plan_device(backend, recipe, say, named_by=named_by if backend else "")
     if run is None:
         ensure_phantom(recipe, say)
     if args.folds is not None or args.fold is not None or args.cv:

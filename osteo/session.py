@@ -202,8 +202,9 @@ def resume_recipe(spec: str, model: str | None, options: TrainOptions,
     return run, recipe
 
 
-def plan_device(requested: str | None, recipe: Recipe, say: Say) -> device.Plan:
-    """Probe the device and choose backend, precision and compilation, before Keras is imported."""
+def plan_device(requested: str | None, recipe: Recipe, say: Say, named_by: str = "") -> device.Plan:
+    """Probe the device and choose backend, precision and compilation, before Keras is imported.
+    ``named_by``: why ``requested`` is what it is where the user did not name it (a resumed run's own)."""
     spec = get_backbone(recipe.model.backbone)
     t = recipe.train
     if "keras" in sys.modules:  # imported already (a library caller): keep the backend it loaded
@@ -218,6 +219,8 @@ def plan_device(requested: str | None, recipe: Recipe, say: Say) -> device.Plan:
         plan = device.plan(spec, device.probe(), backend=choice, precision=t.precision, jit_compile=t.jit_compile,
                            planned_images=device.planned_images(recipe), impl=recipe.model.impl,
                            weights=recipe.model.weights)
+        if named_by and choice == requested:
+            plan.why["backend"] = named_by
         # what runs, and why, also where the backend was named: a Keras weights file makes the engine Keras'
         say(f"backend: {plan.backend} on {plan.runs_on} ({plan.why['backend']}); "
             f"backbone: {plan.impl} ({plan.why['impl']})")

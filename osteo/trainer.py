@@ -278,6 +278,12 @@ class Trainer:
             "excluded_conflicts": len(self.dm.excluded),
             "n_train": self.dm.count("train"), "n_val": self.dm.count("val"), "n_test": self.dm.count("test"),
         }
+        if self.resume:  # the command that started the run stays; each that resumed it is added
+            with contextlib.suppress(OsteoError, OSError, ValueError):
+                before = run.read_env()
+                if before.get("command"):
+                    self.env["command"] = before["command"]
+                    self.env["resumed_by"] = [*before.get("resumed_by", []), self.command]
         run.write_env(self.env)
 
     def _setup_callbacks_state(self) -> None:

@@ -90,8 +90,13 @@ def test_a_kill_at_an_epochs_or_a_phases_edge_resumes_as_if_never_killed(phantom
         _killed(_osteo([*args, "--runs", runs], tmp_path, kill_at=point))
         run = RunDir(next((runs / "tiny").iterdir()))
         assert len(run.read_history()) == rows and not run.is_finished(), point
-        _ok(_osteo(["train", "finetune", "--resume", "latest", "--runs", runs], tmp_path))
+        resumed = _osteo(["train", "finetune", "--resume", "latest", "--runs", runs], tmp_path)
+        _ok(resumed)
         assert run.is_finished(), point
+        assert "backend: tensorflow on cpu (the run's own: a run resumes on the backend it trained on)" in resumed.stdout
+        env = json.loads(run.env_path.read_text())  # the command that started it, and the one that resumed it
+        assert "--resume" not in env["command"] and [c.split()[-4:] for c in env["resumed_by"]] == [
+            ["--resume", "latest", "--runs", str(runs)]], env
         assert ([[r[k] for k in same] for r in run.read_history()] ==
                 [[r[k] for k in same] for r in ref.read_history()]), point
         assert run.best_path.read_bytes() == ref.best_path.read_bytes(), point
