@@ -188,7 +188,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
     """
     if fmt not in FORMATS:
         raise OsteoError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    run = RunDir(run_dir).check(need=(RunDir.BEST,))
+    run = RunDir(run_dir).check(need=(RunDir.BEST,), finished=True)  # before anything is said of its calibration
     recipe = run.read_recipe()
     engine = get_engine(recipe.model.impl)
     engine.check_export(fmt, f"run {run.path}", get_backbone(recipe.model.backbone))

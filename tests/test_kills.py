@@ -112,11 +112,12 @@ def test_a_run_killed_while_finishing_is_unfinished_refused_flagged_and_finished
     assert not run.is_finished() and run.is_resumable()
     image = next((phantom_dir / "normal").iterdir())
     hint = f"finish it with: osteo train --resume {run.path}"
-    for argv in (["predict", run, image, "--out", tmp_path / "p.csv"], ["eval", run]):
+    for argv in (["predict", run, image, "--out", tmp_path / "p.csv"], ["eval", run],
+                 ["export", run, "--out", tmp_path / "m.keras", "--format", "keras"]):  # export warned first
         proc = _osteo(argv, tmp_path)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert "is unfinished" in proc.stderr and proc.stderr.strip().endswith(hint)
-    assert not (tmp_path / "p.csv").exists()
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "m.keras").exists()
     proc = _osteo(["report", "--runs", runs, "--out", tmp_path / "rep"], tmp_path)
     assert proc.returncode == 2 and "left out 1 unfinished run(s)" in proc.stderr  # flagged, not reported
     proc = _osteo(["report", run, "--out", tmp_path / "rep"], tmp_path)
