@@ -65,6 +65,10 @@ def test_a_cross_validation_scores_a_folder_as_the_mean_of_its_fold_models(cv, p
     assert by_where["external: hospital-b"]["ece_calibrated"] == by_where["external: hospital-b"]["ece"]
     points = {(r["evaluated_on"], r["point"]) for r in _rows(tmp_path / "rep" / "operating_points.csv")}
     assert ("external: hospital-b", "osteoporosis") in points
+    # a fold reported on its own is named with its cross-validation (every one has a fold-1)
+    assert main(["report", str(cv.path / "fold-1"), "--out", str(tmp_path / "rep1"), "--bootstrap", "20"]) == 0
+    assert {r["run_id"] for r in _rows(tmp_path / "rep1" / "comparison.csv") if r["model"] == "tiny"} == {
+        f"{cv.name}/fold-1"}
 
 
 def test_an_unfinished_cross_validation_is_not_scored(cv, tmp_path, capsys):

@@ -82,8 +82,10 @@ class Run:
 
     @property
     def run_id(self) -> str:
-        # an external validation lives in RUN/eval/<folder>/: its row is the run's
-        return self.path.parent.parent.name if self.evaluated_on.startswith("external") else self.path.name
+        # an external validation lives in RUN/eval/<folder>/: its row is the run's; a fold reported on its own
+        # is named with its cross-validation (<cv-id>/fold-2: every cross-validation has a fold-2)
+        run = self.path.parent.parent if self.evaluated_on.startswith("external") else self.path
+        return f"{run.parent.name}/{run.name}" if CvDir(run.parent).is_cv() else run.name
 
     @property
     def folds(self) -> int:
