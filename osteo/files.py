@@ -103,11 +103,20 @@ def check_room(path: str | os.PathLike, size: int) -> None:
     if resource and limit != resource.RLIM_INFINITY and size > limit:
         raise OSError(errno.EFBIG, f"File too large (about {_size(size)}, over the file-size limit of "
                                    f"{_size(limit)})", str(path))
+    folder = os.path.dirname(os.path.abspath(path))
     try:
-        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+        if hasattr(os, "statvfs"):
+            st = os.statvfs(folder)  # root may write into the blocks reserved for it
+            total = st.f_blocks * st.f_frsize
+            free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+        else:  # Windows
+            import shutil
+
+            total, _, free = shutil.disk_usage(folder)
     except OSError:
         return
-    free = st.f_bavail * st.f_frsize
+    if total == 0:  # ramfs, tmpfs of size 0, some FUSE file systems: no size to go by
+        return
     if free < size:
         raise OSError(errno.ENOSPC, f"No space left on device (about {_size(size)} needed, {_size(free)} free)",
                       str(path))
@@ -224,15 +233,18 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
         fd = os.open(folder, os.O_RDONLY)
     except OSError as e:
         raise OsteoError(f"cannot write to {folder}: {e.strerror}; choose a writable output directory") from None
+    import logging
+
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            import logging
-
             logging.getLogger("osteo").warning("waiting for another osteo command that writes in %s to finish "
                                                "before writing %s", folder, what)
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # NFS emulates flock with POSIX locks, which a folder opened to read cannot take
+            logging.getLogger("osteo").warning("cannot lock %s (%s): another osteo command writing there at the "
+                                               "same time is not waited for", folder, e.strerror or e)
         yield
     finally:
         os.close(fd)  # closing releases the lock

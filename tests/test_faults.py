@@ -8,7 +8,7 @@ import time
 
 import keras
 import pytest
-from helpers import copy_run, one_line
+from helpers import copy_run, one_line, osteo_warnings
 
 from osteo.cli import main
 from osteo.runs import RunDir
@@ -430,9 +430,32 @@ def test_a_weights_file_that_cannot_fit_is_refused_before_hdf5_writes_a_byte(tmp
     from osteo.files import atomic_path, save_weights
 
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    monkeypatch.setattr(os, "statvfs", lambda p: types.SimpleNamespace(f_bavail=3, f_frsize=4096))
+    full = types.SimpleNamespace(f_blocks=10**6, f_bfree=3, f_bavail=3, f_frsize=4096)
+    monkeypatch.setattr(os, "statvfs", lambda p: full)
     with (pytest.raises(OSError, match=r"No space left on device \(about \d+ KB needed, 12 KB free\)") as e,
           atomic_path(tmp_path / "best.weights.h5", suffix=".weights.h5") as tmp):
         save_weights(model, tmp)
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "best.weights.h5")  # the target's name
     assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+    # a file system that reports no size at all (ramfs, FUSE) is let be: the save goes ahead
+    monkeypatch.setattr(os, "statvfs", lambda p: types.SimpleNamespace(f_blocks=0, f_bfree=0, f_bavail=0, f_frsize=4096))
+    save_weights(model, tmp_path / "w.weights.h5")
+    assert (tmp_path / "w.weights.h5").is_file()
+
+
+def test_a_folder_that_cannot_be_locked_is_written_with_a_warning(tmp_path, monkeypatch):
+    """On NFS flock is emulated with POSIX locks, which a folder opened to read cannot take (EBADF):
+    osteo calibrate, eval and export stopped there with '[Errno 9] Bad file descriptor'."""
+    import fcntl
+
+    from osteo.files import folder_lock
+
+    def nfs(fd, operation):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(fcntl, "flock", nfs)
+    entered = False
+    with osteo_warnings() as said, folder_lock(tmp_path, "a file"):
+        entered = True
+    assert entered and said == [f"cannot lock {tmp_path} (Bad file descriptor): another osteo command writing there "
+                                "at the same time is not waited for"]
