@@ -454,7 +454,8 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
         "ensemble_of": [str(m.run.path) for m in predictor.members] if ensemble else None,
         # what each member's calibration made of its probabilities: the report knows these numbers stale
         # once a fold is calibrated again
-        "member_calibrations": {m.run.name: calibration_digest(m.run.read_calibration())
+        # (as applied, read when each was loaded: a fold calibrated during this eval makes these numbers stale)
+        "member_calibrations": {m.run.name: calibration_digest(m.calibration)
                                 for m in predictor.members} if ensemble else None,
         "external": metrics,
         **external_calibration(y, calibrated, predictor.temperature, predictor.points, n_boot, seed, scored_groups),

@@ -143,3 +143,32 @@ def test_a_cross_validations_row_names_the_settings_its_folds_trained_with_apart
     recipe["train"]["lr"] = first_lr * 10
     (copy.path / "fold-2" / "recipe.json").write_text(json.dumps(recipe))
     assert load_cv(copy, n_boot=0).recipe["differs_by_fold"] == {"train.lr": [first_lr, first_lr * 10]}
+
+
+def test_a_fold_calibrated_during_the_ensembles_eval_leaves_that_eval_stale(cv, tmp_path, monkeypatch, capsys):
+    """The ensemble applies each fold's calibration as read when the fold was loaded; its record
+    re-read them after scoring, so a fold calibrated meanwhile was recorded at its new calibration
+    and the report took the numbers, made at the old one, as current."""
+    from osteo import predict
+    from osteo.calibrate import calibration_digest
+
+    copy = CvDir(tmp_path / "cv")
+    shutil.copytree(cv.path, copy.path, ignore=shutil.ignore_patterns("eval"))
+    other = tmp_path / "hospital-d"
+    write_phantom(other, n=24, size=64, seed=13)
+    applied = calibration_digest(copy.fold(1).read_calibration())
+    scored = predict.Ensemble.predict_paths
+
+    def calibrated_meanwhile(self, *args, **kwargs):
+        out = scored(self, *args, **kwargs)
+        assert main(["calibrate", str(copy.fold(1).path), "--operating-point", "osteoporosis:specificity=0.5",
+                     "--bootstrap", "0"]) == 0
+        return out
+
+    monkeypatch.setattr(predict.Ensemble, "predict_paths", calibrated_meanwhile)
+    assert main(["eval", str(copy.path), "--data", str(other), "--bootstrap", "0"]) == 0
+    record = json.loads((copy.eval_path / "hospital-d" / "metrics.json").read_text(encoding="utf-8"))
+    assert record["member_calibrations"]["fold-1"] == applied != calibration_digest(copy.fold(1).read_calibration())
+    capsys.readouterr()
+    assert main(["report", str(copy.path), "--out", str(tmp_path / "rep"), "--bootstrap", "0"]) == 0
+    assert "was scored before fold-1 was calibrated again" in capsys.readouterr().err
