@@ -102,13 +102,22 @@ def build_recipe(name: str, model: str | None, options: TrainOptions, folds: int
     if o.epochs is not None:
         # which phases there are (--set train.epochs=0: the whole model from the start) before --epochs
         # divides its total between them; a phase's own number beside the total is one or the other
-        phases = [s for s in overrides if s.split("=", 1)[0].strip() in ("train.epochs", "train.fine_tune_epochs")]
+        fields = {"train.epochs": "epochs", "train.fine_tune_epochs": "fine_tune_epochs"}
+        phases = [s for s in overrides if s.split("=", 1)[0].strip() in fields]
         apply_overrides(recipe, phases)
-        named = [s.strip() for s in phases if s.split("=", 1)[1].strip() not in ("0", "0.0")] if phases else []
-        if named:
-            raise OsteoError(f"--epochs {o.epochs} is the total over both phases and --set {named[0]} one phase's: give "
-                             "one of them (with --epochs, --set train.epochs=0 trains the whole model from the start)")
-        set_total_epochs(recipe, o.epochs)
+        t = recipe.train
+        zeroed = {fields[s.split("=", 1)[0].strip()] for s in phases}
+        named = [s.strip() for s in phases if getattr(t, fields[s.split("=", 1)[0].strip()])]
+        if named or zeroed == {"epochs", "fine_tune_epochs"}:
+            raise OsteoError(f"--epochs {o.epochs} is the total over both phases and --set {(named or phases)[0].strip()} "
+                             "one phase's: give one of them (with --epochs, --set train.epochs=0 trains the whole model "
+                             "from the start)")
+        if zeroed == {"epochs"}:  # the whole model from the start, for all of them (a one-phase recipe too)
+            t.fine_tune_epochs = o.epochs
+        elif zeroed == {"fine_tune_epochs"}:  # the head alone, for all of them
+            t.epochs = o.epochs
+        else:
+            set_total_epochs(recipe, o.epochs)
         overrides = [s for s in overrides if s not in phases]
     if o.deterministic:
         recipe.train.deterministic = True

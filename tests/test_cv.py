@@ -272,6 +272,13 @@ def test_epochs_in_all_are_shared_between_the_phases_a_set_leaves(phantom_dir, t
 
     assert recipe(4) == (2, 2)
     assert recipe(4, "train.epochs=0") == (0, 4)
+    assert recipe(4, "train.fine_tune_epochs=0") == (4, 0)
+    assert recipe(4, "train.epochs=00") == (0, 4)  # the value, not its text
+    # a one-phase recipe (seed: the head alone) too: the whole model, 4 epochs (it trained the head 4 epochs)
+    options = TrainOptions(data=str(phantom_dir), weights="none", image_size=32, runs=str(tmp_path / "runs"), epochs=4,
+                           overrides=("train.epochs=0",))
+    t = build_recipe("seed", "tiny", options).train
+    assert (t.epochs, t.fine_tune_epochs) == (0, 4)
     assert recipe(None, "train.epochs=0", "train.fine_tune_epochs=3") == (0, 3)
     with pytest.raises(OsteoError, match=r"--epochs 4 is the total over both phases and --set train\.epochs=3 one "
                                          r"phase's: give one of them"):
