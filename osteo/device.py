@@ -258,6 +258,9 @@ def choose_backend(requested: str, spec: BackboneSpec, device: Device,
     available = installed_backends() if available is None else available
     if not available:
         raise OsteoError("neither TensorFlow nor PyTorch is installed; run `make install`")
+    if timm_module and spec.timm_name and "torch" in available:  # the GPU's backend or not: only PyTorch reads it
+        where = "its GPU" if device.kind == "gpu" and "torch" in device.gpu_backends else "the CPU"
+        return "torch", f"torch, on {where}: {timm_module}, which only timm's module reads (the timm engine)"
     if device.kind == "gpu":
         for b in GPU_BACKEND_ORDER:
             if b in available and b in device.gpu_backends:
@@ -269,8 +272,6 @@ def choose_backend(requested: str, spec: BackboneSpec, device: Device,
     d = spec.cpu_decision(device.cpu_class)
     best = d.backend
     why = f"{best} for {spec.name} on {device.cpu_class} CPUs: {d.why or 'the default (not measured)'}"
-    if timm_module and spec.timm_name and "torch" in available:
-        return "torch", f"{note}torch: {timm_module}, which only timm's module reads (the timm engine, on PyTorch)"
     if keras_layers and d.keras_backend:
         best = d.keras_backend
         why = f"{best} for {spec.name}'s Keras layers ({keras_layers}) on {device.cpu_class} CPUs: {d.keras_why}"

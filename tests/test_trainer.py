@@ -170,6 +170,10 @@ def test_backend_auto_for_keras_layers_follows_their_own_measurements():
     if importlib.util.find_spec("timm"):
         assert plan.impl == "timm"
     assert device_plan(get_backbone("tiny"), intel, available=BOTH).backend == "tensorflow"
+    # a GPU only TensorFlow was built for: the file still goes to PyTorch, on the CPU, and says so
+    tf_only = Device(kind="gpu", name="H200", cpu_class="avx512_bf16", gpu_bf16=True, gpu_backends=("tensorflow",))
+    plan = device_plan(get_backbone("vgg16"), tf_only, available=BOTH, weights="w.safetensors")
+    assert plan.backend == "torch" and plan.why["backend"].startswith("torch, on the CPU: the weights file is a PyTorch")
     # the backend named by the user stands; where it is far slower for these layers, one warning says so
     plan = device_plan(get_backbone("densenet169"), intel, backend="torch", available=BOTH, weights="w.h5")
     assert (plan.backend, plan.impl) == ("torch", "keras")
