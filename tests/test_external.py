@@ -57,7 +57,7 @@ def test_another_folder_is_scored_with_the_runs_own_images_left_out(run, phantom
         scored_on = {r["evaluated_on"]: r for r in csv.DictReader(f)}
     assert set(scored_on) == {"validation", "external: hospital-b"}
     page = (tmp_path / "rep" / "index.html").read_text(encoding="utf-8")  # the folder's images left out, and why
-    assert (f"data: {other.resolve()} (external: hospital-b)" in page and "Scored: 45 images. Left out: 5 also in "
+    assert (f"data: {other.resolve()} (external: hospital-b, scored by tiny {run.name})" in page and "Scored: 45 images. Left out: 5 also in "
             "the run's own data" in page and "0 filed under two classes (their label is unknown), 1 unreadable" in page)
     assert scored_on["external: hospital-b"]["run_id"] == run.name
     assert scored_on["external: hospital-b"]["chose"] == "nothing"

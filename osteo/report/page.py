@@ -252,13 +252,16 @@ def _audit_section(runs: list[Run]) -> str:
     for r in runs:
         a, record = r.audit, r.external_record
         key = record.get("data_dir") or a.get("data_dir")  # an external folder: where it was scored from
-        if not a or (key, r.evaluated_on) in seen:
+        # a folder's audit once; an external folder's once per run scored on it (what it left out is the run's data)
+        seen_as = (key, r.evaluated_on, r.run_id if record else "")
+        if not a or seen_as in seen:
             continue
-        seen.add((key, r.evaluated_on))
+        seen.add(seen_as)
         groups = a.get("duplicate_groups", [])
         conflicts = [g for g in groups if g.get("conflict")]
         rows = [{"class": c, "readable images": a.get("classes", {}).get(c)} for c in CLASSES]
-        parts.append(f"<h3>data: {e(str(key))}" + (f" ({e(r.evaluated_on)})" if record else "") + "</h3>")
+        parts.append(f"<h3>data: {e(str(key))}" + (f" ({e(r.evaluated_on)}, scored by {e(r.model)} {e(r.run_id)})"
+                                                    if record else "") + "</h3>")
         parts.append(_table(rows, ["class", "readable images"]))
         counts = (f"{a.get('n_files', 0)} image files, {a.get('n_ok', 0)} readable, {len(a.get('unreadable', []))} "
                   f"unreadable, {len(a.get('ignored', []))} ignored; {len(groups)} duplicate groups "
