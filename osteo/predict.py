@@ -393,14 +393,17 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
 
     if n_boot < 0:
         raise OsteoError(f"the number of bootstrap resamples must be 0 or more, got {n_boot}; e.g. --bootstrap 1000")
-    ensemble = CvDir(run_dir).is_cv()
-    if not ensemble and RunDir(run_dir).is_run():
-        RunDir(run_dir).read_env()  # the model card reads it after the folder is scored: damaged, say so before
-    predictor = Ensemble(run_dir, tta=tta) if ensemble else Predictor(run_dir, calibrated=True, tta=tta)
-    run, folder = predictor.run, Path(folder)
-    seen_in = SEEN_IN["cv" if ensemble else "run"]
+    ensemble, folder = CvDir(run_dir).is_cv(), Path(folder)
     # a TTA scoring is another method: beside the plain one, not in its place
-    out = Path(out) if out else run.eval_path / (folder.resolve().name + ("-tta" if tta else ""))
+    own = (CvDir(run_dir) if ensemble else RunDir(run_dir)).eval_path
+    out = Path(out) if out else own / (folder.resolve().name + ("-tta" if tta else ""))
+    if not ensemble and out.resolve().parent == own.resolve():
+        # the model card, which reads it, is written after the folder is scored: damaged, said before (an
+        # unfinished run first: its resume writes it again)
+        RunDir(run_dir).check(need=(RunDir.BEST,), finished=True).read_env()
+    predictor = Ensemble(run_dir, tta=tta) if ensemble else Predictor(run_dir, calibrated=True, tta=tta)
+    run = predictor.run
+    seen_in = SEEN_IN["cv" if ensemble else "run"]
     _check_eval_out(run, out, folder)
     result = audit(folder, memo=default_cache_root(), keep_features=True)
     seen = run.data_hashes()
