@@ -12,6 +12,7 @@ shifts. Files that cannot be decoded get ``status=unreadable`` and a reason.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -470,6 +471,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     # another eval of this run waits (their renames interleaved), and so does osteo calibrate of it, which
     # holds this lock while it replaces the calibration and measures the run's external validations again
     with folder_lock(stage_in, f"{out}"):
+        _check_same_folder(run, out, folder)
         now = run.read_calibration() if in_run and not ensemble else None
         if now is not None and calibration_digest(now) != calibration_digest(predictor.calibration):
             # calibrated since this eval read the calibration: measured at the one in force, as that
@@ -543,11 +545,22 @@ def _check_eval_out(run: RunDir, out: Path, folder: Path) -> None:
     if foreign:
         raise OsteoError(f"--out {out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which "
                          f"osteo eval did not write and would remove; {fix}")
-    try:  # another folder's validation under the same name (siteA/ext, then siteB/ext) is not replaced unasked
+    _check_same_folder(run, out, folder)
+
+
+def _check_same_folder(run: RunDir, out: Path, folder: Path) -> None:
+    """Another folder's validation under the same name (siteA/ext, then siteB/ext) is not replaced
+    unasked. Checked before scoring, and again under the lock (another eval may have written it)."""
+    try:
         earlier = Path(json.loads((out / RunDir.METRICS).read_text(encoding="utf-8"))["data_dir"])
     except (OSError, ValueError, KeyError, TypeError):
         return
-    if earlier.is_dir() and earlier.resolve() != folder.resolve():
-        raise OsteoError(f"--out {out} holds the external validation of {earlier.resolve()}, another folder than "
-                         f"{folder.resolve()}, which this eval would replace; give --out {run.eval_path}/<another "
-                         f"name>, or remove {out} first")
+    if not earlier.is_absolute() or not earlier.is_dir():  # recorded before paths were absolute, or moved since
+        return
+    with contextlib.suppress(OSError):
+        if os.path.samefile(earlier, folder):  # also through another mount or link
+            return
+    where = f"--out {run.eval_path}/<another name>" if out.resolve().parent == run.eval_path.resolve() else \
+        "another --out"
+    raise OsteoError(f"--out {out} holds the external validation of {earlier.resolve()}, another folder than "
+                     f"{folder.resolve()}, which this eval would replace; give {where}, or remove {out} first")
