@@ -229,18 +229,19 @@ def _check_onnx_place(target: Path) -> None:
     fix = f"export into a folder of its own, e.g. --out {target.parent / target.stem / 'model.onnx'}"
     if target.suffix.lower() != ".onnx":
         raise OsteoError(f"--out {target} must end in .onnx (an ONNX model; --format keras writes .keras)")
-    try:
-        other = json.loads((target.parent / RECORD).read_text(encoding="utf-8")).get("file")
-    except FileNotFoundError:
-        other = None
-    except (OSError, ValueError, AttributeError):
-        raise OsteoError(f"{target.parent / RECORD} is not an osteo export's record, and exporting would replace "
-                         f"it; {fix}") from None
+    record, script = target.parent / RECORD, target.parent / SCRIPT
+    first_line = SCRIPT_SOURCE.read_bytes().split(b"\n", 1)[0]
+    try:  # no folder there yet (or a file in its place, which making it names) holds neither
+        other = json.loads(record.read_text(encoding="utf-8")).get("file") if record.is_file() else None
+        ours = not os.path.lexists(script) or (script.is_file() and script.read_bytes().startswith(first_line))
+    except (ValueError, AttributeError):
+        raise OsteoError(f"{record} is not an osteo export's record, and exporting would replace it; {fix}") from None
+    except OSError as e:
+        raise OsteoError(f"cannot read {e.filename or record} ({e.strerror}); {fix}") from None
     if other is not None and other != target.name:
         raise OsteoError(f"{target.parent} holds the ONNX export {other} ({RECORD} and {SCRIPT} are its own), "
                          f"which exporting {target.name} there would orphan; {fix}")
-    script = target.parent / SCRIPT
-    if script.exists() and not script.read_bytes().startswith(SCRIPT_SOURCE.read_bytes().split(b"\n", 1)[0]):
+    if not ours:
         raise OsteoError(f"{script} is not the script osteo writes beside an ONNX export, and exporting would "
                          f"replace it; {fix}")
 

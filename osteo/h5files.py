@@ -8,6 +8,7 @@ module (:func:`torch_state_group`), and :func:`osteo.device.keras_weights_file` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -53,7 +54,17 @@ def torch_state_group(f, bad: Callable[[str], Exception]) -> str | None:
 def holds_torch_state(path: str | os.PathLike) -> bool:
     """Whether the file at ``path`` is a Keras weights file (or a ``.keras`` archive) holding a
     PyTorch module's state dict (False for anything else, a file that is not there or cannot be
-    read included)."""
+    read included). Asked several times while a run is planned: answered once per file version
+    (a ``.keras`` archive is extracted to find out)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return _holds_torch_state(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _holds_torch_state(path: str, size: int, mtime_ns: int) -> bool:
     try:
         import h5py
 

@@ -297,6 +297,7 @@ def test_errors_are_one_line_osteo_errors(run, tmp_path, monkeypatch):
                                                              "a folder of its own"),
         ((run.path, "onnx", tmp_path / "two" / "b.onnx"), r"holds the ONNX export a\.onnx \(export\.json and "
                                                           r"predict\.py are its own\), which exporting b\.onnx there"),
+        ((run.path, "onnx", a_file / "m.onnx"), "cannot write to"),  # a file where the folder would be: named as such
         ((bad_t.path, "keras", tmp_path / "m.keras"), "not a positive number"),
     ]
     for args, message in cases:
