@@ -25,11 +25,18 @@ TINY = ["--model", "tiny", "--weights", "none", "--image-size", "32", "--set", "
         "--set", "train.bootstrap=20", "--set", "train.steps_per_epoch=2"]
 
 
+# osteo's command line as a terminal starts it, Ctrl-C at its default: a shell without job control (make run
+# in the background, nohup) starts its jobs with SIGINT ignored, which Python keeps, and a Ctrl-C test then
+# saw its run finish
+_AS_FROM_A_TERMINAL = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                       "sys.argv[0] = 'osteo'; runpy.run_module('osteo.cli', run_name='__main__')")
+
+
 def _osteo(args, cwd, kill_at=None, **env):
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "COLUMNS": "1000", **env}  # no wrapped lines
     if kill_at:
         env["OSTEO_KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, "-m", "osteo.cli", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-c", _AS_FROM_A_TERMINAL, *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
 
 
