@@ -456,9 +456,8 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
         "excluded_near_copies": sum(near), "near_copies_checked": near_checked,
         "duplicate_groups": len(result.duplicate_groups),
         "ensemble_of": [str(m.run.path) for m in predictor.members] if ensemble else None,
-        # what each member's calibration made of its probabilities: the report knows these numbers stale
-        # once a fold is calibrated again
-        # (as applied, read when each was loaded: a fold calibrated during this eval makes these numbers stale)
+        # what each member's calibration made of its probabilities, as applied (read when each was loaded): the
+        # report knows these numbers stale once a fold is calibrated again, during this eval too
         "member_calibrations": {m.run.name: calibration_digest(m.calibration)
                                 for m in predictor.members} if ensemble else None,
         "external": metrics,

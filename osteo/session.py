@@ -106,12 +106,15 @@ def build_recipe(name: str, model: str | None, options: TrainOptions, folds: int
         phases = [s for s in overrides if s.split("=", 1)[0].strip() in fields]
         apply_overrides(recipe, phases)
         t = recipe.train
-        zeroed = {fields[s.split("=", 1)[0].strip()] for s in phases}
+        zeroed = {fields[s.split("=", 1)[0].strip()] for s in phases}  # each named one, once none is above 0
         named = [s.strip() for s in phases if getattr(t, fields[s.split("=", 1)[0].strip()])]
-        if named or zeroed == {"epochs", "fine_tune_epochs"}:
-            raise OsteoError(f"--epochs {o.epochs} is the total over both phases and --set {(named or phases)[0].strip()} "
-                             "one phase's: give one of them (with --epochs, --set train.epochs=0 trains the whole model "
-                             "from the start)")
+        if named:
+            raise OsteoError(f"--epochs {o.epochs} is the total over both phases and --set {named[0]} one phase's: "
+                             "give one of them (with --epochs, --set train.epochs=0 trains the whole model from the "
+                             "start)")
+        if zeroed == {"epochs", "fine_tune_epochs"}:
+            raise OsteoError(f"--set train.epochs=0 and train.fine_tune_epochs=0 leave --epochs {o.epochs} no phase: "
+                             "drop one of them")
         if zeroed == {"epochs"}:  # the whole model from the start, for all of them (a one-phase recipe too)
             t.fine_tune_epochs = o.epochs
         elif zeroed == {"fine_tune_epochs"}:  # the head alone, for all of them

@@ -283,3 +283,5 @@ def test_epochs_in_all_are_shared_between_the_phases_a_set_leaves(phantom_dir, t
     with pytest.raises(OsteoError, match=r"--epochs 4 is the total over both phases and --set train\.epochs=3 one "
                                          r"phase's: give one of them"):
         recipe(4, "train.epochs=3")
+    with pytest.raises(OsteoError, match=r"leave --epochs 4 no phase: drop one of them"):
+        recipe(4, "train.epochs=0", "train.fine_tune_epochs=0")
