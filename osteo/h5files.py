@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from osteo.errors import short
+
 KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"  # a .keras archive's weights, in Keras' own HDF5 layout
 
 
@@ -113,11 +115,11 @@ def weights_of(path: str | os.PathLike, limit: int, bad: Callable[[str], Excepti
                     shutil.copyfileobj(src, dst, 2**20)
             except OSError as e:
                 if e.errno is None:  # the decompressor's, not the disk's
-                    raise bad(f"is a damaged .keras archive ({_short(e)})") from None
-                raise bad(f"cannot be extracted to {tmp} ({e.strerror or _short(e)}); set TMPDIR to a folder "
+                    raise bad(f"is a damaged .keras archive ({short(e)})") from None
+                raise bad(f"cannot be extracted to {tmp} ({e.strerror or short(e)}); set TMPDIR to a folder "
                           "with room") from None
             except Exception as e:  # encrypted, an unknown method, a corrupt stream: the archive's fault
-                raise bad(f"is a damaged .keras archive ({_short(e)})") from None
+                raise bad(f"is a damaged .keras archive ({short(e)})") from None
             yield inner
 
 
@@ -129,12 +131,8 @@ def scratch(bad: Callable[[str], Exception]) -> Iterator[Path]:
         tmp = tempfile.mkdtemp(prefix="osteo-weights-")
     except OSError as e:
         raise bad(f"needs a temporary folder, which cannot be made in {tempfile.gettempdir()} "
-                  f"({e.strerror or _short(e)}); set TMPDIR to a writable folder with room") from None
+                  f"({e.strerror or short(e)}); set TMPDIR to a writable folder with room") from None
     try:
         yield Path(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _short(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

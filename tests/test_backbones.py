@@ -347,7 +347,7 @@ def test_the_readmes_tables_are_the_registrys():
 
 def test_a_librarys_long_error_is_quoted_to_a_sentence_or_word_end():
     """A truncated .pth quoted by osteo's weights error read "...your checkpoint file is; pass ..."."""
-    from osteo.backbones.base import SHORT, short
+    from osteo.errors import SHORT, short
 
     long = ("PytorchStreamReader failed reading zip archive: failed finding central directory. This is " * 4).strip()
     said = short(RuntimeError(long))

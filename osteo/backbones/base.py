@@ -175,23 +175,5 @@ def looks_like_network_error(e: BaseException) -> bool:
     )
 
 
-SHORT = 200  # the most of a library's error message an osteo error line quotes
-
-
-def short(e: BaseException) -> str:
-    """``e``'s message on one line, at most about :data:`SHORT` characters: cut at the end of a
-    sentence or a word (mid-word only where a word is most of it, a long path), the cut said
-    (`` ...``)."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    if len(text) <= SHORT:
-        return text
-    cut = text[:SHORT]
-    end = max(cut.rfind(". "), cut.rfind("; "))
-    if end > SHORT // 2:
-        return cut[: end + 1] + " ..."
-    space = cut.rfind(" ")  # a word's end, unless that drops most of it (one long path): then mid-word
-    return (cut[:space].rstrip(",;:") if space > SHORT // 2 else cut) + " ..."
-
-
 OFFLINE_FIX = ("train from scratch with --weights none (make: WEIGHTS=none), or pass a local file with --weights "
                "/path/to/file (make: WEIGHTS=/path/to/file)")

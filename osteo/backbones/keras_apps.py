@@ -23,10 +23,9 @@ from osteo.backbones.base import (
     download_timeout,
     group_by_stage,
     looks_like_network_error,
-    short,
 )
 from osteo.device import ENGINES
-from osteo.errors import OsteoError
+from osteo.errors import OsteoError, short
 from osteo.h5files import datasets, scratch, torch_state_group, weights_of
 from osteo.registry import parse_weights
 

@@ -59,9 +59,9 @@ from osteo.backbones.base import (
     group_by_stage,
     looks_like_network_error,
 )
-from osteo.backbones.base import short as _short
 from osteo.device import ENGINES
 from osteo.errors import OsteoError
+from osteo.errors import short as _short
 from osteo.registry import IMAGENET_MEAN_TORCH, IMAGENET_STD_TORCH, parse_weights
 
 # Keras dtype policy -> the autocast dtype inside the module
