@@ -306,16 +306,16 @@ class _MlflowRun:
 
     def close(self, run: RunDir) -> None:
         """Final metrics and artifacts; the MLflow run ends FINISHED."""
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, 0) for k, v in final_metrics(run.read_metrics()).items()]
+        recorded = run.read_metrics()
+        metrics = [Metric(k, v, now, 0) for k, v in final_metrics(recorded).items()]
+        tags = [RunTag(k, v) for k, v in final_tags(recorded).items()]  # what the images behind them chose
         files = (run.recipe_path, run.env_path, run.metrics_path, run.history_path,
                  run.model_card_path, run.calibration_path)
         with _mlflow_errors(self.uri):
-            self.client.log_batch(self.run_id, metrics=metrics)
-            for key, value in final_tags(run.read_metrics()).items():  # what the images behind them chose
-                self.client.set_tag(self.run_id, key, value)
+            self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
             for path in files:
                 if path.is_file():
                     self.client.log_artifact(self.run_id, str(path))
