@@ -398,7 +398,8 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     # a TTA scoring is another method: beside the plain one, not in its place
     own = (CvDir(run_dir) if ensemble else RunDir(run_dir)).eval_path
     out = Path(out) if out else own / (folder.resolve().name + ("-tta" if tta else ""))
-    if not ensemble and out.resolve().parent == own.resolve():
+    in_run = out.resolve().parent == own.resolve()  # in the run's eval/, beside the run's own files
+    if in_run and not ensemble:
         # the model card, which reads it, is written after the folder is scored: damaged, said before (an
         # unfinished run first: its resume writes it again)
         RunDir(run_dir).check(need=(RunDir.BEST,), finished=True).read_env()
@@ -465,8 +466,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     }
     # staged, then moved in whole: a kill leaves the previous validation, never new predictions
     # beside old metrics
-    stage_in = run.path if out.resolve().parent == run.eval_path.resolve() else out.parent
-    in_run = stage_in == run.path
+    stage_in = run.path if in_run else out.parent
     # another eval of this run waits (their renames interleaved), and so does osteo calibrate of it, which
     # holds this lock while it replaces the calibration and measures the run's external validations again
     with folder_lock(stage_in, f"{out}"):
