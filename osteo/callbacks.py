@@ -29,7 +29,61 @@ def monitor_mode(monitor: str) -> str:
     return "min" if monitor.endswith("loss") else "max"
 
 
-class BestCheckpoint(keras.callbacks.Callback):
+def as_kept(value) -> float:
+    """A monitored value as history.csv keeps it (8 decimals), where a resumed run takes it up: a
+    tie within them is no improvement, killed and resumed or not."""
+    value = float(value)
+    return csv_float(value) if math.isfinite(value) else value
+
+
+class Monitored(keras.callbacks.Callback):
+    """A callback that follows the best value of ``monitor`` (lower is better for a loss)."""
+
+    def __init__(self, monitor: str):
+        super().__init__()
+        self.monitor = monitor
+        self.mode = monitor_mode(monitor)
+        self.best = math.inf if self.mode == "min" else -math.inf
+
+    def improved(self, value: float) -> bool:
+        return math.isfinite(value) and (value < self.best if self.mode == "min" else value > self.best)
+
+
+class EarlyStop(Monitored):
+    """Stop a phase when ``monitor`` has not improved for ``patience`` epochs, as Keras'
+    EarlyStopping does, and resumably: :meth:`restore` replays the phase's history rows, so a
+    resumed run stops at the epoch an uninterrupted one stops at, and a run killed after it
+    stopped does not train on. Values are compared as history.csv keeps them (:func:`as_kept`)."""
+
+    def __init__(self, monitor: str, patience: int):
+        super().__init__(monitor)
+        self.patience = patience
+        self.wait = 0
+        self.stopped_epoch: int | None = None
+
+    def see(self, epoch: int, value) -> None:
+        value = as_kept(value)
+        if self.improved(value):
+            self.best, self.wait = value, 0
+        else:
+            self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = epoch
+
+    def restore(self, history: list[dict], phase: int) -> None:
+        """Replay the monitored values of ``phase``'s rows in ``history`` (a resumed run's)."""
+        for row in history:
+            if int(row["phase"]) == phase:
+                value = row.get(self.monitor)
+                self.see(int(row["epoch"]) - 1, math.nan if value in (None, "") else value)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.see(epoch, (logs or {}).get(self.monitor, math.nan))
+        if self.stopped_epoch is not None:
+            self.model.stop_training = True
+
+
+class BestCheckpoint(Monitored):
     """Save the model's weights to ``path`` whenever ``monitor`` improves.
 
     Weights only: a run's model is rebuilt from its ``recipe.json`` to load them
@@ -41,16 +95,10 @@ class BestCheckpoint(keras.callbacks.Callback):
     """
 
     def __init__(self, path: str | Path, monitor: str = "val_macro_f1"):
-        super().__init__()
+        super().__init__(monitor)
         self.path = Path(path)
-        self.monitor = monitor
-        self.mode = monitor_mode(monitor)
-        self.best = math.inf if self.mode == "min" else -math.inf
         self.best_epoch: int | None = None
         self.target: keras.Model | None = None  # the model to save, if not the one being fitted
-
-    def improved(self, value: float) -> bool:
-        return value < self.best if self.mode == "min" else value > self.best
 
     def restore(self, history: list[dict]) -> None:
         """Take up the best value and epoch from the history rows of a resumed run."""
@@ -68,9 +116,8 @@ class BestCheckpoint(keras.callbacks.Callback):
             )
         # as history.csv keeps it, where a resumed run takes up the best value (BestCheckpoint.restore):
         # a tie within its 8 decimals is no improvement, killed and resumed or not
-        value = float(logs[self.monitor])
-        value = csv_float(value) if math.isfinite(value) else value
-        if math.isfinite(value) and self.improved(value):
+        value = as_kept(logs[self.monitor])
+        if self.improved(value):
             self.best, self.best_epoch = value, epoch
             model = self.target or self.model
             optimizer = getattr(model, "optimizer", None)

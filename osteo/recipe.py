@@ -127,7 +127,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     class_weight: Literal["none", "balanced"] = "none"
     monitor: Literal["val_macro_f1", "val_balanced_accuracy", "val_accuracy", "val_loss"] = "val_macro_f1"
-    early_stopping: int = 0  # patience in epochs; 0 = off
+    early_stopping: int = 0  # patience in epochs, counted within each phase and across a resume; 0 = off
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
     jit_compile: Literal["auto", "on", "off"] = "auto"
     steps_per_epoch: int = 0  # 0 = the whole training split

@@ -40,13 +40,13 @@ from osteo import device as devices
 from osteo import killpoints, tracking
 from osteo.callbacks import (
     BestCheckpoint,
+    EarlyStop,
     HistoryCSV,
     NonFiniteLoss,
     RichProgress,
     TrainingState,
     callback_list,
     load_random_states,
-    monitor_mode,
     random_states,
 )
 from osteo.classifier import Classifier, Model, SparseCrossEntropy, default_metrics
@@ -356,17 +356,23 @@ class Trainer:
         )
         self.best.target = model
         self.history.phase = phase.number
-        if start < phase.last_epoch:
+        stopper = None
+        if t.early_stopping:
+            # its count goes on from the epochs a resumed run committed in this phase
+            stopper = EarlyStop(t.monitor, t.early_stopping)
+            stopper.restore(self.history.rows, phase.number)
+        if start < phase.last_epoch and (stopper is None or stopper.stopped_epoch is None):
             ts = time.perf_counter()
-            callbacks = callback_list(self._callbacks(backup_dir, resume), fit_model, epochs=phase.last_epoch,
-                                      steps=self.steps)
+            callbacks = callback_list(self._callbacks(backup_dir, resume, stopper), fit_model,
+                                      epochs=phase.last_epoch, steps=self.steps)
             fit_model.fit(epochs=phase.last_epoch, initial_epoch=phase.first_epoch, callbacks=callbacks, verbose=0,
                           **fit_kw)
             self.trained_seconds += time.perf_counter() - ts
         elif resume is not None:
-            # killed after the phase's last epoch was committed and before its end was written: the
-            # model takes up that state (weights, random states), as fit() would have on resuming, so
-            # what follows (phase 1's end, which phase 2 starts from) is the uninterrupted run's
+            # killed after the phase's last epoch was committed (or the one it stopped early at) and
+            # before its end was written: the model takes up that state (weights, random states), as
+            # fit() would have on resuming, so what follows (phase 1's end, which phase 2 starts from)
+            # is the uninterrupted run's
             state = TrainingState(backup_dir, resume)
             state.set_model(fit_model)
             state.on_train_begin()
@@ -379,6 +385,9 @@ class Trainer:
                 f"training stopped at epoch {epoch}, batch {batch}: the loss is not finite (NaN or inf); "
                 f"{kept}; lower train.lr or use train.precision=float32"
             )
+        if stopper is not None and stopper.stopped_epoch is not None and stopper.stopped_epoch + 1 < phase.last_epoch:
+            self._say(f"phase {phase.number} stopped early after epoch {stopper.stopped_epoch + 1}: {t.monitor} did not "
+                      f"improve for {t.early_stopping} epochs (train.early_stopping)")
         if phase.number == 1 and t.fine_tune_epochs:
             # phase 2 starts from here if it is killed before its first backup
             write_bytes(run.phase1_seeds_path, random_states(model))
@@ -387,17 +396,15 @@ class Trainer:
         write_bytes(done_marker, str(phase.last_epoch).encode())
         killpoints.reached("train.phase_done")
 
-    def _callbacks(self, backup_dir: Path, resume: dict | None) -> list:
-        t = self.recipe.train
+    def _callbacks(self, backup_dir: Path, resume: dict | None, stopper: EarlyStop | None) -> list:
         # history and checkpoint before the backup: a kill between them re-runs the epoch
         # (its history row is replaced), never loses its row
         callbacks = [
             self.nonfinite, self.history, self.best,
             TrainingState(backup_dir, resume),
         ]
-        if t.early_stopping:
-            callbacks.append(keras.callbacks.EarlyStopping(monitor=t.monitor, mode=monitor_mode(t.monitor),
-                                                           patience=t.early_stopping))
+        if stopper is not None:
+            callbacks.append(stopper)
         callbacks += tracking.callbacks(self.recipe, self.run_dir)
         if self.console is not None:
             callbacks.append(RichProgress(self.console, total_epochs=self.total_epochs, steps_per_epoch=self.steps,

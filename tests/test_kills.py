@@ -110,6 +110,23 @@ def test_a_kill_at_an_epochs_or_a_phases_edge_resumes_as_if_never_killed(phantom
         assert run.predictions_path.read_bytes() == ref.predictions_path.read_bytes(), point
 
 
+def test_early_stopping_counts_on_across_a_kill_and_a_phase_that_stopped_stays_stopped(phantom_dir, tmp_path):
+    """Phase 1 (4 epochs, patience 2) at a rate too small to move the head: its validation score ties,
+    so it stops after epoch 3. Killed after that epoch was committed, the resumed run trained on
+    through epoch 4: Keras' EarlyStopping began counting again from nothing."""
+    args = ["train", "finetune", *TINY, "--set", "data.test=0", "--deterministic", "--set", "train.epochs=4",
+            "--set", "train.fine_tune_epochs=1", "--set", "train.lr=1e-12", "--set", "train.early_stopping=2",
+            "--data", phantom_dir, "--runs", tmp_path]
+    _killed(_osteo(args, tmp_path, kill_at="train.epoch_committed@3"))
+    run = RunDir(next((tmp_path / "tiny").iterdir()))
+    assert len({r["val_macro_f1"] for r in run.read_history()}) == 1, run.read_history()  # the premise: ties
+    resumed = _osteo(["train", "finetune", "--resume", "latest", "--runs", tmp_path], tmp_path)
+    _ok(resumed)
+    assert run.is_finished()
+    assert [(r["epoch"], r["phase"]) for r in run.read_history()] == [("1", "1"), ("2", "1"), ("3", "1"), ("5", "2")]
+    assert "phase 1 stopped early after epoch 3: val_macro_f1 did not improve for 2 epochs" in resumed.stdout
+
+
 def test_a_run_killed_while_finishing_is_unfinished_refused_flagged_and_finished_by_resume(phantom_dir, tmp_path):
     runs = tmp_path / "runs"
     _killed(_osteo(["train", "seed", *TINY, "--epochs", "1", "--data", phantom_dir, "--runs", runs], tmp_path,
