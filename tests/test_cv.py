@@ -106,7 +106,8 @@ def test_the_report_pools_out_of_fold_predictions_and_pairs_the_folds(two_cvs, t
     said = (out / "verdict.txt").read_text(encoding="utf-8")
     assert said.startswith(f"On out-of-fold (n={n_images}, which chose nothing): ")
     number = r"[0-9.e+-]+"
-    assert re.search(rf"McNemar p = ({number}) \(Holm-adjusted for 1 comparison: \1\); corrected t-test over the 3 "
+    assert re.search(rf"McNemar p = ({number}) \(\d+ images only it got right, \d+ only the best; Holm-adjusted for 1 "
+                     rf"comparison: \1\); corrected t-test over the 3 "
                      rf"folds p = ({number}) \(Holm-adjusted: \2\): ", said), said
     assert "The phantom's oracle" in said
     # the phantom has latents.csv: the oracle's ceiling, scored on the same out-of-fold images

@@ -11,7 +11,7 @@ from osteo.evaluate import (
     confusion,
     expected_calibration_error,
     majority_baseline,
-    mcnemar_exact,
+    mcnemar,
     specificity,
 )
 
@@ -101,10 +101,34 @@ def test_mcnemar_exact_on_a_known_table():
     # 1 image only A gets right, 6 only B: p = 2 * P(X <= 1 | n=7, 1/2) = 2 * 8 / 128
     a = np.array([True] * 10 + [True] + [False] * 6)
     b = np.array([True] * 10 + [False] + [True] * 6)
-    r = mcnemar_exact(a, b)
-    assert (r["only_a"], r["only_b"]) == (1, 6)
+    r = mcnemar(a, b)
+    assert (r["only_a"], r["only_b"], r["groups"], r["method"]) == (1, 6, 17, "exact")
     assert r["p_value"] == pytest.approx(0.125)
-    assert mcnemar_exact(a, a)["p_value"] == 1.0
+    assert mcnemar(a, a)["p_value"] == 1.0
+    assert mcnemar(a, b, groups=[f"g{i}" for i in range(17)]) == r  # groups of one image: the exact test
+
+
+def test_mcnemar_counts_a_group_of_images_once():
+    """Four copies of each image (one group each) are the evidence of one: the plain test on the
+    copies took p from 0.34 to 0.017. The clustered test (Durkalski) gives the copies what it
+    gives the originals, (only_a - only_b)^2 / (only_a + only_b) against chi-squared(1)."""
+    from scipy.stats import chi2
+
+    a = np.array([True] * 20 + [True] * 3 + [False] * 7)  # 3 only A, 7 only B
+    b = np.array([True] * 20 + [False] * 3 + [True] * 7)
+    copies_a, copies_b, groups = np.repeat(a, 4), np.repeat(b, 4), np.repeat([f"g{i}" for i in range(30)], 4)
+    clustered = mcnemar(copies_a, copies_b, groups=groups)
+    assert (clustered["only_a"], clustered["only_b"], clustered["groups"]) == (12, 28, 30)
+    assert clustered["method"] == "clustered (Durkalski), 30 groups"
+    assert clustered["p_value"] == pytest.approx(chi2.sf((3 - 7) ** 2 / (3 + 7), 1))  # 0.206
+    assert mcnemar(a, b)["p_value"] > 0.3 and mcnemar(copies_a, copies_b)["p_value"] < 0.03  # the inflation
+    # groups that disagree within themselves: d_k = only_a - only_b per group
+    d = np.array([2, -1, 0, 3])  # group 0: 2 only A; 1: 1 only B; 2: one each; 3: 3 only A
+    a2 = np.array([1, 1, 0, 1, 0, 1, 1, 1], bool)
+    b2 = np.array([0, 0, 1, 0, 1, 0, 0, 0], bool)
+    g2 = ["0", "0", "1", "2", "2", "3", "3", "3"]
+    assert mcnemar(a2, b2, groups=g2)["p_value"] == pytest.approx(chi2.sf(d.sum() ** 2 / (d ** 2).sum(), 1))
+    assert mcnemar(a2, a2, groups=g2)["p_value"] == 1.0
 
 
 def test_majority_baseline_is_the_studys_trap():

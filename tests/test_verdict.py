@@ -67,11 +67,15 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def discordant(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+    """The test images only A gets right, and only B."""
+    y = np.array([CLASSES.index(c) for c in TEST])
+    return int(np.sum((a.argmax(1) == y) & (b.argmax(1) != y))), int(np.sum((a.argmax(1) != y) & (b.argmax(1) == y)))
+
+
 def mcnemar_by_hand(a: np.ndarray, b: np.ndarray) -> float:
     """Exact McNemar: the discordant pairs under Binomial(n, 1/2), two-sided."""
-    y = np.array([CLASSES.index(c) for c in TEST])
-    only_a = int(np.sum((a.argmax(1) == y) & (b.argmax(1) != y)))
-    only_b = int(np.sum((a.argmax(1) != y) & (b.argmax(1) == y)))
+    only_a, only_b = discordant(a, b)
     return min(1.0, binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue)
 
 
@@ -117,8 +121,12 @@ def test_the_verdict_names_the_best_the_differences_and_the_baseline(report):
             f"{float(t['balanced_accuracy_diff_hi']):.3f})") in said
     # raw McNemar p-values by hand, then Holm by hand over the two paired comparisons
     raw = {k: mcnemar_by_hand(probs[k], probs[best]) for k in (twin, "majority")}
+    counts = {k: discordant(probs[k], probs[best]) for k in raw}
     for k in raw:  # the CSV keeps 8 decimals
         assert float(rows[k]["mcnemar_p"]) == pytest.approx(raw[k], abs=1e-8)
+        assert (int(rows[k]["mcnemar_only_this"]), int(rows[k]["mcnemar_only_best"])) == counts[k]
+        assert rows[k]["mcnemar_method"] == "exact" and int(rows[k]["mcnemar_groups"]) == len(TEST)
+    said_counts = {k: f"{counts[k][0]} images only it got right, {counts[k][1]} only the best" for k in raw}
     low, high = sorted(raw, key=raw.get)
     adjusted = {low: min(1.0, 2 * raw[low])}
     adjusted[high] = min(1.0, max(adjusted[low], raw[high]))
@@ -131,9 +139,9 @@ def test_the_verdict_names_the_best_the_differences_and_the_baseline(report):
     assert float(m["balanced_accuracy_diff_lo"]) <= diff <= float(m["balanced_accuracy_diff_hi"])
     assert (f"tiny (majority) scores 0.333, {-diff:.3f} below the best (95% interval "
             f"{-float(m['balanced_accuracy_diff_hi']):.3f} to {-float(m['balanced_accuracy_diff_lo']):.3f}); "
-            f"McNemar p = {raw['majority']:.3g} (Holm-adjusted for 2 comparisons: {adjusted['majority']:.3g}): "
-            "a significant difference.") in said
-    assert (f"McNemar p = {raw[twin]:.3g} (Holm-adjusted for 2 comparisons: {adjusted[twin]:.3g}): "
+            f"McNemar p = {raw['majority']:.3g} ({said_counts['majority']}; Holm-adjusted for 2 comparisons: "
+            f"{adjusted['majority']:.3g}): a significant difference.") in said
+    assert (f"McNemar p = {raw[twin]:.3g} ({said_counts[twin]}; Holm-adjusted for 2 comparisons: {adjusted[twin]:.3g}): "
             f"no significant difference; tiny ({twin}) is the more accurate") in said
     # other images: a set of their own, with its own best, not tested against the others and not
     # counted among their comparisons
@@ -171,7 +179,7 @@ def test_osteo_report_opens_with_the_verdict(report, tmp_path, capsys):
     printed = capsys.readouterr().out
     verdict = (tmp_path / "cli" / "verdict.txt").read_text(encoding="utf-8").strip()
     assert "On test (n=65, which chose nothing): tiny (trained), the best on its validation images" in verdict
-    assert "(Holm-adjusted for 1 comparison: " in verdict and "a significant difference." in verdict
+    assert "; Holm-adjusted for 1 comparison: " in verdict and "a significant difference." in verdict
     flat, verdict = " ".join(printed.split()), " ".join(verdict.split())  # as the terminal wrapped it
     assert verdict in flat and flat.index(verdict) < flat.index(" comparison ")  # the verdict, then the table
     from osteo.cli import _metric_cell, _p_cell
@@ -207,7 +215,8 @@ def _pair(ba: float, diff: tuple[float, float, float], acc: tuple[float, float],
              "balanced_accuracy": str(ba + diff[0]), "balanced_accuracy_lo": str(ba + diff[0] - 0.05),
              "balanced_accuracy_hi": str(ba + diff[0] + 0.05), "balanced_accuracy_diff": str(diff[0]),
              "balanced_accuracy_diff_lo": str(diff[1]), "balanced_accuracy_diff_hi": str(diff[2]),
-             "mcnemar_p": str(p), "mcnemar_p_holm": str(p)}
+             "mcnemar_p": str(p), "mcnemar_p_holm": str(p), "mcnemar_only_this": "3", "mcnemar_only_best": "9",
+             "mcnemar_groups": "65", "mcnemar_method": "exact"}
     return [best, other]
 
 

@@ -3,8 +3,9 @@
 Writes to ``DIR`` (default ``reports/``):
 
 - ``comparison.csv``: one row per run, headline metrics with 95% bootstrap
-  intervals, the majority-class baseline, speed, size, and McNemar's exact test
-  against the best run (by balanced accuracy) on the same validation images;
+  intervals, the majority-class baseline, speed, size, and McNemar's test (clustered
+  where images come in groups) against the best run (by balanced accuracy) on the same
+  validation images;
 - ``per_class.csv``: long form (model, run_id, class, metric, value, lo, hi);
 - ``plots/*.png``: training curves, confusion matrices, ROC curves, reliability
   diagrams, sample predictions, and a bar chart of the headline metrics;

@@ -174,7 +174,9 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], said:
             "same images, the best chosen by balanced accuracy on each run's validation images where every run "
             "has them (best chosen by, in comparison.csv: the images compared choose nothing, not even the "
             "best): the difference in balanced accuracy (paired bootstrap) and "
-            "McNemar's exact test, its p-value raw and Holm-adjusted for the comparisons made on those images.</p>"]
+            "McNemar's test on the images only one of the two got right (exact; where images come in groups, "
+            "Durkalski's clustered test, a group counted once), its p-value raw and Holm-adjusted for the "
+            "comparisons made on those images.</p>"]
     for title, key, caption in sections:
         if key in plots:
             body.append(f"<h2>{e(title)}</h2><p>{e(caption)}</p>{_img(plots[key], title)}")

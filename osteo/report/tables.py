@@ -14,7 +14,7 @@ from osteo.evaluate import (
     PER_CLASS_CI,
     Metric,
     holm,
-    mcnemar_exact,
+    mcnemar,
     paired_difference,
 )
 from osteo.report.load import Run
@@ -40,9 +40,12 @@ COMPARISON_COLUMNS = (
     "ece_calibrated", "temperature",
     "majority_class", "majority_accuracy", "majority_balanced_accuracy",
     # against the best run on the same images: its balanced accuracy minus the best's (paired bootstrap
-    # interval), McNemar's exact p and, between cross-validations of the same folds, a corrected t-test
-    # over the folds; each p raw and Holm-adjusted for the comparisons made on those images
+    # interval), McNemar's p (exact on independent images, clustered where they come in groups, on the
+    # images only this run and only the best got right) and, between cross-validations of the same
+    # folds, a corrected t-test over the folds; each p raw and Holm-adjusted for the comparisons made on
+    # those images
     "mcnemar_vs", "balanced_accuracy_diff", "balanced_accuracy_diff_lo", "balanced_accuracy_diff_hi",
+    "mcnemar_only_this", "mcnemar_only_best", "mcnemar_groups", "mcnemar_method",
     "mcnemar_p", "mcnemar_p_holm", "fold_ttest_p", "fold_ttest_p_holm",
     "train_seconds", "train_images_per_sec", "params",
     *(f"{m}_{c}" for c in CLASSES for m in PER_CLASS_CI),
@@ -72,6 +75,7 @@ def comparison_rows(runs: list[Run], oracles: list[Run] = (), n_boot: int = 1000
             "temperature": r.temperature, "majority_class": r.majority["class"],
             "majority_accuracy": r.majority["accuracy"], "majority_balanced_accuracy": r.majority["balanced_accuracy"],
             "mcnemar_vs": paired[r.path]["vs"], "mcnemar_p": paired[r.path].get("p"),
+            **{f"mcnemar_{k}": paired[r.path].get(k) for k in ("only_this", "only_best", "groups", "method")},
             "mcnemar_p_holm": paired[r.path].get("p_holm"), "fold_ttest_p": paired[r.path].get("fold_p"),
             "fold_ttest_p_holm": paired[r.path].get("fold_p_holm"),
             "balanced_accuracy_diff": paired[r.path].get("diff"),
@@ -129,8 +133,9 @@ def best_chosen_by(runs: list[Run]) -> str:
 
 def compare(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> dict[Path, dict]:
     """Each run against the best of its group (:func:`groups`) on the same images: its balanced
-    accuracy minus the best's with a paired bootstrap interval, McNemar's exact test on the
-    predictions (pooled out-of-fold ones for cross-validations) and, between two
+    accuracy minus the best's with a paired bootstrap interval, McNemar's test on the
+    predictions (pooled out-of-fold ones for cross-validations; clustered where the images come in
+    groups, as the interval draws them) and, between two
     cross-validations on the same folds, the corrected resampled t-test on the folds' balanced
     accuracies (:func:`corrected_fold_ttest`);
     the p-values Holm-adjusted for the comparisons made in the group. A run on other images
@@ -151,7 +156,9 @@ def compare(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> dict[Path, di
                     a = [f["balanced_accuracy"] for f in r.fold_metrics]
                     b = [f["balanced_accuracy"] for f in best.fold_metrics]
                     fold_p = corrected_fold_ttest(np.subtract(a, b), [f["n"] for f in r.fold_metrics])
-                out[r.path] = {"vs": best.label, "p": mcnemar_exact(mine == r.y, theirs == r.y)["p_value"],
+                test = mcnemar(mine == r.y, theirs == r.y, groups=r.groups)
+                out[r.path] = {"vs": best.label, "p": test["p_value"], "only_this": test["only_a"],
+                               "only_best": test["only_b"], "groups": test["groups"], "method": test["method"],
                                "fold_p": fold_p, "diff": diff, "diff_ci": diff_ci, "chosen_by": chosen_by}
         tested = [r for r in group if "p" in out[r.path]]
         for key in ("p", "fold_p"):

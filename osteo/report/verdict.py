@@ -91,7 +91,10 @@ def _difference(r: dict, best: dict, m: int) -> str:
         interval = "" if math.isnan(lo) else f" (95% interval {-hi + 0.0:.3f} to {-lo + 0.0:.3f})"
         standing = f"{-diff + 0.0:.3f} below the best{interval}"
     comparisons = f"{m} comparison{'s' if m > 1 else ''}"
-    tests = [f"McNemar p = {_p(r, 'mcnemar_p'):.3g} (Holm-adjusted for {comparisons}: "
+    counted = f"{r['mcnemar_only_this']} images only it got right, {r['mcnemar_only_best']} only the best"
+    if r.get("mcnemar_method", "exact") != "exact":  # images in groups: each group counts once
+        counted += f"; clustered: {r['mcnemar_groups']} groups of images, each counted once"
+    tests = [f"McNemar p = {_p(r, 'mcnemar_p'):.3g} ({counted}; Holm-adjusted for {comparisons}: "
              f"{_p(r, 'mcnemar_p_holm'):.3g})"]
     adjusted = [_p(r, "mcnemar_p_holm")]
     if _p(r, "fold_ttest_p_holm") is not None:
