@@ -24,6 +24,21 @@ except ImportError:
     pass
 
 
+# what a test run writes goes under its own temporary folder, set before a test module imports the
+# libraries that read these (at collection): osteo's cache, Keras' folder (keras.json, downloads),
+# Matplotlib's, Hypothesis' and TorchInductor's. A module's fixtures (a trained run) had filled the
+# user's ~/.cache/osteo, where a later run could find entries an older osteo wrote
+_WRITES = {"OSTEO_CACHE": "osteo-cache", "KERAS_HOME": "keras", "MPLCONFIGDIR": "matplotlib",
+           "HYPOTHESIS_STORAGE_DIRECTORY": "hypothesis", "TORCHINDUCTOR_CACHE_DIR": "torchinductor"}
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own configure has made the base temporary folder
+def pytest_configure(config):
+    base = config._tmp_path_factory.getbasetemp()
+    for name, folder in _WRITES.items():
+        os.environ[name] = str(base / folder)
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("OSTEO_SLOW"):
         return
@@ -31,11 +46,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("OSTEO_CACHE", str(tmp_path_factory.getbasetemp() / "osteo-cache"))
 
 
 @pytest.fixture(scope="session")
@@ -89,32 +99,34 @@ def run(phantom_dir, tmp_path_factory, tiny_recipe):
 
 @pytest.fixture
 def fails_fast_offline(monkeypatch):
-    """``check(host, build)``: with ``host`` unreachable, ``build()`` (ImageNet weights, an
-    empty cache) raises a one-line OsteoError naming both ways out, and every connection it
-    tried had osteo's bounded timeout (no clock is read: the bound is what makes it fast).
-    Online, the real download would run: skipped."""
+    """``check(host, build)``: on a network that reaches nothing (every connection refused at once,
+    no name resolved, so the test is the same online and offline), ``build()`` (ImageNet weights, an
+    empty cache) raises a one-line OsteoError naming both ways out, having tried ``host``, and every
+    connection it tried had osteo's bounded timeout (no clock is read: the bound is what makes it fast
+    where the network hangs)."""
+    import errno
+
     from osteo.backbones.base import DOWNLOAD_TIMEOUT
     from osteo.errors import OsteoError
 
     def check(host: str, build) -> None:
-        try:
-            socket.create_connection((host, 443), timeout=3).close()
-        except OSError:
-            pass
-        else:
-            pytest.skip(f"{host} is reachable: the real download would run")
-        timeouts = []
-        connect = socket.create_connection
+        tried = []
 
-        def recording(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, *args, **kwargs):
-            timeouts.append(socket.getdefaulttimeout() if timeout is socket._GLOBAL_DEFAULT_TIMEOUT else timeout)
-            return connect(address, timeout, *args, **kwargs)
+        def unreachable(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, *args, **kwargs):
+            tried.append((address[0], socket.getdefaulttimeout() if timeout is socket._GLOBAL_DEFAULT_TIMEOUT
+                          else timeout))
+            raise OSError(errno.ENETUNREACH, f"{address[0]} is unreachable (the test's network)")
 
-        monkeypatch.setattr(socket, "create_connection", recording)
-        with pytest.raises(OsteoError) as e:
-            build()
-        monkeypatch.setattr(socket, "create_connection", connect)
-        assert timeouts and all(t is not None and t <= DOWNLOAD_TIMEOUT for t in timeouts), timeouts
+        def no_names(*args, **kwargs):
+            raise socket.gaierror(socket.EAI_NONAME, "no name resolves (the test's network)")
+
+        with monkeypatch.context() as m:
+            m.setattr(socket, "create_connection", unreachable)
+            m.setattr(socket, "getaddrinfo", no_names)
+            with pytest.raises(OsteoError) as e:
+                build()
+        assert tried and {h for h, _ in tried} == {host}, tried
+        assert all(t is not None and t <= DOWNLOAD_TIMEOUT for _, t in tried), tried
         assert "WEIGHTS=none" in str(e.value) and "WEIGHTS=/path/to/file" in str(e.value)
         assert "\n" not in str(e.value)
 

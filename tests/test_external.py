@@ -19,6 +19,7 @@ def run(phantom_dir, tmp_path_factory, tiny_recipe):
 
 
 def test_another_folder_is_scored_with_the_runs_own_images_left_out(run, phantom_dir, tmp_path, capsys):
+    run = copy_run(run, tmp_path / "mine")  # its report lists every folder the run was scored on: this test's alone
     other = tmp_path / "hospital-b"
     write_phantom(other, n=45, size=64, seed=7, proportions=(1, 1, 3))  # another seed, other proportions
     split = run.read_split()
@@ -88,6 +89,7 @@ def test_another_folder_is_scored_with_the_runs_own_images_left_out(run, phantom
 
 
 def test_resized_copies_of_the_runs_images_are_left_out_too(run, phantom_dir, tmp_path, capsys):
+    run = copy_run(run, tmp_path / "mine")
     """A copy of a training image resized (or re-encoded) is no new hospital's image: scored as
     one, it counted as chose-nothing evidence. The audit's near-duplicate rule finds it."""
     from PIL import Image

@@ -140,14 +140,18 @@ def test_eval_without_resamples_keeps_the_intervals_of_the_same_predictions(two_
 def test_page_loads_in_headless_chromium(two_runs, tmp_path):
     page = write_report(two_runs, tmp_path / "rep", n_boot=50)
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    # its profile and caches in tmp_path, not the user's ~/.config and ~/.cache
     common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-              "--no-first-run", "--allow-file-access-from-files"]
-    dom = subprocess.run([*common, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+              "--no-first-run", "--allow-file-access-from-files", f"--user-data-dir={tmp_path / 'profile'}"]
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "config"),
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    dom = subprocess.run([*common, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, env=env)
     assert dom.returncode == 0, dom.stderr[-1000:]
     assert "<table>" in dom.stdout and "balanced accuracy" in dom.stdout
     shot = tmp_path / "shot.png"
-    subprocess.run([*common, f"--screenshot={shot}", "--window-size=1400,2000", page.as_uri()],
-                   capture_output=True, timeout=120)
+    drawn = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1400,2000", page.as_uri()],
+                           capture_output=True, text=True, timeout=120, env=env)
+    assert drawn.returncode == 0, drawn.stderr[-1000:]
     assert shot.exists() and Image.open(shot).size == (1400, 2000)
     assert np.asarray(Image.open(shot).convert("L")).std() > 10  # not a blank page
 

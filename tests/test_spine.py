@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -225,9 +226,17 @@ def test_a_recipe_files_own_error_is_one_line_naming_the_file_and_line(tmp_path,
 
 
 def test_recipes_ship_inside_the_installed_package(tmp_path):
-    """A non-editable install finds the recipes: the wheel carries them as osteo.recipes."""
+    """A non-editable install finds the recipes: the wheel carries them as osteo.recipes. Built from a
+    copy of the sources: setuptools builds in the source folder (build/, osteo.egg-info), which two test
+    runs at once would share, and whose leftovers it would pack."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for name in ("osteo", "recipes"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+                          "-w", str(tmp_path), str(src)], capture_output=True, text=True, timeout=300)
     if out.returncode != 0 and "No module named" in out.stderr:
         pytest.skip(f"cannot build a wheel here: {out.stderr.strip().splitlines()[-1]}")
     assert out.returncode == 0, out.stderr[-1500:]

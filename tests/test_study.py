@@ -169,7 +169,8 @@ def test_a_study_on_ray_reports_one_out_of_fold_row_per_backbone(ray_study):
         log = Path(t["log"]).read_text(encoding="utf-8")
         assert "epoch 2/2" in log and Path(t["run"]).parent.name.startswith(study["id"])
         assert any(line.startswith(f"{t['model']} seed {t['seed']} fold {t['fold']}: done") for line in said)
-    assert study["wall_seconds"] <= seconds + 1
+    # the study's time spans its trials' (which ran meanwhile) and lies within the test's own
+    assert max(t["wall_seconds"] or 0 for t in study["trials"]) <= study["wall_seconds"] <= seconds + 1
 
 
 def test_each_backbones_fold_models_are_scored_as_one_on_the_external_folder(ray_study):
