@@ -99,7 +99,10 @@ def operating_point_metrics(y: np.ndarray, probs: np.ndarray, point: dict, n_boo
     """Sensitivity and specificity at a stored operating point, with stratified bootstrap
     intervals (of whole ``groups`` where given), and what the point was chosen for."""
     called = positive_score(probs, point["positive"]) >= point["threshold"]
+    chosen_on = point.get("chosen_on", "val")
     return {"name": point["name"], "target": point_goal(point), "threshold": point["threshold"],
+            # where the threshold came from: a run's validation split, or (an ensemble) its folds' thresholds
+            "threshold_from": "validation" if chosen_on == "val" else chosen_on,
             **decision_metrics(y, called, point["positive"], n_boot, seed, groups)}
 
 
@@ -121,6 +124,11 @@ def point_goal(point: dict) -> str:
     """What an operating point's threshold was chosen to reach on validation, as it was asked
     for: ``sensitivity=0.9`` (blank for a point that does not record it)."""
     return f"{point['target']}={point['value']:g}" if "target" in point and "value" in point else ""
+
+
+def _named_goal(point: dict) -> str:
+    """``osteoporosis: sensitivity >= 0.9``, as the model card names a point's goal."""
+    return f"{point.get('name')}: {point.get('target')} >= {point.get('value')}"
 
 
 def shared_points(members: list[list[dict]], where: str) -> list[list[dict]]:
@@ -249,6 +257,18 @@ def calibrate_run(run_dir, points: tuple[str, ...] | list[str] = DEFAULT_POINTS,
             point["test"] = operating_point_metrics(y_test, apply_temperature(p_test, temperature), point, n_boot,
                                                     seed, run.image_groups(test_rows))
         out["operating_points"].append(point)
+    # the goals this calibration replaces, kept: each osteo calibrate prints the test split's figures, so
+    # a goal chosen after seeing them was chosen with test in view, and the model card says so
+    try:
+        before = run.read_calibration()
+    except OsteoError:  # damaged: replaced, as its error says to
+        before = {}
+    earlier = list(before.get("earlier_goals", [])) if isinstance(before.get("earlier_goals"), list) else []
+    goals = [_named_goal(p) for p in before.get("operating_points", []) if isinstance(p, dict)]
+    if before and goals != [_named_goal(p) for p in out["operating_points"]]:
+        earlier.append(goals)
+    if earlier:
+        out["earlier_goals"] = earlier
     run.write_calibration(out)
     _rescore_externals(run, out, n_boot, seed)
     _say_ensembles_stale(run)

@@ -445,7 +445,9 @@ def eval_external(args) -> int:
                   title=f"{args.run} on {args.data}{tta}, which chose nothing (n={report['external']['n']})")
     for p in report["operating_points"]:
         undefined = f" ({p['undefined']})" if p.get("undefined") else ""
-        print(f"{p['name']} (threshold {p['threshold']:.4f} chosen on validation), on {args.data}{tta}: "
+        chosen = ("chosen on validation" if p.get("threshold_from", "validation") == "validation"
+                  else p["threshold_from"])
+        print(f"{p['name']} (threshold {p['threshold']:.4f}, {chosen}), on {args.data}{tta}: "
               f"{_point_figures(p)}{undefined}")
     from osteo.predict import SEEN_IN
 

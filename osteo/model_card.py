@@ -60,7 +60,9 @@ def write_model_card(run_dir) -> Path:
         f" (epoch {metrics.get('best_epoch', '?')}). The full recipe is `recipe.json`.", "",
         "## Results (95% stratified bootstrap intervals; duplicates and a patient's images drawn as one)", "",
         _headline_sentence(metrics, recipe), "",
-        f"| split | chose | n | {' | '.join(x.label for x in METRICS)} | majority class (bal. acc.) |",
+        # the run's own probabilities (its calibration is the section below): ROC-AUC, log loss, Brier, ECE
+        f"| split | chose | n | {' | '.join(x.label + (' (uncalibrated)' if x.of_probabilities else '') for x in METRICS)}"
+        " | majority class (bal. acc.) |",
         f"| --- | --- | ---: | {' | '.join('---' if x.interval else '---:' for x in METRICS)} | --- |",
     ]
 
@@ -102,6 +104,11 @@ def write_model_card(run_dir) -> Path:
             measured.append(("validation (chose this threshold: optimistic by construction)", point["val"]))
             lines += [f"  - on {where}: sensitivity {ci(m, 'sensitivity')}, specificity {ci(m, 'specificity')}"
                       for where, m in measured if m] + stale
+        earlier = calibration.get("earlier_goals")
+        if isinstance(earlier, list) and earlier:
+            lines.append(f"- Calibrated for other goals before ({'; then '.join(', '.join(map(str, g)) for g in earlier)}):"
+                         " each `osteo calibrate` shows the test split's figures, so a goal chosen after an earlier "
+                         "one was chosen with test in view, and the test figures above are then optimistic too.")
     else:
         lines.append("Not calibrated (`osteo calibrate RUN_DIR`).")
     record = run.export_path / RunDir.EXPORT_RECORD

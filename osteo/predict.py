@@ -294,7 +294,7 @@ def _mean_points(members: list[list[dict]], where: str) -> list[dict]:
 
     keep = ("name", "positive", "target", "value")
     return [{**{k: parts[0][k] for k in keep}, "threshold": float(np.mean([p["threshold"] for p in parts])),
-             "chosen_on": "the mean of the members' thresholds, each chosen on its member's validation split"}
+             "chosen_on": "the mean of the folds' thresholds, each chosen on its fold's validation split"}
             for parts in shared_points(members, where)]
 
 

@@ -118,11 +118,21 @@ def test_a_trained_run_is_calibrated_with_a_model_card_and_recalibrates_on_deman
     card = run.model_card_path.read_text()
     assert "not for diagnosis" in card and "Temperature" in card and "osteopenia+" in card
     assert "tiny on the keras engine (keras.applications layers)" in card
+    assert "| ECE (uncalibrated) |" in card  # the results table's; its calibration is the section below
     assert main(["calibrate", str(run), "--operating-point", "osteoporosis:specificity=0.5",
                  "--bootstrap", "50"]) == 0
     assert "temperature" in capsys.readouterr().out
     assert [p["name"] for p in run.read_calibration()["operating_points"]] == ["osteoporosis"]
-    assert "specificity >= 0.5" in run.model_card_path.read_text()
+    card = run.model_card_path.read_text()
+    assert "specificity >= 0.5" in card
+    # the goals it replaced, which the first calibrate's test figures may have led away from, are kept and said
+    assert run.read_calibration()["earlier_goals"] == [["osteoporosis: sensitivity >= 0.9",
+                                                        "osteopenia+: sensitivity >= 0.9"]]
+    assert ("Calibrated for other goals before (osteoporosis: sensitivity >= 0.9, osteopenia+: sensitivity >= 0.9): "
+            "each `osteo calibrate` shows the test split's figures") in card
+    assert main(["calibrate", str(run), "--operating-point", "osteoporosis:specificity=0.5",
+                 "--bootstrap", "50"]) == 0  # the same goal again: nothing more to say
+    assert len(run.read_calibration()["earlier_goals"]) == 1
     assert main(["report", str(run), "--out", str(tmp_path / "rep"), "--bootstrap", "50"]) == 0
     with open(tmp_path / "rep" / "comparison.csv", newline="") as f:
         row = next(csv.DictReader(f))

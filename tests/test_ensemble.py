@@ -38,7 +38,11 @@ def test_a_cross_validation_scores_a_folder_as_the_mean_of_its_fold_models(cv, p
         held_out = next(r for r in fold.read_split() if r["split"] != "train" and r["label"] == "osteopenia")
         shutil.copy(phantom_dir / held_out["path"], other / "osteopenia" / f"from-{fold.name}.png")
     assert main(["eval", str(cv), "--data", str(other), "--bootstrap", "20"]) == 0
-    assert "2 image(s) also in the cross-validation's data left out" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "2 image(s) also in the cross-validation's data left out" in printed
+    # no image set chose the mean threshold: said so, not "chosen on validation"
+    mean = "the mean of the folds' thresholds, each chosen on its fold's validation split"
+    assert f", {mean}), on {other}: " in printed and "chosen on validation)" not in printed
     out = cv.eval_path / "hospital-b"
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["excluded_training_overlap"] == 2 and metrics["external"]["n"] == 30
@@ -55,6 +59,7 @@ def test_a_cross_validation_scores_a_folder_as_the_mean_of_its_fold_models(cv, p
     for point in metrics["operating_points"]:
         thresholds = [next(p["threshold"] for p in m.points if p["name"] == point["name"]) for m in members]
         assert point["threshold"] == pytest.approx(np.mean(thresholds)) and point["n"] == 30
+        assert point["threshold_from"] == mean
     assert {p["name"] for p in metrics["operating_points"]} == {"osteoporosis", "osteopenia+"}
 
     # the report: the cross-validation's out-of-fold row and its ensemble's row on the folder
@@ -63,8 +68,13 @@ def test_a_cross_validation_scores_a_folder_as_the_mean_of_its_fold_models(cv, p
     assert set(by_where) == {"out-of-fold", "external: hospital-b"}
     assert by_where["external: hospital-b"]["run_id"] == cv.name
     assert by_where["external: hospital-b"]["ece_calibrated"] == by_where["external: hospital-b"]["ece"]
-    points = {(r["evaluated_on"], r["point"]) for r in _rows(tmp_path / "rep" / "operating_points.csv")}
-    assert ("external: hospital-b", "osteoporosis") in points
+    # its ECE, ROC-AUC, log loss and Brier are of calibrated probabilities, the out-of-fold row's not: said per row
+    assert [by_where[k]["probabilities"] for k in ("external: hospital-b", "out-of-fold")] == ["calibrated",
+                                                                                                "uncalibrated"]
+    points = {(r["evaluated_on"], r["point"]): r for r in _rows(tmp_path / "rep" / "operating_points.csv")}
+    assert points[("external: hospital-b", "osteoporosis")]["threshold_from"] == mean
+    assert points[("out-of-fold", "osteoporosis")]["threshold_from"] == (
+        "each fold's validation split, at that fold's threshold")
     # a fold reported on its own is named with its cross-validation (every one has a fold-1)
     assert main(["report", str(cv.path / "fold-1"), "--out", str(tmp_path / "rep1"), "--bootstrap", "20"]) == 0
     assert {r["run_id"] for r in _rows(tmp_path / "rep1" / "comparison.csv") if r["model"] == "tiny"} == {

@@ -135,7 +135,7 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], said:
                 gradcam_notes: list[str] = ()) -> str:
     e = html.escape
     cols = ["model", "run_id", "evaluated_on", "chose", "folds", "weights", "precision", "image_size", "epochs",
-            "best_epoch", "n_train", "n", *(m.name for m in METRICS), "ece_calibrated",
+            "best_epoch", "n_train", "n", *(m.name for m in METRICS), "probabilities", "ece_calibrated",
             "majority_accuracy", "majority_balanced_accuracy", "balanced_accuracy_diff", "mcnemar_p", "mcnemar_p_holm",
             "train_images_per_sec"]
     headers = {m.name: f"{m.label} {'↑' if m.higher_is_better else '↓'}" for m in METRICS}
@@ -156,7 +156,9 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], said:
         ("ROC curves", "roc", "one class against the rest"),
         ("Calibration", "reliability", "a calibrated model lies on the diagonal, on each row's images; right: "
                                        "after each run's temperature scaling (fitted on its validation predictions, "
-                                       "so measured on validation it is optimistic)"),
+                                       "so measured on validation it is optimistic); a cross-validation's ensemble "
+                                       "on another folder averages its folds' calibrated probabilities, so it is "
+                                       "drawn on the right only"),
         ("Sample predictions", "samples", "on each row's images"),
         ("Where the models look (Grad-CAM)", "gradcam", "the most confident correct (green) and wrong (red) "
                                                         "images of each row, heat on the layer named beside it"),
@@ -187,7 +189,9 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], said:
                     "calibration) for a screening sensitivity or specificity, and what they give on every data "
                     "the run was scored on, with 95% bootstrap intervals: on validation, where they were chosen, "
                     "the sensitivity asked for is met by construction; the other rows chose nothing. A "
-                    "cross-validation's are pooled over its held-out folds, each at its own fold's threshold.</p>"
+                    "cross-validation's are pooled over its held-out folds, each at its own fold's threshold; its "
+                    "ensemble on another folder uses the mean of its folds' thresholds, which no image set chose "
+                    "(threshold from).</p>"
                     + _table(list(points), [c for c in POINT_COLUMNS if not c.endswith(("_lo", "_hi"))]))
     folds = fold_rows(runs)
     if folds:

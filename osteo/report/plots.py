@@ -143,8 +143,8 @@ def plot_reliability(runs: list[Run], colours, out: Path) -> Path:
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
         for r, name in zip(runs, _names(runs)):
             probs = r.calibrated if after else r.probs
-            if probs is None:
-                continue
+            if probs is None or (not after and r.metrics.get("probabilities") == "calibrated"):
+                continue  # an ensemble's probabilities are its folds' calibrated ones: nothing as trained
             finite = np.isfinite(probs).all(axis=1)  # a NaN row has no confidence to bin
             curve = reliability_curve(r.y[finite], probs[finite])
             ece = r.metrics["ece_calibrated"] if after else r.metrics["ece"]

@@ -37,7 +37,9 @@ COMPARISON_COLUMNS = (
     # cross-validations: mean and standard deviation over the folds (the row's own values are pooled)
     *(f"{k}_{stat}" for k in HEADLINE for stat in ("mean", "sd")),
     *(c for m in METRICS if not m.headline for c in metric_columns(m)),
-    "ece_calibrated", "temperature",
+    # what ROC-AUC, log loss, Brier and ECE were computed from: the model's own probabilities
+    # (uncalibrated), or, for a cross-validation's ensemble on another folder, its folds' calibrated ones
+    "probabilities", "ece_calibrated", "temperature",
     "majority_class", "majority_accuracy", "majority_balanced_accuracy",
     # against the best run on the same images: its balanced accuracy minus the best's (paired bootstrap
     # interval), McNemar's p (exact on independent images, clustered where they come in groups, on the
@@ -53,7 +55,8 @@ COMPARISON_COLUMNS = (
 )
 PER_CLASS_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "class", "metric", "value", "lo", "hi")
 FOLD_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "fold", "n", *HEADLINE)
-POINT_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "point", "target", "threshold", "sensitivity", "sensitivity_lo",
+POINT_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "point", "target", "threshold", "threshold_from",
+                 "sensitivity", "sensitivity_lo",
                  "sensitivity_hi", "specificity", "specificity_lo", "specificity_hi", "n")
 
 
@@ -71,7 +74,7 @@ def comparison_rows(runs: list[Run], oracles: list[Run] = (), n_boot: int = 1000
             "image_size": r.recipe.get("data", {}).get("image_size"),
             "epochs": int(t.get("epochs", 0)) + int(t.get("fine_tune_epochs", 0)), "best_epoch": m.get("best_epoch"),
             "n_train": r.env.get("n_train"), "n": m["n"], "n_nonfinite": m["n_nonfinite"],
-            "ece_calibrated": m.get("ece_calibrated"),
+            "probabilities": m.get("probabilities", "uncalibrated"), "ece_calibrated": m.get("ece_calibrated"),
             "temperature": r.temperature, "majority_class": r.majority["class"],
             "majority_accuracy": r.majority["accuracy"], "majority_balanced_accuracy": r.majority["balanced_accuracy"],
             "mcnemar_vs": paired[r.path]["vs"], "mcnemar_p": paired[r.path].get("p"),
@@ -220,10 +223,24 @@ def point_rows(runs: list[Run]) -> list[dict]:
             lo_p, hi_p = p.get("specificity_ci", (None, None))
             rows.append({"model": r.model, "run_id": r.run_id, "evaluated_on": p["evaluated_on"], "chose": p["chose"],
                          "point": p["name"], "target": p.get("target", ""), "threshold": p["threshold"],
+                         "threshold_from": _threshold_from(r, p),
                          "sensitivity": p["sensitivity"],
                          "sensitivity_lo": lo_s, "sensitivity_hi": hi_s, "specificity": p["specificity"],
                          "specificity_lo": lo_p, "specificity_hi": hi_p, "n": p.get("n")})
     return rows
+
+
+def _threshold_from(r: Run, point: dict) -> str:
+    """Where a point's threshold came from: the run's validation split; a cross-validation's pooled
+    rows, each fold's own; its ensemble on another folder, the mean of its folds' (records before
+    eval wrote it say nothing)."""
+    if point.get("threshold_from"):
+        return point["threshold_from"]
+    if point.get("threshold") in (None, ""):
+        return "each fold's validation split, at that fold's threshold"
+    if r.metrics.get("probabilities") == "calibrated":
+        return "the mean of the folds' thresholds, each chosen on its fold's validation split"
+    return "validation"
 
 
 def cell_text(v) -> str:
