@@ -438,6 +438,14 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
         one = " and balanced accuracy cannot tell a model from always answering one class" if len(missing) == 2 else ""
         warn(f"{folder} has no {' or '.join(missing)} images scored: ROC-AUC is left out{one}; balanced accuracy "
              f"averages the classes present, macro F1 all three (a class without images counts 0)")
+    from osteo.data.split import MIN_TEST_PER_CLASS
+
+    few = {c: int((y == i).sum()) for i, c in enumerate(CLASSES) if 0 < (y == i).sum() < MIN_TEST_PER_CLASS}
+    if few and warn:  # as a run's own test split is refused: one image moves such a class's recall by 0.12+
+        warn(f"{folder} has fewer than {MIN_TEST_PER_CLASS} scored images of "
+             f"{', '.join(f'{c} ({n})' for c, n in few.items())}: one image moves that class's recall by "
+             f"{1 / min(few.values()):.2f} or more, so its numbers are coarse and their intervals wide (or of "
+             "zero width); add images of those classes")
     raw_rows = [{"path": rec.path, "label": rec.label} for rec, _ in kept]
     calibrated = predictor.calibrate(raw)
     # intervals that draw the folder's duplicates and patients whole: four copies of an image are one draw
@@ -503,7 +511,7 @@ def _near_copies_of_the_runs(run, scored: list, seen: set[str] | None, seen_in: 
     (by their recorded sha256), whose audit records the cache remembers from training; where
     that folder is gone, only exact copies are left out, and a warning says so."""
     from osteo.data.pipeline import default_cache_root
-    from osteo.data.scan import audit, near_copies
+    from osteo.data.scan import DETAIL_SIDE, audit, near_copies
 
     if not seen or not scored:
         return [False] * len(scored), bool(seen)
@@ -518,8 +526,12 @@ def _near_copies_of_the_runs(run, scored: list, seen: set[str] | None, seen_in: 
             warn(f"the run's data folder {data_dir} is not where it was trained: re-encoded or resized copies of its "
                  "images are not looked for (exact copies are); run osteo eval from where it was trained")
         return [False] * len(scored), False
+    small = sum(1 for r in scored if 0 < min(r.width, r.height) < DETAIL_SIDE)
+    if small and warn:  # osteo.data.scan: under 128 px the band-pass sees JPEG's noise more than the texture
+        warn(f"{small} of the folder's images are under {DETAIL_SIDE} px, where re-encoded or resized copies of "
+             "the run's images are often not recognised (exact copies are): some such copies may be scored as new "
+             "images; give the folder's images at full size")
     return near_copies(scored, theirs), True
-
 
 # what an external folder's images are checked against, and left out of its score when found there
 SEEN_IN = {"run": "the run's data (its training, validation or test split)", "cv": "the cross-validation's data"}

@@ -241,11 +241,16 @@ def test_a_second_folder_of_the_same_name_does_not_replace_the_firsts_validation
     assert f"give --out {copy.eval_path}/<another name>" in err
     assert (copy.eval_path / "ext" / "metrics.json").read_bytes() == first
     # the same folder again is measured again, in place; without one class, what each average is over is said
+    # and a class of fewer images than a run's own test split needs: said too (its intervals had zero width)
     shutil.rmtree(tmp_path / "siteA" / "ext" / "osteoporosis")
+    for image in sorted((tmp_path / "siteA" / "ext" / "normal").iterdir())[5:]:
+        image.unlink()
     assert main(["eval", str(copy), "--data", str(tmp_path / "siteA" / "ext"), "--bootstrap", "20"]) == 0
     err = capsys.readouterr().err
     assert ("has no osteoporosis images scored: ROC-AUC is left out; balanced accuracy averages the classes present, "
             "macro F1 all three (a class without images counts 0)") in err, err
+    assert ("has fewer than 8 scored images of normal (5): one image moves that class's recall by 0.20 or more, so "
+            "its numbers are coarse and their intervals wide (or of zero width); add images of those classes") in err
 
 
 def test_an_image_filed_under_two_classes_scores_nothing(run, tmp_path, capsys):
