@@ -117,6 +117,11 @@ def test_the_report_pools_out_of_fold_predictions_and_pairs_the_folds(two_cvs, t
     assert float(oracle[0]["balanced_accuracy"]) > max(float(a["balanced_accuracy"]), float(b["balanced_accuracy"]))
     folds = _rows(out / "folds.csv")
     assert len(folds) == 6 and {f["fold"] for f in folds} == {"1", "2", "3"}
+    # what each fold trained on and which checkpoint its inner validation chose (the t-test's correction uses
+    # the first: a nested fold trains on 75% of the other folds' images)
+    for cv in (cv_a, cv_b):
+        assert [(int(f["n_train"]), int(f["best_epoch"])) for f in folds if f["run_id"] == cv.name] == [
+            (fold.read_env()["n_train"], fold.read_metrics()["best_epoch"]) for fold in cv.folds()]
     page = (out / "index.html").read_text(encoding="utf-8")
     assert "Cross-validation folds" in page and "out-of-fold" in page
     # the operating points, pooled over the held-out folds at each fold's own threshold

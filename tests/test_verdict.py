@@ -259,6 +259,11 @@ def test_the_folds_t_test_is_corrected_for_their_shared_training_images():
     assert corrected_fold_ttest(a - b, [20] * 5) > plain.pvalue
     assert corrected_fold_ttest(np.full(5, 0.03), [20] * 5) == 0.0  # every fold says the same: no doubt
     assert corrected_fold_ttest(np.zeros(5), [20] * 5) == 1.0
+    # a nested cross-validation trains each fold on 75% of the others' images (60 of 80): a larger correction
+    nested = 2 * student.sf(abs(plain.statistic) * np.sqrt(0.2 / (0.2 + 20 / 60)), 4)
+    got = corrected_fold_ttest(a - b, [20] * 5, [60] * 5)
+    assert got == pytest.approx(nested) and got > want
+    assert corrected_fold_ttest(a - b, [20] * 5, [60, None, 60, 60, 60]) == pytest.approx(want)  # a count unknown
 
 
 def test_a_best_chosen_on_the_compared_images_is_said_to_be(tmp_path):

@@ -213,7 +213,8 @@ def load_cv(cv: CvDir, n_boot: int = 1000, seed: int = 0) -> Run:
     history = [{k: _mean_cell([f.history[i].get(k) for f in folds]) for k in folds[0].history[i]}
                for i in range(epochs)]
     split_id = hashlib.sha256("".join(f.split_id for f in folds).encode()).hexdigest()[:12]
-    fold_metrics = [{"fold": i, "n": f.metrics["n"], **{k: f.metrics[k] for k in HEADLINE}}
+    fold_metrics = [{"fold": i, "n": f.metrics["n"], "n_train": f.env.get("n_train"),
+                     "best_epoch": f.metrics.get("best_epoch"), **{k: f.metrics[k] for k in HEADLINE}}
                     for i, f in enumerate(folds, start=1)]
     trained = [f.env.get("n_train") for f in folds]
     env = {**first.env, "train_seconds": _sum_key(folds, "train_seconds"),

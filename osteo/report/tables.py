@@ -54,7 +54,8 @@ COMPARISON_COLUMNS = (
     "val_balanced_accuracy", "best_chosen_by", "split_id", "images_id", "run_dir",
 )
 PER_CLASS_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "class", "metric", "value", "lo", "hi")
-FOLD_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "fold", "n", *HEADLINE)
+# n_train: the images the fold trained on; best_epoch: the checkpoint its inner validation chose
+FOLD_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "fold", "n", "n_train", "best_epoch", *HEADLINE)
 POINT_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "point", "target", "threshold", "threshold_from",
                  "sensitivity", "sensitivity_lo",
                  "sensitivity_hi", "specificity", "specificity_lo", "specificity_hi", "n")
@@ -158,7 +159,8 @@ def compare(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> dict[Path, di
                 if r.folds and r.split_id == best.split_id and r.folds == best.folds:
                     a = [f["balanced_accuracy"] for f in r.fold_metrics]
                     b = [f["balanced_accuracy"] for f in best.fold_metrics]
-                    fold_p = corrected_fold_ttest(np.subtract(a, b), [f["n"] for f in r.fold_metrics])
+                    fold_p = corrected_fold_ttest(np.subtract(a, b), [f["n"] for f in r.fold_metrics],
+                                                  [f.get("n_train") for f in r.fold_metrics])
                 test = mcnemar(mine == r.y, theirs == r.y, groups=r.groups)
                 out[r.path] = {"vs": best.label, "p": test["p_value"], "only_this": test["only_a"],
                                "only_best": test["only_b"], "groups": test["groups"], "method": test["method"],
@@ -170,13 +172,14 @@ def compare(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> dict[Path, di
     return out
 
 
-def corrected_fold_ttest(diffs, held_out: list[int]) -> float:
+def corrected_fold_ttest(diffs, held_out: list[int], trained: list | None = None) -> float:
     """Two-sided p of the folds' paired differences by Nadeau and Bengio's corrected resampled
     t-test: the folds share most of their training images, so their differences are correlated,
     and the plain paired t-test's variance (1/k) is too small by the ratio of held-out to
     training images (about 1/(k-1) for k folds): it rejects too often. Each fold's training
-    images: the others' held-out ones. Differences that do not vary: 1.0 where they are all 0,
-    0.0 where they are all the same other value (every fold says the same)."""
+    images: ``trained`` (a nested cross-validation trains on 75% of the other folds' images, the
+    rest validates), or where a count is unknown the others' held-out ones. Differences that do not
+    vary: 1.0 where they are all 0, 0.0 where they are all the same other value (every fold says the same)."""
     from scipy.stats import t as student
 
     d = np.asarray(diffs, dtype=float)
@@ -185,7 +188,9 @@ def corrected_fold_ttest(diffs, held_out: list[int]) -> float:
         return 1.0
     if not np.ptp(d) > 0:
         return 1.0 if d[0] == 0 else 0.0
-    ratio = float(np.mean([n / (total - n) for n in held_out]))  # held-out / training, per fold
+    known = trained is not None and all(isinstance(t, int) and t > 0 for t in trained)
+    training = list(trained) if known else [total - n for n in held_out]
+    ratio = float(np.mean([n / t for n, t in zip(held_out, training)]))  # held-out / training, per fold
     stat = d.mean() / np.sqrt((1 / k + ratio) * d.var(ddof=1))
     return float(2 * student.sf(abs(stat), k - 1))
 
