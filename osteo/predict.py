@@ -206,6 +206,13 @@ class Predictor:
                         "them", ", ".join(_op_column(p["name"]) for p in self.points))
             self.points = []
         self.tta = tta
+        self._calibrated = calibrated and "temperature" in calibration
+
+    def probabilities(self) -> str:
+        """What the probabilities it gives are, as its predictions CSV says in each row."""
+        made = (f"calibrated (temperature {self.temperature:.4g}, fitted on validation)" if self._calibrated
+                else "uncalibrated")
+        return made + (", averaged over test-time augmentation" if self.tta else "")
 
     def _views(self, x: np.ndarray) -> list[np.ndarray]:
         if not self.tta:
@@ -283,6 +290,10 @@ class Ensemble(Predictor):
         self.temperature, self.tta = 1.0, tta
         self.points = _mean_points([m.points for m in self.members], f"the folds of {self.run}")
 
+    def probabilities(self) -> str:
+        return "the mean of the folds' calibrated probabilities" + (
+            ", averaged over test-time augmentation" if self.tta else "")
+
     def raw(self, images: np.ndarray, batch: int = 32) -> np.ndarray:
         return np.mean([m.calibrate(m.raw(images, batch)) for m in self.members], axis=0)
 
@@ -349,7 +360,10 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
         maps, _ = gradcam(predictor.model, spec, arrays, target=target)
         ok = [r for r in rows if r["status"] == "ok"]
         write_overlays(gradcam_dir, [r["path"] for r in ok], arrays, maps, predictor.calibrate(raw), target)
-    columns = [*COLUMNS[:-1], *(_op_column(p["name"]) for p in predictor.points), "reason"]
+    # every row says what its probabilities are: the model's own or calibrated, with test-time augmentation or not
+    made = predictor.probabilities()
+    rows = [{**r, "probabilities": made} if r["status"] == "ok" else r for r in rows]
+    columns = [*COLUMNS[:-1], *(_op_column(p["name"]) for p in predictor.points), "probabilities", "reason"]
     write_csv(out, rows, columns)
     bad = sum(r["status"] != "ok" for r in rows)
     if rows and bad == len(rows):

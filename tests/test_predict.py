@@ -52,6 +52,9 @@ def test_predict_reproduces_the_runs_validation_probabilities(run, phantom_dir, 
     np.testing.assert_allclose([[float(r[c]) for c in P] for r in cal], want, atol=2e-6)
     assert {r["screen_osteoporosis"] for r in cal} <= {"positive", "negative"}
     assert "screen_osteopenia_or_worse" in cal[0]
+    # each file says what its probabilities are (the two files' columns were the same)
+    assert {r["probabilities"] for r in raw} == {"uncalibrated"}
+    assert {r["probabilities"] for r in cal} == {f"calibrated (temperature {t:.4g}, fitted on validation)"}
 
 
 def test_gradcam_overlays_name_the_layer_their_heat_is_of(run, phantom_dir, tmp_path, monkeypatch):

@@ -496,7 +496,8 @@ import tensorflow as tf
 tf.get_logger().warning("5 out of the last 5 calls to <function f> triggered tf.function retracing")
 tf.get_logger().error("a real TensorFlow error")
 """
-    assert "retracing" not in _python(code).stderr and "a real TensorFlow error" in _python(code).stderr
+    quiet = _python(code).stderr
+    assert "retracing" not in quiet and "a real TensorFlow error" in quiet
     assert "retracing" in _python(code, {"OSTEO_TF_LOGS": "1"}).stderr  # osteo --debug sets it
 
 
