@@ -176,9 +176,10 @@ def test_a_last_stage_below_7x7_is_said_and_a_finer_layer_drawn(two_runs, hostil
     small = Trainer(r).run()
     page = write_report([small, two_runs[0]], tmp_path / "rep", n_boot=0).read_text(encoding="utf-8")
     notes = page[page.index("Where the models look"):]
-    assert (f"<li>tiny ({small.name}, validation): the last stage (tiny_block2_relu) is 4x4 at 16 px, too coarse to show where "
+    # validation chose these runs' checkpoints: every plot's name says optimistic
+    assert (f"<li>tiny ({small.name}, validation), optimistic: the last stage (tiny_block2_relu) is 4x4 at 16 px, too coarse to show where "
             "the model looked; heat on tiny_block1_relu (8x8 cells), the deepest layer with at least 7x7</li>") in notes
-    assert f"<li>tiny ({two_runs[0].name}, validation): heat on tiny_block2_relu, the last stage (8x8 cells at 32 px)</li>" in notes
+    assert f"<li>tiny ({two_runs[0].name}, validation), optimistic: heat on tiny_block2_relu, the last stage (8x8 cells at 32 px)</li>" in notes
 
 
 def test_every_curve_names_the_images_it_is_on(two_runs, tmp_path, monkeypatch):
@@ -190,7 +191,7 @@ def test_every_curve_names_the_images_it_is_on(two_runs, tmp_path, monkeypatch):
     from osteo.report.load import load_runs
 
     (first, second), _ = load_runs(two_runs, n_boot=0)  # these small runs have no test split: one is said to
-    test_run = dataclasses.replace(first, evaluated_on="test")
+    test_run = dataclasses.replace(first, evaluated_on="test", chose="nothing")
     val_run = dataclasses.replace(second, recipe={**second.recipe, "model": {**second.recipe["model"],
                                                                             "backbone": "vgg16"}})
     runs = [test_run, val_run]
@@ -212,3 +213,5 @@ def test_every_curve_names_the_images_it_is_on(two_runs, tmp_path, monkeypatch):
         assert any(t.startswith("tiny (test)") for t in texts), (name, texts)
         assert any(t.startswith("vgg16 (validation)") for t in texts), (name, texts)
         assert not any(t.startswith(("tiny ", "vgg16 ")) and "(" not in t for t in texts), (name, texts)
+        # validation chose vgg16's checkpoint and temperature: its name says optimistic, the test run's not
+        assert all(("optimistic" in t) == t.startswith("vgg16") for t in texts if t.startswith(("tiny", "vgg16")))

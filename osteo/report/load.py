@@ -93,7 +93,8 @@ class Run:
 
     @property
     def label(self) -> str:
-        return f"{self.model} ({'cv ' if self.folds else ''}{self.run_id}, {self.evaluated_on})"
+        cv = self.folds or (self.external_record or {}).get("ensemble_of")  # out-of-fold, or its folds as one
+        return f"{self.model} ({'cv ' if cv else ''}{self.run_id}, {self.evaluated_on})"
 
 
 def collect_runs(specs: list[str] | None = None, runs_dir: str | os.PathLike = "runs",

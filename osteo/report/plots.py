@@ -32,8 +32,10 @@ def _names(runs: list[Run]) -> list[str]:
     split chose its checkpoint and temperature, a test split nothing), or its label (run id
     too) where a model has several rows (--all, an external validation)."""
     models = [r.model for r in runs]
-    return [f"{r.model} ({r.evaluated_on})" for r in runs] if len(set(models)) == len(models) else \
+    names = [f"{r.model} ({r.evaluated_on})" for r in runs] if len(set(models)) == len(models) else \
         [r.label for r in runs]
+    # images that chose the checkpoint (validation) score it optimistically: said on every plot
+    return [n if r.chose == "nothing" else f"{n}, optimistic" for r, n in zip(runs, names)]
 
 
 def _save(fig, path: Path) -> Path:
@@ -179,7 +181,8 @@ def plot_bars(runs: list[Run], colours, out: Path, oracles: list[Run] = ()) -> P
             ax.hlines([r.majority[k] for r in runs], x - 0.4, x + 0.4, color="red", linestyle="--",
                       label="majority class")
         for o in oracles:  # the ceiling: a classifier that sees the phantom's true latents
-            ax.axhline(o.metrics[k], color="green", linestyle=":", label=f"oracle {o.metrics[k]:.2f}")
+            ax.axhline(o.metrics[k], color="green", linestyle=":",
+                       label=f"oracle on {o.evaluated_on} {o.metrics[k]:.2f}")
         if baseline or oracles:
             ax.legend(fontsize=7, loc="lower right")
         ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
