@@ -412,6 +412,23 @@ def test_a_run_on_the_timm_engine_checkpoints_weights_and_reloads_without_unpick
     np.testing.assert_allclose(raw, probs, atol=1e-5)  # the same probabilities as when the run made them
 
 
+def test_gradcam_on_every_backbone_on_the_pytorch_backend():
+    """Every registered backbone as timm's module (auto's engine on PyTorch), and tiny on Keras'
+    layers: maps in [0, 1] of the input's size, and the probabilities the model predicts (the
+    study's backbones on Keras' layers on PyTorch are tests/test_export_timm.py's, against these)."""
+    from osteo.explain import gradcam
+    from osteo.registry import get_backbone, list_backbones
+
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
+    for name, impl in [(n, "timm") for n in list_backbones(include_test=True)] + [("tiny", "keras")]:
+        model = Classifier(name, image_size=32, weights="none", impl=impl).build()
+        maps, probs = gradcam(model, get_backbone(name), x)
+        # scaled to [0, 1]; an untrained net's map may be all zero (no positive evidence)
+        assert maps.shape == (2, 32, 32) and np.isfinite(maps).all(), (name, impl)
+        assert maps.min() >= 0 and maps.max() in (0.0, 1.0), (name, impl, maps.max())
+        np.testing.assert_allclose(probs, model.predict(x, verbose=0), atol=1e-5)
+
+
 def test_gradcam_on_the_timm_engine_looks_at_the_deepest_feature_map_of_7x7():
     from osteo.backbones.timm_torch import LAST_STAGE
     from osteo.explain import gradcam, gradcam_target
