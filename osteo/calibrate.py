@@ -264,8 +264,8 @@ def calibrate_run(run_dir, points: tuple[str, ...] | list[str] = DEFAULT_POINTS,
     except OsteoError:  # damaged: replaced, as its error says to
         before = {}
     earlier = list(before.get("earlier_goals", [])) if isinstance(before.get("earlier_goals"), list) else []
-    goals = [_named_goal(p) for p in before.get("operating_points", []) if isinstance(p, dict)]
-    if before and goals != [_named_goal(p) for p in out["operating_points"]]:
+    goals = sorted(_named_goal(p) for p in before.get("operating_points", []) if isinstance(p, dict))
+    if goals and goals != sorted(_named_goal(p) for p in out["operating_points"]):
         earlier.append(goals)
     if earlier:
         out["earlier_goals"] = earlier

@@ -50,10 +50,13 @@ class Monitored(keras.callbacks.Callback):
 
 
 class EarlyStop(Monitored):
-    """Stop a phase when ``monitor`` has not improved for ``patience`` epochs, as Keras'
-    EarlyStopping does, and resumably: :meth:`restore` replays the phase's history rows, so a
-    resumed run stops at the epoch an uninterrupted one stops at, and a run killed after it
-    stopped does not train on. Values are compared as history.csv keeps them (:func:`as_kept`)."""
+    """Stop a phase when ``monitor`` has not improved for ``patience`` epochs, and resumably:
+    :meth:`restore` replays the phase's history rows, so a resumed run stops at the epoch an
+    uninterrupted one stops at, and a run killed after it stopped does not train on. Values are
+    compared as history.csv keeps them (:func:`as_kept`). Keras' EarlyStopping counts the same
+    way, except that a NaN or infinite value is no improvement here (Keras takes its first value,
+    whatever it is, as the best) and a phase may stop after its first epoch where patience is 1
+    and that epoch's value is not finite (Keras never stops at epoch 0)."""
 
     def __init__(self, monitor: str, patience: int):
         super().__init__(monitor)

@@ -106,9 +106,11 @@ def write_model_card(run_dir) -> Path:
                       for where, m in measured if m] + stale
         earlier = calibration.get("earlier_goals")
         if isinstance(earlier, list) and earlier:
-            lines.append(f"- Calibrated for other goals before ({'; then '.join(', '.join(map(str, g)) for g in earlier)}):"
-                         " each `osteo calibrate` shows the test split's figures, so a goal chosen after an earlier "
-                         "one was chosen with test in view, and the test figures above are then optimistic too.")
+            before = "; then ".join(", ".join(map(str, g)) if isinstance(g, list) else str(g) for g in earlier)
+            lines.append(f"- Calibrated for other goals before ({before})" + (
+                ": each `osteo calibrate` shows the test split's figures, so a goal chosen after an earlier one "
+                "was chosen with test in view, and the test figures above are then optimistic too." if on_test
+                else "."))
     else:
         lines.append("Not calibrated (`osteo calibrate RUN_DIR`).")
     record = run.export_path / RunDir.EXPORT_RECORD

@@ -206,7 +206,8 @@ class Predictor:
                         "them", ", ".join(_op_column(p["name"]) for p in self.points))
             self.points = []
         self.tta = tta
-        self._calibrated = calibrated and "temperature" in calibration
+        # a calibration that failed (a diverged run) records temperature 1 beside its error: not calibrated
+        self._calibrated = calibrated and "temperature" in calibration and "error" not in calibration
 
     def probabilities(self) -> str:
         """What the probabilities it gives are, as its predictions CSV says in each row."""
@@ -291,8 +292,10 @@ class Ensemble(Predictor):
         self.points = _mean_points([m.points for m in self.members], f"the folds of {self.run}")
 
     def probabilities(self) -> str:
-        return "the mean of the folds' calibrated probabilities" + (
-            ", averaged over test-time augmentation" if self.tta else "")
+        calibrated = sum(m._calibrated for m in self.members)
+        made = ("the mean of the folds' calibrated probabilities" if calibrated == len(self.members) else
+                f"the mean of the folds' probabilities ({calibrated} of {len(self.members)} calibrated)")
+        return made + (", averaged over test-time augmentation" if self.tta else "")
 
     def raw(self, images: np.ndarray, batch: int = 32) -> np.ndarray:
         return np.mean([m.calibrate(m.raw(images, batch)) for m in self.members], axis=0)

@@ -291,3 +291,25 @@ def test_epochs_in_all_are_shared_between_the_phases_a_set_leaves(phantom_dir, t
         recipe(4, "train.epochs=3")
     with pytest.raises(OsteoError, match=r"leave --epochs 4 no phase: drop one of them"):
         recipe(4, "train.epochs=0", "train.fine_tune_epochs=0")
+
+
+def test_the_pooled_curve_averages_each_epoch_over_the_folds_that_trained_it(two_cvs, tmp_path):
+    """Early stopping ends folds at different epochs (and a later phase's epochs keep their
+    numbers): the curve was averaged row by row and cut at the shortest fold."""
+    import shutil
+
+    from osteo.files import write_csv
+    from osteo.report.load import load_cv
+
+    cv = CvDir(shutil.copytree(two_cvs[1][0].path, tmp_path / "cv"))
+    first = cv.fold(1)
+    rows = first.read_history()
+    later = {**rows[-1], "epoch": "3", "phase": "2", "val_loss": "0.25"}  # fold 1 alone trained an epoch 3
+    with open(first.history_path, newline="", encoding="utf-8") as f:
+        columns = next(csv.reader(f))
+    write_csv(first.history_path, [*rows, later], columns)
+    history = load_cv(cv, n_boot=0).history
+    assert [int(h["epoch"]) for h in history] == [1, 3]
+    assert history[0]["val_loss"] == pytest.approx(
+        sum(float(f.read_history()[0]["val_loss"]) for f in cv.folds()) / 3)
+    assert history[1]["val_loss"] == 0.25 and history[1]["phase"] == 2.0

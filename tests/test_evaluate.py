@@ -110,25 +110,45 @@ def test_mcnemar_exact_on_a_known_table():
 
 def test_mcnemar_counts_a_group_of_images_once():
     """Four copies of each image (one group each) are the evidence of one: the plain test on the
-    copies took p from 0.34 to 0.017. The clustered test (Durkalski) gives the copies what it
-    gives the originals, (only_a - only_b)^2 / (only_a + only_b) against chi-squared(1)."""
-    from scipy.stats import chi2
+    copies took p from 0.34 to 0.017. With groups, the exact sign-flip test over the groups' d_k
+    (only_a - only_b within the group) gives the copies the originals' p, and where every group
+    holds one discordant image at most, the binomial test's: one duplicate anywhere in the data
+    (it switched to a chi-squared, p 0.070 -> 0.034) changes nothing."""
+    import itertools
+
+    from osteo import evaluate
 
     a = np.array([True] * 20 + [True] * 3 + [False] * 7)  # 3 only A, 7 only B
     b = np.array([True] * 20 + [False] * 3 + [True] * 7)
     copies_a, copies_b, groups = np.repeat(a, 4), np.repeat(b, 4), np.repeat([f"g{i}" for i in range(30)], 4)
     clustered = mcnemar(copies_a, copies_b, groups=groups)
     assert (clustered["only_a"], clustered["only_b"], clustered["groups"]) == (12, 28, 30)
-    assert clustered["method"] == "clustered (Durkalski), 30 groups"
-    assert clustered["p_value"] == pytest.approx(chi2.sf((3 - 7) ** 2 / (3 + 7), 1))  # 0.206
-    assert mcnemar(a, b)["p_value"] > 0.3 and mcnemar(copies_a, copies_b)["p_value"] < 0.03  # the inflation
-    # groups that disagree within themselves: d_k = only_a - only_b per group
-    d = np.array([2, -1, 0, 3])  # group 0: 2 only A; 1: 1 only B; 2: one each; 3: 3 only A
-    a2 = np.array([1, 1, 0, 1, 0, 1, 1, 1], bool)
-    b2 = np.array([0, 0, 1, 0, 1, 0, 0, 0], bool)
-    g2 = ["0", "0", "1", "2", "2", "3", "3", "3"]
-    assert mcnemar(a2, b2, groups=g2)["p_value"] == pytest.approx(chi2.sf(d.sum() ** 2 / (d ** 2).sum(), 1))
+    assert clustered["method"] == "exact, clustered: 30 groups, each counted once"
+    assert clustered["p_value"] == pytest.approx(mcnemar(a, b)["p_value"]) == pytest.approx(0.34375)
+    assert mcnemar(copies_a, copies_b)["p_value"] < 0.02  # the inflation, without groups
+    one_pair = [f"g{i}" for i in range(30)]
+    one_pair[0] = one_pair[1]  # two images both models got right, grouped
+    assert mcnemar(a, b, groups=one_pair)["p_value"] == pytest.approx(0.34375)
+    # groups that disagree within themselves: every sign assignment of the nonzero d_k, counted by hand
+    a2 = np.array([1, 1, 0, 1, 0, 1, 1, 1, 1], bool)
+    b2 = np.array([0, 0, 1, 0, 1, 0, 0, 0, 1], bool)
+    g2 = ["0", "0", "1", "2", "2", "3", "3", "3", "3"]  # d = 2, -1, 0, 3
+    nonzero, observed = np.array([2, 1, 3]), abs(2 - 1 + 0 + 3)
+    by_hand = np.mean([abs(np.dot(signs, nonzero)) >= observed for signs in itertools.product((-1, 1), repeat=3)])
+    assert mcnemar(a2, b2, groups=g2)["p_value"] == pytest.approx(by_hand) == pytest.approx(0.5)
     assert mcnemar(a2, a2, groups=g2)["p_value"] == 1.0
+    assert mcnemar(a2, b2, groups=["one"] * 9)["p_value"] == 1.0  # one group shows nothing either way
+    # beyond the exact test's budget: Durkalski's chi-squared, close to it
+    budget = evaluate.SIGN_FLIP_CELLS
+    try:
+        evaluate.SIGN_FLIP_CELLS = 0
+        large = mcnemar(copies_a, copies_b, groups=groups)
+    finally:
+        evaluate.SIGN_FLIP_CELLS = budget
+    assert large["method"] == "clustered (Durkalski): 30 groups, each counted once"
+    from scipy.stats import chi2
+
+    assert large["p_value"] == pytest.approx(chi2.sf((3 - 7) ** 2 / (3 + 7), 1))
 
 
 def test_majority_baseline_is_the_studys_trap():

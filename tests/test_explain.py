@@ -1,4 +1,5 @@
-"""Grad-CAM: every backbone, both backends, and a trained model looks at the bone."""
+"""Grad-CAM: every backbone on TensorFlow (PyTorch: tests/test_timm_engine.py), and a trained model looks
+at the bone."""
 
 from pathlib import Path
 

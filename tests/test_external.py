@@ -89,10 +89,12 @@ def test_another_folder_is_scored_with_the_runs_own_images_left_out(run, phantom
 
 
 def test_resized_copies_of_the_runs_images_are_left_out_too(run, phantom_dir, tmp_path, capsys):
-    run = copy_run(run, tmp_path / "mine")
     """A copy of a training image resized (or re-encoded) is no new hospital's image: scored as
-    one, it counted as chose-nothing evidence. The audit's near-duplicate rule finds it."""
+    one, it counted as chose-nothing evidence. The audit's near-duplicate rule finds it; and the
+    folder's images under 128 px, where that rule is weak, are said."""
     from PIL import Image
+
+    run = copy_run(run, tmp_path / "mine")
 
     other = tmp_path / "hospital-c"
     write_phantom(other, n=30, size=64, seed=7)
@@ -103,8 +105,13 @@ def test_resized_copies_of_the_runs_images_are_left_out_too(run, phantom_dir, tm
     first = sorted((other / "normal").iterdir())[0]
     shutil.copy(first, other / "normal" / "again.png")  # a copy of the folder's own: one draw with it
     assert main(["eval", str(run), "--data", str(other), "--bootstrap", "20"]) == 0
+    said = capsys.readouterr()
     assert "4 image(s) also in the run's data (its training, validation or test split) left out (4 of them " \
-           "re-encoded or resized copies)" in capsys.readouterr().out
+           "re-encoded or resized copies)" in said.out
+    # the phantom's 30 images of 64 px and its copy (the 4 resized to 128 px are left out before)
+    assert ("31 of the folder's images are under 128 px, where re-encoded or resized copies of the run's images are "
+            "often not recognised (exact copies are): some such copies may be scored as new images; give the "
+            "folder's images at full size") in said.err, said.err
     metrics = json.loads((run.eval_path / "hospital-c" / "metrics.json").read_text())
     assert (metrics["excluded_near_copies"], metrics["near_copies_checked"], metrics["external"]["n"]) == (4, True, 31)
     assert metrics["external"]["ci"]["method"].startswith("stratified cluster bootstrap over 30 groups")

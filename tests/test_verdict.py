@@ -292,3 +292,29 @@ def test_a_runs_intervals_draw_its_splits_groups_whole(tmp_path):
     loaded = load_run(run, n_boot=50)
     assert loaded.metrics["ci"]["method"].startswith(f"stratified cluster bootstrap over {-(-len(TEST) // 2)} groups")
     assert loaded.groups == [f"patient-{i // 2}" for i in range(len(TEST))]
+
+
+def test_the_reports_mcnemar_counts_a_group_of_images_once(tmp_path):
+    """The report's comparison passes each run's groups (duplicates, a patient's images) to McNemar:
+    the same answers, paired 2 by 2 into groups, are tested over the groups, and the row says so."""
+    import dataclasses
+
+    from osteo.report.load import load_run
+    from osteo.report.tables import comparison_rows
+
+    runs = [load_run(make_run(tmp_path, name, skilled(TEST, i)), n_boot=0) for i, name in enumerate(("a", "b"))]
+    pairs = [f"g{i // 2}" for i in range(len(TEST))]
+    plain = {r["run_id"]: r for r in comparison_rows(runs, n_boot=0)}
+    grouped = {r["run_id"]: r for r in comparison_rows([dataclasses.replace(r, groups=pairs) for r in runs], n_boot=0)}
+    other = next(k for k, r in plain.items() if r["mcnemar_vs"] != "(best)")
+    assert (plain[other]["mcnemar_method"], plain[other]["mcnemar_groups"]) == ("exact", len(TEST))
+    assert grouped[other]["mcnemar_method"] == f"exact, clustered: {len(set(pairs))} groups, each counted once"
+    assert grouped[other]["mcnemar_groups"] == len(set(pairs))
+    for k in ("mcnemar_only_this", "mcnemar_only_best"):  # the same images counted, tested otherwise
+        assert grouped[other][k] == plain[other][k]
+    assert grouped[other]["mcnemar_p"] != plain[other]["mcnemar_p"]
+    from osteo.report.verdict import verdict
+
+    said = " ".join(" ".join(verdict(list(grouped.values()))).split())
+    assert (f"{grouped[other]['mcnemar_only_this']} images only it got right, {grouped[other]['mcnemar_only_best']} "
+            f"only the best; clustered: {len(set(pairs))} groups of images, each counted once;") in said, said

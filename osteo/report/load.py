@@ -209,10 +209,13 @@ def load_cv(cv: CvDir, n_boot: int = 1000, seed: int = 0) -> Run:
     metrics["best_epoch"] = None
     train_labels = [r["label"] for f in cv.folds() for r in f.read_split() if r["split"] == "train"]
     majority = majority_baseline(y, majority_label(train_labels))
-    # one curve per epoch: the mean over the folds (each fold trained the same epochs)
-    epochs = min(len(f.history) for f in folds)
-    history = [{k: _mean_cell([f.history[i].get(k) for f in folds]) for k in folds[0].history[i]}
-               for i in range(epochs)]
+    # one curve per epoch: the mean over the folds that trained it (early stopping ends a fold's phase
+    # at its own epoch; a phase's epochs keep their numbers, so rows of one number are of one phase)
+    by_epoch: dict[int, list[dict]] = {}
+    for f in folds:
+        for row in f.history:
+            by_epoch.setdefault(int(float(row["epoch"])), []).append(row)
+    history = [{k: _mean_cell([row.get(k) for row in rows]) for k in rows[0]} for _, rows in sorted(by_epoch.items())]
     split_id = hashlib.sha256("".join(f.split_id for f in folds).encode()).hexdigest()[:12]
     fold_metrics = [{"fold": i, "n": f.metrics["n"], "n_train": f.env.get("n_train"),
                      "best_epoch": f.metrics.get("best_epoch"), **{k: f.metrics[k] for k in HEADLINE}}

@@ -177,7 +177,7 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], said:
             "has them (best chosen by, in comparison.csv: the images compared choose nothing, not even the "
             "best): the difference in balanced accuracy (paired bootstrap) and "
             "McNemar's test on the images only one of the two got right (exact; where images come in groups, "
-            "Durkalski's clustered test, a group counted once), its p-value raw and Holm-adjusted for the "
+            "an exact sign-flip test over the groups, each counted once), its p-value raw and Holm-adjusted for the "
             "comparisons made on those images.</p>"]
     for title, key, caption in sections:
         if key in plots:

@@ -79,8 +79,8 @@ def plot_curves(runs: list[Run], colours, out: Path) -> Path:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             step = np.diff(_floats(h, "phase"))
             change = np.flatnonzero(np.isfinite(step) & (step != 0) & np.isfinite(ep[:-1]))
-            for i in change:
-                ax.axvline(ep[i] + 0.5, color="grey", linestyle=":", label="phase 2 starts")
+            for i in change:  # before phase 2's first epoch (after an early stop, epochs are skipped)
+                ax.axvline(ep[i + 1] - 0.5, color="grey", linestyle=":", label="phase 2 starts")
             ax.set_xlabel("epoch")
             ax.set_title(f"{r.label}: {key}", fontsize=9)
             ax.grid(alpha=0.3)
