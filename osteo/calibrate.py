@@ -14,6 +14,8 @@ its probability that reaches the asked sensitivity (or specificity) on validatio
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from osteo.errors import OsteoError
@@ -128,7 +130,33 @@ def point_goal(point: dict) -> str:
 
 def _named_goal(point: dict) -> str:
     """``osteoporosis: sensitivity >= 0.9``, as the model card names a point's goal."""
-    return f"{point.get('name')}: {point.get('target')} >= {point.get('value')}"
+    goal = f": {point['target']} >= {point['value']}" if "target" in point and "value" in point else ""
+    return f"{point.get('name')}{goal}"
+
+
+DAMAGED_GOALS = "unknown (the calibration replaced was damaged)"
+
+
+def _earlier_goals(run, points: list[dict]) -> dict:
+    """``{"earlier_goals": [...]}``: the goals of the calibrations that ``points`` replace, oldest first,
+    each a sorted list of :func:`_named_goal` (:data:`DAMAGED_GOALS` for a file that could not be
+    read); {} where there were none. Each osteo calibrate prints the test split's figures, so a goal
+    chosen after seeing them was chosen with test in view, and the model card and the report say so."""
+    try:
+        before = run.read_calibration()
+    except OsteoError:  # damaged: replaced, as its error says to; what it held is kept where it can be read
+        try:
+            raw = json.loads(run.calibration_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raw = None
+        before = {"earlier_goals": raw.get("earlier_goals")} if isinstance(raw, dict) else {}
+        before["operating_points"] = [{"name": DAMAGED_GOALS}]
+    kept = before.get("earlier_goals") if isinstance(before.get("earlier_goals"), list) else []
+    earlier = [[str(g) for g in entry] for entry in kept if isinstance(entry, list) and entry]
+    goals = sorted(_named_goal(p) for p in before.get("operating_points", []) if isinstance(p, dict))
+    if goals and goals != sorted(_named_goal(p) for p in points):
+        earlier.append(goals)
+    return {"earlier_goals": earlier} if earlier else {}
 
 
 def shared_points(members: list[list[dict]], where: str) -> list[list[dict]]:
@@ -259,16 +287,7 @@ def calibrate_run(run_dir, points: tuple[str, ...] | list[str] = DEFAULT_POINTS,
         out["operating_points"].append(point)
     # the goals this calibration replaces, kept: each osteo calibrate prints the test split's figures, so
     # a goal chosen after seeing them was chosen with test in view, and the model card says so
-    try:
-        before = run.read_calibration()
-    except OsteoError:  # damaged: replaced, as its error says to
-        before = {}
-    earlier = list(before.get("earlier_goals", [])) if isinstance(before.get("earlier_goals"), list) else []
-    goals = sorted(_named_goal(p) for p in before.get("operating_points", []) if isinstance(p, dict))
-    if goals and goals != sorted(_named_goal(p) for p in out["operating_points"]):
-        earlier.append(goals)
-    if earlier:
-        out["earlier_goals"] = earlier
+    out.update(_earlier_goals(run, out["operating_points"]))
     run.write_calibration(out)
     _rescore_externals(run, out, n_boot, seed)
     _say_ensembles_stale(run)

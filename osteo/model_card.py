@@ -18,6 +18,13 @@ from osteo.files import sweep_temporaries, temporaries_of, write_text
 from osteo.runs import RunDir
 
 
+def _stopped_early(recipe, env: dict) -> str:
+    """``; 6 trained: early stopping ended a phase`` where it did (history.csv has each epoch)."""
+    planned, run = recipe.train.epochs + recipe.train.fine_tune_epochs, env.get("epochs_run")
+    return (f"; {run} trained: early stopping (patience {recipe.train.early_stopping}) ended a phase"
+            if isinstance(run, int) and run < planned else "")
+
+
 def write_model_card(run_dir) -> Path:
     """``MODEL_CARD.md`` of one run: what it is for and not, its data, recipe, results and environment.
 
@@ -55,7 +62,7 @@ def write_model_card(run_dir) -> Path:
         f"`{recipe.name}`: {recipe.model.backbone} on the {recipe.model.impl} engine ({get_engine(recipe.model.impl).describes}), "
         f"weights {recipe.model.weights}, {recipe.data.image_size} px, "
         f"preprocessing {recipe.model.preprocessing}, {recipe.train.epochs} + {recipe.train.fine_tune_epochs} "
-        f"epochs (frozen + fine-tuned), {recipe.train.optimizer} lr {recipe.train.lr:g} / "
+        f"epochs (frozen + fine-tuned{_stopped_early(recipe, env)}), {recipe.train.optimizer} lr {recipe.train.lr:g} / "
         f"{recipe.train.fine_tune_lr:g}, batch {recipe.data.batch_size}, best checkpoint by {recipe.train.monitor}"
         f" (epoch {metrics.get('best_epoch', '?')}). The full recipe is `recipe.json`.", "",
         "## Results (95% stratified bootstrap intervals; duplicates and a patient's images drawn as one)", "",
@@ -107,7 +114,7 @@ def write_model_card(run_dir) -> Path:
         earlier = calibration.get("earlier_goals")
         if isinstance(earlier, list) and earlier:
             before = "; then ".join(", ".join(map(str, g)) if isinstance(g, list) else str(g) for g in earlier)
-            lines.append(f"- Calibrated for other goals before ({before})" + (
+            lines.append(f"- Calibrated for other goals before these, oldest first ({before})" + (
                 ": each `osteo calibrate` shows the test split's figures, so a goal chosen after an earlier one "
                 "was chosen with test in view, and the test figures above are then optimistic too." if on_test
                 else "."))

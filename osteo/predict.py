@@ -545,9 +545,9 @@ def _near_copies_of_the_runs(run, scored: list, seen: set[str] | None, seen_in: 
         return [False] * len(scored), False
     small = sum(1 for r in scored if 0 < min(r.width, r.height) < DETAIL_SIDE)
     if small and warn:  # osteo.data.scan: under 128 px the band-pass sees JPEG's noise more than the texture
-        warn(f"{small} of the folder's images are under {DETAIL_SIDE} px, where re-encoded or resized copies of "
+        warn(f"{small} of the images to score are under {DETAIL_SIDE} px, where re-encoded or resized copies of "
              "the run's images are often not recognised (exact copies are): some such copies may be scored as new "
-             "images; give the folder's images at full size")
+             f"images; where the originals are larger, give those")
     return near_copies(scored, theirs), True
 
 # what an external folder's images are checked against, and left out of its score when found there

@@ -386,8 +386,9 @@ class Trainer:
                 f"{kept}; lower train.lr or use train.precision=float32"
             )
         if stopper is not None and stopper.stopped_epoch is not None and stopper.stopped_epoch + 1 < phase.last_epoch:
+            epochs = f"{t.early_stopping} epoch{'s' if t.early_stopping > 1 else ''}"
             self._say(f"phase {phase.number} stopped early after epoch {stopper.stopped_epoch + 1}: {t.monitor} did not "
-                      f"improve for {t.early_stopping} epochs (train.early_stopping)")
+                      f"improve for {epochs} (train.early_stopping)")
         if phase.number == 1 and t.fine_tune_epochs:
             # phase 2 starts from here if it is killed before its first backup
             write_bytes(run.phase1_seeds_path, random_states(model))

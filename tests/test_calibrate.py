@@ -1,6 +1,7 @@
 """Temperature scaling, operating points, and the model card."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -129,11 +130,23 @@ def test_a_trained_run_is_calibrated_with_a_model_card_and_recalibrates_on_deman
     assert run.read_calibration()["earlier_goals"] == [["osteopenia+: sensitivity >= 0.9",
                                                         "osteoporosis: sensitivity >= 0.9"]]
     # this run has no test split: nothing to have been shown
-    assert "Calibrated for other goals before (osteopenia+: sensitivity >= 0.9, osteoporosis: sensitivity >= 0.9)." \
-        in card
+    assert ("Calibrated for other goals before these, oldest first (osteopenia+: sensitivity >= 0.9, osteoporosis: "
+            "sensitivity >= 0.9).") in card
     assert main(["calibrate", str(run), "--operating-point", "osteoporosis:specificity=0.5",
                  "--bootstrap", "50"]) == 0  # the same goal again: nothing more to say
     assert len(run.read_calibration()["earlier_goals"]) == 1
+    # a damaged calibration.json is replaced (its error says to), its record of earlier goals kept where it can be
+    # read, and its own goals said to be unknown; an entry edited by hand into nonsense is dropped
+    record = json.loads(run.calibration_path.read_text())
+    run.calibration_path.write_text(json.dumps({**record, "temperature": -1, "earlier_goals": [
+        *record["earlier_goals"], None, []]}))
+    assert main(["calibrate", str(run), "--bootstrap", "50"]) == 0
+    assert run.read_calibration()["earlier_goals"] == [
+        ["osteopenia+: sensitivity >= 0.9", "osteoporosis: sensitivity >= 0.9"],
+        ["unknown (the calibration replaced was damaged)"]]
+    run.calibration_path.write_text("{")  # not JSON at all
+    assert main(["calibrate", str(run), "--bootstrap", "50"]) == 0
+    assert run.read_calibration()["earlier_goals"] == [["unknown (the calibration replaced was damaged)"]]
     assert main(["report", str(run), "--out", str(tmp_path / "rep"), "--bootstrap", "50"]) == 0
     with open(tmp_path / "rep" / "comparison.csv", newline="") as f:
         row = next(csv.DictReader(f))

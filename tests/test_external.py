@@ -109,9 +109,9 @@ def test_resized_copies_of_the_runs_images_are_left_out_too(run, phantom_dir, tm
     assert "4 image(s) also in the run's data (its training, validation or test split) left out (4 of them " \
            "re-encoded or resized copies)" in said.out
     # the phantom's 30 images of 64 px and its copy (the 4 resized to 128 px are left out before)
-    assert ("31 of the folder's images are under 128 px, where re-encoded or resized copies of the run's images are "
-            "often not recognised (exact copies are): some such copies may be scored as new images; give the "
-            "folder's images at full size") in said.err, said.err
+    assert ("31 of the images to score are under 128 px, where re-encoded or resized copies of the run's images are "
+            "often not recognised (exact copies are): some such copies may be scored as new images; where the "
+            "originals are larger, give those") in said.err, said.err
     metrics = json.loads((run.eval_path / "hospital-c" / "metrics.json").read_text())
     assert (metrics["excluded_near_copies"], metrics["near_copies_checked"], metrics["external"]["n"]) == (4, True, 31)
     assert metrics["external"]["ci"]["method"].startswith("stratified cluster bootstrap over 30 groups")

@@ -74,6 +74,23 @@ def test_the_report_rows_are_on_the_test_split(finetuned):
     assert "The phantom's oracle" in said
 
 
+def test_a_goal_set_again_after_the_test_figures_were_shown_is_said_to_be_optimistic(finetuned, tmp_path):
+    """osteo calibrate prints the test split's sensitivity and specificity: a run calibrated again for
+    another goal has test figures its user may have chosen by; the card and the report say so."""
+    import shutil
+
+    _, run = finetuned
+    run = RunDir(shutil.copytree(run.path, tmp_path / "tiny" / run.name))
+    assert main(["calibrate", str(run.path), "--operating-point", "osteoporosis:sensitivity=0.8",
+                 "--bootstrap", "20"]) == 0
+    assert "was chosen with test in view, and the test figures above are then optimistic too" in (
+        run.model_card_path.read_text(encoding="utf-8"))
+    assert main(["report", str(run.path), "--out", str(tmp_path / "rep"), "--bootstrap", "20"]) == 0
+    points = {(r["evaluated_on"], r["chose"]) for r in _rows(tmp_path / "rep" / "operating_points.csv")}
+    assert points == {("test", "nothing, but the goal was set again after osteo calibrate had shown these figures: "
+                               "optimistic"), ("validation", "checkpoint, temperature, thresholds")}
+
+
 def test_data_too_small_for_a_test_split_is_one_line_pointing_to_folds(phantom_dir, tmp_path, capsys):
     # 120 images: 15% leaves 3 or 4 osteopenia images for testing, too few to measure anything on
     assert main(["train", "finetune", *TINY, "--data", str(phantom_dir), "--runs", str(tmp_path / "runs")]) == 2

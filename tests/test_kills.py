@@ -125,6 +125,9 @@ def test_early_stopping_counts_on_across_a_kill_and_a_phase_that_stopped_stays_s
     assert run.is_finished()
     assert [(r["epoch"], r["phase"]) for r in run.read_history()] == [("1", "1"), ("2", "1"), ("3", "1"), ("5", "2")]
     assert "phase 1 stopped early after epoch 3: val_macro_f1 did not improve for 2 epochs" in resumed.stdout
+    # the card says the run trained fewer epochs than its recipe's
+    assert "4 + 1 epochs (frozen + fine-tuned; 4 trained: early stopping (patience 2) ended a phase)" in (
+        run.model_card_path.read_text(encoding="utf-8"))
 
 
 def test_a_run_killed_while_finishing_is_unfinished_refused_flagged_and_finished_by_resume(phantom_dir, tmp_path):

@@ -30,7 +30,7 @@ COMPARISON_COLUMNS = (
     # evaluated_on: the images every number of the row was measured on; chose: what those images were
     # used to choose (nothing, or the checkpoint, temperature and thresholds: optimistic)
     "model", "run_id", "evaluated_on", "chose", "folds", "weights", "precision", "backend", "engine", "image_size",
-    "epochs",
+    "epochs", "epochs_run",
     "best_epoch", "n_train", "n",
     "n_nonfinite",  # predictions that are NaN or infinite: a diverged model
     *(c for m in METRICS if m.headline for c in metric_columns(m)),
@@ -74,6 +74,7 @@ def comparison_rows(runs: list[Run], oracles: list[Run] = (), n_boot: int = 1000
             "engine": r.recipe.get("model", {}).get("impl"),  # keras.applications layers, or timm's module
             "image_size": r.recipe.get("data", {}).get("image_size"),
             "epochs": int(t.get("epochs", 0)) + int(t.get("fine_tune_epochs", 0)), "best_epoch": m.get("best_epoch"),
+            "epochs_run": r.env.get("epochs_run"),  # fewer than epochs where early stopping ended a phase
             "n_train": r.env.get("n_train"), "n": m["n"], "n_nonfinite": m["n_nonfinite"],
             "probabilities": m.get("probabilities", "uncalibrated"), "ece_calibrated": m.get("ece_calibrated"),
             "temperature": r.temperature, "majority_class": r.majority["class"],
