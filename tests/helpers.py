@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 
 from osteo.runs import RunDir
@@ -35,3 +38,24 @@ def osteo_warnings() -> Iterator[list[str]]:
         yield said
     finally:
         logging.getLogger("osteo").removeHandler(handler)
+
+
+# osteo's command line as a terminal starts it, Ctrl-C at its default: a shell without job control (make run
+# in the background, nohup) starts its jobs with SIGINT ignored, which Python keeps, and a Ctrl-C test then
+# saw its run finish
+_AS_FROM_A_TERMINAL = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                       "sys.argv[0] = 'osteo'; runpy.run_module('osteo.cli', run_name='__main__')")
+
+
+def osteo_process(args, cwd, kill_at=None, **env) -> subprocess.CompletedProcess:
+    """``osteo ARGS`` in a process of its own on TensorFlow (``kill_at``: an osteo.killpoints point it
+    kills itself at), its output captured, lines unwrapped."""
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "COLUMNS": "1000", **env}  # no wrapped lines
+    if kill_at:
+        env["OSTEO_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, "-c", _AS_FROM_A_TERMINAL, *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def exited_ok(proc) -> None:
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -225,19 +225,24 @@ def test_hidden_temporaries_are_ignored(tmp_path):
     assert set(info["ignored"]) == {"normal/.normal_0003.k2j4h.tmp.png", "normal/.sub.tmp-123/"}
 
 
+def _cannot_list(monkeypatch, name: str) -> None:
+    """Listing a folder called ``name`` fails as without permission (root ignores modes)."""
+    scandir = os.scandir
+
+    def refuse(path="."):
+        if os.fspath(path).endswith(name):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+
+
 def test_a_folder_that_cannot_be_listed_is_a_row(tmp_path, monkeypatch):
     """No permission to list a folder (root ignores modes, and the suite runs as root in CI: the
     listing is made to fail here, as the system fails it)."""
     _png(tmp_path / "normal" / "a.png")
     _png(tmp_path / "normal" / "locked" / "b.png")
-    scandir = os.scandir
-
-    def refuse(path="."):
-        if os.fspath(path).endswith("locked"):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", refuse)
+    _cannot_list(monkeypatch, "locked")
     info = audit(tmp_path).to_json()
     assert info["unreadable"] == [{"path": "normal/locked/", "reason": "cannot list folder: Permission denied"}]
     assert info["n_ok"] == 1
@@ -277,14 +282,7 @@ def test_predict_says_which_folder_it_could_not_list(tmp_path, monkeypatch, capl
 
     _png(tmp_path / "in" / "a.png")
     _png(tmp_path / "in" / "locked" / "b.png")
-    scandir = os.scandir
-
-    def refuse(path="."):
-        if os.fspath(path).endswith("locked"):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", refuse)
+    _cannot_list(monkeypatch, "locked")
     with caplog.at_level(logging.WARNING, logger="osteo"):
         assert _expand([str(tmp_path / "in")]) == [tmp_path / "in" / "a.png"]
     assert [r.getMessage() for r in caplog.records] == [

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import exited_ok, osteo_process
 
 from osteo.runs import CvDir, RunDir
 from osteo.trainer import Trainer
@@ -25,27 +26,8 @@ TINY = ["--model", "tiny", "--weights", "none", "--image-size", "32", "--set", "
         "--set", "train.bootstrap=20", "--set", "train.steps_per_epoch=2"]
 
 
-# osteo's command line as a terminal starts it, Ctrl-C at its default: a shell without job control (make run
-# in the background, nohup) starts its jobs with SIGINT ignored, which Python keeps, and a Ctrl-C test then
-# saw its run finish
-_AS_FROM_A_TERMINAL = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                       "sys.argv[0] = 'osteo'; runpy.run_module('osteo.cli', run_name='__main__')")
-
-
-def _osteo(args, cwd, kill_at=None, **env):
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "COLUMNS": "1000", **env}  # no wrapped lines
-    if kill_at:
-        env["OSTEO_KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, "-c", _AS_FROM_A_TERMINAL, *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
-
-
 def _killed(proc) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-
-
-def _ok(proc) -> None:
-    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def _rows(path):
@@ -80,34 +62,40 @@ def _copy(run: RunDir, dest: Path) -> RunDir:
 
 
 def test_a_kill_at_an_epochs_or_a_phases_edge_resumes_as_if_never_killed(phantom_dir, tmp_path):
-    """A two-phase run (2 + 2 epochs), killed and resumed with --resume latest, ends as the
-    uninterrupted run: the same history, checkpoint and predictions. Killed after epoch 1's
-    history row, before its state is committed (--resume latest said "no unfinished run to
-    resume"); after phase 1's last epoch was committed, before its end was written (phase 2 began
-    from the model as built); after phase 1's end, before phase 2's first epoch (phase 2 drew other
-    augmentations and dropout masks). And every kill moved the best checkpoint to a later epoch
-    of the same validation score: the resumed run took its best value from history.csv's 8 decimals
-    and took the next epoch's float32 value as an improvement."""
+    """A two-phase run (2 + 2 epochs), killed and resumed with --resume latest three times, ends as the
+    uninterrupted run: the same history, checkpoint and predictions. Killed after epoch 1's history
+    row, before its state is committed (--resume latest said "no unfinished run to resume"); its
+    resume killed after phase 1's last epoch was committed, before its end was written (phase 2 began
+    from the model as built); that resume killed after phase 1's end, before phase 2's first epoch
+    (phase 2 drew other augmentations and dropout masks). And every kill moved the best checkpoint to
+    a later epoch of the same validation score: the resumed run took its best value from history.csv's
+    8 decimals and took the next epoch's float32 value as an improvement. (One run killed three
+    times, not three runs killed once: each process costs the suite seconds, and the last resume
+    must undo all three.)"""
     args = ["train", "finetune", *TINY, "--set", "data.test=0", "--deterministic", "--epochs", "4", "--data", phantom_dir]
-    _ok(_osteo([*args, "--runs", tmp_path / "ref"], tmp_path))
+    exited_ok(osteo_process([*args, "--runs", tmp_path / "ref"], tmp_path))
     ref = RunDir(next((tmp_path / "ref" / "tiny").iterdir()))
+    runs = tmp_path / "killed"
+    resume = ["train", "finetune", "--resume", "latest", "--runs", runs]
+    points = ("train.history_written@1", "train.epoch_committed@2", "train.phase_done@1")
+    rows_left = (1, 2, 2)  # history rows after each kill
+    _killed(osteo_process([*args, "--runs", runs], tmp_path, kill_at=points[0]))
+    run = RunDir(next((runs / "tiny").iterdir()))
+    for i, point in enumerate(points):
+        assert len(run.read_history()) == rows_left[i] and not run.is_finished(), point
+        if i + 1 < len(points):  # its resume is killed at the next point
+            _killed(osteo_process(resume, tmp_path, kill_at=points[i + 1]))
+    resumed = osteo_process(resume, tmp_path)
+    exited_ok(resumed)
+    assert run.is_finished()
+    assert "backend: tensorflow on cpu (the run's own: a run resumes on the backend it trained on)" in resumed.stdout
+    env = json.loads(run.env_path.read_text())  # the command that started it, and each that resumed it
+    assert "--resume" not in env["command"] and [c.split()[-4:] for c in env["resumed_by"]] == [
+        ["--resume", "latest", "--runs", str(runs)]] * 3, env
     same = ("epoch", "phase", "loss", "val_loss", "val_macro_f1", "lr")
-    for point, rows in (("train.history_written@1", 1), ("train.epoch_committed@2", 2), ("train.phase_done@1", 2)):
-        runs = tmp_path / point
-        _killed(_osteo([*args, "--runs", runs], tmp_path, kill_at=point))
-        run = RunDir(next((runs / "tiny").iterdir()))
-        assert len(run.read_history()) == rows and not run.is_finished(), point
-        resumed = _osteo(["train", "finetune", "--resume", "latest", "--runs", runs], tmp_path)
-        _ok(resumed)
-        assert run.is_finished(), point
-        assert "backend: tensorflow on cpu (the run's own: a run resumes on the backend it trained on)" in resumed.stdout
-        env = json.loads(run.env_path.read_text())  # the command that started it, and the one that resumed it
-        assert "--resume" not in env["command"] and [c.split()[-4:] for c in env["resumed_by"]] == [
-            ["--resume", "latest", "--runs", str(runs)]], env
-        assert ([[r[k] for k in same] for r in run.read_history()] ==
-                [[r[k] for k in same] for r in ref.read_history()]), point
-        assert run.best_path.read_bytes() == ref.best_path.read_bytes(), point
-        assert run.predictions_path.read_bytes() == ref.predictions_path.read_bytes(), point
+    assert [[r[k] for k in same] for r in run.read_history()] == [[r[k] for k in same] for r in ref.read_history()]
+    assert run.best_path.read_bytes() == ref.best_path.read_bytes()
+    assert run.predictions_path.read_bytes() == ref.predictions_path.read_bytes()
 
 
 def test_early_stopping_counts_on_across_a_kill_and_a_phase_that_stopped_stays_stopped(phantom_dir, tmp_path):
@@ -117,11 +105,11 @@ def test_early_stopping_counts_on_across_a_kill_and_a_phase_that_stopped_stays_s
     args = ["train", "finetune", *TINY, "--set", "data.test=0", "--deterministic", "--set", "train.epochs=4",
             "--set", "train.fine_tune_epochs=1", "--set", "train.lr=1e-12", "--set", "train.early_stopping=2",
             "--data", phantom_dir, "--runs", tmp_path]
-    _killed(_osteo(args, tmp_path, kill_at="train.epoch_committed@3"))
+    _killed(osteo_process(args, tmp_path, kill_at="train.epoch_committed@3"))
     run = RunDir(next((tmp_path / "tiny").iterdir()))
     assert len({r["val_macro_f1"] for r in run.read_history()}) == 1, run.read_history()  # the premise: ties
-    resumed = _osteo(["train", "finetune", "--resume", "latest", "--runs", tmp_path], tmp_path)
-    _ok(resumed)
+    resumed = osteo_process(["train", "finetune", "--resume", "latest", "--runs", tmp_path], tmp_path)
+    exited_ok(resumed)
     assert run.is_finished()
     assert [(r["epoch"], r["phase"]) for r in run.read_history()] == [("1", "1"), ("2", "1"), ("3", "1"), ("5", "2")]
     assert "phase 1 stopped early after epoch 3: val_macro_f1 did not improve for 2 epochs" in resumed.stdout
@@ -132,7 +120,7 @@ def test_early_stopping_counts_on_across_a_kill_and_a_phase_that_stopped_stays_s
 
 def test_a_run_killed_while_finishing_is_unfinished_refused_flagged_and_finished_by_resume(phantom_dir, tmp_path):
     runs = tmp_path / "runs"
-    _killed(_osteo(["train", "seed", *TINY, "--epochs", "1", "--data", phantom_dir, "--runs", runs], tmp_path,
+    _killed(osteo_process(["train", "seed", *TINY, "--epochs", "1", "--data", phantom_dir, "--runs", runs], tmp_path,
                    kill_at="train.metrics_written"))
     run = RunDir(next((runs / "tiny").iterdir()))
     assert run.metrics_path.is_file() and not run.calibration_path.exists()
@@ -141,15 +129,15 @@ def test_a_run_killed_while_finishing_is_unfinished_refused_flagged_and_finished
     hint = f"finish it with: osteo train --resume {run.path}"
     for argv in (["predict", run, image, "--out", tmp_path / "p.csv"], ["eval", run],
                  ["export", run, "--out", tmp_path / "m.keras", "--format", "keras"]):  # export warned first
-        proc = _osteo(argv, tmp_path)
+        proc = osteo_process(argv, tmp_path)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert "is unfinished" in proc.stderr and proc.stderr.strip().endswith(hint)
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "m.keras").exists()
-    proc = _osteo(["report", "--runs", runs, "--out", tmp_path / "rep"], tmp_path)
+    proc = osteo_process(["report", "--runs", runs, "--out", tmp_path / "rep"], tmp_path)
     assert proc.returncode == 2 and "left out 1 unfinished run(s)" in proc.stderr  # flagged, not reported
-    proc = _osteo(["report", run, "--out", tmp_path / "rep"], tmp_path)
+    proc = osteo_process(["report", run, "--out", tmp_path / "rep"], tmp_path)
     assert proc.returncode == 2 and f"skipped {run.path}: run {run.path} is unfinished" in proc.stderr
-    _ok(_osteo(hint.split(": ", 1)[1].split()[1:], tmp_path))  # the command the hint names
+    exited_ok(osteo_process(hint.split(": ", 1)[1].split()[1:], tmp_path))  # the command the hint names
     assert run.is_finished() and run.calibration_path.is_file() and run.model_card_path.is_file()
     assert not [p for p in run.path.iterdir() if p.name.startswith(".backup")]
 
@@ -158,13 +146,13 @@ def test_a_cross_validation_killed_in_fold_2_continues_with_the_same_command(pha
     """Fold 1 is kept as it is, fold 2 resumes from its committed epoch, fold 3 is trained."""
     args = ["train", "seed", *TINY, "--epochs", "2", "--data", phantom_dir, "--runs", tmp_path / "runs", "--folds", "3"]
     # fold 1 commits epochs 1 and 2; the third commit is fold 2's first epoch
-    _killed(_osteo(args, tmp_path, kill_at="train.epoch_committed@3"))
+    _killed(osteo_process(args, tmp_path, kill_at="train.epoch_committed@3"))
     (cv_path,) = [p.parent for p in (tmp_path / "runs").glob("tiny/*/cv.json")]
     cv = CvDir(cv_path)
     assert cv.fold(1).is_finished() and not cv.fold(2).is_finished()
     fold1 = {p.name: p.read_bytes() for p in cv.fold(1).path.iterdir() if p.is_file() and p.name != ".lock"}
-    proc = _osteo(args, tmp_path)
-    _ok(proc)
+    proc = osteo_process(args, tmp_path)
+    exited_ok(proc)
     assert f"continuing the unfinished cross-validation {cv_path}" in proc.stdout
     assert "fold 1 of 3 is finished (kept)" in proc.stdout
     assert cv.is_finished() and len(list((tmp_path / "runs").glob("tiny/*/cv.json"))) == 1
@@ -182,15 +170,15 @@ def test_a_damaged_backup_slot_falls_back_to_the_other_one_then_to_the_phase_sta
     args = ["train", "seed", *TINY, "--epochs", "3", "--data", phantom_dir]
     for case in ("one", "both"):
         runs = tmp_path / case
-        _killed(_osteo([*args, "--runs", runs], tmp_path, kill_at="train.epoch_committed@2"))
+        _killed(osteo_process([*args, "--runs", runs], tmp_path, kill_at="train.epoch_committed@2"))
         run = RunDir(next((runs / "tiny").iterdir()))
         state = json.loads((run.phase_path(1) / "state.json").read_text())
         assert (state["epoch"], state["slot"]) == (2, "b")
         _damage(run.phase_path(1) / "b" / "seeds.npz")  # the committed slot: epoch 2's
         if case == "both":
             _damage(run.phase_path(1) / "a" / "weights.weights.h5")
-        proc = _osteo(["train", "seed", "--resume", run.path], tmp_path)
-        _ok(proc)
+        proc = osteo_process(["train", "seed", "--resume", run.path], tmp_path)
+        exited_ok(proc)
         warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("osteo: warning:")]
         assert len(warnings) == 1 and "is damaged" in warnings[0], proc.stderr
         expected = "from the one of epoch 1" if case == "one" else "starts again from its first epoch"
@@ -205,18 +193,18 @@ def test_a_killed_external_validation_leaves_the_previous_one_whole(finished, ot
     run = _copy(finished, tmp_path)
     folder = tmp_path / "hospital"
     shutil.copytree(other_hospital_dir, folder)
-    _ok(_osteo(["eval", run, "--data", folder, "--bootstrap", "20"], tmp_path))
+    exited_ok(osteo_process(["eval", run, "--data", folder, "--bootstrap", "20"], tmp_path))
     out = run.eval_path / "hospital"
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     # with --tta the predictions differ too: a kill left them beside the old metrics
-    _killed(_osteo(["eval", run, "--data", folder, "--tta", "--out", out, "--bootstrap", "20"], tmp_path,
+    _killed(osteo_process(["eval", run, "--data", folder, "--tta", "--out", out, "--bootstrap", "20"], tmp_path,
                    kill_at="eval.staged"))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new predictions beside old metrics
     assert [p.name for p in run.eval_path.iterdir()] == ["hospital"]  # the staging folder is not a validation
     left = _temporaries(run.path)
     assert left
     _age([*left, *(p for t in left for p in t.rglob("*"))])
-    _ok(_osteo(["eval", run, "--data", folder, "--tta", "--out", out, "--bootstrap", "20"], tmp_path))
+    exited_ok(osteo_process(["eval", run, "--data", folder, "--tta", "--out", out, "--bootstrap", "20"], tmp_path))
     assert not _temporaries(run.path) and not _temporaries(run.eval_path)
     assert json.loads((out / "metrics.json").read_text())["tta"] is True
     assert (out / "predictions.csv").read_bytes() != before["predictions.csv"]
@@ -269,27 +257,27 @@ def test_a_second_eval_or_calibrate_of_a_run_waits_for_the_first_to_finish_writi
 
 def test_a_killed_export_leaves_no_file_and_its_temporary_is_swept(finished, tmp_path):
     run = _copy(finished, tmp_path)
-    _killed(_osteo(["export", run, "--format", "keras"], tmp_path, kill_at="files.before_replace"))
+    _killed(osteo_process(["export", run, "--format", "keras"], tmp_path, kill_at="files.before_replace"))
     export = run.path / "export"
     assert not (export / "model.keras").exists()
     left = _temporaries(export)
     assert len(left) == 1
     _age(left)
-    _ok(_osteo(["export", run, "--format", "keras"], tmp_path))
+    exited_ok(osteo_process(["export", run, "--format", "keras"], tmp_path))
     assert (export / "model.keras").is_file() and not _temporaries(export)
 
 
 def test_a_killed_report_leaves_the_previous_page_and_the_next_one_sweeps(finished, tmp_path):
     out = tmp_path / "rep"
     args = ["report", finished, "--out", out, "--bootstrap", "20"]
-    _ok(_osteo(args, tmp_path))
+    exited_ok(osteo_process(args, tmp_path))
     page = (out / "index.html").read_bytes()
-    _killed(_osteo(args, tmp_path, kill_at="report.replacing"))
+    _killed(osteo_process(args, tmp_path, kill_at="report.replacing"))
     assert (out / "index.html").read_bytes() == page
     left = _temporaries(out)
     assert left
     _age([*left, *(p for t in left for p in t.rglob("*"))])
-    _ok(_osteo(args, tmp_path))
+    exited_ok(osteo_process(args, tmp_path))
     assert not _temporaries(out) and (out / "index.html").is_file()
 
 
@@ -297,28 +285,28 @@ def test_killed_calibrate_and_predict_leave_whole_files_and_their_temporaries_ar
                                                                                        tmp_path):
     run = _copy(finished, tmp_path)
     calibration = run.calibration_path.read_bytes()
-    _killed(_osteo(["calibrate", run, "--bootstrap", "30"], tmp_path, kill_at="files.before_replace"))
+    _killed(osteo_process(["calibrate", run, "--bootstrap", "30"], tmp_path, kill_at="files.before_replace"))
     assert run.calibration_path.read_bytes() == calibration and run.is_finished()
     _age(_temporaries(run.path))
-    _ok(_osteo(["calibrate", run, "--bootstrap", "30"], tmp_path))
+    exited_ok(osteo_process(["calibrate", run, "--bootstrap", "30"], tmp_path))
     assert not _temporaries(run.path)
 
     out = tmp_path / "predictions.csv"
-    _killed(_osteo(["predict", run, phantom_dir / "normal", "--out", out], tmp_path, kill_at="files.before_replace"))
+    _killed(osteo_process(["predict", run, phantom_dir / "normal", "--out", out], tmp_path, kill_at="files.before_replace"))
     assert not out.exists()
     _age(_temporaries(tmp_path))
-    _ok(_osteo(["predict", run, phantom_dir / "normal", "--out", out], tmp_path))
+    exited_ok(osteo_process(["predict", run, phantom_dir / "normal", "--out", out], tmp_path))
     assert not _temporaries(tmp_path) and len(_rows(out)) == len(list((phantom_dir / "normal").iterdir()))
 
 
 def test_ctrl_c_in_training_says_how_to_continue_and_that_continues_it(phantom_dir, tmp_path):
     args = ["train", "seed", *TINY, "--epochs", "2", "--data", phantom_dir, "--runs", tmp_path / "runs"]
-    proc = _osteo(args, tmp_path, kill_at="train.epoch_committed", OSTEO_KILL_SIGNAL="INT")  # Ctrl-C after epoch 1
+    proc = osteo_process(args, tmp_path, kill_at="train.epoch_committed", OSTEO_KILL_SIGNAL="INT")  # Ctrl-C after epoch 1
     assert proc.returncode == 130, proc.stderr[-2000:]
     (run,) = (tmp_path / "runs" / "tiny").iterdir()
     said = f"osteo: interrupted; continue the run with: osteo train --resume {run}"
     assert proc.stderr.strip().splitlines()[-1] == said
-    _ok(_osteo(said.split("with: ")[1].split()[1:], tmp_path))  # the command it gave, as given
+    exited_ok(osteo_process(said.split("with: ")[1].split()[1:], tmp_path))  # the command it gave, as given
     assert [r["epoch"] for r in _rows(run / "history.csv")] == ["1", "2"] and RunDir(run).is_finished()
 
 
@@ -333,43 +321,3 @@ def test_a_stop_before_the_run_folder_is_made_does_not_point_at_another_run(phan
     args.trainer = Trainer.__new__(Trainer)
     args.trainer.run_dir = None  # stopped in the audit, before the run folder
     assert _after_stop(args) == "no run folder was made yet: run the same command again"
-
-
-def test_ctrl_c_then_sigterm_stop_a_study_in_one_line_and_the_same_command_continues_it(phantom_dir, tmp_path):
-    """Three folds, two trials side by side. Ctrl-C (SIGINT) when the first trial ends: the signal
-    landed inside Ray's wait and the study ended in a SystemError or a result without a config,
-    exit code 1. Then SIGTERM when a trial of the same command run again ends: Ray's own
-    handler exited 1 with a crash report. Each now stops the trials and says in one line how to
-    continue; the same command finishes the study without training a finished fold again. (One
-    study for both signals: each start of a study on Ray costs the suite about 15 s.)"""
-    args = ["study", "--models", "tiny", "--recipe", "seed", "--folds", "3", "--data", phantom_dir, "--weights",
-            "none", "--image-size", "32", "--epochs", "1", "--runs", "runs", "--out", "study",
-            "--set", "train.tensorboard=false", "--set", "train.bootstrap=20", "--set", "train.steps_per_epoch=2"]
-
-    def stopped(proc, code: int, line: str, why: str) -> dict:
-        assert proc.returncode == code, proc.stderr[-3000:]
-        assert proc.stderr.strip().splitlines() == [f"osteo: {line}; run the same command again to continue"]
-        study = json.loads((tmp_path / "study" / "study.json").read_text())
-        assert (study["status"], study["error"]) == ("stopped", why)
-        return study
-
-    def finished_folds() -> dict:
-        (cv_path,) = (tmp_path / "runs" / "tiny").iterdir()
-        folds = (CvDir(cv_path).fold(k) for k in (1, 2, 3))
-        return {f.path: f.predictions_path.stat().st_mtime_ns for f in folds if f.is_finished()}
-
-    first = stopped(_osteo(args, tmp_path, kill_at="study.trial_ended", OSTEO_KILL_SIGNAL="INT",
-                           OSTEO_KILL_IF="study"), 130, "interrupted", "interrupted (Ctrl-C)")
-    after_int = finished_folds()
-    assert 1 <= len(after_int) < 3
-    second = stopped(_osteo(args, tmp_path, kill_at="study.trial_ended", OSTEO_KILL_SIGNAL="TERM",
-                            OSTEO_KILL_IF="study"), 143, "stopped by SIGTERM", "stopped by SIGTERM")
-    after_term = finished_folds()  # the first trial to end may be one the first run finished
-    assert second["id"] == first["id"]
-    assert {k: v for k, v in after_term.items() if k in after_int} == after_int  # not trained or scored again
-    _ok(_osteo(args, tmp_path))
-    study = json.loads((tmp_path / "study" / "study.json").read_text())
-    assert study["id"] == first["id"] and study["status"] == "finished"
-    (cv_path,) = (tmp_path / "runs" / "tiny").iterdir()
-    assert CvDir(cv_path).is_finished()
-    assert {k: v for k, v in finished_folds().items() if k in after_term} == after_term

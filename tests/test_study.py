@@ -1,4 +1,5 @@
-"""osteo study: the grid as trials (on Ray when installed), retries, and the nested learning-rate search."""
+"""osteo study: the grid as trials (on Ray when installed), retries, the nested learning-rate search, and Ctrl-C
+or SIGTERM in the middle."""
 
 import csv
 import json
@@ -12,10 +13,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import exited_ok, osteo_process
 
 from osteo import CLASSES
 from osteo.data.split import INNER_VAL, check_split, split_rows
 from osteo.errors import OsteoError
+from osteo.runs import CvDir
 from osteo.session import TrainOptions
 from osteo.study import StudyConfig, parse_search, run_study
 
@@ -386,3 +389,46 @@ def test_a_trial_whose_worker_never_started_is_a_failed_trial_not_a_traceback(tm
     assert out["tiny-f2"]["error"] == "ImportError: cannot import name 'CLASSES' from 'osteo'"
     # none of the results says why: the trial failed all the same, and says what is known
     assert _outcomes(results[:1], by_id)["tiny-f2"]["error"] == "its worker did not start"
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def test_ctrl_c_then_sigterm_stop_a_study_in_one_line_and_the_same_command_continues_it(phantom_dir, tmp_path):
+    """Three folds, two trials side by side. Ctrl-C (SIGINT) when the first trial ends: the signal
+    landed inside Ray's wait and the study ended in a SystemError or a result without a config,
+    exit code 1. Then SIGTERM when a trial of the same command run again ends: Ray's own
+    handler exited 1 with a crash report. Each now stops the trials and says in one line how to
+    continue; the same command finishes the study without training a finished fold again. (One
+    study for both signals: each start of a study on Ray costs the suite about 15 s.)"""
+    args = ["study", "--models", "tiny", "--recipe", "seed", "--folds", "3", "--data", phantom_dir, "--weights",
+            "none", "--image-size", "32", "--epochs", "1", "--runs", "runs", "--out", "study",
+            "--set", "train.tensorboard=false", "--set", "train.bootstrap=20", "--set", "train.steps_per_epoch=2"]
+
+    def stopped(proc, code: int, line: str, why: str) -> dict:
+        assert proc.returncode == code, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines() == [f"osteo: {line}; run the same command again to continue"]
+        study = json.loads((tmp_path / "study" / "study.json").read_text())
+        assert (study["status"], study["error"]) == ("stopped", why)
+        return study
+
+    def finished_folds() -> dict:
+        (cv_path,) = (tmp_path / "runs" / "tiny").iterdir()
+        folds = (CvDir(cv_path).fold(k) for k in (1, 2, 3))
+        return {f.path: f.predictions_path.stat().st_mtime_ns for f in folds if f.is_finished()}
+
+    first = stopped(osteo_process(args, tmp_path, kill_at="study.trial_ended", OSTEO_KILL_SIGNAL="INT",
+                           OSTEO_KILL_IF="study"), 130, "interrupted", "interrupted (Ctrl-C)")
+    after_int = finished_folds()
+    assert 1 <= len(after_int) < 3
+    second = stopped(osteo_process(args, tmp_path, kill_at="study.trial_ended", OSTEO_KILL_SIGNAL="TERM",
+                            OSTEO_KILL_IF="study"), 143, "stopped by SIGTERM", "stopped by SIGTERM")
+    after_term = finished_folds()  # the first trial to end may be one the first run finished
+    assert second["id"] == first["id"]
+    assert {k: v for k, v in after_term.items() if k in after_int} == after_int  # not trained or scored again
+    exited_ok(osteo_process(args, tmp_path))
+    study = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert study["id"] == first["id"] and study["status"] == "finished"
+    (cv_path,) = (tmp_path / "runs" / "tiny").iterdir()
+    assert CvDir(cv_path).is_finished()
+    assert {k: v for k, v in finished_folds().items() if k in after_term} == after_term
