@@ -48,7 +48,8 @@ $(STAMP): pyproject.toml
 # interleaved (2026-12-06; an earlier pair gave 2.1 against 2.3 min). xdist hands out the
 # files with the most tests first; handing out the longest first instead (--no-loadscope-reorder) was slower,
 # 13.3 min against 11.2 (2026-12-06): the Ray studies of test_kills.py and test_study.py then
-# ran at the same time and fought over the 2 cores (the Ray study fixture took 128 s, not 84).
+# ran at the same time and fought over the 2 cores (the Ray study fixture took 128 s, not 84);
+# both are in test_study.py now, so one worker runs them one after the other.
 # So was running the PyTorch files beside the TensorFlow suite: 15.6 min against 13.7 one after
 # the other. TEST_WORKERS=0 runs everything in this process (a debugger, -x).
 TORCH_TESTS := tests/test_timm_engine.py tests/test_export_timm.py tests/test_device_waits.py

@@ -19,7 +19,7 @@ from osteo.runs import RunDir
 
 
 def _stopped_early(recipe, env: dict) -> str:
-    """``; 6 trained: early stopping ended a phase`` where it did (history.csv has each epoch)."""
+    """``; 6 trained: early stopping (patience 2) ended a phase`` where it did (history.csv has each epoch)."""
     planned, run = recipe.train.epochs + recipe.train.fine_tune_epochs, env.get("epochs_run")
     return (f"; {run} trained: early stopping (patience {recipe.train.early_stopping}) ended a phase"
             if isinstance(run, int) and run < planned else "")

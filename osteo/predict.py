@@ -547,7 +547,7 @@ def _near_copies_of_the_runs(run, scored: list, seen: set[str] | None, seen_in: 
     if small and warn:  # osteo.data.scan: under 128 px the band-pass sees JPEG's noise more than the texture
         warn(f"{small} of the images to score are under {DETAIL_SIDE} px, where re-encoded or resized copies of "
              "the run's images are often not recognised (exact copies are): some such copies may be scored as new "
-             f"images; where the originals are larger, give those")
+             "images; where the originals are larger, give those")
     return near_copies(scored, theirs), True
 
 # what an external folder's images are checked against, and left out of its score when found there
