@@ -103,11 +103,11 @@ def build_recipe(name: str, model: str | None, options: TrainOptions, folds: int
         # which phases there are (--set train.epochs=0: the whole model from the start) before --epochs
         # divides its total between them; a phase's own number beside the total is one or the other
         fields = {"train.epochs": "epochs", "train.fine_tune_epochs": "fine_tune_epochs"}
-        phases = [s for s in overrides if s.split("=", 1)[0].strip() in fields]
-        apply_overrides(recipe, phases)
+        phases = {s: fields[key] for s in overrides if (key := s.split("=", 1)[0].strip()) in fields}
+        apply_overrides(recipe, list(phases))
         t = recipe.train
-        zeroed = {fields[s.split("=", 1)[0].strip()] for s in phases}  # each named one, once none is above 0
-        named = [s.strip() for s in phases if getattr(t, fields[s.split("=", 1)[0].strip()])]
+        zeroed = set(phases.values())  # each phase named, once none is above 0
+        named = [s.strip() for s, field in phases.items() if getattr(t, field)]
         if named:
             raise OsteoError(f"--epochs {o.epochs} is the total over both phases and --set {named[0]} one phase's: "
                              "give one of them (with --epochs, --set train.epochs=0 trains the whole model from the "
