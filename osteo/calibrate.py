@@ -96,6 +96,10 @@ def choose_threshold(y: np.ndarray, probs: np.ndarray, spec: dict) -> float:
     return float(min(ok))
 
 
+# where a cross-validation's ensemble's threshold comes from (osteo.predict.Ensemble): no image set chose it
+MEAN_THRESHOLD = "the mean of the folds' thresholds, each chosen on its fold's validation split"
+
+
 def operating_point_metrics(y: np.ndarray, probs: np.ndarray, point: dict, n_boot: int = 1000,
                             seed: int = 0, groups=None) -> dict:
     """Sensitivity and specificity at a stored operating point, with stratified bootstrap

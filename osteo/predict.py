@@ -211,9 +211,11 @@ class Predictor:
 
     def probabilities(self) -> str:
         """What the probabilities it gives are, as its predictions CSV says in each row."""
-        made = (f"calibrated (temperature {self.temperature:.4g}, fitted on validation)" if self._calibrated
+        return self._made() + (", averaged over test-time augmentation" if self.tta else "")
+
+    def _made(self) -> str:
+        return (f"calibrated (temperature {self.temperature:.4g}, fitted on validation)" if self._calibrated
                 else "uncalibrated")
-        return made + (", averaged over test-time augmentation" if self.tta else "")
 
     def _views(self, x: np.ndarray) -> list[np.ndarray]:
         if not self.tta:
@@ -291,11 +293,10 @@ class Ensemble(Predictor):
         self.temperature, self.tta = 1.0, tta
         self.points = _mean_points([m.points for m in self.members], f"the folds of {self.run}")
 
-    def probabilities(self) -> str:
+    def _made(self) -> str:
         calibrated = sum(m._calibrated for m in self.members)
-        made = ("the mean of the folds' calibrated probabilities" if calibrated == len(self.members) else
+        return ("the mean of the folds' calibrated probabilities" if calibrated == len(self.members) else
                 f"the mean of the folds' probabilities ({calibrated} of {len(self.members)} calibrated)")
-        return made + (", averaged over test-time augmentation" if self.tta else "")
 
     def raw(self, images: np.ndarray, batch: int = 32) -> np.ndarray:
         return np.mean([m.calibrate(m.raw(images, batch)) for m in self.members], axis=0)
@@ -304,11 +305,11 @@ class Ensemble(Predictor):
 def _mean_points(members: list[list[dict]], where: str) -> list[dict]:
     """The operating points every member chose for one goal (:func:`osteo.calibrate.shared_points`),
     each at the mean of the members' thresholds."""
-    from osteo.calibrate import shared_points
+    from osteo.calibrate import MEAN_THRESHOLD, shared_points
 
     keep = ("name", "positive", "target", "value")
     return [{**{k: parts[0][k] for k in keep}, "threshold": float(np.mean([p["threshold"] for p in parts])),
-             "chosen_on": "the mean of the folds' thresholds, each chosen on its fold's validation split"}
+             "chosen_on": MEAN_THRESHOLD}
             for parts in shared_points(members, where)]
 
 
@@ -423,7 +424,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     predictor = Ensemble(run_dir, tta=tta) if ensemble else Predictor(run_dir, calibrated=True, tta=tta)
     run = predictor.run
     seen_in = SEEN_IN["cv" if ensemble else "run"]
-    _check_eval_out(run, out, folder)
+    _check_eval_out(run, out, folder, in_run)
     result = audit(folder, memo=default_cache_root(), keep_features=True)
     seen = run.data_hashes()
     if seen is None and warn:
@@ -449,15 +450,16 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
                          f"in {seen_in}{filed}{why}); give a folder of other images")
     rows, raw, _ = predictor.predict_paths([folder / r.path for r in scored], progress=progress)
     kept = [(rec, row) for rec, row in zip(scored, rows) if row["status"] == "ok"]
-    y = np.array([CLASSES.index(rec.label) for rec, _ in kept])
-    missing = [c for i, c in enumerate(CLASSES) if not (y == i).any()]
+    y = np.array([CLASSES.index(rec.label) for rec, _ in kept], dtype=int)
+    counts = np.bincount(y, minlength=len(CLASSES))  # scored images per class
+    missing = [c for c, n in zip(CLASSES, counts) if not n]
     if missing and warn:
         one = " and balanced accuracy cannot tell a model from always answering one class" if len(missing) == 2 else ""
         warn(f"{folder} has no {' or '.join(missing)} images scored: ROC-AUC is left out{one}; balanced accuracy "
              f"averages the classes present, macro F1 all three (a class without images counts 0)")
     from osteo.data.split import MIN_TEST_PER_CLASS
 
-    few = {c: int((y == i).sum()) for i, c in enumerate(CLASSES) if 0 < (y == i).sum() < MIN_TEST_PER_CLASS}
+    few = {c: int(n) for c, n in zip(CLASSES, counts) if 0 < n < MIN_TEST_PER_CLASS}
     if few and warn:  # as a run's own test split is refused: one image moves such a class's recall by 0.12+
         warn(f"{folder} has fewer than {MIN_TEST_PER_CLASS} scored images of "
              f"{', '.join(f'{c} ({n})' for c, n in few.items())}: one image moves that class's recall by "
@@ -495,7 +497,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     # another eval of this run waits (their renames interleaved), and so does osteo calibrate of it, which
     # holds this lock while it replaces the calibration and measures the run's external validations again
     with folder_lock(stage_in, f"{out}"):
-        _check_same_folder(run, out, folder)
+        _check_same_folder(run, out, folder, in_run)
         now = run.read_calibration() if in_run and not ensemble else None
         if now is not None and calibration_digest(now) != calibration_digest(predictor.calibration):
             # calibrated since this eval read the calibration: measured at the one in force, as that
@@ -556,13 +558,13 @@ EVAL_STAGE = ".eval-"  # an external validation being written, beside its folder
 EVAL_FILES = {RunDir.PREDICTIONS, RunDir.METRICS, RunDir.AUDIT, RunDir.MANIFEST}  # what it writes
 
 
-def _check_eval_out(run: RunDir, out: Path, folder: Path) -> None:
-    """``--out`` of ``eval --data``: a folder of the run's ``eval/`` or one outside every run
-    and outside ``folder``, the images scored, and, if it exists, one an earlier ``eval --data``
+def _check_eval_out(run: RunDir, out: Path, folder: Path, in_run: bool) -> None:
+    """``--out`` of ``eval --data``: a folder of the run's ``eval/`` (``in_run``) or one outside every
+    run and outside ``folder``, the images scored, and, if it exists, one an earlier ``eval --data``
     wrote (it is replaced whole)."""
     fix = "choose another --out, or leave it out (RUN_DIR/eval/<folder-name>/, with --tta <folder-name>-tta/)"
     check_output_place(out, "--out", fix, own=run.eval_path, data=folder)
-    if RunDir.owner_of(out) is not None and out.resolve().parent != run.eval_path.resolve():
+    if RunDir.owner_of(out) is not None and not in_run:
         raise OsteoError(f"--out {out} is not a folder of {run.eval_path}, where a run's external validations "
                          f"go; {fix}")
     if os.path.lexists(out) and not out.is_dir():
@@ -573,10 +575,10 @@ def _check_eval_out(run: RunDir, out: Path, folder: Path) -> None:
     if foreign:
         raise OsteoError(f"--out {out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which "
                          f"osteo eval did not write and would remove; {fix}")
-    _check_same_folder(run, out, folder)
+    _check_same_folder(run, out, folder, in_run)
 
 
-def _check_same_folder(run: RunDir, out: Path, folder: Path) -> None:
+def _check_same_folder(run: RunDir, out: Path, folder: Path, in_run: bool) -> None:
     """Another folder's validation under the same name (siteA/ext, then siteB/ext) is not replaced
     unasked. Checked before scoring, and again under the lock (another eval may have written it)."""
     try:
@@ -588,7 +590,6 @@ def _check_same_folder(run: RunDir, out: Path, folder: Path) -> None:
     with contextlib.suppress(OSError):
         if os.path.samefile(earlier, folder):  # also through another mount or link
             return
-    where = f"--out {run.eval_path}/<another name>" if out.resolve().parent == run.eval_path.resolve() else \
-        "another --out"
+    where = f"--out {run.eval_path}/<another name>" if in_run else "another --out"
     raise OsteoError(f"--out {out} holds the external validation of {earlier.resolve()}, another folder than "
                      f"{folder.resolve()}, which this eval would replace; give {where}, or remove {out} first")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from osteo import CLASSES
+from osteo.calibrate import MEAN_THRESHOLD
 from osteo.evaluate import (
     HEADLINE,
     METRICS,
@@ -245,7 +246,7 @@ def _threshold_from(r: Run, point: dict) -> str:
     if point.get("threshold") in (None, ""):
         return "each fold's validation split, at that fold's threshold"
     if r.metrics.get("probabilities") == "calibrated":
-        return "the mean of the folds' thresholds, each chosen on its fold's validation split"
+        return MEAN_THRESHOLD
     return "validation"
 
 
