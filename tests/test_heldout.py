@@ -77,10 +77,10 @@ def test_the_report_rows_are_on_the_test_split(finetuned):
 def test_a_goal_set_again_after_the_test_figures_were_shown_is_said_to_be_optimistic(finetuned, tmp_path):
     """osteo calibrate prints the test split's sensitivity and specificity: a run calibrated again for
     another goal has test figures its user may have chosen by; the card and the report say so."""
-    import shutil
+    from helpers import copy_run
 
     _, run = finetuned
-    run = RunDir(shutil.copytree(run.path, tmp_path / "tiny" / run.name))
+    run = copy_run(run, tmp_path)
     assert main(["calibrate", str(run.path), "--operating-point", "osteoporosis:sensitivity=0.8",
                  "--bootstrap", "20"]) == 0
     assert "was chosen with test in view, and the test figures above are then optimistic too" in (
