@@ -344,10 +344,16 @@ class Trainer:
                                              class_weight=self.class_weight if feed_weighs else None),
                   "steps_per_epoch": self.steps, "validation_data": self.val_ds, "shuffle": False,
                   "class_weight": None if feed_weighs else self.class_weight}
+        stopper = None
+        if t.early_stopping:
+            # its count goes on from the epochs a resumed run committed in this phase
+            stopper = EarlyStop(t.monitor, t.early_stopping)
+            stopper.restore(self.history.rows, phase.number)
+        trains = start < phase.last_epoch and (stopper is None or stopper.stopped_epoch is None)
         if phase.number == 1 and use_feature_cache(t.feature_cache, r.model.augment):
-            # the frozen backbone gives the same features every epoch: compute them once
-            self._say("phase 1 on cached backbone features")
-            fit_model, fit_kw = self._feature_fit()
+            # the frozen backbone gives the same features every epoch: compute them once (a phase
+            # that has nothing left to train takes up its state in the head model, without them)
+            fit_model, fit_kw = self._feature_fit(features=trains)
         fit_model.compile(
             optimizer=self._optimizer(phase.lr, phase.last_epoch - phase.first_epoch),
             loss=SparseCrossEntropy(t.label_smoothing),
@@ -356,12 +362,7 @@ class Trainer:
         )
         self.best.target = model
         self.history.phase = phase.number
-        stopper = None
-        if t.early_stopping:
-            # its count goes on from the epochs a resumed run committed in this phase
-            stopper = EarlyStop(t.monitor, t.early_stopping)
-            stopper.restore(self.history.rows, phase.number)
-        if start < phase.last_epoch and (stopper is None or stopper.stopped_epoch is None):
+        if trains:
             ts = time.perf_counter()
             callbacks = callback_list(self._callbacks(backup_dir, resume, stopper), fit_model,
                                       epochs=phase.last_epoch, steps=self.steps)
@@ -470,8 +471,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
 
-    def _feature_fit(self):
-        """A head-only model on the backbone's pooled features, computed once.
+    def _feature_fit(self, features: bool = True):
+        """A head-only model on the backbone's pooled features, computed once (``features``
+        false: the model alone, for a phase that only takes up its committed state).
 
         The head layers are the full model's own (shared), so training this model
         trains the full model's head; the best checkpoint still saves the full model.
@@ -485,6 +487,9 @@ class Trainer:
         for layer in model.layers[model.layers.index(feature_layer) + 1 :]:
             x = layer(x)
         head = Model(inputs, x, name=f"{model.name}_head")
+        if not features:
+            return head, {}
+        self._say("phase 1 on cached backbone features")
         feats = {s: np.asarray(extractor.predict(dm.eval_dataset(s), verbose=0), dtype="float32")
                  for s in ("train", "val")}
         return head, {"x": feats["train"], "y": dm.labels("train"), "batch_size": dm.batch_size,

@@ -101,11 +101,14 @@ def test_a_kill_at_an_epochs_or_a_phases_edge_resumes_as_if_never_killed(phantom
 def test_early_stopping_counts_on_across_a_kill_and_a_phase_that_stopped_stays_stopped(phantom_dir, tmp_path):
     """Phase 1 (4 epochs, patience 2) at a rate too small to move the head: its validation score ties,
     so it stops after epoch 3. Killed after that epoch was committed, the resumed run trained on
-    through epoch 4: Keras' EarlyStopping began counting again from nothing."""
+    through epoch 4: Keras' EarlyStopping began counting again from nothing. Phase 1 trains on cached
+    backbone features, which the resumed run, with nothing left to train in phase 1, does not compute."""
     args = ["train", "finetune", *TINY, "--set", "data.test=0", "--deterministic", "--set", "train.epochs=4",
             "--set", "train.fine_tune_epochs=1", "--set", "train.lr=1e-12", "--set", "train.early_stopping=2",
-            "--data", phantom_dir, "--runs", tmp_path]
-    _killed(osteo_process(args, tmp_path, kill_at="train.epoch_committed@3"))
+            "--set", "train.feature_cache=on", "--data", phantom_dir, "--runs", tmp_path]
+    killed = osteo_process(args, tmp_path, kill_at="train.epoch_committed@3")
+    _killed(killed)
+    assert "phase 1 on cached backbone features" in killed.stdout
     run = RunDir(next((tmp_path / "tiny").iterdir()))
     assert len({r["val_macro_f1"] for r in run.read_history()}) == 1, run.read_history()  # the premise: ties
     resumed = osteo_process(["train", "finetune", "--resume", "latest", "--runs", tmp_path], tmp_path)
@@ -113,6 +116,7 @@ def test_early_stopping_counts_on_across_a_kill_and_a_phase_that_stopped_stays_s
     assert run.is_finished()
     assert [(r["epoch"], r["phase"]) for r in run.read_history()] == [("1", "1"), ("2", "1"), ("3", "1"), ("5", "2")]
     assert "phase 1 stopped early after epoch 3: val_macro_f1 did not improve for 2 epochs" in resumed.stdout
+    assert "phase 1 on cached backbone features" not in resumed.stdout
     # the card says the run trained fewer epochs than its recipe's
     assert "4 + 1 epochs (frozen + fine-tuned; 4 trained: early stopping (patience 2) ended a phase)" in (
         run.model_card_path.read_text(encoding="utf-8"))
