@@ -38,7 +38,7 @@ from osteo.files import (
     write_csv,
 )
 from osteo.model_card import write_model_card
-from osteo.runs import PROB_COLUMNS, CvDir, RunDir, check_output_place
+from osteo.runs import PROB_COLUMNS, UNCALIBRATED, CvDir, RunDir, check_output_place
 
 log = logging.getLogger("osteo")
 
@@ -211,11 +211,18 @@ class Predictor:
 
     def probabilities(self) -> str:
         """What the probabilities it gives are, as its predictions CSV says in each row."""
-        return self._made() + (", averaged over test-time augmentation" if self.tta else "")
+        return self._with_tta(self._made())
+
+    def raw_probabilities(self) -> str:
+        """What :meth:`raw`'s probabilities are (before :meth:`calibrate`), as eval's predictions.csv says."""
+        return self._with_tta(UNCALIBRATED)
+
+    def _with_tta(self, made: str) -> str:
+        return made + (", averaged over test-time augmentation" if self.tta else "")
 
     def _made(self) -> str:
         return (f"calibrated (temperature {self.temperature:.4g}, fitted on validation)" if self._calibrated
-                else "uncalibrated")
+                else UNCALIBRATED)
 
     def _views(self, x: np.ndarray) -> list[np.ndarray]:
         if not self.tta:
@@ -292,6 +299,9 @@ class Ensemble(Predictor):
         (self.size, self.resize), = inputs
         self.temperature, self.tta = 1.0, tta
         self.points = _mean_points([m.points for m in self.members], f"the folds of {self.run}")
+
+    def raw_probabilities(self) -> str:  # its raw probabilities are its members' calibrated ones
+        return self.probabilities()
 
     def _made(self) -> str:
         calibrated = sum(m._calibrated for m in self.members)
@@ -510,7 +520,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
         stage = Path(tempfile.mkdtemp(prefix=owned_prefix(f"{EVAL_STAGE}{out.name}."), suffix=".tmp", dir=stage_in))
         os.chmod(stage, 0o777 & ~umask())  # it becomes the folder: mkdtemp's 0700 is not what users expect
         try:
-            RunDir(stage).write_predictions(raw_rows, raw, "external")
+            RunDir(stage).write_predictions(raw_rows, raw, "external", predictor.raw_probabilities())
             write_json(stage / RunDir.METRICS, report)
             write_audit(result, stage)
             killpoints.reached("eval.staged")

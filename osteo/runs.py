@@ -37,7 +37,11 @@ if TYPE_CHECKING:
 
 STATE_FILE = "state.json"  # osteo.callbacks.TrainingState's commit file, one per phase
 PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
-PREDICTION_COLUMNS = ("path", "label", "pred", *PROB_COLUMNS, "split")
+PREDICTION_COLUMNS = ("path", "label", "pred", *PROB_COLUMNS, "split")  # what every reader needs
+# what each row's probabilities are (as trained, calibrated, an ensemble's mean ...): written since
+# 2026-12-06, so not required of a run's file
+PROBABILITIES_COLUMN = "probabilities"
+UNCALIBRATED = "uncalibrated"  # a model's own probabilities, as trained
 
 
 class _Folder:
@@ -363,16 +367,18 @@ class RunDir(_Folder):
             raise OsteoError(f"{path} has a bad row ({e}); re-run `osteo eval` on a finished run") from None
         return y, p, rows
 
-    def write_predictions(self, rows: Sequence[dict], probs: np.ndarray, split: str,
+    def write_predictions(self, rows: Sequence[dict], probs: np.ndarray, split: str, probabilities: str,
                           append_to: list[dict] | None = None) -> list[dict]:
-        """Write (or extend) ``predictions.csv``; probabilities with 6 decimals, stable bytes."""
+        """Write (or extend) ``predictions.csv``; probabilities with 6 decimals, stable bytes; each
+        row says what its probabilities are (``probabilities``: "uncalibrated", ...)."""
         out = list(append_to or [])
         for r, p in zip(rows, probs):
             out.append({
                 "path": r["path"], "label": r["label"], "pred": CLASSES[int(np.argmax(p))],
                 **{c: f"{float(v):.6f}" for c, v in zip(PROB_COLUMNS, p)}, "split": split,
+                PROBABILITIES_COLUMN: probabilities,
             })
-        write_csv(self.predictions_path, out, PREDICTION_COLUMNS)
+        write_csv(self.predictions_path, out, (*PREDICTION_COLUMNS, PROBABILITIES_COLUMN))
         return out
 
 

@@ -63,7 +63,7 @@ from osteo.files import (
 from osteo.optim import make_optimizer
 from osteo.recipe import AugmentConfig, Recipe, resolve
 from osteo.registry import get_backbone
-from osteo.runs import RunDir, create_run_dir, find_run, new_run_dir
+from osteo.runs import UNCALIBRATED, RunDir, create_run_dir, find_run, new_run_dir
 
 
 def use_feature_cache(requested: str, augment: AugmentConfig) -> bool:
@@ -438,7 +438,7 @@ class Trainer:
         for name in ("val", "test"):
             if self.dm.count(name):
                 probs = model.predict(self.dm.eval_dataset(name), verbose=0)
-                rows = run.write_predictions(self.dm.rows(name), probs, name, append_to=rows)
+                rows = run.write_predictions(self.dm.rows(name), probs, name, UNCALIBRATED, append_to=rows)
         history = run.read_history()
         rates = [float(h["images_per_sec"]) for h in history if h.get("images_per_sec")]
         self.env.update({

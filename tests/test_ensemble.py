@@ -49,6 +49,7 @@ def test_a_cross_validation_scores_a_folder_as_the_mean_of_its_fold_models(cv, p
     assert metrics["ensemble_of"] == [str(f.path) for f in cv.folds()]
     rows = _rows(out / "predictions.csv")
     assert len(rows) == 30 and not any(r["path"].startswith("osteopenia/from-") for r in rows)
+    assert {r["probabilities"] for r in rows} == {"the mean of the folds' calibrated probabilities"}
 
     members = [Predictor(f) for f in cv.folds()]
     images = np.stack(load_images([other / r["path"] for r in rows], members[0].size, members[0].resize)[0])

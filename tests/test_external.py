@@ -47,7 +47,8 @@ def test_another_folder_is_scored_with_the_runs_own_images_left_out(run, phantom
         assert p["specificity_ci"][0] <= p["specificity"] <= p["specificity_ci"][1]
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0]) == PREDICTION_COLUMNS and len(rows) == 45 and {r["split"] for r in rows} == {"external"}
+    assert tuple(rows[0]) == (*PREDICTION_COLUMNS, "probabilities") and len(rows) == 45
+    assert {(r["split"], r["probabilities"]) for r in rows} == {("external", "uncalibrated")}  # the run's as trained
     assert not any("copied" in r["path"] for r in rows)
     audit = json.loads((out / "audit.json").read_text())
     assert audit["n_files"] == 45 + len(used) + 1 and [u["path"] for u in audit["unreadable"]] == ["normal/broken.png"]
@@ -81,6 +82,7 @@ def test_another_folder_is_scored_with_the_runs_own_images_left_out(run, phantom
     assert tta["evaluated_on"] == label
     with open(run.eval_path / "hospital-b-tta" / "predictions.csv", newline="") as f:
         tta_rows = {r["path"]: r for r in csv.DictReader(f)}
+    assert {r["probabilities"] for r in tta_rows.values()} == {"uncalibrated, averaged over test-time augmentation"}
     assert any(abs(float(tta_rows[r["path"]]["p_normal"]) - float(r["p_normal"])) > 1e-4 for r in rows)
     assert f"| {label} | nothing | 45 |" in run.model_card_path.read_text()
     assert main(["report", str(run), "--out", str(tmp_path / "rep-tta"), "--bootstrap", "0"]) == 0

@@ -41,7 +41,8 @@ def test_an_output_that_is_a_fifo_or_a_folder_is_refused_and_left_as_it_is(run, 
 def test_no_output_lands_in_a_run_folder_but_the_commands_own_place(run, phantom_dir, tmp_path, capsys):
     copy = copy_run(run, tmp_path)
     external = copy.eval_path / "hospital"  # an external validation, and a killed run's resume state
-    RunDir(external).write_predictions([{"path": "normal/x.png", "label": "normal"}], [[0.5, 0.3, 0.2]], "external")
+    RunDir(external).write_predictions([{"path": "normal/x.png", "label": "normal"}], [[0.5, 0.3, 0.2]], "external",
+                                         "uncalibrated")
     before = _digest(copy.path)
     images = str(phantom_dir / "normal")
     cases = [

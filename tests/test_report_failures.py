@@ -55,7 +55,7 @@ def make_run(root: Path, run_id: str, probs: np.ndarray, val_labels: list[str] =
               [*({**r, "split": "train", "group": r["path"]} for r in train),
                *({**r, "split": "val", "group": r["path"]} for r in val)],
               ("path", "label", "split", "group"))
-    RunDir(run).write_predictions(val, probs, "val")
+    RunDir(run).write_predictions(val, probs, "val", "uncalibrated")
     write_json(run / "metrics.json", {"model": "tiny", "best_epoch": 1, "monitor": "val_macro_f1"})
     write_json(run / "env.json", {"backend": "tensorflow", "precision": "float32", "n_train": len(train)})
     write_csv(run / "history.csv", history or [

@@ -40,7 +40,8 @@ def test_two_phase_run_writes_a_complete_run_directory(phantom_dir, tmp_path, ti
     assert all(float(h["images_per_sec"]) > 0 for h in history)
     with open(run / "predictions.csv", newline="") as f:
         preds = list(csv.DictReader(f))
-    assert tuple(preds[0]) == PREDICTION_COLUMNS
+    assert tuple(preds[0]) == (*PREDICTION_COLUMNS, "probabilities")
+    assert {p["probabilities"] for p in preds} == {"uncalibrated"}  # as trained: the temperature is not applied
     with open(run / "split.csv", newline="") as f:
         val = [r for r in csv.DictReader(f) if r["split"] == "val"]
     assert [p["path"] for p in preds] == [r["path"] for r in val]

@@ -55,8 +55,9 @@ def make_run(root: Path, run_id: str, test_probs: np.ndarray, test_prefix: str =
         RunDir(run).write_manifest([{"path": r["path"], "label": r["label"], "status": "ok",
                                      "sha256": hashlib.sha256(f"{content}{r['path']}".encode()).hexdigest()}
                                     for rs in rows.values() for r in rs])
-    kept = RunDir(run).write_predictions(rows["val"], skilled(VAL, 7) if val_probs is None else val_probs, "val")
-    RunDir(run).write_predictions(rows["test"], test_probs, "test", append_to=kept)
+    kept = RunDir(run).write_predictions(rows["val"], skilled(VAL, 7) if val_probs is None else val_probs, "val",
+                                         "uncalibrated")
+    RunDir(run).write_predictions(rows["test"], test_probs, "test", "uncalibrated", append_to=kept)
     write_json(run / "metrics.json", {"model": "tiny", "best_epoch": 1, "monitor": "val_macro_f1"})
     write_json(run / "env.json", {"backend": "tensorflow", "precision": "float32", "n_train": len(TRAIN)})
     return run
