@@ -357,3 +357,25 @@ def test_a_librarys_long_error_is_quoted_to_a_sentence_or_word_end():
     assert short(RuntimeError("a\n  short   one")) == "a short one" and short(RuntimeError()) == "RuntimeError"
     path = "cannot open /data/" + "x" * 300  # one long word: cut in it, not before it
     assert short(RuntimeError(path)) == path[:SHORT] + " ..."
+
+
+def test_which_engine_a_weights_file_is_for_is_asked_again_when_the_file_changes(tmp_path):
+    """Routing asks once per file version whether a Keras weights file holds a PyTorch module's state
+    dict (a timm run's checkpoint, for the timm engine) or Keras' layers' tensors; a file written again at
+    the same path (another size, another mtime) is another version, asked again, not the first's answer."""
+    import os
+
+    import h5py
+
+    from osteo.device import keras_weights_file
+
+    path = tmp_path / "backbone.weights.h5"
+    with h5py.File(path, "w") as f:  # Keras' layers name their tensors 0, 1 ...
+        f.create_dataset("layers/conv2d/vars/0", data=np.zeros((3, 3, 1, 4), "float32"))
+    assert keras_weights_file(str(path)) and keras_weights_file(str(path))
+    with h5py.File(path, "w") as f:  # a TorchModuleWrapper stores the state dict under its own names
+        g = f.create_group("layers/timm_layer/torch_module_wrapper/vars")
+        g.create_dataset("stem.0.weight", data=np.zeros((4, 1, 3, 3), "float32"))
+        g.create_dataset("stem.0.bias", data=np.zeros(4, "float32"))
+    os.utime(path, ns=(1, 1))  # whatever the clock's resolution: another version
+    assert not keras_weights_file(str(path))
