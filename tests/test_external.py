@@ -63,6 +63,13 @@ def test_another_folder_is_scored_with_the_runs_own_images_left_out(run, phantom
             "the run's own data" in page and "0 filed under two classes (their label is unknown), 1 unreadable" in page)
     assert scored_on["external: hospital-b"]["run_id"] == run.name
     assert scored_on["external: hospital-b"]["chose"] == "nothing"
+    # two runs scored on one folder: its audit once for each (what a score left out is that run's data)
+    twin = RunDir(shutil.copytree(run.path, run.path.with_name(run.name + "-twin")))
+    assert main(["report", str(run), str(twin), "--out", str(tmp_path / "rep2"), "--bootstrap", "0"]) == 0
+    page2 = (tmp_path / "rep2" / "index.html").read_text(encoding="utf-8")
+    assert [page2.count(f"data: {other.resolve()} (external: hospital-b, scored by tiny {r.name})</h3>")
+            for r in (run, twin)] == [1, 1]
+    shutil.rmtree(twin.path)
     said = (tmp_path / "rep" / "verdict.txt").read_text(encoding="utf-8")
     assert f"On the external folder hospital-b (n=45, which chose nothing): tiny ({run.name})" in said
     assert "Always answering osteoporosis (that folder's majority)" in " ".join(said.split())
