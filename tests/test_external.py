@@ -269,6 +269,31 @@ def test_a_second_folder_of_the_same_name_does_not_replace_the_firsts_validation
             "its numbers are coarse and their intervals wide (or of zero width); add images of those classes") in err
 
 
+def test_a_folder_of_the_same_name_validated_while_this_eval_scores_is_not_replaced(run, tmp_path, monkeypatch):
+    """eval --data siteB/ext checks RUN/eval/ext/ before it scores; siteA/ext's eval, run meanwhile, writes
+    it: checked again under the folder lock, siteB's eval stops and siteA's validation stays."""
+    from osteo.errors import OsteoError
+    from osteo.predict import Predictor, evaluate_folder
+
+    copy = RunDir(shutil.copytree(run.path, tmp_path / "runs" / "tiny" / run.name, ignore=shutil.ignore_patterns("eval")))
+    for site, seed in (("siteA", 14), ("siteB", 15)):
+        write_phantom(tmp_path / site / "ext", n=30, size=64, seed=seed)
+    scoring, meanwhile = Predictor.predict_paths, []
+
+    def predict_paths(self, paths, *args, **kwargs):  # siteB's, once past its first check: siteA's eval runs
+        if not meanwhile:
+            meanwhile.append("siteA")  # before: siteA's eval scores through here too
+            evaluate_folder(copy.path, tmp_path / "siteA" / "ext", n_boot=0)
+        return scoring(self, paths, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict_paths", predict_paths)
+    with pytest.raises(OsteoError, match=r"holds the external validation of .*siteA/ext, another folder than "):
+        evaluate_folder(copy.path, tmp_path / "siteB" / "ext", n_boot=0)
+    assert meanwhile and json.loads((copy.eval_path / "ext" / "metrics.json").read_text())["data_dir"] == str(
+        (tmp_path / "siteA" / "ext").resolve())
+    assert sorted(p.name for p in copy.eval_path.iterdir()) == ["ext"]  # no stage of siteB's left
+
+
 def test_an_image_filed_under_two_classes_scores_nothing(run, tmp_path, capsys):
     """A class folder linked to another (or the same image copied into two): its label is unknown,
     so it is left out of the score, counted and said, as the split leaves it out of training."""
