@@ -210,7 +210,7 @@ def test_local_weights_files_load_and_are_checked(tmp_path):
     assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
 
 
-def test_a_timm_runs_checkpoint_loads_on_the_timm_engine_as_a_keras_runs_does_on_keras(tmp_path):
+def test_a_timm_runs_checkpoint_loads_on_the_timm_engine_as_a_keras_runs_does_on_keras(tmp_path, monkeypatch):
     """An osteo run's best.weights.h5 starts a new run on either engine: a timm run's holds its
     module's state dict (Keras' TorchModuleWrapper stores it under its own names), which the timm
     engine reads, and `auto` sends it there; Keras' layers refuse it, naming the engine that reads it."""
@@ -236,8 +236,13 @@ def test_a_timm_runs_checkpoint_loads_on_the_timm_engine_as_a_keras_runs_does_on
     # which sent it back to the timm engine, which could not read a .keras archive
     run.save(tmp_path / "model.keras")
     torch.manual_seed(3)
+    import osteo.h5files
+
+    opened, opens = osteo.h5files.weights_of, []
+    monkeypatch.setattr(osteo.h5files, "weights_of", lambda *a: opens.append(a) or opened(*a))
     from_archive = TimmLayer("tiny", "test_resnet", image_size=32, weights=str(tmp_path / "model.keras")).module.state_dict()
     assert all(torch.equal(want[k], from_archive[k]) for k in want)
+    assert len(opens) == 1  # its shapes and its tensors from one extraction of the archive
     assert not keras_weights_file(str(tmp_path / "model.keras"))
     # backend auto sends it to PyTorch even for a backbone whose CPU choice is TensorFlow (tiny's)
     from osteo.device import Device, plan

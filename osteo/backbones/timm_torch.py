@@ -194,8 +194,13 @@ def _state_in_keras_file(path: Path) -> tuple[dict[str, tuple[int, ...]], Callab
         if declared > 2 * size + 2**20:  # Keras writes its tensors uncompressed
             raise ValueError(f"it declares {declared / 2**30:.1f} GiB of tensors in a file of "
                              f"{size / 2**20:.0f} MiB: compressed data, not a checkpoint Keras wrote")
+        # an archive's tensors are read from this extraction, not from a second one
+        extracted = ({k: torch.from_numpy(np.asarray(v)) for k, v in stored.items()}
+                     if Path(inner) != Path(path) else None)
 
     def read() -> dict:
+        if extracted is not None:
+            return extracted
         with weights_of(path, ARCHIVE_LIMIT, ValueError) as inner, h5py.File(inner, "r") as f:
             return {k: torch.from_numpy(np.asarray(v)) for k, v in f[group].items() if k in shapes}
 
