@@ -586,7 +586,7 @@ def _point_figures(p: dict) -> str:
 def cmd_calibrate(args) -> int:
     """Fit (again) a run's temperature and operating points on its validation predictions."""
     from osteo.calibrate import calibrate_run
-    from osteo.files import folder_lock, sweep_temporaries
+    from osteo.files import all_or_none, folder_lock, sweep_temporaries
     from osteo.model_card import write_model_card
     from osteo.runs import RunDir
 
@@ -596,8 +596,11 @@ def cmd_calibrate(args) -> int:
     # thresholds would stay beside this one's calibration.json, an eval's at the calibration it read
     with folder_lock(run.path, f"the calibration in {run.calibration_path}"):
         sweep_temporaries(run.path)  # a killed calibrate's
-        cal = calibrate_run(run, points, n_boot=args.bootstrap, seed=args.seed)
-        write_model_card(run)
+        # the calibration, the external validations measured at it and the card citing both: all new, or none
+        scored = sorted(run.eval_path.glob(f"*/{RunDir.METRICS}")) if run.eval_path.is_dir() else []
+        with all_or_none([run.calibration_path, *scored, run.model_card_path]):
+            cal = calibrate_run(run, points, n_boot=args.bootstrap, seed=args.seed)
+            write_model_card(run)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
     print(f"temperature {fmt(cal['temperature'])}: ECE {fmt(cal.get('ece_before'))} -> {fmt(cal.get('ece_after'))}, "
           f"NLL {fmt(cal.get('nll_before'))} -> {fmt(cal.get('nll_after'))} (validation, which chose it, "

@@ -184,6 +184,49 @@ def replace_folder(new: str | os.PathLike, target: str | os.PathLike, aside: str
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def all_or_none(paths: Iterable[str | os.PathLike]) -> Iterator[None]:
+    """The files at ``paths``, which the block rewrites with osteo's atomic writers (each renames a
+    new file over the old one), all new when it ends, or all as they were if it fails: a command
+    whose files quote each other (a calibration, the external validations measured at it, the
+    model card that cites both) is not left half done by a full disk or a file it cannot replace.
+    Each old file is kept as a hard link beside it, named as its writer's temporaries
+    (:func:`temporaries_of`, swept after a kill), and put back by a rename, which needs no room;
+    a file the block created is removed. A file that cannot be kept (immutable, or in a folder
+    that refuses links) stops the block before it starts, as its own write would have."""
+    import secrets
+
+    kept: dict[Path, Path | None] = {}
+    try:
+        for p in map(Path, paths):
+            if p in kept:
+                continue
+            if not os.path.lexists(p):
+                kept[p] = None  # removed if the block fails
+                continue
+            backup = p.parent / f"{owned_prefix(f'.{p.stem}.kept-')}{secrets.token_hex(4)}.tmp{p.suffix}"
+            os.link(p, backup, follow_symlinks=False)
+            kept[p] = backup
+            # touched now (the one file's time, which a link shares): a sweep in the block must not
+            # read it as a dead process's temporary
+            os.utime(backup, follow_symlinks=False)
+        yield
+    except BaseException:
+        for p, backup in kept.items():
+            with contextlib.suppress(OSError):
+                if backup is None:
+                    if os.path.lexists(p):
+                        os.unlink(p)
+                else:
+                    os.replace(backup, p)  # (a rename onto another link of the same file changes nothing)
+        raise
+    finally:
+        for backup in kept.values():
+            if backup is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(backup)
+
+
 def process_start() -> float:
     """When this process started (epoch seconds)."""
     import psutil

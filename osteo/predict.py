@@ -28,6 +28,7 @@ from osteo import CLASSES, killpoints
 from osteo.errors import OsteoError
 from osteo.evaluate import chosen_points
 from osteo.files import (
+    all_or_none,
     check_output,
     folder_lock,
     owned_prefix,
@@ -363,8 +364,10 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
                     "so their sensitivity and specificity there do not carry over to these probabilities")
     sweep_temporaries(out.parent, pattern=temporaries_of(out))  # left by a killed predict
     rows, raw, arrays = predictor.predict_paths(paths, batch, progress)
+    ok = [r for r in rows if r["status"] == "ok"]
+    overlays = []
     if gradcam_dir is not None and len(arrays):
-        from osteo.explain import gradcam, gradcam_target, write_overlays
+        from osteo.explain import gradcam, gradcam_target
         from osteo.registry import get_backbone
 
         spec = get_backbone(predictor.run.read_recipe().model.backbone)
@@ -372,13 +375,17 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
         if target.layer != target.last:  # the maps are not of the last stage: said, as the report says it
             log.warning("Grad-CAM: %s", target.describe(arrays.shape[1]))
         maps, _ = gradcam(predictor.model, spec, arrays, target=target)
-        ok = [r for r in rows if r["status"] == "ok"]
-        write_overlays(gradcam_dir, [r["path"] for r in ok], arrays, maps, predictor.calibrate(raw), target)
+        overlays = [Path(gradcam_dir) / f for f in overlay_files([r["path"] for r in ok])]
     # every row says what its probabilities are: the model's own or calibrated, with test-time augmentation or not
     made = predictor.probabilities()
     rows = [{**r, "probabilities": made} if r["status"] == "ok" else r for r in rows]
     columns = [*COLUMNS[:-1], *(_op_column(p["name"]) for p in predictor.points), "probabilities", "reason"]
-    write_csv(out, rows, columns)
+    with all_or_none([*overlays, out]):  # the overlays and the CSV of one call, never some of another's
+        if overlays:
+            from osteo.explain import write_overlays
+
+            write_overlays(gradcam_dir, [r["path"] for r in ok], arrays, maps, predictor.calibrate(raw), target)
+        write_csv(out, rows, columns)
     bad = sum(r["status"] != "ok" for r in rows)
     if rows and bad == len(rows):
         raise OsteoError(f"none of the {len(rows)} file(s) could be read as an image (each reason is in {out}); "
@@ -524,11 +531,15 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
             write_json(stage / RunDir.METRICS, report)
             write_audit(result, stage)
             killpoints.reached("eval.staged")
-            replace_folder(stage, out, aside=stage_in)  # not in eval/, where a report would find it
+            # the card lists the run's own eval/ (a cross-validation has no card): one that cannot be
+            # replaced (immutable) stops the eval before its folder is
+            card = [run.model_card_path] if in_run and not ensemble else []
+            with all_or_none(card):
+                replace_folder(stage, out, aside=stage_in)  # not in eval/, where a report would find it
+                if card:
+                    write_model_card(run)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-        if in_run and not ensemble:  # the card lists the run's own eval/ (a cross-validation has no card)
-            write_model_card(run)
     return out, report
 
 

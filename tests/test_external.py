@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from helpers import copy_run
@@ -167,6 +168,26 @@ def test_a_new_calibration_measures_the_external_folders_again(run, phantom_dir,
     out = copy.eval_path / "hospital-c"
     before = json.loads((out / "metrics.json").read_text())
     assert {p["name"] for p in before["operating_points"]} == {"osteoporosis", "osteopenia+"}
+    # the disk fills up as calibrate writes the folder's measures at the new thresholds: calibration.json,
+    # written first, went back, and the card too (they would have disagreed with that folder's file)
+    import errno
+
+    import osteo.files
+
+    files = lambda: {p: p.read_bytes() for p in copy.path.rglob("*") if p.is_file()}
+    kept, writes = files(), osteo.files.write_json
+
+    def full(path, obj):
+        if Path(path).parent == out:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        writes(path, obj)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(osteo.files, "write_json", full)
+        assert main(["calibrate", str(copy), "--operating-point", "osteoporosis:sensitivity=0.6",
+                     "--bootstrap", "20"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert files() == kept  # every file as it was, and no temporary left
     assert main(["calibrate", str(copy), "--operating-point", "osteoporosis:sensitivity=0.6", "--bootstrap", "20"]) == 0
     capsys.readouterr()
     calibration = copy.read_calibration()
@@ -267,6 +288,25 @@ def test_a_second_folder_of_the_same_name_does_not_replace_the_firsts_validation
             "macro F1 all three (a class without images counts 0)") in err, err
     assert ("has fewer than 8 scored images of normal (5): one image moves that class's recall by 0.20 or more, so "
             "its numbers are coarse and their intervals wide (or of zero width); add images of those classes") in err
+    # a model card that cannot be replaced (immutable, which refuses a link too) stops the eval before its folder
+    # is replaced: the card cites the folder's numbers
+    import errno
+
+    import osteo.files
+
+    kept = {p: p.read_bytes() for p in copy.path.rglob("*") if p.is_file()}
+    link = osteo.files.os.link
+
+    def immutable_card(src, dst, **kw):
+        if Path(src) == copy.model_card_path:
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(src))
+        return link(src, dst, **kw)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(osteo.files.os, "link", immutable_card)
+        assert main(["eval", str(copy), "--data", str(tmp_path / "siteA" / "ext"), "--bootstrap", "30"]) == 2
+    assert "Operation not permitted" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in copy.path.rglob("*") if p.is_file()} == kept
 
 
 def test_a_folder_of_the_same_name_validated_while_this_eval_scores_is_not_replaced(run, tmp_path, monkeypatch):

@@ -78,6 +78,27 @@ def test_disk_full_while_writing_the_report_keeps_the_previous_report(finished_r
     assert not list(out.glob(".*.tmp*"))  # no staging folder left behind
 
 
+def test_a_report_whose_page_cannot_be_replaced_puts_its_tables_back(finished_run, tmp_path, monkeypatch, capsys):
+    """The page's rename fails (an immutable index.html; here made to fail), after the tables' renames: the
+    previous tables come back, so the folder is not new tables beside the previous page."""
+    out = tmp_path / "rep"
+    assert main(["report", str(finished_run), "--out", str(out), "--bootstrap", "50"]) == 0
+    tables = lambda: {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    before = tables()
+    real = os.replace
+
+    def refused(src, dst):
+        if os.fspath(dst) == str(out / "index.html") and ".report-" in os.fspath(src):
+            raise PermissionError(errno.EPERM, "Operation not permitted", os.fspath(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", refused)
+    capsys.readouterr()
+    assert main(["report", str(finished_run), "--out", str(out), "--bootstrap", "20"]) == 2
+    assert "Operation not permitted" in one_line(capsys)
+    assert tables() == before and set(before) >= {"comparison.csv", "verdict.txt", "index.html"}
+
+
 def test_read_only_output_is_one_line(finished_run, tmp_path, monkeypatch, capsys):
     import tempfile
 

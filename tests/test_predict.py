@@ -85,6 +85,36 @@ def test_gradcam_overlays_name_the_layer_their_heat_is_of(run, phantom_dir, tmp_
     assert "the last stage (the_last_stage) is 2x2 at 32 px" in warnings[0]
 
 
+def test_a_predict_that_fails_while_writing_its_overlays_leaves_the_previous_calls_files(run, phantom_dir,
+                                                                                           tmp_path, monkeypatch,
+                                                                                           capsys):
+    """The disk fills up at the second overlay of a call: the first call's overlays and CSV stay, all
+    of them (some overlays of the second call beside the first's CSV had disagreed with it)."""
+    import errno
+
+    from osteo import explain
+
+    files = sorted((phantom_dir / "normal").iterdir())[:3]
+    args = ["predict", str(run), *map(str, files), "--out", str(tmp_path / "p.csv"), "--gradcam", str(tmp_path / "cam")]
+    assert main(args) == 0
+    written = lambda: {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    before = written()
+    assert len([n for n in before if n.endswith(".png")]) == 3
+    real, calls = explain.atomic_path, []
+
+    def fills_up(path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(explain, "atomic_path", fills_up)
+    capsys.readouterr()
+    assert main([*args, "--no-calibration"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert written() == before  # the first overlay went back, the CSV was not replaced; no temporary left
+
+
 def test_a_run_trained_in_bfloat16_records_the_probabilities_predict_gives(phantom_dir, tmp_path, tiny_recipe):
     """Its temperature and thresholds are chosen on the outputs they are applied to: predict,
     eval and export run float32 (the run's own predictions came from its bfloat16 model, 4e-4 away)."""

@@ -18,6 +18,7 @@ from osteo.errors import OsteoError
 from osteo.evaluate import HEADLINE, METRICS
 from osteo.files import (
     OwnedFolder,
+    all_or_none,
     owned_prefix,
     replace_folder,
     sweep_temporaries,
@@ -114,11 +115,15 @@ def write_report(run_dirs: list, out: str | os.PathLike, split: str = "auto", n_
         write_text(stage / "index.html", page)
         owned.claim([f.relative_to(stage).as_posix() for f in stage.rglob("*") if not f.is_dir()],
                     removes=_files_under(out, "plots"))
-        for name in ("comparison.csv", "per_class.csv", "folds.csv", "operating_points.csv", "verdict.txt"):
-            os.replace(stage / name, out / name)
-        killpoints.reached("report.replacing")
-        replace_folder(plots_dir, out / "plots")
-        os.replace(stage / "index.html", out / "index.html")  # last: the page appears only when all is there
+        tables = ("comparison.csv", "per_class.csv", "folds.csv", "operating_points.csv", "verdict.txt")
+        # a file that cannot be replaced (immutable) stops the renames before the first; one failing
+        # among them puts the tables back
+        with all_or_none([out / name for name in (*tables, "index.html")]):
+            for name in tables:
+                os.replace(stage / name, out / name)
+            killpoints.reached("report.replacing")
+            replace_folder(plots_dir, out / "plots")
+            os.replace(stage / "index.html", out / "index.html")  # last: the page appears only when all is there
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out / "index.html"
