@@ -131,11 +131,16 @@ def cmd_phantom(args) -> int:
     t0 = time.perf_counter()
     with _progress(_console()) as bar:
         task = bar.add_task("phantom", total=total)
-        counts = write_phantom(
-            args.out, n=args.n, size=args.size, seed=args.seed, proportions=args.proportions,
-            bit_depth=args.bit_depth, progress=lambda k: bar.update(task, completed=k),
-            overlap=overlap,
-        )
+        try:
+            counts = write_phantom(
+                args.out, n=args.n, size=args.size, seed=args.seed, proportions=args.proportions,
+                bit_depth=args.bit_depth, progress=lambda k: bar.update(task, completed=k),
+                overlap=overlap,
+            )
+        except OSError as e:  # Pillow's full disk names no file: the folder being written is named
+            if e.filename:
+                raise
+            raise OSError(e.errno, e.strerror or str(e), str(args.out)) from e
     dt = time.perf_counter() - t0
     summary = ", ".join(f"{c} {k}" for c, k in counts.items())
     print(f"wrote {total} phantom images ({summary}) to {args.out} in {dt:.1f}s")
@@ -730,8 +735,24 @@ def _warnings_as_lines() -> None:
     warnings.showwarning = one_line
 
 
-def describe_os_error(e: OSError) -> str:
-    """One line for an error of the machine (disk full, read-only, permissions), with the fix."""
+# where each command can be told to write instead (its options), for the fix of a full or read-only
+# disk; a command not named writes where it was pointed (osteo calibrate: the run's folder)
+ELSEWHERE = {
+    "cmd_train": "--runs (make's RUNS=), or OSTEO_CACHE= for the image cache",
+    "cmd_study": "--runs (make's RUNS=), or OSTEO_CACHE= for the image cache",
+    "cmd_eval": "--out, or OSTEO_CACHE= for the image cache",
+    "cmd_audit": "--out, or OSTEO_CACHE= for the image cache",
+    "cmd_split": "--out",
+    "cmd_report": "--out",
+    "cmd_predict": "--out and --gradcam",
+    "cmd_export": "--out",
+    "cmd_phantom": "another output folder, the command's first argument",
+}
+
+
+def describe_os_error(e: OSError, command: str | None = None) -> str:
+    """One line for an error of the machine (disk full, read-only, permissions), with the fix;
+    ``command`` (a ``cmd_*`` function's name) says where else that command can write."""
     import errno
     import re
 
@@ -741,13 +762,16 @@ def describe_os_error(e: OSError) -> str:
     code = e.errno
     if code is None and (found := re.search(r"errno = (\d+)", str(e))):
         code = int(found.group(1))
+    elsewhere = ELSEWHERE.get(command or "")
     if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
-        fix = "free some disk space, or write elsewhere (--out, RUNS=, OSTEO_CACHE=)"
+        # out of inodes reads the same: free files, not only bytes
+        fix = "free some disk space" + (f", or write elsewhere ({elsewhere})" if elsewhere else "")
     elif code == errno.EFBIG:
         fix = ("a file size limit was reached (the shell's ulimit -f, or the file system's largest file): "
-               "raise it, or write elsewhere (--out, RUNS=, OSTEO_CACHE=)")
+               "raise it" + (f", or write elsewhere ({elsewhere})" if elsewhere else ""))
     elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
-        fix = "choose a folder you can write to (--out, RUNS=, OSTEO_CACHE=)"
+        fix = (f"choose a folder you can write to ({elsewhere})" if elsewhere else
+               "make that file and its folder writable (not immutable: lsattr shows it)")
     else:
         fix = "check the file and the disk, then run the command again"
     return f"{what}{where}; {fix}"
@@ -816,7 +840,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # the machine, not osteo: one line, like a user error
         if args.debug:
             raise
-        print(f"osteo: error: {describe_os_error(e)}", file=sys.stderr)
+        print(f"osteo: error: {describe_os_error(e, args.func.__name__)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"osteo: interrupted; {_after_stop(args)}", file=sys.stderr)

@@ -75,6 +75,7 @@ in, and the old one removed), so a reader never sees a half-written export.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.metadata
 import importlib.util
 import json
@@ -105,6 +106,7 @@ from osteo.device import get_engine
 from osteo.errors import OsteoError
 from osteo.files import (
     atomic_path,
+    cannot_write,
     folder_lock,
     owned_prefix,
     sha256_file,
@@ -365,7 +367,7 @@ def _export_savedmodel(run: RunDir, best: keras.Model, model: keras.Model, tempe
     one); its record (:data:`PORT_RECORD`) goes inside the folder."""
     images, source, want, _ = _parity_reference(run, best, temperature)
     with _atomic_dir(target) as tmp:
-        _savedmodel_archive(model).write_out(tmp, verbose=False)
+        _write_savedmodel(model, tmp, target)
         diff = _served_diff(tmp, images, want)
         _check_parity(diff, len(images), "the SavedModel", "export --format onnx instead")
         _write_savedmodel_record(run, tmp, temperature, {"max_abs_diff": diff, "images": len(images),
@@ -427,6 +429,23 @@ def _write_savedmodel_record(run: RunDir, folder: Path, temperature: float, pari
     })
 
 
+def _write_savedmodel(model: keras.Model, folder: Path, target: Path) -> None:
+    """Write ``model`` as a SavedModel to ``folder`` (the staging folder of ``target``). TensorFlow
+    reports a full disk, a file size limit or a refused write as its own errors
+    (``ResourceExhaustedError: ... No space left on device [Op:SaveV2]``), with a traceback; they
+    are raised as the :class:`OSError` they are, naming ``target``, so each is one line."""
+    import tensorflow as tf
+
+    try:
+        _savedmodel_archive(model).write_out(str(folder), verbose=False)
+    except tf.errors.OpError as e:
+        code = next((c for c in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+                     if os.strerror(c) in str(e.message)), None)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(target)) from None
+
+
 def _savedmodel_archive(model: keras.Model):
     import tensorflow as tf
 
@@ -468,7 +487,7 @@ def _export_ported_savedmodel(run: RunDir, best: keras.Model, model: keras.Model
                      **{f"head:{name}:{i}": w for name, ws in head.items() for i, w in enumerate(ws)})
             for name, array in (("images", images), ("want", want), ("raw", raw)):
                 np.save(work / f"{name}.npy", array)
-            result = _port_child(run, work, tmp, temperature, preprocessing)
+            result = _port_child(run, work, tmp, temperature, preprocessing, target)
             _check_parity(max(result["max_abs_diff"], result["max_abs_diff_uncalibrated"]), len(images),
                           "the SavedModel", "export --format onnx instead")
             _write_savedmodel_record(run, tmp, temperature, {
@@ -506,6 +525,9 @@ try:
     result = write_ported_savedmodel(Path(run), Path(work), Path(out), float(temperature), preprocessing)
 except OsteoError as e:
     sys.exit(str(e))
+except OSError as e:  # the machine's (a full disk): the export raises it as its own, one line
+    print(json.dumps({"os_error": [e.errno, e.strerror or str(e)]}))
+    sys.exit(3)
 print(json.dumps(result))
 """
 PORT_TIMEOUT = 3600  # seconds the child may take (DenseNet169 at 32 px: 35-60 s on 2 cores)
@@ -513,9 +535,9 @@ PORT_TIMEOUT = 3600  # seconds the child may take (DenseNet169 at 32 px: 35-60 s
 _TF_LOG = re.compile(r"^([IWEF]\d{4} \d\d:\d\d|WARNING: All log messages before absl|To enable the following)")
 
 
-def _port_child(run: RunDir, work: Path, out: Path, temperature: float, preprocessing: str) -> dict:
+def _port_child(run: RunDir, work: Path, out: Path, temperature: float, preprocessing: str, target: Path) -> dict:
     """:func:`write_ported_savedmodel`'s result, from a child process on TensorFlow; every way it
-    can fail is one line."""
+    can fail is one line (the machine's errors, a full disk, as the OSError naming ``target``)."""
     fix = "nothing written; export --format onnx instead"
     env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
     root = Path(osteo.__file__).resolve().parent.parent  # this process's osteo, whatever PYTHONPATH says
@@ -533,6 +555,10 @@ def _port_child(run: RunDir, work: Path, out: Path, temperature: float, preproce
     if proc.returncode < 0:  # a signal: the out-of-memory killer, a crash; TensorFlow's log is not why
         raise OsteoError(f"writing the SavedModel with Keras' layers on TensorFlow was killed by "
                          f"{signal.Signals(-proc.returncode).name} (out of memory?); {fix}")
+    if proc.returncode == 3:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            code, reason = json.loads((stdout.strip().splitlines() or [""])[-1])["os_error"]
+            raise OSError(code, reason, str(target))
     if proc.returncode != 0:
         said = [line for line in stderr.strip().splitlines() if not _TF_LOG.match(line)]
         raise OsteoError(f"writing the SavedModel with Keras' layers on TensorFlow failed "
@@ -590,7 +616,7 @@ def write_ported_savedmodel(run_dir: Path, work: Path, out: Path, temperature: f
         for name, weights in head.items():
             model.get_layer(name).set_weights(weights)
         calibrated = calibrated_model(model, temperature)
-    _savedmodel_archive(calibrated).write_out(out, verbose=False)
+    _write_savedmodel(calibrated, out, out)
     images, want, raw = (np.load(work / f"{name}.npy") for name in ("images", "want", "raw"))
     with _ieee_float32():
         got_raw = model.predict(images, batch_size=len(images), verbose=0)
@@ -947,7 +973,7 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _fresh_dir(path)
     except OSError as e:
-        raise OsteoError(f"cannot write to {path.parent}: {e.strerror}; choose a writable output directory") from None
+        raise cannot_write(path.parent, e) from None
     old = None
     try:
         yield tmp

@@ -25,6 +25,16 @@ from osteo import killpoints
 from osteo.errors import OsteoError
 
 
+def cannot_write(folder: str | os.PathLike, e: OSError) -> OsteoError:
+    """One line for a folder osteo cannot create or write in, with the fix its error calls for: a
+    full disk (or one out of files, inodes) is not fixed by another writable folder on it."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some disk space (or files, where it ran out of inodes), or choose an output folder on another disk"
+    else:
+        fix = "choose a writable output directory"
+    return OsteoError(f"cannot write to {folder}: {e.strerror or e}; {fix}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` on success.
@@ -40,9 +50,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         fd, tmp = tempfile.mkstemp(prefix=owned_prefix(f".{path.stem}."), suffix=f".tmp{suffix or path.suffix}",
                                    dir=path.parent)
     except OSError as e:
-        raise OsteoError(
-            f"cannot write to {path.parent}: {e.strerror}; choose a writable output directory"
-        ) from None
+        raise cannot_write(path.parent, e) from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; users expect their umask
     tmp_path = Path(tmp)
@@ -275,7 +283,7 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder, os.O_RDONLY)
     except OSError as e:
-        raise OsteoError(f"cannot write to {folder}: {e.strerror}; choose a writable output directory") from None
+        raise cannot_write(folder, e) from None
     import logging
 
     try:

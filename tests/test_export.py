@@ -242,6 +242,33 @@ def test_a_savedmodel_that_does_not_match_is_not_written(run, tmp_path, monkeypa
     assert not list(out.parent.iterdir())  # nor any temporary
 
 
+def test_a_savedmodel_past_a_file_size_limit_is_one_line_and_keeps_the_previous_export(run, tmp_path):
+    """TensorFlow reports a full disk or a file size limit as its own errors (ResourceExhaustedError,
+    OutOfRangeError), which ended the export in a traceback and exit code 1."""
+    import os
+    import resource
+    import sys
+
+    out = tmp_path / "sm"
+    assert export_run(run, "savedmodel", out) == out
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    variables = max(p.stat().st_size for p in (out / "variables").iterdir())
+    limit = variables // 2  # the weights cannot be written; the parity images' files are smaller
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "-m", "osteo", "export", str(run.path), "--format", "savedmodel",
+                           "--out", str(out)], capture_output=True, text=True, preexec_fn=limited, timeout=600,
+                          env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith(f"osteo: error: File too large ({out}); a file size limit was reached"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sm"]  # no temporaries left
+
+
 def test_keras_format_loads_in_safe_mode_and_matches(run, images, expected, tmp_path):
     import keras
 

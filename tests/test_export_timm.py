@@ -336,6 +336,22 @@ def test_a_port_child_that_fails_is_one_line_and_leaves_nothing(vgg_run, tmp_pat
     assert not list(out.parent.iterdir())
 
 
+def test_a_port_child_that_meets_a_full_disk_says_so_as_the_machines_error(vgg_run, tmp_path, monkeypatch):
+    """The child's SavedModel write fails for want of room: the export raises the OSError it is, naming
+    the export (the CLI's one line says to free space, not to export ONNX instead); nothing is left."""
+    import errno
+
+    full = ("import osteo.export as e\n"
+            "def full(*a):\n    raise OSError(28, 'No space left on device')\n"
+            "e.write_ported_savedmodel = full\n")
+    monkeypatch.setattr(osteo_export, "_PORT_CHILD", full + osteo_export._PORT_CHILD)
+    out = tmp_path / "exports" / "sm"
+    with pytest.raises(OSError) as e:
+        export_run(vgg_run, "savedmodel", out)
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(out))
+    assert not list(out.parent.iterdir())
+
+
 def test_an_export_waiting_on_its_child_keeps_its_temporaries_from_another_exports_sweep(vgg_run, tmp_path,
                                                                                         monkeypatch):
     """A second export of the same target, started while the first's child still writes,

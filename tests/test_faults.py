@@ -11,6 +11,7 @@ import pytest
 from helpers import copy_run, one_line, osteo_warnings
 
 from osteo.cli import main
+from osteo.errors import OsteoError
 from osteo.runs import RunDir
 from osteo.trainer import Trainer
 
@@ -47,6 +48,7 @@ def test_disk_full_while_saving_the_checkpoint_is_one_line(phantom_dir, tmp_path
     assert main([*_tiny_args(phantom_dir, tmp_path / "runs"), "--epochs", "1"]) == 2
     line = one_line(capsys)
     assert "No space left on device" in line and "free some disk space" in line
+    assert line.endswith("or write elsewhere (--runs (make's RUNS=), or OSTEO_CACHE= for the image cache)"), line
 
 
 def test_a_file_size_limit_in_h5pys_words_is_one_line_naming_the_file(phantom_dir, tmp_path, monkeypatch, capsys):
@@ -107,7 +109,31 @@ def test_read_only_output_is_one_line(finished_run, tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(tempfile, "mkdtemp", read_only)
     assert main(["report", str(finished_run), "--out", str(tmp_path / "rep"), "--bootstrap", "50"]) == 2
-    assert "choose a folder you can write to" in one_line(capsys)
+    assert one_line(capsys).endswith("choose a folder you can write to (--out)")  # the option report has
+
+
+def test_a_full_disk_names_where_each_command_writes_and_what_frees_it(tmp_path, monkeypatch, capsys):
+    """The phantom's images are written by Pillow, whose full disk names no file; the fix named an
+    --out the command does not have. A folder that cannot be made for want of room (or of inodes) is
+    not fixed by choosing another writable folder on the same disk."""
+    import tempfile
+
+    import osteo.data.phantom
+    from osteo.files import atomic_path
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(osteo.data.phantom, "write_phantom", full)
+    out = tmp_path / "ph"
+    assert main(["data", "phantom", str(out), "--n", "30", "--size", "32"]) == 2
+    assert one_line(capsys) == (f"osteo: error: No space left on device ({out}); free some disk space, or write "
+                                "elsewhere (another output folder, the command's first argument)")
+    monkeypatch.setattr(tempfile, "mkstemp", full)
+    with pytest.raises(OsteoError, match=r"^cannot write to .*: No space left on device; free some disk space \(or "
+                                         r"files, where it ran out of inodes\), or choose an output folder on another"):
+        with atomic_path(tmp_path / "x.csv"):
+            pass
 
 
 # --------------------------------------------------------------------------- damaged runs

@@ -53,7 +53,7 @@ from scipy import ndimage
 
 from osteo import CLASSES
 from osteo.errors import OsteoError
-from osteo.files import owned_prefix, sweep_temporaries, write_csv
+from osteo.files import cannot_write, owned_prefix, sweep_temporaries, write_csv
 from osteo.recipe import MAX_IMAGE_SIZE
 
 DEFAULT_PROPORTIONS = (780, 374, 793)
@@ -267,7 +267,7 @@ def write_phantom(
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
         except OSError as e:
-            raise OsteoError(f"cannot write to {out.parent}: {e.strerror}; choose a writable output folder") from None
+            raise cannot_write(out.parent, e) from None
         done = 0
         latent_rows = []
         for label, k in zip(CLASSES, counts):
