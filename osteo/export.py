@@ -105,6 +105,7 @@ from osteo.data.decode import refuse_to_replace_an_image
 from osteo.device import get_engine
 from osteo.errors import OsteoError
 from osteo.files import (
+    all_or_none,
     atomic_path,
     cannot_write,
     folder_lock,
@@ -121,7 +122,7 @@ from osteo.registry import get_backbone
 from osteo.runs import RunDir, check_output_place
 
 FORMATS = ("onnx", "savedmodel", "keras")
-DEFAULT_NAMES = {"onnx": "model.onnx", "savedmodel": RunDir.SAVEDMODEL, "keras": "model.keras"}
+DEFAULT_NAMES = {"onnx": "model.onnx", "savedmodel": RunDir.SAVEDMODEL, "keras": RunDir.KERAS_EXPORT}
 EXPORT_DIR = RunDir.EXPORT  # RUN_DIR/export/ holds the default outputs
 # Opset 17 (ONNX 1.12, 2022): read by every onnxruntime from 1.12 on and by most other runtimes.
 ONNX_OPSET = 17
@@ -170,7 +171,8 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
     must be ``osteo predict``'s within :data:`PARITY_TOLERANCE`. Beside it go
     ``export.json`` (:func:`onnx_record`) and ``predict.py`` (:mod:`osteo.export_predict`).
     A SavedModel is checked the same way, loaded back by TensorFlow (a timm run's, its weights
-    ported into Keras' layers, also before calibration), and holds its record (:data:`PORT_RECORD`).
+    ported into Keras' layers, also before calibration), and holds its record (:data:`PORT_RECORD`);
+    a ``.keras`` file too, loaded back by Keras in safe mode, its record beside it (:func:`keras_record`).
 
     Args:
         run_dir: a finished run directory (one with ``best.weights.h5``).
@@ -185,8 +187,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
         OsteoError: not a run, no ``best.weights.h5``, an unknown format or one the run's
             engine cannot write, an ``--out`` that would replace one of the run's own files
             or is a file where a folder is needed (or the reverse), a missing exporter, an
-            ONNX model or a ported SavedModel that does not give ``osteo predict``'s
-            probabilities, or a port that failed.
+            export that does not give ``osteo predict``'s probabilities, or a port that failed.
     """
     if fmt not in FORMATS:
         raise OsteoError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
@@ -266,14 +267,20 @@ def _write_export(run: RunDir, engine, fmt: str, ported: bool, best: keras.Model
         if target == run.export_path / RunDir.SAVEDMODEL:  # the run's own export: its model card says so
             write_model_card(run)
     else:
-        _write_keras(model, target)
+        _export_keras(run, best, model, temperature, target)
+        if target == run.export_path / RunDir.KERAS_EXPORT:
+            write_model_card(run)
+
+
+def keras_record(target: Path) -> Path:
+    """Where a ``.keras`` export's record goes: beside it (``model.keras.json``)."""
+    return target.with_name(target.name + RunDir.KERAS_RECORD_SUFFIX)
 
 
 def parity_of(path: Path, fmt: str) -> dict | None:
     """The parity an export at ``path`` recorded (``export.json`` beside an ONNX model,
-    :data:`PORT_RECORD` in a SavedModel's folder); None for a ``.keras`` file, which is the run's
-    own Keras model."""
-    record = {"onnx": path.parent / RECORD, "savedmodel": path / PORT_RECORD}.get(fmt)
+    :data:`PORT_RECORD` in a SavedModel's folder, :func:`keras_record` beside a ``.keras`` file)."""
+    record = {"onnx": path.parent / RECORD, "savedmodel": path / PORT_RECORD, "keras": keras_record(path)}.get(fmt)
     if record is None or not record.is_file():
         return None
     return json.loads(record.read_text(encoding="utf-8")).get("parity")
@@ -350,9 +357,31 @@ def _float32_policy() -> Iterator[None]:
 # --------------------------------------------------------------------------- writers
 
 
-def _write_keras(model: keras.Model, target: Path) -> None:
-    with atomic_path(target) as tmp:
-        model.save(tmp)
+def _export_keras(run: RunDir, best: keras.Model, model: keras.Model, temperature: float, target: Path) -> None:
+    """``model`` as a ``.keras`` archive, put in place only if, loaded back by Keras (safe mode, on
+    this backend), it gives ``osteo predict``'s probabilities within :data:`PARITY_TOLERANCE`; its
+    record (:func:`keras_record`) beside it, the two written together."""
+    images, source, want, _ = _parity_reference(run, best, temperature)
+    record = keras_record(target)
+    sweep_temporaries(target.parent, pattern=temporaries_of(record))
+    with all_or_none([target, record]):
+        with atomic_path(target) as tmp:
+            model.save(tmp)
+            loaded = keras.saving.load_model(tmp, safe_mode=True)
+            with _ieee_float32():
+                got = np.concatenate([keras.ops.convert_to_numpy(loaded(x, training=False)) for x in (images, images[:1])])
+            diff = _max_diff(got, np.concatenate([want, want[:1]]))
+            _check_parity(diff, len(images), "the .keras model", "export --format onnx instead")
+        recipe = run.read_recipe()
+        write_json(record, {
+            "format": "keras", "file": target.name, "engine": recipe.model.impl, "backbone": recipe.model.backbone,
+            "backend": keras.backend.backend(), "temperature": temperature,
+            "load": "import osteo.export, then keras.saving.load_model(path, safe_mode=True)",
+            "parity": {"reference": "osteo predict, float32 arithmetic", "max_abs_diff": diff, "images": len(images),
+                       "source": source, "runtime": f"Keras {keras.__version__} on {keras.backend.backend()}",
+                       "tolerance": PARITY_TOLERANCE},
+            "osteo_version": osteo.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
 
 
 def _input_signature(model: keras.Model, dtype: str = "float32") -> list:

@@ -145,6 +145,16 @@ def write_model_card(run_dir) -> Path:
             "", f"`{RunDir.EXPORT}/{RunDir.SAVEDMODEL}/`: {what}; max |difference| from `osteo predict` {shown[0]} "
             f"calibrated (the SavedModel as loaded back){uncalibrated}, on {parity.get('images')} "
             f"{parity.get('source')} images ({parity.get('runtime')})."]
+    kept = run.export_path / (RunDir.KERAS_EXPORT + RunDir.KERAS_RECORD_SUFFIX)  # a .keras export's record
+    k = run._read(kept) if kept.is_file() else None
+    if isinstance(k, dict):
+        parity = k.get("parity") if isinstance(k.get("parity"), dict) else {}
+        diff = parity.get("max_abs_diff")
+        lines += ([] if isinstance(e, dict) or isinstance(p, dict) else ["", "## Export"]) + [
+            "", f"`{RunDir.EXPORT}/{RunDir.KERAS_EXPORT}`: the whole Keras model with osteo's layers "
+            f"({k.get('load')}), calibrated; max |difference| from `osteo predict` "
+            f"{f'{diff:.1e}' if isinstance(diff, float) else '-'} as loaded back, on {parity.get('images')} "
+            f"{parity.get('source')} images ({parity.get('runtime')})."]
     lines += ["", "## Environment", "",
               f"osteo {env.get('git_commit', '?')[:12]}, Keras {env.get('keras', '?')}, backend "
               f"{env.get('backend', '?')} on {env.get('device', {}).get('runs_on', '?')}, precision "

@@ -87,6 +87,8 @@ class RunDir(_Folder):
     EXPORT_RECORD = "export.json"  # beside an ONNX export: what it is and the parity measured
     SAVEDMODEL = "savedmodel"  # osteo export --format savedmodel's default folder, under EXPORT
     PORT_RECORD = "osteo_export.json"  # inside a SavedModel's folder: what it is and the parity measured
+    KERAS_EXPORT = "model.keras"  # osteo export --format keras's default file, under EXPORT
+    KERAS_RECORD_SUFFIX = ".json"  # beside a .keras export (model.keras.json): the parity measured
     BACKUP = ".backup"  # the resumable training state (TrainingState); removed when the run ends
     TENSORBOARD = "tensorboard"
     REQUIRED = (RECIPE, SPLIT)  # what makes a folder a run directory

@@ -277,6 +277,25 @@ def test_keras_format_loads_in_safe_mode_and_matches(run, images, expected, tmp_
     assert '"Lambda"' not in json.dumps(model.get_config())
     for k in ("uint8", "float"):  # the uint8 array as it is: Keras casts it
         assert _max_diff(model.predict(images[k], verbose=0), expected[k]) <= TOLERANCE, k
+    # checked as loaded back before it was put in place, as the other formats are; its record beside it
+    record = json.loads((tmp_path / "m.keras.json").read_text())
+    assert (record["format"], record["engine"], record["temperature"]) == ("keras", "keras", TEMPERATURE)
+    assert record["parity"]["max_abs_diff"] <= TOLERANCE and record["parity"]["images"] > 0
+    # the run's own export: its model card says what was exported and how close it came
+    own = export_run(run, "keras")
+    assert own == run.export_path / "model.keras" and (run.export_path / "model.keras.json").is_file()
+    assert "`export/model.keras`: the whole Keras model with osteo's layers" in run.model_card_path.read_text()
+
+
+def test_a_keras_file_that_does_not_match_is_not_written(run, tmp_path, monkeypatch):
+    import osteo.export
+
+    monkeypatch.setattr(osteo.export, "PARITY_TOLERANCE", -1.0)  # no model passes
+    out = tmp_path / "exports" / "m.keras"
+    with pytest.raises(OsteoError, match=r"the .keras model's probabilities differ from osteo predict's .* nothing "
+                                         r"written"):
+        export_run(run, "keras", out)
+    assert not list(out.parent.iterdir())  # neither the model nor its record, nor a temporary
 
 
 def test_uncalibrated_run_exports_its_own_probabilities(run, images, tmp_path):

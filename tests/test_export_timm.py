@@ -107,6 +107,11 @@ def test_a_timm_run_exports_a_keras_file_that_loads_in_safe_mode_and_matches(tim
     proc = subprocess.run([sys.executable, "-m", "osteo.cli", "export", str(timm_run.path), "--format", "keras",
                            "--out", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # checked as loaded back, as the other formats are, and said: its record beside it
+    record = json.loads((tmp_path / "m.keras.json").read_text())
+    assert (record["format"], record["engine"], record["backend"]) == ("keras", "timm", "torch")
+    assert record["parity"]["max_abs_diff"] <= TOLERANCE and record["parity"]["images"] > 0
+    assert f"(its probabilities within {record['parity']['max_abs_diff']:.1e} of osteo predict's" in proc.stdout
     with zipfile.ZipFile(out) as z:
         config = json.loads(z.read("config.json"))
     layers = [layer for layer in config["config"]["layers"] if layer["class_name"] == "TimmLayer"]
