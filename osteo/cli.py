@@ -830,7 +830,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "run", None) and args.func in (cmd_eval, cmd_predict, cmd_export):
             from osteo.runs import use_backend_of
 
-            use_backend_of([args.run])
+            note = use_backend_of([args.run], set_aside=True)
+            if note:
+                _warn(note)
         return args.func(args) or 0
     except OsteoError as e:
         if args.debug:

@@ -712,22 +712,31 @@ def find_run(spec: str, runs_dir: str | os.PathLike = "runs", model: str | None 
     return run
 
 
-def use_backend_of(runs) -> None:
+def use_backend_of(runs, set_aside: bool = False) -> str | None:
     """Before Keras is imported: the one backend an engine of ``runs`` needs, if any (timm's
     PyTorch module loads only on PyTorch; runs of Keras' layers load on either backend).
 
-    An explicit ``KERAS_BACKEND`` is left as it is (loading then says what to do).
+    An explicit ``KERAS_BACKEND`` is left as it is, unless ``set_aside`` (a command that cannot
+    do without the run's model: eval, predict, export), as ``osteo train --resume`` sets it aside
+    for the run's own; returns the line that says so (None where nothing was set aside). Once
+    Keras is imported nothing changes (loading then says what to do).
     """
-    if "keras" in sys.modules or os.environ.get("KERAS_BACKEND"):
-        return
+    explicit = os.environ.get("KERAS_BACKEND")
+    if "keras" in sys.modules or (explicit and not set_aside):
+        return None
     for run in runs:
         path = Path(getattr(run, "path", run))
         if (path / CvDir.MANIFEST).is_file():  # a cross-validation: its folds were trained alike
             path = CvDir(path).fold(1).path
         try:
-            required = get_engine(RunDir(path).read_recipe().model.impl).required_backend
+            engine = get_engine(RunDir(path).read_recipe().model.impl)
         except (OsteoError, OSError, ValueError, AttributeError, TypeError):
             continue  # not a run, or a damaged one: the command itself says so
+        required = engine.required_backend
         if required:
             os.environ["KERAS_BACKEND"] = required
-            return
+            if explicit and explicit != required:
+                return (f"KERAS_BACKEND={explicit} is set, but {path.name} was trained on the {engine.name} engine, "
+                        f"which runs on {required} only: using {required}")
+            return None
+    return None

@@ -91,6 +91,20 @@ np.savez(out, float=m.predict(x["float"], verbose=0), uint8=m.predict(x["uint8"]
 """
 
 
+def test_a_timm_runs_predict_under_keras_backend_tensorflow_runs_on_pytorch_and_says_so(timm_run, phantom_dir,
+                                                                                        tmp_path):
+    """KERAS_BACKEND=tensorflow is set aside for a run that cannot load there, as a resume sets it
+    aside: one warning line, and the predictions (eval, predict and export had refused)."""
+    image = next((phantom_dir / "normal").iterdir())
+    proc = subprocess.run([sys.executable, "-m", "osteo", "predict", str(timm_run.path), str(image), "--out",
+                           str(tmp_path / "p.csv")], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                          env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (f"osteo: warning: KERAS_BACKEND=tensorflow is set, but {timm_run.name} was trained on the timm engine, "
+            "which runs on torch only: using torch") in proc.stderr
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 2
+
+
 def test_a_timm_run_exports_a_keras_file_that_loads_in_safe_mode_and_matches(timm_run, phantom_dir, tmp_path):
     """``--format keras`` on the timm engine: the module is rebuilt from its config (timm's name,
     the size), not unpickled, and its state dict (BatchNorm statistics too) comes back from the
