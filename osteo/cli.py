@@ -208,7 +208,10 @@ def cmd_audit(args) -> int:
         result = audit(args.data, progress=lambda k, n: bar.update(task, completed=k, total=n),
                        memo=default_cache_root(), recall=False)
     dt = time.perf_counter() - t0
-    manifest, report = write_audit(result, args.out)
+    from osteo.files import folder_lock
+
+    with folder_lock(args.out, "an audit"):  # another audit into --out waits: its failure puts back only its own
+        manifest, report = write_audit(result, args.out)
     print_audit(result)
     print(f"wrote {manifest} and {report} ({dt:.1f}s)")
     return 0

@@ -51,7 +51,10 @@ only needs a cast (``x.astype(np.float32)``), which is exact. In detail:
   layers are osteo's registered layers, loadable with ``safe_mode=True``, no Lambda
   layers). A timm run's file loads on the PyTorch backend with timm installed: its
   :class:`~osteo.backbones.timm_torch.TimmLayer` is rebuilt from timm's model name and the
-  input size, and its state dict read from the file (nothing unpickled).
+  input size, and its state dict read from the file (nothing unpickled). It is put in place
+  only if, loaded back so (safe mode, on this backend), it gives ``osteo predict``'s
+  probabilities within :data:`PARITY_TOLERANCE`; ``model.keras.json`` beside it records the
+  parity measured (:func:`keras_record`).
 
 A timm run's SavedModel (its backbone is a PyTorch module, which a TensorFlow graph cannot
 hold) is its model rebuilt with Keras' layers, the module's weights ported into them, written by

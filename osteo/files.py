@@ -17,7 +17,7 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,11 +166,13 @@ def check_output(path: str | os.PathLike) -> None:
         raise OsteoError(f"{path} exists and is {kind}; osteo replaces only files: choose another output path")
 
 
-def replace_folder(new: str | os.PathLike, target: str | os.PathLike, aside: str | os.PathLike | None = None) -> None:
+def replace_folder(new: str | os.PathLike, target: str | os.PathLike, aside: str | os.PathLike | None = None,
+                   then: Callable[[], None] | None = None) -> None:
     """Put folder ``new`` where ``target`` is: the old one is renamed aside (as a temporary in
     ``aside``, by default ``target``'s folder, so a kill leaves it for :func:`sweep_temporaries`),
     the new one renamed in, the old one removed. A reader sees the old folder or the new one,
-    whole, never a mix of their files."""
+    whole, never a mix of their files. ``then``: what must follow it (the files that cite the new
+    folder); if it fails, the old folder is put back before the error goes on."""
     import secrets
     import shutil
 
@@ -188,6 +190,16 @@ def replace_folder(new: str | os.PathLike, target: str | os.PathLike, aside: str
         if old is not None:
             os.replace(old, target)  # the previous folder back in its place
         raise
+    if then is not None:
+        try:
+            then()
+        except BaseException:
+            # the new folder back where it came from (its caller removes it), the previous one in its place
+            with contextlib.suppress(OSError):
+                os.replace(target, new)
+                if old is not None:
+                    os.replace(old, target)
+            raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -198,41 +210,74 @@ def all_or_none(paths: Iterable[str | os.PathLike]) -> Iterator[None]:
     new file over the old one), all new when it ends, or all as they were if it fails: a command
     whose files quote each other (a calibration, the external validations measured at it, the
     model card that cites both) is not left half done by a full disk or a file it cannot replace.
-    Each old file is kept as a hard link beside it, named as its writer's temporaries
-    (:func:`temporaries_of`, swept after a kill), and put back by a rename, which needs no room;
-    a file the block created is removed. A file that cannot be kept (immutable, or in a folder
-    that refuses links) stops the block before it starts, as its own write would have."""
+
+    Each old file is kept beside it, named as its writer's temporaries (:func:`temporaries_of`,
+    swept after a kill): as a hard link, put back by a rename, which needs no room (its times put
+    back too), or, where links are refused (another user's file under ``protected_hardlinks``, a
+    file system without links), as a copy. A file the block created is removed. A folder or device
+    at a path is refused first, as its writer would refuse it. A file that cannot be put back is
+    left beside its place and named in a warning. The command that calls this holds the folder's
+    lock (:func:`folder_lock`), so that its failure puts back only what it replaced itself."""
+    import logging
     import secrets
+    import shutil
 
     kept: dict[Path, Path | None] = {}
+    times: dict[Path, tuple[int, int]] = {}
     try:
         for p in map(Path, paths):
             if p in kept:
                 continue
+            check_output(p)
             if not os.path.lexists(p):
                 kept[p] = None  # removed if the block fails
                 continue
             backup = p.parent / f"{owned_prefix(f'.{p.stem}.kept-')}{secrets.token_hex(4)}.tmp{p.suffix}"
-            os.link(p, backup, follow_symlinks=False)
+            st = os.lstat(p)
+            try:
+                os.link(p, backup, follow_symlinks=False)
+                times[p] = (st.st_atime_ns, st.st_mtime_ns)  # a link shares them: touched below, put back
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+                    raise
+                shutil.copy2(p, backup, follow_symlinks=False)
             kept[p] = backup
-            # touched now (the one file's time, which a link shares): a sweep in the block must not
-            # read it as a dead process's temporary
+            # touched now: a sweep in the block must not read it as a dead process's temporary
             os.utime(backup, follow_symlinks=False)
         yield
     except BaseException:
+        left = []
         for p, backup in kept.items():
-            with contextlib.suppress(OSError):
+            try:
                 if backup is None:
                     if os.path.lexists(p):
                         os.unlink(p)
-                else:
-                    os.replace(backup, p)  # (a rename onto another link of the same file changes nothing)
+                    continue
+                os.replace(backup, p)  # (a rename onto another link of the same file changes nothing)
+                if p in times:
+                    os.utime(p, ns=times[p], follow_symlinks=False)
+            except OSError:
+                if backup is not None and os.path.lexists(backup) and not _same_bytes(backup, p):
+                    left.append((p, backup))
+        for p, backup in left:
+            kept[p] = None  # kept for the user: the only copy of what p was
+            logging.getLogger("osteo").warning("%s could not be put back; its previous version is %s", p, backup)
         raise
     finally:
         for backup in kept.values():
             if backup is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(backup)
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    """Whether files ``a`` and ``b`` hold the same bytes (False where either cannot be read)."""
+    import filecmp
+
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
 
 
 def process_start() -> float:
@@ -299,6 +344,16 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+@contextlib.contextmanager
+def folder_locks(folders: Iterable[str | os.PathLike], what: str) -> Iterator[None]:
+    """:func:`folder_lock` on each of ``folders``, each folder once (a second lock of one folder
+    by this process would wait on the first), in one order (two commands never hold one each)."""
+    with contextlib.ExitStack() as stack:
+        for folder in sorted({Path(os.path.abspath(f)) for f in folders}):
+            stack.enter_context(folder_lock(folder, what))
+        yield
 
 
 def owned_prefix(prefix: str) -> str:

@@ -31,6 +31,7 @@ from osteo.files import (
     all_or_none,
     check_output,
     folder_lock,
+    folder_locks,
     owned_prefix,
     sha256_file,
     sweep_temporaries,
@@ -380,7 +381,8 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
     made = predictor.probabilities()
     rows = [{**r, "probabilities": made} if r["status"] == "ok" else r for r in rows]
     columns = [*COLUMNS[:-1], *(_op_column(p["name"]) for p in predictor.points), "probabilities", "reason"]
-    with all_or_none([*overlays, out]):  # the overlays and the CSV of one call, never some of another's
+    # the overlays and the CSV of one call, never some of another's (which waits: a failure puts back its own)
+    with folder_locks([out.parent, *([gradcam_dir] if overlays else [])], str(out)), all_or_none([*overlays, out]):
         if overlays:
             from osteo.explain import write_overlays
 
@@ -531,13 +533,11 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
             write_json(stage / RunDir.METRICS, report)
             write_audit(result, stage)
             killpoints.reached("eval.staged")
-            # the card lists the run's own eval/ (a cross-validation has no card): one that cannot be
-            # replaced (immutable) stops the eval before its folder is
+            # the card lists the run's own eval/ (a cross-validation has no card): the folder and the
+            # card are both new or, if the card cannot be written, both as they were
             card = [run.model_card_path] if in_run and not ensemble else []
-            with all_or_none(card):
-                replace_folder(stage, out, aside=stage_in)  # not in eval/, where a report would find it
-                if card:
-                    write_model_card(run)
+            with all_or_none(card):  # not in eval/, where a report would find it
+                replace_folder(stage, out, aside=stage_in, then=(lambda: write_model_card(run)) if card else None)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     return out, report

@@ -13,6 +13,26 @@ from collections.abc import Iterator
 from osteo.runs import RunDir
 
 
+@contextlib.contextmanager
+def immutable(path) -> Iterator[None]:
+    """``path`` as ``chattr +i`` makes it (which tests cannot rely on: root and ext4 only): a file
+    nothing may replace or link to, though its folder is writable."""
+    import errno
+
+    import pytest
+
+    link, replace = os.link, os.replace
+
+    def refuse(what, *paths):
+        if any(os.fspath(p) == os.fspath(path) for p in paths):
+            raise PermissionError(errno.EPERM, "Operation not permitted", os.fspath(path))
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(os, "link", lambda src, dst, **kw: refuse("link", src) or link(src, dst, **kw))
+        m.setattr(os, "replace", lambda src, dst: refuse("replace", dst) or replace(src, dst))
+        yield
+
+
 def one_line(capsys) -> str:
     """The one line a refused command wrote to stderr, checked to be osteo's error line."""
     err = capsys.readouterr().err.strip().splitlines()

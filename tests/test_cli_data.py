@@ -16,25 +16,25 @@ def test_phantom_then_audit(tmp_path, capsys):
     assert out.splitlines()[0].strip()  # no blank line left by a progress bar where there is no terminal
     info = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert sum(info["classes"].values()) == 12
-    # another folder's audit into the same --out, whose audit.json cannot be replaced (immutable, which refuses
-    # a link too): nothing replaced, not that folder's manifest beside this one's audit.json
-    import errno
-
-    import osteo.files
+    # another folder's audit into the same --out, whose audit.json cannot be replaced (immutable): nothing
+    # replaced, not that folder's manifest beside this one's audit.json
+    from helpers import immutable
 
     assert main(["data", "phantom", str(tmp_path / "ph2"), "--n", "15", "--size", "48", "--seed", "3"]) == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "audit").iterdir()}
-    link = osteo.files.os.link
-
-    def immutable(src, dst, **kw):
-        if str(src).endswith("audit.json"):
-            raise PermissionError(errno.EPERM, "Operation not permitted", str(src))
-        return link(src, dst, **kw)
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(osteo.files.os, "link", immutable)
+    with immutable(tmp_path / "audit" / "audit.json"):
         assert main(["data", "audit", str(tmp_path / "ph2"), "--out", str(tmp_path / "audit")]) == 2
     assert {p.name: p.read_bytes() for p in (tmp_path / "audit").iterdir()} == before
+    # what a killed audit left there (its writer's temporary, the copies it kept) goes with the next audit
+    import os
+
+    left = [tmp_path / "audit" / f".{name}.kept-999999-00ff.tmp{ext}" for name, ext in (("audit", ".json"),
+                                                                                        ("manifest", ".csv"))]
+    for p in left:
+        p.write_text("kept")
+        os.utime(p, (1e9, 1e9))  # touched long before this process began, by a process gone since
+    assert main(["data", "audit", str(tmp_path / "ph2"), "--out", str(tmp_path / "audit")]) == 0
+    assert sorted(p.name for p in (tmp_path / "audit").iterdir()) == ["audit.json", "manifest.csv"]
 
 
 def test_split_command_writes_split_csv(tmp_path):

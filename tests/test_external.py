@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import copy_run
+from helpers import copy_run, immutable
 
 from osteo.cli import main
 from osteo.data.phantom import write_phantom
@@ -289,24 +289,25 @@ def test_a_second_folder_of_the_same_name_does_not_replace_the_firsts_validation
             "macro F1 all three (a class without images counts 0)") in err, err
     assert ("has fewer than 8 scored images of normal (5): one image moves that class's recall by 0.20 or more, so "
             "its numbers are coarse and their intervals wide (or of zero width); add images of those classes") in err
-    # a model card that cannot be replaced (immutable, which refuses a link too) stops the eval before its folder
-    # is replaced: the card cites the folder's numbers
+    # a model card that cannot be replaced (immutable): the eval's folder is not replaced either, the card
+    # citing its numbers
     import errno
 
-    import osteo.files
-
     kept = {p: p.read_bytes() for p in copy.path.rglob("*") if p.is_file()}
-    link = osteo.files.os.link
-
-    def immutable_card(src, dst, **kw):
-        if Path(src) == copy.model_card_path:
-            raise PermissionError(errno.EPERM, "Operation not permitted", str(src))
-        return link(src, dst, **kw)
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(osteo.files.os, "link", immutable_card)
+    with immutable(copy.model_card_path):
         assert main(["eval", str(copy), "--data", str(tmp_path / "siteA" / "ext"), "--bootstrap", "30"]) == 2
     assert "Operation not permitted" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in copy.path.rglob("*") if p.is_file()} == kept
+    # the card's write fails (a full disk) after the folder was replaced: the previous folder comes back
+    import osteo.predict
+
+    def full(run):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run.model_card_path))
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(osteo.predict, "write_model_card", full)
+        assert main(["eval", str(copy), "--data", str(tmp_path / "siteA" / "ext"), "--bootstrap", "30"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in copy.path.rglob("*") if p.is_file()} == kept
 
 

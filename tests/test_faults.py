@@ -85,7 +85,7 @@ def test_a_report_whose_page_cannot_be_replaced_puts_its_tables_back(finished_ru
     previous tables come back, so the folder is not new tables beside the previous page."""
     out = tmp_path / "rep"
     assert main(["report", str(finished_run), "--out", str(out), "--bootstrap", "50"]) == 0
-    tables = lambda: {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    tables = lambda: {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     before = tables()
     real = os.replace
 
@@ -98,7 +98,65 @@ def test_a_report_whose_page_cannot_be_replaced_puts_its_tables_back(finished_ru
     capsys.readouterr()
     assert main(["report", str(finished_run), "--out", str(out), "--bootstrap", "20"]) == 2
     assert "Operation not permitted" in one_line(capsys)
-    assert tables() == before and set(before) >= {"comparison.csv", "verdict.txt", "index.html"}
+    assert tables() == before  # the plots too
+    assert {"comparison.csv", "verdict.txt", "index.html"} <= {p.name for p in before} and any(
+        p.parts[0] == "plots" for p in before)
+
+
+def test_all_or_none_puts_back_every_file_where_links_are_refused_too(tmp_path, monkeypatch, caplog):
+    """The files a failing block replaced come back with their bytes and times, a file it created
+    goes, nothing is left beside them; where hard links are refused (another user's file under
+    protected_hardlinks, vfat) the old files are kept as copies; a folder where a file goes is refused
+    before anything; a file that cannot be put back is left beside its place and named."""
+    from osteo.files import all_or_none, write_text
+
+    a, b, new = tmp_path / "a.json", tmp_path / "b.csv", tmp_path / "new.txt"
+    write_text(a, "a0")
+    write_text(b, "b0")
+    os.utime(a, ns=(10**18, 10**18))
+    listing = lambda: sorted(p.name for p in tmp_path.iterdir())
+
+    def fails(after):
+        with pytest.raises(RuntimeError), all_or_none([a, b, new, a]):
+            write_text(a, "a1")
+            write_text(new, "n1")
+            after()
+            raise RuntimeError("the block fails")
+
+    fails(lambda: write_text(b, "b1"))
+    assert (a.read_text(), b.read_text(), a.stat().st_mtime_ns) == ("a0", "b0", 10**18)
+    assert listing() == ["a.json", "b.csv"]
+    link = os.link
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refused)
+    fails(lambda: write_text(b, "b1"))
+    assert (a.read_text(), b.read_text()) == ("a0", "b0") and listing() == ["a.json", "b.csv"]
+    monkeypatch.setattr(os, "link", link)
+    (tmp_path / "folder.csv").mkdir()
+    with pytest.raises(OsteoError, match=r"folder\.csv exists and is a folder"), all_or_none([a, tmp_path / "folder.csv"]):
+        write_text(a, "never")
+    assert a.read_text() == "a0" and listing() == ["a.json", "b.csv", "folder.csv"]
+    # b cannot be put back: its previous version stays beside it, named
+    replace = os.replace
+
+    def stuck(src, dst):
+        if str(dst) == str(b) and ".kept-" in str(src):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return replace(src, dst)
+
+    def then_stuck():
+        write_text(b, "b1")
+        monkeypatch.setattr(os, "replace", stuck)
+
+    with caplog.at_level(logging.WARNING, logger="osteo"):
+        fails(then_stuck)
+    monkeypatch.setattr(os, "replace", replace)
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith(".b.kept-")]
+    assert a.read_text() == "a0" and b.read_text() == "b1" and len(kept) == 1 and kept[0].read_text() == "b0"
+    assert f"{b} could not be put back; its previous version is {kept[0]}" in caplog.text
 
 
 def test_read_only_output_is_one_line(finished_run, tmp_path, monkeypatch, capsys):

@@ -42,6 +42,14 @@ def test_two_phase_run_writes_a_complete_run_directory(phantom_dir, tmp_path, ti
         preds = list(csv.DictReader(f))
     assert tuple(preds[0]) == (*PREDICTION_COLUMNS, "probabilities")
     assert {p["probabilities"] for p in preds} == {"uncalibrated"}  # as trained: the temperature is not applied
+    # a run written before the column existed is read as it was: the same labels and probabilities
+    y, p, _ = RunDir(run).read_predictions()
+    with open(run / "predictions.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, PREDICTION_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(preds)
+    y_old, p_old, rows_old = RunDir(run).read_predictions()
+    assert np.array_equal(y_old, y) and np.array_equal(p_old, p) and "probabilities" not in rows_old[0]
     with open(run / "split.csv", newline="") as f:
         val = [r for r in csv.DictReader(f) if r["split"] == "val"]
     assert [p["path"] for p in preds] == [r["path"] for r in val]

@@ -152,7 +152,7 @@ from osteo.data.decode import (
     sniff_format,
 )
 from osteo.errors import OsteoError
-from osteo.files import all_or_none, write_csv, write_json
+from osteo.files import all_or_none, sweep_temporaries, temporaries_of, write_csv, write_json
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".ima"})
 # images osteo does not read: in a class folder they are ignored, and the audit says so in one line
@@ -1192,6 +1192,8 @@ def write_audit(result: Audit, out: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``manifest.csv`` and ``audit.json`` to ``out``; return both paths."""
     out = Path(out)
     manifest, report = out / "manifest.csv", out / "audit.json"
+    for path in (manifest, report):  # a killed audit's temporaries and kept copies
+        sweep_temporaries(out, pattern=temporaries_of(path))
     with all_or_none([manifest, report]):  # never one folder's manifest beside another's audit
         write_csv(manifest, result.manifest_rows(), MANIFEST_COLUMNS)
         write_json(report, result.to_json())

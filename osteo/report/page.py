@@ -19,6 +19,7 @@ from osteo.evaluate import HEADLINE, METRICS
 from osteo.files import (
     OwnedFolder,
     all_or_none,
+    folder_lock,
     owned_prefix,
     replace_folder,
     sweep_temporaries,
@@ -118,12 +119,12 @@ def write_report(run_dirs: list, out: str | os.PathLike, split: str = "auto", n_
         tables = ("comparison.csv", "per_class.csv", "folds.csv", "operating_points.csv", "verdict.txt")
         # a file that cannot be replaced (immutable) stops the renames before the first; one failing
         # among them puts the tables back
-        with all_or_none([out / name for name in (*tables, "index.html")]):
+        with folder_lock(out, "a report"), all_or_none([out / name for name in (*tables, "index.html")]):
             for name in tables:
                 os.replace(stage / name, out / name)
             killpoints.reached("report.replacing")
-            replace_folder(plots_dir, out / "plots")
-            os.replace(stage / "index.html", out / "index.html")  # last: the page appears only when all is there
+            # the page last: it appears only when all is there; if it cannot, the previous plots come back
+            replace_folder(plots_dir, out / "plots", then=lambda: os.replace(stage / "index.html", out / "index.html"))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out / "index.html"
