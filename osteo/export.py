@@ -268,11 +268,18 @@ def _write_export(run: RunDir, engine, fmt: str, ported: bool, best: keras.Model
     elif fmt == "savedmodel":
         (_export_ported_savedmodel if ported else _export_savedmodel)(run, best, model, temperature, target)
         if target == run.export_path / RunDir.SAVEDMODEL:  # the run's own export: its model card says so
-            write_model_card(run)
+            _write_card(run)
     else:
         _export_keras(run, best, model, temperature, target)
         if target == run.export_path / RunDir.KERAS_EXPORT:
-            write_model_card(run)
+            _write_card(run)
+
+
+def _write_card(run: RunDir) -> None:
+    """The run's model card, listing its own exports, under the run's lock: ``osteo calibrate``
+    and ``osteo eval`` write it there too, and a calibrate that fails puts its previous card back."""
+    with folder_lock(run.path, f"the model card in {run.model_card_path}"):
+        write_model_card(run)
 
 
 def keras_record(target: Path) -> Path:
@@ -684,7 +691,7 @@ def _export_onnx(run: RunDir, best: keras.Model, model: keras.Model, temperature
     write_json(target.parent / RECORD, record)
     write_text(target.parent / SCRIPT, SCRIPT_SOURCE.read_text(encoding="utf-8"))
     if target.parent == run.export_path:  # the run's own export: its model card says what was exported
-        write_model_card(run)
+        _write_card(run)
 
 
 @contextlib.contextmanager
