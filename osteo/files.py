@@ -223,7 +223,8 @@ def all_or_none(paths: Iterable[str | os.PathLike]) -> Iterator[None]:
     import shutil
 
     kept: dict[Path, Path | None] = {}
-    times: dict[Path, tuple[int, int]] = {}
+    times: dict[Path, tuple[int, int]] = {}  # each kept file's own (touched below, put back with it)
+    copied: set[Path] = set()
     try:
         for p in map(Path, paths):
             if p in kept:
@@ -236,12 +237,12 @@ def all_or_none(paths: Iterable[str | os.PathLike]) -> Iterator[None]:
             st = os.lstat(p)
             try:
                 os.link(p, backup, follow_symlinks=False)
-                times[p] = (st.st_atime_ns, st.st_mtime_ns)  # a link shares them: touched below, put back
             except OSError as e:
                 if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
                     raise
                 shutil.copy2(p, backup, follow_symlinks=False)
-            kept[p] = backup
+                copied.add(p)
+            kept[p], times[p] = backup, (st.st_atime_ns, st.st_mtime_ns)
             # touched now: a sweep in the block must not read it as a dead process's temporary
             os.utime(backup, follow_symlinks=False)
         yield
@@ -253,9 +254,10 @@ def all_or_none(paths: Iterable[str | os.PathLike]) -> Iterator[None]:
                     if os.path.lexists(p):
                         os.unlink(p)
                     continue
+                if p in copied and _same_bytes(backup, p):
+                    continue  # not replaced: the file itself stays (its owner, its times), the copy goes
                 os.replace(backup, p)  # (a rename onto another link of the same file changes nothing)
-                if p in times:
-                    os.utime(p, ns=times[p], follow_symlinks=False)
+                os.utime(p, ns=times[p], follow_symlinks=False)
             except OSError:
                 if backup is not None and os.path.lexists(backup) and not _same_bytes(backup, p):
                     left.append((p, backup))

@@ -133,7 +133,13 @@ def test_all_or_none_puts_back_every_file_where_links_are_refused_too(tmp_path, 
 
     monkeypatch.setattr(os, "link", refused)
     fails(lambda: write_text(b, "b1"))
-    assert (a.read_text(), b.read_text()) == ("a0", "b0") and listing() == ["a.json", "b.csv"]
+    assert (a.read_text(), b.read_text(), a.stat().st_mtime_ns) == ("a0", "b0", 10**18)
+    assert listing() == ["a.json", "b.csv"]
+    inode = b.stat().st_ino  # a file the block left alone stays itself (its owner, its times), not its copy
+    with pytest.raises(RuntimeError), all_or_none([a, b]):
+        write_text(a, "a1")
+        raise RuntimeError("the block fails")
+    assert b.stat().st_ino == inode and a.read_text() == "a0" and listing() == ["a.json", "b.csv"]
     monkeypatch.setattr(os, "link", link)
     (tmp_path / "folder.csv").mkdir()
     with pytest.raises(OsteoError, match=r"folder\.csv exists and is a folder"), all_or_none([a, tmp_path / "folder.csv"]):
