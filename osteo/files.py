@@ -350,10 +350,11 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def folder_locks(folders: Iterable[str | os.PathLike], what: str) -> Iterator[None]:
-    """:func:`folder_lock` on each of ``folders``, each folder once (a second lock of one folder
-    by this process would wait on the first), in one order (two commands never hold one each)."""
+    """:func:`folder_lock` on each of ``folders``, each folder once, however it is named (a second
+    lock of one folder by this process would wait on the first), in one order (two commands never
+    hold one each)."""
     with contextlib.ExitStack() as stack:
-        for folder in sorted({Path(os.path.abspath(f)) for f in folders}):
+        for folder in sorted({Path(os.path.realpath(f)) for f in folders}):
             stack.enter_context(folder_lock(folder, what))
         yield
 

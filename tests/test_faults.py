@@ -569,3 +569,25 @@ def test_a_folder_that_cannot_be_locked_is_written_with_a_warning(tmp_path, monk
         entered = True
     assert entered and said == [f"cannot lock {tmp_path} (Bad file descriptor): another osteo command writing there "
                                 "at the same time is not waited for"]
+
+
+def test_folder_locks_take_one_lock_per_folder_however_it_is_named(tmp_path, monkeypatch):
+    """predict locks --out's folder and --gradcam's: the same folder under two names (a link) is locked
+    once; a second flock of it by the same process would have waited on the first for ever."""
+    import contextlib
+
+    import osteo.files
+
+    taken = []
+
+    @contextlib.contextmanager
+    def lock(folder, what):
+        taken.append(folder)
+        yield
+
+    monkeypatch.setattr(osteo.files, "folder_lock", lock)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "out")
+    with osteo.files.folder_locks([tmp_path / "out", tmp_path / "link", tmp_path / "out" / "."], "x"):
+        pass
+    assert taken == [(tmp_path / "out").resolve()]
