@@ -81,3 +81,15 @@ def test_folder_without_class_folders_exits_2(tmp_path, capsys):
     assert main(["data", "audit", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no class folders" in err and "(it has misc/)" in err  # what it found instead, to be renamed
+
+
+def test_a_phantom_inside_a_datasets_class_folder_is_refused(tmp_path, capsys):
+    """Its images of every class would be read as that folder's class by the dataset's audit and training."""
+    assert main(["data", "phantom", str(tmp_path / "knees"), "--n", "12", "--size", "48"]) == 0
+    inside = tmp_path / "knees" / "normal" / "ph"
+    assert main(["data", "phantom", str(inside), "--n", "12", "--size", "48"]) == 2
+    err = capsys.readouterr().err
+    assert f"{inside} is inside {tmp_path / 'knees' / 'normal'}, a class folder of the dataset" in err
+    assert not inside.exists()
+    # a folder merely named like a class, in no dataset, is no class folder
+    assert main(["data", "phantom", str(tmp_path / "normal" / "ph"), "--n", "12", "--size", "48"]) == 0

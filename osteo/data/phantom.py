@@ -238,6 +238,22 @@ def _check_size(size: int) -> None:
         raise OsteoError(f"image size {size} is too large; use {MIN_SIZE} to {MAX_IMAGE_SIZE} px")
 
 
+def _refuse_a_class_folder(out: Path) -> None:
+    """``out`` inside a dataset's class folder (``knees/normal/ph``, beside ``knees/osteopenia``):
+    every phantom image there, of all three classes, would be read as that folder's class by any
+    audit or training of that dataset. Refused in one line."""
+    for folder in Path(os.path.realpath(out)).parents:
+        if folder.name.lower() in CLASSES and folder.parent != folder:
+            try:
+                siblings = {p.name.lower() for p in folder.parent.iterdir() if p.is_dir()}
+            except OSError:  # a folder that cannot be listed holds no dataset osteo could read
+                siblings = set()
+            if len(siblings & set(CLASSES)) >= 2:
+                raise OsteoError(f"{out} is inside {folder}, a class folder of the dataset {folder.parent}: its "
+                                 f"images of every class would be read as {folder.name}; choose a folder outside "
+                                 f"{folder.parent}")
+
+
 def write_phantom(
     out: str | os.PathLike,
     n: int = 1947,
@@ -260,6 +276,7 @@ def write_phantom(
     out = Path(out).absolute()
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise OsteoError(f"{out} exists and is not an empty folder; choose a new folder or remove it first")
+    _refuse_a_class_folder(out)
     _sweep_stale(out)
     tmp = out.with_name(f"{owned_prefix(f'.{out.name}.')}{secrets.token_hex(3)}.tmp")
     try:
