@@ -606,6 +606,10 @@ def cmd_calibrate(args) -> int:
         sweep_temporaries(run.path)  # a killed calibrate's
         # the calibration, the external validations measured at it and the card citing both: all new, or none
         scored = sorted(run.eval_path.glob(f"*/{RunDir.METRICS}")) if run.eval_path.is_dir() else []
+        try:  # the points in use until now: one not asked for again is no longer decided on
+            before = [p.get("name") for p in (run.read_calibration() or {}).get("operating_points", [])]
+        except (OsteoError, AttributeError, TypeError):
+            before = []
         with all_or_none([run.calibration_path, *scored, run.model_card_path]):
             cal = calibrate_run(run, points, n_boot=args.bootstrap, seed=args.seed)
             write_model_card(run)
@@ -625,7 +629,13 @@ def cmd_calibrate(args) -> int:
         print(f"{p['name']}: threshold {p['threshold']:.4f}"
               + (f"; test (chose nothing) {_point_figures(p['test'])}" if p.get("test") else "")
               + f"; validation (chose it) {_point_figures(p['val'])}")
-    print(f"wrote {run.calibration_path} and {run.model_card_path}")
+    dropped = [name for name in before if name and name not in {p["name"] for p in cal["operating_points"]}]
+    if dropped:
+        _warn(f"{', '.join(dropped)} {'is' if len(dropped) == 1 else 'are'} no longer an operating point of this run "
+              f"(osteo predict drops its screening column; its goal is kept in earlier_goals): give every point the "
+              f"run should decide with --operating-point")
+    again = f"; measured again at it: {', '.join(p.parent.name for p in scored)}" if scored else ""
+    print(f"wrote {run.calibration_path} and {run.model_card_path}{again}")
     return 0
 
 

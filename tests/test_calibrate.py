@@ -122,7 +122,11 @@ def test_a_trained_run_is_calibrated_with_a_model_card_and_recalibrates_on_deman
     assert "| ECE (uncalibrated) |" in card  # the results table's; its calibration is the section below
     assert main(["calibrate", str(run), "--operating-point", "osteoporosis:specificity=0.5",
                  "--bootstrap", "50"]) == 0
-    assert "temperature" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "temperature" in said.out
+    # the default point not asked for again is dropped: said, not only recorded
+    assert ("osteo: warning: osteopenia+ is no longer an operating point of this run (osteo predict drops its "
+            "screening column; its goal is kept in earlier_goals)") in said.err
     assert [p["name"] for p in run.read_calibration()["operating_points"]] == ["osteoporosis"]
     card = run.model_card_path.read_text()
     assert "specificity >= 0.5" in card

@@ -190,7 +190,7 @@ def test_a_new_calibration_measures_the_external_folders_again(run, phantom_dir,
     assert "No space left on device" in err and "write elsewhere" not in err  # calibrate writes in the run alone
     assert files() == kept  # every file as it was, and no temporary left
     assert main(["calibrate", str(copy), "--operating-point", "osteoporosis:sensitivity=0.6", "--bootstrap", "20"]) == 0
-    capsys.readouterr()
+    assert "; measured again at it: hospital-c" in capsys.readouterr().out
     calibration = copy.read_calibration()
     (now,) = calibration["operating_points"]
     after = json.loads((out / "metrics.json").read_text())
