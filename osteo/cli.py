@@ -454,7 +454,7 @@ def eval_external(args) -> int:
     for p in report["operating_points"]:
         undefined = f" ({p['undefined']})" if p.get("undefined") else ""
         chosen = ("chosen on validation" if p.get("threshold_from", "validation") == "validation"
-                  else p["threshold_from"])
+                  else p["threshold_from"]) + (" without test-time augmentation" if args.tta else "")
         print(f"{p['name']} (threshold {p['threshold']:.4f}, {chosen}), on {args.data}{tta}: "
               f"{_point_figures(p)}{undefined}")
     from osteo.predict import SEEN_IN

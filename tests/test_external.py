@@ -82,7 +82,9 @@ def test_another_folder_is_scored_with_the_runs_own_images_left_out(run, phantom
     # scoring (not in its place), and said wherever its numbers are shown: the run's temperature and
     # thresholds were fitted without it
     plain = (out / "metrics.json").read_bytes()
+    capsys.readouterr()
     assert main(["eval", str(run), "--data", str(other), "--tta", "--bootstrap", "50"]) == 0
+    assert "chosen on validation without test-time augmentation), on " in capsys.readouterr().out
     assert (out / "metrics.json").read_bytes() == plain
     tta = json.loads((run.eval_path / "hospital-b-tta" / "metrics.json").read_text())
     assert tta["tta"] is True and tta["external"]["n"] == 45
