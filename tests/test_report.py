@@ -83,10 +83,12 @@ def test_hostile_names_survive_audit_training_and_report(two_runs, hostile_data,
 def test_report_command_and_bad_run_dir(two_runs, tmp_path, capsys):
     runs_dir = two_runs[0].parent.parent
     assert main(["report", "--runs", str(runs_dir), "--out", str(tmp_path / "r"), "--bootstrap", "50"]) == 0
-    assert "index.html" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "index.html" in said.out
     with open(tmp_path / "r" / "comparison.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 1  # the latest run of each model
-    capsys.readouterr()
+    # and the other run, left out, is said to be
+    assert "left out 1 older finished run(s) of the same models" in said.err and "--all" in said.err
     assert main(["report", "--all", "--runs", str(runs_dir), "--out", str(tmp_path / "r2"), "--bootstrap", "50"]) == 0
     printed = capsys.readouterr().out  # two runs of one model: each row says which
     assert all(f"tiny {run.name}" in printed for run in two_runs), printed

@@ -114,9 +114,8 @@ def collect_runs(specs: list[str] | None = None, runs_dir: str | os.PathLike = "
                 continue
             given[key] = s
         return [CvDir(s) if CvDir(s).is_cv() else RunDir(s).check(need=RunDir.FINISHED) for s in given.values()]
-    cvs = list_cvs(runs_dir, finished=True)
-    if not all_runs:
-        cvs = list({c.model: c for c in cvs}.values())  # oldest first: the last of each model wins
+    every_cv = list_cvs(runs_dir, finished=True)
+    cvs = every_cv if all_runs else list({c.model: c for c in every_cv}.values())  # oldest first: the last wins
     runs = list_runs(runs_dir, finished=True)
     unfinished = [r for r in list_runs(runs_dir) if not r.is_finished()]
     unfinished += [c for c in list_cvs(runs_dir) if not c.is_finished()]  # a damaged cv.json too
@@ -132,6 +131,10 @@ def collect_runs(specs: list[str] | None = None, runs_dir: str | os.PathLike = "
     latest: dict[str, RunDir] = {}
     for r in runs:  # oldest first, so the last one of each model wins
         latest[r.model] = r
+    older = len(runs) - len(latest) + len(every_cv) - len(cvs)
+    if older and warn:  # said: a report of the latest alone is not every run there
+        warn(f"left out {older} older finished run(s) of the same models (each model's latest run and latest "
+             f"cross-validation are reported); report every run with --all, or name the runs")
     return [latest[m] for m in sorted(latest)] + sorted(cvs, key=lambda c: c.model)
 
 
