@@ -232,7 +232,24 @@ def test_a_significant_mcnemar_is_no_significant_difference_where_the_interval_c
     (said,) = verdict(_pair(0.6, (-0.2, -0.3, -0.1), (0.6, 0.4), 0.001))  # both say so: significant
     assert "a significant difference." in said and "more accurate" not in said
     (said,) = verdict(_pair(0.6, (-0.02, -0.08, 0.04), (0.6, 0.59), 0.4))
-    assert "no significant difference." in said
+    assert "no significant difference." in said and "folds" not in said
+
+
+def test_two_cross_validations_on_other_folds_are_said_to_be():
+    """Out-of-fold predictions of the same images by a 3-fold and a 2-fold cross-validation: paired,
+    as every image was scored by a fold that did not train on it, but the folds trained on other
+    numbers of images, which the verdict said nothing of."""
+    from osteo.report.verdict import verdict
+
+    best, other = _pair(0.6, (-0.02, -0.08, 0.04), (0.6, 0.59), 0.4)
+    best.update(evaluated_on="out-of-fold", folds="3", n_train="90", split_id="s3")
+    other.update(evaluated_on="out-of-fold", folds="2", n_train="66", split_id="s2")
+    (said,) = verdict([best, other])
+    assert ("Its folds are not the best's (2 folds training on 66 images each, against 3 on 90): the two "
+            "cross-validations compare training procedures as much as models.") in said
+    other.update(folds="3", n_train="90", split_id="s3")  # the same folds: nothing to say
+    (said,) = verdict([best, other])
+    assert "folds are not" not in said
 
 
 def test_a_tiny_p_value_keeps_its_digits_and_seeds_of_one_model_their_own_colours(tmp_path):

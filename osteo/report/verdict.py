@@ -116,7 +116,14 @@ def _difference(r: dict, best: dict, m: int) -> str:
     if acc > best_acc:  # NaN compares False: no accuracy, nothing said
         said += (f"; {_name(r)} is the more accurate ({acc:.3f} against {best_acc:.3f}): McNemar's test compares "
                  "accuracy, the ranking balanced accuracy")
-    return f"{_name(r)} scores {to_float(r['balanced_accuracy']):.3f}, {standing}; {'; '.join(tests)}: {said}."
+    folds = ""
+    if r.get("evaluated_on") == "out-of-fold" and r.get("split_id") != best.get("split_id"):
+        # the same images, each scored by a fold that did not train on it, but other folds: each
+        # model's folds trained on other images and other numbers of them
+        folds = (f" Its folds are not the best's ({r.get('folds') or '?'} folds training on {r.get('n_train') or '?'} "
+                 f"images each, against {best.get('folds') or '?'} on {best.get('n_train') or '?'}): the two "
+                 "cross-validations compare training procedures as much as models.")
+    return f"{_name(r)} scores {to_float(r['balanced_accuracy']):.3f}, {standing}; {'; '.join(tests)}: {said}.{folds}"
 
 
 def _name(r: dict) -> str:
