@@ -381,6 +381,10 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
     made = predictor.probabilities()
     rows = [{**r, "probabilities": made} if r["status"] == "ok" else r for r in rows]
     columns = [*COLUMNS[:-1], *(_op_column(p["name"]) for p in predictor.points), "probabilities", "reason"]
+    if overlays:  # which overlay is each row's (two images of one name in two folders: name.png, name-2.png)
+        names = iter(o.name for o in overlays)  # one for each readable image, in their order
+        rows = [{**r, "gradcam": next(names) if r["status"] == "ok" else ""} for r in rows]
+        columns.insert(-1, "gradcam")
     # the overlays and the CSV of one call, never some of another's (which waits: a failure puts back its own)
     with folder_locks([out.parent, *([gradcam_dir] if overlays else [])], str(out)), all_or_none([*overlays, out]):
         if overlays:

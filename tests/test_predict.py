@@ -181,16 +181,23 @@ def test_folders_recursively_dicom_tta_and_gradcam(run, phantom_dir, tmp_path):
     folder = tmp_path / "clinic"
     shutil.copytree(phantom_dir / "osteoporosis", folder / "a" / "b")
     shutil.copy(get_testdata_file("MR_small.dcm", download=False), folder / "scan.dcm")
+    twin = next((folder / "a" / "b").iterdir())
+    (folder / "c").mkdir()
+    shutil.copy(twin, folder / "c" / twin.name)  # one name in two folders
     out = tmp_path / "p.csv"
     assert main(["predict", str(run), str(folder), "--out", str(out), "--tta", "--gradcam", str(tmp_path / "cam")]) == 0
     rows = _rows(out)
-    n = len(list((phantom_dir / "osteoporosis").iterdir())) + 1
+    n = len(list((phantom_dir / "osteoporosis").iterdir())) + 2
     assert len(rows) == n and all(r["status"] == "ok" for r in rows)
     assert any(r["path"].endswith("scan.dcm") for r in rows)
     probs = np.array([[float(r[c]) for c in P] for r in rows])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     overlays = list((tmp_path / "cam").glob("*.png"))
     assert len(overlays) == n
+    # each row names its overlay: two images of one name in two folders, two overlays
+    assert sorted(r["gradcam"] for r in rows) == sorted(o.name for o in overlays)
+    assert sorted(r["gradcam"] for r in rows if Path(r["path"]).name == twin.name) == [
+        f"{twin.stem}-2.png", f"{twin.stem}.png"]
     # TTA averages other views: not the plain prediction
     assert main(["predict", str(run), str(folder), "--out", str(tmp_path / "plain.csv")]) == 0
     plain = np.array([[float(r[c]) for c in P] for r in _rows(tmp_path / "plain.csv")])
