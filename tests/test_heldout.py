@@ -66,6 +66,8 @@ def test_the_report_rows_are_on_the_test_split(finetuned):
     # the oracle (the phantom's latents) is scored on the same test images
     (oracle,) = [r for r in _rows(out / "comparison.csv") if r["model"] == "oracle"]
     assert (oracle["evaluated_on"], int(oracle["n"])) == ("test", len(test))
+    # named with the run on whose split it was fitted, and that run's folder (it has none of its own)
+    assert (oracle["run_id"], oracle["run_dir"]) == (f"{run.name}/oracle", str(run.path))
     assert {r["chose"] for r in _rows(out / "per_class.csv")} == {"nothing"}
     points = {(r["evaluated_on"], r["chose"]) for r in _rows(out / "operating_points.csv")}
     assert points == {("test", "nothing"), ("validation", "checkpoint, temperature, thresholds")}

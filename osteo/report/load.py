@@ -46,6 +46,11 @@ from osteo.recipe import dotted
 from osteo.runs import CvDir, RunDir, list_cvs, list_runs
 
 
+def _run_id_of(run: Path) -> str:
+    """A run's name in the report: its folder's, with its cross-validation's for a fold."""
+    return f"{run.parent.name}/{run.name}" if CvDir(run.parent).is_cv() else run.name
+
+
 @dataclass
 class Run:
     path: Path
@@ -83,9 +88,21 @@ class Run:
     @property
     def run_id(self) -> str:
         # an external validation lives in RUN/eval/<folder>/: its row is the run's; a fold reported on its own
-        # is named with its cross-validation (<cv-id>/fold-2: every cross-validation has a fold-2)
-        run = self.path.parent.parent if self.evaluated_on.startswith("external") else self.path
-        return f"{run.parent.name}/{run.name}" if CvDir(run.parent).is_cv() else run.name
+        # is named with its cross-validation (<cv-id>/fold-2: every cross-validation has a fold-2); the
+        # phantom's oracle (RUN/oracle, no folder) with the run on whose split it was fitted
+        if self.is_oracle:
+            return f"{_run_id_of(self.path.parent)}/oracle"
+        return _run_id_of(self.path.parent.parent if self.evaluated_on.startswith("external") else self.path)
+
+    @property
+    def is_oracle(self) -> bool:
+        """The phantom's oracle on a run's split (:func:`oracle_runs`), not a run."""
+        return self.model == "oracle" and self.path.name == "oracle"
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder this row is of: for the oracle, the run on whose split it was fitted."""
+        return self.path.parent if self.is_oracle else self.path
 
     @property
     def folds(self) -> int:

@@ -92,7 +92,7 @@ def comparison_rows(runs: list[Run], oracles: list[Run] = (), n_boot: int = 1000
             "params": r.env.get("params"), "split_id": r.split_id, "images_id": r.images_id,
             "val_balanced_accuracy": r.val_balanced_accuracy if np.isfinite(r.val_balanced_accuracy) else None,
             "best_chosen_by": paired[r.path].get("chosen_by"),
-            "run_dir": str(r.path),
+            "run_dir": str(r.run_dir),
         }
         for metric in METRICS:
             k = metric.name
