@@ -92,6 +92,10 @@ def test_report_command_and_bad_run_dir(two_runs, tmp_path, capsys):
     assert main(["report", "--all", "--runs", str(runs_dir), "--out", str(tmp_path / "r2"), "--bootstrap", "50"]) == 0
     printed = capsys.readouterr().out  # two runs of one model: each row says which
     assert all(f"tiny {run.name}" in printed for run in two_runs), printed
+    # their one data folder, audited alike: its audit once, naming both runs (it was once per run)
+    page = (tmp_path / "r2" / "index.html").read_text(encoding="utf-8")
+    names = ", ".join(sorted(f"tiny {run.name}" for run in two_runs))
+    assert page.count("<h3>data: ") == 1 and f"(the data of {names})</h3>" in page
     # one run given twice (and once more through another path): one row, not a model compared with itself
     # (the verdict's McNemar found no best and ended in a traceback)
     one, again = str(two_runs[0]), os.path.relpath(two_runs[0])

@@ -260,20 +260,25 @@ def _nonfinite(v) -> bool:
 def _audit_section(runs: list[Run]) -> str:
     e = html.escape
     parts = []
-    seen = set()
+    # a folder's audit once, naming the runs it is the data of (runs of one folder audited alike: one
+    # block, not one per split reported); an external folder's once per run scored on it (what it left
+    # out is that run's data)
+    shown: dict[tuple, list[Run]] = {}
     for r in runs:
         a, record = r.audit, r.external_record
-        key = record.get("data_dir") or a.get("data_dir")  # an external folder: where it was scored from
-        # a folder's audit once; an external folder's once per run scored on it (what it left out is the run's data)
-        seen_as = (key, r.evaluated_on, r.run_id if record else "")
-        if not a or seen_as in seen:
-            continue
-        seen.add(seen_as)
+        if a:
+            key = record.get("data_dir") or a.get("data_dir")  # an external folder: where it was scored from
+            seen_as = (key, r.evaluated_on, r.run_id) if record else (key, json.dumps(a, sort_keys=True, default=str))
+            shown.setdefault(seen_as, []).append(r)
+    for (key, *_), alike in shown.items():
+        r = alike[0]
+        a, record = r.audit, r.external_record
         groups = a.get("duplicate_groups", [])
         conflicts = [g for g in groups if g.get("conflict")]
         rows = [{"class": c, "readable images": a.get("classes", {}).get(c)} for c in CLASSES]
+        whose = sorted({f"{x.model} {x.run_id}" for x in alike})
         parts.append(f"<h3>data: {e(str(key))}" + (f" ({e(r.evaluated_on)}, scored by {e(r.model)} {e(r.run_id)})"
-                                                    if record else "") + "</h3>")
+                                                    if record else f" (the data of {e(', '.join(whose))})") + "</h3>")
         parts.append(_table(rows, ["class", "readable images"]))
         counts = (f"{a.get('n_files', 0)} image files, {a.get('n_ok', 0)} readable, {len(a.get('unreadable', []))} "
                   f"unreadable, {len(a.get('ignored', []))} ignored; {len(groups)} duplicate groups "
