@@ -336,7 +336,9 @@ def _end_line(spec: dict, outcome: dict) -> str:
         return (f"{_label(spec)}: {how}, {outcome['scored']} images ({outcome['left_out']} also in the study's "
                 "data left out)")
     best = outcome.get(METRIC)
-    score = f"best val macro F1 {best:.3f}" if best is not None else "no epoch finished"
+    # on the fold's inner validation images, which chose the checkpoint: optimistic, not the study's result
+    score = (f"best macro F1 {best:.3f} on its inner validation (which chose the checkpoint)" if best is not None
+             else "no epoch finished")
     retries = outcome.get("retries", 0)
     again = f", after {retries} retr{'y' if retries == 1 else 'ies'}" if retries else ""
     if outcome["status"] == "ok" and outcome.get("kept"):

@@ -252,6 +252,9 @@ def test_without_ray_the_trials_run_one_after_another_and_a_failed_one_is_report
     assert any("one after another (Ray is not installed)" in line for line in said)
     events = [line.split(": ")[1].split(" ")[0] for line in said if line.startswith("tiny seed 0 fold")]
     assert events == ["started", "done", "started", "done"]  # never two at once
+    # a fold's score is of the images that chose its checkpoint, and says so
+    assert any(line.startswith("tiny seed 0 fold 1: done in ") and
+               " on its inner validation (which chose the checkpoint) (1 of 4 trials" in line for line in said), said
     study = _study_json(cfg)
     status = {t["id"]: t["status"] for t in study["trials"]}
     assert status == {"tiny-seed0-fold1": "ok", "tiny-seed0-fold2": "ok", "tiny-seed1-fold1": "ok",
@@ -331,12 +334,14 @@ def test_a_study_killed_while_scoring_continues_with_the_same_command(phantom_di
     trials = {t["id"]: t for t in study["trials"]}
     for fold in (1, 2):
         assert (trials[f"tiny-seed0-fold{fold}"]["status"], trials[f"tiny-seed0-fold{fold}"]["kept"]) == ("ok", True)
-        assert f"tiny seed 0 fold {fold}: kept from an earlier run" in again.stdout
+        assert f"tiny seed 0 fold {fold}: kept from an earlier run, best macro F1 " in again.stdout
         assert Path(trials[f"tiny-seed0-fold{fold}"]["log"]).read_text(encoding="utf-8").count("== attempt ") == 1
     scored_a, scored_b = trials["tiny-seed0-hospital-a"], trials["tiny-seed0-hospital-b"]
     assert (scored_a["status"], scored_a["kept"], scored_a["attempts"]) == ("ok", True, 1)
     assert (scored_b["status"], scored_b["kept"], scored_b["attempts"], scored_b["left_out"]) == ("ok", False, 1, 3)
     assert "tiny seed 0 on hospital-a: kept from an earlier run, 30 images" in again.stdout
+    # a fold's score is of the images that chose its checkpoint, and says so
+    assert "on its inner validation (which chose the checkpoint)" in again.stdout
     rows = {r["evaluated_on"] for r in _csv(tmp_path / "report" / "comparison.csv") if r["model"] == "tiny"}
     assert rows == {"out-of-fold", "external: hospital-a", "external: hospital-b"}
 
