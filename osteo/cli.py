@@ -290,6 +290,24 @@ def _add_data_parser(sub) -> None:
 # --------------------------------------------------------------------------- train
 
 
+def _print_pooled(cv, recipe) -> None:
+    """A finished cross-validation's result in one line: its pooled out-of-fold numbers, with their
+    intervals, and the majority baseline on the same images."""
+    from osteo.evaluate import provenance
+    from osteo.report.load import load_cv
+
+    r = load_cv(cv, n_boot=recipe.train.bootstrap, seed=recipe.train.seed)
+    m, base = r.metrics, r.majority
+
+    def ci(name: str) -> str:
+        lo, hi = m.get(f"{name}_ci") or (None, None)
+        return f"{m[name]:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else "")
+
+    print(f"pooled out-of-fold ({provenance(r.evaluated_on, r.chose)}: each of its {m['n']} images scored once, by the "
+          f"fold that held it out): balanced accuracy {ci('balanced_accuracy')}, accuracy {ci('accuracy')}, macro F1 "
+          f"{ci('macro_f1')}; always answering {base['class']}: balanced accuracy {base['balanced_accuracy']:.3f}")
+
+
 def print_run_summary(run_dir, console) -> None:
     """The headline metrics of each held-out split (the one reported first), what each split chose,
     and the majority baseline's where it has them."""
@@ -368,6 +386,8 @@ def cmd_train(args) -> int:
         cv = cross_validate(recipe, plan, console, folds=args.folds, fold=args.fold, cv=args.cv,
                             command=" ".join(sys.argv))
         k = cv.read()["folds"]
+        if cv.is_finished():
+            _print_pooled(cv, recipe)
         print(f"cross-validation: {cv} ({'fold ' + str(args.fold) if args.fold else f'{k} folds'}); "
               f"compare with: osteo report --runs {recipe.runs_dir}")
         return 0
