@@ -55,10 +55,20 @@ def _dashed_file_hint(args) -> str:
     return f"; {dashed} is a file, read as an option: name it ./{dashed}" if dashed else ""
 
 
+# the width of a table written to a log or a pipe, where rich would take 80 columns and wrap numbers
+# mid-digit ("0.33" over "3"); COLUMNS, where set, wins
+LOG_WIDTH = 200
+
+
 def _console():
+    import os
+
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    console = Console(stderr=False, highlight=False)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console = Console(stderr=False, highlight=False, width=LOG_WIDTH)
+    return console
 
 
 def _console_err():

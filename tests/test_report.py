@@ -80,8 +80,9 @@ def test_hostile_names_survive_audit_training_and_report(two_runs, hostile_data,
     assert f"<li>{html.escape(f'normal/{HOSTILE} broken.png')}: " in page
 
 
-def test_report_command_and_bad_run_dir(two_runs, tmp_path, capsys):
+def test_report_command_and_bad_run_dir(two_runs, tmp_path, capsys, monkeypatch):
     runs_dir = two_runs[0].parent.parent
+    monkeypatch.delenv("COLUMNS", raising=False)  # a log or a pipe, as in CI: rich took 80 columns and wrapped numbers
     assert main(["report", "--runs", str(runs_dir), "--out", str(tmp_path / "r"), "--bootstrap", "50"]) == 0
     said = capsys.readouterr()
     assert "index.html" in said.out
@@ -92,6 +93,12 @@ def test_report_command_and_bad_run_dir(two_runs, tmp_path, capsys):
     assert main(["report", "--all", "--runs", str(runs_dir), "--out", str(tmp_path / "r2"), "--bootstrap", "50"]) == 0
     printed = capsys.readouterr().out  # two runs of one model: each row says which
     assert all(f"tiny {run.name}" in printed for run in two_runs), printed
+    with open(tmp_path / "r2" / "comparison.csv", newline="") as f:
+        cells = [f"{float(r[k]):.3f}" for r in csv.DictReader(f) for k in ("balanced_accuracy", "accuracy", "macro_f1")]
+    table = printed[printed.index("┏"):printed.index("┘") + 1]  # after the verdict
+    # each number whole and the table whole, its right border on every line (at 80 columns the McNemar
+    # column was cut off, and with more rows numbers wrapped mid-digit)
+    assert all(c in table for c in cells) and all(line[-1] in "┓┃┩│┘" for line in table.splitlines()), table
     # their one data folder, audited alike: its audit once, naming both runs (it was once per run)
     page = (tmp_path / "r2" / "index.html").read_text(encoding="utf-8")
     names = ", ".join(sorted(f"tiny {run.name}" for run in two_runs))
