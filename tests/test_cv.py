@@ -85,7 +85,7 @@ def test_the_pooled_images_chose_nothing_in_any_fold(two_cvs, monkeypatch):
     trainer._held.close()
 
 
-def test_the_report_pools_out_of_fold_predictions_and_pairs_the_folds(two_cvs, tmp_path):
+def test_the_report_pools_out_of_fold_predictions_and_pairs_the_folds(two_cvs, tmp_path, phantom_dir):
     runs, (cv_a, cv_b) = two_cvs
     out = tmp_path / "rep"
     assert main(["report", "--runs", str(runs), "--all", "--out", str(out), "--bootstrap", "50"]) == 0
@@ -104,7 +104,7 @@ def test_the_report_pools_out_of_fold_predictions_and_pairs_the_folds(two_cvs, t
     other = b if a["mcnemar_vs"] == "(best)" else a
     assert other["mcnemar_p"] == other["mcnemar_p_holm"] and other["fold_ttest_p"] == other["fold_ttest_p_holm"]
     said = (out / "verdict.txt").read_text(encoding="utf-8")
-    assert said.startswith(f"On out-of-fold (n={n_images}, which chose nothing): ")
+    assert said.startswith(f"On out-of-fold of {phantom_dir.name} (n={n_images}, which chose nothing): ")  # which data
     number = r"[0-9.e+-]+"
     assert re.search(rf"McNemar p = ({number}) \(\d+ images only it got right, \d+ only the best; Holm-adjusted for 1 "
                      rf"comparison: \1\); corrected t-test over the 3 "

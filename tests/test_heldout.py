@@ -72,7 +72,7 @@ def test_the_report_rows_are_on_the_test_split(finetuned):
     points = {(r["evaluated_on"], r["chose"]) for r in _rows(out / "operating_points.csv")}
     assert points == {("test", "nothing"), ("validation", "checkpoint, temperature, thresholds")}
     said = (out / "verdict.txt").read_text(encoding="utf-8")
-    assert said.startswith(f"On test (n={len(test)}, which chose nothing): tiny ({run.name}), the only model")
+    assert said.startswith(f"On test of data (n={len(test)}, which chose nothing): tiny ({run.name}), the only model")
     assert "The phantom's oracle" in said
 
 

@@ -112,7 +112,8 @@ def test_the_verdict_names_the_best_the_differences_and_the_baseline(report):
         rows[k]["balanced_accuracy"] for k in ("trained", "twin"))  # the fixture: not the best on test
     b = rows[best]
     assert b["mcnemar_vs"] == "(best)" and b["evaluated_on"] == "test" and b["chose"] == "nothing"
-    assert said.startswith(f"On test (n={len(TEST)}, which chose nothing): tiny ({best}), the best on its validation "
+    assert said.startswith(f"On test of no-images (n={len(TEST)}, which chose nothing): tiny ({best}), the best on its "
+                           f"validation "
                            f"images (balanced accuracy {val[best]:.3f} there), scores "
                            f"{float(b['balanced_accuracy']):.3f} [{float(b['balanced_accuracy_lo']):.3f}, "
                            f"{float(b['balanced_accuracy_hi']):.3f}].")
@@ -179,7 +180,7 @@ def test_osteo_report_opens_with_the_verdict(report, tmp_path, capsys):
     assert main(["report", *runs, "--out", str(tmp_path / "cli"), "--bootstrap", "100"]) == 0
     printed = capsys.readouterr().out
     verdict = (tmp_path / "cli" / "verdict.txt").read_text(encoding="utf-8").strip()
-    assert "On test (n=65, which chose nothing): tiny (trained), the best on its validation images" in verdict
+    assert "On test of no-images (n=65, which chose nothing): tiny (trained), the best on its validation images" in verdict
     assert "; Holm-adjusted for 1 comparison: " in verdict and "a significant difference." in verdict
     flat, verdict = " ".join(printed.split()), " ".join(verdict.split())  # as the terminal wrapped it
     assert verdict in flat and flat.index(verdict) < flat.index(" comparison ")  # the verdict, then the table
@@ -198,7 +199,8 @@ def test_runs_that_chose_on_their_images_are_compared_apart_and_called_optimisti
             in " ".join(said.split()))  # no interval to lie above the baseline, nor one that fails to
     write_report([trained], tmp_path / "val", split="val", n_boot=0)
     said = (tmp_path / "val" / "verdict.txt").read_text(encoding="utf-8")
-    assert said.startswith(f"On validation (n={len(VAL)}, which chose the checkpoint, temperature and thresholds: "
+    assert said.startswith(f"On validation of no-images (n={len(VAL)}, which chose the checkpoint, temperature and "
+                           "thresholds: "
                            "optimistic): tiny (trained), the only model measured on these images, is best")
     rows = read_csv(tmp_path / "val" / "comparison.csv")
     assert rows[0]["evaluated_on"] == "validation" and rows[0]["chose"] == "checkpoint, temperature, thresholds"

@@ -100,6 +100,12 @@ class Run:
         return self.model == "oracle" and self.path.name == "oracle"
 
     @property
+    def data_dir(self) -> str:
+        """The folder of the images this row was measured on: the run's data, or the external folder."""
+        return (self.external_record.get("data_dir") or self.audit.get("data_dir")
+                or self.recipe.get("data", {}).get("dir") or "")
+
+    @property
     def run_dir(self) -> Path:
         """The run folder this row is of: for the oracle, the run on whose split it was fitted."""
         return self.path.parent if self.is_oracle else self.path
@@ -394,7 +400,7 @@ def oracle_runs(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> list[Run]
     for r in runs:
         if r.evaluated_on.startswith("external"):  # its training data is another folder's
             continue
-        data_dir = r.audit.get("data_dir") or r.recipe.get("data", {}).get("dir", "")
+        data_dir = r.data_dir
         if (data_dir, r.split_id) in seen:
             continue
         seen.add((data_dir, r.split_id))

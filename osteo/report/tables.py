@@ -52,7 +52,7 @@ COMPARISON_COLUMNS = (
     "mcnemar_p", "mcnemar_p_holm", "fold_ttest_p", "fold_ttest_p_holm",
     "train_seconds", "train_images_per_sec", "params",
     *(f"{m}_{c}" for c in CLASSES for m in PER_CLASS_CI),
-    "val_balanced_accuracy", "best_chosen_by", "split_id", "images_id", "run_dir",
+    "val_balanced_accuracy", "best_chosen_by", "split_id", "images_id", "data_dir", "run_dir",
 )
 PER_CLASS_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "class", "metric", "value", "lo", "hi")
 # n_train: the images the fold trained on; best_epoch: the checkpoint its inner validation chose
@@ -92,7 +92,7 @@ def comparison_rows(runs: list[Run], oracles: list[Run] = (), n_boot: int = 1000
             "params": r.env.get("params"), "split_id": r.split_id, "images_id": r.images_id,
             "val_balanced_accuracy": r.val_balanced_accuracy if np.isfinite(r.val_balanced_accuracy) else None,
             "best_chosen_by": paired[r.path].get("chosen_by"),
-            "run_dir": str(r.run_dir),
+            "data_dir": r.data_dir, "run_dir": str(r.run_dir),
         }
         for metric in METRICS:
             k = metric.name

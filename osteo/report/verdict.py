@@ -10,6 +10,7 @@ what ``comparison.csv`` holds, and nothing else.
 from __future__ import annotations
 
 import math
+import os
 
 from osteo.evaluate import which_chose
 from osteo.report.tables import to_float
@@ -35,6 +36,8 @@ def _paragraph(group: list[dict], rows: list[dict]) -> str:
     images = best["evaluated_on"]
     if images.startswith("external: "):
         images = f"the external folder {images.removeprefix('external: ')}"
+    elif best.get("data_dir"):  # which data's split: two datasets' test splits are two sets of images
+        images = f"{images} of {os.path.basename(os.path.normpath(best['data_dir']))}"
     where = f"{images} (n={best['n']}, {which_chose(best['chose'])})"
     val = to_float(best.get("val_balanced_accuracy"))
     if len(group) == 1:
