@@ -55,6 +55,7 @@ from osteo import CLASSES
 from osteo.errors import OsteoError
 from osteo.files import cannot_write, owned_prefix, sweep_temporaries, write_csv
 from osteo.recipe import MAX_IMAGE_SIZE
+from osteo.runs import class_folder_above
 
 DEFAULT_PROPORTIONS = (780, 374, 793)
 
@@ -238,22 +239,6 @@ def _check_size(size: int) -> None:
         raise OsteoError(f"image size {size} is too large; use {MIN_SIZE} to {MAX_IMAGE_SIZE} px")
 
 
-def _refuse_a_class_folder(out: Path) -> None:
-    """``out`` inside a dataset's class folder (``knees/normal/ph``, beside ``knees/osteopenia``):
-    every phantom image there, of all three classes, would be read as that folder's class by any
-    audit or training of that dataset. Refused in one line."""
-    for folder in Path(os.path.realpath(out)).parents:
-        if folder.name.lower() in CLASSES and folder.parent != folder:
-            try:
-                siblings = {p.name.lower() for p in folder.parent.iterdir() if p.is_dir()}
-            except OSError:  # a folder that cannot be listed holds no dataset osteo could read
-                siblings = set()
-            if len(siblings & set(CLASSES)) >= 2:
-                raise OsteoError(f"{out} is inside {folder}, a class folder of the dataset {folder.parent}: its "
-                                 f"images of every class would be read as {folder.name}; choose a folder outside "
-                                 f"{folder.parent}")
-
-
 def write_phantom(
     out: str | os.PathLike,
     n: int = 1947,
@@ -276,7 +261,10 @@ def write_phantom(
     out = Path(out).absolute()
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise OsteoError(f"{out} exists and is not an empty folder; choose a new folder or remove it first")
-    _refuse_a_class_folder(out)
+    folder = class_folder_above(Path(os.path.realpath(out)))
+    if folder is not None:  # its images of all three classes would be read as that folder's class
+        raise OsteoError(f"{out} is inside {folder}, a class folder of the dataset {folder.parent}: its images of "
+                         f"every class would be read as {folder.name}; choose a folder outside {folder.parent}")
     _sweep_stale(out)
     tmp = out.with_name(f"{owned_prefix(f'.{out.name}.')}{secrets.token_hex(3)}.tmp")
     try:
