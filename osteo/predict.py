@@ -538,10 +538,10 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
             write_audit(result, stage)
             killpoints.reached("eval.staged")
             # the card lists the run's own eval/ (a cross-validation has no card): the folder and the
-            # card are both new or, if the card cannot be written, both as they were
-            card = [run.model_card_path] if in_run and not ensemble else []
-            with all_or_none(card):  # not in eval/, where a report would find it
-                replace_folder(stage, out, aside=stage_in, then=(lambda: write_model_card(run)) if card else None)
+            # card are both new or, if the card cannot be written (one atomic write), both as they were
+            card = in_run and not ensemble
+            replace_folder(stage, out, aside=stage_in,  # not in eval/, where a report would find it
+                           then=(lambda: write_model_card(run)) if card else None)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     return out, report
