@@ -255,7 +255,8 @@ def _check_onnx_place(target: Path) -> None:
 def _write_export(run: RunDir, engine, fmt: str, ported: bool, best: keras.Model, model: keras.Model,
                   temperature: float, target: Path) -> None:
     """:func:`export_run`'s writing, its checks passed and its folder locked."""
-    for written in (target, target.parent / RECORD, target.parent / SCRIPT):  # a killed export's temporaries
+    records = [target.parent / RECORD, target.parent / SCRIPT, *([keras_record(target)] if fmt == "keras" else [])]
+    for written in (target, *records):  # a killed export's temporaries (and the copies all_or_none kept)
         sweep_temporaries(target.parent, pattern=temporaries_of(written))
     if fmt == "onnx":
         if keras.backend.backend() == "tensorflow":
@@ -373,7 +374,6 @@ def _export_keras(run: RunDir, best: keras.Model, model: keras.Model, temperatur
     record (:func:`keras_record`) beside it, the two written together."""
     images, source, want, _ = _parity_reference(run, best, temperature)
     record = keras_record(target)
-    sweep_temporaries(target.parent, pattern=temporaries_of(record))
     with all_or_none([target, record]):
         with atomic_path(target) as tmp:
             model.save(tmp)
