@@ -303,19 +303,16 @@ def _add_data_parser(sub) -> None:
 def _print_pooled(cv, recipe) -> None:
     """A finished cross-validation's result in one line: its pooled out-of-fold numbers, with their
     intervals, and the majority baseline on the same images."""
-    from osteo.evaluate import provenance
+    from osteo.evaluate import METRICS, provenance
     from osteo.report.load import load_cv
 
     r = load_cv(cv, n_boot=recipe.train.bootstrap, seed=recipe.train.seed)
     m, base = r.metrics, r.majority
-
-    def ci(name: str) -> str:
-        lo, hi = m.get(f"{name}_ci") or (None, None)
-        return f"{m[name]:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else "")
-
+    label = {x.name: x.label for x in METRICS}
+    figures = ", ".join(_with_interval(m, k, label[k]) for k in ("balanced_accuracy", "accuracy", "macro_f1"))
     print(f"pooled out-of-fold ({provenance(r.evaluated_on, r.chose)}: each of its {m['n']} images scored once, by the "
-          f"fold that held it out): balanced accuracy {ci('balanced_accuracy')}, accuracy {ci('accuracy')}, macro F1 "
-          f"{ci('macro_f1')}; always answering {base['class']}: balanced accuracy {base['balanced_accuracy']:.3f}")
+          f"fold that held it out): {figures}; always answering {base['class']}: balanced accuracy "
+          f"{base['balanced_accuracy']:.3f}")
 
 
 def print_run_summary(run_dir, console) -> None:
@@ -613,12 +610,14 @@ def _add_predict_parser(sub) -> None:
 
 def _point_figures(p: dict) -> str:
     """Sensitivity and specificity at an operating point, with their intervals where there are some."""
+    return ", ".join(_with_interval(p, k) for k in ("sensitivity", "specificity"))
+
+
+def _with_interval(m: dict, key: str, label: str | None = None) -> str:
+    """``label 0.812 [0.750, 0.861]``: ``m[key]`` and its interval ``m[key_ci]`` where it has one."""
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
-    parts = []
-    for k in ("sensitivity", "specificity"):
-        lo, hi = p.get(f"{k}_ci") or (None, None)
-        parts.append(f"{k} {fmt(p[k])}" + (f" [{fmt(lo)}, {fmt(hi)}]" if lo is not None else ""))
-    return ", ".join(parts)
+    lo, hi = m.get(f"{key}_ci") or (None, None)
+    return f"{label or key} {fmt(m[key])}" + (f" [{fmt(lo)}, {fmt(hi)}]" if lo is not None else "")
 
 
 def cmd_calibrate(args) -> int:
