@@ -29,6 +29,7 @@ NODE_IP = "127.0.0.2"
 STARTED = "Ray runtime started"  # what `ray start` prints once its node is up and registered
 START_SECONDS = 180  # a bound on a node's start on a loaded machine, not a measurement
 STUDY_SECONDS = 900
+START_ATTEMPTS = 3  # a cluster whose ports were taken between asking and binding is started again
 
 
 def _free_port() -> int:
@@ -47,12 +48,17 @@ def _node(args: list[str], log: Path, env: dict) -> subprocess.Popen:
                                 start_new_session=True)
 
 
+class _NodeDidNotStart(Exception):
+    """A node that exited, or did not say it was up in time; its log's end is the message."""
+
+
 def _wait_started(node: subprocess.Popen, log: Path) -> None:
-    """Until ``log`` says the node is up (bounded); a node that exits first fails the test."""
+    """Until ``log`` says the node is up (bounded); raises _NodeDidNotStart if it exits first or
+    takes longer."""
     deadline = time.monotonic() + START_SECONDS
     while STARTED not in log.read_text(encoding="utf-8", errors="replace"):
         if node.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"the Ray node did not start: {log.read_text(encoding='utf-8', errors='replace')[-2000:]}")
+            raise _NodeDidNotStart(log.read_text(encoding="utf-8", errors="replace")[-2000:])
         time.sleep(0.2)
 
 
@@ -83,14 +89,30 @@ def ray_cluster():
     token.write_text(secrets.token_hex(32), encoding="utf-8")
     node_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
                 "OSTEO_CACHE": str(tmp / "node-cache")}
-    port, nodes = _free_port(), []
+    nodes: list[subprocess.Popen] = []
     try:
-        nodes.append(_node(["--head", "--port", str(port), "--include-dashboard=false",
-                            "--ray-client-server-port", str(_free_port()), "--temp-dir", str(tmp)],
-                           tmp / "head.log", node_env))
-        _wait_started(nodes[0], tmp / "head.log")
-        nodes.append(_node(["--address", f"{NODE_IP}:{port}"], tmp / "worker.log", node_env))
-        _wait_started(nodes[1], tmp / "worker.log")
+        # the free ports are free when asked for and may be taken before Ray binds them; a cluster
+        # that does not start is started again on other ports (and its logs kept for the failure)
+        failures = []
+        for attempt in range(START_ATTEMPTS):
+            port, logs = _free_port(), tmp / f"attempt-{attempt}"
+            logs.mkdir()
+            try:
+                nodes.append(_node(["--head", "--port", str(port), "--include-dashboard=false",
+                                    "--ray-client-server-port", str(_free_port()), "--temp-dir", str(tmp)],
+                                   logs / "head.log", node_env))
+                _wait_started(nodes[-1], logs / "head.log")
+                nodes.append(_node(["--address", f"{NODE_IP}:{port}"], logs / "worker.log", node_env))
+                _wait_started(nodes[-1], logs / "worker.log")
+                break
+            except _NodeDidNotStart as e:
+                failures.append(str(e))
+                for node in reversed(nodes):
+                    _stop(node)
+                nodes.clear()
+        else:
+            pytest.fail("the Ray cluster did not start in {} attempts: {}".format(START_ATTEMPTS,
+                                                                               "\n---\n".join(failures)))
         yield f"{NODE_IP}:{port}", node_env
     finally:
         for node in reversed(nodes):
