@@ -228,3 +228,43 @@ def test_every_curve_names_the_images_it_is_on(two_runs, tmp_path, monkeypatch):
         assert not any(t.startswith(("tiny ", "vgg16 ")) and "(" not in t for t in texts), (name, texts)
         # validation chose vgg16's checkpoint and temperature: its name says optimistic, the test run's not
         assert all(("optimistic" in t) == t.startswith("vgg16") for t in texts if t.startswith(("tiny", "vgg16")))
+
+
+def test_the_bars_draw_each_ceiling_over_its_own_runs_and_the_legend_over_no_bar(two_runs, tmp_path, monkeypatch):
+    """The oracle's ceiling is of one split's images: it is drawn over the runs scored on that split
+    only, never across an external folder's bar; the legend lies outside every plot."""
+    import dataclasses
+
+    import matplotlib.collections
+
+    from osteo.report import plots
+    from osteo.report.load import load_runs
+
+    (first, second), _ = load_runs(two_runs, n_boot=0)
+    external = dataclasses.replace(second, path=second.path / "eval" / "other", evaluated_on="external other")
+    ceiling = {k: 0.9 for k in first.metrics if not k.endswith("_ci")}
+    oracle = dataclasses.replace(first, path=first.path / "oracle", metrics=ceiling,
+                                 recipe={"model": {"backbone": "oracle"}, "data": first.recipe["data"]})
+    runs = [first, external]
+    assert oracle.is_oracle and (oracle.data_dir, oracle.split_id) == (first.data_dir, first.split_id)
+    drawn = {}
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        drawn["fig"] = fig
+        return path
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.plot_bars(runs, plots.run_colours(runs), tmp_path, [oracle])
+    fig = drawn["fig"]
+    for ax in fig.axes:
+        green = [c for c in ax.collections if isinstance(c, matplotlib.collections.LineCollection)
+                 and c.get_color()[0][1] > 0.4 and c.get_color()[0][0] < 0.1]  # the oracle's green
+        assert len(green) == 1
+        (segment,) = green[0].get_segments()  # over the first bar (x = 0) only, at the oracle's value
+        assert np.allclose(segment[:, 0], [-0.4, 0.4]) and np.allclose(segment[:, 1], 0.9)
+    (legend,) = fig.legends
+    box = legend.get_window_extent()
+    assert {t.get_text() for t in legend.get_texts()} == {
+        "majority class, on each run's images", "oracle (the phantom's true latents), on each run's images"}
+    assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)

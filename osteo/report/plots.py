@@ -162,34 +162,43 @@ def plot_reliability(runs: list[Run], colours, out: Path) -> Path:
 
 
 def plot_bars(runs: list[Run], colours, out: Path, oracles: list[Run] = ()) -> Path:
+    """The headline metrics, a bar per run with its interval. Each run's majority-class baseline
+    and, on the phantom, its oracle's ceiling are short lines over its own bar only: both are of
+    that run's images (an oracle of the split the run was scored on; none over an external
+    folder's row). One legend for the figure, under it, where it covers no bar."""
     import matplotlib.pyplot as plt
 
     headline = [m for m in METRICS if m.headline]
     fig, axes = plt.subplots(1, len(headline), figsize=(4.2 * len(headline), 3.8), sharey=True)
     names = _names(runs)
+    ceiling = {(o.data_dir, o.split_id): o for o in oracles}
+    of_run = [None if r.evaluated_on.startswith("external") else ceiling.get((r.data_dir, r.split_id)) for r in runs]
+    legend = {}
     for ax, metric in zip(axes, headline):
         k = metric.name
-        baseline = all(k in r.majority for r in runs)
         vals = [r.metrics[k] for r in runs]
         lo = [r.metrics.get(f"{k}_ci", (v, v))[0] for r, v in zip(runs, vals)]
         hi = [r.metrics.get(f"{k}_ci", (v, v))[1] for r, v in zip(runs, vals)]
         x = np.arange(len(runs))
         ax.bar(x, vals, color=[colours[r.path] for r in runs],
                yerr=[np.subtract(vals, lo), np.subtract(hi, vals)], capsize=4)
-        if baseline:
+        if all(k in r.majority for r in runs):
             # each run's own baseline: runs on other splits (one class only, say) have other ones
-            ax.hlines([r.majority[k] for r in runs], x - 0.4, x + 0.4, color="red", linestyle="--",
-                      label="majority class")
-        for o in oracles:  # the ceiling: a classifier that sees the phantom's true latents
-            ax.axhline(o.metrics[k], color="green", linestyle=":",
-                       label=f"oracle on {o.evaluated_on} {o.metrics[k]:.2f}")
-        if baseline or oracles:
-            ax.legend(fontsize=7, loc="lower right")
+            legend["majority class, on each run's images"] = ax.hlines(
+                [r.majority[k] for r in runs], x - 0.4, x + 0.4, color="red", linestyle="--")
+        at = [i for i, o in enumerate(of_run) if o is not None and k in o.metrics]
+        if at:  # the ceiling: a classifier that sees the phantom's true latents
+            legend["oracle (the phantom's true latents), on each run's images"] = ax.hlines(
+                [of_run[i].metrics[k] for i in at], x[at] - 0.4, x[at] + 0.4, color="green", linestyle=":",
+                linewidth=2)
         ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
         ax.set_title(metric.label + (" (95% CI)" if metric.interval else ""), fontsize=10)
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)
     _tight(fig)
+    if legend:  # above the plots, outside them (the tick labels are below): _save's tight box keeps it
+        fig.legend(list(legend.values()), list(legend), loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                   ncol=len(legend), fontsize=8, frameon=False)
     return _save(fig, out / "metrics.png")
 
 
