@@ -681,6 +681,9 @@ def _add_calibrate_parser(sub) -> None:
 
 def cmd_export(args) -> int:
     """``osteo export``: the path written, and how close its probabilities came to ``osteo predict``'s."""
+    from osteo.export_request import check_request
+
+    check_request(args.run, args.format, args.out)  # refused before Keras and the backend are imported
     from osteo.export import export_run, parity_of
 
     out = export_run(args.run, args.format, args.out)

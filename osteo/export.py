@@ -104,9 +104,17 @@ import osteo.backbones.timm_torch  # registers TimmLayer, for loading a timm run
 from osteo import CLASSES, killpoints
 from osteo.calibrate import EPS, apply_temperature
 from osteo.classifier import AUGMENTATION
-from osteo.data.decode import refuse_to_replace_an_image
 from osteo.device import get_engine
 from osteo.errors import OsteoError
+from osteo.export_request import (  # noqa: F401 (FORMATS, DEFAULT_NAMES, EXPORT_DIR: this module's API too)
+    DEFAULT_NAMES,
+    EXPORT_DIR,
+    FORMATS,
+    RECORD,
+    SCRIPT,
+    SCRIPT_SOURCE,
+    check_request,
+)
 from osteo.files import (
     all_or_none,
     atomic_path,
@@ -122,17 +130,12 @@ from osteo.files import (
 from osteo.model_card import write_model_card
 from osteo.predict import load_best, load_images, say_if_decoded_otherwise, say_if_uncalibrated
 from osteo.registry import get_backbone
-from osteo.runs import RunDir, check_output_place
+from osteo.runs import RunDir
 
-FORMATS = ("onnx", "savedmodel", "keras")
-DEFAULT_NAMES = {"onnx": "model.onnx", "savedmodel": RunDir.SAVEDMODEL, "keras": RunDir.KERAS_EXPORT}
-EXPORT_DIR = RunDir.EXPORT  # RUN_DIR/export/ holds the default outputs
 # Opset 17 (ONNX 1.12, 2022): read by every onnxruntime from 1.12 on and by most other runtimes.
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
-RECORD, SCRIPT = RunDir.EXPORT_RECORD, "predict.py"  # written beside an ONNX model
 PORT_RECORD = RunDir.PORT_RECORD  # inside a SavedModel's folder: what it is, and the parity measured
-SCRIPT_SOURCE = Path(__file__).with_name("export_predict.py")  # osteo.export_predict, copied as predict.py
 PARITY_TOLERANCE = 1e-4  # the most an ONNX probability may differ from osteo predict's
 PARITY_IMAGES = 16  # the run's first validation images (or seeded noise when its data is gone)
 # PyTorch's exporter traces the model on a batch of this size; the parity check runs
@@ -192,27 +195,8 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
             or is a file where a folder is needed (or the reverse), a missing exporter, an
             export that does not give ``osteo predict``'s probabilities, or a port that failed.
     """
-    if fmt not in FORMATS:
-        raise OsteoError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    run = RunDir(run_dir).check(need=(RunDir.BEST,), finished=True)  # before anything is said of its calibration
-    recipe = run.read_recipe()
-    engine = get_engine(recipe.model.impl)
-    engine.check_export(fmt, f"run {run.path}", get_backbone(recipe.model.backbone))
-    ported = not engine.writes(fmt)  # a timm run's SavedModel: its weights in Keras' layers, on TensorFlow
-    target = Path(out) if out is not None else run.path / EXPORT_DIR / DEFAULT_NAMES[fmt]
-    _refuse_run_files(target, run)
-    refuse_to_replace_an_image(target, "--out", f"export elsewhere, e.g. --out export/{DEFAULT_NAMES[fmt]}")
-    if fmt == "savedmodel" and target.exists() and not target.is_dir():
-        raise OsteoError(f"--out {target} is a file; a SavedModel is a folder: choose another path")
-    if fmt == "savedmodel" and target.is_dir() and any(target.iterdir()) and not (target / "saved_model.pb").is_file():
-        raise OsteoError(f"--out {target} is a folder that holds no SavedModel, and exporting replaces it whole: "
-                         "choose another path")
-    if fmt != "savedmodel" and target.is_dir():
-        raise OsteoError(f"--out {target} is a folder; give a file, e.g. {target / DEFAULT_NAMES[fmt]}")
-    if fmt == "keras" and target.suffix != ".keras":
-        raise OsteoError(f"--out {target} must end in .keras (Keras loads .keras files only)")
-    if fmt == "onnx":
-        _check_onnx_place(target)
+    request = check_request(run_dir, fmt, out)
+    run, engine, target, ported = request.run, request.engine, request.target, request.ported
     if fmt != "keras":
         _require_exporter(fmt, ported)
     temperature = _temperature(run)
@@ -224,32 +208,6 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
     with folder_lock(target.parent, str(target)):  # another export there waits: a record named the other's model
         _write_export(run, engine, fmt, ported, best, model, temperature, target)
     return target
-
-
-def _check_onnx_place(target: Path) -> None:
-    """An ONNX export is three files: ``target``, and beside it its record (:data:`RECORD`) and
-    the script that runs it (:data:`SCRIPT`). Refused: a name without ``.onnx`` (ONNX bytes
-    under ``x.keras``), a folder whose record is another model's (two exports in one folder:
-    the first lost its record, and predict.py ran the second), and a ``predict.py`` osteo did
-    not write (a user's own script, replaced without a word)."""
-    fix = f"export into a folder of its own, e.g. --out {target.parent / target.stem / 'model.onnx'}"
-    if target.suffix.lower() != ".onnx":
-        raise OsteoError(f"--out {target} must end in .onnx (an ONNX model; --format keras writes .keras)")
-    record, script = target.parent / RECORD, target.parent / SCRIPT
-    first_line = SCRIPT_SOURCE.read_bytes().split(b"\n", 1)[0]
-    try:  # no folder there yet (or a file in its place, which making it names) holds neither
-        other = json.loads(record.read_text(encoding="utf-8")).get("file") if record.is_file() else None
-        ours = not os.path.lexists(script) or (script.is_file() and script.read_bytes().startswith(first_line))
-    except (ValueError, AttributeError):
-        raise OsteoError(f"{record} is not an osteo export's record, and exporting would replace it; {fix}") from None
-    except OSError as e:
-        raise OsteoError(f"cannot read {e.filename or record} ({e.strerror}); {fix}") from None
-    if other is not None and other != target.name:
-        raise OsteoError(f"{target.parent} holds the ONNX export {other} ({RECORD} and {SCRIPT} are its own), "
-                         f"which exporting {target.name} there would orphan; {fix}")
-    if not ours:
-        raise OsteoError(f"{script} is not the script osteo writes beside an ONNX export, and exporting would "
-                         f"replace it; {fix}")
 
 
 def _write_export(run: RunDir, engine, fmt: str, ported: bool, best: keras.Model, model: keras.Model,
@@ -323,12 +281,6 @@ def _temperature(run: RunDir) -> float:
         raise OsteoError(f"{run.calibration_path} has temperature {t!r}, not a positive number; "
                          f"calibrate again with: osteo calibrate {run.path}")
     return float(t)
-
-
-def _refuse_run_files(target: Path, run: RunDir) -> None:
-    """An export writes into no run but its own ``export/`` (``--out RUN_DIR/best.weights.h5`` above all)."""
-    check_output_place(target, "--out", f"export elsewhere, e.g. the default {run.path / EXPORT_DIR}/",
-                       own=run.path / EXPORT_DIR)
 
 
 def _require_exporter(fmt: str, ported: bool = False) -> None:

@@ -550,6 +550,12 @@ def test_the_cli_loads_a_timm_run_on_pytorch_without_being_asked(timm_run, phant
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert "timm engine" in proc.stderr and "exports onnx, keras (and savedmodel for convnext_tiny, densenet169, vgg16, " \
         "vgg19, whose weights port to Keras' layers), not savedmodel" in proc.stderr
+    # refused from the run's files, before Keras and PyTorch are imported (which took about 6 s)
+    probe = subprocess.run([sys.executable, "-c", "import sys\nfrom osteo.cli import main\n"
+                            f"rc = main(['export', {str(timm_run.path)!r}, '--format', 'savedmodel'])\n"
+                            "print(rc, 'keras' in sys.modules, 'torch' in sys.modules)"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert probe.stdout.split() == ["2", "False", "False"], probe.stdout + probe.stderr[-2000:]
 
 
 def test_fused_adam_takes_up_restored_iterations():
