@@ -221,51 +221,135 @@ def _finite_range(arr: np.ndarray) -> tuple[float, float]:
     return float(arr[finite].min()), float(arr[finite].max())
 
 
-def _decode_dicom(data: bytes) -> Gray:
-    """Mirrors ``osteo.data.decode._decode_dicom``."""
-    try:
-        import pydicom
-        from pydicom import uid
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
-    except ImportError:
-        raise Unreadable("a DICOM file needs pydicom: pip install pydicom") from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            bare = not preambled_dicom(data)
-            ds = pydicom.dcmread(io.BytesIO(data), force=bare)
-            if bare and "TransferSyntaxUID" not in ds.file_meta:  # as osteo.data.decode._read_dicom
-                implicit, little = ds.original_encoding
-                ds.file_meta.TransferSyntaxUID = (uid.ImplicitVRLittleEndian if implicit else uid.ExplicitVRLittleEndian
-                                                  if little else uid.ExplicitVRBigEndian)
-            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-            _check_pixels(int(ds.Columns), int(ds.Rows))
-            pixels = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array  # one frame decoded
-            if getattr(ds, "SamplesPerPixel", 1) > 1:  # colour: luminance
-                pixels = pixels[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-            else:
-                pixels = apply_modality_lut(pixels, ds)
-                if "WindowCenter" in ds or "VOILUTSequence" in ds:
-                    pixels = apply_voi_lut(pixels, ds)
-        arr = np.array(pixels, dtype=np.float64)  # a copy: written in place below
-    except Unreadable:
-        raise
-    except Exception as e:  # pydicom raises many types on truncated or odd files
-        raise Unreadable(f"dicom decode failed: {type(e).__name__}: {str(e)[:120]}") from None
+def read_dicom(source, **kwargs):
+    """pydicom's data set of ``source`` (a binary file object); a bare one (:func:`bare_dicom`)
+    read with ``force`` and given the transfer syntax its elements were found in, which its
+    pixels need. osteo's own decoder imports this function (one reading, no mirror)."""
+    import pydicom
+    from pydicom import uid
+
+    bare = not preambled_dicom(source.read(132))
+    source.seek(0)
+    ds = pydicom.dcmread(source, force=bare, **kwargs)
+    if bare and "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (uid.ImplicitVRLittleEndian if implicit else
+                                          uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian)
+    return ds
+
+
+PIXEL_ELEMENTS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def dicom_gray(ds, check_pixels) -> tuple[np.ndarray, int]:
+    """(the first frame of the DICOM data set ``ds`` as a viewer shows it, float32 (H, W) in
+    [0, 255]; its number of frames). osteo's own decoder calls this function too.
+
+    - colour (RGB, YBR) as its luminance; PALETTE COLOR through its palette, then luminance;
+    - gray through its modality LUT (rescale slope and intercept), then its VOI LUT or its
+      window (a window of width under 1, which the standard does not allow, is not applied);
+    - stretched from its minimum to its maximum, over the image's own pixels: those of its
+      ``PixelPaddingValue`` (up to ``PixelPaddingRangeLimit``), outside the image, are left
+      out of the stretch and shown black;
+    - inverted where it is MONOCHROME1, or its ``PresentationLUTShape`` is INVERSE (a DX
+      image's MONOCHROME1 says INVERSE too: one inversion).
+
+    ``check_pixels(width, height)`` refuses a size before the pixels are decoded. A data set
+    without pixels (a structured report, a key object) raises :class:`Unreadable`; a damaged
+    one, the decoder's own exception (see :func:`dicom_failure`).
+    """
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+
+    if not any(k in ds for k in PIXEL_ELEMENTS):
+        kind = str(ds.get("Modality", "") or "").strip()
+        raise Unreadable(f"a DICOM file without an image{f' (modality {kind})' if kind else ''}, e.g. a "
+                         "structured report or a key object; leave it out of the image folders")
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    check_pixels(int(ds.Columns), int(ds.Rows))
+    pixels = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array  # one frame decoded
+    photometric = str(getattr(ds, "PhotometricInterpretation", "")).upper()
+    padding = None
+    if photometric == "PALETTE COLOR":
+        pixels = apply_color_lut(pixels, ds)
+    if pixels.ndim == 3:  # colour: luminance
+        pixels = pixels[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    else:
+        if "PixelPaddingValue" in ds:  # on the stored values, before any LUT
+            a, b = ds.PixelPaddingValue, ds.get("PixelPaddingRangeLimit", ds.PixelPaddingValue)
+            padding = (pixels >= min(a, b)) & (pixels <= max(a, b))
+            if padding.all() or not padding.any():
+                padding = None
+        pixels = apply_modality_lut(pixels, ds)
+        if "VOILUTSequence" in ds or ("WindowCenter" in ds and _first(ds.get("WindowWidth")) >= 1):
+            pixels = apply_voi_lut(pixels, ds)
+    # pydicom converts an element when it is first read: a damaged one (an unknown VR, a bad
+    # length) raises here, as a reason, not later as a crash
+    inverse = photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
+    arr = np.asarray(pixels, dtype=np.float64)
+    del pixels
+    if not arr.flags.writeable:  # written in place below
+        arr = arr.copy()
     if arr.ndim != 2 or arr.size == 0:
         raise Unreadable(f"dicom decode failed: unexpected pixel shape {arr.shape}")
-    lo, hi = _finite_range(arr)
+    lo, hi = _finite_range(arr if padding is None else arr[~padding])
     if not np.isfinite(arr).all():
         np.nan_to_num(arr, copy=False, nan=lo, posinf=hi, neginf=lo)
-    if hi > lo:
+    if hi > lo:  # in place: (arr - lo) / (hi - lo) * 255, without float64 temporaries
         arr -= lo
         arr /= hi - lo
         arr *= 255.0
     else:
         arr[...] = 0.0
-    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+    if inverse:
         np.subtract(255.0, arr, out=arr)
-    return Gray(arr.astype(_F32), "float")
+    if padding is not None:
+        arr[padding] = 0.0
+    return arr.astype(_F32), frames
+
+
+def _first(value) -> float:
+    """The first of a DICOM value's numbers (a window may list several), or 0 without one."""
+    if value is not None and not isinstance(value, (str, bytes, int, float)):
+        value = value[0] if len(value) else None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def dicom_failure(ds, e: BaseException) -> str:
+    """The one-line reason a DICOM file could not be decoded: pixel data in a transfer syntax
+    without a decoder here (compressed, or a UID pydicom does not know) named with the fix,
+    else the decoder's exception."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and "transfer syntax" in str(e).lower():
+        try:
+            compressed, name = syntax.is_compressed, syntax.name
+        except Exception:  # not a transfer syntax pydicom knows (JPEG XL in pydicom 3.0, say)
+            compressed, name = True, str(syntax)
+        if compressed:
+            return (f"dicom pixel data in {name}, a transfer syntax with no decoder here; convert it to "
+                    "uncompressed DICOM, e.g. gdcmconv --raw IN OUT")
+    return f"dicom decode failed: {type(e).__name__}: {' '.join(str(e).split())[:120]}"
+
+
+def _decode_dicom(data: bytes) -> Gray:
+    """``osteo.data.decode._decode_dicom``'s reading, without the image's facts."""
+    try:
+        import pydicom  # noqa: F401
+    except ImportError:
+        raise Unreadable("a DICOM file needs pydicom: pip install pydicom") from None
+    ds = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = read_dicom(io.BytesIO(data))
+            arr, _ = dicom_gray(ds, _check_pixels)
+    except Unreadable:
+        raise
+    except Exception as e:  # pydicom raises many types on truncated or odd files
+        raise Unreadable(dicom_failure(ds, e)) from None
+    return Gray(arr, "float")
 
 
 # --------------------------------------------------------------------------- resize

@@ -355,3 +355,111 @@ def test_a_decoders_message_over_several_lines_is_one_line_of_reason():
     with pytest.raises(DecodeError) as e:
         decode_bytes(buf.getvalue())
     assert str(e.value).startswith("dicom ") and "\n" not in str(e.value)
+
+
+def _dx(pixels: np.ndarray, **elements) -> bytes:
+    """A DX DICOM file of 16-bit ``pixels`` (12 bits stored), MONOCHROME2 unless ``elements`` say otherwise."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns = "DX", *pixels.shape[:2]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    for k, v in elements.items():
+        setattr(ds, k, v)
+    ds.PixelData = pixels.astype(np.uint16 if ds.BitsAllocated == 16 else np.uint8).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+KNEE12 = (np.add.outer(np.arange(24), np.arange(32)) * 40 + 300).astype(np.uint16)  # 300-2140 of 4095
+
+
+def test_dicom_padding_is_left_out_of_the_stretch_and_shown_black():
+    """A DX with a padded border (PixelPaddingValue): the image inside decodes as the same image
+    without the border does, and the border is black; the script of an ONNX export reads it alike."""
+    from osteo import export_predict
+
+    padded = np.pad(KNEE12, ((0, 0), (8, 0)), constant_values=4095)
+    want, _ = decode_bytes(_dx(KNEE12))
+    for elements in ({"PixelPaddingValue": 4095}, {"PixelPaddingValue": 4000, "PixelPaddingRangeLimit": 4095}):
+        data = _dx(padded, **elements)
+        got, _ = decode_bytes(data)
+        np.testing.assert_allclose(got[:, 8:], want, atol=1e-3)
+        assert (got[:, :8] == 0).all()
+        np.testing.assert_array_equal(export_predict.decode(data).to_float(), got[..., 0])
+    got, _ = decode_bytes(_dx(padded))  # without the element the border is image: the knee is darker
+    assert got[:, 8:].max() < 0.6 * want.max()
+
+
+def test_an_inverse_presentation_lut_is_shown_as_a_viewer_shows_it():
+    """MONOCHROME2 with PresentationLUTShape INVERSE is shown inverted; a DX's MONOCHROME1 says
+    INVERSE too, which is one inversion, not two."""
+    plain, _ = decode_bytes(_dx(KNEE12))
+    stored_inverted = (4095 - KNEE12).astype(np.uint16)
+    for elements in ({"PresentationLUTShape": "INVERSE"}, {"PhotometricInterpretation": "MONOCHROME1"},
+                     {"PhotometricInterpretation": "MONOCHROME1", "PresentationLUTShape": "INVERSE"}):
+        got, _ = decode_bytes(_dx(stored_inverted, **elements))
+        np.testing.assert_allclose(got, plain, atol=1e-3, err_msg=str(elements))
+
+
+def test_a_palette_colour_dicom_is_read_through_its_palette():
+    """PALETTE COLOR: the stored values index a palette (here a reversed gray ramp); the image is
+    the palette's colours, not the indices."""
+    lut = np.arange(255, -1, -1, dtype=np.uint16) * 257  # index i -> gray 255 - i, 16-bit entries
+    gray = (KNEE12 // 16).astype(np.uint8)
+    elements = {"PhotometricInterpretation": "PALETTE COLOR", "BitsAllocated": 8, "BitsStored": 8, "HighBit": 7}
+    for c in ("Red", "Green", "Blue"):
+        elements[f"{c}PaletteColorLookupTableDescriptor"] = [256, 0, 16]
+        elements[f"{c}PaletteColorLookupTableData"] = lut.tobytes()
+    got, _ = decode_bytes(_dx(255 - gray, **elements))
+    want, _ = decode_bytes(_dx(gray, BitsAllocated=8, BitsStored=8, HighBit=7))
+    np.testing.assert_allclose(got, want, atol=0.01)
+
+
+def test_a_window_of_no_width_is_not_applied_and_a_dicom_without_pixels_says_what_it_is():
+    plain, _ = decode_bytes(_dx(KNEE12))
+    got, _ = decode_bytes(_dx(KNEE12, WindowCenter=1000, WindowWidth=0))  # the standard wants a width >= 1
+    np.testing.assert_array_equal(got, plain)
+    pydicom = pytest.importorskip("pydicom")
+    ds = pydicom.dcmread(io.BytesIO(_dx(KNEE12)))
+    del ds.PixelData, ds.Rows, ds.Columns
+    ds.Modality = "SR"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(DecodeError, match=r"^a DICOM file without an image \(modality SR\), e\.g\. a structured "
+                                          r"report or a key object; leave it out of the image folders$"):
+        decode_bytes(buf.getvalue())
+
+
+def test_a_dicom_whose_transfer_syntax_pydicom_does_not_know_is_one_line():
+    """A transfer syntax UID pydicom has no name for (JPEG XL, in pydicom 3.0) is said as the UID,
+    with the fix, by osteo and by an export's script alike; nothing raises past the decoder."""
+    from osteo import export_predict
+
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(io.BytesIO(_dx(KNEE12)))
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"  # JPEG baseline, then a UID pydicom does not know
+    ds.PixelData = encapsulate([b"\0" * 64])
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    # pydicom writes no syntax it does not know; a PACS of a newer standard does
+    buf = io.BytesIO(buf.getvalue().replace(b"1.2.840.10008.1.2.4.50", b"1.2.840.10008.1.2.4.98"))
+    reason = ("dicom pixel data in 1.2.840.10008.1.2.4.98, a transfer syntax with no decoder here; convert it to "
+              "uncompressed DICOM, e.g. gdcmconv --raw IN OUT")
+    with pytest.raises(DecodeError) as e:
+        decode_bytes(buf.getvalue())
+    assert str(e.value) == reason
+    with pytest.raises(export_predict.Unreadable) as e:
+        export_predict.decode(buf.getvalue())
+    assert str(e.value) == reason

@@ -61,7 +61,8 @@ from typing import BinaryIO
 import numpy as np
 
 # the exported predictor (predict.py, run without osteo) is the one source of these two, so both find the same files
-from osteo.export_predict import bare_dicom, preambled_dicom
+from osteo.export_predict import Unreadable, bare_dicom, dicom_failure, dicom_gray, preambled_dicom
+from osteo.export_predict import read_dicom as _read_dicom
 
 SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "png"),
@@ -207,22 +208,6 @@ def sniff_format(data: bytes) -> str | None:
         if data.startswith(magic):
             return name
     return None
-
-
-def _read_dicom(source: BinaryIO, **kwargs):
-    """pydicom's data set of ``source``; a bare one (:func:`bare_dicom`) read with ``force``
-    and given the transfer syntax its elements were found in, which its pixels need."""
-    import pydicom
-    from pydicom import uid
-
-    bare = not preambled_dicom(source.read(132))
-    source.seek(0)
-    ds = pydicom.dcmread(source, force=bare, **kwargs)
-    if bare and "TransferSyntaxUID" not in ds.file_meta:
-        implicit, little = ds.original_encoding
-        ds.file_meta.TransferSyntaxUID = (uid.ImplicitVRLittleEndian if implicit else
-                                          uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian)
-    return ds
 
 
 def refuse_to_replace_an_image(path: str | os.PathLike, option: str, fix: str) -> None:
@@ -485,51 +470,21 @@ def _finite_range(arr: np.ndarray) -> tuple[float, float]:
 
 
 def _decode_dicom(data: bytes) -> Gray:
+    """The first frame as a viewer shows it (:func:`osteo.export_predict.dicom_gray`, which an
+    ONNX export's predict.py runs too), with the file's facts."""
     ds = None
     try:
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = _read_dicom(io.BytesIO(data))
-            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-            check_pixels(int(ds.Columns), int(ds.Rows))
-            pixels = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array  # one frame decoded
-            if getattr(ds, "SamplesPerPixel", 1) > 1:  # colour: luminance
-                pixels = pixels[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-            else:
-                pixels = apply_modality_lut(pixels, ds)
-                if "WindowCenter" in ds or "VOILUTSequence" in ds:
-                    pixels = apply_voi_lut(pixels, ds)
-            # pydicom converts an element when it is first read: a damaged one (an unknown VR,
-            # a bad length) raises here, as a reason, not later as a crash
-            monochrome1 = str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+            arr, frames = dicom_gray(ds, check_pixels)
             bits = int(getattr(ds, "BitsAllocated", 16) or 16)
             patient = str(ds.get("PatientID", "") or "").strip()
-        arr = np.asarray(pixels, dtype=np.float64)
-        del pixels
     except DecodeError:
         raise
+    except Unreadable as e:
+        raise DecodeError(str(e)) from None
     except Exception as e:  # pydicom raises many types on truncated or odd files
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        if getattr(syntax, "is_compressed", False) and "transfer syntax" in str(e).lower():  # no decoder: named
-            raise DecodeError(f"dicom pixel data in {getattr(syntax, 'name', syntax)}, a transfer syntax with no "
-                              "decoder here; convert it to uncompressed DICOM, e.g. gdcmconv --raw IN OUT") from None
-        raise DecodeError(f"dicom decode failed: {_said(e)}") from None
-    if arr.ndim != 2 or arr.size == 0:
-        raise DecodeError(f"dicom decode failed: unexpected pixel shape {arr.shape}")
-    if not arr.flags.writeable:
-        arr = arr.copy()
-    lo, hi = _finite_range(arr)
-    if not np.isfinite(arr).all():
-        np.nan_to_num(arr, copy=False, nan=lo, posinf=hi, neginf=lo)
-    if hi > lo:  # in place: (arr - lo) / (hi - lo) * 255, without float64 temporaries
-        arr -= lo
-        arr /= hi - lo
-        arr *= 255.0
-    else:
-        arr[...] = 0.0
-    if monochrome1:
-        np.subtract(255.0, arr, out=arr)
+        raise DecodeError(dicom_failure(ds, e)) from None
     h, w = arr.shape
-    return Gray(arr.astype(np.float32), ImageInfo("dicom", w, h, bits, frames, patient), "float")
+    return Gray(arr, ImageInfo("dicom", w, h, bits, frames, patient), "float")
