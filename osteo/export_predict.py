@@ -280,7 +280,7 @@ def dicom_gray(ds, check_pixels) -> tuple[np.ndarray, int]:
             if padding.all() or not padding.any():
                 padding = None
         pixels = apply_modality_lut(pixels, ds)
-        if "VOILUTSequence" in ds or ("WindowCenter" in ds and _first(ds.get("WindowWidth")) >= 1):
+        if "VOILUTSequence" in ds or ("WindowCenter" in ds and dicom_first(ds.get("WindowWidth")) >= 1):
             pixels = apply_voi_lut(pixels, ds)
     # pydicom converts an element when it is first read: a damaged one (an unknown VR, a bad
     # length) raises here, as a reason, not later as a crash
@@ -307,7 +307,7 @@ def dicom_gray(ds, check_pixels) -> tuple[np.ndarray, int]:
     return arr.astype(_F32), frames
 
 
-def _first(value) -> float:
+def dicom_first(value) -> float:
     """The first of a DICOM value's numbers (a window may list several), or 0 without one."""
     if value is not None and not isinstance(value, (str, bytes, int, float)):
         value = value[0] if len(value) else None

@@ -168,15 +168,14 @@ _SAID_DECODING: set[str] = set()
 def say_if_decoded_otherwise(run: RunDir) -> None:
     """A run trained before osteo changed how files become pixels: one warning line, since its
     model and thresholds saw some images otherwise than they are read now."""
-    from osteo.data.pipeline import CACHE_VERSION
+    from osteo.data.pipeline import CACHE_VERSION, decoding_changes
 
     was = run.image_decoding()
     if was not in (None, CACHE_VERSION) and was not in _SAID_DECODING:  # once: an ensemble's folds share it
         _SAID_DECODING.add(was)
-        log.warning("run %s was trained with osteo's image decoding %s, and images now decode as %s: images of more "
-                    "than 8 bits (non-DICOM) are stretched from their own range and EXIF orientations applied, so "
-                    "its numbers on such images are not the ones it was trained and calibrated on; retrain it to "
-                    "match", run.path, was, CACHE_VERSION)
+        log.warning("run %s was trained with osteo's image decoding %s, and images now decode as %s (%s), so its "
+                    "numbers on such images are not the ones it was trained and calibrated on; retrain it to match",
+                    run.path, was, CACHE_VERSION, decoding_changes(was))
 
 
 def say_if_uncalibrated(run: RunDir) -> None:

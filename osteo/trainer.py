@@ -50,7 +50,7 @@ from osteo.callbacks import (
     random_states,
 )
 from osteo.classifier import Classifier, Model, SparseCrossEntropy, default_metrics
-from osteo.data.pipeline import CACHE_VERSION
+from osteo.data.pipeline import CACHE_VERSION, decodes_otherwise, decoding_changes
 from osteo.device import get_engine
 from osteo.errors import OsteoError
 from osteo.files import (
@@ -536,9 +536,8 @@ def _check_resumed_images(run: RunDir, manifest: dict[str, dict], dm, was: str |
     one-line error where an image of its split holds other bytes than its audit recorded
     (``manifest``: its validation images would choose, and its test images score, another
     image under the same name, a copy of a training image, say), or where osteo now decodes
-    it otherwise than the run's decoding ``was`` (v3 -> v4: more than 8 bits stretched from
-    the image's own range, EXIF orientation applied). A missing or unreadable image is
-    skipped with a warning, as before."""
+    it otherwise than the run's decoding ``was`` (:func:`osteo.data.pipeline.decodes_otherwise`).
+    A missing or unreadable image is skipped with a warning, as before."""
     ok = {r.path: r for r in dm.audit.ok()}
     pairs = [(r["path"], manifest[r["path"]], ok[r["path"]]) for r in dm.split
              if r["path"] in manifest and r["path"] in ok]
@@ -550,9 +549,8 @@ def _check_resumed_images(run: RunDir, manifest: dict[str, dict], dm, was: str |
                          f"trains and scores the images it began with: put them back, or train a new run")
     if was in (None, CACHE_VERSION):
         return
-    otherwise = [p for p, old, new in pairs if (new.format != "dicom" and new.bit_depth > 8) or (
-        new.width != new.height and (str(new.width), str(new.height)) == (old.get("height"), old.get("width")))]
+    otherwise = [p for p, old, new in pairs if decodes_otherwise(was, Path(dm.cfg.dir) / p, old, new)]
     if otherwise:
         raise OsteoError(f"{len(otherwise)} image(s) of {run.path}'s split decode otherwise than when it began "
-                         f"(osteo's image decoding {was} -> {CACHE_VERSION}: images of more than 8 bits stretched from "
-                         f"their own range, EXIF orientation applied), e.g. {otherwise[0]}; train a new run")
+                         f"(osteo's image decoding {was} -> {CACHE_VERSION}: {decoding_changes(was)}), e.g. "
+                         f"{otherwise[0]}; train a new run")

@@ -463,3 +463,31 @@ def test_a_dicom_whose_transfer_syntax_pydicom_does_not_know_is_one_line():
     with pytest.raises(export_predict.Unreadable) as e:
         export_predict.decode(buf.getvalue())
     assert str(e.value) == reason
+
+
+def test_a_resumed_run_knows_which_of_its_images_decode_otherwise_since_its_version(tmp_path):
+    """A run begun under image decoding v4 and resumed under v5 finds the DICOM files v5 reads
+    otherwise (padding, an INVERSE presentation LUT without MONOCHROME1, a palette, a window of no
+    width) and only those; one begun under v3 also its 16-bit PNGs."""
+    from types import SimpleNamespace
+
+    from osteo.data.pipeline import CACHE_VERSION, decodes_otherwise
+
+    assert CACHE_VERSION == "v5"
+    files = {"plain": _dx(KNEE12), "m1-inverse": _dx(KNEE12, PhotometricInterpretation="MONOCHROME1",
+                                                         PresentationLUTShape="INVERSE"),
+             "m1": _dx(KNEE12, PhotometricInterpretation="MONOCHROME1"), "window": _dx(KNEE12, WindowCenter=9,
+                                                                                      WindowWidth=200),
+             "inverse": _dx(KNEE12, PresentationLUTShape="INVERSE"), "padded": _dx(KNEE12, PixelPaddingValue=0),
+             "no-width": _dx(KNEE12, WindowCenter=9, WindowWidth=0)}
+    dicom = SimpleNamespace(format="dicom", bit_depth=16, width=32, height=24)
+    found = set()
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        if decodes_otherwise("v4", tmp_path / name, {}, dicom):
+            found.add(name)
+    assert found == {"inverse", "padded", "no-width"}
+    png16 = SimpleNamespace(format="png", bit_depth=16, width=32, height=24)
+    assert decodes_otherwise("v3", tmp_path / "x.png", {}, png16) and not decodes_otherwise("v4", tmp_path / "x.png",
+                                                                                            {}, png16)
+    assert decodes_otherwise("v3", tmp_path / "plain", {}, dicom) is False

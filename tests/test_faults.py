@@ -322,11 +322,11 @@ def test_resume_refuses_images_that_decode_otherwise_since_the_run_began(tmp_pat
     trainer._held.close()
     run = trainer.run_dir
     env = json.loads(run.env_path.read_text())
-    assert env["image_decoding"] == "v4"
+    assert env["image_decoding"] == "v5"
     run.env_path.write_text(json.dumps({**env, "image_decoding": "v3"}))  # as a run begun before today
     assert main(["train", "seed", "--resume", str(run)]) == 2
     line = one_line(capsys)
-    assert "image(s) of" in line and "decode otherwise than when it began (osteo's image decoding v3 -> v4" in line
+    assert "image(s) of" in line and "decode otherwise than when it began (osteo's image decoding v3 -> v5" in line
     assert not run.is_finished()
 
 

@@ -15,7 +15,7 @@ training only.
    default) or stretched (``stretch``), quantised to 16-bit levels (x 257).
    A training run's audit fills the cache from its own decodes (:meth:`ImageCache.store`):
    each file of a new dataset is read and decoded once, on every core.
-   Each result is stored under ``$OSTEO_CACHE/<size>-<mode>-v4/<sha256[:2]>/<sha256>.entry``
+   Each result is stored under ``$OSTEO_CACHE/<size>-<mode>-v5/<sha256[:2]>/<sha256>.entry``
    as a header of :data:`HEADER_BYTES` (JSON padded with spaces: the sha256 of the
    bytes decoded for it, which is also its key, size, resize mode, dtype, shape, and
    the length and CRC-32 of the payload) followed by the serialized uint16 tensor.
@@ -66,15 +66,54 @@ from osteo.data.decode import (
     read_all,
 )
 from osteo.data.scan import audit_scale
+from osteo.export_predict import dicom_first, read_dicom
 from osteo.errors import OsteoError
 from osteo.files import pid_alive
 
 RESIZE_MODES = ("pad", "stretch")
 SCALE = 257.0  # [0, 255] float <-> [0, 65535] uint16
+# v5: DICOM padding, INVERSE presentation LUTs, PALETTE COLOR and widthless windows read as viewers do;
 # v4: 16-bit images stretched from their minimum to their maximum (v3: / 257), EXIF orientation
 # applied; v3: made by
 # load_levels (NumPy resize, one gray conversion); v2 by a tf.data graph
-CACHE_VERSION = "v4"
+CACHE_VERSION = "v5"
+# what each version changed, in words, for a run trained before it (predict, eval and a resume say it)
+DECODING_CHANGES = {
+    "v4": "images of more than 8 bits (non-DICOM) stretched from their own range, EXIF orientation applied",
+    "v5": "DICOM padding left out of the stretch and black, an INVERSE presentation LUT inverted, PALETTE COLOR "
+          "through its palette, a window of width under 1 not applied",
+}
+
+
+def _number(version: str) -> int:
+    return int(version.lstrip("v") or 0)
+
+
+def decoding_changes(was: str) -> str:
+    """What changed in how files become pixels since osteo's image decoding ``was`` (v3, v4, ...)."""
+    return "; ".join(text for version, text in DECODING_CHANGES.items() if _number(version) > _number(was))
+
+
+def decodes_otherwise(was: str, path: str | os.PathLike, old: dict, new) -> bool:
+    """Whether the image at ``path`` decodes otherwise now than under osteo's image decoding
+    ``was``, from its manifest row then (``old``), its audit record now (``new``) and, for a
+    DICOM file, its header: since v4, more than 8 bits (non-DICOM) or a quarter turn; since
+    v5, a DICOM file with padding, an INVERSE presentation LUT (without MONOCHROME1, which was
+    inverted before), a palette or a window of width under 1."""
+    if _number(was) < 4 and ((new.format != "dicom" and new.bit_depth > 8) or (
+            new.width != new.height and (str(new.width), str(new.height)) == (old.get("height"), old.get("width")))):
+        return True
+    if _number(was) < 5 and new.format == "dicom":
+        try:
+            with open(path, "rb") as f:
+                ds = read_dicom(f, stop_before_pixels=True)
+            photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+            window = ds.get("WindowWidth") if "WindowCenter" in ds and "VOILUTSequence" not in ds else 1
+            return ("PixelPaddingValue" in ds or photometric == "PALETTE COLOR" or dicom_first(window) < 1
+                    or (photometric != "MONOCHROME1" and str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"))
+        except Exception:  # noqa: BLE001 (unreadable now: the audit says so, and the resume skips it)
+            return False
+    return False
 HEADER_BYTES = 512  # fixed, so the tf.data graph skips it with one substr
 MISSING = "missing"
 TMP_MAX_AGE_S = 3600.0

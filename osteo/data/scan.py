@@ -810,14 +810,16 @@ def _mapped(path: Path, name: str) -> tuple[np.ndarray, Callable[[], bool]]:
 
 @functools.lru_cache(maxsize=1)
 def _memo_version() -> str:
-    """What a remembered record depends on: this module's and the decoders' code, Pillow's,
+    """What a remembered record depends on: this module's and the decoders' code (a DICOM file's
+    pixels are :func:`osteo.export_predict.dicom_gray`'s), Pillow's,
     pydicom's (and its decoder plugins') and NumPy's versions."""
     from importlib import metadata
 
+    from osteo import export_predict
     from osteo.data import decode
 
     sha = hashlib.sha256(f"{MEMO_VERSION}".encode())
-    for module in (__file__, decode.__file__):
+    for module in (__file__, decode.__file__, export_predict.__file__):  # the latter: DICOM's reading
         sha.update(Path(module).read_bytes())
     for package in ("pillow", "pydicom", "numpy", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
                     "pylibjpeg-rle", "python-gdcm"):  # pydicom's decoders: a new one reads what was refused
