@@ -146,16 +146,19 @@ def _op_column(name: str) -> str:
 
 def load_images(paths: list[Path], size: int, resize: str) -> tuple[list[np.ndarray | None], list[str]]:
     """Each file decoded and resized as training does it, or None with the reason why not."""
-    from osteo.data.decode import DecodeError, read_file
+    from osteo.data.decode import DecodeError, read_file, unexpected_failure
     from osteo.data.pipeline import SCALE, load_levels
 
     images, reasons = [], []
     for f in paths:
         try:
             levels, _ = load_levels(read_file(f), size, resize)  # what the training cache holds
-        except DecodeError as e:
+        except OsteoError:
+            raise
+        except Exception as e:  # as in the audit, one file's failure is its row's reason, not the command's end
             images.append(None)
-            reasons.append(str(e))
+            reasons.append(str(e) if isinstance(e, DecodeError) else "out of memory while decoding it; downscale it"
+                           if isinstance(e, MemoryError) else unexpected_failure(e))
             continue
         images.append(levels.astype(np.float32) / np.float32(SCALE))
         reasons.append("")

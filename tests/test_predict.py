@@ -203,3 +203,28 @@ def test_folders_recursively_dicom_tta_and_gradcam(run, phantom_dir, tmp_path):
     assert main(["predict", str(run), str(folder), "--out", str(tmp_path / "plain.csv")]) == 0
     plain = np.array([[float(r[c]) for c in P] for r in _rows(tmp_path / "plain.csv")])
     assert np.abs(plain - probs).max() > 1e-4
+
+
+def test_a_decoder_failure_no_one_expected_is_that_files_reason_not_the_end_of_predict(tmp_path, monkeypatch):
+    """A decoder raising what osteo does not expect (a library's bug, a new exception type) leaves
+    that file out with its reason, as the audit does, and the other files are read."""
+    from PIL import Image
+
+    from osteo.data import pipeline
+    from osteo.predict import load_images
+
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    for f in (good, bad):
+        Image.fromarray(np.full((40, 40), 90, np.uint8)).save(f)
+    real = pipeline.load_levels
+
+    def flaky(data, size, resize):
+        if data == bad.read_bytes() and size == 32:
+            raise ValueError("UID is not a transfer syntax.")
+        return real(data, size, resize)
+
+    bad.write_bytes(bad.read_bytes() + b"\0")  # other bytes than good's
+    monkeypatch.setattr(pipeline, "load_levels", flaky)
+    images, reasons = load_images([good, bad], 32, "pad")
+    assert images[0] is not None and images[1] is None
+    assert reasons == ["", "decode failed: ValueError: UID is not a transfer syntax."]

@@ -100,6 +100,13 @@ def _said(e: BaseException, limit: int = 120) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:limit]}"
 
 
+def unexpected_failure(e: BaseException) -> str:
+    """The reason given for a file whose decoding raised what no decoder here expects (a bug, a
+    library's new exception): the file is left out with it, as an unreadable one, and the other
+    files go on (the audit, predict and training)."""
+    return f"decode failed: {_said(e)}"
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     format: str

@@ -150,6 +150,7 @@ from osteo.data.decode import (
     open_regular,
     read_all,
     sniff_format,
+    unexpected_failure,
 )
 from osteo.errors import OsteoError
 from osteo.files import all_or_none, sweep_temporaries, temporaries_of, write_csv, write_json
@@ -638,7 +639,7 @@ def _inspect(root: Path, rel: str, label: str, budget: MemoryBudget, cache=None)
     except OsteoError:  # the image cache cannot be written: the user's to fix, not the file's
         raise
     except Exception as e:  # a decoder bug must not stop the audit
-        rec.status, rec.reason = "unreadable", f"decode failed: {type(e).__name__}"
+        rec.status, rec.reason = "unreadable", unexpected_failure(e)
     if rec.status != "ok":
         rec.features = None
     return rec
