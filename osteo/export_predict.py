@@ -42,6 +42,7 @@ import io
 import json
 import math
 import os
+import re
 import struct
 import sys
 import warnings
@@ -167,10 +168,30 @@ def _check_pixels(width: int, height: int) -> None:
         raise Unreadable(f"{width} x {height} pixels exceeds the limit of {MAX_PIXELS:,}; downscale it")
 
 
+def png_refusal(data: bytes) -> str | None:
+    """Why a PNG is not read: 16-bit colour or gray with alpha, of which Pillow keeps only the
+    high byte of each sample (12-bit data decoded near black, 16 gray levels). osteo's own
+    decoder calls this function too."""
+    if data[12:16] == b"IHDR" and len(data) > 25 and data[24] == 16 and data[25] in (2, 4, 6):
+        kind = {2: "colour", 4: "gray with alpha", 6: "colour with alpha"}[data[25]]
+        return (f"a 16-bit {kind} PNG, of whose samples only the high byte can be read here; save it as a "
+                "16-bit grayscale PNG (e.g. convert IN -colorspace gray -alpha off -depth 16 OUT.png)")
+    return None
+
+
+def said(e: BaseException, limit: int = 120) -> str:
+    """A decoder's exception as the start of one line: its type and its message, whitespace folded
+    and an in-memory file's address (``<_io.BytesIO object at 0x...>``) said as "the file"."""
+    message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the file", " ".join(str(e).split()))
+    return f"{type(e).__name__}: {message[:limit]}"
+
+
 def _decode_pillow(data: bytes, fmt: str, scale=None) -> Gray:
     """Mirrors ``osteo.data.decode._decode_pillow``."""
     from PIL import Image
 
+    if fmt == "png" and png_refusal(data):
+        raise Unreadable(png_refusal(data))
     try:
         with warnings.catch_warnings():  # Pillow's decompression-bomb warnings: our limit is lower
             warnings.simplefilter("ignore")
@@ -205,7 +226,7 @@ def _decode_pillow(data: bytes, fmt: str, scale=None) -> Gray:
     except Unreadable:
         raise
     except Exception as e:  # Pillow raises many types on corrupt data
-        raise Unreadable(f"{fmt} decode failed: {type(e).__name__}: {str(e)[:120]}") from None
+        raise Unreadable(f"{fmt} decode failed: {said(e)}") from None
     if pixels.ndim != 2 or pixels.size == 0:
         raise Unreadable(f"{fmt} decode failed: unexpected shape {pixels.shape}")
     return Gray(pixels, kind, lo, hi)
@@ -330,7 +351,7 @@ def dicom_failure(ds, e: BaseException) -> str:
         if compressed:
             return (f"dicom pixel data in {name}, a transfer syntax with no decoder here; convert it to "
                     "uncompressed DICOM, e.g. gdcmconv --raw IN OUT")
-    return f"dicom decode failed: {type(e).__name__}: {' '.join(str(e).split())[:120]}"
+    return f"dicom decode failed: {said(e)}"
 
 
 def _decode_dicom(data: bytes) -> Gray:

@@ -491,3 +491,44 @@ def test_a_resumed_run_knows_which_of_its_images_decode_otherwise_since_its_vers
     assert decodes_otherwise("v3", tmp_path / "x.png", {}, png16) and not decodes_otherwise("v4", tmp_path / "x.png",
                                                                                             {}, png16)
     assert decodes_otherwise("v3", tmp_path / "plain", {}, dicom) is False
+
+
+def _raw_png(samples: np.ndarray, colour_type: int, width: int | None = None) -> bytes:
+    """A PNG of 16-bit ``samples`` (H, W, C) written byte by byte (Pillow writes no 16-bit colour)."""
+    import struct
+    import zlib
+
+    h, w = samples.shape[:2]
+    rows = b"".join(b"\0" + samples[y].astype(">u2").tobytes() for y in range(h))
+    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body
+                                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    header = struct.pack(">IIBBBBB", w if width is None else width, h, 16, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("colour_type,channels,kind", [(2, 3, "colour"), (4, 2, "gray with alpha"),
+                                                       (6, 4, "colour with alpha")])
+def test_a_16_bit_colour_png_is_refused_not_read_by_its_high_bytes(colour_type, channels, kind):
+    """Pillow reads a 16-bit colour PNG's high bytes only: 12-bit data came out 0-15 of 255, near
+    black, said to be 8-bit. It is refused with the fix, by osteo and by an export's script."""
+    from osteo import export_predict
+
+    data = _raw_png(np.repeat(KNEE12[..., None], channels, axis=2), colour_type)
+    reason = (f"a 16-bit {kind} PNG, of whose samples only the high byte can be read here; save it as a 16-bit "
+              "grayscale PNG (e.g. convert IN -colorspace gray -alpha off -depth 16 OUT.png)")
+    with pytest.raises(DecodeError) as e:
+        decode_bytes(data)
+    assert str(e.value) == reason
+    with pytest.raises(export_predict.Unreadable) as e:
+        export_predict.decode(data)
+    assert str(e.value) == reason
+    arr, info = decode_bytes(_raw_png(KNEE12[..., None], 0))  # 16-bit gray: read, and stretched
+    assert info.bit_depth == 16 and arr.max() == 255
+
+
+def test_a_reason_names_no_memory_address():
+    """Pillow names the in-memory file it was given (``<_io.BytesIO object at 0x7f...>``): the
+    reason says "the file"."""
+    with pytest.raises(DecodeError) as e:
+        decode_bytes(_raw_png(KNEE12[..., None], 0, width=0))
+    assert "0x" not in str(e.value) and "BytesIO" not in str(e.value), str(e.value)

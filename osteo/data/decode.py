@@ -61,7 +61,15 @@ from typing import BinaryIO
 import numpy as np
 
 # the exported predictor (predict.py, run without osteo) is the one source of these two, so both find the same files
-from osteo.export_predict import Unreadable, bare_dicom, dicom_failure, dicom_gray, preambled_dicom
+from osteo.export_predict import (
+    Unreadable,
+    bare_dicom,
+    dicom_failure,
+    dicom_gray,
+    png_refusal,
+    preambled_dicom,
+    said,
+)
 from osteo.export_predict import read_dicom as _read_dicom
 
 SIGNATURES = (
@@ -95,16 +103,11 @@ class DecodeError(Exception):
         super().__init__(" ".join(str(reason).split()))
 
 
-def _said(e: BaseException, limit: int = 120) -> str:
-    """A decoder's exception as the start of one line: its type and its message, whitespace folded."""
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:limit]}"
-
-
 def unexpected_failure(e: BaseException) -> str:
     """The reason given for a file whose decoding raised what no decoder here expects (a bug, a
     library's new exception): the file is left out with it, as an unreadable one, and the other
     files go on (the audit, predict and training)."""
-    return f"decode failed: {_said(e)}"
+    return f"decode failed: {said(e)}"
 
 
 @dataclass(frozen=True)
@@ -411,6 +414,8 @@ def _pillow_open(data: bytes | BinaryIO):
 
 
 def _decode_pillow(data: bytes, fmt: str, scale: Callable[[int, int], int] | None = None) -> Gray:
+    if fmt == "png" and png_refusal(data):
+        raise DecodeError(png_refusal(data))
     dct = 1
     try:
         img = _pillow_open(data)
@@ -449,7 +454,7 @@ def _decode_pillow(data: bytes, fmt: str, scale: Callable[[int, int], int] | Non
     except DecodeError:
         raise
     except Exception as e:  # Pillow raises many types on corrupt data
-        raise DecodeError(f"{fmt} decode failed: {_said(e)}") from None
+        raise DecodeError(f"{fmt} decode failed: {said(e)}") from None
     if pixels.ndim != 2 or pixels.size == 0:
         raise DecodeError(f"{fmt} decode failed: unexpected shape {pixels.shape}")
     return Gray(pixels, ImageInfo(fmt, width, height, bit_depth, frames), kind, lo, hi, dct)

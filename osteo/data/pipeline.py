@@ -81,7 +81,7 @@ CACHE_VERSION = "v5"
 DECODING_CHANGES = {
     "v4": "images of more than 8 bits (non-DICOM) stretched from their own range, EXIF orientation applied",
     "v5": "DICOM padding left out of the stretch and black, an INVERSE presentation LUT inverted, PALETTE COLOR "
-          "through its palette, a window of width under 1 not applied",
+          "through its palette, a window of width under 1 not applied, 16-bit colour PNGs refused (their high bytes were read)",
 }
 
 
