@@ -480,11 +480,28 @@ def probabilities(sess, images: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- command line
 
 
+# what an operating system, a NAS or an archiver keeps beside the images: not data
+SYSTEM_FILES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
+SYSTEM_FOLDERS = frozenset({"@eadir", "#recycle", "#snapshot", "__macosx", "$recycle.bin", "system volume information"})
+
+
+def not_data(name: str, folder: bool) -> bool:
+    """A file or folder that holds no one's images, by its name: hidden (``.name``: a trash, an
+    AppleDouble ``._name``, a write in progress), a system file, or a system folder (a
+    Synology NAS's ``@eaDir`` of thumbnails, an archive's ``__MACOSX``, a recycle bin). osteo's
+    audit and ``osteo predict`` skip what this function says, as this script does."""
+    return name.startswith(".") or name.lower() in (SYSTEM_FOLDERS if folder else SYSTEM_FILES)
+
+
 def _expand(paths: list[str]) -> list[Path]:
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            found = []
+            for folder, dirs, files in os.walk(p):  # linked folders not followed (a loop would not end)
+                dirs[:] = [d for d in dirs if not not_data(d, folder=True)]
+                found += [Path(folder) / f for f in files if not not_data(f, folder=False)]
+            out += sorted(f for f in found if f.is_file())
         else:
             out.append(p)
     return out

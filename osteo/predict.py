@@ -99,7 +99,8 @@ def load_legacy_best(run: RunDir):
 
 
 def _expand(paths: list[str]) -> list[Path]:
-    """Every file named, and every file below every folder named (hidden and system files aside).
+    """Every file named, and every file below every folder named (hidden and system files and
+    folders aside, as the audit leaves them out: :func:`osteo.export_predict.not_data`).
     Linked folders are followed, as the audit follows them, each real folder once (a link
     loop is not walked again), but not one that holds the folder named (a link to ``..`` or
     ``/``, which would walk far outside what was asked): skipped with a warning.
@@ -107,7 +108,8 @@ def _expand(paths: list[str]) -> list[Path]:
     Nothing is filtered by its name's extension: the decoder decides by content, and a
     file it cannot read gets a row saying why.
     """
-    from osteo.data.scan import SYSTEM_FILES, inside
+    from osteo.data.scan import inside
+    from osteo.export_predict import not_data
 
     out = []
     for p in map(Path, paths):
@@ -129,9 +131,9 @@ def _expand(paths: list[str]) -> list[Path]:
                         log.warning("not following %s: it links to %s, which holds %s", _display(Path(folder) / d),
                                     _display(Path(target)), _display(p))
                         dirs.remove(d)
-                dirs.sort()
-                found += [Path(folder) / f for f in files]
-            out += sorted(f for f in found if not f.name.startswith(".") and f.name.lower() not in SYSTEM_FILES)
+                dirs[:] = sorted(d for d in dirs if not not_data(d, folder=True))  # as the audit skips them
+                found += [Path(folder) / f for f in files if not not_data(f, folder=False)]
+            out += sorted(found)
         elif p.exists() or p.is_symlink():
             out.append(p)
         else:

@@ -287,3 +287,23 @@ def test_predict_says_which_folder_it_could_not_list(tmp_path, monkeypatch, capl
         assert _expand([str(tmp_path / "in")]) == [tmp_path / "in" / "a.png"]
     assert [r.getMessage() for r in caplog.records] == [
         f"cannot list {tmp_path / 'in' / 'locked'}: Permission denied; its files are not predicted"]
+
+
+def test_hidden_and_system_files_and_folders_are_no_ones_images_for_the_audit_predict_and_an_export(tmp_path):
+    """A Synology NAS's @eaDir (thumbnails of every image), a trash, an archive's __MACOSX and a
+    hidden file are not data: the audit lists each as ignored (a folder once, not walked), and
+    osteo predict and an export's predict.py skip the same files."""
+    from osteo import export_predict
+    from osteo.predict import _expand
+
+    _png(tmp_path / "normal" / "a.png")
+    for junk in ("@eaDir/a.png/SYNOPHOTO_THUMB_M.jpg", ".Trash-1000/files/b.png", "__MACOSX/c.png", ".hidden.png",
+                 "sub/#recycle/d.png", "sub/e.png"):
+        _png(tmp_path / "normal" / junk)
+    info = audit(tmp_path).to_json()
+    assert info["n_ok"] == 2 and info["unreadable"] == []  # a.png and sub/e.png
+    assert set(info["ignored"]) == {"normal/@eaDir/", "normal/.Trash-1000/", "normal/__MACOSX/", "normal/.hidden.png",
+                                    "normal/sub/#recycle/"}
+    want = [tmp_path / "normal" / "a.png", tmp_path / "normal" / "sub" / "e.png"]
+    assert _expand([str(tmp_path / "normal")]) == want
+    assert export_predict._expand([str(tmp_path / "normal")]) == want

@@ -4,9 +4,11 @@ Layout: ``DATA/<class>/**/<image>``. Class folders match ``normal``, ``osteopeni
 and ``osteoporosis`` case-insensitively; images may sit at any depth below them.
 Files with an image extension (any case), and other files whose bytes are DICOM's
 (``IM0001`` or a DICOM UID, as PACS exports name them; not ``DICOMDIR``), are decoded, and
-the bytes decide the format; system files (``.DS_Store``, ``._*``, ``Thumbs.db``), hidden temporaries
-(``.*.tmp*``: a write in progress, or one a killed process left), other extensions
-and files outside a class folder are listed as ``ignored``.
+the bytes decide the format; hidden files and folders (``.name``: a trash, an AppleDouble ``._*``,
+a temporary a killed process left), system files (``.DS_Store``, ``Thumbs.db``) and folders (a
+NAS's ``@eaDir`` of thumbnails, ``__MACOSX``, a recycle bin: :func:`osteo.export_predict.not_data`,
+which ``osteo predict`` and an export's predict.py skip too), other extensions and files outside a
+class folder are listed as ``ignored`` (a folder once, not walked).
 
 Files and folders:
 
@@ -153,13 +155,13 @@ from osteo.data.decode import (
     unexpected_failure,
 )
 from osteo.errors import OsteoError
+from osteo.export_predict import not_data
 from osteo.files import all_or_none, sweep_temporaries, temporaries_of, write_csv, write_json
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".ima"})
 # images osteo does not read: in a class folder they are ignored, and the audit says so in one line
 OTHER_IMAGE_EXTENSIONS = frozenset({".gif", ".webp", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".jxl", ".pgm",
                                     ".ppm", ".nii", ".nrrd", ".mha", ".mhd"})
-SYSTEM_FILES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
 MANIFEST_COLUMNS = (
     "path", "label", "status", "reason", "format", "width", "height", "bit_depth", "frames",
     "bytes", "sha256", "pixel_sha256", "dup_group", "dup_kind", "conflict", "patient_id",
@@ -386,7 +388,7 @@ def _walk_class(top: os.DirEntry, out: _Listing, others: Sequence[str] = ()) -> 
         folders = []
         for e in entries:
             r = f"{rel}/{e.name}"
-            if _is_temporary(e.name):
+            if _is_temporary(e.name) or not_data(e.name, folder=_is_dir(e)):  # not walked, not read
                 out.ignored.append(_display(r + ("/" if _is_dir(e) else "")))
             elif _is_dir(e):
                 try:
@@ -425,8 +427,7 @@ def _walk_class(top: os.DirEntry, out: _Listing, others: Sequence[str] = ()) -> 
 def _is_image_name(path: str) -> bool:
     """Whether a file is an image candidate by its name (the bytes decide its format later)."""
     name = path.rsplit("/", 1)[-1]
-    return (name.lower() not in SYSTEM_FILES and not name.startswith("._")
-            and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
+    return not not_data(name, folder=False) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def _dicom_by_content(e: os.DirEntry) -> bool:
@@ -435,8 +436,7 @@ def _dicom_by_content(e: os.DirEntry) -> bool:
     DICOM ("DICM" after the 128-byte preamble, or a data set without one: ``decode.bare_dicom``).
     Not ``DICOMDIR``, a media index with no image."""
     ext = os.path.splitext(e.name)[1].lower()
-    if (e.name.upper() == "DICOMDIR" or e.name.startswith(".") or e.name.lower() in SYSTEM_FILES
-            or ext in OTHER_IMAGE_EXTENSIONS):
+    if e.name.upper() == "DICOMDIR" or not_data(e.name, folder=False) or ext in OTHER_IMAGE_EXTENSIONS:
         return False
     try:
         if not e.is_file():  # links followed; a named pipe or device is not opened
