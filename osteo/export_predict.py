@@ -7,9 +7,10 @@
 numpy, Pillow and onnxruntime, and pydicom for DICOM files; nothing of osteo, Keras,
 TensorFlow or PyTorch. It prints ``path,p_normal,p_osteopenia,p_osteoporosis`` as CSV:
 the calibrated probabilities that ``osteo predict RUN FILES`` gives for the same files
-(within 1e-4; the temperature is inside the ONNX model). Folders are read recursively
-(hidden files skipped). A file that cannot be read gets a line on stderr and no row; the
-exit status is then 1.
+(within 1e-4; the temperature is inside the ONNX model). Folders are read recursively, their
+images as osteo's audit chooses them (:func:`image_file`; the other files left out, said in one
+line on stderr). A file that cannot be read gets a line on stderr and no row; the exit status
+is then 1.
 
 Each image becomes the model's input as ``osteo predict`` makes it
 (``osteo.data.pipeline.load_levels``, divided by 257), in the same NumPy arithmetic, so
@@ -493,18 +494,47 @@ def not_data(name: str, folder: bool) -> bool:
     return name.startswith(".") or name.lower() in (SYSTEM_FOLDERS if folder else SYSTEM_FILES)
 
 
-def _expand(paths: list[str]) -> list[Path]:
-    out = []
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".ima"})
+# images osteo does not read: in a class folder they are ignored, and the audit says so in one line
+OTHER_IMAGE_EXTENSIONS = frozenset({".gif", ".webp", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".jxl", ".pgm",
+                                    ".ppm", ".nii", ".nrrd", ".mha", ".mhd"})
+
+
+def image_file(path: str | os.PathLike) -> bool:
+    """Whether a file found in a folder is an image to read, as osteo's audit decides: not
+    :func:`not_data`, and an image extension (any case), or no such extension and a regular
+    file whose bytes say DICOM (``IM0001``, a UID, as PACS exports name them; not ``DICOMDIR``)."""
+    name = os.path.basename(path)
+    ext = os.path.splitext(name)[1].lower()
+    if not_data(name, folder=False):
+        return False
+    if ext in IMAGE_EXTENSIONS:
+        return True
+    if name.upper() == "DICOMDIR" or ext in OTHER_IMAGE_EXTENSIONS or not os.path.isfile(path):
+        return False  # a named pipe is not opened
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return preambled_dicom(head) or bare_dicom(head)
+
+
+def _expand(paths: list[str]) -> tuple[list[Path], list[Path]]:
+    """(the files to read: each named, and the images below each folder named; the other files
+    below those folders, left out)."""
+    out, left_out = [], []
     for p in map(Path, paths):
         if p.is_dir():
             found = []
             for folder, dirs, files in os.walk(p):  # linked folders not followed (a loop would not end)
                 dirs[:] = [d for d in dirs if not not_data(d, folder=True)]
                 found += [Path(folder) / f for f in files if not not_data(f, folder=False)]
-            out += sorted(f for f in found if f.is_file())
+            for f in sorted(found):
+                (out if image_file(f) else left_out).append(f)
         else:
             out.append(p)
-    return out
+    return out, left_out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -532,7 +562,10 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     writer = sys.stdout
     writer.write(",".join(COLUMNS) + "\n")
-    paths = _expand(args.images)
+    paths, left_out = _expand(args.images)
+    if left_out:
+        print(f"predict.py: {len(left_out)} file(s) in the folders given are not images it reads (by their name, or "
+              f"DICOM by their bytes), e.g. {left_out[0]}: left out", file=sys.stderr)
     for start in range(0, len(paths), BATCH):
         ready, arrays = [], []
         for path in paths[start : start + BATCH]:

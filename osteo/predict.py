@@ -99,17 +99,18 @@ def load_legacy_best(run: RunDir):
 
 
 def _expand(paths: list[str]) -> list[Path]:
-    """Every file named, and every file below every folder named (hidden and system files and
-    folders aside, as the audit leaves them out: :func:`osteo.export_predict.not_data`).
+    """Every file named, and every image below every folder named, as the audit chooses them
+    (:func:`osteo.export_predict.image_file`: by its extension, or DICOM by its bytes; hidden and
+    system files and folders aside); the other files found are left out, with one warning.
     Linked folders are followed, as the audit follows them, each real folder once (a link
     loop is not walked again), but not one that holds the folder named (a link to ``..`` or
     ``/``, which would walk far outside what was asked): skipped with a warning.
 
-    Nothing is filtered by its name's extension: the decoder decides by content, and a
-    file it cannot read gets a row saying why.
+    A file named is read whatever its name: the decoder decides by content, and a file it
+    cannot read gets a row saying why.
     """
     from osteo.data.scan import inside
-    from osteo.export_predict import not_data
+    from osteo.export_predict import image_file, not_data
 
     out = []
     for p in map(Path, paths):
@@ -133,7 +134,12 @@ def _expand(paths: list[str]) -> list[Path]:
                         dirs.remove(d)
                 dirs[:] = sorted(d for d in dirs if not not_data(d, folder=True))  # as the audit skips them
                 found += [Path(folder) / f for f in files if not not_data(f, folder=False)]
-            out += sorted(found)
+            images = [f for f in sorted(found) if image_file(f)]
+            if len(images) < len(found):
+                other = next(f for f in sorted(found) if not image_file(f))
+                log.warning("%d file(s) in %s are not images osteo reads (by their name, or DICOM by their bytes), "
+                            "e.g. %s: left out", len(found) - len(images), _display(p), _display(other))
+            out += images
         elif p.exists() or p.is_symlink():
             out.append(p)
         else:

@@ -131,11 +131,14 @@ def record_diff(model: Path) -> float:
 @NEEDS_ONNX
 def test_predict_script_gives_osteo_predicts_probabilities_without_osteo(run, onnx_export, tmp_path):
     files = write_image_files(tmp_path / "clinic")
-    (tmp_path / "clinic" / "notes.txt").write_text("not an image")
+    (tmp_path / "clinic" / "notes.txt").write_text("not an image")  # not an image by its name: left out, said
+    (tmp_path / "clinic" / "broken.png").write_text("not an image")  # an image by its name, unreadable
     proc = run_script(onnx_export.parent / "predict.py", tmp_path / "clinic", cwd=tmp_path)
     assert proc.returncode == 1  # the unreadable file: one line on stderr, no row
-    assert proc.stderr.splitlines() == [f"predict.py: {tmp_path / 'clinic' / 'notes.txt'}: unknown file signature "
-                                        "(not PNG, JPEG, BMP, TIFF or DICOM)"]
+    assert proc.stderr.splitlines() == [
+        f"predict.py: 1 file(s) in the folders given are not images it reads (by their name, or DICOM by their "
+        f"bytes), e.g. {tmp_path / 'clinic' / 'notes.txt'}: left out",
+        f"predict.py: {tmp_path / 'clinic' / 'broken.png'}: unknown file signature (not PNG, JPEG, BMP, TIFF or DICOM)"]
     got = probabilities(proc.stdout)
     predict_files(run, [str(f) for f in files], tmp_path / "osteo.csv")
     want = probabilities((tmp_path / "osteo.csv").read_text())

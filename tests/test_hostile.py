@@ -306,4 +306,30 @@ def test_hidden_and_system_files_and_folders_are_no_ones_images_for_the_audit_pr
                                     "normal/sub/#recycle/"}
     want = [tmp_path / "normal" / "a.png", tmp_path / "normal" / "sub" / "e.png"]
     assert _expand([str(tmp_path / "normal")]) == want
-    assert export_predict._expand([str(tmp_path / "normal")]) == want
+    assert export_predict._expand([str(tmp_path / "normal")]) == (want, [])
+
+
+def test_predict_reads_in_a_folder_the_files_the_audit_reads_and_says_what_it_left_out(tmp_path):
+    """A folder's other files (the phantom's latents.csv, a report) are no images: osteo predict and an
+    export's predict.py leave them out in one warning, not a row each saying "unknown signature";
+    a DICOM file named as a PACS names it is read, and a file named is read whatever its name."""
+    from helpers import osteo_warnings
+
+    from osteo import export_predict
+    from osteo.predict import _expand
+
+    _png(tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "latents.csv").write_text("path,x\n")
+    (tmp_path / "in" / "notes.txt").write_text("knee")
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    pydicom.dcmread(get_testdata_file("MR_small.dcm", download=False)).save_as(tmp_path / "in" / "IM0001")
+    want = [tmp_path / "in" / "IM0001", tmp_path / "in" / "a.png"]
+    with osteo_warnings() as said:
+        assert _expand([str(tmp_path / "in")]) == want
+    assert said == [f"2 file(s) in {tmp_path / 'in'} are not images osteo reads (by their name, or DICOM by their "
+                    f"bytes), e.g. {tmp_path / 'in' / 'latents.csv'}: left out"]
+    assert export_predict._expand([str(tmp_path / "in")]) == (want, [tmp_path / "in" / "latents.csv",
+                                                                      tmp_path / "in" / "notes.txt"])
+    assert _expand([str(tmp_path / "in" / "notes.txt")]) == [tmp_path / "in" / "notes.txt"]  # named: read

@@ -155,13 +155,9 @@ from osteo.data.decode import (
     unexpected_failure,
 )
 from osteo.errors import OsteoError
-from osteo.export_predict import not_data
+from osteo.export_predict import IMAGE_EXTENSIONS, OTHER_IMAGE_EXTENSIONS, not_data
 from osteo.files import all_or_none, sweep_temporaries, temporaries_of, write_csv, write_json
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".ima"})
-# images osteo does not read: in a class folder they are ignored, and the audit says so in one line
-OTHER_IMAGE_EXTENSIONS = frozenset({".gif", ".webp", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".jxl", ".pgm",
-                                    ".ppm", ".nii", ".nrrd", ".mha", ".mhd"})
 MANIFEST_COLUMNS = (
     "path", "label", "status", "reason", "format", "width", "height", "bit_depth", "frames",
     "bytes", "sha256", "pixel_sha256", "dup_group", "dup_kind", "conflict", "patient_id",
