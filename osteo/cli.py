@@ -28,7 +28,7 @@ from pathlib import Path
 
 from osteo import CLASSES
 from osteo.errors import OsteoError, Stopped
-from osteo.recipe import BOOTSTRAP_RULE, MAX_FOLDS
+from osteo.recipe import BOOTSTRAP_RULE, BOOTSTRAP_SEED, MAX_FOLDS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -306,7 +306,7 @@ def _print_pooled(cv, recipe) -> None:
     from osteo.evaluate import METRICS, provenance
     from osteo.report.load import load_cv
 
-    r = load_cv(cv, n_boot=recipe.train.bootstrap, seed=recipe.train.seed)
+    r = load_cv(cv, n_boot=recipe.train.bootstrap, seed=BOOTSTRAP_SEED)  # as the report draws them
     m, base = r.metrics, r.majority
     label = {x.name: x.label for x in METRICS}
     figures = ", ".join(_with_interval(m, k, label[k]) for k in ("balanced_accuracy", "accuracy", "macro_f1"))
@@ -446,12 +446,19 @@ def cmd_eval(args) -> int:
         return eval_external(args)
     if args.tta or args.out:
         raise OsteoError("--tta and --out go with --data FOLDER (an external validation)")
-    from osteo.files import sweep_temporaries
+    from osteo.files import all_or_none, folder_lock, sweep_temporaries
+    from osteo.model_card import write_model_card
     from osteo.runs import RunDir
 
-    sweep_temporaries(RunDir(args.run).check(need=(RunDir.PREDICTIONS,), finished=True).path)
-    metrics = evaluate_run(args.run, splits=[args.split] if args.split else None, n_boot=args.bootstrap,
-                           seed=args.seed)
+    run = RunDir(args.run).check(need=(RunDir.PREDICTIONS,), finished=True)
+    with folder_lock(run.path, f"the metrics in {run.metrics_path}"):  # as calibrate: one at a time
+        sweep_temporaries(run.path)
+        # the metrics and the card that cites them, both new or neither (another --seed or --bootstrap: other
+        # intervals, which the card must not contradict)
+        with all_or_none([run.metrics_path, run.model_card_path]):
+            metrics = evaluate_run(run.path, splits=[args.split] if args.split else None,
+                                   n_boot=_bootstrap_of(run.path, args.bootstrap), seed=args.seed)
+            write_model_card(run)
     console = _console()
     for name in ("test", "val"):  # the headline split first
         if name in metrics and (args.split in (None, name)):
@@ -471,7 +478,8 @@ def eval_external(args) -> int:
         raise OsteoError("--split is the run's own split; with --data the folder is scored whole")
     with _progress(_console_err()) as bar:
         task = bar.add_task("eval", total=None)
-        out, report = evaluate_folder(args.run, args.data, args.out, tta=args.tta, n_boot=args.bootstrap,
+        out, report = evaluate_folder(args.run, args.data, args.out, tta=args.tta,
+                                      n_boot=_bootstrap_of(args.run, args.bootstrap),
                                       seed=args.seed, progress=lambda k, n: bar.update(task, completed=k, total=n),
                                       warn=_warn)
     console = _console()
@@ -503,9 +511,23 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--data", help="score the run's model on this labelled folder (external validation)")
     p.add_argument("--out", help="with --data: output folder (default RUN_DIR/eval/<folder-name>/)")
     p.add_argument("--tta", action="store_true", help="with --data: test-time augmentation")
-    p.add_argument("--bootstrap", type=BOOTSTRAP, default=1000, help="bootstrap resamples (default 1000)")
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--bootstrap", type=BOOTSTRAP, help="bootstrap resamples (default: the run's train.bootstrap, "
+                                                       "as training drew its intervals)")
+    p.add_argument("--seed", type=SEED, default=BOOTSTRAP_SEED, help=f"the bootstrap's seed (default {BOOTSTRAP_SEED}, "
+                                                                     "as training's)")
     p.set_defaults(func=cmd_eval)
+
+
+def _bootstrap_of(run_dir, given: int | None) -> int:
+    """``--bootstrap`` where given, else the resamples the run drew its intervals with (its recipe's
+    ``train.bootstrap``; a cross-validation's, its first fold's): the same predictions then get the
+    same intervals from training, eval, calibrate and the report."""
+    from osteo.runs import CvDir, RunDir
+
+    if given is not None:
+        return given
+    path = CvDir(run_dir).fold(1).path if CvDir(run_dir).is_cv() else run_dir
+    return RunDir(path).check().read_recipe().train.bootstrap  # not a run: check says so, and what to pass
 
 
 def _metric_cell(v) -> str:
@@ -640,7 +662,7 @@ def cmd_calibrate(args) -> int:
         except (OsteoError, AttributeError, TypeError):
             before = []
         with all_or_none([run.calibration_path, *scored, run.model_card_path]):
-            cal = calibrate_run(run, points, n_boot=args.bootstrap, seed=args.seed)
+            cal = calibrate_run(run, points, n_boot=_bootstrap_of(run.path, args.bootstrap), seed=args.seed)
             write_model_card(run)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
     print(f"temperature {fmt(cal['temperature'])}: ECE {fmt(cal.get('ece_before'))} -> {fmt(cal.get('ece_after'))}, "
@@ -674,8 +696,8 @@ def _add_calibrate_parser(sub) -> None:
     p.add_argument("--operating-point", action="append", metavar="CLASS[+]:sensitivity=X",
                    help="e.g. osteoporosis:sensitivity=0.90 or osteopenia+:specificity=0.8 (repeatable; "
                         "default: the run's recipe's)")
-    p.add_argument("--bootstrap", type=BOOTSTRAP, default=1000)
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--bootstrap", type=BOOTSTRAP, help="bootstrap resamples (default: the run's train.bootstrap)")
+    p.add_argument("--seed", type=SEED, default=BOOTSTRAP_SEED)
     p.set_defaults(func=cmd_calibrate)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from osteo import CLASSES
 from osteo.errors import OsteoError
+from osteo.recipe import BOOTSTRAP_SEED
 
 K = len(CLASSES)
 
@@ -363,7 +364,7 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
 # --------------------------------------------------------------------------- metrics
 
 
-def compute_metrics(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 0, seed: int = 0,
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 0, seed: int = BOOTSTRAP_SEED,
                     groups: Sequence | None = None, probabilities: str = "uncalibrated") -> dict:
     """Every metric of one set of predictions (scikit-learn where it has them); intervals by
     a stratified bootstrap over ``groups`` where given (:func:`bootstrap`). ``probabilities``

@@ -477,6 +477,10 @@ MAX_HEAD_UNITS = 16_384  # a Dense layer's width (10**8 units allocated 400 GB, 
 MAX_HEAD_LAYERS = 8
 MAX_STEPS = 1_000_000
 MAX_BOOTSTRAP = 100_000  # each resample is a row of an int64 array as long as the split
+# The seed of every bootstrap a run's numbers are drawn with, unless a command is given --seed: not
+# the training seed, so that training, osteo eval, osteo calibrate, a cross-validation's pooled line
+# and the report draw the same intervals from the same predictions (with the run's train.bootstrap)
+BOOTSTRAP_SEED = 0
 # fewer resamples give no 95% interval worth the name (1 gave low == high); 0: no intervals
 MIN_BOOTSTRAP = 20
 BOOTSTRAP_RULE = (lambda v: v == 0 or MIN_BOOTSTRAP <= v <= MAX_BOOTSTRAP,

@@ -61,7 +61,7 @@ from osteo.files import (
     write_bytes,
 )
 from osteo.optim import make_optimizer
-from osteo.recipe import AugmentConfig, Recipe, resolve
+from osteo.recipe import BOOTSTRAP_SEED, AugmentConfig, Recipe, resolve
 from osteo.registry import get_backbone
 from osteo.runs import UNCALIBRATED, RunDir, create_run_dir, find_run, new_run_dir
 
@@ -454,9 +454,9 @@ class Trainer:
         checkpoint = {"model": self.clf.spec.name, "best_epoch": (self.best.best_epoch or 0) + 1,
                       "monitor": self.best.monitor, "best_value": self.best.best}
         t = self.recipe.train
-        evaluate_run(run, n_boot=t.bootstrap, seed=t.seed, checkpoint=checkpoint)
+        evaluate_run(run, n_boot=t.bootstrap, seed=BOOTSTRAP_SEED, checkpoint=checkpoint)
         killpoints.reached("train.metrics_written")
-        note = calibrate_run(run, t.operating_points, n_boot=t.bootstrap, seed=t.seed).get("temperature_note")
+        note = calibrate_run(run, t.operating_points, n_boot=t.bootstrap, seed=BOOTSTRAP_SEED).get("temperature_note")
         if note:
             self._say(note)
         write_model_card(run)

@@ -201,3 +201,28 @@ def test_copies_of_an_image_are_drawn_whole_and_narrow_no_interval():
     for k in ("sensitivity", "specificity"):
         assert four[k] == one[k] and span(four, k) == pytest.approx(span(one, k), rel=0.35)
         assert span(naive, k) < 0.7 * span(four, k)
+
+
+def test_training_eval_and_the_card_draw_one_runs_intervals_alike_whatever_its_training_seed(
+        phantom_dir, tmp_path, tiny_recipe):
+    """A run trained with seed 3: its intervals are drawn with the bootstrap's own seed, so osteo eval
+    with no options writes the numbers training wrote; eval with another --seed rewrites the card
+    with its metrics (the card had cited the first intervals beside a metrics.json of others)."""
+    import json
+
+    from osteo.cli import main
+    from osteo.recipe import BOOTSTRAP_SEED
+    from osteo.runs import RunDir
+    from osteo.trainer import Trainer
+
+    run = RunDir(Trainer(tiny_recipe(phantom_dir, tmp_path / "runs", epochs=1, bootstrap=20, seed=3)).run())
+    trained, card = json.loads(run.metrics_path.read_text()), run.model_card_path.read_text()
+    split = trained["headline"]  # the study protocol's validation split: what the card cites
+    assert trained[split]["ci"]["seed"] == BOOTSTRAP_SEED and trained[split]["ci"]["resamples"] == 20
+    assert main(["eval", str(run.path)]) == 0
+    assert json.loads(run.metrics_path.read_text()) == trained and run.model_card_path.read_text() == card
+    assert main(["eval", str(run.path), "--seed", "5", "--bootstrap", "30"]) == 0
+    again = json.loads(run.metrics_path.read_text())[split]
+    assert again["ci"]["seed"] == 5 and again["balanced_accuracy_ci"] != trained[split]["balanced_accuracy_ci"]
+    lo, hi = again["balanced_accuracy_ci"]
+    assert f"{again['balanced_accuracy']:.3f} [{lo:.3f}, {hi:.3f}]" in run.model_card_path.read_text()
