@@ -492,7 +492,7 @@ def training_majority(run) -> str:
 
 
 # what metrics.json keeps about the checkpoint when it is recomputed by `osteo eval`
-CHECKPOINT_KEYS = ("model", "best_epoch", "monitor", "best_value")
+CHECKPOINT_KEYS = ("model", "best_epoch", "monitor", "best_value", "best_value_measured")
 
 
 def external_groups(folder, rows: list[dict]) -> list[str] | None:

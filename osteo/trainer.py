@@ -452,7 +452,12 @@ class Trainer:
         })
         run.write_env(self.env)
         checkpoint = {"model": self.clf.spec.name, "best_epoch": (self.best.best_epoch or 0) + 1,
-                      "monitor": self.best.monitor, "best_value": self.best.best}
+                      "monitor": self.best.monitor, "best_value": self.best.best,
+                      # the monitor's value that chose the checkpoint was measured during training, in the
+                      # training's precision; the splits' numbers are of its float32 outputs, as osteo predict
+                      # gives them: under mixed precision the two may differ a little (near-ties flip)
+                      "best_value_measured": f"during training, in {self.plan.precision}; the splits' numbers "
+                                             "below are of the checkpoint's float32 outputs"}
         t = self.recipe.train
         evaluate_run(run, n_boot=t.bootstrap, seed=BOOTSTRAP_SEED, checkpoint=checkpoint)
         killpoints.reached("train.metrics_written")

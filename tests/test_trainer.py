@@ -71,6 +71,9 @@ def test_restored_weights_are_the_best_epochs(phantom_dir, tmp_path, tiny_recipe
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["best_epoch"] == int(np.argmax(scores)) + 1
     assert metrics["best_value"] == pytest.approx(max(scores))
+    precision = json.loads((run / "env.json").read_text())["precision"]  # and says what it was measured on
+    assert metrics["best_value_measured"] == (f"during training, in {precision}; the splits' numbers below are of "
+                                              "the checkpoint's float32 outputs")
     # the predictions were made with the checkpoint's weights
     model = load_best(run)
     from osteo.data.module import DataModule
