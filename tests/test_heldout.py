@@ -5,12 +5,14 @@ card, the CLI's summary and the report say where each number was measured."""
 from __future__ import annotations
 
 import csv
+import html
 import json
 
 import pytest
 
 from osteo.cli import main
 from osteo.data.phantom import write_phantom
+from osteo.report.tables import cell_text
 from osteo.runs import RunDir, list_runs
 
 TINY = ["--model", "tiny", "--weights", "none", "--image-size", "32", "--epochs", "2",
@@ -71,6 +73,11 @@ def test_the_report_rows_are_on_the_test_split(finetuned):
     assert {r["chose"] for r in _rows(out / "per_class.csv")} == {"nothing"}
     points = {(r["evaluated_on"], r["chose"]) for r in _rows(out / "operating_points.csv")}
     assert points == {("test", "nothing"), ("validation", "checkpoint, temperature, thresholds")}
+    page = html.unescape((out / "index.html").read_text(encoding="utf-8"))
+    for r in _rows(out / "operating_points.csv"):  # the page's table gives the intervals its caption promises
+        for k in ("sensitivity", "specificity"):
+            x, lo, hi = (cell_text(float(r[k + end])) for end in ("", "_lo", "_hi"))
+            assert f"<td>{x} [{lo}, {hi}]</td>" in page, (k, x, lo, hi)
     said = (out / "verdict.txt").read_text(encoding="utf-8")
     assert said.startswith(f"On test of data (n={len(test)}, which chose nothing): tiny ({run.name}), the only model")
     assert "The phantom's oracle" in said

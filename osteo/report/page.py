@@ -145,18 +145,13 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], said:
             "majority_accuracy", "majority_balanced_accuracy", "balanced_accuracy_diff", "mcnemar_p", "mcnemar_p_holm",
             "train_images_per_sec"]
     headers = {m.name: f"{m.label} {'↑' if m.higher_is_better else '↓'}" for m in METRICS}
-    table_rows = []
-    for row in rows:
-        t = dict(row)
-        for k in (m.name for m in METRICS if m.interval):
-            if row.get(f"{k}_lo") is not None:
-                t[k] = f"{cell_text(row[k])} [{cell_text(row[f'{k}_lo'])}, {cell_text(row[f'{k}_hi'])}]"
-        table_rows.append(t)
+    table_rows = _with_intervals(rows, [m.name for m in METRICS if m.interval])
     warnings = [w for r, row in zip(runs, rows) for w in failures(r, row)]
     warn_html = "".join(f'<p class="warn">{e(w)}</p>' for w in [*warnings, *skipped])
     sections = [
         ("Headline metrics", "bars", f"{_listed([m.label for m in METRICS if m.headline])} with 95% bootstrap "
-                                     "intervals; the red dashes are each run's majority-class baseline"),
+                                     "intervals; over each bar, red dashes: the run's majority-class baseline, green dots (on the "
+                                     "phantom): the oracle's ceiling, both on the run's own images"),
         ("Training curves", "curves", "dashed: training, solid: validation; dotted: the start of fine-tuning"),
         ("Confusion matrices", "confusion", ""),
         ("ROC curves", "roc", "one class against the rest"),
@@ -198,7 +193,8 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], said:
                     "cross-validation's are pooled over its held-out folds, each at its own fold's threshold; its "
                     "ensemble on another folder uses the mean of its folds' thresholds, which no image set chose "
                     "(threshold from).</p>"
-                    + _table(list(points), [c for c in POINT_COLUMNS if not c.endswith(("_lo", "_hi"))]))
+                    + _table(_with_intervals(points, ["sensitivity", "specificity"]),
+                             [c for c in POINT_COLUMNS if not c.endswith(("_lo", "_hi"))]))
     folds = fold_rows(runs)
     if folds:
         body.append("<h2>Cross-validation folds</h2><p>Each fold's metrics on its held-out images; the comparison "
@@ -300,6 +296,18 @@ def _audit_section(runs: list[Run]) -> str:
             items = "".join(f"<li>{e(u['path'])}: {e(u['reason'])}</li>" for u in a["unreadable"][:50])
             parts.append(f"<details><summary>unreadable files</summary><ul>{items}</ul></details>")
     return "".join(parts) or "<p>no audit recorded</p>"
+
+
+def _with_intervals(rows, keys: list[str]) -> list[dict]:
+    """The rows with each of ``keys`` written with its interval, ``x [lo, hi]``, where it has one."""
+    out = []
+    for row in rows:
+        t = dict(row)
+        for k in keys:
+            if row.get(f"{k}_lo") is not None:
+                t[k] = f"{cell_text(row[k])} [{cell_text(row[f'{k}_lo'])}, {cell_text(row[f'{k}_hi'])}]"
+        out.append(t)
+    return out
 
 
 def _table(rows: list[dict], columns: list[str], headers: list[str] | None = None) -> str:
