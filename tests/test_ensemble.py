@@ -69,6 +69,11 @@ def test_a_cross_validation_scores_a_folder_as_the_mean_of_its_fold_models(cv, p
     assert set(by_where) == {"out-of-fold", "external: hospital-b"}
     assert by_where["external: hospital-b"]["run_id"] == cv.name
     assert by_where["external: hospital-b"]["ece_calibrated"] == by_where["external: hospital-b"]["ece"]
+    # the ensemble trained as the cross-validation did: every fold's time, each fold's images (not fold 1's alone)
+    for k in ("train_seconds", "n_train"):
+        assert by_where["external: hospital-b"][k] == by_where["out-of-fold"][k] != "", k
+    seconds = sum(json.loads(f.env_path.read_text())["train_seconds"] for f in cv.folds())
+    assert float(by_where["out-of-fold"]["train_seconds"]) == pytest.approx(seconds, abs=0.02)
     # its ECE, ROC-AUC, log loss and Brier are of calibrated probabilities, the out-of-fold row's not: said per row
     assert [by_where[k]["probabilities"] for k in ("external: hospital-b", "out-of-fold")] == ["calibrated",
                                                                                                 "uncalibrated"]

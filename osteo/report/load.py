@@ -249,10 +249,7 @@ def load_cv(cv: CvDir, n_boot: int = 1000, seed: int = 0) -> Run:
     fold_metrics = [{"fold": i, "n": f.metrics["n"], "n_train": f.env.get("n_train"),
                      "best_epoch": f.metrics.get("best_epoch"), **{k: f.metrics[k] for k in HEADLINE}}
                     for i, f in enumerate(folds, start=1)]
-    trained = [f.env.get("n_train") for f in folds]
-    env = {**first.env, "train_seconds": _sum_key(folds, "train_seconds"),
-           # each fold trains on its own images: their mean per fold, not the first fold's count
-           "n_train": round(float(np.mean(trained))) if all(isinstance(n, int) for n in trained) else None}
+    env = _folds_env([f.env for f in folds])
     calibrated = (np.concatenate([f.calibrated for f in folds])
                   if all(f.calibrated is not None for f in folds) else None)  # each fold's own temperature
     metrics["ece_calibrated"] = expected_calibration_error(y, calibrated) if calibrated is not None else None
@@ -297,9 +294,14 @@ def _mean_cell(values: list) -> float | str:
     return float(np.mean(nums)) if nums else ""
 
 
-def _sum_key(runs: list[Run], key: str) -> float | None:
-    values = [r.env.get(key) for r in runs]
-    return round(sum(values), 2) if all(isinstance(v, int | float) for v in values) else None
+def _folds_env(envs: list[dict]) -> dict:
+    """A cross-validation's environment, for its pooled row and its ensemble's rows on other folders:
+    the first fold's, with the training time of all its folds and the images each fold trained on
+    (their mean: each fold trains on its own images, not the first fold's count)."""
+    seconds = [e.get("train_seconds") for e in envs]
+    trained = [e.get("n_train") for e in envs]
+    return {**envs[0], "train_seconds": round(sum(seconds), 2) if all(isinstance(v, int | float) for v in seconds)
+            else None, "n_train": round(float(np.mean(trained))) if all(isinstance(n, int) for n in trained) else None}
 
 
 # what the test split chose, for a run calibrated again for another goal (calibration.json's earlier_goals)
@@ -309,7 +311,7 @@ RECHOSEN = ", but the goal was set again after osteo calibrate had shown these f
 def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) -> Run:
     """A run scored on another folder (``osteo eval RUN --data FOLDER``) as its own row; a
     cross-validation's row is its fold models' ensemble (:class:`osteo.predict.Ensemble`), with
-    its first fold's recipe and environment."""
+    its first fold's recipe and its folds' environment (:func:`_folds_env`)."""
     ensemble = CvDir(run_dir).is_cv()
     run = CvDir(run_dir).fold(1) if ensemble else RunDir(run_dir)
     if ensemble:
@@ -337,7 +339,8 @@ def load_external(run_dir, external: Path, n_boot: int = 1000, seed: int = 0) ->
     goals = {p.get("name"): point_goal(p) for p in calibration.get("operating_points", [])}  # older records lack it
     points = [{**p, "target": p.get("target") or ("" if ensemble else goals.get(p.get("name"), "")),
                "evaluated_on": where, "chose": CHOSE["external"]} for p in recorded]
-    return Run(external, run.read_recipe().to_dict(), run.read_env(), metrics, [], y, probs, rows, majority,
+    env = _folds_env([f.read_env() for f in CvDir(run_dir).folds()]) if ensemble else run.read_env()
+    return Run(external, run.read_recipe().to_dict(), env, metrics, [], y, probs, rows, majority,
                split_id, audit, evaluated_on=where, calibrated=calibrated, temperature=temperature,
                chose=CHOSE["external"], points=points, images_id=images_id(rows, RunDir(external).content_sha256()),
                val_balanced_accuracy=float(np.mean([_val_ba(f) for f in CvDir(run_dir).folds()])) if ensemble
