@@ -416,8 +416,11 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 0, seed
         "log_loss": None if n_nonfinite else float(skm.log_loss(y_true, clipped, labels=labels)),
         "brier": None if n_nonfinite else brier_score(y_true, probs),
         "ece": None if n_nonfinite else expected_calibration_error(y_true, probs),
+        # a class never predicted has no precision (0 of 0), one absent no recall, one of every image
+        # no specificity: None (shown "-"), not 0 [0, 0]; F1 stays 0 there, as macro F1 counts it
         "per_class": {
-            c: {"precision": float(prec[i]), "recall": float(rec[i]), "specificity": float(spec[i]),
+            c: {"precision": _defined(prec[i], cm[:, i].sum()), "recall": _defined(rec[i], support[i]),
+                "specificity": _defined(spec[i], len(y_true) - support[i]),
                 "f1": float(f1[i]), "support": int(support[i]), "roc_auc": auc_per_class[i]}
             for i, c in enumerate(CLASSES)
         },
@@ -433,8 +436,15 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 0, seed
             m[f"{name}_ci"] = _contain(ci[name][0], ci[name][1], m[name])
         for i, c in enumerate(CLASSES):
             for name in PER_CLASS_CI:
-                m["per_class"][c][f"{name}_ci"] = _contain(ci[name][0][i], ci[name][1][i], m["per_class"][c][name])
+                point = m["per_class"][c][name]
+                m["per_class"][c][f"{name}_ci"] = None if point is None else _contain(ci[name][0][i], ci[name][1][i],
+                                                                                      point)
     return m
+
+
+def _defined(value: float, of: int) -> float | None:
+    """``value``, a share of ``of`` images; None where there were none (0 of 0 is no number)."""
+    return float(value) if of > 0 else None
 
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:

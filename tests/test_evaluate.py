@@ -226,3 +226,17 @@ def test_training_eval_and_the_card_draw_one_runs_intervals_alike_whatever_its_t
     assert again["ci"]["seed"] == 5 and again["balanced_accuracy_ci"] != trained[split]["balanced_accuracy_ci"]
     lo, hi = again["balanced_accuracy_ci"]
     assert f"{again['balanced_accuracy']:.3f} [{lo:.3f}, {hi:.3f}]" in run.model_card_path.read_text()
+
+
+def test_a_class_never_predicted_has_no_precision_rather_than_zero():
+    """0 of 0 is no number: a class the model never called has precision None (no interval), a class
+    absent from the images no recall; its F1 stays 0, as macro F1 counts it."""
+    y = np.array([0, 0, 1, 1, 2, 2, 0, 1])
+    probs = np.eye(3)[[0, 0, 0, 0, 2, 2, 0, 0]]  # osteopenia never called
+    m = compute_metrics(y, probs, n_boot=50)
+    pc = m["per_class"]["osteopenia"]
+    assert pc["precision"] is None and pc["precision_ci"] is None
+    assert pc["recall"] == 0.0 and pc["f1"] == 0.0 and pc["recall_ci"] is not None
+    assert m["per_class"]["normal"]["precision"] == pytest.approx(3 / 6)
+    absent = compute_metrics(np.array([0, 0, 2, 2]), np.eye(3)[[0, 2, 2, 2]], n_boot=0)["per_class"]["osteopenia"]
+    assert absent["recall"] is None and absent["precision"] is None and absent["specificity"] == 1.0

@@ -207,7 +207,7 @@ def per_class_rows(runs: list[Run]) -> list[dict]:
         for c in CLASSES:
             pc = r.metrics["per_class"][c]
             for k in (*PER_CLASS_CI, "roc_auc", "support"):
-                lo, hi = pc.get(f"{k}_ci", (None, None))
+                lo, hi = pc.get(f"{k}_ci") or (None, None)
                 rows.append({"model": r.model, "run_id": r.run_id, "evaluated_on": r.evaluated_on, "chose": r.chose,
                              "class": c, "metric": k, "value": pc[k], "lo": lo, "hi": hi})
     return rows
