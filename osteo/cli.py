@@ -328,12 +328,12 @@ def print_run_summary(run_dir, console) -> None:
     headline = [x for x in METRICS if x.headline]
     based = [x for x in headline if all(x.name in metrics[n]["majority_baseline"] for n in names)]
     table = Table(title=f"{metrics['model']}: best epoch {metrics['best_epoch']} ({metrics['monitor']})")
-    for col in ("split", *(x.label for x in headline), *(f"majority {x.label}" for x in based)):
+    for col in ("split", "n", *(x.label for x in headline), *(f"majority {x.label}" for x in based)):
         table.add_column(col, justify="right")
     num = lambda v: "-" if v is None else f"{v:.3f}"
     for name in names:
         m = metrics[name]
-        table.add_row(SPLIT_NAMES[name], *(num(m.get(x.name)) for x in headline),
+        table.add_row(SPLIT_NAMES[name], str(m["n"]), *(num(m.get(x.name)) for x in headline),
                       *(num(m["majority_baseline"][x.name]) for x in based))
     console.print(table)
     split = metrics.get("headline") or headline_split(names)

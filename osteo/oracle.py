@@ -4,8 +4,9 @@ The phantom draws each image's class signal from three latents (mineral density,
 trabecular bone fraction, cortical thickness; ``osteo.data.phantom``), and writes them
 to ``latents.csv``. Within a class they are independent normals, so quadratic
 discriminant analysis is the Bayes classifier for them: fitted on a run's training
-split and scored on the same validation images, it gives the best balanced accuracy
-any model of those images could reach. A model near it has learned the task; the gap
+split and scored on the images the run's row is on (its test split, its validation split, or a
+cross-validation's held-out folds, each fold's oracle fitted on that fold's training images),
+it gives the best balanced accuracy any model of those images could reach. A model near it has learned the task; the gap
 to it is what the images' nuisance (exposure, noise, blur, pose) and the model cost.
 """
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+import re
 
 import pytest
 
@@ -117,3 +118,5 @@ def test_the_seed_recipe_says_its_numbers_chose_the_checkpoint(phantom_dir, tmp_
     (run,) = list_runs(tmp_path / "runs")
     card = RunDir(run).model_card_path.read_text(encoding="utf-8")
     assert "Headline: validation, which chose the checkpoint, temperature and thresholds: optimistic." in card
+    n = json.loads(RunDir(run).metrics_path.read_text())["val"]["n"]  # the summary's row says its images' number
+    assert re.search(rf"│ validation │ +{n} │ [0-9.]+ │", printed), printed

@@ -394,8 +394,8 @@ def _calibrated(run: RunDir, y: np.ndarray, probs: np.ndarray, metrics: dict):
 def oracle_runs(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> list[Run]:
     """The phantom's ceiling for each split the runs were scored on, where the data has latents.csv.
 
-    The oracle is fitted on each run's own training split and scored on the same
-    validation (or, for a cross-validation, the same out-of-fold) images.
+    The oracle is fitted on each run's own training split and scored on the images its row
+    is on (its test or validation split; for a cross-validation, the same out-of-fold images).
     """
     from osteo.oracle import oracle_probs, read_latents
 
