@@ -296,13 +296,9 @@ def dicom_gray(ds, check_pixels) -> tuple[np.ndarray, int]:
     if pixels.ndim == 3:  # colour: luminance
         pixels = pixels[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     else:
-        if "PixelPaddingValue" in ds:  # on the stored values, before any LUT
-            a, b = ds.PixelPaddingValue, ds.get("PixelPaddingRangeLimit", ds.PixelPaddingValue)
-            padding = (pixels >= min(a, b)) & (pixels <= max(a, b))
-            if padding.all() or not padding.any():
-                padding = None
+        padding = _padding(ds, pixels)  # on the stored values, before any LUT
         pixels = apply_modality_lut(pixels, ds)
-        if "VOILUTSequence" in ds or ("WindowCenter" in ds and dicom_first(ds.get("WindowWidth")) >= 1):
+        if "VOILUTSequence" in ds or ("WindowCenter" in ds and (dicom_number(ds.get("WindowWidth")) or 0) >= 1):
             pixels = apply_voi_lut(pixels, ds)
     # pydicom converts an element when it is first read: a damaged one (an unknown VR, a bad
     # length) raises here, as a reason, not later as a crash
@@ -329,14 +325,28 @@ def dicom_gray(ds, check_pixels) -> tuple[np.ndarray, int]:
     return arr.astype(_F32), frames
 
 
-def dicom_first(value) -> float:
-    """The first of a DICOM value's numbers (a window may list several), or 0 without one."""
+def dicom_number(value) -> float | None:
+    """The first of a DICOM value's numbers (a window may list several), or None without one
+    (an element left empty)."""
     if value is not None and not isinstance(value, (str, bytes, int, float)):
         value = value[0] if len(value) else None
     try:
         return float(value)
     except (TypeError, ValueError):
-        return 0.0
+        return None
+
+
+def _padding(ds, stored: np.ndarray) -> np.ndarray | None:
+    """The pixels of ``ds``'s padding (``PixelPaddingValue``, up to ``PixelPaddingRangeLimit``)
+    among its ``stored`` values; None without padding (no element, an empty one, no pixel of it,
+    or every pixel, which would leave no image)."""
+    first = dicom_number(ds.get("PixelPaddingValue"))
+    if first is None:
+        return None
+    last = dicom_number(ds.get("PixelPaddingRangeLimit"))
+    last = first if last is None else last
+    mask = (stored >= min(first, last)) & (stored <= max(first, last))
+    return None if mask.all() or not mask.any() else mask
 
 
 def dicom_failure(ds, e: BaseException) -> str:
@@ -520,15 +530,28 @@ def image_file(path: str | os.PathLike) -> bool:
     return preambled_dicom(head) or bare_dicom(head)
 
 
+def _holds(folder: str, path: str) -> bool:
+    """Whether real path ``path`` is ``folder`` or inside it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def _expand(paths: list[str]) -> tuple[list[Path], list[Path]]:
     """(the files to read: each named, and the images below each folder named; the other files
     below those folders, left out)."""
     out, left_out = [], []
     for p in map(Path, paths):
         if p.is_dir():
-            found = []
-            for folder, dirs, files in os.walk(p):  # linked folders not followed (a loop would not end)
-                dirs[:] = [d for d in dirs if not not_data(d, folder=True)]
+            found, walked, top = [], set(), os.path.realpath(p)
+            # linked folders followed, as osteo's audit and predict follow them: each real folder once (a
+            # loop is not walked again), and not one that holds the folder named (a link to .. or /)
+            for folder, dirs, files in os.walk(p, followlinks=True):
+                real = os.path.realpath(folder)
+                if real in walked:
+                    dirs[:] = []
+                    continue
+                walked.add(real)
+                dirs[:] = sorted(d for d in dirs if not not_data(d, folder=True) and not (
+                    os.path.islink(os.path.join(folder, d)) and _holds(os.path.realpath(os.path.join(folder, d)), top)))
                 found += [Path(folder) / f for f in files if not not_data(f, folder=False)]
             for f in sorted(found):
                 (out if image_file(f) else left_out).append(f)
@@ -570,12 +593,17 @@ def main(argv: list[str] | None = None) -> int:
         ready, arrays = [], []
         for path in paths[start : start + BATCH]:
             try:
+                if os.path.exists(path) and not os.path.isfile(path):  # a named pipe would block the read
+                    raise Unreadable("not a regular file")
                 with open(path, "rb") as f:
                     arrays.append(prepare(f.read(), size, resize))
                 ready.append(path)
             except (OSError, Unreadable) as e:
                 failed += 1
                 print(f"predict.py: {path}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+            except Exception as e:  # a decoder failure no one expected: that file's line, not the script's end
+                failed += 1
+                print(f"predict.py: {path}: decode failed: {said(e)}", file=sys.stderr)
         if arrays:
             for path, p in zip(ready, probabilities(sess, np.stack(arrays))):
                 writer.write(",".join([_csv_path(path), *(f"{float(v):.6f}" for v in p)]) + "\n")

@@ -465,32 +465,26 @@ def test_a_dicom_whose_transfer_syntax_pydicom_does_not_know_is_one_line():
     assert str(e.value) == reason
 
 
-def test_a_resumed_run_knows_which_of_its_images_decode_otherwise_since_its_version(tmp_path):
-    """A run begun under image decoding v4 and resumed under v5 finds the DICOM files v5 reads
-    otherwise (padding, an INVERSE presentation LUT without MONOCHROME1, a palette, a window of no
-    width) and only those; one begun under v3 also its 16-bit PNGs."""
+def test_a_resumed_run_knows_which_of_its_images_decode_otherwise_since_its_version():
+    """By the decoded pixels' hash the run's manifest kept against the audit's now (exact: a padded
+    DICOM none of whose pixels is padding decodes as before); a manifest without hashes by what v4
+    changed."""
     from types import SimpleNamespace
 
-    from osteo.data.pipeline import CACHE_VERSION, decodes_otherwise
+    from osteo.data.decode import decode_gray
+    from osteo.data.pipeline import decodes_otherwise
+    from osteo.data.scan import _pixel_hash
 
-    assert CACHE_VERSION == "v5"
-    files = {"plain": _dx(KNEE12), "m1-inverse": _dx(KNEE12, PhotometricInterpretation="MONOCHROME1",
-                                                         PresentationLUTShape="INVERSE"),
-             "m1": _dx(KNEE12, PhotometricInterpretation="MONOCHROME1"), "window": _dx(KNEE12, WindowCenter=9,
-                                                                                      WindowWidth=200),
-             "inverse": _dx(KNEE12, PresentationLUTShape="INVERSE"), "padded": _dx(KNEE12, PixelPaddingValue=0),
-             "no-width": _dx(KNEE12, WindowCenter=9, WindowWidth=0)}
-    dicom = SimpleNamespace(format="dicom", bit_depth=16, width=32, height=24)
-    found = set()
-    for name, data in files.items():
-        (tmp_path / name).write_bytes(data)
-        if decodes_otherwise("v4", tmp_path / name, {}, dicom):
-            found.add(name)
-    assert found == {"inverse", "padded", "no-width"}
-    png16 = SimpleNamespace(format="png", bit_depth=16, width=32, height=24)
-    assert decodes_otherwise("v3", tmp_path / "x.png", {}, png16) and not decodes_otherwise("v4", tmp_path / "x.png",
-                                                                                            {}, png16)
-    assert decodes_otherwise("v3", tmp_path / "plain", {}, dicom) is False
+    now = {name: _pixel_hash(decode_gray(data)) for name, data in {
+        "plain": _dx(KNEE12), "padded-but-no-pixel-is": _dx(KNEE12, PixelPaddingValue=0),
+        "padded": _dx(KNEE12, PixelPaddingValue=300), "inverse": _dx(KNEE12, PresentationLUTShape="INVERSE")}.items()}
+    assert now["padded-but-no-pixel-is"] == now["plain"] and len({now["plain"], now["padded"], now["inverse"]}) == 3
+    dicom = lambda name: SimpleNamespace(format="dicom", bit_depth=16, width=32, height=24, pixel_sha256=now[name])
+    began = {"pixel_sha256": now["plain"]}  # as v4 decoded each of them
+    assert [decodes_otherwise("v4", began, dicom(n)) for n in now] == [False, False, True, True]
+    png16 = SimpleNamespace(format="png", bit_depth=16, width=32, height=24, pixel_sha256="a" * 64)
+    assert decodes_otherwise("v3", {}, png16) and not decodes_otherwise("v4", {}, png16)  # no hash kept: by version
+    assert decodes_otherwise("v3", {"pixel_sha256": "a" * 64}, png16) is False
 
 
 def _raw_png(samples: np.ndarray, colour_type: int, width: int | None = None) -> bytes:
@@ -532,3 +526,15 @@ def test_a_reason_names_no_memory_address():
     with pytest.raises(DecodeError) as e:
         decode_bytes(_raw_png(KNEE12[..., None], 0, width=0))
     assert "0x" not in str(e.value) and "BytesIO" not in str(e.value), str(e.value)
+
+
+def test_a_padding_element_left_empty_or_listing_two_values_is_read_not_refused():
+    """An empty PixelPaddingValue (or range limit) is no padding; one listing two values pads with
+    the first: such files decoded before padding was read, and still do."""
+    padded = np.pad(KNEE12, ((0, 0), (8, 0)), constant_values=4095)
+    want, _ = decode_bytes(_dx(padded, PixelPaddingValue=4095))
+    for elements, expected in (({"PixelPaddingValue": None}, decode_bytes(_dx(padded))[0]),
+                               ({"PixelPaddingValue": 4095, "PixelPaddingRangeLimit": None}, want),
+                               ({"PixelPaddingValue": [4095, 4000]}, want)):
+        got, _ = decode_bytes(_dx(padded, **elements))
+        np.testing.assert_array_equal(got, expected, err_msg=str(elements))

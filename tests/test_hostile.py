@@ -333,3 +333,38 @@ def test_predict_reads_in_a_folder_the_files_the_audit_reads_and_says_what_it_le
     assert export_predict._expand([str(tmp_path / "in")]) == (want, [tmp_path / "in" / "latents.csv",
                                                                       tmp_path / "in" / "notes.txt"])
     assert _expand([str(tmp_path / "in" / "notes.txt")]) == [tmp_path / "in" / "notes.txt"]  # named: read
+
+
+def test_an_exports_script_neither_hangs_on_a_named_pipe_nor_stops_on_an_unexpected_failure(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """predict.py beside an ONNX export: a named pipe called x.png is a line, not a read that never
+    ends; a decoder failure no one expected is that file's line; a linked folder is followed once, as
+    osteo predict follows it (not a link to a folder above)."""
+    from osteo import export_predict
+
+    folder = tmp_path / "in"
+    _png(folder / "a.png")
+    _png(tmp_path / "elsewhere" / "b.png")
+    (folder / "linked").symlink_to(tmp_path / "elsewhere")
+    (folder / "up").symlink_to(tmp_path)  # holds the folder named: not walked
+    os.mkfifo(folder / "pipe.png")
+    _png(folder / "odd.png")
+    (tmp_path / "export.json").write_text(json.dumps({"file": "m.onnx", "input": {"shape": [None, 32, 32, 1]},
+                                                      "preprocessing": {"resize": "pad"}}))
+    real = export_predict.prepare
+
+    def prepare(data, size, resize):
+        if data == (folder / "odd.png").read_bytes() and size == 32:
+            raise ValueError("a bug")
+        return real(data, size, resize)
+
+    (folder / "odd.png").write_bytes((folder / "odd.png").read_bytes() + b"\0")
+    monkeypatch.setattr(export_predict, "prepare", prepare)
+    monkeypatch.setattr(export_predict, "session", lambda model: None)
+    monkeypatch.setattr(export_predict, "probabilities", lambda sess, x: np.full((len(x), 3), 1 / 3))
+    assert export_predict.main([str(folder), "--export", str(tmp_path / "export.json")]) == 1
+    out, err = capsys.readouterr()
+    assert [line.split(",")[0] for line in out.splitlines()[1:]] == [str(folder / "a.png"),
+                                                                     str(folder / "linked" / "b.png")]
+    assert err.splitlines() == [f"predict.py: {folder / 'odd.png'}: decode failed: ValueError: a bug",
+                                f"predict.py: {folder / 'pipe.png'}: not a regular file"]
