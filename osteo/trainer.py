@@ -554,7 +554,11 @@ def _check_resumed_images(run: RunDir, manifest: dict[str, dict], dm, was: str |
                          f"trains and scores the images it began with: put them back, or train a new run")
     if was in (None, CACHE_VERSION):
         return
-    otherwise = [p for p, old, new in pairs if decodes_otherwise(was, Path(dm.cfg.dir) / p, old, new)]
+    otherwise = [p for p, old, new in pairs if decodes_otherwise(was, old, new)]
+    # read when the run began, there still, and not read now: no longer an image osteo reads (a hidden file, a
+    # 16-bit colour PNG), which the data module would leave out of the validation and test splits in silence
+    otherwise += [r["path"] for r in dm.split if manifest.get(r["path"], {}).get("status") == "ok"
+                  and r["path"] not in ok and os.path.lexists(Path(dm.cfg.dir) / r["path"])]
     if otherwise:
         raise OsteoError(f"{len(otherwise)} image(s) of {run.path}'s split decode otherwise than when it began "
                          f"(osteo's image decoding {was} -> {CACHE_VERSION}: {decoding_changes(was)}), e.g. "

@@ -1,5 +1,6 @@
 """Faults from outside: a full disk, damaged run files, resume misuse, leftovers. Each is one line, exit 2."""
 
+import csv
 import errno
 import logging
 import os
@@ -323,11 +324,44 @@ def test_resume_refuses_images_that_decode_otherwise_since_the_run_began(tmp_pat
     run = trainer.run_dir
     env = json.loads(run.env_path.read_text())
     assert env["image_decoding"] == "v5"
-    run.env_path.write_text(json.dumps({**env, "image_decoding": "v3"}))  # as a run begun before today
+    manifest_csv = run.path / "manifest.csv"
+    with open(manifest_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = list(rows[0])
+
+    def manifest(edit):
+        with open(manifest_csv, "w", newline="") as f:
+            w = csv.DictWriter(f, columns)
+            w.writeheader()
+            w.writerows(edit(dict(r)) for r in rows)
+
+    # as a run begun before today, whose manifest (older than the pixel hash) holds none: by what v4 changed
+    run.env_path.write_text(json.dumps({**env, "image_decoding": "v3"}))
+    manifest(lambda r: {**r, "pixel_sha256": ""})
     assert main(["train", "seed", "--resume", str(run)]) == 2
     line = one_line(capsys)
     assert "image(s) of" in line and "decode otherwise than when it began (osteo's image decoding v3 -> v5" in line
-    assert not run.is_finished()
+    # begun under v4, with pixel hashes: exactly the image whose decoded pixels differ now
+    val = next(r["path"] for r in run.read_split() if r["split"] == "val")
+    run.env_path.write_text(json.dumps({**env, "image_decoding": "v4"}))
+    manifest(lambda r: {**r, "pixel_sha256": "0" * 64} if r["path"] == val else r)
+    assert main(["train", "seed", "--resume", str(run)]) == 2
+    line = one_line(capsys)
+    assert f"1 image(s) of {run.path}'s split decode otherwise than when it began (osteo's image decoding v4 -> v5" in \
+        line and line.endswith(f"e.g. {val}; train a new run"), line
+    # an image read then and not now (a hidden file: no one's image since v5) is not left out in silence
+    os.rename(data / val, data / val.replace("/", "/.", 1))
+    hidden = val.replace("/", "/.", 1)
+    manifest(lambda r: {**r, "path": hidden} if r["path"] == val else r)
+    run.write_split([{**r, "path": hidden} if r["path"] == val else r for r in run.read_split()])
+    assert main(["train", "seed", "--resume", str(run)]) == 2
+    said = capsys.readouterr().err.strip().splitlines()  # the data module's warning that it left it out, then:
+    assert said[-1].startswith("osteo: error: 1 image(s) of ") and said[-1].endswith(f"e.g. {hidden}; train a new run")
+    manifest(lambda r: r)  # as it began: nothing decodes otherwise, and the resume finishes the run
+    os.rename(data / hidden, data / val)
+    run.write_split([{**r, "path": val} if r["path"] == hidden else r for r in run.read_split()])
+    assert main(["train", "seed", "--resume", str(run)]) == 0
+    assert run.is_finished()
 
 
 def test_a_run_being_trained_is_locked(unfinished_run, capsys):

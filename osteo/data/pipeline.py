@@ -66,7 +66,6 @@ from osteo.data.decode import (
     read_all,
 )
 from osteo.data.scan import audit_scale
-from osteo.export_predict import dicom_first, read_dicom
 from osteo.errors import OsteoError
 from osteo.files import pid_alive
 
@@ -81,8 +80,14 @@ CACHE_VERSION = "v5"
 DECODING_CHANGES = {
     "v4": "images of more than 8 bits (non-DICOM) stretched from their own range, EXIF orientation applied",
     "v5": "DICOM padding left out of the stretch and black, an INVERSE presentation LUT inverted, PALETTE COLOR "
-          "through its palette, a window of width under 1 not applied, 16-bit colour PNGs refused (their high bytes were read)",
+          "through its palette, a window of width under 1 not applied, 16-bit colour PNGs refused (their high bytes "
+          "were read), hidden files and folders and system folders (@eaDir, __MACOSX) not read",
 }
+HEADER_BYTES = 512  # fixed, so the tf.data graph skips it with one substr
+MISSING = "missing"
+TMP_MAX_AGE_S = 3600.0
+_DT_UINT16 = 17  # TensorFlow's DataType enum value for uint16 (types.proto)
+log = logging.getLogger("osteo")
 
 
 def _number(version: str) -> int:
@@ -94,31 +99,15 @@ def decoding_changes(was: str) -> str:
     return "; ".join(text for version, text in DECODING_CHANGES.items() if _number(version) > _number(was))
 
 
-def decodes_otherwise(was: str, path: str | os.PathLike, old: dict, new) -> bool:
-    """Whether the image at ``path`` decodes otherwise now than under osteo's image decoding
-    ``was``, from its manifest row then (``old``), its audit record now (``new``) and, for a
-    DICOM file, its header: since v4, more than 8 bits (non-DICOM) or a quarter turn; since
-    v5, a DICOM file with padding, an INVERSE presentation LUT (without MONOCHROME1, which was
-    inverted before), a palette or a window of width under 1."""
-    if _number(was) < 4 and ((new.format != "dicom" and new.bit_depth > 8) or (
-            new.width != new.height and (str(new.width), str(new.height)) == (old.get("height"), old.get("width")))):
-        return True
-    if _number(was) < 5 and new.format == "dicom":
-        try:
-            with open(path, "rb") as f:
-                ds = read_dicom(f, stop_before_pixels=True)
-            photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-            window = ds.get("WindowWidth") if "WindowCenter" in ds and "VOILUTSequence" not in ds else 1
-            return ("PixelPaddingValue" in ds or photometric == "PALETTE COLOR" or dicom_first(window) < 1
-                    or (photometric != "MONOCHROME1" and str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"))
-        except Exception:  # noqa: BLE001 (unreadable now: the audit says so, and the resume skips it)
-            return False
-    return False
-HEADER_BYTES = 512  # fixed, so the tf.data graph skips it with one substr
-MISSING = "missing"
-TMP_MAX_AGE_S = 3600.0
-_DT_UINT16 = 17  # TensorFlow's DataType enum value for uint16 (types.proto)
-log = logging.getLogger("osteo")
+def decodes_otherwise(was: str, old: dict, new) -> bool:
+    """Whether an image decodes otherwise now than under osteo's image decoding ``was``: its
+    decoded pixels' hash in the run's manifest (``old``) against the audit's now (``new``), which
+    is exact; a manifest without one (older than the hash) by what v4 changed, more than 8 bits
+    (non-DICOM) or a quarter turn."""
+    if old.get("pixel_sha256") and new.pixel_sha256:
+        return old["pixel_sha256"] != new.pixel_sha256
+    return _number(was) < 4 and ((new.format != "dicom" and new.bit_depth > 8) or (
+        new.width != new.height and (str(new.width), str(new.height)) == (old.get("height"), old.get("width"))))
 
 
 def default_cache_root() -> Path:
