@@ -28,7 +28,7 @@ from pathlib import Path
 
 from osteo import CLASSES
 from osteo.errors import OsteoError, Stopped
-from osteo.recipe import BOOTSTRAP_RULE, BOOTSTRAP_SEED, MAX_FOLDS
+from osteo.recipe import BOOTSTRAP_RULE, BOOTSTRAP_SEED, DEFAULT_BOOTSTRAP, MAX_FOLDS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -306,7 +306,7 @@ def _print_pooled(cv, recipe) -> None:
     from osteo.evaluate import METRICS, provenance
     from osteo.report.load import load_cv
 
-    r = load_cv(cv, n_boot=recipe.train.bootstrap, seed=BOOTSTRAP_SEED)  # as the report draws them
+    r = load_cv(cv, n_boot=recipe.train.bootstrap, seed=BOOTSTRAP_SEED)  # the report's seed (its --bootstrap: 1000)
     m, base = r.metrics, r.majority
     label = {x.name: x.label for x in METRICS}
     figures = ", ".join(_with_interval(m, k, label[k]) for k in ("balanced_accuracy", "accuracy", "macro_f1"))
@@ -527,7 +527,9 @@ def _bootstrap_of(run_dir, given: int | None) -> int:
     if given is not None:
         return given
     path = CvDir(run_dir).fold(1).path if CvDir(run_dir).is_cv() else run_dir
-    return RunDir(path).check().read_recipe().train.bootstrap  # not a run: check says so, and what to pass
+    saved = RunDir(path).check().read_recipe().train.bootstrap  # not a run: check says so, and what to pass
+    # an older run may hold fewer resamples than a 95% interval wants (--bootstrap's own rule): the default then
+    return saved if BOOTSTRAP_RULE[0](saved) else DEFAULT_BOOTSTRAP
 
 
 def _metric_cell(v) -> str:
@@ -594,7 +596,7 @@ def _add_report_parser(sub) -> None:
     p.add_argument("--split", choices=("auto", "val", "test"), default="auto",
                    help="what single runs are reported on: auto (default) their test split where they have one, "
                         "which chose nothing, else validation")
-    p.add_argument("--bootstrap", type=BOOTSTRAP, default=1000)
+    p.add_argument("--bootstrap", type=BOOTSTRAP, default=DEFAULT_BOOTSTRAP)
     p.set_defaults(func=cmd_report)
 
 

@@ -111,6 +111,14 @@ class ModelConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
+# The seed of every bootstrap a run's numbers are drawn with, unless a command is given --seed: not
+# the training seed, so that training, osteo eval, osteo calibrate, a cross-validation's pooled line
+# and the report draw the same intervals from the same predictions, with as many resamples (the
+# run's train.bootstrap; the report's --bootstrap: both DEFAULT_BOOTSTRAP unless set)
+BOOTSTRAP_SEED = 0
+DEFAULT_BOOTSTRAP = 1000  # a recipe's train.bootstrap, and the report's --bootstrap
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 25  # phase 1: backbone frozen
@@ -137,7 +145,7 @@ class TrainConfig:
     # screening thresholds chosen on validation after calibration: CLASS[+]:sensitivity|specificity=X
     operating_points: tuple[str, ...] = ("osteoporosis:sensitivity=0.9", "osteopenia+:sensitivity=0.9")
     mlflow: bool = False  # log to MLflow ($MLFLOW_TRACKING_URI, else a file store in ./mlruns)
-    bootstrap: int = 1000  # resamples for the metrics' 95% intervals
+    bootstrap: int = DEFAULT_BOOTSTRAP  # resamples for the metrics' 95% intervals
     # phase 1 on backbone features computed once; auto: when no augmentation is active
     feature_cache: Literal["auto", "on", "off"] = "auto"
 
@@ -477,10 +485,6 @@ MAX_HEAD_UNITS = 16_384  # a Dense layer's width (10**8 units allocated 400 GB, 
 MAX_HEAD_LAYERS = 8
 MAX_STEPS = 1_000_000
 MAX_BOOTSTRAP = 100_000  # each resample is a row of an int64 array as long as the split
-# The seed of every bootstrap a run's numbers are drawn with, unless a command is given --seed: not
-# the training seed, so that training, osteo eval, osteo calibrate, a cross-validation's pooled line
-# and the report draw the same intervals from the same predictions (with the run's train.bootstrap)
-BOOTSTRAP_SEED = 0
 # fewer resamples give no 95% interval worth the name (1 gave low == high); 0: no intervals
 MIN_BOOTSTRAP = 20
 BOOTSTRAP_RULE = (lambda v: v == 0 or MIN_BOOTSTRAP <= v <= MAX_BOOTSTRAP,

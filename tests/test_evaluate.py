@@ -240,3 +240,20 @@ def test_a_class_never_predicted_has_no_precision_rather_than_zero():
     assert m["per_class"]["normal"]["precision"] == pytest.approx(3 / 6)
     absent = compute_metrics(np.array([0, 0, 2, 2]), np.eye(3)[[0, 2, 2, 2]], n_boot=0)["per_class"]["osteopenia"]
     assert absent["recall"] is None and absent["precision"] is None and absent["specificity"] == 1.0
+
+
+def test_recomputing_without_intervals_keeps_no_interval_beside_a_point_now_undefined():
+    """osteo eval --bootstrap 0 takes back the intervals of the same predictions; not an older file's
+    precision interval [0, 0] beside a precision that is now None (a class never called)."""
+    from osteo.evaluate import _keep_intervals
+
+    y = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.eye(3)[[0, 0, 0, 0, 2, 2]]
+    before = compute_metrics(y, probs, n_boot=50)
+    before["per_class"]["osteopenia"].update(precision=0.0, precision_ci=[0.0, 0.0])  # as written before today
+    before["ci"]["scored"] = "same"
+    now = compute_metrics(y, probs, n_boot=0)
+    _keep_intervals(now, before, "same")
+    osteopenia = now["per_class"]["osteopenia"]
+    assert osteopenia["precision"] is None and "precision_ci" not in osteopenia
+    assert osteopenia["recall_ci"] == before["per_class"]["osteopenia"]["recall_ci"]  # the others taken back

@@ -104,7 +104,11 @@ def test_collapsed_interval_contains_its_estimate():
         assert m[f"{k}_ci"][0] <= m[k] <= m[f"{k}_ci"][1]
     for pc in m["per_class"].values():
         for k in ("precision", "recall", "specificity", "f1"):
+            if pc[k] is None:  # a class never called has no precision, and no interval of one
+                assert k == "precision" and pc[f"{k}_ci"] is None
+                continue
             assert pc[f"{k}_ci"][0] <= pc[k] <= pc[f"{k}_ci"][1]
+    assert sum(pc["precision"] is None for pc in m["per_class"].values()) == len(CLASSES) - 1  # one class called
 
 
 @pytest.fixture(scope="module")
