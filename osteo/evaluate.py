@@ -579,7 +579,7 @@ def _keep_intervals(metrics: dict, before: dict | None, scored: str) -> None:
     metrics.update({k: v for k, v in before.items() if k == "ci" or k.endswith("_ci")})
     for c, row in metrics.get("per_class", {}).items():  # not beside a point now undefined (0 of 0: no number)
         row.update({k: v for k, v in before.get("per_class", {}).get(c, {}).items()
-                    if k.endswith("_ci") and row.get(k[: -len("_ci")]) is not None})
+                    if k.endswith("_ci") and (v is None or row.get(k[: -len("_ci")]) is not None)})
 
 
 def print_metrics(metrics: dict, split: str, console, title: str = "") -> None:

@@ -434,9 +434,12 @@ def test_predict_never_overwrites_run_files_and_lists_unreadable_files(finished_
         assert main(["predict", str(finished_run), str(folder), "--out", str(out)]) == 0
     finally:
         logging.getLogger("osteo").removeHandler(listener)
-    n = len(list(folder.iterdir()))
+    n = len(list(folder.glob("*.png")))  # notes.txt is no image, by its name: left out, and said
     assert [m for m in said if "unreadable" in m] == [
-        f"2 of {n} files are unreadable and have no prediction (status=unreadable, with the reason, in {out})"]
+        f"1 of {n} files are unreadable and have no prediction (status=unreadable, with the reason, in {out})"]
+    assert [m for m in said if "left out" in m] == [
+        f"1 file(s) in {folder} are not images osteo reads (by their name, or DICOM by their bytes), e.g. "
+        f"{folder / 'notes.txt'}: left out"]
     capsys.readouterr()
     image = folder / sorted(p.name for p in folder.glob("*.png") if p.name != "scan.png")[0]
     before_image = image.read_bytes()
@@ -455,8 +458,8 @@ def test_predict_never_overwrites_run_files_and_lists_unreadable_files(finished_
 
     with open(out, newline="") as f:
         rows = {os.path.basename(r["path"]): r for r in csv.DictReader(f)}
-    assert rows["notes.txt"]["status"] == "unreadable" and rows["notes.txt"]["reason"]
-    assert rows["scan.png"]["status"] == "unreadable"
+    assert "notes.txt" not in rows  # in a folder, left out (named, above: read, and unreadable)
+    assert rows["scan.png"]["status"] == "unreadable" and rows["scan.png"]["reason"]
     assert sum(r["status"] == "ok" for r in rows.values()) == len(list((phantom_dir / "normal").iterdir()))
 
 
