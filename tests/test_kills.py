@@ -220,7 +220,9 @@ def _waits_while_held(args, run: RunDir, cwd: Path) -> subprocess.Popen:
     from osteo.files import folder_lock
 
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "COLUMNS": "1000"}
-    before = sorted(p.name for p in run.path.iterdir())
+    # its own temporaries aside (a report stages its work before it takes the folder): no file of the folder's
+    files = lambda: sorted(p.name for p in run.path.iterdir() if not (p.name.startswith(".") and ".tmp" in p.name))
+    before = files()
     with folder_lock(run.path, "a test's hold"):
         proc = subprocess.Popen([sys.executable, "-m", "osteo.cli", *map(str, args)], cwd=cwd, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -230,7 +232,7 @@ def _waits_while_held(args, run: RunDir, cwd: Path) -> subprocess.Popen:
             if "waiting for another osteo command" in line:
                 break
         assert said and "waiting for another osteo command that writes in" in said[-1], "".join(said)[-2000:]
-        assert sorted(p.name for p in run.path.iterdir()) == before  # nothing written while it waits
+        assert files() == before  # nothing written while it waits
     return proc
 
 
@@ -325,3 +327,26 @@ def test_a_stop_before_the_run_folder_is_made_does_not_point_at_another_run(phan
     args.trainer = Trainer.__new__(Trainer)
     args.trainer.run_dir = None  # stopped in the audit, before the run folder
     assert _after_stop(args) == "no run folder was made yet: run the same command again"
+
+
+def test_a_report_audit_predict_or_eval_into_a_folder_being_written_waits_and_writes_nothing(
+        finished, phantom_dir, tmp_path):
+    """Report, audit and predict hold their output folders, and eval of a run's own splits its run, as
+    calibrate does: a second command there would otherwise put back, on its own failure, files of the
+    first. Each says it waits while another osteo command holds the folder, writes nothing, and
+    finishes once it is free."""
+    run = _copy(finished, tmp_path)
+    commands = [
+        (["report", run.path, "--out", tmp_path / "rep", "--bootstrap", "20"], tmp_path / "rep", "index.html"),
+        (["data", "audit", phantom_dir, "--out", tmp_path / "aud"], tmp_path / "aud", "audit.json"),
+        (["predict", run.path, phantom_dir / "normal", "--out", tmp_path / "pred" / "p.csv"], tmp_path / "pred",
+         "p.csv"),
+        (["eval", run.path, "--bootstrap", "30"], run.path, None),
+    ]
+    for args, folder, made in commands:
+        folder.mkdir(exist_ok=True)
+        before = run.metrics_path.read_bytes()
+        proc = _waits_while_held(args, RunDir(folder), tmp_path)
+        _, stderr = proc.communicate(timeout=900)
+        assert proc.returncode == 0, stderr[-2000:]
+        assert (folder / made).is_file() if made else run.metrics_path.read_bytes() != before, args

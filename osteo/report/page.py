@@ -114,17 +114,20 @@ def write_report(run_dirs: list, out: str | os.PathLike, split: str = "auto", n_
         plots["gradcam"], gradcam_notes = plot_gradcam(runs, plots_dir)
         page = render_html(runs, rows, plots, said, skipped, n_boot, points, gradcam_notes)
         write_text(stage / "index.html", page)
-        owned.claim([f.relative_to(stage).as_posix() for f in stage.rglob("*") if not f.is_dir()],
-                    removes=_files_under(out, "plots"))
         tables = ("comparison.csv", "per_class.csv", "folds.csv", "operating_points.csv", "verdict.txt")
-        # a file that cannot be replaced (immutable) stops the renames before the first; one failing
-        # among them puts the tables back
-        with folder_lock(out, "a report"), all_or_none([out / name for name in (*tables, "index.html")]):
-            for name in tables:
-                os.replace(stage / name, out / name)
-            killpoints.reached("report.replacing")
-            # the page last: it appears only when all is there; if it cannot, the previous plots come back
-            replace_folder(plots_dir, out / "plots", then=lambda: os.replace(stage / "index.html", out / "index.html"))
+        # the work above is staged; the folder is held from the claim on: another report there waits, and its
+        # record of what it owns is not written over this one's. A file that cannot be replaced (immutable)
+        # stops the renames before the first; one failing among them puts the tables back
+        with folder_lock(out, "a report"):
+            owned.claim([f.relative_to(stage).as_posix() for f in stage.rglob("*") if not f.is_dir()],
+                        removes=_files_under(out, "plots"))
+            with all_or_none([out / name for name in (*tables, "index.html")]):
+                for name in tables:
+                    os.replace(stage / name, out / name)
+                killpoints.reached("report.replacing")
+                # the page last: it appears only when all is there; if it cannot, the previous plots come back
+                replace_folder(plots_dir, out / "plots",
+                               then=lambda: os.replace(stage / "index.html", out / "index.html"))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out / "index.html"
