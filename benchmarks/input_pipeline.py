@@ -134,9 +134,7 @@ def ensure_large_jpegs(src: Path, root: Path, n: int, size: int) -> Path:
 
 def ensure_dicoms(src: Path, root: Path, n: int) -> Path:
     """The phantom's PNGs as 16-bit MONOCHROME2 DICOM files (explicit VR little endian)."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from osteo.data.phantom import dicom_bytes
 
     marker = root / f".complete-{n}"
     if not marker.exists():
@@ -144,20 +142,9 @@ def ensure_dicoms(src: Path, root: Path, n: int) -> Path:
         print(f"writing {n} DICOM files to {root} (once) ...", flush=True)
         for i, f in enumerate(_sources(src, n)):
             px = (np.asarray(Image.open(f), dtype=np.uint16) * 16).astype(np.uint16)
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds = pydicom.Dataset()
-            ds.file_meta = meta
-            ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-            ds.PatientID = f"P{i // 2:04d}"
-            ds.Modality, ds.Rows, ds.Columns = "DX", *px.shape
-            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-            ds.PixelData = px.tobytes()
             out = root / f.parent.name / (f.stem + ".dcm")
             out.parent.mkdir(parents=True, exist_ok=True)
-            ds.save_as(out, enforce_file_format=True)
+            out.write_bytes(dicom_bytes(px, PatientID=f"P{i // 2:04d}"))
         marker.touch()
     return root
 

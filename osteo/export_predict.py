@@ -365,23 +365,31 @@ def dicom_failure(ds, e: BaseException) -> str:
     return f"dicom decode failed: {said(e)}"
 
 
+def read_dicom_gray(data: bytes, check_pixels, keep: tuple[type[BaseException], ...] = ()) -> tuple:
+    """(the data set, :func:`dicom_gray`'s first frame and number of frames) of DICOM file bytes
+    ``data``, or :class:`Unreadable` with the reason (:func:`dicom_failure`); exceptions of the
+    types ``keep`` (a caller's own ``check_pixels`` refusal) pass as they are. osteo's decoder
+    calls this function too."""
+    ds = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = read_dicom(io.BytesIO(data))
+            arr, frames = dicom_gray(ds, check_pixels)
+    except (Unreadable, *keep):
+        raise
+    except Exception as e:  # pydicom raises many types on truncated or odd files
+        raise Unreadable(dicom_failure(ds, e)) from None
+    return ds, arr, frames
+
+
 def _decode_dicom(data: bytes) -> Gray:
     """``osteo.data.decode._decode_dicom``'s reading, without the image's facts."""
     try:
         import pydicom  # noqa: F401
     except ImportError:
         raise Unreadable("a DICOM file needs pydicom: pip install pydicom") from None
-    ds = None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = read_dicom(io.BytesIO(data))
-            arr, _ = dicom_gray(ds, _check_pixels)
-    except Unreadable:
-        raise
-    except Exception as e:  # pydicom raises many types on truncated or odd files
-        raise Unreadable(dicom_failure(ds, e)) from None
-    return Gray(arr, "float")
+    return Gray(read_dicom_gray(data, _check_pixels)[1], "float")
 
 
 # --------------------------------------------------------------------------- resize

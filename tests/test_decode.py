@@ -358,26 +358,11 @@ def test_a_decoders_message_over_several_lines_is_one_line_of_reason():
 
 
 def _dx(pixels: np.ndarray, **elements) -> bytes:
-    """A DX DICOM file of 16-bit ``pixels`` (12 bits stored), MONOCHROME2 unless ``elements`` say otherwise."""
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    """A DX DICOM file of ``pixels`` (12 bits stored), MONOCHROME2 unless ``elements`` say otherwise."""
+    pytest.importorskip("pydicom")
+    from osteo.data.phantom import dicom_bytes
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.Rows, ds.Columns = "DX", *pixels.shape[:2]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    for k, v in elements.items():
-        setattr(ds, k, v)
-    ds.PixelData = pixels.astype(np.uint16 if ds.BitsAllocated == 16 else np.uint8).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return dicom_bytes(pixels, **elements)
 
 
 KNEE12 = (np.add.outer(np.arange(24), np.arange(32)) * 40 + 300).astype(np.uint16)  # 300-2140 of 4095

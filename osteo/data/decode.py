@@ -65,7 +65,7 @@ from osteo.export_predict import (
     Unreadable,
     bare_dicom,
     dicom_failure,
-    dicom_gray,
+    read_dicom_gray,
     png_refusal,
     preambled_dicom,
     said,
@@ -484,19 +484,16 @@ def _finite_range(arr: np.ndarray) -> tuple[float, float]:
 def _decode_dicom(data: bytes) -> Gray:
     """The first frame as a viewer shows it (:func:`osteo.export_predict.dicom_gray`, which an
     ONNX export's predict.py runs too), with the file's facts."""
-    ds = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = _read_dicom(io.BytesIO(data))
-            arr, frames = dicom_gray(ds, check_pixels)
-            bits = int(getattr(ds, "BitsAllocated", 16) or 16)
-            patient = str(ds.get("PatientID", "") or "").strip()
-    except DecodeError:
-        raise
+        ds, arr, frames = read_dicom_gray(data, check_pixels, keep=(DecodeError,))
     except Unreadable as e:
         raise DecodeError(str(e)) from None
-    except Exception as e:  # pydicom raises many types on truncated or odd files
+    try:  # pydicom converts an element when it is first read: a damaged one raises here, as a reason
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bits = int(getattr(ds, "BitsAllocated", 16) or 16)
+            patient = str(ds.get("PatientID", "") or "").strip()
+    except Exception as e:
         raise DecodeError(dicom_failure(ds, e)) from None
     h, w = arr.shape
     return Gray(arr, ImageInfo("dicom", w, h, bits, frames, patient), "float")

@@ -311,3 +311,33 @@ def _sweep_stale(out: Path) -> None:
 
     for pattern in (f".{glob.escape(out.name)}.*.tmp", f".{glob.escape(out.name)}.tmp-*"):
         sweep_temporaries(out.parent, grace=0.0, pattern=pattern)
+
+
+def dicom_bytes(pixels: np.ndarray, **elements) -> bytes:
+    """``pixels`` (H, W) as the bytes of a DX DICOM file, as a PACS exports one: explicit VR
+    little endian, MONOCHROME2, 16 bits allocated and 12 stored (8 and 8 for uint8 pixels),
+    unless ``elements`` (keywords: PatientID, PhotometricInterpretation, PixelPaddingValue, ...)
+    say otherwise; an element given None is written empty. For the tests and the benchmarks'
+    DICOM rows."""
+    import io
+
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns = "DX", *pixels.shape[:2]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    eight = pixels.dtype == np.uint8 or elements.get("BitsAllocated") == 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (8, 8, 7, 0) if eight else (16, 12, 11, 0)
+    for k, v in elements.items():
+        setattr(ds, k, v)
+    ds.PixelData = pixels.astype(np.uint8 if ds.BitsAllocated == 8 else np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
