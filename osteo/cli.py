@@ -87,8 +87,9 @@ def _progress(console):
 
 
 def _say(console):
-    """A ``say`` callback: plain lines on ``console`` (names from disk are printed as they are, no markup)."""
-    return lambda text: console.print(text, highlight=False, markup=False)
+    """A ``say`` callback: plain lines on ``console`` (names from disk are printed as they are, no markup),
+    each one line however long (a log is read, and grepped, by line; a terminal wraps it on screen)."""
+    return lambda text: console.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
 def _integer(text: str) -> int:
@@ -197,6 +198,16 @@ def print_audit(result, console=None) -> None:
     )
     for u in info["unreadable"][:10]:
         console.print(f"  unreadable: {u['path']}: {u['reason']}", markup=False)
+    if info["ignored"]:  # what is not read, and why: a folder is listed once (not walked)
+        shown = ", ".join(info["ignored"][:6]) + (f" and {len(info['ignored']) - 6} more" if len(info["ignored"]) > 6
+                                                  else "")
+        console.print(f"  ignored (not images by their name or bytes, hidden or system files and folders, or outside "
+                      f"the class folders; audit.json lists them): {shown}", markup=False, soft_wrap=True)
+    patients = info["patients"]
+    if patients["patients"]:
+        spread = patients["images_per_patient"]
+        console.print(f"  patients: {patients['patients']} by DICOM PatientID ({spread['min']}-{spread['max']} images "
+                      "each): the split keeps each patient's images on one side", markup=False, soft_wrap=True)
     empty = [c for c in CLASSES if not any(r.label == c for r in ok)]
     if empty:
         console.print(f"  no readable images of class {' and '.join(empty)}: training needs images of every class",
@@ -340,7 +351,8 @@ def print_run_summary(run_dir, console) -> None:
     for name in names:  # what each row's images chose, the headline first
         console.print(("headline: " if name == split else "") + provenance(SPLIT_NAMES[name], CHOSE[name])
                       + ("" if split == "test" or name != split else "; hold out a test split (--set data.test=0.15; make: SET=data.test=0.15) "
-                         "or cross-validate (--folds 5) for numbers that chose nothing"), highlight=False, markup=False)
+                         "or cross-validate (--folds 5) for numbers that chose nothing"), highlight=False, markup=False,
+                      soft_wrap=True)
     console.print(f"run directory: {run_dir}", highlight=False)
 
 

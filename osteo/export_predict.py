@@ -283,6 +283,9 @@ def dicom_gray(ds, check_pixels) -> tuple[np.ndarray, int]:
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 
     if not any(k in ds for k in PIXEL_ELEMENTS):
+        if "DirectoryRecordSequence" in ds:  # a DICOMDIR: read in a folder, it is skipped
+            raise Unreadable("a DICOMDIR, a DICOM medium's index of its files (no image); pass the folder that holds "
+                             "the images instead")
         kind = str(ds.get("Modality", "") or "").strip()
         raise Unreadable(f"a DICOM file without an image{f' (modality {kind})' if kind else ''}, e.g. a "
                          "structured report or a key object; leave it out of the image folders")

@@ -13,6 +13,9 @@ def test_phantom_then_audit(tmp_path, capsys):
     assert main(["data", "audit", str(tmp_path / "ph"), "--out", str(tmp_path / "audit")]) == 0
     out = capsys.readouterr().out
     assert "12 files: 12 readable" in out
+    assert "  ignored (not images by their name or bytes, hidden or system files and folders, or outside the class " \
+        "folders; audit.json lists them): latents.csv" in out  # what it did not read, said where it is read
+    assert "patients:" not in out  # PNGs: no PatientID to group by
     assert out.splitlines()[0].strip()  # no blank line left by a progress bar where there is no terminal
     info = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert sum(info["classes"].values()) == 12
@@ -93,3 +96,14 @@ def test_a_phantom_inside_a_datasets_class_folder_is_refused(tmp_path, capsys):
     assert not inside.exists()
     # a folder merely named like a class, in no dataset, is no class folder
     assert main(["data", "phantom", str(tmp_path / "normal" / "ph"), "--n", "12", "--size", "48"]) == 0
+
+
+def test_a_said_line_stays_one_line_in_a_log(capsys, monkeypatch):
+    """Training's messages (a warning of a kept data fault, the headline's provenance) run past the
+    200 columns of a log: each stays one line, for grep, as a terminal shows it wrapped."""
+    from osteo.cli import _console, _say
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    text = "one message " * 40  # 480 characters
+    _say(_console())(text.strip())
+    assert capsys.readouterr().out.splitlines() == [text.strip()]

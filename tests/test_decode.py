@@ -523,3 +523,18 @@ def test_a_padding_element_left_empty_or_listing_two_values_is_read_not_refused(
                                ({"PixelPaddingValue": [4095, 4000]}, want)):
         got, _ = decode_bytes(_dx(padded, **elements))
         np.testing.assert_array_equal(got, expected, err_msg=str(elements))
+
+
+def test_a_dicomdir_named_is_said_to_be_an_index():
+    """A DICOMDIR given by name (a folder's is skipped) is said to be a medium's index, not a report."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset
+
+    ds = pydicom.dcmread(io.BytesIO(_dx(KNEE12)))
+    del ds.PixelData, ds.Rows, ds.Columns
+    ds.DirectoryRecordSequence = [Dataset()]
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(DecodeError, match=r"^a DICOMDIR, a DICOM medium's index of its files \(no image\); pass the "
+                                          r"folder that holds the images instead$"):
+        decode_bytes(buf.getvalue())

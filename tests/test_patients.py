@@ -59,6 +59,14 @@ def test_the_audit_counts_patients_mixed_labels_and_missing_ids(dicom_dir, tmp_p
     write_audit(result, tmp_path)
     manifest = (tmp_path / "manifest.csv").read_text().splitlines()
     assert manifest[0].endswith(",patient_id") and any(line.endswith(",P-mixed") for line in manifest)
+    from rich.console import Console
+
+    from osteo.cli import print_audit
+
+    console = Console(record=True, width=300)
+    print_audit(result, console)  # the audit's screen says who the patients are, as audit.json does
+    assert (f"  patients: {len(PATIENTS)} by DICOM PatientID ({per[0]}-{per[-1]} images each): the split keeps each "
+            "patient's images on one side") in console.export_text()
 
 
 def test_a_folder_without_dicom_has_no_patient_statistics_and_no_nan(tmp_path):

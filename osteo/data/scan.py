@@ -1129,8 +1129,9 @@ def _patient_warnings(ok: list[Record]) -> list[str]:
     if info["mixed_labels"]:
         shown = "; ".join(f"{m['patient_id']}: {', '.join(m['labels'])}" for m in info["mixed_labels"][:3])
         more = f" and {len(info['mixed_labels']) - 3} more" if len(info["mixed_labels"]) > 3 else ""
-        out.append(f"{len(info['mixed_labels'])} patient(s) have images under different classes ({shown}{more}); "
-                   "each patient stays on one side of every split: check the labels (audit.json lists the files)")
+        out.append(f"{len(info['mixed_labels'])} patient(s) have images under different classes ({shown}{more}): "
+                   "check the labels (audit.json lists the files); a training run keeps each patient's images on one "
+                   "side of every split")
     return out
 
 
