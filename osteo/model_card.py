@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from osteo.device import get_engine
+from osteo.errors import OsteoError
 from osteo.evaluate import (
     CHOSE,
     METRICS,
@@ -23,6 +25,19 @@ def _stopped_early(recipe, env: dict) -> str:
     planned, run = recipe.train.epochs + recipe.train.fine_tune_epochs, env.get("epochs_run")
     return (f"; {run} trained: early stopping (patience {recipe.train.early_stopping}) ended a phase"
             if isinstance(run, int) and run < planned else "")
+
+
+def _kept_whole(run: RunDir) -> str:
+    """The split's groups of two or more images kept on one side (split.csv's ``group``): a
+    patient's (DICOM PatientID, ``--group-regex``, ``--groups``) and copies of one image."""
+    try:
+        sizes = Counter(r.get("group") or r["path"] for r in run.read_split())
+    except (OsteoError, KeyError):
+        return "- kept whole by the split: unknown (split.csv cannot be read)"
+    whole = [n for n in sizes.values() if n > 1]
+    return (f"- kept whole by the split, each on one side: {len(whole)} groups of images (a patient's, or copies of "
+            f"one image), {sum(whole)} images in all" if whole else
+            "- kept whole by the split: no group of two or more images (no patients given, no copies)")
 
 
 def write_model_card(run_dir) -> Path:
@@ -57,7 +72,8 @@ def write_model_card(run_dir) -> Path:
         + (f"fold {recipe.data.fold + 1} of {recipe.data.folds} held out as test, "
            f"{recipe.data.inner_val:.0%} of the other folds validating)" if recipe.data.folds and recipe.data.inner_val
            else f"fold {recipe.data.fold + 1} of {recipe.data.folds} validating)" if recipe.data.folds else
-           f"{recipe.data.val:.0%} validation, {recipe.data.test:.0%} test)"), "",
+           f"{recipe.data.val:.0%} validation, {recipe.data.test:.0%} test)"),
+        _kept_whole(run), "",
         "## Recipe", "",
         f"`{recipe.name}`: {recipe.model.backbone} on the {recipe.model.impl} engine ({get_engine(recipe.model.impl).describes}), "
         f"weights {recipe.model.weights}, {recipe.data.image_size} px, "

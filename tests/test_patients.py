@@ -191,3 +191,20 @@ def test_dicom_files_named_without_an_image_extension_are_audited_and_other_file
         + [f"{c}/1.2.840.113619.2.55.{i}" for i, c in enumerate(CLASSES)] + ["osteopenia/IM0002"])
     assert {r.format for r in result.ok()} == {"dicom"} and len(result.records) == len(result.ok())
     assert set(result.ignored) == {"normal/README", "normal/PIPE", "normal/DICOMDIR"}
+
+
+def test_the_model_card_says_how_many_groups_the_split_kept_whole(tmp_path):
+    """A patient's images and copies of one image stay on one side of the split: the card says how many
+    such groups there were (it said nothing of patients)."""
+    from osteo.model_card import _kept_whole
+    from osteo.runs import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    rows = [{"path": f"normal/{i}.dcm", "label": "normal", "split": "train" if i < 6 else "val",
+             "group": "dicom:P1" if i < 3 else "dup:7" if i < 5 else f"normal/{i}.dcm"} for i in range(8)]
+    run.write_split(rows)
+    assert _kept_whole(run) == ("- kept whole by the split, each on one side: 2 groups of images (a patient's, or copies "
+                                "of one image), 5 images in all")
+    run.write_split([{**r, "group": r["path"]} for r in rows])
+    assert _kept_whole(run) == "- kept whole by the split: no group of two or more images (no patients given, no copies)"
