@@ -205,9 +205,10 @@ def print_audit(result, console=None) -> None:
                       f"the class folders; audit.json lists them): {shown}", markup=False, soft_wrap=True)
     patients = info["patients"]
     if patients["patients"]:
-        spread = patients["images_per_patient"]
-        console.print(f"  patients: {patients['patients']} by DICOM PatientID ({spread['min']}-{spread['max']} images "
-                      "each): the split keeps each patient's images on one side", markup=False, soft_wrap=True)
+        low, high = patients["images_per_patient"]["min"], patients["images_per_patient"]["max"]
+        each = f"{low} image{'s' * (low > 1)}" if low == high else f"{low}-{high} images"
+        console.print(f"  patients: {patients['patients']} by DICOM PatientID ({each} each): the split keeps each "
+                      "patient's images on one side", markup=False, soft_wrap=True)
     empty = [c for c in CLASSES if not any(r.label == c for r in ok)]
     if empty:
         console.print(f"  no readable images of class {' and '.join(empty)}: training needs images of every class",

@@ -37,7 +37,7 @@ def _kept_whole(run: RunDir) -> str:
     whole = [n for n in sizes.values() if n > 1]
     return (f"- kept whole by the split, each on one side: {len(whole)} groups of images (a patient's, or copies of "
             f"one image), {sum(whole)} images in all" if whole else
-            "- kept whole by the split: no group of two or more images (no patients given, no copies)")
+            "- kept whole by the split: no group of two or more images")
 
 
 def write_model_card(run_dir) -> Path:

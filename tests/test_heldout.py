@@ -55,6 +55,9 @@ def test_the_default_split_holds_out_a_test_split_that_chose_nothing(finetuned, 
     assert ("Headline: test, which chose nothing; the checkpoint (epoch " in card
             and "the temperature and the operating points' thresholds were chosen on validation." in card)
     assert f"| test | nothing | {len(test)} |" in card
+    groups = {r["group"] for r in split}  # the card says what the split kept together, as split.csv has it
+    assert ("- kept whole by the split: no group of two or more images" if len(groups) == len(split) else
+            "- kept whole by the split, each on one side: ") in card
     assert f"| validation | checkpoint, temperature, thresholds | {len(val)} |" in card
     assert "on test (chose nothing): sensitivity" in card
 

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from helpers import exited_ok, osteo_process
 
 from osteo.runs import CvDir, RunDir
 from osteo.trainer import Trainer
+
+WAIT_BOUND_S = 600  # the most a command may take to start and say it waits, on a loaded machine
 
 TINY = ["--model", "tiny", "--weights", "none", "--image-size", "32", "--set", "train.tensorboard=false",
         "--set", "train.bootstrap=20", "--set", "train.steps_per_epoch=2"]
@@ -225,12 +228,18 @@ def _waits_while_held(args, run: RunDir, cwd: Path) -> subprocess.Popen:
     before = files()
     with folder_lock(run.path, "a test's hold"):
         proc = subprocess.Popen([sys.executable, "-m", "osteo.cli", *map(str, args)], cwd=cwd, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # a bound, not a measurement: a child that hangs before it waits is killed, and the test fails
+        watchdog = threading.Timer(WAIT_BOUND_S, proc.kill)
+        watchdog.start()
         said = []
-        for line in proc.stderr:  # until it says it waits (or it ends without waiting: the failure)
-            said.append(line)
-            if "waiting for another osteo command" in line:
-                break
+        try:
+            for line in proc.stderr:  # until it says it waits (or it ends without waiting: the failure)
+                said.append(line)
+                if "waiting for another osteo command" in line:
+                    break
+        finally:
+            watchdog.cancel()
         assert said and "waiting for another osteo command that writes in" in said[-1], "".join(said)[-2000:]
         assert files() == before  # nothing written while it waits
     return proc

@@ -207,4 +207,4 @@ def test_the_model_card_says_how_many_groups_the_split_kept_whole(tmp_path):
     assert _kept_whole(run) == ("- kept whole by the split, each on one side: 2 groups of images (a patient's, or copies "
                                 "of one image), 5 images in all")
     run.write_split([{**r, "group": r["path"]} for r in rows])
-    assert _kept_whole(run) == "- kept whole by the split: no group of two or more images (no patients given, no copies)"
+    assert _kept_whole(run) == "- kept whole by the split: no group of two or more images"

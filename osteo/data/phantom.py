@@ -317,8 +317,9 @@ def dicom_bytes(pixels: np.ndarray, **elements) -> bytes:
     """``pixels`` (H, W) as the bytes of a DX DICOM file, as a PACS exports one: explicit VR
     little endian, MONOCHROME2, 16 bits allocated and 12 stored (8 and 8 for uint8 pixels),
     unless ``elements`` (keywords: PatientID, PhotometricInterpretation, PixelPaddingValue, ...)
-    say otherwise; an element given None is written empty. For the tests and the benchmarks'
-    DICOM rows."""
+    say otherwise; an element given None is written empty (not the pixel description's: BitsAllocated
+    and its kin must be numbers). The pixels are cast to the allocated bits as they are (a value that
+    does not fit wraps). For the tests and the benchmarks' DICOM rows."""
     import io
 
     import pydicom
