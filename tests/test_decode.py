@@ -307,53 +307,30 @@ def test_gray_blocks_convert_like_the_whole_image():
 
 
 def test_a_dicom_in_a_transfer_syntax_without_a_decoder_says_which_and_how_to_convert_it():
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import UID, SecondaryCaptureImageStorage, generate_uid
+    pytest.importorskip("pydicom")
+    from osteo.data.phantom import dicom_bytes
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.100")  # MPEG2: no decoder in osteo's packages
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = "DX", 16, 16, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = encapsulate([b"\0" * 64])
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
+    # MPEG2: no decoder in osteo's packages
+    data = dicom_bytes(np.zeros((16, 16), np.uint8), syntax="1.2.840.10008.1.2.4.100", fragments=[b"\0" * 64])
     with pytest.raises(DecodeError, match=r"dicom pixel data in MPEG2 Main Profile / Main Level, a transfer syntax "
                                           r"with no decoder here; convert it to uncompressed DICOM, e.g. gdcmconv"):
-        decode_bytes(buf.getvalue())
+        decode_bytes(data)
 
 
 def test_a_decoders_message_over_several_lines_is_one_line_of_reason():
     """pydicom's error for JPEG-LS pixel data it cannot decode runs over two lines (one per
     plugin): the reason, printed as a one-line error by train and eval, is folded to one line."""
     pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import JPEGLSLossless, generate_uid
+    from pydicom.uid import JPEGLSLossless
 
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = JPEGLSLossless
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "DX", "P1"
-    ds.Rows = ds.Columns = 32
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = encapsulate([b"\xff\xd8\xff\xf7" + b"\x00" * 60])  # a JPEG-LS start, then nothing valid
-    ds["PixelData"].VR = "OB"
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    assert pydicom.dcmread(io.BytesIO(buf.getvalue())).file_meta.TransferSyntaxUID == JPEGLSLossless
+    from osteo.data.phantom import dicom_bytes
+
+    # a JPEG-LS start, then nothing valid
+    data = dicom_bytes(np.zeros((32, 32), np.uint16), syntax=JPEGLSLossless, fragments=[b"\xff\xd8\xff\xf7" + b"\x00" * 60],
+                       PatientID="P1")
+    assert pydicom.dcmread(io.BytesIO(data)).file_meta.TransferSyntaxUID == JPEGLSLossless
     with pytest.raises(DecodeError) as e:
-        decode_bytes(buf.getvalue())
+        decode_bytes(data)
     assert str(e.value).startswith("dicom ") and "\n" not in str(e.value)
 
 
@@ -430,16 +407,12 @@ def test_a_dicom_whose_transfer_syntax_pydicom_does_not_know_is_one_line():
     with the fix, by osteo and by an export's script alike; nothing raises past the decoder."""
     from osteo import export_predict
 
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.encaps import encapsulate
+    pytest.importorskip("pydicom")
 
-    ds = pydicom.dcmread(io.BytesIO(_dx(KNEE12)))
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"  # JPEG baseline, then a UID pydicom does not know
-    ds.PixelData = encapsulate([b"\0" * 64])
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    # pydicom writes no syntax it does not know; a PACS of a newer standard does
-    buf = io.BytesIO(buf.getvalue().replace(b"1.2.840.10008.1.2.4.50", b"1.2.840.10008.1.2.4.98"))
+    # JPEG baseline, then a UID pydicom does not know: pydicom writes no syntax it does not know; a PACS of a
+    # newer standard does
+    data = _dx(KNEE12, syntax="1.2.840.10008.1.2.4.50", fragments=[b"\0" * 64])
+    buf = io.BytesIO(data.replace(b"1.2.840.10008.1.2.4.50", b"1.2.840.10008.1.2.4.98"))
     reason = ("dicom pixel data in 1.2.840.10008.1.2.4.98, a transfer syntax with no decoder here; convert it to "
               "uncompressed DICOM, e.g. gdcmconv --raw IN OUT")
     with pytest.raises(DecodeError) as e:

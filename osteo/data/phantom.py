@@ -313,22 +313,26 @@ def _sweep_stale(out: Path) -> None:
         sweep_temporaries(out.parent, grace=0.0, pattern=pattern)
 
 
-def dicom_bytes(pixels: np.ndarray, **elements) -> bytes:
+def dicom_bytes(pixels: np.ndarray, syntax: str | None = None, fragments: list[bytes] | None = None,
+                **elements) -> bytes:
     """``pixels`` (H, W) as the bytes of a DX DICOM file, as a PACS exports one: explicit VR
     little endian, MONOCHROME2, 16 bits allocated and 12 stored (8 and 8 for uint8 pixels),
     unless ``elements`` (keywords: PatientID, PhotometricInterpretation, PixelPaddingValue, ...)
     say otherwise; an element given None is written empty (not the pixel description's: BitsAllocated
     and its kin must be numbers). The pixels are cast to the allocated bits as they are (a value that
-    does not fit wraps). For the tests and the benchmarks' DICOM rows."""
+    does not fit wraps). ``syntax``: another transfer syntax UID, whose pixel data is then the
+    encapsulated ``fragments`` (``pixels`` giving only the size). For the tests and the benchmarks'
+    DICOM rows."""
     import io
 
     import pydicom
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = UID(syntax) if syntax else ExplicitVRLittleEndian
     ds = pydicom.Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
@@ -338,7 +342,11 @@ def dicom_bytes(pixels: np.ndarray, **elements) -> bytes:
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (8, 8, 7, 0) if eight else (16, 12, 11, 0)
     for k, v in elements.items():
         setattr(ds, k, v)
-    ds.PixelData = pixels.astype(np.uint8 if ds.BitsAllocated == 8 else np.uint16).tobytes()
+    if syntax:
+        ds.PixelData = encapsulate(fragments or [])
+        ds["PixelData"].VR = "OB"
+    else:
+        ds.PixelData = pixels.astype(np.uint8 if ds.BitsAllocated == 8 else np.uint16).tobytes()
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
