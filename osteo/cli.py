@@ -177,6 +177,8 @@ def _add_phantom_parser(dsub) -> None:
 def print_audit(result, console=None) -> None:
     from rich.table import Table
 
+    from osteo.files import some_of
+
     console = console or _console()
     info = result.to_json()
     table = Table(title=f"audit of {info['data_dir']}")
@@ -199,10 +201,9 @@ def print_audit(result, console=None) -> None:
     for u in info["unreadable"][:10]:
         console.print(f"  unreadable: {u['path']}: {u['reason']}", markup=False)
     if info["ignored"]:  # what is not read, and why: a folder is listed once (not walked)
-        shown = ", ".join(info["ignored"][:6]) + (f" and {len(info['ignored']) - 6} more" if len(info["ignored"]) > 6
-                                                  else "")
         console.print(f"  ignored (not images by their name or bytes, hidden or system files and folders, or outside "
-                      f"the class folders; audit.json lists them): {shown}", markup=False, soft_wrap=True)
+                      f"the class folders; audit.json lists them): {some_of(info['ignored'], 6)}", markup=False,
+                      soft_wrap=True)
     patients = info["patients"]
     if patients["patients"]:
         low, high = patients["images_per_patient"]["min"], patients["images_per_patient"]["max"]

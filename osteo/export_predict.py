@@ -541,9 +541,40 @@ def image_file(path: str | os.PathLike) -> bool:
     return preambled_dicom(head) or bare_dicom(head)
 
 
-def _holds(folder: str, path: str) -> bool:
-    """Whether real path ``path`` is ``folder`` or inside it."""
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+def inside(path: str, folder: str) -> bool:
+    """Whether real path ``path`` is ``folder`` or below it (False across drives)."""
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:
+        return False
+
+
+def walk_images(top: Path, unlistable=None, not_followed=None) -> tuple[list[Path], list[Path]]:
+    """(the images below folder ``top``, as osteo's audit chooses them (:func:`image_file`), and the
+    other files there, left out), each list sorted. Linked folders are followed, as the audit
+    follows them, each real folder once (a loop is not walked again), but not one that holds
+    ``top`` (a link to ``..`` or ``/``, which would walk far outside what was asked): each such link
+    goes to ``not_followed(link, target)``, and each folder that cannot be listed to
+    ``unlistable(error)``, where given. ``osteo predict`` walks folders with this function too."""
+    found, walked, real_top = [], set(), os.path.realpath(top)
+    for folder, dirs, files in os.walk(top, followlinks=True, onerror=unlistable):
+        real = os.path.realpath(folder)
+        if real in walked:
+            dirs[:] = []
+            continue
+        walked.add(real)
+        for d in [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+            target = os.path.realpath(os.path.join(folder, d))
+            if inside(real_top, target):
+                if not_followed:
+                    not_followed(Path(folder) / d, Path(target))
+                dirs.remove(d)
+        dirs[:] = sorted(d for d in dirs if not not_data(d, folder=True))
+        found += [Path(folder) / f for f in files if not not_data(f, folder=False)]
+    images, left_out = [], []
+    for f in sorted(found):
+        (images if image_file(f) else left_out).append(f)
+    return images, left_out
 
 
 def _expand(paths: list[str]) -> tuple[list[Path], list[Path]]:
@@ -552,20 +583,9 @@ def _expand(paths: list[str]) -> tuple[list[Path], list[Path]]:
     out, left_out = [], []
     for p in map(Path, paths):
         if p.is_dir():
-            found, walked, top = [], set(), os.path.realpath(p)
-            # linked folders followed, as osteo's audit and predict follow them: each real folder once (a
-            # loop is not walked again), and not one that holds the folder named (a link to .. or /)
-            for folder, dirs, files in os.walk(p, followlinks=True):
-                real = os.path.realpath(folder)
-                if real in walked:
-                    dirs[:] = []
-                    continue
-                walked.add(real)
-                dirs[:] = sorted(d for d in dirs if not not_data(d, folder=True) and not (
-                    os.path.islink(os.path.join(folder, d)) and _holds(os.path.realpath(os.path.join(folder, d)), top)))
-                found += [Path(folder) / f for f in files if not not_data(f, folder=False)]
-            for f in sorted(found):
-                (out if image_file(f) else left_out).append(f)
+            images, others = walk_images(p)
+            out += images
+            left_out += others
         else:
             out.append(p)
     return out, left_out

@@ -35,6 +35,11 @@ def cannot_write(folder: str | os.PathLike, e: OSError) -> OsteoError:
     return OsteoError(f"cannot write to {folder}: {e.strerror or e}; {fix}")
 
 
+def some_of(items: Sequence[str], k: int, sep: str = ", ") -> str:
+    """The first ``k`` of ``items`` joined by ``sep``, and how many more there are: ``a, b and 4 more``."""
+    return sep.join(items[:k]) + (f" and {len(items) - k} more" if len(items) > k else "")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` on success.
@@ -551,8 +556,7 @@ class OwnedFolder:
         foreign = [n for n in writes if os.path.lexists(self.folder / n) and n not in owned]
         foreign += [n for n in removes if n not in owned]
         if foreign:
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise OsteoError(f"{self.option} {self.folder} holds {shown}, which osteo did not write and would "
+            raise OsteoError(f"{self.option} {self.folder} holds {some_of(foreign, 3)}, which osteo did not write and would "
                              f"replace or remove; move them elsewhere, or choose another {self.option}")
 
     def claim(self, writes: Iterable[str], removes: Iterable[str] = ()) -> None:

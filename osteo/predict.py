@@ -109,36 +109,19 @@ def _expand(paths: list[str]) -> list[Path]:
     A file named is read whatever its name: the decoder decides by content, and a file it
     cannot read gets a row saying why.
     """
-    from osteo.data.scan import inside
-    from osteo.export_predict import image_file, not_data
+    from osteo.export_predict import walk_images
 
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            found, walked, top = [], set(), os.path.realpath(p)
-            def unlistable(e: OSError) -> None:  # os.walk skips a folder it cannot list, silently
-                log.warning("cannot list %s: %s; its files are not predicted", _display(Path(e.filename)),
-                            e.strerror)
-
-            for folder, dirs, files in os.walk(p, followlinks=True, onerror=unlistable):
-                real = os.path.realpath(folder)
-                if real in walked:
-                    dirs[:] = []
-                    continue
-                walked.add(real)
-                for d in [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
-                    target = os.path.realpath(os.path.join(folder, d))
-                    if inside(top, target):
-                        log.warning("not following %s: it links to %s, which holds %s", _display(Path(folder) / d),
-                                    _display(Path(target)), _display(p))
-                        dirs.remove(d)
-                dirs[:] = sorted(d for d in dirs if not not_data(d, folder=True))  # as the audit skips them
-                found += [Path(folder) / f for f in files if not not_data(f, folder=False)]
-            images = [f for f in sorted(found) if image_file(f)]
-            if len(images) < len(found):
-                other = next(f for f in sorted(found) if not image_file(f))
+            images, left_out = walk_images(
+                p, unlistable=lambda e: log.warning(  # os.walk skips a folder it cannot list, silently
+                    "cannot list %s: %s; its files are not predicted", _display(Path(e.filename)), e.strerror),
+                not_followed=lambda link, target, top=p: log.warning(
+                    "not following %s: it links to %s, which holds %s", _display(link), _display(target), _display(top)))
+            if left_out:
                 log.warning("%d file(s) in %s are not images osteo reads (by their name, or DICOM by their bytes), "
-                            "e.g. %s: left out", len(found) - len(images), _display(p), _display(other))
+                            "e.g. %s: left out", len(left_out), _display(p), _display(left_out[0]))
             out += images
         elif p.exists() or p.is_symlink():
             out.append(p)

@@ -155,8 +155,8 @@ from osteo.data.decode import (
     unexpected_failure,
 )
 from osteo.errors import OsteoError
-from osteo.export_predict import IMAGE_EXTENSIONS, OTHER_IMAGE_EXTENSIONS, not_data
-from osteo.files import all_or_none, sweep_temporaries, temporaries_of, write_csv, write_json
+from osteo.export_predict import IMAGE_EXTENSIONS, OTHER_IMAGE_EXTENSIONS, inside, not_data
+from osteo.files import all_or_none, some_of, sweep_temporaries, temporaries_of, write_csv, write_json
 
 MANIFEST_COLUMNS = (
     "path", "label", "status", "reason", "format", "width", "height", "bit_depth", "frames",
@@ -451,13 +451,6 @@ def _data_folder_hint(path: Path) -> str:
                 return f", e.g. {_display(str(folder))}"
     return ""
 
-
-def inside(path: str, folder: str) -> bool:
-    """Whether real path ``path`` is ``folder`` or below it (False across drives)."""
-    try:
-        return os.path.commonpath([path, folder]) == folder
-    except ValueError:
-        return False
 
 
 # --------------------------------------------------------------------------- features
@@ -1127,9 +1120,8 @@ def _patient_warnings(ok: list[Record]) -> list[str]:
         out.append(f"{info['files_without_patient_id']} DICOM file(s) have no PatientID: each counts as a patient of "
                    "its own in the split; give them their PatientID, or group them with --group-regex or --groups")
     if info["mixed_labels"]:
-        shown = "; ".join(f"{m['patient_id']}: {', '.join(m['labels'])}" for m in info["mixed_labels"][:3])
-        more = f" and {len(info['mixed_labels']) - 3} more" if len(info["mixed_labels"]) > 3 else ""
-        out.append(f"{len(info['mixed_labels'])} patient(s) have images under different classes ({shown}{more}): "
+        shown = some_of([f"{m['patient_id']}: {', '.join(m['labels'])}" for m in info["mixed_labels"]], 3, "; ")
+        out.append(f"{len(info['mixed_labels'])} patient(s) have images under different classes ({shown}): "
                    "check the labels (audit.json lists the files); a training run keeps each patient's images on one "
                    "side of every split")
     return out
