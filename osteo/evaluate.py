@@ -97,10 +97,11 @@ def provenance(where: str, chose: str) -> str:
 
 def which_chose(chose: str) -> str:
     """'which chose nothing', or 'which chose the checkpoint, temperature and thresholds: optimistic'."""
-    return "which chose nothing" if chose == "nothing" else f"which chose the {_listed(chose.split(', '))}: optimistic"
+    return "which chose nothing" if chose == "nothing" else f"which chose the {listed(chose.split(', '))}: optimistic"
 
 
-def _listed(words: list[str]) -> str:
+def listed(words: list[str]) -> str:
+    """``a, b and c``."""
     return " and ".join([", ".join(words[:-1]), words[-1]]) if len(words) > 1 else "".join(words)
 PER_CLASS_CI = ("precision", "recall", "specificity", "f1")  # each class's metrics with intervals
 

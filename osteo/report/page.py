@@ -15,7 +15,7 @@ import numpy as np
 
 from osteo import CLASSES, killpoints
 from osteo.errors import OsteoError
-from osteo.evaluate import HEADLINE, METRICS
+from osteo.evaluate import HEADLINE, METRICS, listed
 from osteo.files import (
     OwnedFolder,
     all_or_none,
@@ -152,7 +152,7 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], said:
     warnings = [w for r, row in zip(runs, rows) for w in failures(r, row)]
     warn_html = "".join(f'<p class="warn">{e(w)}</p>' for w in [*warnings, *skipped])
     sections = [
-        ("Headline metrics", "bars", f"{_listed([m.label for m in METRICS if m.headline])} with 95% bootstrap "
+        ("Headline metrics", "bars", f"{listed([m.label for m in METRICS if m.headline])} with 95% bootstrap "
                                      "intervals; over each bar, red dashes: the run's majority-class baseline, green dots (on the "
                                      "phantom): the oracle's ceiling, both on the run's own images"),
         ("Training curves", "curves", "dashed: training, solid: validation; dotted: the start of fine-tuning"),
@@ -210,11 +210,6 @@ def render_html(runs: list[Run], rows: list[dict], plots: dict[str, Path], said:
                     f"<pre>{e(json.dumps(r.recipe, indent=2))}</pre><pre>{e(json.dumps(r.env, indent=2))}</pre></details>")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>osteo report</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
-
-
-def _listed(words: list[str]) -> str:
-    """``a, b and c``."""
-    return " and ".join([", ".join(words[:-1]), words[-1]]) if len(words) > 1 else "".join(words)
 
 
 def failures(run: Run, row: dict) -> list[str]:
