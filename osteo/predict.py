@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -323,13 +324,22 @@ def _display(path: Path) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+class Predictions(NamedTuple):
+    """What :func:`predict_files` wrote: the CSV, its rows, and how many of them are unreadable."""
+
+    out: Path
+    rows: int
+    unreadable: int
+
+
 def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.PathLike, batch: int = 32,
                   calibrated: bool = True, tta: bool = False, gradcam_dir: str | os.PathLike | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> Path:
+                  progress: Callable[[int, int], None] | None = None) -> Predictions:
     """Classify files and folders (recursively, DICOM included) into ``out``; unreadable files get a row.
 
-    Unreadable files are also counted in one warning; when no file could be read, the CSV
-    (each file's reason) is written and then an OsteoError says so.
+    Unreadable files are also counted in one warning (the CLI then exits 1, as an export's
+    predict.py does); when no file could be read, the CSV (each file's reason) is written and
+    then an OsteoError says so.
 
     Every output is checked before the first image is read: ``out`` must not be in a run's
     folder nor be anything but a file, and ``gradcam_dir`` must not hold files osteo did not
@@ -392,7 +402,7 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
     if bad:
         log.warning("%d of %d files are unreadable and have no prediction (status=unreadable, with the reason, in %s)",
                     bad, len(rows), out)
-    return Path(out)
+    return Predictions(Path(out), len(rows), bad)
 
 
 # --------------------------------------------------------------------------- external validation
