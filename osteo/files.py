@@ -487,13 +487,14 @@ def open_text(path: str | os.PathLike, **kwargs):
     mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
         raise OSError(0, "not a regular file", str(path))
-    return open(path, encoding="utf-8", **kwargs)
+    return open(path, **{"encoding": "utf-8", **kwargs})
 
 
 def read_csv(path: str | os.PathLike, fix: str) -> list[dict]:
-    """The rows of a CSV file osteo wrote; unreadable or damaged is a one-line error ending in ``fix``."""
+    """The rows of a CSV file osteo wrote (or a user's: a byte-order mark, as Excel writes, is
+    read as none); unreadable or damaged is a one-line error ending in ``fix``."""
     try:
-        with open_text(path, newline="") as f:
+        with open_text(path, newline="", encoding="utf-8-sig") as f:
             return list(csv.DictReader(f))
     except OSError as e:
         raise OsteoError(f"cannot read {path}: {e.strerror}; {fix}") from None

@@ -62,6 +62,33 @@ def test_groups_csv_keeps_listed_images_together():
     assert len({r["split"] for r in split if r["label"] == "normal"}) == 1
 
 
+def test_a_groups_csv_that_would_group_no_one_or_everyone_wrongly_is_refused(tmp_path):
+    from osteo.data.split import read_groups_csv
+
+    cases = {
+        "": "has no rows",  # an empty file: before, as if --groups had not been given
+        "path,group\r\n": "has no rows",
+        "file,patient\nnormal/a.png,P1\n": r"needs the columns path,group \(it has 'file', 'patient'\)",
+        "path,group\nnormal/a.png,P1\nnormal/b.png,\nnormal/c.png, \n": "line 3 of .* has an empty group",
+        "path,group\nnormal/a.png,P1\nnormal/a.png,P2\n": r"gives normal/a.png two groups \('P1' and 'P2', line 3\)",
+    }
+    for i, (text, error) in enumerate(cases.items()):
+        csv_file = tmp_path / f"g{i}.csv"
+        csv_file.write_text(text, newline="")
+        with pytest.raises(OsteoError, match=error):
+            read_groups_csv(csv_file)
+    excel = tmp_path / "excel.csv"  # Excel's "CSV UTF-8": a byte-order mark and CRLF
+    excel.write_bytes("\ufeffpath,group\r\nnormal/a.png, P1\r\nnormal/b.png,P1\r\nnormal/a.png,P1\r\n".encode())
+    assert read_groups_csv(excel) == {"normal/a.png": "P1", "normal/b.png": "P1"}
+
+
+def test_a_regex_whose_patient_is_empty_names_no_patient():
+    rows = _rows()  # P000_0.png ...: group 1 of ^(Q?)P is empty for every file, and optional for (Q)?P
+    for regex in (r"^(Q?)P", r"^(Q)?P"):
+        with pytest.raises(OsteoError, match="matches none of the 100 files"):  # not one patient of all 100
+            split_rows(rows, group_regex=regex)
+
+
 def test_a_patient_source_that_names_no_file_is_an_error_and_one_that_names_some_a_warning():
     rows = _rows()  # 100 files named like P007_1.png
     with pytest.raises(OsteoError, match=r"^--group-regex '\^\(Q\[0-9\]\+\)_' matches none of the 100 files"):

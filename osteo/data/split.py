@@ -114,9 +114,10 @@ def assign_groups(rows: list[dict], group_regex: str | None = None,
             union(node, "dup:" + r["dup_group"])
         if pattern is not None:
             m = pattern.search(os.path.basename(r["path"]))
-            if m:
+            patient = (m.group(1) if m.groups() else m.group(0)) if m else None
+            if patient:  # an empty (or unmatched) group 1 names no patient: never one of every such file
                 matched += 1
-                union(node, "patient:" + (m.group(1) if m.groups() else m.group(0)))
+                union(node, "patient:" + patient)
         if groups and r["path"] in groups:
             listed += 1
             union(node, "group:" + str(groups[r["path"]]))
@@ -280,7 +281,19 @@ def read_split(path: str | os.PathLike) -> list[dict]:
 
 def read_groups_csv(path: str | os.PathLike) -> dict[str, str]:
     """``path,group`` rows -> {path: group}."""
-    rows = read_csv(path, "give a CSV file with path,group columns (--groups)")
-    if rows and not {"path", "group"} <= set(rows[0]):
-        raise OsteoError(f"{path} needs the columns path,group")
-    return {r["path"]: r["group"] for r in rows}
+    fix = "give a CSV file with path,group columns (--groups), a row per file"
+    rows = read_csv(path, fix)
+    if not rows:  # an empty file would group no one, as if --groups had not been given, silently
+        raise OsteoError(f"{path} has no rows; {fix}")
+    if not {"path", "group"} <= set(rows[0]):
+        raise OsteoError(f"{path} needs the columns path,group (it has {', '.join(map(repr, rows[0]))}); {fix}")
+    groups: dict[str, str] = {}
+    for line, r in enumerate(rows, start=2):  # line 1 is the header
+        path_, group = r["path"] or "", (r["group"] or "").strip()
+        if not path_ or not group:  # a blank group would make one patient of every file left blank
+            raise OsteoError(f"line {line} of {path} has an empty {'path' if not path_ else 'group'}; "
+                             "give each file's patient, or leave the file's row out")
+        if groups.setdefault(path_, group) != group:
+            raise OsteoError(f"{path} gives {path_} two groups ({groups[path_]!r} and {group!r}, line {line}); "
+                             "give each file one")
+    return groups
