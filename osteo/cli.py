@@ -409,8 +409,9 @@ def cmd_train(args) -> int:
         k = cv.read()["folds"]
         if cv.is_finished():
             _print_pooled(cv, recipe)
-        print(f"cross-validation: {cv} ({'fold ' + str(args.fold) if args.fold else f'{k} folds'}); "
-              f"compare with: osteo report --runs {recipe.runs_dir}")
+        under_runs = cv.path.resolve().is_relative_to(Path(recipe.runs_dir).resolve())  # else --cv put it elsewhere
+        print(f"cross-validation: {cv} ({'fold ' + str(args.fold) if args.fold else f'{k} folds'}); compare with: "
+              + (f"osteo report --runs {recipe.runs_dir}" if under_runs else f"osteo report {cv} RUNS..."))
         return 0
     from osteo.trainer import Trainer
 

@@ -567,10 +567,12 @@ class CvDir(_Folder):
         except ValueError as e:
             raise OsteoError(f"{self.manifest_path} is damaged ({e}); start the cross-validation again") from None
 
-    def start(self, folds: int, seed: int, recipe: str, model: str, settings: str = "") -> CvDir:
+    def start(self, folds: int, seed: int, recipe: str, model: str, settings: str = "",
+              data: str | os.PathLike | None = None) -> CvDir:
         """Write ``cv.json`` for a new cross-validation, or check it matches an existing one.
         ``settings`` (a hash of the recipe, :func:`osteo.session.cv_settings`) lets the same
-        ``osteo train --folds`` command find and continue it after a kill."""
+        ``osteo train --folds`` command find and continue it after a kill; ``data``, the folder its
+        folds read, is a place it is never made in."""
         want = {"folds": folds, "split_seed": seed, "recipe": recipe, "model": model, "settings": settings,
                 "members": [self.fold_name(i) for i in range(1, folds + 1)]}
         if self.is_cv():
@@ -580,7 +582,7 @@ class CvDir(_Folder):
                     raise OsteoError(f"{self.path} is a cross-validation with {key} {have.get(key)}, not "
                                      f"{want[key]}; use another --cv folder")
             return self
-        check_output_place(self.path, "--cv", "choose a folder outside it")
+        self.check_place(data)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -588,6 +590,10 @@ class CvDir(_Folder):
                              "folder") from None
         write_json(self.manifest_path, want)
         return self
+
+    def check_place(self, data: str | os.PathLike | None = None) -> None:
+        """A new cross-validation's folder is outside every run and ``data`` (the folder its folds read)."""
+        check_output_place(self.path, "--cv", "choose a folder outside it", data=data)
 
     @staticmethod
     def fold_name(i: int) -> str:

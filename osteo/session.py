@@ -284,6 +284,8 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
         raise OsteoError(f"--fold {fold} is not one of 1..{k}")
     settings = cv_settings(recipe, k)
     parent = _cv_parent(recipe, k, cv)
+    if parent is not None and not parent.is_cv():  # a new --cv folder's place, before the audit
+        parent.check_place(recipe.data.dir)
     if parent is None or not parent.is_cv():  # before its folder is made: no empty cross-validation left
         check_folds(recipe, k)
     if parent is None:
@@ -298,7 +300,8 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
         if started:
             _check_same_recipe(parent.fold(started[0]), resolve(_fold_recipe(recipe, k, started[0]),
                                                                  backend=plan.backend), parent)
-    parent.start(folds=k, seed=recipe.train.seed, recipe=recipe.name, model=recipe.model.backbone, settings=settings)
+    parent.start(folds=k, seed=recipe.train.seed, recipe=recipe.name, model=recipe.model.backbone, settings=settings,
+                 data=recipe.data.dir)
     for i in [fold] if fold else range(1, k + 1):
         run = parent.fold(i)
         if run.is_finished():

@@ -985,7 +985,7 @@ def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
                     seeded = copy.deepcopy(r)
                     seeded.train.seed = seed
                     check_folds(seeded, cfg.folds, audited[r.data.dir])
-                CvDir(_cv_path(plan, m, seed)).start(folds=cfg.folds, seed=seed, recipe=r.name, model=m)
+                CvDir(_cv_path(plan, m, seed)).start(folds=cfg.folds, seed=seed, recipe=r.name, model=m, data=r.data.dir)
         if search:
             search_specs = _search_specs(plan, cfg)
             say(f"study {plan.id}: searching {search.key} in [{search.low:g}, {search.high:g}]"

@@ -133,13 +133,17 @@ def test_the_report_pools_out_of_fold_predictions_and_pairs_the_folds(two_cvs, t
 
 
 def test_one_fold_at_a_time_lands_in_the_same_parent(phantom_dir, tmp_path, capsys):
-    cv = tmp_path / "runs" / "tiny" / "my-cv"
+    cv = tmp_path / "elsewhere" / "my-cv"  # not under --runs: the report is pointed at it
+    assert main(_cv_args(phantom_dir, tmp_path / "runs", "--folds", "2", "--fold", "2", "--cv",
+                         str(phantom_dir / "cv"))) == 2  # never inside the folder its folds read
+    assert "is inside" in one_line(capsys) and not (phantom_dir / "cv").exists()
     for i in (2, 1):
         capsys.readouterr()
         assert main(_cv_args(phantom_dir, tmp_path / "runs", "--folds", "2", "--fold", str(i), "--cv", str(cv))) == 0
         # once every fold is finished, the result: pooled out-of-fold numbers with intervals, and the baseline
         printed = capsys.readouterr().out
         assert ("pooled out-of-fold (out-of-fold, which chose nothing: each of its " in printed) == (i == 1), printed
+        assert f"compare with: osteo report {cv} RUNS..." in printed
     assert re.search(r"by the fold that held it out\): balanced accuracy [0-9.]+ \[[0-9.]+, [0-9.]+\], accuracy "
                      r".*; always answering \w+: balanced accuracy 0\.333", printed), printed
     assert CvDir(cv).is_finished()
