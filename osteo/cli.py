@@ -220,10 +220,12 @@ def print_audit(result, console=None) -> None:
 
 def cmd_audit(args) -> int:
     from osteo.data.pipeline import default_cache_root
-    from osteo.data.scan import audit, write_audit
+    from osteo.data.scan import AUDIT_MARKS, audit, write_audit
+    from osteo.files import refuse_foreign_files
     from osteo.runs import check_output_place
 
     check_output_place(args.out, "--out", "choose a folder outside it, e.g. --out reports/audit", dataset=args.data)
+    refuse_foreign_files(args.out, AUDIT_MARKS, "--out", "move them elsewhere, or choose another --out")
     t0 = time.perf_counter()
     with _progress(_console()) as bar:
         task = bar.add_task("audit", total=None)
@@ -248,12 +250,18 @@ def _add_audit_parser(dsub) -> None:
 
 
 def cmd_split(args) -> int:
+    from osteo.data.decode import refuse_to_replace_an_image
     from osteo.data.pipeline import default_cache_root
     from osteo.data.scan import audit
-    from osteo.data.split import read_groups_csv, split_rows, write_split
+    from osteo.data.split import SPLIT_COLUMNS, read_groups_csv, split_rows, write_split
+    from osteo.files import written_by_osteo
     from osteo.runs import check_output_place
 
-    check_output_place(args.out, "--out", "write the split elsewhere, e.g. --out split.csv", dataset=args.data)
+    fix = "write the split elsewhere, e.g. --out split.csv"
+    check_output_place(args.out, "--out", fix, dataset=args.data)
+    refuse_to_replace_an_image(args.out, "--out", fix)
+    if os.path.lexists(args.out) and not written_by_osteo(args.out, SPLIT_COLUMNS[:3]):  # a split is replaced: asked
+        raise OsteoError(f"--out {args.out} exists and is not a split osteo wrote, which this would replace; {fix}")
     if args.folds and not (args.folds >= 2 and 1 <= args.fold <= args.folds):
         raise OsteoError(f"--fold {args.fold} of --folds {args.folds} is not a fold: give --folds K (K >= 2) and "
                          "--fold I, 1 <= I <= K (fold-I/ of osteo train --folds K)")

@@ -75,9 +75,9 @@ def _check_onnx_place(target: Path) -> None:
     record, script = target.parent / RECORD, target.parent / SCRIPT
     first_line = SCRIPT_SOURCE.read_bytes().split(b"\n", 1)[0]
     try:  # no folder there yet (or a file in its place, which making it names) holds neither
-        other = json.loads(record.read_text(encoding="utf-8")).get("file") if record.is_file() else None
+        other = json.loads(record.read_text(encoding="utf-8"))["file"] if record.is_file() else None
         ours = not os.path.lexists(script) or (script.is_file() and script.read_bytes().startswith(first_line))
-    except (ValueError, AttributeError):
+    except (ValueError, TypeError, KeyError):  # not JSON, or no record of an export (every one names its file)
         raise OsteoError(f"{record} is not an osteo export's record, and exporting would replace it; {fix}") from None
     except OSError as e:
         raise OsteoError(f"cannot read {e.filename or record} ({e.strerror}); {fix}") from None

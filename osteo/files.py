@@ -521,6 +521,31 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
+def written_by_osteo(path: str | os.PathLike, mark: str | tuple[str, ...]) -> bool:
+    """Whether the file at ``path`` reads as one osteo writes under its name: a JSON object that
+    holds the key ``mark`` (a str), or a CSV whose header begins with the columns ``mark`` (a tuple)."""
+    try:
+        if isinstance(mark, str):
+            data = read_json(path)
+            return isinstance(data, dict) and mark in data
+        with open_text(path, newline="", encoding="utf-8-sig") as f:
+            return tuple(next(csv.reader(f), [])[:len(mark)]) == mark
+    except (OSError, ValueError, csv.Error):  # unreadable, not JSON, not text: not osteo's
+        return False
+
+
+def refuse_foreign_files(folder: str | os.PathLike, marks: dict[str, str | tuple[str, ...]], option: str,
+                         fix: str) -> None:
+    """A one-line error where ``folder`` holds a file of ``marks``' names (a command's outputs)
+    that is not osteo's by its content (:func:`written_by_osteo`): the command would replace it."""
+    folder = Path(folder)
+    foreign = [n for n, mark in marks.items()
+               if os.path.lexists(folder / n) and not written_by_osteo(folder / n, mark)]
+    if foreign:
+        raise OsteoError(f"{option} {folder} holds {some_of(foreign, 3)}, which osteo did not write and would "
+                         f"replace; {fix}")
+
+
 class OwnedFolder:
     """A folder a command writes its files into, beside files that are not its own
     (``report --out``, ``predict --gradcam``).

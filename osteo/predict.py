@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from osteo import CLASSES, killpoints
+from osteo.data.scan import AUDIT_MARKS
 from osteo.errors import OsteoError
 from osteo.evaluate import chosen_points
 from osteo.files import (
@@ -34,6 +35,7 @@ from osteo.files import (
     folder_lock,
     folder_locks,
     owned_prefix,
+    refuse_foreign_files,
     sha256_file,
     sweep_temporaries,
     temporaries_of,
@@ -583,7 +585,8 @@ def _near_copies_of_the_runs(run, scored: list, seen: set[str] | None, seen_in: 
 # what an external folder's images are checked against, and left out of its score when found there
 SEEN_IN = {"run": "the run's data (its training, validation or test split)", "cv": "the cross-validation's data"}
 EVAL_STAGE = ".eval-"  # an external validation being written, beside its folder (or in the run)
-EVAL_FILES = {RunDir.PREDICTIONS, RunDir.METRICS, RunDir.AUDIT, RunDir.MANIFEST}  # what it writes
+# what it writes, and what each holds (by which an earlier eval's are told from a user's files)
+EVAL_FILES = {RunDir.PREDICTIONS: ("path", "label", "pred"), RunDir.METRICS: "evaluated_on", **AUDIT_MARKS}
 
 
 def _check_eval_out(run: RunDir, out: Path, folder: Path, in_run: bool) -> None:
@@ -603,6 +606,7 @@ def _check_eval_out(run: RunDir, out: Path, folder: Path, in_run: bool) -> None:
     if foreign:
         raise OsteoError(f"--out {out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which "
                          f"osteo eval did not write and would remove; {fix}")
+    refuse_foreign_files(out, EVAL_FILES, "--out", fix)
     _check_same_folder(run, out, folder, in_run)
 
 

@@ -1,8 +1,10 @@
 import json
+import re
 import subprocess
 import sys
 
 import pytest
+from helpers import one_line
 
 from osteo.cli import main
 
@@ -38,9 +40,18 @@ def test_phantom_then_audit(tmp_path, capsys):
         os.utime(p, (1e9, 1e9))  # touched long before this process began, by a process gone since
     assert main(["data", "audit", str(tmp_path / "ph2"), "--out", str(tmp_path / "audit")]) == 0
     assert sorted(p.name for p in (tmp_path / "audit").iterdir()) == ["audit.json", "manifest.csv"]
+    # a folder of a user's own manifest.csv and audit.json (not an audit's): not replaced, and said
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "manifest.csv").write_text("patient,file\nP1,a.png\n")
+    (mine / "audit.json").write_text('{"reviewed": true}')
+    capsys.readouterr()
+    assert main(["data", "audit", str(tmp_path / "ph2"), "--out", str(mine)]) == 2
+    assert "holds manifest.csv, audit.json, which osteo did not write and would replace" in one_line(capsys)
+    assert (mine / "manifest.csv").read_text() == "patient,file\nP1,a.png\n"
 
 
-def test_split_command_writes_split_csv(tmp_path):
+def test_split_command_writes_split_csv(tmp_path, capsys):
     main(["data", "phantom", str(tmp_path / "ph"), "--n", "30", "--size", "48"])
     assert main(["data", "split", str(tmp_path / "ph"), "--out", str(tmp_path / "split.csv"), "--seed", "1"]) == 0
     lines = (tmp_path / "split.csv").read_text().splitlines()
@@ -56,6 +67,18 @@ def test_split_command_writes_split_csv(tmp_path):
         val = {ln.split(",")[0] for ln in out.read_text().splitlines()[1:] if ln.split(",")[2] == "val"}
         assert val == {r["path"] for r in split_rows(rows, folds=3, fold=fold - 1)[0] if r["split"] == "val"}
     assert main(["data", "split", str(tmp_path / "ph"), "--out", str(out), "--folds", "3", "--fold", "4"]) == 2
+    # an --out that is an image, or any file but a split, is somebody's: not replaced (a split is: asked)
+    image = next((tmp_path / "ph" / "normal").glob("*.png"))
+    (tmp_path / "notes.txt").write_text("mine")
+    import shutil
+
+    shutil.copy(image, tmp_path / "knee.png")
+    for target, said in ((tmp_path / "knee.png", r"is an image \(png\), which this would replace"),
+                         (tmp_path / "notes.txt", "is not a split osteo wrote")):
+        before = target.read_bytes()
+        capsys.readouterr()
+        assert main(["data", "split", str(tmp_path / "ph"), "--out", str(target)]) == 2
+        assert re.search(said, one_line(capsys)) and target.read_bytes() == before
 
 
 @pytest.mark.parametrize(

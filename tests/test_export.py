@@ -331,6 +331,8 @@ def test_errors_are_one_line_osteo_errors(run, tmp_path, monkeypatch):
     (tmp_path / "mine" / "predict.py").write_text("print('mine')\n")
     (tmp_path / "two").mkdir()  # another model's ONNX export: a second one there orphaned it
     (tmp_path / "two" / "export.json").write_text(json.dumps({"file": "a.onnx", "format": "onnx"}))
+    (tmp_path / "theirs").mkdir()  # a user's own export.json, a JSON object but no export's record: replaced before
+    (tmp_path / "theirs" / "export.json").write_text(json.dumps({"mine": 1}))
     cases = [
         ((not_run, "onnx", None), "not an osteo run directory"),
         ((no_best.path, "onnx", None), "best.weights.h5"),
@@ -346,6 +348,8 @@ def test_errors_are_one_line_osteo_errors(run, tmp_path, monkeypatch):
                                                              "a folder of its own"),
         ((run.path, "onnx", tmp_path / "two" / "b.onnx"), r"holds the ONNX export a\.onnx \(export\.json and "
                                                           r"predict\.py are its own\), which exporting b\.onnx there"),
+        ((run.path, "onnx", tmp_path / "theirs" / "m.onnx"), "export.json is not an osteo export's record, and "
+                                                             "exporting would replace it"),
         ((run.path, "onnx", a_file / "m.onnx"), "cannot write to"),  # a file where the folder would be: named as such
         ((bad_t.path, "keras", tmp_path / "m.keras"), "not a positive number"),
     ]
@@ -356,6 +360,7 @@ def test_errors_are_one_line_osteo_errors(run, tmp_path, monkeypatch):
     assert an_image.read_bytes().startswith(b"\x89PNG")
     assert (tmp_path / "mine" / "predict.py").read_text() == "print('mine')\n"
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["export.json"]
+    assert json.loads((tmp_path / "theirs" / "export.json").read_text()) == {"mine": 1}
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tf2onnx" else real(name, *a))
     with pytest.raises(OsteoError, match=r"needs tf2onnx: pip install 'osteo\[export\]'"):

@@ -59,6 +59,12 @@ def test_no_output_lands_in_a_run_folder_but_the_commands_own_place(run, phantom
         assert main(argv) == 2, argv
         assert message in one_line(capsys), argv
     assert _digest(copy.path) == before and not (copy.path / "cams").exists()
+    theirs = tmp_path / "theirs"  # a folder of a user's own metrics.json: an eval --out would have replaced it
+    theirs.mkdir()
+    (theirs / "metrics.json").write_text('{"auc": 0.9}')
+    assert main(["eval", str(copy), "--data", str(phantom_dir), "--out", str(theirs)]) == 2
+    assert "holds metrics.json, which osteo did not write and would replace" in one_line(capsys)
+    assert (theirs / "metrics.json").read_text() == '{"auc": 0.9}'
 
 
 def test_gradcam_into_the_images_folder_never_replaces_an_image(run, phantom_dir, tmp_path, capsys):

@@ -1180,6 +1180,10 @@ def _warn(lines: list[str]) -> list[str]:
     return lines
 
 
+# what osteo's manifest.csv and audit.json hold, by which an earlier audit's are told from a user's files
+AUDIT_MARKS = {"manifest.csv": MANIFEST_COLUMNS[:3], "audit.json": "n_files"}
+
+
 def write_audit(result: Audit, out: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``manifest.csv`` and ``audit.json`` to ``out``; return both paths."""
     out = Path(out)
