@@ -862,8 +862,18 @@ def describe_os_error(e: OSError, command: str | None = None) -> str:
         fix = ("a file size limit was reached (the shell's ulimit -f, or the file system's largest file): "
                "raise it" + (f", or write elsewhere ({elsewhere})" if elsewhere else ""))
     elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
-        fix = (f"choose a folder you can write to ({elsewhere})" if elsewhere else
-               "make that file and its folder writable (not immutable: lsattr shows it)")
+        from osteo.runs import RunDir
+
+        run = None
+        with contextlib.suppress(TypeError, ValueError, OSError):  # a file name osteo cannot place is no run's
+            run = RunDir.owner_of(e.filename) if isinstance(e.filename, str | os.PathLike) else None
+        if run is not None:  # eval, calibrate, a resume: a run's results are written in its own folder, nowhere else
+            fix = f"make the run's folder {run.path} writable (not immutable: lsattr shows it): its results are kept there"
+        else:
+            fix = (f"choose a folder you can write to ({elsewhere})" if elsewhere else
+                   "make that file and its folder writable (not immutable: lsattr shows it)")
+    elif code == errno.ENAMETOOLONG:
+        fix = "shorten the path: a file or folder name is at most 255 bytes on most file systems"
     else:
         fix = "check the file and the disk, then run the command again"
     return f"{what}{where}; {fix}"

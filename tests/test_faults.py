@@ -175,6 +175,9 @@ def test_read_only_output_is_one_line(finished_run, tmp_path, monkeypatch, capsy
     monkeypatch.setattr(tempfile, "mkdtemp", read_only)
     assert main(["report", str(finished_run), "--out", str(tmp_path / "rep"), "--bootstrap", "50"]) == 2
     assert one_line(capsys).endswith("choose a folder you can write to (--out)")  # the option report has
+    assert main(["data", "phantom", str(tmp_path / ("x" * 300)), "--n", "6", "--size", "32"]) == 2
+    assert one_line(capsys).endswith("shorten the path: a file or folder name is at most 255 bytes on most file "
+                                     "systems")  # not "check the file and the disk"
 
 
 def test_a_full_disk_names_where_each_command_writes_and_what_frees_it(tmp_path, monkeypatch, capsys):
