@@ -224,7 +224,8 @@ def cmd_audit(args) -> int:
     from osteo.files import refuse_foreign_files
     from osteo.runs import check_output_place
 
-    check_output_place(args.out, "--out", "choose a folder outside it, e.g. --out reports/audit", dataset=args.data)
+    check_output_place(args.out, "--out", "choose a folder outside it, e.g. --out reports/audit", dataset=args.data,
+                       folder=True)
     refuse_foreign_files(args.out, AUDIT_MARKS, "--out", "move them elsewhere, or choose another --out")
     t0 = time.perf_counter()
     with _progress(_console()) as bar:

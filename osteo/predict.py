@@ -594,12 +594,10 @@ def _check_eval_out(run: RunDir, out: Path, folder: Path, in_run: bool) -> None:
     run and outside ``folder``, the images scored, and, if it exists, one an earlier ``eval --data``
     wrote (it is replaced whole)."""
     fix = "choose another --out, or leave it out (RUN_DIR/eval/<folder-name>/, with --tta <folder-name>-tta/)"
-    check_output_place(out, "--out", fix, own=run.eval_path, data=folder)
+    check_output_place(out, "--out", fix, own=run.eval_path, data=folder, folder=True)
     if RunDir.owner_of(out) is not None and not in_run:
         raise OsteoError(f"--out {out} is not a folder of {run.eval_path}, where a run's external validations "
                          f"go; {fix}")
-    if os.path.lexists(out) and not out.is_dir():
-        raise OsteoError(f"--out {out} is a file, not a folder; {fix}")
     for name in EVAL_FILES if out.is_dir() else ():  # a killed calibrate's or eval's, rewriting one of them
         sweep_temporaries(out, pattern=temporaries_of(out / name))
     foreign = sorted(e.name for e in out.iterdir() if e.name not in EVAL_FILES) if out.is_dir() else []

@@ -217,7 +217,7 @@ def _check_warmup(t: TrainConfig) -> None:
 def set_total_epochs(recipe: Recipe, epochs: int) -> Recipe:
     """``EPOCHS=N``: N epochs in all; with two phases, phase 1 gets the larger half."""
     if epochs < 1:
-        raise OsteoError(f"EPOCHS must be at least 1, got {epochs}")
+        raise OsteoError(f"--epochs (make's EPOCHS=) must be at least 1, got {epochs}")
     t = recipe.train
     if t.epochs and t.fine_tune_epochs:
         t.epochs = max(1, -(-epochs // 2))
@@ -250,8 +250,11 @@ def recipe_path(name_or_path: str) -> Path:
         return p
     p = _shipped_recipes() / f"{name_or_path}.py"
     if not p.is_file():
+        # make's RECIPE is its MODEL unless given: a mistyped model's name is seen here
+        from osteo.registry import list_backbones
+
         raise OsteoError(f"unknown recipe {name_or_path!r}; choose one of: {', '.join(list_recipes())}, "
-                         "a registered model name, or a path to a .py file")
+                         f"a registered model name ({', '.join(list_backbones())}), or a path to a .py file")
     return p
 
 
@@ -621,8 +624,8 @@ def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False, 
                          f"stages ({spec.stages_doc}); use 0 (all) to {spec.n_stages}")
     spec.check_size(r.data.image_size)
     if not 1 <= r.train.epochs + r.train.fine_tune_epochs <= MAX_EPOCHS:
-        raise OsteoError(f"train.epochs + train.fine_tune_epochs must be from 1 to {MAX_EPOCHS}; set EPOCHS=1 or "
-                         "more")
+        raise OsteoError(f"train.epochs + train.fine_tune_epochs must be from 1 to {MAX_EPOCHS}; give --epochs 1 or "
+                         "more (make's EPOCHS=)")
     if not trained:  # a run trained before these checks still reads and resumes
         _check_warmup(r.train)
     if r.data.folds and r.data.fold >= r.data.folds:

@@ -195,17 +195,22 @@ class RunDir(_Folder):
                 raise OsteoError(f"{self.path} is a cross-validation, not one run: give one of its folds, e.g. "
                                  f"{self.path / CvDir.fold_name(1)} (osteo report and osteo eval --data take the "
                                  "cross-validation itself)")
+            if not os.path.lexists(self.path):
+                raise OsteoError(f"{self.path} does not exist; pass a run's folder, runs/<model>/<run-id>/")
+            held = [RunDir(p) for p in sorted(self.path.glob("*"))] if self.path.is_dir() else []
+            held = [r for r in held if r.is_run()] or list_runs(self.path)  # runs/<model>/, or runs/
+            if held:  # runs/<model>/ (or runs/) given for one of the runs it holds
+                raise OsteoError(f"{self.path} holds {len(held)} run(s), and is not one: pass one of them, e.g. "
+                                 f"{held[-1].path}")
             raise OsteoError(f"{self.path} is not an osteo run directory (no {' and '.join(self.REQUIRED)}); "
                              "pass a folder under runs/<model>/")
         missing = [f for f in need if not (self.path / f).is_file()
                    and not (f == self.BEST and (self.path / self.LEGACY_BEST).is_file())]
-        if missing:
-            raise OsteoError(f"run {self.path} is unfinished (no {', '.join(missing)}); "
-                             f"finish it with: osteo train --resume {self.path}")
-        if finished and os.path.lexists(self.backup_path):
-            # its checkpoint is a mid-training one, its calibration missing or stale
-            raise OsteoError(f"run {self.path} is unfinished (its training is going on, or was stopped before it "
-                             f"ended); finish it with: osteo train --resume {self.path}")
+        if missing or (finished and os.path.lexists(self.backup_path)):
+            # a checkpoint of the middle of training, its calibration missing or stale
+            raise OsteoError(f"run {self.path} is unfinished (" + (f"no {', '.join(missing)}: " if missing else "")
+                             + "its training is going on, or was stopped before it ended); wait for it, or finish a "
+                             f"stopped one with: osteo train --resume {self.path}")
         return self
 
     def split_id(self) -> str:
@@ -476,14 +481,17 @@ def _check_rows(path: Path, rows: list[dict], splits: Sequence[str], fix: str) -
 
 
 def check_output_place(path: str | os.PathLike, option: str, fix: str, own: str | os.PathLike | None = None,
-                       data: str | os.PathLike | None = None, dataset: str | os.PathLike | None = None) -> None:
+                       data: str | os.PathLike | None = None, dataset: str | os.PathLike | None = None,
+                       folder: bool = False) -> None:
     """A command's output ``path`` lies outside every run and cross-validation folder, or inside
     ``own``, the command's documented place in its run (``RUN/eval/<folder>/``, ``RUN/export/``);
     outside every class folder of a dataset and outside ``data``, the command's input folder;
     outside the folders that class folders of ``dataset`` (default ``data``; the audit's and the
     split's input, which may hold their outputs) link to; else a one-line error: no command
     writes into a run, nor where osteo's next audit would meet what it wrote (the class
-    folder's, or ``data``'s, one names a place outside)."""
+    folder's, or ``data``'s, one names a place outside). An output ``folder`` is not a file."""
+    if folder and os.path.lexists(path) and not os.path.isdir(path):
+        raise OsteoError(f"{option} {path} is a file, not a folder; {fix}")
     target = Path(path).resolve()
     if data is not None and Path(data).is_dir() and target.is_relative_to(Path(data).resolve()):
         inside = Path(data).resolve()
@@ -593,7 +601,7 @@ class CvDir(_Folder):
 
     def check_place(self, data: str | os.PathLike | None = None) -> None:
         """A new cross-validation's folder is outside every run and ``data`` (the folder its folds read)."""
-        check_output_place(self.path, "--cv", "choose a folder outside it", data=data)
+        check_output_place(self.path, "--cv", "choose a folder outside it", data=data, folder=True)
 
     @staticmethod
     def fold_name(i: int) -> str:
@@ -645,7 +653,7 @@ class CvDir(_Folder):
 def new_run_dir(runs_dir: str | os.PathLike, model: str) -> RunDir:
     """A new, empty run directory ``runs_dir/model/<timestamp>[-N]`` (never an existing one)."""
     base = Path(runs_dir) / model
-    check_output_place(base, "--runs", "choose a runs folder outside it")
+    check_output_place(base, "--runs", "choose a runs folder outside it", folder=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     try:
         base.mkdir(parents=True, exist_ok=True)

@@ -147,7 +147,8 @@ def build_recipe(name: str, model: str | None, options: TrainOptions, folds: int
                "add --set train.fine_tune_epochs=N, use the finetune recipe")
         raise OsteoError(f"--set {idle[0]} has no effect: this run trains no fine-tuning phase "
                          f"(train.fine_tune_epochs=0); {fix}, or leave it out")
-    check_output_place(resolved.runs_dir, "--runs", "choose a runs folder outside it", data=resolved.data.dir)
+    check_output_place(resolved.runs_dir, "--runs", "choose a runs folder outside it", data=resolved.data.dir,
+                       folder=True)
     return resolved
 
 

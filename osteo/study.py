@@ -765,7 +765,7 @@ def _plan(cfg: StudyConfig) -> _Plan:
     runs = (cwd / cfg.runs).resolve()
     out = (cwd / cfg.out).resolve()
     for data in {r.data.dir for r in recipes.values()}:  # nor where the study's own images are
-        check_output_place(out, "--out", "choose a folder outside it, e.g. --out reports/study", data=data)
+        check_output_place(out, "--out", "choose a folder outside it, e.g. --out reports/study", data=data, folder=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     seeds = list(range(cfg.seeds))
     study_id = _unfinished_study(out, _config(cfg))  # the same command again continues it

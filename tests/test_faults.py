@@ -367,6 +367,36 @@ def test_resume_refuses_images_that_decode_otherwise_since_the_run_began(tmp_pat
     assert run.is_finished()
 
 
+def test_a_run_folder_that_is_none_is_said_as_what_it_is(finished_run, unfinished_run, tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "no-such-run")]) == 2
+    assert f"{tmp_path / 'no-such-run'} does not exist; pass a run's folder" in one_line(capsys)
+    model_folder = finished_run.path.parent  # runs/<model>/, for the run it holds
+    assert main(["predict", str(model_folder), str(tmp_path)]) == 2
+    assert f"{model_folder} holds 1 run(s), and is not one: pass one of them, e.g. {finished_run.path}" in \
+        one_line(capsys)
+    assert main(["eval", str(unfinished_run)]) == 2  # training, or stopped: both said, not only the resume
+    assert one_line(capsys).endswith("its training is going on, or was stopped before it ended); wait for it, or "
+                                     f"finish a stopped one with: osteo train --resume {unfinished_run.path}")
+
+
+def test_output_folders_and_names_that_are_not_what_they_should_be_are_said(finished_run, phantom_dir, tmp_path,
+                                                                          capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for argv in (["report", str(finished_run), "--out", str(a_file)],
+                 ["data", "audit", str(phantom_dir), "--out", str(a_file)],
+                 ["train", "seed", "--data", str(phantom_dir), "--runs", str(a_file)]):
+        assert main(argv) == 2, argv
+        assert f"{a_file} is a file, not a folder; choose a" in one_line(capsys), argv  # not "File exists"
+    assert a_file.read_text() == "mine"
+    assert main(["report", "--runs", str(tmp_path / "none")]) == 2
+    assert f"--runs {tmp_path / 'none'} does not exist (or is not a folder)" in one_line(capsys)
+    assert main(["train", "vgg61"]) == 2  # make train MODEL=vgg61: the recipe is the model's name
+    assert "a registered model name (convnext_tiny, densenet169," in one_line(capsys)
+    assert main(["train", "seed", "--data", str(phantom_dir), "--epochs", "0"]) == 2
+    assert "--epochs (make's EPOCHS=) must be at least 1, got 0" in one_line(capsys)
+
+
 def test_a_run_being_trained_is_locked(unfinished_run, capsys):
     with unfinished_run.locked():
         assert main(["train", "seed", "--resume", str(unfinished_run)]) == 2

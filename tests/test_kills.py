@@ -133,7 +133,7 @@ def test_a_run_killed_while_finishing_is_unfinished_refused_flagged_and_finished
     assert run.metrics_path.is_file() and not run.calibration_path.exists()
     assert not run.is_finished() and run.is_resumable()
     image = next((phantom_dir / "normal").iterdir())
-    hint = f"finish it with: osteo train --resume {run.path}"
+    hint = f"finish a stopped one with: osteo train --resume {run.path}"
     for argv in (["predict", run, image, "--out", tmp_path / "p.csv"], ["eval", run],
                  ["export", run, "--out", tmp_path / "m.keras", "--format", "keras"]):  # export warned first
         proc = osteo_process(argv, tmp_path)

@@ -148,6 +148,9 @@ def collect_runs(specs: list[str] | None = None, runs_dir: str | os.PathLike = "
              f"{names}; finish one with: osteo train --resume RUN_DIR (a cross-validation: the command that "
              "started it)")
     if not runs and not cvs:
+        if not os.path.isdir(runs_dir):
+            raise OsteoError(f"--runs {runs_dir} does not exist (or is not a folder); give the folder osteo train "
+                             "wrote runs to (--runs, make's RUNS=), or train one first (make train MODEL=...)")
         raise OsteoError(f"no finished runs under {runs_dir}; train one first (make train MODEL=...)")
     if all_runs:
         return [*runs, *cvs]

@@ -76,7 +76,7 @@ def write_report(run_dirs: list, out: str | os.PathLike, split: str = "auto", n_
     if n_boot < 0:
         raise OsteoError(f"the number of bootstrap resamples must be 0 or more, got {n_boot}; e.g. --bootstrap 1000")
     out = Path(out)
-    check_output_place(out, "--out", "choose a folder outside it, e.g. --out reports")
+    check_output_place(out, "--out", "choose a folder outside it, e.g. --out reports", folder=True)
     runs, skipped = load_runs(run_dirs, split, n_boot, seed, warn)
     for data in {r.recipe.get("data", {}).get("dir") for r in runs} - {None, ""}:  # nor in a run's images
         check_output_place(out, "--out", "choose a folder outside it, e.g. --out reports", data=data)
