@@ -168,6 +168,28 @@ def test_batchnorm_frozen_for_fine_tuning_keeps_its_statistics_on_both_engines(e
             assert 0 < len(moved) < len(before), (engine, moved)
 
 
+@pytest.mark.parametrize("engine", ["keras", "timm"])
+def test_built_from_scratch_with_frozen_batchnorm_every_convolution_learns_on_both_engines(engine):
+    """timm builds a ResNet block's last BatchNorm at scale 0 (zero_init_last); frozen (freeze_bn, with
+    weights none) it stayed 0, and only the stem and the shortcut convolutions learned on the timm
+    engine (5 of ResNet50's 53), every one on Keras'."""
+    x = np.random.default_rng(5).uniform(0, 255, (6, 32, 32, 1)).astype("float32")
+    clf = Classifier("tiny", image_size=32, weights="none", augment=NO_AUG, impl=engine, freeze_bn=True)
+    clf.build()
+    clf.freeze_backbone()
+    clf.unfreeze_backbone(0)
+
+    def kernels() -> dict[str, np.ndarray]:
+        return {v.path: keras.ops.convert_to_numpy(v).copy() for v in clf.backbone.weights
+                if v.trainable and len(v.shape) == 4}
+
+    before = kernels()
+    clf.model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    clf.model.train_on_batch(x, np.array([0, 1, 2, 0, 1, 2]))
+    after = kernels()
+    assert len(before) >= 2 and [k for k in before if np.array_equal(before[k], after[k])] == [], engine
+
+
 def _timm_state(name: str, seed: int) -> dict:
     torch.manual_seed(seed)
     return timm.create_model(name, pretrained=False).state_dict()  # with its classifier, as timm saves them

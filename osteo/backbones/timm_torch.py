@@ -69,10 +69,23 @@ _AUTOCAST = {"bfloat16": "bfloat16", "float16": "float16"}
 
 
 def create_module(timm_name: str, *, pretrained: bool = False, **kwargs):
-    """timm's module without its classifier and pooling: ``forward_features`` gives (B, C, H, W)."""
+    """timm's module without its classifier and pooling: ``forward_features`` gives (B, C, H, W).
+
+    A residual block's last BatchNorm starts at scale 1, as Keras' do, not at timm's 0
+    (``zero_init_last``, where a model has it): frozen for fine-tuning (``model.freeze_bn``) on
+    weights that do not set it (``none``), a 0 stayed 0, and its block never learned (48 of
+    ResNet50's 53 convolutions)."""
     import timm
 
-    return timm.create_model(timm_name, pretrained=pretrained, num_classes=0, global_pool="", **kwargs)
+    def made(**more):
+        return timm.create_model(timm_name, pretrained=pretrained, num_classes=0, global_pool="", **kwargs, **more)
+
+    try:
+        return made(zero_init_last=False)
+    except TypeError as e:  # VGG, DenseNet, ConvNeXt ...: no such option (their norms start at 1)
+        if "zero_init_last" not in str(e):
+            raise
+    return made()
 
 
 def data_config(module) -> dict:
