@@ -236,12 +236,14 @@ class Trainer:
         asked = str(self.recipe.train.jit_compile).lower() == "on"
         self.keras_jit = self.plan.jit_compile = False
         layers = ", ".join(blocked)
-        self.plan.why["jit_compile"] = (f"XLA cannot compile {layers} (the augmentation inside the model), so "
+        # Keras' jit_compile is XLA on TensorFlow and torch.compile on PyTorch; both refuse these layers
+        compiler = "XLA" if keras.backend.backend() == "tensorflow" else "torch.compile (Keras' jit_compile)"
+        self.plan.why["jit_compile"] = (f"{compiler} cannot compile {layers} (the augmentation inside the model), so "
                                         "training runs without it" + ("" if asked else
                                                                       f" (auto: {self.plan.why['jit_compile']})"))
         if asked:
-            _warn(f"train.jit_compile=on: XLA cannot compile {layers} (the augmentation inside the model); training "
-                  "runs without XLA (set the model.augment factors of those layers to 0 to compile)")
+            _warn(f"train.jit_compile=on: {compiler} cannot compile {layers} (the augmentation inside the model); "
+                  "training runs without it (set the model.augment factors of those layers to 0 to compile)")
 
     def _create_run_files(self) -> None:
         """The run directory (a new one is created and locked here) and its recipe, split, audit,

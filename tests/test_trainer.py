@@ -221,7 +221,7 @@ def test_xla_is_off_where_the_augmentation_cannot_be_compiled_and_env_json_says_
                                                    "inside the model), so training runs without it")
     assert [m for m in caplog.messages if "XLA" in m] == [
         "train.jit_compile=on: XLA cannot compile RandomShear, RandomZoom (the augmentation inside the model); "
-        "training runs without XLA (set the model.augment factors of those layers to 0 to compile)"]
+        "training runs without it (set the model.augment factors of those layers to 0 to compile)"]
 
 
 def test_env_json_records_each_choice_and_why(phantom_dir, tmp_path, tiny_recipe, monkeypatch):
