@@ -159,7 +159,12 @@ def check_output(path: str | os.PathLike) -> None:
     The rename of an atomic write replaces whatever is at ``path``: as root, ``--out /dev/full``
     would have become a CSV file in place of the device. A folder, device, FIFO or socket
     there is refused in one line instead.
+    A path of ``-``, which many tools read as standard output, is refused too (a file named
+    ``-`` is hard to handle in a shell).
     """
+    if str(path) == "-":
+        raise OsteoError("- is not standard output here: osteo writes a file; give its name, e.g. --out "
+                         "predictions.csv (and cat it)")
     try:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):

@@ -21,7 +21,8 @@ def _digest(folder) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_an_output_that_is_a_fifo_or_a_folder_is_refused_and_left_as_it_is(run, phantom_dir, tmp_path, capsys):
+def test_an_output_that_is_a_fifo_or_a_folder_is_refused_and_left_as_it_is(run, phantom_dir, tmp_path, capsys,
+                                                                          monkeypatch):
     """As root, --out /dev/full became a CSV file in place of the device: the atomic rename
     replaced whatever was there. A FIFO stands for the device here."""
     fifo = tmp_path / "fifo"
@@ -30,6 +31,9 @@ def test_an_output_that_is_a_fifo_or_a_folder_is_refused_and_left_as_it_is(run, 
         write_text(fifo, "x")
     assert main(["predict", str(run), str(phantom_dir / "normal"), "--out", str(fifo)]) == 2
     assert "not a regular file (a device, FIFO or socket)" in one_line(capsys)
+    monkeypatch.chdir(tmp_path)  # --out -: not a file named "-" here
+    assert main(["predict", str(run), str(phantom_dir / "normal"), "--out", "-"]) == 2
+    assert "- is not standard output here: osteo writes a file" in one_line(capsys) and not os.path.lexists("-")
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     folder = tmp_path / "folder"
     folder.mkdir()
