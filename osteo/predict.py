@@ -585,8 +585,9 @@ def _near_copies_of_the_runs(run, scored: list, seen: set[str] | None, seen_in: 
 # what an external folder's images are checked against, and left out of its score when found there
 SEEN_IN = {"run": "the run's data (its training, validation or test split)", "cv": "the cross-validation's data"}
 EVAL_STAGE = ".eval-"  # an external validation being written, beside its folder (or in the run)
-# what it writes, and what each holds (by which an earlier eval's are told from a user's files)
-EVAL_FILES = {RunDir.PREDICTIONS: ("path", "label", "pred"), RunDir.METRICS: "evaluated_on", **AUDIT_MARKS}
+# what it writes, and what each holds (by which an earlier eval's, of any osteo, are told
+# from a user's files: its metrics.json has named the folder it scored since eval --data began)
+EVAL_FILES = {RunDir.PREDICTIONS: ("path", "label", "pred"), RunDir.METRICS: "data_dir", **AUDIT_MARKS}
 
 
 def _check_eval_out(run: RunDir, out: Path, folder: Path, in_run: bool) -> None:

@@ -69,6 +69,14 @@ def test_no_output_lands_in_a_run_folder_but_the_commands_own_place(run, phantom
     assert main(["eval", str(copy), "--data", str(phantom_dir), "--out", str(theirs)]) == 2
     assert "holds metrics.json, which osteo did not write and would replace" in one_line(capsys)
     assert (theirs / "metrics.json").read_text() == '{"auc": 0.9}'
+    from osteo.files import refuse_foreign_files
+    from osteo.predict import EVAL_FILES
+
+    older = tmp_path / "older"  # an older osteo's eval: no evaluated_on yet, which is no reason to refuse it
+    older.mkdir()
+    (older / "metrics.json").write_text(json.dumps({"run": str(copy.path), "data_dir": str(phantom_dir), "n": 3}))
+    (older / "predictions.csv").write_text("path,label,pred,p_normal,p_osteopenia,p_osteoporosis,split\n")
+    refuse_foreign_files(older, EVAL_FILES, "--out", "")
 
 
 def test_gradcam_into_the_images_folder_never_replaces_an_image(run, phantom_dir, tmp_path, capsys):
