@@ -268,3 +268,26 @@ def test_the_bars_draw_each_ceiling_over_its_own_runs_and_the_legend_over_no_bar
     assert {t.get_text() for t in legend.get_texts()} == {
         "majority class, on each run's images", "oracle (the phantom's true latents), on each run's images"}
     assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)
+
+
+def test_the_verdict_quotes_the_oracle_of_its_own_images(two_runs):
+    """Two folders whose files have the same names share a split_id: each paragraph quoted the first
+    folder's oracle, not that of the images it is about (upgrade probe: 0.889 for 0.944)."""
+    import dataclasses
+
+    from osteo.report.load import load_runs
+    from osteo.report.tables import comparison_rows
+    from osteo.report.verdict import verdict
+
+    (first, second), _ = load_runs(two_runs, n_boot=0)
+    other = dataclasses.replace(second, images_id=f"{second.images_id}-elsewhere")  # another folder's images
+
+    def oracle(run, value):
+        return dataclasses.replace(run, path=run.path / "oracle", recipe={"model": {"backbone": "oracle"},
+                                                                          "data": run.recipe["data"]},
+                                   metrics={**run.metrics, "balanced_accuracy": value})
+
+    assert other.split_id == first.split_id
+    said = verdict(comparison_rows([first, other], [oracle(first, 0.123), oracle(other, 0.789)], 0, 0))
+    ceilings = [p.split("scores ")[-1] for p in said if "oracle" in p]
+    assert ceilings == ["0.123: the ceiling.", "0.789: the ceiling."], said  # and a closing line on the two sets

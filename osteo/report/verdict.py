@@ -67,8 +67,9 @@ def _paragraph(group: list[dict], rows: list[dict]) -> str:
     whose = "that folder's majority" if best["evaluated_on"].startswith("external: ") else "the training majority"
     out.append(f"Always answering {best['majority_class']} ({whose}) scores {base:.3f} on the same "
                f"images; {judged}")
-    oracle = next((o for o in rows if o["model"] == "oracle" and o["split_id"] == best["split_id"]
-                   and o["evaluated_on"] == best["evaluated_on"]), None)
+    # the oracle of these very images: two folders' splits of files of the same names share a split_id
+    oracle = next((o for o in rows if o["model"] == "oracle" and o.get("images_id", "") == best.get("images_id", "")
+                   and o["split_id"] == best["split_id"] and o["evaluated_on"] == best["evaluated_on"]), None)
     if oracle is not None:
         out.append(f"The phantom's oracle (a classifier of the images' true latent variables, fitted on the same "
                    f"training images) scores {_ci(oracle)}: the ceiling.")
