@@ -284,7 +284,7 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
     if fold is not None and not 1 <= fold <= k:
         raise OsteoError(f"--fold {fold} is not one of 1..{k}")
     settings = cv_settings(recipe, k)
-    parent = _cv_parent(recipe, k, cv)
+    parent = _cv_parent(recipe, k, cv, say=logging.getLogger("osteo").warning)
     if parent is not None and not parent.is_cv():  # a new --cv folder's place, before the audit
         parent.check_place(recipe.data.dir)
     if parent is None or not parent.is_cv():  # before its folder is made: no empty cross-validation left
@@ -417,34 +417,65 @@ def _cv_folds(folds: int | None, cv: str | None) -> int:
     return folds or (CvDir(cv).read()["folds"] if cv and CvDir(cv).is_cv() else 0)
 
 
-def _cv_parent(recipe: Recipe, k: int, cv: str | None) -> CvDir | None:
+def _cv_parent(recipe: Recipe, k: int, cv: str | None, say: Say | None = None) -> CvDir | None:
     """The cross-validation a command adds to: ``--cv``, or the newest unfinished one of this
-    recipe and K (None: a new one)."""
-    return CvDir(cv) if cv else _unfinished_cv(recipe, k, cv_settings(recipe, k))
+    recipe and K (None: a new one); ``say`` hears of the unfinished ones of other settings."""
+    return CvDir(cv) if cv else _unfinished_cv(recipe, k, cv_settings(recipe, k), say)
 
 
-def _unfinished_cv(recipe: Recipe, folds: int, settings: str) -> CvDir | None:
-    """The newest unfinished cross-validation of ``recipe`` with these ``settings`` (None: none)."""
+def _unfinished_cv(recipe: Recipe, folds: int, settings: str,
+                   say: Say | None = None) -> CvDir | None:
+    """The newest unfinished cross-validation of ``recipe`` with these ``settings`` (None: none).
+
+    One whose ``settings`` differ but whose started fold trained what this recipe's would (the
+    hash of an older osteo, whose recipes had fewer fields) is the same one; one that trains
+    other settings is left, and ``say`` names it with the way to continue it."""
     from osteo.runs import list_cvs
 
-    found = []
+    found, other = [], []
     for c in list_cvs(recipe.runs_dir):
         if c.model != recipe.model.backbone or c.is_finished():
             continue
         try:
-            if c.read().get("settings") == settings:
-                found.append(c)
+            info = c.read()
         except OsteoError:  # a damaged cv.json is not continued
             continue
-    return max(found, key=lambda c: c.path.stat().st_mtime) if found else None
+        if info.get("settings") == settings:
+            found.append(c)
+        elif info.get("settings") and info.get("folds") == folds:
+            other.append(c)
+    newest = sorted(found or other, key=lambda c: c.path.stat().st_mtime, reverse=True)
+    if found:
+        return newest[0]
+    for c in newest:
+        started = next((c.fold(i) for i in range(1, folds + 1) if c.fold(i).is_run()), None)
+        with contextlib.suppress(OsteoError, OSError, ValueError, KeyError):
+            if started is not None:
+                differ = _differences(started, resolve(_fold_recipe(recipe, folds, _fold_number(started)),
+                                                       backend=started.read_env().get("backend")))
+                if not differ:
+                    return c
+                if say is not None:
+                    say(f"left the unfinished cross-validation {c} as it is: its folds train other settings "
+                        f"({', '.join(differ[:3])}); to finish it, give --cv {c} with the options that started it")
+    return None
+
+
+def _fold_number(run: RunDir) -> int:
+    return int(run.path.name.removeprefix("fold-"))
+
+
+def _differences(run: RunDir, wanted: Recipe) -> list[str]:
+    """The recipe keys (``section.key``) whose value ``run`` trained with differs from ``wanted``'s."""
+    have, want = run.read_recipe().to_dict(), wanted.to_dict()
+    differ = [f"{section}.{key}" for section in want if isinstance(want[section], dict)
+              for key in want[section] if have.get(section, {}).get(key) != want[section][key]]
+    return differ + [key for key in want if not isinstance(want[key], dict) and have.get(key) != want[key]]
 
 
 def _check_same_recipe(run: RunDir, wanted: Recipe, parent: CvDir) -> None:
     """A killed fold resumes only with the recipe it started with."""
-    have, want = run.read_recipe().to_dict(), wanted.to_dict()
-    differ = [f"{section}.{key}" for section in want if isinstance(want[section], dict)
-              for key in want[section] if have.get(section, {}).get(key) != want[section][key]]
-    differ += [key for key in want if not isinstance(want[key], dict) and have.get(key) != want[key]]
+    differ = _differences(run, wanted)
     if differ:
         raise OsteoError(f"{run.path} was started with other settings ({', '.join(differ[:3])}); run the command "
                          f"that started {parent} again, or give another --cv")

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import re
 
 import pytest
@@ -9,7 +10,7 @@ from helpers import one_line
 
 from osteo.cli import main
 from osteo.data.split import INNER_VAL
-from osteo.runs import CvDir
+from osteo.runs import CvDir, list_cvs
 
 
 def _rows(path):
@@ -158,6 +159,31 @@ def test_one_fold_at_a_time_lands_in_the_same_parent(phantom_dir, tmp_path, caps
     assert "is not a cross-validation (no cv.json there); start one with --folds K" in one_line(capsys)
     assert main(["export", str(cv)]) == 2  # a cross-validation where one run is wanted: say which it is
     assert f"is a cross-validation, not one run: give one of its folds, e.g. {cv / 'fold-1'}" in one_line(capsys)
+
+
+def test_the_same_command_continues_a_cross_validation_an_older_osteo_started(phantom_dir, tmp_path, capsys):
+    """cv.json's settings are a hash of the recipe, whose fields grow with osteo: the same --folds
+    command after an upgrade started a new cross-validation beside the killed one, silently."""
+    runs = tmp_path / "runs"
+    assert main(_cv_args(phantom_dir, runs, "--folds", "2", "--fold", "1")) == 0
+    (cv,) = list_cvs(runs)
+    record = json.loads(cv.manifest_path.read_text())
+    cv.manifest_path.write_text(json.dumps({**record, "settings": "0123456789abcdef"}))  # an older osteo's hash
+    said = []  # the CLI prints osteo's logged warnings as `osteo: warning:` lines (its handler: the first main's)
+    listener = logging.Handler(logging.WARNING)
+    listener.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("osteo").addHandler(listener)
+    try:  # other settings: a new one, and the old one named
+        assert main(_cv_args(phantom_dir, runs, "--folds", "2", "--fold", "2", "--image-size", "48")) == 0
+    finally:
+        logging.getLogger("osteo").removeHandler(listener)
+    assert any(m.startswith(f"left the unfinished cross-validation {cv} as it is: its folds train other settings "
+                            "(data.image_size") for m in said), said
+    assert len(list_cvs(runs)) == 2
+    capsys.readouterr()
+    assert main(_cv_args(phantom_dir, runs, "--folds", "2", "--fold", "2")) == 0  # the same: continued
+    assert f"continuing the unfinished cross-validation {cv}" in capsys.readouterr().out
+    assert cv.is_finished() and len(list_cvs(runs)) == 2
 
 
 def test_folds_the_data_cannot_fill_are_refused_before_anything_is_written(phantom_dir, tmp_path, capsys):
