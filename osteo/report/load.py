@@ -143,10 +143,16 @@ def collect_runs(specs: list[str] | None = None, runs_dir: str | os.PathLike = "
     unfinished = [r for r in list_runs(runs_dir) if not r.is_finished()]
     unfinished += [c for c in list_cvs(runs_dir) if not c.is_finished()]  # a damaged cv.json too
     if unfinished and warn:
+        from osteo.data.pipeline import CACHE_VERSION
+
         names = ", ".join(str(r) for r in unfinished[:5]) + (" ..." if len(unfinished) > 5 else "")
+        older = sorted({v for r in unfinished if isinstance(r, RunDir) and (v := r.image_decoding()) not in
+                        (None, CACHE_VERSION)})  # begun before osteo read some files otherwise
+        caveat = (f"; one begun under osteo's image decoding {' or '.join(older)} resumes only if its images decode "
+                  "as they did then (else the resume says which do not, and it must be trained again)" if older else "")
         warn(f"left out {len(unfinished)} unfinished run(s) (stopped before they ended, or training): "
              f"{names}; finish one with: osteo train --resume RUN_DIR (a cross-validation: the command that "
-             "started it)")
+             f"started it){caveat}")
     if not runs and not cvs:
         if not os.path.isdir(runs_dir):
             raise OsteoError(f"--runs {runs_dir} does not exist (or is not a folder); give the folder osteo train "
