@@ -173,3 +173,18 @@ def test_extreme_aspect_ratios_never_leave_an_empty_side(thin_images, size, mode
         elif e.width != e.height:  # a band across the middle, padding on both sides of it
             across = out.max(axis=1 if e.width > e.height else 0)[:, 0]
             assert across[0] == 0 and across[-1] == 0, e.path
+
+
+def test_a_cache_begun_beside_an_older_decodings_entries_names_them_once(tmp_path, caplog):
+    from osteo.data.pipeline import CACHE_VERSION, ImageCache
+
+    (tmp_path / "32-pad-v3" / "ab").mkdir(parents=True)  # an older osteo's entries, which nothing reads now
+    (tmp_path / "32-pad-vx").mkdir()  # not a version: not named
+    (tmp_path / "48-pad-v3").mkdir()  # another size's: said when that size's cache is begun
+    with caplog.at_level("WARNING", logger="osteo"):
+        ImageCache(32, root=tmp_path)
+        ImageCache(32, root=tmp_path)  # an audit's and a pipeline's, before the first entry: said once
+        ImageCache(32, root=tmp_path).dir.mkdir()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"image cache: building {tmp_path / f'32-pad-{CACHE_VERSION}'} beside 32-pad-v3, an older osteo's image "
+        f"decoding, which nothing reads any more; remove {tmp_path / '32-pad-v3'} to free its space"]

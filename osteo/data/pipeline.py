@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import time
 import uuid
@@ -260,6 +261,9 @@ def load_split(files: Sequence[str], size: int) -> np.ndarray:
     return out
 
 
+_SAID_OLDER: set[Path] = set()  # caches whose older neighbours were named
+
+
 class ImageCache:
     """Content-keyed, verified cache of images resized to ``size`` (see the module docstring)."""
 
@@ -273,7 +277,22 @@ class ImageCache:
         self._stored: set[str] = set()  # entries store() wrote or checked, for the next fill not to read again
         self._damaged: dict[str, str] = {}  # entries store() found damaged and rebuilt: why
         self._made: set[Path] = set()  # folders known to exist
+        if not self.dir.exists() and self.dir not in _SAID_OLDER:  # once a process, before its first entry
+            _SAID_OLDER.add(self.dir)
+            self._say_older()
         self._sweep()
+
+    def _say_older(self) -> None:
+        """This size's cache is begun (again) beside the entries of an older osteo's image decoding,
+        which no reader opens any more: one warning line names them, for their space."""
+        with contextlib.suppress(OSError):
+            older = sorted(p.name for p in self.root.glob(f"{self.size}-{self.resize}-v*")
+                           if re.fullmatch(r"v\d+", version := p.name.rsplit("-", 1)[1]) and p.is_dir()
+                           and _number(version) < _number(CACHE_VERSION))
+            if older:
+                log.warning("image cache: building %s beside %s, an older osteo's image decoding, which nothing reads "
+                            "any more; remove %s to free its space", self.dir, ", ".join(older),
+                            " ".join(str(self.root / name) for name in older))
 
     def path(self, sha256: str) -> Path:
         return self.dir / sha256[:2] / f"{sha256}.entry"
