@@ -163,16 +163,21 @@ _SAID_DECODING: set[str] = set()
 
 
 def say_if_decoded_otherwise(run: RunDir) -> None:
-    """A run trained before osteo changed how files become pixels: one warning line, since its
-    model and thresholds saw some images otherwise than they are read now."""
-    from osteo.data.pipeline import CACHE_VERSION, decoding_changes
+    """A run trained before osteo changed how files become pixels, on images of a kind a change
+    touched (its manifest): one warning line, since its model and thresholds saw some images
+    otherwise than they are read now."""
+    from osteo.data.pipeline import CACHE_VERSION, decoding_changes, decoding_touches
 
     was = run.image_decoding()
-    if was not in (None, CACHE_VERSION) and was not in _SAID_DECODING:  # once: an ensemble's folds share it
-        _SAID_DECODING.add(was)
-        log.warning("run %s was trained with osteo's image decoding %s, and images now decode as %s (%s), so its "
-                    "numbers on such images are not the ones it was trained and calibrated on; retrain it to match",
-                    run.path, was, CACHE_VERSION, decoding_changes(was))
+    if was in (None, CACHE_VERSION) or was in _SAID_DECODING:  # once: an ensemble's folds share it
+        return
+    with contextlib.suppress(OsteoError):  # a damaged manifest: unknown, said as the change may touch them
+        if not decoding_touches(was, run.read_manifest().values()):  # 8-bit PNGs since v4: nothing changed
+            return
+    _SAID_DECODING.add(was)
+    log.warning("run %s was trained with osteo's image decoding %s, and images now decode as %s (%s), so its "
+                "numbers on such images are not the ones it was trained and calibrated on; retrain it to match",
+                run.path, was, CACHE_VERSION, decoding_changes(was))
 
 
 def say_if_uncalibrated(run: RunDir) -> None:

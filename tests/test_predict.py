@@ -160,6 +160,21 @@ def test_a_run_trained_with_another_image_decoding_is_said_once(run, phantom_dir
     with osteo_warnings() as said:  # the run as trained now: nothing to say
         assert main(["predict", str(run), str(phantom_dir / "normal"), "--out", str(tmp_path / "c.csv")]) == 0
     assert not [s for s in said if "image decoding" in s]
+    # trained under v4 on 8-bit PNGs, which v5's changes (DICOM, 16-bit colour PNGs, hidden files) leave as they
+    # were: nothing to say; its manifest with a DICOM file among them: said
+    old.env_path.write_text(json.dumps({**env, "image_decoding": "v4"}))
+    predict._SAID_DECODING.clear()
+    with osteo_warnings() as said:
+        assert main(["predict", str(old), str(phantom_dir / "normal"), "--out", str(tmp_path / "d.csv")]) == 0
+    assert not [s for s in said if "image decoding" in s]
+    lines = old.manifest_path.read_text().splitlines()
+    header = lines[0].split(",")
+    first = lines[1].split(",")
+    first[header.index("format")] = "dicom"
+    old.manifest_path.write_text("\n".join([lines[0], ",".join(first), *lines[2:]]) + "\n")
+    with osteo_warnings() as said:
+        assert main(["predict", str(old), str(phantom_dir / "normal"), "--out", str(tmp_path / "e.csv")]) == 0
+    assert [s for s in said if "image decoding v4, and images now decode as v5 (DICOM padding" in s]
 
 
 def test_a_linked_folder_is_predicted_once_as_the_audit_follows_it(run, phantom_dir, tmp_path):

@@ -68,6 +68,7 @@ from osteo.data.decode import (
 )
 from osteo.data.scan import audit_scale
 from osteo.errors import OsteoError
+from osteo.export_predict import not_data
 from osteo.files import pid_alive
 
 RESIZE_MODES = ("pad", "stretch")
@@ -98,6 +99,30 @@ def _number(version: str) -> int:
 def decoding_changes(was: str) -> str:
     """What changed in how files become pixels since osteo's image decoding ``was`` (v3, v4, ...)."""
     return "; ".join(text for version, text in DECODING_CHANGES.items() if _number(version) > _number(was))
+
+
+def _v4_touches(row: dict) -> bool:
+    """More than 8 bits outside DICOM, or an EXIF orientation (which a manifest does not record)."""
+    return row.get("format") != "dicom"
+
+
+def _v5_touches(row: dict) -> bool:
+    """DICOM, a PNG of more than 8 bits (a colour one is refused now), or a hidden or system file."""
+    parts = str(row.get("path", "")).split("/")
+    return (row.get("format") == "dicom" or (row.get("format") == "png" and int(row.get("bit_depth") or 8) > 8)
+            or any(not_data(name, folder=i < len(parts) - 1) for i, name in enumerate(parts)))
+
+
+# which images each change of DECODING_CHANGES can have made decode otherwise, by a manifest row
+DECODING_TOUCHES = {"v4": _v4_touches, "v5": _v5_touches}
+
+
+def decoding_touches(was: str, rows) -> bool:
+    """Whether a change of osteo's image decoding since ``was`` can have touched any of ``rows``
+    (a run's manifest: what it trained and was calibrated on); with no rows, unknown: True."""
+    tests = [test for version, test in DECODING_TOUCHES.items() if _number(version) > _number(was)]
+    rows = [r for r in rows if r.get("status", "ok") == "ok"]
+    return not rows or any(test(r) for r in rows for test in tests)
 
 
 def decodes_otherwise(was: str, old: dict, new) -> bool:
