@@ -188,3 +188,21 @@ def test_a_cache_begun_beside_an_older_decodings_entries_names_them_once(tmp_pat
     assert [r.getMessage() for r in caplog.records] == [
         f"image cache: building {tmp_path / f'32-pad-{CACHE_VERSION}'} beside 32-pad-v3, an older osteo's image "
         f"decoding, which nothing reads any more; remove {tmp_path / '32-pad-v3'} to free its space"]
+
+
+def test_every_change_of_image_decoding_says_which_images_it_touches():
+    from osteo.data.pipeline import (
+        CACHE_VERSION,
+        DECODING_CHANGES,
+        DECODING_TOUCHES,
+        decoding_touches,
+    )
+
+    assert set(DECODING_TOUCHES) == set(DECODING_CHANGES) and max(DECODING_CHANGES, key=lambda v: int(v[1:])) == \
+        CACHE_VERSION  # a new version says what it changed, and for which images
+    png8 = {"path": "normal/a.png", "format": "png", "bit_depth": "8", "status": "ok"}
+    assert decoding_touches("v3", [png8]) and not decoding_touches("v4", [png8])
+    assert decoding_touches("v4", [png8, {**png8, "bit_depth": "16"}])
+    assert decoding_touches("v4", [{**png8, "path": "normal/@eaDir/a.png"}, png8])
+    assert not decoding_touches("v4", [{**png8, "format": "dicom", "status": "unreadable"}, png8])
+    assert decoding_touches("v4", [])  # no manifest: unknown
