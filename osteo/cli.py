@@ -199,7 +199,7 @@ def print_audit(result, console=None) -> None:
         f"{sum(g['conflict'] for g in groups)} with conflicting labels"
     )
     for u in info["unreadable"][:10]:
-        console.print(f"  unreadable: {u['path']}: {u['reason']}", markup=False)
+        console.print(f"  unreadable: {u['path']}: {u['reason']}", markup=False, soft_wrap=True)
     if info["ignored"]:  # what is not read, and why: a folder is listed once (not walked)
         console.print(f"  ignored (not images by their name or bytes, hidden or system files and folders, or outside "
                       f"the class folders; audit.json lists them): {some_of(info['ignored'], 6)}", markup=False,
@@ -215,7 +215,7 @@ def print_audit(result, console=None) -> None:
         console.print(f"  no readable images of class {' and '.join(empty)}: training needs images of every class",
                       markup=False)
     for g in [g for g in groups if g["conflict"]][:10]:
-        console.print(f"  conflict {g['id']} ({g['kind']}): {', '.join(g['paths'])}", markup=False)
+        console.print(f"  conflict {g['id']} ({g['kind']}): {', '.join(g['paths'])}", markup=False, soft_wrap=True)
 
 
 def cmd_audit(args) -> int:
@@ -364,7 +364,7 @@ def print_run_summary(run_dir, console) -> None:
                       + ("" if split == "test" or name != split else "; hold out a test split (--set data.test=0.15; make: SET=data.test=0.15) "
                          "or cross-validate (--folds 5) for numbers that chose nothing"), highlight=False, markup=False,
                       soft_wrap=True)
-    console.print(f"run directory: {run_dir}", highlight=False)
+    console.print(f"run directory: {run_dir}", highlight=False, soft_wrap=True)
 
 
 def _train_options(args):
@@ -577,7 +577,7 @@ def cmd_report(args) -> int:
     runs = collect_runs(args.runs_list, runs_dir=args.runs, all_runs=args.all, warn=_warn)
     use_backend_of(runs)  # the Grad-CAM grid loads models
     console = _console()
-    console.print(f"reporting {len(runs)} run(s): {', '.join(str(r) for r in runs)}", markup=False)
+    console.print(f"reporting {len(runs)} run(s): {', '.join(str(r) for r in runs)}", markup=False, soft_wrap=True)
     page = write_report(runs, args.out, split=args.split, n_boot=args.bootstrap, warn=_warn)
     import csv
 

@@ -292,7 +292,7 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
     if parent is None:
         parent = CvDir(new_run_dir(recipe.runs_dir, recipe.model.backbone).path)
     elif not cv:
-        console.print(f"continuing the unfinished cross-validation {parent}", highlight=False)
+        console.print(f"continuing the unfinished cross-validation {parent}", highlight=False, soft_wrap=True)
     # a fold of other settings (image size, epochs, ...) would be pooled with the others as one
     # model's: every command that adds to a cross-validation trains what its first fold trained.
     # Not a study's (cv.json without settings): its nested search gives each fold its own choice.
@@ -306,10 +306,10 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
     for i in [fold] if fold else range(1, k + 1):
         run = parent.fold(i)
         if run.is_finished():
-            console.print(f"cross-validation {parent}: fold {i} of {k} is finished (kept)", highlight=False)
+            console.print(f"cross-validation {parent}: fold {i} of {k} is finished (kept)", highlight=False, soft_wrap=True)
             continue
         r = _fold_recipe(recipe, k, i)
-        console.print(f"cross-validation {parent}: fold {i} of {k}", highlight=False)
+        console.print(f"cross-validation {parent}: fold {i} of {k}", highlight=False, soft_wrap=True)
         if run.is_run():  # killed: it resumes, if it was started with these settings
             _check_same_recipe(run, resolve(r, backend=plan.backend), parent)
             Trainer(resolve(run.read_recipe(), trained=True), console=console, resume=run, command=command, plan=plan).run()
