@@ -160,8 +160,7 @@ def run_trial(spec: dict, on_epoch: Callable[[int, float], None] | None = None) 
     log = Path(spec["log"])
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    # a trial Ray started again (its worker was lost) counts the attempts already made
-    attempts = log.read_text(encoding="utf-8", errors="replace").count("\n== attempt ") if log.exists() else 0
+    attempts = _attempts_made(log)
     seen, error, status = 0, "", "failed"
     first = _trial_run(spec)
     kept = first is not None and first.is_finished()  # by an earlier run of the study, stopped later
@@ -191,6 +190,19 @@ def run_trial(spec: dict, on_epoch: Callable[[int, float], None] | None = None) 
     return {"status": status, "attempts": attempts, "retries": max(0, attempts - 1),
             "run": str(run.path) if run is not None else "", "wall_seconds": round(time.monotonic() - t0, 1),
             "error": error, METRIC: _best(run), "host": platform.node(), "kept": kept}
+
+
+STOPPED_MARK = "\n== stopped: the process was killed\n"  # an attempt cut short by a stop, not failed
+
+
+def _attempts_made(log: Path) -> int:
+    """The attempts a trial (or scoring) already used, by its log: a trial Ray started again (its
+    worker was lost) counts them; one cut short by the user's stop (SIGTERM, Ctrl-C: the study
+    killed it) or by the scheduler spent none of its retries."""
+    if not log.exists():
+        return 0
+    text = log.read_text(encoding="utf-8", errors="replace")
+    return max(0, text.count("\n== attempt ") - text.count(STOPPED_MARK))
 
 
 def _trial_run(spec: dict) -> RunDir | None:
@@ -261,7 +273,7 @@ def _run_process(args: list[str], spec: dict, log: Path, on_epoch, seen: int) ->
             if proc.poll() is None:  # stopped by the scheduler, or interrupted
                 proc.kill()
                 proc.wait()
-                out.write("\n== stopped: the process was killed\n")
+                out.write(STOPPED_MARK)
 
 
 def _failure(rc: int, log: Path) -> str:
@@ -279,7 +291,7 @@ def run_scoring(spec: dict) -> dict:
     log = Path(spec["log"])
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    attempts = log.read_text(encoding="utf-8", errors="replace").count("\n== attempt ") if log.exists() else 0
+    attempts = _attempts_made(log)
     error, kept = "", _scoring(spec) is not None
     while _scoring(spec) is None and attempts <= spec["retries"]:
         attempts += 1

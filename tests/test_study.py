@@ -437,3 +437,17 @@ def test_ctrl_c_then_sigterm_stop_a_study_in_one_line_and_the_same_command_conti
     (cv_path,) = (tmp_path / "runs" / "tiny").iterdir()
     assert CvDir(cv_path).is_finished()
     assert {k: v for k, v in finished_folds().items() if k in after_term} == after_term
+
+
+def test_attempts_cut_short_by_a_stop_spend_no_retry(tmp_path):
+    """A study stopped three times (SIGTERM, each killing its running trial) marked that trial FAILED
+    'after 2 retries' at the fourth start, without training it: the stops had counted as failures."""
+    from osteo.study import RETRIES, STOPPED_MARK, _attempts_made
+
+    log = tmp_path / "trial.log"
+    assert _attempts_made(log) == 0
+    stopped = "".join(f"\n== attempt {i} of 3: osteo train seed\nepoch 1/9{STOPPED_MARK}" for i in (1, 2, 3))
+    log.write_text(stopped)
+    assert _attempts_made(log) == 0 < RETRIES
+    log.write_text(stopped + "\n== attempt 1 of 3: osteo train seed --resume r\nosteo: error: Killed\n")  # a failure
+    assert _attempts_made(log) == 1
