@@ -359,6 +359,8 @@ def _end_line(spec: dict, outcome: dict) -> str:
         return f"{_label(spec)}: done in {outcome['wall_seconds']:.0f}s, {score}{again}"
     if outcome["status"] == "stopped":
         return f"{_label(spec)}: stopped by ASHA ({score})"
+    if outcome["status"] == "interrupted":  # with the study (SIGTERM, Ctrl-C): the same command continues it
+        return f"{_label(spec)}: stopped with the study ({score})"
     return f"{_label(spec)}: FAILED{again}: {outcome['error']}"
 
 
@@ -478,7 +480,7 @@ class _Ray:
                 trial_name_creator=lambda t: t.config["id"], trial_dirname_creator=lambda t: t.config["id"]),
             run_config=tune.RunConfig(
                 name=f"stage-{self.stages}", storage_path=str(self.tmp / "tune"), verbose=0,
-                callbacks=[_say_callback(by_id, say, _Progress(specs))],
+                callbacks=[_say_callback(by_id, say, _Progress(specs), lambda: bool(signals.signals))],
                 # a lost worker runs the trial again; it resumes, and counts the attempts already made
                 failure_config=tune.FailureConfig(max_failures=RETRIES),
                 stop=signals.stopper(tune)),
@@ -634,7 +636,9 @@ def _local_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _say_callback(by_id: dict, say: Say, progress: _Progress):
+def _say_callback(by_id: dict, say: Say, progress: _Progress, interrupted: Callable[[], bool] = lambda: False):
+    """Tune's callback that says each trial's start and end; a trial ended without its outcome was
+    stopped by ASHA, or, when ``interrupted()``, by the user's stop of the whole study."""
     from ray import tune
 
     class SayLines(tune.Callback):
@@ -655,7 +659,8 @@ def _say_callback(by_id: dict, say: Say, progress: _Progress):
         def on_trial_complete(self, iteration, trials, trial, **info):
             spec = by_id[trial.config["id"]]
             result = trial.last_result or {}
-            outcome = result if "status" in result else {"status": "stopped", METRIC: _best(_trial_run(spec))}
+            outcome = result if "status" in result else {"status": "interrupted" if interrupted() else "stopped",
+                                                          METRIC: _best(_trial_run(spec))}
             self.say(_end_line(spec, outcome) + self.progress.ended_one(outcome))
             killpoints.reached("study.trial_ended")
 

@@ -451,3 +451,23 @@ def test_attempts_cut_short_by_a_stop_spend_no_retry(tmp_path):
     assert _attempts_made(log) == 0 < RETRIES
     log.write_text(stopped + "\n== attempt 1 of 3: osteo train seed --resume r\nosteo: error: Killed\n")  # a failure
     assert _attempts_made(log) == 1
+
+
+def test_a_trial_stopped_with_the_study_is_not_said_to_be_stopped_by_asha(tmp_path):
+    """SIGTERM during --search: every running trial's end line said 'stopped by ASHA', and the same
+    command then resumed and chose one of them."""
+    pytest.importorskip("ray")
+    from types import SimpleNamespace
+
+    from osteo.study import _Progress, _say_callback
+
+    spec = {"id": "t1", "kind": "search", "model": "tiny", "seed": 0, "fold": 1, "set": "train.lr=0.001",
+            "run": "", "root": str(tmp_path), "log": str(tmp_path / "t1.log")}
+    trial = SimpleNamespace(config={"id": "t1"}, last_result={})  # ended without reporting its outcome
+    said = []
+    for interrupted in (False, True):
+        _say_callback({"t1": spec}, said.append, _Progress([spec]), lambda i=interrupted: i).on_trial_complete(
+            0, [], trial)
+    label = "search tiny seed 0 fold 1 (train.lr=0.001): "
+    assert len(said) == 2 and said[0].startswith(label + "stopped by ASHA (") and \
+        said[1].startswith(label + "stopped with the study ("), said
