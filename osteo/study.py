@@ -428,6 +428,8 @@ class _Ray:
     def __init__(self, cfg: StudyConfig, warn: Say):
         import ray
 
+        if cfg.address and not ray.is_initialized():
+            _check_reachable(cfg.address)  # before anything is made
         self.ray, self.cfg = ray, cfg
         self.tmp = Path(tempfile.mkdtemp(prefix="osteo-ray-"))  # Ray's session logs and Tune's files
         self.owned = not ray.is_initialized()  # a caller's Ray session is left running
@@ -599,6 +601,24 @@ def _legacy_tune_output():
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         else:
             os.environ["RAY_AIR_NEW_OUTPUT"] = old
+
+
+CONNECT_TIMEOUT_S = 10.0  # a cluster's head answers in milliseconds; Ray itself retried for minutes
+
+
+def _check_reachable(address: str) -> None:
+    """A cluster at ``host:port`` (or ``ray://host:port``) accepts a connection, or a one-line error
+    in seconds: Ray's own client retried an address nothing answers on for minutes, silently."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():  # "auto", a name Ray resolves itself: Ray's to check
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise OsteoError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}; check --address (or "
+                         "$RAY_ADDRESS): the head node's host:port, or leave it out for Ray on this machine") from None
 
 
 def _connect_fix(e: BaseException) -> str:

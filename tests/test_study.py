@@ -90,6 +90,7 @@ def test_search_ranges_parse_and_spread_over_the_range():
     ({"search": "train.optimizer=1:2"}, "train.optimizer"),
     ({"search": "train.fine_tune_lr=1e-5:1e-3:log"}, "trains no epochs with train.fine_tune_lr"),
     ({"options": TrainOptions(weights="none", overrides=("train.epochs=-1",))}, "train.epochs must be from 0 to 10000"),
+    ({"address": "127.0.0.1:1"}, "cannot reach the Ray cluster at 127.0.0.1:1"),  # in seconds: Ray retried for minutes
 ])
 def test_a_bad_study_is_a_one_line_error_before_any_trial(phantom_dir, tmp_path, change, message):
     cfg = _cfg(phantom_dir, tmp_path, **change)
