@@ -67,10 +67,34 @@ def _installed(module: str) -> bool:
 
 
 def check(recipe: Recipe) -> None:
-    """A one-line error when MLflow is asked for and not installed; call it before any work."""
-    if mlflow_wanted(recipe) and not _installed("mlflow"):
+    """A one-line error when MLflow is asked for and not installed, or its tracking server does not
+    answer; call it before any work."""
+    if not mlflow_wanted(recipe):
+        return
+    if not _installed("mlflow"):
         why = "train.mlflow is on" if recipe.train.mlflow else "$MLFLOW_TRACKING_URI is set"
         raise OsteoError(f"{why} but MLflow is not installed; install it with: {INSTALL}")
+    _check_server(tracking_uri())
+
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+def _check_server(uri: str) -> None:
+    """An ``http(s)://`` tracking server accepts a connection, or a one-line error in seconds:
+    MLflow's client retried one that nothing answers on for minutes before it said so."""
+    import socket
+    import urllib.parse
+
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        socket.create_connection((parsed.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as e:  # ValueError: a port out of range
+        raise OsteoError(f"MLflow at {uri}: cannot connect ({getattr(e, 'strerror', None) or e}); fix "
+                         "$MLFLOW_TRACKING_URI (unset: ./mlruns), or train without train.mlflow") from None
 
 
 def callbacks(recipe: Recipe, run: RunDir) -> list[keras.callbacks.Callback]:

@@ -102,6 +102,17 @@ def test_mlflow_asked_for_but_missing_fails_before_training(phantom_dir, tmp_pat
         tracking.check(tiny_recipe(phantom_dir, tmp_path))
 
 
+def test_a_tracking_server_nothing_answers_at_fails_in_seconds_before_training(phantom_dir, tmp_path, tiny_recipe,
+                                                                               monkeypatch):
+    """MLflow's client retried http://127.0.0.1:1 for over 4 minutes, silently, before its error."""
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    with pytest.raises(OsteoError, match=r"^MLflow at http://127\.0\.0\.1:1: cannot connect \(Connection refused\); "
+                                         r"fix \$MLFLOW_TRACKING_URI"):
+        Trainer(tiny_recipe(phantom_dir, tmp_path, epochs=1)).run()
+    assert not list(tmp_path.glob("*/*/history.csv"))
+
+
 def test_mlflow_resumed_run_continues_its_mlflow_run(tmp_path, tiny_recipe, monkeypatch):
     pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
