@@ -978,6 +978,8 @@ def _after_stop(args) -> str:
         trainer = getattr(args, "trainer", None)
         if trainer is None or trainer.run_dir is None:  # stopped before its run folder was made
             return "no run folder was made yet: run the same command again"
+        if not trainer.run_dir.path.is_dir():  # stopped before its first epoch: the empty run was removed
+            return "no epoch had ended, and its empty run folder is removed: run the same command again"
         import shlex
 
         return f"continue the run with: osteo train --resume {shlex.quote(str(trainer.run_dir))}"

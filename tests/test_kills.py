@@ -336,6 +336,11 @@ def test_a_stop_before_the_run_folder_is_made_does_not_point_at_another_run(phan
     args.trainer = Trainer.__new__(Trainer)
     args.trainer.run_dir = None  # stopped in the audit, before the run folder
     assert _after_stop(args) == "no run folder was made yet: run the same command again"
+    from osteo.runs import RunDir
+
+    args.trainer.run_dir = RunDir(tmp_path / "runs" / "tiny" / "20260101-000000")  # made, then removed as empty
+    assert _after_stop(args) == ("no epoch had ended, and its empty run folder is removed: run the same command "
+                                 "again")  # not a resume of a folder that is gone
 
 
 def test_a_report_audit_predict_or_eval_into_a_folder_being_written_waits_and_writes_nothing(
