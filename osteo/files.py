@@ -324,12 +324,12 @@ def sweep_temporaries(folder: str | os.PathLike, grace: float = 60.0, pattern: s
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
+def folder_lock(folder: str | os.PathLike, what: str, wait: bool = True) -> Iterator[None]:
     """Hold osteo's lock on ``folder`` (an advisory ``flock`` of the folder itself: no file is
     left) while this command replaces ``what`` there. A second osteo command that replaces files
     there waits for the first, and says so in one line: two evals of one folder, or two exports
     of one target, once interleaved their renames (a record naming the other's model, or a
-    missing folder)."""
+    missing folder). Without ``wait`` (a study, which runs for hours), it stops in one line."""
     try:
         import fcntl
     except ImportError:  # Windows: no flock; the commands are not serialized there
@@ -347,6 +347,9 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                raise OsteoError(f"another osteo command is writing in {folder}, where this one would write {what}; "
+                                 "let it finish, or choose another --out") from None
             logging.getLogger("osteo").warning("waiting for another osteo command that writes in %s to finish "
                                                "before writing %s", folder, what)
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -74,7 +74,7 @@ import numpy as np
 from osteo import killpoints
 from osteo.data.split import INNER_VAL
 from osteo.errors import OsteoError, Stopped
-from osteo.files import read_json, write_json
+from osteo.files import folder_lock, read_json, write_json
 from osteo.runs import CvDir, RunDir, check_output_place
 from osteo.session import TrainOptions, audited_rows, build_recipe, check_folds, ensure_phantom
 
@@ -987,12 +987,29 @@ def _trial_record(spec: dict, outcome: dict) -> dict:
 
 
 def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
-    """Run the study; return its report page (``cfg.out/index.html``). See the module's docstring."""
-    from osteo.report import write_report
+    """Run the study; return its report page (``cfg.out/index.html``). See the module's docstring.
 
+    The study holds its ``--out`` folder: a second study there stops in one line (the two had
+    each written study.json and the report, the last one's kept)."""
     started = datetime.datetime.now()
     t0 = time.monotonic()
     plan = _plan(cfg)
+    with folder_lock(plan.out, "a study's record and report", wait=False):
+        if not plan.continued:
+            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, KeyError):
+                earlier = read_json(plan.out / "study.json")
+                # this process holds the folder: a study recorded as running there was killed
+                status = "finished" if earlier["status"] == "finished" else "stopped before it ended"
+                warn(f"{plan.out} holds the study {earlier['id']} ({status}, of "
+                     f"{'these' if earlier.get('config') == _config(cfg) else 'other'} settings): this starts a "
+                     "new study, whose record and report replace its there (its runs stay where they are)")
+        return _run_planned(cfg, plan, say, warn, started, t0)
+
+
+def _run_planned(cfg: StudyConfig, plan: _Plan, say: Say, warn: Say, started: datetime.datetime,
+                 t0: float) -> Path:
+    from osteo.report import write_report
+
     search = plan.search
     if cfg.mlflow or os.environ.get("MLFLOW_TRACKING_URI"):
         from osteo import tracking

@@ -472,3 +472,27 @@ def test_a_trial_stopped_with_the_study_is_not_said_to_be_stopped_by_asha(tmp_pa
     label = "search tiny seed 0 fold 1 (train.lr=0.001): "
     assert len(said) == 2 and said[0].startswith(label + "stopped by ASHA (") and \
         said[1].startswith(label + "stopped with the study ("), said
+
+
+def test_a_second_study_into_the_same_out_stops_in_one_line_and_a_new_one_says_what_it_replaces(phantom_dir,
+                                                                                                  tmp_path):
+    """Two studies into one --out ran side by side, each writing study.json and the report (the last
+    one's kept); a finished study's command again started a new one over it without a word."""
+    from osteo.files import folder_lock, write_json
+
+    cfg = _cfg(phantom_dir, tmp_path)
+    busy = r"^another osteo command is writing in .*report, where this one would write a study's record and report"
+    with folder_lock(tmp_path / "report", "a test's hold"), pytest.raises(OsteoError, match=busy):
+        run_study(cfg, say=lambda text: None, warn=lambda text: None)  # as a study running there holds it
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [] and not (tmp_path / "runs").exists()
+    write_json(tmp_path / "report" / "study.json", {"id": "study-20260101-000000", "status": "finished",
+                                                    "config": {}})
+    import osteo.study
+
+    warned = []
+    with pytest.MonkeyPatch.context() as m:  # the planned study itself is not run here
+        m.setattr(osteo.study, "_run_planned", lambda *args: tmp_path / "report" / "index.html")
+        run_study(cfg, say=lambda text: None, warn=warned.append)
+    assert warned == [f"{tmp_path / 'report'} holds the study study-20260101-000000 (finished, of other settings): "
+                      "this starts a new study, whose record and report replace its there (its runs stay where "
+                      "they are)"]
