@@ -43,6 +43,11 @@ def _paragraph(group: list[dict], rows: list[dict]) -> str:
     if len(group) == 1:
         out = [f"On {where}: {_name(best)}, the only model measured on these images, is best, with balanced "
                f"accuracy {_ci(best)}."]
+    elif best["evaluated_on"] == "out-of-fold" and best.get("best_chosen_by") == "validation":
+        # each fold's inner validation images are held out by another fold: they are among these images
+        out = [f"On {where}: {_name(best)}, the best on its folds' inner validation images (balanced accuracy "
+               f"{val:.3f} there), scores {_ci(best)}; each of those images is also held out by another fold, so "
+               "these images had a part in choosing which model is best: mildly optimistic for it."]
     elif best["evaluated_on"] != "validation" and best.get("best_chosen_by") == "validation":
         # chosen where it chose nothing else: the highest of several test scores would be optimistic
         out = [f"On {where}: {_name(best)}, the best on its validation images (balanced accuracy {val:.3f} "
