@@ -134,19 +134,20 @@ demo: install
 
 # The study as Ray Tune trials (osteo[study], installed by `install`). By default 2 backbones
 # x 2 folds of the demo recipe on the demo phantom; DATA, MODELS (comma-separated), RECIPE,
-# FOLDS, SEEDS, EPOCHS, WEIGHTS, IMAGE_SIZE and RUNS change it. SEARCH=KEY=LO:HI:log (e.g.
+# FOLDS, SEEDS, EPOCHS, WEIGHTS, IMAGE_SIZE, BATCH, SET, RUNS and OUT change it. SEARCH=KEY=LO:HI:log (e.g.
 # train.fine_tune_lr=1e-4:1e-2:log) searches it per outer fold first, TRIALS each (default 3).
 # EXTERNAL=folder[,folder...] scores each backbone's final model on other hospitals' folders.
 given = $(filter command line environment,$(origin $(1)))
 STUDY_DATA = $(if $(call given,DATA),$(DATA),data/phantom-demo)
-STUDY_OUT := reports/study
+STUDY_OUT = $(if $(call given,OUT),$(OUT),reports/study)
 study: install
 	@test -d '$(STUDY_DATA)' || $(OSTEO) data phantom '$(STUDY_DATA)' --n 900 --size 96
 	$(OSTEO) study --models $(or $(MODELS),vgg16$(COMMA)densenet169) \
 		--recipe $(if $(call given,RECIPE),$(RECIPE),demo) --folds $(if $(call given,FOLDS),$(FOLDS),2) \
-		--data '$(STUDY_DATA)' --runs '$(if $(call given,RUNS),$(RUNS),runs/study)' --out $(STUDY_OUT) \
+		--data '$(STUDY_DATA)' --runs '$(if $(call given,RUNS),$(RUNS),runs/study)' --out '$(STUDY_OUT)' \
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(WEIGHTS),--weights '$(WEIGHTS)') \
 		$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(SEARCH),--search $(SEARCH) --trials $(or $(TRIALS),3)) \
+		$(if $(BATCH),--set data.batch_size=$(BATCH)) $(foreach s,$(SET),--set '$(s)') \
 		$(foreach e,$(subst $(COMMA), ,$(EXTERNAL)),--external $(e))
 
 # A comma inside $(if ...) would split its arguments: BENCH=full's sizes use this.

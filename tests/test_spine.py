@@ -548,3 +548,16 @@ def test_make_train_passes_recipe_overrides_as_the_cli_takes_them():
     argv = shlex.split(line)
     args = build_parser().parse_args(argv[argv.index("train") :])
     assert args.set == ["data.test=0", "train.lr=3e-4"] and args.data == "my knees"
+
+
+def test_make_study_passes_out_set_and_batch_as_make_help_lists_them():
+    """``make study OUT=... SET=... BATCH=...`` dropped all three: the study wrote reports/study."""
+    from osteo.cli import build_parser
+
+    dry = subprocess.run(["make", "-n", "study", "MODELS=tiny", "OUT=my study", "SET=train.steps_per_epoch=2",
+                          "BATCH=8"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    lines = [ln.replace("\\", " ") for ln in dry.stdout.splitlines()]
+    start = next(i for i, ln in enumerate(lines) if " study " in ln and "--models" in ln)
+    argv = shlex.split(" ".join(lines[start:start + 8]).split(";")[0])
+    args = build_parser().parse_args(argv[argv.index("study") :])
+    assert (args.out, args.set) == ("my study", ["data.batch_size=8", "train.steps_per_epoch=2"]), argv
