@@ -17,6 +17,7 @@ import os
 import re
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -323,13 +324,20 @@ def sweep_temporaries(folder: str | os.PathLike, grace: float = 60.0, pattern: s
     return removed
 
 
+_HELD = threading.local()  # the folders each thread holds osteo's lock on (folder_lock)
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, what: str, wait: bool = True) -> Iterator[None]:
     """Hold osteo's lock on ``folder`` (an advisory ``flock`` of the folder itself: no file is
     left) while this command replaces ``what`` there. A second osteo command that replaces files
     there waits for the first, and says so in one line: two evals of one folder, or two exports
     of one target, once interleaved their renames (a record naming the other's model, or a
-    missing folder). Without ``wait`` (a study, which runs for hours), it stops in one line."""
+    missing folder). Without ``wait`` (a study, which runs for hours), it stops in one line.
+
+    Re-entrant in one thread: a study holds its ``--out`` and its report then takes the same
+    lock there (a second ``flock`` of the folder, on another descriptor, waited for the first
+    forever)."""
     try:
         import fcntl
     except ImportError:  # Windows: no flock; the commands are not serialized there
@@ -338,6 +346,11 @@ def folder_lock(folder: str | os.PathLike, what: str, wait: bool = True) -> Iter
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(folder)
+        held = _HELD.__dict__.setdefault("folders", set())
+        if key in held:  # this thread holds it already
+            yield
+            return
         fd = os.open(folder, os.O_RDONLY)
     except OSError as e:
         raise cannot_write(folder, e) from None
@@ -356,7 +369,11 @@ def folder_lock(folder: str | os.PathLike, what: str, wait: bool = True) -> Iter
         except OSError as e:  # NFS emulates flock with POSIX locks, which a folder opened to read cannot take
             logging.getLogger("osteo").warning("cannot lock %s (%s): another osteo command writing there at the "
                                                "same time is not waited for", folder, e.strerror or e)
-        yield
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
     finally:
         os.close(fd)  # closing releases the lock
 

@@ -647,6 +647,35 @@ def test_a_folder_that_cannot_be_locked_is_written_with_a_warning(tmp_path, monk
                                 "at the same time is not waited for"]
 
 
+def test_a_folder_lock_taken_again_in_one_thread_is_held_not_waited_for(tmp_path):
+    """A study holds its --out and its report takes the lock there again: the report's flock, on another
+    descriptor of the same folder, waited for the study's for ever (every study hung at its report).
+    Another thread still waits, as another process does."""
+    import threading
+
+    from osteo.files import folder_lock
+
+    steps = []
+
+    def another():
+        with folder_lock(tmp_path, "another thread's file"):
+            steps.append("another thread")
+
+    def nested():
+        with folder_lock(tmp_path, "a study"), folder_lock(tmp_path / ".", "its report"):
+            steps.append("inside")
+            other = threading.Thread(target=another, daemon=True)
+            other.start()
+            other.join(1.0)
+            steps.append("it waits" if other.is_alive() else "it did not wait")
+        other.join(30)  # and enters once the folder is free
+
+    worker = threading.Thread(target=nested, daemon=True)  # a hang fails the test, not the suite
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive() and steps == ["inside", "it waits", "another thread"], steps
+
+
 def test_folder_locks_take_one_lock_per_folder_however_it_is_named(tmp_path, monkeypatch):
     """predict locks --out's folder and --gradcam's: the same folder under two names (a link) is locked
     once; a second flock of it by the same process would have waited on the first for ever."""
