@@ -428,8 +428,6 @@ class _Ray:
     def __init__(self, cfg: StudyConfig, warn: Say):
         import ray
 
-        if cfg.address and not ray.is_initialized():
-            _check_reachable(cfg.address)  # before anything is made
         self.ray, self.cfg = ray, cfg
         self.tmp = Path(tempfile.mkdtemp(prefix="osteo-ray-"))  # Ray's session logs and Tune's files
         self.owned = not ray.is_initialized()  # a caller's Ray session is left running
@@ -932,6 +930,16 @@ def _choose(specs: list[dict], outcomes: dict[str, dict], warn: Say) -> dict[str
     return chosen
 
 
+def _record_search(plan: _Plan, cfg: StudyConfig, chosen: dict[str, dict]) -> None:
+    """Each cross-validation's cv.json says what its search chose for each fold, on the fold's inner
+    split: the report says it beside the pooled numbers (which that choice did not see)."""
+    for m in cfg.models:
+        for seed in plan.seeds:
+            cv = CvDir(_cv_path(plan, m, seed))
+            values = [chosen.get(f"{m}-seed{seed}-fold{fold}", {}).get("value") for fold in range(1, cfg.folds + 1)]
+            write_json(cv.manifest_path, {**cv.read(), "searched": {plan.search.key: values}})
+
+
 def _prune_search_runs(specs: list[dict]) -> None:
     """A search trial's weights and resume state are large and never used again; its
     recipe, split, history and log stay as the search's record."""
@@ -994,6 +1002,8 @@ def run_study(cfg: StudyConfig, say: Say, warn: Say) -> Path:
     started = datetime.datetime.now()
     t0 = time.monotonic()
     plan = _plan(cfg)
+    if cfg.address:
+        _check_reachable(cfg.address)  # before anything is made, --out included
     with folder_lock(plan.out, "a study's record and report", wait=False):
         if not plan.continued:
             with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, KeyError):
@@ -1048,6 +1058,7 @@ def _run_planned(cfg: StudyConfig, plan: _Plan, say: Say, warn: Say, started: da
             outcomes = executor.run(search_specs, say, search=True)
             records += [_trial_record(s, outcomes[s["id"]]) for s in search_specs]
             chosen = _choose(search_specs, outcomes, warn)
+            _record_search(plan, cfg, chosen)
             _prune_search_runs(search_specs)
             for group, c in chosen.items():
                 if c["value"] is not None:

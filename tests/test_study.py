@@ -290,6 +290,14 @@ def test_the_search_chooses_on_inner_splits_and_the_folds_train_with_the_choice(
             assert held_out == {r["path"] for r in inner if r["split"] == "test"}
             assert not (Path(t["run"]) / "best.weights.h5").exists()  # pruned: the search keeps its record only
     assert any(line.startswith("search tiny-seed0-fold1: chose train.lr=") for line in said)
+    # the report says what the search chose for each fold, on its inner split (cv.json keeps it)
+    assert json.loads((cv / "cv.json").read_text())["searched"] == {"train.lr": [chosen[1]["value"],
+                                                                                chosen[2]["value"]]}
+    (row,) = [r for r in _csv(Path(cfg.out) / "comparison.csv") if r["model"] == "tiny"]
+    assert row["settings_by_fold"] == f"train.lr={chosen[1]['value']:.3g}|{chosen[2]['value']:.3g}"
+    verdict = (Path(cfg.out) / "verdict.txt").read_text(encoding="utf-8")
+    assert f"Its folds' {row['settings_by_fold']} (fold 1, 2, ...) were each chosen by a search on that fold's " \
+           "inner split." in verdict
 
 
 @pytest.mark.parametrize("external, message", [
@@ -478,12 +486,20 @@ def test_a_second_study_into_the_same_out_stops_in_one_line_and_a_new_one_says_w
                                                                                                   tmp_path):
     """Two studies into one --out ran side by side, each writing study.json and the report (the last
     one's kept); a finished study's command again started a new one over it without a word."""
-    from osteo.files import folder_lock, write_json
+    import fcntl
+
+    from osteo.files import write_json
 
     cfg = _cfg(phantom_dir, tmp_path)
     busy = r"^another osteo command is writing in .*report, where this one would write a study's record and report"
-    with folder_lock(tmp_path / "report", "a test's hold"), pytest.raises(OsteoError, match=busy):
-        run_study(cfg, say=lambda text: None, warn=lambda text: None)  # as a study running there holds it
+    (tmp_path / "report").mkdir()
+    held = os.open(tmp_path / "report", os.O_RDONLY)  # as another process's study running there holds it
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(OsteoError, match=busy):
+            run_study(cfg, say=lambda text: None, warn=lambda text: None)
+    finally:
+        os.close(held)
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [] and not (tmp_path / "runs").exists()
     write_json(tmp_path / "report" / "study.json", {"id": "study-20260101-000000", "status": "finished",
                                                     "config": {}})

@@ -8,6 +8,7 @@ where it has one, a nested cross-validation on its outer folds, which chose noth
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Callable
@@ -263,6 +264,9 @@ def load_cv(cv: CvDir, n_boot: int = 1000, seed: int = 0) -> Run:
                   if all(f.calibrated is not None for f in folds) else None)  # each fold's own temperature
     metrics["ece_calibrated"] = expected_calibration_error(y, calibrated) if calibrated is not None else None
     recipe = {**first.recipe, **({"differs_by_fold": differs} if (differs := _differs_by_fold(folds)) else {})}
+    with contextlib.suppress(OsteoError):  # a study's search: what it chose for each fold (equal values too)
+        if isinstance(searched := cv.read().get("searched"), dict):
+            recipe["searched_by_fold"] = searched
     return Run(cv.path, recipe, env, metrics, history, y, probs, rows, majority, split_id, first.audit,
                evaluated_on="out-of-fold", fold_metrics=fold_metrics, calibrated=calibrated, chose=CHOSE[split],
                points=_pooled_points(members, folds, CHOSE[split], n_boot, seed, groups),

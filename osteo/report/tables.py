@@ -52,8 +52,17 @@ COMPARISON_COLUMNS = (
     "mcnemar_p", "mcnemar_p_holm", "fold_ttest_p", "fold_ttest_p_holm",
     "train_seconds", "train_images_per_sec", "params",
     *(f"{m}_{c}" for c in CLASSES for m in PER_CLASS_CI),
-    "val_balanced_accuracy", "best_chosen_by", "split_id", "images_id", "data_dir", "run_dir",
+    "val_balanced_accuracy", "best_chosen_by", "settings_by_fold", "split_id", "images_id", "data_dir", "run_dir",
 )
+def settings_by_fold(recipe: dict) -> str:
+    """A cross-validation's settings a study's search chose for each fold on its inner split (else
+    those its folds do not share), each with its value per fold: ``train.fine_tune_lr=1.3e-05|0.00035``;
+    else ""."""
+    differs = recipe.get("searched_by_fold") or recipe.get("differs_by_fold") or {}
+    return "; ".join(f"{k}={'|'.join(f'{v:.3g}' if isinstance(v, float) else str(v) for v in values)}"
+                     for k, values in differs.items())
+
+
 PER_CLASS_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "class", "metric", "value", "lo", "hi")
 # n_train: the images the fold trained on; best_epoch: the checkpoint its inner validation chose
 FOLD_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "fold", "n", "n_train", "best_epoch", *HEADLINE)
@@ -92,6 +101,7 @@ def comparison_rows(runs: list[Run], oracles: list[Run] = (), n_boot: int = 1000
             "params": r.env.get("params"), "split_id": r.split_id, "images_id": r.images_id,
             "val_balanced_accuracy": r.val_balanced_accuracy if np.isfinite(r.val_balanced_accuracy) else None,
             "best_chosen_by": paired[r.path].get("chosen_by"),
+            "settings_by_fold": settings_by_fold(r.recipe),
             "data_dir": r.data_dir, "run_dir": str(r.run_dir),
         }
         for metric in METRICS:
