@@ -200,9 +200,9 @@ def test_every_change_of_image_decoding_says_which_images_it_touches():
 
     assert set(DECODING_TOUCHES) == set(DECODING_CHANGES) and max(DECODING_CHANGES, key=lambda v: int(v[1:])) == \
         CACHE_VERSION  # a new version says what it changed, and for which images
-    png8 = {"path": "normal/a.png", "format": "png", "bit_depth": "8", "status": "ok"}
-    assert decoding_touches("v3", [png8]) and not decoding_touches("v4", [png8])
-    assert decoding_touches("v4", [png8, {**png8, "bit_depth": "16"}])
-    assert decoding_touches("v4", [{**png8, "path": "normal/@eaDir/a.png"}, png8])
-    assert not decoding_touches("v4", [{**png8, "format": "dicom", "status": "unreadable"}, png8])
+    jpeg = {"path": "normal/a.jpg", "format": "jpeg", "bit_depth": "8", "status": "ok"}
+    assert decoding_touches("v3", [jpeg]) and not decoding_touches("v4", [jpeg])  # v4: EXIF; v5: not JPEGs
+    assert decoding_touches("v4", [jpeg, {**jpeg, "format": "png"}])  # a 16-bit colour PNG was recorded as 8-bit
+    assert decoding_touches("v4", [{**jpeg, "path": "normal/@eaDir/a.jpg"}, jpeg])
+    assert not decoding_touches("v4", [{**jpeg, "format": "dicom", "status": "unreadable"}, jpeg])
     assert decoding_touches("v4", [])  # no manifest: unknown

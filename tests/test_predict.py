@@ -160,9 +160,10 @@ def test_a_run_trained_with_another_image_decoding_is_said_once(run, phantom_dir
     with osteo_warnings() as said:  # the run as trained now: nothing to say
         assert main(["predict", str(run), str(phantom_dir / "normal"), "--out", str(tmp_path / "c.csv")]) == 0
     assert not [s for s in said if "image decoding" in s]
-    # trained under v4 on 8-bit PNGs, which v5's changes (DICOM, 16-bit colour PNGs, hidden files) leave as they
-    # were: nothing to say; its manifest with a DICOM file among them: said
+    # trained under v4 on JPEGs, which v5's changes (DICOM, 16-bit colour PNGs, hidden files) leave as they were:
+    # nothing to say; its manifest with a DICOM file among them: said (the phantom's PNGs, named JPEGs here)
     old.env_path.write_text(json.dumps({**env, "image_decoding": "v4"}))
+    old.manifest_path.write_text(old.manifest_path.read_text().replace(",png,", ",jpeg,"))
     predict._SAID_DECODING.clear()
     with osteo_warnings() as said:
         assert main(["predict", str(old), str(phantom_dir / "normal"), "--out", str(tmp_path / "d.csv")]) == 0

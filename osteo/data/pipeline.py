@@ -107,9 +107,10 @@ def _v4_touches(row: dict) -> bool:
 
 
 def _v5_touches(row: dict) -> bool:
-    """DICOM, a PNG of more than 8 bits (a colour one is refused now), or a hidden or system file."""
+    """DICOM, any PNG (a 16-bit colour one, refused now, was recorded as 8-bit then: only its high
+    bytes were read), or a hidden or system file."""
     parts = str(row.get("path", "")).split("/")
-    return (row.get("format") == "dicom" or (row.get("format") == "png" and int(row.get("bit_depth") or 8) > 8)
+    return (row.get("format") in ("dicom", "png")
             or any(not_data(name, folder=i < len(parts) - 1) for i, name in enumerate(parts)))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 
-from osteo.evaluate import which_chose
+from osteo.evaluate import CHOSE, which_chose
 from osteo.report.tables import to_float
 
 ALPHA = 0.05  # the family-wise error rate of each set of comparisons (Holm)
@@ -43,11 +43,14 @@ def _paragraph(group: list[dict], rows: list[dict]) -> str:
     if len(group) == 1:
         out = [f"On {where}: {_name(best)}, the only model measured on these images, is best, with balanced "
                f"accuracy {_ci(best)}."]
-    elif best["evaluated_on"] == "out-of-fold" and best.get("best_chosen_by") == "validation":
-        # each fold's inner validation images are held out by another fold: they are among these images
+    elif best["evaluated_on"] == "out-of-fold" and best.get("best_chosen_by") == "validation" and \
+            best["chose"] == CHOSE["test"]:
+        # nested: each fold's inner validation images are held out by another fold, so they are among these
+        # images, which chose nothing for any one model but had a part in which model is called best
         out = [f"On {where}: {_name(best)}, the best on its folds' inner validation images (balanced accuracy "
                f"{val:.3f} there), scores {_ci(best)}; each of those images is also held out by another fold, so "
-               "these images had a part in choosing which model is best: mildly optimistic for it."]
+               "these images, which chose nothing for any one model, had a part in choosing which model is best: "
+               "mildly optimistic for it."]
     elif best["evaluated_on"] != "validation" and best.get("best_chosen_by") == "validation":
         # chosen where it chose nothing else: the highest of several test scores would be optimistic
         out = [f"On {where}: {_name(best)}, the best on its validation images (balanced accuracy {val:.3f} "
