@@ -863,13 +863,15 @@ def describe_os_error(e: OSError, command: str | None = None) -> str:
         fix = ("a file size limit was reached (the shell's ulimit -f, or the file system's largest file): "
                "raise it" + (f", or write elsewhere ({elsewhere})" if elsewhere else ""))
     elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
-        from osteo.runs import RunDir
+        from osteo.runs import CvDir, RunDir
 
         run = None
         with contextlib.suppress(TypeError, ValueError, OSError):  # a file name osteo cannot place is no run's
             run = RunDir.owner_of(e.filename) if isinstance(e.filename, str | os.PathLike) else None
-        if run is not None:  # eval, calibrate, a resume: a run's results are written in its own folder, nowhere else
-            fix = f"make the run's folder {run.path} writable (not immutable: lsattr shows it): its results are kept there"
+        if run is not None:  # eval, calibrate, a resume: a run's results are written in its own folder
+            kind = "cross-validation" if isinstance(run, CvDir) else "run"
+            fix = (f"make the {kind}'s folder {run.path} writable (not immutable: lsattr shows it): its results are "
+                   "kept there" + (" (eval --data: or give --out outside it)" if command == "cmd_eval" else ""))
         else:
             fix = (f"choose a folder you can write to ({elsewhere})" if elsewhere else
                    "make that file and its folder writable (not immutable: lsattr shows it)")
@@ -925,6 +927,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     except SystemExit as e:  # a usage error (one line, already printed) or --help
         return e.code if isinstance(e.code, int) else 2
+    dashed = [f"--{name}" for name in ("out", "gradcam", "runs", "cv") if getattr(args, name, None) == "-"]
+    if dashed:  # many tools read "-" as standard output; osteo writes files and folders
+        print(f"osteo: error: {dashed[0]} - is not standard output here: osteo writes files; give a name, e.g. "
+              f"{dashed[0]} predictions.csv (and cat it)", file=sys.stderr)
+        return 2
     if args.debug:  # TensorFlow's start-up logs too (osteo._quiet)
         os.environ["OSTEO_TF_LOGS"] = "1"
     _warnings_as_lines()

@@ -160,12 +160,7 @@ def check_output(path: str | os.PathLike) -> None:
     The rename of an atomic write replaces whatever is at ``path``: as root, ``--out /dev/full``
     would have become a CSV file in place of the device. A folder, device, FIFO or socket
     there is refused in one line instead.
-    A path of ``-``, which many tools read as standard output, is refused too (a file named
-    ``-`` is hard to handle in a shell).
     """
-    if str(path) == "-":
-        raise OsteoError("- is not standard output here: osteo writes a file; give its name, e.g. --out "
-                         "predictions.csv (and cat it)")
     try:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
@@ -547,9 +542,12 @@ def _csv_value(v: Any) -> Any:
 
 
 def written_by_osteo(path: str | os.PathLike, mark: str | tuple[str, ...]) -> bool:
-    """Whether the file at ``path`` reads as one osteo writes under its name: a JSON object that
-    holds the key ``mark`` (a str), or a CSV whose header begins with the columns ``mark`` (a tuple)."""
+    """Whether the file at ``path`` may be replaced as one osteo writes under its name: a JSON object
+    that holds the key ``mark`` (a str), a CSV whose header begins with the columns ``mark`` (a
+    tuple), or an empty file (``mktemp``'s: nothing to lose)."""
     try:
+        if os.path.getsize(path) == 0:
+            return True
         if isinstance(mark, str):
             data = read_json(path)
             return isinstance(data, dict) and mark in data

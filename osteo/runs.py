@@ -491,7 +491,8 @@ def check_output_place(path: str | os.PathLike, option: str, fix: str, own: str 
     writes into a run, nor where osteo's next audit would meet what it wrote (the class
     folder's, or ``data``'s, one names a place outside). An output ``folder`` is not a file."""
     if folder and os.path.lexists(path) and not os.path.isdir(path):
-        raise OsteoError(f"{option} {path} is a file, not a folder; {fix}")
+        raise OsteoError(f"{option} {path} is a file, not a folder; give the name of a folder (new, or one osteo "
+                         "wrote)")
     target = Path(path).resolve()
     if data is not None and Path(data).is_dir() and target.is_relative_to(Path(data).resolve()):
         inside = Path(data).resolve()

@@ -79,6 +79,9 @@ def test_split_command_writes_split_csv(tmp_path, capsys):
         capsys.readouterr()
         assert main(["data", "split", str(tmp_path / "ph"), "--out", str(target)]) == 2
         assert re.search(said, one_line(capsys)) and target.read_bytes() == before
+    (tmp_path / "empty.csv").write_text("")  # an empty file (mktemp's) holds nothing to lose: written
+    assert main(["data", "split", str(tmp_path / "ph"), "--out", str(tmp_path / "empty.csv")]) == 0
+    assert (tmp_path / "empty.csv").read_text().startswith("path,label,split,group")
 
 
 @pytest.mark.parametrize(

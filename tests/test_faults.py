@@ -393,7 +393,7 @@ def test_output_folders_and_names_that_are_not_what_they_should_be_are_said(fini
                  ["data", "audit", str(phantom_dir), "--out", str(a_file)],
                  ["train", "seed", "--data", str(phantom_dir), "--runs", str(a_file)]):
         assert main(argv) == 2, argv
-        assert f"{a_file} is a file, not a folder; choose a" in one_line(capsys), argv  # not "File exists"
+        assert f"{a_file} is a file, not a folder; give the name of a folder" in one_line(capsys), argv  # not "File exists"
     assert a_file.read_text() == "mine"
     assert main(["report", "--runs", str(tmp_path / "none")]) == 2
     assert f"--runs {tmp_path / 'none'} does not exist (or is not a folder)" in one_line(capsys)

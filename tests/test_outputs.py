@@ -31,9 +31,14 @@ def test_an_output_that_is_a_fifo_or_a_folder_is_refused_and_left_as_it_is(run, 
         write_text(fifo, "x")
     assert main(["predict", str(run), str(phantom_dir / "normal"), "--out", str(fifo)]) == 2
     assert "not a regular file (a device, FIFO or socket)" in one_line(capsys)
-    monkeypatch.chdir(tmp_path)  # --out -: not a file named "-" here
-    assert main(["predict", str(run), str(phantom_dir / "normal"), "--out", "-"]) == 2
-    assert "- is not standard output here: osteo writes a file" in one_line(capsys) and not os.path.lexists("-")
+    monkeypatch.chdir(tmp_path)  # --out -: not a file named "-" here, nor a folder (data audit)
+    for argv in (["predict", str(run), str(phantom_dir / "normal"), "--out", "-"],
+                 ["data", "audit", str(phantom_dir), "--out", "-"]):
+        assert main(argv) == 2
+        assert "--out - is not standard output here: osteo writes files" in one_line(capsys) and \
+            not os.path.lexists("-")
+    assert main(["predict", str(run), str(phantom_dir / "normal"), "--out", "./-"]) == 0  # asked for by its path
+    assert os.path.isfile("-")
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     folder = tmp_path / "folder"
     folder.mkdir()

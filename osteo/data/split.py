@@ -288,12 +288,13 @@ def read_groups_csv(path: str | os.PathLike) -> dict[str, str]:
     if not {"path", "group"} <= set(rows[0]):
         raise OsteoError(f"{path} needs the columns path,group (it has {', '.join(map(repr, rows[0]))}); {fix}")
     groups: dict[str, str] = {}
-    for line, r in enumerate(rows, start=2):  # line 1 is the header
+    for r in rows:
         path_, group = r["path"] or "", (r["group"] or "").strip()
-        if not path_ or not group:  # a blank group would make one patient of every file left blank
-            raise OsteoError(f"line {line} of {path} has an empty {'path' if not path_ else 'group'}; "
-                             "give each file's patient, or leave the file's row out")
+        if not path_:
+            raise OsteoError(f"{path} has a row with no path (group {group!r}); give each row a file's path")
+        if not group:  # a blank group would make one patient of every file left blank
+            raise OsteoError(f"{path} gives {path_} no group; give each file's patient, or leave its row out")
         if groups.setdefault(path_, group) != group:
-            raise OsteoError(f"{path} gives {path_} two groups ({groups[path_]!r} and {group!r}, line {line}); "
-                             "give each file one")
+            raise OsteoError(f"{path} gives {path_} two groups ({groups[path_]!r} and {group!r}); give each "
+                             "file one")
     return groups
