@@ -541,6 +541,26 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
+CONNECT_TIMEOUT_S = 10.0  # a server answers in milliseconds; the clients osteo calls retry for minutes
+
+
+def unreachable(host: str | None, port: int, timeout: float = CONNECT_TIMEOUT_S, proxied: str = "") -> str | None:
+    """Why nothing at ``host:port`` accepts a connection within ``timeout`` seconds (a short
+    reason), or None where it does. A server reached through a proxy (``proxied``: the URL
+    scheme, ``http`` or ``https``, whose proxy the environment names and does not bypass for
+    ``host``) is not probed: the client reaches it through the proxy (None)."""
+    import socket
+    import urllib.request
+
+    if proxied and urllib.request.getproxies().get(proxied) and not urllib.request.proxy_bypass(host or ""):
+        return None
+    try:
+        socket.create_connection((str(host).strip("[]"), port), timeout=timeout).close()
+    except (OSError, TypeError, ValueError) as e:  # TypeError: no host; ValueError: a port out of range
+        return " ".join(str(getattr(e, "strerror", None) or e).split()) or type(e).__name__
+    return None
+
+
 def written_by_osteo(path: str | os.PathLike, mark: str | tuple[str, ...]) -> bool:
     """Whether the file at ``path`` may be replaced as one osteo writes under its name: a JSON object
     that holds the key ``mark`` (a str), a CSV whose header begins with the columns ``mark`` (a

@@ -74,7 +74,7 @@ import numpy as np
 from osteo import killpoints
 from osteo.data.split import INNER_VAL
 from osteo.errors import OsteoError, Stopped
-from osteo.files import folder_lock, read_json, write_json
+from osteo.files import folder_lock, read_json, unreachable, write_json
 from osteo.runs import CvDir, RunDir, check_output_place
 from osteo.session import TrainOptions, audited_rows, build_recipe, check_folds, ensure_phantom
 
@@ -601,22 +601,16 @@ def _legacy_tune_output():
             os.environ["RAY_AIR_NEW_OUTPUT"] = old
 
 
-CONNECT_TIMEOUT_S = 10.0  # a cluster's head answers in milliseconds; Ray itself retried for minutes
-
-
 def _check_reachable(address: str) -> None:
     """A cluster at ``host:port`` (or ``ray://host:port``) accepts a connection, or a one-line error
     in seconds: Ray's own client retried an address nothing answers on for minutes, silently."""
-    import socket
-
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():  # "auto", a name Ray resolves itself: Ray's to check
         return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as e:
-        raise OsteoError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}; check --address (or "
-                         "$RAY_ADDRESS): the head node's host:port, or leave it out for Ray on this machine") from None
+    why = unreachable(host, int(port))
+    if why:
+        raise OsteoError(f"cannot reach the Ray cluster at {address}: {why}; check --address (or $RAY_ADDRESS): "
+                         "the head node's host:port, or leave it out for Ray on this machine")
 
 
 def _connect_fix(e: BaseException) -> str:

@@ -77,24 +77,26 @@ def check(recipe: Recipe) -> None:
     _check_server(tracking_uri())
 
 
-CONNECT_TIMEOUT_S = 10.0
-
-
 def _check_server(uri: str) -> None:
-    """An ``http(s)://`` tracking server accepts a connection, or a one-line error in seconds:
-    MLflow's client retried one that nothing answers on for minutes before it said so."""
-    import socket
+    """An ``http(s)://`` tracking server accepts a connection (or is behind the environment's
+    proxy), or a one-line error in seconds: MLflow's client retried one that nothing answers on
+    for minutes before it said so."""
     import urllib.parse
+
+    from osteo.files import unreachable
 
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         return
     try:
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        socket.create_connection((parsed.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
-    except (OSError, ValueError) as e:  # ValueError: a port out of range
-        raise OsteoError(f"MLflow at {uri}: cannot connect ({getattr(e, 'strerror', None) or e}); fix "
-                         "$MLFLOW_TRACKING_URI (unset: ./mlruns), or train without train.mlflow") from None
+    except ValueError as e:  # a port out of range
+        why = str(e)
+    else:
+        why = unreachable(parsed.hostname, port, proxied=parsed.scheme)
+    if why:
+        raise OsteoError(f"MLflow at {uri}: cannot connect ({why}); fix $MLFLOW_TRACKING_URI (unset: ./mlruns), "
+                         "or train without train.mlflow")
 
 
 def callbacks(recipe: Recipe, run: RunDir) -> list[keras.callbacks.Callback]:

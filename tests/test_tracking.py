@@ -130,3 +130,18 @@ def test_mlflow_resumed_run_continues_its_mlflow_run(tmp_path, tiny_recipe, monk
     with pytest.raises(OsteoError, match=r"^MLflow at file:") as e:
         tracking._MlflowRun.open(recipe, run)
     assert "\n" not in str(e.value)
+
+
+def test_a_server_behind_the_environments_proxy_is_not_probed(monkeypatch):
+    """MLflow's client reaches an http(s) server through $HTTP(S)_PROXY; a direct probe would refuse
+    a server that only the proxy reaches."""
+    from osteo.files import unreachable
+
+    for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert unreachable("127.0.0.1", 1, timeout=2, proxied="http")  # nothing listens on port 1
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    assert unreachable("127.0.0.1", 1, timeout=2, proxied="http") is None
+    assert unreachable("127.0.0.1", 1, timeout=2)  # a Ray cluster: no proxy
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert unreachable("127.0.0.1", 1, timeout=2, proxied="http")  # bypassed: probed

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import urllib.parse
 import warnings
 from collections.abc import Callable
@@ -62,6 +61,7 @@ from osteo.backbones.base import (
 from osteo.device import ENGINES
 from osteo.errors import OsteoError
 from osteo.errors import short as _short
+from osteo.files import unreachable
 from osteo.registry import IMAGENET_MEAN_TORCH, IMAGENET_STD_TORCH, parse_weights
 
 # Keras dtype policy -> the autocast dtype inside the module
@@ -113,11 +113,9 @@ def _load_pretrained(name: str, timm_name: str):
     fail = OFFLINE_FIX
     url = os.environ.get("HF_ENDPOINT", "https://huggingface.co") if hub_id else (getattr(cfg, "url", "") or "")
     host = urllib.parse.urlparse(url).hostname
-    try:
-        socket.create_connection((host, 443), timeout=DOWNLOAD_TIMEOUT).close()
-    except (OSError, TypeError) as e:
-        raise OsteoError(f"cannot download ImageNet weights for {name} from {host} (no network?): {_short(e)}; "
-                         f"{fail}") from None
+    why = unreachable(host, 443, timeout=DOWNLOAD_TIMEOUT)
+    if why:
+        raise OsteoError(f"cannot download ImageNet weights for {name} from {host} (no network?): {why}; {fail}")
     with download_timeout():
         try:
             return create_module(timm_name, pretrained=True)
