@@ -205,6 +205,21 @@ def _attempts_made(log: Path) -> int:
     return max(0, text.count("\n== attempt ") - text.count(STOPPED_MARK))
 
 
+def _mark_stopped(specs: list[dict]) -> None:
+    """After the user's stop of a study on Ray: each unfinished trial's last attempt is marked as cut
+    short (Ray may end a trial's worker without the mark ``_run_process`` writes), so it spends no
+    retry when the same command continues the study."""
+    for spec in specs:
+        log = Path(spec["log"])
+        with contextlib.suppress(OSError):
+            text = log.read_text(encoding="utf-8", errors="replace")
+            done = _scoring(spec) is not None if spec["kind"] == "external" else \
+                (run := _trial_run(spec)) is not None and run.is_finished()
+            if not done and text.rfind("\n== attempt ") > text.rfind(STOPPED_MARK):
+                with open(log, "a", encoding="utf-8") as f:
+                    f.write(STOPPED_MARK)
+
+
 def _trial_run(spec: dict) -> RunDir | None:
     """The trial's run directory: the fold's, or the one run a search trial made in its folder."""
     if spec["run"]:
@@ -489,8 +504,12 @@ class _Ray:
             try:
                 grid = tuner.fit()
             except Exception:
-                signals.raise_if_caught()  # stopping made Tune fail: the stop is what happened
+                if signals.signals:  # stopping made Tune fail: the stop is what happened
+                    _mark_stopped(specs)
+                signals.raise_if_caught()
                 raise
+        if signals.signals:
+            _mark_stopped(specs)
         signals.raise_if_caught()
         return _outcomes(grid, by_id)
 
