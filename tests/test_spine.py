@@ -556,8 +556,11 @@ def test_make_study_passes_out_set_and_batch_as_make_help_lists_them():
 
     dry = subprocess.run(["make", "-n", "study", "MODELS=tiny", "OUT=my study", "SET=train.steps_per_epoch=2",
                           "BATCH=8"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    lines = [ln.replace("\\", " ") for ln in dry.stdout.splitlines()]
+    lines = dry.stdout.splitlines()
     start = next(i for i, ln in enumerate(lines) if " study " in ln and "--models" in ln)
-    argv = shlex.split(" ".join(lines[start:start + 8]).split(";")[0])
+    command = [lines[start]]
+    while command[-1].rstrip().endswith("\\"):  # the recipe's continued lines, and no other make output
+        command.append(lines[start + len(command)])
+    argv = shlex.split(" ".join(ln.rstrip().removesuffix("\\") for ln in command))
     args = build_parser().parse_args(argv[argv.index("study") :])
     assert (args.out, args.set) == ("my study", ["data.batch_size=8", "train.steps_per_epoch=2"]), argv
