@@ -927,10 +927,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     except SystemExit as e:  # a usage error (one line, already printed) or --help
         return e.code if isinstance(e.code, int) else 2
-    dashed = [f"--{name}" for name in ("out", "gradcam", "runs", "cv") if getattr(args, name, None) == "-"]
+    named = {"out": "predictions.csv", "gradcam": "gradcam", "runs": "runs", "cv": "cv-1"}  # an example of each
+    dashed = [name for name in named if getattr(args, name, None) == "-"]
     if dashed:  # many tools read "-" as standard output; osteo writes files and folders
-        print(f"osteo: error: {dashed[0]} - is not standard output here: osteo writes files; give a name, e.g. "
-              f"{dashed[0]} predictions.csv (and cat it)", file=sys.stderr)
+        print(f"osteo: error: --{dashed[0]} - is not standard output here: osteo writes files; give a name, e.g. "
+              f"--{dashed[0]} {named[dashed[0]]}", file=sys.stderr)
         return 2
     if args.debug:  # TensorFlow's start-up logs too (osteo._quiet)
         os.environ["OSTEO_TF_LOGS"] = "1"
