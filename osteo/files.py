@@ -339,13 +339,13 @@ def folder_lock(folder: str | os.PathLike, what: str, wait: bool = True) -> Iter
         yield
         return
     folder = Path(folder)
+    held = _HELD.__dict__.setdefault("folders", set())
+    key = os.path.realpath(folder)
+    if key in held:  # this thread holds it already (outside the try below: the body's errors are its own)
+        yield
+        return
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        key = os.path.realpath(folder)
-        held = _HELD.__dict__.setdefault("folders", set())
-        if key in held:  # this thread holds it already
-            yield
-            return
         fd = os.open(folder, os.O_RDONLY)
     except OSError as e:
         raise cannot_write(folder, e) from None

@@ -674,6 +674,10 @@ def test_a_folder_lock_taken_again_in_one_thread_is_held_not_waited_for(tmp_path
     worker.start()
     worker.join(60)
     assert not worker.is_alive() and steps == ["inside", "it waits", "another thread"], steps
+    # the body's own error, not "cannot write" the folder
+    with folder_lock(tmp_path, "a study"), pytest.raises(OSError, match="No space left"), \
+            folder_lock(tmp_path, "its report"):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def test_folder_locks_take_one_lock_per_folder_however_it_is_named(tmp_path, monkeypatch):
