@@ -2,11 +2,10 @@
 
 import csv
 import json
-import logging
 import re
 
 import pytest
-from helpers import one_line
+from helpers import one_line, osteo_warnings
 
 from osteo.cli import main
 from osteo.data.split import INNER_VAL
@@ -172,14 +171,8 @@ def test_the_same_command_continues_a_cross_validation_an_older_osteo_started(ph
     (cv,) = list_cvs(runs)
     record = json.loads(cv.manifest_path.read_text())
     cv.manifest_path.write_text(json.dumps({**record, "settings": "0123456789abcdef"}))  # an older osteo's hash
-    said = []  # the CLI prints osteo's logged warnings as `osteo: warning:` lines (its handler: the first main's)
-    listener = logging.Handler(logging.WARNING)
-    listener.emit = lambda record: said.append(record.getMessage())
-    logging.getLogger("osteo").addHandler(listener)
-    try:  # other settings: a new one, and the old one named
+    with osteo_warnings() as said:  # other settings: a new one, and the old one named
         assert main(_cv_args(phantom_dir, runs, "--folds", "2", "--fold", "2", "--image-size", "48")) == 0
-    finally:
-        logging.getLogger("osteo").removeHandler(listener)
     assert any(m.startswith(f"left the unfinished cross-validation {cv} as it is: its folds train other settings "
                             "(data.image_size") for m in said), said
     assert len(list_cvs(runs)) == 2
