@@ -448,10 +448,11 @@ def _unfinished_cv(recipe: Recipe, folds: int, settings: str,
     if found:
         return newest[0]
     for c in newest:
-        started = next((c.fold(i) for i in range(1, folds + 1) if c.fold(i).is_run()), None)
+        i = next((i for i in range(1, folds + 1) if c.fold(i).is_run()), None)  # its first started fold
         with contextlib.suppress(OsteoError, OSError, ValueError, KeyError):
-            if started is not None:
-                differ = _differences(started, resolve(_fold_recipe(recipe, folds, _fold_number(started)),
+            if i is not None:
+                started = c.fold(i)
+                differ = _differences(started, resolve(_fold_recipe(recipe, folds, i),
                                                        backend=started.read_env().get("backend")))
                 if not differ:
                     return c
@@ -459,10 +460,6 @@ def _unfinished_cv(recipe: Recipe, folds: int, settings: str,
                     say(f"left the unfinished cross-validation {c} as it is: its folds train other settings "
                         f"({', '.join(differ[:3])}); to finish it, give --cv {c} with the options that started it")
     return None
-
-
-def _fold_number(run: RunDir) -> int:
-    return int(run.path.name.removeprefix("fold-"))
 
 
 def _differences(run: RunDir, wanted: Recipe) -> list[str]:
