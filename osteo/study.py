@@ -794,6 +794,9 @@ def _plan(cfg: StudyConfig) -> _Plan:
     if search:
         if cfg.trials < 1:
             raise OsteoError(f"--trials must be 1 or more, got {cfg.trials}")
+        if search.key.split(".")[0] == "data":  # the split and its images are what every trial is ranked on
+            raise OsteoError(f"--search {search.key} would change the images the trials are ranked on; search a "
+                             "training setting, such as train.lr or train.fine_tune_lr")
         for m, r in recipes.items():
             t = r.train  # first: a rate no epoch trains with is named as the study's search, not as a --set
             if (search.key == "train.lr" and not t.epochs) or (search.key == "train.fine_tune_lr"
@@ -801,7 +804,10 @@ def _plan(cfg: StudyConfig) -> _Plan:
                 raise OsteoError(f"{m}'s recipe trains no epochs with {search.key}; search the other rate "
                                  f"({'train.fine_tune_lr' if search.key == 'train.lr' else 'train.lr'})")
             for bound in (search.low, search.high):  # the key, its type and bounds, and the inner split
-                tried = _build_recipe(cfg, m, [*_inner_split(cfg.folds, 1), f"{search.key}={bound!r}"])
+                try:
+                    tried = _build_recipe(cfg, m, [*_inner_split(cfg.folds, 1), f"{search.key}={bound!r}"])
+                except OsteoError as e:  # said of --search, where the recipe's own message names --set
+                    raise OsteoError(f"--search {search.key}={bound:g} ({m}): {e}") from None
             value = tried
             for part in search.key.split("."):
                 value = getattr(value, part)

@@ -87,7 +87,8 @@ def test_search_ranges_parse_and_spread_over_the_range():
     ({"models": ["tiny", "tiny"]}, "more than once"),
     ({"models": ["nope"]}, "unknown model"),
     ({"search": "train.nope=1:2"}, "unknown recipe key"),
-    ({"search": "train.optimizer=1:2"}, "train.optimizer"),
+    ({"search": "train.optimizer=1:2"}, "--search train.optimizer=1 (tiny): "),  # said of --search, not --set
+    ({"search": "data.inner_val=0.1:0.3"}, "--search data.inner_val would change the images the trials are ranked on"),
     ({"search": "train.fine_tune_lr=1e-5:1e-3:log"}, "trains no epochs with train.fine_tune_lr"),
     ({"options": TrainOptions(weights="none", overrides=("train.epochs=-1",))}, "train.epochs must be from 0 to 10000"),
     ({"address": "127.0.0.1:1"}, "cannot reach the Ray cluster at 127.0.0.1:1"),  # in seconds: Ray retried for minutes
@@ -223,6 +224,8 @@ def test_a_killed_trial_is_resumed_and_the_study_records_the_retry(ray_study, mo
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) >= sum(t["kind"] == "fold" for t in trials.values()) + 1
+    # a fold's model tag is its backbone, not the name of its cross-validation's folder
+    assert {r.data.tags["osteo.model"] for r in runs if "osteo.model" in r.data.tags} == {"tiny", "vgg16"}
     report = next(r for r in runs if r.info.run_name.endswith(" report"))
     assert "report/index.html" in [a.path for a in client.list_artifacts(report.info.run_id, "report")]
     assert (killed["status"], killed["attempts"], killed["retries"]) == ("ok", 2, 1)
