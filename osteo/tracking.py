@@ -314,7 +314,9 @@ class _MlflowRun:
                         client.set_tag(run_id, f"osteo.resumed.{k}", v)
             else:
                 run_id = client.create_run(exp_id, run_name=f"{run.model}/{run.name}",
-                                           tags={RUN_TAG: path, KEY_TAG: key, "osteo.model": run.model}).info.run_id
+                                           tags={RUN_TAG: path, KEY_TAG: key,
+                                                 # the backbone: a fold's folder is its cross-validation's
+                                                 "osteo.model": recipe.model.backbone}).info.run_id
                 new = params
             items = [Param(k, v) for k, v in new.items()]
             for i in range(0, len(items), 100):  # log_batch takes at most 100 params
