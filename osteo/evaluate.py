@@ -607,6 +607,9 @@ def print_metrics(metrics: dict, split: str, console, title: str = "") -> None:
         table.add_row(f"{c}: precision / recall / specificity / F1",
                       " / ".join(fmt(pc[k]) for k in ("precision", "recall", "specificity", "f1")),
                       f"n={pc['support']}", "")
+    if m.get("ci"):  # how the intervals were drawn: eval's default is the run's own train.bootstrap
+        ci = m["ci"]
+        table.caption = f"95% CI: {ci['method']}, {ci['resamples']:,} resamples, seed {ci['seed']}"
     console.print(table)
     if m.get("n_nonfinite"):
         left_out = [metric.label for metric in METRICS if m.get(metric.name) is None]

@@ -228,6 +228,23 @@ def test_training_eval_and_the_card_draw_one_runs_intervals_alike_whatever_its_t
     assert f"{again['balanced_accuracy']:.3f} [{lo:.3f}, {hi:.3f}]" in run.model_card_path.read_text()
 
 
+def test_the_printed_table_says_how_its_intervals_were_drawn():
+    """eval's intervals default to the run's own train.bootstrap: the table says how many resamples
+    (and which method and seed) drew them, and says nothing of intervals where none were drawn."""
+    from rich.console import Console
+
+    from osteo.evaluate import majority_baseline, print_metrics
+
+    y = np.array([0, 0, 1, 1, 2, 2, 0, 1, 2, 1])
+    probs = np.eye(3)[[0, 1, 1, 1, 2, 0, 0, 1, 2, 2]]
+    for n_boot, said in ((50, "95% CI: stratified bootstrap, percentile, 50 resamples, seed 7"), (0, None)):
+        m = {**compute_metrics(y, probs, n_boot=n_boot, seed=7), "majority_baseline": majority_baseline(y, "osteopenia")}
+        console = Console(record=True, width=200)
+        print_metrics({"val": m}, "val", console)
+        text = console.export_text()
+        assert (said in text) if said else ("resamples" not in text), text
+
+
 def test_a_class_never_predicted_has_no_precision_rather_than_zero():
     """0 of 0 is no number: a class the model never called has precision None (no interval), a class
     absent from the images no recall; its F1 stays 0, as macro F1 counts it."""
