@@ -190,7 +190,7 @@ class OsteoRow:
         keras.mixed_precision.set_dtype_policy(plan.precision)
         self.clf = clf = Classifier(name, image_size=self.size, weights="none", freeze_bn=False,
                                     augment=AugmentConfig(flip=False, zoom=0.0, shear=0.0), impl=plan.impl,
-                                    compile_backbone=compile_backbone)
+                                    compile_backbone=compile_backbone, channels_last=plan.channels_last)
         self.model = clf.build()
         keras.mixed_precision.set_dtype_policy("float32")
         clf.unfreeze_backbone(0)
@@ -1010,7 +1010,7 @@ def print_tables(console, report: dict) -> None:
                 continue
             r = rows[s["row"]]
             engine = f"{r.get('impl', '?')}/{r.get('backend', '?')} {_short(r.get('precision'))}" + (
-                " compiled" if r.get("jit") else "")
+                " compiled" if r.get("jit") else "") + (" cf" if r.get("plan", {}).get("channels_last") is False else "")
             ok = s["status"] in ("ok", "1 window")
             t.add_row(g["model"], str(g["size"]), s["row"], engine, _fmt(s["img_s"]), _pct(s["img_s_spread"]),
                       _fmt(by.get("cf", {}).get("img_s")), _fmt(by.get("cl", {}).get("img_s")),

@@ -318,8 +318,8 @@ class Classifier:
     ``impl`` names the engine (``auto``: :func:`osteo.device.choose_impl`); the engine's
     :class:`osteo.backbones.base.Backbone` is made once, here, and everything that
     differs between the engines goes through it (``self.engine``). Attributes set by
-    :meth:`build`: ``model`` (the whole classifier) and ``backbone`` (the backbone's
-    Keras layer inside it).
+    :meth:`build`: ``model`` (the whole classifier), ``backbone`` (the backbone's
+    Keras layer inside it) and ``batchnorms`` (its BatchNorm layers, where it was built here).
     """
 
     backbone_name: str
@@ -333,6 +333,7 @@ class Classifier:
     preprocessing: str | None = None  # None or "auto": the engine's own
     impl: str = "auto"  # keras | timm | auto (see osteo.device.choose_impl)
     compile_backbone: bool = False  # engines that compile their backbone module (timm: torch.compile)
+    channels_last: bool = True  # the timm engine's memory format (osteo.device.choose_layout)
 
     def __post_init__(self):
         from osteo.device import choose_impl
@@ -341,21 +342,23 @@ class Classifier:
         self.bn_momentum = self.bn_momentum or self.spec.bn_momentum
         self.impl, _ = choose_impl(self.impl, self.spec, keras.backend.backend(), self.weights)
         self.engine = create(self.spec, self.impl, image_size=self.image_size, weights=self.weights,
-                             preprocessing=self.preprocessing, compile=self.compile_backbone)
+                             preprocessing=self.preprocessing, compile=self.compile_backbone,
+                             channels_last=self.channels_last)
         self.preprocessing = self.engine.preprocessing
         self.model: keras.Model | None = None
         self.backbone: keras.Model | keras.layers.Layer | None = None
+        self.batchnorms = 0  # the backbone's BatchNorm layers, counted by build()
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, *, weights: str | None = None, compile_backbone: bool = False
-                    ) -> Classifier:
+    def from_recipe(cls, recipe: Recipe, *, weights: str | None = None, compile_backbone: bool = False,
+                    channels_last: bool = True) -> Classifier:
         """The classifier a resolved recipe describes (``weights`` replaces the recipe's: a
         run rebuilt to load its checkpoint needs none)."""
         m = recipe.model
         return cls(m.backbone, image_size=recipe.data.image_size, weights=m.weights if weights is None else weights,
                    head=m.head, augment=m.augment, seed=recipe.train.seed, freeze_bn=m.freeze_bn,
                    bn_momentum=m.bn_momentum, preprocessing=m.preprocessing, impl=m.impl,
-                   compile_backbone=compile_backbone)
+                   compile_backbone=compile_backbone, channels_last=channels_last)
 
     def build(self, backbone: keras.layers.Layer | None = None) -> keras.Model:
         """The classifier around the engine's backbone, or around ``backbone`` where one is given
@@ -377,7 +380,7 @@ class Classifier:
             # the same momentum on both engines (timm's modules would otherwise use PyTorch's 0.1);
             # 0.99 needs hundreds of steps before the moving statistics match the batches, so
             # short runs from scratch set less
-            self.engine.set_bn_momentum(self.bn_momentum)
+            self.batchnorms = self.engine.set_bn_momentum(self.bn_momentum)
         else:
             self.backbone = backbone
         # training=False keeps BatchNorm in inference mode (its ImageNet statistics)

@@ -67,6 +67,7 @@ class Plan:
     impl: str = "keras"
     # requested choices measured far slower than auto's here: one line each, with the measurement
     warnings: list[str] = field(default_factory=list)
+    channels_last: bool = True  # the timm engine's memory format (choose_layout)
 
     def made_for(self, engine: str) -> bool:
         """Whether this plan's choices were made for ``engine`` (a resolved ``model.impl``)."""
@@ -78,7 +79,8 @@ class Plan:
 
     def to_json(self) -> dict:
         return {"backend": self.backend, "impl": self.impl, "precision": self.precision,
-                "jit_compile": self.jit_compile, "runs_on": self.runs_on, "device": asdict(self.device),
+                "jit_compile": self.jit_compile, "channels_last": self.channels_last, "runs_on": self.runs_on,
+                "device": asdict(self.device),
                 "why": dict(self.why), "warnings": list(self.warnings)}
 
 
@@ -389,6 +391,21 @@ def choose_jit(requested: str, spec: BackboneSpec, device: Device, backend: str,
     return False, f"XLA not measured faster for {spec.name} on {device.cpu_class} CPUs"
 
 
+def choose_layout(spec: BackboneSpec, device: Device, backend: str, impl: str) -> tuple[bool, str]:
+    """(channels_last, why): the timm engine's memory format. Channels-last, PyTorch's fast
+    layout for convolutions on GPUs and on AVX-512 CPUs, unless channels-first was measured
+    faster for ``spec`` on this CPU class (``CpuDecision.channels_last``). Keras' layers take
+    NHWC tensors whatever this says."""
+    if impl != "timm":
+        return True, "Keras' layers: NHWC tensors"
+    if device.on(backend) == "gpu":
+        return True, "channels-last on a GPU"
+    d = spec.cpu_decision(device.cpu_class)
+    if not d.channels_last:
+        return False, f"channels-first for {spec.name} on {device.cpu_class} CPUs: {d.layout_why}"
+    return True, f"channels-last: channels-first not measured faster for {spec.name} on {device.cpu_class} CPUs"
+
+
 def plan(spec: BackboneSpec, device: Device, *, backend: str = "auto", precision: str = "auto",
          jit_compile: str = "auto", planned_images: int = 0, available: tuple[str, ...] | None = None,
          impl: str = "auto", weights: str | None = None) -> Plan:
@@ -402,7 +419,9 @@ def plan(spec: BackboneSpec, device: Device, *, backend: str = "auto", precision
     i, why_i = choose_impl(impl, spec, b, weights, where)
     p, why_p = choose_precision(precision, spec, device, b)
     j, why_j = choose_jit(jit_compile, spec, device, b, i, planned_images)
-    out = Plan(b, p, j, device, {"backend": why_b, "impl": why_i, "precision": why_p, "jit_compile": why_j}, i)
+    layout, why_l = choose_layout(spec, device, b, i)
+    out = Plan(b, p, j, device, {"backend": why_b, "impl": why_i, "precision": why_p, "jit_compile": why_j,
+                                 "layout": why_l}, i, channels_last=layout)
     slow = [s for s in spec.slow_paths if s.matches(where, b, i, p)]
     if slow and (backend, impl, precision) != ("auto", "auto", "auto"):
         fast = plan(spec, device, planned_images=planned_images, available=available, weights=weights)

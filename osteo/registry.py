@@ -46,6 +46,10 @@ class CpuDecision:
     # the faster backend for Keras' layers (a Keras weights file, or model.impl=keras), where measured
     keras_backend: str = ""
     keras_why: str = ""
+    # the timm engine's memory format on this class: channels-last, or channels-first where that was
+    # measured faster (layout_why, quoted in env.json)
+    channels_last: bool = True
+    layout_why: str = ""
 
 
 @dataclass(frozen=True)
@@ -190,13 +194,16 @@ _AVX2_NOTE = "; the timm engine itself was not measured on this class"
 
 
 def _cpu(avx512: str, avx2: str, *, bf16: tuple[str, ...] = ("torch",), xla: bool = False,
-         keras: dict[str, tuple[str, str]] | None = None) -> dict:
+         keras: dict[str, tuple[str, str]] | None = None, channels_first: dict[str, str] | None = None) -> dict:
     """The CPU decisions of one backbone; ``keras``: per class, (backend, measurement) for Keras'
-    layers, which a Keras weights file or model.impl=keras asks for."""
-    k = keras or {}
-    return {"avx512_bf16": CpuDecision("torch", bf16, xla, avx512, *k.get("avx512_bf16", ("", ""))),
+    layers, which a Keras weights file or model.impl=keras asks for; ``channels_first``: per class,
+    the measurement by which the timm engine runs channels-first there."""
+    k, cf = keras or {}, channels_first or {}
+    layout = {c: {"channels_last": c not in cf, "layout_why": cf.get(c, "")} for c in CPU_CLASSES}
+    return {"avx512_bf16": CpuDecision("torch", bf16, xla, avx512, *k.get("avx512_bf16", ("", "")),
+                                       **layout["avx512_bf16"]),
             "avx2": CpuDecision("torch", why=avx2 + _AVX2_NOTE, keras_backend=k.get("avx2", ("", ""))[0],
-                                keras_why=k.get("avx2", ("", ""))[1])}
+                                keras_why=k.get("avx2", ("", ""))[1], **layout["avx2"])}
 
 
 def _seq(prefix: str, *ranges: tuple[int, int]) -> tuple[str, ...]:
@@ -205,6 +212,10 @@ def _seq(prefix: str, *ranges: tuple[int, int]) -> tuple[str, ...]:
 
 
 _VGG_KERAS = tuple(rf"^block{i}_" for i in range(1, 6))
+# timm's own loop on the AVX2 class, float32, medians of 5 interleaved rounds (benchmarks/README.md, twenty-third
+# session): channels-first ran VGG faster than channels-last at 224 px and no slower at 64 px
+_VGG_AVX2_CF = ("timm's own channels-first loop trained VGG16 1.09x its channels-last one at 224 px (1.29 vs 1.18 "
+                "img/s) and VGG19 1.12x at 64 px (11.5 vs 10.3), float32")
 
 register(BackboneSpec(
     "vgg16", f"{_APPS}:VGG16", "caffe", 512, reference_module="vgg16", timm_name="vgg16.tv_in1k",
@@ -217,6 +228,7 @@ register(BackboneSpec(
              "interleaved rounds, freed memory kept; an earlier single-window measurement gave 1.02x, 4.27 vs 4.17)",
              "Keras' layers on PyTorch trained 1.72x TensorFlow's rate (25.8 vs 15.0 img/s, 32 px)",
              bf16=("tensorflow", "torch"),
+             channels_first={"avx2": _VGG_AVX2_CF},
              keras={"avx512_bf16": ("tensorflow", "Keras' layers trained 1.10x on TensorFlow what they did on PyTorch "
                                                   "at 64 px (36.7 vs 33.3 img/s) and 1.08x at 224 px (3.62 vs 3.36), bf16; single "
                                                   "windows, each off by up to 10%: a narrow margin"),
@@ -237,6 +249,7 @@ register(BackboneSpec(
     cpu=_cpu("the timm engine trained 1.13x TensorFlow's rate (7.94 vs 7.01 img/s, 224 px, bf16, medians of 5 "
              "interleaved rounds, freed memory kept; an earlier single-window measurement gave a tie, 3.42 vs 3.46); it starts sooner", "as VGG16, whose Keras layers on PyTorch trained 1.72x TensorFlow's rate "
              "(32 px)", bf16=("tensorflow", "torch"),
+             channels_first={"avx2": _VGG_AVX2_CF},
              keras={"avx512_bf16": ("tensorflow", "Keras' layers trained 1.37x on TensorFlow what they did on PyTorch "
                                                   "at 64 px (34.3 vs 25.0 img/s) and 1.26x at 224 px (3.43 vs 2.72), bf16"),
                     "avx2": ("torch", "as VGG16's, which trained 1.72x TensorFlow's rate on PyTorch (32 px); VGG19's "

@@ -198,7 +198,8 @@ class Trainer:
             self.plan.why["backend"] = why
         # an engine may compile its backbone itself (timm: torch.compile); Keras' jit_compile is then off
         self.compile_backbone, self.keras_jit = get_engine(r.model.impl).jit(self.plan.jit_compile)
-        self.clf = Classifier.from_recipe(r, compile_backbone=self.compile_backbone)
+        self.clf = Classifier.from_recipe(r, compile_backbone=self.compile_backbone,
+                                          channels_last=self.plan.channels_last)
 
     def _setup_data(self, split: list[dict] | None) -> None:
         """Seeds, then the DataModule: audit, split (a resumed run's own), cache."""
@@ -224,6 +225,9 @@ class Trainer:
         finally:
             keras.mixed_precision.set_dtype_policy("float32")
         self._xla_or_not()
+        frozen = frozen_statistics_warning(self.recipe, self.clf)
+        if frozen:
+            _warn(frozen)
 
     def _xla_or_not(self) -> None:
         """XLA off where the model holds a layer it cannot compile (the default augmentation's
@@ -524,6 +528,20 @@ class Trainer:
                 warmup_target=lr if warmup else None, warmup_steps=warmup,
             )
         return make_optimizer(t.optimizer, lr, t.weight_decay)
+
+
+def frozen_statistics_warning(recipe: Recipe, clf: Classifier) -> str:
+    """The warning for BatchNorm frozen (``model.freeze_bn``) in a backbone trained from scratch, on
+    either engine: in inference mode from the start, a new BatchNorm divides by its initial variance,
+    1, so it normalises nothing; '' where none is due (pretrained weights, freeze_bn off, no
+    BatchNorm, or a backbone that never trains: no fine-tuning phase)."""
+    m = recipe.model
+    if not (m.freeze_bn and clf.batchnorms and recipe.train.fine_tune_epochs
+            and str(m.weights or "none").lower() == "none"):
+        return ""
+    return (f"model.freeze_bn with --weights none: {clf.spec.name}'s {clf.batchnorms} BatchNorm layers keep their "
+            "initial statistics (mean 0, variance 1) and normalise nothing while they fine-tune; to train from "
+            "scratch set model.freeze_bn=false (the demo recipe does)")
 
 
 def _warn(message: str) -> None:

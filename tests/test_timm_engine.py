@@ -138,6 +138,52 @@ def test_unfreezing_again_trains_what_the_new_depth_says_on_both_engines(engine)
 
 
 @pytest.mark.parametrize("engine", ["keras", "timm"])
+def test_batchnorm_frozen_in_a_backbone_from_scratch_is_said_on_both_engines(engine):
+    """freeze_bn with weights none keeps BatchNorm's initial statistics while the backbone fine-tunes:
+    osteo train warns, with the backbone's count of BatchNorm layers, where it has any, on either engine."""
+    from osteo.recipe import fine_tune_protocol, study_protocol
+    from osteo.trainer import frozen_statistics_warning
+
+    def recipe(backbone, protocol=fine_tune_protocol, **model):
+        r = protocol(backbone)
+        r.model.weights = "none"
+        for k, v in model.items():
+            setattr(r.model, k, v)
+        return r
+
+    clf = Classifier("tiny", image_size=32, weights="none", augment=NO_AUG, impl=engine)
+    clf.build()
+    assert clf.batchnorms > 0
+    said = frozen_statistics_warning(recipe("tiny"), clf)
+    assert f"tiny's {clf.batchnorms} BatchNorm layers keep their initial statistics" in said
+    assert "model.freeze_bn=false" in said
+    assert frozen_statistics_warning(recipe("tiny", freeze_bn=False), clf) == ""
+    assert frozen_statistics_warning(recipe("tiny", weights="imagenet"), clf) == ""
+    assert frozen_statistics_warning(recipe("tiny", study_protocol), clf) == ""  # the backbone never trains
+    convnext = Classifier("convnext_tiny", image_size=32, weights="none", augment=NO_AUG, impl=engine)
+    convnext.build()  # LayerNorm only: nothing to say
+    assert convnext.batchnorms == 0
+    assert frozen_statistics_warning(recipe("convnext_tiny"), convnext) == ""
+
+
+def test_channels_first_is_the_same_model_in_another_memory_format():
+    """The timm engine channels-first (device.choose_layout: VGG on AVX2 CPUs) keeps its module in
+    PyTorch's default layout and computes what the channels-last one does, weight for weight."""
+    x = np.random.default_rng(2).uniform(0, 255, (4, 32, 32, 1)).astype("float32")
+    last, first = (Classifier("tiny", image_size=32, weights="none", augment=NO_AUG, impl="timm", channels_last=cl)
+                   for cl in (True, False))
+    last.build(), first.build()
+    first.model.set_weights(last.model.get_weights())
+    conv = {c: next(w for w in clf.backbone.module.parameters() if w.dim() == 4) for c, clf in (("last", last),
+                                                                                              ("first", first))}
+    assert conv["last"].is_contiguous(memory_format=torch.channels_last) and not conv["last"].is_contiguous()
+    assert conv["first"].is_contiguous()
+    assert first.backbone.channels_last is False and last.backbone.channels_last is True
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(first.model(x, training=False)),
+                               keras.ops.convert_to_numpy(last.model(x, training=False)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["keras", "timm"])
 def test_batchnorm_frozen_for_fine_tuning_keeps_its_statistics_on_both_engines(engine):
     """Unfrozen with freeze_bn (the default with pretrained weights), a training step leaves every
     BatchNorm's running statistics as they were, on both engines; without freeze_bn they move,

@@ -146,10 +146,32 @@ def test_backend_auto_follows_the_measurements_and_never_idles_a_gpu():
     assert backend == "torch" and "no installed backend was built for it" in why  # the CPU table, said so
     plan = device_plan(get_backbone("vgg16"), gpu, available=BOTH)
     assert (plan.backend, plan.runs_on, plan.precision) == ("torch", "gpu", "mixed_bfloat16")
-    assert set(plan.to_json()["why"]) == {"backend", "impl", "precision", "jit_compile"}
+    assert set(plan.to_json()["why"]) == {"backend", "impl", "precision", "jit_compile", "layout"}
     if importlib.util.find_spec("timm"):  # the engine: timm's module on PyTorch, Keras' layers on TensorFlow
         assert plan.impl == "timm" and plan.why["impl"] == get_backbone("vgg16").engine_why["gpu"]
     assert device_plan(get_backbone("vgg16"), tf_gpu, available=BOTH).impl == "keras"
+
+
+def test_the_timm_engine_runs_channels_first_only_where_that_was_measured_faster():
+    """VGG on the AVX2 class: timm's channels-first loop beat its channels-last one, so the timm engine
+    runs channels-first there and says why; channels-last everywhere else, and on GPUs."""
+    from osteo.device import choose_layout
+
+    intel, amd = CPU["avx512_bf16"], CPU["avx2"]
+    gpu = Device(kind="gpu", name="H200", cpu_class="avx2", gpu_bf16=True, gpu_backends=("torch",))
+    for name in ("vgg16", "vgg19"):
+        spec = get_backbone(name)
+        first, why = choose_layout(spec, amd, "torch", "timm")
+        assert first is False and why == f"channels-first for {name} on avx2 CPUs: {spec.cpu['avx2'].layout_why}"
+        assert spec.cpu["avx2"].layout_why and not spec.cpu["avx512_bf16"].layout_why
+        assert choose_layout(spec, intel, "torch", "timm")[0] is True
+        assert choose_layout(spec, gpu, "torch", "timm")[0] is True
+        assert choose_layout(spec, amd, "tensorflow", "keras")[0] is True  # Keras' layers: NHWC
+    assert choose_layout(get_backbone("densenet169"), amd, "torch", "timm")[0] is True
+    plan = device_plan(get_backbone("vgg16"), amd, available=BOTH)
+    if plan.impl == "timm":
+        assert plan.channels_last is False and plan.to_json()["channels_last"] is False
+        assert plan.why["layout"].startswith("channels-first for vgg16")
 
 
 def test_backend_auto_for_keras_layers_follows_their_own_measurements():

@@ -50,12 +50,13 @@ DOWNLOAD_TIMEOUT = 10.0
 
 
 def create(spec: BackboneSpec, engine: str, *, image_size: int, weights: str | None = "none",
-           preprocessing: str | None = None, compile: bool = False) -> Backbone:
+           preprocessing: str | None = None, compile: bool = False, channels_last: bool = True) -> Backbone:
     """The backbone of ``spec`` on ``engine`` (not built yet: :meth:`Backbone.build` makes the layer)."""
     info = get_engine(engine)
     mode = info.preprocessing(spec) if preprocessing in (None, "auto") else preprocessing
     info.check_preprocessing(mode)
-    return info.load()(spec, image_size=image_size, weights=weights, preprocessing=mode, compile=compile)
+    return info.load()(spec, image_size=image_size, weights=weights, preprocessing=mode, compile=compile,
+                       channels_last=channels_last)
 
 
 class Backbone(abc.ABC):
@@ -68,13 +69,16 @@ class Backbone(abc.ABC):
         preprocessing: the input scaling (:meth:`EngineInfo.preprocessing` for ``auto``);
             a mode the layer does itself is not applied again by the classifier.
         compile: compile the backbone (engines whose ``compiles_backbone`` is set).
+        channels_last: the memory format of an engine that has a choice (timm: PyTorch's
+            channels-last or channels-first; Keras' layers take NHWC tensors either way).
     """
 
     info: ClassVar[EngineInfo]
 
     def __init__(self, spec: BackboneSpec, *, image_size: int, weights: str | None = "none",
-                 preprocessing: str = "none", compile: bool = False):
+                 preprocessing: str = "none", compile: bool = False, channels_last: bool = True):
         self.spec = spec
+        self.channels_last = channels_last
         self.image_size = image_size
         self.weights = weights
         self.preprocessing = preprocessing
@@ -104,8 +108,9 @@ class Backbone(abc.ABC):
         frozen with ``freeze_bn``."""
 
     @abc.abstractmethod
-    def set_bn_momentum(self, momentum: float) -> None:
-        """Every BatchNorm's moving-average momentum, in Keras' terms (the weight of the old statistics)."""
+    def set_bn_momentum(self, momentum: float) -> int:
+        """Every BatchNorm's moving-average momentum, in Keras' terms (the weight of the old statistics);
+        the number of BatchNorm layers set."""
 
     @abc.abstractmethod
     def gradcam_parts(self, model: Any, target: str | None = None) -> tuple[list, Any, list]:

@@ -77,10 +77,11 @@ class KerasAppsBackbone(Backbone):
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.trainable = False
 
-    def set_bn_momentum(self, momentum: float) -> None:
-        for layer in all_layers(self.layer):
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.momentum = momentum
+    def set_bn_momentum(self, momentum: float) -> int:
+        layers = [layer for layer in all_layers(self.layer) if isinstance(layer, keras.layers.BatchNormalization)]
+        for layer in layers:
+            layer.momentum = momentum
+        return len(layers)
 
     def gradcam_parts(self, model: keras.Model, target: str | None = None) -> tuple[list, keras.Model, list]:
         return keras_gradcam_parts(model, self.spec, target)

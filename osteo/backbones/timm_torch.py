@@ -456,7 +456,8 @@ class TimmBackbone(Backbone):
 
     def build(self) -> TimmLayer:
         self.layer = TimmLayer(self.spec.name, self.spec.timm_name, image_size=self.image_size, weights=self.weights,
-                               normalize=self.scales_own_input, compile=self.compile, name=self.spec.name)
+                               normalize=self.scales_own_input, compile=self.compile,
+                               channels_last=self.channels_last, name=self.spec.name)
         names = list(self.layer._variables)
         groups = group_by_stage(names, self.spec.stages[self.info.name])
         self._stages = [[self.layer._variables[names[i]] for i in g] for g in groups]
@@ -484,13 +485,14 @@ class TimmBackbone(Backbone):
         layer.frozen_batch_norms = [m for m in layer._batch_norms if list(m.parameters(recurse=False))
                                     and not any(p.requires_grad for p in m.parameters(recurse=False))]
 
-    def set_bn_momentum(self, momentum: float) -> None:
+    def set_bn_momentum(self, momentum: float) -> int:
         """Keras' momentum m is PyTorch's 1 - m (the weight of the old statistics vs the new batch)."""
         import torch
 
-        for m in self.layer.module.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.momentum = 1.0 - momentum
+        norms = [m for m in self.layer.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.momentum = 1.0 - momentum
+        return len(norms)
 
     def gradcam_parts(self, model, target: str | None = None) -> tuple[list, Callable, list]:
         """The default target is the last stage's feature map: the spec's ``timm_gradcam_layer``
