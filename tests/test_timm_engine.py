@@ -183,6 +183,24 @@ def test_channels_first_is_the_same_model_in_another_memory_format():
                                keras.ops.convert_to_numpy(last.model(x, training=False)), rtol=1e-4, atol=1e-5)
 
 
+def test_the_trainer_builds_the_timm_engine_in_the_plans_memory_format(phantom_dir, tmp_path, tiny_recipe,
+                                                                       monkeypatch):
+    """The plan's layout (device.choose_layout) is the one the run's timm module trains in, and env.json
+    says which and why."""
+    from osteo import device
+    from osteo.trainer import Trainer
+
+    monkeypatch.setattr(device, "choose_layout", lambda *args: (False, "channels-first: a test's decision"))
+    recipe = tiny_recipe(phantom_dir, tmp_path, epochs=1, steps_per_epoch=1)
+    recipe.model.impl = "timm"
+    trainer = Trainer(recipe).setup()
+    assert trainer.clf.engine.channels_last is False and trainer.clf.backbone.channels_last is False
+    assert next(w for w in trainer.clf.backbone.module.parameters() if w.dim() == 4).is_contiguous()
+    env = trainer.run_dir.read_env()
+    assert env["device"]["channels_last"] is False
+    assert env["device"]["why"]["layout"] == "channels-first: a test's decision"
+
+
 @pytest.mark.parametrize("engine", ["keras", "timm"])
 def test_batchnorm_frozen_for_fine_tuning_keeps_its_statistics_on_both_engines(engine):
     """Unfrozen with freeze_bn (the default with pretrained weights), a training step leaves every
