@@ -329,7 +329,7 @@ class Trainer:
             return
         if phase.number == 1:
             self.clf.freeze_backbone()
-            if str(r.model.weights or "none").lower() == "none":  # as registry.parse_weights reads it
+            if _from_scratch(r.model):
                 self._say("phase 1 trains the head alone, on a frozen backbone of random weights (weights none): "
                           "its features are not learned (train.epochs=0 trains the whole model from the start)")
         else:
@@ -530,6 +530,11 @@ class Trainer:
         return make_optimizer(t.optimizer, lr, t.weight_decay)
 
 
+def _from_scratch(model) -> bool:
+    """Whether the backbone starts from random weights (``--weights none``, as registry.parse_weights reads it)."""
+    return str(model.weights or "none").lower() == "none"
+
+
 def frozen_statistics_warning(recipe: Recipe, clf: Classifier) -> str:
     """The warning for BatchNorm frozen (``model.freeze_bn``) in a backbone trained from scratch, on
     either engine: in inference mode from the start, a new BatchNorm divides by its initial variance,
@@ -537,7 +542,7 @@ def frozen_statistics_warning(recipe: Recipe, clf: Classifier) -> str:
     BatchNorm, or a backbone that never trains: no fine-tuning phase)."""
     m = recipe.model
     if not (m.freeze_bn and clf.batchnorms and recipe.train.fine_tune_epochs
-            and str(m.weights or "none").lower() == "none"):
+            and _from_scratch(m)):
         return ""
     return (f"model.freeze_bn with --weights none: {clf.spec.name}'s {clf.batchnorms} BatchNorm layers keep their "
             "initial statistics (mean 0, variance 1) and normalise nothing while they fine-tune; to train from "

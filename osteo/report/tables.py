@@ -54,6 +54,8 @@ COMPARISON_COLUMNS = (
     *(f"{m}_{c}" for c in CLASSES for m in PER_CLASS_CI),
     "val_balanced_accuracy", "best_chosen_by", "settings_by_fold", "split_id", "images_id", "data_dir", "run_dir",
 )
+
+
 def settings_by_fold(recipe: dict) -> str:
     """A cross-validation's settings a study's search chose for each fold on its inner split (else
     those its folds do not share), each with its value per fold: ``train.fine_tune_lr=1.3e-05|0.00035``;
