@@ -9,6 +9,7 @@ import pytest
 
 from osteo.cli import main
 from osteo.data.phantom import write_phantom
+from osteo.files import write_json
 from osteo.runs import PROB_COLUMNS, CvDir
 
 
@@ -159,6 +160,37 @@ def test_a_cross_validations_row_names_the_settings_its_folds_trained_with_apart
     recipe["train"]["lr"] = first_lr * 10
     (copy.path / "fold-2" / "recipe.json").write_text(json.dumps(recipe))
     assert load_cv(copy, n_boot=0).recipe["differs_by_fold"] == {"train.lr": [first_lr, first_lr * 10]}
+
+
+def test_the_verdict_says_a_search_chose_the_folds_settings_only_where_one_is_on_record(cv, tmp_path):
+    """Folds whose recipes differ with no search in cv.json (edited by hand, another tool) were said
+    to have had their settings "each chosen by a search on that fold's inner split"."""
+    from osteo.report.page import write_report
+
+    copy = CvDir(tmp_path / "cv")
+    shutil.copytree(cv.path, copy.path, ignore=shutil.ignore_patterns("eval"))
+    recipe = json.loads((copy.path / "fold-2" / "recipe.json").read_text())
+    lrs = [recipe["train"]["lr"], recipe["train"]["lr"] * 10]
+    recipe["train"]["lr"] = lrs[1]
+    (copy.path / "fold-2" / "recipe.json").write_text(json.dumps(recipe))
+
+    def said(name: str) -> tuple[dict, str]:
+        write_report([copy.path], tmp_path / name, n_boot=0)
+        (row,) = [r for r in _rows(tmp_path / name / "comparison.csv") if r["model"] != "oracle"]
+        return row, " ".join((tmp_path / name / "verdict.txt").read_text(encoding="utf-8").split())
+
+    row, verdict = said("by-hand")
+    settings = f"train.lr={lrs[0]:.3g}|{lrs[1]:.3g}"
+    assert (row["settings_by_fold"], row["settings_chosen_by"]) == (settings, "recipes")
+    assert "chosen by a search" not in verdict
+    assert (f"Its folds trained with different {settings} (fold 1, 2, ...), and no search is on record as having "
+            "chosen them.") in verdict
+
+    write_json(copy.manifest_path, {**copy.read(), "searched": {"train.lr": lrs}})  # what a study's search records
+    row, verdict = said("searched")
+    assert (row["settings_by_fold"], row["settings_chosen_by"]) == (settings, "search")
+    assert f"Its folds' {settings} (fold 1, 2, ...) were each chosen by a search on that fold's inner split." \
+        in verdict and "no search is on record" not in verdict
 
 
 def test_a_fold_calibrated_during_the_ensembles_eval_leaves_that_eval_stale(cv, tmp_path, monkeypatch, capsys):

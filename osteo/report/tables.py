@@ -52,7 +52,7 @@ COMPARISON_COLUMNS = (
     "mcnemar_p", "mcnemar_p_holm", "fold_ttest_p", "fold_ttest_p_holm",
     "train_seconds", "train_images_per_sec", "params",
     *(f"{m}_{c}" for c in CLASSES for m in PER_CLASS_CI),
-    "val_balanced_accuracy", "best_chosen_by", "settings_by_fold", "split_id", "images_id", "data_dir", "run_dir",
+    "val_balanced_accuracy", "best_chosen_by", "settings_by_fold", "settings_chosen_by", "split_id", "images_id", "data_dir", "run_dir",
 )
 
 
@@ -63,6 +63,13 @@ def settings_by_fold(recipe: dict) -> str:
     differs = recipe.get("searched_by_fold") or recipe.get("differs_by_fold") or {}
     return "; ".join(f"{k}={'|'.join(f'{v:.3g}' if isinstance(v, float) else str(v) for v in values)}"
                      for k, values in differs.items())
+
+
+def settings_chosen_by(recipe: dict) -> str:
+    """What chose the settings of ``settings_by_fold``: "search" where the cross-validation records
+    a study's search (cv.json's ``searched``), "recipes" where its folds' recipes differ with no
+    search on record (edited by hand, or written by another tool), else ""."""
+    return "search" if recipe.get("searched_by_fold") else "recipes" if recipe.get("differs_by_fold") else ""
 
 
 PER_CLASS_COLUMNS = ("model", "run_id", "evaluated_on", "chose", "class", "metric", "value", "lo", "hi")
@@ -103,7 +110,7 @@ def comparison_rows(runs: list[Run], oracles: list[Run] = (), n_boot: int = 1000
             "params": r.env.get("params"), "split_id": r.split_id, "images_id": r.images_id,
             "val_balanced_accuracy": r.val_balanced_accuracy if np.isfinite(r.val_balanced_accuracy) else None,
             "best_chosen_by": paired[r.path].get("chosen_by"),
-            "settings_by_fold": settings_by_fold(r.recipe),
+            "settings_by_fold": settings_by_fold(r.recipe), "settings_chosen_by": settings_chosen_by(r.recipe),
             "data_dir": r.data_dir, "run_dir": str(r.run_dir),
         }
         for metric in METRICS:

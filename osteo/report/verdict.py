@@ -60,9 +60,13 @@ def _paragraph(group: list[dict], rows: list[dict]) -> str:
                "(not every run has validation predictions to choose on): an optimistic choice."]
     else:
         out = [f"On {where}: {_name(best)} is best, with balanced accuracy {_ci(best)}."]
-    if best.get("settings_by_fold"):  # a study's search: chosen on each fold's inner split, not on these images
-        out.append(f"Its folds' {best['settings_by_fold']} (fold 1, 2, ...) were each chosen by a search on that "
-                   "fold's inner split.")
+    if best.get("settings_by_fold"):
+        if best.get("settings_chosen_by") == "search":  # chosen on each fold's inner split, not on these images
+            out.append(f"Its folds' {best['settings_by_fold']} (fold 1, 2, ...) were each chosen by a search on "
+                       "that fold's inner split.")
+        else:  # the folds' recipes differ and nothing records why: no claim of what chose them
+            out.append(f"Its folds trained with different {best['settings_by_fold']} (fold 1, 2, ...), and no "
+                       "search is on record as having chosen them.")
     others = [r for r in group if r is not best]  # on the same images: each tested against the best
     out += [_difference(r, best, len(others)) for r in others]
     base = to_float(best["majority_balanced_accuracy"])
