@@ -55,7 +55,9 @@ $(STAMP): pyproject.toml
 TORCH_TESTS := tests/test_timm_engine.py tests/test_export_timm.py tests/test_device_waits.py
 TEST_WORKERS ?= 2
 PARALLEL = $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
-# --durations: every log says where the time went (make test took 21:12 on the AVX2 class, 12:14 on AVX-512)
+# --durations: every log says where the time went. make test took 21:12 on the AVX2 class (12:14 on
+# AVX-512), over the 15 minutes a developer's run may take: the longest tests (pytest.mark.heavy,
+# 17-131 s each there) run only where OSTEO_CI is set, as CI's .ci/run sets it, and in test-all.
 test: install
 	$(PY) -m pytest -q $(PARALLEL) --durations=20
 	KERAS_BACKEND=torch $(PY) -m pytest -q $(PARALLEL) --durations=10 $(TORCH_TESTS)

@@ -2,11 +2,14 @@
 
 import json
 
+import pytest
+
 from osteo.data.phantom import write_phantom
 from osteo.recipe import load_recipe, set_total_epochs
 from osteo.trainer import Trainer
 
 
+@pytest.mark.heavy
 def test_demo_recipe_learns_on_a_small_phantom(tmp_path):
     data = tmp_path / "phantom"
     write_phantom(data, n=480, size=64, seed=11)

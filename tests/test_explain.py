@@ -33,6 +33,7 @@ def test_every_backbone_has_a_gradcam_layer_that_works(name):
     assert ("convnext_tiny_stage_0_block_0_output" in names) == (name == "convnext_tiny")
 
 
+@pytest.mark.heavy
 def test_a_trained_model_looks_inside_the_bone(tmp_path, tiny_recipe):
     """The phantom's class signal is only in the bone (density, trabeculae, cortex). Grad-CAM's
     resolution is one feature-map cell (4 px here), so the bone is its mask grown by one cell."""

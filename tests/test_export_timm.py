@@ -456,6 +456,7 @@ def vgg_run(phantom_dir, tmp_path_factory, tiny_recipe) -> RunDir:
     return run
 
 
+@pytest.mark.heavy
 def test_a_timm_run_exports_a_savedmodel_that_tensorflow_serves_without_osteo(vgg_run, phantom_dir, tmp_path,
                                                                             monkeypatch):
     """A timm run's SavedModel: written by Keras' layers on TensorFlow with the run's

@@ -64,6 +64,7 @@ def _copy(run: RunDir, dest: Path) -> RunDir:
 # --------------------------------------------------------------------------- train
 
 
+@pytest.mark.heavy
 def test_a_kill_at_an_epochs_or_a_phases_edge_resumes_as_if_never_killed(phantom_dir, tmp_path):
     """A two-phase run (2 + 2 epochs), killed and resumed with --resume latest three times, ends as the
     uninterrupted run: the same history, checkpoint and predictions. Killed after epoch 1's history
@@ -101,6 +102,7 @@ def test_a_kill_at_an_epochs_or_a_phases_edge_resumes_as_if_never_killed(phantom
     assert run.predictions_path.read_bytes() == ref.predictions_path.read_bytes()
 
 
+@pytest.mark.heavy
 def test_early_stopping_counts_on_across_a_kill_and_a_phase_that_stopped_stays_stopped(phantom_dir, tmp_path):
     """Phase 1 (4 epochs, patience 2) at a rate too small to move the head: its validation score ties,
     so it stops after epoch 3. Killed after that epoch was committed, the resumed run trained on
@@ -125,6 +127,7 @@ def test_early_stopping_counts_on_across_a_kill_and_a_phase_that_stopped_stays_s
         run.model_card_path.read_text(encoding="utf-8"))
 
 
+@pytest.mark.heavy
 def test_a_run_killed_while_finishing_is_unfinished_refused_flagged_and_finished_by_resume(phantom_dir, tmp_path):
     runs = tmp_path / "runs"
     _killed(osteo_process(["train", "seed", *TINY, "--epochs", "1", "--data", phantom_dir, "--runs", runs], tmp_path,
@@ -149,6 +152,7 @@ def test_a_run_killed_while_finishing_is_unfinished_refused_flagged_and_finished
     assert not [p for p in run.path.iterdir() if p.name.startswith(".backup")]
 
 
+@pytest.mark.heavy
 def test_a_cross_validation_killed_in_fold_2_continues_with_the_same_command(phantom_dir, tmp_path):
     """Fold 1 is kept as it is, fold 2 resumes from its committed epoch, fold 3 is trained."""
     args = ["train", "seed", *TINY, "--epochs", "2", "--data", phantom_dir, "--runs", tmp_path / "runs", "--folds", "3"]
@@ -173,6 +177,7 @@ def _damage(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.heavy
 def test_a_damaged_backup_slot_falls_back_to_the_other_one_then_to_the_phase_start(phantom_dir, tmp_path):
     args = ["train", "seed", *TINY, "--epochs", "3", "--data", phantom_dir]
     for case in ("one", "both"):
@@ -196,6 +201,7 @@ def test_a_damaged_backup_slot_falls_back_to_the_other_one_then_to_the_phase_sta
 # --------------------------------------------------------------------------- the other commands
 
 
+@pytest.mark.heavy
 def test_a_killed_external_validation_leaves_the_previous_one_whole(finished, other_hospital_dir, tmp_path):
     run = _copy(finished, tmp_path)
     folder = tmp_path / "hospital"
@@ -282,6 +288,7 @@ def test_a_killed_export_leaves_no_file_and_its_temporary_is_swept(finished, tmp
     assert (export / "model.keras").is_file() and not _temporaries(export)
 
 
+@pytest.mark.heavy
 def test_a_killed_report_leaves_the_previous_page_and_the_next_one_sweeps(finished, tmp_path):
     out = tmp_path / "rep"
     args = ["report", finished, "--out", out, "--bootstrap", "20"]

@@ -192,6 +192,7 @@ def test_an_external_folder_of_one_class_is_strict_json_and_one_warning_line(run
     assert metrics["external"]["roc_auc"] is None
 
 
+@pytest.mark.heavy
 def test_a_report_of_many_rows_prints_no_library_warning(run, other_hospital_dir, tmp_path):
     """In a real process (pytest records warnings itself): matplotlib's tight_layout warning
     reached the terminal with a grid of several rows."""

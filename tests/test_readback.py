@@ -71,6 +71,7 @@ def test_nested_values_of_the_wrong_type_are_named(run, tmp_path, capsys):
         assert message in err and "Traceback" not in err, err
 
 
+@pytest.mark.heavy
 def test_paths_in_a_runs_csv_files_stay_in_its_data_folder(run, tmp_path, capsys):
     """An absolute or ../ path made the report read any image on the machine into its page."""
     for name in (RunDir.PREDICTIONS, RunDir.SPLIT):

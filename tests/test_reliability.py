@@ -75,7 +75,7 @@ def _assert_same_run(run, ref_run):
     assert m["best_epoch"] == m_ref["best_epoch"]
 
 
-@pytest.mark.parametrize("backend", ["tensorflow", "torch"])
+@pytest.mark.parametrize("backend", [pytest.param("tensorflow", marks=pytest.mark.heavy), "torch"])
 def test_resume_after_sigkill_matches_an_uninterrupted_run(phantom_dir, tmp_path, request, backend):
     reference_run = request.getfixturevalue("reference_run" if backend == "tensorflow" else "torch_reference_run")
     args = [*RESUME_ARGS, "--data", str(phantom_dir)]
@@ -102,6 +102,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(phantom_dir, tmp_path
         assert json.loads((run / "recipe.json").read_text())["model"]["impl"] == "timm"
 
 
+@pytest.mark.heavy
 def test_a_run_resumed_in_its_first_phase_gives_each_phase_its_own_epochs(phantom_dir, tmp_path):
     """finetune's phase 1 trains the whole model (augmentation on: no feature cache). Killed in its
     second epoch and resumed, phase 2 must still begin after phase 1's last epoch: Keras keeps the
@@ -121,6 +122,7 @@ def test_a_run_resumed_in_its_first_phase_gives_each_phase_its_own_epochs(phanto
     assert [(int(r["epoch"]), int(r["phase"])) for r in _rows(run / "history.csv")] == [(1, 1), (2, 1), (3, 2), (4, 2)]
 
 
+@pytest.mark.heavy
 def test_a_kill_while_the_backup_is_written_still_resumes_exactly(phantom_dir, tmp_path, reference_run):
     """The process dies with the second epoch's weights half-written (truncated, as a kill
     leaves them): the resume starts from the last complete state and matches the reference."""
@@ -151,6 +153,7 @@ sys.exit(main({[*RESUME_ARGS, "--data", str(phantom_dir), "--runs", str(tmp_path
     _assert_same_run(run, reference_run)
 
 
+@pytest.mark.heavy
 def test_deterministic_runs_write_identical_bytes(phantom_dir, tmp_path):
     args = ["train", "seed", *TINY, "--data", str(phantom_dir), "--deterministic", "--epochs", "2",
             "--set", "train.bootstrap=50"]

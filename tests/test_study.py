@@ -156,6 +156,7 @@ def ray_study(phantom_dir, tmp_path_factory):
     return cfg, page, said, warned, kill, time.monotonic() - t0
 
 
+@pytest.mark.heavy
 def test_a_study_on_ray_reports_one_out_of_fold_row_per_backbone(ray_study):
     cfg, page, said, warned, _, seconds = ray_study
     assert page == Path(cfg.out).resolve() / "index.html" and page.is_file()
@@ -178,6 +179,7 @@ def test_a_study_on_ray_reports_one_out_of_fold_row_per_backbone(ray_study):
     assert max(t["wall_seconds"] or 0 for t in study["trials"]) <= study["wall_seconds"] <= seconds + 1
 
 
+@pytest.mark.heavy
 def test_each_backbones_fold_models_are_scored_as_one_on_the_external_folder(ray_study):
     """Each backbone's cross-validation is scored, its fold models as one ensemble, on the other
     hospital's folder, as Ray trials whose node is recorded; the study's own images in that folder
@@ -202,6 +204,7 @@ def test_each_backbones_fold_models_are_scored_as_one_on_the_external_folder(ray
                             r"data left out\) \(1 of 2 scorings, about \d+ (s|min) left\)", line) for line in said)
 
 
+@pytest.mark.heavy
 def test_every_trial_ends_with_the_trials_left_and_the_time_they_take(ray_study):
     _, _, said, _, _, _ = ray_study
     ends = [re.search(r"\((\d) of 4 trials(, about \d+ (s|min) left)?\)$", line) for line in said
@@ -210,6 +213,7 @@ def test_every_trial_ends_with_the_trials_left_and_the_time_they_take(ray_study)
     assert all(bool(m[2]) == (m[1] != "4") for m in ends)  # an estimate while trials are left
 
 
+@pytest.mark.heavy
 def test_a_killed_trial_is_resumed_and_the_study_records_the_retry(ray_study, monkeypatch):
     cfg, _, said, _, kill, _ = ray_study
     assert kill.exists(), "the trial was never killed"
@@ -319,7 +323,7 @@ def test_a_bad_external_folder_is_a_one_line_error_before_any_trial(phantom_dir,
     assert not (tmp_path / "runs").exists() and not (tmp_path / "report").exists()
 
 
-@pytest.mark.slow  # a study killed at a trial's end continuing is in make test (test_kills.py's SIGTERM test)
+@pytest.mark.slow  # a study killed at a trial's end continuing: CI's heavy tier (the Ctrl-C and SIGTERM study below)
 def test_a_study_killed_while_scoring_continues_with_the_same_command(phantom_dir, tmp_path):
     """`osteo study ... --external A --external B` is killed once the first scoring has ended; the
     same command again keeps the fold trials and that scoring, scores B and writes the report.
@@ -411,6 +415,7 @@ def test_a_trial_whose_worker_never_started_is_a_failed_trial_not_a_traceback(tm
 # --------------------------------------------------------------------------- signals
 
 
+@pytest.mark.heavy
 def test_ctrl_c_then_sigterm_stop_a_study_in_one_line_and_the_same_command_continues_it(phantom_dir, tmp_path):
     """Three folds, two trials side by side. Ctrl-C (SIGINT) when the first trial ends: the signal
     landed inside Ray's wait and the study ended in a SystemError or a result without a config,

@@ -292,6 +292,7 @@ def test_what_training_left_free_goes_back_before_the_predictions_and_reports(ph
 
 @pytest.mark.parametrize("backbone", [pytest.param(n, marks=pytest.mark.slow)
                                       if n in ("densenet169", "efficientnetv2_b0", "resnet50", "mobilenetv3_large")
+                                      else pytest.param(n, marks=pytest.mark.heavy) if n == "convnext_tiny"
                                       else n
                                       for n in list_backbones()])
 def test_every_registered_backbone_writes_a_run(backbone, phantom_dir, tmp_path, tiny_recipe):
