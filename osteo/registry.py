@@ -55,7 +55,9 @@ class CpuDecision:
 @dataclass(frozen=True)
 class SlowPath:
     """A combination a user can ask for that was measured far slower than ``auto`` on one device
-    class: ``osteo train`` warns with the measurement (``"*"`` matches any value)."""
+    class: ``osteo train`` warns with the measurement (``"*"`` matches any value). Far: 2.3x or
+    more (2.4-26x so far); VGG's Keras layers (1.1-1.7x on either backend and CPU class) and
+    DenseNet169's on TensorFlow on AVX-512 (the timm engine 2.05x) are not."""
 
     device_class: str  # "gpu" or a CPU class
     backend: str
@@ -191,8 +193,17 @@ _APPS = "keras.applications"
 # PyTorch (the timm engine) on both CPU classes; bfloat16 where the CPU has it. Each ``why``
 # is the measurement behind the choice (benchmarks/README.md, "CPU decisions").
 # the timm engine against timm's own loop on AVX2 (benchmarks/README.md, twenty-third session); against Keras'
-# layers it was not measured there, so the reasons quote timm's own loop
+# layers on both backends in the twenty-fourth session (64 px), which the AVX2 reasons quote
 _AVX2_NOTE = "; the timm engine itself trained 1.00-1.03x timm's own loop on this class (64 px, float32)"
+_AVX2_64 = "64 px, float32, medians of 3 interleaved rounds"
+
+
+def _avx2_bf16(name: str, bf16: str, fp32: str, times: str) -> SlowPath:
+    """bfloat16 asked for on a CPU without its instructions (AVX2): the timm engine's measurement
+    against float32, which ``auto`` picks there (benchmarks/README.md, twenty-fourth session)."""
+    return SlowPath("avx2", "torch", "timm", "mixed_bfloat16",
+                    f"the timm engine trained {name} in bfloat16 at {bf16} img/s vs {fp32} in float32 on a CPU "
+                    f"without bfloat16 instructions (64 px, medians of 3 interleaved rounds): {times} slower")
 
 
 def _cpu(avx512: str, avx2: str, *, bf16: tuple[str, ...] = ("torch",), xla: bool = False,
@@ -225,19 +236,21 @@ register(BackboneSpec(
     stages_doc="5 conv blocks (each ends in a max-pool)",
     keras_port="vgg",
     gradcam_layer="block5_conv3",
+    slow_paths=(_avx2_bf16("VGG16", "0.535", "13.9", "26x"),),
     timm_gradcam_layer="features.29",
     cpu=_cpu("the timm engine trained 1.14x TensorFlow's rate (9.95 vs 8.71 img/s, 224 px, bf16, medians of 5 "
              "interleaved rounds, freed memory kept; an earlier single-window measurement gave 1.02x, 4.27 vs 4.17)",
-             "Keras' layers on PyTorch trained 1.72x TensorFlow's rate (25.8 vs 15.0 img/s, 32 px)",
+             f"the timm engine trained 1.58x Keras' layers on TensorFlow (12.5 vs 7.82 img/s, {_AVX2_64})",
              bf16=("tensorflow", "torch"),
              channels_first={"avx2": _VGG_AVX2_CF},
              keras={"avx512_bf16": ("tensorflow", "Keras' layers trained 1.10x on TensorFlow what they did on PyTorch "
                                                   "at 64 px (36.7 vs 33.3 img/s) and 1.08x at 224 px (3.62 vs 3.36), bf16; single "
                                                   "windows, each off by up to 10%: a narrow margin"),
-                    "avx2": ("torch", "Keras' layers on PyTorch trained 1.72x TensorFlow's rate (25.8 vs 15.0 img/s, "
-                                      "32 px)")}),
+                    "avx2": ("torch", f"Keras' layers trained 1.45x on PyTorch what they did on TensorFlow (11.0 vs "
+                                      f"7.82 img/s, {_AVX2_64}; 1.72x at 32 px, once)")}),
     engine_why={"avx512_bf16": "the timm engine trained 1.40x Keras' layers on PyTorch (4.27 vs 3.04 img/s, 224 px, bf16)",
-                "avx2": "timm's own loop trained 1.62x Keras' layers on PyTorch (13.9 vs 8.6 img/s, 64 px)" + _AVX2_NOTE,
+                "avx2": f"the timm engine trained 1.12x Keras' layers on PyTorch (12.5 vs 11.0 img/s, {_AVX2_64})"
+                        + _AVX2_NOTE,
                 "gpu": "the timm engine trained 1.53x Keras' layers on PyTorch on an H200 (2,494 vs 1,629 img/s, "
                        "224 px, batch 128, bf16)"},
 ))
@@ -249,15 +262,17 @@ register(BackboneSpec(
     gradcam_layer="block5_conv4",
     timm_gradcam_layer="features.35",
     cpu=_cpu("the timm engine trained 1.13x TensorFlow's rate (7.94 vs 7.01 img/s, 224 px, bf16, medians of 5 "
-             "interleaved rounds, freed memory kept; an earlier single-window measurement gave a tie, 3.42 vs 3.46); it starts sooner", "as VGG16, whose Keras layers on PyTorch trained 1.72x TensorFlow's rate "
-             "(32 px)", bf16=("tensorflow", "torch"),
+             "interleaved rounds, freed memory kept; an earlier single-window measurement gave a tie, 3.42 vs 3.46); it starts sooner",
+             f"the timm engine trained 1.68x Keras' layers on TensorFlow (10.2 vs 6.10 img/s, {_AVX2_64})",
+             bf16=("tensorflow", "torch"),
              channels_first={"avx2": _VGG_AVX2_CF},
              keras={"avx512_bf16": ("tensorflow", "Keras' layers trained 1.37x on TensorFlow what they did on PyTorch "
                                                   "at 64 px (34.3 vs 25.0 img/s) and 1.26x at 224 px (3.43 vs 2.72), bf16"),
-                    "avx2": ("torch", "as VGG16's, which trained 1.72x TensorFlow's rate on PyTorch (32 px); VGG19's "
-                                      "were not measured on this class")}),
+                    "avx2": ("torch", f"Keras' layers trained 1.39x on PyTorch what they did on TensorFlow (8.89 vs "
+                                      f"6.10 img/s, {_AVX2_64})")}),
     engine_why={"avx512_bf16": "the timm engine trained 1.30x Keras' layers on PyTorch (3.40 vs 2.62 img/s, 224 px, bf16)",
-                "avx2": "timm's own loop trained 1.04x Keras' layers on PyTorch (8.07 vs 7.73 img/s, 64 px)" + _AVX2_NOTE,
+                "avx2": f"the timm engine trained 1.15x Keras' layers on PyTorch (10.2 vs 8.89 img/s, {_AVX2_64})"
+                        + _AVX2_NOTE,
                 "gpu": "the timm engine trained 1.46x Keras' layers on PyTorch on an H200 (2,305 vs 1,579 img/s, "
                        "224 px, batch 128, bf16)"},
 ))
@@ -275,19 +290,27 @@ register(BackboneSpec(
                          "(224 px, bf16): 2.9x slower, 2.3x the memory"),
                 SlowPath("gpu", "torch", "keras", "*",
                          "Keras' layers on PyTorch trained DenseNet169 at 203 img/s vs 1,014 for the timm engine on "
-                         "an H200 (224 px, batch 128, bf16): 5.0x slower, 3.8x the GPU memory")),
+                         "an H200 (224 px, batch 128, bf16): 5.0x slower, 3.8x the GPU memory"),
+                SlowPath("avx2", "torch", "keras", "*",
+                         "Keras' layers on PyTorch trained DenseNet169 at 11.5 img/s vs 27.4 for the timm engine "
+                         f"({_AVX2_64}): 2.4x slower, 1.3x the memory"),
+                SlowPath("avx2", "tensorflow", "keras", "*",
+                         "Keras' layers on TensorFlow trained DenseNet169 at 8.75 img/s vs 27.4 for the timm engine "
+                         f"({_AVX2_64}): 3.5x slower, 1.7x the memory"),
+                _avx2_bf16("DenseNet169", "3.65", "24.7", "6.8x")),
     cpu=_cpu("the timm engine trained 2.05x TensorFlow's rate (22.6 vs 11.0 img/s, 224 px, bf16, medians of 5 "
              "interleaved rounds, freed memory kept; an earlier single-window measurement gave 1.76x, 12.15 vs 6.89)",
-             "timm's own loop trained 1.84x Keras' layers on PyTorch (18.6 vs 10.1 img/s, 64 px), which "
-             "trained 0.61x TensorFlow's rate (32 px): about 1.1x",
+             f"the timm engine trained 3.47x Keras' layers on TensorFlow (27.4 vs 8.75 img/s, {_AVX2_64})",
              bf16=("tensorflow", "torch"),  # Keras' layers on TensorFlow: 6.89 img/s bf16 vs 5.10 float32, 224 px
              keras={"avx512_bf16": ("tensorflow", "Keras' layers trained 2.16x on TensorFlow what they did on PyTorch "
                                                   "at 64 px (53.2 vs 24.6 img/s) and 1.56x at 224 px (6.89 vs 4.41), bf16"),
-                    "avx2": ("tensorflow", "Keras' layers trained 1.63x on TensorFlow what they did on PyTorch (44.5 vs "
-                                           "27.3 img/s, 32 px)")}),
+                    "avx2": ("torch", f"Keras' layers trained 1.47x on PyTorch what they did on TensorFlow (11.5 vs "
+                                      f"8.75 img/s, {_AVX2_64}; rounds 1.24-1.57x); an earlier single measurement at 32 "
+                                      "px had TensorFlow 1.63x ahead")}),
     engine_why={"avx512_bf16": "the timm engine trained 2.86x Keras' layers on PyTorch (12.40 vs 4.33 img/s, 224 px, "
                                 "bf16), in 0.43x the memory",
-                "avx2": "timm's own loop trained 1.84x Keras' layers on PyTorch (18.6 vs 10.1 img/s, 64 px)" + _AVX2_NOTE,
+                "avx2": f"the timm engine trained 2.37x Keras' layers on PyTorch (27.4 vs 11.5 img/s, {_AVX2_64})"
+                        + _AVX2_NOTE,
                 "gpu": "the timm engine trained 5.0x Keras' layers on PyTorch on an H200 (1,014 vs 203 img/s, "
                        "224 px, batch 128, bf16), in 0.26x the GPU memory"},
 ))
@@ -307,15 +330,22 @@ register(BackboneSpec(
     compile_pays_after={"gpu": 500_000},
     slow_paths=(SlowPath("avx512_bf16", "tensorflow", "keras", "*",
                          "TensorFlow's ConvNeXtTiny trained at 1.24 img/s vs 8.10 for the timm engine on PyTorch "
-                         "(224 px, bf16): 6.5x slower"),),
+                         "(224 px, bf16): 6.5x slower"),
+                SlowPath("avx2", "tensorflow", "keras", "*",
+                         "TensorFlow's ConvNeXtTiny trained at 3.71 img/s vs 25.0 for the timm engine on PyTorch "
+                         f"({_AVX2_64}): 6.4x slower"),
+                _avx2_bf16("ConvNeXtTiny", "1.33", "26.5", "19x")),
     cpu=_cpu("the timm engine trained 6.53x TensorFlow's rate (8.10 vs 1.24 img/s, 224 px, bf16)",
-             "timm's own loop trained 1.83x Keras' layers on PyTorch (21.9 vs 12.0 img/s, 64 px)", xla=True,
+             f"the timm engine trained 6.41x Keras' layers on TensorFlow (25.0 vs 3.71 img/s, {_AVX2_64})", xla=True,
              keras={"avx512_bf16": ("torch", "Keras' layers trained 3.30x on PyTorch what they did on TensorFlow at "
-                                             "64 px (36.6 vs 11.1 img/s) and 6.21x at 224 px (7.70 vs 1.24), bf16")}),
+                                             "64 px (36.6 vs 11.1 img/s) and 6.21x at 224 px (7.70 vs 1.24), bf16"),
+                    "avx2": ("torch", f"Keras' layers trained 5.82x on PyTorch what they did on TensorFlow (21.4 vs "
+                                      f"3.71 img/s, {_AVX2_64})")}),
     engine_why={"avx512_bf16": "the timm engine trained 1.22x Keras' layers on PyTorch at 64 px (42.9 vs 35.1 img/s) "
                                 "and as fast at 224 px (6.16 vs 6.13; rounds 0.95-1.13x), in 0.88x the memory, bf16, "
                                 "both with the fused Adam, medians of 5 interleaved rounds",
-                "avx2": "timm's own loop trained 1.83x Keras' layers on PyTorch (21.9 vs 12.0 img/s, 64 px)" + _AVX2_NOTE,
+                "avx2": f"the timm engine trained 1.17x Keras' layers on PyTorch (25.0 vs 21.4 img/s, {_AVX2_64})"
+                        + _AVX2_NOTE,
                 "gpu": "timm's own loop trained 2.65x Keras' layers on PyTorch on an H200 (2,057 vs 776 img/s, 224 px)"},
 ))
 register(BackboneSpec(
