@@ -236,8 +236,8 @@ register(BackboneSpec(
     stages_doc="5 conv blocks (each ends in a max-pool)",
     keras_port="vgg",
     gradcam_layer="block5_conv3",
-    slow_paths=(_avx2_bf16("VGG16", "0.535", "13.9", "26x"),),
     timm_gradcam_layer="features.29",
+    slow_paths=(_avx2_bf16("VGG16", "0.535", "13.9", "26x"),),
     cpu=_cpu("the timm engine trained 1.14x TensorFlow's rate (9.95 vs 8.71 img/s, 224 px, bf16, medians of 5 "
              "interleaved rounds, freed memory kept; an earlier single-window measurement gave 1.02x, 4.27 vs 4.17)",
              f"the timm engine trained 1.58x Keras' layers on TensorFlow (12.5 vs 7.82 img/s, {_AVX2_64})",
