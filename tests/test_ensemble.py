@@ -155,11 +155,17 @@ def test_a_cross_validations_row_names_the_settings_its_folds_trained_with_apart
     copy = CvDir(tmp_path / "cv")
     shutil.copytree(cv.path, copy.path, ignore=shutil.ignore_patterns("eval"))
     assert "differs_by_fold" not in load_cv(copy, n_boot=0).recipe
+    lrs = _fold_2_trains_at_ten_times_the_lr(copy)
+    assert load_cv(copy, n_boot=0).recipe["differs_by_fold"] == {"train.lr": lrs}
+
+
+def _fold_2_trains_at_ten_times_the_lr(copy: CvDir) -> list[float]:
+    """Edit fold 2's recipe to 10x fold 1's learning rate (as a hand or a search would); the two rates."""
     recipe = json.loads((copy.path / "fold-2" / "recipe.json").read_text())
-    first_lr = recipe["train"]["lr"]
-    recipe["train"]["lr"] = first_lr * 10
+    lrs = [recipe["train"]["lr"], recipe["train"]["lr"] * 10]
+    recipe["train"]["lr"] = lrs[1]
     (copy.path / "fold-2" / "recipe.json").write_text(json.dumps(recipe))
-    assert load_cv(copy, n_boot=0).recipe["differs_by_fold"] == {"train.lr": [first_lr, first_lr * 10]}
+    return lrs
 
 
 def test_the_verdict_says_a_search_chose_the_folds_settings_only_where_one_is_on_record(cv, tmp_path):
@@ -169,10 +175,7 @@ def test_the_verdict_says_a_search_chose_the_folds_settings_only_where_one_is_on
 
     copy = CvDir(tmp_path / "cv")
     shutil.copytree(cv.path, copy.path, ignore=shutil.ignore_patterns("eval"))
-    recipe = json.loads((copy.path / "fold-2" / "recipe.json").read_text())
-    lrs = [recipe["train"]["lr"], recipe["train"]["lr"] * 10]
-    recipe["train"]["lr"] = lrs[1]
-    (copy.path / "fold-2" / "recipe.json").write_text(json.dumps(recipe))
+    lrs = _fold_2_trains_at_ten_times_the_lr(copy)
 
     def said(name: str) -> tuple[dict, str]:
         write_report([copy.path], tmp_path / name, n_boot=0)
