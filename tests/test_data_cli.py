@@ -60,11 +60,39 @@ def test_images_unlike_a_radiograph_in_size_or_shape_are_one_warning_line(tmp_pa
     from PIL import Image
 
     assert main(["data", "phantom", str(tmp_path / "ph"), "--n", "6", "--size", "32"]) == 0
-    Image.fromarray(np.zeros((1, 1), "uint8")).save(tmp_path / "ph" / "normal" / "dot.png")
-    Image.fromarray(np.full((20, 400), 90, "uint8")).save(tmp_path / "ph" / "osteopenia" / "strip.png")
+    Image.fromarray(np.array([[0, 255]], "uint8")).save(tmp_path / "ph" / "normal" / "dot.png")
+    Image.fromarray(np.add.outer(np.arange(20), np.arange(400)).astype("uint8")).save(
+        tmp_path / "ph" / "osteopenia" / "strip.png")
     proc = _osteo("data", "audit", tmp_path / "ph", "--out", tmp_path / "audit", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.splitlines() == [
         "osteo: warning: 2 image(s) are under 8 px on a side or over 8x as long as wide, unlike a radiograph: "
-        "normal/dot.png (1 x 1), osteopenia/strip.png (400 x 20); each is resized and trained on all the same: "
+        "normal/dot.png (2 x 1), osteopenia/strip.png (400 x 20); each is resized and trained on all the same: "
         "check them, or move them out"]
+
+
+def test_blank_images_of_any_depth_are_one_warning_line_and_listed_in_audit_json(tmp_path):
+    """An image whose every pixel holds one value (a failed export, a placeholder) has no picture of a
+    knee; a 16-bit one decodes to black, since its range is empty. One pixel that differs is a picture."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from osteo.data.phantom import dicom_bytes
+
+    assert main(["data", "phantom", str(tmp_path / "ph"), "--n", "6", "--size", "32"]) == 0
+    Image.fromarray(np.full((40, 40), 90, "uint8")).save(tmp_path / "ph" / "normal" / "grey.png")
+    Image.fromarray(np.full((40, 40), 3000, "uint16")).save(tmp_path / "ph" / "osteopenia" / "grey16.png")
+    (tmp_path / "ph" / "osteoporosis" / "grey.dcm").write_bytes(dicom_bytes(np.full((40, 40), 700, "uint16")))
+    corner = np.full((40, 40), 90, "uint8")
+    corner[39, 0] = 91  # the middle row is one value too: only the whole image tells
+    Image.fromarray(corner).save(tmp_path / "ph" / "normal" / "corner.png")
+    proc = _osteo("data", "audit", tmp_path / "ph", "--out", tmp_path / "audit", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "osteo: warning: 3 image(s) are blank, every pixel one gray level (a failed export, a placeholder?): "
+        "normal/grey.png, osteopenia/grey16.png, osteoporosis/grey.dcm; each is trained on all the same and teaches nothing "
+        'of its class: check them, or move them out (audit.json lists them under "blank")']
+    info = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert info["blank"] == ["normal/grey.png", "osteopenia/grey16.png", "osteoporosis/grey.dcm"]

@@ -42,6 +42,7 @@ def messy(tmp_path):
     (root / "osteoporosis/.DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (root / "osteoporosis/._img0.png").write_bytes(b"\0\5\26\7")
     (root / "Normal/Thumbs.db").write_bytes(b"x")
+    _png(root / "osteoporosis/blank.png", np.full((64, 64), 0.5))  # a failed export: one gray level
     (root / "Normal/readme.txt").write_text("hello")
     (root / "loose.png").write_bytes(good)
     return root
@@ -50,7 +51,8 @@ def messy(tmp_path):
 def test_audit_finds_every_planted_problem(messy, tmp_path):
     result = audit(messy)
     info = result.to_json()
-    assert info["classes"] == {"normal": 6 + 2, "osteopenia": 6 + 1, "osteoporosis": 6 + 1}
+    assert info["classes"] == {"normal": 6 + 2, "osteopenia": 6 + 1, "osteoporosis": 6 + 2}
+    assert info["blank"] == ["osteoporosis/blank.png"]  # a second audit recalls it (test below: to_json equal)
     unreadable = {u["path"]: u["reason"] for u in info["unreadable"]}
     assert set(unreadable) == {"Normal/empty.png", "Normal/truncated.png", "osteoporosis/notes.png"}
     assert "empty" in unreadable["Normal/empty.png"]

@@ -203,6 +203,7 @@ class Record:
     dup_kind: str = ""
     conflict: bool = False
     patient_id: str = ""  # a DICOM file's PatientID; "" for other formats and DICOM files without one
+    blank: bool = False  # every decoded pixel holds one value: no picture (audit.json's "blank", a warning)
     features: tuple | None = field(default=None, repr=False, compare=False)
     # the stat key (see "Remembered records") under which this record may be remembered, or None
     stat_key: tuple | None = field(default=None, repr=False, compare=False)
@@ -250,6 +251,7 @@ class Audit:
             "links": list(self.links),
             "ignored_folders": list(self.ignored_folders),
             "patients": patient_summary(self.ok()),
+            "blank": [r.path for r in self.ok() if r.blank],
             "warnings": list(self.warnings),
         }
 
@@ -503,6 +505,18 @@ def _pixel_hash(gray: Gray) -> str:
     return sha.hexdigest()
 
 
+def _one_value(gray: Gray) -> bool:
+    """Whether every pixel of ``gray`` holds one value (a failed export, a placeholder): an image
+    stretched from its minimum to its maximum (16-bit, float) whose range is empty decodes to black."""
+    if gray.kind == "stretch":
+        return gray.lo == gray.hi
+    px = gray.pixels
+    first = px.flat[0]
+    if (px[px.shape[0] // 2] != first).any():  # a radiograph's middle row: no full pass
+        return False
+    return not (px != first).any()
+
+
 def _gray_features(gray: Gray) -> tuple[np.ndarray, np.ndarray]:
     """The features from :meth:`Gray.box_mean` by :func:`feature_box` (kept on ``gray``:
     the image cache often reduces by the same box)."""
@@ -618,6 +632,7 @@ def _inspect(root: Path, rel: str, label: str, budget: MemoryBudget, cache=None)
                 rec.format, rec.width, rec.height = info.format, info.width, info.height
                 rec.bit_depth, rec.frames, rec.patient_id = info.bit_depth, info.frames, info.patient_id
                 rec.pixel_sha256, rec.features = _hash_and_features(gray)
+                rec.blank = _one_value(gray)
                 if cache is not None:  # the same decode feeds the image cache: each file is decoded once
                     cache.store(rec.sha256, data, gray)
         rec.stat_key = key
@@ -642,7 +657,7 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
 
 # the fields of a record a memo keeps (path and label come from the listing)
 _MEMO_FIELDS = ("status", "reason", "format", "width", "height", "bit_depth", "frames", "bytes", "sha256",
-                "pixel_sha256", "patient_id")
+                "pixel_sha256", "patient_id", "blank")
 
 
 class _Memo:
@@ -1072,7 +1087,7 @@ def audit(data_dir: str | os.PathLike, progress: Callable[[int, int], None] | No
     ok = [r for r in records if r.status == "ok"]
     return Audit(str(root), records, listing.ignored, groups, listing.links, listing.folders,
                  _warn(_folder_warnings(root, listing.folders) + _format_warnings(listing.ignored)
-                       + _patient_warnings(ok) + _size_warnings(ok) + _frame_warnings(ok)))
+                       + _patient_warnings(ok) + _size_warnings(ok) + _frame_warnings(ok) + _blank_warnings(ok)))
 
 
 def near_copies(ours: list[Record], theirs: list[Record]) -> list[bool]:
@@ -1139,6 +1154,16 @@ def _size_warnings(ok: list[Record]) -> list[str]:
     shown = ", ".join(f"{r.path} ({r.width} x {r.height})" for r in odd[:3]) + (" ..." if len(odd) > 3 else "")
     return [f"{len(odd)} image(s) are under {ODD_SIDE} px on a side or over {ODD_ASPECT}x as long as wide, unlike a "
             f"radiograph: {shown}; each is resized and trained on all the same: check them, or move them out"]
+
+
+def _blank_warnings(ok: list[Record]) -> list[str]:
+    """Images of one gray level carry no picture of a knee, and a 16-bit one decodes to black: said."""
+    blank = [r.path for r in ok if r.blank]
+    if not blank:
+        return []
+    return [f"{len(blank)} image(s) are blank, every pixel one gray level (a failed export, a placeholder?): "
+            f"{some_of(blank, 3)}; each is trained on all the same and teaches nothing of its class: check them, "
+            "or move them out (audit.json lists them under \"blank\")"]
 
 
 def _frame_warnings(ok: list[Record]) -> list[str]:
