@@ -388,7 +388,8 @@ def main() -> int:
                    help="the process keeps its freed memory as osteo train does (kept), or glibc's defaults")
     p.add_argument("--stages", action="store_true", help="CPU ms per image by stage instead (one thread)")
     p.add_argument("--work", default="data/bench", help="where the benchmark data is kept")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"),
+                   help="a folder, or a .json file (--stages adds -stages before .json)")
     args = p.parse_args()
 
     from rich.console import Console
@@ -474,9 +475,12 @@ def main() -> int:
 def _write(results: dict, out: str, suffix: str) -> None:
     from osteo.files import write_json
 
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"input_pipeline-{datetime.date.today().isoformat()}-{platform.node() or 'host'}{suffix}.json"
+    path = Path(out)
+    if path.suffix == ".json":  # as models.py takes it
+        path = path.with_name(f"{path.stem}{suffix}.json")
+    else:
+        path = path / f"input_pipeline-{datetime.date.today().isoformat()}-{platform.node() or 'host'}{suffix}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, results)
     print(f"wrote {path}")
 

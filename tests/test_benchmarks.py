@@ -181,6 +181,17 @@ def test_input_pipeline_ratios_are_taken_round_by_round_and_flagged_past_the_mar
     assert input_pipeline.round_ratios(old)[f"{first} / {input_pipeline.PEERS[0]}"]["status"] == "1 round"
 
 
+def test_input_pipeline_writes_to_a_json_file_named_by_out_or_into_a_folder(tmp_path):
+    """--out takes a .json file as models.py's does (a run once made a folder of that name)."""
+    input_pipeline._write({"rows": 1}, str(tmp_path / "busy.json"), "")
+    input_pipeline._write({"rows": 2}, str(tmp_path / "busy.json"), "-stages")
+    assert json.loads((tmp_path / "busy.json").read_text()) == {"rows": 1}
+    assert json.loads((tmp_path / "busy-stages.json").read_text()) == {"rows": 2}
+    input_pipeline._write({"rows": 3}, str(tmp_path / "folder"), "")
+    (made,) = (tmp_path / "folder").iterdir()
+    assert made.name.startswith("input_pipeline-") and json.loads(made.read_text()) == {"rows": 3}
+
+
 def test_a_row_repeats_its_first_epoch_until_the_minimum_time_and_pools_the_passes():
     calls = []
 
