@@ -261,6 +261,7 @@ register(BackboneSpec(
     keras_port="vgg",
     gradcam_layer="block5_conv4",
     timm_gradcam_layer="features.35",
+    slow_paths=(_avx2_bf16("VGG19", "0.423", "12.0", "27x"),),
     cpu=_cpu("the timm engine trained 1.13x TensorFlow's rate (7.94 vs 7.01 img/s, 224 px, bf16, medians of 5 "
              "interleaved rounds, freed memory kept; an earlier single-window measurement gave a tie, 3.42 vs 3.46); it starts sooner",
              f"the timm engine trained 1.68x Keras' layers on TensorFlow (10.2 vs 6.10 img/s, {_AVX2_64})",
