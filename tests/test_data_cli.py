@@ -10,14 +10,19 @@ def _osteo(*argv, cwd):
     return subprocess.run([sys.executable, "-m", "osteo.cli", *map(str, argv)], cwd=cwd, capture_output=True, text=True)
 
 
+def _audit_said(folder, tmp_path) -> list[str]:
+    """``osteo data audit FOLDER``'s stderr lines, once it has exited 0."""
+    proc = _osteo("data", "audit", folder, "--out", tmp_path / "audit", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr.splitlines()
+
+
 def test_extra_class_folder_is_one_warning_line_and_a_file_is_named_a_file(tmp_path):
     assert main(["data", "phantom", str(tmp_path / "ph"), "--n", "6", "--size", "32"]) == 0
     extra = tmp_path / "ph" / "severe"
     extra.mkdir()
     (extra / "a.png").write_bytes(next((tmp_path / "ph" / "normal").iterdir()).read_bytes())
-    proc = _osteo("data", "audit", tmp_path / "ph", "--out", tmp_path / "audit", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.splitlines() == [
+    assert _audit_said(tmp_path / "ph", tmp_path) == [
         f"osteo: warning: ignoring severe/ (1 image) in {tmp_path / 'ph'}: not a class folder (normal, osteopenia, "
         "osteoporosis); rename it to one of them, or move it out of the data folder"]
     proc = _osteo("data", "audit", extra / "a.png", cwd=tmp_path)
@@ -48,9 +53,7 @@ def test_images_in_a_format_osteo_does_not_read_are_one_warning_line(tmp_path):
     Image.fromarray(np.full((32, 32), 9, "uint8")).save(tmp_path / "ph" / "osteoporosis" / "scan.webp")
     (tmp_path / "ph" / "normal" / "notes.txt").write_text("not an image: ignored without a word")
     Image.fromarray(np.full((32, 32), 7, "uint8")).save(tmp_path / "ph" / "logo.gif")  # outside the classes
-    proc = _osteo("data", "audit", tmp_path / "ph", "--out", tmp_path / "audit", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.splitlines() == [
+    assert _audit_said(tmp_path / "ph", tmp_path) == [
         "osteo: warning: 4 file(s) in the class folders are images in a format osteo does not read (3 .gif, 1 .webp) "
         "and are left out; convert them to PNG (or DICOM) to include them"]
 
@@ -63,9 +66,7 @@ def test_images_unlike_a_radiograph_in_size_or_shape_are_one_warning_line(tmp_pa
     Image.fromarray(np.array([[0, 255]], "uint8")).save(tmp_path / "ph" / "normal" / "dot.png")
     Image.fromarray(np.add.outer(np.arange(20), np.arange(400)).astype("uint8")).save(
         tmp_path / "ph" / "osteopenia" / "strip.png")
-    proc = _osteo("data", "audit", tmp_path / "ph", "--out", tmp_path / "audit", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.splitlines() == [
+    assert _audit_said(tmp_path / "ph", tmp_path) == [
         "osteo: warning: 2 image(s) are under 8 px on a side or over 8x as long as wide, unlike a radiograph: "
         "normal/dot.png (2 x 1), osteopenia/strip.png (400 x 20); each is resized and trained on all the same: "
         "check them, or move them out"]
@@ -88,9 +89,7 @@ def test_blank_images_of_any_depth_are_one_warning_line_and_listed_in_audit_json
     corner = np.full((40, 40), 90, "uint8")
     corner[39, 0] = 91  # the middle row is one value too: only the whole image tells
     Image.fromarray(corner).save(tmp_path / "ph" / "normal" / "corner.png")
-    proc = _osteo("data", "audit", tmp_path / "ph", "--out", tmp_path / "audit", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.splitlines() == [
+    assert _audit_said(tmp_path / "ph", tmp_path) == [
         "osteo: warning: 3 image(s) are blank, every pixel one gray level (a failed export, a placeholder?): "
         "normal/grey.png, osteopenia/grey16.png, osteoporosis/grey.dcm; each is trained on all the same and teaches nothing "
         'of its class: check them, or move them out (audit.json lists them under "blank")']
