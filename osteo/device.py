@@ -105,8 +105,15 @@ class EngineInfo:
     ported_formats: tuple[str, ...] = ()
     ports_to: str | None = None  # the engine whose layers receive the weights for those formats
 
-    def preprocessing(self, spec: BackboneSpec) -> str:
-        """The input scaling this engine gives ``spec``'s backbone when the recipe says ``auto``."""
+    def preprocessing(self, spec: BackboneSpec, weights: str | None = None) -> str:
+        """The input scaling this engine gives ``spec``'s backbone when the recipe says ``auto``.
+
+        Weights from a Keras weights file of Keras' layers (ported into timm's module: the spec's
+        ``keras_port``) are scaled as those layers were trained, ``spec.preprocessing`` (VGG's
+        ``caffe``), unless the layers scale their own input (``none``: ConvNeXt's ImageNet mean and
+        std, which the timm layer's own scaling is; checked when the file is read)."""
+        if self.own_preprocessing and spec.keras_port and spec.preprocessing != "none" and keras_weights_file(weights):
+            return spec.preprocessing
         return self.own_preprocessing or spec.preprocessing
 
     def check_preprocessing(self, mode: str) -> None:
@@ -299,11 +306,18 @@ def torch_weights_file(weights: str | None) -> bool:
 
 
 def keras_weights_file(weights: str | None) -> bool:
-    """Whether ``weights`` names a Keras weights file of Keras' layers, which only they load; one
-    that holds a PyTorch module's state dict (a timm run's checkpoint) is the timm engine's."""
+    """Whether ``weights`` names a Keras weights file of Keras' layers (which the timm engine loads
+    too where the spec names a ``keras_port``: :func:`keras_layers_only`); one that holds a PyTorch
+    module's state dict (a timm run's checkpoint) is the timm engine's."""
     from osteo.h5files import holds_torch_state
 
     return str(weights or "").lower().endswith(KERAS_WEIGHT_FILES) and not holds_torch_state(weights)
+
+
+def keras_layers_only(weights: str | None, spec: BackboneSpec) -> bool:
+    """Whether ``weights`` is a Keras weights file that only Keras' layers load: ``spec``'s timm
+    module is another architecture (no ``keras_port``), or timm has none."""
+    return keras_weights_file(weights) and not (spec.keras_port and spec.timm_name)
 
 
 def choose_impl(requested: str, spec: BackboneSpec, backend: str, weights: str | None = None,
@@ -311,9 +325,10 @@ def choose_impl(requested: str, spec: BackboneSpec, backend: str, weights: str |
     """(engine, why): ``keras`` (``keras.applications`` layers) or ``timm`` (timm's module).
 
     ``auto``: timm's module on PyTorch wherever timm has the architecture (the measured
-    ratio for ``spec`` on ``device_class``, "gpu" or a CPU class, is the reason given),
-    Keras' layers on TensorFlow, and Keras' layers for a Keras weights file (``.h5``),
-    which only they can load.
+    ratio for ``spec`` on ``device_class``, "gpu" or a CPU class, is the reason given), also
+    from a Keras weights file (``.h5``) where its weights port into the module (the spec's
+    ``keras_port``: the study's four); Keras' layers on TensorFlow, and for a Keras weights file
+    of any other backbone, which only they can load.
     """
     if requested not in IMPLS:
         raise OsteoError(f"unknown model.impl {requested!r}; choose one of: {', '.join(IMPLS)}")
@@ -329,7 +344,7 @@ def choose_impl(requested: str, spec: BackboneSpec, backend: str, weights: str |
         return "timm", "requested"
     if requested == "keras":
         return "keras", "requested"
-    if keras_weights_file(weights):
+    if keras_layers_only(weights, spec):
         return "keras", "the weights file is Keras' (keras.applications layers)"
     if backend != "torch":
         return "keras", f"keras.applications layers on {backend}"
@@ -338,7 +353,10 @@ def choose_impl(requested: str, spec: BackboneSpec, backend: str, weights: str |
     if not has_timm:
         return "keras", "timm is not installed"
     measured = spec.engine_why.get(device_class or "", "")
-    return "timm", measured or f"timm has {spec.name}; the engines were not compared on this device"
+    why = measured or f"timm has {spec.name}; the engines were not compared on this device"
+    if keras_weights_file(weights):
+        why += "; the Keras weights file is ported into timm's module (osteo.backbones.port)"
+    return "timm", why
 
 
 def choose_precision(requested: str, spec: BackboneSpec, device: Device, backend: str) -> tuple[str, str]:
@@ -410,7 +428,7 @@ def plan(spec: BackboneSpec, device: Device, *, backend: str = "auto", precision
          jit_compile: str = "auto", planned_images: int = 0, available: tuple[str, ...] | None = None,
          impl: str = "auto", weights: str | None = None) -> Plan:
     """Every device choice of one run, each with its reason."""
-    keras_file = impl == "auto" and keras_weights_file(weights)  # Keras' layers, by the file
+    keras_file = impl == "auto" and keras_layers_only(weights, spec)  # Keras' layers, by the file
     keras_layers = "model.impl=keras" if impl == "keras" else "the weights file is Keras'" if keras_file else ""
     timm_module = ("the weights file is a PyTorch state dict" if impl in ("auto", "timm") and not keras_file
                    and torch_weights_file(weights) else "")

@@ -616,7 +616,7 @@ def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False, 
     engine = ENGINES.get(m.impl)  # None while the backend, and with it the engine, is not known
     if engine is not None:  # its own input scaling, and only what it can do
         if m.preprocessing == "auto":
-            m.preprocessing = engine.preprocessing(spec)
+            m.preprocessing = engine.preprocessing(spec, m.weights)
         engine.check_preprocessing(m.preprocessing)
     m.bn_momentum = m.bn_momentum or spec.bn_momentum
     if r.train.fine_tune_blocks > spec.n_stages:

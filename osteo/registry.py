@@ -43,7 +43,7 @@ class CpuDecision:
     bf16: tuple[str, ...] = ()  # backends on which mixed_bfloat16 was measured faster
     xla: bool = False  # jit_compile measured faster on TensorFlow CPU
     why: str = ""  # the measured ratio behind ``backend`` (quoted in env.json)
-    # the faster backend for Keras' layers (a Keras weights file, or model.impl=keras), where measured
+    # the faster backend for Keras' layers (model.impl=keras, or a Keras weights file that does not port), where measured
     keras_backend: str = ""
     keras_why: str = ""
     # the timm engine's memory format on this class: channels-last, or channels-first where that was
@@ -209,7 +209,7 @@ def _avx2_bf16(name: str, bf16: str, fp32: str, times: str) -> SlowPath:
 def _cpu(avx512: str, avx2: str, *, bf16: tuple[str, ...] = ("torch",), xla: bool = False,
          keras: dict[str, tuple[str, str]] | None = None, channels_first: dict[str, str] | None = None) -> dict:
     """The CPU decisions of one backbone; ``keras``: per class, (backend, measurement) for Keras'
-    layers, which a Keras weights file or model.impl=keras asks for; ``channels_first``: per class,
+    layers, which model.impl=keras (or a Keras weights file that does not port) asks for; ``channels_first``: per class,
     the measurement by which the timm engine runs channels-first there."""
     k, cf = keras or {}, channels_first or {}
     layout = {c: {"channels_last": c not in cf, "layout_why": cf.get(c, "")} for c in CPU_CLASSES}

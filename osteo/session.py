@@ -234,7 +234,7 @@ def plan_device(requested: str | None, recipe: Recipe, say: Say, named_by: str =
                            weights=recipe.model.weights)
         if named_by and choice == requested:
             plan.why["backend"] = named_by
-        # what runs, and why, also where the backend was named: a Keras weights file makes the engine Keras'
+        # what runs, and why, also where the backend was named: a Keras weights file can make the engine Keras'
         say(f"backend: {plan.backend} on {plan.runs_on} ({plan.why['backend']}); "
             f"backbone: {plan.impl} ({plan.why['impl']})")
         for warning in plan.warnings:  # a requested choice measured far slower here (env.json keeps it too)

@@ -79,3 +79,13 @@ def osteo_process(args, cwd, kill_at=None, **env) -> subprocess.CompletedProcess
 
 def exited_ok(proc) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def save_legacy_h5(model, path):
+    """``model``'s weights in the layout of keras.applications' downloads (layer_names, weight_names)."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    return path

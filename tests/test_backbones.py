@@ -5,6 +5,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from helpers import save_legacy_h5
 
 import osteo
 from osteo.backbones.base import create
@@ -92,13 +93,13 @@ def test_weights_file_of_another_backbone_is_a_clear_error(tmp_path):
     with pytest.raises(OsteoError, match=r"does not match backbone vgg16: its layer block3_conv4 is where backbone "
                                          r"vgg16 has block4_conv1 \(another depth or architecture's"):
         _keras(get_backbone("vgg16"), str(tmp_path / "vgg19.weights.h5"))
-    _save_legacy(vgg19, tmp_path / "vgg19.h5")  # the same, in the layout of keras.applications' downloads
+    save_legacy_h5(vgg19, tmp_path / "vgg19.h5")  # the same, in the layout of keras.applications' downloads
     with pytest.raises(OsteoError, match=r"does not match backbone vgg16: its layer block3_conv4 \(layer 8 with "
                                          r"weights\) holds tensors of shapes \[\(3, 3, 256, 256\), \(256,\)\] where "
                                          r"block4_conv1 has \[\(3, 3, 256, 512\), \(512,\)\]"):
         _keras(get_backbone("vgg16"), str(tmp_path / "vgg19.h5"))
     with pytest.raises(OsteoError, match=r"holds 13 layers with weights where backbone vgg19 has 16"):
-        _keras(get_backbone("vgg19"), str(_save_legacy(_keras(get_backbone("vgg16"), "none"), tmp_path / "vgg16.h5")))
+        _keras(get_backbone("vgg19"), str(save_legacy_h5(_keras(get_backbone("vgg16"), "none"), tmp_path / "vgg16.h5")))
     (tmp_path / "vgg19.weights.h5").rename(tmp_path / "vgg19-keras3.h5")
     with pytest.raises(OsteoError, match=r"is in Keras 3's own layout, which Keras reads only from a name ending in "
                                          r"\.weights\.h5: rename it so"):
@@ -119,16 +120,6 @@ def _keras(spec, weights):
     return create(spec, "keras", image_size=32, weights=weights).build()
 
 
-def _save_legacy(model, path):
-    """``model``'s weights in the layout of keras.applications' downloads (layer_names, weight_names)."""
-    import h5py
-    from keras.src.legacy.saving import legacy_h5_format
-
-    with h5py.File(path, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, model)
-    return path
-
-
 @pytest.mark.parametrize("layout", ["keras", "legacy"])
 def test_a_weights_file_with_its_top_loads_the_backbone_and_leaves_the_top_unread(layout, tmp_path):
     """keras.applications' full files load on the Keras engine, as a state dict's classifier does on
@@ -141,7 +132,7 @@ def test_a_weights_file_with_its_top_loads_the_backbone_and_leaves_the_top_unrea
         keras.utils.set_random_seed(1)
         full = build(include_top=True, weights=None, input_shape=(32, 32, 3), classes=3)
         path = tmp_path / (f"{name}.weights.h5" if layout == "keras" else f"{name}.h5")
-        _save_legacy(full, path) if layout == "legacy" else full.save_weights(path)
+        save_legacy_h5(full, path) if layout == "legacy" else full.save_weights(path)
         top = [layer for layer in full.layers if layer.weights][-1]
         with h5py.File(path, "a") as f:  # the top's last tensor, declared huge
             group = f[top.name] if layout == "legacy" else f[f"layers/{_group_of(f, top.name)}/vars"]
@@ -189,7 +180,7 @@ def test_a_backbone_nested_in_a_larger_model_loads_from_that_models_file(layout,
     if layout in ("keras", "osteo"):
         model.save_weights(path)
     elif layout == "legacy":
-        _save_legacy(model, path)
+        save_legacy_h5(model, path)
     else:
         model.save(path)
     keras.utils.set_random_seed(2)
@@ -206,7 +197,7 @@ def test_a_whole_convnext_h5_loads_whatever_numbers_keras_gave_its_unnamed_weigh
     keras.utils.set_random_seed(1)
     _keras(get_backbone("convnext_tiny"), "none")  # the numbers move on
     base = _keras(get_backbone("convnext_tiny"), "none")
-    path = _save_legacy(keras.Sequential([keras.Input((32, 32, 3)), base, keras.layers.Flatten(),
+    path = save_legacy_h5(keras.Sequential([keras.Input((32, 32, 3)), base, keras.layers.Flatten(),
                                           keras.layers.Dense(3)]), tmp_path / "m.h5")
     for seed in (2, 3):
         keras.utils.set_random_seed(seed)
@@ -224,9 +215,9 @@ def test_a_nested_backbone_file_that_is_not_one_backbones_is_refused_before_a_we
     x = keras.Input((32, 32, 3))
     two = keras.Model(x, keras.layers.Concatenate()([keras.Sequential([a], name="wrap")(x), b(x)]))
     with pytest.raises(OsteoError, match=r"holds 2 models like tiny; save the one to start from alone"):
-        _keras(get_backbone("tiny"), str(_save_legacy(two, tmp_path / "two.h5")))
+        _keras(get_backbone("tiny"), str(save_legacy_h5(two, tmp_path / "two.h5")))
     one = keras.Sequential([keras.Input((32, 32, 3)), a, keras.layers.Flatten(), keras.layers.Dense(3)])
-    _save_legacy(one, tmp_path / "one.h5")
+    save_legacy_h5(one, tmp_path / "one.h5")
     with h5py.File(tmp_path / "one.h5", "a") as f:  # a gamma of a shape another layer's gamma has
         del f["tiny/tiny_block1_bn/gamma"]
         f["tiny/tiny_block1_bn/gamma"] = np.ones(16, "float32")
@@ -325,7 +316,7 @@ def test_a_crafted_weights_file_is_refused_from_its_declared_shapes(tmp_path):
         _keras(get_backbone("tiny"), str(tmp_path / "shape.weights.h5"))
     assert "\n" not in str(e.value)
     # the legacy layout: a kernel of the model's shape whose elements are 400 kB strings, refused unread
-    legacy = _save_legacy(_keras(get_backbone("tiny"), "none"), tmp_path / "strings.h5")
+    legacy = save_legacy_h5(_keras(get_backbone("tiny"), "none"), tmp_path / "strings.h5")
     with h5py.File(legacy, "a") as f:
         del f["tiny_block1_conv/tiny_block1_conv/kernel"]
         f.create_dataset("tiny_block1_conv/tiny_block1_conv/kernel", shape=(3, 3, 3, 8), dtype="S400000",

@@ -26,6 +26,8 @@ if keras.backend.backend() != "torch":  # before torch is imported: beside Tenso
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
+from helpers import save_legacy_h5  # noqa: E402
+
 from osteo.backbones.timm_torch import TimmLayer  # noqa: E402
 from osteo.classifier import Classifier  # noqa: E402
 from osteo.errors import OsteoError  # noqa: E402
@@ -296,6 +298,81 @@ def test_local_weights_files_load_and_are_checked(tmp_path):
     assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
 
 
+def _drawn(model: keras.Model, seed: int) -> keras.Model:
+    """``model`` with every weight drawn at random around its own, BatchNorm's statistics too."""
+    from osteo.backbones.keras_apps import all_layers
+
+    rng = np.random.default_rng(seed)
+    for layer in all_layers(model):
+        values = layer.get_weights()
+        if isinstance(layer, keras.layers.BatchNormalization):  # gamma, beta, moving mean, moving variance
+            values = [rng.uniform(0.5, 1.5, v.shape) if i in (0, 3) else 0.1 * rng.standard_normal(v.shape)
+                      for i, v in enumerate(values)]
+        else:
+            values = [v + 0.02 * rng.standard_normal(v.shape) for v in values]
+        if values:
+            layer.set_weights([v.astype("float32") for v in values])
+    return model
+
+
+@pytest.mark.parametrize(("name", "layout"), [("vgg16", "legacy"), ("vgg19", "keras"), ("densenet169", "legacy"),
+                                              ("convnext_tiny", "keras")])
+def test_a_keras_weights_file_loads_into_timms_module_and_computes_what_keras_layers_did(name, layout, tmp_path):
+    """A Keras weights file of a study backbone (keras.applications' download layout, or a
+    .weights.h5 Keras saved) trains on the timm engine: `auto` picks it and scales the input as
+    Keras' layers were trained, and the timm layer gives the feature map Keras' layers give, every
+    weight drawn at random (BatchNorm's statistics too). A kernel transposed the wrong way, a
+    norm's statistics swapped, VGG's caffe scaling, or a tensor left at its first value would not."""
+    from osteo.backbones.base import create
+    from osteo.backbones.keras_apps import _before_top_norm
+    from osteo.classifier import Preprocess
+    from osteo.recipe import Recipe, resolve
+    from osteo.registry import get_backbone
+
+    spec, size = get_backbone(name), 64
+    keras_engine = create(spec, "keras", image_size=size, weights="none")
+    keras_layers = _drawn(keras_engine.build(), 3)
+    path = tmp_path / (f"{name}_notop.h5" if layout == "legacy" else f"{name}.weights.h5")
+    save_legacy_h5(keras_layers, path) if layout == "legacy" else keras_layers.save_weights(path)
+    r = Recipe()
+    r.model.backbone, r.model.weights = name, str(path)
+    resolved = resolve(r).model
+    assert resolved.impl == "timm"
+    assert resolved.preprocessing == {"none": "timm"}.get(spec.preprocessing, spec.preprocessing)
+    timm_engine = create(spec, "timm", image_size=size, weights=str(path), preprocessing=resolved.preprocessing)
+    layer = timm_engine.build()
+    x = np.random.default_rng(4).uniform(0, 255, (3, size, size, 3)).astype("float32")
+
+    def scaled(engine):
+        return x if engine.scales_own_input else Preprocess(engine.preprocessing)(x)
+
+    want = keras.ops.convert_to_numpy(keras.Model(keras_layers.input, _before_top_norm(keras_layers))(
+        scaled(keras_engine), training=False))
+    got = keras.ops.convert_to_numpy(layer(scaled(timm_engine), training=False))
+    assert got.shape == want.shape == (3, 2, 2, layer.num_features)
+    assert np.abs(got - want).max() <= 2e-5 * np.abs(want).max(), np.abs(got - want).max() / np.abs(want).max()
+    assert np.abs(np.diff(want, axis=0)).max() > 1e-2 * np.abs(want).max()  # the images give different maps
+
+
+def test_a_keras_weights_file_of_another_backbone_is_one_line_on_the_timm_engine(tmp_path):
+    """The file is read as Keras' layers read it: another architecture's is refused, before any
+    timm tensor is touched; a backbone whose timm module is another architecture (ResNet50: timm's
+    is torchvision's v1.5) leaves a Keras file to Keras' layers."""
+    from osteo.backbones.base import create
+    from osteo.recipe import Recipe, resolve
+    from osteo.registry import get_backbone
+
+    path = tmp_path / "vgg16.weights.h5"
+    create(get_backbone("vgg16"), "keras", image_size=32, weights="none").build().save_weights(path)
+    with pytest.raises(OsteoError, match=r"weights file .*vgg16\.weights\.h5 does not match backbone vgg19.*"
+                                         r"WEIGHTS=none") as e:
+        create(get_backbone("vgg19"), "timm", image_size=32, weights=str(path)).build()
+    assert "\n" not in str(e.value)
+    r = Recipe()
+    r.model.backbone, r.model.weights = "resnet50", str(path)
+    assert resolve(r).model.impl == "keras"
+
+
 def test_a_timm_runs_checkpoint_loads_on_the_timm_engine_as_a_keras_runs_does_on_keras(tmp_path, monkeypatch):
     """An osteo run's best.weights.h5 starts a new run on either engine: a timm run's holds its
     module's state dict (Keras' TorchModuleWrapper stores it under its own names), which the timm
@@ -560,8 +637,10 @@ def test_auto_picks_timm_on_torch_and_keras_where_timm_lacks_the_backbone(tmp_pa
     keras_file = tmp_path / "vgg16_notop.weights.h5"
     keras_file.write_bytes(b"")
     r = Recipe()
-    r.model.backbone, r.model.weights = "vgg16", str(keras_file)
-    assert resolve(r).model.impl == "keras"  # only Keras' layers can load a Keras weights file
+    r.model.backbone, r.model.weights = "resnet50", str(keras_file)
+    assert resolve(r).model.impl == "keras"  # only Keras' layers load a Keras weights file of another architecture
+    r.model.backbone = "vgg16"  # the study's four port it into timm's module, scaled as Keras' layers were trained
+    assert (resolve(r).model.impl, resolve(r).model.preprocessing) == ("timm", "caffe")
 
     r = Recipe()
     r.model.backbone, r.model.weights = "vgg16", "none"

@@ -175,24 +175,38 @@ def test_the_timm_engine_runs_channels_first_only_where_that_was_measured_faster
 
 
 def test_backend_auto_for_keras_layers_follows_their_own_measurements():
-    """A Keras weights file (or model.impl=keras) means Keras' layers: backend auto picks the
-    backend those were measured faster on, and says so; before, it picked PyTorch for the timm
-    engine's measurement and ran Keras' layers there (DenseNet169: 2.2x slower at 64 px)."""
+    """model.impl=keras (or a Keras weights file of a backbone whose weights do not port into timm's
+    module) means Keras' layers: backend auto picks the backend those were measured faster on, and
+    says so; before, it picked PyTorch for the timm engine's measurement and ran Keras' layers there
+    (DenseNet169: 2.2x slower at 64 px). A Keras weights file of the study's four trains on the timm
+    engine, as auto does without one."""
     intel, amd = CPU["avx512_bf16"], CPU["avx2"]
-    for name, dev, weights, impl, want in (("densenet169", intel, "w.weights.h5", "auto", "tensorflow"),
-                                           ("vgg16", intel, "w.h5", "auto", "tensorflow"),
+    for name, dev, weights, impl, want in (("densenet169", intel, "w.weights.h5", "keras", "tensorflow"),
+                                           ("vgg16", intel, "w.h5", "keras", "tensorflow"),
                                            ("densenet169", amd, "w.h5", "keras", "torch"),
-                                           ("convnext_tiny", intel, "w.weights.h5", "auto", "torch"),
-                                           ("convnext_tiny", amd, "w.h5", "auto", "torch"),
-                                           ("vgg16", amd, "w.weights.h5", "auto", "torch")):
+                                           ("convnext_tiny", intel, "none", "keras", "torch"),
+                                           ("convnext_tiny", amd, "w.h5", "keras", "torch"),
+                                           ("vgg16", amd, "w.weights.h5", "keras", "torch")):
         plan = device_plan(get_backbone(name), dev, available=BOTH, weights=weights, impl=impl)
         assert (plan.backend, plan.impl) == (want, "keras"), (name, dev.cpu_class)
         assert "Keras layers" in plan.why["backend"]
         assert get_backbone(name).cpu_decision(dev.cpu_class).keras_why in plan.why["backend"]
-        assert not plan.warnings
+        if (name, dev) == ("densenet169", amd) and importlib.util.find_spec("timm"):  # a slow path, asked for
+            (said,) = plan.warnings
+            assert "2.4x slower" in said and "model.impl=timm" in said
+        else:
+            assert not plan.warnings
         # and in the precision they were measured in: bfloat16 on AVX-512 (DenseNet169 on TensorFlow: 6.89
         # img/s against 5.10 in float32 at 224 px), float32 where the CPU has no bfloat16
         assert plan.precision == ("mixed_bfloat16" if dev is intel else "float32"), (name, plan.why["precision"])
+    if importlib.util.find_spec("timm"):
+        for name in ("vgg16", "vgg19", "densenet169", "convnext_tiny"):
+            for dev in (intel, amd):
+                own = device_plan(get_backbone(name), dev, available=BOTH)
+                plan = device_plan(get_backbone(name), dev, available=BOTH, weights="w.weights.h5")
+                assert (plan.backend, plan.impl, plan.precision) == (own.backend, "timm", own.precision)
+                assert plan.why["impl"].endswith("the Keras weights file is ported into timm's module "
+                                                 "(osteo.backbones.port)") and not plan.warnings
     # a timm weights file, or none: the timm engine's backend as before
     assert device_plan(get_backbone("densenet169"), intel, available=BOTH, weights="w.safetensors").backend == "torch"
     # where TensorFlow is the CPU's choice (tiny: not measured), a PyTorch state dict still goes to PyTorch, the only
@@ -207,14 +221,18 @@ def test_backend_auto_for_keras_layers_follows_their_own_measurements():
     plan = device_plan(get_backbone("vgg16"), tf_only, available=BOTH, weights="w.safetensors")
     assert plan.backend == "torch" and plan.why["backend"].startswith("torch, on the CPU: the weights file is a PyTorch")
     # the backend named by the user stands; where it is far slower for these layers, one warning says so
-    plan = device_plan(get_backbone("densenet169"), intel, backend="torch", available=BOTH, weights="w.h5")
+    no_port = replace(get_backbone("densenet169"), keras_port="")  # as if its weights did not port
+    plan = device_plan(no_port, intel, backend="torch", available=BOTH, weights="w.h5")
     assert (plan.backend, plan.impl) == ("torch", "keras")
     assert len(plan.warnings) == 1 and "backend=tensorflow, model.impl=keras" in plan.warnings[0]
     # a GPU, where Keras' layers were measured far slower than the timm engine: said, with the way out
     gpu = Device(kind="gpu", name="H200", cpu_class="avx512_bf16", gpu_bf16=True, gpu_backends=("torch",))
-    plan = device_plan(get_backbone("densenet169"), gpu, available=BOTH, weights="w.weights.h5")
+    plan = device_plan(no_port, gpu, available=BOTH, weights="w.weights.h5")
     assert (plan.backend, plan.impl) == ("torch", "keras") and len(plan.warnings) == 1
     assert "5.0x slower" in plan.warnings[0] and "timm's weights of densenet169" in plan.warnings[0]
+    if importlib.util.find_spec("timm"):  # DenseNet169's own Keras file: the timm engine, nothing to say
+        plan = device_plan(get_backbone("densenet169"), gpu, available=BOTH, weights="w.weights.h5")
+        assert (plan.backend, plan.impl, plan.warnings) == ("torch", "timm", [])
 
 
 def test_xla_is_off_where_the_augmentation_cannot_be_compiled_and_env_json_says_so(phantom_dir, tmp_path,
@@ -403,9 +421,12 @@ def test_keras_layers_for_densenet_on_avx2_warn_with_that_class_measurement():
     assert "on PyTorch" in said and "2.4x slower" in said and "model.impl=timm" in said
     (said,) = device_plan(spec, amd, impl="keras", backend="tensorflow", available=BOTH).warnings
     assert "on TensorFlow" in said and "3.5x slower" in said
-    # a Keras weights file can only be trained by Keras' layers: the warning says which weights would not be
-    (said,) = device_plan(spec, amd, available=BOTH, weights="w.weights.h5").warnings
+    # a Keras weights file only Keras' layers load (as if DenseNet169's did not port): the warning says which
+    # weights would not be
+    no_port = replace(spec, keras_port="")
+    (said,) = device_plan(no_port, amd, available=BOTH, weights="w.weights.h5").warnings
     assert "2.4x slower" in said and "timm's weights of densenet169" in said
+    assert device_plan(spec, amd, available=BOTH, weights="w.weights.h5").warnings == []
     assert device_plan(spec, amd, available=BOTH).warnings == []
 
 

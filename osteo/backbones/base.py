@@ -53,7 +53,7 @@ def create(spec: BackboneSpec, engine: str, *, image_size: int, weights: str | N
            preprocessing: str | None = None, compile: bool = False, channels_last: bool = True) -> Backbone:
     """The backbone of ``spec`` on ``engine`` (not built yet: :meth:`Backbone.build` makes the layer)."""
     info = get_engine(engine)
-    mode = info.preprocessing(spec) if preprocessing in (None, "auto") else preprocessing
+    mode = info.preprocessing(spec, weights) if preprocessing in (None, "auto") else preprocessing
     info.check_preprocessing(mode)
     return info.load()(spec, image_size=image_size, weights=weights, preprocessing=mode, compile=compile,
                        channels_last=channels_last)

@@ -23,6 +23,15 @@ nothing is written.
 The rebuild runs in a child process on TensorFlow (:func:`osteo.export.write_ported_savedmodel`),
 since the run's model loads on PyTorch only; :func:`port_backbone` itself is backend-free (the
 tests run it on PyTorch against the timm module).
+
+The same port runs the other way (:func:`timm_state`): a Keras weights file of Keras' layers
+(keras.applications' downloads, a ``.weights.h5``, a Keras run's checkpoint) becomes the timm
+module's state dict, so the timm engine trains from it. Each tensor is the one Keras weight the
+port would have filled from it, transposed back; DenseNet's BatchNormalization keeps what it
+computed, its epsilon moved into the moving variance; ConvNeXt's trailing LayerNormalization,
+which neither engine's backbone uses, is left out. The input is scaled as Keras' layers were
+trained (:meth:`osteo.device.EngineInfo.preprocessing`: VGG's ``caffe``; ConvNeXt's own
+Normalization, ImageNet's mean and std, is the timm layer's scaling, checked here).
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ from osteo.errors import OsteoError
 
 # the state dict's entries a Keras layer has no weight for: BatchNorm's step counter
 _NOT_WEIGHTS = (".num_batches_tracked",)
+# PyTorch's BatchNorm2d default epsilon, timm's too (Keras' DenseNet uses 1.001e-5)
+TORCH_BN_EPSILON = 1e-5
 
 
 def _conv(w: np.ndarray) -> np.ndarray:
@@ -149,7 +160,7 @@ def _epsilon(eps: float) -> Callable[[keras.Model], keras.Model]:
 # a spec's keras_port -> (the Keras layer's weights from the state dict, what adapts the model)
 PORTS: dict[str, tuple[Callable, Callable[[keras.Model], keras.Model]]] = {
     "vgg": (_vgg, lambda model: model),
-    "densenet": (_densenet, _epsilon(1e-5)),  # PyTorch's BatchNorm2d default, timm's too
+    "densenet": (_densenet, _epsilon(TORCH_BN_EPSILON)),
     "convnext": (_convnext, _trim_convnext),
 }
 
@@ -176,12 +187,10 @@ def keras_backbone(spec, image_size: int) -> keras.Model:
     return PORTS[spec.keras_port][1](model)
 
 
-def port_backbone(model: keras.Model, state: dict, port: str) -> None:
-    """Copy the timm module's ``state`` (name -> array) into ``model`` (:func:`keras_backbone`'s).
-
-    Every weight of the model is set, and every tensor of ``state`` (BatchNorm's step counters
-    aside) is used, or :class:`~osteo.errors.OsteoError` says which is not.
-    """
+def _ported(model: keras.Model, state: dict, port: str) -> Iterator[tuple[keras.layers.Layer, list[np.ndarray]]]:
+    """Each weight-holding layer of ``model`` with the arrays of ``state`` its weights are, in Keras'
+    layout: every weight of the model gets one, and every tensor of ``state`` (BatchNorm's step
+    counters aside) is used, or :class:`~osteo.errors.OsteoError` says which is not."""
     weights_of = PORTS[port][0]
     taken = _Taken(state)
     leaves = list(_leaves(model))
@@ -193,8 +202,50 @@ def port_backbone(model: keras.Model, state: dict, port: str) -> None:
         if [a.shape for a in arrays] != shapes:
             raise OsteoError(f"timm's weights for Keras layer {layer.name!r} have shapes "
                              f"{[a.shape for a in arrays]}, not {shapes}")
-        layer.set_weights(arrays)
+        yield layer, arrays
     unused = sorted(k for k in state if k not in taken.read and not k.endswith(_NOT_WEIGHTS))
     if unused:
         raise OsteoError(f"{len(unused)} tensors of the timm state dict have no Keras weight "
                          f"({', '.join(unused[:3])}{' ...' if len(unused) > 3 else ''})")
+
+
+def port_backbone(model: keras.Model, state: dict, port: str) -> None:
+    """Copy the timm module's ``state`` (name -> array) into ``model`` (:func:`keras_backbone`'s).
+
+    Every weight of the model is set, and every tensor of ``state`` (BatchNorm's step counters
+    aside) is used, or :class:`~osteo.errors.OsteoError` says which is not.
+    """
+    for layer, arrays in _ported(model, state, port):
+        layer.set_weights(arrays)
+
+
+def timm_state(model: keras.Model, shapes: dict[str, tuple[int, ...]], port: str) -> dict[str, np.ndarray]:
+    """The timm module's state dict (float32 arrays, under the names of ``shapes``: the module's
+    own tensors and their shapes) that :func:`port_backbone` would turn into ``model``'s weights.
+
+    ``model`` is Keras' layers as the keras engine builds them (its constructor's own input
+    scaling, epsilon and trailing norm). The inverse is read off the port itself: each tensor is
+    filled with its elements' numbers, the port maps them into Keras' layout, and every Keras
+    weight's values go back where its numbers came from; each element must be written exactly once.
+    BatchNorm's step counters are not weights (the module keeps its own).
+    """
+    eps = {layer.name: layer.epsilon for layer in _leaves(model) if isinstance(layer, keras.layers.BatchNormalization)}
+    model = PORTS[port][1](model)  # ConvNeXt without its trailing norm; DenseNet's epsilon is folded below
+    keys = [k for k in shapes if not k.endswith(_NOT_WEIGHTS)]
+    sizes = [int(np.prod(shapes[k], dtype=np.int64)) for k in keys]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    kind = np.int32 if starts[-1] < 2**31 else np.int64  # ConvNeXtTiny's 28M numbers: 112 MB, not 224
+    numbers = {k: np.arange(starts[i], starts[i + 1], dtype=kind).reshape(shapes[k]) for i, k in enumerate(keys)}
+    flat = np.zeros(int(starts[-1]), np.float32)
+    written = np.zeros(int(starts[-1]), np.uint8)  # how often each number was written (1, or a port's fault)
+    for layer, where in _ported(model, numbers, port):
+        values = [np.asarray(v, np.float32) for v in layer.get_weights()]
+        if layer.name in eps:  # Keras' (variance + its epsilon) as PyTorch's (variance' + 1e-5)
+            values[3] = values[3] + np.float32(eps[layer.name] - TORCH_BN_EPSILON)
+        for index, value in zip(where, values):  # one tensor's numbers, each once
+            flat[index.ravel()] = value.ravel()
+            written[index.ravel()] += 1
+    if (written != 1).any():
+        raise OsteoError(f"the port writes {int((written == 0).sum())} of the timm module's numbers never and "
+                         f"{int((written > 1).sum())} more than once: not the architecture it expects")
+    return {k: flat[starts[i]:starts[i + 1]].reshape(shapes[k]) for i, k in enumerate(keys)}

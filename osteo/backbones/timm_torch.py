@@ -19,7 +19,9 @@ the loop); :class:`TimmLayer` is a ``keras.layers.TorchModuleWrapper`` that
 Weights: ``imagenet`` (timm's pretrained weights, from the Hugging Face hub or its
 cache), ``none``, or a local ``.safetensors`` / ``.pth`` / ``.bin`` state dict, loaded
 without unpickling (``weights_only=True``), or the one a timm run's Keras checkpoint holds,
-checked key by key against the module.
+checked key by key against the module; for the backbones whose Keras layers are the same
+architecture (the spec's ``keras_port``), also a Keras weights file of those layers, read as
+the keras engine reads it and ported into the module (:func:`osteo.backbones.port.timm_state`).
 
 The module keeps only what ``forward_features`` uses: parts of timm's head that would
 hold unused parameters (VGG's 120M-parameter ``pre_logits``, ConvNeXt's head norm) are
@@ -58,11 +60,11 @@ from osteo.backbones.base import (
     group_by_stage,
     looks_like_network_error,
 )
-from osteo.device import ENGINES
+from osteo.device import ENGINES, keras_weights_file
 from osteo.errors import OsteoError
 from osteo.errors import short as _short
 from osteo.files import unreachable
-from osteo.registry import IMAGENET_MEAN_TORCH, IMAGENET_STD_TORCH, parse_weights
+from osteo.registry import IMAGENET_MEAN_TORCH, IMAGENET_STD_TORCH, get_backbone, parse_weights
 
 # Keras dtype policy -> the autocast dtype inside the module
 _AUTOCAST = {"bfloat16": "bfloat16", "float16": "float16"}
@@ -283,6 +285,10 @@ def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...]) -
     unexpected or of another shape is an error, found from the declared shapes before a
     tensor is read.
     """
+    spec = get_backbone(name)
+    if spec.keras_port and keras_weights_file(path):
+        _load_keras_layers_file(module, path, spec)
+        return
     classifier = module.pretrained_cfg.get("classifier") or ()
     ignored = tuple(f"{p}." for p in ((classifier,) if isinstance(classifier, str) else classifier) + dropped)
     fix = (f"pass a weights file of timm's {module.pretrained_cfg.get('architecture', name)}, a Keras .h5 file "
@@ -310,6 +316,36 @@ def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...]) -
     except Exception as e:
         raise OsteoError(f"cannot read weights file {path}: {_short(e)}; {fix}") from None
     module.load_state_dict({**own, **{k: v for k, v in state.items() if k in own}}, strict=True)
+
+
+def _load_keras_layers_file(module, path: Path, spec) -> None:
+    """Load a Keras weights file of ``spec``'s Keras layers into its timm ``module``: read and checked
+    as the keras engine reads it (:func:`osteo.backbones.keras_apps.load_weights_file`), then ported
+    to the module's tensors (:func:`osteo.backbones.port.timm_state`)."""
+    import numpy as np
+    import torch
+
+    from osteo.backbones.keras_apps import _import, all_layers
+    from osteo.backbones.keras_apps import load_weights_file as load_into_keras_layers
+    from osteo.backbones.port import timm_state
+
+    size = spec.default_size
+    model = _import(spec.constructor)(include_top=False, weights=None, input_shape=(size, size, 3),
+                                      **spec.constructor_kwargs)
+    load_into_keras_layers(model, path, spec.name)
+    cfg = data_config(module)
+    for layer in all_layers(model):  # Keras' own input scaling (ConvNeXt's) must be the timm layer's
+        if isinstance(layer, keras.layers.Normalization):
+            mean = keras.ops.convert_to_numpy(layer.mean).ravel() / 255.0
+            std = np.sqrt(keras.ops.convert_to_numpy(layer.variance).ravel()) / 255.0
+            if not (np.allclose(mean, cfg["mean"], atol=1e-4) and np.allclose(std, cfg["std"], atol=1e-4)):
+                raise OsteoError(f"weights file {path}: {spec.name}'s Keras layers scale their input by mean "
+                                 f"{mean.round(4).tolist()} and std {std.round(4).tolist()}, timm's module by "
+                                 f"{list(cfg['mean'])} and {list(cfg['std'])}; train it with model.impl=keras")
+    own = module.state_dict()
+    state = timm_state(model, {k: tuple(v.shape) for k, v in own.items()}, spec.keras_port)
+    module.load_state_dict({**own, **{k: torch.from_numpy(v).to(own[k].dtype) for k, v in state.items()}},
+                           strict=True)
 
 
 def _prune_unused(module, image_size: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
