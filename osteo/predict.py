@@ -37,6 +37,7 @@ from osteo.files import (
     owned_prefix,
     refuse_foreign_files,
     sha256_file,
+    some_of,
     sweep_temporaries,
     temporaries_of,
     umask,
@@ -138,15 +139,20 @@ def _op_column(name: str) -> str:
     return "screen_" + name.replace("+", "_or_worse")
 
 
+# the reason column of a row whose image is blank: predicted all the same, as the audit trains on such images
+BLANK = "blank: every pixel one gray level, no picture of a knee (a failed export, a placeholder?)"
+
+
 def load_images(paths: list[Path], size: int, resize: str) -> tuple[list[np.ndarray | None], list[str]]:
-    """Each file decoded and resized as training does it, or None with the reason why not."""
+    """Each file decoded and resized as training does it, or None with the reason why not; a blank
+    image is decoded all the same, its reason :data:`BLANK`."""
     from osteo.data.decode import DecodeError, read_file, unexpected_failure
     from osteo.data.pipeline import SCALE, load_levels
 
     images, reasons = [], []
     for f in paths:
         try:
-            levels, _ = load_levels(read_file(f), size, resize)  # what the training cache holds
+            levels, gray = load_levels(read_file(f), size, resize)  # what the training cache holds
         except OsteoError:
             raise
         except Exception as e:  # as in the audit, one file's failure is its row's reason, not the command's end
@@ -155,7 +161,7 @@ def load_images(paths: list[Path], size: int, resize: str) -> tuple[list[np.ndar
                            if isinstance(e, MemoryError) else unexpected_failure(e))
             continue
         images.append(levels.astype(np.float32) / np.float32(SCALE))
-        reasons.append("")
+        reasons.append(BLANK if gray.one_value() else "")
     return images, reasons
 
 
@@ -409,6 +415,10 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
     if bad:
         log.warning("%d of %d files are unreadable and have no prediction (status=unreadable, with the reason, in %s)",
                     bad, len(rows), out)
+    blank = [r["path"] for r in ok if r["reason"] == BLANK]
+    if blank:
+        log.warning("%d image(s) are blank, every pixel one gray level: %s; their predictions say nothing of a knee "
+                    "(reason=blank in %s): check the files", len(blank), some_of(blank, 3), out)
     return Predictions(Path(out), len(rows), bad)
 
 

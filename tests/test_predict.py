@@ -231,7 +231,7 @@ def test_a_decoder_failure_no_one_expected_is_that_files_reason_not_the_end_of_p
 
     good, bad = tmp_path / "good.png", tmp_path / "bad.png"
     for f in (good, bad):
-        Image.fromarray(np.full((40, 40), 90, np.uint8)).save(f)
+        Image.fromarray(np.tile(np.arange(40, dtype=np.uint8), (40, 1))).save(f)
     real = pipeline.load_levels
 
     def flaky(data, size, resize):
@@ -244,3 +244,33 @@ def test_a_decoder_failure_no_one_expected_is_that_files_reason_not_the_end_of_p
     images, reasons = load_images([good, bad], 32, "pad")
     assert images[0] is not None and images[1] is None
     assert reasons == ["", "decode failed: ValueError: UID is not a transfer syntax."]
+
+
+def test_a_blank_image_is_predicted_and_its_row_and_one_warning_say_so(run, phantom_dir, tmp_path):
+    """An image whose every pixel holds one gray level (8-bit, or 16-bit, which decodes to black)
+    gets its prediction all the same, as the audit trains on it, but its row's reason says it is
+    blank and one warning line names it; a radiograph, and an image one pixel off its level (off
+    the middle row the check starts with), are not blank."""
+    from PIL import Image
+
+    from osteo.predict import BLANK
+
+    folder = tmp_path / "clinic"
+    folder.mkdir()
+    knee = next((phantom_dir / "normal").iterdir())
+    shutil.copy(knee, folder / knee.name)
+    Image.fromarray(np.full((48, 40), 200, np.uint8)).save(folder / "flat8.png")
+    Image.fromarray(np.full((48, 40), 3000, np.uint16)).save(folder / "flat16.png")
+    one_off = np.full((48, 40), 200, np.uint8)
+    one_off[3, 5] = 201
+    Image.fromarray(one_off).save(folder / "one_off.png")
+    out = tmp_path / "p.csv"
+    with osteo_warnings() as said:
+        assert main(["predict", str(run), str(folder), "--out", str(out)]) == 0
+    rows = {Path(r["path"]).name: r for r in _rows(out)}
+    assert all(r["status"] == "ok" and r["pred"] in CLASSES for r in rows.values())
+    assert {name for name, r in rows.items() if r["reason"] == BLANK} == {"flat8.png", "flat16.png"}
+    assert all(rows[name]["reason"] == "" for name in (knee.name, "one_off.png"))
+    (line,) = [w for w in said if "blank" in w]
+    assert line.startswith("2 image(s) are blank") and "flat8.png" in line and "flat16.png" in line
+    assert "one_off.png" not in line

@@ -134,6 +134,17 @@ class Gray:
     scale: int = 1  # the DCT scale a JPEG was decoded at (pixels are 1/scale of info's size)
     _boxed: tuple[int, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
+    def one_value(self) -> bool:
+        """Whether every pixel holds one value (a failed export, a placeholder): an image stretched
+        from its minimum to its maximum (16-bit, float) whose range is empty decodes to black."""
+        if self.kind == "stretch":
+            return self.lo == self.hi
+        px = self.pixels
+        first = px.flat[0]
+        if (px[px.shape[0] // 2] != first).any():  # a radiograph's middle row: no full pass
+            return False
+        return not (px != first).any()
+
     def as_float(self, block: np.ndarray) -> np.ndarray:
         """float32 values in [0, 255] of ``block``, a part of :attr:`pixels`."""
         if self.kind == "float":

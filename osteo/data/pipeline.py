@@ -59,7 +59,6 @@ from osteo.data.decode import (
     DECODE_MEMORY,
     DecodeError,
     Gray,
-    ImageInfo,
     MemoryBudget,
     decode_cost,
     decode_gray,
@@ -206,11 +205,11 @@ def to_levels(img: np.ndarray) -> np.ndarray:
     return np.clip(np.round(img * np.float32(SCALE)), 0, 65535).astype(np.uint16)[..., None]
 
 
-def load_levels(data: bytes, size: int, resize: str = "pad") -> tuple[np.ndarray, ImageInfo]:
-    """The bytes of an image file -> (its model input as uint16 levels (size, size, 1), its info):
-    what the cache stores and ``osteo predict`` feeds. Raises DecodeError."""
+def load_levels(data: bytes, size: int, resize: str = "pad") -> tuple[np.ndarray, Gray]:
+    """The bytes of an image file -> (its model input as uint16 levels (size, size, 1), the decoded
+    image it came from): what the cache stores and ``osteo predict`` feeds. Raises DecodeError."""
     gray = decode_gray(data, functools.partial(jpeg_ratio, size=size, resize=resize))
-    return to_levels(resize_gray(gray, size, resize)), gray.info
+    return to_levels(resize_gray(gray, size, resize)), gray
 
 
 @functools.lru_cache(maxsize=512)

@@ -505,18 +505,6 @@ def _pixel_hash(gray: Gray) -> str:
     return sha.hexdigest()
 
 
-def _one_value(gray: Gray) -> bool:
-    """Whether every pixel of ``gray`` holds one value (a failed export, a placeholder): an image
-    stretched from its minimum to its maximum (16-bit, float) whose range is empty decodes to black."""
-    if gray.kind == "stretch":
-        return gray.lo == gray.hi
-    px = gray.pixels
-    first = px.flat[0]
-    if (px[px.shape[0] // 2] != first).any():  # a radiograph's middle row: no full pass
-        return False
-    return not (px != first).any()
-
-
 def _gray_features(gray: Gray) -> tuple[np.ndarray, np.ndarray]:
     """The features from :meth:`Gray.box_mean` by :func:`feature_box` (kept on ``gray``:
     the image cache often reduces by the same box)."""
@@ -632,7 +620,7 @@ def _inspect(root: Path, rel: str, label: str, budget: MemoryBudget, cache=None)
                 rec.format, rec.width, rec.height = info.format, info.width, info.height
                 rec.bit_depth, rec.frames, rec.patient_id = info.bit_depth, info.frames, info.patient_id
                 rec.pixel_sha256, rec.features = _hash_and_features(gray)
-                rec.blank = _one_value(gray)
+                rec.blank = gray.one_value()
                 if cache is not None:  # the same decode feeds the image cache: each file is decoded once
                     cache.store(rec.sha256, data, gray)
         rec.stat_key = key
