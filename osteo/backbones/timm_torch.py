@@ -285,7 +285,7 @@ def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...]) -
     unexpected or of another shape is an error, found from the declared shapes before a
     tensor is read.
     """
-    spec = get_backbone(name)
+    spec = get_backbone(name)  # the file's kind asked only where it matters: a .keras archive is extracted to tell
     if spec.keras_port and keras_weights_file(path):
         _load_keras_layers_file(module, path, spec)
         return
