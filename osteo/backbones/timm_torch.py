@@ -56,6 +56,7 @@ from osteo.backbones.base import (
     DOWNLOAD_TIMEOUT,
     OFFLINE_FIX,
     Backbone,
+    create,
     download_timeout,
     group_by_stage,
     looks_like_network_error,
@@ -319,20 +320,16 @@ def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...]) -
 
 
 def _load_keras_layers_file(module, path: Path, spec) -> None:
-    """Load a Keras weights file of ``spec``'s Keras layers into its timm ``module``: read and checked
-    as the keras engine reads it (:func:`osteo.backbones.keras_apps.load_weights_file`), then ported
-    to the module's tensors (:func:`osteo.backbones.port.timm_state`)."""
+    """Load a Keras weights file of ``spec``'s Keras layers into its timm ``module``: the keras engine
+    builds its backbone from the file, with every check it makes, and the port takes that backbone's
+    weights to the module's tensors (:func:`osteo.backbones.port.timm_state`)."""
     import numpy as np
     import torch
 
-    from osteo.backbones.keras_apps import _import, all_layers
-    from osteo.backbones.keras_apps import load_weights_file as load_into_keras_layers
+    from osteo.backbones.keras_apps import all_layers
     from osteo.backbones.port import timm_state
 
-    size = spec.default_size
-    model = _import(spec.constructor)(include_top=False, weights=None, input_shape=(size, size, 3),
-                                      **spec.constructor_kwargs)
-    load_into_keras_layers(model, path, spec.name)
+    model = create(spec, "keras", image_size=spec.default_size, weights=str(path)).build()
     cfg = data_config(module)
     for layer in all_layers(model):  # Keras' own input scaling (ConvNeXt's) must be the timm layer's
         if isinstance(layer, keras.layers.Normalization):
