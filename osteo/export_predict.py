@@ -10,7 +10,8 @@ the calibrated probabilities that ``osteo predict RUN FILES`` gives for the same
 (within 1e-4; the temperature is inside the ONNX model). Folders are read recursively, their
 images as osteo's audit chooses them (:func:`image_file`; the other files left out, said in one
 line on stderr). A file that cannot be read gets a line on stderr and no row; the exit status
-is then 1.
+is then 1. A blank image (every pixel one gray level: a failed export, a placeholder) gets its
+row, as in ``osteo predict``, and one line on stderr names such files.
 
 Each image becomes the model's input as ``osteo predict`` makes it
 (``osteo.data.pipeline.load_levels``, divided by 257), in the same NumPy arithmetic, so
@@ -76,6 +77,10 @@ class Gray:
     def __init__(self, pixels: np.ndarray, kind: str, lo: float = 0.0, hi: float = 0.0):
         self.pixels, self.kind, self.lo, self.hi = pixels, kind, lo, hi
 
+    def one_value(self) -> bool:
+        """Whether every pixel holds one value: a blank image (see :func:`one_value`)."""
+        return one_value(self.pixels, self.kind, self.lo, self.hi)
+
     def as_float(self, block: np.ndarray) -> np.ndarray:
         """Mirrors ``osteo.data.decode.Gray.as_float``."""
         if self.kind == "float":
@@ -120,6 +125,18 @@ class Gray:
         if box > 1:
             out *= _F32(1 / (box * box))
         return out
+
+
+def one_value(pixels: np.ndarray, kind: str, lo: float, hi: float) -> bool:
+    """Whether every pixel of a decoded image holds one value (a failed export, a placeholder):
+    an image stretched from its minimum to its maximum (16-bit, float) whose range is empty
+    decodes to black. osteo's audit and ``osteo predict`` call this function too."""
+    if kind == "stretch":
+        return lo == hi
+    first = pixels.flat[0]
+    if (pixels[pixels.shape[0] // 2] != first).any():  # a radiograph's middle row: no full pass
+        return False
+    return not (pixels != first).any()
 
 
 def decode(data: bytes, scale=None) -> Gray:
@@ -470,16 +487,18 @@ def to_levels(img: np.ndarray) -> np.ndarray:
     return np.clip(np.round(img * _F32(SCALE)), 0, 65535).astype(np.uint16)[..., None]
 
 
-def load_levels(data: bytes, size: int, resize: str = "pad") -> np.ndarray:
-    """A file's bytes -> its uint16 levels (size, size, 1) (mirrors ``osteo.data.pipeline.load_levels``)."""
+def load_levels(data: bytes, size: int, resize: str = "pad") -> tuple[np.ndarray, Gray]:
+    """A file's bytes -> (its uint16 levels (size, size, 1), the decoded image they came from)
+    (mirrors ``osteo.data.pipeline.load_levels``)."""
     gray = decode(data, functools.partial(jpeg_ratio, size=size, resize=resize))
-    return to_levels(resize_gray(gray, size, resize))
+    return to_levels(resize_gray(gray, size, resize)), gray
 
 
-def prepare(data: bytes, size: int, resize: str) -> np.ndarray:
-    """A file's bytes -> the model's input, float32 (size, size, 1), as ``osteo predict`` makes
-    it (``osteo.predict.load_images``: the levels / 257)."""
-    return load_levels(data, size, resize).astype(_F32) / _F32(SCALE)
+def prepare(data: bytes, size: int, resize: str) -> tuple[np.ndarray, bool]:
+    """A file's bytes -> (the model's input, float32 (size, size, 1), as ``osteo predict`` makes
+    it (``osteo.predict.load_images``: the levels / 257); whether the image is blank)."""
+    levels, gray = load_levels(data, size, resize)
+    return levels.astype(_F32) / _F32(SCALE), gray.one_value()
 
 
 # --------------------------------------------------------------------------- model
@@ -613,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"predict.py: cannot load {model} ({type(e).__name__}: {str(e)[:200]}); "
               "export the run again with osteo export", file=sys.stderr)
         return 2
-    failed = 0
+    failed, blank = 0, []
     writer = sys.stdout
     writer.write(",".join(COLUMNS) + "\n")
     paths, left_out = _expand(args.images)
@@ -627,8 +646,11 @@ def main(argv: list[str] | None = None) -> int:
                 if os.path.exists(path) and not os.path.isfile(path):  # a named pipe would block the read
                     raise Unreadable("not a regular file")
                 with open(path, "rb") as f:
-                    arrays.append(prepare(f.read(), size, resize))
+                    x, one_value = prepare(f.read(), size, resize)
+                arrays.append(x)
                 ready.append(path)
+                if one_value:
+                    blank.append(str(path))
             except (OSError, Unreadable) as e:
                 failed += 1
                 print(f"predict.py: {path}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
@@ -638,6 +660,10 @@ def main(argv: list[str] | None = None) -> int:
         if arrays:
             for path, p in zip(ready, probabilities(sess, np.stack(arrays))):
                 writer.write(",".join([_csv_path(path), *(f"{float(v):.6f}" for v in p)]) + "\n")
+    if blank:  # as osteo predict says it: predicted all the same
+        more = f" and {len(blank) - 3} more" if len(blank) > 3 else ""
+        print(f"predict.py: {len(blank)} image(s) are blank, every pixel one gray level: {', '.join(blank[:3])}{more}; "
+              "their rows say nothing of a knee (a failed export, a placeholder?): check the files", file=sys.stderr)
     return 1 if failed else 0
 
 

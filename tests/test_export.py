@@ -130,15 +130,27 @@ def record_diff(model: Path) -> float:
 
 @NEEDS_ONNX
 def test_predict_script_gives_osteo_predicts_probabilities_without_osteo(run, onnx_export, tmp_path):
+    from PIL import Image
+
     files = write_image_files(tmp_path / "clinic")
     (tmp_path / "clinic" / "notes.txt").write_text("not an image")  # not an image by its name: left out, said
     (tmp_path / "clinic" / "broken.png").write_text("not an image")  # an image by its name, unreadable
+    # blank images (every pixel one level; a 16-bit one decodes to black): rows, and one line names them
+    blank = [tmp_path / "clinic" / "flat16.png", tmp_path / "clinic" / "flat8.png"]
+    Image.fromarray(np.full((48, 40), 3000, np.uint16)).save(blank[0])
+    Image.fromarray(np.full((48, 40), 200, np.uint8)).save(blank[1])
+    one_off = np.full((48, 40), 200, np.uint8)
+    one_off[3, 5] = 201  # off the middle row the check starts with: not blank
+    Image.fromarray(one_off).save(tmp_path / "clinic" / "one_off.png")
+    files += [*blank, tmp_path / "clinic" / "one_off.png"]
     proc = run_script(onnx_export.parent / "predict.py", tmp_path / "clinic", cwd=tmp_path)
     assert proc.returncode == 1  # the unreadable file: one line on stderr, no row
     assert proc.stderr.splitlines() == [
         f"predict.py: 1 file(s) in the folders given are not images it reads (by their name, or DICOM by their "
         f"bytes), e.g. {tmp_path / 'clinic' / 'notes.txt'}: left out",
-        f"predict.py: {tmp_path / 'clinic' / 'broken.png'}: unknown file signature (not PNG, JPEG, BMP, TIFF or DICOM)"]
+        f"predict.py: {tmp_path / 'clinic' / 'broken.png'}: unknown file signature (not PNG, JPEG, BMP, TIFF or DICOM)",
+        f"predict.py: 2 image(s) are blank, every pixel one gray level: {blank[0]}, {blank[1]}; their rows say "
+        "nothing of a knee (a failed export, a placeholder?): check the files"]
     got = probabilities(proc.stdout)
     predict_files(run, [str(f) for f in files], tmp_path / "osteo.csv")
     want = probabilities((tmp_path / "osteo.csv").read_text())
@@ -464,11 +476,12 @@ def test_predict_script_decodes_every_kind_as_osteo_does(tmp_path):
         for size in SIZES:
             for resize in MODES:
                 what = f"{f.name} at {size} {resize}"
-                levels = export_predict.load_levels(data, size, resize)
+                levels, gray = export_predict.load_levels(data, size, resize)
+                assert gray.one_value() == decode_gray(data).one_value(), what
                 assert levels.dtype == np.uint16 and levels.shape == (size, size, 1), what
                 np.testing.assert_array_equal(levels, load_levels(data, size, resize)[0], err_msg=what)
-                x = export_predict.prepare(data, size, resize)
-                assert x.dtype == np.float32, what
+                x, blank = export_predict.prepare(data, size, resize)
+                assert blank == gray.one_value() and x.dtype == np.float32, what
                 np.testing.assert_array_equal(x, _osteo_input(data, size, resize), err_msg=what)
                 if f.suffix == ".jpg":
                     info = decode_bytes(data)[1]
@@ -478,7 +491,7 @@ def test_predict_script_decodes_every_kind_as_osteo_does(tmp_path):
                         assert export_predict.decode(data, lambda w, h, r=ratio: r).pixels.shape == (
                             -(-info.height // ratio), -(-info.width // ratio)), what
         (ref,), _ = load_images([f], 32, "pad")  # osteo predict's own reading of the file
-        np.testing.assert_array_equal(export_predict.prepare(data, 32, "pad"), ref, err_msg=f.name)
+        np.testing.assert_array_equal(export_predict.prepare(data, 32, "pad")[0], ref, err_msg=f.name)
     # the DCT scale was exercised, at more than one scale, for colour, gray and progressive JPEGs
     assert {r for _, r in reduced} >= {2, 4} and {n for n, _ in reduced} >= {
         "big-colour.jpg", "big-gray.jpg", "big-tall.jpg", "big-progressive.jpg"}, reduced
@@ -550,9 +563,9 @@ def test_predict_script_resizes_as_osteo_does_on_a_grid_of_shapes(tmp_path):
             for size in (1, *SIZES):
                 for resize in MODES:
                     what = f"{h}x{w} {f} at {size} {resize}"
-                    np.testing.assert_array_equal(export_predict.load_levels(data, size, resize),
+                    np.testing.assert_array_equal(export_predict.load_levels(data, size, resize)[0],
                                                   load_levels(data, size, resize)[0], err_msg=what)
-                    np.testing.assert_array_equal(export_predict.prepare(data, size, resize),
+                    np.testing.assert_array_equal(export_predict.prepare(data, size, resize)[0],
                                                   _osteo_input(data, size, resize), err_msg=what)
 
 

@@ -70,6 +70,7 @@ from osteo.export_predict import (
     preambled_dicom,
     said,
 )
+from osteo.export_predict import one_value as _one_value
 from osteo.export_predict import read_dicom as _read_dicom
 
 SIGNATURES = (
@@ -137,13 +138,7 @@ class Gray:
     def one_value(self) -> bool:
         """Whether every pixel holds one value (a failed export, a placeholder): an image stretched
         from its minimum to its maximum (16-bit, float) whose range is empty decodes to black."""
-        if self.kind == "stretch":
-            return self.lo == self.hi
-        px = self.pixels
-        first = px.flat[0]
-        if (px[px.shape[0] // 2] != first).any():  # a radiograph's middle row: no full pass
-            return False
-        return not (px != first).any()
+        return _one_value(self.pixels, self.kind, self.lo, self.hi)
 
     def as_float(self, block: np.ndarray) -> np.ndarray:
         """float32 values in [0, 255] of ``block``, a part of :attr:`pixels`."""
