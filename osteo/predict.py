@@ -141,11 +141,14 @@ def _op_column(name: str) -> str:
 
 # the reason column of a row whose image is blank: predicted all the same, as the audit trains on such images
 BLANK = "blank: every pixel one gray level, no picture of a knee (a failed export, a placeholder?)"
+# ... and of a row whose image has transparent pixels: read by their colour, as training reads them
+TRANSPARENT = "transparent: some pixels less than opaque, read by their colour with the transparency dropped"
 
 
 def load_images(paths: list[Path], size: int, resize: str) -> tuple[list[np.ndarray | None], list[str]]:
     """Each file decoded and resized as training does it, or None with the reason why not; a blank
-    image is decoded all the same, its reason :data:`BLANK`."""
+    image is decoded all the same, its reason :data:`BLANK` (one with transparent pixels:
+    :data:`TRANSPARENT`)."""
     from osteo.data.decode import DecodeError, read_file, unexpected_failure
     from osteo.data.pipeline import SCALE, load_levels
 
@@ -161,7 +164,7 @@ def load_images(paths: list[Path], size: int, resize: str) -> tuple[list[np.ndar
                            if isinstance(e, MemoryError) else unexpected_failure(e))
             continue
         images.append(levels.astype(np.float32) / np.float32(SCALE))
-        reasons.append(BLANK if gray.one_value() else "")
+        reasons.append(BLANK if gray.one_value() else TRANSPARENT if gray.info.transparent else "")
     return images, reasons
 
 
@@ -419,6 +422,11 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
     if blank:
         log.warning("%d image(s) are blank, every pixel one gray level: %s; their predictions say nothing of a knee "
                     "(reason=blank in %s): check the files", len(blank), some_of(blank, 3), out)
+    clear = [r["path"] for r in ok if r["reason"] == TRANSPARENT]
+    if clear:
+        log.warning("%d image(s) have transparent pixels: %s; each is read by its colours with the transparency "
+                    "dropped, as training reads it, which may not be what a viewer shows (reason=transparent in %s)",
+                    len(clear), some_of(clear, 3), out)
     return Predictions(Path(out), len(rows), bad)
 
 

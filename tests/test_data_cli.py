@@ -95,3 +95,42 @@ def test_blank_images_of_any_depth_are_one_warning_line_and_listed_in_audit_json
         'of its class: check them, or move them out (audit.json lists them under "blank")']
     info = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert info["blank"] == ["normal/grey.png", "osteopenia/grey16.png", "osteoporosis/grey.dcm"]
+
+
+def test_images_with_transparent_pixels_are_one_warning_line_and_listed_in_audit_json(tmp_path):
+    """Transparency (an alpha channel, a palette entry, a colour key) is dropped and the pixels read by
+    their colour, as Keras' loaders read them; where some pixel is not opaque, a viewer may show
+    something else: said, and listed. An alpha channel that is opaque everywhere, or a transparent
+    palette entry no pixel uses, is not transparency."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    assert main(["data", "phantom", str(tmp_path / "ph"), "--n", "6", "--size", "32"]) == 0
+    ph = tmp_path / "ph"
+
+    def ramp(k: int) -> np.ndarray:  # a picture of its own (no duplicate of another)
+        return (np.add.outer(np.arange(40) * k, np.arange(40)) % 256).astype("uint8")
+
+    rgba = np.dstack([ramp(1), ramp(1), ramp(1), np.full((40, 40), 255, "uint8")])
+    Image.fromarray(rgba).save(ph / "osteopenia" / "opaque.png")
+    rgba = np.dstack([ramp(2), ramp(2), ramp(2), np.full((40, 40), 255, "uint8")])
+    rgba[:5, :5, 3] = 0  # a corner cut out
+    Image.fromarray(rgba).save(ph / "normal" / "cut.png")
+    Image.fromarray(np.dstack([ramp(3), np.full((40, 40), 128, "uint8")]), "LA").save(ph / "normal" / "gray-alpha.png")
+    palette = Image.fromarray(ramp(4) // 16).convert("P")  # 16 levels
+    palette.save(ph / "osteoporosis" / "used.png", transparency=int(np.asarray(palette)[0, 0]))
+    Image.fromarray(ramp(5) // 16).convert("P").save(ph / "osteoporosis" / "unused.png", transparency=255)
+    key = np.dstack([ramp(6)] * 3)
+    Image.fromarray(key).save(ph / "osteopenia" / "key.png", transparency=tuple(int(v) for v in key[0, 0]))
+    (line,) = _audit_said(ph, tmp_path)
+    assert line == (
+        "osteo: warning: 4 image(s) have transparent pixels: normal/cut.png, normal/gray-alpha.png, osteopenia/key.png "
+        "and 1 more; each is read by its colours with the transparency dropped, as Keras' loaders read it, which may "
+        "not be what a viewer shows: flatten them onto the background you mean (e.g. convert IN -background black "
+        '-alpha remove OUT.png), or check them (audit.json lists them under "transparent")')
+    info = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert info["transparent"] == ["normal/cut.png", "normal/gray-alpha.png", "osteopenia/key.png",
+                                   "osteoporosis/used.png"]
+    assert not info["unreadable"] and not info["blank"]

@@ -246,14 +246,15 @@ def test_a_decoder_failure_no_one_expected_is_that_files_reason_not_the_end_of_p
     assert reasons == ["", "decode failed: ValueError: UID is not a transfer syntax."]
 
 
-def test_a_blank_image_is_predicted_and_its_row_and_one_warning_say_so(run, phantom_dir, tmp_path):
+def test_a_blank_or_transparent_image_is_predicted_and_its_row_and_one_warning_say_so(run, phantom_dir, tmp_path):
     """An image whose every pixel holds one gray level (8-bit, or 16-bit, which decodes to black)
     gets its prediction all the same, as the audit trains on it, but its row's reason says it is
     blank and one warning line names it; a radiograph, and an image one pixel off its level (off
-    the middle row the check starts with), are not blank."""
+    the middle row the check starts with), are not blank. An image with transparent pixels,
+    read by its colour as training reads it, is said likewise."""
     from PIL import Image
 
-    from osteo.predict import BLANK
+    from osteo.predict import BLANK, TRANSPARENT
 
     folder = tmp_path / "clinic"
     folder.mkdir()
@@ -264,13 +265,19 @@ def test_a_blank_image_is_predicted_and_its_row_and_one_warning_say_so(run, phan
     one_off = np.full((48, 40), 200, np.uint8)
     one_off[3, 5] = 201
     Image.fromarray(one_off).save(folder / "one_off.png")
+    cut = np.dstack([np.asarray(Image.open(knee).convert("L").resize((40, 48)))] * 3 + [np.full((48, 40), 255, np.uint8)])
+    cut[:4, :4, 3] = 0
+    Image.fromarray(cut).save(folder / "cut.png")
     out = tmp_path / "p.csv"
     with osteo_warnings() as said:
         assert main(["predict", str(run), str(folder), "--out", str(out)]) == 0
     rows = {Path(r["path"]).name: r for r in _rows(out)}
     assert all(r["status"] == "ok" and r["pred"] in CLASSES for r in rows.values())
     assert {name for name, r in rows.items() if r["reason"] == BLANK} == {"flat8.png", "flat16.png"}
+    assert rows["cut.png"]["reason"] == TRANSPARENT
     assert all(rows[name]["reason"] == "" for name in (knee.name, "one_off.png"))
-    (line,) = [w for w in said if "blank" in w]
+    (line,) = [w for w in said if "are blank" in w]  # (the test's own folder is named blank too)
     assert line.startswith("2 image(s) are blank") and "flat8.png" in line and "flat16.png" in line
     assert "one_off.png" not in line
+    (line,) = [w for w in said if "have transparent" in w]
+    assert line.startswith("1 image(s) have transparent pixels") and "cut.png" in line

@@ -8,7 +8,10 @@ The bytes decide the format (``sniff_format``), never the file name. Supported:
   (converted to luminance). Colour converts to gray one way everywhere (the audit,
   the image cache, ``osteo predict``, the report all decode here): a colour JPEG
   gives its luminance channel (Y, libjpeg's own gray output), anything else Pillow's
-  ``convert("L")`` (ITU-R 601-2 weights, rounded to 8 bits). An EXIF orientation is
+  ``convert("L")`` (ITU-R 601-2 weights, rounded to 8 bits); transparency (alpha, a
+  palette's or colour key's) is dropped, the pixels read by their colour, as Keras' loaders
+  read them (``info.transparent`` says where some pixel was not opaque; the audit warns).
+  An EXIF orientation is
   applied, as image viewers do (:func:`upright`); ``info`` gives the size as shown.
 - JPEGs can be decoded at a reduced DCT scale (1/2, 1/4, 1/8: libjpeg reduces while
   it decodes, anti-aliased and several times faster): ``decode_gray(data, scale)``,
@@ -119,6 +122,9 @@ class ImageInfo:
     bit_depth: int
     frames: int = 1
     patient_id: str = ""  # a DICOM file's PatientID (0010,0020), stripped; "" when it has none
+    # some pixel less than opaque (an alpha channel, a palette's or a colour key's transparency): the
+    # pixels are its colour all the same, alpha dropped, as Keras' loaders read it (the audit says so)
+    transparent: bool = False
 
 
 @dataclass
@@ -442,6 +448,7 @@ def _decode_pillow(data: bytes, fmt: str, scale: Callable[[int, int], int] | Non
             width, height = height, width
         mode = img.mode
         lo = hi = 0.0
+        transparent = _transparent(img)
         if mode.startswith("I;16") or mode == "I":
             # stretched from the image's own minimum to its maximum, as DICOM is: 12-bit data in a
             # 16-bit file (0-4095) decoded to 0-16 of 255 at 1/257, near black; a 32-bit TIFF clipped
@@ -463,7 +470,18 @@ def _decode_pillow(data: bytes, fmt: str, scale: Callable[[int, int], int] | Non
         raise DecodeError(f"{fmt} decode failed: {said(e)}") from None
     if pixels.ndim != 2 or pixels.size == 0:
         raise DecodeError(f"{fmt} decode failed: unexpected shape {pixels.shape}")
-    return Gray(pixels, ImageInfo(fmt, width, height, bit_depth, frames), kind, lo, hi, dct)
+    return Gray(pixels, ImageInfo(fmt, width, height, bit_depth, frames, transparent=transparent), kind, lo, hi, dct)
+
+
+def _transparent(img) -> bool:
+    """Whether some pixel of a Pillow image is less than opaque: an alpha channel below 255
+    somewhere, or a palette entry or colour key (PNG's tRNS) marked transparent that is used.
+    Images without either are not converted (the common case costs nothing)."""
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return img.getchannel("A").getextrema()[0] < 255
+    if "transparency" not in img.info or img.mode not in ("P", "L", "RGB", "1"):
+        return False
+    return img.convert("RGBA").getchannel("A").getextrema()[0] < 255
 
 
 def upright(img):

@@ -204,6 +204,7 @@ class Record:
     conflict: bool = False
     patient_id: str = ""  # a DICOM file's PatientID; "" for other formats and DICOM files without one
     blank: bool = False  # every decoded pixel holds one value: no picture (audit.json's "blank", a warning)
+    transparent: bool = False  # some pixel less than opaque, read by its colour (audit.json's "transparent")
     features: tuple | None = field(default=None, repr=False, compare=False)
     # the stat key (see "Remembered records") under which this record may be remembered, or None
     stat_key: tuple | None = field(default=None, repr=False, compare=False)
@@ -252,6 +253,7 @@ class Audit:
             "ignored_folders": list(self.ignored_folders),
             "patients": patient_summary(self.ok()),
             "blank": [r.path for r in self.ok() if r.blank],
+            "transparent": [r.path for r in self.ok() if r.transparent],
             "warnings": list(self.warnings),
         }
 
@@ -619,6 +621,7 @@ def _inspect(root: Path, rel: str, label: str, budget: MemoryBudget, cache=None)
                 info = gray.info
                 rec.format, rec.width, rec.height = info.format, info.width, info.height
                 rec.bit_depth, rec.frames, rec.patient_id = info.bit_depth, info.frames, info.patient_id
+                rec.transparent = info.transparent
                 rec.pixel_sha256, rec.features = _hash_and_features(gray)
                 rec.blank = gray.one_value()
                 if cache is not None:  # the same decode feeds the image cache: each file is decoded once
@@ -645,7 +648,7 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
 
 # the fields of a record a memo keeps (path and label come from the listing)
 _MEMO_FIELDS = ("status", "reason", "format", "width", "height", "bit_depth", "frames", "bytes", "sha256",
-                "pixel_sha256", "patient_id", "blank")
+                "pixel_sha256", "patient_id", "blank", "transparent")
 
 
 class _Memo:
@@ -1075,7 +1078,8 @@ def audit(data_dir: str | os.PathLike, progress: Callable[[int, int], None] | No
     ok = [r for r in records if r.status == "ok"]
     return Audit(str(root), records, listing.ignored, groups, listing.links, listing.folders,
                  _warn(_folder_warnings(root, listing.folders) + _format_warnings(listing.ignored)
-                       + _patient_warnings(ok) + _size_warnings(ok) + _frame_warnings(ok) + _blank_warnings(ok)))
+                       + _patient_warnings(ok) + _size_warnings(ok) + _frame_warnings(ok) + _blank_warnings(ok)
+                       + _transparent_warnings(ok)))
 
 
 def near_copies(ours: list[Record], theirs: list[Record]) -> list[bool]:
@@ -1152,6 +1156,18 @@ def _blank_warnings(ok: list[Record]) -> list[str]:
     return [f"{len(blank)} image(s) are blank, every pixel one gray level (a failed export, a placeholder?): "
             f"{some_of(blank, 3)}; each is trained on all the same and teaches nothing of its class: check them, "
             "or move them out (audit.json lists them under \"blank\")"]
+
+
+def _transparent_warnings(ok: list[Record]) -> list[str]:
+    """Transparency is dropped, each pixel read by its colour as Keras' loaders read it; a viewer
+    shows such pixels over its background, which may not be what was trained on: said."""
+    clear = [r.path for r in ok if r.transparent]
+    if not clear:
+        return []
+    return [f"{len(clear)} image(s) have transparent pixels: {some_of(clear, 3)}; each is read by its colours with "
+            "the transparency dropped, as Keras' loaders read it, which may not be what a viewer shows: flatten them "
+            "onto the background you mean (e.g. convert IN -background black -alpha remove OUT.png), or check them "
+            "(audit.json lists them under \"transparent\")"]
 
 
 def _frame_warnings(ok: list[Record]) -> list[str]:
