@@ -20,6 +20,7 @@ import numpy as np
 from osteo import killpoints
 from osteo.device import peak_memory_mb
 from osteo.files import atomic_path, csv_float, save_weights, sha256_file, write_bytes, write_csv
+from osteo.h5files import scaling_attrs
 from osteo.runs import STATE_FILE
 
 HISTORY_METRICS = ("loss", "accuracy", "balanced_accuracy", "macro_f1")
@@ -130,7 +131,7 @@ class BestCheckpoint(Monitored):
                 if optimizer is not None:
                     model.optimizer = None
                 with atomic_path(self.path, suffix=".weights.h5") as tmp:
-                    save_weights(model, tmp)
+                    save_weights(model, tmp, scaling_attrs(model))  # a run started from it scales alike
             finally:
                 if optimizer is not None:
                     model.optimizer = optimizer

@@ -108,12 +108,21 @@ class EngineInfo:
     def preprocessing(self, spec: BackboneSpec, weights: str | None = None) -> str:
         """The input scaling this engine gives ``spec``'s backbone when the recipe says ``auto``.
 
-        Weights from a Keras weights file of Keras' layers (ported into timm's module: the spec's
-        ``keras_port``) are scaled as those layers were trained, ``spec.preprocessing`` (VGG's
-        ``caffe``), unless the layers scale their own input (``none``: ConvNeXt's ImageNet mean and
-        std, which the timm layer's own scaling is; checked when the file is read)."""
-        if self.own_preprocessing and spec.keras_port and spec.preprocessing != "none" and keras_weights_file(weights):
-            return spec.preprocessing
+        Weights are scaled as they were trained. A weights file osteo wrote (a run's checkpoint,
+        an export's ``.keras``) says how (:func:`osteo.h5files.recorded_scaling`): a run started
+        from a run that was itself started from a Keras file (VGG's ``caffe`` on the timm engine)
+        keeps ``caffe``. A Keras weights file of Keras' layers ported into timm's module (the
+        spec's ``keras_port``) is otherwise scaled as those layers were trained,
+        ``spec.preprocessing``, unless the layers scale their own input (``none``: ConvNeXt's
+        ImageNet mean and std, which the timm layer's own scaling is; checked when the file is
+        read). Anything else: the engine's own scaling, or the spec's."""
+        from osteo.h5files import recorded_scaling
+
+        recorded = recorded_scaling(weights) if weights else None
+        if self.own_preprocessing and spec.keras_port and keras_weights_file(weights):  # ported into timm's module
+            return self.own_preprocessing if spec.preprocessing == "none" else recorded or spec.preprocessing
+        if recorded and not any(e is not self and e.own_preprocessing == recorded for e in ENGINES.values()):
+            return recorded
         return self.own_preprocessing or spec.preprocessing
 
     def check_preprocessing(self, mode: str) -> None:

@@ -73,7 +73,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             tmp_path.unlink()
 
 
-def save_weights(model, path: str | os.PathLike) -> None:
+def save_weights(model, path: str | os.PathLike, attrs: Mapping[str, str] | None = None) -> None:
     """``model.save_weights(path)`` that leaves no HDF5 file open when it fails.
 
     Keras closes its HDF5 store only on success: after an error mid-write (a full disk) the
@@ -88,6 +88,11 @@ def save_weights(model, path: str | os.PathLike) -> None:
     check_room(path, weights_file_bytes(model))
     try:
         model.save_weights(path)
+        if attrs:
+            import h5py
+
+            with h5py.File(path, "a") as f:
+                f.attrs.update(attrs)
     except BaseException:
         _close_hdf5(path)
         raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import shutil
 import tempfile
@@ -74,6 +75,87 @@ def _holds_torch_state(path: str, size: int, mtime_ns: int) -> bool:
             return torch_state_group(f, ValueError) is not None
     except Exception:
         return False
+
+
+# the HDF5 attribute in which osteo's weights files say the input scaling their backbone was trained under
+SCALING_ATTR = "osteo_preprocessing"
+
+
+def scaling_attrs(model) -> dict[str, str]:
+    """The attributes with which a checkpoint of osteo's classifier ``model`` says the input scaling
+    its backbone is trained under (:func:`input_scaling`), for ``osteo.files.save_weights``: a new
+    run started from the file scales its input alike (:func:`recorded_scaling`)."""
+    mode = input_scaling(model)
+    return {SCALING_ATTR: mode} if mode else {}
+
+
+def input_scaling(model) -> str | None:
+    """The input scaling osteo's classifier ``model`` gives its backbone: its ``preprocess`` layer's
+    mode (``osteo.classifier.Preprocess``), ``timm`` where the timm layer scales its own input,
+    None for a model of neither."""
+    layers = getattr(model, "layers", [])
+    for layer in layers:
+        if layer.name == "preprocess" and isinstance(getattr(layer, "mode", None), str):
+            return layer.mode
+    if any(getattr(layer, "normalize", False) and hasattr(layer, "timm_name") for layer in layers):
+        return "timm"
+    return None
+
+
+def recorded_scaling(path: str | os.PathLike | None) -> str | None:
+    """The input scaling the weights in the file at ``path`` were trained under, where osteo wrote
+    it down: the file's own attribute (osteo's checkpoints), a ``.keras`` archive's model config
+    (its ``Preprocess`` layer, or a timm layer that scales its own input: ``timm``), or, for a run's
+    ``best.weights.h5`` written before checkpoints said it, its run's ``recipe.json``. None for
+    any other file (keras.applications' downloads, timm's), or one that cannot be read."""
+    try:
+        st = os.stat(path) if path else None
+    except (OSError, ValueError):
+        return None
+    if st is None:
+        return None
+    mode = _recorded_scaling(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    recipe = Path(path).with_name("recipe.json")
+    if mode is None and Path(path).name == "best.weights.h5" and recipe.is_file():
+        try:
+            mode = json.loads(recipe.read_text(encoding="utf-8")).get("model", {}).get("preprocessing")
+        except Exception:  # not a run's recipe
+            return None
+        return mode if isinstance(mode, str) and mode != "auto" else None
+    return mode
+
+
+@functools.lru_cache(maxsize=16)
+def _recorded_scaling(path: str, size: int, mtime_ns: int) -> str | None:
+    try:
+        archive = keras_archive(path)
+        if archive is not None:
+            with archive:
+                return _scaling_in_config(json.loads(archive.read("config.json")))
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            mode = f.attrs.get(SCALING_ATTR)
+        return None if mode is None else mode.decode() if isinstance(mode, bytes) else str(mode)
+    except Exception:  # not osteo's, or unreadable: what reads the weights says why
+        return None
+
+
+def _scaling_in_config(config) -> str | None:
+    """The input scaling a saved Keras model's config gives its backbone (see :func:`recorded_scaling`)."""
+    stack, timm = [config], None
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            inner = node.get("config")
+            if node.get("class_name") == "Preprocess" and isinstance(inner, dict) and isinstance(inner.get("mode"), str):
+                return inner["mode"]
+            if node.get("class_name") == "TimmLayer" and isinstance(inner, dict) and inner.get("normalize"):
+                timm = "timm"
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return timm
 
 
 def keras_archive(path: str | os.PathLike):

@@ -60,6 +60,7 @@ from osteo.files import (
     sweep_temporaries,
     write_bytes,
 )
+from osteo.h5files import scaling_attrs
 from osteo.optim import make_optimizer
 from osteo.recipe import BOOTSTRAP_SEED, AugmentConfig, Recipe, resolve
 from osteo.registry import get_backbone
@@ -264,7 +265,8 @@ class Trainer:
             from osteo.predict import load_legacy_best
 
             with atomic_path(run.best_path, suffix=".weights.h5") as tmp:
-                save_weights(load_legacy_best(run), tmp)
+                legacy = load_legacy_best(run)
+                save_weights(legacy, tmp, scaling_attrs(legacy))
         if not self.resume or run.read_recipe_dict() != r.to_dict():
             run.write_recipe(r)  # what is trained: a resumed run may have been given more epochs
         run.write_audit(self.dm.audit.to_json())

@@ -79,6 +79,29 @@ def test_local_weights_file_loads_with_equal_outputs(name, tmp_path):
     assert b.output_shape[-1] == spec.feature_size
 
 
+def test_a_checkpoint_starts_a_new_run_on_keras_layers_scaled_as_it_was_trained(tmp_path):
+    """A run's checkpoint says its input scaling (a run trained with model.preprocessing=torch on a
+    backbone whose own is tf): a new run started from it on Keras' layers scales alike, and the model
+    it builds loads the file; a file osteo did not write keeps the backbone's own scaling."""
+    from osteo.classifier import Classifier
+    from osteo.files import save_weights
+    from osteo.h5files import input_scaling, scaling_attrs
+    from osteo.recipe import Recipe, resolve
+
+    trained = Classifier("tiny", image_size=32, weights="none", impl="keras", preprocessing="torch")
+    model = trained.build()
+    save_weights(model, tmp_path / "best.weights.h5", scaling_attrs(model))
+    r = Recipe()
+    r.model.backbone, r.model.weights = "tiny", str(tmp_path / "best.weights.h5")
+    m = resolve(r).model
+    assert (m.impl, m.preprocessing) == ("keras", "torch") and get_backbone("tiny").preprocessing == "tf"
+    assert input_scaling(Classifier("tiny", image_size=32, weights=m.weights, impl=m.impl,
+                                    preprocessing=m.preprocessing).build()) == "torch"
+    _keras(get_backbone("tiny"), "none").save_weights(tmp_path / "plain.weights.h5")
+    r.model.weights = str(tmp_path / "plain.weights.h5")
+    assert resolve(r).model.preprocessing == "tf"
+
+
 def test_weights_file_of_another_backbone_is_a_clear_error(tmp_path):
     path = tmp_path / "tiny.weights.h5"
     _keras(get_backbone("tiny"), "none").save_weights(path)

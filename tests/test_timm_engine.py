@@ -354,6 +354,51 @@ def test_a_keras_weights_file_loads_into_timms_module_and_computes_what_keras_la
     assert np.abs(np.diff(want, axis=0)).max() > 1e-2 * np.abs(want).max()  # the images give different maps
 
 
+def test_a_weights_file_osteo_wrote_starts_a_new_run_scaled_as_its_weights_were_trained(tmp_path):
+    """A run's checkpoint (or export) says the input scaling its backbone was trained under, and a
+    new run started from it scales its input alike: a VGG16 run started from a Keras file trained
+    under caffe on the timm engine, so a run started from its checkpoint does too (it was given
+    timm's own scaling, about 1/60 of caffe's range). A run's best.weights.h5 from before the
+    checkpoints said it is read from its run's recipe.json; a file osteo did not write keeps
+    the engine's own scaling."""
+    from osteo.backbones.base import create
+    from osteo.files import save_weights
+    from osteo.h5files import input_scaling, recorded_scaling, scaling_attrs
+    from osteo.recipe import Recipe, resolve
+    from osteo.registry import get_backbone
+
+    def resolved(weights) -> tuple[str, str]:
+        r = Recipe()
+        r.model.backbone, r.model.weights = name, str(weights)
+        m = resolve(r).model
+        return m.impl, m.preprocessing
+
+    name = "vgg16"
+    keras_file = tmp_path / "vgg16.weights.h5"
+    create(get_backbone(name), "keras", image_size=32, weights="none").build().save_weights(keras_file)
+    assert resolved(keras_file) == ("timm", "caffe")
+    first = Classifier(name, image_size=32, weights=str(keras_file), preprocessing="caffe").build()
+    (tmp_path / "run").mkdir()
+    save_weights(first, tmp_path / "run" / "best.weights.h5", scaling_attrs(first))
+    assert recorded_scaling(tmp_path / "run" / "best.weights.h5") == "caffe"
+    assert resolved(tmp_path / "run" / "best.weights.h5") == ("timm", "caffe")
+    first.save(tmp_path / "model.keras")  # an export's .keras: its model config says it
+    assert resolved(tmp_path / "model.keras") == ("timm", "caffe")
+    # each mode the timm engine takes, the tiny backbone's own included; a file from before: its recipe.json
+    name = "tiny"
+    for mode in ("timm", "caffe", "torch"):
+        model = Classifier(name, image_size=32, weights="none", impl="timm", preprocessing=mode).build()
+        assert input_scaling(model) == mode
+        save_weights(model, tmp_path / f"{mode}.weights.h5", scaling_attrs(model))
+        assert resolved(tmp_path / f"{mode}.weights.h5") == ("timm", mode)
+        old = tmp_path / f"old-{mode}" / "best.weights.h5"
+        old.parent.mkdir()
+        model.save_weights(old)  # no attribute: as checkpoints were written before
+        assert recorded_scaling(old) is None and resolved(old) == ("timm", "timm")
+        (old.parent / "recipe.json").write_text(json.dumps({"model": {"backbone": name, "preprocessing": mode}}))
+        assert resolved(old) == ("timm", mode)
+
+
 def test_a_keras_weights_file_of_another_backbone_is_one_line_on_the_timm_engine(tmp_path):
     """The file is read as Keras' layers read it: another architecture's is refused, before any
     timm tensor is touched; a backbone whose timm module is another architecture (ResNet50: timm's
@@ -562,6 +607,12 @@ def test_a_run_on_the_timm_engine_checkpoints_weights_and_reloads_without_unpick
     assert env["impl"] == "timm" and env["device"]["why"]["impl"] and env["peak_rss_mb"] > 0
     assert all(float(h["peak_rss_mb"]) > 0 for h in run.read_history())
     assert run.best_path.name == "best.weights.h5"
+    import h5py
+
+    from osteo.h5files import SCALING_ATTR
+
+    with h5py.File(run.best_path, "r") as f:  # the scaling it trained under, for a run started from it
+        assert f.attrs[SCALING_ATTR] == "timm"
     config = Classifier("tiny", image_size=32, weights="none", impl="timm").build().get_config()
     timm_layers = [layer["config"] for layer in config["layers"] if layer["class_name"] == "TimmLayer"]
     assert len(timm_layers) == 1 and "module" not in timm_layers[0]  # rebuilt from its name, never pickled

@@ -59,6 +59,13 @@ def test_two_phase_run_writes_a_complete_run_directory(phantom_dir, tmp_path, ti
     assert env["precision"] == "float32"  # tiny is not measured faster in bfloat16
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix"} <= set(metrics["val"])
+    # the checkpoint says the input scaling it was trained under: a run started from it scales alike
+    import h5py
+
+    from osteo.h5files import SCALING_ATTR
+
+    with h5py.File(run / "best.weights.h5", "r") as f:
+        assert f.attrs[SCALING_ATTR] == json.loads((run / "recipe.json").read_text())["model"]["preprocessing"] == "tf"
     # a second run never shares the first one's directory or checkpoint
     run2 = Trainer(tiny_recipe(phantom_dir, tmp_path, epochs=1)).run()
     assert run2 != run and (run2 / "best.weights.h5").exists()
