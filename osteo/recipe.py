@@ -25,6 +25,7 @@ import dataclasses
 import importlib.util
 import inspect
 import math
+import os
 import re
 import sys
 import traceback
@@ -605,11 +606,13 @@ def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False, 
     if r.data.image_size == 0:
         r.data.image_size = spec.default_size
     trained = saved if trained is None else trained
+    if not trained and isinstance(r.data.dir, str) and r.data.dir:  # the run's record names its folder from anywhere
+        r.data.dir = os.path.abspath(r.data.dir)
     _check_values(r, saved=trained)
     if backend is None and "keras" in sys.modules and not saved:  # loaded: its backend is the one that will run
         backend = sys.modules["keras"].backend.backend()
-    if backend is not None and not saved:
-        m.impl, _ = choose_impl(m.impl, spec, backend, m.weights)
+    if backend is not None and not saved:  # (a resumed run's engine was chosen when it began: not by its file)
+        m.impl, _ = choose_impl(m.impl, spec, backend, None if trained else m.weights)
     if saved and m.impl not in ENGINES:  # a run's recipe names the engine it was trained with
         raise OsteoError(f"model.impl {m.impl!r} names no engine (a run's recipe names one of: "
                          f"{', '.join(ENGINES)})")
@@ -643,7 +646,18 @@ def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False, 
     if saved:  # the file was read when training began: only what the value names is checked
         imagenet = str(m.weights).lower() == "imagenet"
     else:
-        imagenet = parse_weights(m.weights)[0] == "imagenet"
+        try:
+            kind, path = parse_weights(m.weights)
+        except OsteoError as e:
+            if not trained or "not found" not in str(e):
+                raise
+            where = "" if Path(m.weights).is_absolute() else " (a path relative to the folder the run was started in)"
+            raise OsteoError(f"this run started from weights file {m.weights}{where}, which is not there now; a resumed "
+                             "run rebuilds its model from it before taking up its saved state: put the file back "
+                             "there, or start a new run") from None
+        imagenet = kind == "imagenet"
+        if kind == "file":  # the run's record names the file wherever it is resumed from
+            m.weights = os.path.abspath(path)
     if imagenet and spec.test_only:
         raise OsteoError(f"{spec.name} has no ImageNet weights; use --weights none (make: WEIGHTS=none)")
     return r

@@ -191,6 +191,10 @@ def resume_recipe(spec: str, model: str | None, options: TrainOptions,
              "--batch": (o.batch, d.batch_size), "--seed": (o.seed, t.seed),
              "--deterministic": (o.deterministic or None, t.deterministic), "--group-by": (o.group_by, d.group_by),
              "--group-regex": (o.group_regex, d.group_regex), "--groups": (o.groups, d.groups_csv)}
+    if o.weights is not None and str(o.weights).lower() not in ("none", "imagenet", ""):  # paths: the same file
+        asked["--weights"] = (os.path.abspath(o.weights), os.path.abspath(recipe.model.weights))
+    if o.data is not None:
+        asked["--data"] = (os.path.abspath(o.data), os.path.abspath(d.dir))
     for option, (given, saved) in asked.items():
         if given is not None and given != saved:
             raise OsteoError(f"{option} cannot change when resuming {run.path} (it trained with {saved}); "

@@ -184,7 +184,8 @@ class Trainer:
         return split
 
     def _resolve_recipe(self) -> None:
-        self.recipe = resolve(self.recipe, backend=keras.backend.backend())  # fills model.impl
+        # fills model.impl; a resumed run is held to what it was trained under
+        self.recipe = resolve(self.recipe, backend=keras.backend.backend(), trained=bool(self.resume))
         tracking.check(self.recipe)  # a tracker asked for but not installed fails before any work
 
     def _plan_and_build(self) -> None:

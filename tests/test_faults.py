@@ -297,6 +297,43 @@ def test_resume_applies_more_epochs_and_refuses_other_changes(unfinished_run, ca
     assert unfinished_run.read_recipe().train.epochs == 3 and unfinished_run.is_finished()
 
 
+def test_a_run_begun_with_relative_paths_resumes_from_another_folder_and_a_gone_weights_file_is_named(
+        phantom_dir, tmp_path, tiny_recipe, capsys, monkeypatch):
+    """A run's recipe names its data folder and weights file as absolute paths, so `--resume` works
+    from any folder (they were kept as typed, and a resume from elsewhere found neither), also with
+    the same relative options given again; a weights file gone since is named as the run's own
+    starting weights, with what to do, in one line."""
+    from osteo.backbones.base import create
+    from osteo.registry import get_backbone
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "knees").symlink_to(phantom_dir)
+    (tmp_path / "w").mkdir()
+    create(get_backbone("tiny"), "keras", image_size=32, weights="none").build().save_weights("w/start.weights.h5")
+    r = tiny_recipe("knees", "runs", epochs=2, bootstrap=50)
+    r.model.weights = "w/start.weights.h5"
+    trainer = Trainer(r).setup()
+    trainer.fit_phase(trainer.phases[0])  # its first epoch committed, then killed
+    trainer._held.close()
+    run = RunDir(tmp_path / trainer.run_dir.path)  # (runs_dir as typed: relative)
+    saved = run.read_recipe_dict()
+    assert (saved["data"]["dir"], saved["model"]["weights"]) == (str(tmp_path / "knees"),
+                                                                 str(tmp_path / "w" / "start.weights.h5"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (tmp_path / "w" / "start.weights.h5").rename(tmp_path / "w" / "moved.weights.h5")
+    assert main(["train", "--resume", "latest", "--runs", "../runs"]) == 2
+    assert one_line(capsys) == (
+        f"osteo: error: this run started from weights file {tmp_path / 'w' / 'start.weights.h5'}, which is not "
+        "there now; a resumed run rebuilds its model from it before taking up its saved state: put the file back "
+        "there, or start a new run")
+    assert not run.is_finished()
+    (tmp_path / "w" / "moved.weights.h5").rename(tmp_path / "w" / "start.weights.h5")
+    assert main(["train", "--resume", "latest", "--runs", "../runs", "--data", "../knees",
+                 "--weights", "../w/start.weights.h5"]) == 0
+    assert run.is_finished() and [int(h["epoch"]) for h in run.read_history()] == [1, 2]
+
+
 def test_resume_refuses_a_split_image_whose_bytes_changed(phantom_dir, tmp_path, tiny_recipe, capsys, monkeypatch):
     from osteo.data import scan
 
