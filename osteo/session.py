@@ -12,6 +12,7 @@ import contextlib
 import copy
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -277,7 +278,6 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
     the newest unfinished one of the same recipe and settings; finished folds are kept and
     a killed fold resumes from its last committed epoch.
     """
-    from osteo.trainer import Trainer
 
     if cv and not folds and not CvDir(cv).is_cv():
         raise OsteoError(f"--cv {cv} is not a cross-validation (no cv.json there); start one with --folds K, "
@@ -293,6 +293,7 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
         parent.check_place(recipe.data.dir)
     if parent is None or not parent.is_cv():  # before its folder is made: no empty cross-validation left
         check_folds(recipe, k)
+    made = parent is None or not parent.path.exists()  # this command makes its folder
     if parent is None:
         parent = CvDir(new_run_dir(recipe.runs_dir, recipe.model.backbone).path)
     elif not cv:
@@ -305,8 +306,27 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
         if started:
             _check_same_recipe(parent.fold(started[0]), resolve(_fold_recipe(recipe, k, started[0]),
                                                                  backend=plan.backend), parent)
+    new = not parent.is_cv()
     parent.start(folds=k, seed=recipe.train.seed, recipe=recipe.name, model=recipe.model.backbone, settings=settings,
                  data=recipe.data.dir)
+    try:
+        _train_folds(parent, recipe, k, fold, plan, console, command)
+    except BaseException:
+        if new and not any(parent.fold(i).is_run() for i in range(1, k + 1)):
+            # its first fold stopped before an epoch ended (bad weights, Ctrl-C) and left nothing, as a
+            # single run leaves nothing: no cross-validation of no folds is left to be reported unfinished
+            parent.manifest_path.unlink(missing_ok=True)
+            if made:
+                shutil.rmtree(parent.path, ignore_errors=True)
+        raise
+    return parent
+
+
+def _train_folds(parent: CvDir, recipe: Recipe, k: int, fold: int | None, plan, console, command) -> None:
+    """Each fold of the cross-validation in ``parent`` (or fold ``fold`` alone): a finished one kept,
+    a killed one resumed, the others trained."""
+    from osteo.trainer import Trainer
+
     for i in [fold] if fold else range(1, k + 1):
         run = parent.fold(i)
         if run.is_finished():
@@ -319,7 +339,6 @@ def cross_validate(recipe: Recipe, plan: device.Plan, console, folds: int | None
             Trainer(resolve(run.read_recipe(), trained=True), console=console, resume=run, command=command, plan=plan).run()
         else:
             Trainer(r, console=console, command=command, plan=plan, at=run.path).run()
-    return parent
 
 
 def audited_rows(recipe: Recipe, also: Sequence[Recipe] = ()) -> list[dict]:

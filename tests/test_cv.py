@@ -204,6 +204,28 @@ def test_folds_the_data_cannot_fill_are_refused_before_anything_is_written(phant
     assert not runs.exists() or not any(runs.rglob("cv.json")), "a refused cross-validation left its folder"
 
 
+def test_a_cross_validation_whose_first_fold_fails_on_its_weights_leaves_nothing(phantom_dir, tmp_path, capsys):
+    """Weights of another backbone are refused when fold 1 builds its model, before an epoch ends: as
+    a single run leaves no folder then, the new cross-validation leaves none either (its cv.json
+    was left with no fold, reported unfinished by every report, and nothing to resume); a --cv
+    folder the user made stays, without a cv.json."""
+    from osteo.backbones.base import create
+    from osteo.registry import get_backbone
+
+    wrong = tmp_path / "vgg16.weights.h5"
+    create(get_backbone("vgg16"), "keras", image_size=32, weights="none").build().save_weights(wrong)
+    runs = tmp_path / "runs"
+    args = [a if a != "none" else str(wrong) for a in _cv_args(phantom_dir, runs, "--folds", "2")]
+    assert main(args) == 2
+    assert "does not match backbone tiny" in one_line(capsys)
+    assert not [p for p in runs.rglob("*") if p.name != "tiny"], sorted(runs.rglob("*"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert main([*args, "--cv", str(mine)]) == 2
+    assert "does not match backbone tiny" in one_line(capsys)
+    assert mine.is_dir() and not any(mine.iterdir())
+
+
 def test_a_cross_validation_takes_its_inner_validation_share_from_the_command_line(phantom_dir, tmp_path):
     """--folds 3 --set data.inner_val=0.5 was refused: 'needs data.folds >= 2', although --folds was given."""
     from osteo.errors import OsteoError
