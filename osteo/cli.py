@@ -641,7 +641,7 @@ def cmd_predict(args) -> int:
         done = predict_files(args.run, args.images, out, calibrated=not args.no_calibration, tta=args.tta,
                              gradcam_dir=args.gradcam, progress=lambda k, n: bar.update(task, completed=k, total=n))
     print(f"wrote {done.out}" + (f"; Grad-CAM overlays in {args.gradcam}" if args.gradcam else ""))
-    return 1 if done.unreadable else 0  # as an export's predict.py: a script sees that some files have no row's answer
+    return 1 if done.unreadable or done.unlisted else 0  # as an export's predict.py: a script sees that some files have no row's answer
 
 
 def _add_predict_parser(sub) -> None:

@@ -9,8 +9,8 @@ TensorFlow or PyTorch. It prints ``path,p_normal,p_osteopenia,p_osteoporosis`` a
 the calibrated probabilities that ``osteo predict RUN FILES`` gives for the same files
 (within 1e-4; the temperature is inside the ONNX model). Folders are read recursively, their
 images as osteo's audit chooses them (:func:`image_file`; the other files left out, said in one
-line on stderr). A file that cannot be read gets a line on stderr and no row; the exit status
-is then 1. A blank image (every pixel one gray level: a failed export, a placeholder) gets its
+line on stderr). A file that cannot be read, or a folder that cannot be listed, gets a line on
+stderr and no row; the exit status is then 1 (2 where no file was found at all). A blank image (every pixel one gray level: a failed export, a placeholder) gets its
 row, as in ``osteo predict``, and one line on stderr names such files.
 
 Each image becomes the model's input as ``osteo predict`` makes it
@@ -183,7 +183,22 @@ def bare_dicom(head: bytes) -> bool:
 
 def _check_pixels(width: int, height: int) -> None:
     if width * height > MAX_PIXELS:
-        raise Unreadable(f"{width} x {height} pixels exceeds the limit of {MAX_PIXELS:,}; downscale it")
+        raise Unreadable(too_many_pixels(width * height, f"{width} x {height}"))
+
+
+def too_many_pixels(pixels: int, shape: str = "", limit: int = MAX_PIXELS) -> str:
+    """Why an image of ``pixels`` pixels (``shape``: its width x height, where known) is not read.
+    osteo's own decoder says it in these words too (with its own ``limit``)."""
+    shape = f" ({shape})" if shape else ""
+    return f"{pixels:,} pixels{shape} exceeds osteo's limit of {limit:,} (MAX_PIXELS); downscale it"
+
+
+def bomb_pixels(e: Exception) -> int:
+    """The pixels of an image Pillow refused as a decompression bomb (its message names them)."""
+    from PIL import Image
+
+    m = re.search(r"\((\d+) pixels\)", str(e))
+    return int(m.group(1)) if m else 2 * (Image.MAX_IMAGE_PIXELS or MAX_PIXELS)
 
 
 def png_refusal(data: bytes) -> str | None:
@@ -213,7 +228,10 @@ def _decode_pillow(data: bytes, fmt: str, scale=None) -> Gray:
     try:
         with warnings.catch_warnings():  # Pillow's decompression-bomb warnings: our limit is lower
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
+            try:
+                img = Image.open(io.BytesIO(data))
+            except Image.DecompressionBombError as e:  # past twice Pillow's own limit: ours is far lower
+                raise Unreadable(too_many_pixels(bomb_pixels(e))) from None
         width, height = img.size
         _check_pixels(width, height)
         if fmt == "jpeg":
@@ -596,13 +614,13 @@ def walk_images(top: Path, unlistable=None, not_followed=None) -> tuple[list[Pat
     return images, left_out
 
 
-def _expand(paths: list[str]) -> tuple[list[Path], list[Path]]:
+def _expand(paths: list[str], unlistable=None) -> tuple[list[Path], list[Path]]:
     """(the files to read: each named, and the images below each folder named; the other files
-    below those folders, left out)."""
+    below those folders, left out); each folder that cannot be listed goes to ``unlistable(error)``."""
     out, left_out = [], []
     for p in map(Path, paths):
         if p.is_dir():
-            images, others = walk_images(p)
+            images, others = walk_images(p, unlistable=unlistable)
             out += images
             left_out += others
         else:
@@ -632,10 +650,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"predict.py: cannot load {model} ({type(e).__name__}: {str(e)[:200]}); "
               "export the run again with osteo export", file=sys.stderr)
         return 2
-    failed, blank = 0, []
+    failed, blank, unlisted = 0, [], []
+
+    def unlistable(e: OSError) -> None:  # os.walk skips a folder it cannot list, silently
+        unlisted.append(e.filename)
+        print(f"predict.py: cannot list {e.filename}: {e.strerror}; its files are not predicted", file=sys.stderr)
+
+    paths, left_out = _expand(args.images, unlistable)
+    if not paths:  # a header alone and exit 0 said nothing of an empty folder
+        print(f"predict.py: no files in {', '.join(args.images)}; pass image files or folders that hold them",
+              file=sys.stderr)
+        return 2
     writer = sys.stdout
     writer.write(",".join(COLUMNS) + "\n")
-    paths, left_out = _expand(args.images)
     if left_out:
         print(f"predict.py: {len(left_out)} file(s) in the folders given are not images it reads (by their name, or "
               f"DICOM by their bytes), e.g. {left_out[0]}: left out", file=sys.stderr)
@@ -664,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         more = f" and {len(blank) - 3} more" if len(blank) > 3 else ""
         print(f"predict.py: {len(blank)} image(s) are blank, every pixel one gray level: {', '.join(blank[:3])}{more}; "
               "their rows say nothing of a knee (a failed export, a placeholder?): check the files", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or unlisted else 0
 
 
 def _csv_path(path: Path) -> str:

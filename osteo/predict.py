@@ -102,7 +102,7 @@ def load_legacy_best(run: RunDir):
                          "the file is damaged or from another osteo version: retrain the run") from None
 
 
-def _expand(paths: list[str]) -> list[Path]:
+def _expand(paths: list[str]) -> tuple[list[Path], list[str]]:
     """Every file named, and every image below every folder named, as the audit chooses them
     (:func:`osteo.export_predict.image_file`: by its extension, or DICOM by its bytes; hidden and
     system files and folders aside); the other files found are left out, with one warning.
@@ -111,16 +111,21 @@ def _expand(paths: list[str]) -> list[Path]:
     ``/``, which would walk far outside what was asked): skipped with a warning.
 
     A file named is read whatever its name: the decoder decides by content, and a file it
-    cannot read gets a row saying why.
+    cannot read gets a row saying why. Returns (the files, the folders that could not be listed:
+    each said in one warning, and the exit status is then 1, as for an unreadable file).
     """
     from osteo.export_predict import walk_images
 
-    out = []
+    out, unlisted = [], []
+
+    def unlistable(e: OSError) -> None:  # os.walk skips a folder it cannot list, silently
+        unlisted.append(_display(Path(e.filename)))
+        log.warning("cannot list %s: %s; its files are not predicted", unlisted[-1], e.strerror)
+
     for p in map(Path, paths):
         if p.is_dir():
             images, left_out = walk_images(
-                p, unlistable=lambda e: log.warning(  # os.walk skips a folder it cannot list, silently
-                    "cannot list %s: %s; its files are not predicted", _display(Path(e.filename)), e.strerror),
+                p, unlistable=unlistable,
                 not_followed=lambda link, target, top=p: log.warning(
                     "not following %s: it links to %s, which holds %s", _display(link), _display(target), _display(top)))
             if left_out:
@@ -131,7 +136,7 @@ def _expand(paths: list[str]) -> list[Path]:
             out.append(p)
         else:
             raise OsteoError(f"{p} does not exist; pass image files or folders")
-    return out
+    return out, unlisted
 
 
 def _op_column(name: str) -> str:
@@ -341,11 +346,13 @@ def _display(path: Path) -> str:
 
 
 class Predictions(NamedTuple):
-    """What :func:`predict_files` wrote: the CSV, its rows, and how many of them are unreadable."""
+    """What :func:`predict_files` wrote: the CSV, its rows, how many of them are unreadable, and
+    how many folders below those named could not be listed (their files have no row)."""
 
     out: Path
     rows: int
     unreadable: int
+    unlisted: int = 0
 
 
 def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.PathLike, batch: int = 32,
@@ -368,7 +375,10 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
     check_output_place(out, "--out", "write the predictions elsewhere, e.g. --out predictions-new.csv")
     check_output(out)
     refuse_to_replace_an_image(out, "--out", "write the predictions elsewhere, e.g. --out predictions.csv")
-    paths = _expand(images)
+    paths, unlisted = _expand(images)
+    if not paths and unlisted:
+        raise OsteoError(f"no file could be found: {some_of(unlisted, 3)} cannot be listed (each said above); make "
+                         "them readable (chmod), or pass other folders")
     if not paths:  # a header-only CSV and exit 0 said nothing of the empty folder
         raise OsteoError(f"no files in {', '.join(map(str, images))}; pass image files or folders that hold them")
     if gradcam_dir is not None:
@@ -427,7 +437,7 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
         log.warning("%d image(s) have transparent pixels: %s; each is read by its colours with the transparency "
                     "dropped, as training reads it, which may not be what a viewer shows (reason=transparent in %s)",
                     len(clear), some_of(clear, 3), out)
-    return Predictions(Path(out), len(rows), bad)
+    return Predictions(Path(out), len(rows), bad, len(unlisted))
 
 
 # --------------------------------------------------------------------------- external validation

@@ -89,3 +89,16 @@ def save_legacy_h5(model, path):
     with h5py.File(path, "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, model)
     return path
+
+
+def cannot_list(monkeypatch, name: str) -> None:
+    """Listing a folder called ``name`` fails as without permission (root ignores modes, and the
+    suite runs as root in CI: the listing is made to fail here, as the system fails it)."""
+    scandir = os.scandir
+
+    def refuse(path="."):
+        if os.fspath(path).endswith(name):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)

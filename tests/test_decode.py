@@ -266,6 +266,11 @@ def test_pillow_bomb_limits_give_our_message(monkeypatch):
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses from 200 pixels
     with pytest.raises(DecodeError, match=r"1,920 pixels exceeds osteo's limit"):
         decode_bytes(_png_bytes(GRAY))
+    # and an export's predict.py says it in the same words (it passed on Pillow's "decompression bomb")
+    from osteo import export_predict
+
+    with pytest.raises(export_predict.Unreadable, match=r"^1,920 pixels exceeds osteo's limit of 67,108,864 "):
+        export_predict.decode(_png_bytes(GRAY))
 
 
 def test_file_size_limit(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from helpers import cannot_list
 from PIL import Image
 
 from osteo.data.phantom import make_image
@@ -142,7 +143,7 @@ def test_a_link_to_the_data_folder_or_another_class_is_not_walked_under_this_cla
                                           "under their own label"
     with caplog.at_level(logging.WARNING, logger="osteo"):
         # a link elsewhere is followed (predict files no label), one to a folder that holds it is not
-        assert _expand([str(data / "normal")]) == [data / "normal" / "a.png", data / "normal" / "x" / "b.png"]
+        assert _expand([str(data / "normal")])[0] == [data / "normal" / "a.png", data / "normal" / "x" / "b.png"]
     said = [r.getMessage() for r in caplog.records]
     assert any(m.startswith(f"not following {data / 'normal' / 'loop'}: it links to {data}") for m in said), said
 
@@ -225,24 +226,12 @@ def test_hidden_temporaries_are_ignored(tmp_path):
     assert set(info["ignored"]) == {"normal/.normal_0003.k2j4h.tmp.png", "normal/.sub.tmp-123/"}
 
 
-def _cannot_list(monkeypatch, name: str) -> None:
-    """Listing a folder called ``name`` fails as without permission (root ignores modes)."""
-    scandir = os.scandir
-
-    def refuse(path="."):
-        if os.fspath(path).endswith(name):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", refuse)
-
-
 def test_a_folder_that_cannot_be_listed_is_a_row(tmp_path, monkeypatch):
     """No permission to list a folder (root ignores modes, and the suite runs as root in CI: the
     listing is made to fail here, as the system fails it)."""
     _png(tmp_path / "normal" / "a.png")
     _png(tmp_path / "normal" / "locked" / "b.png")
-    _cannot_list(monkeypatch, "locked")
+    cannot_list(monkeypatch, "locked")
     info = audit(tmp_path).to_json()
     assert info["unreadable"] == [{"path": "normal/locked/", "reason": "cannot list folder: Permission denied"}]
     assert info["n_ok"] == 1
@@ -282,11 +271,38 @@ def test_predict_says_which_folder_it_could_not_list(tmp_path, monkeypatch, capl
 
     _png(tmp_path / "in" / "a.png")
     _png(tmp_path / "in" / "locked" / "b.png")
-    _cannot_list(monkeypatch, "locked")
+    cannot_list(monkeypatch, "locked")
     with caplog.at_level(logging.WARNING, logger="osteo"):
-        assert _expand([str(tmp_path / "in")]) == [tmp_path / "in" / "a.png"]
+        assert _expand([str(tmp_path / "in")]) == ([tmp_path / "in" / "a.png"], [str(tmp_path / "in" / "locked")])
     assert [r.getMessage() for r in caplog.records] == [
         f"cannot list {tmp_path / 'in' / 'locked'}: Permission denied; its files are not predicted"]
+
+
+def test_predict_script_says_which_folder_it_could_not_list_and_exits_1(tmp_path, monkeypatch, capsys):
+    """predict.py beside an ONNX export skipped a folder it could not list with no word and exit 0,
+    and gave an empty folder a header alone and exit 0: as osteo predict, a line and exit 1 for
+    the first, a line and exit 2 where no file was found at all."""
+    from osteo import export_predict
+
+    _png(tmp_path / "in" / "a.png")
+    _png(tmp_path / "in" / "locked" / "b.png")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "export.json").write_text(json.dumps({"file": "m.onnx", "input": {"shape": [None, 32, 32, 1]},
+                                                      "preprocessing": {"resize": "pad"}}))
+    monkeypatch.setattr(export_predict, "session", lambda model: None)
+    monkeypatch.setattr(export_predict, "probabilities", lambda sess, x: np.full((len(x), 3), 1 / 3))
+    cannot_list(monkeypatch, "locked")
+    record = ["--export", str(tmp_path / "export.json")]
+    assert export_predict.main([str(tmp_path / "in"), *record]) == 1
+    out, err = capsys.readouterr()
+    assert [line.split(",")[0] for line in out.splitlines()[1:]] == [str(tmp_path / "in" / "a.png")]
+    assert err.splitlines() == [
+        f"predict.py: cannot list {tmp_path / 'in' / 'locked'}: Permission denied; its files are not predicted"]
+    for folder in ("empty", "in/locked"):
+        assert export_predict.main([str(tmp_path / folder), *record]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.splitlines()[-1] == (
+            f"predict.py: no files in {tmp_path / folder}; pass image files or folders that hold them")
 
 
 def test_hidden_and_system_files_and_folders_are_no_ones_images_for_the_audit_predict_and_an_export(tmp_path):
@@ -305,7 +321,7 @@ def test_hidden_and_system_files_and_folders_are_no_ones_images_for_the_audit_pr
     assert set(info["ignored"]) == {"normal/@eaDir/", "normal/.Trash-1000/", "normal/__MACOSX/", "normal/.hidden.png",
                                     "normal/sub/#recycle/"}
     want = [tmp_path / "normal" / "a.png", tmp_path / "normal" / "sub" / "e.png"]
-    assert _expand([str(tmp_path / "normal")]) == want
+    assert _expand([str(tmp_path / "normal")]) == (want, [])
     assert export_predict._expand([str(tmp_path / "normal")]) == (want, [])
 
 
@@ -327,12 +343,12 @@ def test_predict_reads_in_a_folder_the_files_the_audit_reads_and_says_what_it_le
     pydicom.dcmread(get_testdata_file("MR_small.dcm", download=False)).save_as(tmp_path / "in" / "IM0001")
     want = [tmp_path / "in" / "IM0001", tmp_path / "in" / "a.png"]
     with osteo_warnings() as said:
-        assert _expand([str(tmp_path / "in")]) == want
+        assert _expand([str(tmp_path / "in")]) == (want, [])
     assert said == [f"2 file(s) in {tmp_path / 'in'} are not images osteo reads (by their name, or DICOM by their "
                     f"bytes), e.g. {tmp_path / 'in' / 'latents.csv'}: left out"]
     assert export_predict._expand([str(tmp_path / "in")]) == (want, [tmp_path / "in" / "latents.csv",
                                                                       tmp_path / "in" / "notes.txt"])
-    assert _expand([str(tmp_path / "in" / "notes.txt")]) == [tmp_path / "in" / "notes.txt"]  # named: read
+    assert _expand([str(tmp_path / "in" / "notes.txt")]) == ([tmp_path / "in" / "notes.txt"], [])  # named: read
 
 
 def test_an_exports_script_neither_hangs_on_a_named_pipe_nor_stops_on_an_unexpected_failure(tmp_path, monkeypatch,

@@ -246,6 +246,30 @@ def test_a_decoder_failure_no_one_expected_is_that_files_reason_not_the_end_of_p
     assert reasons == ["", "decode failed: ValueError: UID is not a transfer syntax."]
 
 
+def test_a_folder_that_cannot_be_listed_is_a_warning_and_exit_status_1(run, phantom_dir, tmp_path, monkeypatch,
+                                                                        capsys):
+    """Its images have no row, as an unreadable file has no prediction: the exit status says so (it
+    was 0); a folder named that cannot be listed finds nothing, and the error says why."""
+    from helpers import cannot_list
+
+    knees = sorted((phantom_dir / "normal").iterdir())[:2]
+    (tmp_path / "in" / "locked").mkdir(parents=True)
+    shutil.copy(knees[0], tmp_path / "in" / knees[0].name)
+    shutil.copy(knees[1], tmp_path / "in" / "locked" / knees[1].name)
+    cannot_list(monkeypatch, "locked")
+    out = tmp_path / "p.csv"
+    with osteo_warnings() as said:
+        assert main(["predict", str(run), str(tmp_path / "in"), "--out", str(out)]) == 1
+    assert [Path(r["path"]).name for r in _rows(out)] == [knees[0].name]
+    assert said == [f"cannot list {tmp_path / 'in' / 'locked'}: Permission denied; its files are not predicted"]
+    capsys.readouterr()
+    assert main(["predict", str(run), str(tmp_path / "in" / "locked"), "--out", str(tmp_path / "q.csv")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"osteo: error: no file could be found: {tmp_path / 'in' / 'locked'} cannot be listed (each said above); "
+        "make them readable (chmod), or pass other folders")
+    assert not (tmp_path / "q.csv").exists()
+
+
 def test_a_blank_or_transparent_image_is_predicted_and_its_row_and_one_warning_say_so(run, phantom_dir, tmp_path):
     """An image whose every pixel holds one gray level (8-bit, or 16-bit, which decodes to black)
     gets its prediction all the same, as the audit trains on it, but its row's reason says it is

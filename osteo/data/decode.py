@@ -67,11 +67,13 @@ import numpy as np
 from osteo.export_predict import (
     Unreadable,
     bare_dicom,
+    bomb_pixels,
     dicom_failure,
     read_dicom_gray,
     png_refusal,
     preambled_dicom,
     said,
+    too_many_pixels,
 )
 from osteo.export_predict import one_value as _one_value
 from osteo.export_predict import read_dicom as _read_dicom
@@ -354,13 +356,7 @@ def dct_scale(width: int, height: int, side: int) -> int:
 def check_pixels(width: int, height: int) -> None:
     """Raise :class:`DecodeError` when an image has more than :data:`MAX_PIXELS` pixels."""
     if width * height > MAX_PIXELS:
-        raise DecodeError(_too_many(width * height, f"{width} x {height}"))
-
-
-def _too_many(pixels: int, shape: str = "") -> str:
-    shape = f" ({shape})" if shape else ""
-    return (f"{pixels:,} pixels{shape} exceeds osteo's limit of {MAX_PIXELS:,} (MAX_PIXELS); "
-            f"downscale it")
+        raise DecodeError(too_many_pixels(width * height, f"{width} x {height}", MAX_PIXELS))
 
 
 def decode_cost(f: BinaryIO) -> tuple[int, int, int]:
@@ -419,8 +415,7 @@ def _pillow_open(data: bytes | BinaryIO):
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     except Image.DecompressionBombError as e:
-        m = re.search(r"\((\d+) pixels\)", str(e))
-        raise DecodeError(_too_many(int(m.group(1))) if m else _too_many(2 * Image.MAX_IMAGE_PIXELS)) from None
+        raise DecodeError(too_many_pixels(bomb_pixels(e), limit=MAX_PIXELS)) from None
     check_pixels(*img.size)
     return img
 
