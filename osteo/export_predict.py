@@ -11,7 +11,8 @@ the calibrated probabilities that ``osteo predict RUN FILES`` gives for the same
 images as osteo's audit chooses them (:func:`image_file`; the other files left out, said in one
 line on stderr). A file that cannot be read, or a folder that cannot be listed, gets a line on
 stderr and no row; the exit status is then 1 (2 where no file was found at all). A blank image (every pixel one gray level: a failed export, a placeholder) gets its
-row, as in ``osteo predict``, and one line on stderr names such files.
+row, as in ``osteo predict``, and one line on stderr names such files. A model file whose sha256
+is not the one ``export.json`` records (changed or damaged since) is refused (exit status 2).
 
 Each image becomes the model's input as ``osteo predict`` makes it
 (``osteo.data.pipeline.load_levels``, divided by 257), in the same NumPy arithmetic, so
@@ -645,6 +646,16 @@ def main(argv: list[str] | None = None) -> int:
               "export.json with --export", file=sys.stderr)
         return 2
     try:
+        changed = record.get("sha256") not in (None, sha256_file(model))
+    except OSError as e:
+        print(f"predict.py: cannot read {model} ({e.strerror or e}); export the run again with osteo export",
+              file=sys.stderr)
+        return 2
+    if changed:  # a file changed or damaged since the export would give other probabilities, without a word
+        print(f"predict.py: {model} is not the file {record_path.name} describes (its sha256 differs: changed or "
+              "damaged since the export); export the run again with osteo export", file=sys.stderr)
+        return 2
+    try:
         sess = session(model)
     except Exception as e:  # onnxruntime's own error types
         print(f"predict.py: cannot load {model} ({type(e).__name__}: {str(e)[:200]}); "
@@ -692,6 +703,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"predict.py: {len(blank)} image(s) are blank, every pixel one gray level: {', '.join(blank[:3])}{more}; "
               "their rows say nothing of a knee (a failed export, a placeholder?): check the files", file=sys.stderr)
     return 1 if failed or unlisted else 0
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (osteo's own writers use this function too)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _csv_path(path: Path) -> str:

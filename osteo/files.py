@@ -24,6 +24,7 @@ from typing import Any
 
 from osteo import killpoints
 from osteo.errors import OsteoError
+from osteo.export_predict import sha256_file  # noqa: F401  (one reader of a file's sha256, here for osteo's writers)
 
 
 def cannot_write(folder: str | os.PathLike, e: OSError) -> OsteoError:
@@ -658,10 +659,3 @@ def _strict(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def sha256_file(path: str | Path) -> str:
-    """The sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

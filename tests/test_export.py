@@ -100,6 +100,25 @@ def test_onnx_matches_keras_without_osteo(onnx_export, images, expected, tmp_pat
 
 
 @NEEDS_ONNX
+def test_predict_script_refuses_a_model_file_changed_since_the_export(onnx_export, phantom_dir, tmp_path, capsys):
+    """A model.onnx changed or damaged since the export gave other probabilities without a word
+    (a tensor zeroed: about 1/3 each, exit 0); its sha256 is in export.json, and it is checked."""
+    copy = tmp_path / "export"
+    shutil.copytree(onnx_export.parent, copy)
+    image = sorted(Path(phantom_dir).rglob("*.png"))[0]
+    assert export_predict.main([str(image), "--export", str(copy / "export.json")]) == 0
+    capsys.readouterr()
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "model.onnx").write_bytes(bytes(data))
+    assert export_predict.main([str(image), "--export", str(copy / "export.json")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [
+        f"predict.py: {copy / 'model.onnx'} is not the file export.json describes (its sha256 differs: changed or "
+        "damaged since the export); export the run again with osteo export"]
+
+
+@NEEDS_ONNX
 def test_onnx_record_says_what_was_written_and_how_close_it_is(run, onnx_export):
     record = json.loads((onnx_export.parent / "export.json").read_text())
     assert onnx_export.parent == run.path / "export"
