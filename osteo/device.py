@@ -343,6 +343,9 @@ def choose_impl(requested: str, spec: BackboneSpec, backend: str, weights: str |
         raise OsteoError(f"unknown model.impl {requested!r}; choose one of: {', '.join(IMPLS)}")
     has_timm = importlib.util.find_spec("timm") is not None
     if requested == "timm":
+        if keras_layers_only(weights, spec):  # named first: --backend torch would not make timm's module read it
+            raise OsteoError(f"weights file {weights} is a Keras weights file of Keras' layers, which timm's {spec.name} "
+                             "cannot read (another architecture's layout): use model.impl=keras, or auto")
         if backend != "torch":
             raise OsteoError("model.impl=timm runs timm's PyTorch module: use --backend torch (a run trained on "
                              "the timm engine also resumes there), or, for a new run, model.impl=keras on TensorFlow")

@@ -161,6 +161,11 @@ def parse_weights(weights: str | os.PathLike | None) -> tuple[str, Path | None]:
             f"weights file {path} not found; use --weights imagenet, none or the path of an existing file "
             "(make: WEIGHTS=)"
         )
+    try:  # before any reader's own words for it (h5py's errno text, "not a weights file of ...")
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as e:
+        raise OsteoError(f"weights file {path} cannot be read ({e.strerror or e}); make it readable (e.g. chmod a+r "
+                         "FILE), or use --weights imagenet or none") from None
     return "file", path
 
 

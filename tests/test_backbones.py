@@ -102,6 +102,25 @@ def test_a_checkpoint_starts_a_new_run_on_keras_layers_scaled_as_it_was_trained(
     assert resolve(r).model.preprocessing == "tf"
 
 
+def test_a_weights_file_that_cannot_be_read_is_one_line_naming_the_fix(tmp_path, monkeypatch):
+    """No permission to read it (root ignores modes, so the open is made to fail here, as the system
+    fails it): h5py's errno text and a fix about another backbone's file were said instead."""
+    import os
+
+    from osteo.registry import parse_weights
+
+    path = tmp_path / "locked.weights.h5"
+    _keras(get_backbone("tiny"), "none").save_weights(path)
+    assert parse_weights(str(path)) == ("file", path)
+    real = os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if os.fspath(p) == str(path) else real(p, *a, **k))
+    with pytest.raises(OsteoError, match=r"^weights file .*locked\.weights\.h5 cannot be read \(Permission denied\); "
+                                         r"make it readable \(e\.g\. chmod a\+r FILE\), or use --weights imagenet or "
+                                         r"none$"):
+        parse_weights(str(path))
+
+
 def test_weights_file_of_another_backbone_is_a_clear_error(tmp_path):
     path = tmp_path / "tiny.weights.h5"
     _keras(get_backbone("tiny"), "none").save_weights(path)

@@ -416,6 +416,14 @@ def test_a_keras_weights_file_of_another_backbone_is_one_line_on_the_timm_engine
     r = Recipe()
     r.model.backbone, r.model.weights = "resnet50", str(path)
     assert resolve(r).model.impl == "keras"
+    # asked for the timm engine, whatever the backend: the file is named first (the backend was, and
+    # --backend torch then met this refusal)
+    from osteo.device import choose_impl
+
+    for backend in ("tensorflow", "torch"):
+        with pytest.raises(OsteoError, match=r"is a Keras weights file of Keras' layers, which timm's resnet50 cannot "
+                                             r"read \(another architecture's layout\): use model.impl=keras, or auto"):
+            choose_impl("timm", get_backbone("resnet50"), backend, str(path))
 
 
 def test_a_timm_runs_checkpoint_loads_on_the_timm_engine_as_a_keras_runs_does_on_keras(tmp_path, monkeypatch):
