@@ -20,6 +20,12 @@ from osteo.files import sweep_temporaries, temporaries_of, write_text
 from osteo.runs import RunDir
 
 
+def _weights_hash(env: dict) -> str:
+    """`` (sha256 …)`` of the weights file the run started from, where its env.json records it."""
+    sha = env.get("weights_sha256")
+    return f" (sha256 {sha[:16]}…)" if isinstance(sha, str) and sha else ""
+
+
 def _stopped_early(recipe, env: dict) -> str:
     """``; 6 trained: early stopping (patience 2) ended a phase`` where it did (history.csv has each epoch)."""
     planned, run = recipe.train.epochs + recipe.train.fine_tune_epochs, env.get("epochs_run")
@@ -76,7 +82,7 @@ def write_model_card(run_dir) -> Path:
         _kept_whole(run), "",
         "## Recipe", "",
         f"`{recipe.name}`: {recipe.model.backbone} on the {recipe.model.impl} engine ({get_engine(recipe.model.impl).describes}), "
-        f"weights {recipe.model.weights}, {recipe.data.image_size} px, "
+        f"weights {recipe.model.weights}{_weights_hash(env)}, {recipe.data.image_size} px, "
         f"preprocessing {recipe.model.preprocessing}, {recipe.train.epochs} + {recipe.train.fine_tune_epochs} "
         f"epochs (frozen + fine-tuned{_stopped_early(recipe, env)}), {recipe.train.optimizer} lr {recipe.train.lr:g} / "
         f"{recipe.train.fine_tune_lr:g}, batch {recipe.data.batch_size}, best checkpoint by {recipe.train.monitor}"

@@ -280,6 +280,8 @@ class Trainer:
             "jit_compile": self.plan.jit_compile, "device": self.plan.to_json(), "allocator": self.allocator,
             # how files became pixels (osteo.data.pipeline.CACHE_VERSION): predict and eval say when it changed
             "image_decoding": CACHE_VERSION,
+            # which weights file it started from, by content: its path may be reused
+            "weights_sha256": sha256_file(r.model.weights) if _weights_file(r.model) and not self.resume else None,
             "git_commit": _git_commit(), "seed": t.seed, "deterministic": t.deterministic,
             "command": self.command, "host": platform.node(),
             "started": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -293,6 +295,7 @@ class Trainer:
                 if before.get("command"):
                     self.env["command"] = before["command"]
                     self.env["resumed_by"] = [*before.get("resumed_by", []), self.command]
+                self.env["weights_sha256"] = before.get("weights_sha256")
         run.write_env(self.env)
 
     def _setup_callbacks_state(self) -> None:
@@ -531,6 +534,11 @@ class Trainer:
                 warmup_target=lr if warmup else None, warmup_steps=warmup,
             )
         return make_optimizer(t.optimizer, lr, t.weight_decay)
+
+
+def _weights_file(model) -> bool:
+    """Whether the backbone starts from a weights file (not ``imagenet`` or ``none``)."""
+    return str(model.weights or "none").lower() not in ("none", "imagenet")
 
 
 def _from_scratch(model) -> bool:

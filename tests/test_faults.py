@@ -319,6 +319,10 @@ def test_a_run_begun_with_relative_paths_resumes_from_another_folder_and_a_gone_
     saved = run.read_recipe_dict()
     assert (saved["data"]["dir"], saved["model"]["weights"]) == (str(tmp_path / "knees"),
                                                                  str(tmp_path / "w" / "start.weights.h5"))
+    import hashlib
+
+    sha = hashlib.sha256((tmp_path / "w" / "start.weights.h5").read_bytes()).hexdigest()
+    assert run.read_env()["weights_sha256"] == sha  # which file it started from, by content
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     (tmp_path / "w" / "start.weights.h5").rename(tmp_path / "w" / "moved.weights.h5")
@@ -332,6 +336,7 @@ def test_a_run_begun_with_relative_paths_resumes_from_another_folder_and_a_gone_
     assert main(["train", "--resume", "latest", "--runs", "../runs", "--data", "../knees",
                  "--weights", "../w/start.weights.h5"]) == 0
     assert run.is_finished() and [int(h["epoch"]) for h in run.read_history()] == [1, 2]
+    assert run.read_env()["weights_sha256"] == sha and f"(sha256 {sha[:16]}…)" in (run.path / "MODEL_CARD.md").read_text()
 
 
 def test_resume_refuses_a_split_image_whose_bytes_changed(phantom_dir, tmp_path, tiny_recipe, capsys, monkeypatch):
