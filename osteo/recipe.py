@@ -609,6 +609,23 @@ def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False, 
     if not trained and isinstance(r.data.dir, str) and r.data.dir:  # the run's record names its folder from anywhere
         r.data.dir = os.path.abspath(r.data.dir)
     _check_values(r, saved=trained)
+    # the weights, before the engine that reads them is chosen from them: a file not there, or not
+    # readable, is said as such, not as a file of the wrong kind
+    if saved:  # the file was read when training began: only what the value names is checked
+        imagenet = str(m.weights).lower() == "imagenet"
+    else:
+        try:
+            kind, path = parse_weights(m.weights)
+        except OsteoError as e:
+            if not trained or "not found" not in str(e):
+                raise
+            where = "" if Path(m.weights).is_absolute() else " (a path relative to the folder the run was started in)"
+            raise OsteoError(f"this run started from weights file {m.weights}{where}, which is not there now; a resumed "
+                             "run rebuilds its model from it before taking up its saved state: put the file back "
+                             "there, or start a new run") from None
+        imagenet = kind == "imagenet"
+        if kind == "file" and not trained:  # the run's record names the file wherever it is resumed from
+            m.weights = os.path.abspath(path)
     if backend is None and "keras" in sys.modules and not saved:  # loaded: its backend is the one that will run
         backend = sys.modules["keras"].backend.backend()
     if backend is not None and not saved:  # (a resumed run's engine was chosen when it began: not by its file)
@@ -643,21 +660,6 @@ def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False, 
         raise OsteoError(f"data.val + data.test must be below 1 (got {r.data.val} + {r.data.test}); "
                          "leave images for training")
     parse_operating_points(r.train.operating_points)
-    if saved:  # the file was read when training began: only what the value names is checked
-        imagenet = str(m.weights).lower() == "imagenet"
-    else:
-        try:
-            kind, path = parse_weights(m.weights)
-        except OsteoError as e:
-            if not trained or "not found" not in str(e):
-                raise
-            where = "" if Path(m.weights).is_absolute() else " (a path relative to the folder the run was started in)"
-            raise OsteoError(f"this run started from weights file {m.weights}{where}, which is not there now; a resumed "
-                             "run rebuilds its model from it before taking up its saved state: put the file back "
-                             "there, or start a new run") from None
-        imagenet = kind == "imagenet"
-        if kind == "file":  # the run's record names the file wherever it is resumed from
-            m.weights = os.path.abspath(path)
     if imagenet and spec.test_only:
         raise OsteoError(f"{spec.name} has no ImageNet weights; use --weights none (make: WEIGHTS=none)")
     return r

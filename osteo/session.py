@@ -192,8 +192,8 @@ def resume_recipe(spec: str, model: str | None, options: TrainOptions,
              "--batch": (o.batch, d.batch_size), "--seed": (o.seed, t.seed),
              "--deterministic": (o.deterministic or None, t.deterministic), "--group-by": (o.group_by, d.group_by),
              "--group-regex": (o.group_regex, d.group_regex), "--groups": (o.groups, d.groups_csv)}
-    if o.weights is not None and str(o.weights).lower() not in ("none", "imagenet", ""):  # paths: the same file
-        asked["--weights"] = (os.path.abspath(o.weights), os.path.abspath(recipe.model.weights))
+    if all(str(w or "").lower() not in ("none", "imagenet", "") for w in (o.weights, recipe.model.weights)):
+        asked["--weights"] = (os.path.abspath(o.weights), os.path.abspath(recipe.model.weights))  # the same file
     if o.data is not None:
         asked["--data"] = (os.path.abspath(o.data), os.path.abspath(d.dir))
     for option, (given, saved) in asked.items():
@@ -253,7 +253,9 @@ def plan_device(requested: str | None, recipe: Recipe, say: Say, named_by: str =
 def ensure_phantom(recipe: Recipe, say: Say) -> None:
     """A phantom data folder (``data/phantom*``) is written on first use (complete or not at all)."""
     path = Path(recipe.data.dir)
-    if path.exists() or path.parent != Path("data") or not path.name.startswith("phantom"):
+    # (a resolved recipe names its folder as an absolute path: data/phantom of the working folder)
+    if path.exists() or Path(os.path.abspath(path)).parent != Path(os.path.abspath("data")) or not \
+            path.name.startswith("phantom"):
         return
     from osteo.data.phantom import write_phantom
 
@@ -488,6 +490,11 @@ def _unfinished_cv(recipe: Recipe, folds: int, settings: str,
 def _differences(run: RunDir, wanted: Recipe) -> list[str]:
     """The recipe keys (``section.key``) whose value ``run`` trained with differs from ``wanted``'s."""
     have, want = run.read_recipe().to_dict(), wanted.to_dict()
+    for d in (have, want):  # paths as places: a run of an older osteo recorded them as typed, relative
+        for section, key in (("data", "dir"), ("model", "weights")):
+            value = d.get(section, {}).get(key)
+            if isinstance(value, str) and value.lower() not in ("", "none", "imagenet"):
+                d[section][key] = os.path.abspath(value)
     differ = [f"{section}.{key}" for section in want if isinstance(want[section], dict)
               for key in want[section] if have.get(section, {}).get(key) != want[section][key]]
     return differ + [key for key in want if not isinstance(want[key], dict) and have.get(key) != want[key]]

@@ -186,6 +186,13 @@ class Trainer:
     def _resolve_recipe(self) -> None:
         # fills model.impl; a resumed run is held to what it was trained under
         self.recipe = resolve(self.recipe, backend=keras.backend.backend(), trained=bool(self.resume))
+        if self.resume and _weights_file(self.recipe.model):  # the file it started from, not another of that name
+            started = None
+            with contextlib.suppress(OsteoError, OSError, ValueError, AttributeError):
+                started = self.run_dir.read_env().get("weights_sha256")
+            if started and sha256_file(self.recipe.model.weights) != started:
+                raise OsteoError(f"weights file {self.recipe.model.weights} is not the one {self.run_dir} started from "
+                                 "(its sha256 differs: replaced since?); put that file back, or start a new run")
         tracking.check(self.recipe)  # a tracker asked for but not installed fails before any work
 
     def _plan_and_build(self) -> None:

@@ -115,6 +115,13 @@ def test_a_weights_file_that_cannot_be_read_is_one_line_naming_the_fix(tmp_path,
     real = os.open
     monkeypatch.setattr(os, "open", lambda p, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
                         if os.fspath(p) == str(path) else real(p, *a, **k))
+    # said as such whatever the engine asked for: before the engine is chosen by the file's kind
+    from osteo.recipe import Recipe, resolve
+
+    r = Recipe()
+    r.model.backbone, r.model.weights, r.model.impl = "resnet50", str(tmp_path / "missing.weights.h5"), "timm"
+    with pytest.raises(OsteoError, match=r"missing\.weights\.h5 not found"):
+        resolve(r, backend="torch")
     with pytest.raises(OsteoError, match=r"^weights file .*locked\.weights\.h5 cannot be read \(Permission denied\); "
                                          r"make it readable \(e\.g\. chmod a\+r FILE\), or use --weights imagenet or "
                                          r"none$"):

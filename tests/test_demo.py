@@ -25,3 +25,23 @@ def test_demo_recipe_learns_on_a_small_phantom(tmp_path):
     assert m["balanced_accuracy"] >= base["balanced_accuracy"] + 0.15, m
     assert m["balanced_accuracy_ci"][0] > base["balanced_accuracy"], m
     assert min(pc["recall"] for pc in m["per_class"].values()) > 0.0
+
+
+def test_the_default_phantom_is_written_on_first_use_where_the_recipe_names_it(tmp_path, monkeypatch):
+    """`osteo train` without --data (make train, make demo) trains on data/phantom, written on first
+    use; a resolved recipe names the folder as an absolute path, which ensure_phantom must still
+    know as data/phantom of the working folder (it wrote nothing, and the run found no folder)."""
+    from osteo.session import TrainOptions, build_recipe, ensure_phantom
+
+    monkeypatch.chdir(tmp_path)
+    said = []
+    recipe = build_recipe("finetune", "tiny", TrainOptions(weights="none",
+                                                           overrides=("data.phantom_n=12", "data.phantom_size=32")))
+    assert recipe.data.dir == str(tmp_path / "data" / "phantom")
+    ensure_phantom(recipe, said.append)
+    assert sorted(p.name for p in (tmp_path / "data" / "phantom").iterdir() if p.is_dir()) == [
+        "normal", "osteopenia", "osteoporosis"]
+    assert len(list((tmp_path / "data" / "phantom").rglob("*.png"))) == 12 and len(said) == 1
+    recipe.data.dir = str(tmp_path / "elsewhere" / "phantom")  # not data/ of the working folder: not osteo's to write
+    ensure_phantom(recipe, said.append)
+    assert not (tmp_path / "elsewhere").exists() and len(said) == 1

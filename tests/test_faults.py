@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import time
+from pathlib import Path
 
 import keras
 import pytest
@@ -280,6 +281,8 @@ def test_resume_applies_more_epochs_and_refuses_other_changes(unfinished_run, ca
     for extra, message in ((["--batch", "8"], "--batch cannot change"), (["--set", "train.lr=1"], "--set cannot"),
                            (["--epochs", "0"], "fewer than the 1"), (["--model", "vgg16"], "--model cannot change"),
                            (["--operating-point", "osteoporosis:specificity=0.5"], "--operating-point cannot"),
+                           (["--weights", "start.weights.h5"], "--weights cannot change when resuming "
+                                                                f"{unfinished_run} (it trained with none)"),
                            (["--mlflow"], "--mlflow cannot be turned on")):
         assert main(["train", "seed", "--resume", str(unfinished_run), *extra]) == 2, extra
         assert message in one_line(capsys)
@@ -332,11 +335,36 @@ def test_a_run_begun_with_relative_paths_resumes_from_another_folder_and_a_gone_
         "there now; a resumed run rebuilds its model from it before taking up its saved state: put the file back "
         "there, or start a new run")
     assert not run.is_finished()
-    (tmp_path / "w" / "moved.weights.h5").rename(tmp_path / "w" / "start.weights.h5")
+    # another file put there under its name: refused, by its content
+    (tmp_path / "w" / "start.weights.h5").write_bytes(b"0" + (tmp_path / "w" / "moved.weights.h5").read_bytes())
+    assert main(["train", "--resume", "latest", "--runs", "../runs"]) == 2
+    assert one_line(capsys) == (
+        f"osteo: error: weights file {tmp_path / 'w' / 'start.weights.h5'} is not the one ../runs/tiny/{run.name} "
+        "started from "
+        "(its sha256 differs: replaced since?); put that file back, or start a new run")
+    (tmp_path / "w" / "moved.weights.h5").replace(tmp_path / "w" / "start.weights.h5")
     assert main(["train", "--resume", "latest", "--runs", "../runs", "--data", "../knees",
                  "--weights", "../w/start.weights.h5"]) == 0
     assert run.is_finished() and [int(h["epoch"]) for h in run.read_history()] == [1, 2]
     assert run.read_env()["weights_sha256"] == sha and f"(sha256 {sha[:16]}…)" in (run.path / "MODEL_CARD.md").read_text()
+
+
+def test_a_run_that_recorded_its_paths_as_typed_trains_the_same_recipe_as_one_given_them_absolute(
+        finished_run, tmp_path, monkeypatch):
+    """A run of an older osteo kept data.dir as typed (relative): a cross-validation's fold, or a
+    study's trial, is the same recipe when the same folder is named again, now absolute."""
+    from osteo.recipe import resolve
+    from osteo.session import _differences
+
+    run = copy_run(finished_run, tmp_path)
+    d = run.read_recipe_dict()
+    data = Path(d["data"]["dir"])
+    wanted = resolve(run.read_recipe())
+    monkeypatch.chdir(data.parent)
+    write_json(run.recipe_path, {**d, "data": {**d["data"], "dir": data.name}})
+    assert run.read_recipe().data.dir == data.name and _differences(run, wanted) == []
+    wanted.data.dir = str(data.parent / "other")
+    assert _differences(run, wanted) == ["data.dir"]
 
 
 def test_resume_refuses_a_split_image_whose_bytes_changed(phantom_dir, tmp_path, tiny_recipe, capsys, monkeypatch):
