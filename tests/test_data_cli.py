@@ -124,13 +124,16 @@ def test_images_with_transparent_pixels_are_one_warning_line_and_listed_in_audit
     Image.fromarray(ramp(5) // 16).convert("P").save(ph / "osteoporosis" / "unused.png", transparency=255)
     key = np.dstack([ramp(6)] * 3)
     Image.fromarray(key).save(ph / "osteopenia" / "key.png", transparency=tuple(int(v) for v in key[0, 0]))
+    deep = ramp(7).astype("uint16") * 257  # 16-bit gray, a level keyed out (the usual radiograph PNG)
+    Image.fromarray(deep).save(ph / "osteoporosis" / "key16.png", transparency=int(deep[3, 3]))
+    Image.fromarray(deep + 1).save(ph / "normal" / "key16-unused.png", transparency=2)  # no pixel holds 2
     (line,) = _audit_said(ph, tmp_path)
     assert line == (
-        "osteo: warning: 4 image(s) have transparent pixels: normal/cut.png, normal/gray-alpha.png, osteopenia/key.png "
-        "and 1 more; each is read by its colours with the transparency dropped, as Keras' loaders read it, which may "
+        "osteo: warning: 5 image(s) have transparent pixels: normal/cut.png, normal/gray-alpha.png, osteopenia/key.png "
+        "and 2 more; each is read by its colours with the transparency dropped, as Keras' loaders read it, which may "
         "not be what a viewer shows: flatten them onto the background you mean (e.g. convert IN -background black "
         '-alpha remove OUT.png), or check them (audit.json lists them under "transparent")')
     info = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert info["transparent"] == ["normal/cut.png", "normal/gray-alpha.png", "osteopenia/key.png",
-                                   "osteoporosis/used.png"]
+                                   "osteoporosis/key16.png", "osteoporosis/used.png"]
     assert not info["unreadable"] and not info["blank"]

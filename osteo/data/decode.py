@@ -470,13 +470,28 @@ def _decode_pillow(data: bytes, fmt: str, scale: Callable[[int, int], int] | Non
 
 def _transparent(img) -> bool:
     """Whether some pixel of a Pillow image is less than opaque: an alpha channel below 255
-    somewhere, or a palette entry or colour key (PNG's tRNS) marked transparent that is used.
-    Images without either are not converted (the common case costs nothing)."""
+    somewhere, or a palette entry or colour key (PNG's tRNS: of a palette, a gray image of 8 or
+    16 bits, an RGB one) marked transparent that some pixel uses. One pass over the pixels, no
+    converted copy; an image with neither costs nothing."""
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         return img.getchannel("A").getextrema()[0] < 255
-    if "transparency" not in img.info or img.mode not in ("P", "L", "RGB", "1"):
+    key = img.info.get("transparency")
+    if key is None:
         return False
-    return img.convert("RGBA").getchannel("A").getextrema()[0] < 255
+    px = np.asarray(img)
+    if img.mode == "P":
+        alpha = np.full(256, 255, np.uint8)
+        if isinstance(key, bytes):  # an alpha per palette index
+            alpha[: min(len(key), 256)] = np.frombuffer(key[:256], np.uint8)
+        elif isinstance(key, int) and 0 <= key < 256:  # one transparent index
+            alpha[key] = 0
+        used = np.bincount(px.ravel(), minlength=256)[:256] > 0
+        return bool((used & (alpha < 255)).any())
+    if isinstance(key, tuple) and px.ndim == 3 and len(key) == px.shape[-1]:  # an RGB colour key
+        return bool((px == np.asarray(key, px.dtype)).all(axis=-1).any())
+    if isinstance(key, int) and px.ndim == 2:  # a gray level (8 or 16 bits)
+        return bool((px == key).any())
+    return False
 
 
 def upright(img):
