@@ -646,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
               "export.json with --export", file=sys.stderr)
         return 2
     try:
-        changed = record.get("sha256") not in (None, sha256_file(model))
+        changed = record.get("sha256") is not None and sha256_file(model) != record["sha256"]
     except OSError as e:
         print(f"predict.py: cannot read {model} ({e.strerror or e}); export the run again with osteo export",
               file=sys.stderr)
@@ -668,15 +668,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"predict.py: cannot list {e.filename}: {e.strerror}; its files are not predicted", file=sys.stderr)
 
     paths, left_out = _expand(args.images, unlistable)
-    if not paths:  # a header alone and exit 0 said nothing of an empty folder
-        print(f"predict.py: no files in {', '.join(args.images)}; pass image files or folders that hold them",
+    if left_out:
+        print(f"predict.py: {len(left_out)} file(s) in the folders given are not images it reads (by their name, or "
+              f"DICOM by their bytes), e.g. {left_out[0]}: left out", file=sys.stderr)
+    if not paths:  # a header alone and exit 0 said nothing of an empty folder (osteo predict's words)
+        print("predict.py: " + (f"no file could be found: {', '.join(map(str, unlisted[:3]))} cannot be listed (each "
+                                "said above); make them readable (chmod), or pass other folders" if unlisted else
+                                f"no files in {', '.join(args.images)}; pass image files or folders that hold them"),
               file=sys.stderr)
         return 2
     writer = sys.stdout
     writer.write(",".join(COLUMNS) + "\n")
-    if left_out:
-        print(f"predict.py: {len(left_out)} file(s) in the folders given are not images it reads (by their name, or "
-              f"DICOM by their bytes), e.g. {left_out[0]}: left out", file=sys.stderr)
     for start in range(0, len(paths), BATCH):
         ready, arrays = [], []
         for path in paths[start : start + BATCH]:

@@ -263,7 +263,7 @@ def _gradcam_sample(r: Run, per_kind: int):
     images, reasons = load_images([data_dir / sample.rows[i]["path"] for i in picked], recipe.data.image_size,
                                   recipe.data.resize)
     if any(img is None for img in images):
-        raise OsteoError(next(x for x in reasons if x))
+        raise OsteoError(next(r for img, r in zip(images, reasons) if img is None))  # (a readable image may say blank)
     images = np.stack(images)
     model, spec = load_best(run), get_backbone(recipe.model.backbone)
     target = gradcam_target(model, spec)
