@@ -11,7 +11,8 @@ the calibrated probabilities that ``osteo predict RUN FILES`` gives for the same
 images as osteo's audit chooses them (:func:`image_file`; the other files left out, said in one
 line on stderr). A file that cannot be read, or a folder that cannot be listed, gets a line on
 stderr and no row; the exit status is then 1 (2 where no file was found at all). A blank image (every pixel one gray level: a failed export, a placeholder) gets its
-row, as in ``osteo predict``, and one line on stderr names such files. A model file whose sha256
+row, as in ``osteo predict``, and one line on stderr names such files; so does an image with
+transparent pixels (read by its colours, the transparency dropped). A model file whose sha256
 is not the one ``export.json`` records (changed or damaged since) is refused (exit status 2).
 
 Each image becomes the model's input as ``osteo predict`` makes it
@@ -75,8 +76,9 @@ class Gray:
     """A decoded image before its conversion to float (mirrors ``osteo.data.decode.Gray``):
     ``pixels`` (H, W) as the decoder gave them and the map to float32 in [0, 255]."""
 
-    def __init__(self, pixels: np.ndarray, kind: str, lo: float = 0.0, hi: float = 0.0):
+    def __init__(self, pixels: np.ndarray, kind: str, lo: float = 0.0, hi: float = 0.0, transparent: bool = False):
         self.pixels, self.kind, self.lo, self.hi = pixels, kind, lo, hi
+        self.transparent = transparent  # some pixel less than opaque (:func:`transparent`)
 
     def one_value(self) -> bool:
         """Whether every pixel holds one value: a blank image (see :func:`one_value`)."""
@@ -251,6 +253,7 @@ def _decode_pillow(data: bytes, fmt: str, scale=None) -> Gray:
             img = ImageOps.exif_transpose(img)
         mode = img.mode
         lo = hi = 0.0
+        clear = transparent(img)
         if mode.startswith("I;16") or mode in ("I", "F"):  # stretched from their minimum to their maximum
             pixels, kind = np.asarray(img), "stretch"
             lo, hi = _finite_range(pixels)
@@ -266,7 +269,33 @@ def _decode_pillow(data: bytes, fmt: str, scale=None) -> Gray:
         raise Unreadable(f"{fmt} decode failed: {said(e)}") from None
     if pixels.ndim != 2 or pixels.size == 0:
         raise Unreadable(f"{fmt} decode failed: unexpected shape {pixels.shape}")
-    return Gray(pixels, kind, lo, hi)
+    return Gray(pixels, kind, lo, hi, clear)
+
+
+def transparent(img) -> bool:
+    """Whether some pixel of a Pillow image is less than opaque: an alpha channel below 255
+    somewhere, or a palette entry or colour key (PNG's tRNS: of a palette, a gray image of 8 or
+    16 bits, an RGB one) marked transparent that some pixel uses. One pass over the pixels, no
+    converted copy; an image with neither costs nothing. osteo's own decoder calls this too."""
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return img.getchannel("A").getextrema()[0] < 255
+    key = img.info.get("transparency")
+    if key is None:
+        return False
+    px = np.asarray(img)
+    if img.mode == "P":
+        alpha = np.full(256, 255, np.uint8)
+        if isinstance(key, bytes):  # an alpha per palette index
+            alpha[: min(len(key), 256)] = np.frombuffer(key[:256], np.uint8)
+        elif isinstance(key, int) and 0 <= key < 256:  # one transparent index
+            alpha[key] = 0
+        used = np.bincount(px.ravel(), minlength=256)[:256] > 0
+        return bool((used & (alpha < 255)).any())
+    if isinstance(key, tuple) and px.ndim == 3 and len(key) == px.shape[-1]:  # an RGB colour key
+        return bool((px == np.asarray(key, px.dtype)).all(axis=-1).any())
+    if isinstance(key, int) and px.ndim == 2:  # a gray level (8 or 16 bits)
+        return bool((px == key).any())
+    return False
 
 
 def _finite_range(arr: np.ndarray) -> tuple[float, float]:
@@ -513,11 +542,12 @@ def load_levels(data: bytes, size: int, resize: str = "pad") -> tuple[np.ndarray
     return to_levels(resize_gray(gray, size, resize)), gray
 
 
-def prepare(data: bytes, size: int, resize: str) -> tuple[np.ndarray, bool]:
+def prepare(data: bytes, size: int, resize: str) -> tuple[np.ndarray, Gray]:
     """A file's bytes -> (the model's input, float32 (size, size, 1), as ``osteo predict`` makes
-    it (``osteo.predict.load_images``: the levels / 257); whether the image is blank)."""
+    it (``osteo.predict.load_images``: the levels / 257); the decoded image, which says whether
+    it is blank or has transparent pixels)."""
     levels, gray = load_levels(data, size, resize)
-    return levels.astype(_F32) / _F32(SCALE), gray.one_value()
+    return levels.astype(_F32) / _F32(SCALE), gray
 
 
 # --------------------------------------------------------------------------- model
@@ -661,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"predict.py: cannot load {model} ({type(e).__name__}: {str(e)[:200]}); "
               "export the run again with osteo export", file=sys.stderr)
         return 2
-    failed, blank, unlisted = 0, [], []
+    failed, blank, clear, unlisted = 0, [], [], []
 
     def unlistable(e: OSError) -> None:  # os.walk skips a folder it cannot list, silently
         unlisted.append(e.filename)
@@ -686,11 +716,13 @@ def main(argv: list[str] | None = None) -> int:
                 if os.path.exists(path) and not os.path.isfile(path):  # a named pipe would block the read
                     raise Unreadable("not a regular file")
                 with open(path, "rb") as f:
-                    x, one_value = prepare(f.read(), size, resize)
+                    x, gray = prepare(f.read(), size, resize)
                 arrays.append(x)
                 ready.append(path)
-                if one_value:
+                if gray.one_value():
                     blank.append(str(path))
+                elif gray.transparent:
+                    clear.append(str(path))
             except (OSError, Unreadable) as e:
                 failed += 1
                 print(f"predict.py: {path}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
@@ -704,6 +736,11 @@ def main(argv: list[str] | None = None) -> int:
         more = f" and {len(blank) - 3} more" if len(blank) > 3 else ""
         print(f"predict.py: {len(blank)} image(s) are blank, every pixel one gray level: {', '.join(blank[:3])}{more}; "
               "their rows say nothing of a knee (a failed export, a placeholder?): check the files", file=sys.stderr)
+    if clear:  # as osteo predict says it: read by their colours
+        more = f" and {len(clear) - 3} more" if len(clear) > 3 else ""
+        print(f"predict.py: {len(clear)} image(s) have transparent pixels: {', '.join(clear[:3])}{more}; each is read "
+              "by its colours with the transparency dropped, as training reads it, which may not be what a viewer "
+              "shows", file=sys.stderr)
     return 1 if failed or unlisted else 0
 
 

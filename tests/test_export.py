@@ -162,6 +162,10 @@ def test_predict_script_gives_osteo_predicts_probabilities_without_osteo(run, on
     one_off[3, 5] = 201  # off the middle row the check starts with: not blank
     Image.fromarray(one_off).save(tmp_path / "clinic" / "one_off.png")
     files += [*blank, tmp_path / "clinic" / "one_off.png"]
+    cut = np.dstack([np.tile(np.arange(40, dtype=np.uint8) * 6, (48, 1))] * 3 + [np.full((48, 40), 255, np.uint8)])
+    cut[:4, :4, 3] = 0  # a corner transparent: read by its colours, and said
+    Image.fromarray(cut).save(tmp_path / "clinic" / "cut.png")
+    files.append(tmp_path / "clinic" / "cut.png")
     proc = run_script(onnx_export.parent / "predict.py", tmp_path / "clinic", cwd=tmp_path)
     assert proc.returncode == 1  # the unreadable file: one line on stderr, no row
     assert proc.stderr.splitlines() == [
@@ -169,7 +173,9 @@ def test_predict_script_gives_osteo_predicts_probabilities_without_osteo(run, on
         f"bytes), e.g. {tmp_path / 'clinic' / 'notes.txt'}: left out",
         f"predict.py: {tmp_path / 'clinic' / 'broken.png'}: unknown file signature (not PNG, JPEG, BMP, TIFF or DICOM)",
         f"predict.py: 2 image(s) are blank, every pixel one gray level: {blank[0]}, {blank[1]}; their rows say "
-        "nothing of a knee (a failed export, a placeholder?): check the files"]
+        "nothing of a knee (a failed export, a placeholder?): check the files",
+        f"predict.py: 1 image(s) have transparent pixels: {tmp_path / 'clinic' / 'cut.png'}; each is read by its "
+        "colours with the transparency dropped, as training reads it, which may not be what a viewer shows"]
     got = probabilities(proc.stdout)
     predict_files(run, [str(f) for f in files], tmp_path / "osteo.csv")
     want = probabilities((tmp_path / "osteo.csv").read_text())
@@ -499,8 +505,9 @@ def test_predict_script_decodes_every_kind_as_osteo_does(tmp_path):
                 assert gray.one_value() == decode_gray(data).one_value(), what
                 assert levels.dtype == np.uint16 and levels.shape == (size, size, 1), what
                 np.testing.assert_array_equal(levels, load_levels(data, size, resize)[0], err_msg=what)
-                x, blank = export_predict.prepare(data, size, resize)
-                assert blank == gray.one_value() and x.dtype == np.float32, what
+                x, same = export_predict.prepare(data, size, resize)
+                assert (same.one_value(), same.transparent) == (gray.one_value(), decode_gray(data).info.transparent)
+                assert x.dtype == np.float32, what
                 np.testing.assert_array_equal(x, _osteo_input(data, size, resize), err_msg=what)
                 if f.suffix == ".jpg":
                     info = decode_bytes(data)[1]

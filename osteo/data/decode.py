@@ -74,6 +74,7 @@ from osteo.export_predict import (
     preambled_dicom,
     said,
     too_many_pixels,
+    transparent,
 )
 from osteo.export_predict import one_value as _one_value
 from osteo.export_predict import read_dicom as _read_dicom
@@ -443,7 +444,7 @@ def _decode_pillow(data: bytes, fmt: str, scale: Callable[[int, int], int] | Non
             width, height = height, width
         mode = img.mode
         lo = hi = 0.0
-        transparent = _transparent(img)
+        clear = transparent(img)
         if mode.startswith("I;16") or mode == "I":
             # stretched from the image's own minimum to its maximum, as DICOM is: 12-bit data in a
             # 16-bit file (0-4095) decoded to 0-16 of 255 at 1/257, near black; a 32-bit TIFF clipped
@@ -465,33 +466,7 @@ def _decode_pillow(data: bytes, fmt: str, scale: Callable[[int, int], int] | Non
         raise DecodeError(f"{fmt} decode failed: {said(e)}") from None
     if pixels.ndim != 2 or pixels.size == 0:
         raise DecodeError(f"{fmt} decode failed: unexpected shape {pixels.shape}")
-    return Gray(pixels, ImageInfo(fmt, width, height, bit_depth, frames, transparent=transparent), kind, lo, hi, dct)
-
-
-def _transparent(img) -> bool:
-    """Whether some pixel of a Pillow image is less than opaque: an alpha channel below 255
-    somewhere, or a palette entry or colour key (PNG's tRNS: of a palette, a gray image of 8 or
-    16 bits, an RGB one) marked transparent that some pixel uses. One pass over the pixels, no
-    converted copy; an image with neither costs nothing."""
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        return img.getchannel("A").getextrema()[0] < 255
-    key = img.info.get("transparency")
-    if key is None:
-        return False
-    px = np.asarray(img)
-    if img.mode == "P":
-        alpha = np.full(256, 255, np.uint8)
-        if isinstance(key, bytes):  # an alpha per palette index
-            alpha[: min(len(key), 256)] = np.frombuffer(key[:256], np.uint8)
-        elif isinstance(key, int) and 0 <= key < 256:  # one transparent index
-            alpha[key] = 0
-        used = np.bincount(px.ravel(), minlength=256)[:256] > 0
-        return bool((used & (alpha < 255)).any())
-    if isinstance(key, tuple) and px.ndim == 3 and len(key) == px.shape[-1]:  # an RGB colour key
-        return bool((px == np.asarray(key, px.dtype)).all(axis=-1).any())
-    if isinstance(key, int) and px.ndim == 2:  # a gray level (8 or 16 bits)
-        return bool((px == key).any())
-    return False
+    return Gray(pixels, ImageInfo(fmt, width, height, bit_depth, frames, transparent=clear), kind, lo, hi, dct)
 
 
 def upright(img):
