@@ -10,10 +10,11 @@ the calibrated probabilities that ``osteo predict RUN FILES`` gives for the same
 (within 1e-4; the temperature is inside the ONNX model). Folders are read recursively, their
 images as osteo's audit chooses them (:func:`image_file`; the other files left out, said in one
 line on stderr). A file that cannot be read, or a folder that cannot be listed, gets a line on
-stderr and no row; the exit status is then 1 (2 where no file was found at all). A blank image (every pixel one gray level: a failed export, a placeholder) gets its
-row, as in ``osteo predict``, and one line on stderr names such files; so does an image with
-transparent pixels (read by its colours, the transparency dropped). A model file whose sha256
-is not the one ``export.json`` records (changed or damaged since) is refused (exit status 2).
+stderr and no row; the exit status is then 1 (2 where no file was found at all). A blank image
+(every pixel one gray level: a failed export, a placeholder) gets its row, as in ``osteo
+predict``, and one line on stderr names such files; so does an image with transparent pixels
+(read by its colours, the transparency dropped). A model file whose sha256 is not the one
+``export.json`` records (changed or damaged since) is refused (exit status 2).
 
 Each image becomes the model's input as ``osteo predict`` makes it
 (``osteo.data.pipeline.load_levels``, divided by 257), in the same NumPy arithmetic, so
