@@ -695,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     failed, blank, clear, unlisted = 0, [], [], []
 
     def unlistable(e: OSError) -> None:  # os.walk skips a folder it cannot list, silently
-        unlisted.append(e.filename)
+        unlisted.append(str(e.filename))
         print(f"predict.py: cannot list {e.filename}: {e.strerror}; its files are not predicted", file=sys.stderr)
 
     paths, left_out = _expand(args.images, unlistable)
@@ -703,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"predict.py: {len(left_out)} file(s) in the folders given are not images it reads (by their name, or "
               f"DICOM by their bytes), e.g. {left_out[0]}: left out", file=sys.stderr)
     if not paths:  # a header alone and exit 0 said nothing of an empty folder (osteo predict's words)
-        print("predict.py: " + (f"no file could be found: {', '.join(map(str, unlisted[:3]))} cannot be listed (each "
+        print("predict.py: " + (f"no file could be found: {some_of(unlisted, 3)} cannot be listed (each "
                                 "said above); make them readable (chmod), or pass other folders" if unlisted else
                                 f"no files in {', '.join(args.images)}; pass image files or folders that hold them"),
               file=sys.stderr)
@@ -734,15 +734,19 @@ def main(argv: list[str] | None = None) -> int:
             for path, p in zip(ready, probabilities(sess, np.stack(arrays))):
                 writer.write(",".join([_csv_path(path), *(f"{float(v):.6f}" for v in p)]) + "\n")
     if blank:  # as osteo predict says it: predicted all the same
-        more = f" and {len(blank) - 3} more" if len(blank) > 3 else ""
-        print(f"predict.py: {len(blank)} image(s) are blank, every pixel one gray level: {', '.join(blank[:3])}{more}; "
+        print(f"predict.py: {len(blank)} image(s) are blank, every pixel one gray level: {some_of(blank, 3)}; "
               "their rows say nothing of a knee (a failed export, a placeholder?): check the files", file=sys.stderr)
     if clear:  # as osteo predict says it: read by their colours
-        more = f" and {len(clear) - 3} more" if len(clear) > 3 else ""
-        print(f"predict.py: {len(clear)} image(s) have transparent pixels: {', '.join(clear[:3])}{more}; each is read "
+        print(f"predict.py: {len(clear)} image(s) have transparent pixels: {some_of(clear, 3)}; each is read "
               "by its colours with the transparency dropped, as training reads it, which may not be what a viewer "
               "shows", file=sys.stderr)
     return 1 if failed or unlisted else 0
+
+
+def some_of(items, k: int, sep: str = ", ") -> str:
+    """The first ``k`` of ``items`` joined by ``sep``, and how many more there are: ``a, b and 4 more``
+    (osteo's messages use this function too)."""
+    return sep.join(items[:k]) + (f" and {len(items) - k} more" if len(items) > k else "")
 
 
 def sha256_file(path: str | os.PathLike) -> str:

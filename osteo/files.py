@@ -24,7 +24,7 @@ from typing import Any
 
 from osteo import killpoints
 from osteo.errors import OsteoError
-from osteo.export_predict import sha256_file  # noqa: F401  (one reader of a file's sha256, here for osteo's writers)
+from osteo.export_predict import sha256_file, some_of  # noqa: F401  (shared with an export's predict.py)
 
 
 def cannot_write(folder: str | os.PathLike, e: OSError) -> OsteoError:
@@ -35,11 +35,6 @@ def cannot_write(folder: str | os.PathLike, e: OSError) -> OsteoError:
     else:
         fix = "choose a writable output directory"
     return OsteoError(f"cannot write to {folder}: {e.strerror or e}; {fix}")
-
-
-def some_of(items: Sequence[str], k: int, sep: str = ", ") -> str:
-    """The first ``k`` of ``items`` joined by ``sep``, and how many more there are: ``a, b and 4 more``."""
-    return sep.join(items[:k]) + (f" and {len(items) - k} more" if len(items) > k else "")
 
 
 @contextlib.contextmanager
