@@ -115,7 +115,10 @@ class EngineInfo:
         spec's ``keras_port``) is otherwise scaled as those layers were trained,
         ``spec.preprocessing``, unless the layers scale their own input (``none``: ConvNeXt's
         ImageNet mean and std, which the timm layer's own scaling is; checked when the file is
-        read). Anything else: the engine's own scaling, or the spec's."""
+        read). A PyTorch state dict ported into Keras' layers (the keras engine; timm's module read
+        it first) is scaled as that module was trained: ``torch``, the ImageNet mean and std of the
+        four's timm data configs, or ConvNeXt's own Normalization, the same. Anything else: the
+        engine's own scaling, or the spec's."""
         from osteo.h5files import recorded_scaling
 
         recorded = recorded_scaling(weights) if weights else None
@@ -123,6 +126,8 @@ class EngineInfo:
             return self.own_preprocessing if spec.preprocessing == "none" else recorded or spec.preprocessing
         if recorded and not any(e is not self and e.own_preprocessing == recorded for e in ENGINES.values()):
             return recorded
+        if not self.own_preprocessing and spec.keras_port and spec.timm_name and torch_weights_file(weights):
+            return spec.preprocessing if spec.preprocessing == "none" else "torch"  # timm's module, into Keras' layers
         return self.own_preprocessing or spec.preprocessing
 
     def check_preprocessing(self, mode: str) -> None:
@@ -359,7 +364,9 @@ def choose_impl(requested: str, spec: BackboneSpec, backend: str, weights: str |
     if keras_layers_only(weights, spec):
         return "keras", "the weights file is Keras' (keras.applications layers)"
     if backend != "torch":
-        return "keras", f"keras.applications layers on {backend}"
+        ported = ("; the PyTorch state dict is read by timm's module and ported into Keras' layers (osteo.backbones.port)"
+                  if spec.keras_port and spec.timm_name and torch_weights_file(weights) else "")
+        return "keras", f"keras.applications layers on {backend}{ported}"
     if not spec.timm_name:
         return "keras", f"timm has no {spec.name}"
     if not has_timm:

@@ -160,6 +160,77 @@ def test_weights_file_of_another_backbone_is_a_clear_error(tmp_path):
         _keras(get_backbone("tiny"), str(tmp_path / "timm.safetensors"))
 
 
+# Run on PyTorch, in a process of its own (beside TensorFlow, torch's imports can crash): a timm
+# module's state dict, every tensor drawn at random, saved as .pth, and its features for x
+_TIMM_FILE = """
+import sys
+import numpy as np, torch
+from osteo.backbones.timm_torch import _prune_unused, create_module
+from osteo.registry import IMAGENET_MEAN_TORCH, IMAGENET_STD_TORCH, get_backbone
+name, out, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+module = create_module(get_backbone(name).timm_name).eval()
+_prune_unused(module, size)
+gen = torch.Generator().manual_seed(7)
+with torch.no_grad():
+    for key, v in module.state_dict().items():
+        if v.is_floating_point():
+            v.copy_(torch.rand(v.shape, generator=gen) + 0.5 if key.endswith(("running_var", "norm1.weight"))
+                    else v + 0.05 * torch.randn(v.shape, generator=gen))
+torch.save(module.state_dict(), out)
+x = np.random.default_rng(3).uniform(0, 255, (3, size, size, 3)).astype(np.float32)
+mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in (IMAGENET_MEAN_TORCH, IMAGENET_STD_TORCH))
+with torch.no_grad():
+    y = module.forward_features((torch.from_numpy(x).permute(0, 3, 1, 2) - mean) / std).permute(0, 2, 3, 1)
+np.savez(out + ".npz", x=x, y=y.numpy())
+"""
+
+
+def test_a_timm_weights_file_trains_on_keras_layers_on_tensorflow(tmp_path, monkeypatch):
+    """On TensorFlow a timm state dict of a study backbone (a .pth here) is read by timm's module
+    in a PyTorch process of its own and ported into Keras' layers: the plan says so, the input is
+    scaled as timm's module was (torch mode, not DenseNet's... nor VGG's caffe), and Keras' layers
+    give timm's feature map. A file of another architecture is the timm engine's one-line refusal;
+    without torch or timm, one line says what to install."""
+    import subprocess
+    import sys
+
+    import osteo.backbones.keras_apps as keras_apps
+    from osteo.device import Device, plan
+    from osteo.recipe import Recipe, resolve
+
+    path, size = tmp_path / "densenet169.pth", 32
+    env = {**__import__("os").environ, "KERAS_BACKEND": "torch"}
+    subprocess.run([sys.executable, "-c", _TIMM_FILE, "densenet169", str(path), str(size)], env=env, check=True,
+                   capture_output=True)
+    spec = get_backbone("densenet169")
+    chosen = plan(spec, Device(kind="cpu", name="cpu", cpu_class="avx2"), backend="tensorflow",
+                  available=("tensorflow", "torch"), weights=str(path))
+    assert chosen.impl == "keras" and "ported into Keras' layers" in chosen.why["impl"]
+    r = Recipe()
+    r.model.backbone, r.model.weights, r.model.impl = "densenet169", str(path), "keras"
+    assert resolve(r).model.preprocessing == "torch"
+    vgg = Recipe()
+    vgg.model.backbone, vgg.model.weights, vgg.model.impl = "vgg16", str(path), "keras"
+    assert resolve(vgg).model.preprocessing == "torch"  # timm's VGG was trained so, not as Keras' (caffe)
+    engine = create(spec, "keras", image_size=size, weights=str(path), preprocessing="torch")
+    layer = engine.build()
+    with np.load(f"{path}.npz") as f:
+        x, want = f["x"], f["y"]
+    got = keras.ops.convert_to_numpy(layer(Preprocess("torch")(x), training=False))
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), np.abs(got - want).max() / np.abs(want).max()
+    assert np.abs(np.diff(want, axis=0)).max() > 1e-2 * np.abs(want).max()  # the images give different maps
+    with pytest.raises(OsteoError, match=r"^weights file .*densenet169\.pth does not match backbone vgg16: missing "
+                                         r"features\.0\.bias.*; pass a weights file of timm's vgg16") as e:
+        create(get_backbone("vgg16"), "keras", image_size=size, weights=str(path)).build()
+    assert "\n" not in str(e.value)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "timm" else real(n, *a))
+    with pytest.raises(OsteoError, match=r"is a PyTorch state dict, which Keras' layers read through timm's module: "
+                                         r"that needs torch and timm \(run `make install`"):
+        keras_apps.timm_module_state(path, spec)
+
+
 def test_offline_imagenet_fails_fast_and_names_the_fix(tmp_path, monkeypatch, fails_fast_offline):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # an empty weights cache
     fails_fast_offline("storage.googleapis.com", lambda: _keras(get_backbone("vgg16"), "imagenet"))

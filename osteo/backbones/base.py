@@ -180,5 +180,13 @@ def looks_like_network_error(e: BaseException) -> bool:
     )
 
 
+def import_target(target: str):
+    """The object a spec names as ``module:attribute`` (``keras.applications.vgg16:VGG16``)."""
+    import importlib
+
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 OFFLINE_FIX = ("train from scratch with --weights none (make: WEIGHTS=none), or pass a local file with --weights "
                "/path/to/file (make: WEIGHTS=/path/to/file)")

@@ -5,12 +5,14 @@ are groups of its layers, by the spec's ``stages["keras"]`` name patterns. Weigh
 ``imagenet`` (the Keras cache, or a download that fails fast offline), ``none``, or a
 local Keras weights file (``.weights.h5``, or the ``.h5`` files Keras downloads, with or
 without the top), whose every dataset that is read is checked against the model's weights
-before anything is read.
+before anything is read. For the backbones whose timm module is the same architecture (the
+spec's ``keras_port``), also timm's weights (``.safetensors``, ``.pth``, a timm run's
+checkpoint): timm's module reads them, with the timm engine's checks, in a PyTorch process of
+its own (:func:`timm_module_state`), and :mod:`osteo.backbones.port` puts them into these layers.
 """
 
 from __future__ import annotations
 
-import importlib
 import re
 import warnings
 from pathlib import Path
@@ -22,11 +24,13 @@ from osteo.backbones.base import (
     Backbone,
     download_timeout,
     group_by_stage,
+    import_target,
     looks_like_network_error,
 )
+from osteo.backbones.port import port_into_keras_layers
 from osteo.device import ENGINES
 from osteo.errors import OsteoError, short
-from osteo.h5files import datasets, scratch, torch_state_group, weights_of
+from osteo.h5files import datasets, holds_torch_state, scratch, torch_state_group, weights_of
 from osteo.registry import parse_weights
 
 
@@ -37,7 +41,7 @@ class KerasAppsBackbone(Backbone):
 
     def build(self) -> keras.Model:
         spec, shape = self.spec, (self.image_size, self.image_size, 3)
-        constructor = _import(spec.constructor)
+        constructor = import_target(spec.constructor)
         kind, path = parse_weights(self.weights)
         if kind == "imagenet":
             if spec.test_only:
@@ -90,7 +94,11 @@ class KerasAppsBackbone(Backbone):
         return keras_feature_maps(model, self.spec)
 
     def load_weights_file(self, path: Path) -> None:
-        load_weights_file(self.layer, path, self.spec.name)
+        spec = self.spec
+        if spec.keras_port and spec.timm_name and timm_weights_file(path):
+            port_into_keras_layers(self.layer, timm_module_state(path, spec), spec.keras_port)
+            return
+        load_weights_file(self.layer, path, spec.name)
 
 
 def keras_gradcam_parts(model: keras.Model, spec, target: str | None = None) -> tuple[list, keras.Model, list]:
@@ -180,9 +188,6 @@ def _keras_backbone(model: keras.Model, spec) -> tuple[int, keras.Model]:
     raise OsteoError(f"the model has no backbone with a layer {target!r}; is this a {spec.name} run?")
 
 
-def _import(target: str):
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def all_layers(model):
@@ -237,6 +242,64 @@ def check_h5_weights(path: Path, model: keras.Model, what: str, fix: str, every:
         raise
     except Exception as e:  # not HDF5, truncated, unreadable
         raise _unreadable(path, bad, e) from None
+
+
+def timm_weights_file(path: Path) -> bool:
+    """Whether ``path`` holds a PyTorch module's state dict: a PyTorch or ``.safetensors`` file,
+    or a Keras weights file (``.keras`` archive) of a timm run."""
+    return _is_pytorch_file(path) or holds_torch_state(path)
+
+
+# seconds the child that reads a timm weights file may take (ConvNeXtTiny: about 10 s on 2 cores)
+TIMM_STATE_TIMEOUT = 600
+
+
+def timm_module_state(path: Path, spec) -> dict:
+    """The state dict of ``spec``'s timm module with the weights file ``path`` loaded as the timm
+    engine loads it, with every check it makes (:func:`osteo.backbones.timm_torch.write_backbone_state`):
+    name -> float32 array. Read in a child process on PyTorch: this one may run on TensorFlow,
+    beside which torch's imports can crash."""
+    import importlib.util
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    import osteo
+
+    fix = (f"pass a weights file of timm's {spec.timm_name.split('.')[0]} or of Keras' {spec.name}, or --weights "
+           "none (make: WEIGHTS=none)")
+
+    def bad(reason: str) -> OsteoError:
+        return OsteoError(f"weights file {path} {reason}; {fix}")
+
+    if not all(importlib.util.find_spec(m) for m in ("torch", "timm")):
+        raise bad("is a PyTorch state dict, which Keras' layers read through timm's module: that needs torch "
+                  "and timm (run `make install`, or pip install 'osteo[torch]')")
+    root = Path(osteo.__file__).resolve().parent.parent  # this process's osteo, whatever PYTHONPATH says
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from osteo.errors import OsteoError\n"
+            "from osteo.backbones.timm_torch import write_backbone_state\n"
+            "try:\n    write_backbone_state(*sys.argv[2:])\nexcept OsteoError as e:\n    sys.exit(str(e))")
+    env = {**os.environ, "KERAS_BACKEND": "torch", "CUDA_VISIBLE_DEVICES": ""}
+    with scratch(bad) as tmp:
+        try:
+            done = subprocess.run([sys.executable, "-c", code, str(root), spec.name, str(Path(path).resolve()),
+                                   str(tmp)], capture_output=True, text=True, env=env, timeout=TIMM_STATE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise bad(f"took over {TIMM_STATE_TIMEOUT} s to read in timm's module") from None
+        said = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        if done.returncode == 1 and said and said[-1].startswith(("weights file", "cannot read weights file")):
+            raise OsteoError(said[-1])  # the timm engine's own refusal, with its fix
+        if done.returncode < 0:  # a signal: the out-of-memory killer, a crash
+            raise bad(f"was being read into timm's module on PyTorch when that process was killed by "
+                      f"{signal.Signals(-done.returncode).name} (out of memory?)")
+        if done.returncode != 0:
+            why = (said or [f"exit status {done.returncode}"])[-1][:300]
+            raise bad(f"could not be read into timm's module on PyTorch ({why})")
+        with np.load(tmp / "state.npz") as f:
+            return {k: f[k] for k in f.files}
 
 
 def _unreadable(path: Path, bad, e: Exception) -> OsteoError:

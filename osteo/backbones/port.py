@@ -32,6 +32,10 @@ computed, its epsilon moved into the moving variance; ConvNeXt's trailing LayerN
 which neither engine's backbone uses, is left out. The input is scaled as Keras' layers were
 trained (:meth:`osteo.device.EngineInfo.preprocessing`: VGG's ``caffe``; ConvNeXt's own
 Normalization, ImageNet's mean and std, is the timm layer's scaling, checked here).
+
+And a timm weights file trains on the keras engine (:func:`port_into_keras_layers`): timm's
+module reads it (:func:`osteo.backbones.keras_apps.timm_module_state`) and its state dict goes
+into Keras' layers as the keras engine builds them, scaled as timm's module was (``torch``).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from collections.abc import Callable, Iterator
 import keras
 import numpy as np
 
+from osteo.backbones.base import import_target
 from osteo.errors import OsteoError
 
 # the state dict's entries a Keras layer has no weight for: BatchNorm's step counter
@@ -177,12 +182,10 @@ def _leaves(model: keras.Model) -> Iterator[keras.layers.Layer]:
 def keras_backbone(spec, image_size: int) -> keras.Model:
     """``spec``'s ``keras.applications`` model shaped like its timm module (see the module's notes),
     random weights; its input takes the twin's scaled RGB."""
-    from osteo.backbones.keras_apps import _import
-
     kwargs = {**spec.constructor_kwargs}
     if "include_preprocessing" in kwargs:  # the twin scales its input as the timm layer did
         kwargs["include_preprocessing"] = False
-    model = _import(spec.constructor)(include_top=False, weights=None, input_shape=(image_size, image_size, 3),
+    model = import_target(spec.constructor)(include_top=False, weights=None, input_shape=(image_size, image_size, 3),
                                       **kwargs)
     return PORTS[spec.keras_port][1](model)
 
@@ -217,6 +220,32 @@ def port_backbone(model: keras.Model, state: dict, port: str) -> None:
     """
     for layer, arrays in _ported(model, state, port):
         layer.set_weights(arrays)
+
+
+def port_into_keras_layers(model: keras.Model, state: dict, port: str) -> None:
+    """Copy the timm module's ``state`` into ``model``, Keras' layers as the keras engine builds
+    them (their constructor's own input scaling, epsilon and trailing norm, not
+    :func:`keras_backbone`'s twin): :func:`port_backbone`'s mapping, with
+
+    * each BatchNormalization's epsilon left as Keras' constructor set it (DenseNet's 1.001e-5),
+      PyTorch's 1e-5 moved into its moving variance, so that it computes what the module did;
+    * ConvNeXt's trailing per-position LayerNormalization, which timm's module has not (its
+      ``forward_features`` ends in the last block's sum): scale 1 and shift 0, the weights it is
+      made with, as :func:`timm_state` leaves it out going the other way.
+
+    Every weight of the backbone but that norm is set, and every tensor of ``state`` used, or
+    :class:`~osteo.errors.OsteoError` says which is not.
+    """
+    eps = {layer.name: layer.epsilon for layer in _leaves(model) if isinstance(layer, keras.layers.BatchNormalization)}
+    view = _trim_convnext(model) if port == "convnext" else model  # the same layers, the trailing norm aside
+    for layer, arrays in _ported(view, state, port):
+        if layer.name in eps:  # PyTorch's (variance + 1e-5) as Keras' (variance' + its epsilon)
+            arrays = [*arrays[:3], arrays[3] + np.float32(TORCH_BN_EPSILON - eps[layer.name])]
+        layer.set_weights([np.asarray(a, np.float32) for a in arrays])
+    if view is not model:
+        norm = model.layers[-1]
+        norm.set_weights([np.ones(w.shape, np.float32) if w.name == "gamma" else np.zeros(w.shape, np.float32)
+                          for w in norm.weights])
 
 
 def timm_state(model: keras.Model, shapes: dict[str, tuple[int, ...]], port: str) -> dict[str, np.ndarray]:

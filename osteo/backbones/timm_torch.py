@@ -319,6 +319,23 @@ def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...]) -
     module.load_state_dict({**own, **{k: v for k, v in state.items() if k in own}}, strict=True)
 
 
+def write_backbone_state(name: str, path: str, out: str) -> None:
+    """Write to ``out`` (``state.npz``) the state dict of backbone ``name``'s timm module, as the
+    timm engine builds it (the parts ``forward_features`` never uses dropped) with the weights file
+    ``path`` loaded by :func:`load_weights_file`, every check it makes; float32 arrays, BatchNorm's
+    step counters left out. Run by the keras engine in a child process on PyTorch
+    (:func:`osteo.backbones.keras_apps.timm_module_state`), whose weights go on into Keras' layers
+    (:func:`osteo.backbones.port.port_into_keras_layers`)."""
+    import numpy as np
+
+    spec = get_backbone(name)
+    module = create_module(spec.timm_name)
+    dropped, _ = _prune_unused(module, 32)  # which children forward_features uses: the same at any size
+    load_weights_file(module, Path(path), name, dropped)
+    np.savez(Path(out) / "state.npz", **{k: v.detach().float().cpu().numpy() for k, v in module.state_dict().items()
+                                         if not k.endswith(".num_batches_tracked")})
+
+
 def _load_keras_layers_file(module, path: Path, spec) -> None:
     """Load a Keras weights file of ``spec``'s Keras layers into its timm ``module``: the keras engine
     builds its backbone from the file, with every check it makes, and the port takes that backbone's
