@@ -188,8 +188,6 @@ def _keras_backbone(model: keras.Model, spec) -> tuple[int, keras.Model]:
     raise OsteoError(f"the model has no backbone with a layer {target!r}; is this a {spec.name} run?")
 
 
-
-
 def all_layers(model):
     """Every layer of ``model``, those of the models inside it too."""
     for layer in model.layers:
