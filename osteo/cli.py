@@ -240,13 +240,33 @@ def cmd_audit(args) -> int:
         manifest, report = write_audit(result, args.out)
     print_audit(result)
     print(f"wrote {manifest} and {report} ({dt:.1f}s)")
+    found = audit_findings(result)
+    if args.strict and found:
+        print(f"osteo: audit --strict: {', '.join(found)} (listed above and in {report}); fix the data, or audit "
+              "without --strict", file=sys.stderr)
+        return 1
     return 0
+
+
+def audit_findings(result) -> list[str]:
+    """What ``osteo data audit --strict`` fails on: the data's own faults, which a study trained on
+    it inherits (images filed under two classes, files that cannot be read, blank images, a
+    class without images); duplicates within a class, which the split keeps together, are not."""
+    info = result.to_json()
+    counts = ((sum(g["conflict"] for g in info["duplicate_groups"]), "duplicate group", " with conflicting labels"),
+              (len(info["unreadable"]), "unreadable file", ""), (len(info["blank"]), "blank image", ""))
+    found = [f"{n} {what}{'s' * (n != 1)}{rest}" for n, what, rest in counts if n]
+    empty = [c for c in CLASSES if not info["classes"][c]]
+    return found + ([f"no readable images of {' and '.join(empty)}"] if empty else [])
 
 
 def _add_audit_parser(dsub) -> None:
     p = dsub.add_parser("audit", help="find unreadable files, duplicates and label conflicts")
     p.add_argument("data")
     p.add_argument("--out", default="reports/audit", help="folder for audit.json and manifest.csv")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 if the data has label conflicts, unreadable files, blank images or an empty class "
+                        "(for scripts and CI; the report is written either way)")
     p.set_defaults(func=cmd_audit)
 
 

@@ -133,3 +133,35 @@ def test_a_said_line_stays_one_line_in_a_log(capsys, monkeypatch):
     text = "one message " * 40  # 480 characters
     _say(_console())(text.strip())
     assert capsys.readouterr().out.splitlines() == [text.strip()]
+
+
+def test_audit_strict_exits_1_on_the_datas_own_faults_and_writes_its_report_all_the_same(tmp_path, capsys):
+    """`osteo data audit --strict` is for scripts and CI: the faults a study trained on the data
+    inherits (an image filed under two classes, the published notebook's; a file that cannot be
+    read; a blank image; a class without images) are exit status 1 and one stderr line, the report
+    written all the same; clean data, or the same audit without --strict, exit 0."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    ph = tmp_path / "ph"
+    assert main(["data", "phantom", str(ph), "--n", "12", "--size", "48", "--seed", "2"]) == 0
+    assert main(["data", "audit", str(ph), "--out", str(tmp_path / "clean"), "--strict"]) == 0
+    first = sorted((ph / "normal").glob("*.png"))[0]
+    shutil.copy(first, ph / "osteopenia" / "copy.png")  # byte for byte, under another class
+    (ph / "osteoporosis" / "cut.png").write_bytes(first.read_bytes()[:60])
+    Image.fromarray(np.full((48, 48), 7, np.uint8)).save(ph / "osteoporosis" / "flat.png")
+    capsys.readouterr()
+    assert main(["data", "audit", str(ph), "--out", str(tmp_path / "a"), "--strict"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"osteo: audit --strict: 1 duplicate group with conflicting labels, 1 unreadable file, 1 blank "
+                       f"image (listed above and in {tmp_path / 'a' / 'audit.json'}); fix the data, or audit without "
+                       "--strict")
+    info = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert len(info["unreadable"]) == 1 and info["blank"] == ["osteoporosis/flat.png"]
+    assert main(["data", "audit", str(ph), "--out", str(tmp_path / "b")]) == 0  # a report, not a verdict
+    for p in (ph / "osteoporosis").iterdir():
+        p.unlink()
+    assert main(["data", "audit", str(ph), "--out", str(tmp_path / "c"), "--strict"]) == 1
+    assert "1 duplicate group with conflicting labels, no readable images of osteoporosis (" in capsys.readouterr().err
