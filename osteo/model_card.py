@@ -26,6 +26,19 @@ def _weights_hash(env: dict) -> str:
     return f" (sha256 {sha[:16]}…)" if isinstance(sha, str) and sha else ""
 
 
+def _named(place: str) -> str:
+    """A data folder or weights file as the card names it: by its name, not by where it was on the
+    machine that trained (a card is shared; ``recipe.json`` keeps the whole path); ``imagenet`` and
+    ``none`` as they are."""
+    return Path(place).name or place if place and place not in ("imagenet", "none") else place
+
+
+def _command(command: str) -> str:
+    """The command that trained, its program by name (``osteo train ...``), not by its path."""
+    program, _, rest = command.partition(" ")
+    return " ".join(filter(None, (Path(program).name, rest)))
+
+
 def _stopped_early(recipe, env: dict) -> str:
     """``; 6 trained: early stopping (patience 2) ended a phase`` where it did (history.csv has each epoch)."""
     planned, run = recipe.train.epochs + recipe.train.fine_tune_epochs, env.get("epochs_run")
@@ -68,7 +81,8 @@ def write_model_card(run_dir) -> Path:
         "decision. Its numbers hold for images like its training data (same scanners, protocol,",
         "population); check them on your own images first (`osteo eval RUN --data FOLDER`).", "",
         "## Training data", "",
-        f"- folder: `{audit.get('data_dir', recipe.data.dir)}`; {audit.get('n_files', '?')} files, "
+        f"- folder: `{_named(audit.get('data_dir', recipe.data.dir))}` (its path is in `recipe.json`); "
+        f"{audit.get('n_files', '?')} files, "
         f"{audit.get('n_ok', '?')} readable, {len(audit.get('unreadable', []))} unreadable",
         "- classes: " + ", ".join(f"{c} {n}" for c, n in audit.get("classes", {}).items()),
         f"- duplicate groups: {len(audit.get('duplicate_groups', []))}; images excluded as filed under two "
@@ -82,7 +96,7 @@ def write_model_card(run_dir) -> Path:
         _kept_whole(run), "",
         "## Recipe", "",
         f"`{recipe.name}`: {recipe.model.backbone} on the {recipe.model.impl} engine ({get_engine(recipe.model.impl).describes}), "
-        f"weights {recipe.model.weights}{_weights_hash(env)}, {recipe.data.image_size} px, "
+        f"weights {_named(recipe.model.weights)}{_weights_hash(env)}, {recipe.data.image_size} px, "
         f"preprocessing {recipe.model.preprocessing}, {recipe.train.epochs} + {recipe.train.fine_tune_epochs} "
         f"epochs (frozen + fine-tuned{_stopped_early(recipe, env)}), {recipe.train.optimizer} lr {recipe.train.lr:g} / "
         f"{recipe.train.fine_tune_lr:g}, batch {recipe.data.batch_size}, best checkpoint by {recipe.train.monitor}"
@@ -180,7 +194,7 @@ def write_model_card(run_dir) -> Path:
     lines += ["", "## Environment", "",
               f"osteo {env.get('git_commit', '?')[:12]}, Keras {env.get('keras', '?')}, backend "
               f"{env.get('backend', '?')} on {env.get('device', {}).get('runs_on', '?')}, precision "
-              f"{env.get('precision', '?')}; {env.get('command', '')}", ""]
+              f"{env.get('precision', '?')}; {_command(env.get('command', ''))}", ""]
     write_text(run.model_card_path, "\n".join(lines))
     return run.model_card_path
 

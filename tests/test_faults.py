@@ -346,7 +346,10 @@ def test_a_run_begun_with_relative_paths_resumes_from_another_folder_and_a_gone_
     assert main(["train", "--resume", "latest", "--runs", "../runs", "--data", "../knees",
                  "--weights", "../w/start.weights.h5"]) == 0
     assert run.is_finished() and [int(h["epoch"]) for h in run.read_history()] == [1, 2]
-    assert run.read_env()["weights_sha256"] == sha and f"(sha256 {sha[:16]}…)" in (run.path / "MODEL_CARD.md").read_text()
+    card = (run.path / "MODEL_CARD.md").read_text()
+    assert run.read_env()["weights_sha256"] == sha and f"weights start.weights.h5 (sha256 {sha[:16]}…)" in card
+    # a card is shared: the data and the weights by name and content, not by where they were on this machine
+    assert "- folder: `knees` (its path is in `recipe.json`)" in card and str(tmp_path) not in card
 
 
 def test_a_run_that_recorded_its_paths_as_typed_trains_the_same_recipe_as_one_given_them_absolute(
