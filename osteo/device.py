@@ -312,11 +312,18 @@ TORCH_WEIGHT_FILES = (".safetensors", ".pth", ".pt", ".bin")
 
 def torch_weights_file(weights: str | None) -> bool:
     """Whether ``weights`` names a PyTorch state dict (a timm or torchvision file, or a timm run's
-    checkpoint), which only the timm engine loads."""
-    from osteo.h5files import holds_torch_state
+    checkpoint), which timm's module reads (the timm engine; for the spec's ``keras_port``, the
+    keras engine through it): by its name (``.safetensors``, ``.pth`` ...: a damaged one is then
+    the PyTorch reader's to refuse), a Keras file by what it holds, any other by its first bytes
+    (torch.save's format as ``model_best.pth.tar``)."""
+    from osteo.h5files import holds_torch_state, pytorch_file
 
     name = str(weights or "").lower()
-    return name.endswith(TORCH_WEIGHT_FILES) or (name.endswith(KERAS_WEIGHT_FILES) and holds_torch_state(weights))
+    if not name or name in ("imagenet", "none"):
+        return False
+    if name.endswith(TORCH_WEIGHT_FILES):
+        return True
+    return holds_torch_state(weights) if name.endswith(KERAS_WEIGHT_FILES) else pytorch_file(weights)
 
 
 def keras_weights_file(weights: str | None) -> bool:
@@ -359,13 +366,13 @@ def choose_impl(requested: str, spec: BackboneSpec, backend: str, weights: str |
         if not has_timm:
             raise OsteoError("model.impl=timm needs timm and torchvision; run `make install`")
         return "timm", "requested"
+    ported = ("; the PyTorch state dict is read by timm's module and ported into Keras' layers (osteo.backbones.port)"
+              if spec.keras_port and spec.timm_name and torch_weights_file(weights) else "")
     if requested == "keras":
-        return "keras", "requested"
+        return "keras", f"requested{ported}"
     if keras_layers_only(weights, spec):
         return "keras", "the weights file is Keras' (keras.applications layers)"
     if backend != "torch":
-        ported = ("; the PyTorch state dict is read by timm's module and ported into Keras' layers (osteo.backbones.port)"
-                  if spec.keras_port and spec.timm_name and torch_weights_file(weights) else "")
         return "keras", f"keras.applications layers on {backend}{ported}"
     if not spec.timm_name:
         return "keras", f"timm has no {spec.name}"

@@ -77,6 +77,23 @@ def _holds_torch_state(path: str, size: int, mtime_ns: int) -> bool:
         return False
 
 
+def pytorch_file(path: str | os.PathLike) -> bool:
+    """Whether the file at ``path`` is, by its first bytes, torch.save's zip (a ``data.pkl`` inside,
+    unlike a ``.keras`` zip) or pickle, or a .safetensors file (its little-endian header length,
+    then '{'), whatever its name (``model_best.pth.tar``); False where it cannot be read."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if head.startswith(b"PK\x03\x04"):
+            with zipfile.ZipFile(path) as z:
+                return any(n.endswith("/data.pkl") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return head.startswith(b"\x80") or (len(head) == 9 and head[8:9] == b"{")
+
+
 # the HDF5 attribute in which osteo's weights files say the input scaling their backbone was trained under
 SCALING_ATTR = "osteo_preprocessing"
 

@@ -188,9 +188,10 @@ np.savez(out + ".npz", x=x, y=y.numpy())
 def test_a_timm_weights_file_trains_on_keras_layers_on_tensorflow(tmp_path, monkeypatch):
     """On TensorFlow a timm state dict of a study backbone (a .pth here) is read by timm's module
     in a PyTorch process of its own and ported into Keras' layers: the plan says so, the input is
-    scaled as timm's module was (torch mode, not DenseNet's... nor VGG's caffe), and Keras' layers
-    give timm's feature map. A file of another architecture is the timm engine's one-line refusal;
-    without torch or timm, one line says what to install."""
+    scaled as timm's module was (torch mode: not VGG's caffe, also for torch.save's format under
+    another name), and Keras' layers give timm's feature map. A file of another architecture is
+    the timm engine's one-line refusal, with the keras engine's fix; without torch or timm, one
+    line says what to install."""
     import subprocess
     import sys
 
@@ -206,12 +207,25 @@ def test_a_timm_weights_file_trains_on_keras_layers_on_tensorflow(tmp_path, monk
     chosen = plan(spec, Device(kind="cpu", name="cpu", cpu_class="avx2"), backend="tensorflow",
                   available=("tensorflow", "torch"), weights=str(path))
     assert chosen.impl == "keras" and "ported into Keras' layers" in chosen.why["impl"]
+    requested = plan(spec, Device(kind="cpu", name="cpu", cpu_class="avx2"), impl="keras",
+                     available=("tensorflow", "torch"), weights=str(path))
+    assert requested.why["impl"].startswith("requested; the PyTorch state dict is read by timm's module")
+    # torch.save's format under a name of its own, as training scripts save it: told by its bytes, so scaled
+    # as timm's module was (it was read through timm's module, and scaled as Keras' VGG is: caffe); a damaged
+    # .pth, by its name: the PyTorch reader's to refuse, not Keras'
+    (tmp_path / "model_best.pth.tar").write_bytes(path.read_bytes())
+    (tmp_path / "cut.pth").write_bytes(path.read_bytes()[:4096])
+    from osteo.device import torch_weights_file
+
+    assert torch_weights_file(str(tmp_path / "model_best.pth.tar")) and torch_weights_file(str(tmp_path / "cut.pth"))
+    assert not torch_weights_file("imagenet") and not torch_weights_file(str(tmp_path / "densenet169.pth.npz"))
     r = Recipe()
     r.model.backbone, r.model.weights, r.model.impl = "densenet169", str(path), "keras"
     assert resolve(r).model.preprocessing == "torch"
-    vgg = Recipe()
-    vgg.model.backbone, vgg.model.weights, vgg.model.impl = "vgg16", str(path), "keras"
-    assert resolve(vgg).model.preprocessing == "torch"  # timm's VGG was trained so, not as Keras' (caffe)
+    for weights in (path, tmp_path / "model_best.pth.tar"):
+        vgg = Recipe()
+        vgg.model.backbone, vgg.model.weights, vgg.model.impl = "vgg16", str(weights), "keras"
+        assert resolve(vgg).model.preprocessing == "torch"  # timm's VGG was trained so, not as Keras' (caffe)
     engine = create(spec, "keras", image_size=size, weights=str(path), preprocessing="torch")
     layer = engine.build()
     with np.load(f"{path}.npz") as f:
@@ -221,7 +235,8 @@ def test_a_timm_weights_file_trains_on_keras_layers_on_tensorflow(tmp_path, monk
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), np.abs(got - want).max() / np.abs(want).max()
     assert np.abs(np.diff(want, axis=0)).max() > 1e-2 * np.abs(want).max()  # the images give different maps
     with pytest.raises(OsteoError, match=r"^weights file .*densenet169\.pth does not match backbone vgg16: missing "
-                                         r"features\.0\.bias.*; pass a weights file of timm's vgg16") as e:
+                                         r"features\.0\.bias.*; pass a weights file of timm's vgg16 or a Keras weights file of "
+                                         r"vgg16, or --weights none") as e:
         create(get_backbone("vgg16"), "keras", image_size=size, weights=str(path)).build()
     assert "\n" not in str(e.value)
     real = importlib.util.find_spec

@@ -264,10 +264,11 @@ def test_a_timm_weights_file_loads_into_keras_layers_and_computes_what_timms_mod
     """A timm weights file of a study backbone (.pth, .safetensors, or a timm run's checkpoint)
     trains on Keras' layers too (model.impl=keras): the file is read by timm's module, with every
     check the timm engine makes, and ported into Keras' own DenseNet (its epsilon kept, PyTorch's
-    moved into the variances) and ConvNeXt (its trailing norm, which timm has not, made the
-    identity's). The input is scaled as timm's module was (torch mode, or ConvNeXt's own
-    Normalization), and Keras' layers give the feature map the timm layer gives, every tensor drawn
-    at random, BatchNorm's statistics too."""
+    moved into the variances) and ConvNeXt (its trailing per-position norm, which timm has not, at
+    scale 1 and shift 0: it still normalizes, so the maps are compared at its input). The input is
+    scaled as timm's module was (torch mode, or ConvNeXt's own Normalization), and Keras' layers
+    give the feature map the timm layer gives, every tensor drawn at random, BatchNorm's statistics
+    too."""
     import torch
 
     from osteo.backbones.base import create

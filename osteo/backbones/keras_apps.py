@@ -27,10 +27,10 @@ from osteo.backbones.base import (
     import_target,
     looks_like_network_error,
 )
-from osteo.backbones.port import port_into_keras_layers
-from osteo.device import ENGINES
+from osteo.backbones.port import port_into_keras_layers, timm_file_fix
+from osteo.device import ENGINES, torch_weights_file
 from osteo.errors import OsteoError, short
-from osteo.h5files import datasets, holds_torch_state, scratch, torch_state_group, weights_of
+from osteo.h5files import datasets, pytorch_file, scratch, torch_state_group, weights_of
 from osteo.registry import parse_weights
 
 
@@ -95,7 +95,7 @@ class KerasAppsBackbone(Backbone):
 
     def load_weights_file(self, path: Path) -> None:
         spec = self.spec
-        if spec.keras_port and spec.timm_name and timm_weights_file(path):
+        if spec.keras_port and spec.timm_name and torch_weights_file(str(path)):
             port_into_keras_layers(self.layer, timm_module_state(path, spec), spec.keras_port)
             return
         load_weights_file(self.layer, path, spec.name)
@@ -242,12 +242,6 @@ def check_h5_weights(path: Path, model: keras.Model, what: str, fix: str, every:
         raise _unreadable(path, bad, e) from None
 
 
-def timm_weights_file(path: Path) -> bool:
-    """Whether ``path`` holds a PyTorch module's state dict: a PyTorch or ``.safetensors`` file,
-    or a Keras weights file (``.keras`` archive) of a timm run."""
-    return _is_pytorch_file(path) or holds_torch_state(path)
-
-
 # seconds the child that reads a timm weights file may take (ConvNeXtTiny: about 10 s on 2 cores)
 TIMM_STATE_TIMEOUT = 600
 
@@ -257,6 +251,7 @@ def timm_module_state(path: Path, spec) -> dict:
     engine loads it, with every check it makes (:func:`osteo.backbones.timm_torch.write_backbone_state`):
     name -> float32 array. Read in a child process on PyTorch: this one may run on TensorFlow,
     beside which torch's imports can crash."""
+    import errno
     import importlib.util
     import os
     import signal
@@ -267,8 +262,7 @@ def timm_module_state(path: Path, spec) -> dict:
 
     import osteo
 
-    fix = (f"pass a weights file of timm's {spec.timm_name.split('.')[0]} or of Keras' {spec.name}, or --weights "
-           "none (make: WEIGHTS=none)")
+    fix = timm_file_fix(spec)
 
     def bad(reason: str) -> OsteoError:
         return OsteoError(f"weights file {path} {reason}; {fix}")
@@ -279,9 +273,13 @@ def timm_module_state(path: Path, spec) -> dict:
     root = Path(osteo.__file__).resolve().parent.parent  # this process's osteo, whatever PYTHONPATH says
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from osteo.errors import OsteoError\n"
             "from osteo.backbones.timm_torch import write_backbone_state\n"
-            "try:\n    write_backbone_state(*sys.argv[2:])\nexcept OsteoError as e:\n    sys.exit(str(e))")
-    env = {**os.environ, "KERAS_BACKEND": "torch", "CUDA_VISIBLE_DEVICES": ""}
+            "try:\n    write_backbone_state(*sys.argv[2:])\nexcept OsteoError as e:\n    sys.exit(str(e))\n"
+            "except OSError as e:  # the machine's (a full TMPDIR), said as the parent's own\n"
+            "    sys.exit(f'os-error {e.errno} {e.strerror}')")
     with scratch(bad) as tmp:
+        # no GPU (the module is read on the CPU), and what torch caches goes with the scratch folder
+        env = {**os.environ, "KERAS_BACKEND": "torch", "CUDA_VISIBLE_DEVICES": "",
+               "TORCHINDUCTOR_CACHE_DIR": str(tmp / "inductor")}
         try:
             done = subprocess.run([sys.executable, "-c", code, str(root), spec.name, str(Path(path).resolve()),
                                    str(tmp)], capture_output=True, text=True, env=env, timeout=TIMM_STATE_TIMEOUT)
@@ -290,6 +288,12 @@ def timm_module_state(path: Path, spec) -> dict:
         said = [line for line in done.stderr.strip().splitlines() if line.strip()]
         if done.returncode == 1 and said and said[-1].startswith(("weights file", "cannot read weights file")):
             raise OsteoError(said[-1])  # the timm engine's own refusal, with its fix
+        if done.returncode == 1 and said and said[-1].startswith("os-error "):
+            number, _, reason = said[-1].removeprefix("os-error ").partition(" ")
+            if number in (str(errno.ENOSPC), str(errno.EDQUOT)):
+                raise OsteoError(f"weights file {path} is read through timm's module into a temporary folder in "
+                                 f"{tmp.parent}, which failed ({reason}); set TMPDIR to a folder with room")
+            raise bad(f"could not be read into timm's module on PyTorch ({reason})")
         if done.returncode < 0:  # a signal: the out-of-memory killer, a crash
             raise bad(f"was being read into timm's module on PyTorch when that process was killed by "
                       f"{signal.Signals(-done.returncode).name} (out of memory?)")
@@ -301,27 +305,13 @@ def timm_module_state(path: Path, spec) -> dict:
 
 
 def _unreadable(path: Path, bad, e: Exception) -> OsteoError:
-    if _is_pytorch_file(path):
+    if pytorch_file(path):
         return OsteoError(f"weights file {path} is a PyTorch state dict, which the timm engine reads: train on "
                           "PyTorch (--backend torch, or KERAS_BACKEND=torch) with model.impl=timm or auto, "
                           "or pass a Keras .h5 weights file")
     return bad(f"cannot be read as a Keras weights file ({short(e)})")
 
 
-def _is_pytorch_file(path: Path) -> bool:
-    """torch.save's zip (a ``data.pkl`` inside, unlike a ``.keras`` zip) or pickle, or a
-    .safetensors file (its little-endian header length, then '{')."""
-    import zipfile
-
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-        if head.startswith(b"PK\x03\x04"):
-            with zipfile.ZipFile(path) as z:
-                return any(n.endswith("/data.pkl") for n in z.namelist())
-    except (OSError, zipfile.BadZipFile):
-        return False
-    return head.startswith(b"\x80") or (len(head) == 9 and head[8:9] == b"{")
 
 
 def _snake(name: str) -> str:

@@ -222,6 +222,12 @@ def port_backbone(model: keras.Model, state: dict, port: str) -> None:
         layer.set_weights(arrays)
 
 
+def timm_file_fix(spec) -> str:
+    """What to do about a timm weights file the keras engine cannot read for ``spec``."""
+    return (f"pass a weights file of timm's {spec.timm_name.split('.')[0]} or a Keras weights file of {spec.name}, "
+            "or --weights none (make: WEIGHTS=none)")
+
+
 def port_into_keras_layers(model: keras.Model, state: dict, port: str) -> None:
     """Copy the timm module's ``state`` into ``model``, Keras' layers as the keras engine builds
     them (their constructor's own input scaling, epsilon and trailing norm, not
@@ -231,7 +237,9 @@ def port_into_keras_layers(model: keras.Model, state: dict, port: str) -> None:
       PyTorch's 1e-5 moved into its moving variance, so that it computes what the module did;
     * ConvNeXt's trailing per-position LayerNormalization, which timm's module has not (its
       ``forward_features`` ends in the last block's sum): scale 1 and shift 0, the weights it is
-      made with, as :func:`timm_state` leaves it out going the other way.
+      made with (:func:`timm_state` leaves it out going the other way). It still normalizes each
+      position: the keras engine's ConvNeXt gives timm's features normalized per position, as it
+      does with Keras' own weights, and its head pools those (the timm engine pools timm's).
 
     Every weight of the backbone but that norm is set, and every tensor of ``state`` used, or
     :class:`~osteo.errors.OsteoError` says which is not.

@@ -274,7 +274,7 @@ def _from_torchvision(module, declared: dict, read: Callable[[], dict]) -> tuple
             lambda: {names.get(k, k): v.reshape(-1) if k.endswith("layer_scale") else v for k, v in read().items()})
 
 
-def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...]) -> None:
+def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...], fix: str | None = None) -> None:
     """Load a local state dict into ``module``; every parameter must be in it with its shape.
 
     Keys of the classifier (timm's ``pretrained_cfg["classifier"]``) and of the parts
@@ -292,8 +292,8 @@ def load_weights_file(module, path: Path, name: str, dropped: tuple[str, ...]) -
         return
     classifier = module.pretrained_cfg.get("classifier") or ()
     ignored = tuple(f"{p}." for p in ((classifier,) if isinstance(classifier, str) else classifier) + dropped)
-    fix = (f"pass a weights file of timm's {module.pretrained_cfg.get('architecture', name)}, a Keras .h5 file "
-           "with model.impl=keras, or --weights none (make: WEIGHTS=none)")
+    fix = fix or (f"pass a weights file of timm's {module.pretrained_cfg.get('architecture', name)}, a Keras .h5 "
+                  "file with model.impl=keras, or --weights none (make: WEIGHTS=none)")
     try:
         declared, read = read_state_dict(path)
     except Exception as e:
@@ -328,10 +328,12 @@ def write_backbone_state(name: str, path: str, out: str) -> None:
     (:func:`osteo.backbones.port.port_into_keras_layers`)."""
     import numpy as np
 
+    from osteo.backbones.port import timm_file_fix
+
     spec = get_backbone(name)
     module = create_module(spec.timm_name)
     dropped, _ = _prune_unused(module, 32)  # which children forward_features uses: the same at any size
-    load_weights_file(module, Path(path), name, dropped)
+    load_weights_file(module, Path(path), name, dropped, fix=timm_file_fix(spec))
     np.savez(Path(out) / "state.npz", **{k: v.detach().float().cpu().numpy() for k, v in module.state_dict().items()
                                          if not k.endswith(".num_batches_tracked")})
 
