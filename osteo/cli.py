@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -210,7 +211,7 @@ def print_audit(result, console=None) -> None:
         each = f"{low} image{'s' * (low > 1)}" if low == high else f"{low}-{high} images"
         console.print(f"  patients: {patients['patients']} by DICOM PatientID ({each} each): the split keeps each "
                       "patient's images on one side", markup=False, soft_wrap=True)
-    empty = [c for c in CLASSES if not any(r.label == c for r in ok)]
+    empty = _empty_classes(info)
     if empty:
         console.print(f"  no readable images of class {' and '.join(empty)}: training needs images of every class",
                       markup=False)
@@ -242,8 +243,8 @@ def cmd_audit(args) -> int:
     print(f"wrote {manifest} and {report} ({dt:.1f}s)")
     found = audit_findings(result)
     if args.strict and found:
-        print(f"osteo: audit --strict: {', '.join(found)} (listed above and in {report}); fix the data, or audit "
-              "without --strict", file=sys.stderr)
+        print(f"osteo: audit --strict: {', '.join(found)} (listed in {report}); fix the data, or audit without "
+              "--strict", file=sys.stderr)
         return 1
     return 0
 
@@ -256,8 +257,13 @@ def audit_findings(result) -> list[str]:
     counts = ((sum(g["conflict"] for g in info["duplicate_groups"]), "duplicate group", " with conflicting labels"),
               (len(info["unreadable"]), "unreadable file", ""), (len(info["blank"]), "blank image", ""))
     found = [f"{n} {what}{'s' * (n != 1)}{rest}" for n, what, rest in counts if n]
-    empty = [c for c in CLASSES if not info["classes"][c]]
+    empty = _empty_classes(info)
     return found + ([f"no readable images of {' and '.join(empty)}"] if empty else [])
+
+
+def _empty_classes(info: dict) -> list[str]:
+    """The classes of an audit (its ``to_json()``) with no readable image."""
+    return [c for c in CLASSES if not info["classes"].get(c)]
 
 
 def _add_audit_parser(dsub) -> None:
@@ -434,7 +440,7 @@ def cmd_train(args) -> int:
         ensure_phantom(recipe, say)
     if args.folds is not None or args.fold is not None or args.cv:
         cv = cross_validate(recipe, plan, console, folds=args.folds, fold=args.fold, cv=args.cv,
-                            command=" ".join(sys.argv))
+                            command=shlex.join(sys.argv))
         k = cv.read()["folds"]
         if cv.is_finished():
             _print_pooled(cv, recipe)
@@ -444,7 +450,7 @@ def cmd_train(args) -> int:
         return 0
     from osteo.trainer import Trainer
 
-    trainer = Trainer(recipe, console=console, resume=run, command=" ".join(sys.argv), plan=plan)
+    trainer = Trainer(recipe, console=console, resume=run, command=shlex.join(sys.argv), plan=plan)
     args.trainer = trainer  # a stop says which run to continue, if it made one
     print_run_summary(trainer.run(), console)
     return 0

@@ -313,17 +313,17 @@ TORCH_WEIGHT_FILES = (".safetensors", ".pth", ".pt", ".bin")
 def torch_weights_file(weights: str | None) -> bool:
     """Whether ``weights`` names a PyTorch state dict (a timm or torchvision file, or a timm run's
     checkpoint), which timm's module reads (the timm engine; for the spec's ``keras_port``, the
-    keras engine through it): by its name (``.safetensors``, ``.pth`` ...: a damaged one is then
-    the PyTorch reader's to refuse), a Keras file by what it holds, any other by its first bytes
-    (torch.save's format as ``model_best.pth.tar``)."""
-    from osteo.h5files import holds_torch_state, pytorch_file
+    keras engine through it): a Keras file (by its name, or HDF5 by its bytes) by what it holds;
+    any other by its name (``.safetensors``, ``.pth`` ...: a damaged one is then the PyTorch
+    reader's to refuse) or by its first bytes (torch.save's format as ``model_best.pth.tar``)."""
+    from osteo.h5files import HDF5_SIGNATURE, first_bytes, holds_torch_state, pytorch_file
 
     name = str(weights or "").lower()
     if not name or name in ("imagenet", "none"):
         return False
-    if name.endswith(TORCH_WEIGHT_FILES):
-        return True
-    return holds_torch_state(weights) if name.endswith(KERAS_WEIGHT_FILES) else pytorch_file(weights)
+    if name.endswith(KERAS_WEIGHT_FILES) or first_bytes(weights) == HDF5_SIGNATURE:  # HDF5 under any name: Keras'
+        return holds_torch_state(weights)
+    return name.endswith(TORCH_WEIGHT_FILES) or pytorch_file(weights)
 
 
 def keras_weights_file(weights: str | None) -> bool:

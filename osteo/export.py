@@ -87,7 +87,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -103,6 +102,7 @@ import osteo
 import osteo.backbones.timm_torch  # registers TimmLayer, for loading a timm run's .keras export
 from osteo import CLASSES, killpoints
 from osteo.calibrate import EPS, apply_temperature
+from osteo.child import DIE_WITH_PARENT, signal_name
 from osteo.classifier import AUGMENTATION
 from osteo.device import get_engine
 from osteo.errors import OsteoError
@@ -490,19 +490,6 @@ def _export_ported_savedmodel(run: RunDir, best: keras.Model, model: keras.Model
             shutil.rmtree(work, ignore_errors=True)
 
 
-# Before _PORT_CHILD, in the same child: it dies with the export that started it (Linux's
-# PR_SET_PDEATHSIG), so a killed export leaves no child writing on into its temporaries. The
-# export's id is the last argument; a child whose export died before the prctl stops itself.
-_DIE_WITH_PARENT = """
-import ctypes, os, signal, sys
-export_pid = int(sys.argv.pop())
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-except Exception:  # not Linux (no prctl, or no C library by that name): it may outlive a killed export
-    pass
-if os.getppid() != export_pid:
-    sys.exit("the export that started this was stopped")
-"""
 # Run by _port_child on TensorFlow: this process's osteo first on the path, then the twin, its
 # weights, the SavedModel, and the SavedModel's probabilities as loaded back.
 _PORT_CHILD = """
@@ -532,7 +519,7 @@ def _port_child(run: RunDir, work: Path, out: Path, temperature: float, preproce
     fix = "nothing written; export --format onnx instead"
     env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
     root = Path(osteo.__file__).resolve().parent.parent  # this process's osteo, whatever PYTHONPATH says
-    with subprocess.Popen([sys.executable, "-c", _DIE_WITH_PARENT + _PORT_CHILD, str(root), str(run.path.resolve()),
+    with subprocess.Popen([sys.executable, "-c", DIE_WITH_PARENT + _PORT_CHILD, str(root), str(run.path.resolve()),
                            str(work.resolve()), str(out.resolve()), repr(temperature), preprocessing,
                            str(os.getpid())], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                           cwd=work) as proc:
@@ -545,7 +532,7 @@ def _port_child(run: RunDir, work: Path, out: Path, temperature: float, preproce
                              f"{fix}") from None
     if proc.returncode < 0:  # a signal: the out-of-memory killer, a crash; TensorFlow's log is not why
         raise OsteoError(f"writing the SavedModel with Keras' layers on TensorFlow was killed by "
-                         f"{signal.Signals(-proc.returncode).name} (out of memory?); {fix}")
+                         f"{signal_name(proc.returncode)} (out of memory?); {fix}")
     if proc.returncode == 3:
         with contextlib.suppress(ValueError, KeyError, TypeError):
             code, reason = json.loads((stdout.strip().splitlines() or [""])[-1])["os_error"]

@@ -77,21 +77,33 @@ def _holds_torch_state(path: str, size: int, mtime_ns: int) -> bool:
         return False
 
 
-def pytorch_file(path: str | os.PathLike) -> bool:
-    """Whether the file at ``path`` is, by its first bytes, torch.save's zip (a ``data.pkl`` inside,
-    unlike a ``.keras`` zip) or pickle, or a .safetensors file (its little-endian header length,
-    then '{'), whatever its name (``model_best.pth.tar``); False where it cannot be read."""
-    import zipfile
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
+
+def first_bytes(path: str | os.PathLike, n: int = 8) -> bytes:
+    """The first ``n`` bytes of the file at ``path`` (b"" where it cannot be read)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(9)
-        if head.startswith(b"PK\x03\x04"):
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def pytorch_file(path: str | os.PathLike) -> bool:
+    """Whether the file at ``path`` is, by its first bytes, in torch.save's format, which the
+    timm engine's reader takes whatever the file's name (``model_best.pth.tar``): its zip (a
+    ``data.pkl`` inside, unlike a ``.keras`` zip) or its pickle; False where it cannot be read.
+    (A ``.safetensors`` file is told by its name, as the reader tells it.)"""
+    import zipfile
+
+    head = first_bytes(path, 4)
+    if head.startswith(b"PK\x03\x04"):
+        try:
             with zipfile.ZipFile(path) as z:
                 return any(n.endswith("/data.pkl") for n in z.namelist())
-    except (OSError, zipfile.BadZipFile):
-        return False
-    return head.startswith(b"\x80") or (len(head) == 9 and head[8:9] == b"{")
+        except (OSError, zipfile.BadZipFile):
+            return False
+    return head.startswith(b"\x80")
 
 
 # the HDF5 attribute in which osteo's weights files say the input scaling their backbone was trained under

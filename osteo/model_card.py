@@ -34,9 +34,26 @@ def _named(place: str) -> str:
 
 
 def _command(command: str) -> str:
-    """The command that trained, its program by name (``osteo train ...``), not by its path."""
-    program, _, rest = command.partition(" ")
-    return " ".join(filter(None, (Path(program).name, rest)))
+    """The command that trained (``env.json``'s, each word quoted as a shell would), its program and
+    every absolute path in it by name (``osteo train vgg16 --data …/knees``), as the card names the
+    data and weights; a command recorded unquoted (before osteo quoted it) is split at spaces."""
+    import shlex
+
+    try:
+        words = shlex.split(command)
+    except ValueError:  # an unquoted command with a quote in a path
+        words = command.split()
+    if not words:
+        return ""
+    program = Path(words[0]).name
+    words = ["osteo" if program in ("osteo", "__main__.py") else program, *map(_named_if_absolute, words[1:])]
+    return " ".join(shlex.quote(w) if any(c.isspace() for c in w) else w for w in words)
+
+
+def _named_if_absolute(word: str) -> str:
+    """``/home/a/knees`` as ``…/knees``, also after ``--data=``; any other word as it is."""
+    option, eq, value = word.partition("=") if word.startswith("--") and "=" in word else ("", "", word)
+    return f"{option}{eq}…/{Path(value).name}" if value.startswith("/") and Path(value).name else word
 
 
 def _stopped_early(recipe, env: dict) -> str:

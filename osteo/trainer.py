@@ -25,6 +25,7 @@ import datetime
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -122,7 +123,7 @@ class Trainer:
         self.recipe = recipe
         self.console = console
         self.resume = resume
-        self.command = command or " ".join(sys.argv)
+        self.command = command or shlex.join(sys.argv)  # each word quoted: the card can name paths by name
         self.plan = plan
         self.at = at
         self.run_dir: RunDir | None = None

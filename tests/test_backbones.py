@@ -242,7 +242,7 @@ def test_a_timm_weights_file_trains_on_keras_layers_on_tensorflow(tmp_path, monk
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "timm" else real(n, *a))
     with pytest.raises(OsteoError, match=r"is a PyTorch state dict, which Keras' layers read through timm's module: "
-                                         r"that needs torch and timm \(run `make install`"):
+                                         r"that needs torch and timm; run `make install`"):
         keras_apps.timm_module_state(path, spec)
 
 

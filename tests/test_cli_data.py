@@ -156,8 +156,7 @@ def test_audit_strict_exits_1_on_the_datas_own_faults_and_writes_its_report_all_
     assert main(["data", "audit", str(ph), "--out", str(tmp_path / "a"), "--strict"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (f"osteo: audit --strict: 1 duplicate group with conflicting labels, 1 unreadable file, 1 blank "
-                       f"image (listed above and in {tmp_path / 'a' / 'audit.json'}); fix the data, or audit without "
-                       "--strict")
+                       f"image (listed in {tmp_path / 'a' / 'audit.json'}); fix the data, or audit without --strict")
     info = json.loads((tmp_path / "a" / "audit.json").read_text())
     assert len(info["unreadable"]) == 1 and info["blank"] == ["osteoporosis/flat.png"]
     assert main(["data", "audit", str(ph), "--out", str(tmp_path / "b")]) == 0  # a report, not a verdict

@@ -358,9 +358,9 @@ def test_gradcam_reads_the_same_activations_on_both_engines(name):
     assert np.abs(np.diff(timm_maps, axis=0)).max() > 0.1  # the maps differ between images: a real comparison
     np.testing.assert_allclose(keras_maps, timm_maps, atol=1e-3)
     assert np.abs(np.diff(fallback[0], axis=0)).max() > 0.1
-    # the deeper layer's maps of a random model can be ill-conditioned (a map's peak a small sum of
-    # large terms): over seeds 0-9 they were within 1e-3 but for DenseNet169's at two seeds (2.3e-3, 4.9e-3)
-    np.testing.assert_allclose(fallback[1], fallback[0], atol=1e-2)
+    # seeded above: the deeper layer's maps of a random model can be ill-conditioned (a map's peak a small
+    # sum of large terms); over seeds 0-9 they were within 1e-3 but for DenseNet169's at two (2.3e-3, 4.9e-3)
+    np.testing.assert_allclose(fallback[1], fallback[0], atol=1e-3)
 
 
 def test_gradcam_on_keras_layers_convnext_reads_timms_last_stage():

@@ -4,6 +4,7 @@ import csv
 import errno
 import logging
 import os
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -350,6 +351,11 @@ def test_a_run_begun_with_relative_paths_resumes_from_another_folder_and_a_gone_
     assert run.read_env()["weights_sha256"] == sha and f"weights start.weights.h5 (sha256 {sha[:16]}…)" in card
     # a card is shared: the data and the weights by name and content, not by where they were on this machine
     assert "- folder: `knees` (its path is in `recipe.json`)" in card and str(tmp_path) not in card
+    from osteo.model_card import _command
+
+    assert _command(shlex.join(["/home/a b/.venv/bin/osteo", "train", "--data", "/home/alice/knees x",
+                                f"--weights={tmp_path}/w.pth", "--runs", "runs"])) == (
+        "osteo train --data '…/knees x' --weights=…/w.pth --runs runs")  # as the card shows a command typed so
 
 
 def test_a_run_that_recorded_its_paths_as_typed_trains_the_same_recipe_as_one_given_them_absolute(

@@ -246,59 +246,83 @@ def check_h5_weights(path: Path, model: keras.Model, what: str, fix: str, every:
 TIMM_STATE_TIMEOUT = 600
 
 
+# Run by timm_module_state on PyTorch, after DIE_WITH_PARENT: this process's osteo first on the path;
+# what ends it is the last line on stdout, as JSON
+_STATE_CHILD = """
+import json, sys
+osteo_root, name, path, out = sys.argv[1:]
+sys.path.insert(0, osteo_root)
+from osteo.errors import OsteoError
+from osteo.backbones.timm_torch import write_backbone_state
+try:
+    write_backbone_state(name, path, out)
+except OsteoError as e:
+    print(json.dumps({"refusal": str(e)}))
+    sys.exit(1)
+except OSError as e:  # the machine's (a full TMPDIR), said by the parent
+    print(json.dumps({"os_error": [e.errno, e.strerror or str(e)]}))
+    sys.exit(1)
+print(json.dumps({"written": out}))
+"""
+
+
 def timm_module_state(path: Path, spec) -> dict:
     """The state dict of ``spec``'s timm module with the weights file ``path`` loaded as the timm
     engine loads it, with every check it makes (:func:`osteo.backbones.timm_torch.write_backbone_state`):
-    name -> float32 array. Read in a child process on PyTorch: this one may run on TensorFlow,
-    beside which torch's imports can crash."""
+    name -> float32 array. Read in a child process on PyTorch (:data:`_STATE_CHILD`): this one may
+    run on TensorFlow, beside which torch's imports can crash."""
     import errno
     import importlib.util
+    import json
     import os
-    import signal
     import subprocess
     import sys
 
     import numpy as np
 
     import osteo
-
-    fix = timm_file_fix(spec)
-
-    def bad(reason: str) -> OsteoError:
-        return OsteoError(f"weights file {path} {reason}; {fix}")
+    from osteo.child import DIE_WITH_PARENT, signal_name
 
     if not all(importlib.util.find_spec(m) for m in ("torch", "timm")):
-        raise bad("is a PyTorch state dict, which Keras' layers read through timm's module: that needs torch "
-                  "and timm (run `make install`, or pip install 'osteo[torch]')")
+        raise OsteoError(f"weights file {path} is a PyTorch state dict, which Keras' layers read through timm's "
+                         "module: that needs torch and timm; run `make install` (or pip install 'osteo[torch]')")
+
+    def bad(reason: str) -> OsteoError:
+        return OsteoError(f"weights file {path} {reason}; {timm_file_fix(spec)}")
+
     root = Path(osteo.__file__).resolve().parent.parent  # this process's osteo, whatever PYTHONPATH says
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from osteo.errors import OsteoError\n"
-            "from osteo.backbones.timm_torch import write_backbone_state\n"
-            "try:\n    write_backbone_state(*sys.argv[2:])\nexcept OsteoError as e:\n    sys.exit(str(e))\n"
-            "except OSError as e:  # the machine's (a full TMPDIR), said as the parent's own\n"
-            "    sys.exit(f'os-error {e.errno} {e.strerror}')")
     with scratch(bad) as tmp:
-        # no GPU (the module is read on the CPU), and what torch caches goes with the scratch folder
+        # no GPU (the module is read on the CPU); run in the scratch folder, so that neither the user's
+        # folder (first on a -c child's path) nor what torch caches there is in the way or left behind
         env = {**os.environ, "KERAS_BACKEND": "torch", "CUDA_VISIBLE_DEVICES": "",
                "TORCHINDUCTOR_CACHE_DIR": str(tmp / "inductor")}
         try:
-            done = subprocess.run([sys.executable, "-c", code, str(root), spec.name, str(Path(path).resolve()),
-                                   str(tmp)], capture_output=True, text=True, env=env, timeout=TIMM_STATE_TIMEOUT)
+            done = subprocess.run([sys.executable, "-c", DIE_WITH_PARENT + _STATE_CHILD, str(root), spec.name,
+                                   str(Path(path).resolve()), str(tmp), str(os.getpid())], capture_output=True,
+                                  text=True, env=env, cwd=tmp, timeout=TIMM_STATE_TIMEOUT)
         except subprocess.TimeoutExpired:
             raise bad(f"took over {TIMM_STATE_TIMEOUT} s to read in timm's module") from None
-        said = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        if done.returncode == 1 and said and said[-1].startswith(("weights file", "cannot read weights file")):
-            raise OsteoError(said[-1])  # the timm engine's own refusal, with its fix
-        if done.returncode == 1 and said and said[-1].startswith("os-error "):
-            number, _, reason = said[-1].removeprefix("os-error ").partition(" ")
-            if number in (str(errno.ENOSPC), str(errno.EDQUOT)):
+        if done.returncode < 0:  # a signal: the out-of-memory killer, a crash
+            raise bad(f"was being read into timm's module on PyTorch when that process was killed by "
+                      f"{signal_name(done.returncode)} (out of memory?)")
+        said: dict = {}
+        for line in reversed(done.stdout.strip().splitlines()):
+            try:
+                said = json.loads(line)
+                break
+            except json.JSONDecodeError:
+                continue
+        if "refusal" in said:
+            raise OsteoError(said["refusal"])  # the timm engine's own, with the keras engine's fix
+        if "os_error" in said:
+            number, reason = said["os_error"]
+            if number in (errno.ENOSPC, errno.EDQUOT):
                 raise OsteoError(f"weights file {path} is read through timm's module into a temporary folder in "
                                  f"{tmp.parent}, which failed ({reason}); set TMPDIR to a folder with room")
             raise bad(f"could not be read into timm's module on PyTorch ({reason})")
-        if done.returncode < 0:  # a signal: the out-of-memory killer, a crash
-            raise bad(f"was being read into timm's module on PyTorch when that process was killed by "
-                      f"{signal.Signals(-done.returncode).name} (out of memory?)")
-        if done.returncode != 0:
-            why = (said or [f"exit status {done.returncode}"])[-1][:300]
+        if done.returncode != 0 or "written" not in said:
+            why = ([line for line in done.stderr.strip().splitlines() if line.strip()]
+                   or [f"exit status {done.returncode}"])[-1][:300]
             raise bad(f"could not be read into timm's module on PyTorch ({why})")
         with np.load(tmp / "state.npz") as f:
             return {k: f[k] for k in f.files}

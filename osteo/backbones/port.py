@@ -237,9 +237,10 @@ def port_into_keras_layers(model: keras.Model, state: dict, port: str) -> None:
       PyTorch's 1e-5 moved into its moving variance, so that it computes what the module did;
     * ConvNeXt's trailing per-position LayerNormalization, which timm's module has not (its
       ``forward_features`` ends in the last block's sum): scale 1 and shift 0, the weights it is
-      made with (:func:`timm_state` leaves it out going the other way). It still normalizes each
-      position: the keras engine's ConvNeXt gives timm's features normalized per position, as it
-      does with Keras' own weights, and its head pools those (the timm engine pools timm's).
+      made with (:func:`timm_state` leaves it out going the other way; a timm file's ``head.norm``,
+      which timm applies after pooling, is not read). It still normalizes each position: the keras
+      engine's ConvNeXt, which has this layer whatever its weights, gives timm's features normalized
+      per position, and its head pools those (the timm engine's pools timm's own).
 
     Every weight of the backbone but that norm is set, and every tensor of ``state`` used, or
     :class:`~osteo.errors.OsteoError` says which is not.

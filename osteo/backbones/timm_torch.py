@@ -137,16 +137,15 @@ def read_state_dict(path: Path) -> tuple[dict[str, tuple[int, ...]], Callable[[]
     """
     import torch
 
-    from osteo.h5files import keras_archive
+    from osteo.h5files import HDF5_SIGNATURE, first_bytes, keras_archive
 
     archive = keras_archive(path)  # a timm run's model.keras (osteo export --format keras)
     if archive is not None:
         archive.close()
         return _state_in_keras_file(path)
-    with open(path, "rb") as f:
-        if f.read(8) == b"\x89HDF\r\n\x1a\n":
-            return _state_in_keras_file(path)
-    if path.suffix == ".safetensors":
+    if first_bytes(path) == HDF5_SIGNATURE:
+        return _state_in_keras_file(path)
+    if path.suffix.lower() == ".safetensors":  # by its name, as osteo.device.torch_weights_file tells it
         from safetensors import safe_open
         from safetensors.torch import load_file
 
