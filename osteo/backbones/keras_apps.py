@@ -271,6 +271,7 @@ def timm_module_state(path: Path, spec) -> dict:
     engine loads it, with every check it makes (:func:`osteo.backbones.timm_torch.write_backbone_state`):
     name -> float32 array. Read in a child process on PyTorch (:data:`_STATE_CHILD`): this one may
     run on TensorFlow, beside which torch's imports can crash."""
+    import contextlib
     import errno
     import importlib.util
     import json
@@ -306,12 +307,12 @@ def timm_module_state(path: Path, spec) -> dict:
             raise bad(f"was being read into timm's module on PyTorch when that process was killed by "
                       f"{signal_name(done.returncode)} (out of memory?)")
         said: dict = {}
-        for line in reversed(done.stdout.strip().splitlines()):
-            try:
+        for line in reversed(done.stdout.strip().splitlines()):  # the child's answer: its last dict
+            with contextlib.suppress(json.JSONDecodeError):
                 said = json.loads(line)
+            if isinstance(said, dict) and said:
                 break
-            except json.JSONDecodeError:
-                continue
+            said = {}
         if "refusal" in said:
             raise OsteoError(said["refusal"])  # the timm engine's own, with the keras engine's fix
         if "os_error" in said:
