@@ -30,7 +30,7 @@ from osteo.backbones.base import (
 from osteo.backbones.port import port_into_keras_layers, timm_file_fix
 from osteo.device import ENGINES, torch_weights_file
 from osteo.errors import OsteoError, short
-from osteo.h5files import datasets, pytorch_file, scratch, torch_state_group, weights_of
+from osteo.h5files import datasets, scratch, torch_state_group, weights_of
 from osteo.registry import parse_weights
 
 
@@ -330,7 +330,7 @@ def timm_module_state(path: Path, spec) -> dict:
 
 
 def _unreadable(path: Path, bad, e: Exception) -> OsteoError:
-    if pytorch_file(path):
+    if torch_weights_file(str(path)):  # by its name or its bytes, as the plan told it
         return OsteoError(f"weights file {path} is a PyTorch state dict, which the timm engine reads: train on "
                           "PyTorch (--backend torch, or KERAS_BACKEND=torch) with model.impl=timm or auto, "
                           "or pass a Keras .h5 weights file")
