@@ -192,6 +192,7 @@ def test_a_timm_weights_file_trains_on_keras_layers_on_tensorflow(tmp_path, monk
     another name), and Keras' layers give timm's feature map. A file of another architecture is
     the timm engine's one-line refusal, with the keras engine's fix; without torch or timm, one
     line says what to install."""
+    import os
     import subprocess
     import sys
 
@@ -200,7 +201,7 @@ def test_a_timm_weights_file_trains_on_keras_layers_on_tensorflow(tmp_path, monk
     from osteo.recipe import Recipe, resolve
 
     path, size = tmp_path / "densenet169.pth", 32
-    env = {**__import__("os").environ, "KERAS_BACKEND": "torch"}
+    env = {**os.environ, "KERAS_BACKEND": "torch"}
     subprocess.run([sys.executable, "-c", _TIMM_FILE, "densenet169", str(path), str(size)], env=env, check=True,
                    capture_output=True)
     spec = get_backbone("densenet169")
