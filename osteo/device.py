@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from osteo.errors import OsteoError
-from osteo.registry import BackboneSpec, get_backbone, list_backbones
+from osteo.registry import BackboneSpec, get_backbone, list_backbones, names_a_file
 
 BACKENDS = ("auto", "tensorflow", "torch")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
@@ -126,7 +126,7 @@ class EngineInfo:
             return self.own_preprocessing if spec.preprocessing == "none" else recorded or spec.preprocessing
         if recorded and not any(e is not self and e.own_preprocessing == recorded for e in ENGINES.values()):
             return recorded
-        if not self.own_preprocessing and spec.keras_port and spec.timm_name and torch_weights_file(weights):
+        if not self.own_preprocessing and ported_to_keras_layers(weights, spec):
             return spec.preprocessing if spec.preprocessing == "none" else "torch"  # timm's module, into Keras' layers
         return self.own_preprocessing or spec.preprocessing
 
@@ -318,9 +318,9 @@ def torch_weights_file(weights: str | None) -> bool:
     reader's to refuse) or by its first bytes (torch.save's format as ``model_best.pth.tar``)."""
     from osteo.h5files import HDF5_SIGNATURE, first_bytes, holds_torch_state, pytorch_file
 
-    name = str(weights or "").lower()
-    if not name or name in ("imagenet", "none"):
+    if not names_a_file(weights):
         return False
+    name = str(weights).lower()
     if name.endswith(KERAS_WEIGHT_FILES) or first_bytes(weights) == HDF5_SIGNATURE:  # HDF5 under any name: Keras'
         return holds_torch_state(weights)
     return name.endswith(TORCH_WEIGHT_FILES) or pytorch_file(weights)
@@ -339,6 +339,12 @@ def keras_layers_only(weights: str | None, spec: BackboneSpec) -> bool:
     """Whether ``weights`` is a Keras weights file that only Keras' layers load: ``spec``'s timm
     module is another architecture (no ``keras_port``), or timm has none."""
     return keras_weights_file(weights) and not (spec.keras_port and spec.timm_name)
+
+
+def ported_to_keras_layers(weights: str | None, spec: BackboneSpec) -> bool:
+    """Whether ``weights`` is a PyTorch state dict that Keras' layers of ``spec`` read through timm's
+    module (the spec's ``keras_port``: :func:`osteo.backbones.port.port_into_keras_layers`)."""
+    return bool(spec.keras_port and spec.timm_name) and torch_weights_file(weights)
 
 
 def choose_impl(requested: str, spec: BackboneSpec, backend: str, weights: str | None = None,
@@ -367,7 +373,7 @@ def choose_impl(requested: str, spec: BackboneSpec, backend: str, weights: str |
             raise OsteoError("model.impl=timm needs timm and torchvision; run `make install`")
         return "timm", "requested"
     ported = ("; the PyTorch state dict is read by timm's module and ported into Keras' layers (osteo.backbones.port)"
-              if spec.keras_port and spec.timm_name and torch_weights_file(weights) else "")
+              if ported_to_keras_layers(weights, spec) else "")
     if requested == "keras":
         return "keras", f"requested{ported}"
     if keras_layers_only(weights, spec):

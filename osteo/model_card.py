@@ -17,6 +17,7 @@ from osteo.evaluate import (
     provenance,
 )
 from osteo.files import sweep_temporaries, temporaries_of, write_text
+from osteo.registry import names_a_file
 from osteo.runs import RunDir
 
 
@@ -30,7 +31,7 @@ def _named(place: str) -> str:
     """A data folder or weights file as the card names it: by its name, not by where it was on the
     machine that trained (a card is shared; ``recipe.json`` keeps the whole path); ``imagenet`` and
     ``none`` as they are."""
-    return Path(place).name or place if place and place not in ("imagenet", "none") else place
+    return Path(place).name or place if names_a_file(place) else place
 
 
 def _command(command: str) -> str:

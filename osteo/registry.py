@@ -147,12 +147,16 @@ class BackboneSpec:
         return len(self.stages["keras"])
 
 
+def names_a_file(weights: str | os.PathLike | None) -> bool:
+    """Whether a ``--weights`` value is a path, not ``imagenet``, ``none`` or empty (whether or not
+    a file is there: :func:`parse_weights` checks that)."""
+    return str(weights or "").lower() not in ("", "none", "imagenet")
+
+
 def parse_weights(weights: str | os.PathLike | None) -> tuple[str, Path | None]:
     """``imagenet`` | ``none`` | a path -> (kind, path)."""
-    if weights is None or str(weights).lower() in ("none", ""):
-        return "none", None
-    if str(weights).lower() == "imagenet":
-        return "imagenet", None
+    if not names_a_file(weights):
+        return ("imagenet" if str(weights).lower() == "imagenet" else "none"), None
     path = Path(weights)
     if path.is_dir():
         raise OsteoError(f"weights {path} is a folder; give the weights file in it, or --weights imagenet or none")

@@ -29,7 +29,7 @@ from osteo.recipe import (
     resolve,
     set_total_epochs,
 )
-from osteo.registry import get_backbone
+from osteo.registry import get_backbone, names_a_file
 from osteo.runs import CvDir, RunDir, find_run, new_run_dir
 
 Say = Callable[[str], None]
@@ -192,7 +192,7 @@ def resume_recipe(spec: str, model: str | None, options: TrainOptions,
              "--batch": (o.batch, d.batch_size), "--seed": (o.seed, t.seed),
              "--deterministic": (o.deterministic or None, t.deterministic), "--group-by": (o.group_by, d.group_by),
              "--group-regex": (o.group_regex, d.group_regex), "--groups": (o.groups, d.groups_csv)}
-    if all(str(w or "").lower() not in ("none", "imagenet", "") for w in (o.weights, recipe.model.weights)):
+    if names_a_file(o.weights) and names_a_file(recipe.model.weights):
         asked["--weights"] = (os.path.abspath(o.weights), os.path.abspath(recipe.model.weights))  # the same file
     if o.data is not None:
         asked["--data"] = (os.path.abspath(o.data), os.path.abspath(d.dir))
@@ -493,7 +493,7 @@ def _differences(run: RunDir, wanted: Recipe) -> list[str]:
     for d in (have, want):  # paths as places: a run of an older osteo recorded them as typed, relative
         for section, key in (("data", "dir"), ("model", "weights")):
             value = d.get(section, {}).get(key)
-            if isinstance(value, str) and value.lower() not in ("", "none", "imagenet"):
+            if isinstance(value, str) and names_a_file(value):
                 d[section][key] = os.path.abspath(value)
     differ = [f"{section}.{key}" for section in want if isinstance(want[section], dict)
               for key in want[section] if have.get(section, {}).get(key) != want[section][key]]

@@ -64,7 +64,7 @@ from osteo.files import (
 from osteo.h5files import scaling_attrs
 from osteo.optim import make_optimizer
 from osteo.recipe import BOOTSTRAP_SEED, AugmentConfig, Recipe, resolve
-from osteo.registry import get_backbone
+from osteo.registry import get_backbone, names_a_file
 from osteo.runs import UNCALIBRATED, RunDir, create_run_dir, find_run, new_run_dir
 
 
@@ -187,7 +187,7 @@ class Trainer:
     def _resolve_recipe(self) -> None:
         # fills model.impl; a resumed run is held to what it was trained under
         self.recipe = resolve(self.recipe, backend=keras.backend.backend(), trained=bool(self.resume))
-        if self.resume and _weights_file(self.recipe.model):  # the file it started from, not another of that name
+        if self.resume and names_a_file(self.recipe.model.weights):  # the file it started from, not another of that name
             started = None
             with contextlib.suppress(OsteoError, OSError, ValueError, AttributeError):
                 started = self.run_dir.read_env().get("weights_sha256")
@@ -289,7 +289,7 @@ class Trainer:
             # how files became pixels (osteo.data.pipeline.CACHE_VERSION): predict and eval say when it changed
             "image_decoding": CACHE_VERSION,
             # which weights file it started from, by content: its path may be reused
-            "weights_sha256": sha256_file(r.model.weights) if _weights_file(r.model) and not self.resume else None,
+            "weights_sha256": sha256_file(r.model.weights) if names_a_file(r.model.weights) and not self.resume else None,
             "git_commit": _git_commit(), "seed": t.seed, "deterministic": t.deterministic,
             "command": self.command, "host": platform.node(),
             "started": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -542,11 +542,6 @@ class Trainer:
                 warmup_target=lr if warmup else None, warmup_steps=warmup,
             )
         return make_optimizer(t.optimizer, lr, t.weight_decay)
-
-
-def _weights_file(model) -> bool:
-    """Whether the backbone starts from a weights file (not ``imagenet`` or ``none``)."""
-    return str(model.weights or "none").lower() not in ("none", "imagenet")
 
 
 def _from_scratch(model) -> bool:

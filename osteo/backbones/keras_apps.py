@@ -28,7 +28,7 @@ from osteo.backbones.base import (
     looks_like_network_error,
 )
 from osteo.backbones.port import port_into_keras_layers, timm_file_fix
-from osteo.device import ENGINES, torch_weights_file
+from osteo.device import ENGINES, ported_to_keras_layers, torch_weights_file
 from osteo.errors import OsteoError, short
 from osteo.h5files import datasets, scratch, torch_state_group, weights_of
 from osteo.registry import parse_weights
@@ -95,7 +95,7 @@ class KerasAppsBackbone(Backbone):
 
     def load_weights_file(self, path: Path) -> None:
         spec = self.spec
-        if spec.keras_port and spec.timm_name and torch_weights_file(str(path)):
+        if ported_to_keras_layers(str(path), spec):
             port_into_keras_layers(self.layer, timm_module_state(path, spec), spec.keras_port)
             return
         load_weights_file(self.layer, path, spec.name)
@@ -335,8 +335,6 @@ def _unreadable(path: Path, bad, e: Exception) -> OsteoError:
                           "PyTorch (--backend torch, or KERAS_BACKEND=torch) with model.impl=timm or auto, "
                           "or pass a Keras .h5 weights file")
     return bad(f"cannot be read as a Keras weights file ({short(e)})")
-
-
 
 
 def _snake(name: str) -> str:
