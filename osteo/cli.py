@@ -220,9 +220,8 @@ def print_audit(result, console=None) -> None:
 
 
 def cmd_audit(args) -> int:
-    from osteo.data.pipeline import default_cache_root
     from osteo.data.scan import AUDIT_MARKS, audit, write_audit
-    from osteo.files import refuse_foreign_files
+    from osteo.files import default_cache_root, refuse_foreign_files
     from osteo.runs import check_output_place
 
     check_output_place(args.out, "--out", "choose a folder outside it, e.g. --out reports/audit", dataset=args.data,
@@ -278,10 +277,9 @@ def _add_audit_parser(dsub) -> None:
 
 def cmd_split(args) -> int:
     from osteo.data.decode import refuse_to_replace_an_image
-    from osteo.data.pipeline import default_cache_root
     from osteo.data.scan import audit
     from osteo.data.split import SPLIT_COLUMNS, read_groups_csv, split_rows, write_split
-    from osteo.files import written_by_osteo
+    from osteo.files import default_cache_root, written_by_osteo
     from osteo.runs import check_output_place
 
     fix = "write the split elsewhere, e.g. --out split.csv"

@@ -24,7 +24,35 @@ from typing import Any
 
 from osteo import killpoints
 from osteo.errors import OsteoError
-from osteo.export_predict import sha256_file, some_of  # noqa: F401  (shared with an export's predict.py)
+from osteo.export_predict import sha256_file, some_of
+
+
+def default_cache_root() -> Path:
+    """Where osteo keeps what it can compute again (the image cache, the audit's memo, ported
+    weights): ``$OSTEO_CACHE``, else ``~/.cache/osteo``."""
+    return Path(os.environ.get("OSTEO_CACHE") or Path.home() / ".cache" / "osteo")
+
+
+# sha256 of files this process has hashed, by what os.stat says of them (file_sha256)
+_HASHED: dict[tuple[int, ...], str] = {}
+_HASHED_LOCK = threading.Lock()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """:func:`sha256_file` of a file this process reads but never writes (a weights file), hashed
+    once while it stays the same file: a cross-validation's folds and the ported weights' cache
+    ask again. Another file, or this one written or replaced since (its inode, size, modification
+    or change time differ), is read again. Checkpoints are verified with :func:`sha256_file`,
+    which reads them each time."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _HASHED_LOCK:
+        known = _HASHED.get(key)
+    if known is None:
+        known = sha256_file(path)
+        with _HASHED_LOCK:
+            _HASHED[key] = known
+    return known
 
 
 def cannot_write(folder: str | os.PathLike, e: OSError) -> OsteoError:

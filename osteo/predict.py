@@ -459,7 +459,6 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
     :class:`Ensemble`, and the images left out are those in any of its folds (its data).
     """
     from osteo.calibrate import apply_temperature, calibration_digest, external_calibration
-    from osteo.data.pipeline import default_cache_root
     from osteo.data.scan import audit, write_audit
     from osteo.data.split import majority_label
     from osteo.evaluate import (
@@ -469,7 +468,7 @@ def evaluate_folder(run_dir: str | os.PathLike, folder: str | os.PathLike, out: 
         folder_groups,
         majority_baseline,
     )
-    from osteo.files import replace_folder, write_json
+    from osteo.files import default_cache_root, replace_folder, write_json
 
     if n_boot < 0:
         raise OsteoError(f"the number of bootstrap resamples must be 0 or more, got {n_boot}; e.g. --bootstrap 1000")
@@ -592,8 +591,8 @@ def _near_copies_of_the_runs(run, scored: list, seen: set[str] | None, seen_in: 
     hospital's image than the file itself. The run's images are found again in its data folder
     (by their recorded sha256), whose audit records the cache remembers from training; where
     that folder is gone, only exact copies are left out, and a warning says so."""
-    from osteo.data.pipeline import default_cache_root
     from osteo.data.scan import DETAIL_SIDE, audit, near_copies
+    from osteo.files import default_cache_root
 
     if not seen or not scored:
         return [False] * len(scored), bool(seen)

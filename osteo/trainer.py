@@ -56,6 +56,7 @@ from osteo.device import get_engine
 from osteo.errors import OsteoError
 from osteo.files import (
     atomic_path,
+    file_sha256,
     save_weights,
     sha256_file,
     sweep_temporaries,
@@ -191,7 +192,7 @@ class Trainer:
             started = None
             with contextlib.suppress(OsteoError, OSError, ValueError, AttributeError):
                 started = self.run_dir.read_env().get("weights_sha256")
-            if started and sha256_file(self.recipe.model.weights) != started:
+            if started and file_sha256(self.recipe.model.weights) != started:
                 raise OsteoError(f"weights file {self.recipe.model.weights} is not the one {self.run_dir} started from "
                                  "(its sha256 differs: replaced since?); put that file back, or start a new run")
         tracking.check(self.recipe)  # a tracker asked for but not installed fails before any work
@@ -289,7 +290,7 @@ class Trainer:
             # how files became pixels (osteo.data.pipeline.CACHE_VERSION): predict and eval say when it changed
             "image_decoding": CACHE_VERSION,
             # which weights file it started from, by content: its path may be reused
-            "weights_sha256": sha256_file(r.model.weights) if names_a_file(r.model.weights) and not self.resume else None,
+            "weights_sha256": file_sha256(r.model.weights) if names_a_file(r.model.weights) and not self.resume else None,
             "git_commit": _git_commit(), "seed": t.seed, "deterministic": t.deterministic,
             "command": self.command, "host": platform.node(),
             "started": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -235,11 +235,39 @@ def test_a_timm_weights_file_trains_on_keras_layers_on_tensorflow(tmp_path, monk
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), np.abs(got - want).max() / np.abs(want).max()
     assert np.abs(np.diff(want, axis=0)).max() > 1e-2 * np.abs(want).max()  # the images give different maps
+    # what the child read is remembered by the file's content: the same bytes under another name (a
+    # fold, a resume, a new run) are ported without a child; an entry of another reader (osteo's code,
+    # timm's version), or damaged on the disk, is not used
+    children = []
+    run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: children.append(a) or run(*a, **k))
+    (entry,) = (Path(os.environ["OSTEO_CACHE"]) / "ported-v1" / "densenet169").iterdir()
+    copy = tmp_path / "renamed.pth"
+    copy.write_bytes(path.read_bytes())
+    again = create(spec, "keras", image_size=size, weights=str(copy), preprocessing="torch").build()
+    assert not children
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(again(Preprocess("torch")(x), training=False)), got)
+    remembered = keras_apps.PortedStates(spec)
+    assert remembered.recall(remembered.record(copy)).keys() == {k for k in np.load(entry).files if k != "__osteo__"}
+    with monkeypatch.context() as m:
+        m.setattr(keras_apps.PortedStates, "reader", lambda self: "another")
+        assert remembered.recall(remembered.record(copy)) is None
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 1
+    entry.write_bytes(data)
+    assert remembered.recall(remembered.record(copy)) is None and not children
+    before = remembered.record(copy)  # a file replaced while the child read it: what it read is not kept
+    copy.write_bytes(b"0" + path.read_bytes())
+    entry.unlink()
+    remembered.remember(copy, before, tmp_path / "cut.pth")
+    assert not entry.exists()
+    monkeypatch.setattr(subprocess, "run", run)
     with pytest.raises(OsteoError, match=r"^weights file .*densenet169\.pth does not match backbone vgg16: missing "
                                          r"features\.0\.bias.*; pass a weights file of timm's vgg16 or a Keras weights file of "
                                          r"vgg16, or --weights none") as e:
         create(get_backbone("vgg16"), "keras", image_size=size, weights=str(path)).build()
     assert "\n" not in str(e.value)
+    assert not (Path(os.environ["OSTEO_CACHE"]) / "ported-v1" / "vgg16").exists()  # a refusal is not remembered
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "timm" else real(n, *a))
     with pytest.raises(OsteoError, match=r"is a PyTorch state dict, which Keras' layers read through timm's module: "

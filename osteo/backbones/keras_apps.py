@@ -13,6 +13,7 @@ its own (:func:`timm_module_state`), and :mod:`osteo.backbones.port` puts them i
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -32,6 +33,8 @@ from osteo.device import ENGINES, ported_to_keras_layers, torch_weights_file
 from osteo.errors import OsteoError, short
 from osteo.h5files import datasets, scratch, torch_state_group, weights_of
 from osteo.registry import parse_weights
+
+log = logging.getLogger(__name__)
 
 
 class KerasAppsBackbone(Backbone):
@@ -270,10 +273,26 @@ def timm_module_state(path: Path, spec) -> dict:
     """The state dict of ``spec``'s timm module with the weights file ``path`` loaded as the timm
     engine loads it, with every check it makes (:func:`osteo.backbones.timm_torch.write_backbone_state`):
     name -> float32 array. Read in a child process on PyTorch (:data:`_STATE_CHILD`): this one may
-    run on TensorFlow, beside which torch's imports can crash."""
+    run on TensorFlow, beside which torch's imports can crash. What the child wrote is remembered
+    by the file's content (:class:`PortedStates`): a cross-validation's next fold, a resume or a
+    new run from the same file reads it there, without the child's 9-15 s."""
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("torch", "timm")):  # which also made what is remembered
+        raise OsteoError(f"weights file {path} is a PyTorch state dict, which Keras' layers read through timm's "
+                         "module: that needs torch and timm; run `make install` (or pip install 'osteo[torch]')")
+    remembered = PortedStates(spec)
+    record = remembered.record(path)  # before the child reads the file
+    state = remembered.recall(record)
+    if state is None:
+        state = _read_in_a_child(path, spec, lambda written: remembered.remember(path, record, written))
+    return state
+
+
+def _read_in_a_child(path: Path, spec, remember) -> dict:
+    """:func:`timm_module_state`'s child; ``remember(state.npz)`` is given what it wrote."""
     import contextlib
     import errno
-    import importlib.util
     import json
     import os
     import subprocess
@@ -283,10 +302,6 @@ def timm_module_state(path: Path, spec) -> dict:
 
     import osteo
     from osteo.child import DIE_WITH_PARENT, signal_name
-
-    if not all(importlib.util.find_spec(m) for m in ("torch", "timm")):
-        raise OsteoError(f"weights file {path} is a PyTorch state dict, which Keras' layers read through timm's "
-                         "module: that needs torch and timm; run `make install` (or pip install 'osteo[torch]')")
 
     def bad(reason: str) -> OsteoError:
         return OsteoError(f"weights file {path} {reason}; {timm_file_fix(spec)}")
@@ -326,7 +341,104 @@ def timm_module_state(path: Path, spec) -> dict:
                    or [f"exit status {done.returncode}"])[-1][:300]
             raise bad(f"could not be read into timm's module on PyTorch ({why})")
         with np.load(tmp / "state.npz") as f:
-            return {k: f[k] for k in f.files}
+            state = {k: f[k] for k in f.files}
+        remember(tmp / "state.npz")
+        return state
+
+
+# the version of PortedStates' folder: a new one where what it holds changes its form
+PORTED_VERSION = 1
+
+
+class PortedStates:
+    """timm module states that :func:`timm_module_state`'s child read from weights files, kept in
+    ``$OSTEO_CACHE/ported-v1/<backbone>/<the file's sha256>.npz`` (one per backbone and file, the
+    child's ``state.npz`` with a ``__osteo__`` record of what it was made from). Keyed by content, so
+    a file renamed, copied or moved is still known and one changed is not; an entry is used only
+    where its record names this backbone, file and reader (:meth:`reader`: osteo's code that
+    read it, the packages' versions), and its every array passes the zip's CRC-32 check, else it
+    is read again and written over. Only successes are kept: a refusal is the child's every time.
+    A cache that cannot be read or written costs the child's time, nothing else."""
+
+    def __init__(self, spec):
+        from osteo.files import default_cache_root
+
+        self.spec = spec
+        self.folder = default_cache_root() / f"ported-v{PORTED_VERSION}" / spec.name
+
+    def reader(self) -> str:
+        """What a state depends on besides the file: the child's code (this module's script and
+        :mod:`osteo.backbones.timm_torch`, which reads the file), the spec's timm model and the
+        versions of the packages that read it."""
+        import hashlib
+        from importlib import metadata
+
+        sha = hashlib.sha256(f"{PORTED_VERSION} {self.spec.timm_name} {_STATE_CHILD}".encode())
+        sha.update((Path(__file__).parent / "timm_torch.py").read_bytes())
+        for package in ("timm", "torch", "safetensors", "numpy"):
+            try:
+                sha.update(f"{package}={metadata.version(package)}".encode())
+            except metadata.PackageNotFoundError:
+                sha.update(f"{package}=none".encode())
+        return sha.hexdigest()
+
+    def record(self, path: Path) -> dict | None:
+        """What an entry for ``path``'s content must say it was made from (None: unreadable, which
+        the child then says)."""
+        from osteo.files import file_sha256
+
+        try:
+            return {"backbone": self.spec.name, "file_sha256": file_sha256(path), "reader": self.reader()}
+        except OSError:
+            return None
+
+    def recall(self, record: dict | None) -> dict | None:
+        """The state read before from a file of ``record``'s content, or None."""
+        import json
+
+        import numpy as np
+
+        entry = self.folder / f"{record['file_sha256']}.npz" if record else None
+        if entry is None or not entry.is_file():
+            return None
+        try:
+            with np.load(entry) as f:
+                if json.loads(f["__osteo__"].tobytes().decode()) != record:
+                    return None
+                return {k: f[k] for k in f.files if k != "__osteo__"}  # each read whole: its CRC-32 checked
+        except Exception as e:  # damaged, cut: read the file again
+            log.debug("ported weights %s not recalled: %s", entry, e)
+            return None
+
+    def remember(self, path: Path, record: dict | None, written: Path) -> None:
+        """Keep the child's ``written`` state.npz as the entry of ``record``, taken before the child
+        read ``path``, where the file is that one still (atomically: a reader sees the old entry or
+        the new one)."""
+        import json
+        import shutil
+        import zipfile
+
+        from osteo.files import atomic_path
+
+        if record is None or self.record(path) != record:  # replaced while the child read it
+            return
+        try:
+            with atomic_path(self.folder / f"{record['file_sha256']}.npz") as tmp:
+                shutil.copyfile(written, tmp)
+                with zipfile.ZipFile(tmp, "a") as z:  # np.savez's form: one more .npy member
+                    z.writestr("__osteo__.npy", _npy_bytes(json.dumps(record).encode()))
+        except Exception as e:  # a full or read-only cache folder: the next run reads the file again
+            log.debug("ported weights of %s not remembered: %s", path, e)
+
+
+def _npy_bytes(data: bytes) -> bytes:
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.frombuffer(data, np.uint8))
+    return buffer.getvalue()
 
 
 def _unreadable(path: Path, bad, e: Exception) -> OsteoError:

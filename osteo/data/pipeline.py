@@ -68,7 +68,7 @@ from osteo.data.decode import (
 from osteo.data.scan import audit_scale
 from osteo.errors import OsteoError
 from osteo.export_predict import not_data
-from osteo.files import pid_alive
+from osteo.files import default_cache_root, pid_alive
 
 RESIZE_MODES = ("pad", "stretch")
 SCALE = 257.0  # [0, 255] float <-> [0, 65535] uint16
@@ -134,10 +134,6 @@ def decodes_otherwise(was: str, old: dict, new) -> bool:
         return old["pixel_sha256"] != new.pixel_sha256
     return _number(was) < 4 and ((new.format != "dicom" and new.bit_depth > 8) or (
         new.width != new.height and (str(new.width), str(new.height)) == (old.get("height"), old.get("width"))))
-
-
-def default_cache_root() -> Path:
-    return Path(os.environ.get("OSTEO_CACHE") or Path.home() / ".cache" / "osteo")
 
 
 @dataclass(frozen=True)
