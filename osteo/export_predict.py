@@ -58,7 +58,7 @@ import numpy as np
 CLASSES = ("normal", "osteopenia", "osteoporosis")
 COLUMNS = ("path", *(f"p_{c}" for c in CLASSES))
 MAX_PIXELS = 1 << 26  # osteo.data.decode.MAX_PIXELS
-STRIP_BYTES = 8 << 20  # osteo.data.decode.STRIP_BYTES
+STRIP_BYTES = 8 << 20  # float32 bytes of one strip of box_means (osteo.data.decode and scan use it too)
 DCT_SCALES = (8, 4, 2)  # osteo.data.decode.DCT_SCALES
 DETAIL_SIDE = 128  # osteo.data.scan.DETAIL_SIDE (the audit's DCT scale bounds the cache's)
 SCALE = 257.0  # osteo.data.pipeline.SCALE: [0, 255] <-> [0, 65535]
@@ -74,8 +74,9 @@ class Unreadable(Exception):
 
 
 class Gray:
-    """A decoded image before its conversion to float (mirrors ``osteo.data.decode.Gray``):
-    ``pixels`` (H, W) as the decoder gave them and the map to float32 in [0, 255]."""
+    """A decoded image before its conversion to float (as ``osteo.data.decode.Gray``, which shares
+    its arithmetic, :func:`float_block` and :func:`box_means`): ``pixels`` (H, W) as the decoder
+    gave them and the map to float32 in [0, 255]."""
 
     def __init__(self, pixels: np.ndarray, kind: str, lo: float = 0.0, hi: float = 0.0, transparent: bool = False):
         self.pixels, self.kind, self.lo, self.hi = pixels, kind, lo, hi
@@ -86,49 +87,63 @@ class Gray:
         return one_value(self.pixels, self.kind, self.lo, self.hi)
 
     def as_float(self, block: np.ndarray) -> np.ndarray:
-        """Mirrors ``osteo.data.decode.Gray.as_float``."""
-        if self.kind == "float":
-            return block.astype(_F32, copy=False)
-        out = block.astype(_F32)
-        if self.kind == "stretch":
-            if not self.hi > self.lo:
-                return np.zeros_like(out)
-            if not np.isfinite(out).all():
-                np.nan_to_num(out, copy=False, nan=self.lo, posinf=self.hi, neginf=self.lo)
-            return (out - self.lo) / (self.hi - self.lo) * 255.0
-        return out
+        """float32 values in [0, 255] of ``block``, a part of :attr:`pixels` (:func:`float_block`)."""
+        return float_block(block, self.kind, self.lo, self.hi)
 
     def to_float(self) -> np.ndarray:
         """The whole image as float32 (H, W) in [0, 255]."""
         return np.ascontiguousarray(self.as_float(self.pixels), dtype=_F32)
 
     def box_mean(self, box: int) -> np.ndarray:
-        """float32 (H // box, W // box): means of box x box blocks of the float image, summed
-        in osteo's order (mirrors ``osteo.data.decode.Gray.box_mean``)."""
-        box = max(1, min(box, *self.pixels.shape))
-        px = self.pixels
-        # the map to float is affine for these, so it can follow the averaging
-        after = self.kind in ("u8", "float")
-        h, w = px.shape[0] // box, px.shape[1] // box
-        out = np.empty((h, w), _F32)
-        step = max(1, STRIP_BYTES // (4 * box * px.shape[1]))  # output rows per strip
-        for r in range(0, h, step):
-            block = px[r * box : min(r + step, h) * box, : w * box]
-            if not after:
-                block = self.as_float(block)
-            rows = block[0::box].astype(_F32)
-            for k in range(1, box):
-                rows += block[k::box]
-            if box == 1:
-                out[r : r + len(rows)] = rows
-                continue
-            acc = rows[:, 0::box].copy()
-            for k in range(1, box):
-                acc += rows[:, k::box]
-            out[r : r + len(acc)] = acc
-        if box > 1:
-            out *= _F32(1 / (box * box))
-        return out
+        """:func:`box_means` of this image."""
+        return box_means(self, box)
+
+
+def float_block(block: np.ndarray, kind: str, lo: float, hi: float) -> np.ndarray:
+    """float32 values in [0, 255] of ``block``, pixels as a decoder gave them: ``kind`` ``u8`` and
+    ``float`` as they are, ``stretch`` as (x - lo) / (hi - lo) * 255 (black where the range is
+    empty; NaN and infinities at its ends). osteo's decoder (``osteo.data.decode.Gray``) calls it."""
+    if kind == "float":
+        return block.astype(_F32, copy=False)
+    out = block.astype(_F32)
+    if kind == "stretch":
+        if not hi > lo:
+            return np.zeros_like(out)
+        if not np.isfinite(out).all():
+            np.nan_to_num(out, copy=False, nan=lo, posinf=hi, neginf=lo)
+        return (out - lo) / (hi - lo) * 255.0
+    return out
+
+
+def box_means(gray, box: int) -> np.ndarray:
+    """float32 (H // box, W // box): means of box x box blocks of ``gray``'s float image (the last
+    partial row and column of blocks dropped; ``box`` at most the shorter side), summed from the
+    decoder's own pixels strip by strip, so no float32 copy of the image is made. ``gray``: this
+    file's :class:`Gray` or osteo's (``osteo.data.decode.Gray``, which keeps the last result)."""
+    box = max(1, min(box, *gray.pixels.shape))
+    px = gray.pixels
+    # the map to float is affine for these, so it can follow the averaging
+    after = gray.kind in ("u8", "float")
+    h, w = px.shape[0] // box, px.shape[1] // box
+    out = np.empty((h, w), _F32)
+    step = max(1, STRIP_BYTES // (4 * box * px.shape[1]))  # output rows per strip
+    for r in range(0, h, step):
+        block = px[r * box : min(r + step, h) * box, : w * box]
+        if not after:
+            block = gray.as_float(block)
+        rows = block[0::box].astype(_F32)
+        for k in range(1, box):  # strided adds: numpy's sum over a short axis is several times slower
+            rows += block[k::box]
+        if box == 1:
+            out[r : r + len(rows)] = rows
+            continue
+        acc = rows[:, 0::box].copy()
+        for k in range(1, box):
+            acc += rows[:, k::box]
+        out[r : r + len(acc)] = acc
+    if box > 1:
+        out *= _F32(1 / (box * box))
+    return out
 
 
 def one_value(pixels: np.ndarray, kind: str, lo: float, hi: float) -> bool:
@@ -257,7 +272,7 @@ def _decode_pillow(data: bytes, fmt: str, scale=None) -> Gray:
         clear = transparent(img)
         if mode.startswith("I;16") or mode in ("I", "F"):  # stretched from their minimum to their maximum
             pixels, kind = np.asarray(img), "stretch"
-            lo, hi = _finite_range(pixels)
+            lo, hi = finite_range(pixels)
         else:
             if mode == "CMYK":
                 img = img.convert("RGB")
@@ -299,8 +314,8 @@ def transparent(img) -> bool:
     return False
 
 
-def _finite_range(arr: np.ndarray) -> tuple[float, float]:
-    """(min, max) of the finite values of ``arr``; (0, 0) when there are none."""
+def finite_range(arr: np.ndarray) -> tuple[float, float]:
+    """(min, max) of the finite values of ``arr``; (0, 0) when there are none (osteo's decoder calls it)."""
     finite = np.isfinite(arr)
     if finite.all():
         return float(arr.min()), float(arr.max())
@@ -378,7 +393,7 @@ def dicom_gray(ds, check_pixels) -> tuple[np.ndarray, int]:
         arr = arr.copy()
     if arr.ndim != 2 or arr.size == 0:
         raise Unreadable(f"dicom decode failed: unexpected pixel shape {arr.shape}")
-    lo, hi = _finite_range(arr if padding is None else arr[~padding])
+    lo, hi = finite_range(arr if padding is None else arr[~padding])
     if not np.isfinite(arr).all():
         np.nan_to_num(arr, copy=False, nan=lo, posinf=hi, neginf=lo)
     if hi > lo:  # in place: (arr - lo) / (hi - lo) * 255, without float64 temporaries
@@ -484,14 +499,18 @@ def jpeg_ratio(width: int, height: int, size: int, resize: str = "pad") -> int:
 
 
 def box_factor(width: int, height: int, size: int, resize: str = "pad") -> int:
-    """The integer box-filter factor (mirrors ``osteo.data.pipeline.box_factor``)."""
+    """The integer box-filter factor that keeps the image at least ``size`` where it matters (never
+    more than the shorter side: a thin image keeps one pixel across)."""
     side = max(width, height) if resize == "pad" else min(width, height)
     return max(1, min(side // size, width, height))
 
 
 def resize_gray(gray: Gray, size: int, resize: str = "pad") -> np.ndarray:
-    """(size, size) float32 in [0, 255]: box filter, then bilinear, padded or stretched
-    (mirrors ``osteo.data.pipeline.resize_gray``)."""
+    """(size, size) float32 in [0, 255]: ``gray`` box-filtered by :func:`box_factor` of its decoded
+    size, then resized bilinearly with half-pixel centres (the arithmetic of ``tf.image.resize``),
+    padded to keep its aspect (``pad``) or stretched. Any aspect ratio works: a padded side keeps
+    at least one pixel, and every size is integer arithmetic. osteo's image cache calls it
+    (``osteo.data.pipeline``: the one copy)."""
     if resize not in ("pad", "stretch"):
         raise ValueError(f"resize must be pad or stretch, not {resize!r}")
     h, w = gray.pixels.shape
@@ -507,10 +526,10 @@ def resize_gray(gray: Gray, size: int, resize: str = "pad") -> np.ndarray:
     return out
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=512)  # osteo's audit meets many sizes
 def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bilinear taps with half-pixel centres: each output pixel's lower and upper source
-    index and the upper one's weight (mirrors ``osteo.data.pipeline._taps``)."""
+    index and the upper one's weight."""
     src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
     low = np.floor(src)
     lo = np.clip(low, 0, n_in - 1).astype(np.intp)
@@ -522,7 +541,7 @@ def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _bilinear(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Rows, then columns (mirrors ``osteo.data.pipeline._bilinear``)."""
+    """Rows, then columns."""
     lo, hi, t = _taps(img.shape[0], out_h)
     top = img[lo]
     rows = top + (img[hi] - top) * t[:, None]
@@ -532,7 +551,7 @@ def _bilinear(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 
 
 def to_levels(img: np.ndarray) -> np.ndarray:
-    """float [0, 255] (size, size) -> uint16 levels (size, size, 1) (mirrors ``osteo.data.pipeline.to_levels``)."""
+    """float [0, 255] (size, size) -> the uint16 levels of osteo's image cache (size, size, 1)."""
     return np.clip(np.round(img * _F32(SCALE)), 0, 65535).astype(np.uint16)[..., None]
 
 

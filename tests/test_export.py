@@ -462,11 +462,15 @@ def _osteo_input(data: bytes, size: int, resize: str) -> np.ndarray:
 def test_predict_script_keeps_osteos_constants():
     from osteo.data import decode, pipeline, scan
 
-    assert export_predict.MAX_PIXELS == decode.MAX_PIXELS and export_predict.STRIP_BYTES == decode.STRIP_BYTES
+    assert export_predict.MAX_PIXELS == decode.MAX_PIXELS
     assert export_predict.DCT_SCALES == decode.DCT_SCALES and export_predict.DETAIL_SIDE == scan.DETAIL_SIDE
-    assert export_predict.SCALE == pipeline.SCALE and pipeline.RESIZE_MODES == MODES
-    # the sniff of a DICOM without preamble is one function, which predict.py carries (no mirror to drift)
+    assert pipeline.RESIZE_MODES == MODES
+    # one copy, which predict.py carries (no mirror to drift): the sniff of a DICOM without preamble, the map
+    # to float and the box means of a decoded image, the resize and the cache's levels
     assert decode.bare_dicom is export_predict.bare_dicom and decode.preambled_dicom is export_predict.preambled_dicom
+    assert decode.box_means is export_predict.box_means and decode.float_block is export_predict.float_block
+    assert (pipeline.resize_gray, pipeline.to_levels, pipeline.box_factor, pipeline.SCALE) == (
+        export_predict.resize_gray, export_predict.to_levels, export_predict.box_factor, export_predict.SCALE)
     heads = {b"\x08\x00\x05\x00CS\x0a\x00": True, b"\x02\x00\x00\x00UL\x04\x00": True,
              b"\x08\x00\x00\x00\x04\x00\x00\x00": True, b"\x10\x00\x10\x00PN\x04\x00": False,
              b"\x08\x00\x20\x00\x0b\x00\x00\x00": False, b"\x89PNG\r\n\x1a\n": False}
@@ -480,7 +484,6 @@ def test_predict_script_keeps_osteos_constants():
                 for resize in MODES:
                     args = (w, h, size, resize)
                     assert export_predict.jpeg_ratio(*args) == pipeline.jpeg_ratio(*args), args
-                    assert export_predict.box_factor(*args) == pipeline.box_factor(*args), args
 
 
 def test_predict_script_decodes_every_kind_as_osteo_does(tmp_path):

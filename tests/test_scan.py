@@ -265,7 +265,8 @@ def test_images_hash_and_reduce_in_strips_like_whole_ones(monkeypatch):
     """Strips of a few rows give the pixel hash and the features of one strip."""
     import io
 
-    from osteo.data import decode, scan
+    from osteo import export_predict
+    from osteo.data import scan
     from osteo.data.decode import decode_gray
 
     rng = np.random.default_rng(0)
@@ -274,7 +275,7 @@ def test_images_hash_and_reduce_in_strips_like_whole_ones(monkeypatch):
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buf, "PNG")
         whole_hash, (whole_thumb, whole_tiles) = scan._hash_and_features(decode_gray(buf.getvalue()))
         monkeypatch.setattr(scan, "STRIP_BYTES", 4 * 1024)  # strips of a few rows
-        monkeypatch.setattr(decode, "STRIP_BYTES", 4 * 1024)
+        monkeypatch.setattr(export_predict, "STRIP_BYTES", 4 * 1024)  # the box means' (osteo's and predict.py's)
         strip_hash, (strip_thumb, strip_tiles) = scan._hash_and_features(decode_gray(buf.getvalue()))
         monkeypatch.undo()
         assert strip_hash == whole_hash

@@ -65,10 +65,14 @@ import numpy as np
 
 # the exported predictor (predict.py, run without osteo) is the one source of these two, so both find the same files
 from osteo.export_predict import (
+    STRIP_BYTES,  # float32 bytes of one strip when a large image is converted piece by piece
     Unreadable,
     bare_dicom,
     bomb_pixels,
+    box_means,
     dicom_failure,
+    finite_range,
+    float_block,
     read_dicom_gray,
     png_refusal,
     preambled_dicom,
@@ -89,7 +93,6 @@ SIGNATURES = (
 MAX_PIXELS = 1 << 26  # 67,108,864 = 8192 x 8192, over 3x a 43 cm flat-panel radiograph at 100 um
 MAX_FILE_BYTES = 1 << 30  # 1 GiB
 DECODE_MEMORY = 512 << 20  # bytes of decoding in flight at once, per reader (a larger file runs alone)
-STRIP_BYTES = 8 << 20  # float32 bytes of one strip when a large image is converted piece by piece
 DCT_SCALES = (8, 4, 2)  # libjpeg's reduced scales, largest first
 
 # Bytes per pixel that decode_gray holds at its peak, by Pillow mode (Pillow stores
@@ -150,55 +153,21 @@ class Gray:
         return _one_value(self.pixels, self.kind, self.lo, self.hi)
 
     def as_float(self, block: np.ndarray) -> np.ndarray:
-        """float32 values in [0, 255] of ``block``, a part of :attr:`pixels`."""
-        if self.kind == "float":
-            return block.astype(np.float32, copy=False)
-        out = block.astype(np.float32)
-        if self.kind == "stretch":
-            if not self.hi > self.lo:
-                return np.zeros_like(out)
-            if not np.isfinite(out).all():
-                np.nan_to_num(out, copy=False, nan=self.lo, posinf=self.hi, neginf=self.lo)
-            return (out - self.lo) / (self.hi - self.lo) * 255.0
-        return out
+        """float32 values in [0, 255] of ``block``, a part of :attr:`pixels`
+        (:func:`osteo.export_predict.float_block`)."""
+        return float_block(block, self.kind, self.lo, self.hi)
 
     def to_float(self) -> np.ndarray:
         """The whole image as float32 (H, W, 1)."""
         return np.ascontiguousarray(self.as_float(self.pixels)[..., None], dtype=np.float32)
 
     def box_mean(self, box: int) -> np.ndarray:
-        """float32 (H // box, W // box): means of box x box blocks of the float image (the
-        last partial row and column of blocks dropped; ``box`` at most the shorter side),
-        summed from the decoder's own pixels strip by strip, so no float32 copy of the
-        image is made. The last result is kept: the audit's features and the image cache
-        often reduce by the same box."""
+        """:func:`osteo.export_predict.box_means` of this image; the last result is kept: the
+        audit's features and the image cache often reduce by the same box."""
         box = max(1, min(box, *self.pixels.shape))
-        if self._boxed is not None and self._boxed[0] == box:
-            return self._boxed[1]
-        px = self.pixels
-        # the map to float is affine for these, so it can follow the averaging
-        after = self.kind in ("u8", "float")
-        h, w = px.shape[0] // box, px.shape[1] // box
-        out = np.empty((h, w), np.float32)
-        step = max(1, STRIP_BYTES // (4 * box * px.shape[1]))  # output rows per strip
-        for r in range(0, h, step):
-            block = px[r * box : min(r + step, h) * box, : w * box]
-            if not after:
-                block = self.as_float(block)
-            rows = block[0::box].astype(np.float32)
-            for k in range(1, box):  # strided adds: numpy's sum over a short axis is several times slower
-                rows += block[k::box]
-            if box == 1:
-                out[r : r + len(rows)] = rows
-                continue
-            acc = rows[:, 0::box].copy()
-            for k in range(1, box):
-                acc += rows[:, k::box]
-            out[r : r + len(acc)] = acc
-        if box > 1:
-            out *= np.float32(1 / (box * box))
-        self._boxed = (box, out)
-        return out
+        if self._boxed is None or self._boxed[0] != box:
+            self._boxed = (box, box_means(self, box))
+        return self._boxed[1]
 
 
 class MemoryBudget:
@@ -449,10 +418,10 @@ def _decode_pillow(data: bytes, fmt: str, scale: Callable[[int, int], int] | Non
             # stretched from the image's own minimum to its maximum, as DICOM is: 12-bit data in a
             # 16-bit file (0-4095) decoded to 0-16 of 255 at 1/257, near black; a 32-bit TIFF clipped
             pixels, kind, bit_depth = np.asarray(img), "stretch", 16 if mode.startswith("I;16") else 32
-            lo, hi = _finite_range(pixels)
+            lo, hi = finite_range(pixels)
         elif mode == "F":
             pixels, kind, bit_depth = np.asarray(img), "stretch", 32
-            lo, hi = _finite_range(pixels)
+            lo, hi = finite_range(pixels)
         else:
             if mode == "CMYK":
                 img = img.convert("RGB")
@@ -478,16 +447,6 @@ def upright(img):
     if orientation not in range(2, 9):
         return img, False
     return ImageOps.exif_transpose(img), orientation in (5, 6, 7, 8)
-
-
-def _finite_range(arr: np.ndarray) -> tuple[float, float]:
-    """(min, max) of the finite values of ``arr``; (0, 0) when there are none."""
-    finite = np.isfinite(arr)
-    if finite.all():
-        return float(arr.min()), float(arr.max())
-    if not finite.any():
-        return 0.0, 0.0
-    return float(arr[finite].min()), float(arr[finite].max())
 
 
 def _decode_dicom(data: bytes) -> Gray:

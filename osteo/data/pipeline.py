@@ -67,11 +67,10 @@ from osteo.data.decode import (
 )
 from osteo.data.scan import audit_scale
 from osteo.errors import OsteoError
-from osteo.export_predict import not_data
+from osteo.export_predict import SCALE, box_factor, not_data, resize_gray, to_levels  # noqa: F401  (the one copy)
 from osteo.files import default_cache_root, pid_alive
 
 RESIZE_MODES = ("pad", "stretch")
-SCALE = 257.0  # [0, 255] float <-> [0, 65535] uint16
 # v5: DICOM padding, INVERSE presentation LUTs, PALETTE COLOR and widthless windows read as viewers do;
 # v4: 16-bit images stretched from their minimum to their maximum (v3: / 257), EXIF orientation
 # applied; v3: made by
@@ -155,13 +154,6 @@ class Entry:
                    int(get("height")), int(get("frames") or 1), int(get("bit_depth") or 8))
 
 
-def box_factor(width: int, height: int, size: int, resize: str = "pad") -> int:
-    """Integer box-filter factor that keeps the image at least ``size`` where it matters
-    (never more than the shorter side: a thin image keeps one pixel across)."""
-    side = max(width, height) if resize == "pad" else min(width, height)
-    return max(1, min(side // size, width, height))
-
-
 def jpeg_ratio(width: int, height: int, size: int, resize: str = "pad") -> int:
     """The DCT scale (1, 2, 4, 8) a JPEG is decoded at for ``size``: the largest whose output
     is still at least ``size``, and no coarser than the audit's (:func:`osteo.data.scan.audit_scale`),
@@ -173,62 +165,11 @@ def jpeg_ratio(width: int, height: int, size: int, resize: str = "pad") -> int:
     return 1
 
 
-def resize_gray(gray: Gray, size: int, resize: str = "pad") -> np.ndarray:
-    """(size, size) float32 in [0, 255]: ``gray`` box-filtered by :func:`box_factor` of
-    its decoded size, then resized bilinearly with half-pixel centres (the arithmetic
-    of ``tf.image.resize``), padded to keep its aspect (``pad``) or stretched.
-
-    Any aspect ratio works: a padded side keeps at least one pixel (a 3 x 2,000 image
-    at 16 px is one row), and every size is integer arithmetic, so no rounding drops one.
-    """
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}")
-    h, w = gray.pixels.shape
-    img = gray.box_mean(box_factor(w, h, size, resize))
-    if resize == "stretch":
-        return _bilinear(img, size, size)
-    h, w = img.shape
-    long = max(h, w)
-    rh, rw = max(1, h * size // long), max(1, w * size // long)
-    top, left = size * (long - h) // (2 * long), size * (long - w) // (2 * long)
-    out = np.zeros((size, size), np.float32)
-    out[top : top + rh, left : left + rw] = _bilinear(img, rh, rw)
-    return out
-
-
-def to_levels(img: np.ndarray) -> np.ndarray:
-    """float [0, 255] (size, size) -> the cache's uint16 levels (size, size, 1)."""
-    return np.clip(np.round(img * np.float32(SCALE)), 0, 65535).astype(np.uint16)[..., None]
-
-
 def load_levels(data: bytes, size: int, resize: str = "pad") -> tuple[np.ndarray, Gray]:
     """The bytes of an image file -> (its model input as uint16 levels (size, size, 1), the decoded
     image it came from): what the cache stores and ``osteo predict`` feeds. Raises DecodeError."""
     gray = decode_gray(data, functools.partial(jpeg_ratio, size=size, resize=resize))
     return to_levels(resize_gray(gray, size, resize)), gray
-
-
-@functools.lru_cache(maxsize=512)
-def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bilinear taps of tf.image.resize (half-pixel centres): the lower and upper source
-    index of each output pixel and the weight of the upper one."""
-    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
-    low = np.floor(src)
-    lo = np.clip(low, 0, n_in - 1).astype(np.intp)
-    hi = np.clip(np.ceil(src), 0, n_in - 1).astype(np.intp)
-    weight = (src - low).astype(np.float32)
-    for a in (lo, hi, weight):
-        a.flags.writeable = False
-    return lo, hi, weight
-
-
-def _bilinear(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    lo, hi, t = _taps(img.shape[0], out_h)
-    top = img[lo]
-    rows = top + (img[hi] - top) * t[:, None]
-    lo, hi, t = _taps(img.shape[1], out_w)
-    left = rows[:, lo]
-    return left + (rows[:, hi] - left) * t
 
 
 def _payload(levels: np.ndarray) -> bytes:
