@@ -235,11 +235,12 @@ def weights_of(path: str | os.PathLike, limit: int, bad: Callable[[str], Excepti
 
 
 @contextlib.contextmanager
-def scratch(bad: Callable[[str], Exception]) -> Iterator[Path]:
+def scratch(bad: Callable[[str], Exception], prefix: str = "osteo-weights-") -> Iterator[Path]:
     """A temporary folder for a copy of (part of) a weights file, removed after; ``bad(reason)``
-    naming TMPDIR where none can be made."""
+    naming TMPDIR where none can be made. ``prefix``: its name's start (a writer's
+    ``osteo.files.owned_prefix``, which ``sweep_temporaries`` reads where a kill left it)."""
     try:
-        tmp = tempfile.mkdtemp(prefix="osteo-weights-")
+        tmp = tempfile.mkdtemp(prefix=prefix)
     except OSError as e:
         raise bad(f"needs a temporary folder, which cannot be made in {tempfile.gettempdir()} "
                   f"({e.strerror or short(e)}); set TMPDIR to a writable folder with room") from None

@@ -198,6 +198,7 @@ def test_a_timm_weights_file_trains_on_keras_layers_on_tensorflow(tmp_path, monk
 
     import osteo.backbones.keras_apps as keras_apps
     from osteo.device import Device, plan
+    from osteo.files import host_tag
     from osteo.recipe import Recipe, resolve
 
     path, size = tmp_path / "densenet169.pth", 32
@@ -227,8 +228,14 @@ def test_a_timm_weights_file_trains_on_keras_layers_on_tensorflow(tmp_path, monk
         vgg = Recipe()
         vgg.model.backbone, vgg.model.weights, vgg.model.impl = "vgg16", str(weights), "keras"
         assert resolve(vgg).model.preprocessing == "torch"  # timm's VGG was trained so, not as Keras' (caffe)
+    import tempfile
+
+    # a child's folder (a copy of the weights) that a kill -9 left: removed by the next child
+    left = Path(tempfile.mkdtemp(prefix=f"{keras_apps.SCRATCH}999999999@{host_tag()}-"))
+    os.utime(left, (0, 0))
     engine = create(spec, "keras", image_size=size, weights=str(path), preprocessing="torch")
     layer = engine.build()
+    assert not left.exists()
     with np.load(f"{path}.npz") as f:
         x, want = f["x"], f["y"]
     got = keras.ops.convert_to_numpy(layer(Preprocess("torch")(x), training=False))
@@ -273,6 +280,56 @@ def test_a_timm_weights_file_trains_on_keras_layers_on_tensorflow(tmp_path, monk
     with pytest.raises(OsteoError, match=r"is a PyTorch state dict, which Keras' layers read through timm's module: "
                                          r"that needs torch and timm; run `make install`"):
         keras_apps.timm_module_state(path, spec)
+
+
+def test_ported_weights_are_kept_by_file_and_reader_the_three_used_last_per_backbone(tmp_path, monkeypatch, caplog):
+    """The cache of what timm's module read from a weights file (PortedStates, without a child here):
+    an entry per file and reader, so two osteo versions sharing a cache keep one each; the three
+    entries used last per backbone are kept; a temporary of a writer that died is removed; an entry
+    that cannot be used, or kept, is one warning each, and the file is read again."""
+    import os
+
+    import osteo.backbones.keras_apps as keras_apps
+    from osteo.files import host_tag
+
+    monkeypatch.setenv("OSTEO_CACHE", str(tmp_path / "cache"))
+    kept = keras_apps.PortedStates(get_backbone("densenet169"))
+    written = tmp_path / "state.npz"
+    np.savez(written, w=np.arange(3, dtype=np.float32))
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"w{i}.pth")
+        files[-1].write_bytes(bytes([i]) * 10)
+    for i, f in enumerate(files[:3]):
+        kept.remember(f, kept.record(f), written)
+        os.utime(kept.entry(kept.record(f)), (i + 1, i + 1))  # written in this order, long ago
+    np.testing.assert_array_equal(kept.recall(kept.record(files[0]))["w"], np.arange(3))  # used now: kept
+    dead = kept.folder / f".x.999999999@{host_tag()}-abc.tmp.npz"  # a writer killed mid-copy
+    dead.write_bytes(b"cut")
+    os.utime(dead, (0, 0))
+    kept.remember(files[3], kept.record(files[3]), written)
+    assert sorted(p.name for p in kept.folder.iterdir()) == sorted(kept.entry(kept.record(f)).name
+                                                                  for f in (files[0], files[2], files[3]))
+    with monkeypatch.context() as m:  # another osteo's reader: an entry of its own, beside this one's
+        m.setattr(keras_apps.PortedStates, "reader", lambda self: "f" * 64)
+        assert kept.recall(kept.record(files[3])) is None
+        kept.remember(files[3], kept.record(files[3]), written)
+        assert kept.recall(kept.record(files[3])) is not None
+    assert kept.recall(kept.record(files[3])) is not None and not caplog.records
+    assert len(list(kept.folder.iterdir())) == 3  # files[2]'s, used longest ago, made room for it
+    entry = kept.entry(kept.record(files[3]))
+    entry.write_bytes(entry.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="osteo"):
+        assert kept.recall(kept.record(files[3])) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"ported weights {entry} cannot be used (File is not a zip file); reading the weights file again"]
+    caplog.clear()
+    monkeypatch.setenv("OSTEO_CACHE", str(written))  # a file: no folder can be made there
+    with caplog.at_level("WARNING", logger="osteo"):
+        keras_apps.PortedStates(get_backbone("densenet169")).remember(files[0], kept.record(files[0]), written)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"cannot keep ported weights in {written}/ported-v1/densenet169 (") and line.endswith(
+        "): each run reads w0.pth through timm's module again; set OSTEO_CACHE to a writable folder with room")
 
 
 def test_offline_imagenet_fails_fast_and_names_the_fix(tmp_path, monkeypatch, fails_fast_offline):

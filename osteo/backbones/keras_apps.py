@@ -297,17 +297,21 @@ def _read_in_a_child(path: Path, spec, remember) -> dict:
     import os
     import subprocess
     import sys
+    import tempfile
 
     import numpy as np
 
     import osteo
     from osteo.child import DIE_WITH_PARENT, signal_name
+    from osteo.files import owned_prefix, sweep_temporaries
 
     def bad(reason: str) -> OsteoError:
         return OsteoError(f"weights file {path} {reason}; {timm_file_fix(spec)}")
 
     root = Path(osteo.__file__).resolve().parent.parent  # this process's osteo, whatever PYTHONPATH says
-    with scratch(bad) as tmp:
+    # the child's folder holds a copy of the weights: one a kill -9 left is removed by the next
+    sweep_temporaries(tempfile.gettempdir(), pattern=f"{SCRATCH}*")
+    with scratch(bad, owned_prefix(SCRATCH)) as tmp:
         # no GPU (the module is read on the CPU); run in the scratch folder, so that neither the user's
         # folder (first on a -c child's path) nor what torch caches there is in the way or left behind
         env = {**os.environ, "KERAS_BACKEND": "torch", "CUDA_VISIBLE_DEVICES": "",
@@ -346,19 +350,26 @@ def _read_in_a_child(path: Path, spec, remember) -> dict:
         return state
 
 
+# the start of the name of the child's temporary folder (in TMPDIR)
+SCRATCH = "osteo-weights-port-"
 # the version of PortedStates' folder: a new one where what it holds changes its form
 PORTED_VERSION = 1
+# osteo's modules outside osteo.backbones that the child runs (what reads the file and checks it)
+_CHILD_READS = ("device.py", "errors.py", "export_predict.py", "files.py", "h5files.py", "registry.py")
+# entries kept per backbone: the most recently used (a folder of timm files holds one each, ~ the file's size)
+KEEP_PER_BACKBONE = 3
 
 
 class PortedStates:
     """timm module states that :func:`timm_module_state`'s child read from weights files, kept in
-    ``$OSTEO_CACHE/ported-v1/<backbone>/<the file's sha256>.npz`` (one per backbone and file, the
-    child's ``state.npz`` with a ``__osteo__`` record of what it was made from). Keyed by content, so
-    a file renamed, copied or moved is still known and one changed is not; an entry is used only
-    where its record names this backbone, file and reader (:meth:`reader`: osteo's code that
-    read it, the packages' versions), and its every array passes the zip's CRC-32 check, else it
-    is read again and written over. Only successes are kept: a refusal is the child's every time.
-    A cache that cannot be read or written costs the child's time, nothing else."""
+    ``$OSTEO_CACHE/ported-v1/<backbone>/`` (:meth:`entry`: one per file and reader, the child's
+    ``state.npz`` with a ``__osteo__`` record of what it was made from, about the file's size; the
+    :data:`KEEP_PER_BACKBONE` used last are kept). Keyed by content, so a file renamed, copied or
+    moved is still known and one changed is not; an entry is used only where its record names this
+    backbone, file and reader (:meth:`reader`: osteo's code that read it, the packages' versions)
+    and its every array passes the zip's CRC-32 check, else it is read again and written over.
+    Only successes are kept: a refusal is the child's every time. A cache that cannot be read or
+    written costs the child's time and one warning, nothing else."""
 
     def __init__(self, spec):
         from osteo.files import default_cache_root
@@ -367,14 +378,16 @@ class PortedStates:
         self.folder = default_cache_root() / f"ported-v{PORTED_VERSION}" / spec.name
 
     def reader(self) -> str:
-        """What a state depends on besides the file: the child's code (this module's script and
-        :mod:`osteo.backbones.timm_torch`, which reads the file), the spec's timm model and the
+        """What a state depends on besides the file: the child's code (its script, the backbones
+        package and the modules of osteo it reads the file with), the spec's timm model and the
         versions of the packages that read it."""
         import hashlib
         from importlib import metadata
 
         sha = hashlib.sha256(f"{PORTED_VERSION} {self.spec.timm_name} {_STATE_CHILD}".encode())
-        sha.update((Path(__file__).parent / "timm_torch.py").read_bytes())
+        here = Path(__file__).parent
+        for module in (*sorted(here.glob("*.py")), *(here.parent / m for m in _CHILD_READS)):
+            sha.update(module.read_bytes())
         for package in ("timm", "torch", "safetensors", "numpy"):
             try:
                 sha.update(f"{package}={metadata.version(package)}".encode())
@@ -392,43 +405,78 @@ class PortedStates:
         except OSError:
             return None
 
+    def entry(self, record: dict) -> Path:
+        """``<the file's sha256>-<the reader's, cut>.npz``: two osteo versions sharing one cache keep
+        an entry each, and do not write over each other's in turn."""
+        return self.folder / f"{record['file_sha256']}-{record['reader'][:16]}.npz"
+
     def recall(self, record: dict | None) -> dict | None:
-        """The state read before from a file of ``record``'s content, or None."""
+        """The state read before from a file of ``record``'s content, or None; one warning where
+        an entry is there but cannot be used (damaged: the child's state is then kept anew)."""
         import json
+        import os
 
         import numpy as np
 
-        entry = self.folder / f"{record['file_sha256']}.npz" if record else None
-        if entry is None or not entry.is_file():
+        if record is None:
             return None
+        entry = self.entry(record)
         try:
+            if not os.path.lexists(entry):
+                return None
             with np.load(entry) as f:
                 if json.loads(f["__osteo__"].tobytes().decode()) != record:
-                    return None
-                return {k: f[k] for k in f.files if k != "__osteo__"}  # each read whole: its CRC-32 checked
-        except Exception as e:  # damaged, cut: read the file again
-            log.debug("ported weights %s not recalled: %s", entry, e)
+                    raise ValueError("its record is another file's")
+                state = {k: f[k] for k in f.files if k != "__osteo__"}  # each read whole: its CRC-32 checked
+            os.utime(entry)  # used: the last to be pruned
+            return state
+        except Exception as e:  # damaged, cut, not a file, out of reach: read the file again
+            log.warning("ported weights %s cannot be used (%s); reading the weights file again", entry, short(e))
             return None
 
     def remember(self, path: Path, record: dict | None, written: Path) -> None:
         """Keep the child's ``written`` state.npz as the entry of ``record``, taken before the child
         read ``path``, where the file is that one still (atomically: a reader sees the old entry or
-        the new one)."""
+        the new one); the :data:`KEEP_PER_BACKBONE` entries used last are kept, and temporaries of
+        writers that died are removed. One warning where it cannot be kept."""
         import json
         import shutil
         import zipfile
 
-        from osteo.files import atomic_path
+        from osteo.files import atomic_path, sweep_temporaries
 
         if record is None or self.record(path) != record:  # replaced while the child read it
             return
+        entry = self.entry(record)
         try:
-            with atomic_path(self.folder / f"{record['file_sha256']}.npz") as tmp:
+            with atomic_path(entry) as tmp:
                 shutil.copyfile(written, tmp)
                 with zipfile.ZipFile(tmp, "a") as z:  # np.savez's form: one more .npy member
                     z.writestr("__osteo__.npy", _npy_bytes(json.dumps(record).encode()))
         except Exception as e:  # a full or read-only cache folder: the next run reads the file again
-            log.debug("ported weights of %s not remembered: %s", path, e)
+            log.warning("cannot keep ported weights in %s (%s): each run reads %s through timm's module "
+                        "again; set OSTEO_CACHE to a writable folder with room", self.folder, short(e), Path(path).name)
+            return
+        sweep_temporaries(self.folder)
+        self.prune(keep=entry)
+
+    def prune(self, keep: Path) -> None:
+        """Remove all but the :data:`KEEP_PER_BACKBONE` entries used last (``keep`` among them)."""
+        import os
+
+        def used(p: Path) -> float:
+            try:
+                return p.stat().st_mtime
+            except OSError:
+                return 0.0
+
+        others = sorted((p for p in self.folder.glob("*.npz") if p != keep and not p.name.startswith(".")),
+                        key=used, reverse=True)
+        for old in others[KEEP_PER_BACKBONE - 1 :]:
+            try:
+                os.unlink(old)
+            except OSError as e:  # another process's prune, or not ours to remove
+                log.debug("ported weights %s not pruned: %s", old, e)
 
 
 def _npy_bytes(data: bytes) -> bytes:
