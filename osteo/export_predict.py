@@ -36,7 +36,10 @@ the two inputs are equal bit for bit:
 ``osteo`` keeps this file as ``osteo/export_predict.py``; tests/test_export.py checks
 that its input equals ``load_levels``'s on every kind of file and on a grid of shapes.
 Each function below that repeats osteo's arithmetic names the one it mirrors: a change
-to one must be made to the other.
+to one must be made to the other. The map to float (:func:`float_block`, :func:`box_means`),
+the resize (:func:`resize_gray`) and the levels (:func:`to_levels`) are osteo's own, not
+mirrors: its image cache computes its entries with them, so a change to their arithmetic
+changes what the cache holds and must come with a new ``osteo.data.pipeline.CACHE_VERSION``.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ MAX_PIXELS = 1 << 26  # osteo.data.decode.MAX_PIXELS
 STRIP_BYTES = 8 << 20  # float32 bytes of one strip of box_means (osteo.data.decode and scan use it too)
 DCT_SCALES = (8, 4, 2)  # osteo.data.decode.DCT_SCALES
 DETAIL_SIDE = 128  # osteo.data.scan.DETAIL_SIDE (the audit's DCT scale bounds the cache's)
-SCALE = 257.0  # osteo.data.pipeline.SCALE: [0, 255] <-> [0, 65535]
+SCALE = 257.0  # [0, 255] <-> [0, 65535] (osteo.data.pipeline imports it)
 BATCH = 32
 _F32 = np.float32
 
@@ -770,12 +773,17 @@ def some_of(items, k: int, sep: str = ", ") -> str:
 
 def sha256_file(path: str | os.PathLike) -> str:
     """The sha256 of a file's bytes, read in 1 MiB blocks (osteo's own writers use this function too)."""
+    with open(path, "rb") as f:
+        return sha256_stream(f)
+
+
+def sha256_stream(f) -> str:
+    """The sha256 of the rest of the binary file ``f``, read in 1 MiB blocks."""
     import hashlib
 
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 

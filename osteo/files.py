@@ -24,7 +24,7 @@ from typing import Any
 
 from osteo import killpoints
 from osteo.errors import OsteoError
-from osteo.export_predict import sha256_file, some_of
+from osteo.export_predict import sha256_file, sha256_stream, some_of  # noqa: F401  (sha256_file: osteo's too)
 
 
 def default_cache_root() -> Path:
@@ -33,7 +33,27 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("OSTEO_CACHE") or Path.home() / ".cache" / "osteo")
 
 
-# sha256 of files this process has hashed, by what os.stat says of them (file_sha256)
+# a file whose ctime is this close before it was read is not remembered by its stat_key: a rewrite
+# within the file system's timestamp granularity could leave its stat as it was
+RACY_S = 3.0
+
+
+def stat_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What tells a file from another, or from itself written since: device, inode, size,
+    modification and status-change times (writing, replacing or re-permissioning a file changes
+    the last, which no tool sets back)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def settled(st: os.stat_result, racy_s: float | None = None) -> bool:
+    """Whether ``st`` may be remembered by its :func:`stat_key`: its last change is ``racy_s``
+    (:data:`RACY_S`) old."""
+    import time
+
+    return st.st_ctime_ns < (time.time() - (RACY_S if racy_s is None else racy_s)) * 1e9
+
+
+# sha256 of files this process has hashed, by their stat_key (file_sha256)
 _HASHED: dict[tuple[int, ...], str] = {}
 _HASHED_LOCK = threading.Lock()
 
@@ -41,18 +61,38 @@ _HASHED_LOCK = threading.Lock()
 def file_sha256(path: str | os.PathLike) -> str:
     """:func:`sha256_file` of a file this process reads but never writes (a weights file), hashed
     once while it stays the same file: a cross-validation's folds and the ported weights' cache
-    ask again. Another file, or this one written or replaced since (its inode, size, modification
-    or change time differ), is read again. Checkpoints are verified with :func:`sha256_file`,
-    which reads them each time."""
-    st = os.stat(path)
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    with _HASHED_LOCK:
-        known = _HASHED.get(key)
-    if known is None:
-        known = sha256_file(path)
+    ask again. The key and the hash are of one open file (not of two opens of a name another file
+    took meanwhile); another file, this one written since (:func:`stat_key`), or one written
+    under :data:`RACY_S` before it was read, is read again. Checkpoints are verified with
+    :func:`sha256_file`, which reads them each time."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        key = stat_key(st)
         with _HASHED_LOCK:
-            _HASHED[key] = known
+            known = _HASHED.get(key)
+        if known is None:
+            known = sha256_stream(f)
+            if settled(st):
+                with _HASHED_LOCK:
+                    _HASHED[key] = known
     return known
+
+
+def code_version(tag: str, sources: Iterable[str | os.PathLike], packages: Iterable[str]) -> str:
+    """What a result osteo keeps for later depends on besides its input: the sha256 of ``tag``,
+    the bytes of the ``sources`` (osteo's modules that compute it) and the installed versions of
+    ``packages`` (``name=none`` where one is not installed)."""
+    from importlib import metadata
+
+    sha = hashlib.sha256(tag.encode())
+    for source in sources:
+        sha.update(Path(source).read_bytes())
+    for package in packages:
+        try:
+            sha.update(f"{package}={metadata.version(package)}".encode())
+        except metadata.PackageNotFoundError:
+            sha.update(f"{package}=none".encode())
+    return sha.hexdigest()
 
 
 def cannot_write(folder: str | os.PathLike, e: OSError) -> OsteoError:

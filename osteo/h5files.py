@@ -234,13 +234,20 @@ def weights_of(path: str | os.PathLike, limit: int, bad: Callable[[str], Excepti
             yield inner
 
 
+# the start of the names of scratch's folders, in TMPDIR
+SCRATCH = "osteo-weights-"
+
+
 @contextlib.contextmanager
-def scratch(bad: Callable[[str], Exception], prefix: str = "osteo-weights-") -> Iterator[Path]:
+def scratch(bad: Callable[[str], Exception]) -> Iterator[Path]:
     """A temporary folder for a copy of (part of) a weights file, removed after; ``bad(reason)``
-    naming TMPDIR where none can be made. ``prefix``: its name's start (a writer's
-    ``osteo.files.owned_prefix``, which ``sweep_temporaries`` reads where a kill left it)."""
+    naming TMPDIR where none can be made. Its name says its writer (``osteo-weights-<pid>@<host>-``):
+    such folders that a kill -9 left (of processes no longer running) are removed first."""
+    from osteo.files import owned_prefix, sweep_temporaries
+
+    sweep_temporaries(tempfile.gettempdir(), pattern=f"{SCRATCH}*@*")  # an older osteo's, unnamed, are left
     try:
-        tmp = tempfile.mkdtemp(prefix=prefix)
+        tmp = tempfile.mkdtemp(prefix=owned_prefix(SCRATCH))
     except OSError as e:
         raise bad(f"needs a temporary folder, which cannot be made in {tempfile.gettempdir()} "
                   f"({e.strerror or short(e)}); set TMPDIR to a writable folder with room") from None

@@ -199,9 +199,11 @@ def test_a_timm_weights_file_trains_on_keras_layers_on_tensorflow(tmp_path, monk
     import osteo.backbones.keras_apps as keras_apps
     from osteo.device import Device, plan
     from osteo.files import host_tag
+    from osteo.h5files import SCRATCH
     from osteo.recipe import Recipe, resolve
 
     path, size = tmp_path / "densenet169.pth", 32
+    monkeypatch.setenv("OSTEO_CACHE", str(tmp_path / "cache"))  # no entry of another test's: the child runs
     env = {**os.environ, "KERAS_BACKEND": "torch"}
     subprocess.run([sys.executable, "-c", _TIMM_FILE, "densenet169", str(path), str(size)], env=env, check=True,
                    capture_output=True)
@@ -231,7 +233,7 @@ def test_a_timm_weights_file_trains_on_keras_layers_on_tensorflow(tmp_path, monk
     import tempfile
 
     # a child's folder (a copy of the weights) that a kill -9 left: removed by the next child
-    left = Path(tempfile.mkdtemp(prefix=f"{keras_apps.SCRATCH}999999999@{host_tag()}-"))
+    left = Path(tempfile.mkdtemp(prefix=f"{SCRATCH}999999999@{host_tag()}-"))
     os.utime(left, (0, 0))
     engine = create(spec, "keras", image_size=size, weights=str(path), preprocessing="torch")
     layer = engine.build()
@@ -255,7 +257,8 @@ def test_a_timm_weights_file_trains_on_keras_layers_on_tensorflow(tmp_path, monk
     assert not children
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(again(Preprocess("torch")(x), training=False)), got)
     remembered = keras_apps.PortedStates(spec)
-    assert remembered.recall(remembered.record(copy)).keys() == {k for k in np.load(entry).files if k != "__osteo__"}
+    with np.load(entry) as f:
+        assert remembered.recall(remembered.record(copy)).keys() == {k for k in f.files if k != "__osteo__"}
     with monkeypatch.context() as m:
         m.setattr(keras_apps.PortedStates, "reader", lambda self: "another")
         assert remembered.recall(remembered.record(copy)) is None
@@ -266,8 +269,9 @@ def test_a_timm_weights_file_trains_on_keras_layers_on_tensorflow(tmp_path, monk
     before = remembered.record(copy)  # a file replaced while the child read it: what it read is not kept
     copy.write_bytes(b"0" + path.read_bytes())
     entry.unlink()
-    remembered.remember(copy, before, tmp_path / "cut.pth")
-    assert not entry.exists()
+    np.savez(tmp_path / "state.npz", w=np.zeros(3, np.float32))  # (what a child would have written)
+    remembered.remember(copy, before, tmp_path / "state.npz")
+    assert not entry.exists() and not any(entry.parent.iterdir())
     monkeypatch.setattr(subprocess, "run", run)
     with pytest.raises(OsteoError, match=r"^weights file .*densenet169\.pth does not match backbone vgg16: missing "
                                          r"features\.0\.bias.*; pass a weights file of timm's vgg16 or a Keras weights file of "
@@ -282,12 +286,15 @@ def test_a_timm_weights_file_trains_on_keras_layers_on_tensorflow(tmp_path, monk
         keras_apps.timm_module_state(path, spec)
 
 
-def test_ported_weights_are_kept_by_file_and_reader_the_three_used_last_per_backbone(tmp_path, monkeypatch, caplog):
+def test_ported_weights_are_kept_by_file_and_reader_the_three_used_last_per_backbone(tmp_path, monkeypatch):
     """The cache of what timm's module read from a weights file (PortedStates, without a child here):
     an entry per file and reader, so two osteo versions sharing a cache keep one each; the three
     entries used last per backbone are kept; a temporary of a writer that died is removed; an entry
-    that cannot be used, or kept, is one warning each, and the file is read again."""
+    that cannot be used, or kept, is one warning each, and the file is read again; a cache where an
+    entry cannot be marked used (read-only) still gives it."""
     import os
+
+    from helpers import osteo_warnings
 
     import osteo.backbones.keras_apps as keras_apps
     from osteo.files import host_tag
@@ -295,41 +302,49 @@ def test_ported_weights_are_kept_by_file_and_reader_the_three_used_last_per_back
     monkeypatch.setenv("OSTEO_CACHE", str(tmp_path / "cache"))
     kept = keras_apps.PortedStates(get_backbone("densenet169"))
     written = tmp_path / "state.npz"
-    np.savez(written, w=np.arange(3, dtype=np.float32))
     files = []
     for i in range(4):
         files.append(tmp_path / f"w{i}.pth")
         files[-1].write_bytes(bytes([i]) * 10)
+
+    def child_wrote() -> Path:  # each remembered state.npz is moved into the cache, as the child's is
+        np.savez(written, w=np.arange(3, dtype=np.float32))
+        return written
+
     for i, f in enumerate(files[:3]):
-        kept.remember(f, kept.record(f), written)
+        kept.remember(f, kept.record(f), child_wrote())
         os.utime(kept.entry(kept.record(f)), (i + 1, i + 1))  # written in this order, long ago
     np.testing.assert_array_equal(kept.recall(kept.record(files[0]))["w"], np.arange(3))  # used now: kept
     dead = kept.folder / f".x.999999999@{host_tag()}-abc.tmp.npz"  # a writer killed mid-copy
     dead.write_bytes(b"cut")
     os.utime(dead, (0, 0))
-    kept.remember(files[3], kept.record(files[3]), written)
+    kept.remember(files[3], kept.record(files[3]), child_wrote())
     assert sorted(p.name for p in kept.folder.iterdir()) == sorted(kept.entry(kept.record(f)).name
                                                                   for f in (files[0], files[2], files[3]))
-    with monkeypatch.context() as m:  # another osteo's reader: an entry of its own, beside this one's
-        m.setattr(keras_apps.PortedStates, "reader", lambda self: "f" * 64)
+    with osteo_warnings() as said:
+        with monkeypatch.context() as m:  # another osteo's reader: an entry of its own, beside this one's
+            m.setattr(keras_apps.PortedStates, "reader", lambda self: "f" * 64)
+            assert kept.recall(kept.record(files[3])) is None
+            kept.remember(files[3], kept.record(files[3]), child_wrote())
+            assert kept.recall(kept.record(files[3])) is not None
+        twin = tmp_path / "w3.safetensors"  # the same bytes, read by safetensors' reader: not this entry
+        twin.write_bytes(files[3].read_bytes())
+        assert kept.record(twin)["file_sha256"] == kept.record(files[3])["file_sha256"]
+        assert kept.recall(kept.record(twin)) is None
+        with monkeypatch.context() as m:  # a cache it may read but not touch
+            m.setattr(os, "utime", lambda *a, **k: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
+            assert kept.recall(kept.record(files[3])) is not None
+        assert not said
+        assert len(list(kept.folder.iterdir())) == 3  # files[2]'s, used longest ago, made room for it
+        entry = kept.entry(kept.record(files[3]))
+        entry.write_bytes(entry.read_bytes()[:100])
         assert kept.recall(kept.record(files[3])) is None
-        kept.remember(files[3], kept.record(files[3]), written)
-        assert kept.recall(kept.record(files[3])) is not None
-    assert kept.recall(kept.record(files[3])) is not None and not caplog.records
-    assert len(list(kept.folder.iterdir())) == 3  # files[2]'s, used longest ago, made room for it
-    entry = kept.entry(kept.record(files[3]))
-    entry.write_bytes(entry.read_bytes()[:100])
-    with caplog.at_level("WARNING", logger="osteo"):
-        assert kept.recall(kept.record(files[3])) is None
-    assert [r.getMessage() for r in caplog.records] == [
-        f"ported weights {entry} cannot be used (File is not a zip file); reading the weights file again"]
-    caplog.clear()
-    monkeypatch.setenv("OSTEO_CACHE", str(written))  # a file: no folder can be made there
-    with caplog.at_level("WARNING", logger="osteo"):
-        keras_apps.PortedStates(get_backbone("densenet169")).remember(files[0], kept.record(files[0]), written)
-    (line,) = [r.getMessage() for r in caplog.records]
-    assert line.startswith(f"cannot keep ported weights in {written}/ported-v1/densenet169 (") and line.endswith(
-        "): each run reads w0.pth through timm's module again; set OSTEO_CACHE to a writable folder with room")
+        assert said == [f"ported weights {entry} cannot be used (File is not a zip file); reading the weights file again"]
+        said.clear()
+        monkeypatch.setenv("OSTEO_CACHE", str(written))  # a file: no folder can be made there
+        keras_apps.PortedStates(get_backbone("densenet169")).remember(files[0], kept.record(files[0]), child_wrote())
+        assert said == [f"cannot keep ported weights in {written}/ported-v1/densenet169 (Not a directory): each run "
+                        "reads w0.pth through timm's module again; set OSTEO_CACHE to a writable folder with room"]
 
 
 def test_offline_imagenet_fails_fast_and_names_the_fix(tmp_path, monkeypatch, fails_fast_offline):

@@ -361,26 +361,30 @@ def test_a_run_begun_with_relative_paths_resumes_from_another_folder_and_a_gone_
 def test_a_weights_file_is_hashed_once_while_it_stays_the_same_file(tmp_path, monkeypatch):
     """A cross-validation's folds (a Trainer each) and the ported weights' cache ask a weights file's
     sha256 again: its bytes are read once while it stays the same file; one put there under its name,
-    or written in place since, is read again."""
+    or written in place since, is read again, and so is one written just before it was read (its
+    time stamps could stay as they were through a rewrite: files.RACY_S)."""
     import hashlib
 
     from osteo import files
 
     reads = []
-    real = files.sha256_file
-    monkeypatch.setattr(files, "sha256_file", lambda p: reads.append(p) or real(p))
+    real = files.sha256_stream
+    monkeypatch.setattr(files, "sha256_stream", lambda f: reads.append(f) or real(f))
     w = tmp_path / "w.pth"
     w.write_bytes(b"a" * 100)
     assert files.file_sha256(w) == files.file_sha256(str(w)) == hashlib.sha256(b"a" * 100).hexdigest()
-    assert len(reads) == 1
+    assert len(reads) == 2  # just written: not remembered
+    monkeypatch.setattr(files, "RACY_S", -3600.0)  # as if every file here were written an hour ago
+    assert files.file_sha256(w) == files.file_sha256(w) == hashlib.sha256(b"a" * 100).hexdigest()
+    assert len(reads) == 3
     (tmp_path / "new").write_bytes(b"b" * 100)
     (tmp_path / "new").replace(w)  # another file under its name, of the same size
-    assert files.file_sha256(w) == hashlib.sha256(b"b" * 100).hexdigest() and len(reads) == 2
+    assert files.file_sha256(w) == hashlib.sha256(b"b" * 100).hexdigest() and len(reads) == 4
     before = w.stat()
     with open(w, "r+b") as f:  # written in place, the same size; its clock a second on
         f.write(b"c" * 100)
     os.utime(w, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
-    assert files.file_sha256(w) == hashlib.sha256(b"c" * 100).hexdigest() and len(reads) == 3
+    assert files.file_sha256(w) == hashlib.sha256(b"c" * 100).hexdigest() and len(reads) == 5
 
 
 def test_a_run_that_recorded_its_paths_as_typed_trains_the_same_recipe_as_one_given_them_absolute(

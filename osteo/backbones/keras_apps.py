@@ -34,7 +34,7 @@ from osteo.errors import OsteoError, short
 from osteo.h5files import datasets, scratch, torch_state_group, weights_of
 from osteo.registry import parse_weights
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("osteo")
 
 
 class KerasAppsBackbone(Backbone):
@@ -297,21 +297,17 @@ def _read_in_a_child(path: Path, spec, remember) -> dict:
     import os
     import subprocess
     import sys
-    import tempfile
 
     import numpy as np
 
     import osteo
     from osteo.child import DIE_WITH_PARENT, signal_name
-    from osteo.files import owned_prefix, sweep_temporaries
 
     def bad(reason: str) -> OsteoError:
         return OsteoError(f"weights file {path} {reason}; {timm_file_fix(spec)}")
 
     root = Path(osteo.__file__).resolve().parent.parent  # this process's osteo, whatever PYTHONPATH says
-    # the child's folder holds a copy of the weights: one a kill -9 left is removed by the next
-    sweep_temporaries(tempfile.gettempdir(), pattern=f"{SCRATCH}*")
-    with scratch(bad, owned_prefix(SCRATCH)) as tmp:
+    with scratch(bad) as tmp:
         # no GPU (the module is read on the CPU); run in the scratch folder, so that neither the user's
         # folder (first on a -c child's path) nor what torch caches there is in the way or left behind
         env = {**os.environ, "KERAS_BACKEND": "torch", "CUDA_VISIBLE_DEVICES": "",
@@ -350,8 +346,6 @@ def _read_in_a_child(path: Path, spec, remember) -> dict:
         return state
 
 
-# the start of the name of the child's temporary folder (in TMPDIR)
-SCRATCH = "osteo-weights-port-"
 # the version of PortedStates' folder: a new one where what it holds changes its form
 PORTED_VERSION = 1
 # osteo's modules outside osteo.backbones that the child runs (what reads the file and checks it)
@@ -381,38 +375,36 @@ class PortedStates:
         """What a state depends on besides the file: the child's code (its script, the backbones
         package and the modules of osteo it reads the file with), the spec's timm model and the
         versions of the packages that read it."""
-        import hashlib
-        from importlib import metadata
+        from osteo.files import code_version
 
-        sha = hashlib.sha256(f"{PORTED_VERSION} {self.spec.timm_name} {_STATE_CHILD}".encode())
         here = Path(__file__).parent
-        for module in (*sorted(here.glob("*.py")), *(here.parent / m for m in _CHILD_READS)):
-            sha.update(module.read_bytes())
-        for package in ("timm", "torch", "safetensors", "numpy"):
-            try:
-                sha.update(f"{package}={metadata.version(package)}".encode())
-            except metadata.PackageNotFoundError:
-                sha.update(f"{package}=none".encode())
-        return sha.hexdigest()
+        return code_version(f"{PORTED_VERSION} {self.spec.timm_name} {_STATE_CHILD}",
+                            (*sorted(here.glob("*.py")), *(here.parent / m for m in _CHILD_READS)),
+                            ("timm", "torch", "safetensors", "numpy", "keras", "h5py"))
 
     def record(self, path: Path) -> dict | None:
         """What an entry for ``path``'s content must say it was made from (None: unreadable, which
         the child then says)."""
         from osteo.files import file_sha256
 
-        try:
-            return {"backbone": self.spec.name, "file_sha256": file_sha256(path), "reader": self.reader()}
+        try:  # read_as: the reader is chosen by the name's suffix (safetensors') or the file's first bytes
+            return {"backbone": self.spec.name, "file_sha256": file_sha256(path), "reader": self.reader(),
+                    "read_as": "safetensors" if Path(path).suffix.lower() == ".safetensors" else "its bytes"}
         except OSError:
             return None
 
     def entry(self, record: dict) -> Path:
-        """``<the file's sha256>-<the reader's, cut>.npz``: two osteo versions sharing one cache keep
-        an entry each, and do not write over each other's in turn."""
-        return self.folder / f"{record['file_sha256']}-{record['reader'][:16]}.npz"
+        """``<the file's sha256>-<how it is read>.npz`` (a hash of the reader and ``read_as``, cut): two
+        osteo versions sharing one cache keep an entry each, and do not write over each other's in turn."""
+        import hashlib
+
+        how = hashlib.sha256(f"{record['reader']} {record['read_as']}".encode()).hexdigest()[:16]
+        return self.folder / f"{record['file_sha256']}-{how}.npz"
 
     def recall(self, record: dict | None) -> dict | None:
         """The state read before from a file of ``record``'s content, or None; one warning where
         an entry is there but cannot be used (damaged: the child's state is then kept anew)."""
+        import contextlib
         import json
         import os
 
@@ -428,11 +420,12 @@ class PortedStates:
                 if json.loads(f["__osteo__"].tobytes().decode()) != record:
                     raise ValueError("its record is another file's")
                 state = {k: f[k] for k in f.files if k != "__osteo__"}  # each read whole: its CRC-32 checked
-            os.utime(entry)  # used: the last to be pruned
-            return state
         except Exception as e:  # damaged, cut, not a file, out of reach: read the file again
             log.warning("ported weights %s cannot be used (%s); reading the weights file again", entry, short(e))
             return None
+        with contextlib.suppress(OSError):  # used: the last to be pruned (not where the cache is read-only)
+            os.utime(entry)
+        return state
 
     def remember(self, path: Path, record: dict | None, written: Path) -> None:
         """Keep the child's ``written`` state.npz as the entry of ``record``, taken before the child
@@ -449,13 +442,16 @@ class PortedStates:
             return
         entry = self.entry(record)
         try:
+            self.folder.mkdir(parents=True, exist_ok=True)
             with atomic_path(entry) as tmp:
-                shutil.copyfile(written, tmp)
+                shutil.move(written, tmp)  # the child's scratch folder is removed after: no copy on one disk
                 with zipfile.ZipFile(tmp, "a") as z:  # np.savez's form: one more .npy member
                     z.writestr("__osteo__.npy", _npy_bytes(json.dumps(record).encode()))
         except Exception as e:  # a full or read-only cache folder: the next run reads the file again
+            # the reason alone: osteo's own errors (atomic_path's) end in a fix for another kind of file
+            why = e.strerror if isinstance(e, OSError) and e.strerror else short(e).split("; ")[0]
             log.warning("cannot keep ported weights in %s (%s): each run reads %s through timm's module "
-                        "again; set OSTEO_CACHE to a writable folder with room", self.folder, short(e), Path(path).name)
+                        "again; set OSTEO_CACHE to a writable folder with room", self.folder, why, Path(path).name)
             return
         sweep_temporaries(self.folder)
         self.prune(keep=entry)

@@ -53,7 +53,6 @@ import contextlib
 import errno
 import io
 import os
-import re
 import stat
 import threading
 import warnings
@@ -63,9 +62,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-# the exported predictor (predict.py, run without osteo) is the one source of these two, so both find the same files
+# the exported predictor (predict.py, run without osteo) is the one copy of these: both read files alike
 from osteo.export_predict import (
-    STRIP_BYTES,  # float32 bytes of one strip when a large image is converted piece by piece
     Unreadable,
     bare_dicom,
     bomb_pixels,
@@ -73,9 +71,9 @@ from osteo.export_predict import (
     dicom_failure,
     finite_range,
     float_block,
-    read_dicom_gray,
     png_refusal,
     preambled_dicom,
+    read_dicom_gray,
     said,
     too_many_pixels,
     transparent,

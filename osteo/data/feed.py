@@ -175,7 +175,7 @@ class TorchFeed(keras.utils.PyDataset):
         x2, y2 = x[other], y[other]
         if use_cutmix:
             size = x.shape[1]
-            cut = int(round(size * np.sqrt(1 - lam)))
+            cut = int(round(size * np.sqrt(1 - lam)))  # noqa: RUF046  (an int whatever NumPy's round gives)
             cy, cx = int(rng.integers(size)), int(rng.integers(size))
             y0, y1 = np.clip([cy - cut // 2, cy + cut // 2], 0, size)
             x0, x1 = np.clip([cx - cut // 2, cx + cut // 2], 0, size)

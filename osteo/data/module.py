@@ -36,7 +36,13 @@ import numpy as np
 from osteo import CLASSES
 from osteo.data.pipeline import SCALE, Entry, ImageCache, load_split
 from osteo.data.scan import audit
-from osteo.data.split import MIN_TEST_PER_CLASS, check_split, majority_label, read_groups_csv, split_rows
+from osteo.data.split import (
+    MIN_TEST_PER_CLASS,
+    check_split,
+    majority_label,
+    read_groups_csv,
+    split_rows,
+)
 from osteo.errors import OsteoError
 
 log = logging.getLogger("osteo")

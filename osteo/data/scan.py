@@ -131,7 +131,6 @@ import logging
 import math
 import os
 import struct
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -142,7 +141,6 @@ import numpy as np
 from osteo import CLASSES
 from osteo.data.decode import (
     DECODE_MEMORY,
-    STRIP_BYTES,
     DecodeError,
     Gray,
     MemoryBudget,
@@ -155,8 +153,25 @@ from osteo.data.decode import (
     unexpected_failure,
 )
 from osteo.errors import OsteoError
-from osteo.export_predict import IMAGE_EXTENSIONS, OTHER_IMAGE_EXTENSIONS, inside, not_data
-from osteo.files import all_or_none, some_of, sweep_temporaries, temporaries_of, write_csv, write_json
+from osteo.export_predict import (
+    IMAGE_EXTENSIONS,
+    OTHER_IMAGE_EXTENSIONS,
+    STRIP_BYTES,
+    inside,
+    not_data,
+)
+from osteo.files import (
+    RACY_S,  # (see "Remembered records"; tests move it)
+    all_or_none,
+    code_version,
+    settled,
+    some_of,
+    stat_key,
+    sweep_temporaries,
+    temporaries_of,
+    write_csv,
+    write_json,
+)
 
 MANIFEST_COLUMNS = (
     "path", "label", "status", "reason", "format", "width", "height", "bit_depth", "frames",
@@ -180,7 +195,6 @@ INDEX_SAMPLE = 512  # images per set on which the index estimates how selective 
 INDEX_MIN_PAIRS = 20_000  # fewer pairs than this are all compared
 INDEX_SLACK = 1e-3  # added to the squared distance bounds, for float rounding
 MEMO_VERSION = 1
-RACY_S = 3.0  # a file whose ctime is this close before it was read is not remembered (see "Remembered records")
 log = logging.getLogger("osteo")
 NOT_UTF8 = "file name is not valid UTF-8 (shown with \\xNN escapes); rename it, e.g. convmv -f latin1 -t utf8"
 
@@ -614,7 +628,7 @@ def _inspect(root: Path, rel: str, label: str, budget: MemoryBudget, cache=None)
             with budget.take(need + _feature_memory(width, height)):
                 st = os.fstat(f.fileno())
                 data = read_all(f)
-                key = _stat_key(st) if st.st_ctime_ns < (time.time() - RACY_S) * 1e9 else None
+                key = stat_key(st) if settled(st, RACY_S) else None
                 rec.bytes = len(data)
                 rec.sha256 = hashlib.sha256(data).hexdigest()
                 gray = decode_gray(data, audit_scale)
@@ -638,10 +652,6 @@ def _inspect(root: Path, rel: str, label: str, budget: MemoryBudget, cache=None)
     if rec.status != "ok":
         rec.features = None
     return rec
-
-
-def _stat_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 # --------------------------------------------------------------------------- remembered records
@@ -678,7 +688,7 @@ class _Memo:
             tiles, intact = _mapped(self.path, "tiles")
             self._tiles_intact = functools.cache(intact)
             at = 0
-            for i, r in enumerate(meta["records"]):
+            for r in meta["records"]:
                 features = None
                 if r["status"] == "ok":
                     rows, cols = r["tiles"]
@@ -732,7 +742,7 @@ class _Memo:
         except OSError:
             return None
         key, fields, features = hit
-        if _stat_key(st) != key:
+        if stat_key(st) != key:
             return None
         self.recalled.add(rel)
         return Record(path=rel, label=label, **fields, features=features, stat_key=key)
@@ -809,21 +819,12 @@ def _memo_version() -> str:
     """What a remembered record depends on: this module's and the decoders' code (a DICOM file's
     pixels are :func:`osteo.export_predict.dicom_gray`'s), Pillow's,
     pydicom's (and its decoder plugins') and NumPy's versions."""
-    from importlib import metadata
-
     from osteo import export_predict
     from osteo.data import decode
 
-    sha = hashlib.sha256(f"{MEMO_VERSION}".encode())
-    for module in (__file__, decode.__file__, export_predict.__file__):  # the latter: DICOM's reading
-        sha.update(Path(module).read_bytes())
-    for package in ("pillow", "pydicom", "numpy", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
-                    "pylibjpeg-rle", "python-gdcm"):  # pydicom's decoders: a new one reads what was refused
-        try:
-            sha.update(f"{package}={metadata.version(package)}".encode())
-        except metadata.PackageNotFoundError:
-            sha.update(f"{package}=none".encode())
-    return sha.hexdigest()
+    return code_version(f"{MEMO_VERSION}", (__file__, decode.__file__, export_predict.__file__),  # the last: DICOM
+                        ("pillow", "pydicom", "numpy", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
+                         "pylibjpeg-rle", "python-gdcm"))  # pydicom's decoders: a new one reads what was refused
 
 
 # --------------------------------------------------------------------------- duplicates
