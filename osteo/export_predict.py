@@ -27,7 +27,7 @@ the two inputs are equal bit for bit:
   floating-point images stretched from their minimum to their maximum; DICOM after its
   modality LUT and its VOI LUT or window, stretched likewise (MONOCHROME1 inverted;
   colour DICOM as luminance; the first frame);
-* resize (``osteo.data.pipeline.resize_gray``): an integer box filter
+* resize (:func:`resize_gray`, which ``osteo.data.pipeline`` imports): an integer box filter
   (:func:`box_factor`), then a bilinear resize with half-pixel centres, padded to a
   square (``pad``) or stretched; a thin image keeps at least one pixel across;
 * quantize to the 16-bit levels of osteo's image cache (``to_levels``: x 257, rounded)
