@@ -372,6 +372,7 @@ def test_a_weights_file_is_hashed_once_while_it_stays_the_same_file(tmp_path, mo
     monkeypatch.setattr(files, "sha256_stream", lambda f: reads.append(f) or real(f))
     w = tmp_path / "w.pth"
     w.write_bytes(b"a" * 100)
+    monkeypatch.setattr(files, "RACY_S", 3600.0)  # as if it had been written just now, however slow this machine
     assert files.file_sha256(w) == files.file_sha256(str(w)) == hashlib.sha256(b"a" * 100).hexdigest()
     assert len(reads) == 2  # just written: not remembered
     monkeypatch.setattr(files, "RACY_S", -3600.0)  # as if every file here were written an hour ago
