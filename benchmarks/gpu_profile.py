@@ -4,7 +4,10 @@ time, the same module trained five ways, then both loops under torch.profiler.
     KERAS_BACKEND=torch python benchmarks/gpu_profile.py --models vgg16,densenet169 --out DIR
 
 Rows (images/sec, median of --repeats windows of --window seconds, interleaved):
-- ``timm cl``: timm's eager loop, channels-last, bf16 autocast (benchmarks/models.py's TimmRow);
+- ``timm cl``: timm's eager loop, channels-last, bf16 autocast (``--precision float32``: none; the
+  CPU decision where the CPU has no bfloat16 instructions) (benchmarks/models.py's TimmRow);
+- ``timm cl fused`` (on a CPU only): the same loop with torch's fused Adam, which osteo's
+  optimizer is (on a GPU ``timm cl`` is already fused); the CPU default is one kernel per tensor;
 - ``module``: osteo's own timm module (TimmLayer.module, as built by osteo) in that same loop;
 - ``model eager``: osteo's whole Keras model called by a plain PyTorch loop (forward, loss,
   backward, torch's fused Adam): Keras' layers and casts, without Keras' trainer;
@@ -44,19 +47,27 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prof-steps", type=int, default=6)
     p.add_argument("--budget-s", type=float, default=420)
+    p.add_argument("--precision", choices=("mixed_bfloat16", "float32"), default="mixed_bfloat16",
+                   help="both loops' precision: float32 is osteo's decision on an AVX2 CPU")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_profile"))
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    from osteo import (  # torch-free: osteo train's malloc and OpenMP settings, before torch loads
+        _lean,
+        device,
+    )
+
+    _lean.install()
+    settings = {"malloc": device.keep_freed_memory(), "openmp": device.short_spin_waits()}
     import keras
     import timm
     import torch
 
-    from osteo import device
-
     device.set_determinism(0, deterministic=False)
     t_start = time.perf_counter()
-    report = {"torch": torch.__version__, "keras": keras.__version__, "timm": timm.__version__,
+    report = {"precision": args.precision, **settings, "torch": torch.__version__, "keras": keras.__version__,
+              "timm": timm.__version__,
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "models": {}}
 
     for name in args.models.split(","):
@@ -87,6 +98,7 @@ def profile_model(name: str, args, out: Path) -> dict:
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    bf16 = args.precision == "mixed_bfloat16"
     bs, size = args.batch, args.size
     r: dict = {"rows": {}}
     spec = get_backbone(name)
@@ -104,15 +116,17 @@ def profile_model(name: str, args, out: Path) -> dict:
     xr = torch.rand(bs, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
     yr = torch.randint(0, 3, (bs,), device=dev)
 
+    ref_fused_opt = torch.optim.Adam(ref.parameters(), 1e-4, fused=True) if dev == "cpu" else None
+
     def ref_step(model=ref, opt=ref_opt, x=xr):
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev, dtype=torch.bfloat16):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
             loss = torch.nn.functional.cross_entropy(model(x), yr)
         loss.backward()
         opt.step()
 
     # --- osteo's model, built as benchmarks/models.py's OsteoRow does
-    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    keras.mixed_precision.set_dtype_policy(args.precision)
     clf = Classifier(name, image_size=size, weights="none", freeze_bn=False,
                      augment=AugmentConfig(flip=False, zoom=0.0, shear=0.0), impl="timm")
     model = clf.build()
@@ -149,7 +163,7 @@ def profile_model(name: str, args, out: Path) -> dict:
 
     def module_step():
         mod_opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev, dtype=torch.bfloat16):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
             f = module.forward_features(xr)
             loss = torch.nn.functional.cross_entropy(mod_head(f.mean((2, 3))), yr)
         loss.backward()
@@ -201,6 +215,8 @@ def profile_model(name: str, args, out: Path) -> dict:
     t = time.perf_counter()
     for s in (ref_step, module_step, eager_step):
         s()
+    if ref_fused_opt is not None:
+        ref_step(opt=ref_fused_opt)
     fit_window(fit_models["fit"], 2)
     sync()
     r["warm_s"] = round(time.perf_counter() - t, 1)
@@ -208,6 +224,8 @@ def profile_model(name: str, args, out: Path) -> dict:
     steps = max(5, int(args.window * rate / bs))
     r["steps_per_window"] = steps
     rows = {"timm cl": lambda: loop_window(ref_step, steps),
+            **({"timm cl fused": lambda: loop_window(lambda: ref_step(opt=ref_fused_opt), steps)}
+               if ref_fused_opt is not None else {}),
             "module": lambda: loop_window(module_step, steps),
             "model eager": lambda: loop_window(eager_step, steps),
             "fit": lambda: fit_window(fit_models["fit"], steps),
@@ -228,7 +246,7 @@ def profile_model(name: str, args, out: Path) -> dict:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
     n = args.prof_steps
     for label, run in (("timm cl", lambda: loop_window(ref_step, n)),
-                       ("fit", lambda: fit_window(fit_models["fit"], n))):
+                       ("fit", lambda: fit_window(fit_models["fit"], n)))[: 2 if n > 0 else 0]:
         sync()
         with profile(activities=acts) as prof:
             t = time.perf_counter()
