@@ -8,7 +8,8 @@ Rows (images/sec, median of --repeats windows of --window seconds, interleaved):
   CPU decision where the CPU has no bfloat16 instructions) (benchmarks/models.py's TimmRow);
 - ``timm cl fused`` (on a CPU only): the same loop with torch's fused Adam, which osteo's
   optimizer is (on a GPU ``timm cl`` is already fused); the CPU default is one kernel per tensor;
-- ``module``: osteo's own timm module (TimmLayer.module, as built by osteo) in that same loop;
+- ``module``: osteo's own timm module (TimmLayer.module, as built by osteo, in the layout its plan
+  picks: channels-first for VGG on an AVX2 CPU) in that same loop;
 - ``model eager``: osteo's whole Keras model called by a plain PyTorch loop (forward, loss,
   backward, torch's fused Adam): Keras' layers and casts, without Keras' trainer;
 - ``fit``: ``model.fit`` as ``osteo train`` runs it (FusedAdam, metrics, TorchFeed);
@@ -88,6 +89,7 @@ def profile_model(name: str, args, out: Path) -> dict:
     import timm
     import torch
 
+    from osteo import device
     from osteo.callbacks import HistoryCSV, NonFiniteLoss, callback_list
     from osteo.classifier import Classifier, SparseCrossEntropy, default_metrics
     from osteo.data.feed import TorchFeed
@@ -127,8 +129,12 @@ def profile_model(name: str, args, out: Path) -> dict:
 
     # --- osteo's model, built as benchmarks/models.py's OsteoRow does
     keras.mixed_precision.set_dtype_policy(args.precision)
+    # osteo's module in the layout osteo train's plan picks (VGG on AVX2: channels-first)
+    layout = device.choose_layout(spec, device.probe(), "torch", "timm", size)
+    r["osteo_layout"] = ("channels-last" if layout[0] else "channels-first", layout[1])
+    log(name, "osteo's layout:", *r["osteo_layout"])
     clf = Classifier(name, image_size=size, weights="none", freeze_bn=False,
-                     augment=AugmentConfig(flip=False, zoom=0.0, shear=0.0), impl="timm")
+                     augment=AugmentConfig(flip=False, zoom=0.0, shear=0.0), impl="timm", channels_last=layout[0])
     model = clf.build()
     keras.mixed_precision.set_dtype_policy("float32")
     clf.unfreeze_backbone(0)
@@ -161,10 +167,12 @@ def profile_model(name: str, args, out: Path) -> dict:
     mod_params = list(module.parameters()) + list(mod_head.parameters())
     mod_opt = torch.optim.Adam(mod_params, 1e-4, fused=dev == "cuda")
 
+    xm = xr if layout[0] else xr.contiguous()  # the batch in the module's layout
+
     def module_step():
         mod_opt.zero_grad(set_to_none=True)
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
-            f = module.forward_features(xr)
+            f = module.forward_features(xm)
             loss = torch.nn.functional.cross_entropy(mod_head(f.mean((2, 3))), yr)
         loss.backward()
         mod_opt.step()

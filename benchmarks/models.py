@@ -184,7 +184,7 @@ class OsteoRow:
         name, self.size, self.bs = cfg["model"], cfg["size"], cfg["batch"]
         plan = device.plan(get_backbone(name), device.probe(), backend=keras.backend.backend(),
                            precision=cfg["precision"], jit_compile=cfg["jit"], impl=cfg["impl"],
-                           planned_images=cfg["planned_images"])
+                           planned_images=cfg["planned_images"], image_size=self.size)
         compile_backbone, keras_jit = device.get_engine(plan.impl).jit(plan.jit_compile)
         device.set_determinism(0, deterministic=False)  # as osteo train does (cuDNN autotuning on PyTorch)
         keras.mixed_precision.set_dtype_policy(plan.precision)

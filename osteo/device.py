@@ -441,16 +441,21 @@ def choose_jit(requested: str, spec: BackboneSpec, device: Device, backend: str,
     return False, f"XLA not measured faster for {spec.name} on {device.cpu_class} CPUs"
 
 
-def choose_layout(spec: BackboneSpec, device: Device, backend: str, impl: str) -> tuple[bool, str]:
+def choose_layout(spec: BackboneSpec, device: Device, backend: str, impl: str,
+                  image_size: int | None = None) -> tuple[bool, str]:
     """(channels_last, why): the timm engine's memory format. Channels-last, PyTorch's fast
     layout for convolutions on GPUs and on AVX-512 CPUs, unless channels-first was measured
-    faster for ``spec`` on this CPU class (``CpuDecision.channels_last``). Keras' layers take
-    NHWC tensors whatever this says."""
+    faster for ``spec`` on this CPU class (``CpuDecision.channels_last``) at ``image_size``
+    (``CpuDecision.channels_first_from``: below it channels-last; None, a size not known:
+    the class's decision). Keras' layers take NHWC tensors whatever this says."""
     if impl != "timm":
         return True, "Keras' layers: NHWC tensors"
     if device.on(backend) == "gpu":
         return True, "channels-last on a GPU"
     d = spec.cpu_decision(device.cpu_class)
+    if not d.channels_last and image_size is not None and image_size < d.channels_first_from:
+        return True, (f"channels-last for {spec.name} at {image_size} px on {device.cpu_class} CPUs "
+                      f"(channels-first from {d.channels_first_from} px): {d.small_layout_why}")
     if not d.channels_last:
         return False, f"channels-first for {spec.name} on {device.cpu_class} CPUs: {d.layout_why}"
     return True, f"channels-last: channels-first not measured faster for {spec.name} on {device.cpu_class} CPUs"
@@ -458,8 +463,9 @@ def choose_layout(spec: BackboneSpec, device: Device, backend: str, impl: str) -
 
 def plan(spec: BackboneSpec, device: Device, *, backend: str = "auto", precision: str = "auto",
          jit_compile: str = "auto", planned_images: int = 0, available: tuple[str, ...] | None = None,
-         impl: str = "auto", weights: str | None = None) -> Plan:
-    """Every device choice of one run, each with its reason."""
+         impl: str = "auto", weights: str | None = None, image_size: int | None = None) -> Plan:
+    """Every device choice of one run, each with its reason (``image_size``: the run's, for the
+    timm engine's memory format; None where not known)."""
     keras_file = impl == "auto" and keras_layers_only(weights, spec)  # Keras' layers, by the file
     keras_layers = "model.impl=keras" if impl == "keras" else "the weights file is Keras'" if keras_file else ""
     timm_module = ("the weights file is a PyTorch state dict" if impl in ("auto", "timm") and not keras_file
@@ -469,12 +475,13 @@ def plan(spec: BackboneSpec, device: Device, *, backend: str = "auto", precision
     i, why_i = choose_impl(impl, spec, b, weights, where)
     p, why_p = choose_precision(precision, spec, device, b)
     j, why_j = choose_jit(jit_compile, spec, device, b, i, planned_images)
-    layout, why_l = choose_layout(spec, device, b, i)
+    layout, why_l = choose_layout(spec, device, b, i, image_size)
     out = Plan(b, p, j, device, {"backend": why_b, "impl": why_i, "precision": why_p, "jit_compile": why_j,
                                  "layout": why_l}, i, channels_last=layout)
     slow = [s for s in spec.slow_paths if s.matches(where, b, i, p)]
     if slow and (backend, impl, precision) != ("auto", "auto", "auto"):
-        fast = plan(spec, device, planned_images=planned_images, available=available, weights=weights)
+        fast = plan(spec, device, planned_images=planned_images, available=available, weights=weights,
+                    image_size=image_size)
         if (fast.backend, fast.impl, fast.precision) != (b, i, p):
             out.warnings = [f"{s.measured} on {where}; the faster choice here is backend={fast.backend}, "
                             f"model.impl={fast.impl}, train.precision={fast.precision} (leave them auto)"

@@ -50,6 +50,10 @@ class CpuDecision:
     # measured faster (layout_why, quoted in env.json)
     channels_last: bool = True
     layout_why: str = ""
+    # channels-first only for images of this size (px) and larger, where smaller ones were measured no
+    # faster channels-first (small_layout_why, quoted in env.json); 0: at every size
+    channels_first_from: int = 0
+    small_layout_why: str = ""
 
 
 @dataclass(frozen=True)
@@ -216,12 +220,16 @@ def _avx2_bf16(name: str, bf16: str, fp32: str, times: str) -> SlowPath:
 
 
 def _cpu(avx512: str, avx2: str, *, bf16: tuple[str, ...] = ("torch",), xla: bool = False,
-         keras: dict[str, tuple[str, str]] | None = None, channels_first: dict[str, str] | None = None) -> dict:
+         keras: dict[str, tuple[str, str]] | None = None, channels_first: dict[str, str] | None = None,
+         channels_first_from: dict[str, tuple[int, str]] | None = None) -> dict:
     """The CPU decisions of one backbone; ``keras``: per class, (backend, measurement) for Keras'
     layers, which model.impl=keras (or a Keras weights file that does not port) asks for; ``channels_first``: per class,
-    the measurement by which the timm engine runs channels-first there."""
-    k, cf = keras or {}, channels_first or {}
-    layout = {c: {"channels_last": c not in cf, "layout_why": cf.get(c, "")} for c in CPU_CLASSES}
+    the measurement by which the timm engine runs channels-first there; ``channels_first_from``: per class, (the
+    smallest image size it does so at, the measurement by which smaller images run channels-last)."""
+    k, cf, small = keras or {}, channels_first or {}, channels_first_from or {}
+    layout = {c: {"channels_last": c not in cf, "layout_why": cf.get(c, ""),
+                  "channels_first_from": small.get(c, (0, ""))[0], "small_layout_why": small.get(c, (0, ""))[1]}
+              for c in CPU_CLASSES}
     return {"avx512_bf16": CpuDecision("torch", bf16, xla, avx512, *k.get("avx512_bf16", ("", "")),
                                        **layout["avx512_bf16"]),
             "avx2": CpuDecision("torch", why=avx2 + _AVX2_NOTE, keras_backend=k.get("avx2", ("", ""))[0],
@@ -234,10 +242,16 @@ def _seq(prefix: str, *ranges: tuple[int, int]) -> tuple[str, ...]:
 
 
 _VGG_KERAS = tuple(rf"^block{i}_" for i in range(1, 6))
-# timm's own loop on the AVX2 class, float32, medians of 5 interleaved rounds (benchmarks/README.md, twenty-third
-# session): channels-first ran VGG faster than channels-last at 224 px and no slower at 64 px
+# timm's own loop on the AVX2 class, float32 (benchmarks/README.md): channels-first ran VGG faster than
+# channels-last at 224 px (twenty-third session, medians of 5 interleaved rounds) and at 128 px, and no faster at
+# 64 px (thirtieth session, both loops in one process, benchmarks/layout.py; the twenty-third session's 64 px
+# reading across processes, channels-first 1.12x for VGG19, was not found again in one process)
 _VGG_AVX2_CF = ("timm's own channels-first loop trained VGG16 1.09x its channels-last one (1.29 vs 1.18 img/s) and "
-                "VGG19 1.19x (0.945 vs 0.796) at 224 px, and VGG19 1.12x at 64 px (11.5 vs 10.3), float32")
+                "VGG19 1.19x (0.945 vs 0.796) at 224 px, and VGG16 1.09x and VGG19 1.12x at 128 px (medians of 6 "
+                "alternating windows in one process), float32")
+_VGG_AVX2_SMALL = (128, "at 64 px timm's own channels-last loop trained VGG16 1.006x and 1.03x its channels-first one, "
+                        "VGG19 1.005x and 1.046x (two runs, medians of 8 alternating 12 s windows in one process), "
+                        "float32")
 
 register(BackboneSpec(
     "vgg16", f"{_APPS}:VGG16", "caffe", 512, reference_module="vgg16", timm_name="vgg16.tv_in1k",
@@ -251,7 +265,7 @@ register(BackboneSpec(
              "interleaved rounds, freed memory kept; an earlier single-window measurement gave 1.02x, 4.27 vs 4.17)",
              f"the timm engine trained 1.58x Keras' layers on TensorFlow (12.5 vs 7.82 img/s, {_AVX2_64})",
              bf16=("tensorflow", "torch"),
-             channels_first={"avx2": _VGG_AVX2_CF},
+             channels_first={"avx2": _VGG_AVX2_CF}, channels_first_from={"avx2": _VGG_AVX2_SMALL},
              keras={"avx512_bf16": ("tensorflow", "Keras' layers trained 1.10x on TensorFlow what they did on PyTorch "
                                                   "at 64 px (36.7 vs 33.3 img/s) and 1.08x at 224 px (3.62 vs 3.36), bf16; single "
                                                   "windows, each off by up to 10%: a narrow margin"),
@@ -275,7 +289,7 @@ register(BackboneSpec(
              "interleaved rounds, freed memory kept; an earlier single-window measurement gave a tie, 3.42 vs 3.46); it starts sooner",
              f"the timm engine trained 1.68x Keras' layers on TensorFlow (10.2 vs 6.10 img/s, {_AVX2_64})",
              bf16=("tensorflow", "torch"),
-             channels_first={"avx2": _VGG_AVX2_CF},
+             channels_first={"avx2": _VGG_AVX2_CF}, channels_first_from={"avx2": _VGG_AVX2_SMALL},
              keras={"avx512_bf16": ("tensorflow", "Keras' layers trained 1.37x on TensorFlow what they did on PyTorch "
                                                   "at 64 px (34.3 vs 25.0 img/s) and 1.26x at 224 px (3.43 vs 2.72), bf16"),
                     "avx2": ("torch", f"Keras' layers trained 1.39x on PyTorch what they did on TensorFlow (8.89 vs "
@@ -416,6 +430,8 @@ def decisions_markdown() -> str:
                 bf16 = ", bfloat16" if d.backend in d.bf16 else ""
                 backend, why = f"{'PyTorch' if d.backend == 'torch' else 'TensorFlow'}{bf16}", d.why
                 layout = "" if d.channels_last else f"; channels-first: {d.layout_why}"
+                if not d.channels_last and d.channels_first_from:
+                    layout += (f"; channels-last below {d.channels_first_from} px: {d.small_layout_why}")
             engine_why = s.engine_why.get(device, "not compared on this device")
             rows.append(f"| {name} | {device} | {backend} | timm: {engine_why}{layout} | {why} |")
     return "\n".join(rows)

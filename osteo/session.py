@@ -225,18 +225,19 @@ def plan_device(requested: str | None, recipe: Recipe, say: Say, named_by: str =
     ``named_by``: why ``requested`` is what it is where the user did not name it (a resumed run's own)."""
     spec = get_backbone(recipe.model.backbone)
     t = recipe.train
+    size = recipe.data.image_size or spec.default_size  # 0: the backbone's default (resolve fills it later)
     if "keras" in sys.modules:  # imported already (a library caller): keep the backend it loaded
         import keras
 
         plan = device.plan(spec, device.probe(), backend=keras.backend.backend(), precision=t.precision,
                            jit_compile=t.jit_compile, impl=recipe.model.impl,
-                           weights=recipe.model.weights)
+                           weights=recipe.model.weights, image_size=size)
         plan.why["backend"] = "the backend Keras had loaded"
     else:
         choice = requested or os.environ.get("KERAS_BACKEND") or "auto"
         plan = device.plan(spec, device.probe(), backend=choice, precision=t.precision, jit_compile=t.jit_compile,
                            planned_images=device.planned_images(recipe), impl=recipe.model.impl,
-                           weights=recipe.model.weights)
+                           weights=recipe.model.weights, image_size=size)
         if named_by and choice == requested:
             plan.why["backend"] = named_by
         # what runs, and why, also where the backend was named: a Keras weights file can make the engine Keras'

@@ -202,10 +202,12 @@ class Trainer:
         r, t = self.recipe, self.recipe.train
         if self.plan is None or not self.plan.made_for(r.model.impl):
             why = self.plan.why["backend"] if self.plan else "the backend Keras had loaded"
-            self.plan = devices.plan(get_backbone(r.model.backbone), devices.probe(),
+            spec = get_backbone(r.model.backbone)
+            self.plan = devices.plan(spec, devices.probe(),
                                      backend=keras.backend.backend(), precision=t.precision,
                                      jit_compile=t.jit_compile, impl=r.model.impl, weights=r.model.weights,
-                                     planned_images=devices.planned_images(r))
+                                     planned_images=devices.planned_images(r),
+                                     image_size=r.data.image_size or spec.default_size)
             self.plan.why["backend"] = why
         # an engine may compile its backbone itself (timm: torch.compile); Keras' jit_compile is then off
         self.compile_backbone, self.keras_jit = get_engine(r.model.impl).jit(self.plan.jit_compile)

@@ -187,15 +187,18 @@ def test_channels_first_is_the_same_model_in_another_memory_format():
 
 def test_the_trainer_builds_the_timm_engine_in_the_plans_memory_format(phantom_dir, tmp_path, tiny_recipe,
                                                                        monkeypatch):
-    """The plan's layout (device.choose_layout) is the one the run's timm module trains in, and env.json
-    says which and why."""
+    """The plan's layout (device.choose_layout, asked with the run's image size) is the one the run's
+    timm module trains in, and env.json says which and why."""
     from osteo import device
     from osteo.trainer import Trainer
 
-    monkeypatch.setattr(device, "choose_layout", lambda *args: (False, "channels-first: a test's decision"))
+    asked = []
+    monkeypatch.setattr(device, "choose_layout",
+                        lambda *args: asked.append(args) or (False, "channels-first: a test's decision"))
     recipe = tiny_recipe(phantom_dir, tmp_path, epochs=1, steps_per_epoch=1)
     recipe.model.impl = "timm"
     trainer = Trainer(recipe).setup()
+    assert asked and asked[-1][4] == recipe.data.image_size == 32
     assert trainer.clf.engine.channels_last is False and trainer.clf.backbone.channels_last is False
     assert next(w for w in trainer.clf.backbone.module.parameters() if w.dim() == 4).is_contiguous()
     env = trainer.run_dir.read_env()

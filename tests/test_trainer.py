@@ -160,8 +160,9 @@ def test_backend_auto_follows_the_measurements_and_never_idles_a_gpu():
 
 
 def test_the_timm_engine_runs_channels_first_only_where_that_was_measured_faster():
-    """VGG on the AVX2 class: timm's channels-first loop beat its channels-last one, so the timm engine
-    runs channels-first there and says why; channels-last everywhere else, and on GPUs."""
+    """VGG on the AVX2 class: timm's channels-first loop beat its channels-last one from 128 px up, so
+    the timm engine runs channels-first there and says why; channels-last on smaller images (no faster
+    channels-first at 64 px), everywhere else, and on GPUs."""
     from osteo.device import choose_layout
 
     intel, amd = CPU["avx512_bf16"], CPU["avx2"]
@@ -174,11 +175,22 @@ def test_the_timm_engine_runs_channels_first_only_where_that_was_measured_faster
         assert choose_layout(spec, intel, "torch", "timm")[0] is True
         assert choose_layout(spec, gpu, "torch", "timm")[0] is True
         assert choose_layout(spec, amd, "tensorflow", "keras")[0] is True  # Keras' layers: NHWC
-    assert choose_layout(get_backbone("densenet169"), amd, "torch", "timm")[0] is True
-    plan = device_plan(get_backbone("vgg16"), amd, available=BOTH)
+        small = spec.cpu["avx2"].channels_first_from
+        assert small == 128 and spec.cpu["avx2"].small_layout_why and not spec.cpu["avx512_bf16"].channels_first_from
+        for size, want in ((224, False), (small, False), (small - 1, True), (64, True), (None, False)):
+            assert choose_layout(spec, amd, "torch", "timm", size)[0] is want, (name, size)
+        assert choose_layout(spec, amd, "torch", "timm", 64)[1] == (
+            f"channels-last for {name} at 64 px on avx2 CPUs (channels-first from 128 px): "
+            f"{spec.cpu['avx2'].small_layout_why}")
+        assert choose_layout(spec, intel, "torch", "timm", 224)[0] is True
+    for size in (32, 64, 224):
+        assert choose_layout(get_backbone("densenet169"), amd, "torch", "timm", size)[0] is True
+    plan = device_plan(get_backbone("vgg16"), amd, available=BOTH, image_size=224)
+    small = device_plan(get_backbone("vgg16"), amd, available=BOTH, image_size=64)
     if plan.impl == "timm":
         assert plan.channels_last is False and plan.to_json()["channels_last"] is False
         assert plan.why["layout"].startswith("channels-first for vgg16")
+        assert small.channels_last is True and small.why["layout"].startswith("channels-last for vgg16 at 64 px")
 
 
 def test_backend_auto_for_keras_layers_follows_their_own_measurements():

@@ -1,0 +1,74 @@
+"""timm's own loop channels-first against channels-last, in one process (the timm engine's
+layout decision, ``osteo.device.choose_layout``, on a CPU).
+
+``models.py`` runs each row in its own process, and on the 2-core VM a process's speed moves
+20-40% between starts: a layout decision read across processes can follow the starts rather
+than the layout. Here both loops (``models.TimmRow``, the same model, optimizer and batch)
+live in one process and alternate windows, A B then B A; each round's ratio is
+channels-last over channels-first, and the median with its range is printed per backbone.
+
+    KERAS_BACKEND=torch python benchmarks/layout.py --models vgg16,vgg19 --size 64 --window 12 --rounds 8
+
+Results: one JSON, ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", default="vgg16,vgg19")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--precision", choices=("float32", "mixed_bfloat16"), default="float32")
+    p.add_argument("--window", type=float, default=12.0, help="seconds of training per timed window")
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--out", default=str(HERE / "results" / "layout.json"))
+    args = p.parse_args()
+    from osteo import (  # torch-free: osteo train's malloc and OpenMP settings, before torch loads
+        _lean,
+        device,
+    )
+
+    _lean.install()
+    report = {"size": args.size, "batch": args.batch, "precision": args.precision, "window_s": args.window,
+              "malloc": device.keep_freed_memory(), "openmp": device.short_spin_waits(), "models": {}}
+    import models
+
+    report["cpu_class"] = device.probe().cpu_class
+    for name in args.models.split(","):
+        rows = {layout: models.TimmRow({"model": name, "size": args.size, "batch": args.batch, "compile": False,
+                                        "precision": args.precision, "channels_last": layout == "cl"})
+                for layout in ("cf", "cl")}
+        for row in rows.values():
+            row.warm()
+        img_s: dict[str, list[float]] = {k: [] for k in rows}
+        for r in range(args.rounds):
+            for k in (("cf", "cl") if r % 2 == 0 else ("cl", "cf")):
+                img_s[k].append(rows[k].window(args.window, "memory")["img_s"])
+            print(name, args.size, "round", r + 1, {k: v[-1] for k, v in img_s.items()}, flush=True)
+        ratios = [cl / cf for cf, cl in zip(img_s["cf"], img_s["cl"])]
+        report["models"][name] = {"img_s": img_s, "cl_over_cf": [round(v, 3) for v in ratios],
+                                  "median": round(statistics.median(ratios), 3),
+                                  "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
+        print(name, args.size, "channels-last / channels-first:", report["models"][name]["median"],
+              f"({report['models'][name]['min']}-{report['models'][name]['max']})", flush=True)
+        report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
