@@ -4,12 +4,14 @@ time, the same module trained five ways, then both loops under torch.profiler.
     KERAS_BACKEND=torch python benchmarks/gpu_profile.py --models vgg16,densenet169 --out DIR
 
 Rows (images/sec, median of --repeats windows of --window seconds, interleaved):
-- ``timm cl``: timm's eager loop, channels-last, bf16 autocast (``--precision float32``: none; the
-  CPU decision where the CPU has no bfloat16 instructions) (benchmarks/models.py's TimmRow);
-- ``timm cl fused`` (on a CPU only): the same loop with torch's fused Adam, which osteo's
-  optimizer is (on a GPU ``timm cl`` is already fused); the CPU default is one kernel per tensor;
-- ``module``: osteo's own timm module (TimmLayer.module, as built by osteo, in the layout its plan
-  picks: channels-first for VGG on an AVX2 CPU) in that same loop;
+- ``timm cl``: timm's eager loop, channels-last (``timm cf``, channels-first, where osteo's plan
+  picks that: VGG on an AVX2 CPU from 128 px; every row is in that layout), bf16 autocast
+  (``--precision float32``: none; the CPU decision where the CPU has no bfloat16 instructions)
+  (benchmarks/models.py's TimmRow);
+- ``timm cl fused`` (on a CPU only): the same loop on a copy of the model with torch's fused Adam,
+  which osteo's optimizer is (on a GPU ``timm cl`` is already fused); the CPU default is one kernel
+  per tensor;
+- ``module``: osteo's own timm module (TimmLayer.module, as built by osteo) in that same loop;
 - ``model eager``: osteo's whole Keras model called by a plain PyTorch loop (forward, loss,
   backward, torch's fused Adam): Keras' layers and casts, without Keras' trainer;
 - ``fit``: ``model.fit`` as ``osteo train`` runs it (FusedAdam, metrics, TorchFeed);
@@ -22,6 +24,7 @@ sees. Writes profile.json and profile.log into --out.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -104,6 +107,13 @@ def profile_model(name: str, args, out: Path) -> dict:
     bs, size = args.batch, args.size
     r: dict = {"rows": {}}
     spec = get_backbone(name)
+    # the layout osteo train's plan picks (VGG on AVX2 from 128 px: channels-first), for osteo's module and
+    # timm's loop alike, so the rows compare the loops, not the layouts
+    layout = device.choose_layout(spec, device.probe(), "torch", "timm", size)
+    r["osteo_layout"] = ("channels-last" if layout[0] else "channels-first", layout[1])
+    log(name, "layout:", *r["osteo_layout"])
+    fmt = torch.channels_last if layout[0] else torch.contiguous_format
+    timm_row = "timm cl" if layout[0] else "timm cf"
     # --- timm's loop
     torch.manual_seed(0)
     if name.startswith("vgg"):
@@ -113,12 +123,13 @@ def profile_model(name: str, args, out: Path) -> dict:
     else:
         base = timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
         ref = torch.nn.Sequential(base, torch.nn.Linear(base.num_features, 3))
-    ref = ref.to(dev, memory_format=torch.channels_last).train()
+    ref = ref.to(dev, memory_format=fmt).train()
     ref_opt = torch.optim.Adam(ref.parameters(), 1e-4, fused=dev == "cuda")
-    xr = torch.rand(bs, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
+    xr = torch.rand(bs, 3, size, size, device=dev).contiguous(memory_format=fmt)
     yr = torch.randint(0, 3, (bs,), device=dev)
-
-    ref_fused_opt = torch.optim.Adam(ref.parameters(), 1e-4, fused=True) if dev == "cpu" else None
+    # on a CPU, a twin of timm's model with its own fused Adam (osteo's optimizer)
+    ref_fused = copy.deepcopy(ref) if dev == "cpu" else None
+    ref_fused_opt = torch.optim.Adam(ref_fused.parameters(), 1e-4, fused=True) if ref_fused is not None else None
 
     def ref_step(model=ref, opt=ref_opt, x=xr):
         opt.zero_grad(set_to_none=True)
@@ -129,10 +140,6 @@ def profile_model(name: str, args, out: Path) -> dict:
 
     # --- osteo's model, built as benchmarks/models.py's OsteoRow does
     keras.mixed_precision.set_dtype_policy(args.precision)
-    # osteo's module in the layout osteo train's plan picks (VGG on AVX2: channels-first)
-    layout = device.choose_layout(spec, device.probe(), "torch", "timm", size)
-    r["osteo_layout"] = ("channels-last" if layout[0] else "channels-first", layout[1])
-    log(name, "osteo's layout:", *r["osteo_layout"])
     clf = Classifier(name, image_size=size, weights="none", freeze_bn=False,
                      augment=AugmentConfig(flip=False, zoom=0.0, shear=0.0), impl="timm", channels_last=layout[0])
     model = clf.build()
@@ -167,12 +174,10 @@ def profile_model(name: str, args, out: Path) -> dict:
     mod_params = list(module.parameters()) + list(mod_head.parameters())
     mod_opt = torch.optim.Adam(mod_params, 1e-4, fused=dev == "cuda")
 
-    xm = xr if layout[0] else xr.contiguous()  # the batch in the module's layout
-
     def module_step():
         mod_opt.zero_grad(set_to_none=True)
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
-            f = module.forward_features(xm)
+            f = module.forward_features(xr)
             loss = torch.nn.functional.cross_entropy(mod_head(f.mean((2, 3))), yr)
         loss.backward()
         mod_opt.step()
@@ -223,17 +228,17 @@ def profile_model(name: str, args, out: Path) -> dict:
     t = time.perf_counter()
     for s in (ref_step, module_step, eager_step):
         s()
-    if ref_fused_opt is not None:
-        ref_step(opt=ref_fused_opt)
+    if ref_fused is not None:
+        ref_step(model=ref_fused, opt=ref_fused_opt)
     fit_window(fit_models["fit"], 2)
     sync()
     r["warm_s"] = round(time.perf_counter() - t, 1)
     rate = loop_window(ref_step, 3)
     steps = max(5, int(args.window * rate / bs))
     r["steps_per_window"] = steps
-    rows = {"timm cl": lambda: loop_window(ref_step, steps),
-            **({"timm cl fused": lambda: loop_window(lambda: ref_step(opt=ref_fused_opt), steps)}
-               if ref_fused_opt is not None else {}),
+    rows = {timm_row: lambda: loop_window(ref_step, steps),
+            **({f"{timm_row} fused": lambda: loop_window(lambda: ref_step(model=ref_fused, opt=ref_fused_opt), steps)}
+               if ref_fused is not None else {}),
             "module": lambda: loop_window(module_step, steps),
             "model eager": lambda: loop_window(eager_step, steps),
             "fit": lambda: fit_window(fit_models["fit"], steps),
@@ -244,16 +249,22 @@ def profile_model(name: str, args, out: Path) -> dict:
             r["rows"].setdefault(row, []).append(round(rows[row](), 1))
         log(name, "round", k + 1, {row: v[-1] for row, v in r["rows"].items()})
     r["median"] = {row: statistics.median(v) for row, v in r["rows"].items()}
-    best = r["median"]["timm cl"]
-    r["ratio"] = {row: round(v / best, 3) for row, v in r["median"].items()}
-    log(name, "median img/s", r["median"], "ratio", r["ratio"])
+    best = r["median"][timm_row]
+    r["ratio"] = {row: round(v / best, 3) for row, v in r["median"].items()}  # of the medians
+    # each row over timm's loop in the same round: the median and range of those (models.py's statistic)
+    per_round = {row: [a / b for a, b in zip(v, r["rows"][timm_row])] for row, v in r["rows"].items()}
+    r["ratio_per_round"] = {row: {"median": round(statistics.median(v), 3), "min": round(min(v), 3),
+                                  "max": round(max(v), 3)} for row, v in per_round.items()}
+    log(name, "median img/s", r["median"], "ratio of medians", r["ratio"])
+    log(name, "per-round ratio, median (min-max)",
+        {row: f"{v['median']} ({v['min']}-{v['max']})" for row, v in r["ratio_per_round"].items()})
 
     # profiles
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
     n = args.prof_steps
-    for label, run in (("timm cl", lambda: loop_window(ref_step, n)),
+    for label, run in ((timm_row, lambda: loop_window(ref_step, n)),
                        ("fit", lambda: fit_window(fit_models["fit"], n)))[: 2 if n > 0 else 0]:
         sync()
         with profile(activities=acts) as prof:

@@ -15,8 +15,10 @@ Results: one JSON, ``--out``.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -35,8 +37,11 @@ def main() -> int:
     p.add_argument("--precision", choices=("float32", "mixed_bfloat16"), default="float32")
     p.add_argument("--window", type=float, default=12.0, help="seconds of training per timed window")
     p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--out", default=str(HERE / "results" / "layout.json"))
+    p.add_argument("--out", default=str(HERE / "results"), help="a folder, or a .json file")
     args = p.parse_args()
+    out = Path(args.out)
+    if out.suffix != ".json":
+        out = out / f"{datetime.date.today().isoformat()}-{platform.node() or 'host'}-layout-{args.size}.json"
     from osteo import (  # torch-free: osteo train's malloc and OpenMP settings, before torch loads
         _lean,
         device,
@@ -66,7 +71,7 @@ def main() -> int:
         print(name, args.size, "channels-last / channels-first:", report["models"][name]["median"],
               f"({report['models'][name]['min']}-{report['models'][name]['max']})", flush=True)
         report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        out.write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 

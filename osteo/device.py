@@ -446,14 +446,14 @@ def choose_layout(spec: BackboneSpec, device: Device, backend: str, impl: str,
     """(channels_last, why): the timm engine's memory format. Channels-last, PyTorch's fast
     layout for convolutions on GPUs and on AVX-512 CPUs, unless channels-first was measured
     faster for ``spec`` on this CPU class (``CpuDecision.channels_last``) at ``image_size``
-    (``CpuDecision.channels_first_from``: below it channels-last; None, a size not known:
+    (``CpuDecision.channels_first_from``: below it channels-last; None or 0, a size not known:
     the class's decision). Keras' layers take NHWC tensors whatever this says."""
     if impl != "timm":
         return True, "Keras' layers: NHWC tensors"
     if device.on(backend) == "gpu":
         return True, "channels-last on a GPU"
     d = spec.cpu_decision(device.cpu_class)
-    if not d.channels_last and image_size is not None and image_size < d.channels_first_from:
+    if not d.channels_last and image_size and image_size < d.channels_first_from:
         return True, (f"channels-last for {spec.name} at {image_size} px on {device.cpu_class} CPUs "
                       f"(channels-first from {d.channels_first_from} px): {d.small_layout_why}")
     if not d.channels_last:

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
@@ -209,10 +210,30 @@ class Trainer:
                                      planned_images=devices.planned_images(r),
                                      image_size=r.data.image_size or spec.default_size)
             self.plan.why["backend"] = why
+        if self.resume:
+            self._keep_the_runs_layout()
         # an engine may compile its backbone itself (timm: torch.compile); Keras' jit_compile is then off
         self.compile_backbone, self.keras_jit = get_engine(r.model.impl).jit(self.plan.jit_compile)
         self.clf = Classifier.from_recipe(r, compile_backbone=self.compile_backbone,
                                           channels_last=self.plan.channels_last)
+
+    def _keep_the_runs_layout(self) -> None:
+        """A resumed run trains its timm module in the memory format it started in (its ``env.json``),
+        on the same kind of device: the decision may have changed since (``device.choose_layout``), and
+        one run's epochs keep one layout, as its ``env.json`` keeps one record of it."""
+        try:
+            before = self.run_dir.read_env().get("device") or {}
+        except (OsteoError, OSError, ValueError):
+            return
+        now = self.plan.to_json()
+        same = all(before.get(k) == now[k] for k in ("impl", "runs_on")) and now["impl"] == "timm"
+        same = same and (before.get("device") or {}).get("cpu_class") == self.plan.device.cpu_class
+        if same and isinstance(before.get("channels_last"), bool) and before["channels_last"] != now["channels_last"]:
+            layout = "channels-last" if before["channels_last"] else "channels-first"
+            why = {**self.plan.why, "layout": f"{layout}, the run's own: a run resumes in the memory format it "
+                                              f"started in (a new one would take {now['why']['layout']})"}
+            # a copy: a cross-validation hands its folds one plan
+            self.plan = dataclasses.replace(self.plan, channels_last=before["channels_last"], why=why)
 
     def _setup_data(self, split: list[dict] | None) -> None:
         """Seeds, then the DataModule: audit, split (a resumed run's own), cache."""

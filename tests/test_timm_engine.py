@@ -204,6 +204,23 @@ def test_the_trainer_builds_the_timm_engine_in_the_plans_memory_format(phantom_d
     env = trainer.run_dir.read_env()
     assert env["device"]["channels_last"] is False
     assert env["device"]["why"]["layout"] == "channels-first: a test's decision"
+    trainer._held.close()  # as a killed run's: its lock gone, its directory left to --resume
+
+    # resumed where the decision has changed since (osteo's measurements, a size threshold): the run keeps its own
+    from osteo.recipe import resolve
+    from osteo.registry import get_backbone
+
+    monkeypatch.setattr(device, "choose_layout", lambda *args: (True, "channels-last: a later decision"))
+    shared = device.plan(get_backbone("tiny"), device.probe(), backend="torch", impl="timm", image_size=32)
+    resumed = Trainer(resolve(trainer.run_dir.read_recipe(), trained=True), resume=trainer.run_dir, plan=shared)
+    resumed.setup()
+    assert resumed.clf.backbone.channels_last is False and resumed.plan.channels_last is False
+    assert shared.channels_last is True  # a cross-validation's plan, shared by its folds, is not changed
+    env = resumed.run_dir.read_env()
+    assert env["device"]["channels_last"] is False
+    assert env["device"]["why"]["layout"] == ("channels-first, the run's own: a run resumes in the memory format it "
+                                              "started in (a new one would take channels-last: a later decision)")
+    resumed._held.close()
 
 
 @pytest.mark.parametrize("engine", ["keras", "timm"])

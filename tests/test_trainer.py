@@ -193,6 +193,21 @@ def test_the_timm_engine_runs_channels_first_only_where_that_was_measured_faster
         assert small.channels_last is True and small.why["layout"].startswith("channels-last for vgg16 at 64 px")
 
 
+def test_osteo_train_plans_the_memory_format_for_the_size_it_trains_at(monkeypatch):
+    """osteo train's plan (session.plan_device, which the Trainer then uses) is asked with the image
+    size the run will train at: the recipe's, or the backbone's default where the recipe leaves it 0."""
+    from osteo import device, session
+    from osteo.recipe import study_protocol
+
+    asked, real = [], device.plan
+    monkeypatch.setattr(device, "plan", lambda *a, **k: asked.append(k.get("image_size")) or real(*a, **k))
+    for backbone, size, want in (("vgg16", 64, 64), ("vgg16", 0, 224), ("tiny", 0, 64)):
+        recipe = study_protocol(backbone)
+        recipe.data.image_size = size
+        session.plan_device(None, recipe, say=lambda *a, **k: None)
+        assert asked[-1] == want, (backbone, size)
+
+
 def test_backend_auto_for_keras_layers_follows_their_own_measurements():
     """model.impl=keras (or a Keras weights file of a backbone whose weights do not port into timm's
     module) means Keras' layers: backend auto picks the backend those were measured faster on, and
