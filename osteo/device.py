@@ -26,7 +26,7 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from osteo.errors import OsteoError
@@ -459,6 +459,23 @@ def choose_layout(spec: BackboneSpec, device: Device, backend: str, impl: str,
     if not d.channels_last:
         return False, f"channels-first for {spec.name} on {device.cpu_class} CPUs: {d.layout_why}"
     return True, f"channels-last: channels-first not measured faster for {spec.name} on {device.cpu_class} CPUs"
+
+
+def resumed_layout(plan: Plan, before: dict) -> Plan:
+    """``plan`` with the memory format a resumed run started in (``before``: its ``env.json``'s
+    ``device``), where it ran the same engine on the same kind of device: the decision may have
+    changed since (:func:`choose_layout`), and one run's epochs keep one layout, as its ``env.json``
+    keeps one record of it. A copy where that changes the plan (a cross-validation hands its folds
+    one plan), else ``plan`` itself."""
+    was = before.get("channels_last")
+    same = (before.get("impl") == plan.impl and before.get("runs_on") == plan.runs_on
+            and (before.get("device") or {}).get("cpu_class") == plan.device.cpu_class)
+    if not same or not isinstance(was, bool) or was == plan.channels_last:
+        return plan
+    layout = "channels-last" if was else "channels-first"
+    why = {**plan.why, "layout": f"{layout}, the run's own: a run resumes in the memory format it started in "
+                                 f"(a new one would take {plan.why.get('layout', 'another')})"}
+    return replace(plan, channels_last=was, why=why)
 
 
 def plan(spec: BackboneSpec, device: Device, *, backend: str = "auto", precision: str = "auto",

@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import logging
 import os
@@ -218,22 +217,12 @@ class Trainer:
                                           channels_last=self.plan.channels_last)
 
     def _keep_the_runs_layout(self) -> None:
-        """A resumed run trains its timm module in the memory format it started in (its ``env.json``),
-        on the same kind of device: the decision may have changed since (``device.choose_layout``), and
-        one run's epochs keep one layout, as its ``env.json`` keeps one record of it."""
+        """A resumed run trains in the memory format it started in (:func:`osteo.device.resumed_layout`)."""
         try:
             before = self.run_dir.read_env().get("device") or {}
         except (OsteoError, OSError, ValueError):
             return
-        now = self.plan.to_json()
-        same = all(before.get(k) == now[k] for k in ("impl", "runs_on")) and now["impl"] == "timm"
-        same = same and (before.get("device") or {}).get("cpu_class") == self.plan.device.cpu_class
-        if same and isinstance(before.get("channels_last"), bool) and before["channels_last"] != now["channels_last"]:
-            layout = "channels-last" if before["channels_last"] else "channels-first"
-            why = {**self.plan.why, "layout": f"{layout}, the run's own: a run resumes in the memory format it "
-                                              f"started in (a new one would take {now['why']['layout']})"}
-            # a copy: a cross-validation hands its folds one plan
-            self.plan = dataclasses.replace(self.plan, channels_last=before["channels_last"], why=why)
+        self.plan = devices.resumed_layout(self.plan, before)
 
     def _setup_data(self, split: list[dict] | None) -> None:
         """Seeds, then the DataModule: audit, split (a resumed run's own), cache."""
