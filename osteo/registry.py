@@ -205,9 +205,11 @@ def get_backbone(name: str) -> BackboneSpec:
 _APPS = "keras.applications"
 # PyTorch (the timm engine) on both CPU classes; bfloat16 where the CPU has it. Each ``why``
 # is the measurement behind the choice (benchmarks/README.md, "CPU decisions").
-# the timm engine against timm's own loop on AVX2 (benchmarks/README.md, twenty-third session); against Keras'
-# layers on both backends in the twenty-fourth session (64 px), which the AVX2 reasons quote
-_AVX2_NOTE = "; the timm engine itself trained 1.00-1.03x timm's own loop on this class (64 px, float32)"
+# the timm engine against timm's own loop on AVX2 (benchmarks/README.md: the unflagged readings of the twenty-third
+# to thirtieth sessions across processes, the thirtieth's in one process); against Keras' layers on both backends in
+# the twenty-fourth session (64 px), which the AVX2 reasons quote
+_AVX2_NOTE = ("; the timm engine itself trained 0.91-1.03x timm's own loop on this class across processes, "
+              "1.00-1.11x in one process (64 px, float32)")
 _AVX2_64 = "64 px, float32, medians of 3 interleaved rounds"
 
 
