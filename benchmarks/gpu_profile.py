@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # models.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
@@ -57,16 +58,14 @@ def main() -> int:
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from osteo import (  # torch-free: osteo train's malloc and OpenMP settings, before torch loads
-        _lean,
-        device,
-    )
+    import models  # torch-free: osteo train's malloc and OpenMP settings, before torch loads
 
-    _lean.install()
-    settings = {"malloc": device.keep_freed_memory(), "openmp": device.short_spin_waits()}
+    settings = models.as_osteo_train()
     import keras
     import timm
     import torch
+
+    from osteo import device
 
     device.set_determinism(0, deterministic=False)
     t_start = time.perf_counter()

@@ -42,17 +42,12 @@ def main() -> int:
     out = Path(args.out)
     if out.suffix != ".json":
         out = out / f"{datetime.date.today().isoformat()}-{platform.node() or 'host'}-layout-{args.size}.json"
-    from osteo import (  # torch-free: osteo train's malloc and OpenMP settings, before torch loads
-        _lean,
-        device,
-    )
+    import models  # torch-free
 
-    _lean.install()
+    from osteo import device
+
     report = {"size": args.size, "batch": args.batch, "precision": args.precision, "window_s": args.window,
-              "malloc": device.keep_freed_memory(), "openmp": device.short_spin_waits(), "models": {}}
-    import models
-
-    report["cpu_class"] = device.probe().cpu_class
+              **models.as_osteo_train(), "models": {}, "cpu_class": device.probe().cpu_class}
     for name in args.models.split(","):
         rows = {layout: models.TimmRow({"model": name, "size": args.size, "batch": args.batch, "compile": False,
                                         "precision": args.precision, "channels_last": layout == "cl"})

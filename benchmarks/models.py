@@ -544,6 +544,16 @@ def _versions() -> dict:
     return out
 
 
+def as_osteo_train() -> dict:
+    """``osteo train``'s process settings, for a script that trains in its own process: Keras'
+    optional imports left out, freed memory kept, short OpenMP spin waits. Call it before torch
+    is imported; returns what each setting did (for the results' JSON)."""
+    from osteo import _lean, device
+
+    _lean.install()
+    return {"malloc": device.keep_freed_memory(), "openmp": device.short_spin_waits()}
+
+
 def serve(kind: str, cfg: dict) -> int:
     """A worker: build the row, then answer the parent's requests (one JSON line each) until ``quit``.
 

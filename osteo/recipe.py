@@ -199,6 +199,14 @@ def fine_tune_protocol(backbone: str) -> Recipe:
     return r
 
 
+def train_size(recipe: Recipe) -> int:
+    """The image side a run trains at: ``data.image_size``, or the backbone's default where it
+    is 0 (:func:`resolve` fills it in)."""
+    from osteo.registry import get_backbone
+
+    return recipe.data.image_size or get_backbone(recipe.model.backbone).default_size
+
+
 def _check_warmup(t: TrainConfig) -> None:
     """A warm-up belongs to the cosine schedule and fits in each phase that trains: longer,
     the learning rate never reaches its peak (50 warm-up epochs in 2 trained at 1/25 of it)."""
@@ -603,8 +611,7 @@ def resolve(recipe: Recipe, backend: str | None = None, *, saved: bool = False, 
         raise OsteoError(f"model.backbone expects str, got {r.model.backbone!r}")
     spec = get_backbone(r.model.backbone)
     m = r.model
-    if r.data.image_size == 0:
-        r.data.image_size = spec.default_size
+    r.data.image_size = train_size(r)
     trained = saved if trained is None else trained
     if not trained and isinstance(r.data.dir, str) and r.data.dir:  # the run's record names its folder from anywhere
         r.data.dir = os.path.abspath(r.data.dir)

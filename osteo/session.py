@@ -28,6 +28,7 @@ from osteo.recipe import (
     recipe_for,
     resolve,
     set_total_epochs,
+    train_size,
 )
 from osteo.registry import get_backbone, names_a_file
 from osteo.runs import CvDir, RunDir, find_run, new_run_dir
@@ -225,7 +226,7 @@ def plan_device(requested: str | None, recipe: Recipe, say: Say, named_by: str =
     ``named_by``: why ``requested`` is what it is where the user did not name it (a resumed run's own)."""
     spec = get_backbone(recipe.model.backbone)
     t = recipe.train
-    size = recipe.data.image_size or spec.default_size  # 0: the backbone's default (resolve fills it later)
+    size = train_size(recipe)
     if "keras" in sys.modules:  # imported already (a library caller): keep the backend it loaded
         import keras
 
@@ -351,10 +352,8 @@ def audited_rows(recipe: Recipe, also: Sequence[Recipe] = ()) -> list[dict]:
     decode nothing again."""
     from osteo.data.pipeline import ImageCache
     from osteo.data.scan import audit
-    from osteo.registry import get_backbone
 
-    places = dict.fromkeys((r.data.image_size or get_backbone(r.model.backbone).default_size, r.data.resize)
-                           for r in (recipe, *also))
+    places = dict.fromkeys((train_size(r), r.data.resize) for r in (recipe, *also))
     cache = _Caches([ImageCache(size, resize) for size, resize in places])
     return audit(recipe.data.dir, memo=cache.root, cache=cache).manifest_rows()
 

@@ -202,12 +202,10 @@ class Trainer:
         r, t = self.recipe, self.recipe.train
         if self.plan is None or not self.plan.made_for(r.model.impl):
             why = self.plan.why["backend"] if self.plan else "the backend Keras had loaded"
-            spec = get_backbone(r.model.backbone)
-            self.plan = devices.plan(spec, devices.probe(),
+            self.plan = devices.plan(get_backbone(r.model.backbone), devices.probe(),
                                      backend=keras.backend.backend(), precision=t.precision,
                                      jit_compile=t.jit_compile, impl=r.model.impl, weights=r.model.weights,
-                                     planned_images=devices.planned_images(r),
-                                     image_size=r.data.image_size or spec.default_size)
+                                     planned_images=devices.planned_images(r), image_size=r.data.image_size)
             self.plan.why["backend"] = why
         if self.resume:
             self._keep_the_runs_layout()
