@@ -69,8 +69,24 @@ BATCH = 32
 _F32 = np.float32
 
 
+NOT_UTF8 = "file name is not valid UTF-8 (shown with \\xNN escapes); rename it, e.g. convmv -f latin1 -t utf8"
+
+
 class Unreadable(Exception):
     """A file this script cannot decode; ``str(e)`` is the reason."""
+
+
+def shown(path: str | os.PathLike) -> str:
+    """``path`` as valid UTF-8 text, for a CSV or a message: bytes of a name that are not UTF-8
+    (which Python carries as surrogate escapes) become ``\\xNN`` (osteo's audit and predict use
+    this function too). Such a name is not read (:data:`NOT_UTF8`): its text could be another
+    file's name, one that holds a backslash."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 # --------------------------------------------------------------------------- decode
@@ -736,6 +752,8 @@ def main(argv: list[str] | None = None) -> int:
         ready, arrays = [], []
         for path in paths[start : start + BATCH]:
             try:
+                if shown(path) != os.fspath(path):
+                    raise Unreadable(NOT_UTF8)
                 if os.path.exists(path) and not os.path.isfile(path):  # a named pipe would block the read
                     raise Unreadable("not a regular file")
                 with open(path, "rb") as f:
@@ -748,10 +766,10 @@ def main(argv: list[str] | None = None) -> int:
                     clear.append(str(path))
             except (OSError, Unreadable) as e:
                 failed += 1
-                print(f"predict.py: {path}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+                print(f"predict.py: {shown(path)}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
             except Exception as e:  # a decoder failure no one expected: that file's line, not the script's end
                 failed += 1
-                print(f"predict.py: {path}: decode failed: {said(e)}", file=sys.stderr)
+                print(f"predict.py: {shown(path)}: decode failed: {said(e)}", file=sys.stderr)
         if arrays:
             for path, p in zip(ready, probabilities(sess, np.stack(arrays))):
                 writer.write(",".join([_csv_path(path), *(f"{float(v):.6f}" for v in p)]) + "\n")
@@ -789,7 +807,7 @@ def sha256_stream(f) -> str:
 
 def _csv_path(path: Path) -> str:
     """A path as a CSV field (quoted when it holds a comma, a quote or a line break)."""
-    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    text = shown(path)
     return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n\r') else text
 
 

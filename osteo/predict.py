@@ -29,6 +29,8 @@ from osteo import CLASSES, killpoints
 from osteo.data.scan import AUDIT_MARKS
 from osteo.errors import OsteoError
 from osteo.evaluate import chosen_points
+from osteo.export_predict import NOT_UTF8
+from osteo.export_predict import shown as _display
 from osteo.files import (
     all_or_none,
     check_output,
@@ -153,12 +155,17 @@ TRANSPARENT = "transparent: some pixels less than opaque, read by their colour w
 def load_images(paths: list[Path], size: int, resize: str) -> tuple[list[np.ndarray | None], list[str]]:
     """Each file decoded and resized as training does it, or None with the reason why not; a blank
     image is decoded all the same, its reason :data:`BLANK` (one with transparent pixels:
-    :data:`TRANSPARENT`)."""
+    :data:`TRANSPARENT`). A name that is not UTF-8 is not read (:data:`~osteo.export_predict.NOT_UTF8`,
+    as the audit lists it): its row's path, with ``\\xNN`` escapes, could be another file's name."""
     from osteo.data.decode import DecodeError, read_file, unexpected_failure
     from osteo.data.pipeline import SCALE, load_levels
 
     images, reasons = [], []
     for f in paths:
+        if _display(f) != os.fspath(f):
+            images.append(None)
+            reasons.append(NOT_UTF8)
+            continue
         try:
             levels, gray = load_levels(read_file(f), size, resize)  # what the training cache holds
         except OsteoError:
@@ -338,11 +345,6 @@ def _mean_points(members: list[list[dict]], where: str) -> list[dict]:
     return [{**{k: parts[0][k] for k in keep}, "threshold": float(np.mean([p["threshold"] for p in parts])),
              "chosen_on": MEAN_THRESHOLD}
             for parts in shared_points(members, where)]
-
-
-def _display(path: Path) -> str:
-    """A path as text that any CSV can hold (bytes that are not UTF-8 as \\xNN)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 class Predictions(NamedTuple):

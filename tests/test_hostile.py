@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,6 +168,36 @@ def test_file_names_that_are_not_utf8_are_listed_and_written(tmp_path):
     rows = list(csv.DictReader(manifest.open(encoding="utf-8", newline="")))
     assert {r["path"] for r in rows} >= {"normal/\\xff\\xfe.png", "normal/caf\u00e9, \"quoted\"\n.png"}
     assert info["n_ok"] == 2  # the odd but valid UTF-8 name is fine
+
+
+def test_a_name_that_is_not_utf8_is_not_predicted_by_osteo_predict_or_an_export(tmp_path, monkeypatch, capsys):
+    """osteo predict and an export's predict.py wrote such a file's row under its name with \\xNN
+    escapes, which is also the real name of another file (one with a backslash in it): two rows
+    that read alike. Each now lists the file as unreadable with the audit's reason and fix, and
+    reads the file whose name merely looks escaped."""
+    from osteo import export_predict
+    from osteo.predict import load_images
+
+    raw = os.fsencode(tmp_path / "in")
+    os.makedirs(raw)
+    odd = Path(os.fsdecode(raw + b"/a\xff.png"))
+    look_alike = tmp_path / "in" / "a\\xff.png"  # its name is the text the other one is shown as
+    _png(odd)
+    _png(look_alike)
+    assert export_predict.shown(odd) == export_predict.shown(look_alike) == str(look_alike)
+    images, reasons = load_images([odd, look_alike], 32, "pad")
+    assert images[0] is None and reasons[0] == export_predict.NOT_UTF8
+    assert images[1].shape == (32, 32, 1) and reasons[1] == ""
+    assert "not valid UTF-8" in export_predict.NOT_UTF8 and "rename" in export_predict.NOT_UTF8
+
+    (tmp_path / "export.json").write_text(json.dumps({"file": "m.onnx", "input": {"shape": [None, 32, 32, 1]},
+                                                      "preprocessing": {"resize": "pad"}}))
+    monkeypatch.setattr(export_predict, "session", lambda model: None)
+    monkeypatch.setattr(export_predict, "probabilities", lambda sess, x: np.full((len(x), 3), 1 / 3))
+    assert export_predict.main([os.fsdecode(raw), "--export", str(tmp_path / "export.json")]) == 1
+    out, err = capsys.readouterr()
+    assert [line.split(",")[0] for line in out.splitlines()[1:]] == [str(look_alike)]
+    assert err.splitlines() == [f"predict.py: {look_alike}: {export_predict.NOT_UTF8}"]
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 900), (900, 1), (3, 2000)])

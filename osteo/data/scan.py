@@ -155,11 +155,13 @@ from osteo.data.decode import (
 from osteo.errors import OsteoError
 from osteo.export_predict import (
     IMAGE_EXTENSIONS,
+    NOT_UTF8,
     OTHER_IMAGE_EXTENSIONS,
     STRIP_BYTES,
     inside,
     not_data,
 )
+from osteo.export_predict import shown as _display
 from osteo.files import (
     RACY_S,  # (see "Remembered records"; tests move it)
     all_or_none,
@@ -196,7 +198,6 @@ INDEX_MIN_PAIRS = 20_000  # fewer pairs than this are all compared
 INDEX_SLACK = 1e-3  # added to the squared distance bounds, for float rounding
 MEMO_VERSION = 1
 log = logging.getLogger("osteo")
-NOT_UTF8 = "file name is not valid UTF-8 (shown with \\xNN escapes); rename it, e.g. convmv -f latin1 -t utf8"
 
 
 @dataclass
@@ -281,16 +282,6 @@ class Audit:
 
 
 # --------------------------------------------------------------------------- listing
-
-
-def _display(path: str) -> str:
-    """``path`` as valid UTF-8 text: bytes of a name that are not UTF-8 (which Python
-    carries as surrogate escapes) become ``\\xNN``."""
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _is_temporary(name: str) -> bool:
