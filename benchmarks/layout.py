@@ -9,6 +9,12 @@ channels-last over channels-first, and the median with its range is printed per 
 
     KERAS_BACKEND=torch python benchmarks/layout.py --models vgg16,vgg19 --size 64 --window 12 --rounds 8
 
+``--infer``: inference instead of training, as ``osteo predict`` and ``osteo eval`` run it: the
+run's classifier rebuilt as :func:`osteo.predict.load_best` builds it (weights none, float32,
+the timm engine in each layout), ``model.predict`` on ``--images`` images at ``--batch``
+(predict's default batch, 32), in ``osteo``'s process settings (Keras' optional imports left
+out; glibc's malloc and libgomp's spin waits as they are, which only ``osteo train`` changes).
+
 Results: one JSON, ``--out``.
 """
 
@@ -29,6 +35,30 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 
+class PredictRow:
+    """``osteo predict``'s model in one layout: the classifier load_best builds, its ``model.predict``."""
+
+    def __init__(self, name: str, size: int, batch: int, images: int, channels_last: bool):
+        import numpy as np
+
+        from osteo.classifier import Classifier
+
+        self.model = Classifier(name, image_size=size, weights="none", impl="timm",
+                                channels_last=channels_last).build()
+        self.x = np.random.default_rng(0).uniform(0, 255, (images, size, size, 1)).astype("float32")
+        self.batch = batch
+
+    def warm(self) -> None:
+        self.model.predict(self.x, batch_size=self.batch, verbose=0)
+
+    def window(self, seconds: float, _memory: str = "") -> dict:
+        n, start = 0, time.perf_counter()
+        while n == 0 or time.perf_counter() - start < seconds:
+            self.model.predict(self.x, batch_size=self.batch, verbose=0)
+            n += len(self.x)
+        return {"img_s": n / (time.perf_counter() - start)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="vgg16,vgg19")
@@ -38,19 +68,27 @@ def main() -> int:
     p.add_argument("--window", type=float, default=12.0, help="seconds of training per timed window")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--out", default=str(HERE / "results"), help="a folder, or a .json file")
+    p.add_argument("--infer", action="store_true", help="osteo predict's model.predict, not timm's training loop")
+    p.add_argument("--images", type=int, default=64, help="--infer: images per model.predict call")
     args = p.parse_args()
+    if args.infer and args.batch == p.get_default("batch"):
+        args.batch = 32  # osteo predict's
     out = Path(args.out)
     if out.suffix != ".json":
-        out = out / f"{datetime.date.today().isoformat()}-{platform.node() or 'host'}-layout-{args.size}.json"
+        what = "layout-infer" if args.infer else "layout"
+        out = out / f"{datetime.date.today().isoformat()}-{platform.node() or 'host'}-{what}-{args.size}.json"
     import models  # torch-free
 
-    from osteo import device
+    from osteo import _lean, device
 
+    settings = {"imports": _lean.install()} if args.infer else models.as_osteo_train()
     report = {"size": args.size, "batch": args.batch, "precision": args.precision, "window_s": args.window,
-              **models.as_osteo_train(), "models": {}, "cpu_class": device.probe().cpu_class}
+              "mode": "infer: model.predict, as osteo predict" if args.infer else "train: timm's own loop",
+              **settings, "models": {}, "cpu_class": device.probe().cpu_class}
     for name in args.models.split(","):
-        rows = {layout: models.TimmRow({"model": name, "size": args.size, "batch": args.batch, "compile": False,
-                                        "precision": args.precision, "channels_last": layout == "cl"})
+        rows = {layout: (PredictRow(name, args.size, args.batch, args.images, layout == "cl") if args.infer else
+                         models.TimmRow({"model": name, "size": args.size, "batch": args.batch, "compile": False,
+                                         "precision": args.precision, "channels_last": layout == "cl"}))
                 for layout in ("cf", "cl")}
         for row in rows.values():
             row.warm()

@@ -82,6 +82,9 @@ def load_best(run_dir: str | os.PathLike):
         raise OsteoError(f"{run.best_path} is not the checkpoint this run trained (its sha256 differs from the one "
                          f"{run.env_path.name} recorded): it was damaged or replaced since; restore it from a backup, "
                          "or retrain the run")
+    # float32, and the timm engine channels-last whatever layout it trained in: the weights do not
+    # depend on it, and channels-last predicts faster on every backbone measured, where channels-first
+    # trains faster too (VGG on AVX2 CPUs: benchmarks/layout.py --infer, benchmarks/README.md)
     model = Classifier.from_recipe(recipe, weights="none").build()
     check_h5_weights(run.best_path, model, f"the model of {run.recipe_path}", fix)
     try:

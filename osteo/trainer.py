@@ -458,9 +458,11 @@ class Trainer:
         devices.release_freed_memory(self.allocator)
         if not self.best.path.exists():
             raise OsteoError(f"no checkpoint was written for {run}; train for at least one epoch")
-        if self.plan.precision != "float32":
-            # the run's probabilities as osteo predict, eval and export give them (float32), so its
-            # temperature and thresholds are chosen on the outputs they will be applied to
+        if self.plan.precision != "float32" or not self.plan.channels_last:
+            # the run's probabilities as osteo predict, eval and export give them (float32; the timm
+            # engine channels-last, measured faster for inference wherever channels-first trains
+            # faster: benchmarks/README.md), so its temperature and thresholds are chosen on the
+            # outputs they will be applied to
             model = Classifier.from_recipe(self.recipe, weights="none").build()
         with warnings.catch_warnings():  # the best checkpoint carries no optimizer state, on purpose
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")

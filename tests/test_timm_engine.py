@@ -185,6 +185,37 @@ def test_channels_first_is_the_same_model_in_another_memory_format():
                                keras.ops.convert_to_numpy(last.model(x, training=False)), rtol=1e-4, atol=1e-5)
 
 
+def test_a_run_trained_channels_first_predicts_its_splits_channels_last_as_osteo_predict(phantom_dir, tmp_path,
+                                                                                         tiny_recipe, monkeypatch):
+    """Inference runs channels-last whatever the training layout (measured faster for every study
+    backbone, VGG on AVX2 included, where channels-first trains faster): osteo predict's model
+    (load_best) is, and a run trained channels-first predicts its val and test splits, on which
+    its temperature and thresholds are chosen, with that same model, not its training one."""
+    import torch
+
+    from osteo import device
+    from osteo.predict import load_best
+    from osteo.trainer import Trainer
+
+    def first_conv(model):
+        module = next(layer for layer in model.layers if hasattr(layer, "module")).module
+        return next(p for p in module.parameters() if p.dim() == 4)
+
+    monkeypatch.setattr(device, "choose_layout", lambda *args: (False, "channels-first: a test's decision"))
+    predicted = []
+    predict = keras.Model.predict
+    monkeypatch.setattr(keras.Model, "predict", lambda self, *a, **k: predicted.append(self) or predict(self, *a, **k))
+    recipe = tiny_recipe(phantom_dir, tmp_path, epochs=1, steps_per_epoch=1, bootstrap=0)
+    recipe.model.impl = "timm"
+    trainer = Trainer(recipe)
+    run = trainer.run()
+    assert trainer.clf.backbone.channels_last is False and first_conv(trainer.model).is_contiguous()  # trained so
+    assert predicted and all(m is not trainer.model for m in predicted)
+    for model in [*predicted, load_best(run)]:
+        conv = first_conv(model)
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
 def test_the_trainer_builds_the_timm_engine_in_the_plans_memory_format(phantom_dir, tmp_path, tiny_recipe,
                                                                        monkeypatch):
     """The plan's layout (device.choose_layout, asked with the run's image size) is the one the run's
