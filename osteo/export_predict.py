@@ -79,14 +79,22 @@ class Unreadable(Exception):
 def shown(path: str | os.PathLike) -> str:
     """``path`` as valid UTF-8 text, for a CSV or a message: bytes of a name that are not UTF-8
     (which Python carries as surrogate escapes) become ``\\xNN`` (osteo's audit and predict use
-    this function too). Such a name is not read (:data:`NOT_UTF8`): its text could be another
-    file's name, one that holds a backslash."""
+    this function too)."""
     text = os.fspath(path)
     try:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError:
         return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def name_not_utf8(path: Path, below: Path | None = None) -> bool:
+    """Whether the name a file is known by is not UTF-8: its path below the folder ``below`` that
+    was named (as the audit checks the path below the data folder), else its own name. Such a
+    file is not read (:data:`NOT_UTF8`): its name shown with ``\\xNN`` escapes could be another
+    file's real name, one that holds a backslash. The folders above it are the user's to name."""
+    part = os.path.relpath(path, below) if below is not None else os.path.basename(path)
+    return shown(part) != part
 
 
 # --------------------------------------------------------------------------- decode
@@ -684,17 +692,22 @@ def walk_images(top: Path, unlistable=None, not_followed=None) -> tuple[list[Pat
     return images, left_out
 
 
-def _expand(paths: list[str], unlistable=None) -> tuple[list[Path], list[Path]]:
+def _expand(paths: list[str], unlistable=None, not_utf8: set | None = None) -> tuple[list[Path], list[Path]]:
     """(the files to read: each named, and the images below each folder named; the other files
-    below those folders, left out); each folder that cannot be listed goes to ``unlistable(error)``."""
+    below those folders, left out); each folder that cannot be listed goes to ``unlistable(error)``,
+    and each file whose name is not UTF-8 (:func:`name_not_utf8`) into ``not_utf8`` as well."""
     out, left_out = [], []
     for p in map(Path, paths):
         if p.is_dir():
             images, others = walk_images(p, unlistable=unlistable)
             out += images
             left_out += others
+            if not_utf8 is not None:
+                not_utf8.update(f for f in images if name_not_utf8(f, p))
         else:
             out.append(p)
+            if not_utf8 is not None and name_not_utf8(p):
+                not_utf8.add(p)
     return out, left_out
 
 
@@ -736,7 +749,8 @@ def main(argv: list[str] | None = None) -> int:
         unlisted.append(str(e.filename))
         print(f"predict.py: cannot list {e.filename}: {e.strerror}; its files are not predicted", file=sys.stderr)
 
-    paths, left_out = _expand(args.images, unlistable)
+    not_utf8: set[Path] = set()
+    paths, left_out = _expand(args.images, unlistable, not_utf8)
     if left_out:
         print(f"predict.py: {len(left_out)} file(s) in the folders given are not images it reads (by their name, or "
               f"DICOM by their bytes), e.g. {left_out[0]}: left out", file=sys.stderr)
@@ -752,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         ready, arrays = [], []
         for path in paths[start : start + BATCH]:
             try:
-                if shown(path) != os.fspath(path):
+                if path in not_utf8:
                     raise Unreadable(NOT_UTF8)
                 if os.path.exists(path) and not os.path.isfile(path):  # a named pipe would block the read
                     raise Unreadable("not a regular file")

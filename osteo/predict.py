@@ -107,7 +107,7 @@ def load_legacy_best(run: RunDir):
                          "the file is damaged or from another osteo version: retrain the run") from None
 
 
-def _expand(paths: list[str]) -> tuple[list[Path], list[str]]:
+def _expand(paths: list[str], not_utf8: set | None = None) -> tuple[list[Path], list[str]]:
     """Every file named, and every image below every folder named, as the audit chooses them
     (:func:`osteo.export_predict.image_file`: by its extension, or DICOM by its bytes; hidden and
     system files and folders aside); the other files found are left out, with one warning.
@@ -117,9 +117,10 @@ def _expand(paths: list[str]) -> tuple[list[Path], list[str]]:
 
     A file named is read whatever its name: the decoder decides by content, and a file it
     cannot read gets a row saying why. Returns (the files, the folders that could not be listed:
-    each said in one warning, and the exit status is then 1, as for an unreadable file).
+    each said in one warning, and the exit status is then 1, as for an unreadable file); each file
+    whose name is not UTF-8 (:func:`osteo.export_predict.name_not_utf8`) also goes into ``not_utf8``.
     """
-    from osteo.export_predict import walk_images
+    from osteo.export_predict import name_not_utf8, walk_images
 
     out, unlisted = [], []
 
@@ -137,8 +138,12 @@ def _expand(paths: list[str]) -> tuple[list[Path], list[str]]:
                 log.warning("%d file(s) in %s are not images osteo reads (by their name, or DICOM by their bytes), "
                             "e.g. %s: left out", len(left_out), _display(p), _display(left_out[0]))
             out += images
+            if not_utf8 is not None:
+                not_utf8.update(f for f in images if name_not_utf8(f, p))
         elif p.exists() or p.is_symlink():
             out.append(p)
+            if not_utf8 is not None and name_not_utf8(p):
+                not_utf8.add(p)
         else:
             raise OsteoError(f"{p} does not exist; pass image files or folders")
     return out, unlisted
@@ -158,17 +163,12 @@ TRANSPARENT = "transparent: some pixels less than opaque, read by their colour w
 def load_images(paths: list[Path], size: int, resize: str) -> tuple[list[np.ndarray | None], list[str]]:
     """Each file decoded and resized as training does it, or None with the reason why not; a blank
     image is decoded all the same, its reason :data:`BLANK` (one with transparent pixels:
-    :data:`TRANSPARENT`). A name that is not UTF-8 is not read (:data:`~osteo.export_predict.NOT_UTF8`,
-    as the audit lists it): its row's path, with ``\\xNN`` escapes, could be another file's name."""
+    :data:`TRANSPARENT`)."""
     from osteo.data.decode import DecodeError, read_file, unexpected_failure
     from osteo.data.pipeline import SCALE, load_levels
 
     images, reasons = [], []
     for f in paths:
-        if _display(f) != os.fspath(f):
-            images.append(None)
-            reasons.append(NOT_UTF8)
-            continue
         try:
             levels, gray = load_levels(read_file(f), size, resize)  # what the training cache holds
         except OsteoError:
@@ -277,13 +277,17 @@ class Predictor:
                                         for s in positive_score(calibrated, p["positive"])] for p in self.points}
 
     def predict_paths(self, paths: list[Path], batch: int = 32,
-                      progress: Callable[[int, int], None] | None = None):
-        """(rows, raw probabilities of the readable ones, their images); rows keep the input order."""
+                      progress: Callable[[int, int], None] | None = None, not_utf8: frozenset | set = frozenset()):
+        """(rows, raw probabilities of the readable ones, their images); rows keep the input order.
+        The files of ``not_utf8`` (names that are not UTF-8: :func:`_expand`) are not read: their row
+        says :data:`~osteo.export_predict.NOT_UTF8`, as the audit's list does."""
         rows, ready, arrays = [], [], []
         for start in range(0, len(paths), batch):
             chunk = paths[start : start + batch]
-            images, reasons = load_images(chunk, self.size, self.resize)
-            for f, img, reason in zip(chunk, images, reasons):
+            read = [f for f in chunk if f not in not_utf8]
+            loaded = dict(zip(read, zip(*load_images(read, self.size, self.resize), strict=True)))
+            for f in chunk:
+                img, reason = loaded.get(f, (None, NOT_UTF8))
                 row = {"path": _display(f), "status": "ok" if img is not None else "unreadable", "reason": reason}
                 rows.append(row)
                 if img is not None:
@@ -380,7 +384,8 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
     check_output_place(out, "--out", "write the predictions elsewhere, e.g. --out predictions-new.csv")
     check_output(out)
     refuse_to_replace_an_image(out, "--out", "write the predictions elsewhere, e.g. --out predictions.csv")
-    paths, unlisted = _expand(images)
+    not_utf8: set[Path] = set()
+    paths, unlisted = _expand(images, not_utf8)
     if not paths and unlisted:
         raise OsteoError(f"no file could be found: {some_of(unlisted, 3)} cannot be listed (each said above); make "
                          "them readable (chmod), or pass other folders")
@@ -398,7 +403,7 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
         log.warning("test-time augmentation: the screening columns' thresholds were chosen on validation without it, "
                     "so their sensitivity and specificity there do not carry over to these probabilities")
     sweep_temporaries(out.parent, pattern=temporaries_of(out))  # left by a killed predict
-    rows, raw, arrays = predictor.predict_paths(paths, batch, progress)
+    rows, raw, arrays = predictor.predict_paths(paths, batch, progress, not_utf8)
     ok = [r for r in rows if r["status"] == "ok"]
     overlays = []
     if gradcam_dir is not None and len(arrays):
@@ -428,8 +433,9 @@ def predict_files(run_dir: str | os.PathLike, images: list[str], out: str | os.P
         write_csv(out, rows, columns)
     bad = sum(r["status"] != "ok" for r in rows)
     if rows and bad == len(rows):
-        raise OsteoError(f"none of the {len(rows)} file(s) could be read as an image (each reason is in {out}); "
-                         "give PNG, JPEG, TIFF or DICOM files")
+        fix = ("rename them, e.g. convmv -f latin1 -t utf8" if all(r["reason"] == NOT_UTF8 for r in rows) else
+               "give PNG, JPEG, TIFF or DICOM files")
+        raise OsteoError(f"none of the {len(rows)} file(s) could be read as an image (each reason is in {out}); {fix}")
     if bad:
         log.warning("%d of %d files are unreadable and have no prediction (status=unreadable, with the reason, in %s)",
                     bad, len(rows), out)

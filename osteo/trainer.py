@@ -488,7 +488,8 @@ class Trainer:
                       "monitor": self.best.monitor, "best_value": self.best.best,
                       # the monitor's value that chose the checkpoint was measured during training, in the
                       # training's precision; the splits' numbers are of its float32 outputs, as osteo predict
-                      # gives them: under mixed precision the two may differ a little (near-ties flip)
+                      # gives them: under mixed precision the two may differ a little (near-ties flip); a run
+                      # trained channels-first (predicted channels-last) in the last digits only
                       "best_value_measured": f"during training, in {self.plan.precision}; the splits' numbers "
                                              "below are of the checkpoint's float32 outputs"}
         t = self.recipe.train

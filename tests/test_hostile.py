@@ -170,25 +170,28 @@ def test_file_names_that_are_not_utf8_are_listed_and_written(tmp_path):
     assert info["n_ok"] == 2  # the odd but valid UTF-8 name is fine
 
 
-def test_a_name_that_is_not_utf8_is_not_predicted_by_osteo_predict_or_an_export(tmp_path, monkeypatch, capsys):
-    """osteo predict and an export's predict.py wrote such a file's row under its name with \\xNN
-    escapes, which is also the real name of another file (one with a backslash in it): two rows
-    that read alike. Each now lists the file as unreadable with the audit's reason and fix, and
-    reads the file whose name merely looks escaped."""
+def test_a_name_that_is_not_utf8_is_not_predicted_by_an_export_whatever_folder_holds_it(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """An export's predict.py wrote such a file's row under its name with \\xNN escapes, which is
+    also the real name of another file (one with a backslash in it): two rows that read alike. It
+    now says the file is unreadable with the audit's reason and fix, and reads the file whose name
+    merely looks escaped. As the audit checks the path below the data folder, only the name below
+    the folder named counts: the folders above it are the user's (osteo predict: test_predict.py)."""
     from osteo import export_predict
-    from osteo.predict import load_images
 
-    raw = os.fsencode(tmp_path / "in")
-    os.makedirs(raw)
+    above = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9"))  # not UTF-8, and not the files' names
+    raw = os.fsencode(above / "in")
     odd = Path(os.fsdecode(raw + b"/a\xff.png"))
-    look_alike = tmp_path / "in" / "a\\xff.png"  # its name is the text the other one is shown as
+    look_alike = above / "in" / "a\\xff.png"  # its name is the text the other one is shown as
     _png(odd)
     _png(look_alike)
-    assert export_predict.shown(odd) == export_predict.shown(look_alike) == str(look_alike)
-    images, reasons = load_images([odd, look_alike], 32, "pad")
-    assert images[0] is None and reasons[0] == export_predict.NOT_UTF8
-    assert images[1].shape == (32, 32, 1) and reasons[1] == ""
+    _png(above / "in" / "sub" / "b.png")
+    assert export_predict.shown(odd) == export_predict.shown(look_alike)
     assert "not valid UTF-8" in export_predict.NOT_UTF8 and "rename" in export_predict.NOT_UTF8
+    named = set()
+    assert export_predict._expand([str(above / "in"), str(odd)], not_utf8=named)[0] == [
+        look_alike, odd, above / "in" / "sub" / "b.png", odd]
+    assert named == {odd}
 
     (tmp_path / "export.json").write_text(json.dumps({"file": "m.onnx", "input": {"shape": [None, 32, 32, 1]},
                                                       "preprocessing": {"resize": "pad"}}))
@@ -196,8 +199,9 @@ def test_a_name_that_is_not_utf8_is_not_predicted_by_osteo_predict_or_an_export(
     monkeypatch.setattr(export_predict, "probabilities", lambda sess, x: np.full((len(x), 3), 1 / 3))
     assert export_predict.main([os.fsdecode(raw), "--export", str(tmp_path / "export.json")]) == 1
     out, err = capsys.readouterr()
-    assert [line.split(",")[0] for line in out.splitlines()[1:]] == [str(look_alike)]
-    assert err.splitlines() == [f"predict.py: {look_alike}: {export_predict.NOT_UTF8}"]
+    shown = export_predict.shown
+    assert [line.split(",")[0] for line in out.splitlines()[1:]] == [shown(look_alike), shown(above / "in/sub/b.png")]
+    assert err.splitlines() == [f"predict.py: {shown(odd)}: {export_predict.NOT_UTF8}"]
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 900), (900, 1), (3, 2000)])

@@ -270,6 +270,32 @@ def test_a_folder_that_cannot_be_listed_is_a_warning_and_exit_status_1(run, phan
     assert not (tmp_path / "q.csv").exists()
 
 
+def test_a_name_that_is_not_utf8_below_the_folder_named_is_unreadable_and_one_above_it_is_fine(run, phantom_dir,
+                                                                                                 tmp_path):
+    """Its row used to be written with \\xNN escapes, the real name of another file (one with a
+    backslash in it). Now it is unreadable with the audit's reason and fix, the look-alike is
+    predicted, and a folder above the one named may be called anything (as the audit's data folder)."""
+    import os
+
+    from osteo.export_predict import NOT_UTF8, shown
+
+    knee = sorted((phantom_dir / "normal").iterdir())[0]
+    above = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9"))
+    odd = Path(os.fsdecode(os.fsencode(above) + b"/in/a\xff.png"))
+    look_alike = above / "in" / "a\\xff.png"
+    odd.parent.mkdir(parents=True)
+    for f in (odd, look_alike):
+        shutil.copy(knee, f)
+    out = tmp_path / "p.csv"
+    with osteo_warnings() as said:
+        assert main(["predict", str(run), str(above / "in"), "--out", str(out)]) == 1
+    rows = {(r["path"], r["status"], r["reason"]) for r in _rows(out)}
+    assert rows == {(shown(look_alike), "ok", ""), (shown(odd), "unreadable", NOT_UTF8)}
+    assert said == [f"1 of 2 files are unreadable and have no prediction (status=unreadable, with the reason, in {out})"]
+    assert main(["predict", str(run), str(odd), "--out", str(tmp_path / "q.csv")]) == 2  # the file named alone
+    assert [r["reason"] for r in _rows(tmp_path / "q.csv")] == [NOT_UTF8]
+
+
 def test_a_blank_or_transparent_image_is_predicted_and_its_row_and_one_warning_say_so(run, phantom_dir, tmp_path):
     """An image whose every pixel holds one gray level (8-bit, or 16-bit, which decodes to black)
     gets its prediction all the same, as the audit trains on it, but its row's reason says it is
