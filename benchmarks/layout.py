@@ -12,7 +12,7 @@ channels-last over channels-first, and the median with its range is printed per 
 ``--infer``: inference instead of training, as ``osteo predict`` and ``osteo eval`` run it: the
 run's classifier rebuilt as :func:`osteo.predict.load_best` builds it (weights none, float32,
 the timm engine in each layout), ``model.predict`` on ``--images`` images at ``--batch``
-(predict's default batch, 32), in ``osteo``'s process settings (Keras' optional imports left
+(predict's default batch, 32), float32 as predict (``--precision`` is not read), in ``osteo``'s process settings (Keras' optional imports left
 out; glibc's malloc and libgomp's spin waits as they are, which only ``osteo train`` changes).
 
 Results: one JSON, ``--out``.
@@ -82,7 +82,9 @@ def main() -> int:
     from osteo import _lean, device
 
     settings = {"imports": _lean.install()} if args.infer else models.as_osteo_train()
-    report = {"size": args.size, "batch": args.batch, "precision": args.precision, "window_s": args.window,
+    report = {"size": args.size, "batch": args.batch, "window_s": args.window,
+              "precision": "float32" if args.infer else args.precision,  # predict's, whatever --precision says
+              **({"images": args.images} if args.infer else {}),
               "mode": "infer: model.predict, as osteo predict" if args.infer else "train: timm's own loop",
               **settings, "models": {}, "cpu_class": device.probe().cpu_class}
     for name in args.models.split(","):
