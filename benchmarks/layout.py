@@ -10,10 +10,11 @@ channels-last over channels-first, and the median with its range is printed per 
     KERAS_BACKEND=torch python benchmarks/layout.py --models vgg16,vgg19 --size 64 --window 12 --rounds 8
 
 ``--infer``: inference instead of training, as ``osteo predict`` and ``osteo eval`` run it: the
-run's classifier rebuilt as :func:`osteo.predict.load_best` builds it (weights none, float32,
-the timm engine in each layout), ``model.predict`` on ``--images`` images at ``--batch``
-(predict's default batch, 32), float32 as predict (``--precision`` is not read), in ``osteo``'s process settings (Keras' optional imports left
-out; glibc's malloc and libgomp's spin waits as they are, which only ``osteo train`` changes).
+run's classifier rebuilt as :func:`osteo.predict.load_best` builds it (weights none, the timm
+engine in each layout), ``model.predict`` on ``--images`` images at ``--batch`` (predict's
+default batch, 32), in float32 as predict (``--precision`` is not read), in ``osteo``'s process
+settings (Keras' optional imports left out; glibc's malloc and libgomp's spin waits as they are,
+which only ``osteo train`` changes).
 
 Results: one JSON, ``--out``.
 """

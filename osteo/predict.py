@@ -115,8 +115,8 @@ def _expand(paths: list[str], not_utf8: set | None = None) -> tuple[list[Path], 
     loop is not walked again), but not one that holds the folder named (a link to ``..`` or
     ``/``, which would walk far outside what was asked): skipped with a warning.
 
-    A file named is read whatever its name: the decoder decides by content, and a file it
-    cannot read gets a row saying why. Returns (the files, the folders that could not be listed:
+    A file named is read whatever its extension: the decoder decides by content, and a file it
+    cannot read gets a row saying why (one whose name is not UTF-8 is not read: below). Returns (the files, the folders that could not be listed:
     each said in one warning, and the exit status is then 1, as for an unreadable file); each file
     whose name is not UTF-8 (:func:`osteo.export_predict.name_not_utf8`) also goes into ``not_utf8``.
     """
